@@ -1,1 +1,31 @@
-pub mod x {}
+//! Mayfly's domain model: who asks ([`SpiffeId`]), for what ([`Task`],
+//! [`Envelope`]), what they get ([`Lease`], [`AccessTokenClaims`]) and who
+//! decides ([`Policy`]).
+//!
+//! This crate knows nothing of gRPC, TLS, files or Redis. Every type that
+//! carries outside input has one fallible constructor and is valid once
+//! built, so the rest of the broker never handles raw strings.
+
+#![forbid(unsafe_code)]
+
+mod claims;
+mod envelope;
+mod id;
+mod lease;
+mod policy;
+mod spiffe;
+mod task;
+mod time;
+
+pub use claims::{ACCESS_TOKEN_TYPE, AccessTokenClaims, ActorClaim, Confirmation};
+pub use envelope::{
+    Audience, Envelope, EnvelopeExcess, Intent, MAX_AUDIENCES, MAX_CONTEXT_ENTRIES,
+    MAX_INTENT_BYTES, MAX_SCOPES, Scope, Scopes, TaskContext, ValidationError, parse_scopes,
+    scope_string,
+};
+pub use id::{IdError, LeaseId, TaskId};
+pub use lease::{Lease, LeaseKind, LeaseState, LeaseStatus, Revocation, RevocationReason};
+pub use policy::{Decision, IssueTokenRequest, Pattern, Policy, Rule, RulePolicy, StartTaskRequest};
+pub use spiffe::{SpiffeId, SpiffeIdError, SpiffeIdPattern, TrustDomain};
+pub use task::{Task, TaskRecord, TaskState};
+pub use time::Timestamp;

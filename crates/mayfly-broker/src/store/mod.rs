@@ -1,0 +1,240 @@
+//! Where leases live. [`LeaseStore`] is the seam; every backend passes the
+//! same contract suite ([`contract`]). All state changes that must be atomic
+//! are one call here, so a backend can make each one a transaction (embedded)
+//! or a script (Redis):
+//!
+//! - [`LeaseStore::issue`] records a credential only under a live task owned
+//!   by the same agent;
+//! - [`LeaseStore::end_task`] ends a task and revokes every live lease under
+//!   it, so an `issue` racing it either fails or is revoked with the rest.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use mayfly_core::{
+    Lease, LeaseId, LeaseKind, LeaseState, Revocation, RevocationReason, SpiffeId, Task, TaskId,
+    TaskRecord, TaskState, Timestamp,
+};
+use serde::{Deserialize, Serialize};
+
+pub mod contract;
+mod embedded;
+
+pub use embedded::EmbeddedStore;
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// No such task, or it belongs to another agent.
+    #[error("task not found")]
+    TaskNotFound,
+    /// No such lease.
+    #[error("lease not found")]
+    LeaseNotFound,
+    /// The task exists but is no longer active.
+    #[error("task is {0}")]
+    TaskNotActive(TaskState),
+    /// A record with this id already exists (ids are random; this means a bug
+    /// or a replayed write).
+    #[error("a record with id {0} already exists")]
+    Duplicate(String),
+    /// A lease would outlive its task.
+    #[error("lease would outlive its task")]
+    OutlivesTask,
+    /// The backend cannot be reached or failed to commit; nothing was written.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored record could not be decoded.
+    #[error("store holds a corrupt record: {0}")]
+    Corrupt(String),
+}
+
+/// Which leases to list. Empty fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseFilter {
+    /// Only leases of this task (the task's own lease included).
+    pub task: Option<TaskId>,
+    /// Only leases of this agent.
+    pub agent: Option<SpiffeId>,
+    /// Only leases in this state (as of the call).
+    pub state: Option<LeaseState>,
+    /// Only leases of this kind.
+    pub kind: Option<LeaseKind>,
+}
+
+impl LeaseFilter {
+    /// Whether `lease` passes the filter at `now`.
+    pub fn matches(&self, lease: &Lease, now: Timestamp) -> bool {
+        self.task.as_ref().is_none_or(|t| &lease.task_id == t)
+            && self.agent.as_ref().is_none_or(|a| &lease.agent == a)
+            && self.state.is_none_or(|s| lease.state_at(now) == s)
+            && self.kind.is_none_or(|k| lease.kind == k)
+    }
+}
+
+/// Which tasks to list.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    /// Only tasks of this agent.
+    pub agent: Option<SpiffeId>,
+    /// Only tasks in this state (as of the call).
+    pub state: Option<TaskState>,
+}
+
+impl TaskFilter {
+    /// Whether `task` passes the filter at `now`.
+    pub fn matches(&self, task: &TaskRecord, now: Timestamp) -> bool {
+        self.agent.as_ref().is_none_or(|a| &task.task.agent == a)
+            && self.state.is_none_or(|s| task.state_at(now) == s)
+    }
+}
+
+/// A page request: results come in id order, after `after`.
+#[derive(Debug, Clone, Default)]
+pub struct PageRequest {
+    /// The last id of the previous page.
+    pub after: Option<String>,
+    /// How many results at most (at least 1).
+    pub limit: usize,
+}
+
+/// One page of results.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    /// The results, in id order.
+    pub items: Vec<T>,
+    /// Pass as `after` for the next page; `None` at the end.
+    pub next: Option<String>,
+}
+
+/// One revocation, as the feed will carry it. Cursors increase strictly
+/// and survive restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationEvent {
+    /// Position in the feed.
+    pub cursor: u64,
+    /// The revoked lease (a token's `jti`).
+    pub lease_id: LeaseId,
+    /// What the lease recorded.
+    pub kind: LeaseKind,
+    /// The task it belonged to.
+    pub task_id: TaskId,
+    /// Why and by whom.
+    pub revocation: Revocation,
+    /// The credential's own expiry: validators may forget it after this.
+    pub expires_at: Timestamp,
+}
+
+/// What one reaper pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReapOutcome {
+    /// Leases moved from active to expired, each exactly once.
+    pub expired: Vec<LeaseId>,
+    /// Records removed after their retention window.
+    pub purged: usize,
+}
+
+/// Who asked for a revocation and why; the store stamps each lease with it.
+#[derive(Debug, Clone)]
+pub struct RevokeRequest {
+    /// The reason for the lease or task named in the call.
+    pub reason: RevocationReason,
+    /// The reason given to leases under it (e.g. `task_completed` for a
+    /// token of a completed task).
+    pub child_reason: RevocationReason,
+    /// Who asked.
+    pub by: SpiffeId,
+    /// Operator's note.
+    pub note: Option<String>,
+    /// When.
+    pub at: Timestamp,
+}
+
+impl RevokeRequest {
+    fn revocation(&self, reason: RevocationReason) -> Revocation {
+        Revocation {
+            reason,
+            at: self.at,
+            by: self.by.clone(),
+            note: self.note.clone(),
+        }
+    }
+}
+
+/// The lease store. Methods take `now` from the caller so that time is one
+/// consistent value per request, and so tests control it.
+#[async_trait]
+pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
+    /// Records a new task and its task lease.
+    async fn start_task(&self, task: &Task) -> Result<(), StoreError>;
+
+    /// A task with its current status.
+    async fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError>;
+
+    /// Records a credential lease, atomically checking that its task exists,
+    /// is owned by `lease.agent`, is active at `now`, and outlives the lease.
+    /// Returns `TaskNotFound` for another agent's task.
+    async fn issue(&self, lease: &Lease, now: Timestamp) -> Result<(), StoreError>;
+
+    /// A lease by id.
+    async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError>;
+
+    /// Ends an active task: its lease gets `req.reason`, every active lease
+    /// under it `req.child_reason`, in one atomic step. Returns the revoked
+    /// lease ids, the task's own first. Fails with `TaskNotActive` if the
+    /// task already ended (nothing changes).
+    async fn end_task(&self, id: &TaskId, req: &RevokeRequest) -> Result<Vec<LeaseId>, StoreError>;
+
+    /// Revokes one active lease. A task lease ends its task (as
+    /// [`end_task`](Self::end_task)). Returns the revoked ids; empty when the
+    /// lease was no longer active.
+    async fn revoke_lease(
+        &self,
+        id: &LeaseId,
+        req: &RevokeRequest,
+    ) -> Result<Vec<LeaseId>, StoreError>;
+
+    /// Ends every active task of `agent` and revokes every active lease of it.
+    async fn revoke_agent(
+        &self,
+        agent: &SpiffeId,
+        req: &RevokeRequest,
+    ) -> Result<Vec<LeaseId>, StoreError>;
+
+    /// Leases matching `filter`, in lease-id order.
+    async fn list_leases(
+        &self,
+        filter: &LeaseFilter,
+        page: &PageRequest,
+        now: Timestamp,
+    ) -> Result<Page<Lease>, StoreError>;
+
+    /// Tasks matching `filter`, in task-id order.
+    async fn list_tasks(
+        &self,
+        filter: &TaskFilter,
+        page: &PageRequest,
+        now: Timestamp,
+    ) -> Result<Page<TaskRecord>, StoreError>;
+
+    /// Revocations after `cursor`, oldest first, at most `limit`.
+    async fn revocations_since(
+        &self,
+        cursor: u64,
+        limit: usize,
+    ) -> Result<Vec<RevocationEvent>, StoreError>;
+
+    /// Moves at most `limit` leases whose expiry has passed from active to
+    /// expired, and removes records whose expiry is older than `retention`.
+    async fn reap(
+        &self,
+        now: Timestamp,
+        retention: Duration,
+        limit: usize,
+    ) -> Result<ReapOutcome, StoreError>;
+
+    /// Whether the store can serve requests now.
+    async fn check(&self) -> Result<(), StoreError>;
+}

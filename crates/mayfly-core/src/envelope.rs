@@ -1,0 +1,425 @@
+//! What a task asks for: audiences, scopes, intent and context, each parsed
+//! into a type that is valid by construction and within hard size limits.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Longest intent, in bytes.
+pub const MAX_INTENT_BYTES: usize = 4096;
+/// Most context entries a task may carry.
+pub const MAX_CONTEXT_ENTRIES: usize = 64;
+/// Longest context key, in bytes.
+pub const MAX_CONTEXT_KEY_BYTES: usize = 64;
+/// Longest context value, in bytes.
+pub const MAX_CONTEXT_VALUE_BYTES: usize = 1024;
+/// Most audiences in one envelope.
+pub const MAX_AUDIENCES: usize = 16;
+/// Most scopes in one envelope or request.
+pub const MAX_SCOPES: usize = 64;
+/// Longest audience, in bytes.
+pub const MAX_AUDIENCE_BYTES: usize = 256;
+/// Longest scope, in bytes.
+pub const MAX_SCOPE_BYTES: usize = 128;
+
+/// What is wrong with a request field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ValidationError {
+    /// The intent is empty or only white space.
+    #[error("intent is empty: say what the task is for")]
+    EmptyIntent,
+    /// The intent is longer than [`MAX_INTENT_BYTES`].
+    #[error("intent is {0} bytes; at most {MAX_INTENT_BYTES} are allowed")]
+    IntentTooLong(usize),
+    /// The intent has control characters other than tab and newline.
+    #[error("intent contains control characters")]
+    IntentControlChar,
+    /// More than [`MAX_CONTEXT_ENTRIES`] context entries.
+    #[error("context has {0} entries; at most {MAX_CONTEXT_ENTRIES} are allowed")]
+    TooManyContextEntries(usize),
+    /// A context key is empty, too long or has characters outside `[A-Za-z0-9_.-]`.
+    #[error(
+        "context key {0} is invalid: use 1 to {MAX_CONTEXT_KEY_BYTES} characters from A-Z a-z 0-9 _ . -"
+    )]
+    BadContextKey(String),
+    /// A context value is too long or has control characters.
+    #[error(
+        "context value for {0} is invalid: at most {MAX_CONTEXT_VALUE_BYTES} bytes, no control characters"
+    )]
+    BadContextValue(String),
+    /// The envelope names no audience.
+    #[error("a task needs at least one audience")]
+    NoAudiences,
+    /// More than [`MAX_AUDIENCES`] audiences.
+    #[error("{0} audiences requested; at most {MAX_AUDIENCES} are allowed")]
+    TooManyAudiences(usize),
+    /// An audience is empty.
+    #[error("audience is empty")]
+    EmptyAudience,
+    /// An audience is too long or has white space or control characters.
+    #[error(
+        "audience {0} is invalid: 1 to {MAX_AUDIENCE_BYTES} printable ASCII characters, no spaces"
+    )]
+    BadAudience(String),
+    /// More than [`MAX_SCOPES`] scopes.
+    #[error("{0} scopes requested; at most {MAX_SCOPES} are allowed")]
+    TooManyScopes(usize),
+    /// A scope is empty.
+    #[error("scope is empty")]
+    EmptyScope,
+    /// A scope is not an RFC 6749 scope-token.
+    #[error(
+        "scope {0} is invalid: 1 to {MAX_SCOPE_BYTES} printable ASCII characters without spaces, '\"' or '\\'"
+    )]
+    BadScope(String),
+}
+
+/// Quotes untrusted input for an error message: escaped and cut short.
+pub(crate) fn quote(s: &str) -> String {
+    let cut: String = s.chars().take(64).collect();
+    if cut.len() < s.len() {
+        format!("{cut:?}…")
+    } else {
+        format!("{cut:?}")
+    }
+}
+
+macro_rules! string_newtype {
+    ($(#[$doc:meta])* $name:ident, $check:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Parses and validates.
+            pub fn new(s: &str) -> Result<Self, ValidationError> {
+                $check(s)?;
+                Ok(Self(s.to_owned()))
+            }
+
+            /// The text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!(stringify!($name), "({:?})"), self.0)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = ValidationError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::new(s)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                Self::new(&s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+fn check_audience(s: &str) -> Result<(), ValidationError> {
+    if s.is_empty() {
+        return Err(ValidationError::EmptyAudience);
+    }
+    if s.len() > MAX_AUDIENCE_BYTES || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ValidationError::BadAudience(quote(s)));
+    }
+    Ok(())
+}
+
+fn check_scope(s: &str) -> Result<(), ValidationError> {
+    if s.is_empty() {
+        return Err(ValidationError::EmptyScope);
+    }
+    // RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+    let ok = |b: u8| b == 0x21 || (0x23..=0x5B).contains(&b) || (0x5D..=0x7E).contains(&b);
+    if s.len() > MAX_SCOPE_BYTES || !s.bytes().all(ok) {
+        return Err(ValidationError::BadScope(quote(s)));
+    }
+    Ok(())
+}
+
+string_newtype!(
+    /// A token audience: the downstream API a token is for (`aud`).
+    Audience,
+    check_audience
+);
+string_newtype!(
+    /// An OAuth scope-token (RFC 6749 section 3.3).
+    Scope,
+    check_scope
+);
+
+/// A set of scopes, sorted and without duplicates.
+pub type Scopes = BTreeSet<Scope>;
+
+/// Parses a list of scopes into a set (duplicates fold).
+pub fn parse_scopes<S: AsRef<str>>(raw: &[S]) -> Result<Scopes, ValidationError> {
+    if raw.len() > MAX_SCOPES {
+        return Err(ValidationError::TooManyScopes(raw.len()));
+    }
+    raw.iter().map(|s| Scope::new(s.as_ref())).collect()
+}
+
+/// Joins scopes with single spaces, as the `scope` claim.
+pub fn scope_string(scopes: &Scopes) -> String {
+    let mut out = String::new();
+    for (i, s) in scopes.iter().enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        out.push_str(s.as_str());
+    }
+    out
+}
+
+/// The most a task may ever receive: audiences and scopes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// At least one audience.
+    audiences: BTreeSet<Audience>,
+    /// May be empty (tokens without scopes).
+    scopes: Scopes,
+}
+
+impl Envelope {
+    /// Parses the audiences and scopes a task asks for.
+    pub fn new<A: AsRef<str>, S: AsRef<str>>(
+        audiences: &[A],
+        scopes: &[S],
+    ) -> Result<Self, ValidationError> {
+        if audiences.is_empty() {
+            return Err(ValidationError::NoAudiences);
+        }
+        if audiences.len() > MAX_AUDIENCES {
+            return Err(ValidationError::TooManyAudiences(audiences.len()));
+        }
+        let audiences = audiences
+            .iter()
+            .map(|a| Audience::new(a.as_ref()))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            audiences,
+            scopes: parse_scopes(scopes)?,
+        })
+    }
+
+    /// The audiences.
+    pub fn audiences(&self) -> &BTreeSet<Audience> {
+        &self.audiences
+    }
+
+    /// The scopes.
+    pub fn scopes(&self) -> &Scopes {
+        &self.scopes
+    }
+
+    /// What of (`audience`, `scopes`) lies outside this envelope, if anything.
+    pub fn excess(&self, audience: &Audience, scopes: &Scopes) -> Option<EnvelopeExcess> {
+        let audience_outside = !self.audiences.contains(audience);
+        let scopes_outside: Vec<Scope> = scopes.difference(&self.scopes).cloned().collect();
+        (audience_outside || !scopes_outside.is_empty()).then(|| EnvelopeExcess {
+            audience: audience_outside.then(|| audience.clone()),
+            scopes: scopes_outside,
+        })
+    }
+}
+
+/// The part of a request that lies outside a task's envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvelopeExcess {
+    /// The audience, if it is not in the envelope.
+    pub audience: Option<Audience>,
+    /// The scopes not in the envelope.
+    pub scopes: Vec<Scope>,
+}
+
+impl fmt::Display for EnvelopeExcess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(a) = &self.audience {
+            parts.push(format!("audience {:?}", a.as_str()));
+        }
+        if !self.scopes.is_empty() {
+            let names: Vec<&str> = self.scopes.iter().map(Scope::as_str).collect();
+            parts.push(format!("scopes {names:?}"));
+        }
+        write!(f, "{} outside the task's envelope", parts.join(" and "))
+    }
+}
+
+/// What the agent says the task is for. Shown to operators and policy; never
+/// placed in a token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Intent(String);
+
+impl Intent {
+    /// Validates an intent.
+    pub fn new(s: &str) -> Result<Self, ValidationError> {
+        if s.trim().is_empty() {
+            return Err(ValidationError::EmptyIntent);
+        }
+        if s.len() > MAX_INTENT_BYTES {
+            return Err(ValidationError::IntentTooLong(s.len()));
+        }
+        if s.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+            return Err(ValidationError::IntentControlChar);
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Intent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Intent({:?})", self.0)
+    }
+}
+
+/// The facts about a task that policy decides on, e.g. `environment`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TaskContext(BTreeMap<String, String>);
+
+impl TaskContext {
+    /// Validates context entries.
+    pub fn new<I, K, V>(entries: I) -> Result<Self, ValidationError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        let mut map = BTreeMap::new();
+        for (k, v) in entries {
+            let (k, v) = (k.as_ref(), v.as_ref());
+            let key_ok = !k.is_empty()
+                && k.len() <= MAX_CONTEXT_KEY_BYTES
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            if !key_ok {
+                return Err(ValidationError::BadContextKey(quote(k)));
+            }
+            if v.len() > MAX_CONTEXT_VALUE_BYTES || v.chars().any(char::is_control) {
+                return Err(ValidationError::BadContextValue(quote(k)));
+            }
+            map.insert(k.to_owned(), v.to_owned());
+            if map.len() > MAX_CONTEXT_ENTRIES {
+                return Err(ValidationError::TooManyContextEntries(map.len()));
+            }
+        }
+        Ok(Self(map))
+    }
+
+    /// The entries, sorted by key.
+    pub fn entries(&self) -> &BTreeMap<String, String> {
+        &self.0
+    }
+
+    /// One entry.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scopes(s: &[&str]) -> Scopes {
+        parse_scopes(s).unwrap()
+    }
+
+    #[test]
+    fn scopes_follow_rfc6749() {
+        assert!(Scope::new("read:files").is_ok());
+        assert!(Scope::new("a!#[]~").is_ok());
+        for bad in ["", "two words", "quote\"", "back\\slash", "tab\t", "nl\n", "é"] {
+            assert!(Scope::new(bad).is_err(), "{bad:?}");
+        }
+        assert!(Scope::new(&"s".repeat(MAX_SCOPE_BYTES + 1)).is_err());
+        let many: Vec<String> = (0..=MAX_SCOPES).map(|i| format!("s{i}")).collect();
+        assert_eq!(parse_scopes(&many), Err(ValidationError::TooManyScopes(65)));
+        assert_eq!(scope_string(&scopes(&["b", "a", "b"])), "a b");
+    }
+
+    #[test]
+    fn envelope_needs_an_audience_and_reports_excess() {
+        let none: [&str; 0] = [];
+        assert_eq!(Envelope::new(&none, &["read"]), Err(ValidationError::NoAudiences));
+        assert_eq!(Envelope::new(&[""], &none), Err(ValidationError::EmptyAudience));
+        assert!(matches!(
+            Envelope::new(&["has space"], &none),
+            Err(ValidationError::BadAudience(_))
+        ));
+        let env = Envelope::new(&["api", "db"], &["read", "write"]).unwrap();
+        let api = Audience::new("api").unwrap();
+        assert_eq!(env.excess(&api, &scopes(&["read"])), None);
+        let excess = env
+            .excess(&Audience::new("mail").unwrap(), &scopes(&["read", "admin"]))
+            .unwrap();
+        assert_eq!(
+            excess.to_string(),
+            "audience \"mail\" and scopes [\"admin\"] outside the task's envelope"
+        );
+    }
+
+    #[test]
+    fn intent_and_context_limits() {
+        assert_eq!(Intent::new("  "), Err(ValidationError::EmptyIntent));
+        assert!(Intent::new("summarise\nthe ticket").is_ok());
+        assert_eq!(Intent::new("a\u{7}b"), Err(ValidationError::IntentControlChar));
+        assert_eq!(
+            Intent::new(&"x".repeat(MAX_INTENT_BYTES + 1)),
+            Err(ValidationError::IntentTooLong(MAX_INTENT_BYTES + 1))
+        );
+        assert!(Intent::new(&"x".repeat(MAX_INTENT_BYTES)).is_ok());
+
+        assert!(TaskContext::new([("environment", "prod")]).is_ok());
+        let too_many: Vec<(String, String)> =
+            (0..=MAX_CONTEXT_ENTRIES).map(|i| (format!("k{i}"), "v".into())).collect();
+        assert_eq!(
+            TaskContext::new(too_many),
+            Err(ValidationError::TooManyContextEntries(65))
+        );
+        assert!(matches!(
+            TaskContext::new([("bad key", "v")]),
+            Err(ValidationError::BadContextKey(_))
+        ));
+        assert!(matches!(
+            TaskContext::new([("k", "v\u{0}")]),
+            Err(ValidationError::BadContextValue(_))
+        ));
+    }
+
+    #[test]
+    fn quote_escapes_and_truncates() {
+        assert_eq!(quote("a\nb"), "\"a\\nb\"");
+        assert!(quote(&"x".repeat(100)).ends_with('…'));
+    }
+}

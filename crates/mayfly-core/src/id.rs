@@ -1,0 +1,152 @@
+//! Random identifiers for tasks and leases: 128 bits from the system CSPRNG,
+//! base64url without padding (22 characters), so they are URL-safe and valid
+//! as a SPIFFE path segment.
+
+use std::fmt;
+use std::str::FromStr;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Length in characters of an encoded id (16 bytes, base64url, no padding).
+const ID_LEN: usize = 22;
+
+/// Why a string is not a task or lease id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a valid id: expected 22 base64url characters (A-Z a-z 0-9 - _)")]
+pub struct IdError;
+
+/// 16 random bytes, base64url. Panics only if the OS has no randomness, in
+/// which case issuing anything would be unsafe.
+fn random_id() -> String {
+    let mut bytes = [0u8; 16];
+    #[allow(clippy::expect_used)]
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the system random number generator failed");
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn check_id(s: &str) -> Result<(), IdError> {
+    // The last character of 16 bytes in base64 carries only 2 data bits, so a
+    // canonical encoding must decode and re-encode to itself.
+    if s.len() != ID_LEN
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(IdError);
+    }
+    match URL_SAFE_NO_PAD.decode(s) {
+        Ok(bytes) if bytes.len() == 16 => Ok(()),
+        _ => Err(IdError),
+    }
+}
+
+macro_rules! random_id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(String);
+
+        impl $name {
+            /// A fresh random id.
+            pub fn generate() -> Self {
+                Self(random_id())
+            }
+
+            /// Parses an id received from outside.
+            pub fn new(s: &str) -> Result<Self, IdError> {
+                check_id(s)?;
+                Ok(Self(s.to_owned()))
+            }
+
+            /// The encoded id.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!(stringify!($name), "({})"), self.0)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::new(s)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                Self::new(&s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+random_id_type!(
+    /// Identifies a task. A task is also a lease (of kind `task`) whose lease
+    /// id is the task id.
+    TaskId
+);
+random_id_type!(
+    /// Identifies a lease; for a JWT it is the token's `jti`.
+    LeaseId
+);
+
+impl TaskId {
+    /// The id of the task's own lease.
+    pub fn lease_id(&self) -> LeaseId {
+        LeaseId(self.0.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_round_trip_and_differ() {
+        let a = TaskId::generate();
+        let b = TaskId::generate();
+        assert_ne!(a, b);
+        assert_eq!(a.as_str().len(), 22);
+        assert_eq!(TaskId::new(a.as_str()).unwrap(), a);
+        assert_eq!(a.lease_id().as_str(), a.as_str());
+    }
+
+    #[test]
+    fn rejects_malformed_ids() {
+        for bad in [
+            "",
+            "short",
+            "AAAAAAAAAAAAAAAAAAAAAAA",  // 23 chars
+            "AAAAAAAAAAAAAAAAAAAA+A",   // not url-safe
+            "AAAAAAAAAAAAAAAAAAAA A",   // space
+            "AAAAAAAAAAAAAAAAAAAAAB",   // non-canonical trailing bits
+            "ÄAAAAAAAAAAAAAAAAAAAA",
+        ] {
+            assert_eq!(LeaseId::new(bad), Err(IdError), "{bad:?}");
+        }
+        assert!(LeaseId::new("AAAAAAAAAAAAAAAAAAAAAA").is_ok());
+    }
+}
