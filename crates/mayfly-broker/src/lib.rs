@@ -1,1 +1,34 @@
+//! The Mayfly broker: agents authenticate with an X.509-SVID over mTLS gRPC,
+//! open tasks and receive task-bound, short-lived credentials, each tracked
+//! as a lease; operators list and revoke leases; validators fetch the JWKS.
+//!
+//! Layout:
+//! - [`config`]: `mayfly.toml`.
+//! - [`server`]: assembles everything and serves both ports.
+//! - [`identity`]: peer certificate → typed [`identity::Caller`].
+//! - [`grpc`]: the thin Broker and Admin services.
+//! - [`service`]: request handling (policy, TTLs, envelopes, ownership).
+//! - [`issuer`]: signing keys and the JWT signer.
+//! - [`store`]: the lease store seam, its backends and contract suite.
+//! - [`reaper`]: expiry and clean-up.
+//! - [`http`]: JWKS, metadata, health.
+//! - [`dev`]: the development PKI behind `mayfly dev init`.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod dev;
+pub mod error;
+mod fsutil;
+pub mod grpc;
+pub mod http;
+pub mod identity;
+pub mod issuer;
+pub mod reaper;
+pub mod server;
+pub mod service;
 pub mod store;
+pub mod tls;
+
+pub use config::Config;
+pub use server::{Broker, StartError};

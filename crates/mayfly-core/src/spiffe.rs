@@ -97,6 +97,19 @@ impl FromStr for TrustDomain {
     }
 }
 
+impl<'de> Deserialize<'de> for TrustDomain {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::new(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for TrustDomain {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
 /// A workload identity: `spiffe://<trust domain>/<path>`. Always valid; the
 /// path is non-empty (an ID without a path names a trust domain, not a
 /// workload).

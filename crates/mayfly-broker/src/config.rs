@@ -1,0 +1,379 @@
+//! `mayfly.toml`: everything the broker needs to start. Relative paths are
+//! resolved against the file's directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mayfly_core::{Pattern, Rule, SpiffeIdPattern, TrustDomain};
+use serde::{Deserialize, Deserializer};
+
+/// Why a configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has wrong or unknown keys.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with line and column.
+        message: String,
+    },
+    /// Values that parse but do not fit together.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The parsed configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The trust domain agents and operators must belong to.
+    pub trust_domain: TrustDomain,
+    /// `iss` of every token; defaults to `https://<listen.http>`.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Where keys and the embedded store live (created 0700).
+    pub data_dir: PathBuf,
+    /// Lease store: `embedded` (default).
+    #[serde(default)]
+    pub store: StoreKind,
+    /// Listening addresses.
+    pub listen: Listen,
+    /// Server certificate and trust bundle.
+    pub tls: Tls,
+    /// SPIFFE IDs allowed to call the Admin API.
+    #[serde(default)]
+    pub operators: Vec<SpiffeIdPattern>,
+    /// Token lifetimes and signing algorithm.
+    #[serde(default)]
+    pub tokens: Tokens,
+    /// Task lifetimes.
+    #[serde(default)]
+    pub tasks: Tasks,
+    /// Expiry and clean-up.
+    #[serde(default)]
+    pub reaper: Reaper,
+    /// Authorization rules, in order.
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RuleConfig>,
+}
+
+/// Which lease store to use.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreKind {
+    /// A redb file in `data_dir`.
+    #[default]
+    Embedded,
+}
+
+impl<'de> Deserialize<'de> for StoreKind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "embedded" => Ok(Self::Embedded),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown store {other:?}: expected \"embedded\""
+            ))),
+        }
+    }
+}
+
+/// Listening addresses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// mTLS gRPC (Broker and Admin services).
+    pub grpc: SocketAddr,
+    /// HTTPS: JWKS, metadata, health.
+    pub http: SocketAddr,
+}
+
+/// TLS material.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// The broker's server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM, PKCS#8; must be mode 0600).
+    pub key: PathBuf,
+    /// CA certificates that client SVIDs must chain to (PEM).
+    pub trust_bundle: PathBuf,
+}
+
+/// JWT signing algorithm.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum Algorithm {
+    /// ECDSA P-256 with SHA-256: the widest validator support.
+    #[default]
+    ES256,
+    /// Ed25519.
+    EdDSA,
+}
+
+/// Token lifetimes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tokens {
+    /// Signing algorithm.
+    pub algorithm: Algorithm,
+    /// Used when a request asks for 0.
+    #[serde(deserialize_with = "duration")]
+    pub default_ttl: Duration,
+    /// No token lives longer.
+    #[serde(deserialize_with = "duration")]
+    pub max_ttl: Duration,
+}
+
+impl Default for Tokens {
+    fn default() -> Self {
+        Self {
+            algorithm: Algorithm::ES256,
+            default_ttl: Duration::from_secs(300),
+            max_ttl: Duration::from_secs(900),
+        }
+    }
+}
+
+/// Task lifetimes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tasks {
+    /// Used when a request asks for 0.
+    #[serde(deserialize_with = "duration")]
+    pub default_ttl: Duration,
+    /// No task lives longer.
+    #[serde(deserialize_with = "duration")]
+    pub max_ttl: Duration,
+}
+
+impl Default for Tasks {
+    fn default() -> Self {
+        Self {
+            default_ttl: Duration::from_secs(15 * 60),
+            max_ttl: Duration::from_secs(8 * 3600),
+        }
+    }
+}
+
+/// Expiry and clean-up.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Reaper {
+    /// How often expired leases are moved to `expired`.
+    #[serde(deserialize_with = "duration")]
+    pub interval: Duration,
+    /// How long records are kept after they expire.
+    #[serde(deserialize_with = "duration")]
+    pub retention: Duration,
+}
+
+impl Default for Reaper {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(1),
+            retention: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// One `[[rule]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Named in decisions and logs.
+    pub id: String,
+    /// SPIFFE ID patterns (`spiffe://td/path` or `spiffe://td/prefix/*`).
+    pub agents: Vec<SpiffeIdPattern>,
+    /// Audience patterns (exact, or ending in `*`).
+    pub audiences: Vec<String>,
+    /// Scope patterns (exact, or ending in `*`).
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Caps the TTL of tokens this rule allows.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub max_token_ttl: Option<Duration>,
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("duration {s:?}: {e} (e.g. \"90s\", \"5m\", \"8h\")")))
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses configuration text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Self, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })?;
+        for p in [
+            &mut config.data_dir,
+            &mut config.tls.cert,
+            &mut config.tls.key,
+            &mut config.tls.trust_bundle,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.tokens.max_ttl.is_zero() || self.tokens.default_ttl > self.tokens.max_ttl {
+            return invalid("tokens: need 0 < default_ttl <= max_ttl".into());
+        }
+        if self.tasks.max_ttl.is_zero() || self.tasks.default_ttl > self.tasks.max_ttl {
+            return invalid("tasks: need 0 < default_ttl <= max_ttl".into());
+        }
+        if self.reaper.interval.is_zero() {
+            return invalid("reaper.interval must be positive".into());
+        }
+        if let Some(iss) = &self.issuer
+            && !iss.starts_with("https://")
+        {
+            return invalid(format!("issuer {iss:?} must be an https:// URL"));
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for r in &self.rules {
+            if !ids.insert(r.id.as_str()) {
+                return invalid(format!("two rules have id {:?}", r.id));
+            }
+            if r.agents.is_empty() || r.audiences.is_empty() {
+                return invalid(format!("rule {:?} needs agents and audiences", r.id));
+            }
+        }
+        self.policy_rules()?;
+        Ok(())
+    }
+
+    /// The issuer URL (`iss`), without a trailing slash.
+    pub fn issuer(&self) -> String {
+        let iss = match &self.issuer {
+            Some(i) => i.clone(),
+            None => format!("https://{}", self.listen.http),
+        };
+        iss.trim_end_matches('/').to_owned()
+    }
+
+    /// The rules as the policy engine takes them.
+    pub fn policy_rules(&self) -> Result<Vec<Rule>, ConfigError> {
+        let patterns = |id: &str, list: &[String]| {
+            list.iter()
+                .map(|p| Pattern::new(p).map_err(|e| ConfigError::Invalid(format!("rule {id:?}: {e}"))))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        self.rules
+            .iter()
+            .map(|r| {
+                Ok(Rule {
+                    id: r.id.clone(),
+                    agents: r.agents.clone(),
+                    audiences: patterns(&r.id, &r.audiences)?,
+                    scopes: patterns(&r.id, &r.scopes)?,
+                    max_token_ttl: r.max_token_ttl,
+                })
+            })
+            .collect()
+    }
+
+    /// The embedded store's file.
+    pub fn store_path(&self) -> PathBuf {
+        self.data_dir.join("leases.redb")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        trust_domain = "example.org"
+        data_dir = "data"
+        [listen]
+        grpc = "127.0.0.1:1"
+        http = "127.0.0.1:2"
+        [tls]
+        cert = "c.pem"
+        key = "/abs/k.pem"
+        trust_bundle = "b.pem"
+    "#;
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = Config::parse(MINIMAL, Path::new("/etc/mayfly")).unwrap();
+        assert_eq!(c.data_dir, Path::new("/etc/mayfly/data"));
+        assert_eq!(c.tls.key, Path::new("/abs/k.pem"));
+        assert_eq!(c.tokens.default_ttl, Duration::from_secs(300));
+        assert_eq!(c.tokens.max_ttl, Duration::from_secs(900));
+        assert_eq!(c.tasks.max_ttl, Duration::from_secs(8 * 3600));
+        assert_eq!(c.store, StoreKind::Embedded);
+        assert_eq!(c.issuer(), "https://127.0.0.1:2");
+    }
+
+    #[test]
+    fn rejects_bad_values_with_a_reason() {
+        let unknown = format!("{MINIMAL}\nbogus = 1");
+        let e = Config::parse(&unknown, Path::new(".")).unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let bad_ttl = MINIMAL.replace("[tls]", "[tokens]\ndefault_ttl = \"1h\"\n[tls]");
+        let e = Config::parse(&bad_ttl, Path::new(".")).unwrap_err().to_string();
+        assert!(e.contains("default_ttl <= max_ttl"), "{e}");
+        let bad_duration = MINIMAL.replace("[tls]", "[tokens]\nmax_ttl = \"soon\"\n[tls]");
+        let e = Config::parse(&bad_duration, Path::new(".")).unwrap_err().to_string();
+        assert!(e.contains("\"soon\""), "{e}");
+        let bad_store = format!("store = \"mongodb\"\n{MINIMAL}");
+        let e = Config::parse(&bad_store, Path::new(".")).unwrap_err().to_string();
+        assert!(e.contains("unknown store"), "{e}");
+        let bad_rule = format!(
+            "{MINIMAL}\n[[rule]]\nid = \"r\"\nagents = [\"spiffe://example.org/a/*\"]\naudiences = [\"a*b\"]"
+        );
+        let e = Config::parse(&bad_rule, Path::new(".")).unwrap_err().to_string();
+        assert!(e.contains("only at the end"), "{e}");
+    }
+
+    #[test]
+    fn dev_config_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let layout = crate::dev::init(&dir.path().join("dev"), &td).unwrap();
+        let c = Config::load(&layout.config).unwrap();
+        assert_eq!(c.rules.len(), 2);
+        assert_eq!(c.issuer(), "https://localhost:8711");
+        assert!(crate::dev::init(&dir.path().join("dev"), &td).is_err(), "refuses to overwrite");
+    }
+}

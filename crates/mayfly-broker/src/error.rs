@@ -1,0 +1,87 @@
+//! The broker's request errors. `grpc/status.rs` maps each variant to one
+//! gRPC status, exhaustively.
+
+use mayfly_core::{EnvelopeExcess, LeaseId, LeaseState, SpiffeId, TaskId, TaskState};
+
+use crate::identity::AuthError;
+use crate::store::StoreError;
+
+/// Why a request was refused or failed. Messages say what was wrong; none
+/// carries a secret or policy text.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    /// A field is malformed or out of range.
+    #[error("{0}")]
+    Invalid(String),
+    /// The peer is not an acceptable caller.
+    #[error(transparent)]
+    Unauthenticated(#[from] AuthError),
+    /// The caller is not an operator.
+    #[error("{0} is not an operator; the Admin API needs a SPIFFE ID in the operator set")]
+    NotOperator(SpiffeId),
+    /// Policy refused the request.
+    #[error("denied by {}: {reason}", policy_id.as_deref().map_or_else(|| "default deny".to_owned(), |p| format!("policy {p:?}")))]
+    Denied {
+        /// The deciding policy, if one decided.
+        policy_id: Option<String>,
+        /// What was not allowed.
+        reason: String,
+    },
+    /// The request asks for more than the task's envelope.
+    #[error("{0}")]
+    OutsideEnvelope(EnvelopeExcess),
+    /// No such task visible to the caller.
+    #[error("task {0} not found")]
+    TaskNotFound(TaskId),
+    /// No such lease.
+    #[error("lease {0} not found")]
+    LeaseNotFound(LeaseId),
+    /// The task has ended.
+    #[error("task {id} is {state}")]
+    TaskNotActive {
+        /// The task.
+        id: TaskId,
+        /// Its state.
+        state: TaskState,
+    },
+    /// The lease has already ended.
+    #[error("lease {id} is already {}", state.as_str())]
+    LeaseNotActive {
+        /// The lease.
+        id: LeaseId,
+        /// Its state.
+        state: LeaseState,
+    },
+    /// The store cannot be reached; nothing was issued.
+    #[error("lease store unavailable, nothing was issued: {0}")]
+    Unavailable(String),
+    /// A bug or corrupt data; details go to the log, not the caller.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl BrokerError {
+    /// Maps a store error met while working on `task`.
+    pub fn from_store(e: StoreError, task: &TaskId) -> Self {
+        match e {
+            StoreError::TaskNotFound => Self::TaskNotFound(task.clone()),
+            StoreError::TaskNotActive(state) => Self::TaskNotActive {
+                id: task.clone(),
+                state,
+            },
+            other => other.into(),
+        }
+    }
+}
+
+impl From<StoreError> for BrokerError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(m) => Self::Unavailable(m),
+            StoreError::TaskNotFound => Self::Internal("task vanished during the request".into()),
+            StoreError::LeaseNotFound => Self::Internal("lease vanished during the request".into()),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}

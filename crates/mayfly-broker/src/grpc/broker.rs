@@ -1,0 +1,105 @@
+//! `mayfly.v1.Broker`: the agents' API.
+
+use std::sync::Arc;
+
+use mayfly_core::{Audience, Envelope, Intent, TaskContext, TaskId, Timestamp, parse_scopes};
+use mayfly_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use super::{caller, field, task_to_proto, timestamp};
+use crate::error::BrokerError;
+use crate::service::{NewTask, Service, TokenRequest, requested_ttl};
+
+/// The Broker service over [`Service`].
+#[derive(Debug, Clone)]
+pub struct BrokerApi {
+    svc: Arc<Service>,
+}
+
+impl BrokerApi {
+    /// Wraps the service.
+    pub fn new(svc: Arc<Service>) -> Self {
+        Self { svc }
+    }
+}
+
+impl TryFrom<pb::StartTaskRequest> for NewTask {
+    type Error = BrokerError;
+    fn try_from(r: pb::StartTaskRequest) -> Result<Self, BrokerError> {
+        let envelope = Envelope::new(&r.audiences, &r.scopes)
+            .map_err(|e| BrokerError::Invalid(e.to_string()))?;
+        Ok(Self {
+            intent: Intent::new(&r.intent).map_err(|e| BrokerError::Invalid(e.to_string()))?,
+            context: TaskContext::new(&r.context).map_err(|e| BrokerError::Invalid(e.to_string()))?,
+            envelope,
+            ttl: requested_ttl("ttl_seconds", r.ttl_seconds)?,
+        })
+    }
+}
+
+impl TryFrom<pb::IssueTokenRequest> for TokenRequest {
+    type Error = BrokerError;
+    fn try_from(r: pb::IssueTokenRequest) -> Result<Self, BrokerError> {
+        Ok(Self {
+            task_id: field("task_id", &r.task_id, TaskId::new)?,
+            audience: field("audience", &r.audience, Audience::new)?,
+            scopes: parse_scopes(&r.scopes).map_err(|e| BrokerError::Invalid(e.to_string()))?,
+            ttl: requested_ttl("ttl_seconds", r.ttl_seconds)?,
+            bind_to_client_cert: r.bind_to_client_cert,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::broker_server::Broker for BrokerApi {
+    async fn start_task(
+        &self,
+        request: Request<pb::StartTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        let caller = caller(&request)?;
+        let req = NewTask::try_from(request.into_inner())?;
+        let record = self.svc.start_task(&caller, req).await?;
+        Ok(Response::new(task_to_proto(&record, Timestamp::now())))
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        let caller = caller(&request)?;
+        let id = field("task_id", &request.get_ref().task_id, TaskId::new)?;
+        let record = self.svc.own_task(&caller, &id).await?;
+        Ok(Response::new(task_to_proto(&record, Timestamp::now())))
+    }
+
+    async fn issue_token(
+        &self,
+        request: Request<pb::IssueTokenRequest>,
+    ) -> Result<Response<pb::IssuedToken>, Status> {
+        let caller = caller(&request)?;
+        let req = TokenRequest::try_from(request.into_inner())?;
+        let issued = self.svc.issue_token(&caller, req).await?;
+        let lease = &issued.lease;
+        Ok(Response::new(pb::IssuedToken {
+            token: issued.token.into_string(),
+            lease_id: lease.id.to_string(),
+            expires_at: Some(timestamp(lease.expires_at)),
+            token_type: "Bearer".into(),
+            scopes: lease.scopes.iter().map(|s| s.to_string()).collect(),
+            audience: lease.audience.as_ref().map(|a| a.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn complete_task(
+        &self,
+        request: Request<pb::CompleteTaskRequest>,
+    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        let caller = caller(&request)?;
+        let id = field("task_id", &request.get_ref().task_id, TaskId::new)?;
+        let (revoked, record) = self.svc.complete_task(&caller, &id).await?;
+        Ok(Response::new(pb::CompleteTaskResponse {
+            revoked_leases: revoked.iter().map(|l| l.to_string()).collect(),
+            task: Some(task_to_proto(&record, Timestamp::now())),
+        }))
+    }
+}

@@ -1,0 +1,176 @@
+//! The gRPC edge: one file per service, each RPC = authenticate → convert the
+//! proto request into a domain request → call [`Service`](crate::service::Service)
+//! → convert back. Nothing here decides anything.
+
+mod admin;
+mod broker;
+mod status;
+
+pub use admin::AdminApi;
+pub use broker::BrokerApi;
+
+use std::sync::Arc;
+
+use mayfly_core::{
+    Lease, LeaseKind, LeaseState, LeaseStatus, RevocationReason, TaskRecord, TaskState, Timestamp,
+};
+use mayfly_proto::v1 as pb;
+use tonic::{Request, Status};
+
+use crate::error::BrokerError;
+use crate::identity::{AuthError, Caller};
+
+/// What the accept loop learned about a connection; tonic puts it in every
+/// request's extensions.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// The authenticated caller, or why the peer is not one.
+    pub identity: Arc<Result<Caller, AuthError>>,
+    /// The peer's address, for logs.
+    pub remote: std::net::SocketAddr,
+}
+
+/// The authenticated caller of a request, or `UNAUTHENTICATED` saying why not.
+pub fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+    match req.extensions().get::<PeerInfo>() {
+        Some(peer) => match peer.identity.as_ref() {
+            Ok(c) => Ok(c.clone()),
+            Err(e) => Err(BrokerError::Unauthenticated(e.clone()).into()),
+        },
+        None => Err(Status::unauthenticated("connection has no verified TLS peer")),
+    }
+}
+
+/// Parses a field with `parse`, naming the field in the error.
+pub fn field<T, E: std::fmt::Display>(
+    name: &str,
+    value: &str,
+    parse: impl FnOnce(&str) -> Result<T, E>,
+) -> Result<T, BrokerError> {
+    parse(value).map_err(|e| BrokerError::Invalid(format!("{name}: {e}")))
+}
+
+pub(crate) fn timestamp(t: Timestamp) -> prost_types::Timestamp {
+    let ms = t.as_millis();
+    prost_types::Timestamp {
+        seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
+        nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+fn reason_to_proto(r: RevocationReason) -> pb::RevocationReason {
+    match r {
+        RevocationReason::TaskCompleted => pb::RevocationReason::TaskCompleted,
+        RevocationReason::TaskRevoked => pb::RevocationReason::TaskRevoked,
+        RevocationReason::ContextChanged => pb::RevocationReason::ContextChanged,
+        RevocationReason::Operator => pb::RevocationReason::Operator,
+        RevocationReason::AgentRevoked => pb::RevocationReason::AgentRevoked,
+        RevocationReason::ParentRevoked => pb::RevocationReason::ParentRevoked,
+    }
+}
+
+pub(crate) fn task_state_to_proto(s: TaskState) -> pb::TaskState {
+    match s {
+        TaskState::Active => pb::TaskState::Active,
+        TaskState::Completed => pb::TaskState::Completed,
+        TaskState::Revoked => pb::TaskState::Revoked,
+        TaskState::Expired => pb::TaskState::Expired,
+    }
+}
+
+pub(crate) fn task_state_from_proto(v: i32) -> Result<Option<TaskState>, BrokerError> {
+    match pb::TaskState::try_from(v) {
+        Ok(pb::TaskState::Unspecified) => Ok(None),
+        Ok(pb::TaskState::Active) => Ok(Some(TaskState::Active)),
+        Ok(pb::TaskState::Completed) => Ok(Some(TaskState::Completed)),
+        Ok(pb::TaskState::Revoked) => Ok(Some(TaskState::Revoked)),
+        Ok(pb::TaskState::Expired) => Ok(Some(TaskState::Expired)),
+        Err(_) => Err(BrokerError::Invalid(format!("state: unknown task state {v}"))),
+    }
+}
+
+pub(crate) fn lease_state_to_proto(s: LeaseState) -> pb::LeaseState {
+    match s {
+        LeaseState::Active => pb::LeaseState::Active,
+        LeaseState::Revoked => pb::LeaseState::Revoked,
+        LeaseState::Expired => pb::LeaseState::Expired,
+    }
+}
+
+pub(crate) fn lease_state_from_proto(v: i32) -> Result<Option<LeaseState>, BrokerError> {
+    match pb::LeaseState::try_from(v) {
+        Ok(pb::LeaseState::Unspecified) => Ok(None),
+        Ok(pb::LeaseState::Active) => Ok(Some(LeaseState::Active)),
+        Ok(pb::LeaseState::Revoked) => Ok(Some(LeaseState::Revoked)),
+        Ok(pb::LeaseState::Expired) => Ok(Some(LeaseState::Expired)),
+        Err(_) => Err(BrokerError::Invalid(format!("state: unknown lease state {v}"))),
+    }
+}
+
+pub(crate) fn lease_kind_from_proto(v: i32) -> Result<Option<LeaseKind>, BrokerError> {
+    match pb::LeaseKind::try_from(v) {
+        Ok(pb::LeaseKind::Unspecified) => Ok(None),
+        Ok(pb::LeaseKind::Task) => Ok(Some(LeaseKind::Task)),
+        Ok(pb::LeaseKind::Jwt) => Ok(Some(LeaseKind::Jwt)),
+        Ok(pb::LeaseKind::X509) => Ok(Some(LeaseKind::X509)),
+        Err(_) => Err(BrokerError::Invalid(format!("kind: unknown lease kind {v}"))),
+    }
+}
+
+fn lease_kind_to_proto(k: LeaseKind) -> pb::LeaseKind {
+    match k {
+        LeaseKind::Task => pb::LeaseKind::Task,
+        LeaseKind::Jwt => pb::LeaseKind::Jwt,
+        LeaseKind::X509 => pb::LeaseKind::X509,
+    }
+}
+
+/// A task as the API shows it, with its state at `now`.
+pub fn task_to_proto(r: &TaskRecord, now: Timestamp) -> pb::Task {
+    let t = &r.task;
+    let state = r.state_at(now);
+    let revocation = r.revocation();
+    let ended_at = match (revocation, state) {
+        (Some(rev), _) => Some(timestamp(rev.at)),
+        (None, TaskState::Expired) => Some(timestamp(t.expires_at)),
+        _ => None,
+    };
+    pb::Task {
+        task_id: t.id.to_string(),
+        agent_id: t.agent.to_string(),
+        intent: t.intent.as_str().to_owned(),
+        context: t.context.entries().clone().into_iter().collect(),
+        envelope: Some(pb::Envelope {
+            audiences: t.envelope.audiences().iter().map(|a| a.to_string()).collect(),
+            scopes: t.envelope.scopes().iter().map(|s| s.to_string()).collect(),
+        }),
+        state: task_state_to_proto(state).into(),
+        created_at: Some(timestamp(t.created_at)),
+        expires_at: Some(timestamp(t.expires_at)),
+        revocation_reason: revocation.map_or(0, |r| reason_to_proto(r.reason).into()),
+        ended_at,
+    }
+}
+
+/// A lease as the API shows it, with its state at `now`.
+pub fn lease_to_proto(l: &Lease, now: Timestamp) -> pb::Lease {
+    let revocation = match &l.status {
+        LeaseStatus::Revoked(r) => Some(r),
+        _ => None,
+    };
+    pb::Lease {
+        lease_id: l.id.to_string(),
+        kind: lease_kind_to_proto(l.kind).into(),
+        agent_id: l.agent.to_string(),
+        task_id: l.task_id.to_string(),
+        audience: l.audience.as_ref().map(|a| a.to_string()).unwrap_or_default(),
+        scopes: l.scopes.iter().map(|s| s.to_string()).collect(),
+        issued_at: Some(timestamp(l.issued_at)),
+        expires_at: Some(timestamp(l.expires_at)),
+        state: lease_state_to_proto(l.state_at(now)).into(),
+        revocation_reason: revocation.map_or(0, |r| reason_to_proto(r.reason).into()),
+        revoked_at: revocation.map(|r| timestamp(r.at)),
+        revoked_by: revocation.map(|r| r.by.to_string()).unwrap_or_default(),
+        cert_thumbprint: l.cert_thumbprint.clone().unwrap_or_default(),
+    }
+}

@@ -1,0 +1,84 @@
+//! The HTTPS side port (no client certificate): JWKS and RFC 8414 metadata so
+//! stock JWT libraries can validate tokens, and health probes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+
+use crate::store::LeaseStore;
+
+/// How long a readiness probe waits for the store.
+const READY_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Clone)]
+struct HttpState {
+    /// Serialised once at start: `/.well-known/jwks.json`.
+    jwks: Arc<str>,
+    /// Serialised once at start: `/.well-known/oauth-authorization-server`.
+    metadata: Arc<str>,
+    /// Probed by `/readyz`.
+    store: Arc<dyn LeaseStore>,
+}
+
+/// The RFC 8414 metadata document for `issuer`.
+pub fn metadata(issuer: &str, algs: &[&str]) -> serde_json::Value {
+    json!({
+        "issuer": issuer,
+        "jwks_uri": format!("{issuer}/.well-known/jwks.json"),
+        // Tokens are issued over the gRPC Broker API, not an OAuth endpoint.
+        "response_types_supported": [],
+        "grant_types_supported": [],
+        "token_endpoint_auth_methods_supported": ["tls_client_auth"],
+        "tls_client_certificate_bound_access_tokens": true,
+        "access_token_signing_alg_values_supported": algs,
+    })
+}
+
+/// The router for the side port.
+pub fn router(jwks: &serde_json::Value, metadata: &serde_json::Value, store: Arc<dyn LeaseStore>) -> Router {
+    let state = HttpState {
+        jwks: jwks.to_string().into(),
+        metadata: metadata.to_string().into(),
+        store,
+    };
+    Router::new()
+        .route("/.well-known/jwks.json", get(jwks_handler))
+        .route("/.well-known/oauth-authorization-server", get(metadata_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(state)
+}
+
+fn json_response(body: &Arc<str>, cache: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, cache),
+        ],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn jwks_handler(State(s): State<HttpState>) -> Response {
+    // Short caching: validators refetch on an unknown `kid` anyway.
+    json_response(&s.jwks, "public, max-age=300")
+}
+
+async fn metadata_handler(State(s): State<HttpState>) -> Response {
+    json_response(&s.metadata, "public, max-age=3600")
+}
+
+async fn ready(State(s): State<HttpState>) -> Response {
+    match tokio::time::timeout(READY_TIMEOUT, s.store.check()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "not ready: store check timed out\n").into_response(),
+    }
+}

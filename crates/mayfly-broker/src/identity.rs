@@ -1,0 +1,252 @@
+//! Who is calling: the X.509-SVID of the mTLS peer, turned into a typed
+//! [`Caller`] once per connection, right after the handshake.
+//!
+//! The TLS layer ([`DeferredClientVerifier`]) asks for a client certificate
+//! and checks the handshake signature (the peer holds the key), but leaves
+//! the chain and SPIFFE checks to [`Authenticator::authenticate`], which runs
+//! before any request on the connection is served. A connection that fails
+//! them still completes TLS, so every RPC on it can be answered with
+//! `UNAUTHENTICATED` and a message that says what was wrong, instead of an
+//! opaque handshake failure.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use mayfly_core::{SpiffeId, SpiffeIdError, TrustDomain};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::{CertificateDer, UnixTime};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::FromDer;
+
+/// An authenticated caller: an agent or operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The SPIFFE ID from the client certificate.
+    pub id: SpiffeId,
+    /// RFC 8705 `x5t#S256` of the client certificate, for token binding.
+    pub cert_thumbprint: String,
+}
+
+/// Why a peer is not an acceptable caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// No client certificate was presented.
+    #[error("no client certificate: present an X.509-SVID from this trust domain")]
+    NoCertificate,
+    /// The chain does not lead to the trust bundle.
+    #[error("client certificate is not issued by a CA in the broker's trust bundle")]
+    UnknownIssuer,
+    /// The certificate (or one in its chain) has expired.
+    #[error("client certificate has expired")]
+    Expired,
+    /// The certificate is not valid yet.
+    #[error("client certificate is not valid yet")]
+    NotYetValid,
+    /// Another chain-validation failure.
+    #[error("client certificate rejected: {0}")]
+    Invalid(String),
+    /// The certificate does not parse.
+    #[error("client certificate cannot be parsed: {0}")]
+    Malformed(String),
+    /// The leaf is a CA certificate.
+    #[error("client certificate is a CA certificate; an X.509-SVID must be a leaf (CA:false)")]
+    LeafIsCa,
+    /// The leaf may sign certificates or CRLs.
+    #[error("client certificate has key usage keyCertSign or cRLSign, which an X.509-SVID must not have")]
+    SigningKeyUsage,
+    /// No URI SAN.
+    #[error("client certificate has no URI SAN; an X.509-SVID carries exactly one spiffe:// URI")]
+    NoUriSan,
+    /// More than one URI SAN.
+    #[error("client certificate has {0} URI SANs; an X.509-SVID carries exactly one")]
+    ManyUriSans(usize),
+    /// The URI SAN is not a valid SPIFFE ID.
+    #[error("client certificate URI SAN {uri} is not a SPIFFE ID: {reason}")]
+    NotSpiffe {
+        /// The URI, quoted.
+        uri: String,
+        /// Why.
+        reason: SpiffeIdError,
+    },
+    /// The SPIFFE ID belongs to another trust domain.
+    #[error("client SPIFFE ID {id} is not in trust domain {expected}")]
+    WrongTrustDomain {
+        /// The presented ID.
+        id: SpiffeId,
+        /// The broker's trust domain.
+        expected: TrustDomain,
+    },
+}
+
+/// Requests a client certificate and verifies the handshake signature, but
+/// defers chain validation to [`Authenticator`] (see the module docs).
+#[derive(Debug)]
+pub struct DeferredClientVerifier {
+    /// The standard WebPKI verifier for the trust bundle: used here for root
+    /// hints and signature checks.
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl DeferredClientVerifier {
+    /// Wraps the bundle's WebPKI verifier.
+    pub fn new(inner: Arc<dyn ClientCertVerifier>) -> Self {
+        Self { inner }
+    }
+}
+
+impl ClientCertVerifier for DeferredClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        // Deferred: `Authenticator::authenticate` validates the chain before
+        // any request on this connection is served.
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Turns a peer's certificate chain into a [`Caller`].
+#[derive(Debug, Clone)]
+pub struct Authenticator {
+    /// Validates the chain against the trust bundle (signatures, validity,
+    /// client-auth EKU).
+    chain: Arc<dyn ClientCertVerifier>,
+    /// Callers must belong to it.
+    trust_domain: TrustDomain,
+}
+
+impl Authenticator {
+    /// An authenticator for `trust_domain` using the bundle's verifier.
+    pub fn new(chain: Arc<dyn ClientCertVerifier>, trust_domain: TrustDomain) -> Self {
+        Self {
+            chain,
+            trust_domain,
+        }
+    }
+
+    /// Validates the peer chain (leaf first) as an X.509-SVID of the trust
+    /// domain.
+    pub fn authenticate(&self, peer: Option<&[CertificateDer<'_>]>) -> Result<Caller, AuthError> {
+        let (leaf, intermediates) = match peer {
+            Some([leaf, rest @ ..]) => (leaf, rest),
+            _ => return Err(AuthError::NoCertificate),
+        };
+        // Shape first (so a CA or SAN-less certificate is named as such),
+        // then trust, then membership.
+        let id = svid_id(leaf)?;
+        self.chain
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map_err(chain_error)?;
+        if !id.is_member_of(&self.trust_domain) {
+            return Err(AuthError::WrongTrustDomain {
+                id,
+                expected: self.trust_domain.clone(),
+            });
+        }
+        Ok(Caller {
+            id,
+            cert_thumbprint: thumbprint(leaf),
+        })
+    }
+}
+
+fn chain_error(e: rustls::Error) -> AuthError {
+    match e {
+        rustls::Error::InvalidCertificate(ce) => match ce {
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                AuthError::UnknownIssuer
+            }
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                AuthError::Expired
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                AuthError::NotYetValid
+            }
+            CertificateError::BadEncoding => AuthError::Malformed("bad DER encoding".into()),
+            other => AuthError::Invalid(rustls::Error::InvalidCertificate(other).to_string()),
+        },
+        other => AuthError::Invalid(other.to_string()),
+    }
+}
+
+/// The SPIFFE ID of an X.509-SVID leaf, checking the SVID rules: a leaf
+/// (not a CA, no signing key usages) with exactly one URI SAN, a SPIFFE ID.
+pub fn svid_id(leaf: &CertificateDer<'_>) -> Result<SpiffeId, AuthError> {
+    let (_, cert) = X509Certificate::from_der(leaf.as_ref())
+        .map_err(|e| AuthError::Malformed(e.to_string()))?;
+    let bc = cert
+        .basic_constraints()
+        .map_err(|e| AuthError::Malformed(e.to_string()))?;
+    if bc.is_some_and(|bc| bc.value.ca) {
+        return Err(AuthError::LeafIsCa);
+    }
+    let ku = cert.key_usage().map_err(|e| AuthError::Malformed(e.to_string()))?;
+    if ku.is_some_and(|ku| ku.value.key_cert_sign() || ku.value.crl_sign()) {
+        return Err(AuthError::SigningKeyUsage);
+    }
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| AuthError::Malformed(e.to_string()))?;
+    let uris: Vec<&str> = san
+        .iter()
+        .flat_map(|s| s.value.general_names.iter())
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [] => Err(AuthError::NoUriSan),
+        [uri] => SpiffeId::new(uri).map_err(|reason| AuthError::NotSpiffe {
+            uri: format!("{:?}", uri.chars().take(128).collect::<String>()),
+            reason,
+        }),
+        many => Err(AuthError::ManyUriSans(many.len())),
+    }
+}
+
+/// RFC 8705 `x5t#S256`: base64url (no padding) of SHA-256 over the DER.
+pub fn thumbprint(cert: &CertificateDer<'_>) -> String {
+    URL_SAFE_NO_PAD.encode(ring::digest::digest(&ring::digest::SHA256, cert.as_ref()))
+}

@@ -1,0 +1,196 @@
+//! JWT signing keys: created on first start in the data directory (PKCS#8
+//! PEM, mode 0600) and reused after restart. The private key is held parsed
+//! in memory (no per-request parsing); only the public half is published.
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ring::rand::SystemRandom;
+use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _};
+use rustls_pki_types::PrivatePkcs8KeyDer;
+use rustls_pki_types::pem::PemObject;
+use serde_json::json;
+use zeroize::Zeroizing;
+
+use crate::config::Algorithm;
+use crate::fsutil::{check_private, write_new_private};
+
+/// Why a signing key could not be loaded or created.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The key file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file does not hold a usable key of the expected algorithm.
+    #[error("{path}: not a valid {alg} PKCS#8 key: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The expected algorithm.
+        alg: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+enum Inner {
+    Es256(EcdsaKeyPair),
+    EdDsa(Ed25519KeyPair),
+}
+
+/// A parsed signing key with its key id and public JWK.
+pub struct SigningKey {
+    inner: Inner,
+    /// RFC 7638 JWK thumbprint, base64url.
+    kid: String,
+    /// The public JWK, as published in the JWKS.
+    jwk: serde_json::Value,
+    /// ECDSA signing needs randomness.
+    rng: SystemRandom,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("alg", &self.alg())
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+fn alg_name(alg: Algorithm) -> &'static str {
+    match alg {
+        Algorithm::ES256 => "ES256",
+        Algorithm::EdDSA => "EdDSA",
+    }
+}
+
+/// The key file for `alg` in `data_dir`.
+pub fn key_path(data_dir: &Path, alg: Algorithm) -> PathBuf {
+    match alg {
+        Algorithm::ES256 => data_dir.join("jwt-es256.key"),
+        Algorithm::EdDSA => data_dir.join("jwt-eddsa.key"),
+    }
+}
+
+impl SigningKey {
+    /// Loads the `alg` key from `data_dir`, creating it if missing.
+    pub fn load_or_create(data_dir: &Path, alg: Algorithm) -> Result<Self, KeyError> {
+        let path = key_path(data_dir, alg);
+        if !path.exists() {
+            let rcgen_alg = match alg {
+                Algorithm::ES256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+                Algorithm::EdDSA => &rcgen::PKCS_ED25519,
+            };
+            let key = rcgen::KeyPair::generate_for(rcgen_alg).map_err(|e| KeyError::Invalid {
+                path: path.clone(),
+                alg: alg_name(alg),
+                reason: e.to_string(),
+            })?;
+            let pem = Zeroizing::new(key.serialize_pem());
+            match write_new_private(&path, pem.as_bytes()) {
+                Ok(()) => tracing::info!(path = %path.display(), alg = alg_name(alg), "created JWT signing key"),
+                // Another process created it first: use theirs.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(source) => return Err(KeyError::Io { path, source }),
+            }
+        }
+        Self::load(&path, alg)
+    }
+
+    /// Loads an existing key file (must be mode 0600).
+    pub fn load(path: &Path, alg: Algorithm) -> Result<Self, KeyError> {
+        let io = |source| KeyError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        check_private(path).map_err(io)?;
+        let pem = Zeroizing::new(std::fs::read(path).map_err(io)?);
+        let der = PrivatePkcs8KeyDer::from_pem_slice(&pem).map_err(|e| KeyError::Invalid {
+            path: path.to_owned(),
+            alg: alg_name(alg),
+            reason: e.to_string(),
+        })?;
+        Self::from_pkcs8(der.secret_pkcs8_der(), alg).map_err(|reason| KeyError::Invalid {
+            path: path.to_owned(),
+            alg: alg_name(alg),
+            reason,
+        })
+    }
+
+    /// A key from PKCS#8 DER.
+    pub fn from_pkcs8(der: &[u8], alg: Algorithm) -> Result<Self, String> {
+        let rng = SystemRandom::new();
+        let (inner, public) = match alg {
+            Algorithm::ES256 => {
+                let kp = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, der, &rng)
+                    .map_err(|e| e.to_string())?;
+                let public = kp.public_key().as_ref().to_vec();
+                (Inner::Es256(kp), public)
+            }
+            Algorithm::EdDSA => {
+                let kp = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der).map_err(|e| e.to_string())?;
+                let public = kp.public_key().as_ref().to_vec();
+                (Inner::EdDsa(kp), public)
+            }
+        };
+        let b64 = |b: &[u8]| URL_SAFE_NO_PAD.encode(b);
+        // RFC 7638: the thumbprint hashes the required members in
+        // lexicographic order, without white space.
+        let (canonical, mut jwk) = match alg {
+            Algorithm::ES256 => {
+                // Uncompressed point: 0x04 || x (32) || y (32).
+                let (x, y) = (b64(&public[1..33]), b64(&public[33..65]));
+                (
+                    format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#),
+                    json!({"kty": "EC", "crv": "P-256", "x": x, "y": y}),
+                )
+            }
+            Algorithm::EdDSA => {
+                let x = b64(&public);
+                (
+                    format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{x}"}}"#),
+                    json!({"kty": "OKP", "crv": "Ed25519", "x": x}),
+                )
+            }
+        };
+        let kid = b64(ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes()).as_ref());
+        jwk["kid"] = json!(kid);
+        jwk["alg"] = json!(alg_name(alg));
+        jwk["use"] = json!("sig");
+        Ok(Self { inner, kid, jwk, rng })
+    }
+
+    /// The JWS `alg`.
+    pub fn alg(&self) -> &'static str {
+        match self.inner {
+            Inner::Es256(_) => "ES256",
+            Inner::EdDsa(_) => "EdDSA",
+        }
+    }
+
+    /// The key id (`kid`).
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The public key as a JWK.
+    pub fn jwk(&self) -> &serde_json::Value {
+        &self.jwk
+    }
+
+    /// Signs `msg`; the signature is in JWS form (r || s for ES256).
+    pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, ring::error::Unspecified> {
+        match &self.inner {
+            Inner::Es256(kp) => Ok(kp.sign(&self.rng, msg)?.as_ref().to_vec()),
+            Inner::EdDsa(kp) => Ok(kp.sign(msg).as_ref().to_vec()),
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! What the broker issues with: JWT signing keys and the signer.
+
+mod jwt;
+mod keys;
+
+pub use jwt::{AccessToken, JwtSigner, SignError};
+pub use keys::{KeyError, SigningKey, key_path};

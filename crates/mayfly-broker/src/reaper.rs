@@ -1,0 +1,49 @@
+//! Moves expired leases to `expired` and removes records past retention, on
+//! a fixed interval. Reads never wait for it: a lease past its expiry already
+//! reads as expired; the reaper makes that durable and keeps the store small.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mayfly_core::Timestamp;
+use tokio::sync::watch;
+
+use crate::store::LeaseStore;
+
+/// Most leases one store call handles, so a backlog is worked off in
+/// bounded transactions.
+const BATCH: usize = 1000;
+
+/// Runs until `shutdown` turns true.
+pub async fn run(
+    store: Arc<dyn LeaseStore>,
+    interval: Duration,
+    retention: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            () = crate::server::stopped(&mut shutdown) => return,
+        }
+        loop {
+            match store.reap(Timestamp::now(), retention, BATCH).await {
+                Ok(out) => {
+                    for id in &out.expired {
+                        tracing::debug!(target: "mayfly::decision", event = "lease_expired", lease_id = %id);
+                    }
+                    if !out.expired.is_empty() || out.purged > 0 {
+                        tracing::info!(expired = out.expired.len(), purged = out.purged, "reaper pass");
+                    }
+                    if out.expired.len() < BATCH && out.purged < BATCH {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reaper pass failed; retrying next interval");
+                    break;
+                }
+            }
+        }
+    }
+}

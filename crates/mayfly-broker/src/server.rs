@@ -1,0 +1,334 @@
+//! Assembles the broker from its configuration and serves both ports until
+//! shutdown: `Broker::build(config)?.serve(grpc_listener, http_listener,
+//! shutdown)`. Listeners come from the caller so tests can bind
+//! `127.0.0.1:0`.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use mayfly_core::{Policy, RulePolicy};
+use mayfly_proto::v1::admin_server::AdminServer;
+use mayfly_proto::v1::broker_server::BrokerServer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+
+use crate::config::{Algorithm, Config, ConfigError, StoreKind};
+use crate::fsutil::create_private_dir;
+use crate::grpc::{AdminApi, BrokerApi, PeerInfo};
+use crate::identity::Authenticator;
+use crate::issuer::{JwtSigner, KeyError, SigningKey, key_path};
+use crate::service::{Limits, Service};
+use crate::store::{EmbeddedStore, LeaseStore, StoreError};
+use crate::tls::{self, TlsError, TlsSetup};
+use crate::{http, reaper};
+
+/// A TLS handshake that takes longer than this is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for open HTTP connections.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the broker could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Bad TLS material.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// Signing key problem.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The store could not be opened.
+    #[error("lease store: {0}")]
+    Store(#[from] StoreError),
+    /// Socket or file error.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// A broker ready to serve.
+#[derive(Debug)]
+pub struct Broker {
+    service: Arc<Service>,
+    tls: TlsSetup,
+    authenticator: Authenticator,
+    signer: Arc<JwtSigner>,
+    issuer: String,
+    reaper: crate::config::Reaper,
+}
+
+impl Broker {
+    /// Creates the data directory and keys if missing, opens the store and
+    /// loads TLS material.
+    pub fn build(config: Config) -> Result<Self, StartError> {
+        create_private_dir(&config.data_dir)?;
+        let tls = tls::load(&config.tls)?;
+        let alg = config.tokens.algorithm;
+        let key = SigningKey::load_or_create(&config.data_dir, alg)?;
+        // Publish the other algorithm's key too if one exists, so tokens
+        // signed before an algorithm change keep validating until they expire.
+        let other = match alg {
+            Algorithm::ES256 => Algorithm::EdDSA,
+            Algorithm::EdDSA => Algorithm::ES256,
+        };
+        let mut previous = Vec::new();
+        if key_path(&config.data_dir, other).exists() {
+            previous.push(SigningKey::load(&key_path(&config.data_dir, other), other)?);
+        }
+        let signer = Arc::new(JwtSigner::new(key, &previous));
+        let store: Arc<dyn LeaseStore> = match config.store {
+            StoreKind::Embedded => Arc::new(EmbeddedStore::open(&config.store_path())?),
+        };
+        let policy: Arc<dyn Policy> = Arc::new(RulePolicy::new(config.policy_rules()?));
+        let issuer = config.issuer();
+        let limits = Limits {
+            token_default_ttl: config.tokens.default_ttl,
+            token_max_ttl: config.tokens.max_ttl,
+            task_default_ttl: config.tasks.default_ttl,
+            task_max_ttl: config.tasks.max_ttl,
+        };
+        let service = Arc::new(Service::new(
+            store,
+            policy,
+            signer.clone(),
+            issuer.clone(),
+            limits,
+            config.operators.clone(),
+        ));
+        let authenticator = Authenticator::new(tls.client_chain.clone(), config.trust_domain.clone());
+        Ok(Self {
+            service,
+            tls,
+            authenticator,
+            signer,
+            issuer,
+            reaper: config.reaper.clone(),
+        })
+    }
+
+    /// The token issuer URL.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// Serves gRPC on `grpc` and HTTPS on `http` until `shutdown` completes,
+    /// then drains connections and returns once the store is released.
+    pub async fn serve(
+        self,
+        grpc: TcpListener,
+        http: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), StartError> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let store = self.service.store().clone();
+
+        let (conn_tx, conn_rx) = mpsc::channel::<Result<TlsConn, io::Error>>(64);
+        let acceptor = TlsAcceptor::from(self.tls.grpc.clone());
+        let accept = tokio::spawn(accept_grpc(
+            grpc,
+            acceptor,
+            self.authenticator.clone(),
+            conn_tx,
+            stop_rx.clone(),
+        ));
+        let mut grpc_stop = stop_rx.clone();
+        let grpc_server = tonic::transport::Server::builder()
+            .add_service(BrokerServer::new(BrokerApi::new(self.service.clone())))
+            .add_service(AdminServer::new(AdminApi::new(self.service.clone())))
+            .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
+                stopped(&mut grpc_stop).await;
+            });
+        let mut grpc_task = tokio::spawn(grpc_server);
+
+        let algs = [self.signer.alg()];
+        let router = http::router(
+            self.signer.jwks(),
+            &http::metadata(&self.issuer, &algs),
+            store.clone(),
+        );
+        let http_task = tokio::spawn(serve_http(
+            http,
+            TlsAcceptor::from(self.tls.http.clone()),
+            router,
+            stop_rx.clone(),
+        ));
+        let reaper_task = tokio::spawn(reaper::run(
+            store.clone(),
+            self.reaper.interval,
+            self.reaper.retention,
+            stop_rx.clone(),
+        ));
+        tracing::info!(issuer = %self.issuer, kid = %self.signer.kid(), "broker serving");
+
+        let early = tokio::select! {
+            () = shutdown => None,
+            r = &mut grpc_task => Some(r),
+        };
+        let _ = stop_tx.send(true);
+        let result = match early {
+            Some(r) => r.map_err(|e| io::Error::other(e.to_string()))?,
+            None => grpc_task.await.map_err(|e| io::Error::other(e.to_string()))?,
+        };
+        let _ = accept.await;
+        let _ = http_task.await;
+        let _ = reaper_task.await;
+        drop(self);
+        drop(store);
+        tracing::info!("broker stopped");
+        result.map_err(StartError::from)
+    }
+}
+
+/// Resolves once the stop flag is set (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// A TLS connection with what authentication learned about its peer.
+struct TlsConn {
+    stream: TlsStream<TcpStream>,
+    peer: PeerInfo,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Accepts TCP, completes TLS off the accept loop, authenticates the peer
+/// once, and hands the connection to tonic.
+async fn accept_grpc(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    auth: Authenticator,
+    conns: mpsc::Sender<Result<TlsConn, io::Error>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut stop) => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, auth, conns) = (acceptor.clone(), auth.clone(), conns.clone());
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%remote, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let identity = auth.authenticate(stream.get_ref().1.peer_certificates());
+            match &identity {
+                Ok(c) => tracing::debug!(%remote, caller = %c.id, "authenticated connection"),
+                Err(e) => tracing::info!(%remote, error = %e, "unauthenticated connection"),
+            }
+            let peer = PeerInfo {
+                identity: Arc::new(identity),
+                remote,
+            };
+            let _ = conns.send(Ok(TlsConn { stream, peer })).await;
+        });
+    }
+}
+
+/// Serves the HTTPS side port until `stop`, then drains connections.
+async fn serve_http(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    router: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (tcp, remote): (TcpStream, SocketAddr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut stop) => break,
+        };
+        let acceptor = acceptor.clone();
+        let service = TowerToHyperService::new(router.clone());
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                _ => {
+                    tracing::debug!(%remote, "HTTPS handshake failed");
+                    return;
+                }
+            };
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(tls), service);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(%remote, error = %e, "HTTPS connection ended with an error");
+            }
+        });
+    }
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await;
+}

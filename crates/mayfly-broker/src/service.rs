@@ -1,0 +1,453 @@
+//! The broker's request handling, independent of gRPC: authorization, TTLs,
+//! envelopes, ownership, signing, and the store calls that make each step
+//! atomic. The gRPC services are thin wrappers over [`Service`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mayfly_core::{
+    AccessTokenClaims, Audience, Confirmation, Decision, Envelope, Intent, IssueTokenRequest,
+    Lease, LeaseId, LeaseKind, LeaseState, LeaseStatus, Policy, RevocationReason, Scopes,
+    SpiffeId, SpiffeIdPattern, StartTaskRequest, Task, TaskContext, TaskId, TaskRecord,
+    Timestamp, scope_string,
+};
+
+use crate::error::BrokerError;
+use crate::identity::Caller;
+use crate::issuer::{AccessToken, JwtSigner};
+use crate::store::{
+    LeaseFilter, LeaseStore, Page, PageRequest, RevokeRequest, StoreError, TaskFilter,
+};
+
+/// A TTL beyond this is a client bug, not a request to clamp.
+pub const ABSURD_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
+/// Longest operator note on a revocation.
+pub const MAX_NOTE_BYTES: usize = 512;
+
+/// Lifetimes from configuration.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Token TTL when the request asks for 0.
+    pub token_default_ttl: Duration,
+    /// No token lives longer.
+    pub token_max_ttl: Duration,
+    /// Task TTL when the request asks for 0.
+    pub task_default_ttl: Duration,
+    /// No task lives longer.
+    pub task_max_ttl: Duration,
+}
+
+/// Parses a requested TTL in seconds: 0 means "the default".
+pub fn requested_ttl(field: &str, secs: u64) -> Result<Option<Duration>, BrokerError> {
+    let d = Duration::from_secs(secs);
+    if d > ABSURD_TTL {
+        return Err(BrokerError::Invalid(format!(
+            "{field} {secs} is absurd (more than a year); ask for what the work needs, or 0 for the default"
+        )));
+    }
+    Ok((secs > 0).then_some(d))
+}
+
+/// Parses an operator's note.
+pub fn parse_note(note: &str) -> Result<Option<String>, BrokerError> {
+    if note.is_empty() {
+        return Ok(None);
+    }
+    if note.len() > MAX_NOTE_BYTES || note.chars().any(char::is_control) {
+        return Err(BrokerError::Invalid(format!(
+            "note must be at most {MAX_NOTE_BYTES} bytes without control characters"
+        )));
+    }
+    Ok(Some(note.to_owned()))
+}
+
+/// A validated `StartTask`.
+#[derive(Debug)]
+pub struct NewTask {
+    /// What the task is for.
+    pub intent: Intent,
+    /// Facts for policy.
+    pub context: TaskContext,
+    /// Audiences and scopes it may need.
+    pub envelope: Envelope,
+    /// Requested lifetime; `None` for the default.
+    pub ttl: Option<Duration>,
+}
+
+/// A validated `IssueToken`.
+#[derive(Debug)]
+pub struct TokenRequest {
+    /// Under which task.
+    pub task_id: TaskId,
+    /// For which API.
+    pub audience: Audience,
+    /// With which scopes.
+    pub scopes: Scopes,
+    /// Requested lifetime; `None` for the default.
+    pub ttl: Option<Duration>,
+    /// Bind to the caller's client certificate.
+    pub bind_to_client_cert: bool,
+}
+
+/// An issued token and its lease.
+#[derive(Debug)]
+pub struct IssuedToken {
+    /// The compact JWS.
+    pub token: AccessToken,
+    /// Its lease, as recorded.
+    pub lease: Lease,
+}
+
+/// The broker's request handling.
+#[derive(Debug)]
+pub struct Service {
+    /// Where leases and tasks live.
+    store: Arc<dyn LeaseStore>,
+    /// Decides every request.
+    policy: Arc<dyn Policy>,
+    /// Signs tokens.
+    signer: Arc<JwtSigner>,
+    /// `iss` of every token.
+    issuer: String,
+    /// Lifetimes.
+    limits: Limits,
+    /// Who may call the Admin API.
+    operators: Vec<SpiffeIdPattern>,
+}
+
+impl Service {
+    /// Assembles the service.
+    pub fn new(
+        store: Arc<dyn LeaseStore>,
+        policy: Arc<dyn Policy>,
+        signer: Arc<JwtSigner>,
+        issuer: String,
+        limits: Limits,
+        operators: Vec<SpiffeIdPattern>,
+    ) -> Self {
+        Self {
+            store,
+            policy,
+            signer,
+            issuer,
+            limits,
+            operators,
+        }
+    }
+
+    /// The store, for readiness checks and the reaper.
+    pub fn store(&self) -> &Arc<dyn LeaseStore> {
+        &self.store
+    }
+
+    /// Refuses callers outside the operator set.
+    pub fn require_operator(&self, caller: &Caller) -> Result<(), BrokerError> {
+        if self.operators.iter().any(|p| p.matches(&caller.id)) {
+            Ok(())
+        } else {
+            Err(BrokerError::NotOperator(caller.id.clone()))
+        }
+    }
+
+    /// Opens a task for `caller`.
+    pub async fn start_task(&self, caller: &Caller, req: NewTask) -> Result<TaskRecord, BrokerError> {
+        let decision = self.policy.decide_start_task(&StartTaskRequest {
+            agent: &caller.id,
+            intent: &req.intent,
+            context: &req.context,
+            envelope: &req.envelope,
+        });
+        let policy_id = permit(decision)?.0;
+        let now = Timestamp::now().floor_secs();
+        let ttl = req
+            .ttl
+            .unwrap_or(self.limits.task_default_ttl)
+            .min(self.limits.task_max_ttl);
+        let task = Task {
+            id: TaskId::generate(),
+            agent: caller.id.clone(),
+            intent: req.intent,
+            context: req.context,
+            envelope: req.envelope,
+            created_at: now,
+            expires_at: now.plus(Duration::from_secs(ttl.as_secs())),
+        };
+        self.store.start_task(&task).await?;
+        tracing::info!(
+            target: "mayfly::decision",
+            event = "task_started",
+            agent = %caller.id,
+            task_id = %task.id,
+            policy = %policy_id,
+            expires_at = task.expires_at.as_secs(),
+        );
+        Ok(TaskRecord {
+            task,
+            status: LeaseStatus::Active,
+        })
+    }
+
+    /// The caller's task; another agent's task is "not found".
+    pub async fn own_task(&self, caller: &Caller, id: &TaskId) -> Result<TaskRecord, BrokerError> {
+        match self.store.get_task(id).await? {
+            Some(r) if r.task.agent == caller.id => Ok(r),
+            _ => Err(BrokerError::TaskNotFound(id.clone())),
+        }
+    }
+
+    /// Issues a token under one of the caller's active tasks.
+    pub async fn issue_token(&self, caller: &Caller, req: TokenRequest) -> Result<IssuedToken, BrokerError> {
+        let record = self.own_task(caller, &req.task_id).await?;
+        let now = Timestamp::now();
+        let state = record.state_at(now);
+        if state != mayfly_core::TaskState::Active {
+            return Err(BrokerError::TaskNotActive {
+                id: req.task_id,
+                state,
+            });
+        }
+        let task = &record.task;
+        if let Some(excess) = task.envelope.excess(&req.audience, &req.scopes) {
+            return Err(BrokerError::OutsideEnvelope(excess));
+        }
+        let decision = self.policy.decide_issue_token(&IssueTokenRequest {
+            agent: &caller.id,
+            task,
+            audience: &req.audience,
+            scopes: &req.scopes,
+        });
+        let (policy_id, policy_max) = permit(decision)?;
+
+        // Effective lifetime: requested (or default), capped by the broker,
+        // the deciding policy and the task's remaining life.
+        let issued_at = now.floor_secs();
+        let mut ttl = req
+            .ttl
+            .unwrap_or(self.limits.token_default_ttl)
+            .min(self.limits.token_max_ttl);
+        if let Some(max) = policy_max {
+            ttl = ttl.min(max);
+        }
+        let expires_at = issued_at
+            .plus(Duration::from_secs(ttl.as_secs()))
+            .min(task.expires_at);
+        if expires_at <= now {
+            return Err(BrokerError::TaskNotActive {
+                id: req.task_id,
+                state: mayfly_core::TaskState::Expired,
+            });
+        }
+
+        let lease = Lease {
+            id: LeaseId::generate(),
+            kind: LeaseKind::Jwt,
+            agent: caller.id.clone(),
+            task_id: task.id.clone(),
+            audience: Some(req.audience.clone()),
+            scopes: req.scopes.clone(),
+            issued_at,
+            expires_at,
+            status: LeaseStatus::Active,
+            cert_thumbprint: req.bind_to_client_cert.then(|| caller.cert_thumbprint.clone()),
+        };
+        let claims = AccessTokenClaims {
+            iss: self.issuer.clone(),
+            sub: caller.id.to_string(),
+            aud: req.audience.to_string(),
+            exp: expires_at.as_secs(),
+            iat: issued_at.as_secs(),
+            nbf: issued_at.as_secs(),
+            jti: lease.id.to_string(),
+            client_id: caller.id.to_string(),
+            scope: (!req.scopes.is_empty()).then(|| scope_string(&req.scopes)),
+            task_id: task.id.to_string(),
+            cnf: lease.cert_thumbprint.clone().map(|x5t_s256| Confirmation { x5t_s256 }),
+            act: None,
+        };
+        let token = self
+            .signer
+            .sign(&claims)
+            .map_err(|e| BrokerError::Internal(e.to_string()))?;
+        // The token leaves only after its lease is durably recorded, under a
+        // task that is still active at that moment.
+        self.store
+            .issue(&lease, now)
+            .await
+            .map_err(|e| BrokerError::from_store(e, &task.id))?;
+        tracing::info!(
+            target: "mayfly::decision",
+            event = "token_issued",
+            agent = %caller.id,
+            task_id = %task.id,
+            lease_id = %lease.id,
+            audience = %req.audience,
+            scope = %scope_string(&req.scopes),
+            policy = %policy_id,
+            expires_at = expires_at.as_secs(),
+            bound = req.bind_to_client_cert,
+        );
+        Ok(IssuedToken { token, lease })
+    }
+
+    /// Completes one of the caller's tasks, revoking everything under it.
+    pub async fn complete_task(
+        &self,
+        caller: &Caller,
+        id: &TaskId,
+    ) -> Result<(Vec<LeaseId>, TaskRecord), BrokerError> {
+        self.own_task(caller, id).await?;
+        let req = RevokeRequest {
+            reason: RevocationReason::TaskCompleted,
+            child_reason: RevocationReason::TaskCompleted,
+            by: caller.id.clone(),
+            note: None,
+            at: Timestamp::now(),
+        };
+        let revoked = self
+            .store
+            .end_task(id, &req)
+            .await
+            .map_err(|e| BrokerError::from_store(e, id))?;
+        tracing::info!(
+            target: "mayfly::decision",
+            event = "task_completed",
+            agent = %caller.id,
+            task_id = %id,
+            revoked = revoked.len(),
+        );
+        let record = self.own_task(caller, id).await?;
+        Ok((revoked, record))
+    }
+
+    /// Lists leases (operators).
+    pub async fn list_leases(
+        &self,
+        filter: &LeaseFilter,
+        page: &PageRequest,
+    ) -> Result<Page<Lease>, BrokerError> {
+        Ok(self.store.list_leases(filter, page, Timestamp::now()).await?)
+    }
+
+    /// Lists tasks (operators).
+    pub async fn list_tasks(
+        &self,
+        filter: &TaskFilter,
+        page: &PageRequest,
+    ) -> Result<Page<TaskRecord>, BrokerError> {
+        Ok(self.store.list_tasks(filter, page, Timestamp::now()).await?)
+    }
+
+    /// One lease (operators).
+    pub async fn get_lease(&self, id: &LeaseId) -> Result<Lease, BrokerError> {
+        self.store
+            .get_lease(id)
+            .await?
+            .ok_or_else(|| BrokerError::LeaseNotFound(id.clone()))
+    }
+
+    /// Any task (operators).
+    pub async fn get_task(&self, id: &TaskId) -> Result<TaskRecord, BrokerError> {
+        self.store
+            .get_task(id)
+            .await?
+            .ok_or_else(|| BrokerError::TaskNotFound(id.clone()))
+    }
+
+    /// Revokes one lease (operators). Revoking a task's lease revokes the task.
+    pub async fn revoke_lease(
+        &self,
+        operator: &Caller,
+        id: &LeaseId,
+        note: Option<String>,
+    ) -> Result<Vec<LeaseId>, BrokerError> {
+        let req = self.operator_request(operator, RevocationReason::Operator, RevocationReason::TaskRevoked, note);
+        let revoked = match self.store.revoke_lease(id, &req).await {
+            Err(StoreError::LeaseNotFound) => return Err(BrokerError::LeaseNotFound(id.clone())),
+            other => other?,
+        };
+        if revoked.is_empty() {
+            let lease = self.get_lease(id).await?;
+            return Err(BrokerError::LeaseNotActive {
+                id: id.clone(),
+                state: lease.state_at(req.at),
+            });
+        }
+        self.log_revocation("lease_revoked", operator, id.as_str(), &revoked);
+        Ok(revoked)
+    }
+
+    /// Revokes a task and everything under it (operators).
+    pub async fn revoke_task(
+        &self,
+        operator: &Caller,
+        id: &TaskId,
+        note: Option<String>,
+    ) -> Result<Vec<LeaseId>, BrokerError> {
+        let req = self.operator_request(operator, RevocationReason::Operator, RevocationReason::TaskRevoked, note);
+        let revoked = self
+            .store
+            .end_task(id, &req)
+            .await
+            .map_err(|e| BrokerError::from_store(e, id))?;
+        self.log_revocation("task_revoked", operator, id.as_str(), &revoked);
+        Ok(revoked)
+    }
+
+    /// Revokes every live task and lease of `agent` (operators).
+    pub async fn revoke_agent(
+        &self,
+        operator: &Caller,
+        agent: &SpiffeId,
+        note: Option<String>,
+    ) -> Result<Vec<LeaseId>, BrokerError> {
+        let req = self.operator_request(
+            operator,
+            RevocationReason::AgentRevoked,
+            RevocationReason::AgentRevoked,
+            note,
+        );
+        let revoked = self.store.revoke_agent(agent, &req).await?;
+        self.log_revocation("agent_revoked", operator, agent.as_str(), &revoked);
+        Ok(revoked)
+    }
+
+    fn operator_request(
+        &self,
+        operator: &Caller,
+        reason: RevocationReason,
+        child_reason: RevocationReason,
+        note: Option<String>,
+    ) -> RevokeRequest {
+        RevokeRequest {
+            reason,
+            child_reason,
+            by: operator.id.clone(),
+            note,
+            at: Timestamp::now(),
+        }
+    }
+
+    fn log_revocation(&self, event: &str, operator: &Caller, target: &str, revoked: &[LeaseId]) {
+        tracing::info!(
+            target: "mayfly::decision",
+            event,
+            operator = %operator.id,
+            target,
+            revoked = revoked.len(),
+        );
+    }
+}
+
+/// The permit's policy id and TTL cap, or the deny as an error.
+fn permit(decision: Decision) -> Result<(String, Option<Duration>), BrokerError> {
+    match decision {
+        Decision::Permit { policy_id, max_ttl } => Ok((policy_id, max_ttl)),
+        Decision::Deny { policy_id, reason } => Err(BrokerError::Denied { policy_id, reason }),
+        other => Err(BrokerError::Internal(format!("unsupported policy decision {other:?}"))),
+    }
+}
+
+/// The state of a lease at `now`, for listing.
+pub fn lease_state(lease: &Lease) -> LeaseState {
+    lease.state_at(Timestamp::now())
+}

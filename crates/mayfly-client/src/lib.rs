@@ -1,0 +1,324 @@
+//! A client for the Mayfly broker, used by agent runtimes and the `mayfly`
+//! CLI. It speaks gRPC over mTLS with the caller's X.509-SVID.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use mayfly_client::{Client, ClientConfig, NewTask};
+//!
+//! let config = ClientConfig::from_files(
+//!     "https://localhost:8710",
+//!     ".mayfly-dev/bundle.pem",
+//!     ".mayfly-dev/identities/agent-demo/svid.pem",
+//!     ".mayfly-dev/identities/agent-demo/svid.key",
+//! )?;
+//! let client = Client::connect(&config).await?;
+//! let task = client
+//!     .start_task(NewTask::new("summarise ticket 42", ["https://api.example.com"]).scope("read:tickets"))
+//!     .await?;
+//! let token = task.issue_token("https://api.example.com", ["read:tickets"]).await?;
+//! // … call the API with `token.token` …
+//! task.complete().await?; // revokes every credential of the task
+//! # Ok(()) }
+//! ```
+
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+pub use mayfly_proto::v1 as pb;
+use pb::admin_client::AdminClient;
+use pb::broker_client::BrokerClient;
+use tonic::Status;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use zeroize::Zeroizing;
+
+/// How long connecting may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a client could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The broker address is not a usable URL.
+    #[error("broker address {0:?} is not a valid https:// URL")]
+    BadUrl(String),
+    /// Connecting or the TLS handshake failed.
+    #[error("cannot connect to the broker at {url}: {reason}")]
+    Connect {
+        /// The broker URL.
+        url: String,
+        /// The error chain.
+        reason: String,
+    },
+}
+
+/// Where the broker is and which identity to present.
+#[derive(Clone)]
+pub struct ClientConfig {
+    /// `https://host:port` of the broker's gRPC port.
+    pub broker: String,
+    /// PEM of the CA(s) that issued the broker's server certificate.
+    pub ca_pem: Vec<u8>,
+    /// PEM of the caller's X.509-SVID (leaf first).
+    pub cert_pem: Vec<u8>,
+    /// PEM of the SVID's private key; wiped on drop.
+    pub key_pem: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("broker", &self.broker)
+            .field("key_pem", &"…")
+            .finish_non_exhaustive()
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ClientError> {
+    std::fs::read(path).map_err(|source| ClientError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+impl ClientConfig {
+    /// Reads the CA bundle, SVID and key from files.
+    pub fn from_files(
+        broker: &str,
+        ca: impl AsRef<Path>,
+        cert: impl AsRef<Path>,
+        key: impl AsRef<Path>,
+    ) -> Result<Self, ClientError> {
+        Ok(Self {
+            broker: broker.to_owned(),
+            ca_pem: read(ca.as_ref())?,
+            cert_pem: read(cert.as_ref())?,
+            key_pem: Zeroizing::new(read(key.as_ref())?),
+        })
+    }
+}
+
+/// Formats an error with its sources, so "transport error" says why.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A connection to the broker. Cheap to clone (one HTTP/2 channel).
+#[derive(Debug, Clone)]
+pub struct Client {
+    broker: BrokerClient<Channel>,
+    admin: AdminClient<Channel>,
+}
+
+impl Client {
+    /// Connects with mTLS.
+    pub async fn connect(config: &ClientConfig) -> Result<Self, ClientError> {
+        if !config.broker.starts_with("https://") {
+            return Err(ClientError::BadUrl(config.broker.clone()));
+        }
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&config.ca_pem))
+            .identity(Identity::from_pem(&config.cert_pem, &*config.key_pem));
+        let connect_err = |e: tonic::transport::Error| ClientError::Connect {
+            url: config.broker.clone(),
+            reason: chain(&e),
+        };
+        let channel = Channel::from_shared(config.broker.clone())
+            .map_err(|_| ClientError::BadUrl(config.broker.clone()))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tls_config(tls)
+            .map_err(connect_err)?
+            .connect()
+            .await
+            .map_err(connect_err)?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// Wraps an existing channel.
+    pub fn from_channel(channel: Channel) -> Self {
+        Self {
+            broker: BrokerClient::new(channel.clone()),
+            admin: AdminClient::new(channel),
+        }
+    }
+
+    /// The raw Broker (agent) API.
+    pub fn broker(&self) -> BrokerClient<Channel> {
+        self.broker.clone()
+    }
+
+    /// The raw Admin (operator) API.
+    pub fn admin(&self) -> AdminClient<Channel> {
+        self.admin.clone()
+    }
+
+    /// Opens a task; the returned guard completes it when the work ends.
+    pub async fn start_task(&self, task: NewTask) -> Result<TaskGuard, Status> {
+        let created = self.broker().start_task(task.into_request()).await?.into_inner();
+        Ok(TaskGuard {
+            client: self.clone(),
+            task: created,
+            done: false,
+        })
+    }
+
+    /// Issues a token under a task.
+    pub async fn issue_token(&self, req: pb::IssueTokenRequest) -> Result<pb::IssuedToken, Status> {
+        Ok(self.broker().issue_token(req).await?.into_inner())
+    }
+
+    /// Completes a task by id.
+    pub async fn complete_task(&self, task_id: &str) -> Result<pb::CompleteTaskResponse, Status> {
+        let req = pb::CompleteTaskRequest {
+            task_id: task_id.to_owned(),
+        };
+        Ok(self.broker().complete_task(req).await?.into_inner())
+    }
+}
+
+/// What a new task asks for.
+#[derive(Debug, Clone, Default)]
+pub struct NewTask {
+    /// What the work is.
+    pub intent: String,
+    /// Facts for policy.
+    pub context: HashMap<String, String>,
+    /// Audiences the task may need.
+    pub audiences: Vec<String>,
+    /// Scopes the task may need.
+    pub scopes: Vec<String>,
+    /// Lifetime; `None` for the broker's default.
+    pub ttl: Option<Duration>,
+}
+
+impl NewTask {
+    /// A task with an intent and its audiences.
+    pub fn new<I, A>(intent: &str, audiences: I) -> Self
+    where
+        I: IntoIterator<Item = A>,
+        A: Into<String>,
+    {
+        Self {
+            intent: intent.to_owned(),
+            audiences: audiences.into_iter().map(Into::into).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Adds a scope to the envelope.
+    pub fn scope(mut self, scope: &str) -> Self {
+        self.scopes.push(scope.to_owned());
+        self
+    }
+
+    /// Adds a context entry.
+    pub fn context(mut self, key: &str, value: &str) -> Self {
+        self.context.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// Sets the lifetime.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    fn into_request(self) -> pb::StartTaskRequest {
+        pb::StartTaskRequest {
+            intent: self.intent,
+            context: self.context,
+            audiences: self.audiences,
+            scopes: self.scopes,
+            ttl_seconds: self.ttl.map_or(0, |d| d.as_secs()),
+        }
+    }
+}
+
+/// An open task. Call [`complete`](Self::complete) when the work is done; if
+/// the guard is dropped first (an error path, a panic), it completes the task
+/// in the background so its credentials die with the work.
+#[derive(Debug)]
+pub struct TaskGuard {
+    client: Client,
+    task: pb::Task,
+    /// Set once completed, so drop does nothing.
+    done: bool,
+}
+
+impl TaskGuard {
+    /// The task as the broker created it.
+    pub fn task(&self) -> &pb::Task {
+        &self.task
+    }
+
+    /// The task id.
+    pub fn id(&self) -> &str {
+        &self.task.task_id
+    }
+
+    /// Issues a token for `audience` with `scopes` (default TTL, unbound).
+    pub async fn issue_token<I, S>(&self, audience: &str, scopes: I) -> Result<pb::IssuedToken, Status>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.client
+            .issue_token(pb::IssueTokenRequest {
+                task_id: self.task.task_id.clone(),
+                audience: audience.to_owned(),
+                scopes: scopes.into_iter().map(Into::into).collect(),
+                ttl_seconds: 0,
+                bind_to_client_cert: false,
+            })
+            .await
+    }
+
+    /// Completes the task, revoking every credential issued under it.
+    pub async fn complete(mut self) -> Result<pb::CompleteTaskResponse, Status> {
+        self.done = true;
+        self.client.complete_task(&self.task.task_id).await
+    }
+
+    /// Gives up the guard without completing the task (it then ends at its
+    /// expiry or by another call).
+    pub fn detach(mut self) -> pb::Task {
+        self.done = true;
+        std::mem::take(&mut self.task)
+    }
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let (client, id) = (self.client.clone(), self.task.task_id.clone());
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if let Err(e) = client.complete_task(&id).await {
+                        tracing::warn!(task_id = %id, error = %e, "completing dropped task failed");
+                    }
+                });
+            }
+            Err(_) => tracing::warn!(task_id = %id, "task guard dropped outside a runtime; task left to expire"),
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! Fixtures for Mayfly's tests: a real broker on `127.0.0.1:0` with a fresh
+//! dev PKI, clients for its identities, odd certificates for the bad-input
+//! tests, and a small HTTPS client.
+
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mayfly_broker::dev::{self, DevCa, DevLayout};
+use mayfly_broker::{Broker, Config};
+use mayfly_client::{Client, ClientConfig};
+use mayfly_core::{SpiffeId, TrustDomain};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use mayfly_broker::dev::Credential;
+
+/// The trust domain of every test broker.
+pub const TRUST_DOMAIN: &str = "example.org";
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A broker running in this process on ephemeral ports, with its dev PKI in
+/// a temporary directory. Dropping it stops the broker.
+pub struct TestBroker {
+    /// The dev setup (kept across restarts).
+    pub layout: DevLayout,
+    /// The gRPC address.
+    pub grpc_addr: std::net::SocketAddr,
+    /// The HTTPS address.
+    pub http_addr: std::net::SocketAddr,
+    /// The configuration it runs with.
+    pub config: Config,
+    ca: Arc<DevCa>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), mayfly_broker::StartError>>>,
+    _dir: Arc<tempfile::TempDir>,
+}
+
+impl std::fmt::Debug for TestBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestBroker").field("grpc", &self.grpc_addr).finish()
+    }
+}
+
+impl TestBroker {
+    /// A broker with the dev configuration.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A broker with the dev configuration changed by `tweak`.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        init_logs();
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let td = TrustDomain::new(TRUST_DOMAIN).unwrap();
+        let layout = dev::init(&dir.path().join("dev"), &td).unwrap();
+        let mut config = Config::load(&layout.config).unwrap();
+        tweak(&mut config);
+        let ca = Arc::new(dev::load_ca(&layout.dir).unwrap());
+        Self::launch(layout, config, ca, dir, None).await
+    }
+
+    async fn launch(
+        layout: DevLayout,
+        mut config: Config,
+        ca: Arc<DevCa>,
+        dir: Arc<tempfile::TempDir>,
+        ports: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
+    ) -> Self {
+        let (grpc, http) = match ports {
+            Some((g, h)) => (TcpListener::bind(g).await.unwrap(), TcpListener::bind(h).await.unwrap()),
+            None => (
+                TcpListener::bind("127.0.0.1:0").await.unwrap(),
+                TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            ),
+        };
+        let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+        config.listen.grpc = grpc_addr;
+        config.listen.http = http_addr;
+        config.issuer = Some(format!("https://localhost:{}", http_addr.port()));
+        let broker = Broker::build(config.clone()).expect("broker builds");
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(broker.serve(grpc, http, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            layout,
+            grpc_addr,
+            http_addr,
+            config,
+            ca,
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    /// Stops the broker and waits until it has released the store.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    /// Stops and starts the broker again on the same ports and data.
+    pub async fn restart(mut self) -> Self {
+        self.stop().await;
+        let ports = Some((self.grpc_addr, self.http_addr));
+        Self::launch(
+            self.layout.clone(),
+            self.config.clone(),
+            self.ca.clone(),
+            self._dir.clone(),
+            ports,
+        )
+        .await
+    }
+
+    /// The broker's gRPC URL (the server certificate names `localhost`).
+    pub fn url(&self) -> String {
+        format!("https://localhost:{}", self.grpc_addr.port())
+    }
+
+    /// The issuer / HTTPS base URL.
+    pub fn http_url(&self) -> String {
+        format!("https://localhost:{}", self.http_addr.port())
+    }
+
+    /// The trust bundle PEM (also the CA of the server certificate).
+    pub fn bundle_pem(&self) -> Vec<u8> {
+        self.ca.cert_pem().as_bytes().to_vec()
+    }
+
+    /// The dev CA, to mint more identities.
+    pub fn ca(&self) -> &DevCa {
+        &self.ca
+    }
+
+    /// Path of a file in the dev directory.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.layout.dir.join(rel)
+    }
+
+    /// A client presenting `cred`.
+    pub async fn client_with(&self, cred: &Credential) -> Result<Client, mayfly_client::ClientError> {
+        let config = ClientConfig {
+            broker: self.url(),
+            ca_pem: self.bundle_pem(),
+            cert_pem: cred.cert_pem.as_bytes().to_vec(),
+            key_pem: cred.key_pem.as_bytes().to_vec().into(),
+        };
+        Client::connect(&config).await
+    }
+
+    /// A client for a fresh SVID with this SPIFFE ID from the dev CA.
+    pub async fn client_as(&self, id: &str) -> Client {
+        let cred = self.ca.issue_svid(&SpiffeId::new(id).unwrap(), Duration::from_secs(3600)).unwrap();
+        self.client_with(&cred).await.unwrap()
+    }
+
+    /// A client for the dev agent `spiffe://example.org/agent/demo`.
+    pub async fn agent(&self) -> Client {
+        self.client_from_dir(&self.path("identities/agent-demo")).await
+    }
+
+    /// A client for the dev operator `spiffe://example.org/operator/admin`.
+    pub async fn operator(&self) -> Client {
+        self.client_from_dir(&self.path("identities/operator-admin")).await
+    }
+
+    async fn client_from_dir(&self, dir: &Path) -> Client {
+        let config = ClientConfig::from_files(
+            &self.url(),
+            self.path("bundle.pem"),
+            dir.join("svid.pem"),
+            dir.join("svid.key"),
+        )
+        .unwrap();
+        Client::connect(&config).await.unwrap()
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// GETs an HTTPS URL trusting `ca_pem`; returns status and body.
+pub async fn https_get(url: &str, ca_pem: &[u8]) -> (u16, String) {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+
+    let uri: hyper::Uri = url.parse().unwrap();
+    let host = uri.host().unwrap().to_owned();
+    let port = uri.port_u16().unwrap_or(443);
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from(host.clone()).unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get(uri.path())
+        .header("host", host)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Certificates that are not valid X.509-SVIDs of the test trust domain,
+/// for the authentication tests.
+pub mod bad_certs {
+    use super::*;
+    use rcgen::{CertificateParams, SanType};
+
+    fn svid_params(id: &str) -> CertificateParams {
+        DevCa::svid_params(&SpiffeId::new(id).unwrap(), Duration::from_secs(3600)).unwrap()
+    }
+
+    /// A valid SVID from a CA the broker does not trust.
+    pub fn from_other_ca() -> Credential {
+        let other = DevCa::generate(&TrustDomain::new(TRUST_DOMAIN).unwrap()).unwrap();
+        other.sign(&svid_params("spiffe://example.org/agent/demo")).unwrap()
+    }
+
+    /// Signed by `ca` with these SANs instead of one SPIFFE URI.
+    pub fn with_sans(ca: &DevCa, sans: Vec<SanType>) -> Credential {
+        let mut p = svid_params("spiffe://example.org/agent/demo");
+        p.subject_alt_names = sans;
+        ca.sign(&p).unwrap()
+    }
+
+    /// A URI SAN.
+    pub fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().unwrap())
+    }
+
+    /// An SVID that expired an hour ago.
+    pub fn expired(ca: &DevCa) -> Credential {
+        let mut p = svid_params("spiffe://example.org/agent/demo");
+        let now = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_before = now;
+        p.not_after = rcgen::date_time_ymd(2020, 1, 2);
+        ca.sign(&p).unwrap()
+    }
+
+    /// A CA certificate (CA:true) carrying an agent's SPIFFE ID.
+    pub fn ca_as_leaf(ca: &DevCa) -> Credential {
+        let mut p = svid_params("spiffe://example.org/agent/demo");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        ca.sign(&p).unwrap()
+    }
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests: a real broker on ephemeral ports, real mTLS, the client
+//! crate, and a stock JWT library. One binary, to link once.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod smoke;
