@@ -21,7 +21,7 @@ pub enum BrokerError {
     #[error("{0} is not an operator; the Admin API needs a SPIFFE ID in the operator set")]
     NotOperator(SpiffeId),
     /// Policy refused the request.
-    #[error("denied by {}: {reason}", policy_id.as_deref().map_or_else(|| "default deny".to_owned(), |p| format!("policy {p:?}")))]
+    #[error("denied{}: {reason}", policy_id.as_deref().map_or_else(String::new, |p| format!(" by policy {p:?}")))]
     Denied {
         /// The deciding policy, if one decided.
         policy_id: Option<String>,

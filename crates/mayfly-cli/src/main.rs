@@ -1,0 +1,106 @@
+//! `mayfly`: run the broker, set up a development PKI, and act as an agent
+//! (tasks, tokens) or an operator (leases, revocation).
+
+#![forbid(unsafe_code)]
+
+mod agent;
+mod conn;
+mod dev;
+mod operator;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::conn::ConnArgs;
+
+/// Just-in-time, task-scoped credentials for AI agents.
+#[derive(Debug, Parser)]
+#[command(name = "mayfly", version, about, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the broker with a configuration file.
+    Serve {
+        /// Path to mayfly.toml.
+        #[arg(long, env = "MAYFLY_CONFIG")]
+        config: std::path::PathBuf,
+    },
+    /// Development setup: a local PKI and a broker that uses it.
+    #[command(subcommand)]
+    Dev(dev::DevCommand),
+    /// Tasks: start, inspect and complete (agents); list and revoke (operators).
+    #[command(subcommand)]
+    Task(agent::TaskCommand),
+    /// Access tokens (agents).
+    #[command(subcommand)]
+    Token(agent::TokenCommand),
+    /// Leases (operators).
+    #[command(subcommand)]
+    Lease(operator::LeaseCommand),
+    /// Agents (operators).
+    #[command(subcommand)]
+    Agent(operator::AgentCommand),
+}
+
+/// Logs to stderr: `RUST_LOG` filters (default info), `MAYFLY_LOG_FORMAT=json`
+/// for log pipelines.
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("MAYFLY_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// One line that says what went wrong.
+fn describe(e: &anyhow::Error) -> String {
+    if let Some(status) = e.downcast_ref::<tonic::Status>() {
+        let code = format!("{:?}", status.code());
+        let mut words = String::new();
+        for (i, ch) in code.chars().enumerate() {
+            if ch.is_uppercase() && i > 0 {
+                words.push(' ');
+            }
+            words.push(ch.to_ascii_lowercase());
+        }
+        return format!("{words}: {}", status.message());
+    }
+    format!("{e:#}")
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config } => {
+            init_logs();
+            dev::serve(&config).await
+        }
+        Command::Dev(cmd) => dev::run(cmd).await,
+        Command::Task(cmd) => agent::task(cmd, &cli.conn, cli.json).await,
+        Command::Token(cmd) => agent::token(cmd, &cli.conn, cli.json).await,
+        Command::Lease(cmd) => operator::lease(cmd, &cli.conn, cli.json).await,
+        Command::Agent(cmd) => operator::agent(cmd, &cli.conn, cli.json).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", describe(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
