@@ -4,8 +4,12 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
     println!("cargo:rerun-if-changed={}", root.display());
-    let files = ["mayfly/v1/types.proto", "mayfly/v1/broker.proto", "mayfly/v1/admin.proto"]
-        .map(|f| root.join(f));
+    let files = [
+        "mayfly/v1/types.proto",
+        "mayfly/v1/broker.proto",
+        "mayfly/v1/admin.proto",
+    ]
+    .map(|f| root.join(f));
     let fds = protox::compile(files, [&root])?;
     tonic_prost_build::configure()
         .build_server(true)

@@ -3,4 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod smoke;
+mod admin_api;
+mod auth;
+mod bad_input;
+mod broker_api;
+mod common;
+mod durability;
+mod http;
+mod race;

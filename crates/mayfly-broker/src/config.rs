@@ -207,8 +207,11 @@ pub struct RuleConfig {
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    humantime::parse_duration(&s)
-        .map_err(|e| serde::de::Error::custom(format!("duration {s:?}: {e} (e.g. \"90s\", \"5m\", \"8h\")")))
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "duration {s:?}: {e} (e.g. \"90s\", \"5m\", \"8h\")"
+        ))
+    })
 }
 
 fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -294,7 +297,9 @@ impl Config {
     pub fn policy_rules(&self) -> Result<Vec<Rule>, ConfigError> {
         let patterns = |id: &str, list: &[String]| {
             list.iter()
-                .map(|p| Pattern::new(p).map_err(|e| ConfigError::Invalid(format!("rule {id:?}: {e}"))))
+                .map(|p| {
+                    Pattern::new(p).map_err(|e| ConfigError::Invalid(format!("rule {id:?}: {e}")))
+                })
                 .collect::<Result<Vec<_>, _>>()
         };
         self.rules
@@ -348,21 +353,31 @@ mod tests {
     #[test]
     fn rejects_bad_values_with_a_reason() {
         let unknown = format!("{MINIMAL}\nbogus = 1");
-        let e = Config::parse(&unknown, Path::new(".")).unwrap_err().to_string();
+        let e = Config::parse(&unknown, Path::new("."))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bogus"), "{e}");
         let bad_ttl = MINIMAL.replace("[tls]", "[tokens]\ndefault_ttl = \"1h\"\n[tls]");
-        let e = Config::parse(&bad_ttl, Path::new(".")).unwrap_err().to_string();
+        let e = Config::parse(&bad_ttl, Path::new("."))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("default_ttl <= max_ttl"), "{e}");
         let bad_duration = MINIMAL.replace("[tls]", "[tokens]\nmax_ttl = \"soon\"\n[tls]");
-        let e = Config::parse(&bad_duration, Path::new(".")).unwrap_err().to_string();
+        let e = Config::parse(&bad_duration, Path::new("."))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("\"soon\""), "{e}");
         let bad_store = format!("store = \"mongodb\"\n{MINIMAL}");
-        let e = Config::parse(&bad_store, Path::new(".")).unwrap_err().to_string();
+        let e = Config::parse(&bad_store, Path::new("."))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown store"), "{e}");
         let bad_rule = format!(
             "{MINIMAL}\n[[rule]]\nid = \"r\"\nagents = [\"spiffe://example.org/a/*\"]\naudiences = [\"a*b\"]"
         );
-        let e = Config::parse(&bad_rule, Path::new(".")).unwrap_err().to_string();
+        let e = Config::parse(&bad_rule, Path::new("."))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("only at the end"), "{e}");
     }
 
@@ -374,6 +389,9 @@ mod tests {
         let c = Config::load(&layout.config).unwrap();
         assert_eq!(c.rules.len(), 2);
         assert_eq!(c.issuer(), "https://localhost:8711");
-        assert!(crate::dev::init(&dir.path().join("dev"), &td).is_err(), "refuses to overwrite");
+        assert!(
+            crate::dev::init(&dir.path().join("dev"), &td).is_err(),
+            "refuses to overwrite"
+        );
     }
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use mayfly_core::{SpiffeId, TrustDomain};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use time::OffsetDateTime;
@@ -148,7 +148,10 @@ impl DevCa {
 
     /// The parameters of an X.509-SVID for `id`: one URI SAN, CA:false,
     /// digitalSignature, client and server auth.
-    pub fn svid_params(id: &SpiffeId, valid_for: Duration) -> Result<CertificateParams, DevPkiError> {
+    pub fn svid_params(
+        id: &SpiffeId,
+        valid_for: Duration,
+    ) -> Result<CertificateParams, DevPkiError> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Mayfly development");
@@ -166,12 +169,20 @@ impl DevCa {
     }
 
     /// An X.509-SVID for `id`.
-    pub fn issue_svid(&self, id: &SpiffeId, valid_for: Duration) -> Result<Credential, DevPkiError> {
+    pub fn issue_svid(
+        &self,
+        id: &SpiffeId,
+        valid_for: Duration,
+    ) -> Result<Credential, DevPkiError> {
         self.sign(&Self::svid_params(id, valid_for)?)
     }
 
     /// A TLS server certificate for the broker, for DNS names and IPs.
-    pub fn issue_server(&self, names: &[&str], valid_for: Duration) -> Result<Credential, DevPkiError> {
+    pub fn issue_server(
+        &self,
+        names: &[&str],
+        valid_for: Duration,
+    ) -> Result<Credential, DevPkiError> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, "mayfly broker");

@@ -41,7 +41,11 @@ pub fn metadata(issuer: &str, algs: &[&str]) -> serde_json::Value {
 }
 
 /// The router for the side port.
-pub fn router(jwks: &serde_json::Value, metadata: &serde_json::Value, store: Arc<dyn LeaseStore>) -> Router {
+pub fn router(
+    jwks: &serde_json::Value,
+    metadata: &serde_json::Value,
+    store: Arc<dyn LeaseStore>,
+) -> Router {
     let state = HttpState {
         jwks: jwks.to_string().into(),
         metadata: metadata.to_string().into(),
@@ -49,7 +53,10 @@ pub fn router(jwks: &serde_json::Value, metadata: &serde_json::Value, store: Arc
     };
     Router::new()
         .route("/.well-known/jwks.json", get(jwks_handler))
-        .route("/.well-known/oauth-authorization-server", get(metadata_handler))
+        .route(
+            "/.well-known/oauth-authorization-server",
+            get(metadata_handler),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(state)
@@ -78,7 +85,13 @@ async fn metadata_handler(State(s): State<HttpState>) -> Response {
 async fn ready(State(s): State<HttpState>) -> Response {
     match tokio::time::timeout(READY_TIMEOUT, s.store.check()).await {
         Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
-        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response(),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "not ready: store check timed out\n").into_response(),
+        Ok(Err(e)) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response()
+        }
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: store check timed out\n",
+        )
+            .into_response(),
     }
 }

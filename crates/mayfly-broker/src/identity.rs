@@ -57,7 +57,9 @@ pub enum AuthError {
     #[error("client certificate is a CA certificate; an X.509-SVID must be a leaf (CA:false)")]
     LeafIsCa,
     /// The leaf may sign certificates or CRLs.
-    #[error("client certificate has key usage keyCertSign or cRLSign, which an X.509-SVID must not have")]
+    #[error(
+        "client certificate has key usage keyCertSign or cRLSign, which an X.509-SVID must not have"
+    )]
     SigningKeyUsage,
     /// No URI SAN.
     #[error("client certificate has no URI SAN; an X.509-SVID carries exactly one spiffe:// URI")]
@@ -221,7 +223,9 @@ pub fn svid_id(leaf: &CertificateDer<'_>) -> Result<SpiffeId, AuthError> {
     if bc.is_some_and(|bc| bc.value.ca) {
         return Err(AuthError::LeafIsCa);
     }
-    let ku = cert.key_usage().map_err(|e| AuthError::Malformed(e.to_string()))?;
+    let ku = cert
+        .key_usage()
+        .map_err(|e| AuthError::Malformed(e.to_string()))?;
     if ku.is_some_and(|ku| ku.value.key_cert_sign() || ku.value.crl_sign()) {
         return Err(AuthError::SigningKeyUsage);
     }

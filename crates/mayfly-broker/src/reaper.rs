@@ -33,7 +33,11 @@ pub async fn run(
                         tracing::debug!(target: "mayfly::decision", event = "lease_expired", lease_id = %id);
                     }
                     if !out.expired.is_empty() || out.purged > 0 {
-                        tracing::info!(expired = out.expired.len(), purged = out.purged, "reaper pass");
+                        tracing::info!(
+                            expired = out.expired.len(),
+                            purged = out.purged,
+                            "reaper pass"
+                        );
                     }
                     if out.expired.len() < BATCH && out.purged < BATCH {
                         break;

@@ -113,7 +113,8 @@ impl Broker {
             limits,
             config.operators.clone(),
         ));
-        let authenticator = Authenticator::new(tls.client_chain.clone(), config.trust_domain.clone());
+        let authenticator =
+            Authenticator::new(tls.client_chain.clone(), config.trust_domain.clone());
         Ok(Self {
             service,
             tls,
@@ -185,7 +186,9 @@ impl Broker {
         let _ = stop_tx.send(true);
         let result = match early {
             Some(r) => r.map_err(|e| io::Error::other(e.to_string()))?,
-            None => grpc_task.await.map_err(|e| io::Error::other(e.to_string()))?,
+            None => grpc_task
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))?,
         };
         let _ = accept.await;
         let _ = http_task.await;
@@ -216,13 +219,21 @@ impl Connected for TlsConn {
 }
 
 impl AsyncRead for TlsConn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use mayfly_core::{
     AccessTokenClaims, Audience, Confirmation, Decision, Envelope, Intent, IssueTokenRequest,
-    Lease, LeaseId, LeaseKind, LeaseState, LeaseStatus, Policy, RevocationReason, Scopes,
-    SpiffeId, SpiffeIdPattern, StartTaskRequest, Task, TaskContext, TaskId, TaskRecord,
-    Timestamp, scope_string,
+    Lease, LeaseId, LeaseKind, LeaseState, LeaseStatus, Policy, RevocationReason, Scopes, SpiffeId,
+    SpiffeIdPattern, StartTaskRequest, Task, TaskContext, TaskId, TaskRecord, Timestamp,
+    scope_string,
 };
 
 use crate::error::BrokerError;
@@ -150,7 +150,11 @@ impl Service {
     }
 
     /// Opens a task for `caller`.
-    pub async fn start_task(&self, caller: &Caller, req: NewTask) -> Result<TaskRecord, BrokerError> {
+    pub async fn start_task(
+        &self,
+        caller: &Caller,
+        req: NewTask,
+    ) -> Result<TaskRecord, BrokerError> {
         let decision = self.policy.decide_start_task(&StartTaskRequest {
             agent: &caller.id,
             intent: &req.intent,
@@ -196,7 +200,11 @@ impl Service {
     }
 
     /// Issues a token under one of the caller's active tasks.
-    pub async fn issue_token(&self, caller: &Caller, req: TokenRequest) -> Result<IssuedToken, BrokerError> {
+    pub async fn issue_token(
+        &self,
+        caller: &Caller,
+        req: TokenRequest,
+    ) -> Result<IssuedToken, BrokerError> {
         let record = self.own_task(caller, &req.task_id).await?;
         let now = Timestamp::now();
         let state = record.state_at(now);
@@ -248,7 +256,9 @@ impl Service {
             issued_at,
             expires_at,
             status: LeaseStatus::Active,
-            cert_thumbprint: req.bind_to_client_cert.then(|| caller.cert_thumbprint.clone()),
+            cert_thumbprint: req
+                .bind_to_client_cert
+                .then(|| caller.cert_thumbprint.clone()),
         };
         let claims = AccessTokenClaims {
             iss: self.issuer.clone(),
@@ -261,7 +271,10 @@ impl Service {
             client_id: caller.id.to_string(),
             scope: (!req.scopes.is_empty()).then(|| scope_string(&req.scopes)),
             task_id: task.id.to_string(),
-            cnf: lease.cert_thumbprint.clone().map(|x5t_s256| Confirmation { x5t_s256 }),
+            cnf: lease
+                .cert_thumbprint
+                .clone()
+                .map(|x5t_s256| Confirmation { x5t_s256 }),
             act: None,
         };
         let token = self
@@ -325,7 +338,10 @@ impl Service {
         filter: &LeaseFilter,
         page: &PageRequest,
     ) -> Result<Page<Lease>, BrokerError> {
-        Ok(self.store.list_leases(filter, page, Timestamp::now()).await?)
+        Ok(self
+            .store
+            .list_leases(filter, page, Timestamp::now())
+            .await?)
     }
 
     /// Lists tasks (operators).
@@ -334,7 +350,10 @@ impl Service {
         filter: &TaskFilter,
         page: &PageRequest,
     ) -> Result<Page<TaskRecord>, BrokerError> {
-        Ok(self.store.list_tasks(filter, page, Timestamp::now()).await?)
+        Ok(self
+            .store
+            .list_tasks(filter, page, Timestamp::now())
+            .await?)
     }
 
     /// One lease (operators).
@@ -360,7 +379,12 @@ impl Service {
         id: &LeaseId,
         note: Option<String>,
     ) -> Result<Vec<LeaseId>, BrokerError> {
-        let req = self.operator_request(operator, RevocationReason::Operator, RevocationReason::TaskRevoked, note);
+        let req = self.operator_request(
+            operator,
+            RevocationReason::Operator,
+            RevocationReason::TaskRevoked,
+            note,
+        );
         let revoked = match self.store.revoke_lease(id, &req).await {
             Err(StoreError::LeaseNotFound) => return Err(BrokerError::LeaseNotFound(id.clone())),
             other => other?,
@@ -383,7 +407,12 @@ impl Service {
         id: &TaskId,
         note: Option<String>,
     ) -> Result<Vec<LeaseId>, BrokerError> {
-        let req = self.operator_request(operator, RevocationReason::Operator, RevocationReason::TaskRevoked, note);
+        let req = self.operator_request(
+            operator,
+            RevocationReason::Operator,
+            RevocationReason::TaskRevoked,
+            note,
+        );
         let revoked = self
             .store
             .end_task(id, &req)
@@ -443,7 +472,9 @@ fn permit(decision: Decision) -> Result<(String, Option<Duration>), BrokerError>
     match decision {
         Decision::Permit { policy_id, max_ttl } => Ok((policy_id, max_ttl)),
         Decision::Deny { policy_id, reason } => Err(BrokerError::Denied { policy_id, reason }),
-        other => Err(BrokerError::Internal(format!("unsupported policy decision {other:?}"))),
+        other => Err(BrokerError::Internal(format!(
+            "unsupported policy decision {other:?}"
+        ))),
     }
 }
 

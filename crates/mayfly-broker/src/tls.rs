@@ -69,9 +69,10 @@ pub fn load(tls: &Tls) -> Result<TlsSetup, TlsError> {
             .map_err(|e| err("trust bundle", &tls.trust_bundle, e))?;
     }
     let provider = provider();
-    let client_chain = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| err("trust bundle", &tls.trust_bundle, e))?;
+    let client_chain =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| err("trust bundle", &tls.trust_bundle, e))?;
 
     let builder = || {
         rustls::ServerConfig::builder_with_provider(provider.clone())

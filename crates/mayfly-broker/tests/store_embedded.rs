@@ -43,7 +43,10 @@ async fn revocations_and_cursors_survive_a_reopen() {
     let store = EmbeddedStore::open(&path).unwrap();
     let back = store.get_lease(&l.id).await.unwrap().unwrap();
     assert_eq!(back.state_at(now), LeaseState::Revoked);
-    assert_eq!(back.revocation().unwrap().reason, RevocationReason::Operator);
+    assert_eq!(
+        back.revocation().unwrap().reason,
+        RevocationReason::Operator
+    );
     assert!(store.get_task(&t.id).await.unwrap().is_some());
     let req = RevokeRequest {
         reason: RevocationReason::TaskCompleted,
@@ -55,5 +58,8 @@ async fn revocations_and_cursors_survive_a_reopen() {
     store.end_task(&t.id, &req).await.unwrap();
     let events = store.revocations_since(first_cursor, 10).await.unwrap();
     assert_eq!(events.len(), 1);
-    assert!(events[0].cursor > first_cursor, "cursor continues after reopen");
+    assert!(
+        events[0].cursor > first_cursor,
+        "cursor continues after reopen"
+    );
 }

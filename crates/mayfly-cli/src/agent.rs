@@ -123,7 +123,11 @@ pub async fn task(cmd: TaskCommand, conn: &ConnArgs, json: bool) -> anyhow::Resu
         }
         TaskCommand::Get { id } => {
             let client = conn.connect(Role::Agent).await?;
-            let t = client.broker().get_task(pb::GetTaskRequest { task_id: id }).await?.into_inner();
+            let t = client
+                .broker()
+                .get_task(pb::GetTaskRequest { task_id: id })
+                .await?
+                .into_inner();
             show_task(&t, json);
         }
         TaskCommand::Complete { id } => {
@@ -136,7 +140,11 @@ pub async fn task(cmd: TaskCommand, conn: &ConnArgs, json: bool) -> anyhow::Resu
                 print_revoked(&r.revoked_leases);
             }
         }
-        TaskCommand::List { agent, state, limit } => crate::operator::list_tasks(conn, json, agent, state, limit).await?,
+        TaskCommand::List {
+            agent,
+            state,
+            limit,
+        } => crate::operator::list_tasks(conn, json, agent, state, limit).await?,
         TaskCommand::Revoke { id, reason } => {
             let client = conn.connect(Role::Operator).await?;
             let req = pb::RevokeTaskRequest {

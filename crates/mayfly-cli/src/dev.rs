@@ -47,7 +47,10 @@ pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
             println!("wrote a dev setup to {}", layout.dir.display());
             println!("  operator: {}", layout.operator);
             println!("  agent:    {}", layout.agent);
-            println!("run the broker with: mayfly serve --config {}", layout.config.display());
+            println!(
+                "run the broker with: mayfly serve --config {}",
+                layout.config.display()
+            );
             Ok(())
         }
         DevCommand::Identity { dir, spiffe_id } => {
@@ -59,7 +62,11 @@ pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
                 "{id} is not in the dev trust domain {ca_td}"
             );
             let idir = dev::write_identity(&dir, &ca, &id)?;
-            println!("wrote {} (use --identity {})", idir.display(), dev::identity_dir_name(&id));
+            println!(
+                "wrote {} (use --identity {})",
+                idir.display(),
+                dev::identity_dir_name(&id)
+            );
             Ok(())
         }
         DevCommand::Up { dir, trust_domain } => {
@@ -108,13 +115,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -134,7 +134,9 @@ pub async fn lease(cmd: LeaseCommand, conn: &ConnArgs, json: bool) -> anyhow::Re
             })
             .await?;
             if json {
-                output::print_json(&json!(leases.iter().map(output::lease_json).collect::<Vec<_>>()));
+                output::print_json(&json!(
+                    leases.iter().map(output::lease_json).collect::<Vec<_>>()
+                ));
             } else {
                 let rows: Vec<Vec<String>> = leases
                     .iter()
@@ -152,7 +154,9 @@ pub async fn lease(cmd: LeaseCommand, conn: &ConnArgs, json: bool) -> anyhow::Re
                     })
                     .collect();
                 output::table(
-                    &["LEASE", "KIND", "STATE", "TASK", "AGENT", "AUDIENCE", "EXPIRES", "REASON"],
+                    &[
+                        "LEASE", "KIND", "STATE", "TASK", "AGENT", "AUDIENCE", "EXPIRES", "REASON",
+                    ],
                     &rows,
                 );
             }
@@ -230,7 +234,9 @@ pub async fn list_tasks(
     })
     .await?;
     if json {
-        output::print_json(&json!(tasks.iter().map(output::task_json).collect::<Vec<_>>()));
+        output::print_json(&json!(
+            tasks.iter().map(output::task_json).collect::<Vec<_>>()
+        ));
     } else {
         let rows: Vec<Vec<String>> = tasks
             .iter()

@@ -31,17 +31,26 @@ pub fn reason(v: i32) -> String {
 
 /// The lower-case task state.
 pub fn task_state(v: i32) -> String {
-    pb::TaskState::try_from(v).map_or_else(|_| "?".into(), |s| enum_name(s.as_str_name(), "TASK_STATE_"))
+    pb::TaskState::try_from(v).map_or_else(
+        |_| "?".into(),
+        |s| enum_name(s.as_str_name(), "TASK_STATE_"),
+    )
 }
 
 /// The lower-case lease state.
 pub fn lease_state(v: i32) -> String {
-    pb::LeaseState::try_from(v).map_or_else(|_| "?".into(), |s| enum_name(s.as_str_name(), "LEASE_STATE_"))
+    pb::LeaseState::try_from(v).map_or_else(
+        |_| "?".into(),
+        |s| enum_name(s.as_str_name(), "LEASE_STATE_"),
+    )
 }
 
 /// The lower-case lease kind.
 pub fn lease_kind(v: i32) -> String {
-    pb::LeaseKind::try_from(v).map_or_else(|_| "?".into(), |s| enum_name(s.as_str_name(), "LEASE_KIND_"))
+    pb::LeaseKind::try_from(v).map_or_else(
+        |_| "?".into(),
+        |s| enum_name(s.as_str_name(), "LEASE_KIND_"),
+    )
 }
 
 /// A task as JSON.

@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
+pub use mayfly_proto::Timestamp;
 pub use mayfly_proto::v1 as pb;
 use pb::admin_client::AdminClient;
 use pb::broker_client::BrokerClient;
@@ -171,7 +172,11 @@ impl Client {
 
     /// Opens a task; the returned guard completes it when the work ends.
     pub async fn start_task(&self, task: NewTask) -> Result<TaskGuard, Status> {
-        let created = self.broker().start_task(task.into_request()).await?.into_inner();
+        let created = self
+            .broker()
+            .start_task(task.into_request())
+            .await?
+            .into_inner();
         Ok(TaskGuard {
             client: self.clone(),
             task: created,
@@ -274,7 +279,11 @@ impl TaskGuard {
     }
 
     /// Issues a token for `audience` with `scopes` (default TTL, unbound).
-    pub async fn issue_token<I, S>(&self, audience: &str, scopes: I) -> Result<pb::IssuedToken, Status>
+    pub async fn issue_token<I, S>(
+        &self,
+        audience: &str,
+        scopes: I,
+    ) -> Result<pb::IssuedToken, Status>
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
@@ -318,7 +327,9 @@ impl Drop for TaskGuard {
                     }
                 });
             }
-            Err(_) => tracing::warn!(task_id = %id, "task guard dropped outside a runtime; task left to expire"),
+            Err(_) => {
+                tracing::warn!(task_id = %id, "task guard dropped outside a runtime; task left to expire")
+            }
         }
     }
 }

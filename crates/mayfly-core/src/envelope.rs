@@ -321,7 +321,8 @@ impl TaskContext {
             let (k, v) = (k.as_ref(), v.as_ref());
             let key_ok = !k.is_empty()
                 && k.len() <= MAX_CONTEXT_KEY_BYTES
-                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
             if !key_ok {
                 return Err(ValidationError::BadContextKey(quote(k)));
             }
@@ -359,7 +360,15 @@ mod tests {
     fn scopes_follow_rfc6749() {
         assert!(Scope::new("read:files").is_ok());
         assert!(Scope::new("a!#[]~").is_ok());
-        for bad in ["", "two words", "quote\"", "back\\slash", "tab\t", "nl\n", "é"] {
+        for bad in [
+            "",
+            "two words",
+            "quote\"",
+            "back\\slash",
+            "tab\t",
+            "nl\n",
+            "é",
+        ] {
             assert!(Scope::new(bad).is_err(), "{bad:?}");
         }
         assert!(Scope::new(&"s".repeat(MAX_SCOPE_BYTES + 1)).is_err());
@@ -371,8 +380,14 @@ mod tests {
     #[test]
     fn envelope_needs_an_audience_and_reports_excess() {
         let none: [&str; 0] = [];
-        assert_eq!(Envelope::new(&none, &["read"]), Err(ValidationError::NoAudiences));
-        assert_eq!(Envelope::new(&[""], &none), Err(ValidationError::EmptyAudience));
+        assert_eq!(
+            Envelope::new(&none, &["read"]),
+            Err(ValidationError::NoAudiences)
+        );
+        assert_eq!(
+            Envelope::new(&[""], &none),
+            Err(ValidationError::EmptyAudience)
+        );
         assert!(matches!(
             Envelope::new(&["has space"], &none),
             Err(ValidationError::BadAudience(_))
@@ -393,7 +408,10 @@ mod tests {
     fn intent_and_context_limits() {
         assert_eq!(Intent::new("  "), Err(ValidationError::EmptyIntent));
         assert!(Intent::new("summarise\nthe ticket").is_ok());
-        assert_eq!(Intent::new("a\u{7}b"), Err(ValidationError::IntentControlChar));
+        assert_eq!(
+            Intent::new("a\u{7}b"),
+            Err(ValidationError::IntentControlChar)
+        );
         assert_eq!(
             Intent::new(&"x".repeat(MAX_INTENT_BYTES + 1)),
             Err(ValidationError::IntentTooLong(MAX_INTENT_BYTES + 1))
@@ -401,8 +419,9 @@ mod tests {
         assert!(Intent::new(&"x".repeat(MAX_INTENT_BYTES)).is_ok());
 
         assert!(TaskContext::new([("environment", "prod")]).is_ok());
-        let too_many: Vec<(String, String)> =
-            (0..=MAX_CONTEXT_ENTRIES).map(|i| (format!("k{i}"), "v".into())).collect();
+        let too_many: Vec<(String, String)> = (0..=MAX_CONTEXT_ENTRIES)
+            .map(|i| (format!("k{i}"), "v".into()))
+            .collect();
         assert_eq!(
             TaskContext::new(too_many),
             Err(ValidationError::TooManyContextEntries(65))

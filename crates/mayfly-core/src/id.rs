@@ -139,10 +139,10 @@ mod tests {
         for bad in [
             "",
             "short",
-            "AAAAAAAAAAAAAAAAAAAAAAA",  // 23 chars
-            "AAAAAAAAAAAAAAAAAAAA+A",   // not url-safe
-            "AAAAAAAAAAAAAAAAAAAA A",   // space
-            "AAAAAAAAAAAAAAAAAAAAAB",   // non-canonical trailing bits
+            "AAAAAAAAAAAAAAAAAAAAAAA", // 23 chars
+            "AAAAAAAAAAAAAAAAAAAA+A",  // not url-safe
+            "AAAAAAAAAAAAAAAAAAAA A",  // space
+            "AAAAAAAAAAAAAAAAAAAAAB",  // non-canonical trailing bits
             "ÄAAAAAAAAAAAAAAAAAAAA",
         ] {
             assert_eq!(LeaseId::new(bad), Err(IdError), "{bad:?}");

@@ -64,7 +64,9 @@ impl FromStr for LeaseState {
             "active" => Ok(Self::Active),
             "revoked" => Ok(Self::Revoked),
             "expired" => Ok(Self::Expired),
-            _ => Err(format!("unknown lease state {s:?}: expected active, revoked or expired")),
+            _ => Err(format!(
+                "unknown lease state {s:?}: expected active, revoked or expired"
+            )),
         }
     }
 }
@@ -210,8 +212,14 @@ mod tests {
     #[test]
     fn state_follows_time_and_status() {
         let active = lease(LeaseStatus::Active);
-        assert_eq!(active.state_at(Timestamp::from_secs(199)), LeaseState::Active);
-        assert_eq!(active.state_at(Timestamp::from_secs(200)), LeaseState::Expired);
+        assert_eq!(
+            active.state_at(Timestamp::from_secs(199)),
+            LeaseState::Active
+        );
+        assert_eq!(
+            active.state_at(Timestamp::from_secs(200)),
+            LeaseState::Expired
+        );
         let revoked = lease(LeaseStatus::Revoked(Revocation {
             reason: RevocationReason::Operator,
             at: Timestamp::from_secs(150),
@@ -219,8 +227,14 @@ mod tests {
             note: None,
         }));
         // Revoked stays revoked, before and after its expiry.
-        assert_eq!(revoked.state_at(Timestamp::from_secs(150)), LeaseState::Revoked);
-        assert_eq!(revoked.state_at(Timestamp::from_secs(500)), LeaseState::Revoked);
+        assert_eq!(
+            revoked.state_at(Timestamp::from_secs(150)),
+            LeaseState::Revoked
+        );
+        assert_eq!(
+            revoked.state_at(Timestamp::from_secs(500)),
+            LeaseState::Revoked
+        );
         assert!(revoked.revocation().is_some());
     }
 

@@ -105,7 +105,12 @@ impl Pattern {
 
 impl fmt::Debug for Pattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Pattern({}{})", self.text, if self.prefix { "*" } else { "" })
+        write!(
+            f,
+            "Pattern({}{})",
+            self.text,
+            if self.prefix { "*" } else { "" }
+        )
     }
 }
 
@@ -152,7 +157,12 @@ impl RulePolicy {
         Self { rules }
     }
 
-    fn first_covering<'a, I>(&self, agent: &SpiffeId, audiences: I, scopes: &Scopes) -> Option<&Rule>
+    fn first_covering<'a, I>(
+        &self,
+        agent: &SpiffeId,
+        audiences: I,
+        scopes: &Scopes,
+    ) -> Option<&Rule>
     where
         I: IntoIterator<Item = &'a Audience> + Clone,
     {
@@ -270,20 +280,38 @@ mod tests {
     #[test]
     fn first_covering_rule_decides() {
         let p = RulePolicy::new(vec![
-            rule("readers", &["spiffe://td/agent/*"], &["https://api"], &["read:*"]),
-            rule("mailer", &["spiffe://td/agent/mail"], &["https://mail"], &["send"]),
+            rule(
+                "readers",
+                &["spiffe://td/agent/*"],
+                &["https://api"],
+                &["read:*"],
+            ),
+            rule(
+                "mailer",
+                &["spiffe://td/agent/mail"],
+                &["https://mail"],
+                &["send"],
+            ),
         ]);
         assert_eq!(
-            start(&p, "spiffe://td/agent/a", &["https://api"], &["read:x", "read:y"]),
+            start(
+                &p,
+                "spiffe://td/agent/a",
+                &["https://api"],
+                &["read:x", "read:y"]
+            ),
             Decision::Permit {
                 policy_id: "readers".into(),
                 max_ttl: None
             }
         );
         // Rules do not combine: one rule must cover the whole envelope.
-        let Decision::Deny { reason, .. } =
-            start(&p, "spiffe://td/agent/mail", &["https://api", "https://mail"], &[])
-        else {
+        let Decision::Deny { reason, .. } = start(
+            &p,
+            "spiffe://td/agent/mail",
+            &["https://api", "https://mail"],
+            &[],
+        ) else {
             panic!("expected deny")
         };
         assert!(reason.contains("no single rule"), "{reason}");
@@ -305,7 +333,12 @@ mod tests {
 
     #[test]
     fn issue_token_carries_the_rule_ttl_cap() {
-        let p = RulePolicy::new(vec![rule("r", &["spiffe://td/agent/*"], &["api"], &["read"])]);
+        let p = RulePolicy::new(vec![rule(
+            "r",
+            &["spiffe://td/agent/*"],
+            &["api"],
+            &["read"],
+        )]);
         let agent = SpiffeId::new("spiffe://td/agent/a").unwrap();
         let task = Task {
             id: crate::TaskId::generate(),

@@ -130,7 +130,9 @@ impl SpiffeId {
         if s.len() > MAX_SPIFFE_ID_LEN {
             return Err(SpiffeIdError::TooLong);
         }
-        let rest = s.strip_prefix("spiffe://").ok_or(SpiffeIdError::WrongScheme)?;
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or(SpiffeIdError::WrongScheme)?;
         let (td, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
@@ -373,7 +375,10 @@ mod tests {
         let id2 = SpiffeId::new("spiffe://example.org.evil/agent").unwrap();
         assert!(!id2.is_member_of(&td));
         let joined = id.join(&["task", "abc_DEF-1"]).unwrap();
-        assert_eq!(joined.as_str(), "spiffe://example.org/agent/demo/task/abc_DEF-1");
+        assert_eq!(
+            joined.as_str(),
+            "spiffe://example.org/agent/demo/task/abc_DEF-1"
+        );
         assert!(id.join(&["a/b/.."]).is_err());
     }
 

@@ -48,12 +48,18 @@ impl Timestamp {
 
     /// `self + d`, saturating.
     pub fn plus(self, d: Duration) -> Self {
-        Self(self.0.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+        Self(
+            self.0
+                .saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        )
     }
 
     /// `self - d`, saturating at the epoch.
     pub fn minus(self, d: Duration) -> Self {
-        Self(self.0.saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+        Self(
+            self.0
+                .saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        )
     }
 
     /// How long from `self` until `later` (zero if `later` is not later).
@@ -84,7 +90,10 @@ mod tests {
         assert_eq!(t.floor_secs(), Timestamp::from_secs(1));
         assert_eq!(t.plus(Duration::from_secs(2)).as_millis(), 3_500);
         assert_eq!(t.minus(Duration::from_secs(5)).as_millis(), 0);
-        assert_eq!(t.until(Timestamp::from_secs(3)), Duration::from_millis(1_500));
+        assert_eq!(
+            t.until(Timestamp::from_secs(3)),
+            Duration::from_millis(1_500)
+        );
         assert_eq!(Timestamp::from_secs(3).until(t), Duration::ZERO);
     }
 }

@@ -49,7 +49,9 @@ pub struct TestBroker {
 
 impl std::fmt::Debug for TestBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestBroker").field("grpc", &self.grpc_addr).finish()
+        f.debug_struct("TestBroker")
+            .field("grpc", &self.grpc_addr)
+            .finish()
     }
 }
 
@@ -79,7 +81,10 @@ impl TestBroker {
         ports: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
     ) -> Self {
         let (grpc, http) = match ports {
-            Some((g, h)) => (TcpListener::bind(g).await.unwrap(), TcpListener::bind(h).await.unwrap()),
+            Some((g, h)) => (
+                TcpListener::bind(g).await.unwrap(),
+                TcpListener::bind(h).await.unwrap(),
+            ),
             None => (
                 TcpListener::bind("127.0.0.1:0").await.unwrap(),
                 TcpListener::bind("127.0.0.1:0").await.unwrap(),
@@ -156,7 +161,10 @@ impl TestBroker {
     }
 
     /// A client presenting `cred`.
-    pub async fn client_with(&self, cred: &Credential) -> Result<Client, mayfly_client::ClientError> {
+    pub async fn client_with(
+        &self,
+        cred: &Credential,
+    ) -> Result<Client, mayfly_client::ClientError> {
         let config = ClientConfig {
             broker: self.url(),
             ca_pem: self.bundle_pem(),
@@ -166,20 +174,39 @@ impl TestBroker {
         Client::connect(&config).await
     }
 
+    /// A client that presents no certificate at all.
+    pub async fn anonymous_client(&self) -> Client {
+        use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(self.bundle_pem()));
+        let channel = Channel::from_shared(self.url())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Client::from_channel(channel)
+    }
+
     /// A client for a fresh SVID with this SPIFFE ID from the dev CA.
     pub async fn client_as(&self, id: &str) -> Client {
-        let cred = self.ca.issue_svid(&SpiffeId::new(id).unwrap(), Duration::from_secs(3600)).unwrap();
+        let cred = self
+            .ca
+            .issue_svid(&SpiffeId::new(id).unwrap(), Duration::from_secs(3600))
+            .unwrap();
         self.client_with(&cred).await.unwrap()
     }
 
     /// A client for the dev agent `spiffe://example.org/agent/demo`.
     pub async fn agent(&self) -> Client {
-        self.client_from_dir(&self.path("identities/agent-demo")).await
+        self.client_from_dir(&self.path("identities/agent-demo"))
+            .await
     }
 
     /// A client for the dev operator `spiffe://example.org/operator/admin`.
     pub async fn operator(&self) -> Client {
-        self.client_from_dir(&self.path("identities/operator-admin")).await
+        self.client_from_dir(&self.path("identities/operator-admin"))
+            .await
     }
 
     async fn client_from_dir(&self, dir: &Path) -> Client {
@@ -223,15 +250,18 @@ pub async fn https_get(url: &str, ca_pem: &[u8]) -> (u16, String) {
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
     let name = rustls_pki_types::ServerName::try_from(host.clone()).unwrap();
     let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
         .connect(name, tcp)
         .await
         .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     let req = hyper::Request::get(uri.path())
         .header("host", host)
@@ -256,7 +286,9 @@ pub mod bad_certs {
     /// A valid SVID from a CA the broker does not trust.
     pub fn from_other_ca() -> Credential {
         let other = DevCa::generate(&TrustDomain::new(TRUST_DOMAIN).unwrap()).unwrap();
-        other.sign(&svid_params("spiffe://example.org/agent/demo")).unwrap()
+        other
+            .sign(&svid_params("spiffe://example.org/agent/demo"))
+            .unwrap()
     }
 
     /// Signed by `ca` with these SANs instead of one SPIFFE URI.
@@ -284,7 +316,10 @@ pub mod bad_certs {
     pub fn ca_as_leaf(ca: &DevCa) -> Credential {
         let mut p = svid_params("spiffe://example.org/agent/demo");
         p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
         ca.sign(&p).unwrap()
     }
 }

@@ -41,7 +41,9 @@ impl AdminApi {
 
 fn page(size: u32, token: &str) -> Result<PageRequest, BrokerError> {
     if size > MAX_PAGE {
-        return Err(BrokerError::Invalid(format!("page_size {size} exceeds {MAX_PAGE}")));
+        return Err(BrokerError::Invalid(format!(
+            "page_size {size} exceeds {MAX_PAGE}"
+        )));
     }
     let after = if token.is_empty() {
         None
@@ -81,7 +83,10 @@ impl pb::admin_server::Admin for AdminApi {
             state: lease_state_from_proto(r.state)?,
             kind: lease_kind_from_proto(r.kind)?,
         };
-        let page = self.svc.list_leases(&filter, &page(r.page_size, &r.page_token)?).await?;
+        let page = self
+            .svc
+            .list_leases(&filter, &page(r.page_size, &r.page_token)?)
+            .await?;
         let now = Timestamp::now();
         Ok(Response::new(pb::ListLeasesResponse {
             leases: page.items.iter().map(|l| lease_to_proto(l, now)).collect(),
@@ -106,7 +111,10 @@ impl pb::admin_server::Admin for AdminApi {
         let op = self.operator(&request)?;
         let r = request.get_ref();
         let id = field("lease_id", &r.lease_id, LeaseId::new)?;
-        let revoked = self.svc.revoke_lease(&op, &id, parse_note(&r.note)?).await?;
+        let revoked = self
+            .svc
+            .revoke_lease(&op, &id, parse_note(&r.note)?)
+            .await?;
         Ok(Response::new(revoke_response(revoked)))
     }
 
@@ -128,7 +136,10 @@ impl pb::admin_server::Admin for AdminApi {
         let op = self.operator(&request)?;
         let r = request.get_ref();
         let agent = field("agent_id", &r.agent_id, SpiffeId::new)?;
-        let revoked = self.svc.revoke_agent(&op, &agent, parse_note(&r.note)?).await?;
+        let revoked = self
+            .svc
+            .revoke_agent(&op, &agent, parse_note(&r.note)?)
+            .await?;
         Ok(Response::new(revoke_response(revoked)))
     }
 
@@ -142,7 +153,10 @@ impl pb::admin_server::Admin for AdminApi {
             agent: optional("agent_id", &r.agent_id, SpiffeId::new)?,
             state: task_state_from_proto(r.state)?,
         };
-        let page = self.svc.list_tasks(&filter, &page(r.page_size, &r.page_token)?).await?;
+        let page = self
+            .svc
+            .list_tasks(&filter, &page(r.page_size, &r.page_token)?)
+            .await?;
         let now = Timestamp::now();
         Ok(Response::new(pb::ListTasksResponse {
             tasks: page.items.iter().map(|t| task_to_proto(t, now)).collect(),

@@ -30,7 +30,8 @@ impl TryFrom<pb::StartTaskRequest> for NewTask {
             .map_err(|e| BrokerError::Invalid(e.to_string()))?;
         Ok(Self {
             intent: Intent::new(&r.intent).map_err(|e| BrokerError::Invalid(e.to_string()))?,
-            context: TaskContext::new(&r.context).map_err(|e| BrokerError::Invalid(e.to_string()))?,
+            context: TaskContext::new(&r.context)
+                .map_err(|e| BrokerError::Invalid(e.to_string()))?,
             envelope,
             ttl: requested_ttl("ttl_seconds", r.ttl_seconds)?,
         })
@@ -86,7 +87,11 @@ impl pb::broker_server::Broker for BrokerApi {
             expires_at: Some(timestamp(lease.expires_at)),
             token_type: "Bearer".into(),
             scopes: lease.scopes.iter().map(|s| s.to_string()).collect(),
-            audience: lease.audience.as_ref().map(|a| a.to_string()).unwrap_or_default(),
+            audience: lease
+                .audience
+                .as_ref()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
         }))
     }
 

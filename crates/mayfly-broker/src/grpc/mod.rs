@@ -37,7 +37,9 @@ pub fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
             Ok(c) => Ok(c.clone()),
             Err(e) => Err(BrokerError::Unauthenticated(e.clone()).into()),
         },
-        None => Err(Status::unauthenticated("connection has no verified TLS peer")),
+        None => Err(Status::unauthenticated(
+            "connection has no verified TLS peer",
+        )),
     }
 }
 
@@ -85,7 +87,9 @@ pub(crate) fn task_state_from_proto(v: i32) -> Result<Option<TaskState>, BrokerE
         Ok(pb::TaskState::Completed) => Ok(Some(TaskState::Completed)),
         Ok(pb::TaskState::Revoked) => Ok(Some(TaskState::Revoked)),
         Ok(pb::TaskState::Expired) => Ok(Some(TaskState::Expired)),
-        Err(_) => Err(BrokerError::Invalid(format!("state: unknown task state {v}"))),
+        Err(_) => Err(BrokerError::Invalid(format!(
+            "state: unknown task state {v}"
+        ))),
     }
 }
 
@@ -103,7 +107,9 @@ pub(crate) fn lease_state_from_proto(v: i32) -> Result<Option<LeaseState>, Broke
         Ok(pb::LeaseState::Active) => Ok(Some(LeaseState::Active)),
         Ok(pb::LeaseState::Revoked) => Ok(Some(LeaseState::Revoked)),
         Ok(pb::LeaseState::Expired) => Ok(Some(LeaseState::Expired)),
-        Err(_) => Err(BrokerError::Invalid(format!("state: unknown lease state {v}"))),
+        Err(_) => Err(BrokerError::Invalid(format!(
+            "state: unknown lease state {v}"
+        ))),
     }
 }
 
@@ -113,7 +119,9 @@ pub(crate) fn lease_kind_from_proto(v: i32) -> Result<Option<LeaseKind>, BrokerE
         Ok(pb::LeaseKind::Task) => Ok(Some(LeaseKind::Task)),
         Ok(pb::LeaseKind::Jwt) => Ok(Some(LeaseKind::Jwt)),
         Ok(pb::LeaseKind::X509) => Ok(Some(LeaseKind::X509)),
-        Err(_) => Err(BrokerError::Invalid(format!("kind: unknown lease kind {v}"))),
+        Err(_) => Err(BrokerError::Invalid(format!(
+            "kind: unknown lease kind {v}"
+        ))),
     }
 }
 
@@ -141,7 +149,12 @@ pub fn task_to_proto(r: &TaskRecord, now: Timestamp) -> pb::Task {
         intent: t.intent.as_str().to_owned(),
         context: t.context.entries().clone().into_iter().collect(),
         envelope: Some(pb::Envelope {
-            audiences: t.envelope.audiences().iter().map(|a| a.to_string()).collect(),
+            audiences: t
+                .envelope
+                .audiences()
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
             scopes: t.envelope.scopes().iter().map(|s| s.to_string()).collect(),
         }),
         state: task_state_to_proto(state).into(),
@@ -163,7 +176,11 @@ pub fn lease_to_proto(l: &Lease, now: Timestamp) -> pb::Lease {
         kind: lease_kind_to_proto(l.kind).into(),
         agent_id: l.agent.to_string(),
         task_id: l.task_id.to_string(),
-        audience: l.audience.as_ref().map(|a| a.to_string()).unwrap_or_default(),
+        audience: l
+            .audience
+            .as_ref()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
         scopes: l.scopes.iter().map(|s| s.to_string()).collect(),
         issued_at: Some(timestamp(l.issued_at)),
         expires_at: Some(timestamp(l.expires_at)),

@@ -78,7 +78,10 @@ impl JwtSigner {
         out.push_str(&self.header_b64);
         out.push('.');
         URL_SAFE_NO_PAD.encode_string(&*payload, &mut out);
-        let sig = self.key.sign(out.as_bytes()).map_err(|_| SignError::Crypto)?;
+        let sig = self
+            .key
+            .sign(out.as_bytes())
+            .map_err(|_| SignError::Crypto)?;
         out.push('.');
         URL_SAFE_NO_PAD.encode_string(sig, &mut out);
         Ok(AccessToken(Zeroizing::new(out)))

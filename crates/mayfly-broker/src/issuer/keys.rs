@@ -96,7 +96,9 @@ impl SigningKey {
             })?;
             let pem = Zeroizing::new(key.serialize_pem());
             match write_new_private(&path, pem.as_bytes()) {
-                Ok(()) => tracing::info!(path = %path.display(), alg = alg_name(alg), "created JWT signing key"),
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), alg = alg_name(alg), "created JWT signing key")
+                }
                 // Another process created it first: use theirs.
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(source) => return Err(KeyError::Io { path, source }),
@@ -130,13 +132,18 @@ impl SigningKey {
         let rng = SystemRandom::new();
         let (inner, public) = match alg {
             Algorithm::ES256 => {
-                let kp = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, der, &rng)
-                    .map_err(|e| e.to_string())?;
+                let kp = EcdsaKeyPair::from_pkcs8(
+                    &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                    der,
+                    &rng,
+                )
+                .map_err(|e| e.to_string())?;
                 let public = kp.public_key().as_ref().to_vec();
                 (Inner::Es256(kp), public)
             }
             Algorithm::EdDSA => {
-                let kp = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der).map_err(|e| e.to_string())?;
+                let kp =
+                    Ed25519KeyPair::from_pkcs8_maybe_unchecked(der).map_err(|e| e.to_string())?;
                 let public = kp.public_key().as_ref().to_vec();
                 (Inner::EdDsa(kp), public)
             }
@@ -165,7 +172,12 @@ impl SigningKey {
         jwk["kid"] = json!(kid);
         jwk["alg"] = json!(alg_name(alg));
         jwk["use"] = json!("sig");
-        Ok(Self { inner, kid, jwk, rng })
+        Ok(Self {
+            inner,
+            kid,
+            jwk,
+            rng,
+        })
     }
 
     /// The JWS `alg`.

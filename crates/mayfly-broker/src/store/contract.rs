@@ -116,7 +116,12 @@ fn complete(task: &Task, now: Timestamp) -> RevokeRequest {
 }
 
 async fn state(store: &Store, id: &LeaseId, now: Timestamp) -> LeaseState {
-    store.get_lease(id).await.unwrap().expect("lease exists").state_at(now)
+    store
+        .get_lease(id)
+        .await
+        .unwrap()
+        .expect("lease exists")
+        .state_at(now)
 }
 
 async fn started(store: &Store, agent: &SpiffeId, ttl: u64) -> Task {
@@ -140,7 +145,10 @@ pub async fn start_and_get_task(store: Store) {
     let own = store.get_lease(&t.id.lease_id()).await.unwrap().unwrap();
     assert_eq!(own.kind, LeaseKind::Task);
     assert_eq!(own.expires_at, t.expires_at);
-    assert!(matches!(store.start_task(&t).await, Err(StoreError::Duplicate(_))));
+    assert!(matches!(
+        store.start_task(&t).await,
+        Err(StoreError::Duplicate(_))
+    ));
     assert!(store.get_task(&TaskId::generate()).await.unwrap().is_none());
     store.check().await.unwrap();
 }
@@ -150,14 +158,23 @@ pub async fn issue_requires_a_live_task_of_the_same_agent(store: Store) {
 
     let mut orphan = lease(&t, 60);
     orphan.task_id = TaskId::generate();
-    assert!(matches!(store.issue(&orphan, at(1)).await, Err(StoreError::TaskNotFound)));
+    assert!(matches!(
+        store.issue(&orphan, at(1)).await,
+        Err(StoreError::TaskNotFound)
+    ));
 
     let mut foreign = lease(&t, 60);
     foreign.agent = agent("b");
-    assert!(matches!(store.issue(&foreign, at(1)).await, Err(StoreError::TaskNotFound)));
+    assert!(matches!(
+        store.issue(&foreign, at(1)).await,
+        Err(StoreError::TaskNotFound)
+    ));
 
     let too_long = lease(&t, 601);
-    assert!(matches!(store.issue(&too_long, at(1)).await, Err(StoreError::OutlivesTask)));
+    assert!(matches!(
+        store.issue(&too_long, at(1)).await,
+        Err(StoreError::OutlivesTask)
+    ));
 
     let late = lease(&t, 600);
     assert!(matches!(
@@ -166,7 +183,10 @@ pub async fn issue_requires_a_live_task_of_the_same_agent(store: Store) {
     ));
 
     let ok = issued(&store, &t, 60).await;
-    assert!(matches!(store.issue(&ok, at(2)).await, Err(StoreError::Duplicate(_))));
+    assert!(matches!(
+        store.issue(&ok, at(2)).await,
+        Err(StoreError::Duplicate(_))
+    ));
 
     store.end_task(&t.id, &complete(&t, at(3))).await.unwrap();
     let after = lease(&t, 60);
@@ -186,9 +206,17 @@ pub async fn end_task_revokes_every_live_lease_atomically(store: Store) {
     for _ in 0..3 {
         leases.push(issued(&store, &t, 60).await.id);
     }
-    let req = revoke(RevocationReason::Operator, RevocationReason::TaskRevoked, at(5));
+    let req = revoke(
+        RevocationReason::Operator,
+        RevocationReason::TaskRevoked,
+        at(5),
+    );
     let revoked = store.end_task(&t.id, &req).await.unwrap();
-    assert_eq!(revoked[0], t.id.lease_id(), "the task's own lease comes first");
+    assert_eq!(
+        revoked[0],
+        t.id.lease_id(),
+        "the task's own lease comes first"
+    );
     assert_eq!(
         revoked[1..].iter().collect::<BTreeSet<_>>(),
         leases.iter().collect::<BTreeSet<_>>()
@@ -208,11 +236,16 @@ pub async fn end_task_revokes_every_live_lease_atomically(store: Store) {
         Err(StoreError::TaskNotActive(TaskState::Revoked))
     ));
     assert!(matches!(
-        store.end_task(&TaskId::generate(), &complete(&t, at(7))).await,
+        store
+            .end_task(&TaskId::generate(), &complete(&t, at(7)))
+            .await,
         Err(StoreError::TaskNotFound)
     ));
     let done = started(&store, &agent("a"), 600).await;
-    store.end_task(&done.id, &complete(&done, at(8))).await.unwrap();
+    store
+        .end_task(&done.id, &complete(&done, at(8)))
+        .await
+        .unwrap();
     let rec = store.get_task(&done.id).await.unwrap().unwrap();
     assert_eq!(rec.state_at(at(9)), TaskState::Completed);
 }
@@ -222,24 +255,49 @@ pub async fn end_task_skips_dead_leases(store: Store) {
     let short = issued(&store, &t, 10).await;
     let revoked = issued(&store, &t, 60).await;
     let live = issued(&store, &t, 60).await;
-    let req = revoke(RevocationReason::Operator, RevocationReason::Operator, at(2));
-    assert_eq!(store.revoke_lease(&revoked.id, &req).await.unwrap(), vec![revoked.id.clone()]);
+    let req = revoke(
+        RevocationReason::Operator,
+        RevocationReason::Operator,
+        at(2),
+    );
+    assert_eq!(
+        store.revoke_lease(&revoked.id, &req).await.unwrap(),
+        vec![revoked.id.clone()]
+    );
     let ended = store.end_task(&t.id, &complete(&t, at(20))).await.unwrap();
     assert_eq!(ended, vec![t.id.lease_id(), live.id.clone()]);
     assert_eq!(state(&store, &short.id, at(20)).await, LeaseState::Expired);
     let first = store.get_lease(&revoked.id).await.unwrap().unwrap();
-    assert_eq!(first.revocation().unwrap().reason, RevocationReason::Operator, "kept first reason");
+    assert_eq!(
+        first.revocation().unwrap().reason,
+        RevocationReason::Operator,
+        "kept first reason"
+    );
 }
 
 pub async fn revoke_lease(store: Store) {
     let t = started(&store, &agent("a"), 600).await;
     let a = issued(&store, &t, 60).await;
     let b = issued(&store, &t, 60).await;
-    let req = revoke(RevocationReason::Operator, RevocationReason::TaskRevoked, at(2));
-    assert_eq!(store.revoke_lease(&a.id, &req).await.unwrap(), vec![a.id.clone()]);
+    let req = revoke(
+        RevocationReason::Operator,
+        RevocationReason::TaskRevoked,
+        at(2),
+    );
+    assert_eq!(
+        store.revoke_lease(&a.id, &req).await.unwrap(),
+        vec![a.id.clone()]
+    );
     assert_eq!(state(&store, &a.id, at(2)).await, LeaseState::Revoked);
-    assert_eq!(state(&store, &b.id, at(2)).await, LeaseState::Active, "siblings untouched");
-    assert!(store.revoke_lease(&a.id, &req).await.unwrap().is_empty(), "idempotent");
+    assert_eq!(
+        state(&store, &b.id, at(2)).await,
+        LeaseState::Active,
+        "siblings untouched"
+    );
+    assert!(
+        store.revoke_lease(&a.id, &req).await.unwrap().is_empty(),
+        "idempotent"
+    );
     assert!(matches!(
         store.revoke_lease(&LeaseId::generate(), &req).await,
         Err(StoreError::LeaseNotFound)
@@ -248,7 +306,10 @@ pub async fn revoke_lease(store: Store) {
     let ids = store.revoke_lease(&t.id.lease_id(), &req).await.unwrap();
     assert_eq!(ids, vec![t.id.lease_id(), b.id.clone()]);
     let b = store.get_lease(&b.id).await.unwrap().unwrap();
-    assert_eq!(b.revocation().unwrap().reason, RevocationReason::TaskRevoked);
+    assert_eq!(
+        b.revocation().unwrap().reason,
+        RevocationReason::TaskRevoked
+    );
 }
 
 pub async fn revoke_agent_spares_other_agents(store: Store) {
@@ -259,19 +320,44 @@ pub async fn revoke_agent_spares_other_agents(store: Store) {
     let l1 = issued(&store, &t1, 60).await;
     let l2 = issued(&store, &t2, 60).await;
     let lb = issued(&store, &tb, 60).await;
-    let req = revoke(RevocationReason::AgentRevoked, RevocationReason::AgentRevoked, at(3));
-    let ids: BTreeSet<LeaseId> = store.revoke_agent(&a, &req).await.unwrap().into_iter().collect();
-    let want: BTreeSet<LeaseId> =
-        [t1.id.lease_id(), t2.id.lease_id(), l1.id.clone(), l2.id.clone()].into();
+    let req = revoke(
+        RevocationReason::AgentRevoked,
+        RevocationReason::AgentRevoked,
+        at(3),
+    );
+    let ids: BTreeSet<LeaseId> = store
+        .revoke_agent(&a, &req)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    let want: BTreeSet<LeaseId> = [
+        t1.id.lease_id(),
+        t2.id.lease_id(),
+        l1.id.clone(),
+        l2.id.clone(),
+    ]
+    .into();
     assert_eq!(ids, want);
     assert_eq!(state(&store, &lb.id, at(3)).await, LeaseState::Active);
     assert_eq!(
-        store.get_task(&tb.id).await.unwrap().unwrap().state_at(at(3)),
+        store
+            .get_task(&tb.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .state_at(at(3)),
         TaskState::Active
     );
     let l1 = store.get_lease(&l1.id).await.unwrap().unwrap();
-    assert_eq!(l1.revocation().unwrap().reason, RevocationReason::AgentRevoked);
-    assert!(store.revoke_agent(&a, &req).await.unwrap().is_empty(), "nothing left to revoke");
+    assert_eq!(
+        l1.revocation().unwrap().reason,
+        RevocationReason::AgentRevoked
+    );
+    assert!(
+        store.revoke_agent(&a, &req).await.unwrap().is_empty(),
+        "nothing left to revoke"
+    );
 }
 
 async fn collect_leases(store: &Store, filter: &LeaseFilter, now: Timestamp) -> Vec<LeaseId> {
@@ -279,7 +365,14 @@ async fn collect_leases(store: &Store, filter: &LeaseFilter, now: Timestamp) -> 
     let mut after = None;
     loop {
         let page = store
-            .list_leases(filter, &PageRequest { after: after.clone(), limit: 3 }, now)
+            .list_leases(
+                filter,
+                &PageRequest {
+                    after: after.clone(),
+                    limit: 3,
+                },
+                now,
+            )
             .await
             .unwrap();
         assert!(page.items.len() <= 3);
@@ -301,31 +394,60 @@ pub async fn list_leases_filters_and_pages(store: Store) {
     }
     let short = issued(&store, &tb, 10).await;
     let revoked = issued(&store, &tb, 60).await;
-    let req = revoke(RevocationReason::Operator, RevocationReason::Operator, at(2));
+    let req = revoke(
+        RevocationReason::Operator,
+        RevocationReason::Operator,
+        at(2),
+    );
     store.revoke_lease(&revoked.id, &req).await.unwrap();
     let now = at(30);
 
     let all = collect_leases(&store, &LeaseFilter::default(), now).await;
     assert_eq!(all.len(), 11, "2 tasks + 9 credentials, each once");
-    assert_eq!(all.iter().collect::<BTreeSet<_>>().len(), 11, "no duplicates across pages");
+    assert_eq!(
+        all.iter().collect::<BTreeSet<_>>().len(),
+        11,
+        "no duplicates across pages"
+    );
     let mut sorted = all.clone();
     sorted.sort();
     assert_eq!(all, sorted, "lease-id order");
 
-    let by_task = LeaseFilter { task: Some(ta.id.clone()), ..Default::default() };
+    let by_task = LeaseFilter {
+        task: Some(ta.id.clone()),
+        ..Default::default()
+    };
     let mut got = collect_leases(&store, &by_task, now).await;
     got.sort();
     of_a.sort();
     assert_eq!(got, of_a);
 
-    let by_agent = LeaseFilter { agent: Some(b.clone()), ..Default::default() };
+    let by_agent = LeaseFilter {
+        agent: Some(b.clone()),
+        ..Default::default()
+    };
     assert_eq!(collect_leases(&store, &by_agent, now).await.len(), 3);
 
-    let revoked_only = LeaseFilter { state: Some(LeaseState::Revoked), ..Default::default() };
-    assert_eq!(collect_leases(&store, &revoked_only, now).await, vec![revoked.id.clone()]);
-    let expired_only = LeaseFilter { state: Some(LeaseState::Expired), ..Default::default() };
-    assert_eq!(collect_leases(&store, &expired_only, now).await, vec![short.id.clone()]);
-    let tasks_only = LeaseFilter { kind: Some(LeaseKind::Task), ..Default::default() };
+    let revoked_only = LeaseFilter {
+        state: Some(LeaseState::Revoked),
+        ..Default::default()
+    };
+    assert_eq!(
+        collect_leases(&store, &revoked_only, now).await,
+        vec![revoked.id.clone()]
+    );
+    let expired_only = LeaseFilter {
+        state: Some(LeaseState::Expired),
+        ..Default::default()
+    };
+    assert_eq!(
+        collect_leases(&store, &expired_only, now).await,
+        vec![short.id.clone()]
+    );
+    let tasks_only = LeaseFilter {
+        kind: Some(LeaseKind::Task),
+        ..Default::default()
+    };
     assert_eq!(collect_leases(&store, &tasks_only, now).await.len(), 2);
     let combined = LeaseFilter {
         agent: Some(b.clone()),
@@ -343,14 +465,21 @@ pub async fn list_tasks_filters_and_pages(store: Store) {
         of_a.push(started(&store, &a, 600).await);
     }
     let tb = started(&store, &b, 600).await;
-    store.end_task(&of_a[0].id, &complete(&of_a[0], at(1))).await.unwrap();
+    store
+        .end_task(&of_a[0].id, &complete(&of_a[0], at(1)))
+        .await
+        .unwrap();
     let now = at(2);
 
     let mut all = Vec::new();
     let mut after = None;
     loop {
         let page = store
-            .list_tasks(&TaskFilter::default(), &PageRequest { after, limit: 2 }, now)
+            .list_tasks(
+                &TaskFilter::default(),
+                &PageRequest { after, limit: 2 },
+                now,
+            )
             .await
             .unwrap();
         all.extend(page.items.into_iter().map(|r| r.task.id));
@@ -366,17 +495,40 @@ pub async fn list_tasks_filters_and_pages(store: Store) {
         let store = store.clone();
         async move {
             store
-                .list_tasks(&filter, &PageRequest { after: None, limit: 100 }, now)
+                .list_tasks(
+                    &filter,
+                    &PageRequest {
+                        after: None,
+                        limit: 100,
+                    },
+                    now,
+                )
                 .await
                 .unwrap()
                 .items
         }
     };
-    assert_eq!(page(TaskFilter { agent: Some(a.clone()), state: None }).await.len(), 5);
-    let completed = page(TaskFilter { agent: None, state: Some(TaskState::Completed) }).await;
+    assert_eq!(
+        page(TaskFilter {
+            agent: Some(a.clone()),
+            state: None
+        })
+        .await
+        .len(),
+        5
+    );
+    let completed = page(TaskFilter {
+        agent: None,
+        state: Some(TaskState::Completed),
+    })
+    .await;
     assert_eq!(completed.len(), 1);
     assert_eq!(completed[0].task.id, of_a[0].id);
-    let of_b = page(TaskFilter { agent: Some(b.clone()), state: Some(TaskState::Active) }).await;
+    let of_b = page(TaskFilter {
+        agent: Some(b.clone()),
+        state: Some(TaskState::Active),
+    })
+    .await;
     assert_eq!(of_b.len(), 1);
     assert_eq!(of_b[0].task.id, tb.id);
 }
@@ -386,14 +538,36 @@ pub async fn reap_expires_each_lease_exactly_once(store: Store) {
     let short = issued(&store, &t, 10).await;
     let revoked = issued(&store, &t, 10).await;
     let long = issued(&store, &t, 50).await;
-    let req = revoke(RevocationReason::Operator, RevocationReason::Operator, at(2));
+    let req = revoke(
+        RevocationReason::Operator,
+        RevocationReason::Operator,
+        at(2),
+    );
     store.revoke_lease(&revoked.id, &req).await.unwrap();
     let retention = Duration::from_secs(3600);
 
-    assert!(store.reap(at(9), retention, 100).await.unwrap().expired.is_empty());
+    assert!(
+        store
+            .reap(at(9), retention, 100)
+            .await
+            .unwrap()
+            .expired
+            .is_empty()
+    );
     let first = store.reap(at(10), retention, 100).await.unwrap();
-    assert_eq!(first.expired, vec![short.id.clone()], "revoked leases are not expired");
-    assert!(store.reap(at(10), retention, 100).await.unwrap().expired.is_empty());
+    assert_eq!(
+        first.expired,
+        vec![short.id.clone()],
+        "revoked leases are not expired"
+    );
+    assert!(
+        store
+            .reap(at(10), retention, 100)
+            .await
+            .unwrap()
+            .expired
+            .is_empty()
+    );
     let stored = store.get_lease(&short.id).await.unwrap().unwrap();
     assert_eq!(stored.status, LeaseStatus::Expired);
 
@@ -401,10 +575,18 @@ pub async fn reap_expires_each_lease_exactly_once(store: Store) {
     let got: BTreeSet<_> = later.expired.into_iter().collect();
     assert_eq!(got, [long.id.clone(), t.id.lease_id()].into());
     assert_eq!(
-        store.get_task(&t.id).await.unwrap().unwrap().state_at(at(100)),
+        store
+            .get_task(&t.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .state_at(at(100)),
         TaskState::Expired
     );
-    assert_eq!(state(&store, &revoked.id, at(100)).await, LeaseState::Revoked);
+    assert_eq!(
+        state(&store, &revoked.id, at(100)).await,
+        LeaseState::Revoked
+    );
 
     // A bounded pass leaves the rest for the next one.
     let t2 = started(&store, &agent("b"), 100).await;
@@ -432,7 +614,14 @@ pub async fn reap_purges_after_retention(store: Store) {
     assert!(store.get_task(&t.id).await.unwrap().is_none());
     assert!(store.get_lease(&t.id.lease_id()).await.unwrap().is_none());
     let left = store
-        .list_leases(&LeaseFilter::default(), &PageRequest { after: None, limit: 10 }, at(160))
+        .list_leases(
+            &LeaseFilter::default(),
+            &PageRequest {
+                after: None,
+                limit: 10,
+            },
+            at(160),
+        )
         .await
         .unwrap();
     assert_eq!(left.items.len(), 1);
@@ -443,7 +632,11 @@ pub async fn revocation_feed_is_ordered_and_resumable(store: Store) {
     let t = started(&store, &agent("a"), 600).await;
     let a = issued(&store, &t, 30).await;
     let b = issued(&store, &t, 500).await;
-    let req = revoke(RevocationReason::Operator, RevocationReason::Operator, at(2));
+    let req = revoke(
+        RevocationReason::Operator,
+        RevocationReason::Operator,
+        at(2),
+    );
     store.revoke_lease(&a.id, &req).await.unwrap();
     store.end_task(&t.id, &complete(&t, at(3))).await.unwrap();
 
@@ -456,17 +649,33 @@ pub async fn revocation_feed_is_ordered_and_resumable(store: Store) {
     assert_eq!(events[0].expires_at, a.expires_at);
     assert_eq!(events[0].kind, LeaseKind::Jwt);
 
-    let rest = store.revocations_since(events[0].cursor, 100).await.unwrap();
+    let rest = store
+        .revocations_since(events[0].cursor, 100)
+        .await
+        .unwrap();
     assert_eq!(rest, events[1..].to_vec());
-    assert_eq!(store.revocations_since(events[0].cursor, 1).await.unwrap().len(), 1);
+    assert_eq!(
+        store
+            .revocations_since(events[0].cursor, 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 
     // Events leave the feed only once their credential is long expired.
-    store.reap(at(100), Duration::from_secs(60), 100).await.unwrap();
+    store
+        .reap(at(100), Duration::from_secs(60), 100)
+        .await
+        .unwrap();
     let kept = store.revocations_since(0, 100).await.unwrap();
     assert_eq!(kept, events[1..].to_vec());
     // Cursors are never reused.
     let t2 = started(&store, &agent("a"), 600).await;
-    store.end_task(&t2.id, &complete(&t2, at(101))).await.unwrap();
+    store
+        .end_task(&t2.id, &complete(&t2, at(101)))
+        .await
+        .unwrap();
     let newest = store.revocations_since(0, 100).await.unwrap();
     assert!(newest.last().unwrap().cursor > events[2].cursor);
 }
@@ -502,7 +711,14 @@ pub async fn issue_racing_end_task_never_leaves_an_active_lease(store: Store) {
             ..Default::default()
         };
         let page = store
-            .list_leases(&active, &PageRequest { after: None, limit: 100 }, at(2))
+            .list_leases(
+                &active,
+                &PageRequest {
+                    after: None,
+                    limit: 100,
+                },
+                at(2),
+            )
             .await
             .unwrap();
         assert!(page.items.is_empty());
@@ -512,11 +728,24 @@ pub async fn issue_racing_end_task_never_leaves_an_active_lease(store: Store) {
 pub async fn revoked_lease_never_becomes_active(store: Store) {
     let t = started(&store, &agent("a"), 600).await;
     let l = issued(&store, &t, 60).await;
-    let req = revoke(RevocationReason::Operator, RevocationReason::Operator, at(2));
+    let req = revoke(
+        RevocationReason::Operator,
+        RevocationReason::Operator,
+        at(2),
+    );
     store.revoke_lease(&l.id, &req).await.unwrap();
-    assert!(matches!(store.issue(&l, at(3)).await, Err(StoreError::Duplicate(_))));
-    store.reap(at(61), Duration::from_secs(3600), 100).await.unwrap();
+    assert!(matches!(
+        store.issue(&l, at(3)).await,
+        Err(StoreError::Duplicate(_))
+    ));
+    store
+        .reap(at(61), Duration::from_secs(3600), 100)
+        .await
+        .unwrap();
     let after = store.get_lease(&l.id).await.unwrap().unwrap();
     assert_eq!(after.state_at(at(61)), LeaseState::Revoked);
-    assert_eq!(after.revocation().unwrap().reason, RevocationReason::Operator);
+    assert_eq!(
+        after.revocation().unwrap().reason,
+        RevocationReason::Operator
+    );
 }

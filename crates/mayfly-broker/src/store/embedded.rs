@@ -42,10 +42,12 @@ use super::{
 
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
-const TASK_LEASES: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("task_leases");
+const TASK_LEASES: MultimapTableDefinition<&str, &str> =
+    MultimapTableDefinition::new("task_leases");
 const AGENT_LEASES: MultimapTableDefinition<&str, &str> =
     MultimapTableDefinition::new("agent_leases");
-const AGENT_TASKS: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("agent_tasks");
+const AGENT_TASKS: MultimapTableDefinition<&str, &str> =
+    MultimapTableDefinition::new("agent_tasks");
 const ACTIVE_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("active_expiry");
 const ALL_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("all_expiry");
 const REVOCATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("revocations");
@@ -205,7 +207,8 @@ impl<'t> Tables<'t> {
     }
 
     fn put_lease(&mut self, lease: &Lease) -> Result<(), StoreError> {
-        self.leases.insert(lease.id.as_str(), encode(lease)?.as_slice())?;
+        self.leases
+            .insert(lease.id.as_str(), encode(lease)?.as_slice())?;
         Ok(())
     }
 
@@ -223,7 +226,12 @@ impl<'t> Tables<'t> {
     }
 
     /// Marks an active lease revoked and appends its feed event.
-    fn revoke(&mut self, mut lease: Lease, req: &RevokeRequest, reason: RevocationReason) -> Result<LeaseId, StoreError> {
+    fn revoke(
+        &mut self,
+        mut lease: Lease,
+        req: &RevokeRequest,
+        reason: RevocationReason,
+    ) -> Result<LeaseId, StoreError> {
         let revocation = req.revocation(reason);
         lease.status = LeaseStatus::Revoked(revocation.clone());
         self.put_lease(&lease)?;
@@ -239,7 +247,8 @@ impl<'t> Tables<'t> {
             revocation,
             expires_at: lease.expires_at,
         };
-        self.revocations.insert(cursor, encode(&event)?.as_slice())?;
+        self.revocations
+            .insert(cursor, encode(&event)?.as_slice())?;
         Ok(lease.id)
     }
 
@@ -257,7 +266,9 @@ impl<'t> Tables<'t> {
     }
 
     fn end_task(&mut self, id: &TaskId, req: &RevokeRequest) -> Result<Vec<LeaseId>, StoreError> {
-        let record = self.task_record(id.as_str())?.ok_or(StoreError::TaskNotFound)?;
+        let record = self
+            .task_record(id.as_str())?
+            .ok_or(StoreError::TaskNotFound)?;
         let state = record.state_at(req.at);
         if state != TaskState::Active {
             return Err(StoreError::TaskNotActive(state));
@@ -370,7 +381,10 @@ fn table_ids(
     };
     Ok(range
         .take(MAX_SCAN + 1)
-        .map(|e| e.map(|(k, _)| k.value().to_owned()).map_err(StoreError::from))
+        .map(|e| {
+            e.map(|(k, _)| k.value().to_owned())
+                .map_err(StoreError::from)
+        })
         .collect())
 }
 
@@ -434,7 +448,10 @@ impl LeaseStore for EmbeddedStore {
         let id = id.clone();
         self.read(move |txn| {
             let leases = txn.open_table(LEASES)?;
-            leases.get(id.as_str())?.map(|v| decode(v.value())).transpose()
+            leases
+                .get(id.as_str())?
+                .map(|v| decode(v.value()))
+                .transpose()
         })
         .await
     }
@@ -539,7 +556,9 @@ impl LeaseStore for EmbeddedStore {
             let tasks = txn.open_table(TASKS)?;
             let leases = txn.open_table(LEASES)?;
             let ids = match &filter.agent {
-                Some(agent) => multimap_ids(&txn.open_multimap_table(AGENT_TASKS)?, agent.as_str())?,
+                Some(agent) => {
+                    multimap_ids(&txn.open_multimap_table(AGENT_TASKS)?, agent.as_str())?
+                }
                 None => table_ids(&tasks, page.after.as_deref())?,
             };
             let load = |id: &str| -> Result<Option<TaskRecord>, StoreError> {
@@ -611,7 +630,9 @@ impl LeaseStore for EmbeddedStore {
                 let Some((cursor, event)) = t
                     .revocations
                     .first()?
-                    .map(|(k, v)| Ok::<_, StoreError>((k.value(), decode::<RevocationEvent>(v.value())?)))
+                    .map(|(k, v)| {
+                        Ok::<_, StoreError>((k.value(), decode::<RevocationEvent>(v.value())?))
+                    })
                     .transpose()?
                 else {
                     break;

@@ -1,0 +1,132 @@
+//! Helpers shared by the end-to-end tests.
+
+use std::collections::HashMap;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use mayfly_client::{Client, pb};
+use mayfly_testkit::TestBroker;
+use serde_json::Value;
+use tonic::{Code, Status};
+
+pub const API: &str = "https://api.example.com";
+pub const TOOLS: &str = "https://tools.example.com";
+
+/// Asserts `r` failed with `code` and a message containing `needle`.
+#[track_caller]
+pub fn assert_status<T: std::fmt::Debug>(r: Result<T, Status>, code: Code, needle: &str) {
+    match r {
+        Ok(v) => panic!("expected {code:?} ({needle}), got Ok({v:?})"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "message: {}", s.message());
+            assert!(
+                s.message().contains(needle),
+                "message {:?} should contain {needle:?}",
+                s.message()
+            );
+        }
+    }
+}
+
+pub fn start_request(intent: &str, audiences: &[&str], scopes: &[&str]) -> pb::StartTaskRequest {
+    pb::StartTaskRequest {
+        intent: intent.into(),
+        context: HashMap::from([("environment".to_owned(), "test".to_owned())]),
+        audiences: audiences.iter().map(|s| s.to_string()).collect(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        ttl_seconds: 0,
+    }
+}
+
+pub fn token_request(task: &str, audience: &str, scopes: &[&str]) -> pb::IssueTokenRequest {
+    pb::IssueTokenRequest {
+        task_id: task.into(),
+        audience: audience.into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        ttl_seconds: 0,
+        bind_to_client_cert: false,
+    }
+}
+
+/// Starts a task with the API audience and read/write scopes.
+pub async fn start(client: &Client) -> pb::Task {
+    client
+        .broker()
+        .start_task(start_request("e2e", &[API], &["read:files", "write:files"]))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+pub async fn issue(client: &Client, task: &str) -> pb::IssuedToken {
+    client
+        .issue_token(token_request(task, API, &["read:files"]))
+        .await
+        .unwrap()
+}
+
+/// All leases matching a request, across pages.
+pub async fn all_leases(op: &Client, mut req: pb::ListLeasesRequest) -> Vec<pb::Lease> {
+    let mut out = Vec::new();
+    loop {
+        let r = op
+            .admin()
+            .list_leases(req.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        out.extend(r.leases);
+        if r.next_page_token.is_empty() {
+            return out;
+        }
+        req.page_token = r.next_page_token;
+    }
+}
+
+pub async fn lease(op: &Client, id: &str) -> pb::Lease {
+    op.admin()
+        .get_lease(pb::GetLeaseRequest {
+            lease_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The token's claims, validated by the stock `jsonwebtoken` library
+/// against the JWKS fetched over HTTPS (exact iss, aud, exp, typ, kid).
+pub async fn validate(broker: &TestBroker, token: &str, audience: &str) -> Value {
+    let (status, body) = mayfly_testkit::https_get(
+        &format!("{}/.well-known/jwks.json", broker.http_url()),
+        &broker.bundle_pem(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let jwks: JwkSet = serde_json::from_str(&body).unwrap();
+    let header = jsonwebtoken::decode_header(token).unwrap();
+    assert_eq!(header.typ.as_deref(), Some("at+jwt"));
+    let kid = header.kid.expect("kid");
+    let jwk = jwks.find(&kid).expect("kid in JWKS");
+    let key = DecodingKey::from_jwk(jwk).unwrap();
+    assert!(matches!(header.alg, Algorithm::ES256 | Algorithm::EdDSA));
+    let mut v = Validation::new(header.alg);
+    v.set_audience(&[audience]);
+    v.set_issuer(&[broker.http_url()]);
+    v.set_required_spec_claims(&["exp", "iss", "aud", "sub", "nbf"]);
+    v.validate_nbf = true;
+    jsonwebtoken::decode::<Value>(token, &key, &v)
+        .unwrap()
+        .claims
+}
+
+/// The claims without verification (for checking a rejected token's shape).
+pub fn claims_unverified(token: &str) -> Value {
+    let part = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
+}
+
+pub fn secs(ts: &Option<mayfly_client::Timestamp>) -> i64 {
+    ts.as_ref().unwrap().seconds
+}
