@@ -382,6 +382,14 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_parses() {
+        let text = include_str!("../../../deploy/mayfly.example.toml");
+        let c = Config::parse(text, Path::new("/etc/mayfly")).unwrap();
+        assert_eq!(c.issuer(), "https://mayfly.prod.example.com:8711");
+        assert_eq!(c.policy_rules().unwrap().len(), 1);
+    }
+
+    #[test]
     fn dev_config_parses() {
         let dir = tempfile::tempdir().unwrap();
         let td = TrustDomain::new("example.org").unwrap();

@@ -3,16 +3,16 @@
 //! as a lease; operators list and revoke leases; validators fetch the JWKS.
 //!
 //! Layout:
-//! - [`config`]: `mayfly.toml`.
-//! - [`server`]: assembles everything and serves both ports.
-//! - [`identity`]: peer certificate → typed [`identity::Caller`].
-//! - [`grpc`]: the thin Broker and Admin services.
-//! - [`service`]: request handling (policy, TTLs, envelopes, ownership).
-//! - [`issuer`]: signing keys and the JWT signer.
-//! - [`store`]: the lease store seam, its backends and contract suite.
-//! - [`reaper`]: expiry and clean-up.
-//! - [`http`]: JWKS, metadata, health.
-//! - [`dev`]: the development PKI behind `mayfly dev init`.
+//! - [`config`] — `mayfly.toml`.
+//! - [`server`] — assembles everything and serves both ports.
+//! - [`identity`] — peer certificate → typed [`identity::Caller`].
+//! - [`grpc`] — the thin Broker and Admin services.
+//! - [`service`] — request handling (policy, TTLs, envelopes, ownership).
+//! - [`issuer`] — signing keys and the JWT signer.
+//! - [`store`] — the lease store seam, its backends and contract suite.
+//! - [`reaper`] — expiry and clean-up.
+//! - [`http`] — JWKS, metadata, health.
+//! - [`dev`] — the development PKI behind `mayfly dev init`.
 
 #![forbid(unsafe_code)]
 

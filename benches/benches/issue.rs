@@ -1,0 +1,67 @@
+//! What one IssueToken costs the broker, piece by piece: signing the JWT
+//! (ES256, EdDSA) and recording the lease durably in the embedded store.
+//!
+//! `cargo bench -p mayfly-benches`
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use mayfly_broker::config::Algorithm;
+use mayfly_broker::issuer::{JwtSigner, SigningKey};
+use mayfly_broker::store::contract::{agent, lease, task};
+use mayfly_broker::store::{EmbeddedStore, LeaseStore};
+use mayfly_core::AccessTokenClaims;
+
+fn claims() -> AccessTokenClaims {
+    AccessTokenClaims {
+        iss: "https://localhost:8711".into(),
+        sub: "spiffe://example.org/agent/demo".into(),
+        aud: "https://api.example.com".into(),
+        exp: 1_800_000_300,
+        iat: 1_800_000_000,
+        nbf: 1_800_000_000,
+        jti: "p_mMsUbnboE9enWz_ooAFw".into(),
+        client_id: "spiffe://example.org/agent/demo".into(),
+        scope: Some("read:tickets write:tickets".into()),
+        task_id: "lbaPf1dJlLwnMXaf5bpjpA".into(),
+        cnf: None,
+        act: None,
+    }
+}
+
+fn signer(alg: Algorithm) -> JwtSigner {
+    let rcgen_alg = match alg {
+        Algorithm::ES256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+        Algorithm::EdDSA => &rcgen::PKCS_ED25519,
+    };
+    let der = rcgen::KeyPair::generate_for(rcgen_alg).unwrap().serialize_der();
+    JwtSigner::new(SigningKey::from_pkcs8(&der, alg).unwrap(), &[])
+}
+
+fn sign(c: &mut Criterion) {
+    let claims = claims();
+    for (name, alg) in [("jwt_sign_es256", Algorithm::ES256), ("jwt_sign_eddsa", Algorithm::EdDSA)] {
+        let s = signer(alg);
+        c.bench_function(name, |b| b.iter(|| s.sign(&claims).unwrap()));
+    }
+}
+
+fn store_issue(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn LeaseStore> =
+        Arc::new(EmbeddedStore::open(&dir.path().join("bench.redb")).unwrap());
+    let t = task(&agent("bench"), 3600);
+    rt.block_on(store.start_task(&t)).unwrap();
+    c.bench_function("embedded_store_issue_fsync", |b| {
+        b.iter(|| {
+            let l = lease(&t, 60);
+            rt.block_on(store.issue(&l, t.created_at)).unwrap();
+        })
+    });
+}
+
+criterion_group!(benches, sign, store_issue);
+criterion_main!(benches);

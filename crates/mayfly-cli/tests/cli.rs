@@ -1,0 +1,217 @@
+//! The `mayfly` binary as a user runs it, against a real broker: the README
+//! walkthrough, the token validated by a stock JWT library against the JWKS
+//! URL, operator commands, errors as one line, and `dev init` file modes.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use mayfly_testkit::{TestBroker, https_get};
+use serde_json::Value;
+
+fn mayfly(broker: &TestBroker, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .arg("--profile")
+        .arg(&broker.layout.dir)
+        .args(["--broker", &broker.url()])
+        .args(args)
+        .env_remove("MAYFLY_PROFILE")
+        .output()
+        .expect("mayfly runs")
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json(out: Output) -> Value {
+    serde_json::from_str(&ok(out)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walkthrough_and_stock_jwt_validation() {
+    let broker = TestBroker::start().await;
+    let api = "https://api.example.com";
+
+    let task = json(mayfly(
+        &broker,
+        &[
+            "--json", "task", "start", "--intent", "summarise ticket 42", "--audience", api,
+            "--scope", "read:tickets", "--context", "environment=staging", "--ttl", "10m",
+        ],
+    ));
+    let task_id = task["task_id"].as_str().unwrap().to_owned();
+    assert_eq!(task["state"], "active");
+    assert_eq!(task["context"]["environment"], "staging");
+
+    // The token alone on stdout, so it can be captured.
+    let token = ok(mayfly(
+        &broker,
+        &["token", "issue", "--task", &task_id, "--audience", api, "--scope", "read:tickets", "--bind"],
+    ));
+    let token = token.trim();
+
+    // A stock JWT library validates it against the JWKS URL.
+    let (status, body) =
+        https_get(&format!("{}/.well-known/jwks.json", broker.http_url()), &broker.bundle_pem()).await;
+    assert_eq!(status, 200);
+    let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&body).unwrap();
+    let header = jsonwebtoken::decode_header(token).unwrap();
+    assert_eq!(header.typ.as_deref(), Some("at+jwt"));
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwks.find(&header.kid.unwrap()).unwrap()).unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    v.set_audience(&[api]);
+    v.set_issuer(&[broker.http_url()]);
+    let claims = jsonwebtoken::decode::<Value>(token, &key, &v).unwrap().claims;
+    assert_eq!(claims["task_id"], task_id.as_str());
+    assert_eq!(claims["scope"], "read:tickets");
+    assert!(claims["cnf"]["x5t#S256"].is_string());
+
+    // decode shows the same claims (unverified).
+    let decoded = json(mayfly(&broker, &["--json", "token", "decode", token]));
+    assert_eq!(decoded["claims"], claims);
+    assert_eq!(decoded["header"]["typ"], "at+jwt");
+
+    // Operator view, then completion revokes both leases.
+    let leases = json(mayfly(&broker, &["--json", "lease", "list", "--task", &task_id]));
+    assert_eq!(leases.as_array().unwrap().len(), 2);
+    let table = ok(mayfly(&broker, &["lease", "list", "--state", "active"]));
+    assert!(table.starts_with("LEASE"), "{table}");
+    assert!(table.contains(&task_id));
+
+    let done = json(mayfly(&broker, &["--json", "task", "complete", &task_id]));
+    assert_eq!(done["revoked_leases"].as_array().unwrap().len(), 2);
+    let leases = json(mayfly(&broker, &["--json", "lease", "list", "--task", &task_id]));
+    for l in leases.as_array().unwrap() {
+        assert_eq!(l["state"], "revoked");
+        assert_eq!(l["revocation_reason"], "task_completed");
+    }
+
+    // Errors are one clear line and exit 1.
+    let out = mayfly(&broker, &["token", "issue", "--task", &task_id, "--audience", api]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: failed precondition: task "), "{err}");
+    assert!(err.contains("is completed"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_revocations_and_extra_identities() {
+    let broker = TestBroker::start().await;
+    let api = "https://api.example.com";
+    let dir = broker.layout.dir.to_str().unwrap().to_owned();
+
+    // A second agent from the dev CA, used with --identity.
+    let made = Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .args(["dev", "identity", "--dir", &dir, "spiffe://example.org/agent/bob"])
+        .output()
+        .unwrap();
+    ok(made);
+    let key = broker.layout.dir.join("identities/agent-bob/svid.key");
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+
+    let start = |identity: &str| {
+        json(mayfly(
+            &broker,
+            &["--json", "--identity", identity, "task", "start", "--intent", "x", "--audience", api, "--scope", "read:x"],
+        ))["task_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let bob_task = start("agent-bob");
+    let demo_task = start("agent-demo");
+    let tasks = json(mayfly(&broker, &["--json", "task", "list", "--agent", "spiffe://example.org/agent/bob"]));
+    assert_eq!(tasks.as_array().unwrap().len(), 1);
+    assert_eq!(tasks[0]["task_id"], bob_task.as_str());
+
+    let token = json(mayfly(
+        &broker,
+        &["--json", "--identity", "agent-bob", "token", "issue", "--task", &bob_task, "--audience", api],
+    ));
+    let lease_id = token["lease_id"].as_str().unwrap().to_owned();
+    let out = ok(mayfly(&broker, &["lease", "revoke", &lease_id, "--reason", "found in a log"]));
+    assert!(out.contains(&lease_id));
+    let shown = json(mayfly(&broker, &["--json", "lease", "show", &lease_id]));
+    assert_eq!(shown["state"], "revoked");
+    assert_eq!(shown["revocation_reason"], "operator");
+    assert_eq!(shown["revoked_by"], "spiffe://example.org/operator/admin");
+
+    let revoked = json(mayfly(&broker, &["--json", "agent", "revoke", "spiffe://example.org/agent/bob"]));
+    assert_eq!(revoked["revoked_leases"], serde_json::json!([bob_task]));
+    let revoked = json(mayfly(&broker, &["--json", "task", "revoke", &demo_task]));
+    assert_eq!(revoked["revoked_leases"], serde_json::json!([demo_task]));
+
+    // An agent may not use operator commands.
+    let out = mayfly(&broker, &["--identity", "agent-demo", "lease", "list"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.starts_with("error: permission denied: spiffe://example.org/agent/demo is not an operator"), "{err}");
+}
+
+#[test]
+fn dev_init_writes_private_keys_and_refuses_to_overwrite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_mayfly"))
+            .args(["dev", "init", "--dir"])
+            .arg(&dir)
+            .args(["--trust-domain", "corp.example"])
+            .output()
+            .unwrap()
+    };
+    let out = ok(run());
+    assert!(out.contains("spiffe://corp.example/operator/admin"), "{out}");
+    for key in ["ca.key", "server.key", "identities/agent-demo/svid.key", "identities/operator-admin/svid.key"] {
+        let mode = std::fs::metadata(dir.join(key)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{key}");
+    }
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    // The agent SVID is what openssl expects of an X.509-SVID.
+    let text = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(dir.join("identities/agent-demo/svid.pem"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(text.contains("URI:spiffe://corp.example/agent/demo"), "{text}");
+    assert!(text.contains("CA:FALSE"), "{text}");
+    let verify = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(dir.join("bundle.pem"))
+        .arg(dir.join("identities/agent-demo/svid.pem"))
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+
+    let again = run();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    assert!(Path::new(&dir.join("mayfly.toml")).exists());
+}
+
+#[test]
+fn missing_connection_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .current_dir(tmp.path())
+        .args(["lease", "list"])
+        .env_remove("MAYFLY_PROFILE")
+        .env_remove("MAYFLY_BROKER")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.starts_with("error: no broker connection"), "{err}");
+}
