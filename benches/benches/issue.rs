@@ -36,20 +36,28 @@ fn signer(alg: Algorithm) -> JwtSigner {
         Algorithm::ES256 => &rcgen::PKCS_ECDSA_P256_SHA256,
         Algorithm::EdDSA => &rcgen::PKCS_ED25519,
     };
-    let der = rcgen::KeyPair::generate_for(rcgen_alg).unwrap().serialize_der();
+    let der = rcgen::KeyPair::generate_for(rcgen_alg)
+        .unwrap()
+        .serialize_der();
     JwtSigner::new(SigningKey::from_pkcs8(&der, alg).unwrap(), &[])
 }
 
 fn sign(c: &mut Criterion) {
     let claims = claims();
-    for (name, alg) in [("jwt_sign_es256", Algorithm::ES256), ("jwt_sign_eddsa", Algorithm::EdDSA)] {
+    for (name, alg) in [
+        ("jwt_sign_es256", Algorithm::ES256),
+        ("jwt_sign_eddsa", Algorithm::EdDSA),
+    ] {
         let s = signer(alg);
         c.bench_function(name, |b| b.iter(|| s.sign(&claims).unwrap()));
     }
 }
 
 fn store_issue(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn LeaseStore> =
         Arc::new(EmbeddedStore::open(&dir.path().join("bench.redb")).unwrap());

@@ -43,8 +43,19 @@ async fn walkthrough_and_stock_jwt_validation() {
     let task = json(mayfly(
         &broker,
         &[
-            "--json", "task", "start", "--intent", "summarise ticket 42", "--audience", api,
-            "--scope", "read:tickets", "--context", "environment=staging", "--ttl", "10m",
+            "--json",
+            "task",
+            "start",
+            "--intent",
+            "summarise ticket 42",
+            "--audience",
+            api,
+            "--scope",
+            "read:tickets",
+            "--context",
+            "environment=staging",
+            "--ttl",
+            "10m",
         ],
     ));
     let task_id = task["task_id"].as_str().unwrap().to_owned();
@@ -54,22 +65,38 @@ async fn walkthrough_and_stock_jwt_validation() {
     // The token alone on stdout, so it can be captured.
     let token = ok(mayfly(
         &broker,
-        &["token", "issue", "--task", &task_id, "--audience", api, "--scope", "read:tickets", "--bind"],
+        &[
+            "token",
+            "issue",
+            "--task",
+            &task_id,
+            "--audience",
+            api,
+            "--scope",
+            "read:tickets",
+            "--bind",
+        ],
     ));
     let token = token.trim();
 
     // A stock JWT library validates it against the JWKS URL.
-    let (status, body) =
-        https_get(&format!("{}/.well-known/jwks.json", broker.http_url()), &broker.bundle_pem()).await;
+    let (status, body) = https_get(
+        &format!("{}/.well-known/jwks.json", broker.http_url()),
+        &broker.bundle_pem(),
+    )
+    .await;
     assert_eq!(status, 200);
     let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&body).unwrap();
     let header = jsonwebtoken::decode_header(token).unwrap();
     assert_eq!(header.typ.as_deref(), Some("at+jwt"));
-    let key = jsonwebtoken::DecodingKey::from_jwk(jwks.find(&header.kid.unwrap()).unwrap()).unwrap();
+    let key =
+        jsonwebtoken::DecodingKey::from_jwk(jwks.find(&header.kid.unwrap()).unwrap()).unwrap();
     let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
     v.set_audience(&[api]);
     v.set_issuer(&[broker.http_url()]);
-    let claims = jsonwebtoken::decode::<Value>(token, &key, &v).unwrap().claims;
+    let claims = jsonwebtoken::decode::<Value>(token, &key, &v)
+        .unwrap()
+        .claims;
     assert_eq!(claims["task_id"], task_id.as_str());
     assert_eq!(claims["scope"], "read:tickets");
     assert!(claims["cnf"]["x5t#S256"].is_string());
@@ -80,7 +107,10 @@ async fn walkthrough_and_stock_jwt_validation() {
     assert_eq!(decoded["header"]["typ"], "at+jwt");
 
     // Operator view, then completion revokes both leases.
-    let leases = json(mayfly(&broker, &["--json", "lease", "list", "--task", &task_id]));
+    let leases = json(mayfly(
+        &broker,
+        &["--json", "lease", "list", "--task", &task_id],
+    ));
     assert_eq!(leases.as_array().unwrap().len(), 2);
     let table = ok(mayfly(&broker, &["lease", "list", "--state", "active"]));
     assert!(table.starts_with("LEASE"), "{table}");
@@ -88,18 +118,27 @@ async fn walkthrough_and_stock_jwt_validation() {
 
     let done = json(mayfly(&broker, &["--json", "task", "complete", &task_id]));
     assert_eq!(done["revoked_leases"].as_array().unwrap().len(), 2);
-    let leases = json(mayfly(&broker, &["--json", "lease", "list", "--task", &task_id]));
+    let leases = json(mayfly(
+        &broker,
+        &["--json", "lease", "list", "--task", &task_id],
+    ));
     for l in leases.as_array().unwrap() {
         assert_eq!(l["state"], "revoked");
         assert_eq!(l["revocation_reason"], "task_completed");
     }
 
     // Errors are one clear line and exit 1.
-    let out = mayfly(&broker, &["token", "issue", "--task", &task_id, "--audience", api]);
+    let out = mayfly(
+        &broker,
+        &["token", "issue", "--task", &task_id, "--audience", api],
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.starts_with("error: failed precondition: task "), "{err}");
+    assert!(
+        err.starts_with("error: failed precondition: task "),
+        "{err}"
+    );
     assert!(err.contains("is completed"), "{err}");
 }
 
@@ -111,17 +150,38 @@ async fn operator_revocations_and_extra_identities() {
 
     // A second agent from the dev CA, used with --identity.
     let made = Command::new(env!("CARGO_BIN_EXE_mayfly"))
-        .args(["dev", "identity", "--dir", &dir, "spiffe://example.org/agent/bob"])
+        .args([
+            "dev",
+            "identity",
+            "--dir",
+            &dir,
+            "spiffe://example.org/agent/bob",
+        ])
         .output()
         .unwrap();
     ok(made);
     let key = broker.layout.dir.join("identities/agent-bob/svid.key");
-    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 
     let start = |identity: &str| {
         json(mayfly(
             &broker,
-            &["--json", "--identity", identity, "task", "start", "--intent", "x", "--audience", api, "--scope", "read:x"],
+            &[
+                "--json",
+                "--identity",
+                identity,
+                "task",
+                "start",
+                "--intent",
+                "x",
+                "--audience",
+                api,
+                "--scope",
+                "read:x",
+            ],
         ))["task_id"]
             .as_str()
             .unwrap()
@@ -129,23 +189,53 @@ async fn operator_revocations_and_extra_identities() {
     };
     let bob_task = start("agent-bob");
     let demo_task = start("agent-demo");
-    let tasks = json(mayfly(&broker, &["--json", "task", "list", "--agent", "spiffe://example.org/agent/bob"]));
+    let tasks = json(mayfly(
+        &broker,
+        &[
+            "--json",
+            "task",
+            "list",
+            "--agent",
+            "spiffe://example.org/agent/bob",
+        ],
+    ));
     assert_eq!(tasks.as_array().unwrap().len(), 1);
     assert_eq!(tasks[0]["task_id"], bob_task.as_str());
 
     let token = json(mayfly(
         &broker,
-        &["--json", "--identity", "agent-bob", "token", "issue", "--task", &bob_task, "--audience", api],
+        &[
+            "--json",
+            "--identity",
+            "agent-bob",
+            "token",
+            "issue",
+            "--task",
+            &bob_task,
+            "--audience",
+            api,
+        ],
     ));
     let lease_id = token["lease_id"].as_str().unwrap().to_owned();
-    let out = ok(mayfly(&broker, &["lease", "revoke", &lease_id, "--reason", "found in a log"]));
+    let out = ok(mayfly(
+        &broker,
+        &["lease", "revoke", &lease_id, "--reason", "found in a log"],
+    ));
     assert!(out.contains(&lease_id));
     let shown = json(mayfly(&broker, &["--json", "lease", "show", &lease_id]));
     assert_eq!(shown["state"], "revoked");
     assert_eq!(shown["revocation_reason"], "operator");
     assert_eq!(shown["revoked_by"], "spiffe://example.org/operator/admin");
 
-    let revoked = json(mayfly(&broker, &["--json", "agent", "revoke", "spiffe://example.org/agent/bob"]));
+    let revoked = json(mayfly(
+        &broker,
+        &[
+            "--json",
+            "agent",
+            "revoke",
+            "spiffe://example.org/agent/bob",
+        ],
+    ));
     assert_eq!(revoked["revoked_leases"], serde_json::json!([bob_task]));
     let revoked = json(mayfly(&broker, &["--json", "task", "revoke", &demo_task]));
     assert_eq!(revoked["revoked_leases"], serde_json::json!([demo_task]));
@@ -154,7 +244,12 @@ async fn operator_revocations_and_extra_identities() {
     let out = mayfly(&broker, &["--identity", "agent-demo", "lease", "list"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.starts_with("error: permission denied: spiffe://example.org/agent/demo is not an operator"), "{err}");
+    assert!(
+        err.starts_with(
+            "error: permission denied: spiffe://example.org/agent/demo is not an operator"
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -170,9 +265,21 @@ fn dev_init_writes_private_keys_and_refuses_to_overwrite() {
             .unwrap()
     };
     let out = ok(run());
-    assert!(out.contains("spiffe://corp.example/operator/admin"), "{out}");
-    for key in ["ca.key", "server.key", "identities/agent-demo/svid.key", "identities/operator-admin/svid.key"] {
-        let mode = std::fs::metadata(dir.join(key)).unwrap().permissions().mode() & 0o777;
+    assert!(
+        out.contains("spiffe://corp.example/operator/admin"),
+        "{out}"
+    );
+    for key in [
+        "ca.key",
+        "server.key",
+        "identities/agent-demo/svid.key",
+        "identities/operator-admin/svid.key",
+    ] {
+        let mode = std::fs::metadata(dir.join(key))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600, "{key}");
     }
     let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
@@ -184,7 +291,10 @@ fn dev_init_writes_private_keys_and_refuses_to_overwrite() {
         .output()
         .unwrap();
     let text = String::from_utf8(text.stdout).unwrap();
-    assert!(text.contains("URI:spiffe://corp.example/agent/demo"), "{text}");
+    assert!(
+        text.contains("URI:spiffe://corp.example/agent/demo"),
+        "{text}"
+    );
     assert!(text.contains("CA:FALSE"), "{text}");
     let verify = Command::new("openssl")
         .arg("verify")
@@ -193,7 +303,11 @@ fn dev_init_writes_private_keys_and_refuses_to_overwrite() {
         .arg(dir.join("identities/agent-demo/svid.pem"))
         .output()
         .unwrap();
-    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
 
     let again = run();
     assert_eq!(again.status.code(), Some(1));
