@@ -119,3 +119,29 @@ async fn a_valid_svid_of_the_trust_domain_gets_in() {
         "no rule allows agent spiffe://example.org/team-a/agent/carol",
     );
 }
+
+#[tokio::test]
+async fn a_certificate_expiring_mid_connection_stops_working() {
+    let broker = TestBroker::start().await;
+    let id = mayfly_core::SpiffeId::new("spiffe://example.org/agent/demo").unwrap();
+    let mut params =
+        mayfly_broker::dev::DevCa::svid_params(&id, std::time::Duration::from_secs(2)).unwrap();
+    // Whole seconds: X.509 validity has one-second resolution.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    params.not_after = rcgen::date_time_ymd(1970, 1, 1) + std::time::Duration::from_secs(now + 2);
+    let cred = broker.ca().sign(&params).unwrap();
+    let client = broker.client_with(&cred).await.unwrap();
+    let task = start(&client).await;
+    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
+    // Same connection, certificate now expired.
+    assert_status(
+        client
+            .issue_token(token_request(&task.task_id, API, &["read:files"]))
+            .await,
+        Code::Unauthenticated,
+        "expired",
+    );
+}

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use mayfly_core::{SpiffeId, SpiffeIdError, TrustDomain};
+use mayfly_core::{SpiffeId, SpiffeIdError, Timestamp, TrustDomain};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
@@ -29,6 +29,9 @@ pub struct Caller {
     pub id: SpiffeId,
     /// RFC 8705 `x5t#S256` of the client certificate, for token binding.
     pub cert_thumbprint: String,
+    /// The certificate's notAfter: a connection outliving its certificate
+    /// is refused from then on.
+    pub not_after: Timestamp,
 }
 
 /// Why a peer is not an acceptable caller.
@@ -176,7 +179,7 @@ impl Authenticator {
         };
         // Shape first (so a CA or SAN-less certificate is named as such),
         // then trust, then membership.
-        let id = svid_id(leaf)?;
+        let (id, not_after) = parse_svid(leaf)?;
         self.chain
             .verify_client_cert(leaf, intermediates, UnixTime::now())
             .map_err(chain_error)?;
@@ -189,6 +192,7 @@ impl Authenticator {
         Ok(Caller {
             id,
             cert_thumbprint: thumbprint(leaf),
+            not_after,
         })
     }
 }
@@ -212,11 +216,14 @@ fn chain_error(e: rustls::Error) -> AuthError {
     }
 }
 
-/// The SPIFFE ID of an X.509-SVID leaf, checking the SVID rules: a leaf
-/// (not a CA, no signing key usages) with exactly one URI SAN, a SPIFFE ID.
-pub fn svid_id(leaf: &CertificateDer<'_>) -> Result<SpiffeId, AuthError> {
+/// The SPIFFE ID and notAfter of an X.509-SVID leaf, checking the SVID
+/// rules: a leaf (not a CA, no signing key usages) with exactly one URI SAN,
+/// a SPIFFE ID. Does not check the chain.
+pub fn parse_svid(leaf: &CertificateDer<'_>) -> Result<(SpiffeId, Timestamp), AuthError> {
     let (_, cert) = X509Certificate::from_der(leaf.as_ref())
         .map_err(|e| AuthError::Malformed(e.to_string()))?;
+    let not_after =
+        Timestamp::from_secs(u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0));
     let bc = cert
         .basic_constraints()
         .map_err(|e| AuthError::Malformed(e.to_string()))?;
@@ -240,14 +247,15 @@ pub fn svid_id(leaf: &CertificateDer<'_>) -> Result<SpiffeId, AuthError> {
             _ => None,
         })
         .collect();
-    match uris.as_slice() {
+    let id = match uris.as_slice() {
         [] => Err(AuthError::NoUriSan),
         [uri] => SpiffeId::new(uri).map_err(|reason| AuthError::NotSpiffe {
             uri: format!("{:?}", uri.chars().take(128).collect::<String>()),
             reason,
         }),
         many => Err(AuthError::ManyUriSans(many.len())),
-    }
+    }?;
+    Ok((id, not_after))
 }
 
 /// RFC 8705 `x5t#S256`: base64url (no padding) of SHA-256 over the DER.

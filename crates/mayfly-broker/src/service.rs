@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mayfly_core::{
     AccessTokenClaims, Audience, Confirmation, Decision, Envelope, Intent, IssueTokenRequest,
-    Lease, LeaseId, LeaseKind, LeaseState, LeaseStatus, Policy, RevocationReason, Scopes, SpiffeId,
+    Lease, LeaseId, LeaseKind, LeaseStatus, Policy, Revocation, RevocationReason, Scopes, SpiffeId,
     SpiffeIdPattern, StartTaskRequest, Task, TaskContext, TaskId, TaskRecord, Timestamp,
     scope_string,
 };
@@ -308,7 +308,7 @@ impl Service {
         caller: &Caller,
         id: &TaskId,
     ) -> Result<(Vec<LeaseId>, TaskRecord), BrokerError> {
-        self.own_task(caller, id).await?;
+        let mut record = self.own_task(caller, id).await?;
         let req = RevokeRequest {
             reason: RevocationReason::TaskCompleted,
             child_reason: RevocationReason::TaskCompleted,
@@ -328,7 +328,12 @@ impl Service {
             task_id = %id,
             revoked = revoked.len(),
         );
-        let record = self.own_task(caller, id).await?;
+        record.status = LeaseStatus::Revoked(Revocation {
+            reason: req.reason,
+            at: req.at,
+            by: req.by,
+            note: None,
+        });
         Ok((revoked, record))
     }
 
@@ -476,9 +481,4 @@ fn permit(decision: Decision) -> Result<(String, Option<Duration>), BrokerError>
             "unsupported policy decision {other:?}"
         ))),
     }
-}
-
-/// The state of a lease at `now`, for listing.
-pub fn lease_state(lease: &Lease) -> LeaseState {
-    lease.state_at(Timestamp::now())
 }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::envelope::{Envelope, Intent, TaskContext};
 use crate::id::TaskId;
-use crate::lease::{Lease, LeaseKind, LeaseState, LeaseStatus, Revocation, RevocationReason};
+use crate::lease::{Lease, LeaseKind, LeaseStatus, Revocation, RevocationReason};
 use crate::spiffe::SpiffeId;
 use crate::time::Timestamp;
 
@@ -124,16 +124,6 @@ impl TaskRecord {
         match &self.status {
             LeaseStatus::Revoked(r) => Some(r),
             _ => None,
-        }
-    }
-}
-
-impl From<TaskState> for Option<LeaseState> {
-    fn from(s: TaskState) -> Self {
-        match s {
-            TaskState::Active => Some(LeaseState::Active),
-            TaskState::Expired => Some(LeaseState::Expired),
-            TaskState::Completed | TaskState::Revoked => Some(LeaseState::Revoked),
         }
     }
 }

@@ -30,16 +30,20 @@ pub struct PeerInfo {
     pub remote: std::net::SocketAddr,
 }
 
-/// The authenticated caller of a request, or `UNAUTHENTICATED` saying why not.
+/// The authenticated caller of a request, or `UNAUTHENTICATED` saying why
+/// not. A certificate that expired after the connection was opened no longer
+/// counts.
 pub fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
-    match req.extensions().get::<PeerInfo>() {
-        Some(peer) => match peer.identity.as_ref() {
-            Ok(c) => Ok(c.clone()),
-            Err(e) => Err(BrokerError::Unauthenticated(e.clone()).into()),
-        },
-        None => Err(Status::unauthenticated(
-            "connection has no verified TLS peer",
-        )),
+    let peer = req
+        .extensions()
+        .get::<PeerInfo>()
+        .ok_or_else(|| Status::unauthenticated("connection has no verified TLS peer"))?;
+    match peer.identity.as_ref() {
+        Ok(c) if Timestamp::now() >= c.not_after => {
+            Err(BrokerError::Unauthenticated(AuthError::Expired).into())
+        }
+        Ok(c) => Ok(c.clone()),
+        Err(e) => Err(BrokerError::Unauthenticated(e.clone()).into()),
     }
 }
 
