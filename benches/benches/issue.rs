@@ -1,5 +1,7 @@
-//! What one IssueToken costs the broker, piece by piece: signing the JWT
-//! (ES256, EdDSA) and recording the lease durably in the embedded store.
+//! What one IssueToken costs, piece by piece: signing the JWT (ES256,
+//! EdDSA), recording the lease durably in the embedded store, and the whole
+//! call over mTLS gRPC against an in-process broker (one client, sequential),
+//! so the round trip can be read against the sum of its parts.
 //!
 //! `cargo bench -p mayfly-benches`
 
@@ -71,5 +73,31 @@ fn store_issue(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, sign, store_issue);
+fn issue_over_mtls(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let broker = rt.block_on(mayfly_testkit::TestBroker::start());
+    let agent = rt.block_on(broker.agent());
+    let task = rt
+        .block_on(
+            agent.start_task(
+                mayfly_client::NewTask::new("bench", ["https://api.example.com"])
+                    .scope("read:files")
+                    .ttl(std::time::Duration::from_secs(3600)),
+            ),
+        )
+        .unwrap();
+    c.bench_function("issue_token_grpc_mtls", |b| {
+        b.iter(|| {
+            rt.block_on(task.issue_token("https://api.example.com", ["read:files"]))
+                .unwrap()
+        })
+    });
+    drop(task);
+    drop(broker);
+}
+
+criterion_group!(benches, sign, store_issue, issue_over_mtls);
 criterion_main!(benches);
