@@ -263,31 +263,11 @@ async fn accept_grpc(
     conns: mpsc::Sender<Result<TlsConn, io::Error>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    loop {
-        let (tcp, remote) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = stopped(&mut stop) => return,
-        };
-        let _ = tcp.set_nodelay(true);
+    while let Some((tcp, remote)) = next_connection(&listener, &mut stop).await {
         let (acceptor, auth, conns) = (acceptor.clone(), auth.clone(), conns.clone());
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%remote, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%remote, "TLS handshake timed out");
-                    return;
-                }
+            let Some(stream) = handshake(&acceptor, tcp, remote).await else {
+                return;
             };
             let identity = auth.authenticate(stream.get_ref().1.peer_certificates());
             match &identity {
@@ -303,6 +283,49 @@ async fn accept_grpc(
     }
 }
 
+/// The next TCP connection, or `None` once `stop` is set. Accept errors
+/// (such as running out of file descriptors) are logged and retried after a
+/// pause rather than ending the server.
+async fn next_connection(
+    listener: &TcpListener,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, remote)) => {
+                    let _ = tcp.set_nodelay(true);
+                    return Some((tcp, remote));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = stopped(stop) => return None,
+        }
+    }
+}
+
+/// Completes a TLS handshake within [`HANDSHAKE_TIMEOUT`].
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    remote: SocketAddr,
+) -> Option<TlsStream<TcpStream>> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
 /// Serves the HTTPS side port until `stop`, then drains connections.
 async fn serve_http(
     listener: TcpListener,
@@ -311,28 +334,13 @@ async fn serve_http(
     mut stop: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
-    loop {
-        let (tcp, remote): (TcpStream, SocketAddr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = stopped(&mut stop) => break,
-        };
+    while let Some((tcp, remote)) = next_connection(&listener, &mut stop).await {
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(router.clone());
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                _ => {
-                    tracing::debug!(%remote, "HTTPS handshake failed");
-                    return;
-                }
+            let Some(tls) = handshake(&acceptor, tcp, remote).await else {
+                return;
             };
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection(TokioIo::new(tls), service);

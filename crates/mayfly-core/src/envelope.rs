@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
+
+use crate::newtype::validated_string;
 
 /// Longest intent, in bytes.
 pub const MAX_INTENT_BYTES: usize = 4096;
@@ -86,59 +88,6 @@ pub(crate) fn quote(s: &str) -> String {
     }
 }
 
-macro_rules! string_newtype {
-    ($(#[$doc:meta])* $name:ident, $check:ident) => {
-        $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(String);
-
-        impl $name {
-            /// Parses and validates.
-            pub fn new(s: &str) -> Result<Self, ValidationError> {
-                $check(s)?;
-                Ok(Self(s.to_owned()))
-            }
-
-            /// The text.
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, concat!(stringify!($name), "({:?})"), self.0)
-            }
-        }
-
-        impl std::str::FromStr for $name {
-            type Err = ValidationError;
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                Self::new(s)
-            }
-        }
-
-        impl Serialize for $name {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(&self.0)
-            }
-        }
-
-        impl<'de> Deserialize<'de> for $name {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let s = String::deserialize(d)?;
-                Self::new(&s).map_err(serde::de::Error::custom)
-            }
-        }
-    };
-}
-
 fn check_audience(s: &str) -> Result<(), ValidationError> {
     if s.is_empty() {
         return Err(ValidationError::EmptyAudience);
@@ -161,15 +110,17 @@ fn check_scope(s: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
-string_newtype!(
+validated_string!(
     /// A token audience: the downstream API a token is for (`aud`).
     Audience,
-    check_audience
+    check_audience,
+    ValidationError
 );
-string_newtype!(
+validated_string!(
     /// An OAuth scope-token (RFC 6749 section 3.3).
     Scope,
-    check_scope
+    check_scope,
+    ValidationError
 );
 
 /// A set of scopes, sorted and without duplicates.

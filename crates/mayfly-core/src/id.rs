@@ -2,13 +2,11 @@
 //! base64url without padding (22 characters), so they are URL-safe and valid
 //! as a SPIFFE path segment.
 
-use std::fmt;
-use std::str::FromStr;
-
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::rand::{SecureRandom, SystemRandom};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::newtype::validated_string;
 
 /// Length in characters of an encoded id (16 bytes, base64url, no padding).
 const ID_LEN: usize = 22;
@@ -45,78 +43,36 @@ fn check_id(s: &str) -> Result<(), IdError> {
     }
 }
 
-macro_rules! random_id_type {
-    ($(#[$doc:meta])* $name:ident) => {
-        $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(String);
-
-        impl $name {
-            /// A fresh random id.
-            pub fn generate() -> Self {
-                Self(random_id())
-            }
-
-            /// Parses an id received from outside.
-            pub fn new(s: &str) -> Result<Self, IdError> {
-                check_id(s)?;
-                Ok(Self(s.to_owned()))
-            }
-
-            /// The encoded id.
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, concat!(stringify!($name), "({})"), self.0)
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = IdError;
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                Self::new(s)
-            }
-        }
-
-        impl Serialize for $name {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(&self.0)
-            }
-        }
-
-        impl<'de> Deserialize<'de> for $name {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let s = String::deserialize(d)?;
-                Self::new(&s).map_err(serde::de::Error::custom)
-            }
-        }
-    };
-}
-
-random_id_type!(
+validated_string!(
     /// Identifies a task. A task is also a lease (of kind `task`) whose lease
     /// id is the task id.
-    TaskId
+    TaskId,
+    check_id,
+    IdError
 );
-random_id_type!(
+validated_string!(
     /// Identifies a lease; for a JWT it is the token's `jti`.
-    LeaseId
+    LeaseId,
+    check_id,
+    IdError
 );
 
 impl TaskId {
+    /// A fresh random id.
+    pub fn generate() -> Self {
+        Self(random_id())
+    }
+
     /// The id of the task's own lease.
     pub fn lease_id(&self) -> LeaseId {
         LeaseId(self.0.clone())
+    }
+}
+
+impl LeaseId {
+    /// A fresh random id.
+    pub fn generate() -> Self {
+        Self(random_id())
     }
 }
 

@@ -8,6 +8,8 @@
 
 #![forbid(unsafe_code)]
 
+mod newtype;
+
 mod claims;
 mod envelope;
 mod id;
