@@ -257,6 +257,27 @@ impl Config {
 
     fn check(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let whole = [
+            ("tokens.default_ttl", Some(self.tokens.default_ttl)),
+            ("tokens.max_ttl", Some(self.tokens.max_ttl)),
+            ("tasks.default_ttl", Some(self.tasks.default_ttl)),
+            ("tasks.max_ttl", Some(self.tasks.max_ttl)),
+        ]
+        .into_iter()
+        .chain(
+            self.rules
+                .iter()
+                .map(|r| ("rule.max_token_ttl", r.max_token_ttl)),
+        );
+        for (name, d) in whole {
+            if let Some(d) = d
+                && (d.subsec_nanos() != 0 || d.is_zero())
+            {
+                return invalid(format!(
+                    "{name} must be a whole number of seconds, at least 1s"
+                ));
+            }
+        }
         if self.tokens.max_ttl.is_zero() || self.tokens.default_ttl > self.tokens.max_ttl {
             return invalid("tokens: need 0 < default_ttl <= max_ttl".into());
         }
@@ -367,6 +388,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("\"soon\""), "{e}");
+        let sub_second = MINIMAL.replace("[tls]", "[tokens]\nmax_ttl = \"1500ms\"\n[tls]");
+        let e = Config::parse(&sub_second, Path::new(".")).unwrap_err().to_string();
+        assert!(e.contains("tokens.max_ttl must be a whole number of seconds"), "{e}");
         let bad_store = format!("store = \"mongodb\"\n{MINIMAL}");
         let e = Config::parse(&bad_store, Path::new("."))
             .unwrap_err()

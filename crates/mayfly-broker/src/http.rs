@@ -86,7 +86,13 @@ async fn ready(State(s): State<HttpState>) -> Response {
     match tokio::time::timeout(READY_TIMEOUT, s.store.check()).await {
         Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
         Ok(Err(e)) => {
-            (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response()
+            // The detail (paths, addresses) is for the log, not the world.
+            tracing::warn!(error = %e, "readiness check failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: lease store unavailable\n",
+            )
+                .into_response()
         }
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,

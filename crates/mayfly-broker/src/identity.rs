@@ -179,10 +179,19 @@ impl Authenticator {
         };
         // Shape first (so a CA or SAN-less certificate is named as such),
         // then trust, then membership.
-        let (id, not_after) = parse_svid(leaf)?;
+        let (id, leaf_not_after) = parse_svid(leaf)?;
         self.chain
             .verify_client_cert(leaf, intermediates, UnixTime::now())
             .map_err(chain_error)?;
+        // The connection is good until the first certificate of the chain
+        // expires.
+        let not_after = intermediates
+            .iter()
+            .filter_map(|c| X509Certificate::from_der(c.as_ref()).ok())
+            .map(|(_, c)| {
+                Timestamp::from_secs(u64::try_from(c.validity().not_after.timestamp()).unwrap_or(0))
+            })
+            .fold(leaf_not_after, Timestamp::min);
         if !id.is_member_of(&self.trust_domain) {
             return Err(AuthError::WrongTrustDomain {
                 id,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use mayfly_core::{Policy, RulePolicy};
@@ -19,10 +19,12 @@ use mayfly_proto::v1::admin_server::AdminServer;
 use mayfly_proto::v1::broker_server::BrokerServer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::Connected;
 
 use crate::config::{Algorithm, Config, ConfigError, StoreKind};
@@ -37,8 +39,17 @@ use crate::{http, reaper};
 
 /// A TLS handshake that takes longer than this is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long shutdown waits for open HTTP connections.
+/// How long shutdown waits for open connections before closing them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request message: the biggest valid StartTask (4 KiB intent, 64
+/// context entries of 1 KiB) fits with room to spare.
+const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// Concurrent requests on one HTTP/2 connection.
+const MAX_STREAMS: u32 = 128;
+/// Open connections per port; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 4096;
+/// An HTTP/1 client must send its headers within this time.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the broker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -151,9 +162,18 @@ impl Broker {
             stop_rx.clone(),
         ));
         let mut grpc_stop = stop_rx.clone();
+        let broker_api = BrokerServer::new(BrokerApi::new(self.service.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let admin_api = AdminServer::new(AdminApi::new(self.service.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let grpc_server = tonic::transport::Server::builder()
-            .add_service(BrokerServer::new(BrokerApi::new(self.service.clone())))
-            .add_service(AdminServer::new(AdminApi::new(self.service.clone())))
+            .max_concurrent_streams(MAX_STREAMS)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .timeout(Duration::from_secs(30))
+            // Unauthenticated peers are refused before their request body is read.
+            .add_service(InterceptedService::new(broker_api, require_peer))
+            .add_service(InterceptedService::new(admin_api, require_peer))
             .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
                 stopped(&mut grpc_stop).await;
             });
@@ -200,6 +220,14 @@ impl Broker {
     }
 }
 
+/// Refuses, before the body is decoded, requests on a connection whose peer
+/// did not authenticate; handlers still obtain their caller through
+/// [`crate::grpc::caller`].
+fn require_peer(req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    crate::grpc::caller(&req)?;
+    Ok(req)
+}
+
 /// Resolves once the stop flag is set (or its sender is gone).
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
@@ -209,6 +237,8 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
 struct TlsConn {
     stream: TlsStream<TcpStream>,
     peer: PeerInfo,
+    /// Frees a connection slot when the connection is dropped.
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Connected for TlsConn {
@@ -263,7 +293,12 @@ async fn accept_grpc(
     conns: mpsc::Sender<Result<TlsConn, io::Error>>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     while let Some((tcp, remote)) = next_connection(&listener, &mut stop).await {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%remote, "connection limit reached; refusing connection");
+            continue;
+        };
         let (acceptor, auth, conns) = (acceptor.clone(), auth.clone(), conns.clone());
         tokio::spawn(async move {
             let Some(stream) = handshake(&acceptor, tcp, remote).await else {
@@ -278,7 +313,13 @@ async fn accept_grpc(
                 identity: Arc::new(identity),
                 remote,
             };
-            let _ = conns.send(Ok(TlsConn { stream, peer })).await;
+            let _ = conns
+                .send(Ok(TlsConn {
+                    stream,
+                    peer,
+                    _slot: slot,
+                }))
+                .await;
         });
     }
 }
@@ -334,20 +375,36 @@ async fn serve_http(
     mut stop: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut conns = JoinSet::new();
     while let Some((tcp, remote)) = next_connection(&listener, &mut stop).await {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%remote, "connection limit reached; refusing connection");
+            continue;
+        };
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(router.clone());
         let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        conns.spawn(async move {
+            let _slot = slot;
             let Some(tls) = handshake(&acceptor, tcp, remote).await else {
                 return;
             };
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
             let conn = builder.serve_connection(TokioIo::new(tls), service);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(%remote, error = %e, "HTTPS connection ended with an error");
             }
         });
+        // Reap finished connection tasks as we go.
+        while conns.try_join_next().is_some() {}
     }
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await;
+    // Whatever did not drain is closed, so nothing holds the store after
+    // `serve` returns.
+    conns.shutdown().await;
 }

@@ -116,7 +116,7 @@ pub async fn task(cmd: TaskCommand, conn: &ConnArgs, json: bool) -> anyhow::Resu
                 context: context.into_iter().collect::<HashMap<_, _>>(),
                 audiences,
                 scopes,
-                ttl_seconds: ttl.map_or(0, |d| d.as_secs()),
+                ttl_seconds: ttl.map_or(0, mayfly_client::ttl_seconds),
             };
             let t = client.broker().start_task(req).await?.into_inner();
             show_task(&t, json);
@@ -186,7 +186,7 @@ pub async fn token(cmd: TokenCommand, conn: &ConnArgs, json: bool) -> anyhow::Re
                     task_id: task,
                     audience,
                     scopes,
-                    ttl_seconds: ttl.map_or(0, |d| d.as_secs()),
+                    ttl_seconds: ttl.map_or(0, mayfly_client::ttl_seconds),
                     bind_to_client_cert: bind,
                 })
                 .await?;

@@ -198,6 +198,15 @@ impl Client {
     }
 }
 
+/// A TTL as whole seconds for the wire, rounded up so a short TTL is never
+/// sent as 0 (which asks for the default).
+pub fn ttl_seconds(ttl: Duration) -> u64 {
+    ttl.as_millis()
+        .div_ceil(1000)
+        .try_into()
+        .unwrap_or(u64::MAX)
+}
+
 /// What a new task asks for.
 #[derive(Debug, Clone, Default)]
 pub struct NewTask {
@@ -251,7 +260,7 @@ impl NewTask {
             context: self.context,
             audiences: self.audiences,
             scopes: self.scopes,
-            ttl_seconds: self.ttl.map_or(0, |d| d.as_secs()),
+            ttl_seconds: self.ttl.map_or(0, ttl_seconds),
         }
     }
 }

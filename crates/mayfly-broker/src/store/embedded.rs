@@ -327,10 +327,12 @@ fn expiry_keys(
 }
 
 /// Walks ids in order after `after`, loads each, keeps those `keep` accepts,
-/// and stops at `limit` results or [`MAX_SCAN`] examined.
+/// and stops at `limit` results or `max_scan` examined (then `next` is the
+/// last examined id, so the caller can go on).
 fn page_of<T>(
     ids: impl Iterator<Item = Result<String, StoreError>>,
     page: &PageRequest,
+    max_scan: usize,
     mut load: impl FnMut(&str) -> Result<Option<T>, StoreError>,
     keep: impl Fn(&T) -> bool,
 ) -> Result<Page<T>, StoreError> {
@@ -343,7 +345,7 @@ fn page_of<T>(
         if page.after.as_deref().is_some_and(|a| id.as_str() <= a) {
             continue;
         }
-        if scanned == MAX_SCAN {
+        if scanned == max_scan {
             // Stopped by the scan bound: more may follow.
             return Ok(Page { items, next: last });
         }
@@ -375,8 +377,9 @@ fn table_ids(
     table: &redb::ReadOnlyTable<&'static str, &'static [u8]>,
     after: Option<&str>,
 ) -> Result<Vec<Result<String, StoreError>>, StoreError> {
+    use std::ops::Bound;
     let range = match after {
-        Some(a) => table.range::<&str>(a..)?,
+        Some(a) => table.range::<&str>((Bound::Excluded(a), Bound::Unbounded))?,
         None => table.range::<&str>(..)?,
     };
     Ok(range
@@ -538,6 +541,7 @@ impl LeaseStore for EmbeddedStore {
             page_of(
                 ids.into_iter(),
                 &page,
+                MAX_SCAN,
                 |id| leases.get(id)?.map(|v| decode(v.value())).transpose(),
                 |l: &Lease| filter.matches(l, now),
             )
@@ -574,7 +578,9 @@ impl LeaseStore for EmbeddedStore {
                     status: lease.status,
                 }))
             };
-            page_of(ids.into_iter(), &page, load, |r| filter.matches(r, now))
+            page_of(ids.into_iter(), &page, MAX_SCAN, load, |r| {
+                filter.matches(r, now)
+            })
         })
         .await
     }
@@ -653,5 +659,54 @@ impl LeaseStore for EmbeddedStore {
             Ok(())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pages over 0..n with a scan bound of 3 and a filter that keeps only
+    /// multiples of 4, collecting everything.
+    fn walk(n: usize, limit: usize) -> (Vec<usize>, usize) {
+        let ids: Vec<String> = (0..n).map(|i| format!("{i:04}")).collect();
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            pages += 1;
+            // As `table_ids` does: the source starts after `after`.
+            let source = ids
+                .iter()
+                .filter(|id| after.as_deref().is_none_or(|a| id.as_str() > a))
+                .take(3 + 1)
+                .map(|id| Ok(id.clone()));
+            let page = PageRequest {
+                after: after.clone(),
+                limit,
+            };
+            let got = page_of(
+                source,
+                &page,
+                3,
+                |id| Ok(Some(id.parse::<usize>().unwrap())),
+                |v| v % 4 == 0,
+            )
+            .unwrap();
+            out.extend(got.items);
+            match got.next {
+                Some(n) => after = Some(n),
+                None => return (out, pages),
+            }
+        }
+    }
+
+    #[test]
+    fn scan_bounded_pages_skip_nothing() {
+        let (got, pages) = walk(50, 100);
+        assert_eq!(got, (0..50).filter(|v| v % 4 == 0).collect::<Vec<_>>());
+        assert!(pages > 10, "the scan bound split the walk into many pages");
+        let (got, _) = walk(50, 1);
+        assert_eq!(got.len(), 13);
     }
 }
