@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 
 pub mod contract;
 mod embedded;
+mod redis;
 
+pub use self::redis::{RedisStore, RedisTarget};
 pub use embedded::EmbeddedStore;
 
 /// Why a store call failed.

@@ -1,0 +1,937 @@
+//! The Redis store: many stateless broker replicas share one Redis (or a
+//! Sentinel-managed primary). Every multi-key state change is one Lua script
+//! (loaded once, called by SHA), so it is atomic on the server. The key
+//! layout is documented in `docs/redis.md`.
+//!
+//! Durability: a credential is returned only after Redis acknowledged its
+//! lease. Run Redis with `appendonly yes` and `appendfsync always` (or accept
+//! losing up to a second of leases on a Redis crash with `everysec`).
+
+mod conn;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use mayfly_core::{
+    Lease, LeaseId, LeaseKind, LeaseStatus, Revocation, SpiffeId, Task, TaskId, TaskRecord,
+    TaskState, Timestamp,
+};
+use redis::Script;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use conn::RedisConn;
+pub use conn::RedisTarget;
+
+use super::{
+    LeaseFilter, LeaseStore, Page, PageRequest, ReapOutcome, RevocationEvent, RevokeRequest,
+    StoreError, TaskFilter,
+};
+
+/// Records stay this much longer in Redis than the reaper keeps them, so the
+/// reaper (not Redis expiry) removes them and cleans the indexes; Redis
+/// expiry is the safety net if no reaper runs.
+const TTL_MARGIN: Duration = Duration::from_secs(3600);
+/// Most records one list call examines.
+const MAX_SCAN: usize = 10_000;
+/// Members fetched per round trip while listing.
+const CHUNK: usize = 200;
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{}\n{}", include_str!("common.lua"), body))
+}
+
+/// The Lua scripts, hashed once.
+struct Scripts {
+    start_task: Script,
+    issue: Script,
+    end_task: Script,
+    revoke_lease: Script,
+    expire: Script,
+    purge: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            start_task: script(include_str!("start_task.lua")),
+            issue: script(include_str!("issue.lua")),
+            end_task: script(include_str!("end_task.lua")),
+            revoke_lease: script(include_str!("revoke_lease.lua")),
+            expire: script(include_str!("expire.lua")),
+            purge: script(include_str!("purge.lua")),
+        }
+    }
+}
+
+/// Key names under a prefix. Keys of one task share the hash tag `{task}`.
+#[derive(Debug, Clone)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn task(&self, t: &str) -> String {
+        format!("{}:{{{t}}}:task", self.prefix)
+    }
+    fn lease_prefix(&self, t: &str) -> String {
+        format!("{}:{{{t}}}:lease:", self.prefix)
+    }
+    fn lease(&self, t: &str, l: &str) -> String {
+        format!("{}{l}", self.lease_prefix(t))
+    }
+    fn task_leases(&self, t: &str) -> String {
+        format!("{}:{{{t}}}:leases", self.prefix)
+    }
+    fn leases(&self) -> String {
+        format!("{}:leases", self.prefix)
+    }
+    fn tasks(&self) -> String {
+        format!("{}:tasks", self.prefix)
+    }
+    fn agent_tasks(&self, a: &str) -> String {
+        format!("{}:agent:{a}:tasks", self.prefix)
+    }
+    fn agent_leases(&self, a: &str) -> String {
+        format!("{}:agent:{a}:leases", self.prefix)
+    }
+    fn expiry(&self) -> String {
+        format!("{}:expiry", self.prefix)
+    }
+    fn purge(&self) -> String {
+        format!("{}:purge", self.prefix)
+    }
+    fn revocations(&self) -> String {
+        format!("{}:revocations", self.prefix)
+    }
+}
+
+/// The member of the global lease indexes: `lease:task:agent`. Ids are
+/// base64url (no `:`), so the lease id sorts first and the rest splits back.
+fn member(lease: &str, task: &str, agent: &str) -> String {
+    format!("{lease}:{task}:{agent}")
+}
+
+/// (lease, task, agent) from an index member.
+fn split_member(m: &str) -> Result<(&str, &str, &str), StoreError> {
+    let mut parts = m.splitn(3, ':');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(l), Some(t), Some(a)) => Ok((l, t, a)),
+        _ => Err(StoreError::Corrupt(format!("bad index member {m:?}"))),
+    }
+}
+
+/// A stream id `ms-seq` as a feed cursor: `ms << 20 | seq`.
+fn cursor_of(id: &str) -> Result<u64, StoreError> {
+    let bad = || StoreError::Corrupt(format!("bad stream id {id:?}"));
+    let (ms, seq) = id.split_once('-').ok_or_else(bad)?;
+    let (ms, seq): (u64, u64) = (
+        ms.parse().map_err(|_| bad())?,
+        seq.parse().map_err(|_| bad())?,
+    );
+    if seq >= 1 << 20 {
+        return Err(bad());
+    }
+    Ok(ms << 20 | seq)
+}
+
+fn stream_id_of(cursor: u64) -> String {
+    format!("{}-{}", cursor >> 20, cursor & ((1 << 20) - 1))
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn decode<T: DeserializeOwned>(s: &str) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// Maps a script's status reply.
+fn script_status(reply: &str) -> Result<(), StoreError> {
+    match reply {
+        "OK" => Ok(()),
+        "NOTFOUND" => Err(StoreError::TaskNotFound),
+        "DUPLICATE" => Err(StoreError::Duplicate("lease or task".into())),
+        "OUTLIVES" => Err(StoreError::OutlivesTask),
+        other => match other.strip_prefix("STATE:") {
+            Some(state) => Err(StoreError::TaskNotActive(parse_task_state(state)?)),
+            None => Err(StoreError::Corrupt(format!(
+                "unexpected script reply {other:?}"
+            ))),
+        },
+    }
+}
+
+fn parse_task_state(s: &str) -> Result<TaskState, StoreError> {
+    s.parse()
+        .map_err(|e: String| StoreError::Corrupt(format!("task state: {e}")))
+}
+
+/// A lease hash as fetched: body, state, revocation.
+type LeaseFields = (Option<String>, Option<String>, Option<String>);
+
+/// Rebuilds a lease from its hash fields; `None` if the hash is gone.
+fn lease_from(fields: LeaseFields) -> Result<Option<Lease>, StoreError> {
+    let (Some(body), Some(state)) = (fields.0, fields.1) else {
+        return Ok(None);
+    };
+    let mut lease: Lease = decode(&body)?;
+    lease.status = match state.as_str() {
+        "active" => LeaseStatus::Active,
+        "expired" => LeaseStatus::Expired,
+        "revoked" => {
+            let rev = fields
+                .2
+                .ok_or_else(|| StoreError::Corrupt("revoked lease without revocation".into()))?;
+            LeaseStatus::Revoked(decode(&rev)?)
+        }
+        other => return Err(StoreError::Corrupt(format!("lease state {other:?}"))),
+    };
+    Ok(Some(lease))
+}
+
+/// The Redis lease store.
+pub struct RedisStore {
+    conn: RedisConn,
+    keys: Keys,
+    scripts: Scripts,
+    /// Records are kept this long after expiry (Redis TTL adds a margin).
+    retention: Duration,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("target", &self.conn.describe())
+            .field("prefix", &self.keys.prefix)
+            .finish()
+    }
+}
+
+impl RedisStore {
+    /// A store on `target`, with every key under `prefix`. Connects lazily:
+    /// the broker starts (not ready) while Redis is down and recovers by
+    /// itself when it returns.
+    pub fn new(target: RedisTarget, prefix: &str, retention: Duration) -> Result<Self, StoreError> {
+        Ok(Self {
+            conn: RedisConn::new(target)?,
+            keys: Keys {
+                prefix: prefix.to_owned(),
+            },
+            scripts: Scripts::new(),
+            retention,
+        })
+    }
+
+    fn keep_until(&self, expires: Timestamp) -> u64 {
+        expires.plus(self.retention).plus(TTL_MARGIN).as_millis()
+    }
+
+    async fn fetch_lease(&self, task: &str, lease: &str) -> Result<Option<Lease>, StoreError> {
+        let key = self.keys.lease(task, lease);
+        let fields: LeaseFields = self
+            .conn
+            .run(|mut c| async move {
+                redis::cmd("HMGET")
+                    .arg(&key)
+                    .arg(&["body", "state", "rev"])
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        lease_from(fields)
+    }
+
+    async fn fetch_leases(
+        &self,
+        refs: &[(String, String)],
+    ) -> Result<Vec<Option<Lease>>, StoreError> {
+        if refs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (t, l) in refs {
+            pipe.cmd("HMGET")
+                .arg(self.keys.lease(t, l))
+                .arg(&["body", "state", "rev"]);
+        }
+        let rows: Vec<LeaseFields> = self
+            .conn
+            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        rows.into_iter().map(lease_from).collect()
+    }
+
+    async fn fetch_tasks(&self, ids: &[String]) -> Result<Vec<Option<TaskRecord>>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for t in ids {
+            pipe.cmd("HGET").arg(self.keys.task(t)).arg("body");
+            pipe.cmd("HMGET")
+                .arg(self.keys.lease(t, t))
+                .arg(&["body", "state", "rev"]);
+        }
+        let values: Vec<redis::Value> = self
+            .conn
+            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for pair in values.chunks(2) {
+            let body: Option<String> = redis::from_redis_value(pair[0].clone()).map_err(corrupt)?;
+            let lease: LeaseFields = redis::from_redis_value(pair[1].clone()).map_err(corrupt)?;
+            out.push(match (body, lease_from(lease)?) {
+                (Some(body), Some(lease)) => Some(TaskRecord {
+                    task: decode(&body)?,
+                    status: lease.status,
+                }),
+                _ => None,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Finds the task of a lease through the lease index.
+    async fn task_of(&self, lease: &LeaseId) -> Result<Option<(String, String)>, StoreError> {
+        let key = self.keys.leases();
+        let (lo, hi) = (format!("[{lease}:"), format!("[{lease};"));
+        let found: Vec<String> = self
+            .conn
+            .run(|mut c| async move {
+                redis::cmd("ZRANGEBYLEX")
+                    .arg(&key)
+                    .arg(&lo)
+                    .arg(&hi)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(1)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        match found.first() {
+            Some(m) => {
+                let (_, t, a) = split_member(m)?;
+                Ok(Some((t.to_owned(), a.to_owned())))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Members of a lex-ordered index after `after` (an id), `count` at most.
+    async fn members_after(
+        &self,
+        key: &str,
+        after: Option<&str>,
+        id_only: bool,
+        count: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        // For `id:...` members, everything with a larger id sorts at or after
+        // `id;` (';' follows ':').
+        let lo = match after {
+            None => "-".to_owned(),
+            Some(a) if id_only => format!("({a}"),
+            Some(a) => format!("[{a};"),
+        };
+        let key = key.to_owned();
+        self.conn
+            .run(|mut c| async move {
+                redis::cmd("ZRANGEBYLEX")
+                    .arg(&key)
+                    .arg(&lo)
+                    .arg("+")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(count)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+    }
+
+    async fn run_end_task(
+        &self,
+        id: &TaskId,
+        req: &RevokeRequest,
+    ) -> Result<Vec<LeaseId>, StoreError> {
+        let t = id.as_str();
+        let task_rev = encode(&req.revocation(req.reason))?;
+        let child_rev = encode(&req.revocation(req.child_reason))?;
+        let mut inv = self.scripts.end_task.prepare_invoke();
+        inv.key(self.keys.task(t))
+            .key(self.keys.lease(t, t))
+            .key(self.keys.task_leases(t))
+            .key(self.keys.expiry())
+            .key(self.keys.revocations())
+            .arg(t)
+            .arg(req.at.as_millis())
+            .arg(task_rev)
+            .arg(req.reason.as_str())
+            .arg(child_rev)
+            .arg(req.child_reason.as_str())
+            .arg(self.keys.lease_prefix(t));
+        let reply: Vec<String> = self
+            .conn
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        let (status, ids) = reply
+            .split_first()
+            .ok_or_else(|| StoreError::Corrupt("empty script reply".into()))?;
+        script_status(status)?;
+        ids.iter()
+            .map(|l| LeaseId::new(l).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .collect()
+    }
+
+    /// Pages over a lex index of `lease:task:agent` members.
+    async fn page_leases(
+        &self,
+        key: &str,
+        page: &PageRequest,
+        keep: impl Fn(&Lease) -> bool,
+    ) -> Result<Page<Lease>, StoreError> {
+        let limit = page.limit.max(1);
+        let mut items = Vec::new();
+        let mut after = page.after.clone();
+        let mut scanned = 0;
+        while scanned < MAX_SCAN {
+            let members = self
+                .members_after(key, after.as_deref(), false, CHUNK)
+                .await?;
+            if members.is_empty() {
+                return Ok(Page { items, next: None });
+            }
+            let refs = members
+                .iter()
+                .map(|m| split_member(m).map(|(l, t, _)| (t.to_owned(), l.to_owned())))
+                .collect::<Result<Vec<_>, _>>()?;
+            let leases = self.fetch_leases(&refs).await?;
+            for ((_, l), lease) in refs.iter().zip(leases) {
+                scanned += 1;
+                after = Some(l.clone());
+                if let Some(lease) = lease
+                    && keep(&lease)
+                {
+                    items.push(lease);
+                    if items.len() >= limit {
+                        return Ok(Page { items, next: after });
+                    }
+                }
+            }
+            if members.len() < CHUNK {
+                return Ok(Page { items, next: None });
+            }
+        }
+        Ok(Page { items, next: after })
+    }
+}
+
+/// Appends `EVALSHA script keys… args…` to a pipeline.
+fn evalsha(pipe: &mut redis::Pipeline, script: &Script, keys: &[String], args: &[String]) {
+    pipe.cmd("EVALSHA")
+        .arg(script.get_hash())
+        .arg(keys.len())
+        .arg(keys)
+        .arg(args);
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+#[async_trait]
+impl LeaseStore for RedisStore {
+    async fn start_task(&self, task: &Task) -> Result<(), StoreError> {
+        let (t, a) = (task.id.as_str(), task.agent.as_str());
+        let m = member(t, t, a);
+        let mut inv = self.scripts.start_task.prepare_invoke();
+        inv.key(self.keys.task(t))
+            .key(self.keys.lease(t, t))
+            .key(self.keys.task_leases(t))
+            .key(self.keys.leases())
+            .key(self.keys.tasks())
+            .key(self.keys.agent_tasks(a))
+            .key(self.keys.agent_leases(a))
+            .key(self.keys.expiry())
+            .key(self.keys.purge())
+            .arg(t)
+            .arg(encode(task)?)
+            .arg(encode(&task.new_lease())?)
+            .arg(a)
+            .arg(task.expires_at.as_millis())
+            .arg(self.keep_until(task.expires_at))
+            .arg(&m);
+        let reply: String = self
+            .conn
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        script_status(&reply).map_err(|e| match e {
+            StoreError::Duplicate(_) => StoreError::Duplicate(t.to_owned()),
+            other => other,
+        })
+    }
+
+    async fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
+        Ok(self.fetch_tasks(&[id.to_string()]).await?.pop().flatten())
+    }
+
+    async fn issue(&self, lease: &Lease, now: Timestamp) -> Result<(), StoreError> {
+        let (t, l, a) = (
+            lease.task_id.as_str(),
+            lease.id.as_str(),
+            lease.agent.as_str(),
+        );
+        let m = member(l, t, a);
+        let mut inv = self.scripts.issue.prepare_invoke();
+        inv.key(self.keys.task(t))
+            .key(self.keys.lease(t, t))
+            .key(self.keys.task_leases(t))
+            .key(self.keys.lease(t, l))
+            .key(self.keys.leases())
+            .key(self.keys.agent_leases(a))
+            .key(self.keys.expiry())
+            .key(self.keys.purge())
+            .arg(l)
+            .arg(a)
+            .arg(now.as_millis())
+            .arg(lease.expires_at.as_millis())
+            .arg(self.keep_until(lease.expires_at))
+            .arg(encode(lease)?)
+            .arg(lease.kind.as_str())
+            .arg(&m);
+        let reply: String = self
+            .conn
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        script_status(&reply).map_err(|e| match e {
+            StoreError::Duplicate(_) => StoreError::Duplicate(l.to_owned()),
+            other => other,
+        })
+    }
+
+    async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError> {
+        match self.task_of(id).await? {
+            Some((t, _)) => self.fetch_lease(&t, id.as_str()).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn end_task(&self, id: &TaskId, req: &RevokeRequest) -> Result<Vec<LeaseId>, StoreError> {
+        self.run_end_task(id, req).await
+    }
+
+    async fn revoke_lease(
+        &self,
+        id: &LeaseId,
+        req: &RevokeRequest,
+    ) -> Result<Vec<LeaseId>, StoreError> {
+        let (t, _) = self.task_of(id).await?.ok_or(StoreError::LeaseNotFound)?;
+        if t == id.as_str() {
+            let task = TaskId::new(&t).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            return match self.run_end_task(&task, req).await {
+                Err(StoreError::TaskNotActive(_)) => Ok(Vec::new()),
+                other => other,
+            };
+        }
+        let mut inv = self.scripts.revoke_lease.prepare_invoke();
+        inv.key(self.keys.lease(&t, id.as_str()))
+            .key(self.keys.expiry())
+            .key(self.keys.revocations())
+            .arg(id.as_str())
+            .arg(&t)
+            .arg(req.at.as_millis())
+            .arg(encode(&req.revocation(req.reason))?)
+            .arg(req.reason.as_str());
+        let reply: String = self
+            .conn
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        match reply.as_str() {
+            "OK" => Ok(vec![id.clone()]),
+            "INACTIVE" => Ok(Vec::new()),
+            "NOTFOUND" => Err(StoreError::LeaseNotFound),
+            other => Err(StoreError::Corrupt(format!(
+                "unexpected script reply {other:?}"
+            ))),
+        }
+    }
+
+    async fn revoke_agent(
+        &self,
+        agent: &SpiffeId,
+        req: &RevokeRequest,
+    ) -> Result<Vec<LeaseId>, StoreError> {
+        // Each task ends atomically with everything under it; the agent's
+        // tasks are ended one after another.
+        let key = self.keys.agent_tasks(agent.as_str());
+        let tasks: Vec<String> = self
+            .conn
+            .run(|mut c| async move {
+                redis::cmd("ZRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let mut revoked = Vec::new();
+        for t in tasks {
+            let id = TaskId::new(&t).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            match self.run_end_task(&id, req).await {
+                Ok(ids) => revoked.extend(ids),
+                Err(StoreError::TaskNotActive(_) | StoreError::TaskNotFound) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Leases of the agent under tasks it does not own (delegation).
+        let mut after = None;
+        loop {
+            let members = self
+                .members_after(
+                    &self.keys.agent_leases(agent.as_str()),
+                    after.as_deref(),
+                    false,
+                    CHUNK,
+                )
+                .await?;
+            for m in &members {
+                let (l, t, _) = split_member(m)?;
+                after = Some(l.to_owned());
+                if t == l {
+                    continue;
+                }
+                let id = LeaseId::new(l).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                if let Some(lease) = self.fetch_lease(t, l).await?
+                    && lease.is_active_at(req.at)
+                {
+                    revoked.extend(self.revoke_lease(&id, req).await?);
+                }
+            }
+            if members.len() < CHUNK {
+                break;
+            }
+        }
+        Ok(revoked)
+    }
+
+    async fn list_leases(
+        &self,
+        filter: &LeaseFilter,
+        page: &PageRequest,
+        now: Timestamp,
+    ) -> Result<Page<Lease>, StoreError> {
+        let keep = |l: &Lease| filter.matches(l, now);
+        if let Some(task) = &filter.task {
+            // The task's own set holds plain lease ids.
+            let t = task.as_str();
+            let limit = page.limit.max(1);
+            let mut items = Vec::new();
+            let mut after = page.after.clone();
+            loop {
+                let ids = self
+                    .members_after(&self.keys.task_leases(t), after.as_deref(), true, CHUNK)
+                    .await?;
+                let refs: Vec<(String, String)> =
+                    ids.iter().map(|l| (t.to_owned(), l.clone())).collect();
+                let leases = self.fetch_leases(&refs).await?;
+                for (l, lease) in ids.iter().zip(leases) {
+                    after = Some(l.clone());
+                    if let Some(lease) = lease
+                        && keep(&lease)
+                    {
+                        items.push(lease);
+                        if items.len() >= limit {
+                            return Ok(Page { items, next: after });
+                        }
+                    }
+                }
+                if ids.len() < CHUNK {
+                    return Ok(Page { items, next: None });
+                }
+            }
+        }
+        let key = match &filter.agent {
+            Some(a) => self.keys.agent_leases(a.as_str()),
+            None => self.keys.leases(),
+        };
+        self.page_leases(&key, page, keep).await
+    }
+
+    async fn list_tasks(
+        &self,
+        filter: &TaskFilter,
+        page: &PageRequest,
+        now: Timestamp,
+    ) -> Result<Page<TaskRecord>, StoreError> {
+        let limit = page.limit.max(1);
+        let (key, id_only) = match &filter.agent {
+            Some(a) => (self.keys.agent_tasks(a.as_str()), true),
+            None => (self.keys.tasks(), false),
+        };
+        let mut items = Vec::new();
+        let mut after = page.after.clone();
+        let mut scanned = 0;
+        while scanned < MAX_SCAN {
+            let members = self
+                .members_after(&key, after.as_deref(), id_only, CHUNK)
+                .await?;
+            let ids: Vec<String> = members
+                .iter()
+                .map(|m| m.split(':').next().unwrap_or_default().to_owned())
+                .collect();
+            let tasks = self.fetch_tasks(&ids).await?;
+            for (t, rec) in ids.iter().zip(tasks) {
+                scanned += 1;
+                after = Some(t.clone());
+                if let Some(rec) = rec
+                    && filter.matches(&rec, now)
+                {
+                    items.push(rec);
+                    if items.len() >= limit {
+                        return Ok(Page { items, next: after });
+                    }
+                }
+            }
+            if members.len() < CHUNK {
+                return Ok(Page { items, next: None });
+            }
+        }
+        Ok(Page { items, next: after })
+    }
+
+    async fn revocations_since(
+        &self,
+        cursor: u64,
+        limit: usize,
+    ) -> Result<Vec<RevocationEvent>, StoreError> {
+        let key = self.keys.revocations();
+        let start = format!("({}", stream_id_of(cursor));
+        let rows: Vec<(String, Vec<(String, String)>)> = self
+            .conn
+            .run(|mut c| async move {
+                redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg(&start)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(limit)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(id, fields)| event_from(&id, fields))
+            .collect()
+    }
+
+    async fn reap(
+        &self,
+        now: Timestamp,
+        retention: Duration,
+        limit: usize,
+    ) -> Result<ReapOutcome, StoreError> {
+        let mut outcome = ReapOutcome::default();
+        let due = |key: String, up_to: u64| {
+            self.conn.run(move |mut c| async move {
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(&key)
+                    .arg("-inf")
+                    .arg(up_to)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit)
+                    .query_async::<Vec<String>>(&mut c)
+                    .await
+            })
+        };
+        let expiring = due(self.keys.expiry(), now.as_millis()).await?;
+        if !expiring.is_empty() {
+            let mut pipe = redis::pipe();
+            for m in &expiring {
+                let (l, t, _) = split_member(m)?;
+                evalsha(
+                    &mut pipe,
+                    &self.scripts.expire,
+                    &[self.keys.lease(t, l), self.keys.expiry()],
+                    &[m.clone(), now.as_millis().to_string()],
+                );
+            }
+            let results: Vec<i64> = self.run_scripts(pipe, &self.scripts.expire).await?;
+            for (m, moved) in expiring.iter().zip(results) {
+                if moved == 1 {
+                    let (l, _, _) = split_member(m)?;
+                    outcome
+                        .expired
+                        .push(LeaseId::new(l).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+                }
+            }
+        }
+
+        let cutoff = now.minus(retention).as_millis();
+        let purging = due(self.keys.purge(), cutoff).await?;
+        if !purging.is_empty() {
+            let mut pipe = redis::pipe();
+            for m in &purging {
+                let (l, t, a) = split_member(m)?;
+                evalsha(
+                    &mut pipe,
+                    &self.scripts.purge,
+                    &[
+                        self.keys.lease(t, l),
+                        self.keys.task_leases(t),
+                        self.keys.leases(),
+                        self.keys.agent_leases(a),
+                        self.keys.expiry(),
+                        self.keys.purge(),
+                        self.keys.task(t),
+                        self.keys.tasks(),
+                        self.keys.agent_tasks(a),
+                    ],
+                    &[m.clone(), l.to_owned(), t.to_owned(), a.to_owned()],
+                );
+            }
+            let done: Vec<i64> = self.run_scripts(pipe, &self.scripts.purge).await?;
+            outcome.purged = done.len();
+        }
+        self.trim_feed(cutoff).await?;
+        Ok(outcome)
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        let pong: String = self
+            .conn
+            .run(|mut c| async move { redis::cmd("PING").query_async(&mut c).await })
+            .await?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(format!("PING answered {pong:?}")))
+        }
+    }
+}
+
+impl RedisStore {
+    /// Runs a pipeline of `EVALSHA`s of `script`, loading it first so a
+    /// server that lost its script cache (restart, failover) knows it.
+    async fn run_scripts(
+        &self,
+        pipe: redis::Pipeline,
+        script: &Script,
+    ) -> Result<Vec<i64>, StoreError> {
+        self.conn
+            .run(|mut c| async move { script.prepare_invoke().load_async(&mut c).await })
+            .await?;
+        self.conn
+            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await
+    }
+
+    /// Drops feed events whose credentials expired before `cutoff`, from the
+    /// oldest end.
+    async fn trim_feed(&self, cutoff: u64) -> Result<(), StoreError> {
+        let key = self.keys.revocations();
+        loop {
+            let k = key.clone();
+            let rows: Vec<(String, Vec<(String, String)>)> = self
+                .conn
+                .run(|mut c| async move {
+                    redis::cmd("XRANGE")
+                        .arg(&k)
+                        .arg("-")
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(CHUNK)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            let mut old = Vec::new();
+            let mut done = rows.len() < CHUNK;
+            for (id, fields) in &rows {
+                let exp = fields
+                    .iter()
+                    .find(|(f, _)| f == "exp")
+                    .and_then(|(_, v)| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+                if exp > cutoff {
+                    done = true;
+                    break;
+                }
+                old.push(id.clone());
+            }
+            if !old.is_empty() {
+                let k = key.clone();
+                self.conn
+                    .run(|mut c| async move {
+                        redis::cmd("XDEL")
+                            .arg(&k)
+                            .arg(&old)
+                            .query_async::<i64>(&mut c)
+                            .await
+                    })
+                    .await?;
+            }
+            if done {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn event_from(id: &str, fields: Vec<(String, String)>) -> Result<RevocationEvent, StoreError> {
+    let get = |name: &str| {
+        fields
+            .iter()
+            .find(|(f, _)| f == name)
+            .map(|(_, v)| v.as_str())
+            .ok_or_else(|| StoreError::Corrupt(format!("feed event {id} lacks {name}")))
+    };
+    let kind = match get("kind")? {
+        "task" => LeaseKind::Task,
+        "jwt" => LeaseKind::Jwt,
+        "x509" => LeaseKind::X509,
+        other => return Err(StoreError::Corrupt(format!("lease kind {other:?}"))),
+    };
+    let corrupt_id = |e: mayfly_core::IdError| StoreError::Corrupt(e.to_string());
+    Ok(RevocationEvent {
+        cursor: cursor_of(id)?,
+        lease_id: LeaseId::new(get("lease")?).map_err(corrupt_id)?,
+        kind,
+        task_id: TaskId::new(get("task")?).map_err(corrupt_id)?,
+        revocation: decode::<Revocation>(get("rev")?)?,
+        expires_at: Timestamp::from_millis(
+            get("exp")?
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("feed event {id}: bad exp")))?,
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_order() {
+        for id in [
+            "0-1",
+            "1795432424000-0",
+            "1795432424000-7",
+            "1795432424001-0",
+        ] {
+            assert_eq!(stream_id_of(cursor_of(id).unwrap()), id);
+        }
+        assert!(cursor_of("1795432424000-7").unwrap() < cursor_of("1795432424001-0").unwrap());
+        assert!(cursor_of("bogus").is_err());
+        assert!(cursor_of("1-1048576").is_err());
+    }
+
+    #[test]
+    fn members_split_back() {
+        let m = member("L", "T", "spiffe://td/agent/a");
+        assert_eq!(split_member(&m).unwrap(), ("L", "T", "spiffe://td/agent/a"));
+    }
+}
