@@ -113,7 +113,7 @@ pub async fn validate(broker: &TestBroker, token: &str, audience: &str) -> Value
     assert!(matches!(header.alg, Algorithm::ES256 | Algorithm::EdDSA));
     let mut v = Validation::new(header.alg);
     v.set_audience(&[audience]);
-    v.set_issuer(&[broker.http_url()]);
+    v.set_issuer(&[broker.issuer()]);
     v.set_required_spec_claims(&["exp", "iss", "aud", "sub", "nbf"]);
     v.validate_nbf = true;
     jsonwebtoken::decode::<Value>(token, &key, &v)

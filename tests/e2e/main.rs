@@ -11,3 +11,4 @@ mod common;
 mod durability;
 mod http;
 mod race;
+mod replicas;

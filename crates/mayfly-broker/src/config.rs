@@ -44,9 +44,12 @@ pub struct Config {
     pub issuer: Option<String>,
     /// Where keys and the embedded store live (created 0700).
     pub data_dir: PathBuf,
-    /// Lease store: `embedded` (default).
+    /// Lease store: `embedded` (default) or `redis`.
     #[serde(default)]
     pub store: StoreKind,
+    /// The Redis store, when `store = "redis"`.
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
     /// Listening addresses.
     pub listen: Listen,
     /// Server certificate and trust bundle.
@@ -75,6 +78,8 @@ pub enum StoreKind {
     /// A redb file in `data_dir`.
     #[default]
     Embedded,
+    /// A Redis shared by every broker replica (`[redis]` has the details).
+    Redis,
 }
 
 impl<'de> Deserialize<'de> for StoreKind {
@@ -82,11 +87,45 @@ impl<'de> Deserialize<'de> for StoreKind {
         let s = String::deserialize(d)?;
         match s.as_str() {
             "embedded" => Ok(Self::Embedded),
+            "redis" => Ok(Self::Redis),
             other => Err(serde::de::Error::custom(format!(
-                "unknown store {other:?}: expected \"embedded\""
+                "unknown store {other:?}: expected \"embedded\" or \"redis\""
             ))),
         }
     }
+}
+
+/// `[redis]`: where the shared store is. Give `url` (or `url_file`), or
+/// `sentinels` and `master_name`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port/db` or `rediss://…` (TLS). Prefer `url_file` when
+    /// the URL carries a password.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// A file holding the URL (e.g. a mounted secret).
+    #[serde(default)]
+    pub url_file: Option<PathBuf>,
+    /// Sentinel addresses, `redis://host:26379`, for automatic failover.
+    #[serde(default)]
+    pub sentinels: Vec<String>,
+    /// The primary's name as the Sentinels know it.
+    #[serde(default)]
+    pub master_name: Option<String>,
+    /// A file holding the data nodes' password (Sentinel mode).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// PEM CA for `rediss://` with a private CA.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Prefix of every key (one Redis may hold several deployments).
+    #[serde(default = "default_prefix")]
+    pub key_prefix: String,
+}
+
+fn default_prefix() -> String {
+    "mayfly".to_owned()
 }
 
 /// Listening addresses.
@@ -241,12 +280,20 @@ impl Config {
             path: PathBuf::from("<config>"),
             message: e.to_string(),
         })?;
-        for p in [
+        let mut paths = vec![
             &mut config.data_dir,
             &mut config.tls.cert,
             &mut config.tls.key,
             &mut config.tls.trust_bundle,
-        ] {
+        ];
+        if let Some(r) = config.redis.as_mut() {
+            paths.extend(
+                [&mut r.url_file, &mut r.password_file, &mut r.ca]
+                    .into_iter()
+                    .flatten(),
+            );
+        }
+        for p in paths {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -284,6 +331,7 @@ impl Config {
         if self.tasks.max_ttl.is_zero() || self.tasks.default_ttl > self.tasks.max_ttl {
             return invalid("tasks: need 0 < default_ttl <= max_ttl".into());
         }
+        self.check_store()?;
         if self.reaper.interval.is_zero() {
             return invalid("reaper.interval must be positive".into());
         }
@@ -303,6 +351,34 @@ impl Config {
         }
         self.policy_rules()?;
         Ok(())
+    }
+
+    fn check_store(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        match (&self.store, &self.redis) {
+            (StoreKind::Redis, None) => invalid("store = \"redis\" needs a [redis] section"),
+            (StoreKind::Embedded, Some(_)) => invalid("a [redis] section needs store = \"redis\""),
+            (StoreKind::Embedded, None) => Ok(()),
+            (StoreKind::Redis, Some(r)) => {
+                let given = [
+                    r.url.is_some(),
+                    r.url_file.is_some(),
+                    !r.sentinels.is_empty(),
+                ];
+                if given.iter().filter(|g| **g).count() != 1 {
+                    return invalid("[redis] needs exactly one of url, url_file or sentinels");
+                }
+                if !r.sentinels.is_empty() && r.master_name.is_none() {
+                    return invalid("[redis] sentinels need master_name");
+                }
+                if let Some(u) = &r.url
+                    && !(u.starts_with("redis://") || u.starts_with("rediss://"))
+                {
+                    return invalid("[redis] url must start with redis:// or rediss://");
+                }
+                Ok(())
+            }
+        }
     }
 
     /// The issuer URL (`iss`), without a trailing slash.
@@ -389,8 +465,13 @@ mod tests {
             .to_string();
         assert!(e.contains("\"soon\""), "{e}");
         let sub_second = MINIMAL.replace("[tls]", "[tokens]\nmax_ttl = \"1500ms\"\n[tls]");
-        let e = Config::parse(&sub_second, Path::new(".")).unwrap_err().to_string();
-        assert!(e.contains("tokens.max_ttl must be a whole number of seconds"), "{e}");
+        let e = Config::parse(&sub_second, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tokens.max_ttl must be a whole number of seconds"),
+            "{e}"
+        );
         let bad_store = format!("store = \"mongodb\"\n{MINIMAL}");
         let e = Config::parse(&bad_store, Path::new("."))
             .unwrap_err()
@@ -403,6 +484,62 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("only at the end"), "{e}");
+    }
+
+    #[test]
+    fn redis_store_settings() {
+        let redis = MINIMAL.replace(
+            "[listen]",
+            "store = \"redis\"\n[redis]\nurl = \"redis://127.0.0.1:6379/0\"\n[listen]",
+        );
+        let c = Config::parse(&redis, Path::new("/etc/mayfly")).unwrap();
+        assert_eq!(c.store, StoreKind::Redis);
+        assert_eq!(c.redis.unwrap().key_prefix, "mayfly");
+        let sentinel = MINIMAL.replace(
+            "[listen]",
+            "store = \"redis\"\n[redis]\nsentinels = [\"redis://10.0.0.1:26379\"]\nmaster_name = \"m\"\npassword_file = \"pw\"\n[listen]",
+        );
+        let c = Config::parse(&sentinel, Path::new("/etc/mayfly")).unwrap();
+        assert_eq!(
+            c.redis.unwrap().password_file.unwrap(),
+            Path::new("/etc/mayfly/pw")
+        );
+        for (bad, want) in [
+            ("store = \"redis\"\n", "needs a [redis] section"),
+            ("store = \"redis\"\n[redis]\n", "exactly one of"),
+            (
+                "store = \"redis\"\n[redis]\nsentinels = [\"redis://h:1\"]\n",
+                "master_name",
+            ),
+            (
+                "store = \"redis\"\n[redis]\nurl = \"http://h\"\n",
+                "must start with redis://",
+            ),
+            ("[redis]\nurl = \"redis://h\"\n", "needs store = \"redis\""),
+        ] {
+            let text = MINIMAL.replace("[listen]", &format!("{bad}[listen]"));
+            let e = Config::parse(&text, Path::new("."))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn kubernetes_configmap_parses() {
+        let yaml = include_str!("../../../deploy/kubernetes/configmap.yaml");
+        let toml: String = yaml
+            .lines()
+            .skip_while(|l| !l.contains("mayfly.toml: |"))
+            .skip(1)
+            .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+            .collect();
+        let c = Config::parse(&toml, Path::new("/etc/mayfly/config")).unwrap();
+        assert_eq!(c.store, StoreKind::Redis);
+        assert_eq!(
+            c.redis.unwrap().url_file.unwrap(),
+            Path::new("/etc/mayfly/redis/url")
+        );
     }
 
     #[test]

@@ -28,18 +28,49 @@ pub fn write_public(path: &Path, contents: &[u8]) -> io::Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(0o644))
 }
 
-/// Refuses a secret file that others can read or write.
+/// Refuses a secret file that anyone besides its owner and group can use,
+/// or that its group can change. Group read is allowed, as for keys owned
+/// `root:mayfly 0640` or Kubernetes secrets mounted with an `fsGroup`.
 pub fn check_private(path: &Path) -> io::Result<()> {
     let mode = fs::metadata(path)?.permissions().mode();
-    if mode & 0o077 != 0 {
+    if mode & 0o037 != 0 {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
-                "{} has mode {:o}; a private key must be readable by its owner only (chmod 600)",
+                "{} has mode {:o}; a private key must not be readable by others or writable by its group (chmod 600)",
                 path.display(),
                 mode & 0o777
             ),
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        write_new_private(&path, b"x").unwrap();
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(write_new_private(&path, b"y").is_err(), "never overwrites");
+        for (mode, ok) in [
+            (0o600, true),
+            (0o400, true),
+            (0o440, true),
+            (0o640, true),
+            (0o644, false),
+            (0o660, false),
+            (0o604, false),
+        ] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(check_private(&path).is_ok(), ok, "{mode:o}");
+        }
+    }
 }

@@ -27,13 +27,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::Connected;
 
-use crate::config::{Algorithm, Config, ConfigError, StoreKind};
+use crate::config::{Algorithm, Config, ConfigError, RedisConfig, StoreKind};
 use crate::fsutil::create_private_dir;
 use crate::grpc::{AdminApi, BrokerApi, PeerInfo};
 use crate::identity::Authenticator;
 use crate::issuer::{JwtSigner, KeyError, SigningKey, key_path};
 use crate::service::{Limits, Service};
-use crate::store::{EmbeddedStore, LeaseStore, StoreError};
+use crate::store::{EmbeddedStore, LeaseStore, RedisStore, RedisTarget, StoreError};
 use crate::tls::{self, TlsError, TlsSetup};
 use crate::{http, reaper};
 
@@ -105,8 +105,13 @@ impl Broker {
             previous.push(SigningKey::load(&key_path(&config.data_dir, other), other)?);
         }
         let signer = Arc::new(JwtSigner::new(key, &previous));
-        let store: Arc<dyn LeaseStore> = match config.store {
-            StoreKind::Embedded => Arc::new(EmbeddedStore::open(&config.store_path())?),
+        let store: Arc<dyn LeaseStore> = match (&config.store, &config.redis) {
+            (StoreKind::Redis, Some(redis)) => Arc::new(RedisStore::new(
+                redis_target(redis)?,
+                &redis.key_prefix,
+                config.reaper.retention,
+            )?),
+            _ => Arc::new(EmbeddedStore::open(&config.store_path())?),
         };
         let policy: Arc<dyn Policy> = Arc::new(RulePolicy::new(config.policy_rules()?));
         let issuer = config.issuer();
@@ -231,6 +236,34 @@ fn require_peer(req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::St
 /// Resolves once the stop flag is set (or its sender is gone).
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Where the configured Redis is, reading secrets from their files.
+fn redis_target(r: &RedisConfig) -> Result<RedisTarget, StartError> {
+    let read = |p: &std::path::Path| -> Result<String, StartError> {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_owned())
+            .map_err(|e| StartError::Io(io::Error::new(e.kind(), format!("{}: {e}", p.display()))))
+    };
+    if !r.sentinels.is_empty() {
+        return Ok(RedisTarget::Sentinel {
+            sentinels: r.sentinels.clone(),
+            master_name: r.master_name.clone().unwrap_or_default(),
+            password: r.password_file.as_deref().map(read).transpose()?,
+        });
+    }
+    let url = match (&r.url, &r.url_file) {
+        (Some(u), _) => u.clone(),
+        (None, Some(f)) => read(f)?,
+        (None, None) => return Err(ConfigError::Invalid("[redis] needs url".into()).into()),
+    };
+    let ca_pem = match &r.ca {
+        Some(p) => Some(std::fs::read(p).map_err(|e| {
+            StartError::Io(io::Error::new(e.kind(), format!("{}: {e}", p.display())))
+        })?),
+        None => None,
+    };
+    Ok(RedisTarget::Url { url, ca_pem })
 }
 
 /// A TLS connection with what authentication learned about its peer.

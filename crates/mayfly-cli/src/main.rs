@@ -51,6 +51,24 @@ enum Command {
     /// Agents (operators).
     #[command(subcommand)]
     Agent(operator::AgentCommand),
+    /// Write a new JWT signing key, for replicas that must share one.
+    Keygen {
+        /// ES256 (default) or EdDSA.
+        #[arg(long, default_value = "ES256", value_parser = parse_algorithm)]
+        algorithm: mayfly_broker::config::Algorithm,
+        /// Where to write it (created 0600; name it jwt-es256.key or
+        /// jwt-eddsa.key in the broker's data_dir).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+}
+
+fn parse_algorithm(s: &str) -> Result<mayfly_broker::config::Algorithm, String> {
+    match s {
+        "ES256" => Ok(mayfly_broker::config::Algorithm::ES256),
+        "EdDSA" => Ok(mayfly_broker::config::Algorithm::EdDSA),
+        _ => Err(format!("{s:?}: expected ES256 or EdDSA")),
+    }
 }
 
 /// Logs to stderr: `RUST_LOG` filters (default info), `MAYFLY_LOG_FORMAT=json`
@@ -66,6 +84,14 @@ fn init_logs() {
     } else {
         builder.init();
     }
+}
+
+fn keygen(alg: mayfly_broker::config::Algorithm, out: &std::path::Path) -> anyhow::Result<()> {
+    use mayfly_broker::issuer::SigningKey;
+    SigningKey::generate_file(out, alg)?;
+    let key = SigningKey::load(out, alg)?;
+    println!("wrote {} ({}, kid {})", out.display(), key.alg(), key.kid());
+    Ok(())
 }
 
 /// One line that says what went wrong.
@@ -97,6 +123,7 @@ async fn main() -> ExitCode {
         Command::Token(cmd) => agent::token(cmd, &cli.conn, cli.json).await,
         Command::Lease(cmd) => operator::lease(cmd, &cli.conn, cli.json).await,
         Command::Agent(cmd) => operator::agent(cmd, &cli.conn, cli.json).await,
+        Command::Keygen { algorithm, out } => keygen(algorithm, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

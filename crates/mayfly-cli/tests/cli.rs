@@ -331,3 +331,27 @@ fn missing_connection_is_a_clear_error() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.starts_with("error: no broker connection"), "{err}");
 }
+
+#[test]
+fn keygen_writes_a_private_key_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("jwt-es256.key");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_mayfly"))
+            .args(["keygen", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let text = ok(run());
+    assert!(text.contains("ES256, kid "), "{text}");
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let pem = std::fs::read_to_string(&out).unwrap();
+    assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"));
+    let again = run();
+    assert_eq!(again.status.code(), Some(1), "never overwrites a key");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), pem);
+}

@@ -18,6 +18,9 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use mayfly_broker::dev::Credential;
+pub use redis::RedisServer;
+
+mod redis;
 
 /// The trust domain of every test broker.
 pub const TRUST_DOMAIN: &str = "example.org";
@@ -70,7 +73,35 @@ impl TestBroker {
         let mut config = Config::load(&layout.config).unwrap();
         tweak(&mut config);
         let ca = Arc::new(dev::load_ca(&layout.dir).unwrap());
-        Self::launch(layout, config, ca, dir, None).await
+        Self::launch(layout, config, ca, dir, None, false).await
+    }
+
+    /// A broker whose leases live in the Redis at `url`.
+    pub async fn start_on_redis(url: &str) -> Self {
+        let url = url.to_owned();
+        Self::start_with(move |c| {
+            c.store = mayfly_broker::config::StoreKind::Redis;
+            c.redis = Some(mayfly_broker::config::RedisConfig {
+                url: Some(url),
+                key_prefix: "mayfly".into(),
+                ..Default::default()
+            });
+        })
+        .await
+    }
+
+    /// Another broker with the same configuration, PKI and signing key on
+    /// its own ports: a replica, when the store is shared (Redis).
+    pub async fn replica(&self) -> Self {
+        Self::launch(
+            self.layout.clone(),
+            self.config.clone(),
+            self.ca.clone(),
+            self._dir.clone(),
+            None,
+            true,
+        )
+        .await
     }
 
     async fn launch(
@@ -79,6 +110,7 @@ impl TestBroker {
         ca: Arc<DevCa>,
         dir: Arc<tempfile::TempDir>,
         ports: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
+        replica: bool,
     ) -> Self {
         let (grpc, http) = match ports {
             Some((g, h)) => (
@@ -93,7 +125,10 @@ impl TestBroker {
         let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
         config.listen.grpc = grpc_addr;
         config.listen.http = http_addr;
-        config.issuer = Some(format!("https://localhost:{}", http_addr.port()));
+        // Replicas share the first broker's issuer, as behind a load balancer.
+        if ports.is_none() && !replica {
+            config.issuer = Some(format!("https://localhost:{}", http_addr.port()));
+        }
         let broker = Broker::build(config.clone()).expect("broker builds");
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(broker.serve(grpc, http, async {
@@ -131,6 +166,7 @@ impl TestBroker {
             self.ca.clone(),
             self._dir.clone(),
             ports,
+            false,
         )
         .await
     }
@@ -140,7 +176,12 @@ impl TestBroker {
         format!("https://localhost:{}", self.grpc_addr.port())
     }
 
-    /// The issuer / HTTPS base URL.
+    /// The `iss` of its tokens (shared by replicas).
+    pub fn issuer(&self) -> String {
+        self.config.issuer()
+    }
+
+    /// This broker's own HTTPS base URL.
     pub fn http_url(&self) -> String {
         format!("https://localhost:{}", self.http_addr.port())
     }

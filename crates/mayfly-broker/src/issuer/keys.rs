@@ -85,26 +85,36 @@ impl SigningKey {
     pub fn load_or_create(data_dir: &Path, alg: Algorithm) -> Result<Self, KeyError> {
         let path = key_path(data_dir, alg);
         if !path.exists() {
-            let rcgen_alg = match alg {
-                Algorithm::ES256 => &rcgen::PKCS_ECDSA_P256_SHA256,
-                Algorithm::EdDSA => &rcgen::PKCS_ED25519,
-            };
-            let key = rcgen::KeyPair::generate_for(rcgen_alg).map_err(|e| KeyError::Invalid {
-                path: path.clone(),
-                alg: alg_name(alg),
-                reason: e.to_string(),
-            })?;
-            let pem = Zeroizing::new(key.serialize_pem());
-            match write_new_private(&path, pem.as_bytes()) {
+            match Self::generate_file(&path, alg) {
                 Ok(()) => {
                     tracing::info!(path = %path.display(), alg = alg_name(alg), "created JWT signing key")
                 }
                 // Another process created it first: use theirs.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(source) => return Err(KeyError::Io { path, source }),
+                Err(KeyError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
             }
         }
         Self::load(&path, alg)
+    }
+
+    /// Writes a new `alg` key to `path` (PKCS#8 PEM, mode 0600); fails if
+    /// the file exists. Replicas sharing a store must share this file.
+    pub fn generate_file(path: &Path, alg: Algorithm) -> Result<(), KeyError> {
+        let rcgen_alg = match alg {
+            Algorithm::ES256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            Algorithm::EdDSA => &rcgen::PKCS_ED25519,
+        };
+        let key = rcgen::KeyPair::generate_for(rcgen_alg).map_err(|e| KeyError::Invalid {
+            path: path.to_owned(),
+            alg: alg_name(alg),
+            reason: e.to_string(),
+        })?;
+        let pem = Zeroizing::new(key.serialize_pem());
+        write_new_private(path, pem.as_bytes()).map_err(|source| KeyError::Io {
+            path: path.to_owned(),
+            source,
+        })
     }
 
     /// Loads an existing key file (must be mode 0600).

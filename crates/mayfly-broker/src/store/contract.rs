@@ -52,7 +52,10 @@ macro_rules! store_contract_tests {
 
 pub type Store = Arc<dyn LeaseStore>;
 
-const T0: Timestamp = Timestamp::from_secs(1_800_000_000);
+/// The suite's time origin: the wall clock at first use, so backends that
+/// give records a real expiry (Redis TTLs) see plausible times.
+static T0: std::sync::LazyLock<Timestamp> =
+    std::sync::LazyLock::new(|| Timestamp::now().floor_secs());
 
 fn at(secs: u64) -> Timestamp {
     T0.plus(Duration::from_secs(secs))
@@ -74,7 +77,7 @@ pub fn task(agent: &SpiffeId, ttl: u64) -> Task {
         intent: Intent::new("contract test").unwrap(),
         context: TaskContext::new([("environment", "test")]).unwrap(),
         envelope: Envelope::new(&["https://api.example.com"], &["read", "write"]).unwrap(),
-        created_at: T0,
+        created_at: *T0,
         expires_at: at(ttl),
     }
 }
@@ -88,7 +91,7 @@ pub fn lease(task: &Task, ttl: u64) -> Lease {
         task_id: task.id.clone(),
         audience: Some(Audience::new("https://api.example.com").unwrap()),
         scopes: parse_scopes(&["read"]).unwrap(),
-        issued_at: T0,
+        issued_at: *T0,
         expires_at: at(ttl),
         status: LeaseStatus::Active,
         cert_thumbprint: None,

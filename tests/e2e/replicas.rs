@@ -1,0 +1,302 @@
+//! Several broker replicas on one real Redis: shared state, cross-replica
+//! revocation, the complete/issue race across replicas, and Redis outages.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use mayfly_client::pb;
+use mayfly_testkit::{RedisServer, TestBroker, https_get};
+use tonic::Code;
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_tasks_leases_and_revocations() {
+    let redis = RedisServer::start();
+    let a = TestBroker::start_on_redis(&redis.url()).await;
+    let b = a.replica().await;
+    let (agent_a, agent_b) = (a.agent().await, b.agent().await);
+    let (op_a, op_b) = (a.operator().await, b.operator().await);
+
+    let task = start(&agent_a).await;
+    let got = agent_b
+        .broker()
+        .get_task(pb::GetTaskRequest {
+            task_id: task.task_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, task);
+
+    // Issued through B, validated against A's JWKS: the replicas share the key.
+    let t1 = issue(&agent_b, &task.task_id).await;
+    let t2 = issue(&agent_a, &task.task_id).await;
+    validate(&a, &t1.token, API).await;
+    validate(&b, &t2.token, API).await;
+
+    // Revoked through A, seen revoked through B at once.
+    op_a.admin()
+        .revoke_lease(pb::RevokeLeaseRequest {
+            lease_id: t1.lease_id.clone(),
+            note: String::new(),
+        })
+        .await
+        .unwrap();
+    let seen = lease(&op_b, &t1.lease_id).await;
+    assert_eq!(seen.state, pb::LeaseState::Revoked as i32);
+    assert_eq!(seen.revoked_by, "spiffe://example.org/operator/admin");
+
+    // Completed through B: nothing of the task is active anywhere.
+    let done = agent_b.complete_task(&task.task_id).await.unwrap();
+    assert_eq!(
+        done.revoked_leases,
+        vec![task.task_id.clone(), t2.lease_id.clone()]
+    );
+    for op in [&op_a, &op_b] {
+        let active = all_leases(
+            op,
+            pb::ListLeasesRequest {
+                task_id: task.task_id.clone(),
+                state: pb::LeaseState::Active as i32,
+                ..Default::default()
+            },
+        )
+        .await;
+        assert!(active.is_empty());
+    }
+    assert_status(
+        agent_a
+            .issue_token(token_request(&task.task_id, API, &[]))
+            .await,
+        Code::FailedPrecondition,
+        "is completed",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_on_one_replica_racing_issue_on_both() {
+    let redis = RedisServer::start();
+    let a = TestBroker::start_on_redis(&redis.url()).await;
+    let b = a.replica().await;
+    let (agent_a, agent_b) = (a.agent().await, b.agent().await);
+    let op = a.operator().await;
+    for _round in 0..5 {
+        let task = start(&agent_a).await;
+        let mut issuers = Vec::new();
+        for i in 0..32 {
+            let agent = if i % 2 == 0 {
+                agent_a.clone()
+            } else {
+                agent_b.clone()
+            };
+            let id = task.task_id.clone();
+            issuers.push(tokio::spawn(async move {
+                agent
+                    .issue_token(token_request(&id, API, &["read:files"]))
+                    .await
+            }));
+        }
+        tokio::task::yield_now().await;
+        agent_b.complete_task(&task.task_id).await.unwrap();
+        let mut handed_out = Vec::new();
+        for h in issuers {
+            match h.await.unwrap() {
+                Ok(t) => handed_out.push(t.lease_id),
+                Err(s) => assert_eq!(s.code(), Code::FailedPrecondition, "{}", s.message()),
+            }
+        }
+        for id in &handed_out {
+            assert_eq!(
+                lease(&op, id).await.state,
+                pb::LeaseState::Revoked as i32,
+                "{id}"
+            );
+        }
+        let active = all_leases(
+            &op,
+            pb::ListLeasesRequest {
+                task_id: task.task_id.clone(),
+                state: pb::LeaseState::Active as i32,
+                ..Default::default()
+            },
+        )
+        .await;
+        assert!(active.is_empty(), "{active:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_fails_closed_and_recovers() {
+    let mut redis = RedisServer::start();
+    let broker = TestBroker::start_on_redis(&redis.url()).await;
+    let agent = broker.agent().await;
+    let op = broker.operator().await;
+    let ca = broker.bundle_pem();
+    let task = start(&agent).await;
+    let before = issue(&agent, &task.task_id).await;
+    assert_eq!(
+        https_get(&format!("{}/readyz", broker.http_url()), &ca)
+            .await
+            .0,
+        200
+    );
+
+    redis.kill();
+    let t0 = Instant::now();
+    let r = agent
+        .issue_token(token_request(&task.task_id, API, &["read:files"]))
+        .await;
+    let issue_took = t0.elapsed();
+    assert_status(r, Code::Unavailable, "nothing was issued");
+    let t0 = Instant::now();
+    let r = agent
+        .broker()
+        .start_task(start_request("during outage", &[API], &["read:files"]))
+        .await;
+    let start_took = t0.elapsed();
+    assert_status(r, Code::Unavailable, "nothing was issued");
+    assert!(
+        issue_took < Duration::from_secs(2),
+        "IssueToken took {issue_took:?}"
+    );
+    assert!(
+        start_took < Duration::from_secs(2),
+        "StartTask took {start_took:?}"
+    );
+    let (status, body) = https_get(&format!("{}/readyz", broker.http_url()), &ca).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(!body.contains("127.0.0.1"), "no store detail leaks: {body}");
+    let (status, jwks) =
+        https_get(&format!("{}/.well-known/jwks.json", broker.http_url()), &ca).await;
+    assert_eq!(status, 200);
+    assert!(jwks.contains("\"keys\""));
+    println!(
+        "outage: IssueToken answered UNAVAILABLE in {issue_took:?}, StartTask in {start_took:?}"
+    );
+
+    redis.restart();
+    let t0 = Instant::now();
+    let mut recovered = None;
+    while t0.elapsed() < Duration::from_secs(10) {
+        if let Ok(t) = agent
+            .issue_token(token_request(&task.task_id, API, &["read:files"]))
+            .await
+        {
+            recovered = Some(t);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = recovered.expect("the broker recovers without a restart");
+    println!(
+        "recovery: first IssueToken succeeded {:?} after redis restarted",
+        t0.elapsed()
+    );
+    assert_eq!(
+        https_get(&format!("{}/readyz", broker.http_url()), &ca)
+            .await
+            .0,
+        200
+    );
+
+    // Exactly the task, the token before and the token after: nothing was
+    // recorded while Redis was down.
+    let leases: BTreeSet<String> = all_leases(&op, pb::ListLeasesRequest::default())
+        .await
+        .into_iter()
+        .map(|l| l.lease_id)
+        .collect();
+    assert_eq!(
+        leases,
+        [task.task_id.clone(), before.lease_id, after.lease_id].into()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_load_loses_and_resurrects_nothing() {
+    let mut redis = RedisServer::start();
+    let a = TestBroker::start_on_redis(&redis.url()).await;
+    let b = a.replica().await;
+    let (agent_a, agent_b) = (a.agent().await, b.agent().await);
+    let op = a.operator().await;
+    let task = start(&agent_a).await;
+
+    // Some leases are revoked before the crash; they must stay revoked.
+    let mut revoked = Vec::new();
+    for _ in 0..5 {
+        let t = issue(&agent_b, &task.task_id).await;
+        op.admin()
+            .revoke_lease(pb::RevokeLeaseRequest {
+                lease_id: t.lease_id.clone(),
+                note: String::new(),
+            })
+            .await
+            .unwrap();
+        revoked.push(t.lease_id);
+    }
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut loads = Vec::new();
+    for i in 0..8 {
+        let agent = if i % 2 == 0 {
+            agent_a.clone()
+        } else {
+            agent_b.clone()
+        };
+        let (id, stop) = (task.task_id.clone(), stop.clone());
+        loads.push(tokio::spawn(async move {
+            let (mut got, mut refused) = (Vec::new(), 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match agent
+                    .issue_token(token_request(&id, API, &["read:files"]))
+                    .await
+                {
+                    Ok(t) => got.push(t),
+                    Err(s) => {
+                        assert_eq!(s.code(), Code::Unavailable, "{}", s.message());
+                        refused += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            (got, refused)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    redis.restart();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let (mut received, mut refused) = (Vec::new(), 0);
+    for l in loads {
+        let (got, r) = l.await.unwrap();
+        received.extend(got);
+        refused += r;
+    }
+    assert!(refused > 0, "the crash was felt");
+    assert!(received.len() > 10, "load ran before and after the crash");
+    for t in &received {
+        let claims = claims_unverified(&t.token);
+        assert_eq!(claims["jti"], t.lease_id.as_str());
+        let l = lease(&op, &t.lease_id).await;
+        assert_eq!(
+            l.state,
+            pb::LeaseState::Active as i32,
+            "every credential handed out has its lease"
+        );
+    }
+    for id in &revoked {
+        assert_eq!(
+            lease(&op, id).await.state,
+            pb::LeaseState::Revoked as i32,
+            "none resurrected"
+        );
+    }
+    println!(
+        "mid-load crash: {} tokens received, {refused} refusals, all leases present",
+        received.len()
+    );
+}
