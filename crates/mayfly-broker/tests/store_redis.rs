@@ -75,3 +75,93 @@ async fn two_replicas_reap_each_lease_exactly_once() {
     }
     assert!(Timestamp::now() < t.expires_at);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_a_sentinel_failover() {
+    use mayfly_broker::store::contract::{agent, lease, task};
+    use mayfly_core::LeaseState;
+
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_replica_of(&primary);
+    let sentinel = RedisServer::start_sentinel(&primary, "mayfly");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !replica
+        .cli(&["INFO", "replication"])
+        .contains("master_link_status:up")
+    {
+        assert!(std::time::Instant::now() < deadline, "replica never synced");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let target = RedisTarget::Sentinel {
+        sentinels: vec![sentinel.url()],
+        master_name: "mayfly".into(),
+        password: None,
+    };
+    let store = RedisStore::new(target, "mayfly", Duration::from_secs(3600)).unwrap();
+    let t = task(&agent("failover"), 600);
+    store.start_task(&t).await.unwrap();
+    let before = lease(&t, 60);
+    store.issue(&before, t.created_at).await.unwrap();
+    // Let the replica catch up before promoting it.
+    assert_eq!(primary.cli(&["WAIT", "1", "5000"]).trim(), "1");
+
+    // The primary crashes; the Sentinel promotes the replica.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !sentinel
+        .cli(&["SENTINEL", "REPLICAS", "mayfly"])
+        .contains(&replica.port().to_string())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sentinel never saw the replica"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut primary = primary;
+    primary.kill();
+    while !sentinel
+        .cli(&["SENTINEL", "FAILOVER", "mayfly"])
+        .contains("OK")
+    {
+        assert!(std::time::Instant::now() < deadline, "failover refused");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    while !sentinel
+        .cli(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mayfly"])
+        .contains(&replica.port().to_string())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "failover did not complete"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The store finds the new primary by itself; calls fail (UNAVAILABLE)
+    // until it has.
+    let after = lease(&t, 60);
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match store.issue(&after, t.created_at).await {
+            Ok(()) => break,
+            Err(e) => {
+                assert!(attempts < 50, "no recovery after failover: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let got = store.get_lease(&before.id).await.unwrap().unwrap();
+    assert_eq!(
+        got.state_at(t.created_at),
+        LeaseState::Active,
+        "replicated before failover"
+    );
+    assert!(store.get_lease(&after.id).await.unwrap().is_some());
+    assert_eq!(
+        replica
+            .cli(&["EXISTS", &format!("mayfly:{{{}}}:lease:{}", t.id, after.id)])
+            .trim(),
+        "1"
+    );
+}

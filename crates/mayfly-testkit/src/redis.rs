@@ -12,6 +12,10 @@ pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Extra arguments (replication).
+    extra: Vec<String>,
+    /// Set for a Sentinel: its configuration file.
+    sentinel_conf: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for RedisServer {
@@ -36,6 +40,8 @@ impl RedisServer {
                 port: free_port(),
                 dir,
                 child: None,
+                extra: Vec::new(),
+                sentinel_conf: None,
             };
             if server.launch() {
                 return server;
@@ -54,7 +60,11 @@ impl RedisServer {
 
     /// Spawns redis-server on `self.port` and waits until it answers PING.
     fn launch(&mut self) -> bool {
-        let child = Command::new("redis-server")
+        let mut cmd = Command::new("redis-server");
+        if let Some(conf) = &self.sentinel_conf {
+            cmd.arg(conf).arg("--sentinel");
+        }
+        let child = cmd
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args([
                 "--save",
@@ -69,6 +79,7 @@ impl RedisServer {
             .arg(self.dir.path())
             .arg("--logfile")
             .arg(self.dir.path().join("redis.log"))
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn();
@@ -90,6 +101,50 @@ impl RedisServer {
             std::thread::sleep(Duration::from_millis(20));
         }
         false
+    }
+
+    /// Starts a server replicating from `primary`.
+    pub fn start_replica_of(primary: &RedisServer) -> Self {
+        let mut server = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            child: None,
+            extra: Vec::new(),
+            sentinel_conf: None,
+        };
+        server.extra = vec![
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            primary.port.to_string(),
+        ];
+        assert!(server.launch(), "redis replica did not start");
+        server
+    }
+
+    /// Starts a Sentinel monitoring `primary` as `name` (quorum 1, failure
+    /// detection after 1 s).
+    pub fn start_sentinel(primary: &RedisServer, name: &str) -> Self {
+        let mut server = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            child: None,
+            extra: Vec::new(),
+            sentinel_conf: None,
+        };
+        let conf = server.dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\nsentinel monitor {name} 127.0.0.1 {p} 1\n\
+                 sentinel down-after-milliseconds {name} 1000\nsentinel failover-timeout {name} 5000\n",
+                port = server.port,
+                p = primary.port,
+            ),
+        )
+        .expect("sentinel config");
+        server.sentinel_conf = Some(conf);
+        assert!(server.launch(), "redis sentinel did not start");
+        server
     }
 
     /// Whether the server answers PING now.
