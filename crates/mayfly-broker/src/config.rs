@@ -122,6 +122,10 @@ pub struct RedisConfig {
     /// Prefix of every key (one Redis may hold several deployments).
     #[serde(default = "default_prefix")]
     pub key_prefix: String,
+    /// Replicas that must acknowledge each write before a credential is
+    /// handed out (Redis `WAIT`); 0 trusts the primary alone.
+    #[serde(default)]
+    pub replicas_to_ack: u32,
 }
 
 fn default_prefix() -> String {

@@ -106,11 +106,14 @@ impl Broker {
         }
         let signer = Arc::new(JwtSigner::new(key, &previous));
         let store: Arc<dyn LeaseStore> = match (&config.store, &config.redis) {
-            (StoreKind::Redis, Some(redis)) => Arc::new(RedisStore::new(
-                redis_target(redis)?,
-                &redis.key_prefix,
-                config.reaper.retention,
-            )?),
+            (StoreKind::Redis, Some(redis)) => Arc::new(
+                RedisStore::new(
+                    redis_target(redis)?,
+                    &redis.key_prefix,
+                    config.reaper.retention,
+                )?
+                .with_replicas_to_ack(redis.replicas_to_ack),
+            ),
             _ => Arc::new(EmbeddedStore::open(&config.store_path())?),
         };
         let policy: Arc<dyn Policy> = Arc::new(RulePolicy::new(config.policy_rules()?));

@@ -82,35 +82,41 @@ async fn follows_a_sentinel_failover() {
     use mayfly_core::LeaseState;
 
     let primary = RedisServer::start();
+    // Two replicas: after the failover one is the new primary and the other
+    // acknowledges its writes.
     let replica = RedisServer::start_replica_of(&primary);
+    let other = RedisServer::start_replica_of(&primary);
     let sentinel = RedisServer::start_sentinel(&primary, "mayfly");
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while !replica
-        .cli(&["INFO", "replication"])
-        .contains("master_link_status:up")
-    {
-        assert!(std::time::Instant::now() < deadline, "replica never synced");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    for r in [&replica, &other] {
+        while !r
+            .cli(&["INFO", "replication"])
+            .contains("master_link_status:up")
+        {
+            assert!(std::time::Instant::now() < deadline, "replica never synced");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     let target = RedisTarget::Sentinel {
         sentinels: vec![sentinel.url()],
         master_name: "mayfly".into(),
         password: None,
     };
-    let store = RedisStore::new(target, "mayfly", Duration::from_secs(3600)).unwrap();
+    // Every write waits for the replica, so the crash below loses nothing.
+    let store = RedisStore::new(target, "mayfly", Duration::from_secs(3600))
+        .unwrap()
+        .with_replicas_to_ack(1);
     let t = task(&agent("failover"), 600);
     store.start_task(&t).await.unwrap();
     let before = lease(&t, 60);
     store.issue(&before, t.created_at).await.unwrap();
-    // Let the replica catch up before promoting it.
-    assert_eq!(primary.cli(&["WAIT", "1", "5000"]).trim(), "1");
 
     // The primary crashes; the Sentinel promotes the replica.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while !sentinel
-        .cli(&["SENTINEL", "REPLICAS", "mayfly"])
-        .contains(&replica.port().to_string())
-    {
+    let known = |s: String| {
+        s.contains(&replica.port().to_string()) && s.contains(&other.port().to_string())
+    };
+    while !known(sentinel.cli(&["SENTINEL", "REPLICAS", "mayfly"])) {
         assert!(
             std::time::Instant::now() < deadline,
             "sentinel never saw the replica"
@@ -126,10 +132,9 @@ async fn follows_a_sentinel_failover() {
         assert!(std::time::Instant::now() < deadline, "failover refused");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    while !sentinel
-        .cli(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mayfly"])
-        .contains(&replica.port().to_string())
-    {
+    let promoted =
+        |s: &str| s.contains(&replica.port().to_string()) || s.contains(&other.port().to_string());
+    while !promoted(&sentinel.cli(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mayfly"])) {
         assert!(
             std::time::Instant::now() < deadline,
             "failover did not complete"
@@ -164,4 +169,24 @@ async fn follows_a_sentinel_failover() {
             .trim(),
         "1"
     );
+}
+
+#[tokio::test]
+async fn writes_fail_closed_without_the_replicas_they_need() {
+    use mayfly_broker::store::StoreError;
+    use mayfly_broker::store::contract::{agent, task};
+
+    let server = RedisServer::start();
+    let target = RedisTarget::Url {
+        url: server.url(),
+        ca_pem: None,
+    };
+    let store = RedisStore::new(target, "mayfly", Duration::from_secs(3600))
+        .unwrap()
+        .with_replicas_to_ack(1);
+    let t = task(&agent("lonely"), 600);
+    match store.start_task(&t).await {
+        Err(StoreError::Unavailable(m)) => assert!(m.contains("0 of 1 required replicas"), "{m}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
 }

@@ -34,6 +34,9 @@ use super::{
 const TTL_MARGIN: Duration = Duration::from_secs(3600);
 /// Most records one list call examines.
 const MAX_SCAN: usize = 10_000;
+/// How long a write waits for its replicas (below the connection's reply
+/// timeout).
+const REPLICA_WAIT: Duration = Duration::from_millis(500);
 /// Members fetched per round trip while listing.
 const CHUNK: usize = 200;
 
@@ -198,6 +201,8 @@ pub struct RedisStore {
     scripts: Scripts,
     /// Records are kept this long after expiry (Redis TTL adds a margin).
     retention: Duration,
+    /// Replicas that must acknowledge each state change (0: none).
+    replicas_to_ack: u32,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -221,7 +226,49 @@ impl RedisStore {
             },
             scripts: Scripts::new(),
             retention,
+            replicas_to_ack: 0,
         })
+    }
+
+    /// Makes every state change wait until `n` replicas acknowledged it
+    /// (Redis `WAIT`), so a primary's crash cannot lose an acknowledged
+    /// lease; with fewer replicas reachable, writes fail closed.
+    pub fn with_replicas_to_ack(mut self, n: u32) -> Self {
+        self.replicas_to_ack = n;
+        self
+    }
+
+    /// Runs a state-changing script; with `replicas_to_ack`, then waits for
+    /// that many replicas to have it, failing closed (`Unavailable`, so no
+    /// credential is handed out) if they do not within [`REPLICA_WAIT`].
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        inv: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let replicas = self.replicas_to_ack;
+        self.conn
+            .run(|mut c| async move {
+                let out: T = inv.invoke_async(&mut c).await?;
+                if replicas == 0 {
+                    return Ok(Ok(out));
+                }
+                let acked: u32 = redis::cmd("WAIT")
+                    .arg(replicas)
+                    .arg(REPLICA_WAIT.as_millis() as u64)
+                    .query_async(&mut c)
+                    .await?;
+                Ok(if acked >= replicas {
+                    Ok(out)
+                } else {
+                    Err(acked)
+                })
+            })
+            .await?
+            .map_err(|acked| {
+                StoreError::Unavailable(format!(
+                    "write reached {acked} of {replicas} required replicas"
+                ))
+            })
     }
 
     fn keep_until(&self, expires: Timestamp) -> u64 {
@@ -372,10 +419,7 @@ impl RedisStore {
             .arg(child_rev)
             .arg(req.child_reason.as_str())
             .arg(self.keys.lease_prefix(t));
-        let reply: Vec<String> = self
-            .conn
-            .run(|mut c| async move { inv.invoke_async(&mut c).await })
-            .await?;
+        let reply: Vec<String> = self.invoke(&inv).await?;
         let (status, ids) = reply
             .split_first()
             .ok_or_else(|| StoreError::Corrupt("empty script reply".into()))?;
@@ -463,10 +507,7 @@ impl LeaseStore for RedisStore {
             .arg(task.expires_at.as_millis())
             .arg(self.keep_until(task.expires_at))
             .arg(&m);
-        let reply: String = self
-            .conn
-            .run(|mut c| async move { inv.invoke_async(&mut c).await })
-            .await?;
+        let reply: String = self.invoke(&inv).await?;
         script_status(&reply).map_err(|e| match e {
             StoreError::Duplicate(_) => StoreError::Duplicate(t.to_owned()),
             other => other,
@@ -501,10 +542,7 @@ impl LeaseStore for RedisStore {
             .arg(encode(lease)?)
             .arg(lease.kind.as_str())
             .arg(&m);
-        let reply: String = self
-            .conn
-            .run(|mut c| async move { inv.invoke_async(&mut c).await })
-            .await?;
+        let reply: String = self.invoke(&inv).await?;
         script_status(&reply).map_err(|e| match e {
             StoreError::Duplicate(_) => StoreError::Duplicate(l.to_owned()),
             other => other,
@@ -544,10 +582,7 @@ impl LeaseStore for RedisStore {
             .arg(req.at.as_millis())
             .arg(encode(&req.revocation(req.reason))?)
             .arg(req.reason.as_str());
-        let reply: String = self
-            .conn
-            .run(|mut c| async move { inv.invoke_async(&mut c).await })
-            .await?;
+        let reply: String = self.invoke(&inv).await?;
         match reply.as_str() {
             "OK" => Ok(vec![id.clone()]),
             "INACTIVE" => Ok(Vec::new()),
