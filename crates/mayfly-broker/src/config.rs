@@ -80,6 +80,9 @@ pub enum StoreKind {
     Embedded,
     /// A Redis shared by every broker replica (`[redis]` has the details).
     Redis,
+    /// `store = "redis://…"`: shorthand for `store = "redis"` with that
+    /// URL; resolved while parsing, never seen after.
+    RedisUrl(String),
 }
 
 impl<'de> Deserialize<'de> for StoreKind {
@@ -88,8 +91,12 @@ impl<'de> Deserialize<'de> for StoreKind {
         match s.as_str() {
             "embedded" => Ok(Self::Embedded),
             "redis" => Ok(Self::Redis),
+            url if url.starts_with("redis://") || url.starts_with("rediss://") => {
+                Ok(Self::RedisUrl(url.to_owned()))
+            }
             other => Err(serde::de::Error::custom(format!(
-                "unknown store {other:?}: expected \"embedded\" or \"redis\""
+                "unknown store {:?}: expected \"embedded\", \"redis\" or a redis:// URL",
+                crate::store::RedisTarget::redacted(other)
             ))),
         }
     }
@@ -284,6 +291,19 @@ impl Config {
             path: PathBuf::from("<config>"),
             message: e.to_string(),
         })?;
+        if let StoreKind::RedisUrl(url) = &config.store {
+            let redis = config.redis.get_or_insert_with(RedisConfig::default);
+            if redis.url.is_some() || redis.url_file.is_some() || !redis.sentinels.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "store is a URL and [redis] names another server; give one".into(),
+                ));
+            }
+            redis.url = Some(url.clone());
+            if redis.key_prefix.is_empty() {
+                redis.key_prefix = default_prefix();
+            }
+            config.store = StoreKind::Redis;
+        }
         let mut paths = vec![
             &mut config.data_dir,
             &mut config.tls.cert,
@@ -363,6 +383,7 @@ impl Config {
             (StoreKind::Redis, None) => invalid("store = \"redis\" needs a [redis] section"),
             (StoreKind::Embedded, Some(_)) => invalid("a [redis] section needs store = \"redis\""),
             (StoreKind::Embedded, None) => Ok(()),
+            (StoreKind::RedisUrl(_), _) => invalid("store URL not resolved"),
             (StoreKind::Redis, Some(r)) => {
                 let given = [
                     r.url.is_some(),
@@ -499,6 +520,20 @@ mod tests {
         let c = Config::parse(&redis, Path::new("/etc/mayfly")).unwrap();
         assert_eq!(c.store, StoreKind::Redis);
         assert_eq!(c.redis.unwrap().key_prefix, "mayfly");
+        let short = format!("store = \"rediss://u:secret@r.example:6380/0\"\n{MINIMAL}");
+        let c = Config::parse(&short, Path::new("/etc/mayfly")).unwrap();
+        assert_eq!(c.store, StoreKind::Redis);
+        let r = c.redis.unwrap();
+        assert_eq!(r.url.as_deref(), Some("rediss://u:secret@r.example:6380/0"));
+        assert_eq!(r.key_prefix, "mayfly");
+        let both = format!(
+            "store = \"redis://a:1\"\n{}",
+            MINIMAL.replace("[listen]", "[redis]\nurl = \"redis://b:2\"\n[listen]")
+        );
+        let e = Config::parse(&both, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("give one"), "{e}");
         let sentinel = MINIMAL.replace(
             "[listen]",
             "store = \"redis\"\n[redis]\nsentinels = [\"redis://10.0.0.1:26379\"]\nmaster_name = \"m\"\npassword_file = \"pw\"\n[listen]",

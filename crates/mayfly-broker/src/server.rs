@@ -106,6 +106,7 @@ impl Broker {
         }
         let signer = Arc::new(JwtSigner::new(key, &previous));
         let store: Arc<dyn LeaseStore> = match (&config.store, &config.redis) {
+            (StoreKind::Embedded, _) => Arc::new(EmbeddedStore::open(&config.store_path())?),
             (StoreKind::Redis, Some(redis)) => Arc::new(
                 RedisStore::new(
                     redis_target(redis)?,
@@ -114,7 +115,12 @@ impl Broker {
                 )?
                 .with_replicas_to_ack(redis.replicas_to_ack),
             ),
-            _ => Arc::new(EmbeddedStore::open(&config.store_path())?),
+            (other, _) => {
+                return Err(ConfigError::Invalid(format!(
+                    "store {other:?} is not fully configured"
+                ))
+                .into());
+            }
         };
         let policy: Arc<dyn Policy> = Arc::new(RulePolicy::new(config.policy_rules()?));
         let issuer = config.issuer();

@@ -60,6 +60,13 @@ impl std::fmt::Debug for RedisTarget {
     }
 }
 
+impl RedisTarget {
+    /// A URL without its credentials, for messages and logs.
+    pub fn redacted(url: &str) -> String {
+        redact(url)
+    }
+}
+
 /// `redis://user:secret@host:6379/0` → `redis://host:6379/0`.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
