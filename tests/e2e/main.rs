@@ -7,6 +7,7 @@ mod admin_api;
 mod auth;
 mod bad_input;
 mod broker_api;
+mod certs;
 mod common;
 mod durability;
 mod http;

@@ -63,6 +63,13 @@ pub struct Config {
     /// Task lifetimes.
     #[serde(default)]
     pub tasks: Tasks,
+    /// The issuing CA for task certificates; without it SignCertificate is
+    /// refused and `/crl` is absent.
+    #[serde(default)]
+    pub ca: Option<CaFiles>,
+    /// Certificate lifetimes and the CRL.
+    #[serde(default)]
+    pub certificates: Certificates,
     /// Expiry and clean-up.
     #[serde(default)]
     pub reaper: Reaper,
@@ -195,6 +202,42 @@ impl Default for Tokens {
     }
 }
 
+/// `[ca]`: the issuing CA's certificate (optionally followed by
+/// intermediates up to the root) and key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaFiles {
+    /// PEM certificate chain, issuing CA first.
+    pub cert: PathBuf,
+    /// PEM PKCS#8 key (mode 0600).
+    pub key: PathBuf,
+}
+
+/// `[certificates]`: lifetimes of task certificates and of the CRL.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Certificates {
+    /// Used when a request asks for 0.
+    #[serde(deserialize_with = "duration")]
+    pub default_ttl: Duration,
+    /// No certificate lives longer.
+    #[serde(deserialize_with = "duration")]
+    pub max_ttl: Duration,
+    /// The CRL's nextUpdate is this far after its thisUpdate.
+    #[serde(deserialize_with = "duration")]
+    pub crl_validity: Duration,
+}
+
+impl Default for Certificates {
+    fn default() -> Self {
+        Self {
+            default_ttl: Duration::from_secs(600),
+            max_ttl: Duration::from_secs(3600),
+            crl_validity: Duration::from_secs(600),
+        }
+    }
+}
+
 /// Task lifetimes.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -253,6 +296,12 @@ pub struct RuleConfig {
     /// Caps the TTL of tokens this rule allows.
     #[serde(default, deserialize_with = "opt_duration")]
     pub max_token_ttl: Option<Duration>,
+    /// Whether these agents may have task certificates signed.
+    #[serde(default)]
+    pub certificates: bool,
+    /// Caps the TTL of certificates this rule allows.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub max_certificate_ttl: Option<Duration>,
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -310,6 +359,9 @@ impl Config {
             &mut config.tls.key,
             &mut config.tls.trust_bundle,
         ];
+        if let Some(ca) = config.ca.as_mut() {
+            paths.extend([&mut ca.cert, &mut ca.key]);
+        }
         if let Some(r) = config.redis.as_mut() {
             paths.extend(
                 [&mut r.url_file, &mut r.password_file, &mut r.ca]
@@ -333,12 +385,26 @@ impl Config {
             ("tokens.max_ttl", Some(self.tokens.max_ttl)),
             ("tasks.default_ttl", Some(self.tasks.default_ttl)),
             ("tasks.max_ttl", Some(self.tasks.max_ttl)),
+            (
+                "certificates.default_ttl",
+                Some(self.certificates.default_ttl),
+            ),
+            ("certificates.max_ttl", Some(self.certificates.max_ttl)),
+            (
+                "certificates.crl_validity",
+                Some(self.certificates.crl_validity),
+            ),
         ]
         .into_iter()
         .chain(
             self.rules
                 .iter()
                 .map(|r| ("rule.max_token_ttl", r.max_token_ttl)),
+        )
+        .chain(
+            self.rules
+                .iter()
+                .map(|r| ("rule.max_certificate_ttl", r.max_certificate_ttl)),
         );
         for (name, d) in whole {
             if let Some(d) = d
@@ -354,6 +420,9 @@ impl Config {
         }
         if self.tasks.max_ttl.is_zero() || self.tasks.default_ttl > self.tasks.max_ttl {
             return invalid("tasks: need 0 < default_ttl <= max_ttl".into());
+        }
+        if self.certificates.default_ttl > self.certificates.max_ttl {
+            return invalid("certificates: need default_ttl <= max_ttl".into());
         }
         self.check_store()?;
         if self.reaper.interval.is_zero() {
@@ -433,6 +502,8 @@ impl Config {
                     audiences: patterns(&r.id, &r.audiences)?,
                     scopes: patterns(&r.id, &r.scopes)?,
                     max_token_ttl: r.max_token_ttl,
+                    certificates: r.certificates,
+                    max_certificate_ttl: r.max_certificate_ttl,
                 })
             })
             .collect()

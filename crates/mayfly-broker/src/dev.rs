@@ -12,7 +12,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
-use ring::rand::{SecureRandom, SystemRandom};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
@@ -67,13 +66,7 @@ impl std::fmt::Debug for Credential {
 }
 
 fn random_serial() -> SerialNumber {
-    let mut bytes = [0u8; 16];
-    #[allow(clippy::expect_used)]
-    SystemRandom::new()
-        .fill(&mut bytes)
-        .expect("the system random number generator failed");
-    bytes[0] &= 0x7f; // positive
-    SerialNumber::from_slice(&bytes)
+    crate::issuer::x509::random_serial().0
 }
 
 /// Validity from a minute ago (clock skew) for `valid_for`.
@@ -269,6 +262,16 @@ pub fn init(dir: &Path, td: &TrustDomain) -> Result<DevLayout, DevPkiError> {
     let ca_key = dir.join("ca.key");
     write_new_private(&ca_key, ca.key_pem().as_bytes()).map_err(io_err(&ca_key))?;
 
+    // The broker's issuing CA for task certificates, under the dev root.
+    let issuing = ca.sign(&crate::issuer::x509::issuing_ca_params(
+        td,
+        Duration::from_secs(365 * 24 * 3600),
+    )?)?;
+    let issuing_cert = dir.join("issuing-ca.pem");
+    write_public(&issuing_cert, issuing.cert_pem.as_bytes()).map_err(io_err(&issuing_cert))?;
+    let issuing_key = dir.join("issuing-ca.key");
+    write_new_private(&issuing_key, issuing.key_pem.as_bytes()).map_err(io_err(&issuing_key))?;
+
     let server = ca.issue_server(&["localhost", "127.0.0.1", "::1"], DEV_IDENTITY_LIFETIME)?;
     let server_cert = dir.join("server.pem");
     write_public(&server_cert, server.cert_pem.as_bytes()).map_err(io_err(&server_cert))?;
@@ -334,10 +337,20 @@ cert = "server.pem"
 key = "server.key"
 trust_bundle = "bundle.pem"
 
+# The issuing CA for task certificates (an intermediate under the bundle's root).
+[ca]
+cert = "issuing-ca.pem"
+key = "issuing-ca.key"
+
 [tokens]
 algorithm = "ES256"
 default_ttl = "5m"
 max_ttl = "15m"
+
+[certificates]
+default_ttl = "10m"
+max_ttl = "1h"
+crl_validity = "10m"
 
 [tasks]
 default_ttl = "15m"
@@ -355,6 +368,7 @@ agents = ["spiffe://{td}/agent/*"]
 audiences = ["https://api.example.com", "https://tools.example.com"]
 scopes = ["read:*"]
 max_token_ttl = "10m"
+certificates = true
 
 [[rule]]
 id = "demo-write"

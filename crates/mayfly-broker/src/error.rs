@@ -53,6 +53,9 @@ pub enum BrokerError {
         /// Its state.
         state: LeaseState,
     },
+    /// The broker is not set up for this request.
+    #[error("{0}")]
+    Unsupported(String),
     /// The store cannot be reached; nothing was issued.
     #[error("lease store unavailable, nothing was issued: {0}")]
     Unavailable(String),

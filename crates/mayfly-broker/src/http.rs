@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 
+use crate::crl::CrlPublisher;
 use crate::store::LeaseStore;
 
 /// How long a readiness probe waits for the store.
@@ -24,6 +25,8 @@ struct HttpState {
     metadata: Arc<str>,
     /// Probed by `/readyz`.
     store: Arc<dyn LeaseStore>,
+    /// Serves `/crl` when an issuing CA is configured.
+    crl: Option<Arc<CrlPublisher>>,
 }
 
 /// The RFC 8414 metadata document for `issuer`.
@@ -45,13 +48,16 @@ pub fn router(
     jwks: &serde_json::Value,
     metadata: &serde_json::Value,
     store: Arc<dyn LeaseStore>,
+    crl: Option<Arc<CrlPublisher>>,
 ) -> Router {
     let state = HttpState {
         jwks: jwks.to_string().into(),
         metadata: metadata.to_string().into(),
         store,
+        crl,
     };
     Router::new()
+        .route("/crl", get(crl_handler))
         .route("/.well-known/jwks.json", get(jwks_handler))
         .route(
             "/.well-known/oauth-authorization-server",
@@ -80,6 +86,30 @@ async fn jwks_handler(State(s): State<HttpState>) -> Response {
 
 async fn metadata_handler(State(s): State<HttpState>) -> Response {
     json_response(&s.metadata, "public, max-age=3600")
+}
+
+async fn crl_handler(State(s): State<HttpState>) -> Response {
+    let Some(crl) = s.crl else {
+        return (StatusCode::NOT_FOUND, "no issuing CA is configured\n").into_response();
+    };
+    match crl.current().await {
+        Ok(der) => (
+            [
+                (header::CONTENT_TYPE, "application/pkix-crl"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            der.to_vec(),
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot build the CRL");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "CRL unavailable: lease store unavailable\n",
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn ready(State(s): State<HttpState>) -> Response {

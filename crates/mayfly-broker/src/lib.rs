@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod crl;
 pub mod dev;
 pub mod error;
 mod fsutil;

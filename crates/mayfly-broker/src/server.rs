@@ -28,10 +28,11 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::Connected;
 
 use crate::config::{Algorithm, Config, ConfigError, RedisConfig, StoreKind};
+use crate::crl::CrlPublisher;
 use crate::fsutil::create_private_dir;
 use crate::grpc::{AdminApi, BrokerApi, PeerInfo};
 use crate::identity::Authenticator;
-use crate::issuer::{JwtSigner, KeyError, SigningKey, key_path};
+use crate::issuer::{IssuingCa, JwtSigner, KeyError, SigningKey, key_path};
 use crate::service::{Limits, Service};
 use crate::store::{EmbeddedStore, LeaseStore, RedisStore, RedisTarget, StoreError};
 use crate::tls::{self, TlsError, TlsSetup};
@@ -64,6 +65,9 @@ pub enum StartError {
     /// Signing key problem.
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// The issuing CA could not be loaded.
+    #[error(transparent)]
+    Ca(#[from] crate::issuer::CaError),
     /// The store could not be opened.
     #[error("lease store: {0}")]
     Store(#[from] StoreError),
@@ -84,6 +88,7 @@ pub struct Broker {
     signer: Arc<JwtSigner>,
     issuer: String,
     reaper: crate::config::Reaper,
+    crl: Option<Arc<CrlPublisher>>,
 }
 
 impl Broker {
@@ -129,7 +134,20 @@ impl Broker {
             token_max_ttl: config.tokens.max_ttl,
             task_default_ttl: config.tasks.default_ttl,
             task_max_ttl: config.tasks.max_ttl,
+            cert_default_ttl: config.certificates.default_ttl,
+            cert_max_ttl: config.certificates.max_ttl,
         };
+        let ca = match &config.ca {
+            Some(files) => Some(Arc::new(IssuingCa::load(&files.cert, &files.key)?)),
+            None => None,
+        };
+        let crl = ca.clone().map(|ca| {
+            Arc::new(CrlPublisher::new(
+                store.clone(),
+                ca,
+                config.certificates.crl_validity,
+            ))
+        });
         let service = Arc::new(Service::new(
             store,
             policy,
@@ -137,6 +155,7 @@ impl Broker {
             issuer.clone(),
             limits,
             config.operators.clone(),
+            ca,
         ));
         let authenticator =
             Authenticator::new(tls.client_chain.clone(), config.trust_domain.clone());
@@ -147,6 +166,7 @@ impl Broker {
             signer,
             issuer,
             reaper: config.reaper.clone(),
+            crl,
         })
     }
 
@@ -198,6 +218,7 @@ impl Broker {
             self.signer.jwks(),
             &http::metadata(&self.issuer, &algs),
             store.clone(),
+            self.crl.clone(),
         );
         let http_task = tokio::spawn(serve_http(
             http,

@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use mayfly_core::{
     AccessTokenClaims, Audience, Confirmation, Decision, Envelope, Intent, IssueTokenRequest,
-    Lease, LeaseId, LeaseKind, LeaseStatus, Policy, Revocation, RevocationReason, Scopes, SpiffeId,
-    SpiffeIdPattern, StartTaskRequest, Task, TaskContext, TaskId, TaskRecord, Timestamp,
-    scope_string,
+    Lease, LeaseId, LeaseKind, LeaseStatus, Policy, Revocation, RevocationReason, Scopes,
+    SignCertificateRequest, SpiffeId, SpiffeIdPattern, StartTaskRequest, Task, TaskContext, TaskId,
+    TaskRecord, Timestamp, scope_string,
 };
 
 use crate::error::BrokerError;
 use crate::identity::Caller;
-use crate::issuer::{AccessToken, JwtSigner};
+use crate::issuer::{AccessToken, CsrKey, IssuingCa, JwtSigner};
 use crate::store::{
     LeaseFilter, LeaseStore, Page, PageRequest, RevokeRequest, StoreError, TaskFilter,
 };
@@ -35,6 +35,10 @@ pub struct Limits {
     pub task_default_ttl: Duration,
     /// No task lives longer.
     pub task_max_ttl: Duration,
+    /// Certificate TTL when the request asks for 0.
+    pub cert_default_ttl: Duration,
+    /// No certificate lives longer.
+    pub cert_max_ttl: Duration,
 }
 
 /// Parses a requested TTL in seconds: 0 means "the default".
@@ -89,6 +93,30 @@ pub struct TokenRequest {
     pub bind_to_client_cert: bool,
 }
 
+/// A validated `SignCertificate`.
+#[derive(Debug)]
+pub struct CertificateRequest {
+    /// Under which task.
+    pub task_id: TaskId,
+    /// The CSR's public key, checked.
+    pub key: CsrKey,
+    /// Requested lifetime; `None` for the default.
+    pub ttl: Option<Duration>,
+}
+
+/// A signed certificate and its lease.
+#[derive(Debug)]
+pub struct IssuedCertificate {
+    /// The leaf, PEM.
+    pub certificate_pem: String,
+    /// The issuing CA and intermediates, PEM.
+    pub chain_pem: String,
+    /// Its lease (with the serial).
+    pub lease: Lease,
+    /// The leaf's SPIFFE ID: `<agent>/task/<task_id>`.
+    pub spiffe_id: SpiffeId,
+}
+
 /// An issued token and its lease.
 #[derive(Debug)]
 pub struct IssuedToken {
@@ -113,6 +141,8 @@ pub struct Service {
     limits: Limits,
     /// Who may call the Admin API.
     operators: Vec<SpiffeIdPattern>,
+    /// Signs task certificates, when configured.
+    ca: Option<Arc<IssuingCa>>,
 }
 
 impl Service {
@@ -124,6 +154,7 @@ impl Service {
         issuer: String,
         limits: Limits,
         operators: Vec<SpiffeIdPattern>,
+        ca: Option<Arc<IssuingCa>>,
     ) -> Self {
         Self {
             store,
@@ -132,6 +163,7 @@ impl Service {
             issuer,
             limits,
             operators,
+            ca,
         }
     }
 
@@ -205,15 +237,8 @@ impl Service {
         caller: &Caller,
         req: TokenRequest,
     ) -> Result<IssuedToken, BrokerError> {
-        let record = self.own_task(caller, &req.task_id).await?;
         let now = Timestamp::now();
-        let state = record.state_at(now);
-        if state != mayfly_core::TaskState::Active {
-            return Err(BrokerError::TaskNotActive {
-                id: req.task_id,
-                state,
-            });
-        }
+        let record = self.active_task(caller, &req.task_id, now).await?;
         let task = &record.task;
         if let Some(excess) = task.envelope.excess(&req.audience, &req.scopes) {
             return Err(BrokerError::OutsideEnvelope(excess));
@@ -225,26 +250,17 @@ impl Service {
             scopes: &req.scopes,
         });
         let (policy_id, policy_max) = permit(decision)?;
-
-        // Effective lifetime: requested (or default), capped by the broker,
-        // the deciding policy and the task's remaining life.
         let issued_at = now.floor_secs();
-        let mut ttl = req
-            .ttl
-            .unwrap_or(self.limits.token_default_ttl)
-            .min(self.limits.token_max_ttl);
-        if let Some(max) = policy_max {
-            ttl = ttl.min(max);
-        }
-        let expires_at = issued_at
-            .plus(Duration::from_secs(ttl.as_secs()))
-            .min(task.expires_at);
-        if expires_at <= now {
-            return Err(BrokerError::TaskNotActive {
-                id: req.task_id,
-                state: mayfly_core::TaskState::Expired,
-            });
-        }
+        let expires_at = expiry(
+            now,
+            req.ttl,
+            [
+                Some(self.limits.token_default_ttl),
+                Some(self.limits.token_max_ttl),
+                policy_max,
+            ],
+            task,
+        )?;
 
         let lease = Lease {
             id: LeaseId::generate(),
@@ -259,6 +275,7 @@ impl Service {
             cert_thumbprint: req
                 .bind_to_client_cert
                 .then(|| caller.cert_thumbprint.clone()),
+            serial: None,
         };
         let claims = AccessTokenClaims {
             iss: self.issuer.clone(),
@@ -300,6 +317,108 @@ impl Service {
             bound = req.bind_to_client_cert,
         );
         Ok(IssuedToken { token, lease })
+    }
+
+    /// Signs a task-bound X.509-SVID over the CSR's key, under one of the
+    /// caller's active tasks.
+    pub async fn sign_certificate(
+        &self,
+        caller: &Caller,
+        req: CertificateRequest,
+    ) -> Result<IssuedCertificate, BrokerError> {
+        let ca = self.ca.as_ref().ok_or_else(|| {
+            BrokerError::Unsupported(
+                "this broker signs no certificates: it has no issuing CA ([ca] in its configuration)"
+                    .into(),
+            )
+        })?;
+        let now = Timestamp::now();
+        let record = self.active_task(caller, &req.task_id, now).await?;
+        let task = &record.task;
+        let decision = self
+            .policy
+            .decide_sign_certificate(&SignCertificateRequest {
+                agent: &caller.id,
+                task,
+            });
+        let (policy_id, policy_max) = permit(decision)?;
+        let issued_at = now.floor_secs();
+        let expires_at = expiry(
+            now,
+            req.ttl,
+            [
+                Some(self.limits.cert_default_ttl),
+                Some(self.limits.cert_max_ttl),
+                policy_max,
+            ],
+            task,
+        )?;
+        let spiffe_id = caller
+            .id
+            .join(&["task", task.id.as_str()])
+            .map_err(|e| BrokerError::Invalid(format!("task SPIFFE ID: {e}")))?;
+        let (serial, serial_hex) = crate::issuer::x509::random_serial();
+        let certificate_pem = ca
+            .sign_svid(
+                &req.key,
+                &spiffe_id,
+                issued_at.minus(crate::issuer::x509::BACKDATE),
+                expires_at,
+                serial,
+            )
+            .map_err(|e| BrokerError::Internal(e.to_string()))?;
+        let lease = Lease {
+            id: LeaseId::generate(),
+            kind: LeaseKind::X509,
+            agent: caller.id.clone(),
+            task_id: task.id.clone(),
+            audience: None,
+            scopes: Default::default(),
+            issued_at,
+            expires_at,
+            status: LeaseStatus::Active,
+            cert_thumbprint: None,
+            serial: Some(serial_hex),
+        };
+        // Returned only once its lease is durable, as for tokens.
+        self.store
+            .issue(&lease, now)
+            .await
+            .map_err(|e| BrokerError::from_store(e, &task.id))?;
+        tracing::info!(
+            target: "mayfly::decision",
+            event = "certificate_issued",
+            agent = %caller.id,
+            task_id = %task.id,
+            lease_id = %lease.id,
+            serial = lease.serial.as_deref().unwrap_or_default(),
+            key = req.key.kind(),
+            policy = %policy_id,
+            expires_at = expires_at.as_secs(),
+        );
+        Ok(IssuedCertificate {
+            certificate_pem,
+            chain_pem: ca.chain_pem().to_owned(),
+            lease,
+            spiffe_id,
+        })
+    }
+
+    /// One of the caller's tasks, active at `now`.
+    async fn active_task(
+        &self,
+        caller: &Caller,
+        id: &TaskId,
+        now: Timestamp,
+    ) -> Result<TaskRecord, BrokerError> {
+        let record = self.own_task(caller, id).await?;
+        match record.state_at(now) {
+            mayfly_core::TaskState::Active => Ok(record),
+            state => Err(BrokerError::TaskNotActive {
+                id: id.clone(),
+                state,
+            }),
+        }
     }
 
     /// Completes one of the caller's tasks, revoking everything under it.
@@ -470,6 +589,32 @@ impl Service {
             revoked = revoked.len(),
         );
     }
+}
+
+/// A credential's expiry: the requested TTL (or the first cap, the default),
+/// capped by every other limit and by the task's expiry, on whole seconds
+/// from `now`.
+fn expiry(
+    now: Timestamp,
+    requested: Option<Duration>,
+    [default, broker_max, policy_max]: [Option<Duration>; 3],
+    task: &Task,
+) -> Result<Timestamp, BrokerError> {
+    let ttl = [broker_max, policy_max]
+        .into_iter()
+        .flatten()
+        .fold(requested.or(default).unwrap_or_default(), Duration::min);
+    let expires_at = now
+        .floor_secs()
+        .plus(Duration::from_secs(ttl.as_secs()))
+        .min(task.expires_at);
+    if expires_at <= now {
+        return Err(BrokerError::TaskNotActive {
+            id: task.id.clone(),
+            state: mayfly_core::TaskState::Expired,
+        });
+    }
+    Ok(expires_at)
 }
 
 /// The permit's policy id and TTL cap, or the deny as an error.

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+mod cert;
 mod conn;
 mod dev;
 mod operator;
@@ -45,6 +46,9 @@ enum Command {
     /// Access tokens (agents).
     #[command(subcommand)]
     Token(agent::TokenCommand),
+    /// Task-bound X.509 certificates (agents).
+    #[command(subcommand)]
+    Cert(cert::CertCommand),
     /// Leases (operators).
     #[command(subcommand)]
     Lease(operator::LeaseCommand),
@@ -121,6 +125,7 @@ async fn main() -> ExitCode {
         Command::Dev(cmd) => dev::run(cmd).await,
         Command::Task(cmd) => agent::task(cmd, &cli.conn, cli.json).await,
         Command::Token(cmd) => agent::token(cmd, &cli.conn, cli.json).await,
+        Command::Cert(cmd) => cert::run(cmd, &cli.conn, cli.json).await,
         Command::Lease(cmd) => operator::lease(cmd, &cli.conn, cli.json).await,
         Command::Agent(cmd) => operator::agent(cmd, &cli.conn, cli.json).await,
         Command::Keygen { algorithm, out } => keygen(algorithm, &out),

@@ -87,6 +87,7 @@ pub fn lease_json(l: &pb::Lease) -> Value {
         "revoked_at": time(l.revoked_at.as_ref()),
         "revoked_by": l.revoked_by,
         "cert_thumbprint": l.cert_thumbprint,
+        "serial": l.serial,
     })
 }
 
@@ -166,5 +167,6 @@ pub fn print_lease(l: &pb::Lease) {
         ("revoked", time(l.revoked_at.as_ref())),
         ("revoked by", l.revoked_by.clone()),
         ("bound to", l.cert_thumbprint.clone()),
+        ("serial", l.serial.clone()),
     ]);
 }

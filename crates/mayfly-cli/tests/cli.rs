@@ -355,3 +355,72 @@ fn keygen_writes_a_private_key_once() {
     assert_eq!(again.status.code(), Some(1), "never overwrites a key");
     assert_eq!(std::fs::read_to_string(&out).unwrap(), pem);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cert_issue_with_a_new_key() {
+    let broker = TestBroker::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("cert");
+    let task = json(mayfly(
+        &broker,
+        &[
+            "--json",
+            "task",
+            "start",
+            "--intent",
+            "mTLS",
+            "--audience",
+            "https://api.example.com",
+        ],
+    ))["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let issued = json(mayfly(
+        &broker,
+        &[
+            "--json",
+            "cert",
+            "issue",
+            "--task",
+            &task,
+            "--new-key",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(
+        issued["spiffe_id"],
+        format!("spiffe://example.org/agent/demo/task/{task}")
+    );
+    let key = out_dir.join("key.pem");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // The key made locally matches the certificate the broker signed.
+    let pubkey = |args: &[&str]| {
+        let o = Command::new("openssl").args(args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let cert_path = out_dir.join("cert.pem");
+    assert_eq!(
+        pubkey(&[
+            "x509",
+            "-noout",
+            "-pubkey",
+            "-in",
+            cert_path.to_str().unwrap()
+        ]),
+        pubkey(&["pkey", "-pubout", "-in", key.to_str().unwrap()])
+    );
+    let leases = json(mayfly(
+        &broker,
+        &["--json", "lease", "list", "--task", &task, "--kind", "x509"],
+    ));
+    assert_eq!(leases[0]["serial"], issued["serial"]);
+    // --csr and --new-key are exclusive; one is required.
+    let out = mayfly(&broker, &["cert", "issue", "--task", &task, "--out", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -161,6 +161,9 @@ pub struct Lease {
     /// RFC 8705 `x5t#S256` of the certificate a token is bound to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_thumbprint: Option<String>,
+    /// Serial number (lower-case hex) of an X.509 lease's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
 }
 
 impl Lease {
@@ -206,6 +209,7 @@ mod tests {
             expires_at: Timestamp::from_secs(200),
             status,
             cert_thumbprint: None,
+            serial: None,
         }
     }
 

@@ -35,6 +35,15 @@ pub struct IssueTokenRequest<'a> {
     pub scopes: &'a Scopes,
 }
 
+/// A request to sign a task-bound certificate, as policy sees it.
+#[derive(Debug)]
+pub struct SignCertificateRequest<'a> {
+    /// The caller (the task's owner).
+    pub agent: &'a SpiffeId,
+    /// The task, with its intent and context.
+    pub task: &'a Task,
+}
+
 /// What policy decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -62,6 +71,8 @@ pub trait Policy: Send + Sync + fmt::Debug {
     fn decide_start_task(&self, req: &StartTaskRequest<'_>) -> Decision;
     /// May `req.agent` receive this token under `req.task`?
     fn decide_issue_token(&self, req: &IssueTokenRequest<'_>) -> Decision;
+    /// May `req.agent` receive a certificate for `req.task`?
+    fn decide_sign_certificate(&self, req: &SignCertificateRequest<'_>) -> Decision;
 }
 
 /// A pattern over audiences or scopes: exact text, or `prefix*` matching
@@ -127,6 +138,10 @@ pub struct Rule {
     pub scopes: Vec<Pattern>,
     /// The longest token it allows, if shorter than the broker's maximum.
     pub max_token_ttl: Option<Duration>,
+    /// Whether the matched agents may have task certificates signed.
+    pub certificates: bool,
+    /// The longest certificate it allows, if shorter than the broker's maximum.
+    pub max_certificate_ttl: Option<Duration>,
 }
 
 impl Rule {
@@ -225,6 +240,23 @@ impl Policy for RulePolicy {
         }
     }
 
+    fn decide_sign_certificate(&self, req: &SignCertificateRequest<'_>) -> Decision {
+        let rule = self
+            .rules
+            .iter()
+            .find(|r| r.certificates && r.agents.iter().any(|p| p.matches(req.agent)));
+        match rule {
+            Some(rule) => Decision::Permit {
+                policy_id: rule.id.clone(),
+                max_ttl: rule.max_certificate_ttl,
+            },
+            None => Decision::Deny {
+                policy_id: None,
+                reason: format!("no rule allows agent {} certificates", req.agent),
+            },
+        }
+    }
+
     fn decide_issue_token(&self, req: &IssueTokenRequest<'_>) -> Decision {
         let auds = std::iter::once(req.audience);
         match self.first_covering(req.agent, auds.clone(), req.scopes) {
@@ -252,6 +284,8 @@ mod tests {
             audiences: auds.iter().map(|a| Pattern::new(a).unwrap()).collect(),
             scopes: scopes.iter().map(|s| Pattern::new(s).unwrap()).collect(),
             max_token_ttl: Some(Duration::from_secs(60)),
+            certificates: id == "r",
+            max_certificate_ttl: None,
         }
     }
 

@@ -45,6 +45,7 @@ impl Task {
             expires_at: self.expires_at,
             status: LeaseStatus::Active,
             cert_thumbprint: None,
+            serial: None,
         }
     }
 }

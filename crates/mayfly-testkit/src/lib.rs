@@ -270,8 +270,14 @@ impl Drop for TestBroker {
     }
 }
 
-/// GETs an HTTPS URL trusting `ca_pem`; returns status and body.
+/// GETs an HTTPS URL trusting `ca_pem`; returns status and body as text.
 pub async fn https_get(url: &str, ca_pem: &[u8]) -> (u16, String) {
+    let (status, body) = https_get_bytes(url, ca_pem).await;
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// GETs an HTTPS URL trusting `ca_pem`; returns status and body.
+pub async fn https_get_bytes(url: &str, ca_pem: &[u8]) -> (u16, Vec<u8>) {
     use http_body_util::{BodyExt, Empty};
     use hyper::body::Bytes;
     use rustls_pki_types::CertificateDer;
@@ -311,7 +317,7 @@ pub async fn https_get(url: &str, ca_pem: &[u8]) -> (u16, String) {
     let resp = sender.send_request(req).await.unwrap();
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    (status, body.to_vec())
 }
 
 /// Certificates that are not valid X.509-SVIDs of the test trust domain,

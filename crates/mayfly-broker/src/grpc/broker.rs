@@ -8,7 +8,8 @@ use tonic::{Request, Response, Status};
 
 use super::{caller, field, task_to_proto, timestamp};
 use crate::error::BrokerError;
-use crate::service::{NewTask, Service, TokenRequest, requested_ttl};
+use crate::issuer::x509::parse_csr;
+use crate::service::{CertificateRequest, NewTask, Service, TokenRequest, requested_ttl};
 
 /// The Broker service over [`Service`].
 #[derive(Debug, Clone)]
@@ -51,8 +52,36 @@ impl TryFrom<pb::IssueTokenRequest> for TokenRequest {
     }
 }
 
+impl TryFrom<pb::SignCertificateRequest> for CertificateRequest {
+    type Error = BrokerError;
+    fn try_from(r: pb::SignCertificateRequest) -> Result<Self, BrokerError> {
+        Ok(Self {
+            task_id: field("task_id", &r.task_id, TaskId::new)?,
+            key: parse_csr(&r.csr).map_err(|e| BrokerError::Invalid(e.to_string()))?,
+            ttl: requested_ttl("ttl_seconds", r.ttl_seconds)?,
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl pb::broker_server::Broker for BrokerApi {
+    async fn sign_certificate(
+        &self,
+        request: Request<pb::SignCertificateRequest>,
+    ) -> Result<Response<pb::IssuedCertificate>, Status> {
+        let caller = caller(&request)?;
+        let req = CertificateRequest::try_from(request.into_inner())?;
+        let issued = self.svc.sign_certificate(&caller, req).await?;
+        Ok(Response::new(pb::IssuedCertificate {
+            certificate_pem: issued.certificate_pem,
+            chain_pem: issued.chain_pem,
+            lease_id: issued.lease.id.to_string(),
+            serial: issued.lease.serial.unwrap_or_default(),
+            expires_at: Some(timestamp(issued.lease.expires_at)),
+            spiffe_id: issued.spiffe_id.to_string(),
+        }))
+    }
+
     async fn start_task(
         &self,
         request: Request<pb::StartTaskRequest>,

@@ -193,5 +193,6 @@ pub fn lease_to_proto(l: &Lease, now: Timestamp) -> pb::Lease {
         revoked_at: revocation.map(|r| timestamp(r.at)),
         revoked_by: revocation.map(|r| r.by.to_string()).unwrap_or_default(),
         cert_thumbprint: l.cert_thumbprint.clone().unwrap_or_default(),
+        serial: l.serial.clone().unwrap_or_default(),
     }
 }

@@ -15,9 +15,9 @@ impl From<BrokerError> for Status {
             | BrokerError::Denied { .. }
             | BrokerError::OutsideEnvelope(_) => Status::permission_denied(msg),
             BrokerError::TaskNotFound(_) | BrokerError::LeaseNotFound(_) => Status::not_found(msg),
-            BrokerError::TaskNotActive { .. } | BrokerError::LeaseNotActive { .. } => {
-                Status::failed_precondition(msg)
-            }
+            BrokerError::TaskNotActive { .. }
+            | BrokerError::LeaseNotActive { .. }
+            | BrokerError::Unsupported(_) => Status::failed_precondition(msg),
             BrokerError::Unavailable(detail) => {
                 tracing::warn!(%detail, "store unavailable");
                 Status::unavailable("lease store unavailable; nothing was issued, retry later")

@@ -2,6 +2,8 @@
 
 mod jwt;
 mod keys;
+pub mod x509;
 
 pub use jwt::{AccessToken, JwtSigner, SignError};
 pub use keys::{KeyError, SigningKey, key_path};
+pub use x509::{CaError, CsrError, CsrKey, IssuingCa};

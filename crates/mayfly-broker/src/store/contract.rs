@@ -95,6 +95,7 @@ pub fn lease(task: &Task, ttl: u64) -> Lease {
         expires_at: at(ttl),
         status: LeaseStatus::Active,
         cert_thumbprint: None,
+        serial: None,
     }
 }
 

@@ -246,6 +246,7 @@ impl<'t> Tables<'t> {
             task_id: lease.task_id.clone(),
             revocation,
             expires_at: lease.expires_at,
+            serial: lease.serial.clone(),
         };
         self.revocations
             .insert(cursor, encode(&event)?.as_slice())?;

@@ -127,6 +127,9 @@ pub struct RevocationEvent {
     pub revocation: Revocation,
     /// The credential's own expiry: validators may forget it after this.
     pub expires_at: Timestamp,
+    /// For a certificate: its serial (lower-case hex), for CRLs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
 }
 
 /// What one reaper pass did.

@@ -2,7 +2,7 @@
 -- KEYS: 1 task hash, 2 task-lease hash, 3 task's lease set, 4 new lease hash,
 --       5 all leases, 6 agent's leases, 7 expiry index, 8 purge index
 -- ARGV: 1 lease id, 2 agent, 3 now ms, 4 expires ms, 5 keep-until ms,
---       6 lease JSON, 7 kind, 8 index member
+--       6 lease JSON, 7 kind, 8 index member, 9 certificate serial or ""
 local agent = redis.call('HGET', KEYS[1], 'agent')
 if not agent or agent ~= ARGV[2] then return 'NOTFOUND' end
 local state = task_state(KEYS[2], ARGV[3])
@@ -11,6 +11,7 @@ if tonumber(ARGV[4]) > tonumber(redis.call('HGET', KEYS[1], 'exp')) then return 
 if redis.call('EXISTS', KEYS[4]) == 1 then return 'DUPLICATE' end
 redis.call('HSET', KEYS[4], 'body', ARGV[6], 'state', 'active', 'exp', ARGV[4],
   'kind', ARGV[7], 'agent', ARGV[2])
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[4], 'serial', ARGV[9]) end
 redis.call('PEXPIREAT', KEYS[4], ARGV[5])
 redis.call('ZADD', KEYS[3], 0, ARGV[1])
 redis.call('ZADD', KEYS[5], 0, ARGV[8])

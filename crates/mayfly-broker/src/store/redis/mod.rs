@@ -541,7 +541,8 @@ impl LeaseStore for RedisStore {
             .arg(self.keep_until(lease.expires_at))
             .arg(encode(lease)?)
             .arg(lease.kind.as_str())
-            .arg(&m);
+            .arg(&m)
+            .arg(lease.serial.as_deref().unwrap_or(""));
         let reply: String = self.invoke(&inv).await?;
         script_status(&reply).map_err(|e| match e {
             StoreError::Duplicate(_) => StoreError::Duplicate(l.to_owned()),
@@ -942,6 +943,10 @@ fn event_from(id: &str, fields: Vec<(String, String)>) -> Result<RevocationEvent
                 .parse()
                 .map_err(|_| StoreError::Corrupt(format!("feed event {id}: bad exp")))?,
         ),
+        serial: get("serial")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned),
     })
 }
 
