@@ -41,7 +41,7 @@ fn signer(alg: Algorithm) -> JwtSigner {
     let der = rcgen::KeyPair::generate_for(rcgen_alg)
         .unwrap()
         .serialize_der();
-    JwtSigner::new(SigningKey::from_pkcs8(&der, alg).unwrap(), &[])
+    JwtSigner::new(SigningKey::from_pkcs8(&der, alg).unwrap(), Vec::new())
 }
 
 fn sign(c: &mut Criterion) {

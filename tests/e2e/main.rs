@@ -10,6 +10,7 @@ mod broker_api;
 mod certs;
 mod common;
 mod durability;
+mod feed;
 mod http;
 mod race;
 mod replicas;

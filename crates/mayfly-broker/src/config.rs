@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mayfly_core::{Pattern, Rule, SpiffeIdPattern, TrustDomain};
+
+use crate::service::IntrospectionGrant;
 use serde::{Deserialize, Deserializer};
 
 /// Why a configuration is unusable.
@@ -73,9 +75,26 @@ pub struct Config {
     /// Expiry and clean-up.
     #[serde(default)]
     pub reaper: Reaper,
+    /// The revocation feed.
+    #[serde(default)]
+    pub feed: Feed,
     /// Authorization rules, in order.
     #[serde(default, rename = "rule")]
     pub rules: Vec<RuleConfig>,
+    /// Who may introspect tokens for which audiences.
+    #[serde(default)]
+    pub introspection: Vec<IntrospectionConfig>,
+}
+
+/// One `[[introspection]]`: these workloads may introspect tokens issued
+/// for these audiences (RFC 7662, over mTLS).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionConfig {
+    /// SPIFFE ID patterns of the resource servers.
+    pub clients: Vec<SpiffeIdPattern>,
+    /// Audience patterns whose tokens they may inspect.
+    pub audiences: Vec<String>,
 }
 
 /// Which lease store to use.
@@ -259,6 +278,42 @@ impl Default for Tasks {
     }
 }
 
+/// `[feed]`: the revocation feed validators follow.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Feed {
+    /// Who may watch; default: every workload of the trust domain.
+    pub watchers: Option<Vec<SpiffeIdPattern>>,
+    /// How often a quiet feed sends a heartbeat.
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat: Duration,
+    /// How often to look for revocations made through other replicas.
+    #[serde(deserialize_with = "duration")]
+    pub poll: Duration,
+}
+
+impl Default for Feed {
+    fn default() -> Self {
+        Self {
+            watchers: None,
+            heartbeat: Duration::from_secs(5),
+            poll: Duration::from_millis(25),
+        }
+    }
+}
+
+impl Config {
+    /// Who may watch the feed.
+    pub fn feed_watchers(&self) -> Vec<SpiffeIdPattern> {
+        match &self.feed.watchers {
+            Some(w) => w.clone(),
+            None => SpiffeIdPattern::new(&format!("spiffe://{}/*", self.trust_domain))
+                .map(|p| vec![p])
+                .unwrap_or_default(),
+        }
+    }
+}
+
 /// Expiry and clean-up.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -425,6 +480,9 @@ impl Config {
             return invalid("certificates: need default_ttl <= max_ttl".into());
         }
         self.check_store()?;
+        if self.feed.heartbeat.is_zero() || self.feed.poll.is_zero() {
+            return invalid("feed.heartbeat and feed.poll must be positive".into());
+        }
         if self.reaper.interval.is_zero() {
             return invalid("reaper.interval must be positive".into());
         }
@@ -443,6 +501,7 @@ impl Config {
             }
         }
         self.policy_rules()?;
+        self.introspection_grants()?;
         Ok(())
     }
 
@@ -504,6 +563,27 @@ impl Config {
                     max_token_ttl: r.max_token_ttl,
                     certificates: r.certificates,
                     max_certificate_ttl: r.max_certificate_ttl,
+                })
+            })
+            .collect()
+    }
+
+    /// The introspection grants, parsed.
+    pub fn introspection_grants(&self) -> Result<Vec<IntrospectionGrant>, ConfigError> {
+        self.introspection
+            .iter()
+            .map(|i| {
+                let auds = i
+                    .audiences
+                    .iter()
+                    .map(|a| {
+                        Pattern::new(a)
+                            .map_err(|e| ConfigError::Invalid(format!("introspection: {e}")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(IntrospectionGrant {
+                    clients: i.clients.clone(),
+                    audiences: auds,
                 })
             })
             .collect()

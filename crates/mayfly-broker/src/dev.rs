@@ -362,6 +362,12 @@ retention = "24h"
 
 # Who may ask for what. The first rule that matches the agent and covers every
 # requested audience and scope decides; anything else is denied.
+# Resource servers that may introspect tokens (RFC 7662, mTLS), and for which
+# audiences.
+[[introspection]]
+clients = ["spiffe://{td}/api/*"]
+audiences = ["https://api.example.com", "https://tools.example.com"]
+
 [[rule]]
 id = "demo-read"
 agents = ["spiffe://{td}/agent/*"]

@@ -53,6 +53,9 @@ pub enum BrokerError {
         /// Its state.
         state: LeaseState,
     },
+    /// The caller may not introspect tokens.
+    #[error("{0} may not introspect tokens (no [[introspection]] entry names it)")]
+    NotIntrospector(SpiffeId),
     /// The broker is not set up for this request.
     #[error("{0}")]
     Unsupported(String),

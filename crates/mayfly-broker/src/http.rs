@@ -8,11 +8,17 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde_json::json;
 
+use axum::extract::rejection::FormRejection;
+use axum::{Extension, Form};
+use mayfly_core::Timestamp;
+
 use crate::crl::CrlPublisher;
-use crate::store::LeaseStore;
+use crate::error::BrokerError;
+use crate::grpc::PeerInfo;
+use crate::service::Service;
 
 /// How long a readiness probe waits for the store.
 const READY_TIMEOUT: Duration = Duration::from_secs(1);
@@ -23,8 +29,8 @@ struct HttpState {
     jwks: Arc<str>,
     /// Serialised once at start: `/.well-known/oauth-authorization-server`.
     metadata: Arc<str>,
-    /// Probed by `/readyz`.
-    store: Arc<dyn LeaseStore>,
+    /// Answers `/introspect`; its store is probed by `/readyz`.
+    service: Arc<Service>,
     /// Serves `/crl` when an issuing CA is configured.
     crl: Option<Arc<CrlPublisher>>,
 }
@@ -39,6 +45,8 @@ pub fn metadata(issuer: &str, algs: &[&str]) -> serde_json::Value {
         "grant_types_supported": [],
         "token_endpoint_auth_methods_supported": ["tls_client_auth"],
         "tls_client_certificate_bound_access_tokens": true,
+        "introspection_endpoint": format!("{issuer}/introspect"),
+        "introspection_endpoint_auth_methods_supported": ["tls_client_auth"],
         "access_token_signing_alg_values_supported": algs,
     })
 }
@@ -47,17 +55,18 @@ pub fn metadata(issuer: &str, algs: &[&str]) -> serde_json::Value {
 pub fn router(
     jwks: &serde_json::Value,
     metadata: &serde_json::Value,
-    store: Arc<dyn LeaseStore>,
+    service: Arc<Service>,
     crl: Option<Arc<CrlPublisher>>,
 ) -> Router {
     let state = HttpState {
         jwks: jwks.to_string().into(),
         metadata: metadata.to_string().into(),
-        store,
+        service,
         crl,
     };
     Router::new()
         .route("/crl", get(crl_handler))
+        .route("/introspect", post(introspect))
         .route("/.well-known/jwks.json", get(jwks_handler))
         .route(
             "/.well-known/oauth-authorization-server",
@@ -88,6 +97,87 @@ async fn metadata_handler(State(s): State<HttpState>) -> Response {
     json_response(&s.metadata, "public, max-age=3600")
 }
 
+/// The form of an RFC 7662 request.
+#[derive(Debug, serde::Deserialize)]
+struct IntrospectForm {
+    token: String,
+    /// Accepted and ignored: only access tokens exist here.
+    #[serde(default)]
+    #[allow(dead_code)]
+    token_type_hint: Option<String>,
+}
+
+/// Longest token worth checking; anything longer is not ours.
+const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
+    (
+        status,
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(json!({"error": error, "error_description": description})),
+    )
+        .into_response()
+}
+
+async fn introspect(
+    State(s): State<HttpState>,
+    Extension(peer): Extension<PeerInfo>,
+    form: Result<Form<IntrospectForm>, FormRejection>,
+) -> Response {
+    // The resource server authenticates with its X.509-SVID (mTLS).
+    let caller = match peer.identity.as_ref() {
+        Ok(c) if Timestamp::now() < c.not_after => c.clone(),
+        Ok(_) => {
+            return oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "client certificate has expired",
+            );
+        }
+        Err(e) => return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", &e.to_string()),
+    };
+    let Ok(Form(form)) = form else {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "expected application/x-www-form-urlencoded with a token parameter",
+        );
+    };
+    let inactive = || {
+        (
+            StatusCode::OK,
+            [(header::CACHE_CONTROL, "no-store")],
+            axum::Json(json!({"active": false})),
+        )
+            .into_response()
+    };
+    if form.token.len() > MAX_TOKEN_BYTES {
+        return inactive();
+    }
+    match s.service.introspect(&caller, &form.token).await {
+        Ok(Some(claims)) => (
+            StatusCode::OK,
+            [(header::CACHE_CONTROL, "no-store")],
+            axum::Json(claims),
+        )
+            .into_response(),
+        Ok(None) => inactive(),
+        Err(BrokerError::NotIntrospector(_)) => oauth_error(
+            StatusCode::FORBIDDEN,
+            "unauthorized_client",
+            &format!("{} may not introspect tokens", caller.id),
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "introspection failed");
+            oauth_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                "lease store unavailable",
+            )
+        }
+    }
+}
+
 async fn crl_handler(State(s): State<HttpState>) -> Response {
     let Some(crl) = s.crl else {
         return (StatusCode::NOT_FOUND, "no issuing CA is configured\n").into_response();
@@ -113,7 +203,7 @@ async fn crl_handler(State(s): State<HttpState>) -> Response {
 }
 
 async fn ready(State(s): State<HttpState>) -> Response {
-    match tokio::time::timeout(READY_TIMEOUT, s.store.check()).await {
+    match tokio::time::timeout(READY_TIMEOUT, s.service.store().check()).await {
         Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
         Ok(Err(e)) => {
             // The detail (paths, addresses) is for the log, not the world.

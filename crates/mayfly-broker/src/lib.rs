@@ -20,6 +20,7 @@ pub mod config;
 pub mod crl;
 pub mod dev;
 pub mod error;
+pub mod feed;
 mod fsutil;
 pub mod grpc;
 pub mod http;

@@ -17,6 +17,7 @@ use hyper_util::service::TowerToHyperService;
 use mayfly_core::{Policy, RulePolicy};
 use mayfly_proto::v1::admin_server::AdminServer;
 use mayfly_proto::v1::broker_server::BrokerServer;
+use mayfly_proto::v1::revocations_server::RevocationsServer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -29,8 +30,9 @@ use tonic::transport::server::Connected;
 
 use crate::config::{Algorithm, Config, ConfigError, RedisConfig, StoreKind};
 use crate::crl::CrlPublisher;
+use crate::feed::FeedHub;
 use crate::fsutil::create_private_dir;
-use crate::grpc::{AdminApi, BrokerApi, PeerInfo};
+use crate::grpc::{AdminApi, BrokerApi, PeerInfo, RevocationsApi};
 use crate::identity::Authenticator;
 use crate::issuer::{IssuingCa, JwtSigner, KeyError, SigningKey, key_path};
 use crate::service::{Limits, Service};
@@ -89,6 +91,8 @@ pub struct Broker {
     issuer: String,
     reaper: crate::config::Reaper,
     crl: Option<Arc<CrlPublisher>>,
+    feed: Arc<FeedHub>,
+    revocations: RevocationsApi,
 }
 
 impl Broker {
@@ -109,7 +113,7 @@ impl Broker {
         if key_path(&config.data_dir, other).exists() {
             previous.push(SigningKey::load(&key_path(&config.data_dir, other), other)?);
         }
-        let signer = Arc::new(JwtSigner::new(key, &previous));
+        let signer = Arc::new(JwtSigner::new(key, previous));
         let store: Arc<dyn LeaseStore> = match (&config.store, &config.redis) {
             (StoreKind::Embedded, _) => Arc::new(EmbeddedStore::open(&config.store_path())?),
             (StoreKind::Redis, Some(redis)) => Arc::new(
@@ -148,15 +152,19 @@ impl Broker {
                 config.certificates.crl_validity,
             ))
         });
-        let service = Arc::new(Service::new(
+        let revoked = Arc::new(tokio::sync::Notify::new());
+        let feed = FeedHub::new(store.clone(), revoked.clone(), config.feed.poll);
+        let service = Arc::new(Service {
             store,
             policy,
-            signer.clone(),
-            issuer.clone(),
+            signer: signer.clone(),
+            issuer: issuer.clone(),
             limits,
-            config.operators.clone(),
+            operators: config.operators.clone(),
             ca,
-        ));
+            revoked,
+            introspection: config.introspection_grants()?,
+        });
         let authenticator =
             Authenticator::new(tls.client_chain.clone(), config.trust_domain.clone());
         Ok(Self {
@@ -167,6 +175,12 @@ impl Broker {
             issuer,
             reaper: config.reaper.clone(),
             crl,
+            revocations: RevocationsApi::new(
+                feed.clone(),
+                config.feed_watchers(),
+                config.feed.heartbeat,
+            ),
+            feed,
         })
     }
 
@@ -208,6 +222,11 @@ impl Broker {
             // Unauthenticated peers are refused before their request body is read.
             .add_service(InterceptedService::new(broker_api, require_peer))
             .add_service(InterceptedService::new(admin_api, require_peer))
+            .add_service(InterceptedService::new(
+                RevocationsServer::new(self.revocations.clone())
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                require_peer,
+            ))
             .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
                 stopped(&mut grpc_stop).await;
             });
@@ -217,15 +236,17 @@ impl Broker {
         let router = http::router(
             self.signer.jwks(),
             &http::metadata(&self.issuer, &algs),
-            store.clone(),
+            self.service.clone(),
             self.crl.clone(),
         );
         let http_task = tokio::spawn(serve_http(
             http,
             TlsAcceptor::from(self.tls.http.clone()),
+            self.authenticator.clone(),
             router,
             stop_rx.clone(),
         ));
+        let feed_task = tokio::spawn(self.feed.clone().run(stop_rx.clone()));
         let reaper_task = tokio::spawn(reaper::run(
             store.clone(),
             self.reaper.interval,
@@ -248,6 +269,7 @@ impl Broker {
         let _ = accept.await;
         let _ = http_task.await;
         let _ = reaper_task.await;
+        let _ = feed_task.await;
         drop(self);
         drop(store);
         tracing::info!("broker stopped");
@@ -434,6 +456,7 @@ async fn handshake(
 async fn serve_http(
     listener: TcpListener,
     acceptor: TlsAcceptor,
+    auth: Authenticator,
     router: axum::Router,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -445,14 +468,19 @@ async fn serve_http(
             tracing::warn!(%remote, "connection limit reached; refusing connection");
             continue;
         };
-        let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(router.clone());
+        let (acceptor, auth, router) = (acceptor.clone(), auth.clone(), router.clone());
         let watcher = graceful.watcher();
         conns.spawn(async move {
             let _slot = slot;
             let Some(tls) = handshake(&acceptor, tcp, remote).await else {
                 return;
             };
+            // As on the gRPC port: who the peer is, once per connection.
+            let peer = PeerInfo {
+                identity: Arc::new(auth.authenticate(tls.get_ref().1.peer_certificates())),
+                remote,
+            };
+            let service = TowerToHyperService::new(router.layer(axum::Extension(peer)));
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
                 .http1()

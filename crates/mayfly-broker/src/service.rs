@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use mayfly_core::{
     AccessTokenClaims, Audience, Confirmation, Decision, Envelope, Intent, IssueTokenRequest,
-    Lease, LeaseId, LeaseKind, LeaseStatus, Policy, Revocation, RevocationReason, Scopes,
+    Lease, LeaseId, LeaseKind, LeaseStatus, Pattern, Policy, Revocation, RevocationReason, Scopes,
     SignCertificateRequest, SpiffeId, SpiffeIdPattern, StartTaskRequest, Task, TaskContext, TaskId,
     TaskRecord, Timestamp, scope_string,
 };
+
+use tokio::sync::Notify;
 
 use crate::error::BrokerError;
 use crate::identity::Caller;
@@ -126,47 +128,39 @@ pub struct IssuedToken {
     pub lease: Lease,
 }
 
-/// The broker's request handling.
+/// Who may introspect tokens of which audiences (`[[introspection]]`).
+#[derive(Debug, Clone)]
+pub struct IntrospectionGrant {
+    /// Resource servers' SPIFFE ID patterns.
+    pub clients: Vec<SpiffeIdPattern>,
+    /// Audiences whose tokens they may inspect.
+    pub audiences: Vec<Pattern>,
+}
+
+/// The broker's request handling: what it needs, given at start.
 #[derive(Debug)]
 pub struct Service {
     /// Where leases and tasks live.
-    store: Arc<dyn LeaseStore>,
+    pub store: Arc<dyn LeaseStore>,
     /// Decides every request.
-    policy: Arc<dyn Policy>,
+    pub policy: Arc<dyn Policy>,
     /// Signs tokens.
-    signer: Arc<JwtSigner>,
+    pub signer: Arc<JwtSigner>,
     /// `iss` of every token.
-    issuer: String,
+    pub issuer: String,
     /// Lifetimes.
-    limits: Limits,
+    pub limits: Limits,
     /// Who may call the Admin API.
-    operators: Vec<SpiffeIdPattern>,
+    pub operators: Vec<SpiffeIdPattern>,
     /// Signs task certificates, when configured.
-    ca: Option<Arc<IssuingCa>>,
+    pub ca: Option<Arc<IssuingCa>>,
+    /// Woken after every revocation, so the feed picks it up at once.
+    pub revoked: Arc<Notify>,
+    /// Who may introspect tokens.
+    pub introspection: Vec<IntrospectionGrant>,
 }
 
 impl Service {
-    /// Assembles the service.
-    pub fn new(
-        store: Arc<dyn LeaseStore>,
-        policy: Arc<dyn Policy>,
-        signer: Arc<JwtSigner>,
-        issuer: String,
-        limits: Limits,
-        operators: Vec<SpiffeIdPattern>,
-        ca: Option<Arc<IssuingCa>>,
-    ) -> Self {
-        Self {
-            store,
-            policy,
-            signer,
-            issuer,
-            limits,
-            operators,
-            ca,
-        }
-    }
-
     /// The store, for readiness checks and the reaper.
     pub fn store(&self) -> &Arc<dyn LeaseStore> {
         &self.store
@@ -404,6 +398,52 @@ impl Service {
         })
     }
 
+    /// RFC 7662 introspection for a resource server: the token's claims if
+    /// it is one of ours, unexpired, its lease active, and its audience one
+    /// the caller may see; `None` (`"active": false`) otherwise. Fails only
+    /// when the caller may not introspect at all, or the store is down.
+    pub async fn introspect(
+        &self,
+        caller: &Caller,
+        token: &str,
+    ) -> Result<Option<serde_json::Value>, BrokerError> {
+        let audiences: Vec<&Pattern> = self
+            .introspection
+            .iter()
+            .filter(|g| g.clients.iter().any(|p| p.matches(&caller.id)))
+            .flat_map(|g| &g.audiences)
+            .collect();
+        if audiences.is_empty() {
+            return Err(BrokerError::NotIntrospector(caller.id.clone()));
+        }
+        let Some(claims) = self.signer.verify(token) else {
+            return Ok(None);
+        };
+        let now = Timestamp::now();
+        let live = claims.iss == self.issuer
+            && now.as_secs() < claims.exp
+            && claims.nbf <= now.as_secs()
+            && audiences.iter().any(|p| p.matches(&claims.aud));
+        let Some(jti) = live.then(|| LeaseId::new(&claims.jti).ok()).flatten() else {
+            return Ok(None);
+        };
+        let lease = self.store.get_lease(&jti).await?;
+        let active = lease.is_some_and(|l| {
+            l.kind == LeaseKind::Jwt
+                && l.is_active_at(now)
+                && l.task_id.as_str() == claims.task_id
+                && l.agent.as_str() == claims.sub
+        });
+        if !active {
+            return Ok(None);
+        }
+        let mut out =
+            serde_json::to_value(&claims).map_err(|e| BrokerError::Internal(e.to_string()))?;
+        out["active"] = serde_json::Value::Bool(true);
+        out["token_type"] = "Bearer".into();
+        Ok(Some(out))
+    }
+
     /// One of the caller's tasks, active at `now`.
     async fn active_task(
         &self,
@@ -440,6 +480,7 @@ impl Service {
             .end_task(id, &req)
             .await
             .map_err(|e| BrokerError::from_store(e, id))?;
+        self.revoked.notify_one();
         tracing::info!(
             target: "mayfly::decision",
             event = "task_completed",
@@ -581,6 +622,7 @@ impl Service {
     }
 
     fn log_revocation(&self, event: &str, operator: &Caller, target: &str, revoked: &[LeaseId]) {
+        self.revoked.notify_one();
         tracing::info!(
             target: "mayfly::decision",
             event,

@@ -84,8 +84,10 @@ pub fn load(tls: &Tls) -> Result<TlsSetup, TlsError> {
         .with_single_cert(chain.clone(), key.clone_key())
         .map_err(|e| err("server certificate", &tls.cert, e))?;
     grpc.alpn_protocols = vec![b"h2".to_vec()];
+    // Client certificates are asked for but optional: JWKS and health need
+    // none; `/introspect` requires one.
     let mut http = builder()?
-        .with_no_client_auth()
+        .with_client_cert_verifier(Arc::new(DeferredClientVerifier::new(client_chain.clone())))
         .with_single_cert(chain, key)
         .map_err(|e| err("server certificate", &tls.cert, e))?;
     http.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];

@@ -124,6 +124,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// A connection to the broker. Cheap to clone (one HTTP/2 channel).
 #[derive(Debug, Clone)]
 pub struct Client {
+    channel: Channel,
     broker: BrokerClient<Channel>,
     admin: AdminClient<Channel>,
 }
@@ -156,8 +157,14 @@ impl Client {
     pub fn from_channel(channel: Channel) -> Self {
         Self {
             broker: BrokerClient::new(channel.clone()),
-            admin: AdminClient::new(channel),
+            admin: AdminClient::new(channel.clone()),
+            channel,
         }
+    }
+
+    /// The underlying channel, for other services (e.g. the revocation feed).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
     }
 
     /// The raw Broker (agent) API.

@@ -278,7 +278,30 @@ pub async fn https_get(url: &str, ca_pem: &[u8]) -> (u16, String) {
 
 /// GETs an HTTPS URL trusting `ca_pem`; returns status and body.
 pub async fn https_get_bytes(url: &str, ca_pem: &[u8]) -> (u16, Vec<u8>) {
-    use http_body_util::{BodyExt, Empty};
+    let (status, _, body) = https_request("GET", url, ca_pem, None, None).await;
+    (status, body)
+}
+
+/// POSTs a form over HTTPS, presenting `identity` (certificate and key PEM)
+/// if given; returns status, the `WWW-Authenticate` header, and body.
+pub async fn https_post_form(
+    url: &str,
+    ca_pem: &[u8],
+    identity: Option<&Credential>,
+    form: &str,
+) -> (u16, Option<String>, String) {
+    let (status, auth, body) = https_request("POST", url, ca_pem, identity, Some(form)).await;
+    (status, auth, String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn https_request(
+    method: &str,
+    url: &str,
+    ca_pem: &[u8],
+    identity: Option<&Credential>,
+    form: Option<&str>,
+) -> (u16, Option<String>, Vec<u8>) {
+    use http_body_util::BodyExt;
     use hyper::body::Bytes;
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
@@ -291,11 +314,21 @@ pub async fn https_get_bytes(url: &str, ca_pem: &[u8]) -> (u16, Vec<u8>) {
         roots.add(c.unwrap()).unwrap();
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut tls = match identity {
+        Some(id) => {
+            use rustls_pki_types::PrivateKeyDer;
+            let chain = CertificateDer::pem_slice_iter(id.cert_pem.as_bytes())
+                .map(Result::unwrap)
+                .collect();
+            let key = PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -310,14 +343,22 @@ pub async fn https_get_bytes(url: &str, ca_pem: &[u8]) -> (u16, Vec<u8>) {
             .await
             .unwrap();
     tokio::spawn(conn);
-    let req = hyper::Request::get(uri.path())
-        .header("host", host)
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(uri.path())
+        .header("host", host);
+    if form.is_some() {
+        req = req.header("content-type", "application/x-www-form-urlencoded");
+    }
+    let body = http_body_util::Full::new(Bytes::from(form.unwrap_or_default().to_owned()));
+    let resp = sender.send_request(req.body(body).unwrap()).await.unwrap();
     let status = resp.status().as_u16();
+    let auth = resp
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_owned());
     let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, body.to_vec())
+    (status, auth, body.to_vec())
 }
 
 /// Certificates that are not valid X.509-SVIDs of the test trust domain,

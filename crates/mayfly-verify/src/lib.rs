@@ -1,12 +1,43 @@
-//! Checks Mayfly credentials in downstream services. Depends on
-//! `mayfly-core`, never on the broker.
+//! Verifies Mayfly credentials in downstream services. Depends on
+//! `mayfly-core` (and the generated feed client), never on the broker.
 //!
-//! [`task_identity`] reads a peer certificate that the TLS layer has already
-//! validated against the trust bundle and says which agent presents it and
-//! for which task.
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use mayfly_verify::{Verifier, VerifierConfig};
+//!
+//! let ca = std::fs::read(".mayfly-dev/bundle.pem")?;
+//! let config = VerifierConfig::new("https://localhost:8711", "https://api.example.com", ca)
+//!     .with_feed(
+//!         "https://localhost:8710",
+//!         std::fs::read(".mayfly-dev/identities/api-downstream/svid.pem")?,
+//!         std::fs::read(".mayfly-dev/identities/api-downstream/svid.key")?,
+//!     );
+//! let verifier = Verifier::connect(config).await?;
+//! let token = "eyJ…";
+//! match verifier.verify(token, None).await {
+//!     Ok(t) if t.has_scope("read:tickets") => { /* serve */ }
+//!     Ok(_) => { /* 403 insufficient_scope */ }
+//!     Err(e) => { /* 401 invalid_token: e says which check failed */ }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Ready-made integration: [`layer::VerifyLayer`] (tower, works with axum)
+//! and [`interceptor`] (tonic). [`task_identity`] reads the agent and task
+//! from a task certificate.
 
 #![forbid(unsafe_code)]
 
 mod cert;
+mod config;
+mod error;
+mod feed;
+pub mod interceptor;
+mod jwks;
+pub mod layer;
+mod verifier;
 
 pub use cert::{PeerCertError, TaskIdentity, task_identity};
+pub use config::{FeedConfig, MAX_LEEWAY, VerifierConfig};
+pub use error::VerifyError;
+pub use verifier::{VerifiedToken, Verifier, cert_thumbprint};

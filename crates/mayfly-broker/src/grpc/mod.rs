@@ -4,10 +4,12 @@
 
 mod admin;
 mod broker;
+mod revocations;
 mod status;
 
 pub use admin::AdminApi;
 pub use broker::BrokerApi;
+pub use revocations::RevocationsApi;
 
 use std::sync::Arc;
 
@@ -64,7 +66,7 @@ pub(crate) fn timestamp(t: Timestamp) -> prost_types::Timestamp {
     }
 }
 
-fn reason_to_proto(r: RevocationReason) -> pb::RevocationReason {
+pub(crate) fn reason_to_proto(r: RevocationReason) -> pb::RevocationReason {
     match r {
         RevocationReason::TaskCompleted => pb::RevocationReason::TaskCompleted,
         RevocationReason::TaskRevoked => pb::RevocationReason::TaskRevoked,
@@ -129,7 +131,7 @@ pub(crate) fn lease_kind_from_proto(v: i32) -> Result<Option<LeaseKind>, BrokerE
     }
 }
 
-fn lease_kind_to_proto(k: LeaseKind) -> pb::LeaseKind {
+pub(crate) fn lease_kind_to_proto(k: LeaseKind) -> pb::LeaseKind {
     match k {
         LeaseKind::Task => pb::LeaseKind::Task,
         LeaseKind::Jwt => pb::LeaseKind::Jwt,

@@ -12,6 +12,7 @@ impl From<BrokerError> for Status {
             BrokerError::Invalid(_) => Status::invalid_argument(msg),
             BrokerError::Unauthenticated(_) => Status::unauthenticated(msg),
             BrokerError::NotOperator(_)
+            | BrokerError::NotIntrospector(_)
             | BrokerError::Denied { .. }
             | BrokerError::OutsideEnvelope(_) => Status::permission_denied(msg),
             BrokerError::TaskNotFound(_) | BrokerError::LeaseNotFound(_) => Status::not_found(msg),

@@ -52,22 +52,25 @@ pub struct JwtSigner {
     header_b64: String,
     /// The JWKS document served at `/.well-known/jwks.json`.
     jwks: serde_json::Value,
+    /// Keys still published (older or alternate), for checking tokens.
+    published: Vec<SigningKey>,
 }
 
 impl JwtSigner {
     /// A signer for `key`; `also_published` are older or alternate keys that
     /// validators may still meet, published in the JWKS but not used to sign.
-    pub fn new(key: SigningKey, also_published: &[SigningKey]) -> Self {
+    pub fn new(key: SigningKey, also_published: Vec<SigningKey>) -> Self {
         let header = json!({"alg": key.alg(), "kid": key.kid(), "typ": ACCESS_TOKEN_TYPE});
         let header_b64 = URL_SAFE_NO_PAD.encode(header.to_string());
         let keys: Vec<_> = std::iter::once(&key)
-            .chain(also_published)
+            .chain(&also_published)
             .map(|k| k.jwk().clone())
             .collect();
         Self {
             key,
             header_b64,
             jwks: json!({ "keys": keys }),
+            published: also_published,
         }
     }
 
@@ -85,6 +88,28 @@ impl JwtSigner {
         out.push('.');
         URL_SAFE_NO_PAD.encode_string(sig, &mut out);
         Ok(AccessToken(Zeroizing::new(out)))
+    }
+
+    /// The claims of a token this broker signed (any published key), if its
+    /// header and signature check out. Says nothing of expiry or
+    /// revocation.
+    pub fn verify(&self, token: &str) -> Option<AccessTokenClaims> {
+        let mut parts = token.splitn(3, '.');
+        let (h, p, s) = (parts.next()?, parts.next()?, parts.next()?);
+        let header: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(h).ok()?).ok()?;
+        if header["typ"] != ACCESS_TOKEN_TYPE {
+            return None;
+        }
+        let key = std::iter::once(&self.key)
+            .chain(&self.published)
+            .find(|k| header["kid"] == k.kid() && header["alg"] == k.alg())?;
+        let sig = URL_SAFE_NO_PAD.decode(s).ok()?;
+        let signed = &token[..h.len() + 1 + p.len()];
+        if !key.verify(signed.as_bytes(), &sig) {
+            return None;
+        }
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(p).ok()?).ok()
     }
 
     /// The JWKS document.

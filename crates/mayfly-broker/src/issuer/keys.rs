@@ -54,6 +54,8 @@ pub struct SigningKey {
     jwk: serde_json::Value,
     /// ECDSA signing needs randomness.
     rng: SystemRandom,
+    /// The raw public key, for checking our own tokens (introspection).
+    public: Vec<u8>,
 }
 
 impl std::fmt::Debug for SigningKey {
@@ -187,7 +189,19 @@ impl SigningKey {
             kid,
             jwk,
             rng,
+            public,
         })
+    }
+
+    /// Whether `sig` (JWS form) is this key's signature over `msg`.
+    pub fn verify(&self, msg: &[u8], sig: &[u8]) -> bool {
+        let alg: &dyn signature::VerificationAlgorithm = match self.inner {
+            Inner::Es256(_) => &signature::ECDSA_P256_SHA256_FIXED,
+            Inner::EdDsa(_) => &signature::ED25519,
+        };
+        signature::UnparsedPublicKey::new(alg, &self.public)
+            .verify(msg, sig)
+            .is_ok()
     }
 
     /// The JWS `alg`.

@@ -35,6 +35,7 @@ macro_rules! store_contract_tests {
             reap_expires_each_lease_exactly_once,
             reap_purges_after_retention,
             revocation_feed_is_ordered_and_resumable,
+            feed_head_is_the_newest_cursor,
             issue_racing_end_task_never_leaves_an_active_lease,
             revoked_lease_never_becomes_active
         );
@@ -682,6 +683,27 @@ pub async fn revocation_feed_is_ordered_and_resumable(store: Store) {
         .unwrap();
     let newest = store.revocations_since(0, 100).await.unwrap();
     assert!(newest.last().unwrap().cursor > events[2].cursor);
+}
+
+pub async fn feed_head_is_the_newest_cursor(store: Store) {
+    assert_eq!(store.feed_head().await.unwrap(), 0);
+    let t = started(&store, &agent("a"), 600).await;
+    let l = issued(&store, &t, 60).await;
+    let req = revoke(
+        RevocationReason::Operator,
+        RevocationReason::Operator,
+        at(2),
+    );
+    store.revoke_lease(&l.id, &req).await.unwrap();
+    let first = store.feed_head().await.unwrap();
+    assert_eq!(
+        first,
+        store.revocations_since(0, 10).await.unwrap()[0].cursor
+    );
+    store.end_task(&t.id, &complete(&t, at(3))).await.unwrap();
+    let head = store.feed_head().await.unwrap();
+    assert!(head > first);
+    assert!(store.revocations_since(head, 10).await.unwrap().is_empty());
 }
 
 pub async fn issue_racing_end_task_never_leaves_an_active_lease(store: Store) {

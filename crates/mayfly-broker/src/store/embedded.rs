@@ -586,6 +586,16 @@ impl LeaseStore for EmbeddedStore {
         .await
     }
 
+    async fn feed_head(&self) -> Result<u64, StoreError> {
+        self.read(|txn| {
+            let meta = txn.open_table(META)?;
+            Ok(meta
+                .get(NEXT_CURSOR)?
+                .map_or(0, |v| v.value().saturating_sub(1)))
+        })
+        .await
+    }
+
     async fn revocations_since(
         &self,
         cursor: u64,

@@ -224,6 +224,10 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         now: Timestamp,
     ) -> Result<Page<TaskRecord>, StoreError>;
 
+    /// The cursor of the newest revocation (0 if none yet): where a live
+    /// follower of the feed starts.
+    async fn feed_head(&self) -> Result<u64, StoreError>;
+
     /// Revocations after `cursor`, oldest first, at most `limit`.
     async fn revocations_since(
         &self,

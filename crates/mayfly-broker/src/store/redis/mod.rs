@@ -738,6 +738,24 @@ impl LeaseStore for RedisStore {
         Ok(Page { items, next: after })
     }
 
+    async fn feed_head(&self) -> Result<u64, StoreError> {
+        let key = self.keys.revocations();
+        let last: Vec<(String, Vec<(String, String)>)> = self
+            .conn
+            .run(|mut c| async move {
+                redis::cmd("XREVRANGE")
+                    .arg(&key)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        last.first().map_or(Ok(0), |(id, _)| cursor_of(id))
+    }
+
     async fn revocations_since(
         &self,
         cursor: u64,

@@ -1,0 +1,156 @@
+//! The issuer's JWKS: fetched over HTTPS, cached by `kid`, refetched when a
+//! token names a key the cache lacks (at most once per interval).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Bytes;
+use jsonwebtoken::jwk::{JwkSet, KeyAlgorithm};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::sync::Mutex;
+
+use crate::VerifyError;
+
+/// Largest JWKS document accepted.
+const MAX_JWKS_BYTES: usize = 256 * 1024;
+/// How long one fetch may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One usable key.
+#[derive(Clone)]
+pub(crate) struct Key {
+    pub(crate) alg: Algorithm,
+    pub(crate) key: DecodingKey,
+}
+
+/// Fetches JWKS documents over HTTPS with a fixed CA.
+pub(crate) struct Fetcher {
+    url: hyper::Uri,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl Fetcher {
+    pub(crate) fn new(url: &str, ca_pem: &[u8]) -> Result<Self, VerifyError> {
+        let unavailable = |m: String| VerifyError::JwksUnavailable(m);
+        let url: hyper::Uri = url
+            .parse()
+            .map_err(|e| unavailable(format!("bad JWKS URL: {e}")))?;
+        if url.scheme_str() != Some("https") {
+            return Err(unavailable("the JWKS URL must be https://".into()));
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca_pem) {
+            let c = c.map_err(|e| unavailable(format!("bad CA PEM: {e}")))?;
+            roots
+                .add(c)
+                .map_err(|e| unavailable(format!("bad CA: {e}")))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| unavailable(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Self {
+            url,
+            tls: Arc::new(tls),
+        })
+    }
+
+    async fn fetch(&self) -> Result<JwkSet, String> {
+        let host = self.url.host().ok_or("JWKS URL has no host")?.to_owned();
+        let port = self.url.port_u16().unwrap_or(443);
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| format!("connect {host}:{port}: {e}"))?;
+        let name = ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+        let stream = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let path = self.url.path_and_query().map_or("/", |p| p.as_str());
+        let req = hyper::Request::get(path)
+            .header("host", &host)
+            .header("accept", "application/json")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("JWKS answered {}", resp.status()));
+        }
+        let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
+            .collect()
+            .await
+            .map_err(|e| format!("JWKS body: {e}"))?
+            .to_bytes();
+        serde_json::from_slice(&body).map_err(|e| format!("JWKS is not a JWK set: {e}"))
+    }
+}
+
+/// The key cache.
+pub(crate) struct Jwks {
+    fetcher: Fetcher,
+    keys: std::sync::RwLock<HashMap<String, Key>>,
+    /// When the last fetch started, for rate limiting.
+    last_fetch: Mutex<Option<Instant>>,
+    min_interval: Duration,
+}
+
+impl Jwks {
+    pub(crate) fn new(fetcher: Fetcher, min_interval: Duration) -> Self {
+        Self {
+            fetcher,
+            keys: std::sync::RwLock::new(HashMap::new()),
+            last_fetch: Mutex::new(None),
+            min_interval,
+        }
+    }
+
+    /// The cached key `kid`.
+    pub(crate) fn get(&self, kid: &str) -> Option<Key> {
+        self.keys.read().ok()?.get(kid).cloned()
+    }
+
+    /// Refetches, unless a fetch started within the minimum interval
+    /// (`force` skips that check, for the first load).
+    pub(crate) async fn refresh(&self, force: bool) -> Result<(), VerifyError> {
+        let mut last = self.last_fetch.lock().await;
+        if !force && last.is_some_and(|t| t.elapsed() < self.min_interval) {
+            return Ok(());
+        }
+        *last = Some(Instant::now());
+        let set = tokio::time::timeout(FETCH_TIMEOUT, self.fetcher.fetch())
+            .await
+            .map_err(|_| VerifyError::JwksUnavailable("fetch timed out".into()))?
+            .map_err(VerifyError::JwksUnavailable)?;
+        let mut keys = HashMap::new();
+        for jwk in &set.keys {
+            // Only signature keys of the allowed algorithms are kept.
+            let alg = match jwk.common.key_algorithm {
+                Some(KeyAlgorithm::ES256) => Algorithm::ES256,
+                Some(KeyAlgorithm::EdDSA) => Algorithm::EdDSA,
+                _ => continue,
+            };
+            let (Some(kid), Ok(key)) = (jwk.common.key_id.clone(), DecodingKey::from_jwk(jwk))
+            else {
+                continue;
+            };
+            keys.insert(kid, Key { alg, key });
+        }
+        tracing::debug!(keys = keys.len(), "JWKS loaded");
+        if let Ok(mut k) = self.keys.write() {
+            *k = keys;
+        }
+        Ok(())
+    }
+}

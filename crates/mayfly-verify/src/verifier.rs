@@ -1,0 +1,301 @@
+//! [`Verifier`]: every check a downstream service needs on a Mayfly access
+//! token, in the order RFC 8725 asks for: algorithm allow-list and `typ`
+//! before any key is used, the key's own algorithm, signature, exact `iss`,
+//! own `aud`, `exp`/`nbf` with bounded leeway, certificate binding, and
+//! revocation from the live feed (failing closed when the feed is silent).
+
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, Validation};
+use mayfly_core::{ActorClaim, LeaseId, SpiffeId, TaskId};
+use serde::Deserialize;
+
+use crate::VerifyError;
+use crate::config::{MAX_LEEWAY, VerifierConfig};
+use crate::feed::{self, RevocationSet};
+use crate::jwks::{Fetcher, Jwks};
+
+/// A token that passed every check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedToken {
+    /// The agent (`sub`).
+    pub agent: SpiffeId,
+    /// The task the token belongs to.
+    pub task_id: TaskId,
+    /// The lease (`jti`).
+    pub lease_id: LeaseId,
+    /// Granted scopes.
+    pub scopes: Vec<String>,
+    /// This service's audience.
+    pub audience: String,
+    /// Expiry, seconds since the epoch.
+    pub expires_at: u64,
+    /// Delegation chain (RFC 8693 `act`), outermost = current actor.
+    pub actor: Option<ActorClaim>,
+    /// The bound certificate's thumbprint, when bound.
+    pub bound_to: Option<String>,
+}
+
+impl VerifiedToken {
+    /// Whether the token grants `scope`.
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s == scope)
+    }
+}
+
+#[derive(Deserialize)]
+struct Header {
+    alg: Option<String>,
+    typ: Option<String>,
+    kid: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    aud: serde_json::Value,
+    exp: u64,
+    jti: String,
+    task_id: String,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default)]
+    cnf: Option<Cnf>,
+    #[serde(default)]
+    act: Option<ActorClaim>,
+}
+
+#[derive(Deserialize)]
+struct Cnf {
+    #[serde(rename = "x5t#S256")]
+    x5t_s256: Option<String>,
+}
+
+/// Verifies tokens for one audience. Cheap to clone and share.
+#[derive(Clone)]
+pub struct Verifier {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: VerifierConfig,
+    jwks: Jwks,
+    /// Fed by the revocation feed; `None` when verifying offline.
+    revoked: Option<Arc<RevocationSet>>,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("issuer", &self.inner.config.issuer)
+            .field("audience", &self.inner.config.audience)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The thumbprint RFC 8705 binds tokens to.
+pub fn cert_thumbprint(cert_der: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(ring::digest::digest(&ring::digest::SHA256, cert_der))
+}
+
+impl Verifier {
+    /// Fetches the JWKS and, if configured, starts following the revocation
+    /// feed. Fails if the JWKS cannot be fetched.
+    pub async fn connect(mut config: VerifierConfig) -> Result<Self, VerifyError> {
+        config.leeway = config.leeway.min(MAX_LEEWAY);
+        let jwks = Jwks::new(
+            Fetcher::new(&config.jwks_url, &config.ca_pem)?,
+            config.jwks_refresh_interval,
+        );
+        jwks.refresh(true).await?;
+        let revoked = config
+            .feed
+            .as_ref()
+            .map(|_| Arc::new(RevocationSet::default()));
+        if let (Some(feed_config), Some(set)) = (&config.feed, &revoked) {
+            tokio::spawn(feed::follow(
+                feed_config.clone(),
+                config.ca_pem.clone(),
+                Arc::downgrade(set),
+            ));
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                jwks,
+                revoked,
+            }),
+        })
+    }
+
+    /// Waits until the revocation feed has replayed what it holds (or
+    /// `timeout` passes); returns whether it has. True without a feed.
+    pub async fn wait_for_feed(&self, timeout: std::time::Duration) -> bool {
+        let Some(set) = &self.inner.revoked else {
+            return true;
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        while set.silence().is_none() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        true
+    }
+
+    /// Verifies `token`; `peer_cert` is the DER client certificate the
+    /// request came with, if any. Refetches the JWKS once on an unknown key.
+    pub async fn verify(
+        &self,
+        token: &str,
+        peer_cert: Option<&[u8]>,
+    ) -> Result<VerifiedToken, VerifyError> {
+        match self.verify_cached(token, peer_cert) {
+            Err(VerifyError::UnknownKey(Some(_))) => {
+                self.inner.jwks.refresh(false).await?;
+                self.verify_cached(token, peer_cert)
+            }
+            other => other,
+        }
+    }
+
+    /// Verifies with the keys already cached (never waits; for synchronous
+    /// callers such as tonic interceptors). An unknown key is refused.
+    pub fn verify_cached(
+        &self,
+        token: &str,
+        peer_cert: Option<&[u8]>,
+    ) -> Result<VerifiedToken, VerifyError> {
+        let cfg = &self.inner.config;
+        let mut parts = token.split('.');
+        let (Some(h), Some(_), Some(_), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(VerifyError::Malformed(
+                "expected three dot-separated parts".into(),
+            ));
+        };
+        let header: Header = URL_SAFE_NO_PAD
+            .decode(h)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| VerifyError::Malformed("header is not base64url JSON".into()))?;
+        // Allow-list first: `none`, HS*, RS* never reach a key.
+        let alg = match header.alg.as_deref() {
+            Some("ES256") => Algorithm::ES256,
+            Some("EdDSA") => Algorithm::EdDSA,
+            other => return Err(VerifyError::Algorithm(other.unwrap_or("").to_owned())),
+        };
+        let typ_ok = header.typ.as_deref().is_some_and(|t| {
+            t.eq_ignore_ascii_case("at+jwt") || t.eq_ignore_ascii_case("application/at+jwt")
+        });
+        if !typ_ok {
+            return Err(VerifyError::WrongType(header.typ));
+        }
+        let kid = header.kid.ok_or(VerifyError::UnknownKey(None))?;
+        let key = self
+            .inner
+            .jwks
+            .get(&kid)
+            .ok_or_else(|| VerifyError::UnknownKey(Some(kid.clone())))?;
+        if key.alg != alg {
+            return Err(VerifyError::KeyAlgorithmMismatch {
+                kid,
+                token: format!("{alg:?}"),
+                key: format!("{:?}", key.alg),
+            });
+        }
+        let mut v = Validation::new(alg);
+        v.set_issuer(&[&cfg.issuer]);
+        v.set_audience(&[&cfg.audience]);
+        v.leeway = cfg.leeway.as_secs();
+        v.validate_nbf = true;
+        v.set_required_spec_claims(&["exp", "iss", "aud", "sub", "nbf"]);
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.key, &v)
+            .map_err(|e| match e.kind() {
+                ErrorKind::InvalidSignature => VerifyError::BadSignature,
+                ErrorKind::ExpiredSignature => VerifyError::Expired,
+                ErrorKind::ImmatureSignature => VerifyError::NotYetValid,
+                ErrorKind::InvalidIssuer => VerifyError::WrongIssuer,
+                ErrorKind::InvalidAudience => VerifyError::WrongAudience,
+                ErrorKind::InvalidAlgorithm => VerifyError::Algorithm(format!("{alg:?}")),
+                ErrorKind::MissingRequiredClaim(c) => VerifyError::MissingClaim(c.clone()),
+                other => VerifyError::Malformed(format!("{other:?}")),
+            })?
+            .claims;
+        // Exactly one audience, ours (RFC 9068 tokens from Mayfly carry one).
+        if claims.aud.as_str() != Some(cfg.audience.as_str()) {
+            return Err(VerifyError::WrongAudience);
+        }
+        let bound_to = claims.cnf.and_then(|c| c.x5t_s256);
+        if let Some(want) = &bound_to {
+            let cert = peer_cert.ok_or(VerifyError::CertificateRequired)?;
+            if cert_thumbprint(cert) != *want {
+                return Err(VerifyError::CertificateMismatch);
+            }
+        }
+        if let (Some(set), Some(feed)) = (&self.inner.revoked, &cfg.feed) {
+            if set.is_revoked(&claims.jti) {
+                return Err(VerifyError::Revoked);
+            }
+            if !feed.fail_open {
+                match set.silence() {
+                    None => return Err(VerifyError::FeedNotSynced),
+                    Some(s) if s > feed.max_silence => return Err(VerifyError::FeedStale(s)),
+                    Some(_) => {}
+                }
+            }
+        }
+        let bad = |c: &str| VerifyError::Malformed(format!("claim {c} is not valid"));
+        Ok(VerifiedToken {
+            agent: SpiffeId::new(&claims.sub).map_err(|_| bad("sub"))?,
+            task_id: TaskId::new(&claims.task_id).map_err(|_| bad("task_id"))?,
+            lease_id: LeaseId::new(&claims.jti).map_err(|_| bad("jti"))?,
+            scopes: claims
+                .scope
+                .map(|s| {
+                    s.split(' ')
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            audience: cfg.audience.clone(),
+            expires_at: claims.exp,
+            actor: claims.act,
+            bound_to,
+        })
+    }
+
+    /// Starts a JWKS refetch (rate limited) without waiting for it.
+    pub fn refresh_keys_in_background(&self) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.inner.jwks.refresh(false).await {
+                tracing::warn!(error = %e, "JWKS refresh failed");
+            }
+        });
+    }
+
+    /// Whether the feed has reported this certificate serial (hex) revoked.
+    pub fn is_certificate_revoked(&self, serial: &str) -> bool {
+        self.inner
+            .revoked
+            .as_ref()
+            .is_some_and(|s| s.is_serial_revoked(serial))
+    }
+
+    /// The last feed cursor received (0 without a feed).
+    pub fn feed_cursor(&self) -> u64 {
+        self.inner.revoked.as_ref().map_or(0, |s| s.cursor())
+    }
+
+    /// How many revocations are held (0 without a feed).
+    pub fn revocations_held(&self) -> usize {
+        self.inner.revoked.as_ref().map_or(0, |s| s.len())
+    }
+}
