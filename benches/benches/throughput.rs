@@ -87,6 +87,7 @@ async fn run(
                         scopes: vec!["read:files".into()],
                         ttl_seconds: 0,
                         bind_to_client_cert: false,
+                        approval_id: String::new(),
                     })
                     .await
                     .is_ok()
@@ -103,6 +104,7 @@ async fn run(
                     task_id: id,
                     csr,
                     ttl_seconds: 0,
+                    approval_id: String::new(),
                 })
                 .await
                 .is_ok()

@@ -81,6 +81,7 @@ fn main() {
                 scopes: vec!["read:files".into()],
                 ttl_seconds: 0,
                 bind_to_client_cert: false,
+                approval_id: String::new(),
             })
         };
 

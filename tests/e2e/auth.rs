@@ -116,7 +116,7 @@ async fn a_valid_svid_of_the_trust_domain_gets_in() {
     assert_status(
         denied,
         Code::PermissionDenied,
-        "no rule allows agent spiffe://example.org/team-a/agent/carol",
+        "no policy permits spiffe://example.org/team-a/agent/carol to start_task https://api.example.com",
     );
 }
 

@@ -80,7 +80,7 @@ async fn start_task_rejects_bad_requests() {
     assert_status(
         b().start_task(r.clone()).await,
         Code::PermissionDenied,
-        "\"https://evil.example.com\"",
+        "start_task https://evil.example.com",
     );
 
     let all = all_leases(&broker.operator().await, pb::ListLeasesRequest::default()).await;

@@ -75,6 +75,7 @@ async fn sign(
             task_id: task.into(),
             csr,
             ttl_seconds: 0,
+            approval_id: String::new(),
         })
         .await
         .map(|r| r.into_inner())
@@ -195,6 +196,7 @@ async fn certificate_lifetimes_are_capped() {
             task_id: long.task_id.clone(),
             csr: openssl_csr(&dir, "a", &[]),
             ttl_seconds: 7200,
+            approval_id: String::new(),
         })
         .await
         .unwrap()
@@ -427,9 +429,8 @@ async fn bad_csrs_are_refused_and_leave_nothing() {
 #[tokio::test]
 async fn certificates_need_a_rule_and_a_ca() {
     let broker = TestBroker::start_with(|c| {
-        for r in &mut c.rules {
-            r.certificates = false;
-        }
+        let without = mayfly_testkit::dev_policies_without(c, "dev-certificates");
+        mayfly_testkit::use_policies(c, &without);
     })
     .await;
     let agent = broker.agent().await;
@@ -438,7 +439,7 @@ async fn certificates_need_a_rule_and_a_ca() {
     assert_status(
         sign(&agent, &task.task_id, openssl_csr(&dir, "a", &[])).await,
         Code::PermissionDenied,
-        "no rule allows agent spiffe://example.org/agent/demo certificates",
+        "no policy permits spiffe://example.org/agent/demo to sign_certificate task",
     );
 
     let broker = TestBroker::start_with(|c| c.ca = None).await;

@@ -47,6 +47,7 @@ pub fn token_request(task: &str, audience: &str, scopes: &[&str]) -> pb::IssueTo
         scopes: scopes.iter().map(|s| s.to_string()).collect(),
         ttl_seconds: 0,
         bind_to_client_cert: false,
+        approval_id: String::new(),
     }
 }
 

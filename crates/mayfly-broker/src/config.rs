@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use mayfly_core::{Pattern, Rule, SpiffeIdPattern, TrustDomain};
+use mayfly_core::{Pattern, SpiffeIdPattern, TrustDomain};
 
 use crate::service::IntrospectionGrant;
 use serde::{Deserialize, Deserializer};
@@ -78,9 +78,14 @@ pub struct Config {
     /// The revocation feed.
     #[serde(default)]
     pub feed: Feed,
-    /// Authorization rules, in order.
-    #[serde(default, rename = "rule")]
-    pub rules: Vec<RuleConfig>,
+    /// The policies.
+    pub policy: PolicyConfig,
+    /// Approvals.
+    #[serde(default)]
+    pub approvals: Approvals,
+    /// Per-agent issuance limits.
+    #[serde(default)]
+    pub rate_limit: RateLimit,
     /// Who may introspect tokens for which audiences.
     #[serde(default)]
     pub introspection: Vec<IntrospectionConfig>,
@@ -335,28 +340,56 @@ impl Default for Reaper {
     }
 }
 
-/// One `[[rule]]`.
+/// `[approvals]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Approvals {
+    /// How long an approval may wait for a decision, and then for use.
+    #[serde(deserialize_with = "duration")]
+    pub ttl: Duration,
+}
+
+impl Default for Approvals {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(600),
+        }
+    }
+}
+
+/// `[rate_limit]`: a token bucket per agent on IssueToken and
+/// SignCertificate (per broker replica).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimit {
+    /// Credentials per second per agent; 0 turns the limit off.
+    pub per_second: f64,
+    /// How many may come at once.
+    pub burst: f64,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self {
+            per_second: 50.0,
+            burst: 100.0,
+        }
+    }
+}
+
+/// `[policy]`: the Cedar policies that decide every request.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RuleConfig {
-    /// Named in decisions and logs.
-    pub id: String,
-    /// SPIFFE ID patterns (`spiffe://td/path` or `spiffe://td/prefix/*`).
-    pub agents: Vec<SpiffeIdPattern>,
-    /// Audience patterns (exact, or ending in `*`).
-    pub audiences: Vec<String>,
-    /// Scope patterns (exact, or ending in `*`).
-    #[serde(default)]
-    pub scopes: Vec<String>,
-    /// Caps the TTL of tokens this rule allows.
-    #[serde(default, deserialize_with = "opt_duration")]
-    pub max_token_ttl: Option<Duration>,
-    /// Whether these agents may have task certificates signed.
-    #[serde(default)]
-    pub certificates: bool,
-    /// Caps the TTL of certificates this rule allows.
-    #[serde(default, deserialize_with = "opt_duration")]
-    pub max_certificate_ttl: Option<Duration>,
+pub struct PolicyConfig {
+    /// Directory of `*.cedar` files, validated against Mayfly's schema.
+    pub dir: PathBuf,
+    /// How often to look for changed files (SIGHUP reloads at once).
+    #[serde(default = "default_reload", deserialize_with = "duration")]
+    pub reload_interval: Duration,
+}
+
+fn default_reload() -> Duration {
+    Duration::from_secs(2)
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -366,10 +399,6 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
             "duration {s:?}: {e} (e.g. \"90s\", \"5m\", \"8h\")"
         ))
     })
-}
-
-fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    duration(d).map(Some)
 }
 
 impl Config {
@@ -414,6 +443,7 @@ impl Config {
             &mut config.tls.key,
             &mut config.tls.trust_bundle,
         ];
+        paths.push(&mut config.policy.dir);
         if let Some(ca) = config.ca.as_mut() {
             paths.extend([&mut ca.cert, &mut ca.key]);
         }
@@ -450,17 +480,7 @@ impl Config {
                 Some(self.certificates.crl_validity),
             ),
         ]
-        .into_iter()
-        .chain(
-            self.rules
-                .iter()
-                .map(|r| ("rule.max_token_ttl", r.max_token_ttl)),
-        )
-        .chain(
-            self.rules
-                .iter()
-                .map(|r| ("rule.max_certificate_ttl", r.max_certificate_ttl)),
-        );
+        .into_iter();
         for (name, d) in whole {
             if let Some(d) = d
                 && (d.subsec_nanos() != 0 || d.is_zero())
@@ -491,16 +511,9 @@ impl Config {
         {
             return invalid(format!("issuer {iss:?} must be an https:// URL"));
         }
-        let mut ids = std::collections::BTreeSet::new();
-        for r in &self.rules {
-            if !ids.insert(r.id.as_str()) {
-                return invalid(format!("two rules have id {:?}", r.id));
-            }
-            if r.agents.is_empty() || r.audiences.is_empty() {
-                return invalid(format!("rule {:?} needs agents and audiences", r.id));
-            }
+        if self.policy.reload_interval.is_zero() {
+            return invalid("policy.reload_interval must be positive".into());
         }
-        self.policy_rules()?;
         self.introspection_grants()?;
         Ok(())
     }
@@ -541,31 +554,6 @@ impl Config {
             None => format!("https://{}", self.listen.http),
         };
         iss.trim_end_matches('/').to_owned()
-    }
-
-    /// The rules as the policy engine takes them.
-    pub fn policy_rules(&self) -> Result<Vec<Rule>, ConfigError> {
-        let patterns = |id: &str, list: &[String]| {
-            list.iter()
-                .map(|p| {
-                    Pattern::new(p).map_err(|e| ConfigError::Invalid(format!("rule {id:?}: {e}")))
-                })
-                .collect::<Result<Vec<_>, _>>()
-        };
-        self.rules
-            .iter()
-            .map(|r| {
-                Ok(Rule {
-                    id: r.id.clone(),
-                    agents: r.agents.clone(),
-                    audiences: patterns(&r.id, &r.audiences)?,
-                    scopes: patterns(&r.id, &r.scopes)?,
-                    max_token_ttl: r.max_token_ttl,
-                    certificates: r.certificates,
-                    max_certificate_ttl: r.max_certificate_ttl,
-                })
-            })
-            .collect()
     }
 
     /// The introspection grants, parsed.
@@ -609,12 +597,15 @@ mod tests {
         cert = "c.pem"
         key = "/abs/k.pem"
         trust_bundle = "b.pem"
+        [policy]
+        dir = "policies"
     "#;
 
     #[test]
     fn defaults_and_relative_paths() {
         let c = Config::parse(MINIMAL, Path::new("/etc/mayfly")).unwrap();
         assert_eq!(c.data_dir, Path::new("/etc/mayfly/data"));
+        assert_eq!(c.policy.dir, Path::new("/etc/mayfly/policies"));
         assert_eq!(c.tls.key, Path::new("/abs/k.pem"));
         assert_eq!(c.tokens.default_ttl, Duration::from_secs(300));
         assert_eq!(c.tokens.max_ttl, Duration::from_secs(900));
@@ -653,13 +644,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown store"), "{e}");
-        let bad_rule = format!(
-            "{MINIMAL}\n[[rule]]\nid = \"r\"\nagents = [\"spiffe://example.org/a/*\"]\naudiences = [\"a*b\"]"
+        let bad_intro = format!(
+            "{MINIMAL}\n[[introspection]]\nclients = [\"spiffe://example.org/a/*\"]\naudiences = [\"a*b\"]"
         );
-        let e = Config::parse(&bad_rule, Path::new("."))
+        let e = Config::parse(&bad_intro, Path::new("."))
             .unwrap_err()
             .to_string();
         assert!(e.contains("only at the end"), "{e}");
+        let no_policy = MINIMAL.replace("[policy]\n        dir = \"policies\"", "");
+        let e = Config::parse(&no_policy, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("policy"), "{e}");
     }
 
     #[test]
@@ -737,7 +733,7 @@ mod tests {
         let text = include_str!("../../../deploy/mayfly.example.toml");
         let c = Config::parse(text, Path::new("/etc/mayfly")).unwrap();
         assert_eq!(c.issuer(), "https://mayfly.prod.example.com:8711");
-        assert_eq!(c.policy_rules().unwrap().len(), 1);
+        assert_eq!(c.policy.dir, Path::new("/etc/mayfly/policies"));
     }
 
     #[test]
@@ -746,7 +742,8 @@ mod tests {
         let td = TrustDomain::new("example.org").unwrap();
         let layout = crate::dev::init(&dir.path().join("dev"), &td).unwrap();
         let c = Config::load(&layout.config).unwrap();
-        assert_eq!(c.rules.len(), 2);
+        assert!(c.policy.dir.join("mayfly.cedar").exists());
+        mayfly_policy::CedarPolicy::load_dir(&c.policy.dir).expect("dev policies validate");
         assert_eq!(c.issuer(), "https://localhost:8711");
         assert!(
             crate::dev::init(&dir.path().join("dev"), &td).is_err(),

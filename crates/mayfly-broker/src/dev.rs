@@ -285,6 +285,11 @@ pub fn init(dir: &Path, td: &TrustDomain) -> Result<DevLayout, DevPkiError> {
     write_identity(dir, &ca, &operator)?;
     write_identity(dir, &ca, &agent)?;
 
+    let policies = dir.join("policies");
+    create_private_dir(&policies).map_err(io_err(&policies))?;
+    let policy_file = policies.join("mayfly.cedar");
+    write_public(&policy_file, dev_policies(td).as_bytes()).map_err(io_err(&policy_file))?;
+
     let text = dev_config(td);
     write_public(&config, text.as_bytes()).map_err(io_err(&config))?;
     let profile = dir.join("profile.toml");
@@ -315,6 +320,10 @@ fn port_of(addr: &str) -> &str {
     addr.rsplit(':').next().unwrap_or(addr)
 }
 
+fn dev_policies(td: &TrustDomain) -> String {
+    include_str!("dev_policies.cedar").replace("TRUST_DOMAIN", td.as_str())
+}
+
 fn dev_config(td: &TrustDomain) -> String {
     format!(
         r#"# Mayfly broker configuration written by `mayfly dev init`.
@@ -327,6 +336,11 @@ data_dir = "data"
 store = "embedded"
 # SPIFFE IDs allowed to call the Admin API (exact, or a prefix ending in /*).
 operators = ["spiffe://{td}/operator/*"]
+
+# Cedar policies decide every request (see policies/mayfly.cedar); edit them
+# and the broker reloads them, keeping the old set if the new one is invalid.
+[policy]
+dir = "policies"
 
 [listen]
 grpc = "{grpc}"
@@ -367,21 +381,6 @@ retention = "24h"
 [[introspection]]
 clients = ["spiffe://{td}/api/*"]
 audiences = ["https://api.example.com", "https://tools.example.com"]
-
-[[rule]]
-id = "demo-read"
-agents = ["spiffe://{td}/agent/*"]
-audiences = ["https://api.example.com", "https://tools.example.com"]
-scopes = ["read:*"]
-max_token_ttl = "10m"
-certificates = true
-
-[[rule]]
-id = "demo-write"
-agents = ["spiffe://{td}/agent/demo"]
-audiences = ["https://api.example.com"]
-scopes = ["read:*", "write:*"]
-max_token_ttl = "5m"
 "#,
         http_port = port_of(DEV_HTTP_ADDR),
         grpc = DEV_GRPC_ADDR,

@@ -1,7 +1,9 @@
 //! The broker's request errors. `grpc/status.rs` maps each variant to one
 //! gRPC status, exhaustively.
 
-use mayfly_core::{EnvelopeExcess, LeaseId, LeaseState, SpiffeId, TaskId, TaskState};
+use mayfly_core::{
+    ApprovalId, ApprovalState, EnvelopeExcess, LeaseId, LeaseState, SpiffeId, TaskId, TaskState,
+};
 
 use crate::identity::AuthError;
 use crate::store::StoreError;
@@ -59,6 +61,28 @@ pub enum BrokerError {
     /// The broker is not set up for this request.
     #[error("{0}")]
     Unsupported(String),
+    /// No such approval visible to the caller.
+    #[error("approval {0} not found")]
+    ApprovalNotFound(ApprovalId),
+    /// The approval cannot be used or decided in its state.
+    #[error("approval {id} is {state}")]
+    ApprovalUnusable {
+        /// The approval.
+        id: ApprovalId,
+        /// Its state.
+        state: ApprovalState,
+    },
+    /// The approval was granted for another request.
+    #[error(
+        "approval {0} was granted for a different request; repeat the approved request exactly"
+    )]
+    ApprovalMismatch(ApprovalId),
+    /// Too many requests from this agent.
+    #[error("too many credentials requested; retry in {} ms", retry_after.as_millis())]
+    RateLimited {
+        /// When a token will be there.
+        retry_after: std::time::Duration,
+    },
     /// The store cannot be reached; nothing was issued.
     #[error("lease store unavailable, nothing was issued: {0}")]
     Unavailable(String),
@@ -76,6 +100,21 @@ impl BrokerError {
                 id: task.clone(),
                 state,
             },
+            other => other.into(),
+        }
+    }
+}
+
+impl BrokerError {
+    /// Maps a store error met while using or deciding approval `id`.
+    pub fn from_approval(e: StoreError, id: &ApprovalId) -> Self {
+        match e {
+            StoreError::ApprovalNotFound => Self::ApprovalNotFound(id.clone()),
+            StoreError::ApprovalState(state) => Self::ApprovalUnusable {
+                id: id.clone(),
+                state,
+            },
+            StoreError::ApprovalMismatch => Self::ApprovalMismatch(id.clone()),
             other => other.into(),
         }
     }

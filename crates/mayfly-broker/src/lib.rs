@@ -26,6 +26,8 @@ pub mod grpc;
 pub mod http;
 pub mod identity;
 pub mod issuer;
+pub mod policy;
+pub mod ratelimit;
 pub mod reaper;
 pub mod server;
 pub mod service;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use mayfly_core::{Policy, RulePolicy};
+use mayfly_core::SpiffeId;
 use mayfly_proto::v1::admin_server::AdminServer;
 use mayfly_proto::v1::broker_server::BrokerServer;
 use mayfly_proto::v1::revocations_server::RevocationsServer;
@@ -35,6 +35,8 @@ use crate::fsutil::create_private_dir;
 use crate::grpc::{AdminApi, BrokerApi, PeerInfo, RevocationsApi};
 use crate::identity::Authenticator;
 use crate::issuer::{IssuingCa, JwtSigner, KeyError, SigningKey, key_path};
+use crate::policy::PolicyHandle;
+use crate::ratelimit::RateLimiter;
 use crate::service::{Limits, Service};
 use crate::store::{EmbeddedStore, LeaseStore, RedisStore, RedisTarget, StoreError};
 use crate::tls::{self, TlsError, TlsSetup};
@@ -76,6 +78,9 @@ pub enum StartError {
     /// Socket or file error.
     #[error("{0}")]
     Io(#[from] io::Error),
+    /// The policies are invalid.
+    #[error("invalid policies:\n{0}")]
+    Policy(#[from] mayfly_policy::PolicyLoadError),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
@@ -93,6 +98,8 @@ pub struct Broker {
     crl: Option<Arc<CrlPublisher>>,
     feed: Arc<FeedHub>,
     revocations: RevocationsApi,
+    policy: Arc<PolicyHandle>,
+    policy_reload: Duration,
 }
 
 impl Broker {
@@ -131,7 +138,8 @@ impl Broker {
                 .into());
             }
         };
-        let policy: Arc<dyn Policy> = Arc::new(RulePolicy::new(config.policy_rules()?));
+        let policy = Arc::new(PolicyHandle::load(&config.policy.dir)?);
+        tracing::info!(policies = policy.len(), dir = %config.policy.dir.display(), "policies loaded");
         let issuer = config.issuer();
         let limits = Limits {
             token_default_ttl: config.tokens.default_ttl,
@@ -140,6 +148,7 @@ impl Broker {
             task_max_ttl: config.tasks.max_ttl,
             cert_default_ttl: config.certificates.default_ttl,
             cert_max_ttl: config.certificates.max_ttl,
+            approval_ttl: config.approvals.ttl,
         };
         let ca = match &config.ca {
             Some(files) => Some(Arc::new(IssuingCa::load(&files.cert, &files.key)?)),
@@ -154,9 +163,11 @@ impl Broker {
         });
         let revoked = Arc::new(tokio::sync::Notify::new());
         let feed = FeedHub::new(store.clone(), revoked.clone(), config.feed.poll);
+        let broker_id = SpiffeId::new(&format!("spiffe://{}/mayfly/broker", config.trust_domain))
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let service = Arc::new(Service {
             store,
-            policy,
+            policy: policy.clone(),
             signer: signer.clone(),
             issuer: issuer.clone(),
             limits,
@@ -164,6 +175,8 @@ impl Broker {
             ca,
             revoked,
             introspection: config.introspection_grants()?,
+            rate: RateLimiter::new(config.rate_limit.per_second, config.rate_limit.burst),
+            broker_id,
         });
         let authenticator =
             Authenticator::new(tls.client_chain.clone(), config.trust_domain.clone());
@@ -175,6 +188,8 @@ impl Broker {
             issuer,
             reaper: config.reaper.clone(),
             crl,
+            policy,
+            policy_reload: config.policy.reload_interval,
             revocations: RevocationsApi::new(
                 feed.clone(),
                 config.feed_watchers(),
@@ -247,6 +262,12 @@ impl Broker {
             stop_rx.clone(),
         ));
         let feed_task = tokio::spawn(self.feed.clone().run(stop_rx.clone()));
+        let policy_task = tokio::spawn(crate::policy::watch_and_reload(
+            self.policy.clone(),
+            self.service.clone(),
+            self.policy_reload,
+            stop_rx.clone(),
+        ));
         let reaper_task = tokio::spawn(reaper::run(
             store.clone(),
             self.reaper.interval,
@@ -270,6 +291,7 @@ impl Broker {
         let _ = http_task.await;
         let _ = reaper_task.await;
         let _ = feed_task.await;
+        let _ = policy_task.await;
         drop(self);
         drop(store);
         tracing::info!("broker stopped");

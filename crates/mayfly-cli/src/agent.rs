@@ -188,6 +188,7 @@ pub async fn token(cmd: TokenCommand, conn: &ConnArgs, json: bool) -> anyhow::Re
                     scopes,
                     ttl_seconds: ttl.map_or(0, mayfly_client::ttl_seconds),
                     bind_to_client_cert: bind,
+                    approval_id: String::new(),
                 })
                 .await?;
             if json {

@@ -86,6 +86,7 @@ pub async fn run(cmd: CertCommand, conn: &ConnArgs, json: bool) -> anyhow::Resul
             task_id: task,
             csr: csr_bytes,
             ttl_seconds: ttl.map_or(0, mayfly_client::ttl_seconds),
+            approval_id: String::new(),
         })
         .await?
         .into_inner();

@@ -311,6 +311,7 @@ impl TaskGuard {
                 scopes: scopes.into_iter().map(Into::into).collect(),
                 ttl_seconds: 0,
                 bind_to_client_cert: false,
+                approval_id: String::new(),
             })
             .await
     }

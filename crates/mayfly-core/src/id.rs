@@ -18,7 +18,7 @@ pub struct IdError;
 
 /// 16 random bytes, base64url. Panics only if the OS has no randomness, in
 /// which case issuing anything would be unsafe.
-fn random_id() -> String {
+pub(crate) fn random_id() -> String {
     let mut bytes = [0u8; 16];
     #[allow(clippy::expect_used)]
     SystemRandom::new()
@@ -27,7 +27,7 @@ fn random_id() -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-fn check_id(s: &str) -> Result<(), IdError> {
+pub(crate) fn check_id(s: &str) -> Result<(), IdError> {
     // The last character of 16 bytes in base64 carries only 2 data bits, so a
     // canonical encoding must decode and re-encode to itself.
     if s.len() != ID_LEN

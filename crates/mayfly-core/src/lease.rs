@@ -161,9 +161,15 @@ pub struct Lease {
     /// RFC 8705 `x5t#S256` of the certificate a token is bound to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_thumbprint: Option<String>,
-    /// Serial number (lower-case hex) of an X.509 lease's certificate.
+    /// Serial number (upper-case hex) of an X.509 lease's certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// The task's context revision the issuing decision saw.
+    #[serde(default)]
+    pub task_revision: u64,
+    /// The approval it was issued under, if one was needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<crate::ApprovalId>,
 }
 
 impl Lease {
@@ -210,6 +216,8 @@ mod tests {
             status,
             cert_thumbprint: None,
             serial: None,
+            task_revision: 0,
+            approval: None,
         }
     }
 

@@ -10,6 +10,7 @@
 
 mod newtype;
 
+mod approval;
 mod claims;
 mod envelope;
 mod id;
@@ -19,6 +20,7 @@ mod spiffe;
 mod task;
 mod time;
 
+pub use approval::{Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus};
 pub use claims::{ACCESS_TOKEN_TYPE, AccessTokenClaims, ActorClaim, Confirmation};
 pub use envelope::{
     Audience, Envelope, EnvelopeExcess, Intent, MAX_AUDIENCES, MAX_CONTEXT_ENTRIES,
@@ -28,8 +30,7 @@ pub use envelope::{
 pub use id::{IdError, LeaseId, TaskId};
 pub use lease::{Lease, LeaseKind, LeaseState, LeaseStatus, Revocation, RevocationReason};
 pub use policy::{
-    Decision, IssueTokenRequest, Pattern, Policy, Rule, RulePolicy, SignCertificateRequest,
-    StartTaskRequest,
+    Decision, IssueTokenRequest, Pattern, Policy, SignCertificateRequest, StartTaskRequest,
 };
 pub use spiffe::{SpiffeId, SpiffeIdError, SpiffeIdPattern, TrustDomain};
 pub use task::{Task, TaskRecord, TaskState};

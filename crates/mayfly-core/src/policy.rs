@@ -1,13 +1,15 @@
-//! The authorization seam. Every `StartTask` and `IssueToken` is decided at
-//! request time by a [`Policy`]; the broker never decides on its own.
-//! [`RulePolicy`] is the built-in, configuration-driven implementation.
+//! The authorization seam. Every `StartTask`, `IssueToken` and
+//! `SignCertificate` is decided at request time by a [`Policy`]; the broker
+//! never decides on its own. The Cedar implementation lives in
+//! `mayfly-policy`.
 
 use std::fmt;
 use std::time::Duration;
 
-use crate::envelope::{Audience, Envelope, Intent, Scope, Scopes, TaskContext};
-use crate::spiffe::{SpiffeId, SpiffeIdPattern};
+use crate::envelope::{Audience, Envelope, Intent, Scopes, TaskContext};
+use crate::spiffe::SpiffeId;
 use crate::task::Task;
+use crate::time::Timestamp;
 
 /// A request to open a task, as policy sees it.
 #[derive(Debug)]
@@ -20,6 +22,10 @@ pub struct StartTaskRequest<'a> {
     pub context: &'a TaskContext,
     /// Everything the task asks to be allowed.
     pub envelope: &'a Envelope,
+    /// The lifetime asked for (or the default), before policy caps it.
+    pub ttl: Duration,
+    /// The time of the request.
+    pub now: Timestamp,
 }
 
 /// A request for a token under a task, as policy sees it.
@@ -33,6 +39,10 @@ pub struct IssueTokenRequest<'a> {
     pub audience: &'a Audience,
     /// The token's scopes.
     pub scopes: &'a Scopes,
+    /// The lifetime asked for (or the default), before policy caps it.
+    pub ttl: Duration,
+    /// The time of the request.
+    pub now: Timestamp,
 }
 
 /// A request to sign a task-bound certificate, as policy sees it.
@@ -42,6 +52,10 @@ pub struct SignCertificateRequest<'a> {
     pub agent: &'a SpiffeId,
     /// The task, with its intent and context.
     pub task: &'a Task,
+    /// The lifetime asked for (or the default), before policy caps it.
+    pub ttl: Duration,
+    /// The time of the request.
+    pub now: Timestamp,
 }
 
 /// What policy decided.
@@ -54,6 +68,8 @@ pub enum Decision {
         policy_id: String,
         /// The longest credential this permit allows, if it caps the TTL.
         max_ttl: Option<Duration>,
+        /// Whether an operator must approve before the credential is issued.
+        approval_required: bool,
     },
     /// Refused.
     Deny {
@@ -75,7 +91,7 @@ pub trait Policy: Send + Sync + fmt::Debug {
     fn decide_sign_certificate(&self, req: &SignCertificateRequest<'_>) -> Decision;
 }
 
-/// A pattern over audiences or scopes: exact text, or `prefix*` matching
+/// A pattern over audiences (or other names): exact text, or `prefix*` matching
 /// every value that starts with `prefix` (`*` alone matches everything).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Pattern {
@@ -125,180 +141,9 @@ impl fmt::Debug for Pattern {
     }
 }
 
-/// One allow rule: these agents may use these audiences with these scopes.
-#[derive(Debug, Clone)]
-pub struct Rule {
-    /// Named in decisions and the audit trail.
-    pub id: String,
-    /// Which agents the rule applies to.
-    pub agents: Vec<SpiffeIdPattern>,
-    /// Which audiences it allows.
-    pub audiences: Vec<Pattern>,
-    /// Which scopes it allows.
-    pub scopes: Vec<Pattern>,
-    /// The longest token it allows, if shorter than the broker's maximum.
-    pub max_token_ttl: Option<Duration>,
-    /// Whether the matched agents may have task certificates signed.
-    pub certificates: bool,
-    /// The longest certificate it allows, if shorter than the broker's maximum.
-    pub max_certificate_ttl: Option<Duration>,
-}
-
-impl Rule {
-    fn covers(&self, agent: &SpiffeId, audience: &Audience, scopes: &Scopes) -> bool {
-        self.agents.iter().any(|p| p.matches(agent))
-            && self.audiences.iter().any(|p| p.matches(audience.as_str()))
-            && scopes.iter().all(|s| self.allows_scope(s))
-    }
-
-    fn allows_scope(&self, scope: &Scope) -> bool {
-        self.scopes.iter().any(|p| p.matches(scope.as_str()))
-    }
-}
-
-/// The built-in policy: an ordered list of allow rules; anything no rule
-/// allows is denied. A request is permitted by the first rule that matches
-/// the agent and covers every requested audience and every requested scope
-/// on its own (rules do not combine), so a task's envelope is exactly as wide
-/// as one rule allows.
-#[derive(Debug, Clone, Default)]
-pub struct RulePolicy {
-    rules: Vec<Rule>,
-}
-
-impl RulePolicy {
-    /// A policy from rules, in order.
-    pub fn new(rules: Vec<Rule>) -> Self {
-        Self { rules }
-    }
-
-    fn first_covering<'a, I>(
-        &self,
-        agent: &SpiffeId,
-        audiences: I,
-        scopes: &Scopes,
-    ) -> Option<&Rule>
-    where
-        I: IntoIterator<Item = &'a Audience> + Clone,
-    {
-        self.rules.iter().find(|r| {
-            audiences
-                .clone()
-                .into_iter()
-                .all(|a| r.covers(agent, a, scopes))
-        })
-    }
-
-    /// Names what no single rule allows, for the deny message.
-    fn deny_reason<'a, I>(&self, agent: &SpiffeId, audiences: I, scopes: &Scopes) -> String
-    where
-        I: IntoIterator<Item = &'a Audience>,
-    {
-        let mine: Vec<&Rule> = self
-            .rules
-            .iter()
-            .filter(|r| r.agents.iter().any(|p| p.matches(agent)))
-            .collect();
-        if mine.is_empty() {
-            return format!("no rule allows agent {agent} anything");
-        }
-        for a in audiences {
-            let for_aud: Vec<&&Rule> = mine
-                .iter()
-                .filter(|r| r.audiences.iter().any(|p| p.matches(a.as_str())))
-                .collect();
-            if for_aud.is_empty() {
-                return format!("no rule allows agent {agent} audience {:?}", a.as_str());
-            }
-            if let Some(s) = scopes
-                .iter()
-                .find(|s| !for_aud.iter().any(|r| r.allows_scope(s)))
-            {
-                return format!(
-                    "no rule allows agent {agent} scope {:?} for audience {:?}",
-                    s.as_str(),
-                    a.as_str()
-                );
-            }
-        }
-        format!("no single rule allows agent {agent} all of the requested audiences and scopes")
-    }
-}
-
-impl Policy for RulePolicy {
-    fn decide_start_task(&self, req: &StartTaskRequest<'_>) -> Decision {
-        let auds = req.envelope.audiences();
-        match self.first_covering(req.agent, auds, req.envelope.scopes()) {
-            Some(rule) => Decision::Permit {
-                policy_id: rule.id.clone(),
-                max_ttl: None,
-            },
-            None => Decision::Deny {
-                policy_id: None,
-                reason: self.deny_reason(req.agent, auds, req.envelope.scopes()),
-            },
-        }
-    }
-
-    fn decide_sign_certificate(&self, req: &SignCertificateRequest<'_>) -> Decision {
-        let rule = self
-            .rules
-            .iter()
-            .find(|r| r.certificates && r.agents.iter().any(|p| p.matches(req.agent)));
-        match rule {
-            Some(rule) => Decision::Permit {
-                policy_id: rule.id.clone(),
-                max_ttl: rule.max_certificate_ttl,
-            },
-            None => Decision::Deny {
-                policy_id: None,
-                reason: format!("no rule allows agent {} certificates", req.agent),
-            },
-        }
-    }
-
-    fn decide_issue_token(&self, req: &IssueTokenRequest<'_>) -> Decision {
-        let auds = std::iter::once(req.audience);
-        match self.first_covering(req.agent, auds.clone(), req.scopes) {
-            Some(rule) => Decision::Permit {
-                policy_id: rule.id.clone(),
-                max_ttl: rule.max_token_ttl,
-            },
-            None => Decision::Deny {
-                policy_id: None,
-                reason: self.deny_reason(req.agent, auds, req.scopes),
-            },
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::parse_scopes;
-
-    fn rule(id: &str, agents: &[&str], auds: &[&str], scopes: &[&str]) -> Rule {
-        Rule {
-            id: id.into(),
-            agents: agents.iter().map(|a| a.parse().unwrap()).collect(),
-            audiences: auds.iter().map(|a| Pattern::new(a).unwrap()).collect(),
-            scopes: scopes.iter().map(|s| Pattern::new(s).unwrap()).collect(),
-            max_token_ttl: Some(Duration::from_secs(60)),
-            certificates: id == "r",
-            max_certificate_ttl: None,
-        }
-    }
-
-    fn start(policy: &RulePolicy, agent: &str, auds: &[&str], scopes: &[&str]) -> Decision {
-        let agent = SpiffeId::new(agent).unwrap();
-        let envelope = Envelope::new(auds, scopes).unwrap();
-        policy.decide_start_task(&StartTaskRequest {
-            agent: &agent,
-            intent: &Intent::new("test").unwrap(),
-            context: &TaskContext::default(),
-            envelope: &envelope,
-        })
-    }
 
     #[test]
     fn patterns() {
@@ -309,93 +154,5 @@ mod tests {
         assert!(!Pattern::new("api").unwrap().matches("api2"));
         assert!(Pattern::new("a*b").is_err());
         assert!(Pattern::new("").is_err());
-    }
-
-    #[test]
-    fn first_covering_rule_decides() {
-        let p = RulePolicy::new(vec![
-            rule(
-                "readers",
-                &["spiffe://td/agent/*"],
-                &["https://api"],
-                &["read:*"],
-            ),
-            rule(
-                "mailer",
-                &["spiffe://td/agent/mail"],
-                &["https://mail"],
-                &["send"],
-            ),
-        ]);
-        assert_eq!(
-            start(
-                &p,
-                "spiffe://td/agent/a",
-                &["https://api"],
-                &["read:x", "read:y"]
-            ),
-            Decision::Permit {
-                policy_id: "readers".into(),
-                max_ttl: None
-            }
-        );
-        // Rules do not combine: one rule must cover the whole envelope.
-        let Decision::Deny { reason, .. } = start(
-            &p,
-            "spiffe://td/agent/mail",
-            &["https://api", "https://mail"],
-            &[],
-        ) else {
-            panic!("expected deny")
-        };
-        assert!(reason.contains("no single rule"), "{reason}");
-        let Decision::Deny { reason, .. } =
-            start(&p, "spiffe://td/agent/a", &["https://api"], &["write:x"])
-        else {
-            panic!("expected deny")
-        };
-        assert_eq!(
-            reason,
-            "no rule allows agent spiffe://td/agent/a scope \"write:x\" for audience \"https://api\""
-        );
-        let Decision::Deny { reason, .. } = start(&p, "spiffe://td/other/a", &["https://api"], &[])
-        else {
-            panic!("expected deny")
-        };
-        assert!(reason.contains("anything"), "{reason}");
-    }
-
-    #[test]
-    fn issue_token_carries_the_rule_ttl_cap() {
-        let p = RulePolicy::new(vec![rule(
-            "r",
-            &["spiffe://td/agent/*"],
-            &["api"],
-            &["read"],
-        )]);
-        let agent = SpiffeId::new("spiffe://td/agent/a").unwrap();
-        let task = Task {
-            id: crate::TaskId::generate(),
-            agent: agent.clone(),
-            intent: Intent::new("x").unwrap(),
-            context: TaskContext::default(),
-            envelope: Envelope::new(&["api"], &["read"]).unwrap(),
-            created_at: crate::Timestamp::from_secs(0),
-            expires_at: crate::Timestamp::from_secs(10),
-        };
-        let aud = Audience::new("api").unwrap();
-        let decision = p.decide_issue_token(&IssueTokenRequest {
-            agent: &agent,
-            task: &task,
-            audience: &aud,
-            scopes: &parse_scopes(&["read"]).unwrap(),
-        });
-        assert_eq!(
-            decision,
-            Decision::Permit {
-                policy_id: "r".into(),
-                max_ttl: Some(Duration::from_secs(60))
-            }
-        );
     }
 }

@@ -29,6 +29,10 @@ pub struct Task {
     pub created_at: Timestamp,
     /// When it ends on its own; every credential expires by then.
     pub expires_at: Timestamp,
+    /// Bumped on every context change: a credential decided on an older
+    /// revision is not recorded (the decision is made again).
+    #[serde(default)]
+    pub revision: u64,
 }
 
 impl Task {
@@ -46,6 +50,8 @@ impl Task {
             status: LeaseStatus::Active,
             cert_thumbprint: None,
             serial: None,
+            task_revision: self.revision,
+            approval: None,
         }
     }
 }

@@ -71,6 +71,8 @@ impl TestBroker {
         let td = TrustDomain::new(TRUST_DOMAIN).unwrap();
         let layout = dev::init(&dir.path().join("dev"), &td).unwrap();
         let mut config = Config::load(&layout.config).unwrap();
+        // Tests issue in bursts; the rate-limit tests turn it back on.
+        config.rate_limit.per_second = 0.0;
         tweak(&mut config);
         let ca = Arc::new(dev::load_ca(&layout.dir).unwrap());
         Self::launch(layout, config, ca, dir, None, false).await
@@ -268,6 +270,28 @@ impl Drop for TestBroker {
             let _ = stop.send(());
         }
     }
+}
+
+/// Points `config` at a fresh policy directory holding `text` (one file),
+/// in place of the dev policies.
+pub fn use_policies(config: &mut Config, text: &str) {
+    let dir = config
+        .data_dir
+        .with_file_name(format!("policies-{}", mayfly_core::LeaseId::generate()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("test.cedar"), text).unwrap();
+    config.policy.dir = dir;
+}
+
+/// The dev policies of `config`, without the policy whose `@id` is `id`
+/// (policies are separated by blank lines in the dev file).
+pub fn dev_policies_without(config: &Config, id: &str) -> String {
+    let text = std::fs::read_to_string(config.policy.dir.join("mayfly.cedar")).unwrap();
+    let marker = format!("@id(\"{id}\")");
+    text.split("\n\n")
+        .filter(|block| !block.contains(&marker))
+        .collect::<Vec<_>>()
+        .join("\n\n")
 }
 
 /// GETs an HTTPS URL trusting `ca_pem`; returns status and body as text.

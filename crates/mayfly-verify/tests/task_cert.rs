@@ -39,6 +39,7 @@ async fn rustls_accepts_the_task_certificate_and_the_helper_reads_it() {
             task_id: task.id().to_owned(),
             csr: csr.der().to_vec(),
             ttl_seconds: 0,
+            approval_id: String::new(),
         })
         .await
         .unwrap()

@@ -64,6 +64,7 @@ async fn token(agent: &Client, scopes: &[&str], bind: bool) -> (String, pb::Issu
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
             ttl_seconds: 0,
             bind_to_client_cert: bind,
+            approval_id: String::new(),
         })
         .await
         .unwrap();

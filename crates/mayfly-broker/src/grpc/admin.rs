@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use mayfly_core::{LeaseId, SpiffeId, TaskId, Timestamp};
+use mayfly_core::{Approval, ApprovalId, LeaseId, SpiffeId, TaskId, Timestamp};
 use mayfly_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::{
-    caller, field, lease_kind_from_proto, lease_state_from_proto, lease_to_proto,
-    task_state_from_proto, task_to_proto,
+    approval_to_proto, caller, field, lease_kind_from_proto, lease_state_from_proto,
+    lease_to_proto, task_state_from_proto, task_to_proto,
 };
 use crate::error::BrokerError;
 use crate::identity::Caller;
@@ -143,6 +143,40 @@ impl pb::admin_server::Admin for AdminApi {
         Ok(Response::new(revoke_response(revoked)))
     }
 
+    async fn list_approvals(
+        &self,
+        request: Request<pb::ListApprovalsRequest>,
+    ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
+        self.operator(&request)?;
+        let r = request.into_inner();
+        let page = self
+            .svc
+            .list_approvals(r.all, &page(r.page_size, &r.page_token)?)
+            .await?;
+        let mut approvals = Vec::with_capacity(page.items.len());
+        for a in &page.items {
+            approvals.push(self.with_task(a).await);
+        }
+        Ok(Response::new(pb::ListApprovalsResponse {
+            approvals,
+            next_page_token: page.next.unwrap_or_default(),
+        }))
+    }
+
+    async fn approve(
+        &self,
+        request: Request<pb::DecideApprovalRequest>,
+    ) -> Result<Response<pb::Approval>, Status> {
+        self.decide(request, true).await
+    }
+
+    async fn deny(
+        &self,
+        request: Request<pb::DecideApprovalRequest>,
+    ) -> Result<Response<pb::Approval>, Status> {
+        self.decide(request, false).await
+    }
+
     async fn list_tasks(
         &self,
         request: Request<pb::ListTasksRequest>,
@@ -162,6 +196,29 @@ impl pb::admin_server::Admin for AdminApi {
             tasks: page.items.iter().map(|t| task_to_proto(t, now)).collect(),
             next_page_token: page.next.unwrap_or_default(),
         }))
+    }
+}
+
+impl AdminApi {
+    /// An approval with its task's intent and context, for operators.
+    async fn with_task(&self, a: &Approval) -> pb::Approval {
+        let task = self.svc.get_task(&a.task_id).await.ok();
+        approval_to_proto(a, task.as_ref().map(|r| &r.task), Timestamp::now())
+    }
+
+    async fn decide(
+        &self,
+        request: Request<pb::DecideApprovalRequest>,
+        approve: bool,
+    ) -> Result<Response<pb::Approval>, Status> {
+        let op = self.operator(&request)?;
+        let r = request.get_ref();
+        let id = field("approval_id", &r.approval_id, ApprovalId::new)?;
+        let approval = self
+            .svc
+            .decide_approval(&op, &id, approve, parse_note(&r.reason)?)
+            .await?;
+        Ok(Response::new(self.with_task(&approval).await))
     }
 }
 

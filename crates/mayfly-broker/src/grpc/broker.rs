@@ -2,14 +2,25 @@
 
 use std::sync::Arc;
 
-use mayfly_core::{Audience, Envelope, Intent, TaskContext, TaskId, Timestamp, parse_scopes};
+use mayfly_core::{
+    ApprovalId, Audience, Envelope, Intent, TaskContext, TaskId, Timestamp, parse_scopes,
+};
 use mayfly_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use super::{caller, field, task_to_proto, timestamp};
+use super::{approval_to_proto, caller, field, task_to_proto, timestamp};
 use crate::error::BrokerError;
 use crate::issuer::x509::parse_csr;
-use crate::service::{CertificateRequest, NewTask, Service, TokenRequest, requested_ttl};
+use crate::service::{CertificateRequest, Issued, NewTask, Service, TokenRequest, requested_ttl};
+
+/// An optional approval id field.
+fn optional_approval(s: &str) -> Result<Option<ApprovalId>, BrokerError> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        field("approval_id", s, ApprovalId::new).map(Some)
+    }
+}
 
 /// The Broker service over [`Service`].
 #[derive(Debug, Clone)]
@@ -46,8 +57,9 @@ impl TryFrom<pb::IssueTokenRequest> for TokenRequest {
             task_id: field("task_id", &r.task_id, TaskId::new)?,
             audience: field("audience", &r.audience, Audience::new)?,
             scopes: parse_scopes(&r.scopes).map_err(|e| BrokerError::Invalid(e.to_string()))?,
-            ttl: requested_ttl("ttl_seconds", r.ttl_seconds)?,
+            ttl_seconds: requested_ttl("ttl_seconds", r.ttl_seconds).map(|_| r.ttl_seconds)?,
             bind_to_client_cert: r.bind_to_client_cert,
+            approval_id: optional_approval(&r.approval_id)?,
         })
     }
 }
@@ -58,7 +70,8 @@ impl TryFrom<pb::SignCertificateRequest> for CertificateRequest {
         Ok(Self {
             task_id: field("task_id", &r.task_id, TaskId::new)?,
             key: parse_csr(&r.csr).map_err(|e| BrokerError::Invalid(e.to_string()))?,
-            ttl: requested_ttl("ttl_seconds", r.ttl_seconds)?,
+            ttl_seconds: requested_ttl("ttl_seconds", r.ttl_seconds).map(|_| r.ttl_seconds)?,
+            approval_id: optional_approval(&r.approval_id)?,
         })
     }
 }
@@ -71,7 +84,15 @@ impl pb::broker_server::Broker for BrokerApi {
     ) -> Result<Response<pb::IssuedCertificate>, Status> {
         let caller = caller(&request)?;
         let req = CertificateRequest::try_from(request.into_inner())?;
-        let issued = self.svc.sign_certificate(&caller, req).await?;
+        let issued = match self.svc.sign_certificate(&caller, req).await? {
+            Issued::Credential(c) => c,
+            Issued::Pending(a) => {
+                return Ok(Response::new(pb::IssuedCertificate {
+                    approval: Some(approval_to_proto(&a, None, Timestamp::now())),
+                    ..Default::default()
+                }));
+            }
+        };
         Ok(Response::new(pb::IssuedCertificate {
             certificate_pem: issued.certificate_pem,
             chain_pem: issued.chain_pem,
@@ -79,7 +100,41 @@ impl pb::broker_server::Broker for BrokerApi {
             serial: issued.lease.serial.unwrap_or_default(),
             expires_at: Some(timestamp(issued.lease.expires_at)),
             spiffe_id: issued.spiffe_id.to_string(),
+            approval: None,
         }))
+    }
+
+    async fn update_task_context(
+        &self,
+        request: Request<pb::UpdateTaskContextRequest>,
+    ) -> Result<Response<pb::UpdateTaskContextResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let id = field("task_id", &r.task_id, TaskId::new)?;
+        let (record, revoked) = self
+            .svc
+            .update_task_context(&caller, &id, r.set.into_iter().collect(), r.remove)
+            .await?;
+        Ok(Response::new(pb::UpdateTaskContextResponse {
+            task: Some(task_to_proto(&record, Timestamp::now())),
+            revoked_leases: revoked.iter().map(|l| l.to_string()).collect(),
+        }))
+    }
+
+    async fn wait_approval(
+        &self,
+        request: Request<pb::WaitApprovalRequest>,
+    ) -> Result<Response<pb::Approval>, Status> {
+        let caller = caller(&request)?;
+        let r = request.get_ref();
+        let id = field("approval_id", &r.approval_id, ApprovalId::new)?;
+        let wait = std::time::Duration::from_secs(u64::from(r.wait_seconds));
+        let approval = self.svc.wait_approval(&caller, &id, wait).await?;
+        Ok(Response::new(approval_to_proto(
+            &approval,
+            None,
+            Timestamp::now(),
+        )))
     }
 
     async fn start_task(
@@ -108,7 +163,15 @@ impl pb::broker_server::Broker for BrokerApi {
     ) -> Result<Response<pb::IssuedToken>, Status> {
         let caller = caller(&request)?;
         let req = TokenRequest::try_from(request.into_inner())?;
-        let issued = self.svc.issue_token(&caller, req).await?;
+        let issued = match self.svc.issue_token(&caller, req).await? {
+            Issued::Credential(t) => t,
+            Issued::Pending(a) => {
+                return Ok(Response::new(pb::IssuedToken {
+                    approval: Some(approval_to_proto(&a, None, Timestamp::now())),
+                    ..Default::default()
+                }));
+            }
+        };
         let lease = &issued.lease;
         Ok(Response::new(pb::IssuedToken {
             token: issued.token.into_string(),
@@ -121,6 +184,7 @@ impl pb::broker_server::Broker for BrokerApi {
                 .as_ref()
                 .map(|a| a.to_string())
                 .unwrap_or_default(),
+            approval: None,
         }))
     }
 

@@ -14,7 +14,8 @@ pub use revocations::RevocationsApi;
 use std::sync::Arc;
 
 use mayfly_core::{
-    Lease, LeaseKind, LeaseState, LeaseStatus, RevocationReason, TaskRecord, TaskState, Timestamp,
+    Approval, ApprovalRequest, ApprovalState, ApprovalStatus, Lease, LeaseKind, LeaseState,
+    LeaseStatus, RevocationReason, Task, TaskRecord, TaskState, Timestamp,
 };
 use mayfly_proto::v1 as pb;
 use tonic::{Request, Status};
@@ -136,6 +137,82 @@ pub(crate) fn lease_kind_to_proto(k: LeaseKind) -> pb::LeaseKind {
         LeaseKind::Task => pb::LeaseKind::Task,
         LeaseKind::Jwt => pb::LeaseKind::Jwt,
         LeaseKind::X509 => pb::LeaseKind::X509,
+    }
+}
+
+fn approval_state_to_proto(s: ApprovalState) -> pb::ApprovalState {
+    match s {
+        ApprovalState::Pending => pb::ApprovalState::Pending,
+        ApprovalState::Approved => pb::ApprovalState::Approved,
+        ApprovalState::Denied => pb::ApprovalState::Denied,
+        ApprovalState::Consumed => pb::ApprovalState::Consumed,
+        ApprovalState::Expired => pb::ApprovalState::Expired,
+    }
+}
+
+/// An approval as the API shows it; `task` adds the intent and context an
+/// operator judges by.
+pub fn approval_to_proto(a: &Approval, task: Option<&Task>, now: Timestamp) -> pb::Approval {
+    let (kind, audience, scopes, bind, key_sha256, ttl_seconds) = match &a.request {
+        ApprovalRequest::Token {
+            audience,
+            scopes,
+            ttl_seconds,
+            bind,
+        } => (
+            pb::LeaseKind::Jwt,
+            audience.to_string(),
+            scopes.iter().map(|s| s.to_string()).collect(),
+            *bind,
+            String::new(),
+            *ttl_seconds,
+        ),
+        ApprovalRequest::Certificate {
+            key_sha256,
+            ttl_seconds,
+        } => (
+            pb::LeaseKind::X509,
+            String::new(),
+            Vec::new(),
+            false,
+            key_sha256.clone(),
+            *ttl_seconds,
+        ),
+    };
+    let (decided_by, decided_at, reason) = match &a.status {
+        ApprovalStatus::Pending => (String::new(), None, String::new()),
+        ApprovalStatus::Approved { by, at } | ApprovalStatus::Consumed { by, at } => {
+            (by.to_string(), Some(timestamp(*at)), String::new())
+        }
+        ApprovalStatus::Denied { by, at, reason } => (
+            by.to_string(),
+            Some(timestamp(*at)),
+            reason.clone().unwrap_or_default(),
+        ),
+    };
+    pb::Approval {
+        approval_id: a.id.to_string(),
+        agent_id: a.agent.to_string(),
+        task_id: a.task_id.to_string(),
+        task_intent: task
+            .map(|t| t.intent.as_str().to_owned())
+            .unwrap_or_default(),
+        task_context: task
+            .map(|t| t.context.entries().clone().into_iter().collect())
+            .unwrap_or_default(),
+        kind: kind.into(),
+        audience,
+        scopes,
+        bind_to_client_cert: bind,
+        key_sha256,
+        ttl_seconds,
+        state: approval_state_to_proto(a.state_at(now)).into(),
+        policy_id: a.policy_id.clone(),
+        created_at: Some(timestamp(a.created_at)),
+        expires_at: Some(timestamp(a.expires_at)),
+        decided_by,
+        decided_at,
+        reason,
     }
 }
 

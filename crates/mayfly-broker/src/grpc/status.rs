@@ -1,6 +1,7 @@
 //! The one mapping from [`BrokerError`] to a gRPC status. The match has no
 //! catch-all arm, so a new error variant must be mapped on purpose.
 
+use mayfly_core::ApprovalState;
 use tonic::Status;
 
 use crate::error::BrokerError;
@@ -15,7 +16,23 @@ impl From<BrokerError> for Status {
             | BrokerError::NotIntrospector(_)
             | BrokerError::Denied { .. }
             | BrokerError::OutsideEnvelope(_) => Status::permission_denied(msg),
-            BrokerError::TaskNotFound(_) | BrokerError::LeaseNotFound(_) => Status::not_found(msg),
+            BrokerError::TaskNotFound(_)
+            | BrokerError::LeaseNotFound(_)
+            | BrokerError::ApprovalNotFound(_) => Status::not_found(msg),
+            BrokerError::ApprovalMismatch(_) => Status::permission_denied(msg),
+            BrokerError::ApprovalUnusable {
+                state: ApprovalState::Denied,
+                ..
+            } => Status::permission_denied(msg),
+            BrokerError::ApprovalUnusable { .. } => Status::failed_precondition(msg),
+            BrokerError::RateLimited { retry_after } => {
+                let mut status = Status::resource_exhausted(msg);
+                let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                if let Ok(v) = secs.to_string().parse() {
+                    status.metadata_mut().insert("retry-after", v);
+                }
+                status
+            }
             BrokerError::TaskNotActive { .. }
             | BrokerError::LeaseNotActive { .. }
             | BrokerError::Unsupported(_) => Status::failed_precondition(msg),

@@ -87,6 +87,11 @@ impl CsrKey {
     pub fn kind(&self) -> &str {
         &self.kind
     }
+
+    /// The SubjectPublicKeyInfo, DER.
+    pub fn spki(&self) -> &[u8] {
+        &self.spki
+    }
 }
 
 /// Parses and checks a PEM or DER CSR.

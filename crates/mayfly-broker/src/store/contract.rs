@@ -80,6 +80,7 @@ pub fn task(agent: &SpiffeId, ttl: u64) -> Task {
         envelope: Envelope::new(&["https://api.example.com"], &["read", "write"]).unwrap(),
         created_at: *T0,
         expires_at: at(ttl),
+        revision: 0,
     }
 }
 
@@ -97,6 +98,8 @@ pub fn lease(task: &Task, ttl: u64) -> Lease {
         status: LeaseStatus::Active,
         cert_thumbprint: None,
         serial: None,
+        task_revision: 0,
+        approval: None,
     }
 }
 

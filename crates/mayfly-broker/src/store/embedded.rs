@@ -16,6 +16,8 @@
 //! | `all_expiry`    | (expires ms, lease)  | `()`; every lease, purge  |
 //! | `revocations`   | cursor               | [`RevocationEvent`]       |
 //! | `meta`          | name                 | u64 (`next_cursor`)       |
+//! | `approvals`     | approval id          | [`Approval`]              |
+//! | `approval_expiry` | (expires ms, id)   | `()`; purge               |
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
@@ -25,7 +27,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use mayfly_core::{
-    Lease, LeaseId, LeaseKind, LeaseStatus, RevocationReason, SpiffeId, Task, TaskId, TaskRecord,
+    Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Lease, LeaseId,
+    LeaseKind, LeaseStatus, RevocationReason, SpiffeId, Task, TaskContext, TaskId, TaskRecord,
     TaskState, Timestamp,
 };
 use redb::{
@@ -37,7 +40,7 @@ use serde::de::DeserializeOwned;
 
 use super::{
     LeaseFilter, LeaseStore, Page, PageRequest, ReapOutcome, RevocationEvent, RevokeRequest,
-    StoreError, TaskFilter,
+    StoreError, TaskFilter, check_consumable, check_decidable,
 };
 
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
@@ -52,6 +55,8 @@ const ACTIVE_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("ac
 const ALL_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("all_expiry");
 const REVOCATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("revocations");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const APPROVALS: TableDefinition<&str, &[u8]> = TableDefinition::new("approvals");
+const APPROVAL_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("approval_expiry");
 
 /// Key in `meta` of the next revocation cursor (never reused, even after
 /// trimming).
@@ -181,6 +186,8 @@ struct Tables<'t> {
     all_expiry: Table<'t, (u64, &'static str), ()>,
     revocations: Table<'t, u64, &'static [u8]>,
     meta: Table<'t, &'static str, u64>,
+    approvals: Table<'t, &'static str, &'static [u8]>,
+    approval_expiry: Table<'t, (u64, &'static str), ()>,
 }
 
 impl<'t> Tables<'t> {
@@ -195,6 +202,8 @@ impl<'t> Tables<'t> {
             all_expiry: txn.open_table(ALL_EXPIRY)?,
             revocations: txn.open_table(REVOCATIONS)?,
             meta: txn.open_table(META)?,
+            approvals: txn.open_table(APPROVALS)?,
+            approval_expiry: txn.open_table(APPROVAL_EXPIRY)?,
         })
     }
 
@@ -291,6 +300,19 @@ impl<'t> Tables<'t> {
             }
         }
         Ok(revoked)
+    }
+
+    fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError> {
+        self.approvals
+            .get(id)?
+            .map(|v| decode(v.value()))
+            .transpose()
+    }
+
+    fn put_approval(&mut self, a: &Approval) -> Result<(), StoreError> {
+        self.approvals
+            .insert(a.id.as_str(), encode(a)?.as_slice())?;
+        Ok(())
     }
 
     fn purge(&mut self, lease: &Lease) -> Result<(), StoreError> {
@@ -442,6 +464,9 @@ impl LeaseStore for EmbeddedStore {
             }
             if lease.expires_at > record.task.expires_at {
                 return Err(StoreError::OutlivesTask);
+            }
+            if lease.task_revision != record.task.revision {
+                return Err(StoreError::TaskChanged);
             }
             t.insert_new_lease(&lease)
         })
@@ -641,6 +666,10 @@ impl LeaseStore for EmbeddedStore {
                 }
                 outcome.purged += 1;
             }
+            for (exp, id) in expiry_keys(&t.approval_expiry, cutoff, limit)? {
+                t.approval_expiry.remove((exp, id.as_str()))?;
+                t.approvals.remove(id.as_str())?;
+            }
             // Trim the feed from its oldest end while the credentials have
             // been expired for longer than the retention window.
             loop {
@@ -660,6 +689,118 @@ impl LeaseStore for EmbeddedStore {
                 t.revocations.remove(cursor)?;
             }
             Ok(outcome)
+        })
+        .await
+    }
+
+    async fn create_approval(&self, approval: &Approval) -> Result<(), StoreError> {
+        let a = approval.clone();
+        self.write(move |t| {
+            if t.approvals.get(a.id.as_str())?.is_some() {
+                return Err(StoreError::Duplicate(a.id.to_string()));
+            }
+            t.put_approval(&a)?;
+            t.approval_expiry
+                .insert((a.expires_at.as_millis(), a.id.as_str()), ())?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_approval(&self, id: &ApprovalId) -> Result<Option<Approval>, StoreError> {
+        let id = id.clone();
+        self.read(move |txn| {
+            let table = txn.open_table(APPROVALS)?;
+            table
+                .get(id.as_str())?
+                .map(|v| decode(v.value()))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn list_approvals(
+        &self,
+        pending_only: bool,
+        page: &PageRequest,
+        now: Timestamp,
+    ) -> Result<Page<Approval>, StoreError> {
+        let page = page.clone();
+        self.read(move |txn| {
+            let table = txn.open_table(APPROVALS)?;
+            let ids = table_ids(&table, page.after.as_deref())?;
+            page_of(
+                ids.into_iter(),
+                &page,
+                MAX_SCAN,
+                |id| table.get(id)?.map(|v| decode(v.value())).transpose(),
+                |a: &Approval| !pending_only || a.state_at(now) == ApprovalState::Pending,
+            )
+        })
+        .await
+    }
+
+    async fn decide_approval(
+        &self,
+        id: &ApprovalId,
+        decision: ApprovalStatus,
+        now: Timestamp,
+    ) -> Result<Approval, StoreError> {
+        let id = id.clone();
+        self.write(move |t| {
+            let mut a = t
+                .approval(id.as_str())?
+                .ok_or(StoreError::ApprovalNotFound)?;
+            check_decidable(&a, now)?;
+            a.status = decision;
+            t.put_approval(&a)?;
+            Ok(a)
+        })
+        .await
+    }
+
+    async fn consume_approval(
+        &self,
+        id: &ApprovalId,
+        agent: &SpiffeId,
+        task: &TaskId,
+        request: &ApprovalRequest,
+        now: Timestamp,
+    ) -> Result<Approval, StoreError> {
+        let (id, agent, task, request) = (id.clone(), agent.clone(), task.clone(), request.clone());
+        self.write(move |t| {
+            let mut a = t
+                .approval(id.as_str())?
+                .ok_or(StoreError::ApprovalNotFound)?;
+            a.status = check_consumable(&a, &agent, &task, &request, now)?;
+            t.put_approval(&a)?;
+            Ok(a)
+        })
+        .await
+    }
+
+    async fn update_task_context(
+        &self,
+        id: &TaskId,
+        agent: &SpiffeId,
+        context: &TaskContext,
+        now: Timestamp,
+    ) -> Result<Task, StoreError> {
+        let (id, agent, context) = (id.clone(), agent.clone(), context.clone());
+        self.write(move |t| {
+            let record = t
+                .task_record(id.as_str())?
+                .filter(|r| r.task.agent == agent)
+                .ok_or(StoreError::TaskNotFound)?;
+            let state = record.state_at(now);
+            if state != TaskState::Active {
+                return Err(StoreError::TaskNotActive(state));
+            }
+            let mut task = record.task;
+            task.context = context;
+            task.revision += 1;
+            t.tasks.insert(id.as_str(), encode(&task)?.as_slice())?;
+            Ok(task)
         })
         .await
     }

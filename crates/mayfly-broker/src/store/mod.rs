@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use mayfly_core::{
-    Lease, LeaseId, LeaseKind, LeaseState, Revocation, RevocationReason, SpiffeId, Task, TaskId,
+    Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Lease, LeaseId,
+    LeaseKind, LeaseState, Revocation, RevocationReason, SpiffeId, Task, TaskContext, TaskId,
     TaskRecord, TaskState, Timestamp,
 };
 use serde::{Deserialize, Serialize};
@@ -45,6 +46,18 @@ pub enum StoreError {
     /// A lease would outlive its task.
     #[error("lease would outlive its task")]
     OutlivesTask,
+    /// The task's context changed after the decision was made.
+    #[error("the task's context changed during the request")]
+    TaskChanged,
+    /// No such approval (or another agent's).
+    #[error("approval not found")]
+    ApprovalNotFound,
+    /// The approval is not in the state the call needs.
+    #[error("approval is {0}")]
+    ApprovalState(ApprovalState),
+    /// The approval was granted for another request.
+    #[error("approval was granted for a different request")]
+    ApprovalMismatch,
     /// The backend cannot be reached or failed to commit; nothing was written.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -168,6 +181,40 @@ impl RevokeRequest {
     }
 }
 
+/// Checks that an approval may be decided at `now`.
+pub(crate) fn check_decidable(a: &Approval, now: Timestamp) -> Result<(), StoreError> {
+    match a.state_at(now) {
+        ApprovalState::Pending => Ok(()),
+        state => Err(StoreError::ApprovalState(state)),
+    }
+}
+
+/// Checks that `agent` may consume approval `a` for `request` under `task`
+/// at `now`; returns its consumed status.
+pub(crate) fn check_consumable(
+    a: &Approval,
+    agent: &SpiffeId,
+    task: &TaskId,
+    request: &ApprovalRequest,
+    now: Timestamp,
+) -> Result<ApprovalStatus, StoreError> {
+    if &a.agent != agent || &a.task_id != task {
+        return Err(StoreError::ApprovalNotFound);
+    }
+    match (&a.status, a.state_at(now)) {
+        (ApprovalStatus::Approved { by, .. }, ApprovalState::Approved) => {
+            if &a.request != request {
+                return Err(StoreError::ApprovalMismatch);
+            }
+            Ok(ApprovalStatus::Consumed {
+                by: by.clone(),
+                at: now,
+            })
+        }
+        (_, state) => Err(StoreError::ApprovalState(state)),
+    }
+}
+
 /// The lease store. Methods take `now` from the caller so that time is one
 /// consistent value per request, and so tests control it.
 #[async_trait]
@@ -243,6 +290,50 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         retention: Duration,
         limit: usize,
     ) -> Result<ReapOutcome, StoreError>;
+
+    /// Records a new, pending approval.
+    async fn create_approval(&self, approval: &Approval) -> Result<(), StoreError>;
+
+    /// An approval by id.
+    async fn get_approval(&self, id: &ApprovalId) -> Result<Option<Approval>, StoreError>;
+
+    /// Approvals, newest first by id order; only those pending at `now`
+    /// when `pending_only`.
+    async fn list_approvals(
+        &self,
+        pending_only: bool,
+        page: &PageRequest,
+        now: Timestamp,
+    ) -> Result<Page<Approval>, StoreError>;
+
+    /// Approves or denies a pending, unexpired approval, atomically.
+    async fn decide_approval(
+        &self,
+        id: &ApprovalId,
+        decision: ApprovalStatus,
+        now: Timestamp,
+    ) -> Result<Approval, StoreError>;
+
+    /// Marks an approved, unexpired approval consumed if it belongs to
+    /// `agent` and `task` and was granted for exactly `request`; once only.
+    async fn consume_approval(
+        &self,
+        id: &ApprovalId,
+        agent: &SpiffeId,
+        task: &TaskId,
+        request: &ApprovalRequest,
+        now: Timestamp,
+    ) -> Result<Approval, StoreError>;
+
+    /// Replaces the context of an active task of `agent`, bumping its
+    /// revision; returns the updated task.
+    async fn update_task_context(
+        &self,
+        id: &TaskId,
+        agent: &SpiffeId,
+        context: &TaskContext,
+        now: Timestamp,
+    ) -> Result<Task, StoreError>;
 
     /// Whether the store can serve requests now.
     async fn check(&self) -> Result<(), StoreError>;

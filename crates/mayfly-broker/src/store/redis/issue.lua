@@ -2,12 +2,14 @@
 -- KEYS: 1 task hash, 2 task-lease hash, 3 task's lease set, 4 new lease hash,
 --       5 all leases, 6 agent's leases, 7 expiry index, 8 purge index
 -- ARGV: 1 lease id, 2 agent, 3 now ms, 4 expires ms, 5 keep-until ms,
---       6 lease JSON, 7 kind, 8 index member, 9 certificate serial or ""
+--       6 lease JSON, 7 kind, 8 index member, 9 certificate serial or "",
+--       10 the task revision the decision saw
 local agent = redis.call('HGET', KEYS[1], 'agent')
 if not agent or agent ~= ARGV[2] then return 'NOTFOUND' end
 local state = task_state(KEYS[2], ARGV[3])
 if state ~= 'active' then return 'STATE:' .. state end
 if tonumber(ARGV[4]) > tonumber(redis.call('HGET', KEYS[1], 'exp')) then return 'OUTLIVES' end
+if (redis.call('HGET', KEYS[1], 'rev') or '0') ~= ARGV[10] then return 'CHANGED' end
 if redis.call('EXISTS', KEYS[4]) == 1 then return 'DUPLICATE' end
 redis.call('HSET', KEYS[4], 'body', ARGV[6], 'state', 'active', 'exp', ARGV[4],
   'kind', ARGV[7], 'agent', ARGV[2])

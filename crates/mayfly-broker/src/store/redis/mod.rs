@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use mayfly_core::{
-    Lease, LeaseId, LeaseKind, LeaseStatus, Revocation, SpiffeId, Task, TaskId, TaskRecord,
-    TaskState, Timestamp,
+    Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Lease, LeaseId,
+    LeaseKind, LeaseStatus, Revocation, SpiffeId, Task, TaskContext, TaskId, TaskRecord, TaskState,
+    Timestamp,
 };
 use redis::Script;
 use serde::Serialize;
@@ -25,7 +26,7 @@ pub use conn::RedisTarget;
 
 use super::{
     LeaseFilter, LeaseStore, Page, PageRequest, ReapOutcome, RevocationEvent, RevokeRequest,
-    StoreError, TaskFilter,
+    StoreError, TaskFilter, check_consumable,
 };
 
 /// Records stay this much longer in Redis than the reaper keeps them, so the
@@ -52,6 +53,9 @@ struct Scripts {
     revoke_lease: Script,
     expire: Script,
     purge: Script,
+    approval_decide: Script,
+    approval_consume: Script,
+    update_context: Script,
 }
 
 impl Scripts {
@@ -63,6 +67,9 @@ impl Scripts {
             revoke_lease: script(include_str!("revoke_lease.lua")),
             expire: script(include_str!("expire.lua")),
             purge: script(include_str!("purge.lua")),
+            approval_decide: script(include_str!("approval_decide.lua")),
+            approval_consume: script(include_str!("approval_consume.lua")),
+            update_context: script(include_str!("update_context.lua")),
         }
     }
 }
@@ -106,6 +113,15 @@ impl Keys {
     }
     fn revocations(&self) -> String {
         format!("{}:revocations", self.prefix)
+    }
+    fn approval(&self, id: &str) -> String {
+        format!("{}:approval:{id}", self.prefix)
+    }
+    fn approvals(&self) -> String {
+        format!("{}:approvals", self.prefix)
+    }
+    fn approval_expiry(&self) -> String {
+        format!("{}:approvals:expiry", self.prefix)
     }
 }
 
@@ -157,6 +173,8 @@ fn script_status(reply: &str) -> Result<(), StoreError> {
         "NOTFOUND" => Err(StoreError::TaskNotFound),
         "DUPLICATE" => Err(StoreError::Duplicate("lease or task".into())),
         "OUTLIVES" => Err(StoreError::OutlivesTask),
+        "CHANGED" => Err(StoreError::TaskChanged),
+        "MISMATCH" => Err(StoreError::ApprovalMismatch),
         other => match other.strip_prefix("STATE:") {
             Some(state) => Err(StoreError::TaskNotActive(parse_task_state(state)?)),
             None => Err(StoreError::Corrupt(format!(
@@ -164,6 +182,44 @@ fn script_status(reply: &str) -> Result<(), StoreError> {
             ))),
         },
     }
+}
+
+fn parse_approval_state(s: &str) -> Result<ApprovalState, StoreError> {
+    Ok(match s {
+        "pending" => ApprovalState::Pending,
+        "approved" => ApprovalState::Approved,
+        "denied" => ApprovalState::Denied,
+        "consumed" => ApprovalState::Consumed,
+        "expired" => ApprovalState::Expired,
+        other => return Err(StoreError::Corrupt(format!("approval state {other:?}"))),
+    })
+}
+
+/// Maps an approval script's reply.
+fn approval_status(reply: &str) -> Result<(), StoreError> {
+    match reply {
+        "OK" => Ok(()),
+        "NOTFOUND" => Err(StoreError::ApprovalNotFound),
+        "MISMATCH" => Err(StoreError::ApprovalMismatch),
+        other => match other.strip_prefix("STATE:") {
+            Some(state) => Err(StoreError::ApprovalState(parse_approval_state(state)?)),
+            None => Err(StoreError::Corrupt(format!(
+                "unexpected script reply {other:?}"
+            ))),
+        },
+    }
+}
+
+/// An approval hash as fetched: body and current status.
+type ApprovalFields = (Option<String>, Option<String>);
+
+fn approval_from(fields: ApprovalFields) -> Result<Option<Approval>, StoreError> {
+    let (Some(body), Some(status)) = fields else {
+        return Ok(None);
+    };
+    let mut a: Approval = decode(&body)?;
+    a.status = decode(&status)?;
+    Ok(Some(a))
 }
 
 fn parse_task_state(s: &str) -> Result<TaskState, StoreError> {
@@ -542,7 +598,8 @@ impl LeaseStore for RedisStore {
             .arg(encode(lease)?)
             .arg(lease.kind.as_str())
             .arg(&m)
-            .arg(lease.serial.as_deref().unwrap_or(""));
+            .arg(lease.serial.as_deref().unwrap_or(""))
+            .arg(lease.task_revision);
         let reply: String = self.invoke(&inv).await?;
         script_status(&reply).map_err(|e| match e {
             StoreError::Duplicate(_) => StoreError::Duplicate(l.to_owned()),
@@ -851,7 +908,197 @@ impl LeaseStore for RedisStore {
             outcome.purged = done.len();
         }
         self.trim_feed(cutoff).await?;
+        self.purge_approvals(cutoff, limit).await?;
         Ok(outcome)
+    }
+
+    async fn create_approval(&self, a: &Approval) -> Result<(), StoreError> {
+        let key = self.keys.approval(a.id.as_str());
+        let (body, status, request) = (encode(a)?, encode(&a.status)?, encode(&a.request)?);
+        let state = match a.status {
+            ApprovalStatus::Pending => "pending",
+            _ => return Err(StoreError::Corrupt("a new approval must be pending".into())),
+        };
+        let keep = self.keep_until(a.expires_at);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HSETNX")
+            .arg(&key)
+            .arg("body")
+            .arg(&body)
+            .cmd("HSET")
+            .arg(&key)
+            .arg("state")
+            .arg(state)
+            .arg("status")
+            .arg(&status)
+            .arg("exp")
+            .arg(a.expires_at.as_millis())
+            .arg("agent")
+            .arg(a.agent.as_str())
+            .arg("task")
+            .arg(a.task_id.as_str())
+            .arg("request")
+            .arg(&request)
+            .ignore()
+            .cmd("PEXPIREAT")
+            .arg(&key)
+            .arg(keep)
+            .ignore()
+            .cmd("ZADD")
+            .arg(self.keys.approvals())
+            .arg(0)
+            .arg(a.id.as_str())
+            .ignore()
+            .cmd("ZADD")
+            .arg(self.keys.approval_expiry())
+            .arg(a.expires_at.as_millis())
+            .arg(a.id.as_str())
+            .ignore();
+        let (created,): (i64,) = self
+            .conn
+            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        if created == 0 {
+            return Err(StoreError::Duplicate(a.id.to_string()));
+        }
+        Ok(())
+    }
+
+    async fn get_approval(&self, id: &ApprovalId) -> Result<Option<Approval>, StoreError> {
+        let key = self.keys.approval(id.as_str());
+        let fields: ApprovalFields = self
+            .conn
+            .run(|mut c| async move {
+                redis::cmd("HMGET")
+                    .arg(&key)
+                    .arg(&["body", "status"])
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        approval_from(fields)
+    }
+
+    async fn list_approvals(
+        &self,
+        pending_only: bool,
+        page: &PageRequest,
+        now: Timestamp,
+    ) -> Result<Page<Approval>, StoreError> {
+        let limit = page.limit.max(1);
+        let mut items = Vec::new();
+        let mut after = page.after.clone();
+        loop {
+            let ids = self
+                .members_after(&self.keys.approvals(), after.as_deref(), true, CHUNK)
+                .await?;
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.cmd("HMGET")
+                    .arg(self.keys.approval(id))
+                    .arg(&["body", "status"]);
+            }
+            let rows: Vec<ApprovalFields> = if ids.is_empty() {
+                Vec::new()
+            } else {
+                self.conn
+                    .run(|mut c| async move { pipe.query_async(&mut c).await })
+                    .await?
+            };
+            for (id, row) in ids.iter().zip(rows) {
+                after = Some(id.clone());
+                if let Some(a) = approval_from(row)?
+                    && (!pending_only || a.state_at(now) == ApprovalState::Pending)
+                {
+                    items.push(a);
+                    if items.len() >= limit {
+                        return Ok(Page { items, next: after });
+                    }
+                }
+            }
+            if ids.len() < CHUNK {
+                return Ok(Page { items, next: None });
+            }
+        }
+    }
+
+    async fn decide_approval(
+        &self,
+        id: &ApprovalId,
+        decision: ApprovalStatus,
+        now: Timestamp,
+    ) -> Result<Approval, StoreError> {
+        let state = match &decision {
+            ApprovalStatus::Approved { .. } => "approved",
+            ApprovalStatus::Denied { .. } => "denied",
+            _ => return Err(StoreError::Corrupt("a decision approves or denies".into())),
+        };
+        let mut inv = self.scripts.approval_decide.prepare_invoke();
+        inv.key(self.keys.approval(id.as_str()))
+            .arg(now.as_millis())
+            .arg(state)
+            .arg(encode(&decision)?);
+        let reply: String = self.invoke(&inv).await?;
+        approval_status(&reply)?;
+        self.get_approval(id)
+            .await?
+            .ok_or(StoreError::ApprovalNotFound)
+    }
+
+    async fn consume_approval(
+        &self,
+        id: &ApprovalId,
+        agent: &SpiffeId,
+        task: &TaskId,
+        request: &ApprovalRequest,
+        now: Timestamp,
+    ) -> Result<Approval, StoreError> {
+        // The consumed status names the approver, read first; the script
+        // then checks the approval is still approved before using it.
+        let current = self
+            .get_approval(id)
+            .await?
+            .ok_or(StoreError::ApprovalNotFound)?;
+        let consumed = check_consumable(&current, agent, task, request, now)?;
+        let mut inv = self.scripts.approval_consume.prepare_invoke();
+        inv.key(self.keys.approval(id.as_str()))
+            .arg(now.as_millis())
+            .arg(agent.as_str())
+            .arg(task.as_str())
+            .arg(encode(request)?)
+            .arg(encode(&consumed)?);
+        let reply: String = self.invoke(&inv).await?;
+        approval_status(&reply)?;
+        Ok(Approval {
+            status: consumed,
+            ..current
+        })
+    }
+
+    async fn update_task_context(
+        &self,
+        id: &TaskId,
+        agent: &SpiffeId,
+        context: &TaskContext,
+        now: Timestamp,
+    ) -> Result<Task, StoreError> {
+        let record = self.get_task(id).await?.ok_or(StoreError::TaskNotFound)?;
+        let mut task = record.task;
+        let expected = task.revision;
+        task.context = context.clone();
+        task.revision += 1;
+        let t = id.as_str();
+        let mut inv = self.scripts.update_context.prepare_invoke();
+        inv.key(self.keys.task(t))
+            .key(self.keys.lease(t, t))
+            .arg(agent.as_str())
+            .arg(now.as_millis())
+            .arg(encode(&task)?)
+            .arg(expected);
+        let reply: String = self.invoke(&inv).await?;
+        script_status(&reply)?;
+        Ok(task)
     }
 
     async fn check(&self) -> Result<(), StoreError> {
@@ -880,6 +1127,42 @@ impl RedisStore {
             .await?;
         self.conn
             .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await
+    }
+
+    /// Removes approvals that expired before `cutoff`.
+    async fn purge_approvals(&self, cutoff: u64, limit: usize) -> Result<(), StoreError> {
+        let index = self.keys.approval_expiry();
+        let ids: Vec<String> = {
+            let index = index.clone();
+            self.conn
+                .run(|mut c| async move {
+                    redis::cmd("ZRANGEBYSCORE")
+                        .arg(&index)
+                        .arg("-inf")
+                        .arg(cutoff)
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(limit)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?
+        };
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("DEL").arg(self.keys.approval(id)).ignore();
+        }
+        pipe.cmd("ZREM").arg(&index).arg(&ids).ignore();
+        pipe.cmd("ZREM")
+            .arg(self.keys.approvals())
+            .arg(&ids)
+            .ignore();
+        self.conn
+            .run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
             .await
     }
 

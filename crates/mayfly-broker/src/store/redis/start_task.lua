@@ -4,7 +4,7 @@
 -- ARGV: 1 task id, 2 task JSON, 3 task-lease JSON, 4 agent, 5 expires ms,
 --       6 keep-until ms, 7 index member "lease:task:agent"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'DUPLICATE' end
-redis.call('HSET', KEYS[1], 'body', ARGV[2], 'agent', ARGV[4], 'exp', ARGV[5])
+redis.call('HSET', KEYS[1], 'body', ARGV[2], 'agent', ARGV[4], 'exp', ARGV[5], 'rev', '0')
 redis.call('HSET', KEYS[2], 'body', ARGV[3], 'state', 'active', 'exp', ARGV[5],
   'kind', 'task', 'agent', ARGV[4])
 redis.call('ZADD', KEYS[3], 0, ARGV[1])

@@ -1,0 +1,88 @@
+//! Per-agent token buckets on issuance. In memory, per broker: with N
+//! replicas behind a balancer an agent gets up to N times the rate.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use mayfly_core::SpiffeId;
+
+/// Buckets not touched for this long are dropped.
+const IDLE: Duration = Duration::from_secs(600);
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// A token bucket per agent.
+#[derive(Debug)]
+pub struct RateLimiter {
+    /// Tokens added per second; 0 disables the limit.
+    rate: f64,
+    /// Bucket size.
+    burst: f64,
+    buckets: Mutex<HashMap<SpiffeId, Bucket>>,
+}
+
+impl RateLimiter {
+    /// `per_second` credentials per agent, with bursts of `burst`.
+    pub fn new(per_second: f64, burst: f64) -> Self {
+        Self {
+            rate: per_second,
+            burst: burst.max(1.0),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token for `agent`, or says how long until one is there.
+    pub fn check(&self, agent: &SpiffeId) -> Result<(), Duration> {
+        if self.rate <= 0.0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return Ok(());
+        };
+        if buckets.len() > 10_000 {
+            buckets.retain(|_, b| now.duration_since(b.at) < IDLE);
+        }
+        let b = buckets.entry(agent.clone()).or_insert(Bucket {
+            tokens: self.burst,
+            at: now,
+        });
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * self.rate).min(self.burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - b.tokens) / self.rate))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bursts_then_refills_per_agent() {
+        let rl = RateLimiter::new(10.0, 3.0);
+        let a = SpiffeId::new("spiffe://td/agent/a").unwrap();
+        let b = SpiffeId::new("spiffe://td/agent/b").unwrap();
+        for _ in 0..3 {
+            rl.check(&a).unwrap();
+        }
+        let wait = rl.check(&a).unwrap_err();
+        assert!(
+            wait <= Duration::from_millis(100) && wait > Duration::ZERO,
+            "{wait:?}"
+        );
+        rl.check(&b).expect("another agent has its own bucket");
+        std::thread::sleep(Duration::from_millis(120));
+        rl.check(&a).expect("refilled");
+        assert!(RateLimiter::new(0.0, 1.0).check(&a).is_ok(), "0 disables");
+    }
+}

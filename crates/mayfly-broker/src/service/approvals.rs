@@ -1,0 +1,99 @@
+//! Approvals: operators approve or deny; agents wait for the decision and
+//! then collect the credential by repeating the request with the approval id.
+
+use std::time::Duration;
+
+use mayfly_core::{Approval, ApprovalId, ApprovalState, ApprovalStatus, Timestamp};
+
+use super::Service;
+use crate::error::BrokerError;
+use crate::identity::Caller;
+use crate::store::{Page, PageRequest};
+
+/// Longest single wait for a decision.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+/// How often a waiting call looks again.
+const POLL: Duration = Duration::from_millis(100);
+
+impl Service {
+    /// Approvals for operators, pending ones only unless `all`.
+    pub async fn list_approvals(
+        &self,
+        all: bool,
+        page: &PageRequest,
+    ) -> Result<Page<Approval>, BrokerError> {
+        Ok(self
+            .store
+            .list_approvals(!all, page, Timestamp::now())
+            .await?)
+    }
+
+    /// An operator approves or denies a pending approval.
+    pub async fn decide_approval(
+        &self,
+        operator: &Caller,
+        id: &ApprovalId,
+        approve: bool,
+        reason: Option<String>,
+    ) -> Result<Approval, BrokerError> {
+        let now = Timestamp::now();
+        let decision = if approve {
+            ApprovalStatus::Approved {
+                by: operator.id.clone(),
+                at: now,
+            }
+        } else {
+            ApprovalStatus::Denied {
+                by: operator.id.clone(),
+                at: now,
+                reason,
+            }
+        };
+        let approval = self
+            .store
+            .decide_approval(id, decision, now)
+            .await
+            .map_err(|e| BrokerError::from_approval(e, id))?;
+        tracing::info!(
+            target: "mayfly::decision",
+            event = if approve { "approval_granted" } else { "approval_denied" },
+            operator = %operator.id,
+            approval_id = %id,
+            agent = %approval.agent,
+            task_id = %approval.task_id,
+        );
+        Ok(approval)
+    }
+
+    /// One of the caller's approvals; another agent's is "not found".
+    pub async fn own_approval(
+        &self,
+        caller: &Caller,
+        id: &ApprovalId,
+    ) -> Result<Approval, BrokerError> {
+        match self.store.get_approval(id).await? {
+            Some(a) if a.agent == caller.id => Ok(a),
+            _ => Err(BrokerError::ApprovalNotFound(id.clone())),
+        }
+    }
+
+    /// Waits up to `wait` (at most [`MAX_WAIT`]) while the caller's
+    /// approval is pending; returns it as it then stands.
+    pub async fn wait_approval(
+        &self,
+        caller: &Caller,
+        id: &ApprovalId,
+        wait: Duration,
+    ) -> Result<Approval, BrokerError> {
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        loop {
+            let approval = self.own_approval(caller, id).await?;
+            if approval.state_at(Timestamp::now()) != ApprovalState::Pending
+                || tokio::time::Instant::now() >= deadline
+            {
+                return Ok(approval);
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! Issuing credentials: tokens and certificates, with approvals when the
+//! deciding policy asks for them, and introspection of tokens.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use mayfly_core::{
+    AccessTokenClaims, Approval, ApprovalId, ApprovalRequest, ApprovalStatus, Confirmation,
+    IssueTokenRequest, Lease, LeaseId, LeaseKind, LeaseStatus, Pattern, SignCertificateRequest,
+    Task, Timestamp, scope_string,
+};
+
+use super::{
+    CertificateRequest, Issued, IssuedCertificate, IssuedToken, Permit, Service, TokenRequest,
+    asked, expiry, permit,
+};
+use crate::error::BrokerError;
+use crate::identity::Caller;
+use crate::store::StoreError;
+
+/// How often a decision is made again when the task's context changes
+/// while a credential is being issued.
+const ATTEMPTS: usize = 3;
+
+/// What the approval step decided.
+enum Gate {
+    /// Go on; the credential records the approval it used, if any.
+    Proceed(Option<ApprovalId>),
+    /// Stop: an approval is now pending.
+    Pending(Box<Approval>),
+}
+
+impl Service {
+    /// Consumes `approval_id` for exactly `request`, or opens a pending
+    /// approval when the permit needs one and none was given.
+    async fn approval_gate(
+        &self,
+        caller: &Caller,
+        task: &Task,
+        permit: &Permit,
+        request: ApprovalRequest,
+        approval_id: Option<&ApprovalId>,
+        now: Timestamp,
+    ) -> Result<Gate, BrokerError> {
+        match approval_id {
+            Some(id) => {
+                self.store
+                    .consume_approval(id, &caller.id, &task.id, &request, now)
+                    .await
+                    .map_err(|e| BrokerError::from_approval(e, id))?;
+                Ok(Gate::Proceed(Some(id.clone())))
+            }
+            None if permit.approval_required => {
+                let approval = Approval {
+                    id: ApprovalId::generate(),
+                    agent: caller.id.clone(),
+                    task_id: task.id.clone(),
+                    request,
+                    policy_id: permit.policy_id.clone(),
+                    created_at: now,
+                    expires_at: now.plus(self.limits.approval_ttl),
+                    status: ApprovalStatus::Pending,
+                };
+                self.store.create_approval(&approval).await?;
+                tracing::info!(
+                    target: "mayfly::decision",
+                    event = "approval_requested",
+                    agent = %caller.id,
+                    task_id = %task.id,
+                    approval_id = %approval.id,
+                    policy = %permit.policy_id,
+                );
+                Ok(Gate::Pending(Box::new(approval)))
+            }
+            None => Ok(Gate::Proceed(None)),
+        }
+    }
+
+    /// Issues a token under one of the caller's active tasks, or opens an
+    /// approval when policy requires one.
+    pub async fn issue_token(
+        &self,
+        caller: &Caller,
+        req: TokenRequest,
+    ) -> Result<Issued<IssuedToken>, BrokerError> {
+        self.rate_limit(caller)?;
+        let request = ApprovalRequest::Token {
+            audience: req.audience.clone(),
+            scopes: req.scopes.clone(),
+            ttl_seconds: req.ttl_seconds,
+            bind: req.bind_to_client_cert,
+        };
+        let ttl_asked = asked(
+            super::requested_ttl("ttl_seconds", req.ttl_seconds)?,
+            self.limits.token_default_ttl,
+            self.limits.token_max_ttl,
+        );
+        let mut used_approval = None;
+        for attempt in 1..=ATTEMPTS {
+            let now = Timestamp::now();
+            let record = self.active_task(caller, &req.task_id, now).await?;
+            let task = &record.task;
+            if let Some(excess) = task.envelope.excess(&req.audience, &req.scopes) {
+                return Err(BrokerError::OutsideEnvelope(excess));
+            }
+            let permit = permit(self.policy.decide_issue_token(&IssueTokenRequest {
+                agent: &caller.id,
+                task,
+                audience: &req.audience,
+                scopes: &req.scopes,
+                ttl: ttl_asked,
+                now,
+            }))?;
+            if used_approval.is_none() {
+                match self
+                    .approval_gate(
+                        caller,
+                        task,
+                        &permit,
+                        request.clone(),
+                        req.approval_id.as_ref(),
+                        now,
+                    )
+                    .await?
+                {
+                    Gate::Pending(a) => return Ok(Issued::Pending(a)),
+                    Gate::Proceed(a) => used_approval = Some(a),
+                }
+            }
+            let approval = used_approval.clone().flatten();
+            let issued_at = now.floor_secs();
+            let expires_at = expiry(now, ttl_asked, permit.max_ttl, task)?;
+            let lease = Lease {
+                id: LeaseId::generate(),
+                kind: LeaseKind::Jwt,
+                agent: caller.id.clone(),
+                task_id: task.id.clone(),
+                audience: Some(req.audience.clone()),
+                scopes: req.scopes.clone(),
+                issued_at,
+                expires_at,
+                status: LeaseStatus::Active,
+                cert_thumbprint: req
+                    .bind_to_client_cert
+                    .then(|| caller.cert_thumbprint.clone()),
+                serial: None,
+                task_revision: task.revision,
+                approval: approval.clone(),
+            };
+            let claims = AccessTokenClaims {
+                iss: self.issuer.clone(),
+                sub: caller.id.to_string(),
+                aud: req.audience.to_string(),
+                exp: expires_at.as_secs(),
+                iat: issued_at.as_secs(),
+                nbf: issued_at.as_secs(),
+                jti: lease.id.to_string(),
+                client_id: caller.id.to_string(),
+                scope: (!req.scopes.is_empty()).then(|| scope_string(&req.scopes)),
+                task_id: task.id.to_string(),
+                cnf: lease
+                    .cert_thumbprint
+                    .clone()
+                    .map(|x5t_s256| Confirmation { x5t_s256 }),
+                act: None,
+            };
+            let token = self
+                .signer
+                .sign(&claims)
+                .map_err(|e| BrokerError::Internal(e.to_string()))?;
+            // The token leaves only after its lease is durably recorded,
+            // under a task that is still active and unchanged at that moment.
+            match self.store.issue(&lease, now).await {
+                Err(StoreError::TaskChanged) if attempt < ATTEMPTS => continue,
+                other => other.map_err(|e| BrokerError::from_store(e, &task.id))?,
+            }
+            tracing::info!(
+                target: "mayfly::decision",
+                event = "token_issued",
+                agent = %caller.id,
+                task_id = %task.id,
+                lease_id = %lease.id,
+                audience = %req.audience,
+                scope = %scope_string(&req.scopes),
+                policy = %permit.policy_id,
+                approval = approval.as_ref().map(|a| a.to_string()).unwrap_or_default(),
+                expires_at = expires_at.as_secs(),
+                bound = req.bind_to_client_cert,
+            );
+            return Ok(Issued::Credential(IssuedToken { token, lease }));
+        }
+        Err(BrokerError::Unavailable(
+            "the task's context kept changing; retry".into(),
+        ))
+    }
+
+    /// Signs a task-bound X.509-SVID over the CSR's key under one of the
+    /// caller's active tasks, or opens an approval when policy requires one.
+    pub async fn sign_certificate(
+        &self,
+        caller: &Caller,
+        req: CertificateRequest,
+    ) -> Result<Issued<IssuedCertificate>, BrokerError> {
+        let ca = self.ca.clone().ok_or_else(|| {
+            BrokerError::Unsupported(
+                "this broker signs no certificates: it has no issuing CA ([ca] in its configuration)".into(),
+            )
+        })?;
+        self.rate_limit(caller)?;
+        let key_sha256 =
+            URL_SAFE_NO_PAD.encode(ring::digest::digest(&ring::digest::SHA256, req.key.spki()));
+        let request = ApprovalRequest::Certificate {
+            key_sha256,
+            ttl_seconds: req.ttl_seconds,
+        };
+        let ttl_asked = asked(
+            super::requested_ttl("ttl_seconds", req.ttl_seconds)?,
+            self.limits.cert_default_ttl,
+            self.limits.cert_max_ttl,
+        );
+        let spiffe_id = caller
+            .id
+            .join(&["task", req.task_id.as_str()])
+            .map_err(|e| BrokerError::Invalid(format!("task SPIFFE ID: {e}")))?;
+        let mut used_approval = None;
+        for attempt in 1..=ATTEMPTS {
+            let now = Timestamp::now();
+            let record = self.active_task(caller, &req.task_id, now).await?;
+            let task = &record.task;
+            let permit = permit(
+                self.policy
+                    .decide_sign_certificate(&SignCertificateRequest {
+                        agent: &caller.id,
+                        task,
+                        ttl: ttl_asked,
+                        now,
+                    }),
+            )?;
+            if used_approval.is_none() {
+                match self
+                    .approval_gate(
+                        caller,
+                        task,
+                        &permit,
+                        request.clone(),
+                        req.approval_id.as_ref(),
+                        now,
+                    )
+                    .await?
+                {
+                    Gate::Pending(a) => return Ok(Issued::Pending(a)),
+                    Gate::Proceed(a) => used_approval = Some(a),
+                }
+            }
+            let issued_at = now.floor_secs();
+            let expires_at = expiry(now, ttl_asked, permit.max_ttl, task)?;
+            let (serial, serial_hex) = crate::issuer::x509::random_serial();
+            let certificate_pem = ca
+                .sign_svid(
+                    &req.key,
+                    &spiffe_id,
+                    issued_at.minus(crate::issuer::x509::BACKDATE),
+                    expires_at,
+                    serial,
+                )
+                .map_err(|e| BrokerError::Internal(e.to_string()))?;
+            let lease = Lease {
+                id: LeaseId::generate(),
+                kind: LeaseKind::X509,
+                agent: caller.id.clone(),
+                task_id: task.id.clone(),
+                audience: None,
+                scopes: Default::default(),
+                issued_at,
+                expires_at,
+                status: LeaseStatus::Active,
+                cert_thumbprint: None,
+                serial: Some(serial_hex),
+                task_revision: task.revision,
+                approval: used_approval.clone().flatten(),
+            };
+            // Returned only once its lease is durable, as for tokens.
+            match self.store.issue(&lease, now).await {
+                Err(StoreError::TaskChanged) if attempt < ATTEMPTS => continue,
+                other => other.map_err(|e| BrokerError::from_store(e, &task.id))?,
+            }
+            tracing::info!(
+                target: "mayfly::decision",
+                event = "certificate_issued",
+                agent = %caller.id,
+                task_id = %task.id,
+                lease_id = %lease.id,
+                serial = lease.serial.as_deref().unwrap_or_default(),
+                key = req.key.kind(),
+                policy = %permit.policy_id,
+                expires_at = expires_at.as_secs(),
+            );
+            return Ok(Issued::Credential(IssuedCertificate {
+                certificate_pem,
+                chain_pem: ca.chain_pem().to_owned(),
+                lease,
+                spiffe_id,
+            }));
+        }
+        Err(BrokerError::Unavailable(
+            "the task's context kept changing; retry".into(),
+        ))
+    }
+
+    /// RFC 7662 introspection for a resource server: the token's claims if
+    /// it is one of ours, unexpired, its lease active, and its audience one
+    /// the caller may see; `None` (`"active": false`) otherwise. Fails only
+    /// when the caller may not introspect at all, or the store is down.
+    pub async fn introspect(
+        &self,
+        caller: &Caller,
+        token: &str,
+    ) -> Result<Option<serde_json::Value>, BrokerError> {
+        let audiences: Vec<&Pattern> = self
+            .introspection
+            .iter()
+            .filter(|g| g.clients.iter().any(|p| p.matches(&caller.id)))
+            .flat_map(|g| &g.audiences)
+            .collect();
+        if audiences.is_empty() {
+            return Err(BrokerError::NotIntrospector(caller.id.clone()));
+        }
+        let Some(claims) = self.signer.verify(token) else {
+            return Ok(None);
+        };
+        let now = Timestamp::now();
+        let live = claims.iss == self.issuer
+            && now.as_secs() < claims.exp
+            && claims.nbf <= now.as_secs()
+            && audiences.iter().any(|p| p.matches(&claims.aud));
+        let Some(jti) = live.then(|| LeaseId::new(&claims.jti).ok()).flatten() else {
+            return Ok(None);
+        };
+        let lease = self.store.get_lease(&jti).await?;
+        let active = lease.is_some_and(|l| {
+            l.kind == LeaseKind::Jwt
+                && l.is_active_at(now)
+                && l.task_id.as_str() == claims.task_id
+                && l.agent.as_str() == claims.sub
+        });
+        if !active {
+            return Ok(None);
+        }
+        let mut out =
+            serde_json::to_value(&claims).map_err(|e| BrokerError::Internal(e.to_string()))?;
+        out["active"] = serde_json::Value::Bool(true);
+        out["token_type"] = "Bearer".into();
+        Ok(Some(out))
+    }
+}

@@ -1,0 +1,293 @@
+//! The broker's request handling, independent of gRPC: authorization, TTLs,
+//! envelopes, ownership, approvals, signing, and the store calls that make
+//! each step atomic. The gRPC services are thin wrappers over [`Service`].
+//!
+//! - `tasks.rs`: start, complete, context changes and re-evaluation.
+//! - `credentials.rs`: tokens, certificates, introspection.
+//! - `approvals.rs`: pending approvals, operator decisions, waiting.
+//! - `admin.rs`: listing and revocation for operators.
+
+mod admin;
+mod approvals;
+mod credentials;
+mod tasks;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mayfly_core::{
+    Approval, ApprovalId, Audience, Decision, Envelope, Intent, Lease, Pattern, Policy, Scopes,
+    SpiffeId, SpiffeIdPattern, Task, TaskContext, TaskId, TaskRecord, TaskState, Timestamp,
+};
+use tokio::sync::Notify;
+
+use crate::error::BrokerError;
+use crate::identity::Caller;
+use crate::issuer::{AccessToken, CsrKey, IssuingCa, JwtSigner};
+use crate::ratelimit::RateLimiter;
+use crate::store::LeaseStore;
+
+/// A TTL beyond this is a client bug, not a request to clamp.
+pub const ABSURD_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
+/// Longest operator note on a revocation or approval decision.
+pub const MAX_NOTE_BYTES: usize = 512;
+
+/// Lifetimes from configuration.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Token TTL when the request asks for 0.
+    pub token_default_ttl: Duration,
+    /// No token lives longer.
+    pub token_max_ttl: Duration,
+    /// Task TTL when the request asks for 0.
+    pub task_default_ttl: Duration,
+    /// No task lives longer.
+    pub task_max_ttl: Duration,
+    /// Certificate TTL when the request asks for 0.
+    pub cert_default_ttl: Duration,
+    /// No certificate lives longer.
+    pub cert_max_ttl: Duration,
+    /// How long an approval may wait for a decision and then for use.
+    pub approval_ttl: Duration,
+}
+
+/// Parses a requested TTL in seconds: 0 means "the default".
+pub fn requested_ttl(field: &str, secs: u64) -> Result<Option<Duration>, BrokerError> {
+    let d = Duration::from_secs(secs);
+    if d > ABSURD_TTL {
+        return Err(BrokerError::Invalid(format!(
+            "{field} {secs} is absurd (more than a year); ask for what the work needs, or 0 for the default"
+        )));
+    }
+    Ok((secs > 0).then_some(d))
+}
+
+/// Parses an operator's note.
+pub fn parse_note(note: &str) -> Result<Option<String>, BrokerError> {
+    if note.is_empty() {
+        return Ok(None);
+    }
+    if note.len() > MAX_NOTE_BYTES || note.chars().any(char::is_control) {
+        return Err(BrokerError::Invalid(format!(
+            "note must be at most {MAX_NOTE_BYTES} bytes without control characters"
+        )));
+    }
+    Ok(Some(note.to_owned()))
+}
+
+/// A validated `StartTask`.
+#[derive(Debug)]
+pub struct NewTask {
+    /// What the task is for.
+    pub intent: Intent,
+    /// Facts for policy.
+    pub context: TaskContext,
+    /// Audiences and scopes it may need.
+    pub envelope: Envelope,
+    /// Requested lifetime; `None` for the default.
+    pub ttl: Option<Duration>,
+}
+
+/// A validated `IssueToken`.
+#[derive(Debug)]
+pub struct TokenRequest {
+    /// Under which task.
+    pub task_id: TaskId,
+    /// For which API.
+    pub audience: Audience,
+    /// With which scopes.
+    pub scopes: Scopes,
+    /// The TTL field as sent (0 = default); approvals are bound to it.
+    pub ttl_seconds: u64,
+    /// Bind to the caller's client certificate.
+    pub bind_to_client_cert: bool,
+    /// Collects an approved request.
+    pub approval_id: Option<ApprovalId>,
+}
+
+/// A validated `SignCertificate`.
+#[derive(Debug)]
+pub struct CertificateRequest {
+    /// Under which task.
+    pub task_id: TaskId,
+    /// The CSR's public key, checked.
+    pub key: CsrKey,
+    /// The TTL field as sent (0 = default); approvals are bound to it.
+    pub ttl_seconds: u64,
+    /// Collects an approved request.
+    pub approval_id: Option<ApprovalId>,
+}
+
+/// An issued token and its lease.
+#[derive(Debug)]
+pub struct IssuedToken {
+    /// The compact JWS.
+    pub token: AccessToken,
+    /// Its lease, as recorded.
+    pub lease: Lease,
+}
+
+/// A signed certificate and its lease.
+#[derive(Debug)]
+pub struct IssuedCertificate {
+    /// The leaf, PEM.
+    pub certificate_pem: String,
+    /// The issuing CA and intermediates, PEM.
+    pub chain_pem: String,
+    /// Its lease (with the serial).
+    pub lease: Lease,
+    /// The leaf's SPIFFE ID: `<agent>/task/<task_id>`.
+    pub spiffe_id: SpiffeId,
+}
+
+/// A credential, or the approval it waits for.
+#[derive(Debug)]
+pub enum Issued<T> {
+    /// Issued.
+    Credential(T),
+    /// Policy requires an operator's approval first.
+    Pending(Box<Approval>),
+}
+
+/// Who may introspect tokens of which audiences (`[[introspection]]`).
+#[derive(Debug, Clone)]
+pub struct IntrospectionGrant {
+    /// Resource servers' SPIFFE ID patterns.
+    pub clients: Vec<SpiffeIdPattern>,
+    /// Audiences whose tokens they may inspect.
+    pub audiences: Vec<Pattern>,
+}
+
+/// What policy allowed.
+#[derive(Debug)]
+struct Permit {
+    /// The deciding policies.
+    policy_id: String,
+    /// The shortest cap among them.
+    max_ttl: Option<Duration>,
+    /// Whether an operator must approve.
+    approval_required: bool,
+}
+
+/// The permit, or the deny as an error.
+fn permit(decision: Decision) -> Result<Permit, BrokerError> {
+    match decision {
+        Decision::Permit {
+            policy_id,
+            max_ttl,
+            approval_required,
+        } => Ok(Permit {
+            policy_id,
+            max_ttl,
+            approval_required,
+        }),
+        Decision::Deny { policy_id, reason } => Err(BrokerError::Denied { policy_id, reason }),
+        other => Err(BrokerError::Internal(format!(
+            "unsupported policy decision {other:?}"
+        ))),
+    }
+}
+
+/// The lifetime asked for: the request's, or the default, within the
+/// broker's maximum.
+fn asked(requested: Option<Duration>, default: Duration, max: Duration) -> Duration {
+    requested.unwrap_or(default).min(max)
+}
+
+/// A credential's expiry: `ttl` capped by the policy and the task's expiry,
+/// on whole seconds from `now`.
+fn expiry(
+    now: Timestamp,
+    ttl: Duration,
+    policy_max: Option<Duration>,
+    task: &Task,
+) -> Result<Timestamp, BrokerError> {
+    let ttl = policy_max.map_or(ttl, |m| ttl.min(m));
+    let expires_at = now
+        .floor_secs()
+        .plus(Duration::from_secs(ttl.as_secs()))
+        .min(task.expires_at);
+    if expires_at <= now {
+        return Err(BrokerError::TaskNotActive {
+            id: task.id.clone(),
+            state: TaskState::Expired,
+        });
+    }
+    Ok(expires_at)
+}
+
+/// The broker's request handling: what it needs, given at start.
+#[derive(Debug)]
+pub struct Service {
+    /// Where leases and tasks live.
+    pub store: Arc<dyn LeaseStore>,
+    /// Decides every request (reloadable).
+    pub policy: Arc<dyn Policy>,
+    /// Signs tokens.
+    pub signer: Arc<JwtSigner>,
+    /// `iss` of every token.
+    pub issuer: String,
+    /// Lifetimes.
+    pub limits: Limits,
+    /// Who may call the Admin API.
+    pub operators: Vec<SpiffeIdPattern>,
+    /// Signs task certificates, when configured.
+    pub ca: Option<Arc<IssuingCa>>,
+    /// Woken after every revocation, so the feed picks it up at once.
+    pub revoked: Arc<Notify>,
+    /// Who may introspect tokens.
+    pub introspection: Vec<IntrospectionGrant>,
+    /// Per-agent issuance limit.
+    pub rate: RateLimiter,
+    /// The identity the broker revokes as, when it acts on its own
+    /// (re-evaluation after a policy reload).
+    pub broker_id: SpiffeId,
+}
+
+impl Service {
+    /// The store, for readiness checks and the reaper.
+    pub fn store(&self) -> &Arc<dyn LeaseStore> {
+        &self.store
+    }
+
+    /// Refuses callers outside the operator set.
+    pub fn require_operator(&self, caller: &Caller) -> Result<(), BrokerError> {
+        if self.operators.iter().any(|p| p.matches(&caller.id)) {
+            Ok(())
+        } else {
+            Err(BrokerError::NotOperator(caller.id.clone()))
+        }
+    }
+
+    /// The caller's task; another agent's task is "not found".
+    pub async fn own_task(&self, caller: &Caller, id: &TaskId) -> Result<TaskRecord, BrokerError> {
+        match self.store.get_task(id).await? {
+            Some(r) if r.task.agent == caller.id => Ok(r),
+            _ => Err(BrokerError::TaskNotFound(id.clone())),
+        }
+    }
+
+    /// One of the caller's tasks, active at `now`.
+    async fn active_task(
+        &self,
+        caller: &Caller,
+        id: &TaskId,
+        now: Timestamp,
+    ) -> Result<TaskRecord, BrokerError> {
+        let record = self.own_task(caller, id).await?;
+        match record.state_at(now) {
+            TaskState::Active => Ok(record),
+            state => Err(BrokerError::TaskNotActive {
+                id: id.clone(),
+                state,
+            }),
+        }
+    }
+
+    /// Takes one issuance from the caller's bucket.
+    fn rate_limit(&self, caller: &Caller) -> Result<(), BrokerError> {
+        self.rate
+            .check(&caller.id)
+            .map_err(|retry_after| BrokerError::RateLimited { retry_after })
+    }
+}

@@ -1,0 +1,269 @@
+//! Tasks: opening, completing, changing context, and re-deciding what a
+//! task holds when its context or the policies change.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use mayfly_core::{
+    Decision, IssueTokenRequest, Lease, LeaseId, LeaseKind, LeaseState, LeaseStatus, Revocation,
+    RevocationReason, SignCertificateRequest, SpiffeId, StartTaskRequest, Task, TaskContext,
+    TaskId, TaskRecord, TaskState, Timestamp,
+};
+
+use super::{NewTask, Service, asked, permit};
+use crate::error::BrokerError;
+use crate::identity::Caller;
+use crate::store::{LeaseFilter, PageRequest, RevokeRequest, StoreError, TaskFilter};
+
+/// Leases or tasks read per page while re-evaluating.
+const PAGE: usize = 500;
+
+impl Service {
+    /// Opens a task for `caller`.
+    pub async fn start_task(
+        &self,
+        caller: &Caller,
+        req: NewTask,
+    ) -> Result<TaskRecord, BrokerError> {
+        let now = Timestamp::now().floor_secs();
+        let ttl = asked(
+            req.ttl,
+            self.limits.task_default_ttl,
+            self.limits.task_max_ttl,
+        );
+        let permit = permit(self.policy.decide_start_task(&StartTaskRequest {
+            agent: &caller.id,
+            intent: &req.intent,
+            context: &req.context,
+            envelope: &req.envelope,
+            ttl,
+            now,
+        }))?;
+        // A policy's max_ttl on start_task caps the task's lifetime.
+        let ttl = permit.max_ttl.map_or(ttl, |m| ttl.min(m));
+        let task = Task {
+            id: TaskId::generate(),
+            agent: caller.id.clone(),
+            intent: req.intent,
+            context: req.context,
+            envelope: req.envelope,
+            created_at: now,
+            expires_at: now.plus(Duration::from_secs(ttl.as_secs())),
+            revision: 0,
+        };
+        self.store.start_task(&task).await?;
+        tracing::info!(
+            target: "mayfly::decision",
+            event = "task_started",
+            agent = %caller.id,
+            task_id = %task.id,
+            policy = %permit.policy_id,
+            expires_at = task.expires_at.as_secs(),
+        );
+        Ok(TaskRecord {
+            task,
+            status: LeaseStatus::Active,
+        })
+    }
+
+    /// Completes one of the caller's tasks, revoking everything under it.
+    pub async fn complete_task(
+        &self,
+        caller: &Caller,
+        id: &TaskId,
+    ) -> Result<(Vec<LeaseId>, TaskRecord), BrokerError> {
+        let mut record = self.own_task(caller, id).await?;
+        let req = RevokeRequest {
+            reason: RevocationReason::TaskCompleted,
+            child_reason: RevocationReason::TaskCompleted,
+            by: caller.id.clone(),
+            note: None,
+            at: Timestamp::now(),
+        };
+        let revoked = self
+            .store
+            .end_task(id, &req)
+            .await
+            .map_err(|e| BrokerError::from_store(e, id))?;
+        self.revoked.notify_one();
+        tracing::info!(
+            target: "mayfly::decision",
+            event = "task_completed",
+            agent = %caller.id,
+            task_id = %id,
+            revoked = revoked.len(),
+        );
+        record.status = LeaseStatus::Revoked(Revocation {
+            reason: req.reason,
+            at: req.at,
+            by: req.by,
+            note: None,
+        });
+        Ok((revoked, record))
+    }
+
+    /// Changes one of the caller's tasks' context (`set` entries replace,
+    /// `remove` keys go), then revokes whatever policy no longer allows under
+    /// the new context. Returns the task and the revoked lease ids.
+    pub async fn update_task_context(
+        &self,
+        caller: &Caller,
+        id: &TaskId,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+    ) -> Result<(TaskRecord, Vec<LeaseId>), BrokerError> {
+        let now = Timestamp::now();
+        let record = self.active_task(caller, id, now).await?;
+        let mut entries = record.task.context.entries().clone();
+        for key in &remove {
+            entries.remove(key);
+        }
+        entries.extend(set);
+        let context =
+            TaskContext::new(&entries).map_err(|e| BrokerError::Invalid(e.to_string()))?;
+        let task = self
+            .store
+            .update_task_context(id, &caller.id, &context, now)
+            .await
+            .map_err(|e| BrokerError::from_store(e, id))?;
+        tracing::info!(
+            target: "mayfly::decision",
+            event = "task_context_changed",
+            agent = %caller.id,
+            task_id = %id,
+            revision = task.revision,
+        );
+        let revoked = self.reevaluate(&task, &caller.id, now).await?;
+        let record = self.own_task(caller, id).await?;
+        Ok((record, revoked))
+    }
+
+    /// Decides `task` and each of its active credentials again under the
+    /// current policies and context, revoking (reason `context_changed`)
+    /// whatever is no longer allowed. A credential that now needs an
+    /// approval it was not issued with is revoked too.
+    pub async fn reevaluate(
+        &self,
+        task: &Task,
+        by: &SpiffeId,
+        now: Timestamp,
+    ) -> Result<Vec<LeaseId>, BrokerError> {
+        let req = RevokeRequest {
+            reason: RevocationReason::ContextChanged,
+            child_reason: RevocationReason::ContextChanged,
+            by: by.clone(),
+            note: None,
+            at: now,
+        };
+        let remaining = now.until(task.expires_at);
+        let task_allowed = self.policy.decide_start_task(&StartTaskRequest {
+            agent: &task.agent,
+            intent: &task.intent,
+            context: &task.context,
+            envelope: &task.envelope,
+            ttl: remaining,
+            now,
+        });
+        if let Decision::Deny { policy_id, .. } = &task_allowed {
+            tracing::info!(
+                target: "mayfly::decision",
+                event = "task_no_longer_allowed",
+                task_id = %task.id,
+                policy = policy_id.as_deref().unwrap_or("default deny"),
+            );
+            let revoked = match self.store.end_task(&task.id, &req).await {
+                Err(StoreError::TaskNotActive(_) | StoreError::TaskNotFound) => Vec::new(),
+                other => other?,
+            };
+            self.revoked.notify_one();
+            return Ok(revoked);
+        }
+        let mut revoked = Vec::new();
+        let filter = LeaseFilter {
+            task: Some(task.id.clone()),
+            state: Some(LeaseState::Active),
+            ..Default::default()
+        };
+        let mut page = PageRequest {
+            after: None,
+            limit: PAGE,
+        };
+        loop {
+            let leases = self.store.list_leases(&filter, &page, now).await?;
+            for lease in &leases.items {
+                if lease.kind != LeaseKind::Task && !self.still_allowed(task, lease, now) {
+                    revoked.extend(self.store.revoke_lease(&lease.id, &req).await?);
+                    tracing::info!(
+                        target: "mayfly::decision",
+                        event = "lease_no_longer_allowed",
+                        task_id = %task.id,
+                        lease_id = %lease.id,
+                    );
+                }
+            }
+            match leases.next {
+                Some(n) => page.after = Some(n),
+                None => break,
+            }
+        }
+        if !revoked.is_empty() {
+            self.revoked.notify_one();
+        }
+        Ok(revoked)
+    }
+
+    fn still_allowed(&self, task: &Task, lease: &Lease, now: Timestamp) -> bool {
+        let ttl = now.until(lease.expires_at);
+        let decision = match (&lease.kind, &lease.audience) {
+            (LeaseKind::Jwt, Some(audience)) => {
+                self.policy.decide_issue_token(&IssueTokenRequest {
+                    agent: &lease.agent,
+                    task,
+                    audience,
+                    scopes: &lease.scopes,
+                    ttl,
+                    now,
+                })
+            }
+            (LeaseKind::X509, _) => self
+                .policy
+                .decide_sign_certificate(&SignCertificateRequest {
+                    agent: &lease.agent,
+                    task,
+                    ttl,
+                    now,
+                }),
+            _ => return true,
+        };
+        match decision {
+            Decision::Permit {
+                approval_required, ..
+            } => !approval_required || lease.approval.is_some(),
+            _ => false,
+        }
+    }
+
+    /// Re-evaluates every active task (after a policy reload).
+    pub async fn reevaluate_all(&self) -> Result<Vec<LeaseId>, BrokerError> {
+        let now = Timestamp::now();
+        let filter = TaskFilter {
+            agent: None,
+            state: Some(TaskState::Active),
+        };
+        let mut page = PageRequest {
+            after: None,
+            limit: PAGE,
+        };
+        let mut revoked = Vec::new();
+        loop {
+            let tasks = self.store.list_tasks(&filter, &page, now).await?;
+            for record in &tasks.items {
+                revoked.extend(self.reevaluate(&record.task, &self.broker_id, now).await?);
+            }
+            match tasks.next {
+                Some(n) => page.after = Some(n),
+                None => return Ok(revoked),
+            }
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Approvals: when the deciding policy requires it, a credential is issued
+//! only after an operator approves the exact request. An approval is
+//! single-use and expires.
+
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::{Audience, Scopes};
+use crate::id::{IdError, TaskId, check_id, random_id};
+use crate::newtype::validated_string;
+use crate::spiffe::SpiffeId;
+use crate::time::Timestamp;
+
+validated_string!(
+    /// Identifies an approval (128 random bits, base64url).
+    ApprovalId,
+    check_id,
+    IdError
+);
+
+impl ApprovalId {
+    /// A fresh random id.
+    pub fn generate() -> Self {
+        Self(random_id())
+    }
+}
+
+/// What was asked for, exactly; an approval is good for this and nothing
+/// else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ApprovalRequest {
+    /// An access token.
+    Token {
+        /// Its audience.
+        audience: Audience,
+        /// Its scopes.
+        scopes: Scopes,
+        /// The TTL asked for, as sent (0 = default).
+        ttl_seconds: u64,
+        /// Bound to the caller's certificate.
+        bind: bool,
+    },
+    /// A task certificate.
+    Certificate {
+        /// SHA-256 (base64url) of the CSR's public key.
+        key_sha256: String,
+        /// The TTL asked for, as sent (0 = default).
+        ttl_seconds: u64,
+    },
+}
+
+/// Where an approval stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ApprovalStatus {
+    /// Waiting for an operator.
+    Pending,
+    /// Approved; the agent may collect once.
+    Approved {
+        /// The operator.
+        by: SpiffeId,
+        /// When.
+        at: Timestamp,
+    },
+    /// Refused.
+    Denied {
+        /// The operator.
+        by: SpiffeId,
+        /// When.
+        at: Timestamp,
+        /// Why, if said.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// Used to issue the credential; cannot be used again.
+    Consumed {
+        /// The operator who approved.
+        by: SpiffeId,
+        /// When it was used.
+        at: Timestamp,
+    },
+}
+
+/// The state of an approval at an instant, expiry included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ApprovalState {
+    /// Waiting for an operator.
+    Pending,
+    /// Approved, not yet used.
+    Approved,
+    /// Refused.
+    Denied,
+    /// Used.
+    Consumed,
+    /// Not decided or not used in time.
+    Expired,
+}
+
+impl ApprovalState {
+    /// The lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Approved => "approved",
+            Self::Denied => "denied",
+            Self::Consumed => "consumed",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+impl std::fmt::Display for ApprovalState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One approval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// Its id.
+    pub id: ApprovalId,
+    /// The agent that asked.
+    pub agent: SpiffeId,
+    /// Under which task.
+    pub task_id: TaskId,
+    /// Exactly what was asked.
+    pub request: ApprovalRequest,
+    /// The policy that required approval.
+    pub policy_id: String,
+    /// When it was asked.
+    pub created_at: Timestamp,
+    /// Undecided or unused past this, it is void.
+    pub expires_at: Timestamp,
+    /// Where it stands.
+    pub status: ApprovalStatus,
+}
+
+impl Approval {
+    /// The state at `now`.
+    pub fn state_at(&self, now: Timestamp) -> ApprovalState {
+        match &self.status {
+            ApprovalStatus::Consumed { .. } => ApprovalState::Consumed,
+            ApprovalStatus::Denied { .. } => ApprovalState::Denied,
+            _ if now >= self.expires_at => ApprovalState::Expired,
+            ApprovalStatus::Pending => ApprovalState::Pending,
+            ApprovalStatus::Approved { .. } => ApprovalState::Approved,
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! Policy as code with Cedar. Mayfly ships a schema ([`SCHEMA`]); policies
+//! are loaded from `*.cedar` files, validated against it (strict mode), and
+//! decide every request at request time from who the agent is, what the task
+//! intends, its current context, the scopes and lifetime asked for, and the
+//! time.
+//!
+//! Annotations on policies:
+//! - `@id("…")` (required): named in decisions, errors and the audit trail.
+//! - `@max_ttl("10m")` on a permit: caps the lifetime of what it allows.
+//! - `@approval("required")` on a permit: an operator must approve first.
+//! - `@description("…")`: free text.
+//!
+//! When several permits apply, the shortest `max_ttl` wins and approval is
+//! required if any of them requires it. Any forbid wins over every permit;
+//! a policy that fails to evaluate denies (fail closed).
+
+#![forbid(unsafe_code)]
+
+mod load;
+
+use std::collections::BTreeSet;
+use std::str::FromStr;
+use std::time::Duration;
+
+use cedar_policy::{
+    Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId,
+    PolicySet, Request, RestrictedExpression, Schema,
+};
+use mayfly_core::{
+    Decision, IssueTokenRequest, Policy, SignCertificateRequest, SpiffeId, StartTaskRequest,
+    TaskContext, Timestamp,
+};
+
+pub use load::{PolicyLoadError, Problem};
+
+/// The Cedar schema every policy is validated against.
+pub const SCHEMA: &str = include_str!("mayfly.cedarschema");
+
+/// A validated set of Cedar policies, ready to decide.
+pub struct CedarPolicy {
+    set: PolicySet,
+    /// Where the policies came from, for logs.
+    source: String,
+    /// How many policies.
+    count: usize,
+}
+
+impl std::fmt::Debug for CedarPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CedarPolicy")
+            .field("source", &self.source)
+            .field("policies", &self.count)
+            .finish()
+    }
+}
+
+fn uid(ty: &str, id: &str) -> EntityUid {
+    // Both parts are constant or arbitrary strings: cannot fail.
+    #[allow(clippy::expect_used)]
+    let ty = EntityTypeName::from_str(ty).expect("valid entity type name");
+    EntityUid::from_type_name_and_id(ty, EntityId::new(id))
+}
+
+fn string(s: &str) -> RestrictedExpression {
+    RestrictedExpression::new_string(s.to_owned())
+}
+
+fn agent_entity(id: &SpiffeId) -> Result<Entity, String> {
+    Entity::new(
+        uid("Mayfly::Agent", id.as_str()),
+        [
+            ("spiffe_id".to_owned(), string(id.as_str())),
+            ("trust_domain".to_owned(), string(id.trust_domain_name())),
+            ("path".to_owned(), string(id.path())),
+        ]
+        .into_iter()
+        .collect(),
+        Default::default(),
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn task_entity(id: &str, intent: &str, context: &TaskContext) -> Result<Entity, String> {
+    Entity::new_with_tags(
+        uid("Mayfly::Task", id),
+        [("intent".to_owned(), string(intent))],
+        [],
+        context
+            .entries()
+            .iter()
+            .map(|(k, v)| (k.clone(), string(v))),
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// One request to Cedar.
+struct Ask<'a> {
+    agent: &'a SpiffeId,
+    action: &'static str,
+    resource: EntityUid,
+    task_id: &'a str,
+    intent: &'a str,
+    context: &'a TaskContext,
+    scopes: Vec<&'a str>,
+    ttl: Duration,
+    now: Timestamp,
+}
+
+impl CedarPolicy {
+    /// The schema, parsed.
+    pub fn schema() -> Result<Schema, String> {
+        Schema::from_cedarschema_str(SCHEMA)
+            .map(|(s, _)| s)
+            .map_err(|e| e.to_string())
+    }
+
+    /// How many policies the set holds.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether the set holds no policy (then everything is denied).
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Where the policies came from.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    fn ask(&self, ask: Ask<'_>) -> Decision {
+        let fail = |what: String| Decision::Deny {
+            policy_id: None,
+            reason: format!("policy input could not be built: {what}"),
+        };
+        let task_uid = uid("Mayfly::Task", ask.task_id);
+        let entities = match (
+            agent_entity(ask.agent),
+            task_entity(ask.task_id, ask.intent, ask.context),
+        ) {
+            (Ok(a), Ok(t)) => match Entities::from_entities([a, t], None) {
+                Ok(e) => e,
+                Err(e) => return fail(e.to_string()),
+            },
+            (Err(e), _) | (_, Err(e)) => return fail(e),
+        };
+        let context = Context::from_pairs([
+            (
+                "task".to_owned(),
+                RestrictedExpression::new_entity_uid(task_uid),
+            ),
+            (
+                "scopes".to_owned(),
+                RestrictedExpression::new_set(ask.scopes.iter().map(|s| string(s))),
+            ),
+            (
+                "scope_prefixes".to_owned(),
+                RestrictedExpression::new_set(
+                    ask.scopes
+                        .iter()
+                        .map(|s| s.split(':').next().unwrap_or(s))
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .map(string),
+                ),
+            ),
+            (
+                "ttl_seconds".to_owned(),
+                RestrictedExpression::new_long(
+                    i64::try_from(ask.ttl.as_secs()).unwrap_or(i64::MAX),
+                ),
+            ),
+            (
+                "now".to_owned(),
+                RestrictedExpression::new_long(
+                    i64::try_from(ask.now.as_secs()).unwrap_or(i64::MAX),
+                ),
+            ),
+        ]);
+        let context = match context {
+            Ok(c) => c,
+            Err(e) => return fail(e.to_string()),
+        };
+        let request = match Request::new(
+            uid("Mayfly::Agent", ask.agent.as_str()),
+            uid("Mayfly::Action", ask.action),
+            ask.resource.clone(),
+            context,
+            None,
+        ) {
+            Ok(r) => r,
+            Err(e) => return fail(e.to_string()),
+        };
+        let response = Authorizer::new().is_authorized(&request, &self.set, &entities);
+        let diagnostics = response.diagnostics();
+        // A policy that errors is skipped by Cedar; a skipped forbid could
+        // let something through, so any error denies.
+        if let Some(cedar_policy::AuthorizationError::PolicyEvaluationError(err)) =
+            diagnostics.errors().next()
+        {
+            return Decision::Deny {
+                policy_id: Some(err.policy_id().to_string()),
+                reason: format!("policy {} failed to evaluate; denying", err.policy_id()),
+            };
+        }
+        let deciding: Vec<&PolicyId> = diagnostics.reason().collect();
+        let ids = || {
+            deciding
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        match response.decision() {
+            cedar_policy::Decision::Allow => {
+                let annotation = |key| {
+                    deciding
+                        .iter()
+                        .filter_map(move |p| self.set.annotation(p, key))
+                };
+                Decision::Permit {
+                    policy_id: ids(),
+                    max_ttl: annotation("max_ttl")
+                        .filter_map(|v| humantime::parse_duration(v).ok())
+                        .min(),
+                    approval_required: annotation("approval").any(|v| v == "required"),
+                }
+            }
+            cedar_policy::Decision::Deny if !deciding.is_empty() => Decision::Deny {
+                policy_id: Some(ids()),
+                reason: format!(
+                    "{} {} {} is forbidden",
+                    ask.agent,
+                    ask.action,
+                    ask.resource.id().unescaped()
+                ),
+            },
+            cedar_policy::Decision::Deny => Decision::Deny {
+                policy_id: None,
+                reason: format!(
+                    "no policy permits {} to {} {}",
+                    ask.agent,
+                    ask.action,
+                    ask.resource.id().unescaped()
+                ),
+            },
+        }
+    }
+}
+
+/// Combines the decisions for each audience of an envelope: all must
+/// permit; ids are joined, the shortest cap and any approval carry over.
+fn all_of(decisions: impl IntoIterator<Item = Decision>) -> Decision {
+    let mut ids = BTreeSet::new();
+    let (mut cap, mut approval): (Option<Duration>, bool) = (None, false);
+    for d in decisions {
+        match d {
+            Decision::Permit {
+                policy_id,
+                max_ttl,
+                approval_required,
+            } => {
+                ids.extend(policy_id.split(',').map(str::to_owned));
+                cap = match (cap, max_ttl) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                approval |= approval_required;
+            }
+            deny => return deny,
+        }
+    }
+    Decision::Permit {
+        policy_id: ids.into_iter().collect::<Vec<_>>().join(","),
+        max_ttl: cap,
+        approval_required: approval,
+    }
+}
+
+impl Policy for CedarPolicy {
+    fn decide_start_task(&self, req: &StartTaskRequest<'_>) -> Decision {
+        all_of(req.envelope.audiences().iter().map(|aud| {
+            self.ask(Ask {
+                agent: req.agent,
+                action: "start_task",
+                resource: uid("Mayfly::Audience", aud.as_str()),
+                task_id: "new",
+                intent: req.intent.as_str(),
+                context: req.context,
+                scopes: req.envelope.scopes().iter().map(|s| s.as_str()).collect(),
+                ttl: req.ttl,
+                now: req.now,
+            })
+        }))
+    }
+
+    fn decide_issue_token(&self, req: &IssueTokenRequest<'_>) -> Decision {
+        self.ask(Ask {
+            agent: req.agent,
+            action: "issue_token",
+            resource: uid("Mayfly::Audience", req.audience.as_str()),
+            task_id: req.task.id.as_str(),
+            intent: req.task.intent.as_str(),
+            context: &req.task.context,
+            scopes: req.scopes.iter().map(|s| s.as_str()).collect(),
+            ttl: req.ttl,
+            now: req.now,
+        })
+    }
+
+    fn decide_sign_certificate(&self, req: &SignCertificateRequest<'_>) -> Decision {
+        self.ask(Ask {
+            agent: req.agent,
+            action: "sign_certificate",
+            resource: uid("Mayfly::CertificateKind", "task"),
+            task_id: req.task.id.as_str(),
+            intent: req.task.intent.as_str(),
+            context: &req.task.context,
+            scopes: Vec::new(),
+            ttl: req.ttl,
+            now: req.now,
+        })
+    }
+}

@@ -1,0 +1,275 @@
+//! Loading a policy directory: parse every `*.cedar` file, give each policy
+//! its `@id`, check annotations, validate the whole set against the schema,
+//! and report every problem as `file:line:col: message`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use cedar_policy::{PolicyId, PolicySet, ValidationMode, Validator};
+use miette::Diagnostic;
+
+use crate::CedarPolicy;
+
+/// One thing wrong with a policy file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file.
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.column, self.message
+        )
+    }
+}
+
+/// Why a policy set was refused: every problem found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct PolicyLoadError {
+    /// What is wrong, in file order.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for PolicyLoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
+    (line, column)
+}
+
+/// Byte offsets where each policy of a file starts: lines whose first
+/// token is `permit` or `forbid`, or their leading annotations.
+fn policy_starts(text: &str) -> Vec<usize> {
+    let mut starts = Vec::new();
+    let mut pending: Option<usize> = None;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        let at = offset + (line.len() - trimmed.len());
+        if trimmed.starts_with('@') {
+            pending.get_or_insert(at);
+        } else if trimmed.starts_with("permit") || trimmed.starts_with("forbid") {
+            starts.push(pending.take().unwrap_or(at));
+        } else if !trimmed.is_empty() && !trimmed.starts_with("//") {
+            pending = None;
+        }
+        offset += line.len();
+    }
+    starts
+}
+
+const ANNOTATIONS: [&str; 4] = ["id", "max_ttl", "approval", "description"];
+
+impl CedarPolicy {
+    /// Loads and validates every `*.cedar` file in `dir`.
+    pub fn load_dir(dir: &Path) -> Result<Self, PolicyLoadError> {
+        let problem = |message: String| PolicyLoadError {
+            problems: vec![Problem {
+                file: dir.display().to_string(),
+                line: 1,
+                column: 1,
+                message,
+            }],
+        };
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| problem(format!("cannot read the policy directory: {e}")))?;
+        let mut files: Vec<_> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "cedar"))
+            .collect();
+        files.sort();
+        let mut sources = Vec::new();
+        for f in files {
+            let text = std::fs::read_to_string(&f)
+                .map_err(|e| problem(format!("{}: {e}", f.display())))?;
+            sources.push((f.display().to_string(), text));
+        }
+        if sources.is_empty() {
+            return Err(problem("no .cedar policy files".into()));
+        }
+        Self::from_sources(&sources, &dir.display().to_string())
+    }
+
+    /// Parses and validates policies given as (file name, text) pairs.
+    pub fn from_sources(
+        sources: &[(String, String)],
+        source: &str,
+    ) -> Result<Self, PolicyLoadError> {
+        let mut problems = Vec::new();
+        let mut set = PolicySet::new();
+        // Policy id → (file index, start offset), for locating problems.
+        let mut origin: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        for (fi, (file, text)) in sources.iter().enumerate() {
+            let at = |offset: usize, message: String| {
+                let (line, column) = position(text, offset);
+                Problem {
+                    file: file.clone(),
+                    line,
+                    column,
+                    message,
+                }
+            };
+            let parsed = match PolicySet::from_str(text) {
+                Ok(p) => p,
+                Err(errors) => {
+                    for e in errors.iter() {
+                        let offset = e
+                            .labels()
+                            .and_then(|mut l| l.next())
+                            .map_or(0, |l| l.offset());
+                        problems.push(at(offset, e.to_string()));
+                    }
+                    continue;
+                }
+            };
+            let starts = policy_starts(text);
+            // Cedar numbers a file's policies policy0, policy1, … in order.
+            let mut policies: Vec<_> = parsed.policies().collect();
+            policies.sort_by_key(|p| {
+                p.id()
+                    .to_string()
+                    .trim_start_matches("policy")
+                    .parse::<usize>()
+                    .unwrap_or(0)
+            });
+            for (n, policy) in policies.into_iter().enumerate() {
+                let start = starts.get(n).copied().unwrap_or(0);
+                for (key, value) in policy.annotations() {
+                    if !ANNOTATIONS.contains(&key) {
+                        problems.push(at(start, format!("unknown annotation @{key} (known: @id, @max_ttl, @approval, @description)")));
+                    }
+                    if key == "max_ttl" {
+                        match humantime::parse_duration(value) {
+                            Ok(d) if d.as_secs() >= 1 && d.subsec_nanos() == 0 => {}
+                            _ => problems.push(at(start, format!("@max_ttl({value:?}) is not a whole number of seconds such as \"90s\" or \"10m\""))),
+                        }
+                    }
+                    if key == "approval" && value != "required" && value != "none" {
+                        problems.push(at(
+                            start,
+                            format!("@approval({value:?}) must be \"required\" or \"none\""),
+                        ));
+                    }
+                }
+                let Some(id) = policy.annotation("id") else {
+                    problems.push(at(start, "policy has no @id(\"…\") annotation".into()));
+                    continue;
+                };
+                if id.is_empty()
+                    || !id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+                {
+                    problems.push(at(
+                        start,
+                        format!("@id({id:?}) must be letters, digits, '-', '_', '.' or ':'"),
+                    ));
+                    continue;
+                }
+                if let Some((other, _)) = origin.get(id) {
+                    let first = &sources[*other].0;
+                    problems.push(at(start, format!("@id({id:?}) is already used in {first}")));
+                    continue;
+                }
+                origin.insert(id.to_owned(), (fi, start));
+                if let Err(e) = set.add(policy.new_id(PolicyId::new(id))) {
+                    problems.push(at(start, e.to_string()));
+                }
+            }
+        }
+        if problems.is_empty() {
+            let schema = Self::schema().map_err(|e| PolicyLoadError {
+                problems: vec![Problem {
+                    file: "mayfly.cedarschema".into(),
+                    line: 1,
+                    column: 1,
+                    message: e,
+                }],
+            })?;
+            let result = Validator::new(schema).validate(&set, ValidationMode::Strict);
+            let mut seen = BTreeSet::new();
+            for e in result.validation_errors() {
+                let Some(&(fi, start)) = origin.get(&e.policy_id().to_string()) else {
+                    continue;
+                };
+                let offset = e
+                    .labels()
+                    .and_then(|mut l| l.next())
+                    .map_or(start, |l| l.offset());
+                let (file, text) = &sources[fi];
+                let (line, column) = position(text, offset);
+                // One message per place, not one per action it applies to.
+                let message = e.to_string();
+                let message = message
+                    .split(" for Mayfly::Action::")
+                    .next()
+                    .unwrap_or(&message)
+                    .to_owned();
+                if seen.insert((fi, offset, message.clone())) {
+                    problems.push(Problem {
+                        file: file.clone(),
+                        line,
+                        column,
+                        message,
+                    });
+                }
+            }
+        }
+        if !problems.is_empty() {
+            problems.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+            return Err(PolicyLoadError { problems });
+        }
+        let count = origin.len();
+        Ok(Self {
+            set,
+            source: source.to_owned(),
+            count,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_and_starts() {
+        let text = "// c\n@id(\"a\")\npermit(principal, action, resource);\n\n  forbid(principal, action, resource);\n";
+        assert_eq!(position(text, 0), (1, 1));
+        assert_eq!(position(text, 5), (2, 1));
+        assert_eq!(position(text, 7), (2, 3));
+        let starts = policy_starts(text);
+        assert_eq!(starts.len(), 2);
+        assert_eq!(position(text, starts[0]), (2, 1));
+        assert_eq!(position(text, starts[1]), (5, 3));
+    }
+}

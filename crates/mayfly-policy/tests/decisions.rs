@@ -1,0 +1,237 @@
+//! The shipped example policies and the loader's error reports.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use mayfly_core::{
+    Audience, Decision, Envelope, Intent, IssueTokenRequest, Policy, SignCertificateRequest,
+    SpiffeId, StartTaskRequest, Task, TaskContext, TaskId, Timestamp, parse_scopes,
+};
+use mayfly_policy::CedarPolicy;
+
+const TICKETS: &str = "https://tickets.prod.example.com";
+const PAYMENTS: &str = "https://payments.prod.example.com";
+
+fn shipped() -> CedarPolicy {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/policies");
+    CedarPolicy::load_dir(&dir).unwrap()
+}
+
+fn agent() -> SpiffeId {
+    SpiffeId::new("spiffe://prod.example.com/agents/support/triage").unwrap()
+}
+
+fn task(context: &[(&str, &str)]) -> Task {
+    Task {
+        id: TaskId::generate(),
+        agent: agent(),
+        intent: Intent::new("triage the queue").unwrap(),
+        context: TaskContext::new(context.iter().copied()).unwrap(),
+        envelope: Envelope::new(&[TICKETS, PAYMENTS], &["read:tickets", "write:tickets"]).unwrap(),
+        created_at: Timestamp::now(),
+        expires_at: Timestamp::now().plus(Duration::from_secs(3600)),
+        revision: 0,
+    }
+}
+
+fn token(p: &CedarPolicy, task: &Task, audience: &str, scopes: &[&str]) -> Decision {
+    p.decide_issue_token(&IssueTokenRequest {
+        agent: &task.agent,
+        task,
+        audience: &Audience::new(audience).unwrap(),
+        scopes: &parse_scopes(scopes).unwrap(),
+        ttl: Duration::from_secs(900),
+        now: Timestamp::now(),
+    })
+}
+
+fn permit(d: Decision) -> (String, Option<Duration>, bool) {
+    match d {
+        Decision::Permit {
+            policy_id,
+            max_ttl,
+            approval_required,
+        } => (policy_id, max_ttl, approval_required),
+        other => panic!("expected a permit, got {other:?}"),
+    }
+}
+
+fn deny(d: Decision) -> (Option<String>, String) {
+    match d {
+        Decision::Deny { policy_id, reason } => (policy_id, reason),
+        other => panic!("expected a deny, got {other:?}"),
+    }
+}
+
+#[test]
+fn reads_are_automatic_and_capped() {
+    let p = shipped();
+    let t = task(&[("environment", "production")]);
+    let (id, ttl, approval) = permit(token(&p, &t, TICKETS, &["read:tickets"]));
+    assert_eq!(id, "read-scopes-automatic");
+    assert_eq!(ttl, Some(Duration::from_secs(900)));
+    assert!(!approval);
+    // Two permits apply to payments reads: the shorter cap wins.
+    let (id, ttl, _) = permit(token(&p, &t, PAYMENTS, &["read:payments"]));
+    assert_eq!(id, "payments-short-lived,read-scopes-automatic");
+    assert_eq!(ttl, Some(Duration::from_secs(120)));
+}
+
+#[test]
+fn writes_need_approval_in_production_only() {
+    let p = shipped();
+    let staging = task(&[("environment", "staging")]);
+    let (id, ttl, approval) = permit(token(
+        &p,
+        &staging,
+        TICKETS,
+        &["read:tickets", "write:tickets"],
+    ));
+    assert_eq!(
+        (id.as_str(), ttl, approval),
+        (
+            "write-scopes-outside-production",
+            Some(Duration::from_secs(600)),
+            false
+        )
+    );
+    let prod = task(&[("environment", "production")]);
+    let (id, ttl, approval) = permit(token(&p, &prod, TICKETS, &["write:tickets"]));
+    assert_eq!(id, "write-scopes-in-production-need-approval");
+    assert_eq!(ttl, Some(Duration::from_secs(300)));
+    assert!(approval);
+    // No context at all is "not production".
+    assert!(!permit(token(&p, &task(&[]), TICKETS, &["write:tickets"])).2);
+}
+
+#[test]
+fn restricted_data_cannot_be_exported_and_nothing_else_is_allowed_by_default() {
+    let p = shipped();
+    let restricted = task(&[("data_sensitivity", "restricted")]);
+    let (id, reason) = deny(token(&p, &restricted, TICKETS, &["export:tickets"]));
+    assert_eq!(id.as_deref(), Some("no-export-of-restricted-data"));
+    assert!(
+        !reason.contains("getTag"),
+        "never the policy text: {reason}"
+    );
+    let open = task(&[("data_sensitivity", "public")]);
+    let (id, reason) = deny(token(&p, &open, TICKETS, &["export:tickets"]));
+    assert_eq!(id, None, "default deny");
+    assert_eq!(
+        reason,
+        format!("no policy permits {} to issue_token {TICKETS}", agent())
+    );
+    let mut t = task(&[]);
+    t.agent = SpiffeId::new("spiffe://prod.example.com/humans/eve").unwrap();
+    assert!(matches!(
+        token(&p, &t, TICKETS, &["read:tickets"]),
+        Decision::Deny {
+            policy_id: None,
+            ..
+        }
+    ));
+    // Envelopes: every audience must be allowed; the forbid applies at start.
+    let start = |ctx: &TaskContext, auds: &[&str], scopes: &[&str]| {
+        p.decide_start_task(&StartTaskRequest {
+            agent: &agent(),
+            intent: &Intent::new("x").unwrap(),
+            context: ctx,
+            envelope: &Envelope::new(auds, scopes).unwrap(),
+            ttl: Duration::from_secs(3600),
+            now: Timestamp::now(),
+        })
+    };
+    let (id, ttl, _) = permit(start(
+        &TaskContext::default(),
+        &[TICKETS, PAYMENTS],
+        &["read:x"],
+    ));
+    assert_eq!(
+        (id.as_str(), ttl),
+        ("agents-open-tasks", Some(Duration::from_secs(8 * 3600)))
+    );
+    assert!(matches!(
+        start(
+            &TaskContext::default(),
+            &[TICKETS, "https://evil.example.com"],
+            &[]
+        ),
+        Decision::Deny { .. }
+    ));
+    let restricted_ctx = TaskContext::new([("data_sensitivity", "restricted")]).unwrap();
+    let (id, _) = deny(start(&restricted_ctx, &[TICKETS], &["export:all"]));
+    assert_eq!(id.as_deref(), Some("no-export-of-restricted-data"));
+    let cert = p.decide_sign_certificate(&SignCertificateRequest {
+        agent: &agent(),
+        task: &task(&[]),
+        ttl: Duration::from_secs(7200),
+        now: Timestamp::now(),
+    });
+    assert_eq!(permit(cert).1, Some(Duration::from_secs(3600)));
+}
+
+fn load(text: &str) -> Vec<String> {
+    let sources = vec![("p.cedar".to_owned(), text.to_owned())];
+    match CedarPolicy::from_sources(&sources, "test") {
+        Ok(_) => Vec::new(),
+        Err(e) => e.problems.iter().map(|p| p.to_string()).collect(),
+    }
+}
+
+#[test]
+fn problems_name_file_line_and_column() {
+    let parse = load("@id(\"a\")\npermit(principal, action, resource)\nwhen { context.now == };\n");
+    assert_eq!(parse.len(), 1, "{parse:?}");
+    assert!(parse[0].starts_with("p.cedar:3:"), "{parse:?}");
+
+    let unknown_attr =
+        load("@id(\"a\")\npermit(principal, action, resource)\nwhen { context.nope == 1 };\n");
+    assert_eq!(unknown_attr.len(), 1, "{unknown_attr:?}");
+    assert!(
+        unknown_attr[0].starts_with("p.cedar:3:8: "),
+        "{unknown_attr:?}"
+    );
+    assert!(unknown_attr[0].contains("nope"), "{unknown_attr:?}");
+
+    let unguarded_tag = load(
+        "@id(\"a\")\npermit(principal, action, resource)\nwhen { context.task.getTag(\"environment\") == \"x\" };\n",
+    );
+    assert!(
+        unguarded_tag.iter().any(|p| p.starts_with("p.cedar:3:")),
+        "{unguarded_tag:?}"
+    );
+
+    let no_id = load("// first\n\npermit(principal, action, resource);\n");
+    assert_eq!(
+        no_id,
+        vec!["p.cedar:3:1: policy has no @id(\"…\") annotation".to_owned()]
+    );
+    let dup = load(
+        "@id(\"a\")\npermit(principal, action, resource);\n@id(\"a\")\nforbid(principal, action, resource);\n",
+    );
+    assert_eq!(
+        dup,
+        vec!["p.cedar:3:1: @id(\"a\") is already used in p.cedar".to_owned()]
+    );
+    let bad_ttl = load("@id(\"a\")\n@max_ttl(\"soon\")\npermit(principal, action, resource);\n");
+    assert!(bad_ttl[0].contains("@max_ttl(\"soon\")"), "{bad_ttl:?}");
+    let typo = load("@id(\"a\")\n@aproval(\"required\")\npermit(principal, action, resource);\n");
+    assert!(typo[0].contains("unknown annotation @aproval"), "{typo:?}");
+    assert!(load("@id(\"a\")\npermit(principal, action, resource);\n").is_empty());
+}
+
+#[test]
+fn the_loader_reads_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = CedarPolicy::load_dir(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("no .cedar policy files"), "{err}");
+    std::fs::write(
+        dir.path().join("a.cedar"),
+        "@id(\"a\")\npermit(principal, action, resource);\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
+    let p = CedarPolicy::load_dir(dir.path()).unwrap();
+    assert_eq!(p.len(), 1);
+}
