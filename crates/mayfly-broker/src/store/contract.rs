@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mayfly_core::{
-    Audience, Envelope, Intent, Lease, LeaseId, LeaseKind, LeaseState, LeaseStatus,
-    RevocationReason, SpiffeId, Task, TaskContext, TaskId, TaskState, Timestamp, parse_scopes,
+    Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Audience, Envelope,
+    Intent, Lease, LeaseId, LeaseKind, LeaseState, LeaseStatus, RevocationReason, SpiffeId, Task,
+    TaskContext, TaskId, TaskState, Timestamp, parse_scopes,
 };
 
 use super::{LeaseFilter, LeaseStore, PageRequest, RevokeRequest, StoreError, TaskFilter};
@@ -36,6 +37,8 @@ macro_rules! store_contract_tests {
             reap_purges_after_retention,
             revocation_feed_is_ordered_and_resumable,
             feed_head_is_the_newest_cursor,
+            approvals_are_decided_once_and_used_once,
+            context_updates_bump_the_revision_and_fence_issuance,
             issue_racing_end_task_never_leaves_an_active_lease,
             revoked_lease_never_becomes_active
         );
@@ -707,6 +710,235 @@ pub async fn feed_head_is_the_newest_cursor(store: Store) {
     let head = store.feed_head().await.unwrap();
     assert!(head > first);
     assert!(store.revocations_since(head, 10).await.unwrap().is_empty());
+}
+
+fn approval(task: &Task, ttl: u64) -> Approval {
+    Approval {
+        id: ApprovalId::generate(),
+        agent: task.agent.clone(),
+        task_id: task.id.clone(),
+        request: ApprovalRequest::Token {
+            audience: Audience::new("https://api.example.com").unwrap(),
+            scopes: parse_scopes(&["write"]).unwrap(),
+            ttl_seconds: 0,
+            bind: false,
+        },
+        policy_id: "needs-approval".into(),
+        created_at: *T0,
+        expires_at: at(ttl),
+        status: ApprovalStatus::Pending,
+    }
+}
+
+pub async fn approvals_are_decided_once_and_used_once(store: Store) {
+    let t = started(&store, &agent("a"), 600).await;
+    let a = approval(&t, 60);
+    store.create_approval(&a).await.unwrap();
+    assert!(matches!(
+        store.create_approval(&a).await,
+        Err(StoreError::Duplicate(_))
+    ));
+    assert_eq!(store.get_approval(&a.id).await.unwrap().unwrap(), a);
+    let pending = store
+        .list_approvals(
+            true,
+            &PageRequest {
+                after: None,
+                limit: 10,
+            },
+            at(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(pending.items.len(), 1);
+
+    // Not usable before it is approved.
+    assert!(matches!(
+        store
+            .consume_approval(&a.id, &t.agent, &t.id, &a.request, at(1))
+            .await,
+        Err(StoreError::ApprovalState(ApprovalState::Pending))
+    ));
+    let op = operator();
+    let approved = store
+        .decide_approval(
+            &a.id,
+            ApprovalStatus::Approved {
+                by: op.clone(),
+                at: at(2),
+            },
+            at(2),
+        )
+        .await
+        .unwrap();
+    assert_eq!(approved.state_at(at(2)), ApprovalState::Approved);
+    // Decided once.
+    assert!(matches!(
+        store
+            .decide_approval(
+                &a.id,
+                ApprovalStatus::Denied {
+                    by: op.clone(),
+                    at: at(3),
+                    reason: None
+                },
+                at(3)
+            )
+            .await,
+        Err(StoreError::ApprovalState(ApprovalState::Approved))
+    ));
+    assert!(
+        store
+            .list_approvals(
+                true,
+                &PageRequest {
+                    after: None,
+                    limit: 10
+                },
+                at(3)
+            )
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .list_approvals(
+                false,
+                &PageRequest {
+                    after: None,
+                    limit: 10
+                },
+                at(3)
+            )
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+
+    // Only for exactly the request, by the same agent and task.
+    let other_request = ApprovalRequest::Token {
+        audience: Audience::new("https://api.example.com").unwrap(),
+        scopes: parse_scopes(&["write", "admin"]).unwrap(),
+        ttl_seconds: 0,
+        bind: false,
+    };
+    assert!(matches!(
+        store
+            .consume_approval(&a.id, &t.agent, &t.id, &other_request, at(4))
+            .await,
+        Err(StoreError::ApprovalMismatch)
+    ));
+    assert!(matches!(
+        store
+            .consume_approval(&a.id, &agent("b"), &t.id, &a.request, at(4))
+            .await,
+        Err(StoreError::ApprovalNotFound)
+    ));
+    let used = store
+        .consume_approval(&a.id, &t.agent, &t.id, &a.request, at(4))
+        .await
+        .unwrap();
+    assert_eq!(used.state_at(at(4)), ApprovalState::Consumed);
+    // Used once.
+    assert!(matches!(
+        store
+            .consume_approval(&a.id, &t.agent, &t.id, &a.request, at(5))
+            .await,
+        Err(StoreError::ApprovalState(ApprovalState::Consumed))
+    ));
+
+    // Denied stays denied; expired cannot be decided or used.
+    let d = approval(&t, 60);
+    store.create_approval(&d).await.unwrap();
+    store
+        .decide_approval(
+            &d.id,
+            ApprovalStatus::Denied {
+                by: op.clone(),
+                at: at(6),
+                reason: Some("no".into()),
+            },
+            at(6),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .consume_approval(&d.id, &t.agent, &t.id, &d.request, at(7))
+            .await,
+        Err(StoreError::ApprovalState(ApprovalState::Denied))
+    ));
+    let late = approval(&t, 10);
+    store.create_approval(&late).await.unwrap();
+    assert!(matches!(
+        store
+            .decide_approval(
+                &late.id,
+                ApprovalStatus::Approved {
+                    by: op.clone(),
+                    at: at(10)
+                },
+                at(10)
+            )
+            .await,
+        Err(StoreError::ApprovalState(ApprovalState::Expired))
+    ));
+    assert!(matches!(
+        store
+            .decide_approval(
+                &ApprovalId::generate(),
+                ApprovalStatus::Approved { by: op, at: at(1) },
+                at(1)
+            )
+            .await,
+        Err(StoreError::ApprovalNotFound)
+    ));
+    // Approvals are purged after their retention window.
+    store
+        .reap(at(200), Duration::from_secs(60), 100)
+        .await
+        .unwrap();
+    assert!(store.get_approval(&a.id).await.unwrap().is_none());
+}
+
+pub async fn context_updates_bump_the_revision_and_fence_issuance(store: Store) {
+    let t = started(&store, &agent("a"), 600).await;
+    let before = lease(&t, 60);
+    let ctx = TaskContext::new([("environment", "production")]).unwrap();
+    let updated = store
+        .update_task_context(&t.id, &t.agent, &ctx, at(1))
+        .await
+        .unwrap();
+    assert_eq!(updated.revision, 1);
+    assert_eq!(updated.context, ctx);
+    let stored = store.get_task(&t.id).await.unwrap().unwrap().task;
+    assert_eq!((stored.revision, stored.context), (1, ctx.clone()));
+    // A credential decided on the old context is not recorded.
+    assert!(matches!(
+        store.issue(&before, at(2)).await,
+        Err(StoreError::TaskChanged)
+    ));
+    let mut after = lease(&t, 60);
+    after.task_revision = 1;
+    store.issue(&after, at(2)).await.unwrap();
+    // Only the owner, only while active.
+    assert!(matches!(
+        store
+            .update_task_context(&t.id, &agent("b"), &ctx, at(3))
+            .await,
+        Err(StoreError::TaskNotFound)
+    ));
+    store.end_task(&t.id, &complete(&t, at(4))).await.unwrap();
+    assert!(matches!(
+        store
+            .update_task_context(&t.id, &t.agent, &ctx, at(5))
+            .await,
+        Err(StoreError::TaskNotActive(TaskState::Completed))
+    ));
 }
 
 pub async fn issue_racing_end_task_never_leaves_an_active_lease(store: Store) {
