@@ -12,5 +12,6 @@ mod common;
 mod durability;
 mod feed;
 mod http;
+mod policy;
 mod race;
 mod replicas;

@@ -72,11 +72,25 @@ pub enum BrokerError {
         /// Its state.
         state: ApprovalState,
     },
+    /// An operator refused the approval this request presents.
+    #[error("approval {id} is denied by {by}{}", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
+    ApprovalDenied {
+        /// The approval.
+        id: ApprovalId,
+        /// The operator who refused.
+        by: SpiffeId,
+        /// Why, if said.
+        reason: Option<String>,
+    },
     /// The approval was granted for another request.
     #[error(
         "approval {0} was granted for a different request; repeat the approved request exactly"
     )]
     ApprovalMismatch(ApprovalId),
+    /// The task's context kept changing while the credential was decided;
+    /// nothing was issued.
+    #[error("task {0} changed while the credential was being issued; nothing was issued, retry")]
+    TaskChanged(TaskId),
     /// Too many requests from this agent.
     #[error("too many credentials requested; retry in {} ms", retry_after.as_millis())]
     RateLimited {
@@ -100,6 +114,7 @@ impl BrokerError {
                 id: task.clone(),
                 state,
             },
+            StoreError::TaskChanged => Self::TaskChanged(task.clone()),
             other => other.into(),
         }
     }

@@ -3,9 +3,10 @@
 //! the old set (and logs every problem); one that succeeds re-evaluates
 //! every live credential, revoking what the new policies no longer allow.
 
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use mayfly_core::{Decision, IssueTokenRequest, Policy, SignCertificateRequest, StartTaskRequest};
 use mayfly_policy::{CedarPolicy, PolicyLoadError};
@@ -72,17 +73,24 @@ impl Policy for PolicyHandle {
     }
 }
 
-/// Names, sizes and modification times of the `.cedar` files: a change in
-/// any of them means a reload.
-fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+/// Names and contents (hashed) of the `.cedar` files: a change in any of
+/// them means a reload. Contents are read through symlinks, because a
+/// Kubernetes ConfigMap volume updates its files by swapping a symlinked
+/// directory, which leaves each file's own link and times unchanged.
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<u64>)> {
     let mut out: Vec<_> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .filter_map(Result::ok)
-        .filter(|e| e.path().extension().is_some_and(|x| x == "cedar"))
-        .filter_map(|e| {
-            let m = e.metadata().ok()?;
-            Some((e.path(), m.len(), m.modified().ok()))
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cedar"))
+        .map(|p| {
+            let hash = std::fs::read(&p).ok().map(|bytes| {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                bytes.hash(&mut h);
+                h.finish()
+            });
+            (p, hash)
         })
         .collect();
     out.sort();
@@ -143,5 +151,33 @@ pub async fn watch_and_reload(
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    /// A ConfigMap volume: `mayfly.cedar -> ..data/mayfly.cedar`, with
+    /// `..data -> ..v1` swapped to `..v2` on update.
+    #[test]
+    fn a_configmap_style_symlink_swap_is_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for (v, text) in [("..v1", "one"), ("..v2", "two")] {
+            std::fs::create_dir(d.join(v)).unwrap();
+            std::fs::write(d.join(v).join("mayfly.cedar"), text).unwrap();
+        }
+        symlink("..v1", d.join("..data")).unwrap();
+        symlink("..data/mayfly.cedar", d.join("mayfly.cedar")).unwrap();
+        let before = fingerprint(d);
+        assert_eq!(before.len(), 1);
+        assert_eq!(fingerprint(d), before, "nothing changed");
+
+        symlink("..v2", d.join("..data.tmp")).unwrap();
+        std::fs::rename(d.join("..data.tmp"), d.join("..data")).unwrap();
+        assert_ne!(fingerprint(d), before);
     }
 }

@@ -58,6 +58,18 @@ pub enum TaskCommand {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+    /// Change one of your tasks' context; credentials policy no longer
+    /// allows under it are revoked (agent).
+    Context {
+        /// Task id.
+        id: String,
+        /// Entry to add or replace, key=value (repeat for more).
+        #[arg(long = "set", value_parser = parse_kv)]
+        set: Vec<(String, String)>,
+        /// Key to remove (repeat for more).
+        #[arg(long = "unset")]
+        unset: Vec<String>,
+    },
     /// Revoke a task and all its credentials (operator).
     Revoke {
         /// Task id.
@@ -87,6 +99,13 @@ pub enum TokenCommand {
         /// Bind the token to your client certificate (RFC 8705).
         #[arg(long)]
         bind: bool,
+        /// When policy requires approval, wait this long for an operator
+        /// (e.g. 10m); without it the command ends with exit code 3.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait: Option<Duration>,
+        /// Collect a request an operator approved (same arguments).
+        #[arg(long)]
+        approval: Option<String>,
     },
     /// Print a token's header and claims WITHOUT verifying it ("-" reads stdin).
     Decode {
@@ -140,6 +159,31 @@ pub async fn task(cmd: TaskCommand, conn: &ConnArgs, json: bool) -> anyhow::Resu
                 print_revoked(&r.revoked_leases);
             }
         }
+        TaskCommand::Context { id, set, unset } => {
+            let client = conn.connect(Role::Agent).await?;
+            let r = client
+                .broker()
+                .update_task_context(pb::UpdateTaskContextRequest {
+                    task_id: id.clone(),
+                    set: set.into_iter().collect(),
+                    remove: unset,
+                })
+                .await?
+                .into_inner();
+            if json {
+                let task = r.task.as_ref().map(output::task_json);
+                output::print_json(&json!({"task": task, "revoked_leases": r.revoked_leases}));
+            } else {
+                if let Some(t) = &r.task {
+                    output::print_task(t);
+                }
+                if r.revoked_leases.is_empty() {
+                    println!("every credential is still allowed");
+                } else {
+                    print_revoked(&r.revoked_leases);
+                }
+            }
+        }
         TaskCommand::List {
             agent,
             state,
@@ -179,18 +223,32 @@ pub async fn token(cmd: TokenCommand, conn: &ConnArgs, json: bool) -> anyhow::Re
             scopes,
             ttl,
             bind,
+            wait,
+            approval,
         } => {
             let client = conn.connect(Role::Agent).await?;
-            let t = client
-                .issue_token(pb::IssueTokenRequest {
-                    task_id: task,
-                    audience,
-                    scopes,
-                    ttl_seconds: ttl.map_or(0, mayfly_client::ttl_seconds),
-                    bind_to_client_cert: bind,
-                    approval_id: String::new(),
-                })
-                .await?;
+            if let (Some(id), Some(wait)) = (&approval, wait) {
+                crate::approval::await_existing(&client, id, wait).await?;
+            }
+            let mut req = pb::IssueTokenRequest {
+                task_id: task,
+                audience,
+                scopes,
+                ttl_seconds: ttl.map_or(0, mayfly_client::ttl_seconds),
+                bind_to_client_cert: bind,
+                approval_id: approval.unwrap_or_default(),
+            };
+            let t = loop {
+                let t = client.issue_token(req.clone()).await?;
+                match &t.approval {
+                    Some(pending) => {
+                        let wait = wait.unwrap_or_default();
+                        req.approval_id =
+                            crate::approval::await_decision(&client, pending, wait).await?;
+                    }
+                    None => break t,
+                }
+            };
             if json {
                 output::print_json(&json!({
                     "token": t.token,

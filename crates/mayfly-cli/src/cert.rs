@@ -33,6 +33,12 @@ pub enum CertCommand {
         /// Directory for cert.pem, chain.pem (and key.pem).
         #[arg(long)]
         out: PathBuf,
+        /// When policy requires approval, wait this long for an operator.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait: Option<Duration>,
+        /// Collect a request an operator approved (same CSR and TTL).
+        #[arg(long, requires = "csr")]
+        approval: Option<String>,
     },
 }
 
@@ -55,6 +61,8 @@ pub async fn run(cmd: CertCommand, conn: &ConnArgs, json: bool) -> anyhow::Resul
         new_key,
         ttl,
         out,
+        wait,
+        approval,
     } = cmd;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -76,21 +84,57 @@ pub async fn run(cmd: CertCommand, conn: &ConnArgs, json: bool) -> anyhow::Resul
             );
             let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
             let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
-            (csr.der().to_vec(), Some(key))
+            (csr.der().to_vec(), Some((key, csr.pem()?)))
         }
     };
     let client = conn.connect(Role::Agent).await?;
-    let issued = client
-        .broker()
-        .sign_certificate(pb::SignCertificateRequest {
-            task_id: task,
-            csr: csr_bytes,
-            ttl_seconds: ttl.map_or(0, mayfly_client::ttl_seconds),
-            approval_id: String::new(),
-        })
-        .await?
-        .into_inner();
-    if let Some(key) = key {
+    if let (Some(id), Some(wait)) = (&approval, wait) {
+        crate::approval::await_existing(&client, id, wait).await?;
+    }
+    let mut req = pb::SignCertificateRequest {
+        task_id: task.clone(),
+        csr: csr_bytes,
+        ttl_seconds: ttl.map_or(0, mayfly_client::ttl_seconds),
+        approval_id: approval.unwrap_or_default(),
+    };
+    let issued = loop {
+        let issued = client
+            .broker()
+            .sign_certificate(req.clone())
+            .await?
+            .into_inner();
+        match &issued.approval {
+            Some(pending) => {
+                // The approval is for this key: keep it, so the request can
+                // be collected later even if no one decides while we wait.
+                let kept = match &key {
+                    Some((key, csr_pem)) => {
+                        write(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+                        write(&out.join("request.csr"), csr_pem.as_bytes(), 0o644)?;
+                        true
+                    }
+                    None => false,
+                };
+                let waited =
+                    crate::approval::await_decision(&client, pending, wait.unwrap_or_default())
+                        .await;
+                req.approval_id = match waited {
+                    Err(e) if kept && e.is::<crate::approval::StillPending>() => {
+                        let id = &pending.approval_id;
+                        let out = out.display();
+                        return Err(crate::approval::StillPending(format!(
+                            "approval {id} is still pending; the key and request are in {out}; once approved, run \
+                             `mayfly cert issue --task {task} --csr {out}/request.csr --approval {id} --out {out}`"
+                        ))
+                        .into());
+                    }
+                    other => other?,
+                };
+            }
+            None => break issued,
+        }
+    };
+    if let Some((key, _)) = key {
         write(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
     }
     write(

@@ -4,11 +4,13 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+mod approval;
 mod cert;
 mod conn;
 mod dev;
 mod operator;
 mod output;
+mod policy;
 
 use std::process::ExitCode;
 
@@ -55,6 +57,12 @@ enum Command {
     /// Agents (operators).
     #[command(subcommand)]
     Agent(operator::AgentCommand),
+    /// Requests waiting for an operator's approval (operators).
+    #[command(subcommand)]
+    Approval(approval::ApprovalCommand),
+    /// Cedar policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Write a new JWT signing key, for replicas that must share one.
     Keygen {
         /// ES256 (default) or EdDSA.
@@ -64,6 +72,16 @@ enum Command {
         /// jwt-eddsa.key in the broker's data_dir).
         #[arg(long)]
         out: std::path::PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy directory against Mayfly's schema; problems are
+    /// printed as file:line:column: message.
+    Check {
+        /// The directory of *.cedar files.
+        dir: std::path::PathBuf,
     },
 }
 
@@ -129,9 +147,15 @@ async fn main() -> ExitCode {
         Command::Lease(cmd) => operator::lease(cmd, &cli.conn, cli.json).await,
         Command::Agent(cmd) => operator::agent(cmd, &cli.conn, cli.json).await,
         Command::Keygen { algorithm, out } => keygen(algorithm, &out),
+        Command::Approval(cmd) => approval::run(cmd, &cli.conn, cli.json).await,
+        Command::Policy(PolicyCommand::Check { dir }) => policy::check(&dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<approval::StillPending>().is_some() => {
+            eprintln!("{e}");
+            ExitCode::from(3)
+        }
         Err(e) => {
             eprintln!("error: {}", describe(&e));
             ExitCode::FAILURE

@@ -11,15 +11,26 @@ use std::process::{Command, Output};
 use mayfly_testkit::{TestBroker, https_get};
 use serde_json::Value;
 
-fn mayfly(broker: &TestBroker, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mayfly"))
-        .arg("--profile")
+/// `mayfly` with the test broker's profile, not yet run.
+fn command(broker: &TestBroker, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mayfly"));
+    c.arg("--profile")
         .arg(&broker.layout.dir)
         .args(["--broker", &broker.url()])
         .args(args)
-        .env_remove("MAYFLY_PROFILE")
-        .output()
-        .expect("mayfly runs")
+        .env_remove("MAYFLY_PROFILE");
+    c
+}
+
+fn mayfly(broker: &TestBroker, args: &[&str]) -> Output {
+    command(broker, args).output().expect("mayfly runs")
+}
+
+/// The public key (PEM) `openssl` reads with `args`.
+fn openssl_pubkey(args: &[&str]) -> String {
+    let o = Command::new("openssl").args(args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
 }
 
 fn ok(out: Output) -> String {
@@ -399,21 +410,16 @@ async fn cert_issue_with_a_new_key() {
         0o600
     );
     // The key made locally matches the certificate the broker signed.
-    let pubkey = |args: &[&str]| {
-        let o = Command::new("openssl").args(args).output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8(o.stdout).unwrap()
-    };
     let cert_path = out_dir.join("cert.pem");
     assert_eq!(
-        pubkey(&[
+        openssl_pubkey(&[
             "x509",
             "-noout",
             "-pubkey",
             "-in",
             cert_path.to_str().unwrap()
         ]),
-        pubkey(&["pkey", "-pubout", "-in", key.to_str().unwrap()])
+        openssl_pubkey(&["pkey", "-pubout", "-in", key.to_str().unwrap()])
     );
     let leases = json(mayfly(
         &broker,
@@ -423,4 +429,247 @@ async fn cert_issue_with_a_new_key() {
     // --csr and --new-key are exclusive; one is required.
     let out = mayfly(&broker, &["cert", "issue", "--task", &task, "--out", "x"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// Policies under which every credential needs an operator's approval.
+const APPROVE_EVERYTHING: &str = r#"
+@id("open-tasks")
+permit (principal, action == Mayfly::Action::"start_task", resource);
+
+@id("tokens-need-approval")
+@approval("required")
+permit (principal, action == Mayfly::Action::"issue_token", resource);
+
+@id("certs-need-approval")
+@approval("required")
+permit (principal, action == Mayfly::Action::"sign_certificate", resource);
+"#;
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The single pending approval, as `approval list --json` shows it.
+fn pending_approval(broker: &TestBroker) -> Value {
+    let list = json(mayfly(broker, &["--json", "approval", "list"]));
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    list[0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_through_the_cli() {
+    let broker =
+        TestBroker::start_with(|c| mayfly_testkit::use_policies(c, APPROVE_EVERYTHING)).await;
+    let api = "https://api.example.com";
+    let task = json(mayfly(
+        &broker,
+        &[
+            "--json",
+            "task",
+            "start",
+            "--intent",
+            "deploy",
+            "--audience",
+            api,
+            "--scope",
+            "write:repo",
+        ],
+    ))["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let issue = [
+        "token",
+        "issue",
+        "--task",
+        &task,
+        "--audience",
+        api,
+        "--scope",
+        "write:repo",
+    ];
+
+    // No --wait: exit code 3 and the next step spelled out.
+    let out = mayfly(&broker, &issue);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(out.stdout.is_empty());
+    let approval = pending_approval(&broker);
+    let id = approval["approval_id"].as_str().unwrap().to_owned();
+    assert_eq!(approval["state"], "pending");
+    assert_eq!(approval["policy_id"], "tokens-need-approval");
+    assert_eq!(approval["task_intent"], "deploy");
+    assert_eq!(approval["scopes"], serde_json::json!(["write:repo"]));
+    assert!(
+        stderr(&out).contains(&format!("repeat the command with --approval {id}")),
+        "{}",
+        stderr(&out)
+    );
+
+    // The agent waits on the approval while an operator approves it.
+    let mut collect = issue.to_vec();
+    collect.extend(["--approval", &id, "--wait", "30s"]);
+    let waiting = command(&broker, &collect)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let approved = json(mayfly(
+        &broker,
+        &[
+            "--json",
+            "approval",
+            "approve",
+            &id,
+            "--reason",
+            "change CHG-7",
+        ],
+    ));
+    assert_eq!(approved["state"], "approved");
+    assert_eq!(
+        approved["decided_by"],
+        "spiffe://example.org/operator/admin"
+    );
+    assert_eq!(approved["reason"], "change CHG-7");
+    let out = tokio::task::spawn_blocking(move || waiting.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let token = ok(out);
+    let decoded = json(mayfly(
+        &broker,
+        &["--json", "token", "decode", token.trim()],
+    ));
+    assert_eq!(decoded["claims"]["scope"], "write:repo");
+    assert_eq!(decoded["claims"]["task_id"], task.as_str());
+
+    // Used once.
+    let mut again: Vec<&str> = issue.to_vec();
+    again.extend(["--approval", &id]);
+    let out = mayfly(&broker, &again);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("is consumed"), "{}", stderr(&out));
+
+    // A denial reaches the agent with the operator's reason.
+    assert_eq!(mayfly(&broker, &issue).status.code(), Some(3));
+    let denied_id = pending_approval(&broker)["approval_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    ok(mayfly(
+        &broker,
+        &["approval", "deny", &denied_id, "--reason", "change freeze"],
+    ));
+    let mut denied: Vec<&str> = issue.to_vec();
+    denied.extend(["--approval", &denied_id]);
+    let out = mayfly(&broker, &denied);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!(
+            "approval {denied_id} is denied by spiffe://example.org/operator/admin: change freeze"
+        )),
+        "{}",
+        stderr(&out)
+    );
+
+    // A certificate for a key made here: the key and request are kept while
+    // the approval is pending, and the printed command collects it.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cert");
+    let dir_s = dir.to_str().unwrap();
+    let out = mayfly(
+        &broker,
+        &[
+            "cert",
+            "issue",
+            "--task",
+            &task,
+            "--new-key",
+            "--out",
+            dir_s,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let cert_id = pending_approval(&broker)["approval_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let csr = dir.join("request.csr");
+    let hint = format!("--csr {dir_s}/request.csr --approval {cert_id} --out {dir_s}");
+    assert!(stderr(&out).contains(&hint), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::metadata(dir.join("key.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    ok(mayfly(&broker, &["approval", "approve", &cert_id]));
+    let issued = json(mayfly(
+        &broker,
+        &[
+            "--json",
+            "cert",
+            "issue",
+            "--task",
+            &task,
+            "--csr",
+            csr.to_str().unwrap(),
+            "--approval",
+            &cert_id,
+            "--out",
+            dir_s,
+        ],
+    ));
+    assert_eq!(
+        issued["spiffe_id"],
+        format!("spiffe://example.org/agent/demo/task/{task}")
+    );
+    // The certificate is for the key kept on disk.
+    assert_eq!(
+        openssl_pubkey(&[
+            "x509",
+            "-noout",
+            "-pubkey",
+            "-in",
+            &format!("{dir_s}/cert.pem")
+        ]),
+        openssl_pubkey(&["pkey", "-pubout", "-in", &format!("{dir_s}/key.pem")])
+    );
+}
+
+#[test]
+fn policy_check_validates_like_the_broker() {
+    let run = |dir: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_mayfly"))
+            .args(["policy", "check"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/policies");
+    let out = ok(run(&shipped));
+    assert!(
+        out.ends_with("policies, valid against the Mayfly schema\n"),
+        "{out}"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("p.cedar"),
+        "@id(\"typo\")\npermit (principal, action, resource)\nwhen { context.scope_prefix.contains(\"read\") };\n",
+    )
+    .unwrap();
+    let out = run(tmp.path());
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    assert_eq!(
+        stdout,
+        format!(
+            "{}/p.cedar:3:8: for policy `typo`, attribute `scope_prefix` in context not found (did you mean `scope_prefixes`?)\n",
+            tmp.path().display()
+        )
+    );
+    assert!(stderr(&out).contains("1 problem(s)"), "{}", stderr(&out));
 }

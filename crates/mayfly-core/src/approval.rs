@@ -61,6 +61,9 @@ pub enum ApprovalStatus {
         by: SpiffeId,
         /// When.
         at: Timestamp,
+        /// Why, if said (a change ticket, say).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// Refused.
     Denied {
@@ -78,6 +81,9 @@ pub enum ApprovalStatus {
         by: SpiffeId,
         /// When it was used.
         at: Timestamp,
+        /// Why it was approved, if said.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
 }
 

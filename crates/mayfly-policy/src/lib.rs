@@ -20,6 +20,7 @@ mod load;
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use cedar_policy::{
@@ -54,11 +55,34 @@ impl std::fmt::Debug for CedarPolicy {
     }
 }
 
-fn uid(ty: &str, id: &str) -> EntityUid {
-    // Both parts are constant or arbitrary strings: cannot fail.
-    #[allow(clippy::expect_used)]
-    let ty = EntityTypeName::from_str(ty).expect("valid entity type name");
-    EntityUid::from_type_name_and_id(ty, EntityId::new(id))
+/// The schema's entity types. Parsing a name runs Cedar's parser, which
+/// costs more than the rest of a decision, so each is parsed once.
+#[derive(Clone, Copy)]
+enum Type {
+    Agent,
+    Task,
+    Action,
+    Audience,
+    CertificateKind,
+}
+
+static TYPES: LazyLock<[EntityTypeName; 5]> = LazyLock::new(|| {
+    [
+        "Mayfly::Agent",
+        "Mayfly::Task",
+        "Mayfly::Action",
+        "Mayfly::Audience",
+        "Mayfly::CertificateKind",
+    ]
+    .map(|name| {
+        // Constant names from the schema: cannot fail.
+        #[allow(clippy::expect_used)]
+        EntityTypeName::from_str(name).expect("valid entity type name")
+    })
+});
+
+fn uid(ty: Type, id: &str) -> EntityUid {
+    EntityUid::from_type_name_and_id(TYPES[ty as usize].clone(), EntityId::new(id))
 }
 
 fn string(s: &str) -> RestrictedExpression {
@@ -67,7 +91,7 @@ fn string(s: &str) -> RestrictedExpression {
 
 fn agent_entity(id: &SpiffeId) -> Result<Entity, String> {
     Entity::new(
-        uid("Mayfly::Agent", id.as_str()),
+        uid(Type::Agent, id.as_str()),
         [
             ("spiffe_id".to_owned(), string(id.as_str())),
             ("trust_domain".to_owned(), string(id.trust_domain_name())),
@@ -82,7 +106,7 @@ fn agent_entity(id: &SpiffeId) -> Result<Entity, String> {
 
 fn task_entity(id: &str, intent: &str, context: &TaskContext) -> Result<Entity, String> {
     Entity::new_with_tags(
-        uid("Mayfly::Task", id),
+        uid(Type::Task, id),
         [("intent".to_owned(), string(intent))],
         [],
         context
@@ -134,7 +158,7 @@ impl CedarPolicy {
             policy_id: None,
             reason: format!("policy input could not be built: {what}"),
         };
-        let task_uid = uid("Mayfly::Task", ask.task_id);
+        let task_uid = uid(Type::Task, ask.task_id);
         let entities = match (
             agent_entity(ask.agent),
             task_entity(ask.task_id, ask.intent, ask.context),
@@ -183,8 +207,8 @@ impl CedarPolicy {
             Err(e) => return fail(e.to_string()),
         };
         let request = match Request::new(
-            uid("Mayfly::Agent", ask.agent.as_str()),
-            uid("Mayfly::Action", ask.action),
+            uid(Type::Agent, ask.agent.as_str()),
+            uid(Type::Action, ask.action),
             ask.resource.clone(),
             context,
             None,
@@ -286,7 +310,7 @@ impl Policy for CedarPolicy {
             self.ask(Ask {
                 agent: req.agent,
                 action: "start_task",
-                resource: uid("Mayfly::Audience", aud.as_str()),
+                resource: uid(Type::Audience, aud.as_str()),
                 task_id: "new",
                 intent: req.intent.as_str(),
                 context: req.context,
@@ -301,7 +325,7 @@ impl Policy for CedarPolicy {
         self.ask(Ask {
             agent: req.agent,
             action: "issue_token",
-            resource: uid("Mayfly::Audience", req.audience.as_str()),
+            resource: uid(Type::Audience, req.audience.as_str()),
             task_id: req.task.id.as_str(),
             intent: req.task.intent.as_str(),
             context: &req.task.context,
@@ -315,7 +339,7 @@ impl Policy for CedarPolicy {
         self.ask(Ask {
             agent: req.agent,
             action: "sign_certificate",
-            resource: uid("Mayfly::CertificateKind", "task"),
+            resource: uid(Type::CertificateKind, "task"),
             task_id: req.task.id.as_str(),
             intent: req.task.intent.as_str(),
             context: &req.task.context,

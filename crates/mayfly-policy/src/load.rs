@@ -67,6 +67,20 @@ fn position(text: &str, offset: usize) -> (usize, usize) {
 
 /// Byte offsets where each policy of a file starts: lines whose first
 /// token is `permit` or `forbid`, or their leading annotations.
+/// Drops the ` for Mayfly::Action::"name"` part of a validation message,
+/// so that a mistake in a policy covering several actions reads once.
+fn without_action(message: &str) -> String {
+    const MARK: &str = " for Mayfly::Action::\"";
+    match message.find(MARK) {
+        Some(at) => {
+            let rest = &message[at + MARK.len()..];
+            let after = rest.find('"').map_or("", |end| &rest[end + 1..]);
+            format!("{}{}", &message[..at], without_action(after))
+        }
+        None => message.to_owned(),
+    }
+}
+
 fn policy_starts(text: &str) -> Vec<usize> {
     let mut starts = Vec::new();
     let mut pending: Option<usize> = None;
@@ -228,12 +242,10 @@ impl CedarPolicy {
                 let (file, text) = &sources[fi];
                 let (line, column) = position(text, offset);
                 // One message per place, not one per action it applies to.
-                let message = e.to_string();
-                let message = message
-                    .split(" for Mayfly::Action::")
-                    .next()
-                    .unwrap_or(&message)
-                    .to_owned();
+                let mut message = without_action(&e.to_string());
+                if let Some(help) = e.help() {
+                    message = format!("{message} ({help})");
+                }
                 if seen.insert((fi, offset, message.clone())) {
                     problems.push(Problem {
                         file: file.clone(),
@@ -260,6 +272,17 @@ impl CedarPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn action_names_are_dropped_from_messages() {
+        assert_eq!(
+            without_action(
+                "attribute `x` in context for Mayfly::Action::\"issue_token\" not found"
+            ),
+            "attribute `x` in context not found"
+        );
+        assert_eq!(without_action("no action here"), "no action here");
+    }
 
     #[test]
     fn positions_and_starts() {

@@ -192,7 +192,10 @@ fn problems_name_file_line_and_column() {
         unknown_attr[0].starts_with("p.cedar:3:8: "),
         "{unknown_attr:?}"
     );
-    assert!(unknown_attr[0].contains("nope"), "{unknown_attr:?}");
+    assert!(
+        unknown_attr[0].ends_with("attribute `nope` in context not found (did you mean `now`?)"),
+        "{unknown_attr:?}"
+    );
 
     let unguarded_tag = load(
         "@id(\"a\")\npermit(principal, action, resource)\nwhen { context.task.getTag(\"environment\") == \"x\" };\n",

@@ -181,10 +181,9 @@ pub fn approval_to_proto(a: &Approval, task: Option<&Task>, now: Timestamp) -> p
     };
     let (decided_by, decided_at, reason) = match &a.status {
         ApprovalStatus::Pending => (String::new(), None, String::new()),
-        ApprovalStatus::Approved { by, at } | ApprovalStatus::Consumed { by, at } => {
-            (by.to_string(), Some(timestamp(*at)), String::new())
-        }
-        ApprovalStatus::Denied { by, at, reason } => (
+        ApprovalStatus::Approved { by, at, reason }
+        | ApprovalStatus::Consumed { by, at, reason }
+        | ApprovalStatus::Denied { by, at, reason } => (
             by.to_string(),
             Some(timestamp(*at)),
             reason.clone().unwrap_or_default(),

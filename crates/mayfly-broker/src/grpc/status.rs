@@ -1,7 +1,6 @@
 //! The one mapping from [`BrokerError`] to a gRPC status. The match has no
 //! catch-all arm, so a new error variant must be mapped on purpose.
 
-use mayfly_core::ApprovalState;
 use tonic::Status;
 
 use crate::error::BrokerError;
@@ -19,12 +18,11 @@ impl From<BrokerError> for Status {
             BrokerError::TaskNotFound(_)
             | BrokerError::LeaseNotFound(_)
             | BrokerError::ApprovalNotFound(_) => Status::not_found(msg),
-            BrokerError::ApprovalMismatch(_) => Status::permission_denied(msg),
-            BrokerError::ApprovalUnusable {
-                state: ApprovalState::Denied,
-                ..
-            } => Status::permission_denied(msg),
+            BrokerError::ApprovalMismatch(_) | BrokerError::ApprovalDenied { .. } => {
+                Status::permission_denied(msg)
+            }
             BrokerError::ApprovalUnusable { .. } => Status::failed_precondition(msg),
+            BrokerError::TaskChanged(_) => Status::aborted(msg),
             BrokerError::RateLimited { retry_after } => {
                 let mut status = Status::resource_exhausted(msg);
                 let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;

@@ -41,6 +41,7 @@ impl Service {
             ApprovalStatus::Approved {
                 by: operator.id.clone(),
                 at: now,
+                reason,
             }
         } else {
             ApprovalStatus::Denied {

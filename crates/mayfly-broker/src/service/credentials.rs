@@ -4,9 +4,9 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use mayfly_core::{
-    AccessTokenClaims, Approval, ApprovalId, ApprovalRequest, ApprovalStatus, Confirmation,
-    IssueTokenRequest, Lease, LeaseId, LeaseKind, LeaseStatus, Pattern, SignCertificateRequest,
-    Task, Timestamp, scope_string,
+    AccessTokenClaims, Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus,
+    Confirmation, IssueTokenRequest, Lease, LeaseId, LeaseKind, LeaseStatus, Pattern,
+    SignCertificateRequest, Task, Timestamp, scope_string,
 };
 
 use super::{
@@ -30,6 +30,26 @@ enum Gate {
 }
 
 impl Service {
+    /// The error for presenting an approval an operator refused, with who
+    /// refused it and why.
+    async fn denied_approval(&self, id: &ApprovalId) -> BrokerError {
+        match self.store.get_approval(id).await {
+            Ok(Some(Approval {
+                status: ApprovalStatus::Denied { by, reason, .. },
+                ..
+            })) => BrokerError::ApprovalDenied {
+                id: id.clone(),
+                by,
+                reason,
+            },
+            Ok(_) => BrokerError::ApprovalUnusable {
+                id: id.clone(),
+                state: ApprovalState::Denied,
+            },
+            Err(e) => BrokerError::from_approval(e, id),
+        }
+    }
+
     /// Consumes `approval_id` for exactly `request`, or opens a pending
     /// approval when the permit needs one and none was given.
     async fn approval_gate(
@@ -43,11 +63,17 @@ impl Service {
     ) -> Result<Gate, BrokerError> {
         match approval_id {
             Some(id) => {
-                self.store
+                match self
+                    .store
                     .consume_approval(id, &caller.id, &task.id, &request, now)
                     .await
-                    .map_err(|e| BrokerError::from_approval(e, id))?;
-                Ok(Gate::Proceed(Some(id.clone())))
+                {
+                    Ok(_) => Ok(Gate::Proceed(Some(id.clone()))),
+                    Err(StoreError::ApprovalState(ApprovalState::Denied)) => {
+                        Err(self.denied_approval(id).await)
+                    }
+                    Err(e) => Err(BrokerError::from_approval(e, id)),
+                }
             }
             None if permit.approval_required => {
                 let approval = Approval {

@@ -766,6 +766,7 @@ pub async fn approvals_are_decided_once_and_used_once(store: Store) {
             ApprovalStatus::Approved {
                 by: op.clone(),
                 at: at(2),
+                reason: Some("change CHG-7".into()),
             },
             at(2),
         )
@@ -843,6 +844,15 @@ pub async fn approvals_are_decided_once_and_used_once(store: Store) {
         .await
         .unwrap();
     assert_eq!(used.state_at(at(4)), ApprovalState::Consumed);
+    // The approver and their reason stay on record once it is used.
+    assert_eq!(
+        store.get_approval(&a.id).await.unwrap().unwrap().status,
+        ApprovalStatus::Consumed {
+            by: op.clone(),
+            at: at(4),
+            reason: Some("change CHG-7".into()),
+        }
+    );
     // Used once.
     assert!(matches!(
         store
@@ -880,7 +890,8 @@ pub async fn approvals_are_decided_once_and_used_once(store: Store) {
                 &late.id,
                 ApprovalStatus::Approved {
                     by: op.clone(),
-                    at: at(10)
+                    at: at(10),
+                    reason: None,
                 },
                 at(10)
             )
@@ -891,7 +902,11 @@ pub async fn approvals_are_decided_once_and_used_once(store: Store) {
         store
             .decide_approval(
                 &ApprovalId::generate(),
-                ApprovalStatus::Approved { by: op, at: at(1) },
+                ApprovalStatus::Approved {
+                    by: op,
+                    at: at(1),
+                    reason: None,
+                },
                 at(1)
             )
             .await,

@@ -202,13 +202,14 @@ pub(crate) fn check_consumable(
         return Err(StoreError::ApprovalNotFound);
     }
     match (&a.status, a.state_at(now)) {
-        (ApprovalStatus::Approved { by, .. }, ApprovalState::Approved) => {
+        (ApprovalStatus::Approved { by, reason, .. }, ApprovalState::Approved) => {
             if &a.request != request {
                 return Err(StoreError::ApprovalMismatch);
             }
             Ok(ApprovalStatus::Consumed {
                 by: by.clone(),
                 at: now,
+                reason: reason.clone(),
             })
         }
         (_, state) => Err(StoreError::ApprovalState(state)),

@@ -1,0 +1,155 @@
+//! What a Cedar decision costs at request time, against the ES256 signature
+//! every token needs anyway (measured in the same run): the shipped example
+//! policies (`deploy/policies`) deciding a permit, a forbid and a default
+//! deny, and the same decision with 100 and 1000 more per-agent policies, to
+//! show how cost grows with the size of the policy set.
+//!
+//! `cargo bench -p mayfly-benches --bench policy`
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use mayfly_broker::config::Algorithm;
+use mayfly_broker::issuer::{JwtSigner, SigningKey};
+use mayfly_core::{
+    AccessTokenClaims, Audience, Decision, Envelope, Intent, IssueTokenRequest, Policy, SpiffeId,
+    Task, TaskContext, TaskId, Timestamp, parse_scopes,
+};
+use mayfly_policy::CedarPolicy;
+
+const TICKETS: &str = "https://tickets.prod.example.com";
+
+fn shipped_sources() -> Vec<(String, String)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/policies");
+    let mut sources = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "cedar") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            sources.push((path.display().to_string(), text));
+        }
+    }
+    sources
+}
+
+/// The shipped policies plus `extra` permits, one per (other) agent, shaped
+/// like the shipped read permit.
+fn policies(extra: usize) -> CedarPolicy {
+    let mut sources = shipped_sources();
+    let generated: String = (0..extra)
+        .map(|i| {
+            format!(
+                "@id(\"agent-{i}-reads\")\n@max_ttl(\"10m\")\n\
+                 permit (principal == Mayfly::Agent::\"spiffe://prod.example.com/agents/other/{i}\",\n\
+                 action == Mayfly::Action::\"issue_token\", resource)\n\
+                 when {{ [\"read\"].containsAll(context.scope_prefixes) }};\n\n"
+            )
+        })
+        .collect();
+    if extra > 0 {
+        sources.push(("generated.cedar".into(), generated));
+    }
+    CedarPolicy::from_sources(&sources, "bench").unwrap()
+}
+
+fn task(context: &[(&str, &str)]) -> Task {
+    Task {
+        id: TaskId::generate(),
+        agent: SpiffeId::new("spiffe://prod.example.com/agents/support/triage").unwrap(),
+        intent: Intent::new("triage the queue").unwrap(),
+        context: TaskContext::new(context.iter().copied()).unwrap(),
+        envelope: Envelope::new(&[TICKETS], &["read:tickets", "export:tickets"]).unwrap(),
+        created_at: Timestamp::now(),
+        expires_at: Timestamp::now().plus(Duration::from_secs(3600)),
+        revision: 0,
+    }
+}
+
+fn decide(p: &CedarPolicy, task: &Task, scopes: &[&str]) -> Decision {
+    p.decide_issue_token(&IssueTokenRequest {
+        agent: &task.agent,
+        task,
+        audience: &Audience::new(TICKETS).unwrap(),
+        scopes: &parse_scopes(scopes).unwrap(),
+        ttl: Duration::from_secs(300),
+        now: Timestamp::now(),
+    })
+}
+
+fn decisions(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cedar");
+    g.throughput(Throughput::Elements(1));
+    let staging = task(&[("environment", "staging")]);
+    let restricted = task(&[("data_sensitivity", "restricted")]);
+    for extra in [0, 100, 1000] {
+        let p = policies(extra);
+        let n = p.len();
+        assert!(matches!(
+            decide(&p, &staging, &["read:tickets"]),
+            Decision::Permit { .. }
+        ));
+        g.bench_function(format!("permit_read/{n}_policies"), |b| {
+            b.iter(|| decide(&p, &staging, &["read:tickets"]))
+        });
+        if extra == 0 {
+            assert!(matches!(
+                decide(&p, &restricted, &["export:tickets"]),
+                Decision::Deny {
+                    policy_id: Some(_),
+                    ..
+                }
+            ));
+            g.bench_function(format!("forbid_export/{n}_policies"), |b| {
+                b.iter(|| decide(&p, &restricted, &["export:tickets"]))
+            });
+            assert!(matches!(
+                decide(&p, &staging, &["admin:tickets"]),
+                Decision::Deny {
+                    policy_id: None,
+                    ..
+                }
+            ));
+            g.bench_function(format!("default_deny/{n}_policies"), |b| {
+                b.iter(|| decide(&p, &staging, &["admin:tickets"]))
+            });
+        }
+    }
+    g.finish();
+}
+
+/// The limit the decision is read against: the ES256 signature of a token.
+fn signature(c: &mut Criterion) {
+    let der = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .unwrap()
+        .serialize_der();
+    let signer = JwtSigner::new(
+        SigningKey::from_pkcs8(&der, Algorithm::ES256).unwrap(),
+        vec![],
+    );
+    let claims = AccessTokenClaims {
+        iss: "https://mayfly.prod.example.com".into(),
+        sub: "spiffe://prod.example.com/agents/support/triage".into(),
+        aud: TICKETS.into(),
+        exp: 1_800_000_300,
+        iat: 1_800_000_000,
+        nbf: 1_800_000_000,
+        jti: "p_mMsUbnboE9enWz_ooAFw".into(),
+        client_id: "spiffe://prod.example.com/agents/support/triage".into(),
+        scope: Some("read:tickets".into()),
+        task_id: "lbaPf1dJlLwnMXaf5bpjpA".into(),
+        cnf: None,
+        act: None,
+    };
+    let mut g = c.benchmark_group("cedar");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("jwt_sign_es256_reference", |b| {
+        b.iter(|| signer.sign(&claims).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, decisions, signature);
+criterion_main!(benches);
