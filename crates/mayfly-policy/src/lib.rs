@@ -17,8 +17,9 @@
 #![forbid(unsafe_code)]
 
 mod load;
+mod slice;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::str::FromStr;
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -40,20 +41,35 @@ pub const SCHEMA: &str = include_str!("mayfly.cedarschema");
 /// A validated set of Cedar policies, ready to decide.
 pub struct CedarPolicy {
     set: PolicySet,
+    /// `set` cut per action and agent; decisions read these.
+    slices: slice::Slices,
     /// Where the policies came from, for logs.
     source: String,
-    /// How many policies.
-    count: usize,
+    /// Each policy's annotations as limits, read once at load (asking
+    /// Cedar for an annotation parses its key every time).
+    limits: HashMap<PolicyId, Limits>,
+}
+
+/// What a permit's annotations allow.
+#[derive(Debug, Clone, Copy, Default)]
+struct Limits {
+    /// `@max_ttl`.
+    max_ttl: Option<Duration>,
+    /// `@approval("required")`.
+    approval_required: bool,
 }
 
 impl std::fmt::Debug for CedarPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CedarPolicy")
             .field("source", &self.source)
-            .field("policies", &self.count)
+            .field("policies", &self.limits.len())
             .finish()
     }
 }
+
+/// The actions of the schema.
+const ACTIONS: [&str; 3] = ["start_task", "issue_token", "sign_certificate"];
 
 /// The schema's entity types. Parsing a name runs Cedar's parser, which
 /// costs more than the rest of a decision, so each is parsed once.
@@ -118,6 +134,7 @@ fn task_entity(id: &str, intent: &str, context: &TaskContext) -> Result<Entity, 
 }
 
 /// One request to Cedar.
+#[derive(Clone)]
 struct Ask<'a> {
     agent: &'a SpiffeId,
     action: &'static str,
@@ -140,12 +157,12 @@ impl CedarPolicy {
 
     /// How many policies the set holds.
     pub fn len(&self) -> usize {
-        self.count
+        self.limits.len()
     }
 
     /// Whether the set holds no policy (then everything is denied).
     pub fn is_empty(&self) -> bool {
-        self.count == 0
+        self.limits.is_empty()
     }
 
     /// Where the policies came from.
@@ -154,6 +171,13 @@ impl CedarPolicy {
     }
 
     fn ask(&self, ask: Ask<'_>) -> Decision {
+        let principal = uid(Type::Agent, ask.agent.as_str());
+        let policies = self.slices.get(ask.action, &principal).unwrap_or(&self.set);
+        self.ask_of(policies, ask)
+    }
+
+    /// Decides `ask` with `policies` (a slice of `self.set`).
+    fn ask_of(&self, policies: &PolicySet, ask: Ask<'_>) -> Decision {
         let fail = |what: String| Decision::Deny {
             policy_id: None,
             reason: format!("policy input could not be built: {what}"),
@@ -206,8 +230,9 @@ impl CedarPolicy {
             Ok(c) => c,
             Err(e) => return fail(e.to_string()),
         };
+        let principal = uid(Type::Agent, ask.agent.as_str());
         let request = match Request::new(
-            uid(Type::Agent, ask.agent.as_str()),
+            principal.clone(),
             uid(Type::Action, ask.action),
             ask.resource.clone(),
             context,
@@ -216,7 +241,7 @@ impl CedarPolicy {
             Ok(r) => r,
             Err(e) => return fail(e.to_string()),
         };
-        let response = Authorizer::new().is_authorized(&request, &self.set, &entities);
+        let response = Authorizer::new().is_authorized(&request, policies, &entities);
         let diagnostics = response.diagnostics();
         // A policy that errors is skipped by Cedar; a skipped forbid could
         // let something through, so any error denies.
@@ -240,17 +265,11 @@ impl CedarPolicy {
         };
         match response.decision() {
             cedar_policy::Decision::Allow => {
-                let annotation = |key| {
-                    deciding
-                        .iter()
-                        .filter_map(move |p| self.set.annotation(p, key))
-                };
+                let limits = || deciding.iter().filter_map(|p| self.limits.get(*p));
                 Decision::Permit {
                     policy_id: ids(),
-                    max_ttl: annotation("max_ttl")
-                        .filter_map(|v| humantime::parse_duration(v).ok())
-                        .min(),
-                    approval_required: annotation("approval").any(|v| v == "required"),
+                    max_ttl: limits().filter_map(|l| l.max_ttl).min(),
+                    approval_required: limits().any(|l| l.approval_required),
                 }
             }
             cedar_policy::Decision::Deny if !deciding.is_empty() => Decision::Deny {
@@ -347,5 +366,124 @@ impl Policy for CedarPolicy {
             ttl: req.ttl,
             now: req.now,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+
+    use mayfly_core::TaskContext;
+
+    use super::*;
+
+    /// Policies naming agents, lists of actions, and one that fails to
+    /// evaluate, on top of the shipped example.
+    const EXTRA: &str = r#"
+@id("bob-reads-and-tasks")
+@max_ttl("1m")
+permit (
+  principal == Mayfly::Agent::"spiffe://prod.example.com/agents/bob",
+  action in [Mayfly::Action::"issue_token", Mayfly::Action::"start_task"],
+  resource
+);
+
+@id("bob-never-admin")
+forbid (principal == Mayfly::Agent::"spiffe://prod.example.com/agents/bob", action, resource)
+when { context.scope_prefixes.contains("admin") };
+
+@id("carol-overflows")
+forbid (
+  principal == Mayfly::Agent::"spiffe://prod.example.com/agents/carol",
+  action == Mayfly::Action::"issue_token",
+  resource
+)
+when { context.ttl_seconds * 4611686018427387904 > 0 };
+"#;
+
+    #[test]
+    fn slices_decide_exactly_as_the_whole_set() {
+        let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/policies/mayfly.cedar");
+        let sources = vec![
+            (
+                "shipped".to_owned(),
+                std::fs::read_to_string(shipped).unwrap(),
+            ),
+            ("extra".to_owned(), EXTRA.to_owned()),
+        ];
+        let p = CedarPolicy::from_sources(&sources, "test").unwrap();
+        let agents = [
+            "spiffe://prod.example.com/agents/support/triage",
+            "spiffe://prod.example.com/agents/bob",
+            "spiffe://prod.example.com/agents/carol",
+            "spiffe://other.example.com/agents/x",
+        ]
+        .map(|a| SpiffeId::new(a).unwrap());
+        let contexts = [
+            vec![],
+            vec![("environment", "production")],
+            vec![("data_sensitivity", "restricted")],
+        ]
+        .map(|c| TaskContext::new(c).unwrap());
+        let scope_sets: [&[&str]; 4] = [
+            &["read:tickets"],
+            &["write:tickets"],
+            &["admin:tickets"],
+            &["read:tickets", "export:tickets"],
+        ];
+        let resources = [
+            (
+                "start_task",
+                uid(Type::Audience, "https://tickets.prod.example.com"),
+            ),
+            (
+                "issue_token",
+                uid(Type::Audience, "https://tickets.prod.example.com"),
+            ),
+            (
+                "issue_token",
+                uid(Type::Audience, "https://payments.prod.example.com"),
+            ),
+            ("sign_certificate", uid(Type::CertificateKind, "task")),
+        ];
+        let (mut permits, mut forbids, mut errors, mut defaults) = (0, 0, 0, 0);
+        for agent in &agents {
+            for context in &contexts {
+                for scopes in scope_sets {
+                    for (action, resource) in &resources {
+                        for ttl in [60, 3600] {
+                            let ask = Ask {
+                                agent,
+                                action,
+                                resource: resource.clone(),
+                                task_id: "t",
+                                intent: "i",
+                                context,
+                                scopes: scopes.to_vec(),
+                                ttl: Duration::from_secs(ttl),
+                                now: Timestamp::now(),
+                            };
+                            let sliced = p.ask(ask.clone());
+                            let whole = p.ask_of(&p.set, ask);
+                            assert_eq!(sliced, whole, "{agent} {action} {scopes:?} {context:?}");
+                            match &whole {
+                                Decision::Permit { .. } => permits += 1,
+                                Decision::Deny { reason, .. } if reason.contains("failed") => {
+                                    errors += 1
+                                }
+                                Decision::Deny {
+                                    policy_id: Some(_), ..
+                                } => forbids += 1,
+                                Decision::Deny { .. } => defaults += 1,
+                                other => panic!("unexpected {other:?}"),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Every kind of outcome was compared.
+        assert!(permits > 0 && forbids > 0 && errors > 0 && defaults > 0);
     }
 }

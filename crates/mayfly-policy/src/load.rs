@@ -2,7 +2,7 @@
 //! its `@id`, check annotations, validate the whole set against the schema,
 //! and report every problem as `file:line:col: message`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
@@ -10,7 +10,7 @@ use std::str::FromStr;
 use cedar_policy::{PolicyId, PolicySet, ValidationMode, Validator};
 use miette::Diagnostic;
 
-use crate::CedarPolicy;
+use crate::{CedarPolicy, Limits};
 
 /// One thing wrong with a policy file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,6 +142,7 @@ impl CedarPolicy {
         let mut set = PolicySet::new();
         // Policy id → (file index, start offset), for locating problems.
         let mut origin: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        let mut limits = HashMap::new();
         for (fi, (file, text)) in sources.iter().enumerate() {
             let at = |offset: usize, message: String| {
                 let (line, column) = position(text, offset);
@@ -177,17 +178,22 @@ impl CedarPolicy {
             });
             for (n, policy) in policies.into_iter().enumerate() {
                 let start = starts.get(n).copied().unwrap_or(0);
+                let mut limit = Limits::default();
                 for (key, value) in policy.annotations() {
                     if !ANNOTATIONS.contains(&key) {
                         problems.push(at(start, format!("unknown annotation @{key} (known: @id, @max_ttl, @approval, @description)")));
                     }
                     if key == "max_ttl" {
                         match humantime::parse_duration(value) {
-                            Ok(d) if d.as_secs() >= 1 && d.subsec_nanos() == 0 => {}
+                            Ok(d) if d.as_secs() >= 1 && d.subsec_nanos() == 0 => {
+                                limit.max_ttl = Some(d);
+                            }
                             _ => problems.push(at(start, format!("@max_ttl({value:?}) is not a whole number of seconds such as \"90s\" or \"10m\""))),
                         }
                     }
-                    if key == "approval" && value != "required" && value != "none" {
+                    if key == "approval" && value == "required" {
+                        limit.approval_required = true;
+                    } else if key == "approval" && value != "none" {
                         problems.push(at(
                             start,
                             format!("@approval({value:?}) must be \"required\" or \"none\""),
@@ -215,6 +221,7 @@ impl CedarPolicy {
                     continue;
                 }
                 origin.insert(id.to_owned(), (fi, start));
+                limits.insert(PolicyId::new(id), limit);
                 if let Err(e) = set.add(policy.new_id(PolicyId::new(id))) {
                     problems.push(at(start, e.to_string()));
                 }
@@ -260,11 +267,19 @@ impl CedarPolicy {
             problems.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
             return Err(PolicyLoadError { problems });
         }
-        let count = origin.len();
+        let slices = crate::slice::Slices::new(&set).map_err(|e| PolicyLoadError {
+            problems: vec![Problem {
+                file: source.to_owned(),
+                line: 1,
+                column: 1,
+                message: format!("cannot index the policies: {e}"),
+            }],
+        })?;
         Ok(Self {
             set,
+            slices,
             source: source.to_owned(),
-            count,
+            limits,
         })
     }
 }

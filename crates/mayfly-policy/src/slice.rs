@@ -1,0 +1,82 @@
+//! The policy set cut per action and agent, so a decision evaluates only
+//! the policies that can apply to it. Cedar rebuilds each policy's
+//! condition on every evaluation, so a decision costs about as much per
+//! policy evaluated as the rest of it together.
+//!
+//! A policy whose scope names another action or another agent is false
+//! before its `when` clause runs: it can neither permit, forbid, nor fail.
+//! Leaving it out therefore gives the same decision.
+
+use std::collections::HashMap;
+
+use cedar_policy::{ActionConstraint, EntityUid, Policy, PolicySet, PrincipalConstraint};
+
+use crate::{ACTIONS, Type, uid};
+
+/// The policies that can apply to one action.
+#[derive(Debug, Default)]
+struct Slice {
+    /// Policies for any principal (`principal`, `principal in …`, `is`).
+    any_agent: PolicySet,
+    /// For each agent a policy names with `principal == …`: those plus
+    /// `any_agent`.
+    by_agent: HashMap<EntityUid, PolicySet>,
+}
+
+/// Per-action slices of a validated set.
+#[derive(Debug, Default)]
+pub(crate) struct Slices {
+    by_action: HashMap<&'static str, Slice>,
+}
+
+fn applies_to_action(p: &Policy, action: &EntityUid) -> bool {
+    match p.action_constraint() {
+        ActionConstraint::Any => true,
+        ActionConstraint::Eq(a) => &a == action,
+        // The schema declares no action groups, so `in` is membership.
+        ActionConstraint::In(list) => list.contains(action),
+    }
+}
+
+impl Slices {
+    pub(crate) fn new(set: &PolicySet) -> Result<Self, String> {
+        let mut by_action = HashMap::new();
+        for action in ACTIONS {
+            let action_uid = uid(Type::Action, action);
+            let policies: Vec<&Policy> = set
+                .policies()
+                .filter(|p| applies_to_action(p, &action_uid))
+                .collect();
+            let mut slice = Slice::default();
+            for p in &policies {
+                match p.principal_constraint() {
+                    PrincipalConstraint::Eq(agent) => {
+                        slice.by_agent.entry(agent).or_insert_with(PolicySet::new);
+                    }
+                    _ => slice
+                        .any_agent
+                        .add((*p).clone())
+                        .map_err(|e| e.to_string())?,
+                }
+            }
+            for (agent, own) in &mut slice.by_agent {
+                for p in &policies {
+                    let named = matches!(p.principal_constraint(), PrincipalConstraint::Eq(a) if &a == agent);
+                    let general = !matches!(p.principal_constraint(), PrincipalConstraint::Eq(_));
+                    if named || general {
+                        own.add((*p).clone()).map_err(|e| e.to_string())?;
+                    }
+                }
+            }
+            by_action.insert(action, slice);
+        }
+        Ok(Self { by_action })
+    }
+
+    /// The policies that can decide `action` for `agent`; `None` for an
+    /// action outside the schema.
+    pub(crate) fn get(&self, action: &str, agent: &EntityUid) -> Option<&PolicySet> {
+        let slice = self.by_action.get(action)?;
+        Some(slice.by_agent.get(agent).unwrap_or(&slice.any_agent))
+    }
+}
