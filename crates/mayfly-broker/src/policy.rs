@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use mayfly_core::{Decision, IssueTokenRequest, Policy, SignCertificateRequest, StartTaskRequest};
+use mayfly_core::{
+    Decision, DelegateRequest, IssueTokenRequest, Policy, SignCertificateRequest, StartTaskRequest,
+};
 use mayfly_policy::{CedarPolicy, PolicyLoadError};
 use tokio::sync::watch;
 
@@ -70,6 +72,9 @@ impl Policy for PolicyHandle {
     }
     fn decide_sign_certificate(&self, req: &SignCertificateRequest<'_>) -> Decision {
         self.get().decide_sign_certificate(req)
+    }
+    fn decide_delegate(&self, req: &DelegateRequest<'_>) -> Decision {
+        self.get().decide_delegate(req)
     }
 }
 

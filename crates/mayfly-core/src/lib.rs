@@ -30,7 +30,8 @@ pub use envelope::{
 pub use id::{IdError, LeaseId, TaskId};
 pub use lease::{Lease, LeaseKind, LeaseState, LeaseStatus, Revocation, RevocationReason};
 pub use policy::{
-    Decision, IssueTokenRequest, Pattern, Policy, SignCertificateRequest, StartTaskRequest,
+    Decision, DelegateRequest, IssueTokenRequest, Pattern, Policy, SignCertificateRequest,
+    StartTaskRequest,
 };
 pub use spiffe::{SpiffeId, SpiffeIdError, SpiffeIdPattern, TrustDomain};
 pub use task::{Task, TaskRecord, TaskState};

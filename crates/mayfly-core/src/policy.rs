@@ -1,5 +1,5 @@
-//! The authorization seam. Every `StartTask`, `IssueToken` and
-//! `SignCertificate` is decided at request time by a [`Policy`]; the broker
+//! The authorization seam. Every `StartTask`, `IssueToken`,
+//! `SignCertificate` and `DelegateTask` is decided at request time by a [`Policy`]; the broker
 //! never decides on its own. The Cedar implementation lives in
 //! `mayfly-policy`.
 
@@ -58,6 +58,23 @@ pub struct SignCertificateRequest<'a> {
     pub now: Timestamp,
 }
 
+/// A request to hand part of a task to another agent, as policy sees it.
+#[derive(Debug)]
+pub struct DelegateRequest<'a> {
+    /// The caller: the parent task's owner.
+    pub agent: &'a SpiffeId,
+    /// The agent that would own the new task.
+    pub delegate: &'a SpiffeId,
+    /// The parent task, with its intent and context.
+    pub task: &'a Task,
+    /// The new task's envelope (within the parent's).
+    pub envelope: &'a Envelope,
+    /// The new task's lifetime asked for, before policy caps it.
+    pub ttl: Duration,
+    /// The time of the request.
+    pub now: Timestamp,
+}
+
 /// What policy decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -89,6 +106,8 @@ pub trait Policy: Send + Sync + fmt::Debug {
     fn decide_issue_token(&self, req: &IssueTokenRequest<'_>) -> Decision;
     /// May `req.agent` receive a certificate for `req.task`?
     fn decide_sign_certificate(&self, req: &SignCertificateRequest<'_>) -> Decision;
+    /// May `req.agent` hand part of `req.task` to `req.delegate`?
+    fn decide_delegate(&self, req: &DelegateRequest<'_>) -> Decision;
 }
 
 /// A pattern over audiences (or other names): exact text, or `prefix*` matching

@@ -5,6 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::claims::ActorClaim;
 use crate::envelope::{Envelope, Intent, TaskContext};
 use crate::id::TaskId;
 use crate::lease::{Lease, LeaseKind, LeaseStatus, Revocation, RevocationReason};
@@ -33,9 +34,50 @@ pub struct Task {
     /// revision is not recorded (the decision is made again).
     #[serde(default)]
     pub revision: u64,
+    /// The task this one was delegated from; `None` for a task an agent
+    /// opened itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<TaskId>,
+    /// The owners of the tasks above this one, the root task's owner
+    /// first and the parent's owner last; empty when not delegated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delegated_by: Vec<SpiffeId>,
 }
 
 impl Task {
+    /// How many delegations lie between the root task and this one.
+    pub fn depth(&self) -> usize {
+        self.delegated_by.len()
+    }
+
+    /// The agent the work is ultimately for: the root task's owner. Tokens
+    /// under the task name it as `sub`.
+    pub fn subject(&self) -> &SpiffeId {
+        self.delegated_by.first().unwrap_or(&self.agent)
+    }
+
+    /// The RFC 8693 `act` claim of credentials under this task: the task's
+    /// owner (the current actor) outermost, then each earlier delegate,
+    /// innermost the first one; the root owner is the subject, not an
+    /// actor. `None` for a task that was not delegated.
+    pub fn actors(&self) -> Option<ActorClaim> {
+        if self.delegated_by.is_empty() {
+            return None;
+        }
+        // Earlier actors, outermost first: the parent's owner back to the
+        // first delegate (the root owner is skipped).
+        let earlier = self.delegated_by.iter().skip(1).rev();
+        let mut chain: Vec<&SpiffeId> = std::iter::once(&self.agent).chain(earlier).collect();
+        let mut claim: Option<ActorClaim> = None;
+        while let Some(actor) = chain.pop() {
+            claim = Some(ActorClaim {
+                sub: actor.to_string(),
+                act: claim.map(Box::new),
+            });
+        }
+        claim
+    }
+
     /// The lease that tracks the task's own lifecycle.
     pub fn new_lease(&self) -> Lease {
         Lease {
@@ -132,5 +174,55 @@ impl TaskRecord {
             LeaseStatus::Revoked(r) => Some(r),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use super::*;
+
+    fn task(agent: &str, delegated_by: &[&str]) -> Task {
+        let id = |s: &str| SpiffeId::new(&format!("spiffe://example.org/{s}")).unwrap();
+        Task {
+            id: TaskId::generate(),
+            agent: id(agent),
+            intent: Intent::new("x").unwrap(),
+            context: TaskContext::default(),
+            envelope: Envelope::new(&["https://api.example.com"], &["read"]).unwrap(),
+            created_at: Timestamp::now(),
+            expires_at: Timestamp::now().plus(Duration::from_secs(60)),
+            revision: 0,
+            parent: None,
+            delegated_by: delegated_by.iter().map(|s| id(s)).collect(),
+        }
+    }
+
+    fn chain(mut claim: Option<ActorClaim>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(c) = claim {
+            out.push(c.sub.trim_start_matches("spiffe://example.org/").to_owned());
+            claim = c.act.map(|b| *b);
+        }
+        out
+    }
+
+    #[test]
+    fn the_root_owner_is_the_subject_and_actors_nest_newest_outermost() {
+        let own = task("a", &[]);
+        assert_eq!(own.subject().as_str(), "spiffe://example.org/a");
+        assert!(own.actors().is_none());
+
+        let once = task("b", &["a"]);
+        assert_eq!(once.subject().as_str(), "spiffe://example.org/a");
+        assert_eq!(chain(once.actors()), ["b"]);
+
+        let thrice = task("d", &["a", "b", "c"]);
+        assert_eq!(thrice.subject().as_str(), "spiffe://example.org/a");
+        assert_eq!(thrice.depth(), 3);
+        assert_eq!(chain(thrice.actors()), ["d", "c", "b"]);
     }
 }

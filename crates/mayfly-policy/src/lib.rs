@@ -29,8 +29,8 @@ use cedar_policy::{
     PolicySet, Request, RestrictedExpression, Schema,
 };
 use mayfly_core::{
-    Decision, IssueTokenRequest, Policy, SignCertificateRequest, SpiffeId, StartTaskRequest,
-    TaskContext, Timestamp,
+    Decision, DelegateRequest, IssueTokenRequest, Policy, SignCertificateRequest, SpiffeId,
+    StartTaskRequest, TaskContext, Timestamp,
 };
 
 pub use load::{PolicyLoadError, Problem};
@@ -69,7 +69,7 @@ impl std::fmt::Debug for CedarPolicy {
 }
 
 /// The actions of the schema.
-const ACTIONS: [&str; 3] = ["start_task", "issue_token", "sign_certificate"];
+const ACTIONS: [&str; 4] = ["start_task", "issue_token", "sign_certificate", "delegate"];
 
 /// The schema's entity types. Parsing a name runs Cedar's parser, which
 /// costs more than the rest of a decision, so each is parsed once.
@@ -137,6 +137,8 @@ fn task_entity(id: &str, intent: &str, context: &TaskContext) -> Result<Entity, 
 #[derive(Clone)]
 struct Ask<'a> {
     agent: &'a SpiffeId,
+    /// For `delegate`: the agent the resource names, added to the entities.
+    delegate: Option<&'a SpiffeId>,
     action: &'static str,
     resource: EntityUid,
     task_id: &'a str,
@@ -183,15 +185,19 @@ impl CedarPolicy {
             reason: format!("policy input could not be built: {what}"),
         };
         let task_uid = uid(Type::Task, ask.task_id);
-        let entities = match (
+        let mut entities = vec![
             agent_entity(ask.agent),
             task_entity(ask.task_id, ask.intent, ask.context),
-        ) {
-            (Ok(a), Ok(t)) => match Entities::from_entities([a, t], None) {
+        ];
+        if let Some(d) = ask.delegate.filter(|d| *d != ask.agent) {
+            entities.push(agent_entity(d));
+        }
+        let entities = match entities.into_iter().collect::<Result<Vec<_>, _>>() {
+            Ok(list) => match Entities::from_entities(list, None) {
                 Ok(e) => e,
                 Err(e) => return fail(e.to_string()),
             },
-            (Err(e), _) | (_, Err(e)) => return fail(e),
+            Err(e) => return fail(e),
         };
         let context = Context::from_pairs([
             (
@@ -328,6 +334,7 @@ impl Policy for CedarPolicy {
         all_of(req.envelope.audiences().iter().map(|aud| {
             self.ask(Ask {
                 agent: req.agent,
+                delegate: None,
                 action: "start_task",
                 resource: uid(Type::Audience, aud.as_str()),
                 task_id: "new",
@@ -343,6 +350,7 @@ impl Policy for CedarPolicy {
     fn decide_issue_token(&self, req: &IssueTokenRequest<'_>) -> Decision {
         self.ask(Ask {
             agent: req.agent,
+            delegate: None,
             action: "issue_token",
             resource: uid(Type::Audience, req.audience.as_str()),
             task_id: req.task.id.as_str(),
@@ -354,9 +362,25 @@ impl Policy for CedarPolicy {
         })
     }
 
+    fn decide_delegate(&self, req: &DelegateRequest<'_>) -> Decision {
+        self.ask(Ask {
+            agent: req.agent,
+            delegate: Some(req.delegate),
+            action: "delegate",
+            resource: uid(Type::Agent, req.delegate.as_str()),
+            task_id: req.task.id.as_str(),
+            intent: req.task.intent.as_str(),
+            context: &req.task.context,
+            scopes: req.envelope.scopes().iter().map(|s| s.as_str()).collect(),
+            ttl: req.ttl,
+            now: req.now,
+        })
+    }
+
     fn decide_sign_certificate(&self, req: &SignCertificateRequest<'_>) -> Decision {
         self.ask(Ask {
             agent: req.agent,
+            delegate: None,
             action: "sign_certificate",
             resource: uid(Type::CertificateKind, "task"),
             task_id: req.task.id.as_str(),
@@ -455,6 +479,7 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
                         for ttl in [60, 3600] {
                             let ask = Ask {
                                 agent,
+                                delegate: None,
                                 action,
                                 resource: resource.clone(),
                                 task_id: "t",

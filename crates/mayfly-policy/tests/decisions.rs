@@ -32,6 +32,8 @@ fn task(context: &[(&str, &str)]) -> Task {
         created_at: Timestamp::now(),
         expires_at: Timestamp::now().plus(Duration::from_secs(3600)),
         revision: 0,
+        parent: None,
+        delegated_by: Vec::new(),
     }
 }
 

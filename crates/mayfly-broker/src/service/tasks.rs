@@ -50,6 +50,8 @@ impl Service {
             created_at: now,
             expires_at: now.plus(Duration::from_secs(ttl.as_secs())),
             revision: 0,
+            parent: None,
+            delegated_by: Vec::new(),
         };
         self.store.start_task(&task).await?;
         tracing::info!(
@@ -249,6 +251,7 @@ impl Service {
         let filter = TaskFilter {
             agent: None,
             state: Some(TaskState::Active),
+            parent: None,
         };
         let mut page = PageRequest {
             after: None,

@@ -40,6 +40,8 @@ macro_rules! store_contract_tests {
             approvals_are_decided_once_and_used_once,
             context_updates_bump_the_revision_and_fence_issuance,
             issue_racing_end_task_never_leaves_an_active_lease,
+            delegated_tasks_need_a_live_parent_of_the_delegator,
+            ending_a_task_ends_its_whole_subtree,
             revoked_lease_never_becomes_active
         );
     };
@@ -84,6 +86,8 @@ pub fn task(agent: &SpiffeId, ttl: u64) -> Task {
         created_at: *T0,
         expires_at: at(ttl),
         revision: 0,
+        parent: None,
+        delegated_by: Vec::new(),
     }
 }
 
@@ -104,6 +108,17 @@ pub fn lease(task: &Task, ttl: u64) -> Lease {
         task_revision: 0,
         approval: None,
     }
+}
+
+/// A task of `agent` delegated from `parent`, created at `created` (T0 +
+/// secs), living until T0 + `ttl`.
+pub fn child(parent: &Task, agent: &SpiffeId, created: u64, ttl: u64) -> Task {
+    let mut t = task(agent, ttl);
+    t.created_at = at(created);
+    t.parent = Some(parent.id.clone());
+    t.delegated_by = parent.delegated_by.clone();
+    t.delegated_by.push(parent.agent.clone());
+    t
 }
 
 fn revoke(reason: RevocationReason, child: RevocationReason, now: Timestamp) -> RevokeRequest {
@@ -522,7 +537,8 @@ pub async fn list_tasks_filters_and_pages(store: Store) {
     assert_eq!(
         page(TaskFilter {
             agent: Some(a.clone()),
-            state: None
+            state: None,
+            parent: None,
         })
         .await
         .len(),
@@ -531,6 +547,7 @@ pub async fn list_tasks_filters_and_pages(store: Store) {
     let completed = page(TaskFilter {
         agent: None,
         state: Some(TaskState::Completed),
+        parent: None,
     })
     .await;
     assert_eq!(completed.len(), 1);
@@ -538,6 +555,7 @@ pub async fn list_tasks_filters_and_pages(store: Store) {
     let of_b = page(TaskFilter {
         agent: Some(b.clone()),
         state: Some(TaskState::Active),
+        parent: None,
     })
     .await;
     assert_eq!(of_b.len(), 1);
@@ -1024,4 +1042,204 @@ pub async fn revoked_lease_never_becomes_active(store: Store) {
         after.revocation().unwrap().reason,
         RevocationReason::Operator
     );
+}
+
+pub async fn delegated_tasks_need_a_live_parent_of_the_delegator(store: Store) {
+    let parent = task(&agent("a"), 100);
+    store.start_task(&parent).await.unwrap();
+
+    // No such parent; a parent the delegator does not own.
+    let mut orphan = child(&parent, &agent("b"), 1, 50);
+    orphan.parent = Some(TaskId::generate());
+    assert!(matches!(
+        store.start_task(&orphan).await,
+        Err(StoreError::TaskNotFound)
+    ));
+    let mut forged = child(&parent, &agent("b"), 1, 50);
+    forged.delegated_by = vec![agent("c")];
+    assert!(matches!(
+        store.start_task(&forged).await,
+        Err(StoreError::TaskNotFound)
+    ));
+    // Outliving the parent.
+    assert!(matches!(
+        store.start_task(&child(&parent, &agent("b"), 1, 101)).await,
+        Err(StoreError::OutlivesTask)
+    ));
+    // Refused attempts leave nothing behind.
+    for t in [&orphan, &forged] {
+        assert!(store.get_task(&t.id).await.unwrap().is_none());
+    }
+
+    let ok = child(&parent, &agent("b"), 1, 100);
+    store.start_task(&ok).await.unwrap();
+    let got = store.get_task(&ok.id).await.unwrap().unwrap();
+    assert_eq!(got.task, ok);
+    let children = store
+        .list_tasks(
+            &TaskFilter {
+                parent: Some(parent.id.clone()),
+                ..Default::default()
+            },
+            &PageRequest {
+                after: None,
+                limit: 10,
+            },
+            at(2),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        children
+            .items
+            .iter()
+            .map(|r| &r.task.id)
+            .collect::<Vec<_>>(),
+        vec![&ok.id]
+    );
+
+    // Under an ended parent.
+    store
+        .end_task(&parent.id, &complete(&parent, at(3)))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.start_task(&child(&parent, &agent("b"), 4, 50)).await,
+        Err(StoreError::TaskNotActive(TaskState::Completed))
+    ));
+}
+
+pub async fn ending_a_task_ends_its_whole_subtree(store: Store) {
+    // a -> b -> c, with a credential under each, and an unrelated task.
+    let a = task(&agent("a"), 100);
+    let b = child(&a, &agent("b"), 1, 90);
+    let c = child(&b, &agent("c"), 2, 80);
+    let other = task(&agent("a"), 100);
+    for t in [&a, &b, &c, &other] {
+        store.start_task(t).await.unwrap();
+    }
+    let mut leases = Vec::new();
+    for t in [&a, &b, &c, &other] {
+        let l = lease(t, 60);
+        store.issue(&l, at(3)).await.unwrap();
+        leases.push(l);
+    }
+    let head = store.feed_head().await.unwrap();
+
+    // Revoking b's task lease ends b and c, not a.
+    let revoked = store
+        .revoke_lease(
+            &b.id.lease_id(),
+            &revoke(
+                RevocationReason::TaskRevoked,
+                RevocationReason::TaskRevoked,
+                at(4),
+            ),
+        )
+        .await
+        .unwrap();
+    let expect: BTreeSet<LeaseId> = [
+        b.id.lease_id(),
+        leases[1].id.clone(),
+        c.id.lease_id(),
+        leases[2].id.clone(),
+    ]
+    .into();
+    assert_eq!(revoked.iter().cloned().collect::<BTreeSet<_>>(), expect);
+    assert_eq!(revoked[0], b.id.lease_id(), "the task's own lease first");
+    let reason = |l: Lease| match l.status {
+        LeaseStatus::Revoked(r) => Some(r.reason),
+        _ => None,
+    };
+    let get = |id: LeaseId| {
+        let store = store.clone();
+        async move { store.get_lease(&id).await.unwrap().unwrap() }
+    };
+    assert_eq!(
+        reason(get(b.id.lease_id()).await),
+        Some(RevocationReason::TaskRevoked)
+    );
+    assert_eq!(
+        reason(get(leases[1].id.clone()).await),
+        Some(RevocationReason::TaskRevoked)
+    );
+    assert_eq!(
+        reason(get(c.id.lease_id()).await),
+        Some(RevocationReason::ParentRevoked)
+    );
+    assert_eq!(
+        reason(get(leases[2].id.clone()).await),
+        Some(RevocationReason::ParentRevoked)
+    );
+    assert!(get(a.id.lease_id()).await.is_active_at(at(4)));
+    assert!(get(leases[0].id.clone()).await.is_active_at(at(4)));
+    // The feed carries every one of them.
+    let events = store.revocations_since(head, 100).await.unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| e.lease_id.clone())
+            .collect::<BTreeSet<_>>(),
+        expect
+    );
+
+    // A new grandchild under a; completing a ends it and a's own, once.
+    let b2 = child(&a, &agent("b"), 5, 90);
+    let c2 = child(&b2, &agent("c"), 5, 90);
+    store.start_task(&b2).await.unwrap();
+    store.start_task(&c2).await.unwrap();
+    let l2 = lease(&c2, 60);
+    store.issue(&l2, at(5)).await.unwrap();
+    let revoked = store.end_task(&a.id, &complete(&a, at(6))).await.unwrap();
+    assert_eq!(
+        revoked.iter().cloned().collect::<BTreeSet<_>>(),
+        BTreeSet::from([
+            a.id.lease_id(),
+            leases[0].id.clone(),
+            b2.id.lease_id(),
+            c2.id.lease_id(),
+            l2.id.clone(),
+        ])
+    );
+    assert_eq!(
+        reason(get(l2.id.clone()).await),
+        Some(RevocationReason::ParentRevoked)
+    );
+    assert_eq!(
+        store
+            .get_task(&c2.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .state_at(at(6)),
+        TaskState::Revoked
+    );
+    assert!(
+        get(leases[3].id.clone()).await.is_active_at(at(6)),
+        "unrelated task untouched"
+    );
+
+    // Revoking an agent ends its delegated tasks' subtrees too.
+    let x = task(&agent("x"), 100);
+    let y = child(&x, &agent("y"), 7, 90);
+    let z = child(&y, &agent("z"), 7, 90);
+    for t in [&x, &y, &z] {
+        store.start_task(t).await.unwrap();
+    }
+    let revoked = store
+        .revoke_agent(
+            &agent("y"),
+            &revoke(
+                RevocationReason::AgentRevoked,
+                RevocationReason::AgentRevoked,
+                at(8),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        revoked.iter().cloned().collect::<BTreeSet<_>>(),
+        BTreeSet::from([y.id.lease_id(), z.id.lease_id()])
+    );
+    assert!(get(x.id.lease_id()).await.is_active_at(at(8)));
 }

@@ -12,6 +12,7 @@
 //! | `task_leases`   | task id (multimap)   | lease ids of the task     |
 //! | `agent_leases`  | agent ID (multimap)  | lease ids of the agent    |
 //! | `agent_tasks`   | agent ID (multimap)  | task ids of the agent     |
+//! | `task_children` | task id (multimap)   | ids of tasks delegated from it |
 //! | `active_expiry` | (expires ms, lease)  | `()`; active leases only  |
 //! | `all_expiry`    | (expires ms, lease)  | `()`; every lease, purge  |
 //! | `revocations`   | cursor               | [`RevocationEvent`]       |
@@ -51,6 +52,8 @@ const AGENT_LEASES: MultimapTableDefinition<&str, &str> =
     MultimapTableDefinition::new("agent_leases");
 const AGENT_TASKS: MultimapTableDefinition<&str, &str> =
     MultimapTableDefinition::new("agent_tasks");
+const TASK_CHILDREN: MultimapTableDefinition<&str, &str> =
+    MultimapTableDefinition::new("task_children");
 const ACTIVE_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("active_expiry");
 const ALL_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("all_expiry");
 const REVOCATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("revocations");
@@ -182,6 +185,7 @@ struct Tables<'t> {
     task_leases: MultimapTable<'t, &'static str, &'static str>,
     agent_leases: MultimapTable<'t, &'static str, &'static str>,
     agent_tasks: MultimapTable<'t, &'static str, &'static str>,
+    task_children: MultimapTable<'t, &'static str, &'static str>,
     active_expiry: Table<'t, (u64, &'static str), ()>,
     all_expiry: Table<'t, (u64, &'static str), ()>,
     revocations: Table<'t, u64, &'static [u8]>,
@@ -198,6 +202,7 @@ impl<'t> Tables<'t> {
             task_leases: txn.open_multimap_table(TASK_LEASES)?,
             agent_leases: txn.open_multimap_table(AGENT_LEASES)?,
             agent_tasks: txn.open_multimap_table(AGENT_TASKS)?,
+            task_children: txn.open_multimap_table(TASK_CHILDREN)?,
             active_expiry: txn.open_table(ACTIVE_EXPIRY)?,
             all_expiry: txn.open_table(ALL_EXPIRY)?,
             revocations: txn.open_table(REVOCATIONS)?,
@@ -287,16 +292,26 @@ impl<'t> Tables<'t> {
             .lease(id.as_str())?
             .ok_or_else(|| StoreError::Corrupt(format!("task {id} has no task lease")))?;
         let mut revoked = vec![self.revoke(task_lease, req, req.reason)?];
-        let children: Vec<String> = self
-            .task_leases
-            .get(id.as_str())?
-            .map(|v| v.map(|g| g.value().to_owned()))
-            .collect::<Result<_, _>>()?;
-        for child in children.iter().filter(|c| c.as_str() != id.as_str()) {
-            if let Some(lease) = self.lease(child)?
+        let leases = ids(&self.task_leases, id.as_str())?;
+        for lease in leases.iter().filter(|l| l.as_str() != id.as_str()) {
+            if let Some(lease) = self.lease(lease)?
                 && lease.is_active_at(req.at)
             {
                 revoked.push(self.revoke(lease, req, req.child_reason)?);
+            }
+        }
+        // Tasks delegated from this one, and theirs, end with it.
+        let descendants = RevokeRequest {
+            reason: RevocationReason::ParentRevoked,
+            child_reason: RevocationReason::ParentRevoked,
+            ..req.clone()
+        };
+        for child in ids(&self.task_children, id.as_str())? {
+            let child = TaskId::new(&child).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            match self.end_task(&child, &descendants) {
+                Ok(more) => revoked.extend(more),
+                Err(StoreError::TaskNotActive(_) | StoreError::TaskNotFound) => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(revoked)
@@ -323,11 +338,27 @@ impl<'t> Tables<'t> {
         self.active_expiry.remove((exp, id))?;
         self.all_expiry.remove((exp, id))?;
         if lease.kind == LeaseKind::Task {
+            if let Some(parent) = self.task(id)?.and_then(|t| t.parent) {
+                self.task_children.remove(parent.as_str(), id)?;
+            }
             self.tasks.remove(id)?;
             self.agent_tasks.remove(lease.agent.as_str(), id)?;
+            self.task_children.remove_all(id)?;
         }
         Ok(())
     }
+}
+
+/// The values under `key` in a multimap, collected so the tables can be
+/// changed while walking them.
+fn ids(
+    table: &MultimapTable<'_, &'static str, &'static str>,
+    key: &str,
+) -> Result<Vec<String>, StoreError> {
+    table
+        .get(key)?
+        .map(|v| v.map(|g| g.value().to_owned()).map_err(StoreError::from))
+        .collect()
 }
 
 /// Keys of a range of an expiry index, collected so the table can be
@@ -422,6 +453,20 @@ impl LeaseStore for EmbeddedStore {
             let id = task.id.as_str();
             if t.tasks.get(id)?.is_some() {
                 return Err(StoreError::Duplicate(id.to_owned()));
+            }
+            if let Some(parent) = &task.parent {
+                let record = t
+                    .task_record(parent.as_str())?
+                    .filter(|r| Some(&r.task.agent) == task.delegated_by.last())
+                    .ok_or(StoreError::TaskNotFound)?;
+                let state = record.state_at(task.created_at);
+                if state != TaskState::Active {
+                    return Err(StoreError::TaskNotActive(state));
+                }
+                if task.expires_at > record.task.expires_at {
+                    return Err(StoreError::OutlivesTask);
+                }
+                t.task_children.insert(parent.as_str(), id)?;
             }
             t.tasks.insert(id, encode(&task)?.as_slice())?;
             t.agent_tasks.insert(task.agent.as_str(), id)?;
@@ -585,11 +630,14 @@ impl LeaseStore for EmbeddedStore {
         self.read(move |txn| {
             let tasks = txn.open_table(TASKS)?;
             let leases = txn.open_table(LEASES)?;
-            let ids = match &filter.agent {
-                Some(agent) => {
+            let ids = match (&filter.parent, &filter.agent) {
+                (Some(parent), _) => {
+                    multimap_ids(&txn.open_multimap_table(TASK_CHILDREN)?, parent.as_str())?
+                }
+                (None, Some(agent)) => {
                     multimap_ids(&txn.open_multimap_table(AGENT_TASKS)?, agent.as_str())?
                 }
-                None => table_ids(&tasks, page.after.as_deref())?,
+                (None, None) => table_ids(&tasks, page.after.as_deref())?,
             };
             let load = |id: &str| -> Result<Option<TaskRecord>, StoreError> {
                 let Some(task) = tasks.get(id)? else {

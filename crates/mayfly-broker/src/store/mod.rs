@@ -96,6 +96,8 @@ pub struct TaskFilter {
     pub agent: Option<SpiffeId>,
     /// Only tasks in this state (as of the call).
     pub state: Option<TaskState>,
+    /// Only tasks delegated from this one (its children).
+    pub parent: Option<TaskId>,
 }
 
 impl TaskFilter {
@@ -103,6 +105,10 @@ impl TaskFilter {
     pub fn matches(&self, task: &TaskRecord, now: Timestamp) -> bool {
         self.agent.as_ref().is_none_or(|a| &task.task.agent == a)
             && self.state.is_none_or(|s| task.state_at(now) == s)
+            && self
+                .parent
+                .as_ref()
+                .is_none_or(|p| task.task.parent.as_ref() == Some(p))
     }
 }
 
@@ -220,7 +226,11 @@ pub(crate) fn check_consumable(
 /// consistent value per request, and so tests control it.
 #[async_trait]
 pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
-    /// Records a new task and its task lease.
+    /// Records a new task and its task lease. A delegated task (with a
+    /// `parent`) is recorded only if, at its `created_at`, the parent is
+    /// active, owned by the last of `delegated_by`, and outlives it
+    /// (`TaskNotFound`, `TaskNotActive` or `OutlivesTask` otherwise, about
+    /// the parent); it then ends with the parent.
     async fn start_task(&self, task: &Task) -> Result<(), StoreError>;
 
     /// A task with its current status.
@@ -235,9 +245,11 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError>;
 
     /// Ends an active task: its lease gets `req.reason`, every active lease
-    /// under it `req.child_reason`, in one atomic step. Returns the revoked
-    /// lease ids, the task's own first. Fails with `TaskNotActive` if the
-    /// task already ended (nothing changes).
+    /// under it `req.child_reason`, and every active task delegated from
+    /// it, to any depth, ends with its leases as `parent_revoked`, in one
+    /// atomic step. Returns the revoked lease ids, the task's own first.
+    /// Fails with `TaskNotActive` if the task already ended (nothing
+    /// changes).
     async fn end_task(&self, id: &TaskId, req: &RevokeRequest) -> Result<Vec<LeaseId>, StoreError>;
 
     /// Revokes one active lease. A task lease ends its task (as

@@ -1,22 +1,38 @@
--- Ends an active task: its lease and every active lease under it, at once.
+-- Ends an active task: its lease, every active lease under it, and every
+-- active task delegated from it (to any depth, as parent_revoked), at once.
 -- KEYS: 1 task hash, 2 task-lease hash, 3 task's lease set, 4 expiry index,
 --       5 revocation stream
 -- ARGV: 1 task id, 2 now ms, 3 task revocation JSON, 4 task reason,
---       5 child revocation JSON, 6 child reason, 7 lease key prefix
+--       5 child revocation JSON, 6 child reason, 7 key prefix,
+--       8 descendant revocation JSON (reason parent_revoked)
 -- Returns {'OK', revoked ids...} (task first) or {error}.
+-- Keys of descendants are built from the prefix (as in every index key).
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'NOTFOUND'} end
 local state = task_state(KEYS[2], ARGV[2])
 if state ~= 'active' then return {'STATE:' .. state} end
-local out = {'OK', ARGV[1]}
-revoke(KEYS[2], ARGV[1], ARGV[1], ARGV[3], ARGV[4], KEYS[4], KEYS[5])
-for _, id in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
-  if id ~= ARGV[1] then
-    -- Same hash tag as the task: the same slot.
-    local key = ARGV[7] .. id
-    if is_active(key, ARGV[2]) then
-      revoke(key, id, ARGV[1], ARGV[5], ARGV[6], KEYS[4], KEYS[5])
-      out[#out + 1] = id
+local P = ARGV[7]
+local out = {'OK'}
+
+local function task_key(t, suffix) return P .. ':{' .. t .. '}:' .. suffix end
+
+local function end_one(t, rev, reason, child_rev, child_reason)
+  revoke(task_key(t, 'lease:' .. t), t, t, rev, reason, KEYS[4], KEYS[5])
+  out[#out + 1] = t
+  for _, id in ipairs(redis.call('ZRANGE', task_key(t, 'leases'), 0, -1)) do
+    if id ~= t then
+      local key = task_key(t, 'lease:' .. id)
+      if is_active(key, ARGV[2]) then
+        revoke(key, id, t, child_rev, child_reason, KEYS[4], KEYS[5])
+        out[#out + 1] = id
+      end
+    end
+  end
+  for _, child in ipairs(redis.call('ZRANGE', task_key(t, 'children'), 0, -1)) do
+    if task_state(task_key(child, 'lease:' .. child), ARGV[2]) == 'active' then
+      end_one(child, ARGV[8], 'parent_revoked', ARGV[8], 'parent_revoked')
     end
   end
 end
+
+end_one(ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 return out

@@ -14,8 +14,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use mayfly_core::{
     Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Lease, LeaseId,
-    LeaseKind, LeaseStatus, Revocation, SpiffeId, Task, TaskContext, TaskId, TaskRecord, TaskState,
-    Timestamp,
+    LeaseKind, LeaseStatus, Revocation, RevocationReason, SpiffeId, Task, TaskContext, TaskId,
+    TaskRecord, TaskState, Timestamp,
 };
 use redis::Script;
 use serde::Serialize;
@@ -92,6 +92,9 @@ impl Keys {
     }
     fn task_leases(&self, t: &str) -> String {
         format!("{}:{{{t}}}:leases", self.prefix)
+    }
+    fn children(&self, t: &str) -> String {
+        format!("{}:{{{t}}}:children", self.prefix)
     }
     fn leases(&self) -> String {
         format!("{}:leases", self.prefix)
@@ -462,6 +465,7 @@ impl RedisStore {
         let t = id.as_str();
         let task_rev = encode(&req.revocation(req.reason))?;
         let child_rev = encode(&req.revocation(req.child_reason))?;
+        let descendant_rev = encode(&req.revocation(RevocationReason::ParentRevoked))?;
         let mut inv = self.scripts.end_task.prepare_invoke();
         inv.key(self.keys.task(t))
             .key(self.keys.lease(t, t))
@@ -474,7 +478,8 @@ impl RedisStore {
             .arg(req.reason.as_str())
             .arg(child_rev)
             .arg(req.child_reason.as_str())
-            .arg(self.keys.lease_prefix(t));
+            .arg(&self.keys.prefix)
+            .arg(descendant_rev);
         let reply: Vec<String> = self.invoke(&inv).await?;
         let (status, ids) = reply
             .split_first()
@@ -546,6 +551,9 @@ impl LeaseStore for RedisStore {
     async fn start_task(&self, task: &Task) -> Result<(), StoreError> {
         let (t, a) = (task.id.as_str(), task.agent.as_str());
         let m = member(t, t, a);
+        // Not delegated: the parent keys are the task's own, unused.
+        let p = task.parent.as_ref().map_or(t, |p| p.as_str());
+        let delegator = task.delegated_by.last().map_or("", |d| d.as_str());
         let mut inv = self.scripts.start_task.prepare_invoke();
         inv.key(self.keys.task(t))
             .key(self.keys.lease(t, t))
@@ -556,13 +564,20 @@ impl LeaseStore for RedisStore {
             .key(self.keys.agent_leases(a))
             .key(self.keys.expiry())
             .key(self.keys.purge())
+            .key(self.keys.task(p))
+            .key(self.keys.lease(p, p))
+            .key(self.keys.children(p))
             .arg(t)
             .arg(encode(task)?)
             .arg(encode(&task.new_lease())?)
             .arg(a)
             .arg(task.expires_at.as_millis())
             .arg(self.keep_until(task.expires_at))
-            .arg(&m);
+            .arg(&m)
+            .arg(task.parent.as_ref().map_or("", |p| p.as_str()))
+            .arg(delegator)
+            .arg(task.created_at.as_millis())
+            .arg((self.retention + TTL_MARGIN).as_millis() as u64);
         let reply: String = self.invoke(&inv).await?;
         script_status(&reply).map_err(|e| match e {
             StoreError::Duplicate(_) => StoreError::Duplicate(t.to_owned()),
@@ -760,9 +775,10 @@ impl LeaseStore for RedisStore {
         now: Timestamp,
     ) -> Result<Page<TaskRecord>, StoreError> {
         let limit = page.limit.max(1);
-        let (key, id_only) = match &filter.agent {
-            Some(a) => (self.keys.agent_tasks(a.as_str()), true),
-            None => (self.keys.tasks(), false),
+        let (key, id_only) = match (&filter.parent, &filter.agent) {
+            (Some(p), _) => (self.keys.children(p.as_str()), true),
+            (None, Some(a)) => (self.keys.agent_tasks(a.as_str()), true),
+            (None, None) => (self.keys.tasks(), false),
         };
         let mut items = Vec::new();
         let mut after = page.after.clone();
