@@ -9,6 +9,7 @@ mod bad_input;
 mod broker_api;
 mod certs;
 mod common;
+mod delegation;
 mod durability;
 mod feed;
 mod http;

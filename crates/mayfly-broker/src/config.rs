@@ -272,6 +272,8 @@ pub struct Tasks {
     /// No task lives longer.
     #[serde(deserialize_with = "duration")]
     pub max_ttl: Duration,
+    /// How many delegations may separate a task from its root.
+    pub max_delegation_depth: usize,
 }
 
 impl Default for Tasks {
@@ -279,6 +281,7 @@ impl Default for Tasks {
         Self {
             default_ttl: Duration::from_secs(15 * 60),
             max_ttl: Duration::from_secs(8 * 3600),
+            max_delegation_depth: 4,
         }
     }
 }

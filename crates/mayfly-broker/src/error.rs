@@ -2,11 +2,28 @@
 //! gRPC status, exhaustively.
 
 use mayfly_core::{
-    ApprovalId, ApprovalState, EnvelopeExcess, LeaseId, LeaseState, SpiffeId, TaskId, TaskState,
+    ApprovalId, ApprovalState, Audience, EnvelopeExcess, LeaseId, LeaseState, Scope, SpiffeId,
+    TaskId, TaskState,
 };
 
 use crate::identity::AuthError;
 use crate::store::StoreError;
+
+fn beyond_parent(audiences: &[Audience], scopes: &[Scope]) -> String {
+    let mut parts = Vec::new();
+    if !audiences.is_empty() {
+        let names: Vec<&str> = audiences.iter().map(Audience::as_str).collect();
+        parts.push(format!("audiences {names:?}"));
+    }
+    if !scopes.is_empty() {
+        let names: Vec<&str> = scopes.iter().map(Scope::as_str).collect();
+        parts.push(format!("scopes {names:?}"));
+    }
+    format!(
+        "a delegated task must be narrower than its parent: {} exceed the parent task's envelope",
+        parts.join(" and ")
+    )
+}
 
 /// Why a request was refused or failed. Messages say what was wrong; none
 /// carries a secret or policy text.
@@ -33,6 +50,24 @@ pub enum BrokerError {
     /// The request asks for more than the task's envelope.
     #[error("{0}")]
     OutsideEnvelope(EnvelopeExcess),
+    /// A delegated task may not be wider than its parent.
+    #[error("{}", beyond_parent(audiences, scopes))]
+    BeyondParent {
+        /// Audiences the parent does not have.
+        audiences: Vec<Audience>,
+        /// Scopes the parent does not have.
+        scopes: Vec<Scope>,
+    },
+    /// The delegation chain would be too long.
+    #[error(
+        "delegation depth limit reached: the task is already {depth} delegation(s) from its root and at most {limit} are allowed"
+    )]
+    DelegationTooDeep {
+        /// The parent's depth.
+        depth: usize,
+        /// `tasks.max_delegation_depth`.
+        limit: usize,
+    },
     /// No such task visible to the caller.
     #[error("task {0} not found")]
     TaskNotFound(TaskId),

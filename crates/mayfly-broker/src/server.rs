@@ -149,6 +149,7 @@ impl Broker {
             cert_default_ttl: config.certificates.default_ttl,
             cert_max_ttl: config.certificates.max_ttl,
             approval_ttl: config.approvals.ttl,
+            max_delegation_depth: config.tasks.max_delegation_depth,
         };
         let ca = match &config.ca {
             Some(files) => Some(Arc::new(IssuingCa::load(&files.cert, &files.key)?)),

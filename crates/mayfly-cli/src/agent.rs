@@ -1,4 +1,4 @@
-//! Agent commands: `task start|get|complete`, `token issue|decode`, and the
+//! Agent commands: `task start|delegate|get|complete|context`, `token issue|decode`, and the
 //! operator's `task list|revoke` (tasks are one noun for both).
 
 use std::collections::HashMap;
@@ -36,6 +36,28 @@ pub enum TaskCommand {
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
     },
+    /// Hand part of one of your tasks to another agent (agent): a new task
+    /// it owns, within this one's audiences, scopes and lifetime, ending
+    /// with it.
+    Delegate {
+        /// Your task to delegate from.
+        parent: String,
+        /// SPIFFE ID of the agent that will own the new task.
+        #[arg(long)]
+        to: String,
+        /// What the delegate is to do.
+        #[arg(long)]
+        intent: String,
+        /// Audience (repeat for more); within the parent's.
+        #[arg(long = "audience", required = true)]
+        audiences: Vec<String>,
+        /// Scope (repeat for more); within the parent's.
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// Lifetime, e.g. 10m (default: the broker's; never past the parent).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
     /// Show one of your tasks (agent).
     Get {
         /// Task id.
@@ -54,6 +76,9 @@ pub enum TaskCommand {
         /// Only tasks in this state: active, completed, revoked, expired.
         #[arg(long, value_parser = parse_task_state)]
         state: Option<pb::TaskState>,
+        /// Only tasks delegated directly from this task.
+        #[arg(long)]
+        parent: Option<String>,
         /// Most tasks to show.
         #[arg(long, default_value_t = 100)]
         limit: u32,
@@ -140,6 +165,26 @@ pub async fn task(cmd: TaskCommand, conn: &ConnArgs, json: bool) -> anyhow::Resu
             let t = client.broker().start_task(req).await?.into_inner();
             show_task(&t, json);
         }
+        TaskCommand::Delegate {
+            parent,
+            to,
+            intent,
+            audiences,
+            scopes,
+            ttl,
+        } => {
+            let client = conn.connect(Role::Agent).await?;
+            let req = pb::DelegateTaskRequest {
+                parent_task_id: parent,
+                delegate_id: to,
+                intent,
+                audiences,
+                scopes,
+                ttl_seconds: ttl.map_or(0, mayfly_client::ttl_seconds),
+            };
+            let t = client.broker().delegate_task(req).await?.into_inner();
+            show_task(&t, json);
+        }
         TaskCommand::Get { id } => {
             let client = conn.connect(Role::Agent).await?;
             let t = client
@@ -187,8 +232,9 @@ pub async fn task(cmd: TaskCommand, conn: &ConnArgs, json: bool) -> anyhow::Resu
         TaskCommand::List {
             agent,
             state,
+            parent,
             limit,
-        } => crate::operator::list_tasks(conn, json, agent, state, limit).await?,
+        } => crate::operator::list_tasks(conn, json, agent, state, parent, limit).await?,
         TaskCommand::Revoke { id, reason } => {
             let client = conn.connect(Role::Operator).await?;
             let req = pb::RevokeTaskRequest {

@@ -215,6 +215,7 @@ pub async fn list_tasks(
     json: bool,
     agent: Option<String>,
     state: Option<pb::TaskState>,
+    parent: Option<String>,
     limit: u32,
 ) -> anyhow::Result<()> {
     let client = conn.connect(Role::Operator).await?;
@@ -225,6 +226,7 @@ pub async fn list_tasks(
             state: state.map_or(0, Into::into),
             page_size,
             page_token,
+            parent_task_id: parent.clone().unwrap_or_default(),
         };
         let mut admin = admin.clone();
         async move {

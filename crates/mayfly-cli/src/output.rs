@@ -68,6 +68,8 @@ pub fn task_json(t: &pb::Task) -> Value {
         "expires_at": time(t.expires_at.as_ref()),
         "ended_at": time(t.ended_at.as_ref()),
         "revocation_reason": reason(t.revocation_reason),
+        "parent_task_id": t.parent_task_id,
+        "delegated_by": t.delegated_by,
     })
 }
 
@@ -144,6 +146,8 @@ pub fn print_task(t: &pb::Task) {
         ("context", context.join(" ")),
         ("audiences", env.audiences.join(" ")),
         ("scopes", env.scopes.join(" ")),
+        ("parent", t.parent_task_id.clone()),
+        ("delegated by", t.delegated_by.join(" -> ")),
         ("created", time(t.created_at.as_ref())),
         ("expires", time(t.expires_at.as_ref())),
         ("ended", time(t.ended_at.as_ref())),

@@ -456,6 +456,7 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
             &["admin:tickets"],
             &["read:tickets", "export:tickets"],
         ];
+        let worker = SpiffeId::new("spiffe://prod.example.com/agents/workers/w").unwrap();
         let resources = [
             (
                 "start_task",
@@ -470,6 +471,7 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
                 uid(Type::Audience, "https://payments.prod.example.com"),
             ),
             ("sign_certificate", uid(Type::CertificateKind, "task")),
+            ("delegate", uid(Type::Agent, worker.as_str())),
         ];
         let (mut permits, mut forbids, mut errors, mut defaults) = (0, 0, 0, 0);
         for agent in &agents {
@@ -479,7 +481,7 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
                         for ttl in [60, 3600] {
                             let ask = Ask {
                                 agent,
-                                delegate: None,
+                                delegate: (*action == "delegate").then_some(&worker),
                                 action,
                                 resource: resource.clone(),
                                 task_id: "t",

@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use mayfly_core::{
-    Audience, Decision, Envelope, Intent, IssueTokenRequest, Policy, SignCertificateRequest,
-    SpiffeId, StartTaskRequest, Task, TaskContext, TaskId, Timestamp, parse_scopes,
+    Audience, Decision, DelegateRequest, Envelope, Intent, IssueTokenRequest, Policy,
+    SignCertificateRequest, SpiffeId, StartTaskRequest, Task, TaskContext, TaskId, Timestamp,
+    parse_scopes,
 };
 use mayfly_policy::CedarPolicy;
 
@@ -239,4 +240,38 @@ fn the_loader_reads_a_directory() {
     std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
     let p = CedarPolicy::load_dir(dir.path()).unwrap();
     assert_eq!(p.len(), 1);
+}
+
+#[test]
+fn reads_may_be_delegated_to_workers_only() {
+    let p = shipped();
+    let parent = task(&[("environment", "production")]);
+    let delegate = |to: &str, scopes: &[&str]| {
+        p.decide_delegate(&DelegateRequest {
+            agent: &agent(),
+            delegate: &SpiffeId::new(to).unwrap(),
+            task: &parent,
+            envelope: &Envelope::new(&[TICKETS], scopes).unwrap(),
+            ttl: Duration::from_secs(3600),
+            now: Timestamp::now(),
+        })
+    };
+    let worker = "spiffe://prod.example.com/agents/workers/summariser";
+    let (id, ttl, approval) = permit(delegate(worker, &["read:tickets"]));
+    assert_eq!(id, "delegate-reads-to-workers");
+    assert_eq!(ttl, Some(Duration::from_secs(1800)));
+    assert!(!approval);
+    let (id, reason) = deny(delegate(worker, &["read:tickets", "write:tickets"]));
+    assert_eq!(id, None);
+    assert_eq!(
+        reason,
+        format!("no policy permits {} to delegate {worker}", agent())
+    );
+    assert!(matches!(
+        delegate(
+            "spiffe://prod.example.com/agents/support/other",
+            &["read:tickets"]
+        ),
+        Decision::Deny { .. }
+    ));
 }

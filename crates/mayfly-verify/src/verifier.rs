@@ -21,7 +21,8 @@ use crate::jwks::{Fetcher, Jwks};
 /// A token that passed every check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedToken {
-    /// The agent (`sub`).
+    /// The agent the work is for (`sub`): the owner of the root task when
+    /// the task was delegated.
     pub agent: SpiffeId,
     /// The task the token belongs to.
     pub task_id: TaskId,
@@ -40,6 +41,14 @@ pub struct VerifiedToken {
 }
 
 impl VerifiedToken {
+    /// The agent presenting the token: the current actor of a delegated
+    /// task, else the subject.
+    pub fn actor_id(&self) -> &str {
+        self.actor
+            .as_ref()
+            .map_or(self.agent.as_str(), |a| a.sub.as_str())
+    }
+
     /// Whether the token grants `scope`.
     pub fn has_scope(&self, scope: &str) -> bool {
         self.scopes.iter().any(|s| s == scope)

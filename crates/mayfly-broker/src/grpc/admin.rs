@@ -186,7 +186,7 @@ impl pb::admin_server::Admin for AdminApi {
         let filter = TaskFilter {
             agent: optional("agent_id", &r.agent_id, SpiffeId::new)?,
             state: task_state_from_proto(r.state)?,
-            parent: None,
+            parent: optional("parent_task_id", &r.parent_task_id, TaskId::new)?,
         };
         let page = self
             .svc

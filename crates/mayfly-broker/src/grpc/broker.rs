@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use mayfly_core::{
-    ApprovalId, Audience, Envelope, Intent, TaskContext, TaskId, Timestamp, parse_scopes,
+    ApprovalId, Audience, Envelope, Intent, SpiffeId, TaskContext, TaskId, Timestamp, parse_scopes,
 };
 use mayfly_proto::v1 as pb;
 use tonic::{Request, Response, Status};
@@ -11,7 +11,9 @@ use tonic::{Request, Response, Status};
 use super::{approval_to_proto, caller, field, task_to_proto, timestamp};
 use crate::error::BrokerError;
 use crate::issuer::x509::parse_csr;
-use crate::service::{CertificateRequest, Issued, NewTask, Service, TokenRequest, requested_ttl};
+use crate::service::{
+    CertificateRequest, Issued, NewDelegation, NewTask, Service, TokenRequest, requested_ttl,
+};
 
 /// An optional approval id field.
 fn optional_approval(s: &str) -> Result<Option<ApprovalId>, BrokerError> {
@@ -45,6 +47,20 @@ impl TryFrom<pb::StartTaskRequest> for NewTask {
             context: TaskContext::new(&r.context)
                 .map_err(|e| BrokerError::Invalid(e.to_string()))?,
             envelope,
+            ttl: requested_ttl("ttl_seconds", r.ttl_seconds)?,
+        })
+    }
+}
+
+impl TryFrom<pb::DelegateTaskRequest> for NewDelegation {
+    type Error = BrokerError;
+    fn try_from(r: pb::DelegateTaskRequest) -> Result<Self, BrokerError> {
+        Ok(Self {
+            parent: field("parent_task_id", &r.parent_task_id, TaskId::new)?,
+            delegate: field("delegate_id", &r.delegate_id, SpiffeId::new)?,
+            intent: Intent::new(&r.intent).map_err(|e| BrokerError::Invalid(e.to_string()))?,
+            envelope: Envelope::new(&r.audiences, &r.scopes)
+                .map_err(|e| BrokerError::Invalid(e.to_string()))?,
             ttl: requested_ttl("ttl_seconds", r.ttl_seconds)?,
         })
     }
@@ -135,6 +151,16 @@ impl pb::broker_server::Broker for BrokerApi {
             None,
             Timestamp::now(),
         )))
+    }
+
+    async fn delegate_task(
+        &self,
+        request: Request<pb::DelegateTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        let caller = caller(&request)?;
+        let req = NewDelegation::try_from(request.into_inner())?;
+        let record = self.svc.delegate_task(&caller, req).await?;
+        Ok(Response::new(task_to_proto(&record, Timestamp::now())))
     }
 
     async fn start_task(

@@ -244,6 +244,12 @@ pub fn task_to_proto(r: &TaskRecord, now: Timestamp) -> pb::Task {
         expires_at: Some(timestamp(t.expires_at)),
         revocation_reason: revocation.map_or(0, |r| reason_to_proto(r.reason).into()),
         ended_at,
+        parent_task_id: t
+            .parent
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        delegated_by: t.delegated_by.iter().map(ToString::to_string).collect(),
     }
 }
 

@@ -14,7 +14,9 @@ impl From<BrokerError> for Status {
             BrokerError::NotOperator(_)
             | BrokerError::NotIntrospector(_)
             | BrokerError::Denied { .. }
-            | BrokerError::OutsideEnvelope(_) => Status::permission_denied(msg),
+            | BrokerError::OutsideEnvelope(_)
+            | BrokerError::BeyondParent { .. }
+            | BrokerError::DelegationTooDeep { .. } => Status::permission_denied(msg),
             BrokerError::TaskNotFound(_)
             | BrokerError::LeaseNotFound(_)
             | BrokerError::ApprovalNotFound(_) => Status::not_found(msg),

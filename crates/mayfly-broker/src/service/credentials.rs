@@ -174,7 +174,7 @@ impl Service {
             };
             let claims = AccessTokenClaims {
                 iss: self.issuer.clone(),
-                sub: caller.id.to_string(),
+                sub: task.subject().to_string(),
                 aud: req.audience.to_string(),
                 exp: expires_at.as_secs(),
                 iat: issued_at.as_secs(),
@@ -187,7 +187,7 @@ impl Service {
                     .cert_thumbprint
                     .clone()
                     .map(|x5t_s256| Confirmation { x5t_s256 }),
-                act: None,
+                act: task.actors(),
             };
             let token = self
                 .signer
@@ -366,7 +366,7 @@ impl Service {
             l.kind == LeaseKind::Jwt
                 && l.is_active_at(now)
                 && l.task_id.as_str() == claims.task_id
-                && l.agent.as_str() == claims.sub
+                && l.agent.as_str() == claims.client_id
         });
         if !active {
             return Ok(None);

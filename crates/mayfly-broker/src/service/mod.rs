@@ -49,6 +49,8 @@ pub struct Limits {
     pub cert_max_ttl: Duration,
     /// How long an approval may wait for a decision and then for use.
     pub approval_ttl: Duration,
+    /// How many delegations may separate a task from its root.
+    pub max_delegation_depth: usize,
 }
 
 /// Parses a requested TTL in seconds: 0 means "the default".
@@ -83,6 +85,21 @@ pub struct NewTask {
     /// Facts for policy.
     pub context: TaskContext,
     /// Audiences and scopes it may need.
+    pub envelope: Envelope,
+    /// Requested lifetime; `None` for the default.
+    pub ttl: Option<Duration>,
+}
+
+/// A validated `DelegateTask`.
+#[derive(Debug)]
+pub struct NewDelegation {
+    /// The caller's task to delegate from.
+    pub parent: TaskId,
+    /// The agent that will own the new task.
+    pub delegate: SpiffeId,
+    /// What the new task is for.
+    pub intent: Intent,
+    /// Its audiences and scopes: within the parent's.
     pub envelope: Envelope,
     /// Requested lifetime; `None` for the default.
     pub ttl: Option<Duration>,

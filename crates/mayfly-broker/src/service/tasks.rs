@@ -5,12 +5,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use mayfly_core::{
-    Decision, IssueTokenRequest, Lease, LeaseId, LeaseKind, LeaseState, LeaseStatus, Revocation,
-    RevocationReason, SignCertificateRequest, SpiffeId, StartTaskRequest, Task, TaskContext,
-    TaskId, TaskRecord, TaskState, Timestamp,
+    Decision, DelegateRequest, IssueTokenRequest, Lease, LeaseId, LeaseKind, LeaseState,
+    LeaseStatus, Revocation, RevocationReason, SignCertificateRequest, SpiffeId, StartTaskRequest,
+    Task, TaskContext, TaskId, TaskRecord, TaskState, Timestamp,
 };
 
-use super::{NewTask, Service, asked, permit};
+use super::{NewDelegation, NewTask, Service, asked, permit};
 use crate::error::BrokerError;
 use crate::identity::Caller;
 use crate::store::{LeaseFilter, PageRequest, RevokeRequest, StoreError, TaskFilter};
@@ -61,6 +61,103 @@ impl Service {
             task_id = %task.id,
             policy = %permit.policy_id,
             expires_at = task.expires_at.as_secs(),
+        );
+        Ok(TaskRecord {
+            task,
+            status: LeaseStatus::Active,
+        })
+    }
+
+    /// Hands part of one of the caller's tasks to another agent: a child
+    /// task owned by `req.delegate`, no wider than the parent, ending no
+    /// later, within the depth limit, and allowed by policy (`delegate`).
+    /// Its context is the parent's as it stands now.
+    pub async fn delegate_task(
+        &self,
+        caller: &Caller,
+        req: NewDelegation,
+    ) -> Result<TaskRecord, BrokerError> {
+        let now = Timestamp::now().floor_secs();
+        let parent = self.active_task(caller, &req.parent, now).await?.task;
+        if req.delegate.trust_domain_name() != caller.id.trust_domain_name() {
+            return Err(BrokerError::Invalid(format!(
+                "delegate {} is not in trust domain {}",
+                req.delegate,
+                caller.id.trust_domain_name()
+            )));
+        }
+        let audiences: Vec<_> = req
+            .envelope
+            .audiences()
+            .difference(parent.envelope.audiences())
+            .cloned()
+            .collect();
+        let scopes: Vec<_> = req
+            .envelope
+            .scopes()
+            .difference(parent.envelope.scopes())
+            .cloned()
+            .collect();
+        if !audiences.is_empty() || !scopes.is_empty() {
+            return Err(BrokerError::BeyondParent { audiences, scopes });
+        }
+        if parent.depth() >= self.limits.max_delegation_depth {
+            return Err(BrokerError::DelegationTooDeep {
+                depth: parent.depth(),
+                limit: self.limits.max_delegation_depth,
+            });
+        }
+        let ttl = asked(
+            req.ttl,
+            self.limits.task_default_ttl,
+            self.limits.task_max_ttl,
+        );
+        let permit = permit(self.policy.decide_delegate(&DelegateRequest {
+            agent: &caller.id,
+            delegate: &req.delegate,
+            task: &parent,
+            envelope: &req.envelope,
+            ttl,
+            now,
+        }))?;
+        if permit.approval_required {
+            return Err(BrokerError::Unsupported(format!(
+                "policy {} requires approval for delegation, which Mayfly does not offer; \
+                 delegation is allowed or denied outright",
+                permit.policy_id
+            )));
+        }
+        let ttl = permit.max_ttl.map_or(ttl, |m| ttl.min(m));
+        let expires_at = now
+            .plus(Duration::from_secs(ttl.as_secs()))
+            .min(parent.expires_at);
+        let mut delegated_by = parent.delegated_by.clone();
+        delegated_by.push(parent.agent.clone());
+        let task = Task {
+            id: TaskId::generate(),
+            agent: req.delegate,
+            intent: req.intent,
+            context: parent.context.clone(),
+            envelope: req.envelope,
+            created_at: now,
+            expires_at,
+            revision: 0,
+            parent: Some(parent.id.clone()),
+            delegated_by,
+        };
+        self.store
+            .start_task(&task)
+            .await
+            .map_err(|e| BrokerError::from_store(e, &parent.id))?;
+        tracing::info!(
+            target: "mayfly::decision",
+            event = "task_delegated",
+            agent = %caller.id,
+            delegate = %task.agent,
+            task_id = %task.id,
+            parent_task_id = %parent.id,
+            depth = task.depth(),
+            policy = %permit.policy_id,
         );
         Ok(TaskRecord {
             task,
@@ -135,7 +232,9 @@ impl Service {
             task_id = %id,
             revision = task.revision,
         );
-        let revoked = self.reevaluate(&task, &caller.id, now).await?;
+        let mut revoked = self.reevaluate(&task, &caller.id, now).await?;
+        // Tasks delegated from this one were allowed on its old context.
+        revoked.extend(self.reevaluate_children(&task.id, &caller.id, now).await?);
         let record = self.own_task(caller, id).await?;
         Ok((record, revoked))
     }
@@ -157,15 +256,7 @@ impl Service {
             note: None,
             at: now,
         };
-        let remaining = now.until(task.expires_at);
-        let task_allowed = self.policy.decide_start_task(&StartTaskRequest {
-            agent: &task.agent,
-            intent: &task.intent,
-            context: &task.context,
-            envelope: &task.envelope,
-            ttl: remaining,
-            now,
-        });
+        let task_allowed = self.task_still_allowed(task, now).await?;
         if let Decision::Deny { policy_id, .. } = &task_allowed {
             tracing::info!(
                 target: "mayfly::decision",
@@ -214,6 +305,43 @@ impl Service {
         Ok(revoked)
     }
 
+    /// The task itself decided again: a task an agent opened as
+    /// `start_task`, a delegated one as `delegate` from its parent's owner
+    /// on the parent as it stands (a parent that ended took the task with
+    /// it, so there is nothing to decide).
+    async fn task_still_allowed(
+        &self,
+        task: &Task,
+        now: Timestamp,
+    ) -> Result<Decision, BrokerError> {
+        let ttl = now.until(task.expires_at);
+        let Some(parent_id) = &task.parent else {
+            return Ok(self.policy.decide_start_task(&StartTaskRequest {
+                agent: &task.agent,
+                intent: &task.intent,
+                context: &task.context,
+                envelope: &task.envelope,
+                ttl,
+                now,
+            }));
+        };
+        let Some(parent) = self.store.get_task(parent_id).await? else {
+            return Ok(Decision::Permit {
+                policy_id: String::new(),
+                max_ttl: None,
+                approval_required: false,
+            });
+        };
+        Ok(self.policy.decide_delegate(&DelegateRequest {
+            agent: &parent.task.agent,
+            delegate: &task.agent,
+            task: &parent.task,
+            envelope: &task.envelope,
+            ttl,
+            now,
+        }))
+    }
+
     fn still_allowed(&self, task: &Task, lease: &Lease, now: Timestamp) -> bool {
         let ttl = now.until(lease.expires_at);
         let decision = match (&lease.kind, &lease.audience) {
@@ -242,6 +370,35 @@ impl Service {
                 approval_required, ..
             } => !approval_required || lease.approval.is_some(),
             _ => false,
+        }
+    }
+
+    /// Re-evaluates the active tasks delegated directly from `parent`.
+    async fn reevaluate_children(
+        &self,
+        parent: &TaskId,
+        by: &SpiffeId,
+        now: Timestamp,
+    ) -> Result<Vec<LeaseId>, BrokerError> {
+        let filter = TaskFilter {
+            parent: Some(parent.clone()),
+            state: Some(TaskState::Active),
+            agent: None,
+        };
+        let mut page = PageRequest {
+            after: None,
+            limit: PAGE,
+        };
+        let mut revoked = Vec::new();
+        loop {
+            let children = self.store.list_tasks(&filter, &page, now).await?;
+            for child in &children.items {
+                revoked.extend(self.reevaluate(&child.task, by, now).await?);
+            }
+            match children.next {
+                Some(n) => page.after = Some(n),
+                None => return Ok(revoked),
+            }
         }
     }
 
