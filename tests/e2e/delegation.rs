@@ -41,6 +41,24 @@ async fn delegate(from: &Client, req: pb::DelegateTaskRequest) -> Result<pb::Tas
         .map(tonic::Response::into_inner)
 }
 
+/// demo -> bob -> carol, each task with `read:files` on the API.
+async fn chain(demo: &Client, bob: &Client) -> (pb::Task, pb::Task, pb::Task) {
+    let root = start(demo).await;
+    let b = delegate(
+        demo,
+        delegation(&root.task_id, BOB, &[API], &["read:files"], 0),
+    )
+    .await
+    .unwrap();
+    let c = delegate(
+        bob,
+        delegation(&b.task_id, CAROL, &[API], &["read:files"], 0),
+    )
+    .await
+    .unwrap();
+    (root, b, c)
+}
+
 /// The `act` chain of a token's claims, outermost first.
 fn actors(claims: &Value) -> Vec<String> {
     let mut out = Vec::new();
@@ -206,19 +224,7 @@ async fn the_depth_limit_holds() {
     let demo = broker.agent().await;
     let bob = broker.client_as(BOB).await;
     let carol = broker.client_as(CAROL).await;
-    let root = start(&demo).await;
-    let b = delegate(
-        &demo,
-        delegation(&root.task_id, BOB, &[API], &["read:files"], 0),
-    )
-    .await
-    .unwrap();
-    let c = delegate(
-        &bob,
-        delegation(&b.task_id, CAROL, &[API], &["read:files"], 0),
-    )
-    .await
-    .unwrap();
+    let (_, _, c) = chain(&demo, &bob).await;
     assert_eq!(c.delegated_by.len(), 2);
     assert_status(
         delegate(
@@ -250,19 +256,7 @@ async fn a_task_takes_its_whole_subtree_with_it() {
     let bob = broker.client_as(BOB).await;
     let carol = broker.client_as(CAROL).await;
     let op = broker.operator().await;
-    let root = start(&demo).await;
-    let b = delegate(
-        &demo,
-        delegation(&root.task_id, BOB, &[API], &["read:files"], 0),
-    )
-    .await
-    .unwrap();
-    let c = delegate(
-        &bob,
-        delegation(&b.task_id, CAROL, &[API], &["read:files"], 0),
-    )
-    .await
-    .unwrap();
+    let (root, b, c) = chain(&demo, &bob).await;
     let root_token = issue(&demo, &root.task_id).await;
     let b_token = issue(&bob, &b.task_id).await;
     let c_token = issue(&carol, &c.task_id).await;
@@ -340,19 +334,7 @@ async fn a_task_takes_its_whole_subtree_with_it() {
     }
 
     // Completing a middle task ends what was delegated from it only.
-    let root = start(&demo).await;
-    let b = delegate(
-        &demo,
-        delegation(&root.task_id, BOB, &[API], &["read:files"], 0),
-    )
-    .await
-    .unwrap();
-    let c = delegate(
-        &bob,
-        delegation(&b.task_id, CAROL, &[API], &["read:files"], 0),
-    )
-    .await
-    .unwrap();
+    let (root, b, c) = chain(&demo, &bob).await;
     let done = bob.complete_task(&b.task_id).await.unwrap();
     assert_eq!(
         done.revoked_leases.iter().cloned().collect::<BTreeSet<_>>(),
