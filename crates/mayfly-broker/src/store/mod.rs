@@ -23,6 +23,7 @@ pub mod contract;
 mod embedded;
 mod redis;
 
+pub(crate) use self::redis::RedisConn;
 pub use self::redis::{RedisStore, RedisTarget};
 pub use embedded::EmbeddedStore;
 

@@ -21,7 +21,7 @@ use redis::Script;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use conn::RedisConn;
+pub(crate) use conn::RedisConn;
 pub use conn::RedisTarget;
 
 use super::{
