@@ -89,6 +89,37 @@ pub struct Config {
     /// Who may introspect tokens for which audiences.
     #[serde(default)]
     pub introspection: Vec<IntrospectionConfig>,
+    /// The audit trail.
+    #[serde(default)]
+    pub audit: Audit,
+}
+
+/// Where audit records go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditSinkKind {
+    /// A JSON-lines file (`path`).
+    #[default]
+    File,
+    /// A stream in the Redis store (with `store = "redis"`): one chain for
+    /// every replica.
+    Redis,
+    /// Standard output, for log pipelines.
+    Stdout,
+    /// No trail.
+    Off,
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Audit {
+    /// Where records go.
+    #[serde(default)]
+    pub sink: AuditSinkKind,
+    /// The file, for `sink = "file"`; default `data_dir/audit.jsonl`.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
 }
 
 /// One `[[introspection]]`: these workloads may introspect tokens issued
@@ -447,6 +478,9 @@ impl Config {
             &mut config.tls.trust_bundle,
         ];
         paths.push(&mut config.policy.dir);
+        if let Some(p) = config.audit.path.as_mut() {
+            paths.push(p);
+        }
         if let Some(ca) = config.ca.as_mut() {
             paths.extend([&mut ca.cert, &mut ca.key]);
         }
@@ -503,6 +537,12 @@ impl Config {
             return invalid("certificates: need default_ttl <= max_ttl".into());
         }
         self.check_store()?;
+        if self.audit.sink == AuditSinkKind::Redis && self.store != StoreKind::Redis {
+            return invalid("[audit] sink = \"redis\" needs store = \"redis\"".into());
+        }
+        if self.audit.path.is_some() && self.audit.sink != AuditSinkKind::File {
+            return invalid("[audit] path is only for sink = \"file\"".into());
+        }
         if self.feed.heartbeat.is_zero() || self.feed.poll.is_zero() {
             return invalid("feed.heartbeat and feed.poll must be positive".into());
         }
@@ -583,6 +623,14 @@ impl Config {
     /// The embedded store's file.
     pub fn store_path(&self) -> PathBuf {
         self.data_dir.join("leases.redb")
+    }
+
+    /// The audit file, for `[audit] sink = "file"`.
+    pub fn audit_path(&self) -> PathBuf {
+        self.audit
+            .path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("audit.jsonl"))
     }
 }
 

@@ -5,18 +5,22 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_core::Timestamp;
+use mayfly_core::{SpiffeId, Timestamp};
 use tokio::sync::watch;
 
+use crate::audit::{AuditLog, AuditRecord, Event};
 use crate::store::LeaseStore;
 
 /// Most leases one store call handles, so a backlog is worked off in
 /// bounded transactions.
 const BATCH: usize = 1000;
 
-/// Runs until `shutdown` turns true.
+/// Runs until `shutdown` turns true. Each expiry is recorded in the audit
+/// trail as `lease_expired`, by `broker`.
 pub async fn run(
     store: Arc<dyn LeaseStore>,
+    audit: AuditLog,
+    broker: SpiffeId,
     interval: Duration,
     retention: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -29,8 +33,20 @@ pub async fn run(
         loop {
             match store.reap(Timestamp::now(), retention, BATCH).await {
                 Ok(out) => {
+                    // Handed to the writer together, so they share batches.
+                    let mut records = tokio::task::JoinSet::new();
                     for id in &out.expired {
                         tracing::debug!(target: "mayfly::decision", event = "lease_expired", lease_id = %id);
+                        let (audit, r) = (
+                            audit.clone(),
+                            AuditRecord::new(Event::LeaseExpired, &broker).lease(id),
+                        );
+                        records.spawn(async move { audit.record(r).await });
+                    }
+                    while let Some(outcome) = records.join_next().await {
+                        if let Ok(Err(e)) = outcome {
+                            tracing::error!(error = %e, "expiry not recorded in the audit trail");
+                        }
                     }
                     if !out.expired.is_empty() || out.purged > 0 {
                         tracing::info!(

@@ -28,7 +28,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::Connected;
 
-use crate::config::{Algorithm, Config, ConfigError, RedisConfig, StoreKind};
+use crate::audit::{AuditLog, AuditSink, FileSink, RedisSink, StdoutSink};
+use crate::config::{Algorithm, AuditSinkKind, Config, ConfigError, RedisConfig, StoreKind};
 use crate::crl::CrlPublisher;
 use crate::feed::FeedHub;
 use crate::fsutil::create_private_dir;
@@ -84,6 +85,9 @@ pub enum StartError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    /// The audit trail could not be opened.
+    #[error("{0}")]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 /// A broker ready to serve.
@@ -138,6 +142,7 @@ impl Broker {
                 .into());
             }
         };
+        let audit = open_audit(&config)?;
         let policy = Arc::new(PolicyHandle::load(&config.policy.dir)?);
         tracing::info!(policies = policy.len(), dir = %config.policy.dir.display(), "policies loaded");
         let issuer = config.issuer();
@@ -178,6 +183,7 @@ impl Broker {
             introspection: config.introspection_grants()?,
             rate: RateLimiter::new(config.rate_limit.per_second, config.rate_limit.burst),
             broker_id,
+            audit,
         });
         let authenticator =
             Authenticator::new(tls.client_chain.clone(), config.trust_domain.clone());
@@ -271,6 +277,8 @@ impl Broker {
         ));
         let reaper_task = tokio::spawn(reaper::run(
             store.clone(),
+            self.service.audit.clone(),
+            self.service.broker_id.clone(),
             self.reaper.interval,
             self.reaper.retention,
             stop_rx.clone(),
@@ -314,6 +322,33 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 /// Where the configured Redis is, reading secrets from their files.
+/// Opens the configured audit sink and starts its writer (on the current
+/// Tokio runtime).
+fn open_audit(config: &Config) -> Result<AuditLog, StartError> {
+    let sink: Arc<dyn AuditSink> = match (config.audit.sink, &config.redis) {
+        (AuditSinkKind::File, _) => {
+            let path = config.audit_path();
+            let sink = FileSink::open(&path)?;
+            tracing::info!(path = %path.display(), seq = sink.head().seq, "audit trail");
+            Arc::new(sink)
+        }
+        (AuditSinkKind::Redis, Some(redis)) => {
+            Arc::new(RedisSink::new(redis_target(redis)?, &redis.key_prefix)?)
+        }
+        (AuditSinkKind::Stdout, _) => Arc::new(StdoutSink::new()),
+        (AuditSinkKind::Off, _) => {
+            tracing::warn!("the audit trail is off ([audit] sink = \"off\")");
+            return Ok(AuditLog::off());
+        }
+        (AuditSinkKind::Redis, None) => {
+            return Err(
+                ConfigError::Invalid("[audit] sink = \"redis\" needs [redis]".into()).into(),
+            );
+        }
+    };
+    Ok(AuditLog::start(sink))
+}
+
 fn redis_target(r: &RedisConfig) -> Result<RedisTarget, StartError> {
     let read = |p: &std::path::Path| -> Result<String, StartError> {
         std::fs::read_to_string(p)

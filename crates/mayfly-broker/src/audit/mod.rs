@@ -21,7 +21,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use mayfly_core::{LeaseId, SpiffeId, Task, TaskId, Timestamp};
+use mayfly_core::{LeaseId, Scopes, SpiffeId, Task, TaskId, Timestamp};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
@@ -143,6 +143,9 @@ pub struct AuditRecord {
     /// A token's audience.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audience: Option<String>,
+    /// A task's audiences.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
     /// Scopes asked for or granted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scopes: Vec<String>,
@@ -200,6 +203,7 @@ impl AuditRecord {
             intent: None,
             delegate: None,
             audience: None,
+            audiences: Vec::new(),
             scopes: Vec::new(),
             lease_id: None,
             serial: None,
@@ -218,6 +222,30 @@ impl AuditRecord {
         self.task_id = Some(task.id.to_string());
         self.parent_task_id = task.parent.as_ref().map(ToString::to_string);
         self.intent = Some(task.intent.as_str().to_owned());
+        self
+    }
+
+    /// The task's envelope, for records of a task starting.
+    pub fn envelope(mut self, task: &Task) -> Self {
+        self.audiences = task
+            .envelope
+            .audiences()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        self.scopes = task
+            .envelope
+            .scopes()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        self
+    }
+
+    /// A credential's audience and scopes.
+    pub fn credential(mut self, audience: Option<&str>, scopes: &Scopes) -> Self {
+        self.audience = audience.map(str::to_owned);
+        self.scopes = scopes.iter().map(ToString::to_string).collect();
         self
     }
 

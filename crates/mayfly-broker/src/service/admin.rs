@@ -3,6 +3,7 @@
 use mayfly_core::{Lease, LeaseId, RevocationReason, SpiffeId, TaskId, TaskRecord, Timestamp};
 
 use super::Service;
+use crate::audit::{AuditRecord, Event};
 use crate::error::BrokerError;
 use crate::identity::Caller;
 use crate::store::{LeaseFilter, Page, PageRequest, RevokeRequest, StoreError, TaskFilter};
@@ -72,7 +73,12 @@ impl Service {
                 state: lease.state_at(req.at),
             });
         }
-        self.log_revocation("lease_revoked", operator, id.as_str(), &revoked);
+        let task = self.store.get_lease(id).await?.map(|l| l.task_id);
+        let mut record = self
+            .revocation_record(Event::LeaseRevoked, operator, task.as_ref(), &req, &revoked)
+            .await;
+        record.lease_id = Some(id.to_string());
+        self.log_revocation(record).await;
         Ok(revoked)
     }
 
@@ -94,7 +100,11 @@ impl Service {
             .end_task(id, &req)
             .await
             .map_err(|e| BrokerError::from_store(e, id))?;
-        self.log_revocation("task_revoked", operator, id.as_str(), &revoked);
+        let record = self
+            .revocation_record(Event::TaskRevoked, operator, Some(id), &req, &revoked)
+            .await
+            .lease(&id.lease_id());
+        self.log_revocation(record).await;
         Ok(revoked)
     }
 
@@ -112,19 +122,47 @@ impl Service {
             note,
         );
         let revoked = self.store.revoke_agent(agent, &req).await?;
-        self.log_revocation("agent_revoked", operator, agent.as_str(), &revoked);
+        let mut record = self
+            .revocation_record(Event::AgentRevoked, operator, None, &req, &revoked)
+            .await;
+        record.agent = Some(agent.to_string());
+        self.log_revocation(record).await;
         Ok(revoked)
     }
 
-    fn log_revocation(&self, event: &str, operator: &Caller, target: &str, revoked: &[LeaseId]) {
+    /// The record of an operator's revocation, with the task it concerns.
+    async fn revocation_record(
+        &self,
+        event: Event,
+        operator: &Caller,
+        task: Option<&TaskId>,
+        req: &RevokeRequest,
+        revoked: &[LeaseId],
+    ) -> AuditRecord {
+        let mut record = AuditRecord::new(event, &operator.id).revoked(revoked);
+        record.reason = Some(match &req.note {
+            Some(note) => format!("{}: {note}", req.reason),
+            None => req.reason.to_string(),
+        });
+        match task {
+            Some(id) => match self.store.get_task(id).await {
+                Ok(Some(t)) => record.task(&t.task),
+                _ => record.task_id(id),
+            },
+            None => record,
+        }
+    }
+
+    async fn log_revocation(&self, record: AuditRecord) {
         self.revoked.notify_one();
         tracing::info!(
             target: "mayfly::decision",
-            event,
-            operator = %operator.id,
-            target,
-            revoked = revoked.len(),
+            event = %record.event,
+            operator = record.caller.as_deref().unwrap_or_default(),
+            task_id = record.task_id.as_deref().unwrap_or_default(),
+            revoked = record.revoked.len(),
         );
+        self.audit_anyway(record).await;
     }
 }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use mayfly_core::{Approval, ApprovalId, ApprovalState, ApprovalStatus, Timestamp};
 
 use super::Service;
+use crate::audit::{AuditRecord, Event};
 use crate::error::BrokerError;
 use crate::identity::Caller;
 use crate::store::{Page, PageRequest};
@@ -55,6 +56,20 @@ impl Service {
             .decide_approval(id, decision, now)
             .await
             .map_err(|e| BrokerError::from_approval(e, id))?;
+        let event = if approve {
+            Event::ApprovalGranted
+        } else {
+            Event::ApprovalDenied
+        };
+        let mut record = match self.store.get_task(&approval.task_id).await {
+            Ok(Some(t)) => AuditRecord::new(event, &operator.id).task(&t.task),
+            _ => AuditRecord::new(event, &operator.id).task_id(&approval.task_id),
+        };
+        record.approval_id = Some(id.to_string());
+        record.policy = Some(approval.policy_id.clone());
+        record.decision = Some(if approve { "permit" } else { "deny" }.to_owned());
+        record.reason = reason_of(&approval.status);
+        self.audit_anyway(record).await;
         tracing::info!(
             target: "mayfly::decision",
             event = if approve { "approval_granted" } else { "approval_denied" },
@@ -96,5 +111,14 @@ impl Service {
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+}
+
+fn reason_of(status: &ApprovalStatus) -> Option<String> {
+    match status {
+        ApprovalStatus::Approved { reason, .. }
+        | ApprovalStatus::Denied { reason, .. }
+        | ApprovalStatus::Consumed { reason, .. } => reason.clone(),
+        ApprovalStatus::Pending => None,
     }
 }

@@ -6,16 +6,17 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use mayfly_core::{
     AccessTokenClaims, Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus,
     Confirmation, IssueTokenRequest, Lease, LeaseId, LeaseKind, LeaseStatus, Pattern,
-    SignCertificateRequest, Task, Timestamp, scope_string,
+    RevocationReason, SignCertificateRequest, Task, Timestamp, scope_string,
 };
 
 use super::{
     CertificateRequest, Issued, IssuedCertificate, IssuedToken, Permit, Service, TokenRequest,
-    asked, expiry, permit,
+    asked, expiry,
 };
+use crate::audit::{AuditRecord, Event};
 use crate::error::BrokerError;
 use crate::identity::Caller;
-use crate::store::StoreError;
+use crate::store::{RevokeRequest, StoreError};
 
 /// How often a decision is made again when the task's context changes
 /// while a credential is being issued.
@@ -30,6 +31,30 @@ enum Gate {
 }
 
 impl Service {
+    /// Records a credential just recorded in the store; if that fails, the
+    /// lease is revoked again and the request fails, so no credential
+    /// leaves without its audit record.
+    async fn record_credential(
+        &self,
+        lease: &Lease,
+        record: AuditRecord,
+    ) -> Result<(), BrokerError> {
+        if let Err(e) = self.audit(record).await {
+            let req = RevokeRequest {
+                reason: RevocationReason::Operator,
+                child_reason: RevocationReason::Operator,
+                by: self.broker_id.clone(),
+                note: Some("audit trail unavailable".into()),
+                at: Timestamp::now(),
+            };
+            if let Err(revoke) = self.store.revoke_lease(&lease.id, &req).await {
+                tracing::error!(lease_id = %lease.id, error = %revoke, "unrecorded lease not revoked");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// The error for presenting an approval an operator refused, with who
     /// refused it and why.
     async fn denied_approval(&self, id: &ApprovalId) -> BrokerError {
@@ -87,6 +112,18 @@ impl Service {
                     status: ApprovalStatus::Pending,
                 };
                 self.store.create_approval(&approval).await?;
+                let mut record = AuditRecord::new(Event::ApprovalRequested, &caller.id)
+                    .task(task)
+                    .decided("pending", Some(&permit.policy_id))
+                    .expires(approval.expires_at);
+                record.approval_id = Some(approval.id.to_string());
+                if let ApprovalRequest::Token {
+                    audience, scopes, ..
+                } = &approval.request
+                {
+                    record = record.credential(Some(audience.as_str()), scopes);
+                }
+                self.audit_anyway(record).await;
                 tracing::info!(
                     target: "mayfly::decision",
                     event = "approval_requested",
@@ -125,17 +162,24 @@ impl Service {
             let now = Timestamp::now();
             let record = self.active_task(caller, &req.task_id, now).await?;
             let task = &record.task;
+            let denied = || {
+                AuditRecord::new(Event::TokenDenied, &caller.id)
+                    .task(task)
+                    .credential(Some(req.audience.as_str()), &req.scopes)
+            };
             if let Some(excess) = task.envelope.excess(&req.audience, &req.scopes) {
-                return Err(BrokerError::OutsideEnvelope(excess));
+                let e = BrokerError::OutsideEnvelope(excess);
+                return Err(self.record_denial(e, denied()).await);
             }
-            let permit = permit(self.policy.decide_issue_token(&IssueTokenRequest {
+            let decision = self.policy.decide_issue_token(&IssueTokenRequest {
                 agent: &caller.id,
                 task,
                 audience: &req.audience,
                 scopes: &req.scopes,
                 ttl: ttl_asked,
                 now,
-            }))?;
+            });
+            let permit = self.permit_or_record(decision, denied).await?;
             if used_approval.is_none() {
                 match self
                     .approval_gate(
@@ -199,6 +243,14 @@ impl Service {
                 Err(StoreError::TaskChanged) if attempt < ATTEMPTS => continue,
                 other => other.map_err(|e| BrokerError::from_store(e, &task.id))?,
             }
+            let mut record = AuditRecord::new(Event::TokenIssued, &caller.id)
+                .task(task)
+                .lease(&lease.id)
+                .credential(Some(req.audience.as_str()), &req.scopes)
+                .decided("permit", Some(&permit.policy_id))
+                .expires(expires_at);
+            record.approval_id = approval.as_ref().map(ToString::to_string);
+            self.record_credential(&lease, record).await?;
             tracing::info!(
                 target: "mayfly::decision",
                 event = "token_issued",
@@ -252,15 +304,19 @@ impl Service {
             let now = Timestamp::now();
             let record = self.active_task(caller, &req.task_id, now).await?;
             let task = &record.task;
-            let permit = permit(
-                self.policy
-                    .decide_sign_certificate(&SignCertificateRequest {
-                        agent: &caller.id,
-                        task,
-                        ttl: ttl_asked,
-                        now,
-                    }),
-            )?;
+            let decision = self
+                .policy
+                .decide_sign_certificate(&SignCertificateRequest {
+                    agent: &caller.id,
+                    task,
+                    ttl: ttl_asked,
+                    now,
+                });
+            let permit = self
+                .permit_or_record(decision, || {
+                    AuditRecord::new(Event::CertificateDenied, &caller.id).task(task)
+                })
+                .await?;
             if used_approval.is_none() {
                 match self
                     .approval_gate(
@@ -309,6 +365,14 @@ impl Service {
                 Err(StoreError::TaskChanged) if attempt < ATTEMPTS => continue,
                 other => other.map_err(|e| BrokerError::from_store(e, &task.id))?,
             }
+            let mut record = AuditRecord::new(Event::CertificateIssued, &caller.id)
+                .task(task)
+                .lease(&lease.id)
+                .decided("permit", Some(&permit.policy_id))
+                .expires(expires_at);
+            record.serial = lease.serial.clone();
+            record.approval_id = lease.approval.as_ref().map(ToString::to_string);
+            self.record_credential(&lease, record).await?;
             tracing::info!(
                 target: "mayfly::decision",
                 event = "certificate_issued",

@@ -21,6 +21,7 @@ use mayfly_core::{
 };
 use tokio::sync::Notify;
 
+use crate::audit::{AuditLog, AuditRecord};
 use crate::error::BrokerError;
 use crate::identity::Caller;
 use crate::issuer::{AccessToken, CsrKey, IssuingCa, JwtSigner};
@@ -259,6 +260,8 @@ pub struct Service {
     /// The identity the broker revokes as, when it acts on its own
     /// (re-evaluation after a policy reload).
     pub broker_id: SpiffeId,
+    /// Where every decision is recorded.
+    pub audit: AuditLog,
 }
 
 impl Service {
@@ -299,6 +302,53 @@ impl Service {
                 state,
             }),
         }
+    }
+
+    /// Records a decision that must be on record before the caller hears
+    /// of it (an issued credential, a new task): failing to record fails
+    /// the request.
+    async fn audit(&self, record: AuditRecord) -> Result<(), BrokerError> {
+        self.audit
+            .record(record)
+            .await
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))
+    }
+
+    /// Records a decision that stands whether or not it is recorded (a
+    /// denial, a revocation): a failure is logged, not returned.
+    async fn audit_anyway(&self, record: AuditRecord) {
+        let event = record.event;
+        if let Err(e) = self.audit.record(record).await {
+            tracing::error!(%event, error = %e, "decision not recorded in the audit trail");
+        }
+    }
+
+    /// `decision` as a permit; a denial is recorded (as `denied()` with the
+    /// deciding policy and the reason) before it is returned.
+    async fn permit_or_record(
+        &self,
+        decision: Decision,
+        denied: impl FnOnce() -> AuditRecord,
+    ) -> Result<Permit, BrokerError> {
+        match permit(decision) {
+            Ok(p) => Ok(p),
+            Err(e) => Err(self.record_denial(e, denied()).await),
+        }
+    }
+
+    /// Records `record` as the denial `e`, and returns `e`.
+    async fn record_denial(&self, e: BrokerError, record: AuditRecord) -> BrokerError {
+        let policy = match &e {
+            BrokerError::Denied { policy_id, .. } => policy_id.clone(),
+            _ => None,
+        };
+        let reason = match &e {
+            BrokerError::Denied { reason, .. } => reason.clone(),
+            other => other.to_string(),
+        };
+        self.audit_anyway(record.decided("deny", policy.as_deref()).reason(reason))
+            .await;
+        e
     }
 
     /// Takes one issuance from the caller's bucket.

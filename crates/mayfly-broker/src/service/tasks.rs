@@ -10,7 +10,8 @@ use mayfly_core::{
     Task, TaskContext, TaskId, TaskRecord, TaskState, Timestamp,
 };
 
-use super::{NewDelegation, NewTask, Service, asked, permit};
+use super::{NewDelegation, NewTask, Service, asked};
+use crate::audit::{AuditRecord, Event};
 use crate::error::BrokerError;
 use crate::identity::Caller;
 use crate::store::{LeaseFilter, PageRequest, RevokeRequest, StoreError, TaskFilter};
@@ -19,6 +20,25 @@ use crate::store::{LeaseFilter, PageRequest, RevokeRequest, StoreError, TaskFilt
 const PAGE: usize = 500;
 
 impl Service {
+    /// Records a task just created; if that fails, the task is ended again
+    /// and the request fails (nothing unrecorded is handed out).
+    async fn record_new_task(&self, task: &Task, record: AuditRecord) -> Result<(), BrokerError> {
+        if let Err(e) = self.audit(record).await {
+            let req = RevokeRequest {
+                reason: RevocationReason::TaskRevoked,
+                child_reason: RevocationReason::TaskRevoked,
+                by: self.broker_id.clone(),
+                note: Some("audit trail unavailable".into()),
+                at: Timestamp::now(),
+            };
+            if let Err(end) = self.store.end_task(&task.id, &req).await {
+                tracing::error!(task_id = %task.id, error = %end, "unrecorded task not ended");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Opens a task for `caller`.
     pub async fn start_task(
         &self,
@@ -31,14 +51,34 @@ impl Service {
             self.limits.task_default_ttl,
             self.limits.task_max_ttl,
         );
-        let permit = permit(self.policy.decide_start_task(&StartTaskRequest {
+        let decision = self.policy.decide_start_task(&StartTaskRequest {
             agent: &caller.id,
             intent: &req.intent,
             context: &req.context,
             envelope: &req.envelope,
             ttl,
             now,
-        }))?;
+        });
+        let permit = self
+            .permit_or_record(decision, || {
+                let mut r = AuditRecord::new(Event::TaskDenied, &caller.id);
+                r.agent = Some(caller.id.to_string());
+                r.intent = Some(req.intent.as_str().to_owned());
+                r.audiences = req
+                    .envelope
+                    .audiences()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                r.scopes = req
+                    .envelope
+                    .scopes()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                r
+            })
+            .await?;
         // A policy's max_ttl on start_task caps the task's lifetime.
         let ttl = permit.max_ttl.map_or(ttl, |m| ttl.min(m));
         let task = Task {
@@ -54,6 +94,15 @@ impl Service {
             delegated_by: Vec::new(),
         };
         self.store.start_task(&task).await?;
+        self.record_new_task(
+            &task,
+            AuditRecord::new(Event::TaskStarted, &caller.id)
+                .task(&task)
+                .envelope(&task)
+                .decided("permit", Some(&permit.policy_id))
+                .expires(task.expires_at),
+        )
+        .await?;
         tracing::info!(
             target: "mayfly::decision",
             event = "task_started",
@@ -79,6 +128,23 @@ impl Service {
     ) -> Result<TaskRecord, BrokerError> {
         let now = Timestamp::now().floor_secs();
         let parent = self.active_task(caller, &req.parent, now).await?.task;
+        let denied = || {
+            let mut r = AuditRecord::new(Event::DelegationDenied, &caller.id).task(&parent);
+            r.delegate = Some(req.delegate.to_string());
+            r.audiences = req
+                .envelope
+                .audiences()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            r.scopes = req
+                .envelope
+                .scopes()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            r
+        };
         if req.delegate.trust_domain_name() != caller.id.trust_domain_name() {
             return Err(BrokerError::Invalid(format!(
                 "delegate {} is not in trust domain {}",
@@ -99,27 +165,30 @@ impl Service {
             .cloned()
             .collect();
         if !audiences.is_empty() || !scopes.is_empty() {
-            return Err(BrokerError::BeyondParent { audiences, scopes });
+            let e = BrokerError::BeyondParent { audiences, scopes };
+            return Err(self.record_denial(e, denied()).await);
         }
         if parent.depth() >= self.limits.max_delegation_depth {
-            return Err(BrokerError::DelegationTooDeep {
+            let e = BrokerError::DelegationTooDeep {
                 depth: parent.depth(),
                 limit: self.limits.max_delegation_depth,
-            });
+            };
+            return Err(self.record_denial(e, denied()).await);
         }
         let ttl = asked(
             req.ttl,
             self.limits.task_default_ttl,
             self.limits.task_max_ttl,
         );
-        let permit = permit(self.policy.decide_delegate(&DelegateRequest {
+        let decision = self.policy.decide_delegate(&DelegateRequest {
             agent: &caller.id,
             delegate: &req.delegate,
             task: &parent,
             envelope: &req.envelope,
             ttl,
             now,
-        }))?;
+        });
+        let permit = self.permit_or_record(decision, denied).await?;
         if permit.approval_required {
             return Err(BrokerError::Unsupported(format!(
                 "policy {} requires approval for delegation, which Mayfly does not offer; \
@@ -149,6 +218,13 @@ impl Service {
             .start_task(&task)
             .await
             .map_err(|e| BrokerError::from_store(e, &parent.id))?;
+        let mut record = AuditRecord::new(Event::TaskDelegated, &caller.id)
+            .task(&task)
+            .envelope(&task)
+            .decided("permit", Some(&permit.policy_id))
+            .expires(task.expires_at);
+        record.delegate = Some(task.agent.to_string());
+        self.record_new_task(&task, record).await?;
         tracing::info!(
             target: "mayfly::decision",
             event = "task_delegated",
@@ -185,6 +261,12 @@ impl Service {
             .await
             .map_err(|e| BrokerError::from_store(e, id))?;
         self.revoked.notify_one();
+        self.audit_anyway(
+            AuditRecord::new(Event::TaskCompleted, &caller.id)
+                .task(&record.task)
+                .revoked(&revoked),
+        )
+        .await;
         tracing::info!(
             target: "mayfly::decision",
             event = "task_completed",
@@ -217,6 +299,7 @@ impl Service {
         for key in &remove {
             entries.remove(key);
         }
+        let set_keys: Vec<String> = set.keys().cloned().collect();
         entries.extend(set);
         let context =
             TaskContext::new(&entries).map_err(|e| BrokerError::Invalid(e.to_string()))?;
@@ -235,6 +318,12 @@ impl Service {
         let mut revoked = self.reevaluate(&task, &caller.id, now).await?;
         // Tasks delegated from this one were allowed on its old context.
         revoked.extend(self.reevaluate_children(&task.id, &caller.id, now).await?);
+        let mut record = AuditRecord::new(Event::TaskContextChanged, &caller.id)
+            .task(&task)
+            .revoked(&revoked);
+        let changed: Vec<String> = set_keys.into_iter().chain(remove).collect();
+        record.reason = Some(format!("changed keys: {}", changed.join(", ")));
+        self.audit_anyway(record).await;
         let record = self.own_task(caller, id).await?;
         Ok((record, revoked))
     }
@@ -269,6 +358,15 @@ impl Service {
                 other => other?,
             };
             self.revoked.notify_one();
+            self.audit_anyway(
+                AuditRecord::new(Event::RevokedByPolicy, by)
+                    .task(task)
+                    .lease(&task.id.lease_id())
+                    .decided("deny", policy_id.as_deref())
+                    .reason(RevocationReason::ContextChanged.as_str())
+                    .revoked(&revoked),
+            )
+            .await;
             return Ok(revoked);
         }
         let mut revoked = Vec::new();
@@ -285,7 +383,18 @@ impl Service {
             let leases = self.store.list_leases(&filter, &page, now).await?;
             for lease in &leases.items {
                 if lease.kind != LeaseKind::Task && !self.still_allowed(task, lease, now) {
-                    revoked.extend(self.store.revoke_lease(&lease.id, &req).await?);
+                    let ids = self.store.revoke_lease(&lease.id, &req).await?;
+                    self.audit_anyway(
+                        AuditRecord::new(Event::RevokedByPolicy, by)
+                            .task(task)
+                            .lease(&lease.id)
+                            .credential(lease.audience.as_ref().map(|a| a.as_str()), &lease.scopes)
+                            .decided("deny", None)
+                            .reason(RevocationReason::ContextChanged.as_str())
+                            .revoked(&ids),
+                    )
+                    .await;
+                    revoked.extend(ids);
                     tracing::info!(
                         target: "mayfly::decision",
                         event = "lease_no_longer_allowed",
