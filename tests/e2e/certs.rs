@@ -29,7 +29,7 @@ fn text(o: &Output) -> String {
 }
 
 /// A fresh P-256 key and CSR made by openssl, with `extra` request options.
-fn openssl_csr(dir: &Path, name: &str, extra: &[&str]) -> Vec<u8> {
+pub(crate) fn openssl_csr(dir: &Path, name: &str, extra: &[&str]) -> Vec<u8> {
     let key = format!("{name}.key");
     assert!(
         openssl(

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod admin_api;
+mod audit;
 mod auth;
 mod bad_input;
 mod broker_api;

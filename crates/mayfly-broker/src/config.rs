@@ -95,11 +95,10 @@ pub struct Config {
 }
 
 /// Where audit records go.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuditSinkKind {
     /// A JSON-lines file (`path`).
-    #[default]
     File,
     /// A stream in the Redis store (with `store = "redis"`): one chain for
     /// every replica.
@@ -114,9 +113,10 @@ pub enum AuditSinkKind {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Audit {
-    /// Where records go.
+    /// Where records go; unset: a file with the embedded store, the
+    /// store's stream with Redis (so replicas keep one chain).
     #[serde(default)]
-    pub sink: AuditSinkKind,
+    pub sink: Option<AuditSinkKind>,
     /// The file, for `sink = "file"`; default `data_dir/audit.jsonl`.
     #[serde(default)]
     pub path: Option<PathBuf>,
@@ -537,10 +537,10 @@ impl Config {
             return invalid("certificates: need default_ttl <= max_ttl".into());
         }
         self.check_store()?;
-        if self.audit.sink == AuditSinkKind::Redis && self.store != StoreKind::Redis {
+        if self.audit_sink() == AuditSinkKind::Redis && self.store != StoreKind::Redis {
             return invalid("[audit] sink = \"redis\" needs store = \"redis\"".into());
         }
-        if self.audit.path.is_some() && self.audit.sink != AuditSinkKind::File {
+        if self.audit.path.is_some() && self.audit_sink() != AuditSinkKind::File {
             return invalid("[audit] path is only for sink = \"file\"".into());
         }
         if self.feed.heartbeat.is_zero() || self.feed.poll.is_zero() {
@@ -625,6 +625,15 @@ impl Config {
         self.data_dir.join("leases.redb")
     }
 
+    /// Where audit records go: as configured, else by the store.
+    pub fn audit_sink(&self) -> AuditSinkKind {
+        match (self.audit.sink, &self.store) {
+            (Some(kind), _) => kind,
+            (None, StoreKind::Redis) => AuditSinkKind::Redis,
+            (None, _) => AuditSinkKind::File,
+        }
+    }
+
     /// The audit file, for `[audit] sink = "file"`.
     pub fn audit_path(&self) -> PathBuf {
         self.audit
@@ -663,6 +672,35 @@ mod tests {
         assert_eq!(c.tasks.max_ttl, Duration::from_secs(8 * 3600));
         assert_eq!(c.store, StoreKind::Embedded);
         assert_eq!(c.issuer(), "https://127.0.0.1:2");
+    }
+
+    #[test]
+    fn the_audit_trail_follows_the_store_unless_told() {
+        let base = Path::new("/etc/mayfly");
+        let c = Config::parse(MINIMAL, base).unwrap();
+        assert_eq!(c.audit_sink(), AuditSinkKind::File);
+        assert_eq!(c.audit_path(), Path::new("/etc/mayfly/data/audit.jsonl"));
+        let redis = format!("store = \"redis://127.0.0.1:6379\"\n{MINIMAL}");
+        assert_eq!(
+            Config::parse(&redis, base).unwrap().audit_sink(),
+            AuditSinkKind::Redis
+        );
+        let own_file = format!("{redis}\n[audit]\nsink = \"file\"\npath = \"a.jsonl\"");
+        let c = Config::parse(&own_file, base).unwrap();
+        assert_eq!(c.audit_sink(), AuditSinkKind::File);
+        assert_eq!(c.audit_path(), Path::new("/etc/mayfly/a.jsonl"));
+        for (extra, says) in [
+            ("sink = \"redis\"", "needs store = \"redis\""),
+            (
+                "sink = \"stdout\"\npath = \"a\"",
+                "only for sink = \"file\"",
+            ),
+            ("sink = \"syslog\"", "syslog"),
+        ] {
+            let text = format!("{MINIMAL}\n[audit]\n{extra}");
+            let e = Config::parse(&text, base).unwrap_err().to_string();
+            assert!(e.contains(says), "{extra}: {e}");
+        }
     }
 
     #[test]

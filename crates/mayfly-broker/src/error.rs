@@ -6,6 +6,7 @@ use mayfly_core::{
     TaskId, TaskState,
 };
 
+use crate::audit::AuditError;
 use crate::identity::AuthError;
 use crate::store::StoreError;
 
@@ -135,6 +136,10 @@ pub enum BrokerError {
     /// The store cannot be reached; nothing was issued.
     #[error("lease store unavailable, nothing was issued: {0}")]
     Unavailable(String),
+    /// The audit trail cannot take or give records; a credential whose
+    /// record cannot be written is not issued.
+    #[error("audit trail unavailable: {0}")]
+    AuditUnavailable(String),
     /// A bug or corrupt data; details go to the log, not the caller.
     #[error("internal error: {0}")]
     Internal(String),
@@ -177,6 +182,16 @@ impl From<StoreError> for BrokerError {
             StoreError::TaskNotFound => Self::Internal("task vanished during the request".into()),
             StoreError::LeaseNotFound => Self::Internal("lease vanished during the request".into()),
             other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<AuditError> for BrokerError {
+    fn from(e: AuditError) -> Self {
+        match e {
+            AuditError::Failed(m) => Self::AuditUnavailable(m),
+            AuditError::Unreadable(m) => Self::Unsupported(m),
+            bad @ AuditError::BadCursor(_) => Self::Invalid(bad.to_string()),
         }
     }
 }

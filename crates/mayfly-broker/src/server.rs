@@ -325,7 +325,7 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// Opens the configured audit sink and starts its writer (on the current
 /// Tokio runtime).
 fn open_audit(config: &Config) -> Result<AuditLog, StartError> {
-    let sink: Arc<dyn AuditSink> = match (config.audit.sink, &config.redis) {
+    let sink: Arc<dyn AuditSink> = match (config.audit_sink(), &config.redis) {
         (AuditSinkKind::File, _) => {
             let path = config.audit_path();
             let sink = FileSink::open(&path)?;

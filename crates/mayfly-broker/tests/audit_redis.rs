@@ -5,7 +5,9 @@
 
 use std::sync::Arc;
 
-use mayfly_broker::audit::{AuditLog, AuditRecord, AuditSink, Event, RedisSink, verify};
+use mayfly_broker::audit::{
+    AuditError, AuditLog, AuditRecord, AuditSink, Event, RedisSink, verify,
+};
 use mayfly_broker::store::RedisTarget;
 use mayfly_core::SpiffeId;
 use mayfly_testkit::RedisServer;
@@ -68,4 +70,18 @@ async fn replicas_write_one_chain() {
         })
         .collect();
     assert_eq!(reasons.len(), 200, "every record is there once");
+
+    // The last n records, and cursors the stream never handed out.
+    let all = b.read("", 1000).await.unwrap().0;
+    for n in [0, 1, 5, 200, 300] {
+        let from = a.cursor_before_last(n).await.unwrap();
+        let (last, _) = a.read(&from, 1000).await.unwrap();
+        assert_eq!(last, all[all.len().saturating_sub(n)..], "last {n}");
+    }
+    for bad in ["x", "1-", "-1", "1-2-3", "12a-0"] {
+        assert!(
+            matches!(a.read(bad, 1).await, Err(AuditError::BadCursor(_))),
+            "{bad}"
+        );
+    }
 }

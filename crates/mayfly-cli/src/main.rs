@@ -5,12 +5,14 @@
 
 mod agent;
 mod approval;
+mod audit;
 mod cert;
 mod conn;
 mod dev;
 mod operator;
 mod output;
 mod policy;
+mod trace;
 
 use std::process::ExitCode;
 
@@ -60,6 +62,10 @@ enum Command {
     /// Requests waiting for an operator's approval (operators).
     #[command(subcommand)]
     Approval(approval::ApprovalCommand),
+    /// The audit trail: read it (operators), check its hash chain, and
+    /// trace a task's delegation tree.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Cedar policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -148,6 +154,7 @@ async fn main() -> ExitCode {
         Command::Agent(cmd) => operator::agent(cmd, &cli.conn, cli.json).await,
         Command::Keygen { algorithm, out } => keygen(algorithm, &out),
         Command::Approval(cmd) => approval::run(cmd, &cli.conn, cli.json).await,
+        Command::Audit(cmd) => audit::run(cmd, &cli.conn, cli.json).await,
         Command::Policy(PolicyCommand::Check { dir }) => policy::check(&dir),
     };
     match result {

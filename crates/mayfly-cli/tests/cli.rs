@@ -673,3 +673,239 @@ fn policy_check_validates_like_the_broker() {
     );
     assert!(stderr(&out).contains("1 problem(s)"), "{}", stderr(&out));
 }
+
+/// `mayfly dev identity` for `id` in the test broker's profile.
+fn identity(broker: &TestBroker, id: &str) {
+    let dir = broker.layout.dir.to_str().unwrap().to_owned();
+    ok(Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .args(["dev", "identity", "--dir", &dir, id])
+        .output()
+        .unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_trace_tail_and_verify() {
+    let broker = TestBroker::start().await;
+    let api = "https://api.example.com";
+    identity(&broker, "spiffe://example.org/agent/bob");
+    identity(&broker, "spiffe://example.org/agent/carol");
+
+    // demo -> bob -> carol, a token at every hop, then demo completes.
+    let root = json(mayfly(
+        &broker,
+        &[
+            "--json",
+            "task",
+            "start",
+            "--intent",
+            "release 1.2",
+            "--audience",
+            api,
+            "--scope",
+            "read:files",
+        ],
+    ))["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let delegate = |as_id: &str, parent: &str, to: &str| {
+        json(mayfly(
+            &broker,
+            &[
+                "--json",
+                "--identity",
+                as_id,
+                "task",
+                "delegate",
+                parent,
+                "--to",
+                to,
+                "--intent",
+                "help",
+                "--audience",
+                api,
+                "--scope",
+                "read:files",
+            ],
+        ))["task_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let child = delegate("agent-demo", &root, "spiffe://example.org/agent/bob");
+    let grandchild = delegate("agent-bob", &child, "spiffe://example.org/agent/carol");
+    let token = |as_id: &str, task: &str| {
+        let out = mayfly(
+            &broker,
+            &[
+                "--identity",
+                as_id,
+                "token",
+                "issue",
+                "--task",
+                task,
+                "--audience",
+                api,
+                "--scope",
+                "read:files",
+            ],
+        );
+        let lease = stderr(&out).split_whitespace().nth(1).unwrap().to_owned();
+        ok(out);
+        lease
+    };
+    let root_token = token("agent-demo", &root);
+    let carol_token = token("agent-carol", &grandchild);
+    ok(mayfly(&broker, &["task", "complete", &root]));
+
+    // The tree, from the root, whichever task is asked for.
+    let tree = ok(mayfly(&broker, &["audit", "trace", &grandchild]));
+    let lines: Vec<&str> = tree.lines().collect();
+    assert_eq!(lines[0], "audit chain intact (6 records)");
+    assert!(lines[1].starts_with(&format!(
+        "task {root} spiffe://example.org/agent/demo \"release 1.2\""
+    )));
+    let at = |needle: &str| {
+        lines
+            .iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle:?} not in\n{tree}"))
+    };
+    assert!(
+        lines[at(&format!("└─ task {child} spiffe://example.org/agent/bob"))].starts_with("  └─")
+    );
+    let carol = at(&format!(
+        "└─ task {grandchild} spiffe://example.org/agent/carol"
+    ));
+    assert!(lines[carol].starts_with("       └─ task") && lines[carol].ends_with("<=="));
+    assert!(lines[at(&format!("token {root_token}"))].contains("-> revoked"));
+    let carols = lines[at(&format!("token {carol_token}"))];
+    assert!(
+        carols.contains(&format!(
+            "(parent_revoked: task {root} ended, task_completed by spiffe://example.org/agent/demo)"
+        )),
+        "{carols}"
+    );
+    assert!(at(&format!("token {carol_token}")) > carol);
+
+    let tree = json(mayfly(&broker, &["--json", "audit", "trace", &root]));
+    assert_eq!(tree["chain"]["intact"], true);
+    let t = &tree["tree"];
+    assert_eq!(t["task_id"], root.as_str());
+    assert_eq!(t["fate"]["state"], "completed");
+    let c = &t["children"][0];
+    assert_eq!(c["delegated_by"], "spiffe://example.org/agent/demo");
+    let g = &c["children"][0];
+    assert_eq!(g["task_id"], grandchild.as_str());
+    assert_eq!(g["agent"], "spiffe://example.org/agent/carol");
+    assert_eq!(g["credentials"][0]["lease_id"], carol_token.as_str());
+    assert_eq!(g["credentials"][0]["fate"]["state"], "revoked");
+    assert_eq!(g["credentials"][0]["fate"]["with_task"], root.as_str());
+    let missing = mayfly(&broker, &["audit", "trace", "AAAAAAAAAAAAAAAAAAAAAA"]);
+    assert!(!missing.status.success());
+    assert!(stderr(&missing).contains("does not appear in the audit trail"));
+
+    // tail: the last records, one task's subtree, and the raw trail.
+    let last = ok(mayfly(&broker, &["audit", "tail", "-n", "2"]));
+    let last: Vec<&str> = last.lines().collect();
+    assert_eq!(last.len(), 2);
+    assert!(last[0].contains("token_issued") && last[0].contains(&carol_token));
+    assert!(last[1].contains("task_completed") && last[1].contains("revoked=5"));
+    let raw = ok(mayfly(&broker, &["--json", "audit", "tail", "--all"]));
+    let file = std::fs::read_to_string(broker.config.audit_path()).unwrap();
+    assert_eq!(raw, file, "--json prints the trail byte for byte");
+    let sub = ok(mayfly(
+        &broker,
+        &["--json", "audit", "tail", "--task", &child],
+    ));
+    let tasks: Vec<String> = sub
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["task_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    // The delegations, carol's token, and the completion that ended them.
+    assert_eq!(
+        tasks,
+        [&child, &grandchild, &grandchild, &root].map(String::as_str)
+    );
+
+    // verify: the intact trail, then an edit, a deletion and a reordering.
+    let dir = tempfile::tempdir().unwrap();
+    let check = |name: &str, lines: &[&str]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        Command::new(env!("CARGO_BIN_EXE_mayfly"))
+            .args(["audit", "verify", path.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let good: Vec<&str> = file.lines().collect();
+    let out = ok(check("good.jsonl", &good));
+    assert!(
+        out.contains("6 records, chain intact; head seq 6 sha256 "),
+        "{out}"
+    );
+    let head = out
+        .split("sha256 ")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned();
+
+    let edited_line = good[2].replace("\"help\"", "\"harmless\"");
+    assert_ne!(edited_line, good[2]);
+    let mut edited = good.clone();
+    edited[2] = &edited_line;
+    let mut deleted = good.clone();
+    deleted.remove(3);
+    let mut reordered = good.clone();
+    reordered.swap(1, 2);
+    for (name, lines, says) in [
+        (
+            "edited",
+            &edited,
+            "line 4 (seq 4): prev does not match the SHA-256 of line 3",
+        ),
+        (
+            "deleted",
+            &deleted,
+            "line 4: record seq 5 where seq 4 was due",
+        ),
+        (
+            "reordered",
+            &reordered,
+            "line 2: record seq 3 where seq 2 was due",
+        ),
+    ] {
+        let out = check(name, lines);
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        assert!(stderr(&out).contains(says), "{name}: {}", stderr(&out));
+    }
+
+    // A trail cut short still chains; the anchor catches it.
+    let path = dir.path().join("cut.jsonl");
+    std::fs::write(&path, good[..4].join("\n") + "\n").unwrap();
+    let cut = Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .args(["audit", "verify", path.to_str().unwrap(), "--anchor", &head])
+        .output()
+        .unwrap();
+    assert_eq!(cut.status.code(), Some(1));
+    assert!(stderr(&cut).contains("cut short"), "{}", stderr(&cut));
+    let whole = dir.path().join("good.jsonl");
+    ok(Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .args([
+            "audit",
+            "verify",
+            whole.to_str().unwrap(),
+            "--anchor",
+            &head,
+        ])
+        .output()
+        .unwrap());
+}

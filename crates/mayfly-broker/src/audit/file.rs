@@ -51,6 +51,13 @@ impl FileSink {
             .mode(0o600)
             .open(path)
             .map_err(|e| failed(&what, e))?;
+        // Two writers would fork the chain.
+        file.try_lock().map_err(|e| {
+            failed(
+                &what,
+                format!("{e}: another broker writes this trail; give each its own [audit] path, or use sink = \"redis\""),
+            )
+        })?;
         let head = recover(&mut file).map_err(|e| failed(&what, e))?;
         Ok(Self {
             path: path.to_owned(),
@@ -135,9 +142,12 @@ fn read(path: &Path, cursor: &str, limit: usize) -> Result<(Vec<String>, String)
     } else {
         cursor
             .parse()
-            .map_err(|_| AuditError::Unreadable(format!("bad audit cursor {cursor:?}")))?
+            .map_err(|_| AuditError::BadCursor(cursor.to_owned()))?
     };
     let mut file = File::open(path).map_err(|e| failed("audit file", e))?;
+    if offset > file.metadata().map_err(|e| failed("audit file", e))?.len() {
+        return Err(AuditError::BadCursor(cursor.to_owned()));
+    }
     file.seek(SeekFrom::Start(offset))
         .map_err(|e| failed("audit file", e))?;
     let mut reader = BufReader::new(file);
@@ -158,6 +168,34 @@ fn read(path: &Path, cursor: &str, limit: usize) -> Result<(Vec<String>, String)
     Ok((lines, offset.to_string()))
 }
 
+/// The byte offset where the last `n` whole lines begin.
+fn cursor_before_last(path: &Path, n: usize) -> Result<String, AuditError> {
+    const CHUNK: u64 = 64 * 1024;
+    let mut file = File::open(path).map_err(|e| failed("audit file", e))?;
+    let mut end = file.metadata().map_err(|e| failed("audit file", e))?.len();
+    let mut newlines = 0;
+    let mut buf = Vec::new();
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        buf.resize((end - start) as usize, 0);
+        file.seek(SeekFrom::Start(start))
+            .and_then(|_| file.read_exact(&mut buf))
+            .map_err(|e| failed("audit file", e))?;
+        for (i, b) in buf.iter().enumerate().rev() {
+            if *b == b'\n' {
+                newlines += 1;
+                // The (n+1)-th newline from the end closes the line before
+                // the last n whole ones (a partial line has none).
+                if newlines == n + 1 {
+                    return Ok((start + i as u64 + 1).to_string());
+                }
+            }
+        }
+        end = start;
+    }
+    Ok("0".into())
+}
+
 #[async_trait]
 impl AuditSink for FileSink {
     async fn append(&self, records: &[AuditRecord]) -> Result<(), AuditError> {
@@ -174,6 +212,13 @@ impl AuditSink for FileSink {
     async fn read(&self, cursor: &str, limit: usize) -> Result<(Vec<String>, String), AuditError> {
         let (path, cursor) = (self.path.clone(), cursor.to_owned());
         tokio::task::spawn_blocking(move || read(&path, &cursor, limit))
+            .await
+            .map_err(|e| failed("audit reader", e))?
+    }
+
+    async fn cursor_before_last(&self, n: usize) -> Result<String, AuditError> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || cursor_before_last(&path, n))
             .await
             .map_err(|e| failed("audit reader", e))?
     }
@@ -231,5 +276,21 @@ mod tests {
         assert_eq!(rest.len(), 1);
         assert_eq!(rest[0], text.lines().nth(3).unwrap());
         assert_eq!(sink.read(&end, 10).await.unwrap().0.len(), 0);
+
+        // The last n records, whatever n.
+        for n in 0..6 {
+            let from = sink.cursor_before_last(n).await.unwrap();
+            let (last, _) = sink.read(&from, 10).await.unwrap();
+            let want: Vec<&str> = text.lines().skip(4usize.saturating_sub(n)).collect();
+            assert_eq!(last, want, "last {n}");
+        }
+        assert!(matches!(
+            sink.read("x", 1).await,
+            Err(AuditError::BadCursor(_))
+        ));
+        assert!(matches!(
+            sink.read(&(text.len() + 1).to_string(), 1).await,
+            Err(AuditError::BadCursor(_))
+        ));
     }
 }

@@ -175,14 +175,22 @@ pub struct AuditRecord {
     pub expires_at: Option<String>,
 }
 
-/// RFC 3339 UTC with milliseconds.
+/// RFC 3339 UTC with exactly three fractional digits, so records align
+/// and sort as text.
 pub fn rfc3339(t: Timestamp) -> String {
     let nanos = i128::from(t.as_millis()) * 1_000_000;
     time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .ok()
-        .and_then(|d| {
-            d.format(&time::format_description::well_known::Rfc3339)
-                .ok()
+        .map(|d| {
+            format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+                d.year(),
+                u8::from(d.month()),
+                d.day(),
+                d.hour(),
+                d.minute(),
+                d.second(),
+                d.millisecond()
+            )
         })
         .unwrap_or_default()
 }
@@ -423,6 +431,9 @@ pub enum AuditError {
     /// This sink cannot be read back through the broker.
     #[error("{0}")]
     Unreadable(String),
+    /// A read cursor that this sink never handed out.
+    #[error("bad audit cursor {0:?}: use a cursor from an earlier read, or none for the start")]
+    BadCursor(String),
 }
 
 /// Where records go.
@@ -434,6 +445,9 @@ pub trait AuditSink: Send + Sync + fmt::Debug + 'static {
     /// Up to `limit` lines after `cursor` ("" for the start), and the
     /// cursor after them.
     async fn read(&self, cursor: &str, limit: usize) -> Result<(Vec<String>, String), AuditError>;
+
+    /// The cursor from which a read returns the last `n` records.
+    async fn cursor_before_last(&self, n: usize) -> Result<String, AuditError>;
 }
 
 /// Records as JSON lines on standard output, for log pipelines. The chain
@@ -474,11 +488,23 @@ impl AuditSink for StdoutSink {
     }
 
     async fn read(&self, _: &str, _: usize) -> Result<(Vec<String>, String), AuditError> {
-        Err(AuditError::Unreadable(
-            "the audit trail goes to the broker's standard output; read it from your log pipeline"
-                .into(),
-        ))
+        Err(stdout_unreadable())
     }
+
+    async fn cursor_before_last(&self, _: usize) -> Result<String, AuditError> {
+        Err(stdout_unreadable())
+    }
+}
+
+fn stdout_unreadable() -> AuditError {
+    AuditError::Unreadable(
+        "the audit trail goes to the broker's standard output ([audit] sink = \"stdout\"); read it from your log pipeline"
+            .into(),
+    )
+}
+
+fn off() -> AuditError {
+    AuditError::Unreadable("the audit trail is off ([audit] sink = \"off\")".into())
 }
 
 struct Pending {
@@ -541,9 +567,16 @@ impl AuditLog {
     ) -> Result<(Vec<String>, String), AuditError> {
         match &self.sink {
             Some(sink) => sink.read(cursor, limit).await,
-            None => Err(AuditError::Unreadable(
-                "the audit trail is off ([audit] sink = \"off\")".into(),
-            )),
+            None => Err(off()),
+        }
+    }
+
+    /// The cursor from which [`read`](Self::read) returns the last `n`
+    /// records.
+    pub async fn cursor_before_last(&self, n: usize) -> Result<String, AuditError> {
+        match &self.sink {
+            Some(sink) => sink.cursor_before_last(n).await,
+            None => Err(off()),
         }
     }
 }

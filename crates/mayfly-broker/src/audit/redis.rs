@@ -111,8 +111,10 @@ impl AuditSink for RedisSink {
     async fn read(&self, cursor: &str, limit: usize) -> Result<(Vec<String>, String), AuditError> {
         let start = if cursor.is_empty() {
             "-".to_owned()
-        } else {
+        } else if is_stream_id(cursor) {
             format!("({cursor}")
+        } else {
+            return Err(AuditError::BadCursor(cursor.to_owned()));
         };
         let key = self.stream.clone();
         let reply: StreamRangeReply = self
@@ -140,4 +142,33 @@ impl AuditSink for RedisSink {
         }
         Ok((lines, next))
     }
+
+    async fn cursor_before_last(&self, n: usize) -> Result<String, AuditError> {
+        let key = self.stream.clone();
+        let reply: StreamRangeReply = self
+            .conn
+            .run(|mut c| async move {
+                redis::cmd("XREVRANGE")
+                    .arg(&key)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(n + 1)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+            .map_err(|e| AuditError::Failed(e.to_string()))?;
+        // The entry before the last n, or the start if there are no more.
+        Ok(reply.ids.get(n).map(|e| e.id.clone()).unwrap_or_default())
+    }
+}
+
+/// `<ms>-<seq>`, as Redis numbers stream entries.
+fn is_stream_id(s: &str) -> bool {
+    s.split_once('-').is_some_and(|(ms, seq)| {
+        [ms, seq]
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit()))
+    })
 }

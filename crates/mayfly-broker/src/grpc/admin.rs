@@ -2,9 +2,12 @@
 //! caller is an operator.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use mayfly_core::{Approval, ApprovalId, LeaseId, SpiffeId, TaskId, Timestamp};
 use mayfly_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{
@@ -19,6 +22,10 @@ use crate::store::{LeaseFilter, PageRequest, TaskFilter};
 /// Default and largest page sizes.
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
+/// Most audit records in one streamed batch.
+const AUDIT_BATCH: usize = 500;
+/// How often a following reader looks for new audit records.
+const AUDIT_POLL: Duration = Duration::from_millis(200);
 
 /// The Admin service over [`Service`].
 #[derive(Debug, Clone)]
@@ -69,8 +76,90 @@ fn optional<T, E: std::fmt::Display>(
     }
 }
 
+/// Streams the trail: `first` (read already, and sent even when empty so
+/// the reader has a cursor), then what follows it, until the end or, when
+/// following, until the reader goes.
+async fn stream_audit(
+    svc: Arc<Service>,
+    first: (Vec<String>, String),
+    follow: bool,
+    out: mpsc::Sender<Result<pb::AuditBatch, Status>>,
+) {
+    let (mut records, mut cursor) = first;
+    let mut sent_any = false;
+    loop {
+        if records.is_empty() && sent_any {
+            if !follow {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(AUDIT_POLL) => {}
+                () = out.closed() => return,
+            }
+        } else {
+            let batch = pb::AuditBatch {
+                records,
+                cursor: cursor.clone(),
+            };
+            if out.send(Ok(batch)).await.is_err() {
+                return;
+            }
+            sent_any = true;
+        }
+        match svc.audit.read(&cursor, AUDIT_BATCH).await {
+            Ok((next, at)) => (records, cursor) = (next, at),
+            Err(e) => {
+                let _ = out.send(Err(BrokerError::from(e).into())).await;
+                return;
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminApi {
+    type ReadAuditStream = ReceiverStream<Result<pb::AuditBatch, Status>>;
+
+    async fn read_audit(
+        &self,
+        request: Request<pb::ReadAuditRequest>,
+    ) -> Result<Response<Self::ReadAuditStream>, Status> {
+        let op = self.operator(&request)?;
+        let r = request.into_inner();
+        let cursor = match (r.after_cursor.is_empty(), r.last) {
+            (false, Some(_)) => {
+                return Err(
+                    BrokerError::Invalid("give after_cursor or last, not both".into()).into(),
+                );
+            }
+            (false, None) => r.after_cursor,
+            (true, Some(n)) => self
+                .svc
+                .audit
+                .cursor_before_last(n as usize)
+                .await
+                .map_err(BrokerError::from)?,
+            (true, None) => String::new(),
+        };
+        // The first read answers for the sink (off, stdout, a bad cursor)
+        // before the stream opens.
+        let first = self
+            .svc
+            .audit
+            .read(&cursor, AUDIT_BATCH)
+            .await
+            .map_err(BrokerError::from)?;
+        let first = if first.0.is_empty() {
+            (first.0, cursor)
+        } else {
+            first
+        };
+        tracing::debug!(operator = %op.id, follow = r.follow, "audit reader connected");
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(stream_audit(self.svc.clone(), first, r.follow, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
     async fn list_leases(
         &self,
         request: Request<pb::ListLeasesRequest>,

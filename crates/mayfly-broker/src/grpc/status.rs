@@ -40,6 +40,10 @@ impl From<BrokerError> for Status {
                 tracing::warn!(%detail, "store unavailable");
                 Status::unavailable("lease store unavailable; nothing was issued, retry later")
             }
+            BrokerError::AuditUnavailable(detail) => {
+                tracing::warn!(%detail, "audit trail unavailable");
+                Status::unavailable("audit trail unavailable; nothing was issued, retry later")
+            }
             BrokerError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 Status::internal("internal error; the broker log has details")

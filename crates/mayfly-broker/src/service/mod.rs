@@ -308,10 +308,7 @@ impl Service {
     /// of it (an issued credential, a new task): failing to record fails
     /// the request.
     async fn audit(&self, record: AuditRecord) -> Result<(), BrokerError> {
-        self.audit
-            .record(record)
-            .await
-            .map_err(|e| BrokerError::Unavailable(e.to_string()))
+        Ok(self.audit.record(record).await?)
     }
 
     /// Records a decision that stands whether or not it is recorded (a

@@ -1,0 +1,486 @@
+//! `mayfly audit trace`: the delegation tree of a task rebuilt from the
+//! audit trail alone. Each task shows who opened it (and who delegated it),
+//! its intent and envelope, each credential issued under it and how each
+//! one ended (revoked: when, by whom, why; expired; or still live), and
+//! the refusals and approvals along the way.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use anyhow::bail;
+use mayfly_broker::audit::{AuditRecord, Event, verify};
+use serde::Serialize;
+
+use crate::output;
+
+/// How a task or credential ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct Fate {
+    /// `revoked`, `completed` or `expired`.
+    pub state: &'static str,
+    /// The record that ended it (`task_completed`, `lease_expired`, …).
+    pub event: String,
+    /// When.
+    pub time: String,
+    /// Who (absent for expiry).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// The record's reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When it ended with another task (an ancestor's end), that task.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub with_task: Option<String>,
+}
+
+/// A token or certificate issued under a task.
+#[derive(Debug, Clone, Serialize)]
+pub struct Credential {
+    /// `token` or `certificate`.
+    pub kind: &'static str,
+    pub lease_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    pub scopes: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    pub issued_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<String>,
+    /// `None` while it lives.
+    pub fate: Option<Fate>,
+}
+
+/// Another decision about the task: a refusal, an approval, a context
+/// change.
+#[derive(Debug, Clone, Serialize)]
+pub struct Note {
+    pub time: String,
+    pub event: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// One task of the tree.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskNode {
+    pub task_id: String,
+    pub agent: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_task_id: Option<String>,
+    /// The agent that delegated it (for delegated tasks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delegated_by: Option<String>,
+    pub intent: Option<String>,
+    pub started_at: Option<String>,
+    pub expires_at: Option<String>,
+    pub audiences: Vec<String>,
+    pub scopes: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// `None` while it lives.
+    pub fate: Option<Fate>,
+    pub credentials: Vec<Credential>,
+    pub notes: Vec<Note>,
+    pub children: Vec<TaskNode>,
+}
+
+impl TaskNode {
+    fn new(task_id: &str) -> Self {
+        Self {
+            task_id: task_id.to_owned(),
+            agent: None,
+            parent_task_id: None,
+            delegated_by: None,
+            intent: None,
+            started_at: None,
+            expires_at: None,
+            audiences: Vec::new(),
+            scopes: Vec::new(),
+            policy: None,
+            fate: None,
+            credentials: Vec::new(),
+            notes: Vec::new(),
+            children: Vec::new(),
+        }
+    }
+}
+
+/// Every task in the trail, keyed by id, with fates settled; children are
+/// linked by [`tree`].
+fn collect(records: &[AuditRecord], now: SystemTime) -> BTreeMap<String, TaskNode> {
+    let mut tasks: BTreeMap<String, TaskNode> = BTreeMap::new();
+    // Which task each credential lease belongs to.
+    let mut owner: BTreeMap<String, String> = BTreeMap::new();
+    let mut fates: BTreeMap<String, Fate> = BTreeMap::new();
+    for r in records {
+        let Some(task_id) = r.task_id.clone() else {
+            settle(r, None, &mut fates);
+            continue;
+        };
+        let node = tasks
+            .entry(task_id.clone())
+            .or_insert_with(|| TaskNode::new(&task_id));
+        if node.agent.is_none() {
+            node.agent.clone_from(&r.agent);
+        }
+        if node.intent.is_none() {
+            node.intent.clone_from(&r.intent);
+        }
+        if node.parent_task_id.is_none() {
+            node.parent_task_id.clone_from(&r.parent_task_id);
+        }
+        match r.event {
+            Event::TaskStarted | Event::TaskDelegated => {
+                node.started_at = Some(r.time.clone());
+                node.expires_at.clone_from(&r.expires_at);
+                node.audiences.clone_from(&r.audiences);
+                node.scopes.clone_from(&r.scopes);
+                node.policy.clone_from(&r.policy);
+                if r.event == Event::TaskDelegated {
+                    node.delegated_by.clone_from(&r.caller);
+                }
+            }
+            Event::TokenIssued | Event::CertificateIssued => {
+                if let Some(lease) = &r.lease_id {
+                    owner.insert(lease.clone(), task_id.clone());
+                    node.credentials.push(Credential {
+                        kind: if r.event == Event::TokenIssued {
+                            "token"
+                        } else {
+                            "certificate"
+                        },
+                        lease_id: lease.clone(),
+                        audience: r.audience.clone(),
+                        scopes: r.scopes.clone(),
+                        serial: r.serial.clone(),
+                        issued_at: r.time.clone(),
+                        expires_at: r.expires_at.clone(),
+                        policy: r.policy.clone(),
+                        approval_id: r.approval_id.clone(),
+                        fate: None,
+                    });
+                }
+            }
+            Event::TaskDenied
+            | Event::DelegationDenied
+            | Event::TokenDenied
+            | Event::CertificateDenied
+            | Event::ApprovalRequested
+            | Event::ApprovalGranted
+            | Event::ApprovalDenied
+            | Event::TaskContextChanged => node.notes.push(note(r)),
+            Event::TaskCompleted
+            | Event::TaskRevoked
+            | Event::RevokedByPolicy
+            | Event::LeaseRevoked
+            | Event::AgentRevoked
+            | Event::LeaseExpired => {}
+        }
+        settle(r, Some(&task_id), &mut fates);
+    }
+    for node in tasks.values_mut() {
+        node.fate = fates
+            .get(&node.task_id)
+            .cloned()
+            .map(|f| seen_from(f, &node.task_id, true))
+            .or_else(|| expired_by(node.expires_at.as_deref(), now));
+        for c in &mut node.credentials {
+            c.fate = fates
+                .get(&c.lease_id)
+                .cloned()
+                .map(|f| seen_from(f, &node.task_id, false))
+                .or_else(|| expired_by(c.expires_at.as_deref(), now));
+        }
+    }
+    tasks
+}
+
+fn note(r: &AuditRecord) -> Note {
+    let mut detail = Vec::new();
+    if let Some(d) = &r.delegate {
+        detail.push(format!("to {d}"));
+    }
+    if let Some(a) = &r.audience {
+        detail.push(format!("audience {a}"));
+    }
+    if !r.scopes.is_empty() && r.event != Event::TaskContextChanged {
+        detail.push(format!("scopes [{}]", r.scopes.join(" ")));
+    }
+    if let Some(a) = &r.approval_id {
+        detail.push(format!("approval {a}"));
+    }
+    if let Some(p) = &r.policy {
+        detail.push(format!("policy {p}"));
+    }
+    if let Some(x) = &r.reason {
+        detail.push(x.clone());
+    }
+    if !r.revoked.is_empty() {
+        detail.push(format!("revoked {}", r.revoked.join(" ")));
+    }
+    Note {
+        time: r.time.clone(),
+        event: r.event.as_str().to_owned(),
+        caller: r.caller.clone(),
+        detail: (!detail.is_empty()).then(|| detail.join("; ")),
+    }
+}
+
+/// Records the first end of every lease `r` ends.
+fn settle(r: &AuditRecord, task: Option<&String>, fates: &mut BTreeMap<String, Fate>) {
+    let (state, by) = match r.event {
+        Event::LeaseExpired => ("expired", None),
+        Event::TaskCompleted => ("completed", r.caller.clone()),
+        _ => ("revoked", r.caller.clone()),
+    };
+    let fate = Fate {
+        state,
+        event: r.event.as_str().to_owned(),
+        time: r.time.clone(),
+        by,
+        reason: r.reason.clone(),
+        with_task: task.cloned(),
+    };
+    let mut ended: Vec<&String> = r.revoked.iter().collect();
+    if r.event == Event::LeaseExpired {
+        ended.extend(&r.lease_id);
+    }
+    for lease in ended {
+        fates.entry(lease.clone()).or_insert_with(|| fate.clone());
+    }
+}
+
+/// `f` as seen from `task`: a fate that came from another task's record
+/// (an ancestor ending) keeps that task's id, its own task's is dropped;
+/// only a task is completed, its credentials and descendants are revoked.
+fn seen_from(mut f: Fate, task: &str, is_task: bool) -> Fate {
+    if f.with_task.as_deref() == Some(task) {
+        f.with_task = None;
+    }
+    if f.state == "completed" && (!is_task || f.with_task.is_some()) {
+        f.state = "revoked";
+    }
+    f
+}
+
+/// An expiry that has passed but whose record is not (yet) in the trail.
+fn expired_by(expires_at: Option<&str>, now: SystemTime) -> Option<Fate> {
+    let at = expires_at?;
+    (humantime::parse_rfc3339_weak(at).ok()? <= now).then(|| Fate {
+        state: "expired",
+        event: "expiry".into(),
+        time: at.to_owned(),
+        by: None,
+        reason: None,
+        with_task: None,
+    })
+}
+
+/// Links children under their parents and returns the tree holding `task`.
+fn tree(mut tasks: BTreeMap<String, TaskNode>, task: &str) -> anyhow::Result<TaskNode> {
+    if !tasks.contains_key(task) {
+        bail!("task {task} does not appear in the audit trail");
+    }
+    let mut root = task.to_owned();
+    while let Some(parent) = tasks[&root].parent_task_id.clone() {
+        if !tasks.contains_key(&parent) || parent == task {
+            break;
+        }
+        root = parent;
+    }
+    // Attach deepest tasks first, so each child is complete when moved.
+    let depth = |id: &str, tasks: &BTreeMap<String, TaskNode>| {
+        let mut d = 0;
+        let mut at = id.to_owned();
+        while let Some(p) = tasks.get(&at).and_then(|t| t.parent_task_id.clone()) {
+            d += 1;
+            if d > tasks.len() {
+                break;
+            }
+            at = p;
+        }
+        d
+    };
+    let mut order: Vec<(usize, String)> = tasks
+        .keys()
+        .map(|k| (depth(k, &tasks), k.clone()))
+        .collect();
+    order.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    for (_, id) in order {
+        let Some(parent) = tasks[&id].parent_task_id.clone() else {
+            continue;
+        };
+        if id == root || !tasks.contains_key(&parent) {
+            continue;
+        }
+        if let Some(child) = tasks.remove(&id)
+            && let Some(p) = tasks.get_mut(&parent)
+        {
+            p.children.push(child);
+        }
+    }
+    let mut root = tasks
+        .remove(&root)
+        .ok_or_else(|| anyhow::anyhow!("task {task} is not in the tree built from the trail"))?;
+    sort(&mut root);
+    Ok(root)
+}
+
+fn sort(node: &mut TaskNode) {
+    node.children
+        .sort_by(|a, b| a.started_at.cmp(&b.started_at));
+    for c in &mut node.children {
+        sort(c);
+    }
+}
+
+/// The tree of `task` from `lines` (a whole trail), for people or as JSON.
+pub fn print(task: &str, lines: &[String], json: bool) -> anyhow::Result<()> {
+    let chain = verify(lines.iter().cloned().map(Ok::<_, std::convert::Infallible>));
+    let records: Vec<AuditRecord> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l))
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("the trail holds a line that is not an audit record: {e}"))?;
+    let root = tree(collect(&records, SystemTime::now()), task)?;
+    if json {
+        output::print_json(&serde_json::json!({
+            "chain": match &chain {
+                Ok(v) => serde_json::json!({"intact": true, "records": v.records}),
+                Err(b) => serde_json::json!({"intact": false, "error": b.to_string()}),
+            },
+            "tree": root,
+        }));
+        return Ok(());
+    }
+    match &chain {
+        Ok(v) => println!("audit chain intact ({} records)", v.records),
+        Err(b) => println!("WARNING: audit chain broken at {b}; what follows may be incomplete"),
+    }
+    let mut out = String::new();
+    render(&root, task, "", &mut out);
+    print!("{out}");
+    Ok(())
+}
+
+fn fate_text(f: Option<&Fate>, live: &str) -> String {
+    let Some(f) = f else {
+        return live.to_owned();
+    };
+    let by =
+        f.by.as_deref()
+            .map(|b| format!(" by {b}"))
+            .unwrap_or_default();
+    let why = match (&f.reason, f.event.as_str()) {
+        (Some(r), e) => format!("{e}: {r}"),
+        (None, e) => e.to_owned(),
+    };
+    match (&f.with_task, f.event.as_str()) {
+        (Some(t), _) => format!(
+            "{} {} (parent_revoked: task {t} ended, {why}{by})",
+            f.state, f.time
+        ),
+        (None, "expiry" | "lease_expired") => format!("{} {}", f.state, f.time),
+        (None, "task_completed") if f.state == "completed" => format!("{} {}{by}", f.state, f.time),
+        (None, _) => format!("{} {}{by} ({why})", f.state, f.time),
+    }
+}
+
+/// Renders `node` and its subtree; `pad` is the indentation of its details.
+fn render(node: &TaskNode, asked: &str, pad: &str, out: &mut String) {
+    let mark = if node.task_id == asked { "  <==" } else { "" };
+    out.push_str(&format!(
+        "task {} {} {:?}{mark}\n",
+        node.task_id,
+        node.agent.as_deref().unwrap_or("?"),
+        node.intent.as_deref().unwrap_or("?"),
+    ));
+    let line = |out: &mut String, text: String| out.push_str(&format!("{pad}  {text}\n"));
+    if let Some(by) = &node.delegated_by {
+        line(out, format!("delegated by {by}"));
+    }
+    line(
+        out,
+        format!(
+            "started {}{}, expires {}",
+            node.started_at.as_deref().unwrap_or("(before the trail)"),
+            node.policy
+                .as_deref()
+                .map(|p| format!(" (policy {p})"))
+                .unwrap_or_default(),
+            node.expires_at.as_deref().unwrap_or("?"),
+        ),
+    );
+    if !node.audiences.is_empty() || !node.scopes.is_empty() {
+        line(
+            out,
+            format!(
+                "envelope audiences [{}] scopes [{}]",
+                node.audiences.join(" "),
+                node.scopes.join(" ")
+            ),
+        );
+    }
+    for c in &node.credentials {
+        let what = match (&c.audience, &c.serial) {
+            (Some(a), _) => format!("for {a} [{}]", c.scopes.join(" ")),
+            (None, Some(s)) => format!("serial {s}"),
+            (None, None) => String::new(),
+        };
+        line(
+            out,
+            format!(
+                "{} {} {what} issued {}{} -> {}",
+                c.kind,
+                c.lease_id,
+                c.issued_at,
+                c.approval_id
+                    .as_deref()
+                    .map(|a| format!(" (approval {a})"))
+                    .unwrap_or_default(),
+                fate_text(
+                    c.fate.as_ref(),
+                    &format!("live until {}", c.expires_at.as_deref().unwrap_or("?"))
+                ),
+            ),
+        );
+    }
+    for n in &node.notes {
+        line(
+            out,
+            format!(
+                "{} {}{}{}",
+                n.event,
+                n.time,
+                n.caller
+                    .as_deref()
+                    .map(|c| format!(" by {c}"))
+                    .unwrap_or_default(),
+                n.detail
+                    .as_deref()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default(),
+            ),
+        );
+    }
+    line(
+        out,
+        format!(
+            "ended {}",
+            fate_text(node.fate.as_ref(), "no: still active")
+        ),
+    );
+    for (i, child) in node.children.iter().enumerate() {
+        let last = i + 1 == node.children.len();
+        out.push_str(&format!("{pad}  {}", if last { "└─ " } else { "├─ " }));
+        let child_pad = format!("{pad}  {}", if last { "   " } else { "│  " });
+        render(child, asked, &child_pad, out);
+    }
+}
