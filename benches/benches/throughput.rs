@@ -1,6 +1,9 @@
 //! Closed-loop throughput of IssueToken and SignCertificate over real mTLS
 //! gRPC against an in-process broker (embedded store, then Redis), with the
-//! in-process signing rate measured in the same run as the yardstick.
+//! in-process signing rate measured in the same run as the yardstick. Each
+//! store runs with the audit trail off and then on (the store's default
+//! sink: the file for embedded, the stream for Redis), and the ratio shows
+//! what recording every decision costs.
 //!
 //! `cargo bench -p mayfly-benches --bench throughput [-- SECONDS CONCURRENCY]`
 
@@ -10,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use mayfly_broker::config::AuditSinkKind;
 use mayfly_broker::issuer::x509::{IssuingCa, parse_csr, random_serial};
 use mayfly_client::{Client, NewTask, pb};
 use mayfly_core::{SpiffeId, Timestamp};
@@ -113,7 +117,7 @@ async fn run(
         .await
     };
     println!(
-        "{label:<9} IssueToken {tokens:>8.0}/s   SignCertificate {certs:>8.0}/s   ({concurrency} concurrent, {} s each)",
+        "{label:<22} IssueToken {tokens:>8.0}/s   SignCertificate {certs:>8.0}/s   ({concurrency} concurrent, {} s each)",
         d.as_secs()
     );
     (tokens, certs)
@@ -163,15 +167,39 @@ fn main() {
         });
         println!("in-process, one core: CSR check + certificate signing {cert_limit:>8.0}/s");
 
-        let (_, e_certs) = run("embedded", &embedded, d, concurrency, csr.clone()).await;
         drop(embedded);
-        let redis = RedisServer::start();
-        let on_redis = TestBroker::start_on_redis(&redis.url()).await;
-        let (_, r_certs) = run("redis", &on_redis, d, concurrency, csr.clone()).await;
-        println!(
-            "SignCertificate / in-process signing limit: embedded {:.2}, redis {:.2}",
-            e_certs / cert_limit,
-            r_certs / cert_limit
-        );
+        let mut limits = Vec::new();
+        for store in ["embedded", "redis"] {
+            let mut results = Vec::new();
+            for audit in [Some(AuditSinkKind::Off), None] {
+                let redis = (store == "redis").then(RedisServer::start);
+                let broker = TestBroker::start_with(|c| {
+                    if let Some(r) = &redis {
+                        c.store = mayfly_broker::config::StoreKind::Redis;
+                        c.redis = Some(mayfly_broker::config::RedisConfig {
+                            url: Some(r.url()),
+                            key_prefix: "mayfly".into(),
+                            ..Default::default()
+                        });
+                    }
+                    c.audit.sink = audit;
+                })
+                .await;
+                let label = format!("{store}, audit {:?}", broker.config.audit_sink());
+                results.push(run(&label, &broker, d, concurrency, csr.clone()).await);
+            }
+            let [(t_off, c_off), (t_on, c_on)] = results[..] else {
+                unreachable!()
+            };
+            println!(
+                "{store}: with audit / without: IssueToken {:.2}, SignCertificate {:.2}",
+                t_on / t_off,
+                c_on / c_off
+            );
+            limits.push((store, c_on / cert_limit));
+        }
+        for (store, ratio) in limits {
+            println!("SignCertificate (audit on) / in-process signing limit: {store} {ratio:.2}");
+        }
     });
 }

@@ -811,6 +811,7 @@ mod tests {
             .collect();
         let c = Config::parse(&toml, Path::new("/etc/mayfly/config")).unwrap();
         assert_eq!(c.store, StoreKind::Redis);
+        assert_eq!(c.audit_sink(), AuditSinkKind::Redis);
         assert_eq!(
             c.redis.unwrap().url_file.unwrap(),
             Path::new("/etc/mayfly/redis/url")
@@ -823,6 +824,7 @@ mod tests {
         let c = Config::parse(text, Path::new("/etc/mayfly")).unwrap();
         assert_eq!(c.issuer(), "https://mayfly.prod.example.com:8711");
         assert_eq!(c.policy.dir, Path::new("/etc/mayfly/policies"));
+        assert_eq!(c.audit_path(), Path::new("/var/lib/mayfly/audit.jsonl"));
     }
 
     #[test]

@@ -269,6 +269,24 @@ impl Drop for TestBroker {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+        keep_audit_copy(&self.config);
+    }
+}
+
+/// With `MAYFLY_TEST_AUDIT_DIR` set, copies the broker's audit file there
+/// so that CI can search the trails of a whole test run for secrets.
+fn keep_audit_copy(config: &Config) {
+    let Some(dir) = std::env::var_os("MAYFLY_TEST_AUDIT_DIR") else {
+        return;
+    };
+    let path = config.audit_path();
+    if config.audit_sink() != mayfly_broker::config::AuditSinkKind::File || !path.exists() {
+        return;
+    }
+    let dir = PathBuf::from(dir);
+    let copy = dir.join(format!("{}.jsonl", mayfly_core::LeaseId::generate()));
+    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::copy(&path, &copy)) {
+        eprintln!("audit trail not kept for CI: {e}");
     }
 }
 
