@@ -328,6 +328,14 @@ async fn every_decision_is_on_the_record_and_no_secret_is() {
     }
     let by_op = one(&rs, Event::TaskRevoked, |_| true);
     assert_eq!(by_op.task_id, s(&doomed.task_id));
+    let expired = one(&rs, Event::LeaseExpired, |r| {
+        r.lease_id == s(&short.task_id)
+    });
+    assert_eq!(
+        (expired.task_id.as_deref(), expired.agent.as_deref()),
+        (Some(short.task_id.as_str()), Some(DEMO))
+    );
+    assert_eq!(expired.caller, s("spiffe://example.org/mayfly/broker"));
     let agent = one(&rs, Event::AgentRevoked, |_| true);
     assert_eq!(agent.agent, s(BOB));
     assert!(agent.revoked.contains(&bobs_own.task_id));

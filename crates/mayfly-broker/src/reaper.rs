@@ -37,11 +37,19 @@ pub async fn run(
                     let mut records = tokio::task::JoinSet::new();
                     for id in &out.expired {
                         tracing::debug!(target: "mayfly::decision", event = "lease_expired", lease_id = %id);
-                        let (audit, r) = (
-                            audit.clone(),
-                            AuditRecord::new(Event::LeaseExpired, &broker).lease(id),
-                        );
-                        records.spawn(async move { audit.record(r).await });
+                        let (audit, store) = (audit.clone(), store.clone());
+                        let mut r = AuditRecord::new(Event::LeaseExpired, &broker).lease(id);
+                        let id = id.clone();
+                        records.spawn(async move {
+                            // The task and owner, so the record stands alone
+                            // (`audit tail --task`); the lease id suffices
+                            // if the lookup fails.
+                            if let Ok(Some(lease)) = store.get_lease(&id).await {
+                                r = r.task_id(&lease.task_id);
+                                r.agent = Some(lease.agent.to_string());
+                            }
+                            audit.record(r).await
+                        });
                     }
                     while let Some(outcome) = records.join_next().await {
                         if let Ok(Err(e)) = outcome {
