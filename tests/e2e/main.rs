@@ -13,6 +13,7 @@ mod common;
 mod delegation;
 mod durability;
 mod feed;
+mod health;
 mod http;
 mod policy;
 mod race;

@@ -209,6 +209,10 @@ pub struct Listen {
     pub grpc: SocketAddr,
     /// HTTPS: JWKS, metadata, health.
     pub http: SocketAddr,
+    /// Plain-text gRPC with only `grpc.health.v1.Health`, for probes that
+    /// cannot present a client certificate; none if unset.
+    #[serde(default)]
+    pub health: Option<SocketAddr>,
 }
 
 /// TLS material.
@@ -812,6 +816,7 @@ mod tests {
         let c = Config::parse(&toml, Path::new("/etc/mayfly/config")).unwrap();
         assert_eq!(c.store, StoreKind::Redis);
         assert_eq!(c.audit_sink(), AuditSinkKind::Redis);
+        assert_eq!(c.listen.health, Some("0.0.0.0:8712".parse().unwrap()));
         assert_eq!(
             c.redis.unwrap().url_file.unwrap(),
             Path::new("/etc/mayfly/redis/url")

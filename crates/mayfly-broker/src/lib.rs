@@ -24,6 +24,7 @@ pub mod error;
 pub mod feed;
 mod fsutil;
 pub mod grpc;
+pub mod health;
 pub mod http;
 pub mod identity;
 pub mod issuer;

@@ -104,6 +104,7 @@ pub struct Broker {
     revocations: RevocationsApi,
     policy: Arc<PolicyHandle>,
     policy_reload: Duration,
+    health_listener: Option<TcpListener>,
 }
 
 impl Broker {
@@ -197,6 +198,7 @@ impl Broker {
             crl,
             policy,
             policy_reload: config.policy.reload_interval,
+            health_listener: None,
             revocations: RevocationsApi::new(
                 feed.clone(),
                 config.feed_watchers(),
@@ -211,10 +213,18 @@ impl Broker {
         &self.issuer
     }
 
+    /// Also serves the gRPC health service alone, in plain text, on
+    /// `listener` (`listen.health`), for probes without a client
+    /// certificate.
+    pub fn with_health_listener(mut self, listener: TcpListener) -> Self {
+        self.health_listener = Some(listener);
+        self
+    }
+
     /// Serves gRPC on `grpc` and HTTPS on `http` until `shutdown` completes,
     /// then drains connections and returns once the store is released.
     pub async fn serve(
-        self,
+        mut self,
         grpc: TcpListener,
         http: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
@@ -236,6 +246,16 @@ impl Broker {
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let admin_api = AdminServer::new(AdminApi::new(self.service.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let (reporter, health_api) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        let health_task = tokio::spawn(crate::health::follow_store(
+            reporter,
+            store.clone(),
+            stop_rx.clone(),
+        ));
+        let (reflection_v1, reflection_v1alpha) = crate::health::reflection();
         let grpc_server = tonic::transport::Server::builder()
             .max_concurrent_streams(MAX_STREAMS)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -249,10 +269,24 @@ impl Broker {
                     .max_decoding_message_size(MAX_MESSAGE_BYTES),
                 require_peer,
             ))
+            .add_service(InterceptedService::new(health_api.clone(), require_peer))
+            .add_service(InterceptedService::new(reflection_v1, require_peer))
+            .add_service(InterceptedService::new(reflection_v1alpha, require_peer))
             .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
                 stopped(&mut grpc_stop).await;
             });
         let mut grpc_task = tokio::spawn(grpc_server);
+        let plain_health_task = self.health_listener.take().map(|listener| {
+            let mut stop = stop_rx.clone();
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(health_api)
+                    .serve_with_incoming_shutdown(
+                        tonic::transport::server::TcpIncoming::from(listener),
+                        async move { stopped(&mut stop).await },
+                    ),
+            )
+        });
 
         let algs = [self.signer.alg()];
         let router = http::router(
@@ -301,6 +335,10 @@ impl Broker {
         let _ = reaper_task.await;
         let _ = feed_task.await;
         let _ = policy_task.await;
+        let _ = health_task.await;
+        if let Some(t) = plain_health_task {
+            let _ = t.await;
+        }
         drop(self);
         drop(store);
         tracing::info!("broker stopped");

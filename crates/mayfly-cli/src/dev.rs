@@ -105,8 +105,14 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     let http = tokio::net::TcpListener::bind(config.listen.http)
         .await
         .with_context(|| format!("cannot listen on {} (listen.http)", config.listen.http))?;
-    let broker = Broker::build(config.clone())?;
-    tracing::info!(grpc = %config.listen.grpc, http = %config.listen.http, "listening");
+    let mut broker = Broker::build(config.clone())?;
+    if let Some(addr) = config.listen.health {
+        let health = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (listen.health)"))?;
+        broker = broker.with_health_listener(health);
+    }
+    tracing::info!(grpc = %config.listen.grpc, http = %config.listen.http, health = ?config.listen.health, "listening");
     broker.serve(grpc, http, shutdown_signal()).await?;
     Ok(())
 }

@@ -11,3 +11,8 @@ pub mod v1 {
 }
 
 pub use prost_types::Timestamp;
+
+/// The encoded `FileDescriptorSet` of the API and what it imports, for
+/// gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/mayfly_descriptor.bin"));

@@ -42,6 +42,8 @@ pub struct TestBroker {
     pub grpc_addr: std::net::SocketAddr,
     /// The HTTPS address.
     pub http_addr: std::net::SocketAddr,
+    /// Plain-text gRPC health (`listen.health`).
+    pub health_addr: std::net::SocketAddr,
     /// The configuration it runs with.
     pub config: Config,
     ca: Arc<DevCa>,
@@ -125,13 +127,18 @@ impl TestBroker {
             ),
         };
         let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+        let health = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let health_addr = health.local_addr().unwrap();
         config.listen.grpc = grpc_addr;
         config.listen.http = http_addr;
+        config.listen.health = Some(health_addr);
         // Replicas share the first broker's issuer, as behind a load balancer.
         if ports.is_none() && !replica {
             config.issuer = Some(format!("https://localhost:{}", http_addr.port()));
         }
-        let broker = Broker::build(config.clone()).expect("broker builds");
+        let broker = Broker::build(config.clone())
+            .expect("broker builds")
+            .with_health_listener(health);
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(broker.serve(grpc, http, async {
             let _ = stopped.await;
@@ -140,6 +147,7 @@ impl TestBroker {
             layout,
             grpc_addr,
             http_addr,
+            health_addr,
             config,
             ca,
             stop: Some(stop),
