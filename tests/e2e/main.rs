@@ -15,6 +15,7 @@ mod durability;
 mod feed;
 mod health;
 mod http;
+mod metrics;
 mod policy;
 mod race;
 mod replicas;

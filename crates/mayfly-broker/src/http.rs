@@ -74,6 +74,7 @@ pub fn router(
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(metrics_handler))
         .with_state(state)
 }
 
@@ -200,6 +201,26 @@ async fn crl_handler(State(s): State<HttpState>) -> Response {
                 .into_response()
         }
     }
+}
+
+/// Prometheus metrics (OpenMetrics text). The live-lease gauge is read
+/// from the store now; if the store does not answer, it keeps its last
+/// value and the rest is served anyway.
+async fn metrics_handler(State(s): State<HttpState>) -> Response {
+    let metrics = &s.service.metrics;
+    if let Ok(Ok(n)) = tokio::time::timeout(READY_TIMEOUT, s.service.store().active_count()).await {
+        metrics
+            .active_leases
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.encode(),
+    )
+        .into_response()
 }
 
 async fn ready(State(s): State<HttpState>) -> Response {

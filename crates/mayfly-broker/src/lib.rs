@@ -28,6 +28,7 @@ pub mod health;
 pub mod http;
 pub mod identity;
 pub mod issuer;
+pub mod metrics;
 pub mod policy;
 pub mod ratelimit;
 pub mod reaper;

@@ -36,6 +36,7 @@ use crate::fsutil::create_private_dir;
 use crate::grpc::{AdminApi, BrokerApi, PeerInfo, RevocationsApi};
 use crate::identity::Authenticator;
 use crate::issuer::{IssuingCa, JwtSigner, KeyError, SigningKey, key_path};
+use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::policy::PolicyHandle;
 use crate::ratelimit::RateLimiter;
 use crate::service::{Limits, Service};
@@ -143,7 +144,8 @@ impl Broker {
                 .into());
             }
         };
-        let audit = open_audit(&config)?;
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let audit = open_audit(&config, &metrics)?;
         let policy = Arc::new(PolicyHandle::load(&config.policy.dir)?);
         tracing::info!(policies = policy.len(), dir = %config.policy.dir.display(), "policies loaded");
         let issuer = config.issuer();
@@ -185,6 +187,7 @@ impl Broker {
             rate: RateLimiter::new(config.rate_limit.per_second, config.rate_limit.burst),
             broker_id,
             audit,
+            metrics: metrics.clone(),
         });
         let authenticator =
             Authenticator::new(tls.client_chain.clone(), config.trust_domain.clone());
@@ -203,6 +206,7 @@ impl Broker {
                 feed.clone(),
                 config.feed_watchers(),
                 config.feed.heartbeat,
+                metrics.feed_watchers.clone(),
             ),
             feed,
         })
@@ -257,6 +261,7 @@ impl Broker {
         ));
         let (reflection_v1, reflection_v1alpha) = crate::health::reflection();
         let grpc_server = tonic::transport::Server::builder()
+            .layer(RpcMetricsLayer(self.service.metrics.clone()))
             .max_concurrent_streams(MAX_STREAMS)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -362,7 +367,7 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// Where the configured Redis is, reading secrets from their files.
 /// Opens the configured audit sink and starts its writer (on the current
 /// Tokio runtime).
-fn open_audit(config: &Config) -> Result<AuditLog, StartError> {
+fn open_audit(config: &Config, metrics: &Arc<Metrics>) -> Result<AuditLog, StartError> {
     let sink: Arc<dyn AuditSink> = match (config.audit_sink(), &config.redis) {
         (AuditSinkKind::File, _) => {
             let path = config.audit_path();
@@ -376,7 +381,7 @@ fn open_audit(config: &Config) -> Result<AuditLog, StartError> {
         (AuditSinkKind::Stdout, _) => Arc::new(StdoutSink::new()),
         (AuditSinkKind::Off, _) => {
             tracing::warn!("the audit trail is off ([audit] sink = \"off\")");
-            return Ok(AuditLog::off());
+            return Ok(AuditLog::off(Some(metrics.clone())));
         }
         (AuditSinkKind::Redis, None) => {
             return Err(
@@ -384,7 +389,7 @@ fn open_audit(config: &Config) -> Result<AuditLog, StartError> {
             );
         }
     };
-    Ok(AuditLog::start(sink))
+    Ok(AuditLog::start_counted(sink, Some(metrics.clone())))
 }
 
 fn redis_target(r: &RedisConfig) -> Result<RedisTarget, StartError> {

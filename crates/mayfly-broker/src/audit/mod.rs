@@ -25,6 +25,8 @@ use mayfly_core::{LeaseId, Scopes, SpiffeId, Task, TaskId, Timestamp};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::metrics::Metrics;
+
 pub use self::file::FileSink;
 pub use self::redis::RedisSink;
 
@@ -517,6 +519,7 @@ struct Pending {
 pub struct AuditLog {
     tx: Option<mpsc::Sender<Pending>>,
     sink: Option<Arc<dyn AuditSink>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl fmt::Debug for AuditLog {
@@ -530,24 +533,34 @@ impl fmt::Debug for AuditLog {
 impl AuditLog {
     /// Starts the writer for `sink` on the current runtime.
     pub fn start(sink: Arc<dyn AuditSink>) -> Self {
+        Self::start_counted(sink, None)
+    }
+
+    /// Starts the writer, counting decisions and batches in `metrics`.
+    pub fn start_counted(sink: Arc<dyn AuditSink>, metrics: Option<Arc<Metrics>>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_batches(sink.clone(), rx));
+        tokio::spawn(write_batches(sink.clone(), rx, metrics.clone()));
         Self {
             tx: Some(tx),
             sink: Some(sink),
+            metrics,
         }
     }
 
-    /// No trail (`sink = "off"`): records are dropped.
-    pub fn off() -> Self {
+    /// No trail (`sink = "off"`): records are dropped (but counted).
+    pub fn off(metrics: Option<Arc<Metrics>>) -> Self {
         Self {
             tx: None,
             sink: None,
+            metrics,
         }
     }
 
     /// Appends `record`; returns once it is durable in the sink.
     pub async fn record(&self, record: AuditRecord) -> Result<(), AuditError> {
+        if let Some(m) = &self.metrics {
+            m.decision(&record);
+        }
         let Some(tx) = &self.tx else {
             return Ok(());
         };
@@ -583,7 +596,11 @@ impl AuditLog {
 
 /// The writer: takes everything waiting, appends it as one batch, answers
 /// every caller with the batch's outcome.
-async fn write_batches(sink: Arc<dyn AuditSink>, mut rx: mpsc::Receiver<Pending>) {
+async fn write_batches(
+    sink: Arc<dyn AuditSink>,
+    mut rx: mpsc::Receiver<Pending>,
+    metrics: Option<Arc<Metrics>>,
+) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -594,7 +611,13 @@ async fn write_batches(sink: Arc<dyn AuditSink>, mut rx: mpsc::Receiver<Pending>
         }
         let records: Vec<AuditRecord> = batch.iter().map(|p| p.record.clone()).collect();
         let outcome = sink.append(&records).await;
+        if let Some(m) = &metrics {
+            m.audit_batch.observe(records.len() as f64);
+        }
         if let Err(e) = &outcome {
+            if let Some(m) = &metrics {
+                m.audit_failures.inc();
+            }
             tracing::error!(error = %e, records = records.len(), "audit records not written");
         }
         for p in batch {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use mayfly_core::{SpiffeIdPattern, Timestamp};
 use mayfly_proto::v1 as pb;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -21,16 +22,33 @@ pub struct RevocationsApi {
     watchers: Vec<SpiffeIdPattern>,
     /// How often a quiet feed says it is alive.
     heartbeat: Duration,
+    /// Open streams, for `/metrics`.
+    open: Gauge,
 }
 
 impl RevocationsApi {
-    /// The service over `hub`.
-    pub fn new(hub: Arc<FeedHub>, watchers: Vec<SpiffeIdPattern>, heartbeat: Duration) -> Self {
+    /// The service over `hub`; `open` counts the streams.
+    pub fn new(
+        hub: Arc<FeedHub>,
+        watchers: Vec<SpiffeIdPattern>,
+        heartbeat: Duration,
+        open: Gauge,
+    ) -> Self {
         Self {
             hub,
             watchers,
             heartbeat,
+            open,
         }
+    }
+}
+
+/// Counts one open stream while it lives.
+struct Watching(Gauge);
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -139,12 +157,17 @@ impl pb::revocations_server::Revocations for RevocationsApi {
             )));
         }
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(follow(
+        self.open.inc();
+        let watching = Watching(self.open.clone());
+        let (hub, from, heartbeat) = (
             self.hub.clone(),
             request.get_ref().from_cursor,
             self.heartbeat,
-            tx,
-        ));
+        );
+        tokio::spawn(async move {
+            follow(hub, from, heartbeat, tx).await;
+            drop(watching);
+        });
         tracing::debug!(watcher = %who.id, from = request.get_ref().from_cursor, "feed watcher connected");
         Ok(Response::new(ReceiverStream::new(rx)))
     }

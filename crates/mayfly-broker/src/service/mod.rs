@@ -262,6 +262,8 @@ pub struct Service {
     pub broker_id: SpiffeId,
     /// Where every decision is recorded.
     pub audit: AuditLog,
+    /// Counters and histograms for `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Service {

@@ -574,6 +574,8 @@ pub async fn reap_expires_each_lease_exactly_once(store: Store) {
     );
     store.revoke_lease(&revoked.id, &req).await.unwrap();
     let retention = Duration::from_secs(3600);
+    // The task, `short` and `long`; not the revoked one.
+    assert_eq!(store.active_count().await.unwrap(), 3);
 
     assert!(
         store
@@ -599,6 +601,7 @@ pub async fn reap_expires_each_lease_exactly_once(store: Store) {
     );
     let stored = store.get_lease(&short.id).await.unwrap().unwrap();
     assert_eq!(stored.status, LeaseStatus::Expired);
+    assert_eq!(store.active_count().await.unwrap(), 2);
 
     let later = store.reap(at(100), retention, 100).await.unwrap();
     let got: BTreeSet<_> = later.expired.into_iter().collect();
@@ -626,6 +629,7 @@ pub async fn reap_expires_each_lease_exactly_once(store: Store) {
     let b = store.reap(at(20), retention, 100).await.unwrap();
     assert_eq!(a.expired.len(), 2);
     assert_eq!(b.expired.len(), 3);
+    assert_eq!(store.active_count().await.unwrap(), 1, "t2 itself");
 }
 
 pub async fn reap_purges_after_retention(store: Store) {

@@ -34,7 +34,8 @@ use mayfly_core::{
 };
 use redb::{
     Database, MultimapTable, MultimapTableDefinition, ReadTransaction, ReadableDatabase,
-    ReadableMultimapTable, ReadableTable, Table, TableDefinition, WriteTransaction,
+    ReadableMultimapTable, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
+    WriteTransaction,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -859,6 +860,11 @@ impl LeaseStore for EmbeddedStore {
             Ok(())
         })
         .await
+    }
+
+    async fn active_count(&self) -> Result<u64, StoreError> {
+        self.read(|txn| Ok(txn.open_table(ACTIVE_EXPIRY)?.len()?))
+            .await
     }
 }
 

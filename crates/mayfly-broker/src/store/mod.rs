@@ -351,4 +351,9 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
 
     /// Whether the store can serve requests now.
     async fn check(&self) -> Result<(), StoreError>;
+
+    /// How many leases (tasks and credentials) are recorded active,
+    /// including any past their expiry that the reaper has not yet moved.
+    /// Cheap: an index's size, for the live-leases gauge.
+    async fn active_count(&self) -> Result<u64, StoreError>;
 }

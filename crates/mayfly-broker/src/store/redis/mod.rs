@@ -1128,6 +1128,13 @@ impl LeaseStore for RedisStore {
             Err(StoreError::Unavailable(format!("PING answered {pong:?}")))
         }
     }
+
+    async fn active_count(&self) -> Result<u64, StoreError> {
+        let key = self.keys.expiry();
+        self.conn
+            .run(|mut c| async move { redis::cmd("ZCARD").arg(&key).query_async(&mut c).await })
+            .await
+    }
 }
 
 impl RedisStore {
