@@ -1,7 +1,9 @@
 //! What one IssueToken costs, piece by piece: signing the JWT (ES256,
-//! EdDSA), recording the lease durably in the embedded store, and the whole
-//! call over mTLS gRPC against an in-process broker (one client, sequential),
-//! so the round trip can be read against the sum of its parts.
+//! EdDSA), checking a CSR and signing its certificate, recording a lease in
+//! each store (embedded with fsync; Redis, one script, on a real
+//! `redis-server` with `appendfsync always`), and the whole call over mTLS
+//! gRPC against an in-process broker (one client, sequential), so the round
+//! trip can be read against the sum of its parts.
 //!
 //! `cargo bench -p mayfly-benches`
 
@@ -11,10 +13,12 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use mayfly_broker::config::Algorithm;
+use mayfly_broker::issuer::x509::{IssuingCa, parse_csr, random_serial};
 use mayfly_broker::issuer::{JwtSigner, SigningKey};
 use mayfly_broker::store::contract::{agent, lease, task};
-use mayfly_broker::store::{EmbeddedStore, LeaseStore};
-use mayfly_core::AccessTokenClaims;
+use mayfly_broker::store::{EmbeddedStore, LeaseStore, RedisStore, RedisTarget};
+use mayfly_core::{AccessTokenClaims, SpiffeId, Timestamp};
+use mayfly_testkit::RedisServer;
 
 fn claims() -> AccessTokenClaims {
     AccessTokenClaims {
@@ -73,6 +77,63 @@ fn store_issue(c: &mut Criterion) {
     });
 }
 
+fn csr_sign(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let broker = rt.block_on(mayfly_testkit::TestBroker::start());
+    let ca = IssuingCa::load(
+        &broker.path("issuing-ca.pem"),
+        &broker.path("issuing-ca.key"),
+    )
+    .unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec();
+    let id = SpiffeId::new("spiffe://example.org/agent/demo/task/AAAAAAAAAAAAAAAAAAAAAA").unwrap();
+    let now = Timestamp::now();
+    c.bench_function("csr_check_and_certificate_sign", |b| {
+        b.iter(|| {
+            let k = parse_csr(&csr).unwrap();
+            ca.sign_svid(
+                &k,
+                &id,
+                now,
+                now.plus(std::time::Duration::from_secs(600)),
+                random_serial().0,
+            )
+            .unwrap()
+        })
+    });
+    drop(broker);
+}
+
+fn redis_store_issue(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = RedisServer::start();
+    let target = RedisTarget::Url {
+        url: server.url(),
+        ca_pem: None,
+    };
+    let store: Arc<dyn LeaseStore> =
+        Arc::new(RedisStore::new(target, "bench", std::time::Duration::from_secs(3600)).unwrap());
+    let t = task(&agent("bench"), 3600);
+    rt.block_on(store.start_task(&t)).unwrap();
+    c.bench_function("redis_store_issue", |b| {
+        b.iter(|| {
+            let l = lease(&t, 60);
+            rt.block_on(store.issue(&l, t.created_at)).unwrap();
+        })
+    });
+}
+
 fn issue_over_mtls(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -99,5 +160,12 @@ fn issue_over_mtls(c: &mut Criterion) {
     drop(broker);
 }
 
-criterion_group!(benches, sign, store_issue, issue_over_mtls);
+criterion_group!(
+    benches,
+    sign,
+    csr_sign,
+    store_issue,
+    redis_store_issue,
+    issue_over_mtls
+);
 criterion_main!(benches);

@@ -4,13 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Args;
+pub use mayfly_client::profile::{DEFAULT_PROFILE, Role};
+use mayfly_client::profile::{Overrides, from_profile};
 use mayfly_client::{Client, ClientConfig};
-use serde::Deserialize;
-
-/// The directory `mayfly dev up` uses and the CLI looks for by default.
-pub const DEFAULT_PROFILE: &str = ".mayfly-dev";
 
 /// Connection flags shared by every client command.
 #[derive(Debug, Clone, Args)]
@@ -37,24 +35,6 @@ pub struct ConnArgs {
     pub identity: Option<String>,
 }
 
-/// Which default identity of a profile a command needs.
-#[derive(Debug, Clone, Copy)]
-pub enum Role {
-    /// Broker API calls.
-    Agent,
-    /// Admin API calls.
-    Operator,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Profile {
-    broker: String,
-    ca: PathBuf,
-    agent: String,
-    operator: String,
-}
-
 impl ConnArgs {
     fn resolve(&self, role: Role) -> anyhow::Result<ClientConfig> {
         if let (Some(broker), Some(ca), Some(cert), Some(key)) =
@@ -72,31 +52,14 @@ impl ConnArgs {
                  MAYFLY_CA, MAYFLY_CERT, MAYFLY_KEY), or --profile DIR from `mayfly dev init`"
             ),
         };
-        let file = dir.join("profile.toml");
-        let text = std::fs::read_to_string(&file)
-            .with_context(|| format!("cannot read profile {}", file.display()))?;
-        let profile: Profile =
-            toml::from_str(&text).with_context(|| format!("invalid profile {}", file.display()))?;
-        let name = self.identity.clone().unwrap_or_else(|| match role {
-            Role::Agent => profile.agent.clone(),
-            Role::Operator => profile.operator.clone(),
-        });
-        if name.contains('/') || name.starts_with('.') {
-            bail!("--identity {name:?} must be a directory name under identities/");
-        }
-        let idir = dir.join("identities").join(&name);
-        if !idir.is_dir() {
-            bail!(
-                "identity {name:?} not found in {}; make one with `mayfly dev identity --dir {} spiffe://…`",
-                dir.join("identities").display(),
-                dir.display()
-            );
-        }
-        let broker = self.broker.clone().unwrap_or(profile.broker);
-        let ca = self.ca.clone().unwrap_or_else(|| dir.join(&profile.ca));
-        let cert = self.cert.clone().unwrap_or_else(|| idir.join("svid.pem"));
-        let key = self.key.clone().unwrap_or_else(|| idir.join("svid.key"));
-        Ok(ClientConfig::from_files(&broker, ca, cert, key)?)
+        let over = Overrides {
+            broker: self.broker.clone(),
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            identity: self.identity.clone(),
+        };
+        Ok(from_profile(&dir, role, &over)?)
     }
 
     /// Connects with the identity `role` needs.

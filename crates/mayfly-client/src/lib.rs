@@ -27,6 +27,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
+pub mod profile;
+
 pub use mayfly_proto::Timestamp;
 pub use mayfly_proto::v1 as pb;
 use pb::admin_client::AdminClient;

@@ -1,7 +1,15 @@
-//! The embedded store: one redb file, single node, ACID. Each state change is
-//! one write transaction, committed with `Durability::Immediate` (fsync)
-//! before the call returns, so a credential is never handed out before its
-//! lease is on disk.
+//! The embedded store: one redb file, single node, ACID. Every state change
+//! is durable (committed with fsync) before the call returns, so a
+//! credential is never handed out before its lease is on disk.
+//!
+//! Writes use group commit. One writer thread takes every change waiting
+//! (up to [`MAX_BATCH`]), applies them in order in one write transaction,
+//! commits once, and then answers each caller. The changes are serialised
+//! exactly as if each had its own transaction. A change that fails, for
+//! example a lease under a task that has ended, must leave nothing
+//! behind. So the writer aborts the transaction, answers that caller with
+//! its error, and applies the rest again in a fresh transaction. Every
+//! change is a re-runnable check-then-write on the state it finds.
 //!
 //! Layout (all values are JSON so records stay readable and can evolve):
 //!
@@ -39,6 +47,7 @@ use redb::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
 
 use super::{
     LeaseFilter, LeaseStore, Page, PageRequest, ReapOutcome, RevocationEvent, RevokeRequest,
@@ -99,9 +108,123 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
 /// The embedded, single-node lease store.
 #[derive(Clone)]
 pub struct EmbeddedStore {
-    /// Shared by every call; redb serialises writers and lets readers run
-    /// alongside them on a snapshot.
+    /// Readers use it directly, on snapshots alongside the writer.
     db: Arc<Database>,
+    /// The group-commit writer; joined when the last clone goes.
+    writer: Arc<Writer>,
+}
+
+/// Most changes one commit holds.
+pub const MAX_BATCH: usize = 256;
+
+/// One queued change, type-erased: applied (maybe more than once, if a
+/// later change in its batch fails), then answered once.
+trait Change: Send {
+    fn apply(&mut self, tables: &mut Tables<'_>) -> Result<(), StoreError>;
+    fn succeed(self: Box<Self>);
+    fn fail(self: Box<Self>, e: StoreError);
+}
+
+struct Typed<T, F> {
+    f: F,
+    out: Option<T>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> Change for Typed<T, F>
+where
+    T: Send,
+    F: FnMut(&mut Tables<'_>) -> Result<T, StoreError> + Send,
+{
+    fn apply(&mut self, tables: &mut Tables<'_>) -> Result<(), StoreError> {
+        self.out = Some((self.f)(tables)?);
+        Ok(())
+    }
+
+    fn succeed(self: Box<Self>) {
+        let reply = match self.out {
+            Some(v) => Ok(v),
+            None => Err(StoreError::Unavailable("change was never applied".into())),
+        };
+        let _ = self.reply.send(reply);
+    }
+
+    fn fail(self: Box<Self>, e: StoreError) {
+        let _ = self.reply.send(Err(e));
+    }
+}
+
+/// The writer thread and the queue to it.
+struct Writer {
+    queue: Option<std::sync::mpsc::Sender<Box<dyn Change>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Closing the queue stops the thread after its batch; joining it
+        // releases the database before the store is reopened.
+        drop(self.queue.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Takes what is queued, batch by batch, until the queue closes.
+fn write_batches(db: &Database, queue: &std::sync::mpsc::Receiver<Box<dyn Change>>) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        commit_batch(db, batch);
+    }
+}
+
+/// Applies `batch` in order in one transaction and commits it; a change
+/// that fails is answered with its error and the rest applied again
+/// without it.
+fn commit_batch(db: &Database, mut batch: Vec<Box<dyn Change>>) {
+    while !batch.is_empty() {
+        let txn = match db.begin_write() {
+            Ok(t) => t,
+            Err(e) => return fail_all(batch, &e.to_string()),
+        };
+        let failed = match Tables::open(&txn) {
+            Err(e) => return fail_all(batch, &e.to_string()),
+            Ok(mut tables) => batch
+                .iter_mut()
+                .enumerate()
+                .find_map(|(i, c)| c.apply(&mut tables).err().map(|e| (i, e))),
+        };
+        match failed {
+            None => {
+                match txn.commit() {
+                    Ok(()) => batch.into_iter().for_each(Change::succeed),
+                    Err(e) => fail_all(batch, &e.to_string()),
+                }
+                return;
+            }
+            Some((i, e)) => {
+                // Nothing of the batch stays; the failed change is answered
+                // and the others go again.
+                if let Err(abort) = txn.abort() {
+                    return fail_all(batch, &abort.to_string());
+                }
+                batch.remove(i).fail(e);
+            }
+        }
+    }
+}
+
+fn fail_all(batch: Vec<Box<dyn Change>>, why: &str) {
+    for c in batch {
+        c.fail(StoreError::Unavailable(why.to_owned()));
+    }
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -127,7 +250,22 @@ impl EmbeddedStore {
         let txn = db.begin_write()?;
         Tables::open(&txn)?;
         txn.commit()?;
-        Ok(Self { db: Arc::new(db) })
+        let db = Arc::new(db);
+        let (queue, rx) = std::sync::mpsc::channel();
+        let thread = {
+            let db = db.clone();
+            std::thread::Builder::new()
+                .name("mayfly-store-writer".into())
+                .spawn(move || write_batches(&db, &rx))
+                .map_err(|e| StoreError::Unavailable(format!("store writer: {e}")))?
+        };
+        Ok(Self {
+            db,
+            writer: Arc::new(Writer {
+                queue: Some(queue),
+                thread: Some(thread),
+            }),
+        })
     }
 
     /// Runs `f` on the blocking pool: redb does file I/O and fsync.
@@ -142,31 +280,30 @@ impl EmbeddedStore {
             .map_err(|e| StoreError::Unavailable(format!("store worker failed: {e}")))?
     }
 
-    /// Runs `f` in one write transaction: committed if it returns `Ok`,
-    /// rolled back otherwise, so a failed call leaves nothing behind.
+    /// Applies `f` through the group-commit writer: durable if it returns
+    /// `Ok`, leaving nothing behind otherwise. `f` may run more than once
+    /// (if a change batched with it fails), each time on the state it
+    /// finds, so it must not consume what it captures.
     async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
+        F: FnMut(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
     {
-        self.blocking(move |db| {
-            let txn = db.begin_write()?;
-            let out = {
-                let mut tables = Tables::open(&txn)?;
-                f(&mut tables)
-            };
-            match out {
-                Ok(v) => {
-                    txn.commit()?;
-                    Ok(v)
-                }
-                Err(e) => {
-                    txn.abort()?;
-                    Err(e)
-                }
-            }
-        })
-        .await
+        let (reply, answer) = oneshot::channel();
+        let change = Box::new(Typed {
+            f,
+            out: None,
+            reply,
+        });
+        self.writer
+            .queue
+            .as_ref()
+            .ok_or_else(|| StoreError::Unavailable("the store is closing".into()))?
+            .send(change)
+            .map_err(|_| StoreError::Unavailable("the store writer stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the store writer stopped".into()))?
     }
 
     /// Runs `f` on a read snapshot.
@@ -801,7 +938,7 @@ impl LeaseStore for EmbeddedStore {
                 .approval(id.as_str())?
                 .ok_or(StoreError::ApprovalNotFound)?;
             check_decidable(&a, now)?;
-            a.status = decision;
+            a.status = decision.clone();
             t.put_approval(&a)?;
             Ok(a)
         })
@@ -846,7 +983,7 @@ impl LeaseStore for EmbeddedStore {
                 return Err(StoreError::TaskNotActive(state));
             }
             let mut task = record.task;
-            task.context = context;
+            task.context = context.clone();
             task.revision += 1;
             t.tasks.insert(id.as_str(), encode(&task)?.as_slice())?;
             Ok(task)
@@ -871,6 +1008,68 @@ impl LeaseStore for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Concurrent changes share commits; the ones that fail leave nothing
+    /// and do not take their batch-mates down with them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_change_in_a_batch_leaves_nothing_and_spares_the_rest() {
+        use crate::store::contract::{agent, lease, task};
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        let t = task(&agent("a"), 3600);
+        store.start_task(&t).await.unwrap();
+        let taken = lease(&t, 60);
+        store.issue(&taken, t.created_at).await.unwrap();
+        let orphan_task = task(&agent("a"), 3600); // never started
+
+        let mut calls = Vec::new();
+        for i in 0..300 {
+            let (store, t, taken, orphan) =
+                (store.clone(), t.clone(), taken.clone(), orphan_task.clone());
+            calls.push(tokio::spawn(async move {
+                let l = match i % 3 {
+                    0 => lease(&t, 60),
+                    1 => taken.clone(),      // a duplicate id
+                    _ => lease(&orphan, 60), // no such task
+                };
+                (i % 3, l.id.clone(), store.issue(&l, t.created_at).await)
+            }));
+        }
+        let mut good = Vec::new();
+        for c in calls {
+            let (kind, id, r) = c.await.unwrap();
+            match kind {
+                0 => {
+                    r.unwrap();
+                    good.push(id);
+                }
+                1 => assert!(matches!(r, Err(StoreError::Duplicate(_))), "{r:?}"),
+                _ => assert!(matches!(r, Err(StoreError::TaskNotFound)), "{r:?}"),
+            }
+        }
+        // The task, the first lease, and every good one: nothing else.
+        assert_eq!(store.active_count().await.unwrap(), 2 + good.len() as u64);
+        for id in &good {
+            assert!(store.get_lease(id).await.unwrap().is_some());
+        }
+        let listed = store
+            .list_leases(
+                &crate::store::LeaseFilter::default(),
+                &crate::store::PageRequest {
+                    after: None,
+                    limit: 1000,
+                },
+                t.created_at,
+            )
+            .await
+            .unwrap();
+        assert_eq!(listed.items.len(), 2 + good.len());
+
+        // Everything survives reopening: it was committed.
+        drop(store);
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        assert_eq!(store.active_count().await.unwrap(), 2 + good.len() as u64);
+    }
 
     /// Pages over 0..n with a scan bound of 3 and a filter that keeps only
     /// multiples of 4, collecting everything.

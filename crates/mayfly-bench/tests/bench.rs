@@ -1,0 +1,111 @@
+//! `mayfly-bench` against a real broker: each mix runs, the JSON report
+//! holds what it measured (counts, ordered percentiles, the limits and the
+//! ratio to them), and bad arguments are refused with a reason.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Command, Output};
+
+use mayfly_testkit::TestBroker;
+use serde_json::Value;
+
+fn bench(broker: &TestBroker, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mayfly-bench"))
+        .arg("--profile")
+        .arg(&broker.layout.dir)
+        .args(["--broker", &broker.url()])
+        .args(["--store-dir", broker.layout.dir.to_str().unwrap()])
+        .args(["--warmup", "0s", "--limit-duration", "300ms"])
+        .args(args)
+        .env_remove("MAYFLY_PROFILE")
+        .output()
+        .expect("mayfly-bench runs")
+}
+
+fn report(out: Output) -> Value {
+    assert!(
+        out.status.success(),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_mix_reports_throughput_latency_and_the_limit() {
+    let broker = TestBroker::start().await;
+    for (mix, extra) in [
+        ("token", vec![]),
+        ("cert", vec![]),
+        ("lifecycle", vec!["--tokens-per-task", "2"]),
+        ("token", vec!["--rate", "50"]),
+    ] {
+        let mut args = vec![
+            "--json",
+            "--mix",
+            mix,
+            "--duration",
+            "1s",
+            "--concurrency",
+            "4",
+        ];
+        args.extend(extra.iter().copied());
+        let r = report(bench(&broker, &args));
+        let ok = r["ok"].as_u64().unwrap();
+        assert!(ok > 0, "{mix}: {r}");
+        assert_eq!(r["failed"], 0, "{mix}: {r}");
+        let l = &r["latency_ms"];
+        assert!(f(&l["p50"]) > 0.0);
+        assert!(f(&l["p50"]) <= f(&l["p90"]) && f(&l["p90"]) <= f(&l["p99"]));
+        assert!(f(&l["p99"]) <= f(&l["p999"]) && f(&l["p999"]) <= f(&l["max"]));
+        let per_second = f(&r["per_second"]);
+        assert!((per_second - ok as f64 / f(&r["duration_seconds"])).abs() < 1e-6);
+        assert!(f(&r["limits_per_second"]["sign"]) > 0.0);
+        assert!(f(&r["limits_per_second"]["store_write"]) > 0.0);
+        let limit = &r["limit"];
+        assert!((f(&limit["ratio"]) - per_second / f(&limit["per_second"])).abs() < 1e-9);
+        match mix {
+            "lifecycle" => assert!((f(&r["rpcs_per_second"]) - per_second * 4.0).abs() < 1e-6),
+            "cert" => assert!(f(&r["limits_per_second"]["certificate"]) > 0.0),
+            _ => {}
+        }
+        if extra.contains(&"--rate") {
+            assert_eq!(r["pace"]["fixed_per_second"], 50.0);
+            // About 50 starts in one second, never more.
+            assert!(ok + r["dropped"].as_u64().unwrap() <= 51, "{r}");
+        }
+    }
+}
+
+#[test]
+fn bad_arguments_are_refused_with_a_reason() {
+    for (args, says) in [
+        (vec!["--rate", "0"], "--rate must be a positive number"),
+        (vec!["--concurrency", "0"], "at least 1"),
+        (vec!["--store", "redis"], "--store redis needs --redis-url"),
+        (vec!["--store", "mongo"], "expected embedded, redis or none"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_mayfly-bench"))
+            .args([
+                "--broker",
+                "https://localhost:1",
+                "--ca",
+                "x",
+                "--cert",
+                "x",
+                "--key",
+                "x",
+            ])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
