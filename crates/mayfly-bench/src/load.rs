@@ -196,19 +196,21 @@ struct Shared {
 }
 
 impl Shared {
-    async fn one(&self, lane: usize, started: Instant, hist: &mut Histogram<u64>) {
+    /// One operation; its latency in µs if it succeeded.
+    async fn one(&self, lane: usize, started: Instant) -> Option<u64> {
         match self.lanes[lane].run_once(&self.shape).await {
             Ok(n) => {
-                let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                hist.saturating_record(us.max(1));
                 self.rpcs.fetch_add(n, Ordering::Relaxed);
                 self.progress.ok.fetch_add(1, Ordering::Relaxed);
+                let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                Some(us.max(1))
             }
             Err(s) => {
                 if s.code() == Code::ResourceExhausted {
                     self.progress.rate_limited.fetch_add(1, Ordering::Relaxed);
                 }
                 self.progress.failed.fetch_add(1, Ordering::Relaxed);
+                None
             }
         }
     }
@@ -240,7 +242,9 @@ pub async fn run(
                         let mut hist = histogram();
                         let lane = i % shared.lanes.len();
                         while Instant::now() < shared.deadline {
-                            shared.one(lane, Instant::now(), &mut hist).await;
+                            if let Some(us) = shared.one(lane, Instant::now()).await {
+                                hist.saturating_record(us);
+                            }
                         }
                         hist
                     })
@@ -268,10 +272,11 @@ pub async fn run(
                         let (shared, tx) = (shared.clone(), tx.clone());
                         let (lane, intended) = (n % shared.lanes.len(), next);
                         tokio::spawn(async move {
-                            let mut hist = histogram();
-                            shared.one(lane, intended, &mut hist).await;
+                            let us = shared.one(lane, intended).await;
                             drop(permit);
-                            let _ = tx.send(hist);
+                            if let Some(us) = us {
+                                let _ = tx.send(us);
+                            }
                         });
                     }
                     Err(_) => {
@@ -282,8 +287,8 @@ pub async fn run(
                 next += interval;
             }
             drop(tx);
-            while let Some(h) = rx.recv().await {
-                let _ = latency.add(h);
+            while let Some(us) = rx.recv().await {
+                latency.saturating_record(us);
             }
         }
     }
