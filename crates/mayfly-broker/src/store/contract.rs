@@ -121,7 +121,7 @@ pub fn child(parent: &Task, agent: &SpiffeId, created: u64, ttl: u64) -> Task {
     t
 }
 
-fn revoke(reason: RevocationReason, child: RevocationReason, now: Timestamp) -> RevokeRequest {
+pub fn revoke(reason: RevocationReason, child: RevocationReason, now: Timestamp) -> RevokeRequest {
     RevokeRequest {
         reason,
         child_reason: child,

@@ -114,6 +114,9 @@ pub struct EmbeddedStore {
     writer: Arc<Writer>,
 }
 
+/// redb's page cache.
+pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 /// Most changes one commit holds.
 pub const MAX_BATCH: usize = 256;
 
@@ -236,6 +239,11 @@ impl std::fmt::Debug for EmbeddedStore {
 impl EmbeddedStore {
     /// Opens (or creates, mode 0600) the store file at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(path, CACHE_BYTES)
+    }
+
+    /// [`open`](Self::open) with a page cache of `cache_bytes`.
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -245,7 +253,7 @@ impl EmbeddedStore {
             .open(path)
             .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
         let db = redb::Builder::new()
-            .set_cache_size(64 * 1024 * 1024)
+            .set_cache_size(cache_bytes)
             .create_with_backend(redb::backends::FileBackend::new(file)?)?;
         let txn = db.begin_write()?;
         Tables::open(&txn)?;

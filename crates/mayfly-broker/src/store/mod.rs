@@ -25,7 +25,7 @@ mod redis;
 
 pub(crate) use self::redis::RedisConn;
 pub use self::redis::{RedisStore, RedisTarget};
-pub use embedded::EmbeddedStore;
+pub use embedded::{CACHE_BYTES as EMBEDDED_CACHE_BYTES, EmbeddedStore};
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
