@@ -18,7 +18,7 @@
 mod limits;
 mod load;
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -374,14 +374,21 @@ async fn show_progress(p: Arc<Progress>, total: Duration) {
     loop {
         tick.tick().await;
         let ok = p.ok.load(Ordering::Relaxed);
-        eprint!(
-            "\r  {:>4.0}/{:.0} s  {ok:>9} ok  {:>6} failed  {:>8}/s   ",
+        let line = format!(
+            "  {:>4.0}/{:.0} s  {ok:>9} ok  {:>6} failed  {:>8}/s",
             start.elapsed().as_secs_f64(),
             total.as_secs_f64(),
             p.failed.load(Ordering::Relaxed),
             ok - last
         );
-        let _ = std::io::stderr().flush();
+        // Rewritten in place on a terminal, one line each in a log.
+        let mut err = std::io::stderr();
+        if err.is_terminal() {
+            let _ = write!(err, "\r{line}   ");
+        } else {
+            let _ = writeln!(err, "{line}");
+        }
+        let _ = err.flush();
         last = ok;
     }
 }
