@@ -274,6 +274,10 @@ pub async fn run(
                         tokio::spawn(async move {
                             let us = shared.one(lane, intended).await;
                             drop(permit);
+                            // Before the sender goes: once every sender is
+                            // gone the run takes the lanes back out of
+                            // `shared`, which needs the last reference.
+                            drop(shared);
                             if let Some(us) = us {
                                 let _ = tx.send(us);
                             }

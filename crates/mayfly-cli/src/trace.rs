@@ -4,7 +4,7 @@
 //! one ended (revoked: when, by whom, why; expired; or still live), and
 //! the refusals and approvals along the way.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;
 
 use anyhow::bail;
@@ -288,57 +288,42 @@ fn tree(mut tasks: BTreeMap<String, TaskNode>, task: &str) -> anyhow::Result<Tas
     if !tasks.contains_key(task) {
         bail!("task {task} does not appear in the audit trail");
     }
+    // Up the parent links to the first task whose parent is not in the
+    // trail; an edited trail may loop, so each task is visited once.
     let mut root = task.to_owned();
+    let mut seen = BTreeSet::from([root.clone()]);
     while let Some(parent) = tasks[&root].parent_task_id.clone() {
-        if !tasks.contains_key(&parent) || parent == task {
+        if !tasks.contains_key(&parent) || !seen.insert(parent.clone()) {
             break;
         }
         root = parent;
     }
-    // Attach deepest tasks first, so each child is complete when moved.
-    let depth = |id: &str, tasks: &BTreeMap<String, TaskNode>| {
-        let mut d = 0;
-        let mut at = id.to_owned();
-        while let Some(p) = tasks.get(&at).and_then(|t| t.parent_task_id.clone()) {
-            d += 1;
-            if d > tasks.len() {
-                break;
-            }
-            at = p;
-        }
-        d
-    };
-    let mut order: Vec<(usize, String)> = tasks
-        .keys()
-        .map(|k| (depth(k, &tasks), k.clone()))
-        .collect();
-    order.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-    for (_, id) in order {
-        let Some(parent) = tasks[&id].parent_task_id.clone() else {
-            continue;
-        };
-        if id == root || !tasks.contains_key(&parent) {
-            continue;
-        }
-        if let Some(child) = tasks.remove(&id)
-            && let Some(p) = tasks.get_mut(&parent)
-        {
-            p.children.push(child);
+    let mut children: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (id, node) in &tasks {
+        if let Some(parent) = &node.parent_task_id {
+            children.entry(parent.clone()).or_default().push(id.clone());
         }
     }
-    let mut root = tasks
-        .remove(&root)
-        .ok_or_else(|| anyhow::anyhow!("task {task} is not in the tree built from the trail"))?;
-    sort(&mut root);
-    Ok(root)
+    attach(&root, &mut tasks, &children)
+        .ok_or_else(|| anyhow::anyhow!("task {task} is not in the tree built from the trail"))
 }
 
-fn sort(node: &mut TaskNode) {
+/// Takes `id` out of `tasks` with its subtree, children by start time. A
+/// task already taken (a loop in an edited trail) is left out.
+fn attach(
+    id: &str,
+    tasks: &mut BTreeMap<String, TaskNode>,
+    children: &BTreeMap<String, Vec<String>>,
+) -> Option<TaskNode> {
+    let mut node = tasks.remove(id)?;
+    for child in children.get(id).into_iter().flatten() {
+        if let Some(c) = attach(child, tasks, children) {
+            node.children.push(c);
+        }
+    }
     node.children
         .sort_by(|a, b| a.started_at.cmp(&b.started_at));
-    for c in &mut node.children {
-        sort(c);
-    }
+    Some(node)
 }
 
 /// The tree of `task` from `lines` (a whole trail), for people or as JSON.
@@ -482,5 +467,33 @@ fn render(node: &TaskNode, asked: &str, pad: &str, out: &mut String) {
         out.push_str(&format!("{pad}  {}", if last { "└─ " } else { "├─ " }));
         let child_pad = format!("{pad}  {}", if last { "   " } else { "│  " });
         render(child, asked, &child_pad, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, parent: Option<&str>) -> (String, TaskNode) {
+        let mut n = TaskNode::new(id);
+        n.parent_task_id = parent.map(str::to_owned);
+        (id.to_owned(), n)
+    }
+
+    #[test]
+    fn an_edited_trail_with_a_parent_loop_still_makes_a_tree() {
+        // A's parent is B, B's is C, and C's is B again.
+        let tasks = BTreeMap::from([
+            node("A", Some("B")),
+            node("B", Some("C")),
+            node("C", Some("B")),
+        ]);
+        let root = tree(tasks, "A").unwrap();
+        assert_eq!(root.task_id, "C");
+        assert_eq!(root.children.len(), 1);
+        let b = &root.children[0];
+        assert_eq!(b.task_id, "B");
+        let ids: Vec<&str> = b.children.iter().map(|c| c.task_id.as_str()).collect();
+        assert_eq!(ids, ["A"], "C is not taken twice");
     }
 }

@@ -21,7 +21,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use mayfly_core::{LeaseId, Scopes, SpiffeId, Task, TaskId, Timestamp};
+use mayfly_core::{Envelope, LeaseId, Scopes, SpiffeId, Task, TaskId, Timestamp};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
@@ -235,20 +235,15 @@ impl AuditRecord {
         self
     }
 
-    /// The task's envelope, for records of a task starting.
-    pub fn envelope(mut self, task: &Task) -> Self {
-        self.audiences = task
-            .envelope
+    /// A task's envelope (granted or asked for), for records of a task
+    /// starting or being refused.
+    pub fn envelope(mut self, envelope: &Envelope) -> Self {
+        self.audiences = envelope
             .audiences()
             .iter()
             .map(ToString::to_string)
             .collect();
-        self.scopes = task
-            .envelope
-            .scopes()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
+        self.scopes = envelope.scopes().iter().map(ToString::to_string).collect();
         self
     }
 

@@ -149,11 +149,6 @@ impl pb::admin_server::Admin for AdminApi {
             .read(&cursor, AUDIT_BATCH)
             .await
             .map_err(BrokerError::from)?;
-        let first = if first.0.is_empty() {
-            (first.0, cursor)
-        } else {
-            first
-        };
         tracing::debug!(operator = %op.id, follow = r.follow, "audit reader connected");
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(stream_audit(self.svc.clone(), first, r.follow, tx));

@@ -61,21 +61,9 @@ impl Service {
         });
         let permit = self
             .permit_or_record(decision, || {
-                let mut r = AuditRecord::new(Event::TaskDenied, &caller.id);
+                let mut r = AuditRecord::new(Event::TaskDenied, &caller.id).envelope(&req.envelope);
                 r.agent = Some(caller.id.to_string());
                 r.intent = Some(req.intent.as_str().to_owned());
-                r.audiences = req
-                    .envelope
-                    .audiences()
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect();
-                r.scopes = req
-                    .envelope
-                    .scopes()
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect();
                 r
             })
             .await?;
@@ -98,7 +86,7 @@ impl Service {
             &task,
             AuditRecord::new(Event::TaskStarted, &caller.id)
                 .task(&task)
-                .envelope(&task)
+                .envelope(&task.envelope)
                 .decided("permit", Some(&permit.policy_id))
                 .expires(task.expires_at),
         )
@@ -129,20 +117,10 @@ impl Service {
         let now = Timestamp::now().floor_secs();
         let parent = self.active_task(caller, &req.parent, now).await?.task;
         let denied = || {
-            let mut r = AuditRecord::new(Event::DelegationDenied, &caller.id).task(&parent);
+            let mut r = AuditRecord::new(Event::DelegationDenied, &caller.id)
+                .task(&parent)
+                .envelope(&req.envelope);
             r.delegate = Some(req.delegate.to_string());
-            r.audiences = req
-                .envelope
-                .audiences()
-                .iter()
-                .map(ToString::to_string)
-                .collect();
-            r.scopes = req
-                .envelope
-                .scopes()
-                .iter()
-                .map(ToString::to_string)
-                .collect();
             r
         };
         if req.delegate.trust_domain_name() != caller.id.trust_domain_name() {
@@ -220,7 +198,7 @@ impl Service {
             .map_err(|e| BrokerError::from_store(e, &parent.id))?;
         let mut record = AuditRecord::new(Event::TaskDelegated, &caller.id)
             .task(&task)
-            .envelope(&task)
+            .envelope(&task.envelope)
             .decided("permit", Some(&permit.policy_id))
             .expires(task.expires_at);
         record.delegate = Some(task.agent.to_string());
