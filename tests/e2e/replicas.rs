@@ -126,6 +126,60 @@ async fn complete_on_one_replica_racing_issue_on_both() {
     }
 }
 
+/// Sets `environment` on a task through `agent`.
+async fn set_environment(agent: &mayfly_client::Client, task: &str, env: &str) {
+    agent
+        .broker()
+        .update_task_context(pb::UpdateTaskContextRequest {
+            task_id: task.to_owned(),
+            set: [("environment".to_owned(), env.to_owned())].into(),
+            remove: vec![],
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_context_change_through_one_replica_decides_the_next_issue_on_the_other() {
+    let redis = RedisServer::start();
+    let a = TestBroker::start_on_redis(&redis.url()).await;
+    let b = a.replica().await;
+    let (agent_a, agent_b) = (a.agent().await, b.agent().await);
+    let mut req = start_request("replicas", &[API], &["read:files", "write:files"]);
+    req.context = [("environment".to_owned(), "staging".to_owned())].into();
+    let task = agent_a.broker().start_task(req).await.unwrap().into_inner();
+    let id = task.task_id.clone();
+
+    // B issues under staging (automatic), so it has read the task.
+    let first = agent_b.issue_token(write_request(&id)).await.unwrap();
+    assert!(first.approval.is_none() && !first.token.is_empty());
+
+    // Production through A: B's next write is decided on production and
+    // needs an approval, although B last saw staging.
+    set_environment(&agent_a, &id, "production").await;
+    let gated = agent_b.issue_token(write_request(&id)).await.unwrap();
+    assert!(
+        gated.token.is_empty(),
+        "a write in production needs approval"
+    );
+    let approval = gated.approval.expect("an approval is pending");
+    assert_eq!(approval.state, pb::ApprovalState::Pending as i32);
+
+    // Back to staging through A: B, which last saw production, issues the
+    // write at once instead of opening another approval.
+    set_environment(&agent_a, &id, "staging").await;
+    let again = agent_b.issue_token(write_request(&id)).await.unwrap();
+    assert!(again.approval.is_none() && !again.token.is_empty());
+    assert_eq!(
+        claims_unverified(&again.token)["scope"].as_str(),
+        Some("write:files")
+    );
+}
+
+fn write_request(task: &str) -> pb::IssueTokenRequest {
+    token_request(task, API, &["write:files"])
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_fails_closed_and_recovers() {
     let mut redis = RedisServer::start();

@@ -39,7 +39,7 @@ use crate::issuer::{IssuingCa, JwtSigner, KeyError, SigningKey, key_path};
 use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::policy::PolicyHandle;
 use crate::ratelimit::RateLimiter;
-use crate::service::{Limits, Service};
+use crate::service::{Limits, Service, TaskCache};
 use crate::store::{EmbeddedStore, LeaseStore, RedisStore, RedisTarget, StoreError};
 use crate::tls::{self, TlsError, TlsSetup};
 use crate::{http, reaper};
@@ -188,6 +188,7 @@ impl Broker {
             broker_id,
             audit,
             metrics: metrics.clone(),
+            tasks: TaskCache::default(),
         });
         let authenticator =
             Authenticator::new(tls.client_chain.clone(), config.trust_domain.clone());

@@ -5,7 +5,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use mayfly_core::{
     AccessTokenClaims, Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus,
-    Confirmation, IssueTokenRequest, Lease, LeaseId, LeaseKind, LeaseStatus, Pattern,
+    Confirmation, Decision, IssueTokenRequest, Lease, LeaseId, LeaseKind, LeaseStatus, Pattern,
     RevocationReason, SignCertificateRequest, Task, Timestamp, scope_string,
 };
 
@@ -21,6 +21,20 @@ use crate::store::{RevokeRequest, StoreError};
 /// How often a decision is made again when the task's context changes
 /// while a credential is being issued.
 const ATTEMPTS: usize = 3;
+
+/// Whether `decision`, made on a cached task, must be made again on a
+/// fresh read before it is acted on: a refusal (the task's context may
+/// have changed to allow it) and an approval to open (the task may have
+/// ended) are answered on the task as the store has it now.
+fn needs_fresh_task(decision: &Decision) -> bool {
+    !matches!(
+        decision,
+        Decision::Permit {
+            approval_required: false,
+            ..
+        }
+    )
+}
 
 /// What the approval step decided.
 enum Gate {
@@ -157,10 +171,18 @@ impl Service {
             self.limits.token_default_ttl,
             self.limits.token_max_ttl,
         );
-        let mut used_approval = None;
-        for attempt in 1..=ATTEMPTS {
+        // The approval consumed for this request, once it is: a decision
+        // made again (the context changed) is gated again unless one was.
+        let mut used_approval: Option<ApprovalId> = None;
+        // A cached task is enough to issue on (the store checks it again);
+        // an approval is consumed or opened only on a fresh read.
+        let mut cached = req.approval_id.is_none();
+        let mut attempt = 1;
+        loop {
             let now = Timestamp::now();
-            let record = self.active_task(caller, &req.task_id, now).await?;
+            let (record, from_cache) = self
+                .credential_task(caller, &req.task_id, now, cached)
+                .await?;
             let task = &record.task;
             let denied = || {
                 AuditRecord::new(Event::TokenDenied, &caller.id)
@@ -179,6 +201,10 @@ impl Service {
                 ttl: ttl_asked,
                 now,
             });
+            if from_cache && needs_fresh_task(&decision) {
+                cached = false;
+                continue;
+            }
             let permit = self.permit_or_record(decision, denied).await?;
             if used_approval.is_none() {
                 match self
@@ -193,10 +219,10 @@ impl Service {
                     .await?
                 {
                     Gate::Pending(a) => return Ok(Issued::Pending(a)),
-                    Gate::Proceed(a) => used_approval = Some(a),
+                    Gate::Proceed(a) => used_approval = a,
                 }
             }
-            let approval = used_approval.clone().flatten();
+            let approval = used_approval.clone();
             let issued_at = now.floor_secs();
             let expires_at = expiry(now, ttl_asked, permit.max_ttl, task)?;
             let lease = Lease {
@@ -239,9 +265,16 @@ impl Service {
                 .map_err(|e| BrokerError::Internal(e.to_string()))?;
             // The token leaves only after its lease is durably recorded,
             // under a task that is still active and unchanged at that moment.
-            match self.store.issue(&lease, now).await {
-                Err(StoreError::TaskChanged) if attempt < ATTEMPTS => continue,
-                other => other.map_err(|e| BrokerError::from_store(e, &task.id))?,
+            if let Err(e) = self.store.issue(&lease, now).await {
+                self.tasks.forget(&task.id);
+                match e {
+                    StoreError::TaskChanged if attempt < ATTEMPTS => {
+                        attempt += 1;
+                        cached = false;
+                        continue;
+                    }
+                    e => return Err(BrokerError::from_store(e, &task.id)),
+                }
             }
             let mut record = AuditRecord::new(Event::TokenIssued, &caller.id)
                 .task(task)
@@ -266,9 +299,6 @@ impl Service {
             );
             return Ok(Issued::Credential(IssuedToken { token, lease }));
         }
-        Err(BrokerError::Unavailable(
-            "the task's context kept changing; retry".into(),
-        ))
     }
 
     /// Signs a task-bound X.509-SVID over the CSR's key under one of the
@@ -299,10 +329,15 @@ impl Service {
             .id
             .join(&["task", req.task_id.as_str()])
             .map_err(|e| BrokerError::Invalid(format!("task SPIFFE ID: {e}")))?;
-        let mut used_approval = None;
-        for attempt in 1..=ATTEMPTS {
+        let mut used_approval: Option<ApprovalId> = None;
+        // As for tokens: issue on a cached task, refuse or gate on a fresh one.
+        let mut cached = req.approval_id.is_none();
+        let mut attempt = 1;
+        loop {
             let now = Timestamp::now();
-            let record = self.active_task(caller, &req.task_id, now).await?;
+            let (record, from_cache) = self
+                .credential_task(caller, &req.task_id, now, cached)
+                .await?;
             let task = &record.task;
             let decision = self
                 .policy
@@ -312,6 +347,10 @@ impl Service {
                     ttl: ttl_asked,
                     now,
                 });
+            if from_cache && needs_fresh_task(&decision) {
+                cached = false;
+                continue;
+            }
             let permit = self
                 .permit_or_record(decision, || {
                     AuditRecord::new(Event::CertificateDenied, &caller.id).task(task)
@@ -330,7 +369,7 @@ impl Service {
                     .await?
                 {
                     Gate::Pending(a) => return Ok(Issued::Pending(a)),
-                    Gate::Proceed(a) => used_approval = Some(a),
+                    Gate::Proceed(a) => used_approval = a,
                 }
             }
             let issued_at = now.floor_secs();
@@ -358,12 +397,19 @@ impl Service {
                 cert_thumbprint: None,
                 serial: Some(serial_hex),
                 task_revision: task.revision,
-                approval: used_approval.clone().flatten(),
+                approval: used_approval.clone(),
             };
             // Returned only once its lease is durable, as for tokens.
-            match self.store.issue(&lease, now).await {
-                Err(StoreError::TaskChanged) if attempt < ATTEMPTS => continue,
-                other => other.map_err(|e| BrokerError::from_store(e, &task.id))?,
+            if let Err(e) = self.store.issue(&lease, now).await {
+                self.tasks.forget(&task.id);
+                match e {
+                    StoreError::TaskChanged if attempt < ATTEMPTS => {
+                        attempt += 1;
+                        cached = false;
+                        continue;
+                    }
+                    e => return Err(BrokerError::from_store(e, &task.id)),
+                }
             }
             let mut record = AuditRecord::new(Event::CertificateIssued, &caller.id)
                 .task(task)
@@ -391,9 +437,6 @@ impl Service {
                 spiffe_id,
             }));
         }
-        Err(BrokerError::Unavailable(
-            "the task's context kept changing; retry".into(),
-        ))
     }
 
     /// RFC 7662 introspection for a resource server: the token's claims if

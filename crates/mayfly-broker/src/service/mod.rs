@@ -6,11 +6,15 @@
 //! - `credentials.rs`: tokens, certificates, introspection.
 //! - `approvals.rs`: pending approvals, operator decisions, waiting.
 //! - `admin.rs`: listing and revocation for operators.
+//! - `task_cache.rs`: recent task reads, so an issue is one store call.
 
 mod admin;
 mod approvals;
 mod credentials;
+mod task_cache;
 mod tasks;
+
+pub use task_cache::TaskCache;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -264,6 +268,8 @@ pub struct Service {
     pub audit: AuditLog,
     /// Counters and histograms for `/metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Tasks as recently read, for issuing credentials.
+    pub tasks: TaskCache,
 }
 
 impl Service {
@@ -304,6 +310,30 @@ impl Service {
                 state,
             }),
         }
+    }
+
+    /// The task a credential is requested under, active at `now`: from the
+    /// cache when `cached` allows it (the second value says whether it
+    /// came from there), else from the store (and then kept). A cached
+    /// task may be behind the store; see [`TaskCache`] for why issuing on
+    /// it is safe, and the callers for the answers that need a fresh read.
+    async fn credential_task(
+        &self,
+        caller: &Caller,
+        id: &TaskId,
+        now: Timestamp,
+        cached: bool,
+    ) -> Result<(Arc<TaskRecord>, bool), BrokerError> {
+        if cached
+            && let Some(record) = self.tasks.get(id)
+            && record.task.agent == caller.id
+            && record.state_at(now) == TaskState::Active
+        {
+            return Ok((record, true));
+        }
+        let record = Arc::new(self.active_task(caller, id, now).await?);
+        self.tasks.put(record.clone());
+        Ok((record, false))
     }
 
     /// Records a decision that must be on record before the caller hears

@@ -238,6 +238,7 @@ impl Service {
             .end_task(id, &req)
             .await
             .map_err(|e| BrokerError::from_store(e, id))?;
+        self.tasks.forget(id);
         self.revoked.notify_one();
         self.audit_anyway(
             AuditRecord::new(Event::TaskCompleted, &caller.id)
@@ -286,6 +287,7 @@ impl Service {
             .update_task_context(id, &caller.id, &context, now)
             .await
             .map_err(|e| BrokerError::from_store(e, id))?;
+        self.tasks.forget(id);
         tracing::info!(
             target: "mayfly::decision",
             event = "task_context_changed",
