@@ -8,7 +8,7 @@
 //! - embedded only: reopening the store with N leases (what a broker
 //!   restart waits for before it is ready), and the file size.
 //!
-//! `cargo bench -p mayfly-benches --bench scaling [-- LEASES [CACHE_MIB [embedded]]]`
+//! `cargo bench -p mayfly-benches --bench scaling [-- LEASES [CACHE_MIB [embedded|redis]]]`
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -154,34 +154,19 @@ fn main() {
         .get(1)
         .and_then(|a| a.parse::<usize>().ok())
         .map_or(mayfly_broker::store::EMBEDDED_CACHE_BYTES, |m| m << 20);
-    let embedded_only = args.get(2).is_some_and(|a| a == "embedded");
+    // One backend only, when named.
+    let only = args.get(2).map(String::as_str);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        // On the real disk (under target/), not a tmpfs.
-        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-        let path = dir.path().join("scaling.redb");
-        let store: Store = Arc::new(EmbeddedStore::open_with_cache(&path, cache).unwrap());
-        println!("embedded  page cache {} MiB", cache >> 20);
-        measure("embedded", &store, n).await;
-        drop(store);
-        let size = std::fs::metadata(&path).unwrap().len();
-        let start = Instant::now();
-        let store = EmbeddedStore::open(&path).unwrap();
-        store.check().await.unwrap();
-        let live = store.active_count().await.unwrap();
-        println!(
-            "embedded  reopened with {live} live leases in {:.0} ms (file {} MiB)",
-            start.elapsed().as_secs_f64() * 1000.0,
-            size >> 20
-        );
-        drop(store);
-        if embedded_only {
+        if only != Some("redis") {
+            embedded(n, cache).await;
+        }
+        if only == Some("embedded") {
             return;
         }
-
         let server = RedisServer::start();
         let target = RedisTarget::Url {
             url: server.url(),
@@ -191,4 +176,25 @@ fn main() {
             Arc::new(RedisStore::new(target, "mayfly", Duration::from_secs(24 * 3600)).unwrap());
         measure("redis", &store, n).await;
     });
+}
+
+/// The embedded store's figures, and its reopening with `n` leases.
+async fn embedded(n: usize, cache: usize) {
+    // On the real disk (under target/), not a tmpfs.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("scaling.redb");
+    let store: Store = Arc::new(EmbeddedStore::open_with_cache(&path, cache).unwrap());
+    println!("embedded  page cache {} MiB", cache >> 20);
+    measure("embedded", &store, n).await;
+    drop(store);
+    let size = std::fs::metadata(&path).unwrap().len();
+    let start = Instant::now();
+    let store = EmbeddedStore::open(&path).unwrap();
+    store.check().await.unwrap();
+    let live = store.active_count().await.unwrap();
+    println!(
+        "embedded  reopened with {live} live leases in {:.0} ms (file {} MiB)",
+        start.elapsed().as_secs_f64() * 1000.0,
+        size >> 20
+    );
 }

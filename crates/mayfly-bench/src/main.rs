@@ -18,6 +18,11 @@
 mod limits;
 mod load;
 
+// The same allocator as the broker, so the load costs the shared cores no
+// more than it must.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -35,21 +35,16 @@ pub async fn run(
                 Ok(out) => {
                     // Handed to the writer together, so they share batches.
                     let mut records = tokio::task::JoinSet::new();
-                    for id in &out.expired {
-                        tracing::debug!(target: "mayfly::decision", event = "lease_expired", lease_id = %id);
-                        let (audit, store) = (audit.clone(), store.clone());
-                        let mut r = AuditRecord::new(Event::LeaseExpired, &broker).lease(id);
-                        let id = id.clone();
-                        records.spawn(async move {
-                            // The task and owner, so the record stands alone
-                            // (`audit tail --task`); the lease id suffices
-                            // if the lookup fails.
-                            if let Ok(Some(lease)) = store.get_lease(&id).await {
-                                r = r.task_id(&lease.task_id);
-                                r.agent = Some(lease.agent.to_string());
-                            }
-                            audit.record(r).await
-                        });
+                    for lease in &out.expired {
+                        tracing::debug!(target: "mayfly::decision", event = "lease_expired", lease_id = %lease.id);
+                        // The task and owner, so the record stands alone
+                        // (`audit tail --task`).
+                        let mut r = AuditRecord::new(Event::LeaseExpired, &broker)
+                            .lease(&lease.id)
+                            .task_id(&lease.task_id);
+                        r.agent = Some(lease.agent.to_string());
+                        let audit = audit.clone();
+                        records.spawn(async move { audit.record(r).await });
                     }
                     while let Some(outcome) = records.join_next().await {
                         if let Ok(Err(e)) = outcome {

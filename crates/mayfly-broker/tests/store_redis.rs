@@ -53,7 +53,7 @@ async fn two_replicas_reap_each_lease_exactly_once() {
             if out.expired.is_empty() {
                 return got;
             }
-            got.extend(out.expired);
+            got.extend(out.expired.into_iter().map(|e| e.id));
         }
     };
     let (ra, rb) = tokio::join!(tokio::spawn(reap(a.clone())), tokio::spawn(reap(b.clone())));

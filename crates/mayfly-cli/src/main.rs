@@ -3,6 +3,12 @@
 
 #![forbid(unsafe_code)]
 
+// The broker allocates per request on every core; with mimalloc's
+// thread-local heaps it issues about 7% more tokens than with glibc's
+// malloc, measured in the same run (docs/performance.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod agent;
 mod approval;
 mod audit;

@@ -16,6 +16,7 @@
 
 #![forbid(unsafe_code)]
 
+mod cache;
 mod load;
 mod slice;
 
@@ -48,6 +49,8 @@ pub struct CedarPolicy {
     /// Each policy's annotations as limits, read once at load (asking
     /// Cedar for an annotation parses its key every time).
     limits: HashMap<PolicyId, Limits>,
+    /// Decisions made, for requests whose policies do not read the time.
+    decisions: cache::Decisions,
 }
 
 /// What a permit's annotations allow.
@@ -174,8 +177,15 @@ impl CedarPolicy {
 
     fn ask(&self, ask: Ask<'_>) -> Decision {
         let principal = uid(Type::Agent, ask.agent.as_str());
-        let policies = self.slices.get(ask.action, &principal).unwrap_or(&self.set);
-        self.ask_of(policies, ask)
+        match self.slices.get(ask.action, &principal) {
+            // Decided by policies that ignore the time: the same request
+            // gets the same decision while this set is in force.
+            Some((policies, false)) => self
+                .decisions
+                .get_or(&ask, || self.ask_of(policies, ask.clone())),
+            Some((policies, true)) => self.ask_of(policies, ask),
+            None => self.ask_of(&self.set, ask),
+        }
     }
 
     /// Decides `ask` with `policies` (a slice of `self.set`).
@@ -492,8 +502,11 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
                                 now: Timestamp::now(),
                             };
                             let sliced = p.ask(ask.clone());
+                            // Asked again: from the cache this time.
+                            let again = p.ask(ask.clone());
                             let whole = p.ask_of(&p.set, ask);
                             assert_eq!(sliced, whole, "{agent} {action} {scopes:?} {context:?}");
+                            assert_eq!(again, whole, "{agent} {action} {scopes:?} {context:?}");
                             match &whole {
                                 Decision::Permit { .. } => permits += 1,
                                 Decision::Deny { reason, .. } if reason.contains("failed") => {
@@ -512,5 +525,79 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
         }
         // Every kind of outcome was compared.
         assert!(permits > 0 && forbids > 0 && errors > 0 && defaults > 0);
+    }
+
+    /// One policy set from `text`.
+    fn policy(text: &str) -> CedarPolicy {
+        CedarPolicy::from_sources(&[("p".to_owned(), text.to_owned())], "test").unwrap()
+    }
+
+    fn ask_at<'a>(agent: &'a SpiffeId, context: &'a TaskContext, now: u64) -> Ask<'a> {
+        Ask {
+            agent,
+            delegate: None,
+            action: "issue_token",
+            resource: uid(Type::Audience, "https://api.example.com"),
+            task_id: "t",
+            intent: "i",
+            context,
+            scopes: vec!["read:files"],
+            ttl: Duration::from_secs(60),
+            now: Timestamp::from_secs(now),
+        }
+    }
+
+    #[test]
+    fn decisions_that_read_the_time_are_made_every_time() {
+        let agent = SpiffeId::new("spiffe://example.org/agent/a").unwrap();
+        let context = TaskContext::default();
+        // Every spelling that reads the time, escapes included.
+        for condition in [
+            "context.now < 2000000000",
+            "context[\"n\\u{6f}w\"] < 2000000000",
+            "context has now && context.now < 2000000000",
+        ] {
+            let p = policy(&format!(
+                "@id(\"until\") permit (principal, action, resource) when {{ {condition} }};"
+            ));
+            let before = p.ask(ask_at(&agent, &context, 1_900_000_000));
+            assert!(matches!(before, Decision::Permit { .. }), "{condition}");
+            let after = p.ask(ask_at(&agent, &context, 2_100_000_000));
+            assert!(
+                matches!(after, Decision::Deny { .. }),
+                "{condition}: {after:?}"
+            );
+            assert_eq!(p.decisions.len(), 0, "{condition}: nothing kept");
+        }
+    }
+
+    #[test]
+    fn a_kept_decision_is_only_reused_for_the_same_request() {
+        let agent = SpiffeId::new("spiffe://example.org/agent/a").unwrap();
+        let p = policy(
+            r#"@id("staging") permit (principal, action, resource)
+               when { context.task.hasTag("environment") && context.task.getTag("environment") == "staging" };"#,
+        );
+        let staging = TaskContext::new([("environment", "staging")]).unwrap();
+        let production = TaskContext::new([("environment", "production")]).unwrap();
+        let first = p.ask(ask_at(&agent, &staging, 1));
+        assert!(matches!(first, Decision::Permit { .. }));
+        assert_eq!(p.decisions.len(), 1);
+        // The same task id with another context: decided again, and denied.
+        let changed = p.ask(ask_at(&agent, &production, 1));
+        assert!(matches!(changed, Decision::Deny { .. }), "{changed:?}");
+        // Another scope, another TTL, another agent: each decided anew.
+        let mut other = ask_at(&agent, &staging, 1);
+        other.scopes = vec!["write:files"];
+        p.ask(other);
+        let mut longer = ask_at(&agent, &staging, 1);
+        longer.ttl = Duration::from_secs(61);
+        p.ask(longer);
+        let bob = SpiffeId::new("spiffe://example.org/agent/bob").unwrap();
+        p.ask(ask_at(&bob, &staging, 1));
+        assert_eq!(p.decisions.len(), 5);
+        // The first request again, at another time: the kept decision.
+        assert_eq!(p.ask(ask_at(&agent, &staging, 99)), first);
+        assert_eq!(p.decisions.len(), 5);
     }
 }

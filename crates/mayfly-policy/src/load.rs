@@ -280,6 +280,7 @@ impl CedarPolicy {
             slices,
             source: source.to_owned(),
             limits,
+            decisions: Default::default(),
         })
     }
 }

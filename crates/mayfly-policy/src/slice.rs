@@ -17,10 +17,25 @@ use crate::{ACTIONS, Type, uid};
 #[derive(Debug, Default)]
 struct Slice {
     /// Policies for any principal (`principal`, `principal in …`, `is`).
-    any_agent: PolicySet,
+    any_agent: Part,
     /// For each agent a policy names with `principal == …`: those plus
     /// `any_agent`.
-    by_agent: HashMap<EntityUid, PolicySet>,
+    by_agent: HashMap<EntityUid, Part>,
+}
+
+/// Some policies, and whether any of them could read `context.now`.
+#[derive(Debug, Default)]
+struct Part {
+    set: PolicySet,
+    reads_now: bool,
+}
+
+impl Part {
+    fn add(&mut self, p: &Policy) -> Result<(), String> {
+        self.set.add(p.clone()).map_err(|e| e.to_string())?;
+        self.reads_now |= crate::cache::reads_now(p);
+        Ok(())
+    }
 }
 
 /// Per-action slices of a validated set.
@@ -51,12 +66,9 @@ impl Slices {
             for p in &policies {
                 match p.principal_constraint() {
                     PrincipalConstraint::Eq(agent) => {
-                        slice.by_agent.entry(agent).or_insert_with(PolicySet::new);
+                        slice.by_agent.entry(agent).or_default();
                     }
-                    _ => slice
-                        .any_agent
-                        .add((*p).clone())
-                        .map_err(|e| e.to_string())?,
+                    _ => slice.any_agent.add(p)?,
                 }
             }
             for (agent, own) in &mut slice.by_agent {
@@ -64,7 +76,7 @@ impl Slices {
                     let named = matches!(p.principal_constraint(), PrincipalConstraint::Eq(a) if &a == agent);
                     let general = !matches!(p.principal_constraint(), PrincipalConstraint::Eq(_));
                     if named || general {
-                        own.add((*p).clone()).map_err(|e| e.to_string())?;
+                        own.add(p)?;
                     }
                 }
             }
@@ -73,10 +85,12 @@ impl Slices {
         Ok(Self { by_action })
     }
 
-    /// The policies that can decide `action` for `agent`; `None` for an
-    /// action outside the schema.
-    pub(crate) fn get(&self, action: &str, agent: &EntityUid) -> Option<&PolicySet> {
+    /// The policies that can decide `action` for `agent`, and whether any
+    /// of them could read `context.now`; `None` for an action outside the
+    /// schema.
+    pub(crate) fn get(&self, action: &str, agent: &EntityUid) -> Option<(&PolicySet, bool)> {
         let slice = self.by_action.get(action)?;
-        Some(slice.by_agent.get(agent).unwrap_or(&slice.any_agent))
+        let part = slice.by_agent.get(agent).unwrap_or(&slice.any_agent);
+        Some((&part.set, part.reads_now))
     }
 }

@@ -313,8 +313,14 @@ impl Head {
 
 /// SHA-256 of `line`, hex.
 pub fn line_hash(line: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = ring::digest::digest(&ring::digest::SHA256, line.as_bytes());
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    let mut hex = String::with_capacity(64);
+    for b in digest.as_ref() {
+        hex.push(char::from(HEX[usize::from(b >> 4)]));
+        hex.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    hex
 }
 
 /// Places `records` after `head`: numbers them, links each to the one
@@ -604,7 +610,8 @@ async fn write_batches(
                 Err(_) => break,
             }
         }
-        let records: Vec<AuditRecord> = batch.iter().map(|p| p.record.clone()).collect();
+        let (records, waiting): (Vec<AuditRecord>, Vec<_>) =
+            batch.into_iter().map(|p| (p.record, p.done)).unzip();
         let outcome = sink.append(&records).await;
         if let Some(m) = &metrics {
             m.audit_batch.observe(records.len() as f64);
@@ -615,8 +622,8 @@ async fn write_batches(
             }
             tracing::error!(error = %e, records = records.len(), "audit records not written");
         }
-        for p in batch {
-            let _ = p.done.send(outcome.clone());
+        for done in waiting {
+            let _ = done.send(outcome.clone());
         }
     }
 }
@@ -637,6 +644,16 @@ mod tests {
 
     fn check(lines: &[String]) -> Result<Verified, Broken> {
         verify(lines.iter().cloned().map(Ok::<_, String>))
+    }
+
+    #[test]
+    fn line_hashes_are_lower_case_hex_sha256() {
+        // FIPS 180-2 test vector.
+        assert_eq!(
+            line_hash("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(GENESIS.len(), line_hash("").len());
     }
 
     #[test]

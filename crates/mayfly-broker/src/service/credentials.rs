@@ -284,7 +284,9 @@ impl Service {
                 .expires(expires_at);
             record.approval_id = approval.as_ref().map(ToString::to_string);
             self.record_credential(&lease, record).await?;
-            tracing::info!(
+            // One per credential: debug, like expiry; the audit trail has
+            // every one.
+            tracing::debug!(
                 target: "mayfly::decision",
                 event = "token_issued",
                 agent = %caller.id,
@@ -419,7 +421,9 @@ impl Service {
             record.serial = lease.serial.clone();
             record.approval_id = lease.approval.as_ref().map(ToString::to_string);
             self.record_credential(&lease, record).await?;
-            tracing::info!(
+            // One per credential: debug, like expiry; the audit trail has
+            // every one.
+            tracing::debug!(
                 target: "mayfly::decision",
                 event = "certificate_issued",
                 agent = %caller.id,

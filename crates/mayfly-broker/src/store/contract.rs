@@ -15,7 +15,9 @@ use mayfly_core::{
     TaskContext, TaskId, TaskState, Timestamp, parse_scopes,
 };
 
-use super::{LeaseFilter, LeaseStore, PageRequest, RevokeRequest, StoreError, TaskFilter};
+use super::{
+    ExpiredLease, LeaseFilter, LeaseStore, PageRequest, RevokeRequest, StoreError, TaskFilter,
+};
 
 /// Generates one `#[tokio::test]` per contract check for a backend.
 /// `$make` is an expression of type `impl Future<Output = (Arc<dyn
@@ -32,9 +34,11 @@ macro_rules! store_contract_tests {
             revoke_lease,
             revoke_agent_spares_other_agents,
             list_leases_filters_and_pages,
+            an_agents_leases_page_across_its_tasks,
             list_tasks_filters_and_pages,
             reap_expires_each_lease_exactly_once,
             reap_purges_after_retention,
+            a_big_task_is_purged_over_several_passes,
             revocation_feed_is_ordered_and_resumable,
             feed_head_is_the_newest_cursor,
             approvals_are_decided_once_and_used_once,
@@ -484,6 +488,29 @@ pub async fn list_leases_filters_and_pages(store: Store) {
     assert!(collect_leases(&store, &combined, now).await.is_empty());
 }
 
+pub async fn an_agents_leases_page_across_its_tasks(store: Store) {
+    let (a, b) = (agent("a"), agent("b"));
+    let mut of_a = BTreeSet::new();
+    for n in 0..4 {
+        let t = started(&store, &a, 600).await;
+        of_a.insert(t.id.lease_id());
+        for _ in 0..n {
+            of_a.insert(issued(&store, &t, 60).await.id);
+        }
+    }
+    let tb = started(&store, &b, 600).await;
+    issued(&store, &tb, 60).await;
+    let by_agent = LeaseFilter {
+        agent: Some(a.clone()),
+        ..Default::default()
+    };
+    // Pages of 3 over 4 tasks of 1, 2, 3 and 4 leases: every page boundary
+    // falls somewhere else in a task, and each lease comes exactly once.
+    let got = collect_leases(&store, &by_agent, at(30)).await;
+    assert_eq!(got.len(), of_a.len(), "{got:?}");
+    assert_eq!(got.iter().cloned().collect::<BTreeSet<_>>(), of_a);
+}
+
 pub async fn list_tasks_filters_and_pages(store: Store) {
     let (a, b) = (agent("a"), agent("b"));
     let mut of_a = Vec::new();
@@ -588,8 +615,12 @@ pub async fn reap_expires_each_lease_exactly_once(store: Store) {
     let first = store.reap(at(10), retention, 100).await.unwrap();
     assert_eq!(
         first.expired,
-        vec![short.id.clone()],
-        "revoked leases are not expired"
+        vec![ExpiredLease {
+            id: short.id.clone(),
+            task_id: t.id.clone(),
+            agent: agent("a"),
+        }],
+        "revoked leases are not expired; the task and owner are named"
     );
     assert!(
         store
@@ -604,7 +635,7 @@ pub async fn reap_expires_each_lease_exactly_once(store: Store) {
     assert_eq!(store.active_count().await.unwrap(), 2);
 
     let later = store.reap(at(100), retention, 100).await.unwrap();
-    let got: BTreeSet<_> = later.expired.into_iter().collect();
+    let got: BTreeSet<_> = later.expired.into_iter().map(|e| e.id).collect();
     assert_eq!(got, [long.id.clone(), t.id.lease_id()].into());
     assert_eq!(
         store
@@ -637,13 +668,18 @@ pub async fn reap_purges_after_retention(store: Store) {
     let l = issued(&store, &t, 10).await;
     let keep = started(&store, &agent("a"), 7200).await;
     let retention = Duration::from_secs(60);
+    // Nothing goes before its own retention window has passed.
     let out = store.reap(at(69), retention, 100).await.unwrap();
     assert_eq!(out.purged, 0);
     assert!(store.get_lease(&l.id).await.unwrap().is_some());
-    let out = store.reap(at(70), retention, 100).await.unwrap();
-    assert_eq!(out.purged, 1);
+    // After it, a credential may go on its own (embedded) or with its task
+    // (Redis); the task stays until its own window has passed.
+    store.reap(at(70), retention, 100).await.unwrap();
+    store.reap(at(159), retention, 100).await.unwrap();
+    assert!(store.get_task(&t.id).await.unwrap().is_some());
+    let out = store.reap(at(160), retention, 100).await.unwrap();
+    assert!(out.purged >= 1);
     assert!(store.get_lease(&l.id).await.unwrap().is_none());
-    store.reap(at(160), retention, 100).await.unwrap();
     assert!(store.get_task(&t.id).await.unwrap().is_none());
     assert!(store.get_lease(&t.id.lease_id()).await.unwrap().is_none());
     let left = store
@@ -659,6 +695,38 @@ pub async fn reap_purges_after_retention(store: Store) {
         .unwrap();
     assert_eq!(left.items.len(), 1);
     assert_eq!(left.items[0].id, keep.id.lease_id());
+}
+
+pub async fn a_big_task_is_purged_over_several_passes(store: Store) {
+    let t = started(&store, &agent("a"), 100).await;
+    for _ in 0..25 {
+        issued(&store, &t, 50).await;
+    }
+    let other = started(&store, &agent("a"), 7200).await;
+    let retention = Duration::from_secs(60);
+    // Ten records at most per pass: the task and its 25 credentials take
+    // several passes, and then nothing of them is left.
+    let mut passes = 0;
+    while store.get_task(&t.id).await.unwrap().is_some() {
+        store.reap(at(160), retention, 10).await.unwrap();
+        passes += 1;
+        assert!(passes < 20, "the task was never purged");
+    }
+    let everything = store
+        .list_leases(
+            &LeaseFilter::default(),
+            &PageRequest {
+                after: None,
+                limit: 100,
+            },
+            at(160),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        everything.items.iter().map(|l| &l.id).collect::<Vec<_>>(),
+        vec![&other.id.lease_id()]
+    );
 }
 
 pub async fn revocation_feed_is_ordered_and_resumable(store: Store) {

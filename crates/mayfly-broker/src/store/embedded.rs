@@ -50,8 +50,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
 use super::{
-    LeaseFilter, LeaseStore, Page, PageRequest, ReapOutcome, RevocationEvent, RevokeRequest,
-    StoreError, TaskFilter, check_consumable, check_decidable,
+    ExpiredLease, LeaseFilter, LeaseStore, Page, PageRequest, ReapOutcome, RevocationEvent,
+    RevokeRequest, StoreError, TaskFilter, check_consumable, check_decidable,
 };
 
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
@@ -847,7 +847,11 @@ impl LeaseStore for EmbeddedStore {
                 {
                     lease.status = LeaseStatus::Expired;
                     t.put_lease(&lease)?;
-                    outcome.expired.push(lease.id);
+                    outcome.expired.push(ExpiredLease {
+                        id: lease.id,
+                        task_id: lease.task_id,
+                        agent: lease.agent,
+                    });
                 }
             }
             let cutoff = now.minus(retention).as_millis();

@@ -156,9 +156,20 @@ pub struct RevocationEvent {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReapOutcome {
     /// Leases moved from active to expired, each exactly once.
-    pub expired: Vec<LeaseId>,
+    pub expired: Vec<ExpiredLease>,
     /// Records removed after their retention window.
     pub purged: usize,
+}
+
+/// A lease a reaper pass moved to expired, with what its audit record names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredLease {
+    /// The lease.
+    pub id: LeaseId,
+    /// Its task.
+    pub task_id: TaskId,
+    /// Its owner.
+    pub agent: SpiffeId,
 }
 
 /// Who asked for a revocation and why; the store stamps each lease with it.

@@ -15,14 +15,30 @@ local out = {'OK'}
 
 local function task_key(t, suffix) return P .. ':{' .. t .. '}:' .. suffix end
 
+local now = tonumber(ARGV[2])
+-- Expiry index members to remove, in batches (one ZREM per batch).
+local unindexed = {}
+local function unindex(member)
+  unindexed[#unindexed + 1] = member
+  if #unindexed == 1000 then
+    redis.call('ZREM', KEYS[4], unpack(unindexed))
+    unindexed = {}
+  end
+end
+
 local function end_one(t, rev, reason, child_rev, child_reason)
   revoke(task_key(t, 'lease:' .. t), t, t, rev, reason, KEYS[4], KEYS[5])
   out[#out + 1] = t
   for _, id in ipairs(redis.call('ZRANGE', task_key(t, 'leases'), 0, -1)) do
     if id ~= t then
+      -- As `revoke` does, reading the lease once.
       local key = task_key(t, 'lease:' .. id)
-      if is_active(key, ARGV[2]) then
-        revoke(key, id, t, child_rev, child_reason, KEYS[4], KEYS[5])
+      local f = redis.call('HMGET', key, 'state', 'exp', 'kind', 'agent', 'serial')
+      if f[1] == 'active' and tonumber(f[2]) > now then
+        redis.call('HSET', key, 'state', 'revoked', 'reason', child_reason, 'rev', child_rev)
+        unindex(id .. ':' .. t .. ':' .. f[4])
+        redis.call('XADD', KEYS[5], '*', 'lease', id, 'kind', f[3], 'task', t,
+          'rev', child_rev, 'exp', f[2], 'serial', f[5] or '')
         out[#out + 1] = id
       end
     end
@@ -35,4 +51,5 @@ local function end_one(t, rev, reason, child_rev, child_reason)
 end
 
 end_one(ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+if #unindexed > 0 then redis.call('ZREM', KEYS[4], unpack(unindexed)) end
 return out

@@ -25,8 +25,8 @@ pub(crate) use conn::RedisConn;
 pub use conn::RedisTarget;
 
 use super::{
-    LeaseFilter, LeaseStore, Page, PageRequest, ReapOutcome, RevocationEvent, RevokeRequest,
-    StoreError, TaskFilter, check_consumable,
+    ExpiredLease, LeaseFilter, LeaseStore, Page, PageRequest, ReapOutcome, RevocationEvent,
+    RevokeRequest, StoreError, TaskFilter, check_consumable,
 };
 
 /// Records stay this much longer in Redis than the reaper keeps them, so the
@@ -533,6 +533,78 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// Pages over an agent's leases: its tasks in id order, each task's
+    /// leases in id order. `after` (a lease id) resumes after that lease
+    /// in its task; a lease purged since then is `LeaseNotFound`.
+    async fn page_agent_leases(
+        &self,
+        agent: &str,
+        page: &PageRequest,
+        keep: impl Fn(&Lease) -> bool,
+    ) -> Result<Page<Lease>, StoreError> {
+        let limit = page.limit.max(1);
+        let mut items = Vec::new();
+        // Tasks still to read, and where to start in the first of them.
+        let mut tasks = Vec::new();
+        let mut lease_after = None;
+        if let Some(a) = &page.after {
+            let id = LeaseId::new(a).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let (t, _) = self.task_of(&id).await?.ok_or(StoreError::LeaseNotFound)?;
+            tasks.push(t);
+            lease_after = Some(a.clone());
+        }
+        let tasks_key = self.keys.agent_tasks(agent);
+        let mut tasks_after: Option<String> = tasks.first().cloned();
+        let mut last: Option<String> = None;
+        let mut scanned = 0;
+        loop {
+            if tasks.is_empty() {
+                tasks = self
+                    .members_after(&tasks_key, tasks_after.as_deref(), true, CHUNK)
+                    .await?;
+                tasks.reverse();
+            }
+            let Some(t) = tasks.pop() else {
+                return Ok(Page { items, next: None });
+            };
+            tasks_after = Some(t.clone());
+            loop {
+                let ids = self
+                    .members_after(
+                        &self.keys.task_leases(&t),
+                        lease_after.as_deref(),
+                        true,
+                        CHUNK,
+                    )
+                    .await?;
+                let refs: Vec<(String, String)> =
+                    ids.iter().map(|l| (t.clone(), l.clone())).collect();
+                for ((_, l), lease) in refs.iter().zip(self.fetch_leases(&refs).await?) {
+                    scanned += 1;
+                    last = Some(l.clone());
+                    if let Some(lease) = lease
+                        && keep(&lease)
+                    {
+                        items.push(lease);
+                        if items.len() >= limit {
+                            return Ok(Page { items, next: last });
+                        }
+                    }
+                }
+                if scanned >= MAX_SCAN {
+                    return Ok(Page { items, next: last });
+                }
+                if ids.len() < CHUNK {
+                    break;
+                }
+                lease_after = last.clone();
+            }
+            lease_after = None;
+        }
+    }
+}
+
 /// Appends `EVALSHA script keys… args…` to a pipeline.
 fn evalsha(pipe: &mut redis::Pipeline, script: &Script, keys: &[String], args: &[String]) {
     pipe.cmd("EVALSHA")
@@ -561,7 +633,6 @@ impl LeaseStore for RedisStore {
             .key(self.keys.leases())
             .key(self.keys.tasks())
             .key(self.keys.agent_tasks(a))
-            .key(self.keys.agent_leases(a))
             .key(self.keys.expiry())
             .key(self.keys.purge())
             .key(self.keys.task(p))
@@ -602,9 +673,7 @@ impl LeaseStore for RedisStore {
             .key(self.keys.task_leases(t))
             .key(self.keys.lease(t, l))
             .key(self.keys.leases())
-            .key(self.keys.agent_leases(a))
             .key(self.keys.expiry())
-            .key(self.keys.purge())
             .arg(l)
             .arg(a)
             .arg(now.as_millis())
@@ -685,6 +754,8 @@ impl LeaseStore for RedisStore {
                     .await
             })
             .await?;
+        // Every lease of the agent is under one of its tasks (`issue` records
+        // a lease only under a task of the same agent).
         let mut revoked = Vec::new();
         for t in tasks {
             let id = TaskId::new(&t).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -692,34 +763,6 @@ impl LeaseStore for RedisStore {
                 Ok(ids) => revoked.extend(ids),
                 Err(StoreError::TaskNotActive(_) | StoreError::TaskNotFound) => {}
                 Err(e) => return Err(e),
-            }
-        }
-        // Leases of the agent under tasks it does not own (delegation).
-        let mut after = None;
-        loop {
-            let members = self
-                .members_after(
-                    &self.keys.agent_leases(agent.as_str()),
-                    after.as_deref(),
-                    false,
-                    CHUNK,
-                )
-                .await?;
-            for m in &members {
-                let (l, t, _) = split_member(m)?;
-                after = Some(l.to_owned());
-                if t == l {
-                    continue;
-                }
-                let id = LeaseId::new(l).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                if let Some(lease) = self.fetch_lease(t, l).await?
-                    && lease.is_active_at(req.at)
-                {
-                    revoked.extend(self.revoke_lease(&id, req).await?);
-                }
-            }
-            if members.len() < CHUNK {
-                break;
             }
         }
         Ok(revoked)
@@ -761,11 +804,10 @@ impl LeaseStore for RedisStore {
                 }
             }
         }
-        let key = match &filter.agent {
-            Some(a) => self.keys.agent_leases(a.as_str()),
-            None => self.keys.leases(),
-        };
-        self.page_leases(&key, page, keep).await
+        match &filter.agent {
+            Some(a) => self.page_agent_leases(a.as_str(), page, keep).await,
+            None => self.page_leases(&self.keys.leases(), page, keep).await,
+        }
     }
 
     async fn list_tasks(
@@ -889,10 +931,12 @@ impl LeaseStore for RedisStore {
             let results: Vec<i64> = self.run_scripts(pipe, &self.scripts.expire).await?;
             for (m, moved) in expiring.iter().zip(results) {
                 if moved == 1 {
-                    let (l, _, _) = split_member(m)?;
-                    outcome
-                        .expired
-                        .push(LeaseId::new(l).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+                    let (l, t, a) = split_member(m)?;
+                    outcome.expired.push(ExpiredLease {
+                        id: LeaseId::new(l).map_err(corrupt)?,
+                        task_id: TaskId::new(t).map_err(corrupt)?,
+                        agent: SpiffeId::new(a).map_err(corrupt)?,
+                    });
                 }
             }
         }
@@ -917,11 +961,18 @@ impl LeaseStore for RedisStore {
                         self.keys.tasks(),
                         self.keys.agent_tasks(a),
                     ],
-                    &[m.clone(), l.to_owned(), t.to_owned(), a.to_owned()],
+                    &[
+                        m.clone(),
+                        l.to_owned(),
+                        t.to_owned(),
+                        a.to_owned(),
+                        self.keys.prefix.clone(),
+                        limit.to_string(),
+                    ],
                 );
             }
             let done: Vec<i64> = self.run_scripts(pipe, &self.scripts.purge).await?;
-            outcome.purged = done.len();
+            outcome.purged = done.iter().filter(|d| **d == 1).count();
         }
         self.trim_feed(cutoff).await?;
         self.purge_approvals(cutoff, limit).await?;

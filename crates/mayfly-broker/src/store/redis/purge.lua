@@ -1,15 +1,35 @@
--- Removes a lease past its retention window from every index; a task lease
--- takes the task's records with it.
--- KEYS: 1 lease hash, 2 task's lease set, 3 all leases, 4 agent's leases,
---       5 expiry index, 6 purge index, 7 task hash, 8 all tasks,
---       9 agent's tasks
--- ARGV: 1 index member, 2 lease id, 3 task id, 4 agent
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[2])
-for i = 3, 6 do redis.call('ZREM', KEYS[i], ARGV[1]) end
-if ARGV[2] == ARGV[3] then
-  redis.call('DEL', KEYS[7], KEYS[2])
-  redis.call('ZREM', KEYS[8], ARGV[3] .. ':' .. ARGV[4])
-  redis.call('ZREM', KEYS[9], ARGV[3])
+-- Removes a task past its retention window from every index, with the
+-- leases recorded under it (none outlives it), at most ARGV[6] leases per
+-- call: returns 1 once the task is gone, 0 while leases remain (the task
+-- stays due and the next pass goes on). A purge entry that names a
+-- credential lease (written by an earlier layout) removes just that lease.
+-- KEYS: 1 lease hash, 2 task's lease set, 3 all leases, 4 agent's leases
+--       (an earlier layout's index, emptied here), 5 expiry index, 6 purge
+--       index, 7 task hash, 8 all tasks, 9 agent's tasks
+-- ARGV: 1 index member, 2 lease id, 3 task id, 4 agent, 5 key prefix,
+--       6 most leases per call
+local function unindex(member)
+  for i = 3, 5 do redis.call('ZREM', KEYS[i], member) end
 end
+if ARGV[2] ~= ARGV[3] then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  unindex(ARGV[1])
+  redis.call('ZREM', KEYS[6], ARGV[1])
+  return 1
+end
+local prefix = ARGV[5] .. ':{' .. ARGV[3] .. '}:lease:'
+local ids = redis.call('ZRANGE', KEYS[2], 0, tonumber(ARGV[6]) - 1)
+for _, id in ipairs(ids) do
+  -- The task's own lease hash goes last, with the task: until then the
+  -- task reads as it was.
+  if id ~= ARGV[3] then redis.call('DEL', prefix .. id) end
+  redis.call('ZREM', KEYS[2], id)
+  unindex(id .. ':' .. ARGV[3] .. ':' .. ARGV[4])
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('DEL', KEYS[1], KEYS[7])
+redis.call('ZREM', KEYS[6], ARGV[1])
+redis.call('ZREM', KEYS[8], ARGV[3] .. ':' .. ARGV[4])
+redis.call('ZREM', KEYS[9], ARGV[3])
 return 1
