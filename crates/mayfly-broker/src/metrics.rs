@@ -136,14 +136,19 @@ impl Metrics {
 
     /// Counts a decision and the leases it ended.
     pub fn decision(&self, r: &AuditRecord) {
-        let label = EventLabel {
-            event: r.event.as_str(),
-        };
-        self.decisions.get_or_create(&label).inc();
         let ended = match r.event {
             Event::LeaseExpired => 1,
             _ => r.revoked.len() as u64,
         };
+        self.decided(r.event, ended);
+    }
+
+    /// Counts a decision of `event` that ended `ended` leases.
+    pub fn decided(&self, event: Event, ended: u64) {
+        let label = EventLabel {
+            event: event.as_str(),
+        };
+        self.decisions.get_or_create(&label).inc();
         if ended > 0 {
             self.leases_ended.get_or_create(&label).inc_by(ended);
         }

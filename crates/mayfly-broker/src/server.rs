@@ -127,16 +127,23 @@ impl Broker {
             previous.push(SigningKey::load(&key_path(&config.data_dir, other), other)?);
         }
         let signer = Arc::new(JwtSigner::new(key, previous));
+        // The Redis store also records credential leases for a trail in
+        // the same Redis.
+        let mut redis_store = None;
         let store: Arc<dyn LeaseStore> = match (&config.store, &config.redis) {
             (StoreKind::Embedded, _) => Arc::new(EmbeddedStore::open(&config.store_path())?),
-            (StoreKind::Redis, Some(redis)) => Arc::new(
-                RedisStore::new(
-                    redis_target(redis)?,
-                    &redis.key_prefix,
-                    config.reaper.retention,
-                )?
-                .with_replicas_to_ack(redis.replicas_to_ack),
-            ),
+            (StoreKind::Redis, Some(redis)) => {
+                let store = Arc::new(
+                    RedisStore::new(
+                        redis_target(redis)?,
+                        &redis.key_prefix,
+                        config.reaper.retention,
+                    )?
+                    .with_replicas_to_ack(redis.replicas_to_ack),
+                );
+                redis_store = Some(store.clone());
+                store
+            }
             (other, _) => {
                 return Err(ConfigError::Invalid(format!(
                     "store {other:?} is not fully configured"
@@ -145,7 +152,7 @@ impl Broker {
             }
         };
         let metrics = Arc::new(crate::metrics::Metrics::new());
-        let audit = open_audit(&config, &metrics)?;
+        let audit = open_audit(&config, &metrics, redis_store)?;
         let policy = Arc::new(PolicyHandle::load(&config.policy.dir)?);
         tracing::info!(policies = policy.len(), dir = %config.policy.dir.display(), "policies loaded");
         let issuer = config.issuer();
@@ -367,8 +374,13 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 /// Where the configured Redis is, reading secrets from their files.
 /// Opens the configured audit sink and starts its writer (on the current
-/// Tokio runtime).
-fn open_audit(config: &Config, metrics: &Arc<Metrics>) -> Result<AuditLog, StartError> {
+/// Tokio runtime). A Redis trail records credential leases in the same
+/// step as their records, through `redis_store` (the same Redis).
+fn open_audit(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    redis_store: Option<Arc<RedisStore>>,
+) -> Result<AuditLog, StartError> {
     let sink: Arc<dyn AuditSink> = match (config.audit_sink(), &config.redis) {
         (AuditSinkKind::File, _) => {
             let path = config.audit_path();
@@ -377,7 +389,11 @@ fn open_audit(config: &Config, metrics: &Arc<Metrics>) -> Result<AuditLog, Start
             Arc::new(sink)
         }
         (AuditSinkKind::Redis, Some(redis)) => {
-            Arc::new(RedisSink::new(redis_target(redis)?, &redis.key_prefix)?)
+            let sink = RedisSink::new(redis_target(redis)?, &redis.key_prefix)?;
+            Arc::new(match redis_store {
+                Some(store) => sink.with_store(store),
+                None => sink,
+            })
         }
         (AuditSinkKind::Stdout, _) => Arc::new(StdoutSink::new()),
         (AuditSinkKind::Off, _) => {

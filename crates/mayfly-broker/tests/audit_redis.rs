@@ -1,15 +1,21 @@
 //! The Redis audit sink on a real `redis-server`: two replicas writing at
-//! once still make one chain, and it reads back by cursor.
+//! once still make one chain, it reads back by cursor, and credential
+//! leases are written with their records or not at all.
 
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use mayfly_broker::audit::{
-    AuditError, AuditLog, AuditRecord, AuditSink, Event, RedisSink, verify,
+    AuditError, AuditLog, AuditRecord, AuditSink, Event, RecordError, RedisSink, verify,
 };
-use mayfly_broker::store::RedisTarget;
-use mayfly_core::SpiffeId;
+use mayfly_broker::store::contract::{agent, lease, revoke, task};
+use mayfly_broker::store::{
+    LeaseFilter, LeaseStore, PageRequest, RedisStore, RedisTarget, StoreError,
+};
+use mayfly_core::{LeaseId, RevocationReason, SpiffeId, TaskState};
 use mayfly_testkit::RedisServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,4 +90,133 @@ async fn replicas_write_one_chain() {
             "{bad}"
         );
     }
+}
+
+/// A store and a trail in one Redis, the trail recording leases with
+/// their records; and a second replica's, on the same Redis.
+fn joint(server: &RedisServer) -> (Arc<RedisStore>, AuditLog) {
+    let target = RedisTarget::Url {
+        url: server.url(),
+        ca_pem: None,
+    };
+    let store =
+        Arc::new(RedisStore::new(target.clone(), "mayfly", Duration::from_secs(3600)).unwrap());
+    let sink = RedisSink::new(target, "mayfly")
+        .unwrap()
+        .with_store(store.clone());
+    (store, AuditLog::start(Arc::new(sink)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_and_their_records_are_written_together_or_not_at_all() {
+    let server = RedisServer::start();
+    let (store, log) = joint(&server);
+    let (_, other_replica) = joint(&server);
+    assert!(log.records_leases());
+    let owner = agent("a");
+    let live = task(&owner, 600);
+    let ended = task(&owner, 600);
+    for t in [&live, &ended] {
+        store.start_task(t).await.unwrap();
+    }
+    store
+        .end_task(
+            &ended.id,
+            &revoke(
+                RevocationReason::TaskCompleted,
+                RevocationReason::TaskCompleted,
+                ended.created_at,
+            ),
+        )
+        .await
+        .unwrap();
+
+    // Interleaved through two replicas, so batches mix good and refused
+    // leases and chain onto each other's heads.
+    let mut writers = Vec::new();
+    for i in 0..120 {
+        let (log, t) = match i % 3 {
+            0 => (other_replica.clone(), ended.clone()),
+            1 => (other_replica.clone(), live.clone()),
+            _ => (log.clone(), live.clone()),
+        };
+        let l = lease(&t, 60);
+        let record = AuditRecord::new(Event::TokenIssued, &owner)
+            .task(&t)
+            .lease(&l.id);
+        writers.push(tokio::spawn(async move {
+            let got = log.record_with_lease(record, l.clone(), t.created_at).await;
+            (l.id, got)
+        }));
+    }
+    let (mut issued, mut refused) = (BTreeSet::new(), 0);
+    for w in writers {
+        match w.await.unwrap() {
+            (id, Ok(())) => {
+                issued.insert(id.to_string());
+            }
+            (_, Err(RecordError::Lease(StoreError::TaskNotActive(TaskState::Completed)))) => {
+                refused += 1
+            }
+            (_, Err(e)) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!((issued.len(), refused), (80, 40));
+
+    // The trail holds exactly the issued ones, in one intact chain, and the
+    // store exactly their leases.
+    let sink = RedisSink::new(
+        RedisTarget::Url {
+            url: server.url(),
+            ca_pem: None,
+        },
+        "mayfly",
+    )
+    .unwrap();
+    let lines = sink.read("", 1000).await.unwrap().0;
+    verify(lines.iter().cloned().map(Ok::<_, String>)).unwrap();
+    let recorded: BTreeSet<String> = lines
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<AuditRecord>(l)
+                .unwrap()
+                .lease_id
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(recorded, issued);
+    for id in &issued {
+        let lease = store.get_lease(&LeaseId::new(id).unwrap()).await.unwrap();
+        assert!(lease.is_some_and(|l| l.task_id == live.id), "{id}");
+    }
+    let under_ended = store
+        .list_leases(
+            &LeaseFilter {
+                task: Some(ended.id.clone()),
+                ..Default::default()
+            },
+            &PageRequest {
+                after: None,
+                limit: 100,
+            },
+            ended.created_at,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        under_ended.items.len(),
+        1,
+        "the ended task's own lease only"
+    );
+
+    // A trail key of the wrong type: neither lease nor record is written.
+    server.cli(&["DEL", "mayfly:audit"]);
+    server.cli(&["SET", "mayfly:audit", "not a stream"]);
+    let l = lease(&live, 60);
+    let record = AuditRecord::new(Event::TokenIssued, &owner).lease(&l.id);
+    let got = log
+        .record_with_lease(record, l.clone(), live.created_at)
+        .await;
+    assert!(matches!(got, Err(RecordError::Audit(_))), "{got:?}");
+    assert!(store.get_lease(&l.id).await.unwrap().is_none());
 }

@@ -190,3 +190,45 @@ async fn writes_fail_closed_without_the_replicas_they_need() {
         other => panic!("expected Unavailable, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_indexed_by_an_earlier_layout_are_found_and_purged() {
+    use mayfly_broker::store::contract::{agent, lease, task};
+
+    let (store, server) = fresh().await;
+    let t = task(&agent("old"), 100);
+    store.start_task(&t).await.unwrap();
+    let l = lease(&t, 50);
+    store.issue(&l, t.created_at).await.unwrap();
+    // As an earlier version indexed it: `L:T:A` in the leases zset and the
+    // agent's leases zset, nothing in the id -> task hash.
+    let member = format!("{}:{}:{}", l.id, t.id, t.agent);
+    server.cli(&["HDEL", "mayfly:lease-tasks", l.id.as_str()]);
+    server.cli(&["ZADD", "mayfly:leases", "0", &member]);
+    server.cli(&[
+        "ZADD",
+        &format!("mayfly:agent:{}:leases", t.agent),
+        "0",
+        &member,
+    ]);
+    let found = store.get_lease(&l.id).await.unwrap().unwrap();
+    assert_eq!(found.task_id, t.id);
+
+    // Purged with its task, from the old indexes too.
+    let after = t.expires_at.plus(Duration::from_secs(3600));
+    for _ in 0..10 {
+        store
+            .reap(after, Duration::from_secs(3600), 100)
+            .await
+            .unwrap();
+    }
+    assert!(store.get_task(&t.id).await.unwrap().is_none());
+    assert!(store.get_lease(&l.id).await.unwrap().is_none());
+    for key in [
+        "mayfly:leases".to_owned(),
+        format!("mayfly:agent:{}:leases", t.agent),
+    ] {
+        assert_eq!(server.cli(&["ZCARD", &key]).trim(), "0", "{key}");
+    }
+    assert_eq!(server.cli(&["HLEN", "mayfly:lease-tasks"]).trim(), "0");
+}

@@ -13,6 +13,9 @@
 //! writer, which appends everything waiting as one batch (one write and one
 //! fsync for the file sink, one script call for Redis) and then answers
 //! them all. A credential is returned only after its record is durable.
+//! A sink that lives in the lease store (Redis) also records each
+//! credential's lease in the same atomic step as its record
+//! ([`AuditLog::record_with_lease`]), so an issue is one round trip.
 
 mod file;
 mod redis;
@@ -21,11 +24,12 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use mayfly_core::{Envelope, LeaseId, Scopes, SpiffeId, Task, TaskId, Timestamp};
+use mayfly_core::{Envelope, Lease, LeaseId, Scopes, SpiffeId, Task, TaskId, Timestamp};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
+use crate::store::StoreError;
 
 pub use self::file::FileSink;
 pub use self::redis::RedisSink;
@@ -439,11 +443,61 @@ pub enum AuditError {
     BadCursor(String),
 }
 
+/// A credential lease to record in the same step as its audit record.
+#[derive(Debug, Clone)]
+pub struct LeaseWrite {
+    /// The lease, as `LeaseStore::issue` takes it.
+    pub lease: Lease,
+    /// When its decision was made (the task must be active then).
+    pub now: Timestamp,
+}
+
+/// Why a record, and the lease that came with it, were not written.
+#[derive(Debug)]
+pub enum RecordError {
+    /// The trail could not take the record.
+    Audit(AuditError),
+    /// The store refused the lease, or could not be reached.
+    Lease(StoreError),
+}
+
+/// Why [`AuditSink::append_with_leases`] wrote nothing.
+#[derive(Debug)]
+pub enum LeaseBatchError {
+    /// The trail could not take the records.
+    Audit(AuditError),
+    /// These leases (by index in the batch) may not be recorded, and why.
+    Refused(Vec<(usize, StoreError)>),
+    /// The store could not be reached.
+    Unavailable(String),
+}
+
 /// Where records go.
 #[async_trait]
 pub trait AuditSink: Send + Sync + fmt::Debug + 'static {
     /// Appends `records` after the current head, durably, in order.
     async fn append(&self, records: &[AuditRecord]) -> Result<(), AuditError>;
+
+    /// Whether [`append_with_leases`](Self::append_with_leases) works, that
+    /// is, whether the trail lives in the lease store.
+    fn records_leases(&self) -> bool {
+        false
+    }
+
+    /// Appends `records` as [`append`](Self::append) does and, in the same
+    /// atomic step, records `leases[i]`, the credential lease of
+    /// `records[i]` where there is one, as `LeaseStore::issue` would. If
+    /// any lease may not be recorded, nothing is written.
+    async fn append_with_leases(
+        &self,
+        records: &[AuditRecord],
+        leases: &[Option<LeaseWrite>],
+    ) -> Result<(), LeaseBatchError> {
+        let _ = (records, leases);
+        Err(LeaseBatchError::Audit(AuditError::Failed(
+            "this trail does not live in the lease store".into(),
+        )))
+    }
 
     /// Up to `limit` lines after `cursor` ("" for the start), and the
     /// cursor after them.
@@ -512,7 +566,9 @@ fn off() -> AuditError {
 
 struct Pending {
     record: AuditRecord,
-    done: oneshot::Sender<Result<(), AuditError>>,
+    /// The credential lease to record with it, on a sink that can.
+    lease: Option<LeaseWrite>,
+    done: oneshot::Sender<Result<(), RecordError>>,
 }
 
 /// The broker's handle on the trail: cheap to clone.
@@ -562,15 +618,58 @@ impl AuditLog {
         if let Some(m) = &self.metrics {
             m.decision(&record);
         }
+        match self.send(record, None).await {
+            Ok(()) => Ok(()),
+            Err(RecordError::Audit(e)) => Err(e),
+            Err(RecordError::Lease(e)) => Err(AuditError::Failed(e.to_string())),
+        }
+    }
+
+    /// Whether [`record_with_lease`](Self::record_with_lease) may be used:
+    /// the trail lives in the lease store.
+    pub fn records_leases(&self) -> bool {
+        self.tx.is_some() && self.sink.as_ref().is_some_and(|s| s.records_leases())
+    }
+
+    /// Records `lease` (decided at `now`) and `record` in one atomic step,
+    /// as `LeaseStore::issue` and [`record`](Self::record) would one after
+    /// the other; returns once both are durable. Only where
+    /// [`records_leases`](Self::records_leases).
+    pub async fn record_with_lease(
+        &self,
+        record: AuditRecord,
+        lease: Lease,
+        now: Timestamp,
+    ) -> Result<(), RecordError> {
+        let event = record.event;
+        self.send(record, Some(LeaseWrite { lease, now })).await?;
+        if let Some(m) = &self.metrics {
+            m.decided(event, 0);
+        }
+        Ok(())
+    }
+
+    async fn send(
+        &self,
+        record: AuditRecord,
+        lease: Option<LeaseWrite>,
+    ) -> Result<(), RecordError> {
+        let stopped = || RecordError::Audit(AuditError::Failed("the audit writer stopped".into()));
         let Some(tx) = &self.tx else {
-            return Ok(());
+            return match lease {
+                None => Ok(()),
+                Some(_) => Err(RecordError::Audit(off())),
+            };
         };
         let (done, wait) = oneshot::channel();
-        tx.send(Pending { record, done })
-            .await
-            .map_err(|_| AuditError::Failed("the audit writer stopped".into()))?;
-        wait.await
-            .map_err(|_| AuditError::Failed("the audit writer stopped".into()))?
+        tx.send(Pending {
+            record,
+            lease,
+            done,
+        })
+        .await
+        .map_err(|_| stopped())?;
+        wait.await.map_err(|_| stopped())?
     }
 
     /// Lines after `cursor`, and the cursor after them.
@@ -610,21 +709,89 @@ async fn write_batches(
                 Err(_) => break,
             }
         }
-        let (records, waiting): (Vec<AuditRecord>, Vec<_>) =
-            batch.into_iter().map(|p| (p.record, p.done)).unzip();
-        let outcome = sink.append(&records).await;
-        if let Some(m) = &metrics {
-            m.audit_batch.observe(records.len() as f64);
+        let mut records = Vec::with_capacity(batch.len());
+        let mut leases = Vec::with_capacity(batch.len());
+        let mut waiting = Vec::with_capacity(batch.len());
+        for p in batch {
+            records.push(p.record);
+            leases.push(p.lease);
+            waiting.push(p.done);
         }
-        if let Err(e) = &outcome {
-            if let Some(m) = &metrics {
-                m.audit_failures.inc();
+        if leases.iter().all(Option::is_none) {
+            let outcome = sink.append(&records).await;
+            written(&metrics, records.len(), outcome.as_ref().err());
+            for done in waiting {
+                let _ = done.send(outcome.clone().map_err(RecordError::Audit));
             }
-            tracing::error!(error = %e, records = records.len(), "audit records not written");
+        } else {
+            write_with_leases(&*sink, records, leases, waiting, &metrics).await;
         }
-        for done in waiting {
-            let _ = done.send(outcome.clone());
+    }
+}
+
+/// Writes a batch holding credential leases. A lease the store refuses is
+/// answered with why and left out, and the rest is written again; nothing
+/// was written in the meantime, so the chain goes on unbroken.
+async fn write_with_leases(
+    sink: &dyn AuditSink,
+    mut records: Vec<AuditRecord>,
+    mut leases: Vec<Option<LeaseWrite>>,
+    mut waiting: Vec<oneshot::Sender<Result<(), RecordError>>>,
+    metrics: &Option<Arc<Metrics>>,
+) {
+    while !records.is_empty() {
+        match sink.append_with_leases(&records, &leases).await {
+            Ok(()) => {
+                written(metrics, records.len(), None);
+                for done in waiting.drain(..) {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            Err(LeaseBatchError::Refused(mut refused)) => {
+                // From the back, so the indices stay right.
+                refused.sort_by_key(|r| std::cmp::Reverse(r.0));
+                refused.dedup_by(|a, b| a.0 == b.0);
+                for (i, e) in refused {
+                    if i < records.len() {
+                        records.remove(i);
+                        leases.remove(i);
+                        let _ = waiting.remove(i).send(Err(RecordError::Lease(e)));
+                    }
+                }
+            }
+            Err(LeaseBatchError::Unavailable(m)) => {
+                let e = AuditError::Failed(m.clone());
+                written(metrics, records.len(), Some(&e));
+                for (lease, done) in leases.iter().zip(waiting.drain(..)) {
+                    let _ = done.send(Err(match lease {
+                        Some(_) => RecordError::Lease(StoreError::Unavailable(m.clone())),
+                        None => RecordError::Audit(e.clone()),
+                    }));
+                }
+            }
+            Err(LeaseBatchError::Audit(e)) => {
+                written(metrics, records.len(), Some(&e));
+                for done in waiting.drain(..) {
+                    let _ = done.send(Err(RecordError::Audit(e.clone())));
+                }
+            }
         }
+        if waiting.is_empty() {
+            return;
+        }
+    }
+}
+
+/// Counts a batch, and logs it if it failed.
+fn written(metrics: &Option<Arc<Metrics>>, records: usize, failed: Option<&AuditError>) {
+    if let Some(m) = metrics {
+        m.audit_batch.observe(records as f64);
+    }
+    if let Some(e) = failed {
+        if let Some(m) = metrics {
+            m.audit_failures.inc();
+        }
+        tracing::error!(error = %e, records, "audit records not written");
     }
 }
 

@@ -4,14 +4,20 @@
 //! head is still the one it was chained onto; otherwise another replica
 //! wrote first, and the batch is chained again onto the new head. So all
 //! replicas write one chain.
+//!
+//! Given the store ([`RedisSink::with_store`]), a batch that holds
+//! credential leases is written together with them in one script of the
+//! store's (`issue_recorded.lua`), which checks the head the same way.
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use redis::Script;
 use redis::streams::StreamRangeReply;
 use tokio::sync::Mutex;
 
-use super::{AuditError, AuditRecord, AuditSink, Head, chain};
-use crate::store::{RedisConn, RedisTarget};
+use super::{AuditError, AuditRecord, AuditSink, Head, LeaseBatchError, LeaseWrite, chain};
+use crate::store::{BatchOutcome, RedisConn, RedisStore, RedisTarget, StoreError, TrailBatch};
 
 /// Appends a chained batch if the head has not moved.
 /// KEYS: 1 stream, 2 head hash. ARGV: 1 expected seq, 2 expected hash,
@@ -37,6 +43,9 @@ pub struct RedisSink {
     script: Script,
     /// The head as last seen; `None` until first use.
     head: Mutex<Option<Head>>,
+    /// The lease store in the same Redis, which records credential leases
+    /// in the same step as their records.
+    store: Option<Arc<RedisStore>>,
 }
 
 impl std::fmt::Debug for RedisSink {
@@ -56,8 +65,31 @@ impl RedisSink {
             head_key: format!("{prefix}:audit:head"),
             script: Script::new(APPEND),
             head: Mutex::new(None),
+            store: None,
         })
     }
+
+    /// Records credential leases through `store` (the same Redis and key
+    /// prefix) in the same step as their records.
+    pub fn with_store(mut self, store: Arc<RedisStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+}
+
+/// The head a `STALE` reply names.
+fn stale_head(seq: &str, hash: &str) -> Result<Head, AuditError> {
+    let seq = seq
+        .parse()
+        .map_err(|_| AuditError::Failed(format!("bad audit head seq {seq:?}")))?;
+    Ok(Head {
+        seq,
+        hash: hash.to_owned(),
+    })
+}
+
+fn moving() -> AuditError {
+    AuditError::Failed("the audit head kept moving; other replicas are writing too fast".into())
 }
 
 #[async_trait]
@@ -88,13 +120,7 @@ impl AuditSink for RedisSink {
                     return Ok(());
                 }
                 [stale, seq, hash] if stale == "STALE" => {
-                    let seq = seq
-                        .parse()
-                        .map_err(|_| AuditError::Failed(format!("bad audit head seq {seq:?}")))?;
-                    *cached = Some(Head {
-                        seq,
-                        hash: hash.clone(),
-                    });
+                    *cached = Some(stale_head(seq, hash)?);
                 }
                 other => {
                     return Err(AuditError::Failed(format!(
@@ -103,9 +129,63 @@ impl AuditSink for RedisSink {
                 }
             }
         }
-        Err(AuditError::Failed(
-            "the audit head kept moving; other replicas are writing too fast".into(),
-        ))
+        Err(moving())
+    }
+
+    fn records_leases(&self) -> bool {
+        self.store.is_some()
+    }
+
+    async fn append_with_leases(
+        &self,
+        records: &[AuditRecord],
+        leases: &[Option<LeaseWrite>],
+    ) -> Result<(), LeaseBatchError> {
+        let Some(store) = &self.store else {
+            return Err(LeaseBatchError::Audit(AuditError::Failed(
+                "this trail does not live in the lease store".into(),
+            )));
+        };
+        // Leases by their place in the batch.
+        let (places, writes): (Vec<usize>, Vec<_>) = leases
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| l.as_ref().map(|l| (i, (&l.lease, l.now))))
+            .unzip();
+        let mut cached = self.head.lock().await;
+        for _ in 0..ATTEMPTS {
+            let head = cached.clone().unwrap_or_else(Head::genesis);
+            let (lines, next) = chain(records, &head).map_err(LeaseBatchError::Audit)?;
+            let batch = TrailBatch {
+                stream: &self.stream,
+                head_key: &self.head_key,
+                expected: (head.seq, &head.hash),
+                next: (next.seq, &next.hash),
+                lines: &lines,
+            };
+            match store.issue_recorded(&writes, &batch).await {
+                Ok(BatchOutcome::Written) => {
+                    *cached = Some(next);
+                    return Ok(());
+                }
+                Ok(BatchOutcome::Stale { seq, hash }) => {
+                    *cached = Some(Head { seq, hash });
+                }
+                Ok(BatchOutcome::Refused(refused)) => {
+                    return Err(LeaseBatchError::Refused(
+                        refused.into_iter().map(|(i, e)| (places[i], e)).collect(),
+                    ));
+                }
+                Ok(BatchOutcome::Broken(key)) => {
+                    return Err(LeaseBatchError::Audit(AuditError::Failed(format!(
+                        "{key} has the wrong type; nothing was written"
+                    ))));
+                }
+                Err(StoreError::Unavailable(m)) => return Err(LeaseBatchError::Unavailable(m)),
+                Err(e) => return Err(LeaseBatchError::Audit(AuditError::Failed(e.to_string()))),
+            }
+        }
+        Err(LeaseBatchError::Audit(moving()))
     }
 
     async fn read(&self, cursor: &str, limit: usize) -> Result<(Vec<String>, String), AuditError> {

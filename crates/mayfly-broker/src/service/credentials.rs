@@ -13,7 +13,7 @@ use super::{
     CertificateRequest, Issued, IssuedCertificate, IssuedToken, Permit, Service, TokenRequest,
     asked, expiry,
 };
-use crate::audit::{AuditRecord, Event};
+use crate::audit::{AuditRecord, Event, RecordError};
 use crate::error::BrokerError;
 use crate::identity::Caller;
 use crate::store::{RevokeRequest, StoreError};
@@ -44,7 +44,45 @@ enum Gate {
     Pending(Box<Approval>),
 }
 
+/// Why a credential was not recorded.
+enum NotRecorded {
+    /// The store refused its lease, or could not be reached.
+    Store(StoreError),
+    /// Anything else, as the caller's answer.
+    Broker(BrokerError),
+}
+
 impl Service {
+    /// Records `lease` (decided at `now`) and its audit `record`: in one
+    /// atomic step when the trail lives in the store, else the lease and
+    /// then the record (revoking the lease if the record fails). Either
+    /// way the credential may leave only once this returns `Ok`.
+    async fn record_issued(
+        &self,
+        lease: &Lease,
+        now: Timestamp,
+        record: AuditRecord,
+    ) -> Result<(), NotRecorded> {
+        if self.audit.records_leases() {
+            return match self
+                .audit
+                .record_with_lease(record, lease.clone(), now)
+                .await
+            {
+                Ok(()) => Ok(()),
+                Err(RecordError::Lease(e)) => Err(NotRecorded::Store(e)),
+                Err(RecordError::Audit(e)) => Err(NotRecorded::Broker(e.into())),
+            };
+        }
+        self.store
+            .issue(lease, now)
+            .await
+            .map_err(NotRecorded::Store)?;
+        self.record_credential(lease, record)
+            .await
+            .map_err(NotRecorded::Broker)
+    }
+
     /// Records a credential just recorded in the store; if that fails, the
     /// lease is revoked again and the request fails, so no credential
     /// leaves without its audit record.
@@ -263,19 +301,6 @@ impl Service {
                 .signer
                 .sign(&claims)
                 .map_err(|e| BrokerError::Internal(e.to_string()))?;
-            // The token leaves only after its lease is durably recorded,
-            // under a task that is still active and unchanged at that moment.
-            if let Err(e) = self.store.issue(&lease, now).await {
-                self.tasks.forget(&task.id);
-                match e {
-                    StoreError::TaskChanged if attempt < ATTEMPTS => {
-                        attempt += 1;
-                        cached = false;
-                        continue;
-                    }
-                    e => return Err(BrokerError::from_store(e, &task.id)),
-                }
-            }
             let mut record = AuditRecord::new(Event::TokenIssued, &caller.id)
                 .task(task)
                 .lease(&lease.id)
@@ -283,7 +308,23 @@ impl Service {
                 .decided("permit", Some(&permit.policy_id))
                 .expires(expires_at);
             record.approval_id = approval.as_ref().map(ToString::to_string);
-            self.record_credential(&lease, record).await?;
+            // The token leaves only after its lease and its record are
+            // durable, under a task still active and unchanged at that moment.
+            match self.record_issued(&lease, now, record).await {
+                Ok(()) => {}
+                Err(NotRecorded::Store(e)) => {
+                    self.tasks.forget(&task.id);
+                    match e {
+                        StoreError::TaskChanged if attempt < ATTEMPTS => {
+                            attempt += 1;
+                            cached = false;
+                            continue;
+                        }
+                        e => return Err(BrokerError::from_store(e, &task.id)),
+                    }
+                }
+                Err(NotRecorded::Broker(e)) => return Err(e),
+            }
             // One per credential: debug, like expiry; the audit trail has
             // every one.
             tracing::debug!(
@@ -401,18 +442,6 @@ impl Service {
                 task_revision: task.revision,
                 approval: used_approval.clone(),
             };
-            // Returned only once its lease is durable, as for tokens.
-            if let Err(e) = self.store.issue(&lease, now).await {
-                self.tasks.forget(&task.id);
-                match e {
-                    StoreError::TaskChanged if attempt < ATTEMPTS => {
-                        attempt += 1;
-                        cached = false;
-                        continue;
-                    }
-                    e => return Err(BrokerError::from_store(e, &task.id)),
-                }
-            }
             let mut record = AuditRecord::new(Event::CertificateIssued, &caller.id)
                 .task(task)
                 .lease(&lease.id)
@@ -420,7 +449,22 @@ impl Service {
                 .expires(expires_at);
             record.serial = lease.serial.clone();
             record.approval_id = lease.approval.as_ref().map(ToString::to_string);
-            self.record_credential(&lease, record).await?;
+            // Returned only once its lease and record are durable, as for tokens.
+            match self.record_issued(&lease, now, record).await {
+                Ok(()) => {}
+                Err(NotRecorded::Store(e)) => {
+                    self.tasks.forget(&task.id);
+                    match e {
+                        StoreError::TaskChanged if attempt < ATTEMPTS => {
+                            attempt += 1;
+                            cached = false;
+                            continue;
+                        }
+                        e => return Err(BrokerError::from_store(e, &task.id)),
+                    }
+                }
+                Err(NotRecorded::Broker(e)) => return Err(e),
+            }
             // One per credential: debug, like expiry; the audit trail has
             // every one.
             tracing::debug!(

@@ -24,7 +24,7 @@ mod embedded;
 mod redis;
 
 pub(crate) use self::redis::RedisConn;
-pub use self::redis::{RedisStore, RedisTarget};
+pub use self::redis::{BatchOutcome, RedisStore, RedisTarget, TrailBatch};
 pub use embedded::{CACHE_BYTES as EMBEDDED_CACHE_BYTES, EmbeddedStore};
 
 /// Why a store call failed.

@@ -30,3 +30,45 @@ local function is_active(key, now)
   local s = redis.call('HMGET', key, 'state', 'exp')
   return s[1] == 'active' and tonumber(s[2]) > tonumber(now)
 end
+
+-- Whether a credential lease may be recorded now: 'OK', or why not. The
+-- task must exist, belong to the lease's agent, be active at `now`,
+-- outlive the lease, and still be at the context revision the decision
+-- saw; the lease id must be new.
+local function issue_check(task_key, tlease_key, lease_key, agent, now, expires, rev)
+  local t = redis.call('HMGET', task_key, 'agent', 'exp', 'rev')
+  if not t[1] or t[1] ~= agent then return 'NOTFOUND' end
+  local state = task_state(tlease_key, now)
+  if state ~= 'active' then return 'STATE:' .. state end
+  if tonumber(expires) > tonumber(t[2]) then return 'OUTLIVES' end
+  if (t[3] or '0') ~= rev then return 'CHANGED' end
+  if redis.call('EXISTS', lease_key) == 1 then return 'DUPLICATE' end
+  return 'OK'
+end
+
+-- Records a credential lease that passed issue_check: its hash, its
+-- entries in the task's set and the expiry index, and its task in the
+-- lease index (id -> task). The lease is found by agent through the
+-- agent's tasks, and is purged with its task (it never outlives it).
+local function issue_write(lease_key, set_key, index_key, expiry_key, id, task, agent, expires,
+    keep_until, body, kind, member, serial)
+  if serial ~= '' then
+    redis.call('HSET', lease_key, 'body', body, 'state', 'active', 'exp', expires,
+      'kind', kind, 'agent', agent, 'serial', serial)
+  else
+    redis.call('HSET', lease_key, 'body', body, 'state', 'active', 'exp', expires,
+      'kind', kind, 'agent', agent)
+  end
+  redis.call('PEXPIREAT', lease_key, keep_until)
+  redis.call('ZADD', set_key, 0, id)
+  redis.call('HSET', index_key, id, task)
+  redis.call('ZADD', expiry_key, expires, member)
+end
+
+-- Whether `key` is missing or of type `want`, so that a write to it
+-- cannot fail halfway through a script (Redis does not undo the writes a
+-- failed script made before the failure).
+local function writable(key, want)
+  local t = redis.call('TYPE', key)['ok']
+  return t == 'none' or t == want
+end

@@ -8,6 +8,7 @@
 //! losing up to a second of leases on a Redis crash with `everysec`).
 
 mod conn;
+mod recorded;
 
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use serde::de::DeserializeOwned;
 
 pub(crate) use conn::RedisConn;
 pub use conn::RedisTarget;
+pub use recorded::{BatchOutcome, TrailBatch};
 
 use super::{
     ExpiredLease, LeaseFilter, LeaseStore, Page, PageRequest, ReapOutcome, RevocationEvent,
@@ -49,6 +51,7 @@ fn script(body: &str) -> Script {
 struct Scripts {
     start_task: Script,
     issue: Script,
+    issue_recorded: Script,
     end_task: Script,
     revoke_lease: Script,
     expire: Script,
@@ -63,6 +66,7 @@ impl Scripts {
         Self {
             start_task: script(include_str!("start_task.lua")),
             issue: script(include_str!("issue.lua")),
+            issue_recorded: script(include_str!("issue_recorded.lua")),
             end_task: script(include_str!("end_task.lua")),
             revoke_lease: script(include_str!("revoke_lease.lua")),
             expire: script(include_str!("expire.lua")),
@@ -96,7 +100,13 @@ impl Keys {
     fn children(&self, t: &str) -> String {
         format!("{}:{{{t}}}:children", self.prefix)
     }
-    fn leases(&self) -> String {
+    /// Lease id -> task id, for every lease.
+    fn lease_tasks(&self) -> String {
+        format!("{}:lease-tasks", self.prefix)
+    }
+    /// Earlier versions' lease index (a zset of `L:T:A`): still read for
+    /// leases recorded before, and emptied by the reaper.
+    fn legacy_leases(&self) -> String {
         format!("{}:leases", self.prefix)
     }
     fn tasks(&self) -> String {
@@ -105,6 +115,7 @@ impl Keys {
     fn agent_tasks(&self, a: &str) -> String {
         format!("{}:agent:{a}:tasks", self.prefix)
     }
+    /// Earlier versions' index of an agent's leases: emptied by the reaper.
     fn agent_leases(&self, a: &str) -> String {
         format!("{}:agent:{a}:leases", self.prefix)
     }
@@ -399,15 +410,19 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// Finds the task of a lease through the lease index.
-    async fn task_of(&self, lease: &LeaseId) -> Result<Option<(String, String)>, StoreError> {
-        let key = self.keys.leases();
+    /// Finds the task of a lease through the lease index (or the index of
+    /// earlier versions, for a lease recorded before).
+    async fn task_of(&self, lease: &LeaseId) -> Result<Option<String>, StoreError> {
+        let (key, legacy) = (self.keys.lease_tasks(), self.keys.legacy_leases());
         let (lo, hi) = (format!("[{lease}:"), format!("[{lease};"));
-        let found: Vec<String> = self
+        let id = lease.to_string();
+        let (task, old): (Option<String>, Vec<String>) = self
             .conn
             .run(|mut c| async move {
-                redis::cmd("ZRANGEBYLEX")
-                    .arg(&key)
+                redis::pipe()
+                    .hget(&key, &id)
+                    .cmd("ZRANGEBYLEX")
+                    .arg(&legacy)
                     .arg(&lo)
                     .arg(&hi)
                     .arg("LIMIT")
@@ -417,12 +432,10 @@ impl RedisStore {
                     .await
             })
             .await?;
-        match found.first() {
-            Some(m) => {
-                let (_, t, a) = split_member(m)?;
-                Ok(Some((t.to_owned(), a.to_owned())))
-            }
-            None => Ok(None),
+        match (task, old.first()) {
+            (Some(t), _) => Ok(Some(t)),
+            (None, Some(m)) => Ok(Some(split_member(m)?.1.to_owned())),
+            (None, None) => Ok(None),
         }
     }
 
@@ -489,57 +502,18 @@ impl RedisStore {
             .map(|l| LeaseId::new(l).map_err(|e| StoreError::Corrupt(e.to_string())))
             .collect()
     }
-
-    /// Pages over a lex index of `lease:task:agent` members.
-    async fn page_leases(
-        &self,
-        key: &str,
-        page: &PageRequest,
-        keep: impl Fn(&Lease) -> bool,
-    ) -> Result<Page<Lease>, StoreError> {
-        let limit = page.limit.max(1);
-        let mut items = Vec::new();
-        let mut after = page.after.clone();
-        let mut scanned = 0;
-        while scanned < MAX_SCAN {
-            let members = self
-                .members_after(key, after.as_deref(), false, CHUNK)
-                .await?;
-            if members.is_empty() {
-                return Ok(Page { items, next: None });
-            }
-            let refs = members
-                .iter()
-                .map(|m| split_member(m).map(|(l, t, _)| (t.to_owned(), l.to_owned())))
-                .collect::<Result<Vec<_>, _>>()?;
-            let leases = self.fetch_leases(&refs).await?;
-            for ((_, l), lease) in refs.iter().zip(leases) {
-                scanned += 1;
-                after = Some(l.clone());
-                if let Some(lease) = lease
-                    && keep(&lease)
-                {
-                    items.push(lease);
-                    if items.len() >= limit {
-                        return Ok(Page { items, next: after });
-                    }
-                }
-            }
-            if members.len() < CHUNK {
-                return Ok(Page { items, next: None });
-            }
-        }
-        Ok(Page { items, next: after })
-    }
 }
 
 impl RedisStore {
-    /// Pages over an agent's leases: its tasks in id order, each task's
-    /// leases in id order. `after` (a lease id) resumes after that lease
-    /// in its task; a lease purged since then is `LeaseNotFound`.
-    async fn page_agent_leases(
+    /// Pages over the leases of the tasks in `tasks_key` (a lex index of
+    /// task ids, or of `T:A` members when `ids_only` is false): the tasks
+    /// in id order, each task's leases in id order. `after` (a lease id)
+    /// resumes after that lease in its task; a lease purged since then is
+    /// `LeaseNotFound`.
+    async fn page_task_leases(
         &self,
-        agent: &str,
+        tasks_key: &str,
+        ids_only: bool,
         page: &PageRequest,
         keep: impl Fn(&Lease) -> bool,
     ) -> Result<Page<Lease>, StoreError> {
@@ -550,19 +524,23 @@ impl RedisStore {
         let mut lease_after = None;
         if let Some(a) = &page.after {
             let id = LeaseId::new(a).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let (t, _) = self.task_of(&id).await?.ok_or(StoreError::LeaseNotFound)?;
-            tasks.push(t);
+            tasks.push(self.task_of(&id).await?.ok_or(StoreError::LeaseNotFound)?);
             lease_after = Some(a.clone());
         }
-        let tasks_key = self.keys.agent_tasks(agent);
         let mut tasks_after: Option<String> = tasks.first().cloned();
         let mut last: Option<String> = None;
         let mut scanned = 0;
         loop {
             if tasks.is_empty() {
                 tasks = self
-                    .members_after(&tasks_key, tasks_after.as_deref(), true, CHUNK)
-                    .await?;
+                    .members_after(tasks_key, tasks_after.as_deref(), ids_only, CHUNK)
+                    .await?
+                    .into_iter()
+                    .map(|m| match m.split_once(':') {
+                        Some((t, _)) if !ids_only => t.to_owned(),
+                        _ => m,
+                    })
+                    .collect();
                 tasks.reverse();
             }
             let Some(t) = tasks.pop() else {
@@ -630,7 +608,7 @@ impl LeaseStore for RedisStore {
         inv.key(self.keys.task(t))
             .key(self.keys.lease(t, t))
             .key(self.keys.task_leases(t))
-            .key(self.keys.leases())
+            .key(self.keys.lease_tasks())
             .key(self.keys.tasks())
             .key(self.keys.agent_tasks(a))
             .key(self.keys.expiry())
@@ -672,7 +650,7 @@ impl LeaseStore for RedisStore {
             .key(self.keys.lease(t, t))
             .key(self.keys.task_leases(t))
             .key(self.keys.lease(t, l))
-            .key(self.keys.leases())
+            .key(self.keys.lease_tasks())
             .key(self.keys.expiry())
             .arg(l)
             .arg(a)
@@ -683,7 +661,8 @@ impl LeaseStore for RedisStore {
             .arg(lease.kind.as_str())
             .arg(&m)
             .arg(lease.serial.as_deref().unwrap_or(""))
-            .arg(lease.task_revision);
+            .arg(lease.task_revision)
+            .arg(t);
         let reply: String = self.invoke(&inv).await?;
         script_status(&reply).map_err(|e| match e {
             StoreError::Duplicate(_) => StoreError::Duplicate(l.to_owned()),
@@ -693,7 +672,7 @@ impl LeaseStore for RedisStore {
 
     async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError> {
         match self.task_of(id).await? {
-            Some((t, _)) => self.fetch_lease(&t, id.as_str()).await,
+            Some(t) => self.fetch_lease(&t, id.as_str()).await,
             None => Ok(None),
         }
     }
@@ -707,7 +686,7 @@ impl LeaseStore for RedisStore {
         id: &LeaseId,
         req: &RevokeRequest,
     ) -> Result<Vec<LeaseId>, StoreError> {
-        let (t, _) = self.task_of(id).await?.ok_or(StoreError::LeaseNotFound)?;
+        let t = self.task_of(id).await?.ok_or(StoreError::LeaseNotFound)?;
         if t == id.as_str() {
             let task = TaskId::new(&t).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             return match self.run_end_task(&task, req).await {
@@ -805,8 +784,14 @@ impl LeaseStore for RedisStore {
             }
         }
         match &filter.agent {
-            Some(a) => self.page_agent_leases(a.as_str(), page, keep).await,
-            None => self.page_leases(&self.keys.leases(), page, keep).await,
+            Some(a) => {
+                self.page_task_leases(&self.keys.agent_tasks(a.as_str()), true, page, keep)
+                    .await
+            }
+            None => {
+                self.page_task_leases(&self.keys.tasks(), false, page, keep)
+                    .await
+            }
         }
     }
 
@@ -953,13 +938,14 @@ impl LeaseStore for RedisStore {
                     &[
                         self.keys.lease(t, l),
                         self.keys.task_leases(t),
-                        self.keys.leases(),
-                        self.keys.agent_leases(a),
+                        self.keys.lease_tasks(),
                         self.keys.expiry(),
                         self.keys.purge(),
                         self.keys.task(t),
                         self.keys.tasks(),
                         self.keys.agent_tasks(a),
+                        self.keys.legacy_leases(),
+                        self.keys.agent_leases(a),
                     ],
                     &[
                         m.clone(),

@@ -3,19 +3,23 @@
 -- call: returns 1 once the task is gone, 0 while leases remain (the task
 -- stays due and the next pass goes on). A purge entry that names a
 -- credential lease (written by an earlier layout) removes just that lease.
--- KEYS: 1 lease hash, 2 task's lease set, 3 all leases, 4 agent's leases
---       (an earlier layout's index, emptied here), 5 expiry index, 6 purge
---       index, 7 task hash, 8 all tasks, 9 agent's tasks
+-- KEYS: 1 lease hash, 2 task's lease set, 3 lease index (id -> task),
+--       4 expiry index, 5 purge index, 6 task hash, 7 all tasks, 8 agent's
+--       tasks, 9 and 10 the all-leases and agent's-leases indexes of an
+--       earlier layout, emptied here
 -- ARGV: 1 index member, 2 lease id, 3 task id, 4 agent, 5 key prefix,
 --       6 most leases per call
-local function unindex(member)
-  for i = 3, 5 do redis.call('ZREM', KEYS[i], member) end
+local function unindex(id, member)
+  redis.call('HDEL', KEYS[3], id)
+  redis.call('ZREM', KEYS[4], member)
+  redis.call('ZREM', KEYS[9], member)
+  redis.call('ZREM', KEYS[10], member)
 end
 if ARGV[2] ~= ARGV[3] then
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', KEYS[2], ARGV[2])
-  unindex(ARGV[1])
-  redis.call('ZREM', KEYS[6], ARGV[1])
+  unindex(ARGV[2], ARGV[1])
+  redis.call('ZREM', KEYS[5], ARGV[1])
   return 1
 end
 local prefix = ARGV[5] .. ':{' .. ARGV[3] .. '}:lease:'
@@ -25,11 +29,11 @@ for _, id in ipairs(ids) do
   -- task reads as it was.
   if id ~= ARGV[3] then redis.call('DEL', prefix .. id) end
   redis.call('ZREM', KEYS[2], id)
-  unindex(id .. ':' .. ARGV[3] .. ':' .. ARGV[4])
+  unindex(id, id .. ':' .. ARGV[3] .. ':' .. ARGV[4])
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-redis.call('DEL', KEYS[1], KEYS[7])
-redis.call('ZREM', KEYS[6], ARGV[1])
-redis.call('ZREM', KEYS[8], ARGV[3] .. ':' .. ARGV[4])
-redis.call('ZREM', KEYS[9], ARGV[3])
+redis.call('DEL', KEYS[1], KEYS[6])
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('ZREM', KEYS[7], ARGV[3] .. ':' .. ARGV[4])
+redis.call('ZREM', KEYS[8], ARGV[3])
 return 1

@@ -1,4 +1,4 @@
--- KEYS: 1 task hash, 2 task-lease hash, 3 task's lease set, 4 all leases,
+-- KEYS: 1 task hash, 2 task-lease hash, 3 task's lease set, 4 lease index,
 --       5 all tasks, 6 agent's tasks, 7 expiry index, 8 purge index,
 --       9 parent task hash, 10 parent task-lease hash, 11 parent's children
 --       set (9-11: the task's own keys when not delegated)
@@ -23,7 +23,7 @@ redis.call('HSET', KEYS[2], 'body', ARGV[3], 'state', 'active', 'exp', ARGV[5],
   'kind', 'task', 'agent', ARGV[4])
 redis.call('ZADD', KEYS[3], 0, ARGV[1])
 for i = 1, 3 do redis.call('PEXPIREAT', KEYS[i], ARGV[6]) end
-redis.call('ZADD', KEYS[4], 0, ARGV[7])
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[1])
 redis.call('ZADD', KEYS[5], 0, ARGV[1] .. ':' .. ARGV[4])
 redis.call('ZADD', KEYS[6], 0, ARGV[1])
 redis.call('ZADD', KEYS[7], ARGV[5], ARGV[7])

@@ -1,0 +1,125 @@
+//! Credential leases recorded together with their audit records, in one
+//! script (`issue_recorded.lua`): when the audit trail lives in the same
+//! Redis (`[audit] sink = "redis"`, the default with this store), an issue
+//! costs one round trip instead of two, and a lease and its record can
+//! never exist one without the other. The trail's chaining (heads, lines)
+//! stays the audit sink's job; this only writes what it is given.
+
+use mayfly_core::{Lease, Timestamp};
+
+use super::{RedisStore, encode, member, script_status};
+use crate::store::StoreError;
+
+/// The audit side of a batch, chained by the caller onto `expected`.
+#[derive(Debug)]
+pub struct TrailBatch<'a> {
+    /// The trail's stream key.
+    pub stream: &'a str,
+    /// The key of the trail's head (`seq`, `hash`).
+    pub head_key: &'a str,
+    /// The head the lines were chained onto: `(seq, hash)`.
+    pub expected: (u64, &'a str),
+    /// The head after them.
+    pub next: (u64, &'a str),
+    /// The lines, in order.
+    pub lines: &'a [String],
+}
+
+/// What became of a batch.
+#[derive(Debug)]
+pub enum BatchOutcome {
+    /// Every lease and line was written.
+    Written,
+    /// Nothing was written: another writer moved the head to this one.
+    Stale {
+        /// The head's `seq`.
+        seq: u64,
+        /// The head's hash.
+        hash: String,
+    },
+    /// Nothing was written: these leases (by index) may not be recorded.
+    Refused(Vec<(usize, StoreError)>),
+    /// Nothing was written: this key of the trail or an index has the
+    /// wrong type (someone wrote to it from outside).
+    Broken(String),
+}
+
+impl RedisStore {
+    /// Writes `leases` (each with the time its decision was made) and the
+    /// trail's `batch` in one atomic step, or nothing.
+    pub async fn issue_recorded(
+        &self,
+        leases: &[(&Lease, Timestamp)],
+        batch: &TrailBatch<'_>,
+    ) -> Result<BatchOutcome, StoreError> {
+        let mut inv = self.scripts.issue_recorded.prepare_invoke();
+        inv.key(batch.stream)
+            .key(batch.head_key)
+            .key(self.keys.lease_tasks())
+            .key(self.keys.expiry())
+            .arg(batch.expected.0)
+            .arg(batch.expected.1)
+            .arg(batch.next.0)
+            .arg(batch.next.1)
+            .arg(batch.lines.len());
+        for line in batch.lines {
+            inv.arg(line);
+        }
+        for (lease, now) in leases {
+            let (t, l, a) = (
+                lease.task_id.as_str(),
+                lease.id.as_str(),
+                lease.agent.as_str(),
+            );
+            inv.key(self.keys.task(t))
+                .key(self.keys.lease(t, t))
+                .key(self.keys.task_leases(t))
+                .key(self.keys.lease(t, l));
+            inv.arg(l)
+                .arg(a)
+                .arg(now.as_millis())
+                .arg(lease.expires_at.as_millis())
+                .arg(self.keep_until(lease.expires_at))
+                .arg(encode(lease)?)
+                .arg(lease.kind.as_str())
+                .arg(member(l, t, a))
+                .arg(lease.serial.as_deref().unwrap_or(""))
+                .arg(lease.task_revision)
+                .arg(t);
+        }
+        let reply: Vec<String> = self.invoke(&inv).await?;
+        outcome(&reply, leases)
+    }
+}
+
+/// Reads the script's reply.
+fn outcome(reply: &[String], leases: &[(&Lease, Timestamp)]) -> Result<BatchOutcome, StoreError> {
+    let bad = || StoreError::Corrupt(format!("unexpected script reply {reply:?}"));
+    match reply {
+        [ok] if ok == "OK" => Ok(BatchOutcome::Written),
+        [stale, seq, hash] if stale == "STALE" => Ok(BatchOutcome::Stale {
+            seq: seq.parse().map_err(|_| bad())?,
+            hash: hash.clone(),
+        }),
+        [broken, key] if broken == "BROKEN" => Ok(BatchOutcome::Broken(key.clone())),
+        [refused, rest @ ..] if refused == "REFUSED" && rest.len() % 2 == 0 => {
+            let mut out = Vec::with_capacity(rest.len() / 2);
+            for pair in rest.chunks(2) {
+                let i: usize = pair[0].parse().map_err(|_| bad())?;
+                let lease = i
+                    .checked_sub(1)
+                    .and_then(|i| leases.get(i))
+                    .ok_or_else(bad)?
+                    .0;
+                let e = match script_status(&pair[1]) {
+                    Err(StoreError::Duplicate(_)) => StoreError::Duplicate(lease.id.to_string()),
+                    Err(e) => e,
+                    Ok(()) => return Err(bad()),
+                };
+                out.push((i - 1, e));
+            }
+            Ok(BatchOutcome::Refused(out))
+        }
+        _ => Err(bad()),
+    }
+}
