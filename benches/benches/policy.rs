@@ -3,7 +3,9 @@
 //! policies (`deploy/policies`) deciding a permit, a forbid and a default
 //! deny; the same permit with 100 and 1000 more policies, each for one
 //! other agent (which the per-agent slices leave out); and the fixed cost of
-//! a decision apart from its policies.
+//! a decision apart from its policies. Each is a fresh request (a new task
+//! id each time), so Cedar evaluates it; `kept` is the same request again,
+//! answered from the decisions kept for policies that ignore the time.
 //!
 //! `cargo bench -p mayfly-benches --bench policy`
 
@@ -12,7 +14,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use mayfly_broker::config::Algorithm;
 use mayfly_broker::issuer::{JwtSigner, SigningKey};
 use mayfly_core::{
@@ -87,6 +89,29 @@ fn ask(context: &[(&str, &str)], scopes: &[&str]) -> Ask {
     }
 }
 
+/// `a` under a task never asked about before.
+fn fresh(a: &Ask) -> Ask {
+    let mut task = a.task.clone();
+    task.id = TaskId::generate();
+    Ask {
+        task,
+        audience: a.audience.clone(),
+        scopes: a.scopes.clone(),
+    }
+}
+
+/// Times deciding `a` as a new request each time.
+fn bench_fresh(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: String,
+    p: &CedarPolicy,
+    a: &Ask,
+) {
+    g.bench_function(name, |b| {
+        b.iter_batched(|| fresh(a), |a| decide(p, &a), BatchSize::SmallInput)
+    });
+}
+
 fn decide(p: &CedarPolicy, a: &Ask) -> Decision {
     p.decide_issue_token(&IssueTokenRequest {
         agent: &a.task.agent,
@@ -108,9 +133,12 @@ fn decisions(c: &mut Criterion) {
         let p = policies(extra);
         let n = p.len();
         assert!(matches!(decide(&p, &read), Decision::Permit { .. }));
-        g.bench_function(format!("permit_read/{n}_policies"), |b| {
-            b.iter(|| decide(&p, &read))
-        });
+        bench_fresh(&mut g, format!("permit_read/{n}_policies"), &p, &read);
+        if extra == 0 {
+            g.bench_function(format!("permit_read_kept/{n}_policies"), |b| {
+                b.iter(|| decide(&p, &read))
+            });
+        }
         if extra == 0 {
             assert!(matches!(
                 decide(&p, &export),
@@ -119,9 +147,7 @@ fn decisions(c: &mut Criterion) {
                     ..
                 }
             ));
-            g.bench_function(format!("forbid_export/{n}_policies"), |b| {
-                b.iter(|| decide(&p, &export))
-            });
+            bench_fresh(&mut g, format!("forbid_export/{n}_policies"), &p, &export);
             assert!(matches!(
                 decide(&p, &admin),
                 Decision::Deny {
@@ -129,9 +155,7 @@ fn decisions(c: &mut Criterion) {
                     ..
                 }
             ));
-            g.bench_function(format!("default_deny/{n}_policies"), |b| {
-                b.iter(|| decide(&p, &admin))
-            });
+            bench_fresh(&mut g, format!("default_deny/{n}_policies"), &p, &admin);
         }
     }
     // The cost of a decision apart from its policies: building the Cedar
@@ -144,7 +168,7 @@ fn decisions(c: &mut Criterion) {
         "one",
     )
     .unwrap();
-    g.bench_function("fixed_cost/1_policy", |b| b.iter(|| decide(&one, &read)));
+    bench_fresh(&mut g, "fixed_cost/1_policy".into(), &one, &read);
     g.finish();
 }
 

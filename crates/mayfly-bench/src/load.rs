@@ -35,6 +35,8 @@ pub struct Shape {
     pub tokens_per_task: usize,
     /// Task lifetime for `token` and `cert`: the run and some.
     pub task_ttl: Duration,
+    /// Credential lifetime asked for, in seconds (0: the broker's default).
+    pub ttl_seconds: u64,
 }
 
 /// One connection and what its operations need.
@@ -79,7 +81,7 @@ fn token_request(shape: &Shape, task_id: &str) -> pb::IssueTokenRequest {
         task_id: task_id.to_owned(),
         audience: shape.audience.clone(),
         scopes: shape.scopes.clone(),
-        ttl_seconds: 0,
+        ttl_seconds: shape.ttl_seconds,
         bind_to_client_cert: false,
         approval_id: String::new(),
     }
@@ -127,7 +129,7 @@ impl Lane {
                     .sign_certificate(pb::SignCertificateRequest {
                         task_id: self.task_id.clone(),
                         csr: self.csr.clone(),
-                        ttl_seconds: 0,
+                        ttl_seconds: shape.ttl_seconds,
                         approval_id: String::new(),
                     })
                     .await?;

@@ -64,6 +64,15 @@ struct Args {
     /// latency then counts from each intended start.
     #[arg(long)]
     rate: Option<f64>,
+    /// Credential lifetime to ask for (0: the broker's default). A long
+    /// one keeps what a run issued live, e.g. to fill the store before a
+    /// scaling run.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Leave the run's tasks open at the end, so what it issued stays live
+    /// (with --ttl, to fill the store before a scaling run).
+    #[arg(long)]
+    leave_tasks: bool,
     /// Tokens per task in the `lifecycle` mix.
     #[arg(long, default_value_t = 5)]
     tokens_per_task: usize,
@@ -321,7 +330,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         audience: args.audience.clone(),
         scopes: args.scopes.clone(),
         tokens_per_task: args.tokens_per_task,
-        task_ttl: args.warmup + args.duration + Duration::from_secs(300),
+        task_ttl: args.warmup + args.duration + Duration::from_secs(300).max(args.ttl),
+        ttl_seconds: args.ttl.as_secs(),
     };
     for _ in 0..args.connections {
         let client = Client::connect(&config).await?;
@@ -352,8 +362,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (outcome, lanes) = load::run(lanes, shape, pace, args.duration, progress.clone()).await;
     ticker.abort();
     eprintln!();
-    for lane in &lanes {
-        lane.finish().await;
+    if !args.leave_tasks {
+        for lane in &lanes {
+            lane.finish().await;
+        }
     }
     if outcome.latency.is_empty() {
         bail!(
