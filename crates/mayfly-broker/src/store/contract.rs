@@ -37,6 +37,7 @@ macro_rules! store_contract_tests {
             an_agents_leases_page_across_its_tasks,
             list_tasks_filters_and_pages,
             reap_expires_each_lease_exactly_once,
+            the_active_count_follows_task_ends_and_expiry,
             reap_purges_after_retention,
             a_big_task_is_purged_over_several_passes,
             revocation_feed_is_ordered_and_resumable,
@@ -660,6 +661,30 @@ pub async fn reap_expires_each_lease_exactly_once(store: Store) {
     assert_eq!(a.expired.len(), 2);
     assert_eq!(b.expired.len(), 3);
     assert_eq!(store.active_count().await.unwrap(), 1, "t2 itself");
+}
+
+pub async fn the_active_count_follows_task_ends_and_expiry(store: Store) {
+    let (t, u) = (
+        started(&store, &agent("a"), 100).await,
+        started(&store, &agent("a"), 100).await,
+    );
+    for _ in 0..5 {
+        issued(&store, &t, 50).await;
+    }
+    for _ in 0..2 {
+        issued(&store, &u, 50).await;
+    }
+    assert_eq!(store.active_count().await.unwrap(), 9);
+    store.end_task(&t.id, &complete(&t, at(1))).await.unwrap();
+    assert_eq!(store.active_count().await.unwrap(), 3, "u and its two");
+    let retention = Duration::from_secs(3600);
+    for _ in 0..2 {
+        let out = store.reap(at(50), retention, 100).await.unwrap();
+        assert!(out.expired.len() <= 2, "only u's credentials expire");
+        assert_eq!(store.active_count().await.unwrap(), 1, "u itself");
+    }
+    store.reap(at(100), retention, 100).await.unwrap();
+    assert_eq!(store.active_count().await.unwrap(), 0);
 }
 
 pub async fn reap_purges_after_retention(store: Store) {

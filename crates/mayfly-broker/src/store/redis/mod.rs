@@ -122,6 +122,11 @@ impl Keys {
     fn expiry(&self) -> String {
         format!("{}:expiry", self.prefix)
     }
+    /// How many revoked leases `end_task` left in the expiry index (the
+    /// reaper drops them when they come due).
+    fn expiry_ended(&self) -> String {
+        format!("{}:expiry:ended", self.prefix)
+    }
     fn purge(&self) -> String {
         format!("{}:purge", self.prefix)
     }
@@ -485,6 +490,7 @@ impl RedisStore {
             .key(self.keys.task_leases(t))
             .key(self.keys.expiry())
             .key(self.keys.revocations())
+            .key(self.keys.expiry_ended())
             .arg(t)
             .arg(req.at.as_millis())
             .arg(task_rev)
@@ -909,7 +915,11 @@ impl LeaseStore for RedisStore {
                 evalsha(
                     &mut pipe,
                     &self.scripts.expire,
-                    &[self.keys.lease(t, l), self.keys.expiry()],
+                    &[
+                        self.keys.lease(t, l),
+                        self.keys.expiry(),
+                        self.keys.expiry_ended(),
+                    ],
                     &[m.clone(), now.as_millis().to_string()],
                 );
             }
@@ -946,6 +956,7 @@ impl LeaseStore for RedisStore {
                         self.keys.agent_tasks(a),
                         self.keys.legacy_leases(),
                         self.keys.agent_leases(a),
+                        self.keys.expiry_ended(),
                     ],
                     &[
                         m.clone(),
@@ -1167,10 +1178,20 @@ impl LeaseStore for RedisStore {
     }
 
     async fn active_count(&self) -> Result<u64, StoreError> {
-        let key = self.keys.expiry();
-        self.conn
-            .run(|mut c| async move { redis::cmd("ZCARD").arg(&key).query_async(&mut c).await })
-            .await
+        // The expiry index holds the active leases and those a task end
+        // revoked that have not come due yet, which are counted apart.
+        let (index, ended) = (self.keys.expiry(), self.keys.expiry_ended());
+        let (all, left): (u64, Option<i64>) = self
+            .conn
+            .run(|mut c| async move {
+                redis::pipe()
+                    .zcard(&index)
+                    .get(&ended)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(all.saturating_sub(u64::try_from(left.unwrap_or(0)).unwrap_or(0)))
     }
 }
 
