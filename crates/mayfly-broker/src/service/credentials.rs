@@ -6,7 +6,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use mayfly_core::{
     AccessTokenClaims, Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus,
     Confirmation, Decision, IssueTokenRequest, Lease, LeaseId, LeaseKind, LeaseStatus, Pattern,
-    RevocationReason, SignCertificateRequest, Task, Timestamp, scope_string,
+    RevocationReason, SignCertificateRequest, Task, TaskId, Timestamp, scope_string,
 };
 
 use super::{
@@ -81,6 +81,30 @@ impl Service {
         self.record_credential(lease, record)
             .await
             .map_err(NotRecorded::Broker)
+    }
+
+    /// After a credential was not recorded: `Ok` to decide again (the
+    /// task's context changed and attempts are left, counted in
+    /// `attempt`), else the answer for the caller.
+    fn decide_again(
+        &self,
+        e: NotRecorded,
+        task: &TaskId,
+        attempt: &mut usize,
+    ) -> Result<(), BrokerError> {
+        match e {
+            NotRecorded::Store(e) => {
+                self.tasks.forget(task);
+                match e {
+                    StoreError::TaskChanged if *attempt < ATTEMPTS => {
+                        *attempt += 1;
+                        Ok(())
+                    }
+                    e => Err(BrokerError::from_store(e, task)),
+                }
+            }
+            NotRecorded::Broker(e) => Err(e),
+        }
     }
 
     /// Records a credential just recorded in the store; if that fails, the
@@ -310,20 +334,11 @@ impl Service {
             record.approval_id = approval.as_ref().map(ToString::to_string);
             // The token leaves only after its lease and its record are
             // durable, under a task still active and unchanged at that moment.
-            match self.record_issued(&lease, now, record).await {
-                Ok(()) => {}
-                Err(NotRecorded::Store(e)) => {
-                    self.tasks.forget(&task.id);
-                    match e {
-                        StoreError::TaskChanged if attempt < ATTEMPTS => {
-                            attempt += 1;
-                            cached = false;
-                            continue;
-                        }
-                        e => return Err(BrokerError::from_store(e, &task.id)),
-                    }
-                }
-                Err(NotRecorded::Broker(e)) => return Err(e),
+            if let Err(e) = self.record_issued(&lease, now, record).await {
+                // The context changed: decide again on a fresh read.
+                self.decide_again(e, &task.id, &mut attempt)?;
+                cached = false;
+                continue;
             }
             // One per credential: debug, like expiry; the audit trail has
             // every one.
@@ -450,20 +465,11 @@ impl Service {
             record.serial = lease.serial.clone();
             record.approval_id = lease.approval.as_ref().map(ToString::to_string);
             // Returned only once its lease and record are durable, as for tokens.
-            match self.record_issued(&lease, now, record).await {
-                Ok(()) => {}
-                Err(NotRecorded::Store(e)) => {
-                    self.tasks.forget(&task.id);
-                    match e {
-                        StoreError::TaskChanged if attempt < ATTEMPTS => {
-                            attempt += 1;
-                            cached = false;
-                            continue;
-                        }
-                        e => return Err(BrokerError::from_store(e, &task.id)),
-                    }
-                }
-                Err(NotRecorded::Broker(e)) => return Err(e),
+            if let Err(e) = self.record_issued(&lease, now, record).await {
+                // The context changed: decide again on a fresh read.
+                self.decide_again(e, &task.id, &mut attempt)?;
+                cached = false;
+                continue;
             }
             // One per credential: debug, like expiry; the audit trail has
             // every one.

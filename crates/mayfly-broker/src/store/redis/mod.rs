@@ -346,6 +346,33 @@ impl RedisStore {
             })
     }
 
+    /// The arguments `issue_check` and `issue_write` take for a lease
+    /// (see `issue.lua`), appended to `inv`.
+    fn lease_args(
+        &self,
+        inv: &mut redis::ScriptInvocation<'_>,
+        lease: &Lease,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let (t, l, a) = (
+            lease.task_id.as_str(),
+            lease.id.as_str(),
+            lease.agent.as_str(),
+        );
+        inv.arg(l)
+            .arg(a)
+            .arg(now.as_millis())
+            .arg(lease.expires_at.as_millis())
+            .arg(self.keep_until(lease.expires_at))
+            .arg(encode(lease)?)
+            .arg(lease.kind.as_str())
+            .arg(member(l, t, a))
+            .arg(lease.serial.as_deref().unwrap_or(""))
+            .arg(lease.task_revision)
+            .arg(t);
+        Ok(())
+    }
+
     fn keep_until(&self, expires: Timestamp) -> u64 {
         expires.plus(self.retention).plus(TTL_MARGIN).as_millis()
     }
@@ -645,30 +672,15 @@ impl LeaseStore for RedisStore {
     }
 
     async fn issue(&self, lease: &Lease, now: Timestamp) -> Result<(), StoreError> {
-        let (t, l, a) = (
-            lease.task_id.as_str(),
-            lease.id.as_str(),
-            lease.agent.as_str(),
-        );
-        let m = member(l, t, a);
+        let (t, l) = (lease.task_id.as_str(), lease.id.as_str());
         let mut inv = self.scripts.issue.prepare_invoke();
         inv.key(self.keys.task(t))
             .key(self.keys.lease(t, t))
             .key(self.keys.task_leases(t))
             .key(self.keys.lease(t, l))
             .key(self.keys.lease_tasks())
-            .key(self.keys.expiry())
-            .arg(l)
-            .arg(a)
-            .arg(now.as_millis())
-            .arg(lease.expires_at.as_millis())
-            .arg(self.keep_until(lease.expires_at))
-            .arg(encode(lease)?)
-            .arg(lease.kind.as_str())
-            .arg(&m)
-            .arg(lease.serial.as_deref().unwrap_or(""))
-            .arg(lease.task_revision)
-            .arg(t);
+            .key(self.keys.expiry());
+        self.lease_args(&mut inv, lease, now)?;
         let reply: String = self.invoke(&inv).await?;
         script_status(&reply).map_err(|e| match e {
             StoreError::Duplicate(_) => StoreError::Duplicate(l.to_owned()),

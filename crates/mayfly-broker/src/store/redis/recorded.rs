@@ -7,7 +7,7 @@
 
 use mayfly_core::{Lease, Timestamp};
 
-use super::{RedisStore, encode, member, script_status};
+use super::{RedisStore, script_status};
 use crate::store::StoreError;
 
 /// The audit side of a batch, chained by the caller onto `expected`.
@@ -66,26 +66,12 @@ impl RedisStore {
             inv.arg(line);
         }
         for (lease, now) in leases {
-            let (t, l, a) = (
-                lease.task_id.as_str(),
-                lease.id.as_str(),
-                lease.agent.as_str(),
-            );
+            let (t, l) = (lease.task_id.as_str(), lease.id.as_str());
             inv.key(self.keys.task(t))
                 .key(self.keys.lease(t, t))
                 .key(self.keys.task_leases(t))
                 .key(self.keys.lease(t, l));
-            inv.arg(l)
-                .arg(a)
-                .arg(now.as_millis())
-                .arg(lease.expires_at.as_millis())
-                .arg(self.keep_until(lease.expires_at))
-                .arg(encode(lease)?)
-                .arg(lease.kind.as_str())
-                .arg(member(l, t, a))
-                .arg(lease.serial.as_deref().unwrap_or(""))
-                .arg(lease.task_revision)
-                .arg(t);
+            self.lease_args(&mut inv, lease, *now)?;
         }
         let reply: Vec<String> = self.invoke(&inv).await?;
         outcome(&reply, leases)
