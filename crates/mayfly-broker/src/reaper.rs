@@ -58,7 +58,7 @@ pub async fn run(
                             "reaper pass"
                         );
                     }
-                    if out.expired.len() < BATCH && out.purged < BATCH {
+                    if !out.more {
                         break;
                     }
                 }

@@ -659,7 +659,9 @@ pub async fn reap_expires_each_lease_exactly_once(store: Store) {
     let a = store.reap(at(20), retention, 2).await.unwrap();
     let b = store.reap(at(20), retention, 100).await.unwrap();
     assert_eq!(a.expired.len(), 2);
+    assert!(a.more, "a full pass says there may be more");
     assert_eq!(b.expired.len(), 3);
+    assert!(!b.more);
     assert_eq!(store.active_count().await.unwrap(), 1, "t2 itself");
 }
 
@@ -677,6 +679,13 @@ pub async fn the_active_count_follows_task_ends_and_expiry(store: Store) {
     assert_eq!(store.active_count().await.unwrap(), 9);
     store.end_task(&t.id, &complete(&t, at(1))).await.unwrap();
     assert_eq!(store.active_count().await.unwrap(), 3, "u and its two");
+    // Due entries that expire nothing (revoked credentials) still make a
+    // full pass ask for another.
+    let full = store
+        .reap(at(50), Duration::from_secs(3600), 2)
+        .await
+        .unwrap();
+    assert!(full.more);
     let retention = Duration::from_secs(3600);
     for _ in 0..2 {
         let out = store.reap(at(50), retention, 100).await.unwrap();
@@ -732,7 +741,10 @@ pub async fn a_big_task_is_purged_over_several_passes(store: Store) {
     // several passes, and then nothing of them is left.
     let mut passes = 0;
     while store.get_task(&t.id).await.unwrap().is_some() {
-        store.reap(at(160), retention, 10).await.unwrap();
+        let out = store.reap(at(160), retention, 10).await.unwrap();
+        if store.get_task(&t.id).await.unwrap().is_some() {
+            assert!(out.more, "a pass that left the task says so");
+        }
         passes += 1;
         assert!(passes < 20, "the task was never purged");
     }

@@ -840,7 +840,9 @@ impl LeaseStore for EmbeddedStore {
     ) -> Result<ReapOutcome, StoreError> {
         self.write(move |t| {
             let mut outcome = ReapOutcome::default();
-            for (exp, id) in expiry_keys(&t.active_expiry, now.as_millis(), limit)? {
+            let due = expiry_keys(&t.active_expiry, now.as_millis(), limit)?;
+            outcome.more |= due.len() >= limit;
+            for (exp, id) in due {
                 t.active_expiry.remove((exp, id.as_str()))?;
                 if let Some(mut lease) = t.lease(&id)?
                     && lease.status == LeaseStatus::Active
@@ -855,7 +857,9 @@ impl LeaseStore for EmbeddedStore {
                 }
             }
             let cutoff = now.minus(retention).as_millis();
-            for (exp, id) in expiry_keys(&t.all_expiry, cutoff, limit)? {
+            let due = expiry_keys(&t.all_expiry, cutoff, limit)?;
+            outcome.more |= due.len() >= limit;
+            for (exp, id) in due {
                 match t.lease(&id)? {
                     Some(lease) => t.purge(&lease)?,
                     None => {

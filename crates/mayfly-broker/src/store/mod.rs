@@ -159,6 +159,10 @@ pub struct ReapOutcome {
     pub expired: Vec<ExpiredLease>,
     /// Records removed after their retention window.
     pub purged: usize,
+    /// Whether the pass stopped at its limit with more due: the caller
+    /// should run another at once. (Due entries need not all become
+    /// `expired` or `purged`: an index may hold leases already revoked.)
+    pub more: bool,
 }
 
 /// A lease a reaper pass moved to expired, with what its audit record names.

@@ -920,6 +920,7 @@ impl LeaseStore for RedisStore {
             })
         };
         let expiring = due(self.keys.expiry(), now.as_millis()).await?;
+        outcome.more |= expiring.len() >= limit;
         if !expiring.is_empty() {
             let mut pipe = redis::pipe();
             for m in &expiring {
@@ -950,6 +951,7 @@ impl LeaseStore for RedisStore {
 
         let cutoff = now.minus(retention).as_millis();
         let purging = due(self.keys.purge(), cutoff).await?;
+        outcome.more |= purging.len() >= limit;
         if !purging.is_empty() {
             let mut pipe = redis::pipe();
             for m in &purging {
@@ -982,6 +984,8 @@ impl LeaseStore for RedisStore {
             }
             let done: Vec<i64> = self.run_scripts(pipe, &self.scripts.purge).await?;
             outcome.purged = done.iter().filter(|d| **d == 1).count();
+            // A big task stays due until its last chunk is purged.
+            outcome.more |= outcome.purged < purging.len();
         }
         self.trim_feed(cutoff).await?;
         self.purge_approvals(cutoff, limit).await?;

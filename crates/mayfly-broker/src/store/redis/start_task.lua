@@ -22,7 +22,9 @@ redis.call('HSET', KEYS[1], 'body', ARGV[2], 'agent', ARGV[4], 'exp', ARGV[5], '
 redis.call('HSET', KEYS[2], 'body', ARGV[3], 'state', 'active', 'exp', ARGV[5],
   'kind', 'task', 'agent', ARGV[4])
 redis.call('ZADD', KEYS[3], 0, ARGV[1])
-for i = 1, 3 do redis.call('PEXPIREAT', KEYS[i], ARGV[6]) end
+-- The lease set has no Redis TTL: purge finds the task's credentials
+-- through it (and deletes it), however late the reaper runs.
+for i = 1, 2 do redis.call('PEXPIREAT', KEYS[i], ARGV[6]) end
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[1])
 redis.call('ZADD', KEYS[5], 0, ARGV[1] .. ':' .. ARGV[4])
 redis.call('ZADD', KEYS[6], 0, ARGV[1])
