@@ -494,9 +494,7 @@ pub trait AuditSink: Send + Sync + fmt::Debug + 'static {
         leases: &[Option<LeaseWrite>],
     ) -> Result<(), LeaseBatchError> {
         let _ = (records, leases);
-        Err(LeaseBatchError::Audit(AuditError::Failed(
-            "this trail does not live in the lease store".into(),
-        )))
+        Err(LeaseBatchError::Audit(not_in_store()))
     }
 
     /// Up to `limit` lines after `cursor` ("" for the start), and the
@@ -558,6 +556,11 @@ fn stdout_unreadable() -> AuditError {
         "the audit trail goes to the broker's standard output ([audit] sink = \"stdout\"); read it from your log pipeline"
             .into(),
     )
+}
+
+/// For a lease handed to a trail that does not live in the lease store.
+fn not_in_store() -> AuditError {
+    AuditError::Failed("this trail does not live in the lease store".into())
 }
 
 fn off() -> AuditError {

@@ -142,9 +142,7 @@ impl AuditSink for RedisSink {
         leases: &[Option<LeaseWrite>],
     ) -> Result<(), LeaseBatchError> {
         let Some(store) = &self.store else {
-            return Err(LeaseBatchError::Audit(AuditError::Failed(
-                "this trail does not live in the lease store".into(),
-            )));
+            return Err(LeaseBatchError::Audit(super::not_in_store()));
         };
         // Leases by their place in the batch.
         let (places, writes): (Vec<usize>, Vec<_>) = leases

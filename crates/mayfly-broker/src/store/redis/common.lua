@@ -16,13 +16,20 @@ local function task_state(tlease_key, now)
   return s[1]
 end
 
--- Revokes one active lease and appends its feed event.
+-- Marks a lease revoked and appends its feed event, given the lease's
+-- kind, expiry and serial as read.
+local function mark_revoked(key, lease_id, task_id, rev, reason, kind, exp, serial, stream_key)
+  redis.call('HSET', key, 'state', 'revoked', 'reason', reason, 'rev', rev)
+  redis.call('XADD', stream_key, '*', 'lease', lease_id, 'kind', kind, 'task', task_id,
+    'rev', rev, 'exp', exp, 'serial', serial or '')
+end
+
+-- Revokes one active lease: marks it, takes it out of the expiry index and
+-- appends its feed event.
 local function revoke(key, lease_id, task_id, rev, reason, expiry_key, stream_key)
   local f = redis.call('HMGET', key, 'kind', 'exp', 'agent', 'serial')
-  redis.call('HSET', key, 'state', 'revoked', 'reason', reason, 'rev', rev)
+  mark_revoked(key, lease_id, task_id, rev, reason, f[1], f[2], f[4], stream_key)
   redis.call('ZREM', expiry_key, lease_id .. ':' .. task_id .. ':' .. f[3])
-  redis.call('XADD', stream_key, '*', 'lease', lease_id, 'kind', f[1], 'task', task_id,
-    'rev', rev, 'exp', f[2], 'serial', f[4] or '')
 end
 
 -- Whether a lease hash is active at `now`.

@@ -28,14 +28,12 @@ local function end_one(t, rev, reason, child_rev, child_reason)
   out[#out + 1] = t
   for _, id in ipairs(redis.call('ZRANGE', task_key(t, 'leases'), 0, -1)) do
     if id ~= t then
-      -- As `revoke` does, reading the lease once.
+      -- Read once: whether it is active, and what its feed event says.
       local key = task_key(t, 'lease:' .. id)
-      local f = redis.call('HMGET', key, 'state', 'exp', 'kind', 'agent', 'serial')
+      local f = redis.call('HMGET', key, 'state', 'exp', 'kind', 'serial')
       if f[1] == 'active' and tonumber(f[2]) > now then
-        redis.call('HSET', key, 'state', 'revoked', 'reason', child_reason, 'rev', child_rev)
+        mark_revoked(key, id, t, child_rev, child_reason, f[3], f[2], f[4], KEYS[5])
         left = left + 1
-        redis.call('XADD', KEYS[5], '*', 'lease', id, 'kind', f[3], 'task', t,
-          'rev', child_rev, 'exp', f[2], 'serial', f[5] or '')
         out[#out + 1] = id
       end
     end

@@ -535,9 +535,7 @@ impl RedisStore {
             .map(|l| LeaseId::new(l).map_err(|e| StoreError::Corrupt(e.to_string())))
             .collect()
     }
-}
 
-impl RedisStore {
     /// Pages over the leases of the tasks in `tasks_key` (a lex index of
     /// task ids, or of `T:A` members when `ids_only` is false): the tasks
     /// in id order, each task's leases in id order. `after` (a lease id)
@@ -580,38 +578,67 @@ impl RedisStore {
                 return Ok(Page { items, next: None });
             };
             tasks_after = Some(t.clone());
-            loop {
-                let ids = self
-                    .members_after(
-                        &self.keys.task_leases(&t),
-                        lease_after.as_deref(),
-                        true,
-                        CHUNK,
-                    )
-                    .await?;
-                let refs: Vec<(String, String)> =
-                    ids.iter().map(|l| (t.clone(), l.clone())).collect();
-                for ((_, l), lease) in refs.iter().zip(self.fetch_leases(&refs).await?) {
-                    scanned += 1;
-                    last = Some(l.clone());
-                    if let Some(lease) = lease
-                        && keep(&lease)
-                    {
-                        items.push(lease);
-                        if items.len() >= limit {
-                            return Ok(Page { items, next: last });
-                        }
+            let (read, stopped) = self
+                .read_task_leases(
+                    &t,
+                    lease_after.take(),
+                    limit,
+                    &keep,
+                    &mut items,
+                    &mut scanned,
+                    MAX_SCAN,
+                )
+                .await?;
+            if read.is_some() {
+                last = read;
+            }
+            if stopped {
+                return Ok(Page { items, next: last });
+            }
+        }
+    }
+
+    /// Reads task `t`'s leases after `after` (a lease id), in id order,
+    /// keeping in `items` those `keep` wants, until `items` holds `limit`,
+    /// `scanned` (leases read, counted on) reaches `max_scan`, or the set
+    /// ends. Returns the last lease read, and whether it stopped before the
+    /// set ended.
+    #[allow(clippy::too_many_arguments)]
+    async fn read_task_leases(
+        &self,
+        t: &str,
+        mut after: Option<String>,
+        limit: usize,
+        keep: &impl Fn(&Lease) -> bool,
+        items: &mut Vec<Lease>,
+        scanned: &mut usize,
+        max_scan: usize,
+    ) -> Result<(Option<String>, bool), StoreError> {
+        let key = self.keys.task_leases(t);
+        loop {
+            let ids = self
+                .members_after(&key, after.as_deref(), true, CHUNK)
+                .await?;
+            let refs: Vec<(String, String)> =
+                ids.iter().map(|l| (t.to_owned(), l.clone())).collect();
+            for (l, lease) in ids.iter().zip(self.fetch_leases(&refs).await?) {
+                *scanned += 1;
+                after = Some(l.clone());
+                if let Some(lease) = lease
+                    && keep(&lease)
+                {
+                    items.push(lease);
+                    if items.len() >= limit {
+                        return Ok((after, true));
                     }
                 }
-                if scanned >= MAX_SCAN {
-                    return Ok(Page { items, next: last });
-                }
-                if ids.len() < CHUNK {
-                    break;
-                }
-                lease_after = last.clone();
             }
-            lease_after = None;
+            if *scanned >= max_scan {
+                return Ok((after, true));
+            }
+            if ids.len() < CHUNK {
+                return Ok((after, false));
+            }
         }
     }
 }
@@ -773,33 +800,22 @@ impl LeaseStore for RedisStore {
     ) -> Result<Page<Lease>, StoreError> {
         let keep = |l: &Lease| filter.matches(l, now);
         if let Some(task) = &filter.task {
-            // The task's own set holds plain lease ids.
-            let t = task.as_str();
-            let limit = page.limit.max(1);
             let mut items = Vec::new();
-            let mut after = page.after.clone();
-            loop {
-                let ids = self
-                    .members_after(&self.keys.task_leases(t), after.as_deref(), true, CHUNK)
-                    .await?;
-                let refs: Vec<(String, String)> =
-                    ids.iter().map(|l| (t.to_owned(), l.clone())).collect();
-                let leases = self.fetch_leases(&refs).await?;
-                for (l, lease) in ids.iter().zip(leases) {
-                    after = Some(l.clone());
-                    if let Some(lease) = lease
-                        && keep(&lease)
-                    {
-                        items.push(lease);
-                        if items.len() >= limit {
-                            return Ok(Page { items, next: after });
-                        }
-                    }
-                }
-                if ids.len() < CHUNK {
-                    return Ok(Page { items, next: None });
-                }
-            }
+            let (last, full) = self
+                .read_task_leases(
+                    task.as_str(),
+                    page.after.clone(),
+                    page.limit.max(1),
+                    &keep,
+                    &mut items,
+                    &mut 0,
+                    usize::MAX,
+                )
+                .await?;
+            return Ok(Page {
+                items,
+                next: if full { last } else { None },
+            });
         }
         match &filter.agent {
             Some(a) => {
