@@ -323,3 +323,91 @@ async fn exact_operator_patterns() {
         "not an operator",
     );
 }
+
+#[tokio::test]
+async fn revoking_an_unknown_agent_says_so_and_a_lock_can_come_first() {
+    let broker = TestBroker::start().await;
+    let op = broker.operator().await;
+    let stranger = "spiffe://example.org/agent/never-seen";
+    assert_status(
+        op.admin()
+            .revoke_agent(pb::RevokeAgentRequest {
+                agent_id: stranger.into(),
+                note: String::new(),
+            })
+            .await,
+        Code::NotFound,
+        "has no task or credential on record",
+    );
+    // A known agent with nothing live: an empty answer, not NOT_FOUND.
+    let agent = broker.agent().await;
+    let t = start(&agent).await;
+    agent.complete_task(&t.task_id).await.unwrap();
+    let r = op
+        .admin()
+        .revoke_agent(pb::RevokeAgentRequest {
+            agent_id: "spiffe://example.org/agent/demo".into(),
+            note: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.revoked_leases.is_empty());
+
+    // Locked before it ever showed up, for an hour: it gets nothing.
+    let lock = op
+        .admin()
+        .lock_agent(pb::LockAgentRequest {
+            agent_id: stranger.into(),
+            reason: "decommissioned".into(),
+            ttl_seconds: 3600,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(lock.revoked_leases.is_empty());
+    assert!(lock.lock.unwrap().expires_at.is_some());
+    let client = broker.client_as(stranger).await;
+    assert_status(
+        client
+            .broker()
+            .start_task(start_request("x", &[API], &["read:files"]))
+            .await,
+        Code::PermissionDenied,
+        "(decommissioned): no new task or credential until",
+    );
+    // Bad lock requests: no reason, a task identity, not an operator.
+    for (agent_id, reason, needle) in [
+        (stranger, "", "reason is required"),
+        (
+            "spiffe://example.org/agent/demo/task/AAAAAAAAAAAAAAAAAAAAAA",
+            "x",
+            "is a task certificate's identity",
+        ),
+        (stranger, "bad\nreason", "without control characters"),
+    ] {
+        assert_status(
+            op.admin()
+                .lock_agent(pb::LockAgentRequest {
+                    agent_id: agent_id.into(),
+                    reason: reason.into(),
+                    ttl_seconds: 0,
+                })
+                .await,
+            Code::InvalidArgument,
+            needle,
+        );
+    }
+    assert_status(
+        agent
+            .admin()
+            .lock_agent(pb::LockAgentRequest {
+                agent_id: stranger.into(),
+                reason: "x".into(),
+                ttl_seconds: 0,
+            })
+            .await,
+        Code::PermissionDenied,
+        "is not an operator",
+    );
+}

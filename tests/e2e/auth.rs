@@ -145,3 +145,170 @@ async fn a_certificate_expiring_mid_connection_stops_working() {
         "expired",
     );
 }
+
+/// Leaf and chain of a task certificate for a fresh key, as a credential a
+/// client can present.
+async fn task_certificate(agent: &Client, task: &str) -> mayfly_testkit::Credential {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap();
+    let issued = agent
+        .broker()
+        .sign_certificate(pb::SignCertificateRequest {
+            task_id: task.to_owned(),
+            csr: csr.der().to_vec(),
+            ttl_seconds: 0,
+            approval_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    mayfly_testkit::Credential {
+        cert_pem: format!("{}{}", issued.certificate_pem, issued.chain_pem),
+        key_pem: key.serialize_pem().into(),
+    }
+}
+
+/// Every edge refuses `cred`, naming `needle`: each Broker and Admin RPC,
+/// the revocation feed, and `/introspect` on the HTTPS port.
+async fn assert_refused_everywhere(
+    broker: &TestBroker,
+    cred: &mayfly_testkit::Credential,
+    needle: &str,
+) {
+    let client = broker.client_with(cred).await.unwrap();
+    assert_rejected(&client, needle).await;
+    let mut b = client.broker();
+    assert_status(
+        b.sign_certificate(pb::SignCertificateRequest {
+            task_id: "AAAAAAAAAAAAAAAAAAAAAA".into(),
+            csr: vec![1],
+            ttl_seconds: 0,
+            approval_id: String::new(),
+        })
+        .await,
+        Code::Unauthenticated,
+        needle,
+    );
+    assert_status(
+        b.delegate_task(pb::DelegateTaskRequest {
+            parent_task_id: "AAAAAAAAAAAAAAAAAAAAAA".into(),
+            delegate_id: "spiffe://example.org/agent/other".into(),
+            intent: "x".into(),
+            audiences: vec![API.into()],
+            scopes: vec![],
+            ttl_seconds: 0,
+        })
+        .await,
+        Code::Unauthenticated,
+        needle,
+    );
+    assert_status(
+        client
+            .admin()
+            .revoke_agent(pb::RevokeAgentRequest {
+                agent_id: "spiffe://example.org/agent/demo".into(),
+                note: String::new(),
+            })
+            .await,
+        Code::Unauthenticated,
+        needle,
+    );
+    let mut feed = pb::revocations_client::RevocationsClient::new(client.channel());
+    assert_status(
+        feed.watch_revocations(pb::WatchRequest { from_cursor: 0 })
+            .await,
+        Code::Unauthenticated,
+        needle,
+    );
+    let (status, _, body) = mayfly_testkit::https_post_form(
+        &format!("{}/introspect", broker.http_url()),
+        &broker.bundle_pem(),
+        Some(cred),
+        "token=x",
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body.contains("invalid_client") && body.contains(needle),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_task_certificate_is_never_a_caller_before_or_after_its_task_ends() {
+    let broker = TestBroker::start().await;
+    let agent = broker.agent().await;
+    let op = broker.operator().await;
+    let task = start(&agent).await;
+    let cert = task_certificate(&agent, &task.task_id).await;
+    let before = all_leases(&op, pb::ListLeasesRequest::default()).await;
+
+    // While its task is live: a credential for downstream services only.
+    assert_refused_everywhere(&broker, &cert, "is a task certificate").await;
+    // After the task completed and the serial is on the CRL: the same.
+    agent.complete_task(&task.task_id).await.unwrap();
+    assert_refused_everywhere(&broker, &cert, "is a task certificate").await;
+    // Nothing was created or changed by any of the attempts.
+    let after = all_leases(&op, pb::ListLeasesRequest::default()).await;
+    assert_eq!(after.len(), before.len());
+    assert!(
+        after
+            .iter()
+            .all(|l| l.state == pb::LeaseState::Revoked as i32)
+    );
+}
+
+#[tokio::test]
+async fn anything_the_issuing_ca_signed_or_any_task_segment_is_refused() {
+    let broker = TestBroker::start().await;
+    // The issuing CA signing an ordinary-looking agent SVID: still no caller,
+    // whatever the SAN says.
+    let issuing = mayfly_broker::dev::DevCa::from_pem(
+        &std::fs::read_to_string(broker.path("issuing-ca.pem")).unwrap(),
+        &std::fs::read_to_string(broker.path("issuing-ca.key")).unwrap(),
+    )
+    .unwrap();
+    let id = mayfly_core::SpiffeId::new("spiffe://example.org/agent/demo").unwrap();
+    let mut cred = issuing
+        .issue_svid(&id, std::time::Duration::from_secs(600))
+        .unwrap();
+    cred.cert_pem.push_str(issuing.cert_pem());
+    assert_refused_everywhere(&broker, &cred, "issued by this broker's task CA").await;
+
+    // The workload CA issuing an SVID with the reserved segment: refused too.
+    for id in [
+        "spiffe://example.org/agent/demo/task/AAAAAAAAAAAAAAAAAAAAAA",
+        "spiffe://example.org/task/x",
+    ] {
+        let cred = broker
+            .ca()
+            .issue_svid(
+                &mayfly_core::SpiffeId::new(id).unwrap(),
+                std::time::Duration::from_secs(600),
+            )
+            .unwrap();
+        assert_refused_everywhere(&broker, &cred, "is a task certificate").await;
+    }
+    let all = all_leases(&broker.operator().await, pb::ListLeasesRequest::default()).await;
+    assert!(all.is_empty(), "{all:?}");
+}
+
+#[tokio::test]
+async fn a_trust_bundle_holding_the_issuing_ca_stops_the_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let td = mayfly_core::TrustDomain::new("example.org").unwrap();
+    let layout = mayfly_broker::dev::init(&dir.path().join("dev"), &td).unwrap();
+    let mut config = mayfly_broker::Config::load(&layout.config).unwrap();
+    let mixed = dir.path().join("mixed-bundle.pem");
+    let bundle = std::fs::read_to_string(&config.tls.trust_bundle).unwrap();
+    let issuing = std::fs::read_to_string(layout.dir.join("issuing-ca.pem")).unwrap();
+    std::fs::write(&mixed, format!("{bundle}{issuing}")).unwrap();
+    config.tls.trust_bundle = mixed;
+    let e = mayfly_broker::Broker::build(config)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("holds the broker's issuing CA"), "{e}");
+    assert!(e.contains("mixed-bundle.pem"), "{e}");
+}

@@ -364,3 +364,102 @@ async fn redis_killed_mid_load_loses_and_resurrects_nothing() {
         received.len()
     );
 }
+
+/// An operator locks a compromised agent through replica A: everything it
+/// holds is revoked, and it gets no task and no credential through either
+/// replica (the production path: leases recorded with their audit records)
+/// until unlocked; the agent is told who locked it and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_agent_gets_nothing_on_any_replica_until_unlocked() {
+    let redis = RedisServer::start();
+    let a = TestBroker::start_on_redis(&redis.url()).await;
+    let b = a.replica().await;
+    let (agent_a, agent_b) = (a.agent().await, b.agent().await);
+    let (op_a, op_b) = (a.operator().await, b.operator().await);
+    let demo = "spiffe://example.org/agent/demo";
+    let task = start(&agent_a).await;
+    let token = issue(&agent_b, &task.task_id).await;
+
+    let locked = op_a
+        .admin()
+        .lock_agent(pb::LockAgentRequest {
+            agent_id: demo.into(),
+            reason: "key found in a public repository".into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got: BTreeSet<String> = locked.revoked_leases.into_iter().collect();
+    assert_eq!(
+        got,
+        BTreeSet::from([task.task_id.clone(), token.lease_id.clone()])
+    );
+    let lock = locked.lock.unwrap();
+    assert_eq!(lock.locked_by, "spiffe://example.org/operator/admin");
+    assert!(lock.expires_at.is_none());
+
+    let needle =
+        "is locked by spiffe://example.org/operator/admin (key found in a public repository)";
+    for agent in [&agent_a, &agent_b] {
+        assert_status(
+            agent
+                .broker()
+                .start_task(start_request("again", &[API], &["read:files"]))
+                .await,
+            Code::PermissionDenied,
+            needle,
+        );
+        // Under the task it opened before (cached by replica A), too.
+        assert_status(
+            agent
+                .issue_token(token_request(&task.task_id, API, &["read:files"]))
+                .await,
+            Code::PermissionDenied,
+            needle,
+        );
+    }
+    // Both replicas list the lock; nothing of the agent is active.
+    for op in [&op_a, &op_b] {
+        let locks = op
+            .admin()
+            .list_agent_locks(pb::ListAgentLocksRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .locks;
+        assert_eq!(locks.len(), 1);
+        assert_eq!(locks[0].agent_id, demo);
+    }
+    let active = all_leases(
+        &op_b,
+        pb::ListLeasesRequest {
+            agent_id: demo.into(),
+            state: pb::LeaseState::Active as i32,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(active.is_empty(), "{active:?}");
+
+    // Unlocked through B: the agent works again through A.
+    op_b.admin()
+        .unlock_agent(pb::UnlockAgentRequest {
+            agent_id: demo.into(),
+            note: "key rotated".into(),
+        })
+        .await
+        .unwrap();
+    assert_status(
+        op_a.admin()
+            .unlock_agent(pb::UnlockAgentRequest {
+                agent_id: demo.into(),
+                note: String::new(),
+            })
+            .await,
+        Code::NotFound,
+        "is not locked",
+    );
+    let again = start(&agent_a).await;
+    issue(&agent_b, &again.task_id).await;
+}

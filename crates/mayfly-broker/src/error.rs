@@ -2,8 +2,8 @@
 //! gRPC status, exhaustively.
 
 use mayfly_core::{
-    ApprovalId, ApprovalState, Audience, EnvelopeExcess, LeaseId, LeaseState, Scope, SpiffeId,
-    TaskId, TaskState,
+    AgentLock, ApprovalId, ApprovalState, Audience, EnvelopeExcess, LeaseId, LeaseState, Scope,
+    SpiffeId, TaskId, TaskState,
 };
 
 use crate::audit::AuditError;
@@ -23,6 +23,21 @@ fn beyond_parent(audiences: &[Audience], scopes: &[Scope]) -> String {
     format!(
         "a delegated task must be narrower than its parent: {} exceed the parent task's envelope",
         parts.join(" and ")
+    )
+}
+
+fn locked_message(lock: Option<&AgentLock>) -> String {
+    let Some(l) = lock else {
+        return "the agent is locked by an operator: no new task or credential until it is unlocked"
+            .into();
+    };
+    let until = l.expires_at.map_or_else(
+        || "until an operator unlocks it".to_owned(),
+        |t| format!("until {}", crate::audit::rfc3339(t)),
+    );
+    format!(
+        "agent {} is locked by {} ({}): no new task or credential {until}",
+        l.agent, l.by, l.reason
     )
 }
 
@@ -127,6 +142,18 @@ pub enum BrokerError {
     /// nothing was issued.
     #[error("task {0} changed while the credential was being issued; nothing was issued, retry")]
     TaskChanged(TaskId),
+    /// An operator locked the agent out; nothing new is issued to it.
+    #[error("{}", locked_message(.0.as_deref()))]
+    AgentLocked(Option<Box<AgentLock>>),
+    /// An agent the broker has no record of (never seen, or purged).
+    #[error(
+        "agent {0} has no task or credential on record (never seen, or purged after retention); \
+         nothing was revoked. To keep it out before it shows up, lock it: mayfly agent lock"
+    )]
+    AgentNotFound(SpiffeId),
+    /// The agent is not locked.
+    #[error("agent {0} is not locked")]
+    AgentNotLocked(SpiffeId),
     /// Too many requests from this agent.
     #[error("too many credentials requested; retry in {} ms", retry_after.as_millis())]
     RateLimited {
@@ -179,6 +206,7 @@ impl From<StoreError> for BrokerError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unavailable(m) => Self::Unavailable(m),
+            StoreError::AgentLocked => Self::AgentLocked(None),
             StoreError::TaskNotFound => Self::Internal("task vanished during the request".into()),
             StoreError::LeaseNotFound => Self::Internal("lease vanished during the request".into()),
             other => Self::Internal(other.to_string()),

@@ -8,6 +8,12 @@
 //! them still completes TLS, so every RPC on it can be answered with
 //! `UNAUTHENTICATED` and a message that says what was wrong, instead of an
 //! opaque handshake failure.
+//!
+//! A certificate the broker issued for a task is a credential for
+//! downstream services, never an identity towards the broker: a SPIFFE ID
+//! with the reserved `task` segment is refused, and so is any leaf the
+//! broker's issuing CA signed, whatever its SAN says (two independent
+//! checks, so neither a policy nor a CA mix-up can turn one into a caller).
 
 use std::sync::Arc;
 
@@ -78,6 +84,20 @@ pub enum AuthError {
         /// Why.
         reason: SpiffeIdError,
     },
+    /// The SPIFFE ID has the segment reserved for task certificates.
+    #[error(
+        "client certificate {0} is a task certificate (its SPIFFE ID has a `task` segment); \
+         task certificates are credentials for downstream services, never an identity \
+         towards Mayfly: connect with the workload's own X.509-SVID"
+    )]
+    TaskCertificate(SpiffeId),
+    /// The leaf was signed by the broker's own issuing CA.
+    #[error(
+        "client certificate was issued by this broker's task CA; task certificates are \
+         credentials for downstream services, never an identity towards Mayfly: connect \
+         with the workload's own X.509-SVID"
+    )]
+    IssuedByBroker,
     /// The SPIFFE ID belongs to another trust domain.
     #[error("client SPIFFE ID {id} is not in trust domain {expected}")]
     WrongTrustDomain {
@@ -159,6 +179,9 @@ pub struct Authenticator {
     chain: Arc<dyn ClientCertVerifier>,
     /// Callers must belong to it.
     trust_domain: TrustDomain,
+    /// The broker's issuing CA certificate (DER), when it has one: a leaf
+    /// it signed is a task certificate and never a caller.
+    issuing_ca: Option<Arc<[u8]>>,
 }
 
 impl Authenticator {
@@ -167,7 +190,14 @@ impl Authenticator {
         Self {
             chain,
             trust_domain,
+            issuing_ca: None,
         }
+    }
+
+    /// Also refuses every leaf signed by `ca_der`, the broker's issuing CA.
+    pub fn refusing_issued_by(mut self, ca_der: &[u8]) -> Self {
+        self.issuing_ca = Some(ca_der.into());
+        self
     }
 
     /// Validates the peer chain (leaf first) as an X.509-SVID of the trust
@@ -180,6 +210,14 @@ impl Authenticator {
         // Shape first (so a CA or SAN-less certificate is named as such),
         // then trust, then membership.
         let (id, leaf_not_after) = parse_svid(leaf)?;
+        if id.is_task_bound() {
+            return Err(AuthError::TaskCertificate(id));
+        }
+        if let Some(ca) = &self.issuing_ca
+            && signed_by(leaf, ca)
+        {
+            return Err(AuthError::IssuedByBroker);
+        }
         self.chain
             .verify_client_cert(leaf, intermediates, UnixTime::now())
             .map_err(chain_error)?;
@@ -204,6 +242,19 @@ impl Authenticator {
             not_after,
         })
     }
+}
+
+/// Whether `leaf`'s signature verifies with the public key of the CA
+/// certificate `ca` (both DER); anything unparsable is "no".
+fn signed_by(leaf: &CertificateDer<'_>, ca: &[u8]) -> bool {
+    let (Ok((_, leaf)), Ok((_, ca))) = (
+        X509Certificate::from_der(leaf.as_ref()),
+        X509Certificate::from_der(ca),
+    ) else {
+        return false;
+    };
+    leaf.tbs_certificate.issuer == ca.tbs_certificate.subject
+        && leaf.verify_signature(Some(ca.public_key())).is_ok()
 }
 
 fn chain_error(e: rustls::Error) -> AuthError {

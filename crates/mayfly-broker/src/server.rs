@@ -197,8 +197,12 @@ impl Broker {
             metrics: metrics.clone(),
             tasks: TaskCache::default(),
         });
-        let authenticator =
+        let mut authenticator =
             Authenticator::new(tls.client_chain.clone(), config.trust_domain.clone());
+        if let Some(ca) = &service.ca {
+            tls::refuse_issuing_ca_in_bundle(&config.tls, ca.cert_der())?;
+            authenticator = authenticator.refusing_issued_by(ca.cert_der());
+        }
         Ok(Self {
             service,
             tls,

@@ -46,6 +46,25 @@ fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>
     Ok(certs)
 }
 
+/// Refuses a trust bundle that holds the issuing CA itself: clients must
+/// chain to the workload CA, and a bundle that trusts the task CA directly
+/// says someone mixed the two up (task certificates are refused as callers
+/// either way).
+pub fn refuse_issuing_ca_in_bundle(tls: &Tls, issuing_ca_der: &[u8]) -> Result<(), TlsError> {
+    if certs("trust bundle", &tls.trust_bundle)?
+        .iter()
+        .any(|c| c.as_ref() == issuing_ca_der)
+    {
+        return Err(err(
+            "trust bundle",
+            &tls.trust_bundle,
+            "holds the broker's issuing CA ([ca] cert); the bundle is for the CAs of workload \
+             SVIDs, and certificates the broker issues are never callers",
+        ));
+    }
+    Ok(())
+}
+
 /// Loaded TLS material and the verifier for client SVIDs.
 #[derive(Debug)]
 pub struct TlsSetup {

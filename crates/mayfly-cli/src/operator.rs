@@ -1,4 +1,7 @@
-//! Operator commands: `lease list|show|revoke`, `agent revoke`, `task list`.
+//! Operator commands: `lease list|show|revoke`, `agent
+//! revoke|lock|unlock|locks`, `task list`.
+
+use std::time::Duration;
 
 use clap::Subcommand;
 use mayfly_client::pb;
@@ -44,7 +47,8 @@ pub enum LeaseCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AgentCommand {
-    /// Revoke every live task and lease of an agent.
+    /// Revoke every live task and lease of an agent (it may start again;
+    /// `lock` keeps it out).
     Revoke {
         /// The agent's SPIFFE ID.
         id: String,
@@ -52,6 +56,29 @@ pub enum AgentCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Keep an agent out: revoke everything it holds and refuse it every
+    /// new task and credential, on every replica, until unlocked.
+    Lock {
+        /// The agent's SPIFFE ID.
+        id: String,
+        /// Why (required; the agent is told it when refused).
+        #[arg(long)]
+        reason: String,
+        /// Lift the lock by itself after this long (e.g. 24h); default:
+        /// until `agent unlock`.
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+    },
+    /// Lift an agent's lock.
+    Unlock {
+        /// The agent's SPIFFE ID.
+        id: String,
+        /// Kept in the audit trail.
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// List the locks in force.
+    Locks,
 }
 
 fn parse_lease_state(s: &str) -> Result<pb::LeaseState, String> {
@@ -191,23 +218,104 @@ pub async fn lease(cmd: LeaseCommand, conn: &ConnArgs, json: bool) -> anyhow::Re
 }
 
 pub async fn agent(cmd: AgentCommand, conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
-    let AgentCommand::Revoke { id, reason } = cmd;
     let client = conn.connect(Role::Operator).await?;
-    let r = client
-        .admin()
-        .revoke_agent(pb::RevokeAgentRequest {
-            agent_id: id.clone(),
-            note: reason.unwrap_or_default(),
-        })
-        .await?
-        .into_inner();
-    if json {
-        output::print_json(&json!({"agent_id": id, "revoked_leases": r.revoked_leases}));
-    } else {
-        println!("revoked agent {id}");
-        print_revoked(&r.revoked_leases);
+    let mut admin = client.admin();
+    match cmd {
+        AgentCommand::Revoke { id, reason } => {
+            let r = admin
+                .revoke_agent(pb::RevokeAgentRequest {
+                    agent_id: id.clone(),
+                    note: reason.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            if json {
+                output::print_json(&json!({"agent_id": id, "revoked_leases": r.revoked_leases}));
+            } else {
+                println!("revoked agent {id}");
+                print_revoked(&r.revoked_leases);
+            }
+        }
+        AgentCommand::Lock {
+            id,
+            reason,
+            duration,
+        } => {
+            let r = admin
+                .lock_agent(pb::LockAgentRequest {
+                    agent_id: id.clone(),
+                    reason,
+                    ttl_seconds: duration.map_or(0, mayfly_client::ttl_seconds),
+                })
+                .await?
+                .into_inner();
+            let lock = r.lock.unwrap_or_default();
+            if json {
+                let mut v = lock_json(&lock);
+                v["revoked_leases"] = json!(r.revoked_leases);
+                output::print_json(&v);
+            } else {
+                let until = match output::time(lock.expires_at.as_ref()) {
+                    t if t.is_empty() => "until unlocked".to_owned(),
+                    t => format!("until {t}"),
+                };
+                println!("locked agent {id} {until}");
+                print_revoked(&r.revoked_leases);
+            }
+        }
+        AgentCommand::Unlock { id, note } => {
+            let lock = admin
+                .unlock_agent(pb::UnlockAgentRequest {
+                    agent_id: id.clone(),
+                    note: note.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            if json {
+                output::print_json(&lock_json(&lock));
+            } else {
+                println!(
+                    "unlocked agent {id} (locked by {}: {})",
+                    lock.locked_by, lock.reason
+                );
+            }
+        }
+        AgentCommand::Locks => {
+            let locks = admin
+                .list_agent_locks(pb::ListAgentLocksRequest {})
+                .await?
+                .into_inner()
+                .locks;
+            if json {
+                output::print_json(&json!(locks.iter().map(lock_json).collect::<Vec<_>>()));
+            } else {
+                let rows: Vec<Vec<String>> = locks
+                    .iter()
+                    .map(|l| {
+                        vec![
+                            l.agent_id.clone(),
+                            l.locked_by.clone(),
+                            output::time(l.locked_at.as_ref()),
+                            output::time(l.expires_at.as_ref()),
+                            l.reason.clone(),
+                        ]
+                    })
+                    .collect();
+                output::table(&["AGENT", "LOCKED BY", "SINCE", "UNTIL", "REASON"], &rows);
+            }
+        }
     }
     Ok(())
+}
+
+fn lock_json(l: &pb::AgentLock) -> serde_json::Value {
+    json!({
+        "agent_id": l.agent_id,
+        "reason": l.reason,
+        "locked_by": l.locked_by,
+        "locked_at": output::time(l.locked_at.as_ref()),
+        "expires_at": (l.expires_at.is_some()).then(|| output::time(l.expires_at.as_ref())),
+    })
 }
 
 pub async fn list_tasks(

@@ -181,6 +181,8 @@ fn collect(records: &[AuditRecord], now: SystemTime) -> BTreeMap<String, TaskNod
             | Event::RevokedByPolicy
             | Event::LeaseRevoked
             | Event::AgentRevoked
+            | Event::AgentLocked
+            | Event::AgentUnlocked
             | Event::LeaseExpired => {}
         }
         settle(r, Some(&task_id), &mut fates);

@@ -909,3 +909,166 @@ async fn audit_trace_tail_and_verify() {
         .output()
         .unwrap());
 }
+
+/// The sequence an attacker tries: a task certificate joined with its
+/// chain, used as the CLI's client certificate. Every step is refused with
+/// the reason, while the task is live and after it completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_certificate_is_refused_as_the_clis_identity() {
+    let broker = TestBroker::start().await;
+    let api = "https://api.example.com";
+    let task = json(mayfly(
+        &broker,
+        &[
+            "--json",
+            "task",
+            "start",
+            "--intent",
+            "x",
+            "--audience",
+            api,
+            "--scope",
+            "read:x",
+        ],
+    ))["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let tc = tempfile::tempdir().unwrap();
+    let out_dir = tc.path().join("tc");
+    ok(mayfly(
+        &broker,
+        &[
+            "cert",
+            "issue",
+            "--task",
+            &task,
+            "--new-key",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+    ));
+    let full = out_dir.join("full.pem");
+    let mut pem = std::fs::read_to_string(out_dir.join("cert.pem")).unwrap();
+    pem.push_str(&std::fs::read_to_string(out_dir.join("chain.pem")).unwrap());
+    std::fs::write(&full, pem).unwrap();
+    let key = out_dir.join("key.pem");
+    let nested = tc.path().join("nested");
+    let as_task_cert = |args: &[&str]| {
+        let mut all = vec![
+            "--cert",
+            full.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        let out = mayfly(&broker, &all);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("is a task certificate"), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    };
+    let attempts: [&[&str]; 3] = [
+        &[
+            "task",
+            "start",
+            "--intent",
+            "after",
+            "--audience",
+            api,
+            "--scope",
+            "read:x",
+        ],
+        &[
+            "token",
+            "issue",
+            "--task",
+            &task,
+            "--audience",
+            api,
+            "--scope",
+            "read:x",
+        ],
+        &[
+            "cert",
+            "issue",
+            "--task",
+            &task,
+            "--new-key",
+            "--out",
+            nested.to_str().unwrap(),
+        ],
+    ];
+    for args in attempts {
+        as_task_cert(args);
+    }
+    ok(mayfly(&broker, &["task", "complete", &task]));
+    for args in attempts {
+        as_task_cert(args);
+    }
+    // The refusals left nothing behind: only the task and its certificate.
+    let leases = json(mayfly(&broker, &["--json", "lease", "list"]));
+    assert_eq!(leases.as_array().unwrap().len(), 2, "{leases}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_locks_an_agent_out_and_lets_it_back() {
+    let broker = TestBroker::start().await;
+    let api = "https://api.example.com";
+    let demo = "spiffe://example.org/agent/demo";
+    let start = [
+        "task",
+        "start",
+        "--intent",
+        "x",
+        "--audience",
+        api,
+        "--scope",
+        "read:x",
+    ];
+    ok(mayfly(&broker, &start));
+    let locked = ok(mayfly(
+        &broker,
+        &[
+            "agent",
+            "lock",
+            demo,
+            "--reason",
+            "key leaked",
+            "--for",
+            "2h",
+        ],
+    ));
+    assert!(
+        locked.starts_with(&format!("locked agent {demo} until ")),
+        "{locked}"
+    );
+    assert!(locked.contains("revoked 1 lease(s)"), "{locked}");
+    let out = mayfly(&broker, &start);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("error: permission denied: agent spiffe://example.org/agent/demo is locked by spiffe://example.org/operator/admin (key leaked)"),
+        "{err}"
+    );
+    let locks = json(mayfly(&broker, &["--json", "agent", "locks"]));
+    assert_eq!(locks[0]["agent_id"], demo);
+    assert_eq!(locks[0]["reason"], "key leaked");
+    assert!(locks[0]["expires_at"].is_string());
+    let table = ok(mayfly(&broker, &["agent", "locks"]));
+    assert!(table.starts_with("AGENT"), "{table}");
+    ok(mayfly(
+        &broker,
+        &["agent", "unlock", demo, "--note", "rotated"],
+    ));
+    ok(mayfly(&broker, &start));
+    let out = mayfly(&broker, &["agent", "unlock", demo]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("is not locked"), "{}", stderr(&out));
+    // The trail has both decisions.
+    let trail = ok(mayfly(&broker, &["audit", "tail", "-n", "20"]));
+    assert!(
+        trail.contains("agent_locked") && trail.contains("agent_unlocked"),
+        "{trail}"
+    );
+}

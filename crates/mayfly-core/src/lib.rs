@@ -15,6 +15,7 @@ mod claims;
 mod envelope;
 mod id;
 mod lease;
+mod lock;
 mod policy;
 mod spiffe;
 mod task;
@@ -29,10 +30,11 @@ pub use envelope::{
 };
 pub use id::{IdError, LeaseId, TaskId};
 pub use lease::{Lease, LeaseKind, LeaseState, LeaseStatus, Revocation, RevocationReason};
+pub use lock::{AgentLock, MAX_LOCK_REASON_BYTES};
 pub use policy::{
     Decision, DelegateRequest, IssueTokenRequest, Pattern, Policy, SignCertificateRequest,
     StartTaskRequest,
 };
-pub use spiffe::{SpiffeId, SpiffeIdError, SpiffeIdPattern, TrustDomain};
+pub use spiffe::{SpiffeId, SpiffeIdError, SpiffeIdPattern, TASK_SEGMENT, TrustDomain};
 pub use task::{Task, TaskRecord, TaskState};
 pub use time::Timestamp;

@@ -10,6 +10,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 const MAX_SPIFFE_ID_LEN: usize = 2048;
 /// The longest trust domain name the standard allows, in bytes.
 const MAX_TRUST_DOMAIN_LEN: usize = 255;
+/// The path segment Mayfly reserves for task certificates: the SPIFFE ID of
+/// a task certificate is `<agent>/task/<task_id>`. No workload identity
+/// that Mayfly accepts as a caller may contain it.
+pub const TASK_SEGMENT: &str = "task";
 
 /// Why a string is not a SPIFFE ID or trust domain.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -171,6 +175,35 @@ impl SpiffeId {
     /// Whether this ID belongs to `td`.
     pub fn is_member_of(&self, td: &TrustDomain) -> bool {
         self.trust_domain_name() == td.as_str()
+    }
+
+    /// The path's segments, in order (`/agent/demo` → `agent`, `demo`).
+    pub fn segments(&self) -> impl Iterator<Item = &str> {
+        self.path()[1..].split('/')
+    }
+
+    /// Whether the path has the segment reserved for task certificates
+    /// ([`TASK_SEGMENT`]) anywhere: such an ID names a task credential,
+    /// never a caller.
+    pub fn is_task_bound(&self) -> bool {
+        self.segments().any(|s| s == TASK_SEGMENT)
+    }
+
+    /// Every strict path prefix of this ID as a SPIFFE ID string, shortest
+    /// first, starting with the trust domain's own ID:
+    /// `spiffe://td/a/b/c` → `spiffe://td`, `spiffe://td/a`,
+    /// `spiffe://td/a/b`. Segment-exact: `spiffe://td/agent` is a prefix
+    /// of `spiffe://td/agent/x` but not of `spiffe://td/agents/x`.
+    pub fn ancestors(&self) -> impl Iterator<Item = &str> {
+        let id = self.id.as_str();
+        let path = &id[self.path_start..];
+        std::iter::once(self.path_start)
+            .chain(
+                path.match_indices('/')
+                    .skip(1)
+                    .map(move |(i, _)| self.path_start + i),
+            )
+            .map(move |end| &id[..end])
     }
 
     /// This ID with more path segments appended (each validated), e.g. the
@@ -380,6 +413,37 @@ mod tests {
             "spiffe://example.org/agent/demo/task/abc_DEF-1"
         );
         assert!(id.join(&["a/b/.."]).is_err());
+    }
+
+    #[test]
+    fn task_segments_and_ancestors() {
+        let task = SpiffeId::new("spiffe://td/agent/demo/task/abc").unwrap();
+        assert!(task.is_task_bound());
+        // Anywhere in the path, and only as a whole segment.
+        assert!(SpiffeId::new("spiffe://td/task").unwrap().is_task_bound());
+        assert!(
+            SpiffeId::new("spiffe://td/a/task/b/task/c")
+                .unwrap()
+                .is_task_bound()
+        );
+        for id in [
+            "spiffe://td/agent/demo",
+            "spiffe://td/tasks/a",
+            "spiffe://td/a/mytask",
+        ] {
+            assert!(!SpiffeId::new(id).unwrap().is_task_bound(), "{id}");
+        }
+        assert_eq!(
+            task.segments().collect::<Vec<_>>(),
+            ["agent", "demo", "task", "abc"]
+        );
+        let id = SpiffeId::new("spiffe://td/agent/demo/x").unwrap();
+        assert_eq!(
+            id.ancestors().collect::<Vec<_>>(),
+            ["spiffe://td", "spiffe://td/agent", "spiffe://td/agent/demo"]
+        );
+        let top = SpiffeId::new("spiffe://td/a").unwrap();
+        assert_eq!(top.ancestors().collect::<Vec<_>>(), ["spiffe://td"]);
     }
 
     #[test]

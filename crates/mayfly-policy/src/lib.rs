@@ -83,15 +83,17 @@ enum Type {
     Action,
     Audience,
     CertificateKind,
+    Path,
 }
 
-static TYPES: LazyLock<[EntityTypeName; 5]> = LazyLock::new(|| {
+static TYPES: LazyLock<[EntityTypeName; 6]> = LazyLock::new(|| {
     [
         "Mayfly::Agent",
         "Mayfly::Task",
         "Mayfly::Action",
         "Mayfly::Audience",
         "Mayfly::CertificateKind",
+        "Mayfly::Path",
     ]
     .map(|name| {
         // Constant names from the schema: cannot fail.
@@ -108,6 +110,9 @@ fn string(s: &str) -> RestrictedExpression {
     RestrictedExpression::new_string(s.to_owned())
 }
 
+/// An agent, in every [`Type::Path`] strictly above its SPIFFE ID, so
+/// `principal in Mayfly::Path::"spiffe://td/agent"` is a segment-exact
+/// subtree match.
 fn agent_entity(id: &SpiffeId) -> Result<Entity, String> {
     Entity::new(
         uid(Type::Agent, id.as_str()),
@@ -118,7 +123,7 @@ fn agent_entity(id: &SpiffeId) -> Result<Entity, String> {
         ]
         .into_iter()
         .collect(),
-        Default::default(),
+        id.ancestors().map(|p| uid(Type::Path, p)).collect(),
     )
     .map_err(|e| e.to_string())
 }

@@ -275,3 +275,52 @@ fn reads_may_be_delegated_to_workers_only() {
         Decision::Deny { .. }
     ));
 }
+
+/// `principal in Mayfly::Path::"…"` matches whole segments below the path,
+/// where `like "…/agents*"` would also match a sibling such as
+/// `/agents-evil/…`.
+#[test]
+fn path_membership_is_segment_exact() {
+    let p = shipped();
+    let decide = |id: &str| {
+        let mut t = task(&[]);
+        t.agent = SpiffeId::new(id).unwrap();
+        token(&p, &t, TICKETS, &["read:tickets"])
+    };
+    for inside in [
+        "spiffe://prod.example.com/agents/support/triage",
+        "spiffe://prod.example.com/agents/a",
+    ] {
+        permit(decide(inside));
+    }
+    for outside in [
+        "spiffe://prod.example.com/agents",
+        "spiffe://prod.example.com/agentsx/a",
+        "spiffe://prod.example.com/agents-evil/a",
+        "spiffe://prod.example.com/other/agents/a",
+        "spiffe://prod.example.com.evil/agents/a",
+    ] {
+        let (policy, reason) = deny(decide(outside));
+        assert_eq!(policy, None, "{outside}");
+        assert!(reason.contains("no policy permits"), "{outside}: {reason}");
+    }
+    // A policy matching with `like` crosses segments; `in` does not.
+    let loose = CedarPolicy::from_sources(
+        &[(
+            "p".to_owned(),
+            r#"@id("loose") permit (principal, action, resource)
+               when { principal.spiffe_id like "spiffe://prod.example.com/agents*" };
+               @id("exact") permit (principal in Mayfly::Path::"spiffe://prod.example.com/agents", action, resource);"#
+                .to_owned(),
+        )],
+        "test",
+    )
+    .unwrap();
+    let mut t = task(&[]);
+    t.agent = SpiffeId::new("spiffe://prod.example.com/agents-evil/a").unwrap();
+    let (id, _, _) = permit(token(&loose, &t, TICKETS, &["read:tickets"]));
+    assert_eq!(id, "loose");
+    t.agent = SpiffeId::new("spiffe://prod.example.com/agents/a").unwrap();
+    let (id, _, _) = permit(token(&loose, &t, TICKETS, &["read:tickets"]));
+    assert_eq!(id, "exact,loose");
+}

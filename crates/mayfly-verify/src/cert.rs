@@ -1,4 +1,12 @@
 //! Task-bound X.509-SVIDs: exactly one URI SAN, `<agent>/task/<task_id>`.
+//!
+//! [`Verifier::task_identity`](crate::Verifier::task_identity) is the
+//! checked path: the form here, then the certificate's serial and its task
+//! against the revocation feed (failing closed when the feed is silent).
+//! [`parse_task_certificate`] checks the form alone, for callers that
+//! follow revocations some other way (the broker's CRL).
+
+use std::time::Duration;
 
 use mayfly_core::{SpiffeId, SpiffeIdError, TaskId};
 use x509_parser::certificate::X509Certificate;
@@ -14,6 +22,8 @@ pub struct TaskIdentity {
     pub agent: SpiffeId,
     /// The task.
     pub task_id: TaskId,
+    /// The serial number, upper-case hex as the feed and `openssl` print it.
+    pub serial: String,
 }
 
 /// Why a certificate is not a task-bound SVID.
@@ -35,12 +45,34 @@ pub enum PeerCertError {
     /// A SPIFFE ID, but not of the form `<agent>/task/<task_id>`.
     #[error("{0} is not a task-bound SPIFFE ID (<agent>/task/<task_id>)")]
     NotTaskBound(SpiffeId),
+    /// The broker revoked the certificate (or its whole task).
+    #[error("task certificate {serial} has been revoked")]
+    Revoked {
+        /// Its serial, hex.
+        serial: String,
+    },
+    /// No word from the revocation feed for too long; failing closed.
+    #[error("revocation feed silent for {0:?}; failing closed")]
+    FeedStale(Duration),
+    /// The revocation feed has not delivered its first replay yet.
+    #[error("revocation feed not synchronised yet; failing closed")]
+    FeedNotSynced,
 }
 
-/// Reads the agent and task from a peer certificate (DER). Call it on a
-/// certificate your TLS stack has already validated against the trust
-/// bundle: this function checks the form, not the signature.
-pub fn task_identity(der: &[u8]) -> Result<TaskIdentity, PeerCertError> {
+impl PeerCertError {
+    /// Whether the problem is on the verifier's side (the feed), not the
+    /// certificate's.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::FeedStale(_) | Self::FeedNotSynced)
+    }
+}
+
+/// Reads the agent and task from a peer certificate (DER), checking its
+/// form only: not the signature (your TLS stack validated the chain) and
+/// not revocation. Prefer
+/// [`Verifier::task_identity`](crate::Verifier::task_identity), which also
+/// refuses revoked certificates.
+pub fn parse_task_certificate(der: &[u8]) -> Result<TaskIdentity, PeerCertError> {
     let (_, cert) =
         X509Certificate::from_der(der).map_err(|e| PeerCertError::Malformed(e.to_string()))?;
     let bc = cert
@@ -78,9 +110,16 @@ pub fn task_identity(der: &[u8]) -> Result<TaskIdentity, PeerCertError> {
         spiffe_id.trust_domain_name()
     ))
     .map_err(|_| not_task())?;
+    let serial = cert
+        .raw_serial()
+        .iter()
+        .skip_while(|b| **b == 0)
+        .map(|b| format!("{b:02X}"))
+        .collect();
     Ok(TaskIdentity {
         spiffe_id,
         agent,
         task_id,
+        serial,
     })
 }

@@ -23,8 +23,8 @@
 //! ```
 //!
 //! Ready-made integration: [`layer::VerifyLayer`] (tower, works with axum)
-//! and [`interceptor`] (tonic). [`task_identity`] reads the agent and task
-//! from a task certificate.
+//! and [`interceptor`] (tonic). [`Verifier::task_identity`] reads the agent
+//! and task from a task certificate and refuses it once revoked.
 
 #![forbid(unsafe_code)]
 
@@ -37,7 +37,7 @@ mod jwks;
 pub mod layer;
 mod verifier;
 
-pub use cert::{PeerCertError, TaskIdentity, task_identity};
+pub use cert::{PeerCertError, TaskIdentity, parse_task_certificate};
 pub use config::{FeedConfig, MAX_LEEWAY, VerifierConfig};
 pub use error::VerifyError;
 pub use verifier::{VerifiedToken, Verifier, cert_thumbprint};

@@ -14,6 +14,7 @@ use mayfly_core::{ActorClaim, LeaseId, SpiffeId, TaskId};
 use serde::Deserialize;
 
 use crate::VerifyError;
+use crate::cert::{PeerCertError, TaskIdentity, parse_task_certificate};
 use crate::config::{MAX_LEEWAY, VerifierConfig};
 use crate::feed::{self, RevocationSet};
 use crate::jwks::{Fetcher, Jwks};
@@ -102,6 +103,21 @@ impl std::fmt::Debug for Verifier {
             .field("issuer", &self.inner.config.issuer)
             .field("audience", &self.inner.config.audience)
             .finish_non_exhaustive()
+    }
+}
+
+/// Whether any of `ids` is revoked, given the feed's state (`None`:
+/// offline, nothing is known to be revoked).
+fn set_revoked(
+    state: Option<Result<&RevocationSet, VerifyError>>,
+    ids: &[&str],
+) -> Result<bool, VerifyError> {
+    match state {
+        None => Ok(false),
+        Some(set) => {
+            let set = set?;
+            Ok(ids.iter().any(|id| set.is_revoked(id)))
+        }
     }
 }
 
@@ -247,17 +263,8 @@ impl Verifier {
                 return Err(VerifyError::CertificateMismatch);
             }
         }
-        if let (Some(set), Some(feed)) = (&self.inner.revoked, &cfg.feed) {
-            if set.is_revoked(&claims.jti) {
-                return Err(VerifyError::Revoked);
-            }
-            if !feed.fail_open {
-                match set.silence() {
-                    None => return Err(VerifyError::FeedNotSynced),
-                    Some(s) if s > feed.max_silence => return Err(VerifyError::FeedStale(s)),
-                    Some(_) => {}
-                }
-            }
+        if set_revoked(self.feed_state(), &[&claims.jti])? {
+            return Err(VerifyError::Revoked);
         }
         let bad = |c: &str| VerifyError::Malformed(format!("claim {c} is not valid"));
         Ok(VerifiedToken {
@@ -278,6 +285,47 @@ impl Verifier {
             actor: claims.act,
             bound_to,
         })
+    }
+
+    /// Where the revocation feed stands: `None` when verifying offline
+    /// (no feed configured), else the set and whether it may be trusted
+    /// now (`Err` when it is silent and the config fails closed).
+    fn feed_state(&self) -> Option<Result<&RevocationSet, VerifyError>> {
+        let (set, feed) = match (&self.inner.revoked, &self.inner.config.feed) {
+            (Some(set), Some(feed)) => (set, feed),
+            _ => return None,
+        };
+        if !feed.fail_open {
+            match set.silence() {
+                None => return Some(Err(VerifyError::FeedNotSynced)),
+                Some(s) if s > feed.max_silence => return Some(Err(VerifyError::FeedStale(s))),
+                Some(_) => {}
+            }
+        }
+        Some(Ok(set))
+    }
+
+    /// The agent and task of a task certificate a client presented (DER,
+    /// already validated against the trust bundle by your TLS stack),
+    /// refused when the broker has revoked it or its task. With a feed,
+    /// this fails closed like [`verify`](Self::verify) when the feed is
+    /// silent; without one, revocation is not checked.
+    pub fn task_identity(&self, der: &[u8]) -> Result<TaskIdentity, PeerCertError> {
+        let id = parse_task_certificate(der)?;
+        let state = self.feed_state().map(|s| {
+            s.map_err(|e| match e {
+                VerifyError::FeedStale(d) => PeerCertError::FeedStale(d),
+                _ => PeerCertError::FeedNotSynced,
+            })
+        });
+        if let Some(set) = state.transpose()?
+            && (set.is_serial_revoked(&id.serial) || set.is_revoked(id.task_id.as_str()))
+        {
+            return Err(PeerCertError::Revoked {
+                serial: id.serial.clone(),
+            });
+        }
+        Ok(id)
     }
 
     /// Starts a JWKS refetch (rate limited) without waiting for it.

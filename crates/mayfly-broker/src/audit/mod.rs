@@ -67,6 +67,10 @@ pub enum Event {
     LeaseRevoked,
     /// An operator revoked everything of an agent.
     AgentRevoked,
+    /// An operator locked an agent out (and revoked everything of it).
+    AgentLocked,
+    /// An operator lifted an agent's lock.
+    AgentUnlocked,
     /// A lease (a task's or a credential's) reached its expiry.
     LeaseExpired,
     /// A token was issued.
@@ -99,6 +103,8 @@ impl Event {
             Self::TaskRevoked => "task_revoked",
             Self::LeaseRevoked => "lease_revoked",
             Self::AgentRevoked => "agent_revoked",
+            Self::AgentLocked => "agent_locked",
+            Self::AgentUnlocked => "agent_unlocked",
             Self::LeaseExpired => "lease_expired",
             Self::TokenIssued => "token_issued",
             Self::TokenDenied => "token_denied",

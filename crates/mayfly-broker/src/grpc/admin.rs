@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_core::{Approval, ApprovalId, LeaseId, SpiffeId, TaskId, Timestamp};
+use mayfly_core::{
+    AgentLock, Approval, ApprovalId, LeaseId, MAX_LOCK_REASON_BYTES, SpiffeId, TaskId, Timestamp,
+};
 use mayfly_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -12,11 +14,11 @@ use tonic::{Request, Response, Status};
 
 use super::{
     approval_to_proto, caller, field, lease_kind_from_proto, lease_state_from_proto,
-    lease_to_proto, task_state_from_proto, task_to_proto,
+    lease_to_proto, task_state_from_proto, task_to_proto, timestamp,
 };
 use crate::error::BrokerError;
 use crate::identity::Caller;
-use crate::service::{Service, parse_note};
+use crate::service::{Service, parse_note, requested_ttl};
 use crate::store::{LeaseFilter, PageRequest, TaskFilter};
 
 /// Default and largest page sizes.
@@ -219,12 +221,57 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<pb::RevokeResponse>, Status> {
         let op = self.operator(&request)?;
         let r = request.get_ref();
-        let agent = field("agent_id", &r.agent_id, SpiffeId::new)?;
+        let agent = agent_field(&r.agent_id)?;
         let revoked = self
             .svc
             .revoke_agent(&op, &agent, parse_note(&r.note)?)
             .await?;
         Ok(Response::new(revoke_response(revoked)))
+    }
+
+    async fn lock_agent(
+        &self,
+        request: Request<pb::LockAgentRequest>,
+    ) -> Result<Response<pb::LockAgentResponse>, Status> {
+        let op = self.operator(&request)?;
+        let r = request.get_ref();
+        let agent = agent_field(&r.agent_id)?;
+        let reason = parse_note(&r.reason)?.ok_or_else(|| {
+            BrokerError::Invalid(format!(
+                "reason is required: say why the agent is locked (at most {MAX_LOCK_REASON_BYTES} bytes)"
+            ))
+        })?;
+        let ttl = requested_ttl("ttl_seconds", r.ttl_seconds)?;
+        let (lock, revoked) = self.svc.lock_agent(&op, &agent, reason, ttl).await?;
+        Ok(Response::new(pb::LockAgentResponse {
+            lock: Some(lock_to_proto(&lock)),
+            revoked_leases: revoked.iter().map(ToString::to_string).collect(),
+        }))
+    }
+
+    async fn unlock_agent(
+        &self,
+        request: Request<pb::UnlockAgentRequest>,
+    ) -> Result<Response<pb::AgentLock>, Status> {
+        let op = self.operator(&request)?;
+        let r = request.get_ref();
+        let agent = agent_field(&r.agent_id)?;
+        let lock = self
+            .svc
+            .unlock_agent(&op, &agent, parse_note(&r.note)?)
+            .await?;
+        Ok(Response::new(lock_to_proto(&lock)))
+    }
+
+    async fn list_agent_locks(
+        &self,
+        request: Request<pb::ListAgentLocksRequest>,
+    ) -> Result<Response<pb::ListAgentLocksResponse>, Status> {
+        self.operator(&request)?;
+        let locks = self.svc.list_locks().await?;
+        Ok(Response::new(pb::ListAgentLocksResponse {
+            locks: locks.iter().map(lock_to_proto).collect(),
+        }))
     }
 
     async fn list_approvals(
@@ -304,6 +351,29 @@ impl AdminApi {
             .decide_approval(&op, &id, approve, parse_note(&r.reason)?)
             .await?;
         Ok(Response::new(self.with_task(&approval).await))
+    }
+}
+
+/// An agent an operator acts on: an exact SPIFFE ID, never a task
+/// certificate's.
+fn agent_field(value: &str) -> Result<SpiffeId, BrokerError> {
+    let agent = field("agent_id", value, SpiffeId::new)?;
+    if agent.is_task_bound() {
+        return Err(BrokerError::Invalid(format!(
+            "agent_id: {agent} is a task certificate's identity, not an agent (task \
+             certificates are never callers; revoke the task or its lease instead)"
+        )));
+    }
+    Ok(agent)
+}
+
+fn lock_to_proto(l: &AgentLock) -> pb::AgentLock {
+    pb::AgentLock {
+        agent_id: l.agent.to_string(),
+        reason: l.reason.clone(),
+        locked_by: l.by.to_string(),
+        locked_at: Some(timestamp(l.at)),
+        expires_at: l.expires_at.map(timestamp),
     }
 }
 

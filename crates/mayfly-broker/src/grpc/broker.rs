@@ -55,9 +55,16 @@ impl TryFrom<pb::StartTaskRequest> for NewTask {
 impl TryFrom<pb::DelegateTaskRequest> for NewDelegation {
     type Error = BrokerError;
     fn try_from(r: pb::DelegateTaskRequest) -> Result<Self, BrokerError> {
+        let delegate = field("delegate_id", &r.delegate_id, SpiffeId::new)?;
+        if delegate.is_task_bound() {
+            return Err(BrokerError::Invalid(format!(
+                "delegate_id: {delegate} is a task certificate's identity (it has a `task` \
+                 segment), not an agent"
+            )));
+        }
         Ok(Self {
             parent: field("parent_task_id", &r.parent_task_id, TaskId::new)?,
-            delegate: field("delegate_id", &r.delegate_id, SpiffeId::new)?,
+            delegate,
             intent: Intent::new(&r.intent).map_err(|e| BrokerError::Invalid(e.to_string()))?,
             envelope: Envelope::new(&r.audiences, &r.scopes)
                 .map_err(|e| BrokerError::Invalid(e.to_string()))?,

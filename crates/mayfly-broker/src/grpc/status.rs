@@ -20,8 +20,11 @@ impl From<BrokerError> for Status {
             BrokerError::TaskNotFound(_)
             | BrokerError::LeaseNotFound(_)
             | BrokerError::ApprovalNotFound(_) => Status::not_found(msg),
-            BrokerError::ApprovalMismatch(_) | BrokerError::ApprovalDenied { .. } => {
-                Status::permission_denied(msg)
+            BrokerError::ApprovalMismatch(_)
+            | BrokerError::ApprovalDenied { .. }
+            | BrokerError::AgentLocked(_) => Status::permission_denied(msg),
+            BrokerError::AgentNotFound(_) | BrokerError::AgentNotLocked(_) => {
+                Status::not_found(msg)
             }
             BrokerError::ApprovalUnusable { .. } => Status::failed_precondition(msg),
             BrokerError::TaskChanged(_) => Status::aborted(msg),

@@ -243,6 +243,9 @@ pub struct IssuingCa {
     issuer: Issuer<'static, KeyPair>,
     /// The issuing CA certificate and any intermediates above it, PEM.
     chain_pem: String,
+    /// The issuing CA certificate alone, DER: the edge refuses every client
+    /// certificate it signed.
+    cert_der: Vec<u8>,
 }
 
 impl std::fmt::Debug for IssuingCa {
@@ -274,6 +277,12 @@ impl IssuingCa {
             .ok_or_else(|| CaError::Invalid("no certificate in the CA file".into()))?;
         let issuer = Issuer::from_ca_cert_pem(first, key)
             .map_err(|e| CaError::Invalid(format!("certificate: {e}")))?;
+        let cert_der = {
+            use rustls_pki_types::pem::PemObject;
+            rustls_pki_types::CertificateDer::from_pem_slice(first.as_bytes())
+                .map_err(|e| CaError::Invalid(format!("certificate: {e}")))?
+                .to_vec()
+        };
         let usages = issuer.key_usages();
         let can_sign = usages.contains(&KeyUsagePurpose::KeyCertSign)
             && usages.contains(&KeyUsagePurpose::CrlSign);
@@ -285,7 +294,13 @@ impl IssuingCa {
         Ok(Self {
             issuer,
             chain_pem: chain_pem.trim_end().to_owned() + "\n",
+            cert_der,
         })
+    }
+
+    /// The issuing CA certificate, DER.
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
     }
 
     /// The chain to hand out with leaves (issuing CA first).

@@ -1,6 +1,10 @@
-//! What operators do: list and revoke.
+//! What operators do: list, revoke, and lock agents out.
 
-use mayfly_core::{Lease, LeaseId, RevocationReason, SpiffeId, TaskId, TaskRecord, Timestamp};
+use std::time::Duration;
+
+use mayfly_core::{
+    AgentLock, Lease, LeaseId, RevocationReason, SpiffeId, TaskId, TaskRecord, Timestamp,
+};
 
 use super::Service;
 use crate::audit::{AuditRecord, Event};
@@ -122,12 +126,115 @@ impl Service {
             note,
         );
         let revoked = self.store.revoke_agent(agent, &req).await?;
+        if revoked.is_empty() && !self.has_records(agent).await? {
+            return Err(BrokerError::AgentNotFound(agent.clone()));
+        }
         let mut record = self
             .revocation_record(Event::AgentRevoked, operator, None, &req, &revoked)
             .await;
         record.agent = Some(agent.to_string());
         self.log_revocation(record).await;
         Ok(revoked)
+    }
+
+    /// Whether the store holds any task or lease of `agent` (live or ended,
+    /// within retention).
+    async fn has_records(&self, agent: &SpiffeId) -> Result<bool, BrokerError> {
+        let page = PageRequest {
+            after: None,
+            limit: 1,
+        };
+        let now = Timestamp::now();
+        let tasks = TaskFilter {
+            agent: Some(agent.clone()),
+            ..Default::default()
+        };
+        if !self
+            .store
+            .list_tasks(&tasks, &page, now)
+            .await?
+            .items
+            .is_empty()
+        {
+            return Ok(true);
+        }
+        let leases = LeaseFilter {
+            agent: Some(agent.clone()),
+            ..Default::default()
+        };
+        Ok(!self
+            .store
+            .list_leases(&leases, &page, now)
+            .await?
+            .items
+            .is_empty())
+    }
+
+    /// Locks `agent` out: every live task and lease of it is revoked
+    /// (`agent_revoked`), and until the lock is lifted (or `ttl` passes)
+    /// the store refuses it every new task and credential, on every
+    /// replica. Locking again replaces the reason and expiry.
+    pub async fn lock_agent(
+        &self,
+        operator: &Caller,
+        agent: &SpiffeId,
+        reason: String,
+        ttl: Option<Duration>,
+    ) -> Result<(AgentLock, Vec<LeaseId>), BrokerError> {
+        let at = Timestamp::now();
+        let lock = AgentLock {
+            agent: agent.clone(),
+            reason: reason.clone(),
+            by: operator.id.clone(),
+            at,
+            expires_at: ttl.map(|t| at.plus(t)),
+        };
+        let req = operator_request(
+            operator,
+            RevocationReason::AgentRevoked,
+            RevocationReason::AgentRevoked,
+            Some(reason),
+        );
+        let revoked = self.store.lock_agent(&lock, &req).await?;
+        let mut record = self
+            .revocation_record(Event::AgentLocked, operator, None, &req, &revoked)
+            .await;
+        record.agent = Some(agent.to_string());
+        if let Some(exp) = lock.expires_at {
+            record = record.expires(exp);
+        }
+        self.log_revocation(record).await;
+        Ok((lock, revoked))
+    }
+
+    /// Lifts the lock on `agent`; `NOT_FOUND` if none holds.
+    pub async fn unlock_agent(
+        &self,
+        operator: &Caller,
+        agent: &SpiffeId,
+        note: Option<String>,
+    ) -> Result<AgentLock, BrokerError> {
+        let lock = self
+            .store
+            .unlock_agent(agent, Timestamp::now())
+            .await?
+            .ok_or_else(|| BrokerError::AgentNotLocked(agent.clone()))?;
+        let mut record = AuditRecord::new(Event::AgentUnlocked, &operator.id);
+        record.agent = Some(agent.to_string());
+        record.reason = note;
+        tracing::info!(
+            target: "mayfly::decision",
+            event = "agent_unlocked",
+            operator = %operator.id,
+            agent = %agent,
+        );
+        self.audit_anyway(record).await;
+        Ok(lock)
+    }
+
+    /// Every lock in force.
+    pub async fn list_locks(&self) -> Result<Vec<AgentLock>, BrokerError> {
+        Ok(self.store.list_locks(Timestamp::now()).await?)
     }
 
     /// The record of an operator's revocation, with the task it concerns.

@@ -177,6 +177,7 @@ impl Service {
                 }
             }
             None if permit.approval_required => {
+                self.refuse_locked(&caller.id, now).await?;
                 let approval = Approval {
                     id: ApprovalId::generate(),
                     agent: caller.id.clone(),
@@ -217,6 +218,15 @@ impl Service {
     /// Issues a token under one of the caller's active tasks, or opens an
     /// approval when policy requires one.
     pub async fn issue_token(
+        &self,
+        caller: &Caller,
+        req: TokenRequest,
+    ) -> Result<Issued<IssuedToken>, BrokerError> {
+        let issued = self.mint_token(caller, req).await;
+        self.explain_lock(&caller.id, issued).await
+    }
+
+    async fn mint_token(
         &self,
         caller: &Caller,
         req: TokenRequest,
@@ -341,7 +351,13 @@ impl Service {
             // durable, under a task still active and unchanged at that moment.
             if let Err(e) = self.record_issued(&lease, now, record).await {
                 // The context changed: decide again on a fresh read.
-                self.decide_again(e, &task.id, &mut attempt)?;
+                match self.decide_again(e, &task.id, &mut attempt) {
+                    Ok(()) => {}
+                    Err(locked @ BrokerError::AgentLocked(_)) => {
+                        return Err(self.record_denial(locked, denied()).await);
+                    }
+                    Err(e) => return Err(e),
+                }
                 cached = false;
                 continue;
             }
@@ -367,6 +383,15 @@ impl Service {
     /// Signs a task-bound X.509-SVID over the CSR's key under one of the
     /// caller's active tasks, or opens an approval when policy requires one.
     pub async fn sign_certificate(
+        &self,
+        caller: &Caller,
+        req: CertificateRequest,
+    ) -> Result<Issued<IssuedCertificate>, BrokerError> {
+        let issued = self.mint_certificate(caller, req).await;
+        self.explain_lock(&caller.id, issued).await
+    }
+
+    async fn mint_certificate(
         &self,
         caller: &Caller,
         req: CertificateRequest,
@@ -414,11 +439,8 @@ impl Service {
                 cached = false;
                 continue;
             }
-            let permit = self
-                .permit_or_record(decision, || {
-                    AuditRecord::new(Event::CertificateDenied, &caller.id).task(task)
-                })
-                .await?;
+            let denied = || AuditRecord::new(Event::CertificateDenied, &caller.id).task(task);
+            let permit = self.permit_or_record(decision, denied).await?;
             if used_approval.is_none() {
                 match self
                     .approval_gate(
@@ -472,7 +494,13 @@ impl Service {
             // Returned only once its lease and record are durable, as for tokens.
             if let Err(e) = self.record_issued(&lease, now, record).await {
                 // The context changed: decide again on a fresh read.
-                self.decide_again(e, &task.id, &mut attempt)?;
+                match self.decide_again(e, &task.id, &mut attempt) {
+                    Ok(()) => {}
+                    Err(locked @ BrokerError::AgentLocked(_)) => {
+                        return Err(self.record_denial(locked, denied()).await);
+                    }
+                    Err(e) => return Err(e),
+                }
                 cached = false;
                 continue;
             }

@@ -380,6 +380,43 @@ impl Service {
         e
     }
 
+    /// Fills in the lock behind an `AgentLocked` refusal of `agent`, so the
+    /// caller learns who locked it, why, and until when; a task found
+    /// revoked because its agent was locked is refused as locked too.
+    async fn explain_lock<T>(
+        &self,
+        agent: &SpiffeId,
+        result: Result<T, BrokerError>,
+    ) -> Result<T, BrokerError> {
+        let lock = || async {
+            let lock = self.store.agent_lock(agent, Timestamp::now()).await;
+            lock.ok().flatten().map(Box::new)
+        };
+        match result {
+            Err(BrokerError::AgentLocked(None)) => Err(BrokerError::AgentLocked(lock().await)),
+            Err(
+                e @ BrokerError::TaskNotActive {
+                    state: TaskState::Revoked,
+                    ..
+                },
+            ) => match lock().await {
+                Some(l) => Err(BrokerError::AgentLocked(Some(l))),
+                None => Err(e),
+            },
+            other => other,
+        }
+    }
+
+    /// Refuses `agent` at once while a lock holds it (for steps that would
+    /// leave state behind before the store's own check, such as opening an
+    /// approval).
+    async fn refuse_locked(&self, agent: &SpiffeId, now: Timestamp) -> Result<(), BrokerError> {
+        match self.store.agent_lock(agent, now).await? {
+            Some(lock) => Err(BrokerError::AgentLocked(Some(Box::new(lock)))),
+            None => Ok(()),
+        }
+    }
+
     /// Takes one issuance from the caller's bucket.
     fn rate_limit(&self, caller: &Caller) -> Result<(), BrokerError> {
         self.rate

@@ -59,16 +59,16 @@ impl Service {
             ttl,
             now,
         });
-        let permit = self
-            .permit_or_record(decision, || {
-                let mut r = AuditRecord::new(Event::TaskDenied, &caller.id).envelope(&req.envelope);
-                r.agent = Some(caller.id.to_string());
-                r.intent = Some(req.intent.as_str().to_owned());
-                r
-            })
-            .await?;
+        let denied = || {
+            let mut r = AuditRecord::new(Event::TaskDenied, &caller.id).envelope(&req.envelope);
+            r.agent = Some(caller.id.to_string());
+            r.intent = Some(req.intent.as_str().to_owned());
+            r
+        };
+        let permit = self.permit_or_record(decision, denied).await?;
         // A policy's max_ttl on start_task caps the task's lifetime.
         let ttl = permit.max_ttl.map_or(ttl, |m| ttl.min(m));
+        let denied = denied();
         let task = Task {
             id: TaskId::generate(),
             agent: caller.id.clone(),
@@ -81,7 +81,17 @@ impl Service {
             parent: None,
             delegated_by: Vec::new(),
         };
-        self.store.start_task(&task).await?;
+        let started = self
+            .store
+            .start_task(&task)
+            .await
+            .map_err(BrokerError::from);
+        if let Err(e) = self.explain_lock(&caller.id, started).await {
+            return Err(match e {
+                locked @ BrokerError::AgentLocked(_) => self.record_denial(locked, denied).await,
+                other => other,
+            });
+        }
         self.record_new_task(
             &task,
             AuditRecord::new(Event::TaskStarted, &caller.id)
@@ -180,6 +190,7 @@ impl Service {
             .min(parent.expires_at);
         let mut delegated_by = parent.delegated_by.clone();
         delegated_by.push(parent.agent.clone());
+        let denied = denied();
         let task = Task {
             id: TaskId::generate(),
             agent: req.delegate,
@@ -192,10 +203,17 @@ impl Service {
             parent: Some(parent.id.clone()),
             delegated_by,
         };
-        self.store
+        let started = self
+            .store
             .start_task(&task)
             .await
-            .map_err(|e| BrokerError::from_store(e, &parent.id))?;
+            .map_err(|e| BrokerError::from_store(e, &parent.id));
+        if let Err(e) = self.explain_lock(&task.agent, started).await {
+            return Err(match e {
+                locked @ BrokerError::AgentLocked(_) => self.record_denial(locked, denied).await,
+                other => other,
+            });
+        }
         let mut record = AuditRecord::new(Event::TaskDelegated, &caller.id)
             .task(&task)
             .envelope(&task.envelope)

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mayfly_core::{
-    Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Audience, Envelope,
-    Intent, Lease, LeaseId, LeaseKind, LeaseState, LeaseStatus, RevocationReason, SpiffeId, Task,
-    TaskContext, TaskId, TaskState, Timestamp, parse_scopes,
+    AgentLock, Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Audience,
+    Envelope, Intent, Lease, LeaseId, LeaseKind, LeaseState, LeaseStatus, RevocationReason,
+    SpiffeId, Task, TaskContext, TaskId, TaskState, Timestamp, parse_scopes,
 };
 
 use super::{
@@ -33,6 +33,7 @@ macro_rules! store_contract_tests {
             end_task_skips_dead_leases,
             revoke_lease,
             revoke_agent_spares_other_agents,
+            a_locked_agent_gets_nothing_until_unlocked,
             list_leases_filters_and_pages,
             an_agents_leases_page_across_its_tasks,
             list_tasks_filters_and_pages,
@@ -389,6 +390,97 @@ pub async fn revoke_agent_spares_other_agents(store: Store) {
         store.revoke_agent(&a, &req).await.unwrap().is_empty(),
         "nothing left to revoke"
     );
+}
+
+pub async fn a_locked_agent_gets_nothing_until_unlocked(store: Store) {
+    let (a, b) = (agent("a"), agent("b"));
+    let ta = started(&store, &a, 600).await;
+    let tb = started(&store, &b, 600).await;
+    let la = issued(&store, &ta, 60).await;
+    let lb = issued(&store, &tb, 60).await;
+    let lock = AgentLock {
+        agent: a.clone(),
+        reason: "key leaked".into(),
+        by: operator(),
+        at: at(2),
+        expires_at: Some(at(100)),
+    };
+    let req = revoke(
+        RevocationReason::AgentRevoked,
+        RevocationReason::AgentRevoked,
+        at(2),
+    );
+    let revoked: BTreeSet<LeaseId> = store
+        .lock_agent(&lock, &req)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(revoked, [ta.id.lease_id(), la.id.clone()].into());
+    assert_eq!(state(&store, &lb.id, at(3)).await, LeaseState::Active);
+    assert_eq!(
+        store.agent_lock(&a, at(3)).await.unwrap(),
+        Some(lock.clone())
+    );
+    assert_eq!(store.agent_lock(&b, at(3)).await.unwrap(), None);
+    assert_eq!(store.list_locks(at(3)).await.unwrap(), vec![lock.clone()]);
+
+    // No new task, no credential (even under a task opened before).
+    let mut fresh = task(&a, 600);
+    fresh.created_at = at(3);
+    assert!(matches!(
+        store.start_task(&fresh).await,
+        Err(StoreError::AgentLocked)
+    ));
+    assert!(store.get_task(&fresh.id).await.unwrap().is_none());
+    let after = lease(&ta, 60);
+    assert!(matches!(
+        store.issue(&after, at(3)).await,
+        Err(StoreError::AgentLocked)
+    ));
+    assert!(store.get_lease(&after.id).await.unwrap().is_none());
+    // Another agent is untouched.
+    issued(&store, &tb, 60).await;
+
+    // Locking again replaces the lock; unlocking lifts it once.
+    let forever = AgentLock {
+        expires_at: None,
+        reason: "still investigating".into(),
+        ..lock.clone()
+    };
+    assert!(store.lock_agent(&forever, &req).await.unwrap().is_empty());
+    assert_eq!(
+        store.agent_lock(&a, at(500)).await.unwrap(),
+        Some(forever.clone())
+    );
+    assert_eq!(store.unlock_agent(&a, at(5)).await.unwrap(), Some(forever));
+    assert_eq!(store.unlock_agent(&a, at(5)).await.unwrap(), None);
+    assert!(store.list_locks(at(5)).await.unwrap().is_empty());
+    let mut back = task(&a, 600);
+    back.created_at = at(5);
+    store.start_task(&back).await.unwrap();
+    issued(&store, &back, 60).await;
+
+    // A lock with an expiry lifts by itself.
+    let brief = AgentLock {
+        agent: b.clone(),
+        reason: "brief".into(),
+        by: operator(),
+        at: at(5),
+        expires_at: Some(at(10)),
+    };
+    store.lock_agent(&brief, &req).await.unwrap();
+    let mut early = task(&b, 600);
+    early.created_at = at(9);
+    assert!(matches!(
+        store.start_task(&early).await,
+        Err(StoreError::AgentLocked)
+    ));
+    let mut later = task(&b, 600);
+    later.created_at = at(10);
+    store.start_task(&later).await.unwrap();
+    assert_eq!(store.agent_lock(&b, at(10)).await.unwrap(), None);
+    assert!(store.list_locks(at(10)).await.unwrap().is_empty());
 }
 
 async fn collect_leases(store: &Store, filter: &LeaseFilter, now: Timestamp) -> Vec<LeaseId> {

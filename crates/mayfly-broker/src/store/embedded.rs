@@ -27,6 +27,7 @@
 //! | `meta`          | name                 | u64 (`next_cursor`)       |
 //! | `approvals`     | approval id          | [`Approval`]              |
 //! | `approval_expiry` | (expires ms, id)   | `()`; purge               |
+//! | `agent_locks`   | agent ID             | [`AgentLock`]             |
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
@@ -36,9 +37,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use mayfly_core::{
-    Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Lease, LeaseId,
-    LeaseKind, LeaseStatus, RevocationReason, SpiffeId, Task, TaskContext, TaskId, TaskRecord,
-    TaskState, Timestamp,
+    AgentLock, Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Lease,
+    LeaseId, LeaseKind, LeaseStatus, RevocationReason, SpiffeId, Task, TaskContext, TaskId,
+    TaskRecord, TaskState, Timestamp,
 };
 use redb::{
     Database, MultimapTable, MultimapTableDefinition, ReadTransaction, ReadableDatabase,
@@ -70,6 +71,7 @@ const REVOCATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("revocatio
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const APPROVALS: TableDefinition<&str, &[u8]> = TableDefinition::new("approvals");
 const APPROVAL_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("approval_expiry");
+const AGENT_LOCKS: TableDefinition<&str, &[u8]> = TableDefinition::new("agent_locks");
 
 /// Key in `meta` of the next revocation cursor (never reused, even after
 /// trimming).
@@ -338,6 +340,7 @@ struct Tables<'t> {
     meta: Table<'t, &'static str, u64>,
     approvals: Table<'t, &'static str, &'static [u8]>,
     approval_expiry: Table<'t, (u64, &'static str), ()>,
+    agent_locks: Table<'t, &'static str, &'static [u8]>,
 }
 
 impl<'t> Tables<'t> {
@@ -355,7 +358,52 @@ impl<'t> Tables<'t> {
             meta: txn.open_table(META)?,
             approvals: txn.open_table(APPROVALS)?,
             approval_expiry: txn.open_table(APPROVAL_EXPIRY)?,
+            agent_locks: txn.open_table(AGENT_LOCKS)?,
         })
+    }
+
+    /// The lock on `agent` if it holds at `now`.
+    fn lock(&self, agent: &str, now: Timestamp) -> Result<Option<AgentLock>, StoreError> {
+        let lock: Option<AgentLock> = self
+            .agent_locks
+            .get(agent)?
+            .map(|v| decode(v.value()))
+            .transpose()?;
+        Ok(lock.filter(|l| l.holds_at(now)))
+    }
+
+    /// Refuses a write for `agent` while a lock holds it out.
+    fn refuse_locked(&self, agent: &SpiffeId, now: Timestamp) -> Result<(), StoreError> {
+        match self.lock(agent.as_str(), now)? {
+            Some(_) => Err(StoreError::AgentLocked),
+            None => Ok(()),
+        }
+    }
+
+    /// Ends every active task of `agent` and revokes every active lease of
+    /// it, including those under tasks it does not own (delegation).
+    fn revoke_agent(
+        &mut self,
+        agent: &SpiffeId,
+        req: &RevokeRequest,
+    ) -> Result<Vec<LeaseId>, StoreError> {
+        let mut revoked = Vec::new();
+        for task in ids(&self.agent_tasks, agent.as_str())? {
+            let id = TaskId::new(&task).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            match self.end_task(&id, req) {
+                Ok(ids) => revoked.extend(ids),
+                Err(StoreError::TaskNotActive(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for id in ids(&self.agent_leases, agent.as_str())? {
+            if let Some(lease) = self.lease(&id)?
+                && lease.is_active_at(req.at)
+            {
+                revoked.push(self.revoke(lease, req, req.child_reason)?);
+            }
+        }
+        Ok(revoked)
     }
 
     fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
@@ -600,6 +648,7 @@ impl LeaseStore for EmbeddedStore {
             if t.tasks.get(id)?.is_some() {
                 return Err(StoreError::Duplicate(id.to_owned()));
             }
+            t.refuse_locked(&task.agent, task.created_at)?;
             if let Some(parent) = &task.parent {
                 let record = t
                     .task_record(parent.as_str())?
@@ -649,6 +698,7 @@ impl LeaseStore for EmbeddedStore {
                 .task_record(lease.task_id.as_str())?
                 .filter(|r| r.task.agent == lease.agent)
                 .ok_or(StoreError::TaskNotFound)?;
+            t.refuse_locked(&lease.agent, now)?;
             let state = record.state_at(now);
             if state != TaskState::Active {
                 return Err(StoreError::TaskNotActive(state));
@@ -706,35 +756,69 @@ impl LeaseStore for EmbeddedStore {
         req: &RevokeRequest,
     ) -> Result<Vec<LeaseId>, StoreError> {
         let (agent, req) = (agent.clone(), req.clone());
+        self.write(move |t| t.revoke_agent(&agent, &req)).await
+    }
+
+    async fn lock_agent(
+        &self,
+        lock: &AgentLock,
+        req: &RevokeRequest,
+    ) -> Result<Vec<LeaseId>, StoreError> {
+        let (lock, req) = (lock.clone(), req.clone());
         self.write(move |t| {
-            let mut revoked = Vec::new();
-            let tasks: Vec<String> = t
-                .agent_tasks
+            // Locks that lifted by themselves go when a new one comes.
+            t.agent_locks
+                .retain(|_, v| decode::<AgentLock>(v).is_ok_and(|l| l.holds_at(req.at)))?;
+            t.agent_locks
+                .insert(lock.agent.as_str(), encode(&lock)?.as_slice())?;
+            t.revoke_agent(&lock.agent, &req)
+        })
+        .await
+    }
+
+    async fn unlock_agent(
+        &self,
+        agent: &SpiffeId,
+        now: Timestamp,
+    ) -> Result<Option<AgentLock>, StoreError> {
+        let agent = agent.clone();
+        self.write(move |t| {
+            let held = t.lock(agent.as_str(), now)?;
+            t.agent_locks.remove(agent.as_str())?;
+            Ok(held)
+        })
+        .await
+    }
+
+    async fn agent_lock(
+        &self,
+        agent: &SpiffeId,
+        now: Timestamp,
+    ) -> Result<Option<AgentLock>, StoreError> {
+        let agent = agent.clone();
+        self.read(move |txn| {
+            let locks = txn.open_table(AGENT_LOCKS)?;
+            let lock: Option<AgentLock> = locks
                 .get(agent.as_str())?
-                .map(|v| v.map(|g| g.value().to_owned()))
-                .collect::<Result<_, _>>()?;
-            for task in tasks {
-                let id = TaskId::new(&task).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                match t.end_task(&id, &req) {
-                    Ok(ids) => revoked.extend(ids),
-                    Err(StoreError::TaskNotActive(_)) => {}
-                    Err(e) => return Err(e),
+                .map(|v| decode(v.value()))
+                .transpose()?;
+            Ok(lock.filter(|l| l.holds_at(now)))
+        })
+        .await
+    }
+
+    async fn list_locks(&self, now: Timestamp) -> Result<Vec<AgentLock>, StoreError> {
+        self.read(move |txn| {
+            let locks = txn.open_table(AGENT_LOCKS)?;
+            let mut out = Vec::new();
+            for entry in locks.iter()? {
+                let (_, v) = entry?;
+                let lock: AgentLock = decode(v.value())?;
+                if lock.holds_at(now) {
+                    out.push(lock);
                 }
             }
-            // Leases of the agent under tasks it does not own (delegation).
-            let leases: Vec<String> = t
-                .agent_leases
-                .get(agent.as_str())?
-                .map(|v| v.map(|g| g.value().to_owned()))
-                .collect::<Result<_, _>>()?;
-            for id in leases {
-                if let Some(lease) = t.lease(&id)?
-                    && lease.is_active_at(req.at)
-                {
-                    revoked.push(t.revoke(lease, &req, req.child_reason)?);
-                }
-            }
-            Ok(revoked)
+            Ok(out)
         })
         .await
     }

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use mayfly_core::{
-    Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Lease, LeaseId,
-    LeaseKind, LeaseState, Revocation, RevocationReason, SpiffeId, Task, TaskContext, TaskId,
-    TaskRecord, TaskState, Timestamp,
+    AgentLock, Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Lease,
+    LeaseId, LeaseKind, LeaseState, Revocation, RevocationReason, SpiffeId, Task, TaskContext,
+    TaskId, TaskRecord, TaskState, Timestamp,
 };
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +59,9 @@ pub enum StoreError {
     /// The approval was granted for another request.
     #[error("approval was granted for a different request")]
     ApprovalMismatch,
+    /// An operator has locked the agent out: no new task or credential.
+    #[error("the agent is locked")]
+    AgentLocked,
     /// The backend cannot be reached or failed to commit; nothing was written.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -242,7 +245,8 @@ pub(crate) fn check_consumable(
 /// consistent value per request, and so tests control it.
 #[async_trait]
 pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
-    /// Records a new task and its task lease. A delegated task (with a
+    /// Records a new task and its task lease, unless its agent is locked
+    /// at `task.created_at` (`AgentLocked`). A delegated task (with a
     /// `parent`) is recorded only if, at its `created_at`, the parent is
     /// active, owned by the last of `delegated_by`, and outlives it
     /// (`TaskNotFound`, `TaskNotActive` or `OutlivesTask` otherwise, about
@@ -253,8 +257,9 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     async fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError>;
 
     /// Records a credential lease, atomically checking that its task exists,
-    /// is owned by `lease.agent`, is active at `now`, and outlives the lease.
-    /// Returns `TaskNotFound` for another agent's task.
+    /// is owned by `lease.agent`, is active at `now`, and outlives the lease,
+    /// and that the agent is not locked (`AgentLocked`). Returns
+    /// `TaskNotFound` for another agent's task.
     async fn issue(&self, lease: &Lease, now: Timestamp) -> Result<(), StoreError>;
 
     /// A lease by id.
@@ -283,6 +288,34 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         agent: &SpiffeId,
         req: &RevokeRequest,
     ) -> Result<Vec<LeaseId>, StoreError>;
+
+    /// Locks `lock.agent` out (replacing a lock it already has) and, in the
+    /// same step on the embedded store (or right after, on Redis, where
+    /// every issue already refuses the agent), ends every active task and
+    /// revokes every active lease of it, as [`revoke_agent`](Self::revoke_agent).
+    async fn lock_agent(
+        &self,
+        lock: &AgentLock,
+        req: &RevokeRequest,
+    ) -> Result<Vec<LeaseId>, StoreError>;
+
+    /// Lifts the lock on `agent`; returns the lock that held at `now`, or
+    /// `None` if there was none.
+    async fn unlock_agent(
+        &self,
+        agent: &SpiffeId,
+        now: Timestamp,
+    ) -> Result<Option<AgentLock>, StoreError>;
+
+    /// The lock holding `agent` out at `now`, if any.
+    async fn agent_lock(
+        &self,
+        agent: &SpiffeId,
+        now: Timestamp,
+    ) -> Result<Option<AgentLock>, StoreError>;
+
+    /// Every lock holding at `now`, by agent.
+    async fn list_locks(&self, now: Timestamp) -> Result<Vec<AgentLock>, StoreError>;
 
     /// Leases matching `filter`, in lease-id order.
     async fn list_leases(

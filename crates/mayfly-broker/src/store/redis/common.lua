@@ -38,13 +38,23 @@ local function is_active(key, now)
   return s[1] == 'active' and tonumber(s[2]) > tonumber(now)
 end
 
+-- Whether an operator's lock on an agent (its lock hash: body, exp ms or
+-- 0 for "until unlocked") holds at `now`.
+local function locked(lock_key, now)
+  local exp = redis.call('HGET', lock_key, 'exp')
+  if not exp then return false end
+  return exp == '0' or tonumber(exp) > tonumber(now)
+end
+
 -- Whether a credential lease may be recorded now: 'OK', or why not. The
 -- task must exist, belong to the lease's agent, be active at `now`,
 -- outlive the lease, and still be at the context revision the decision
--- saw; the lease id must be new.
-local function issue_check(task_key, tlease_key, lease_key, agent, now, expires, rev)
+-- saw; the agent must not be locked (checked first, so a locked agent
+-- hears why); the lease id must be new.
+local function issue_check(task_key, tlease_key, lease_key, lock_key, agent, now, expires, rev)
   local t = redis.call('HMGET', task_key, 'agent', 'exp', 'rev')
   if not t[1] or t[1] ~= agent then return 'NOTFOUND' end
+  if locked(lock_key, now) then return 'LOCKED' end
   local state = task_state(tlease_key, now)
   if state ~= 'active' then return 'STATE:' .. state end
   if tonumber(expires) > tonumber(t[2]) then return 'OUTLIVES' end

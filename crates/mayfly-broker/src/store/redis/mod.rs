@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use mayfly_core::{
-    Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Lease, LeaseId,
-    LeaseKind, LeaseStatus, Revocation, RevocationReason, SpiffeId, Task, TaskContext, TaskId,
-    TaskRecord, TaskState, Timestamp,
+    AgentLock, Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Lease,
+    LeaseId, LeaseKind, LeaseStatus, Revocation, RevocationReason, SpiffeId, Task, TaskContext,
+    TaskId, TaskRecord, TaskState, Timestamp,
 };
 use redis::Script;
 use serde::Serialize;
@@ -142,6 +142,14 @@ impl Keys {
     fn approval_expiry(&self) -> String {
         format!("{}:approvals:expiry", self.prefix)
     }
+    /// An operator's lock on an agent: a hash (`body`, `exp` ms or 0).
+    fn lock(&self, agent: &str) -> String {
+        format!("{}:lock:{agent}", self.prefix)
+    }
+    /// Every locked agent, scored by the lock's expiry (ms; +inf for none).
+    fn locks(&self) -> String {
+        format!("{}:locks", self.prefix)
+    }
 }
 
 /// The member of the global lease indexes: `lease:task:agent`. Ids are
@@ -194,6 +202,7 @@ fn script_status(reply: &str) -> Result<(), StoreError> {
         "OUTLIVES" => Err(StoreError::OutlivesTask),
         "CHANGED" => Err(StoreError::TaskChanged),
         "MISMATCH" => Err(StoreError::ApprovalMismatch),
+        "LOCKED" => Err(StoreError::AgentLocked),
         other => match other.strip_prefix("STATE:") {
             Some(state) => Err(StoreError::TaskNotActive(parse_task_state(state)?)),
             None => Err(StoreError::Corrupt(format!(
@@ -676,6 +685,7 @@ impl LeaseStore for RedisStore {
             .key(self.keys.task(p))
             .key(self.keys.lease(p, p))
             .key(self.keys.children(p))
+            .key(self.keys.lock(a))
             .arg(t)
             .arg(encode(task)?)
             .arg(encode(&task.new_lease())?)
@@ -706,7 +716,8 @@ impl LeaseStore for RedisStore {
             .key(self.keys.task_leases(t))
             .key(self.keys.lease(t, l))
             .key(self.keys.lease_tasks())
-            .key(self.keys.expiry());
+            .key(self.keys.expiry())
+            .key(self.keys.lock(lease.agent.as_str()));
         self.lease_args(&mut inv, lease, now)?;
         let reply: String = self.invoke(&inv).await?;
         script_status(&reply).map_err(|e| match e {
@@ -790,6 +801,134 @@ impl LeaseStore for RedisStore {
             }
         }
         Ok(revoked)
+    }
+
+    async fn lock_agent(
+        &self,
+        lock: &AgentLock,
+        req: &RevokeRequest,
+    ) -> Result<Vec<LeaseId>, StoreError> {
+        let (key, all) = (self.keys.lock(lock.agent.as_str()), self.keys.locks());
+        let (body, agent) = (encode(lock)?, lock.agent.to_string());
+        let exp = lock.expires_at.map_or(0, Timestamp::as_millis);
+        let now = req.at.as_millis();
+        // One MULTI: the lock and its index entry, with the expired locks
+        // dropped from the index. From then on every issue and task start
+        // of the agent is refused by its script.
+        self.conn
+            .run(|mut c| async move {
+                let mut pipe = redis::pipe();
+                pipe.atomic()
+                    .del(&key)
+                    .ignore()
+                    .hset_multiple(&key, &[("body", body.as_str()), ("exp", &exp.to_string())])
+                    .ignore();
+                if exp > 0 {
+                    pipe.cmd("PEXPIREAT").arg(&key).arg(exp).ignore();
+                }
+                let score = if exp > 0 {
+                    exp.to_string()
+                } else {
+                    "+inf".into()
+                };
+                pipe.cmd("ZADD")
+                    .arg(&all)
+                    .arg(score)
+                    .arg(&agent)
+                    .ignore()
+                    .cmd("ZREMRANGEBYSCORE")
+                    .arg(&all)
+                    .arg("-inf")
+                    .arg(format!("({now}"))
+                    .ignore();
+                pipe.query_async::<()>(&mut c).await
+            })
+            .await?;
+        self.revoke_agent(&lock.agent, req).await
+    }
+
+    async fn unlock_agent(
+        &self,
+        agent: &SpiffeId,
+        now: Timestamp,
+    ) -> Result<Option<AgentLock>, StoreError> {
+        let (key, all, id) = (
+            self.keys.lock(agent.as_str()),
+            self.keys.locks(),
+            agent.to_string(),
+        );
+        let (body,): (Option<String>,) = self
+            .conn
+            .run(|mut c| async move {
+                redis::pipe()
+                    .atomic()
+                    .hget(&key, "body")
+                    .del(&key)
+                    .ignore()
+                    .zrem(&all, &id)
+                    .ignore()
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let lock: Option<AgentLock> = body.as_deref().map(decode).transpose()?;
+        Ok(lock.filter(|l| l.holds_at(now)))
+    }
+
+    async fn agent_lock(
+        &self,
+        agent: &SpiffeId,
+        now: Timestamp,
+    ) -> Result<Option<AgentLock>, StoreError> {
+        let key = self.keys.lock(agent.as_str());
+        let body: Option<String> = self
+            .conn
+            .run(|mut c| async move {
+                redis::cmd("HGET")
+                    .arg(&key)
+                    .arg("body")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let lock: Option<AgentLock> = body.as_deref().map(decode).transpose()?;
+        Ok(lock.filter(|l| l.holds_at(now)))
+    }
+
+    async fn list_locks(&self, now: Timestamp) -> Result<Vec<AgentLock>, StoreError> {
+        let all = self.keys.locks();
+        let since = format!("({}", now.as_millis());
+        let agents: Vec<String> = self
+            .conn
+            .run(|mut c| async move {
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(&all)
+                    .arg(&since)
+                    .arg("+inf")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        if agents.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for a in &agents {
+            pipe.cmd("HGET").arg(self.keys.lock(a)).arg("body");
+        }
+        let bodies: Vec<Option<String>> = self
+            .conn
+            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        let mut locks = Vec::new();
+        for body in bodies.into_iter().flatten() {
+            let lock: AgentLock = decode(&body)?;
+            if lock.holds_at(now) {
+                locks.push(lock);
+            }
+        }
+        locks.sort_by(|a, b| a.agent.cmp(&b.agent));
+        Ok(locks)
     }
 
     async fn list_leases(

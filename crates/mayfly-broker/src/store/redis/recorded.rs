@@ -70,7 +70,8 @@ impl RedisStore {
             inv.key(self.keys.task(t))
                 .key(self.keys.lease(t, t))
                 .key(self.keys.task_leases(t))
-                .key(self.keys.lease(t, l));
+                .key(self.keys.lease(t, l))
+                .key(self.keys.lock(lease.agent.as_str()));
             self.lease_args(&mut inv, lease, *now)?;
         }
         let reply: Vec<String> = self.invoke(&inv).await?;
