@@ -10,6 +10,7 @@ mod bad_input;
 mod broker_api;
 mod certs;
 mod common;
+mod connections;
 mod delegation;
 mod durability;
 mod feed;

@@ -92,6 +92,51 @@ pub struct Config {
     /// The audit trail.
     #[serde(default)]
     pub audit: Audit,
+    /// How long and how many connections each port holds.
+    #[serde(default)]
+    pub connections: Connections,
+}
+
+/// `[connections]`: bounds on the connections of each port (gRPC and
+/// HTTPS alike, counted per port). A connection is *unauthenticated* from
+/// accept until its TLS handshake presents a valid client SVID, and stays so
+/// without one (JWKS and CRL fetchers, probes, and anyone else).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Connections {
+    /// The TLS handshake must complete within this.
+    #[serde(deserialize_with = "duration")]
+    pub handshake_timeout: Duration,
+    /// An authenticated connection with no request in flight for this long
+    /// is closed (gracefully: HTTP/2 GOAWAY); the client reconnects when it
+    /// needs to.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// The same for an unauthenticated connection.
+    #[serde(deserialize_with = "duration")]
+    pub unauthenticated_idle_timeout: Duration,
+    /// Open connections per port; more are closed at accept.
+    pub max: usize,
+    /// Unauthenticated connections per port: the rest of `max` is kept for
+    /// authenticated agents and operators.
+    pub max_unauthenticated: usize,
+    /// Unauthenticated connections from one source address per port
+    /// (behind a load balancer without the PROXY protocol, every client
+    /// shares its address: raise this).
+    pub max_unauthenticated_per_source: usize,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            unauthenticated_idle_timeout: Duration::from_secs(10),
+            max: 4096,
+            max_unauthenticated: 1024,
+            max_unauthenticated_per_source: 64,
+        }
+    }
 }
 
 /// Where audit records go.
@@ -561,6 +606,23 @@ impl Config {
         if self.policy.reload_interval.is_zero() {
             return invalid("policy.reload_interval must be positive".into());
         }
+        let c = &self.connections;
+        if c.handshake_timeout.is_zero()
+            || c.idle_timeout.is_zero()
+            || c.unauthenticated_idle_timeout.is_zero()
+        {
+            return invalid("connections: timeouts must be positive".into());
+        }
+        if !(0 < c.max_unauthenticated_per_source
+            && c.max_unauthenticated_per_source <= c.max_unauthenticated
+            && c.max_unauthenticated < c.max)
+        {
+            return invalid(
+                "connections: need 0 < max_unauthenticated_per_source <= max_unauthenticated < max \
+                 (the rest of max is kept for authenticated callers)"
+                    .into(),
+            );
+        }
         self.introspection_grants()?;
         Ok(())
     }
@@ -749,6 +811,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("policy"), "{e}");
+    }
+
+    #[test]
+    fn connection_bounds_must_keep_room_for_authenticated_callers() {
+        let c = Config::parse(MINIMAL, Path::new(".")).unwrap();
+        assert_eq!(c.connections.max, 4096);
+        assert_eq!(c.connections.idle_timeout, Duration::from_secs(300));
+        let ok = format!(
+            "{MINIMAL}\n[connections]\nmax = 100\nmax_unauthenticated = 10\nmax_unauthenticated_per_source = 2\nidle_timeout = \"1m\""
+        );
+        let c = Config::parse(&ok, Path::new(".")).unwrap();
+        assert_eq!(c.connections.max_unauthenticated_per_source, 2);
+        for bad in [
+            "max = 10\nmax_unauthenticated = 10",
+            "max_unauthenticated_per_source = 0",
+            "max_unauthenticated = 10\nmax_unauthenticated_per_source = 11",
+            "idle_timeout = \"0s\"",
+        ] {
+            let text = format!("{MINIMAL}\n[connections]\n{bad}");
+            let e = Config::parse(&text, Path::new("."))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("connections:"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -52,7 +52,7 @@ impl FeedHub {
     /// Resolves when the broker stops.
     pub async fn closed(&self) {
         let mut rx = self.closed.subscribe();
-        crate::server::stopped(&mut rx).await;
+        crate::stop::stopped(&mut rx).await;
     }
 
     /// The store the feed is read from.
@@ -74,7 +74,7 @@ impl FeedHub {
                     tracing::warn!(error = %e, "revocation feed: cannot read the store yet");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        () = crate::server::stopped(&mut stop) => return,
+                        () = crate::stop::stopped(&mut stop) => return,
                     }
                 }
             }
@@ -97,7 +97,7 @@ impl FeedHub {
             tokio::select! {
                 () = self.poke.notified() => {}
                 _ = tokio::time::sleep(self.poll) => {}
-                () = crate::server::stopped(&mut stop) => return,
+                () = crate::stop::stopped(&mut stop) => return,
             }
         }
     }

@@ -80,7 +80,7 @@ pub async fn follow_store(
         }
         tokio::select! {
             () = tokio::time::sleep(EVERY) => {}
-            () = crate::server::stopped(&mut stop) => return,
+            () = crate::stop::stopped(&mut stop) => return,
         }
     }
 }

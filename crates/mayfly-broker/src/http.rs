@@ -75,6 +75,7 @@ pub fn router(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics_handler))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM_BYTES))
         .with_state(state)
 }
 
@@ -108,8 +109,7 @@ struct IntrospectForm {
     token_type_hint: Option<String>,
 }
 
-/// Longest token worth checking; anything longer is not ours.
-const MAX_TOKEN_BYTES: usize = 8 * 1024;
+use mayfly_core::limits::{MAX_FORM_BYTES, MAX_TOKEN_BYTES};
 
 fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
     (
@@ -137,12 +137,22 @@ async fn introspect(
         }
         Err(e) => return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", &e.to_string()),
     };
-    let Ok(Form(form)) = form else {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "expected application/x-www-form-urlencoded with a token parameter",
-        );
+    let form = match form {
+        Ok(Form(form)) => form,
+        Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return oauth_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request",
+                &format!("request body exceeds {MAX_FORM_BYTES} bytes"),
+            );
+        }
+        Err(_) => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "expected application/x-www-form-urlencoded with a token parameter",
+            );
+        }
     };
     let inactive = || {
         (

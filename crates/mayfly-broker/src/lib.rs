@@ -5,6 +5,7 @@
 //! Layout:
 //! - [`config`] — `mayfly.toml`.
 //! - [`server`] — assembles everything and serves both ports.
+//! - [`connections`] — admission, handshake, idle timeouts, draining.
 //! - [`identity`] — peer certificate → typed [`identity::Caller`].
 //! - [`grpc`] — the thin Broker and Admin services.
 //! - [`service`] — request handling (policy, TTLs, envelopes, ownership).
@@ -18,6 +19,7 @@
 
 pub mod audit;
 pub mod config;
+mod connections;
 pub mod crl;
 pub mod dev;
 pub mod error;
@@ -34,6 +36,7 @@ pub mod ratelimit;
 pub mod reaper;
 pub mod server;
 pub mod service;
+mod stop;
 pub mod store;
 pub mod tls;
 

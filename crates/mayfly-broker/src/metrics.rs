@@ -15,6 +15,14 @@
 //! - `mayfly_feed_watchers`: open revocation feed streams.
 //! - `mayfly_audit_batch_records`, `mayfly_audit_write_failures_total`: the
 //!   audit writer's group commit.
+//! - `mayfly_connections{port,state}`: open connections per port
+//!   (`grpc`, `https`), `authenticated` or `unauthenticated` (in the
+//!   handshake, or without a valid client certificate).
+//! - `mayfly_connections_refused_total{port,reason}`: connections closed
+//!   at accept because a cap was reached (`connection_limit`,
+//!   `unauthenticated_limit`, `source_limit`).
+//! - `mayfly_connections_closed_total{port,reason}`: connections the broker
+//!   closed (`idle`, `handshake_timeout`, `handshake_failed`).
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -46,6 +54,24 @@ pub struct RpcLabels {
     code: &'static str,
 }
 
+/// Labels of the open-connections gauge.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnStateLabels {
+    /// `grpc` or `https`.
+    port: &'static str,
+    /// `authenticated` or `unauthenticated`.
+    state: &'static str,
+}
+
+/// Labels of the refused and closed connection counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnReasonLabels {
+    /// `grpc` or `https`.
+    port: &'static str,
+    /// Why, from a fixed set.
+    reason: &'static str,
+}
+
 fn rpc_histogram() -> Histogram {
     // 100 µs to ~3.3 s.
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
@@ -66,6 +92,12 @@ pub struct Metrics {
     pub audit_batch: Histogram,
     /// Audit batches that could not be written.
     pub audit_failures: Counter,
+    /// Open connections, by port and state.
+    connections: Family<ConnStateLabels, Gauge>,
+    /// Connections refused at accept, by port and reason.
+    connections_refused: Family<ConnReasonLabels, Counter>,
+    /// Connections the broker closed, by port and reason.
+    connections_closed: Family<ConnReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -122,6 +154,24 @@ impl Metrics {
             "Audit trail writes that failed (their requests failed too)",
             audit_failures.clone(),
         );
+        let connections = Family::<ConnStateLabels, Gauge>::default();
+        registry.register(
+            "connections",
+            "Open connections, by port and state (authenticated, unauthenticated)",
+            connections.clone(),
+        );
+        let connections_refused = Family::<ConnReasonLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at accept because a cap was reached, by port and reason",
+            connections_refused.clone(),
+        );
+        let connections_closed = Family::<ConnReasonLabels, Counter>::default();
+        registry.register(
+            "connections_closed",
+            "Connections the broker closed, by port and reason (idle, handshake_timeout, handshake_failed)",
+            connections_closed.clone(),
+        );
         Self {
             registry,
             decisions,
@@ -131,7 +181,31 @@ impl Metrics {
             feed_watchers,
             audit_batch,
             audit_failures,
+            connections,
+            connections_refused,
+            connections_closed,
         }
+    }
+
+    /// The open-connections gauge of `port` in `state`.
+    pub fn connections(&self, port: &'static str, state: &'static str) -> Gauge {
+        self.connections
+            .get_or_create(&ConnStateLabels { port, state })
+            .clone()
+    }
+
+    /// Counts a connection refused at accept.
+    pub fn connection_refused(&self, port: &'static str, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&ConnReasonLabels { port, reason })
+            .inc();
+    }
+
+    /// Counts a connection the broker closed.
+    pub fn connection_closed(&self, port: &'static str, reason: &'static str) {
+        self.connections_closed
+            .get_or_create(&ConnReasonLabels { port, reason })
+            .inc();
     }
 
     /// Counts a decision and the leases it ended.

@@ -127,7 +127,7 @@ pub async fn watch_and_reload(
         let forced = tokio::select! {
             () = hangup => true,
             _ = tokio::time::sleep(interval) => false,
-            () = crate::server::stopped(&mut stop) => return,
+            () = crate::stop::stopped(&mut stop) => return,
         };
         let now = fingerprint(&handle.dir);
         if !forced && now == seen {

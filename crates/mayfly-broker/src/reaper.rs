@@ -28,7 +28,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
-            () = crate::server::stopped(&mut shutdown) => return,
+            () = crate::stop::stopped(&mut shutdown) => return,
         }
         loop {
             match store.reap(Timestamp::now(), retention, BATCH).await {

@@ -5,58 +5,38 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use mayfly_core::SpiffeId;
+use mayfly_core::limits::MAX_MESSAGE_BYTES;
 use mayfly_proto::v1::admin_server::AdminServer;
 use mayfly_proto::v1::broker_server::BrokerServer;
 use mayfly_proto::v1::revocations_server::RevocationsServer;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
-use tokio::task::JoinSet;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
-use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::Connected;
+use tower::ServiceBuilder;
 
 use crate::audit::{AuditLog, AuditSink, FileSink, RedisSink, StdoutSink};
 use crate::config::{Algorithm, AuditSinkKind, Config, ConfigError, RedisConfig, StoreKind};
+use crate::connections::{self, Gate, Port};
 use crate::crl::CrlPublisher;
 use crate::feed::FeedHub;
 use crate::fsutil::create_private_dir;
-use crate::grpc::{AdminApi, BrokerApi, PeerInfo, RevocationsApi};
+use crate::grpc::{AdminApi, BrokerApi, GrpcEdgeLayer, PeerInfo, RevocationsApi};
 use crate::identity::Authenticator;
 use crate::issuer::{IssuingCa, JwtSigner, KeyError, SigningKey, key_path};
 use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::policy::PolicyHandle;
 use crate::ratelimit::RateLimiter;
 use crate::service::{Limits, Service, TaskCache};
+use crate::stop::stopped;
 use crate::store::{EmbeddedStore, LeaseStore, RedisStore, RedisTarget, StoreError};
 use crate::tls::{self, TlsError, TlsSetup};
 use crate::{http, reaper};
-
-/// A TLS handshake that takes longer than this is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long shutdown waits for open connections before closing them.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest request message: the biggest valid StartTask (4 KiB intent, 64
-/// context entries of 1 KiB) fits with room to spare.
-const MAX_MESSAGE_BYTES: usize = 256 * 1024;
-/// Concurrent requests on one HTTP/2 connection.
-const MAX_STREAMS: u32 = 128;
-/// Open connections per port; more wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 4096;
-/// An HTTP/1 client must send its headers within this time.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the broker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +86,8 @@ pub struct Broker {
     policy: Arc<PolicyHandle>,
     policy_reload: Duration,
     health_listener: Option<TcpListener>,
+    /// Bounds on each port's connections.
+    connections: crate::config::Connections,
 }
 
 impl Broker {
@@ -214,6 +196,7 @@ impl Broker {
             policy,
             policy_reload: config.policy.reload_interval,
             health_listener: None,
+            connections: config.connections.clone(),
             revocations: RevocationsApi::new(
                 feed.clone(),
                 config.feed_watchers(),
@@ -247,17 +230,8 @@ impl Broker {
     ) -> Result<(), StartError> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let store = self.service.store().clone();
+        let metrics = self.service.metrics.clone();
 
-        let (conn_tx, conn_rx) = mpsc::channel::<Result<TlsConn, io::Error>>(64);
-        let acceptor = TlsAcceptor::from(self.tls.grpc.clone());
-        let accept = tokio::spawn(accept_grpc(
-            grpc,
-            acceptor,
-            self.authenticator.clone(),
-            conn_tx,
-            stop_rx.clone(),
-        ));
-        let mut grpc_stop = stop_rx.clone();
         let broker_api = BrokerServer::new(BrokerApi::new(self.service.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let admin_api = AdminServer::new(AdminApi::new(self.service.clone()))
@@ -272,14 +246,8 @@ impl Broker {
             stop_rx.clone(),
         ));
         let (reflection_v1, reflection_v1alpha) = crate::health::reflection();
-        let grpc_server = tonic::transport::Server::builder()
-            .layer(RpcMetricsLayer(self.service.metrics.clone()))
-            .max_concurrent_streams(MAX_STREAMS)
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .timeout(Duration::from_secs(30))
-            // Unauthenticated peers are refused before their request body is read.
-            .add_service(InterceptedService::new(broker_api, require_peer))
+        // Unauthenticated peers are refused before their request body is read.
+        let routes = Routes::new(InterceptedService::new(broker_api, require_peer))
             .add_service(InterceptedService::new(admin_api, require_peer))
             .add_service(InterceptedService::new(
                 RevocationsServer::new(self.revocations.clone())
@@ -289,10 +257,23 @@ impl Broker {
             .add_service(InterceptedService::new(health_api.clone(), require_peer))
             .add_service(InterceptedService::new(reflection_v1, require_peer))
             .add_service(InterceptedService::new(reflection_v1alpha, require_peer))
-            .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
-                stopped(&mut grpc_stop).await;
-            });
-        let mut grpc_task = tokio::spawn(grpc_server);
+            .prepare();
+        let grpc_service = ServiceBuilder::new()
+            .layer(RpcMetricsLayer(metrics.clone()))
+            .layer(GrpcEdgeLayer)
+            .service(routes);
+        let mut grpc_task = tokio::spawn(connections::serve(
+            grpc,
+            Gate::new(Port::Grpc, self.connections.clone(), metrics.clone()),
+            TlsAcceptor::from(self.tls.grpc.clone()),
+            self.authenticator.clone(),
+            move |peer: PeerInfo| {
+                ServiceBuilder::new()
+                    .layer(axum::Extension(peer))
+                    .service(grpc_service.clone())
+            },
+            stop_rx.clone(),
+        ));
         let plain_health_task = self.health_listener.take().map(|listener| {
             let mut stop = stop_rx.clone();
             tokio::spawn(
@@ -312,11 +293,12 @@ impl Broker {
             self.service.clone(),
             self.crl.clone(),
         );
-        let http_task = tokio::spawn(serve_http(
+        let http_task = tokio::spawn(connections::serve(
             http,
+            Gate::new(Port::Https, self.connections.clone(), metrics.clone()),
             TlsAcceptor::from(self.tls.http.clone()),
             self.authenticator.clone(),
-            router,
+            move |peer: PeerInfo| router.clone().layer(axum::Extension(peer)),
             stop_rx.clone(),
         ));
         let feed_task = tokio::spawn(self.feed.clone().run(stop_rx.clone()));
@@ -337,29 +319,29 @@ impl Broker {
         tracing::info!(issuer = %self.issuer, kid = %self.signer.kid(), "broker serving");
 
         let early = tokio::select! {
-            () = shutdown => None,
-            r = &mut grpc_task => Some(r),
+            () = shutdown => false,
+            _ = &mut grpc_task => true,
         };
         let _ = stop_tx.send(true);
-        let result = match early {
-            Some(r) => r.map_err(|e| io::Error::other(e.to_string()))?,
-            None => grpc_task
-                .await
-                .map_err(|e| io::Error::other(e.to_string()))?,
-        };
-        let _ = accept.await;
+        if !early {
+            let _ = grpc_task.await;
+        }
         let _ = http_task.await;
         let _ = reaper_task.await;
         let _ = feed_task.await;
         let _ = policy_task.await;
         let _ = health_task.await;
-        if let Some(t) = plain_health_task {
-            let _ = t.await;
-        }
+        let plain_health = match plain_health_task {
+            Some(t) => t.await.map_err(|e| io::Error::other(e.to_string()))?,
+            None => Ok(()),
+        };
         drop(self);
         drop(store);
         tracing::info!("broker stopped");
-        result.map_err(StartError::from)
+        if early {
+            return Err(io::Error::other("the gRPC port stopped accepting connections").into());
+        }
+        plain_health.map_err(StartError::from)
     }
 }
 
@@ -369,11 +351,6 @@ impl Broker {
 fn require_peer(req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
     crate::grpc::caller(&req)?;
     Ok(req)
-}
-
-/// Resolves once the stop flag is set (or its sender is gone).
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Where the configured Redis is, reading secrets from their files.
@@ -438,186 +415,4 @@ fn redis_target(r: &RedisConfig) -> Result<RedisTarget, StartError> {
         None => None,
     };
     Ok(RedisTarget::Url { url, ca_pem })
-}
-
-/// A TLS connection with what authentication learned about its peer.
-struct TlsConn {
-    stream: TlsStream<TcpStream>,
-    peer: PeerInfo,
-    /// Frees a connection slot when the connection is dropped.
-    _slot: OwnedSemaphorePermit,
-}
-
-impl Connected for TlsConn {
-    type ConnectInfo = PeerInfo;
-    fn connect_info(&self) -> PeerInfo {
-        self.peer.clone()
-    }
-}
-
-impl AsyncRead for TlsConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-}
-
-/// Accepts TCP, completes TLS off the accept loop, authenticates the peer
-/// once, and hands the connection to tonic.
-async fn accept_grpc(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    auth: Authenticator,
-    conns: mpsc::Sender<Result<TlsConn, io::Error>>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    while let Some((tcp, remote)) = next_connection(&listener, &mut stop).await {
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%remote, "connection limit reached; refusing connection");
-            continue;
-        };
-        let (acceptor, auth, conns) = (acceptor.clone(), auth.clone(), conns.clone());
-        tokio::spawn(async move {
-            let Some(stream) = handshake(&acceptor, tcp, remote).await else {
-                return;
-            };
-            let identity = auth.authenticate(stream.get_ref().1.peer_certificates());
-            match &identity {
-                Ok(c) => tracing::debug!(%remote, caller = %c.id, "authenticated connection"),
-                Err(e) => tracing::info!(%remote, error = %e, "unauthenticated connection"),
-            }
-            let peer = PeerInfo {
-                identity: Arc::new(identity),
-                remote,
-            };
-            let _ = conns
-                .send(Ok(TlsConn {
-                    stream,
-                    peer,
-                    _slot: slot,
-                }))
-                .await;
-        });
-    }
-}
-
-/// The next TCP connection, or `None` once `stop` is set. Accept errors
-/// (such as running out of file descriptors) are logged and retried after a
-/// pause rather than ending the server.
-async fn next_connection(
-    listener: &TcpListener,
-    stop: &mut watch::Receiver<bool>,
-) -> Option<(TcpStream, SocketAddr)> {
-    loop {
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok((tcp, remote)) => {
-                    let _ = tcp.set_nodelay(true);
-                    return Some((tcp, remote));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            () = stopped(stop) => return None,
-        }
-    }
-}
-
-/// Completes a TLS handshake within [`HANDSHAKE_TIMEOUT`].
-async fn handshake(
-    acceptor: &TlsAcceptor,
-    tcp: TcpStream,
-    remote: SocketAddr,
-) -> Option<TlsStream<TcpStream>> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(s)) => Some(s),
-        Ok(Err(e)) => {
-            tracing::debug!(%remote, error = %e, "TLS handshake failed");
-            None
-        }
-        Err(_) => {
-            tracing::debug!(%remote, "TLS handshake timed out");
-            None
-        }
-    }
-}
-
-/// Serves the HTTPS side port until `stop`, then drains connections.
-async fn serve_http(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    auth: Authenticator,
-    router: axum::Router,
-    mut stop: watch::Receiver<bool>,
-) {
-    let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut conns = JoinSet::new();
-    while let Some((tcp, remote)) = next_connection(&listener, &mut stop).await {
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%remote, "connection limit reached; refusing connection");
-            continue;
-        };
-        let (acceptor, auth, router) = (acceptor.clone(), auth.clone(), router.clone());
-        let watcher = graceful.watcher();
-        conns.spawn(async move {
-            let _slot = slot;
-            let Some(tls) = handshake(&acceptor, tcp, remote).await else {
-                return;
-            };
-            // As on the gRPC port: who the peer is, once per connection.
-            let peer = PeerInfo {
-                identity: Arc::new(auth.authenticate(tls.get_ref().1.peer_certificates())),
-                remote,
-            };
-            let service = TowerToHyperService::new(router.layer(axum::Extension(peer)));
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT);
-            let conn = builder.serve_connection(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%remote, error = %e, "HTTPS connection ended with an error");
-            }
-        });
-        // Reap finished connection tasks as we go.
-        while conns.try_join_next().is_some() {}
-    }
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await;
-    // Whatever did not drain is closed, so nothing holds the store after
-    // `serve` returns.
-    conns.shutdown().await;
 }

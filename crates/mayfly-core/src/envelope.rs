@@ -8,22 +8,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::newtype::validated_string;
 
-/// Longest intent, in bytes.
-pub const MAX_INTENT_BYTES: usize = 4096;
-/// Most context entries a task may carry.
-pub const MAX_CONTEXT_ENTRIES: usize = 64;
-/// Longest context key, in bytes.
-pub const MAX_CONTEXT_KEY_BYTES: usize = 64;
-/// Longest context value, in bytes.
-pub const MAX_CONTEXT_VALUE_BYTES: usize = 1024;
-/// Most audiences in one envelope.
-pub const MAX_AUDIENCES: usize = 16;
-/// Most scopes in one envelope or request.
-pub const MAX_SCOPES: usize = 64;
-/// Longest audience, in bytes.
-pub const MAX_AUDIENCE_BYTES: usize = 256;
-/// Longest scope, in bytes.
-pub const MAX_SCOPE_BYTES: usize = 128;
+pub use crate::limits::{
+    MAX_AUDIENCE_BYTES, MAX_AUDIENCES, MAX_CONTEXT_ENTRIES, MAX_CONTEXT_KEY_BYTES,
+    MAX_CONTEXT_VALUE_BYTES, MAX_INTENT_BYTES, MAX_SCOPE_BYTES, MAX_SCOPES,
+};
 
 /// What is wrong with a request field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,6 +34,18 @@ pub enum ValidationError {
         "context key {0} is invalid: use 1 to {MAX_CONTEXT_KEY_BYTES} characters from A-Z a-z 0-9 _ . -"
     )]
     BadContextKey(String),
+    /// An `UpdateTaskContext` names more keys to set or remove than a
+    /// context may hold.
+    #[error("{field} has {count} keys; at most {MAX_CONTEXT_ENTRIES} are allowed")]
+    TooManyContextKeys {
+        /// `set` or `remove`.
+        field: &'static str,
+        /// How many were sent.
+        count: usize,
+    },
+    /// A key is both set and removed in one change.
+    #[error("context key {0} is both set and removed; say one")]
+    SetAndRemoved(String),
     /// A context value is too long or has control characters.
     #[error(
         "context value for {0} is invalid: at most {MAX_CONTEXT_VALUE_BYTES} bytes, no control characters"
@@ -254,6 +254,85 @@ impl fmt::Debug for Intent {
     }
 }
 
+/// Checks a context key: 1 to [`MAX_CONTEXT_KEY_BYTES`] characters from
+/// `A-Z a-z 0-9 _ . -`.
+pub fn check_context_key(k: &str) -> Result<(), ValidationError> {
+    let ok = !k.is_empty()
+        && k.len() <= MAX_CONTEXT_KEY_BYTES
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::BadContextKey(quote(k)))
+    }
+}
+
+/// One change to a task's context, as `UpdateTaskContext` asks for it:
+/// entries to set and keys to remove, each within the bounds of a context,
+/// no key in both.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContextChange {
+    /// Entries that replace (or add to) the task's.
+    set: TaskContext,
+    /// Keys that go.
+    remove: BTreeSet<String>,
+}
+
+impl ContextChange {
+    /// Validates a change.
+    pub fn new<I, K, V, R>(set: I, remove: &[R]) -> Result<Self, ValidationError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: AsRef<str>,
+        R: AsRef<str>,
+    {
+        let set = TaskContext::new(set).map_err(|e| match e {
+            ValidationError::TooManyContextEntries(count) => ValidationError::TooManyContextKeys {
+                field: "set",
+                count,
+            },
+            other => other,
+        })?;
+        if remove.len() > MAX_CONTEXT_ENTRIES {
+            return Err(ValidationError::TooManyContextKeys {
+                field: "remove",
+                count: remove.len(),
+            });
+        }
+        let mut keys = BTreeSet::new();
+        for k in remove {
+            let k = k.as_ref();
+            check_context_key(k)?;
+            if set.get(k).is_some() {
+                return Err(ValidationError::SetAndRemoved(quote(k)));
+            }
+            keys.insert(k.to_owned());
+        }
+        Ok(Self { set, remove: keys })
+    }
+
+    /// `context` with this change applied (bounded again as a whole).
+    pub fn apply(&self, context: &TaskContext) -> Result<TaskContext, ValidationError> {
+        let mut entries = context.entries().clone();
+        for k in &self.remove {
+            entries.remove(k);
+        }
+        entries.extend(self.set.entries().clone());
+        TaskContext::new(entries)
+    }
+
+    /// Every key the change names, set ones first (for the audit record).
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.set
+            .entries()
+            .keys()
+            .chain(self.remove.iter())
+            .map(String::as_str)
+    }
+}
+
 /// The facts about a task that policy decides on, e.g. `environment`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -270,13 +349,7 @@ impl TaskContext {
         let mut map = BTreeMap::new();
         for (k, v) in entries {
             let (k, v) = (k.as_ref(), v.as_ref());
-            let key_ok = !k.is_empty()
-                && k.len() <= MAX_CONTEXT_KEY_BYTES
-                && k.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-            if !key_ok {
-                return Err(ValidationError::BadContextKey(quote(k)));
-            }
+            check_context_key(k)?;
             if v.len() > MAX_CONTEXT_VALUE_BYTES || v.chars().any(char::is_control) {
                 return Err(ValidationError::BadContextValue(quote(k)));
             }

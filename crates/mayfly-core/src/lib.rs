@@ -15,6 +15,7 @@ mod claims;
 mod envelope;
 mod id;
 mod lease;
+pub mod limits;
 mod lock;
 mod policy;
 mod spiffe;
@@ -24,9 +25,9 @@ mod time;
 pub use approval::{Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus};
 pub use claims::{ACCESS_TOKEN_TYPE, AccessTokenClaims, ActorClaim, Confirmation};
 pub use envelope::{
-    Audience, Envelope, EnvelopeExcess, Intent, MAX_AUDIENCES, MAX_CONTEXT_ENTRIES,
-    MAX_INTENT_BYTES, MAX_SCOPES, Scope, Scopes, TaskContext, ValidationError, parse_scopes,
-    scope_string,
+    Audience, ContextChange, Envelope, EnvelopeExcess, Intent, MAX_AUDIENCES, MAX_CONTEXT_ENTRIES,
+    MAX_INTENT_BYTES, MAX_SCOPES, Scope, Scopes, TaskContext, ValidationError, check_context_key,
+    parse_scopes, scope_string,
 };
 pub use id::{IdError, LeaseId, TaskId};
 pub use lease::{Lease, LeaseKind, LeaseState, LeaseStatus, Revocation, RevocationReason};

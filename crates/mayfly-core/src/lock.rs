@@ -8,7 +8,7 @@ use crate::spiffe::SpiffeId;
 use crate::time::Timestamp;
 
 /// Longest reason an operator may give for a lock.
-pub const MAX_LOCK_REASON_BYTES: usize = 512;
+pub const MAX_LOCK_REASON_BYTES: usize = crate::limits::MAX_NOTE_BYTES;
 
 /// One agent kept out by an operator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,8 +6,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// The longest SPIFFE ID the standard allows, in bytes.
-const MAX_SPIFFE_ID_LEN: usize = 2048;
+use crate::limits::MAX_SPIFFE_ID_BYTES as MAX_SPIFFE_ID_LEN;
 /// The longest trust domain name the standard allows, in bytes.
 const MAX_TRUST_DOMAIN_LEN: usize = 255;
 /// The path segment Mayfly reserves for task certificates: the SPIFFE ID of

@@ -21,9 +21,10 @@ use crate::identity::Caller;
 use crate::service::{Service, parse_note, requested_ttl};
 use crate::store::{LeaseFilter, PageRequest, TaskFilter};
 
-/// Default and largest page sizes.
-const DEFAULT_PAGE: u32 = 100;
-const MAX_PAGE: u32 = 1000;
+use mayfly_core::limits::{
+    DEFAULT_PAGE_SIZE as DEFAULT_PAGE, MAX_AUDIT_CURSOR_BYTES, MAX_AUDIT_LAST,
+    MAX_PAGE_SIZE as MAX_PAGE,
+};
 /// Most audit records in one streamed batch.
 const AUDIT_BATCH: usize = 500;
 /// How often a following reader looks for new audit records.
@@ -128,6 +129,19 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<Self::ReadAuditStream>, Status> {
         let op = self.operator(&request)?;
         let r = request.into_inner();
+        if r.after_cursor.len() > MAX_AUDIT_CURSOR_BYTES {
+            return Err(BrokerError::Invalid(format!(
+                "after_cursor is {} bytes; a cursor is at most {MAX_AUDIT_CURSOR_BYTES}",
+                r.after_cursor.len()
+            ))
+            .into());
+        }
+        if r.last.is_some_and(|n| n > MAX_AUDIT_LAST) {
+            return Err(BrokerError::Invalid(format!(
+                "last must be at most {MAX_AUDIT_LAST}; read the whole trail by leaving it unset"
+            ))
+            .into());
+        }
         let cursor = match (r.after_cursor.is_empty(), r.last) {
             (false, Some(_)) => {
                 return Err(
@@ -199,7 +213,7 @@ impl pb::admin_server::Admin for AdminApi {
         let id = field("lease_id", &r.lease_id, LeaseId::new)?;
         let revoked = self
             .svc
-            .revoke_lease(&op, &id, parse_note(&r.note)?)
+            .revoke_lease(&op, &id, parse_note("note", &r.note)?)
             .await?;
         Ok(Response::new(revoke_response(revoked)))
     }
@@ -211,7 +225,10 @@ impl pb::admin_server::Admin for AdminApi {
         let op = self.operator(&request)?;
         let r = request.get_ref();
         let id = field("task_id", &r.task_id, TaskId::new)?;
-        let revoked = self.svc.revoke_task(&op, &id, parse_note(&r.note)?).await?;
+        let revoked = self
+            .svc
+            .revoke_task(&op, &id, parse_note("note", &r.note)?)
+            .await?;
         Ok(Response::new(revoke_response(revoked)))
     }
 
@@ -224,7 +241,7 @@ impl pb::admin_server::Admin for AdminApi {
         let agent = agent_field(&r.agent_id)?;
         let revoked = self
             .svc
-            .revoke_agent(&op, &agent, parse_note(&r.note)?)
+            .revoke_agent(&op, &agent, parse_note("note", &r.note)?)
             .await?;
         Ok(Response::new(revoke_response(revoked)))
     }
@@ -236,7 +253,7 @@ impl pb::admin_server::Admin for AdminApi {
         let op = self.operator(&request)?;
         let r = request.get_ref();
         let agent = agent_field(&r.agent_id)?;
-        let reason = parse_note(&r.reason)?.ok_or_else(|| {
+        let reason = parse_note("reason", &r.reason)?.ok_or_else(|| {
             BrokerError::Invalid(format!(
                 "reason is required: say why the agent is locked (at most {MAX_LOCK_REASON_BYTES} bytes)"
             ))
@@ -258,7 +275,7 @@ impl pb::admin_server::Admin for AdminApi {
         let agent = agent_field(&r.agent_id)?;
         let lock = self
             .svc
-            .unlock_agent(&op, &agent, parse_note(&r.note)?)
+            .unlock_agent(&op, &agent, parse_note("note", &r.note)?)
             .await?;
         Ok(Response::new(lock_to_proto(&lock)))
     }
@@ -348,7 +365,7 @@ impl AdminApi {
         let id = field("approval_id", &r.approval_id, ApprovalId::new)?;
         let approval = self
             .svc
-            .decide_approval(&op, &id, approve, parse_note(&r.reason)?)
+            .decide_approval(&op, &id, approve, parse_note("reason", &r.reason)?)
             .await?;
         Ok(Response::new(self.with_task(&approval).await))
     }

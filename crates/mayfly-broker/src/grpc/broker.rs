@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use mayfly_core::{
-    ApprovalId, Audience, Envelope, Intent, SpiffeId, TaskContext, TaskId, Timestamp, parse_scopes,
+    ApprovalId, Audience, ContextChange, Envelope, Intent, SpiffeId, TaskContext, TaskId,
+    Timestamp, parse_scopes,
 };
 use mayfly_proto::v1 as pb;
 use tonic::{Request, Response, Status};
@@ -134,10 +135,9 @@ impl pb::broker_server::Broker for BrokerApi {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let id = field("task_id", &r.task_id, TaskId::new)?;
-        let (record, revoked) = self
-            .svc
-            .update_task_context(&caller, &id, r.set.into_iter().collect(), r.remove)
-            .await?;
+        let change = ContextChange::new(&r.set, &r.remove)
+            .map_err(|e| BrokerError::Invalid(e.to_string()))?;
+        let (record, revoked) = self.svc.update_task_context(&caller, &id, change).await?;
         Ok(Response::new(pb::UpdateTaskContextResponse {
             task: Some(task_to_proto(&record, Timestamp::now())),
             revoked_leases: revoked.iter().map(|l| l.to_string()).collect(),

@@ -4,11 +4,13 @@
 
 mod admin;
 mod broker;
+mod edge;
 mod revocations;
 mod status;
 
 pub use admin::AdminApi;
 pub use broker::BrokerApi;
+pub use edge::{GrpcEdgeLayer, REQUEST_TIMEOUT};
 pub use revocations::RevocationsApi;
 
 use std::sync::Arc;

@@ -29,8 +29,7 @@ use zeroize::Zeroizing;
 
 use crate::fsutil::check_private;
 
-/// Largest CSR accepted, PEM or DER.
-pub const MAX_CSR_BYTES: usize = 16 * 1024;
+pub use mayfly_core::limits::MAX_CSR_BYTES;
 /// Smallest RSA key accepted.
 pub const MIN_RSA_BITS: usize = 2048;
 /// How far not-before is backdated, for clock skew.

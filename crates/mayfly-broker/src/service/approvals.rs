@@ -11,8 +11,7 @@ use crate::error::BrokerError;
 use crate::identity::Caller;
 use crate::store::{Page, PageRequest};
 
-/// Longest single wait for a decision.
-pub const MAX_WAIT: Duration = Duration::from_secs(60);
+pub use mayfly_core::limits::MAX_WAIT;
 /// How often a waiting call looks again.
 const POLL: Duration = Duration::from_millis(100);
 

@@ -32,10 +32,7 @@ use crate::issuer::{AccessToken, CsrKey, IssuingCa, JwtSigner};
 use crate::ratelimit::RateLimiter;
 use crate::store::LeaseStore;
 
-/// A TTL beyond this is a client bug, not a request to clamp.
-pub const ABSURD_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
-/// Longest operator note on a revocation or approval decision.
-pub const MAX_NOTE_BYTES: usize = 512;
+pub use mayfly_core::limits::{MAX_NOTE_BYTES, MAX_TTL as ABSURD_TTL};
 
 /// Lifetimes from configuration.
 #[derive(Debug, Clone)]
@@ -69,14 +66,15 @@ pub fn requested_ttl(field: &str, secs: u64) -> Result<Option<Duration>, BrokerE
     Ok((secs > 0).then_some(d))
 }
 
-/// Parses an operator's note.
-pub fn parse_note(note: &str) -> Result<Option<String>, BrokerError> {
+/// Parses an operator's free text (`note`, `reason`), naming `field` in
+/// the error.
+pub fn parse_note(field: &str, note: &str) -> Result<Option<String>, BrokerError> {
     if note.is_empty() {
         return Ok(None);
     }
     if note.len() > MAX_NOTE_BYTES || note.chars().any(char::is_control) {
         return Err(BrokerError::Invalid(format!(
-            "note must be at most {MAX_NOTE_BYTES} bytes without control characters"
+            "{field} must be at most {MAX_NOTE_BYTES} bytes without control characters"
         )));
     }
     Ok(Some(note.to_owned()))

@@ -1,13 +1,12 @@
 //! Tasks: opening, completing, changing context, and re-deciding what a
 //! task holds when its context or the policies change.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use mayfly_core::{
-    Decision, DelegateRequest, IssueTokenRequest, Lease, LeaseId, LeaseKind, LeaseState,
-    LeaseStatus, Revocation, RevocationReason, SignCertificateRequest, SpiffeId, StartTaskRequest,
-    Task, TaskContext, TaskId, TaskRecord, TaskState, Timestamp,
+    ContextChange, Decision, DelegateRequest, IssueTokenRequest, Lease, LeaseId, LeaseKind,
+    LeaseState, LeaseStatus, Revocation, RevocationReason, SignCertificateRequest, SpiffeId,
+    StartTaskRequest, Task, TaskId, TaskRecord, TaskState, Timestamp,
 };
 
 use super::{NewDelegation, NewTask, Service, asked};
@@ -287,19 +286,13 @@ impl Service {
         &self,
         caller: &Caller,
         id: &TaskId,
-        set: BTreeMap<String, String>,
-        remove: Vec<String>,
+        change: ContextChange,
     ) -> Result<(TaskRecord, Vec<LeaseId>), BrokerError> {
         let now = Timestamp::now();
         let record = self.active_task(caller, id, now).await?;
-        let mut entries = record.task.context.entries().clone();
-        for key in &remove {
-            entries.remove(key);
-        }
-        let set_keys: Vec<String> = set.keys().cloned().collect();
-        entries.extend(set);
-        let context =
-            TaskContext::new(&entries).map_err(|e| BrokerError::Invalid(e.to_string()))?;
+        let context = change
+            .apply(&record.task.context)
+            .map_err(|e| BrokerError::Invalid(e.to_string()))?;
         let task = self
             .store
             .update_task_context(id, &caller.id, &context, now)
@@ -319,7 +312,7 @@ impl Service {
         let mut record = AuditRecord::new(Event::TaskContextChanged, &caller.id)
             .task(&task)
             .revoked(&revoked);
-        let changed: Vec<String> = set_keys.into_iter().chain(remove).collect();
+        let changed: Vec<&str> = change.keys().collect();
         record.reason = Some(format!("changed keys: {}", changed.join(", ")));
         self.audit_anyway(record).await;
         let record = self.own_task(caller, id).await?;
