@@ -232,3 +232,139 @@ async fn leases_indexed_by_an_earlier_layout_are_found_and_purged() {
     }
     assert_eq!(server.cli(&["HLEN", "mayfly:lease-tasks"]).trim(), "0");
 }
+
+/// A store whose connection sat idle while Redis was killed and restarted:
+/// its next call, even one that is never sent twice (ending a task), goes
+/// out on a fresh connection and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_checked_and_replaced_after_a_restart() {
+    use mayfly_broker::store::contract::{agent, lease, revoke, task};
+    use mayfly_core::RevocationReason;
+
+    let mut server = RedisServer::start();
+    let target = RedisTarget::Url {
+        url: server.url(),
+        ca_pem: None,
+    };
+    let store = RedisStore::new(target, "mayfly", Duration::from_secs(3600)).unwrap();
+    let t = task(&agent("idle"), 600);
+    store.start_task(&t).await.unwrap();
+    store.issue(&lease(&t, 60), t.created_at).await.unwrap();
+    server.restart();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let req = revoke(
+        RevocationReason::TaskRevoked,
+        RevocationReason::TaskRevoked,
+        t.created_at,
+    );
+    assert_eq!(store.end_task(&t.id, &req).await.unwrap().len(), 2);
+}
+
+/// A TCP proxy in front of Redis that, when armed, lets the next request
+/// through and then cuts the connection before its reply comes back: the
+/// write happened, the client never hears of it.
+struct LossyProxy {
+    addr: std::net::SocketAddr,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LossyProxy {
+    async fn start(upstream: u16) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let armed = Arc::new(AtomicBool::new(false));
+        let flag = armed.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
+                    .await
+                    .unwrap();
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = tokio::spawn(async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while let Ok(n) = cr.read(&mut buf).await {
+                            if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = sr.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        // Armed: swallow this reply and cut the connection.
+                        if flag.swap(false, Ordering::AcqRel) {
+                            break;
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    up.abort();
+                });
+            }
+        });
+        Self { addr, armed }
+    }
+
+    fn lose_next_reply(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Writes whose reply is lost are sent again and recognise their own first
+/// run: a task and a lease are recorded once, and an audit batch is
+/// appended once, not twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_reply_was_lost_is_sent_again_and_not_doubled() {
+    use mayfly_broker::audit::{AuditRecord, AuditSink, Event, RedisSink};
+    use mayfly_broker::store::contract::{agent, lease, task};
+
+    let server = RedisServer::start();
+    let proxy = LossyProxy::start(server.port()).await;
+    let target = || RedisTarget::Url {
+        url: format!("redis://{}", proxy.addr),
+        ca_pem: None,
+    };
+    let store = RedisStore::new(target(), "mayfly", Duration::from_secs(3600)).unwrap();
+    // Scripts loaded first, so the lost reply is the write's own.
+    let warm = task(&agent("lossy"), 600);
+    store.start_task(&warm).await.unwrap();
+    store
+        .issue(&lease(&warm, 60), warm.created_at)
+        .await
+        .unwrap();
+    let t = task(&agent("lossy"), 600);
+    proxy.lose_next_reply();
+    store.start_task(&t).await.unwrap();
+    let l = lease(&t, 60);
+    proxy.lose_next_reply();
+    store.issue(&l, t.created_at).await.unwrap();
+    assert!(store.get_lease(&l.id).await.unwrap().is_some());
+    // A genuine second start of the same task is still refused.
+    assert!(store.start_task(&t).await.is_err());
+
+    let sink = RedisSink::new(target(), "mayfly").unwrap();
+    let op = mayfly_core::SpiffeId::new("spiffe://example.org/operator/admin").unwrap();
+    sink.append(&[AuditRecord::new(Event::LeaseRevoked, &op)])
+        .await
+        .unwrap();
+    proxy.lose_next_reply();
+    sink.append(&[AuditRecord::new(Event::AgentRevoked, &op)])
+        .await
+        .unwrap();
+    assert_eq!(server.cli(&["XLEN", "mayfly:audit"]).trim(), "2");
+    assert_eq!(
+        server.cli(&["HGET", "mayfly:audit:head", "seq"]).trim(),
+        "2"
+    );
+}

@@ -77,6 +77,56 @@ impl RedisSink {
     }
 }
 
+/// Most records looked back through to find whether a batch sent twice
+/// was written by its first send; beyond it the batch counts as unwritten
+/// and the request fails (nothing handed out).
+const LOOK_BACK: u64 = 10_000;
+
+impl RedisSink {
+    /// Whether `lines`, chained onto `expected`, are already in the stream
+    /// whose head is now `now`: a send whose reply was lost may have written
+    /// them, and other writers may have appended after it. The first line
+    /// holds its `seq` and `prev`, so only this batch can have put it there.
+    async fn written_before(
+        &self,
+        expected: &Head,
+        lines: &[String],
+        now: &Head,
+    ) -> Result<bool, AuditError> {
+        let Some(first) = lines.first() else {
+            return Ok(false);
+        };
+        let behind = now.seq.saturating_sub(expected.seq);
+        if behind == 0 {
+            return Ok(false);
+        }
+        if behind > LOOK_BACK {
+            return Err(AuditError::Failed(format!(
+                "cannot tell whether a batch was written: the head moved {behind} records on"
+            )));
+        }
+        let key = &self.stream;
+        let reply: StreamRangeReply = self
+            .conn
+            .run_idempotent(|mut c| async move {
+                redis::cmd("XREVRANGE")
+                    .arg(key)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(behind)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+            .map_err(|e| AuditError::Failed(e.to_string()))?;
+        Ok(reply
+            .ids
+            .iter()
+            .any(|e| e.get::<String>("r").as_deref() == Some(first.as_str())))
+    }
+}
+
 /// The head a `STALE` reply names.
 fn stale_head(seq: &str, hash: &str) -> Result<Head, AuditError> {
     let seq = seq
@@ -109,9 +159,12 @@ impl AuditSink for RedisSink {
             for line in &lines {
                 inv.arg(line);
             }
-            let reply: Vec<String> = self
+            // Safe to send again: a run after a lost reply finds the head
+            // moved, and `written_before` tells whether by this batch.
+            let inv = &inv;
+            let (reply, twice): (Vec<String>, bool) = self
                 .conn
-                .run(|mut c| async move { inv.invoke_async(&mut c).await })
+                .run_repeatable(|mut c| async move { inv.invoke_async(&mut c).await })
                 .await
                 .map_err(|e| AuditError::Failed(e.to_string()))?;
             match reply.as_slice() {
@@ -120,7 +173,12 @@ impl AuditSink for RedisSink {
                     return Ok(());
                 }
                 [stale, seq, hash] if stale == "STALE" => {
-                    *cached = Some(stale_head(seq, hash)?);
+                    let now = stale_head(seq, hash)?;
+                    if twice && self.written_before(&head, &lines, &now).await? {
+                        *cached = Some(now);
+                        return Ok(());
+                    }
+                    *cached = Some(now);
                 }
                 other => {
                     return Err(AuditError::Failed(format!(
@@ -162,19 +220,28 @@ impl AuditSink for RedisSink {
                 lines: &lines,
             };
             match store.issue_recorded(&writes, &batch).await {
-                Ok(BatchOutcome::Written) => {
+                Ok((BatchOutcome::Written, _)) => {
                     *cached = Some(next);
                     return Ok(());
                 }
-                Ok(BatchOutcome::Stale { seq, hash }) => {
-                    *cached = Some(Head { seq, hash });
+                Ok((BatchOutcome::Stale { seq, hash }, twice)) => {
+                    let now = Head { seq, hash };
+                    let ours = twice
+                        && self
+                            .written_before(&head, &lines, &now)
+                            .await
+                            .map_err(LeaseBatchError::Audit)?;
+                    *cached = Some(now);
+                    if ours {
+                        return Ok(());
+                    }
                 }
-                Ok(BatchOutcome::Refused(refused)) => {
+                Ok((BatchOutcome::Refused(refused), _)) => {
                     return Err(LeaseBatchError::Refused(
                         refused.into_iter().map(|(i, e)| (places[i], e)).collect(),
                     ));
                 }
-                Ok(BatchOutcome::Broken(key)) => {
+                Ok((BatchOutcome::Broken(key), _)) => {
                     return Err(LeaseBatchError::Audit(AuditError::Failed(format!(
                         "{key} has the wrong type; nothing was written"
                     ))));

@@ -3,9 +3,24 @@
 //! names (re-resolved after a connection failure or a `READONLY` reply, i.e.
 //! after a failover). Every call is bounded in time, so an outage turns into
 //! `StoreError::Unavailable` quickly instead of a hang.
+//!
+//! Recovery costs no request once Redis is back:
+//! - a connection that has had no successful reply for [`PROBE_AFTER`], or
+//!   whose last call failed, is checked with a `PING` before it carries a
+//!   request; a dead one (Redis restarted or failed over while it sat idle)
+//!   is replaced and checked again, so the request goes out on a live
+//!   connection;
+//! - [`RedisConn::run_idempotent`] sends a request again, once, when it
+//!   meets a connection that died under it; callers use it only for reads
+//!   and for writes whose repetition is harmless or fenced (a script that
+//!   recognises its own earlier success);
+//! - the check is `ROLE`, so a primary demoted to a replica by a failover
+//!   is noticed before a write meets its `READONLY`; a `READONLY` reply
+//!   still makes the next call re-resolve the primary.
 
 use std::future::Future;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
@@ -20,6 +35,9 @@ const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(800);
 /// A reply may take this long on an established connection.
 const RESPONSE_TIMEOUT: Duration = Duration::from_millis(1000);
+/// A connection without a successful reply for this long is checked before
+/// it carries a request.
+pub const PROBE_AFTER: Duration = Duration::from_secs(1);
 
 /// Where Redis is.
 #[derive(Clone)]
@@ -87,6 +105,60 @@ fn unavailable(e: &RedisError) -> StoreError {
     StoreError::Unavailable(format!("redis: {e}"))
 }
 
+/// Whether `e` says the connection (not the request) failed: the request
+/// may not have reached Redis, and a new connection may succeed.
+fn connection_failed(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
+}
+
+/// Whether `e` is a write refused by a replica: not executed, so safe to
+/// send again once the primary is found.
+fn read_only(e: &RedisError) -> bool {
+    e.to_string().contains("READONLY")
+}
+
+/// How a call ended, for the connection's next caller.
+#[derive(Debug)]
+struct Health {
+    /// Time base of `last_ok_ms`.
+    since: Instant,
+    /// When a reply last came back, in ms after `since`; 0 = never.
+    last_ok_ms: AtomicU64,
+    /// The last call failed on the connection: check it before the next.
+    suspect: AtomicBool,
+}
+
+impl Health {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.since.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    fn ok(&self) {
+        self.last_ok_ms.store(self.now_ms(), Ordering::Release);
+        self.suspect.store(false, Ordering::Release);
+    }
+
+    fn failed(&self) {
+        self.suspect.store(true, Ordering::Release);
+    }
+
+    fn needs_probe(&self) -> bool {
+        let last = self.last_ok_ms.load(Ordering::Acquire);
+        self.suspect.load(Ordering::Acquire)
+            || last == 0
+            || self.now_ms().saturating_sub(last) >= PROBE_AFTER.as_millis() as u64
+    }
+}
+
+/// One failed attempt: the error, and whether sending again may help.
+struct Failure {
+    error: StoreError,
+    /// The connection failed (not the request), or a replica refused it.
+    retry: bool,
+}
+
 /// A shared, reconnecting connection.
 pub struct RedisConn {
     target: RedisTarget,
@@ -94,6 +166,8 @@ pub struct RedisConn {
     sentinel: Option<Mutex<SentinelClient>>,
     /// The live manager; `None` until first use or after a failover.
     manager: RwLock<Option<ConnectionManager>>,
+    /// Whether the connection is known to be good right now.
+    health: Health,
 }
 
 impl RedisConn {
@@ -125,6 +199,11 @@ impl RedisConn {
             target,
             sentinel,
             manager: RwLock::new(None),
+            health: Health {
+                since: Instant::now(),
+                last_ok_ms: AtomicU64::new(0),
+                suspect: AtomicBool::new(false),
+            },
         })
     }
 
@@ -182,7 +261,86 @@ impl RedisConn {
         Ok(m)
     }
 
-    /// Runs one request (a command, pipeline or script) with a time bound.
+    /// A manager whose connection answered lately, or answers a `PING`
+    /// now (see the module docs).
+    async fn ready(&self) -> Result<ConnectionManager, StoreError> {
+        let manager = self.manager().await?;
+        if !self.health.needs_probe() {
+            return Ok(manager);
+        }
+        // A dead connection fails the first PING and is replaced by the
+        // manager (or, with Sentinel, re-resolved); the second goes out on
+        // the new one.
+        let mut manager = manager;
+        for first in [true, false] {
+            // ROLE, not PING: a primary demoted to a replica still answers
+            // PING, but would refuse every write.
+            let role = |mut c: ConnectionManager| async move {
+                redis::cmd("ROLE").query_async::<redis::Value>(&mut c).await
+            };
+            match self.attempt(manager, role).await {
+                Ok(redis::Value::Array(v)) if matches!(v.first(), Some(redis::Value::BulkString(r)) if r == b"master") =>
+                {
+                    return self.manager().await;
+                }
+                Ok(_) => {
+                    self.health.failed();
+                    self.forget_primary().await;
+                    if !first {
+                        return Err(StoreError::Unavailable(
+                            "redis is a replica, not the primary; waiting for a failover".into(),
+                        ));
+                    }
+                    manager = self.manager().await?;
+                }
+                Err(f) if first && f.retry => {
+                    tracing::debug!(error = %f.error, "redis connection was dead; reconnecting");
+                    manager = self.manager().await?;
+                }
+                Err(f) => return Err(f.error),
+            }
+        }
+        Err(StoreError::Unavailable("redis did not answer".into()))
+    }
+
+    /// One try of `f`, bounded in time, with what the failure means.
+    async fn attempt<T, F, Fut>(&self, manager: ConnectionManager, f: F) -> Result<T, Failure>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let err = match tokio::time::timeout(CALL_TIMEOUT, f(manager)).await {
+            Ok(Ok(v)) => {
+                self.health.ok();
+                return Ok(v);
+            }
+            Ok(Err(e)) => e,
+            Err(_) => {
+                // It may still run: never sent again.
+                self.health.failed();
+                self.forget_primary().await;
+                return Err(Failure {
+                    error: StoreError::Unavailable(format!(
+                        "redis did not answer within {} ms",
+                        CALL_TIMEOUT.as_millis()
+                    )),
+                    retry: false,
+                });
+            }
+        };
+        let (lost, refused) = (connection_failed(&err), read_only(&err));
+        if lost || refused || err.is_timeout() {
+            self.health.failed();
+            self.forget_primary().await;
+        }
+        Err(Failure {
+            error: unavailable(&err),
+            retry: lost || refused,
+        })
+    }
+
+    /// Runs one request (a command, pipeline or script) with a time bound,
+    /// on a connection checked as the module docs say; it is sent once.
     /// Connection-level failures become `Unavailable`; with Sentinel they
     /// also make the next call re-resolve the primary.
     pub async fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
@@ -190,28 +348,42 @@ impl RedisConn {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        let manager = self.manager().await?;
-        let result = tokio::time::timeout(CALL_TIMEOUT, f(manager)).await;
-        let err = match result {
-            Ok(Ok(v)) => return Ok(v),
-            Ok(Err(e)) => e,
-            Err(_) => {
-                self.forget_primary().await;
-                return Err(StoreError::Unavailable(format!(
-                    "redis did not answer within {} ms",
-                    CALL_TIMEOUT.as_millis()
-                )));
+        self.attempt(self.ready().await?, f)
+            .await
+            .map_err(|e| e.error)
+    }
+
+    /// [`run`](Self::run) for a request that may be sent twice: a read, or
+    /// a write whose repetition is harmless or recognised. Sent again once
+    /// when the connection failed under it or a replica refused it.
+    pub async fn run_idempotent<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        self.run_repeatable(f).await.map(|(v, _)| v)
+    }
+
+    /// [`run_idempotent`](Self::run_idempotent), also saying whether the
+    /// request was sent twice (so a write can tell its own first run from
+    /// someone else's record).
+    pub async fn run_repeatable<T, F, Fut>(&self, f: F) -> Result<(T, bool), StoreError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        match self.attempt(self.ready().await?, &f).await {
+            Ok(v) => Ok((v, false)),
+            Err(e) if e.retry => {
+                tracing::debug!(error = %e.error, "redis connection failed; sending again");
+                let v = self
+                    .attempt(self.ready().await?, &f)
+                    .await
+                    .map_err(|e| e.error)?;
+                Ok((v, true))
             }
-        };
-        if err.is_io_error()
-            || err.is_connection_dropped()
-            || err.is_connection_refusal()
-            || err.is_timeout()
-            || err.to_string().contains("READONLY")
-        {
-            self.forget_primary().await;
+            Err(e) => Err(e.error),
         }
-        Err(unavailable(&err))
     }
 
     /// After a failure, a Sentinel deployment asks again who the primary is.

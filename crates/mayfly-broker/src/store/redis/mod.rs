@@ -43,6 +43,15 @@ const REPLICA_WAIT: Duration = Duration::from_millis(500);
 /// Members fetched per round trip while listing.
 const CHUNK: usize = 200;
 
+/// Whether a script may be sent again when its connection fails under it.
+#[derive(Debug, Clone, Copy)]
+enum Repeat {
+    /// Its second run recognises or repeats harmlessly what the first did.
+    Safe,
+    /// Sent once: a second run would answer differently (an end, a decision).
+    Once,
+}
+
 fn script(body: &str) -> Script {
     Script::new(&format!("{}\n{}", include_str!("common.lua"), body))
 }
@@ -325,34 +334,67 @@ impl RedisStore {
     /// Runs a state-changing script; with `replicas_to_ack`, then waits for
     /// that many replicas to have it, failing closed (`Unavailable`, so no
     /// credential is handed out) if they do not within [`REPLICA_WAIT`].
+    /// `repeat` says the script may be sent again after its connection
+    /// failed (its second run recognises the first's work).
     async fn invoke<T: redis::FromRedisValue>(
         &self,
         inv: &redis::ScriptInvocation<'_>,
+        repeat: Repeat,
     ) -> Result<T, StoreError> {
+        self.invoke_repeatable(inv, repeat).await.map(|(v, _)| v)
+    }
+
+    /// [`invoke`](Self::invoke), also saying whether the script was sent
+    /// twice.
+    async fn invoke_repeatable<T: redis::FromRedisValue>(
+        &self,
+        inv: &redis::ScriptInvocation<'_>,
+        repeat: Repeat,
+    ) -> Result<(T, bool), StoreError> {
         let replicas = self.replicas_to_ack;
-        self.conn
-            .run(|mut c| async move {
-                let out: T = inv.invoke_async(&mut c).await?;
-                if replicas == 0 {
-                    return Ok(Ok(out));
-                }
-                let acked: u32 = redis::cmd("WAIT")
-                    .arg(replicas)
-                    .arg(REPLICA_WAIT.as_millis() as u64)
+        let call = move |mut c: redis::aio::ConnectionManager| async move {
+            let out: T = inv.invoke_async(&mut c).await?;
+            if replicas == 0 {
+                return Ok(Ok(out));
+            }
+            let acked: u32 = redis::cmd("WAIT")
+                .arg(replicas)
+                .arg(REPLICA_WAIT.as_millis() as u64)
+                .query_async(&mut c)
+                .await?;
+            Ok(if acked >= replicas {
+                Ok(out)
+            } else {
+                Err(acked)
+            })
+        };
+        let (reply, twice) = match repeat {
+            Repeat::Safe => self.conn.run_repeatable(call).await?,
+            Repeat::Once => (self.conn.run(call).await?, false),
+        };
+        let reply = reply.map_err(|acked| {
+            StoreError::Unavailable(format!(
+                "write reached {acked} of {replicas} required replicas"
+            ))
+        })?;
+        Ok((reply, twice))
+    }
+
+    /// Whether a task or lease already recorded under `key` (a hash with
+    /// `body`) is exactly `body`: a write sent again after its connection
+    /// failed finds its own first run.
+    async fn recorded_as(&self, key: &str, body: &str) -> Result<bool, StoreError> {
+        let stored: Option<String> = self
+            .conn
+            .run_idempotent(|mut c| async move {
+                redis::cmd("HGET")
+                    .arg(key)
+                    .arg("body")
                     .query_async(&mut c)
-                    .await?;
-                Ok(if acked >= replicas {
-                    Ok(out)
-                } else {
-                    Err(acked)
-                })
+                    .await
             })
-            .await?
-            .map_err(|acked| {
-                StoreError::Unavailable(format!(
-                    "write reached {acked} of {replicas} required replicas"
-                ))
-            })
+            .await?;
+        Ok(stored.as_deref() == Some(body))
     }
 
     /// The arguments `issue_check` and `issue_write` take for a lease
@@ -388,11 +430,12 @@ impl RedisStore {
 
     async fn fetch_lease(&self, task: &str, lease: &str) -> Result<Option<Lease>, StoreError> {
         let key = self.keys.lease(task, lease);
+        let key = &key;
         let fields: LeaseFields = self
             .conn
-            .run(|mut c| async move {
+            .run_idempotent(|mut c| async move {
                 redis::cmd("HMGET")
-                    .arg(&key)
+                    .arg(key)
                     .arg(&["body", "state", "rev"])
                     .query_async(&mut c)
                     .await
@@ -414,9 +457,10 @@ impl RedisStore {
                 .arg(self.keys.lease(t, l))
                 .arg(&["body", "state", "rev"]);
         }
+        let pipe = &pipe;
         let rows: Vec<LeaseFields> = self
             .conn
-            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .run_idempotent(|mut c| async move { pipe.query_async(&mut c).await })
             .await?;
         rows.into_iter().map(lease_from).collect()
     }
@@ -432,9 +476,10 @@ impl RedisStore {
                 .arg(self.keys.lease(t, t))
                 .arg(&["body", "state", "rev"]);
         }
+        let pipe = &pipe;
         let values: Vec<redis::Value> = self
             .conn
-            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .run_idempotent(|mut c| async move { pipe.query_async(&mut c).await })
             .await?;
         let mut out = Vec::with_capacity(ids.len());
         for pair in values.chunks(2) {
@@ -457,15 +502,20 @@ impl RedisStore {
         let (key, legacy) = (self.keys.lease_tasks(), self.keys.legacy_leases());
         let (lo, hi) = (format!("[{lease}:"), format!("[{lease};"));
         let id = lease.to_string();
+        let key = &key;
+        let legacy = &legacy;
+        let lo = &lo;
+        let hi = &hi;
+        let id = &id;
         let (task, old): (Option<String>, Vec<String>) = self
             .conn
-            .run(|mut c| async move {
+            .run_idempotent(|mut c| async move {
                 redis::pipe()
-                    .hget(&key, &id)
+                    .hget(key, id)
                     .cmd("ZRANGEBYLEX")
-                    .arg(&legacy)
-                    .arg(&lo)
-                    .arg(&hi)
+                    .arg(legacy)
+                    .arg(lo)
+                    .arg(hi)
                     .arg("LIMIT")
                     .arg(0)
                     .arg(1)
@@ -495,12 +545,14 @@ impl RedisStore {
             Some(a) if id_only => format!("({a}"),
             Some(a) => format!("[{a};"),
         };
+        let key = &key;
+        let lo = &lo;
         let key = key.to_owned();
         self.conn
-            .run(|mut c| async move {
+            .run_idempotent(|mut c| async move {
                 redis::cmd("ZRANGEBYLEX")
-                    .arg(&key)
-                    .arg(&lo)
+                    .arg(key)
+                    .arg(lo)
                     .arg("+")
                     .arg("LIMIT")
                     .arg(0)
@@ -535,7 +587,7 @@ impl RedisStore {
             .arg(req.child_reason.as_str())
             .arg(&self.keys.prefix)
             .arg(descendant_rev);
-        let reply: Vec<String> = self.invoke(&inv).await?;
+        let reply: Vec<String> = self.invoke(&inv, Repeat::Once).await?;
         let (status, ids) = reply
             .split_first()
             .ok_or_else(|| StoreError::Corrupt("empty script reply".into()))?;
@@ -697,11 +749,18 @@ impl LeaseStore for RedisStore {
             .arg(delegator)
             .arg(task.created_at.as_millis())
             .arg((self.retention + TTL_MARGIN).as_millis() as u64);
-        let reply: String = self.invoke(&inv).await?;
-        script_status(&reply).map_err(|e| match e {
-            StoreError::Duplicate(_) => StoreError::Duplicate(t.to_owned()),
+        let body = encode(task)?;
+        let (reply, twice): (String, bool) = self.invoke_repeatable(&inv, Repeat::Safe).await?;
+        match script_status(&reply) {
+            // Sent again after a lost reply: the first run recorded it.
+            Err(StoreError::Duplicate(_))
+                if twice && self.recorded_as(&self.keys.task(t), &body).await? =>
+            {
+                Ok(())
+            }
+            Err(StoreError::Duplicate(_)) => Err(StoreError::Duplicate(t.to_owned())),
             other => other,
-        })
+        }
     }
 
     async fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
@@ -719,11 +778,20 @@ impl LeaseStore for RedisStore {
             .key(self.keys.expiry())
             .key(self.keys.lock(lease.agent.as_str()));
         self.lease_args(&mut inv, lease, now)?;
-        let reply: String = self.invoke(&inv).await?;
-        script_status(&reply).map_err(|e| match e {
-            StoreError::Duplicate(_) => StoreError::Duplicate(l.to_owned()),
+        let (reply, twice): (String, bool) = self.invoke_repeatable(&inv, Repeat::Safe).await?;
+        match script_status(&reply) {
+            // Sent again after a lost reply: the first run recorded it.
+            Err(StoreError::Duplicate(_))
+                if twice
+                    && self
+                        .recorded_as(&self.keys.lease(t, l), &encode(lease)?)
+                        .await? =>
+            {
+                Ok(())
+            }
+            Err(StoreError::Duplicate(_)) => Err(StoreError::Duplicate(l.to_owned())),
             other => other,
-        })
+        }
     }
 
     async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError> {
@@ -759,7 +827,7 @@ impl LeaseStore for RedisStore {
             .arg(req.at.as_millis())
             .arg(encode(&req.revocation(req.reason))?)
             .arg(req.reason.as_str());
-        let reply: String = self.invoke(&inv).await?;
+        let reply: String = self.invoke(&inv, Repeat::Once).await?;
         match reply.as_str() {
             "OK" => Ok(vec![id.clone()]),
             "INACTIVE" => Ok(Vec::new()),
@@ -1013,11 +1081,12 @@ impl LeaseStore for RedisStore {
 
     async fn feed_head(&self) -> Result<u64, StoreError> {
         let key = self.keys.revocations();
+        let key = &key;
         let last: Vec<(String, Vec<(String, String)>)> = self
             .conn
-            .run(|mut c| async move {
+            .run_idempotent(|mut c| async move {
                 redis::cmd("XREVRANGE")
-                    .arg(&key)
+                    .arg(key)
                     .arg("+")
                     .arg("-")
                     .arg("COUNT")
@@ -1036,12 +1105,14 @@ impl LeaseStore for RedisStore {
     ) -> Result<Vec<RevocationEvent>, StoreError> {
         let key = self.keys.revocations();
         let start = format!("({}", stream_id_of(cursor));
+        let key = &key;
+        let start = &start;
         let rows: Vec<(String, Vec<(String, String)>)> = self
             .conn
-            .run(|mut c| async move {
+            .run_idempotent(|mut c| async move {
                 redis::cmd("XRANGE")
-                    .arg(&key)
-                    .arg(&start)
+                    .arg(key)
+                    .arg(start)
                     .arg("+")
                     .arg("COUNT")
                     .arg(limit)
@@ -1274,7 +1345,7 @@ impl LeaseStore for RedisStore {
             .arg(now.as_millis())
             .arg(state)
             .arg(encode(&decision)?);
-        let reply: String = self.invoke(&inv).await?;
+        let reply: String = self.invoke(&inv, Repeat::Once).await?;
         approval_status(&reply)?;
         self.get_approval(id)
             .await?
@@ -1303,7 +1374,7 @@ impl LeaseStore for RedisStore {
             .arg(task.as_str())
             .arg(encode(request)?)
             .arg(encode(&consumed)?);
-        let reply: String = self.invoke(&inv).await?;
+        let reply: String = self.invoke(&inv, Repeat::Once).await?;
         approval_status(&reply)?;
         Ok(Approval {
             status: consumed,
@@ -1331,7 +1402,7 @@ impl LeaseStore for RedisStore {
             .arg(now.as_millis())
             .arg(encode(&task)?)
             .arg(expected);
-        let reply: String = self.invoke(&inv).await?;
+        let reply: String = self.invoke(&inv, Repeat::Once).await?;
         script_status(&reply)?;
         Ok(task)
     }

@@ -46,12 +46,15 @@ pub enum BatchOutcome {
 
 impl RedisStore {
     /// Writes `leases` (each with the time its decision was made) and the
-    /// trail's `batch` in one atomic step, or nothing.
+    /// trail's `batch` in one atomic step, or nothing. The second value says
+    /// the script was sent twice (its connection failed under the first
+    /// send, which may have run): a `Stale` answer then may be this very
+    /// batch, written by the first send and followed by another writer's.
     pub async fn issue_recorded(
         &self,
         leases: &[(&Lease, Timestamp)],
         batch: &TrailBatch<'_>,
-    ) -> Result<BatchOutcome, StoreError> {
+    ) -> Result<(BatchOutcome, bool), StoreError> {
         let mut inv = self.scripts.issue_recorded.prepare_invoke();
         inv.key(batch.stream)
             .key(batch.head_key)
@@ -74,16 +77,31 @@ impl RedisStore {
                 .key(self.keys.lock(lease.agent.as_str()));
             self.lease_args(&mut inv, lease, *now)?;
         }
-        let reply: Vec<String> = self.invoke(&inv).await?;
-        outcome(&reply, leases)
+        // Safe to send again: a run after a lost reply finds the head moved
+        // (at the batch's own `next`, which `outcome` reads as written, or
+        // beyond it, which the caller checks), never writes twice.
+        let (reply, twice): (Vec<String>, bool) =
+            self.invoke_repeatable(&inv, super::Repeat::Safe).await?;
+        Ok((outcome(&reply, leases, batch)?, twice))
     }
 }
 
 /// Reads the script's reply.
-fn outcome(reply: &[String], leases: &[(&Lease, Timestamp)]) -> Result<BatchOutcome, StoreError> {
+fn outcome(
+    reply: &[String],
+    leases: &[(&Lease, Timestamp)],
+    batch: &TrailBatch<'_>,
+) -> Result<BatchOutcome, StoreError> {
     let bad = || StoreError::Corrupt(format!("unexpected script reply {reply:?}"));
     match reply {
         [ok] if ok == "OK" => Ok(BatchOutcome::Written),
+        // The head is where this batch leaves it: only this batch's lines
+        // hash to it, so an earlier run of the same call wrote everything.
+        [stale, seq, hash]
+            if stale == "STALE" && seq.parse() == Ok(batch.next.0) && hash == batch.next.1 =>
+        {
+            Ok(BatchOutcome::Written)
+        }
         [stale, seq, hash] if stale == "STALE" => Ok(BatchOutcome::Stale {
             seq: seq.parse().map_err(|_| bad())?,
             hash: hash.clone(),
