@@ -155,7 +155,7 @@ pub enum AuditSinkKind {
 }
 
 /// `[audit]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Audit {
     /// Where records go; unset: a file with the embedded store, the
@@ -165,6 +165,65 @@ pub struct Audit {
     /// The file, for `sink = "file"`; default `data_dir/audit.jsonl`.
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// File trail: rotate once the active file holds this much ("64MiB").
+    #[serde(default = "default_rotate_size", deserialize_with = "bytes")]
+    pub rotate_size: u64,
+    /// File trail: rotate once the active file's first record is this old.
+    #[serde(default = "default_rotate_age", deserialize_with = "duration")]
+    pub rotate_age: Duration,
+    /// Delete records older than this: rotated file segments last written
+    /// longer ago, and Redis stream entries; unset keeps everything (export
+    /// the trail before it ages out).
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub retention: Option<Duration>,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Self {
+            sink: None,
+            path: None,
+            rotate_size: default_rotate_size(),
+            rotate_age: default_rotate_age(),
+            retention: None,
+        }
+    }
+}
+
+fn default_rotate_size() -> u64 {
+    64 * 1024 * 1024
+}
+
+fn default_rotate_age() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+/// `"64MiB"`, `"512KiB"`, `"1GiB"`, or plain bytes.
+fn bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let s = String::deserialize(d)?;
+    let t = s.trim();
+    let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => 0,
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .filter(|_| scale > 0)
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "size {s:?}: a number of bytes, or with KiB, MiB or GiB (e.g. \"64MiB\")"
+            ))
+        })
+}
+
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 /// One `[[introspection]]`: these workloads may introspect tokens issued
@@ -592,6 +651,18 @@ impl Config {
         if self.audit.path.is_some() && self.audit_sink() != AuditSinkKind::File {
             return invalid("[audit] path is only for sink = \"file\"".into());
         }
+        if self.audit.rotate_size < 4096 || self.audit.rotate_age < Duration::from_secs(60) {
+            return invalid(
+                "[audit] rotate_size must be at least 4KiB and rotate_age at least 1m".into(),
+            );
+        }
+        if self
+            .audit
+            .retention
+            .is_some_and(|r| r < Duration::from_secs(3600))
+        {
+            return invalid("[audit] retention must be at least 1h".into());
+        }
         if self.feed.heartbeat.is_zero() || self.feed.poll.is_zero() {
             return invalid("feed.heartbeat and feed.poll must be positive".into());
         }
@@ -700,6 +771,15 @@ impl Config {
         }
     }
 
+    /// How the file trail rotates and what it keeps.
+    pub fn audit_file_options(&self) -> crate::audit::FileOptions {
+        crate::audit::FileOptions {
+            rotate_bytes: self.audit.rotate_size,
+            rotate_age: self.audit.rotate_age,
+            retention: self.audit.retention,
+        }
+    }
+
     /// The audit file, for `[audit] sink = "file"`.
     pub fn audit_path(&self) -> PathBuf {
         self.audit
@@ -755,6 +835,12 @@ mod tests {
         let c = Config::parse(&own_file, base).unwrap();
         assert_eq!(c.audit_sink(), AuditSinkKind::File);
         assert_eq!(c.audit_path(), Path::new("/etc/mayfly/a.jsonl"));
+        let sized =
+            format!("{own_file}\nrotate_size = \"8MiB\"\nrotate_age = \"1h\"\nretention = \"30d\"");
+        let o = Config::parse(&sized, base).unwrap().audit_file_options();
+        assert_eq!(o.rotate_bytes, 8 << 20);
+        assert_eq!(o.rotate_age, Duration::from_secs(3600));
+        assert_eq!(o.retention, Some(Duration::from_secs(30 * 86_400)));
         for (extra, says) in [
             ("sink = \"redis\"", "needs store = \"redis\""),
             (
@@ -762,6 +848,9 @@ mod tests {
                 "only for sink = \"file\"",
             ),
             ("sink = \"syslog\"", "syslog"),
+            ("rotate_size = \"1KiB\"", "at least 4KiB"),
+            ("rotate_size = \"lots\"", "KiB, MiB or GiB"),
+            ("retention = \"5m\"", "at least 1h"),
         ] {
             let text = format!("{MINIMAL}\n[audit]\n{extra}");
             let e = Config::parse(&text, base).unwrap_err().to_string();

@@ -48,9 +48,12 @@ use crate::identity::Authenticator;
 use crate::metrics::Metrics;
 use crate::stop::stopped;
 
-/// How long a closing connection (idle, or at shutdown) may take to finish
-/// what it has in flight before it is dropped.
+/// How long a connection closing at shutdown may take to finish what it
+/// has in flight before it is dropped.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an idle connection (nothing in flight) may take to close
+/// after its GOAWAY before it is dropped.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// An HTTP/1 client must send its request headers within this time.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 keepalive: a ping after this much silence...
@@ -477,7 +480,7 @@ impl Conn {
                     self.gate.metrics.connection_closed(port, "idle");
                     tracing::debug!(%remote, port, "closing idle connection");
                     conn.as_mut().graceful_shutdown();
-                    deadline = Some(Instant::now() + DRAIN_TIMEOUT);
+                    deadline = Some(Instant::now() + IDLE_CLOSE_GRACE);
                 }
                 () = stopped(&mut stop), if deadline.is_none() => {
                     conn.as_mut().graceful_shutdown();

@@ -167,6 +167,10 @@ pub enum BrokerError {
     /// record cannot be written is not issued.
     #[error("audit trail unavailable: {0}")]
     AuditUnavailable(String),
+    /// The trail's file was replaced, truncated or removed under the
+    /// broker; nothing is issued until an operator restores it.
+    #[error("{0}")]
+    AuditBroken(String),
     /// A bug or corrupt data; details go to the log, not the caller.
     #[error("internal error: {0}")]
     Internal(String),
@@ -218,6 +222,7 @@ impl From<AuditError> for BrokerError {
     fn from(e: AuditError) -> Self {
         match e {
             AuditError::Failed(m) => Self::AuditUnavailable(m),
+            broken @ AuditError::Broken { .. } => Self::AuditBroken(broken.to_string()),
             AuditError::Unreadable(m) => Self::Unsupported(m),
             bad @ AuditError::BadCursor(_) => Self::Invalid(bad.to_string()),
         }

@@ -365,12 +365,13 @@ fn open_audit(
     let sink: Arc<dyn AuditSink> = match (config.audit_sink(), &config.redis) {
         (AuditSinkKind::File, _) => {
             let path = config.audit_path();
-            let sink = FileSink::open(&path)?;
+            let sink = FileSink::open_with(&path, config.audit_file_options())?;
             tracing::info!(path = %path.display(), seq = sink.head().seq, "audit trail");
             Arc::new(sink)
         }
         (AuditSinkKind::Redis, Some(redis)) => {
-            let sink = RedisSink::new(redis_target(redis)?, &redis.key_prefix)?;
+            let sink = RedisSink::new(redis_target(redis)?, &redis.key_prefix)?
+                .with_retention(config.audit.retention);
             Arc::new(match redis_store {
                 Some(store) => sink.with_store(store),
                 None => sink,

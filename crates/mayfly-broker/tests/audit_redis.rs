@@ -220,3 +220,41 @@ async fn leases_and_their_records_are_written_together_or_not_at_all() {
     assert!(matches!(got, Err(RecordError::Audit(_))), "{got:?}");
     assert!(store.get_lease(&l.id).await.unwrap().is_none());
 }
+
+/// With a retention, entries older than it are trimmed from the stream
+/// after a write; newer ones and the head stay, so the chain goes on.
+#[tokio::test]
+async fn entries_past_the_retention_are_trimmed() {
+    let server = RedisServer::start();
+    // An entry from 1970 (stream ids are milliseconds), as if written long ago.
+    server.cli(&["XADD", "mayfly:audit", "1000-0", "r", "ancient"]);
+    let target = RedisTarget::Url {
+        url: server.url(),
+        ca_pem: None,
+    };
+    let sink = RedisSink::new(target, "mayfly")
+        .unwrap()
+        .with_retention(Some(Duration::from_secs(24 * 3600)));
+    let op = SpiffeId::new("spiffe://example.org/operator/admin").unwrap();
+    sink.append(&[AuditRecord::new(Event::LeaseRevoked, &op)])
+        .await
+        .unwrap();
+    assert_eq!(server.cli(&["XLEN", "mayfly:audit"]).trim(), "1");
+    let (lines, _) = sink.read("", 10).await.unwrap();
+    assert_eq!(lines.len(), 1);
+    assert!(lines[0].contains("\"seq\":1"), "{lines:?}");
+    // Without a retention nothing is trimmed.
+    server.cli(&["XADD", "other:audit", "1000-0", "r", "ancient"]);
+    let keep = RedisSink::new(
+        RedisTarget::Url {
+            url: server.url(),
+            ca_pem: None,
+        },
+        "other",
+    )
+    .unwrap();
+    keep.append(&[AuditRecord::new(Event::LeaseRevoked, &op)])
+        .await
+        .unwrap();
+    assert_eq!(server.cli(&["XLEN", "other:audit"]).trim(), "2");
+}

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Subcommand;
-use mayfly_broker::audit::{AuditRecord, Verified, line_hash, verify};
+use mayfly_broker::audit::{AuditRecord, ChainCheck, Verified, line_hash};
 use mayfly_client::pb;
 use serde_json::json;
 
@@ -35,17 +35,24 @@ pub enum AuditCommand {
         #[arg(long)]
         task: Option<String>,
     },
-    /// Check a trail file's hash chain; reports the first broken link and
+    /// Check a trail's hash chain; reports the first broken link and
     /// exits 1.
     Verify {
         /// A JSON-lines trail (`-` for standard input), e.g. the broker's
-        /// audit.jsonl or the output of `mayfly --json audit tail --all`.
+        /// audit.jsonl or the output of `mayfly --json audit tail --all`; or
+        /// a directory, whose `*.jsonl` files (a rotated trail's segments)
+        /// are checked as one chain in the order of their records.
         file: PathBuf,
         /// The SHA-256 of a record reported by an earlier verify: fails
         /// unless the trail still holds that record (catches a trail cut
         /// short or replaced).
         #[arg(long)]
         anchor: Option<String>,
+        /// Accept a trail that starts after seq 1 (its earlier records
+        /// archived, deleted past retention, or trimmed from a stream): the
+        /// first record's link to them cannot be checked.
+        #[arg(long)]
+        partial: bool,
     },
     /// Print a task's delegation tree from its root: every task, every
     /// credential issued under it and how each ended.
@@ -71,7 +78,11 @@ pub async fn run(cmd: AuditCommand, conn: &ConnArgs, json: bool) -> anyhow::Resu
             follow,
             task,
         } => tail(conn, json, (!all).then_some(lines), follow, task).await,
-        AuditCommand::Verify { file, anchor } => verify_file(&file, anchor.as_deref(), json),
+        AuditCommand::Verify {
+            file,
+            anchor,
+            partial,
+        } => verify_file(&file, anchor.as_deref(), partial, json),
         AuditCommand::Trace { task_id, file } => {
             let lines = match &file {
                 Some(f) => read_lines(f)?,
@@ -249,49 +260,95 @@ fn read_lines(path: &Path) -> anyhow::Result<Vec<String>> {
     lines.with_context(|| format!("cannot read {what}"))
 }
 
-fn verify_file(path: &Path, anchor: Option<&str>, json: bool) -> anyhow::Result<()> {
-    let what = path.display().to_string();
-    let lines = read_lines(path)?;
-    let outcome = verify(lines.iter().cloned().map(Ok::<_, std::convert::Infallible>));
-    let anchored = match (&outcome, anchor) {
-        (Ok(_), Some(a)) => Some(lines.iter().position(|l| line_hash(l) == a)),
-        _ => None,
-    };
-    match (outcome, anchored) {
-        (Ok(v), None | Some(Some(_))) => {
-            report_intact(&what, &v, anchored.flatten(), json);
-            Ok(())
+/// The files of a trail at `path`: itself, or the `*.jsonl` files of a
+/// directory with records, in the order of their first records.
+fn trail_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut files = Vec::new();
+    for entry in
+        std::fs::read_dir(path).with_context(|| format!("cannot read {}", path.display()))?
+    {
+        let p = entry?.path();
+        if p.extension().is_none_or(|e| e != "jsonl") {
+            continue;
         }
-        (Ok(v), Some(None)) => {
-            let msg = format!(
-                "{what}: the chain holds ({} records) but no record has the anchor's SHA-256: \
-                 the trail was cut short or replaced after the anchor was taken",
-                v.records
-            );
-            if json {
-                output::print_json(&json!({"file": what, "intact": false, "error": msg}));
-            }
-            Err(ChainBroken(msg).into())
-        }
-        (Err(broken), _) => {
-            let msg = format!("{what}: chain broken at {broken}");
-            if json {
-                output::print_json(&json!({"file": what, "intact": false, "error": msg}));
-            }
-            Err(ChainBroken(msg).into())
+        let first = read_lines(&p)?.into_iter().next();
+        if let Some(line) = first {
+            let seq = serde_json::from_str::<AuditRecord>(&line).map_or(0, |r| r.seq);
+            files.push((seq, p));
         }
     }
+    files.sort();
+    anyhow::ensure!(
+        !files.is_empty(),
+        "{}: no trail files (*.jsonl) with records",
+        path.display()
+    );
+    Ok(files.into_iter().map(|(_, p)| p).collect())
 }
 
-fn report_intact(what: &str, v: &Verified, anchor_line: Option<usize>, json: bool) {
+fn verify_file(path: &Path, anchor: Option<&str>, partial: bool, json: bool) -> anyhow::Result<()> {
+    let what = path.display().to_string();
+    let mut check: Option<ChainCheck> = None;
+    let mut anchored = None;
+    let mut broken = None;
+    'files: for file in trail_files(path)? {
+        let name = file.display().to_string();
+        for (i, line) in read_lines(&file)?.iter().enumerate() {
+            // From genesis, unless told the start may be gone.
+            let check = check.get_or_insert_with(|| match partial {
+                true => ChainCheck::from_first_record(),
+                false => ChainCheck::from_genesis(),
+            });
+            if let Err(e) = check.line(line, i as u64 + 1) {
+                let hint = match (&e, partial) {
+                    (mayfly_broker::audit::Broken::Sequence { line: 1, .. }, false) => {
+                        " (if earlier records were archived or trimmed, pass --partial)"
+                    }
+                    _ => "",
+                };
+                broken = Some(format!("{name}: {e}{hint}"));
+                break 'files;
+            }
+            if anchor.is_some_and(|a| line_hash(line) == a) {
+                anchored = Some((name.clone(), i + 1));
+            }
+        }
+    }
+    let fail = |msg: String| -> anyhow::Result<()> {
+        if json {
+            output::print_json(&json!({"file": what, "intact": false, "error": msg}));
+        }
+        Err(ChainBroken(msg).into())
+    };
+    if let Some(b) = broken {
+        return fail(format!("{what}: chain broken at {b}"));
+    }
+    let v = check.unwrap_or_else(ChainCheck::from_genesis).finish();
+    if anchor.is_some() && anchored.is_none() {
+        return fail(format!(
+            "{what}: the chain holds ({} records) but no record has the anchor's SHA-256: \
+             the trail was cut short or replaced after the anchor was taken",
+            v.records
+        ));
+    }
+    report_intact(&what, &v, anchored, json);
+    Ok(())
+}
+
+fn report_intact(what: &str, v: &Verified, anchor_at: Option<(String, usize)>, json: bool) {
     if json {
         output::print_json(&json!({
             "file": what,
             "intact": true,
             "records": v.records,
+            "first_seq": v.first_seq,
             "head_seq": v.head.seq,
             "head_sha256": v.head.hash,
-            "anchor_line": anchor_line.map(|i| i + 1),
+            "anchor_file": anchor_at.as_ref().map(|a| a.0.clone()),
+            "anchor_line": anchor_at.as_ref().map(|a| a.1),
         }));
         return;
     }
@@ -299,8 +356,15 @@ fn report_intact(what: &str, v: &Verified, anchor_line: Option<usize>, json: boo
         "{what}: {} records, chain intact; head seq {} sha256 {}",
         v.records, v.head.seq, v.head.hash
     );
-    if let Some(i) = anchor_line {
-        println!("anchor found at line {}", i + 1);
+    if v.first_seq > 1 {
+        println!(
+            "starts at seq {}: the records before it are not here (archived, or past retention); \
+             its own link to them is unchecked",
+            v.first_seq
+        );
+    }
+    if let Some((file, line)) = anchor_at {
+        println!("anchor found at {file} line {line}");
     }
     println!(
         "keep the head's sha256 elsewhere and pass it as --anchor next time to detect a cut-off end"

@@ -908,6 +908,42 @@ async fn audit_trace_tail_and_verify() {
         ])
         .output()
         .unwrap());
+
+    // A directory of segments is one chain, in the order of its records
+    // (names sort otherwise here); a segment missing breaks it.
+    let segs = tempfile::tempdir().unwrap();
+    let write = |name: &str, lines: &[&str]| {
+        std::fs::write(segs.path().join(name), lines.join("\n") + "\n").unwrap();
+    };
+    write("b-first.jsonl", &good[..2]);
+    write("a-second.jsonl", &good[2..4]);
+    write("c-third.jsonl", &good[4..]);
+    std::fs::write(segs.path().join("audit.jsonl.head"), "not a trail file").unwrap();
+    let verify_dir = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_mayfly"))
+            .args(["audit", "verify", segs.path().to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = ok(verify_dir(&["--anchor", &head]));
+    assert!(out.contains("6 records, chain intact"), "{out}");
+    assert!(out.contains("anchor found at"), "{out}");
+    std::fs::remove_file(segs.path().join("a-second.jsonl")).unwrap();
+    let out = verify_dir(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("c-third.jsonl: line 1: record seq 5 where seq 3 was due"),
+        "{}",
+        stderr(&out)
+    );
+    // A trail whose start was archived: refused, unless --partial says so.
+    std::fs::remove_file(segs.path().join("b-first.jsonl")).unwrap();
+    let out = verify_dir(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("pass --partial"), "{}", stderr(&out));
+    let out = ok(verify_dir(&["--partial"]));
+    assert!(out.contains("starts at seq 5"), "{out}");
 }
 
 /// The sequence an attacker tries: a task certificate joined with its

@@ -288,13 +288,17 @@ fn keep_audit_copy(config: &Config) {
         return;
     };
     let path = config.audit_path();
-    if config.audit_sink() != mayfly_broker::config::AuditSinkKind::File || !path.exists() {
+    if config.audit_sink() != mayfly_broker::config::AuditSinkKind::File {
         return;
     }
     let dir = PathBuf::from(dir);
-    let copy = dir.join(format!("{}.jsonl", mayfly_core::LeaseId::generate()));
-    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::copy(&path, &copy)) {
-        eprintln!("audit trail not kept for CI: {e}");
+    // Every segment of a rotated trail.
+    let files = mayfly_broker::audit::segment_files(&path).unwrap_or_else(|_| vec![path]);
+    for file in files {
+        let copy = dir.join(format!("{}.jsonl", mayfly_core::LeaseId::generate()));
+        if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::copy(&file, &copy)) {
+            eprintln!("audit trail not kept for CI: {e}");
+        }
     }
 }
 

@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::metrics::Metrics;
 use crate::store::StoreError;
 
-pub use self::file::FileSink;
+pub use self::file::{FileOptions, FileSink, segment_files};
 pub use self::redis::RedisSink;
 
 /// `prev` of the first record.
@@ -357,6 +357,9 @@ pub fn chain(records: &[AuditRecord], head: &Head) -> Result<(Vec<String>, Head)
 pub struct Verified {
     /// How many records.
     pub records: u64,
+    /// The seq the checked records start at: 1 from genesis, more when
+    /// earlier records were archived or trimmed (their link is not checked).
+    pub first_seq: u64,
     /// The last record's position and hash: keep it elsewhere to detect
     /// later truncation.
     pub head: Head,
@@ -396,43 +399,102 @@ pub enum Broken {
     },
 }
 
+/// Checks a chain record by record, across files if need be.
+#[derive(Debug, Clone)]
+pub struct ChainCheck {
+    /// Where the chain stands; `None` until the first record when the
+    /// check starts wherever the records do.
+    head: Option<Head>,
+    first_seq: Option<u64>,
+    records: u64,
+}
+
+impl ChainCheck {
+    /// A check of a whole chain: the first record must be seq 1 after
+    /// genesis.
+    pub fn from_genesis() -> Self {
+        Self {
+            head: Some(Head::genesis()),
+            first_seq: None,
+            records: 0,
+        }
+    }
+
+    /// A check that starts at whatever record comes first (a trail whose
+    /// earlier segments were archived, or a trimmed stream): its own link
+    /// to the record before cannot be checked, every later one is.
+    pub fn from_first_record() -> Self {
+        Self {
+            head: None,
+            first_seq: None,
+            records: 0,
+        }
+    }
+
+    /// The next line (`line` is its 1-based number, for errors).
+    pub fn line(&mut self, text: &str, line: u64) -> Result<(), Broken> {
+        let r: AuditRecord = serde_json::from_str(text).map_err(|e| Broken::NotARecord {
+            line,
+            error: e.to_string(),
+        })?;
+        let head = match &self.head {
+            Some(h) => h,
+            None => &Head {
+                seq: r.seq.saturating_sub(1),
+                hash: r.prev.clone(),
+            },
+        };
+        if r.seq != head.seq + 1 {
+            return Err(Broken::Sequence {
+                line,
+                expected: head.seq + 1,
+                found: r.seq,
+            });
+        }
+        if r.prev != head.hash {
+            return Err(Broken::Link { line, seq: r.seq });
+        }
+        self.first_seq.get_or_insert(r.seq);
+        self.records += 1;
+        self.head = Some(Head {
+            seq: r.seq,
+            hash: line_hash(text),
+        });
+        Ok(())
+    }
+
+    /// Where the chain stands now.
+    pub fn head(&self) -> Option<&Head> {
+        self.head.as_ref()
+    }
+
+    /// What was checked.
+    pub fn finish(self) -> Verified {
+        let head = self.head.unwrap_or_else(Head::genesis);
+        Verified {
+            records: self.records,
+            first_seq: self.first_seq.unwrap_or(head.seq + 1),
+            head,
+        }
+    }
+}
+
 /// Checks a whole chain from its first record, line by line.
 pub fn verify<I, E>(lines: I) -> Result<Verified, Broken>
 where
     I: IntoIterator<Item = Result<String, E>>,
     E: fmt::Display,
 {
-    let mut head = Head::genesis();
-    let mut n = 0;
-    for line in lines {
-        n += 1;
+    let mut check = ChainCheck::from_genesis();
+    for (i, line) in lines.into_iter().enumerate() {
+        let n = i as u64 + 1;
         let line = line.map_err(|e| Broken::NotARecord {
             line: n,
             error: e.to_string(),
         })?;
-        let r: AuditRecord = serde_json::from_str(&line).map_err(|e| Broken::NotARecord {
-            line: n,
-            error: e.to_string(),
-        })?;
-        if r.seq != head.seq + 1 {
-            return Err(Broken::Sequence {
-                line: n,
-                expected: head.seq + 1,
-                found: r.seq,
-            });
-        }
-        if r.prev != head.hash {
-            return Err(Broken::Link {
-                line: n,
-                seq: r.seq,
-            });
-        }
-        head = Head {
-            seq: r.seq,
-            hash: line_hash(&line),
-        };
+        check.line(&line, n)?;
     }
-    Ok(Verified { records: n, head })
+    Ok(check.finish())
 }
 
 /// Writing or reading the trail failed.
@@ -447,6 +509,18 @@ pub enum AuditError {
     /// A read cursor that this sink never handed out.
     #[error("bad audit cursor {0:?}: use a cursor from an earlier read, or none for the start")]
     BadCursor(String),
+    /// The trail's file was replaced, truncated or removed under the
+    /// broker: nothing more is written (or issued) until it is restored.
+    #[error(
+        "audit trail {file} {what} under the running broker; nothing is issued until the trail \
+         is restored and the broker restarted (mayfly audit verify checks it)"
+    )]
+    Broken {
+        /// The trail's file name (the log has the whole path).
+        file: String,
+        /// What happened to it.
+        what: String,
+    },
 }
 
 /// A credential lease to record in the same step as its audit record.

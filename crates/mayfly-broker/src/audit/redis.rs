@@ -8,6 +8,11 @@
 //! Given the store ([`RedisSink::with_store`]), a batch that holds
 //! credential leases is written together with them in one script of the
 //! store's (`issue_recorded.lua`), which checks the head the same way.
+//!
+//! With a retention ([`RedisSink::with_retention`]), entries older than it
+//! are trimmed (`XTRIM … MINID`, the stream's ids being milliseconds), at
+//! most once a minute, after a write. The head stays, so the chain goes
+//! on; a reader then starts at the oldest entry kept.
 
 use std::sync::Arc;
 
@@ -34,6 +39,8 @@ return {'OK'}
 
 /// How often a batch is chained again when other replicas keep writing.
 const ATTEMPTS: usize = 16;
+/// The stream is trimmed at most this often.
+const TRIM_EVERY_MS: u64 = 60_000;
 
 /// Appends to the shared stream.
 pub struct RedisSink {
@@ -46,6 +53,10 @@ pub struct RedisSink {
     /// The lease store in the same Redis, which records credential leases
     /// in the same step as their records.
     store: Option<Arc<RedisStore>>,
+    /// Entries older than this are trimmed; `None` keeps them all.
+    retention: Option<std::time::Duration>,
+    /// When the stream was last trimmed (ms since the epoch).
+    trimmed_ms: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for RedisSink {
@@ -66,7 +77,52 @@ impl RedisSink {
             script: Script::new(APPEND),
             head: Mutex::new(None),
             store: None,
+            retention: None,
+            trimmed_ms: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Trims entries older than `retention` (none: keeps everything).
+    pub fn with_retention(mut self, retention: Option<std::time::Duration>) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Trims the stream if a retention is set and a minute has passed
+    /// since the last trim. A failure is logged: the records stay.
+    async fn trim(&self) {
+        use std::sync::atomic::Ordering;
+        let Some(keep) = self.retention else {
+            return;
+        };
+        let now = mayfly_core::Timestamp::now().as_millis();
+        let last = self.trimmed_ms.load(Ordering::Acquire);
+        if now.saturating_sub(last) < TRIM_EVERY_MS
+            || self
+                .trimmed_ms
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return;
+        }
+        let min_id = now.saturating_sub(u64::try_from(keep.as_millis()).unwrap_or(u64::MAX));
+        let key = &self.stream;
+        let trimmed = self
+            .conn
+            .run_idempotent(|mut c| async move {
+                redis::cmd("XTRIM")
+                    .arg(key)
+                    .arg("MINID")
+                    .arg(min_id)
+                    .query_async::<u64>(&mut c)
+                    .await
+            })
+            .await;
+        match trimmed {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(entries = n, "audit stream entries past retention trimmed"),
+            Err(e) => tracing::warn!(error = %e, "audit stream not trimmed"),
+        }
     }
 
     /// Records credential leases through `store` (the same Redis and key
@@ -170,6 +226,8 @@ impl AuditSink for RedisSink {
             match reply.as_slice() {
                 [ok] if ok == "OK" => {
                     *cached = Some(next);
+                    drop(cached);
+                    self.trim().await;
                     return Ok(());
                 }
                 [stale, seq, hash] if stale == "STALE" => {
@@ -222,6 +280,8 @@ impl AuditSink for RedisSink {
             match store.issue_recorded(&writes, &batch).await {
                 Ok((BatchOutcome::Written, _)) => {
                     *cached = Some(next);
+                    drop(cached);
+                    self.trim().await;
                     return Ok(());
                 }
                 Ok((BatchOutcome::Stale { seq, hash }, twice)) => {

@@ -47,6 +47,7 @@ impl From<BrokerError> for Status {
                 tracing::warn!(%detail, "audit trail unavailable");
                 Status::unavailable("audit trail unavailable; nothing was issued, retry later")
             }
+            BrokerError::AuditBroken(_) => Status::unavailable(msg),
             BrokerError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 Status::internal("internal error; the broker log has details")
