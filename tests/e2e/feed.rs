@@ -204,3 +204,57 @@ async fn introspection_answers_only_for_live_tokens_of_the_callers_audiences() {
     let (status, _, body) = introspect(&broker, Some(&files), "").await;
     assert_eq!((status, body), (200, inactive));
 }
+
+/// A token signed with the broker's own key (as a stolen key or a bug
+/// would sign it) whose audience, scopes, expiry or binding differ from
+/// its lease's is inactive: introspection answers from the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn introspection_compares_the_token_with_its_lease() {
+    use jsonwebtoken::{EncodingKey, Header};
+    let broker = TestBroker::start_with(|c| {
+        c.introspection = vec![mayfly_broker::config::IntrospectionConfig {
+            clients: vec!["spiffe://example.org/api/files".parse().unwrap()],
+            audiences: vec!["https://*".into()],
+        }];
+    })
+    .await;
+    let agent = broker.agent().await;
+    let files = identity(&broker, "spiffe://example.org/api/files");
+    let task = start(&agent).await;
+    let t = issue(&agent, &task.task_id).await;
+    let claims: Value = claims_unverified(&t.token);
+    let header = jsonwebtoken::decode_header(&t.token).unwrap();
+    let pem = std::fs::read(broker.config.data_dir.join("jwt-es256.key")).unwrap();
+    let resign = |c: &Value| {
+        let mut h = Header::new(jsonwebtoken::Algorithm::ES256);
+        h.typ = header.typ.clone();
+        h.kid = header.kid.clone();
+        jsonwebtoken::encode(&h, c, &EncodingKey::from_ec_pem(&pem).unwrap()).unwrap()
+    };
+    // Re-signed unchanged: active (the forgery itself is sound).
+    assert_eq!(
+        introspect(&broker, Some(&files), &resign(&claims)).await.2["active"],
+        true
+    );
+    let mut widened = claims.clone();
+    widened["scope"] = "read:files write:files".into();
+    let mut moved = claims.clone();
+    moved["aud"] = TOOLS.into();
+    let mut longer = claims.clone();
+    longer["exp"] = (claims["exp"].as_i64().unwrap() + 600).into();
+    let mut bound = claims.clone();
+    bound["cnf"] = serde_json::json!({"x5t#S256": "zf6AEiCtVfOn9YoojIS7WAaVlDf-HkzY6xajYQVszzY"});
+    for (what, c) in [
+        ("scope", widened),
+        ("aud", moved),
+        ("exp", longer),
+        ("cnf", bound),
+    ] {
+        let (status, _, body) = introspect(&broker, Some(&files), &resign(&c)).await;
+        assert_eq!(
+            (status, &body),
+            (200, &serde_json::json!({"active": false})),
+            "{what}"
+        );
+    }
+}

@@ -9,6 +9,28 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `println!` and `print!` for this crate: a closed output pipe (`mayfly
+/// … | head -2`) ends the program quietly instead of panicking; any other
+/// write error is one line on stderr.
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            $crate::output::stdout_failed(&e);
+        }
+    }};
+}
+
+/// See [`println!`].
+macro_rules! print {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout().lock(), $($arg)*) {
+            $crate::output::stdout_failed(&e);
+        }
+    }};
+}
+
 mod agent;
 mod approval;
 mod audit;

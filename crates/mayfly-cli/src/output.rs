@@ -6,6 +6,16 @@ use std::time::{Duration, UNIX_EPOCH};
 use mayfly_client::pb;
 use serde_json::{Value, json};
 
+/// Ends the program after standard output failed: quietly (status 0) when
+/// the reader went away (a closed pipe), else with the error on stderr.
+pub fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: cannot write to standard output: {e}");
+    std::process::exit(1);
+}
+
 /// Formats a protobuf timestamp as RFC 3339 (UTC, seconds).
 pub fn time(ts: Option<&prost_types::Timestamp>) -> String {
     match ts {

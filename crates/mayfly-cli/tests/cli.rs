@@ -1108,3 +1108,55 @@ async fn an_operator_locks_an_agent_out_and_lets_it_back() {
         "{trail}"
     );
 }
+
+/// `mayfly task complete T | head -2` with the reader gone before the
+/// output comes: the command still does its work and ends quietly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_output_pipe_ends_the_cli_quietly() {
+    let broker = TestBroker::start().await;
+    let api = "https://api.example.com";
+    let task = json(mayfly(
+        &broker,
+        &[
+            "--json",
+            "task",
+            "start",
+            "--intent",
+            "x",
+            "--audience",
+            api,
+            "--scope",
+            "read:x",
+        ],
+    ))["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..3 {
+        ok(mayfly(
+            &broker,
+            &[
+                "token",
+                "issue",
+                "--task",
+                &task,
+                "--audience",
+                api,
+                "--scope",
+                "read:x",
+            ],
+        ));
+    }
+    let mut child = command(&broker, &["task", "complete", &task])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let got = json(mayfly(&broker, &["--json", "task", "get", &task]));
+    assert_eq!(got["state"], "completed");
+}

@@ -99,7 +99,8 @@ impl Fetcher {
 
 /// The key cache.
 pub(crate) struct Jwks {
-    fetcher: Fetcher,
+    /// `None` for a fixed set given at construction (offline).
+    fetcher: Option<Fetcher>,
     keys: std::sync::RwLock<HashMap<String, Key>>,
     /// When the last fetch started, for rate limiting.
     last_fetch: Mutex<Option<Instant>>,
@@ -109,30 +110,34 @@ pub(crate) struct Jwks {
 impl Jwks {
     pub(crate) fn new(fetcher: Fetcher, min_interval: Duration) -> Self {
         Self {
-            fetcher,
+            fetcher: Some(fetcher),
             keys: std::sync::RwLock::new(HashMap::new()),
             last_fetch: Mutex::new(None),
             min_interval,
         }
     }
 
-    /// The cached key `kid`.
-    pub(crate) fn get(&self, kid: &str) -> Option<Key> {
-        self.keys.read().ok()?.get(kid).cloned()
+    /// A fixed set of keys from a JWKS document, never refetched.
+    pub(crate) fn fixed(document: &[u8]) -> Result<Self, VerifyError> {
+        if document.len() > MAX_JWKS_BYTES {
+            return Err(VerifyError::JwksUnavailable(format!(
+                "JWKS is over {MAX_JWKS_BYTES} bytes"
+            )));
+        }
+        let set: JwkSet = serde_json::from_slice(document)
+            .map_err(|e| VerifyError::JwksUnavailable(format!("JWKS is not a JWK set: {e}")))?;
+        let jwks = Self {
+            fetcher: None,
+            keys: std::sync::RwLock::new(HashMap::new()),
+            last_fetch: Mutex::new(None),
+            min_interval: Duration::MAX,
+        };
+        jwks.load(&set);
+        Ok(jwks)
     }
 
-    /// Refetches, unless a fetch started within the minimum interval
-    /// (`force` skips that check, for the first load).
-    pub(crate) async fn refresh(&self, force: bool) -> Result<(), VerifyError> {
-        let mut last = self.last_fetch.lock().await;
-        if !force && last.is_some_and(|t| t.elapsed() < self.min_interval) {
-            return Ok(());
-        }
-        *last = Some(Instant::now());
-        let set = tokio::time::timeout(FETCH_TIMEOUT, self.fetcher.fetch())
-            .await
-            .map_err(|_| VerifyError::JwksUnavailable("fetch timed out".into()))?
-            .map_err(VerifyError::JwksUnavailable)?;
+    /// Replaces the cached keys with the usable ones of `set`.
+    fn load(&self, set: &JwkSet) {
         let mut keys = HashMap::new();
         for jwk in &set.keys {
             // Only signature keys of the allowed algorithms are kept.
@@ -151,6 +156,29 @@ impl Jwks {
         if let Ok(mut k) = self.keys.write() {
             *k = keys;
         }
+    }
+
+    /// The cached key `kid`.
+    pub(crate) fn get(&self, kid: &str) -> Option<Key> {
+        self.keys.read().ok()?.get(kid).cloned()
+    }
+
+    /// Refetches, unless a fetch started within the minimum interval
+    /// (`force` skips that check, for the first load).
+    pub(crate) async fn refresh(&self, force: bool) -> Result<(), VerifyError> {
+        let mut last = self.last_fetch.lock().await;
+        if !force && last.is_some_and(|t| t.elapsed() < self.min_interval) {
+            return Ok(());
+        }
+        *last = Some(Instant::now());
+        let Some(fetcher) = &self.fetcher else {
+            return Ok(());
+        };
+        let set = tokio::time::timeout(FETCH_TIMEOUT, fetcher.fetch())
+            .await
+            .map_err(|_| VerifyError::JwksUnavailable("fetch timed out".into()))?
+            .map_err(VerifyError::JwksUnavailable)?;
+        self.load(&set);
         Ok(())
     }
 }

@@ -156,6 +156,22 @@ impl Verifier {
         })
     }
 
+    /// A verifier for a fixed JWKS document (`jwks`, as the broker serves
+    /// it), offline: no fetching, no revocation feed (revoked tokens are
+    /// accepted until they expire). For tools and tests; services should
+    /// [`connect`](Self::connect) with a feed.
+    pub fn offline(mut config: VerifierConfig, jwks: &[u8]) -> Result<Self, VerifyError> {
+        config.leeway = config.leeway.min(MAX_LEEWAY);
+        config.feed = None;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                jwks: Jwks::fixed(jwks)?,
+                config,
+                revoked: None,
+            }),
+        })
+    }
+
     /// Waits until the revocation feed has replayed what it holds (or
     /// `timeout` passes); returns whether it has. True without a feed.
     pub async fn wait_for_feed(&self, timeout: std::time::Duration) -> bool {

@@ -556,11 +556,21 @@ impl Service {
             return Ok(None);
         };
         let lease = self.store.get_lease(&jti).await?;
+        // The lease, not the token, says what was issued: a token whose
+        // audience, scopes, expiry or binding differ from its lease's is
+        // not one this broker handed out as it reads.
+        let scope = claims.scope.as_deref().unwrap_or("");
         let active = lease.is_some_and(|l| {
             l.kind == LeaseKind::Jwt
                 && l.is_active_at(now)
                 && l.task_id.as_str() == claims.task_id
                 && l.agent.as_str() == claims.client_id
+                && l.audience
+                    .as_ref()
+                    .is_some_and(|a| a.as_str() == claims.aud)
+                && scope_string(&l.scopes) == scope
+                && l.expires_at.as_secs() == claims.exp
+                && l.cert_thumbprint.as_deref() == claims.cnf.as_ref().map(|c| c.x5t_s256.as_str())
         });
         if !active {
             return Ok(None);
