@@ -291,6 +291,9 @@ fn trail_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
 
 fn verify_file(path: &Path, anchor: Option<&str>, partial: bool, json: bool) -> anyhow::Result<()> {
     let what = path.display().to_string();
+    // A directory's segments are named where the chain breaks; a single
+    // file is named once.
+    let in_dir = path.is_dir();
     let mut check: Option<ChainCheck> = None;
     let mut anchored = None;
     let mut broken = None;
@@ -309,7 +312,10 @@ fn verify_file(path: &Path, anchor: Option<&str>, partial: bool, json: bool) -> 
                     }
                     _ => "",
                 };
-                broken = Some(format!("{name}: {e}{hint}"));
+                broken = Some(match in_dir {
+                    true => format!("{name}: {e}{hint}"),
+                    false => format!("{e}{hint}"),
+                });
                 break 'files;
             }
             if anchor.is_some_and(|a| line_hash(line) == a) {

@@ -163,7 +163,17 @@ fn describe(e: &anyhow::Error) -> String {
         }
         return format!("{words}: {}", status.message());
     }
-    format!("{e:#}")
+    // The error and its causes, each once: many errors already quote their
+    // source in their own message.
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !out.contains(&cause) {
+            out.push_str(": ");
+            out.push_str(&cause);
+        }
+    }
+    out
 }
 
 #[tokio::main]
@@ -195,5 +205,33 @@ async fn main() -> ExitCode {
             eprintln!("error: {}", describe(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("trail broken at line 3")]
+    struct Inner;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("{0}")]
+        Quoting(#[source] Inner),
+        #[error("starting")]
+        Naming(#[source] Inner),
+    }
+
+    #[test]
+    fn each_cause_is_told_once() {
+        let quoting = anyhow::Error::new(Outer::Quoting(Inner));
+        assert_eq!(describe(&quoting), "trail broken at line 3");
+        let naming = anyhow::Error::new(Outer::Naming(Inner)).context("mayfly serve");
+        assert_eq!(
+            describe(&naming),
+            "mayfly serve: starting: trail broken at line 3"
+        );
     }
 }

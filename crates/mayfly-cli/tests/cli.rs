@@ -885,7 +885,9 @@ async fn audit_trace_tail_and_verify() {
     ] {
         let out = check(name, lines);
         assert_eq!(out.status.code(), Some(1), "{name}");
-        assert!(stderr(&out).contains(says), "{name}: {}", stderr(&out));
+        let path = dir.path().join(name);
+        let want = format!("error: {}: chain broken at {says}", path.display());
+        assert!(stderr(&out).starts_with(&want), "{name}: {}", stderr(&out));
     }
 
     // A trail cut short still chains; the anchor catches it.

@@ -5,7 +5,9 @@
 //! The trail is kept honest against what happens to files under a broker:
 //! - at start, the trail must continue the head the broker last wrote
 //!   (kept in `<trail>.head`, see `head.rs`); a trail that was replaced,
-//!   truncated or rewritten stops the broker with an error naming the file;
+//!   truncated or rewritten stops the broker with an error naming the file,
+//!   and so does an active file whose own chain is broken (a record edited
+//!   in place: its last line, which the head names, may be untouched);
 //! - before every batch, the file at the trail's path must still be the one
 //!   the broker writes (same device and inode) with exactly the bytes it
 //!   wrote; otherwise every later batch fails, so nothing is issued, until
@@ -185,6 +187,7 @@ impl FileSink {
             _ => active_head,
         };
         let first_seq = active_first.unwrap_or(head.seq + 1);
+        check_chain(path, rotated.last().map(|(_, p)| p.as_path()))?;
         if let Some(stored) = &stored {
             let all = segments::all(&layout, first_seq)?;
             check_continues(&what, head_file.path(), stored, &head, &all)?;
@@ -216,6 +219,35 @@ impl FileSink {
             .head
             .clone()
     }
+}
+
+/// Refuses an active file whose chain is broken: every record must link to
+/// the one before it, the first to the previous segment's last record (or
+/// to genesis when it is seq 1; a trail whose earlier segments were
+/// retired starts where it starts). Bounded by
+/// the rotation size: only the active file is read.
+fn check_chain(path: &Path, previous: Option<&Path>) -> Result<(), AuditError> {
+    use std::io::BufRead;
+    let what = path.display().to_string();
+    let mut check = match previous {
+        Some(p) => match last_head(p)? {
+            Some(h) => super::ChainCheck::from_head(h),
+            None => super::ChainCheck::from_first_record(),
+        },
+        None => super::ChainCheck::from_first_record(),
+    };
+    let file = File::open(path).map_err(|e| failed(&what, e))?;
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| failed(&what, e))?;
+        if let Err(e) = check.line(&line, i as u64 + 1) {
+            return Err(AuditError::Failed(format!(
+                "audit trail {what} is broken at {e}. Nothing is issued until this is settled: \
+                 restore the trail (mayfly audit verify checks it), or, to start a new chain \
+                 deliberately, move the trail, its segments and its .head file aside"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a trail that does not continue `stored`, the head the broker
@@ -631,6 +663,23 @@ mod tests {
         let sink = FileSink::open_with(&path, small()).unwrap();
         sink.append(&[rec(60)]).await.unwrap();
         assert_eq!(whole_trail(&path).1.records, 61);
+
+        // The active file must link on from the segment before it: a
+        // broker does not start on a segment whose last record was edited.
+        let mut i = 61;
+        while std::fs::metadata(&path).unwrap().len() == 0 {
+            sink.append(&[rec(i)]).await.unwrap();
+            i += 1;
+        }
+        drop(sink);
+        let files = segment_files(&path).unwrap();
+        let previous = &files[files.len() - 2];
+        let kept = std::fs::read_to_string(previous).unwrap();
+        std::fs::write(previous, kept.replace("\"reason\":\"r", "\"reason\":\"R")).unwrap();
+        let e = FileSink::open_with(&path, small()).unwrap_err().to_string();
+        assert!(e.contains("audit.jsonl is broken at line 1"), "{e}");
+        std::fs::write(previous, kept).unwrap();
+        assert!(FileSink::open_with(&path, small()).is_ok());
     }
 
     #[tokio::test]
@@ -698,6 +747,16 @@ mod tests {
         std::fs::write(&path, &forged).unwrap();
         let e = FileSink::open(&path).unwrap_err().to_string();
         assert!(e.contains("with another record"), "{e}");
+        // A record before the last edited in place (the head still
+        // matches the last line): refused, naming the file and the line.
+        let edited = full.replacen("r1", "r7", 1);
+        assert_ne!(edited, full);
+        std::fs::write(&path, &edited).unwrap();
+        let e = FileSink::open(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("audit.jsonl is broken at line 3 (seq 3): prev does not match"),
+            "{e}"
+        );
         // Gone: refused as missing.
         std::fs::remove_file(&path).unwrap();
         let e = FileSink::open(&path).unwrap_err().to_string();
