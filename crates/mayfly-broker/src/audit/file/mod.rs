@@ -187,11 +187,11 @@ impl FileSink {
             _ => active_head,
         };
         let first_seq = active_first.unwrap_or(head.seq + 1);
-        check_chain(path, rotated.last().map(|(_, p)| p.as_path()))?;
         if let Some(stored) = &stored {
             let all = segments::all(&layout, first_seq)?;
             check_continues(&what, head_file.path(), stored, &head, &all)?;
         }
+        check_chain(path, rotated.last().map(|(_, p)| p.as_path()))?;
         head_file.write(&head).map_err(AuditError::Failed)?;
         let meta = file.metadata().map_err(|e| failed(&what, e))?;
         let started = active_first.and_then(|_| meta.modified().ok());
