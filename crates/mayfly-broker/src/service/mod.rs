@@ -3,7 +3,10 @@
 //! each step atomic. The gRPC services are thin wrappers over [`Service`].
 //!
 //! - `tasks.rs`: start, complete, context changes and re-evaluation.
-//! - `credentials.rs`: tokens, certificates, introspection.
+//! - `pipeline.rs`: the one path every credential takes (decide, approve,
+//!   mint, record, decide again).
+//! - `credentials.rs`: the credential kinds (tokens, certificates), and
+//!   introspection.
 //! - `approvals.rs`: pending approvals, operator decisions, waiting.
 //! - `admin.rs`: listing and revocation for operators.
 //! - `task_cache.rs`: recent task reads, so an issue is one store call.
@@ -11,6 +14,7 @@
 mod admin;
 mod approvals;
 mod credentials;
+mod pipeline;
 mod task_cache;
 mod tasks;
 
@@ -20,8 +24,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mayfly_core::{
-    Approval, ApprovalId, Audience, Decision, Envelope, Intent, Lease, Pattern, Policy, Scopes,
-    SpiffeId, SpiffeIdPattern, Task, TaskContext, TaskId, TaskRecord, TaskState, Timestamp,
+    Approval, ApprovalId, Audience, Decision, Envelope, Intent, Lease, LeaseId, Pattern, Policy,
+    RevocationReason, Scopes, SpiffeId, SpiffeIdPattern, Task, TaskContext, TaskId, TaskRecord,
+    TaskState, Timestamp,
 };
 use tokio::sync::Notify;
 
@@ -30,7 +35,7 @@ use crate::error::BrokerError;
 use crate::identity::Caller;
 use crate::issuer::{AccessToken, CsrKey, IssuingCa, JwtSigner};
 use crate::ratelimit::RateLimiter;
-use crate::store::LeaseStore;
+use crate::store::{LeaseStore, RevokeRequest};
 
 pub use mayfly_core::limits::{MAX_NOTE_BYTES, MAX_TTL as ABSURD_TTL};
 
@@ -236,6 +241,15 @@ fn expiry(
     Ok(expires_at)
 }
 
+/// What a store write made, to undo it when its audit record fails.
+#[derive(Debug, Clone, Copy)]
+enum Written<'a> {
+    /// A credential's lease.
+    Lease(&'a LeaseId),
+    /// A new task (and its lease).
+    Task(&'a TaskId),
+}
+
 /// The broker's request handling: what it needs, given at start.
 #[derive(Debug)]
 pub struct Service {
@@ -339,6 +353,39 @@ impl Service {
     /// the request.
     async fn audit(&self, record: AuditRecord) -> Result<(), BrokerError> {
         Ok(self.audit.record(record).await?)
+    }
+
+    /// Records a decision whose store write is already made (a
+    /// credential's lease, a new task); if the trail cannot take it, the
+    /// write is undone (the lease revoked, the task ended) and the request
+    /// fails, so nothing unrecorded is handed out.
+    async fn audit_or_undo(
+        &self,
+        written: Written<'_>,
+        record: AuditRecord,
+    ) -> Result<(), BrokerError> {
+        let Err(e) = self.audit(record).await else {
+            return Ok(());
+        };
+        let reason = match written {
+            Written::Lease(_) => RevocationReason::Operator,
+            Written::Task(_) => RevocationReason::TaskRevoked,
+        };
+        let req = RevokeRequest {
+            reason,
+            child_reason: reason,
+            by: self.broker_id.clone(),
+            note: Some("audit trail unavailable".into()),
+            at: Timestamp::now(),
+        };
+        let undone = match written {
+            Written::Lease(id) => self.store.revoke_lease(id, &req).await.map(drop),
+            Written::Task(id) => self.store.end_task(id, &req).await.map(drop),
+        };
+        if let Err(undo) = undone {
+            tracing::error!(?written, error = %undo, "unrecorded write not undone");
+        }
+        Err(e)
     }
 
     /// Records a decision that stands whether or not it is recorded (a

@@ -9,7 +9,7 @@ use mayfly_core::{
     StartTaskRequest, Task, TaskId, TaskRecord, TaskState, Timestamp,
 };
 
-use super::{NewDelegation, NewTask, Service, asked};
+use super::{NewDelegation, NewTask, Service, Written, asked};
 use crate::audit::{AuditRecord, Event};
 use crate::error::BrokerError;
 use crate::identity::Caller;
@@ -19,25 +19,6 @@ use crate::store::{LeaseFilter, PageRequest, RevokeRequest, StoreError, TaskFilt
 const PAGE: usize = 500;
 
 impl Service {
-    /// Records a task just created; if that fails, the task is ended again
-    /// and the request fails (nothing unrecorded is handed out).
-    async fn record_new_task(&self, task: &Task, record: AuditRecord) -> Result<(), BrokerError> {
-        if let Err(e) = self.audit(record).await {
-            let req = RevokeRequest {
-                reason: RevocationReason::TaskRevoked,
-                child_reason: RevocationReason::TaskRevoked,
-                by: self.broker_id.clone(),
-                note: Some("audit trail unavailable".into()),
-                at: Timestamp::now(),
-            };
-            if let Err(end) = self.store.end_task(&task.id, &req).await {
-                tracing::error!(task_id = %task.id, error = %end, "unrecorded task not ended");
-            }
-            return Err(e);
-        }
-        Ok(())
-    }
-
     /// Opens a task for `caller`.
     pub async fn start_task(
         &self,
@@ -91,8 +72,8 @@ impl Service {
                 other => other,
             });
         }
-        self.record_new_task(
-            &task,
+        self.audit_or_undo(
+            Written::Task(&task.id),
             AuditRecord::new(Event::TaskStarted, &caller.id)
                 .task(&task)
                 .envelope(&task.envelope)
@@ -219,7 +200,7 @@ impl Service {
             .decided("permit", Some(&permit.policy_id))
             .expires(task.expires_at);
         record.delegate = Some(task.agent.to_string());
-        self.record_new_task(&task, record).await?;
+        self.audit_or_undo(Written::Task(&task.id), record).await?;
         tracing::info!(
             target: "mayfly::decision",
             event = "task_delegated",

@@ -1,0 +1,442 @@
+//! The one path every credential takes. A credential kind ([`Kind`])
+//! says what differs: the request an approval is bound to, the decision
+//! policy makes, how the credential is minted, and what its lease and audit
+//! record hold. Everything else is written here once, as a small state
+//! machine over one attempt ([`Service::attempt`]):
+//!
+//! ```text
+//!   Read (cached | fresh) ─► Check ─► Decide ─► Gate ─► Mint ─► Record ─► issued
+//!        ▲                      │        │        │                 │
+//!        └──────── fresh ───────┴────────┘        └─► pending       │
+//!        └──────── fresh (the task changed, attempts left) ─────────┘
+//! ```
+//!
+//! - **Read**: the task, from the cache while nothing but a plain permit
+//!   depends on it (the store checks the task again when it records);
+//!   fresh for anything else.
+//! - **Check / Decide**: a refusal on a cached task is made again on a
+//!   fresh read (its context may have changed to allow it), and so is a
+//!   permit that needs an approval (the task may have ended).
+//! - **Gate**: an approval given is consumed for exactly this request; one
+//!   needed and not given is opened, and the caller told to wait. Once one
+//!   is consumed, a decision made again is not gated again; until then it
+//!   is (it may newly need an approval).
+//! - **Record**: the lease and its audit record, together (one step when
+//!   the trail lives in the store, else the lease and then the record,
+//!   undoing the lease if the record fails). A task whose context changed
+//!   since the decision sends the attempt back to a fresh read, up to
+//!   [`ATTEMPTS`] decisions in all.
+
+use std::time::Duration;
+
+use mayfly_core::{
+    Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Decision, Lease, LeaseId,
+    LeaseKind, LeaseStatus, Policy, SpiffeId, Task, TaskId, Timestamp,
+};
+
+use super::{Issued, Permit, Service, Written, asked, expiry};
+use crate::audit::{AuditRecord, Event, RecordError};
+use crate::error::BrokerError;
+use crate::identity::Caller;
+use crate::store::StoreError;
+
+/// How many times a credential is decided, at most, when the task's
+/// context keeps changing while it is issued (the first decision and two
+/// more).
+pub(super) const ATTEMPTS: usize = 3;
+
+/// What a credential kind supplies to the pipeline.
+pub(super) trait Kind {
+    /// What the caller gets.
+    type Issued;
+    /// The lease kind recorded.
+    const LEASE: LeaseKind;
+    /// The audit event of an issued credential.
+    const ISSUED: Event;
+    /// The audit event of a refused one.
+    const DENIED: Event;
+
+    /// The request an approval is bound to.
+    fn approval_request(&self) -> ApprovalRequest;
+    /// The lifetime asked for, as sent (0 = default), and the broker's
+    /// default and maximum for the kind.
+    fn ttl(&self, svc: &Service) -> (u64, Duration, Duration);
+    /// A refusal that needs no policy (the task's envelope), if any.
+    fn check(&self, _task: &Task) -> Option<BrokerError> {
+        None
+    }
+    /// Policy's decision on this request, asked as `at` says.
+    fn decide(&self, policy: &dyn Policy, at: &Asked<'_>) -> Decision;
+    /// The kind's part of the lease (audience, scopes, binding), on a
+    /// lease whose common fields are filled in.
+    fn lease(&self, caller: &Caller, lease: Lease) -> Lease;
+    /// The kind's part of its audit records, issued or refused.
+    fn describe(&self, record: AuditRecord, lease: Option<&Lease>) -> AuditRecord;
+    /// Makes the credential for `lease` (which it may complete, with a
+    /// serial), under `task`.
+    fn mint(&self, svc: &Service, task: &Task, lease: Lease) -> Result<Self::Issued, BrokerError>;
+    /// The lease of what was minted, as it is to be recorded.
+    fn lease_of(issued: &Self::Issued) -> &Lease;
+    /// What was issued, in a few words for the log (never the credential).
+    fn summary(&self, lease: &Lease) -> String;
+}
+
+/// Who asks under which task, for how long, and when: what every
+/// credential decision takes besides the kind's own request.
+pub(super) struct Asked<'a> {
+    /// The caller.
+    pub agent: &'a SpiffeId,
+    /// The task, as read for this attempt.
+    pub task: &'a Task,
+    /// The lifetime asked for, within the broker's limits.
+    pub ttl: Duration,
+    /// When the decision is made.
+    pub now: Timestamp,
+}
+
+/// Where the task is read from on the next attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// The cache, while it holds the task active.
+    Cached,
+    /// The store.
+    Fresh,
+}
+
+/// What carries over from one attempt to the next.
+struct Progress {
+    read: Read,
+    /// The approval consumed for this request, once it is: until then,
+    /// every decision passes the gate (one made again may newly need an
+    /// approval).
+    approval: Option<ApprovalId>,
+    /// Decisions acted on so far.
+    decisions: usize,
+}
+
+/// How an attempt ended, short of an error.
+enum Next<T> {
+    /// Issued, or waiting for an approval.
+    Done(Issued<T>),
+    /// Decide again on a fresh read of the task.
+    Again,
+}
+
+/// What the approval step decided.
+enum Gate {
+    /// Go on; the credential records the approval it used, if any.
+    Proceed(Option<ApprovalId>),
+    /// Stop: an approval is now pending.
+    Pending(Box<Approval>),
+}
+
+/// Why a credential was not recorded.
+enum NotRecorded {
+    /// The store refused its lease, or could not be reached.
+    Store(StoreError),
+    /// Anything else, as the caller's answer.
+    Broker(BrokerError),
+}
+
+impl Service {
+    /// Issues one credential of kind `K` under the caller's task `task_id`,
+    /// or opens the approval policy requires; `approval_id` collects an
+    /// approved request.
+    pub(super) async fn issue<K: Kind>(
+        &self,
+        caller: &Caller,
+        kind: &K,
+        task_id: &TaskId,
+        approval_id: Option<&ApprovalId>,
+    ) -> Result<Issued<K::Issued>, BrokerError> {
+        let run = async {
+            self.rate_limit(caller)?;
+            let (ttl_seconds, default, max) = kind.ttl(self);
+            let ttl = asked(
+                super::requested_ttl("ttl_seconds", ttl_seconds)?,
+                default,
+                max,
+            );
+            let mut progress = Progress {
+                // An approval is consumed only on a fresh read.
+                read: match approval_id {
+                    None => Read::Cached,
+                    Some(_) => Read::Fresh,
+                },
+                approval: None,
+                decisions: 0,
+            };
+            loop {
+                match self
+                    .attempt(caller, kind, task_id, approval_id, ttl, &mut progress)
+                    .await?
+                {
+                    Next::Done(issued) => return Ok(issued),
+                    Next::Again => progress.read = Read::Fresh,
+                }
+            }
+        };
+        let issued = run.await;
+        self.explain_lock(&caller.id, issued).await
+    }
+
+    /// One pass from reading the task to recording the credential.
+    async fn attempt<K: Kind>(
+        &self,
+        caller: &Caller,
+        kind: &K,
+        task_id: &TaskId,
+        approval_id: Option<&ApprovalId>,
+        ttl: Duration,
+        progress: &mut Progress,
+    ) -> Result<Next<K::Issued>, BrokerError> {
+        // Read.
+        let now = Timestamp::now();
+        let cached = progress.read == Read::Cached;
+        let (record, from_cache) = self.credential_task(caller, task_id, now, cached).await?;
+        let task = &record.task;
+        let denied = || kind.describe(AuditRecord::new(K::DENIED, &caller.id).task(task), None);
+
+        // Check: the envelope never changes, but a cached task may have
+        // ended since.
+        if let Some(e) = kind.check(task) {
+            if from_cache {
+                return Ok(Next::Again);
+            }
+            return Err(self.record_denial(e, denied()).await);
+        }
+
+        // Decide.
+        let asked = Asked {
+            agent: &caller.id,
+            task,
+            ttl,
+            now,
+        };
+        let decision = kind.decide(self.policy.as_ref(), &asked);
+        if from_cache && needs_fresh_task(&decision) {
+            return Ok(Next::Again);
+        }
+        let permit = self.permit_or_record(decision, denied).await?;
+
+        // Gate.
+        if progress.approval.is_none() {
+            let request = kind.approval_request();
+            match self
+                .approval_gate(caller, task, &permit, request, approval_id, now)
+                .await?
+            {
+                Gate::Pending(a) => return Ok(Next::Done(Issued::Pending(a))),
+                Gate::Proceed(a) => progress.approval = a,
+            }
+        }
+
+        // Mint.
+        let issued_at = now.floor_secs();
+        let lease = kind.lease(
+            caller,
+            Lease {
+                id: LeaseId::generate(),
+                kind: K::LEASE,
+                agent: caller.id.clone(),
+                task_id: task.id.clone(),
+                audience: None,
+                scopes: Default::default(),
+                issued_at,
+                expires_at: expiry(now, ttl, permit.max_ttl, task)?,
+                status: LeaseStatus::Active,
+                cert_thumbprint: None,
+                serial: None,
+                task_revision: task.revision,
+                approval: progress.approval.clone(),
+            },
+        );
+        let issued = kind.mint(self, task, lease)?;
+
+        // Record: the credential leaves only once its lease and its record
+        // are durable, under a task still active and unchanged then.
+        let lease = K::lease_of(&issued);
+        let mut record = AuditRecord::new(K::ISSUED, &caller.id)
+            .task(task)
+            .lease(&lease.id)
+            .decided("permit", Some(&permit.policy_id))
+            .expires(lease.expires_at);
+        record.approval_id = lease.approval.as_ref().map(ToString::to_string);
+        let record = kind.describe(record, Some(lease));
+        progress.decisions += 1;
+        match self.record_issued(lease, now, record).await {
+            Ok(()) => {
+                // One per credential: debug, like expiry; the audit trail
+                // has every one.
+                tracing::debug!(
+                    target: "mayfly::decision",
+                    event = K::ISSUED.as_str(),
+                    agent = %caller.id,
+                    task_id = %lease.task_id,
+                    lease_id = %lease.id,
+                    credential = %kind.summary(lease),
+                    policy = %permit.policy_id,
+                    approval = lease.approval.as_ref().map(|a| a.to_string()).unwrap_or_default(),
+                    expires_at = lease.expires_at.as_secs(),
+                );
+                Ok(Next::Done(Issued::Credential(issued)))
+            }
+            Err(e) => match self.decide_again(e, &task.id, progress.decisions) {
+                Ok(()) => Ok(Next::Again),
+                Err(locked @ BrokerError::AgentLocked(_)) => {
+                    Err(self.record_denial(locked, denied()).await)
+                }
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    /// Records `lease` (decided at `now`) and its audit `record`: in one
+    /// atomic step when the trail lives in the store, else the lease and
+    /// then the record (revoking the lease if the record fails). Either
+    /// way the credential may leave only once this returns `Ok`.
+    async fn record_issued(
+        &self,
+        lease: &Lease,
+        now: Timestamp,
+        record: AuditRecord,
+    ) -> Result<(), NotRecorded> {
+        if self.audit.records_leases() {
+            return match self
+                .audit
+                .record_with_lease(record, lease.clone(), now)
+                .await
+            {
+                Ok(()) => Ok(()),
+                Err(RecordError::Lease(e)) => Err(NotRecorded::Store(e)),
+                Err(RecordError::Audit(e)) => Err(NotRecorded::Broker(e.into())),
+            };
+        }
+        self.store
+            .issue(lease, now)
+            .await
+            .map_err(NotRecorded::Store)?;
+        self.audit_or_undo(Written::Lease(&lease.id), record)
+            .await
+            .map_err(NotRecorded::Broker)
+    }
+
+    /// After a credential was not recorded: `Ok` to decide again (the
+    /// task's context changed and fewer than [`ATTEMPTS`] decisions were
+    /// made), else the answer for the caller.
+    fn decide_again(
+        &self,
+        e: NotRecorded,
+        task: &TaskId,
+        decisions: usize,
+    ) -> Result<(), BrokerError> {
+        match e {
+            NotRecorded::Store(e) => {
+                self.tasks.forget(task);
+                match e {
+                    StoreError::TaskChanged if decisions < ATTEMPTS => Ok(()),
+                    e => Err(BrokerError::from_store(e, task)),
+                }
+            }
+            NotRecorded::Broker(e) => Err(e),
+        }
+    }
+
+    /// The error for presenting an approval an operator refused, with who
+    /// refused it and why.
+    async fn denied_approval(&self, id: &ApprovalId) -> BrokerError {
+        match self.store.get_approval(id).await {
+            Ok(Some(Approval {
+                status: ApprovalStatus::Denied { by, reason, .. },
+                ..
+            })) => BrokerError::ApprovalDenied {
+                id: id.clone(),
+                by,
+                reason,
+            },
+            Ok(_) => BrokerError::ApprovalUnusable {
+                id: id.clone(),
+                state: ApprovalState::Denied,
+            },
+            Err(e) => BrokerError::from_approval(e, id),
+        }
+    }
+
+    /// Consumes `approval_id` for exactly `request`, or opens a pending
+    /// approval when the permit needs one and none was given.
+    async fn approval_gate(
+        &self,
+        caller: &Caller,
+        task: &Task,
+        permit: &Permit,
+        request: ApprovalRequest,
+        approval_id: Option<&ApprovalId>,
+        now: Timestamp,
+    ) -> Result<Gate, BrokerError> {
+        match approval_id {
+            Some(id) => {
+                match self
+                    .store
+                    .consume_approval(id, &caller.id, &task.id, &request, now)
+                    .await
+                {
+                    Ok(_) => Ok(Gate::Proceed(Some(id.clone()))),
+                    Err(StoreError::ApprovalState(ApprovalState::Denied)) => {
+                        Err(self.denied_approval(id).await)
+                    }
+                    Err(e) => Err(BrokerError::from_approval(e, id)),
+                }
+            }
+            None if permit.approval_required => {
+                self.refuse_locked(&caller.id, now).await?;
+                let approval = Approval {
+                    id: ApprovalId::generate(),
+                    agent: caller.id.clone(),
+                    task_id: task.id.clone(),
+                    request,
+                    policy_id: permit.policy_id.clone(),
+                    created_at: now,
+                    expires_at: now.plus(self.limits.approval_ttl),
+                    status: ApprovalStatus::Pending,
+                };
+                self.store.create_approval(&approval).await?;
+                let mut record = AuditRecord::new(Event::ApprovalRequested, &caller.id)
+                    .task(task)
+                    .decided("pending", Some(&permit.policy_id))
+                    .expires(approval.expires_at);
+                record.approval_id = Some(approval.id.to_string());
+                if let ApprovalRequest::Token {
+                    audience, scopes, ..
+                } = &approval.request
+                {
+                    record = record.credential(Some(audience.as_str()), scopes);
+                }
+                self.audit_anyway(record).await;
+                tracing::info!(
+                    target: "mayfly::decision",
+                    event = "approval_requested",
+                    agent = %caller.id,
+                    task_id = %task.id,
+                    approval_id = %approval.id,
+                    policy = %permit.policy_id,
+                );
+                Ok(Gate::Pending(Box::new(approval)))
+            }
+            None => Ok(Gate::Proceed(None)),
+        }
+    }
+}
+
+/// Whether `decision`, made on a cached task, must be made again on a
+/// fresh read before it is acted on: a refusal (the task's context may
+/// have changed to allow it) and an approval to open (the task may have
+/// ended) are answered on the task as the store has it now.
+fn needs_fresh_task(decision: &Decision) -> bool {
+    !matches!(
+        decision,
+        Decision::Permit {
+            approval_required: false,
+            ..
+        }
+    )
+}
