@@ -270,7 +270,7 @@ impl<'de> Deserialize<'de> for StoreKind {
 
 /// `[redis]`: where the shared store is. Give `url` (or `url_file`), or
 /// `sentinels` and `master_name`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://host:port/db` or `rediss://…` (TLS). Prefer `url_file` when
@@ -299,6 +299,33 @@ pub struct RedisConfig {
     /// handed out (Redis `WAIT`); 0 trusts the primary alone.
     #[serde(default)]
     pub replicas_to_ack: u32,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    /// The URL without its credentials: a config is logged and printed in
+    /// errors, its password never.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field(
+                "url",
+                &self.url.as_deref().map(crate::store::RedisTarget::redacted),
+            )
+            .field("url_file", &self.url_file)
+            .field(
+                "sentinels",
+                &self
+                    .sentinels
+                    .iter()
+                    .map(|u| crate::store::RedisTarget::redacted(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("master_name", &self.master_name)
+            .field("password_file", &self.password_file)
+            .field("ca", &self.ca)
+            .field("key_prefix", &self.key_prefix)
+            .field("replicas_to_ack", &self.replicas_to_ack)
+            .finish()
+    }
 }
 
 fn default_prefix() -> String {
@@ -818,6 +845,21 @@ mod tests {
         assert_eq!(c.tasks.max_ttl, Duration::from_secs(8 * 3600));
         assert_eq!(c.store, StoreKind::Embedded);
         assert_eq!(c.issuer(), "https://127.0.0.1:2");
+    }
+
+    #[test]
+    fn a_redis_password_never_shows_in_debug() {
+        let r = RedisConfig {
+            url: Some("redis://:hunter2@db:6379/0".into()),
+            sentinels: vec!["redis://u:hunter3@s1:26379".into()],
+            ..Default::default()
+        };
+        let shown = format!("{r:?}");
+        assert!(!shown.contains("hunter"), "{shown}");
+        assert!(
+            shown.contains("redis://db:6379/0") && shown.contains("s1:26379"),
+            "{shown}"
+        );
     }
 
     #[test]

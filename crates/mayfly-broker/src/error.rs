@@ -109,6 +109,9 @@ pub enum BrokerError {
     /// The caller may not introspect tokens.
     #[error("{0} may not introspect tokens (no [[introspection]] entry names it)")]
     NotIntrospector(SpiffeId),
+    /// The caller may not watch the revocation feed.
+    #[error("{0} may not watch the revocation feed (feed.watchers)")]
+    NotWatcher(SpiffeId),
     /// The broker is not set up for this request.
     #[error("{0}")]
     Unsupported(String),
@@ -171,6 +174,10 @@ pub enum BrokerError {
     /// broker; nothing is issued until an operator restores it.
     #[error("{0}")]
     AuditBroken(String),
+    /// The revocation feed could not be read from the store; the watcher
+    /// should reconnect with its cursor.
+    #[error("revocation feed unavailable: {0}")]
+    FeedUnavailable(String),
     /// A bug or corrupt data; details go to the log, not the caller.
     #[error("internal error: {0}")]
     Internal(String),
@@ -213,7 +220,17 @@ impl From<StoreError> for BrokerError {
             StoreError::AgentLocked => Self::AgentLocked(None),
             StoreError::TaskNotFound => Self::Internal("task vanished during the request".into()),
             StoreError::LeaseNotFound => Self::Internal("lease vanished during the request".into()),
-            other => Self::Internal(other.to_string()),
+            // Without the task or approval at hand (`from_store` and
+            // `from_approval` have them), these are the broker's own bugs:
+            // a request that can meet them maps them with context.
+            e @ (StoreError::TaskNotActive(_)
+            | StoreError::Duplicate(_)
+            | StoreError::OutlivesTask
+            | StoreError::TaskChanged
+            | StoreError::ApprovalNotFound
+            | StoreError::ApprovalState(_)
+            | StoreError::ApprovalMismatch
+            | StoreError::Corrupt(_)) => Self::Internal(e.to_string()),
         }
     }
 }

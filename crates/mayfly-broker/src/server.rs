@@ -353,7 +353,6 @@ fn require_peer(req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::St
     Ok(req)
 }
 
-/// Where the configured Redis is, reading secrets from their files.
 /// Opens the configured audit sink and starts its writer (on the current
 /// Tokio runtime). A Redis trail records credential leases in the same
 /// step as their records, through `redis_store` (the same Redis).
@@ -391,6 +390,7 @@ fn open_audit(
     Ok(AuditLog::start_counted(sink, Some(metrics.clone())))
 }
 
+/// Where the configured Redis is, reading secrets from their files.
 fn redis_target(r: &RedisConfig) -> Result<RedisTarget, StartError> {
     let read = |p: &std::path::Path| -> Result<String, StartError> {
         std::fs::read_to_string(p)

@@ -42,7 +42,7 @@ pub fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
     let peer = req
         .extensions()
         .get::<PeerInfo>()
-        .ok_or_else(|| Status::unauthenticated("connection has no verified TLS peer"))?;
+        .ok_or(BrokerError::Unauthenticated(AuthError::NoCertificate))?;
     match peer.identity.as_ref() {
         Ok(c) if Timestamp::now() >= c.not_after => {
             Err(BrokerError::Unauthenticated(AuthError::Expired).into())

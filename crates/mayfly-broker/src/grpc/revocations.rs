@@ -11,6 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{caller, lease_kind_to_proto, reason_to_proto, timestamp};
+use crate::error::BrokerError;
 use crate::feed::{BATCH, FeedHub};
 use crate::store::{RevocationEvent, StoreError};
 
@@ -103,9 +104,7 @@ async fn follow(hub: Arc<FeedHub>, from: u64, heartbeat: Duration, out: Out) {
                 Ok(None) => return,
                 Err(e) => {
                     let _ = out
-                        .send(Err(Status::unavailable(format!(
-                            "revocation feed unavailable: {e}"
-                        ))))
+                        .send(Err(BrokerError::FeedUnavailable(e.to_string()).into()))
                         .await;
                     return;
                 }
@@ -151,10 +150,7 @@ impl pb::revocations_server::Revocations for RevocationsApi {
     ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
         let who = caller(&request)?;
         if !self.watchers.iter().any(|p| p.matches(&who.id)) {
-            return Err(Status::permission_denied(format!(
-                "{} may not watch the revocation feed (feed.watchers)",
-                who.id
-            )));
+            return Err(BrokerError::NotWatcher(who.id).into());
         }
         let (tx, rx) = mpsc::channel(256);
         self.open.inc();

@@ -13,6 +13,7 @@ impl From<BrokerError> for Status {
             BrokerError::Unauthenticated(_) => Status::unauthenticated(msg),
             BrokerError::NotOperator(_)
             | BrokerError::NotIntrospector(_)
+            | BrokerError::NotWatcher(_)
             | BrokerError::Denied { .. }
             | BrokerError::OutsideEnvelope(_)
             | BrokerError::BeyondParent { .. }
@@ -47,7 +48,9 @@ impl From<BrokerError> for Status {
                 tracing::warn!(%detail, "audit trail unavailable");
                 Status::unavailable("audit trail unavailable; nothing was issued, retry later")
             }
-            BrokerError::AuditBroken(_) => Status::unavailable(msg),
+            BrokerError::AuditBroken(_) | BrokerError::FeedUnavailable(_) => {
+                Status::unavailable(msg)
+            }
             BrokerError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 Status::internal("internal error; the broker log has details")

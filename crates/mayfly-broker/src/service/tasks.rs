@@ -423,9 +423,12 @@ impl Service {
         }))
     }
 
+    /// Whether `lease` would still be issued under `task` as it is now.
     fn still_allowed(&self, task: &Task, lease: &Lease, now: Timestamp) -> bool {
         let ttl = now.until(lease.expires_at);
-        let decision = match (&lease.kind, &lease.audience) {
+        // Exhaustive: a kind added later must say how it is decided again,
+        // and a lease that does not hold what its kind needs is revoked.
+        let decision = match (lease.kind, &lease.audience) {
             (LeaseKind::Jwt, Some(audience)) => {
                 self.policy.decide_issue_token(&IssueTokenRequest {
                     agent: &lease.agent,
@@ -444,7 +447,10 @@ impl Service {
                     ttl,
                     now,
                 }),
-            _ => return true,
+            (LeaseKind::Jwt, None) => return false,
+            // A task is decided again by `reevaluate` itself, not as one
+            // of its own credentials.
+            (LeaseKind::Task, _) => return true,
         };
         match decision {
             Decision::Permit {
