@@ -32,6 +32,13 @@ pub mod v1 {
     }
 }
 
+pub use prost_types::Timestamp;
+
+/// The encoded `FileDescriptorSet` of the API and what it imports, for
+/// gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/mayfly_descriptor.bin"));
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -49,10 +56,3 @@ mod tests {
         );
     }
 }
-
-pub use prost_types::Timestamp;
-
-/// The encoded `FileDescriptorSet` of the API and what it imports, for
-/// gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/mayfly_descriptor.bin"));
