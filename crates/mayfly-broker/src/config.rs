@@ -358,15 +358,8 @@ pub struct Tls {
     pub trust_bundle: PathBuf,
 }
 
-/// JWT signing algorithm.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-pub enum Algorithm {
-    /// ECDSA P-256 with SHA-256: the widest validator support.
-    #[default]
-    ES256,
-    /// Ed25519.
-    EdDSA,
-}
+/// JWT signing algorithm (`tokens.algorithm`).
+pub use crate::issuer::Algorithm;
 
 /// Token lifetimes.
 #[derive(Debug, Clone, Deserialize)]

@@ -43,10 +43,17 @@ use tokio_rustls::TlsAcceptor;
 use tonic::codegen::http::{Request, Response};
 
 use crate::config::Connections as Limits;
-use crate::grpc::PeerInfo;
 use crate::identity::Authenticator;
 use crate::metrics::Metrics;
 use crate::stop::stopped;
+
+/// What the accept loop learned about a connection; each port's service
+/// gets it (in every request's extensions, on both ports).
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// The authenticated caller, or why the peer is not one.
+    pub identity: Arc<Result<crate::identity::Caller, crate::identity::AuthError>>,
+}
 
 /// How long a connection closing at shutdown may take to finish what it
 /// has in flight before it is dropped.
@@ -458,7 +465,6 @@ impl Conn {
         };
         let peer = PeerInfo {
             identity: Arc::new(identity),
-            remote,
         };
         let activity = Activity::new();
         let svc = Tracked {

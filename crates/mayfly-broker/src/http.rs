@@ -15,9 +15,9 @@ use axum::extract::rejection::FormRejection;
 use axum::{Extension, Form};
 use mayfly_core::Timestamp;
 
+use crate::connections::PeerInfo;
 use crate::crl::CrlPublisher;
 use crate::error::BrokerError;
-use crate::grpc::PeerInfo;
 use crate::service::Service;
 
 /// How long a readiness probe waits for the store.

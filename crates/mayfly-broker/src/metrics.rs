@@ -39,8 +39,6 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tonic::codegen::http;
 
-use crate::audit::{AuditRecord, Event};
-
 /// Labels by audit event.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabel {
@@ -208,20 +206,10 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a decision and the leases it ended.
-    pub fn decision(&self, r: &AuditRecord) {
-        let ended = match r.event {
-            Event::LeaseExpired => 1,
-            _ => r.revoked.len() as u64,
-        };
-        self.decided(r.event, ended);
-    }
-
-    /// Counts a decision of `event` that ended `ended` leases.
-    pub fn decided(&self, event: Event, ended: u64) {
-        let label = EventLabel {
-            event: event.as_str(),
-        };
+    /// Counts a decision (named as its audit event) that ended `ended`
+    /// leases.
+    pub fn decided(&self, event: &'static str, ended: u64) {
+        let label = EventLabel { event };
         self.decisions.get_or_create(&label).inc();
         if ended > 0 {
             self.leases_ended.get_or_create(&label).inc_by(ended);

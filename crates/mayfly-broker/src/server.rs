@@ -22,11 +22,12 @@ use tower::ServiceBuilder;
 
 use crate::audit::{AuditLog, AuditSink, FileSink, RedisSink, StdoutSink};
 use crate::config::{Algorithm, AuditSinkKind, Config, ConfigError, RedisConfig, StoreKind};
+use crate::connections::PeerInfo;
 use crate::connections::{self, Gate, Port};
 use crate::crl::CrlPublisher;
 use crate::feed::FeedHub;
 use crate::fsutil::create_private_dir;
-use crate::grpc::{AdminApi, BrokerApi, GrpcEdgeLayer, PeerInfo, RevocationsApi};
+use crate::grpc::{AdminApi, BrokerApi, GrpcEdgeLayer, RevocationsApi};
 use crate::identity::Authenticator;
 use crate::issuer::{IssuingCa, JwtSigner, KeyError, SigningKey, key_path};
 use crate::metrics::{Metrics, RpcMetricsLayer};

@@ -712,7 +712,11 @@ impl AuditLog {
     /// Appends `record`; returns once it is durable in the sink.
     pub async fn record(&self, record: AuditRecord) -> Result<(), AuditError> {
         if let Some(m) = &self.metrics {
-            m.decision(&record);
+            let ended = match record.event {
+                Event::LeaseExpired => 1,
+                _ => record.revoked.len() as u64,
+            };
+            m.decided(record.event.as_str(), ended);
         }
         match self.send(record, None).await {
             Ok(()) => Ok(()),
@@ -740,7 +744,7 @@ impl AuditLog {
         let event = record.event;
         self.send(record, Some(LeaseWrite { lease, now })).await?;
         if let Some(m) = &self.metrics {
-            m.decided(event, 0);
+            m.decided(event.as_str(), 0);
         }
         Ok(())
     }

@@ -13,8 +13,6 @@ pub use broker::BrokerApi;
 pub use edge::{GrpcEdgeLayer, REQUEST_TIMEOUT};
 pub use revocations::RevocationsApi;
 
-use std::sync::Arc;
-
 use mayfly_core::{
     Approval, ApprovalRequest, ApprovalState, ApprovalStatus, Lease, LeaseKind, LeaseState,
     LeaseStatus, RevocationReason, Task, TaskRecord, TaskState, Timestamp,
@@ -25,23 +23,13 @@ use tonic::{Request, Status};
 use crate::error::BrokerError;
 use crate::identity::{AuthError, Caller};
 
-/// What the accept loop learned about a connection; tonic puts it in every
-/// request's extensions.
-#[derive(Debug, Clone)]
-pub struct PeerInfo {
-    /// The authenticated caller, or why the peer is not one.
-    pub identity: Arc<Result<Caller, AuthError>>,
-    /// The peer's address, for logs.
-    pub remote: std::net::SocketAddr,
-}
-
 /// The authenticated caller of a request, or `UNAUTHENTICATED` saying why
 /// not. A certificate that expired after the connection was opened no longer
 /// counts.
 pub fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
     let peer = req
         .extensions()
-        .get::<PeerInfo>()
+        .get::<crate::connections::PeerInfo>()
         .ok_or(BrokerError::Unauthenticated(AuthError::NoCertificate))?;
     match peer.identity.as_ref() {
         Ok(c) if Timestamp::now() >= c.not_after => {

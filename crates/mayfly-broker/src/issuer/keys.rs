@@ -13,7 +13,6 @@ use rustls_pki_types::pem::PemObject;
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use crate::config::Algorithm;
 use crate::fsutil::{check_private, write_new_private};
 
 /// Why a signing key could not be loaded or created.
@@ -65,6 +64,16 @@ impl std::fmt::Debug for SigningKey {
             .field("kid", &self.kid)
             .finish_non_exhaustive()
     }
+}
+
+/// JWT signing algorithm.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+pub enum Algorithm {
+    /// ECDSA P-256 with SHA-256: the widest validator support.
+    #[default]
+    ES256,
+    /// Ed25519.
+    EdDSA,
 }
 
 fn alg_name(alg: Algorithm) -> &'static str {

@@ -5,5 +5,5 @@ mod keys;
 pub mod x509;
 
 pub use jwt::{AccessToken, JwtSigner, SignError};
-pub use keys::{KeyError, SigningKey, key_path};
+pub use keys::{Algorithm, KeyError, SigningKey, key_path};
 pub use x509::{CaError, CsrError, CsrKey, IssuingCa};
