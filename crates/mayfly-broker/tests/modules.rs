@@ -2,6 +2,8 @@
 //! only modules that do not name it back, directly or through others, so
 //! each can be read, and split off, after what it uses.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
