@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Subcommand;
-use mayfly_broker::audit::{AuditRecord, ChainCheck, Verified, line_hash};
+use mayfly_audit::{AuditRecord, ChainCheck, Verified, line_hash};
 use mayfly_client::pb;
 use serde_json::json;
 
@@ -307,7 +307,7 @@ fn verify_file(path: &Path, anchor: Option<&str>, partial: bool, json: bool) -> 
             });
             if let Err(e) = check.line(line, i as u64 + 1) {
                 let hint = match (&e, partial) {
-                    (mayfly_broker::audit::Broken::Sequence { line: 1, .. }, false) => {
+                    (mayfly_audit::Broken::Sequence { line: 1, .. }, false) => {
                         " (if earlier records were archived or trimmed, pass --partial)"
                     }
                     _ => "",

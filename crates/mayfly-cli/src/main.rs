@@ -6,6 +6,7 @@
 // The broker allocates per request on every core; with mimalloc's
 // thread-local heaps it issues about 7% more tokens than with glibc's
 // malloc, measured in the same run (docs/performance.md).
+#[cfg(feature = "broker")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -36,6 +37,7 @@ mod approval;
 mod audit;
 mod cert;
 mod conn;
+#[cfg(feature = "broker")]
 mod dev;
 mod operator;
 mod output;
@@ -64,12 +66,14 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the broker with a configuration file.
+    #[cfg(feature = "broker")]
     Serve {
         /// Path to mayfly.toml.
         #[arg(long, env = "MAYFLY_CONFIG")]
         config: std::path::PathBuf,
     },
     /// Development setup: a local PKI and a broker that uses it.
+    #[cfg(feature = "broker")]
     #[command(subcommand)]
     Dev(dev::DevCommand),
     /// Tasks: start, inspect and complete (agents); list and revoke (operators).
@@ -98,6 +102,7 @@ enum Command {
     #[command(subcommand)]
     Policy(PolicyCommand),
     /// Write a new JWT signing key, for replicas that must share one.
+    #[cfg(feature = "broker")]
     Keygen {
         /// ES256 (default) or EdDSA.
         #[arg(long, default_value = "ES256", value_parser = parse_algorithm)]
@@ -119,6 +124,7 @@ enum PolicyCommand {
     },
 }
 
+#[cfg(feature = "broker")]
 fn parse_algorithm(s: &str) -> Result<mayfly_broker::config::Algorithm, String> {
     match s {
         "ES256" => Ok(mayfly_broker::config::Algorithm::ES256),
@@ -127,6 +133,7 @@ fn parse_algorithm(s: &str) -> Result<mayfly_broker::config::Algorithm, String> 
     }
 }
 
+#[cfg(feature = "broker")]
 /// Logs to stderr: `RUST_LOG` filters (default info), `MAYFLY_LOG_FORMAT=json`
 /// for log pipelines.
 fn init_logs() {
@@ -142,6 +149,7 @@ fn init_logs() {
     }
 }
 
+#[cfg(feature = "broker")]
 fn keygen(alg: mayfly_broker::config::Algorithm, out: &std::path::Path) -> anyhow::Result<()> {
     use mayfly_broker::issuer::SigningKey;
     SigningKey::generate_file(out, alg)?;
@@ -180,16 +188,19 @@ fn describe(e: &anyhow::Error) -> String {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        #[cfg(feature = "broker")]
         Command::Serve { config } => {
             init_logs();
             dev::serve(&config).await
         }
+        #[cfg(feature = "broker")]
         Command::Dev(cmd) => dev::run(cmd).await,
         Command::Task(cmd) => agent::task(cmd, &cli.conn, cli.json).await,
         Command::Token(cmd) => agent::token(cmd, &cli.conn, cli.json).await,
         Command::Cert(cmd) => cert::run(cmd, &cli.conn, cli.json).await,
         Command::Lease(cmd) => operator::lease(cmd, &cli.conn, cli.json).await,
         Command::Agent(cmd) => operator::agent(cmd, &cli.conn, cli.json).await,
+        #[cfg(feature = "broker")]
         Command::Keygen { algorithm, out } => keygen(algorithm, &out),
         Command::Approval(cmd) => approval::run(cmd, &cli.conn, cli.json).await,
         Command::Audit(cmd) => audit::run(cmd, &cli.conn, cli.json).await,

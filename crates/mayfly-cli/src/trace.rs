@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;
 
 use anyhow::bail;
-use mayfly_broker::audit::{AuditRecord, Event, verify};
+use mayfly_audit::{AuditRecord, Event, verify};
 use serde::Serialize;
 
 use crate::output;

@@ -1162,3 +1162,48 @@ async fn a_closed_output_pipe_ends_the_cli_quietly() {
     let got = json(mayfly(&broker, &["--json", "task", "get", &task]));
     assert_eq!(got["state"], "completed");
 }
+
+/// Without its `broker` feature the CLI links no broker, store or server:
+/// the agent's and operator's commands and `audit verify`/`trace` (on
+/// mayfly-audit alone). `.ci/run` builds it that way and checks a trail.
+#[test]
+fn the_cli_without_the_broker_feature_links_no_broker() {
+    let tree = |features: &[&str]| {
+        let out = Command::new(env!("CARGO"))
+            .args([
+                "tree",
+                "-p",
+                "mayfly-cli",
+                "-e",
+                "normal",
+                "--prefix",
+                "none",
+            ])
+            .args(["--locked", "--offline"])
+            .args(features)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let crates = |tree: &str| -> std::collections::BTreeSet<String> {
+        tree.lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_owned)
+            .collect()
+    };
+    let full = crates(&tree(&[]));
+    let alone = crates(&tree(&["--no-default-features"]));
+    assert!(
+        full.contains("mayfly-broker") && full.contains("redb"),
+        "{full:?}"
+    );
+    for heavy in ["mayfly-broker", "redb", "redis", "mimalloc"] {
+        assert!(
+            !alone.contains(heavy),
+            "{heavy} linked without the broker feature"
+        );
+    }
+    assert!(alone.contains("mayfly-audit") && alone.contains("mayfly-client"));
+}

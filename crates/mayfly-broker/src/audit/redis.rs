@@ -269,7 +269,8 @@ impl AuditSink for RedisSink {
         let mut cached = self.head.lock().await;
         for _ in 0..ATTEMPTS {
             let head = cached.clone().unwrap_or_else(Head::genesis);
-            let (lines, next) = chain(records, &head).map_err(LeaseBatchError::Audit)?;
+            let (lines, next) =
+                chain(records, &head).map_err(|e| LeaseBatchError::Audit(e.into()))?;
             let batch = TrailBatch {
                 stream: &self.stream,
                 head_key: &self.head_key,
