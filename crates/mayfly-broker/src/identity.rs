@@ -19,13 +19,13 @@ use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use mayfly_core::svid::{LeafError, parse_svid_leaf};
 use mayfly_core::{SpiffeId, SpiffeIdError, Timestamp, TrustDomain};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use x509_parser::certificate::X509Certificate;
-use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
 /// An authenticated caller: an agent or operator.
@@ -184,6 +184,21 @@ pub struct Authenticator {
     issuing_ca: Option<Arc<[u8]>>,
 }
 
+impl From<LeafError> for AuthError {
+    fn from(e: LeafError) -> Self {
+        match e {
+            LeafError::IsCa => Self::LeafIsCa,
+            LeafError::SigningKeyUsage => Self::SigningKeyUsage,
+            LeafError::UriSans(0) => Self::NoUriSan,
+            LeafError::UriSans(n) => Self::ManyUriSans(n),
+            LeafError::NotSpiffe { uri, reason } => Self::NotSpiffe { uri, reason },
+            LeafError::Malformed(m) => Self::Malformed(m),
+            // A rule added to the shared check: named as it says.
+            other => Self::Invalid(other.to_string()),
+        }
+    }
+}
+
 impl Authenticator {
     /// An authenticator for `trust_domain` using the bundle's verifier.
     pub fn new(chain: Arc<dyn ClientCertVerifier>, trust_domain: TrustDomain) -> Self {
@@ -209,7 +224,8 @@ impl Authenticator {
         };
         // Shape first (so a CA or SAN-less certificate is named as such),
         // then trust, then membership.
-        let (id, leaf_not_after) = parse_svid(leaf)?;
+        let svid = parse_svid_leaf(leaf.as_ref())?;
+        let (id, leaf_not_after) = (svid.spiffe_id, svid.not_after);
         if id.is_task_bound() {
             return Err(AuthError::TaskCertificate(id));
         }
@@ -274,48 +290,6 @@ fn chain_error(e: rustls::Error) -> AuthError {
         },
         other => AuthError::Invalid(other.to_string()),
     }
-}
-
-/// The SPIFFE ID and notAfter of an X.509-SVID leaf, checking the SVID
-/// rules: a leaf (not a CA, no signing key usages) with exactly one URI SAN,
-/// a SPIFFE ID. Does not check the chain.
-pub fn parse_svid(leaf: &CertificateDer<'_>) -> Result<(SpiffeId, Timestamp), AuthError> {
-    let (_, cert) = X509Certificate::from_der(leaf.as_ref())
-        .map_err(|e| AuthError::Malformed(e.to_string()))?;
-    let not_after =
-        Timestamp::from_secs(u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0));
-    let bc = cert
-        .basic_constraints()
-        .map_err(|e| AuthError::Malformed(e.to_string()))?;
-    if bc.is_some_and(|bc| bc.value.ca) {
-        return Err(AuthError::LeafIsCa);
-    }
-    let ku = cert
-        .key_usage()
-        .map_err(|e| AuthError::Malformed(e.to_string()))?;
-    if ku.is_some_and(|ku| ku.value.key_cert_sign() || ku.value.crl_sign()) {
-        return Err(AuthError::SigningKeyUsage);
-    }
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| AuthError::Malformed(e.to_string()))?;
-    let uris: Vec<&str> = san
-        .iter()
-        .flat_map(|s| s.value.general_names.iter())
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
-    let id = match uris.as_slice() {
-        [] => Err(AuthError::NoUriSan),
-        [uri] => SpiffeId::new(uri).map_err(|reason| AuthError::NotSpiffe {
-            uri: format!("{:?}", uri.chars().take(128).collect::<String>()),
-            reason,
-        }),
-        many => Err(AuthError::ManyUriSans(many.len())),
-    }?;
-    Ok((id, not_after))
 }
 
 /// RFC 8705 `x5t#S256`: base64url (no padding) of SHA-256 over the DER.

@@ -2,7 +2,8 @@
 //! [`Envelope`]), what they get ([`Lease`], [`AccessTokenClaims`]) and who
 //! decides ([`Policy`]).
 //!
-//! This crate knows nothing of gRPC, TLS, files or Redis. Every type that
+//! This crate knows nothing of gRPC, TLS, files or Redis (it reads
+//! certificates, in [`svid`], but never fetches or trusts them). Every type that
 //! carries outside input has one fallible constructor and is valid once
 //! built, so the rest of the broker never handles raw strings.
 
@@ -19,6 +20,7 @@ pub mod limits;
 mod lock;
 mod policy;
 mod spiffe;
+pub mod svid;
 mod task;
 mod time;
 

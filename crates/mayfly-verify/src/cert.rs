@@ -1,4 +1,6 @@
 //! Task-bound X.509-SVIDs: exactly one URI SAN, `<agent>/task/<task_id>`.
+//! The leaf rules are the broker's own (`mayfly_core::svid`), so both
+//! refuse the same certificates.
 //!
 //! [`Verifier::task_identity`](crate::Verifier::task_identity) is the
 //! checked path: the form here, then the certificate's serial and its task
@@ -8,10 +10,8 @@
 
 use std::time::Duration;
 
+use mayfly_core::svid::{LeafError, SvidLeaf, parse_svid_leaf};
 use mayfly_core::{SpiffeId, SpiffeIdError, TaskId};
-use x509_parser::certificate::X509Certificate;
-use x509_parser::extensions::GeneralName;
-use x509_parser::prelude::FromDer;
 
 /// Who presents a task certificate, and for what.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +36,9 @@ pub enum PeerCertError {
     /// A CA certificate.
     #[error("a CA certificate, not a leaf")]
     IsCa,
+    /// May sign certificates or CRLs, which no X.509-SVID may.
+    #[error("key usage keyCertSign or cRLSign, which an X.509-SVID must not have")]
+    SigningKeyUsage,
     /// Not exactly one URI SAN.
     #[error("{0} URI SANs; a task certificate has exactly one")]
     UriSans(usize),
@@ -59,6 +62,20 @@ pub enum PeerCertError {
     FeedNotSynced,
 }
 
+impl From<LeafError> for PeerCertError {
+    fn from(e: LeafError) -> Self {
+        match e {
+            LeafError::IsCa => Self::IsCa,
+            LeafError::SigningKeyUsage => Self::SigningKeyUsage,
+            LeafError::UriSans(n) => Self::UriSans(n),
+            LeafError::NotSpiffe { reason, .. } => Self::NotSpiffe(reason),
+            LeafError::Malformed(m) => Self::Malformed(m),
+            // A rule added to the shared check: named as it says.
+            other => Self::Malformed(other.to_string()),
+        }
+    }
+}
+
 impl PeerCertError {
     /// Whether the problem is on the verifier's side (the feed), not the
     /// certificate's.
@@ -73,29 +90,9 @@ impl PeerCertError {
 /// [`Verifier::task_identity`](crate::Verifier::task_identity), which also
 /// refuses revoked certificates.
 pub fn parse_task_certificate(der: &[u8]) -> Result<TaskIdentity, PeerCertError> {
-    let (_, cert) =
-        X509Certificate::from_der(der).map_err(|e| PeerCertError::Malformed(e.to_string()))?;
-    let bc = cert
-        .basic_constraints()
-        .map_err(|e| PeerCertError::Malformed(e.to_string()))?;
-    if bc.is_some_and(|b| b.value.ca) {
-        return Err(PeerCertError::IsCa);
-    }
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| PeerCertError::Malformed(e.to_string()))?;
-    let uris: Vec<&str> = san
-        .iter()
-        .flat_map(|s| s.value.general_names.iter())
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
-    let [uri] = uris.as_slice() else {
-        return Err(PeerCertError::UriSans(uris.len()));
-    };
-    let spiffe_id = SpiffeId::new(uri).map_err(PeerCertError::NotSpiffe)?;
+    let SvidLeaf {
+        spiffe_id, serial, ..
+    } = parse_svid_leaf(der)?;
     let not_task = || PeerCertError::NotTaskBound(spiffe_id.clone());
     let (agent_path, task) = spiffe_id
         .path()
@@ -110,12 +107,6 @@ pub fn parse_task_certificate(der: &[u8]) -> Result<TaskIdentity, PeerCertError>
         spiffe_id.trust_domain_name()
     ))
     .map_err(|_| not_task())?;
-    let serial = cert
-        .raw_serial()
-        .iter()
-        .skip_while(|b| **b == 0)
-        .map(|b| format!("{b:02X}"))
-        .collect();
     Ok(TaskIdentity {
         spiffe_id,
         agent,
