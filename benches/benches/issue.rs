@@ -15,10 +15,10 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use mayfly_broker::config::Algorithm;
 use mayfly_broker::issuer::x509::{IssuingCa, parse_csr, random_serial};
 use mayfly_broker::issuer::{JwtSigner, SigningKey};
-use mayfly_broker::store::contract::{agent, lease, task};
 use mayfly_broker::store::{EmbeddedStore, LeaseStore, RedisStore, RedisTarget};
 use mayfly_core::{AccessTokenClaims, SpiffeId, Timestamp};
 use mayfly_testkit::RedisServer;
+use mayfly_testkit::contract::{agent, lease, task};
 
 fn claims() -> AccessTokenClaims {
     AccessTokenClaims {

@@ -7,9 +7,9 @@
 
 use std::time::{Duration, Instant};
 
-use mayfly_broker::store::contract::{agent, lease, task};
 use mayfly_broker::store::{LeaseStore, RedisStore, RedisTarget};
 use mayfly_testkit::RedisServer;
+use mayfly_testkit::contract::{agent, lease, task};
 
 const TASKS: usize = 1_000;
 const LEASES_PER_TASK: usize = 100;

@@ -16,10 +16,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use mayfly_broker::store::contract::{agent, lease, revoke, task};
 use mayfly_broker::store::{EmbeddedStore, LeaseStore, RedisStore, RedisTarget};
 use mayfly_core::{RevocationReason, Task};
 use mayfly_testkit::RedisServer;
+use mayfly_testkit::contract::{agent, lease, revoke, task};
 
 type Store = Arc<dyn LeaseStore>;
 

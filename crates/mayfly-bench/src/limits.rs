@@ -13,9 +13,9 @@ use anyhow::Context;
 use mayfly_broker::config::Algorithm;
 use mayfly_broker::issuer::x509::{IssuingCa, parse_csr, random_serial};
 use mayfly_broker::issuer::{JwtSigner, SigningKey};
-use mayfly_broker::store::contract::{agent, lease, task};
 use mayfly_broker::store::{EmbeddedStore, LeaseStore};
 use mayfly_core::{AccessTokenClaims, SpiffeId, Task, Timestamp};
+use mayfly_testkit::contract::{agent, lease, task};
 
 /// The token the broker signs for the `token` mix, near enough byte for
 /// byte.

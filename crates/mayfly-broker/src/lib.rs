@@ -10,7 +10,7 @@
 //! - [`grpc`] — the thin Broker and Admin services.
 //! - [`service`] — request handling (policy, TTLs, envelopes, ownership).
 //! - [`issuer`] — signing keys and the JWT signer.
-//! - [`store`] — the lease store seam, its backends and contract suite.
+//! - [`store`] — the lease store seam and its backends (the contract suite they pass is in the testkit).
 //! - [`reaper`] — expiry and clean-up.
 //! - [`http`] — JWKS, metadata, health.
 //! - [`dev`] — the development PKI behind `mayfly dev init`.

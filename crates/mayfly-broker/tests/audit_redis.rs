@@ -11,12 +11,12 @@ use std::time::Duration;
 use mayfly_broker::audit::{
     AuditError, AuditLog, AuditRecord, AuditSink, Event, RecordError, RedisSink, verify,
 };
-use mayfly_broker::store::contract::{agent, lease, revoke, task};
 use mayfly_broker::store::{
     LeaseFilter, LeaseStore, PageRequest, RedisStore, RedisTarget, StoreError,
 };
 use mayfly_core::{LeaseId, RevocationReason, SpiffeId, TaskState};
 use mayfly_testkit::RedisServer;
+use mayfly_testkit::contract::{agent, lease, revoke, task};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_write_one_chain() {

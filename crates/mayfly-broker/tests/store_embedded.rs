@@ -13,13 +13,13 @@ async fn fresh() -> (Arc<dyn LeaseStore>, tempfile::TempDir) {
     (Arc::new(store), dir)
 }
 
-mayfly_broker::store_contract_tests!(fresh());
+mayfly_testkit::store_contract_tests!(fresh());
 
 #[tokio::test]
 async fn revocations_and_cursors_survive_a_reopen() {
     use mayfly_broker::store::RevokeRequest;
-    use mayfly_broker::store::contract::{agent, lease, task};
     use mayfly_core::{LeaseState, RevocationReason, Timestamp};
+    use mayfly_testkit::contract::{agent, lease, task};
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("leases.redb");
@@ -62,4 +62,67 @@ async fn revocations_and_cursors_survive_a_reopen() {
         events[0].cursor > first_cursor,
         "cursor continues after reopen"
     );
+}
+
+/// Concurrent changes share commits; the ones that fail leave nothing
+/// and do not take their batch-mates down with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_change_in_a_batch_leaves_nothing_and_spares_the_rest() {
+    use mayfly_broker::store::StoreError;
+    use mayfly_testkit::contract::{agent, lease, task};
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+    let t = task(&agent("a"), 3600);
+    store.start_task(&t).await.unwrap();
+    let taken = lease(&t, 60);
+    store.issue(&taken, t.created_at).await.unwrap();
+    let orphan_task = task(&agent("a"), 3600); // never started
+
+    let mut calls = Vec::new();
+    for i in 0..300 {
+        let (store, t, taken, orphan) =
+            (store.clone(), t.clone(), taken.clone(), orphan_task.clone());
+        calls.push(tokio::spawn(async move {
+            let l = match i % 3 {
+                0 => lease(&t, 60),
+                1 => taken.clone(),      // a duplicate id
+                _ => lease(&orphan, 60), // no such task
+            };
+            (i % 3, l.id.clone(), store.issue(&l, t.created_at).await)
+        }));
+    }
+    let mut good = Vec::new();
+    for c in calls {
+        let (kind, id, r) = c.await.unwrap();
+        match kind {
+            0 => {
+                r.unwrap();
+                good.push(id);
+            }
+            1 => assert!(matches!(r, Err(StoreError::Duplicate(_))), "{r:?}"),
+            _ => assert!(matches!(r, Err(StoreError::TaskNotFound)), "{r:?}"),
+        }
+    }
+    // The task, the first lease, and every good one: nothing else.
+    assert_eq!(store.active_count().await.unwrap(), 2 + good.len() as u64);
+    for id in &good {
+        assert!(store.get_lease(id).await.unwrap().is_some());
+    }
+    let listed = store
+        .list_leases(
+            &mayfly_broker::store::LeaseFilter::default(),
+            &mayfly_broker::store::PageRequest {
+                after: None,
+                limit: 1000,
+            },
+            t.created_at,
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed.items.len(), 2 + good.len());
+
+    // Everything survives reopening: it was committed.
+    drop(store);
+    let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+    assert_eq!(store.active_count().await.unwrap(), 2 + good.len() as u64);
 }

@@ -19,14 +19,14 @@ async fn fresh() -> (Arc<dyn LeaseStore>, RedisServer) {
     (Arc::new(store), server)
 }
 
-mayfly_broker::store_contract_tests!(fresh());
+mayfly_testkit::store_contract_tests!(fresh());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_reap_each_lease_exactly_once() {
     use std::collections::BTreeSet;
 
-    use mayfly_broker::store::contract::{agent, lease, task};
     use mayfly_core::{LeaseStatus, Timestamp};
+    use mayfly_testkit::contract::{agent, lease, task};
 
     let server = RedisServer::start();
     let replica = || {
@@ -78,8 +78,8 @@ async fn two_replicas_reap_each_lease_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follows_a_sentinel_failover() {
-    use mayfly_broker::store::contract::{agent, lease, task};
     use mayfly_core::LeaseState;
+    use mayfly_testkit::contract::{agent, lease, task};
 
     let primary = RedisServer::start();
     // Two replicas: after the failover one is the new primary and the other
@@ -174,7 +174,7 @@ async fn follows_a_sentinel_failover() {
 #[tokio::test]
 async fn writes_fail_closed_without_the_replicas_they_need() {
     use mayfly_broker::store::StoreError;
-    use mayfly_broker::store::contract::{agent, task};
+    use mayfly_testkit::contract::{agent, task};
 
     let server = RedisServer::start();
     let target = RedisTarget::Url {
@@ -193,7 +193,7 @@ async fn writes_fail_closed_without_the_replicas_they_need() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_indexed_by_an_earlier_layout_are_found_and_purged() {
-    use mayfly_broker::store::contract::{agent, lease, task};
+    use mayfly_testkit::contract::{agent, lease, task};
 
     let (store, server) = fresh().await;
     let t = task(&agent("old"), 100);
@@ -238,8 +238,8 @@ async fn leases_indexed_by_an_earlier_layout_are_found_and_purged() {
 /// out on a fresh connection and succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_is_checked_and_replaced_after_a_restart() {
-    use mayfly_broker::store::contract::{agent, lease, revoke, task};
     use mayfly_core::RevocationReason;
+    use mayfly_testkit::contract::{agent, lease, revoke, task};
 
     let mut server = RedisServer::start();
     let target = RedisTarget::Url {
@@ -327,7 +327,7 @@ impl LossyProxy {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_whose_reply_was_lost_is_sent_again_and_not_doubled() {
     use mayfly_broker::audit::{AuditRecord, AuditSink, Event, RedisSink};
-    use mayfly_broker::store::contract::{agent, lease, task};
+    use mayfly_testkit::contract::{agent, lease, task};
 
     let server = RedisServer::start();
     let proxy = LossyProxy::start(server.port()).await;

@@ -1,6 +1,8 @@
 //! Fixtures for Mayfly's tests: a real broker on `127.0.0.1:0` with a fresh
 //! dev PKI, clients for its identities, odd certificates for the bad-input
-//! tests, and a small HTTPS client.
+//! tests, a small HTTPS client, and the contract suite every lease store
+//! backend must pass (`contract`, with the task and lease fixtures the
+//! benches use too).
 
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -20,6 +22,7 @@ use tokio::task::JoinHandle;
 pub use mayfly_broker::dev::Credential;
 pub use redis::RedisServer;
 
+pub mod contract;
 mod redis;
 
 /// The trust domain of every test broker.

@@ -1,5 +1,5 @@
 //! Where leases live. [`LeaseStore`] is the seam; every backend passes the
-//! same contract suite ([`contract`]). All state changes that must be atomic
+//! same contract suite (`mayfly_testkit::contract`). All state changes that must be atomic
 //! are one call here, so a backend can make each one a transaction (embedded)
 //! or a script (Redis):
 //!
@@ -19,7 +19,6 @@ use mayfly_core::{
 };
 use serde::{Deserialize, Serialize};
 
-pub mod contract;
 mod embedded;
 mod redis;
 

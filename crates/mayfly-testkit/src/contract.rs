@@ -1,4 +1,4 @@
-//! The contract every [`LeaseStore`] backend must pass. Each function takes a
+//! The contract every `LeaseStore` backend must pass. Each function takes a
 //! fresh, empty store; [`store_contract_tests!`](crate::store_contract_tests)
 //! turns the whole list into `#[tokio::test]`s for one backend, so every
 //! backend runs the same suite.
@@ -15,7 +15,7 @@ use mayfly_core::{
     SpiffeId, Task, TaskContext, TaskId, TaskState, Timestamp, parse_scopes,
 };
 
-use super::{
+use mayfly_broker::store::{
     ExpiredLease, LeaseFilter, LeaseStore, PageRequest, RevokeRequest, StoreError, TaskFilter,
 };
 
@@ -56,7 +56,7 @@ macro_rules! store_contract_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 let (store, _guard) = $make.await;
-                $crate::store::contract::$name(store).await;
+                $crate::contract::$name(store).await;
             }
         )*
     };
