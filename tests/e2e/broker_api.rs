@@ -247,10 +247,20 @@ async fn tasks_expire_and_then_issue_nothing() {
     let broker = TestBroker::start_with(|c| c.reaper.interval = Duration::from_millis(100)).await;
     let agent = broker.agent().await;
     let mut req = start_request("brief", &[API], &["read:files"]);
-    req.ttl_seconds = 1;
+    // Long enough to issue on a loaded machine (other tests flood the
+    // broker's ports meanwhile); the wait then runs to the stated expiry.
+    req.ttl_seconds = 3;
     let task = agent.broker().start_task(req).await.unwrap().into_inner();
     let issued = issue(&agent, &task.task_id).await;
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let expires = task.expires_at.as_ref().unwrap();
+    let expires_ms = expires.seconds * 1000 + i64::from(expires.nanos / 1_000_000);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    // Past the expiry, and a reaper pass (100 ms) or several after it.
+    let wait = (expires_ms - now_ms).max(0) as u64 + 600;
+    tokio::time::sleep(Duration::from_millis(wait)).await;
     let got = agent
         .broker()
         .get_task(pb::GetTaskRequest {
