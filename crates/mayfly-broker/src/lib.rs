@@ -11,6 +11,8 @@
 //! - [`service`] — request handling (policy, TTLs, envelopes, ownership).
 //! - [`issuer`] — signing keys and the JWT signer.
 //! - [`store`] — the lease store seam and its backends (the contract suite they pass is in the testkit).
+//! - [`recorder`] — every decision's audit record, and each credential's lease with it, through the store.
+//! - [`audit`] — the trail's sinks (file, Redis stream, stdout, off).
 //! - [`reaper`] — expiry and clean-up.
 //! - [`http`] — JWKS, metadata, health.
 //! - [`dev`] — the development PKI behind `mayfly dev init`.
@@ -34,6 +36,8 @@ pub mod metrics;
 pub mod policy;
 pub mod ratelimit;
 pub mod reaper;
+pub mod recorder;
+mod redis_conn;
 pub mod server;
 pub mod service;
 mod stop;

@@ -8,7 +8,8 @@ use std::time::Duration;
 use mayfly_core::{SpiffeId, Timestamp};
 use tokio::sync::watch;
 
-use crate::audit::{AuditLog, AuditRecord, Event};
+use crate::audit::{AuditRecord, Event};
+use crate::recorder::Recorder;
 use crate::store::LeaseStore;
 
 /// Most leases one store call handles, so a backlog is worked off in
@@ -19,7 +20,7 @@ const BATCH: usize = 1000;
 /// trail as `lease_expired`, by `broker`.
 pub async fn run(
     store: Arc<dyn LeaseStore>,
-    audit: AuditLog,
+    audit: Recorder,
     broker: SpiffeId,
     interval: Duration,
     retention: Duration,

@@ -20,7 +20,7 @@ use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tower::ServiceBuilder;
 
-use crate::audit::{AuditLog, AuditSink, FileSink, RedisSink, StdoutSink};
+use crate::audit::{AuditSink, FileSink, OffSink, RedisSink, StdoutSink};
 use crate::config::{Algorithm, AuditSinkKind, Config, ConfigError, RedisConfig, StoreKind};
 use crate::connections::PeerInfo;
 use crate::connections::{self, Gate, Port};
@@ -30,9 +30,10 @@ use crate::fsutil::create_private_dir;
 use crate::grpc::{AdminApi, BrokerApi, GrpcEdgeLayer, RevocationsApi};
 use crate::identity::Authenticator;
 use crate::issuer::{IssuingCa, JwtSigner, KeyError, SigningKey, key_path};
-use crate::metrics::{Metrics, RpcMetricsLayer};
+use crate::metrics::RpcMetricsLayer;
 use crate::policy::PolicyHandle;
 use crate::ratelimit::RateLimiter;
+use crate::recorder::Recorder;
 use crate::service::{Limits, Service, TaskCache};
 use crate::stop::stopped;
 use crate::store::{EmbeddedStore, LeaseStore, RedisStore, RedisTarget, StoreError};
@@ -110,9 +111,8 @@ impl Broker {
             previous.push(SigningKey::load(&key_path(&config.data_dir, other), other)?);
         }
         let signer = Arc::new(JwtSigner::new(key, previous));
-        // The Redis store also records credential leases for a trail in
-        // the same Redis.
-        let mut redis_store = None;
+        // The Redis store's own trail: leases and records in one script.
+        let mut redis_trail = None;
         let store: Arc<dyn LeaseStore> = match (&config.store, &config.redis) {
             (StoreKind::Embedded, _) => Arc::new(EmbeddedStore::open(&config.store_path())?),
             (StoreKind::Redis, Some(redis)) => {
@@ -124,7 +124,7 @@ impl Broker {
                     )?
                     .with_replicas_to_ack(redis.replicas_to_ack),
                 );
-                redis_store = Some(store.clone());
+                redis_trail = Some(store.trail());
                 store
             }
             (other, _) => {
@@ -135,7 +135,15 @@ impl Broker {
             }
         };
         let metrics = Arc::new(crate::metrics::Metrics::new());
-        let audit = open_audit(&config, &metrics, redis_store)?;
+        let broker_id = SpiffeId::new(&format!("spiffe://{}/mayfly/broker", config.trust_domain))
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let trail = open_audit(&config, redis_trail)?;
+        let audit = Recorder::start(
+            trail,
+            store.clone(),
+            broker_id.clone(),
+            Some(metrics.clone()),
+        );
         let policy = Arc::new(PolicyHandle::load(&config.policy.dir)?);
         tracing::info!(policies = policy.len(), dir = %config.policy.dir.display(), "policies loaded");
         let issuer = config.issuer();
@@ -162,8 +170,6 @@ impl Broker {
         });
         let revoked = Arc::new(tokio::sync::Notify::new());
         let feed = FeedHub::new(store.clone(), revoked.clone(), config.feed.poll);
-        let broker_id = SpiffeId::new(&format!("spiffe://{}/mayfly/broker", config.trust_domain))
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let service = Arc::new(Service {
             store,
             policy: policy.clone(),
@@ -354,15 +360,14 @@ fn require_peer(req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::St
     Ok(req)
 }
 
-/// Opens the configured audit sink and starts its writer (on the current
-/// Tokio runtime). A Redis trail records credential leases in the same
-/// step as their records, through `redis_store` (the same Redis).
+/// Opens the configured audit trail. A Redis trail is the Redis store's
+/// own (`redis_trail`) when there is one, so the store writes credential
+/// leases in the same script as their records.
 fn open_audit(
     config: &Config,
-    metrics: &Arc<Metrics>,
-    redis_store: Option<Arc<RedisStore>>,
-) -> Result<AuditLog, StartError> {
-    let sink: Arc<dyn AuditSink> = match (config.audit_sink(), &config.redis) {
+    redis_trail: Option<RedisSink>,
+) -> Result<Arc<dyn AuditSink>, StartError> {
+    Ok(match (config.audit_sink(), &config.redis) {
         (AuditSinkKind::File, _) => {
             let path = config.audit_path();
             let sink = FileSink::open_with(&path, config.audit_file_options())?;
@@ -370,25 +375,23 @@ fn open_audit(
             Arc::new(sink)
         }
         (AuditSinkKind::Redis, Some(redis)) => {
-            let sink = RedisSink::new(redis_target(redis)?, &redis.key_prefix)?
-                .with_retention(config.audit.retention);
-            Arc::new(match redis_store {
-                Some(store) => sink.with_store(store),
-                None => sink,
-            })
+            let sink = match redis_trail {
+                Some(own) => own,
+                None => RedisSink::new(redis_target(redis)?, &redis.key_prefix)?,
+            };
+            Arc::new(sink.with_retention(config.audit.retention))
         }
         (AuditSinkKind::Stdout, _) => Arc::new(StdoutSink::new()),
         (AuditSinkKind::Off, _) => {
             tracing::warn!("the audit trail is off ([audit] sink = \"off\")");
-            return Ok(AuditLog::off(Some(metrics.clone())));
+            Arc::new(OffSink)
         }
         (AuditSinkKind::Redis, None) => {
             return Err(
                 ConfigError::Invalid("[audit] sink = \"redis\" needs [redis]".into()).into(),
             );
         }
-    };
-    Ok(AuditLog::start_counted(sink, Some(metrics.clone())))
+    })
 }
 
 /// Where the configured Redis is, reading secrets from their files.

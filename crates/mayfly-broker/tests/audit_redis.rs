@@ -1,6 +1,8 @@
 //! The Redis audit sink on a real `redis-server`: two replicas writing at
 //! once still make one chain, it reads back by cursor, and credential
-//! leases are written with their records or not at all.
+//! leases recorded through two replicas are written with their records or
+//! not at all. (The recording contract on one replica is in the store
+//! contract suite.)
 
 #![allow(clippy::unwrap_used)]
 
@@ -8,11 +10,10 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_broker::audit::{
-    AuditError, AuditLog, AuditRecord, AuditSink, Event, RecordError, RedisSink, verify,
-};
+use mayfly_broker::audit::{AuditError, AuditRecord, AuditSink, Event, RedisSink, verify};
+use mayfly_broker::recorder::Recorder;
 use mayfly_broker::store::{
-    LeaseFilter, LeaseStore, PageRequest, RedisStore, RedisTarget, StoreError,
+    LeaseFilter, LeaseStore, PageRequest, RecordError, RedisStore, RedisTarget, StoreError,
 };
 use mayfly_core::{LeaseId, RevocationReason, SpiffeId, TaskState};
 use mayfly_testkit::RedisServer;
@@ -21,15 +22,7 @@ use mayfly_testkit::contract::{agent, lease, revoke, task};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_write_one_chain() {
     let server = RedisServer::start();
-    let sink = || {
-        let target = RedisTarget::Url {
-            url: server.url(),
-            ca_pem: None,
-        };
-        Arc::new(RedisSink::new(target, "mayfly").unwrap())
-    };
-    let (a, b) = (sink(), sink());
-    let (log_a, log_b) = (AuditLog::start(a.clone()), AuditLog::start(b.clone()));
+    let ((_store_a, log_a, a), (_store_b, log_b, b)) = (joint(&server), joint(&server));
     let op = SpiffeId::new("spiffe://example.org/operator/admin").unwrap();
     let mut writers = Vec::new();
     for i in 0..200 {
@@ -92,27 +85,25 @@ async fn replicas_write_one_chain() {
     }
 }
 
-/// A store and a trail in one Redis, the trail recording leases with
-/// their records; and a second replica's, on the same Redis.
-fn joint(server: &RedisServer) -> (Arc<RedisStore>, AuditLog) {
+/// One replica's store, its recorder and its trail, in `server`'s Redis,
+/// as the broker wires them.
+fn joint(server: &RedisServer) -> (Arc<RedisStore>, Recorder, Arc<RedisSink>) {
     let target = RedisTarget::Url {
         url: server.url(),
         ca_pem: None,
     };
-    let store =
-        Arc::new(RedisStore::new(target.clone(), "mayfly", Duration::from_secs(3600)).unwrap());
-    let sink = RedisSink::new(target, "mayfly")
-        .unwrap()
-        .with_store(store.clone());
-    (store, AuditLog::start(Arc::new(sink)))
+    let store = Arc::new(RedisStore::new(target, "mayfly", Duration::from_secs(3600)).unwrap());
+    let trail = Arc::new(store.trail());
+    let broker = SpiffeId::new("spiffe://example.org/mayfly/broker").unwrap();
+    let recorder = Recorder::start(trail.clone(), store.clone(), broker, None);
+    (store, recorder, trail)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_and_their_records_are_written_together_or_not_at_all() {
     let server = RedisServer::start();
-    let (store, log) = joint(&server);
-    let (_, other_replica) = joint(&server);
-    assert!(log.records_leases());
+    let (store, log, _) = joint(&server);
+    let (_other_store, other_replica, _) = joint(&server);
     let owner = agent("a");
     let live = task(&owner, 600);
     let ended = task(&owner, 600);
@@ -145,7 +136,7 @@ async fn leases_and_their_records_are_written_together_or_not_at_all() {
             .task(&t)
             .lease(&l.id);
         writers.push(tokio::spawn(async move {
-            let got = log.record_with_lease(record, l.clone(), t.created_at).await;
+            let got = log.record_issued(record, l.clone(), t.created_at).await;
             (l.id, got)
         }));
     }
@@ -155,7 +146,7 @@ async fn leases_and_their_records_are_written_together_or_not_at_all() {
             (id, Ok(())) => {
                 issued.insert(id.to_string());
             }
-            (_, Err(RecordError::Lease(StoreError::TaskNotActive(TaskState::Completed)))) => {
+            (_, Err(RecordError::Store(StoreError::TaskNotActive(TaskState::Completed)))) => {
                 refused += 1
             }
             (_, Err(e)) => panic!("unexpected {e:?}"),
@@ -214,9 +205,7 @@ async fn leases_and_their_records_are_written_together_or_not_at_all() {
     server.cli(&["SET", "mayfly:audit", "not a stream"]);
     let l = lease(&live, 60);
     let record = AuditRecord::new(Event::TokenIssued, &owner).lease(&l.id);
-    let got = log
-        .record_with_lease(record, l.clone(), live.created_at)
-        .await;
+    let got = log.record_issued(record, l.clone(), live.created_at).await;
     assert!(matches!(got, Err(RecordError::Audit(_))), "{got:?}");
     assert!(store.get_lease(&l.id).await.unwrap().is_none());
 }

@@ -5,12 +5,20 @@
 
 use std::sync::Arc;
 
+use mayfly_broker::audit::FileSink;
 use mayfly_broker::store::{EmbeddedStore, LeaseStore};
+use mayfly_testkit::contract::Backend;
 
-async fn fresh() -> (Arc<dyn LeaseStore>, tempfile::TempDir) {
+/// A fresh store, and a trail file beside it (as `[audit] sink = "file"`).
+async fn fresh() -> (Backend, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(&dir.path().join("leases.redb")).unwrap();
-    (Arc::new(store), dir)
+    let trail = FileSink::open(&dir.path().join("audit.jsonl")).unwrap();
+    let backend = Backend {
+        store: Arc::new(store),
+        trail: Arc::new(trail),
+    };
+    (backend, dir)
 }
 
 mayfly_testkit::store_contract_tests!(fresh());

@@ -8,18 +8,45 @@ use std::time::Duration;
 
 use mayfly_broker::store::{LeaseStore, RedisStore, RedisTarget};
 use mayfly_testkit::RedisServer;
+use mayfly_testkit::contract::Backend;
 
-async fn fresh() -> (Arc<dyn LeaseStore>, RedisServer) {
+/// A fresh store, and its own trail in the same Redis (as `[audit] sink =
+/// "redis"`): leases and records in one script.
+async fn fresh() -> (Backend, RedisServer) {
     let server = RedisServer::start();
     let target = RedisTarget::Url {
         url: server.url(),
         ca_pem: None,
     };
     let store = RedisStore::new(target, "mayfly", Duration::from_secs(3600)).unwrap();
-    (Arc::new(store), server)
+    let trail = Arc::new(store.trail());
+    let backend = Backend {
+        store: Arc::new(store),
+        trail,
+    };
+    (backend, server)
 }
 
 mayfly_testkit::store_contract_tests!(fresh());
+
+/// The Redis store with a file trail (`[audit] sink = "file"`): leases
+/// first, then records; the recording contract holds the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recording_with_a_file_trail_keeps_the_contract() {
+    use mayfly_broker::audit::FileSink;
+    use mayfly_testkit::contract;
+
+    let with_file = async || {
+        let (backend, server) = fresh().await;
+        let dir = tempfile::tempdir().unwrap();
+        let trail = Arc::new(FileSink::open(&dir.path().join("audit.jsonl")).unwrap());
+        (Backend { trail, ..backend }, (server, dir))
+    };
+    let (backend, _guard) = with_file().await;
+    contract::record_writes_each_lease_with_its_record_or_neither(backend).await;
+    let (backend, _guard) = with_file().await;
+    contract::concurrent_records_keep_leases_and_trail_in_step(backend).await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_reap_each_lease_exactly_once() {
@@ -195,7 +222,7 @@ async fn writes_fail_closed_without_the_replicas_they_need() {
 async fn leases_indexed_by_an_earlier_layout_are_found_and_purged() {
     use mayfly_testkit::contract::{agent, lease, task};
 
-    let (store, server) = fresh().await;
+    let (Backend { store, .. }, server) = fresh().await;
     let t = task(&agent("old"), 100);
     store.start_task(&t).await.unwrap();
     let l = lease(&t, 50);

@@ -1,7 +1,9 @@
 //! The contract every `LeaseStore` backend must pass. Each function takes a
-//! fresh, empty store; [`store_contract_tests!`](crate::store_contract_tests)
-//! turns the whole list into `#[tokio::test]`s for one backend, so every
-//! backend runs the same suite.
+//! fresh, empty store (those about recording, a [`Backend`]: the store and
+//! the audit trail production pairs with it);
+//! [`store_contract_tests!`](crate::store_contract_tests) turns the whole
+//! list into `#[tokio::test]`s for one backend, so every backend runs the
+//! same suite.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
@@ -15,17 +17,25 @@ use mayfly_core::{
     SpiffeId, Task, TaskContext, TaskId, TaskState, Timestamp, parse_scopes,
 };
 
+use mayfly_broker::audit::{AuditError, AuditRecord, AuditSink, Event, verify};
+use mayfly_broker::recorder::Recorder;
 use mayfly_broker::store::{
-    ExpiredLease, LeaseFilter, LeaseStore, PageRequest, RevokeRequest, StoreError, TaskFilter,
+    ExpiredLease, LeaseFilter, LeaseStore, LeaseWrite, PageRequest, RecordBatch, RecordError,
+    RevokeRequest, StoreError, TaskFilter,
 };
 
 /// Generates one `#[tokio::test]` per contract check for a backend.
-/// `$make` is an expression of type `impl Future<Output = (Arc<dyn
-/// LeaseStore>, G)>`, evaluated per test; `G` is kept alive for the test
+/// `$make` is an expression of type `impl Future<Output =
+/// (`[`Backend`]`, G)>`, evaluated per test; `G` is kept alive for the test
 /// (a temp dir, a server process).
 #[macro_export]
 macro_rules! store_contract_tests {
     ($make:expr) => {
+        $crate::store_contract_tests!(@recording $make;
+            record_writes_each_lease_with_its_record_or_neither,
+            concurrent_records_keep_leases_and_trail_in_step,
+            a_failed_trail_leaves_no_active_lease
+        );
         $crate::store_contract_tests!(@each $make;
             start_and_get_task,
             issue_requires_a_live_task_of_the_same_agent,
@@ -55,14 +65,34 @@ macro_rules! store_contract_tests {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
-                let (store, _guard) = $make.await;
-                $crate::contract::$name(store).await;
+                let (backend, _guard) = $make.await;
+                $crate::contract::$name(backend.store).await;
+            }
+        )*
+    };
+    (@recording $make:expr; $($name:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let (backend, _guard) = $make.await;
+                $crate::contract::$name(backend).await;
             }
         )*
     };
 }
 
 pub type Store = Arc<dyn LeaseStore>;
+
+/// A store under test and the trail it records credentials with, as the
+/// broker pairs them: the Redis store's own trail (`RedisStore::trail`), a
+/// file beside the embedded store.
+#[derive(Debug)]
+pub struct Backend {
+    /// The store, fresh and empty.
+    pub store: Store,
+    /// The audit trail, empty.
+    pub trail: Arc<dyn AuditSink>,
+}
 
 /// The suite's time origin: the wall clock at first use, so backends that
 /// give records a real expiry (Redis TTLs) see plausible times.
@@ -1442,4 +1472,274 @@ pub async fn ending_a_task_ends_its_whole_subtree(store: Store) {
         BTreeSet::from([y.id.lease_id(), z.id.lease_id()])
     );
     assert!(get(x.id.lease_id()).await.is_active_at(at(8)));
+}
+
+/// Every line of `trail`, checked as one intact chain from genesis, and the
+/// lease each record names.
+async fn trail_leases(trail: &dyn AuditSink) -> Vec<Option<String>> {
+    let mut lines = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (page, next) = trail.read(&cursor, 500).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        lines.extend(page);
+        cursor = next;
+    }
+    if !lines.is_empty() {
+        let v = verify(lines.iter().cloned().map(Ok::<_, String>)).unwrap();
+        assert_eq!((v.first_seq, v.records), (1, lines.len() as u64));
+    }
+    lines
+        .iter()
+        .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap().lease_id)
+        .collect()
+}
+
+fn issued_record(lease: &Lease) -> AuditRecord {
+    AuditRecord::new(Event::TokenIssued, &lease.agent).lease(&lease.id)
+}
+
+fn broker() -> SpiffeId {
+    SpiffeId::new("spiffe://example.org/mayfly/broker").unwrap()
+}
+
+/// One batch mixing a record without a lease, leases the store takes and
+/// one it refuses: the refused one fails alone (its record is not written
+/// either), every other record is in the trail in order, in one chain, and
+/// every other lease is in the store.
+pub async fn record_writes_each_lease_with_its_record_or_neither(backend: Backend) {
+    let Backend { store, trail } = backend;
+    let live = started(&store, &agent("a"), 600).await;
+    let ended = started(&store, &agent("a"), 600).await;
+    store
+        .end_task(&ended.id, &complete(&ended, at(1)))
+        .await
+        .unwrap();
+    let (first, refused, last) = (lease(&live, 60), lease(&ended, 60), lease(&live, 60));
+    let mut locked = lease(&live, 60);
+    locked.agent = agent("b");
+    let records = vec![
+        AuditRecord::new(Event::TaskStarted, &live.agent),
+        issued_record(&first),
+        issued_record(&refused),
+        issued_record(&locked),
+        issued_record(&last),
+    ];
+    let write = |l: &Lease| {
+        Some(LeaseWrite {
+            lease: l.clone(),
+            now: at(2),
+        })
+    };
+    let leases = vec![
+        None,
+        write(&first),
+        write(&refused),
+        write(&locked),
+        write(&last),
+    ];
+    let by = broker();
+    let batch = RecordBatch {
+        records: &records,
+        leases: &leases,
+        undo_by: &by,
+    };
+    let outcomes = store.record(&batch, &*trail).await;
+    assert_eq!(outcomes.len(), 5);
+    assert!(
+        outcomes[0].is_ok() && outcomes[1].is_ok() && outcomes[4].is_ok(),
+        "{outcomes:?}"
+    );
+    assert!(
+        matches!(
+            outcomes[2],
+            Err(RecordError::Store(StoreError::TaskNotActive(
+                TaskState::Completed
+            )))
+        ),
+        "{:?}",
+        outcomes[2]
+    );
+    assert!(
+        matches!(
+            outcomes[3],
+            Err(RecordError::Store(StoreError::TaskNotFound))
+        ),
+        "{:?}",
+        outcomes[3]
+    );
+    assert_eq!(
+        trail_leases(&*trail).await,
+        [None, Some(first.id.to_string()), Some(last.id.to_string())]
+    );
+    for l in [&first, &last] {
+        assert_eq!(state(&store, &l.id, at(3)).await, LeaseState::Active);
+    }
+    for l in [&refused, &locked] {
+        assert!(store.get_lease(&l.id).await.unwrap().is_none());
+    }
+
+    // The same lease again: refused as a duplicate, nothing more written.
+    let again = [issued_record(&first)];
+    let leases = [write(&first)];
+    let batch = RecordBatch {
+        records: &again,
+        leases: &leases,
+        undo_by: &by,
+    };
+    let outcomes = store.record(&batch, &*trail).await;
+    assert!(
+        matches!(
+            outcomes[..],
+            [Err(RecordError::Store(StoreError::Duplicate(_)))]
+        ),
+        "{outcomes:?}"
+    );
+    assert_eq!(trail_leases(&*trail).await.len(), 3);
+}
+
+/// Many requests through the broker's recorder at once, half of them under
+/// a task that ends meanwhile: every credential answered `Ok` has its
+/// lease and its record, every other has neither (or, issued before the
+/// task ended, a lease the end revoked with the rest), and the trail is one
+/// chain.
+pub async fn concurrent_records_keep_leases_and_trail_in_step(backend: Backend) {
+    let Backend { store, trail } = backend;
+    let live = started(&store, &agent("a"), 600).await;
+    let ending = started(&store, &agent("a"), 600).await;
+    let recorder = Recorder::start(trail.clone(), store.clone(), broker(), None);
+    let mut writers = Vec::new();
+    for i in 0..200 {
+        let t = if i % 2 == 0 {
+            live.clone()
+        } else {
+            ending.clone()
+        };
+        let recorder = recorder.clone();
+        writers.push(tokio::spawn(async move {
+            let l = lease(&t, 60);
+            let got = recorder
+                .record_issued(issued_record(&l), l.clone(), at(2))
+                .await;
+            (l, got)
+        }));
+        if i == 100 {
+            store
+                .end_task(&ending.id, &complete(&ending, at(2)))
+                .await
+                .unwrap();
+        }
+    }
+    let (mut ok, mut refused) = (BTreeSet::new(), 0);
+    for w in writers {
+        match w.await.unwrap() {
+            (l, Ok(())) => {
+                ok.insert(l.id.to_string());
+            }
+            (l, Err(RecordError::Store(StoreError::TaskNotActive(TaskState::Completed)))) => {
+                assert_eq!(l.task_id, ending.id);
+                assert!(store.get_lease(&l.id).await.unwrap().is_none());
+                refused += 1;
+            }
+            (_, Err(e)) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(ok.len() + refused, 200);
+    assert!(
+        ok.len() >= 100,
+        "every lease under the live task is recorded"
+    );
+    let recorded: BTreeSet<String> = trail_leases(&*trail).await.into_iter().flatten().collect();
+    assert_eq!(
+        recorded, ok,
+        "the trail holds exactly the credentials handed out"
+    );
+    for id in &ok {
+        let l = store
+            .get_lease(&LeaseId::new(id).unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        let want = if l.task_id == live.id {
+            LeaseState::Active
+        } else {
+            LeaseState::Revoked
+        };
+        assert_eq!(l.state_at(at(3)), want, "{id}");
+    }
+}
+
+/// A trail that takes nothing.
+#[derive(Debug)]
+struct Unwritable;
+
+#[async_trait::async_trait]
+impl AuditSink for Unwritable {
+    async fn append(&self, _: &[AuditRecord]) -> Result<(), AuditError> {
+        Err(AuditError::Failed("disk full".into()))
+    }
+
+    async fn read(&self, _: &str, _: usize) -> Result<(Vec<String>, String), AuditError> {
+        Ok((Vec::new(), String::new()))
+    }
+
+    async fn cursor_before_last(&self, _: usize) -> Result<String, AuditError> {
+        Ok(String::new())
+    }
+}
+
+/// A trail that fails: every record fails for it, and no lease of the
+/// batch is left active (each was written, then revoked by the broker, or
+/// never written); a refused lease still fails for its own reason.
+pub async fn a_failed_trail_leaves_no_active_lease(backend: Backend) {
+    let Backend { store, .. } = backend;
+    let live = started(&store, &agent("a"), 600).await;
+    let (one, two) = (lease(&live, 60), lease(&live, 60));
+    let mut foreign = lease(&live, 60);
+    foreign.agent = agent("b");
+    let records = [
+        issued_record(&one),
+        issued_record(&foreign),
+        issued_record(&two),
+    ];
+    let write = |l: &Lease| {
+        Some(LeaseWrite {
+            lease: l.clone(),
+            now: at(2),
+        })
+    };
+    let leases = [write(&one), write(&foreign), write(&two)];
+    let by = broker();
+    let batch = RecordBatch {
+        records: &records,
+        leases: &leases,
+        undo_by: &by,
+    };
+    let outcomes = store.record(&batch, &Unwritable).await;
+    assert!(
+        matches!(outcomes[0], Err(RecordError::Audit(_))),
+        "{outcomes:?}"
+    );
+    assert!(
+        matches!(
+            outcomes[1],
+            Err(RecordError::Store(StoreError::TaskNotFound))
+        ),
+        "{outcomes:?}"
+    );
+    assert!(
+        matches!(outcomes[2], Err(RecordError::Audit(_))),
+        "{outcomes:?}"
+    );
+    for l in [&one, &two] {
+        if let Some(stored) = store.get_lease(&l.id).await.unwrap() {
+            match &stored.status {
+                LeaseStatus::Revoked(r) => assert_eq!(r.by, by),
+                other => panic!("unrecorded lease left {other:?}"),
+            }
+        }
+    }
+    assert!(store.get_lease(&foreign.id).await.unwrap().is_none());
 }

@@ -5,15 +5,17 @@
 //! wrote first, and the batch is chained again onto the new head. So all
 //! replicas write one chain.
 //!
-//! Given the store ([`RedisSink::with_store`]), a batch that holds
-//! credential leases is written together with them in one script of the
-//! store's (`issue_recorded.lua`), which checks the head the same way.
+//! The Redis lease store makes its own trail (`RedisStore::trail`, on the
+//! store's connection) and writes credential leases in the same script as
+//! their records, through [`RedisSink::append_via`]; this sink only chains
+//! the lines and keeps the head.
 //!
 //! With a retention ([`RedisSink::with_retention`]), entries older than it
 //! are trimmed (`XTRIM … MINID`, the stream's ids being milliseconds), at
 //! most once a minute, after a write. The head stays, so the chain goes
 //! on; a reader then starts at the oldest entry kept.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -21,8 +23,8 @@ use redis::Script;
 use redis::streams::StreamRangeReply;
 use tokio::sync::Mutex;
 
-use super::{AuditError, AuditRecord, AuditSink, Head, LeaseBatchError, LeaseWrite, chain};
-use crate::store::{BatchOutcome, RedisConn, RedisStore, RedisTarget, StoreError, TrailBatch};
+use super::{AuditError, AuditRecord, AuditSink, Head, chain};
+use crate::redis_conn::{RedisConn, RedisTarget, Unreachable};
 
 /// Appends a chained batch if the head has not moved.
 /// KEYS: 1 stream, 2 head hash. ARGV: 1 expected seq, 2 expected hash,
@@ -42,17 +44,20 @@ const ATTEMPTS: usize = 16;
 /// The stream is trimmed at most this often.
 const TRIM_EVERY_MS: u64 = 60_000;
 
+impl From<Unreachable> for AuditError {
+    fn from(e: Unreachable) -> Self {
+        Self::Failed(e.0)
+    }
+}
+
 /// Appends to the shared stream.
 pub struct RedisSink {
-    conn: RedisConn,
+    conn: Arc<RedisConn>,
     stream: String,
     head_key: String,
     script: Script,
     /// The head as last seen; `None` until first use.
     head: Mutex<Option<Head>>,
-    /// The lease store in the same Redis, which records credential leases
-    /// in the same step as their records.
-    store: Option<Arc<RedisStore>>,
     /// Entries older than this are trimmed; `None` keeps them all.
     retention: Option<std::time::Duration>,
     /// When the stream was last trimmed (ms since the epoch).
@@ -67,25 +72,165 @@ impl std::fmt::Debug for RedisSink {
     }
 }
 
+/// A batch chained onto a head, as a script writes it.
+#[derive(Debug)]
+pub(crate) struct Chained<'a> {
+    /// The trail's stream key.
+    pub stream: &'a str,
+    /// The key of the trail's head (`seq`, `hash`).
+    pub head_key: &'a str,
+    /// The head the lines were chained onto.
+    pub expected: &'a Head,
+    /// The head after them.
+    pub next: &'a Head,
+    /// The lines, in order.
+    pub lines: &'a [String],
+}
+
+/// What one write of a [`Chained`] batch did.
+#[derive(Debug)]
+pub(crate) enum Wrote<T> {
+    /// Wrote everything.
+    All,
+    /// Wrote nothing: the head is this one (another writer moved it, or
+    /// an earlier send of this very batch did).
+    Stale(Head),
+    /// Wrote nothing, for the writer's own reason.
+    Nothing(T),
+}
+
+/// A script that writes a [`Chained`] batch (its lines, and maybe more).
+pub(crate) trait WriteChained: Sync {
+    /// Why it may write nothing, besides a moved head.
+    type Refusal: Send;
+    /// How it fails.
+    type Error: From<AuditError> + Send;
+
+    /// Runs once (sent twice at most, after a lost connection: the second
+    /// value says so).
+    fn write(
+        &self,
+        batch: &Chained<'_>,
+    ) -> impl Future<Output = Result<(Wrote<Self::Refusal>, bool), Self::Error>> + Send;
+}
+
+/// The sink's own script: the lines, nothing else.
+struct AppendLines<'a>(&'a RedisSink);
+
+impl WriteChained for AppendLines<'_> {
+    type Refusal = std::convert::Infallible;
+    type Error = AuditError;
+
+    async fn write(&self, batch: &Chained<'_>) -> Result<(Wrote<Self::Refusal>, bool), AuditError> {
+        let mut inv = self.0.script.prepare_invoke();
+        inv.key(batch.stream)
+            .key(batch.head_key)
+            .arg(batch.expected.seq)
+            .arg(&batch.expected.hash)
+            .arg(batch.next.seq)
+            .arg(&batch.next.hash);
+        for line in batch.lines {
+            inv.arg(line);
+        }
+        // Safe to send again: a run after a lost reply finds the head
+        // moved, and `append_via` tells whether by this batch.
+        let inv = &inv;
+        let (reply, twice): (Vec<String>, bool) = self
+            .0
+            .conn
+            .run_repeatable(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        let wrote = match reply.as_slice() {
+            [ok] if ok == "OK" => Wrote::All,
+            [stale, seq, hash] if stale == "STALE" => Wrote::Stale(stale_head(seq, hash)?),
+            other => {
+                return Err(AuditError::Failed(format!(
+                    "unexpected audit script reply {other:?}"
+                )));
+            }
+        };
+        Ok((wrote, twice))
+    }
+}
+
 impl RedisSink {
-    /// The trail under `prefix` on `target`; nothing is dialled yet.
+    /// The trail under `prefix` on `target`, on its own connection;
+    /// nothing is dialled yet.
     pub fn new(target: RedisTarget, prefix: &str) -> Result<Self, AuditError> {
-        Ok(Self {
-            conn: RedisConn::new(target).map_err(|e| AuditError::Failed(e.to_string()))?,
+        Ok(Self::sharing(Arc::new(RedisConn::new(target)?), prefix))
+    }
+
+    /// The trail under `prefix` on an existing connection.
+    pub(crate) fn sharing(conn: Arc<RedisConn>, prefix: &str) -> Self {
+        Self {
+            conn,
             stream: format!("{prefix}:audit"),
             head_key: format!("{prefix}:audit:head"),
             script: Script::new(APPEND),
             head: Mutex::new(None),
-            store: None,
             retention: None,
             trimmed_ms: std::sync::atomic::AtomicU64::new(0),
-        })
+        }
+    }
+
+    /// Whether this trail is on `conn` (so a script on it can write both).
+    pub(crate) fn is_on(&self, conn: &Arc<RedisConn>) -> bool {
+        Arc::ptr_eq(&self.conn, conn)
     }
 
     /// Trims entries older than `retention` (none: keeps everything).
     pub fn with_retention(mut self, retention: Option<std::time::Duration>) -> Self {
         self.retention = retention;
         self
+    }
+
+    /// Chains `records` onto the head and hands them to `writer`, until
+    /// it writes them, or nothing for its own reason; when another writer
+    /// moved the head, they are chained again onto the new one. A stale
+    /// answer after a second send may be this very batch, written by the
+    /// first send and followed by another writer's:
+    /// [`written_before`](Self::written_before) tells. `Ok(None)`: written;
+    /// `Ok(Some(why))`: the writer's refusal.
+    pub(crate) async fn append_via<W: WriteChained>(
+        &self,
+        records: &[AuditRecord],
+        writer: &W,
+    ) -> Result<Option<W::Refusal>, W::Error> {
+        let mut cached = self.head.lock().await;
+        for _ in 0..ATTEMPTS {
+            let head = cached.clone().unwrap_or_else(Head::genesis);
+            let (lines, next) = chain(records, &head).map_err(AuditError::from)?;
+            let batch = Chained {
+                stream: &self.stream,
+                head_key: &self.head_key,
+                expected: &head,
+                next: &next,
+                lines: &lines,
+            };
+            match writer.write(&batch).await? {
+                (Wrote::All, _) => {}
+                // The head is where this batch leaves it: only its lines
+                // hash to it, so an earlier send of it wrote everything.
+                (Wrote::Stale(now), _) if now == next => {}
+                (Wrote::Stale(now), twice) => {
+                    let ours = twice && self.written_before(&head, &lines, &now).await?;
+                    *cached = Some(now);
+                    if ours {
+                        return Ok(None);
+                    }
+                    continue;
+                }
+                (Wrote::Nothing(why), _) => return Ok(Some(why)),
+            }
+            *cached = Some(next);
+            drop(cached);
+            self.trim().await;
+            return Ok(None);
+        }
+        Err(AuditError::Failed(
+            "the audit head kept moving; other replicas are writing too fast".into(),
+        )
+        .into())
     }
 
     /// Trims the stream if a retention is set and a minute has passed
@@ -123,13 +268,6 @@ impl RedisSink {
             Ok(n) => tracing::info!(entries = n, "audit stream entries past retention trimmed"),
             Err(e) => tracing::warn!(error = %e, "audit stream not trimmed"),
         }
-    }
-
-    /// Records credential leases through `store` (the same Redis and key
-    /// prefix) in the same step as their records.
-    pub fn with_store(mut self, store: Arc<RedisStore>) -> Self {
-        self.store = Some(store);
-        self
     }
 }
 
@@ -174,8 +312,7 @@ impl RedisSink {
                     .query_async(&mut c)
                     .await
             })
-            .await
-            .map_err(|e| AuditError::Failed(e.to_string()))?;
+            .await?;
         Ok(reply
             .ids
             .iter()
@@ -184,7 +321,7 @@ impl RedisSink {
 }
 
 /// The head a `STALE` reply names.
-fn stale_head(seq: &str, hash: &str) -> Result<Head, AuditError> {
+pub(crate) fn stale_head(seq: &str, hash: &str) -> Result<Head, AuditError> {
     let seq = seq
         .parse()
         .map_err(|_| AuditError::Failed(format!("bad audit head seq {seq:?}")))?;
@@ -194,124 +331,18 @@ fn stale_head(seq: &str, hash: &str) -> Result<Head, AuditError> {
     })
 }
 
-fn moving() -> AuditError {
-    AuditError::Failed("the audit head kept moving; other replicas are writing too fast".into())
-}
-
 #[async_trait]
 impl AuditSink for RedisSink {
     async fn append(&self, records: &[AuditRecord]) -> Result<(), AuditError> {
-        let mut cached = self.head.lock().await;
-        for _ in 0..ATTEMPTS {
-            let head = cached.clone().unwrap_or_else(Head::genesis);
-            let (lines, next) = chain(records, &head)?;
-            let mut inv = self.script.prepare_invoke();
-            inv.key(&self.stream)
-                .key(&self.head_key)
-                .arg(head.seq)
-                .arg(&head.hash)
-                .arg(next.seq)
-                .arg(&next.hash);
-            for line in &lines {
-                inv.arg(line);
-            }
-            // Safe to send again: a run after a lost reply finds the head
-            // moved, and `written_before` tells whether by this batch.
-            let inv = &inv;
-            let (reply, twice): (Vec<String>, bool) = self
-                .conn
-                .run_repeatable(|mut c| async move { inv.invoke_async(&mut c).await })
-                .await
-                .map_err(|e| AuditError::Failed(e.to_string()))?;
-            match reply.as_slice() {
-                [ok] if ok == "OK" => {
-                    *cached = Some(next);
-                    drop(cached);
-                    self.trim().await;
-                    return Ok(());
-                }
-                [stale, seq, hash] if stale == "STALE" => {
-                    let now = stale_head(seq, hash)?;
-                    if twice && self.written_before(&head, &lines, &now).await? {
-                        *cached = Some(now);
-                        return Ok(());
-                    }
-                    *cached = Some(now);
-                }
-                other => {
-                    return Err(AuditError::Failed(format!(
-                        "unexpected audit script reply {other:?}"
-                    )));
-                }
-            }
+        let written = self.append_via(records, &AppendLines(self)).await?;
+        match written {
+            None => Ok(()),
+            Some(never) => match never {},
         }
-        Err(moving())
     }
 
-    fn records_leases(&self) -> bool {
-        self.store.is_some()
-    }
-
-    async fn append_with_leases(
-        &self,
-        records: &[AuditRecord],
-        leases: &[Option<LeaseWrite>],
-    ) -> Result<(), LeaseBatchError> {
-        let Some(store) = &self.store else {
-            return Err(LeaseBatchError::Audit(super::not_in_store()));
-        };
-        // Leases by their place in the batch.
-        let (places, writes): (Vec<usize>, Vec<_>) = leases
-            .iter()
-            .enumerate()
-            .filter_map(|(i, l)| l.as_ref().map(|l| (i, (&l.lease, l.now))))
-            .unzip();
-        let mut cached = self.head.lock().await;
-        for _ in 0..ATTEMPTS {
-            let head = cached.clone().unwrap_or_else(Head::genesis);
-            let (lines, next) =
-                chain(records, &head).map_err(|e| LeaseBatchError::Audit(e.into()))?;
-            let batch = TrailBatch {
-                stream: &self.stream,
-                head_key: &self.head_key,
-                expected: (head.seq, &head.hash),
-                next: (next.seq, &next.hash),
-                lines: &lines,
-            };
-            match store.issue_recorded(&writes, &batch).await {
-                Ok((BatchOutcome::Written, _)) => {
-                    *cached = Some(next);
-                    drop(cached);
-                    self.trim().await;
-                    return Ok(());
-                }
-                Ok((BatchOutcome::Stale { seq, hash }, twice)) => {
-                    let now = Head { seq, hash };
-                    let ours = twice
-                        && self
-                            .written_before(&head, &lines, &now)
-                            .await
-                            .map_err(LeaseBatchError::Audit)?;
-                    *cached = Some(now);
-                    if ours {
-                        return Ok(());
-                    }
-                }
-                Ok((BatchOutcome::Refused(refused), _)) => {
-                    return Err(LeaseBatchError::Refused(
-                        refused.into_iter().map(|(i, e)| (places[i], e)).collect(),
-                    ));
-                }
-                Ok((BatchOutcome::Broken(key), _)) => {
-                    return Err(LeaseBatchError::Audit(AuditError::Failed(format!(
-                        "{key} has the wrong type; nothing was written"
-                    ))));
-                }
-                Err(StoreError::Unavailable(m)) => return Err(LeaseBatchError::Unavailable(m)),
-                Err(e) => return Err(LeaseBatchError::Audit(AuditError::Failed(e.to_string()))),
-            }
-        }
-        Err(LeaseBatchError::Audit(moving()))
+    fn in_redis(&self) -> Option<&RedisSink> {
+        Some(self)
     }
 
     async fn read(&self, cursor: &str, limit: usize) -> Result<(Vec<String>, String), AuditError> {
@@ -335,8 +366,7 @@ impl AuditSink for RedisSink {
                     .query_async(&mut c)
                     .await
             })
-            .await
-            .map_err(|e| AuditError::Failed(e.to_string()))?;
+            .await?;
         let mut next = cursor.to_owned();
         let mut lines = Vec::with_capacity(reply.ids.len());
         for entry in reply.ids {
@@ -363,8 +393,7 @@ impl AuditSink for RedisSink {
                     .query_async(&mut c)
                     .await
             })
-            .await
-            .map_err(|e| AuditError::Failed(e.to_string()))?;
+            .await?;
         // The entry before the last n, or the start if there are no more.
         Ok(reply.ids.get(n).map(|e| e.id.clone()).unwrap_or_default())
     }

@@ -24,17 +24,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mayfly_core::{
-    Approval, ApprovalId, Audience, Decision, Envelope, Intent, Lease, LeaseId, Pattern, Policy,
+    Approval, ApprovalId, Audience, Decision, Envelope, Intent, Lease, Pattern, Policy,
     RevocationReason, Scopes, SpiffeId, SpiffeIdPattern, Task, TaskContext, TaskId, TaskRecord,
     TaskState, Timestamp,
 };
 use tokio::sync::Notify;
 
-use crate::audit::{AuditLog, AuditRecord};
+use crate::audit::AuditRecord;
 use crate::error::BrokerError;
 use crate::identity::Caller;
 use crate::issuer::{AccessToken, CsrKey, IssuingCa, JwtSigner};
 use crate::ratelimit::RateLimiter;
+use crate::recorder::Recorder;
 use crate::store::{LeaseStore, RevokeRequest};
 
 pub use mayfly_core::limits::{MAX_NOTE_BYTES, MAX_TTL as ABSURD_TTL};
@@ -241,15 +242,6 @@ fn expiry(
     Ok(expires_at)
 }
 
-/// What a store write made, to undo it when its audit record fails.
-#[derive(Debug, Clone, Copy)]
-enum Written<'a> {
-    /// A credential's lease.
-    Lease(&'a LeaseId),
-    /// A new task (and its lease).
-    Task(&'a TaskId),
-}
-
 /// The broker's request handling: what it needs, given at start.
 #[derive(Debug)]
 pub struct Service {
@@ -277,7 +269,7 @@ pub struct Service {
     /// (re-evaluation after a policy reload).
     pub broker_id: SpiffeId,
     /// Where every decision is recorded.
-    pub audit: AuditLog,
+    pub audit: Recorder,
     /// Counters and histograms for `/metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Tasks as recently read, for issuing credentials.
@@ -355,22 +347,19 @@ impl Service {
         Ok(self.audit.record(record).await?)
     }
 
-    /// Records a decision whose store write is already made (a
-    /// credential's lease, a new task); if the trail cannot take it, the
-    /// write is undone (the lease revoked, the task ended) and the request
-    /// fails, so nothing unrecorded is handed out.
-    async fn audit_or_undo(
+    /// Records a new task's decision, its task already written; if the
+    /// trail cannot take it, the task is ended again and the request fails,
+    /// so no unrecorded task is handed out. (A credential is recorded with
+    /// its lease in one step instead: `Recorder::record_issued`.)
+    async fn audit_or_end_task(
         &self,
-        written: Written<'_>,
+        task: &TaskId,
         record: AuditRecord,
     ) -> Result<(), BrokerError> {
         let Err(e) = self.audit(record).await else {
             return Ok(());
         };
-        let reason = match written {
-            Written::Lease(_) => RevocationReason::Operator,
-            Written::Task(_) => RevocationReason::TaskRevoked,
-        };
+        let reason = RevocationReason::TaskRevoked;
         let req = RevokeRequest {
             reason,
             child_reason: reason,
@@ -378,12 +367,8 @@ impl Service {
             note: Some("audit trail unavailable".into()),
             at: Timestamp::now(),
         };
-        let undone = match written {
-            Written::Lease(id) => self.store.revoke_lease(id, &req).await.map(drop),
-            Written::Task(id) => self.store.end_task(id, &req).await.map(drop),
-        };
-        if let Err(undo) = undone {
-            tracing::error!(?written, error = %undo, "unrecorded write not undone");
+        if let Err(undo) = self.store.end_task(task, &req).await {
+            tracing::error!(task_id = %task, error = %undo, "unrecorded task not ended");
         }
         Err(e)
     }

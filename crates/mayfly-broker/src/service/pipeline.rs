@@ -34,11 +34,11 @@ use mayfly_core::{
     LeaseKind, LeaseStatus, Policy, SpiffeId, Task, TaskId, Timestamp,
 };
 
-use super::{Issued, Permit, Service, Written, asked, expiry};
-use crate::audit::{AuditRecord, Event, RecordError};
+use super::{Issued, Permit, Service, asked, expiry};
+use crate::audit::{AuditRecord, Event};
 use crate::error::BrokerError;
 use crate::identity::Caller;
-use crate::store::StoreError;
+use crate::store::{RecordError, StoreError};
 
 /// How many times a credential is decided, at most, when the task's
 /// context keeps changing while it is issued (the first decision and two
@@ -128,14 +128,6 @@ enum Gate {
     Proceed(Option<ApprovalId>),
     /// Stop: an approval is now pending.
     Pending(Box<Approval>),
-}
-
-/// Why a credential was not recorded.
-enum NotRecorded {
-    /// The store refused its lease, or could not be reached.
-    Store(StoreError),
-    /// Anything else, as the caller's answer.
-    Broker(BrokerError),
 }
 
 impl Service {
@@ -264,7 +256,7 @@ impl Service {
         record.approval_id = lease.approval.as_ref().map(ToString::to_string);
         let record = kind.describe(record, Some(lease));
         progress.decisions += 1;
-        match self.record_issued(lease, now, record).await {
+        match self.audit.record_issued(record, lease.clone(), now).await {
             Ok(()) => {
                 // One per credential: debug, like expiry; the audit trail
                 // has every one.
@@ -291,54 +283,24 @@ impl Service {
         }
     }
 
-    /// Records `lease` (decided at `now`) and its audit `record`: in one
-    /// atomic step when the trail lives in the store, else the lease and
-    /// then the record (revoking the lease if the record fails). Either
-    /// way the credential may leave only once this returns `Ok`.
-    async fn record_issued(
-        &self,
-        lease: &Lease,
-        now: Timestamp,
-        record: AuditRecord,
-    ) -> Result<(), NotRecorded> {
-        if self.audit.records_leases() {
-            return match self
-                .audit
-                .record_with_lease(record, lease.clone(), now)
-                .await
-            {
-                Ok(()) => Ok(()),
-                Err(RecordError::Lease(e)) => Err(NotRecorded::Store(e)),
-                Err(RecordError::Audit(e)) => Err(NotRecorded::Broker(e.into())),
-            };
-        }
-        self.store
-            .issue(lease, now)
-            .await
-            .map_err(NotRecorded::Store)?;
-        self.audit_or_undo(Written::Lease(&lease.id), record)
-            .await
-            .map_err(NotRecorded::Broker)
-    }
-
     /// After a credential was not recorded: `Ok` to decide again (the
     /// task's context changed and fewer than [`ATTEMPTS`] decisions were
     /// made), else the answer for the caller.
     fn decide_again(
         &self,
-        e: NotRecorded,
+        e: RecordError,
         task: &TaskId,
         decisions: usize,
     ) -> Result<(), BrokerError> {
         match e {
-            NotRecorded::Store(e) => {
+            RecordError::Store(e) => {
                 self.tasks.forget(task);
                 match e {
                     StoreError::TaskChanged if decisions < ATTEMPTS => Ok(()),
                     e => Err(BrokerError::from_store(e, task)),
                 }
             }
-            NotRecorded::Broker(e) => Err(e),
+            RecordError::Audit(e) => Err(e.into()),
         }
     }
 

@@ -9,7 +9,7 @@ use mayfly_core::{
     StartTaskRequest, Task, TaskId, TaskRecord, TaskState, Timestamp,
 };
 
-use super::{NewDelegation, NewTask, Service, Written, asked};
+use super::{NewDelegation, NewTask, Service, asked};
 use crate::audit::{AuditRecord, Event};
 use crate::error::BrokerError;
 use crate::identity::Caller;
@@ -72,8 +72,8 @@ impl Service {
                 other => other,
             });
         }
-        self.audit_or_undo(
-            Written::Task(&task.id),
+        self.audit_or_end_task(
+            &task.id,
             AuditRecord::new(Event::TaskStarted, &caller.id)
                 .task(&task)
                 .envelope(&task.envelope)
@@ -200,7 +200,7 @@ impl Service {
             .decided("permit", Some(&permit.policy_id))
             .expires(task.expires_at);
         record.delegate = Some(task.agent.to_string());
-        self.audit_or_undo(Written::Task(&task.id), record).await?;
+        self.audit_or_end_task(&task.id, record).await?;
         tracing::info!(
             target: "mayfly::decision",
             event = "task_delegated",

@@ -51,9 +51,11 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
 use super::{
-    ExpiredLease, LeaseFilter, LeaseStore, Page, PageRequest, ReapOutcome, RevocationEvent,
-    RevokeRequest, StoreError, TaskFilter, check_consumable, check_decidable,
+    ExpiredLease, LeaseFilter, LeaseStore, LeaseThenRecord, LeaseWrite, Page, PageRequest,
+    ReapOutcome, RecordBatch, RecordError, RevocationEvent, RevokeRequest, StoreError, TaskFilter,
+    check_consumable, check_decidable, lease_then_record,
 };
+use crate::audit::AuditSink;
 
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
@@ -232,6 +234,48 @@ fn fail_all(batch: Vec<Box<dyn Change>>, why: &str) {
     }
 }
 
+/// A batch's leases in one transaction, each checked on its own; the
+/// undo (if the trail fails) in another.
+impl LeaseThenRecord for EmbeddedStore {
+    async fn issue_all(&self, writes: &[&LeaseWrite]) -> Vec<Result<(), StoreError>> {
+        let writes: Vec<LeaseWrite> = writes.iter().map(|w| (*w).clone()).collect();
+        let n = writes.len();
+        let answers = self
+            .write(move |t| {
+                let mut answers = Vec::with_capacity(writes.len());
+                for w in &writes {
+                    match t.issue(&w.lease, w.now) {
+                        // The transaction itself failed: none of it may be
+                        // committed.
+                        Err(e @ (StoreError::Unavailable(_) | StoreError::Corrupt(_))) => {
+                            return Err(e);
+                        }
+                        answer => answers.push(answer),
+                    }
+                }
+                Ok(answers)
+            })
+            .await;
+        answers.unwrap_or_else(|e| vec![Err(e); n])
+    }
+
+    async fn undo_all(&self, ids: &[&LeaseId], req: &RevokeRequest) -> Result<(), StoreError> {
+        let (ids, req): (Vec<LeaseId>, _) =
+            (ids.iter().map(|id| (*id).clone()).collect(), req.clone());
+        self.write(move |t| {
+            for id in &ids {
+                if let Some(lease) = t.lease(id.as_str())?
+                    && lease.is_active_at(req.at)
+                {
+                    t.revoke(lease, &req, req.reason)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
 impl std::fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("EmbeddedStore")
@@ -404,6 +448,28 @@ impl<'t> Tables<'t> {
             }
         }
         Ok(revoked)
+    }
+
+    /// Records a credential lease if its task is live, of the same agent,
+    /// outlives it and is still at the revision decided on, and the agent
+    /// is not locked; refuses with why, writing nothing, otherwise.
+    fn issue(&mut self, lease: &Lease, now: Timestamp) -> Result<(), StoreError> {
+        let record = self
+            .task_record(lease.task_id.as_str())?
+            .filter(|r| r.task.agent == lease.agent)
+            .ok_or(StoreError::TaskNotFound)?;
+        self.refuse_locked(&lease.agent, now)?;
+        let state = record.state_at(now);
+        if state != TaskState::Active {
+            return Err(StoreError::TaskNotActive(state));
+        }
+        if lease.expires_at > record.task.expires_at {
+            return Err(StoreError::OutlivesTask);
+        }
+        if lease.task_revision != record.task.revision {
+            return Err(StoreError::TaskChanged);
+        }
+        self.insert_new_lease(lease)
     }
 
     fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
@@ -693,25 +759,15 @@ impl LeaseStore for EmbeddedStore {
 
     async fn issue(&self, lease: &Lease, now: Timestamp) -> Result<(), StoreError> {
         let lease = lease.clone();
-        self.write(move |t| {
-            let record = t
-                .task_record(lease.task_id.as_str())?
-                .filter(|r| r.task.agent == lease.agent)
-                .ok_or(StoreError::TaskNotFound)?;
-            t.refuse_locked(&lease.agent, now)?;
-            let state = record.state_at(now);
-            if state != TaskState::Active {
-                return Err(StoreError::TaskNotActive(state));
-            }
-            if lease.expires_at > record.task.expires_at {
-                return Err(StoreError::OutlivesTask);
-            }
-            if lease.task_revision != record.task.revision {
-                return Err(StoreError::TaskChanged);
-            }
-            t.insert_new_lease(&lease)
-        })
-        .await
+        self.write(move |t| t.issue(&lease, now)).await
+    }
+
+    async fn record(
+        &self,
+        batch: &RecordBatch<'_>,
+        trail: &dyn AuditSink,
+    ) -> Vec<Result<(), RecordError>> {
+        lease_then_record(self, batch, trail).await
     }
 
     async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError> {

@@ -6,9 +6,13 @@
 //! - [`LeaseStore::issue`] records a credential only under a live task owned
 //!   by the same agent;
 //! - [`LeaseStore::end_task`] ends a task and revokes every live lease under
-//!   it, so an `issue` racing it either fails or is revoked with the rest.
+//!   it, so an `issue` racing it either fails or is revoked with the rest;
+//! - [`LeaseStore::record`] writes a batch of audit records together with
+//!   the leases of the credentials they issue: a lease and its record exist
+//!   together or not at all. This is the one way a credential is recorded.
 
 use std::fmt;
+use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -19,15 +23,16 @@ use mayfly_core::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::audit::{AuditError, AuditRecord, AuditSink};
+
 mod embedded;
 mod redis;
 
-pub(crate) use self::redis::RedisConn;
-pub use self::redis::{BatchOutcome, RedisStore, RedisTarget, TrailBatch};
+pub use self::redis::{RedisStore, RedisTarget};
 pub use embedded::{CACHE_BYTES as EMBEDDED_CACHE_BYTES, EmbeddedStore};
 
 /// Why a store call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// No such task, or it belongs to another agent.
@@ -67,6 +72,129 @@ pub enum StoreError {
     /// A stored record could not be decoded.
     #[error("store holds a corrupt record: {0}")]
     Corrupt(String),
+}
+
+impl From<crate::redis_conn::Unreachable> for StoreError {
+    fn from(e: crate::redis_conn::Unreachable) -> Self {
+        Self::Unavailable(e.0)
+    }
+}
+
+/// Why a record (and the credential lease that came with it) was not
+/// written. Neither was: nothing of it is left behind.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RecordError {
+    /// The store refused the lease (its task ended or changed, its agent
+    /// is locked, …) or could not be reached.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The audit trail could not take the record.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+}
+
+/// A credential lease to record with its audit record.
+#[derive(Debug, Clone)]
+pub struct LeaseWrite {
+    /// The lease, as [`LeaseStore::issue`] takes it.
+    pub lease: Lease,
+    /// When its decision was made (the task must be active then).
+    pub now: Timestamp,
+}
+
+/// A batch for [`LeaseStore::record`]: audit records in trail order, each
+/// with the credential lease it records, if it records one.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordBatch<'a> {
+    /// The records, in the order the trail gets them.
+    pub records: &'a [AuditRecord],
+    /// `leases[i]` is the lease `records[i]` issues; as long as `records`.
+    pub leases: &'a [Option<LeaseWrite>],
+    /// Who revokes a lease whose record could not be written, where the
+    /// store must undo one (the broker's own identity).
+    pub undo_by: &'a SpiffeId,
+}
+
+impl RecordBatch<'_> {
+    /// One outcome per record, each the same.
+    fn all(&self, outcome: &Result<(), RecordError>) -> Vec<Result<(), RecordError>> {
+        vec![outcome.clone(); self.records.len()]
+    }
+}
+
+/// What [`lease_then_record`] needs of a backend.
+pub(crate) trait LeaseThenRecord: Sync {
+    /// Records each lease as [`LeaseStore::issue`] would; one answer each.
+    fn issue_all(
+        &self,
+        writes: &[&LeaseWrite],
+    ) -> impl Future<Output = Vec<Result<(), StoreError>>> + Send;
+
+    /// Revokes each lease still active, as `req` says.
+    fn undo_all(
+        &self,
+        ids: &[&LeaseId],
+        req: &RevokeRequest,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// [`LeaseStore::record`] for a trail outside the store: the leases first,
+/// then the records of those taken, and if the trail fails, the leases
+/// revoked again, so that no lease is left active without its record.
+/// Only the records whose lease was refused fail for that; the rest go on.
+pub(crate) async fn lease_then_record<S: LeaseThenRecord>(
+    store: &S,
+    batch: &RecordBatch<'_>,
+    trail: &dyn AuditSink,
+) -> Vec<Result<(), RecordError>> {
+    debug_assert_eq!(batch.records.len(), batch.leases.len());
+    let mut out: Vec<Result<(), RecordError>> = batch.all(&Ok(()));
+    let writes: Vec<(usize, &LeaseWrite)> = batch
+        .leases
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| l.as_ref().map(|l| (i, l)))
+        .collect();
+    let mut issued = Vec::with_capacity(writes.len());
+    if !writes.is_empty() {
+        let leases: Vec<&LeaseWrite> = writes.iter().map(|(_, w)| *w).collect();
+        let answers = store.issue_all(&leases).await;
+        for ((i, w), answer) in writes.iter().zip(answers) {
+            match answer {
+                Ok(()) => issued.push(&w.lease.id),
+                Err(e) => out[*i] = Err(RecordError::Store(e)),
+            }
+        }
+    }
+    let kept: Vec<usize> = (0..out.len()).filter(|&i| out[i].is_ok()).collect();
+    if kept.is_empty() {
+        return out;
+    }
+    let appended = if kept.len() == batch.records.len() {
+        trail.append(batch.records).await
+    } else {
+        let records: Vec<AuditRecord> = kept.iter().map(|&i| batch.records[i].clone()).collect();
+        trail.append(&records).await
+    };
+    if let Err(e) = appended {
+        if !issued.is_empty() {
+            let reason = RevocationReason::Operator;
+            let req = RevokeRequest {
+                reason,
+                child_reason: reason,
+                by: batch.undo_by.clone(),
+                note: Some("audit trail unavailable".into()),
+                at: Timestamp::now(),
+            };
+            if let Err(undo) = store.undo_all(&issued, &req).await {
+                tracing::error!(leases = issued.len(), error = %undo, "unrecorded leases not revoked");
+            }
+        }
+        for i in kept {
+            out[i] = Err(RecordError::Audit(e.clone()));
+        }
+    }
+    out
 }
 
 /// Which leases to list. Empty fields match everything.
@@ -260,6 +388,20 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// and that the agent is not locked (`AgentLocked`). Returns
     /// `TaskNotFound` for another agent's task.
     async fn issue(&self, lease: &Lease, now: Timestamp) -> Result<(), StoreError>;
+
+    /// Writes `batch.records` to `trail` and, with each record that issues
+    /// a credential, its lease (checked as [`issue`](Self::issue) checks
+    /// it), so that a lease and its record exist together or not at all:
+    /// in one script when the trail is this store's own (Redis), else the
+    /// leases, then the records, undoing the leases if the trail fails.
+    /// Returns one outcome per record, in order: `Ok` once the record (and
+    /// its lease) are durable; an error when neither was written. A refused
+    /// lease fails only its own record.
+    async fn record(
+        &self,
+        batch: &RecordBatch<'_>,
+        trail: &dyn AuditSink,
+    ) -> Vec<Result<(), RecordError>>;
 
     /// A lease by id.
     async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError>;

@@ -7,9 +7,9 @@
 //! lease. Run Redis with `appendonly yes` and `appendfsync always` (or accept
 //! losing up to a second of leases on a Redis crash with `everysec`).
 
-mod conn;
 mod recorded;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,14 +22,14 @@ use redis::Script;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub(crate) use conn::RedisConn;
-pub use conn::RedisTarget;
-pub use recorded::{BatchOutcome, TrailBatch};
+use crate::redis_conn::RedisConn;
+pub use crate::redis_conn::RedisTarget;
 
 use super::{
-    ExpiredLease, LeaseFilter, LeaseStore, Page, PageRequest, ReapOutcome, RevocationEvent,
-    RevokeRequest, StoreError, TaskFilter, check_consumable,
+    ExpiredLease, LeaseFilter, LeaseStore, Page, PageRequest, ReapOutcome, RecordBatch,
+    RecordError, RevocationEvent, RevokeRequest, StoreError, TaskFilter, check_consumable,
 };
+use crate::audit::AuditSink;
 
 /// Records stay this much longer in Redis than the reaper keeps them, so the
 /// reaper (not Redis expiry) removes them and cleans the indexes; Redis
@@ -289,7 +289,7 @@ fn lease_from(fields: LeaseFields) -> Result<Option<Lease>, StoreError> {
 
 /// The Redis lease store.
 pub struct RedisStore {
-    conn: RedisConn,
+    conn: Arc<RedisConn>,
     keys: Keys,
     scripts: Scripts,
     /// Records are kept this long after expiry (Redis TTL adds a margin).
@@ -313,7 +313,7 @@ impl RedisStore {
     /// itself when it returns.
     pub fn new(target: RedisTarget, prefix: &str, retention: Duration) -> Result<Self, StoreError> {
         Ok(Self {
-            conn: RedisConn::new(target)?,
+            conn: Arc::new(RedisConn::new(target)?),
             keys: Keys {
                 prefix: prefix.to_owned(),
             },
@@ -561,6 +561,7 @@ impl RedisStore {
                     .await
             })
             .await
+            .map_err(StoreError::from)
     }
 
     async fn run_end_task(
@@ -792,6 +793,14 @@ impl LeaseStore for RedisStore {
             Err(StoreError::Duplicate(_)) => Err(StoreError::Duplicate(l.to_owned())),
             other => other,
         }
+    }
+
+    async fn record(
+        &self,
+        batch: &RecordBatch<'_>,
+        trail: &dyn AuditSink,
+    ) -> Vec<Result<(), RecordError>> {
+        self.record_batch(batch, trail).await
     }
 
     async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError> {
@@ -1451,6 +1460,7 @@ impl RedisStore {
         self.conn
             .run(|mut c| async move { pipe.query_async(&mut c).await })
             .await
+            .map_err(StoreError::from)
     }
 
     /// Removes approvals that expired before `cutoff`.
@@ -1487,6 +1497,7 @@ impl RedisStore {
         self.conn
             .run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
             .await
+            .map_err(StoreError::from)
     }
 
     /// Drops feed events whose credentials expired before `cutoff`, from the

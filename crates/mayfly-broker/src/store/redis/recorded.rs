@@ -1,112 +1,194 @@
-//! Credential leases recorded together with their audit records, in one
-//! script (`issue_recorded.lua`): when the audit trail lives in the same
-//! Redis (`[audit] sink = "redis"`, the default with this store), an issue
-//! costs one round trip instead of two, and a lease and its record can
-//! never exist one without the other. The trail's chaining (heads, lines)
-//! stays the audit sink's job; this only writes what it is given.
+//! [`LeaseStore::record`](crate::store::LeaseStore::record) on Redis. On
+//! the store's own trail ([`RedisStore::trail`], the default with this
+//! store) the leases and the records are one script (`issue_recorded.lua`):
+//! an issue costs one round trip, and a lease and its record can never
+//! exist one without the other. The trail's chaining (heads, lines) stays
+//! the sink's job ([`RedisSink::append_via`]); this only writes what it is
+//! given. On any other trail (a file), leases first, then records.
 
-use mayfly_core::{Lease, Timestamp};
+use futures_util::future::join_all;
+use mayfly_core::{Lease, LeaseId};
 
-use super::{RedisStore, script_status};
-use crate::store::StoreError;
+use super::{RedisStore, Repeat, script_status};
+use crate::audit::{
+    AuditError, AuditRecord, AuditSink, Chained, RedisSink, WriteChained, Wrote, stale_head,
+};
+use crate::store::{
+    LeaseStore, LeaseThenRecord, LeaseWrite, RecordBatch, RecordError, RevokeRequest, StoreError,
+    lease_then_record,
+};
 
-/// The audit side of a batch, chained by the caller onto `expected`.
-#[derive(Debug)]
-pub struct TrailBatch<'a> {
-    /// The trail's stream key.
-    pub stream: &'a str,
-    /// The key of the trail's head (`seq`, `hash`).
-    pub head_key: &'a str,
-    /// The head the lines were chained onto: `(seq, hash)`.
-    pub expected: (u64, &'a str),
-    /// The head after them.
-    pub next: (u64, &'a str),
-    /// The lines, in order.
-    pub lines: &'a [String],
+/// On a trail elsewhere: each lease its own script, all at once.
+impl LeaseThenRecord for RedisStore {
+    async fn issue_all(&self, writes: &[&LeaseWrite]) -> Vec<Result<(), StoreError>> {
+        join_all(writes.iter().map(|w| self.issue(&w.lease, w.now))).await
+    }
+
+    async fn undo_all(&self, ids: &[&LeaseId], req: &RevokeRequest) -> Result<(), StoreError> {
+        let done = join_all(ids.iter().map(|id| self.revoke_lease(id, req))).await;
+        done.into_iter().find_map(Result::err).map_or(Ok(()), Err)
+    }
 }
 
-/// What became of a batch.
+/// Why a script wrote nothing, besides a moved head.
 #[derive(Debug)]
-pub enum BatchOutcome {
-    /// Every lease and line was written.
-    Written,
-    /// Nothing was written: another writer moved the head to this one.
-    Stale {
-        /// The head's `seq`.
-        seq: u64,
-        /// The head's hash.
-        hash: String,
-    },
-    /// Nothing was written: these leases (by index) may not be recorded.
-    Refused(Vec<(usize, StoreError)>),
-    /// Nothing was written: this key of the trail or an index has the
-    /// wrong type (someone wrote to it from outside).
-    Broken(String),
+enum Refusal {
+    /// These leases (by their place among the batch's leases) may not be
+    /// recorded.
+    Leases(Vec<(usize, StoreError)>),
+    /// The store could not be reached; nothing is known to be written.
+    Unavailable(StoreError),
 }
 
 impl RedisStore {
-    /// Writes `leases` (each with the time its decision was made) and the
-    /// trail's `batch` in one atomic step, or nothing. The second value says
-    /// the script was sent twice (its connection failed under the first
-    /// send, which may have run): a `Stale` answer then may be this very
-    /// batch, written by the first send and followed by another writer's.
-    pub async fn issue_recorded(
+    /// The audit trail in this store's Redis, under its key prefix and on
+    /// its connection: [`record`](LeaseStore::record) writes leases in the
+    /// same script as records on it.
+    pub fn trail(&self) -> RedisSink {
+        RedisSink::sharing(self.conn.clone(), &self.keys.prefix)
+    }
+
+    /// `record`, for any trail.
+    pub(super) async fn record_batch(
         &self,
-        leases: &[(&Lease, Timestamp)],
-        batch: &TrailBatch<'_>,
-    ) -> Result<(BatchOutcome, bool), StoreError> {
-        let mut inv = self.scripts.issue_recorded.prepare_invoke();
+        batch: &RecordBatch<'_>,
+        trail: &dyn AuditSink,
+    ) -> Vec<Result<(), RecordError>> {
+        match trail.in_redis() {
+            Some(own) if own.is_on(&self.conn) => Box::pin(self.record_in_script(batch, own)).await,
+            _ => Box::pin(lease_then_record(self, batch, trail)).await,
+        }
+    }
+
+    /// Leases and records in one script; a refused lease is answered and
+    /// left out with its record, and the rest chained and sent again
+    /// (nothing was written in between, so the chain goes on unbroken).
+    async fn record_in_script(
+        &self,
+        batch: &RecordBatch<'_>,
+        trail: &RedisSink,
+    ) -> Vec<Result<(), RecordError>> {
+        let mut out: Vec<Option<Result<(), RecordError>>> = vec![None; batch.records.len()];
+        // The records still to write, by their place in the batch.
+        let mut left: Vec<usize> = (0..batch.records.len()).collect();
+        while !left.is_empty() {
+            let records: Vec<AuditRecord> =
+                left.iter().map(|&i| batch.records[i].clone()).collect();
+            let leases: Vec<(usize, &LeaseWrite)> = left
+                .iter()
+                .filter_map(|&i| batch.leases[i].as_ref().map(|l| (i, l)))
+                .collect();
+            let script = IssueRecorded {
+                store: self,
+                leases: &leases,
+            };
+            let written = trail.append_via(&records, &script).await;
+            match written {
+                Ok(None) => {
+                    for i in left.drain(..) {
+                        out[i] = Some(Ok(()));
+                    }
+                }
+                Ok(Some(Refusal::Leases(refused))) if !refused.is_empty() => {
+                    for (j, e) in refused {
+                        if let Some(&(i, _)) = leases.get(j) {
+                            out[i] = Some(Err(RecordError::Store(e)));
+                        }
+                    }
+                    left.retain(|&i| out[i].is_none());
+                }
+                Ok(Some(Refusal::Unavailable(e))) => {
+                    // A record without a lease failed for its trail.
+                    let audit = AuditError::Failed(e.to_string());
+                    for i in left.drain(..) {
+                        out[i] = Some(Err(match batch.leases[i] {
+                            Some(_) => RecordError::Store(e.clone()),
+                            None => RecordError::Audit(audit.clone()),
+                        }));
+                    }
+                }
+                Ok(Some(Refusal::Leases(_))) => {
+                    let e =
+                        AuditError::Failed("the store refused a batch without naming why".into());
+                    for i in left.drain(..) {
+                        out[i] = Some(Err(RecordError::Audit(e.clone())));
+                    }
+                }
+                Err(e) => {
+                    for i in left.drain(..) {
+                        out[i] = Some(Err(RecordError::Audit(e.clone())));
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(AuditError::Failed("not recorded".into()).into())))
+            .collect()
+    }
+}
+
+/// `issue_recorded.lua` for a batch's leases (each with its place in the
+/// batch).
+struct IssueRecorded<'a> {
+    store: &'a RedisStore,
+    leases: &'a [(usize, &'a LeaseWrite)],
+}
+
+impl WriteChained for IssueRecorded<'_> {
+    type Refusal = Refusal;
+    type Error = AuditError;
+
+    /// One run: writes the leases and the chained lines, or nothing.
+    async fn write(&self, batch: &Chained<'_>) -> Result<(Wrote<Refusal>, bool), AuditError> {
+        let (store, leases) = (self.store, self.leases);
+        let mut inv = store.scripts.issue_recorded.prepare_invoke();
         inv.key(batch.stream)
             .key(batch.head_key)
-            .key(self.keys.lease_tasks())
-            .key(self.keys.expiry())
-            .arg(batch.expected.0)
-            .arg(batch.expected.1)
-            .arg(batch.next.0)
-            .arg(batch.next.1)
+            .key(store.keys.lease_tasks())
+            .key(store.keys.expiry())
+            .arg(batch.expected.seq)
+            .arg(&batch.expected.hash)
+            .arg(batch.next.seq)
+            .arg(&batch.next.hash)
             .arg(batch.lines.len());
         for line in batch.lines {
             inv.arg(line);
         }
-        for (lease, now) in leases {
+        for (_, w) in leases {
+            let lease = &w.lease;
             let (t, l) = (lease.task_id.as_str(), lease.id.as_str());
-            inv.key(self.keys.task(t))
-                .key(self.keys.lease(t, t))
-                .key(self.keys.task_leases(t))
-                .key(self.keys.lease(t, l))
-                .key(self.keys.lock(lease.agent.as_str()));
-            self.lease_args(&mut inv, lease, *now)?;
+            inv.key(store.keys.task(t))
+                .key(store.keys.lease(t, t))
+                .key(store.keys.task_leases(t))
+                .key(store.keys.lease(t, l))
+                .key(store.keys.lock(lease.agent.as_str()));
+            if let Err(e) = store.lease_args(&mut inv, lease, w.now) {
+                return Ok((Wrote::Nothing(Refusal::Unavailable(e)), false));
+            }
         }
         // Safe to send again: a run after a lost reply finds the head moved
-        // (at the batch's own `next`, which `outcome` reads as written, or
-        // beyond it, which the caller checks), never writes twice.
-        let (reply, twice): (Vec<String>, bool) =
-            self.invoke_repeatable(&inv, super::Repeat::Safe).await?;
-        Ok((outcome(&reply, leases, batch)?, twice))
+        // (at the batch's own `next`, which counts as written, or beyond
+        // it, which `append_via` checks), never writes twice.
+        let sent: Result<(Vec<String>, bool), StoreError> =
+            store.invoke_repeatable(&inv, Repeat::Safe).await;
+        let (reply, twice) = match sent {
+            Ok(r) => r,
+            Err(e) => return Ok((Wrote::Nothing(Refusal::Unavailable(e)), false)),
+        };
+        let leases: Vec<&Lease> = leases.iter().map(|(_, w)| &w.lease).collect();
+        Ok((outcome(&reply, &leases)?, twice))
     }
 }
 
 /// Reads the script's reply.
-fn outcome(
-    reply: &[String],
-    leases: &[(&Lease, Timestamp)],
-    batch: &TrailBatch<'_>,
-) -> Result<BatchOutcome, StoreError> {
-    let bad = || StoreError::Corrupt(format!("unexpected script reply {reply:?}"));
+fn outcome(reply: &[String], leases: &[&Lease]) -> Result<Wrote<Refusal>, AuditError> {
+    let bad = || AuditError::Failed(format!("unexpected audit script reply {reply:?}"));
     match reply {
-        [ok] if ok == "OK" => Ok(BatchOutcome::Written),
-        // The head is where this batch leaves it: only this batch's lines
-        // hash to it, so an earlier run of the same call wrote everything.
-        [stale, seq, hash]
-            if stale == "STALE" && seq.parse() == Ok(batch.next.0) && hash == batch.next.1 =>
-        {
-            Ok(BatchOutcome::Written)
-        }
-        [stale, seq, hash] if stale == "STALE" => Ok(BatchOutcome::Stale {
-            seq: seq.parse().map_err(|_| bad())?,
-            hash: hash.clone(),
-        }),
-        [broken, key] if broken == "BROKEN" => Ok(BatchOutcome::Broken(key.clone())),
+        [ok] if ok == "OK" => Ok(Wrote::All),
+        [stale, seq, hash] if stale == "STALE" => Ok(Wrote::Stale(stale_head(seq, hash)?)),
+        [broken, key] if broken == "BROKEN" => Err(AuditError::Failed(format!(
+            "{key} has the wrong type; nothing was written"
+        ))),
         [refused, rest @ ..] if refused == "REFUSED" && rest.len() % 2 == 0 => {
             let mut out = Vec::with_capacity(rest.len() / 2);
             for pair in rest.chunks(2) {
@@ -114,8 +196,7 @@ fn outcome(
                 let lease = i
                     .checked_sub(1)
                     .and_then(|i| leases.get(i))
-                    .ok_or_else(bad)?
-                    .0;
+                    .ok_or_else(bad)?;
                 let e = match script_status(&pair[1]) {
                     Err(StoreError::Duplicate(_)) => StoreError::Duplicate(lease.id.to_string()),
                     Err(e) => e,
@@ -123,7 +204,7 @@ fn outcome(
                 };
                 out.push((i - 1, e));
             }
-            Ok(BatchOutcome::Refused(out))
+            Ok(Wrote::Nothing(Refusal::Leases(out)))
         }
         _ => Err(bad()),
     }

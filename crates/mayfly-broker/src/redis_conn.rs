@@ -2,7 +2,9 @@
 //! `ConnectionManager` to one server, or to the primary a set of Sentinels
 //! names (re-resolved after a connection failure or a `READONLY` reply, i.e.
 //! after a failover). Every call is bounded in time, so an outage turns into
-//! `StoreError::Unavailable` quickly instead of a hang.
+//! [`Unreachable`] quickly instead of a hang. The lease store and the
+//! audit trail's Redis sink share this module (and, when both are in one
+//! Redis, one connection).
 //!
 //! Recovery costs no request once Redis is back:
 //! - a connection that has had no successful reply for [`PROBE_AFTER`], or
@@ -27,7 +29,11 @@ use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServer
 use redis::{Client, RedisError};
 use tokio::sync::{Mutex, RwLock};
 
-use crate::store::StoreError;
+/// Redis could not be reached, or failed a call at the connection level;
+/// the message says how (never with credentials).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct Unreachable(pub String);
 
 /// One call to Redis may take this long before it counts as an outage.
 const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -101,8 +107,8 @@ fn manager_config() -> ConnectionManagerConfig {
         .set_max_delay(Duration::from_millis(200))
 }
 
-fn unavailable(e: &RedisError) -> StoreError {
-    StoreError::Unavailable(format!("redis: {e}"))
+fn unavailable(e: &RedisError) -> Unreachable {
+    Unreachable(format!("redis: {e}"))
 }
 
 /// Whether `e` says the connection (not the request) failed: the request
@@ -154,7 +160,7 @@ impl Health {
 
 /// One failed attempt: the error, and whether sending again may help.
 struct Failure {
-    error: StoreError,
+    error: Unreachable,
     /// The connection failed (not the request), or a replica refused it.
     retry: bool,
 }
@@ -172,7 +178,7 @@ pub struct RedisConn {
 
 impl RedisConn {
     /// Prepares a connection; nothing is dialled until the first call.
-    pub fn new(target: RedisTarget) -> Result<Self, StoreError> {
+    pub fn new(target: RedisTarget) -> Result<Self, Unreachable> {
         let sentinel = match &target {
             RedisTarget::Url { .. } => None,
             RedisTarget::Sentinel {
@@ -212,7 +218,7 @@ impl RedisConn {
         format!("{:?}", self.target)
     }
 
-    async fn client(&self) -> Result<Client, StoreError> {
+    async fn client(&self) -> Result<Client, Unreachable> {
         match (&self.target, &self.sentinel) {
             (
                 RedisTarget::Url {
@@ -235,18 +241,16 @@ impl RedisConn {
                 let mut s = sentinel.lock().await;
                 tokio::time::timeout(CALL_TIMEOUT, s.async_get_client())
                     .await
-                    .map_err(|_| {
-                        StoreError::Unavailable("sentinels did not answer in time".into())
-                    })?
+                    .map_err(|_| Unreachable("sentinels did not answer in time".into()))?
                     .map_err(|e| unavailable(&e))
             }
             (RedisTarget::Sentinel { .. }, None) => {
-                Err(StoreError::Unavailable("sentinel client missing".into()))
+                Err(Unreachable("sentinel client missing".into()))
             }
         }
     }
 
-    async fn manager(&self) -> Result<ConnectionManager, StoreError> {
+    async fn manager(&self) -> Result<ConnectionManager, Unreachable> {
         if let Some(m) = self.manager.read().await.as_ref() {
             return Ok(m.clone());
         }
@@ -263,7 +267,7 @@ impl RedisConn {
 
     /// A manager whose connection answered lately, or answers a `PING`
     /// now (see the module docs).
-    async fn ready(&self) -> Result<ConnectionManager, StoreError> {
+    async fn ready(&self) -> Result<ConnectionManager, Unreachable> {
         let manager = self.manager().await?;
         if !self.health.needs_probe() {
             return Ok(manager);
@@ -287,7 +291,7 @@ impl RedisConn {
                     self.health.failed();
                     self.forget_primary().await;
                     if !first {
-                        return Err(StoreError::Unavailable(
+                        return Err(Unreachable(
                             "redis is a replica, not the primary; waiting for a failover".into(),
                         ));
                     }
@@ -300,7 +304,7 @@ impl RedisConn {
                 Err(f) => return Err(f.error),
             }
         }
-        Err(StoreError::Unavailable("redis did not answer".into()))
+        Err(Unreachable("redis did not answer".into()))
     }
 
     /// One try of `f`, bounded in time, with what the failure means.
@@ -320,7 +324,7 @@ impl RedisConn {
                 self.health.failed();
                 self.forget_primary().await;
                 return Err(Failure {
-                    error: StoreError::Unavailable(format!(
+                    error: Unreachable(format!(
                         "redis did not answer within {} ms",
                         CALL_TIMEOUT.as_millis()
                     )),
@@ -343,7 +347,7 @@ impl RedisConn {
     /// on a connection checked as the module docs say; it is sent once.
     /// Connection-level failures become `Unavailable`; with Sentinel they
     /// also make the next call re-resolve the primary.
-    pub async fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    pub async fn run<T, F, Fut>(&self, f: F) -> Result<T, Unreachable>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
@@ -356,7 +360,7 @@ impl RedisConn {
     /// [`run`](Self::run) for a request that may be sent twice: a read, or
     /// a write whose repetition is harmless or recognised. Sent again once
     /// when the connection failed under it or a replica refused it.
-    pub async fn run_idempotent<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    pub async fn run_idempotent<T, F, Fut>(&self, f: F) -> Result<T, Unreachable>
     where
         F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
@@ -367,7 +371,7 @@ impl RedisConn {
     /// [`run_idempotent`](Self::run_idempotent), also saying whether the
     /// request was sent twice (so a write can tell its own first run from
     /// someone else's record).
-    pub async fn run_repeatable<T, F, Fut>(&self, f: F) -> Result<(T, bool), StoreError>
+    pub async fn run_repeatable<T, F, Fut>(&self, f: F) -> Result<(T, bool), Unreachable>
     where
         F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
