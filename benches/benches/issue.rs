@@ -13,8 +13,7 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use mayfly_broker::config::Algorithm;
-use mayfly_broker::issuer::x509::{IssuingCa, parse_csr, random_serial};
-use mayfly_broker::issuer::{JwtSigner, SigningKey};
+use mayfly_broker::issuer::{IssuingCa, JwtSigner, SigningKey, parse_csr, random_serial};
 use mayfly_broker::store::{EmbeddedStore, LeaseStore, RedisStore, RedisTarget};
 use mayfly_core::{AccessTokenClaims, SpiffeId, Timestamp};
 use mayfly_testkit::RedisServer;

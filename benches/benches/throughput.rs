@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mayfly_broker::config::AuditSinkKind;
-use mayfly_broker::issuer::x509::{IssuingCa, parse_csr, random_serial};
+use mayfly_broker::issuer::{IssuingCa, parse_csr, random_serial};
 use mayfly_client::{Client, NewTask, pb};
 use mayfly_core::{SpiffeId, Timestamp};
 use mayfly_testkit::{RedisServer, TestBroker};

@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use mayfly_broker::config::Algorithm;
-use mayfly_broker::issuer::x509::{IssuingCa, parse_csr, random_serial};
-use mayfly_broker::issuer::{JwtSigner, SigningKey};
+use mayfly_broker::issuer::{IssuingCa, JwtSigner, SigningKey, parse_csr, random_serial};
 use mayfly_broker::store::{EmbeddedStore, LeaseStore};
 use mayfly_core::{AccessTokenClaims, SpiffeId, Task, Timestamp};
 use mayfly_testkit::contract::{agent, lease, task};

@@ -11,7 +11,7 @@ use mayfly_core::{LeaseKind, Timestamp};
 use tokio::sync::Mutex;
 
 use crate::issuer::IssuingCa;
-use crate::issuer::x509::RevokedCert;
+use crate::issuer::RevokedCert;
 use crate::store::{LeaseStore, StoreError};
 
 /// Events read per store call while catching up.

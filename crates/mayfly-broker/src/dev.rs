@@ -66,7 +66,7 @@ impl std::fmt::Debug for Credential {
 }
 
 fn random_serial() -> SerialNumber {
-    crate::issuer::x509::random_serial().0
+    crate::issuer::random_serial().0
 }
 
 /// Validity from a minute ago (clock skew) for `valid_for`.
@@ -263,7 +263,7 @@ pub fn init(dir: &Path, td: &TrustDomain) -> Result<DevLayout, DevPkiError> {
     write_new_private(&ca_key, ca.key_pem().as_bytes()).map_err(io_err(&ca_key))?;
 
     // The broker's issuing CA for task certificates, under the dev root.
-    let issuing = ca.sign(&crate::issuer::x509::issuing_ca_params(
+    let issuing = ca.sign(&crate::issuer::issuing_ca_params(
         td,
         Duration::from_secs(365 * 24 * 3600),
     )?)?;

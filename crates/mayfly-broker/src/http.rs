@@ -217,7 +217,7 @@ async fn crl_handler(State(s): State<HttpState>) -> Response {
 /// from the store now; if the store does not answer, it keeps its last
 /// value and the rest is served anyway.
 async fn metrics_handler(State(s): State<HttpState>) -> Response {
-    let metrics = &s.service.metrics;
+    let metrics = s.service.metrics();
     if let Ok(Ok(n)) = tokio::time::timeout(READY_TIMEOUT, s.service.store().active_count()).await {
         metrics
             .active_leases

@@ -2,47 +2,48 @@
 //! open tasks and receive task-bound, short-lived credentials, each tracked
 //! as a lease; operators list and revoke leases; validators fetch the JWKS.
 //!
-//! Layout:
-//! - [`config`] — `mayfly.toml`.
-//! - [`server`] — assembles everything and serves both ports.
-//! - [`connections`] — admission, handshake, idle timeouts, draining.
-//! - [`identity`] — peer certificate → typed [`identity::Caller`].
-//! - [`grpc`] — the thin Broker and Admin services.
-//! - [`service`] — request handling (policy, TTLs, envelopes, ownership).
-//! - [`issuer`] — signing keys and the JWT signer.
-//! - [`store`] — the lease store seam and its backends (the contract suite they pass is in the testkit).
-//! - [`recorder`] — every decision's audit record, and each credential's lease with it, through the store.
-//! - [`audit`] — the trail's sinks (file, Redis stream, stdout, off).
-//! - [`reaper`] — expiry and clean-up.
-//! - [`http`] — JWKS, metadata, health.
-//! - [`dev`] — the development PKI behind `mayfly dev init`.
+//! The public surface is what a program embedding or testing the broker
+//! needs: [`Broker`] (built from a [`Config`], then served), the lease
+//! [`store`] seam and its backends, the audit trail's sinks ([`audit`]),
+//! the [`recorder`] every decision goes through, the [`issuer`]'s keys and
+//! CA, and the development PKI ([`dev`]). Everything else is private;
+//! docs/ARCHITECTURE.md maps it:
+//! - `server` assembles everything and serves both ports; `connections`
+//!   admits, times out and drains them; `identity` turns a peer
+//!   certificate into a typed caller;
+//! - `grpc` holds the thin Broker, Admin and Revocations services over
+//!   `service` (request handling: policy, TTLs, envelopes, ownership, the
+//!   credential pipeline);
+//! - `feed`, `crl`, `http`, `health`, `metrics`, `policy`, `ratelimit` and
+//!   `reaper` are the feed, the CRL, the HTTPS routes, health checks,
+//!   `/metrics`, policy reloads, per-agent limits and expiry.
 
 #![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod config;
 mod connections;
-pub mod crl;
+mod crl;
 pub mod dev;
-pub mod error;
-pub mod feed;
+mod error;
+mod feed;
 mod fsutil;
-pub mod grpc;
-pub mod health;
-pub mod http;
-pub mod identity;
+mod grpc;
+mod health;
+mod http;
+mod identity;
 pub mod issuer;
-pub mod metrics;
-pub mod policy;
-pub mod ratelimit;
-pub mod reaper;
+mod metrics;
+mod policy;
+mod ratelimit;
+mod reaper;
 pub mod recorder;
 mod redis_conn;
-pub mod server;
-pub mod service;
+mod server;
+mod service;
 mod stop;
 pub mod store;
-pub mod tls;
+mod tls;
 
 pub use config::Config;
 pub use server::{Broker, StartError};

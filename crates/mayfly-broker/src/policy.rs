@@ -56,11 +56,6 @@ impl PolicyHandle {
     pub fn len(&self) -> usize {
         self.get().len()
     }
-
-    /// Whether no policy is in force.
-    pub fn is_empty(&self) -> bool {
-        self.get().is_empty()
-    }
 }
 
 impl Policy for PolicyHandle {

@@ -34,7 +34,7 @@ use crate::metrics::RpcMetricsLayer;
 use crate::policy::PolicyHandle;
 use crate::ratelimit::RateLimiter;
 use crate::recorder::Recorder;
-use crate::service::{Limits, Service, TaskCache};
+use crate::service::{Admin, Issuance, Limits, Service};
 use crate::stop::stopped;
 use crate::store::{EmbeddedStore, LeaseStore, RedisStore, RedisTarget, StoreError};
 use crate::tls::{self, TlsError, TlsSetup};
@@ -170,25 +170,28 @@ impl Broker {
         });
         let revoked = Arc::new(tokio::sync::Notify::new());
         let feed = FeedHub::new(store.clone(), revoked.clone(), config.feed.poll);
-        let service = Arc::new(Service {
+        let service = Arc::new(Service::new(
             store,
-            policy: policy.clone(),
-            signer: signer.clone(),
-            issuer: issuer.clone(),
-            limits,
-            operators: config.operators.clone(),
-            ca,
-            revoked,
-            introspection: config.introspection_grants()?,
-            rate: RateLimiter::new(config.rate_limit.per_second, config.rate_limit.burst),
-            broker_id,
+            policy.clone(),
             audit,
-            metrics: metrics.clone(),
-            tasks: TaskCache::default(),
-        });
+            metrics.clone(),
+            revoked,
+            Issuance {
+                signer: signer.clone(),
+                issuer: issuer.clone(),
+                ca,
+                limits,
+                rate: RateLimiter::new(config.rate_limit.per_second, config.rate_limit.burst),
+                introspection: config.introspection_grants()?,
+            },
+            Admin {
+                operators: config.operators.clone(),
+                broker_id,
+            },
+        ));
         let mut authenticator =
             Authenticator::new(tls.client_chain.clone(), config.trust_domain.clone());
-        if let Some(ca) = &service.ca {
+        if let Some(ca) = service.ca() {
             tls::refuse_issuing_ca_in_bundle(&config.tls, ca.cert_der())?;
             authenticator = authenticator.refusing_issued_by(ca.cert_der());
         }
@@ -237,7 +240,7 @@ impl Broker {
     ) -> Result<(), StartError> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let store = self.service.store().clone();
-        let metrics = self.service.metrics.clone();
+        let metrics = self.service.metrics().clone();
 
         let broker_api = BrokerServer::new(BrokerApi::new(self.service.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
@@ -317,8 +320,8 @@ impl Broker {
         ));
         let reaper_task = tokio::spawn(reaper::run(
             store.clone(),
-            self.service.audit.clone(),
-            self.service.broker_id.clone(),
+            self.service.recorder().clone(),
+            self.service.broker_id().clone(),
             self.reaper.interval,
             self.reaper.retention,
             stop_rx.clone(),

@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 
 use mayfly_broker::audit::{AuditRecord, ChainCheck};
 use mayfly_broker::config::Config;
-use mayfly_broker::issuer::x509::parse_csr;
+use mayfly_broker::issuer::parse_csr;
 use mayfly_core::limits::MAX_CSR_BYTES;
 use mayfly_core::{SpiffeId, SpiffeIdPattern, TrustDomain};
 use mayfly_verify::{Verifier, VerifierConfig, parse_task_certificate};

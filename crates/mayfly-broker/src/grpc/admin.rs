@@ -109,7 +109,7 @@ async fn stream_audit(
             }
             sent_any = true;
         }
-        match svc.audit.read(&cursor, AUDIT_BATCH).await {
+        match svc.recorder().read(&cursor, AUDIT_BATCH).await {
             Ok((next, at)) => (records, cursor) = (next, at),
             Err(e) => {
                 let _ = out.send(Err(BrokerError::from(e).into())).await;
@@ -151,7 +151,7 @@ impl pb::admin_server::Admin for AdminApi {
             (false, None) => r.after_cursor,
             (true, Some(n)) => self
                 .svc
-                .audit
+                .recorder()
                 .cursor_before_last(n as usize)
                 .await
                 .map_err(BrokerError::from)?,
@@ -161,7 +161,7 @@ impl pb::admin_server::Admin for AdminApi {
         // before the stream opens.
         let first = self
             .svc
-            .audit
+            .recorder()
             .read(&cursor, AUDIT_BATCH)
             .await
             .map_err(BrokerError::from)?;

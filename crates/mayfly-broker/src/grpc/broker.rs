@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::{approval_to_proto, caller, field, task_to_proto, timestamp};
 use crate::error::BrokerError;
-use crate::issuer::x509::parse_csr;
+use crate::issuer::parse_csr;
 use crate::service::{
     CertificateRequest, Issued, NewDelegation, NewTask, Service, TokenRequest, requested_ttl,
 };

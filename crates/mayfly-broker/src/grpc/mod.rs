@@ -10,7 +10,7 @@ mod status;
 
 pub use admin::AdminApi;
 pub use broker::BrokerApi;
-pub use edge::{GrpcEdgeLayer, REQUEST_TIMEOUT};
+pub use edge::GrpcEdgeLayer;
 pub use revocations::RevocationsApi;
 
 use mayfly_core::{

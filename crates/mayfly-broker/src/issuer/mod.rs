@@ -1,9 +1,12 @@
-//! What the broker issues with: JWT signing keys and the signer.
+//! What the broker issues with: JWT signing keys and the signer, and the
+//! issuing CA that signs task certificates from CSRs. The submodules are
+//! private; this is their whole surface.
 
 mod jwt;
 mod keys;
-pub mod x509;
+mod x509;
 
 pub use jwt::{AccessToken, JwtSigner, SignError};
 pub use keys::{Algorithm, KeyError, SigningKey, key_path};
-pub use x509::{CaError, CsrError, CsrKey, IssuingCa};
+pub(crate) use x509::{BACKDATE, RevokedCert, issuing_ca_params};
+pub use x509::{CaError, CsrError, CsrKey, IssuingCa, parse_csr, random_serial};

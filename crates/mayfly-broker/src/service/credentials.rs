@@ -35,8 +35,8 @@ impl Kind for TokenRequest {
     fn ttl(&self, svc: &Service) -> (u64, Duration, Duration) {
         (
             self.ttl_seconds,
-            svc.limits.token_default_ttl,
-            svc.limits.token_max_ttl,
+            svc.issuance.limits.token_default_ttl,
+            svc.issuance.limits.token_max_ttl,
         )
     }
 
@@ -73,7 +73,7 @@ impl Kind for TokenRequest {
 
     fn mint(&self, svc: &Service, task: &Task, lease: Lease) -> Result<IssuedToken, BrokerError> {
         let claims = AccessTokenClaims {
-            iss: svc.issuer.clone(),
+            iss: svc.issuance.issuer.clone(),
             sub: task.subject().to_string(),
             aud: self.audience.to_string(),
             exp: lease.expires_at.as_secs(),
@@ -90,6 +90,7 @@ impl Kind for TokenRequest {
             act: task.actors(),
         };
         let token = svc
+            .issuance
             .signer
             .sign(&claims)
             .map_err(|e| BrokerError::Internal(e.to_string()))?;
@@ -143,8 +144,8 @@ impl Kind for Certificate<'_> {
     fn ttl(&self, svc: &Service) -> (u64, Duration, Duration) {
         (
             self.req.ttl_seconds,
-            svc.limits.cert_default_ttl,
-            svc.limits.cert_max_ttl,
+            svc.issuance.limits.cert_default_ttl,
+            svc.issuance.limits.cert_max_ttl,
         )
     }
 
@@ -172,13 +173,13 @@ impl Kind for Certificate<'_> {
         _task: &Task,
         lease: Lease,
     ) -> Result<IssuedCertificate, BrokerError> {
-        let (serial, serial_hex) = crate::issuer::x509::random_serial();
+        let (serial, serial_hex) = crate::issuer::random_serial();
         let certificate_pem = self
             .ca
             .sign_svid(
                 &self.req.key,
                 &self.spiffe_id,
-                lease.issued_at.minus(crate::issuer::x509::BACKDATE),
+                lease.issued_at.minus(crate::issuer::BACKDATE),
                 lease.expires_at,
                 serial,
             )
@@ -227,7 +228,7 @@ impl Service {
         caller: &Caller,
         req: CertificateRequest,
     ) -> Result<Issued<IssuedCertificate>, BrokerError> {
-        let ca = self.ca.clone().ok_or_else(|| {
+        let ca = self.issuance.ca.clone().ok_or_else(|| {
             BrokerError::Unsupported(
                 "this broker signs no certificates: it has no issuing CA ([ca] in its configuration)".into(),
             )
@@ -255,6 +256,7 @@ impl Service {
         token: &str,
     ) -> Result<Option<serde_json::Value>, BrokerError> {
         let audiences: Vec<&Pattern> = self
+            .issuance
             .introspection
             .iter()
             .filter(|g| g.clients.iter().any(|p| p.matches(&caller.id)))
@@ -263,11 +265,11 @@ impl Service {
         if audiences.is_empty() {
             return Err(BrokerError::NotIntrospector(caller.id.clone()));
         }
-        let Some(claims) = self.signer.verify(token) else {
+        let Some(claims) = self.issuance.signer.verify(token) else {
             return Ok(None);
         };
         let now = Timestamp::now();
-        let live = claims.iss == self.issuer
+        let live = claims.iss == self.issuance.issuer
             && now.as_secs() < claims.exp
             && claims.nbf <= now.as_secs()
             && audiences.iter().any(|p| p.matches(&claims.aud));

@@ -242,38 +242,101 @@ fn expiry(
     Ok(expires_at)
 }
 
-/// The broker's request handling: what it needs, given at start.
+/// What the broker issues credentials with.
 #[derive(Debug)]
-pub struct Service {
-    /// Where leases and tasks live.
-    pub store: Arc<dyn LeaseStore>,
-    /// Decides every request (reloadable).
-    pub policy: Arc<dyn Policy>,
+pub struct Issuance {
     /// Signs tokens.
     pub signer: Arc<JwtSigner>,
     /// `iss` of every token.
     pub issuer: String,
-    /// Lifetimes.
-    pub limits: Limits,
-    /// Who may call the Admin API.
-    pub operators: Vec<SpiffeIdPattern>,
     /// Signs task certificates, when configured.
     pub ca: Option<Arc<IssuingCa>>,
-    /// Woken after every revocation, so the feed picks it up at once.
-    pub revoked: Arc<Notify>,
-    /// Who may introspect tokens.
-    pub introspection: Vec<IntrospectionGrant>,
+    /// Lifetimes.
+    pub limits: Limits,
     /// Per-agent issuance limit.
     pub rate: RateLimiter,
+    /// Who may introspect tokens.
+    pub introspection: Vec<IntrospectionGrant>,
+}
+
+/// Who oversees the broker, and as whom it acts on its own.
+#[derive(Debug)]
+pub struct Admin {
+    /// Who may call the Admin API.
+    pub operators: Vec<SpiffeIdPattern>,
     /// The identity the broker revokes as, when it acts on its own
-    /// (re-evaluation after a policy reload).
+    /// (re-evaluation after a policy reload, undoing an unrecorded write).
     pub broker_id: SpiffeId,
+}
+
+/// The broker's request handling, built once at start from its parts:
+/// what every request shares (the store, policy, the recorder, metrics),
+/// what credentials are issued with, and who administers. The fields are
+/// private; the service's own modules are the only ones that reach them.
+#[derive(Debug)]
+pub struct Service {
+    /// Where leases and tasks live.
+    store: Arc<dyn LeaseStore>,
+    /// Decides every request (reloadable).
+    policy: Arc<dyn Policy>,
     /// Where every decision is recorded.
-    pub audit: Recorder,
+    audit: Recorder,
     /// Counters and histograms for `/metrics`.
-    pub metrics: Arc<crate::metrics::Metrics>,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// Woken after every revocation, so the feed picks it up at once.
+    revoked: Arc<Notify>,
     /// Tasks as recently read, for issuing credentials.
-    pub tasks: TaskCache,
+    tasks: TaskCache,
+    /// Keys, CA, lifetimes and limits of issuance.
+    issuance: Issuance,
+    /// Operators and the broker's own identity.
+    admin: Admin,
+}
+
+impl Service {
+    /// The service over `store`, deciding with `policy`, recording through
+    /// `audit`, counting in `metrics` and waking `revoked` after every
+    /// revocation.
+    pub fn new(
+        store: Arc<dyn LeaseStore>,
+        policy: Arc<dyn Policy>,
+        audit: Recorder,
+        metrics: Arc<crate::metrics::Metrics>,
+        revoked: Arc<Notify>,
+        issuance: Issuance,
+        admin: Admin,
+    ) -> Self {
+        Self {
+            store,
+            policy,
+            audit,
+            metrics,
+            revoked,
+            tasks: TaskCache::default(),
+            issuance,
+            admin,
+        }
+    }
+
+    /// The recorder, for the reaper and audit reads.
+    pub fn recorder(&self) -> &Recorder {
+        &self.audit
+    }
+
+    /// The counters, for `/metrics`.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
+    }
+
+    /// The issuing CA, when certificates are configured.
+    pub fn ca(&self) -> Option<&Arc<IssuingCa>> {
+        self.issuance.ca.as_ref()
+    }
+
+    /// The identity the broker acts as on its own.
+    pub fn broker_id(&self) -> &SpiffeId {
+        &self.admin.broker_id
+    }
 }
 
 impl Service {
@@ -284,7 +347,7 @@ impl Service {
 
     /// Refuses callers outside the operator set.
     pub fn require_operator(&self, caller: &Caller) -> Result<(), BrokerError> {
-        if self.operators.iter().any(|p| p.matches(&caller.id)) {
+        if self.admin.operators.iter().any(|p| p.matches(&caller.id)) {
             Ok(())
         } else {
             Err(BrokerError::NotOperator(caller.id.clone()))
@@ -363,7 +426,7 @@ impl Service {
         let req = RevokeRequest {
             reason,
             child_reason: reason,
-            by: self.broker_id.clone(),
+            by: self.admin.broker_id.clone(),
             note: Some("audit trail unavailable".into()),
             at: Timestamp::now(),
         };
@@ -449,7 +512,8 @@ impl Service {
 
     /// Takes one issuance from the caller's bucket.
     fn rate_limit(&self, caller: &Caller) -> Result<(), BrokerError> {
-        self.rate
+        self.issuance
+            .rate
             .check(&caller.id)
             .map_err(|retry_after| BrokerError::RateLimited { retry_after })
     }

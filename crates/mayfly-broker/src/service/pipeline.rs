@@ -358,7 +358,7 @@ impl Service {
                     request,
                     policy_id: permit.policy_id.clone(),
                     created_at: now,
-                    expires_at: now.plus(self.limits.approval_ttl),
+                    expires_at: now.plus(self.issuance.limits.approval_ttl),
                     status: ApprovalStatus::Pending,
                 };
                 self.store.create_approval(&approval).await?;

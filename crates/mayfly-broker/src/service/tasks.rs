@@ -28,8 +28,8 @@ impl Service {
         let now = Timestamp::now().floor_secs();
         let ttl = asked(
             req.ttl,
-            self.limits.task_default_ttl,
-            self.limits.task_max_ttl,
+            self.issuance.limits.task_default_ttl,
+            self.issuance.limits.task_max_ttl,
         );
         let decision = self.policy.decide_start_task(&StartTaskRequest {
             agent: &caller.id,
@@ -136,17 +136,17 @@ impl Service {
             let e = BrokerError::BeyondParent { audiences, scopes };
             return Err(self.record_denial(e, denied()).await);
         }
-        if parent.depth() >= self.limits.max_delegation_depth {
+        if parent.depth() >= self.issuance.limits.max_delegation_depth {
             let e = BrokerError::DelegationTooDeep {
                 depth: parent.depth(),
-                limit: self.limits.max_delegation_depth,
+                limit: self.issuance.limits.max_delegation_depth,
             };
             return Err(self.record_denial(e, denied()).await);
         }
         let ttl = asked(
             req.ttl,
-            self.limits.task_default_ttl,
-            self.limits.task_max_ttl,
+            self.issuance.limits.task_default_ttl,
+            self.issuance.limits.task_max_ttl,
         );
         let decision = self.policy.decide_delegate(&DelegateRequest {
             agent: &caller.id,
@@ -505,7 +505,10 @@ impl Service {
         loop {
             let tasks = self.store.list_tasks(&filter, &page, now).await?;
             for record in &tasks.items {
-                revoked.extend(self.reevaluate(&record.task, &self.broker_id, now).await?);
+                revoked.extend(
+                    self.reevaluate(&record.task, &self.admin.broker_id, now)
+                        .await?,
+                );
             }
             match tasks.next {
                 Some(n) => page.after = Some(n),

@@ -7,7 +7,10 @@
 //! lease. Run Redis with `appendonly yes` and `appendfsync always` (or accept
 //! losing up to a second of leases on a Redis crash with `everysec`).
 
+mod codec;
+mod keys;
 mod recorded;
+mod scripts;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,12 +18,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use mayfly_core::{
     AgentLock, Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Lease,
-    LeaseId, LeaseKind, LeaseStatus, Revocation, RevocationReason, SpiffeId, Task, TaskContext,
-    TaskId, TaskRecord, TaskState, Timestamp,
+    LeaseId, RevocationReason, SpiffeId, Task, TaskContext, TaskId, TaskRecord, Timestamp,
 };
 use redis::Script;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 
 use crate::redis_conn::RedisConn;
 pub use crate::redis_conn::RedisTarget;
@@ -30,6 +30,12 @@ use super::{
     RecordError, RevocationEvent, RevokeRequest, StoreError, TaskFilter, check_consumable,
 };
 use crate::audit::AuditSink;
+use codec::{
+    ApprovalFields, LeaseFields, approval_from, approval_status, corrupt, decode, encode,
+    event_from, lease_from, script_status,
+};
+use keys::{Keys, cursor_of, member, split_member, stream_id_of};
+use scripts::{Repeat, Scripts, evalsha};
 
 /// Records stay this much longer in Redis than the reaper keeps them, so the
 /// reaper (not Redis expiry) removes them and cleans the indexes; Redis
@@ -42,250 +48,6 @@ const MAX_SCAN: usize = 10_000;
 const REPLICA_WAIT: Duration = Duration::from_millis(500);
 /// Members fetched per round trip while listing.
 const CHUNK: usize = 200;
-
-/// Whether a script may be sent again when its connection fails under it.
-#[derive(Debug, Clone, Copy)]
-enum Repeat {
-    /// Its second run recognises or repeats harmlessly what the first did.
-    Safe,
-    /// Sent once: a second run would answer differently (an end, a decision).
-    Once,
-}
-
-fn script(body: &str) -> Script {
-    Script::new(&format!("{}\n{}", include_str!("common.lua"), body))
-}
-
-/// The Lua scripts, hashed once.
-struct Scripts {
-    start_task: Script,
-    issue: Script,
-    issue_recorded: Script,
-    end_task: Script,
-    revoke_lease: Script,
-    expire: Script,
-    purge: Script,
-    approval_decide: Script,
-    approval_consume: Script,
-    update_context: Script,
-}
-
-impl Scripts {
-    fn new() -> Self {
-        Self {
-            start_task: script(include_str!("start_task.lua")),
-            issue: script(include_str!("issue.lua")),
-            issue_recorded: script(include_str!("issue_recorded.lua")),
-            end_task: script(include_str!("end_task.lua")),
-            revoke_lease: script(include_str!("revoke_lease.lua")),
-            expire: script(include_str!("expire.lua")),
-            purge: script(include_str!("purge.lua")),
-            approval_decide: script(include_str!("approval_decide.lua")),
-            approval_consume: script(include_str!("approval_consume.lua")),
-            update_context: script(include_str!("update_context.lua")),
-        }
-    }
-}
-
-/// Key names under a prefix. Keys of one task share the hash tag `{task}`.
-#[derive(Debug, Clone)]
-struct Keys {
-    prefix: String,
-}
-
-impl Keys {
-    fn task(&self, t: &str) -> String {
-        format!("{}:{{{t}}}:task", self.prefix)
-    }
-    fn lease_prefix(&self, t: &str) -> String {
-        format!("{}:{{{t}}}:lease:", self.prefix)
-    }
-    fn lease(&self, t: &str, l: &str) -> String {
-        format!("{}{l}", self.lease_prefix(t))
-    }
-    fn task_leases(&self, t: &str) -> String {
-        format!("{}:{{{t}}}:leases", self.prefix)
-    }
-    fn children(&self, t: &str) -> String {
-        format!("{}:{{{t}}}:children", self.prefix)
-    }
-    /// Lease id -> task id, for every lease.
-    fn lease_tasks(&self) -> String {
-        format!("{}:lease-tasks", self.prefix)
-    }
-    /// Earlier versions' lease index (a zset of `L:T:A`): still read for
-    /// leases recorded before, and emptied by the reaper.
-    fn legacy_leases(&self) -> String {
-        format!("{}:leases", self.prefix)
-    }
-    fn tasks(&self) -> String {
-        format!("{}:tasks", self.prefix)
-    }
-    fn agent_tasks(&self, a: &str) -> String {
-        format!("{}:agent:{a}:tasks", self.prefix)
-    }
-    /// Earlier versions' index of an agent's leases: emptied by the reaper.
-    fn agent_leases(&self, a: &str) -> String {
-        format!("{}:agent:{a}:leases", self.prefix)
-    }
-    fn expiry(&self) -> String {
-        format!("{}:expiry", self.prefix)
-    }
-    /// How many revoked leases `end_task` left in the expiry index (the
-    /// reaper drops them when they come due).
-    fn expiry_ended(&self) -> String {
-        format!("{}:expiry:ended", self.prefix)
-    }
-    fn purge(&self) -> String {
-        format!("{}:purge", self.prefix)
-    }
-    fn revocations(&self) -> String {
-        format!("{}:revocations", self.prefix)
-    }
-    fn approval(&self, id: &str) -> String {
-        format!("{}:approval:{id}", self.prefix)
-    }
-    fn approvals(&self) -> String {
-        format!("{}:approvals", self.prefix)
-    }
-    fn approval_expiry(&self) -> String {
-        format!("{}:approvals:expiry", self.prefix)
-    }
-    /// An operator's lock on an agent: a hash (`body`, `exp` ms or 0).
-    fn lock(&self, agent: &str) -> String {
-        format!("{}:lock:{agent}", self.prefix)
-    }
-    /// Every locked agent, scored by the lock's expiry (ms; +inf for none).
-    fn locks(&self) -> String {
-        format!("{}:locks", self.prefix)
-    }
-}
-
-/// The member of the global lease indexes: `lease:task:agent`. Ids are
-/// base64url (no `:`), so the lease id sorts first and the rest splits back.
-fn member(lease: &str, task: &str, agent: &str) -> String {
-    format!("{lease}:{task}:{agent}")
-}
-
-/// (lease, task, agent) from an index member.
-fn split_member(m: &str) -> Result<(&str, &str, &str), StoreError> {
-    let mut parts = m.splitn(3, ':');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some(l), Some(t), Some(a)) => Ok((l, t, a)),
-        _ => Err(StoreError::Corrupt(format!("bad index member {m:?}"))),
-    }
-}
-
-/// A stream id `ms-seq` as a feed cursor: `ms << 20 | seq`.
-fn cursor_of(id: &str) -> Result<u64, StoreError> {
-    let bad = || StoreError::Corrupt(format!("bad stream id {id:?}"));
-    let (ms, seq) = id.split_once('-').ok_or_else(bad)?;
-    let (ms, seq): (u64, u64) = (
-        ms.parse().map_err(|_| bad())?,
-        seq.parse().map_err(|_| bad())?,
-    );
-    if seq >= 1 << 20 {
-        return Err(bad());
-    }
-    Ok(ms << 20 | seq)
-}
-
-fn stream_id_of(cursor: u64) -> String {
-    format!("{}-{}", cursor >> 20, cursor & ((1 << 20) - 1))
-}
-
-fn encode<T: Serialize>(v: &T) -> Result<String, StoreError> {
-    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-fn decode<T: DeserializeOwned>(s: &str) -> Result<T, StoreError> {
-    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-/// Maps a script's status reply.
-fn script_status(reply: &str) -> Result<(), StoreError> {
-    match reply {
-        "OK" => Ok(()),
-        "NOTFOUND" => Err(StoreError::TaskNotFound),
-        "DUPLICATE" => Err(StoreError::Duplicate("lease or task".into())),
-        "OUTLIVES" => Err(StoreError::OutlivesTask),
-        "CHANGED" => Err(StoreError::TaskChanged),
-        "MISMATCH" => Err(StoreError::ApprovalMismatch),
-        "LOCKED" => Err(StoreError::AgentLocked),
-        other => match other.strip_prefix("STATE:") {
-            Some(state) => Err(StoreError::TaskNotActive(parse_task_state(state)?)),
-            None => Err(StoreError::Corrupt(format!(
-                "unexpected script reply {other:?}"
-            ))),
-        },
-    }
-}
-
-fn parse_approval_state(s: &str) -> Result<ApprovalState, StoreError> {
-    Ok(match s {
-        "pending" => ApprovalState::Pending,
-        "approved" => ApprovalState::Approved,
-        "denied" => ApprovalState::Denied,
-        "consumed" => ApprovalState::Consumed,
-        "expired" => ApprovalState::Expired,
-        other => return Err(StoreError::Corrupt(format!("approval state {other:?}"))),
-    })
-}
-
-/// Maps an approval script's reply.
-fn approval_status(reply: &str) -> Result<(), StoreError> {
-    match reply {
-        "OK" => Ok(()),
-        "NOTFOUND" => Err(StoreError::ApprovalNotFound),
-        "MISMATCH" => Err(StoreError::ApprovalMismatch),
-        other => match other.strip_prefix("STATE:") {
-            Some(state) => Err(StoreError::ApprovalState(parse_approval_state(state)?)),
-            None => Err(StoreError::Corrupt(format!(
-                "unexpected script reply {other:?}"
-            ))),
-        },
-    }
-}
-
-/// An approval hash as fetched: body and current status.
-type ApprovalFields = (Option<String>, Option<String>);
-
-fn approval_from(fields: ApprovalFields) -> Result<Option<Approval>, StoreError> {
-    let (Some(body), Some(status)) = fields else {
-        return Ok(None);
-    };
-    let mut a: Approval = decode(&body)?;
-    a.status = decode(&status)?;
-    Ok(Some(a))
-}
-
-fn parse_task_state(s: &str) -> Result<TaskState, StoreError> {
-    s.parse()
-        .map_err(|e: String| StoreError::Corrupt(format!("task state: {e}")))
-}
-
-/// A lease hash as fetched: body, state, revocation.
-type LeaseFields = (Option<String>, Option<String>, Option<String>);
-
-/// Rebuilds a lease from its hash fields; `None` if the hash is gone.
-fn lease_from(fields: LeaseFields) -> Result<Option<Lease>, StoreError> {
-    let (Some(body), Some(state)) = (fields.0, fields.1) else {
-        return Ok(None);
-    };
-    let mut lease: Lease = decode(&body)?;
-    lease.status = match state.as_str() {
-        "active" => LeaseStatus::Active,
-        "expired" => LeaseStatus::Expired,
-        "revoked" => {
-            let rev = fields
-                .2
-                .ok_or_else(|| StoreError::Corrupt("revoked lease without revocation".into()))?;
-            LeaseStatus::Revoked(decode(&rev)?)
-        }
-        other => return Err(StoreError::Corrupt(format!("lease state {other:?}"))),
-    };
-    Ok(Some(lease))
-}
 
 /// The Redis lease store.
 pub struct RedisStore {
@@ -703,19 +465,6 @@ impl RedisStore {
             }
         }
     }
-}
-
-/// Appends `EVALSHA script keys… args…` to a pipeline.
-fn evalsha(pipe: &mut redis::Pipeline, script: &Script, keys: &[String], args: &[String]) {
-    pipe.cmd("EVALSHA")
-        .arg(script.get_hash())
-        .arg(keys.len())
-        .arg(keys)
-        .arg(args);
-}
-
-fn corrupt(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(e.to_string())
 }
 
 #[async_trait]
@@ -1549,64 +1298,5 @@ impl RedisStore {
                 return Ok(());
             }
         }
-    }
-}
-
-fn event_from(id: &str, fields: Vec<(String, String)>) -> Result<RevocationEvent, StoreError> {
-    let get = |name: &str| {
-        fields
-            .iter()
-            .find(|(f, _)| f == name)
-            .map(|(_, v)| v.as_str())
-            .ok_or_else(|| StoreError::Corrupt(format!("feed event {id} lacks {name}")))
-    };
-    let kind = match get("kind")? {
-        "task" => LeaseKind::Task,
-        "jwt" => LeaseKind::Jwt,
-        "x509" => LeaseKind::X509,
-        other => return Err(StoreError::Corrupt(format!("lease kind {other:?}"))),
-    };
-    let corrupt_id = |e: mayfly_core::IdError| StoreError::Corrupt(e.to_string());
-    Ok(RevocationEvent {
-        cursor: cursor_of(id)?,
-        lease_id: LeaseId::new(get("lease")?).map_err(corrupt_id)?,
-        kind,
-        task_id: TaskId::new(get("task")?).map_err(corrupt_id)?,
-        revocation: decode::<Revocation>(get("rev")?)?,
-        expires_at: Timestamp::from_millis(
-            get("exp")?
-                .parse()
-                .map_err(|_| StoreError::Corrupt(format!("feed event {id}: bad exp")))?,
-        ),
-        serial: get("serial")
-            .ok()
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cursors_round_trip_and_order() {
-        for id in [
-            "0-1",
-            "1795432424000-0",
-            "1795432424000-7",
-            "1795432424001-0",
-        ] {
-            assert_eq!(stream_id_of(cursor_of(id).unwrap()), id);
-        }
-        assert!(cursor_of("1795432424000-7").unwrap() < cursor_of("1795432424001-0").unwrap());
-        assert!(cursor_of("bogus").is_err());
-        assert!(cursor_of("1-1048576").is_err());
-    }
-
-    #[test]
-    fn members_split_back() {
-        let m = member("L", "T", "spiffe://td/agent/a");
-        assert_eq!(split_member(&m).unwrap(), ("L", "T", "spiffe://td/agent/a"));
     }
 }

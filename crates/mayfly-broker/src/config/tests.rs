@@ -1,0 +1,247 @@
+//! Parsing and checking `mayfly.toml`.
+
+use super::*;
+
+const MINIMAL: &str = r#"
+    trust_domain = "example.org"
+    data_dir = "data"
+    [listen]
+    grpc = "127.0.0.1:1"
+    http = "127.0.0.1:2"
+    [tls]
+    cert = "c.pem"
+    key = "/abs/k.pem"
+    trust_bundle = "b.pem"
+    [policy]
+    dir = "policies"
+"#;
+
+#[test]
+fn defaults_and_relative_paths() {
+    let c = Config::parse(MINIMAL, Path::new("/etc/mayfly")).unwrap();
+    assert_eq!(c.data_dir, Path::new("/etc/mayfly/data"));
+    assert_eq!(c.policy.dir, Path::new("/etc/mayfly/policies"));
+    assert_eq!(c.tls.key, Path::new("/abs/k.pem"));
+    assert_eq!(c.tokens.default_ttl, Duration::from_secs(300));
+    assert_eq!(c.tokens.max_ttl, Duration::from_secs(900));
+    assert_eq!(c.tasks.max_ttl, Duration::from_secs(8 * 3600));
+    assert_eq!(c.store, StoreKind::Embedded);
+    assert_eq!(c.issuer(), "https://127.0.0.1:2");
+}
+
+#[test]
+fn a_redis_password_never_shows_in_debug() {
+    let r = RedisConfig {
+        url: Some("redis://:hunter2@db:6379/0".into()),
+        sentinels: vec!["redis://u:hunter3@s1:26379".into()],
+        ..Default::default()
+    };
+    let shown = format!("{r:?}");
+    assert!(!shown.contains("hunter"), "{shown}");
+    assert!(
+        shown.contains("redis://db:6379/0") && shown.contains("s1:26379"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn the_audit_trail_follows_the_store_unless_told() {
+    let base = Path::new("/etc/mayfly");
+    let c = Config::parse(MINIMAL, base).unwrap();
+    assert_eq!(c.audit_sink(), AuditSinkKind::File);
+    assert_eq!(c.audit_path(), Path::new("/etc/mayfly/data/audit.jsonl"));
+    let redis = format!("store = \"redis://127.0.0.1:6379\"\n{MINIMAL}");
+    assert_eq!(
+        Config::parse(&redis, base).unwrap().audit_sink(),
+        AuditSinkKind::Redis
+    );
+    let own_file = format!("{redis}\n[audit]\nsink = \"file\"\npath = \"a.jsonl\"");
+    let c = Config::parse(&own_file, base).unwrap();
+    assert_eq!(c.audit_sink(), AuditSinkKind::File);
+    assert_eq!(c.audit_path(), Path::new("/etc/mayfly/a.jsonl"));
+    let sized =
+        format!("{own_file}\nrotate_size = \"8MiB\"\nrotate_age = \"1h\"\nretention = \"30d\"");
+    let o = Config::parse(&sized, base).unwrap().audit_file_options();
+    assert_eq!(o.rotate_bytes, 8 << 20);
+    assert_eq!(o.rotate_age, Duration::from_secs(3600));
+    assert_eq!(o.retention, Some(Duration::from_secs(30 * 86_400)));
+    for (extra, says) in [
+        ("sink = \"redis\"", "needs store = \"redis\""),
+        (
+            "sink = \"stdout\"\npath = \"a\"",
+            "only for sink = \"file\"",
+        ),
+        ("sink = \"syslog\"", "syslog"),
+        ("rotate_size = \"1KiB\"", "at least 4KiB"),
+        ("rotate_size = \"lots\"", "KiB, MiB or GiB"),
+        ("retention = \"5m\"", "at least 1h"),
+    ] {
+        let text = format!("{MINIMAL}\n[audit]\n{extra}");
+        let e = Config::parse(&text, base).unwrap_err().to_string();
+        assert!(e.contains(says), "{extra}: {e}");
+    }
+}
+
+#[test]
+fn rejects_bad_values_with_a_reason() {
+    let unknown = format!("{MINIMAL}\nbogus = 1");
+    let e = Config::parse(&unknown, Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bogus"), "{e}");
+    let bad_ttl = MINIMAL.replace("[tls]", "[tokens]\ndefault_ttl = \"1h\"\n[tls]");
+    let e = Config::parse(&bad_ttl, Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("default_ttl <= max_ttl"), "{e}");
+    let bad_duration = MINIMAL.replace("[tls]", "[tokens]\nmax_ttl = \"soon\"\n[tls]");
+    let e = Config::parse(&bad_duration, Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("\"soon\""), "{e}");
+    let sub_second = MINIMAL.replace("[tls]", "[tokens]\nmax_ttl = \"1500ms\"\n[tls]");
+    let e = Config::parse(&sub_second, Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tokens.max_ttl must be a whole number of seconds"),
+        "{e}"
+    );
+    let bad_store = format!("store = \"mongodb\"\n{MINIMAL}");
+    let e = Config::parse(&bad_store, Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown store"), "{e}");
+    let bad_intro = format!(
+        "{MINIMAL}\n[[introspection]]\nclients = [\"spiffe://example.org/a/*\"]\naudiences = [\"a*b\"]"
+    );
+    let e = Config::parse(&bad_intro, Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("only at the end"), "{e}");
+    let no_policy = MINIMAL.replace("[policy]\n    dir = \"policies\"", "");
+    let e = Config::parse(&no_policy, Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("policy"), "{e}");
+}
+
+#[test]
+fn connection_bounds_must_keep_room_for_authenticated_callers() {
+    let c = Config::parse(MINIMAL, Path::new(".")).unwrap();
+    assert_eq!(c.connections.max, 4096);
+    assert_eq!(c.connections.idle_timeout, Duration::from_secs(300));
+    let ok = format!(
+        "{MINIMAL}\n[connections]\nmax = 100\nmax_unauthenticated = 10\nmax_unauthenticated_per_source = 2\nidle_timeout = \"1m\""
+    );
+    let c = Config::parse(&ok, Path::new(".")).unwrap();
+    assert_eq!(c.connections.max_unauthenticated_per_source, 2);
+    for bad in [
+        "max = 10\nmax_unauthenticated = 10",
+        "max_unauthenticated_per_source = 0",
+        "max_unauthenticated = 10\nmax_unauthenticated_per_source = 11",
+        "idle_timeout = \"0s\"",
+    ] {
+        let text = format!("{MINIMAL}\n[connections]\n{bad}");
+        let e = Config::parse(&text, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("connections:"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn redis_store_settings() {
+    let redis = MINIMAL.replace(
+        "[listen]",
+        "store = \"redis\"\n[redis]\nurl = \"redis://127.0.0.1:6379/0\"\n[listen]",
+    );
+    let c = Config::parse(&redis, Path::new("/etc/mayfly")).unwrap();
+    assert_eq!(c.store, StoreKind::Redis);
+    assert_eq!(c.redis.unwrap().key_prefix, "mayfly");
+    let short = format!("store = \"rediss://u:secret@r.example:6380/0\"\n{MINIMAL}");
+    let c = Config::parse(&short, Path::new("/etc/mayfly")).unwrap();
+    assert_eq!(c.store, StoreKind::Redis);
+    let r = c.redis.unwrap();
+    assert_eq!(r.url.as_deref(), Some("rediss://u:secret@r.example:6380/0"));
+    assert_eq!(r.key_prefix, "mayfly");
+    let both = format!(
+        "store = \"redis://a:1\"\n{}",
+        MINIMAL.replace("[listen]", "[redis]\nurl = \"redis://b:2\"\n[listen]")
+    );
+    let e = Config::parse(&both, Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("give one"), "{e}");
+    let sentinel = MINIMAL.replace(
+        "[listen]",
+        "store = \"redis\"\n[redis]\nsentinels = [\"redis://10.0.0.1:26379\"]\nmaster_name = \"m\"\npassword_file = \"pw\"\n[listen]",
+    );
+    let c = Config::parse(&sentinel, Path::new("/etc/mayfly")).unwrap();
+    assert_eq!(
+        c.redis.unwrap().password_file.unwrap(),
+        Path::new("/etc/mayfly/pw")
+    );
+    for (bad, want) in [
+        ("store = \"redis\"\n", "needs a [redis] section"),
+        ("store = \"redis\"\n[redis]\n", "exactly one of"),
+        (
+            "store = \"redis\"\n[redis]\nsentinels = [\"redis://h:1\"]\n",
+            "master_name",
+        ),
+        (
+            "store = \"redis\"\n[redis]\nurl = \"http://h\"\n",
+            "must start with redis://",
+        ),
+        ("[redis]\nurl = \"redis://h\"\n", "needs store = \"redis\""),
+    ] {
+        let text = MINIMAL.replace("[listen]", &format!("{bad}[listen]"));
+        let e = Config::parse(&text, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn kubernetes_configmap_parses() {
+    let yaml = include_str!("../../../../deploy/kubernetes/configmap.yaml");
+    let toml: String = yaml
+        .lines()
+        .skip_while(|l| !l.contains("mayfly.toml: |"))
+        .skip(1)
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    let c = Config::parse(&toml, Path::new("/etc/mayfly/config")).unwrap();
+    assert_eq!(c.store, StoreKind::Redis);
+    assert_eq!(c.audit_sink(), AuditSinkKind::Redis);
+    assert_eq!(c.listen.health, Some("0.0.0.0:8712".parse().unwrap()));
+    assert_eq!(
+        c.redis.unwrap().url_file.unwrap(),
+        Path::new("/etc/mayfly/redis/url")
+    );
+}
+
+#[test]
+fn shipped_example_parses() {
+    let text = include_str!("../../../../deploy/mayfly.example.toml");
+    let c = Config::parse(text, Path::new("/etc/mayfly")).unwrap();
+    assert_eq!(c.issuer(), "https://mayfly.prod.example.com:8711");
+    assert_eq!(c.policy.dir, Path::new("/etc/mayfly/policies"));
+    assert_eq!(c.audit_path(), Path::new("/var/lib/mayfly/audit.jsonl"));
+}
+
+#[test]
+fn dev_config_parses() {
+    let dir = tempfile::tempdir().unwrap();
+    let td = TrustDomain::new("example.org").unwrap();
+    let layout = crate::dev::init(&dir.path().join("dev"), &td).unwrap();
+    let c = Config::load(&layout.config).unwrap();
+    assert!(c.policy.dir.join("mayfly.cedar").exists());
+    mayfly_policy::CedarPolicy::load_dir(&c.policy.dir).expect("dev policies validate");
+    assert_eq!(c.issuer(), "https://localhost:8711");
+    assert!(
+        crate::dev::init(&dir.path().join("dev"), &td).is_err(),
+        "refuses to overwrite"
+    );
+}

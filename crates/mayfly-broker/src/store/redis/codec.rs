@@ -1,0 +1,145 @@
+//! Records to and from what Redis holds: JSON bodies, hash fields, script
+//! status replies and feed entries.
+
+use mayfly_core::{
+    Approval, ApprovalState, Lease, LeaseId, LeaseKind, LeaseStatus, Revocation, TaskId, TaskState,
+    Timestamp,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::keys::cursor_of;
+use crate::store::{RevocationEvent, StoreError};
+
+pub(super) fn encode<T: Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+pub(super) fn decode<T: DeserializeOwned>(s: &str) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// Maps a script's status reply.
+pub(super) fn script_status(reply: &str) -> Result<(), StoreError> {
+    match reply {
+        "OK" => Ok(()),
+        "NOTFOUND" => Err(StoreError::TaskNotFound),
+        "DUPLICATE" => Err(StoreError::Duplicate("lease or task".into())),
+        "OUTLIVES" => Err(StoreError::OutlivesTask),
+        "CHANGED" => Err(StoreError::TaskChanged),
+        "MISMATCH" => Err(StoreError::ApprovalMismatch),
+        "LOCKED" => Err(StoreError::AgentLocked),
+        other => match other.strip_prefix("STATE:") {
+            Some(state) => Err(StoreError::TaskNotActive(parse_task_state(state)?)),
+            None => Err(StoreError::Corrupt(format!(
+                "unexpected script reply {other:?}"
+            ))),
+        },
+    }
+}
+
+pub(super) fn parse_approval_state(s: &str) -> Result<ApprovalState, StoreError> {
+    Ok(match s {
+        "pending" => ApprovalState::Pending,
+        "approved" => ApprovalState::Approved,
+        "denied" => ApprovalState::Denied,
+        "consumed" => ApprovalState::Consumed,
+        "expired" => ApprovalState::Expired,
+        other => return Err(StoreError::Corrupt(format!("approval state {other:?}"))),
+    })
+}
+
+/// Maps an approval script's reply.
+pub(super) fn approval_status(reply: &str) -> Result<(), StoreError> {
+    match reply {
+        "OK" => Ok(()),
+        "NOTFOUND" => Err(StoreError::ApprovalNotFound),
+        "MISMATCH" => Err(StoreError::ApprovalMismatch),
+        other => match other.strip_prefix("STATE:") {
+            Some(state) => Err(StoreError::ApprovalState(parse_approval_state(state)?)),
+            None => Err(StoreError::Corrupt(format!(
+                "unexpected script reply {other:?}"
+            ))),
+        },
+    }
+}
+
+/// An approval hash as fetched: body and current status.
+pub(super) type ApprovalFields = (Option<String>, Option<String>);
+
+pub(super) fn approval_from(fields: ApprovalFields) -> Result<Option<Approval>, StoreError> {
+    let (Some(body), Some(status)) = fields else {
+        return Ok(None);
+    };
+    let mut a: Approval = decode(&body)?;
+    a.status = decode(&status)?;
+    Ok(Some(a))
+}
+
+pub(super) fn parse_task_state(s: &str) -> Result<TaskState, StoreError> {
+    s.parse()
+        .map_err(|e: String| StoreError::Corrupt(format!("task state: {e}")))
+}
+
+/// A lease hash as fetched: body, state, revocation.
+pub(super) type LeaseFields = (Option<String>, Option<String>, Option<String>);
+
+/// Rebuilds a lease from its hash fields; `None` if the hash is gone.
+pub(super) fn lease_from(fields: LeaseFields) -> Result<Option<Lease>, StoreError> {
+    let (Some(body), Some(state)) = (fields.0, fields.1) else {
+        return Ok(None);
+    };
+    let mut lease: Lease = decode(&body)?;
+    lease.status = match state.as_str() {
+        "active" => LeaseStatus::Active,
+        "expired" => LeaseStatus::Expired,
+        "revoked" => {
+            let rev = fields
+                .2
+                .ok_or_else(|| StoreError::Corrupt("revoked lease without revocation".into()))?;
+            LeaseStatus::Revoked(decode(&rev)?)
+        }
+        other => return Err(StoreError::Corrupt(format!("lease state {other:?}"))),
+    };
+    Ok(Some(lease))
+}
+
+pub(super) fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+pub(super) fn event_from(
+    id: &str,
+    fields: Vec<(String, String)>,
+) -> Result<RevocationEvent, StoreError> {
+    let get = |name: &str| {
+        fields
+            .iter()
+            .find(|(f, _)| f == name)
+            .map(|(_, v)| v.as_str())
+            .ok_or_else(|| StoreError::Corrupt(format!("feed event {id} lacks {name}")))
+    };
+    let kind = match get("kind")? {
+        "task" => LeaseKind::Task,
+        "jwt" => LeaseKind::Jwt,
+        "x509" => LeaseKind::X509,
+        other => return Err(StoreError::Corrupt(format!("lease kind {other:?}"))),
+    };
+    let corrupt_id = |e: mayfly_core::IdError| StoreError::Corrupt(e.to_string());
+    Ok(RevocationEvent {
+        cursor: cursor_of(id)?,
+        lease_id: LeaseId::new(get("lease")?).map_err(corrupt_id)?,
+        kind,
+        task_id: TaskId::new(get("task")?).map_err(corrupt_id)?,
+        revocation: decode::<Revocation>(get("rev")?)?,
+        expires_at: Timestamp::from_millis(
+            get("exp")?
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("feed event {id}: bad exp")))?,
+        ),
+        serial: get("serial")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned),
+    })
+}
