@@ -176,6 +176,76 @@ async fn a_context_change_through_one_replica_decides_the_next_issue_on_the_othe
     );
 }
 
+/// A newer replica on the same Redis may record a kind of lease this
+/// build does not know. This broker shows it, never takes it for a
+/// credential, and revokes it on a context change rather than keep what
+/// it cannot decide again. (The "newer replica" is the store API with a
+/// lease of an unknown kind, written as any replica writes one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_of_an_unknown_kind_is_revoked_on_a_context_change() {
+    use mayfly_broker::store::{LeaseStore, RedisStore, RedisTarget};
+    use mayfly_core::{Lease, LeaseDetail, LeaseId, LeaseStatus, TaskId, Timestamp};
+
+    let redis = RedisServer::start();
+    let broker = TestBroker::start_on_redis(&redis.url()).await;
+    let (agent, op) = (broker.agent().await, broker.operator().await);
+    let task = start(&agent).await;
+    let token = issue(&agent, &task.task_id).await;
+
+    let newer = RedisStore::new(
+        RedisTarget::Url {
+            url: redis.url(),
+            ca_pem: None,
+        },
+        "mayfly",
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let now = Timestamp::now();
+    let unknown = Lease {
+        id: LeaseId::generate(),
+        detail: LeaseDetail::Unrecognised {
+            kind: "db_login".into(),
+        },
+        agent: "spiffe://example.org/agent/demo".parse().unwrap(),
+        task_id: TaskId::new(&task.task_id).unwrap(),
+        scopes: Default::default(),
+        issued_at: now.floor_secs(),
+        expires_at: now.plus(Duration::from_secs(120)),
+        status: LeaseStatus::Active,
+        task_revision: 0,
+        approval: None,
+    };
+    newer.issue(&unknown, now).await.unwrap();
+    let shown = lease(&op, unknown.id.as_str()).await;
+    assert_eq!(shown.kind, pb::LeaseKind::Unspecified as i32);
+    assert_eq!(shown.state, pb::LeaseState::Active as i32);
+
+    // A change every policy still allows: the token stays, the lease this
+    // broker cannot decide again goes.
+    let changed = agent
+        .broker()
+        .update_task_context(pb::UpdateTaskContextRequest {
+            task_id: task.task_id.clone(),
+            set: [("ticket".to_owned(), "42".to_owned())].into(),
+            remove: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(changed.revoked_leases, vec![unknown.id.to_string()]);
+    let gone = lease(&op, unknown.id.as_str()).await;
+    assert_eq!(gone.state, pb::LeaseState::Revoked as i32);
+    assert_eq!(
+        gone.revocation_reason,
+        pb::RevocationReason::ContextChanged as i32
+    );
+    assert_eq!(
+        lease(&op, &token.lease_id).await.state,
+        pb::LeaseState::Active as i32
+    );
+}
+
 fn write_request(task: &str) -> pb::IssueTokenRequest {
     token_request(task, API, &["write:files"])
 }

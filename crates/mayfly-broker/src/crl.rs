@@ -76,7 +76,7 @@ impl CrlPublisher {
             let events = self.store.revocations_since(st.cursor, BATCH).await?;
             for e in &events {
                 st.cursor = e.cursor;
-                if e.kind != LeaseKind::X509 {
+                if e.kind != Some(LeaseKind::X509) {
                     continue;
                 }
                 if let Some(serial) = &e.serial {

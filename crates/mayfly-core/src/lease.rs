@@ -136,20 +136,68 @@ pub enum LeaseStatus {
     Expired,
 }
 
+/// What a lease is of, with what only that kind holds. A lease of a kind
+/// this build does not know (written by a newer broker sharing the store),
+/// or one that lacks what its kind needs, is [`Unrecognised`]: it is never
+/// taken for a credential, and a context change revokes it.
+///
+/// [`Unrecognised`]: LeaseDetail::Unrecognised
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseDetail {
+    /// The task itself (lease id = task id).
+    Task,
+    /// A JWT access token (lease id = `jti`).
+    Token {
+        /// Its one audience.
+        audience: Audience,
+        /// RFC 8705 `x5t#S256` of the client certificate it is bound to.
+        cert_thumbprint: Option<String>,
+    },
+    /// An X.509 certificate.
+    Certificate {
+        /// Its serial number, upper-case hex.
+        serial: String,
+    },
+    /// A lease this build cannot read as any kind it knows.
+    Unrecognised {
+        /// The kind as stored.
+        kind: String,
+    },
+}
+
+impl LeaseDetail {
+    /// The kind, if this build knows it.
+    pub fn kind(&self) -> Option<LeaseKind> {
+        match self {
+            Self::Task => Some(LeaseKind::Task),
+            Self::Token { .. } => Some(LeaseKind::Jwt),
+            Self::Certificate { .. } => Some(LeaseKind::X509),
+            Self::Unrecognised { .. } => None,
+        }
+    }
+
+    /// The kind's name as stored and shown (`task`, `jwt`, `x509`, or an
+    /// unrecognised lease's own).
+    pub fn kind_name(&self) -> &str {
+        match self {
+            Self::Unrecognised { kind } => kind,
+            known => known.kind().map_or("", LeaseKind::as_str),
+        }
+    }
+}
+
 /// One lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredLease", into = "StoredLease")]
 pub struct Lease {
     /// For a JWT, its `jti`; for a task, the task id.
     pub id: LeaseId,
-    /// What it records.
-    pub kind: LeaseKind,
+    /// What it is of, with what only that kind holds.
+    pub detail: LeaseDetail,
     /// The agent that owns it.
     pub agent: SpiffeId,
     /// The task it belongs to (itself, for a task lease).
     pub task_id: TaskId,
-    /// The token's audience; `None` for tasks and certificates.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub audience: Option<Audience>,
     /// The scopes granted (for a task: its envelope's scopes).
     pub scopes: Scopes,
     /// When it was issued.
@@ -158,21 +206,126 @@ pub struct Lease {
     pub expires_at: Timestamp,
     /// Active, revoked or expired.
     pub status: LeaseStatus,
-    /// RFC 8705 `x5t#S256` of the certificate a token is bound to.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cert_thumbprint: Option<String>,
-    /// Serial number (upper-case hex) of an X.509 lease's certificate.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub serial: Option<String>,
     /// The task's context revision the issuing decision saw.
-    #[serde(default)]
     pub task_revision: u64,
     /// The approval it was issued under, if one was needed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<crate::ApprovalId>,
 }
 
+/// A lease as both stores hold it (JSON): the kind as a name and its
+/// fields side by side, as they have always been written, so that leases
+/// written before [`LeaseDetail`] existed, and by other builds, still read.
+#[derive(Serialize, Deserialize)]
+struct StoredLease {
+    id: LeaseId,
+    kind: String,
+    agent: SpiffeId,
+    task_id: TaskId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    audience: Option<Audience>,
+    scopes: Scopes,
+    issued_at: Timestamp,
+    expires_at: Timestamp,
+    status: LeaseStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cert_thumbprint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    serial: Option<String>,
+    #[serde(default)]
+    task_revision: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    approval: Option<crate::ApprovalId>,
+}
+
+impl From<StoredLease> for Lease {
+    fn from(s: StoredLease) -> Self {
+        let detail = match (s.kind.as_str(), s.audience, s.serial) {
+            ("task", _, _) => LeaseDetail::Task,
+            ("jwt", Some(audience), _) => LeaseDetail::Token {
+                audience,
+                cert_thumbprint: s.cert_thumbprint,
+            },
+            ("x509", _, Some(serial)) => LeaseDetail::Certificate { serial },
+            // A kind this build does not know, or a token without its
+            // audience or a certificate without its serial.
+            _ => LeaseDetail::Unrecognised { kind: s.kind },
+        };
+        Self {
+            id: s.id,
+            detail,
+            agent: s.agent,
+            task_id: s.task_id,
+            scopes: s.scopes,
+            issued_at: s.issued_at,
+            expires_at: s.expires_at,
+            status: s.status,
+            task_revision: s.task_revision,
+            approval: s.approval,
+        }
+    }
+}
+
+impl From<Lease> for StoredLease {
+    fn from(l: Lease) -> Self {
+        let kind = l.detail.kind_name().to_owned();
+        let (audience, cert_thumbprint, serial) = match l.detail {
+            LeaseDetail::Token {
+                audience,
+                cert_thumbprint,
+            } => (Some(audience), cert_thumbprint, None),
+            LeaseDetail::Certificate { serial } => (None, None, Some(serial)),
+            LeaseDetail::Task | LeaseDetail::Unrecognised { .. } => (None, None, None),
+        };
+        Self {
+            id: l.id,
+            kind,
+            agent: l.agent,
+            task_id: l.task_id,
+            audience,
+            scopes: l.scopes,
+            issued_at: l.issued_at,
+            expires_at: l.expires_at,
+            status: l.status,
+            cert_thumbprint,
+            serial,
+            task_revision: l.task_revision,
+            approval: l.approval,
+        }
+    }
+}
+
 impl Lease {
+    /// What it records, if this build knows the kind.
+    pub fn kind(&self) -> Option<LeaseKind> {
+        self.detail.kind()
+    }
+
+    /// A token's audience.
+    pub fn audience(&self) -> Option<&Audience> {
+        match &self.detail {
+            LeaseDetail::Token { audience, .. } => Some(audience),
+            _ => None,
+        }
+    }
+
+    /// The `x5t#S256` a token is bound to.
+    pub fn cert_thumbprint(&self) -> Option<&str> {
+        match &self.detail {
+            LeaseDetail::Token {
+                cert_thumbprint, ..
+            } => cert_thumbprint.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// A certificate's serial (upper-case hex).
+    pub fn serial(&self) -> Option<&str> {
+        match &self.detail {
+            LeaseDetail::Certificate { serial } => Some(serial),
+            _ => None,
+        }
+    }
+
     /// The state at `now`: an active lease past its expiry is expired.
     pub fn state_at(&self, now: Timestamp) -> LeaseState {
         match &self.status {
@@ -206,16 +359,16 @@ mod tests {
         let task = TaskId::generate();
         Lease {
             id: LeaseId::generate(),
-            kind: LeaseKind::Jwt,
+            detail: LeaseDetail::Token {
+                audience: Audience::new("api").unwrap(),
+                cert_thumbprint: None,
+            },
             agent: SpiffeId::new("spiffe://td/agent/a").unwrap(),
             task_id: task,
-            audience: Some(Audience::new("api").unwrap()),
             scopes: parse_scopes(&["read"]).unwrap(),
             issued_at: Timestamp::from_secs(100),
             expires_at: Timestamp::from_secs(200),
             status,
-            cert_thumbprint: None,
-            serial: None,
             task_revision: 0,
             approval: None,
         }
@@ -252,9 +405,63 @@ mod tests {
 
     #[test]
     fn serde_round_trip() {
+        let mut l = lease(LeaseStatus::Active);
+        for detail in [
+            LeaseDetail::Task,
+            LeaseDetail::Token {
+                audience: Audience::new("api").unwrap(),
+                cert_thumbprint: Some("x5t".into()),
+            },
+            LeaseDetail::Certificate {
+                serial: "5A39".into(),
+            },
+            LeaseDetail::Unrecognised {
+                kind: "db_login".into(),
+            },
+        ] {
+            l.detail = detail;
+            let json = serde_json::to_string(&l).unwrap();
+            let back: Lease = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, l);
+        }
+    }
+
+    /// The stored form is the one leases have always been written in:
+    /// the kind by name, its fields beside it.
+    #[test]
+    fn stored_form_is_flat() {
         let l = lease(LeaseStatus::Active);
-        let json = serde_json::to_string(&l).unwrap();
-        let back: Lease = serde_json::from_str(&json).unwrap();
-        assert_eq!(back, l);
+        let json: serde_json::Value = serde_json::to_value(&l).unwrap();
+        assert_eq!(json["kind"], "jwt");
+        assert_eq!(json["audience"], "api");
+        assert!(json.get("serial").is_none());
+        assert!(json.get("detail").is_none());
+    }
+
+    /// A kind this build does not know, or a known kind without what it
+    /// needs, reads as unrecognised: never as a credential.
+    #[test]
+    fn unknown_or_incomplete_kinds_are_unrecognised() {
+        let mut json = serde_json::to_value(lease(LeaseStatus::Active)).unwrap();
+        json["kind"] = "db_login".into();
+        let l: Lease = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(
+            l.detail,
+            LeaseDetail::Unrecognised {
+                kind: "db_login".into()
+            }
+        );
+        assert_eq!(l.kind(), None);
+        assert_eq!(l.audience(), None);
+
+        json["kind"] = "jwt".into();
+        json.as_object_mut().unwrap().remove("audience");
+        let l: Lease = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(l.kind(), None, "a token without its audience");
+
+        json["kind"] = "x509".into();
+        let l: Lease = serde_json::from_value(json).unwrap();
+        assert_eq!(l.kind(), None, "a certificate without its serial");
+        assert_eq!(l.detail.kind_name(), "x509");
     }
 }

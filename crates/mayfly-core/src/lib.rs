@@ -32,7 +32,9 @@ pub use envelope::{
     parse_scopes, scope_string,
 };
 pub use id::{IdError, LeaseId, TaskId};
-pub use lease::{Lease, LeaseKind, LeaseState, LeaseStatus, Revocation, RevocationReason};
+pub use lease::{
+    Lease, LeaseDetail, LeaseKind, LeaseState, LeaseStatus, Revocation, RevocationReason,
+};
 pub use lock::{AgentLock, MAX_LOCK_REASON_BYTES};
 pub use policy::{
     Decision, DelegateRequest, IssueTokenRequest, Pattern, Policy, SignCertificateRequest,

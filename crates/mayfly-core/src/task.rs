@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::claims::ActorClaim;
 use crate::envelope::{Envelope, Intent, TaskContext};
 use crate::id::TaskId;
-use crate::lease::{Lease, LeaseKind, LeaseStatus, Revocation, RevocationReason};
+use crate::lease::{Lease, LeaseDetail, LeaseStatus, Revocation, RevocationReason};
 use crate::spiffe::SpiffeId;
 use crate::time::Timestamp;
 
@@ -82,16 +82,13 @@ impl Task {
     pub fn new_lease(&self) -> Lease {
         Lease {
             id: self.id.lease_id(),
-            kind: LeaseKind::Task,
+            detail: LeaseDetail::Task,
             agent: self.agent.clone(),
             task_id: self.id.clone(),
-            audience: None,
             scopes: self.envelope.scopes().clone(),
             issued_at: self.created_at,
             expires_at: self.expires_at,
             status: LeaseStatus::Active,
-            cert_thumbprint: None,
-            serial: None,
             task_revision: self.revision,
             approval: None,
         }

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use mayfly_core::{
     AgentLock, Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Audience,
-    Envelope, Intent, Lease, LeaseId, LeaseKind, LeaseState, LeaseStatus, RevocationReason,
-    SpiffeId, Task, TaskContext, TaskId, TaskState, Timestamp, parse_scopes,
+    Envelope, Intent, Lease, LeaseDetail, LeaseId, LeaseKind, LeaseState, LeaseStatus,
+    RevocationReason, SpiffeId, Task, TaskContext, TaskId, TaskState, Timestamp, parse_scopes,
 };
 
 use mayfly_broker::audit::{AuditError, AuditRecord, AuditSink, Event, verify};
@@ -131,16 +131,16 @@ pub fn task(agent: &SpiffeId, ttl: u64) -> Task {
 pub fn lease(task: &Task, ttl: u64) -> Lease {
     Lease {
         id: LeaseId::generate(),
-        kind: LeaseKind::Jwt,
+        detail: LeaseDetail::Token {
+            audience: Audience::new("https://api.example.com").unwrap(),
+            cert_thumbprint: None,
+        },
         agent: task.agent.clone(),
         task_id: task.id.clone(),
-        audience: Some(Audience::new("https://api.example.com").unwrap()),
         scopes: parse_scopes(&["read"]).unwrap(),
         issued_at: *T0,
         expires_at: at(ttl),
         status: LeaseStatus::Active,
-        cert_thumbprint: None,
-        serial: None,
         task_revision: 0,
         approval: None,
     }
@@ -205,7 +205,7 @@ pub async fn start_and_get_task(store: Store) {
     assert_eq!(rec.state_at(at(1)), TaskState::Active);
     assert_eq!(rec.state_at(at(600)), TaskState::Expired);
     let own = store.get_lease(&t.id.lease_id()).await.unwrap().unwrap();
-    assert_eq!(own.kind, LeaseKind::Task);
+    assert_eq!(own.kind(), Some(LeaseKind::Task));
     assert_eq!(own.expires_at, t.expires_at);
     assert!(matches!(
         store.start_task(&t).await,
@@ -906,7 +906,7 @@ pub async fn revocation_feed_is_ordered_and_resumable(store: Store) {
     assert_eq!(events[0].revocation.reason, RevocationReason::Operator);
     assert_eq!(events[2].revocation.reason, RevocationReason::TaskCompleted);
     assert_eq!(events[0].expires_at, a.expires_at);
-    assert_eq!(events[0].kind, LeaseKind::Jwt);
+    assert_eq!(events[0].kind, Some(LeaseKind::Jwt));
 
     let rest = store
         .revocations_since(events[0].cursor, 100)

@@ -121,7 +121,7 @@ impl pb::broker_server::Broker for BrokerApi {
             certificate_pem: issued.certificate_pem,
             chain_pem: issued.chain_pem,
             lease_id: issued.lease.id.to_string(),
-            serial: issued.lease.serial.unwrap_or_default(),
+            serial: issued.lease.serial().unwrap_or_default().to_owned(),
             expires_at: Some(timestamp(issued.lease.expires_at)),
             spiffe_id: issued.spiffe_id.to_string(),
             approval: None,
@@ -212,11 +212,7 @@ impl pb::broker_server::Broker for BrokerApi {
             expires_at: Some(timestamp(lease.expires_at)),
             token_type: "Bearer".into(),
             scopes: lease.scopes.iter().map(|s| s.to_string()).collect(),
-            audience: lease
-                .audience
-                .as_ref()
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
+            audience: lease.audience().map(|a| a.to_string()).unwrap_or_default(),
             approval: None,
         }))
     }

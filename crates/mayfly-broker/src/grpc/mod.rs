@@ -251,14 +251,13 @@ pub fn lease_to_proto(l: &Lease, now: Timestamp) -> pb::Lease {
     };
     pb::Lease {
         lease_id: l.id.to_string(),
-        kind: lease_kind_to_proto(l.kind).into(),
+        kind: l
+            .kind()
+            .map_or(pb::LeaseKind::Unspecified, lease_kind_to_proto)
+            .into(),
         agent_id: l.agent.to_string(),
         task_id: l.task_id.to_string(),
-        audience: l
-            .audience
-            .as_ref()
-            .map(|a| a.to_string())
-            .unwrap_or_default(),
+        audience: l.audience().map(|a| a.to_string()).unwrap_or_default(),
         scopes: l.scopes.iter().map(|s| s.to_string()).collect(),
         issued_at: Some(timestamp(l.issued_at)),
         expires_at: Some(timestamp(l.expires_at)),
@@ -266,7 +265,7 @@ pub fn lease_to_proto(l: &Lease, now: Timestamp) -> pb::Lease {
         revocation_reason: revocation.map_or(0, |r| reason_to_proto(r.reason).into()),
         revoked_at: revocation.map(|r| timestamp(r.at)),
         revoked_by: revocation.map(|r| r.by.to_string()).unwrap_or_default(),
-        cert_thumbprint: l.cert_thumbprint.clone().unwrap_or_default(),
-        serial: l.serial.clone().unwrap_or_default(),
+        cert_thumbprint: l.cert_thumbprint().unwrap_or_default().to_owned(),
+        serial: l.serial().unwrap_or_default().to_owned(),
     }
 }

@@ -58,7 +58,10 @@ fn to_proto(e: &RevocationEvent) -> pb::RevocationEvent {
         cursor: e.cursor,
         heartbeat: false,
         lease_id: e.lease_id.to_string(),
-        kind: lease_kind_to_proto(e.kind).into(),
+        kind: e
+            .kind
+            .map_or(pb::LeaseKind::Unspecified, lease_kind_to_proto)
+            .into(),
         serial: e.serial.clone().unwrap_or_default(),
         task_id: e.task_id.to_string(),
         reason: reason_to_proto(e.revocation.reason).into(),

@@ -8,5 +8,5 @@ mod x509;
 
 pub use jwt::{AccessToken, JwtSigner, SignError};
 pub use keys::{Algorithm, KeyError, SigningKey, key_path};
-pub(crate) use x509::{BACKDATE, RevokedCert, issuing_ca_params};
+pub(crate) use x509::{BACKDATE, RevokedCert, issuing_ca_params, serial_from_hex};
 pub use x509::{CaError, CsrError, CsrKey, IssuingCa, parse_csr, random_serial};

@@ -220,6 +220,13 @@ pub fn random_serial() -> (SerialNumber, String) {
     (SerialNumber::from_slice(&bytes), hex)
 }
 
+/// The serial number whose upper-case hex [`random_serial`] gave.
+pub(crate) fn serial_from_hex(hex: &str) -> Result<SerialNumber, CaError> {
+    hex_bytes(hex)
+        .map(|b| SerialNumber::from_slice(&b))
+        .ok_or_else(|| CaError::Invalid(format!("bad serial {hex:?}")))
+}
+
 fn offset(t: Timestamp) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp(i64::try_from(t.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(OffsetDateTime::UNIX_EPOCH)
@@ -430,6 +437,7 @@ mod tests {
             assert_eq!(bytes.len(), 16);
             assert!(bytes[0] >= 1 && bytes[0] <= 0x7f);
             assert_eq!(hex_bytes(&hex).unwrap(), bytes);
+            assert_eq!(serial_from_hex(&hex).unwrap(), s);
             assert_eq!(hex, hex.to_uppercase());
         }
     }

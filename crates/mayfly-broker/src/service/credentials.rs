@@ -6,8 +6,9 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use mayfly_core::{
-    AccessTokenClaims, ApprovalRequest, Confirmation, Decision, IssueTokenRequest, Lease, LeaseId,
-    LeaseKind, Pattern, Policy, SignCertificateRequest, SpiffeId, Task, Timestamp, scope_string,
+    AccessTokenClaims, ApprovalRequest, Confirmation, Decision, IssueTokenRequest, Lease,
+    LeaseDetail, LeaseId, Pattern, Policy, Scopes, SignCertificateRequest, SpiffeId, Task,
+    Timestamp, scope_string,
 };
 
 use super::pipeline::{Asked, Kind};
@@ -19,7 +20,6 @@ use crate::issuer::IssuingCa;
 
 impl Kind for TokenRequest {
     type Issued = IssuedToken;
-    const LEASE: LeaseKind = LeaseKind::Jwt;
     const ISSUED: Event = Event::TokenIssued;
     const DENIED: Event = Event::TokenDenied;
 
@@ -56,15 +56,17 @@ impl Kind for TokenRequest {
         })
     }
 
-    fn lease(&self, caller: &Caller, lease: Lease) -> Lease {
-        Lease {
-            audience: Some(self.audience.clone()),
-            scopes: self.scopes.clone(),
+    fn detail(&self, caller: &Caller) -> LeaseDetail {
+        LeaseDetail::Token {
+            audience: self.audience.clone(),
             cert_thumbprint: self
                 .bind_to_client_cert
                 .then(|| caller.cert_thumbprint.clone()),
-            ..lease
         }
+    }
+
+    fn scopes(&self) -> Scopes {
+        self.scopes.clone()
     }
 
     fn describe(&self, record: AuditRecord, _lease: Option<&Lease>) -> AuditRecord {
@@ -83,10 +85,9 @@ impl Kind for TokenRequest {
             client_id: lease.agent.to_string(),
             scope: (!self.scopes.is_empty()).then(|| scope_string(&self.scopes)),
             task_id: task.id.to_string(),
-            cnf: lease
-                .cert_thumbprint
-                .clone()
-                .map(|x5t_s256| Confirmation { x5t_s256 }),
+            cnf: lease.cert_thumbprint().map(|x5t| Confirmation {
+                x5t_s256: x5t.to_owned(),
+            }),
             act: task.actors(),
         };
         let token = svc
@@ -106,7 +107,7 @@ impl Kind for TokenRequest {
             "token for {} [{}]{}",
             self.audience,
             scope_string(&self.scopes),
-            if lease.cert_thumbprint.is_some() {
+            if lease.cert_thumbprint().is_some() {
                 ", bound"
             } else {
                 ""
@@ -126,7 +127,6 @@ struct Certificate<'a> {
 
 impl Kind for Certificate<'_> {
     type Issued = IssuedCertificate;
-    const LEASE: LeaseKind = LeaseKind::X509;
     const ISSUED: Event = Event::CertificateIssued;
     const DENIED: Event = Event::CertificateDenied;
 
@@ -158,12 +158,14 @@ impl Kind for Certificate<'_> {
         })
     }
 
-    fn lease(&self, _caller: &Caller, lease: Lease) -> Lease {
-        lease
+    fn detail(&self, _caller: &Caller) -> LeaseDetail {
+        LeaseDetail::Certificate {
+            serial: crate::issuer::random_serial().1,
+        }
     }
 
     fn describe(&self, mut record: AuditRecord, lease: Option<&Lease>) -> AuditRecord {
-        record.serial = lease.and_then(|l| l.serial.clone());
+        record.serial = lease.and_then(Lease::serial).map(str::to_owned);
         record
     }
 
@@ -173,7 +175,11 @@ impl Kind for Certificate<'_> {
         _task: &Task,
         lease: Lease,
     ) -> Result<IssuedCertificate, BrokerError> {
-        let (serial, serial_hex) = crate::issuer::random_serial();
+        let serial = lease.serial().ok_or_else(|| {
+            BrokerError::Internal("a certificate lease without its serial".into())
+        })?;
+        let serial = crate::issuer::serial_from_hex(serial)
+            .map_err(|e| BrokerError::Internal(e.to_string()))?;
         let certificate_pem = self
             .ca
             .sign_svid(
@@ -187,10 +193,7 @@ impl Kind for Certificate<'_> {
         Ok(IssuedCertificate {
             certificate_pem,
             chain_pem: self.ca.chain_pem().to_owned(),
-            lease: Lease {
-                serial: Some(serial_hex),
-                ..lease
-            },
+            lease,
             spiffe_id: self.spiffe_id.clone(),
         })
     }
@@ -203,7 +206,7 @@ impl Kind for Certificate<'_> {
         format!(
             "certificate {} serial {} ({} key)",
             self.spiffe_id,
-            lease.serial.as_deref().unwrap_or_default(),
+            lease.serial().unwrap_or_default(),
             self.req.key.kind()
         )
     }
@@ -282,16 +285,20 @@ impl Service {
         // not one this broker handed out as it reads.
         let scope = claims.scope.as_deref().unwrap_or("");
         let active = lease.is_some_and(|l| {
-            l.kind == LeaseKind::Jwt
-                && l.is_active_at(now)
+            let LeaseDetail::Token {
+                audience,
+                cert_thumbprint,
+            } = &l.detail
+            else {
+                return false;
+            };
+            l.is_active_at(now)
                 && l.task_id.as_str() == claims.task_id
                 && l.agent.as_str() == claims.client_id
-                && l.audience
-                    .as_ref()
-                    .is_some_and(|a| a.as_str() == claims.aud)
+                && audience.as_str() == claims.aud
                 && scope_string(&l.scopes) == scope
                 && l.expires_at.as_secs() == claims.exp
-                && l.cert_thumbprint.as_deref() == claims.cnf.as_ref().map(|c| c.x5t_s256.as_str())
+                && cert_thumbprint.as_deref() == claims.cnf.as_ref().map(|c| c.x5t_s256.as_str())
         });
         if !active {
             return Ok(None);

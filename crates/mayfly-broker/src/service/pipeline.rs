@@ -30,8 +30,8 @@
 use std::time::Duration;
 
 use mayfly_core::{
-    Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Decision, Lease, LeaseId,
-    LeaseKind, LeaseStatus, Policy, SpiffeId, Task, TaskId, Timestamp,
+    Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Decision, Lease,
+    LeaseDetail, LeaseId, LeaseStatus, Policy, Scopes, SpiffeId, Task, TaskId, Timestamp,
 };
 
 use super::{Issued, Permit, Service, asked, expiry};
@@ -49,8 +49,6 @@ pub(super) const ATTEMPTS: usize = 3;
 pub(super) trait Kind {
     /// What the caller gets.
     type Issued;
-    /// The lease kind recorded.
-    const LEASE: LeaseKind;
     /// The audit event of an issued credential.
     const ISSUED: Event;
     /// The audit event of a refused one.
@@ -67,13 +65,16 @@ pub(super) trait Kind {
     }
     /// Policy's decision on this request, asked as `at` says.
     fn decide(&self, policy: &dyn Policy, at: &Asked<'_>) -> Decision;
-    /// The kind's part of the lease (audience, scopes, binding), on a
-    /// lease whose common fields are filled in.
-    fn lease(&self, caller: &Caller, lease: Lease) -> Lease;
+    /// The kind's part of a new lease (a token's audience and binding, a
+    /// certificate's serial): fresh for every attempt.
+    fn detail(&self, caller: &Caller) -> LeaseDetail;
+    /// The scopes the lease grants.
+    fn scopes(&self) -> Scopes {
+        Scopes::default()
+    }
     /// The kind's part of its audit records, issued or refused.
     fn describe(&self, record: AuditRecord, lease: Option<&Lease>) -> AuditRecord;
-    /// Makes the credential for `lease` (which it may complete, with a
-    /// serial), under `task`.
+    /// Makes the credential `lease` records, under `task`.
     fn mint(&self, svc: &Service, task: &Task, lease: Lease) -> Result<Self::Issued, BrokerError>;
     /// The lease of what was minted, as it is to be recorded.
     fn lease_of(issued: &Self::Issued) -> &Lease;
@@ -225,24 +226,18 @@ impl Service {
 
         // Mint.
         let issued_at = now.floor_secs();
-        let lease = kind.lease(
-            caller,
-            Lease {
-                id: LeaseId::generate(),
-                kind: K::LEASE,
-                agent: caller.id.clone(),
-                task_id: task.id.clone(),
-                audience: None,
-                scopes: Default::default(),
-                issued_at,
-                expires_at: expiry(now, ttl, permit.max_ttl, task)?,
-                status: LeaseStatus::Active,
-                cert_thumbprint: None,
-                serial: None,
-                task_revision: task.revision,
-                approval: progress.approval.clone(),
-            },
-        );
+        let lease = Lease {
+            id: LeaseId::generate(),
+            detail: kind.detail(caller),
+            agent: caller.id.clone(),
+            task_id: task.id.clone(),
+            scopes: kind.scopes(),
+            issued_at,
+            expires_at: expiry(now, ttl, permit.max_ttl, task)?,
+            status: LeaseStatus::Active,
+            task_revision: task.revision,
+            approval: progress.approval.clone(),
+        };
         let issued = kind.mint(self, task, lease)?;
 
         // Record: the credential leaves only once its lease and its record

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use mayfly_core::{
-    ContextChange, Decision, DelegateRequest, IssueTokenRequest, Lease, LeaseId, LeaseKind,
+    ContextChange, Decision, DelegateRequest, IssueTokenRequest, Lease, LeaseDetail, LeaseId,
     LeaseState, LeaseStatus, Revocation, RevocationReason, SignCertificateRequest, SpiffeId,
     StartTaskRequest, Task, TaskId, TaskRecord, TaskState, Timestamp,
 };
@@ -354,13 +354,13 @@ impl Service {
         loop {
             let leases = self.store.list_leases(&filter, &page, now).await?;
             for lease in &leases.items {
-                if lease.kind != LeaseKind::Task && !self.still_allowed(task, lease, now) {
+                if lease.detail != LeaseDetail::Task && !self.still_allowed(task, lease, now) {
                     let ids = self.store.revoke_lease(&lease.id, &req).await?;
                     self.audit_anyway(
                         AuditRecord::new(Event::RevokedByPolicy, by)
                             .task(task)
                             .lease(&lease.id)
-                            .credential(lease.audience.as_ref().map(|a| a.as_str()), &lease.scopes)
+                            .credential(lease.audience().map(|a| a.as_str()), &lease.scopes)
                             .decided("deny", None)
                             .reason(RevocationReason::ContextChanged.as_str())
                             .revoked(&ids),
@@ -427,9 +427,9 @@ impl Service {
     fn still_allowed(&self, task: &Task, lease: &Lease, now: Timestamp) -> bool {
         let ttl = now.until(lease.expires_at);
         // Exhaustive: a kind added later must say how it is decided again,
-        // and a lease that does not hold what its kind needs is revoked.
-        let decision = match (lease.kind, &lease.audience) {
-            (LeaseKind::Jwt, Some(audience)) => {
+        // and a lease this build cannot read is revoked.
+        let decision = match &lease.detail {
+            LeaseDetail::Token { audience, .. } => {
                 self.policy.decide_issue_token(&IssueTokenRequest {
                     agent: &lease.agent,
                     task,
@@ -439,18 +439,19 @@ impl Service {
                     now,
                 })
             }
-            (LeaseKind::X509, _) => self
-                .policy
-                .decide_sign_certificate(&SignCertificateRequest {
-                    agent: &lease.agent,
-                    task,
-                    ttl,
-                    now,
-                }),
-            (LeaseKind::Jwt, None) => return false,
+            LeaseDetail::Certificate { .. } => {
+                self.policy
+                    .decide_sign_certificate(&SignCertificateRequest {
+                        agent: &lease.agent,
+                        task,
+                        ttl,
+                        now,
+                    })
+            }
+            LeaseDetail::Unrecognised { .. } => return false,
             // A task is decided again by `reevaluate` itself, not as one
             // of its own credentials.
-            (LeaseKind::Task, _) => return true,
+            LeaseDetail::Task => return true,
         };
         match decision {
             Decision::Permit {

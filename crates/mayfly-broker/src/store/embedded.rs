@@ -38,7 +38,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use mayfly_core::{
     AgentLock, Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Lease,
-    LeaseId, LeaseKind, LeaseStatus, RevocationReason, SpiffeId, Task, TaskContext, TaskId,
+    LeaseDetail, LeaseId, LeaseStatus, RevocationReason, SpiffeId, Task, TaskContext, TaskId,
     TaskRecord, TaskState, Timestamp,
 };
 use redb::{
@@ -516,11 +516,11 @@ impl<'t> Tables<'t> {
         let event = RevocationEvent {
             cursor,
             lease_id: lease.id.clone(),
-            kind: lease.kind,
+            kind: lease.kind(),
             task_id: lease.task_id.clone(),
             revocation,
             expires_at: lease.expires_at,
-            serial: lease.serial.clone(),
+            serial: lease.serial().map(str::to_owned),
         };
         self.revocations
             .insert(cursor, encode(&event)?.as_slice())?;
@@ -597,7 +597,7 @@ impl<'t> Tables<'t> {
         self.agent_leases.remove(lease.agent.as_str(), id)?;
         self.active_expiry.remove((exp, id))?;
         self.all_expiry.remove((exp, id))?;
-        if lease.kind == LeaseKind::Task {
+        if lease.detail == LeaseDetail::Task {
             if let Some(parent) = self.task(id)?.and_then(|t| t.parent) {
                 self.task_children.remove(parent.as_str(), id)?;
             }
@@ -798,7 +798,7 @@ impl LeaseStore for EmbeddedStore {
             if !lease.is_active_at(req.at) {
                 return Ok(Vec::new());
             }
-            if lease.kind == LeaseKind::Task {
+            if lease.detail == LeaseDetail::Task {
                 return t.end_task(&lease.task_id, &req);
             }
             Ok(vec![t.revoke(lease, &req, req.reason)?])

@@ -216,7 +216,7 @@ impl LeaseFilter {
         self.task.as_ref().is_none_or(|t| &lease.task_id == t)
             && self.agent.as_ref().is_none_or(|a| &lease.agent == a)
             && self.state.is_none_or(|s| lease.state_at(now) == s)
-            && self.kind.is_none_or(|k| lease.kind == k)
+            && self.kind.is_none_or(|k| lease.kind() == Some(k))
     }
 }
 
@@ -269,8 +269,9 @@ pub struct RevocationEvent {
     pub cursor: u64,
     /// The revoked lease (a token's `jti`).
     pub lease_id: LeaseId,
-    /// What the lease recorded.
-    pub kind: LeaseKind,
+    /// What the lease recorded; `None` for a kind this build does not
+    /// know.
+    pub kind: Option<LeaseKind>,
     /// The task it belonged to.
     pub task_id: TaskId,
     /// Why and by whom.

@@ -119,11 +119,13 @@ pub(super) fn event_from(
             .map(|(_, v)| v.as_str())
             .ok_or_else(|| StoreError::Corrupt(format!("feed event {id} lacks {name}")))
     };
+    // A kind this build does not know (a newer replica's) is carried as
+    // unknown: the revocation still reaches every validator.
     let kind = match get("kind")? {
-        "task" => LeaseKind::Task,
-        "jwt" => LeaseKind::Jwt,
-        "x509" => LeaseKind::X509,
-        other => return Err(StoreError::Corrupt(format!("lease kind {other:?}"))),
+        "task" => Some(LeaseKind::Task),
+        "jwt" => Some(LeaseKind::Jwt),
+        "x509" => Some(LeaseKind::X509),
+        _ => None,
     };
     let corrupt_id = |e: mayfly_core::IdError| StoreError::Corrupt(e.to_string());
     Ok(RevocationEvent {

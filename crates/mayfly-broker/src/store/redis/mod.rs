@@ -178,9 +178,9 @@ impl RedisStore {
             .arg(lease.expires_at.as_millis())
             .arg(self.keep_until(lease.expires_at))
             .arg(encode(lease)?)
-            .arg(lease.kind.as_str())
+            .arg(lease.detail.kind_name())
             .arg(member(l, t, a))
-            .arg(lease.serial.as_deref().unwrap_or(""))
+            .arg(lease.serial().unwrap_or(""))
             .arg(lease.task_revision)
             .arg(t);
         Ok(())
