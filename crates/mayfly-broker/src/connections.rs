@@ -36,7 +36,7 @@ use hyper_util::service::TowerToHyperService;
 use mayfly_core::limits::{MAX_HEADER_BYTES, MAX_STREAMS};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -45,7 +45,7 @@ use tonic::codegen::http::{Request, Response};
 use crate::config::Connections as Limits;
 use crate::identity::Authenticator;
 use crate::metrics::Metrics;
-use crate::stop::stopped;
+use crate::shutdown::Shutdown;
 
 /// What the accept loop learned about a connection; each port's service
 /// gets it (in every request's extensions, on both ports).
@@ -348,7 +348,7 @@ pub async fn serve<F, S, B>(
     acceptor: TlsAcceptor,
     auth: Authenticator,
     service: F,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) where
     F: Fn(PeerInfo) -> S + Clone + Send + 'static,
     S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
@@ -422,7 +422,7 @@ impl Conn {
         auth: Authenticator,
         service: F,
         http: hyper_util::server::conn::auto::Builder<TokioExecutor>,
-        mut stop: watch::Receiver<bool>,
+        mut stop: Shutdown,
     ) where
         F: Fn(PeerInfo) -> S,
         S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
@@ -488,7 +488,7 @@ impl Conn {
                     conn.as_mut().graceful_shutdown();
                     deadline = Some(Instant::now() + IDLE_CLOSE_GRACE);
                 }
-                () = stopped(&mut stop), if deadline.is_none() => {
+                () = stop.wait(), if deadline.is_none() => {
                     conn.as_mut().graceful_shutdown();
                     deadline = Some(Instant::now() + DRAIN_TIMEOUT);
                 }
@@ -506,7 +506,7 @@ impl Conn {
 /// pause rather than ending the server.
 async fn next_connection(
     listener: &TcpListener,
-    stop: &mut watch::Receiver<bool>,
+    stop: &mut Shutdown,
 ) -> Option<(TcpStream, SocketAddr)> {
     loop {
         tokio::select! {
@@ -520,7 +520,7 @@ async fn next_connection(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            () = stopped(stop) => return None,
+            () = stop.wait() => return None,
         }
     }
 }

@@ -7,7 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, broadcast, watch};
+use tokio::sync::{Notify, broadcast};
+
+use crate::shutdown::{Shutdown, Trigger};
 
 use crate::store::{LeaseStore, RevocationEvent};
 
@@ -27,7 +29,7 @@ pub struct FeedHub {
     /// How often to look for revocations made through other replicas.
     poll: Duration,
     /// Set when the broker stops, so watcher streams end with it.
-    closed: watch::Sender<bool>,
+    closed: Trigger,
 }
 
 impl FeedHub {
@@ -40,7 +42,7 @@ impl FeedHub {
             tx,
             poke,
             poll,
-            closed: watch::channel(false).0,
+            closed: crate::shutdown::channel().0,
         })
     }
 
@@ -51,8 +53,7 @@ impl FeedHub {
 
     /// Resolves when the broker stops.
     pub async fn closed(&self) {
-        let mut rx = self.closed.subscribe();
-        crate::stop::stopped(&mut rx).await;
+        self.closed.subscribe().wait().await;
     }
 
     /// The store the feed is read from.
@@ -61,12 +62,12 @@ impl FeedHub {
     }
 
     /// Follows the store until `stop`, then ends every watcher stream.
-    pub async fn run(self: Arc<Self>, stop: watch::Receiver<bool>) {
+    pub async fn run(self: Arc<Self>, stop: Shutdown) {
         self.follow_store(stop).await;
-        let _ = self.closed.send(true);
+        self.closed.fire();
     }
 
-    async fn follow_store(&self, mut stop: watch::Receiver<bool>) {
+    async fn follow_store(&self, mut stop: Shutdown) {
         let mut cursor = loop {
             match self.store.feed_head().await {
                 Ok(c) => break c,
@@ -74,7 +75,7 @@ impl FeedHub {
                     tracing::warn!(error = %e, "revocation feed: cannot read the store yet");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        () = crate::stop::stopped(&mut stop) => return,
+                        () = stop.wait() => return,
                     }
                 }
             }
@@ -97,7 +98,7 @@ impl FeedHub {
             tokio::select! {
                 () = self.poke.notified() => {}
                 _ = tokio::time::sleep(self.poll) => {}
-                () = crate::stop::stopped(&mut stop) => return,
+                () = stop.wait() => return,
             }
         }
     }

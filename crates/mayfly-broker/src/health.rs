@@ -8,10 +8,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::shutdown::Shutdown;
 use crate::store::LeaseStore;
 
 /// How often the store is checked.
@@ -57,7 +57,7 @@ pub fn reflection() -> (
 pub async fn follow_store(
     reporter: HealthReporter,
     store: Arc<dyn LeaseStore>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) {
     let mut last = None;
     loop {
@@ -80,7 +80,7 @@ pub async fn follow_store(
         }
         tokio::select! {
             () = tokio::time::sleep(EVERY) => {}
-            () = crate::stop::stopped(&mut stop) => return,
+            () = stop.wait() => return,
         }
     }
 }

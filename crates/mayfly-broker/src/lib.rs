@@ -41,7 +41,7 @@ pub mod recorder;
 mod redis_conn;
 mod server;
 mod service;
-mod stop;
+mod shutdown;
 pub mod store;
 mod tls;
 

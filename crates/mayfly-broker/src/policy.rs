@@ -12,9 +12,9 @@ use mayfly_core::{
     Decision, DelegateRequest, IssueTokenRequest, Policy, SignCertificateRequest, StartTaskRequest,
 };
 use mayfly_policy::{CedarPolicy, PolicyLoadError};
-use tokio::sync::watch;
 
 use crate::service::Service;
+use crate::shutdown::Shutdown;
 
 /// The current policy set, swapped whole on reload.
 #[derive(Debug)]
@@ -102,7 +102,7 @@ pub async fn watch_and_reload(
     handle: Arc<PolicyHandle>,
     service: Arc<Service>,
     interval: Duration,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) {
     let mut seen = fingerprint(&handle.dir);
     #[cfg(unix)]
@@ -122,7 +122,7 @@ pub async fn watch_and_reload(
         let forced = tokio::select! {
             () = hangup => true,
             _ = tokio::time::sleep(interval) => false,
-            () = crate::stop::stopped(&mut stop) => return,
+            () = stop.wait() => return,
         };
         let now = fingerprint(&handle.dir);
         if !forced && now == seen {

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mayfly_core::{SpiffeId, Timestamp};
-use tokio::sync::watch;
 
 use crate::audit::{AuditRecord, Event};
 use crate::recorder::Recorder;
+use crate::shutdown::Shutdown;
 use crate::store::LeaseStore;
 
 /// Most leases one store call handles, so a backlog is worked off in
@@ -24,12 +24,12 @@ pub async fn run(
     broker: SpiffeId,
     interval: Duration,
     retention: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: Shutdown,
 ) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
-            () = crate::stop::stopped(&mut shutdown) => return,
+            () = shutdown.wait() => return,
         }
         loop {
             match store.reap(Timestamp::now(), retention, BATCH).await {

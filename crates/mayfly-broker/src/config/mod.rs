@@ -1,25 +1,29 @@
 //! `mayfly.toml`: everything the broker needs to start. Relative paths are
 //! resolved against the file's directory.
 //!
-//! - `mod.rs`: [`Config`], loading and checking it, and what is derived from
-//!   it (paths, the audit sink, introspection grants);
+//! - `mod.rs`: [`Config`] as written, loading it, and what is derived from
+//!   it (paths, the issuer, the audit sink);
+//! - `settings.rs`: [`Settings`], the configuration checked once and
+//!   resolved into what the broker is built from;
 //! - `sections.rs`: each `[section]` and its defaults;
 //! - `values.rs`: how sizes and durations are written.
 
 mod sections;
+mod settings;
 #[cfg(test)]
 mod tests;
 mod values;
 
 use sections::default_prefix;
 pub use sections::*;
+pub use settings::{
+    FeedSettings, IntrospectionGrant, Lifetimes, RedisEndpoint, RedisSettings, RedisTrail,
+    Settings, StoreSettings, Trail,
+};
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use mayfly_core::{Pattern, SpiffeIdPattern, TrustDomain};
-
-use crate::service::IntrospectionGrant;
+use mayfly_core::{SpiffeIdPattern, TrustDomain};
 use serde::Deserialize;
 
 /// Why a configuration is unusable.
@@ -182,127 +186,8 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
-        config.check()?;
+        config.settings()?;
         Ok(config)
-    }
-
-    fn check(&self) -> Result<(), ConfigError> {
-        let invalid = |m: String| Err(ConfigError::Invalid(m));
-        let whole = [
-            ("tokens.default_ttl", Some(self.tokens.default_ttl)),
-            ("tokens.max_ttl", Some(self.tokens.max_ttl)),
-            ("tasks.default_ttl", Some(self.tasks.default_ttl)),
-            ("tasks.max_ttl", Some(self.tasks.max_ttl)),
-            (
-                "certificates.default_ttl",
-                Some(self.certificates.default_ttl),
-            ),
-            ("certificates.max_ttl", Some(self.certificates.max_ttl)),
-            (
-                "certificates.crl_validity",
-                Some(self.certificates.crl_validity),
-            ),
-        ]
-        .into_iter();
-        for (name, d) in whole {
-            if let Some(d) = d
-                && (d.subsec_nanos() != 0 || d.is_zero())
-            {
-                return invalid(format!(
-                    "{name} must be a whole number of seconds, at least 1s"
-                ));
-            }
-        }
-        if self.tokens.max_ttl.is_zero() || self.tokens.default_ttl > self.tokens.max_ttl {
-            return invalid("tokens: need 0 < default_ttl <= max_ttl".into());
-        }
-        if self.tasks.max_ttl.is_zero() || self.tasks.default_ttl > self.tasks.max_ttl {
-            return invalid("tasks: need 0 < default_ttl <= max_ttl".into());
-        }
-        if self.certificates.default_ttl > self.certificates.max_ttl {
-            return invalid("certificates: need default_ttl <= max_ttl".into());
-        }
-        self.check_store()?;
-        if self.audit_sink() == AuditSinkKind::Redis && self.store != StoreKind::Redis {
-            return invalid("[audit] sink = \"redis\" needs store = \"redis\"".into());
-        }
-        if self.audit.path.is_some() && self.audit_sink() != AuditSinkKind::File {
-            return invalid("[audit] path is only for sink = \"file\"".into());
-        }
-        if self.audit.rotate_size < 4096 || self.audit.rotate_age < Duration::from_secs(60) {
-            return invalid(
-                "[audit] rotate_size must be at least 4KiB and rotate_age at least 1m".into(),
-            );
-        }
-        if self
-            .audit
-            .retention
-            .is_some_and(|r| r < Duration::from_secs(3600))
-        {
-            return invalid("[audit] retention must be at least 1h".into());
-        }
-        if self.feed.heartbeat.is_zero() || self.feed.poll.is_zero() {
-            return invalid("feed.heartbeat and feed.poll must be positive".into());
-        }
-        if self.reaper.interval.is_zero() {
-            return invalid("reaper.interval must be positive".into());
-        }
-        if let Some(iss) = &self.issuer
-            && !iss.starts_with("https://")
-        {
-            return invalid(format!("issuer {iss:?} must be an https:// URL"));
-        }
-        if self.policy.reload_interval.is_zero() {
-            return invalid("policy.reload_interval must be positive".into());
-        }
-        let c = &self.connections;
-        if c.handshake_timeout.is_zero()
-            || c.idle_timeout.is_zero()
-            || c.unauthenticated_idle_timeout.is_zero()
-        {
-            return invalid("connections: timeouts must be positive".into());
-        }
-        if !(0 < c.max_unauthenticated_per_source
-            && c.max_unauthenticated_per_source <= c.max_unauthenticated
-            && c.max_unauthenticated < c.max)
-        {
-            return invalid(
-                "connections: need 0 < max_unauthenticated_per_source <= max_unauthenticated < max \
-                 (the rest of max is kept for authenticated callers)"
-                    .into(),
-            );
-        }
-        self.introspection_grants()?;
-        Ok(())
-    }
-
-    fn check_store(&self) -> Result<(), ConfigError> {
-        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
-        match (&self.store, &self.redis) {
-            (StoreKind::Redis, None) => invalid("store = \"redis\" needs a [redis] section"),
-            (StoreKind::Embedded, Some(_)) => invalid("a [redis] section needs store = \"redis\""),
-            (StoreKind::Embedded, None) => Ok(()),
-            (StoreKind::RedisUrl(_), _) => invalid("store URL not resolved"),
-            (StoreKind::Redis, Some(r)) => {
-                let given = [
-                    r.url.is_some(),
-                    r.url_file.is_some(),
-                    !r.sentinels.is_empty(),
-                ];
-                if given.iter().filter(|g| **g).count() != 1 {
-                    return invalid("[redis] needs exactly one of url, url_file or sentinels");
-                }
-                if !r.sentinels.is_empty() && r.master_name.is_none() {
-                    return invalid("[redis] sentinels need master_name");
-                }
-                if let Some(u) = &r.url
-                    && !(u.starts_with("redis://") || u.starts_with("rediss://"))
-                {
-                    return invalid("[redis] url must start with redis:// or rediss://");
-                }
-                Ok(())
-            }
-        }
     }
 
     /// The issuer URL (`iss`), without a trailing slash.
@@ -312,27 +197,6 @@ impl Config {
             None => format!("https://{}", self.listen.http),
         };
         iss.trim_end_matches('/').to_owned()
-    }
-
-    /// The introspection grants, parsed.
-    pub fn introspection_grants(&self) -> Result<Vec<IntrospectionGrant>, ConfigError> {
-        self.introspection
-            .iter()
-            .map(|i| {
-                let auds = i
-                    .audiences
-                    .iter()
-                    .map(|a| {
-                        Pattern::new(a)
-                            .map_err(|e| ConfigError::Invalid(format!("introspection: {e}")))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(IntrospectionGrant {
-                    clients: i.clients.clone(),
-                    audiences: auds,
-                })
-            })
-            .collect()
     }
 
     /// The embedded store's file.

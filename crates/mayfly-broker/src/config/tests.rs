@@ -1,5 +1,7 @@
 //! Parsing and checking `mayfly.toml`.
 
+use std::time::Duration;
+
 use super::*;
 
 const MINIMAL: &str = r#"
@@ -244,4 +246,67 @@ fn dev_config_parses() {
         crate::dev::init(&dir.path().join("dev"), &td).is_err(),
         "refuses to overwrite"
     );
+}
+
+/// Each store and trail the file can name resolves to the one settings
+/// variant that says it; a combination no broker can be built from is
+/// refused by the same checks when a loaded `Config` is changed later.
+#[test]
+fn settings_resolve_each_store_and_trail() {
+    let base = Path::new("/etc/mayfly");
+    let s = Config::parse(MINIMAL, base).unwrap().settings().unwrap();
+    assert_eq!(s.broker_id.as_str(), "spiffe://example.org/mayfly/broker");
+    assert_eq!(s.issuer, "https://127.0.0.1:2");
+    match s.store {
+        StoreSettings::Embedded {
+            path,
+            trail: Trail::File { path: trail, .. },
+        } => {
+            assert_eq!(path, Path::new("/etc/mayfly/data/leases.redb"));
+            assert_eq!(trail, Path::new("/etc/mayfly/data/audit.jsonl"));
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let redis = format!("store = \"redis://:hunter2@db:6379/0\"\n{MINIMAL}");
+    let s = Config::parse(&redis, base).unwrap().settings().unwrap();
+    let StoreSettings::Redis { redis: r, trail } = &s.store else {
+        panic!("{:?}", s.store)
+    };
+    assert!(matches!(trail, RedisTrail::Stream { retention: None }));
+    assert!(matches!(&r.endpoint, RedisEndpoint::Url(u) if u.contains("hunter2")));
+    let shown = format!("{s:?}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(shown.contains("redis://db:6379/0"), "{shown}");
+
+    let stdout = format!("{redis}\n[audit]\nsink = \"stdout\"");
+    let s = Config::parse(&stdout, base).unwrap().settings().unwrap();
+    assert!(matches!(
+        s.store,
+        StoreSettings::Redis {
+            trail: RedisTrail::Outside(Trail::Stdout),
+            ..
+        }
+    ));
+
+    let file = MINIMAL.replace(
+        "[listen]",
+        "store = \"redis\"\n[redis]\nurl_file = \"secrets/url\"\n[listen]",
+    );
+    let s = Config::parse(&file, base).unwrap().settings().unwrap();
+    assert!(matches!(
+        s.store,
+        StoreSettings::Redis { redis: RedisSettings { endpoint: RedisEndpoint::UrlFile(ref p), .. }, .. }
+            if p == Path::new("/etc/mayfly/secrets/url")
+    ));
+
+    // Changed after loading (as tests and embedders do): checked again.
+    let mut c = Config::parse(MINIMAL, base).unwrap();
+    c.audit.sink = Some(AuditSinkKind::Redis);
+    let e = c.settings().unwrap_err().to_string();
+    assert!(e.contains("needs store = \"redis\""), "{e}");
+    c.audit.sink = None;
+    c.tasks.default_ttl = Duration::from_secs(9 * 3600);
+    let e = c.settings().unwrap_err().to_string();
+    assert!(e.contains("tasks: need"), "{e}");
 }

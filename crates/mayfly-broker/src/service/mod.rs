@@ -24,13 +24,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mayfly_core::{
-    Approval, ApprovalId, Audience, Decision, Envelope, Intent, Lease, Pattern, Policy,
-    RevocationReason, Scopes, SpiffeId, SpiffeIdPattern, Task, TaskContext, TaskId, TaskRecord,
-    TaskState, Timestamp,
+    Approval, ApprovalId, Audience, Decision, Envelope, Intent, Lease, Policy, RevocationReason,
+    Scopes, SpiffeId, SpiffeIdPattern, Task, TaskContext, TaskId, TaskRecord, TaskState, Timestamp,
 };
 use tokio::sync::Notify;
 
 use crate::audit::AuditRecord;
+use crate::config::{IntrospectionGrant, Lifetimes};
 use crate::error::BrokerError;
 use crate::identity::Caller;
 use crate::issuer::{AccessToken, CsrKey, IssuingCa, JwtSigner};
@@ -39,27 +39,6 @@ use crate::recorder::Recorder;
 use crate::store::{LeaseStore, RevokeRequest};
 
 pub use mayfly_core::limits::{MAX_NOTE_BYTES, MAX_TTL as ABSURD_TTL};
-
-/// Lifetimes from configuration.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Token TTL when the request asks for 0.
-    pub token_default_ttl: Duration,
-    /// No token lives longer.
-    pub token_max_ttl: Duration,
-    /// Task TTL when the request asks for 0.
-    pub task_default_ttl: Duration,
-    /// No task lives longer.
-    pub task_max_ttl: Duration,
-    /// Certificate TTL when the request asks for 0.
-    pub cert_default_ttl: Duration,
-    /// No certificate lives longer.
-    pub cert_max_ttl: Duration,
-    /// How long an approval may wait for a decision and then for use.
-    pub approval_ttl: Duration,
-    /// How many delegations may separate a task from its root.
-    pub max_delegation_depth: usize,
-}
 
 /// Parses a requested TTL in seconds: 0 means "the default".
 pub fn requested_ttl(field: &str, secs: u64) -> Result<Option<Duration>, BrokerError> {
@@ -175,15 +154,6 @@ pub enum Issued<T> {
     Pending(Box<Approval>),
 }
 
-/// Who may introspect tokens of which audiences (`[[introspection]]`).
-#[derive(Debug, Clone)]
-pub struct IntrospectionGrant {
-    /// Resource servers' SPIFFE ID patterns.
-    pub clients: Vec<SpiffeIdPattern>,
-    /// Audiences whose tokens they may inspect.
-    pub audiences: Vec<Pattern>,
-}
-
 /// What policy allowed.
 #[derive(Debug)]
 struct Permit {
@@ -252,7 +222,7 @@ pub struct Issuance {
     /// Signs task certificates, when configured.
     pub ca: Option<Arc<IssuingCa>>,
     /// Lifetimes.
-    pub limits: Limits,
+    pub limits: Lifetimes,
     /// Per-agent issuance limit.
     pub rate: RateLimiter,
     /// Who may introspect tokens.
@@ -326,11 +296,6 @@ impl Service {
     /// The counters, for `/metrics`.
     pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
         &self.metrics
-    }
-
-    /// The issuing CA, when certificates are configured.
-    pub fn ca(&self) -> Option<&Arc<IssuingCa>> {
-        self.issuance.ca.as_ref()
     }
 
     /// The identity the broker acts as on its own.

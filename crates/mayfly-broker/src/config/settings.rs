@@ -1,0 +1,429 @@
+//! A configuration checked once and resolved into [`Settings`]: what the
+//! broker is built from. Every rule about how values fit together lives in
+//! [`Config::settings`]; what comes out can only describe a broker that
+//! can be built (a Redis trail only with the Redis store, a Redis store
+//! with exactly one way to reach it), so assembly matches it exhaustively
+//! and checks nothing again.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mayfly_core::{Pattern, SpiffeId, SpiffeIdPattern, TrustDomain};
+
+use super::{
+    Algorithm, AuditSinkKind, CaFiles, Config, ConfigError, Connections, PolicyConfig, RateLimit,
+    Reaper, StoreKind, Tls,
+};
+use crate::audit::FileOptions;
+use crate::redis_conn::redact;
+
+/// What the broker is built from.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The trust domain agents and operators belong to.
+    pub trust_domain: TrustDomain,
+    /// The identity the broker acts as on its own (revoking after a policy
+    /// reload, undoing an unrecorded write).
+    pub broker_id: SpiffeId,
+    /// `iss` of every token, without a trailing slash.
+    pub issuer: String,
+    /// Where keys (and the embedded store) live.
+    pub data_dir: PathBuf,
+    /// The lease store, and the audit trail beside it.
+    pub store: StoreSettings,
+    /// Server certificate and trust bundle.
+    pub tls: Tls,
+    /// Who may call the Admin API.
+    pub operators: Vec<SpiffeIdPattern>,
+    /// The token signing algorithm.
+    pub algorithm: Algorithm,
+    /// Every lifetime the service applies.
+    pub lifetimes: Lifetimes,
+    /// The issuing CA's files, when task certificates are signed.
+    pub ca: Option<CaFiles>,
+    /// The CRL's nextUpdate − thisUpdate.
+    pub crl_validity: Duration,
+    /// Expiry and clean-up.
+    pub reaper: Reaper,
+    /// The revocation feed.
+    pub feed: FeedSettings,
+    /// The policies.
+    pub policy: PolicyConfig,
+    /// Per-agent issuance limit.
+    pub rate_limit: RateLimit,
+    /// Who may introspect tokens of which audiences.
+    pub introspection: Vec<IntrospectionGrant>,
+    /// How long and how many connections each port holds.
+    pub connections: Connections,
+}
+
+/// The lease store, with the trails it can have: the Redis store's own
+/// stream exists only beside the Redis store.
+#[derive(Debug, Clone)]
+pub enum StoreSettings {
+    /// A redb file, one node.
+    Embedded {
+        /// The file.
+        path: PathBuf,
+        /// Where audit records go.
+        trail: Trail,
+    },
+    /// A Redis shared by every replica.
+    Redis {
+        /// Where it is and how keys are named.
+        redis: RedisSettings,
+        /// Where audit records go.
+        trail: RedisTrail,
+    },
+}
+
+/// A trail outside the store.
+#[derive(Debug, Clone)]
+pub enum Trail {
+    /// A JSON-lines file, rotated.
+    File {
+        /// The active file.
+        path: PathBuf,
+        /// Rotation and retention.
+        options: FileOptions,
+    },
+    /// Standard output, for log pipelines.
+    Stdout,
+    /// No trail.
+    Off,
+}
+
+/// The trail beside the Redis store.
+#[derive(Debug, Clone)]
+pub enum RedisTrail {
+    /// The store's own stream: one chain for every replica, leases and
+    /// records in one script.
+    Stream {
+        /// Delete entries older than this.
+        retention: Option<Duration>,
+    },
+    /// A trail outside the store.
+    Outside(Trail),
+}
+
+/// `[redis]`, resolved.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// How to reach it.
+    pub endpoint: RedisEndpoint,
+    /// PEM CA for `rediss://` with a private CA.
+    pub ca: Option<PathBuf>,
+    /// Prefix of every key.
+    pub key_prefix: String,
+    /// Replicas that must acknowledge each write (`WAIT`).
+    pub replicas_to_ack: u32,
+}
+
+/// Exactly one way to reach Redis.
+#[derive(Clone)]
+pub enum RedisEndpoint {
+    /// A `redis://` or `rediss://` URL (it may hold a password).
+    Url(String),
+    /// A file holding the URL, read at start.
+    UrlFile(PathBuf),
+    /// The primary the Sentinels name.
+    Sentinel {
+        /// `redis://host:port` of each Sentinel.
+        sentinels: Vec<String>,
+        /// The primary's name.
+        master_name: String,
+        /// A file holding the data nodes' password.
+        password_file: Option<PathBuf>,
+    },
+}
+
+impl std::fmt::Debug for RedisEndpoint {
+    /// URLs without their credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Url(url) => write!(f, "Url({})", redact(url)),
+            Self::UrlFile(path) => f.debug_tuple("UrlFile").field(path).finish(),
+            Self::Sentinel {
+                sentinels,
+                master_name,
+                password_file,
+            } => f
+                .debug_struct("Sentinel")
+                .field(
+                    "sentinels",
+                    &sentinels.iter().map(|s| redact(s)).collect::<Vec<_>>(),
+                )
+                .field("master_name", master_name)
+                .field("password_file", password_file)
+                .finish(),
+        }
+    }
+}
+
+/// Every lifetime the service applies to what it issues.
+#[derive(Debug, Clone)]
+pub struct Lifetimes {
+    /// Token TTL when the request asks for 0.
+    pub token_default_ttl: Duration,
+    /// No token lives longer.
+    pub token_max_ttl: Duration,
+    /// Task TTL when the request asks for 0.
+    pub task_default_ttl: Duration,
+    /// No task lives longer.
+    pub task_max_ttl: Duration,
+    /// Certificate TTL when the request asks for 0.
+    pub cert_default_ttl: Duration,
+    /// No certificate lives longer.
+    pub cert_max_ttl: Duration,
+    /// How long an approval may wait for a decision and then for use.
+    pub approval_ttl: Duration,
+    /// How many delegations may separate a task from its root.
+    pub max_delegation_depth: usize,
+}
+
+/// Who may introspect tokens of which audiences (`[[introspection]]`).
+#[derive(Debug, Clone)]
+pub struct IntrospectionGrant {
+    /// Resource servers' SPIFFE ID patterns.
+    pub clients: Vec<SpiffeIdPattern>,
+    /// Audiences whose tokens they may inspect.
+    pub audiences: Vec<Pattern>,
+}
+
+/// `[feed]`, resolved.
+#[derive(Debug, Clone)]
+pub struct FeedSettings {
+    /// Who may watch it.
+    pub watchers: Vec<SpiffeIdPattern>,
+    /// Heartbeat on a quiet feed.
+    pub heartbeat: Duration,
+    /// How often to pick up other replicas' revocations.
+    pub poll: Duration,
+}
+
+type Checked<T> = Result<T, ConfigError>;
+
+fn invalid<T>(message: impl Into<String>) -> Checked<T> {
+    Err(ConfigError::Invalid(message.into()))
+}
+
+impl Config {
+    /// Checks how the values fit together and resolves them into what the
+    /// broker is built from. `Config::parse` runs it, so a file that loads
+    /// is one a broker can be built from; a `Config` changed after loading
+    /// is checked again here.
+    pub fn settings(&self) -> Checked<Settings> {
+        Ok(Settings {
+            trust_domain: self.trust_domain.clone(),
+            broker_id: SpiffeId::new(&format!("spiffe://{}/mayfly/broker", self.trust_domain))
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?,
+            issuer: self.checked_issuer()?,
+            data_dir: self.data_dir.clone(),
+            store: self.store_settings()?,
+            tls: self.tls.clone(),
+            operators: self.operators.clone(),
+            algorithm: self.tokens.algorithm,
+            lifetimes: self.lifetimes()?,
+            ca: self.ca.clone(),
+            crl_validity: self.certificates.crl_validity,
+            reaper: self.checked_reaper()?,
+            feed: self.feed_settings()?,
+            policy: self.checked_policy()?,
+            rate_limit: self.rate_limit.clone(),
+            introspection: self.introspection_grants()?,
+            connections: self.checked_connections()?,
+        })
+    }
+
+    fn checked_issuer(&self) -> Checked<String> {
+        if let Some(iss) = &self.issuer
+            && !iss.starts_with("https://")
+        {
+            return invalid(format!("issuer {iss:?} must be an https:// URL"));
+        }
+        Ok(self.issuer())
+    }
+
+    fn lifetimes(&self) -> Checked<Lifetimes> {
+        let (tokens, tasks, certs) = (&self.tokens, &self.tasks, &self.certificates);
+        let whole = [
+            ("tokens.default_ttl", tokens.default_ttl),
+            ("tokens.max_ttl", tokens.max_ttl),
+            ("tasks.default_ttl", tasks.default_ttl),
+            ("tasks.max_ttl", tasks.max_ttl),
+            ("certificates.default_ttl", certs.default_ttl),
+            ("certificates.max_ttl", certs.max_ttl),
+            ("certificates.crl_validity", certs.crl_validity),
+        ];
+        for (name, d) in whole {
+            if d.subsec_nanos() != 0 || d.is_zero() {
+                return invalid(format!(
+                    "{name} must be a whole number of seconds, at least 1s"
+                ));
+            }
+        }
+        if tokens.default_ttl > tokens.max_ttl {
+            return invalid("tokens: need 0 < default_ttl <= max_ttl");
+        }
+        if tasks.default_ttl > tasks.max_ttl {
+            return invalid("tasks: need 0 < default_ttl <= max_ttl");
+        }
+        if certs.default_ttl > certs.max_ttl {
+            return invalid("certificates: need default_ttl <= max_ttl");
+        }
+        Ok(Lifetimes {
+            token_default_ttl: tokens.default_ttl,
+            token_max_ttl: tokens.max_ttl,
+            task_default_ttl: tasks.default_ttl,
+            task_max_ttl: tasks.max_ttl,
+            cert_default_ttl: certs.default_ttl,
+            cert_max_ttl: certs.max_ttl,
+            approval_ttl: self.approvals.ttl,
+            max_delegation_depth: tasks.max_delegation_depth,
+        })
+    }
+
+    fn store_settings(&self) -> Checked<StoreSettings> {
+        let trail = self.trail()?;
+        match (&self.store, &self.redis) {
+            (StoreKind::Embedded, None) => Ok(StoreSettings::Embedded {
+                path: self.store_path(),
+                trail: match trail {
+                    RedisTrail::Outside(t) => t,
+                    RedisTrail::Stream { .. } => {
+                        return invalid("[audit] sink = \"redis\" needs store = \"redis\"");
+                    }
+                },
+            }),
+            (StoreKind::Redis, Some(r)) => Ok(StoreSettings::Redis {
+                redis: RedisSettings {
+                    endpoint: redis_endpoint(r)?,
+                    ca: r.ca.clone(),
+                    key_prefix: r.key_prefix.clone(),
+                    replicas_to_ack: r.replicas_to_ack,
+                },
+                trail,
+            }),
+            (StoreKind::Redis, None) => invalid("store = \"redis\" needs a [redis] section"),
+            (StoreKind::Embedded, Some(_)) => invalid("a [redis] section needs store = \"redis\""),
+            (StoreKind::RedisUrl(_), _) => invalid("store URL not resolved"),
+        }
+    }
+
+    /// The trail as configured; a Redis stream is refused by the caller
+    /// where there is no Redis store.
+    fn trail(&self) -> Checked<RedisTrail> {
+        let audit = &self.audit;
+        let sink = self.audit_sink();
+        if audit.path.is_some() && sink != AuditSinkKind::File {
+            return invalid("[audit] path is only for sink = \"file\"");
+        }
+        if audit.rotate_size < 4096 || audit.rotate_age < Duration::from_secs(60) {
+            return invalid("[audit] rotate_size must be at least 4KiB and rotate_age at least 1m");
+        }
+        if audit
+            .retention
+            .is_some_and(|r| r < Duration::from_secs(3600))
+        {
+            return invalid("[audit] retention must be at least 1h");
+        }
+        Ok(match sink {
+            AuditSinkKind::File => RedisTrail::Outside(Trail::File {
+                path: self.audit_path(),
+                options: self.audit_file_options(),
+            }),
+            AuditSinkKind::Redis => RedisTrail::Stream {
+                retention: audit.retention,
+            },
+            AuditSinkKind::Stdout => RedisTrail::Outside(Trail::Stdout),
+            AuditSinkKind::Off => RedisTrail::Outside(Trail::Off),
+        })
+    }
+
+    fn checked_reaper(&self) -> Checked<Reaper> {
+        if self.reaper.interval.is_zero() {
+            return invalid("reaper.interval must be positive");
+        }
+        Ok(self.reaper.clone())
+    }
+
+    fn feed_settings(&self) -> Checked<FeedSettings> {
+        if self.feed.heartbeat.is_zero() || self.feed.poll.is_zero() {
+            return invalid("feed.heartbeat and feed.poll must be positive");
+        }
+        Ok(FeedSettings {
+            watchers: self.feed_watchers(),
+            heartbeat: self.feed.heartbeat,
+            poll: self.feed.poll,
+        })
+    }
+
+    fn checked_policy(&self) -> Checked<PolicyConfig> {
+        if self.policy.reload_interval.is_zero() {
+            return invalid("policy.reload_interval must be positive");
+        }
+        Ok(self.policy.clone())
+    }
+
+    fn checked_connections(&self) -> Checked<Connections> {
+        let c = &self.connections;
+        if c.handshake_timeout.is_zero()
+            || c.idle_timeout.is_zero()
+            || c.unauthenticated_idle_timeout.is_zero()
+        {
+            return invalid("connections: timeouts must be positive");
+        }
+        if !(0 < c.max_unauthenticated_per_source
+            && c.max_unauthenticated_per_source <= c.max_unauthenticated
+            && c.max_unauthenticated < c.max)
+        {
+            return invalid(
+                "connections: need 0 < max_unauthenticated_per_source <= max_unauthenticated < max \
+                 (the rest of max is kept for authenticated callers)",
+            );
+        }
+        Ok(c.clone())
+    }
+
+    fn introspection_grants(&self) -> Checked<Vec<IntrospectionGrant>> {
+        self.introspection
+            .iter()
+            .map(|i| {
+                let audiences = i
+                    .audiences
+                    .iter()
+                    .map(|a| {
+                        Pattern::new(a)
+                            .map_err(|e| ConfigError::Invalid(format!("introspection: {e}")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(IntrospectionGrant {
+                    clients: i.clients.clone(),
+                    audiences,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The one way `[redis]` names to reach the server.
+fn redis_endpoint(r: &super::RedisConfig) -> Checked<RedisEndpoint> {
+    match (&r.url, &r.url_file, r.sentinels.as_slice()) {
+        (Some(url), None, []) => {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return invalid("[redis] url must start with redis:// or rediss://");
+            }
+            Ok(RedisEndpoint::Url(url.clone()))
+        }
+        (None, Some(file), []) => Ok(RedisEndpoint::UrlFile(file.clone())),
+        (None, None, [_, ..]) => Ok(RedisEndpoint::Sentinel {
+            sentinels: r.sentinels.clone(),
+            master_name: match &r.master_name {
+                Some(m) => m.clone(),
+                None => return invalid("[redis] sentinels need master_name"),
+            },
+            password_file: r.password_file.clone(),
+        }),
+        _ => invalid("[redis] needs exactly one of url, url_file or sentinels"),
+    }
+}

@@ -1,0 +1,188 @@
+//! From checked settings to a broker ready to serve: keys, the store and
+//! its trail, the recorder, policy, the service and the authenticator.
+//! Nothing here checks the configuration again; what can go wrong is
+//! reading files and opening stores.
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{Broker, StartError};
+use crate::audit::{AuditSink, FileSink, OffSink, StdoutSink};
+use crate::config::{
+    Algorithm, RedisEndpoint, RedisSettings, RedisTrail, Settings, StoreSettings, Trail,
+};
+use crate::crl::CrlPublisher;
+use crate::feed::FeedHub;
+use crate::fsutil::create_private_dir;
+use crate::grpc::RevocationsApi;
+use crate::identity::Authenticator;
+use crate::issuer::{IssuingCa, JwtSigner, SigningKey, key_path};
+use crate::policy::PolicyHandle;
+use crate::ratelimit::RateLimiter;
+use crate::recorder::Recorder;
+use crate::service::{Admin, Issuance, Service};
+use crate::store::{EmbeddedStore, LeaseStore, RedisStore, RedisTarget};
+use crate::tls;
+
+impl Broker {
+    /// Builds every part from `s`.
+    pub(super) fn assemble(s: Settings) -> Result<Self, StartError> {
+        create_private_dir(&s.data_dir)?;
+        let tls = tls::load(&s.tls)?;
+        let signer = Arc::new(signer(&s.data_dir, s.algorithm)?);
+        let (store, trail) = open_store(&s)?;
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let audit = Recorder::start(
+            trail,
+            store.clone(),
+            s.broker_id.clone(),
+            Some(metrics.clone()),
+        );
+        let policy = Arc::new(PolicyHandle::load(&s.policy.dir)?);
+        tracing::info!(policies = policy.len(), dir = %s.policy.dir.display(), "policies loaded");
+        let ca = match &s.ca {
+            Some(files) => Some(Arc::new(IssuingCa::load(&files.cert, &files.key)?)),
+            None => None,
+        };
+        let crl = ca
+            .clone()
+            .map(|ca| Arc::new(CrlPublisher::new(store.clone(), ca, s.crl_validity)));
+        let revoked = Arc::new(tokio::sync::Notify::new());
+        let feed = FeedHub::new(store.clone(), revoked.clone(), s.feed.poll);
+        let mut authenticator = Authenticator::new(tls.client_chain.clone(), s.trust_domain);
+        if let Some(ca) = &ca {
+            tls::refuse_issuing_ca_in_bundle(&s.tls, ca.cert_der())?;
+            authenticator = authenticator.refusing_issued_by(ca.cert_der());
+        }
+        let service = Arc::new(Service::new(
+            store,
+            policy.clone(),
+            audit,
+            metrics.clone(),
+            revoked,
+            Issuance {
+                signer: signer.clone(),
+                issuer: s.issuer.clone(),
+                ca,
+                limits: s.lifetimes,
+                rate: RateLimiter::new(s.rate_limit.per_second, s.rate_limit.burst),
+                introspection: s.introspection,
+            },
+            Admin {
+                operators: s.operators,
+                broker_id: s.broker_id,
+            },
+        ));
+        Ok(Self {
+            service,
+            tls,
+            authenticator,
+            signer,
+            issuer: s.issuer,
+            reaper: s.reaper,
+            crl,
+            policy,
+            policy_reload: s.policy.reload_interval,
+            health_listener: None,
+            connections: s.connections,
+            revocations: RevocationsApi::new(
+                feed.clone(),
+                s.feed.watchers,
+                s.feed.heartbeat,
+                metrics.feed_watchers.clone(),
+            ),
+            feed,
+        })
+    }
+}
+
+/// The signing key for `alg` (made on first start), and the other
+/// algorithm's key too if one exists, so tokens signed before an algorithm
+/// change keep validating until they expire.
+fn signer(data_dir: &Path, alg: Algorithm) -> Result<JwtSigner, StartError> {
+    let key = SigningKey::load_or_create(data_dir, alg)?;
+    let other = match alg {
+        Algorithm::ES256 => Algorithm::EdDSA,
+        Algorithm::EdDSA => Algorithm::ES256,
+    };
+    let mut previous = Vec::new();
+    if key_path(data_dir, other).exists() {
+        previous.push(SigningKey::load(&key_path(data_dir, other), other)?);
+    }
+    Ok(JwtSigner::new(key, previous))
+}
+
+/// A lease store and the trail beside it.
+type StoreAndTrail = (Arc<dyn LeaseStore>, Arc<dyn AuditSink>);
+
+/// The lease store and the trail beside it. A Redis trail is the Redis
+/// store's own, so the store writes credential leases in the same script
+/// as their records.
+fn open_store(s: &Settings) -> Result<StoreAndTrail, StartError> {
+    Ok(match &s.store {
+        StoreSettings::Embedded { path, trail } => {
+            (Arc::new(EmbeddedStore::open(path)?), open_trail(trail)?)
+        }
+        StoreSettings::Redis { redis, trail } => {
+            let store =
+                RedisStore::new(redis_target(redis)?, &redis.key_prefix, s.reaper.retention)?
+                    .with_replicas_to_ack(redis.replicas_to_ack);
+            let trail: Arc<dyn AuditSink> = match trail {
+                RedisTrail::Stream { retention } => {
+                    Arc::new(store.trail().with_retention(*retention))
+                }
+                RedisTrail::Outside(t) => open_trail(t)?,
+            };
+            (Arc::new(store), trail)
+        }
+    })
+}
+
+/// A trail outside the store.
+fn open_trail(trail: &Trail) -> Result<Arc<dyn AuditSink>, StartError> {
+    Ok(match trail {
+        Trail::File { path, options } => {
+            let sink = FileSink::open_with(path, options.clone())?;
+            tracing::info!(path = %path.display(), seq = sink.head().seq, "audit trail");
+            Arc::new(sink)
+        }
+        Trail::Stdout => Arc::new(StdoutSink::new()),
+        Trail::Off => {
+            tracing::warn!("the audit trail is off ([audit] sink = \"off\")");
+            Arc::new(OffSink)
+        }
+    })
+}
+
+/// Where Redis is, reading secrets from their files.
+fn redis_target(r: &RedisSettings) -> Result<RedisTarget, StartError> {
+    let io_error = |p: &Path, e: io::Error| {
+        StartError::Io(io::Error::new(e.kind(), format!("{}: {e}", p.display())))
+    };
+    let read = |p: &Path| -> Result<String, StartError> {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_owned())
+            .map_err(|e| io_error(p, e))
+    };
+    let url = match &r.endpoint {
+        RedisEndpoint::Sentinel {
+            sentinels,
+            master_name,
+            password_file,
+        } => {
+            return Ok(RedisTarget::Sentinel {
+                sentinels: sentinels.clone(),
+                master_name: master_name.clone(),
+                password: password_file.as_deref().map(read).transpose()?,
+            });
+        }
+        RedisEndpoint::Url(url) => url.clone(),
+        RedisEndpoint::UrlFile(file) => read(file)?,
+    };
+    let ca_pem = match &r.ca {
+        Some(p) => Some(std::fs::read(p).map_err(|e| io_error(p, e))?),
+        None => None,
+    };
+    Ok(RedisTarget::Url { url, ca_pem })
+}

@@ -1,0 +1,113 @@
+//! The broker as a whole: `Broker::build(config)?.serve(grpc_listener,
+//! http_listener, shutdown)`. Listeners come from the caller so tests can
+//! bind `127.0.0.1:0`.
+//!
+//! - `assemble.rs`: from checked [`Settings`](crate::config::Settings) to
+//!   the parts (keys, store and trail, policy, service, authenticator);
+//! - `serve.rs`: both ports and every background task, until shutdown,
+//!   then draining.
+
+mod assemble;
+mod serve;
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::config::{Config, ConfigError, Connections, Reaper};
+use crate::crl::CrlPublisher;
+use crate::feed::FeedHub;
+use crate::grpc::RevocationsApi;
+use crate::identity::Authenticator;
+use crate::issuer::{JwtSigner, KeyError};
+use crate::policy::PolicyHandle;
+use crate::service::Service;
+use crate::store::StoreError;
+use crate::tls::{TlsError, TlsSetup};
+
+/// Why the broker could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Bad TLS material.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// Signing key problem.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The issuing CA could not be loaded.
+    #[error(transparent)]
+    Ca(#[from] crate::issuer::CaError),
+    /// The store could not be opened.
+    #[error("lease store: {0}")]
+    Store(#[from] StoreError),
+    /// Socket or file error.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The policies are invalid.
+    #[error("invalid policies:\n{0}")]
+    Policy(#[from] mayfly_policy::PolicyLoadError),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    /// The audit trail could not be opened.
+    #[error("{0}")]
+    Audit(#[from] crate::audit::AuditError),
+}
+
+/// A broker ready to serve.
+#[derive(Debug)]
+pub struct Broker {
+    /// Request handling, shared by both ports.
+    service: Arc<Service>,
+    /// Server configurations of both ports.
+    tls: TlsSetup,
+    /// Turns a peer certificate into a caller, once per connection.
+    authenticator: Authenticator,
+    /// Signs tokens; its JWKS is served on the HTTPS port.
+    signer: Arc<JwtSigner>,
+    /// `iss` of every token, and the metadata's issuer.
+    issuer: String,
+    /// When the reaper runs and how long records are kept.
+    reaper: Reaper,
+    /// The CRL, when task certificates are signed.
+    crl: Option<Arc<CrlPublisher>>,
+    /// Follows the store's revocation log for watchers and the CRL.
+    feed: Arc<FeedHub>,
+    /// The Revocations service over the feed.
+    revocations: RevocationsApi,
+    /// The live policy set, reloaded by the watcher.
+    policy: Arc<PolicyHandle>,
+    /// How often the watcher looks for changed policy files.
+    policy_reload: Duration,
+    /// The plain-text health port, when configured.
+    health_listener: Option<TcpListener>,
+    /// Bounds on each port's connections.
+    connections: Connections,
+}
+
+impl Broker {
+    /// Checks `config`, creates the data directory and keys if missing,
+    /// opens the store and the trail, and loads TLS material and policies.
+    pub fn build(config: Config) -> Result<Self, StartError> {
+        Self::assemble(config.settings()?)
+    }
+
+    /// The token issuer URL.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// Also serves the gRPC health service alone, in plain text, on
+    /// `listener` (`listen.health`), for probes without a client
+    /// certificate.
+    pub fn with_health_listener(mut self, listener: TcpListener) -> Self {
+        self.health_listener = Some(listener);
+        self
+    }
+}
