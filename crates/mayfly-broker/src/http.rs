@@ -165,7 +165,7 @@ async fn introspect(
     if form.token.len() > MAX_TOKEN_BYTES {
         return inactive();
     }
-    match s.service.introspect(&caller, &form.token).await {
+    match s.service.issuance().introspect(&caller, &form.token).await {
         Ok(Some(claims)) => (
             StatusCode::OK,
             [(header::CACHE_CONTROL, "no-store")],

@@ -132,7 +132,7 @@ pub async fn watch_and_reload(
         match handle.reload() {
             Ok(n) => {
                 tracing::info!(policies = n, dir = %handle.dir.display(), "policies reloaded");
-                match service.reevaluate_all().await {
+                match service.tasks().reevaluate_all().await {
                     Ok(revoked) if !revoked.is_empty() => tracing::info!(
                         revoked = revoked.len(),
                         "credentials the new policies no longer allow were revoked"

@@ -44,7 +44,7 @@ impl AdminApi {
 
     fn operator<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         let caller = caller(request)?;
-        self.svc.require_operator(&caller)?;
+        self.svc.admin().require_operator(&caller)?;
         Ok(caller)
     }
 }
@@ -185,6 +185,7 @@ impl pb::admin_server::Admin for AdminApi {
         };
         let page = self
             .svc
+            .admin()
             .list_leases(&filter, &page(r.page_size, &r.page_token)?)
             .await?;
         let now = Timestamp::now();
@@ -200,7 +201,7 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<pb::Lease>, Status> {
         self.operator(&request)?;
         let id = field("lease_id", &request.get_ref().lease_id, LeaseId::new)?;
-        let lease = self.svc.get_lease(&id).await?;
+        let lease = self.svc.admin().get_lease(&id).await?;
         Ok(Response::new(lease_to_proto(&lease, Timestamp::now())))
     }
 
@@ -213,6 +214,7 @@ impl pb::admin_server::Admin for AdminApi {
         let id = field("lease_id", &r.lease_id, LeaseId::new)?;
         let revoked = self
             .svc
+            .admin()
             .revoke_lease(&op, &id, parse_note("note", &r.note)?)
             .await?;
         Ok(Response::new(revoke_response(revoked)))
@@ -227,6 +229,7 @@ impl pb::admin_server::Admin for AdminApi {
         let id = field("task_id", &r.task_id, TaskId::new)?;
         let revoked = self
             .svc
+            .admin()
             .revoke_task(&op, &id, parse_note("note", &r.note)?)
             .await?;
         Ok(Response::new(revoke_response(revoked)))
@@ -241,6 +244,7 @@ impl pb::admin_server::Admin for AdminApi {
         let agent = agent_field(&r.agent_id)?;
         let revoked = self
             .svc
+            .admin()
             .revoke_agent(&op, &agent, parse_note("note", &r.note)?)
             .await?;
         Ok(Response::new(revoke_response(revoked)))
@@ -259,7 +263,11 @@ impl pb::admin_server::Admin for AdminApi {
             ))
         })?;
         let ttl = requested_ttl("ttl_seconds", r.ttl_seconds)?;
-        let (lock, revoked) = self.svc.lock_agent(&op, &agent, reason, ttl).await?;
+        let (lock, revoked) = self
+            .svc
+            .admin()
+            .lock_agent(&op, &agent, reason, ttl)
+            .await?;
         Ok(Response::new(pb::LockAgentResponse {
             lock: Some(lock_to_proto(&lock)),
             revoked_leases: revoked.iter().map(ToString::to_string).collect(),
@@ -275,6 +283,7 @@ impl pb::admin_server::Admin for AdminApi {
         let agent = agent_field(&r.agent_id)?;
         let lock = self
             .svc
+            .admin()
             .unlock_agent(&op, &agent, parse_note("note", &r.note)?)
             .await?;
         Ok(Response::new(lock_to_proto(&lock)))
@@ -285,7 +294,7 @@ impl pb::admin_server::Admin for AdminApi {
         request: Request<pb::ListAgentLocksRequest>,
     ) -> Result<Response<pb::ListAgentLocksResponse>, Status> {
         self.operator(&request)?;
-        let locks = self.svc.list_locks().await?;
+        let locks = self.svc.admin().list_locks().await?;
         Ok(Response::new(pb::ListAgentLocksResponse {
             locks: locks.iter().map(lock_to_proto).collect(),
         }))
@@ -299,6 +308,7 @@ impl pb::admin_server::Admin for AdminApi {
         let r = request.into_inner();
         let page = self
             .svc
+            .approvals()
             .list_approvals(r.all, &page(r.page_size, &r.page_token)?)
             .await?;
         let mut approvals = Vec::with_capacity(page.items.len());
@@ -338,6 +348,7 @@ impl pb::admin_server::Admin for AdminApi {
         };
         let page = self
             .svc
+            .admin()
             .list_tasks(&filter, &page(r.page_size, &r.page_token)?)
             .await?;
         let now = Timestamp::now();
@@ -351,7 +362,7 @@ impl pb::admin_server::Admin for AdminApi {
 impl AdminApi {
     /// An approval with its task's intent and context, for operators.
     async fn with_task(&self, a: &Approval) -> pb::Approval {
-        let task = self.svc.get_task(&a.task_id).await.ok();
+        let task = self.svc.admin().get_task(&a.task_id).await.ok();
         approval_to_proto(a, task.as_ref().map(|r| &r.task), Timestamp::now())
     }
 
@@ -365,6 +376,7 @@ impl AdminApi {
         let id = field("approval_id", &r.approval_id, ApprovalId::new)?;
         let approval = self
             .svc
+            .approvals()
             .decide_approval(&op, &id, approve, parse_note("reason", &r.reason)?)
             .await?;
         Ok(Response::new(self.with_task(&approval).await))

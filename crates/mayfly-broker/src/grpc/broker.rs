@@ -108,7 +108,7 @@ impl pb::broker_server::Broker for BrokerApi {
     ) -> Result<Response<pb::IssuedCertificate>, Status> {
         let caller = caller(&request)?;
         let req = CertificateRequest::try_from(request.into_inner())?;
-        let issued = match self.svc.sign_certificate(&caller, req).await? {
+        let issued = match self.svc.issuance().sign_certificate(&caller, req).await? {
             Issued::Credential(c) => c,
             Issued::Pending(a) => {
                 return Ok(Response::new(pb::IssuedCertificate {
@@ -137,7 +137,11 @@ impl pb::broker_server::Broker for BrokerApi {
         let id = field("task_id", &r.task_id, TaskId::new)?;
         let change = ContextChange::new(&r.set, &r.remove)
             .map_err(|e| BrokerError::Invalid(e.to_string()))?;
-        let (record, revoked) = self.svc.update_task_context(&caller, &id, change).await?;
+        let (record, revoked) = self
+            .svc
+            .tasks()
+            .update_task_context(&caller, &id, change)
+            .await?;
         Ok(Response::new(pb::UpdateTaskContextResponse {
             task: Some(task_to_proto(&record, Timestamp::now())),
             revoked_leases: revoked.iter().map(|l| l.to_string()).collect(),
@@ -152,7 +156,11 @@ impl pb::broker_server::Broker for BrokerApi {
         let r = request.get_ref();
         let id = field("approval_id", &r.approval_id, ApprovalId::new)?;
         let wait = std::time::Duration::from_secs(u64::from(r.wait_seconds));
-        let approval = self.svc.wait_approval(&caller, &id, wait).await?;
+        let approval = self
+            .svc
+            .approvals()
+            .wait_approval(&caller, &id, wait)
+            .await?;
         Ok(Response::new(approval_to_proto(
             &approval,
             None,
@@ -166,7 +174,7 @@ impl pb::broker_server::Broker for BrokerApi {
     ) -> Result<Response<pb::Task>, Status> {
         let caller = caller(&request)?;
         let req = NewDelegation::try_from(request.into_inner())?;
-        let record = self.svc.delegate_task(&caller, req).await?;
+        let record = self.svc.tasks().delegate_task(&caller, req).await?;
         Ok(Response::new(task_to_proto(&record, Timestamp::now())))
     }
 
@@ -176,7 +184,7 @@ impl pb::broker_server::Broker for BrokerApi {
     ) -> Result<Response<pb::Task>, Status> {
         let caller = caller(&request)?;
         let req = NewTask::try_from(request.into_inner())?;
-        let record = self.svc.start_task(&caller, req).await?;
+        let record = self.svc.tasks().start_task(&caller, req).await?;
         Ok(Response::new(task_to_proto(&record, Timestamp::now())))
     }
 
@@ -186,7 +194,7 @@ impl pb::broker_server::Broker for BrokerApi {
     ) -> Result<Response<pb::Task>, Status> {
         let caller = caller(&request)?;
         let id = field("task_id", &request.get_ref().task_id, TaskId::new)?;
-        let record = self.svc.own_task(&caller, &id).await?;
+        let record = self.svc.tasks().own_task(&caller, &id).await?;
         Ok(Response::new(task_to_proto(&record, Timestamp::now())))
     }
 
@@ -196,7 +204,7 @@ impl pb::broker_server::Broker for BrokerApi {
     ) -> Result<Response<pb::IssuedToken>, Status> {
         let caller = caller(&request)?;
         let req = TokenRequest::try_from(request.into_inner())?;
-        let issued = match self.svc.issue_token(&caller, req).await? {
+        let issued = match self.svc.issuance().issue_token(&caller, req).await? {
             Issued::Credential(t) => t,
             Issued::Pending(a) => {
                 return Ok(Response::new(pb::IssuedToken {
@@ -223,7 +231,7 @@ impl pb::broker_server::Broker for BrokerApi {
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
         let caller = caller(&request)?;
         let id = field("task_id", &request.get_ref().task_id, TaskId::new)?;
-        let (revoked, record) = self.svc.complete_task(&caller, &id).await?;
+        let (revoked, record) = self.svc.tasks().complete_task(&caller, &id).await?;
         Ok(Response::new(pb::CompleteTaskResponse {
             revoked_leases: revoked.iter().map(|l| l.to_string()).collect(),
             task: Some(task_to_proto(&record, Timestamp::now())),

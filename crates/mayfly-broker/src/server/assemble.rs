@@ -21,7 +21,7 @@ use crate::issuer::{IssuingCa, JwtSigner, SigningKey, key_path};
 use crate::policy::PolicyHandle;
 use crate::ratelimit::RateLimiter;
 use crate::recorder::Recorder;
-use crate::service::{Admin, Issuance, Service};
+use crate::service::{Service, Setup};
 use crate::store::{EmbeddedStore, LeaseStore, RedisStore, RedisTarget};
 use crate::tls;
 
@@ -55,25 +55,21 @@ impl Broker {
             tls::refuse_issuing_ca_in_bundle(&s.tls, ca.cert_der())?;
             authenticator = authenticator.refusing_issued_by(ca.cert_der());
         }
-        let service = Arc::new(Service::new(
+        let service = Arc::new(Service::new(Setup {
             store,
-            policy.clone(),
-            audit,
-            metrics.clone(),
+            policy: policy.clone(),
+            recorder: audit,
+            metrics: metrics.clone(),
             revoked,
-            Issuance {
-                signer: signer.clone(),
-                issuer: s.issuer.clone(),
-                ca,
-                limits: s.lifetimes,
-                rate: RateLimiter::new(s.rate_limit.per_second, s.rate_limit.burst),
-                introspection: s.introspection,
-            },
-            Admin {
-                operators: s.operators,
-                broker_id: s.broker_id,
-            },
-        ));
+            broker_id: s.broker_id,
+            operators: s.operators,
+            lifetimes: s.lifetimes,
+            signer: signer.clone(),
+            issuer: s.issuer.clone(),
+            ca,
+            rate: RateLimiter::new(s.rate_limit.per_second, s.rate_limit.burst),
+            introspection: s.introspection,
+        }));
         Ok(Self {
             service,
             tls,

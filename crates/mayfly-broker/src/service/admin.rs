@@ -6,13 +6,22 @@ use mayfly_core::{
     AgentLock, Lease, LeaseId, RevocationReason, SpiffeId, TaskId, TaskRecord, Timestamp,
 };
 
-use super::Service;
+use super::Admin;
 use crate::audit::{AuditRecord, Event};
 use crate::error::BrokerError;
 use crate::identity::Caller;
 use crate::store::{LeaseFilter, Page, PageRequest, RevokeRequest, StoreError, TaskFilter};
 
-impl Service {
+impl Admin {
+    /// Refuses callers outside the operator set.
+    pub fn require_operator(&self, caller: &Caller) -> Result<(), BrokerError> {
+        if self.operators.iter().any(|p| p.matches(&caller.id)) {
+            Ok(())
+        } else {
+            Err(BrokerError::NotOperator(caller.id.clone()))
+        }
+    }
+
     /// Lists leases.
     pub async fn list_leases(
         &self,
@@ -20,6 +29,7 @@ impl Service {
         page: &PageRequest,
     ) -> Result<Page<Lease>, BrokerError> {
         Ok(self
+            .shared
             .store
             .list_leases(filter, page, Timestamp::now())
             .await?)
@@ -32,6 +42,7 @@ impl Service {
         page: &PageRequest,
     ) -> Result<Page<TaskRecord>, BrokerError> {
         Ok(self
+            .shared
             .store
             .list_tasks(filter, page, Timestamp::now())
             .await?)
@@ -39,7 +50,8 @@ impl Service {
 
     /// One lease.
     pub async fn get_lease(&self, id: &LeaseId) -> Result<Lease, BrokerError> {
-        self.store
+        self.shared
+            .store
             .get_lease(id)
             .await?
             .ok_or_else(|| BrokerError::LeaseNotFound(id.clone()))
@@ -47,7 +59,8 @@ impl Service {
 
     /// Any task.
     pub async fn get_task(&self, id: &TaskId) -> Result<TaskRecord, BrokerError> {
-        self.store
+        self.shared
+            .store
             .get_task(id)
             .await?
             .ok_or_else(|| BrokerError::TaskNotFound(id.clone()))
@@ -66,7 +79,7 @@ impl Service {
             RevocationReason::TaskRevoked,
             note,
         );
-        let revoked = match self.store.revoke_lease(id, &req).await {
+        let revoked = match self.shared.store.revoke_lease(id, &req).await {
             Err(StoreError::LeaseNotFound) => return Err(BrokerError::LeaseNotFound(id.clone())),
             other => other?,
         };
@@ -77,7 +90,7 @@ impl Service {
                 state: lease.state_at(req.at),
             });
         }
-        let task = self.store.get_lease(id).await?.map(|l| l.task_id);
+        let task = self.shared.store.get_lease(id).await?.map(|l| l.task_id);
         let mut record = self
             .revocation_record(Event::LeaseRevoked, operator, task.as_ref(), &req, &revoked)
             .await;
@@ -100,6 +113,7 @@ impl Service {
             note,
         );
         let revoked = self
+            .shared
             .store
             .end_task(id, &req)
             .await
@@ -125,7 +139,7 @@ impl Service {
             RevocationReason::AgentRevoked,
             note,
         );
-        let revoked = self.store.revoke_agent(agent, &req).await?;
+        let revoked = self.shared.store.revoke_agent(agent, &req).await?;
         if revoked.is_empty() && !self.has_records(agent).await? {
             return Err(BrokerError::AgentNotFound(agent.clone()));
         }
@@ -150,6 +164,7 @@ impl Service {
             ..Default::default()
         };
         if !self
+            .shared
             .store
             .list_tasks(&tasks, &page, now)
             .await?
@@ -163,6 +178,7 @@ impl Service {
             ..Default::default()
         };
         Ok(!self
+            .shared
             .store
             .list_leases(&leases, &page, now)
             .await?
@@ -195,7 +211,7 @@ impl Service {
             RevocationReason::AgentRevoked,
             Some(reason),
         );
-        let revoked = self.store.lock_agent(&lock, &req).await?;
+        let revoked = self.shared.store.lock_agent(&lock, &req).await?;
         let mut record = self
             .revocation_record(Event::AgentLocked, operator, None, &req, &revoked)
             .await;
@@ -215,6 +231,7 @@ impl Service {
         note: Option<String>,
     ) -> Result<AgentLock, BrokerError> {
         let lock = self
+            .shared
             .store
             .unlock_agent(agent, Timestamp::now())
             .await?
@@ -228,13 +245,13 @@ impl Service {
             operator = %operator.id,
             agent = %agent,
         );
-        self.audit_anyway(record).await;
+        self.shared.audit_anyway(record).await;
         Ok(lock)
     }
 
     /// Every lock in force.
     pub async fn list_locks(&self) -> Result<Vec<AgentLock>, BrokerError> {
-        Ok(self.store.list_locks(Timestamp::now()).await?)
+        Ok(self.shared.store.list_locks(Timestamp::now()).await?)
     }
 
     /// The record of an operator's revocation, with the task it concerns.
@@ -252,7 +269,7 @@ impl Service {
             None => req.reason.to_string(),
         });
         match task {
-            Some(id) => match self.store.get_task(id).await {
+            Some(id) => match self.shared.store.get_task(id).await {
                 Ok(Some(t)) => record.task(&t.task),
                 _ => record.task_id(id),
             },
@@ -261,7 +278,7 @@ impl Service {
     }
 
     async fn log_revocation(&self, record: AuditRecord) {
-        self.revoked.notify_one();
+        self.shared.revoked.notify_one();
         tracing::info!(
             target: "mayfly::decision",
             event = %record.event,
@@ -269,7 +286,7 @@ impl Service {
             task_id = record.task_id.as_deref().unwrap_or_default(),
             revoked = record.revoked.len(),
         );
-        self.audit_anyway(record).await;
+        self.shared.audit_anyway(record).await;
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use mayfly_core::{Approval, ApprovalId, ApprovalState, ApprovalStatus, Timestamp};
 
-use super::Service;
+use super::Approvals;
 use crate::audit::{AuditRecord, Event};
 use crate::error::BrokerError;
 use crate::identity::Caller;
@@ -15,7 +15,7 @@ pub use mayfly_core::limits::MAX_WAIT;
 /// How often a waiting call looks again.
 const POLL: Duration = Duration::from_millis(100);
 
-impl Service {
+impl Approvals {
     /// Approvals for operators, pending ones only unless `all`.
     pub async fn list_approvals(
         &self,
@@ -23,6 +23,7 @@ impl Service {
         page: &PageRequest,
     ) -> Result<Page<Approval>, BrokerError> {
         Ok(self
+            .shared
             .store
             .list_approvals(!all, page, Timestamp::now())
             .await?)
@@ -51,6 +52,7 @@ impl Service {
             }
         };
         let approval = self
+            .shared
             .store
             .decide_approval(id, decision, now)
             .await
@@ -60,7 +62,7 @@ impl Service {
         } else {
             Event::ApprovalDenied
         };
-        let mut record = match self.store.get_task(&approval.task_id).await {
+        let mut record = match self.shared.store.get_task(&approval.task_id).await {
             Ok(Some(t)) => AuditRecord::new(event, &operator.id).task(&t.task),
             _ => AuditRecord::new(event, &operator.id).task_id(&approval.task_id),
         };
@@ -68,7 +70,7 @@ impl Service {
         record.policy = Some(approval.policy_id.clone());
         record.decision = Some(if approve { "permit" } else { "deny" }.to_owned());
         record.reason = reason_of(&approval.status);
-        self.audit_anyway(record).await;
+        self.shared.audit_anyway(record).await;
         tracing::info!(
             target: "mayfly::decision",
             event = if approve { "approval_granted" } else { "approval_denied" },
@@ -86,7 +88,7 @@ impl Service {
         caller: &Caller,
         id: &ApprovalId,
     ) -> Result<Approval, BrokerError> {
-        match self.store.get_approval(id).await? {
+        match self.shared.store.get_approval(id).await? {
             Some(a) if a.agent == caller.id => Ok(a),
             _ => Err(BrokerError::ApprovalNotFound(id.clone())),
         }

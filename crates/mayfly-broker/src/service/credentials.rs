@@ -12,7 +12,7 @@ use mayfly_core::{
 };
 
 use super::pipeline::{Asked, Kind};
-use super::{CertificateRequest, Issued, IssuedCertificate, IssuedToken, Service, TokenRequest};
+use super::{CertificateRequest, Issuance, Issued, IssuedCertificate, IssuedToken, TokenRequest};
 use crate::audit::{AuditRecord, Event};
 use crate::error::BrokerError;
 use crate::identity::Caller;
@@ -32,11 +32,11 @@ impl Kind for TokenRequest {
         }
     }
 
-    fn ttl(&self, svc: &Service) -> (u64, Duration, Duration) {
+    fn ttl(&self, svc: &Issuance) -> (u64, Duration, Duration) {
         (
             self.ttl_seconds,
-            svc.issuance.limits.token_default_ttl,
-            svc.issuance.limits.token_max_ttl,
+            svc.lifetimes.token_default_ttl,
+            svc.lifetimes.token_max_ttl,
         )
     }
 
@@ -73,9 +73,9 @@ impl Kind for TokenRequest {
         record.credential(Some(self.audience.as_str()), &self.scopes)
     }
 
-    fn mint(&self, svc: &Service, task: &Task, lease: Lease) -> Result<IssuedToken, BrokerError> {
+    fn mint(&self, svc: &Issuance, task: &Task, lease: Lease) -> Result<IssuedToken, BrokerError> {
         let claims = AccessTokenClaims {
-            iss: svc.issuance.issuer.clone(),
+            iss: svc.issuer.clone(),
             sub: task.subject().to_string(),
             aud: self.audience.to_string(),
             exp: lease.expires_at.as_secs(),
@@ -91,7 +91,6 @@ impl Kind for TokenRequest {
             act: task.actors(),
         };
         let token = svc
-            .issuance
             .signer
             .sign(&claims)
             .map_err(|e| BrokerError::Internal(e.to_string()))?;
@@ -141,11 +140,11 @@ impl Kind for Certificate<'_> {
         }
     }
 
-    fn ttl(&self, svc: &Service) -> (u64, Duration, Duration) {
+    fn ttl(&self, svc: &Issuance) -> (u64, Duration, Duration) {
         (
             self.req.ttl_seconds,
-            svc.issuance.limits.cert_default_ttl,
-            svc.issuance.limits.cert_max_ttl,
+            svc.lifetimes.cert_default_ttl,
+            svc.lifetimes.cert_max_ttl,
         )
     }
 
@@ -171,7 +170,7 @@ impl Kind for Certificate<'_> {
 
     fn mint(
         &self,
-        _svc: &Service,
+        _svc: &Issuance,
         _task: &Task,
         lease: Lease,
     ) -> Result<IssuedCertificate, BrokerError> {
@@ -212,7 +211,7 @@ impl Kind for Certificate<'_> {
     }
 }
 
-impl Service {
+impl Issuance {
     /// Issues a token under one of the caller's active tasks, or opens an
     /// approval when policy requires one.
     pub async fn issue_token(
@@ -231,7 +230,7 @@ impl Service {
         caller: &Caller,
         req: CertificateRequest,
     ) -> Result<Issued<IssuedCertificate>, BrokerError> {
-        let ca = self.issuance.ca.clone().ok_or_else(|| {
+        let ca = self.ca.clone().ok_or_else(|| {
             BrokerError::Unsupported(
                 "this broker signs no certificates: it has no issuing CA ([ca] in its configuration)".into(),
             )
@@ -259,7 +258,6 @@ impl Service {
         token: &str,
     ) -> Result<Option<serde_json::Value>, BrokerError> {
         let audiences: Vec<&Pattern> = self
-            .issuance
             .introspection
             .iter()
             .filter(|g| g.clients.iter().any(|p| p.matches(&caller.id)))
@@ -268,18 +266,18 @@ impl Service {
         if audiences.is_empty() {
             return Err(BrokerError::NotIntrospector(caller.id.clone()));
         }
-        let Some(claims) = self.issuance.signer.verify(token) else {
+        let Some(claims) = self.signer.verify(token) else {
             return Ok(None);
         };
         let now = Timestamp::now();
-        let live = claims.iss == self.issuance.issuer
+        let live = claims.iss == self.issuer
             && now.as_secs() < claims.exp
             && claims.nbf <= now.as_secs()
             && audiences.iter().any(|p| p.matches(&claims.aud));
         let Some(jti) = live.then(|| LeaseId::new(&claims.jti).ok()).flatten() else {
             return Ok(None);
         };
-        let lease = self.store.get_lease(&jti).await?;
+        let lease = self.shared.store.get_lease(&jti).await?;
         // The lease, not the token, says what was issued: a token whose
         // audience, scopes, expiry or binding differ from its lease's is
         // not one this broker handed out as it reads.

@@ -34,7 +34,8 @@ use mayfly_core::{
     LeaseDetail, LeaseId, LeaseStatus, Policy, Scopes, SpiffeId, Task, TaskId, Timestamp,
 };
 
-use super::{Issued, Permit, Service, asked, expiry};
+use super::shared::{Permit, asked, expiry};
+use super::{Issuance, Issued};
 use crate::audit::{AuditRecord, Event};
 use crate::error::BrokerError;
 use crate::identity::Caller;
@@ -58,7 +59,7 @@ pub(super) trait Kind {
     fn approval_request(&self) -> ApprovalRequest;
     /// The lifetime asked for, as sent (0 = default), and the broker's
     /// default and maximum for the kind.
-    fn ttl(&self, svc: &Service) -> (u64, Duration, Duration);
+    fn ttl(&self, svc: &Issuance) -> (u64, Duration, Duration);
     /// A refusal that needs no policy (the task's envelope), if any.
     fn check(&self, _task: &Task) -> Option<BrokerError> {
         None
@@ -75,7 +76,7 @@ pub(super) trait Kind {
     /// The kind's part of its audit records, issued or refused.
     fn describe(&self, record: AuditRecord, lease: Option<&Lease>) -> AuditRecord;
     /// Makes the credential `lease` records, under `task`.
-    fn mint(&self, svc: &Service, task: &Task, lease: Lease) -> Result<Self::Issued, BrokerError>;
+    fn mint(&self, svc: &Issuance, task: &Task, lease: Lease) -> Result<Self::Issued, BrokerError>;
     /// The lease of what was minted, as it is to be recorded.
     fn lease_of(issued: &Self::Issued) -> &Lease;
     /// What was issued, in a few words for the log (never the credential).
@@ -131,7 +132,7 @@ enum Gate {
     Pending(Box<Approval>),
 }
 
-impl Service {
+impl Issuance {
     /// Issues one credential of kind `K` under the caller's task `task_id`,
     /// or opens the approval policy requires; `approval_id` collects an
     /// approved request.
@@ -170,7 +171,7 @@ impl Service {
             }
         };
         let issued = run.await;
-        self.explain_lock(&caller.id, issued).await
+        self.shared.explain_lock(&caller.id, issued).await
     }
 
     /// One pass from reading the task to recording the credential.
@@ -186,7 +187,10 @@ impl Service {
         // Read.
         let now = Timestamp::now();
         let cached = progress.read == Read::Cached;
-        let (record, from_cache) = self.credential_task(caller, task_id, now, cached).await?;
+        let (record, from_cache) = self
+            .shared
+            .credential_task(caller, task_id, now, cached)
+            .await?;
         let task = &record.task;
         let denied = || kind.describe(AuditRecord::new(K::DENIED, &caller.id).task(task), None);
 
@@ -196,7 +200,7 @@ impl Service {
             if from_cache {
                 return Ok(Next::Again);
             }
-            return Err(self.record_denial(e, denied()).await);
+            return Err(self.shared.record_denial(e, denied()).await);
         }
 
         // Decide.
@@ -206,11 +210,11 @@ impl Service {
             ttl,
             now,
         };
-        let decision = kind.decide(self.policy.as_ref(), &asked);
+        let decision = kind.decide(self.shared.policy.as_ref(), &asked);
         if from_cache && needs_fresh_task(&decision) {
             return Ok(Next::Again);
         }
-        let permit = self.permit_or_record(decision, denied).await?;
+        let permit = self.shared.permit_or_record(decision, denied).await?;
 
         // Gate.
         if progress.approval.is_none() {
@@ -251,7 +255,12 @@ impl Service {
         record.approval_id = lease.approval.as_ref().map(ToString::to_string);
         let record = kind.describe(record, Some(lease));
         progress.decisions += 1;
-        match self.audit.record_issued(record, lease.clone(), now).await {
+        match self
+            .shared
+            .recorder
+            .record_issued(record, lease.clone(), now)
+            .await
+        {
             Ok(()) => {
                 // One per credential: debug, like expiry; the audit trail
                 // has every one.
@@ -271,11 +280,18 @@ impl Service {
             Err(e) => match self.decide_again(e, &task.id, progress.decisions) {
                 Ok(()) => Ok(Next::Again),
                 Err(locked @ BrokerError::AgentLocked(_)) => {
-                    Err(self.record_denial(locked, denied()).await)
+                    Err(self.shared.record_denial(locked, denied()).await)
                 }
                 Err(e) => Err(e),
             },
         }
+    }
+
+    /// Takes one issuance from the caller's bucket.
+    fn rate_limit(&self, caller: &Caller) -> Result<(), BrokerError> {
+        self.rate
+            .check(&caller.id)
+            .map_err(|retry_after| BrokerError::RateLimited { retry_after })
     }
 
     /// After a credential was not recorded: `Ok` to decide again (the
@@ -289,7 +305,7 @@ impl Service {
     ) -> Result<(), BrokerError> {
         match e {
             RecordError::Store(e) => {
-                self.tasks.forget(task);
+                self.shared.task_cache.forget(task);
                 match e {
                     StoreError::TaskChanged if decisions < ATTEMPTS => Ok(()),
                     e => Err(BrokerError::from_store(e, task)),
@@ -302,7 +318,7 @@ impl Service {
     /// The error for presenting an approval an operator refused, with who
     /// refused it and why.
     async fn denied_approval(&self, id: &ApprovalId) -> BrokerError {
-        match self.store.get_approval(id).await {
+        match self.shared.store.get_approval(id).await {
             Ok(Some(Approval {
                 status: ApprovalStatus::Denied { by, reason, .. },
                 ..
@@ -333,6 +349,7 @@ impl Service {
         match approval_id {
             Some(id) => {
                 match self
+                    .shared
                     .store
                     .consume_approval(id, &caller.id, &task.id, &request, now)
                     .await
@@ -345,7 +362,7 @@ impl Service {
                 }
             }
             None if permit.approval_required => {
-                self.refuse_locked(&caller.id, now).await?;
+                self.shared.refuse_locked(&caller.id, now).await?;
                 let approval = Approval {
                     id: ApprovalId::generate(),
                     agent: caller.id.clone(),
@@ -353,10 +370,10 @@ impl Service {
                     request,
                     policy_id: permit.policy_id.clone(),
                     created_at: now,
-                    expires_at: now.plus(self.issuance.limits.approval_ttl),
+                    expires_at: now.plus(self.lifetimes.approval_ttl),
                     status: ApprovalStatus::Pending,
                 };
-                self.store.create_approval(&approval).await?;
+                self.shared.store.create_approval(&approval).await?;
                 let mut record = AuditRecord::new(Event::ApprovalRequested, &caller.id)
                     .task(task)
                     .decided("pending", Some(&permit.policy_id))
@@ -368,7 +385,7 @@ impl Service {
                 {
                     record = record.credential(Some(audience.as_str()), scopes);
                 }
-                self.audit_anyway(record).await;
+                self.shared.audit_anyway(record).await;
                 tracing::info!(
                     target: "mayfly::decision",
                     event = "approval_requested",

@@ -9,7 +9,8 @@ use mayfly_core::{
     StartTaskRequest, Task, TaskId, TaskRecord, TaskState, Timestamp,
 };
 
-use super::{NewDelegation, NewTask, Service, asked};
+use super::shared::asked;
+use super::{NewDelegation, NewTask, Tasks};
 use crate::audit::{AuditRecord, Event};
 use crate::error::BrokerError;
 use crate::identity::Caller;
@@ -18,7 +19,12 @@ use crate::store::{LeaseFilter, PageRequest, RevokeRequest, StoreError, TaskFilt
 /// Leases or tasks read per page while re-evaluating.
 const PAGE: usize = 500;
 
-impl Service {
+impl Tasks {
+    /// One of the caller's tasks; another agent's is "not found".
+    pub async fn own_task(&self, caller: &Caller, id: &TaskId) -> Result<TaskRecord, BrokerError> {
+        self.shared.own_task(caller, id).await
+    }
+
     /// Opens a task for `caller`.
     pub async fn start_task(
         &self,
@@ -28,10 +34,10 @@ impl Service {
         let now = Timestamp::now().floor_secs();
         let ttl = asked(
             req.ttl,
-            self.issuance.limits.task_default_ttl,
-            self.issuance.limits.task_max_ttl,
+            self.lifetimes.task_default_ttl,
+            self.lifetimes.task_max_ttl,
         );
-        let decision = self.policy.decide_start_task(&StartTaskRequest {
+        let decision = self.shared.policy.decide_start_task(&StartTaskRequest {
             agent: &caller.id,
             intent: &req.intent,
             context: &req.context,
@@ -45,7 +51,7 @@ impl Service {
             r.intent = Some(req.intent.as_str().to_owned());
             r
         };
-        let permit = self.permit_or_record(decision, denied).await?;
+        let permit = self.shared.permit_or_record(decision, denied).await?;
         // A policy's max_ttl on start_task caps the task's lifetime.
         let ttl = permit.max_ttl.map_or(ttl, |m| ttl.min(m));
         let denied = denied();
@@ -62,25 +68,29 @@ impl Service {
             delegated_by: Vec::new(),
         };
         let started = self
+            .shared
             .store
             .start_task(&task)
             .await
             .map_err(BrokerError::from);
-        if let Err(e) = self.explain_lock(&caller.id, started).await {
+        if let Err(e) = self.shared.explain_lock(&caller.id, started).await {
             return Err(match e {
-                locked @ BrokerError::AgentLocked(_) => self.record_denial(locked, denied).await,
+                locked @ BrokerError::AgentLocked(_) => {
+                    self.shared.record_denial(locked, denied).await
+                }
                 other => other,
             });
         }
-        self.audit_or_end_task(
-            &task.id,
-            AuditRecord::new(Event::TaskStarted, &caller.id)
-                .task(&task)
-                .envelope(&task.envelope)
-                .decided("permit", Some(&permit.policy_id))
-                .expires(task.expires_at),
-        )
-        .await?;
+        self.shared
+            .audit_or_end_task(
+                &task.id,
+                AuditRecord::new(Event::TaskStarted, &caller.id)
+                    .task(&task)
+                    .envelope(&task.envelope)
+                    .decided("permit", Some(&permit.policy_id))
+                    .expires(task.expires_at),
+            )
+            .await?;
         tracing::info!(
             target: "mayfly::decision",
             event = "task_started",
@@ -105,7 +115,11 @@ impl Service {
         req: NewDelegation,
     ) -> Result<TaskRecord, BrokerError> {
         let now = Timestamp::now().floor_secs();
-        let parent = self.active_task(caller, &req.parent, now).await?.task;
+        let parent = self
+            .shared
+            .active_task(caller, &req.parent, now)
+            .await?
+            .task;
         let denied = || {
             let mut r = AuditRecord::new(Event::DelegationDenied, &caller.id)
                 .task(&parent)
@@ -134,21 +148,21 @@ impl Service {
             .collect();
         if !audiences.is_empty() || !scopes.is_empty() {
             let e = BrokerError::BeyondParent { audiences, scopes };
-            return Err(self.record_denial(e, denied()).await);
+            return Err(self.shared.record_denial(e, denied()).await);
         }
-        if parent.depth() >= self.issuance.limits.max_delegation_depth {
+        if parent.depth() >= self.lifetimes.max_delegation_depth {
             let e = BrokerError::DelegationTooDeep {
                 depth: parent.depth(),
-                limit: self.issuance.limits.max_delegation_depth,
+                limit: self.lifetimes.max_delegation_depth,
             };
-            return Err(self.record_denial(e, denied()).await);
+            return Err(self.shared.record_denial(e, denied()).await);
         }
         let ttl = asked(
             req.ttl,
-            self.issuance.limits.task_default_ttl,
-            self.issuance.limits.task_max_ttl,
+            self.lifetimes.task_default_ttl,
+            self.lifetimes.task_max_ttl,
         );
-        let decision = self.policy.decide_delegate(&DelegateRequest {
+        let decision = self.shared.policy.decide_delegate(&DelegateRequest {
             agent: &caller.id,
             delegate: &req.delegate,
             task: &parent,
@@ -156,7 +170,7 @@ impl Service {
             ttl,
             now,
         });
-        let permit = self.permit_or_record(decision, denied).await?;
+        let permit = self.shared.permit_or_record(decision, denied).await?;
         if permit.approval_required {
             return Err(BrokerError::Unsupported(format!(
                 "policy {} requires approval for delegation, which Mayfly does not offer; \
@@ -184,13 +198,16 @@ impl Service {
             delegated_by,
         };
         let started = self
+            .shared
             .store
             .start_task(&task)
             .await
             .map_err(|e| BrokerError::from_store(e, &parent.id));
-        if let Err(e) = self.explain_lock(&task.agent, started).await {
+        if let Err(e) = self.shared.explain_lock(&task.agent, started).await {
             return Err(match e {
-                locked @ BrokerError::AgentLocked(_) => self.record_denial(locked, denied).await,
+                locked @ BrokerError::AgentLocked(_) => {
+                    self.shared.record_denial(locked, denied).await
+                }
                 other => other,
             });
         }
@@ -200,7 +217,7 @@ impl Service {
             .decided("permit", Some(&permit.policy_id))
             .expires(task.expires_at);
         record.delegate = Some(task.agent.to_string());
-        self.audit_or_end_task(&task.id, record).await?;
+        self.shared.audit_or_end_task(&task.id, record).await?;
         tracing::info!(
             target: "mayfly::decision",
             event = "task_delegated",
@@ -223,7 +240,7 @@ impl Service {
         caller: &Caller,
         id: &TaskId,
     ) -> Result<(Vec<LeaseId>, TaskRecord), BrokerError> {
-        let mut record = self.own_task(caller, id).await?;
+        let mut record = self.shared.own_task(caller, id).await?;
         let req = RevokeRequest {
             reason: RevocationReason::TaskCompleted,
             child_reason: RevocationReason::TaskCompleted,
@@ -232,18 +249,20 @@ impl Service {
             at: Timestamp::now(),
         };
         let revoked = self
+            .shared
             .store
             .end_task(id, &req)
             .await
             .map_err(|e| BrokerError::from_store(e, id))?;
-        self.tasks.forget(id);
-        self.revoked.notify_one();
-        self.audit_anyway(
-            AuditRecord::new(Event::TaskCompleted, &caller.id)
-                .task(&record.task)
-                .revoked(&revoked),
-        )
-        .await;
+        self.shared.task_cache.forget(id);
+        self.shared.revoked.notify_one();
+        self.shared
+            .audit_anyway(
+                AuditRecord::new(Event::TaskCompleted, &caller.id)
+                    .task(&record.task)
+                    .revoked(&revoked),
+            )
+            .await;
         tracing::info!(
             target: "mayfly::decision",
             event = "task_completed",
@@ -270,16 +289,17 @@ impl Service {
         change: ContextChange,
     ) -> Result<(TaskRecord, Vec<LeaseId>), BrokerError> {
         let now = Timestamp::now();
-        let record = self.active_task(caller, id, now).await?;
+        let record = self.shared.active_task(caller, id, now).await?;
         let context = change
             .apply(&record.task.context)
             .map_err(|e| BrokerError::Invalid(e.to_string()))?;
         let task = self
+            .shared
             .store
             .update_task_context(id, &caller.id, &context, now)
             .await
             .map_err(|e| BrokerError::from_store(e, id))?;
-        self.tasks.forget(id);
+        self.shared.task_cache.forget(id);
         tracing::info!(
             target: "mayfly::decision",
             event = "task_context_changed",
@@ -295,8 +315,8 @@ impl Service {
             .revoked(&revoked);
         let changed: Vec<&str> = change.keys().collect();
         record.reason = Some(format!("changed keys: {}", changed.join(", ")));
-        self.audit_anyway(record).await;
-        let record = self.own_task(caller, id).await?;
+        self.shared.audit_anyway(record).await;
+        let record = self.shared.own_task(caller, id).await?;
         Ok((record, revoked))
     }
 
@@ -325,20 +345,21 @@ impl Service {
                 task_id = %task.id,
                 policy = policy_id.as_deref().unwrap_or("default deny"),
             );
-            let revoked = match self.store.end_task(&task.id, &req).await {
+            let revoked = match self.shared.store.end_task(&task.id, &req).await {
                 Err(StoreError::TaskNotActive(_) | StoreError::TaskNotFound) => Vec::new(),
                 other => other?,
             };
-            self.revoked.notify_one();
-            self.audit_anyway(
-                AuditRecord::new(Event::RevokedByPolicy, by)
-                    .task(task)
-                    .lease(&task.id.lease_id())
-                    .decided("deny", policy_id.as_deref())
-                    .reason(RevocationReason::ContextChanged.as_str())
-                    .revoked(&revoked),
-            )
-            .await;
+            self.shared.revoked.notify_one();
+            self.shared
+                .audit_anyway(
+                    AuditRecord::new(Event::RevokedByPolicy, by)
+                        .task(task)
+                        .lease(&task.id.lease_id())
+                        .decided("deny", policy_id.as_deref())
+                        .reason(RevocationReason::ContextChanged.as_str())
+                        .revoked(&revoked),
+                )
+                .await;
             return Ok(revoked);
         }
         let mut revoked = Vec::new();
@@ -352,20 +373,21 @@ impl Service {
             limit: PAGE,
         };
         loop {
-            let leases = self.store.list_leases(&filter, &page, now).await?;
+            let leases = self.shared.store.list_leases(&filter, &page, now).await?;
             for lease in &leases.items {
                 if lease.detail != LeaseDetail::Task && !self.still_allowed(task, lease, now) {
-                    let ids = self.store.revoke_lease(&lease.id, &req).await?;
-                    self.audit_anyway(
-                        AuditRecord::new(Event::RevokedByPolicy, by)
-                            .task(task)
-                            .lease(&lease.id)
-                            .credential(lease.audience().map(|a| a.as_str()), &lease.scopes)
-                            .decided("deny", None)
-                            .reason(RevocationReason::ContextChanged.as_str())
-                            .revoked(&ids),
-                    )
-                    .await;
+                    let ids = self.shared.store.revoke_lease(&lease.id, &req).await?;
+                    self.shared
+                        .audit_anyway(
+                            AuditRecord::new(Event::RevokedByPolicy, by)
+                                .task(task)
+                                .lease(&lease.id)
+                                .credential(lease.audience().map(|a| a.as_str()), &lease.scopes)
+                                .decided("deny", None)
+                                .reason(RevocationReason::ContextChanged.as_str())
+                                .revoked(&ids),
+                        )
+                        .await;
                     revoked.extend(ids);
                     tracing::info!(
                         target: "mayfly::decision",
@@ -381,7 +403,7 @@ impl Service {
             }
         }
         if !revoked.is_empty() {
-            self.revoked.notify_one();
+            self.shared.revoked.notify_one();
         }
         Ok(revoked)
     }
@@ -397,7 +419,7 @@ impl Service {
     ) -> Result<Decision, BrokerError> {
         let ttl = now.until(task.expires_at);
         let Some(parent_id) = &task.parent else {
-            return Ok(self.policy.decide_start_task(&StartTaskRequest {
+            return Ok(self.shared.policy.decide_start_task(&StartTaskRequest {
                 agent: &task.agent,
                 intent: &task.intent,
                 context: &task.context,
@@ -406,14 +428,14 @@ impl Service {
                 now,
             }));
         };
-        let Some(parent) = self.store.get_task(parent_id).await? else {
+        let Some(parent) = self.shared.store.get_task(parent_id).await? else {
             return Ok(Decision::Permit {
                 policy_id: String::new(),
                 max_ttl: None,
                 approval_required: false,
             });
         };
-        Ok(self.policy.decide_delegate(&DelegateRequest {
+        Ok(self.shared.policy.decide_delegate(&DelegateRequest {
             agent: &parent.task.agent,
             delegate: &task.agent,
             task: &parent.task,
@@ -430,7 +452,7 @@ impl Service {
         // and a lease this build cannot read is revoked.
         let decision = match &lease.detail {
             LeaseDetail::Token { audience, .. } => {
-                self.policy.decide_issue_token(&IssueTokenRequest {
+                self.shared.policy.decide_issue_token(&IssueTokenRequest {
                     agent: &lease.agent,
                     task,
                     audience,
@@ -440,7 +462,8 @@ impl Service {
                 })
             }
             LeaseDetail::Certificate { .. } => {
-                self.policy
+                self.shared
+                    .policy
                     .decide_sign_certificate(&SignCertificateRequest {
                         agent: &lease.agent,
                         task,
@@ -479,7 +502,7 @@ impl Service {
         };
         let mut revoked = Vec::new();
         loop {
-            let children = self.store.list_tasks(&filter, &page, now).await?;
+            let children = self.shared.store.list_tasks(&filter, &page, now).await?;
             for child in &children.items {
                 revoked.extend(self.reevaluate(&child.task, by, now).await?);
             }
@@ -504,10 +527,10 @@ impl Service {
         };
         let mut revoked = Vec::new();
         loop {
-            let tasks = self.store.list_tasks(&filter, &page, now).await?;
+            let tasks = self.shared.store.list_tasks(&filter, &page, now).await?;
             for record in &tasks.items {
                 revoked.extend(
-                    self.reevaluate(&record.task, &self.admin.broker_id, now)
+                    self.reevaluate(&record.task, &self.shared.broker_id, now)
                         .await?,
                 );
             }

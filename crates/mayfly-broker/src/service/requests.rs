@@ -1,0 +1,98 @@
+//! The service's validated requests, and what it hands back.
+
+use std::time::Duration;
+
+use mayfly_core::{
+    Approval, ApprovalId, Audience, Envelope, Intent, Lease, Scopes, SpiffeId, TaskContext, TaskId,
+};
+
+use crate::issuer::{AccessToken, CsrKey};
+
+/// A validated `StartTask`.
+#[derive(Debug)]
+pub struct NewTask {
+    /// What the task is for.
+    pub intent: Intent,
+    /// Facts for policy.
+    pub context: TaskContext,
+    /// Audiences and scopes it may need.
+    pub envelope: Envelope,
+    /// Requested lifetime; `None` for the default.
+    pub ttl: Option<Duration>,
+}
+
+/// A validated `DelegateTask`.
+#[derive(Debug)]
+pub struct NewDelegation {
+    /// The caller's task to delegate from.
+    pub parent: TaskId,
+    /// The agent that will own the new task.
+    pub delegate: SpiffeId,
+    /// What the new task is for.
+    pub intent: Intent,
+    /// Its audiences and scopes: within the parent's.
+    pub envelope: Envelope,
+    /// Requested lifetime; `None` for the default.
+    pub ttl: Option<Duration>,
+}
+
+/// A validated `IssueToken`.
+#[derive(Debug)]
+pub struct TokenRequest {
+    /// Under which task.
+    pub task_id: TaskId,
+    /// For which API.
+    pub audience: Audience,
+    /// With which scopes.
+    pub scopes: Scopes,
+    /// The TTL field as sent (0 = default); approvals are bound to it.
+    pub ttl_seconds: u64,
+    /// Bind to the caller's client certificate.
+    pub bind_to_client_cert: bool,
+    /// Collects an approved request.
+    pub approval_id: Option<ApprovalId>,
+}
+
+/// A validated `SignCertificate`.
+#[derive(Debug)]
+pub struct CertificateRequest {
+    /// Under which task.
+    pub task_id: TaskId,
+    /// The CSR's public key, checked.
+    pub key: CsrKey,
+    /// The TTL field as sent (0 = default); approvals are bound to it.
+    pub ttl_seconds: u64,
+    /// Collects an approved request.
+    pub approval_id: Option<ApprovalId>,
+}
+
+/// An issued token and its lease.
+#[derive(Debug)]
+pub struct IssuedToken {
+    /// The compact JWS.
+    pub token: AccessToken,
+    /// Its lease, as recorded.
+    pub lease: Lease,
+}
+
+/// A signed certificate and its lease.
+#[derive(Debug)]
+pub struct IssuedCertificate {
+    /// The leaf, PEM.
+    pub certificate_pem: String,
+    /// The issuing CA and intermediates, PEM.
+    pub chain_pem: String,
+    /// Its lease (with the serial).
+    pub lease: Lease,
+    /// The leaf's SPIFFE ID: `<agent>/task/<task_id>`.
+    pub spiffe_id: SpiffeId,
+}
+
+/// A credential, or the approval it waits for.
+#[derive(Debug)]
+pub enum Issued<T> {
+    /// Issued.
+    Credential(T),
+    /// Policy requires an operator's approval first.
+    Pending(Box<Approval>),
+}
