@@ -7,6 +7,7 @@ use mayfly_core::{
 };
 
 use crate::audit::AuditError;
+use crate::cause::Cause;
 use crate::identity::AuthError;
 use crate::store::StoreError;
 
@@ -165,22 +166,22 @@ pub enum BrokerError {
     },
     /// The store cannot be reached; nothing was issued.
     #[error("lease store unavailable, nothing was issued: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Cause),
     /// The audit trail cannot take or give records; a credential whose
     /// record cannot be written is not issued.
     #[error("audit trail unavailable: {0}")]
-    AuditUnavailable(String),
+    AuditUnavailable(#[source] Cause),
     /// The trail's file was replaced, truncated or removed under the
     /// broker; nothing is issued until an operator restores it.
     #[error("{0}")]
-    AuditBroken(String),
+    AuditBroken(#[source] AuditError),
     /// The revocation feed could not be read from the store; the watcher
     /// should reconnect with its cursor.
     #[error("revocation feed unavailable: {0}")]
-    FeedUnavailable(String),
+    FeedUnavailable(#[source] Cause),
     /// A bug or corrupt data; details go to the log, not the caller.
     #[error("internal error: {0}")]
-    Internal(String),
+    Internal(#[source] Cause),
 }
 
 impl BrokerError {
@@ -218,8 +219,12 @@ impl From<StoreError> for BrokerError {
         match e {
             StoreError::Unavailable(m) => Self::Unavailable(m),
             StoreError::AgentLocked => Self::AgentLocked(None),
-            StoreError::TaskNotFound => Self::Internal("task vanished during the request".into()),
-            StoreError::LeaseNotFound => Self::Internal("lease vanished during the request".into()),
+            StoreError::TaskNotFound => {
+                Self::Internal(Cause::msg("task vanished during the request"))
+            }
+            StoreError::LeaseNotFound => {
+                Self::Internal(Cause::msg("lease vanished during the request"))
+            }
             // Without the task or approval at hand (`from_store` and
             // `from_approval` have them), these are the broker's own bugs:
             // a request that can meet them maps them with context.
@@ -230,7 +235,7 @@ impl From<StoreError> for BrokerError {
             | StoreError::ApprovalNotFound
             | StoreError::ApprovalState(_)
             | StoreError::ApprovalMismatch
-            | StoreError::Corrupt(_)) => Self::Internal(e.to_string()),
+            | StoreError::Corrupt(_)) => Self::Internal(Cause::of(e)),
         }
     }
 }
@@ -239,9 +244,44 @@ impl From<AuditError> for BrokerError {
     fn from(e: AuditError) -> Self {
         match e {
             AuditError::Failed(m) => Self::AuditUnavailable(m),
-            broken @ AuditError::Broken { .. } => Self::AuditBroken(broken.to_string()),
+            broken @ AuditError::Broken { .. } => Self::AuditBroken(broken),
             AuditError::Unreadable(m) => Self::Unsupported(m),
             bad @ AuditError::BadCursor(_) => Self::Invalid(bad.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+
+    use super::*;
+
+    /// What a store or trail failure came from is still there when it
+    /// reaches the request's error, for the log and for code that asks.
+    #[test]
+    fn store_and_trail_failures_keep_their_source() {
+        let refused = || std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = BrokerError::from(StoreError::Unavailable(Cause::context("redis", refused())));
+        assert!(matches!(e, BrokerError::Unavailable(_)));
+        assert!(e.to_string().contains("redis: refused"), "{e}");
+        let io = e.source().and_then(Error::source);
+        let io = io.and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(
+            io.map(std::io::Error::kind),
+            Some(std::io::ErrorKind::ConnectionRefused)
+        );
+
+        let e = BrokerError::from(AuditError::Failed(Cause::context("audit.jsonl", refused())));
+        let io = e.source().and_then(Error::source);
+        assert!(io.is_some_and(|s| s.is::<std::io::Error>()), "{e:?}");
+
+        // A corrupt record is the broker's own problem: the store error is
+        // kept under the internal one.
+        let bad = serde_json::from_str::<u64>("x").unwrap_err();
+        let e = BrokerError::from(StoreError::Corrupt(Cause::of(bad)));
+        let store = e.source().and_then(Error::source);
+        let store = store.and_then(|s| s.downcast_ref::<StoreError>());
+        assert!(matches!(store, Some(StoreError::Corrupt(_))), "{e:?}");
     }
 }

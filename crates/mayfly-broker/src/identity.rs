@@ -82,6 +82,7 @@ pub enum AuthError {
         /// The URI, quoted.
         uri: String,
         /// Why.
+        #[source]
         reason: SpiffeIdError,
     },
     /// The SPIFFE ID has the segment reserved for task certificates.

@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+mod cause;
 pub mod config;
 mod connections;
 mod crl;
@@ -45,5 +46,6 @@ mod shutdown;
 pub mod store;
 mod tls;
 
+pub use cause::Cause;
 pub use config::Config;
 pub use server::{Broker, StartError};

@@ -14,6 +14,7 @@ use mayfly_core::{Lease, SpiffeId, Timestamp};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::audit::{AuditError, AuditRecord, AuditSink, Event};
+use crate::cause::Cause;
 use crate::metrics::Metrics;
 use crate::store::{LeaseStore, LeaseWrite, RecordBatch, RecordError};
 
@@ -83,7 +84,7 @@ impl Recorder {
             Ok(()) => Ok(()),
             Err(RecordError::Audit(e)) => Err(e),
             // A record without a lease never meets the store's checks.
-            Err(RecordError::Store(e)) => Err(AuditError::Failed(e.to_string())),
+            Err(RecordError::Store(e)) => Err(AuditError::Failed(Cause::of(e))),
         }
     }
 
@@ -108,7 +109,8 @@ impl Recorder {
         record: AuditRecord,
         lease: Option<LeaseWrite>,
     ) -> Result<(), RecordError> {
-        let stopped = || RecordError::Audit(AuditError::Failed("the audit writer stopped".into()));
+        let stopped =
+            || RecordError::Audit(AuditError::Failed(Cause::msg("the audit writer stopped")));
         let (done, wait) = oneshot::channel();
         self.tx
             .send(Pending {
@@ -170,7 +172,7 @@ async fn write_batches(
         let outcomes = match store.upgrade() {
             Some(store) => store.record(&batch, &*sink).await,
             None => {
-                let closed = AuditError::Failed("the lease store is closed".into());
+                let closed = AuditError::Failed(Cause::msg("the lease store is closed"));
                 vec![Err(RecordError::Audit(closed)); records.len()]
             }
         };

@@ -24,6 +24,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::cause::Cause;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{Client, RedisError};
@@ -33,7 +34,7 @@ use tokio::sync::{Mutex, RwLock};
 /// the message says how (never with credentials).
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{0}")]
-pub struct Unreachable(pub String);
+pub struct Unreachable(#[source] pub Cause);
 
 /// One call to Redis may take this long before it counts as an outage.
 const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -108,7 +109,7 @@ fn manager_config() -> ConnectionManagerConfig {
 }
 
 fn unavailable(e: &RedisError) -> Unreachable {
-    Unreachable(format!("redis: {e}"))
+    Unreachable(Cause::context("redis", e.clone()))
 }
 
 /// Whether `e` says the connection (not the request) failed: the request
@@ -241,11 +242,11 @@ impl RedisConn {
                 let mut s = sentinel.lock().await;
                 tokio::time::timeout(CALL_TIMEOUT, s.async_get_client())
                     .await
-                    .map_err(|_| Unreachable("sentinels did not answer in time".into()))?
+                    .map_err(|_| Unreachable(Cause::msg("sentinels did not answer in time")))?
                     .map_err(|e| unavailable(&e))
             }
             (RedisTarget::Sentinel { .. }, None) => {
-                Err(Unreachable("sentinel client missing".into()))
+                Err(Unreachable(Cause::msg("sentinel client missing")))
             }
         }
     }
@@ -291,9 +292,9 @@ impl RedisConn {
                     self.health.failed();
                     self.forget_primary().await;
                     if !first {
-                        return Err(Unreachable(
-                            "redis is a replica, not the primary; waiting for a failover".into(),
-                        ));
+                        return Err(Unreachable(Cause::msg(
+                            "redis is a replica, not the primary; waiting for a failover",
+                        )));
                     }
                     manager = self.manager().await?;
                 }
@@ -304,7 +305,7 @@ impl RedisConn {
                 Err(f) => return Err(f.error),
             }
         }
-        Err(Unreachable("redis did not answer".into()))
+        Err(Unreachable(Cause::msg("redis did not answer")))
     }
 
     /// One try of `f`, bounded in time, with what the failure means.
@@ -324,10 +325,10 @@ impl RedisConn {
                 self.health.failed();
                 self.forget_primary().await;
                 return Err(Failure {
-                    error: Unreachable(format!(
+                    error: Unreachable(Cause::msg(format!(
                         "redis did not answer within {} ms",
                         CALL_TIMEOUT.as_millis()
-                    )),
+                    ))),
                     retry: false,
                 });
             }

@@ -213,7 +213,9 @@ async fn writes_fail_closed_without_the_replicas_they_need() {
         .with_replicas_to_ack(1);
     let t = task(&agent("lonely"), 600);
     match store.start_task(&t).await {
-        Err(StoreError::Unavailable(m)) => assert!(m.contains("0 of 1 required replicas"), "{m}"),
+        Err(StoreError::Unavailable(m)) => {
+            assert!(m.to_string().contains("0 of 1 required replicas"), "{m}")
+        }
         other => panic!("expected Unavailable, got {other:?}"),
     }
 }

@@ -1678,7 +1678,7 @@ struct Unwritable;
 #[async_trait::async_trait]
 impl AuditSink for Unwritable {
     async fn append(&self, _: &[AuditRecord]) -> Result<(), AuditError> {
-        Err(AuditError::Failed("disk full".into()))
+        Err(AuditError::Failed(mayfly_broker::Cause::msg("disk full")))
     }
 
     async fn read(&self, _: &str, _: usize) -> Result<(Vec<String>, String), AuditError> {

@@ -12,6 +12,7 @@ mod redis;
 use std::fmt;
 use std::sync::Mutex;
 
+use crate::cause::Cause;
 use async_trait::async_trait;
 
 pub use mayfly_audit::{
@@ -28,7 +29,7 @@ pub(crate) use self::redis::{Chained, WriteChained, Wrote, stale_head};
 pub enum AuditError {
     /// The sink could not take the records.
     #[error("audit trail unavailable: {0}")]
-    Failed(String),
+    Failed(#[source] Cause),
     /// This sink cannot be read back through the broker.
     #[error("{0}")]
     Unreadable(String),
@@ -52,7 +53,7 @@ pub enum AuditError {
 impl From<serde_json::Error> for AuditError {
     /// A record that could not be serialised into its line.
     fn from(e: serde_json::Error) -> Self {
-        Self::Failed(format!("audit record not serialised: {e}"))
+        Self::Failed(Cause::context("audit record not serialised", e))
     }
 }
 
@@ -106,9 +107,9 @@ impl AuditSink for StdoutSink {
         let (lines, next) = chain(records, &head)?;
         let mut out = std::io::stdout().lock();
         for line in &lines {
-            writeln!(out, "{line}").map_err(|e| AuditError::Failed(e.to_string()))?;
+            writeln!(out, "{line}").map_err(|e| AuditError::Failed(Cause::of(e)))?;
         }
-        out.flush().map_err(|e| AuditError::Failed(e.to_string()))?;
+        out.flush().map_err(|e| AuditError::Failed(Cause::of(e)))?;
         *head = next;
         Ok(())
     }

@@ -24,6 +24,7 @@ use redis::streams::StreamRangeReply;
 use tokio::sync::Mutex;
 
 use super::{AuditError, AuditRecord, AuditSink, Head, chain};
+use crate::cause::Cause;
 use crate::redis_conn::{RedisConn, RedisTarget, Unreachable};
 
 /// Appends a chained batch if the head has not moved.
@@ -144,9 +145,9 @@ impl WriteChained for AppendLines<'_> {
             [ok] if ok == "OK" => Wrote::All,
             [stale, seq, hash] if stale == "STALE" => Wrote::Stale(stale_head(seq, hash)?),
             other => {
-                return Err(AuditError::Failed(format!(
+                return Err(AuditError::Failed(Cause::msg(format!(
                     "unexpected audit script reply {other:?}"
-                )));
+                ))));
             }
         };
         Ok((wrote, twice))
@@ -227,9 +228,9 @@ impl RedisSink {
             self.trim().await;
             return Ok(None);
         }
-        Err(AuditError::Failed(
-            "the audit head kept moving; other replicas are writing too fast".into(),
-        )
+        Err(AuditError::Failed(Cause::msg(
+            "the audit head kept moving; other replicas are writing too fast",
+        ))
         .into())
     }
 
@@ -295,9 +296,9 @@ impl RedisSink {
             return Ok(false);
         }
         if behind > LOOK_BACK {
-            return Err(AuditError::Failed(format!(
+            return Err(AuditError::Failed(Cause::msg(format!(
                 "cannot tell whether a batch was written: the head moved {behind} records on"
-            )));
+            ))));
         }
         let key = &self.stream;
         let reply: StreamRangeReply = self
@@ -324,7 +325,7 @@ impl RedisSink {
 pub(crate) fn stale_head(seq: &str, hash: &str) -> Result<Head, AuditError> {
     let seq = seq
         .parse()
-        .map_err(|_| AuditError::Failed(format!("bad audit head seq {seq:?}")))?;
+        .map_err(|_| AuditError::Failed(Cause::msg(format!("bad audit head seq {seq:?}"))))?;
     Ok(Head {
         seq,
         hash: hash.to_owned(),
@@ -372,7 +373,10 @@ impl AuditSink for RedisSink {
         for entry in reply.ids {
             let line: Option<String> = entry.get("r");
             lines.push(line.ok_or_else(|| {
-                AuditError::Failed(format!("audit stream entry {} has no record", entry.id))
+                AuditError::Failed(Cause::msg(format!(
+                    "audit stream entry {} has no record",
+                    entry.id
+                )))
             })?);
             next = entry.id;
         }

@@ -11,6 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{caller, lease_kind_to_proto, reason_to_proto, timestamp};
+use crate::cause::Cause;
 use crate::error::BrokerError;
 use crate::feed::{BATCH, FeedHub};
 use crate::store::{RevocationEvent, StoreError};
@@ -107,7 +108,7 @@ async fn follow(hub: Arc<FeedHub>, from: u64, heartbeat: Duration, out: Out) {
                 Ok(None) => return,
                 Err(e) => {
                     let _ = out
-                        .send(Err(BrokerError::FeedUnavailable(e.to_string()).into()))
+                        .send(Err(BrokerError::FeedUnavailable(Cause::of(e)).into()))
                         .await;
                     return;
                 }

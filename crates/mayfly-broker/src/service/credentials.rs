@@ -14,6 +14,7 @@ use mayfly_core::{
 use super::pipeline::{Asked, Kind};
 use super::{CertificateRequest, Issuance, Issued, IssuedCertificate, IssuedToken, TokenRequest};
 use crate::audit::{AuditRecord, Event};
+use crate::cause::Cause;
 use crate::error::BrokerError;
 use crate::identity::Caller;
 use crate::issuer::IssuingCa;
@@ -93,7 +94,7 @@ impl Kind for TokenRequest {
         let token = svc
             .signer
             .sign(&claims)
-            .map_err(|e| BrokerError::Internal(e.to_string()))?;
+            .map_err(|e| BrokerError::Internal(Cause::of(e)))?;
         Ok(IssuedToken { token, lease })
     }
 
@@ -175,10 +176,10 @@ impl Kind for Certificate<'_> {
         lease: Lease,
     ) -> Result<IssuedCertificate, BrokerError> {
         let serial = lease.serial().ok_or_else(|| {
-            BrokerError::Internal("a certificate lease without its serial".into())
+            BrokerError::Internal(Cause::msg("a certificate lease without its serial"))
         })?;
         let serial = crate::issuer::serial_from_hex(serial)
-            .map_err(|e| BrokerError::Internal(e.to_string()))?;
+            .map_err(|e| BrokerError::Internal(Cause::of(e)))?;
         let certificate_pem = self
             .ca
             .sign_svid(
@@ -188,7 +189,7 @@ impl Kind for Certificate<'_> {
                 lease.expires_at,
                 serial,
             )
-            .map_err(|e| BrokerError::Internal(e.to_string()))?;
+            .map_err(|e| BrokerError::Internal(Cause::of(e)))?;
         Ok(IssuedCertificate {
             certificate_pem,
             chain_pem: self.ca.chain_pem().to_owned(),
@@ -302,7 +303,7 @@ impl Issuance {
             return Ok(None);
         }
         let mut out =
-            serde_json::to_value(&claims).map_err(|e| BrokerError::Internal(e.to_string()))?;
+            serde_json::to_value(&claims).map_err(|e| BrokerError::Internal(Cause::of(e)))?;
         out["active"] = serde_json::Value::Bool(true);
         out["token_type"] = "Bearer".into();
         Ok(Some(out))

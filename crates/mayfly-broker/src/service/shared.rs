@@ -13,6 +13,7 @@ use tokio::sync::Notify;
 
 use super::TaskCache;
 use crate::audit::AuditRecord;
+use crate::cause::Cause;
 use crate::error::BrokerError;
 use crate::identity::Caller;
 use crate::recorder::Recorder;
@@ -62,9 +63,9 @@ pub(super) fn permit(decision: Decision) -> Result<Permit, BrokerError> {
             approval_required,
         }),
         Decision::Deny { policy_id, reason } => Err(BrokerError::Denied { policy_id, reason }),
-        other => Err(BrokerError::Internal(format!(
+        other => Err(BrokerError::Internal(Cause::msg(format!(
             "unsupported policy decision {other:?}"
-        ))),
+        )))),
     }
 }
 

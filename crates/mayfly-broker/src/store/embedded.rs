@@ -56,6 +56,7 @@ use super::{
     check_consumable, check_decidable, lease_then_record,
 };
 use crate::audit::AuditSink;
+use crate::cause::Cause;
 
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
@@ -87,7 +88,7 @@ macro_rules! unavailable_from {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
             fn from(e: $t) -> Self {
-                StoreError::Unavailable(e.to_string())
+                StoreError::Unavailable(Cause::of(e))
             }
         }
     )*};
@@ -102,11 +103,11 @@ unavailable_from!(
 );
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+    serde_json::to_vec(v).map_err(|e| StoreError::Corrupt(Cause::of(e)))
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(Cause::of(e)))
 }
 
 /// The embedded, single-node lease store.
@@ -151,7 +152,9 @@ where
     fn succeed(self: Box<Self>) {
         let reply = match self.out {
             Some(v) => Ok(v),
-            None => Err(StoreError::Unavailable("change was never applied".into())),
+            None => Err(StoreError::Unavailable(Cause::msg(
+                "change was never applied",
+            ))),
         };
         let _ = self.reply.send(reply);
     }
@@ -230,7 +233,7 @@ fn commit_batch(db: &Database, mut batch: Vec<Box<dyn Change>>) {
 
 fn fail_all(batch: Vec<Box<dyn Change>>, why: &str) {
     for c in batch {
-        c.fail(StoreError::Unavailable(why.to_owned()));
+        c.fail(StoreError::Unavailable(Cause::msg(why.to_owned())));
     }
 }
 
@@ -297,7 +300,7 @@ impl EmbeddedStore {
             .truncate(false)
             .mode(0o600)
             .open(path)
-            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
+            .map_err(|e| StoreError::Unavailable(Cause::context(path.display(), e)))?;
         let db = redb::Builder::new()
             .set_cache_size(cache_bytes)
             .create_with_backend(redb::backends::FileBackend::new(file)?)?;
@@ -311,7 +314,7 @@ impl EmbeddedStore {
             std::thread::Builder::new()
                 .name("mayfly-store-writer".into())
                 .spawn(move || write_batches(&db, &rx))
-                .map_err(|e| StoreError::Unavailable(format!("store writer: {e}")))?
+                .map_err(|e| StoreError::Unavailable(Cause::context("store writer", e)))?
         };
         Ok(Self {
             db,
@@ -331,7 +334,7 @@ impl EmbeddedStore {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || f(&db))
             .await
-            .map_err(|e| StoreError::Unavailable(format!("store worker failed: {e}")))?
+            .map_err(|e| StoreError::Unavailable(Cause::context("store worker failed", e)))?
     }
 
     /// Applies `f` through the group-commit writer: durable if it returns
@@ -352,12 +355,12 @@ impl EmbeddedStore {
         self.writer
             .queue
             .as_ref()
-            .ok_or_else(|| StoreError::Unavailable("the store is closing".into()))?
+            .ok_or_else(|| StoreError::Unavailable(Cause::msg("the store is closing")))?
             .send(change)
-            .map_err(|_| StoreError::Unavailable("the store writer stopped".into()))?;
+            .map_err(|_| StoreError::Unavailable(Cause::msg("the store writer stopped")))?;
         answer
             .await
-            .map_err(|_| StoreError::Unavailable("the store writer stopped".into()))?
+            .map_err(|_| StoreError::Unavailable(Cause::msg("the store writer stopped")))?
     }
 
     /// Runs `f` on a read snapshot.
@@ -433,7 +436,7 @@ impl<'t> Tables<'t> {
     ) -> Result<Vec<LeaseId>, StoreError> {
         let mut revoked = Vec::new();
         for task in ids(&self.agent_tasks, agent.as_str())? {
-            let id = TaskId::new(&task).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let id = TaskId::new(&task).map_err(|e| StoreError::Corrupt(Cause::of(e)))?;
             match self.end_task(&id, req) {
                 Ok(ids) => revoked.extend(ids),
                 Err(StoreError::TaskNotActive(_)) => {}
@@ -531,9 +534,9 @@ impl<'t> Tables<'t> {
         let Some(task) = self.task(id)? else {
             return Ok(None);
         };
-        let lease = self
-            .lease(id)?
-            .ok_or_else(|| StoreError::Corrupt(format!("task {id} has no task lease")))?;
+        let lease = self.lease(id)?.ok_or_else(|| {
+            StoreError::Corrupt(Cause::msg(format!("task {id} has no task lease")))
+        })?;
         Ok(Some(TaskRecord {
             task,
             status: lease.status,
@@ -548,9 +551,9 @@ impl<'t> Tables<'t> {
         if state != TaskState::Active {
             return Err(StoreError::TaskNotActive(state));
         }
-        let task_lease = self
-            .lease(id.as_str())?
-            .ok_or_else(|| StoreError::Corrupt(format!("task {id} has no task lease")))?;
+        let task_lease = self.lease(id.as_str())?.ok_or_else(|| {
+            StoreError::Corrupt(Cause::msg(format!("task {id} has no task lease")))
+        })?;
         let mut revoked = vec![self.revoke(task_lease, req, req.reason)?];
         let leases = ids(&self.task_leases, id.as_str())?;
         for lease in leases.iter().filter(|l| l.as_str() != id.as_str()) {
@@ -567,7 +570,7 @@ impl<'t> Tables<'t> {
             ..req.clone()
         };
         for child in ids(&self.task_children, id.as_str())? {
-            let child = TaskId::new(&child).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let child = TaskId::new(&child).map_err(|e| StoreError::Corrupt(Cause::of(e)))?;
             match self.end_task(&child, &descendants) {
                 Ok(more) => revoked.extend(more),
                 Err(StoreError::TaskNotActive(_) | StoreError::TaskNotFound) => {}
@@ -747,7 +750,11 @@ impl LeaseStore for EmbeddedStore {
             let task: Task = decode(task.value())?;
             let lease: Lease = match leases.get(id.as_str())? {
                 Some(v) => decode(v.value())?,
-                None => return Err(StoreError::Corrupt(format!("task {id} has no task lease"))),
+                None => {
+                    return Err(StoreError::Corrupt(Cause::msg(format!(
+                        "task {id} has no task lease"
+                    ))));
+                }
             };
             Ok(Some(TaskRecord {
                 task,
@@ -931,8 +938,9 @@ impl LeaseStore for EmbeddedStore {
                 };
                 let lease: Option<Lease> =
                     leases.get(id)?.map(|v| decode(v.value())).transpose()?;
-                let lease = lease
-                    .ok_or_else(|| StoreError::Corrupt(format!("task {id} has no task lease")))?;
+                let lease = lease.ok_or_else(|| {
+                    StoreError::Corrupt(Cause::msg(format!("task {id} has no task lease")))
+                })?;
                 Ok(Some(TaskRecord {
                     task: decode(task.value())?,
                     status: lease.status,

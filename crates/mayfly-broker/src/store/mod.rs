@@ -24,6 +24,7 @@ use mayfly_core::{
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{AuditError, AuditRecord, AuditSink};
+use crate::cause::Cause;
 
 mod embedded;
 mod redis;
@@ -68,10 +69,10 @@ pub enum StoreError {
     AgentLocked,
     /// The backend cannot be reached or failed to commit; nothing was written.
     #[error("store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Cause),
     /// A stored record could not be decoded.
     #[error("store holds a corrupt record: {0}")]
-    Corrupt(String),
+    Corrupt(#[source] Cause),
 }
 
 impl From<crate::redis_conn::Unreachable> for StoreError {

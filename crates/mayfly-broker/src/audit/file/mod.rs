@@ -35,13 +35,20 @@ use async_trait::async_trait;
 use self::head::HeadFile;
 use self::segments::{Cursor, Layout};
 use super::{AuditError, AuditRecord, AuditSink, Head, chain, line_hash};
+use crate::cause::Cause;
 
 /// How much of the file's end is read to find the last record (records
 /// are a few KiB at most).
 const TAIL: u64 = 1 << 20;
 
-fn failed(what: &str, e: impl std::fmt::Display) -> AuditError {
-    AuditError::Failed(format!("{what}: {e}"))
+fn failed(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> AuditError {
+    AuditError::Failed(Cause::context(what, e))
+}
+
+/// `what: message`, for a failure that is a message (the recovery of a
+/// trail's last line says what it found).
+fn failed_as(what: &str, message: String) -> AuditError {
+    AuditError::Failed(Cause::msg(format!("{what}: {message}")))
 }
 
 /// When the file trail rotates and what it keeps.
@@ -131,7 +138,7 @@ fn open_active(path: &Path, create_new: bool) -> Result<File, AuditError> {
 /// The last record of a file as (head), if it has one.
 fn last_head(path: &Path) -> Result<Option<Head>, AuditError> {
     let mut file = File::open(path).map_err(|e| failed(&path.display().to_string(), e))?;
-    let head = recover(&mut file, false).map_err(|e| failed(&path.display().to_string(), e))?;
+    let head = recover(&mut file, false).map_err(|e| failed_as(&path.display().to_string(), e))?;
     Ok((head.seq > 0).then_some(head))
 }
 
@@ -166,21 +173,23 @@ impl FileSink {
     pub fn open_with(path: &Path, options: FileOptions) -> Result<Self, AuditError> {
         let what = path.display().to_string();
         let layout = Layout::new(path);
-        let mut head_file = HeadFile::open(path).map_err(AuditError::Failed)?;
-        let stored = head_file.read().map_err(AuditError::Failed)?;
+        let mut head_file = HeadFile::open(path).map_err(|e| AuditError::Failed(Cause::msg(e)))?;
+        let stored = head_file
+            .read()
+            .map_err(|e| AuditError::Failed(Cause::msg(e)))?;
         let existed = path.exists();
         let rotated = layout.rotated()?;
         if stored.as_ref().is_some_and(|h| h.seq > 0) && !existed && rotated.is_empty() {
-            return Err(AuditError::Failed(format!(
+            return Err(AuditError::Failed(Cause::msg(format!(
                 "audit trail {what} is missing, but {} says the broker wrote {} records to it: \
                  restore the trail; to start a new chain deliberately, move {} aside too",
                 head_file.path().display(),
                 stored.as_ref().map_or(0, |h| h.seq),
                 head_file.path().display()
-            )));
+            ))));
         }
         let mut file = open_active(path, false)?;
-        let active_head = recover(&mut file, true).map_err(|e| failed(&what, e))?;
+        let active_head = recover(&mut file, true).map_err(|e| failed_as(&what, e))?;
         let active_first = segments::first_seq(path)?;
         let head = match (active_head.seq, rotated.last()) {
             (0, Some((_, last))) => last_head(last)?.unwrap_or_else(Head::genesis),
@@ -192,7 +201,9 @@ impl FileSink {
             check_continues(&what, head_file.path(), stored, &head, &all)?;
         }
         check_chain(path, rotated.last().map(|(_, p)| p.as_path()))?;
-        head_file.write(&head).map_err(AuditError::Failed)?;
+        head_file
+            .write(&head)
+            .map_err(|e| AuditError::Failed(Cause::msg(e)))?;
         let meta = file.metadata().map_err(|e| failed(&what, e))?;
         let started = active_first.and_then(|_| meta.modified().ok());
         Ok(Self {
@@ -240,11 +251,11 @@ fn check_chain(path: &Path, previous: Option<&Path>) -> Result<(), AuditError> {
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
         let line = line.map_err(|e| failed(&what, e))?;
         if let Err(e) = check.line(&line, i as u64 + 1) {
-            return Err(AuditError::Failed(format!(
+            return Err(AuditError::Failed(Cause::msg(format!(
                 "audit trail {what} is broken at {e}. Nothing is issued until this is settled: \
                  restore the trail (mayfly audit verify checks it), or, to start a new chain \
                  deliberately, move the trail, its segments and its .head file aside"
-            )));
+            ))));
         }
     }
     Ok(())
@@ -268,7 +279,7 @@ fn check_continues(
     if holds || stored.seq == 0 {
         return Ok(());
     }
-    Err(AuditError::Failed(format!(
+    Err(AuditError::Failed(Cause::msg(format!(
         "audit trail {what} does not continue the head this broker last wrote (seq {}, sha256 {}; \
          kept in {}): the trail ends at seq {}{}: records were removed, or the file was replaced or \
          rewritten. Nothing is issued until this is settled: restore the trail (mayfly audit verify \
@@ -283,7 +294,7 @@ fn check_continues(
             String::new()
         },
         head_path.display()
-    )))
+    ))))
 }
 
 /// The head of the chain in `file`; with `repair`, a partial last line (a
@@ -418,10 +429,10 @@ impl FileSink {
         let path = self.layout.active();
         let segment = self.layout.segment(state.first_seq);
         if segment.exists() {
-            return Err(failed(
-                &segment.display().to_string(),
-                "a segment of that name exists already",
-            ));
+            return Err(AuditError::Failed(Cause::msg(format!(
+                "{}: a segment of that name exists already",
+                segment.display()
+            ))));
         }
         std::fs::rename(path, &segment).map_err(|e| failed(&path.display().to_string(), e))?;
         let file = open_active(path, true)?;

@@ -10,12 +10,13 @@ use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use crate::audit::AuditError;
+use crate::cause::Cause;
 
 /// Digits of the seq in a segment's name (`u64::MAX` has 20).
 const DIGITS: usize = 20;
 
-fn failed(what: &Path, e: impl std::fmt::Display) -> AuditError {
-    AuditError::Failed(format!("{}: {e}", what.display()))
+fn failed(what: &Path, e: impl std::error::Error + Send + Sync + 'static) -> AuditError {
+    AuditError::Failed(Cause::context(what.display(), e))
 }
 
 /// Names the files of the trail whose active file is `active`.
@@ -110,7 +111,10 @@ pub(super) fn first_seq(path: &Path) -> Result<Option<u64>, AuditError> {
     }
     serde_json::from_str::<Seq>(&line)
         .map(|s| Some(s.seq))
-        .map_err(|e| failed(path, format!("first line is not an audit record: {e}")))
+        .map_err(|e| {
+            let what = format!("{}: first line is not an audit record", path.display());
+            AuditError::Failed(Cause::context(what, e))
+        })
 }
 
 /// A position in the trail.

@@ -9,14 +9,15 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::keys::cursor_of;
+use crate::cause::Cause;
 use crate::store::{RevocationEvent, StoreError};
 
 pub(super) fn encode<T: Serialize>(v: &T) -> Result<String, StoreError> {
-    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(Cause::of(e)))
 }
 
 pub(super) fn decode<T: DeserializeOwned>(s: &str) -> Result<T, StoreError> {
-    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(e.to_string()))
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(Cause::of(e)))
 }
 
 /// Maps a script's status reply.
@@ -31,9 +32,9 @@ pub(super) fn script_status(reply: &str) -> Result<(), StoreError> {
         "LOCKED" => Err(StoreError::AgentLocked),
         other => match other.strip_prefix("STATE:") {
             Some(state) => Err(StoreError::TaskNotActive(parse_task_state(state)?)),
-            None => Err(StoreError::Corrupt(format!(
+            None => Err(StoreError::Corrupt(Cause::msg(format!(
                 "unexpected script reply {other:?}"
-            ))),
+            )))),
         },
     }
 }
@@ -45,7 +46,11 @@ pub(super) fn parse_approval_state(s: &str) -> Result<ApprovalState, StoreError>
         "denied" => ApprovalState::Denied,
         "consumed" => ApprovalState::Consumed,
         "expired" => ApprovalState::Expired,
-        other => return Err(StoreError::Corrupt(format!("approval state {other:?}"))),
+        other => {
+            return Err(StoreError::Corrupt(Cause::msg(format!(
+                "approval state {other:?}"
+            ))));
+        }
     })
 }
 
@@ -57,9 +62,9 @@ pub(super) fn approval_status(reply: &str) -> Result<(), StoreError> {
         "MISMATCH" => Err(StoreError::ApprovalMismatch),
         other => match other.strip_prefix("STATE:") {
             Some(state) => Err(StoreError::ApprovalState(parse_approval_state(state)?)),
-            None => Err(StoreError::Corrupt(format!(
+            None => Err(StoreError::Corrupt(Cause::msg(format!(
                 "unexpected script reply {other:?}"
-            ))),
+            )))),
         },
     }
 }
@@ -78,7 +83,7 @@ pub(super) fn approval_from(fields: ApprovalFields) -> Result<Option<Approval>, 
 
 pub(super) fn parse_task_state(s: &str) -> Result<TaskState, StoreError> {
     s.parse()
-        .map_err(|e: String| StoreError::Corrupt(format!("task state: {e}")))
+        .map_err(|e: String| StoreError::Corrupt(Cause::msg(format!("task state: {e}"))))
 }
 
 /// A lease hash as fetched: body, state, revocation.
@@ -94,18 +99,22 @@ pub(super) fn lease_from(fields: LeaseFields) -> Result<Option<Lease>, StoreErro
         "active" => LeaseStatus::Active,
         "expired" => LeaseStatus::Expired,
         "revoked" => {
-            let rev = fields
-                .2
-                .ok_or_else(|| StoreError::Corrupt("revoked lease without revocation".into()))?;
+            let rev = fields.2.ok_or_else(|| {
+                StoreError::Corrupt(Cause::msg("revoked lease without revocation"))
+            })?;
             LeaseStatus::Revoked(decode(&rev)?)
         }
-        other => return Err(StoreError::Corrupt(format!("lease state {other:?}"))),
+        other => {
+            return Err(StoreError::Corrupt(Cause::msg(format!(
+                "lease state {other:?}"
+            ))));
+        }
     };
     Ok(Some(lease))
 }
 
-pub(super) fn corrupt(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(e.to_string())
+pub(super) fn corrupt(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Corrupt(Cause::of(e))
 }
 
 pub(super) fn event_from(
@@ -117,7 +126,7 @@ pub(super) fn event_from(
             .iter()
             .find(|(f, _)| f == name)
             .map(|(_, v)| v.as_str())
-            .ok_or_else(|| StoreError::Corrupt(format!("feed event {id} lacks {name}")))
+            .ok_or_else(|| StoreError::Corrupt(Cause::msg(format!("feed event {id} lacks {name}"))))
     };
     // A kind this build does not know (a newer replica's) is carried as
     // unknown: the revocation still reaches every validator.
@@ -127,7 +136,7 @@ pub(super) fn event_from(
         "x509" => Some(LeaseKind::X509),
         _ => None,
     };
-    let corrupt_id = |e: mayfly_core::IdError| StoreError::Corrupt(e.to_string());
+    let corrupt_id = |e: mayfly_core::IdError| StoreError::Corrupt(Cause::of(e));
     Ok(RevocationEvent {
         cursor: cursor_of(id)?,
         lease_id: LeaseId::new(get("lease")?).map_err(corrupt_id)?,
@@ -135,9 +144,9 @@ pub(super) fn event_from(
         task_id: TaskId::new(get("task")?).map_err(corrupt_id)?,
         revocation: decode::<Revocation>(get("rev")?)?,
         expires_at: Timestamp::from_millis(
-            get("exp")?
-                .parse()
-                .map_err(|_| StoreError::Corrupt(format!("feed event {id}: bad exp")))?,
+            get("exp")?.parse().map_err(|_| {
+                StoreError::Corrupt(Cause::msg(format!("feed event {id}: bad exp")))
+            })?,
         ),
         serial: get("serial")
             .ok()

@@ -1,6 +1,7 @@
 //! Key names, index members and feed cursors: the layout `docs/redis.md`
 //! documents.
 
+use crate::cause::Cause;
 use crate::store::StoreError;
 
 /// Key names under a prefix. Keys of one task share the hash tag `{task}`.
@@ -88,13 +89,15 @@ pub(super) fn split_member(m: &str) -> Result<(&str, &str, &str), StoreError> {
     let mut parts = m.splitn(3, ':');
     match (parts.next(), parts.next(), parts.next()) {
         (Some(l), Some(t), Some(a)) => Ok((l, t, a)),
-        _ => Err(StoreError::Corrupt(format!("bad index member {m:?}"))),
+        _ => Err(StoreError::Corrupt(Cause::msg(format!(
+            "bad index member {m:?}"
+        )))),
     }
 }
 
 /// A stream id `ms-seq` as a feed cursor: `ms << 20 | seq`.
 pub(super) fn cursor_of(id: &str) -> Result<u64, StoreError> {
-    let bad = || StoreError::Corrupt(format!("bad stream id {id:?}"));
+    let bad = || StoreError::Corrupt(Cause::msg(format!("bad stream id {id:?}")));
     let (ms, seq) = id.split_once('-').ok_or_else(bad)?;
     let (ms, seq): (u64, u64) = (
         ms.parse().map_err(|_| bad())?,

@@ -22,6 +22,7 @@ use mayfly_core::{
 };
 use redis::Script;
 
+use crate::cause::Cause;
 use crate::redis_conn::RedisConn;
 pub use crate::redis_conn::RedisTarget;
 
@@ -135,9 +136,9 @@ impl RedisStore {
             Repeat::Once => (self.conn.run(call).await?, false),
         };
         let reply = reply.map_err(|acked| {
-            StoreError::Unavailable(format!(
+            StoreError::Unavailable(Cause::msg(format!(
                 "write reached {acked} of {replicas} required replicas"
-            ))
+            )))
         })?;
         Ok((reply, twice))
     }
@@ -353,10 +354,10 @@ impl RedisStore {
         let reply: Vec<String> = self.invoke(&inv, Repeat::Once).await?;
         let (status, ids) = reply
             .split_first()
-            .ok_or_else(|| StoreError::Corrupt("empty script reply".into()))?;
+            .ok_or_else(|| StoreError::Corrupt(Cause::msg("empty script reply")))?;
         script_status(status)?;
         ids.iter()
-            .map(|l| LeaseId::new(l).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .map(|l| LeaseId::new(l).map_err(|e| StoreError::Corrupt(Cause::of(e))))
             .collect()
     }
 
@@ -378,7 +379,7 @@ impl RedisStore {
         let mut tasks = Vec::new();
         let mut lease_after = None;
         if let Some(a) = &page.after {
-            let id = LeaseId::new(a).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let id = LeaseId::new(a).map_err(|e| StoreError::Corrupt(Cause::of(e)))?;
             tasks.push(self.task_of(&id).await?.ok_or(StoreError::LeaseNotFound)?);
             lease_after = Some(a.clone());
         }
@@ -570,7 +571,7 @@ impl LeaseStore for RedisStore {
     ) -> Result<Vec<LeaseId>, StoreError> {
         let t = self.task_of(id).await?.ok_or(StoreError::LeaseNotFound)?;
         if t == id.as_str() {
-            let task = TaskId::new(&t).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let task = TaskId::new(&t).map_err(|e| StoreError::Corrupt(Cause::of(e)))?;
             return match self.run_end_task(&task, req).await {
                 Err(StoreError::TaskNotActive(_)) => Ok(Vec::new()),
                 other => other,
@@ -590,9 +591,9 @@ impl LeaseStore for RedisStore {
             "OK" => Ok(vec![id.clone()]),
             "INACTIVE" => Ok(Vec::new()),
             "NOTFOUND" => Err(StoreError::LeaseNotFound),
-            other => Err(StoreError::Corrupt(format!(
+            other => Err(StoreError::Corrupt(Cause::msg(format!(
                 "unexpected script reply {other:?}"
-            ))),
+            )))),
         }
     }
 
@@ -619,7 +620,7 @@ impl LeaseStore for RedisStore {
         // a lease only under a task of the same agent).
         let mut revoked = Vec::new();
         for t in tasks {
-            let id = TaskId::new(&t).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let id = TaskId::new(&t).map_err(|e| StoreError::Corrupt(Cause::of(e)))?;
             match self.run_end_task(&id, req).await {
                 Ok(ids) => revoked.extend(ids),
                 Err(StoreError::TaskNotActive(_) | StoreError::TaskNotFound) => {}
@@ -981,7 +982,11 @@ impl LeaseStore for RedisStore {
         let (body, status, request) = (encode(a)?, encode(&a.status)?, encode(&a.request)?);
         let state = match a.status {
             ApprovalStatus::Pending => "pending",
-            _ => return Err(StoreError::Corrupt("a new approval must be pending".into())),
+            _ => {
+                return Err(StoreError::Corrupt(Cause::msg(
+                    "a new approval must be pending",
+                )));
+            }
         };
         let keep = self.keep_until(a.expires_at);
         let mut pipe = redis::pipe();
@@ -1096,7 +1101,11 @@ impl LeaseStore for RedisStore {
         let state = match &decision {
             ApprovalStatus::Approved { .. } => "approved",
             ApprovalStatus::Denied { .. } => "denied",
-            _ => return Err(StoreError::Corrupt("a decision approves or denies".into())),
+            _ => {
+                return Err(StoreError::Corrupt(Cause::msg(
+                    "a decision approves or denies",
+                )));
+            }
         };
         let mut inv = self.scripts.approval_decide.prepare_invoke();
         inv.key(self.keys.approval(id.as_str()))
@@ -1173,7 +1182,9 @@ impl LeaseStore for RedisStore {
         if pong == "PONG" {
             Ok(())
         } else {
-            Err(StoreError::Unavailable(format!("PING answered {pong:?}")))
+            Err(StoreError::Unavailable(Cause::msg(format!(
+                "PING answered {pong:?}"
+            ))))
         }
     }
 

@@ -13,6 +13,7 @@ use super::{RedisStore, Repeat, script_status};
 use crate::audit::{
     AuditError, AuditRecord, AuditSink, Chained, RedisSink, WriteChained, Wrote, stale_head,
 };
+use crate::cause::Cause;
 use crate::store::{
     LeaseStore, LeaseThenRecord, LeaseWrite, RecordBatch, RecordError, RevokeRequest, StoreError,
     lease_then_record,
@@ -99,7 +100,7 @@ impl RedisStore {
                 }
                 Ok(Some(Refusal::Unavailable(e))) => {
                     // A record without a lease failed for its trail.
-                    let audit = AuditError::Failed(e.to_string());
+                    let audit = AuditError::Failed(Cause::of(e.clone()));
                     for i in left.drain(..) {
                         out[i] = Some(Err(match batch.leases[i] {
                             Some(_) => RecordError::Store(e.clone()),
@@ -108,8 +109,9 @@ impl RedisStore {
                     }
                 }
                 Ok(Some(Refusal::Leases(_))) => {
-                    let e =
-                        AuditError::Failed("the store refused a batch without naming why".into());
+                    let e = AuditError::Failed(Cause::msg(
+                        "the store refused a batch without naming why",
+                    ));
                     for i in left.drain(..) {
                         out[i] = Some(Err(RecordError::Audit(e.clone())));
                     }
@@ -122,7 +124,9 @@ impl RedisStore {
             }
         }
         out.into_iter()
-            .map(|o| o.unwrap_or_else(|| Err(AuditError::Failed("not recorded".into()).into())))
+            .map(|o| {
+                o.unwrap_or_else(|| Err(AuditError::Failed(Cause::msg("not recorded")).into()))
+            })
             .collect()
     }
 }
@@ -182,13 +186,17 @@ impl WriteChained for IssueRecorded<'_> {
 
 /// Reads the script's reply.
 fn outcome(reply: &[String], leases: &[&Lease]) -> Result<Wrote<Refusal>, AuditError> {
-    let bad = || AuditError::Failed(format!("unexpected audit script reply {reply:?}"));
+    let bad = || {
+        AuditError::Failed(Cause::msg(format!(
+            "unexpected audit script reply {reply:?}"
+        )))
+    };
     match reply {
         [ok] if ok == "OK" => Ok(Wrote::All),
         [stale, seq, hash] if stale == "STALE" => Ok(Wrote::Stale(stale_head(seq, hash)?)),
-        [broken, key] if broken == "BROKEN" => Err(AuditError::Failed(format!(
+        [broken, key] if broken == "BROKEN" => Err(AuditError::Failed(Cause::msg(format!(
             "{key} has the wrong type; nothing was written"
-        ))),
+        )))),
         [refused, rest @ ..] if refused == "REFUSED" && rest.len() % 2 == 0 => {
             let mut out = Vec::with_capacity(rest.len() / 2);
             for pair in rest.chunks(2) {
