@@ -36,6 +36,15 @@ use tokio::sync::{Mutex, RwLock};
 #[error("{0}")]
 pub struct Unreachable(#[source] pub Cause);
 
+/// Which way [`RedisConn::stream_range`] reads a stream.
+#[derive(Debug, Clone, Copy)]
+pub enum Towards {
+    /// Oldest first (`XRANGE`).
+    Newer,
+    /// Newest first (`XREVRANGE`).
+    Older,
+}
+
 /// One call to Redis may take this long before it counts as an outage.
 const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
 /// A connection attempt may take this long.
@@ -356,6 +365,34 @@ impl RedisConn {
         self.attempt(self.ready().await?, f)
             .await
             .map_err(|e| e.error)
+    }
+
+    /// Up to `count` entries of the stream `key` between `from` and `to`
+    /// (stream ids, `-`, `+`, or `(id` to exclude one), read towards newer
+    /// entries (`XRANGE`) or older ones (`XREVRANGE`). A read: sent again
+    /// if its connection fails under it.
+    pub async fn stream_range<T: redis::FromRedisValue>(
+        &self,
+        key: &str,
+        towards: Towards,
+        (from, to): (&str, &str),
+        count: usize,
+    ) -> Result<T, Unreachable> {
+        let command = match towards {
+            Towards::Newer => "XRANGE",
+            Towards::Older => "XREVRANGE",
+        };
+        self.run_idempotent(|mut c| async move {
+            redis::cmd(command)
+                .arg(key)
+                .arg(from)
+                .arg(to)
+                .arg("COUNT")
+                .arg(count)
+                .query_async(&mut c)
+                .await
+        })
+        .await
     }
 
     /// [`run`](Self::run) for a request that may be sent twice: a read, or

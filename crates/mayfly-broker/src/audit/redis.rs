@@ -25,7 +25,7 @@ use tokio::sync::Mutex;
 
 use super::{AuditError, AuditRecord, AuditSink, Head, chain};
 use crate::cause::Cause;
-use crate::redis_conn::{RedisConn, RedisTarget, Unreachable};
+use crate::redis_conn::{RedisConn, RedisTarget, Towards, Unreachable};
 
 /// Appends a chained batch if the head has not moved.
 /// KEYS: 1 stream, 2 head hash. ARGV: 1 expected seq, 2 expected hash,
@@ -300,19 +300,9 @@ impl RedisSink {
                 "cannot tell whether a batch was written: the head moved {behind} records on"
             ))));
         }
-        let key = &self.stream;
         let reply: StreamRangeReply = self
             .conn
-            .run_idempotent(|mut c| async move {
-                redis::cmd("XREVRANGE")
-                    .arg(key)
-                    .arg("+")
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(behind)
-                    .query_async(&mut c)
-                    .await
-            })
+            .stream_range(&self.stream, Towards::Older, ("+", "-"), behind as usize)
             .await?;
         Ok(reply
             .ids
@@ -354,19 +344,9 @@ impl AuditSink for RedisSink {
         } else {
             return Err(AuditError::BadCursor(cursor.to_owned()));
         };
-        let key = self.stream.clone();
         let reply: StreamRangeReply = self
             .conn
-            .run(|mut c| async move {
-                redis::cmd("XRANGE")
-                    .arg(&key)
-                    .arg(&start)
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(limit)
-                    .query_async(&mut c)
-                    .await
-            })
+            .stream_range(&self.stream, Towards::Newer, (&start, "+"), limit)
             .await?;
         let mut next = cursor.to_owned();
         let mut lines = Vec::with_capacity(reply.ids.len());
@@ -384,19 +364,9 @@ impl AuditSink for RedisSink {
     }
 
     async fn cursor_before_last(&self, n: usize) -> Result<String, AuditError> {
-        let key = self.stream.clone();
         let reply: StreamRangeReply = self
             .conn
-            .run(|mut c| async move {
-                redis::cmd("XREVRANGE")
-                    .arg(&key)
-                    .arg("+")
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(n + 1)
-                    .query_async(&mut c)
-                    .await
-            })
+            .stream_range(&self.stream, Towards::Older, ("+", "-"), n + 1)
             .await?;
         // The entry before the last n, or the start if there are no more.
         Ok(reply.ids.get(n).map(|e| e.id.clone()).unwrap_or_default())
