@@ -170,14 +170,7 @@ impl Shared {
         let Err(e) = self.audit(record).await else {
             return Ok(());
         };
-        let reason = RevocationReason::TaskRevoked;
-        let req = RevokeRequest {
-            reason,
-            child_reason: reason,
-            by: self.broker_id.clone(),
-            note: Some("audit trail unavailable".into()),
-            at: Timestamp::now(),
-        };
+        let req = RevokeRequest::unrecorded(RevocationReason::TaskRevoked, &self.broker_id);
         if let Err(undo) = self.store.end_task(task, &req).await {
             tracing::error!(task_id = %task, error = %undo, "unrecorded task not ended");
         }

@@ -179,14 +179,7 @@ pub(crate) async fn lease_then_record<S: LeaseThenRecord>(
     };
     if let Err(e) = appended {
         if !issued.is_empty() {
-            let reason = RevocationReason::Operator;
-            let req = RevokeRequest {
-                reason,
-                child_reason: reason,
-                by: batch.undo_by.clone(),
-                note: Some("audit trail unavailable".into()),
-                at: Timestamp::now(),
-            };
+            let req = RevokeRequest::unrecorded(RevocationReason::Operator, batch.undo_by);
             if let Err(undo) = store.undo_all(&issued, &req).await {
                 tracing::error!(leases = issued.len(), error = %undo, "unrecorded leases not revoked");
             }
@@ -325,6 +318,18 @@ pub struct RevokeRequest {
 }
 
 impl RevokeRequest {
+    /// The broker, as `by`, undoing a write whose audit record could not be
+    /// written: nothing may stay active unrecorded.
+    pub fn unrecorded(reason: RevocationReason, by: &SpiffeId) -> Self {
+        Self {
+            reason,
+            child_reason: reason,
+            by: by.clone(),
+            note: Some("audit trail unavailable".into()),
+            at: Timestamp::now(),
+        }
+    }
+
     fn revocation(&self, reason: RevocationReason) -> Revocation {
         Revocation {
             reason,

@@ -23,7 +23,12 @@ pub(super) async fn revocations_since(
     let start = format!("({}", stream_id_of(cursor));
     let rows: Vec<(String, Vec<(String, String)>)> = store
         .conn
-        .stream_range(&store.keys.revocations(), Towards::Newer, (&start, "+"), limit)
+        .stream_range(
+            &store.keys.revocations(),
+            Towards::Newer,
+            (&start, "+"),
+            limit,
+        )
         .await?;
     rows.into_iter()
         .map(|(id, fields)| event_from(&id, fields))
