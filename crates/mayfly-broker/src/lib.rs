@@ -3,12 +3,14 @@
 //! as a lease; operators list and revoke leases; validators fetch the JWKS.
 //!
 //! The public surface is what a program embedding or testing the broker
-//! needs: [`Broker`] (built from a [`Config`], then served), the lease
+//! needs: [`Broker`] (built from a [`Config`], then served), [`Cause`]
+//! (what store and trail errors carry), the lease
 //! [`store`] seam and its backends, the audit trail's sinks ([`audit`]),
 //! the [`recorder`] every decision goes through, the [`issuer`]'s keys and
 //! CA, and the development PKI ([`dev`]). Everything else is private;
 //! docs/ARCHITECTURE.md maps it:
-//! - `server` assembles everything and serves both ports; `connections`
+//! - `server` assembles everything from checked settings and serves both
+//!   ports until `shutdown` says stop; `connections`
 //!   admits, times out and drains them; `identity` turns a peer
 //!   certificate into a typed caller;
 //! - `grpc` holds the thin Broker, Admin and Revocations services over

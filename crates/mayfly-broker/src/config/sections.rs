@@ -122,7 +122,7 @@ pub struct IntrospectionConfig {
 }
 
 /// Which lease store to use.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum StoreKind {
     /// A redb file in `data_dir`.
@@ -133,6 +133,20 @@ pub enum StoreKind {
     /// `store = "redis://…"`: shorthand for `store = "redis"` with that
     /// URL; resolved while parsing, never seen after.
     RedisUrl(String),
+}
+
+impl std::fmt::Debug for StoreKind {
+    /// A store URL without its credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Embedded => f.write_str("Embedded"),
+            Self::Redis => f.write_str("Redis"),
+            Self::RedisUrl(url) => f
+                .debug_tuple("RedisUrl")
+                .field(&crate::store::RedisTarget::redacted(url))
+                .finish(),
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for StoreKind {

@@ -38,7 +38,10 @@ fn a_redis_password_never_shows_in_debug() {
         sentinels: vec!["redis://u:hunter3@s1:26379".into()],
         ..Default::default()
     };
-    let shown = format!("{r:?}");
+    let shown = format!(
+        "{r:?} {:?}",
+        StoreKind::RedisUrl("redis://:hunter4@db:1".into())
+    );
     assert!(!shown.contains("hunter"), "{shown}");
     assert!(
         shown.contains("redis://db:6379/0") && shown.contains("s1:26379"),
