@@ -117,13 +117,14 @@ impl pb::broker_server::Broker for BrokerApi {
                 }));
             }
         };
+        let (cert, lease) = (issued.credential, issued.lease);
         Ok(Response::new(pb::IssuedCertificate {
-            certificate_pem: issued.certificate_pem,
-            chain_pem: issued.chain_pem,
-            lease_id: issued.lease.id.to_string(),
-            serial: issued.lease.serial().unwrap_or_default().to_owned(),
-            expires_at: Some(timestamp(issued.lease.expires_at)),
-            spiffe_id: issued.spiffe_id.to_string(),
+            certificate_pem: cert.certificate_pem,
+            chain_pem: cert.chain_pem,
+            lease_id: lease.id.to_string(),
+            serial: lease.serial().unwrap_or_default().to_owned(),
+            expires_at: Some(timestamp(lease.expires_at)),
+            spiffe_id: cert.spiffe_id.to_string(),
             approval: None,
         }))
     }
@@ -215,7 +216,7 @@ impl pb::broker_server::Broker for BrokerApi {
         };
         let lease = &issued.lease;
         Ok(Response::new(pb::IssuedToken {
-            token: issued.token.into_string(),
+            token: issued.credential.into_string(),
             lease_id: lease.id.to_string(),
             expires_at: Some(timestamp(lease.expires_at)),
             token_type: "Bearer".into(),

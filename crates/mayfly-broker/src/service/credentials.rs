@@ -12,15 +12,18 @@ use mayfly_core::{
 };
 
 use super::pipeline::{Asked, Kind};
-use super::{CertificateRequest, Issuance, Issued, IssuedCertificate, IssuedToken, TokenRequest};
+use super::{
+    CertificateRequest, Issuance, Issued, IssuedCertificate, IssuedToken, TaskCertificate,
+    TokenRequest,
+};
 use crate::audit::{AuditRecord, Event};
 use crate::cause::Cause;
 use crate::error::BrokerError;
 use crate::identity::Caller;
-use crate::issuer::IssuingCa;
+use crate::issuer::{AccessToken, IssuingCa};
 
 impl Kind for TokenRequest {
-    type Issued = IssuedToken;
+    type Credential = AccessToken;
     const ISSUED: Event = Event::TokenIssued;
     const DENIED: Event = Event::TokenDenied;
 
@@ -74,7 +77,7 @@ impl Kind for TokenRequest {
         record.credential(Some(self.audience.as_str()), &self.scopes)
     }
 
-    fn mint(&self, svc: &Issuance, task: &Task, lease: Lease) -> Result<IssuedToken, BrokerError> {
+    fn mint(&self, svc: &Issuance, task: &Task, lease: &Lease) -> Result<AccessToken, BrokerError> {
         let claims = AccessTokenClaims {
             iss: svc.issuer.clone(),
             sub: task.subject().to_string(),
@@ -91,15 +94,9 @@ impl Kind for TokenRequest {
             }),
             act: task.actors(),
         };
-        let token = svc
-            .signer
+        svc.signer
             .sign(&claims)
-            .map_err(|e| BrokerError::Internal(Cause::of(e)))?;
-        Ok(IssuedToken { token, lease })
-    }
-
-    fn lease_of(issued: &IssuedToken) -> &Lease {
-        &issued.lease
+            .map_err(|e| BrokerError::Internal(Cause::of(e)))
     }
 
     fn summary(&self, lease: &Lease) -> String {
@@ -126,7 +123,7 @@ struct Certificate<'a> {
 }
 
 impl Kind for Certificate<'_> {
-    type Issued = IssuedCertificate;
+    type Credential = TaskCertificate;
     const ISSUED: Event = Event::CertificateIssued;
     const DENIED: Event = Event::CertificateDenied;
 
@@ -173,8 +170,8 @@ impl Kind for Certificate<'_> {
         &self,
         _svc: &Issuance,
         _task: &Task,
-        lease: Lease,
-    ) -> Result<IssuedCertificate, BrokerError> {
+        lease: &Lease,
+    ) -> Result<TaskCertificate, BrokerError> {
         let serial = lease.serial().ok_or_else(|| {
             BrokerError::Internal(Cause::msg("a certificate lease without its serial"))
         })?;
@@ -190,16 +187,11 @@ impl Kind for Certificate<'_> {
                 serial,
             )
             .map_err(|e| BrokerError::Internal(Cause::of(e)))?;
-        Ok(IssuedCertificate {
+        Ok(TaskCertificate {
             certificate_pem,
             chain_pem: self.ca.chain_pem().to_owned(),
-            lease,
             spiffe_id: self.spiffe_id.clone(),
         })
-    }
-
-    fn lease_of(issued: &IssuedCertificate) -> &Lease {
-        &issued.lease
     }
 
     fn summary(&self, lease: &Lease) -> String {

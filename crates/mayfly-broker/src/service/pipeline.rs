@@ -35,7 +35,7 @@ use mayfly_core::{
 };
 
 use super::shared::{Permit, asked, expiry};
-use super::{Issuance, Issued};
+use super::{Issuance, Issued, Minted};
 use crate::audit::{AuditRecord, Event};
 use crate::error::BrokerError;
 use crate::identity::Caller;
@@ -48,8 +48,8 @@ pub(super) const ATTEMPTS: usize = 3;
 
 /// What a credential kind supplies to the pipeline.
 pub(super) trait Kind {
-    /// What the caller gets.
-    type Issued;
+    /// What the caller gets, besides the lease.
+    type Credential;
     /// The audit event of an issued credential.
     const ISSUED: Event;
     /// The audit event of a refused one.
@@ -76,9 +76,12 @@ pub(super) trait Kind {
     /// The kind's part of its audit records, issued or refused.
     fn describe(&self, record: AuditRecord, lease: Option<&Lease>) -> AuditRecord;
     /// Makes the credential `lease` records, under `task`.
-    fn mint(&self, svc: &Issuance, task: &Task, lease: Lease) -> Result<Self::Issued, BrokerError>;
-    /// The lease of what was minted, as it is to be recorded.
-    fn lease_of(issued: &Self::Issued) -> &Lease;
+    fn mint(
+        &self,
+        svc: &Issuance,
+        task: &Task,
+        lease: &Lease,
+    ) -> Result<Self::Credential, BrokerError>;
     /// What was issued, in a few words for the log (never the credential).
     fn summary(&self, lease: &Lease) -> String;
 }
@@ -142,7 +145,7 @@ impl Issuance {
         kind: &K,
         task_id: &TaskId,
         approval_id: Option<&ApprovalId>,
-    ) -> Result<Issued<K::Issued>, BrokerError> {
+    ) -> Result<Issued<Minted<K::Credential>>, BrokerError> {
         let run = async {
             self.rate_limit(caller)?;
             let (ttl_seconds, default, max) = kind.ttl(self);
@@ -183,7 +186,7 @@ impl Issuance {
         approval_id: Option<&ApprovalId>,
         ttl: Duration,
         progress: &mut Progress,
-    ) -> Result<Next<K::Issued>, BrokerError> {
+    ) -> Result<Next<Minted<K::Credential>>, BrokerError> {
         // Read.
         let now = Timestamp::now();
         let cached = progress.read == Read::Cached;
@@ -242,18 +245,17 @@ impl Issuance {
             task_revision: task.revision,
             approval: progress.approval.clone(),
         };
-        let issued = kind.mint(self, task, lease)?;
+        let credential = kind.mint(self, task, &lease)?;
 
         // Record: the credential leaves only once its lease and its record
         // are durable, under a task still active and unchanged then.
-        let lease = K::lease_of(&issued);
         let mut record = AuditRecord::new(K::ISSUED, &caller.id)
             .task(task)
             .lease(&lease.id)
             .decided("permit", Some(&permit.policy_id))
             .expires(lease.expires_at);
         record.approval_id = lease.approval.as_ref().map(ToString::to_string);
-        let record = kind.describe(record, Some(lease));
+        let record = kind.describe(record, Some(&lease));
         progress.decisions += 1;
         match self
             .shared
@@ -270,12 +272,12 @@ impl Issuance {
                     agent = %caller.id,
                     task_id = %lease.task_id,
                     lease_id = %lease.id,
-                    credential = %kind.summary(lease),
+                    credential = %kind.summary(&lease),
                     policy = %permit.policy_id,
                     approval = lease.approval.as_ref().map(|a| a.to_string()).unwrap_or_default(),
                     expires_at = lease.expires_at.as_secs(),
                 );
-                Ok(Next::Done(Issued::Credential(issued)))
+                Ok(Next::Done(Issued::Credential(Minted { credential, lease })))
             }
             Err(e) => match self.decide_again(e, &task.id, progress.decisions) {
                 Ok(()) => Ok(Next::Again),

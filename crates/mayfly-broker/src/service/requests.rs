@@ -66,24 +66,28 @@ pub struct CertificateRequest {
     pub approval_id: Option<ApprovalId>,
 }
 
-/// An issued token and its lease.
+/// A credential and its lease, as recorded.
 #[derive(Debug)]
-pub struct IssuedToken {
-    /// The compact JWS.
-    pub token: AccessToken,
+pub struct Minted<C> {
+    /// What the caller gets.
+    pub credential: C,
     /// Its lease, as recorded.
     pub lease: Lease,
 }
 
-/// A signed certificate and its lease.
+/// An issued token (the compact JWS) and its lease.
+pub type IssuedToken = Minted<AccessToken>;
+
+/// A signed certificate and its lease (with the serial).
+pub type IssuedCertificate = Minted<TaskCertificate>;
+
+/// A task certificate as handed out.
 #[derive(Debug)]
-pub struct IssuedCertificate {
+pub struct TaskCertificate {
     /// The leaf, PEM.
     pub certificate_pem: String,
     /// The issuing CA and intermediates, PEM.
     pub chain_pem: String,
-    /// Its lease (with the serial).
-    pub lease: Lease,
     /// The leaf's SPIFFE ID: `<agent>/task/<task_id>`.
     pub spiffe_id: SpiffeId,
 }
