@@ -6,6 +6,8 @@
 //! the sink's job ([`RedisSink::append_via`]); this only writes what it is
 //! given. On any other trail (a file), leases first, then records.
 
+use std::borrow::Cow;
+
 use futures_util::future::join_all;
 use mayfly_core::{Lease, LeaseId};
 
@@ -73,8 +75,13 @@ impl RedisStore {
         // The records still to write, by their place in the batch.
         let mut left: Vec<usize> = (0..batch.records.len()).collect();
         while !left.is_empty() {
-            let records: Vec<AuditRecord> =
-                left.iter().map(|&i| batch.records[i].clone()).collect();
+            // The whole batch as it came, the first time round (the usual
+            // case); a copy of what is left after a refusal.
+            let records: Cow<'_, [AuditRecord]> = if left.len() == batch.records.len() {
+                Cow::Borrowed(batch.records)
+            } else {
+                Cow::Owned(left.iter().map(|&i| batch.records[i].clone()).collect())
+            };
             let leases: Vec<(usize, &LeaseWrite)> = left
                 .iter()
                 .filter_map(|&i| batch.leases[i].as_ref().map(|l| (i, l)))
