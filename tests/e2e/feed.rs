@@ -201,8 +201,12 @@ async fn introspection_answers_only_for_live_tokens_of_the_callers_audiences() {
     let (status, _, body) = introspect(&broker, Some(&demo), &other.token).await;
     assert_eq!(status, 403);
     assert_eq!(body["error"], "unauthorized_client");
+    // An empty token is no token (RFC 6749 §3.1): a malformed request.
     let (status, _, body) = introspect(&broker, Some(&files), "").await;
-    assert_eq!((status, body), (200, inactive));
+    assert_eq!(
+        (status, &body["error"]),
+        (400, &serde_json::json!("invalid_request"))
+    );
 }
 
 /// A token signed with the broker's own key (as a stolen key or a bug

@@ -17,6 +17,7 @@ mod feed;
 mod health;
 mod http;
 mod metrics;
+mod oauth;
 mod policy;
 mod race;
 mod replicas;

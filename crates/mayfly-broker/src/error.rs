@@ -110,6 +110,10 @@ pub enum BrokerError {
     /// The caller may not introspect tokens.
     #[error("{0} may not introspect tokens (no [[introspection]] entry names it)")]
     NotIntrospector(SpiffeId),
+    /// The token was issued to another client: only its own client may
+    /// revoke it.
+    #[error("the token was issued to another client; {0} may revoke only its own tokens")]
+    NotTokenClient(SpiffeId),
     /// The caller may not watch the revocation feed.
     #[error("{0} may not watch the revocation feed (feed.watchers)")]
     NotWatcher(SpiffeId),

@@ -87,6 +87,8 @@ pub enum RevocationReason {
     AgentRevoked,
     /// The parent of a delegated task was revoked or completed.
     ParentRevoked,
+    /// The agent revoked its own token (RFC 7009).
+    TokenRevoked,
 }
 
 impl RevocationReason {
@@ -99,6 +101,7 @@ impl RevocationReason {
             Self::Operator => "operator",
             Self::AgentRevoked => "agent_revoked",
             Self::ParentRevoked => "parent_revoked",
+            Self::TokenRevoked => "token_revoked",
         }
     }
 }

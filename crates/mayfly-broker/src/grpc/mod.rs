@@ -65,6 +65,7 @@ pub(crate) fn reason_to_proto(r: RevocationReason) -> pb::RevocationReason {
         RevocationReason::Operator => pb::RevocationReason::Operator,
         RevocationReason::AgentRevoked => pb::RevocationReason::AgentRevoked,
         RevocationReason::ParentRevoked => pb::RevocationReason::ParentRevoked,
+        RevocationReason::TokenRevoked => pb::RevocationReason::TokenRevoked,
     }
 }
 

@@ -14,6 +14,7 @@ impl From<BrokerError> for Status {
             BrokerError::NotOperator(_)
             | BrokerError::NotIntrospector(_)
             | BrokerError::NotWatcher(_)
+            | BrokerError::NotTokenClient(_)
             | BrokerError::Denied { .. }
             | BrokerError::OutsideEnvelope(_)
             | BrokerError::BeyondParent { .. }

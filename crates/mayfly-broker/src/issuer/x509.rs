@@ -396,7 +396,7 @@ fn crl_reason(r: RevocationReason) -> rcgen::RevocationReason {
         RevocationReason::ContextChanged | RevocationReason::AgentRevoked => {
             Crl::PrivilegeWithdrawn
         }
-        RevocationReason::Operator => Crl::Unspecified,
+        RevocationReason::Operator | RevocationReason::TokenRevoked => Crl::Unspecified,
     }
 }
 

@@ -7,8 +7,8 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use mayfly_core::{
     AccessTokenClaims, ApprovalRequest, Confirmation, Decision, IssueTokenRequest, Lease,
-    LeaseDetail, LeaseId, Pattern, Policy, Scopes, SignCertificateRequest, SpiffeId, Task,
-    Timestamp, scope_string,
+    LeaseDetail, LeaseId, Pattern, Policy, RevocationReason, Scopes, SignCertificateRequest,
+    SpiffeId, Task, Timestamp, scope_string,
 };
 
 use super::pipeline::{Asked, Kind};
@@ -21,6 +21,7 @@ use crate::cause::Cause;
 use crate::error::BrokerError;
 use crate::identity::Caller;
 use crate::issuer::{AccessToken, IssuingCa};
+use crate::store::{RevokeRequest, StoreError};
 
 impl Kind for TokenRequest {
     type Credential = AccessToken;
@@ -239,6 +240,65 @@ impl Issuance {
         };
         self.issue(caller, &kind, &req.task_id, req.approval_id.as_ref())
             .await
+    }
+
+    /// RFC 7009 revocation of one of the caller's own tokens: its lease is
+    /// revoked (`token_revoked`) if still active. A token that does not
+    /// verify with this broker's keys and issuer, or whose lease is gone or
+    /// already ended, changes nothing; a token issued to another client is
+    /// refused. Returns the lease ids revoked.
+    pub async fn revoke_own_token(
+        &self,
+        caller: &Caller,
+        token: &str,
+    ) -> Result<Vec<LeaseId>, BrokerError> {
+        let Some(claims) = self.signer.verify(token) else {
+            return Ok(Vec::new());
+        };
+        let Ok(jti) = LeaseId::new(&claims.jti) else {
+            return Ok(Vec::new());
+        };
+        if claims.iss != self.issuer {
+            return Ok(Vec::new());
+        }
+        if claims.client_id != caller.id.as_str() {
+            return Err(BrokerError::NotTokenClient(caller.id.clone()));
+        }
+        let now = Timestamp::now();
+        let Some(lease) = self.shared.store.get_lease(&jti).await? else {
+            return Ok(Vec::new());
+        };
+        let LeaseDetail::Token { .. } = lease.detail else {
+            return Ok(Vec::new());
+        };
+        if lease.agent != caller.id || !lease.is_active_at(now) {
+            return Ok(Vec::new());
+        }
+        let reason = RevocationReason::TokenRevoked;
+        let req = RevokeRequest {
+            reason,
+            child_reason: reason,
+            by: caller.id.clone(),
+            note: None,
+            at: now,
+        };
+        let revoked = match self.shared.store.revoke_lease(&jti, &req).await {
+            Err(StoreError::LeaseNotFound) => Vec::new(),
+            other => other?,
+        };
+        if !revoked.is_empty() {
+            self.shared.revoked.notify_one();
+            self.shared
+                .audit_anyway(
+                    AuditRecord::new(Event::LeaseRevoked, &caller.id)
+                        .task_id(&lease.task_id)
+                        .lease(&jti)
+                        .reason(reason.as_str())
+                        .revoked(&revoked),
+                )
+                .await;
+        }
+        Ok(revoked)
     }
 
     /// RFC 7662 introspection for a resource server: the token's claims if

@@ -1,5 +1,20 @@
-//! The HTTPS side port (no client certificate): JWKS and RFC 8414 metadata so
-//! stock JWT libraries can validate tokens, and health probes.
+//! The HTTPS side port. Without a client certificate: JWKS and RFC 8414
+//! metadata (also as `/.well-known/openid-configuration`) so stock JWT and
+//! OAuth libraries find and validate tokens, the CRL, health probes and
+//! metrics. With one (`tls_client_auth`): the OAuth endpoints.
+//!
+//! - `token.rs`: `POST /oauth2/token`; `revoke.rs`: `POST /oauth2/revoke`;
+//!   `introspect.rs`: `POST /introspect`;
+//! - `client.rs`: client authentication; `form.rs`: reading a form body as
+//!   RFC 6749 asks; `errors.rs`: OAuth errors and the one mapping from
+//!   `BrokerError` to them.
+
+mod client;
+mod errors;
+mod form;
+mod introspect;
+mod revoke;
+mod token;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,20 +26,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
-use axum::extract::rejection::FormRejection;
-use axum::{Extension, Form};
-use mayfly_core::Timestamp;
+use mayfly_core::limits::MAX_FORM_BYTES;
 
-use crate::connections::PeerInfo;
 use crate::crl::CrlPublisher;
-use crate::error::BrokerError;
 use crate::service::Service;
 
 /// How long a readiness probe waits for the store.
 const READY_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
-struct HttpState {
+pub(super) struct HttpState {
     /// Serialised once at start: `/.well-known/jwks.json`.
     jwks: Arc<str>,
     /// Serialised once at start: `/.well-known/oauth-authorization-server`.
@@ -40,11 +51,15 @@ pub fn metadata(issuer: &str, algs: &[&str]) -> serde_json::Value {
     json!({
         "issuer": issuer,
         "jwks_uri": format!("{issuer}/.well-known/jwks.json"),
-        // Tokens are issued over the gRPC Broker API, not an OAuth endpoint.
-        "response_types_supported": [],
-        "grant_types_supported": [],
+        "token_endpoint": format!("{issuer}/oauth2/token"),
         "token_endpoint_auth_methods_supported": ["tls_client_auth"],
+        "grant_types_supported": [token::CLIENT_CREDENTIALS],
+        // No authorization endpoint: agents prove who they are with their
+        // workload identity, not a browser.
+        "response_types_supported": [],
         "tls_client_certificate_bound_access_tokens": true,
+        "revocation_endpoint": format!("{issuer}/oauth2/revoke"),
+        "revocation_endpoint_auth_methods_supported": ["tls_client_auth"],
         "introspection_endpoint": format!("{issuer}/introspect"),
         "introspection_endpoint_auth_methods_supported": ["tls_client_auth"],
         "access_token_signing_alg_values_supported": algs,
@@ -66,12 +81,16 @@ pub fn router(
     };
     Router::new()
         .route("/crl", get(crl_handler))
-        .route("/introspect", post(introspect))
+        .route("/introspect", post(introspect::introspect))
+        .route("/oauth2/token", post(token::token))
+        .route("/oauth2/revoke", post(revoke::revoke))
         .route("/.well-known/jwks.json", get(jwks_handler))
         .route(
             "/.well-known/oauth-authorization-server",
             get(metadata_handler),
         )
+        // The same document, for clients that only look there.
+        .route("/.well-known/openid-configuration", get(metadata_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics_handler))
@@ -97,96 +116,6 @@ async fn jwks_handler(State(s): State<HttpState>) -> Response {
 
 async fn metadata_handler(State(s): State<HttpState>) -> Response {
     json_response(&s.metadata, "public, max-age=3600")
-}
-
-/// The form of an RFC 7662 request.
-#[derive(Debug, serde::Deserialize)]
-struct IntrospectForm {
-    token: String,
-    /// Accepted and ignored: only access tokens exist here.
-    #[serde(default)]
-    #[allow(dead_code)]
-    token_type_hint: Option<String>,
-}
-
-use mayfly_core::limits::{MAX_FORM_BYTES, MAX_TOKEN_BYTES};
-
-fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
-    (
-        status,
-        [(header::CACHE_CONTROL, "no-store")],
-        axum::Json(json!({"error": error, "error_description": description})),
-    )
-        .into_response()
-}
-
-async fn introspect(
-    State(s): State<HttpState>,
-    Extension(peer): Extension<PeerInfo>,
-    form: Result<Form<IntrospectForm>, FormRejection>,
-) -> Response {
-    // The resource server authenticates with its X.509-SVID (mTLS).
-    let caller = match peer.identity.as_ref() {
-        Ok(c) if Timestamp::now() < c.not_after => c.clone(),
-        Ok(_) => {
-            return oauth_error(
-                StatusCode::UNAUTHORIZED,
-                "invalid_client",
-                "client certificate has expired",
-            );
-        }
-        Err(e) => return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", &e.to_string()),
-    };
-    let form = match form {
-        Ok(Form(form)) => form,
-        Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return oauth_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request",
-                &format!("request body exceeds {MAX_FORM_BYTES} bytes"),
-            );
-        }
-        Err(_) => {
-            return oauth_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "expected application/x-www-form-urlencoded with a token parameter",
-            );
-        }
-    };
-    let inactive = || {
-        (
-            StatusCode::OK,
-            [(header::CACHE_CONTROL, "no-store")],
-            axum::Json(json!({"active": false})),
-        )
-            .into_response()
-    };
-    if form.token.len() > MAX_TOKEN_BYTES {
-        return inactive();
-    }
-    match s.service.issuance().introspect(&caller, &form.token).await {
-        Ok(Some(claims)) => (
-            StatusCode::OK,
-            [(header::CACHE_CONTROL, "no-store")],
-            axum::Json(claims),
-        )
-            .into_response(),
-        Ok(None) => inactive(),
-        Err(BrokerError::NotIntrospector(_)) => oauth_error(
-            StatusCode::FORBIDDEN,
-            "unauthorized_client",
-            &format!("{} may not introspect tokens", caller.id),
-        ),
-        Err(e) => {
-            tracing::warn!(error = %e, "introspection failed");
-            oauth_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "temporarily_unavailable",
-                "lease store unavailable",
-            )
-        }
-    }
 }
 
 async fn crl_handler(State(s): State<HttpState>) -> Response {

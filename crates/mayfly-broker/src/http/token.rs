@@ -1,0 +1,216 @@
+//! `POST /oauth2/token` (RFC 6749 §3.2): tokens for stock OAuth clients,
+//! through the same pipeline, policy, envelope, approvals, lease and audit
+//! as `IssueToken`. Nothing is issued outside one of the caller's tasks.
+//!
+//! `grant_type=client_credentials`, with:
+//! - `task_id`: one of the caller's open tasks;
+//! - `resource` (RFC 8707): the token's audience, an absolute URI in the
+//!   task's envelope (else `invalid_target`);
+//! - `scope`: space-separated, within the envelope (else `invalid_scope`);
+//! - `approval_id`: collects a request an operator approved. A request
+//!   policy makes wait answers `authorization_pending` with the approval's
+//!   id and an `interval`; the client repeats it with `approval_id` until
+//!   it gets the token, `access_denied` (with the operator's reason) or
+//!   `expired_token` (RFC 8628 polling).
+//!
+//! Tokens are bound to the client certificate the request came with (RFC
+//! 8705 `cnf.x5t#S256`).
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use mayfly_core::limits::MAX_FORM_BYTES;
+use mayfly_core::{ApprovalId, Audience, Scopes, TaskId, Timestamp, parse_scopes, scope_string};
+use serde_json::json;
+
+use super::HttpState;
+use super::client::{authenticate, check_client_id};
+use super::errors::{Code, OAuthError, POLL_INTERVAL};
+use super::form::Params;
+use crate::connections::PeerInfo;
+use crate::identity::Caller;
+use crate::service::{Issued, IssuedToken, TokenRequest};
+
+/// The grant this endpoint issues.
+pub(super) const CLIENT_CREDENTIALS: &str = "client_credentials";
+
+/// `POST /oauth2/token`.
+pub(super) async fn token(
+    State(s): State<HttpState>,
+    Extension(peer): Extension<PeerInfo>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match grant(&s, &peer, &headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Reads the request body, answering a body over the limit as RFC 6749
+/// asks (`invalid_request`), with 413.
+pub(super) fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, OAuthError> {
+    body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            OAuthError::new(
+                Code::InvalidRequest,
+                format!("request body exceeds {MAX_FORM_BYTES} bytes"),
+            )
+            .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+        } else {
+            OAuthError::new(
+                Code::InvalidRequest,
+                format!("unreadable request body: {r}"),
+            )
+        }
+    })
+}
+
+async fn grant(
+    s: &HttpState,
+    peer: &PeerInfo,
+    headers: &HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, OAuthError> {
+    // The client first: an unauthenticated caller learns nothing else.
+    let caller = authenticate(peer)?;
+    let params = Params::parse(headers, &body(raw)?)?;
+    check_client_id(&caller, &params)?;
+    match params.require("grant_type")? {
+        CLIENT_CREDENTIALS => client_credentials(s, &caller, &params).await,
+        other => Err(OAuthError::new(
+            Code::UnsupportedGrantType,
+            format!(
+                "grant_type {other:?} is not supported: this server issues {CLIENT_CREDENTIALS}"
+            ),
+        )),
+    }
+}
+
+async fn client_credentials(
+    s: &HttpState,
+    caller: &Caller,
+    params: &Params,
+) -> Result<Response, OAuthError> {
+    let req = TokenRequest {
+        task_id: TaskId::new(params.require("task_id")?)
+            .map_err(|e| OAuthError::new(Code::InvalidRequest, format!("task_id: {e}")))?,
+        audience: resource(params)?,
+        scopes: scope(params)?,
+        ttl_seconds: 0,
+        bind_to_client_cert: true,
+        approval_id: params
+            .get("approval_id")
+            .map(ApprovalId::new)
+            .transpose()
+            .map_err(|e| OAuthError::new(Code::InvalidRequest, format!("approval_id: {e}")))?,
+    };
+    match s.service.issuance().issue_token(caller, req).await? {
+        Issued::Credential(t) => Ok(token_response(&t)),
+        Issued::Pending(a) => Err(OAuthError::new(
+            Code::AuthorizationPending,
+            format!(
+                "approval required by policy {}: repeat this request with approval_id={} \
+                 once an operator has approved it",
+                a.policy_id, a.id
+            ),
+        )
+        .with("approval_id", a.id.to_string())
+        .with("interval", POLL_INTERVAL.as_secs())
+        .with("expires_in", Timestamp::now().until(a.expires_at).as_secs())),
+    }
+}
+
+/// The one `resource` (RFC 8707): an absolute URI without a fragment,
+/// which becomes the token's audience.
+fn resource(params: &Params) -> Result<Audience, OAuthError> {
+    let invalid = |m: String| OAuthError::new(Code::InvalidTarget, m);
+    let r = params.get("resource").ok_or_else(|| {
+        invalid("parameter resource is required: the API the token is for".into())
+    })?;
+    if !is_absolute_uri(r) {
+        return Err(invalid(format!(
+            "resource {r:?} is not an absolute URI without a fragment (RFC 8707)"
+        )));
+    }
+    Audience::new(r).map_err(|e| invalid(format!("resource: {e}")))
+}
+
+/// RFC 3986 `scheme ":" …` with no `#fragment`.
+fn is_absolute_uri(s: &str) -> bool {
+    let Some((scheme, rest)) = s.split_once(':') else {
+        return false;
+    };
+    let mut chars = scheme.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        && !rest.is_empty()
+        && !s.contains('#')
+}
+
+/// `scope`: space-separated scope-tokens; none asks for a token without
+/// scopes.
+fn scope(params: &Params) -> Result<Scopes, OAuthError> {
+    let Some(raw) = params.get("scope") else {
+        return Ok(Scopes::default());
+    };
+    let words: Vec<&str> = raw.split(' ').collect();
+    if words.iter().any(|w| w.is_empty()) {
+        return Err(OAuthError::new(
+            Code::InvalidScope,
+            "scope must be scope-tokens separated by single spaces",
+        ));
+    }
+    parse_scopes(&words).map_err(|e| OAuthError::new(Code::InvalidScope, e.to_string()))
+}
+
+/// RFC 6749 §5.1.
+fn token_response(t: &IssuedToken) -> Response {
+    let lease = &t.lease;
+    let mut body = json!({
+        "access_token": t.credential.expose(),
+        "token_type": "Bearer",
+        "expires_in": Timestamp::now().until(lease.expires_at).as_secs(),
+    });
+    if !lease.scopes.is_empty() {
+        body["scope"] = scope_string(&lease.scopes).into();
+    }
+    (
+        StatusCode::OK,
+        [
+            (header::CACHE_CONTROL, "no-store"),
+            (header::PRAGMA, "no-cache"),
+        ],
+        Json(body),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_are_absolute_uris_without_fragments() {
+        for ok in [
+            "https://api.example.com",
+            "https://api.example.com/v1?x=1",
+            "urn:example:api",
+        ] {
+            assert!(is_absolute_uri(ok), "{ok}");
+        }
+        for bad in [
+            "api.example.com",
+            "/v1",
+            "https://api.example.com/#top",
+            "1https://x",
+            ":x",
+            "https:",
+        ] {
+            assert!(!is_absolute_uri(bad), "{bad}");
+        }
+    }
+}

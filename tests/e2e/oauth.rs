@@ -1,0 +1,508 @@
+//! The OAuth 2.0 front door on the HTTPS port: `POST /oauth2/token`
+//! (client credentials inside a task, with approvals as RFC 8628
+//! polling), `POST /oauth2/revoke` (RFC 7009) and the metadata that names
+//! them, driven with plain HTTPS requests over mTLS as any OAuth client
+//! sends them.
+
+use std::time::Duration;
+
+use mayfly_client::{Client, pb};
+use mayfly_testkit::{Credential, TestBroker, https_get, https_post_form};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use serde_json::Value;
+
+use crate::common::*;
+
+const AGENT: &str = "spiffe://example.org/agent/demo";
+
+/// A fresh X.509-SVID for `id`, as a stock client would load from disk.
+fn svid(broker: &TestBroker, id: &str) -> Credential {
+    broker
+        .ca()
+        .issue_svid(&id.parse().unwrap(), Duration::from_secs(600))
+        .unwrap()
+}
+
+/// POSTs `form` to `path` as `who`; the status and the JSON body (or
+/// `null` for an empty one).
+async fn post(
+    broker: &TestBroker,
+    path: &str,
+    who: Option<&Credential>,
+    form: &str,
+) -> (u16, Value) {
+    let (status, _, body) = https_post_form(
+        &format!("{}{path}", broker.http_url()),
+        &broker.bundle_pem(),
+        who,
+        form,
+    )
+    .await;
+    let json = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"))
+    };
+    (status, json)
+}
+
+/// The agent's leases, as an operator sees them.
+async fn leases_of(op: &Client, agent: &str) -> Vec<pb::Lease> {
+    all_leases(
+        op,
+        pb::ListLeasesRequest {
+            agent_id: agent.into(),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+fn token_form(task: &str, resource: &str, scope: &str) -> String {
+    format!("grant_type=client_credentials&task_id={task}&resource={resource}&scope={scope}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metadata_names_every_endpoint_at_both_well_known_addresses() {
+    let broker = TestBroker::start().await;
+    let iss = broker.issuer();
+    let (status, oauth) = https_get(
+        &format!(
+            "{}/.well-known/oauth-authorization-server",
+            broker.http_url()
+        ),
+        &broker.bundle_pem(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, oidc) = https_get(
+        &format!("{}/.well-known/openid-configuration", broker.http_url()),
+        &broker.bundle_pem(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(oauth, oidc);
+    let m: Value = serde_json::from_str(&oauth).unwrap();
+    assert_eq!(m["issuer"], iss.as_str());
+    assert_eq!(m["token_endpoint"], format!("{iss}/oauth2/token"));
+    assert_eq!(m["revocation_endpoint"], format!("{iss}/oauth2/revoke"));
+    assert_eq!(m["introspection_endpoint"], format!("{iss}/introspect"));
+    assert_eq!(
+        m["grant_types_supported"],
+        serde_json::json!(["client_credentials"])
+    );
+    assert_eq!(
+        m["token_endpoint_auth_methods_supported"],
+        serde_json::json!(["tls_client_auth"])
+    );
+    assert_eq!(m["tls_client_certificate_bound_access_tokens"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_issues_a_token_bound_to_the_client_certificate_inside_the_task() {
+    let broker = TestBroker::start().await;
+    let (agent, op) = (broker.agent().await, broker.operator().await);
+    let task = start(&agent).await;
+    let me = svid(&broker, AGENT);
+    let (status, body) = post(
+        &broker,
+        "/oauth2/token",
+        Some(&me),
+        &format!(
+            "{}&client_id={AGENT}",
+            token_form(&task.task_id, API, "read:files")
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["scope"], "read:files");
+    let expires_in = body["expires_in"].as_u64().unwrap();
+    assert!((1..=300).contains(&expires_in), "{body}");
+    let token = body["access_token"].as_str().unwrap();
+
+    // A stock JWT library accepts it against the JWKS; it is the task's,
+    // for the requested resource, and bound to the certificate the client
+    // authenticated with (RFC 8705).
+    let claims = validate(&broker, token, API).await;
+    assert_eq!(claims["task_id"], task.task_id.as_str());
+    assert_eq!(claims["client_id"], AGENT);
+    assert_eq!(claims["scope"], "read:files");
+    let der = CertificateDer::from_pem_slice(me.cert_pem.as_bytes()).unwrap();
+    assert_eq!(
+        claims["cnf"]["x5t#S256"],
+        mayfly_verify::cert_thumbprint(&der).as_str()
+    );
+
+    // It is a lease of the task like any other, and ends with it.
+    let l = lease(&op, claims["jti"].as_str().unwrap()).await;
+    assert_eq!(l.task_id, task.task_id);
+    assert_eq!(l.state, pb::LeaseState::Active as i32);
+    agent.complete_task(&task.task_id).await.unwrap();
+    let l = lease(&op, claims["jti"].as_str().unwrap()).await;
+    assert_eq!(l.state, pb::LeaseState::Revoked as i32);
+    let (status, body) = post(
+        &broker,
+        "/oauth2/token",
+        Some(&me),
+        &token_form(&task.task_id, API, "read:files"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{body}"
+    );
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("is completed"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_names_its_rfc_error_and_writes_nothing() {
+    let broker = TestBroker::start().await;
+    let (agent, op) = (broker.agent().await, broker.operator().await);
+    let task = start(&agent).await;
+    let other_agent = broker.client_as("spiffe://example.org/agent/other").await;
+    let others_task = start(&other_agent).await;
+    let wide = agent
+        .broker()
+        .start_task(start_request(
+            "e2e",
+            &[API, TOOLS],
+            &["read:files", "write:files"],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let me = svid(&broker, AGENT);
+    let t = task.task_id.as_str();
+    // What, as whom, the form, and the status, error and words expected.
+    type Case<'a> = (
+        &'a str,
+        Option<&'a Credential>,
+        String,
+        u16,
+        &'a str,
+        &'a str,
+    );
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "no client certificate",
+            None,
+            token_form(t, API, "read:files"),
+            401,
+            "invalid_client",
+            "no client certificate",
+        ),
+        (
+            "no grant_type",
+            Some(&me),
+            format!("task_id={t}&resource={API}"),
+            400,
+            "invalid_request",
+            "grant_type",
+        ),
+        (
+            "unknown grant",
+            Some(&me),
+            format!("grant_type=authorization_code&code=x&task_id={t}"),
+            400,
+            "unsupported_grant_type",
+            "authorization_code",
+        ),
+        (
+            "no task_id",
+            Some(&me),
+            format!("grant_type=client_credentials&resource={API}"),
+            400,
+            "invalid_request",
+            "task_id",
+        ),
+        (
+            "malformed task_id",
+            Some(&me),
+            token_form("x", API, "read:files"),
+            400,
+            "invalid_request",
+            "task_id",
+        ),
+        (
+            "another agent's task",
+            Some(&me),
+            token_form(&others_task.task_id, API, "read:files"),
+            400,
+            "invalid_grant",
+            "not found",
+        ),
+        (
+            "no resource",
+            Some(&me),
+            format!("grant_type=client_credentials&task_id={t}"),
+            400,
+            "invalid_target",
+            "resource",
+        ),
+        (
+            "malformed resource",
+            Some(&me),
+            token_form(t, "api.example.com", "read:files"),
+            400,
+            "invalid_target",
+            "absolute URI",
+        ),
+        (
+            "resource with a fragment",
+            Some(&me),
+            token_form(t, "https://api.example.com/%23x", "read:files"),
+            400,
+            "invalid_target",
+            "fragment",
+        ),
+        (
+            "resource outside the envelope",
+            Some(&me),
+            token_form(t, "https://other.example.com", "read:files"),
+            400,
+            "invalid_target",
+            "other.example.com",
+        ),
+        (
+            "scope outside the envelope",
+            Some(&me),
+            token_form(t, API, "admin:all"),
+            400,
+            "invalid_scope",
+            "admin:all",
+        ),
+        (
+            "malformed scope",
+            Some(&me),
+            token_form(t, API, "read:files++write:files"),
+            400,
+            "invalid_scope",
+            "single spaces",
+        ),
+        (
+            "a parameter twice",
+            Some(&me),
+            format!("{}&scope=write:files", token_form(t, API, "read:files")),
+            400,
+            "invalid_request",
+            "more than once",
+        ),
+        (
+            "another client_id",
+            Some(&me),
+            format!(
+                "{}&client_id=spiffe://example.org/agent/other",
+                token_form(t, API, "read:files")
+            ),
+            401,
+            "invalid_client",
+            "client_id",
+        ),
+        (
+            "audience not in the envelope",
+            Some(&me),
+            token_form(t, TOOLS, "read:files"),
+            400,
+            "invalid_target",
+            "tools.example.com",
+        ),
+        (
+            "policy denies",
+            Some(&me),
+            token_form(&wide.task_id, TOOLS, "write:files"),
+            400,
+            "access_denied",
+            "denied",
+        ),
+    ];
+    let before = leases_of(&op, AGENT).await.len();
+    for (what, who, form, status, error, needle) in cases {
+        let (got, body) = post(&broker, "/oauth2/token", who, &form).await;
+        assert_eq!(
+            (got, body["error"].as_str()),
+            (status, Some(error)),
+            "{what}: {body}"
+        );
+        let said = body["error_description"].as_str().unwrap_or_default();
+        assert!(
+            said.contains(needle),
+            "{what}: {said:?} should name {needle:?}"
+        );
+    }
+    assert_eq!(
+        leases_of(&op, AGENT).await.len(),
+        before,
+        "a refusal wrote a lease"
+    );
+    assert_eq!(
+        leases_of(&op, "spiffe://example.org/agent/other")
+            .await
+            .len(),
+        1,
+        "only the other agent's own task"
+    );
+}
+
+/// A request policy makes wait answers `authorization_pending` with the
+/// approval's id; the client polls with it until an operator decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_is_polled_for_like_a_device_grant() {
+    let broker = TestBroker::start().await;
+    let (agent, op) = (broker.agent().await, broker.operator().await);
+    let mut req = start_request("deploy", &[API], &["read:files", "write:files"]);
+    req.context = [("environment".to_owned(), "production".to_owned())].into();
+    let task = agent.broker().start_task(req).await.unwrap().into_inner();
+    let me = svid(&broker, AGENT);
+    let form = token_form(&task.task_id, API, "write:files");
+
+    let (status, body) = post(&broker, "/oauth2/token", Some(&me), &form).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("authorization_pending")),
+        "{body}"
+    );
+    assert_eq!(body["interval"], 5);
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("dev-write-production")
+    );
+    let id = body["approval_id"].as_str().unwrap().to_owned();
+    let poll = format!("{form}&approval_id={id}");
+    let (status, body) = post(&broker, "/oauth2/token", Some(&me), &poll).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("authorization_pending")),
+        "{body}"
+    );
+    assert_eq!(body["approval_id"], id.as_str());
+
+    op.admin()
+        .approve(pb::DecideApprovalRequest {
+            approval_id: id.clone(),
+            reason: "change 7".into(),
+        })
+        .await
+        .unwrap();
+    let (status, body) = post(&broker, "/oauth2/token", Some(&me), &poll).await;
+    assert_eq!(status, 200, "{body}");
+    let claims = validate(&broker, body["access_token"].as_str().unwrap(), API).await;
+    assert_eq!(claims["scope"], "write:files");
+    // Used once.
+    let (status, body) = post(&broker, "/oauth2/token", Some(&me), &poll).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{body}"
+    );
+
+    // Denied: the operator's reason reaches the client.
+    let (_, body) = post(&broker, "/oauth2/token", Some(&me), &form).await;
+    let id = body["approval_id"].as_str().unwrap().to_owned();
+    op.admin()
+        .deny(pb::DecideApprovalRequest {
+            approval_id: id.clone(),
+            reason: "not during the freeze".into(),
+        })
+        .await
+        .unwrap();
+    let (status, body) = post(
+        &broker,
+        "/oauth2/token",
+        Some(&me),
+        &format!("{form}&approval_id={id}"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("access_denied")),
+        "{body}"
+    );
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("not during the freeze"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_revokes_its_own_token_and_no_one_else_s() {
+    let broker = TestBroker::start().await;
+    let (agent, op) = (broker.agent().await, broker.operator().await);
+    let task = start(&agent).await;
+    let me = svid(&broker, AGENT);
+    let form = token_form(&task.task_id, API, "read:files");
+    let (_, body) = post(&broker, "/oauth2/token", Some(&me), &form).await;
+    let token = body["access_token"].as_str().unwrap().to_owned();
+    let jti = claims_unverified(&token)["jti"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Another agent may not revoke it.
+    let other = svid(&broker, "spiffe://example.org/agent/other");
+    let (status, body) = post(
+        &broker,
+        "/oauth2/revoke",
+        Some(&other),
+        &format!("token={token}"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("unauthorized_client")),
+        "{body}"
+    );
+    assert_eq!(lease(&op, &jti).await.state, pb::LeaseState::Active as i32);
+    let (status, _) = post(&broker, "/oauth2/revoke", None, &format!("token={token}")).await;
+    assert_eq!(status, 401);
+
+    // Its own client may; the lease says so, and introspection agrees.
+    let (status, body) = post(
+        &broker,
+        "/oauth2/revoke",
+        Some(&me),
+        &format!("token={token}&token_type_hint=access_token"),
+    )
+    .await;
+    assert_eq!((status, &body), (200, &Value::Null));
+    let l = lease(&op, &jti).await;
+    assert_eq!(l.state, pb::LeaseState::Revoked as i32);
+    assert_eq!(
+        l.revocation_reason,
+        pb::RevocationReason::TokenRevoked as i32
+    );
+    assert_eq!(l.revoked_by, AGENT);
+    // Again, or something that is no token of ours: 200, nothing changes.
+    for t in [token.as_str(), "not-a-token", "eyJ.eyJ.x"] {
+        let (status, _) = post(&broker, "/oauth2/revoke", Some(&me), &format!("token={t}")).await;
+        assert_eq!(status, 200, "{t}");
+    }
+    let (status, body) = post(
+        &broker,
+        "/oauth2/revoke",
+        Some(&me),
+        "token_type_hint=access_token",
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{body}"
+    );
+    // The rest of the task goes on.
+    let (status, _) = post(&broker, "/oauth2/token", Some(&me), &form).await;
+    assert_eq!(status, 200);
+}
