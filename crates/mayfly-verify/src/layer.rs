@@ -4,6 +4,13 @@
 //! `WWW-Authenticate` header (503 when the verifier itself cannot decide:
 //! feed silent, JWKS unreachable).
 //!
+//! It also serves the resource's RFC 9728 metadata
+//! ([`ResourceMetadata`]) at its well-known address, without a token, and
+//! names it in every challenge (`resource_metadata="…"`), so a client that
+//! was refused can find the broker and get a token (the MCP authorization
+//! flow). By default the metadata is the verifier's audience, served by
+//! its issuer.
+//!
 //! For bound tokens the layer needs the client certificate: have your TLS
 //! acceptor insert a [`PeerCertificate`] into each request's extensions.
 
@@ -11,9 +18,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use std::sync::Arc;
 
-use crate::{VerifiedToken, Verifier, VerifyError};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+
+use crate::{ResourceMetadata, VerifiedToken, Verifier, VerifyError};
 
 /// The DER client certificate a request arrived with.
 #[derive(Debug, Clone)]
@@ -23,12 +32,44 @@ pub struct PeerCertificate(pub Vec<u8>);
 #[derive(Debug, Clone)]
 pub struct VerifyLayer {
     verifier: Verifier,
+    /// What the resource says about itself, and where (`None` when its
+    /// audience is not an `https` URL).
+    metadata: Option<Arc<Published>>,
+}
+
+/// RFC 9728 metadata as served: its path, URL and body, made once.
+#[derive(Debug)]
+struct Published {
+    path: String,
+    url: String,
+    body: String,
+}
+
+impl Published {
+    fn of(m: &ResourceMetadata) -> Option<Arc<Self>> {
+        Some(Arc::new(Self {
+            path: m.well_known_path()?,
+            url: m.url()?,
+            body: m.document().to_string(),
+        }))
+    }
 }
 
 impl VerifyLayer {
-    /// A layer using `verifier`.
+    /// A layer using `verifier`, publishing the verifier's audience as the
+    /// resource and its issuer as the authorization server.
     pub fn new(verifier: Verifier) -> Self {
-        Self { verifier }
+        let metadata = Published::of(&ResourceMetadata::new(
+            verifier.audience(),
+            verifier.issuer(),
+        ));
+        Self { verifier, metadata }
+    }
+
+    /// The same, publishing `metadata` instead (scopes, a name).
+    pub fn with_metadata(mut self, metadata: &ResourceMetadata) -> Self {
+        self.metadata = Published::of(metadata);
+        self
     }
 }
 
@@ -38,6 +79,7 @@ impl<S> tower::Layer<S> for VerifyLayer {
         VerifyService {
             inner,
             verifier: self.verifier.clone(),
+            metadata: self.metadata.clone(),
         }
     }
 }
@@ -47,6 +89,7 @@ impl<S> tower::Layer<S> for VerifyLayer {
 pub struct VerifyService<S> {
     inner: S,
     verifier: Verifier,
+    metadata: Option<Arc<Published>>,
 }
 
 /// The bearer token of a request, if it has one (RFC 6750 section 2.1).
@@ -76,6 +119,29 @@ fn challenge<B: From<String>>(status: StatusCode, params: &str, body: String) ->
         resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
     }
     resp
+}
+
+/// `response`, its challenge naming the resource's metadata document.
+fn with_metadata<B>(mut response: Response<B>, metadata: Option<&Published>) -> Response<B> {
+    let Some(m) = metadata else {
+        return response;
+    };
+    let Some(value) = response
+        .headers()
+        .get(header::WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return response;
+    };
+    let value = value.replacen(
+        "realm=\"mayfly\"",
+        &format!("realm=\"mayfly\", resource_metadata=\"{}\"", quoted(&m.url)),
+        1,
+    );
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    response
 }
 
 /// The answer to a request whose token failed `error` (or had none).
@@ -148,9 +214,17 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let verifier = self.verifier.clone();
+        let metadata = self.metadata.clone();
         Box::pin(async move {
+            let metadata = metadata.as_deref();
+            if let Some(m) = metadata
+                && req.method() == Method::GET
+                && req.uri().path() == m.path
+            {
+                return Ok(metadata_response(m));
+            }
             let Some(token) = bearer_token(&req).map(str::to_owned) else {
-                return Ok(unauthorized(None));
+                return Ok(with_metadata(unauthorized(None), metadata));
             };
             let peer = req
                 .extensions()
@@ -163,9 +237,23 @@ where
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "refused a bearer token");
-                    Ok(unauthorized(Some(&e)))
+                    Ok(with_metadata(unauthorized(Some(&e)), metadata))
                 }
             }
         })
     }
+}
+
+/// The RFC 9728 document.
+fn metadata_response<B: From<String>>(m: &Published) -> Response<B> {
+    let mut resp = Response::new(B::from(m.body.clone()));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=3600"),
+    );
+    resp
 }

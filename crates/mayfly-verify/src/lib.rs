@@ -35,9 +35,11 @@ mod feed;
 pub mod interceptor;
 mod jwks;
 pub mod layer;
+mod resource;
 mod verifier;
 
 pub use cert::{PeerCertError, TaskIdentity, parse_task_certificate};
 pub use config::{FeedConfig, MAX_LEEWAY, VerifierConfig};
 pub use error::VerifyError;
+pub use resource::ResourceMetadata;
 pub use verifier::{VerifiedToken, Verifier, cert_thumbprint};

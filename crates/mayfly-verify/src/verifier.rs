@@ -97,6 +97,18 @@ struct Inner {
     revoked: Option<Arc<RevocationSet>>,
 }
 
+impl Verifier {
+    /// The issuer tokens must come from.
+    pub fn issuer(&self) -> &str {
+        &self.inner.config.issuer
+    }
+
+    /// The audience tokens must be for.
+    pub fn audience(&self) -> &str {
+        &self.inner.config.audience
+    }
+}
+
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Verifier")

@@ -432,14 +432,52 @@ async fn the_tower_layer_guards_an_axum_router() {
             (resp.status(), www)
         }
     };
+    // Every 401 names the RFC 9728 document a client finds the broker in.
+    let meta = "https://api.example.com/.well-known/oauth-protected-resource";
     let (status, www) = call(None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert_eq!(www.as_deref(), Some("Bearer realm=\"mayfly\""));
+    assert_eq!(
+        www.as_deref(),
+        Some(format!("Bearer realm=\"mayfly\", resource_metadata=\"{meta}\"").as_str())
+    );
     let (status, www) = call(Some("Bearer garbage".into())).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert!(www.unwrap().starts_with(
-        "Bearer realm=\"mayfly\", error=\"invalid_token\", error_description=\"malformed token"
-    ));
+    assert!(www.unwrap().starts_with(&format!(
+        "Bearer realm=\"mayfly\", resource_metadata=\"{meta}\", error=\"invalid_token\", error_description=\"malformed token"
+    )));
+    // The document itself needs no token, and points at the broker.
+    let resp = app
+        .clone()
+        .oneshot(
+            Request::get("/.well-known/oauth-protected-resource")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = axum::body::to_bytes(resp.into_body(), 4096).await.unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(doc["resource"], API);
+    assert_eq!(
+        doc["authorization_servers"],
+        serde_json::json!([broker.issuer()])
+    );
+    assert_eq!(
+        doc["bearer_methods_supported"],
+        serde_json::json!(["header"])
+    );
+    // Only a GET of that path: anything else there still needs a token.
+    let post = app
+        .clone()
+        .oneshot(
+            Request::post("/.well-known/oauth-protected-resource")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(post.status(), StatusCode::UNAUTHORIZED);
     let (task_id, t) = token(&agent, &["read:files"], false).await;
     let (status, _) = call(Some(format!("Bearer {}", t.token))).await;
     assert_eq!(status, StatusCode::OK);
