@@ -92,6 +92,7 @@ async fn run(
                         ttl_seconds: 0,
                         bind_to_client_cert: false,
                         approval_id: String::new(),
+                        dpop_jwk: String::new(),
                     })
                     .await
                     .is_ok()

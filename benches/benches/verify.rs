@@ -82,6 +82,7 @@ fn main() {
                 ttl_seconds: 0,
                 bind_to_client_cert: false,
                 approval_id: String::new(),
+                dpop_jwk: String::new(),
             })
         };
 

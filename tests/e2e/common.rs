@@ -48,6 +48,7 @@ pub fn token_request(task: &str, audience: &str, scopes: &[&str]) -> pb::IssueTo
         ttl_seconds: 0,
         bind_to_client_cert: false,
         approval_id: String::new(),
+        dpop_jwk: String::new(),
     }
 }
 

@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use mayfly_client::{Client, pb};
-use mayfly_testkit::{Credential, TestBroker, https_get, https_post_form};
+use mayfly_testkit::{
+    Credential, DpopKey, TestBroker, https_get, https_post_form, https_post_form_with,
+};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use serde_json::Value;
@@ -505,4 +507,106 @@ async fn an_agent_revokes_its_own_token_and_no_one_else_s() {
     // The rest of the task goes on.
     let (status, _) = post(&broker, "/oauth2/token", Some(&me), &form).await;
     assert_eq!(status, 200);
+}
+
+/// A DPoP proof binds the token to the proof's key instead of the client
+/// certificate (RFC 9449); a bad proof is `invalid_dpop_proof` naming the
+/// check, and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dpop_proof_binds_the_token_to_its_key() {
+    let broker = TestBroker::start().await;
+    let (agent, op) = (broker.agent().await, broker.operator().await);
+    let task = start(&agent).await;
+    let me = svid(&broker, AGENT);
+    let key = DpopKey::new();
+    let url = format!("{}/oauth2/token", broker.issuer());
+    let form = token_form(&task.task_id, API, "read:files");
+    let send = |proof: String| {
+        let (broker, me, form) = (&broker, &me, &form);
+        async move {
+            let (status, _, body) = https_post_form_with(
+                &format!("{}/oauth2/token", broker.http_url()),
+                &broker.bundle_pem(),
+                Some(me),
+                form,
+                &[("DPoP", &proof)],
+            )
+            .await;
+            (status, serde_json::from_str::<Value>(&body).unwrap())
+        }
+    };
+    let (status, body) = send(key.proof("POST", &url, None)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["token_type"], "DPoP");
+    let claims = validate(&broker, body["access_token"].as_str().unwrap(), API).await;
+    assert_eq!(claims["cnf"], serde_json::json!({"jkt": key.thumbprint()}));
+
+    let before = leases_of(&op, AGENT).await.len();
+    let replayed = key.proof("POST", &url, None);
+    assert_eq!(send(replayed.clone()).await.0, 200);
+    let mut stale = DpopKey::claims("POST", &url, None);
+    stale["iat"] = (stale["iat"].as_u64().unwrap() - 600).into();
+    let mut wrong_url = DpopKey::claims("POST", &url, None);
+    wrong_url["htu"] = "https://elsewhere.example/oauth2/token".into();
+    for (proof, needle) in [
+        (replayed, "already used"),
+        (key.sign(&stale), "stale"),
+        (key.sign(&wrong_url), "htu"),
+        (key.proof("GET", &url, None), "htm"),
+        ("x.y.z".to_owned(), "malformed"),
+    ] {
+        let (status, body) = send(proof).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("invalid_dpop_proof")),
+            "{body}"
+        );
+        assert!(
+            body["error_description"].as_str().unwrap().contains(needle),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        leases_of(&op, AGENT).await.len(),
+        before + 1,
+        "only the good replay's first use"
+    );
+}
+
+/// Over gRPC an agent binds a token to a DPoP key by sending the key's
+/// public JWK (it proves possession later, to the API).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_token_binds_to_a_dpop_key_given_as_a_jwk() {
+    let broker = TestBroker::start().await;
+    let agent = broker.agent().await;
+    let task = start(&agent).await;
+    let key = DpopKey::new();
+    let mut req = token_request(&task.task_id, API, &["read:files"]);
+    req.dpop_jwk = key.jwk().to_string();
+    let t = agent.issue_token(req.clone()).await.unwrap();
+    assert_eq!(t.token_type, "DPoP");
+    let claims = validate(&broker, &t.token, API).await;
+    assert_eq!(claims["cnf"], serde_json::json!({"jkt": key.thumbprint()}));
+
+    req.bind_to_client_cert = true;
+    assert_status(
+        agent.issue_token(req.clone()).await,
+        tonic::Code::InvalidArgument,
+        "choose one",
+    );
+    req.bind_to_client_cert = false;
+    let mut private = key.jwk().clone();
+    private["d"] = "AAAA".into();
+    req.dpop_jwk = private.to_string();
+    assert_status(
+        agent.issue_token(req.clone()).await,
+        tonic::Code::InvalidArgument,
+        "private key",
+    );
+    req.dpop_jwk = "{".into();
+    assert_status(
+        agent.issue_token(req).await,
+        tonic::Code::InvalidArgument,
+        "not JSON",
+    );
 }

@@ -84,6 +84,7 @@ fn token_request(shape: &Shape, task_id: &str) -> pb::IssueTokenRequest {
         ttl_seconds: shape.ttl_seconds,
         bind_to_client_cert: false,
         approval_id: String::new(),
+        dpop_jwk: String::new(),
     }
 }
 

@@ -283,6 +283,7 @@ pub async fn token(cmd: TokenCommand, conn: &ConnArgs, json: bool) -> anyhow::Re
                 ttl_seconds: ttl.map_or(0, mayfly_client::ttl_seconds),
                 bind_to_client_cert: bind,
                 approval_id: approval.unwrap_or_default(),
+                dpop_jwk: String::new(),
             };
             let t = loop {
                 let t = client.issue_token(req.clone()).await?;

@@ -314,6 +314,7 @@ impl TaskGuard {
                 ttl_seconds: 0,
                 bind_to_client_cert: false,
                 approval_id: String::new(),
+                dpop_jwk: String::new(),
             })
             .await
     }

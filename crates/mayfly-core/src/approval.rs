@@ -39,6 +39,9 @@ pub enum ApprovalRequest {
         ttl_seconds: u64,
         /// Bound to the caller's certificate.
         bind: bool,
+        /// Bound to this DPoP key (its RFC 7638 thumbprint).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dpop_jkt: Option<String>,
     },
     /// A task certificate.
     Certificate {

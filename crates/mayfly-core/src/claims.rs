@@ -5,13 +5,16 @@ use serde::{Deserialize, Serialize};
 /// The header `typ` of every Mayfly access token (RFC 9068 section 2.1).
 pub const ACCESS_TOKEN_TYPE: &str = "at+jwt";
 
-/// RFC 8705 confirmation: the SHA-256 thumbprint of the client certificate
-/// the token is bound to.
+/// What a bound token is bound to (RFC 7800 `cnf`): the client
+/// certificate (RFC 8705) or a DPoP key (RFC 9449), one of them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Confirmation {
     /// base64url (no padding) of SHA-256 over the certificate's DER.
-    #[serde(rename = "x5t#S256")]
-    pub x5t_s256: String,
+    #[serde(rename = "x5t#S256", default, skip_serializing_if = "Option::is_none")]
+    pub x5t_s256: Option<String>,
+    /// RFC 7638 thumbprint of the DPoP key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jkt: Option<String>,
 }
 
 /// RFC 8693 actor claim: who acts on behalf of `sub`. Nested `act` names

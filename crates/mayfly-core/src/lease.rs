@@ -139,6 +139,38 @@ pub enum LeaseStatus {
     Expired,
 }
 
+/// What a token is bound to: its holder must prove it has the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenBinding {
+    /// The client certificate it was issued on (RFC 8705): SHA-256 of its
+    /// DER, base64url.
+    Certificate {
+        /// `cnf.x5t#S256`.
+        x5t_s256: String,
+    },
+    /// A DPoP key (RFC 9449): its RFC 7638 thumbprint.
+    Dpop {
+        /// `cnf.jkt`.
+        jkt: String,
+    },
+}
+
+impl TokenBinding {
+    /// The token's `cnf` claim.
+    pub fn confirmation(&self) -> crate::Confirmation {
+        match self {
+            Self::Certificate { x5t_s256 } => crate::Confirmation {
+                x5t_s256: Some(x5t_s256.clone()),
+                jkt: None,
+            },
+            Self::Dpop { jkt } => crate::Confirmation {
+                x5t_s256: None,
+                jkt: Some(jkt.clone()),
+            },
+        }
+    }
+}
+
 /// What a lease is of, with what only that kind holds. A lease of a kind
 /// this build does not know (written by a newer broker sharing the store),
 /// or one that lacks what its kind needs, is [`Unrecognised`]: it is never
@@ -153,8 +185,8 @@ pub enum LeaseDetail {
     Token {
         /// Its one audience.
         audience: Audience,
-        /// RFC 8705 `x5t#S256` of the client certificate it is bound to.
-        cert_thumbprint: Option<String>,
+        /// What it is bound to, if anything.
+        binding: Option<TokenBinding>,
     },
     /// An X.509 certificate.
     Certificate {
@@ -233,6 +265,8 @@ struct StoredLease {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     cert_thumbprint: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    dpop_jkt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     serial: Option<String>,
     #[serde(default)]
     task_revision: u64,
@@ -242,15 +276,18 @@ struct StoredLease {
 
 impl From<StoredLease> for Lease {
     fn from(s: StoredLease) -> Self {
-        let detail = match (s.kind.as_str(), s.audience, s.serial) {
-            ("task", _, _) => LeaseDetail::Task,
-            ("jwt", Some(audience), _) => LeaseDetail::Token {
-                audience,
-                cert_thumbprint: s.cert_thumbprint,
-            },
-            ("x509", _, Some(serial)) => LeaseDetail::Certificate { serial },
-            // A kind this build does not know, or a token without its
-            // audience or a certificate without its serial.
+        let binding = match (s.cert_thumbprint, s.dpop_jkt) {
+            (None, None) => Ok(None),
+            (Some(x5t_s256), None) => Ok(Some(TokenBinding::Certificate { x5t_s256 })),
+            (None, Some(jkt)) => Ok(Some(TokenBinding::Dpop { jkt })),
+            (Some(_), Some(_)) => Err(()),
+        };
+        let detail = match (s.kind.as_str(), s.audience, s.serial, binding) {
+            ("task", _, _, _) => LeaseDetail::Task,
+            ("jwt", Some(audience), _, Ok(binding)) => LeaseDetail::Token { audience, binding },
+            ("x509", _, Some(serial), _) => LeaseDetail::Certificate { serial },
+            // A kind this build does not know, a token without its
+            // audience or bound twice, or a certificate without its serial.
             _ => LeaseDetail::Unrecognised { kind: s.kind },
         };
         Self {
@@ -271,13 +308,15 @@ impl From<StoredLease> for Lease {
 impl From<Lease> for StoredLease {
     fn from(l: Lease) -> Self {
         let kind = l.detail.kind_name().to_owned();
-        let (audience, cert_thumbprint, serial) = match l.detail {
-            LeaseDetail::Token {
-                audience,
-                cert_thumbprint,
-            } => (Some(audience), cert_thumbprint, None),
+        let (audience, binding, serial) = match l.detail {
+            LeaseDetail::Token { audience, binding } => (Some(audience), binding, None),
             LeaseDetail::Certificate { serial } => (None, None, Some(serial)),
             LeaseDetail::Task | LeaseDetail::Unrecognised { .. } => (None, None, None),
+        };
+        let (cert_thumbprint, dpop_jkt) = match binding {
+            None => (None, None),
+            Some(TokenBinding::Certificate { x5t_s256 }) => (Some(x5t_s256), None),
+            Some(TokenBinding::Dpop { jkt }) => (None, Some(jkt)),
         };
         Self {
             id: l.id,
@@ -290,6 +329,7 @@ impl From<Lease> for StoredLease {
             expires_at: l.expires_at,
             status: l.status,
             cert_thumbprint,
+            dpop_jkt,
             serial,
             task_revision: l.task_revision,
             approval: l.approval,
@@ -311,12 +351,18 @@ impl Lease {
         }
     }
 
+    /// What a token is bound to.
+    pub fn binding(&self) -> Option<&TokenBinding> {
+        match &self.detail {
+            LeaseDetail::Token { binding, .. } => binding.as_ref(),
+            _ => None,
+        }
+    }
+
     /// The `x5t#S256` a token is bound to.
     pub fn cert_thumbprint(&self) -> Option<&str> {
-        match &self.detail {
-            LeaseDetail::Token {
-                cert_thumbprint, ..
-            } => cert_thumbprint.as_deref(),
+        match self.binding() {
+            Some(TokenBinding::Certificate { x5t_s256 }) => Some(x5t_s256),
             _ => None,
         }
     }
@@ -364,7 +410,7 @@ mod tests {
             id: LeaseId::generate(),
             detail: LeaseDetail::Token {
                 audience: Audience::new("api").unwrap(),
-                cert_thumbprint: None,
+                binding: None,
             },
             agent: SpiffeId::new("spiffe://td/agent/a").unwrap(),
             task_id: task,
@@ -413,7 +459,13 @@ mod tests {
             LeaseDetail::Task,
             LeaseDetail::Token {
                 audience: Audience::new("api").unwrap(),
-                cert_thumbprint: Some("x5t".into()),
+                binding: Some(TokenBinding::Certificate {
+                    x5t_s256: "x5t".into(),
+                }),
+            },
+            LeaseDetail::Token {
+                audience: Audience::new("api").unwrap(),
+                binding: Some(TokenBinding::Dpop { jkt: "jkt".into() }),
             },
             LeaseDetail::Certificate {
                 serial: "5A39".into(),
@@ -461,6 +513,12 @@ mod tests {
         json.as_object_mut().unwrap().remove("audience");
         let l: Lease = serde_json::from_value(json.clone()).unwrap();
         assert_eq!(l.kind(), None, "a token without its audience");
+
+        json["audience"] = "api".into();
+        json["cert_thumbprint"] = "x5t".into();
+        json["dpop_jkt"] = "jkt".into();
+        let l: Lease = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(l.kind(), None, "a token bound twice");
 
         json["kind"] = "x509".into();
         let l: Lease = serde_json::from_value(json).unwrap();

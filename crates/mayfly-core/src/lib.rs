@@ -13,6 +13,7 @@ mod newtype;
 
 mod approval;
 mod claims;
+pub mod dpop;
 mod envelope;
 mod id;
 mod lease;
@@ -34,6 +35,7 @@ pub use envelope::{
 pub use id::{IdError, LeaseId, TaskId};
 pub use lease::{
     Lease, LeaseDetail, LeaseKind, LeaseState, LeaseStatus, Revocation, RevocationReason,
+    TokenBinding,
 };
 pub use lock::{AgentLock, MAX_LOCK_REASON_BYTES};
 pub use policy::{

@@ -133,7 +133,7 @@ pub fn lease(task: &Task, ttl: u64) -> Lease {
         id: LeaseId::generate(),
         detail: LeaseDetail::Token {
             audience: Audience::new("https://api.example.com").unwrap(),
-            cert_thumbprint: None,
+            binding: None,
         },
         agent: task.agent.clone(),
         task_id: task.id.clone(),
@@ -970,6 +970,7 @@ fn approval(task: &Task, ttl: u64) -> Approval {
             scopes: parse_scopes(&["write"]).unwrap(),
             ttl_seconds: 0,
             bind: false,
+            dpop_jkt: None,
         },
         policy_id: "needs-approval".into(),
         created_at: *T0,
@@ -1074,6 +1075,7 @@ pub async fn approvals_are_decided_once_and_used_once(store: Store) {
         scopes: parse_scopes(&["write", "admin"]).unwrap(),
         ttl_seconds: 0,
         bind: false,
+        dpop_jkt: None,
     };
     assert!(matches!(
         store

@@ -19,10 +19,12 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use dpop::DpopKey;
 pub use mayfly_broker::dev::Credential;
 pub use redis::RedisServer;
 
 pub mod contract;
+mod dpop;
 mod redis;
 
 /// The trust domain of every test broker.
@@ -335,7 +337,7 @@ pub async fn https_get(url: &str, ca_pem: &[u8]) -> (u16, String) {
 
 /// GETs an HTTPS URL trusting `ca_pem`; returns status and body.
 pub async fn https_get_bytes(url: &str, ca_pem: &[u8]) -> (u16, Vec<u8>) {
-    let (status, _, body) = https_request("GET", url, ca_pem, None, None).await;
+    let (status, _, body) = https_request("GET", url, ca_pem, None, None, &[]).await;
     (status, body)
 }
 
@@ -347,7 +349,19 @@ pub async fn https_post_form(
     identity: Option<&Credential>,
     form: &str,
 ) -> (u16, Option<String>, String) {
-    let (status, auth, body) = https_request("POST", url, ca_pem, identity, Some(form)).await;
+    https_post_form_with(url, ca_pem, identity, form, &[]).await
+}
+
+/// [`https_post_form`] with more request headers (a `DPoP` proof, say).
+pub async fn https_post_form_with(
+    url: &str,
+    ca_pem: &[u8],
+    identity: Option<&Credential>,
+    form: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Option<String>, String) {
+    let (status, auth, body) =
+        https_request("POST", url, ca_pem, identity, Some(form), headers).await;
     (status, auth, String::from_utf8_lossy(&body).into_owned())
 }
 
@@ -357,6 +371,7 @@ async fn https_request(
     ca_pem: &[u8],
     identity: Option<&Credential>,
     form: Option<&str>,
+    headers: &[(&str, &str)],
 ) -> (u16, Option<String>, Vec<u8>) {
     use http_body_util::BodyExt;
     use hyper::body::Bytes;
@@ -406,6 +421,9 @@ async fn https_request(
         .header("host", host);
     if form.is_some() {
         req = req.header("content-type", "application/x-www-form-urlencoded");
+    }
+    for (name, value) in headers {
+        req = req.header(*name, *value);
     }
     let body = http_body_util::Full::new(Bytes::from(form.unwrap_or_default().to_owned()));
     let resp = sender.send_request(req.body(body).unwrap()).await.unwrap();

@@ -55,6 +55,15 @@ pub enum VerifyError {
     /// The presented certificate is not the one the token is bound to.
     #[error("token is bound to another client certificate")]
     CertificateMismatch,
+    /// The token is DPoP-bound (`cnf.jkt`) but came as a bearer token.
+    #[error("token is bound to a DPoP key: send it as Authorization: DPoP with a DPoP proof")]
+    DpopRequired,
+    /// The token came with the DPoP scheme but is not DPoP-bound.
+    #[error("token is not bound to a DPoP key: send it as a Bearer token")]
+    NotDpopBound,
+    /// The DPoP proof failed a check (named).
+    #[error(transparent)]
+    Dpop(#[from] mayfly_core::dpop::DpopError),
     /// No word from the revocation feed for too long: revocations may be
     /// missing, so verification fails closed.
     #[error("revocation feed silent for {0:?}; failing closed")]

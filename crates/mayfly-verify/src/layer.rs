@@ -13,6 +13,11 @@
 //!
 //! For bound tokens the layer needs the client certificate: have your TLS
 //! acceptor insert a [`PeerCertificate`] into each request's extensions.
+//! DPoP-bound tokens (RFC 9449) come as `Authorization: DPoP …` with a
+//! `DPoP` proof header, which must be for this request: its method, and
+//! the URL the client addressed, the resource's origin (from its audience,
+//! or [`VerifyLayer::with_origin`]) and the request's path. A DPoP-bound
+//! token sent as a bearer token is refused, with a `DPoP` challenge.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,7 +27,7 @@ use std::sync::Arc;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 
-use crate::{ResourceMetadata, VerifiedToken, Verifier, VerifyError};
+use crate::{DpopRequest, ResourceMetadata, VerifiedToken, Verifier, VerifyError};
 
 /// The DER client certificate a request arrived with.
 #[derive(Debug, Clone)]
@@ -35,6 +40,19 @@ pub struct VerifyLayer {
     /// What the resource says about itself, and where (`None` when its
     /// audience is not an `https` URL).
     metadata: Option<Arc<Published>>,
+    /// `scheme://host[:port]` clients address: with the request's path, the
+    /// `htu` a DPoP proof must name.
+    origin: Option<Arc<str>>,
+}
+
+/// `https://host[:port]` of an `https` URL.
+fn origin_of(url: &str) -> Option<Arc<str>> {
+    let rest = url.strip_prefix("https://")?;
+    let host = rest
+        .split(['/', '?', '#'])
+        .next()
+        .filter(|h| !h.is_empty())?;
+    Some(format!("https://{host}").into())
 }
 
 /// RFC 9728 metadata as served: its path, URL and body, made once.
@@ -63,7 +81,19 @@ impl VerifyLayer {
             verifier.audience(),
             verifier.issuer(),
         ));
-        Self { verifier, metadata }
+        let origin = origin_of(verifier.audience());
+        Self {
+            verifier,
+            metadata,
+            origin,
+        }
+    }
+
+    /// The same, for clients that address the resource at `origin`
+    /// (`https://host[:port]`) rather than at its audience's.
+    pub fn with_origin(mut self, origin: &str) -> Self {
+        self.origin = Some(origin.trim_end_matches('/').into());
+        self
     }
 
     /// The same, publishing `metadata` instead (scopes, a name).
@@ -80,6 +110,7 @@ impl<S> tower::Layer<S> for VerifyLayer {
             inner,
             verifier: self.verifier.clone(),
             metadata: self.metadata.clone(),
+            origin: self.origin.clone(),
         }
     }
 }
@@ -90,6 +121,30 @@ pub struct VerifyService<S> {
     inner: S,
     verifier: Verifier,
     metadata: Option<Arc<Published>>,
+    origin: Option<Arc<str>>,
+}
+
+/// How a request presents its token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// `Authorization: Bearer` (RFC 6750).
+    Bearer,
+    /// `Authorization: DPoP` with a `DPoP` proof (RFC 9449).
+    Dpop,
+}
+
+/// The token of a request and how it came, if it has one.
+pub fn credentials<B>(req: &Request<B>) -> Option<(Scheme, &str)> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let scheme = if scheme.eq_ignore_ascii_case("bearer") {
+        Scheme::Bearer
+    } else if scheme.eq_ignore_ascii_case("dpop") {
+        Scheme::Dpop
+    } else {
+        return None;
+    };
+    Some((scheme, token.trim()))
 }
 
 /// The bearer token of a request, if it has one (RFC 6750 section 2.1).
@@ -142,6 +197,29 @@ fn with_metadata<B>(mut response: Response<B>, metadata: Option<&Published>) -> 
         response.headers_mut().insert(header::WWW_AUTHENTICATE, v);
     }
     response
+}
+
+/// The answer to a DPoP request (or a DPoP-bound token sent as bearer)
+/// that failed `error`: a `DPoP` challenge (RFC 9449 §7.1).
+pub fn unauthorized_dpop<B: From<String>>(error: &VerifyError) -> Response<B> {
+    if error.is_unavailable() {
+        return unauthorized(Some(error));
+    }
+    let code = match error {
+        VerifyError::Dpop(_) => "invalid_dpop_proof",
+        _ => "invalid_token",
+    };
+    let mut resp = Response::new(B::from(format!("invalid token: {error}\n")));
+    *resp.status_mut() = StatusCode::UNAUTHORIZED;
+    let value = format!(
+        "DPoP realm=\"mayfly\", algs=\"{}\", error=\"{code}\", error_description=\"{}\"",
+        mayfly_core::dpop::ALGORITHMS.join(" "),
+        quoted(&error.to_string())
+    );
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    resp
 }
 
 /// The answer to a request whose token failed `error` (or had none).
@@ -215,6 +293,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let verifier = self.verifier.clone();
         let metadata = self.metadata.clone();
+        let origin = self.origin.clone();
         Box::pin(async move {
             let metadata = metadata.as_deref();
             if let Some(m) = metadata
@@ -223,21 +302,46 @@ where
             {
                 return Ok(metadata_response(m));
             }
-            let Some(token) = bearer_token(&req).map(str::to_owned) else {
+            let Some((scheme, token)) = credentials(&req).map(|(s, t)| (s, t.to_owned())) else {
                 return Ok(with_metadata(unauthorized(None), metadata));
             };
             let peer = req
                 .extensions()
                 .get::<PeerCertificate>()
                 .map(|c| c.0.clone());
-            match verifier.verify(&token, peer.as_deref()).await {
+            let verified = match scheme {
+                Scheme::Bearer => verifier.verify(&token, peer.as_deref()).await,
+                Scheme::Dpop => {
+                    let mut proofs = req.headers().get_all("dpop").iter();
+                    let proof = match (proofs.next().map(HeaderValue::to_str), proofs.next()) {
+                        (Some(Ok(p)), None) => p,
+                        _ => "",
+                    };
+                    let url = format!("{}{}", origin.as_deref().unwrap_or(""), req.uri().path());
+                    let request = DpopRequest {
+                        proof,
+                        method: req.method().as_str(),
+                        url: &url,
+                    };
+                    verifier.verify_dpop(&token, request, peer.as_deref()).await
+                }
+            };
+            match verified {
                 Ok(verified) => {
                     req.extensions_mut().insert(verified);
                     inner.call(req).await
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "refused a bearer token");
-                    Ok(with_metadata(unauthorized(Some(&e)), metadata))
+                    tracing::debug!(error = %e, "refused a token");
+                    let dpop = scheme == Scheme::Dpop || e == VerifyError::DpopRequired;
+                    Ok(with_metadata(
+                        if dpop {
+                            unauthorized_dpop(&e)
+                        } else {
+                            unauthorized(Some(&e))
+                        },
+                        metadata,
+                    ))
                 }
             }
         })

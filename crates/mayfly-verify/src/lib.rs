@@ -42,4 +42,4 @@ pub use cert::{PeerCertError, TaskIdentity, parse_task_certificate};
 pub use config::{FeedConfig, MAX_LEEWAY, VerifierConfig};
 pub use error::VerifyError;
 pub use resource::ResourceMetadata;
-pub use verifier::{VerifiedToken, Verifier, cert_thumbprint};
+pub use verifier::{DpopRequest, VerifiedToken, Verifier, cert_thumbprint};

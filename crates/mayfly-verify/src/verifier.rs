@@ -1,8 +1,10 @@
 //! [`Verifier`]: every check a downstream service needs on a Mayfly access
 //! token, in the order RFC 8725 asks for: algorithm allow-list and `typ`
 //! before any key is used, the key's own algorithm, signature, exact `iss`,
-//! own `aud`, `exp`/`nbf` with bounded leeway, certificate binding, and
-//! revocation from the live feed (failing closed when the feed is silent).
+//! own `aud`, `exp`/`nbf` with bounded leeway, binding (the client
+//! certificate, RFC 8705, or a DPoP key, RFC 9449, whose proof must be
+//! for this request and used once), and revocation from the live feed
+//! (failing closed when the feed is silent).
 
 use std::sync::Arc;
 
@@ -10,6 +12,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Validation};
+use mayfly_core::dpop::{DpopError, ReplayCache, Request as ProofRequest, verify_proof};
 use mayfly_core::{ActorClaim, LeaseId, SpiffeId, TaskId};
 use serde::Deserialize;
 
@@ -37,8 +40,29 @@ pub struct VerifiedToken {
     pub expires_at: u64,
     /// Delegation chain (RFC 8693 `act`), outermost = current actor.
     pub actor: Option<ActorClaim>,
-    /// The bound certificate's thumbprint, when bound.
+    /// The bound certificate's thumbprint, when bound to one.
     pub bound_to: Option<String>,
+    /// The DPoP key's thumbprint (`cnf.jkt`), when bound to one.
+    pub dpop_key: Option<String>,
+}
+
+/// A DPoP-bound token's request: the proof that came with it, and the
+/// request it must be for.
+#[derive(Debug, Clone, Copy)]
+pub struct DpopRequest<'a> {
+    /// The `DPoP` header.
+    pub proof: &'a str,
+    /// The HTTP method.
+    pub method: &'a str,
+    /// The request URL as the client addressed it (scheme, host, path).
+    pub url: &'a str,
+}
+
+/// How a token came: as a bearer token, or with a DPoP proof.
+#[derive(Debug, Clone, Copy)]
+enum Presented<'a> {
+    Bearer,
+    Dpop(DpopRequest<'a>),
 }
 
 impl VerifiedToken {
@@ -82,6 +106,7 @@ struct Claims {
 struct Cnf {
     #[serde(rename = "x5t#S256")]
     x5t_s256: Option<String>,
+    jkt: Option<String>,
 }
 
 /// Verifies tokens for one audience. Cheap to clone and share.
@@ -95,7 +120,13 @@ struct Inner {
     jwks: Jwks,
     /// Fed by the revocation feed; `None` when verifying offline.
     revoked: Option<Arc<RevocationSet>>,
+    /// DPoP proofs already used: each is good for one request.
+    dpop_seen: ReplayCache,
 }
+
+/// DPoP proofs remembered (each for a minute); beyond that new proofs are
+/// refused rather than an old one forgotten.
+const DPOP_PROOFS_REMEMBERED: usize = 100_000;
 
 impl Verifier {
     /// The issuer tokens must come from.
@@ -164,6 +195,7 @@ impl Verifier {
                 config,
                 jwks,
                 revoked,
+                dpop_seen: ReplayCache::new(DPOP_PROOFS_REMEMBERED),
             }),
         })
     }
@@ -180,6 +212,7 @@ impl Verifier {
                 jwks: Jwks::fixed(jwks)?,
                 config,
                 revoked: None,
+                dpop_seen: ReplayCache::new(DPOP_PROOFS_REMEMBERED),
             }),
         })
     }
@@ -200,28 +233,65 @@ impl Verifier {
         true
     }
 
-    /// Verifies `token`; `peer_cert` is the DER client certificate the
-    /// request came with, if any. Refetches the JWKS once on an unknown key.
+    /// Verifies a bearer `token`; `peer_cert` is the DER client
+    /// certificate the request came with, if any. A DPoP-bound token is
+    /// refused here ([`verify_dpop`](Self::verify_dpop) takes it).
+    /// Refetches the JWKS once on an unknown key.
     pub async fn verify(
         &self,
         token: &str,
         peer_cert: Option<&[u8]>,
     ) -> Result<VerifiedToken, VerifyError> {
-        match self.verify_cached(token, peer_cert) {
+        self.verify_presented(token, peer_cert, Presented::Bearer)
+            .await
+    }
+
+    /// Verifies a DPoP-bound `token` sent as `Authorization: DPoP` with
+    /// the proof in `request` (RFC 9449 §7): every bearer check, then the
+    /// proof's signature, `typ`, `alg`, `htm`, `htu`, `iat` window, `ath`
+    /// over this token, its key against `cnf.jkt`, and that its `jti` was
+    /// not seen before.
+    pub async fn verify_dpop(
+        &self,
+        token: &str,
+        request: DpopRequest<'_>,
+        peer_cert: Option<&[u8]>,
+    ) -> Result<VerifiedToken, VerifyError> {
+        self.verify_presented(token, peer_cert, Presented::Dpop(request))
+            .await
+    }
+
+    async fn verify_presented(
+        &self,
+        token: &str,
+        peer_cert: Option<&[u8]>,
+        how: Presented<'_>,
+    ) -> Result<VerifiedToken, VerifyError> {
+        match self.check(token, peer_cert, how) {
             Err(VerifyError::UnknownKey(Some(_))) => {
                 self.inner.jwks.refresh(false).await?;
-                self.verify_cached(token, peer_cert)
+                self.check(token, peer_cert, how)
             }
             other => other,
         }
     }
 
-    /// Verifies with the keys already cached (never waits; for synchronous
-    /// callers such as tonic interceptors). An unknown key is refused.
+    /// Verifies a bearer token with the keys already cached (never waits;
+    /// for synchronous callers such as tonic interceptors). An unknown key
+    /// is refused.
     pub fn verify_cached(
         &self,
         token: &str,
         peer_cert: Option<&[u8]>,
+    ) -> Result<VerifiedToken, VerifyError> {
+        self.check(token, peer_cert, Presented::Bearer)
+    }
+
+    fn check(
+        &self,
+        token: &str,
+        peer_cert: Option<&[u8]>,
+        how: Presented<'_>,
     ) -> Result<VerifiedToken, VerifyError> {
         let cfg = &self.inner.config;
         let mut parts = token.split('.');
@@ -284,12 +354,18 @@ impl Verifier {
         if claims.aud.as_str() != Some(cfg.audience.as_str()) {
             return Err(VerifyError::WrongAudience);
         }
-        let bound_to = claims.cnf.and_then(|c| c.x5t_s256);
+        let (bound_to, dpop_key) = claims.cnf.map_or((None, None), |c| (c.x5t_s256, c.jkt));
         if let Some(want) = &bound_to {
             let cert = peer_cert.ok_or(VerifyError::CertificateRequired)?;
             if cert_thumbprint(cert) != *want {
                 return Err(VerifyError::CertificateMismatch);
             }
+        }
+        match (how, &dpop_key) {
+            (Presented::Bearer, None) => {}
+            (Presented::Bearer, Some(_)) => return Err(VerifyError::DpopRequired),
+            (Presented::Dpop(_), None) => return Err(VerifyError::NotDpopBound),
+            (Presented::Dpop(r), Some(jkt)) => self.check_proof(token, r, jkt)?,
         }
         if set_revoked(self.feed_state(), &[&claims.jti])? {
             return Err(VerifyError::Revoked);
@@ -312,7 +388,27 @@ impl Verifier {
             expires_at: claims.exp,
             actor: claims.act,
             bound_to,
+            dpop_key,
         })
+    }
+
+    /// The proof `r` for `token`, bound to `jkt`, used once.
+    fn check_proof(&self, token: &str, r: DpopRequest<'_>, jkt: &str) -> Result<(), VerifyError> {
+        let now = mayfly_core::Timestamp::now();
+        let proof = verify_proof(
+            r.proof,
+            &ProofRequest {
+                method: r.method,
+                url: r.url,
+                access_token: Some(token),
+                now,
+            },
+        )?;
+        if proof.jkt != jkt {
+            return Err(DpopError::WrongKey.into());
+        }
+        self.inner.dpop_seen.check(&proof, now)?;
+        Ok(())
     }
 
     /// Where the revocation feed stands: `None` when verifying offline

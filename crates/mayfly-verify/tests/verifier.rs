@@ -65,6 +65,7 @@ async fn token(agent: &Client, scopes: &[&str], bind: bool) -> (String, pb::Issu
             ttl_seconds: 0,
             bind_to_client_cert: bind,
             approval_id: String::new(),
+            dpop_jwk: String::new(),
         })
         .await
         .unwrap();
@@ -526,4 +527,136 @@ async fn the_tonic_interceptor_checks_metadata() {
     bad.metadata_mut()
         .insert("authorization", "Bearer x.y.z".parse().unwrap());
     assert_eq!(check(bad).unwrap_err().code(), tonic::Code::Unauthenticated);
+}
+
+/// A DPoP-bound token (RFC 9449) is accepted only with a proof for this
+/// request, signed by its key, used once; each bad proof is refused naming
+/// the check, and the token sent as a bearer token is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dpop_bound_token_needs_a_fresh_proof_for_each_request() {
+    use mayfly_core::dpop::DpopError;
+    use mayfly_testkit::DpopKey;
+    use mayfly_verify::DpopRequest;
+
+    let broker = TestBroker::start().await;
+    let agent = broker.agent().await;
+    let v = connect(&broker).await;
+    let key = DpopKey::new();
+    let task = agent
+        .start_task(NewTask::new("dpop", [API]).scope("read:files"))
+        .await
+        .unwrap()
+        .detach();
+    let t = agent
+        .issue_token(pb::IssueTokenRequest {
+            task_id: task.task_id.clone(),
+            audience: API.into(),
+            scopes: vec!["read:files".into()],
+            ttl_seconds: 0,
+            bind_to_client_cert: false,
+            approval_id: String::new(),
+            dpop_jwk: key.jwk().to_string(),
+        })
+        .await
+        .unwrap();
+    let url = format!("{API}/files");
+    fn get<'a>(proof: &'a str, url: &'a str) -> DpopRequest<'a> {
+        DpopRequest {
+            proof,
+            method: "GET",
+            url,
+        }
+    }
+
+    let good = key.proof("GET", &url, Some(&t.token));
+    let ok = v
+        .verify_dpop(&t.token, get(&good, &url), None)
+        .await
+        .unwrap();
+    assert_eq!(ok.dpop_key.as_deref(), Some(key.thumbprint().as_str()));
+    assert_eq!(ok.bound_to, None);
+
+    let mut stale = DpopKey::claims("GET", &url, Some(&t.token));
+    stale["iat"] = (stale["iat"].as_u64().unwrap() - 3600).into();
+    let mut no_ath = DpopKey::claims("GET", &url, Some(&t.token));
+    no_ath.as_object_mut().unwrap().remove("ath");
+    let other_key = DpopKey::new();
+    let cases = [
+        (good.clone(), "replayed jti"),
+        (
+            key.proof("GET", "https://api.example.com/other", Some(&t.token)),
+            "wrong htu",
+        ),
+        (key.proof("DELETE", &url, Some(&t.token)), "wrong htm"),
+        (key.sign(&stale), "stale iat"),
+        (
+            key.proof("GET", &url, Some("another.token.entirely")),
+            "wrong ath",
+        ),
+        (key.sign(&no_ath), "no ath"),
+        (other_key.proof("GET", &url, Some(&t.token)), "another key"),
+    ];
+    for (proof, what) in cases {
+        let e = v
+            .verify_dpop(&t.token, get(&proof, &url), None)
+            .await
+            .unwrap_err();
+        let want = match what {
+            "replayed jti" => matches!(e, VerifyError::Dpop(DpopError::Replayed)),
+            "wrong htu" => matches!(e, VerifyError::Dpop(DpopError::Url { .. })),
+            "wrong htm" => matches!(e, VerifyError::Dpop(DpopError::Method { .. })),
+            "stale iat" => matches!(e, VerifyError::Dpop(DpopError::Stale(_))),
+            "wrong ath" => matches!(e, VerifyError::Dpop(DpopError::WrongAth)),
+            "no ath" => matches!(e, VerifyError::Dpop(DpopError::MissingAth)),
+            _ => matches!(e, VerifyError::Dpop(DpopError::WrongKey)),
+        };
+        assert!(want, "{what}: {e}");
+    }
+
+    // As a bearer token: refused; and a bearer token with the DPoP scheme.
+    assert_eq!(
+        v.verify(&t.token, None).await,
+        Err(VerifyError::DpopRequired)
+    );
+    let (_, bearer) = token(&agent, &["read:files"], false).await;
+    let proof = key.proof("GET", &url, Some(&bearer.token));
+    assert_eq!(
+        v.verify_dpop(&bearer.token, get(&proof, &url), None).await,
+        Err(VerifyError::NotDpopBound)
+    );
+
+    // Through the tower layer, as a client sends it.
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+    let app = axum::Router::new()
+        .route("/files", axum::routing::get(|| async { "files" }))
+        .layer(mayfly_verify::layer::VerifyLayer::new(v.clone()));
+    let call = |scheme: &str, proof: Option<String>| {
+        let mut r = Request::get("/files").header("authorization", format!("{scheme} {}", t.token));
+        if let Some(p) = proof {
+            r = r.header("dpop", p);
+        }
+        app.clone().oneshot(r.body(Body::empty()).unwrap())
+    };
+    let resp = call("DPoP", Some(key.proof("GET", &url, Some(&t.token))))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = call("Bearer", None).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let www = resp.headers()["www-authenticate"].to_str().unwrap();
+    assert!(www.starts_with("DPoP realm=\"mayfly\""), "{www}");
+    assert!(www.contains("error=\"invalid_token\""), "{www}");
+    let resp = call("DPoP", Some(key.proof("POST", &url, Some(&t.token))))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let www = resp.headers()["www-authenticate"].to_str().unwrap();
+    assert!(
+        www.contains("error=\"invalid_dpop_proof\"") && www.contains("htm"),
+        "{www}"
+    );
+    let resp = call("DPoP", None).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
 }

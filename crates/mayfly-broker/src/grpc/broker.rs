@@ -13,7 +13,7 @@ use super::{approval_to_proto, caller, field, task_to_proto, timestamp};
 use crate::error::BrokerError;
 use crate::issuer::parse_csr;
 use crate::service::{
-    CertificateRequest, Issued, NewDelegation, NewTask, Service, TokenRequest, requested_ttl,
+    Bind, CertificateRequest, Issued, NewDelegation, NewTask, Service, TokenRequest, requested_ttl,
 };
 
 /// An optional approval id field.
@@ -22,6 +22,28 @@ fn optional_approval(s: &str) -> Result<Option<ApprovalId>, BrokerError> {
         Ok(None)
     } else {
         field("approval_id", s, ApprovalId::new).map(Some)
+    }
+}
+
+/// What `IssueToken` asks the token to be bound to: the call's client
+/// certificate, a DPoP key given as its public JWK, or nothing.
+fn binding(to_client_cert: bool, dpop_jwk: &str) -> Result<Bind, BrokerError> {
+    match (to_client_cert, dpop_jwk.is_empty()) {
+        (false, true) => Ok(Bind::None),
+        (true, true) => Ok(Bind::ClientCertificate),
+        (true, false) => Err(BrokerError::Invalid(
+            "bind_to_client_cert and dpop_jwk: a token is bound to one key, choose one".into(),
+        )),
+        (false, false) => {
+            if dpop_jwk.len() > mayfly_core::dpop::MAX_PROOF_BYTES {
+                return Err(BrokerError::Invalid("dpop_jwk is too long".into()));
+            }
+            let jwk: serde_json::Value = serde_json::from_str(dpop_jwk)
+                .map_err(|e| BrokerError::Invalid(format!("dpop_jwk is not JSON: {e}")))?;
+            let jkt = mayfly_core::dpop::jwk_thumbprint(&jwk)
+                .map_err(|e| BrokerError::Invalid(format!("dpop_jwk: {e}")))?;
+            Ok(Bind::Dpop { jkt })
+        }
     }
 }
 
@@ -82,7 +104,7 @@ impl TryFrom<pb::IssueTokenRequest> for TokenRequest {
             audience: field("audience", &r.audience, Audience::new)?,
             scopes: parse_scopes(&r.scopes).map_err(|e| BrokerError::Invalid(e.to_string()))?,
             ttl_seconds: requested_ttl("ttl_seconds", r.ttl_seconds).map(|_| r.ttl_seconds)?,
-            bind_to_client_cert: r.bind_to_client_cert,
+            binding: binding(r.bind_to_client_cert, &r.dpop_jwk)?,
             approval_id: optional_approval(&r.approval_id)?,
         })
     }
@@ -219,7 +241,11 @@ impl pb::broker_server::Broker for BrokerApi {
             token: issued.credential.into_string(),
             lease_id: lease.id.to_string(),
             expires_at: Some(timestamp(lease.expires_at)),
-            token_type: "Bearer".into(),
+            token_type: match lease.binding() {
+                Some(mayfly_core::TokenBinding::Dpop { .. }) => "DPoP",
+                _ => "Bearer",
+            }
+            .into(),
             scopes: lease.scopes.iter().map(|s| s.to_string()).collect(),
             audience: lease.audience().map(|a| a.to_string()).unwrap_or_default(),
             approval: None,

@@ -150,6 +150,7 @@ pub fn approval_to_proto(a: &Approval, task: Option<&Task>, now: Timestamp) -> p
             scopes,
             ttl_seconds,
             bind,
+            dpop_jkt: _,
         } => (
             pb::LeaseKind::Jwt,
             audience.to_string(),
@@ -194,6 +195,10 @@ pub fn approval_to_proto(a: &Approval, task: Option<&Task>, now: Timestamp) -> p
         audience,
         scopes,
         bind_to_client_cert: bind,
+        dpop_jkt: match &a.request {
+            ApprovalRequest::Token { dpop_jkt, .. } => dpop_jkt.clone().unwrap_or_default(),
+            ApprovalRequest::Certificate { .. } => String::new(),
+        },
         key_sha256,
         ttl_seconds,
         state: approval_state_to_proto(a.state_at(now)).into(),

@@ -26,6 +26,8 @@ pub(super) enum Code {
     InvalidGrant,
     /// The client may not do this.
     UnauthorizedClient,
+    /// The DPoP proof failed a check (RFC 9449 §5).
+    InvalidDpopProof,
     /// A `grant_type` this server does not issue.
     UnsupportedGrantType,
     /// A scope outside the task's envelope, or malformed.
@@ -55,6 +57,7 @@ impl Code {
             Self::InvalidGrant => "invalid_grant",
             Self::UnauthorizedClient => "unauthorized_client",
             Self::UnsupportedGrantType => "unsupported_grant_type",
+            Self::InvalidDpopProof => "invalid_dpop_proof",
             Self::InvalidScope => "invalid_scope",
             Self::InvalidTarget => "invalid_target",
             Self::AccessDenied => "access_denied",
@@ -76,6 +79,7 @@ impl Code {
             | Self::InvalidGrant
             | Self::UnauthorizedClient
             | Self::UnsupportedGrantType
+            | Self::InvalidDpopProof
             | Self::InvalidScope
             | Self::InvalidTarget
             | Self::AccessDenied

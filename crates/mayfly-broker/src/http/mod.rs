@@ -26,10 +26,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
+use mayfly_core::dpop::{ALGORITHMS as DPOP_ALGORITHMS, ReplayCache};
 use mayfly_core::limits::MAX_FORM_BYTES;
 
 use crate::crl::CrlPublisher;
 use crate::service::Service;
+
+/// DPoP proofs the token endpoint remembers (each for a minute); beyond
+/// that it refuses new proofs rather than forget one.
+const DPOP_PROOFS_REMEMBERED: usize = 100_000;
 
 /// How long a readiness probe waits for the store.
 const READY_TIMEOUT: Duration = Duration::from_secs(1);
@@ -42,6 +47,10 @@ pub(super) struct HttpState {
     metadata: Arc<str>,
     /// Answers `/introspect`; its store is probed by `/readyz`.
     service: Arc<Service>,
+    /// The token endpoint's URL, which a DPoP proof must name (`htu`).
+    token_url: Arc<str>,
+    /// DPoP proofs already used at the token endpoint.
+    dpop_seen: Arc<ReplayCache>,
     /// Serves `/crl` when an issuing CA is configured.
     crl: Option<Arc<CrlPublisher>>,
 }
@@ -58,6 +67,7 @@ pub fn metadata(issuer: &str, algs: &[&str]) -> serde_json::Value {
         // workload identity, not a browser.
         "response_types_supported": [],
         "tls_client_certificate_bound_access_tokens": true,
+        "dpop_signing_alg_values_supported": DPOP_ALGORITHMS,
         "revocation_endpoint": format!("{issuer}/oauth2/revoke"),
         "revocation_endpoint_auth_methods_supported": ["tls_client_auth"],
         "introspection_endpoint": format!("{issuer}/introspect"),
@@ -68,6 +78,7 @@ pub fn metadata(issuer: &str, algs: &[&str]) -> serde_json::Value {
 
 /// The router for the side port.
 pub fn router(
+    issuer: &str,
     jwks: &serde_json::Value,
     metadata: &serde_json::Value,
     service: Arc<Service>,
@@ -77,6 +88,8 @@ pub fn router(
         jwks: jwks.to_string().into(),
         metadata: metadata.to_string().into(),
         service,
+        token_url: format!("{issuer}/oauth2/token").into(),
+        dpop_seen: Arc::new(ReplayCache::new(DPOP_PROOFS_REMEMBERED)),
         crl,
     };
     Router::new()

@@ -14,7 +14,9 @@
 //!   `expired_token` (RFC 8628 polling).
 //!
 //! Tokens are bound to the client certificate the request came with (RFC
-//! 8705 `cnf.x5t#S256`).
+//! 8705 `cnf.x5t#S256`), or, when the request carries a DPoP proof (RFC
+//! 9449), to the proof's key instead (`cnf.jkt`, `token_type` `DPoP`), so a
+//! client can use them where it presents no certificate.
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -22,8 +24,11 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use mayfly_core::dpop::{DpopError, Request as ProofRequest, verify_proof};
 use mayfly_core::limits::MAX_FORM_BYTES;
-use mayfly_core::{ApprovalId, Audience, Scopes, TaskId, Timestamp, parse_scopes, scope_string};
+use mayfly_core::{
+    ApprovalId, Audience, Scopes, TaskId, Timestamp, TokenBinding, parse_scopes, scope_string,
+};
 use serde_json::json;
 
 use super::HttpState;
@@ -32,7 +37,7 @@ use super::errors::{Code, OAuthError, POLL_INTERVAL};
 use super::form::Params;
 use crate::connections::PeerInfo;
 use crate::identity::Caller;
-use crate::service::{Issued, IssuedToken, TokenRequest};
+use crate::service::{Bind, Issued, IssuedToken, TokenRequest};
 
 /// The grant this endpoint issues.
 pub(super) const CLIENT_CREDENTIALS: &str = "client_credentials";
@@ -80,7 +85,7 @@ async fn grant(
     let params = Params::parse(headers, &body(raw)?)?;
     check_client_id(&caller, &params)?;
     match params.require("grant_type")? {
-        CLIENT_CREDENTIALS => client_credentials(s, &caller, &params).await,
+        CLIENT_CREDENTIALS => client_credentials(s, &caller, headers, &params).await,
         other => Err(OAuthError::new(
             Code::UnsupportedGrantType,
             format!(
@@ -90,9 +95,42 @@ async fn grant(
     }
 }
 
+/// What the token is bound to: the DPoP proof's key when the request
+/// carries one (checked, and used once), else the client certificate.
+fn binding(s: &HttpState, headers: &HeaderMap) -> Result<Bind, OAuthError> {
+    let mut proofs = headers.get_all("dpop").iter();
+    let (Some(proof), None) = (proofs.next(), proofs.next()) else {
+        return match headers.contains_key("dpop") {
+            true => Err(OAuthError::new(
+                Code::InvalidDpopProof,
+                "one DPoP header, not several",
+            )),
+            false => Ok(Bind::ClientCertificate),
+        };
+    };
+    let bad = |e: DpopError| OAuthError::new(Code::InvalidDpopProof, e.to_string());
+    let proof = proof
+        .to_str()
+        .map_err(|_| OAuthError::new(Code::InvalidDpopProof, "the DPoP header is not ASCII"))?;
+    let now = Timestamp::now();
+    let checked = verify_proof(
+        proof,
+        &ProofRequest {
+            method: "POST",
+            url: &s.token_url,
+            access_token: None,
+            now,
+        },
+    )
+    .map_err(bad)?;
+    s.dpop_seen.check(&checked, now).map_err(bad)?;
+    Ok(Bind::Dpop { jkt: checked.jkt })
+}
+
 async fn client_credentials(
     s: &HttpState,
     caller: &Caller,
+    headers: &HeaderMap,
     params: &Params,
 ) -> Result<Response, OAuthError> {
     let req = TokenRequest {
@@ -101,7 +139,7 @@ async fn client_credentials(
         audience: resource(params)?,
         scopes: scope(params)?,
         ttl_seconds: 0,
-        bind_to_client_cert: true,
+        binding: binding(s, headers)?,
         approval_id: params
             .get("approval_id")
             .map(ApprovalId::new)
@@ -172,7 +210,10 @@ fn token_response(t: &IssuedToken) -> Response {
     let lease = &t.lease;
     let mut body = json!({
         "access_token": t.credential.expose(),
-        "token_type": "Bearer",
+        "token_type": match lease.binding() {
+            Some(TokenBinding::Dpop { .. }) => "DPoP",
+            _ => "Bearer",
+        },
         "expires_in": Timestamp::now().until(lease.expires_at).as_secs(),
     });
     if !lease.scopes.is_empty() {

@@ -90,6 +90,7 @@ impl Broker {
 
         let algs = [self.signer.alg()];
         let router = http::router(
+            &self.issuer,
             self.signer.jwks(),
             &http::metadata(&self.issuer, &algs),
             self.service.clone(),

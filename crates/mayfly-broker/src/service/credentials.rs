@@ -6,14 +6,14 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use mayfly_core::{
-    AccessTokenClaims, ApprovalRequest, Confirmation, Decision, IssueTokenRequest, Lease,
-    LeaseDetail, LeaseId, Pattern, Policy, RevocationReason, Scopes, SignCertificateRequest,
-    SpiffeId, Task, Timestamp, scope_string,
+    AccessTokenClaims, ApprovalRequest, Decision, IssueTokenRequest, Lease, LeaseDetail, LeaseId,
+    Pattern, Policy, RevocationReason, Scopes, SignCertificateRequest, SpiffeId, Task, Timestamp,
+    TokenBinding, scope_string,
 };
 
 use super::pipeline::{Asked, Kind};
 use super::{
-    CertificateRequest, Issuance, Issued, IssuedCertificate, IssuedToken, TaskCertificate,
+    Bind, CertificateRequest, Issuance, Issued, IssuedCertificate, IssuedToken, TaskCertificate,
     TokenRequest,
 };
 use crate::audit::{AuditRecord, Event};
@@ -33,7 +33,11 @@ impl Kind for TokenRequest {
             audience: self.audience.clone(),
             scopes: self.scopes.clone(),
             ttl_seconds: self.ttl_seconds,
-            bind: self.bind_to_client_cert,
+            bind: self.binding == Bind::ClientCertificate,
+            dpop_jkt: match &self.binding {
+                Bind::Dpop { jkt } => Some(jkt.clone()),
+                Bind::None | Bind::ClientCertificate => None,
+            },
         }
     }
 
@@ -64,9 +68,13 @@ impl Kind for TokenRequest {
     fn detail(&self, caller: &Caller) -> LeaseDetail {
         LeaseDetail::Token {
             audience: self.audience.clone(),
-            cert_thumbprint: self
-                .bind_to_client_cert
-                .then(|| caller.cert_thumbprint.clone()),
+            binding: match &self.binding {
+                Bind::None => None,
+                Bind::ClientCertificate => Some(TokenBinding::Certificate {
+                    x5t_s256: caller.cert_thumbprint.clone(),
+                }),
+                Bind::Dpop { jkt } => Some(TokenBinding::Dpop { jkt: jkt.clone() }),
+            },
         }
     }
 
@@ -90,9 +98,7 @@ impl Kind for TokenRequest {
             client_id: lease.agent.to_string(),
             scope: (!self.scopes.is_empty()).then(|| scope_string(&self.scopes)),
             task_id: task.id.to_string(),
-            cnf: lease.cert_thumbprint().map(|x5t| Confirmation {
-                x5t_s256: x5t.to_owned(),
-            }),
+            cnf: lease.binding().map(TokenBinding::confirmation),
             act: task.actors(),
         };
         svc.signer
@@ -105,10 +111,10 @@ impl Kind for TokenRequest {
             "token for {} [{}]{}",
             self.audience,
             scope_string(&self.scopes),
-            if lease.cert_thumbprint().is_some() {
-                ", bound"
-            } else {
-                ""
+            match lease.binding() {
+                Some(TokenBinding::Certificate { .. }) => ", bound to the certificate",
+                Some(TokenBinding::Dpop { .. }) => ", DPoP-bound",
+                None => "",
             }
         )
     }
@@ -336,11 +342,7 @@ impl Issuance {
         // not one this broker handed out as it reads.
         let scope = claims.scope.as_deref().unwrap_or("");
         let active = lease.is_some_and(|l| {
-            let LeaseDetail::Token {
-                audience,
-                cert_thumbprint,
-            } = &l.detail
-            else {
+            let LeaseDetail::Token { audience, binding } = &l.detail else {
                 return false;
             };
             l.is_active_at(now)
@@ -349,7 +351,7 @@ impl Issuance {
                 && audience.as_str() == claims.aud
                 && scope_string(&l.scopes) == scope
                 && l.expires_at.as_secs() == claims.exp
-                && cert_thumbprint.as_deref() == claims.cnf.as_ref().map(|c| c.x5t_s256.as_str())
+                && binding.as_ref().map(TokenBinding::confirmation) == claims.cnf
         });
         if !active {
             return Ok(None);

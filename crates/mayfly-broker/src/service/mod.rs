@@ -26,8 +26,8 @@ mod task_cache;
 mod tasks;
 
 pub use requests::{
-    CertificateRequest, Issued, IssuedCertificate, IssuedToken, Minted, NewDelegation, NewTask,
-    TaskCertificate, TokenRequest,
+    Bind, CertificateRequest, Issued, IssuedCertificate, IssuedToken, Minted, NewDelegation,
+    NewTask, TaskCertificate, TokenRequest,
 };
 pub use task_cache::TaskCache;
 

@@ -47,10 +47,24 @@ pub struct TokenRequest {
     pub scopes: Scopes,
     /// The TTL field as sent (0 = default); approvals are bound to it.
     pub ttl_seconds: u64,
-    /// Bind to the caller's client certificate.
-    pub bind_to_client_cert: bool,
+    /// What the token is to be bound to.
+    pub binding: Bind,
     /// Collects an approved request.
     pub approval_id: Option<ApprovalId>,
+}
+
+/// What a token is to be bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bind {
+    /// Nothing: a bearer token.
+    None,
+    /// The client certificate of the request (RFC 8705).
+    ClientCertificate,
+    /// A DPoP key (RFC 9449), by its thumbprint.
+    Dpop {
+        /// RFC 7638 thumbprint.
+        jkt: String,
+    },
 }
 
 /// A validated `SignCertificate`.
