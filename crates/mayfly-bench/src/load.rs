@@ -11,6 +11,8 @@ use mayfly_client::{Client, pb};
 use tokio::sync::Semaphore;
 use tonic::Code;
 
+use crate::http::TokenEndpoint;
+
 /// What one operation is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mix {
@@ -20,6 +22,9 @@ pub enum Mix {
     Cert,
     /// StartTask, IssueToken ×k, CompleteTask.
     Lifecycle,
+    /// `POST /oauth2/token` (client credentials, over HTTP/2 and mTLS)
+    /// under a task started once per connection.
+    Oauth,
 }
 
 /// The request shape.
@@ -44,6 +49,8 @@ pub struct Lane {
     client: Client,
     task_id: String,
     csr: Vec<u8>,
+    /// The token endpoint, and the form posted to it, for `oauth`.
+    oauth: Option<(TokenEndpoint, String)>,
 }
 
 /// Counts shared by the workers while the run goes.
@@ -89,8 +96,13 @@ fn token_request(shape: &Shape, task_id: &str) -> pb::IssueTokenRequest {
 }
 
 impl Lane {
-    /// Prepares a connection: its task (for `token` and `cert`) and CSR.
-    pub async fn prepare(client: Client, shape: &Shape) -> anyhow::Result<Self> {
+    /// Prepares a connection: its task (for `token`, `cert` and `oauth`),
+    /// its CSR, and for `oauth` the form for `endpoint`.
+    pub async fn prepare(
+        client: Client,
+        shape: &Shape,
+        endpoint: Option<TokenEndpoint>,
+    ) -> anyhow::Result<Self> {
         let task_id = if shape.mix == Mix::Lifecycle {
             String::new()
         } else {
@@ -107,10 +119,19 @@ impl Lane {
             .serialize_request(&key)?
             .der()
             .to_vec();
+        let oauth = endpoint.map(|e| {
+            let mut form = form_urlencoded::Serializer::new(String::new());
+            form.append_pair("grant_type", "client_credentials")
+                .append_pair("task_id", &task_id)
+                .append_pair("resource", &shape.audience)
+                .append_pair("scope", &shape.scopes.join(" "));
+            (e, form.finish())
+        });
         Ok(Self {
             client,
             task_id,
             csr,
+            oauth,
         })
     }
 
@@ -134,6 +155,20 @@ impl Lane {
                         approval_id: String::new(),
                     })
                     .await?;
+                Ok(1)
+            }
+            Mix::Oauth => {
+                let (endpoint, form) = self
+                    .oauth
+                    .as_ref()
+                    .ok_or_else(|| tonic::Status::internal("no token endpoint"))?;
+                endpoint.token(form).await.map_err(|e| {
+                    if e.to_string().starts_with("429") {
+                        tonic::Status::resource_exhausted(e.to_string())
+                    } else {
+                        tonic::Status::unknown(e.to_string())
+                    }
+                })?;
                 Ok(1)
             }
             Mix::Lifecycle => {

@@ -7,6 +7,7 @@
 //! mayfly-bench --mix token --connections 4 --concurrency 32 --duration 10s
 //! mayfly-bench --mix token --rate 2000 --duration 10s       # fixed rate
 //! mayfly-bench --mix lifecycle --tokens-per-task 5 --json
+//! mayfly-bench --mix oauth --duration 10s   # POST /oauth2/token over HTTP/2
 //! ```
 //!
 //! It connects with a `mayfly dev init` profile (`--profile`, default
@@ -15,6 +16,7 @@
 
 #![forbid(unsafe_code)]
 
+mod http;
 mod limits;
 mod load;
 
@@ -105,6 +107,10 @@ struct Args {
     /// Profile directory from `mayfly dev init`.
     #[arg(long, env = "MAYFLY_PROFILE")]
     profile: Option<PathBuf>,
+    /// The broker's HTTPS URL, for `--mix oauth` (default: the gRPC
+    /// port's host, next port).
+    #[arg(long, env = "MAYFLY_HTTP")]
+    http: Option<String>,
     /// Identity under the profile's identities/ (default: its agent).
     #[arg(long, env = "MAYFLY_IDENTITY")]
     identity: Option<String>,
@@ -157,6 +163,20 @@ impl Args {
             identity: self.identity.clone(),
         };
         Ok(from_profile(&dir, Role::Agent, &over)?)
+    }
+
+    /// The HTTPS port: `--http`, else the gRPC port's host and the next
+    /// port (as `mayfly dev init` lays them out).
+    fn http_url(&self, grpc: &str) -> anyhow::Result<String> {
+        if let Some(u) = &self.http {
+            return Ok(u.clone());
+        }
+        let (base, port) = grpc
+            .trim_end_matches('/')
+            .rsplit_once(':')
+            .context("cannot tell the HTTPS port from the broker URL: pass --http")?;
+        let port: u16 = port.parse().context("pass --http")?;
+        Ok(format!("{base}:{}", port + 1))
     }
 
     fn validate(&self) -> anyhow::Result<()> {
@@ -222,7 +242,7 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 /// The limit an operation of `mix` is held to, and what it is called.
 fn limit_for(mix: Mix, l: &Limits, tokens_per_task: usize) -> Option<(f64, &'static str)> {
     match mix {
-        Mix::Token => l.sign_store.map(|v| (v, "in-process sign + store write")),
+        Mix::Token | Mix::Oauth => l.sign_store.map(|v| (v, "in-process sign + store write")),
         Mix::Cert => match (l.cert, l.store) {
             (Some(c), Some(s)) => Some((c.min(s), "in-process certificate signing, store write")),
             (Some(c), None) => Some((c, "in-process certificate signing")),
@@ -335,7 +355,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     for _ in 0..args.connections {
         let client = Client::connect(&config).await?;
-        lanes.push(Lane::prepare(client, &shape).await?);
+        let endpoint = match args.mix {
+            Mix::Oauth => Some(
+                http::TokenEndpoint::connect(&args.http_url(&config.broker)?, &config)
+                    .await
+                    .context("connecting to the token endpoint (--http)")?,
+            ),
+            _ => None,
+        };
+        lanes.push(Lane::prepare(client, &shape, endpoint).await?);
     }
     let pace = match args.rate {
         Some(per_second) => Pace::Fixed {
