@@ -92,7 +92,14 @@ async fn the_metadata_names_every_endpoint_at_both_well_known_addresses() {
     assert_eq!(m["introspection_endpoint"], format!("{iss}/introspect"));
     assert_eq!(
         m["grant_types_supported"],
-        serde_json::json!(["client_credentials"])
+        serde_json::json!([
+            "client_credentials",
+            "urn:ietf:params:oauth:grant-type:token-exchange"
+        ])
+    );
+    assert_eq!(
+        m["dpop_signing_alg_values_supported"],
+        serde_json::json!(["ES256", "EdDSA"])
     );
     assert_eq!(
         m["token_endpoint_auth_methods_supported"],
@@ -609,4 +616,309 @@ async fn issue_token_binds_to_a_dpop_key_given_as_a_jwk() {
         tonic::Code::InvalidArgument,
         "not JSON",
     );
+}
+
+const EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+
+fn exchange_form(subject: &str, resource: &str, scope: &str) -> String {
+    format!(
+        "grant_type={EXCHANGE}&subject_token={subject}&subject_token_type={ACCESS_TOKEN}\
+         &resource={resource}&scope={scope}"
+    )
+}
+
+/// Each service hop is a reviewable exchange: the token stays the
+/// agent's (`sub`), names one more actor each time (`act`), is a lease of
+/// the same task, and dies with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_exchange_adds_one_hop_and_dies_with_the_task() {
+    let broker = TestBroker::start().await;
+    let (agent, op) = (broker.agent().await, broker.operator().await);
+    let mut req = start_request("hop", &[API, TOOLS], &["read:files", "write:files"]);
+    req.context = [("environment".to_owned(), "staging".to_owned())].into();
+    let task = agent.broker().start_task(req).await.unwrap().into_inner();
+    let first = agent
+        .issue_token(token_request(&task.task_id, API, &["read:files"]))
+        .await
+        .unwrap();
+    let files = svid(&broker, "spiffe://example.org/api/files");
+    let tools = svid(&broker, "spiffe://example.org/api/tools");
+
+    // The files API calls the tools API on the agent's behalf.
+    let (status, body) = post(
+        &broker,
+        "/oauth2/token",
+        Some(&files),
+        &exchange_form(&first.token, TOOLS, "read:files"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["issued_token_type"], ACCESS_TOKEN);
+    let second = body["access_token"].as_str().unwrap().to_owned();
+    let c = validate(&broker, &second, TOOLS).await;
+    assert_eq!(c["sub"], AGENT);
+    assert_eq!(c["client_id"], "spiffe://example.org/api/files");
+    assert_eq!(
+        c["act"],
+        serde_json::json!({"sub": "spiffe://example.org/api/files"})
+    );
+    assert_eq!(c["task_id"], task.task_id.as_str());
+    let der = CertificateDer::from_pem_slice(files.cert_pem.as_bytes()).unwrap();
+    assert_eq!(
+        c["cnf"]["x5t#S256"],
+        mayfly_verify::cert_thumbprint(&der).as_str()
+    );
+
+    // The tools API, one hop further: `act` nests.
+    let (status, body) = post(
+        &broker,
+        "/oauth2/token",
+        Some(&tools),
+        &exchange_form(&second, API, "read:files"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let third = body["access_token"].as_str().unwrap().to_owned();
+    let c3 = validate(&broker, &third, API).await;
+    assert_eq!(c3["sub"], AGENT);
+    assert_eq!(
+        c3["act"],
+        serde_json::json!({"sub": "spiffe://example.org/api/tools", "act": {"sub": "spiffe://example.org/api/files"}})
+    );
+
+    // Both hops are leases of the task, listed with it.
+    let leases = all_leases(
+        &op,
+        pb::ListLeasesRequest {
+            task_id: task.task_id.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let ids: Vec<&str> = leases.iter().map(|l| l.lease_id.as_str()).collect();
+    for t in [&second, &third] {
+        let jti = claims_unverified(t)["jti"].as_str().unwrap().to_owned();
+        assert!(ids.contains(&jti.as_str()), "{jti} in {ids:?}");
+        assert_eq!(lease(&op, &jti).await.kind, pb::LeaseKind::Jwt as i32);
+    }
+
+    // A context change policy no longer allows takes the hops, not the
+    // agent's own token.
+    let changed = agent
+        .broker()
+        .update_task_context(pb::UpdateTaskContextRequest {
+            task_id: task.task_id.clone(),
+            set: [("environment".to_owned(), "production".to_owned())].into(),
+            remove: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let hops: Vec<String> = [&second, &third]
+        .iter()
+        .map(|t| claims_unverified(t)["jti"].as_str().unwrap().to_owned())
+        .collect();
+    let mut revoked = changed.revoked_leases.clone();
+    revoked.sort();
+    let mut want = hops.clone();
+    want.sort();
+    assert_eq!(revoked, want);
+    assert_eq!(
+        lease(&op, &first.lease_id).await.state,
+        pb::LeaseState::Active as i32
+    );
+
+    // Exchanges in production are refused; back in staging they work, and
+    // completing the task ends every hop.
+    let (status, body) = post(
+        &broker,
+        "/oauth2/token",
+        Some(&files),
+        &exchange_form(&first.token, TOOLS, "read:files"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("access_denied")),
+        "{body}"
+    );
+    agent
+        .broker()
+        .update_task_context(pb::UpdateTaskContextRequest {
+            task_id: task.task_id.clone(),
+            set: [("environment".to_owned(), "staging".to_owned())].into(),
+            remove: vec![],
+        })
+        .await
+        .unwrap();
+    let (_, body) = post(
+        &broker,
+        "/oauth2/token",
+        Some(&files),
+        &exchange_form(&first.token, TOOLS, "read:files"),
+    )
+    .await;
+    let hop = claims_unverified(body["access_token"].as_str().unwrap())["jti"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    agent.complete_task(&task.task_id).await.unwrap();
+    assert_eq!(lease(&op, &hop).await.state, pb::LeaseState::Revoked as i32);
+    // A subject token that has ended is no grant.
+    let (status, body) = post(
+        &broker,
+        "/oauth2/token",
+        Some(&files),
+        &exchange_form(&first.token, TOOLS, "read:files"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{body}"
+    );
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("revoked or expired"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refused_exchange_names_its_error_and_writes_nothing() {
+    let broker = TestBroker::start().await;
+    let (agent, op) = (broker.agent().await, broker.operator().await);
+    let task = agent
+        .broker()
+        .start_task(start_request(
+            "hop",
+            &[API, TOOLS],
+            &["read:files", "write:files"],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let t = agent
+        .issue_token(token_request(&task.task_id, API, &["read:files"]))
+        .await
+        .unwrap()
+        .token;
+    let mut short = token_request(&task.task_id, API, &["read:files"]);
+    short.ttl_seconds = 1;
+    let expiring = agent.issue_token(short).await.unwrap().token;
+    let files = svid(&broker, "spiffe://example.org/api/files");
+    let not_a_service = svid(&broker, "spiffe://example.org/agent/other");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let parts: Vec<&str> = t.split('.').collect();
+    let forged = format!("{}.{}x.{}", parts[0], parts[1], parts[2]);
+    let cases: Vec<(&str, &Credential, String, &str, &str)> = vec![
+        (
+            "outside the envelope",
+            &files,
+            exchange_form(&t, "https://billing.example.com", "read:files"),
+            "invalid_target",
+            "billing",
+        ),
+        (
+            "scope outside the envelope",
+            &files,
+            exchange_form(&t, TOOLS, "admin:files"),
+            "invalid_scope",
+            "admin:files",
+        ),
+        (
+            "a write hop",
+            &files,
+            exchange_form(&t, TOOLS, "write:files"),
+            "access_denied",
+            "no policy permits",
+        ),
+        (
+            "a caller no policy lets exchange",
+            &not_a_service,
+            exchange_form(&t, TOOLS, "read:files"),
+            "access_denied",
+            "no policy permits",
+        ),
+        (
+            "an expired subject token",
+            &files,
+            exchange_form(&expiring, TOOLS, "read:files"),
+            "invalid_grant",
+            "expired",
+        ),
+        (
+            "a forged subject token",
+            &files,
+            exchange_form(&forged, TOOLS, "read:files"),
+            "invalid_grant",
+            "not a token this broker issued",
+        ),
+        (
+            "garbage",
+            &files,
+            exchange_form("x.y.z", TOOLS, "read:files"),
+            "invalid_grant",
+            "not a token",
+        ),
+        (
+            "no subject_token_type",
+            &files,
+            format!("grant_type={EXCHANGE}&subject_token={t}&resource={TOOLS}"),
+            "invalid_request",
+            "subject_token_type",
+        ),
+        (
+            "another subject_token_type",
+            &files,
+            exchange_form(&t, TOOLS, "read:files").replace("access_token&", "id_token&"),
+            "invalid_request",
+            "id_token",
+        ),
+        (
+            "an actor_token",
+            &files,
+            format!(
+                "{}&actor_token=x&actor_token_type={ACCESS_TOKEN}",
+                exchange_form(&t, TOOLS, "read:files")
+            ),
+            "invalid_request",
+            "actor_token",
+        ),
+    ];
+    let before = all_leases(
+        &op,
+        pb::ListLeasesRequest {
+            task_id: task.task_id.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .len();
+    for (what, who, form, error, needle) in cases {
+        let (status, body) = post(&broker, "/oauth2/token", Some(who), &form).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some(error)),
+            "{what}: {body}"
+        );
+        let said = body["error_description"].as_str().unwrap_or_default();
+        assert!(
+            said.contains(needle),
+            "{what}: {said:?} should name {needle:?}"
+        );
+    }
+    let after = all_leases(
+        &op,
+        pb::ListLeasesRequest {
+            task_id: task.task_id.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .len();
+    assert_eq!(after, before, "a refused exchange wrote a lease");
 }

@@ -62,6 +62,11 @@ pub enum Event {
     CertificateIssued,
     /// A certificate was refused.
     CertificateDenied,
+    /// A service exchanged a token of a task for one to call the next
+    /// service (RFC 8693).
+    TokenExchanged,
+    /// A token exchange was refused.
+    ExchangeDenied,
     /// Policy asked for an operator's approval.
     ApprovalRequested,
     /// An operator approved.
@@ -91,6 +96,8 @@ impl Event {
             Self::TokenDenied => "token_denied",
             Self::CertificateIssued => "certificate_issued",
             Self::CertificateDenied => "certificate_denied",
+            Self::TokenExchanged => "token_exchanged",
+            Self::ExchangeDenied => "exchange_denied",
             Self::ApprovalRequested => "approval_requested",
             Self::ApprovalGranted => "approval_granted",
             Self::ApprovalDenied => "approval_denied",
@@ -166,6 +173,10 @@ pub struct AuditRecord {
     /// When the credential or task expires (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
+    /// For an exchanged token: the lease of the token it was exchanged
+    /// for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_lease_id: Option<String>,
 }
 
 /// RFC 3339 UTC with exactly three fractional digits, so records align
@@ -214,6 +225,7 @@ impl AuditRecord {
             reason: None,
             revoked: Vec::new(),
             expires_at: None,
+            subject_lease_id: None,
         }
     }
 

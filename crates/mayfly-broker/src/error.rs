@@ -114,6 +114,9 @@ pub enum BrokerError {
     /// revoke it.
     #[error("the token was issued to another client; {0} may revoke only its own tokens")]
     NotTokenClient(SpiffeId),
+    /// The token offered for exchange is not a live token of this broker.
+    #[error("subject_token {0}")]
+    InvalidSubjectToken(String),
     /// The caller may not watch the revocation feed.
     #[error("{0} may not watch the revocation feed (feed.watchers)")]
     NotWatcher(SpiffeId),

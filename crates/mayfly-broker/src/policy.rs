@@ -9,7 +9,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use mayfly_core::{
-    Decision, DelegateRequest, IssueTokenRequest, Policy, SignCertificateRequest, StartTaskRequest,
+    Decision, DelegateRequest, ExchangeTokenRequest, IssueTokenRequest, Policy,
+    SignCertificateRequest, StartTaskRequest,
 };
 use mayfly_policy::{CedarPolicy, PolicyLoadError};
 
@@ -70,6 +71,9 @@ impl Policy for PolicyHandle {
     }
     fn decide_delegate(&self, req: &DelegateRequest<'_>) -> Decision {
         self.get().decide_delegate(req)
+    }
+    fn decide_exchange_token(&self, req: &ExchangeTokenRequest<'_>) -> Decision {
+        self.get().decide_exchange_token(req)
     }
 }
 

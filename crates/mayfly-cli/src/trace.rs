@@ -147,14 +147,14 @@ fn collect(records: &[AuditRecord], now: SystemTime) -> BTreeMap<String, TaskNod
                     node.delegated_by.clone_from(&r.caller);
                 }
             }
-            Event::TokenIssued | Event::CertificateIssued => {
+            Event::TokenIssued | Event::CertificateIssued | Event::TokenExchanged => {
                 if let Some(lease) = &r.lease_id {
                     owner.insert(lease.clone(), task_id.clone());
                     node.credentials.push(Credential {
-                        kind: if r.event == Event::TokenIssued {
-                            "token"
-                        } else {
-                            "certificate"
+                        kind: match r.event {
+                            Event::TokenIssued => "token",
+                            Event::TokenExchanged => "exchanged token",
+                            _ => "certificate",
                         },
                         lease_id: lease.clone(),
                         audience: r.audience.clone(),
@@ -172,6 +172,7 @@ fn collect(records: &[AuditRecord], now: SystemTime) -> BTreeMap<String, TaskNod
             | Event::DelegationDenied
             | Event::TokenDenied
             | Event::CertificateDenied
+            | Event::ExchangeDenied
             | Event::ApprovalRequested
             | Event::ApprovalGranted
             | Event::ApprovalDenied

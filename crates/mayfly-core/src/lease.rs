@@ -188,6 +188,19 @@ pub enum LeaseDetail {
         /// What it is bound to, if anything.
         binding: Option<TokenBinding>,
     },
+    /// A token a service got by exchanging a token of the task (RFC
+    /// 8693): the lease's `agent` is the task's owner, `actor` the
+    /// service that holds it.
+    ExchangedToken {
+        /// Its one audience.
+        audience: Audience,
+        /// What it is bound to, if anything.
+        binding: Option<TokenBinding>,
+        /// The service that exchanged for it, and holds it.
+        actor: SpiffeId,
+        /// The audience of the token it was exchanged for.
+        subject_audience: Audience,
+    },
     /// An X.509 certificate.
     Certificate {
         /// Its serial number, upper-case hex.
@@ -205,7 +218,7 @@ impl LeaseDetail {
     pub fn kind(&self) -> Option<LeaseKind> {
         match self {
             Self::Task => Some(LeaseKind::Task),
-            Self::Token { .. } => Some(LeaseKind::Jwt),
+            Self::Token { .. } | Self::ExchangedToken { .. } => Some(LeaseKind::Jwt),
             Self::Certificate { .. } => Some(LeaseKind::X509),
             Self::Unrecognised { .. } => None,
         }
@@ -216,10 +229,17 @@ impl LeaseDetail {
     pub fn kind_name(&self) -> &str {
         match self {
             Self::Unrecognised { kind } => kind,
+            // Its own name, so a broker that predates exchange reads it as
+            // a kind it does not know (and revokes it rather than decide
+            // it as the owner's token).
+            Self::ExchangedToken { .. } => EXCHANGED_TOKEN,
             known => known.kind().map_or("", LeaseKind::as_str),
         }
     }
 }
+
+/// The stored kind name of an exchanged token's lease.
+pub const EXCHANGED_TOKEN: &str = "exchanged_jwt";
 
 /// One lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -267,6 +287,10 @@ struct StoredLease {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     dpop_jkt: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    actor: Option<SpiffeId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    subject_audience: Option<Audience>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     serial: Option<String>,
     #[serde(default)]
     task_revision: u64,
@@ -282,10 +306,19 @@ impl From<StoredLease> for Lease {
             (None, Some(jkt)) => Ok(Some(TokenBinding::Dpop { jkt })),
             (Some(_), Some(_)) => Err(()),
         };
-        let detail = match (s.kind.as_str(), s.audience, s.serial, binding) {
-            ("task", _, _, _) => LeaseDetail::Task,
-            ("jwt", Some(audience), _, Ok(binding)) => LeaseDetail::Token { audience, binding },
-            ("x509", _, Some(serial), _) => LeaseDetail::Certificate { serial },
+        let exchange = s.actor.zip(s.subject_audience);
+        let detail = match (s.kind.as_str(), s.audience, s.serial, binding, exchange) {
+            ("task", ..) => LeaseDetail::Task,
+            ("jwt", Some(audience), _, Ok(binding), _) => LeaseDetail::Token { audience, binding },
+            (EXCHANGED_TOKEN, Some(audience), _, Ok(binding), Some((actor, subject_audience))) => {
+                LeaseDetail::ExchangedToken {
+                    audience,
+                    binding,
+                    actor,
+                    subject_audience,
+                }
+            }
+            ("x509", _, Some(serial), ..) => LeaseDetail::Certificate { serial },
             // A kind this build does not know, a token without its
             // audience or bound twice, or a certificate without its serial.
             _ => LeaseDetail::Unrecognised { kind: s.kind },
@@ -308,8 +341,18 @@ impl From<StoredLease> for Lease {
 impl From<Lease> for StoredLease {
     fn from(l: Lease) -> Self {
         let kind = l.detail.kind_name().to_owned();
+        let (mut actor, mut subject_audience) = (None, None);
         let (audience, binding, serial) = match l.detail {
             LeaseDetail::Token { audience, binding } => (Some(audience), binding, None),
+            LeaseDetail::ExchangedToken {
+                audience,
+                binding,
+                actor: a,
+                subject_audience: s,
+            } => {
+                (actor, subject_audience) = (Some(a), Some(s));
+                (Some(audience), binding, None)
+            }
             LeaseDetail::Certificate { serial } => (None, None, Some(serial)),
             LeaseDetail::Task | LeaseDetail::Unrecognised { .. } => (None, None, None),
         };
@@ -330,6 +373,8 @@ impl From<Lease> for StoredLease {
             status: l.status,
             cert_thumbprint,
             dpop_jkt,
+            actor,
+            subject_audience,
             serial,
             task_revision: l.task_revision,
             approval: l.approval,
@@ -346,15 +391,28 @@ impl Lease {
     /// A token's audience.
     pub fn audience(&self) -> Option<&Audience> {
         match &self.detail {
-            LeaseDetail::Token { audience, .. } => Some(audience),
+            LeaseDetail::Token { audience, .. } | LeaseDetail::ExchangedToken { audience, .. } => {
+                Some(audience)
+            }
             _ => None,
+        }
+    }
+
+    /// Who holds the credential: the owner, or for an exchanged token the
+    /// service that exchanged for it (the token's `client_id`).
+    pub fn holder(&self) -> &SpiffeId {
+        match &self.detail {
+            LeaseDetail::ExchangedToken { actor, .. } => actor,
+            _ => &self.agent,
         }
     }
 
     /// What a token is bound to.
     pub fn binding(&self) -> Option<&TokenBinding> {
         match &self.detail {
-            LeaseDetail::Token { binding, .. } => binding.as_ref(),
+            LeaseDetail::Token { binding, .. } | LeaseDetail::ExchangedToken { binding, .. } => {
+                binding.as_ref()
+            }
             _ => None,
         }
     }
@@ -472,6 +530,12 @@ mod tests {
             },
             LeaseDetail::Unrecognised {
                 kind: "db_login".into(),
+            },
+            LeaseDetail::ExchangedToken {
+                audience: Audience::new("next").unwrap(),
+                binding: None,
+                actor: SpiffeId::new("spiffe://td/api/a").unwrap(),
+                subject_audience: Audience::new("api").unwrap(),
             },
         ] {
             l.detail = detail;

@@ -34,13 +34,13 @@ pub use envelope::{
 };
 pub use id::{IdError, LeaseId, TaskId};
 pub use lease::{
-    Lease, LeaseDetail, LeaseKind, LeaseState, LeaseStatus, Revocation, RevocationReason,
-    TokenBinding,
+    EXCHANGED_TOKEN, Lease, LeaseDetail, LeaseKind, LeaseState, LeaseStatus, Revocation,
+    RevocationReason, TokenBinding,
 };
 pub use lock::{AgentLock, MAX_LOCK_REASON_BYTES};
 pub use policy::{
-    Decision, DelegateRequest, IssueTokenRequest, Pattern, Policy, SignCertificateRequest,
-    StartTaskRequest,
+    Decision, DelegateRequest, ExchangeTokenRequest, IssueTokenRequest, Pattern, Policy,
+    SignCertificateRequest, StartTaskRequest,
 };
 pub use spiffe::{SpiffeId, SpiffeIdError, SpiffeIdPattern, TASK_SEGMENT, TrustDomain};
 pub use task::{Task, TaskRecord, TaskState};

@@ -1,5 +1,5 @@
 //! The authorization seam. Every `StartTask`, `IssueToken`,
-//! `SignCertificate` and `DelegateTask` is decided at request time by a [`Policy`]; the broker
+//! `SignCertificate`, `DelegateTask` and token exchange is decided at request time by a [`Policy`]; the broker
 //! never decides on its own. The Cedar implementation lives in
 //! `mayfly-policy`.
 
@@ -58,6 +58,29 @@ pub struct SignCertificateRequest<'a> {
     pub now: Timestamp,
 }
 
+/// A request to exchange a token of a task for one to call the next
+/// service (RFC 8693), as policy sees it: `actor` received the token
+/// (issued for `subject_audience`) and asks for one for `audience`.
+#[derive(Debug)]
+pub struct ExchangeTokenRequest<'a> {
+    /// The caller: the service exchanging the token.
+    pub actor: &'a SpiffeId,
+    /// The agent the work is for: the task's owner.
+    pub subject: &'a SpiffeId,
+    /// The audience of the token being exchanged (what the actor is).
+    pub subject_audience: &'a Audience,
+    /// The task both tokens belong to.
+    pub task: &'a Task,
+    /// The new token's audience.
+    pub audience: &'a Audience,
+    /// The new token's scopes.
+    pub scopes: &'a Scopes,
+    /// The lifetime asked for (or the default), before policy caps it.
+    pub ttl: Duration,
+    /// The time of the request.
+    pub now: Timestamp,
+}
+
 /// A request to hand part of a task to another agent, as policy sees it.
 #[derive(Debug)]
 pub struct DelegateRequest<'a> {
@@ -108,6 +131,8 @@ pub trait Policy: Send + Sync + fmt::Debug {
     fn decide_sign_certificate(&self, req: &SignCertificateRequest<'_>) -> Decision;
     /// May `req.agent` hand part of `req.task` to `req.delegate`?
     fn decide_delegate(&self, req: &DelegateRequest<'_>) -> Decision;
+    /// May `req.actor` exchange a token of `req.task` for this one?
+    fn decide_exchange_token(&self, req: &ExchangeTokenRequest<'_>) -> Decision;
 }
 
 /// A pattern over audiences (or other names): exact text, or `prefix*` matching

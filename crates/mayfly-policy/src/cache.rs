@@ -43,6 +43,7 @@ struct Key {
     action: &'static str,
     agent: String,
     delegate: Option<String>,
+    exchange: Option<(String, String)>,
     resource: EntityUid,
     task_id: String,
     intent: String,
@@ -57,6 +58,7 @@ impl Key {
             action: ask.action,
             agent: ask.agent.to_string(),
             delegate: ask.delegate.map(ToString::to_string),
+            exchange: ask.exchange.map(|(s, a)| (s.to_string(), a.to_owned())),
             resource: ask.resource.clone(),
             task_id: ask.task_id.to_owned(),
             intent: ask.intent.to_owned(),
@@ -71,6 +73,11 @@ impl Key {
         self.action == ask.action
             && self.agent == ask.agent.as_str()
             && self.delegate.as_deref() == ask.delegate.map(|d| d.as_str())
+            && self
+                .exchange
+                .as_ref()
+                .map(|(s, a)| (s.as_str(), a.as_str()))
+                == ask.exchange.map(|(s, a)| (s.as_str(), a))
             && self.resource == ask.resource
             && self.task_id == ask.task_id
             && self.intent == ask.intent
@@ -87,6 +94,7 @@ fn hash(ask: &Ask<'_>) -> u64 {
     ask.action.hash(&mut h);
     ask.agent.as_str().hash(&mut h);
     ask.delegate.map(|d| d.as_str()).hash(&mut h);
+    ask.exchange.map(|(s, a)| (s.as_str(), a)).hash(&mut h);
     ask.resource.hash(&mut h);
     ask.task_id.hash(&mut h);
     ask.intent.hash(&mut h);

@@ -30,8 +30,8 @@ use cedar_policy::{
     PolicySet, Request, RestrictedExpression, Schema,
 };
 use mayfly_core::{
-    Decision, DelegateRequest, IssueTokenRequest, Policy, SignCertificateRequest, SpiffeId,
-    StartTaskRequest, TaskContext, Timestamp,
+    Decision, DelegateRequest, ExchangeTokenRequest, IssueTokenRequest, Policy,
+    SignCertificateRequest, SpiffeId, StartTaskRequest, TaskContext, Timestamp,
 };
 
 pub use load::{PolicyLoadError, Problem};
@@ -72,7 +72,13 @@ impl std::fmt::Debug for CedarPolicy {
 }
 
 /// The actions of the schema.
-const ACTIONS: [&str; 4] = ["start_task", "issue_token", "sign_certificate", "delegate"];
+const ACTIONS: [&str; 5] = [
+    "start_task",
+    "issue_token",
+    "sign_certificate",
+    "delegate",
+    "exchange_token",
+];
 
 /// The schema's entity types. Parsing a name runs Cedar's parser, which
 /// costs more than the rest of a decision, so each is parsed once.
@@ -147,6 +153,9 @@ struct Ask<'a> {
     agent: &'a SpiffeId,
     /// For `delegate`: the agent the resource names, added to the entities.
     delegate: Option<&'a SpiffeId>,
+    /// For `exchange_token`: the subject agent (added to the entities) and
+    /// the exchanged token's audience.
+    exchange: Option<(&'a SpiffeId, &'a str)>,
     action: &'static str,
     resource: EntityUid,
     task_id: &'a str,
@@ -207,6 +216,9 @@ impl CedarPolicy {
         if let Some(d) = ask.delegate.filter(|d| *d != ask.agent) {
             entities.push(agent_entity(d));
         }
+        if let Some((subject, _)) = ask.exchange.filter(|(s, _)| *s != ask.agent) {
+            entities.push(agent_entity(subject));
+        }
         let entities = match entities.into_iter().collect::<Result<Vec<_>, _>>() {
             Ok(list) => match Entities::from_entities(list, None) {
                 Ok(e) => e,
@@ -214,39 +226,53 @@ impl CedarPolicy {
             },
             Err(e) => return fail(e),
         };
-        let context = Context::from_pairs([
-            (
-                "task".to_owned(),
-                RestrictedExpression::new_entity_uid(task_uid),
-            ),
-            (
-                "scopes".to_owned(),
-                RestrictedExpression::new_set(ask.scopes.iter().map(|s| string(s))),
-            ),
-            (
-                "scope_prefixes".to_owned(),
-                RestrictedExpression::new_set(
-                    ask.scopes
-                        .iter()
-                        .map(|s| s.split(':').next().unwrap_or(s))
-                        .collect::<BTreeSet<_>>()
-                        .into_iter()
-                        .map(string),
+        let exchange = ask.exchange.map(|(subject, audience)| {
+            [
+                (
+                    "subject".to_owned(),
+                    RestrictedExpression::new_entity_uid(uid(Type::Agent, subject.as_str())),
                 ),
-            ),
-            (
-                "ttl_seconds".to_owned(),
-                RestrictedExpression::new_long(
-                    i64::try_from(ask.ttl.as_secs()).unwrap_or(i64::MAX),
+                (
+                    "subject_audience".to_owned(),
+                    RestrictedExpression::new_entity_uid(uid(Type::Audience, audience)),
                 ),
-            ),
-            (
-                "now".to_owned(),
-                RestrictedExpression::new_long(
-                    i64::try_from(ask.now.as_secs()).unwrap_or(i64::MAX),
+            ]
+        });
+        let context = Context::from_pairs(
+            exchange.into_iter().flatten().chain([
+                (
+                    "task".to_owned(),
+                    RestrictedExpression::new_entity_uid(task_uid),
                 ),
-            ),
-        ]);
+                (
+                    "scopes".to_owned(),
+                    RestrictedExpression::new_set(ask.scopes.iter().map(|s| string(s))),
+                ),
+                (
+                    "scope_prefixes".to_owned(),
+                    RestrictedExpression::new_set(
+                        ask.scopes
+                            .iter()
+                            .map(|s| s.split(':').next().unwrap_or(s))
+                            .collect::<BTreeSet<_>>()
+                            .into_iter()
+                            .map(string),
+                    ),
+                ),
+                (
+                    "ttl_seconds".to_owned(),
+                    RestrictedExpression::new_long(
+                        i64::try_from(ask.ttl.as_secs()).unwrap_or(i64::MAX),
+                    ),
+                ),
+                (
+                    "now".to_owned(),
+                    RestrictedExpression::new_long(
+                        i64::try_from(ask.now.as_secs()).unwrap_or(i64::MAX),
+                    ),
+                ),
+            ]),
+        );
         let context = match context {
             Ok(c) => c,
             Err(e) => return fail(e.to_string()),
@@ -350,6 +376,7 @@ impl Policy for CedarPolicy {
             self.ask(Ask {
                 agent: req.agent,
                 delegate: None,
+                exchange: None,
                 action: "start_task",
                 resource: uid(Type::Audience, aud.as_str()),
                 task_id: "new",
@@ -366,6 +393,7 @@ impl Policy for CedarPolicy {
         self.ask(Ask {
             agent: req.agent,
             delegate: None,
+            exchange: None,
             action: "issue_token",
             resource: uid(Type::Audience, req.audience.as_str()),
             task_id: req.task.id.as_str(),
@@ -381,6 +409,7 @@ impl Policy for CedarPolicy {
         self.ask(Ask {
             agent: req.agent,
             delegate: Some(req.delegate),
+            exchange: None,
             action: "delegate",
             resource: uid(Type::Agent, req.delegate.as_str()),
             task_id: req.task.id.as_str(),
@@ -392,10 +421,27 @@ impl Policy for CedarPolicy {
         })
     }
 
+    fn decide_exchange_token(&self, req: &ExchangeTokenRequest<'_>) -> Decision {
+        self.ask(Ask {
+            agent: req.actor,
+            delegate: None,
+            exchange: Some((req.subject, req.subject_audience.as_str())),
+            action: "exchange_token",
+            resource: uid(Type::Audience, req.audience.as_str()),
+            task_id: req.task.id.as_str(),
+            intent: req.task.intent.as_str(),
+            context: &req.task.context,
+            scopes: req.scopes.iter().map(|s| s.as_str()).collect(),
+            ttl: req.ttl,
+            now: req.now,
+        })
+    }
+
     fn decide_sign_certificate(&self, req: &SignCertificateRequest<'_>) -> Decision {
         self.ask(Ask {
             agent: req.agent,
             delegate: None,
+            exchange: None,
             action: "sign_certificate",
             resource: uid(Type::CertificateKind, "task"),
             task_id: req.task.id.as_str(),
@@ -487,6 +533,10 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
             ),
             ("sign_certificate", uid(Type::CertificateKind, "task")),
             ("delegate", uid(Type::Agent, worker.as_str())),
+            (
+                "exchange_token",
+                uid(Type::Audience, "https://payments.prod.example.com"),
+            ),
         ];
         let (mut permits, mut forbids, mut errors, mut defaults) = (0, 0, 0, 0);
         for agent in &agents {
@@ -497,6 +547,8 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
                             let ask = Ask {
                                 agent,
                                 delegate: (*action == "delegate").then_some(&worker),
+                                exchange: (*action == "exchange_token")
+                                    .then_some((&worker, "https://tickets.prod.example.com")),
                                 action,
                                 resource: resource.clone(),
                                 task_id: "t",
@@ -541,6 +593,7 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
         Ask {
             agent,
             delegate: None,
+            exchange: None,
             action: "issue_token",
             resource: uid(Type::Audience, "https://api.example.com"),
             task_id: "t",

@@ -15,6 +15,7 @@ impl From<BrokerError> for Status {
             | BrokerError::NotIntrospector(_)
             | BrokerError::NotWatcher(_)
             | BrokerError::NotTokenClient(_)
+            | BrokerError::InvalidSubjectToken(_)
             | BrokerError::Denied { .. }
             | BrokerError::OutsideEnvelope(_)
             | BrokerError::BeyondParent { .. }

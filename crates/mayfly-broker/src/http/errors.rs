@@ -185,7 +185,8 @@ impl From<BrokerError> for OAuthError {
             | BrokerError::TaskNotActive { .. }
             | BrokerError::LeaseNotActive { .. }
             | BrokerError::ApprovalNotFound(_)
-            | BrokerError::ApprovalMismatch(_) => Code::InvalidGrant,
+            | BrokerError::ApprovalMismatch(_)
+            | BrokerError::InvalidSubjectToken(_) => Code::InvalidGrant,
             BrokerError::ApprovalUnusable { state, id } => {
                 let code = match state {
                     ApprovalState::Pending => Code::AuthorizationPending,

@@ -62,7 +62,7 @@ pub fn metadata(issuer: &str, algs: &[&str]) -> serde_json::Value {
         "jwks_uri": format!("{issuer}/.well-known/jwks.json"),
         "token_endpoint": format!("{issuer}/oauth2/token"),
         "token_endpoint_auth_methods_supported": ["tls_client_auth"],
-        "grant_types_supported": [token::CLIENT_CREDENTIALS],
+        "grant_types_supported": [token::CLIENT_CREDENTIALS, token::TOKEN_EXCHANGE],
         // No authorization endpoint: agents prove who they are with their
         // workload identity, not a browser.
         "response_types_supported": [],

@@ -13,6 +13,14 @@
 //!   it gets the token, `access_denied` (with the operator's reason) or
 //!   `expired_token` (RFC 8628 polling).
 //!
+//! `grant_type=urn:ietf:params:oauth:grant-type:token-exchange` (RFC
+//! 8693): a service that received an agent's token (`subject_token`, of
+//! type `urn:ietf:params:oauth:token-type:access_token`) asks for one for
+//! the next service (`resource`, optional `scope`, else the subject
+//! token's). The new token is a lease of the same task, inside its
+//! envelope, decided by policy (`exchange_token`); it names the service in
+//! `act`, one more hop each time, and dies with the task.
+//!
 //! Tokens are bound to the client certificate the request came with (RFC
 //! 8705 `cnf.x5t#S256`), or, when the request carries a DPoP proof (RFC
 //! 9449), to the proof's key instead (`cnf.jkt`, `token_type` `DPoP`), so a
@@ -25,7 +33,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use mayfly_core::dpop::{DpopError, Request as ProofRequest, verify_proof};
-use mayfly_core::limits::MAX_FORM_BYTES;
+use mayfly_core::limits::{MAX_FORM_BYTES, MAX_TOKEN_BYTES};
 use mayfly_core::{
     ApprovalId, Audience, Scopes, TaskId, Timestamp, TokenBinding, parse_scopes, scope_string,
 };
@@ -37,10 +45,14 @@ use super::errors::{Code, OAuthError, POLL_INTERVAL};
 use super::form::Params;
 use crate::connections::PeerInfo;
 use crate::identity::Caller;
-use crate::service::{Bind, Issued, IssuedToken, TokenRequest};
+use crate::service::{Bind, ExchangeRequest, Issued, IssuedToken, TokenRequest};
 
-/// The grant this endpoint issues.
+/// The grants this endpoint issues.
 pub(super) const CLIENT_CREDENTIALS: &str = "client_credentials";
+/// RFC 8693.
+pub(super) const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// The token type exchanged, and issued.
+const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 
 /// `POST /oauth2/token`.
 pub(super) async fn token(
@@ -86,10 +98,12 @@ async fn grant(
     check_client_id(&caller, &params)?;
     match params.require("grant_type")? {
         CLIENT_CREDENTIALS => client_credentials(s, &caller, headers, &params).await,
+        TOKEN_EXCHANGE => token_exchange(s, &caller, headers, &params).await,
         other => Err(OAuthError::new(
             Code::UnsupportedGrantType,
             format!(
-                "grant_type {other:?} is not supported: this server issues {CLIENT_CREDENTIALS}"
+                "grant_type {other:?} is not supported: this server issues {CLIENT_CREDENTIALS} \
+                 and {TOKEN_EXCHANGE}"
             ),
         )),
     }
@@ -147,7 +161,7 @@ async fn client_credentials(
             .map_err(|e| OAuthError::new(Code::InvalidRequest, format!("approval_id: {e}")))?,
     };
     match s.service.issuance().issue_token(caller, req).await? {
-        Issued::Credential(t) => Ok(token_response(&t)),
+        Issued::Credential(t) => Ok(token_response(&t, false)),
         Issued::Pending(a) => Err(OAuthError::new(
             Code::AuthorizationPending,
             format!(
@@ -159,6 +173,56 @@ async fn client_credentials(
         .with("approval_id", a.id.to_string())
         .with("interval", POLL_INTERVAL.as_secs())
         .with("expires_in", Timestamp::now().until(a.expires_at).as_secs())),
+    }
+}
+
+async fn token_exchange(
+    s: &HttpState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    params: &Params,
+) -> Result<Response, OAuthError> {
+    let invalid = |m: String| OAuthError::new(Code::InvalidRequest, m);
+    let subject_token = params.require("subject_token")?;
+    match params.require("subject_token_type")? {
+        ACCESS_TOKEN_TYPE => {}
+        other => {
+            return Err(invalid(format!(
+                "subject_token_type {other:?} is not supported: exchange an access token \
+                 ({ACCESS_TOKEN_TYPE})"
+            )));
+        }
+    }
+    if let Some(t) = params.get("requested_token_type")
+        && t != ACCESS_TOKEN_TYPE
+    {
+        return Err(invalid(format!(
+            "requested_token_type {t:?} is not supported: this server issues access tokens"
+        )));
+    }
+    if params.get("actor_token").is_some() {
+        return Err(invalid(
+            "actor_token is not accepted: the client certificate says who the actor is".into(),
+        ));
+    }
+    if subject_token.len() > MAX_TOKEN_BYTES {
+        return Err(OAuthError::new(
+            Code::InvalidGrant,
+            "subject_token is too long",
+        ));
+    }
+    let req = ExchangeRequest {
+        subject_token: subject_token.to_owned(),
+        audience: resource(params)?,
+        scopes: params.get("scope").map(|_| scope(params)).transpose()?,
+        binding: binding(s, headers)?,
+    };
+    match s.service.issuance().exchange_token(caller, req).await? {
+        Issued::Credential(t) => Ok(token_response(&t, true)),
+        Issued::Pending(_) => Err(OAuthError::new(
+            Code::ServerError,
+            "an exchange does not wait for approvals",
+        )),
     }
 }
 
@@ -205,8 +269,9 @@ fn scope(params: &Params) -> Result<Scopes, OAuthError> {
     parse_scopes(&words).map_err(|e| OAuthError::new(Code::InvalidScope, e.to_string()))
 }
 
-/// RFC 6749 §5.1.
-fn token_response(t: &IssuedToken) -> Response {
+/// RFC 6749 §5.1; with `issued_token_type` for an exchange (RFC 8693
+/// §2.2.1).
+fn token_response(t: &IssuedToken, exchanged: bool) -> Response {
     let lease = &t.lease;
     let mut body = json!({
         "access_token": t.credential.expose(),
@@ -218,6 +283,9 @@ fn token_response(t: &IssuedToken) -> Response {
     });
     if !lease.scopes.is_empty() {
         body["scope"] = scope_string(&lease.scopes).into();
+    }
+    if exchanged {
+        body["issued_token_type"] = ACCESS_TOKEN_TYPE.into();
     }
     (
         StatusCode::OK,

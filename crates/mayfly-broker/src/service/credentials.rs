@@ -28,8 +28,8 @@ impl Kind for TokenRequest {
     const ISSUED: Event = Event::TokenIssued;
     const DENIED: Event = Event::TokenDenied;
 
-    fn approval_request(&self) -> ApprovalRequest {
-        ApprovalRequest::Token {
+    fn approval_request(&self) -> Option<ApprovalRequest> {
+        Some(ApprovalRequest::Token {
             audience: self.audience.clone(),
             scopes: self.scopes.clone(),
             ttl_seconds: self.ttl_seconds,
@@ -38,7 +38,7 @@ impl Kind for TokenRequest {
                 Bind::Dpop { jkt } => Some(jkt.clone()),
                 Bind::None | Bind::ClientCertificate => None,
             },
-        }
+        })
     }
 
     fn ttl(&self, svc: &Issuance) -> (u64, Duration, Duration) {
@@ -134,15 +134,15 @@ impl Kind for Certificate<'_> {
     const ISSUED: Event = Event::CertificateIssued;
     const DENIED: Event = Event::CertificateDenied;
 
-    fn approval_request(&self) -> ApprovalRequest {
+    fn approval_request(&self) -> Option<ApprovalRequest> {
         let key_sha256 = URL_SAFE_NO_PAD.encode(ring::digest::digest(
             &ring::digest::SHA256,
             self.req.key.spki(),
         ));
-        ApprovalRequest::Certificate {
+        Some(ApprovalRequest::Certificate {
             key_sha256,
             ttl_seconds: self.req.ttl_seconds,
-        }
+        })
     }
 
     fn ttl(&self, svc: &Issuance) -> (u64, Duration, Duration) {
@@ -274,10 +274,8 @@ impl Issuance {
         let Some(lease) = self.shared.store.get_lease(&jti).await? else {
             return Ok(Vec::new());
         };
-        let LeaseDetail::Token { .. } = lease.detail else {
-            return Ok(Vec::new());
-        };
-        if lease.agent != caller.id || !lease.is_active_at(now) {
+        // A token (issued or exchanged) held by the caller, still live.
+        if lease.audience().is_none() || lease.holder() != &caller.id || !lease.is_active_at(now) {
             return Ok(Vec::new());
         }
         let reason = RevocationReason::TokenRevoked;
@@ -342,16 +340,16 @@ impl Issuance {
         // not one this broker handed out as it reads.
         let scope = claims.scope.as_deref().unwrap_or("");
         let active = lease.is_some_and(|l| {
-            let LeaseDetail::Token { audience, binding } = &l.detail else {
+            let Some(audience) = l.audience() else {
                 return false;
             };
             l.is_active_at(now)
                 && l.task_id.as_str() == claims.task_id
-                && l.agent.as_str() == claims.client_id
+                && l.holder().as_str() == claims.client_id
                 && audience.as_str() == claims.aud
                 && scope_string(&l.scopes) == scope
                 && l.expires_at.as_secs() == claims.exp
-                && binding.as_ref().map(TokenBinding::confirmation) == claims.cnf
+                && l.binding().map(TokenBinding::confirmation) == claims.cnf
         });
         if !active {
             return Ok(None);

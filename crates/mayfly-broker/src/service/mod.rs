@@ -8,6 +8,7 @@
 //! - [`Issuance`] (`pipeline.rs`, `credentials.rs`): the one path every
 //!   credential takes (decide, approval gate, mint, record, decide again)
 //!   and the kinds that take it (tokens, certificates); introspection;
+//!   `exchange.rs` is the kind a service exchanges a task's token for;
 //! - [`Approvals`] (`approvals.rs`): operators' decisions, agents' waiting;
 //! - [`Admin`] (`admin.rs`): operators' listing, revocation and locks.
 //!
@@ -19,6 +20,7 @@
 mod admin;
 mod approvals;
 mod credentials;
+mod exchange;
 mod pipeline;
 mod requests;
 mod shared;
@@ -26,8 +28,8 @@ mod task_cache;
 mod tasks;
 
 pub use requests::{
-    Bind, CertificateRequest, Issued, IssuedCertificate, IssuedToken, Minted, NewDelegation,
-    NewTask, TaskCertificate, TokenRequest,
+    Bind, CertificateRequest, ExchangeRequest, Issued, IssuedCertificate, IssuedToken, Minted,
+    NewDelegation, NewTask, TaskCertificate, TokenRequest,
 };
 pub use task_cache::TaskCache;
 

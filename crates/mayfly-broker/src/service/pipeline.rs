@@ -55,8 +55,16 @@ pub(super) trait Kind {
     /// The audit event of a refused one.
     const DENIED: Event;
 
-    /// The request an approval is bound to.
-    fn approval_request(&self) -> ApprovalRequest;
+    /// Whose task the credential is issued under, and whose lease it is:
+    /// the caller's own, except for a token exchanged by a service, which
+    /// is under the task of the agent whose token it exchanged.
+    fn owner<'a>(&'a self, caller: &'a Caller) -> &'a SpiffeId {
+        &caller.id
+    }
+    /// The request an approval is bound to; `None` when this kind is
+    /// never issued on an approval (a permit that asks for one is then
+    /// refused).
+    fn approval_request(&self) -> Option<ApprovalRequest>;
     /// The lifetime asked for, as sent (0 = default), and the broker's
     /// default and maximum for the kind.
     fn ttl(&self, svc: &Issuance) -> (u64, Duration, Duration);
@@ -174,7 +182,7 @@ impl Issuance {
             }
         };
         let issued = run.await;
-        self.shared.explain_lock(&caller.id, issued).await
+        self.shared.explain_lock(kind.owner(caller), issued).await
     }
 
     /// One pass from reading the task to recording the credential.
@@ -190,9 +198,10 @@ impl Issuance {
         // Read.
         let now = Timestamp::now();
         let cached = progress.read == Read::Cached;
+        let owner = kind.owner(caller);
         let (record, from_cache) = self
             .shared
-            .credential_task(caller, task_id, now, cached)
+            .credential_task(owner, task_id, now, cached)
             .await?;
         let task = &record.task;
         let denied = || kind.describe(AuditRecord::new(K::DENIED, &caller.id).task(task), None);
@@ -221,13 +230,22 @@ impl Issuance {
 
         // Gate.
         if progress.approval.is_none() {
-            let request = kind.approval_request();
-            match self
-                .approval_gate(caller, task, &permit, request, approval_id, now)
-                .await?
-            {
-                Gate::Pending(a) => return Ok(Next::Done(Issued::Pending(a))),
-                Gate::Proceed(a) => progress.approval = a,
+            match kind.approval_request() {
+                Some(request) => match self
+                    .approval_gate(caller, task, &permit, request, approval_id, now)
+                    .await?
+                {
+                    Gate::Pending(a) => return Ok(Next::Done(Issued::Pending(a))),
+                    Gate::Proceed(a) => progress.approval = a,
+                },
+                None if permit.approval_required => {
+                    return Err(BrokerError::Unsupported(format!(
+                        "policy {} requires approval for this credential, which cannot wait \
+                         for one: ask an operator to change the policy",
+                        permit.policy_id
+                    )));
+                }
+                None => {}
             }
         }
 
@@ -236,7 +254,7 @@ impl Issuance {
         let lease = Lease {
             id: LeaseId::generate(),
             detail: kind.detail(caller),
-            agent: caller.id.clone(),
+            agent: owner.clone(),
             task_id: task.id.clone(),
             scopes: kind.scopes(),
             issued_at,

@@ -53,6 +53,30 @@ pub struct TokenRequest {
     pub approval_id: Option<ApprovalId>,
 }
 
+/// A validated token exchange (RFC 8693): a service that received
+/// `subject_token` asks for a token for `audience`.
+pub struct ExchangeRequest {
+    /// The token being exchanged: a bearer secret, never printed.
+    pub subject_token: String,
+    /// The new token's audience.
+    pub audience: Audience,
+    /// Its scopes; `None` for the subject token's.
+    pub scopes: Option<Scopes>,
+    /// What it is to be bound to.
+    pub binding: Bind,
+}
+
+impl std::fmt::Debug for ExchangeRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExchangeRequest")
+            .field("subject_token", &"…")
+            .field("audience", &self.audience)
+            .field("scopes", &self.scopes)
+            .field("binding", &self.binding)
+            .finish()
+    }
+}
+
 /// What a token is to be bound to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Bind {

@@ -15,7 +15,6 @@ use super::TaskCache;
 use crate::audit::AuditRecord;
 use crate::cause::Cause;
 use crate::error::BrokerError;
-use crate::identity::Caller;
 use crate::recorder::Recorder;
 use crate::store::{LeaseStore, RevokeRequest};
 
@@ -98,26 +97,26 @@ pub(super) fn expiry(
 }
 
 impl Shared {
-    /// The caller's task; another agent's task is "not found".
+    /// One of `owner`'s tasks; another agent's task is "not found".
     pub(super) async fn own_task(
         &self,
-        caller: &Caller,
+        owner: &SpiffeId,
         id: &TaskId,
     ) -> Result<TaskRecord, BrokerError> {
         match self.store.get_task(id).await? {
-            Some(r) if r.task.agent == caller.id => Ok(r),
+            Some(r) if &r.task.agent == owner => Ok(r),
             _ => Err(BrokerError::TaskNotFound(id.clone())),
         }
     }
 
-    /// One of the caller's tasks, active at `now`.
+    /// One of `owner`'s tasks, active at `now`.
     pub(super) async fn active_task(
         &self,
-        caller: &Caller,
+        owner: &SpiffeId,
         id: &TaskId,
         now: Timestamp,
     ) -> Result<TaskRecord, BrokerError> {
-        let record = self.own_task(caller, id).await?;
+        let record = self.own_task(owner, id).await?;
         match record.state_at(now) {
             TaskState::Active => Ok(record),
             state => Err(BrokerError::TaskNotActive {
@@ -134,19 +133,19 @@ impl Shared {
     /// it is safe, and the callers for the answers that need a fresh read.
     pub(super) async fn credential_task(
         &self,
-        caller: &Caller,
+        owner: &SpiffeId,
         id: &TaskId,
         now: Timestamp,
         cached: bool,
     ) -> Result<(Arc<TaskRecord>, bool), BrokerError> {
         if cached
             && let Some(record) = self.task_cache.get(id)
-            && record.task.agent == caller.id
+            && &record.task.agent == owner
             && record.state_at(now) == TaskState::Active
         {
             return Ok((record, true));
         }
-        let record = Arc::new(self.active_task(caller, id, now).await?);
+        let record = Arc::new(self.active_task(owner, id, now).await?);
         self.task_cache.put(record.clone());
         Ok((record, false))
     }

@@ -4,9 +4,10 @@
 use std::time::Duration;
 
 use mayfly_core::{
-    ContextChange, Decision, DelegateRequest, IssueTokenRequest, Lease, LeaseDetail, LeaseId,
-    LeaseState, LeaseStatus, Revocation, RevocationReason, SignCertificateRequest, SpiffeId,
-    StartTaskRequest, Task, TaskId, TaskRecord, TaskState, Timestamp,
+    ContextChange, Decision, DelegateRequest, ExchangeTokenRequest, IssueTokenRequest, Lease,
+    LeaseDetail, LeaseId, LeaseState, LeaseStatus, Revocation, RevocationReason,
+    SignCertificateRequest, SpiffeId, StartTaskRequest, Task, TaskId, TaskRecord, TaskState,
+    Timestamp,
 };
 
 use super::shared::asked;
@@ -22,7 +23,7 @@ const PAGE: usize = 500;
 impl Tasks {
     /// One of the caller's tasks; another agent's is "not found".
     pub async fn own_task(&self, caller: &Caller, id: &TaskId) -> Result<TaskRecord, BrokerError> {
-        self.shared.own_task(caller, id).await
+        self.shared.own_task(&caller.id, id).await
     }
 
     /// Opens a task for `caller`.
@@ -117,7 +118,7 @@ impl Tasks {
         let now = Timestamp::now().floor_secs();
         let parent = self
             .shared
-            .active_task(caller, &req.parent, now)
+            .active_task(&caller.id, &req.parent, now)
             .await?
             .task;
         let denied = || {
@@ -240,7 +241,7 @@ impl Tasks {
         caller: &Caller,
         id: &TaskId,
     ) -> Result<(Vec<LeaseId>, TaskRecord), BrokerError> {
-        let mut record = self.shared.own_task(caller, id).await?;
+        let mut record = self.shared.own_task(&caller.id, id).await?;
         let req = RevokeRequest {
             reason: RevocationReason::TaskCompleted,
             child_reason: RevocationReason::TaskCompleted,
@@ -289,7 +290,7 @@ impl Tasks {
         change: ContextChange,
     ) -> Result<(TaskRecord, Vec<LeaseId>), BrokerError> {
         let now = Timestamp::now();
-        let record = self.shared.active_task(caller, id, now).await?;
+        let record = self.shared.active_task(&caller.id, id, now).await?;
         let context = change
             .apply(&record.task.context)
             .map_err(|e| BrokerError::Invalid(e.to_string()))?;
@@ -316,7 +317,7 @@ impl Tasks {
         let changed: Vec<&str> = change.keys().collect();
         record.reason = Some(format!("changed keys: {}", changed.join(", ")));
         self.shared.audit_anyway(record).await;
-        let record = self.shared.own_task(caller, id).await?;
+        let record = self.shared.own_task(&caller.id, id).await?;
         Ok((record, revoked))
     }
 
@@ -461,6 +462,24 @@ impl Tasks {
                     now,
                 })
             }
+            LeaseDetail::ExchangedToken {
+                audience,
+                actor,
+                subject_audience,
+                ..
+            } => self
+                .shared
+                .policy
+                .decide_exchange_token(&ExchangeTokenRequest {
+                    actor,
+                    subject: &lease.agent,
+                    subject_audience,
+                    task,
+                    audience,
+                    scopes: &lease.scopes,
+                    ttl,
+                    now,
+                }),
             LeaseDetail::Certificate { .. } => {
                 self.shared
                     .policy

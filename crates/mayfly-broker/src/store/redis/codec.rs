@@ -132,7 +132,7 @@ pub(super) fn event_from(
     // unknown: the revocation still reaches every validator.
     let kind = match get("kind")? {
         "task" => Some(LeaseKind::Task),
-        "jwt" => Some(LeaseKind::Jwt),
+        "jwt" | mayfly_core::EXCHANGED_TOKEN => Some(LeaseKind::Jwt),
         "x509" => Some(LeaseKind::X509),
         _ => None,
     };

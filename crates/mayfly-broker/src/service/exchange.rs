@@ -1,0 +1,190 @@
+//! Token exchange (RFC 8693): a service that received a token of a task
+//! (the subject token) asks for a token to call the next service. The new
+//! token is a lease of the same task, inside its envelope, decided by
+//! policy as `exchange_token` (the service as principal, the next service
+//! as resource, the subject agent and the subject token's audience in the
+//! context), issued through the same pipeline as every credential, and
+//! names the service as the current actor (`act`, one more hop each
+//! time). It dies with its task.
+
+use std::time::Duration;
+
+use mayfly_core::{
+    AccessTokenClaims, ActorClaim, ApprovalRequest, Audience, Decision, ExchangeTokenRequest,
+    Lease, LeaseDetail, LeaseId, Policy, Scopes, SpiffeId, Task, Timestamp, TokenBinding,
+    scope_string,
+};
+
+use super::pipeline::{Asked, Kind};
+use super::{Bind, ExchangeRequest, Issuance, Issued, IssuedToken};
+use crate::audit::{AuditRecord, Event};
+use crate::cause::Cause;
+use crate::error::BrokerError;
+use crate::identity::Caller;
+use crate::issuer::AccessToken;
+
+/// An exchange, with the subject token checked.
+struct Exchange<'a> {
+    req: &'a ExchangeRequest,
+    /// The subject token's claims, verified.
+    subject: AccessTokenClaims,
+    /// Its lease, active.
+    subject_lease: Lease,
+    /// Its audience: what the exchanging service is to the task.
+    subject_audience: Audience,
+    /// The new token's scopes.
+    scopes: Scopes,
+}
+
+impl Kind for Exchange<'_> {
+    type Credential = AccessToken;
+    const ISSUED: Event = Event::TokenExchanged;
+    const DENIED: Event = Event::ExchangeDenied;
+
+    fn owner<'a>(&'a self, _caller: &'a Caller) -> &'a SpiffeId {
+        &self.subject_lease.agent
+    }
+
+    /// A service's hop waits for no operator: policy allows it or not.
+    fn approval_request(&self) -> Option<ApprovalRequest> {
+        None
+    }
+
+    /// The broker's token lifetimes, and never past the subject token.
+    fn ttl(&self, svc: &Issuance) -> (u64, Duration, Duration) {
+        let left = Timestamp::now().until(self.subject_lease.expires_at);
+        (
+            0,
+            svc.lifetimes.token_default_ttl,
+            svc.lifetimes.token_max_ttl.min(left),
+        )
+    }
+
+    fn check(&self, task: &Task) -> Option<BrokerError> {
+        let excess = task.envelope.excess(&self.req.audience, &self.scopes)?;
+        Some(BrokerError::OutsideEnvelope(excess))
+    }
+
+    fn decide(&self, policy: &dyn Policy, at: &Asked<'_>) -> Decision {
+        policy.decide_exchange_token(&ExchangeTokenRequest {
+            actor: at.agent,
+            subject: &self.subject_lease.agent,
+            subject_audience: &self.subject_audience,
+            task: at.task,
+            audience: &self.req.audience,
+            scopes: &self.scopes,
+            ttl: at.ttl,
+            now: at.now,
+        })
+    }
+
+    fn detail(&self, caller: &Caller) -> LeaseDetail {
+        LeaseDetail::ExchangedToken {
+            audience: self.req.audience.clone(),
+            binding: match &self.req.binding {
+                Bind::None => None,
+                Bind::ClientCertificate => Some(TokenBinding::Certificate {
+                    x5t_s256: caller.cert_thumbprint.clone(),
+                }),
+                Bind::Dpop { jkt } => Some(TokenBinding::Dpop { jkt: jkt.clone() }),
+            },
+            actor: caller.id.clone(),
+            subject_audience: self.subject_audience.clone(),
+        }
+    }
+
+    fn scopes(&self) -> Scopes {
+        self.scopes.clone()
+    }
+
+    fn describe(&self, record: AuditRecord, _lease: Option<&Lease>) -> AuditRecord {
+        let mut record = record.credential(Some(self.req.audience.as_str()), &self.scopes);
+        record.subject_lease_id = Some(self.subject_lease.id.to_string());
+        record
+    }
+
+    fn mint(&self, svc: &Issuance, task: &Task, lease: &Lease) -> Result<AccessToken, BrokerError> {
+        let claims = AccessTokenClaims {
+            iss: svc.issuer.clone(),
+            // Still the work of the same agent…
+            sub: self.subject.sub.clone(),
+            aud: self.req.audience.to_string(),
+            exp: lease.expires_at.as_secs(),
+            iat: lease.issued_at.as_secs(),
+            nbf: lease.issued_at.as_secs(),
+            jti: lease.id.to_string(),
+            // …in the hands of the service, one more actor on the chain.
+            client_id: lease.holder().to_string(),
+            scope: (!self.scopes.is_empty()).then(|| scope_string(&self.scopes)),
+            task_id: task.id.to_string(),
+            cnf: lease.binding().map(TokenBinding::confirmation),
+            act: Some(ActorClaim {
+                sub: lease.holder().to_string(),
+                act: self.subject.act.clone().map(Box::new),
+            }),
+        };
+        svc.signer
+            .sign(&claims)
+            .map_err(|e| BrokerError::Internal(Cause::of(e)))
+    }
+
+    fn summary(&self, lease: &Lease) -> String {
+        format!(
+            "token for {} [{}] exchanged by {} for lease {}",
+            self.req.audience,
+            scope_string(&self.scopes),
+            lease.holder(),
+            self.subject_lease.id
+        )
+    }
+}
+
+impl Issuance {
+    /// RFC 8693 token exchange by `caller`, a service that received
+    /// `req.subject_token`: a token of the same task for `req.audience`.
+    /// The subject token must be this broker's, unexpired, and its lease
+    /// active (else `InvalidSubjectToken`).
+    pub async fn exchange_token(
+        &self,
+        caller: &Caller,
+        req: ExchangeRequest,
+    ) -> Result<Issued<IssuedToken>, BrokerError> {
+        let invalid = |why: &str| BrokerError::InvalidSubjectToken(why.to_owned());
+        let subject = self
+            .signer
+            .verify(&req.subject_token)
+            .filter(|c| c.iss == self.issuer)
+            .ok_or_else(|| invalid("is not a token this broker issued"))?;
+        let now = Timestamp::now();
+        if subject.exp <= now.as_secs() || subject.nbf > now.as_secs() {
+            return Err(invalid("has expired or is not valid yet"));
+        }
+        let jti = LeaseId::new(&subject.jti).map_err(|_| invalid("has a malformed jti"))?;
+        let lease = self
+            .shared
+            .store
+            .get_lease(&jti)
+            .await?
+            .filter(|l| {
+                l.task_id.as_str() == subject.task_id
+                    && l.holder().as_str() == subject.client_id
+                    && l.is_active_at(now)
+            })
+            .ok_or_else(|| invalid("is revoked or expired"))?;
+        let Some(subject_audience) = lease.audience().cloned() else {
+            return Err(invalid("is not an access token"));
+        };
+        // The store checks the task owner's lock; the service's is checked
+        // here, before anything is decided.
+        self.shared.refuse_locked(&caller.id, now).await?;
+        let task_id = lease.task_id.clone();
+        let kind = Exchange {
+            scopes: req.scopes.clone().unwrap_or_else(|| lease.scopes.clone()),
+            req: &req,
+            subject,
+            subject_lease: lease,
+            subject_audience,
+        };
+        self.issue(caller, &kind, &task_id, None).await
+    }
+}
