@@ -922,3 +922,54 @@ async fn every_refused_exchange_names_its_error_and_writes_nothing() {
     .len();
     assert_eq!(after, before, "a refused exchange wrote a lease");
 }
+
+/// A client that hands its token to something that can check no binding
+/// (a stock MCP client) asks for a bearer token; anything else is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bearer_token_is_asked_for_by_name() {
+    let broker = TestBroker::start().await;
+    let agent = broker.agent().await;
+    let task = start(&agent).await;
+    let me = svid(&broker, AGENT);
+    let form = token_form(&task.task_id, API, "read:files");
+    let (status, body) = post(
+        &broker,
+        "/oauth2/token",
+        Some(&me),
+        &format!("{form}&token_binding=none"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["token_type"], "Bearer");
+    let claims = validate(&broker, body["access_token"].as_str().unwrap(), API).await;
+    assert!(claims.get("cnf").is_none(), "{claims}");
+    let (status, body) = post(
+        &broker,
+        "/oauth2/token",
+        Some(&me),
+        &format!("{form}&token_binding=sometimes"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{body}"
+    );
+    let key = DpopKey::new();
+    let (status, _, body) = https_post_form_with(
+        &format!("{}/oauth2/token", broker.http_url()),
+        &broker.bundle_pem(),
+        Some(&me),
+        &format!("{form}&token_binding=none"),
+        &[(
+            "DPoP",
+            &key.proof("POST", &format!("{}/oauth2/token", broker.issuer()), None),
+        )],
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("token_binding=none with a DPoP proof"),
+        "{body}"
+    );
+}

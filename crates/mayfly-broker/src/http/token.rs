@@ -24,7 +24,11 @@
 //! Tokens are bound to the client certificate the request came with (RFC
 //! 8705 `cnf.x5t#S256`), or, when the request carries a DPoP proof (RFC
 //! 9449), to the proof's key instead (`cnf.jkt`, `token_type` `DPoP`), so a
-//! client can use them where it presents no certificate.
+//! client can use them where it presents no certificate. A client that
+//! must hand the token to something that can check neither (a stock MCP
+//! client, say) asks for a bearer token with `token_binding=none`; it is
+//! still a short-lived lease of the task, seen revoked at once by
+//! validators that follow the feed or introspect.
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -111,17 +115,34 @@ async fn grant(
 
 /// What the token is bound to: the DPoP proof's key when the request
 /// carries one (checked, and used once), else the client certificate.
-fn binding(s: &HttpState, headers: &HeaderMap) -> Result<Bind, OAuthError> {
+fn binding(s: &HttpState, headers: &HeaderMap, params: &Params) -> Result<Bind, OAuthError> {
+    let unbound = match params.get("token_binding") {
+        None | Some("certificate") => false,
+        Some("none") => true,
+        Some(other) => {
+            return Err(OAuthError::new(
+                Code::InvalidRequest,
+                format!("token_binding {other:?}: expected certificate (the default) or none"),
+            ));
+        }
+    };
     let mut proofs = headers.get_all("dpop").iter();
     let (Some(proof), None) = (proofs.next(), proofs.next()) else {
-        return match headers.contains_key("dpop") {
-            true => Err(OAuthError::new(
+        return match (headers.contains_key("dpop"), unbound) {
+            (true, _) => Err(OAuthError::new(
                 Code::InvalidDpopProof,
                 "one DPoP header, not several",
             )),
-            false => Ok(Bind::ClientCertificate),
+            (false, true) => Ok(Bind::None),
+            (false, false) => Ok(Bind::ClientCertificate),
         };
     };
+    if unbound {
+        return Err(OAuthError::new(
+            Code::InvalidRequest,
+            "token_binding=none with a DPoP proof: the proof asks for a DPoP-bound token",
+        ));
+    }
     let bad = |e: DpopError| OAuthError::new(Code::InvalidDpopProof, e.to_string());
     let proof = proof
         .to_str()
@@ -153,7 +174,7 @@ async fn client_credentials(
         audience: resource(params)?,
         scopes: scope(params)?,
         ttl_seconds: 0,
-        binding: binding(s, headers)?,
+        binding: binding(s, headers, params)?,
         approval_id: params
             .get("approval_id")
             .map(ApprovalId::new)
@@ -215,7 +236,7 @@ async fn token_exchange(
         subject_token: subject_token.to_owned(),
         audience: resource(params)?,
         scopes: params.get("scope").map(|_| scope(params)).transpose()?,
-        binding: binding(s, headers)?,
+        binding: binding(s, headers, params)?,
     };
     match s.service.issuance().exchange_token(caller, req).await? {
         Issued::Credential(t) => Ok(token_response(&t, true)),
