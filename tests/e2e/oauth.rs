@@ -88,6 +88,21 @@ async fn the_metadata_names_every_endpoint_at_both_well_known_addresses() {
     let m: Value = serde_json::from_str(&oauth).unwrap();
     assert_eq!(m["issuer"], iss.as_str());
     assert_eq!(m["token_endpoint"], format!("{iss}/oauth2/token"));
+    // Named for strict metadata parsers, and refusing everything.
+    assert_eq!(
+        m["authorization_endpoint"],
+        format!("{iss}/oauth2/authorize")
+    );
+    let (status, body) = https_get(
+        &format!(
+            "{}/oauth2/authorize?response_type=code&client_id=x",
+            broker.http_url()
+        ),
+        &broker.bundle_pem(),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(body.contains("unsupported_response_type"), "{body}");
     assert_eq!(m["revocation_endpoint"], format!("{iss}/oauth2/revoke"));
     assert_eq!(m["introspection_endpoint"], format!("{iss}/introspect"));
     assert_eq!(

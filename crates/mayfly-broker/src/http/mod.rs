@@ -61,6 +61,9 @@ pub fn metadata(issuer: &str, algs: &[&str]) -> serde_json::Value {
         "issuer": issuer,
         "jwks_uri": format!("{issuer}/.well-known/jwks.json"),
         "token_endpoint": format!("{issuer}/oauth2/token"),
+        // Named because strict clients (the MCP SDK among them) require
+        // it; it refuses every request, see `authorize`.
+        "authorization_endpoint": format!("{issuer}/oauth2/authorize"),
         "token_endpoint_auth_methods_supported": ["tls_client_auth"],
         "grant_types_supported": [token::CLIENT_CREDENTIALS, token::TOKEN_EXCHANGE],
         // No authorization endpoint: agents prove who they are with their
@@ -97,6 +100,7 @@ pub fn router(
         .route("/introspect", post(introspect::introspect))
         .route("/oauth2/token", post(token::token))
         .route("/oauth2/revoke", post(revoke::revoke))
+        .route("/oauth2/authorize", get(authorize).post(authorize))
         .route("/.well-known/jwks.json", get(jwks_handler))
         .route(
             "/.well-known/oauth-authorization-server",
@@ -118,6 +122,24 @@ fn json_response(body: &Arc<str>, cache: &'static str) -> Response {
             (header::CACHE_CONTROL, cache),
         ],
         body.to_string(),
+    )
+        .into_response()
+}
+
+/// The authorization endpoint (RFC 6749 §3.1), for clients whose
+/// metadata parsers require one: agents prove who they are with their
+/// workload identity at the token endpoint, never through a browser, so
+/// every request is refused (no redirect: no redirect URI is registered).
+async fn authorize() -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(json!({
+            "error": "unsupported_response_type",
+            "error_description": "Mayfly has no browser authorization flow: a workload gets \
+                tokens at the token endpoint with client_credentials (inside a task) or \
+                token exchange, authenticating with its X.509-SVID",
+        })),
     )
         .into_response()
 }
