@@ -45,6 +45,18 @@ async fn a_denial_names_the_deciding_policy_never_its_text() {
         "{}",
         err.message()
     );
+    // Clients need not parse the message: metadata names the error and
+    // the policy.
+    let meta = |key: &str| {
+        err.metadata()
+            .get(key)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    assert_eq!(meta("mayfly-error").as_deref(), Some("denied"));
+    assert_eq!(
+        meta("mayfly-policy-id").as_deref(),
+        Some("dev-no-export-of-restricted-data")
+    );
 
     // The same envelope on public data is allowed, but no permit covers an
     // export token: the default deny names no policy.
@@ -63,6 +75,8 @@ async fn a_denial_names_the_deciding_policy_never_its_text() {
         err.message(),
         format!("denied: no policy permits spiffe://example.org/agent/demo to issue_token {API}")
     );
+    assert_eq!(err.metadata().get("mayfly-error").unwrap(), "denied");
+    assert!(err.metadata().get("mayfly-policy-id").is_none());
     // Reads are allowed and capped by @max_ttl("10m").
     let mut t = token_request(&task.task_id, API, &["read:files"]);
     t.ttl_seconds = 3600;

@@ -1,62 +1,123 @@
 //! The one mapping from [`BrokerError`] to a gRPC status. The match has no
 //! catch-all arm, so a new error variant must be mapped on purpose.
+//!
+//! Besides its code and message, every status names its error in metadata
+//! so that clients need not parse messages (the SDKs raise a typed
+//! exception per name): `mayfly-error` (a stable snake_case name, below),
+//! `mayfly-policy-id` for a policy's refusal, `mayfly-approval-id` for an
+//! approval's, and `retry-after` (seconds) when rate limited.
 
 use tonic::Status;
+use tonic::metadata::MetadataValue;
 
 use crate::error::BrokerError;
+
+/// Sets an ASCII metadata entry; a value that is not valid metadata (it
+/// never is: ids and names are ASCII) is left out rather than failing.
+fn with(mut status: Status, key: &'static str, value: &str) -> Status {
+    if let Ok(v) = MetadataValue::try_from(value) {
+        status.metadata_mut().insert(key, v);
+    }
+    status
+}
 
 impl From<BrokerError> for Status {
     fn from(e: BrokerError) -> Self {
         let msg = e.to_string();
-        match e {
-            BrokerError::Invalid(_) => Status::invalid_argument(msg),
-            BrokerError::Unauthenticated(_) => Status::unauthenticated(msg),
-            BrokerError::NotOperator(_)
-            | BrokerError::NotIntrospector(_)
-            | BrokerError::NotWatcher(_)
-            | BrokerError::NotTokenClient(_)
-            | BrokerError::InvalidSubjectToken(_)
-            | BrokerError::Denied { .. }
-            | BrokerError::OutsideEnvelope(_)
-            | BrokerError::BeyondParent { .. }
-            | BrokerError::DelegationTooDeep { .. } => Status::permission_denied(msg),
-            BrokerError::TaskNotFound(_)
-            | BrokerError::LeaseNotFound(_)
-            | BrokerError::ApprovalNotFound(_) => Status::not_found(msg),
-            BrokerError::ApprovalMismatch(_)
-            | BrokerError::ApprovalDenied { .. }
-            | BrokerError::AgentLocked(_) => Status::permission_denied(msg),
-            BrokerError::AgentNotFound(_) | BrokerError::AgentNotLocked(_) => {
-                Status::not_found(msg)
+        let (status, name) = match &e {
+            BrokerError::Invalid(_) => (Status::invalid_argument(msg), "invalid"),
+            BrokerError::Unauthenticated(_) => (Status::unauthenticated(msg), "unauthenticated"),
+            BrokerError::NotOperator(_) => (Status::permission_denied(msg), "not_operator"),
+            BrokerError::NotIntrospector(_) => (Status::permission_denied(msg), "not_introspector"),
+            BrokerError::NotWatcher(_) => (Status::permission_denied(msg), "not_watcher"),
+            BrokerError::NotTokenClient(_) => (Status::permission_denied(msg), "not_token_client"),
+            BrokerError::InvalidSubjectToken(_) => {
+                (Status::permission_denied(msg), "invalid_subject_token")
             }
-            BrokerError::ApprovalUnusable { .. } => Status::failed_precondition(msg),
-            BrokerError::TaskChanged(_) => Status::aborted(msg),
+            BrokerError::Denied { policy_id, .. } => {
+                let status = Status::permission_denied(msg);
+                let status = match policy_id {
+                    Some(p) => with(status, "mayfly-policy-id", p),
+                    None => status,
+                };
+                (status, "denied")
+            }
+            BrokerError::OutsideEnvelope(_) => (Status::permission_denied(msg), "outside_envelope"),
+            BrokerError::BeyondParent { .. } => (Status::permission_denied(msg), "beyond_parent"),
+            BrokerError::DelegationTooDeep { .. } => {
+                (Status::permission_denied(msg), "delegation_too_deep")
+            }
+            BrokerError::TaskNotFound(_) => (Status::not_found(msg), "task_not_found"),
+            BrokerError::LeaseNotFound(_) => (Status::not_found(msg), "lease_not_found"),
+            BrokerError::ApprovalNotFound(_) => (Status::not_found(msg), "approval_not_found"),
+            BrokerError::ApprovalMismatch(id) => (
+                with(
+                    Status::permission_denied(msg),
+                    "mayfly-approval-id",
+                    id.as_str(),
+                ),
+                "approval_mismatch",
+            ),
+            BrokerError::ApprovalDenied { id, .. } => (
+                with(
+                    Status::permission_denied(msg),
+                    "mayfly-approval-id",
+                    id.as_str(),
+                ),
+                "approval_denied",
+            ),
+            BrokerError::AgentLocked(_) => (Status::permission_denied(msg), "agent_locked"),
+            BrokerError::AgentNotFound(_) => (Status::not_found(msg), "agent_not_found"),
+            BrokerError::AgentNotLocked(_) => (Status::not_found(msg), "agent_not_locked"),
+            BrokerError::ApprovalUnusable { id, .. } => (
+                with(
+                    Status::failed_precondition(msg),
+                    "mayfly-approval-id",
+                    id.as_str(),
+                ),
+                "approval_unusable",
+            ),
+            BrokerError::TaskChanged(_) => (Status::aborted(msg), "task_changed"),
             BrokerError::RateLimited { retry_after } => {
-                let mut status = Status::resource_exhausted(msg);
                 let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-                if let Ok(v) = secs.to_string().parse() {
-                    status.metadata_mut().insert("retry-after", v);
-                }
-                status
+                let status = with(
+                    Status::resource_exhausted(msg),
+                    "retry-after",
+                    &secs.to_string(),
+                );
+                (status, "rate_limited")
             }
-            BrokerError::TaskNotActive { .. }
-            | BrokerError::LeaseNotActive { .. }
-            | BrokerError::Unsupported(_) => Status::failed_precondition(msg),
+            BrokerError::TaskNotActive { .. } => {
+                (Status::failed_precondition(msg), "task_not_active")
+            }
+            BrokerError::LeaseNotActive { .. } => {
+                (Status::failed_precondition(msg), "lease_not_active")
+            }
+            BrokerError::Unsupported(_) => (Status::failed_precondition(msg), "unsupported"),
             BrokerError::Unavailable(detail) => {
                 tracing::warn!(%detail, "store unavailable");
-                Status::unavailable("lease store unavailable; nothing was issued, retry later")
+                (
+                    Status::unavailable("lease store unavailable; nothing was issued, retry later"),
+                    "unavailable",
+                )
             }
             BrokerError::AuditUnavailable(detail) => {
                 tracing::warn!(%detail, "audit trail unavailable");
-                Status::unavailable("audit trail unavailable; nothing was issued, retry later")
+                (
+                    Status::unavailable("audit trail unavailable; nothing was issued, retry later"),
+                    "audit_unavailable",
+                )
             }
-            BrokerError::AuditBroken(_) | BrokerError::FeedUnavailable(_) => {
-                Status::unavailable(msg)
-            }
+            BrokerError::AuditBroken(_) => (Status::unavailable(msg), "audit_broken"),
+            BrokerError::FeedUnavailable(_) => (Status::unavailable(msg), "feed_unavailable"),
             BrokerError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
-                Status::internal("internal error; the broker log has details")
+                (
+                    Status::internal("internal error; the broker log has details"),
+                    "internal",
+                )
             }
-        }
+        };
+        with(status, "mayfly-error", name)
     }
 }

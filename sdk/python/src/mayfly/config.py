@@ -1,0 +1,104 @@
+"""Where the broker is and which identity to present: arguments first, then
+`MAYFLY_BROKER`, `MAYFLY_CA`, `MAYFLY_CERT`, `MAYFLY_KEY`, then a profile
+directory written by `mayfly dev init` (`profile=`, `MAYFLY_PROFILE`, or
+`./.mayfly-dev`), as the `mayfly` CLI finds them."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from mayfly.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_PROFILE = ".mayfly-dev"
+
+
+@dataclass(frozen=True)
+class Connection:
+    """A resolved broker connection: the gRPC target, the CA bundle that
+    issued the broker's certificate, and the agent's SVID (PEM bytes)."""
+
+    broker: str
+    ca_pem: bytes = field(repr=False)
+    cert_pem: bytes = field(repr=False)
+    key_pem: bytes = field(repr=False)
+
+    @property
+    def target(self) -> str:
+        """`host:port` for grpc."""
+        url = urlsplit(self.broker if "://" in self.broker else f"https://{self.broker}")
+        if url.scheme != "https":
+            raise ConfigError(f"broker URL {self.broker!r} must be https:// (the broker is mTLS)")
+        if not url.hostname or not url.port:
+            raise ConfigError(f"broker URL {self.broker!r} needs a host and a port")
+        return f"{url.hostname}:{url.port}"
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from e
+
+
+def resolve(
+    broker: str | None = None,
+    *,
+    ca: str | os.PathLike[str] | None = None,
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
+    profile: str | os.PathLike[str] | None = None,
+    identity: str | None = None,
+) -> Connection:
+    """The connection the arguments, the environment and the profile give."""
+    env = os.environ
+    broker = broker or env.get("MAYFLY_BROKER")
+    ca_p = ca or env.get("MAYFLY_CA")
+    cert_p = cert or env.get("MAYFLY_CERT")
+    key_p = key or env.get("MAYFLY_KEY")
+    if broker and ca_p and cert_p and key_p:
+        return Connection(
+            broker,
+            _read(Path(ca_p), "CA bundle"),
+            _read(Path(cert_p), "certificate"),
+            _read(Path(key_p), "private key"),
+        )
+    prof = profile or env.get("MAYFLY_PROFILE")
+    if prof is None:
+        if not (Path(DEFAULT_PROFILE) / "profile.toml").exists():
+            raise ConfigError(
+                "no broker connection: pass broker, ca, cert and key (or set MAYFLY_BROKER, "
+                "MAYFLY_CA, MAYFLY_CERT, MAYFLY_KEY), or profile= a directory from "
+                "`mayfly dev init` (default ./.mayfly-dev)"
+            )
+        prof = DEFAULT_PROFILE
+    pdir = Path(prof)
+    text = _read(pdir / "profile.toml", "profile").decode("utf-8", "replace")
+    try:
+        data = tomllib.loads(text)
+        p_broker, p_ca, p_agent = str(data["broker"]), str(data["ca"]), str(data["agent"])
+    except (tomllib.TOMLDecodeError, KeyError) as e:
+        raise ConfigError(f"invalid profile {pdir / 'profile.toml'}: {e}") from e
+    name = identity or env.get("MAYFLY_IDENTITY") or p_agent
+    if "/" in name or name.startswith("."):
+        raise ConfigError(f"identity {name!r} must be a directory name under identities/")
+    idir = pdir / "identities" / name
+    if not idir.is_dir():
+        raise ConfigError(
+            f"identity {name!r} not found in {pdir / 'identities'}; make one with "
+            f"`mayfly dev identity --dir {pdir} spiffe://…`"
+        )
+    return Connection(
+        broker or p_broker,
+        _read(Path(ca_p) if ca_p else pdir / p_ca, "CA bundle"),
+        _read(Path(cert_p) if cert_p else idir / "svid.pem", "certificate"),
+        _read(Path(key_p) if key_p else idir / "svid.key", "private key"),
+    )

@@ -1,0 +1,59 @@
+"""RFC 9449 DPoP for agents: a key the agent keeps, to which the broker
+binds a token (`cnf.jkt`), and the proof that goes with each request
+(`DPoP:` header). A DPoP-bound token is useless without the key, and each
+proof is good for one request (method, URL, time, the token's hash)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+import time
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from mayfly.verify import jwk_thumbprint
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+class DpopKey:
+    """A P-256 key pair for DPoP; the private half never leaves it."""
+
+    def __init__(self, private_key: ec.EllipticCurvePrivateKey | None = None) -> None:
+        self._key = private_key or ec.generate_private_key(ec.SECP256R1())
+        numbers = self._key.public_key().public_numbers()
+        self.jwk: dict[str, Any] = {
+            "kty": "EC",
+            "crv": "P-256",
+            "x": _b64(numbers.x.to_bytes(32, "big")),
+            "y": _b64(numbers.y.to_bytes(32, "big")),
+        }
+        self.jkt = jwk_thumbprint(self.jwk)
+
+    def __repr__(self) -> str:
+        return f"DpopKey(jkt={self.jkt!r})"
+
+    @property
+    def public_jwk_json(self) -> str:
+        return json.dumps(self.jwk, separators=(",", ":"))
+
+    def proof(self, method: str, url: str, access_token: str | None = None) -> str:
+        """A fresh proof for one request to `url` (query and fragment are
+        not part of it), with `ath` when it goes with `access_token`."""
+        claims: dict[str, Any] = {
+            "jti": secrets.token_urlsafe(16),
+            "htm": method.upper(),
+            "htu": url.split("?", 1)[0].split("#", 1)[0],
+            "iat": int(time.time()),
+        }
+        if access_token is not None:
+            claims["ath"] = _b64(hashlib.sha256(access_token.encode()).digest())
+        return jwt.encode(
+            claims, self._key, algorithm="ES256", headers={"typ": "dpop+jwt", "jwk": self.jwk}
+        )

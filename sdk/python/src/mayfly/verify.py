@@ -1,0 +1,572 @@
+"""Token verification for the services agents call: every check the Rust
+`mayfly-verify` makes, against the broker's JWKS and its revocation feed.
+
+    verifier = mayfly.Verifier(issuer="https://localhost:8711",
+                               audience="https://api.example.com",
+                               ca="bundle.pem",
+                               feed=mayfly.FeedConfig.from_profile(".mayfly-dev", "api"))
+    claims = verifier.verify(token, client_cert=peer_der)
+
+Checks, in order: three parts; `alg` in the allow-list (ES256, EdDSA:
+never `none`, HMAC or RSA); `typ` at+jwt; a `kid` the JWKS has (an
+unknown one refreshes the JWKS, at most every 10 s), whose algorithm is the
+header's; the signature; `iss`; exactly one `aud`, ours; `exp` and `nbf`
+within the leeway; `sub`, `jti`, `task_id`; `cnf.x5t#S256` against the
+presented certificate; `cnf.jkt` against a DPoP proof (RFC 9449: `typ`,
+`alg`, its own public `jwk`, `htm`, `htu`, `iat` within 60 s, `ath`, `jti`
+once); the feed: not revoked, and the feed heard from within `max_silence`
+(else every token is refused: revocations may be missing)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import os
+import ssl
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import httpx
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from mayfly.config import Connection, resolve
+from mayfly.errors import VerifyError
+from mayfly.v1 import revocations_pb2
+
+log = logging.getLogger("mayfly.verify")
+
+ALGORITHMS = ("ES256", "EdDSA")
+MAX_LEEWAY = 60.0
+# How often an unknown `kid` may make the verifier fetch the JWKS.
+MIN_REFRESH = 10.0
+MAX_JWKS_BYTES = 256 * 1024
+DPOP_MAX_AGE = 60
+DPOP_PROOFS_REMEMBERED = 100_000
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def cert_thumbprint(cert: bytes | str) -> str:
+    """RFC 8705 `x5t#S256` of a certificate (DER bytes, or PEM text)."""
+    der = (
+        x509.load_pem_x509_certificate(cert.encode()).public_bytes(Encoding.DER)
+        if isinstance(cert, str)
+        else cert
+    )
+    return _b64(hashlib.sha256(der).digest())
+
+
+def jwk_thumbprint(jwk: dict[str, Any]) -> str:
+    """RFC 7638 thumbprint of a public EC or OKP JWK."""
+    members = ("crv", "kty", "x", "y") if jwk.get("kty") == "EC" else ("crv", "kty", "x")
+    canon = json.dumps({m: jwk[m] for m in members}, separators=(",", ":"), sort_keys=True)
+    return _b64(hashlib.sha256(canon.encode()).digest())
+
+
+@dataclass(frozen=True)
+class FeedConfig:
+    """How to follow the broker's revocation feed: its gRPC URL, the CA
+    bundle, this service's own SVID (the broker lets workloads of its trust
+    domain watch), and how long a silent feed is trusted."""
+
+    broker: str
+    ca_pem: bytes = field(repr=False)
+    cert_pem: bytes = field(repr=False)
+    key_pem: bytes = field(repr=False)
+    max_silence: float = 15.0
+
+    @classmethod
+    def from_profile(
+        cls, profile: str | os.PathLike[str], identity: str, max_silence: float = 15.0
+    ) -> FeedConfig:
+        """From a `mayfly dev init` profile and one of its identities."""
+        c = resolve(profile=profile, identity=identity)
+        return cls(c.broker, c.ca_pem, c.cert_pem, c.key_pem, max_silence)
+
+
+@dataclass(frozen=True)
+class VerifiedToken:
+    """A token that passed every check. `agent` is `sub` (the task's
+    owner); `actor` the RFC 8693 `act` claim when a delegate or a service
+    acts for it."""
+
+    agent: str
+    task_id: str
+    lease_id: str
+    scopes: list[str]
+    audience: str
+    expires_at: int
+    actor: dict[str, Any] | None
+    bound_to: str | None
+    dpop_key: str | None
+    claims: dict[str, Any] = field(repr=False)
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.scopes
+
+    @property
+    def actor_id(self) -> str:
+        """Who is acting: the outermost `act.sub`, else the agent."""
+        return str(self.actor["sub"]) if self.actor and "sub" in self.actor else self.agent
+
+
+class _Revocations:
+    """Revoked, unexpired credentials from the feed, and when it was last
+    heard from."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.leases: dict[str, float] = {}
+        self.serials: dict[str, float] = {}
+        self.cursor = 0
+        self.last_heard: float | None = None  # monotonic; None until synced
+
+    def apply(self, e: revocations_pb2.RevocationEvent) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if e.heartbeat:
+                # The first heartbeat follows the replay of everything
+                # revoked: from here on the set is complete.
+                self.last_heard = now
+                cutoff = time.time() - 60
+                self.leases = {k: v for k, v in self.leases.items() if v > cutoff}
+                self.serials = {k: v for k, v in self.serials.items() if v > cutoff}
+            else:
+                exp = float(e.expires_at.seconds)
+                if e.lease_id:
+                    self.leases[e.lease_id] = exp
+                if e.serial:
+                    self.serials[e.serial.upper()] = exp
+                if self.last_heard is not None:
+                    self.last_heard = now
+            self.cursor = max(self.cursor, e.cursor)
+
+    def silence(self) -> float | None:
+        heard = self.last_heard
+        return None if heard is None else time.monotonic() - heard
+
+
+class _Follower(threading.Thread):
+    """Streams the feed into a `_Revocations`, reconnecting from its cursor
+    with backoff; stops when `stop()` is called."""
+
+    def __init__(self, config: FeedConfig, revs: _Revocations) -> None:
+        super().__init__(name="mayfly-revocation-feed", daemon=True)
+        self._config = config
+        self._revs = revs
+        self._stopping = threading.Event()
+        self._call: Any = None
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=config.ca_pem,
+            private_key=config.key_pem,
+            certificate_chain=config.cert_pem,
+        )
+        target = Connection(config.broker, b"", b"", b"").target
+        self._channel = grpc.secure_channel(target, creds)
+        svc = revocations_pb2.DESCRIPTOR.services_by_name["Revocations"]
+        self._watch = self._channel.unary_stream(
+            f"/{svc.full_name}/{svc.methods_by_name['WatchRevocations'].name}",
+            request_serializer=revocations_pb2.WatchRequest.SerializeToString,
+            response_deserializer=revocations_pb2.RevocationEvent.FromString,
+        )
+
+    def run(self) -> None:
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                self._call = self._watch(
+                    revocations_pb2.WatchRequest(from_cursor=self._revs.cursor)
+                )
+                for event in self._call:
+                    self._revs.apply(event)
+                    backoff = 0.1
+            except grpc.RpcError as e:
+                if self._stopping.is_set():
+                    return
+                code = e.code() if isinstance(e, grpc.Call) else None
+                log.warning(
+                    "revocation feed disconnected (%s); reconnecting from cursor %d",
+                    code,
+                    self._revs.cursor,
+                )
+            self._stopping.wait(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._call is not None:
+            self._call.cancel()
+        self._channel.close()
+
+
+class _ReplayCache:
+    """DPoP proof `jti`s seen within the proof window, bounded: when full of
+    live entries it refuses rather than forgets."""
+
+    def __init__(self, capacity: int) -> None:
+        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def check(self, jkt: str, jti: str, iat: float) -> None:
+        now = time.time()
+        key = f"{jkt}:{jti}"
+        with self._lock:
+            while self._seen and next(iter(self._seen.values())) < now - 2 * DPOP_MAX_AGE:
+                self._seen.popitem(last=False)
+            if key in self._seen:
+                raise VerifyError("dpop_replayed", "DPoP proof jti was already used")
+            if len(self._seen) >= self._capacity:
+                raise VerifyError("dpop_busy", "too many DPoP proofs in flight; retry")
+            self._seen[key] = max(iat, now)
+
+
+class Verifier:
+    """Checks Mayfly access tokens for one audience. Thread-safe; `close()`
+    (or `with`) stops the feed follower."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        audience: str,
+        ca: str | os.PathLike[str] | bytes | None = None,
+        jwks_url: str | None = None,
+        feed: FeedConfig | None = None,
+        leeway: float = 5.0,
+        jwks_refresh: float = 300.0,
+        jwks: dict[str, Any] | None = None,
+    ) -> None:
+        """Fetches the JWKS now (from `jwks_url`, by default the issuer's
+        `/.well-known/jwks.json`, trusting `ca`) unless `jwks` is given,
+        and starts following `feed` if given. Without a feed, revocations
+        are not seen (tokens live to their expiry)."""
+        self.issuer = issuer
+        self.audience = audience
+        self._leeway = min(max(leeway, 0.0), MAX_LEEWAY)
+        self._jwks_url = jwks_url or issuer.rstrip("/") + "/.well-known/jwks.json"
+        self._refresh_every = jwks_refresh
+        verify: ssl.SSLContext | bool = True
+        if isinstance(ca, bytes):
+            verify = ssl.create_default_context(cadata=ca.decode("ascii"))
+        elif ca is not None:
+            verify = ssl.create_default_context(cafile=os.fspath(ca))
+        self._http = httpx.Client(verify=verify, timeout=5.0)
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched_at = 0.0
+        self._refresh_lock = threading.Lock()
+        self._dpop_seen = _ReplayCache(DPOP_PROOFS_REMEMBERED)
+        self._revs: _Revocations | None = None
+        self._follower: _Follower | None = None
+        if jwks is not None:
+            self._keys = self._parse_jwks(jwks)
+            self._fetched_at = float("inf")
+        else:
+            self.refresh_keys(force=True)
+        if feed is not None:
+            self._revs = _Revocations()
+            self._max_silence = feed.max_silence
+            self._follower = _Follower(feed, self._revs)
+            self._follower.start()
+
+    def __repr__(self) -> str:
+        return f"Verifier(issuer={self.issuer!r}, audience={self.audience!r})"
+
+    def close(self) -> None:
+        if self._follower is not None:
+            self._follower.stop()
+        self._http.close()
+
+    def __enter__(self) -> Verifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- keys -----------------------------------------------------------
+
+    @staticmethod
+    def _parse_jwks(doc: dict[str, Any]) -> dict[str, jwt.PyJWK]:
+        keys: dict[str, jwt.PyJWK] = {}
+        for k in doc.get("keys", []):
+            if not isinstance(k, dict) or "kid" not in k or k.get("alg") not in ALGORITHMS:
+                continue
+            try:
+                keys[str(k["kid"])] = jwt.PyJWK(k)
+            except jwt.PyJWTError:
+                continue
+        return keys
+
+    def refresh_keys(self, *, force: bool = False) -> bool:
+        """Fetches the JWKS if `force`, or if the last fetch is older than
+        MIN_REFRESH (for an unknown `kid`). Returns whether it fetched. A
+        failed fetch keeps the keys held and raises `jwks_unavailable`."""
+        with self._refresh_lock:
+            if not force and time.monotonic() - self._fetched_at < MIN_REFRESH:
+                return False
+            try:
+                r = self._http.get(self._jwks_url)
+                r.raise_for_status()
+                if len(r.content) > MAX_JWKS_BYTES:
+                    raise ValueError(f"JWKS larger than {MAX_JWKS_BYTES} bytes")
+                doc = r.json()
+            except (httpx.HTTPError, ValueError) as e:
+                raise VerifyError(
+                    "jwks_unavailable", f"cannot fetch {self._jwks_url}: {e}", server_side=True
+                ) from e
+            self._keys = self._parse_jwks(doc)
+            self._fetched_at = time.monotonic()
+            return True
+
+    # --- feed -----------------------------------------------------------
+
+    def wait_for_feed(self, timeout: float = 10.0) -> bool:
+        """Whether the feed delivered its first full replay within `timeout`
+        (true at once without a feed)."""
+        if self._revs is None:
+            return True
+        deadline = time.monotonic() + timeout
+        while self._revs.silence() is None:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    @property
+    def feed_cursor(self) -> int:
+        return 0 if self._revs is None else self._revs.cursor
+
+    def is_certificate_revoked(self, serial: str) -> bool:
+        return self._revs is not None and serial.upper() in self._revs.serials
+
+    # --- verification ---------------------------------------------------
+
+    def verify(
+        self,
+        token: str,
+        *,
+        client_cert: bytes | str | None = None,
+        dpop: tuple[str, str, str] | None = None,
+    ) -> VerifiedToken:
+        """Checks `token` as presented: as a bearer token (`dpop=None`), or
+        with the DPoP scheme (`dpop=(proof, method, url)`). `client_cert`
+        is the certificate the caller presented over TLS (DER, or PEM),
+        needed for certificate-bound tokens. Raises `VerifyError` naming
+        the check that failed."""
+        try:
+            return self._check(token, client_cert, dpop)
+        except VerifyError as e:
+            if e.check != "unknown_key" or not self._kid_of(token):
+                raise
+        self.refresh_keys()
+        return self._check(token, client_cert, dpop)
+
+    async def averify(
+        self,
+        token: str,
+        *,
+        client_cert: bytes | str | None = None,
+        dpop: tuple[str, str, str] | None = None,
+    ) -> VerifyError | VerifiedToken:
+        """`verify` for an event loop: checks inline, and fetches the JWKS
+        (for an unknown `kid`) in a worker thread. Returns the error rather
+        than raising it."""
+        try:
+            return self._check(token, client_cert, dpop)
+        except VerifyError as e:
+            if e.check != "unknown_key" or not self._kid_of(token):
+                return e
+        try:
+            return await asyncio.to_thread(self.verify, token, client_cert=client_cert, dpop=dpop)
+        except VerifyError as e:
+            return e
+
+    @staticmethod
+    def _kid_of(token: str) -> str | None:
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.PyJWTError:
+            return None
+        return kid if isinstance(kid, str) else None
+
+    def _check(
+        self,
+        token: str,
+        client_cert: bytes | str | None,
+        dpop: tuple[str, str, str] | None,
+    ) -> VerifiedToken:
+        if token.count(".") != 2:
+            raise VerifyError("malformed", "expected three dot-separated parts")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as e:
+            raise VerifyError("malformed", f"header is not base64url JSON: {e}") from None
+        # Allow-list first: `none`, HS*, RS* never reach a key.
+        alg = header.get("alg")
+        if alg not in ALGORITHMS:
+            raise VerifyError("algorithm", f"alg {alg!r} is not accepted (ES256 or EdDSA)")
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ.lower() not in ("at+jwt", "application/at+jwt"):
+            raise VerifyError("wrong_type", f"typ {typ!r} is not at+jwt")
+        kid = header.get("kid")
+        key = self._keys.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise VerifyError("unknown_key", f"kid {kid!r} is not in the issuer's JWKS")
+        if key.algorithm_name != alg:
+            raise VerifyError(
+                "key_algorithm_mismatch", f"kid {kid!r} is a {key.algorithm_name} key, not {alg}"
+            )
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key.key,
+                algorithms=[alg],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self._leeway,
+                options={"require": ["exp", "iss", "aud", "sub", "nbf", "jti"]},
+            )
+        except jwt.InvalidSignatureError:
+            raise VerifyError("bad_signature", "the signature does not verify") from None
+        except jwt.ExpiredSignatureError:
+            raise VerifyError("expired", "exp has passed") from None
+        except jwt.ImmatureSignatureError:
+            raise VerifyError("not_yet_valid", "nbf is in the future") from None
+        except jwt.InvalidIssuerError:
+            raise VerifyError("wrong_issuer", f"iss is not {self.issuer}") from None
+        except jwt.InvalidAudienceError:
+            raise VerifyError("wrong_audience", f"aud is not {self.audience}") from None
+        except jwt.MissingRequiredClaimError as e:
+            raise VerifyError("missing_claim", f"claim {e.claim} is missing") from None
+        except jwt.PyJWTError as e:
+            raise VerifyError("malformed", str(e)) from None
+        # Exactly one audience, ours (Mayfly tokens carry one).
+        if claims.get("aud") != self.audience:
+            raise VerifyError("wrong_audience", f"aud must be exactly {self.audience}")
+        for name in ("sub", "jti", "task_id"):
+            if not isinstance(claims.get(name), str) or not claims[name]:
+                raise VerifyError("missing_claim", f"claim {name} is missing")
+        raw_cnf = claims.get("cnf")
+        cnf: dict[str, Any] = raw_cnf if isinstance(raw_cnf, dict) else {}
+        bound_to = cnf.get("x5t#S256")
+        jkt = cnf.get("jkt")
+        if bound_to is not None:
+            if client_cert is None:
+                raise VerifyError(
+                    "certificate_required", "the token is bound to a client certificate"
+                )
+            if cert_thumbprint(client_cert) != bound_to:
+                raise VerifyError(
+                    "certificate_mismatch", "the presented certificate is not the bound one"
+                )
+        if dpop is None and jkt is not None:
+            raise VerifyError("dpop_required", "a DPoP-bound token came as a bearer token")
+        if dpop is not None:
+            if jkt is None:
+                raise VerifyError("not_dpop_bound", "the DPoP scheme with an unbound token")
+            self._check_proof(token, dpop, str(jkt))
+        if self._revs is not None:
+            silence = self._revs.silence()
+            if silence is None:
+                raise VerifyError(
+                    "feed_not_synced",
+                    "the revocation feed has not delivered its replay yet",
+                    server_side=True,
+                )
+            if silence > self._max_silence:
+                raise VerifyError(
+                    "feed_stale",
+                    f"no word from the revocation feed for {silence:.1f} s",
+                    server_side=True,
+                )
+            if claims["jti"] in self._revs.leases:
+                raise VerifyError("revoked", "the broker revoked this token")
+        scope = claims.get("scope")
+        act = claims.get("act")
+        return VerifiedToken(
+            agent=claims["sub"],
+            task_id=claims["task_id"],
+            lease_id=claims["jti"],
+            scopes=[s for s in scope.split(" ") if s] if isinstance(scope, str) else [],
+            audience=self.audience,
+            expires_at=int(claims["exp"]),
+            actor=act if isinstance(act, dict) else None,
+            bound_to=bound_to,
+            dpop_key=jkt,
+            claims=claims,
+        )
+
+    def _check_proof(self, token: str, dpop: tuple[str, str, str], jkt: str) -> None:
+        proof, method, url = dpop
+        if len(proof) > 4096 or proof.count(".") != 2:
+            raise VerifyError("dpop_malformed", "the DPoP proof is not a compact JWS")
+        try:
+            header = jwt.get_unverified_header(proof)
+        except jwt.PyJWTError as e:
+            raise VerifyError("dpop_malformed", str(e)) from None
+        if header.get("typ") != "dpop+jwt":
+            raise VerifyError("dpop_type", 'DPoP proof typ must be "dpop+jwt"')
+        alg = header.get("alg")
+        if alg not in ALGORITHMS:
+            raise VerifyError("dpop_algorithm", f"DPoP proof alg {alg!r} is not accepted")
+        jwk = header.get("jwk")
+        if not isinstance(jwk, dict) or "d" in jwk:
+            raise VerifyError("dpop_key", "DPoP proof jwk is missing or private")
+        want_kty = ("EC", "P-256") if alg == "ES256" else ("OKP", "Ed25519")
+        if (jwk.get("kty"), jwk.get("crv")) != want_kty:
+            raise VerifyError("dpop_key", f"DPoP proof jwk is not a {want_kty[1]} key for {alg}")
+        try:
+            key = jwt.PyJWK(jwk, algorithm=alg)
+            claims: dict[str, Any] = jwt.decode(
+                proof, key.key, algorithms=[alg], options={"verify_aud": False}
+            )
+        except jwt.InvalidSignatureError:
+            raise VerifyError("dpop_signature", "DPoP proof signature does not verify") from None
+        except jwt.PyJWTError as e:
+            raise VerifyError("dpop_malformed", str(e)) from None
+        jti, htm, htu, iat = (claims.get(k) for k in ("jti", "htm", "htu", "iat"))
+        if not isinstance(jti, str) or not 0 < len(jti) <= 256:
+            raise VerifyError("dpop_malformed", "DPoP proof jti must be 1 to 256 bytes")
+        if htm != method:
+            raise VerifyError("dpop_method", f"DPoP proof htm {htm!r} is not {method}")
+        if not isinstance(htu, str) or _norm_url(htu) != _norm_url(url):
+            raise VerifyError("dpop_url", f"DPoP proof htu {htu!r} is not {url}")
+        if not isinstance(iat, int | float):
+            raise VerifyError("dpop_malformed", "DPoP proof iat is missing")
+        now = time.time()
+        if now - iat > DPOP_MAX_AGE:
+            raise VerifyError("dpop_stale", f"DPoP proof iat is {now - iat:.0f} s ago")
+        if iat - now > DPOP_MAX_AGE:
+            raise VerifyError("dpop_future", f"DPoP proof iat is {iat - now:.0f} s ahead")
+        if claims.get("ath") != _b64(hashlib.sha256(token.encode()).digest()):
+            raise VerifyError("dpop_ath", "DPoP proof ath does not match the access token")
+        thumb = jwk_thumbprint(jwk)
+        if thumb != jkt:
+            raise VerifyError("dpop_wrong_key", "DPoP proof key is not the token's cnf.jkt")
+        self._dpop_seen.check(thumb, jti, float(iat))
+
+
+def _norm_url(u: str) -> str:
+    """Scheme and host lower-cased, default port dropped, no query or
+    fragment (RFC 9449 §4.3)."""
+    u = u.split("?", 1)[0].split("#", 1)[0]
+    scheme, sep, rest = u.partition("://")
+    if not sep:
+        return u
+    authority, slash, path = rest.partition("/")
+    authority = authority.lower()
+    default = {"https": ":443", "http": ":80"}.get(scheme.lower())
+    if default and authority.endswith(default):
+        authority = authority[: -len(default)]
+    return f"{scheme.lower()}://{authority}/{path if slash else ''}"

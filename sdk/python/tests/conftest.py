@@ -1,0 +1,138 @@
+"""Fixtures: a real broker from this repository's `mayfly` binary (a fresh
+`mayfly dev init` profile on free ports, run as its own process), the
+identities the tests play (the dev agent, a second agent, a service that
+follows the revocation feed), and the CLI for the operator's part."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+TD = "example.org"
+AGENT = f"spiffe://{TD}/agent/demo"
+OTHER_AGENT = f"spiffe://{TD}/agent/bob"
+SERVICE = f"spiffe://{TD}/api/tickets"
+API = "https://api.example.com"
+TOOLS = "https://tools.example.com"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def mayfly_bin() -> str:
+    path = os.environ.get("MAYFLY_BIN") or str(REPO / "target" / "debug" / "mayfly")
+    if not Path(path).exists():
+        pytest.fail(f"no mayfly binary at {path}: `cargo build -p mayfly-cli`, or set MAYFLY_BIN")
+    return path
+
+
+@dataclass
+class Broker:
+    """A running broker process and its dev profile."""
+
+    profile: Path
+    issuer: str
+    grpc_url: str
+    proc: subprocess.Popen[bytes]
+    config: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.profile / "bundle.pem"
+
+    def cli(self, *args: str) -> str:
+        """`mayfly --profile … ARGS` (the operator's commands), its output."""
+        done = subprocess.run(
+            [mayfly_bin(), "--profile", str(self.profile), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def cli_json(self, *args: str) -> Any:  # noqa: ANN401 - the CLI's JSON
+        return json.loads(self.cli("--json", *args))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        # CI searches every test broker's audit trail for secrets.
+        trail = self.profile / "data" / "audit.jsonl"
+        if (keep := os.environ.get("MAYFLY_TEST_AUDIT_DIR")) and trail.exists():
+            shutil.copy(trail, Path(keep) / f"python-sdk-{uuid.uuid4().hex}.jsonl")
+
+
+def start_broker(root: Path, *, heartbeat: str = "5s") -> Broker:
+    profile = root / ".mayfly-dev"
+    subprocess.run([mayfly_bin(), "dev", "init", "--dir", str(profile)], check=True)
+    for identity in (OTHER_AGENT, SERVICE):
+        subprocess.run(
+            [mayfly_bin(), "dev", "identity", "--dir", str(profile), identity],
+            check=True,
+            capture_output=True,
+        )
+    grpc, http = free_port(), free_port()
+    config = profile / "mayfly.toml"
+    text = (
+        config.read_text()
+        .replace("127.0.0.1:8710", f"127.0.0.1:{grpc}")
+        .replace("127.0.0.1:8711", f"127.0.0.1:{http}")
+        .replace("localhost:8711", f"localhost:{http}")
+    )
+    text += f'\n[feed]\nheartbeat = "{heartbeat}"\n'
+    config.write_text(text)
+    prof = profile / "profile.toml"
+    prof.write_text(prof.read_text().replace("localhost:8710", f"localhost:{grpc}"))
+    log = (profile / "broker.log").open("wb")
+    proc = subprocess.Popen(
+        [mayfly_bin(), "serve", "--config", str(config)], stdout=log, stderr=log
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"the broker exited with {proc.returncode}: see {profile / 'broker.log'}")
+        try:
+            with socket.create_connection(("127.0.0.1", http), timeout=0.2):
+                break
+        except OSError:
+            if time.monotonic() > deadline:
+                pytest.fail("the broker did not listen")
+            time.sleep(0.1)
+    return Broker(profile, f"https://localhost:{http}", f"https://localhost:{grpc}", proc, config)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    b = start_broker(tmp_path_factory.mktemp("broker"), heartbeat="200ms")
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[Broker]:
+    """A broker of the test's own, for tests that stop it."""
+    b = start_broker(tmp_path, heartbeat="200ms")
+    try:
+        yield b
+    finally:
+        b.stop()
