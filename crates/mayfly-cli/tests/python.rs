@@ -63,7 +63,7 @@ fn the_mcp_example_suite_passes() {
 fn the_python_sdk_suite_passes() {
     pytest(
         "sdk/python",
-        "pytest, grpc, grpc_tools, google.protobuf, jwt, httpx, starlette, cryptography",
+        "pytest, grpc, grpc_tools, google.protobuf, jwt, httpx, starlette, cryptography, mcp, uvicorn",
         "./sdk/python -r sdk/python/requirements-dev.txt",
         Some("src"),
     );

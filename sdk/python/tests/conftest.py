@@ -51,6 +51,8 @@ class Broker:
     grpc_url: str
     proc: subprocess.Popen[bytes]
     config: Path
+    # An audience policy lets the dev agents read, for the MCP example.
+    mcp_resource: str
 
     @property
     def ca(self) -> Path:
@@ -99,6 +101,19 @@ def start_broker(root: Path, *, heartbeat: str = "5s") -> Broker:
     )
     text += f'\n[feed]\nheartbeat = "{heartbeat}"\n'
     config.write_text(text)
+    # The example MCP server's URL is an audience the dev agents may read.
+    mcp_resource = f"http://127.0.0.1:{free_port()}/mcp"
+    (profile / "policies" / "mcp.cedar").write_text(
+        f"""
+@id("mcp-tickets")
+permit (
+  principal in Mayfly::Path::"spiffe://{TD}/agent",
+  action in [Mayfly::Action::"start_task", Mayfly::Action::"issue_token"],
+  resource == Mayfly::Audience::"{mcp_resource}"
+)
+when {{ ["read"].containsAll(context.scope_prefixes) }};
+"""
+    )
     prof = profile / "profile.toml"
     prof.write_text(prof.read_text().replace("localhost:8710", f"localhost:{grpc}"))
     log = (profile / "broker.log").open("wb")
@@ -116,7 +131,14 @@ def start_broker(root: Path, *, heartbeat: str = "5s") -> Broker:
             if time.monotonic() > deadline:
                 pytest.fail("the broker did not listen")
             time.sleep(0.1)
-    return Broker(profile, f"https://localhost:{http}", f"https://localhost:{grpc}", proc, config)
+    return Broker(
+        profile,
+        f"https://localhost:{http}",
+        f"https://localhost:{grpc}",
+        proc,
+        config,
+        mcp_resource,
+    )
 
 
 @pytest.fixture(scope="session")
