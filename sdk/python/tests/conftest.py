@@ -49,7 +49,7 @@ class Broker:
     profile: Path
     issuer: str
     grpc_url: str
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | None
     config: Path
     # An audience policy lets the dev agents read, for the MCP example.
     mcp_resource: str
@@ -72,8 +72,27 @@ class Broker:
     def cli_json(self, *args: str) -> Any:  # noqa: ANN401 - the CLI's JSON
         return json.loads(self.cli("--json", *args))
 
+    def start(self) -> None:
+        """Serves (again) with the same configuration and data."""
+        with (self.profile / "broker.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [mayfly_bin(), "serve", "--config", str(self.config)], stdout=log, stderr=log
+            )
+        port = int(self.issuer.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the broker exited with {self.proc.returncode}: see its broker.log")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("the broker did not listen")
+                time.sleep(0.1)
+
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
         # CI searches every test broker's audit trail for secrets.
@@ -82,7 +101,7 @@ class Broker:
             shutil.copy(trail, Path(keep) / f"python-sdk-{uuid.uuid4().hex}.jsonl")
 
 
-def start_broker(root: Path, *, heartbeat: str = "5s") -> Broker:
+def start_broker(root: Path, *, heartbeat: str = "5s", extra: str = "") -> Broker:
     profile = root / ".mayfly-dev"
     subprocess.run([mayfly_bin(), "dev", "init", "--dir", str(profile)], check=True)
     for identity in (OTHER_AGENT, SERVICE):
@@ -99,7 +118,7 @@ def start_broker(root: Path, *, heartbeat: str = "5s") -> Broker:
         .replace("127.0.0.1:8711", f"127.0.0.1:{http}")
         .replace("localhost:8711", f"localhost:{http}")
     )
-    text += f'\n[feed]\nheartbeat = "{heartbeat}"\n'
+    text += f'\n[feed]\nheartbeat = "{heartbeat}"\n{extra}'
     config.write_text(text)
     # The example MCP server's URL is an audience the dev agents may read.
     mcp_resource = f"http://127.0.0.1:{free_port()}/mcp"
@@ -116,29 +135,16 @@ when {{ ["read"].containsAll(context.scope_prefixes) }};
     )
     prof = profile / "profile.toml"
     prof.write_text(prof.read_text().replace("localhost:8710", f"localhost:{grpc}"))
-    log = (profile / "broker.log").open("wb")
-    proc = subprocess.Popen(
-        [mayfly_bin(), "serve", "--config", str(config)], stdout=log, stderr=log
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"the broker exited with {proc.returncode}: see {profile / 'broker.log'}")
-        try:
-            with socket.create_connection(("127.0.0.1", http), timeout=0.2):
-                break
-        except OSError:
-            if time.monotonic() > deadline:
-                pytest.fail("the broker did not listen")
-            time.sleep(0.1)
-    return Broker(
+    b = Broker(
         profile,
         f"https://localhost:{http}",
         f"https://localhost:{grpc}",
-        proc,
+        None,
         config,
         mcp_resource,
     )
+    b.start()
+    return b
 
 
 @pytest.fixture(scope="session")

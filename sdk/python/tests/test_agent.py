@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 import mayfly
-from tests.conftest import API, OTHER_AGENT, TOOLS, Broker
+from tests.conftest import API, OTHER_AGENT, TOOLS, Broker, free_port, start_broker
 
 
 def connect(broker: Broker, identity: str | None = None) -> mayfly.Connector:
@@ -299,3 +299,27 @@ def test_the_blocking_httpx_auth_retries_once_with_a_fresh_token(broker: Broker)
     assert len(sent) == 2
     assert sent[0] != sent[1]
     assert all(s.startswith("Bearer ") for s in sent)
+
+
+def test_a_rate_limit_says_when_to_retry(tmp_path: Path) -> None:
+    b = start_broker(tmp_path, extra="[rate_limit]\nper_second = 0.5\nburst = 2.0\n")
+    try:
+        with connect(b) as broker, broker.task("read", audiences=[API], scopes=["read:t"]) as t:
+            t.token(API, ["read:t"], bind=False)
+            t.token(API, ["read:t"], bind=True)
+            with pytest.raises(mayfly.RateLimited) as limited:
+                t.token(TOOLS, ["read:t"])
+            assert limited.value.retry_after >= 1
+            assert limited.value.code == "RESOURCE_EXHAUSTED"
+    finally:
+        b.stop()
+
+
+def test_a_broker_that_is_down_is_unavailable(broker: Broker) -> None:
+    conn = mayfly.config.resolve(profile=broker.profile)
+    down = mayfly.Connection(
+        f"https://localhost:{free_port()}", conn.ca_pem, conn.cert_pem, conn.key_pem
+    )
+    with mayfly.Broker(down) as b, pytest.raises(mayfly.Unavailable) as e:
+        b.task("read", audiences=[API], scopes=["read:t"]).start()
+    assert e.value.code == "UNAVAILABLE"

@@ -283,3 +283,21 @@ def test_a_feed_that_never_synced_fails_closed(broker: Broker) -> None:
             assert refused(v, token.value) == "feed_not_synced"
     finally:
         v.close()
+
+
+def test_the_feed_follower_resumes_after_the_broker_restarts(own_broker: Broker) -> None:
+    v = verifier(own_broker, silence=30.0)
+    try:
+        with mayfly.connect(profile=own_broker.profile) as b:
+            t = b.start_task("r", audiences=[API])
+            token = t.token(API, bind=False)
+        assert v.verify(token.value).lease_id == token.lease_id
+        cursor = v.feed_cursor
+        own_broker.stop()
+        own_broker.start()
+        # Revoked while the follower reconnects: it still learns of it.
+        own_broker.cli("lease", "revoke", token.lease_id, "--reason", "test")
+        assert until_refused(v, token.value).check == "revoked"
+        assert v.feed_cursor > cursor
+    finally:
+        v.close()

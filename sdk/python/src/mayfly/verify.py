@@ -247,16 +247,21 @@ class Verifier:
         leeway: float = 5.0,
         jwks_refresh: float = 300.0,
         jwks: dict[str, Any] | None = None,
+        min_refresh: float = MIN_REFRESH,
     ) -> None:
         """Fetches the JWKS now (from `jwks_url`, by default the issuer's
         `/.well-known/jwks.json`, trusting `ca`) unless `jwks` is given,
         and starts following `feed` if given. Without a feed, revocations
-        are not seen (tokens live to their expiry)."""
+        are not seen (tokens live to their expiry). An unknown `kid`
+        refetches the JWKS at most every `min_refresh` seconds, so a flood
+        of forged kids cannot turn into a flood of fetches."""
         self.issuer = issuer
         self.audience = audience
         self._leeway = min(max(leeway, 0.0), MAX_LEEWAY)
         self._jwks_url = jwks_url or issuer.rstrip("/") + "/.well-known/jwks.json"
         self._refresh_every = jwks_refresh
+        self._min_refresh = min_refresh
+        self.jwks_fetches = 0
         verify: ssl.SSLContext | bool = True
         if isinstance(ca, bytes):
             verify = ssl.create_default_context(cadata=ca.decode("ascii"))
@@ -266,6 +271,7 @@ class Verifier:
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at = 0.0
         self._refresh_lock = threading.Lock()
+        self._refreshing = False
         self._dpop_seen = _ReplayCache(DPOP_PROOFS_REMEMBERED)
         self._revs: _Revocations | None = None
         self._follower: _Follower | None = None
@@ -310,10 +316,10 @@ class Verifier:
 
     def refresh_keys(self, *, force: bool = False) -> bool:
         """Fetches the JWKS if `force`, or if the last fetch is older than
-        MIN_REFRESH (for an unknown `kid`). Returns whether it fetched. A
+        `min_refresh` (for an unknown `kid`). Returns whether it fetched. A
         failed fetch keeps the keys held and raises `jwks_unavailable`."""
         with self._refresh_lock:
-            if not force and time.monotonic() - self._fetched_at < MIN_REFRESH:
+            if not force and time.monotonic() - self._fetched_at < self._min_refresh:
                 return False
             try:
                 r = self._http.get(self._jwks_url)
@@ -327,7 +333,28 @@ class Verifier:
                 ) from e
             self._keys = self._parse_jwks(doc)
             self._fetched_at = time.monotonic()
+            self.jwks_fetches += 1
             return True
+
+    def _maybe_refresh_in_background(self) -> None:
+        """Once the JWKS is older than `jwks_refresh`, fetches it again in a
+        thread (a request never waits for it; a failed fetch keeps the keys
+        held and is tried again at the next interval)."""
+        if time.monotonic() - self._fetched_at < self._refresh_every or self._refreshing:
+            return
+        self._refreshing = True
+
+        def run() -> None:
+            try:
+                self.refresh_keys(force=True)
+            except VerifyError as e:
+                log.warning("JWKS refresh failed, keeping the keys held: %s", e.detail)
+                with self._refresh_lock:
+                    self._fetched_at = time.monotonic()
+            finally:
+                self._refreshing = False
+
+        threading.Thread(target=run, name="mayfly-jwks-refresh", daemon=True).start()
 
     # --- feed -----------------------------------------------------------
 
@@ -364,6 +391,7 @@ class Verifier:
         is the certificate the caller presented over TLS (DER, or PEM),
         needed for certificate-bound tokens. Raises `VerifyError` naming
         the check that failed."""
+        self._maybe_refresh_in_background()
         try:
             return self._check(token, client_cert, dpop)
         except VerifyError as e:
@@ -382,6 +410,7 @@ class Verifier:
         """`verify` for an event loop: checks inline, and fetches the JWKS
         (for an unknown `kid`) in a worker thread. Returns the error rather
         than raising it."""
+        self._maybe_refresh_in_background()
         try:
             return self._check(token, client_cert, dpop)
         except VerifyError as e:
