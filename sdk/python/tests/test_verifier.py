@@ -254,6 +254,9 @@ def test_rfc8725_attacks_on_the_claims(
     # No kid, or one the set lacks (it refetches nothing: the set is pinned).
     assert refused(v, sign(good, {"alg": "ES256", "typ": "at+jwt"})) == "unknown_key"
     assert refused(v, sign(good, {**HEADER, "kid": "k2"})) == "unknown_key"
+    assert refused(v, sign({**good, "sub": "admin"})) == "malformed"
+    # A critical header extension nobody here understands (RFC 7515 §4.1.11).
+    assert refused(v, sign(good, {**HEADER, "crit": ["exp"], "exp": 1})) == "malformed"
     # Within the leeway still passes.
     assert v.verify(sign({**good, "exp": now - 2})).lease_id == "lease1"
 

@@ -483,6 +483,8 @@ class Verifier:
         for name in ("sub", "jti", "task_id"):
             if not isinstance(claims.get(name), str) or not claims[name]:
                 raise VerifyError("missing_claim", f"claim {name} is missing")
+        if not claims["sub"].startswith("spiffe://"):
+            raise VerifyError("malformed", "claim sub is not a SPIFFE ID")
         raw_cnf = claims.get("cnf")
         cnf: dict[str, Any] = raw_cnf if isinstance(raw_cnf, dict) else {}
         bound_to = cnf.get("x5t#S256")
