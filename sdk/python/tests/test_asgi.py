@@ -128,3 +128,56 @@ def test_an_agent_reaches_the_service_with_httpx_auth_and_dpop(
                 assert 'error_description="dpop_replayed"' in r.headers["www-authenticate"]
 
     asyncio.run(run())
+
+
+def test_a_bound_token_passes_with_the_certificate_the_server_reports(
+    broker: Broker, app: TokenMiddleware
+) -> None:
+    """The ASGI TLS extension (asgi.readthedocs.io, specs/tls) carries the
+    client's chain as PEM; uvicorn does not fill it, so the scope a server
+    that does would pass is built here."""
+    agent_pem = (broker.profile / "identities" / "agent-demo" / "svid.pem").read_text()
+    bob_pem = (broker.profile / "identities" / "agent-bob" / "svid.pem").read_text()
+
+    async def call(token: str, chain: list[str]) -> tuple[int, dict[str, str]]:
+        sent: list[dict[str, object]] = []
+
+        async def receive() -> dict[str, object]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "https",
+            "path": "/tickets/42",
+            "raw_path": b"/tickets/42",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"host", b"api.example.com"), (b"authorization", token.encode())],
+            "server": ("api.example.com", 443),
+            "extensions": {"tls": {"client_cert_chain": chain, "tls_version": 0x0304}},
+        }
+        await app(scope, receive, send)  # type: ignore[arg-type]
+        start = sent[0]
+        headers = {k.decode(): v.decode() for k, v in start["headers"]}  # type: ignore[attr-defined]
+        return int(start["status"]), headers  # type: ignore[call-overload]
+
+    async def run() -> None:
+        async with (
+            mayfly.connect(profile=broker.profile) as b,
+            b.task("read", audiences=[API], scopes=["read:tickets"]) as t,
+        ):
+            token = (await t.token(API, ["read:tickets"])).authorization
+            assert (await call(token, [agent_pem]))[0] == 200
+            status, headers = await call(token, [bob_pem])
+            assert status == 401
+            assert 'error_description="certificate_mismatch"' in headers["www-authenticate"]
+            status, headers = await call(token, [])
+            assert 'error_description="certificate_required"' in headers["www-authenticate"]
+
+    asyncio.run(run())
