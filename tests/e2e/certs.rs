@@ -132,8 +132,16 @@ async fn issued_certificates_verify_and_are_task_bound_svids() {
 
     let out = openssl(&["x509", "-in", "leaf.pem", "-noout", "-text"], &dir);
     let t = text(&out);
-    assert_eq!(t.matches("URI:").count(), 1, "{t}");
+    assert_eq!(t.matches("URI:spiffe://").count(), 1, "{t}");
     assert!(t.contains(&format!("URI:{want_id}")), "{t}");
+    // Stock TLS stacks find the CRL from the certificate itself.
+    let crl_url = format!("{}/crl", broker.config.issuer());
+    assert!(
+        t.contains(&format!(
+            "X509v3 CRL Distribution Points: \n                Full Name:\n                  URI:{crl_url}\n"
+        )),
+        "{t}"
+    );
     assert!(t.contains("CA:FALSE") && !t.contains("CA:TRUE"), "{t}");
     assert!(
         !t.contains("evil") && !t.contains("DNS:") && !t.contains("Attacker"),

@@ -7,7 +7,8 @@
 //! (what store and trail errors carry), the lease
 //! [`store`] seam and its backends, the audit trail's sinks ([`audit`]),
 //! the [`recorder`] every decision goes through, the [`issuer`]'s keys and
-//! CA, and the development PKI ([`dev`]). Everything else is private;
+//! CA, the development PKI ([`dev`]), and what `mayfly config check`
+//! runs ([`check`]). Everything else is private;
 //! docs/ARCHITECTURE.md maps it:
 //! - `server` assembles everything from checked settings and serves both
 //!   ports until `shutdown` says stop; `connections`
@@ -24,6 +25,7 @@
 
 pub mod audit;
 mod cause;
+pub mod check;
 pub mod config;
 mod connections;
 mod crl;

@@ -36,6 +36,8 @@ mod agent;
 mod approval;
 mod audit;
 mod cert;
+#[cfg(feature = "broker")]
+mod config_check;
 mod conn;
 #[cfg(feature = "broker")]
 mod dev;
@@ -101,6 +103,10 @@ enum Command {
     /// Cedar policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// The broker's configuration.
+    #[cfg(feature = "broker")]
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Write a new JWT signing key, for replicas that must share one.
     #[cfg(feature = "broker")]
     Keygen {
@@ -121,6 +127,21 @@ enum PolicyCommand {
     Check {
         /// The directory of *.cedar files.
         dir: std::path::PathBuf,
+    },
+}
+
+#[cfg(feature = "broker")]
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Load and check everything `serve` would (the file, TLS material,
+    /// the issuing CA, the signing key, the policies, the store) without
+    /// serving; a line per part, exit 1 if any fails.
+    Check {
+        /// Path to mayfly.toml.
+        file: std::path::PathBuf,
+        /// Also ask the Redis store whether it answers.
+        #[arg(long)]
+        store: bool,
     },
 }
 
@@ -205,6 +226,10 @@ async fn main() -> ExitCode {
         Command::Approval(cmd) => approval::run(cmd, &cli.conn, cli.json).await,
         Command::Audit(cmd) => audit::run(cmd, &cli.conn, cli.json).await,
         Command::Policy(PolicyCommand::Check { dir }) => policy::check(&dir),
+        #[cfg(feature = "broker")]
+        Command::Config(ConfigCommand::Check { file, store }) => {
+            config_check::run(&file, store, cli.json).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

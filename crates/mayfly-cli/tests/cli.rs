@@ -674,6 +674,116 @@ fn policy_check_validates_like_the_broker() {
     assert!(stderr(&out).contains("1 problem(s)"), "{}", stderr(&out));
 }
 
+#[test]
+fn config_check_names_what_serve_would_fail_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    ok(Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .args(["dev", "init", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap());
+    let config = dir.join("mayfly.toml");
+    let check = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_mayfly"))
+            .args(["config", "check"])
+            .arg(&config)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = ok(check(&[]));
+    let parts: Vec<&str> = out.lines().map(|l| l.split(':').next().unwrap()).collect();
+    assert_eq!(
+        parts,
+        [
+            "ok    configuration",
+            "ok    tls",
+            "ok    issuing CA",
+            "ok    signing key",
+            "ok    policies",
+            "ok    store"
+        ],
+        "{out}"
+    );
+    // Nothing was created: the signing key is only reported.
+    assert!(
+        out.contains("does not exist yet: serve creates it"),
+        "{out}"
+    );
+    assert!(!dir.join("data").exists());
+
+    let failing = |out: Output, part: &str, says: &str| {
+        assert_eq!(out.status.code(), Some(1));
+        let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("FAIL  {part}:")))
+            .unwrap_or_else(|| panic!("no failure for {part}:\n{stdout}"));
+        assert!(line.contains(says), "{line}");
+        assert_eq!(stdout.matches("FAIL").count(), 1, "{stdout}");
+        assert!(stderr(&out).contains("1 problem(s)"), "{}", stderr(&out));
+    };
+
+    // A wrong path.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("\"server.pem\"", "\"missing.pem\"")).unwrap();
+    failing(check(&[]), "tls", "missing.pem");
+    std::fs::write(&config, &text).unwrap();
+
+    // A key that is not a key.
+    let key = dir.join("issuing-ca.key");
+    let good_key = std::fs::read(&key).unwrap();
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    failing(check(&[]), "issuing CA", "key");
+    std::fs::write(&key, &good_key).unwrap();
+
+    // An invalid policy, named by file and line.
+    let bad = dir.join("policies/typo.cedar");
+    std::fs::write(
+        &bad,
+        "@id(\"typo\")\npermit (principal, action, resource)\nwhen { context.scope_prefix.contains(\"read\") };\n",
+    )
+    .unwrap();
+    failing(check(&[]), "policies", "typo.cedar:3:8");
+    std::fs::remove_file(&bad).unwrap();
+
+    // A Redis store that does not answer, when asked to reach it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        &config,
+        text.replace(
+            "store = \"embedded\"",
+            &format!("store = \"redis://127.0.0.1:{port}\""),
+        ),
+    )
+    .unwrap();
+    assert!(ok(check(&[])).contains("ok    store: Redis (not contacted"));
+    failing(check(&["--store"]), "store", "Redis does not answer");
+
+    // A file that is not a configuration: the one finding.
+    std::fs::write(&config, "trust_domain = 3\n").unwrap();
+    let out = check(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.starts_with("FAIL  configuration: "), "{stdout}");
+    assert!(stdout.contains("expected a string"), "{stdout}");
+    // Nothing else is checked without a configuration.
+    let findings = stdout
+        .lines()
+        .filter(|l| l.starts_with("ok ") || l.starts_with("FAIL "))
+        .count();
+    assert_eq!(findings, 1, "{stdout}");
+}
+
 /// `mayfly dev identity` for `id` in the test broker's profile.
 fn identity(broker: &TestBroker, id: &str) {
     let dir = broker.layout.dir.to_str().unwrap().to_owned();

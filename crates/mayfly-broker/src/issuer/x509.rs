@@ -5,15 +5,16 @@
 //! CSR asks for (subject, SANs, CA:true, other extensions) is ignored. The
 //! leaf is built from scratch: one URI SAN `<agent>/task/<task_id>`,
 //! CA:false, key usage digitalSignature (critical), EKU serverAuth and
-//! clientAuth, a random 127-bit serial.
+//! clientAuth, a random 127-bit serial, and a CRL Distribution Point (the
+//! broker's `/crl`) so that stock TLS stacks find the CRL.
 
 use std::path::Path;
 
 use mayfly_core::{RevocationReason, SpiffeId, Timestamp};
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
-    RevokedCertParams, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CrlDistributionPoint,
+    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair,
+    KeyUsagePurpose, RevokedCertParams, SanType, SerialNumber,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use time::OffsetDateTime;
@@ -252,6 +253,9 @@ pub struct IssuingCa {
     /// The issuing CA certificate alone, DER: the edge refuses every client
     /// certificate it signed.
     cert_der: Vec<u8>,
+    /// Where the CRL is published (the broker's `/crl`), named in every
+    /// leaf; `None` names nowhere.
+    crl_url: Option<String>,
 }
 
 impl std::fmt::Debug for IssuingCa {
@@ -301,7 +305,15 @@ impl IssuingCa {
             issuer,
             chain_pem: chain_pem.trim_end().to_owned() + "\n",
             cert_der,
+            crl_url: None,
         })
+    }
+
+    /// Names `url` as the CRL Distribution Point of every leaf it signs.
+    #[must_use]
+    pub fn with_crl_url(mut self, url: String) -> Self {
+        self.crl_url = Some(url);
+        self
     }
 
     /// The issuing CA certificate, DER.
@@ -340,6 +352,11 @@ impl IssuingCa {
         params.not_before = offset(not_before);
         params.not_after = offset(not_after);
         params.use_authority_key_identifier_extension = true;
+        if let Some(url) = &self.crl_url {
+            params.crl_distribution_points = vec![CrlDistributionPoint {
+                uris: vec![url.clone()],
+            }];
+        }
         Ok(params.signed_by(&spki, &self.issuer)?.pem())
     }
 

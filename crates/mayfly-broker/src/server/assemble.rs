@@ -42,7 +42,10 @@ impl Broker {
         let policy = Arc::new(PolicyHandle::load(&s.policy.dir)?);
         tracing::info!(policies = policy.len(), dir = %s.policy.dir.display(), "policies loaded");
         let ca = match &s.ca {
-            Some(files) => Some(Arc::new(IssuingCa::load(&files.cert, &files.key)?)),
+            Some(files) => Some(Arc::new(
+                IssuingCa::load(&files.cert, &files.key)?
+                    .with_crl_url(format!("{}/crl", s.issuer.trim_end_matches('/'))),
+            )),
             None => None,
         };
         let crl = ca
@@ -152,7 +155,7 @@ fn open_trail(trail: &Trail) -> Result<Arc<dyn AuditSink>, StartError> {
 }
 
 /// Where Redis is, reading secrets from their files.
-fn redis_target(r: &RedisSettings) -> Result<RedisTarget, StartError> {
+pub(crate) fn redis_target(r: &RedisSettings) -> Result<RedisTarget, StartError> {
     let io_error = |p: &Path, e: io::Error| {
         StartError::Io(io::Error::new(e.kind(), format!("{}: {e}", p.display())))
     };

@@ -8,6 +8,7 @@
 //!   then draining.
 
 mod assemble;
+pub(crate) use assemble::redis_target;
 mod serve;
 
 use std::io;

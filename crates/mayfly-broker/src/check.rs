@@ -1,0 +1,115 @@
+//! `mayfly config check`: loads and checks everything `serve` would, one
+//! finding per part, without listening, writing or creating anything (a
+//! missing signing key is reported, not made). With `reach_store`, the
+//! Redis store is also asked whether it answers.
+
+use std::path::Path;
+
+use crate::config::{Config, StoreSettings};
+use crate::issuer::{Algorithm, IssuingCa, SigningKey, key_path};
+use crate::policy::PolicyHandle;
+use crate::store::LeaseStore;
+use crate::store::RedisStore;
+
+/// One part of the configuration and what became of it.
+#[derive(Debug)]
+pub struct Finding {
+    /// The part: `configuration`, `tls`, `issuing CA`, `signing key`,
+    /// `policies` or `store`.
+    pub part: &'static str,
+    /// What was found, or what is wrong with it.
+    pub outcome: Result<String, String>,
+}
+
+impl Finding {
+    fn new(part: &'static str, outcome: Result<String, String>) -> Self {
+        Self { part, outcome }
+    }
+}
+
+/// Checks the configuration at `path`; a finding per part, in the order
+/// `serve` loads them. An unreadable or invalid file is the only finding.
+pub async fn check(path: &Path, reach_store: bool) -> Vec<Finding> {
+    let s = match Config::load(path).and_then(|c| c.settings()) {
+        Ok(s) => s,
+        Err(e) => return vec![Finding::new("configuration", Err(e.to_string()))],
+    };
+    let mut out = vec![Finding::new(
+        "configuration",
+        Ok(format!(
+            "trust domain {}, issuer {}",
+            s.trust_domain, s.issuer
+        )),
+    )];
+    out.push(Finding::new(
+        "tls",
+        crate::tls::load(&s.tls)
+            .map(|_| {
+                format!(
+                    "server certificate {}, trust bundle {}",
+                    s.tls.cert.display(),
+                    s.tls.trust_bundle.display()
+                )
+            })
+            .map_err(|e| e.to_string()),
+    ));
+    out.push(Finding::new(
+        "issuing CA",
+        match &s.ca {
+            None => Ok("none: task certificates are not issued".into()),
+            Some(files) => IssuingCa::load(&files.cert, &files.key)
+                .map_err(|e| e.to_string())
+                .and_then(|ca| {
+                    crate::tls::refuse_issuing_ca_in_bundle(&s.tls, ca.cert_der())
+                        .map_err(|e| e.to_string())
+                })
+                .map(|()| format!("{}", files.cert.display())),
+        },
+    ));
+    out.push(Finding::new(
+        "signing key",
+        signing_key(&s.data_dir, s.algorithm),
+    ));
+    out.push(Finding::new(
+        "policies",
+        PolicyHandle::load(&s.policy.dir)
+            .map(|p| format!("{} in {}", p.len(), s.policy.dir.display()))
+            .map_err(|e| e.to_string()),
+    ));
+    out.push(Finding::new("store", store(&s.store, reach_store).await));
+    out
+}
+
+fn signing_key(data_dir: &Path, alg: Algorithm) -> Result<String, String> {
+    let path = key_path(data_dir, alg);
+    if !path.exists() {
+        return Ok(format!(
+            "{} does not exist yet: serve creates it (replicas must share one: mayfly keygen)",
+            path.display()
+        ));
+    }
+    let key = SigningKey::load(&path, alg).map_err(|e| e.to_string())?;
+    Ok(format!(
+        "{} ({}, kid {})",
+        path.display(),
+        key.alg(),
+        key.kid()
+    ))
+}
+
+async fn store(settings: &StoreSettings, reach: bool) -> Result<String, String> {
+    match settings {
+        StoreSettings::Embedded { path, .. } => Ok(format!("embedded at {}", path.display())),
+        StoreSettings::Redis { redis, .. } if reach => {
+            let target = crate::server::redis_target(redis).map_err(|e| e.to_string())?;
+            let store = RedisStore::new(target, &redis.key_prefix, std::time::Duration::ZERO)
+                .map_err(|e| e.to_string())?;
+            store
+                .check()
+                .await
+                .map(|()| "Redis answers".into())
+                .map_err(|e| format!("Redis does not answer: {e}"))
+        }
+        StoreSettings::Redis { .. } => Ok("Redis (not contacted; --store asks it)".into()),
+    }
+}
