@@ -20,4 +20,5 @@ mod metrics;
 mod oauth;
 mod policy;
 mod race;
+mod reload;
 mod replicas;

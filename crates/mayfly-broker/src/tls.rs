@@ -1,17 +1,23 @@
-//! rustls configurations for the two ports, on the ring provider.
+//! rustls configurations for the two ports, on the ring provider, over
+//! material ([`LiveTls`]) that is reloaded when its files change.
 
+use std::hash::{Hash, Hasher};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
 
-use rustls::RootCertStore;
-use rustls::server::WebPkiClientVerifier;
-use rustls::server::danger::ClientCertVerifier;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 
 use crate::config::Tls;
 use crate::fsutil::check_private;
 use crate::identity::DeferredClientVerifier;
+use crate::shutdown::Shutdown;
 
 /// Why TLS material is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -65,34 +71,189 @@ pub fn refuse_issuing_ca_in_bundle(tls: &Tls, issuing_ca_der: &[u8]) -> Result<(
     Ok(())
 }
 
-/// Loaded TLS material and the verifier for client SVIDs.
-#[derive(Debug)]
-pub struct TlsSetup {
-    /// For the gRPC port: requires (and defers checking of) client certificates.
-    pub grpc: Arc<rustls::ServerConfig>,
-    /// For the HTTP port: no client certificates.
-    pub http: Arc<rustls::ServerConfig>,
-    /// Validates client chains against the trust bundle.
-    pub client_chain: Arc<dyn ClientCertVerifier>,
+/// What a reload swaps whole: the server's certificate chain with its key,
+/// and the verifier of client chains built from the trust bundle.
+struct Material {
+    key: Arc<CertifiedKey>,
+    client_chain: Arc<dyn ClientCertVerifier>,
 }
 
-/// Loads the server certificate, key and trust bundle.
-pub fn load(tls: &Tls) -> Result<TlsSetup, TlsError> {
+/// Loads and checks the files: the chain, a key (0600) that matches it,
+/// and a bundle of at least one CA.
+fn material(tls: &Tls, issuing_ca: Option<&[u8]>) -> Result<Material, TlsError> {
+    if let Some(ca) = issuing_ca {
+        refuse_issuing_ca_in_bundle(tls, ca)?;
+    }
     let chain = certs("server certificate", &tls.cert)?;
     check_private(&tls.key).map_err(|e| err("server key", &tls.key, e))?;
     let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| err("server key", &tls.key, e))?;
+    let provider = provider();
+    let key = CertifiedKey::from_der(chain, key, &provider)
+        .map_err(|e| err("server key", &tls.key, e))?;
     let mut roots = RootCertStore::empty();
     for ca in certs("trust bundle", &tls.trust_bundle)? {
         roots
             .add(ca)
             .map_err(|e| err("trust bundle", &tls.trust_bundle, e))?;
     }
-    let provider = provider();
-    let client_chain =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .map_err(|e| err("trust bundle", &tls.trust_bundle, e))?;
+    let client_chain = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| err("trust bundle", &tls.trust_bundle, e))?;
+    Ok(Material {
+        key: Arc::new(key),
+        client_chain,
+    })
+}
 
+/// The broker's TLS material as files say now: loaded at start, swapped
+/// whole by [`LiveTls::reload`] when they change. Handshakes take the
+/// current set; a connection keeps what it was made with.
+pub struct LiveTls {
+    files: Tls,
+    current: RwLock<Arc<Material>>,
+    /// The broker's issuing CA (DER), which no reloaded bundle may hold.
+    issuing_ca: OnceLock<Vec<u8>>,
+}
+
+impl std::fmt::Debug for LiveTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveTls")
+            .field("cert", &self.files.cert)
+            .field("trust_bundle", &self.files.trust_bundle)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LiveTls {
+    fn current(&self) -> Arc<Material> {
+        match self.current.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Loads the files again; only a complete, valid set replaces the
+    /// current one, so a half-written or wrong file changes nothing.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let ca = self.issuing_ca.get().map(Vec::as_slice);
+        let fresh = Arc::new(material(&self.files, ca)?);
+        match self.current.write() {
+            Ok(mut g) => *g = fresh,
+            Err(poisoned) => *poisoned.into_inner() = fresh,
+        }
+        Ok(())
+    }
+
+    /// From now on, refuses a bundle that holds `ca_der` (the issuing CA),
+    /// as the start did (`refuse_issuing_ca_in_bundle`).
+    pub fn refuse_in_bundle(&self, ca_der: &[u8]) {
+        let _ = self.issuing_ca.set(ca_der.to_vec());
+    }
+
+    /// A hash of each file's bytes (following symlinks, so a Kubernetes
+    /// Secret's `..data` swap is a change).
+    fn fingerprint(&self) -> Vec<Option<u64>> {
+        [&self.files.cert, &self.files.key, &self.files.trust_bundle]
+            .iter()
+            .map(|p| {
+                std::fs::read(p).ok().map(|bytes| {
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    bytes.hash(&mut h);
+                    h.finish()
+                })
+            })
+            .collect()
+    }
+}
+
+impl ResolvesServerCert for LiveTls {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current().key.clone())
+    }
+}
+
+/// Checks client chains against the current trust bundle.
+#[derive(Debug)]
+struct LiveClientChain(Arc<LiveTls>);
+
+impl ClientCertVerifier for LiveClientChain {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // The bundle can change under a borrow; no hints (they are
+        // optional, and clients present their one SVID anyway).
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0
+            .current()
+            .client_chain
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0
+            .current()
+            .client_chain
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0
+            .current()
+            .client_chain
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.current().client_chain.supported_verify_schemes()
+    }
+}
+
+/// Loaded TLS material and the verifier for client SVIDs.
+#[derive(Debug)]
+pub struct TlsSetup {
+    /// For the gRPC port: requires (and defers checking of) client certificates.
+    pub grpc: Arc<rustls::ServerConfig>,
+    /// For the HTTP port: client certificates asked for, optional.
+    pub http: Arc<rustls::ServerConfig>,
+    /// Validates client chains against the current trust bundle.
+    pub client_chain: Arc<dyn ClientCertVerifier>,
+    /// The material both ports and `client_chain` use, for reloads.
+    pub live: Arc<LiveTls>,
+}
+
+/// Loads the server certificate, key and trust bundle.
+pub fn load(tls: &Tls) -> Result<TlsSetup, TlsError> {
+    let live = Arc::new(LiveTls {
+        current: RwLock::new(Arc::new(material(tls, None)?)),
+        files: tls.clone(),
+        issuing_ca: OnceLock::new(),
+    });
+    let client_chain: Arc<dyn ClientCertVerifier> = Arc::new(LiveClientChain(live.clone()));
+    let provider = provider();
     let builder = || {
         rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -100,19 +261,60 @@ pub fn load(tls: &Tls) -> Result<TlsSetup, TlsError> {
     };
     let mut grpc = builder()?
         .with_client_cert_verifier(Arc::new(DeferredClientVerifier::new(client_chain.clone())))
-        .with_single_cert(chain.clone(), key.clone_key())
-        .map_err(|e| err("server certificate", &tls.cert, e))?;
+        .with_cert_resolver(live.clone());
     grpc.alpn_protocols = vec![b"h2".to_vec()];
     // Client certificates are asked for but optional: JWKS and health need
     // none; `/introspect` requires one.
     let mut http = builder()?
         .with_client_cert_verifier(Arc::new(DeferredClientVerifier::new(client_chain.clone())))
-        .with_single_cert(chain, key)
-        .map_err(|e| err("server certificate", &tls.cert, e))?;
+        .with_cert_resolver(live.clone());
     http.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsSetup {
         grpc: Arc::new(grpc),
         http: Arc::new(http),
         client_chain,
+        live,
     })
+}
+
+/// Reloads the TLS material on SIGHUP or when a file changes, until
+/// `stop`; an invalid set is refused with a log line and the old one kept.
+pub async fn watch_and_reload(live: Arc<LiveTls>, interval: Duration, mut stop: Shutdown) {
+    let mut seen = live.fingerprint();
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<()>();
+        let forced = tokio::select! {
+            () = hangup => true,
+            _ = tokio::time::sleep(interval) => false,
+            () = stop.wait() => return,
+        };
+        let now = live.fingerprint();
+        if !forced && now == seen {
+            continue;
+        }
+        seen = now;
+        match live.reload() {
+            Ok(()) => tracing::info!(
+                cert = %live.files.cert.display(),
+                trust_bundle = %live.files.trust_bundle.display(),
+                "TLS material reloaded; new handshakes use it"
+            ),
+            Err(e) => tracing::error!(
+                error = %e,
+                "TLS reload refused; the previous certificate, key and trust bundle stay in use"
+            ),
+        }
+    }
 }

@@ -254,6 +254,11 @@ pub struct Tls {
     pub key: PathBuf,
     /// CA certificates that client SVIDs must chain to (PEM).
     pub trust_bundle: PathBuf,
+    /// How often to look for changed files (SIGHUP reloads at once); a
+    /// change is swapped in for new handshakes, live connections keep
+    /// theirs, and invalid material is refused with the old kept.
+    #[serde(default = "default_reload", deserialize_with = "duration")]
+    pub reload_interval: Duration,
 }
 
 /// JWT signing algorithm (`tokens.algorithm`).

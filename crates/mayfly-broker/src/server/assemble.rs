@@ -56,6 +56,7 @@ impl Broker {
         let mut authenticator = Authenticator::new(tls.client_chain.clone(), s.trust_domain);
         if let Some(ca) = &ca {
             tls::refuse_issuing_ca_in_bundle(&s.tls, ca.cert_der())?;
+            tls.live.refuse_in_bundle(ca.cert_der());
             authenticator = authenticator.refusing_issued_by(ca.cert_der());
         }
         let service = Arc::new(Service::new(Setup {
@@ -83,6 +84,7 @@ impl Broker {
             crl,
             policy,
             policy_reload: s.policy.reload_interval,
+            tls_reload: s.tls.reload_interval,
             health_listener: None,
             connections: s.connections,
             revocations: RevocationsApi::new(

@@ -86,6 +86,8 @@ pub struct Broker {
     policy: Arc<PolicyHandle>,
     /// How often the watcher looks for changed policy files.
     policy_reload: Duration,
+    /// How often the TLS files are looked at for changes.
+    tls_reload: Duration,
     /// The plain-text health port, when configured.
     health_listener: Option<TcpListener>,
     /// Bounds on each port's connections.

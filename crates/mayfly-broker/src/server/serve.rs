@@ -105,6 +105,11 @@ impl Broker {
             stop_rx.clone(),
         ));
         let feed_task = tokio::spawn(self.feed.clone().run(stop_rx.clone()));
+        let tls_task = tokio::spawn(crate::tls::watch_and_reload(
+            self.tls.live.clone(),
+            self.tls_reload,
+            stop_rx.clone(),
+        ));
         let policy_task = tokio::spawn(crate::policy::watch_and_reload(
             self.policy.clone(),
             self.service.clone(),
@@ -133,6 +138,7 @@ impl Broker {
         let _ = reaper_task.await;
         let _ = feed_task.await;
         let _ = policy_task.await;
+        let _ = tls_task.await;
         let _ = health_task.await;
         let plain_health = match plain_health_task {
             Some(t) => t.await.map_err(|e| io::Error::other(e.to_string()))?,
