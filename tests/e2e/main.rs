@@ -16,6 +16,7 @@ mod durability;
 mod feed;
 mod health;
 mod http;
+mod keys;
 mod metrics;
 mod oauth;
 mod policy;

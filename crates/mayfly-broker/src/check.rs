@@ -6,6 +6,9 @@
 use std::path::Path;
 
 use crate::config::{Config, StoreSettings};
+use mayfly_core::Timestamp;
+
+use crate::issuer::ring::key_files;
 use crate::issuer::{Algorithm, IssuingCa, SigningKey, key_path};
 use crate::policy::PolicyHandle;
 use crate::store::LeaseStore;
@@ -81,20 +84,36 @@ pub async fn check(path: &Path, reach_store: bool) -> Vec<Finding> {
 }
 
 fn signing_key(data_dir: &Path, alg: Algorithm) -> Result<String, String> {
-    let path = key_path(data_dir, alg);
-    if !path.exists() {
+    let files = if data_dir.exists() {
+        key_files(data_dir).map_err(|e| e.to_string())?
+    } else {
+        Vec::new()
+    };
+    if !files.iter().any(|f| f.alg == alg) {
         return Ok(format!(
             "{} does not exist yet: serve creates it (replicas must share one: mayfly keygen)",
-            path.display()
+            key_path(data_dir, alg).display()
         ));
     }
-    let key = SigningKey::load(&path, alg).map_err(|e| e.to_string())?;
-    Ok(format!(
-        "{} ({}, kid {})",
-        path.display(),
-        key.alg(),
-        key.kid()
-    ))
+    let mut found = Vec::new();
+    for f in &files {
+        let key = SigningKey::load(&f.path, f.alg).map_err(|e| e.to_string())?;
+        let from = if f.from == 0 {
+            String::new()
+        } else {
+            format!(
+                ", signs from {}",
+                crate::audit::rfc3339(Timestamp::from_secs(f.from))
+            )
+        };
+        found.push(format!(
+            "{} ({}, kid {}{from})",
+            f.path.display(),
+            key.alg(),
+            key.kid()
+        ));
+    }
+    Ok(found.join("; "))
 }
 
 async fn store(settings: &StoreSettings, reach: bool) -> Result<String, String> {

@@ -41,6 +41,8 @@ mod config_check;
 mod conn;
 #[cfg(feature = "broker")]
 mod dev;
+#[cfg(feature = "broker")]
+mod keys;
 mod operator;
 mod output;
 mod policy;
@@ -107,6 +109,10 @@ enum Command {
     #[cfg(feature = "broker")]
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// JWT signing keys: rotate them without downtime (operators).
+    #[cfg(feature = "broker")]
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
     /// Write a new JWT signing key, for replicas that must share one.
     #[cfg(feature = "broker")]
     Keygen {
@@ -230,6 +236,8 @@ async fn main() -> ExitCode {
         Command::Config(ConfigCommand::Check { file, store }) => {
             config_check::run(&file, store, cli.json).await
         }
+        #[cfg(feature = "broker")]
+        Command::Keys(cmd) => keys::run(cmd, cli.json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -784,6 +784,73 @@ fn config_check_names_what_serve_would_fail_on() {
     assert_eq!(findings, 1, "{stdout}");
 }
 
+#[test]
+fn keys_rotate_list_and_prune_follow_the_schedule() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_mayfly"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    ok(run(&["dev", "init", "--dir", dir.to_str().unwrap()]));
+    let config = dir.join("mayfly.toml");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "default_ttl = \"5m\"\nmax_ttl = \"15m\"",
+        "default_ttl = \"1s\"\nmax_ttl = \"1s\"\nretire_grace = \"1s\"",
+    );
+    assert!(
+        text.contains("retire_grace"),
+        "the dev config changed shape"
+    );
+    std::fs::write(&config, text).unwrap();
+    let data = dir.join("data");
+    std::fs::create_dir(&data).unwrap();
+    let config = config.to_str().unwrap();
+
+    // No key yet: nothing signs.
+    let out = run(&["keys", "list", "--config", config]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no ES256 key signs now"),
+        "{}",
+        stderr(&out)
+    );
+    ok(run(&[
+        "keygen",
+        "--out",
+        data.join("jwt-es256.key").to_str().unwrap(),
+    ]));
+
+    let out = ok(run(&["keys", "rotate", "--config", config, "--in", "1s"]));
+    assert!(out.contains("published now; signs from "), "{out}");
+    let states = |out: &str| -> Vec<String> {
+        out.lines()
+            .map(|l| l.split_whitespace().next().unwrap().to_owned())
+            .collect()
+    };
+    let out = ok(run(&["keys", "list", "--config", config]));
+    assert_eq!(states(&out), ["signing", "next"], "{out}");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let out = ok(run(&["keys", "list", "--config", config]));
+    assert_eq!(states(&out), ["published", "signing"], "{out}");
+    // Still published: nothing to prune.
+    assert_eq!(ok(run(&["keys", "prune", "--config", config])), "");
+    // max_ttl + retire_grace after the switch, the old key is retired.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let out = ok(run(&["keys", "list", "--config", config]));
+    assert_eq!(states(&out), ["retired", "signing"], "{out}");
+    let out = ok(run(&["keys", "prune", "--config", config]));
+    assert!(
+        out.starts_with("removed ") && out.contains("jwt-es256.key"),
+        "{out}"
+    );
+    assert!(!data.join("jwt-es256.key").exists());
+    let out = ok(run(&["keys", "list", "--config", config]));
+    assert_eq!(states(&out), ["signing"], "{out}");
+}
+
 /// `mayfly dev identity` for `id` in the test broker's profile.
 fn identity(broker: &TestBroker, id: &str) {
     let dir = broker.layout.dir.to_str().unwrap().to_owned();

@@ -276,6 +276,13 @@ pub struct Tokens {
     /// No token lives longer.
     #[serde(deserialize_with = "duration")]
     pub max_ttl: Duration,
+    /// How often to look at the key files for a rotation.
+    #[serde(deserialize_with = "duration")]
+    pub key_reload_interval: Duration,
+    /// Validators' clock leeway: a superseded key stays in the JWKS this
+    /// long after the last token it signed expired.
+    #[serde(deserialize_with = "duration")]
+    pub retire_grace: Duration,
 }
 
 impl Default for Tokens {
@@ -284,6 +291,8 @@ impl Default for Tokens {
             algorithm: Algorithm::ES256,
             default_ttl: Duration::from_secs(300),
             max_ttl: Duration::from_secs(900),
+            key_reload_interval: Duration::from_secs(10),
+            retire_grace: Duration::from_secs(60),
         }
     }
 }

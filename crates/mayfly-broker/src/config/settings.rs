@@ -37,6 +37,11 @@ pub struct Settings {
     pub operators: Vec<SpiffeIdPattern>,
     /// The token signing algorithm.
     pub algorithm: Algorithm,
+    /// How often the key files are looked at.
+    pub key_reload: Duration,
+    /// How long a superseded key stays published after its successor
+    /// started: the longest token life plus validators' leeway.
+    pub key_retire_after: Duration,
     /// Every lifetime the service applies.
     pub lifetimes: Lifetimes,
     /// The issuing CA's files, when task certificates are signed.
@@ -223,6 +228,8 @@ impl Config {
             tls: self.tls.clone(),
             operators: self.operators.clone(),
             algorithm: self.tokens.algorithm,
+            key_reload: self.tokens.key_reload_interval,
+            key_retire_after: self.tokens.max_ttl + self.tokens.retire_grace,
             lifetimes: self.lifetimes()?,
             ca: self.ca.clone(),
             crl_validity: self.certificates.crl_validity,

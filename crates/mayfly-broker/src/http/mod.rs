@@ -30,6 +30,7 @@ use mayfly_core::dpop::{ALGORITHMS as DPOP_ALGORITHMS, ReplayCache};
 use mayfly_core::limits::MAX_FORM_BYTES;
 
 use crate::crl::CrlPublisher;
+use crate::issuer::JwtSigner;
 use crate::service::Service;
 
 /// DPoP proofs the token endpoint remembers (each for a minute); beyond
@@ -41,8 +42,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 pub(super) struct HttpState {
-    /// Serialised once at start: `/.well-known/jwks.json`.
-    jwks: Arc<str>,
+    /// Serves `/.well-known/jwks.json` as the key ring stands.
+    signer: Arc<JwtSigner>,
     /// Serialised once at start: `/.well-known/oauth-authorization-server`.
     metadata: Arc<str>,
     /// Answers `/introspect`; its store is probed by `/readyz`.
@@ -82,13 +83,13 @@ pub fn metadata(issuer: &str, algs: &[&str]) -> serde_json::Value {
 /// The router for the side port.
 pub fn router(
     issuer: &str,
-    jwks: &serde_json::Value,
+    signer: Arc<JwtSigner>,
     metadata: &serde_json::Value,
     service: Arc<Service>,
     crl: Option<Arc<CrlPublisher>>,
 ) -> Router {
     let state = HttpState {
-        jwks: jwks.to_string().into(),
+        signer,
         metadata: metadata.to_string().into(),
         service,
         token_url: format!("{issuer}/oauth2/token").into(),
@@ -145,8 +146,9 @@ async fn authorize() -> Response {
 }
 
 async fn jwks_handler(State(s): State<HttpState>) -> Response {
-    // Short caching: validators refetch on an unknown `kid` anyway.
-    json_response(&s.jwks, "public, max-age=300")
+    // Short caching: validators refetch on an unknown `kid` anyway, and a
+    // new key is published well before it signs (`mayfly keys rotate`).
+    json_response(&s.signer.jwks_json(), "public, max-age=300")
 }
 
 async fn metadata_handler(State(s): State<HttpState>) -> Response {

@@ -1,9 +1,11 @@
 //! What the broker issues with: JWT signing keys and the signer, and the
 //! issuing CA that signs task certificates from CSRs. The submodules are
-//! private; this is their whole surface.
+//! private but `ring` (the key files and their schedule, which `mayfly
+//! keys` writes); this is their whole surface.
 
 mod jwt;
 mod keys;
+pub mod ring;
 mod x509;
 
 pub use jwt::{AccessToken, JwtSigner, SignError};

@@ -9,15 +9,13 @@ use std::sync::Arc;
 
 use super::{Broker, StartError};
 use crate::audit::{AuditSink, FileSink, OffSink, StdoutSink};
-use crate::config::{
-    Algorithm, RedisEndpoint, RedisSettings, RedisTrail, Settings, StoreSettings, Trail,
-};
+use crate::config::{RedisEndpoint, RedisSettings, RedisTrail, Settings, StoreSettings, Trail};
 use crate::crl::CrlPublisher;
 use crate::feed::FeedHub;
 use crate::fsutil::create_private_dir;
 use crate::grpc::RevocationsApi;
 use crate::identity::Authenticator;
-use crate::issuer::{IssuingCa, JwtSigner, SigningKey, key_path};
+use crate::issuer::IssuingCa;
 use crate::policy::PolicyHandle;
 use crate::ratelimit::RateLimiter;
 use crate::recorder::Recorder;
@@ -30,7 +28,11 @@ impl Broker {
     pub(super) fn assemble(s: Settings) -> Result<Self, StartError> {
         create_private_dir(&s.data_dir)?;
         let tls = tls::load(&s.tls)?;
-        let signer = Arc::new(signer(&s.data_dir, s.algorithm)?);
+        let signer = Arc::new(crate::issuer::ring::signer(
+            &s.data_dir,
+            s.algorithm,
+            s.key_retire_after,
+        )?);
         let (store, trail) = open_store(&s)?;
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let audit = Recorder::start(
@@ -85,6 +87,7 @@ impl Broker {
             policy,
             policy_reload: s.policy.reload_interval,
             tls_reload: s.tls.reload_interval,
+            keys: (s.data_dir.clone(), s.algorithm, s.key_reload),
             health_listener: None,
             connections: s.connections,
             revocations: RevocationsApi::new(
@@ -101,19 +104,6 @@ impl Broker {
 /// The signing key for `alg` (made on first start), and the other
 /// algorithm's key too if one exists, so tokens signed before an algorithm
 /// change keep validating until they expire.
-fn signer(data_dir: &Path, alg: Algorithm) -> Result<JwtSigner, StartError> {
-    let key = SigningKey::load_or_create(data_dir, alg)?;
-    let other = match alg {
-        Algorithm::ES256 => Algorithm::EdDSA,
-        Algorithm::EdDSA => Algorithm::ES256,
-    };
-    let mut previous = Vec::new();
-    if key_path(data_dir, other).exists() {
-        previous.push(SigningKey::load(&key_path(data_dir, other), other)?);
-    }
-    Ok(JwtSigner::new(key, previous))
-}
-
 /// A lease store and the trail beside it.
 type StoreAndTrail = (Arc<dyn LeaseStore>, Arc<dyn AuditSink>);
 

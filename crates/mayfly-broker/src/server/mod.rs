@@ -88,6 +88,9 @@ pub struct Broker {
     policy_reload: Duration,
     /// How often the TLS files are looked at for changes.
     tls_reload: Duration,
+    /// The key directory, the signing algorithm, and how often the key
+    /// files are looked at for a rotation.
+    keys: (std::path::PathBuf, crate::issuer::Algorithm, Duration),
     /// The plain-text health port, when configured.
     health_listener: Option<TcpListener>,
     /// Bounds on each port's connections.

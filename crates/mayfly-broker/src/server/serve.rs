@@ -91,7 +91,7 @@ impl Broker {
         let algs = [self.signer.alg()];
         let router = http::router(
             &self.issuer,
-            self.signer.jwks(),
+            self.signer.clone(),
             &http::metadata(&self.issuer, &algs),
             self.service.clone(),
             self.crl.clone(),
@@ -105,6 +105,13 @@ impl Broker {
             stop_rx.clone(),
         ));
         let feed_task = tokio::spawn(self.feed.clone().run(stop_rx.clone()));
+        let keys_task = tokio::spawn(crate::issuer::ring::watch_and_reload(
+            self.signer.clone(),
+            self.keys.0.clone(),
+            self.keys.1,
+            self.keys.2,
+            stop_rx.clone(),
+        ));
         let tls_task = tokio::spawn(crate::tls::watch_and_reload(
             self.tls.live.clone(),
             self.tls_reload,
@@ -139,6 +146,7 @@ impl Broker {
         let _ = feed_task.await;
         let _ = policy_task.await;
         let _ = tls_task.await;
+        let _ = keys_task.await;
         let _ = health_task.await;
         let plain_health = match plain_health_task {
             Some(t) => t.await.map_err(|e| io::Error::other(e.to_string()))?,
