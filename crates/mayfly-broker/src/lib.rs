@@ -19,7 +19,8 @@
 //!   credential pipeline);
 //! - `feed`, `crl`, `http`, `health`, `metrics`, `policy`, `ratelimit` and
 //!   `reaper` are the feed, the CRL, the HTTPS routes, health checks,
-//!   `/metrics`, policy reloads, per-agent limits and expiry.
+//!   `/metrics`, policy reloads, per-agent limits and expiry; `tls` and
+//!   `reload` keep the TLS material and the watchers' timing.
 
 #![forbid(unsafe_code)]
 
@@ -44,6 +45,7 @@ mod ratelimit;
 mod reaper;
 pub mod recorder;
 mod redis_conn;
+mod reload;
 mod server;
 mod service;
 mod shutdown;

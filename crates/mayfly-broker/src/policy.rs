@@ -14,6 +14,7 @@ use mayfly_core::{
 };
 use mayfly_policy::{CedarPolicy, PolicyLoadError};
 
+use crate::reload::{Look, Looks};
 use crate::service::Service;
 use crate::shutdown::Shutdown;
 
@@ -106,30 +107,13 @@ pub async fn watch_and_reload(
     handle: Arc<PolicyHandle>,
     service: Arc<Service>,
     interval: Duration,
-    mut stop: Shutdown,
+    stop: Shutdown,
 ) {
     let mut seen = fingerprint(&handle.dir);
-    #[cfg(unix)]
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    loop {
-        #[cfg(unix)]
-        let hangup = async {
-            match hup.as_mut() {
-                Some(s) => {
-                    s.recv().await;
-                }
-                None => std::future::pending().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let hangup = std::future::pending::<()>();
-        let forced = tokio::select! {
-            () = hangup => true,
-            _ = tokio::time::sleep(interval) => false,
-            () = stop.wait() => return,
-        };
+    let mut looks = Looks::new(interval, stop);
+    while let Some(look) = looks.next().await {
         let now = fingerprint(&handle.dir);
-        if !forced && now == seen {
+        if look == Look::Due && now == seen {
             continue;
         }
         seen = now;

@@ -17,6 +17,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use crate::config::Tls;
 use crate::fsutil::check_private;
 use crate::identity::DeferredClientVerifier;
+use crate::reload::{Look, Looks};
 use crate::shutdown::Shutdown;
 
 /// Why TLS material is unusable.
@@ -279,29 +280,12 @@ pub fn load(tls: &Tls) -> Result<TlsSetup, TlsError> {
 
 /// Reloads the TLS material on SIGHUP or when a file changes, until
 /// `stop`; an invalid set is refused with a log line and the old one kept.
-pub async fn watch_and_reload(live: Arc<LiveTls>, interval: Duration, mut stop: Shutdown) {
+pub async fn watch_and_reload(live: Arc<LiveTls>, interval: Duration, stop: Shutdown) {
     let mut seen = live.fingerprint();
-    #[cfg(unix)]
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    loop {
-        #[cfg(unix)]
-        let hangup = async {
-            match hup.as_mut() {
-                Some(s) => {
-                    s.recv().await;
-                }
-                None => std::future::pending().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let hangup = std::future::pending::<()>();
-        let forced = tokio::select! {
-            () = hangup => true,
-            _ = tokio::time::sleep(interval) => false,
-            () = stop.wait() => return,
-        };
+    let mut looks = Looks::new(interval, stop);
+    while let Some(look) = looks.next().await {
         let now = live.fingerprint();
-        if !forced && now == seen {
+        if look == Look::Due && now == seen {
             continue;
         }
         seen = now;

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use super::JwtSigner;
 use super::keys::{Algorithm, KeyError, SigningKey, key_path};
+use crate::reload::{Look, Looks};
 use crate::shutdown::Shutdown;
 
 /// A key file of the directory.
@@ -123,7 +124,8 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)>
         .collect()
 }
 
-/// Reloads the key files when they change, until `stop`; a set that does
+/// Reloads the key files when they change (or on SIGHUP), until `stop`; a
+/// set that does
 /// not load (or has no key that signs now) is refused with a log line and
 /// the keys in use kept.
 pub(crate) async fn watch_and_reload(
@@ -131,16 +133,13 @@ pub(crate) async fn watch_and_reload(
     dir: PathBuf,
     alg: Algorithm,
     interval: Duration,
-    mut stop: Shutdown,
+    stop: Shutdown,
 ) {
     let mut seen = fingerprint(&dir);
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            () = stop.wait() => return,
-        }
+    let mut looks = Looks::new(interval, stop);
+    while let Some(look) = looks.next().await {
         let now = fingerprint(&dir);
-        if now == seen {
+        if look == Look::Due && now == seen {
             continue;
         }
         seen = now;
