@@ -1,4 +1,5 @@
-//! Compiles `proto/mayfly/v1/*.proto` with protox (pure Rust), so building
+//! Compiles `proto/mayfly/v1/*.proto` (and the SPIFFE Workload API's
+//! `proto/spiffe/workload.proto`) with protox (pure Rust), so building
 //! needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -24,5 +25,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;
+    // The SPIFFE Workload API (no package: module `_`), for the test
+    // Workload API server.
+    let workload = protox::compile([root.join("spiffe/workload.proto")], [&root])?;
+    tonic_prost_build::configure()
+        // Its Debug is written by hand, without the private key.
+        .skip_debug([".X509SVID"])
+        .build_server(true)
+        .build_client(false)
+        .compile_fds(workload)?;
     Ok(())
 }

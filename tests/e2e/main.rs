@@ -23,3 +23,4 @@ mod policy;
 mod race;
 mod reload;
 mod replicas;
+mod workload_api;

@@ -1,4 +1,5 @@
-//! How the CLI finds the broker and which identity it presents: explicit
+//! How the CLI finds the broker and which identity it presents: the SPIFFE
+//! Workload API (`--workload-api`, `SPIFFE_ENDPOINT_SOCKET`), explicit
 //! flags (or `MAYFLY_*` variables), else a profile directory written by
 //! `mayfly dev init` (`--profile`, `MAYFLY_PROFILE`, or `./.mayfly-dev`).
 
@@ -33,6 +34,11 @@ pub struct ConnArgs {
     /// operator commands.
     #[arg(long, env = "MAYFLY_IDENTITY", global = true)]
     pub identity: Option<String>,
+    /// Take the X.509-SVID (and the bundle the broker is checked against)
+    /// from this SPIFFE Workload API, e.g. unix:///run/spire/agent.sock,
+    /// following its rotations, instead of --ca/--cert/--key.
+    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", global = true)]
+    pub workload_api: Option<String>,
 }
 
 impl ConnArgs {
@@ -62,8 +68,19 @@ impl ConnArgs {
         Ok(from_profile(&dir, role, &over)?)
     }
 
-    /// Connects with the identity `role` needs.
+    /// Connects with the identity `role` needs: from the Workload API when
+    /// one is named, else from files or the profile.
     pub async fn connect(&self, role: Role) -> anyhow::Result<Client> {
+        // Certificate files given explicitly win over the convention's
+        // environment variable.
+        let files = self.cert.is_some() && self.key.is_some();
+        if let Some(endpoint) = self.workload_api.as_ref().filter(|_| !files) {
+            let broker = match &self.broker {
+                Some(b) => b.clone(),
+                None => self.resolve(role)?.broker,
+            };
+            return Ok(Client::connect_workload_api(&broker, Some(endpoint)).await?);
+        }
         let config = self.resolve(role)?;
         Ok(Client::connect(&config).await?)
     }

@@ -851,6 +851,54 @@ fn keys_rotate_list_and_prune_follow_the_schedule() {
     assert_eq!(states(&out), ["signing"], "{out}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_takes_its_identity_from_the_workload_api() {
+    let broker = TestBroker::start().await;
+    // Served by the testkit from the public workload.proto, as SPIRE would.
+    let api = broker
+        .workload_api(
+            "spiffe://example.org/agent/from-spire",
+            std::time::Duration::from_secs(3600),
+        )
+        .await;
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_mayfly"))
+            .args(["--broker", &broker.url()])
+            .args(args)
+            .env("SPIFFE_ENDPOINT_SOCKET", api.endpoint())
+            .env_remove("MAYFLY_PROFILE")
+            .current_dir(std::env::temp_dir())
+            .output()
+            .unwrap()
+    };
+    let task = json(run(&[
+        "--json",
+        "task",
+        "start",
+        "--intent",
+        "from the Workload API",
+        "--audience",
+        "https://api.example.com",
+        "--scope",
+        "read:x",
+    ]));
+    assert_eq!(task["agent_id"], "spiffe://example.org/agent/from-spire");
+    // The same flag by name, and a bad endpoint named in the error.
+    let out = run(&[
+        "--workload-api",
+        "unix:///nonexistent/agent.sock",
+        "task",
+        "get",
+        task["task_id"].as_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("SPIFFE Workload API"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 /// `mayfly dev identity` for `id` in the test broker's profile.
 fn identity(broker: &TestBroker, id: &str) {
     let dir = broker.layout.dir.to_str().unwrap().to_owned();

@@ -28,6 +28,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub mod profile;
+pub mod workload;
 
 pub use mayfly_proto::Timestamp;
 pub use mayfly_proto::v1 as pb;
@@ -56,6 +57,9 @@ pub enum ClientError {
     #[error("broker address {0:?} is not a valid https:// URL")]
     BadUrl(String),
     /// Connecting or the TLS handshake failed.
+    /// The SPIFFE Workload API gave no usable SVID or bundle.
+    #[error("SPIFFE Workload API: {0}")]
+    WorkloadApi(String),
     #[error("cannot connect to the broker at {url}: {reason}")]
     Connect {
         /// The broker URL.
@@ -126,9 +130,12 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// A connection to the broker. Cheap to clone (one HTTP/2 channel).
 #[derive(Debug, Clone)]
 pub struct Client {
-    channel: Channel,
-    broker: BrokerClient<Channel>,
-    admin: AdminClient<Channel>,
+    /// The channel new calls use; replaced when the SVID rotates
+    /// (`workload`), while calls already made finish on the old one.
+    channel: std::sync::Arc<std::sync::RwLock<Channel>>,
+    /// Follows the Workload API when the SVID comes from it; stops when
+    /// the last clone of the client is dropped.
+    _rotation: Option<std::sync::Arc<workload::Rotation>>,
 }
 
 impl Client {
@@ -158,25 +165,28 @@ impl Client {
     /// Wraps an existing channel.
     pub fn from_channel(channel: Channel) -> Self {
         Self {
-            broker: BrokerClient::new(channel.clone()),
-            admin: AdminClient::new(channel.clone()),
-            channel,
+            channel: std::sync::Arc::new(std::sync::RwLock::new(channel)),
+            _rotation: None,
         }
     }
 
-    /// The underlying channel, for other services (e.g. the revocation feed).
+    /// The underlying channel, for other services (e.g. the revocation
+    /// feed): the one of the current SVID.
     pub fn channel(&self) -> Channel {
-        self.channel.clone()
+        self.channel
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The raw Broker (agent) API.
     pub fn broker(&self) -> BrokerClient<Channel> {
-        self.broker.clone()
+        BrokerClient::new(self.channel())
     }
 
     /// The raw Admin (operator) API.
     pub fn admin(&self) -> AdminClient<Channel> {
-        self.admin.clone()
+        AdminClient::new(self.channel())
     }
 
     /// Opens a task; the returned guard completes it when the work ends.

@@ -32,6 +32,27 @@ pub mod v1 {
     }
 }
 
+/// The SPIFFE Workload API's server side (`proto/spiffe/workload.proto`,
+/// as the SPIFFE project publishes it), for serving it in tests; clients
+/// use the `spiffe` crate.
+pub mod spiffe_workload {
+    #![allow(missing_docs, missing_debug_implementations, clippy::all)]
+    tonic::include_proto!("_");
+
+    impl std::fmt::Debug for X509svid {
+        /// Everything but the private key.
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("X509SVID")
+                .field("spiffe_id", &self.spiffe_id)
+                .field("x509_svid", &self.x509_svid.len())
+                .field("x509_svid_key", &"<redacted>")
+                .field("bundle", &self.bundle.len())
+                .field("hint", &self.hint)
+                .finish()
+        }
+    }
+}
+
 pub use prost_types::Timestamp;
 
 /// The encoded `FileDescriptorSet` of the API and what it imports, for

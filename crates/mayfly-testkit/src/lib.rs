@@ -22,10 +22,12 @@ use tokio::task::JoinHandle;
 pub use dpop::DpopKey;
 pub use mayfly_broker::dev::Credential;
 pub use redis::RedisServer;
+pub use workload_api::WorkloadApi;
 
 pub mod contract;
 mod dpop;
 mod redis;
+mod workload_api;
 
 /// The trust domain of every test broker.
 pub const TRUST_DOMAIN: &str = "example.org";
@@ -204,6 +206,12 @@ impl TestBroker {
     /// The trust bundle PEM (also the CA of the server certificate).
     pub fn bundle_pem(&self) -> Vec<u8> {
         self.ca.cert_pem().as_bytes().to_vec()
+    }
+
+    /// A Workload API serving SVIDs for `id` from this broker's dev CA,
+    /// each living `lifetime`.
+    pub async fn workload_api(&self, id: &str, lifetime: Duration) -> WorkloadApi {
+        WorkloadApi::start(self.ca.clone(), id, lifetime).await
     }
 
     /// The dev CA, to mint more identities.

@@ -1,0 +1,206 @@
+//! A SPIFFE Workload API served in the test process. SPIRE is not packaged
+//! on these machines, so this implements the public protocol from the
+//! SPIFFE Workload API spec and its `workload.proto`
+//! (`mayfly_proto::spiffe_workload`): `FetchX509SVID` and
+//! `FetchX509Bundles` streams over a Unix socket, refusing calls without
+//! the `workload.spiffe.io: true` header as the spec requires, serving
+//! X.509-SVIDs for one SPIFFE ID from a dev CA, and pushing a fresh one to
+//! every stream on [`WorkloadApi::rotate`], as an agent does on rotation.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mayfly_broker::dev::{Credential, DevCa};
+use mayfly_core::SpiffeId;
+use mayfly_proto::spiffe_workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
+use mayfly_proto::spiffe_workload::{
+    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
+    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
+    X509svidResponse,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+use tokio::sync::watch;
+use tokio_stream::{Stream, StreamExt, wrappers::WatchStream};
+use tonic::{Request, Response, Status};
+
+type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// What the Workload API serves now: the SVID and the bundle(s).
+#[derive(Clone)]
+struct Serving {
+    svid: X509svid,
+    /// Trust domain → its bundle (DER certificates, concatenated).
+    bundles: std::collections::HashMap<String, Vec<u8>>,
+}
+
+fn der_chain(pem: &str) -> Vec<u8> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .flat_map(|c| c.unwrap().to_vec())
+        .collect()
+}
+
+/// A running Workload API on a Unix socket in a temporary directory.
+pub struct WorkloadApi {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    ca: Arc<DevCa>,
+    id: SpiffeId,
+    lifetime: Duration,
+    current: Mutex<Credential>,
+    tx: watch::Sender<Serving>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for WorkloadApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadApi")
+            .field("socket", &self.socket)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Service {
+    rx: watch::Receiver<Serving>,
+}
+
+fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
+    match req.metadata().get("workload.spiffe.io") {
+        Some(v) if v == "true" => Ok(()),
+        _ => Err(Status::invalid_argument(
+            "security header missing from request",
+        )),
+    }
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for Service {
+    type FetchX509SVIDStream = Streamed<X509svidResponse>;
+    type FetchX509BundlesStream = Streamed<X509BundlesResponse>;
+    type FetchJWTBundlesStream = Streamed<JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        check_header(&req)?;
+        let stream = WatchStream::new(self.rx.clone()).map(|s| {
+            Ok(X509svidResponse {
+                svids: vec![s.svid],
+                crl: Vec::new(),
+                federated_bundles: Default::default(),
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        check_header(&req)?;
+        let stream = WatchStream::new(self.rx.clone()).map(|s| {
+            Ok(X509BundlesResponse {
+                crl: Vec::new(),
+                bundles: s.bundles,
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        _: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        Err(Status::unimplemented("JWT-SVIDs are not served here"))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        _: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        Err(Status::unimplemented("JWT bundles are not served here"))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        _: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        Err(Status::unimplemented("JWT-SVIDs are not served here"))
+    }
+}
+
+impl WorkloadApi {
+    /// Serves X.509-SVIDs for `id` from `ca` (each living `lifetime`), with
+    /// `ca` as the bundle of `id`'s trust domain.
+    pub async fn start(ca: Arc<DevCa>, id: &str, lifetime: Duration) -> Self {
+        let id = SpiffeId::new(id).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("api.sock");
+        let first = ca.issue_svid(&id, lifetime).unwrap();
+        let (tx, rx) = watch::channel(Self::serving(&ca, &id, &first));
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(SpiffeWorkloadApiServer::new(Service { rx }))
+                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+                .await;
+        });
+        Self {
+            _dir: dir,
+            socket,
+            ca,
+            id,
+            lifetime,
+            current: Mutex::new(first),
+            tx,
+            task,
+        }
+    }
+
+    fn serving(ca: &DevCa, id: &SpiffeId, svid: &Credential) -> Serving {
+        let key = PrivatePkcs8KeyDer::from_pem_slice(svid.key_pem.as_bytes()).unwrap();
+        let td = id.trust_domain().as_str().to_owned();
+        let bundle = der_chain(ca.cert_pem());
+        Serving {
+            svid: X509svid {
+                spiffe_id: id.as_str().to_owned(),
+                x509_svid: der_chain(&svid.cert_pem),
+                x509_svid_key: key.secret_pkcs8_der().to_vec(),
+                bundle: bundle.clone(),
+                hint: String::new(),
+            },
+            bundles: [(td, bundle)].into_iter().collect(),
+        }
+    }
+
+    /// The endpoint address, as `SPIFFE_ENDPOINT_SOCKET` holds it.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// The SVID served now.
+    pub fn current(&self) -> Credential {
+        self.current.lock().unwrap().clone()
+    }
+
+    /// Issues a fresh SVID and pushes it to every open stream.
+    pub fn rotate(&self) -> Credential {
+        let next = self.ca.issue_svid(&self.id, self.lifetime).unwrap();
+        *self.current.lock().unwrap() = next.clone();
+        self.tx
+            .send_replace(Self::serving(&self.ca, &self.id, &next));
+        next
+    }
+}
+
+impl Drop for WorkloadApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
