@@ -1,12 +1,18 @@
-//! An agent whose X.509-SVID comes from the SPIFFE Workload API (served by
-//! the testkit from the public workload.proto, as SPIRE's agent would):
-//! its calls are made as the SVID served now, and it keeps working across
-//! three rotations, each new SVID taken for new calls with none failing.
+//! Identities from the SPIFFE Workload API (served by the testkit from the
+//! public workload.proto, as SPIRE's agent would; SPIRE is not packaged
+//! here): an agent's calls are made as the SVID served now, across three
+//! rotations with none failing; the broker serves with the Workload API's
+//! SVID and bundle, follows a rotation under load with zero failed calls,
+//! and refuses a rotated-out CA's SVIDs.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use mayfly_broker::dev::{Credential, DevCa};
 use mayfly_client::Client;
-use mayfly_testkit::TestBroker;
+use mayfly_core::{SpiffeId, TrustDomain};
+use mayfly_testkit::{TestBroker, WorkloadApi};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
@@ -79,4 +85,183 @@ async fn a_workload_api_without_an_svid_is_a_clear_error() {
         err.to_string().starts_with("SPIFFE Workload API: "),
         "{err}"
     );
+}
+
+/// A client that trusts `cas` for the broker and presents `svid`.
+async fn connect_with(broker: &TestBroker, cas: &[&DevCa], svid: &Credential) -> Client {
+    Client::connect(&mayfly_client::ClientConfig {
+        broker: broker.url(),
+        ca_pem: cas.iter().flat_map(|c| c.cert_pem().bytes()).collect(),
+        cert_pem: svid.cert_pem.as_bytes().to_vec(),
+        key_pem: svid.key_pem.as_bytes().to_vec().into(),
+    })
+    .await
+    .unwrap()
+}
+
+/// The leaf a fresh handshake with the gRPC port is shown (DER), trusting
+/// `cas`; `None` if the handshake fails (no identity yet).
+async fn presented(broker: &TestBroker, cas: &[&DevCa]) -> Option<Vec<u8>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in cas {
+        roots
+            .add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).unwrap())
+            .unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let port = broker
+        .url()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse::<u16>()
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .ok()?;
+    Some(tls.get_ref().1.peer_certificates()?[0].to_vec())
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_serves_with_a_workload_api_identity_and_follows_it() {
+    let td = TrustDomain::new("example.org").unwrap();
+    let (ca1, ca2) = (
+        Arc::new(DevCa::generate(&td).unwrap()),
+        Arc::new(DevCa::generate(&td).unwrap()),
+    );
+    // The broker's SVID names the host clients dial, as a SPIRE entry's
+    // DNS names would.
+    let api = WorkloadApi::start_with_dns(
+        ca1.clone(),
+        "spiffe://example.org/mayfly/broker",
+        &["localhost"],
+        Duration::from_secs(3600),
+    )
+    .await;
+    let endpoint = api.endpoint();
+    let broker = TestBroker::start_with(move |c| {
+        c.tls.cert = Default::default();
+        c.tls.key = Default::default();
+        c.tls.trust_bundle = Default::default();
+        c.tls.workload_api = Some(endpoint);
+    })
+    .await;
+    let agent_id = SpiffeId::new(AGENT).unwrap();
+    let svid1 = ca1
+        .issue_svid(&agent_id, Duration::from_secs(3600))
+        .unwrap();
+    let svid2 = ca2
+        .issue_svid(&agent_id, Duration::from_secs(3600))
+        .unwrap();
+    let both = [ca1.as_ref(), ca2.as_ref()];
+
+    // Serving as the Workload API's SVID (once the first one arrived).
+    let mut ready = false;
+    for _ in 0..200 {
+        if presented(&broker, &both).await == Some(der(&api.current().cert_pem)) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(ready, "the broker never presented the Workload API's SVID");
+    let kept = connect_with(&broker, &both, &svid1).await;
+    let task = start(&kept).await;
+
+    // Rotated under load: agents reconnecting all the time see no failure,
+    // and new handshakes get the new SVID.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for _ in 0..2 {
+        let (stop, failures, calls) = (stop.clone(), failures.clone(), calls.clone());
+        let (url, ca_pem, svid) = (
+            broker.url(),
+            [ca1.cert_pem(), ca2.cert_pem()].concat().into_bytes(),
+            svid1.clone(),
+        );
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let config = mayfly_client::ClientConfig {
+                    broker: url.clone(),
+                    ca_pem: ca_pem.clone(),
+                    cert_pem: svid.cert_pem.as_bytes().to_vec(),
+                    key_pem: svid.key_pem.as_bytes().to_vec().into(),
+                };
+                let ok = match Client::connect(&config).await {
+                    Ok(c) => c
+                        .broker()
+                        .start_task(start_request("load", &[API], &["read:files"]))
+                        .await
+                        .is_ok(),
+                    Err(_) => false,
+                };
+                let counter = if ok { &calls } else { &failures };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rotated = der(&api.rotate().cert_pem);
+    let mut seen = false;
+    for _ in 0..200 {
+        if presented(&broker, &both).await.as_ref() == Some(&rotated) {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let at_swap = calls.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    assert!(seen, "the rotated SVID was never presented");
+    assert_eq!(failures.load(Ordering::Relaxed), 0);
+    assert!(calls.load(Ordering::Relaxed) > at_swap && at_swap > 0);
+    issue(&kept, &task.task_id).await;
+
+    // The Workload API moves to another CA: the old CA's SVIDs are refused
+    // on new connections, the new CA's accepted, the live one kept.
+    let moved = der(&api.rotate_ca(ca2.clone()).cert_pem);
+    for _ in 0..200 {
+        if presented(&broker, &both).await.as_ref() == Some(&moved) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let err = connect_with(&broker, &both, &svid1)
+        .await
+        .broker()
+        .start_task(start_request("old CA", &[API], &["read:files"]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::Unauthenticated,
+        "{}",
+        err.message()
+    );
+    start(&connect_with(&broker, &both, &svid2).await).await;
+    issue(&kept, &task.task_id).await;
 }

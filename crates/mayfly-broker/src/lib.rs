@@ -51,6 +51,7 @@ mod service;
 mod shutdown;
 pub mod store;
 mod tls;
+mod workload;
 
 pub use cause::Cause;
 pub use config::Config;

@@ -111,7 +111,9 @@ fn material(tls: &Tls, issuing_ca: Option<&[u8]>) -> Result<Material, TlsError> 
 /// current set; a connection keeps what it was made with.
 pub struct LiveTls {
     files: Tls,
-    current: RwLock<Arc<Material>>,
+    /// `None` until the Workload API has given a first SVID: handshakes
+    /// are refused meanwhile.
+    current: RwLock<Option<Arc<Material>>>,
     /// The broker's issuing CA (DER), which no reloaded bundle may hold.
     issuing_ca: OnceLock<Vec<u8>>,
 }
@@ -126,10 +128,18 @@ impl std::fmt::Debug for LiveTls {
 }
 
 impl LiveTls {
-    fn current(&self) -> Arc<Material> {
+    fn current(&self) -> Option<Arc<Material>> {
         match self.current.read() {
             Ok(g) => g.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn swap(&self, fresh: Material) {
+        let fresh = Some(Arc::new(fresh));
+        match self.current.write() {
+            Ok(mut g) => *g = fresh,
+            Err(poisoned) => *poisoned.into_inner() = fresh,
         }
     }
 
@@ -137,12 +147,50 @@ impl LiveTls {
     /// current one, so a half-written or wrong file changes nothing.
     pub fn reload(&self) -> Result<(), TlsError> {
         let ca = self.issuing_ca.get().map(Vec::as_slice);
-        let fresh = Arc::new(material(&self.files, ca)?);
-        match self.current.write() {
-            Ok(mut g) => *g = fresh,
-            Err(poisoned) => *poisoned.into_inner() = fresh,
-        }
+        self.swap(material(&self.files, ca)?);
         Ok(())
+    }
+
+    /// Takes an SVID (chain, PKCS#8 key, both DER) and a bundle (DER) the
+    /// Workload API gave; refused, the current set kept, if they do not
+    /// make a valid set.
+    pub fn set_svid(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: Vec<u8>,
+        bundle: Vec<CertificateDer<'static>>,
+    ) -> Result<(), TlsError> {
+        let what = Path::new("(SPIFFE Workload API)");
+        if let Some(ca) = self.issuing_ca.get()
+            && bundle.iter().any(|c| c.as_ref() == ca.as_slice())
+        {
+            return Err(err(
+                "trust bundle",
+                what,
+                "holds the broker's issuing CA ([ca] cert)",
+            ));
+        }
+        let key = PrivateKeyDer::Pkcs8(key.into());
+        let provider = provider();
+        let key = CertifiedKey::from_der(chain, key, &provider)
+            .map_err(|e| err("server key", what, e))?;
+        let mut roots = RootCertStore::empty();
+        for ca in bundle {
+            roots.add(ca).map_err(|e| err("trust bundle", what, e))?;
+        }
+        let client_chain = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| err("trust bundle", what, e))?;
+        self.swap(Material {
+            key: Arc::new(key),
+            client_chain,
+        });
+        Ok(())
+    }
+
+    /// The Workload API endpoint the material comes from, if not files.
+    pub fn workload_api(&self) -> Option<&str> {
+        self.files.workload_api.as_deref()
     }
 
     /// From now on, refuses a bundle that holds `ca_der` (the issuing CA),
@@ -169,8 +217,12 @@ impl LiveTls {
 
 impl ResolvesServerCert for LiveTls {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current().key.clone())
+        self.current().map(|m| m.key.clone())
     }
+}
+
+fn no_bundle() -> rustls::Error {
+    rustls::Error::General("no trust bundle yet from the SPIFFE Workload API".into())
 }
 
 /// Checks client chains against the current trust bundle.
@@ -200,6 +252,7 @@ impl ClientCertVerifier for LiveClientChain {
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.0
             .current()
+            .ok_or_else(no_bundle)?
             .client_chain
             .verify_client_cert(end_entity, intermediates, now)
     }
@@ -212,6 +265,7 @@ impl ClientCertVerifier for LiveClientChain {
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.0
             .current()
+            .ok_or_else(no_bundle)?
             .client_chain
             .verify_tls12_signature(message, cert, dss)
     }
@@ -224,12 +278,16 @@ impl ClientCertVerifier for LiveClientChain {
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.0
             .current()
+            .ok_or_else(no_bundle)?
             .client_chain
             .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.current().client_chain.supported_verify_schemes()
+        self.0
+            .current()
+            .map(|m| m.client_chain.supported_verify_schemes())
+            .unwrap_or_default()
     }
 }
 
@@ -248,8 +306,13 @@ pub struct TlsSetup {
 
 /// Loads the server certificate, key and trust bundle.
 pub fn load(tls: &Tls) -> Result<TlsSetup, TlsError> {
+    // From the Workload API, the material comes with its first update.
+    let first = match tls.workload_api {
+        Some(_) => None,
+        None => Some(Arc::new(material(tls, None)?)),
+    };
     let live = Arc::new(LiveTls {
-        current: RwLock::new(Arc::new(material(tls, None)?)),
+        current: RwLock::new(first),
         files: tls.clone(),
         issuing_ca: OnceLock::new(),
     });

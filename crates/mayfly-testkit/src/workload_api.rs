@@ -48,8 +48,10 @@ fn der_chain(pem: &str) -> Vec<u8> {
 pub struct WorkloadApi {
     _dir: tempfile::TempDir,
     socket: PathBuf,
-    ca: Arc<DevCa>,
+    ca: Mutex<Arc<DevCa>>,
     id: SpiffeId,
+    /// DNS SANs beside the SPIFFE ID (for a server's SVID).
+    dns: Vec<String>,
     lifetime: Duration,
     current: Mutex<Credential>,
     tx: watch::Sender<Serving>,
@@ -139,10 +141,22 @@ impl WorkloadApi {
     /// Serves X.509-SVIDs for `id` from `ca` (each living `lifetime`), with
     /// `ca` as the bundle of `id`'s trust domain.
     pub async fn start(ca: Arc<DevCa>, id: &str, lifetime: Duration) -> Self {
+        Self::start_with_dns(ca, id, &[], lifetime).await
+    }
+
+    /// The same, with `dns` names in each SVID too (as SPIRE puts a
+    /// registration entry's DNS names), for a server's identity.
+    pub async fn start_with_dns(
+        ca: Arc<DevCa>,
+        id: &str,
+        dns: &[&str],
+        lifetime: Duration,
+    ) -> Self {
         let id = SpiffeId::new(id).unwrap();
+        let dns: Vec<String> = dns.iter().map(|d| (*d).to_owned()).collect();
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("api.sock");
-        let first = ca.issue_svid(&id, lifetime).unwrap();
+        let first = issue(&ca, &id, &dns, lifetime);
         let (tx, rx) = watch::channel(Self::serving(&ca, &id, &first));
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();
         let task = tokio::spawn(async move {
@@ -154,8 +168,9 @@ impl WorkloadApi {
         Self {
             _dir: dir,
             socket,
-            ca,
+            ca: Mutex::new(ca),
             id,
+            dns,
             lifetime,
             current: Mutex::new(first),
             tx,
@@ -191,12 +206,34 @@ impl WorkloadApi {
 
     /// Issues a fresh SVID and pushes it to every open stream.
     pub fn rotate(&self) -> Credential {
-        let next = self.ca.issue_svid(&self.id, self.lifetime).unwrap();
+        let ca = self.ca.lock().unwrap().clone();
+        self.push(&ca)
+    }
+
+    /// Moves to another CA: the SVID and the bundle both come from `ca`
+    /// from now on (the old CA is rotated out).
+    pub fn rotate_ca(&self, ca: Arc<DevCa>) -> Credential {
+        *self.ca.lock().unwrap() = ca.clone();
+        self.push(&ca)
+    }
+
+    fn push(&self, ca: &DevCa) -> Credential {
+        let next = issue(ca, &self.id, &self.dns, self.lifetime);
         *self.current.lock().unwrap() = next.clone();
-        self.tx
-            .send_replace(Self::serving(&self.ca, &self.id, &next));
+        self.tx.send_replace(Self::serving(ca, &self.id, &next));
         next
     }
+}
+
+/// An SVID for `id` (and `dns`) from `ca`.
+fn issue(ca: &DevCa, id: &SpiffeId, dns: &[String], lifetime: Duration) -> Credential {
+    let mut params = DevCa::svid_params(id, lifetime).unwrap();
+    for name in dns {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::DnsName(name.as_str().try_into().unwrap()));
+    }
+    ca.sign(&params).unwrap()
 }
 
 impl Drop for WorkloadApi {

@@ -182,7 +182,8 @@ impl Config {
             );
         }
         for p in paths {
-            if p.is_relative() {
+            // An unset path (TLS from the Workload API) stays unset.
+            if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = base.join(&*p);
             }
         }

@@ -244,16 +244,25 @@ pub struct Listen {
     pub health: Option<SocketAddr>,
 }
 
-/// TLS material.
+/// TLS material: three files, or the SPIFFE Workload API.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tls {
     /// The broker's server certificate chain (PEM).
+    #[serde(default)]
     pub cert: PathBuf,
     /// Its private key (PEM, PKCS#8; must be mode 0600).
+    #[serde(default)]
     pub key: PathBuf,
     /// CA certificates that client SVIDs must chain to (PEM).
+    #[serde(default)]
     pub trust_bundle: PathBuf,
+    /// Instead of the three files: the SPIFFE Workload API (e.g.
+    /// `unix:///run/spire/agent.sock`) gives the broker's X.509-SVID (its
+    /// server certificate, which must name the broker's host as a DNS SAN)
+    /// and the bundle of its trust domain, and their rotations.
+    #[serde(default)]
+    pub workload_api: Option<String>,
     /// How often to look for changed files (SIGHUP reloads at once); a
     /// change is swapped in for new handshakes, live connections keep
     /// theirs, and invalid material is refused with the old kept.

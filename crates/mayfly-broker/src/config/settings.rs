@@ -225,7 +225,7 @@ impl Config {
             issuer: self.checked_issuer()?,
             data_dir: self.data_dir.clone(),
             store: self.store_settings()?,
-            tls: self.tls.clone(),
+            tls: self.checked_tls()?,
             operators: self.operators.clone(),
             algorithm: self.tokens.algorithm,
             key_reload: self.tokens.key_reload_interval,
@@ -363,6 +363,30 @@ impl Config {
             heartbeat: self.feed.heartbeat,
             poll: self.feed.poll,
         })
+    }
+
+    fn checked_tls(&self) -> Checked<Tls> {
+        let t = &self.tls;
+        let files = [&t.cert, &t.key, &t.trust_bundle].map(|p| !p.as_os_str().is_empty());
+        match (&t.workload_api, files) {
+            (Some(_), [false, false, false]) | (None, [true, true, true]) => {}
+            (Some(_), _) => {
+                return invalid(
+                    "[tls] workload_api gives the certificate, key and bundle; remove cert, \
+                     key and trust_bundle",
+                );
+            }
+            (None, _) => {
+                return invalid(
+                    "[tls] needs cert, key and trust_bundle, or workload_api (a SPIFFE \
+                     Workload API endpoint)",
+                );
+            }
+        }
+        if t.reload_interval.is_zero() {
+            return invalid("tls.reload_interval must be positive");
+        }
+        Ok(t.clone())
     }
 
     fn checked_policy(&self) -> Checked<PolicyConfig> {

@@ -313,3 +313,34 @@ fn settings_resolve_each_store_and_trail() {
     let e = c.settings().unwrap_err().to_string();
     assert!(e.contains("tasks: need"), "{e}");
 }
+
+#[test]
+fn tls_comes_from_three_files_or_the_workload_api_never_both() {
+    let api = MINIMAL.replace(
+        "cert = \"c.pem\"\n    key = \"/abs/k.pem\"\n    trust_bundle = \"b.pem\"",
+        "workload_api = \"unix:///run/spire/agent.sock\"",
+    );
+    let c = Config::parse(&api, Path::new("/etc/mayfly")).unwrap();
+    assert_eq!(
+        c.tls.workload_api.as_deref(),
+        Some("unix:///run/spire/agent.sock")
+    );
+    // Unset paths stay unset rather than becoming the config's directory.
+    assert!(c.tls.cert.as_os_str().is_empty());
+    let both = MINIMAL.replace(
+        "trust_bundle = \"b.pem\"",
+        "trust_bundle = \"b.pem\"\n    workload_api = \"unix:///run/spire/agent.sock\"",
+    );
+    let e = Config::parse(&both, Path::new("/etc/mayfly")).unwrap_err();
+    assert!(
+        e.to_string().contains("remove cert, key and trust_bundle"),
+        "{e}"
+    );
+    let half = MINIMAL.replace("    trust_bundle = \"b.pem\"\n", "");
+    let e = Config::parse(&half, Path::new("/etc/mayfly")).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("needs cert, key and trust_bundle, or workload_api"),
+        "{e}"
+    );
+}

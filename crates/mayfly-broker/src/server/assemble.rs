@@ -55,9 +55,12 @@ impl Broker {
             .map(|ca| Arc::new(CrlPublisher::new(store.clone(), ca, s.crl_validity)));
         let revoked = Arc::new(tokio::sync::Notify::new());
         let feed = FeedHub::new(store.clone(), revoked.clone(), s.feed.poll);
-        let mut authenticator = Authenticator::new(tls.client_chain.clone(), s.trust_domain);
+        let mut authenticator =
+            Authenticator::new(tls.client_chain.clone(), s.trust_domain.clone());
         if let Some(ca) = &ca {
-            tls::refuse_issuing_ca_in_bundle(&s.tls, ca.cert_der())?;
+            if s.tls.workload_api.is_none() {
+                tls::refuse_issuing_ca_in_bundle(&s.tls, ca.cert_der())?;
+            }
             tls.live.refuse_in_bundle(ca.cert_der());
             authenticator = authenticator.refusing_issued_by(ca.cert_der());
         }
@@ -87,6 +90,7 @@ impl Broker {
             policy,
             policy_reload: s.policy.reload_interval,
             tls_reload: s.tls.reload_interval,
+            trust_domain: s.trust_domain.clone(),
             keys: (s.data_dir.clone(), s.algorithm, s.key_reload),
             health_listener: None,
             connections: s.connections,

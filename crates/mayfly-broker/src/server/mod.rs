@@ -88,6 +88,8 @@ pub struct Broker {
     policy_reload: Duration,
     /// How often the TLS files are looked at for changes.
     tls_reload: Duration,
+    /// Whose bundle the Workload API's identity is checked with.
+    trust_domain: mayfly_core::TrustDomain,
     /// The key directory, the signing algorithm, and how often the key
     /// files are looked at for a rotation.
     keys: (std::path::PathBuf, crate::issuer::Algorithm, Duration),

@@ -112,11 +112,19 @@ impl Broker {
             self.keys.2,
             stop_rx.clone(),
         ));
-        let tls_task = tokio::spawn(crate::tls::watch_and_reload(
-            self.tls.live.clone(),
-            self.tls_reload,
-            stop_rx.clone(),
-        ));
+        let tls_task = match self.tls.live.workload_api() {
+            Some(endpoint) => tokio::spawn(crate::workload::follow(
+                self.tls.live.clone(),
+                endpoint.to_owned(),
+                self.trust_domain.clone(),
+                stop_rx.clone(),
+            )),
+            None => tokio::spawn(crate::tls::watch_and_reload(
+                self.tls.live.clone(),
+                self.tls_reload,
+                stop_rx.clone(),
+            )),
+        };
         let policy_task = tokio::spawn(crate::policy::watch_and_reload(
             self.policy.clone(),
             self.service.clone(),

@@ -1,0 +1,96 @@
+//! The broker's own identity from the SPIFFE Workload API (`[tls]
+//! workload_api`): its X.509-SVID becomes the server certificate of both
+//! ports and the bundle of its trust domain the trust bundle for client
+//! SVIDs, through the `spiffe` crate's `X509Source`, and every rotation is
+//! swapped into [`LiveTls`] for new handshakes while live connections keep
+//! theirs. Until the first SVID arrives, handshakes are refused.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mayfly_core::TrustDomain;
+use rustls_pki_types::CertificateDer;
+use spiffe::X509Source;
+use spiffe::bundle::BundleSource;
+
+use crate::shutdown::Shutdown;
+use crate::tls::LiveTls;
+
+/// How long to wait for the Workload API's first answer before retrying.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Takes the source's current SVID and bundle into `live`.
+fn apply(live: &LiveTls, source: &X509Source, td: &TrustDomain) -> Result<String, String> {
+    let svid = source.svid().map_err(|e| e.to_string())?;
+    let id = svid.spiffe_id().to_string();
+    if svid.spiffe_id().trust_domain().to_string() != td.as_str() {
+        return Err(format!(
+            "SVID {id} is not of the broker's trust domain {td}"
+        ));
+    }
+    let spiffe_td = spiffe::TrustDomain::new(td.as_str()).map_err(|e| e.to_string())?;
+    let bundle = source
+        .bundle_for_trust_domain(&spiffe_td)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("no bundle for {td}"))?;
+    let chain = svid
+        .cert_chain()
+        .iter()
+        .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
+        .collect();
+    let roots = bundle
+        .authorities()
+        .iter()
+        .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
+        .collect();
+    live.set_svid(chain, svid.private_key().as_bytes().to_vec(), roots)
+        .map_err(|e| e.to_string())?;
+    Ok(id)
+}
+
+/// Follows the Workload API at `endpoint` until `stop`, reconnecting
+/// after a failure; a set that does not load is refused with a log line
+/// and the one in use kept.
+pub(crate) async fn follow(
+    live: Arc<LiveTls>,
+    endpoint: String,
+    td: TrustDomain,
+    mut stop: Shutdown,
+) {
+    loop {
+        let built = tokio::select! {
+            r = X509Source::builder()
+                .endpoint(&endpoint)
+                .initial_sync_timeout(SYNC_TIMEOUT)
+                .build() => r,
+            () = stop.wait() => return,
+        };
+        let source = match built {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, %endpoint, "SPIFFE Workload API unavailable; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    () = stop.wait() => return,
+                }
+            }
+        };
+        let mut updates = source.updated();
+        loop {
+            match apply(&live, &source, &td) {
+                Ok(id) => tracing::info!(%id, "TLS identity from the SPIFFE Workload API"),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "SVID from the Workload API refused; the previous identity stays in use"
+                ),
+            }
+            tokio::select! {
+                r = updates.changed() => if r.is_err() { break },
+                () = stop.wait() => {
+                    source.shutdown().await;
+                    return;
+                }
+            }
+        }
+    }
+}
