@@ -10,7 +10,8 @@
 //! mayfly-bench --mix oauth --duration 10s   # POST /oauth2/token over HTTP/2
 //! ```
 //!
-//! It connects with a `mayfly dev init` profile (`--profile`, default
+//! It connects with the SPIFFE Workload API (`--workload-api`), or a
+//! `mayfly dev init` profile (`--profile`, default
 //! `./.mayfly-dev`) or `--broker/--ca/--cert/--key`. Turn the broker's rate
 //! limit off for load tests (`[rate_limit] per_second = 0`).
 
@@ -126,6 +127,11 @@ struct Args {
     /// Your SVID's key.
     #[arg(long, env = "MAYFLY_KEY")]
     key: Option<PathBuf>,
+    /// Take the agent's X.509-SVID from this SPIFFE Workload API (e.g.
+    /// unix:///run/spire/agent.sock) instead of files, following its
+    /// rotations; --cert and --key win when given.
+    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
+    workload_api: Option<String>,
 }
 
 fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
@@ -343,7 +349,23 @@ fn report(args: &Args, outcome: &Outcome, progress: &Progress, limits: &Limits) 
 
 async fn run(args: Args) -> anyhow::Result<()> {
     args.validate()?;
-    let config = args.client_config()?;
+    let workload = args
+        .workload_api
+        .clone()
+        .filter(|_| args.cert.is_none() || args.key.is_none());
+    if workload.is_some() && args.mix == Mix::Oauth {
+        bail!("--mix oauth authenticates with certificate files: pass --cert and --key");
+    }
+    let config = match (&workload, &args.broker) {
+        // The SVID comes from the Workload API; only the URL is needed.
+        (Some(_), Some(broker)) => ClientConfig {
+            broker: broker.clone(),
+            ca_pem: Vec::new(),
+            cert_pem: Vec::new(),
+            key_pem: Vec::new().into(),
+        },
+        _ => args.client_config()?,
+    };
     let mut lanes = Vec::with_capacity(args.connections);
     let shape = Shape {
         mix: args.mix,
@@ -354,7 +376,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ttl_seconds: args.ttl.as_secs(),
     };
     for _ in 0..args.connections {
-        let client = Client::connect(&config).await?;
+        let client = match &workload {
+            Some(endpoint) => Client::connect_workload_api(&config.broker, Some(endpoint)).await?,
+            None => Client::connect(&config).await?,
+        };
         let endpoint = match args.mix {
             Mix::Oauth => Some(
                 http::TokenEndpoint::connect(&args.http_url(&config.broker)?, &config)

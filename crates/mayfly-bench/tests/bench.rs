@@ -86,6 +86,54 @@ async fn each_mix_reports_throughput_latency_and_the_limit() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_runs_as_the_workload_apis_svid() {
+    let broker = TestBroker::start().await;
+    // Served by the testkit from the public workload.proto, as SPIRE would.
+    let id = "spiffe://example.org/agent/bench";
+    let api = broker
+        .workload_api(id, std::time::Duration::from_secs(3600))
+        .await;
+    let out = bench(
+        &broker,
+        &[
+            "--json",
+            "--mix",
+            "token",
+            "--duration",
+            "1s",
+            "--warmup",
+            "0s",
+            "--workload-api",
+            &api.endpoint(),
+        ],
+    );
+    let r = report(out);
+    assert!(r["ok"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["failed"], 0, "{r}");
+    // The tasks are the Workload API identity's, not the profile's agent.
+    let listed = broker
+        .operator()
+        .await
+        .admin()
+        .list_tasks(mayfly_client::pb::ListTasksRequest {
+            agent_id: id.into(),
+            page_size: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!listed.tasks.is_empty());
+    // The token endpoint mix needs certificate files.
+    let out = bench(
+        &broker,
+        &["--mix", "oauth", "--workload-api", &api.endpoint()],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cert and --key"));
+}
+
 #[test]
 fn bad_arguments_are_refused_with_a_reason() {
     for (args, says) in [
