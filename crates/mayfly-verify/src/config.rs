@@ -49,6 +49,10 @@ pub struct VerifierConfig {
     /// The revocation feed; `None` verifies offline (revocations are then
     /// not seen before expiry).
     pub feed: Option<FeedConfig>,
+    /// Take the CA bundle (for the broker's certificate) and the feed's
+    /// identity from this SPIFFE Workload API instead of `ca_pem` and the
+    /// feed's `cert_pem`/`key_pem`, following its rotations.
+    pub workload_api: Option<String>,
 }
 
 impl VerifierConfig {
@@ -64,7 +68,23 @@ impl VerifierConfig {
             leeway: MAX_LEEWAY,
             jwks_refresh_interval: Duration::from_secs(30),
             feed: None,
+            workload_api: None,
         }
+    }
+
+    /// A verifier whose trust comes from the SPIFFE Workload API at
+    /// `endpoint` (e.g. `unix:///run/spire/agent.sock`): the bundle of the
+    /// service's own trust domain checks the broker's certificate, and
+    /// [`Self::with_workload_feed`] follows the feed as the service's SVID.
+    pub fn from_workload_api(issuer: &str, audience: &str, endpoint: &str) -> Self {
+        let mut c = Self::new(issuer, audience, Vec::new());
+        c.workload_api = Some(endpoint.to_owned());
+        c
+    }
+
+    /// Follows the broker's revocation feed as the Workload API's SVID.
+    pub fn with_workload_feed(self, broker: &str) -> Self {
+        self.with_feed(broker, Vec::new(), Vec::new())
     }
 
     /// Follows the broker's revocation feed with this identity, failing

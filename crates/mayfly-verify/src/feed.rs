@@ -11,6 +11,7 @@ use mayfly_proto::v1 as pb;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::config::FeedConfig;
+use crate::material::Material;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -103,7 +104,7 @@ impl RevocationSet {
 /// Follows the feed until the set is dropped by every verifier.
 pub(crate) async fn follow(
     config: FeedConfig,
-    ca_pem: Vec<u8>,
+    trust: Material,
     set: std::sync::Weak<RevocationSet>,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -111,7 +112,7 @@ pub(crate) async fn follow(
         let Some(strong) = set.upgrade() else {
             return;
         };
-        match stream_once(&config, &ca_pem, &strong).await {
+        match stream_once(&config, &trust, &strong).await {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
                 tracing::warn!(error = %e, cursor = strong.cursor(), "revocation feed disconnected; reconnecting")
@@ -125,12 +126,18 @@ pub(crate) async fn follow(
 
 async fn stream_once(
     config: &FeedConfig,
-    ca_pem: &[u8],
+    trust: &Material,
     set: &Arc<RevocationSet>,
 ) -> Result<(), String> {
+    // Read at each connection: from the Workload API, the bundle and the
+    // SVID may have rotated since the last one.
+    let (cert_pem, key_pem) = match trust.identity()? {
+        Some(id) => id,
+        None => (config.cert_pem.clone(), config.key_pem.clone().into()),
+    };
     let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca_pem))
-        .identity(Identity::from_pem(&config.cert_pem, &config.key_pem));
+        .ca_certificate(Certificate::from_pem(trust.ca_pem()?))
+        .identity(Identity::from_pem(&cert_pem, &*key_pem));
     let channel = Channel::from_shared(config.broker.clone())
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(5))

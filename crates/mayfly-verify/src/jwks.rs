@@ -14,6 +14,7 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::sync::Mutex;
 
 use crate::VerifyError;
+use crate::material::Material;
 
 /// Largest JWKS document accepted.
 const MAX_JWKS_BYTES: usize = 256 * 1024;
@@ -30,11 +31,12 @@ pub(crate) struct Key {
 /// Fetches JWKS documents over HTTPS with a fixed CA.
 pub(crate) struct Fetcher {
     url: hyper::Uri,
-    tls: Arc<rustls::ClientConfig>,
+    /// The CA bundle, read at each fetch (it may rotate).
+    trust: Material,
 }
 
 impl Fetcher {
-    pub(crate) fn new(url: &str, ca_pem: &[u8]) -> Result<Self, VerifyError> {
+    pub(crate) fn new(url: &str, trust: Material) -> Result<Self, VerifyError> {
         let unavailable = |m: String| VerifyError::JwksUnavailable(m);
         let url: hyper::Uri = url
             .parse()
@@ -42,24 +44,27 @@ impl Fetcher {
         if url.scheme_str() != Some("https") {
             return Err(unavailable("the JWKS URL must be https://".into()));
         }
+        let fetcher = Self { url, trust };
+        fetcher.tls().map_err(unavailable)?;
+        Ok(fetcher)
+    }
+
+    /// A TLS client trusting the bundle as it stands now.
+    fn tls(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+        let ca_pem = self.trust.ca_pem()?;
         let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(ca_pem) {
-            let c = c.map_err(|e| unavailable(format!("bad CA PEM: {e}")))?;
-            roots
-                .add(c)
-                .map_err(|e| unavailable(format!("bad CA: {e}")))?;
+        for c in CertificateDer::pem_slice_iter(&ca_pem) {
+            let c = c.map_err(|e| format!("bad CA PEM: {e}"))?;
+            roots.add(c).map_err(|e| format!("bad CA: {e}"))?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| unavailable(e.to_string()))?
+            .map_err(|e| e.to_string())?
             .with_root_certificates(roots)
             .with_no_client_auth();
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Self {
-            url,
-            tls: Arc::new(tls),
-        })
+        Ok(Arc::new(tls))
     }
 
     async fn fetch(&self) -> Result<JwkSet, String> {
@@ -69,7 +74,7 @@ impl Fetcher {
             .await
             .map_err(|e| format!("connect {host}:{port}: {e}"))?;
         let name = ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
-        let stream = tokio_rustls::TlsConnector::from(self.tls.clone())
+        let stream = tokio_rustls::TlsConnector::from(self.tls()?)
             .connect(name, tcp)
             .await
             .map_err(|e| format!("TLS: {e}"))?;

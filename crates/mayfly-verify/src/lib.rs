@@ -35,6 +35,7 @@ mod feed;
 pub mod interceptor;
 mod jwks;
 pub mod layer;
+mod material;
 mod resource;
 mod verifier;
 

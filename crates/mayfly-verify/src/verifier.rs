@@ -21,6 +21,7 @@ use crate::cert::{PeerCertError, TaskIdentity, parse_task_certificate};
 use crate::config::{MAX_LEEWAY, VerifierConfig};
 use crate::feed::{self, RevocationSet};
 use crate::jwks::{Fetcher, Jwks};
+use crate::material::Material;
 
 /// A token that passed every check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,8 +175,20 @@ impl Verifier {
     /// feed. Fails if the JWKS cannot be fetched.
     pub async fn connect(mut config: VerifierConfig) -> Result<Self, VerifyError> {
         config.leeway = config.leeway.min(MAX_LEEWAY);
+        let trust = match &config.workload_api {
+            Some(endpoint) => Material::workload_api(endpoint)
+                .await
+                .map_err(VerifyError::JwksUnavailable)?,
+            None => Material::Fixed {
+                ca_pem: config.ca_pem.clone(),
+                identity: config
+                    .feed
+                    .as_ref()
+                    .map(|f| (f.cert_pem.clone(), f.key_pem.clone().into())),
+            },
+        };
         let jwks = Jwks::new(
-            Fetcher::new(&config.jwks_url, &config.ca_pem)?,
+            Fetcher::new(&config.jwks_url, trust.clone())?,
             config.jwks_refresh_interval,
         );
         jwks.refresh(true).await?;
@@ -186,7 +199,7 @@ impl Verifier {
         if let (Some(feed_config), Some(set)) = (&config.feed, &revoked) {
             tokio::spawn(feed::follow(
                 feed_config.clone(),
-                config.ca_pem.clone(),
+                trust.clone(),
                 Arc::downgrade(set),
             ));
         }

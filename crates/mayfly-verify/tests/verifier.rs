@@ -660,3 +660,44 @@ async fn a_dpop_bound_token_needs_a_fresh_proof_for_each_request() {
     let resp = call("DPoP", None).await.unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_and_the_feed_identity_come_from_the_workload_api() {
+    let broker = TestBroker::start().await;
+    let (agent, op) = (broker.agent().await, broker.operator().await);
+    // Served by the testkit from the public workload.proto, as SPIRE would.
+    let api = broker
+        .workload_api(
+            "spiffe://example.org/api/validator",
+            Duration::from_secs(3600),
+        )
+        .await;
+    let mut c = VerifierConfig::from_workload_api(&broker.issuer(), API, &api.endpoint())
+        .with_workload_feed(&broker.url());
+    c.jwks_url = format!("{}/.well-known/jwks.json", broker.http_url());
+    let v = Verifier::connect(c).await.unwrap();
+    assert!(v.wait_for_feed(Duration::from_secs(5)).await);
+    let (_, t) = token(&agent, &["read:files"], false).await;
+    v.verify(&t.token, None).await.unwrap();
+    revoke(&op, &t.lease_id).await;
+    until_revoked(&v, &t.token).await;
+
+    // A Workload API whose bundle is another CA's: the broker's
+    // certificate is not trusted, so nothing is fetched.
+    let other = std::sync::Arc::new(
+        mayfly_broker::dev::DevCa::generate(&mayfly_core::TrustDomain::new("example.org").unwrap())
+            .unwrap(),
+    );
+    let elsewhere = mayfly_testkit::WorkloadApi::start(
+        other,
+        "spiffe://example.org/api/validator",
+        Duration::from_secs(3600),
+    )
+    .await;
+    let mut c = VerifierConfig::from_workload_api(&broker.issuer(), API, &elsewhere.endpoint());
+    c.jwks_url = format!("{}/.well-known/jwks.json", broker.http_url());
+    match Verifier::connect(c).await {
+        Err(VerifyError::JwksUnavailable(m)) => assert!(m.contains("TLS"), "{m}"),
+        other => panic!("expected the JWKS to be unavailable, got {other:?}"),
+    }
+}
