@@ -312,3 +312,72 @@ async fn a_trust_bundle_holding_the_issuing_ca_stops_the_broker() {
     assert!(e.contains("holds the broker's issuing CA"), "{e}");
     assert!(e.contains("mixed-bundle.pem"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federated_trust_domain_is_accepted_only_under_its_own_bundle() {
+    let td = mayfly_core::TrustDomain::new("partner.example").unwrap();
+    let partner = mayfly_broker::dev::DevCa::generate(&td).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("partner.pem");
+    std::fs::write(&bundle, partner.cert_pem()).unwrap();
+    let broker = TestBroker::start_with(move |c| {
+        c.tls.federated = vec![mayfly_broker::config::FederatedBundle {
+            trust_domain: td,
+            bundle,
+        }];
+    })
+    .await;
+    let ours = broker.ca();
+    let partner_id = "spiffe://partner.example/agent/helper";
+    let start = |client: Client| async move {
+        client
+            .broker()
+            .start_task(start_request("federated", &[API], &["read:files"]))
+            .await
+    };
+
+    // The partner's SVID under the partner's bundle: authenticated, then
+    // decided by policy (no dev policy names the partner: default deny).
+    let good = bad_certs::with_sans(&partner, vec![bad_certs::uri(partner_id)]);
+    let err = start(broker.client_with(&good).await.unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+    assert!(err.message().contains(partner_id), "{}", err.message());
+
+    // A partner ID signed by our CA, and one of ours signed by the partner:
+    // each trust domain's SVIDs chain to its own bundle only.
+    for (what, cred) in [
+        (
+            "partner ID from our CA",
+            bad_certs::with_sans(ours, vec![bad_certs::uri(partner_id)]),
+        ),
+        (
+            "our ID from the partner's CA",
+            bad_certs::with_sans(
+                &partner,
+                vec![bad_certs::uri("spiffe://example.org/agent/demo")],
+            ),
+        ),
+    ] {
+        let err = start(broker.client_with(&cred).await.unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::Unauthenticated,
+            "{what}: {}",
+            err.message()
+        );
+    }
+    // A trust domain with no bundle stays out, as before.
+    let other = bad_certs::with_sans(ours, vec![bad_certs::uri("spiffe://other.org/agent/x")]);
+    let err = start(broker.client_with(&other).await.unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("not in trust domain"),
+        "{}",
+        err.message()
+    );
+}

@@ -178,8 +178,11 @@ pub struct Authenticator {
     /// Validates the chain against the trust bundle (signatures, validity,
     /// client-auth EKU).
     chain: Arc<dyn ClientCertVerifier>,
-    /// Callers must belong to it.
+    /// Callers must belong to it, or to one of `federated`.
     trust_domain: TrustDomain,
+    /// Federated trust domains whose SVIDs are accepted (each checked
+    /// against its own bundle by `chain`).
+    federated: Vec<TrustDomain>,
     /// The broker's issuing CA certificate (DER), when it has one: a leaf
     /// it signed is a task certificate and never a caller.
     issuing_ca: Option<Arc<[u8]>>,
@@ -206,8 +209,16 @@ impl Authenticator {
         Self {
             chain,
             trust_domain,
+            federated: Vec::new(),
             issuing_ca: None,
         }
+    }
+
+    /// Also accepts SVIDs of these trust domains (`[[tls.federated]]`);
+    /// `chain` checks each against its own trust domain's bundle.
+    pub fn with_federated(mut self, trust_domains: Vec<TrustDomain>) -> Self {
+        self.federated = trust_domains;
+        self
     }
 
     /// Also refuses every leaf signed by `ca_der`, the broker's issuing CA.
@@ -247,7 +258,9 @@ impl Authenticator {
                 Timestamp::from_secs(u64::try_from(c.validity().not_after.timestamp()).unwrap_or(0))
             })
             .fold(leaf_not_after, Timestamp::min);
-        if !id.is_member_of(&self.trust_domain) {
+        if !id.is_member_of(&self.trust_domain)
+            && !self.federated.iter().any(|td| id.is_member_of(td))
+        {
             return Err(AuthError::WrongTrustDomain {
                 id,
                 expected: self.trust_domain.clone(),

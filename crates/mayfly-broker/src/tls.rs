@@ -16,6 +16,9 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 
 use crate::config::Tls;
 use crate::fsutil::check_private;
+use mayfly_core::TrustDomain;
+use mayfly_core::svid::parse_svid_leaf;
+
 use crate::identity::DeferredClientVerifier;
 use crate::reload::{Look, Looks};
 use crate::shutdown::Shutdown;
@@ -76,7 +79,59 @@ pub fn refuse_issuing_ca_in_bundle(tls: &Tls, issuing_ca_der: &[u8]) -> Result<(
 /// and the verifier of client chains built from the trust bundle.
 struct Material {
     key: Arc<CertifiedKey>,
+    /// For SVIDs of the broker's trust domain (and any other not below).
     client_chain: Arc<dyn ClientCertVerifier>,
+    /// For SVIDs of each federated trust domain: its own bundle only.
+    federated: Federated,
+}
+
+/// Each federated trust domain with the verifier of its own bundle.
+type Federated = Vec<(TrustDomain, Arc<dyn ClientCertVerifier>)>;
+
+impl Material {
+    /// The verifier for a client whose leaf is `leaf`: its trust domain's
+    /// bundle if federated, else the broker's own.
+    fn chain_for(&self, leaf: &CertificateDer<'_>) -> &Arc<dyn ClientCertVerifier> {
+        let td = parse_svid_leaf(leaf.as_ref())
+            .ok()
+            .map(|svid| svid.spiffe_id.trust_domain());
+        td.and_then(|td| {
+            self.federated
+                .iter()
+                .find(|(f, _)| *f == td)
+                .map(|(_, v)| v)
+        })
+        .unwrap_or(&self.client_chain)
+    }
+}
+
+/// A verifier of client chains against the CA certificates of `path`.
+fn verifier_from(
+    what: &'static str,
+    path: &Path,
+    certs_: Vec<CertificateDer<'static>>,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for ca in certs_ {
+        roots.add(ca).map_err(|e| err(what, path, e))?;
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| err(what, path, e))
+}
+
+/// The verifiers of the federated trust domains' bundles.
+fn federated(tls: &Tls) -> Result<Federated, TlsError> {
+    tls.federated
+        .iter()
+        .map(|f| {
+            let bundle = certs("federated bundle", &f.bundle)?;
+            Ok((
+                f.trust_domain.clone(),
+                verifier_from("federated bundle", &f.bundle, bundle)?,
+            ))
+        })
+        .collect()
 }
 
 /// Loads and checks the files: the chain, a key (0600) that matches it,
@@ -91,18 +146,15 @@ fn material(tls: &Tls, issuing_ca: Option<&[u8]>) -> Result<Material, TlsError> 
     let provider = provider();
     let key = CertifiedKey::from_der(chain, key, &provider)
         .map_err(|e| err("server key", &tls.key, e))?;
-    let mut roots = RootCertStore::empty();
-    for ca in certs("trust bundle", &tls.trust_bundle)? {
-        roots
-            .add(ca)
-            .map_err(|e| err("trust bundle", &tls.trust_bundle, e))?;
-    }
-    let client_chain = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-        .build()
-        .map_err(|e| err("trust bundle", &tls.trust_bundle, e))?;
+    let client_chain = verifier_from(
+        "trust bundle",
+        &tls.trust_bundle,
+        certs("trust bundle", &tls.trust_bundle)?,
+    )?;
     Ok(Material {
         key: Arc::new(key),
         client_chain,
+        federated: federated(tls)?,
     })
 }
 
@@ -174,16 +226,11 @@ impl LiveTls {
         let provider = provider();
         let key = CertifiedKey::from_der(chain, key, &provider)
             .map_err(|e| err("server key", what, e))?;
-        let mut roots = RootCertStore::empty();
-        for ca in bundle {
-            roots.add(ca).map_err(|e| err("trust bundle", what, e))?;
-        }
-        let client_chain = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-            .build()
-            .map_err(|e| err("trust bundle", what, e))?;
+        let client_chain = verifier_from("trust bundle", what, bundle)?;
         self.swap(Material {
             key: Arc::new(key),
             client_chain,
+            federated: federated(&self.files)?,
         });
         Ok(())
     }
@@ -203,7 +250,8 @@ impl LiveTls {
     /// Secret's `..data` swap is a change).
     fn fingerprint(&self) -> Vec<Option<u64>> {
         [&self.files.cert, &self.files.key, &self.files.trust_bundle]
-            .iter()
+            .into_iter()
+            .chain(self.files.federated.iter().map(|f| &f.bundle))
             .map(|p| {
                 std::fs::read(p).ok().map(|bytes| {
                     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -253,7 +301,7 @@ impl ClientCertVerifier for LiveClientChain {
         self.0
             .current()
             .ok_or_else(no_bundle)?
-            .client_chain
+            .chain_for(end_entity)
             .verify_client_cert(end_entity, intermediates, now)
     }
 

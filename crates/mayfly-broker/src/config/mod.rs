@@ -168,6 +168,7 @@ impl Config {
             &mut config.tls.trust_bundle,
         ];
         paths.push(&mut config.policy.dir);
+        paths.extend(config.tls.federated.iter_mut().map(|f| &mut f.bundle));
         if let Some(p) = config.audit.path.as_mut() {
             paths.push(p);
         }

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mayfly_core::SpiffeIdPattern;
+use mayfly_core::{SpiffeIdPattern, TrustDomain};
 use serde::{Deserialize, Deserializer};
 
 use super::values::{bytes, duration, optional_duration};
@@ -263,11 +263,25 @@ pub struct Tls {
     /// and the bundle of its trust domain, and their rotations.
     #[serde(default)]
     pub workload_api: Option<String>,
+    /// Other trust domains whose SVIDs are accepted, each only if it
+    /// chains to that trust domain's own bundle (`[[tls.federated]]`).
+    #[serde(default)]
+    pub federated: Vec<FederatedBundle>,
     /// How often to look for changed files (SIGHUP reloads at once); a
     /// change is swapped in for new handshakes, live connections keep
     /// theirs, and invalid material is refused with the old kept.
     #[serde(default = "default_reload", deserialize_with = "duration")]
     pub reload_interval: Duration,
+}
+
+/// `[[tls.federated]]`: the bundle of another trust domain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederatedBundle {
+    /// The trust domain, e.g. `partner.example`.
+    pub trust_domain: TrustDomain,
+    /// Its CA certificates (PEM); they vouch for its SVIDs only.
+    pub bundle: PathBuf,
 }
 
 /// JWT signing algorithm (`tokens.algorithm`).

@@ -386,6 +386,16 @@ impl Config {
         if t.reload_interval.is_zero() {
             return invalid("tls.reload_interval must be positive");
         }
+        let mut seen = vec![&self.trust_domain];
+        for f in &t.federated {
+            if seen.contains(&&f.trust_domain) {
+                return invalid(format!(
+                    "[[tls.federated]] names trust domain {} twice, or the broker's own",
+                    f.trust_domain
+                ));
+            }
+            seen.push(&f.trust_domain);
+        }
         Ok(t.clone())
     }
 

@@ -344,3 +344,19 @@ fn tls_comes_from_three_files_or_the_workload_api_never_both() {
         "{e}"
     );
 }
+
+#[test]
+fn federated_bundles_name_other_trust_domains_once() {
+    let one = format!(
+        "{MINIMAL}\n    [[tls.federated]]\n    trust_domain = \"partner.example\"\n    bundle = \"partner.pem\"\n"
+    );
+    let c = Config::parse(&one, Path::new("/etc/mayfly")).unwrap();
+    assert_eq!(c.tls.federated[0].bundle, Path::new("/etc/mayfly/partner.pem"));
+    let own = one.replace("partner.example", "example.org");
+    let e = Config::parse(&own, Path::new("/etc/mayfly")).unwrap_err();
+    assert!(e.to_string().contains("twice, or the broker's own"), "{e}");
+    let twice = format!(
+        "{one}\n    [[tls.federated]]\n    trust_domain = \"partner.example\"\n    bundle = \"p2.pem\"\n"
+    );
+    assert!(Config::parse(&twice, Path::new("/etc/mayfly")).is_err());
+}

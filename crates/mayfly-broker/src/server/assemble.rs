@@ -56,7 +56,13 @@ impl Broker {
         let revoked = Arc::new(tokio::sync::Notify::new());
         let feed = FeedHub::new(store.clone(), revoked.clone(), s.feed.poll);
         let mut authenticator =
-            Authenticator::new(tls.client_chain.clone(), s.trust_domain.clone());
+            Authenticator::new(tls.client_chain.clone(), s.trust_domain.clone()).with_federated(
+                s.tls
+                    .federated
+                    .iter()
+                    .map(|f| f.trust_domain.clone())
+                    .collect(),
+            );
         if let Some(ca) = &ca {
             if s.tls.workload_api.is_none() {
                 tls::refuse_issuing_ca_in_bundle(&s.tls, ca.cert_der())?;
