@@ -1,0 +1,160 @@
+"""Signing-key rotation seen by a stock validator: two broker replicas on
+one Redis (a real `redis-server` on a free port) share the key files; the
+operator runs `mayfly keys rotate`; PyJWT's own `PyJWKClient` (which caches
+the JWKS and refetches on an unknown kid) validates every token both
+replicas issue throughout, and the old kid leaves both JWKS only after its
+last token expired."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import jwt
+import pytest
+
+import mayfly
+from tests.conftest import API, free_port, mayfly_bin
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail("redis-server is not installed")
+    port = free_port()
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            assert time.monotonic() < deadline, "redis-server did not listen"
+            time.sleep(0.05)
+    try:
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def serve(config: Path, http: int) -> subprocess.Popen[bytes]:
+    log = (config.parent / f"broker-{http}.log").open("wb")
+    proc = subprocess.Popen(
+        [mayfly_bin(), "serve", "--config", str(config)], stdout=log, stderr=log
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None, f"the broker exited: see {log.name}"
+        try:
+            with socket.create_connection(("127.0.0.1", http), timeout=0.2):
+                return proc
+        except OSError:
+            assert time.monotonic() < deadline, "the broker did not listen"
+            time.sleep(0.1)
+
+
+def kids(url: str, ca: Path) -> list[str]:
+    keys = httpx.get(url, verify=ssl.create_default_context(cafile=str(ca))).json()["keys"]
+    return [str(k["kid"]) for k in keys]
+
+
+def test_a_key_rotation_fails_no_token_at_pyjwt(tmp_path: Path, redis_url: str) -> None:
+    profile = tmp_path / ".mayfly-dev"
+    subprocess.run([mayfly_bin(), "dev", "init", "--dir", str(profile)], check=True)
+    grpc = [free_port(), free_port()]
+    http = [free_port(), free_port()]
+    base = (profile / "mayfly.toml").read_text()
+    base = base.replace('store = "embedded"', f'store = "{redis_url}"')
+    base = base.replace('default_ttl = "5m"\nmax_ttl = "15m"', 'default_ttl = "2s"\nmax_ttl = "2s"')
+    base = base.replace(
+        "[tokens]\n", '[tokens]\nretire_grace = "1s"\nkey_reload_interval = "100ms"\n'
+    )
+    base = base.replace("localhost:8711", f"localhost:{http[0]}")
+    assert "retire_grace" in base, "the dev config changed shape"
+    assert redis_url in base, "the dev config changed shape"
+    configs = []
+    for i in range(2):
+        text = base.replace("127.0.0.1:8710", f"127.0.0.1:{grpc[i]}").replace(
+            "127.0.0.1:8711", f"127.0.0.1:{http[i]}"
+        )
+        path = profile / f"replica-{i}.toml"
+        path.write_text(text)
+        configs.append(path)
+    ca = profile / "bundle.pem"
+    agent = profile / "identities" / "agent-demo"
+    procs = [serve(configs[i], http[i]) for i in range(2)]
+    try:
+        brokers = [
+            mayfly.Broker(
+                mayfly.config.resolve(
+                    f"https://localhost:{g}",
+                    ca=ca,
+                    cert=agent / "svid.pem",
+                    key=agent / "svid.key",
+                )
+            )
+            for g in grpc
+        ]
+        tasks = [b.start_task("rotate", audiences=[API], scopes=["read:t"]) for b in brokers]
+        jwks_urls = [f"https://localhost:{h}/.well-known/jwks.json" for h in http]
+        (old,) = kids(jwks_urls[0], ca)
+        client = jwt.PyJWKClient(
+            jwks_urls[0], ssl_context=ssl.create_default_context(cafile=str(ca))
+        )
+        rotated = subprocess.run(
+            [mayfly_bin(), "keys", "rotate", "--config", str(configs[0]), "--in", "2s"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        new = rotated.stdout.split("kid ", 1)[1].split(")", 1)[0]
+        switch = time.time() + 2
+        live: list[tuple[str, float]] = []
+        failures: list[str] = []
+        signed_by: set[str] = set()
+        while time.time() < switch + 2 + 1 + 1.5:
+            for t in tasks:
+                token = t.token(API, ["read:t"], bind=False, ttl=2)
+                t.forget(token.lease_id)
+                live.append((token.value, token.expires_at.timestamp()))
+            live = [(v, exp) for v, exp in live if exp > time.time()]
+            for value, _ in live:
+                kid = jwt.get_unverified_header(value)["kid"]
+                signed_by.add(kid)
+                try:
+                    key = client.get_signing_key_from_jwt(value)
+                    jwt.decode(
+                        value,
+                        key.key,
+                        algorithms=["ES256"],
+                        audience=API,
+                        issuer=f"https://localhost:{http[0]}",
+                    )
+                except jwt.PyJWTError as e:
+                    if jwt.decode(value, options={"verify_signature": False})["exp"] > time.time():
+                        failures.append(f"{kid}: {e}")
+            if any(jwt.get_unverified_header(v)["kid"] == old for v, _ in live):
+                for url in jwks_urls:
+                    assert old in kids(url, ca), "the old kid left while its tokens live"
+            time.sleep(0.05)
+        assert failures == []
+        assert signed_by == {old, new}
+        for url in jwks_urls:
+            assert kids(url, ca) == [new]
+        for b in brokers:
+            b.close()
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=10)
