@@ -132,3 +132,32 @@ pub fn claims_unverified(token: &str) -> Value {
 pub fn secs(ts: &Option<mayfly_client::Timestamp>) -> i64 {
     ts.as_ref().unwrap().seconds
 }
+
+/// The leaf (DER) a fresh TLS handshake with the broker's gRPC port is
+/// shown, trusting `roots_pem`; `None` if the handshake fails.
+pub async fn presented_leaf(broker: &TestBroker, roots_pem: &[u8]) -> Option<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(roots_pem) {
+        roots.add(c.ok()?).ok()?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let port = broker.url().rsplit(':').next()?.parse::<u16>().ok()?;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").ok()?,
+            tcp,
+        )
+        .await
+        .ok()?;
+    Some(tls.get_ref().1.peer_certificates()?.first()?.to_vec())
+}

@@ -12,7 +12,7 @@ use mayfly_broker::dev::DevCa;
 use mayfly_core::{SpiffeId, TrustDomain};
 use mayfly_testkit::TestBroker;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::CertificateDer;
 use tonic::Code;
 
 use crate::common::*;
@@ -21,32 +21,9 @@ const RELOAD: Duration = Duration::from_millis(100);
 
 /// The leaf a fresh TLS handshake with the gRPC port is shown (DER).
 async fn presented(broker: &TestBroker) -> Vec<u8> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(&broker.bundle_pem()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let port = broker
-        .url()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse::<u16>()
-        .unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    presented_leaf(broker, &broker.bundle_pem())
         .await
-        .unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+        .expect("the handshake completes")
 }
 
 fn der(pem: &str) -> Vec<u8> {

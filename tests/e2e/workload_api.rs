@@ -99,39 +99,10 @@ async fn connect_with(broker: &TestBroker, cas: &[&DevCa], svid: &Credential) ->
     .unwrap()
 }
 
-/// The leaf a fresh handshake with the gRPC port is shown (DER), trusting
-/// `cas`; `None` if the handshake fails (no identity yet).
+/// The leaf a fresh handshake with the gRPC port is shown, trusting `cas`.
 async fn presented(broker: &TestBroker, cas: &[&DevCa]) -> Option<Vec<u8>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in cas {
-        roots
-            .add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).unwrap())
-            .unwrap();
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let port = broker
-        .url()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse::<u16>()
-        .unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(
-            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .ok()?;
-    Some(tls.get_ref().1.peer_certificates()?[0].to_vec())
+    let roots: Vec<u8> = cas.iter().flat_map(|c| c.cert_pem().bytes()).collect();
+    presented_leaf(broker, &roots).await
 }
 
 fn der(pem: &str) -> Vec<u8> {

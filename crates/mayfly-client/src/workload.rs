@@ -8,8 +8,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
+use mayfly_core::svid::pem;
 use spiffe::X509Source;
 use spiffe::bundle::BundleSource;
 use zeroize::Zeroizing;
@@ -40,17 +39,6 @@ impl Drop for Rotation {
             rt.spawn(async move { source.shutdown().await });
         }
     }
-}
-
-fn pem(label: &str, der: &[u8]) -> String {
-    let b64 = STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
 }
 
 fn err(e: impl std::fmt::Display) -> ClientError {

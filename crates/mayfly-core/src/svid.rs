@@ -150,3 +150,37 @@ mod tests {
         ));
     }
 }
+
+/// DER as a PEM block with `label` (e.g. `CERTIFICATE`, `PRIVATE KEY`),
+/// 64 base64 characters a line, for TLS stacks that take PEM; the SPIFFE
+/// Workload API hands out DER.
+pub fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+#[cfg(test)]
+mod pem_tests {
+    #[test]
+    fn pem_wraps_at_64_and_round_trips() {
+        let der: Vec<u8> = (0..=255u8).collect();
+        let text = super::pem("CERTIFICATE", &der);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "-----BEGIN CERTIFICATE-----");
+        assert_eq!(lines.last(), Some(&"-----END CERTIFICATE-----"));
+        assert!(lines[1..lines.len() - 1].iter().all(|l| l.len() <= 64));
+        use base64::Engine;
+        let body: String = lines[1..lines.len() - 1].concat();
+        let back = base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .unwrap();
+        assert_eq!(back, der);
+    }
+}

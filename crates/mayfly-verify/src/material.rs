@@ -4,8 +4,7 @@
 //! Workload API (the `spiffe` crate's `X509Source`), read afresh at each
 //! JWKS fetch and feed reconnection so that rotations are followed.
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
+use mayfly_core::svid::pem;
 use spiffe::X509Source;
 use spiffe::bundle::BundleSource;
 use zeroize::Zeroizing;
@@ -25,17 +24,6 @@ pub(crate) enum Material {
     /// From the Workload API: the bundle of the service's own trust
     /// domain, and its SVID.
     WorkloadApi(X509Source),
-}
-
-fn pem(label: &str, der: &[u8]) -> String {
-    let b64 = STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
 }
 
 impl Material {

@@ -351,7 +351,10 @@ fn federated_bundles_name_other_trust_domains_once() {
         "{MINIMAL}\n    [[tls.federated]]\n    trust_domain = \"partner.example\"\n    bundle = \"partner.pem\"\n"
     );
     let c = Config::parse(&one, Path::new("/etc/mayfly")).unwrap();
-    assert_eq!(c.tls.federated[0].bundle, Path::new("/etc/mayfly/partner.pem"));
+    assert_eq!(
+        c.tls.federated[0].bundle,
+        Path::new("/etc/mayfly/partner.pem")
+    );
     let own = one.replace("partner.example", "example.org");
     let e = Config::parse(&own, Path::new("/etc/mayfly")).unwrap_err();
     assert!(e.to_string().contains("twice, or the broker's own"), "{e}");
