@@ -11,8 +11,8 @@ use std::time::Duration;
 use mayfly_broker::dev::DevCa;
 use mayfly_core::{SpiffeId, TrustDomain};
 use mayfly_testkit::TestBroker;
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use tonic::Code;
 
 use crate::common::*;
