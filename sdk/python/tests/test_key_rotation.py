@@ -109,9 +109,18 @@ def test_a_key_rotation_fails_no_token_at_pyjwt(tmp_path: Path, redis_url: str) 
         tasks = [b.start_task("rotate", audiences=[API], scopes=["read:t"]) for b in brokers]
         jwks_urls = [f"https://localhost:{h}/.well-known/jwks.json" for h in http]
         (old,) = kids(jwks_urls[0], ca)
+        # A stock client: the JWKS kept 300 s, refetched for an unknown
+        # kid at most once per `cooldown_duration` (30 s by default). The
+        # rotation's lead must outlast that wait, as `mayfly keys rotate
+        # --in 10m` does in production; this test runs it in seconds.
         client = jwt.PyJWKClient(
-            jwks_urls[0], ssl_context=ssl.create_default_context(cafile=str(ca))
+            jwks_urls[0],
+            ssl_context=ssl.create_default_context(cafile=str(ca)),
+            cooldown_duration=1,
         )
+        # The validator holds the JWKS from before the rotation.
+        first = tasks[0].token(API, ["read:t"], bind=False, ttl=2)
+        assert client.get_signing_key_from_jwt(first.value).key_id == old
         rotated = subprocess.run(
             [mayfly_bin(), "keys", "rotate", "--config", str(configs[0]), "--in", "2s"],
             capture_output=True,
