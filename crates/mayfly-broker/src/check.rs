@@ -50,7 +50,7 @@ pub async fn check(path: &Path, reach_store: bool) -> Vec<Finding> {
             Some(endpoint) => Ok(format!(
                 "from the SPIFFE Workload API at {endpoint} (not contacted)"
             )),
-            None => crate::tls::load(&s.tls)
+            None => crate::tls::load(&s.tls, None)
                 .map(|_| {
                     format!(
                         "server certificate {}, trust bundle {}",
@@ -67,10 +67,9 @@ pub async fn check(path: &Path, reach_store: bool) -> Vec<Finding> {
             None => Ok("none: task certificates are not issued".into()),
             Some(files) => IssuingCa::load(&files.cert, &files.key)
                 .map_err(|e| e.to_string())
-                .and_then(|ca| match s.tls.workload_api {
-                    Some(_) => Ok(()),
-                    None => crate::tls::refuse_issuing_ca_in_bundle(&s.tls, ca.cert_der())
-                        .map_err(|e| e.to_string()),
+                .and_then(|ca| {
+                    crate::tls::refuse_issuing_ca_in_bundle(&s.tls, ca.cert_der())
+                        .map_err(|e| e.to_string())
                 })
                 .map(|()| format!("{}", files.cert.display())),
         },

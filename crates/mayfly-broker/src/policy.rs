@@ -3,7 +3,6 @@
 //! the old set (and logs every problem); one that succeeds re-evaluates
 //! every live credential, revoking what the new policies no longer allow.
 
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -14,7 +13,7 @@ use mayfly_core::{
 };
 use mayfly_policy::{CedarPolicy, PolicyLoadError};
 
-use crate::reload::{Look, Looks};
+use crate::reload::{Look, Looks, file_hash};
 use crate::service::Service;
 use crate::shutdown::Shutdown;
 
@@ -90,11 +89,7 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<u64>)> {
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "cedar"))
         .map(|p| {
-            let hash = std::fs::read(&p).ok().map(|bytes| {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                bytes.hash(&mut h);
-                h.finish()
-            });
+            let hash = file_hash(&p);
             (p, hash)
         })
         .collect();

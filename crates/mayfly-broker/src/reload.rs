@@ -2,6 +2,8 @@
 //! never after the stop signal. The policy, TLS and signing-key watchers
 //! share it.
 
+use std::hash::{Hash, Hasher};
+use std::path::Path;
 use std::time::Duration;
 
 use crate::shutdown::Shutdown;
@@ -53,4 +55,15 @@ impl Looks {
             () = self.stop.wait() => None,
         }
     }
+}
+
+/// A hash of the file's bytes (following symlinks, so a Kubernetes
+/// ConfigMap's or Secret's `..data` swap is a change); `None` if it cannot
+/// be read. What a watcher compares between looks.
+pub(crate) fn file_hash(path: &Path) -> Option<u64> {
+    std::fs::read(path).ok().map(|bytes| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        bytes.hash(&mut h);
+        h.finish()
+    })
 }

@@ -1,9 +1,8 @@
 //! rustls configurations for the two ports, on the ring provider, over
 //! material ([`LiveTls`]) that is reloaded when its files change.
 
-use std::hash::{Hash, Hasher};
 use std::path::Path;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rustls::client::danger::HandshakeSignatureValid;
@@ -20,7 +19,7 @@ use mayfly_core::TrustDomain;
 use mayfly_core::svid::parse_svid_leaf;
 
 use crate::identity::DeferredClientVerifier;
-use crate::reload::{Look, Looks};
+use crate::reload::{Look, Looks, file_hash};
 use crate::shutdown::Shutdown;
 
 /// Why TLS material is unusable.
@@ -60,19 +59,33 @@ fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>
 /// chain to the workload CA, and a bundle that trusts the task CA directly
 /// says someone mixed the two up (task certificates are refused as callers
 /// either way).
-pub fn refuse_issuing_ca_in_bundle(tls: &Tls, issuing_ca_der: &[u8]) -> Result<(), TlsError> {
-    if certs("trust bundle", &tls.trust_bundle)?
-        .iter()
-        .any(|c| c.as_ref() == issuing_ca_der)
+fn refuse_issuing_ca(
+    bundle: &[CertificateDer<'_>],
+    issuing_ca: Option<&[u8]>,
+    path: &Path,
+) -> Result<(), TlsError> {
+    if let Some(ca) = issuing_ca
+        && bundle.iter().any(|c| c.as_ref() == ca)
     {
         return Err(err(
             "trust bundle",
-            &tls.trust_bundle,
+            path,
             "holds the broker's issuing CA ([ca] cert); the bundle is for the CAs of workload \
              SVIDs, and certificates the broker issues are never callers",
         ));
     }
     Ok(())
+}
+
+/// Whether the configured bundle holds the issuing CA, for `mayfly config
+/// check` (serving checks it in every set it loads). A Workload API's
+/// bundle is only known once served, and checked then.
+pub fn refuse_issuing_ca_in_bundle(tls: &Tls, issuing_ca: &[u8]) -> Result<(), TlsError> {
+    if tls.workload_api.is_some() {
+        return Ok(());
+    }
+    let bundle = certs("trust bundle", &tls.trust_bundle)?;
+    refuse_issuing_ca(&bundle, Some(issuing_ca), &tls.trust_bundle)
 }
 
 /// What a reload swaps whole: the server's certificate chain with its key,
@@ -134,28 +147,43 @@ fn federated(tls: &Tls) -> Result<Federated, TlsError> {
         .collect()
 }
 
+/// Checks and puts together a set, wherever it came from: a key that
+/// matches the chain, a bundle without the issuing CA, and the federated
+/// bundles of `files`. `key_path` and `bundle_path` name the sources in
+/// errors.
+fn assemble(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    bundle: Vec<CertificateDer<'static>>,
+    (key_path, bundle_path): (&Path, &Path),
+    files: &Tls,
+    issuing_ca: Option<&[u8]>,
+) -> Result<Material, TlsError> {
+    refuse_issuing_ca(&bundle, issuing_ca, bundle_path)?;
+    let key = CertifiedKey::from_der(chain, key, &provider())
+        .map_err(|e| err("server key", key_path, e))?;
+    Ok(Material {
+        key: Arc::new(key),
+        client_chain: verifier_from("trust bundle", bundle_path, bundle)?,
+        federated: federated(files)?,
+    })
+}
+
 /// Loads and checks the files: the chain, a key (0600) that matches it,
 /// and a bundle of at least one CA.
 fn material(tls: &Tls, issuing_ca: Option<&[u8]>) -> Result<Material, TlsError> {
-    if let Some(ca) = issuing_ca {
-        refuse_issuing_ca_in_bundle(tls, ca)?;
-    }
     let chain = certs("server certificate", &tls.cert)?;
     check_private(&tls.key).map_err(|e| err("server key", &tls.key, e))?;
     let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| err("server key", &tls.key, e))?;
-    let provider = provider();
-    let key = CertifiedKey::from_der(chain, key, &provider)
-        .map_err(|e| err("server key", &tls.key, e))?;
-    let client_chain = verifier_from(
-        "trust bundle",
-        &tls.trust_bundle,
-        certs("trust bundle", &tls.trust_bundle)?,
-    )?;
-    Ok(Material {
-        key: Arc::new(key),
-        client_chain,
-        federated: federated(tls)?,
-    })
+    let bundle = certs("trust bundle", &tls.trust_bundle)?;
+    assemble(
+        chain,
+        key,
+        bundle,
+        (&tls.key, &tls.trust_bundle),
+        tls,
+        issuing_ca,
+    )
 }
 
 /// The broker's TLS material as files say now: loaded at start, swapped
@@ -166,8 +194,8 @@ pub struct LiveTls {
     /// `None` until the Workload API has given a first SVID: handshakes
     /// are refused meanwhile.
     current: RwLock<Option<Arc<Material>>>,
-    /// The broker's issuing CA (DER), which no reloaded bundle may hold.
-    issuing_ca: OnceLock<Vec<u8>>,
+    /// The broker's issuing CA (DER), which no bundle may hold.
+    issuing_ca: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for LiveTls {
@@ -198,8 +226,7 @@ impl LiveTls {
     /// Loads the files again; only a complete, valid set replaces the
     /// current one, so a half-written or wrong file changes nothing.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let ca = self.issuing_ca.get().map(Vec::as_slice);
-        self.swap(material(&self.files, ca)?);
+        self.swap(material(&self.files, self.issuing_ca.as_deref())?);
         Ok(())
     }
 
@@ -213,25 +240,14 @@ impl LiveTls {
         bundle: Vec<CertificateDer<'static>>,
     ) -> Result<(), TlsError> {
         let what = Path::new("(SPIFFE Workload API)");
-        if let Some(ca) = self.issuing_ca.get()
-            && bundle.iter().any(|c| c.as_ref() == ca.as_slice())
-        {
-            return Err(err(
-                "trust bundle",
-                what,
-                "holds the broker's issuing CA ([ca] cert)",
-            ));
-        }
-        let key = PrivateKeyDer::Pkcs8(key.into());
-        let provider = provider();
-        let key = CertifiedKey::from_der(chain, key, &provider)
-            .map_err(|e| err("server key", what, e))?;
-        let client_chain = verifier_from("trust bundle", what, bundle)?;
-        self.swap(Material {
-            key: Arc::new(key),
-            client_chain,
-            federated: federated(&self.files)?,
-        });
+        self.swap(assemble(
+            chain,
+            PrivateKeyDer::Pkcs8(key.into()),
+            bundle,
+            (what, what),
+            &self.files,
+            self.issuing_ca.as_deref(),
+        )?);
         Ok(())
     }
 
@@ -240,25 +256,13 @@ impl LiveTls {
         self.files.workload_api.as_deref()
     }
 
-    /// From now on, refuses a bundle that holds `ca_der` (the issuing CA),
-    /// as the start did (`refuse_issuing_ca_in_bundle`).
-    pub fn refuse_in_bundle(&self, ca_der: &[u8]) {
-        let _ = self.issuing_ca.set(ca_der.to_vec());
-    }
-
     /// A hash of each file's bytes (following symlinks, so a Kubernetes
     /// Secret's `..data` swap is a change).
     fn fingerprint(&self) -> Vec<Option<u64>> {
         [&self.files.cert, &self.files.key, &self.files.trust_bundle]
             .into_iter()
             .chain(self.files.federated.iter().map(|f| &f.bundle))
-            .map(|p| {
-                std::fs::read(p).ok().map(|bytes| {
-                    let mut h = std::collections::hash_map::DefaultHasher::new();
-                    bytes.hash(&mut h);
-                    h.finish()
-                })
-            })
+            .map(|p| file_hash(p))
             .collect()
     }
 }
@@ -276,6 +280,13 @@ fn no_bundle() -> rustls::Error {
 /// Checks client chains against the current trust bundle.
 #[derive(Debug)]
 struct LiveClientChain(Arc<LiveTls>);
+
+impl LiveClientChain {
+    /// The current set, or the refusal while there is none yet.
+    fn current(&self) -> Result<Arc<Material>, rustls::Error> {
+        self.0.current().ok_or_else(no_bundle)
+    }
+}
 
 impl ClientCertVerifier for LiveClientChain {
     fn offer_client_auth(&self) -> bool {
@@ -298,9 +309,7 @@ impl ClientCertVerifier for LiveClientChain {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.0
-            .current()
-            .ok_or_else(no_bundle)?
+        self.current()?
             .chain_for(end_entity)
             .verify_client_cert(end_entity, intermediates, now)
     }
@@ -311,9 +320,7 @@ impl ClientCertVerifier for LiveClientChain {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0
-            .current()
-            .ok_or_else(no_bundle)?
+        self.current()?
             .client_chain
             .verify_tls12_signature(message, cert, dss)
     }
@@ -324,9 +331,7 @@ impl ClientCertVerifier for LiveClientChain {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0
-            .current()
-            .ok_or_else(no_bundle)?
+        self.current()?
             .client_chain
             .verify_tls13_signature(message, cert, dss)
     }
@@ -352,17 +357,18 @@ pub struct TlsSetup {
     pub live: Arc<LiveTls>,
 }
 
-/// Loads the server certificate, key and trust bundle.
-pub fn load(tls: &Tls) -> Result<TlsSetup, TlsError> {
+/// Loads the server certificate, key and trust bundle (none yet from the
+/// Workload API); no bundle, now or reloaded, may hold `issuing_ca`.
+pub fn load(tls: &Tls, issuing_ca: Option<&[u8]>) -> Result<TlsSetup, TlsError> {
     // From the Workload API, the material comes with its first update.
     let first = match tls.workload_api {
         Some(_) => None,
-        None => Some(Arc::new(material(tls, None)?)),
+        None => Some(Arc::new(material(tls, issuing_ca)?)),
     };
     let live = Arc::new(LiveTls {
         current: RwLock::new(first),
         files: tls.clone(),
-        issuing_ca: OnceLock::new(),
+        issuing_ca: issuing_ca.map(<[u8]>::to_vec),
     });
     let client_chain: Arc<dyn ClientCertVerifier> = Arc::new(LiveClientChain(live.clone()));
     let provider = provider();

@@ -27,7 +27,14 @@ impl Broker {
     /// Builds every part from `s`.
     pub(super) fn assemble(s: Settings) -> Result<Self, StartError> {
         create_private_dir(&s.data_dir)?;
-        let tls = tls::load(&s.tls)?;
+        let ca = match &s.ca {
+            Some(files) => Some(Arc::new(
+                IssuingCa::load(&files.cert, &files.key)?
+                    .with_crl_url(format!("{}/crl", s.issuer.trim_end_matches('/'))),
+            )),
+            None => None,
+        };
+        let tls = tls::load(&s.tls, ca.as_deref().map(IssuingCa::cert_der))?;
         let signer = Arc::new(crate::issuer::ring::signer(
             &s.data_dir,
             s.algorithm,
@@ -43,13 +50,6 @@ impl Broker {
         );
         let policy = Arc::new(PolicyHandle::load(&s.policy.dir)?);
         tracing::info!(policies = policy.len(), dir = %s.policy.dir.display(), "policies loaded");
-        let ca = match &s.ca {
-            Some(files) => Some(Arc::new(
-                IssuingCa::load(&files.cert, &files.key)?
-                    .with_crl_url(format!("{}/crl", s.issuer.trim_end_matches('/'))),
-            )),
-            None => None,
-        };
         let crl = ca
             .clone()
             .map(|ca| Arc::new(CrlPublisher::new(store.clone(), ca, s.crl_validity)));
@@ -64,10 +64,6 @@ impl Broker {
                     .collect(),
             );
         if let Some(ca) = &ca {
-            if s.tls.workload_api.is_none() {
-                tls::refuse_issuing_ca_in_bundle(&s.tls, ca.cert_der())?;
-            }
-            tls.live.refuse_in_bundle(ca.cert_der());
             authenticator = authenticator.refusing_issued_by(ca.cert_der());
         }
         let service = Arc::new(Service::new(Setup {
