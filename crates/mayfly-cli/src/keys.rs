@@ -59,11 +59,7 @@ fn time(secs: u64) -> String {
 fn schedule(config: &Path) -> anyhow::Result<(mayfly_broker::config::Settings, JwtSigner)> {
     let s = Config::load(config)?.settings()?;
     let keys = load(&s.data_dir, s.algorithm, false)?;
-    let alg = match s.algorithm {
-        mayfly_broker::config::Algorithm::ES256 => "ES256",
-        mayfly_broker::config::Algorithm::EdDSA => "EdDSA",
-    };
-    let signer = JwtSigner::from_ring(alg, keys, s.key_retire_after)
+    let signer = JwtSigner::from_ring(s.algorithm.name(), keys, s.key_retire_after)
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("the keys in {}", s.data_dir.display()))?;
     Ok((s, signer))

@@ -76,10 +76,13 @@ pub enum Algorithm {
     EdDSA,
 }
 
-fn alg_name(alg: Algorithm) -> &'static str {
-    match alg {
-        Algorithm::ES256 => "ES256",
-        Algorithm::EdDSA => "EdDSA",
+impl Algorithm {
+    /// The JWS `alg` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ES256 => "ES256",
+            Self::EdDSA => "EdDSA",
+        }
     }
 }
 
@@ -98,7 +101,7 @@ impl SigningKey {
         if !path.exists() {
             match Self::generate_file(&path, alg) {
                 Ok(()) => {
-                    tracing::info!(path = %path.display(), alg = alg_name(alg), "created JWT signing key")
+                    tracing::info!(path = %path.display(), alg = alg.name(), "created JWT signing key")
                 }
                 // Another process created it first: use theirs.
                 Err(KeyError::Io { source, .. })
@@ -118,7 +121,7 @@ impl SigningKey {
         };
         let key = rcgen::KeyPair::generate_for(rcgen_alg).map_err(|e| KeyError::Invalid {
             path: path.to_owned(),
-            alg: alg_name(alg),
+            alg: alg.name(),
             reason: e.to_string(),
         })?;
         let pem = Zeroizing::new(key.serialize_pem());
@@ -138,12 +141,12 @@ impl SigningKey {
         let pem = Zeroizing::new(std::fs::read(path).map_err(io)?);
         let der = PrivatePkcs8KeyDer::from_pem_slice(&pem).map_err(|e| KeyError::Invalid {
             path: path.to_owned(),
-            alg: alg_name(alg),
+            alg: alg.name(),
             reason: e.to_string(),
         })?;
         Self::from_pkcs8(der.secret_pkcs8_der(), alg).map_err(|reason| KeyError::Invalid {
             path: path.to_owned(),
-            alg: alg_name(alg),
+            alg: alg.name(),
             reason,
         })
     }
@@ -191,7 +194,7 @@ impl SigningKey {
         };
         let kid = b64(ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes()).as_ref());
         jwk["kid"] = json!(kid);
-        jwk["alg"] = json!(alg_name(alg));
+        jwk["alg"] = json!(alg.name());
         jwk["use"] = json!("sig");
         Ok(Self {
             inner,

@@ -96,18 +96,11 @@ pub fn load(dir: &Path, alg: Algorithm, create: bool) -> Result<Vec<(SigningKey,
 /// none.
 pub fn signer(dir: &Path, alg: Algorithm, retire_after: Duration) -> Result<JwtSigner, KeyError> {
     let keys = load(dir, alg, true)?;
-    JwtSigner::from_ring(alg_name(alg), keys, retire_after).map_err(|reason| KeyError::Invalid {
+    JwtSigner::from_ring(alg.name(), keys, retire_after).map_err(|reason| KeyError::Invalid {
         path: key_path(dir, alg),
-        alg: alg_name(alg),
+        alg: alg.name(),
         reason,
     })
-}
-
-fn alg_name(alg: Algorithm) -> &'static str {
-    match alg {
-        Algorithm::ES256 => "ES256",
-        Algorithm::EdDSA => "EdDSA",
-    }
 }
 
 /// The names, sizes and modification times of the key files: what a
