@@ -356,15 +356,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if workload.is_some() && args.mix == Mix::Oauth {
         bail!("--mix oauth authenticates with certificate files: pass --cert and --key");
     }
-    let config = match (&workload, &args.broker) {
-        // The SVID comes from the Workload API; only the URL is needed.
-        (Some(_), Some(broker)) => ClientConfig {
-            broker: broker.clone(),
-            ca_pem: Vec::new(),
-            cert_pem: Vec::new(),
-            key_pem: Vec::new().into(),
-        },
-        _ => args.client_config()?,
+    // From the Workload API only the broker's URL is needed here (from
+    // --broker, else the profile); the SVID comes from the socket.
+    let (broker, config) = match (&workload, &args.broker) {
+        (Some(_), Some(broker)) => (broker.clone(), None),
+        (Some(_), None) => (args.client_config()?.broker, None),
+        (None, _) => {
+            let config = args.client_config()?;
+            (config.broker.clone(), Some(config))
+        }
     };
     let mut lanes = Vec::with_capacity(args.connections);
     let shape = Shape {
@@ -376,13 +376,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ttl_seconds: args.ttl.as_secs(),
     };
     for _ in 0..args.connections {
-        let client = match &workload {
-            Some(endpoint) => Client::connect_workload_api(&config.broker, Some(endpoint)).await?,
-            None => Client::connect(&config).await?,
+        let client = match (&workload, &config) {
+            (Some(endpoint), _) => Client::connect_workload_api(&broker, Some(endpoint)).await?,
+            (None, Some(config)) => Client::connect(config).await?,
+            (None, None) => unreachable!("files give the config when no Workload API does"),
         };
-        let endpoint = match args.mix {
-            Mix::Oauth => Some(
-                http::TokenEndpoint::connect(&args.http_url(&config.broker)?, &config)
+        let endpoint = match (args.mix, &config) {
+            (Mix::Oauth, Some(config)) => Some(
+                http::TokenEndpoint::connect(&args.http_url(&broker)?, config)
                     .await
                     .context("connecting to the token endpoint (--http)")?,
             ),
