@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.message import Message
 
 from mayfly.config import Connection
-from mayfly.errors import MayflyError
-from mayfly.types import Certificate
+from mayfly.errors import ApprovalDenied, MayflyError
+from mayfly.types import Approval, Certificate
 from mayfly.v1 import broker_pb2, types_pb2
 
 Req = TypeVar("Req", bound=Message)
@@ -68,6 +68,30 @@ DELEGATE_TASK = _rpc("DelegateTask", broker_pb2.DelegateTaskRequest, types_pb2.T
 
 # The longest single WaitApproval the broker allows.
 MAX_APPROVAL_WAIT = 60
+
+
+def approval_wait(left: float) -> int:
+    """How long the next WaitApproval asks to wait, `left` seconds before
+    the caller gives up."""
+    return max(0, min(MAX_APPROVAL_WAIT, int(left)))
+
+
+def approved(approval: Approval) -> bool:
+    """Whether an operator approved `approval` (False while pending);
+    raises `ApprovalDenied` if it was refused or expired."""
+    if approval.state == "approved":
+        return True
+    if approval.state == "pending":
+        return False
+    raise ApprovalDenied(
+        "PERMISSION_DENIED",
+        f"approval_{approval.state}",
+        f"approval {approval.approval_id} is {approval.state}"
+        + (f" by {approval.decided_by}" if approval.decided_by else "")
+        + (f": {approval.reason}" if approval.reason else ""),
+        approval.approval_id,
+        approval.reason,
+    )
 
 
 def ttl_seconds(ttl: float | dt.timedelta | None) -> int:

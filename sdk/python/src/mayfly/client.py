@@ -21,7 +21,7 @@ from mayfly import _shared as sh
 from mayfly.auth import TaskAuth
 from mayfly.config import Connection
 from mayfly.dpop import DpopKey
-from mayfly.errors import ApprovalDenied, ApprovalRequired, TaskEnded, from_rpc_error
+from mayfly.errors import ApprovalRequired, TaskEnded, from_rpc_error
 from mayfly.types import Approval, Certificate, TaskInfo, Token
 from mayfly.v1 import broker_pb2
 
@@ -108,24 +108,15 @@ class Broker:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            wait = max(0, min(sh.MAX_APPROVAL_WAIT, int(left)))
             got = self.call(
                 sh.WAIT_APPROVAL,
-                broker_pb2.WaitApprovalRequest(approval_id=approval_id, wait_seconds=wait),
+                broker_pb2.WaitApprovalRequest(
+                    approval_id=approval_id, wait_seconds=sh.approval_wait(left)
+                ),
             )
             approval = Approval.from_pb(got)
-            if approval.state == "approved":
+            if sh.approved(approval):
                 return approval
-            if approval.state != "pending":
-                raise ApprovalDenied(
-                    "PERMISSION_DENIED",
-                    f"approval_{approval.state}",
-                    f"approval {approval_id} is {approval.state}"
-                    + (f" by {approval.decided_by}" if approval.decided_by else "")
-                    + (f": {approval.reason}" if approval.reason else ""),
-                    approval_id,
-                    approval.reason,
-                )
             if left <= 1:
                 raise TimeoutError(f"approval {approval_id} is still pending after {timeout} s")
 

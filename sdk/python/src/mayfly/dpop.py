@@ -5,7 +5,6 @@ proof is good for one request (method, URL, time, the token's hash)."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import secrets
@@ -15,11 +14,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from mayfly.verify import jwk_thumbprint
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+from mayfly.verify import b64url, jwk_thumbprint
 
 
 class DpopKey:
@@ -31,8 +26,8 @@ class DpopKey:
         self.jwk: dict[str, Any] = {
             "kty": "EC",
             "crv": "P-256",
-            "x": _b64(numbers.x.to_bytes(32, "big")),
-            "y": _b64(numbers.y.to_bytes(32, "big")),
+            "x": b64url(numbers.x.to_bytes(32, "big")),
+            "y": b64url(numbers.y.to_bytes(32, "big")),
         }
         self.jkt = jwk_thumbprint(self.jwk)
 
@@ -53,7 +48,7 @@ class DpopKey:
             "iat": int(time.time()),
         }
         if access_token is not None:
-            claims["ath"] = _b64(hashlib.sha256(access_token.encode()).digest())
+            claims["ath"] = b64url(hashlib.sha256(access_token.encode()).digest())
         return jwt.encode(
             claims, self._key, algorithm="ES256", headers={"typ": "dpop+jwt", "jwk": self.jwk}
         )

@@ -53,7 +53,8 @@ DPOP_MAX_AGE = 60
 DPOP_PROOFS_REMEMBERED = 100_000
 
 
-def _b64(data: bytes) -> str:
+def b64url(data: bytes) -> str:
+    """base64url without padding (JOSE's encoding)."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
@@ -64,14 +65,14 @@ def cert_thumbprint(cert: bytes | str) -> str:
         if isinstance(cert, str)
         else cert
     )
-    return _b64(hashlib.sha256(der).digest())
+    return b64url(hashlib.sha256(der).digest())
 
 
 def jwk_thumbprint(jwk: dict[str, Any]) -> str:
     """RFC 7638 thumbprint of a public EC or OKP JWK."""
     members = ("crv", "kty", "x", "y") if jwk.get("kty") == "EC" else ("crv", "kty", "x")
     canon = json.dumps({m: jwk[m] for m in members}, separators=(",", ":"), sort_keys=True)
-    return _b64(hashlib.sha256(canon.encode()).digest())
+    return b64url(hashlib.sha256(canon.encode()).digest())
 
 
 @dataclass(frozen=True)
@@ -577,7 +578,7 @@ class Verifier:
             raise VerifyError("dpop_stale", f"DPoP proof iat is {now - iat:.0f} s ago")
         if iat - now > DPOP_MAX_AGE:
             raise VerifyError("dpop_future", f"DPoP proof iat is {iat - now:.0f} s ahead")
-        if claims.get("ath") != _b64(hashlib.sha256(token.encode()).digest()):
+        if claims.get("ath") != b64url(hashlib.sha256(token.encode()).digest()):
             raise VerifyError("dpop_ath", "DPoP proof ath does not match the access token")
         thumb = jwk_thumbprint(jwk)
         if thumb != jkt:
