@@ -10,7 +10,7 @@ use tonic::Code;
 use crate::common::*;
 
 /// Every Broker and Admin RPC a rejected caller might try.
-async fn assert_rejected(client: &Client, needle: &str) {
+pub(crate) async fn assert_rejected(client: &Client, needle: &str) {
     assert_status(
         client
             .broker()

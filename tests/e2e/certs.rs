@@ -12,7 +12,7 @@ use tonic::Code;
 
 use crate::common::*;
 
-fn openssl(args: &[&str], dir: &Path) -> Output {
+pub(crate) fn openssl(args: &[&str], dir: &Path) -> Output {
     Command::new("openssl")
         .args(args)
         .current_dir(dir)
@@ -20,7 +20,7 @@ fn openssl(args: &[&str], dir: &Path) -> Output {
         .expect("openssl is installed")
 }
 
-fn text(o: &Output) -> String {
+pub(crate) fn text(o: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
@@ -64,7 +64,7 @@ pub(crate) fn openssl_csr(dir: &Path, name: &str, extra: &[&str]) -> Vec<u8> {
     std::fs::read(dir.join(&csr)).unwrap()
 }
 
-async fn sign(
+pub(crate) async fn sign(
     agent: &Client,
     task: &str,
     csr: Vec<u8>,
@@ -135,7 +135,12 @@ async fn issued_certificates_verify_and_are_task_bound_svids() {
     assert_eq!(t.matches("URI:spiffe://").count(), 1, "{t}");
     assert!(t.contains(&format!("URI:{want_id}")), "{t}");
     // Stock TLS stacks find the CRL from the certificate itself.
-    let crl_url = format!("{}/crl", broker.config.issuer());
+    let ca = mayfly_broker::issuer::IssuingCa::load(
+        &broker.path("issuing-ca.pem"),
+        &broker.path("issuing-ca.key"),
+    )
+    .unwrap();
+    let crl_url = format!("{}/crl/{}", broker.config.issuer(), ca.id());
     assert!(
         t.contains(&format!(
             "X509v3 CRL Distribution Points: \n                Full Name:\n                  URI:{crl_url}\n"
@@ -583,7 +588,7 @@ async fn revoked_certificates_are_in_the_crl() {
 }
 
 /// A temporary directory, removed when the returned guard drops.
-fn tempdir() -> (tempfile::TempDir, std::path::PathBuf) {
+pub(crate) fn tempdir() -> (tempfile::TempDir, std::path::PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     (tmp, dir)

@@ -8,6 +8,7 @@ mod audit;
 mod auth;
 mod bad_input;
 mod broker_api;
+mod ca_rotation;
 mod certs;
 mod common;
 mod connections;

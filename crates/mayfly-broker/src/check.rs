@@ -9,7 +9,7 @@ use crate::config::{Config, StoreSettings};
 use mayfly_core::Timestamp;
 
 use crate::issuer::ring::key_files;
-use crate::issuer::{Algorithm, IssuingCa, SigningKey, key_path};
+use crate::issuer::{Algorithm, CaRing, SigningKey, key_path};
 use crate::policy::PolicyHandle;
 use crate::store::LeaseStore;
 use crate::store::RedisStore;
@@ -65,13 +65,17 @@ pub async fn check(path: &Path, reach_store: bool) -> Vec<Finding> {
         "issuing CA",
         match &s.ca {
             None => Ok("none: task certificates are not issued".into()),
-            Some(files) => IssuingCa::load(&files.cert, &files.key)
+            Some(files) => CaRing::load(files, "")
                 .map_err(|e| e.to_string())
-                .and_then(|ca| {
-                    crate::tls::refuse_issuing_ca_in_bundle(&s.tls, ca.cert_der())
+                .and_then(|cas| {
+                    crate::tls::refuse_issuing_ca_in_bundle(&s.tls, &cas)
                         .map_err(|e| e.to_string())
+                        .map(|()| cas.all().len())
                 })
-                .map(|()| format!("{}", files.cert.display())),
+                .map(|n| match n {
+                    1 => format!("{}", files.cert.display()),
+                    n => format!("{} and {} scheduled", files.cert.display(), n - 1),
+                }),
         },
     ));
     out.push(Finding::new(

@@ -1,17 +1,18 @@
-//! The CRL at `/crl`: every revoked, unexpired task certificate, signed by
-//! the issuing CA. It is built from the revocation feed, so a revocation
-//! through any replica appears in the next CRL any replica serves; it is
-//! rebuilt when the feed has news or half its validity has passed.
+//! The CRLs at `/crl/<ca id>` (named in each certificate) and `/crl` (the
+//! CA signing now): every revoked, unexpired task certificate of that
+//! issuing CA, signed by it. They are built from the revocation feed, so a
+//! revocation through any replica appears in the next CRL any replica
+//! serves; each is rebuilt when the feed has news or half its validity has
+//! passed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use mayfly_core::{LeaseKind, Timestamp};
 use tokio::sync::Mutex;
 
-use crate::issuer::IssuingCa;
-use crate::issuer::RevokedCert;
+use crate::issuer::{CaRing, IssuingCa, RevokedCert};
 use crate::store::{LeaseStore, StoreError};
 
 /// Events read per store call while catching up.
@@ -33,16 +34,31 @@ pub enum CrlError {
 struct State {
     /// Feed position already applied.
     cursor: u64,
-    /// Revoked certificates by serial, with their expiry.
-    revoked: BTreeMap<String, (RevokedCert, Timestamp)>,
-    /// The last CRL and when it was built.
-    built: Option<(Arc<[u8]>, Timestamp)>,
+    /// Revoked certificates by serial, with their expiry and the id of the
+    /// CA that signed them (`None` if not recorded: listed by every CA).
+    revoked: BTreeMap<String, Revoked>,
+    /// Bumped whenever `revoked` changes.
+    generation: u64,
+    /// The last CRL of each CA: when it was built, at which generation.
+    built: HashMap<String, Built>,
 }
 
-/// Builds and caches the CRL.
+struct Revoked {
+    cert: RevokedCert,
+    expires: Timestamp,
+    ca: Option<String>,
+}
+
+struct Built {
+    der: Arc<[u8]>,
+    at: Timestamp,
+    generation: u64,
+}
+
+/// Builds and caches the CRL of each issuing CA.
 pub struct CrlPublisher {
     store: Arc<dyn LeaseStore>,
-    ca: Arc<IssuingCa>,
+    cas: Arc<CaRing>,
     /// nextUpdate − thisUpdate.
     validity: Duration,
     state: Mutex<State>,
@@ -57,61 +73,106 @@ impl std::fmt::Debug for CrlPublisher {
 }
 
 impl CrlPublisher {
-    /// A publisher for `ca`'s certificates recorded in `store`.
-    pub fn new(store: Arc<dyn LeaseStore>, ca: Arc<IssuingCa>, validity: Duration) -> Self {
+    /// A publisher for the certificates of `cas` recorded in `store`.
+    pub fn new(store: Arc<dyn LeaseStore>, cas: Arc<CaRing>, validity: Duration) -> Self {
         Self {
             store,
-            ca,
+            cas,
             validity,
             state: Mutex::new(State::default()),
         }
     }
 
-    /// The current CRL, DER.
+    /// The CRL of the CA that signs now, DER.
     pub async fn current(&self) -> Result<Arc<[u8]>, CrlError> {
+        self.build(self.cas.current()).await
+    }
+
+    /// The CRL of the CA whose id is `ca_id`, DER; `None` for a CA the
+    /// broker does not have.
+    pub async fn of(&self, ca_id: &str) -> Result<Option<Arc<[u8]>>, CrlError> {
+        match self.cas.get(ca_id) {
+            Some(ca) => self.build(ca).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Applies the feed's news, then gives `ca`'s CRL: the one built last
+    /// if nothing changed and less than half its validity has passed.
+    async fn build(&self, ca: Arc<IssuingCa>) -> Result<Arc<[u8]>, CrlError> {
         let mut st = self.state.lock().await;
         let now = Timestamp::now();
-        let mut changed = false;
+        self.catch_up(&mut st).await?;
+        let before = st.revoked.len();
+        st.revoked.retain(|_, r| r.expires > now);
+        if st.revoked.len() != before {
+            st.generation += 1;
+        }
+        let fresh = st
+            .built
+            .get(ca.id())
+            .filter(|b| b.generation == st.generation && now < b.at.plus(self.validity / 2))
+            .map(|b| b.der.clone());
+        if let Some(der) = fresh {
+            return Ok(der);
+        }
+        let revoked: Vec<RevokedCert> = st
+            .revoked
+            .values()
+            .filter(|r| r.ca.as_deref().is_none_or(|id| id == ca.id()))
+            .map(|r| r.cert.clone())
+            .collect();
+        // thisUpdate in milliseconds is also the CRL number: it increases
+        // with every CRL, whichever replica builds it.
+        let der: Arc<[u8]> = ca
+            .crl(&revoked, now.as_millis(), now, now.plus(self.validity))?
+            .into();
+        let generation = st.generation;
+        st.built.insert(
+            ca.id().to_owned(),
+            Built {
+                der: der.clone(),
+                at: now,
+                generation,
+            },
+        );
+        Ok(der)
+    }
+
+    /// Reads the revocations since the last look. A certificate's CA is
+    /// read from its lease, once.
+    async fn catch_up(&self, st: &mut State) -> Result<(), CrlError> {
         loop {
             let events = self.store.revocations_since(st.cursor, BATCH).await?;
             for e in &events {
-                st.cursor = e.cursor;
-                if e.kind != Some(LeaseKind::X509) {
-                    continue;
-                }
-                if let Some(serial) = &e.serial {
+                if e.kind == Some(LeaseKind::X509)
+                    && let Some(serial) = &e.serial
+                {
+                    let ca = self
+                        .store
+                        .get_lease(&e.lease_id)
+                        .await?
+                        .and_then(|l| l.issuing_ca().map(str::to_owned));
                     let cert = RevokedCert {
                         serial: serial.clone(),
                         at: e.revocation.at,
                         reason: e.revocation.reason,
                     };
-                    st.revoked.insert(serial.clone(), (cert, e.expires_at));
-                    changed = true;
+                    st.revoked.insert(
+                        serial.clone(),
+                        Revoked {
+                            cert,
+                            expires: e.expires_at,
+                            ca,
+                        },
+                    );
+                    st.generation += 1;
                 }
+                st.cursor = e.cursor;
             }
             if events.len() < BATCH {
-                break;
+                return Ok(());
             }
         }
-        let before = st.revoked.len();
-        st.revoked.retain(|_, (_, expires)| *expires > now);
-        changed |= st.revoked.len() != before;
-        let fresh = st
-            .built
-            .as_ref()
-            .filter(|(_, at)| !changed && now < at.plus(self.validity / 2))
-            .map(|(der, _)| der.clone());
-        if let Some(der) = fresh {
-            return Ok(der);
-        }
-        let revoked: Vec<RevokedCert> = st.revoked.values().map(|(c, _)| c.clone()).collect();
-        // thisUpdate in milliseconds is also the CRL number: it increases
-        // with every CRL, whichever replica builds it.
-        let der: Arc<[u8]> = self
-            .ca
-            .crl(&revoked, now.as_millis(), now, now.plus(self.validity))?
-            .into();
-        st.built = Some((der.clone(), now));
-        Ok(der)
     }
 }

@@ -239,6 +239,17 @@ pub fn write_identity(dir: &Path, ca: &DevCa, id: &SpiffeId) -> Result<PathBuf, 
     Ok(idir)
 }
 
+/// A new issuing CA for task certificates of `td` under `ca` (CA:true,
+/// path length 0, keyCertSign and cRLSign): what `[ca]` names, or the next
+/// CA to schedule with `mayfly ca install`.
+pub fn issuing_ca(
+    ca: &DevCa,
+    td: &TrustDomain,
+    valid_for: Duration,
+) -> Result<Credential, DevPkiError> {
+    ca.sign(&crate::issuer::issuing_ca_params(td, valid_for)?)
+}
+
 /// Loads the dev CA written by [`init`] in `dir`.
 pub fn load_ca(dir: &Path) -> Result<DevCa, DevPkiError> {
     let cert_path = dir.join("bundle.pem");
@@ -263,10 +274,7 @@ pub fn init(dir: &Path, td: &TrustDomain) -> Result<DevLayout, DevPkiError> {
     write_new_private(&ca_key, ca.key_pem().as_bytes()).map_err(io_err(&ca_key))?;
 
     // The broker's issuing CA for task certificates, under the dev root.
-    let issuing = ca.sign(&crate::issuer::issuing_ca_params(
-        td,
-        Duration::from_secs(365 * 24 * 3600),
-    )?)?;
+    let issuing = issuing_ca(&ca, td, Duration::from_secs(365 * 24 * 3600))?;
     let issuing_cert = dir.join("issuing-ca.pem");
     write_public(&issuing_cert, issuing.cert_pem.as_bytes()).map_err(io_err(&issuing_cert))?;
     let issuing_key = dir.join("issuing-ca.key");

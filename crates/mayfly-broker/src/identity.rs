@@ -17,6 +17,7 @@
 
 use std::sync::Arc;
 
+use crate::issuer::CaRing;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use mayfly_core::svid::{LeafError, parse_svid_leaf};
@@ -183,9 +184,9 @@ pub struct Authenticator {
     /// Federated trust domains whose SVIDs are accepted (each checked
     /// against its own bundle by `chain`).
     federated: Vec<TrustDomain>,
-    /// The broker's issuing CA certificate (DER), when it has one: a leaf
-    /// it signed is a task certificate and never a caller.
-    issuing_ca: Option<Arc<[u8]>>,
+    /// The broker's issuing CAs, when it has them: a leaf any of them
+    /// signed is a task certificate and never a caller.
+    issuing_cas: Option<Arc<CaRing>>,
 }
 
 impl From<LeafError> for AuthError {
@@ -210,7 +211,7 @@ impl Authenticator {
             chain,
             trust_domain,
             federated: Vec::new(),
-            issuing_ca: None,
+            issuing_cas: None,
         }
     }
 
@@ -221,9 +222,10 @@ impl Authenticator {
         self
     }
 
-    /// Also refuses every leaf signed by `ca_der`, the broker's issuing CA.
-    pub fn refusing_issued_by(mut self, ca_der: &[u8]) -> Self {
-        self.issuing_ca = Some(ca_der.into());
+    /// Also refuses every leaf signed by any of the broker's issuing CAs,
+    /// as the ring holds them at each call.
+    pub fn refusing_issued_by(mut self, cas: Arc<CaRing>) -> Self {
+        self.issuing_cas = Some(cas);
         self
     }
 
@@ -241,8 +243,8 @@ impl Authenticator {
         if id.is_task_bound() {
             return Err(AuthError::TaskCertificate(id));
         }
-        if let Some(ca) = &self.issuing_ca
-            && signed_by(leaf, ca)
+        if let Some(cas) = &self.issuing_cas
+            && cas.all().iter().any(|g| signed_by(leaf, g.ca.cert_der()))
         {
             return Err(AuthError::IssuedByBroker);
         }

@@ -19,6 +19,7 @@ use mayfly_core::TrustDomain;
 use mayfly_core::svid::parse_svid_leaf;
 
 use crate::identity::DeferredClientVerifier;
+use crate::issuer::CaRing;
 use crate::reload::{Look, Looks, file_hash};
 use crate::shutdown::Shutdown;
 
@@ -61,11 +62,12 @@ fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>
 /// either way).
 fn refuse_issuing_ca(
     bundle: &[CertificateDer<'_>],
-    issuing_ca: Option<&[u8]>,
+    issuing_cas: Option<&CaRing>,
     path: &Path,
 ) -> Result<(), TlsError> {
-    if let Some(ca) = issuing_ca
-        && bundle.iter().any(|c| c.as_ref() == ca)
+    let held = |ca: &[u8]| bundle.iter().any(|c| c.as_ref() == ca);
+    if let Some(cas) = issuing_cas
+        && cas.all().iter().any(|g| held(g.ca.cert_der()))
     {
         return Err(err(
             "trust bundle",
@@ -80,12 +82,12 @@ fn refuse_issuing_ca(
 /// Whether the configured bundle holds the issuing CA, for `mayfly config
 /// check` (serving checks it in every set it loads). A Workload API's
 /// bundle is only known once served, and checked then.
-pub fn refuse_issuing_ca_in_bundle(tls: &Tls, issuing_ca: &[u8]) -> Result<(), TlsError> {
+pub fn refuse_issuing_ca_in_bundle(tls: &Tls, issuing_cas: &CaRing) -> Result<(), TlsError> {
     if tls.workload_api.is_some() {
         return Ok(());
     }
     let bundle = certs("trust bundle", &tls.trust_bundle)?;
-    refuse_issuing_ca(&bundle, Some(issuing_ca), &tls.trust_bundle)
+    refuse_issuing_ca(&bundle, Some(issuing_cas), &tls.trust_bundle)
 }
 
 /// What a reload swaps whole: the server's certificate chain with its key,
@@ -157,9 +159,9 @@ fn assemble(
     bundle: Vec<CertificateDer<'static>>,
     (key_path, bundle_path): (&Path, &Path),
     files: &Tls,
-    issuing_ca: Option<&[u8]>,
+    issuing_cas: Option<&CaRing>,
 ) -> Result<Material, TlsError> {
-    refuse_issuing_ca(&bundle, issuing_ca, bundle_path)?;
+    refuse_issuing_ca(&bundle, issuing_cas, bundle_path)?;
     let key = CertifiedKey::from_der(chain, key, &provider())
         .map_err(|e| err("server key", key_path, e))?;
     Ok(Material {
@@ -171,7 +173,7 @@ fn assemble(
 
 /// Loads and checks the files: the chain, a key (0600) that matches it,
 /// and a bundle of at least one CA.
-fn material(tls: &Tls, issuing_ca: Option<&[u8]>) -> Result<Material, TlsError> {
+fn material(tls: &Tls, issuing_cas: Option<&CaRing>) -> Result<Material, TlsError> {
     let chain = certs("server certificate", &tls.cert)?;
     check_private(&tls.key).map_err(|e| err("server key", &tls.key, e))?;
     let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| err("server key", &tls.key, e))?;
@@ -182,7 +184,7 @@ fn material(tls: &Tls, issuing_ca: Option<&[u8]>) -> Result<Material, TlsError> 
         bundle,
         (&tls.key, &tls.trust_bundle),
         tls,
-        issuing_ca,
+        issuing_cas,
     )
 }
 
@@ -194,8 +196,8 @@ pub struct LiveTls {
     /// `None` until the Workload API has given a first SVID: handshakes
     /// are refused meanwhile.
     current: RwLock<Option<Arc<Material>>>,
-    /// The broker's issuing CA (DER), which no bundle may hold.
-    issuing_ca: Option<Vec<u8>>,
+    /// The broker's issuing CAs, which no bundle may hold.
+    issuing_cas: Option<Arc<CaRing>>,
 }
 
 impl std::fmt::Debug for LiveTls {
@@ -226,7 +228,7 @@ impl LiveTls {
     /// Loads the files again; only a complete, valid set replaces the
     /// current one, so a half-written or wrong file changes nothing.
     pub fn reload(&self) -> Result<(), TlsError> {
-        self.swap(material(&self.files, self.issuing_ca.as_deref())?);
+        self.swap(material(&self.files, self.issuing_cas.as_deref())?);
         Ok(())
     }
 
@@ -246,7 +248,7 @@ impl LiveTls {
             bundle,
             (what, what),
             &self.files,
-            self.issuing_ca.as_deref(),
+            self.issuing_cas.as_deref(),
         )?);
         Ok(())
     }
@@ -358,17 +360,18 @@ pub struct TlsSetup {
 }
 
 /// Loads the server certificate, key and trust bundle (none yet from the
-/// Workload API); no bundle, now or reloaded, may hold `issuing_ca`.
-pub fn load(tls: &Tls, issuing_ca: Option<&[u8]>) -> Result<TlsSetup, TlsError> {
+/// Workload API); no bundle, now or reloaded, may hold one of
+/// `issuing_cas`.
+pub fn load(tls: &Tls, issuing_cas: Option<Arc<CaRing>>) -> Result<TlsSetup, TlsError> {
     // From the Workload API, the material comes with its first update.
     let first = match tls.workload_api {
         Some(_) => None,
-        None => Some(Arc::new(material(tls, issuing_ca)?)),
+        None => Some(Arc::new(material(tls, issuing_cas.as_deref())?)),
     };
     let live = Arc::new(LiveTls {
         current: RwLock::new(first),
         files: tls.clone(),
-        issuing_ca: issuing_ca.map(<[u8]>::to_vec),
+        issuing_cas,
     });
     let client_chain: Arc<dyn ClientCertVerifier> = Arc::new(LiveClientChain(live.clone()));
     let provider = provider();

@@ -44,13 +44,15 @@ pub enum KeysCommand {
     },
 }
 
-fn now() -> u64 {
+/// Unix seconds now.
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
-fn time(secs: u64) -> String {
+/// Unix seconds as RFC 3339.
+pub(crate) fn time(secs: u64) -> String {
     mayfly_audit::rfc3339(Timestamp::from_secs(secs))
 }
 
@@ -63,15 +65,6 @@ fn schedule(config: &Path) -> anyhow::Result<(mayfly_broker::config::Settings, J
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("the keys in {}", s.data_dir.display()))?;
     Ok((s, signer))
-}
-
-fn published(signer: &JwtSigner) -> Vec<String> {
-    signer.jwks()["keys"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|k| k["kid"].as_str().map(str::to_owned))
-        .collect()
 }
 
 /// Runs a `keys` command.
@@ -107,7 +100,7 @@ pub fn run(cmd: KeysCommand, as_json: bool) -> anyhow::Result<()> {
         }
         KeysCommand::List { config } => {
             let (s, signer) = schedule(&config)?;
-            let (active, published) = (signer.kid(), published(&signer));
+            let (active, published) = (signer.kid(), signer.published_kids());
             let mut rows = Vec::new();
             for f in key_files(&s.data_dir)? {
                 let key = SigningKey::load(&f.path, f.alg)?;
@@ -147,7 +140,7 @@ pub fn run(cmd: KeysCommand, as_json: bool) -> anyhow::Result<()> {
         }
         KeysCommand::Prune { config } => {
             let (s, signer) = schedule(&config)?;
-            let published = published(&signer);
+            let published = signer.published_kids();
             for f in key_files(&s.data_dir)? {
                 let key = SigningKey::load(&f.path, f.alg)?;
                 if !published.iter().any(|k| k == key.kid()) {

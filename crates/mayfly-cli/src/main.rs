@@ -35,6 +35,8 @@ macro_rules! print {
 mod agent;
 mod approval;
 mod audit;
+#[cfg(feature = "broker")]
+mod ca;
 mod cert;
 #[cfg(feature = "broker")]
 mod config_check;
@@ -113,6 +115,11 @@ enum Command {
     #[cfg(feature = "broker")]
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Issuing CAs for task certificates: rotate them without downtime
+    /// (operators).
+    #[cfg(feature = "broker")]
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
     /// Write a new JWT signing key, for replicas that must share one.
     #[cfg(feature = "broker")]
     Keygen {
@@ -238,6 +245,8 @@ async fn main() -> ExitCode {
         }
         #[cfg(feature = "broker")]
         Command::Keys(cmd) => keys::run(cmd, cli.json),
+        #[cfg(feature = "broker")]
+        Command::Ca(cmd) => ca::run(cmd, cli.json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

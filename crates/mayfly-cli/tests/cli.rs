@@ -784,17 +784,25 @@ fn config_check_names_what_serve_would_fail_on() {
     assert_eq!(findings, 1, "{stdout}");
 }
 
-#[test]
-fn keys_rotate_list_and_prune_follow_the_schedule() {
+/// `mayfly ARGS`, run with no profile or broker.
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A `dev init` directory in a fresh temporary one.
+fn dev_init() -> (tempfile::TempDir, std::path::PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("dev");
-    let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_mayfly"))
-            .args(args)
-            .output()
-            .unwrap()
-    };
     ok(run(&["dev", "init", "--dir", dir.to_str().unwrap()]));
+    (tmp, dir)
+}
+
+#[test]
+fn keys_rotate_list_and_prune_follow_the_schedule() {
+    let (_tmp, dir) = dev_init();
     let config = dir.join("mayfly.toml");
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "default_ttl = \"5m\"\nmax_ttl = \"15m\"",
@@ -849,6 +857,84 @@ fn keys_rotate_list_and_prune_follow_the_schedule() {
     assert!(!data.join("jwt-es256.key").exists());
     let out = ok(run(&["keys", "list", "--config", config]));
     assert_eq!(states(&out), ["signing"], "{out}");
+}
+
+#[test]
+fn ca_install_schedules_the_next_issuing_ca_and_list_shows_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let (tmp, dir) = dev_init();
+    let config = dir.join("mayfly.toml");
+    let config = config.to_str().unwrap();
+    // The next CA, made under the dev root as an operator's PKI would.
+    let root = mayfly_broker::dev::load_ca(&dir).unwrap();
+    let td = mayfly_core::TrustDomain::new("example.org").unwrap();
+    let next =
+        mayfly_broker::dev::issuing_ca(&root, &td, std::time::Duration::from_secs(3600)).unwrap();
+    let (cert, key) = (tmp.path().join("next.pem"), tmp.path().join("next.key"));
+    std::fs::write(&cert, &next.cert_pem).unwrap();
+    std::fs::write(&key, next.key_pem.as_bytes()).unwrap();
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let install = |lead: &str| {
+        run(&[
+            "ca", "install", "--config", config, "--cert", cert, "--key", key, "--in", lead,
+        ])
+    };
+
+    // A key others can read, and a lead the replicas might not see in
+    // time, are refused before anything is written.
+    std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = install("5m");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
+    std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = install("1s");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("not longer than tls.reload_interval"),
+        "{}",
+        stderr(&out)
+    );
+    let states = |out: &str| -> Vec<String> {
+        out.lines()
+            .map(|l| l.split_whitespace().next().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        states(&ok(run(&["ca", "list", "--config", config]))),
+        ["signing"]
+    );
+
+    let out = ok(install("5m"));
+    assert!(out.contains("signs from "), "{out}");
+    let written: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("issuing-ca-"))
+        .collect();
+    assert_eq!(written.len(), 2, "{written:?}");
+    let key_file = written.iter().find(|n| n.ends_with(".key")).unwrap();
+    assert_eq!(
+        std::fs::metadata(dir.join(key_file))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let out = ok(run(&["ca", "list", "--config", config]));
+    assert_eq!(states(&out), ["signing", "next"], "{out}");
+    // The same CA twice is refused.
+    let out = install("5m");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("already scheduled"),
+        "{}",
+        stderr(&out)
+    );
+    // `config check` loads the whole schedule.
+    let out = ok(run(&["config", "check", config]));
+    assert!(out.contains("and 1 scheduled"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -205,6 +205,9 @@ pub enum LeaseDetail {
     Certificate {
         /// Its serial number, upper-case hex.
         serial: String,
+        /// The id of the issuing CA that signed it (whose CRL lists it);
+        /// `None` for certificates recorded without one.
+        issuing_ca: Option<String>,
     },
     /// A lease this build cannot read as any kind it knows.
     Unrecognised {
@@ -292,6 +295,8 @@ struct StoredLease {
     subject_audience: Option<Audience>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    issuing_ca: Option<String>,
     #[serde(default)]
     task_revision: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -318,7 +323,10 @@ impl From<StoredLease> for Lease {
                     subject_audience,
                 }
             }
-            ("x509", _, Some(serial), ..) => LeaseDetail::Certificate { serial },
+            ("x509", _, Some(serial), ..) => LeaseDetail::Certificate {
+                serial,
+                issuing_ca: s.issuing_ca,
+            },
             // A kind this build does not know, a token without its
             // audience or bound twice, or a certificate without its serial.
             _ => LeaseDetail::Unrecognised { kind: s.kind },
@@ -341,7 +349,7 @@ impl From<StoredLease> for Lease {
 impl From<Lease> for StoredLease {
     fn from(l: Lease) -> Self {
         let kind = l.detail.kind_name().to_owned();
-        let (mut actor, mut subject_audience) = (None, None);
+        let (mut actor, mut subject_audience, mut issuing_ca) = (None, None, None);
         let (audience, binding, serial) = match l.detail {
             LeaseDetail::Token { audience, binding } => (Some(audience), binding, None),
             LeaseDetail::ExchangedToken {
@@ -353,7 +361,13 @@ impl From<Lease> for StoredLease {
                 (actor, subject_audience) = (Some(a), Some(s));
                 (Some(audience), binding, None)
             }
-            LeaseDetail::Certificate { serial } => (None, None, Some(serial)),
+            LeaseDetail::Certificate {
+                serial,
+                issuing_ca: ca,
+            } => {
+                issuing_ca = ca;
+                (None, None, Some(serial))
+            }
             LeaseDetail::Task | LeaseDetail::Unrecognised { .. } => (None, None, None),
         };
         let (cert_thumbprint, dpop_jkt) = match binding {
@@ -376,6 +390,7 @@ impl From<Lease> for StoredLease {
             actor,
             subject_audience,
             serial,
+            issuing_ca,
             task_revision: l.task_revision,
             approval: l.approval,
         }
@@ -428,7 +443,15 @@ impl Lease {
     /// A certificate's serial (upper-case hex).
     pub fn serial(&self) -> Option<&str> {
         match &self.detail {
-            LeaseDetail::Certificate { serial } => Some(serial),
+            LeaseDetail::Certificate { serial, .. } => Some(serial),
+            _ => None,
+        }
+    }
+
+    /// The id of the CA that signed a certificate, if recorded.
+    pub fn issuing_ca(&self) -> Option<&str> {
+        match &self.detail {
+            LeaseDetail::Certificate { issuing_ca, .. } => issuing_ca.as_deref(),
             _ => None,
         }
     }
@@ -527,6 +550,11 @@ mod tests {
             },
             LeaseDetail::Certificate {
                 serial: "5A39".into(),
+                issuing_ca: None,
+            },
+            LeaseDetail::Certificate {
+                serial: "5A3A".into(),
+                issuing_ca: Some("0123456789abcdef".into()),
             },
             LeaseDetail::Unrecognised {
                 kind: "db_login".into(),

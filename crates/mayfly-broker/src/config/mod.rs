@@ -17,8 +17,8 @@ mod values;
 use sections::default_prefix;
 pub use sections::*;
 pub use settings::{
-    FeedSettings, IntrospectionGrant, Lifetimes, RedisEndpoint, RedisSettings, RedisTrail,
-    Settings, StoreSettings, Trail,
+    FeedSettings, IntrospectionGrant, KeyRotation, Lifetimes, RedisEndpoint, RedisSettings,
+    RedisTrail, Settings, StoreSettings, Trail,
 };
 
 use std::path::{Path, PathBuf};

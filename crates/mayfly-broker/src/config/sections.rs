@@ -306,6 +306,15 @@ pub struct Tokens {
     /// long after the last token it signed expired.
     #[serde(deserialize_with = "duration")]
     pub retire_grace: Duration,
+    /// Rotate the signing key this often, without an operator: the next
+    /// key is written `rotate_lead` before it signs, and keys no longer
+    /// published are deleted. Unset: only `mayfly keys rotate` rotates.
+    #[serde(deserialize_with = "optional_duration")]
+    pub rotate_every: Option<Duration>,
+    /// How long a scheduled key is published before it signs: longer than
+    /// validators keep the JWKS.
+    #[serde(deserialize_with = "duration")]
+    pub rotate_lead: Duration,
 }
 
 impl Default for Tokens {
@@ -316,20 +325,14 @@ impl Default for Tokens {
             max_ttl: Duration::from_secs(900),
             key_reload_interval: Duration::from_secs(10),
             retire_grace: Duration::from_secs(60),
+            rotate_every: None,
+            rotate_lead: Duration::from_secs(600),
         }
     }
 }
 
-/// `[ca]`: the issuing CA's certificate (optionally followed by
-/// intermediates up to the root) and key.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CaFiles {
-    /// PEM certificate chain, issuing CA first.
-    pub cert: PathBuf,
-    /// PEM PKCS#8 key (mode 0600).
-    pub key: PathBuf,
-}
+/// `[ca]`: the issuing CA's certificate and key.
+pub use crate::issuer::ca_ring::CaFiles;
 
 /// `[certificates]`: lifetimes of task certificates and of the CRL.
 #[derive(Debug, Clone, Deserialize)]

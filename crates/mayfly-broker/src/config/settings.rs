@@ -42,6 +42,9 @@ pub struct Settings {
     /// How long a superseded key stays published after its successor
     /// started: the longest token life plus validators' leeway.
     pub key_retire_after: Duration,
+    /// `tokens.rotate_every` and `rotate_lead`, when the broker rotates
+    /// its signing key itself.
+    pub key_rotation: Option<KeyRotation>,
     /// Every lifetime the service applies.
     pub lifetimes: Lifetimes,
     /// The issuing CA's files, when task certificates are signed.
@@ -165,6 +168,9 @@ impl std::fmt::Debug for RedisEndpoint {
     }
 }
 
+/// The broker's own signing-key rotation (`tokens.rotate_every`).
+pub use crate::issuer::ring::KeyRotation;
+
 /// Every lifetime the service applies to what it issues.
 #[derive(Debug, Clone)]
 pub struct Lifetimes {
@@ -230,6 +236,7 @@ impl Config {
             algorithm: self.tokens.algorithm,
             key_reload: self.tokens.key_reload_interval,
             key_retire_after: self.tokens.max_ttl + self.tokens.retire_grace,
+            key_rotation: self.key_rotation()?,
             lifetimes: self.lifetimes()?,
             ca: self.ca.clone(),
             crl_validity: self.certificates.crl_validity,
@@ -249,6 +256,26 @@ impl Config {
             return invalid(format!("issuer {iss:?} must be an https:// URL"));
         }
         Ok(self.issuer())
+    }
+
+    fn key_rotation(&self) -> Checked<Option<KeyRotation>> {
+        let t = &self.tokens;
+        let Some(every) = t.rotate_every else {
+            return Ok(None);
+        };
+        if t.rotate_lead <= t.key_reload_interval {
+            return invalid(
+                "tokens.rotate_lead must be longer than tokens.key_reload_interval, so that \
+                 every replica publishes the next key before it signs",
+            );
+        }
+        if every <= t.rotate_lead {
+            return invalid("tokens.rotate_every must be longer than tokens.rotate_lead");
+        }
+        Ok(Some(KeyRotation {
+            every,
+            lead: t.rotate_lead,
+        }))
     }
 
     fn lifetimes(&self) -> Checked<Lifetimes> {

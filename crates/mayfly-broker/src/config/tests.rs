@@ -124,6 +124,34 @@ fn rejects_bad_values_with_a_reason() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("only at the end"), "{e}");
+    for (tokens, want) in [
+        (
+            "rotate_every = \"1d\"\nrotate_lead = \"5s\"",
+            "rotate_lead must be longer than tokens.key_reload_interval",
+        ),
+        (
+            "rotate_every = \"5m\"\nrotate_lead = \"10m\"",
+            "rotate_every must be longer than tokens.rotate_lead",
+        ),
+    ] {
+        let text = MINIMAL.replace("[tls]", &format!("[tokens]\n{tokens}\n[tls]"));
+        let e = Config::parse(&text, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    let rotating = MINIMAL.replace("[tls]", "[tokens]\nrotate_every = \"7d\"\n[tls]");
+    let s = Config::parse(&rotating, Path::new("."))
+        .unwrap()
+        .settings()
+        .unwrap();
+    assert_eq!(
+        s.key_rotation,
+        Some(crate::config::KeyRotation {
+            every: std::time::Duration::from_secs(7 * 86400),
+            lead: std::time::Duration::from_secs(600),
+        })
+    );
     let no_policy = MINIMAL.replace("[policy]\n    dir = \"policies\"", "");
     let e = Config::parse(&no_policy, Path::new("."))
         .unwrap_err()

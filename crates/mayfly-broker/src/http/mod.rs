@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -98,6 +98,7 @@ pub fn router(
     };
     Router::new()
         .route("/crl", get(crl_handler))
+        .route("/crl/{ca}", get(crl_of_handler))
         .route("/introspect", post(introspect::introspect))
         .route("/oauth2/token", post(token::token))
         .route("/oauth2/revoke", post(revoke::revoke))
@@ -157,10 +158,25 @@ async fn metadata_handler(State(s): State<HttpState>) -> Response {
 
 async fn crl_handler(State(s): State<HttpState>) -> Response {
     let Some(crl) = s.crl else {
-        return (StatusCode::NOT_FOUND, "no issuing CA is configured\n").into_response();
+        return no_ca();
     };
-    match crl.current().await {
-        Ok(der) => (
+    crl_response(crl.current().await.map(Some))
+}
+
+async fn crl_of_handler(State(s): State<HttpState>, Path(id): Path<String>) -> Response {
+    let Some(crl) = s.crl else {
+        return no_ca();
+    };
+    crl_response(crl.of(&id).await)
+}
+
+fn no_ca() -> Response {
+    (StatusCode::NOT_FOUND, "no issuing CA is configured\n").into_response()
+}
+
+fn crl_response(crl: Result<Option<Arc<[u8]>>, crate::crl::CrlError>) -> Response {
+    match crl {
+        Ok(Some(der)) => (
             [
                 (header::CONTENT_TYPE, "application/pkix-crl"),
                 (header::CACHE_CONTROL, "no-cache"),
@@ -168,6 +184,7 @@ async fn crl_handler(State(s): State<HttpState>) -> Response {
             der.to_vec(),
         )
             .into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, "no issuing CA has this id\n").into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "cannot build the CRL");
             (

@@ -239,6 +239,14 @@ impl JwtSigner {
         serde_json::from_str(&self.jwks_json()).unwrap_or_default()
     }
 
+    /// The ids of the keys published now.
+    pub fn published_kids(&self) -> Vec<String> {
+        self.current()
+            .published(self.alg, self.retire_after, now_secs())
+            .map(|k| k.key.kid().to_owned())
+            .collect()
+    }
+
     /// The active key's id.
     pub fn kid(&self) -> String {
         self.current()

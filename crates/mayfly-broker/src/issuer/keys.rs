@@ -125,10 +125,20 @@ impl SigningKey {
             reason: e.to_string(),
         })?;
         let pem = Zeroizing::new(key.serialize_pem());
-        write_new_private(path, pem.as_bytes()).map_err(|source| KeyError::Io {
+        let io = |source| KeyError::Io {
             path: path.to_owned(),
             source,
-        })
+        };
+        // Written whole under a hidden name, then linked into place: a
+        // watcher never reads half a key, and of two replicas writing the
+        // same name one fails with `AlreadyExists`.
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("key");
+        let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        write_new_private(&tmp, pem.as_bytes()).map_err(io)?;
+        let linked = std::fs::hard_link(&tmp, path);
+        let _ = std::fs::remove_file(&tmp);
+        linked.map_err(io)
     }
 
     /// Loads an existing key file (must be mode 0600).

@@ -253,6 +253,9 @@ pub struct IssuingCa {
     /// The issuing CA certificate alone, DER: the edge refuses every client
     /// certificate it signed.
     cert_der: Vec<u8>,
+    /// The first 8 bytes of the certificate's SHA-256, hex: names the CA in
+    /// leases and in its CRL's URL.
+    id: String,
     /// Where the CRL is published (the broker's `/crl`), named in every
     /// leaf; `None` names nowhere.
     crl_url: Option<String>,
@@ -260,7 +263,7 @@ pub struct IssuingCa {
 
 impl std::fmt::Debug for IssuingCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("IssuingCa")
+        write!(f, "IssuingCa({})", self.id)
     }
 }
 
@@ -280,6 +283,7 @@ impl IssuingCa {
 
     /// From PEM text.
     pub fn from_pem(chain_pem: &str, key_pem: &str) -> Result<Self, CaError> {
+        use rcgen::PublicKeyData;
         let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::Invalid(format!("key: {e}")))?;
         let first = chain_pem
             .find("-----END CERTIFICATE-----")
@@ -293,6 +297,13 @@ impl IssuingCa {
                 .map_err(|e| CaError::Invalid(format!("certificate: {e}")))?
                 .to_vec()
         };
+        let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(&cert_der)
+            .map_err(|e| CaError::Invalid(format!("certificate: {e}")))?;
+        if parsed.tbs_certificate.subject_pki.raw != issuer.key().subject_public_key_info() {
+            return Err(CaError::Invalid(
+                "the key is not the CA certificate's key".into(),
+            ));
+        }
         let usages = issuer.key_usages();
         let can_sign = usages.contains(&KeyUsagePurpose::KeyCertSign)
             && usages.contains(&KeyUsagePurpose::CrlSign);
@@ -301,10 +312,12 @@ impl IssuingCa {
                 "the CA certificate must allow keyCertSign and cRLSign".into(),
             ));
         }
+        let id = ca_id(&cert_der);
         Ok(Self {
             issuer,
             chain_pem: chain_pem.trim_end().to_owned() + "\n",
             cert_der,
+            id,
             crl_url: None,
         })
     }
@@ -314,6 +327,11 @@ impl IssuingCa {
     pub fn with_crl_url(mut self, url: String) -> Self {
         self.crl_url = Some(url);
         self
+    }
+
+    /// Its id: the first 8 bytes of its certificate's SHA-256, hex.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// The issuing CA certificate, DER.
@@ -393,6 +411,14 @@ impl IssuingCa {
     }
 }
 
+/// A CA's id: the first 8 bytes of its certificate's SHA-256, hex.
+pub(crate) fn ca_id(cert_der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, cert_der).as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 fn hex_bytes(hex: &str) -> Option<Vec<u8>> {
     if !hex.len().is_multiple_of(2) {
         return None;
@@ -457,6 +483,22 @@ mod tests {
             assert_eq!(serial_from_hex(&hex).unwrap(), s);
             assert_eq!(hex, hex.to_uppercase());
         }
+    }
+
+    #[test]
+    fn a_ca_key_must_be_its_certificates_key() {
+        let td = mayfly_core::TrustDomain::new("example.org").unwrap();
+        let params = issuing_ca_params(&td, std::time::Duration::from_secs(60)).unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = params.self_signed(&key).unwrap().pem();
+        let ca = IssuingCa::from_pem(&cert, &key.serialize_pem()).unwrap();
+        assert_eq!(ca.id().len(), 16);
+        let other = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let e = IssuingCa::from_pem(&cert, &other.serialize_pem()).unwrap_err();
+        assert!(
+            e.to_string().contains("not the CA certificate's key"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::feed::FeedHub;
 use crate::fsutil::create_private_dir;
 use crate::grpc::RevocationsApi;
 use crate::identity::Authenticator;
-use crate::issuer::IssuingCa;
+use crate::issuer::CaRing;
 use crate::policy::PolicyHandle;
 use crate::ratelimit::RateLimiter;
 use crate::recorder::Recorder;
@@ -23,18 +23,21 @@ use crate::service::{Service, Setup};
 use crate::store::{EmbeddedStore, LeaseStore, RedisStore, RedisTarget};
 use crate::tls;
 
+/// Where each CA's CRL is served: `<issuer>/crl/<id>`.
+pub(super) fn crl_base(issuer: &str) -> String {
+    format!("{}/crl", issuer.trim_end_matches('/'))
+}
+
 impl Broker {
     /// Builds every part from `s`.
     pub(super) fn assemble(s: Settings) -> Result<Self, StartError> {
         create_private_dir(&s.data_dir)?;
         let ca = match &s.ca {
-            Some(files) => Some(Arc::new(
-                IssuingCa::load(&files.cert, &files.key)?
-                    .with_crl_url(format!("{}/crl", s.issuer.trim_end_matches('/'))),
-            )),
+            Some(files) => Some(Arc::new(CaRing::load(files, &crl_base(&s.issuer))?)),
             None => None,
         };
-        let tls = tls::load(&s.tls, ca.as_deref().map(IssuingCa::cert_der))?;
+        let tls = tls::load(&s.tls, ca.clone())?;
+        let ca_ring = ca.clone();
         let signer = Arc::new(crate::issuer::ring::signer(
             &s.data_dir,
             s.algorithm,
@@ -64,7 +67,7 @@ impl Broker {
                     .collect(),
             );
         if let Some(ca) = &ca {
-            authenticator = authenticator.refusing_issued_by(ca.cert_der());
+            authenticator = authenticator.refusing_issued_by(ca.clone());
         }
         let service = Arc::new(Service::new(Setup {
             store,
@@ -93,7 +96,13 @@ impl Broker {
             policy_reload: s.policy.reload_interval,
             tls_reload: s.tls.reload_interval,
             trust_domain: s.trust_domain.clone(),
-            keys: (s.data_dir.clone(), s.algorithm, s.key_reload),
+            keys: super::KeyWatch {
+                dir: s.data_dir.clone(),
+                alg: s.algorithm,
+                interval: s.key_reload,
+                rotation: s.key_rotation,
+            },
+            cas: ca_ring.zip(s.ca.clone()),
             health_listener: None,
             connections: s.connections,
             revocations: RevocationsApi::new(
@@ -107,9 +116,6 @@ impl Broker {
     }
 }
 
-/// The signing key for `alg` (made on first start), and the other
-/// algorithm's key too if one exists, so tokens signed before an algorithm
-/// change keep validating until they expire.
 /// A lease store and the trail beside it.
 type StoreAndTrail = (Arc<dyn LeaseStore>, Arc<dyn AuditSink>);
 

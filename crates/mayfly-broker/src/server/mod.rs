@@ -92,11 +92,25 @@ pub struct Broker {
     trust_domain: mayfly_core::TrustDomain,
     /// The key directory, the signing algorithm, and how often the key
     /// files are looked at for a rotation.
-    keys: (std::path::PathBuf, crate::issuer::Algorithm, Duration),
+    keys: KeyWatch,
+    /// The issuing CAs and their files, followed every `tls_reload`.
+    cas: Option<(Arc<crate::issuer::CaRing>, crate::config::CaFiles)>,
     /// The plain-text health port, when configured.
     health_listener: Option<TcpListener>,
     /// Bounds on each port's connections.
     connections: Connections,
+}
+
+/// What the signing-key watcher follows.
+#[derive(Debug)]
+struct KeyWatch {
+    /// The key directory (`data_dir`).
+    dir: std::path::PathBuf,
+    alg: crate::issuer::Algorithm,
+    /// `tokens.key_reload_interval`.
+    interval: Duration,
+    /// `tokens.rotate_every`, if the broker rotates keys itself.
+    rotation: Option<crate::config::KeyRotation>,
 }
 
 impl Broker {

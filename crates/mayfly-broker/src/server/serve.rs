@@ -107,11 +107,21 @@ impl Broker {
         let feed_task = tokio::spawn(self.feed.clone().run(stop_rx.clone()));
         let keys_task = tokio::spawn(crate::issuer::ring::watch_and_reload(
             self.signer.clone(),
-            self.keys.0.clone(),
-            self.keys.1,
-            self.keys.2,
+            self.keys.dir.clone(),
+            self.keys.alg,
+            self.keys.interval,
+            self.keys.rotation,
             stop_rx.clone(),
         ));
+        let ca_task = self.cas.clone().map(|(ring, files)| {
+            tokio::spawn(crate::issuer::ca_ring::watch_and_reload(
+                ring,
+                files,
+                super::assemble::crl_base(&self.issuer),
+                self.tls_reload,
+                stop_rx.clone(),
+            ))
+        });
         let tls_task = match self.tls.live.workload_api() {
             Some(endpoint) => tokio::spawn(crate::workload::follow(
                 self.tls.live.clone(),
@@ -155,6 +165,9 @@ impl Broker {
         let _ = policy_task.await;
         let _ = tls_task.await;
         let _ = keys_task.await;
+        if let Some(t) = ca_task {
+            let _ = t.await;
+        }
         let _ = health_task.await;
         let plain_health = match plain_health_task {
             Some(t) => t.await.map_err(|e| io::Error::other(e.to_string()))?,

@@ -1,6 +1,7 @@
 //! The credential kinds: tokens and certificates, as the pipeline
 //! (`pipeline.rs`) issues them, and introspection of tokens.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -120,11 +121,12 @@ impl Kind for TokenRequest {
     }
 }
 
-/// A certificate request with what its minting needs: the CA and the
-/// leaf's SPIFFE ID.
+/// A certificate request with what its minting needs: the CA (the one
+/// signing when the request came, recorded on the lease) and the leaf's
+/// SPIFFE ID.
 struct Certificate<'a> {
     req: &'a CertificateRequest,
-    ca: &'a IssuingCa,
+    ca: Arc<IssuingCa>,
     /// `<agent>/task/<task_id>`.
     spiffe_id: SpiffeId,
 }
@@ -165,6 +167,7 @@ impl Kind for Certificate<'_> {
     fn detail(&self, _caller: &Caller) -> LeaseDetail {
         LeaseDetail::Certificate {
             serial: crate::issuer::random_serial().1,
+            issuing_ca: Some(self.ca.id().to_owned()),
         }
     }
 
@@ -230,7 +233,7 @@ impl Issuance {
         caller: &Caller,
         req: CertificateRequest,
     ) -> Result<Issued<IssuedCertificate>, BrokerError> {
-        let ca = self.ca.clone().ok_or_else(|| {
+        let ca = self.ca.as_ref().map(|ring| ring.current()).ok_or_else(|| {
             BrokerError::Unsupported(
                 "this broker signs no certificates: it has no issuing CA ([ca] in its configuration)".into(),
             )
@@ -241,7 +244,7 @@ impl Issuance {
             .map_err(|e| BrokerError::Invalid(format!("task SPIFFE ID: {e}")))?;
         let kind = Certificate {
             req: &req,
-            ca: &ca,
+            ca,
             spiffe_id,
         };
         self.issue(caller, &kind, &req.task_id, req.approval_id.as_ref())

@@ -41,7 +41,7 @@ use tokio::sync::Notify;
 
 use crate::config::{IntrospectionGrant, Lifetimes};
 use crate::error::BrokerError;
-use crate::issuer::{IssuingCa, JwtSigner};
+use crate::issuer::{CaRing, JwtSigner};
 use crate::ratelimit::RateLimiter;
 use crate::recorder::Recorder;
 use crate::store::LeaseStore;
@@ -97,8 +97,8 @@ pub struct Setup {
     pub signer: Arc<JwtSigner>,
     /// `iss` of every token.
     pub issuer: String,
-    /// Signs task certificates, when configured.
-    pub ca: Option<Arc<IssuingCa>>,
+    /// The issuing CAs that sign task certificates, when configured.
+    pub ca: Option<Arc<CaRing>>,
     /// Per-agent issuance limit.
     pub rate: RateLimiter,
     /// Who may introspect tokens.
@@ -137,8 +137,8 @@ pub struct Issuance {
     signer: Arc<JwtSigner>,
     /// `iss` of every token.
     issuer: String,
-    /// Signs task certificates, when configured.
-    ca: Option<Arc<IssuingCa>>,
+    /// The issuing CAs that sign task certificates, when configured.
+    ca: Option<Arc<CaRing>>,
     /// Credential lifetimes and how long an approval lives.
     lifetimes: Lifetimes,
     /// Per-agent issuance limit.
