@@ -3,7 +3,8 @@
 //! here): an agent's calls are made as the SVID served now, across three
 //! rotations with none failing; the broker serves with the Workload API's
 //! SVID and bundle, follows a rotation under load with zero failed calls,
-//! and refuses a rotated-out CA's SVIDs.
+//! and refuses a rotated-out CA's SVIDs; a federated trust domain's bundle
+//! comes from the Workload API too, and follows the partner's rotation.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -235,4 +236,125 @@ async fn the_broker_serves_with_a_workload_api_identity_and_follows_it() {
     );
     start(&connect_with(&broker, &both, &svid2).await).await;
     issue(&kept, &task.task_id).await;
+}
+
+/// What the broker answers `svid` (trusting the broker through `cas`):
+/// `Ok` when it authenticated the caller (policy may still deny), the
+/// refusal when it did not (or no handshake, before the broker has an
+/// identity).
+async fn authenticated(
+    broker: &TestBroker,
+    cas: &[&DevCa],
+    svid: &Credential,
+) -> Result<(), tonic::Status> {
+    let client = Client::connect(&mayfly_client::ClientConfig {
+        broker: broker.url(),
+        ca_pem: cas.iter().flat_map(|c| c.cert_pem().bytes()).collect(),
+        cert_pem: svid.cert_pem.as_bytes().to_vec(),
+        key_pem: svid.key_pem.as_bytes().to_vec().into(),
+    })
+    .await
+    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    match client
+        .broker()
+        .start_task(start_request("federated", &[API], &["read:files"]))
+        .await
+    {
+        Err(e) if e.code() == tonic::Code::Unauthenticated => Err(e),
+        _ => Ok(()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federated_bundle_comes_from_the_workload_api_and_follows_it() {
+    use mayfly_testkit::bad_certs;
+    let td = TrustDomain::new("example.org").unwrap();
+    let ours = Arc::new(DevCa::generate(&td).unwrap());
+    let partner_td = TrustDomain::new("partner.example").unwrap();
+    let (partner1, partner2) = (
+        DevCa::generate(&partner_td).unwrap(),
+        DevCa::generate(&partner_td).unwrap(),
+    );
+    let api = WorkloadApi::start_with_dns(
+        ours.clone(),
+        "spiffe://example.org/mayfly/broker",
+        &["localhost"],
+        Duration::from_secs(3600),
+    )
+    .await;
+    let endpoint = api.endpoint();
+    let broker = TestBroker::start_with(move |c| {
+        c.tls.cert = Default::default();
+        c.tls.key = Default::default();
+        c.tls.trust_bundle = Default::default();
+        c.tls.workload_api = Some(endpoint);
+        // No file: the Workload API's federated bundle for the domain.
+        c.tls.federated = vec![mayfly_broker::config::FederatedBundle {
+            trust_domain: partner_td,
+            bundle: Default::default(),
+        }];
+    })
+    .await;
+    let cas = [ours.as_ref()];
+    let partner_id = "spiffe://partner.example/agent/helper";
+    let from1 = bad_certs::with_sans(&partner1, vec![bad_certs::uri(partner_id)]);
+    let from2 = bad_certs::with_sans(&partner2, vec![bad_certs::uri(partner_id)]);
+    let from_ours = bad_certs::with_sans(&ours, vec![bad_certs::uri(partner_id)]);
+    let agent = ours
+        .issue_svid(&SpiffeId::new(AGENT).unwrap(), Duration::from_secs(3600))
+        .unwrap();
+    let mut ready = false;
+    for _ in 0..200 {
+        if authenticated(&broker, &cas, &agent).await.is_ok() {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(ready, "the broker never took the Workload API's identity");
+
+    // No bundle for the partner yet: refused, and never under our own
+    // bundle in its place.
+    for svid in [&from1, &from_ours] {
+        let e = authenticated(&broker, &cas, svid).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{}", e.message());
+        assert!(
+            e.message()
+                .contains("no bundle for federated trust domain partner.example"),
+            "{}",
+            e.message()
+        );
+    }
+
+    // The Workload API federates the partner: its SVIDs get in, a partner
+    // ID from our CA still does not.
+    api.federate("partner.example", &partner1);
+    let mut federated = false;
+    for _ in 0..200 {
+        if authenticated(&broker, &cas, &from1).await.is_ok() {
+            federated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(federated, "the federated bundle was never taken");
+    for svid in [&from_ours, &from2] {
+        let e = authenticated(&broker, &cas, svid).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{}", e.message());
+    }
+
+    // The partner rotates its CA: the old one's SVIDs are refused, the new
+    // one's accepted.
+    api.federate("partner.example", &partner2);
+    let mut moved = false;
+    for _ in 0..200 {
+        if authenticated(&broker, &cas, &from2).await.is_ok() {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(moved, "the partner's new bundle was never taken");
+    let e = authenticated(&broker, &cas, &from1).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{}", e.message());
 }

@@ -100,23 +100,33 @@ struct Material {
     federated: Federated,
 }
 
-/// Each federated trust domain with the verifier of its own bundle.
-type Federated = Vec<(TrustDomain, Arc<dyn ClientCertVerifier>)>;
+/// Each federated trust domain with the verifier of its own bundle;
+/// `None` while the Workload API has given none for it.
+type Federated = Vec<(TrustDomain, Option<Arc<dyn ClientCertVerifier>>)>;
+
+/// Federated bundles as the Workload API gave them: trust domain and CA
+/// certificates (DER).
+pub type FederatedBundles = Vec<(TrustDomain, Vec<CertificateDer<'static>>)>;
 
 impl Material {
     /// The verifier for a client whose leaf is `leaf`: its trust domain's
-    /// bundle if federated, else the broker's own.
-    fn chain_for(&self, leaf: &CertificateDer<'_>) -> &Arc<dyn ClientCertVerifier> {
+    /// bundle if federated, else the broker's own. A federated trust
+    /// domain without a bundle refuses every chain (never the broker's
+    /// own bundle in its place).
+    fn chain_for(
+        &self,
+        leaf: &CertificateDer<'_>,
+    ) -> Result<&Arc<dyn ClientCertVerifier>, rustls::Error> {
         let td = parse_svid_leaf(leaf.as_ref())
             .ok()
             .map(|svid| svid.spiffe_id.trust_domain());
-        td.and_then(|td| {
-            self.federated
-                .iter()
-                .find(|(f, _)| *f == td)
-                .map(|(_, v)| v)
-        })
-        .unwrap_or(&self.client_chain)
+        match td.and_then(|td| self.federated.iter().find(|(f, _)| *f == td)) {
+            None => Ok(&self.client_chain),
+            Some((_, Some(v))) => Ok(v),
+            Some((td, None)) => Err(rustls::Error::General(format!(
+                "no bundle for federated trust domain {td} from the SPIFFE Workload API"
+            ))),
+        }
     }
 }
 
@@ -135,30 +145,40 @@ fn verifier_from(
         .map_err(|e| err(what, path, e))
 }
 
-/// The verifiers of the federated trust domains' bundles.
-fn federated(tls: &Tls) -> Result<Federated, TlsError> {
+/// The verifiers of the federated trust domains' bundles: from each
+/// entry's file, or else from `given` (the Workload API's).
+fn federated(tls: &Tls, given: &FederatedBundles) -> Result<Federated, TlsError> {
     tls.federated
         .iter()
         .map(|f| {
-            let bundle = certs("federated bundle", &f.bundle)?;
-            Ok((
-                f.trust_domain.clone(),
-                verifier_from("federated bundle", &f.bundle, bundle)?,
-            ))
+            let verifier = if f.bundle.as_os_str().is_empty() {
+                match given.iter().find(|(td, _)| *td == f.trust_domain) {
+                    Some((_, certs)) => Some(verifier_from(
+                        "federated bundle",
+                        Path::new("(SPIFFE Workload API)"),
+                        certs.clone(),
+                    )?),
+                    None => None,
+                }
+            } else {
+                let bundle = certs("federated bundle", &f.bundle)?;
+                Some(verifier_from("federated bundle", &f.bundle, bundle)?)
+            };
+            Ok((f.trust_domain.clone(), verifier))
         })
         .collect()
 }
 
 /// Checks and puts together a set, wherever it came from: a key that
 /// matches the chain, a bundle without the issuing CA, and the federated
-/// bundles of `files`. `key_path` and `bundle_path` name the sources in
-/// errors.
+/// bundles of `files` (or `given` by the Workload API). `key_path` and
+/// `bundle_path` name the sources in errors.
 fn assemble(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     bundle: Vec<CertificateDer<'static>>,
     (key_path, bundle_path): (&Path, &Path),
-    files: &Tls,
+    (files, given): (&Tls, &FederatedBundles),
     issuing_cas: Option<&CaRing>,
 ) -> Result<Material, TlsError> {
     refuse_issuing_ca(&bundle, issuing_cas, bundle_path)?;
@@ -167,7 +187,7 @@ fn assemble(
     Ok(Material {
         key: Arc::new(key),
         client_chain: verifier_from("trust bundle", bundle_path, bundle)?,
-        federated: federated(files)?,
+        federated: federated(files, given)?,
     })
 }
 
@@ -183,7 +203,7 @@ fn material(tls: &Tls, issuing_cas: Option<&CaRing>) -> Result<Material, TlsErro
         key,
         bundle,
         (&tls.key, &tls.trust_bundle),
-        tls,
+        (tls, &Vec::new()),
         issuing_cas,
     )
 }
@@ -232,14 +252,15 @@ impl LiveTls {
         Ok(())
     }
 
-    /// Takes an SVID (chain, PKCS#8 key, both DER) and a bundle (DER) the
-    /// Workload API gave; refused, the current set kept, if they do not
-    /// make a valid set.
+    /// Takes an SVID (chain, PKCS#8 key, both DER), the bundle of its trust
+    /// domain and the federated bundles (DER) the Workload API gave;
+    /// refused, the current set kept, if they do not make a valid set.
     pub fn set_svid(
         &self,
         chain: Vec<CertificateDer<'static>>,
         key: Vec<u8>,
         bundle: Vec<CertificateDer<'static>>,
+        federated: FederatedBundles,
     ) -> Result<(), TlsError> {
         let what = Path::new("(SPIFFE Workload API)");
         self.swap(assemble(
@@ -247,10 +268,21 @@ impl LiveTls {
             PrivateKeyDer::Pkcs8(key.into()),
             bundle,
             (what, what),
-            &self.files,
+            (&self.files, &federated),
             self.issuing_cas.as_deref(),
         )?);
         Ok(())
+    }
+
+    /// The federated trust domains whose bundle comes from the Workload
+    /// API (`[[tls.federated]]` without a file).
+    pub fn federated_from_api(&self) -> Vec<TrustDomain> {
+        self.files
+            .federated
+            .iter()
+            .filter(|f| f.bundle.as_os_str().is_empty())
+            .map(|f| f.trust_domain.clone())
+            .collect()
     }
 
     /// The Workload API endpoint the material comes from, if not files.
@@ -312,7 +344,7 @@ impl ClientCertVerifier for LiveClientChain {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.current()?
-            .chain_for(end_entity)
+            .chain_for(end_entity)?
             .verify_client_cert(end_entity, intermediates, now)
     }
 

@@ -1,7 +1,8 @@
 //! The broker's own identity from the SPIFFE Workload API (`[tls]
 //! workload_api`): its X.509-SVID becomes the server certificate of both
-//! ports and the bundle of its trust domain the trust bundle for client
-//! SVIDs, through the `spiffe` crate's `X509Source`, and every rotation is
+//! ports, the bundle of its trust domain the trust bundle for client
+//! SVIDs, and the federated bundles of `[[tls.federated]]` entries without
+//! a file the bundles of those trust domains, through the `spiffe` crate's `X509Source`, and every rotation is
 //! swapped into [`LiveTls`] for new handshakes while live connections keep
 //! theirs. Until the first SVID arrives, handshakes are refused.
 
@@ -38,14 +39,35 @@ fn apply(live: &LiveTls, source: &X509Source, td: &TrustDomain) -> Result<String
         .iter()
         .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
         .collect();
-    let roots = bundle
-        .authorities()
+    let mut federated = Vec::new();
+    for td in live.federated_from_api() {
+        let spiffe_td = spiffe::TrustDomain::new(td.as_str()).map_err(|e| e.to_string())?;
+        match source
+            .bundle_for_trust_domain(&spiffe_td)
+            .map_err(|e| e.to_string())?
+        {
+            Some(b) => federated.push((td, ders(b.authorities()))),
+            None => tracing::warn!(
+                trust_domain = %td,
+                "the Workload API gives no bundle for this federated trust domain; its SVIDs are refused"
+            ),
+        }
+    }
+    live.set_svid(
+        chain,
+        svid.private_key().as_bytes().to_vec(),
+        ders(bundle.authorities()),
+        federated,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(id)
+}
+
+fn ders(certs: &[spiffe::cert::Certificate]) -> Vec<CertificateDer<'static>> {
+    certs
         .iter()
         .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
-        .collect();
-    live.set_svid(chain, svid.private_key().as_bytes().to_vec(), roots)
-        .map_err(|e| e.to_string())?;
-    Ok(id)
+        .collect()
 }
 
 /// Follows the Workload API at `endpoint` until `stop`, reconnecting

@@ -30,12 +30,18 @@ use tonic::{Request, Response, Status};
 
 type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// What the Workload API serves now: the SVID and the bundle(s).
+/// Trust domain → its bundle (DER certificates, concatenated).
+type Bundles = std::collections::HashMap<String, Vec<u8>>;
+
+/// What the Workload API serves now: the SVID, the bundle of its trust
+/// domain and the federated ones.
 #[derive(Clone)]
 struct Serving {
     svid: X509svid,
-    /// Trust domain → its bundle (DER certificates, concatenated).
-    bundles: std::collections::HashMap<String, Vec<u8>>,
+    /// Its own trust domain's bundle and the federated ones.
+    bundles: Bundles,
+    /// The federated ones alone.
+    federated: Bundles,
 }
 
 fn der_chain(pem: &str) -> Vec<u8> {
@@ -54,6 +60,8 @@ pub struct WorkloadApi {
     dns: Vec<String>,
     lifetime: Duration,
     current: Mutex<Credential>,
+    /// Federated trust domains' bundles, served beside the SVID.
+    federated: Mutex<Bundles>,
     tx: watch::Sender<Serving>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -95,7 +103,7 @@ impl SpiffeWorkloadApi for Service {
             Ok(X509svidResponse {
                 svids: vec![s.svid],
                 crl: Vec::new(),
-                federated_bundles: Default::default(),
+                federated_bundles: s.federated,
             })
         });
         Ok(Response::new(Box::pin(stream)))
@@ -157,7 +165,7 @@ impl WorkloadApi {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("api.sock");
         let first = issue(&ca, &id, &dns, lifetime);
-        let (tx, rx) = watch::channel(Self::serving(&ca, &id, &first));
+        let (tx, rx) = watch::channel(Self::serving(&ca, &id, &first, &Bundles::new()));
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
@@ -173,12 +181,13 @@ impl WorkloadApi {
             dns,
             lifetime,
             current: Mutex::new(first),
+            federated: Mutex::new(Bundles::new()),
             tx,
             task,
         }
     }
 
-    fn serving(ca: &DevCa, id: &SpiffeId, svid: &Credential) -> Serving {
+    fn serving(ca: &DevCa, id: &SpiffeId, svid: &Credential, federated: &Bundles) -> Serving {
         let key = PrivatePkcs8KeyDer::from_pem_slice(svid.key_pem.as_bytes()).unwrap();
         let td = id.trust_domain().as_str().to_owned();
         let bundle = der_chain(ca.cert_pem());
@@ -190,7 +199,12 @@ impl WorkloadApi {
                 bundle: bundle.clone(),
                 hint: String::new(),
             },
-            bundles: [(td, bundle)].into_iter().collect(),
+            bundles: federated
+                .clone()
+                .into_iter()
+                .chain([(td, bundle)])
+                .collect(),
+            federated: federated.clone(),
         }
     }
 
@@ -217,10 +231,23 @@ impl WorkloadApi {
         self.push(&ca)
     }
 
+    /// Serves `ca` as the bundle of federated trust domain `td` (replacing
+    /// any before, as when the partner rotates its CA), pushed to every
+    /// open stream with a fresh SVID.
+    pub fn federate(&self, td: &str, ca: &DevCa) {
+        self.federated
+            .lock()
+            .unwrap()
+            .insert(td.to_owned(), der_chain(ca.cert_pem()));
+        self.rotate();
+    }
+
     fn push(&self, ca: &DevCa) -> Credential {
         let next = issue(ca, &self.id, &self.dns, self.lifetime);
         *self.current.lock().unwrap() = next.clone();
-        self.tx.send_replace(Self::serving(ca, &self.id, &next));
+        let federated = self.federated.lock().unwrap().clone();
+        self.tx
+            .send_replace(Self::serving(ca, &self.id, &next, &federated));
         next
     }
 }

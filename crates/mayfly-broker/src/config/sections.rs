@@ -280,7 +280,10 @@ pub struct Tls {
 pub struct FederatedBundle {
     /// The trust domain, e.g. `partner.example`.
     pub trust_domain: TrustDomain,
-    /// Its CA certificates (PEM); they vouch for its SVIDs only.
+    /// Its CA certificates (PEM); they vouch for its SVIDs only. Unset
+    /// with `workload_api`: the Workload API's federated bundle for the
+    /// trust domain, followed as it changes.
+    #[serde(default)]
     pub bundle: PathBuf,
 }
 

@@ -422,6 +422,13 @@ impl Config {
                 ));
             }
             seen.push(&f.trust_domain);
+            if f.bundle.as_os_str().is_empty() && t.workload_api.is_none() {
+                return invalid(format!(
+                    "[[tls.federated]] {} has no bundle: name its file, or take it from the \
+                     SPIFFE Workload API (tls.workload_api)",
+                    f.trust_domain
+                ));
+            }
         }
         Ok(t.clone())
     }

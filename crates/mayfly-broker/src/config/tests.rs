@@ -390,4 +390,17 @@ fn federated_bundles_name_other_trust_domains_once() {
         "{one}\n    [[tls.federated]]\n    trust_domain = \"partner.example\"\n    bundle = \"p2.pem\"\n"
     );
     assert!(Config::parse(&twice, Path::new("/etc/mayfly")).is_err());
+    // Without a file, the bundle can only come from the Workload API.
+    let no_file = one.replace("    bundle = \"partner.pem\"\n", "");
+    let e = Config::parse(&no_file, Path::new("/etc/mayfly")).unwrap_err();
+    assert!(e.to_string().contains("has no bundle"), "{e}");
+    let from_api = no_file
+        .replace("    cert = \"c.pem\"\n", "")
+        .replace("    key = \"/abs/k.pem\"\n", "")
+        .replace(
+            "    trust_bundle = \"b.pem\"\n",
+            "    workload_api = \"unix:///run/spire/agent.sock\"\n",
+        );
+    let c = Config::parse(&from_api, Path::new("/etc/mayfly")).unwrap();
+    assert!(c.tls.federated[0].bundle.as_os_str().is_empty());
 }
