@@ -32,6 +32,7 @@ mod connections;
 mod crl;
 pub mod dev;
 mod error;
+pub mod federation;
 mod feed;
 mod fsutil;
 mod grpc;

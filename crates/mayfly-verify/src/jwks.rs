@@ -1,5 +1,8 @@
-//! The issuer's JWKS: fetched over HTTPS, cached by `kid`, refetched when a
-//! token names a key the cache lacks (at most once per interval).
+//! An issuer's JWKS: fetched over HTTPS with a pinned CA (or given once),
+//! cached by `kid`, refetched when a token names a key the cache lacks (at
+//! most once per interval). Only keys of the algorithms the caller allows
+//! are kept. The verifier uses it for Mayfly's keys; the broker for the
+//! issuers of federated workload tokens.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,11 +24,52 @@ const MAX_JWKS_BYTES: usize = 256 * 1024;
 /// How long one fetch may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// One usable key.
+/// One usable key: the algorithm it signs with, and the key.
 #[derive(Clone)]
-pub(crate) struct Key {
-    pub(crate) alg: Algorithm,
-    pub(crate) key: DecodingKey,
+pub struct JwksKey {
+    /// From the JWK's `alg`, or for a JWK without one, from its key type
+    /// (EC P-256: ES256, P-384: ES384, Ed25519: EdDSA, RSA: RS256).
+    pub alg: Algorithm,
+    /// The public key.
+    pub key: DecodingKey,
+}
+
+impl std::fmt::Debug for JwksKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "JwksKey({:?})", self.alg)
+    }
+}
+
+/// The algorithm a JWK signs with: its `alg`, or what its key type implies.
+fn jwk_algorithm(jwk: &jsonwebtoken::jwk::Jwk) -> Option<Algorithm> {
+    use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve};
+    if let Some(alg) = jwk.common.key_algorithm {
+        return match alg {
+            KeyAlgorithm::ES256 => Some(Algorithm::ES256),
+            KeyAlgorithm::ES384 => Some(Algorithm::ES384),
+            KeyAlgorithm::EdDSA => Some(Algorithm::EdDSA),
+            KeyAlgorithm::RS256 => Some(Algorithm::RS256),
+            KeyAlgorithm::RS384 => Some(Algorithm::RS384),
+            KeyAlgorithm::RS512 => Some(Algorithm::RS512),
+            KeyAlgorithm::PS256 => Some(Algorithm::PS256),
+            KeyAlgorithm::PS384 => Some(Algorithm::PS384),
+            KeyAlgorithm::PS512 => Some(Algorithm::PS512),
+            // Symmetric and encryption algorithms never verify here.
+            _ => None,
+        };
+    }
+    match &jwk.algorithm {
+        AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
+            EllipticCurve::P256 => Some(Algorithm::ES256),
+            EllipticCurve::P384 => Some(Algorithm::ES384),
+            _ => None,
+        },
+        AlgorithmParameters::OctetKeyPair(okp) if okp.curve == EllipticCurve::Ed25519 => {
+            Some(Algorithm::EdDSA)
+        }
+        AlgorithmParameters::RSA(_) => Some(Algorithm::RS256),
+        _ => None,
+    }
 }
 
 /// Fetches JWKS documents over HTTPS with a fixed CA.
@@ -102,28 +146,59 @@ impl Fetcher {
     }
 }
 
-/// The key cache.
-pub(crate) struct Jwks {
+/// The key cache of one issuer.
+pub struct Jwks {
     /// `None` for a fixed set given at construction (offline).
     fetcher: Option<Fetcher>,
-    keys: std::sync::RwLock<HashMap<String, Key>>,
+    keys: std::sync::RwLock<HashMap<String, JwksKey>>,
     /// When the last fetch started, for rate limiting.
     last_fetch: Mutex<Option<Instant>>,
     min_interval: Duration,
+    /// Keys of other algorithms are dropped.
+    algorithms: Vec<Algorithm>,
+}
+
+impl std::fmt::Debug for Jwks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jwks")
+            .field("url", &self.fetcher.as_ref().map(|f| f.url.to_string()))
+            .field("algorithms", &self.algorithms)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Jwks {
-    pub(crate) fn new(fetcher: Fetcher, min_interval: Duration) -> Self {
+    pub(crate) fn new(fetcher: Fetcher, min_interval: Duration, algorithms: &[Algorithm]) -> Self {
         Self {
             fetcher: Some(fetcher),
             keys: std::sync::RwLock::new(HashMap::new()),
             last_fetch: Mutex::new(None),
             min_interval,
+            algorithms: algorithms.to_vec(),
         }
     }
 
+    /// Keys fetched from `url` (https only) over TLS trusting only the CAs
+    /// of `ca_pem`, refetched for an unknown `kid` at most every
+    /// `min_interval`; nothing is fetched until [`Jwks::refresh`].
+    pub fn https(
+        url: &str,
+        ca_pem: Vec<u8>,
+        min_interval: Duration,
+        algorithms: &[Algorithm],
+    ) -> Result<Self, VerifyError> {
+        let fetcher = Fetcher::new(
+            url,
+            Material::Fixed {
+                ca_pem,
+                identity: None,
+            },
+        )?;
+        Ok(Self::new(fetcher, min_interval, algorithms))
+    }
+
     /// A fixed set of keys from a JWKS document, never refetched.
-    pub(crate) fn fixed(document: &[u8]) -> Result<Self, VerifyError> {
+    pub fn fixed(document: &[u8], algorithms: &[Algorithm]) -> Result<Self, VerifyError> {
         if document.len() > MAX_JWKS_BYTES {
             return Err(VerifyError::JwksUnavailable(format!(
                 "JWKS is over {MAX_JWKS_BYTES} bytes"
@@ -136,6 +211,7 @@ impl Jwks {
             keys: std::sync::RwLock::new(HashMap::new()),
             last_fetch: Mutex::new(None),
             min_interval: Duration::MAX,
+            algorithms: algorithms.to_vec(),
         };
         jwks.load(&set);
         Ok(jwks)
@@ -146,16 +222,14 @@ impl Jwks {
         let mut keys = HashMap::new();
         for jwk in &set.keys {
             // Only signature keys of the allowed algorithms are kept.
-            let alg = match jwk.common.key_algorithm {
-                Some(KeyAlgorithm::ES256) => Algorithm::ES256,
-                Some(KeyAlgorithm::EdDSA) => Algorithm::EdDSA,
-                _ => continue,
+            let Some(alg) = jwk_algorithm(jwk).filter(|a| self.algorithms.contains(a)) else {
+                continue;
             };
             let (Some(kid), Ok(key)) = (jwk.common.key_id.clone(), DecodingKey::from_jwk(jwk))
             else {
                 continue;
             };
-            keys.insert(kid, Key { alg, key });
+            keys.insert(kid, JwksKey { alg, key });
         }
         tracing::debug!(keys = keys.len(), "JWKS loaded");
         if let Ok(mut k) = self.keys.write() {
@@ -164,13 +238,13 @@ impl Jwks {
     }
 
     /// The cached key `kid`.
-    pub(crate) fn get(&self, kid: &str) -> Option<Key> {
+    pub fn get(&self, kid: &str) -> Option<JwksKey> {
         self.keys.read().ok()?.get(kid).cloned()
     }
 
     /// Refetches, unless a fetch started within the minimum interval
     /// (`force` skips that check, for the first load).
-    pub(crate) async fn refresh(&self, force: bool) -> Result<(), VerifyError> {
+    pub async fn refresh(&self, force: bool) -> Result<(), VerifyError> {
         let mut last = self.last_fetch.lock().await;
         if !force && last.is_some_and(|t| t.elapsed() < self.min_interval) {
             return Ok(());

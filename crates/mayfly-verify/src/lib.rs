@@ -42,5 +42,6 @@ mod verifier;
 pub use cert::{PeerCertError, TaskIdentity, parse_task_certificate};
 pub use config::{FeedConfig, MAX_LEEWAY, VerifierConfig};
 pub use error::VerifyError;
+pub use jwks::{Jwks, JwksKey};
 pub use resource::ResourceMetadata;
 pub use verifier::{DpopRequest, VerifiedToken, Verifier, cert_thumbprint};

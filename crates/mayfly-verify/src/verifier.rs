@@ -129,6 +129,9 @@ struct Inner {
 /// refused rather than an old one forgotten.
 const DPOP_PROOFS_REMEMBERED: usize = 100_000;
 
+/// The algorithms Mayfly signs with: keys of others are ignored.
+const MAYFLY_ALGORITHMS: &[Algorithm] = &[Algorithm::ES256, Algorithm::EdDSA];
+
 impl Verifier {
     /// The issuer tokens must come from.
     pub fn issuer(&self) -> &str {
@@ -190,6 +193,7 @@ impl Verifier {
         let jwks = Jwks::new(
             Fetcher::new(&config.jwks_url, trust.clone())?,
             config.jwks_refresh_interval,
+            MAYFLY_ALGORITHMS,
         );
         jwks.refresh(true).await?;
         let revoked = config
@@ -222,7 +226,7 @@ impl Verifier {
         config.feed = None;
         Ok(Self {
             inner: Arc::new(Inner {
-                jwks: Jwks::fixed(jwks)?,
+                jwks: Jwks::fixed(jwks, MAYFLY_ALGORITHMS)?,
                 config,
                 revoked: None,
                 dpop_seen: ReplayCache::new(DPOP_PROOFS_REMEMBERED),

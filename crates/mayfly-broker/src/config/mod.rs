@@ -111,6 +111,10 @@ pub struct Config {
     /// How long and how many connections each port holds.
     #[serde(default)]
     pub connections: Connections,
+    /// Issuers of workload identity tokens accepted instead of a client
+    /// certificate.
+    #[serde(default)]
+    pub federation: Vec<FederationConfig>,
 }
 
 impl Config {
@@ -169,6 +173,13 @@ impl Config {
         ];
         paths.push(&mut config.policy.dir);
         paths.extend(config.tls.federated.iter_mut().map(|f| &mut f.bundle));
+        for f in &mut config.federation {
+            paths.extend(
+                [&mut f.ca, &mut f.jwks_file, &mut f.spiffe_bundle]
+                    .into_iter()
+                    .flatten(),
+            );
+        }
         if let Some(p) = config.audit.path.as_mut() {
             paths.push(p);
         }

@@ -287,6 +287,70 @@ pub struct FederatedBundle {
     pub bundle: PathBuf,
 }
 
+/// `[[federation]]`: an issuer of workload identity tokens (Kubernetes
+/// service-account tokens, cloud and CI OIDC tokens, SPIFFE JWT-SVIDs)
+/// whose tokens authenticate callers without a client certificate.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationConfig {
+    /// The `iss` its tokens carry, exactly; unset only for JWT-SVIDs
+    /// without `iss` (`spiffe_bundle`).
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Its JWKS, fetched over HTTPS trusting only `ca`.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// CA certificates (PEM) the JWKS server must chain to.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Its JWKS, from a file.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// A SPIFFE trust bundle (a JWKS whose keys sign JWT-SVIDs) of the
+    /// broker's trust domain.
+    #[serde(default)]
+    pub spiffe_bundle: Option<PathBuf>,
+    /// The audience its tokens must name; default: the broker's issuer.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// Algorithms accepted (asymmetric only).
+    #[serde(default = "default_federation_algorithms")]
+    pub algorithms: Vec<String>,
+    /// The oldest token accepted (now − `iat`); tokens without `iat` or
+    /// `exp` are refused.
+    #[serde(default = "default_max_age", deserialize_with = "duration")]
+    pub max_age: Duration,
+    /// A pattern over `sub` naming parts as `{name}`, e.g.
+    /// `system:serviceaccount:{ns}:{sa}`; default: `{sub}`, the whole.
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// The caller's SPIFFE ID, from the parts of `subject`, e.g.
+    /// `spiffe://example.org/ns/{ns}/sa/{sa}`; default: `{sub}` (for
+    /// JWT-SVIDs, whose `sub` is the SPIFFE ID). Only IDs of the broker's
+    /// trust domain are accepted.
+    #[serde(default)]
+    pub spiffe_id: Option<String>,
+    /// Claims the token must carry with exactly these (string) values,
+    /// e.g. `repository_owner = "octo-org"`.
+    #[serde(default)]
+    pub claims: std::collections::BTreeMap<String, String>,
+    /// The least time between two JWKS fetches for unknown `kid`s.
+    #[serde(default = "default_jwks_refresh", deserialize_with = "duration")]
+    pub jwks_refresh: Duration,
+}
+
+fn default_federation_algorithms() -> Vec<String> {
+    vec!["RS256".into(), "ES256".into()]
+}
+
+fn default_max_age() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_jwks_refresh() -> Duration {
+    Duration::from_secs(30)
+}
+
 /// JWT signing algorithm (`tokens.algorithm`).
 pub use crate::issuer::Algorithm;
 
