@@ -14,6 +14,7 @@ mod common;
 mod connections;
 mod delegation;
 mod durability;
+mod federation;
 mod feed;
 mod health;
 mod http;

@@ -125,6 +125,10 @@ pub struct AuditRecord {
     /// Who asked: an agent's or operator's SPIFFE ID, or the broker's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caller: Option<String>,
+    /// How the caller proved its SPIFFE ID when not with a client
+    /// certificate: the issuer of its workload token (`[[federation]]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authenticated_by: Option<String>,
     /// The task's owner.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
@@ -209,6 +213,7 @@ impl AuditRecord {
             time: rfc3339(Timestamp::now()),
             event,
             caller: Some(caller.to_string()),
+            authenticated_by: None,
             agent: None,
             task_id: None,
             parent_task_id: None,

@@ -88,6 +88,21 @@ pub async fn check(path: &Path, reach_store: bool) -> Vec<Finding> {
             .map(|p| format!("{} in {}", p.len(), s.policy.dir.display()))
             .map_err(|e| e.to_string()),
     ));
+    if !s.federation.is_empty() {
+        out.push(Finding::new(
+            "workload token issuers",
+            crate::federation::Federation::load(&s.federation, &s.issuer, &s.trust_domain)
+                .map(|_| {
+                    let names: Vec<String> = s
+                        .federation
+                        .iter()
+                        .map(|f| f.issuer.clone().unwrap_or_else(|| "JWT-SVIDs".into()))
+                        .collect();
+                    names.join(", ")
+                })
+                .map_err(|e| e.to_string()),
+        ));
+    }
     out.push(Finding::new("store", store(&s.store, reach_store).await));
     out
 }

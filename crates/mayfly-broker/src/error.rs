@@ -56,6 +56,12 @@ pub enum BrokerError {
     /// The caller is not an operator.
     #[error("{0} is not an operator; the Admin API needs a SPIFFE ID in the operator set")]
     NotOperator(SpiffeId),
+    /// The caller proved itself with a workload token, not a certificate.
+    #[error(
+        "{0} authenticated with a workload token; the Admin API needs a client certificate \
+         (an X.509-SVID) of an operator"
+    )]
+    OperatorWithoutCertificate(SpiffeId),
     /// Policy refused the request.
     #[error("denied{}: {reason}", policy_id.as_deref().map_or_else(String::new, |p| format!(" by policy {p:?}")))]
     Denied {

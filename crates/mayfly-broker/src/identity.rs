@@ -32,13 +32,59 @@ use x509_parser::prelude::FromDer;
 /// An authenticated caller: an agent or operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
-    /// The SPIFFE ID from the client certificate.
+    /// The SPIFFE ID from the client certificate, or mapped from the
+    /// workload token.
     pub id: SpiffeId,
-    /// RFC 8705 `x5t#S256` of the client certificate, for token binding.
-    pub cert_thumbprint: String,
-    /// The certificate's notAfter: a connection outliving its certificate
-    /// is refused from then on.
+    /// How it was proven.
+    pub proof: Proof,
+    /// The certificate's notAfter (or the token's `exp`): a connection
+    /// outliving it is refused from then on.
     pub not_after: Timestamp,
+}
+
+/// How a caller proved its SPIFFE ID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Proof {
+    /// An X.509-SVID at the TLS handshake.
+    Certificate {
+        /// Its RFC 8705 `x5t#S256`, for token binding.
+        thumbprint: String,
+    },
+    /// A workload token of a `[[federation]]` issuer, over
+    /// server-authenticated TLS.
+    Token {
+        /// The issuer (its `iss`, or `spiffe://<td>` for JWT-SVIDs).
+        issuer: String,
+    },
+}
+
+impl Caller {
+    /// The `x5t#S256` of the client certificate, if the caller has one.
+    pub fn cert_thumbprint(&self) -> Option<&str> {
+        match &self.proof {
+            Proof::Certificate { thumbprint } => Some(thumbprint),
+            Proof::Token { .. } => None,
+        }
+    }
+
+    /// An audit record of `event` asked by this caller, naming the
+    /// workload-token issuer if that is how it was proven.
+    pub fn record(&self, event: mayfly_audit::Event) -> mayfly_audit::AuditRecord {
+        let mut r = mayfly_audit::AuditRecord::new(event, &self.id);
+        if let Proof::Token { issuer } = &self.proof {
+            r.authenticated_by = Some(issuer.clone());
+        }
+        r
+    }
+
+    /// How it was proven, as audit records and policy name it:
+    /// `certificate`, or the token issuer.
+    pub fn authenticated_by(&self) -> &str {
+        match &self.proof {
+            Proof::Certificate { .. } => "certificate",
+            Proof::Token { issuer } => issuer,
+        }
+    }
 }
 
 /// Why a peer is not an acceptable caller.
@@ -48,6 +94,9 @@ pub enum AuthError {
     /// No client certificate was presented.
     #[error("no client certificate: present an X.509-SVID from this trust domain")]
     NoCertificate,
+    /// A workload token was presented instead, and refused.
+    #[error("{0}")]
+    Token(crate::federation::TokenError),
     /// The chain does not lead to the trust bundle.
     #[error("client certificate is not issued by a CA in the broker's trust bundle")]
     UnknownIssuer,
@@ -270,7 +319,9 @@ impl Authenticator {
         }
         Ok(Caller {
             id,
-            cert_thumbprint: thumbprint(leaf),
+            proof: Proof::Certificate {
+                thumbprint: thumbprint(leaf),
+            },
             not_after,
         })
     }

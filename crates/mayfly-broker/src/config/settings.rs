@@ -11,8 +11,8 @@ use std::time::Duration;
 use mayfly_core::{Pattern, SpiffeId, SpiffeIdPattern, TrustDomain};
 
 use super::{
-    Algorithm, AuditSinkKind, CaFiles, Config, ConfigError, Connections, PolicyConfig, RateLimit,
-    Reaper, StoreKind, Tls,
+    Algorithm, AuditSinkKind, CaFiles, Config, ConfigError, Connections, FederationConfig,
+    PolicyConfig, RateLimit, Reaper, StoreKind, Tls,
 };
 use crate::audit::FileOptions;
 use crate::redis_conn::redact;
@@ -49,6 +49,8 @@ pub struct Settings {
     pub lifetimes: Lifetimes,
     /// The issuing CA's files, when task certificates are signed.
     pub ca: Option<CaFiles>,
+    /// Workload-token issuers (`[[federation]]`).
+    pub federation: Vec<FederationConfig>,
     /// The CRL's nextUpdate − thisUpdate.
     pub crl_validity: Duration,
     /// Expiry and clean-up.
@@ -239,6 +241,7 @@ impl Config {
             key_rotation: self.key_rotation()?,
             lifetimes: self.lifetimes()?,
             ca: self.ca.clone(),
+            federation: self.federation.clone(),
             crl_validity: self.certificates.crl_validity,
             reaper: self.checked_reaper()?,
             feed: self.feed_settings()?,

@@ -7,11 +7,13 @@ mod broker;
 mod edge;
 mod revocations;
 mod status;
+mod token_auth;
 
 pub use admin::AdminApi;
 pub use broker::BrokerApi;
 pub use edge::GrpcEdgeLayer;
 pub use revocations::RevocationsApi;
+pub use token_auth::TokenAuthLayer;
 
 use mayfly_core::{
     Approval, ApprovalRequest, ApprovalState, ApprovalStatus, Lease, LeaseKind, LeaseState,

@@ -27,7 +27,9 @@ impl From<BrokerError> for Status {
         let (status, name) = match &e {
             BrokerError::Invalid(_) => (Status::invalid_argument(msg), "invalid"),
             BrokerError::Unauthenticated(_) => (Status::unauthenticated(msg), "unauthenticated"),
-            BrokerError::NotOperator(_) => (Status::permission_denied(msg), "not_operator"),
+            BrokerError::NotOperator(_) | BrokerError::OperatorWithoutCertificate(_) => {
+                (Status::permission_denied(msg), "not_operator")
+            }
             BrokerError::NotIntrospector(_) => (Status::permission_denied(msg), "not_introspector"),
             BrokerError::NotWatcher(_) => (Status::permission_denied(msg), "not_watcher"),
             BrokerError::NotTokenClient(_) => (Status::permission_denied(msg), "not_token_client"),

@@ -170,6 +170,7 @@ impl From<BrokerError> for OAuthError {
             | BrokerError::AgentNotLocked(_) => Code::InvalidRequest,
             BrokerError::Unauthenticated(_) => Code::InvalidClient,
             BrokerError::NotOperator(_)
+            | BrokerError::OperatorWithoutCertificate(_)
             | BrokerError::NotIntrospector(_)
             | BrokerError::NotWatcher(_)
             | BrokerError::NotTokenClient(_) => Code::UnauthorizedClient,

@@ -11,6 +11,7 @@ use super::{Broker, StartError};
 use crate::audit::{AuditSink, FileSink, OffSink, StdoutSink};
 use crate::config::{RedisEndpoint, RedisSettings, RedisTrail, Settings, StoreSettings, Trail};
 use crate::crl::CrlPublisher;
+use crate::federation::Federation;
 use crate::feed::FeedHub;
 use crate::fsutil::create_private_dir;
 use crate::grpc::RevocationsApi;
@@ -37,6 +38,14 @@ impl Broker {
             None => None,
         };
         let tls = tls::load(&s.tls, ca.clone())?;
+        let federation = match s.federation.as_slice() {
+            [] => None,
+            entries => Some(Arc::new(Federation::load(
+                entries,
+                &s.issuer,
+                &s.trust_domain,
+            )?)),
+        };
         let ca_ring = ca.clone();
         let signer = Arc::new(crate::issuer::ring::signer(
             &s.data_dir,
@@ -103,6 +112,7 @@ impl Broker {
                 rotation: s.key_rotation,
             },
             cas: ca_ring.zip(s.ca.clone()),
+            federation,
             health_listener: None,
             connections: s.connections,
             revocations: RevocationsApi::new(

@@ -59,6 +59,9 @@ pub enum StartError {
     /// The audit trail could not be opened.
     #[error("{0}")]
     Audit(#[from] crate::audit::AuditError),
+    /// A `[[federation]]` entry is unusable.
+    #[error(transparent)]
+    Federation(#[from] crate::federation::FederationConfigError),
 }
 
 /// A broker ready to serve.
@@ -93,6 +96,8 @@ pub struct Broker {
     /// The key directory, the signing algorithm, and how often the key
     /// files are looked at for a rotation.
     keys: KeyWatch,
+    /// The workload-token issuers, when any is configured.
+    federation: Option<Arc<crate::federation::Federation>>,
     /// The issuing CAs and their files, followed every `tls_reload`.
     cas: Option<(Arc<crate::issuer::CaRing>, crate::config::CaFiles)>,
     /// The plain-text health port, when configured.

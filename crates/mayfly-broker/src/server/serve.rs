@@ -17,7 +17,7 @@ use tower::ServiceBuilder;
 
 use super::{Broker, StartError};
 use crate::connections::{self, Gate, PeerInfo, Port};
-use crate::grpc::{AdminApi, BrokerApi, GrpcEdgeLayer};
+use crate::grpc::{AdminApi, BrokerApi, GrpcEdgeLayer, TokenAuthLayer};
 use crate::metrics::RpcMetricsLayer;
 use crate::{http, reaper, shutdown};
 
@@ -64,6 +64,9 @@ impl Broker {
             .layer(RpcMetricsLayer(metrics.clone()))
             .layer(GrpcEdgeLayer)
             .service(routes);
+        // Workload tokens, when issuers are configured, prove callers
+        // without a client certificate.
+        let federation = self.federation.clone();
         let mut grpc_task = tokio::spawn(connections::serve(
             grpc,
             Gate::new(Port::Grpc, self.connections.clone(), metrics.clone()),
@@ -72,6 +75,7 @@ impl Broker {
             move |peer: PeerInfo| {
                 ServiceBuilder::new()
                     .layer(axum::Extension(peer))
+                    .option_layer(federation.clone().map(TokenAuthLayer))
                     .service(grpc_service.clone())
             },
             stop_rx.clone(),
@@ -105,6 +109,10 @@ impl Broker {
             stop_rx.clone(),
         ));
         let feed_task = tokio::spawn(self.feed.clone().run(stop_rx.clone()));
+        if let Some(f) = self.federation.clone() {
+            // Each issuer's JWKS, fetched now rather than at the first token.
+            tokio::spawn(async move { f.fetch_all().await });
+        }
         let keys_task = tokio::spawn(crate::issuer::ring::watch_and_reload(
             self.signer.clone(),
             self.keys.dir.clone(),

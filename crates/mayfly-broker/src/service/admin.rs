@@ -13,8 +13,13 @@ use crate::identity::Caller;
 use crate::store::{LeaseFilter, Page, PageRequest, RevokeRequest, StoreError, TaskFilter};
 
 impl Admin {
-    /// Refuses callers outside the operator set.
+    /// Refuses callers outside the operator set, and any caller proven by
+    /// a workload token rather than a client certificate: operating the
+    /// broker takes the stronger proof.
     pub fn require_operator(&self, caller: &Caller) -> Result<(), BrokerError> {
+        if caller.cert_thumbprint().is_none() {
+            return Err(BrokerError::OperatorWithoutCertificate(caller.id.clone()));
+        }
         if self.operators.iter().any(|p| p.matches(&caller.id)) {
             Ok(())
         } else {

@@ -71,8 +71,9 @@ impl Kind for TokenRequest {
             audience: self.audience.clone(),
             binding: match &self.binding {
                 Bind::None => None,
+                // Only certificate callers get here (`require_certificate`).
                 Bind::ClientCertificate => Some(TokenBinding::Certificate {
-                    x5t_s256: caller.cert_thumbprint.clone(),
+                    x5t_s256: caller.cert_thumbprint().unwrap_or_default().to_owned(),
                 }),
                 Bind::Dpop { jkt } => Some(TokenBinding::Dpop { jkt: jkt.clone() }),
             },
@@ -119,6 +120,20 @@ impl Kind for TokenRequest {
             }
         )
     }
+}
+
+/// Refuses a certificate binding for a caller without a certificate (one
+/// proven by a workload token): the token could not be bound to anything
+/// it holds.
+pub(super) fn require_certificate(caller: &Caller, binding: &Bind) -> Result<(), BrokerError> {
+    if matches!(binding, Bind::ClientCertificate) && caller.cert_thumbprint().is_none() {
+        return Err(BrokerError::Invalid(format!(
+            "this caller authenticated with a workload token from {}, not a client certificate, \
+             so its tokens cannot be bound to one: ask for a DPoP-bound token (or an unbound one)",
+            caller.authenticated_by()
+        )));
+    }
+    Ok(())
 }
 
 /// A certificate request with what its minting needs: the CA (the one
@@ -222,6 +237,7 @@ impl Issuance {
         caller: &Caller,
         req: TokenRequest,
     ) -> Result<Issued<IssuedToken>, BrokerError> {
+        require_certificate(caller, &req.binding)?;
         self.issue(caller, &req, &req.task_id, req.approval_id.as_ref())
             .await
     }
@@ -297,7 +313,8 @@ impl Issuance {
             self.shared.revoked.notify_one();
             self.shared
                 .audit_anyway(
-                    AuditRecord::new(Event::LeaseRevoked, &caller.id)
+                    caller
+                        .record(Event::LeaseRevoked)
                         .task_id(&lease.task_id)
                         .lease(&jti)
                         .reason(reason.as_str())

@@ -83,8 +83,9 @@ impl Kind for Exchange<'_> {
             audience: self.req.audience.clone(),
             binding: match &self.req.binding {
                 Bind::None => None,
+                // Only certificate callers get here (`require_certificate`).
                 Bind::ClientCertificate => Some(TokenBinding::Certificate {
-                    x5t_s256: caller.cert_thumbprint.clone(),
+                    x5t_s256: caller.cert_thumbprint().unwrap_or_default().to_owned(),
                 }),
                 Bind::Dpop { jkt } => Some(TokenBinding::Dpop { jkt: jkt.clone() }),
             },
@@ -149,6 +150,7 @@ impl Issuance {
         caller: &Caller,
         req: ExchangeRequest,
     ) -> Result<Issued<IssuedToken>, BrokerError> {
+        super::credentials::require_certificate(caller, &req.binding)?;
         let invalid = |why: &str| BrokerError::InvalidSubjectToken(why.to_owned());
         let subject = self
             .signer

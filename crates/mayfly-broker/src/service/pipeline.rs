@@ -204,7 +204,7 @@ impl Issuance {
             .credential_task(owner, task_id, now, cached)
             .await?;
         let task = &record.task;
-        let denied = || kind.describe(AuditRecord::new(K::DENIED, &caller.id).task(task), None);
+        let denied = || kind.describe(caller.record(K::DENIED).task(task), None);
 
         // Check: the envelope never changes, but a cached task may have
         // ended since.
@@ -267,7 +267,8 @@ impl Issuance {
 
         // Record: the credential leaves only once its lease and its record
         // are durable, under a task still active and unchanged then.
-        let mut record = AuditRecord::new(K::ISSUED, &caller.id)
+        let mut record = caller
+            .record(K::ISSUED)
             .task(task)
             .lease(&lease.id)
             .decided("permit", Some(&permit.policy_id))
@@ -394,7 +395,8 @@ impl Issuance {
                     status: ApprovalStatus::Pending,
                 };
                 self.shared.store.create_approval(&approval).await?;
-                let mut record = AuditRecord::new(Event::ApprovalRequested, &caller.id)
+                let mut record = caller
+                    .record(Event::ApprovalRequested)
                     .task(task)
                     .decided("pending", Some(&permit.policy_id))
                     .expires(approval.expires_at);

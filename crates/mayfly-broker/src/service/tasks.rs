@@ -47,7 +47,7 @@ impl Tasks {
             now,
         });
         let denied = || {
-            let mut r = AuditRecord::new(Event::TaskDenied, &caller.id).envelope(&req.envelope);
+            let mut r = caller.record(Event::TaskDenied).envelope(&req.envelope);
             r.agent = Some(caller.id.to_string());
             r.intent = Some(req.intent.as_str().to_owned());
             r
@@ -85,7 +85,8 @@ impl Tasks {
         self.shared
             .audit_or_end_task(
                 &task.id,
-                AuditRecord::new(Event::TaskStarted, &caller.id)
+                caller
+                    .record(Event::TaskStarted)
                     .task(&task)
                     .envelope(&task.envelope)
                     .decided("permit", Some(&permit.policy_id))
@@ -122,7 +123,8 @@ impl Tasks {
             .await?
             .task;
         let denied = || {
-            let mut r = AuditRecord::new(Event::DelegationDenied, &caller.id)
+            let mut r = caller
+                .record(Event::DelegationDenied)
                 .task(&parent)
                 .envelope(&req.envelope);
             r.delegate = Some(req.delegate.to_string());
@@ -212,7 +214,8 @@ impl Tasks {
                 other => other,
             });
         }
-        let mut record = AuditRecord::new(Event::TaskDelegated, &caller.id)
+        let mut record = caller
+            .record(Event::TaskDelegated)
             .task(&task)
             .envelope(&task.envelope)
             .decided("permit", Some(&permit.policy_id))
@@ -259,7 +262,8 @@ impl Tasks {
         self.shared.revoked.notify_one();
         self.shared
             .audit_anyway(
-                AuditRecord::new(Event::TaskCompleted, &caller.id)
+                caller
+                    .record(Event::TaskCompleted)
                     .task(&record.task)
                     .revoked(&revoked),
             )
@@ -311,7 +315,8 @@ impl Tasks {
         let mut revoked = self.reevaluate(&task, &caller.id, now).await?;
         // Tasks delegated from this one were allowed on its old context.
         revoked.extend(self.reevaluate_children(&task.id, &caller.id, now).await?);
-        let mut record = AuditRecord::new(Event::TaskContextChanged, &caller.id)
+        let mut record = caller
+            .record(Event::TaskContextChanged)
             .task(&task)
             .revoked(&revoked);
         let changed: Vec<&str> = change.keys().collect();

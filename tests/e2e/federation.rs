@@ -1,0 +1,320 @@
+//! Agents without client certificates: over server-authenticated TLS, a
+//! workload token in `authorization: Bearer …` proves the caller. Issuers
+//! are run by the test itself (keys made per test, the Kubernetes JWKS
+//! served over HTTPS from the test's own CA): a Kubernetes
+//! service-account token, a GitHub-Actions-style OIDC token and a JWT-SVID
+//! each open a task and get a token whose `sub` is the mapped SPIFFE ID;
+//! refused tokens are UNAUTHENTICATED naming the check, with nothing
+//! written; such a caller gets no certificate-bound token and no Admin
+//! API; and an operator revokes what it holds by its mapped SPIFFE ID.
+
+use mayfly_client::{Client, pb};
+use mayfly_testkit::oidc::unix_now;
+use mayfly_testkit::{JwksServer, TestBroker, TokenIssuer};
+use serde_json::{Value, json};
+use tonic::Code;
+
+use crate::common::*;
+
+const K8S: &str = "https://kubernetes.default.svc.cluster.local";
+const GITHUB: &str = "https://token.actions.githubusercontent.com";
+
+struct Issuers {
+    k8s: TokenIssuer,
+    github: TokenIssuer,
+    spire: TokenIssuer,
+    _jwks: JwksServer,
+}
+
+/// A broker trusting three issuers, with policies that let any workload
+/// of the trust domain open tasks and get tokens.
+async fn broker() -> (TestBroker, Issuers) {
+    let k8s = TokenIssuer::rsa(K8S, "k8s-1");
+    let github = TokenIssuer::rsa(GITHUB, "gh-1");
+    let spire = TokenIssuer::ec("", "spire-1");
+    let jwks = JwksServer::start(TokenIssuer::jwks(&[&k8s])).await;
+    let (gh_doc, bundle_doc, ca_pem, url) = (
+        TokenIssuer::jwks(&[&github]),
+        TokenIssuer::jwks(&[&spire]),
+        jwks.ca_pem.clone(),
+        jwks.url.clone(),
+    );
+    let broker = TestBroker::start_with(move |c| {
+        let dir = c.data_dir.with_file_name("federation");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        let (ca, gh, bundle) = (
+            path("k8s-ca.pem", &ca_pem),
+            path("github.json", &gh_doc),
+            path("bundle.json", &bundle_doc),
+        );
+        let text = format!(
+            r#"
+            [[federation]]
+            issuer = "{K8S}"
+            jwks_url = "{url}"
+            ca = "{ca}"
+            algorithms = ["RS256"]
+            subject = "system:serviceaccount:{{ns}}:{{sa}}"
+            spiffe_id = "spiffe://example.org/ns/{{ns}}/sa/{{sa}}"
+
+            [[federation]]
+            issuer = "{GITHUB}"
+            jwks_file = "{gh}"
+            audience = "mayfly"
+            subject = "repo:octo-org/{{repo}}:ref:refs/heads/{{branch}}"
+            spiffe_id = "spiffe://example.org/ci/{{repo}}/{{branch}}"
+            claims = {{ repository_owner = "octo-org" }}
+
+            [[federation]]
+            spiffe_bundle = "{bundle}"
+            algorithms = ["ES256"]
+            "#
+        );
+        #[derive(serde::Deserialize)]
+        struct Entries {
+            federation: Vec<mayfly_broker::config::FederationConfig>,
+        }
+        c.federation = toml::from_str::<Entries>(&text).unwrap().federation;
+        mayfly_testkit::use_policies(
+            c,
+            r#"@id("workloads")
+permit (
+  principal in Mayfly::Path::"spiffe://example.org",
+  action in [Mayfly::Action::"start_task", Mayfly::Action::"issue_token"],
+  resource
+);"#,
+        );
+    })
+    .await;
+    let issuers = Issuers {
+        k8s,
+        github,
+        spire,
+        _jwks: jwks,
+    };
+    (broker, issuers)
+}
+
+fn claims(broker: &TestBroker, iss: &str, sub: &str) -> Value {
+    let now = unix_now();
+    json!({
+        "iss": iss, "aud": [broker.config.issuer()], "sub": sub,
+        "iat": now, "nbf": now, "exp": now + 600,
+        "repository_owner": "octo-org",
+    })
+}
+
+/// `msg` with the workload token as its bearer credential.
+fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+async fn start_with(client: &Client, token: &str) -> Result<pb::Task, tonic::Status> {
+    client
+        .broker()
+        .start_task(with_token(
+            start_request("federated work", &[API], &["read:files"]),
+            token,
+        ))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn issue_with(
+    client: &Client,
+    task: &str,
+    token: &str,
+) -> Result<pb::IssuedToken, tonic::Status> {
+    client
+        .broker()
+        .issue_token(with_token(token_request(task, API, &["read:files"]), token))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_kind_of_workload_token_opens_a_task_and_gets_a_token() {
+    let (broker, issuers) = broker().await;
+    let client = broker.anonymous_client().await;
+    let svid = claims(&broker, "", "spiffe://example.org/agent/spire-workload");
+    let mut svid_claims = svid;
+    svid_claims.as_object_mut().unwrap().remove("iss");
+    for (token, id, issuer) in [
+        (
+            issuers
+                .k8s
+                .sign(&claims(&broker, K8S, "system:serviceaccount:prod:billing")),
+            "spiffe://example.org/ns/prod/sa/billing",
+            K8S,
+        ),
+        (
+            issuers.github.sign(&{
+                // GitHub's tokens carry the audience the workflow asked
+                // for, configured per issuer.
+                let mut c = claims(&broker, GITHUB, "repo:octo-org/api:ref:refs/heads/main");
+                c["aud"] = json!("mayfly");
+                c
+            }),
+            "spiffe://example.org/ci/api/main",
+            GITHUB,
+        ),
+        (
+            issuers.spire.sign(&svid_claims),
+            "spiffe://example.org/agent/spire-workload",
+            "spiffe://example.org",
+        ),
+    ] {
+        let task = start_with(&client, &token).await.unwrap();
+        assert_eq!(task.agent_id, id);
+        let issued = issue_with(&client, &task.task_id, &token).await.unwrap();
+        let got = validate(&broker, &issued.token, API).await;
+        assert_eq!(got["sub"], id);
+
+        // No certificate to bind to: refused, naming the way out.
+        let mut bound = token_request(&task.task_id, API, &["read:files"]);
+        bound.bind_to_client_cert = true;
+        assert_status(
+            client.broker().issue_token(with_token(bound, &token)).await,
+            Code::InvalidArgument,
+            "cannot be bound to one: ask for a DPoP-bound token",
+        );
+        // The trail names how the caller was proven.
+        let trail = std::fs::read_to_string(broker.config.audit_path()).unwrap();
+        let started = trail
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|r| r["event"] == "task_started" && r["task_id"] == task.task_id.as_str())
+            .unwrap();
+        assert_eq!(started["authenticated_by"], issuer);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_is_unauthenticated_and_writes_nothing() {
+    let (broker, issuers) = broker().await;
+    let client = broker.anonymous_client().await;
+    let op = broker.operator().await;
+    let before = all_leases(&op, pb::ListLeasesRequest::default())
+        .await
+        .len();
+    let sub = "system:serviceaccount:prod:billing";
+    let with = |k: &str, v: Value| {
+        let mut c = claims(&broker, K8S, sub);
+        c[k] = v;
+        c
+    };
+    let now = unix_now();
+    for (token, needle) in [
+        (issuers.k8s.sign(&with("exp", json!(now - 300))), "expired"),
+        (
+            issuers.k8s.sign(&with("aud", json!(["https://elsewhere"]))),
+            "audience",
+        ),
+        (
+            issuers
+                .k8s
+                .sign(&with("iss", json!("https://evil.example"))),
+            "is not trusted",
+        ),
+        (
+            issuers.github.sign(&claims(&broker, K8S, sub)),
+            "is not one of issuer",
+        ),
+        (
+            issuers
+                .k8s
+                .sign(&with("sub", json!("system:serviceaccount:a:b/c"))),
+            "is refused",
+        ),
+        (
+            issuers.spire.sign(&json!({
+                "sub": "spiffe://other.example/agent/x", "aud": broker.config.issuer(),
+                "iat": now, "exp": now + 60,
+            })),
+            "trust domain",
+        ),
+        ("not-a-token".to_owned(), "malformed"),
+    ] {
+        assert_status(
+            start_with(&client, &token).await,
+            Code::Unauthenticated,
+            needle,
+        );
+    }
+    // Without any credential at all, as before.
+    assert_status(
+        client
+            .broker()
+            .start_task(start_request("x", &[API], &["read:files"]))
+            .await,
+        Code::Unauthenticated,
+        "no client certificate",
+    );
+    let after = all_leases(&op, pb::ListLeasesRequest::default())
+        .await
+        .len();
+    assert_eq!(after, before, "nothing was written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_admin_api_for_token_callers_and_revocation_by_mapped_id() {
+    let (broker, issuers) = broker().await;
+    let client = broker.anonymous_client().await;
+    let token = issuers
+        .k8s
+        .sign(&claims(&broker, K8S, "system:serviceaccount:prod:billing"));
+    let task = start_with(&client, &token).await.unwrap();
+    let issued = issue_with(&client, &task.task_id, &token).await.unwrap();
+
+    // A token of an operator's SPIFFE ID is still no way into Admin.
+    let operator = issuers.spire.sign(&json!({
+        "sub": "spiffe://example.org/operator/admin", "aud": broker.config.issuer(),
+        "iat": unix_now(), "exp": unix_now() + 60,
+    }));
+    assert_status(
+        client
+            .admin()
+            .revoke_agent(with_token(
+                pb::RevokeAgentRequest {
+                    agent_id: "spiffe://example.org/ns/prod/sa/billing".into(),
+                    note: String::new(),
+                },
+                &operator,
+            ))
+            .await,
+        Code::PermissionDenied,
+        "needs a client certificate",
+    );
+
+    // The operator revokes the workload by its mapped SPIFFE ID.
+    broker
+        .operator()
+        .await
+        .admin()
+        .revoke_agent(pb::RevokeAgentRequest {
+            agent_id: "spiffe://example.org/ns/prod/sa/billing".into(),
+            note: "compromised pod".into(),
+        })
+        .await
+        .unwrap();
+    let l = lease(&broker.operator().await, &issued.lease_id).await;
+    assert_eq!(l.state, pb::LeaseState::Revoked as i32);
+    // Its task ended with it: the same token gets nothing more under it.
+    let e = issue_with(&client, &task.task_id, &token)
+        .await
+        .unwrap_err();
+    assert_ne!(e.code(), Code::Ok);
+    assert!(
+        e.message().contains("revoked") || e.message().contains("ended"),
+        "{}",
+        e.message()
+    );
+}
