@@ -752,6 +752,17 @@ fn config_check_names_what_serve_would_fail_on() {
     failing(check(&[]), "policies", "typo.cedar:3:8");
     std::fs::remove_file(&bad).unwrap();
 
+    // A workload-token issuer with a symmetric algorithm.
+    std::fs::write(
+        &config,
+        format!(
+            "{text}\n[[federation]]\nissuer = \"https://idp.example\"\njwks_file = \"policies/mayfly.cedar\"\nalgorithms = [\"HS256\"]\n"
+        ),
+    )
+    .unwrap();
+    failing(check(&[]), "workload token issuers", "asymmetric only");
+    std::fs::write(&config, &text).unwrap();
+
     // A Redis store that does not answer, when asked to reach it.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
