@@ -6,7 +6,9 @@
 //! each open a task and get a token whose `sub` is the mapped SPIFFE ID;
 //! refused tokens are UNAUTHENTICATED naming the check, with nothing
 //! written; such a caller gets no certificate-bound token and no Admin
-//! API; and an operator revokes what it holds by its mapped SPIFFE ID.
+//! API; a token with a `jti` serves the one connection it was first
+//! presented on and is a replay anywhere else; and an operator revokes
+//! what it holds by its mapped SPIFFE ID.
 
 use mayfly_client::{Client, pb};
 use mayfly_testkit::oidc::unix_now;
@@ -317,4 +319,28 @@ async fn no_admin_api_for_token_callers_and_revocation_by_mapped_id() {
         "{}",
         e.message()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_with_a_jti_serves_one_connection_and_is_a_replay_elsewhere() {
+    let (broker, issuers) = broker().await;
+    let mut c = claims(&broker, GITHUB, "repo:octo-org/api:ref:refs/heads/main");
+    c["aud"] = json!("mayfly");
+    c["jti"] = json!("run-42-attempt-1");
+    let token = issuers.github.sign(&c);
+    // The connection it is first presented on keeps a session for it.
+    let first = broker.anonymous_client().await;
+    let task = start_with(&first, &token).await.unwrap();
+    issue_with(&first, &task.task_id, &token).await.unwrap();
+    issue_with(&first, &task.task_id, &token).await.unwrap();
+    // Anywhere else, it was already used.
+    let thief = broker.anonymous_client().await;
+    assert_status(
+        start_with(&thief, &token).await,
+        Code::Unauthenticated,
+        "was already used (jti replay)",
+    );
+    // A fresh token (a new jti) opens a new session.
+    c["jti"] = json!("run-42-attempt-2");
+    start_with(&thief, &issuers.github.sign(&c)).await.unwrap();
 }

@@ -16,8 +16,10 @@
 //!   and the SPIFFE ID it maps to is of the broker's trust domain and not
 //!   a task's.
 //!
-//! Replay of a `jti` is refused by the store, beside the lease records,
-//! where every replica sees it.
+//! A token with a `jti` is accepted once per broker cluster within its
+//! lifetime: the store records it beside the lease records, where every
+//! replica sees it (`first_use`). The gRPC edge accepts it for the one
+//! connection it was first presented on (see `grpc::token_auth`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -120,6 +122,10 @@ pub enum TokenError {
     /// The issuer's keys could not be fetched.
     #[error("workload token issuer's keys are unavailable: {0}")]
     KeysUnavailable(String),
+    /// The store could not say whether the `jti` was used before; the
+    /// token is refused (fail closed) and may be tried again.
+    #[error("workload token replay check unavailable (lease store); try again")]
+    ReplayCheckUnavailable,
 }
 
 /// A caller proven by a workload token.

@@ -58,7 +58,8 @@ macro_rules! store_contract_tests {
             issue_racing_end_task_never_leaves_an_active_lease,
             delegated_tasks_need_a_live_parent_of_the_delegator,
             ending_a_task_ends_its_whole_subtree,
-            revoked_lease_never_becomes_active
+            revoked_lease_never_becomes_active,
+            a_key_is_used_once_until_it_lapses
         );
     };
     (@each $make:expr; $($name:ident),*) => {
@@ -958,6 +959,48 @@ pub async fn feed_head_is_the_newest_cursor(store: Store) {
     let head = store.feed_head().await.unwrap();
     assert!(head > first);
     assert!(store.revocations_since(head, 10).await.unwrap().is_empty());
+}
+
+pub async fn a_key_is_used_once_until_it_lapses(store: Store) {
+    // Real time: Redis holds the record until its wall-clock expiry.
+    let now = Timestamp::now();
+    let until = now.plus(Duration::from_secs(60));
+    assert!(store.first_use("jti-1", until, now).await.unwrap());
+    assert!(!store.first_use("jti-1", until, now).await.unwrap());
+    assert!(store.first_use("jti-2", until, now).await.unwrap());
+    // Of many racing first uses, exactly one wins.
+    let racers: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.first_use("race", until, now).await.unwrap() })
+        })
+        .collect();
+    let mut wins = 0;
+    for r in racers {
+        wins += usize::from(r.await.unwrap());
+    }
+    assert_eq!(wins, 1);
+    // A record whose time has passed holds nothing back.
+    let soon = Timestamp::now().plus(Duration::from_millis(300));
+    assert!(
+        store
+            .first_use("short", soon, Timestamp::now())
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        store
+            .first_use("short", until, Timestamp::now())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .first_use("short", until, Timestamp::now())
+            .await
+            .unwrap()
+    );
 }
 
 fn approval(task: &Task, ttl: u64) -> Approval {

@@ -11,6 +11,8 @@ use tonic::Status;
 use tonic::metadata::MetadataValue;
 
 use crate::error::BrokerError;
+use crate::federation::TokenError;
+use crate::identity::AuthError;
 
 /// Sets an ASCII metadata entry; a value that is not valid metadata (it
 /// never is: ids and names are ASCII) is left out rather than failing.
@@ -26,6 +28,9 @@ impl From<BrokerError> for Status {
         let msg = e.to_string();
         let (status, name) = match &e {
             BrokerError::Invalid(_) => (Status::invalid_argument(msg), "invalid"),
+            BrokerError::Unauthenticated(AuthError::Token(TokenError::ReplayCheckUnavailable)) => {
+                (Status::unavailable(msg), "unavailable")
+            }
             BrokerError::Unauthenticated(_) => (Status::unauthenticated(msg), "unauthenticated"),
             BrokerError::NotOperator(_) | BrokerError::OperatorWithoutCertificate(_) => {
                 (Status::permission_denied(msg), "not_operator")

@@ -7,6 +7,12 @@
 //! refused token as `UNAUTHENTICATED` naming the failed check. A peer with
 //! a certificate is that certificate's caller; a header beside it is
 //! ignored.
+//!
+//! A token with a `jti` is accepted once per cluster: the first request
+//! that presents it records the `jti` in the store and opens a session on
+//! its connection, and later requests on that connection with the same
+//! token reuse the session until the token expires. The same token on any
+//! other connection, through any replica, is a replay.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,13 +21,26 @@ use std::task::{Context, Poll};
 
 use tonic::codegen::http;
 
-use crate::connections::PeerInfo;
-use crate::federation::Federation;
-use crate::identity::{AuthError, Caller, Proof};
+use mayfly_core::Timestamp;
 
-/// Adds [`TokenAuth`].
+use crate::connections::PeerInfo;
+use crate::federation::{Federation, TokenError};
+use crate::identity::{AuthError, Caller, Proof};
+use crate::store::LeaseStore;
+
+/// Tokens a connection keeps a session for; a new one past this replaces
+/// the oldest.
+const SESSIONS_PER_CONNECTION: usize = 4;
+
+/// Adds [`TokenAuth`]: applied once per connection, so each connection has
+/// its own sessions.
 #[derive(Debug, Clone)]
-pub struct TokenAuthLayer(pub Arc<Federation>);
+pub struct TokenAuthLayer {
+    /// The trusted issuers.
+    pub federation: Arc<Federation>,
+    /// Where `jti`s are recorded.
+    pub store: Arc<dyn LeaseStore>,
+}
 
 impl<S> tower::Layer<S> for TokenAuthLayer {
     type Service = TokenAuth<S>;
@@ -29,16 +48,83 @@ impl<S> tower::Layer<S> for TokenAuthLayer {
     fn layer(&self, inner: S) -> Self::Service {
         TokenAuth {
             inner,
-            federation: self.0.clone(),
+            federation: self.federation.clone(),
+            store: self.store.clone(),
+            sessions: Arc::default(),
         }
     }
 }
+
+/// Tokens accepted on one connection (by SHA-256) and their callers.
+type Sessions = Arc<std::sync::Mutex<Vec<([u8; 32], Caller)>>>;
 
 /// See the module docs.
 #[derive(Debug, Clone)]
 pub struct TokenAuth<S> {
     inner: S,
     federation: Arc<Federation>,
+    store: Arc<dyn LeaseStore>,
+    sessions: Sessions,
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
+}
+
+/// The caller `token` proves on this connection: its session if it has
+/// one, else a fresh verification and, for a token with a `jti`, its first
+/// use in the cluster.
+async fn authenticate(
+    token: &str,
+    federation: &Federation,
+    store: &dyn LeaseStore,
+    sessions: &Sessions,
+) -> Result<Caller, TokenError> {
+    let now = Timestamp::now();
+    let hash = sha256(token.as_bytes());
+    let held = sessions
+        .lock()
+        .map_err(|_| TokenError::ReplayCheckUnavailable)?
+        .iter()
+        .find(|(h, c)| *h == hash && c.not_after > now)
+        .map(|(_, c)| c.clone());
+    if let Some(caller) = held {
+        return Ok(caller);
+    }
+    let t = federation.verify(token).await?;
+    if let Some(jti) = &t.jti {
+        let key = hex(&sha256(format!("{}\n{jti}", t.issuer).as_bytes()));
+        // Held until the token could no longer pass `exp`, leeway included.
+        let until = t.expires_at.plus(std::time::Duration::from_secs(60));
+        match store.first_use(&key, until, now).await {
+            Ok(true) => {}
+            Ok(false) => return Err(TokenError::Replayed(jti.clone())),
+            Err(e) => {
+                tracing::warn!(error = %e, "workload token replay check failed; token refused");
+                return Err(TokenError::ReplayCheckUnavailable);
+            }
+        }
+    }
+    tracing::debug!(id = %t.id, issuer = %t.issuer, "caller proven by a workload token");
+    let caller = Caller {
+        id: t.id,
+        proof: Proof::Token { issuer: t.issuer },
+        not_after: t.expires_at,
+    };
+    if let Ok(mut s) = sessions.lock() {
+        s.retain(|(_, c)| c.not_after > now);
+        if s.len() >= SESSIONS_PER_CONNECTION {
+            s.remove(0);
+        }
+        s.push((hash, caller.clone()));
+    }
+    Ok(caller)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The token of an `authorization: Bearer …` header.
@@ -76,19 +162,15 @@ where
         // The instance that was polled ready serves this request.
         let fresh = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, fresh);
-        let federation = self.federation.clone();
+        let (federation, store, sessions) = (
+            self.federation.clone(),
+            self.store.clone(),
+            self.sessions.clone(),
+        );
         Box::pin(async move {
-            let identity = match federation.verify(&token).await {
-                Ok(t) => {
-                    tracing::debug!(id = %t.id, issuer = %t.issuer, "caller proven by a workload token");
-                    Ok(Caller {
-                        id: t.id,
-                        proof: Proof::Token { issuer: t.issuer },
-                        not_after: t.expires_at,
-                    })
-                }
-                Err(e) => Err(AuthError::Token(e)),
-            };
+            let identity = authenticate(&token, &federation, store.as_ref(), &sessions)
+                .await
+                .map_err(AuthError::Token);
             req.extensions_mut().insert(PeerInfo {
                 identity: Arc::new(identity),
             });

@@ -67,6 +67,7 @@ impl Broker {
         // Workload tokens, when issuers are configured, prove callers
         // without a client certificate.
         let federation = self.federation.clone();
+        let store_for_tokens = store.clone();
         let mut grpc_task = tokio::spawn(connections::serve(
             grpc,
             Gate::new(Port::Grpc, self.connections.clone(), metrics.clone()),
@@ -75,7 +76,10 @@ impl Broker {
             move |peer: PeerInfo| {
                 ServiceBuilder::new()
                     .layer(axum::Extension(peer))
-                    .option_layer(federation.clone().map(TokenAuthLayer))
+                    .option_layer(federation.clone().map(|federation| TokenAuthLayer {
+                        federation,
+                        store: store_for_tokens.clone(),
+                    }))
                     .service(grpc_service.clone())
             },
             stop_rx.clone(),

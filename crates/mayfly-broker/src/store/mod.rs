@@ -390,6 +390,17 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// A task with its current status.
     async fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError>;
 
+    /// Records `key` as used until `until` and says whether this is its
+    /// first use: `false` if it was recorded before and `until` of that
+    /// record has not passed at `now`. Every replica sees the same answer
+    /// (a workload token's `jti` is accepted once per cluster).
+    async fn first_use(
+        &self,
+        key: &str,
+        until: Timestamp,
+        now: Timestamp,
+    ) -> Result<bool, StoreError>;
+
     /// Records a credential lease, atomically checking that its task exists,
     /// is owned by `lease.agent`, is active at `now`, and outlives the lease,
     /// and that the agent is not locked (`AgentLocked`). Returns

@@ -217,6 +217,9 @@ impl EmbeddedStore {
     }
 }
 
+/// Lapsed `first_use` keys removed per call.
+const SEEN_PURGE_BATCH: usize = 64;
+
 #[async_trait]
 impl LeaseStore for EmbeddedStore {
     async fn start_task(&self, task: &Task) -> Result<(), StoreError> {
@@ -344,6 +347,40 @@ impl LeaseStore for EmbeddedStore {
             t.agent_locks
                 .insert(lock.agent.as_str(), encode(&lock)?.as_slice())?;
             t.revoke_agent(&lock.agent, &req)
+        })
+        .await
+    }
+
+    async fn first_use(
+        &self,
+        key: &str,
+        until: Timestamp,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let key = key.to_owned();
+        self.write(move |t| {
+            // What has lapsed goes first, a bounded batch per call, so the
+            // tables stay as large as the keys still in force.
+            let lapsed: Vec<(u64, String)> = t
+                .seen_expiry
+                .range(..(now.as_millis(), ""))?
+                .take(SEEN_PURGE_BATCH)
+                .map(|e| e.map(|(k, _)| (k.value().0, k.value().1.to_owned())))
+                .collect::<Result<_, _>>()?;
+            for (at, k) in &lapsed {
+                t.seen_expiry.remove((*at, k.as_str()))?;
+                if t.seen.get(k.as_str())?.map(|v| v.value()) == Some(*at) {
+                    t.seen.remove(k.as_str())?;
+                }
+            }
+            let held = t.seen.get(key.as_str())?.map(|v| v.value());
+            if held.is_some_and(|at| at > now.as_millis()) {
+                return Ok(false);
+            }
+            t.seen.insert(key.as_str(), until.as_millis())?;
+            t.seen_expiry
+                .insert((until.as_millis(), key.as_str()), ())?;
+            Ok(true)
         })
         .await
     }

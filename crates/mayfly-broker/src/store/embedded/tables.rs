@@ -35,6 +35,11 @@ pub(super) const APPROVALS: TableDefinition<&str, &[u8]> = TableDefinition::new(
 pub(super) const APPROVAL_EXPIRY: TableDefinition<(u64, &str), ()> =
     TableDefinition::new("approval_expiry");
 pub(super) const AGENT_LOCKS: TableDefinition<&str, &[u8]> = TableDefinition::new("agent_locks");
+/// Keys used once (`first_use`): key → until (ms), and by until for
+/// clean-up.
+pub(super) const SEEN: TableDefinition<&str, u64> = TableDefinition::new("seen");
+pub(super) const SEEN_EXPIRY: TableDefinition<(u64, &str), ()> =
+    TableDefinition::new("seen_expiry");
 
 /// Key in `meta` of the next revocation cursor (never reused, even after
 /// trimming).
@@ -81,6 +86,8 @@ pub(super) struct Tables<'t> {
     pub approvals: Table<'t, &'static str, &'static [u8]>,
     pub approval_expiry: Table<'t, (u64, &'static str), ()>,
     pub agent_locks: Table<'t, &'static str, &'static [u8]>,
+    pub seen: Table<'t, &'static str, u64>,
+    pub seen_expiry: Table<'t, (u64, &'static str), ()>,
 }
 
 impl<'t> Tables<'t> {
@@ -99,6 +106,8 @@ impl<'t> Tables<'t> {
             approvals: txn.open_table(APPROVALS)?,
             approval_expiry: txn.open_table(APPROVAL_EXPIRY)?,
             agent_locks: txn.open_table(AGENT_LOCKS)?,
+            seen: txn.open_table(SEEN)?,
+            seen_expiry: txn.open_table(SEEN_EXPIRY)?,
         })
     }
 

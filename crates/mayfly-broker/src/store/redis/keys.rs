@@ -76,6 +76,10 @@ impl Keys {
     pub(super) fn locks(&self) -> String {
         format!("{}:locks", self.prefix)
     }
+    /// A key used once (`first_use`), expiring with its record.
+    pub(super) fn seen(&self, key: &str) -> String {
+        format!("{}:seen:{key}", self.prefix)
+    }
 }
 
 /// The member of the global lease indexes: `lease:task:agent`. Ids are

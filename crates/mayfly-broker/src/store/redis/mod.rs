@@ -368,6 +368,55 @@ impl LeaseStore for RedisStore {
         leases::update_task_context(self, id, agent, context, now).await
     }
 
+    async fn first_use(
+        &self,
+        key: &str,
+        until: Timestamp,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        if until <= now {
+            // Lapsed already: nothing to hold it against.
+            return Ok(true);
+        }
+        let k = self.keys.seen(key);
+        let replicas = self.replicas_to_ack;
+        // SET NX with an absolute expiry: set means first use. Sent once:
+        // a retry after a lost reply would find its own key and refuse,
+        // which fails closed.
+        let (set, acked): (Option<String>, u32) = self
+            .conn
+            .run(|mut c| {
+                let k = k.clone();
+                async move {
+                    let set: Option<String> = redis::cmd("SET")
+                        .arg(&k)
+                        .arg(1)
+                        .arg("NX")
+                        .arg("PXAT")
+                        .arg(until.as_millis())
+                        .query_async(&mut c)
+                        .await?;
+                    let acked = if replicas > 0 && set.is_some() {
+                        redis::cmd("WAIT")
+                            .arg(replicas)
+                            .arg(REPLICA_WAIT.as_millis() as u64)
+                            .query_async(&mut c)
+                            .await?
+                    } else {
+                        replicas
+                    };
+                    Ok((set, acked))
+                }
+            })
+            .await?;
+        if acked < replicas {
+            return Err(StoreError::Unavailable(Cause::msg(format!(
+                "write reached {acked} of {replicas} required replicas"
+            ))));
+        }
+        Ok(set.is_some())
+    }
+
     async fn check(&self) -> Result<(), StoreError> {
         let pong: String = self
             .conn
