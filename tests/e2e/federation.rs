@@ -344,3 +344,113 @@ async fn a_token_with_a_jti_serves_one_connection_and_is_a_replay_elsewhere() {
     c["jti"] = json!("run-42-attempt-2");
     start_with(&thief, &issuers.github.sign(&c)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_endpoint_takes_a_workload_token_as_client_assertion() {
+    let (broker, issuers) = broker().await;
+    let sub = "system:serviceaccount:prod:billing";
+    let client = broker.anonymous_client().await;
+    let task = start_with(&client, &issuers.k8s.sign(&claims(&broker, K8S, sub)))
+        .await
+        .unwrap();
+    let url = format!("{}/oauth2/token", broker.http_url());
+    let form = |assertion: &str, binding: &str| {
+        format!(
+            "grant_type=client_credentials\
+             &client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer\
+             &client_assertion={assertion}&resource=https%3A%2F%2Fapi.example.com\
+             &scope=read%3Afiles&task_id={}{binding}",
+            task.task_id
+        )
+    };
+    let post = |body: String, cert: Option<mayfly_testkit::Credential>| {
+        let (url, ca) = (url.clone(), broker.bundle_pem());
+        async move {
+            let (status, _, body) =
+                mayfly_testkit::https_post_form(&url, &ca, cert.as_ref(), &body).await;
+            (status, serde_json::from_str::<Value>(&body).unwrap())
+        }
+    };
+    let assertion = |jti: &str| {
+        let mut c = claims(&broker, K8S, sub);
+        c["jti"] = json!(jti);
+        issuers.k8s.sign(&c)
+    };
+
+    let first = assertion("assertion-1");
+    let (status, body) = post(form(&first, "&token_binding=none"), None).await;
+    assert_eq!(status, 200, "{body}");
+    let got = validate(&broker, body["access_token"].as_str().unwrap(), API).await;
+    assert_eq!(got["sub"], "spiffe://example.org/ns/prod/sa/billing");
+
+    // Used once: the same assertion again is a replay.
+    let (status, body) = post(form(&first, "&token_binding=none"), None).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"], "invalid_client");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("already used"),
+        "{body}"
+    );
+    // An expired one names the check.
+    let mut old = claims(&broker, K8S, sub);
+    old["exp"] = json!(unix_now() - 300);
+    let (status, body) = post(form(&issuers.k8s.sign(&old), "&token_binding=none"), None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_client"))
+    );
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("expired")
+    );
+    // No certificate to bind the token to.
+    let (status, body) = post(form(&assertion("assertion-2"), ""), None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{body}"
+    );
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be bound")
+    );
+    // A certificate and an assertion: one method per request.
+    let agent = broker
+        .ca()
+        .issue_svid(
+            &mayfly_core::SpiffeId::new("spiffe://example.org/agent/demo").unwrap(),
+            std::time::Duration::from_secs(600),
+        )
+        .unwrap();
+    let (status, body) = post(
+        form(&assertion("assertion-3"), "&token_binding=none"),
+        Some(agent),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{body}"
+    );
+    // The metadata says so.
+    let (_, meta) = mayfly_testkit::https_get(
+        &format!(
+            "{}/.well-known/oauth-authorization-server",
+            broker.http_url()
+        ),
+        &broker.bundle_pem(),
+    )
+    .await;
+    let meta: Value = serde_json::from_str(&meta).unwrap();
+    assert_eq!(
+        meta["token_endpoint_auth_methods_supported"],
+        json!(["tls_client_auth", "private_key_jwt"])
+    );
+}

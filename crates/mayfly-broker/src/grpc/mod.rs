@@ -7,7 +7,7 @@ mod broker;
 mod edge;
 mod revocations;
 mod status;
-mod token_auth;
+pub(crate) mod token_auth;
 
 pub use admin::AdminApi;
 pub use broker::BrokerApi;

@@ -93,6 +93,26 @@ async fn authenticate(
     if let Some(caller) = held {
         return Ok(caller);
     }
+    let caller = prove(token, federation, store, now).await?;
+    if let Ok(mut s) = sessions.lock() {
+        s.retain(|(_, c)| c.not_after > now);
+        if s.len() >= SESSIONS_PER_CONNECTION {
+            s.remove(0);
+        }
+        s.push((hash, caller.clone()));
+    }
+    Ok(caller)
+}
+
+/// Verifies `token` and, if it has a `jti`, records its first use in the
+/// cluster (a second use is `Replayed`): what both the gRPC edge and the
+/// token endpoint's `client_assertion` accept.
+pub(crate) async fn prove(
+    token: &str,
+    federation: &Federation,
+    store: &dyn LeaseStore,
+    now: Timestamp,
+) -> Result<Caller, TokenError> {
     let t = federation.verify(token).await?;
     if let Some(jti) = &t.jti {
         let key = hex(&sha256(format!("{}\n{jti}", t.issuer).as_bytes()));
@@ -108,19 +128,11 @@ async fn authenticate(
         }
     }
     tracing::debug!(id = %t.id, issuer = %t.issuer, "caller proven by a workload token");
-    let caller = Caller {
+    Ok(Caller {
         id: t.id,
         proof: Proof::Token { issuer: t.issuer },
         not_after: t.expires_at,
-    };
-    if let Ok(mut s) = sessions.lock() {
-        s.retain(|(_, c)| c.not_after > now);
-        if s.len() >= SESSIONS_PER_CONNECTION {
-            s.remove(0);
-        }
-        s.push((hash, caller.clone()));
-    }
-    Ok(caller)
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -3,13 +3,21 @@
 //! the TLS handshake, checked at the edge like a gRPC caller's (a task
 //! certificate is never a client). A `client_id` parameter, where given,
 //! must name that same ID.
+//!
+//! At the token endpoint a client without a certificate may instead
+//! authenticate with a workload token as an RFC 7523 `client_assertion`
+//! (`urn:ietf:params:oauth:client-assertion-type:jwt-bearer`), checked as
+//! the gRPC edge checks one (`[[federation]]`); its `jti` is used once.
 
 use mayfly_core::Timestamp;
 
 use super::errors::{Code, OAuthError};
 use super::form::Params;
 use crate::connections::PeerInfo;
+use crate::federation::{Federation, TokenError};
+use crate::grpc::token_auth::prove;
 use crate::identity::Caller;
+use crate::store::LeaseStore;
 
 /// The authenticated client, or `invalid_client` saying why not.
 pub(super) fn authenticate(peer: &PeerInfo) -> Result<Caller, OAuthError> {
@@ -23,13 +31,72 @@ pub(super) fn authenticate(peer: &PeerInfo) -> Result<Caller, OAuthError> {
     }
 }
 
-/// Refuses a `client_id` other than the certificate's SPIFFE ID.
+/// RFC 7523 §2.2: a JWT as client authentication.
+pub(super) const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// The token endpoint's client: the certificate's, or the one a workload
+/// token in `client_assertion` proves (never both: RFC 6749 §2.3 allows
+/// one method per request).
+pub(super) async fn authenticate_token_client(
+    federation: Option<&Federation>,
+    store: &dyn LeaseStore,
+    peer: &PeerInfo,
+    params: &Params,
+) -> Result<Caller, OAuthError> {
+    let assertion = match (
+        params.get("client_assertion_type"),
+        params.get("client_assertion"),
+    ) {
+        (None, None) => return authenticate(peer),
+        (Some(JWT_BEARER), Some(a)) => a,
+        (Some(JWT_BEARER), None) => {
+            return Err(OAuthError::new(
+                Code::InvalidRequest,
+                "client_assertion_type without client_assertion",
+            ));
+        }
+        (Some(other), _) => {
+            return Err(OAuthError::new(
+                Code::InvalidClient,
+                format!("client_assertion_type {other:?} is not supported; use {JWT_BEARER}"),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(OAuthError::new(
+                Code::InvalidRequest,
+                format!("client_assertion without client_assertion_type {JWT_BEARER}"),
+            ));
+        }
+    };
+    if peer.identity.is_ok() {
+        return Err(OAuthError::new(
+            Code::InvalidRequest,
+            "a client certificate and a client_assertion: use one client authentication method",
+        ));
+    }
+    let Some(federation) = federation else {
+        return Err(OAuthError::new(
+            Code::InvalidClient,
+            "this server trusts no workload token issuers ([[federation]])",
+        ));
+    };
+    prove(assertion, federation, store, Timestamp::now())
+        .await
+        .map_err(|e| match e {
+            TokenError::ReplayCheckUnavailable => {
+                OAuthError::new(Code::TemporarilyUnavailable, e.to_string())
+            }
+            e => OAuthError::new(Code::InvalidClient, e.to_string()),
+        })
+}
+
+/// Refuses a `client_id` other than the client's SPIFFE ID.
 pub(super) fn check_client_id(caller: &Caller, params: &Params) -> Result<(), OAuthError> {
     match params.get("client_id") {
         Some(id) if id != caller.id.as_str() => Err(OAuthError::new(
             Code::InvalidClient,
             format!(
-                "client_id {id:?} is not the client certificate's SPIFFE ID {}",
+                "client_id {id:?} is not the authenticated client's SPIFFE ID {}",
                 caller.id
             ),
         )),

@@ -30,6 +30,7 @@ use mayfly_core::dpop::{ALGORITHMS as DPOP_ALGORITHMS, ReplayCache};
 use mayfly_core::limits::MAX_FORM_BYTES;
 
 use crate::crl::CrlPublisher;
+use crate::federation::Federation;
 use crate::issuer::JwtSigner;
 use crate::service::Service;
 
@@ -54,10 +55,19 @@ pub(super) struct HttpState {
     dpop_seen: Arc<ReplayCache>,
     /// Serves `/crl` when an issuing CA is configured.
     crl: Option<Arc<CrlPublisher>>,
+    /// Workload-token issuers, for `client_assertion` at the token
+    /// endpoint.
+    federation: Option<Arc<Federation>>,
 }
 
-/// The RFC 8414 metadata document for `issuer`.
-pub fn metadata(issuer: &str, algs: &[&str]) -> serde_json::Value {
+/// The RFC 8414 metadata document for `issuer`; with `workload_tokens`,
+/// the token endpoint also takes RFC 7523 client assertions.
+pub fn metadata(issuer: &str, algs: &[&str], workload_tokens: bool) -> serde_json::Value {
+    let token_auth: &[&str] = if workload_tokens {
+        &["tls_client_auth", "private_key_jwt"]
+    } else {
+        &["tls_client_auth"]
+    };
     json!({
         "issuer": issuer,
         "jwks_uri": format!("{issuer}/.well-known/jwks.json"),
@@ -65,7 +75,7 @@ pub fn metadata(issuer: &str, algs: &[&str]) -> serde_json::Value {
         // Named because strict clients (the MCP SDK among them) require
         // it; it refuses every request, see `authorize`.
         "authorization_endpoint": format!("{issuer}/oauth2/authorize"),
-        "token_endpoint_auth_methods_supported": ["tls_client_auth"],
+        "token_endpoint_auth_methods_supported": token_auth,
         "grant_types_supported": [token::CLIENT_CREDENTIALS, token::TOKEN_EXCHANGE],
         // No authorization endpoint: agents prove who they are with their
         // workload identity, not a browser.
@@ -87,6 +97,7 @@ pub fn router(
     metadata: &serde_json::Value,
     service: Arc<Service>,
     crl: Option<Arc<CrlPublisher>>,
+    federation: Option<Arc<Federation>>,
 ) -> Router {
     let state = HttpState {
         signer,
@@ -95,6 +106,7 @@ pub fn router(
         token_url: format!("{issuer}/oauth2/token").into(),
         dpop_seen: Arc::new(ReplayCache::new(DPOP_PROOFS_REMEMBERED)),
         crl,
+        federation,
     };
     Router::new()
         .route("/crl", get(crl_handler))

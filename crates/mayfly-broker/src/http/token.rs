@@ -44,7 +44,7 @@ use mayfly_core::{
 use serde_json::json;
 
 use super::HttpState;
-use super::client::{authenticate, check_client_id};
+use super::client::{authenticate_token_client, check_client_id};
 use super::errors::{Code, OAuthError, POLL_INTERVAL};
 use super::form::Params;
 use crate::connections::PeerInfo;
@@ -96,9 +96,16 @@ async fn grant(
     headers: &HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OAuthError> {
-    // The client first: an unauthenticated caller learns nothing else.
-    let caller = authenticate(peer)?;
+    // The client first (after reading the form, which may carry its
+    // assertion): an unauthenticated caller learns nothing else.
     let params = Params::parse(headers, &body(raw)?)?;
+    let caller = authenticate_token_client(
+        s.federation.as_deref(),
+        s.service.store().as_ref(),
+        peer,
+        &params,
+    )
+    .await?;
     check_client_id(&caller, &params)?;
     match params.require("grant_type")? {
         CLIENT_CREDENTIALS => client_credentials(s, &caller, headers, &params).await,

@@ -100,9 +100,10 @@ impl Broker {
         let router = http::router(
             &self.issuer,
             self.signer.clone(),
-            &http::metadata(&self.issuer, &algs),
+            &http::metadata(&self.issuer, &algs, self.federation.is_some()),
             self.service.clone(),
             self.crl.clone(),
+            self.federation.clone(),
         );
         let http_task = tokio::spawn(connections::serve(
             http,
