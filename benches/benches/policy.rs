@@ -70,6 +70,7 @@ fn task(context: &[(&str, &str)]) -> Task {
         revision: 0,
         parent: None,
         delegated_by: Vec::new(),
+        authenticated_by: None,
     }
 }
 
@@ -120,6 +121,7 @@ fn decide(p: &CedarPolicy, a: &Ask) -> Decision {
         scopes: &a.scopes,
         ttl: Duration::from_secs(300),
         now: Timestamp::now(),
+        authenticated_by: mayfly_core::CERTIFICATE,
     })
 }
 

@@ -89,7 +89,14 @@ permit (
   principal in Mayfly::Path::"spiffe://example.org",
   action in [Mayfly::Action::"start_task", Mayfly::Action::"issue_token"],
   resource
-);"#,
+);
+
+@id("payments-need-a-certificate")
+forbid (
+  principal,
+  action == Mayfly::Action::"issue_token",
+  resource == Mayfly::Audience::"https://payments.example.com"
+) unless { principal.authenticated_by == "certificate" };"#,
         );
     })
     .await;
@@ -453,4 +460,50 @@ async fn the_token_endpoint_takes_a_workload_token_as_client_assertion() {
         meta["token_endpoint_auth_methods_supported"],
         json!(["tls_client_auth", "private_key_jwt"])
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_can_ask_for_a_certificate() {
+    let (broker, issuers) = broker().await;
+    let payments = "https://payments.example.com";
+    let token = issuers
+        .k8s
+        .sign(&claims(&broker, K8S, "system:serviceaccount:prod:billing"));
+    let client = broker.anonymous_client().await;
+    let task = client
+        .broker()
+        .start_task(with_token(
+            start_request("pay invoices", &[API, payments], &["read:files"]),
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    // The same workload may read the API with its token...
+    issue_with(&client, &task.task_id, &token).await.unwrap();
+    // ...but payments want the stronger proof.
+    assert_status(
+        client
+            .broker()
+            .issue_token(with_token(
+                token_request(&task.task_id, payments, &["read:files"]),
+                &token,
+            ))
+            .await,
+        Code::PermissionDenied,
+        "payments-need-a-certificate",
+    );
+    // A certificate caller of the trust domain gets it.
+    let agent = broker.agent().await;
+    let own = agent
+        .broker()
+        .start_task(start_request("pay invoices", &[payments], &["read:files"]))
+        .await
+        .unwrap()
+        .into_inner();
+    agent
+        .broker()
+        .issue_token(token_request(&own.task_id, payments, &["read:files"]))
+        .await
+        .unwrap();
 }

@@ -108,8 +108,9 @@ async fn a_key_rotates_on_both_replicas_without_a_failed_verification() {
     };
     validator.fetch(&a).await;
 
-    // The next key, signing 2 s from now; both replicas publish it first.
-    let switch = now() + 2;
+    // The next key, signing 4 s from now (time enough, on a loaded
+    // machine, to see it published first); both replicas publish it first.
+    let switch = now() + 4;
     let path = scheduled_path(
         &a.config.data_dir,
         mayfly_broker::config::Algorithm::ES256,

@@ -109,7 +109,7 @@ pub enum Target {
         /// The store.
         store: Arc<dyn LeaseStore>,
         /// Its one task.
-        task: Task,
+        task: Box<Task>,
         /// Removed when done.
         _dir: tempfile::TempDir,
     },
@@ -136,7 +136,7 @@ impl Target {
         store.start_task(&t).await?;
         Ok(Self::Embedded {
             store,
-            task: t,
+            task: Box::new(t),
             _dir: tmp,
         })
     }

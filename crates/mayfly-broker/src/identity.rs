@@ -77,11 +77,20 @@ impl Caller {
         r
     }
 
+    /// The workload-token issuer that proved it, as records store it
+    /// (`None` for a certificate).
+    pub fn token_issuer(&self) -> Option<String> {
+        match &self.proof {
+            Proof::Certificate { .. } => None,
+            Proof::Token { issuer } => Some(issuer.clone()),
+        }
+    }
+
     /// How it was proven, as audit records and policy name it:
     /// `certificate`, or the token issuer.
     pub fn authenticated_by(&self) -> &str {
         match &self.proof {
-            Proof::Certificate { .. } => "certificate",
+            Proof::Certificate { .. } => mayfly_core::CERTIFICATE,
             Proof::Token { issuer } => issuer,
         }
     }

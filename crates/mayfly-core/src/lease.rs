@@ -268,6 +268,9 @@ pub struct Lease {
     pub task_revision: u64,
     /// The approval it was issued under, if one was needed.
     pub approval: Option<crate::ApprovalId>,
+    /// How its holder proved its SPIFFE ID when it was issued: `None` with
+    /// a client certificate, else the workload-token issuer.
+    pub authenticated_by: Option<String>,
 }
 
 /// A lease as both stores hold it (JSON): the kind as a name and its
@@ -301,6 +304,8 @@ struct StoredLease {
     task_revision: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     approval: Option<crate::ApprovalId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    authenticated_by: Option<String>,
 }
 
 impl From<StoredLease> for Lease {
@@ -342,6 +347,7 @@ impl From<StoredLease> for Lease {
             status: s.status,
             task_revision: s.task_revision,
             approval: s.approval,
+            authenticated_by: s.authenticated_by,
         }
     }
 }
@@ -393,6 +399,7 @@ impl From<Lease> for StoredLease {
             issuing_ca,
             task_revision: l.task_revision,
             approval: l.approval,
+            authenticated_by: l.authenticated_by,
         }
     }
 }
@@ -501,6 +508,7 @@ mod tests {
             status,
             task_revision: 0,
             approval: None,
+            authenticated_by: None,
         }
     }
 

@@ -39,8 +39,8 @@ pub use lease::{
 };
 pub use lock::{AgentLock, MAX_LOCK_REASON_BYTES};
 pub use policy::{
-    Decision, DelegateRequest, ExchangeTokenRequest, IssueTokenRequest, Pattern, Policy,
-    SignCertificateRequest, StartTaskRequest,
+    CERTIFICATE, Decision, DelegateRequest, ExchangeTokenRequest, IssueTokenRequest, Pattern,
+    Policy, SignCertificateRequest, StartTaskRequest, proof_name,
 };
 pub use spiffe::{SpiffeId, SpiffeIdError, SpiffeIdPattern, TASK_SEGMENT, TrustDomain};
 pub use task::{Task, TaskRecord, TaskState};

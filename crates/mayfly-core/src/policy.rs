@@ -11,11 +11,24 @@ use crate::spiffe::SpiffeId;
 use crate::task::Task;
 use crate::time::Timestamp;
 
+/// How a principal proved itself with a client certificate, as policy
+/// sees it (`principal.authenticated_by`).
+pub const CERTIFICATE: &str = "certificate";
+
+/// The name policy sees for a stored proof: `certificate` for `None`, else
+/// the workload-token issuer.
+pub fn proof_name(stored: Option<&str>) -> &str {
+    stored.unwrap_or(CERTIFICATE)
+}
+
 /// A request to open a task, as policy sees it.
 #[derive(Debug)]
 pub struct StartTaskRequest<'a> {
     /// The caller.
     pub agent: &'a SpiffeId,
+    /// How the caller proved itself: `certificate`, or the workload-token
+    /// issuer.
+    pub authenticated_by: &'a str,
     /// What the task is for.
     pub intent: &'a Intent,
     /// Facts about the task.
@@ -33,6 +46,9 @@ pub struct StartTaskRequest<'a> {
 pub struct IssueTokenRequest<'a> {
     /// The caller (the task's owner).
     pub agent: &'a SpiffeId,
+    /// How the caller proved itself: `certificate`, or the workload-token
+    /// issuer.
+    pub authenticated_by: &'a str,
     /// The task, with its intent and context.
     pub task: &'a Task,
     /// The token's audience.
@@ -50,6 +66,9 @@ pub struct IssueTokenRequest<'a> {
 pub struct SignCertificateRequest<'a> {
     /// The caller (the task's owner).
     pub agent: &'a SpiffeId,
+    /// How the caller proved itself: `certificate`, or the workload-token
+    /// issuer.
+    pub authenticated_by: &'a str,
     /// The task, with its intent and context.
     pub task: &'a Task,
     /// The lifetime asked for (or the default), before policy caps it.
@@ -65,6 +84,9 @@ pub struct SignCertificateRequest<'a> {
 pub struct ExchangeTokenRequest<'a> {
     /// The caller: the service exchanging the token.
     pub actor: &'a SpiffeId,
+    /// How the caller proved itself: `certificate`, or the workload-token
+    /// issuer.
+    pub authenticated_by: &'a str,
     /// The agent the work is for: the task's owner.
     pub subject: &'a SpiffeId,
     /// The audience of the token being exchanged (what the actor is).
@@ -86,6 +108,9 @@ pub struct ExchangeTokenRequest<'a> {
 pub struct DelegateRequest<'a> {
     /// The caller: the parent task's owner.
     pub agent: &'a SpiffeId,
+    /// How the caller proved itself: `certificate`, or the workload-token
+    /// issuer.
+    pub authenticated_by: &'a str,
     /// The agent that would own the new task.
     pub delegate: &'a SpiffeId,
     /// The parent task, with its intent and context.

@@ -42,6 +42,11 @@ pub struct Task {
     /// first and the parent's owner last; empty when not delegated.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub delegated_by: Vec<SpiffeId>,
+    /// How whoever opened it (the owner, or for a delegated task the
+    /// delegator) proved its SPIFFE ID: `None` with a client certificate,
+    /// else the workload-token issuer. Decisions made again see it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authenticated_by: Option<String>,
 }
 
 impl Task {
@@ -91,7 +96,13 @@ impl Task {
             status: LeaseStatus::Active,
             task_revision: self.revision,
             approval: None,
+            authenticated_by: self.authenticated_by.clone(),
         }
+    }
+
+    /// How its opener proved itself, as policy names it.
+    pub fn opened_by(&self) -> &str {
+        crate::policy::proof_name(self.authenticated_by.as_deref())
     }
 }
 
@@ -195,6 +206,7 @@ mod tests {
             revision: 0,
             parent: None,
             delegated_by: delegated_by.iter().map(|s| id(s)).collect(),
+            authenticated_by: None,
         }
     }
 

@@ -42,6 +42,7 @@ pub(crate) fn reads_now(policy: &Policy) -> bool {
 struct Key {
     action: &'static str,
     agent: String,
+    authenticated_by: String,
     delegate: Option<String>,
     exchange: Option<(String, String)>,
     resource: EntityUid,
@@ -57,6 +58,7 @@ impl Key {
         Self {
             action: ask.action,
             agent: ask.agent.to_string(),
+            authenticated_by: ask.authenticated_by.to_owned(),
             delegate: ask.delegate.map(ToString::to_string),
             exchange: ask.exchange.map(|(s, a)| (s.to_string(), a.to_owned())),
             resource: ask.resource.clone(),
@@ -72,6 +74,7 @@ impl Key {
     fn is(&self, ask: &Ask<'_>) -> bool {
         self.action == ask.action
             && self.agent == ask.agent.as_str()
+            && self.authenticated_by == ask.authenticated_by
             && self.delegate.as_deref() == ask.delegate.map(|d| d.as_str())
             && self
                 .exchange
@@ -93,6 +96,7 @@ fn hash(ask: &Ask<'_>) -> u64 {
     let mut h = DefaultHasher::new();
     ask.action.hash(&mut h);
     ask.agent.as_str().hash(&mut h);
+    ask.authenticated_by.hash(&mut h);
     ask.delegate.map(|d| d.as_str()).hash(&mut h);
     ask.exchange.map(|(s, a)| (s.as_str(), a)).hash(&mut h);
     ask.resource.hash(&mut h);

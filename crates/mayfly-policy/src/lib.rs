@@ -118,14 +118,16 @@ fn string(s: &str) -> RestrictedExpression {
 
 /// An agent, in every [`Type::Path`] strictly above its SPIFFE ID, so
 /// `principal in Mayfly::Path::"spiffe://td/agent"` is a segment-exact
-/// subtree match.
-fn agent_entity(id: &SpiffeId) -> Result<Entity, String> {
+/// subtree match. `authenticated_by` is how the principal proved itself
+/// for this request; empty for another agent the request names.
+fn agent_entity(id: &SpiffeId, authenticated_by: &str) -> Result<Entity, String> {
     Entity::new(
         uid(Type::Agent, id.as_str()),
         [
             ("spiffe_id".to_owned(), string(id.as_str())),
             ("trust_domain".to_owned(), string(id.trust_domain_name())),
             ("path".to_owned(), string(id.path())),
+            ("authenticated_by".to_owned(), string(authenticated_by)),
         ]
         .into_iter()
         .collect(),
@@ -151,6 +153,8 @@ fn task_entity(id: &str, intent: &str, context: &TaskContext) -> Result<Entity, 
 #[derive(Clone)]
 struct Ask<'a> {
     agent: &'a SpiffeId,
+    /// How the principal proved itself: `certificate` or a token issuer.
+    authenticated_by: &'a str,
     /// For `delegate`: the agent the resource names, added to the entities.
     delegate: Option<&'a SpiffeId>,
     /// For `exchange_token`: the subject agent (added to the entities) and
@@ -210,14 +214,14 @@ impl CedarPolicy {
         };
         let task_uid = uid(Type::Task, ask.task_id);
         let mut entities = vec![
-            agent_entity(ask.agent),
+            agent_entity(ask.agent, ask.authenticated_by),
             task_entity(ask.task_id, ask.intent, ask.context),
         ];
         if let Some(d) = ask.delegate.filter(|d| *d != ask.agent) {
-            entities.push(agent_entity(d));
+            entities.push(agent_entity(d, ""));
         }
         if let Some((subject, _)) = ask.exchange.filter(|(s, _)| *s != ask.agent) {
-            entities.push(agent_entity(subject));
+            entities.push(agent_entity(subject, ""));
         }
         let entities = match entities.into_iter().collect::<Result<Vec<_>, _>>() {
             Ok(list) => match Entities::from_entities(list, None) {
@@ -375,6 +379,7 @@ impl Policy for CedarPolicy {
         all_of(req.envelope.audiences().iter().map(|aud| {
             self.ask(Ask {
                 agent: req.agent,
+                authenticated_by: req.authenticated_by,
                 delegate: None,
                 exchange: None,
                 action: "start_task",
@@ -392,6 +397,7 @@ impl Policy for CedarPolicy {
     fn decide_issue_token(&self, req: &IssueTokenRequest<'_>) -> Decision {
         self.ask(Ask {
             agent: req.agent,
+            authenticated_by: req.authenticated_by,
             delegate: None,
             exchange: None,
             action: "issue_token",
@@ -408,6 +414,7 @@ impl Policy for CedarPolicy {
     fn decide_delegate(&self, req: &DelegateRequest<'_>) -> Decision {
         self.ask(Ask {
             agent: req.agent,
+            authenticated_by: req.authenticated_by,
             delegate: Some(req.delegate),
             exchange: None,
             action: "delegate",
@@ -424,6 +431,7 @@ impl Policy for CedarPolicy {
     fn decide_exchange_token(&self, req: &ExchangeTokenRequest<'_>) -> Decision {
         self.ask(Ask {
             agent: req.actor,
+            authenticated_by: req.authenticated_by,
             delegate: None,
             exchange: Some((req.subject, req.subject_audience.as_str())),
             action: "exchange_token",
@@ -440,6 +448,7 @@ impl Policy for CedarPolicy {
     fn decide_sign_certificate(&self, req: &SignCertificateRequest<'_>) -> Decision {
         self.ask(Ask {
             agent: req.agent,
+            authenticated_by: req.authenticated_by,
             delegate: None,
             exchange: None,
             action: "sign_certificate",
@@ -546,6 +555,7 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
                         for ttl in [60, 3600] {
                             let ask = Ask {
                                 agent,
+                                authenticated_by: mayfly_core::CERTIFICATE,
                                 delegate: (*action == "delegate").then_some(&worker),
                                 exchange: (*action == "exchange_token")
                                     .then_some((&worker, "https://tickets.prod.example.com")),
@@ -592,6 +602,7 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
     fn ask_at<'a>(agent: &'a SpiffeId, context: &'a TaskContext, now: u64) -> Ask<'a> {
         Ask {
             agent,
+            authenticated_by: mayfly_core::CERTIFICATE,
             delegate: None,
             exchange: None,
             action: "issue_token",
@@ -602,6 +613,31 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
             scopes: vec!["read:files"],
             ttl: Duration::from_secs(60),
             now: Timestamp::from_secs(now),
+        }
+    }
+
+    #[test]
+    fn policy_sees_how_the_principal_proved_itself_and_caches_each_apart() {
+        let p = policy(
+            r#"@id("all") permit (principal, action, resource);
+@id("certificates-only") forbid (principal, action, resource)
+  unless { principal.authenticated_by == "certificate" };"#,
+        );
+        let agent = SpiffeId::new("spiffe://example.org/agent/a").unwrap();
+        let context = TaskContext::default();
+        let with_cert = ask_at(&agent, &context, 1);
+        let with_token = Ask {
+            authenticated_by: "https://kubernetes.default.svc",
+            ..ask_at(&agent, &context, 1)
+        };
+        for _ in 0..2 {
+            // Asked twice: the second answers come from the cache, each
+            // its own.
+            assert!(matches!(p.ask(with_cert.clone()), Decision::Permit { .. }));
+            assert!(matches!(
+                p.ask(with_token.clone()),
+                Decision::Deny { policy_id: Some(id), .. } if id == "certificates-only"
+            ));
         }
     }
 

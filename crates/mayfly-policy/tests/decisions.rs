@@ -35,6 +35,7 @@ fn task(context: &[(&str, &str)]) -> Task {
         revision: 0,
         parent: None,
         delegated_by: Vec::new(),
+        authenticated_by: None,
     }
 }
 
@@ -46,6 +47,7 @@ fn token(p: &CedarPolicy, task: &Task, audience: &str, scopes: &[&str]) -> Decis
         scopes: &parse_scopes(scopes).unwrap(),
         ttl: Duration::from_secs(900),
         now: Timestamp::now(),
+        authenticated_by: mayfly_core::CERTIFICATE,
     })
 }
 
@@ -143,6 +145,7 @@ fn restricted_data_cannot_be_exported_and_nothing_else_is_allowed_by_default() {
             envelope: &Envelope::new(auds, scopes).unwrap(),
             ttl: Duration::from_secs(3600),
             now: Timestamp::now(),
+            authenticated_by: mayfly_core::CERTIFICATE,
         })
     };
     let (id, ttl, _) = permit(start(
@@ -170,6 +173,7 @@ fn restricted_data_cannot_be_exported_and_nothing_else_is_allowed_by_default() {
         task: &task(&[]),
         ttl: Duration::from_secs(7200),
         now: Timestamp::now(),
+        authenticated_by: mayfly_core::CERTIFICATE,
     });
     assert_eq!(permit(cert).1, Some(Duration::from_secs(3600)));
 }
@@ -254,6 +258,7 @@ fn reads_may_be_delegated_to_workers_only() {
             envelope: &Envelope::new(&[TICKETS], scopes).unwrap(),
             ttl: Duration::from_secs(3600),
             now: Timestamp::now(),
+            authenticated_by: mayfly_core::CERTIFICATE,
         })
     };
     let worker = "spiffe://prod.example.com/agents/workers/summariser";

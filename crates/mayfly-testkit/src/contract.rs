@@ -125,6 +125,7 @@ pub fn task(agent: &SpiffeId, ttl: u64) -> Task {
         revision: 0,
         parent: None,
         delegated_by: Vec::new(),
+        authenticated_by: None,
     }
 }
 
@@ -144,6 +145,7 @@ pub fn lease(task: &Task, ttl: u64) -> Lease {
         status: LeaseStatus::Active,
         task_revision: 0,
         approval: None,
+        authenticated_by: None,
     }
 }
 

@@ -63,6 +63,7 @@ impl Kind for TokenRequest {
             scopes: &self.scopes,
             ttl: at.ttl,
             now: at.now,
+            authenticated_by: at.authenticated_by,
         })
     }
 
@@ -176,6 +177,7 @@ impl Kind for Certificate<'_> {
             task: at.task,
             ttl: at.ttl,
             now: at.now,
+            authenticated_by: at.authenticated_by,
         })
     }
 

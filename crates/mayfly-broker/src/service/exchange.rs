@@ -75,6 +75,7 @@ impl Kind for Exchange<'_> {
             scopes: &self.scopes,
             ttl: at.ttl,
             now: at.now,
+            authenticated_by: at.authenticated_by,
         })
     }
 

@@ -99,6 +99,8 @@ pub(super) trait Kind {
 pub(super) struct Asked<'a> {
     /// The caller.
     pub agent: &'a SpiffeId,
+    /// How the caller proved itself (`certificate`, or the token issuer).
+    pub authenticated_by: &'a str,
     /// The task, as read for this attempt.
     pub task: &'a Task,
     /// The lifetime asked for, within the broker's limits.
@@ -218,6 +220,7 @@ impl Issuance {
         // Decide.
         let asked = Asked {
             agent: &caller.id,
+            authenticated_by: caller.authenticated_by(),
             task,
             ttl,
             now,
@@ -262,6 +265,7 @@ impl Issuance {
             status: LeaseStatus::Active,
             task_revision: task.revision,
             approval: progress.approval.clone(),
+            authenticated_by: caller.token_issuer(),
         };
         let credential = kind.mint(self, task, &lease)?;
 

@@ -142,6 +142,7 @@ mod tests {
                 revision: 0,
                 parent: None,
                 delegated_by: Vec::new(),
+                authenticated_by: None,
             },
             status,
         })

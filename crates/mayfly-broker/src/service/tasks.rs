@@ -7,7 +7,7 @@ use mayfly_core::{
     ContextChange, Decision, DelegateRequest, ExchangeTokenRequest, IssueTokenRequest, Lease,
     LeaseDetail, LeaseId, LeaseState, LeaseStatus, Revocation, RevocationReason,
     SignCertificateRequest, SpiffeId, StartTaskRequest, Task, TaskId, TaskRecord, TaskState,
-    Timestamp,
+    Timestamp, proof_name,
 };
 
 use super::shared::asked;
@@ -45,6 +45,7 @@ impl Tasks {
             envelope: &req.envelope,
             ttl,
             now,
+            authenticated_by: caller.authenticated_by(),
         });
         let denied = || {
             let mut r = caller.record(Event::TaskDenied).envelope(&req.envelope);
@@ -67,6 +68,7 @@ impl Tasks {
             revision: 0,
             parent: None,
             delegated_by: Vec::new(),
+            authenticated_by: caller.token_issuer(),
         };
         let started = self
             .shared
@@ -172,6 +174,7 @@ impl Tasks {
             envelope: &req.envelope,
             ttl,
             now,
+            authenticated_by: caller.authenticated_by(),
         });
         let permit = self.shared.permit_or_record(decision, denied).await?;
         if permit.approval_required {
@@ -199,6 +202,7 @@ impl Tasks {
             revision: 0,
             parent: Some(parent.id.clone()),
             delegated_by,
+            authenticated_by: caller.token_issuer(),
         };
         let started = self
             .shared
@@ -432,6 +436,7 @@ impl Tasks {
                 envelope: &task.envelope,
                 ttl,
                 now,
+                authenticated_by: task.opened_by(),
             }));
         };
         let Some(parent) = self.shared.store.get_task(parent_id).await? else {
@@ -448,6 +453,7 @@ impl Tasks {
             envelope: &task.envelope,
             ttl,
             now,
+            authenticated_by: task.opened_by(),
         }))
     }
 
@@ -465,6 +471,7 @@ impl Tasks {
                     scopes: &lease.scopes,
                     ttl,
                     now,
+                    authenticated_by: proof_name(lease.authenticated_by.as_deref()),
                 })
             }
             LeaseDetail::ExchangedToken {
@@ -484,6 +491,7 @@ impl Tasks {
                     scopes: &lease.scopes,
                     ttl,
                     now,
+                    authenticated_by: proof_name(lease.authenticated_by.as_deref()),
                 }),
             LeaseDetail::Certificate { .. } => {
                 self.shared
@@ -493,6 +501,7 @@ impl Tasks {
                         task,
                         ttl,
                         now,
+                        authenticated_by: proof_name(lease.authenticated_by.as_deref()),
                     })
             }
             LeaseDetail::Unrecognised { .. } => return false,
