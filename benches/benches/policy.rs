@@ -119,6 +119,7 @@ fn decide(p: &CedarPolicy, a: &Ask) -> Decision {
         task: &a.task,
         audience: &a.audience,
         scopes: &a.scopes,
+        binding: "certificate",
         ttl: Duration::from_secs(300),
         now: Timestamp::now(),
         authenticated_by: mayfly_core::CERTIFICATE,

@@ -96,7 +96,14 @@ forbid (
   principal,
   action == Mayfly::Action::"issue_token",
   resource == Mayfly::Audience::"https://payments.example.com"
-) unless { principal.authenticated_by == "certificate" };"#,
+) unless { principal.authenticated_by == "certificate" };
+
+@id("tools-need-proof-of-possession")
+forbid (
+  principal,
+  action == Mayfly::Action::"issue_token",
+  resource == Mayfly::Audience::"https://tools.example.com"
+) unless { principal.authenticated_by == "certificate" || context.binding == "dpop" };"#,
         );
     })
     .await;
@@ -459,6 +466,46 @@ async fn the_token_endpoint_takes_a_workload_token_as_client_assertion() {
     assert_eq!(
         meta["token_endpoint_auth_methods_supported"],
         json!(["tls_client_auth", "private_key_jwt"])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_can_ask_for_dpop_from_a_token_caller() {
+    let (broker, issuers) = broker().await;
+    let token = issuers
+        .k8s
+        .sign(&claims(&broker, K8S, "system:serviceaccount:prod:billing"));
+    let client = broker.anonymous_client().await;
+    let task = client
+        .broker()
+        .start_task(with_token(
+            start_request("use tools", &[TOOLS], &["read:files"]),
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut req = token_request(&task.task_id, TOOLS, &["read:files"]);
+    assert_status(
+        client
+            .broker()
+            .issue_token(with_token(req.clone(), &token))
+            .await,
+        Code::PermissionDenied,
+        "tools-need-proof-of-possession",
+    );
+    let key = mayfly_testkit::DpopKey::new();
+    req.dpop_jwk = key.jwk().to_string();
+    let issued = client
+        .broker()
+        .issue_token(with_token(req, &token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(issued.token_type, "DPoP");
+    assert_eq!(
+        claims_unverified(&issued.token)["cnf"]["jkt"],
+        key.thumbprint()
     );
 }
 

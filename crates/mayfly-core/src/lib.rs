@@ -40,7 +40,7 @@ pub use lease::{
 pub use lock::{AgentLock, MAX_LOCK_REASON_BYTES};
 pub use policy::{
     CERTIFICATE, Decision, DelegateRequest, ExchangeTokenRequest, IssueTokenRequest, Pattern,
-    Policy, SignCertificateRequest, StartTaskRequest, proof_name,
+    Policy, SignCertificateRequest, StartTaskRequest, binding_name, proof_name,
 };
 pub use spiffe::{SpiffeId, SpiffeIdError, SpiffeIdPattern, TASK_SEGMENT, TrustDomain};
 pub use task::{Task, TaskRecord, TaskState};

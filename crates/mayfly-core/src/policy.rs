@@ -21,6 +21,16 @@ pub fn proof_name(stored: Option<&str>) -> &str {
     stored.unwrap_or(CERTIFICATE)
 }
 
+/// What a token is bound to, as policy sees it (`context.binding`):
+/// `certificate`, `dpop` or `none`.
+pub fn binding_name(binding: Option<&crate::TokenBinding>) -> &'static str {
+    match binding {
+        Some(crate::TokenBinding::Certificate { .. }) => "certificate",
+        Some(crate::TokenBinding::Dpop { .. }) => "dpop",
+        None => "none",
+    }
+}
+
 /// A request to open a task, as policy sees it.
 #[derive(Debug)]
 pub struct StartTaskRequest<'a> {
@@ -55,6 +65,8 @@ pub struct IssueTokenRequest<'a> {
     pub audience: &'a Audience,
     /// The token's scopes.
     pub scopes: &'a Scopes,
+    /// What it would be bound to: see [`binding_name`].
+    pub binding: &'a str,
     /// The lifetime asked for (or the default), before policy caps it.
     pub ttl: Duration,
     /// The time of the request.
@@ -97,6 +109,8 @@ pub struct ExchangeTokenRequest<'a> {
     pub audience: &'a Audience,
     /// The new token's scopes.
     pub scopes: &'a Scopes,
+    /// What it would be bound to: see [`binding_name`].
+    pub binding: &'a str,
     /// The lifetime asked for (or the default), before policy caps it.
     pub ttl: Duration,
     /// The time of the request.

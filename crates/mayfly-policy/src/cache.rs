@@ -43,6 +43,7 @@ struct Key {
     action: &'static str,
     agent: String,
     authenticated_by: String,
+    binding: Option<String>,
     delegate: Option<String>,
     exchange: Option<(String, String)>,
     resource: EntityUid,
@@ -59,6 +60,7 @@ impl Key {
             action: ask.action,
             agent: ask.agent.to_string(),
             authenticated_by: ask.authenticated_by.to_owned(),
+            binding: ask.binding.map(str::to_owned),
             delegate: ask.delegate.map(ToString::to_string),
             exchange: ask.exchange.map(|(s, a)| (s.to_string(), a.to_owned())),
             resource: ask.resource.clone(),
@@ -75,6 +77,7 @@ impl Key {
         self.action == ask.action
             && self.agent == ask.agent.as_str()
             && self.authenticated_by == ask.authenticated_by
+            && self.binding.as_deref() == ask.binding
             && self.delegate.as_deref() == ask.delegate.map(|d| d.as_str())
             && self
                 .exchange
@@ -97,6 +100,7 @@ fn hash(ask: &Ask<'_>) -> u64 {
     ask.action.hash(&mut h);
     ask.agent.as_str().hash(&mut h);
     ask.authenticated_by.hash(&mut h);
+    ask.binding.hash(&mut h);
     ask.delegate.map(|d| d.as_str()).hash(&mut h);
     ask.exchange.map(|(s, a)| (s.as_str(), a)).hash(&mut h);
     ask.resource.hash(&mut h);

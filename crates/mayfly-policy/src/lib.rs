@@ -155,6 +155,8 @@ struct Ask<'a> {
     agent: &'a SpiffeId,
     /// How the principal proved itself: `certificate` or a token issuer.
     authenticated_by: &'a str,
+    /// For a token: what it would be bound to (`context.binding`).
+    binding: Option<&'a str>,
     /// For `delegate`: the agent the resource names, added to the entities.
     delegate: Option<&'a SpiffeId>,
     /// For `exchange_token`: the subject agent (added to the entities) and
@@ -243,39 +245,43 @@ impl CedarPolicy {
             ]
         });
         let context = Context::from_pairs(
-            exchange.into_iter().flatten().chain([
-                (
-                    "task".to_owned(),
-                    RestrictedExpression::new_entity_uid(task_uid),
-                ),
-                (
-                    "scopes".to_owned(),
-                    RestrictedExpression::new_set(ask.scopes.iter().map(|s| string(s))),
-                ),
-                (
-                    "scope_prefixes".to_owned(),
-                    RestrictedExpression::new_set(
-                        ask.scopes
-                            .iter()
-                            .map(|s| s.split(':').next().unwrap_or(s))
-                            .collect::<BTreeSet<_>>()
-                            .into_iter()
-                            .map(string),
+            exchange
+                .into_iter()
+                .flatten()
+                .chain(ask.binding.map(|b| ("binding".to_owned(), string(b))))
+                .chain([
+                    (
+                        "task".to_owned(),
+                        RestrictedExpression::new_entity_uid(task_uid),
                     ),
-                ),
-                (
-                    "ttl_seconds".to_owned(),
-                    RestrictedExpression::new_long(
-                        i64::try_from(ask.ttl.as_secs()).unwrap_or(i64::MAX),
+                    (
+                        "scopes".to_owned(),
+                        RestrictedExpression::new_set(ask.scopes.iter().map(|s| string(s))),
                     ),
-                ),
-                (
-                    "now".to_owned(),
-                    RestrictedExpression::new_long(
-                        i64::try_from(ask.now.as_secs()).unwrap_or(i64::MAX),
+                    (
+                        "scope_prefixes".to_owned(),
+                        RestrictedExpression::new_set(
+                            ask.scopes
+                                .iter()
+                                .map(|s| s.split(':').next().unwrap_or(s))
+                                .collect::<BTreeSet<_>>()
+                                .into_iter()
+                                .map(string),
+                        ),
                     ),
-                ),
-            ]),
+                    (
+                        "ttl_seconds".to_owned(),
+                        RestrictedExpression::new_long(
+                            i64::try_from(ask.ttl.as_secs()).unwrap_or(i64::MAX),
+                        ),
+                    ),
+                    (
+                        "now".to_owned(),
+                        RestrictedExpression::new_long(
+                            i64::try_from(ask.now.as_secs()).unwrap_or(i64::MAX),
+                        ),
+                    ),
+                ]),
         );
         let context = match context {
             Ok(c) => c,
@@ -380,6 +386,7 @@ impl Policy for CedarPolicy {
             self.ask(Ask {
                 agent: req.agent,
                 authenticated_by: req.authenticated_by,
+                binding: None,
                 delegate: None,
                 exchange: None,
                 action: "start_task",
@@ -398,6 +405,7 @@ impl Policy for CedarPolicy {
         self.ask(Ask {
             agent: req.agent,
             authenticated_by: req.authenticated_by,
+            binding: Some(req.binding),
             delegate: None,
             exchange: None,
             action: "issue_token",
@@ -415,6 +423,7 @@ impl Policy for CedarPolicy {
         self.ask(Ask {
             agent: req.agent,
             authenticated_by: req.authenticated_by,
+            binding: None,
             delegate: Some(req.delegate),
             exchange: None,
             action: "delegate",
@@ -432,6 +441,7 @@ impl Policy for CedarPolicy {
         self.ask(Ask {
             agent: req.actor,
             authenticated_by: req.authenticated_by,
+            binding: Some(req.binding),
             delegate: None,
             exchange: Some((req.subject, req.subject_audience.as_str())),
             action: "exchange_token",
@@ -449,6 +459,7 @@ impl Policy for CedarPolicy {
         self.ask(Ask {
             agent: req.agent,
             authenticated_by: req.authenticated_by,
+            binding: None,
             delegate: None,
             exchange: None,
             action: "sign_certificate",
@@ -556,6 +567,8 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
                             let ask = Ask {
                                 agent,
                                 authenticated_by: mayfly_core::CERTIFICATE,
+                                binding: matches!(*action, "issue_token" | "exchange_token")
+                                    .then_some("none"),
                                 delegate: (*action == "delegate").then_some(&worker),
                                 exchange: (*action == "exchange_token")
                                     .then_some((&worker, "https://tickets.prod.example.com")),
@@ -603,6 +616,7 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
         Ask {
             agent,
             authenticated_by: mayfly_core::CERTIFICATE,
+            binding: Some("none"),
             delegate: None,
             exchange: None,
             action: "issue_token",
@@ -638,6 +652,30 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
                 p.ask(with_token.clone()),
                 Decision::Deny { policy_id: Some(id), .. } if id == "certificates-only"
             ));
+        }
+    }
+
+    #[test]
+    fn policy_can_require_proof_of_possession() {
+        let p = policy(
+            r#"@id("all") permit (principal, action, resource);
+@id("bound-only") forbid (principal, action == Mayfly::Action::"issue_token", resource)
+  unless { context.binding != "none" };"#,
+        );
+        let agent = SpiffeId::new("spiffe://example.org/agent/a").unwrap();
+        let context = TaskContext::default();
+        for (binding, permitted) in [("none", false), ("dpop", true), ("certificate", true)] {
+            let ask = Ask {
+                binding: Some(binding),
+                ..ask_at(&agent, &context, 1)
+            };
+            for _ in 0..2 {
+                assert_eq!(
+                    matches!(p.ask(ask.clone()), Decision::Permit { .. }),
+                    permitted,
+                    "{binding}"
+                );
+            }
         }
     }
 

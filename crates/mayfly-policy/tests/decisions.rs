@@ -45,6 +45,7 @@ fn token(p: &CedarPolicy, task: &Task, audience: &str, scopes: &[&str]) -> Decis
         task,
         audience: &Audience::new(audience).unwrap(),
         scopes: &parse_scopes(scopes).unwrap(),
+        binding: "none",
         ttl: Duration::from_secs(900),
         now: Timestamp::now(),
         authenticated_by: mayfly_core::CERTIFICATE,

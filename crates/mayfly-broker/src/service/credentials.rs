@@ -61,6 +61,7 @@ impl Kind for TokenRequest {
             task: at.task,
             audience: &self.audience,
             scopes: &self.scopes,
+            binding: self.binding.name(),
             ttl: at.ttl,
             now: at.now,
             authenticated_by: at.authenticated_by,

@@ -73,6 +73,7 @@ impl Kind for Exchange<'_> {
             task: at.task,
             audience: &self.req.audience,
             scopes: &self.scopes,
+            binding: self.req.binding.name(),
             ttl: at.ttl,
             now: at.now,
             authenticated_by: at.authenticated_by,

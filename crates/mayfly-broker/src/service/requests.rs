@@ -91,6 +91,18 @@ pub enum Bind {
     },
 }
 
+impl Bind {
+    /// As policy sees it (`context.binding`): `none`, `certificate` or
+    /// `dpop`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::ClientCertificate => "certificate",
+            Self::Dpop { .. } => "dpop",
+        }
+    }
+}
+
 /// A validated `SignCertificate`.
 #[derive(Debug)]
 pub struct CertificateRequest {

@@ -7,7 +7,7 @@ use mayfly_core::{
     ContextChange, Decision, DelegateRequest, ExchangeTokenRequest, IssueTokenRequest, Lease,
     LeaseDetail, LeaseId, LeaseState, LeaseStatus, Revocation, RevocationReason,
     SignCertificateRequest, SpiffeId, StartTaskRequest, Task, TaskId, TaskRecord, TaskState,
-    Timestamp, proof_name,
+    Timestamp, binding_name, proof_name,
 };
 
 use super::shared::asked;
@@ -469,6 +469,7 @@ impl Tasks {
                     task,
                     audience,
                     scopes: &lease.scopes,
+                    binding: binding_name(lease.binding()),
                     ttl,
                     now,
                     authenticated_by: proof_name(lease.authenticated_by.as_deref()),
@@ -489,6 +490,7 @@ impl Tasks {
                     task,
                     audience,
                     scopes: &lease.scopes,
+                    binding: binding_name(lease.binding()),
                     ttl,
                     now,
                     authenticated_by: proof_name(lease.authenticated_by.as_deref()),
