@@ -353,6 +353,35 @@ async fn an_unknown_kid_refetches_the_jwks_at_most_once_per_interval() {
     assert!(s.server.fetches() <= 3, "{} fetches", s.server.fetches());
 }
 
+#[tokio::test]
+async fn an_issuer_whose_keys_cannot_be_fetched_refuses_as_unavailable() {
+    let k8s = TokenIssuer::rsa(K8S, "k8s-1");
+    let server = JwksServer::start(TokenIssuer::jwks(&[&k8s])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("jwks-ca.pem");
+    std::fs::write(&ca, &server.ca_pem).unwrap();
+    let config = entry(&format!(
+        r#"issuer = "{K8S}"
+           jwks_url = "{url}"
+           ca = "{ca}"
+           jwks_refresh = "1s"
+           subject = "system:serviceaccount:{{ns}}:{{sa}}"
+           spiffe_id = "spiffe://example.org/ns/{{ns}}/sa/{{sa}}""#,
+        url = server.url,
+        ca = ca.display()
+    ));
+    // The issuer's JWKS server is gone before the first fetch.
+    drop(server);
+    let td = TrustDomain::new("example.org").unwrap();
+    let federation = Federation::load(&[config], BROKER, &td).unwrap();
+    federation.fetch_all().await;
+    let e = federation
+        .verify(&k8s.sign(&k8s_claims("billing")))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, TokenError::KeysUnavailable(_)), "{e}");
+}
+
 #[test]
 fn a_bad_entry_is_refused_with_its_reason() {
     let td = TrustDomain::new("example.org").unwrap();

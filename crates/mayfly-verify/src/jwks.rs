@@ -151,8 +151,9 @@ pub struct Jwks {
     /// `None` for a fixed set given at construction (offline).
     fetcher: Option<Fetcher>,
     keys: std::sync::RwLock<HashMap<String, JwksKey>>,
-    /// When the last fetch started, for rate limiting.
-    last_fetch: Mutex<Option<Instant>>,
+    /// When the last fetch started, for rate limiting, and why it failed
+    /// if it did (said again to callers it holds back).
+    last_fetch: Mutex<Option<(Instant, Option<String>)>>,
     min_interval: Duration,
     /// Keys of other algorithms are dropped.
     algorithms: Vec<Algorithm>,
@@ -243,21 +244,30 @@ impl Jwks {
     }
 
     /// Refetches, unless a fetch started within the minimum interval
-    /// (`force` skips that check, for the first load).
+    /// (`force` skips that check, for the first load); held back after a
+    /// failed fetch, it says that failure again.
     pub async fn refresh(&self, force: bool) -> Result<(), VerifyError> {
         let mut last = self.last_fetch.lock().await;
-        if !force && last.is_some_and(|t| t.elapsed() < self.min_interval) {
-            return Ok(());
+        if let Some((at, failed)) = last.as_ref()
+            && !force
+            && at.elapsed() < self.min_interval
+        {
+            return match failed {
+                Some(why) => Err(VerifyError::JwksUnavailable(why.clone())),
+                None => Ok(()),
+            };
         }
-        *last = Some(Instant::now());
         let Some(fetcher) = &self.fetcher else {
+            *last = Some((Instant::now(), None));
             return Ok(());
         };
-        let set = tokio::time::timeout(FETCH_TIMEOUT, fetcher.fetch())
-            .await
-            .map_err(|_| VerifyError::JwksUnavailable("fetch timed out".into()))?
-            .map_err(VerifyError::JwksUnavailable)?;
-        self.load(&set);
+        let started = Instant::now();
+        let fetched = match tokio::time::timeout(FETCH_TIMEOUT, fetcher.fetch()).await {
+            Ok(r) => r,
+            Err(_) => Err("fetch timed out".to_owned()),
+        };
+        *last = Some((started, fetched.as_ref().err().cloned()));
+        self.load(&fetched.map_err(VerifyError::JwksUnavailable)?);
         Ok(())
     }
 }

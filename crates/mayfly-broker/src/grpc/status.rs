@@ -28,9 +28,11 @@ impl From<BrokerError> for Status {
         let msg = e.to_string();
         let (status, name) = match &e {
             BrokerError::Invalid(_) => (Status::invalid_argument(msg), "invalid"),
-            BrokerError::Unauthenticated(AuthError::Token(TokenError::ReplayCheckUnavailable)) => {
-                (Status::unavailable(msg), "unavailable")
-            }
+            // The token could not be checked (the issuer's keys or the
+            // replay record out of reach): a retry may succeed.
+            BrokerError::Unauthenticated(AuthError::Token(
+                TokenError::ReplayCheckUnavailable | TokenError::KeysUnavailable(_),
+            )) => (Status::unavailable(msg), "unavailable"),
             BrokerError::Unauthenticated(_) => (Status::unauthenticated(msg), "unauthenticated"),
             BrokerError::NotOperator(_) | BrokerError::OperatorWithoutCertificate(_) => {
                 (Status::permission_denied(msg), "not_operator")

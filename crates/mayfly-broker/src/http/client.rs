@@ -83,7 +83,7 @@ pub(super) async fn authenticate_token_client(
     prove(assertion, federation, store, Timestamp::now())
         .await
         .map_err(|e| match e {
-            TokenError::ReplayCheckUnavailable => {
+            TokenError::ReplayCheckUnavailable | TokenError::KeysUnavailable(_) => {
                 OAuthError::new(Code::TemporarilyUnavailable, e.to_string())
             }
             e => OAuthError::new(Code::InvalidClient, e.to_string()),
