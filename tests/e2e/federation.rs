@@ -134,10 +134,19 @@ fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
 }
 
 async fn start_with(client: &Client, token: &str) -> Result<pb::Task, tonic::Status> {
+    start_for(client, token, &[API]).await
+}
+
+/// Opens a task for `audiences` with the workload token.
+async fn start_for(
+    client: &Client,
+    token: &str,
+    audiences: &[&str],
+) -> Result<pb::Task, tonic::Status> {
     client
         .broker()
         .start_task(with_token(
-            start_request("federated work", &[API], &["read:files"]),
+            start_request("federated work", audiences, &["read:files"]),
             token,
         ))
         .await
@@ -476,15 +485,7 @@ async fn policy_can_ask_for_dpop_from_a_token_caller() {
         .k8s
         .sign(&claims(&broker, K8S, "system:serviceaccount:prod:billing"));
     let client = broker.anonymous_client().await;
-    let task = client
-        .broker()
-        .start_task(with_token(
-            start_request("use tools", &[TOOLS], &["read:files"]),
-            &token,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let task = start_for(&client, &token, &[TOOLS]).await.unwrap();
     let mut req = token_request(&task.task_id, TOOLS, &["read:files"]);
     assert_status(
         client
@@ -517,15 +518,7 @@ async fn policy_can_ask_for_a_certificate() {
         .k8s
         .sign(&claims(&broker, K8S, "system:serviceaccount:prod:billing"));
     let client = broker.anonymous_client().await;
-    let task = client
-        .broker()
-        .start_task(with_token(
-            start_request("pay invoices", &[API, payments], &["read:files"]),
-            &token,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let task = start_for(&client, &token, &[API, payments]).await.unwrap();
     // The same workload may read the API with its token...
     issue_with(&client, &task.task_id, &token).await.unwrap();
     // ...but payments want the stronger proof.

@@ -265,6 +265,18 @@ async fn authenticated(
     }
 }
 
+/// Waits (at most 5 s) until the broker authenticates `svid`; `what`
+/// names the change being waited for.
+async fn until_authenticated(broker: &TestBroker, cas: &[&DevCa], svid: &Credential, what: &str) {
+    for _ in 0..200 {
+        if authenticated(broker, cas, svid).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{what}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_federated_bundle_comes_from_the_workload_api_and_follows_it() {
     use mayfly_testkit::bad_certs;
@@ -303,15 +315,13 @@ async fn a_federated_bundle_comes_from_the_workload_api_and_follows_it() {
     let agent = ours
         .issue_svid(&SpiffeId::new(AGENT).unwrap(), Duration::from_secs(3600))
         .unwrap();
-    let mut ready = false;
-    for _ in 0..200 {
-        if authenticated(&broker, &cas, &agent).await.is_ok() {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(ready, "the broker never took the Workload API's identity");
+    until_authenticated(
+        &broker,
+        &cas,
+        &agent,
+        "the broker never took the Workload API's identity",
+    )
+    .await;
 
     // No bundle for the partner yet: refused, and never under our own
     // bundle in its place.
@@ -329,15 +339,13 @@ async fn a_federated_bundle_comes_from_the_workload_api_and_follows_it() {
     // The Workload API federates the partner: its SVIDs get in, a partner
     // ID from our CA still does not.
     api.federate("partner.example", &partner1);
-    let mut federated = false;
-    for _ in 0..200 {
-        if authenticated(&broker, &cas, &from1).await.is_ok() {
-            federated = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(federated, "the federated bundle was never taken");
+    until_authenticated(
+        &broker,
+        &cas,
+        &from1,
+        "the federated bundle was never taken",
+    )
+    .await;
     for svid in [&from_ours, &from2] {
         let e = authenticated(&broker, &cas, svid).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{}", e.message());
@@ -346,15 +354,13 @@ async fn a_federated_bundle_comes_from_the_workload_api_and_follows_it() {
     // The partner rotates its CA: the old one's SVIDs are refused, the new
     // one's accepted.
     api.federate("partner.example", &partner2);
-    let mut moved = false;
-    for _ in 0..200 {
-        if authenticated(&broker, &cas, &from2).await.is_ok() {
-            moved = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(moved, "the partner's new bundle was never taken");
+    until_authenticated(
+        &broker,
+        &cas,
+        &from2,
+        "the partner's new bundle was never taken",
+    )
+    .await;
     let e = authenticated(&broker, &cas, &from1).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{}", e.message());
 }

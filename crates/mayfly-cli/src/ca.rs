@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use mayfly_broker::Config;
 use mayfly_broker::config::{CaFiles, Settings};
-use mayfly_broker::issuer::ca_ring::{ca_files, install, load};
+use mayfly_broker::issuer::ca_ring::{install, load};
 use serde_json::json;
 use zeroize::Zeroizing;
 
@@ -118,11 +118,10 @@ pub fn run(cmd: CaCommand, as_json: bool) -> anyhow::Result<()> {
         CaCommand::List { config } => {
             let (s, files) = settings(&config)?;
             let gens = load(&files, "")?;
-            let paths = ca_files(&files)?;
             let now = now();
             let signing = gens.iter().rposition(|g| g.from <= now);
             let mut rows = Vec::new();
-            for (i, (g, f)) in gens.iter().zip(&paths).enumerate() {
+            for (i, g) in gens.iter().enumerate() {
                 let successor = gens.get(i + 1).map(|n| n.from);
                 let state = match (Some(i) == signing, successor) {
                     (true, _) => "signing",
@@ -132,7 +131,7 @@ pub fn run(cmd: CaCommand, as_json: bool) -> anyhow::Result<()> {
                     }
                     _ => "superseded",
                 };
-                rows.push((g.ca.id().to_owned(), g.from, state, f.cert.clone()));
+                rows.push((g.ca.id().to_owned(), g.from, state, g.cert.clone()));
             }
             if as_json {
                 let list: Vec<_> = rows

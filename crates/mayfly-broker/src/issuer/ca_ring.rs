@@ -169,6 +169,8 @@ pub struct Generation {
     pub from: u64,
     /// The CA.
     pub ca: Arc<IssuingCa>,
+    /// Its certificate file.
+    pub cert: PathBuf,
 }
 
 /// Loads every CA of the schedule, each naming `<crl_base>/<its id>` as
@@ -182,6 +184,7 @@ pub fn load(files: &CaFiles, crl_base: &str) -> Result<Vec<Generation>, CaError>
             Ok(Generation {
                 from: f.from,
                 ca: Arc::new(ca.with_crl_url(url)),
+                cert: f.cert,
             })
         })
         .collect()
