@@ -161,3 +161,30 @@ pub async fn presented_leaf(broker: &TestBroker, roots_pem: &[u8]) -> Option<Vec
         .ok()?;
     Some(tls.get_ref().1.peer_certificates()?.first()?.to_vec())
 }
+
+/// The value of the sample named exactly `series` (name and labels).
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.parse().unwrap())
+}
+
+/// The broker's `/metrics`, checked to be OpenMetrics text.
+pub async fn scrape(broker: &TestBroker) -> String {
+    let (status, body) = mayfly_testkit::https_get(
+        &format!("{}/metrics", broker.http_url()),
+        &broker.bundle_pem(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        body.ends_with("# EOF\n"),
+        "OpenMetrics text ends with # EOF"
+    );
+    body
+}
+
+/// The value of a counter or gauge sample, 0 where it has none yet.
+pub fn count(text: &str, series: &str) -> f64 {
+    sample(text, series).unwrap_or(0.0)
+}

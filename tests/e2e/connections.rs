@@ -95,21 +95,6 @@ async fn closed_by_the_broker(held: Vec<TlsStream<tokio::net::TcpStream>>, withi
         .expect("the broker closed every idle connection");
 }
 
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map_or(0.0, |v| v.parse().unwrap())
-}
-
-async fn scrape(broker: &TestBroker) -> String {
-    https_get(
-        &format!("{}/metrics", broker.http_url()),
-        &broker.bundle_pem(),
-    )
-    .await
-    .1
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_tls_connections_from_one_source_neither_crowd_out_agents_nor_stay() {
     let idle = Duration::from_secs(3);
@@ -118,7 +103,7 @@ async fn idle_tls_connections_from_one_source_neither_crowd_out_agents_nor_stay(
     let per_source = broker.config.connections.max_unauthenticated_per_source;
 
     let unauthenticated = |m: &str, port: &str| {
-        sample(
+        count(
             m,
             &format!("mayfly_connections{{port=\"{port}\",state=\"unauthenticated\"}}"),
         )
@@ -177,13 +162,9 @@ async fn idle_tls_connections_from_one_source_neither_crowd_out_agents_nor_stay(
     for (port, admitted) in [("grpc", admitted_grpc), ("https", admitted_https)] {
         let refused =
             format!("mayfly_connections_refused_total{{port=\"{port}\",reason=\"source_limit\"}}");
-        assert_eq!(
-            sample(&m, &refused),
-            (5000 - admitted) as f64,
-            "{port}: {m}"
-        );
+        assert_eq!(count(&m, &refused), (5000 - admitted) as f64, "{port}: {m}");
         let idle = format!("mayfly_connections_closed_total{{port=\"{port}\",reason=\"idle\"}}");
-        assert!(sample(&m, &idle) >= admitted as f64, "{port}: {m}");
+        assert!(count(&m, &idle) >= admitted as f64, "{port}: {m}");
     }
     // And the source may connect again: nothing stays counted.
     assert_eq!(
@@ -216,7 +197,7 @@ async fn authenticated_callers_are_not_held_to_the_anonymous_caps() {
     }
     let m = scrape(&broker).await;
     assert_eq!(
-        sample(
+        count(
             &m,
             "mayfly_connections{port=\"grpc\",state=\"authenticated\"}"
         ),
@@ -224,7 +205,7 @@ async fn authenticated_callers_are_not_held_to_the_anonymous_caps() {
         "{m}"
     );
     assert_eq!(
-        sample(
+        count(
             &m,
             "mayfly_connections{port=\"grpc\",state=\"unauthenticated\"}"
         ),
@@ -249,7 +230,7 @@ async fn an_idle_agent_connection_closes_gracefully_and_the_client_carries_on() 
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let m = scrape(&broker).await;
     assert!(
-        sample(
+        count(
             &m,
             "mayfly_connections_closed_total{port=\"grpc\",reason=\"idle\"}"
         ) >= 1.0,

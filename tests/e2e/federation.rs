@@ -31,6 +31,13 @@ struct Issuers {
 /// A broker trusting three issuers, with policies that let any workload
 /// of the trust domain open tasks and get tokens.
 async fn broker() -> (TestBroker, Issuers) {
+    broker_with(|_| {}).await
+}
+
+/// [`broker`], with `tweak` applied to its config last.
+async fn broker_with(
+    tweak: impl FnOnce(&mut mayfly_broker::config::Config) + Send + 'static,
+) -> (TestBroker, Issuers) {
     let k8s = TokenIssuer::rsa(K8S, "k8s-1");
     let github = TokenIssuer::rsa(GITHUB, "gh-1");
     let spire = TokenIssuer::ec("", "spire-1");
@@ -105,6 +112,7 @@ forbid (
   resource == Mayfly::Audience::"https://tools.example.com"
 ) unless { principal.authenticated_by == "certificate" || context.binding == "dpop" };"#,
         );
+        tweak(c);
     })
     .await;
     let issuers = Issuers {
@@ -546,4 +554,156 @@ async fn policy_can_ask_for_a_certificate() {
         .issue_token(token_request(&own.task_id, payments, &["read:files"]))
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_callers_connection_counts_as_authenticated() {
+    // Two anonymous connections per source, closed after two idle seconds.
+    let idle = std::time::Duration::from_secs(2);
+    let (broker, issuers) = broker_with(move |c| {
+        c.connections.max_unauthenticated = 3;
+        c.connections.max_unauthenticated_per_source = 2;
+        c.connections.unauthenticated_idle_timeout = idle;
+    })
+    .await;
+    // Six token callers from one address, each on its own connection (as
+    // pods behind one node address): past the first two, each would be
+    // refused if proving a caller by token left the connection anonymous.
+    let mut callers = Vec::new();
+    for n in 0..6 {
+        let mut c = claims(
+            &broker,
+            K8S,
+            &format!("system:serviceaccount:prod:worker-{n}"),
+        );
+        c["jti"] = json!(format!("pod-{n}"));
+        let token = issuers.k8s.sign(&c);
+        let client = broker.anonymous_client().await;
+        let task = start_with(&client, &token).await.unwrap();
+        callers.push((client, token, task.task_id));
+    }
+    let m = scrape(&broker).await;
+    assert_eq!(
+        count(
+            &m,
+            "mayfly_connections{port=\"grpc\",state=\"authenticated\"}"
+        ),
+        6.0,
+        "{m}"
+    );
+    assert_eq!(
+        count(
+            &m,
+            "mayfly_connections{port=\"grpc\",state=\"unauthenticated\"}"
+        ),
+        0.0,
+        "{m}"
+    );
+    // Idle past the anonymous timeout, the connection is still open: its
+    // session still holds the token, which on a new connection would be a
+    // replay.
+    tokio::time::sleep(idle * 2).await;
+    let (client, token, task) = &callers[0];
+    issue_with(client, task, token).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_and_introspection_take_a_client_assertion() {
+    let (broker, issuers) = broker_with(|c| {
+        c.introspection = vec![mayfly_broker::config::IntrospectionConfig {
+            clients: vec![
+                "spiffe://example.org/ns/prod/sa/api-gateway"
+                    .parse()
+                    .unwrap(),
+            ],
+            audiences: vec![API.into()],
+        }];
+    })
+    .await;
+    let assertion = |sub: &str, jti: &str| {
+        let mut c = claims(&broker, K8S, &format!("system:serviceaccount:prod:{sub}"));
+        c["jti"] = json!(jti);
+        issuers.k8s.sign(&c)
+    };
+    let client = broker.anonymous_client().await;
+    let login = assertion("billing", "grpc-1");
+    let task = start_with(&client, &login).await.unwrap();
+    let access = issue_with(&client, &task.task_id, &login)
+        .await
+        .unwrap()
+        .token;
+    let other = issue_with(&client, &task.task_id, &login)
+        .await
+        .unwrap()
+        .token;
+    const JWT_BEARER: &str = "urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer";
+    let post = |path: &str, body: String| {
+        let (url, ca) = (format!("{}{path}", broker.http_url()), broker.bundle_pem());
+        async move {
+            let (status, _, body) = mayfly_testkit::https_post_form(&url, &ca, None, &body).await;
+            (status, body)
+        }
+    };
+    let form = |assertion: &str, token: &str| {
+        format!("client_assertion_type={JWT_BEARER}&client_assertion={assertion}&token={token}")
+    };
+
+    // The API gateway, a workload of the cluster, introspects by assertion.
+    let (status, body) = post(
+        "/introspect",
+        form(&assertion("api-gateway", "gw-1"), &access),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["active"], true, "{answer}");
+    assert_eq!(answer["sub"], "spiffe://example.org/ns/prod/sa/billing");
+    // Another workload is not an introspector.
+    let (status, body) = post("/introspect", form(&assertion("billing", "b-1"), &access)).await;
+    assert_eq!(status, 403, "{body}");
+    // A replayed assertion is not a client.
+    let (status, body) = post(
+        "/introspect",
+        form(&assertion("api-gateway", "gw-1"), &access),
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body.contains("invalid_client") && body.contains("already used"),
+        "{body}"
+    );
+
+    // The agent revokes its own token by assertion; another workload cannot.
+    let (status, body) = post(
+        "/oauth2/revoke",
+        form(&assertion("intruder", "i-1"), &other),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("unauthorized_client"), "{body}");
+    let (_, body) = post(
+        "/introspect",
+        form(&assertion("api-gateway", "gw-3"), &other),
+    )
+    .await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["active"],
+        true
+    );
+    let (status, body) = post(
+        "/oauth2/revoke",
+        form(&assertion("billing", "b-2"), &access),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post(
+        "/introspect",
+        form(&assertion("api-gateway", "gw-2"), &access),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["active"],
+        false
+    );
 }

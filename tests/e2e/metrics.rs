@@ -5,31 +5,10 @@
 use std::time::{Duration, Instant};
 
 use mayfly_client::pb;
-use mayfly_testkit::{TestBroker, https_get};
+use mayfly_testkit::TestBroker;
 use tonic::Code;
 
 use crate::common::*;
-
-/// The value of the sample named exactly `series` (name and labels).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| v.parse().unwrap())
-}
-
-async fn scrape(broker: &TestBroker) -> String {
-    let (status, body) = https_get(
-        &format!("{}/metrics", broker.http_url()),
-        &broker.bundle_pem(),
-    )
-    .await;
-    assert_eq!(status, 200);
-    assert!(
-        body.ends_with("# EOF\n"),
-        "OpenMetrics text ends with # EOF"
-    );
-    body
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_shows_the_traffic() {

@@ -7,8 +7,10 @@
 //! connection (`max`), the unauthenticated ones (`max_unauthenticated`),
 //! and the unauthenticated ones of each source address
 //! (`max_unauthenticated_per_source`). A connection is unauthenticated
-//! from accept until its handshake yields a valid client SVID; then it
-//! leaves the last two counts. So whatever an anonymous client does, it
+//! from accept until its handshake yields a valid client SVID, or until a
+//! request on it is the first to prove a caller by a workload token
+//! ([`PeerInfo::token_authenticated`]); then it leaves the last two
+//! counts. So whatever an anonymous client does, it
 //! holds at most its per-source share of the unauthenticated slots, and
 //! `max - max_unauthenticated` slots are always left for agents and
 //! operators. A connection over a cap is closed at once, before any TLS
@@ -16,8 +18,8 @@
 //!
 //! A connection is idle while no request is in flight (a streaming
 //! response such as the revocation feed counts as in flight until it
-//! ends); after `idle_timeout` (`unauthenticated_idle_timeout` without a
-//! valid client certificate) it is closed gracefully. HTTP/2 keepalive
+//! ends); after `idle_timeout` (`unauthenticated_idle_timeout` while it
+//! is unauthenticated) it is closed gracefully. HTTP/2 keepalive
 //! pings find peers that vanished without closing.
 
 use std::collections::HashMap;
@@ -53,6 +55,45 @@ use crate::shutdown::Shutdown;
 pub struct PeerInfo {
     /// The authenticated caller, or why the peer is not one.
     pub identity: Arc<Result<crate::identity::Caller, crate::identity::AuthError>>,
+    /// The connection's own state, shared by all its requests.
+    connection: Arc<Promotion>,
+}
+
+impl PeerInfo {
+    /// What the handshake learned about the peer of a new connection.
+    fn new(identity: Result<crate::identity::Caller, crate::identity::AuthError>) -> Self {
+        Self {
+            identity: Arc::new(identity),
+            connection: Arc::default(),
+        }
+    }
+
+    /// The same connection, with the caller one request proved.
+    pub fn with_identity(
+        &self,
+        identity: Result<crate::identity::Caller, crate::identity::AuthError>,
+    ) -> Self {
+        Self {
+            identity: Arc::new(identity),
+            connection: self.connection.clone(),
+        }
+    }
+
+    /// A request on this connection proved its caller by a workload token:
+    /// from now on the connection counts as authenticated (it leaves the
+    /// unauthenticated caps and gets the longer idle timeout).
+    pub fn token_authenticated(&self) {
+        if !self.connection.done.swap(true, Ordering::AcqRel) {
+            self.connection.notify.notify_one();
+        }
+    }
+}
+
+/// Set once when a request on a connection proves a caller by token.
+#[derive(Debug, Default)]
+struct Promotion {
+    done: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
 }
 
 /// How long a connection closing at shutdown may take to finish what it
@@ -452,7 +493,7 @@ impl Conn {
             }
         };
         let identity = auth.authenticate(tls.get_ref().1.peer_certificates());
-        let idle = match &identity {
+        let mut idle = match &identity {
             Ok(c) => {
                 self.slot.authenticated(&self.gate);
                 tracing::debug!(%remote, port, caller = %c.id, "authenticated connection");
@@ -463,9 +504,9 @@ impl Conn {
                 limits.unauthenticated_idle_timeout
             }
         };
-        let peer = PeerInfo {
-            identity: Arc::new(identity),
-        };
+        let peer = PeerInfo::new(identity);
+        let promotion = peer.connection.clone();
+        let mut promoted = peer.identity.is_ok();
         let activity = Activity::new();
         let svc = Tracked {
             inner: service(peer),
@@ -481,6 +522,12 @@ impl Conn {
                         tracing::debug!(%remote, port, error = %e, "connection ended with an error");
                     }
                     return;
+                }
+                () = promotion.notify.notified(), if !promoted => {
+                    promoted = true;
+                    self.slot.authenticated(&self.gate);
+                    tracing::debug!(%remote, port, "connection authenticated by a workload token");
+                    idle = limits.idle_timeout;
                 }
                 () = activity.idle(idle), if deadline.is_none() => {
                     self.gate.metrics.connection_closed(port, "idle");

@@ -163,12 +163,12 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let without_certificate = req
+        let peer = req
             .extensions()
             .get::<PeerInfo>()
-            .is_some_and(|p| matches!(p.identity.as_ref(), Err(AuthError::NoCertificate)));
-        let token = bearer(req.headers()).filter(|_| without_certificate);
-        let Some(token) = token else {
+            .filter(|p| matches!(p.identity.as_ref(), Err(AuthError::NoCertificate)))
+            .cloned();
+        let (Some(peer), Some(token)) = (peer, bearer(req.headers())) else {
             return Box::pin(self.inner.call(req));
         };
         // The instance that was polled ready serves this request.
@@ -183,9 +183,10 @@ where
             let identity = authenticate(&token, &federation, store.as_ref(), &sessions)
                 .await
                 .map_err(AuthError::Token);
-            req.extensions_mut().insert(PeerInfo {
-                identity: Arc::new(identity),
-            });
+            if identity.is_ok() {
+                peer.token_authenticated();
+            }
+            req.extensions_mut().insert(peer.with_identity(identity));
             inner.call(req).await
         })
     }

@@ -4,23 +4,23 @@
 //! certificate is never a client). A `client_id` parameter, where given,
 //! must name that same ID.
 //!
-//! At the token endpoint a client without a certificate may instead
+//! A client without a certificate may instead
 //! authenticate with a workload token as an RFC 7523 `client_assertion`
 //! (`urn:ietf:params:oauth:client-assertion-type:jwt-bearer`), checked as
 //! the gRPC edge checks one (`[[federation]]`); its `jti` is used once.
 
 use mayfly_core::Timestamp;
 
+use super::HttpState;
 use super::errors::{Code, OAuthError};
 use super::form::Params;
 use crate::connections::PeerInfo;
-use crate::federation::{Federation, TokenError};
+use crate::federation::TokenError;
 use crate::grpc::token_auth::prove;
 use crate::identity::Caller;
-use crate::store::LeaseStore;
 
 /// The authenticated client, or `invalid_client` saying why not.
-pub(super) fn authenticate(peer: &PeerInfo) -> Result<Caller, OAuthError> {
+fn authenticate(peer: &PeerInfo) -> Result<Caller, OAuthError> {
     match peer.identity.as_ref() {
         Ok(c) if Timestamp::now() < c.not_after => Ok(c.clone()),
         Ok(_) => Err(OAuthError::new(
@@ -34,12 +34,11 @@ pub(super) fn authenticate(peer: &PeerInfo) -> Result<Caller, OAuthError> {
 /// RFC 7523 §2.2: a JWT as client authentication.
 pub(super) const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
-/// The token endpoint's client: the certificate's, or the one a workload
-/// token in `client_assertion` proves (never both: RFC 6749 §2.3 allows
+/// The client of a token, revocation or introspection request: the
+/// certificate's, or the one a workload token in `client_assertion` proves (never both: RFC 6749 §2.3 allows
 /// one method per request).
-pub(super) async fn authenticate_token_client(
-    federation: Option<&Federation>,
-    store: &dyn LeaseStore,
+pub(super) async fn authenticate_client(
+    s: &HttpState,
     peer: &PeerInfo,
     params: &Params,
 ) -> Result<Caller, OAuthError> {
@@ -74,20 +73,23 @@ pub(super) async fn authenticate_token_client(
             "a client certificate and a client_assertion: use one client authentication method",
         ));
     }
-    let Some(federation) = federation else {
+    let Some(federation) = s.federation.as_deref() else {
         return Err(OAuthError::new(
             Code::InvalidClient,
             "this server trusts no workload token issuers ([[federation]])",
         ));
     };
-    prove(assertion, federation, store, Timestamp::now())
+    let store = s.service.store();
+    let caller = prove(assertion, federation, store.as_ref(), Timestamp::now())
         .await
         .map_err(|e| match e {
             TokenError::ReplayCheckUnavailable | TokenError::KeysUnavailable(_) => {
                 OAuthError::new(Code::TemporarilyUnavailable, e.to_string())
             }
             e => OAuthError::new(Code::InvalidClient, e.to_string()),
-        })
+        })?;
+    peer.token_authenticated();
+    Ok(caller)
 }
 
 /// Refuses a `client_id` other than the client's SPIFFE ID.

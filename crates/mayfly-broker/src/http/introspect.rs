@@ -13,7 +13,7 @@ use mayfly_core::limits::MAX_TOKEN_BYTES;
 use serde_json::json;
 
 use super::HttpState;
-use super::client::authenticate;
+use super::client::authenticate_client;
 use super::errors::{Code, OAuthError};
 use super::form::Params;
 use super::token::body;
@@ -28,9 +28,10 @@ pub(super) async fn introspect(
     raw: Result<Bytes, BytesRejection>,
 ) -> Response {
     let run = async {
-        // The resource server authenticates with its X.509-SVID (mTLS).
-        let caller = authenticate(&peer)?;
+        // The resource server authenticates with its X.509-SVID (mTLS) or
+        // a workload token as a client assertion.
         let params = Params::parse(&headers, &body(raw)?)?;
+        let caller = authenticate_client(&s, &peer, &params).await?;
         // `token_type_hint` is accepted and ignored: only access tokens
         // exist here.
         let token = params.require("token")?;

@@ -1,7 +1,8 @@
 //! The HTTPS side port. Without a client certificate: JWKS and RFC 8414
 //! metadata (also as `/.well-known/openid-configuration`) so stock JWT and
 //! OAuth libraries find and validate tokens, the CRL, health probes and
-//! metrics. With one (`tls_client_auth`): the OAuth endpoints.
+//! metrics. With one (`tls_client_auth`) or a workload token as a client
+//! assertion (`private_key_jwt`): the OAuth endpoints.
 //!
 //! - `token.rs`: `POST /oauth2/token`; `revoke.rs`: `POST /oauth2/revoke`;
 //!   `introspect.rs`: `POST /introspect`;
@@ -55,13 +56,13 @@ pub(super) struct HttpState {
     dpop_seen: Arc<ReplayCache>,
     /// Serves `/crl` when an issuing CA is configured.
     crl: Option<Arc<CrlPublisher>>,
-    /// Workload-token issuers, for `client_assertion` at the token
-    /// endpoint.
+    /// Workload-token issuers, for `client_assertion`.
     federation: Option<Arc<Federation>>,
 }
 
 /// The RFC 8414 metadata document for `issuer`; with `workload_tokens`,
-/// the token endpoint also takes RFC 7523 client assertions.
+/// the token, revocation and introspection endpoints also take RFC 7523
+/// client assertions.
 pub fn metadata(issuer: &str, algs: &[&str], workload_tokens: bool) -> serde_json::Value {
     let token_auth: &[&str] = if workload_tokens {
         &["tls_client_auth", "private_key_jwt"]
@@ -83,9 +84,9 @@ pub fn metadata(issuer: &str, algs: &[&str], workload_tokens: bool) -> serde_jso
         "tls_client_certificate_bound_access_tokens": true,
         "dpop_signing_alg_values_supported": DPOP_ALGORITHMS,
         "revocation_endpoint": format!("{issuer}/oauth2/revoke"),
-        "revocation_endpoint_auth_methods_supported": ["tls_client_auth"],
+        "revocation_endpoint_auth_methods_supported": token_auth,
         "introspection_endpoint": format!("{issuer}/introspect"),
-        "introspection_endpoint_auth_methods_supported": ["tls_client_auth"],
+        "introspection_endpoint_auth_methods_supported": token_auth,
         "access_token_signing_alg_values_supported": algs,
     })
 }

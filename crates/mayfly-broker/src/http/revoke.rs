@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use mayfly_core::limits::MAX_TOKEN_BYTES;
 
 use super::HttpState;
-use super::client::{authenticate, check_client_id};
+use super::client::{authenticate_client, check_client_id};
 use super::errors::OAuthError;
 use super::form::Params;
 use super::token::body;
@@ -28,8 +28,8 @@ pub(super) async fn revoke(
     raw: Result<Bytes, BytesRejection>,
 ) -> Response {
     let run = async {
-        let caller = authenticate(&peer)?;
         let params = Params::parse(&headers, &body(raw)?)?;
+        let caller = authenticate_client(&s, &peer, &params).await?;
         check_client_id(&caller, &params)?;
         // `token_type_hint` is only a hint: access tokens are all there is.
         let token = params.require("token")?;

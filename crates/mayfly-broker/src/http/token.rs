@@ -44,7 +44,7 @@ use mayfly_core::{
 use serde_json::json;
 
 use super::HttpState;
-use super::client::{authenticate_token_client, check_client_id};
+use super::client::{authenticate_client, check_client_id};
 use super::errors::{Code, OAuthError, POLL_INTERVAL};
 use super::form::Params;
 use crate::connections::PeerInfo;
@@ -99,13 +99,7 @@ async fn grant(
     // The client first (after reading the form, which may carry its
     // assertion): an unauthenticated caller learns nothing else.
     let params = Params::parse(headers, &body(raw)?)?;
-    let caller = authenticate_token_client(
-        s.federation.as_deref(),
-        s.service.store().as_ref(),
-        peer,
-        &params,
-    )
-    .await?;
+    let caller = authenticate_client(s, peer, &params).await?;
     check_client_id(&caller, &params)?;
     match params.require("grant_type")? {
         CLIENT_CREDENTIALS => client_credentials(s, &caller, headers, &params).await,
