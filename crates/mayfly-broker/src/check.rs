@@ -96,7 +96,17 @@ pub async fn check(path: &Path, reach_store: bool) -> Vec<Finding> {
                     let names: Vec<String> = s
                         .federation
                         .iter()
-                        .map(|f| f.issuer.clone().unwrap_or_else(|| "JWT-SVIDs".into()))
+                        .map(|f| {
+                            let name = f.issuer.clone().unwrap_or_else(|| "JWT-SVIDs".into());
+                            if f.single_use {
+                                name
+                            } else {
+                                format!(
+                                    "{name} (tokens reusable for up to {})",
+                                    humantime::format_duration(f.max_age)
+                                )
+                            }
+                        })
                         .collect();
                     names.join(", ")
                 })

@@ -17,7 +17,7 @@
 //!   a task's.
 //!
 //! A token with a `jti` is accepted once per broker cluster within its
-//! lifetime: the store records it beside the lease records, where every
+//! lifetime (unless its entry says `single_use = false`): the store records it beside the lease records, where every
 //! replica sees it (`first_use`). The gRPC edge accepts it for the one
 //! connection it was first presented on (see `grpc::token_auth`).
 
@@ -138,7 +138,8 @@ pub struct TokenIdentity {
     pub issuer: String,
     /// When the token expires: the caller is good until then.
     pub expires_at: Timestamp,
-    /// Its `jti`, if it has one, for the replay check.
+    /// Its `jti`, for the replay check: `None` if it has none or its
+    /// issuer's tokens are not single-use.
     pub jti: Option<String>,
 }
 
@@ -234,6 +235,8 @@ struct Issuer {
     audience: String,
     algorithms: Vec<Algorithm>,
     max_age: Duration,
+    /// Whether a `jti` is accepted once only.
+    single_use: bool,
     subject: Vec<Part>,
     spiffe_id: Vec<Part>,
     claims: BTreeMap<String, String>,
@@ -348,6 +351,7 @@ impl Federation {
                 audience: c.audience.clone().unwrap_or_else(|| audience.to_owned()),
                 algorithms,
                 max_age: c.max_age,
+                single_use: c.single_use,
                 subject,
                 spiffe_id,
                 claims: c.claims.clone(),
@@ -510,7 +514,10 @@ impl Issuer {
             id,
             issuer: self.name.clone(),
             expires_at: Timestamp::from_secs(exp),
-            jti: claims["jti"].as_str().map(str::to_owned),
+            jti: claims["jti"]
+                .as_str()
+                .filter(|_| self.single_use)
+                .map(str::to_owned),
         })
     }
 

@@ -51,6 +51,7 @@ async fn setup() -> Setup {
                jwks_url = "{url}"
                ca = "{ca}"
                jwks_refresh = "1s"
+               single_use = false
                algorithms = ["RS256"]
                subject = "system:serviceaccount:{{ns}}:{{sa}}"
                spiffe_id = "spiffe://example.org/ns/{{ns}}/sa/{{sa}}""#,
@@ -120,6 +121,11 @@ async fn each_kind_of_token_maps_to_its_spiffe_id() {
         .unwrap();
     assert_eq!(id.id.as_str(), "spiffe://example.org/ns/prod/sa/billing");
     assert_eq!(id.issuer, K8S);
+    // Its entry takes reused tokens: the jti is not kept for a replay check.
+    let mut c = k8s_claims("billing");
+    c["jti"] = json!("pod-token-1");
+    let id = s.federation.verify(&s.k8s.sign(&c)).await.unwrap();
+    assert_eq!(id.jti, None);
 
     let id = s
         .federation

@@ -337,6 +337,17 @@ pub struct FederationConfig {
     /// The least time between two JWKS fetches for unknown `kid`s.
     #[serde(default = "default_jwks_refresh", deserialize_with = "duration")]
     pub jwks_refresh: Duration,
+    /// A token with a `jti` is accepted once per cluster (default). `false`
+    /// accepts it on any number of connections until it expires, for
+    /// issuers that hand a workload the same token for most of its life
+    /// (Kubernetes projected tokens); `max_age` then bounds a stolen
+    /// token's use.
+    #[serde(default = "yes")]
+    pub single_use: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_federation_algorithms() -> Vec<String> {
