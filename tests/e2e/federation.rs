@@ -245,8 +245,15 @@ async fn a_refused_token_is_unauthenticated_and_writes_nothing() {
         c
     };
     let now = unix_now();
+    // A client with a source of tokens renews on this name.
+    let expired = issuers.k8s.sign(&with("exp", json!(now - 300)));
+    let refused = start_with(&client, &expired).await.unwrap_err();
+    assert_eq!(
+        refused.metadata().get("mayfly-error").unwrap(),
+        "workload_token_expired"
+    );
     for (token, needle) in [
-        (issuers.k8s.sign(&with("exp", json!(now - 300))), "expired"),
+        (expired, "expired"),
         (
             issuers.k8s.sign(&with("aud", json!(["https://elsewhere"]))),
             "audience",
@@ -366,8 +373,13 @@ async fn a_token_with_a_jti_serves_one_connection_and_is_a_replay_elsewhere() {
     issue_with(&first, &task.task_id, &token).await.unwrap();
     // Anywhere else, it was already used.
     let thief = broker.anonymous_client().await;
+    let refused = start_with(&thief, &token).await.unwrap_err();
+    assert_eq!(
+        refused.metadata().get("mayfly-error").unwrap(),
+        "workload_token_used"
+    );
     assert_status(
-        start_with(&thief, &token).await,
+        Err::<(), _>(refused),
         Code::Unauthenticated,
         "was already used (jti replay)",
     );

@@ -33,6 +33,15 @@ impl From<BrokerError> for Status {
             BrokerError::Unauthenticated(AuthError::Token(
                 TokenError::ReplayCheckUnavailable | TokenError::KeysUnavailable(_),
             )) => (Status::unavailable(msg), "unavailable"),
+            // A client that holds a source of workload tokens (a file the
+            // kubelet rotates, an OIDC endpoint) fetches a fresh one for
+            // these two and tries again.
+            BrokerError::Unauthenticated(AuthError::Token(TokenError::Replayed(_))) => {
+                (Status::unauthenticated(msg), "workload_token_used")
+            }
+            BrokerError::Unauthenticated(AuthError::Token(TokenError::Expired)) => {
+                (Status::unauthenticated(msg), "workload_token_expired")
+            }
             BrokerError::Unauthenticated(_) => (Status::unauthenticated(msg), "unauthenticated"),
             BrokerError::NotOperator(_) | BrokerError::OperatorWithoutCertificate(_) => {
                 (Status::permission_denied(msg), "not_operator")

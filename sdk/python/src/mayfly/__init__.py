@@ -12,6 +12,12 @@ Agents::
 
 `with mayfly.connect() as broker:` gives the same API, blocking.
 
+Agents without a client certificate prove themselves with a workload token
+the broker trusts (Kubernetes, JWT-SVID, OIDC)::
+
+    mayfly.connect("https://broker:8710", ca="ca.pem",
+                   token_file="/var/run/secrets/tokens/mayfly")
+
 Services: `mayfly.Verifier` checks tokens (and follows the revocation
 feed); `mayfly.asgi.TokenMiddleware` puts it in front of a Starlette or
 FastAPI app.
@@ -46,6 +52,7 @@ from mayfly.errors import (
 )
 from mayfly.types import Approval, Certificate, TaskInfo, Token
 from mayfly.verify import FeedConfig, VerifiedToken, Verifier
+from mayfly.workload_token import WorkloadToken
 
 __all__ = [
     "AgentLocked",
@@ -80,6 +87,7 @@ __all__ = [
     "VerifiedToken",
     "Verifier",
     "VerifyError",
+    "WorkloadToken",
     "connect",
 ]
 
@@ -130,8 +138,24 @@ def connect(
     key: str | os.PathLike[str] | None = None,
     profile: str | os.PathLike[str] | None = None,
     identity: str | None = None,
+    token: WorkloadToken | None = None,
+    token_file: str | os.PathLike[str] | None = None,
 ) -> Connector:
     """The broker connection the arguments, `MAYFLY_*` variables or a dev
     profile give (see `mayfly.config`). Files are read now, so a wrong
-    path fails here with `ConfigError`."""
-    return Connector(resolve(broker, ca=ca, cert=cert, key=key, profile=profile, identity=identity))
+    path fails here with `ConfigError`. An agent without a certificate
+    passes its workload token's source as `token` (or `token_file`, or sets
+    `MAYFLY_TOKEN_FILE`); its tokens are then bearer tokens unless it asks
+    for DPoP."""
+    return Connector(
+        resolve(
+            broker,
+            ca=ca,
+            cert=cert,
+            key=key,
+            profile=profile,
+            identity=identity,
+            token=token,
+            token_file=token_file,
+        )
+    )

@@ -1,6 +1,7 @@
 """What the sync and async clients share: the RPC table (paths taken from
 the generated descriptors), request building, the token cache's rules, CSR
-making and the agent's TLS context. No I/O happens here."""
+making, the agent's TLS context and its gRPC credentials. No I/O happens
+here."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 from urllib.parse import urlsplit
 
+import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -23,6 +25,7 @@ from mayfly.config import Connection
 from mayfly.errors import ApprovalDenied, MayflyError
 from mayfly.types import Approval, Certificate
 from mayfly.v1 import broker_pb2, types_pb2
+from mayfly.workload_token import WorkloadToken
 
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
@@ -233,14 +236,54 @@ def audience_for(url: str, audiences: Iterable[str]) -> str | None:
     return best
 
 
+class _BearerToken(grpc.AuthMetadataPlugin):
+    """Puts the agent's workload token on every call."""
+
+    def __init__(self, source: WorkloadToken) -> None:
+        self._source = source
+
+    def __call__(
+        self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback
+    ) -> None:
+        try:
+            metadata = self._source.header()
+        except Exception as e:  # grpc fails the call with it
+            callback((), e)
+            return
+        callback(metadata, None)
+
+
+def channel_credentials(conn: Connection) -> grpc.ChannelCredentials:
+    """TLS to the broker presenting the agent's SVID, or, for an agent
+    without one, server-authenticated TLS with its workload token on every
+    call."""
+    if conn.workload_token is None:
+        return grpc.ssl_channel_credentials(
+            root_certificates=conn.ca_pem,
+            private_key=conn.key_pem,
+            certificate_chain=conn.cert_pem,
+        )
+    return grpc.composite_channel_credentials(
+        grpc.ssl_channel_credentials(root_certificates=conn.ca_pem),
+        grpc.metadata_call_credentials(_BearerToken(conn.workload_token), name="workload-token"),
+    )
+
+
+def binds_certificate(conn: Connection, bind: bool | None) -> bool:
+    """`bind`, or by default: bound to the certificate if the agent has one."""
+    return conn.has_certificate if bind is None else bind
+
+
 def ssl_context(conn: Connection, cafile: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
     """A client TLS context that presents the agent's SVID (so a
-    certificate-bound token is accepted) and trusts `cafile`, or the
-    broker's CA bundle."""
+    certificate-bound token is accepted), if it has one, and trusts
+    `cafile`, or the broker's CA bundle."""
     ctx = ssl.create_default_context(
         cafile=os.fspath(cafile) if cafile else None,
         cadata=None if cafile else conn.ca_pem.decode("ascii"),
     )
+    if not conn.has_certificate:
+        return ctx
     # ssl loads a chain only from files: a private directory, gone at once.
     with tempfile.TemporaryDirectory(prefix="mayfly-") as d:
         cert, key = os.path.join(d, "svid.pem"), os.path.join(d, "svid.key")

@@ -53,7 +53,7 @@ class TaskAuth(httpx.Auth):
     """For `httpx.Client`; made by `Task.auth()`."""
 
     def __init__(
-        self, task: Task, scopes: Sequence[str] | None, *, bind: bool, dpop: DpopKey | None
+        self, task: Task, scopes: Sequence[str] | None, *, bind: bool | None, dpop: DpopKey | None
     ) -> None:
         self._task = task
         self._scopes = scopes
@@ -78,7 +78,12 @@ class AsyncTaskAuth(httpx.Auth):
     """For `httpx.AsyncClient`; made by `AsyncTask.auth()`."""
 
     def __init__(
-        self, task: AsyncTask, scopes: Sequence[str] | None, *, bind: bool, dpop: DpopKey | None
+        self,
+        task: AsyncTask,
+        scopes: Sequence[str] | None,
+        *,
+        bind: bool | None,
+        dpop: DpopKey | None,
     ) -> None:
         self._task = task
         self._scopes = scopes

@@ -21,9 +21,10 @@ from mayfly import _shared as sh
 from mayfly.auth import TaskAuth
 from mayfly.config import Connection
 from mayfly.dpop import DpopKey
-from mayfly.errors import ApprovalRequired, TaskEnded, from_rpc_error
+from mayfly.errors import ApprovalRequired, BrokerError, TaskEnded, from_rpc_error
 from mayfly.types import Approval, Certificate, TaskInfo, Token
 from mayfly.v1 import broker_pb2
+from mayfly.workload_token import RENEWABLE
 
 log = logging.getLogger("mayfly")
 
@@ -34,11 +35,7 @@ class Broker:
 
     def __init__(self, conn: Connection) -> None:
         self.connection = conn
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=conn.ca_pem,
-            private_key=conn.key_pem,
-            certificate_chain=conn.cert_pem,
-        )
+        creds = sh.channel_credentials(conn)
         self._channel = grpc.secure_channel(conn.target, creds)
 
     def close(self) -> None:
@@ -56,7 +53,20 @@ class Broker:
         self.close()
 
     def call(self, rpc: sh.Rpc[sh.Req, sh.Resp], request: Message) -> sh.Resp:
-        """One Broker RPC; a refusal raises its typed `BrokerError`."""
+        """One Broker RPC; a refusal raises its typed `BrokerError`. An agent
+        with a workload token whose token was already used (on another
+        connection) or has expired fetches a fresh one and tries once more."""
+        try:
+            return self._invoke(rpc, request)
+        except BrokerError as error:
+            token = self.connection.workload_token
+            if token is None or error.error not in RENEWABLE:
+                raise
+            # The broker refused the token before doing anything.
+            token.renew()
+        return self._invoke(rpc, request)
+
+    def _invoke(self, rpc: sh.Rpc[sh.Req, sh.Resp], request: Message) -> sh.Resp:
         method = self._channel.unary_unary(
             rpc.path,
             request_serializer=rpc.request.SerializeToString,
@@ -202,21 +212,21 @@ class Task:
         audience: str,
         scopes: Sequence[str] = (),
         *,
-        bind: bool = True,
+        bind: bool | None = None,
         dpop: DpopKey | None = None,
         ttl: float | dt.timedelta | None = None,
         approval_id: str | None = None,
         wait_for_approval: float | None = None,
     ) -> Token:
         """A token for `audience` with `scopes`, from the cache while it has
-        enough life left. `bind` (the default) binds it to this agent's
-        certificate (RFC 8705), so it is useless to anyone without the
-        agent's key; `dpop` binds it to that DPoP key instead (RFC 9449;
-        send it with `dpop.proof(...)`). If policy requires approval this raises
+        enough life left. It is bound to this agent's certificate (RFC
+        8705) if the agent has one (`bind=False` asks for a bearer token),
+        so it is useless to anyone without the agent's key; `dpop` binds
+        it to that DPoP key instead (RFC 9449; send it with
+        `dpop.proof(...)`). If policy requires approval this raises
         `ApprovalRequired`, or with `wait_for_approval=seconds` waits for
         the operator and collects the token."""
-        if dpop is not None:
-            bind = False
+        bind = dpop is None and sh.binds_certificate(self._broker.connection, bind)
         key = sh.cache_key(audience, scopes, dpop.jkt if dpop else bind)
         lock = self._locks.setdefault(key, threading.Lock())
         with lock:
@@ -303,7 +313,7 @@ class Task:
         self,
         scopes: Sequence[str] | None = None,
         *,
-        bind: bool = True,
+        bind: bool | None = None,
         dpop: DpopKey | None = None,
     ) -> TaskAuth:
         """An `httpx.Auth` for `httpx.Client` that sends each request

@@ -1,7 +1,11 @@
 """Where the broker is and which identity to present: arguments first, then
 `MAYFLY_BROKER`, `MAYFLY_CA`, `MAYFLY_CERT`, `MAYFLY_KEY`, then a profile
 directory written by `mayfly dev init` (`profile=`, `MAYFLY_PROFILE`, or
-`./.mayfly-dev`), as the `mayfly` CLI finds them."""
+`./.mayfly-dev`), as the `mayfly` CLI finds them.
+
+An agent without a certificate presents a workload token instead
+(`token=`, `token_file=` or `MAYFLY_TOKEN_FILE`; see
+`mayfly.workload_token`); the broker and its CA come from the same places."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from mayfly.errors import ConfigError
+from mayfly.workload_token import WorkloadToken
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -24,12 +29,19 @@ DEFAULT_PROFILE = ".mayfly-dev"
 @dataclass(frozen=True)
 class Connection:
     """A resolved broker connection: the gRPC target, the CA bundle that
-    issued the broker's certificate, and the agent's SVID (PEM bytes)."""
+    issued the broker's certificate, and the agent's identity: its SVID
+    (PEM bytes), or else its workload token's source."""
 
     broker: str
     ca_pem: bytes = field(repr=False)
     cert_pem: bytes = field(repr=False)
     key_pem: bytes = field(repr=False)
+    workload_token: WorkloadToken | None = None
+
+    @property
+    def has_certificate(self) -> bool:
+        """Whether the agent presents a client certificate (else a token)."""
+        return bool(self.cert_pem)
 
     @property
     def target(self) -> str:
@@ -57,6 +69,8 @@ def resolve(
     key: str | os.PathLike[str] | None = None,
     profile: str | os.PathLike[str] | None = None,
     identity: str | None = None,
+    token: WorkloadToken | None = None,
+    token_file: str | os.PathLike[str] | None = None,
 ) -> Connection:
     """The connection the arguments, the environment and the profile give."""
     env = os.environ
@@ -64,6 +78,15 @@ def resolve(
     ca_p = ca or env.get("MAYFLY_CA")
     cert_p = cert or env.get("MAYFLY_CERT")
     key_p = key or env.get("MAYFLY_KEY")
+    if token is not None or token_file is not None or env.get("MAYFLY_TOKEN_FILE"):
+        if token is not None and token_file is not None:
+            raise ConfigError("token and token_file: give one source of workload tokens")
+        if cert or key:
+            raise ConfigError(
+                "a client certificate and a workload token: an agent proves itself with one"
+            )
+        source = token or WorkloadToken.from_file(token_file or env["MAYFLY_TOKEN_FILE"])
+        return _with_token(broker, ca_p, profile or env.get("MAYFLY_PROFILE"), source)
     if broker and ca_p and cert_p and key_p:
         return Connection(
             broker,
@@ -102,3 +125,28 @@ def resolve(
         _read(Path(cert_p) if cert_p else idir / "svid.pem", "certificate"),
         _read(Path(key_p) if key_p else idir / "svid.key", "private key"),
     )
+
+
+def _with_token(
+    broker: str | None,
+    ca: str | os.PathLike[str] | None,
+    profile: str | os.PathLike[str] | None,
+    token: WorkloadToken,
+) -> Connection:
+    """A connection that proves the agent by `token`; the broker and its CA
+    from the arguments, else from the profile."""
+    if broker is None or ca is None:
+        prof = Path(profile or DEFAULT_PROFILE)
+        if not (prof / "profile.toml").exists():
+            raise ConfigError(
+                "a workload token needs the broker and its CA: pass broker and ca (or set "
+                "MAYFLY_BROKER and MAYFLY_CA), or profile= a directory from `mayfly dev init`"
+            )
+        text = _read(prof / "profile.toml", "profile").decode("utf-8", "replace")
+        try:
+            data = tomllib.loads(text)
+            broker = broker or str(data["broker"])
+            ca = ca or prof / str(data["ca"])
+        except (tomllib.TOMLDecodeError, KeyError) as e:
+            raise ConfigError(f"invalid profile {prof / 'profile.toml'}: {e}") from e
+    return Connection(broker, _read(Path(ca), "CA bundle"), b"", b"", token)
