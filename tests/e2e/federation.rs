@@ -231,6 +231,34 @@ async fn each_kind_of_workload_token_opens_a_task_and_gets_a_token() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_client_connects_with_a_workload_token() {
+    let (broker, issuers) = broker().await;
+    let token = issuers
+        .k8s
+        .sign(&claims(&broker, K8S, "system:serviceaccount:prod:billing"));
+    let client = Client::connect_with_token(&broker.url(), &broker.bundle_pem(), &token)
+        .await
+        .unwrap();
+    assert!(
+        !format!("{client:?}").contains(&token[..20]),
+        "the token never shows in Debug"
+    );
+    let task = client
+        .start_task(mayfly_client::NewTask::new("federated work", [API]).scope("read:files"))
+        .await
+        .unwrap();
+    let issued = task.issue_token(API, ["read:files"]).await.unwrap();
+    let got = validate(&broker, &issued.token, API).await;
+    assert_eq!(got["sub"], "spiffe://example.org/ns/prod/sa/billing");
+    task.complete().await.unwrap();
+    // A token that cannot be a header value is refused before connecting.
+    assert!(matches!(
+        Client::connect_with_token(&broker.url(), &broker.bundle_pem(), "a\nb").await,
+        Err(mayfly_client::ClientError::BadToken)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_token_is_unauthenticated_and_writes_nothing() {
     let (broker, issuers) = broker().await;
     let client = broker.anonymous_client().await;

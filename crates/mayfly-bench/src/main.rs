@@ -8,6 +8,7 @@
 //! mayfly-bench --mix token --rate 2000 --duration 10s       # fixed rate
 //! mayfly-bench --mix lifecycle --tokens-per-task 5 --json
 //! mayfly-bench --mix oauth --duration 10s   # POST /oauth2/token over HTTP/2
+//! mayfly-bench --workload-token token.jwt  # bearer workload token, no certificate
 //! ```
 //!
 //! It connects with the SPIFFE Workload API (`--workload-api`), or a
@@ -132,6 +133,12 @@ struct Args {
     /// rotations; --cert and --key win when given.
     #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
     workload_api: Option<String>,
+    /// Authenticate with the workload token in this file instead of a
+    /// client certificate (every connection presents it: its issuer's
+    /// `[[federation]]` entry must say `single_use = false`, or pass
+    /// --connections 1).
+    #[arg(long, env = "MAYFLY_TOKEN_FILE")]
+    workload_token: Option<PathBuf>,
 }
 
 fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
@@ -171,6 +178,33 @@ impl Args {
         Ok(from_profile(&dir, Role::Agent, &over)?)
     }
 
+    /// With `--workload-token`: the broker, its CA (from the flags, else
+    /// the profile) and the token.
+    fn token_connection(&self) -> anyhow::Result<Option<TokenConnection>> {
+        let Some(path) = &self.workload_token else {
+            return Ok(None);
+        };
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the workload token {}", path.display()))?
+            .trim()
+            .to_owned();
+        let (broker, ca_pem) = match (&self.broker, &self.ca) {
+            (Some(b), Some(ca)) => (
+                b.clone(),
+                std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?,
+            ),
+            _ => {
+                let c = self.client_config()?;
+                (c.broker, c.ca_pem)
+            }
+        };
+        Ok(Some(TokenConnection {
+            broker,
+            ca_pem,
+            token,
+        }))
+    }
+
     /// The HTTPS port: `--http`, else the gRPC port's host and the next
     /// port (as `mayfly dev init` lays them out).
     fn http_url(&self, grpc: &str) -> anyhow::Result<String> {
@@ -202,6 +236,13 @@ impl Args {
             other => bail!("--store {other:?}: expected embedded, redis or none"),
         }
     }
+}
+
+/// Where and how a `--workload-token` run connects.
+struct TokenConnection {
+    broker: String,
+    ca_pem: Vec<u8>,
+    token: String,
 }
 
 /// The in-process limits measured in this run (operations per second).
@@ -356,12 +397,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if workload.is_some() && args.mix == Mix::Oauth {
         bail!("--mix oauth authenticates with certificate files: pass --cert and --key");
     }
+    let token = args.token_connection()?;
+    if token.is_some() && args.mix == Mix::Oauth {
+        bail!("--mix oauth authenticates with certificate files, not --workload-token");
+    }
     // From the Workload API only the broker's URL is needed here (from
     // --broker, else the profile); the SVID comes from the socket.
-    let (broker, config) = match (&workload, &args.broker) {
-        (Some(_), Some(broker)) => (broker.clone(), None),
-        (Some(_), None) => (args.client_config()?.broker, None),
-        (None, _) => {
+    let (broker, config) = match (&token, &workload, &args.broker) {
+        (Some(t), _, _) => (t.broker.clone(), None),
+        (None, Some(_), Some(broker)) => (broker.clone(), None),
+        (None, Some(_), None) => (args.client_config()?.broker, None),
+        (None, None, _) => {
             let config = args.client_config()?;
             (config.broker.clone(), Some(config))
         }
@@ -376,10 +422,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ttl_seconds: args.ttl.as_secs(),
     };
     for _ in 0..args.connections {
-        let client = match (&workload, &config) {
-            (Some(endpoint), _) => Client::connect_workload_api(&broker, Some(endpoint)).await?,
-            (None, Some(config)) => Client::connect(config).await?,
-            (None, None) => unreachable!("files give the config when no Workload API does"),
+        let client = match (&token, &workload, &config) {
+            (Some(t), _, _) => Client::connect_with_token(&t.broker, &t.ca_pem, &t.token).await?,
+            (None, Some(endpoint), _) => {
+                Client::connect_workload_api(&broker, Some(endpoint)).await?
+            }
+            (None, None, Some(config)) => Client::connect(config).await?,
+            (None, None, None) => {
+                unreachable!("files give the config when no Workload API or token does")
+            }
         };
         let endpoint = match (args.mix, &config) {
             (Mix::Oauth, Some(config)) => Some(

@@ -1,5 +1,7 @@
 //! A client for the Mayfly broker, used by agent runtimes and the `mayfly`
-//! CLI. It speaks gRPC over mTLS with the caller's X.509-SVID.
+//! CLI. It speaks gRPC over mTLS with the caller's X.509-SVID, or, for an
+//! agent without one, over server-authenticated TLS with a workload token
+//! the broker trusts ([`Client::connect_with_token`]).
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -35,6 +37,9 @@ pub use mayfly_proto::v1 as pb;
 use pb::admin_client::AdminClient;
 use pb::broker_client::BrokerClient;
 use tonic::Status;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use zeroize::Zeroizing;
 
@@ -56,10 +61,13 @@ pub enum ClientError {
     /// The broker address is not a usable URL.
     #[error("broker address {0:?} is not a valid https:// URL")]
     BadUrl(String),
-    /// Connecting or the TLS handshake failed.
     /// The SPIFFE Workload API gave no usable SVID or bundle.
     #[error("SPIFFE Workload API: {0}")]
     WorkloadApi(String),
+    /// A workload token that cannot travel in a header.
+    #[error("the workload token is not a compact JWT (printable ASCII)")]
+    BadToken,
+    /// Connecting or the TLS handshake failed.
     #[error("cannot connect to the broker at {url}: {reason}")]
     Connect {
         /// The broker URL.
@@ -136,30 +144,80 @@ pub struct Client {
     /// Follows the Workload API when the SVID comes from it; stops when
     /// the last clone of the client is dropped.
     _rotation: Option<std::sync::Arc<workload::Rotation>>,
+    /// Sent on every Broker call of a caller without a certificate.
+    bearer: Bearer,
+}
+
+/// A channel to `broker` (an `https://` URL) over `tls`.
+async fn open(broker: &str, tls: ClientTlsConfig) -> Result<Channel, ClientError> {
+    if !broker.starts_with("https://") {
+        return Err(ClientError::BadUrl(broker.to_owned()));
+    }
+    let connect_err = |e: tonic::transport::Error| ClientError::Connect {
+        url: broker.to_owned(),
+        reason: chain(&e),
+    };
+    Channel::from_shared(broker.to_owned())
+        .map_err(|_| ClientError::BadUrl(broker.to_owned()))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tls_config(tls)
+        .map_err(connect_err)?
+        .connect()
+        .await
+        .map_err(connect_err)
+}
+
+/// Puts `authorization: Bearer <workload token>` on each call, if the
+/// client has one.
+#[derive(Clone, Default)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Bearer(<redacted>)"
+        } else {
+            "Bearer(none)"
+        })
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
 }
 
 impl Client {
     /// Connects with mTLS.
     pub async fn connect(config: &ClientConfig) -> Result<Self, ClientError> {
-        if !config.broker.starts_with("https://") {
-            return Err(ClientError::BadUrl(config.broker.clone()));
-        }
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&config.ca_pem))
             .identity(Identity::from_pem(&config.cert_pem, &*config.key_pem));
-        let connect_err = |e: tonic::transport::Error| ClientError::Connect {
-            url: config.broker.clone(),
-            reason: chain(&e),
-        };
-        let channel = Channel::from_shared(config.broker.clone())
-            .map_err(|_| ClientError::BadUrl(config.broker.clone()))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tls_config(tls)
-            .map_err(connect_err)?
-            .connect()
-            .await
-            .map_err(connect_err)?;
-        Ok(Self::from_channel(channel))
+        Ok(Self::from_channel(open(&config.broker, tls).await?))
+    }
+
+    /// Connects over server-authenticated TLS (no client certificate) as
+    /// the caller `token` proves: a workload token (Kubernetes, OIDC,
+    /// JWT-SVID) of an issuer the broker's `[[federation]]` trusts, sent
+    /// on every Broker call. A token with a `jti` serves the connections
+    /// this client opens only if its issuer is not `single_use`: make a new
+    /// client with a fresh token when the broker says it was already used.
+    pub async fn connect_with_token(
+        broker: &str,
+        ca_pem: &[u8],
+        token: &str,
+    ) -> Result<Self, ClientError> {
+        let mut bearer = MetadataValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| ClientError::BadToken)?;
+        bearer.set_sensitive(true);
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
+        let mut client = Self::from_channel(open(broker, tls).await?);
+        client.bearer = Bearer(Some(bearer));
+        Ok(client)
     }
 
     /// Wraps an existing channel.
@@ -167,6 +225,7 @@ impl Client {
         Self {
             channel: std::sync::Arc::new(std::sync::RwLock::new(channel)),
             _rotation: None,
+            bearer: Bearer::default(),
         }
     }
 
@@ -179,9 +238,10 @@ impl Client {
             .clone()
     }
 
-    /// The raw Broker (agent) API.
-    pub fn broker(&self) -> BrokerClient<Channel> {
-        BrokerClient::new(self.channel())
+    /// The raw Broker (agent) API (with the workload token on each call,
+    /// if the client has one).
+    pub fn broker(&self) -> BrokerClient<InterceptedService<Channel, Bearer>> {
+        BrokerClient::with_interceptor(self.channel(), self.bearer.clone())
     }
 
     /// The raw Admin (operator) API.

@@ -13,7 +13,7 @@ use spiffe::X509Source;
 use spiffe::bundle::BundleSource;
 use zeroize::Zeroizing;
 
-use crate::{Client, ClientConfig, ClientError};
+use crate::{Bearer, Client, ClientConfig, ClientError};
 
 /// How long to wait for the first SVID before saying the Workload API
 /// gave none.
@@ -92,6 +92,7 @@ impl Client {
         Ok(Client {
             channel: first.channel,
             _rotation: Some(Arc::new(Rotation { task, source })),
+            bearer: Bearer::default(),
         })
     }
 }
