@@ -12,10 +12,11 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{DecodingKey, Validation};
+use mayfly_benches::per_second;
 use mayfly_broker::config::FederationConfig;
 use mayfly_broker::federation::Federation;
 use mayfly_core::TrustDomain;
@@ -26,18 +27,6 @@ use serde_json::json;
 const BROKER: &str = "https://broker.example.org";
 const K8S: &str = "https://kubernetes.default.svc.cluster.local";
 const MEASURE: Duration = Duration::from_secs(3);
-
-fn per_second(d: Duration, mut f: impl FnMut()) -> f64 {
-    let start = Instant::now();
-    let mut n = 0u64;
-    while start.elapsed() < d {
-        for _ in 0..50 {
-            f();
-        }
-        n += 50;
-    }
-    n as f64 / start.elapsed().as_secs_f64()
-}
 
 /// The token with its signature's first byte changed.
 fn forged(token: &str) -> String {

@@ -18,24 +18,13 @@ use std::time::{Duration, Instant};
 
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{DecodingKey, Validation};
+use mayfly_benches::per_second;
 use mayfly_client::{NewTask, pb};
 use mayfly_core::SpiffeId;
 use mayfly_testkit::TestBroker;
 use mayfly_verify::{Verifier, VerifierConfig, VerifyError};
 
 const API: &str = "https://api.example.com";
-
-fn per_second(d: Duration, mut f: impl FnMut()) -> f64 {
-    let start = Instant::now();
-    let mut n = 0u64;
-    while start.elapsed() < d {
-        for _ in 0..100 {
-            f();
-        }
-        n += 100;
-    }
-    n as f64 / start.elapsed().as_secs_f64()
-}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
