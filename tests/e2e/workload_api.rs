@@ -4,7 +4,9 @@
 //! rotations with none failing; the broker serves with the Workload API's
 //! SVID and bundle, follows a rotation under load with zero failed calls,
 //! and refuses a rotated-out CA's SVIDs; a federated trust domain's bundle
-//! comes from the Workload API too, and follows the partner's rotation.
+//! comes from the Workload API too, and follows the partner's rotation;
+//! and the JWT bundle JWT-SVIDs are checked against comes from its
+//! `FetchJWTBundles` stream, following a key rotation.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -363,4 +365,102 @@ async fn a_federated_bundle_comes_from_the_workload_api_and_follows_it() {
     .await;
     let e = authenticated(&broker, &cas, &from1).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{}", e.message());
+}
+
+/// Opens a task as the caller a JWT-SVID signed by `by` proves, over TLS
+/// trusting `ca`.
+async fn start_with_jwt_svid(
+    broker: &TestBroker,
+    ca: &DevCa,
+    by: &mayfly_testkit::TokenIssuer,
+) -> Result<mayfly_client::pb::Task, tonic::Status> {
+    let now = mayfly_testkit::oidc::unix_now();
+    let token = by.sign(&serde_json::json!({
+        "sub": "spiffe://example.org/agent/jwt-workload",
+        "aud": [broker.config.issuer()], "iat": now, "exp": now + 300,
+    }));
+    let client = Client::connect_with_token(&broker.url(), ca.cert_pem().as_bytes(), &token)
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    client
+        .broker()
+        .start_task(start_request("jwt-svid", &[API], &["read:files"]))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Waits (at most 5 s) until a JWT-SVID signed by `by` is accepted.
+async fn until_jwt_svid_accepted(
+    broker: &TestBroker,
+    ca: &DevCa,
+    by: &mayfly_testkit::TokenIssuer,
+    what: &str,
+) {
+    for _ in 0..200 {
+        if start_with_jwt_svid(broker, ca, by).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jwt_bundle_comes_from_the_workload_api_and_follows_it() {
+    let td = TrustDomain::new("example.org").unwrap();
+    let ours = Arc::new(DevCa::generate(&td).unwrap());
+    let api = WorkloadApi::start_with_dns(
+        ours.clone(),
+        "spiffe://example.org/mayfly/broker",
+        &["localhost"],
+        Duration::from_secs(3600),
+    )
+    .await;
+    let endpoint = api.endpoint();
+    let broker = TestBroker::start_with(move |c| {
+        c.tls.cert = Default::default();
+        c.tls.key = Default::default();
+        c.tls.trust_bundle = Default::default();
+        c.tls.workload_api = Some(endpoint);
+        c.federation =
+            vec![toml::from_str("workload_api = true\nalgorithms = [\"ES256\"]").unwrap()];
+    })
+    .await;
+    let (key1, key2) = (
+        mayfly_testkit::TokenIssuer::ec("", "jwt-authority-1"),
+        mayfly_testkit::TokenIssuer::ec("", "jwt-authority-2"),
+    );
+    for _ in 0..200 {
+        if presented(&broker, &[&ours]).await.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // No JWT bundle yet: the token cannot be checked, so UNAVAILABLE (a
+    // retry may succeed), never accepted.
+    assert_status(
+        start_with_jwt_svid(&broker, &ours, &key1).await,
+        tonic::Code::Unavailable,
+        "has not sent the JWT bundle yet",
+    );
+    api.set_jwt_bundle("example.org", &mayfly_testkit::TokenIssuer::jwks(&[&key1]));
+    until_jwt_svid_accepted(&broker, &ours, &key1, "the first JWT bundle was never used").await;
+    let task = start_with_jwt_svid(&broker, &ours, &key1).await.unwrap();
+    assert_eq!(task.agent_id, "spiffe://example.org/agent/jwt-workload");
+
+    // SPIRE rotates the JWT signing key: the new one is accepted, the
+    // retired one refused, with no restart.
+    api.set_jwt_bundle("example.org", &mayfly_testkit::TokenIssuer::jwks(&[&key2]));
+    until_jwt_svid_accepted(
+        &broker,
+        &ours,
+        &key2,
+        "the rotated JWT bundle was never used",
+    )
+    .await;
+    assert_status(
+        start_with_jwt_svid(&broker, &ours, &key1).await,
+        tonic::Code::Unauthenticated,
+        "is not one of issuer",
+    );
 }

@@ -97,7 +97,11 @@ pub async fn check(path: &Path, reach_store: bool) -> Vec<Finding> {
                         .federation
                         .iter()
                         .map(|f| {
-                            let name = f.issuer.clone().unwrap_or_else(|| "JWT-SVIDs".into());
+                            let name = match (&f.issuer, f.workload_api) {
+                                (Some(i), _) => i.clone(),
+                                (None, true) => "JWT-SVIDs (bundle from the Workload API)".into(),
+                                (None, false) => "JWT-SVIDs".into(),
+                            };
                             if f.single_use {
                                 name
                             } else {

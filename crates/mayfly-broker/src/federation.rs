@@ -237,6 +237,9 @@ struct Issuer {
     max_age: Duration,
     /// Whether a `jti` is accepted once only.
     single_use: bool,
+    /// Keys pushed by the Workload API: `Some(false)` until the first
+    /// bundle arrives.
+    pushed: Option<std::sync::atomic::AtomicBool>,
     subject: Vec<Part>,
     spiffe_id: Vec<Part>,
     claims: BTreeMap<String, String>,
@@ -294,9 +297,11 @@ impl Federation {
                 entry: entry.clone(),
                 reason,
             };
-            if c.issuer.is_none() && c.spiffe_bundle.is_none() {
+            if c.issuer.is_none() && c.spiffe_bundle.is_none() && !c.workload_api {
                 return Err(fail(
-                    "needs issuer (only JWT-SVIDs, from spiffe_bundle, may come without)".into(),
+                    "needs issuer (only JWT-SVIDs, from spiffe_bundle or workload_api, may come \
+                     without)"
+                        .into(),
                 ));
             }
             let algorithms = c
@@ -311,6 +316,17 @@ impl Federation {
             let read =
                 |p: &Path| std::fs::read(p).map_err(|e| fail(format!("{}: {e}", p.display())));
             let keys = match (&c.jwks_url, &c.jwks_file, &c.spiffe_bundle) {
+                // Empty until the Workload API sends the bundle.
+                (None, None, None) if c.workload_api => {
+                    Jwks::fixed(br#"{"keys":[]}"#, &algorithms).map_err(|e| fail(e.to_string()))?
+                }
+                _ if c.workload_api => {
+                    return Err(fail(
+                        "workload_api takes its keys from the Workload API: remove jwks_url, \
+                         jwks_file and spiffe_bundle"
+                            .into(),
+                    ));
+                }
                 (Some(url), None, None) => {
                     let ca = c.ca.as_deref().ok_or_else(|| {
                         fail("jwks_url needs ca (the JWKS server's CA, PEM)".into())
@@ -323,7 +339,8 @@ impl Federation {
                 }
                 _ => {
                     return Err(fail(
-                        "needs exactly one of jwks_url (with ca), jwks_file and spiffe_bundle"
+                        "needs exactly one of jwks_url (with ca), jwks_file, spiffe_bundle and \
+                         workload_api = true"
                             .into(),
                     ));
                 }
@@ -352,6 +369,9 @@ impl Federation {
                 algorithms,
                 max_age: c.max_age,
                 single_use: c.single_use,
+                pushed: c
+                    .workload_api
+                    .then(|| std::sync::atomic::AtomicBool::new(false)),
                 subject,
                 spiffe_id,
                 claims: c.claims.clone(),
@@ -366,6 +386,26 @@ impl Federation {
     /// Whether any issuer is configured.
     pub fn is_empty(&self) -> bool {
         self.issuers.is_empty()
+    }
+
+    /// Whether an entry takes its keys from the Workload API.
+    pub fn wants_workload_bundle(&self) -> bool {
+        self.issuers.iter().any(|i| i.pushed.is_some())
+    }
+
+    /// Replaces the keys of the entries that take them from the Workload
+    /// API with `document`, the JWT bundle (a JWKS) of the broker's trust
+    /// domain; returns how many keys are usable. A document that does not
+    /// parse changes nothing.
+    pub fn set_workload_bundle(&self, document: &[u8]) -> Result<usize, String> {
+        let mut usable = 0;
+        for i in &self.issuers {
+            if let Some(pushed) = &i.pushed {
+                usable = i.keys.replace(document).map_err(|e| e.to_string())?;
+                pushed.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+        Ok(usable)
     }
 
     /// Fetches every issuer's JWKS now; failures are logged (their tokens
@@ -417,6 +457,15 @@ impl Federation {
         let kid = header["kid"].as_str().ok_or(TokenError::NoKeyId)?;
         let key = match issuer.keys.get(kid) {
             Some(k) => k,
+            None if issuer
+                .pushed
+                .as_ref()
+                .is_some_and(|p| !p.load(std::sync::atomic::Ordering::Acquire)) =>
+            {
+                return Err(TokenError::KeysUnavailable(
+                    "the SPIFFE Workload API has not sent the JWT bundle yet".into(),
+                ));
+            }
             None => {
                 issuer
                     .keys

@@ -5,6 +5,11 @@
 //! a file the bundles of those trust domains, through the `spiffe` crate's `X509Source`, and every rotation is
 //! swapped into [`LiveTls`] for new handshakes while live connections keep
 //! theirs. Until the first SVID arrives, handshakes are refused.
+//!
+//! With a `[[federation]]` entry that says `workload_api = true`, the JWT
+//! bundle of the broker's trust domain comes from the same Workload API
+//! (`FetchJWTBundles`), each update replacing the keys JWT-SVIDs are
+//! checked against ([`follow_jwt_bundles`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +19,7 @@ use rustls_pki_types::CertificateDer;
 use spiffe::X509Source;
 use spiffe::bundle::BundleSource;
 
+use crate::federation::Federation;
 use crate::shutdown::Shutdown;
 use crate::tls::LiveTls;
 
@@ -112,6 +118,72 @@ pub(crate) async fn follow(
                     source.shutdown().await;
                     return;
                 }
+            }
+        }
+    }
+}
+
+/// The JWKS document of `bundle`'s keys.
+fn jwks_document(bundle: &spiffe::JwtBundle) -> Result<Vec<u8>, String> {
+    let keys = bundle
+        .jwt_authorities()
+        .map(|a| serde_json::from_slice::<serde_json::Value>(a.jwk_json()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    serde_json::to_vec(&serde_json::json!({ "keys": keys })).map_err(|e| e.to_string())
+}
+
+/// Follows the Workload API's JWT bundles at `endpoint` until `stop`,
+/// handing `federation` each update of the broker's trust domain's bundle;
+/// reconnects after a failure, keeping the keys it has.
+pub(crate) async fn follow_jwt_bundles(
+    federation: Arc<Federation>,
+    endpoint: String,
+    td: TrustDomain,
+    mut stop: Shutdown,
+) {
+    use futures_util::StreamExt;
+    loop {
+        let opened = async {
+            let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
+                .await
+                .map_err(|e| e.to_string())?;
+            client.stream_jwt_bundles().await.map_err(|e| e.to_string())
+        };
+        let mut updates = tokio::select! {
+            r = opened => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, %endpoint, "SPIFFE Workload API JWT bundles unavailable; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        () = stop.wait() => return,
+                    }
+                }
+            },
+            () = stop.wait() => return,
+        };
+        loop {
+            let next = tokio::select! {
+                n = updates.next() => n,
+                () = stop.wait() => return,
+            };
+            let set = match next {
+                Some(Ok(set)) => set,
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "JWT bundle update refused; the keys in use stay");
+                    continue;
+                }
+                None => break,
+            };
+            let applied = spiffe::TrustDomain::new(td.as_str())
+                .map_err(|e| e.to_string())
+                .and_then(|t| set.get(&t).ok_or_else(|| format!("no JWT bundle for {td}")))
+                .and_then(|b| jwks_document(&b))
+                .and_then(|doc| federation.set_workload_bundle(&doc));
+            match applied {
+                Ok(keys) => tracing::info!(keys, "JWT bundle from the SPIFFE Workload API"),
+                Err(e) => tracing::error!(error = %e, "JWT bundle refused; the keys in use stay"),
             }
         }
     }

@@ -5,7 +5,9 @@
 //! `FetchX509Bundles` streams over a Unix socket, refusing calls without
 //! the `workload.spiffe.io: true` header as the spec requires, serving
 //! X.509-SVIDs for one SPIFFE ID from a dev CA, and pushing a fresh one to
-//! every stream on [`WorkloadApi::rotate`], as an agent does on rotation.
+//! every stream on [`WorkloadApi::rotate`], as an agent does on rotation;
+//! and `FetchJWTBundles`, a stream of the JWT bundles (JWKS documents
+//! keyed by trust domain ID) set with [`WorkloadApi::set_jwt_bundle`].
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -63,6 +65,8 @@ pub struct WorkloadApi {
     /// Federated trust domains' bundles, served beside the SVID.
     federated: Mutex<Bundles>,
     tx: watch::Sender<Serving>,
+    /// JWT bundles: trust domain ID → JWKS document.
+    jwt_tx: watch::Sender<Bundles>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -77,6 +81,7 @@ impl std::fmt::Debug for WorkloadApi {
 
 struct Service {
     rx: watch::Receiver<Serving>,
+    jwt_rx: watch::Receiver<Bundles>,
 }
 
 fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
@@ -132,9 +137,15 @@ impl SpiffeWorkloadApi for Service {
 
     async fn fetch_jwt_bundles(
         &self,
-        _: Request<JwtBundlesRequest>,
+        req: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        Err(Status::unimplemented("JWT bundles are not served here"))
+        check_header(&req)?;
+        // Nothing is sent until there is a bundle, as an agent waits for
+        // its first sync.
+        let stream = WatchStream::new(self.jwt_rx.clone())
+            .filter(|b| !b.is_empty())
+            .map(|bundles| Ok(JwtBundlesResponse { bundles }));
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn validate_jwtsvid(
@@ -166,10 +177,11 @@ impl WorkloadApi {
         let socket = dir.path().join("api.sock");
         let first = issue(&ca, &id, &dns, lifetime);
         let (tx, rx) = watch::channel(Self::serving(&ca, &id, &first, &Bundles::new()));
+        let (jwt_tx, jwt_rx) = watch::channel(Bundles::new());
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
-                .add_service(SpiffeWorkloadApiServer::new(Service { rx }))
+                .add_service(SpiffeWorkloadApiServer::new(Service { rx, jwt_rx }))
                 .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
                 .await;
         });
@@ -183,6 +195,7 @@ impl WorkloadApi {
             current: Mutex::new(first),
             federated: Mutex::new(Bundles::new()),
             tx,
+            jwt_tx,
             task,
         }
     }
@@ -240,6 +253,15 @@ impl WorkloadApi {
             .unwrap()
             .insert(td.to_owned(), der_chain(ca.cert_pem()));
         self.rotate();
+    }
+
+    /// Serves `jwks` (a JWKS document) as the JWT bundle of trust domain
+    /// `td` (e.g. `example.org`), replacing any before, pushed to every
+    /// open `FetchJWTBundles` stream.
+    pub fn set_jwt_bundle(&self, td: &str, jwks: &str) {
+        self.jwt_tx.send_modify(|b| {
+            b.insert(format!("spiffe://{td}"), jwks.as_bytes().to_vec());
+        });
     }
 
     fn push(&self, ca: &DevCa) -> Credential {

@@ -198,15 +198,9 @@ impl Jwks {
         Ok(Self::new(fetcher, min_interval, algorithms))
     }
 
-    /// A fixed set of keys from a JWKS document, never refetched.
+    /// A fixed set of keys from a JWKS document, never refetched (but
+    /// see [`Jwks::replace`]).
     pub fn fixed(document: &[u8], algorithms: &[Algorithm]) -> Result<Self, VerifyError> {
-        if document.len() > MAX_JWKS_BYTES {
-            return Err(VerifyError::JwksUnavailable(format!(
-                "JWKS is over {MAX_JWKS_BYTES} bytes"
-            )));
-        }
-        let set: JwkSet = serde_json::from_slice(document)
-            .map_err(|e| VerifyError::JwksUnavailable(format!("JWKS is not a JWK set: {e}")))?;
         let jwks = Self {
             fetcher: None,
             keys: std::sync::RwLock::new(HashMap::new()),
@@ -214,12 +208,27 @@ impl Jwks {
             min_interval: Duration::MAX,
             algorithms: algorithms.to_vec(),
         };
-        jwks.load(&set);
+        jwks.replace(document)?;
         Ok(jwks)
     }
 
-    /// Replaces the cached keys with the usable ones of `set`.
-    fn load(&self, set: &JwkSet) {
+    /// Replaces the keys with those of a JWKS document (e.g. one a SPIFFE
+    /// Workload API pushed); returns how many are usable. A document that
+    /// does not parse changes nothing.
+    pub fn replace(&self, document: &[u8]) -> Result<usize, VerifyError> {
+        if document.len() > MAX_JWKS_BYTES {
+            return Err(VerifyError::JwksUnavailable(format!(
+                "JWKS is over {MAX_JWKS_BYTES} bytes"
+            )));
+        }
+        let set: JwkSet = serde_json::from_slice(document)
+            .map_err(|e| VerifyError::JwksUnavailable(format!("JWKS is not a JWK set: {e}")))?;
+        Ok(self.load(&set))
+    }
+
+    /// Replaces the cached keys with the usable ones of `set`; returns how
+    /// many there are.
+    fn load(&self, set: &JwkSet) -> usize {
         let mut keys = HashMap::new();
         for jwk in &set.keys {
             // Only signature keys of the allowed algorithms are kept.
@@ -232,10 +241,12 @@ impl Jwks {
             };
             keys.insert(kid, JwksKey { alg, key });
         }
-        tracing::debug!(keys = keys.len(), "JWKS loaded");
+        let n = keys.len();
+        tracing::debug!(keys = n, "JWKS loaded");
         if let Ok(mut k) = self.keys.write() {
             *k = keys;
         }
+        n
     }
 
     /// The cached key `kid`.

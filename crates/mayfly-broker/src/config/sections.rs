@@ -310,6 +310,11 @@ pub struct FederationConfig {
     /// broker's trust domain.
     #[serde(default)]
     pub spiffe_bundle: Option<PathBuf>,
+    /// JWT-SVIDs checked against the JWT bundle of the broker's trust
+    /// domain from the SPIFFE Workload API (`[tls] workload_api`), as it
+    /// pushes each update.
+    #[serde(default)]
+    pub workload_api: bool,
     /// The audience its tokens must name; default: the broker's issuer.
     #[serde(default)]
     pub audience: Option<String>,

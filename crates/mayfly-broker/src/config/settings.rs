@@ -241,7 +241,7 @@ impl Config {
             key_rotation: self.key_rotation()?,
             lifetimes: self.lifetimes()?,
             ca: self.ca.clone(),
-            federation: self.federation.clone(),
+            federation: self.checked_federation()?,
             crl_validity: self.certificates.crl_validity,
             reaper: self.checked_reaper()?,
             feed: self.feed_settings()?,
@@ -434,6 +434,16 @@ impl Config {
             }
         }
         Ok(t.clone())
+    }
+
+    fn checked_federation(&self) -> Checked<Vec<FederationConfig>> {
+        if self.tls.workload_api.is_none() && self.federation.iter().any(|f| f.workload_api) {
+            return invalid(
+                "[[federation]] workload_api = true takes the JWT bundle from the SPIFFE \
+                 Workload API: set [tls] workload_api",
+            );
+        }
+        Ok(self.federation.clone())
     }
 
     fn checked_policy(&self) -> Checked<PolicyConfig> {

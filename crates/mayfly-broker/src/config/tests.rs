@@ -404,3 +404,12 @@ fn federated_bundles_name_other_trust_domains_once() {
     let c = Config::parse(&from_api, Path::new("/etc/mayfly")).unwrap();
     assert!(c.tls.federated[0].bundle.as_os_str().is_empty());
 }
+
+#[test]
+fn a_jwt_bundle_from_the_workload_api_needs_one() {
+    let text = format!("{MINIMAL}\n[[federation]]\nworkload_api = true\n");
+    let err = Config::parse(&text, Path::new("/etc/mayfly"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("set [tls] workload_api"), "{err}");
+}

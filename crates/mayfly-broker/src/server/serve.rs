@@ -116,7 +116,18 @@ impl Broker {
         let feed_task = tokio::spawn(self.feed.clone().run(stop_rx.clone()));
         if let Some(f) = self.federation.clone() {
             // Each issuer's JWKS, fetched now rather than at the first token.
-            tokio::spawn(async move { f.fetch_all().await });
+            let fetch = f.clone();
+            tokio::spawn(async move { fetch.fetch_all().await });
+            if let Some(endpoint) = self.tls.live.workload_api()
+                && f.wants_workload_bundle()
+            {
+                tokio::spawn(crate::workload::follow_jwt_bundles(
+                    f,
+                    endpoint.to_owned(),
+                    self.trust_domain.clone(),
+                    stop_rx.clone(),
+                ));
+            }
         }
         let keys_task = tokio::spawn(crate::issuer::ring::watch_and_reload(
             self.signer.clone(),
