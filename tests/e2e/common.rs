@@ -188,3 +188,19 @@ pub async fn scrape(broker: &TestBroker) -> String {
 pub fn count(text: &str, series: &str) -> f64 {
     sample(text, series).unwrap_or(0.0)
 }
+
+/// Waits until `check` holds (checking every 25 ms, for at most 5 s);
+/// panics with `what` if it never does.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..200 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("{what}");
+}

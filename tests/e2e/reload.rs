@@ -44,13 +44,10 @@ fn replace(path: &std::path::Path, text: &str) {
 
 /// Polls until a fresh handshake is shown `want`.
 async fn until_presented(broker: &TestBroker, want: &[u8]) {
-    for _ in 0..200 {
-        if presented(broker).await == want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the new server certificate was never presented");
+    eventually("the new server certificate was never presented", || async {
+        presented(broker).await == want
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -148,15 +148,11 @@ async fn the_broker_serves_with_a_workload_api_identity_and_follows_it() {
     let both = [ca1.as_ref(), ca2.as_ref()];
 
     // Serving as the Workload API's SVID (once the first one arrived).
-    let mut ready = false;
-    for _ in 0..200 {
-        if presented(&broker, &both).await == Some(der(&api.current().cert_pem)) {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(ready, "the broker never presented the Workload API's SVID");
+    eventually(
+        "the broker never presented the Workload API's SVID",
+        || async { presented(&broker, &both).await == Some(der(&api.current().cert_pem)) },
+    )
+    .await;
     let kept = connect_with(&broker, &both, &svid1).await;
     let task = start(&kept).await;
 
@@ -270,13 +266,10 @@ async fn authenticated(
 /// Waits (at most 5 s) until the broker authenticates `svid`; `what`
 /// names the change being waited for.
 async fn until_authenticated(broker: &TestBroker, cas: &[&DevCa], svid: &Credential, what: &str) {
-    for _ in 0..200 {
-        if authenticated(broker, cas, svid).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("{what}");
+    eventually(what, || async {
+        authenticated(broker, cas, svid).await.is_ok()
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -389,22 +382,6 @@ async fn start_with_jwt_svid(
         .map(tonic::Response::into_inner)
 }
 
-/// Waits (at most 5 s) until a JWT-SVID signed by `by` is accepted.
-async fn until_jwt_svid_accepted(
-    broker: &TestBroker,
-    ca: &DevCa,
-    by: &mayfly_testkit::TokenIssuer,
-    what: &str,
-) {
-    for _ in 0..200 {
-        if start_with_jwt_svid(broker, ca, by).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("{what}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_jwt_bundle_comes_from_the_workload_api_and_follows_it() {
     let td = TrustDomain::new("example.org").unwrap();
@@ -430,12 +407,11 @@ async fn the_jwt_bundle_comes_from_the_workload_api_and_follows_it() {
         mayfly_testkit::TokenIssuer::ec("", "jwt-authority-1"),
         mayfly_testkit::TokenIssuer::ec("", "jwt-authority-2"),
     );
-    for _ in 0..200 {
-        if presented(&broker, &[&ours]).await.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    eventually(
+        "the broker never served the Workload API's SVID",
+        || async { presented(&broker, &[&ours]).await.is_some() },
+    )
+    .await;
     // No JWT bundle yet: the token cannot be checked, so UNAVAILABLE (a
     // retry may succeed), never accepted.
     assert_status(
@@ -444,19 +420,19 @@ async fn the_jwt_bundle_comes_from_the_workload_api_and_follows_it() {
         "has not sent the JWT bundle yet",
     );
     api.set_jwt_bundle("example.org", &mayfly_testkit::TokenIssuer::jwks(&[&key1]));
-    until_jwt_svid_accepted(&broker, &ours, &key1, "the first JWT bundle was never used").await;
+    eventually("the first JWT bundle was never used", || async {
+        start_with_jwt_svid(&broker, &ours, &key1).await.is_ok()
+    })
+    .await;
     let task = start_with_jwt_svid(&broker, &ours, &key1).await.unwrap();
     assert_eq!(task.agent_id, "spiffe://example.org/agent/jwt-workload");
 
     // SPIRE rotates the JWT signing key: the new one is accepted, the
     // retired one refused, with no restart.
     api.set_jwt_bundle("example.org", &mayfly_testkit::TokenIssuer::jwks(&[&key2]));
-    until_jwt_svid_accepted(
-        &broker,
-        &ours,
-        &key2,
-        "the rotated JWT bundle was never used",
-    )
+    eventually("the rotated JWT bundle was never used", || async {
+        start_with_jwt_svid(&broker, &ours, &key2).await.is_ok()
+    })
     .await;
     assert_status(
         start_with_jwt_svid(&broker, &ours, &key1).await,
