@@ -747,3 +747,37 @@ async fn revocation_and_introspection_take_a_client_assertion() {
         false
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_keeps_presenting_refused_tokens_is_closed() {
+    let (broker, issuers) = broker().await;
+    let closed = |m: &str| {
+        count(
+            m,
+            "mayfly_connections_closed_total{port=\"grpc\",reason=\"refused_tokens\"}",
+        )
+    };
+    let guesser = broker.anonymous_client().await;
+    let mut c = claims(&broker, K8S, "system:serviceaccount:prod:billing");
+    c["aud"] = json!("https://elsewhere.example");
+    let wrong = issuers.k8s.sign(&c);
+    let limit = mayfly_broker::MAX_REFUSED_TOKENS;
+    for _ in 1..limit {
+        assert_status(
+            start_with(&guesser, &wrong).await,
+            Code::Unauthenticated,
+            "audience",
+        );
+    }
+    assert_eq!(closed(&scrape(&broker).await), 0.0);
+    // One more refusal, and the broker closes the connection.
+    assert_status(
+        start_with(&guesser, &wrong).await,
+        Code::Unauthenticated,
+        "audience",
+    );
+    eventually("the connection was never closed", || async {
+        closed(&scrape(&broker).await) == 1.0
+    })
+    .await;
+}

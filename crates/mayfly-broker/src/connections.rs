@@ -16,6 +16,9 @@
 //! operators. A connection over a cap is closed at once, before any TLS
 //! work, and counted on `/metrics`.
 //!
+//! A connection on which [`MAX_REFUSED_TOKENS`] workload tokens were
+//! refused is closed, as one whose client only guesses.
+//!
 //! A connection is idle while no request is in flight (a streaming
 //! response such as the revocation feed counts as in flight until it
 //! ends); after `idle_timeout` (`unauthenticated_idle_timeout` while it
@@ -87,13 +90,31 @@ impl PeerInfo {
             self.connection.notify.notify_one();
         }
     }
+
+    /// A request on this connection presented a workload token that was
+    /// refused. Past [`MAX_REFUSED_TOKENS`] the connection is closed, so
+    /// a client sending made-up tokens must pay a new handshake (and a
+    /// place under the anonymous caps) for every few signature checks.
+    pub fn token_refused(&self) {
+        let n = self.connection.refused.fetch_add(1, Ordering::AcqRel) + 1;
+        if n == MAX_REFUSED_TOKENS {
+            self.connection.close.notify_one();
+        }
+    }
 }
 
-/// Set once when a request on a connection proves a caller by token.
+/// Workload tokens a connection may present that are refused before it is
+/// closed.
+pub const MAX_REFUSED_TOKENS: usize = 16;
+
+/// What the requests of a connection tell it: a workload token proved a
+/// caller (once), or too many were refused.
 #[derive(Debug, Default)]
 struct Promotion {
     done: std::sync::atomic::AtomicBool,
     notify: tokio::sync::Notify,
+    refused: AtomicUsize,
+    close: tokio::sync::Notify,
 }
 
 /// How long a connection closing at shutdown may take to finish what it
@@ -528,6 +549,12 @@ impl Conn {
                     self.slot.authenticated(&self.gate);
                     tracing::debug!(%remote, port, "connection authenticated by a workload token");
                     idle = limits.idle_timeout;
+                }
+                () = promotion.close.notified(), if deadline.is_none() => {
+                    self.gate.metrics.connection_closed(port, "refused_tokens");
+                    tracing::debug!(%remote, port, "closing a connection that presented too many refused workload tokens");
+                    conn.as_mut().graceful_shutdown();
+                    deadline = Some(Instant::now() + IDLE_CLOSE_GRACE);
                 }
                 () = activity.idle(idle), if deadline.is_none() => {
                     self.gate.metrics.connection_closed(port, "idle");

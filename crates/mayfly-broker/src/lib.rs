@@ -56,4 +56,5 @@ mod workload;
 
 pub use cause::Cause;
 pub use config::Config;
+pub use connections::MAX_REFUSED_TOKENS;
 pub use server::{Broker, StartError};

@@ -86,7 +86,10 @@ pub(super) async fn authenticate_client(
             TokenError::ReplayCheckUnavailable | TokenError::KeysUnavailable(_) => {
                 OAuthError::new(Code::TemporarilyUnavailable, e.to_string())
             }
-            e => OAuthError::new(Code::InvalidClient, e.to_string()),
+            e => {
+                peer.token_refused();
+                OAuthError::new(Code::InvalidClient, e.to_string())
+            }
         })?;
     peer.token_authenticated();
     Ok(caller)
