@@ -1,7 +1,9 @@
 //! How the CLI finds the broker and which identity it presents: the SPIFFE
-//! Workload API (`--workload-api`, `SPIFFE_ENDPOINT_SOCKET`), explicit
-//! flags (or `MAYFLY_*` variables), else a profile directory written by
-//! `mayfly dev init` (`--profile`, `MAYFLY_PROFILE`, or `./.mayfly-dev`).
+//! Workload API (`--workload-api`, `SPIFFE_ENDPOINT_SOCKET`), a workload
+//! token (`--workload-token`, `MAYFLY_TOKEN_FILE`) for an agent without a
+//! certificate, explicit flags (or `MAYFLY_*` variables), else a profile
+//! directory written by `mayfly dev init` (`--profile`, `MAYFLY_PROFILE`,
+//! or `./.mayfly-dev`).
 
 use std::path::{Path, PathBuf};
 
@@ -39,6 +41,13 @@ pub struct ConnArgs {
     /// following its rotations, instead of --ca/--cert/--key.
     #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", global = true)]
     pub workload_api: Option<String>,
+    /// Prove yourself with the workload token in this file (a Kubernetes
+    /// projected service-account token, a JWT-SVID, an OIDC token of an
+    /// issuer the broker trusts) instead of a certificate; the broker's CA
+    /// comes from --ca or the profile. Operator commands need a
+    /// certificate.
+    #[arg(long, env = "MAYFLY_TOKEN_FILE", global = true)]
+    pub workload_token: Option<PathBuf>,
 }
 
 impl ConnArgs {
@@ -68,12 +77,28 @@ impl ConnArgs {
         Ok(from_profile(&dir, role, &over)?)
     }
 
-    /// Connects with the identity `role` needs: from the Workload API when
-    /// one is named, else from files or the profile.
+    /// Connects with the identity `role` needs: a workload token or the
+    /// Workload API when one is named, else from files or the profile.
     pub async fn connect(&self, role: Role) -> anyhow::Result<Client> {
         // Certificate files given explicitly win over the convention's
         // environment variable.
         let files = self.cert.is_some() && self.key.is_some();
+        if let Some(path) = self.workload_token.as_ref().filter(|_| !files) {
+            let token = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            let (broker, ca_pem) = match (&self.broker, &self.ca) {
+                (Some(b), Some(ca)) => (
+                    b.clone(),
+                    std::fs::read(ca)
+                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", ca.display()))?,
+                ),
+                _ => {
+                    let c = self.resolve(role)?;
+                    (c.broker, c.ca_pem)
+                }
+            };
+            return Ok(Client::connect_with_token(&broker, &ca_pem, token.trim()).await?);
+        }
         if let Some(endpoint) = self.workload_api.as_ref().filter(|_| !files) {
             let broker = match &self.broker {
                 Some(b) => b.clone(),

@@ -1529,3 +1529,90 @@ fn the_cli_without_the_broker_feature_links_no_broker() {
     }
     assert!(alone.contains("mayfly-audit") && alone.contains("mayfly-client"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_a_certificate_uses_its_workload_token() {
+    let k8s =
+        mayfly_testkit::TokenIssuer::rsa("https://kubernetes.default.svc.cluster.local", "k8s-1");
+    let jwks = mayfly_testkit::TokenIssuer::jwks(&[&k8s]);
+    let broker = TestBroker::start_with(move |c| {
+        let file = c.data_dir.with_file_name("k8s-jwks.json");
+        std::fs::write(&file, &jwks).unwrap();
+        c.federation = vec![
+            toml::from_str(&format!(
+                "issuer = \"https://kubernetes.default.svc.cluster.local\"\n\
+                 jwks_file = \"{}\"\nalgorithms = [\"RS256\"]\n\
+                 subject = \"system:serviceaccount:{{ns}}:{{sa}}\"\n\
+                 spiffe_id = \"spiffe://example.org/agent/{{ns}}/{{sa}}\"\n",
+                file.display()
+            ))
+            .unwrap(),
+        ];
+    })
+    .await;
+    let now = mayfly_testkit::oidc::unix_now();
+    let token = k8s.sign(&serde_json::json!({
+        "iss": "https://kubernetes.default.svc.cluster.local",
+        "aud": [broker.config.issuer()], "sub": "system:serviceaccount:prod:billing",
+        "iat": now, "exp": now + 600,
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token");
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    let as_pod = |args: &[&str]| {
+        let mut all = vec!["--workload-token", path.to_str().unwrap()];
+        all.extend_from_slice(args);
+        mayfly(&broker, &all)
+    };
+    let api = "https://api.example.com";
+    let task = json(as_pod(&[
+        "--json",
+        "task",
+        "start",
+        "--intent",
+        "bill",
+        "--audience",
+        api,
+        "--scope",
+        "read:x",
+    ]));
+    assert_eq!(task["agent_id"], "spiffe://example.org/agent/prod/billing");
+    let issued = ok(as_pod(&[
+        "token",
+        "issue",
+        "--task",
+        task["task_id"].as_str().unwrap(),
+        "--audience",
+        api,
+        "--scope",
+        "read:x",
+    ]));
+    let payload = issued.trim().split('.').nth(1).unwrap();
+    let claims: Value = serde_json::from_slice(
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["sub"], "spiffe://example.org/agent/prod/billing");
+    assert!(claims.get("cnf").is_none(), "a bearer token: {claims}");
+    // Operator commands need a certificate.
+    let refused = as_pod(&["lease", "list"]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains(
+            "authenticated with a workload token; the Admin API needs a client certificate"
+        ),
+        "{}",
+        stderr(&refused)
+    );
+    // A missing token file is one clear line.
+    let missing = mayfly(
+        &broker,
+        &["--workload-token", "/nonexistent/token", "task", "get", "x"],
+    );
+    assert!(
+        stderr(&missing).contains("cannot read /nonexistent/token"),
+        "{}",
+        stderr(&missing)
+    );
+}

@@ -244,9 +244,10 @@ impl Client {
         BrokerClient::with_interceptor(self.channel(), self.bearer.clone())
     }
 
-    /// The raw Admin (operator) API.
-    pub fn admin(&self) -> AdminClient<Channel> {
-        AdminClient::new(self.channel())
+    /// The raw Admin (operator) API (the broker refuses it to a caller
+    /// proven by a workload token, saying so).
+    pub fn admin(&self) -> AdminClient<InterceptedService<Channel, Bearer>> {
+        AdminClient::with_interceptor(self.channel(), self.bearer.clone())
     }
 
     /// Opens a task; the returned guard completes it when the work ends.
