@@ -781,3 +781,23 @@ async fn a_connection_that_keeps_presenting_refused_tokens_is_closed() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_uses_of_a_token_on_one_connection_all_pass() {
+    let (broker, issuers) = broker().await;
+    let mut c = claims(&broker, K8S, "system:serviceaccount:prod:billing");
+    c["jti"] = json!("fresh-token");
+    let token = issuers.k8s.sign(&c);
+    // An async agent starting several calls at once with a new token: one
+    // verification records its jti, the others wait for its session
+    // rather than be refused as replays of it.
+    let client = broker.anonymous_client().await;
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (client, token) = (client.clone(), token.clone());
+        calls.spawn(async move { start_with(&client, &token).await });
+    }
+    while let Some(r) = calls.join_next().await {
+        r.unwrap().unwrap();
+    }
+}

@@ -136,7 +136,8 @@ pub struct TokenIdentity {
     /// The issuer that vouched for it (its entry's `issuer`, or
     /// `spiffe://<trust domain>` for JWT-SVIDs without one).
     pub issuer: String,
-    /// When the token expires: the caller is good until then.
+    /// Until when the caller is good: the token's `exp`, or the moment it
+    /// grows older than its issuer's `max_age`, whichever comes first.
     pub expires_at: Timestamp,
     /// Its `jti`, for the replay check: `None` if it has none or its
     /// issuer's tokens are not single-use.
@@ -237,6 +238,8 @@ struct Issuer {
     max_age: Duration,
     /// Whether a `jti` is accepted once only.
     single_use: bool,
+    /// For keys fetched from a URL: how often to fetch them regardless.
+    max_key_age: Option<Duration>,
     /// Keys pushed by the Workload API: `Some(false)` until the first
     /// bundle arrives.
     pushed: Option<std::sync::atomic::AtomicBool>,
@@ -361,6 +364,17 @@ impl Federation {
                 }
             }
             let name = c.issuer.clone().unwrap_or_else(|| trust_domain.id_string());
+            // Policy and the audit trail tell callers apart by this name.
+            if name == mayfly_core::CERTIFICATE || issuers.iter().any(|i| i.name == name) {
+                return Err(fail(format!(
+                    "issuer name {name:?} is taken (by another entry, or by certificate callers)"
+                )));
+            }
+            if c.jwks_refresh < Duration::from_secs(1) || c.jwks_max_age < Duration::from_secs(1) {
+                return Err(fail(
+                    "jwks_refresh and jwks_max_age must be at least 1s".into(),
+                ));
+            }
             issuers.push(Issuer {
                 iss: c.issuer.clone(),
                 name,
@@ -369,6 +383,7 @@ impl Federation {
                 algorithms,
                 max_age: c.max_age,
                 single_use: c.single_use,
+                max_key_age: c.jwks_url.as_ref().map(|_| c.jwks_max_age),
                 pushed: c
                     .workload_api
                     .then(|| std::sync::atomic::AtomicBool::new(false)),
@@ -386,6 +401,38 @@ impl Federation {
     /// Whether any issuer is configured.
     pub fn is_empty(&self) -> bool {
         self.issuers.is_empty()
+    }
+
+    /// Fetches every issuer's JWKS now, then each `jwks_url` again every
+    /// `jwks_max_age`, so a key the issuer withdrew stops verifying without
+    /// waiting for a token with an unknown `kid`. Runs until dropped.
+    pub async fn keep_fresh(&self) {
+        self.fetch_all().await;
+        let due: Vec<(&Issuer, Duration)> = self
+            .issuers
+            .iter()
+            .filter_map(|i| i.max_key_age.map(|a| (i, a)))
+            .collect();
+        let Some(tick) = due.iter().map(|(_, a)| *a).min() else {
+            return;
+        };
+        let mut last: Vec<std::time::Instant> = vec![std::time::Instant::now(); due.len()];
+        loop {
+            tokio::time::sleep(
+                tick.min(Duration::from_secs(1))
+                    .max(Duration::from_millis(100)),
+            )
+            .await;
+            for ((issuer, age), at) in due.iter().zip(last.iter_mut()) {
+                if at.elapsed() < *age {
+                    continue;
+                }
+                *at = std::time::Instant::now();
+                if let Err(e) = issuer.keys.refresh(true).await {
+                    tracing::warn!(issuer = %issuer.name, error = %e, "workload token issuer's JWKS refresh failed; the keys in hand stay");
+                }
+            }
+        }
     }
 
     /// Whether an entry takes its keys from the Workload API.
@@ -467,11 +514,12 @@ impl Federation {
                 ));
             }
             None => {
-                issuer
-                    .keys
-                    .refresh(false)
-                    .await
-                    .map_err(|e| TokenError::KeysUnavailable(e.to_string()))?;
+                issuer.keys.refresh(false).await.map_err(|e| {
+                    // The details (hosts, TLS errors) are for the log,
+                    // not for whoever sent the token.
+                    tracing::warn!(issuer = %issuer.name, error = %e, "workload token issuer's keys unavailable");
+                    TokenError::KeysUnavailable("could not fetch the issuer's keys".into())
+                })?;
                 issuer.keys.get(kid).ok_or_else(|| TokenError::UnknownKey {
                     kid: kid.to_owned(),
                     issuer: issuer.name.clone(),
@@ -521,6 +569,11 @@ impl Issuer {
     ) -> Result<TokenIdentity, TokenError> {
         let now = Timestamp::now().as_secs();
         let exp = claims["exp"].as_u64().ok_or(TokenError::NoExpiry)?;
+        // The signature check allows clock skew past `exp`; a caller is
+        // not made from a token already expired here.
+        if exp <= now {
+            return Err(TokenError::Expired);
+        }
         let iat = claims["iat"].as_u64().ok_or(TokenError::NoIssuedAt)?;
         if iat > now + LEEWAY.as_secs() {
             return Err(TokenError::NotYetValid);
@@ -562,7 +615,8 @@ impl Issuer {
         Ok(TokenIdentity {
             id,
             issuer: self.name.clone(),
-            expires_at: Timestamp::from_secs(exp),
+            // Good until `exp`, and never past the oldest age accepted.
+            expires_at: Timestamp::from_secs(exp.min(iat.saturating_add(self.max_age.as_secs()))),
             jti: claims["jti"]
                 .as_str()
                 .filter(|_| self.single_use)

@@ -331,6 +331,55 @@ fn tampered(token: &str) -> String {
 }
 
 #[tokio::test]
+async fn a_key_the_issuer_withdrew_stops_verifying_within_its_max_age() {
+    let k8s = TokenIssuer::rsa(K8S, "k8s-1");
+    let server = JwksServer::start(TokenIssuer::jwks(&[&k8s])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("jwks-ca.pem");
+    std::fs::write(&ca, &server.ca_pem).unwrap();
+    let config = entry(&format!(
+        r#"issuer = "{K8S}"
+           jwks_url = "{url}"
+           ca = "{ca}"
+           jwks_max_age = "1s"
+           algorithms = ["RS256"]
+           subject = "system:serviceaccount:{{ns}}:{{sa}}"
+           spiffe_id = "spiffe://example.org/ns/{{ns}}/sa/{{sa}}""#,
+        url = server.url,
+        ca = ca.display()
+    ));
+    let td = TrustDomain::new("example.org").unwrap();
+    let federation = std::sync::Arc::new(Federation::load(&[config], BROKER, &td).unwrap());
+    let fresh = federation.clone();
+    let keeper = tokio::spawn(async move { fresh.keep_fresh().await });
+    let token = k8s.sign(&k8s_claims("billing"));
+    let mut accepted = false;
+    for _ in 0..100 {
+        accepted = federation.verify(&token).await.is_ok();
+        if accepted {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(accepted, "the key was never fetched");
+    // The issuer withdraws the key (say, it leaked): no token names an
+    // unknown kid, yet the next scheduled fetch drops it.
+    server.set(TokenIssuer::jwks(&[&TokenIssuer::rsa(K8S, "k8s-2")]));
+    let mut refused = None;
+    for _ in 0..100 {
+        if let Err(e) = federation.verify(&token).await {
+            refused = Some(e);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let e = refused.expect("the withdrawn key kept verifying");
+    assert!(matches!(e, TokenError::UnknownKey { .. }), "{e}");
+    assert!(server.fetches() >= 2);
+    keeper.abort();
+}
+
+#[tokio::test]
 async fn an_unknown_kid_refetches_the_jwks_at_most_once_per_interval() {
     let s = setup().await;
     assert_eq!(s.server.fetches(), 1, "fetched once at start");
@@ -419,9 +468,37 @@ fn a_bad_entry_is_refused_with_its_reason() {
             spiffe_id = "spiffe://example.org/{ns}""#,
             "does not capture",
         ),
+        (
+            r#"issuer = "certificate"
+            jwks_file = "EMPTY""#,
+            "is taken",
+        ),
+        (
+            r#"issuer = "x"
+            jwks_file = "EMPTY"
+            jwks_refresh = "0s""#,
+            "at least 1s",
+        ),
+        (
+            r#"workload_api = true
+            spiffe_bundle = "EMPTY""#,
+            "workload_api takes its keys",
+        ),
     ] {
         let text = text.replace("EMPTY", &empty.display().to_string());
         let e = Federation::load(&[entry(&text)], BROKER, &td).unwrap_err();
         assert!(e.to_string().contains(want), "{text}: {e}");
     }
+    // JWT-SVIDs without `iss` are named after the trust domain: an issuer
+    // of that name would be indistinguishable in policy and the trail.
+    let path = empty.display();
+    let both = [
+        entry(&format!(r#"spiffe_bundle = "{path}""#)),
+        entry(&format!(
+            r#"issuer = "spiffe://example.org"
+            jwks_file = "{path}""#
+        )),
+    ];
+    let e = Federation::load(&both, BROKER, &td).unwrap_err();
+    assert!(e.to_string().contains("is taken"), "{e}");
 }

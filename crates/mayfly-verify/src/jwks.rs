@@ -42,7 +42,16 @@ impl std::fmt::Debug for JwksKey {
 
 /// The algorithm a JWK signs with: its `alg`, or what its key type implies.
 fn jwk_algorithm(jwk: &jsonwebtoken::jwk::Jwk) -> Option<Algorithm> {
-    use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve};
+    use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, PublicKeyUse};
+    // A key published for another use (encryption) never verifies.
+    if jwk
+        .common
+        .public_key_use
+        .as_ref()
+        .is_some_and(|u| *u != PublicKeyUse::Signature)
+    {
+        return None;
+    }
     if let Some(alg) = jwk.common.key_algorithm {
         return match alg {
             KeyAlgorithm::ES256 => Some(Algorithm::ES256),

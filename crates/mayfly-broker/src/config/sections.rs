@@ -342,6 +342,10 @@ pub struct FederationConfig {
     /// The least time between two JWKS fetches for unknown `kid`s.
     #[serde(default = "default_jwks_refresh", deserialize_with = "duration")]
     pub jwks_refresh: Duration,
+    /// How often a `jwks_url` is fetched again regardless, so a key the
+    /// issuer withdrew stops verifying.
+    #[serde(default = "default_jwks_max_age", deserialize_with = "duration")]
+    pub jwks_max_age: Duration,
     /// A token with a `jti` is accepted once per cluster (default). `false`
     /// accepts it on any number of connections until it expires, for
     /// issuers that hand a workload the same token for most of its life
@@ -361,6 +365,10 @@ fn default_federation_algorithms() -> Vec<String> {
 
 fn default_max_age() -> Duration {
     Duration::from_secs(3600)
+}
+
+fn default_jwks_max_age() -> Duration {
+    Duration::from_secs(300)
 }
 
 fn default_jwks_refresh() -> Duration {

@@ -55,8 +55,30 @@ impl<S> tower::Layer<S> for TokenAuthLayer {
     }
 }
 
-/// Tokens accepted on one connection (by SHA-256) and their callers.
-type Sessions = Arc<std::sync::Mutex<Vec<([u8; 32], Caller)>>>;
+/// Tokens accepted on one connection (by SHA-256) and their callers; and
+/// a lock that makes concurrent first uses of a token on the connection
+/// wait for one verification, rather than each record the `jti` and all
+/// but one be refused as replays.
+#[derive(Debug, Default)]
+struct ConnectionSessions {
+    held: std::sync::Mutex<Vec<([u8; 32], Caller)>>,
+    proving: tokio::sync::Mutex<()>,
+}
+
+impl ConnectionSessions {
+    /// The live session for `hash`, if any.
+    fn find(&self, hash: &[u8; 32], now: Timestamp) -> Result<Option<Caller>, TokenError> {
+        Ok(self
+            .held
+            .lock()
+            .map_err(|_| TokenError::ReplayCheckUnavailable)?
+            .iter()
+            .find(|(h, c)| h == hash && c.not_after > now)
+            .map(|(_, c)| c.clone()))
+    }
+}
+
+type Sessions = Arc<ConnectionSessions>;
 
 /// See the module docs.
 #[derive(Debug, Clone)]
@@ -82,19 +104,18 @@ async fn authenticate(
     store: &dyn LeaseStore,
     sessions: &Sessions,
 ) -> Result<Caller, TokenError> {
-    let now = Timestamp::now();
     let hash = sha256(token.as_bytes());
-    let held = sessions
-        .lock()
-        .map_err(|_| TokenError::ReplayCheckUnavailable)?
-        .iter()
-        .find(|(h, c)| *h == hash && c.not_after > now)
-        .map(|(_, c)| c.clone());
-    if let Some(caller) = held {
+    if let Some(caller) = sessions.find(&hash, Timestamp::now())? {
+        return Ok(caller);
+    }
+    let _one_at_a_time = sessions.proving.lock().await;
+    // Another call may have proven it meanwhile.
+    let now = Timestamp::now();
+    if let Some(caller) = sessions.find(&hash, now)? {
         return Ok(caller);
     }
     let caller = prove(token, federation, store, now).await?;
-    if let Ok(mut s) = sessions.lock() {
+    if let Ok(mut s) = sessions.held.lock() {
         s.retain(|(_, c)| c.not_after > now);
         if s.len() >= SESSIONS_PER_CONNECTION {
             s.remove(0);

@@ -17,7 +17,7 @@ use super::form::Params;
 use crate::connections::PeerInfo;
 use crate::federation::TokenError;
 use crate::grpc::token_auth::prove;
-use crate::identity::Caller;
+use crate::identity::{AuthError, Caller};
 
 /// The authenticated client, or `invalid_client` saying why not.
 fn authenticate(peer: &PeerInfo) -> Result<Caller, OAuthError> {
@@ -67,7 +67,9 @@ pub(super) async fn authenticate_client(
             ));
         }
     };
-    if peer.identity.is_ok() {
+    // As on gRPC, a token proves only a peer that presented no certificate
+    // at all (a refused one included).
+    if !matches!(peer.identity.as_ref(), Err(AuthError::NoCertificate)) {
         return Err(OAuthError::new(
             Code::InvalidRequest,
             "a client certificate and a client_assertion: use one client authentication method",

@@ -9,8 +9,25 @@ use axum::http::{HeaderMap, header};
 use super::errors::{Code, OAuthError};
 
 /// The parameters of one request.
-#[derive(Debug)]
 pub(super) struct Params(BTreeMap<String, String>);
+
+/// Parameters that carry a credential; `Debug` shows only their names.
+const SECRET: &[&str] = &["client_assertion", "subject_token", "actor_token", "token"];
+
+impl std::fmt::Debug for Params {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| {
+                let shown = if SECRET.contains(&k.as_str()) {
+                    "<redacted>"
+                } else {
+                    v.as_str()
+                };
+                (k, shown)
+            }))
+            .finish()
+    }
+}
 
 impl Params {
     /// Parses `body`, refusing another content type and any parameter
@@ -77,6 +94,21 @@ mod tests {
             HeaderValue::from_static("application/x-www-form-urlencoded; charset=UTF-8"),
         );
         h
+    }
+
+    #[test]
+    fn debug_hides_credentials() {
+        let p = Params::parse(
+            &form(),
+            b"grant_type=client_credentials&client_assertion=eyJhbGci.secret.sig&subject_token=eyJs3cret",
+        )
+        .unwrap();
+        let shown = format!("{p:?}");
+        assert!(shown.contains("client_credentials"), "{shown}");
+        assert!(
+            !shown.contains("secret") && !shown.contains("s3cret"),
+            "{shown}"
+        );
     }
 
     #[test]

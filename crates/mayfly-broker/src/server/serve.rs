@@ -115,9 +115,15 @@ impl Broker {
         ));
         let feed_task = tokio::spawn(self.feed.clone().run(stop_rx.clone()));
         if let Some(f) = self.federation.clone() {
-            // Each issuer's JWKS, fetched now rather than at the first token.
-            let fetch = f.clone();
-            tokio::spawn(async move { fetch.fetch_all().await });
+            // Each issuer's JWKS, fetched now rather than at the first
+            // token, and again as it ages.
+            let (fresh, mut stop) = (f.clone(), stop_rx.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = fresh.keep_fresh() => {}
+                    () = stop.wait() => {}
+                }
+            });
             if let Some(endpoint) = self.tls.live.workload_api()
                 && f.wants_workload_bundle()
             {
