@@ -151,6 +151,14 @@ enum Part {
     Name(String),
 }
 
+/// The literal text every ID a `spiffe_id` template makes starts with.
+fn id_prefix(template: &[Part]) -> String {
+    match template.first() {
+        Some(Part::Literal(l)) => l.clone(),
+        _ => String::new(),
+    }
+}
+
 /// Splits `{name}` placeholders from literals; two names in a row (no
 /// literal to end the first) are refused.
 fn parse_template(t: &str) -> Result<Vec<Part>, String> {
@@ -291,6 +299,8 @@ impl Federation {
         trust_domain: &TrustDomain,
     ) -> Result<Self, FederationConfigError> {
         let mut issuers: Vec<Issuer> = Vec::new();
+        // The literal start of each (non-JWT-SVID) entry's SPIFFE IDs.
+        let mut prefixes: Vec<(String, String)> = Vec::new();
         for c in configs {
             let entry = c
                 .issuer
@@ -362,6 +372,24 @@ impl Federation {
                         "spiffe_id names {{{n}}}, which subject does not capture"
                     )));
                 }
+            }
+            // Two issuers that can map to the same SPIFFE ID would be the
+            // same agent (its tasks, its leases). JWT-SVIDs are exempt:
+            // SPIRE is the trust domain's authority for its IDs.
+            let jwt_svids = c.spiffe_bundle.is_some() || c.workload_api;
+            if !jwt_svids {
+                let prefix = id_prefix(&spiffe_id);
+                if let Some(other) = prefixes
+                    .iter()
+                    .find(|(p, _)| p.starts_with(&prefix) || prefix.starts_with(p.as_str()))
+                {
+                    return Err(fail(format!(
+                        "its SPIFFE IDs ({prefix}…) can be those of issuer {:?} ({}…): give each \
+                         issuer its own path in spiffe_id",
+                        other.1, other.0
+                    )));
+                }
+                prefixes.push((prefix, entry.clone()));
             }
             let name = c.issuer.clone().unwrap_or_else(|| trust_domain.id_string());
             // Policy and the audit trail tell callers apart by this name.

@@ -501,4 +501,33 @@ fn a_bad_entry_is_refused_with_its_reason() {
     ];
     let e = Federation::load(&both, BROKER, &td).unwrap_err();
     assert!(e.to_string().contains("is taken"), "{e}");
+    // Two clusters mapping service accounts into the same path would make
+    // a namespace in the weaker one an agent of the stronger.
+    let cluster = |iss: &str, id: &str| {
+        entry(&format!(
+            r#"issuer = "{iss}"
+            jwks_file = "{path}"
+            subject = "system:serviceaccount:{{ns}}:{{sa}}"
+            spiffe_id = "{id}""#
+        ))
+    };
+    let overlapping = [
+        cluster("https://a.example", "spiffe://example.org/ns/{ns}/sa/{sa}"),
+        cluster("https://b.example", "spiffe://example.org/ns/{ns}/{sa}"),
+    ];
+    let e = Federation::load(&overlapping, BROKER, &td).unwrap_err();
+    assert!(e.to_string().contains("own path"), "{e}");
+    // Distinct paths, and JWT-SVIDs beside them, load.
+    let apart = [
+        cluster(
+            "https://a.example",
+            "spiffe://example.org/a/ns/{ns}/sa/{sa}",
+        ),
+        cluster(
+            "https://b.example",
+            "spiffe://example.org/b/ns/{ns}/sa/{sa}",
+        ),
+        entry(&format!(r#"spiffe_bundle = "{path}""#)),
+    ];
+    Federation::load(&apart, BROKER, &td).unwrap();
 }
