@@ -510,6 +510,27 @@ async fn the_token_endpoint_takes_a_workload_token_as_client_assertion() {
         (400, Some("invalid_request")),
         "{body}"
     );
+    // So is a refused certificate (here, of a CA the broker does not
+    // trust) beside an assertion: a token proves only a peer that
+    // presented none.
+    let stranger =
+        mayfly_broker::dev::DevCa::generate(&mayfly_core::TrustDomain::new("example.org").unwrap())
+            .unwrap()
+            .issue_svid(
+                &mayfly_core::SpiffeId::new("spiffe://example.org/agent/demo").unwrap(),
+                std::time::Duration::from_secs(600),
+            )
+            .unwrap();
+    let (status, body) = post(
+        form(&assertion("assertion-4"), "&token_binding=none"),
+        Some(stranger),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{body}"
+    );
     // The metadata says so.
     let (_, meta) = mayfly_testkit::https_get(
         &format!(

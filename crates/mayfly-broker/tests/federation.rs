@@ -531,3 +531,47 @@ fn a_bad_entry_is_refused_with_its_reason() {
     ];
     Federation::load(&apart, BROKER, &td).unwrap();
 }
+
+#[tokio::test]
+async fn a_caller_lasts_no_longer_than_its_issuers_max_age() {
+    let s = setup().await;
+    // GitHub's entry accepts tokens up to 10 minutes old; this one is 9
+    // minutes old and would not expire for another hour.
+    let mut c = github_claims();
+    let now = unix_now();
+    c["iat"] = json!(now - 540);
+    c["nbf"] = json!(now - 540);
+    c["exp"] = json!(now + 3600);
+    let id = s.federation.verify(&s.github.sign(&c)).await.unwrap();
+    assert_eq!(id.expires_at.as_secs(), now - 540 + 600);
+}
+
+#[tokio::test]
+async fn a_key_published_for_encryption_never_verifies() {
+    let issuer = TokenIssuer::rsa("https://idp.example", "enc-1");
+    let mut jwk = issuer.jwk();
+    jwk.common.public_key_use = Some(jsonwebtoken::jwk::PublicKeyUse::Encryption);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("jwks.json");
+    std::fs::write(
+        &file,
+        serde_json::to_string(&jsonwebtoken::jwk::JwkSet { keys: vec![jwk] }).unwrap(),
+    )
+    .unwrap();
+    let config = entry(&format!(
+        r#"issuer = "https://idp.example"
+           jwks_file = "{}"
+           algorithms = ["RS256"]
+           spiffe_id = "spiffe://example.org/idp/{{sub}}""#,
+        file.display()
+    ));
+    let td = TrustDomain::new("example.org").unwrap();
+    let federation = Federation::load(&[config], BROKER, &td).unwrap();
+    let now = unix_now();
+    let token = issuer.sign(&json!({
+        "iss": "https://idp.example", "aud": BROKER, "sub": "worker",
+        "iat": now, "exp": now + 300,
+    }));
+    let e = federation.verify(&token).await.unwrap_err();
+    assert!(matches!(e, TokenError::UnknownKey { .. }), "{e}");
+}
