@@ -114,17 +114,15 @@ fn der(pem: &str) -> Vec<u8> {
         .to_vec()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_broker_serves_with_a_workload_api_identity_and_follows_it() {
-    let td = TrustDomain::new("example.org").unwrap();
-    let (ca1, ca2) = (
-        Arc::new(DevCa::generate(&td).unwrap()),
-        Arc::new(DevCa::generate(&td).unwrap()),
-    );
-    // The broker's SVID names the host clients dial, as a SPIRE entry's
-    // DNS names would.
+/// A broker whose identity comes from a Workload API serving SVIDs of
+/// `ca` (naming `localhost`, as a SPIRE entry's DNS names would), with
+/// `tweak` applied to its config last.
+async fn broker_on_workload_api(
+    ca: Arc<DevCa>,
+    tweak: impl FnOnce(&mut mayfly_broker::Config) + Send + 'static,
+) -> (WorkloadApi, TestBroker) {
     let api = WorkloadApi::start_with_dns(
-        ca1.clone(),
+        ca,
         "spiffe://example.org/mayfly/broker",
         &["localhost"],
         Duration::from_secs(3600),
@@ -136,8 +134,20 @@ async fn the_broker_serves_with_a_workload_api_identity_and_follows_it() {
         c.tls.key = Default::default();
         c.tls.trust_bundle = Default::default();
         c.tls.workload_api = Some(endpoint);
+        tweak(c);
     })
     .await;
+    (api, broker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_serves_with_a_workload_api_identity_and_follows_it() {
+    let td = TrustDomain::new("example.org").unwrap();
+    let (ca1, ca2) = (
+        Arc::new(DevCa::generate(&td).unwrap()),
+        Arc::new(DevCa::generate(&td).unwrap()),
+    );
+    let (api, broker) = broker_on_workload_api(ca1.clone(), |_| {}).await;
     let agent_id = SpiffeId::new(AGENT).unwrap();
     let svid1 = ca1
         .issue_svid(&agent_id, Duration::from_secs(3600))
@@ -282,19 +292,7 @@ async fn a_federated_bundle_comes_from_the_workload_api_and_follows_it() {
         DevCa::generate(&partner_td).unwrap(),
         DevCa::generate(&partner_td).unwrap(),
     );
-    let api = WorkloadApi::start_with_dns(
-        ours.clone(),
-        "spiffe://example.org/mayfly/broker",
-        &["localhost"],
-        Duration::from_secs(3600),
-    )
-    .await;
-    let endpoint = api.endpoint();
-    let broker = TestBroker::start_with(move |c| {
-        c.tls.cert = Default::default();
-        c.tls.key = Default::default();
-        c.tls.trust_bundle = Default::default();
-        c.tls.workload_api = Some(endpoint);
+    let (api, broker) = broker_on_workload_api(ours.clone(), move |c| {
         // No file: the Workload API's federated bundle for the domain.
         c.tls.federated = vec![mayfly_broker::config::FederatedBundle {
             trust_domain: partner_td,
@@ -386,19 +384,7 @@ async fn start_with_jwt_svid(
 async fn the_jwt_bundle_comes_from_the_workload_api_and_follows_it() {
     let td = TrustDomain::new("example.org").unwrap();
     let ours = Arc::new(DevCa::generate(&td).unwrap());
-    let api = WorkloadApi::start_with_dns(
-        ours.clone(),
-        "spiffe://example.org/mayfly/broker",
-        &["localhost"],
-        Duration::from_secs(3600),
-    )
-    .await;
-    let endpoint = api.endpoint();
-    let broker = TestBroker::start_with(move |c| {
-        c.tls.cert = Default::default();
-        c.tls.key = Default::default();
-        c.tls.trust_bundle = Default::default();
-        c.tls.workload_api = Some(endpoint);
+    let (api, broker) = broker_on_workload_api(ours.clone(), |c| {
         c.federation =
             vec![toml::from_str("workload_api = true\nalgorithms = [\"ES256\"]").unwrap()];
     })

@@ -184,10 +184,7 @@ impl Args {
         let Some(path) = &self.workload_token else {
             return Ok(None);
         };
-        let token = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the workload token {}", path.display()))?
-            .trim()
-            .to_owned();
+        let token = mayfly_client::read_token_file(path)?;
         let (broker, ca_pem) = match (&self.broker, &self.ca) {
             (Some(b), Some(ca)) => (
                 b.clone(),

@@ -9,7 +9,7 @@
 //! (`max_unauthenticated_per_source`). A connection is unauthenticated
 //! from accept until its handshake yields a valid client SVID, or until a
 //! request on it is the first to prove a caller by a workload token
-//! ([`PeerInfo::token_authenticated`]); then it leaves the last two
+//! ([`PeerInfo::token_outcome`]); then it leaves the last two
 //! counts. So whatever an anonymous client does, it
 //! holds at most its per-source share of the unauthenticated slots, and
 //! `max - max_unauthenticated` slots are always left for agents and
@@ -59,7 +59,7 @@ pub struct PeerInfo {
     /// The authenticated caller, or why the peer is not one.
     pub identity: Arc<Result<crate::identity::Caller, crate::identity::AuthError>>,
     /// The connection's own state, shared by all its requests.
-    connection: Arc<Promotion>,
+    connection: Arc<ConnectionEvents>,
 }
 
 impl PeerInfo {
@@ -82,23 +82,28 @@ impl PeerInfo {
         }
     }
 
-    /// A request on this connection proved its caller by a workload token:
-    /// from now on the connection counts as authenticated (it leaves the
-    /// unauthenticated caps and gets the longer idle timeout).
-    pub fn token_authenticated(&self) {
-        if !self.connection.done.swap(true, Ordering::AcqRel) {
-            self.connection.notify.notify_one();
-        }
-    }
-
-    /// A request on this connection presented a workload token that was
-    /// refused. Past [`MAX_REFUSED_TOKENS`] the connection is closed, so
-    /// a client sending made-up tokens must pay a new handshake (and a
-    /// place under the anonymous caps) for every few signature checks.
-    pub fn token_refused(&self) {
-        let n = self.connection.refused.fetch_add(1, Ordering::AcqRel) + 1;
-        if n == MAX_REFUSED_TOKENS {
-            self.connection.close.notify_one();
+    /// What a workload token presented on this connection came to. One
+    /// that proved a caller makes the connection count as authenticated
+    /// from now on (it leaves the unauthenticated caps and gets the longer
+    /// idle timeout). One refused counts: past [`MAX_REFUSED_TOKENS`] the
+    /// connection is closed, so a client sending made-up tokens pays a new
+    /// handshake (and a place under the anonymous caps) for every few
+    /// signature checks. One that could not be checked now counts for
+    /// neither.
+    pub fn token_outcome<T>(&self, outcome: &Result<T, crate::federation::TokenError>) {
+        let events = &self.connection;
+        match outcome {
+            Ok(_) => {
+                if !events.authenticated.swap(true, Ordering::AcqRel) {
+                    events.promote.notify_one();
+                }
+            }
+            Err(e) if e.is_unavailable() => {}
+            Err(_) => {
+                if events.refused.fetch_add(1, Ordering::AcqRel) + 1 == MAX_REFUSED_TOKENS {
+                    events.close.notify_one();
+                }
+            }
         }
     }
 }
@@ -110,9 +115,9 @@ pub const MAX_REFUSED_TOKENS: usize = 16;
 /// What the requests of a connection tell it: a workload token proved a
 /// caller (once), or too many were refused.
 #[derive(Debug, Default)]
-struct Promotion {
-    done: std::sync::atomic::AtomicBool,
-    notify: tokio::sync::Notify,
+struct ConnectionEvents {
+    authenticated: std::sync::atomic::AtomicBool,
+    promote: tokio::sync::Notify,
     refused: AtomicUsize,
     close: tokio::sync::Notify,
 }
@@ -526,7 +531,7 @@ impl Conn {
             }
         };
         let peer = PeerInfo::new(identity);
-        let promotion = peer.connection.clone();
+        let events = peer.connection.clone();
         let mut promoted = peer.identity.is_ok();
         let activity = Activity::new();
         let svc = Tracked {
@@ -544,13 +549,13 @@ impl Conn {
                     }
                     return;
                 }
-                () = promotion.notify.notified(), if !promoted => {
+                () = events.promote.notified(), if !promoted => {
                     promoted = true;
                     self.slot.authenticated(&self.gate);
                     tracing::debug!(%remote, port, "connection authenticated by a workload token");
                     idle = limits.idle_timeout;
                 }
-                () = promotion.close.notified(), if deadline.is_none() => {
+                () = events.close.notified(), if deadline.is_none() => {
                     self.gate.metrics.connection_closed(port, "refused_tokens");
                     tracing::debug!(%remote, port, "closing a connection that presented too many refused workload tokens");
                     conn.as_mut().graceful_shutdown();

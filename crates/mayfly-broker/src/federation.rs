@@ -17,8 +17,8 @@
 //!   a task's.
 //!
 //! A token with a `jti` is accepted once per broker cluster within its
-//! lifetime (unless its entry says `single_use = false`): the store records it beside the lease records, where every
-//! replica sees it (`first_use`). The gRPC edge accepts it for the one
+//! lifetime (unless its entry says `single_use = false`): the store
+//! records it beside the lease records, where every replica sees it (`first_use`). The gRPC edge accepts it for the one
 //! connection it was first presented on (see `grpc::token_auth`).
 
 use std::collections::BTreeMap;
@@ -126,6 +126,17 @@ pub enum TokenError {
     /// token is refused (fail closed) and may be tried again.
     #[error("workload token replay check unavailable (lease store); try again")]
     ReplayCheckUnavailable,
+}
+
+impl TokenError {
+    /// The token could not be checked now (its issuer's keys or the replay
+    /// record out of reach): not the client's fault, and a retry may pass.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Self::KeysUnavailable(_) | Self::ReplayCheckUnavailable
+        )
+    }
 }
 
 /// A caller proven by a workload token.
@@ -441,16 +452,14 @@ impl Federation {
             .iter()
             .filter_map(|i| i.max_key_age.map(|a| (i, a)))
             .collect();
-        let Some(tick) = due.iter().map(|(_, a)| *a).min() else {
+        if due.is_empty() {
             return;
-        };
+        }
         let mut last: Vec<std::time::Instant> = vec![std::time::Instant::now(); due.len()];
+        // `jwks_max_age` is at least a second: looking once a second is
+        // enough for each entry to be fetched when it is due.
         loop {
-            tokio::time::sleep(
-                tick.min(Duration::from_secs(1))
-                    .max(Duration::from_millis(100)),
-            )
-            .await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
             for ((issuer, age), at) in due.iter().zip(last.iter_mut()) {
                 if at.elapsed() < *age {
                     continue;

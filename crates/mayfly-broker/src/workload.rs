@@ -143,6 +143,13 @@ pub(crate) async fn follow_jwt_bundles(
     mut stop: Shutdown,
 ) {
     use futures_util::StreamExt;
+    let spiffe_td = match spiffe::TrustDomain::new(td.as_str()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, %td, "trust domain unusable for JWT bundles");
+            return;
+        }
+    };
     loop {
         let opened = async {
             let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
@@ -176,9 +183,9 @@ pub(crate) async fn follow_jwt_bundles(
                 }
                 None => break,
             };
-            let applied = spiffe::TrustDomain::new(td.as_str())
-                .map_err(|e| e.to_string())
-                .and_then(|t| set.get(&t).ok_or_else(|| format!("no JWT bundle for {td}")))
+            let applied = set
+                .get(&spiffe_td)
+                .ok_or_else(|| format!("no JWT bundle for {td}"))
                 .and_then(|b| jwks_document(&b))
                 .and_then(|doc| federation.set_workload_bundle(&doc));
             match applied {

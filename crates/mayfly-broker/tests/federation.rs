@@ -33,31 +33,40 @@ fn entry(text: &str) -> FederationConfig {
     toml::from_str(text).unwrap()
 }
 
+/// The Kubernetes-style entry: its JWKS from `server` (trusting the CA
+/// written into `dir`), with `extra` lines.
+fn k8s_entry(server: &JwksServer, dir: &std::path::Path, extra: &str) -> FederationConfig {
+    let ca = dir.join("jwks-ca.pem");
+    std::fs::write(&ca, &server.ca_pem).unwrap();
+    entry(&format!(
+        r#"issuer = "{K8S}"
+           jwks_url = "{url}"
+           ca = "{ca}"
+           algorithms = ["RS256"]
+           subject = "system:serviceaccount:{{ns}}:{{sa}}"
+           spiffe_id = "spiffe://example.org/ns/{{ns}}/sa/{{sa}}"
+           {extra}"#,
+        url = server.url,
+        ca = ca.display()
+    ))
+}
+
 async fn setup() -> Setup {
     let k8s = TokenIssuer::rsa(K8S, "k8s-1");
     let github = TokenIssuer::rsa(GITHUB, "gh-1");
     let spire = TokenIssuer::ec("", "spire-1");
     let server = JwksServer::start(TokenIssuer::jwks(&[&k8s])).await;
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("jwks-ca.pem");
-    std::fs::write(&ca, &server.ca_pem).unwrap();
     let gh_jwks = dir.path().join("github.json");
     std::fs::write(&gh_jwks, TokenIssuer::jwks(&[&github])).unwrap();
     let bundle = dir.path().join("bundle.json");
     std::fs::write(&bundle, TokenIssuer::jwks(&[&spire])).unwrap();
     let configs = vec![
-        entry(&format!(
-            r#"issuer = "{K8S}"
-               jwks_url = "{url}"
-               ca = "{ca}"
-               jwks_refresh = "1s"
-               single_use = false
-               algorithms = ["RS256"]
-               subject = "system:serviceaccount:{{ns}}:{{sa}}"
-               spiffe_id = "spiffe://example.org/ns/{{ns}}/sa/{{sa}}""#,
-            url = server.url,
-            ca = ca.display()
-        )),
+        k8s_entry(
+            &server,
+            dir.path(),
+            "jwks_refresh = \"1s\"\nsingle_use = false",
+        ),
         entry(&format!(
             r#"issuer = "{GITHUB}"
                jwks_file = "{file}"
@@ -335,19 +344,7 @@ async fn a_key_the_issuer_withdrew_stops_verifying_within_its_max_age() {
     let k8s = TokenIssuer::rsa(K8S, "k8s-1");
     let server = JwksServer::start(TokenIssuer::jwks(&[&k8s])).await;
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("jwks-ca.pem");
-    std::fs::write(&ca, &server.ca_pem).unwrap();
-    let config = entry(&format!(
-        r#"issuer = "{K8S}"
-           jwks_url = "{url}"
-           ca = "{ca}"
-           jwks_max_age = "1s"
-           algorithms = ["RS256"]
-           subject = "system:serviceaccount:{{ns}}:{{sa}}"
-           spiffe_id = "spiffe://example.org/ns/{{ns}}/sa/{{sa}}""#,
-        url = server.url,
-        ca = ca.display()
-    ));
+    let config = k8s_entry(&server, dir.path(), "jwks_max_age = \"1s\"");
     let td = TrustDomain::new("example.org").unwrap();
     let federation = std::sync::Arc::new(Federation::load(&[config], BROKER, &td).unwrap());
     let fresh = federation.clone();

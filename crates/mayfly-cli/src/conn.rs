@@ -84,8 +84,7 @@ impl ConnArgs {
         // environment variable.
         let files = self.cert.is_some() && self.key.is_some();
         if let Some(path) = self.workload_token.as_ref().filter(|_| !files) {
-            let token = std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            let token = mayfly_client::read_token_file(path)?;
             let (broker, ca_pem) = match (&self.broker, &self.ca) {
                 (Some(b), Some(ca)) => (
                     b.clone(),
@@ -97,7 +96,7 @@ impl ConnArgs {
                     (c.broker, c.ca_pem)
                 }
             };
-            return Ok(Client::connect_with_token(&broker, &ca_pem, token.trim()).await?);
+            return Ok(Client::connect_with_token(&broker, &ca_pem, &token).await?);
         }
         if let Some(endpoint) = self.workload_api.as_ref().filter(|_| !files) {
             let broker = match &self.broker {

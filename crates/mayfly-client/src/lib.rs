@@ -106,6 +106,17 @@ fn read(path: &Path) -> Result<Vec<u8>, ClientError> {
     })
 }
 
+/// The workload token in `path` (surrounding whitespace dropped, as a
+/// file written with a trailing newline has it), for
+/// [`Client::connect_with_token`].
+pub fn read_token_file(path: impl AsRef<Path>) -> Result<String, ClientError> {
+    let path = path.as_ref();
+    let bytes = read(path)?;
+    String::from_utf8(bytes)
+        .map(|t| t.trim().to_owned())
+        .map_err(|_| ClientError::BadToken)
+}
+
 impl ClientConfig {
     /// Reads the CA bundle, SVID and key from files.
     pub fn from_files(

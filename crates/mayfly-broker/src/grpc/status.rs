@@ -30,9 +30,9 @@ impl From<BrokerError> for Status {
             BrokerError::Invalid(_) => (Status::invalid_argument(msg), "invalid"),
             // The token could not be checked (the issuer's keys or the
             // replay record out of reach): a retry may succeed.
-            BrokerError::Unauthenticated(AuthError::Token(
-                TokenError::ReplayCheckUnavailable | TokenError::KeysUnavailable(_),
-            )) => (Status::unavailable(msg), "unavailable"),
+            BrokerError::Unauthenticated(AuthError::Token(e)) if e.is_unavailable() => {
+                (Status::unavailable(msg), "unavailable")
+            }
             // A client that holds a source of workload tokens (a file the
             // kubelet rotates, an OIDC endpoint) fetches a fresh one for
             // these two and tries again.

@@ -201,19 +201,10 @@ where
             self.sessions.clone(),
         );
         Box::pin(async move {
-            let identity = authenticate(&token, &federation, store.as_ref(), &sessions)
-                .await
-                .map_err(AuthError::Token);
-            match &identity {
-                Ok(_) => peer.token_authenticated(),
-                // A token that could not be checked now is not the
-                // client's fault.
-                Err(AuthError::Token(
-                    TokenError::KeysUnavailable(_) | TokenError::ReplayCheckUnavailable,
-                )) => {}
-                Err(_) => peer.token_refused(),
-            }
-            req.extensions_mut().insert(peer.with_identity(identity));
+            let outcome = authenticate(&token, &federation, store.as_ref(), &sessions).await;
+            peer.token_outcome(&outcome);
+            req.extensions_mut()
+                .insert(peer.with_identity(outcome.map_err(AuthError::Token)));
             inner.call(req).await
         })
     }

@@ -4,8 +4,8 @@
 //! certificate is never a client). A `client_id` parameter, where given,
 //! must name that same ID.
 //!
-//! A client without a certificate may instead
-//! authenticate with a workload token as an RFC 7523 `client_assertion`
+//! A client without a certificate may instead authenticate with a
+//! workload token as an RFC 7523 `client_assertion`
 //! (`urn:ietf:params:oauth:client-assertion-type:jwt-bearer`), checked as
 //! the gRPC edge checks one (`[[federation]]`); its `jti` is used once.
 
@@ -15,7 +15,6 @@ use super::HttpState;
 use super::errors::{Code, OAuthError};
 use super::form::Params;
 use crate::connections::PeerInfo;
-use crate::federation::TokenError;
 use crate::grpc::token_auth::prove;
 use crate::identity::{AuthError, Caller};
 
@@ -35,8 +34,8 @@ fn authenticate(peer: &PeerInfo) -> Result<Caller, OAuthError> {
 pub(super) const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 /// The client of a token, revocation or introspection request: the
-/// certificate's, or the one a workload token in `client_assertion` proves (never both: RFC 6749 §2.3 allows
-/// one method per request).
+/// certificate's, or the one a workload token in `client_assertion`
+/// proves (never both: RFC 6749 §2.3 allows one method per request).
 pub(super) async fn authenticate_client(
     s: &HttpState,
     peer: &PeerInfo,
@@ -82,19 +81,16 @@ pub(super) async fn authenticate_client(
         ));
     };
     let store = s.service.store();
-    let caller = prove(assertion, federation, store.as_ref(), Timestamp::now())
-        .await
-        .map_err(|e| match e {
-            TokenError::ReplayCheckUnavailable | TokenError::KeysUnavailable(_) => {
-                OAuthError::new(Code::TemporarilyUnavailable, e.to_string())
-            }
-            e => {
-                peer.token_refused();
-                OAuthError::new(Code::InvalidClient, e.to_string())
-            }
-        })?;
-    peer.token_authenticated();
-    Ok(caller)
+    let outcome = prove(assertion, federation, store.as_ref(), Timestamp::now()).await;
+    peer.token_outcome(&outcome);
+    outcome.map_err(|e| {
+        let code = if e.is_unavailable() {
+            Code::TemporarilyUnavailable
+        } else {
+            Code::InvalidClient
+        };
+        OAuthError::new(code, e.to_string())
+    })
 }
 
 /// Refuses a `client_id` other than the client's SPIFFE ID.

@@ -61,6 +61,16 @@ def _read(path: Path, what: str) -> bytes:
         raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from e
 
 
+def _profile(pdir: Path, *fields: str) -> list[str]:
+    """The named fields of the profile in `pdir` (`mayfly dev init`)."""
+    text = _read(pdir / "profile.toml", "profile").decode("utf-8", "replace")
+    try:
+        data = tomllib.loads(text)
+        return [str(data[f]) for f in fields]
+    except (tomllib.TOMLDecodeError, KeyError) as e:
+        raise ConfigError(f"invalid profile {pdir / 'profile.toml'}: {e}") from e
+
+
 def resolve(
     broker: str | None = None,
     *,
@@ -104,12 +114,7 @@ def resolve(
             )
         prof = DEFAULT_PROFILE
     pdir = Path(prof)
-    text = _read(pdir / "profile.toml", "profile").decode("utf-8", "replace")
-    try:
-        data = tomllib.loads(text)
-        p_broker, p_ca, p_agent = str(data["broker"]), str(data["ca"]), str(data["agent"])
-    except (tomllib.TOMLDecodeError, KeyError) as e:
-        raise ConfigError(f"invalid profile {pdir / 'profile.toml'}: {e}") from e
+    p_broker, p_ca, p_agent = _profile(pdir, "broker", "ca", "agent")
     name = identity or env.get("MAYFLY_IDENTITY") or p_agent
     if "/" in name or name.startswith("."):
         raise ConfigError(f"identity {name!r} must be a directory name under identities/")
@@ -142,11 +147,7 @@ def _with_token(
                 "a workload token needs the broker and its CA: pass broker and ca (or set "
                 "MAYFLY_BROKER and MAYFLY_CA), or profile= a directory from `mayfly dev init`"
             )
-        text = _read(prof / "profile.toml", "profile").decode("utf-8", "replace")
-        try:
-            data = tomllib.loads(text)
-            broker = broker or str(data["broker"])
-            ca = ca or prof / str(data["ca"])
-        except (tomllib.TOMLDecodeError, KeyError) as e:
-            raise ConfigError(f"invalid profile {prof / 'profile.toml'}: {e}") from e
+        p_broker, p_ca = _profile(prof, "broker", "ca")
+        broker = broker or p_broker
+        ca = ca or prof / p_ca
     return Connection(broker, _read(Path(ca), "CA bundle"), b"", b"", token)

@@ -68,14 +68,11 @@ class WorkloadToken:
 
         def read() -> str:
             try:
-                token = p.read_text(encoding="ascii").strip()
+                return p.read_text(encoding="ascii")
             except (OSError, UnicodeDecodeError) as e:
                 raise ConfigError(f"cannot read the workload token file {p}: {e}") from e
-            if not token:
-                raise ConfigError(f"the workload token file {p} is empty")
-            return token
 
-        source = cls(read, name=str(p))
+        source = cls(read, name=f"file {p}")
         source.renew()
         return source
 
@@ -89,18 +86,16 @@ class WorkloadToken:
     def current(self) -> str:
         """The token to send: the one held, unless it is about to expire."""
         with self._lock:
-            fresh = self._token is not None and (
-                self._expires is None or self._expires - time.time() > RENEW_MARGIN
-            )
-            if fresh and self._token is not None:
-                return self._token
+            token, expires = self._token, self._expires
+        if token is not None and (expires is None or expires - time.time() > RENEW_MARGIN):
+            return token
         return self.renew()
 
     def renew(self) -> str:
         """Fetches a new token and holds it from now on."""
         token = self._fetch().strip()
         if not token:
-            raise ConfigError(f"workload token source {self._name} gave an empty token")
+            raise ConfigError(f"the workload token from {self._name} is empty")
         with self._lock:
             self._token, self._expires = token, _expiry(token)
         return token
