@@ -852,11 +852,11 @@ async fn every_refused_exchange_names_its_error_and_writes_nothing() {
             "no policy permits",
         ),
         (
-            "a caller no policy lets exchange",
+            "a caller that did not receive the token",
             &not_a_service,
             exchange_form(&t, TOOLS, "read:files"),
-            "access_denied",
-            "no policy permits",
+            "invalid_grant",
+            "not a resource server",
         ),
         (
             "an expired subject token",
@@ -936,6 +936,274 @@ async fn every_refused_exchange_names_its_error_and_writes_nothing() {
     .await
     .len();
     assert_eq!(after, before, "a refused exchange wrote a lease");
+}
+
+/// Only a token's recipient may exchange it: under a policy that permits
+/// everything, the agent that holds it, another agent, and a resource
+/// server of another audience are each refused before policy is asked,
+/// with nothing written but the refusal's record; the audience's own
+/// resource server gets its hop, and policy sees which one it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_subject_token_s_recipient_may_exchange_it() {
+    let broker = TestBroker::start_with(|c| {
+        mayfly_testkit::use_policies(
+            c,
+            "@id(\"anything\")\npermit (principal, action, resource);\n\n\
+             @id(\"only-api-hops\")\nforbid (principal, action == Mayfly::Action::\"exchange_token\", resource)\n\
+             unless { context.resource_server == \"api\" };\n",
+        )
+    })
+    .await;
+    let (agent, op) = (broker.agent().await, broker.operator().await);
+    let task = agent
+        .broker()
+        .start_task(start_request("hop", &[API, TOOLS], &["read:files"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let t = agent
+        .issue_token(token_request(&task.task_id, API, &["read:files"]))
+        .await
+        .unwrap()
+        .token;
+    let holder = svid(&broker, AGENT);
+    let other_agent = svid(&broker, "spiffe://example.org/agent/other");
+    let other_api = svid(&broker, "spiffe://example.org/api/tools");
+    let count = || async {
+        all_leases(
+            &op,
+            pb::ListLeasesRequest {
+                task_id: task.task_id.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .len()
+    };
+    let before = count().await;
+    for (what, who, name) in [
+        ("the agent holding it", &holder, AGENT),
+        (
+            "another agent",
+            &other_agent,
+            "spiffe://example.org/agent/other",
+        ),
+        (
+            "a resource server of another audience",
+            &other_api,
+            "spiffe://example.org/api/tools",
+        ),
+    ] {
+        let (status, body) = post(
+            &broker,
+            "/oauth2/token",
+            Some(who),
+            &exchange_form(&t, TOOLS, "read:files"),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("invalid_grant")),
+            "{what}: {body}"
+        );
+        let said = body["error_description"].as_str().unwrap();
+        assert!(
+            said.contains(&format!(
+                "issued for {API}, and {name} is not a resource server"
+            )),
+            "{what}: {said}"
+        );
+    }
+    assert_eq!(count().await, before, "a refused exchange wrote a lease");
+    let refusals: Vec<Value> = {
+        let mut stream = op
+            .admin()
+            .read_audit(pb::ReadAuditRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let mut lines = Vec::new();
+        while let Some(batch) = stream.message().await.unwrap() {
+            lines.extend(batch.records);
+        }
+        lines
+            .iter()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|r| r["event"] == "exchange_denied")
+            .collect()
+    };
+    assert_eq!(refusals.len(), 3, "{refusals:?}");
+    let jti = claims_unverified(&t)["jti"].as_str().unwrap().to_owned();
+    for r in &refusals {
+        assert_eq!(r["task_id"], task.task_id.as_str());
+        assert_eq!(r["subject_lease_id"], jti.as_str());
+        assert_eq!(r["decision"], "deny");
+    }
+
+    // The audience's own resource server (`api`, as policy requires).
+    let files = svid(&broker, "spiffe://example.org/api/files");
+    let (status, body) = post(
+        &broker,
+        "/oauth2/token",
+        Some(&files),
+        &exchange_form(&t, TOOLS, "read:files"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(count().await, before + 1);
+}
+
+/// Revoking a service ends every token it holds as the actor (its
+/// exchanged hops, under tasks of agents that stay untouched): the call
+/// counts them, introspection calls each inactive, and each reaches the
+/// feed. Locked, the service cannot exchange again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_service_ends_the_hops_it_exchanged_for() {
+    const FILES: &str = "spiffe://example.org/api/files";
+    let broker = TestBroker::start().await;
+    let (agent, op) = (broker.agent().await, broker.operator().await);
+    let files = svid(&broker, FILES);
+    let task = agent
+        .broker()
+        .start_task(start_request("hop", &[API, TOOLS], &["read:files"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let own = agent
+        .issue_token(token_request(&task.task_id, API, &["read:files"]))
+        .await
+        .unwrap();
+    let mut hops = Vec::new();
+    for _ in 0..2 {
+        let (status, body) = post(
+            &broker,
+            "/oauth2/token",
+            Some(&files),
+            &exchange_form(&own.token, TOOLS, "read:files"),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        hops.push(body["access_token"].as_str().unwrap().to_owned());
+    }
+    let ids: Vec<String> = hops
+        .iter()
+        .map(|t| claims_unverified(t)["jti"].as_str().unwrap().to_owned())
+        .collect();
+    let tools = svid(&broker, "spiffe://example.org/api/tools");
+    let introspect = |token: String| {
+        let (broker, tools) = (&broker, &tools);
+        async move {
+            post(
+                broker,
+                "/introspect",
+                Some(tools),
+                &format!("token={token}"),
+            )
+            .await
+        }
+    };
+    for t in &hops {
+        assert_eq!(introspect(t.clone()).await.1["active"], true);
+    }
+    let r = op
+        .admin()
+        .revoke_agent(pb::RevokeAgentRequest {
+            agent_id: FILES.into(),
+            note: "compromised".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = r.revoked_leases.clone();
+    got.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(got, want, "the service's hops, and nothing of the agent's");
+    for t in &hops {
+        assert_eq!(introspect(t.clone()).await.1["active"], false);
+    }
+    assert_eq!(
+        lease(&op, &own.lease_id).await.state,
+        pb::LeaseState::Active as i32
+    );
+    // Nothing else was revoked: the feed from its start holds just them.
+    let mut s = feed(&broker).await;
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let e = tokio::time::timeout(Duration::from_secs(5), s.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if !e.heartbeat {
+            assert_eq!(e.reason, pb::RevocationReason::AgentRevoked as i32);
+            seen.push(e.lease_id);
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, want);
+
+    // Locked, it cannot exchange again (and says so), and nothing is
+    // written.
+    op.admin()
+        .lock_agent(pb::LockAgentRequest {
+            agent_id: FILES.into(),
+            reason: "compromised".into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap();
+    let before = all_leases(
+        &op,
+        pb::ListLeasesRequest {
+            task_id: task.task_id.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .len();
+    let (status, body) = post(
+        &broker,
+        "/oauth2/token",
+        Some(&files),
+        &exchange_form(&own.token, TOOLS, "read:files"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("access_denied")),
+        "{body}"
+    );
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("locked"),
+        "{body}"
+    );
+    let after = all_leases(
+        &op,
+        pb::ListLeasesRequest {
+            task_id: task.task_id.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .len();
+    assert_eq!(after, before);
+}
+
+/// The revocation feed from its start, as a validator follows it.
+async fn feed(broker: &TestBroker) -> tonic::Streaming<pb::RevocationEvent> {
+    let watcher = broker
+        .client_with(&svid(broker, "spiffe://example.org/api/validator"))
+        .await
+        .unwrap();
+    pb::revocations_client::RevocationsClient::new(watcher.channel())
+        .watch_revocations(pb::WatchRequest { from_cursor: 0 })
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// A client that hands its token to something that can check no binding

@@ -389,6 +389,19 @@ retention = "24h"
 [[introspection]]
 clients = ["spiffe://{td}/api/*"]
 audiences = ["https://api.example.com", "https://tools.example.com"]
+
+# The services that receive tokens for each dev API. Only a token's
+# recipient may exchange it for the next hop (RFC 8693); policy sees the
+# entry's name as context.resource_server.
+[[resource_servers]]
+name = "api"
+clients = ["spiffe://{td}/api/downstream", "spiffe://{td}/api/files", "spiffe://{td}/api/tickets"]
+audiences = ["https://api.example.com"]
+
+[[resource_servers]]
+name = "tools"
+clients = ["spiffe://{td}/api/tools", "spiffe://{td}/api/mcp"]
+audiences = ["https://tools.example.com"]
 "#,
         http_port = port_of(DEV_HTTP_ADDR),
         grpc = DEV_GRPC_ADDR,

@@ -114,8 +114,24 @@ pub enum BrokerError {
         state: LeaseState,
     },
     /// The caller may not introspect tokens.
-    #[error("{0} may not introspect tokens (no [[introspection]] entry names it)")]
+    #[error(
+        "{0} may not introspect tokens (no [[introspection]] or [[resource_servers]] entry names \
+         it)"
+    )]
     NotIntrospector(SpiffeId),
+    /// The caller of a token exchange is not a recipient of the subject
+    /// token: no resource server it belongs to receives tokens for the
+    /// token's audience.
+    #[error(
+        "subject_token was issued for {audience}, and {caller} is not a resource server of that \
+         audience ([[resource_servers]]): only a token's recipient may exchange it"
+    )]
+    NotRecipient {
+        /// Who presented the token.
+        caller: SpiffeId,
+        /// The subject token's audience.
+        audience: String,
+    },
     /// The token was issued to another client: only its own client may
     /// revoke it.
     #[error("the token was issued to another client; {0} may revoke only its own tokens")]

@@ -103,6 +103,9 @@ pub struct ExchangeTokenRequest<'a> {
     pub subject: &'a SpiffeId,
     /// The audience of the token being exchanged (what the actor is).
     pub subject_audience: &'a Audience,
+    /// The resource server of `subject_audience` the actor is one of (the
+    /// broker refuses an exchange by anyone else before asking policy).
+    pub resource_server: &'a str,
     /// The task both tokens belong to.
     pub task: &'a Task,
     /// The new token's audience.

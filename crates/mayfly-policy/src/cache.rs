@@ -45,7 +45,7 @@ struct Key {
     authenticated_by: String,
     binding: Option<String>,
     delegate: Option<String>,
-    exchange: Option<(String, String)>,
+    exchange: Option<(String, String, String)>,
     resource: EntityUid,
     task_id: String,
     intent: String,
@@ -62,7 +62,9 @@ impl Key {
             authenticated_by: ask.authenticated_by.to_owned(),
             binding: ask.binding.map(str::to_owned),
             delegate: ask.delegate.map(ToString::to_string),
-            exchange: ask.exchange.map(|(s, a)| (s.to_string(), a.to_owned())),
+            exchange: ask
+                .exchange
+                .map(|(s, a, r)| (s.to_string(), a.to_owned(), r.to_owned())),
             resource: ask.resource.clone(),
             task_id: ask.task_id.to_owned(),
             intent: ask.intent.to_owned(),
@@ -82,8 +84,8 @@ impl Key {
             && self
                 .exchange
                 .as_ref()
-                .map(|(s, a)| (s.as_str(), a.as_str()))
-                == ask.exchange.map(|(s, a)| (s.as_str(), a))
+                .map(|(s, a, r)| (s.as_str(), a.as_str(), r.as_str()))
+                == ask.exchange.map(|(s, a, r)| (s.as_str(), a, r))
             && self.resource == ask.resource
             && self.task_id == ask.task_id
             && self.intent == ask.intent
@@ -102,7 +104,9 @@ fn hash(ask: &Ask<'_>) -> u64 {
     ask.authenticated_by.hash(&mut h);
     ask.binding.hash(&mut h);
     ask.delegate.map(|d| d.as_str()).hash(&mut h);
-    ask.exchange.map(|(s, a)| (s.as_str(), a)).hash(&mut h);
+    ask.exchange
+        .map(|(s, a, r)| (s.as_str(), a, r))
+        .hash(&mut h);
     ask.resource.hash(&mut h);
     ask.task_id.hash(&mut h);
     ask.intent.hash(&mut h);

@@ -159,9 +159,10 @@ struct Ask<'a> {
     binding: Option<&'a str>,
     /// For `delegate`: the agent the resource names, added to the entities.
     delegate: Option<&'a SpiffeId>,
-    /// For `exchange_token`: the subject agent (added to the entities) and
-    /// the exchanged token's audience.
-    exchange: Option<(&'a SpiffeId, &'a str)>,
+    /// For `exchange_token`: the subject agent (added to the entities),
+    /// the exchanged token's audience, and the resource server of that
+    /// audience the caller is one of.
+    exchange: Option<(&'a SpiffeId, &'a str, &'a str)>,
     action: &'static str,
     resource: EntityUid,
     task_id: &'a str,
@@ -222,7 +223,7 @@ impl CedarPolicy {
         if let Some(d) = ask.delegate.filter(|d| *d != ask.agent) {
             entities.push(agent_entity(d, ""));
         }
-        if let Some((subject, _)) = ask.exchange.filter(|(s, _)| *s != ask.agent) {
+        if let Some((subject, ..)) = ask.exchange.filter(|(s, ..)| *s != ask.agent) {
             entities.push(agent_entity(subject, ""));
         }
         let entities = match entities.into_iter().collect::<Result<Vec<_>, _>>() {
@@ -232,7 +233,7 @@ impl CedarPolicy {
             },
             Err(e) => return fail(e),
         };
-        let exchange = ask.exchange.map(|(subject, audience)| {
+        let exchange = ask.exchange.map(|(subject, audience, resource_server)| {
             [
                 (
                     "subject".to_owned(),
@@ -242,6 +243,7 @@ impl CedarPolicy {
                     "subject_audience".to_owned(),
                     RestrictedExpression::new_entity_uid(uid(Type::Audience, audience)),
                 ),
+                ("resource_server".to_owned(), string(resource_server)),
             ]
         });
         let context = Context::from_pairs(
@@ -443,7 +445,11 @@ impl Policy for CedarPolicy {
             authenticated_by: req.authenticated_by,
             binding: Some(req.binding),
             delegate: None,
-            exchange: Some((req.subject, req.subject_audience.as_str())),
+            exchange: Some((
+                req.subject,
+                req.subject_audience.as_str(),
+                req.resource_server,
+            )),
             action: "exchange_token",
             resource: uid(Type::Audience, req.audience.as_str()),
             task_id: req.task.id.as_str(),
@@ -570,8 +576,11 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
                                 binding: matches!(*action, "issue_token" | "exchange_token")
                                     .then_some("none"),
                                 delegate: (*action == "delegate").then_some(&worker),
-                                exchange: (*action == "exchange_token")
-                                    .then_some((&worker, "https://tickets.prod.example.com")),
+                                exchange: (*action == "exchange_token").then_some((
+                                    &worker,
+                                    "https://tickets.prod.example.com",
+                                    "tickets",
+                                )),
                                 action,
                                 resource: resource.clone(),
                                 task_id: "t",

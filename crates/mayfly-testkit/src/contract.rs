@@ -43,6 +43,7 @@ macro_rules! store_contract_tests {
             end_task_skips_dead_leases,
             revoke_lease,
             revoke_agent_spares_other_agents,
+            revoking_a_service_ends_the_tokens_it_holds,
             a_locked_agent_gets_nothing_until_unlocked,
             list_leases_filters_and_pages,
             an_agents_leases_page_across_its_tasks,
@@ -423,6 +424,101 @@ pub async fn revoke_agent_spares_other_agents(store: Store) {
         store.revoke_agent(&a, &req).await.unwrap().is_empty(),
         "nothing left to revoke"
     );
+}
+
+/// A token exchanged for by `service` under `task` (another agent's), at
+/// T0, living `ttl` seconds.
+fn exchanged(task: &Task, service: &SpiffeId, ttl: u64) -> Lease {
+    let mut l = lease(task, ttl);
+    l.detail = LeaseDetail::ExchangedToken {
+        audience: Audience::new("https://api.example.com").unwrap(),
+        binding: None,
+        actor: service.clone(),
+        subject_audience: Audience::new("https://tools.example.com").unwrap(),
+    };
+    l
+}
+
+/// Revoking or locking a service ends the tokens it exchanged for under
+/// other agents' tasks (it holds them as the actor), leaves the agents'
+/// own credentials alone, and refuses the service any new hop.
+pub async fn revoking_a_service_ends_the_tokens_it_holds(store: Store) {
+    let (a, b, svc, other) = (agent("a"), agent("b"), agent("svc"), agent("other-svc"));
+    let ta = started(&store, &a, 600).await;
+    let tb = started(&store, &b, 600).await;
+    let own = issued(&store, &ta, 60).await;
+    let hop_a = exchanged(&ta, &svc, 60);
+    store.issue(&hop_a, at(1)).await.unwrap();
+    let hop_b = exchanged(&tb, &svc, 60);
+    store.issue(&hop_b, at(1)).await.unwrap();
+    let elsewhere = exchanged(&tb, &other, 60);
+    store.issue(&elsewhere, at(1)).await.unwrap();
+    // A hop that expired on its own is not revoked again.
+    let lapsed = exchanged(&ta, &svc, 2);
+    store.issue(&lapsed, at(1)).await.unwrap();
+
+    let req = revoke(
+        RevocationReason::AgentRevoked,
+        RevocationReason::AgentRevoked,
+        at(3),
+    );
+    let ids: BTreeSet<LeaseId> = store
+        .revoke_agent(&svc, &req)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(ids, [hop_a.id.clone(), hop_b.id.clone()].into());
+    for id in [&own.id, &elsewhere.id, &ta.id.lease_id(), &tb.id.lease_id()] {
+        assert_eq!(state(&store, id, at(3)).await, LeaseState::Active, "{id}");
+    }
+    let ended = store.get_lease(&hop_b.id).await.unwrap().unwrap();
+    assert_eq!(
+        ended.revocation().unwrap().reason,
+        RevocationReason::AgentRevoked
+    );
+    let feed: BTreeSet<LeaseId> = store
+        .revocations_since(0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.lease_id)
+        .collect();
+    assert_eq!(feed, [hop_a.id.clone(), hop_b.id.clone()].into());
+    assert!(store.revoke_agent(&svc, &req).await.unwrap().is_empty());
+
+    // Locked, the service is refused a new hop, though the task's owner
+    // is not locked; its hops exchanged since are revoked with the lock.
+    let late = exchanged(&ta, &svc, 60);
+    store.issue(&late, at(3)).await.unwrap();
+    let lock = AgentLock {
+        agent: svc.clone(),
+        reason: "compromised".into(),
+        by: operator(),
+        at: at(4),
+        expires_at: None,
+    };
+    let locked = store
+        .lock_agent(
+            &lock,
+            &revoke(
+                RevocationReason::AgentRevoked,
+                RevocationReason::AgentRevoked,
+                at(4),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(locked, vec![late.id.clone()]);
+    let refused = exchanged(&ta, &svc, 60);
+    assert!(matches!(
+        store.issue(&refused, at(5)).await,
+        Err(StoreError::AgentLocked)
+    ));
+    assert!(store.get_lease(&refused.id).await.unwrap().is_none());
+    // The agent itself still gets its own credentials.
+    let mine = lease(&ta, 60);
+    store.issue(&mine, at(5)).await.unwrap();
 }
 
 pub async fn a_locked_agent_gets_nothing_until_unlocked(store: Store) {

@@ -18,7 +18,7 @@ use sections::default_prefix;
 pub use sections::*;
 pub use settings::{
     FeedSettings, IntrospectionGrant, KeyRotation, Lifetimes, RedisEndpoint, RedisSettings,
-    RedisTrail, Settings, StoreSettings, Trail,
+    RedisTrail, ResourceServer, Settings, StoreSettings, Trail,
 };
 
 use std::path::{Path, PathBuf};
@@ -105,6 +105,10 @@ pub struct Config {
     /// Who may introspect tokens for which audiences.
     #[serde(default)]
     pub introspection: Vec<IntrospectionConfig>,
+    /// Which workloads receive tokens for which audiences: they alone may
+    /// exchange (and introspect) those tokens.
+    #[serde(default)]
+    pub resource_servers: Vec<ResourceServerConfig>,
     /// The audit trail.
     #[serde(default)]
     pub audit: Audit,

@@ -121,6 +121,22 @@ pub struct IntrospectionConfig {
     pub audiences: Vec<String>,
 }
 
+/// One `[[resource_servers]]`: these workloads are the services that
+/// receive tokens issued for these audiences. Only a token's recipient may
+/// exchange it (RFC 8693) or introspect it (RFC 7662): a token that leaked
+/// to anyone else cannot be laundered into a new lease.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceServerConfig {
+    /// What policy and the trail call this resource server
+    /// (`context.resource_server` of `exchange_token`).
+    pub name: String,
+    /// SPIFFE ID patterns of its workloads.
+    pub clients: Vec<SpiffeIdPattern>,
+    /// Audience patterns of the tokens it receives.
+    pub audiences: Vec<String>,
+}
+
 /// Which lease store to use.
 #[derive(Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]

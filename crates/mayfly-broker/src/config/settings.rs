@@ -61,8 +61,11 @@ pub struct Settings {
     pub policy: PolicyConfig,
     /// Per-agent issuance limit.
     pub rate_limit: RateLimit,
-    /// Who may introspect tokens of which audiences.
+    /// Who may introspect tokens of which audiences (`[[introspection]]`
+    /// and every resource server for its own audiences).
     pub introspection: Vec<IntrospectionGrant>,
+    /// Who receives tokens of which audiences: only they may exchange them.
+    pub resource_servers: Vec<ResourceServer>,
     /// How long and how many connections each port holds.
     pub connections: Connections,
 }
@@ -203,6 +206,34 @@ pub struct IntrospectionGrant {
     pub audiences: Vec<Pattern>,
 }
 
+/// One `[[resource_servers]]`, checked: the workloads that receive tokens
+/// issued for these audiences.
+#[derive(Debug, Clone)]
+pub struct ResourceServer {
+    /// Its name, unique among resource servers.
+    pub name: String,
+    /// Its workloads' SPIFFE ID patterns.
+    pub clients: Vec<SpiffeIdPattern>,
+    /// The audiences of the tokens it receives.
+    pub audiences: Vec<Pattern>,
+}
+
+impl ResourceServer {
+    /// The first resource server (in configuration order) that `caller` is
+    /// one of and that receives tokens for `audience`: the one a token
+    /// exchange by `caller` of such a token goes as.
+    pub fn find<'a>(
+        servers: &'a [ResourceServer],
+        caller: &SpiffeId,
+        audience: &str,
+    ) -> Option<&'a ResourceServer> {
+        servers.iter().find(|r| {
+            r.clients.iter().any(|p| p.matches(caller))
+                && r.audiences.iter().any(|p| p.matches(audience))
+        })
+    }
+}
+
 /// `[feed]`, resolved.
 #[derive(Debug, Clone)]
 pub struct FeedSettings {
@@ -248,6 +279,7 @@ impl Config {
             policy: self.checked_policy()?,
             rate_limit: self.rate_limit.clone(),
             introspection: self.introspection_grants()?,
+            resource_servers: self.resource_servers()?,
             connections: self.checked_connections()?,
         })
     }
@@ -473,25 +505,73 @@ impl Config {
         Ok(c.clone())
     }
 
+    /// `[[introspection]]`, then each resource server for its own
+    /// audiences: a token's recipient may always ask whether it is live.
     fn introspection_grants(&self) -> Checked<Vec<IntrospectionGrant>> {
-        self.introspection
+        let mut grants = self
+            .introspection
             .iter()
             .map(|i| {
-                let audiences = i
-                    .audiences
-                    .iter()
-                    .map(|a| {
-                        Pattern::new(a)
-                            .map_err(|e| ConfigError::Invalid(format!("introspection: {e}")))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
                 Ok(IntrospectionGrant {
                     clients: i.clients.clone(),
-                    audiences,
+                    audiences: audience_patterns("[[introspection]]", &i.audiences)?,
+                })
+            })
+            .collect::<Checked<Vec<_>>>()?;
+        grants.extend(
+            self.resource_servers()?
+                .into_iter()
+                .map(|r| IntrospectionGrant {
+                    clients: r.clients,
+                    audiences: r.audiences,
+                }),
+        );
+        Ok(grants)
+    }
+
+    /// `[[resource_servers]]`: each named once, with at least one client
+    /// and one audience.
+    fn resource_servers(&self) -> Checked<Vec<ResourceServer>> {
+        let mut seen = std::collections::BTreeSet::new();
+        self.resource_servers
+            .iter()
+            .map(|r| {
+                let at = format!("[[resource_servers]] {:?}", r.name);
+                if r.name.is_empty()
+                    || !r
+                        .name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                {
+                    return invalid(format!(
+                        "{at}: a name is letters, digits, '-', '_' and '.', not empty"
+                    ));
+                }
+                if !seen.insert(r.name.as_str()) {
+                    return invalid(format!("{at} is named twice"));
+                }
+                if r.clients.is_empty() || r.audiences.is_empty() {
+                    return invalid(format!(
+                        "{at} needs clients and audiences: the workloads that receive tokens \
+                         for those audiences"
+                    ));
+                }
+                Ok(ResourceServer {
+                    name: r.name.clone(),
+                    clients: r.clients.clone(),
+                    audiences: audience_patterns(&at, &r.audiences)?,
                 })
             })
             .collect()
     }
+}
+
+/// Audience patterns as written in `section`.
+fn audience_patterns(section: &str, audiences: &[String]) -> Checked<Vec<Pattern>> {
+    audiences
+        .iter()
+        .map(|a| Pattern::new(a).map_err(|e| ConfigError::Invalid(format!("{section}: {e}"))))
+        .collect()
 }
 
 /// The one way `[redis]` names to reach the server.

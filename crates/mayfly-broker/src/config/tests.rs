@@ -413,3 +413,102 @@ fn a_jwt_bundle_from_the_workload_api_needs_one() {
         .to_string();
     assert!(err.contains("set [tls] workload_api"), "{err}");
 }
+
+#[test]
+fn resource_servers_are_named_once_and_find_a_token_s_recipient() {
+    let base = Path::new("/etc/mayfly");
+    let entry = |name: &str, clients: &str, audiences: &str| {
+        format!(
+            "{MINIMAL}\n[[resource_servers]]\nname = \"{name}\"\nclients = [{clients}]\n\
+             audiences = [{audiences}]\n"
+        )
+    };
+    let good = format!(
+        "{}\n[[resource_servers]]\nname = \"tools\"\n\
+         clients = [\"spiffe://example.org/api/tools\"]\n\
+         audiences = [\"https://tools.example.com\"]\n",
+        entry(
+            "api",
+            "\"spiffe://example.org/api/*\"",
+            "\"https://api.example.com\""
+        )
+    );
+    let s = Config::parse(&good, base).unwrap().settings().unwrap();
+    let id = |s: &str| mayfly_core::SpiffeId::new(s).unwrap();
+    let find = |caller: &str, aud: &str| {
+        ResourceServer::find(&s.resource_servers, &id(caller), aud).map(|r| r.name.as_str())
+    };
+    assert_eq!(
+        find("spiffe://example.org/api/files", "https://api.example.com"),
+        Some("api")
+    );
+    assert_eq!(
+        find(
+            "spiffe://example.org/api/tools",
+            "https://tools.example.com"
+        ),
+        Some("tools")
+    );
+    // A resource server of one audience is no recipient of another's
+    // tokens, and an agent of none.
+    assert_eq!(
+        find(
+            "spiffe://example.org/api/files",
+            "https://tools.example.com"
+        ),
+        None
+    );
+    assert_eq!(
+        find("spiffe://example.org/agent/demo", "https://api.example.com"),
+        None
+    );
+    // Each may introspect its own audience's tokens.
+    assert!(s.introspection.iter().any(|g| {
+        g.clients
+            .iter()
+            .any(|p| p.matches(&id("spiffe://example.org/api/tools")))
+            && g.audiences
+                .iter()
+                .any(|a| a.matches("https://tools.example.com"))
+    }));
+
+    for (text, needle) in [
+        (
+            format!(
+                "{}\n[[resource_servers]]\nname = \"api\"\nclients = [\"spiffe://example.org/x\"]\naudiences = [\"https://x\"]\n",
+                entry(
+                    "api",
+                    "\"spiffe://example.org/api/*\"",
+                    "\"https://api.example.com\""
+                )
+            ),
+            "named twice",
+        ),
+        (
+            entry("", "\"spiffe://example.org/api/*\"", "\"https://a\""),
+            "a name is",
+        ),
+        (
+            entry(
+                "bad name",
+                "\"spiffe://example.org/api/*\"",
+                "\"https://a\"",
+            ),
+            "a name is",
+        ),
+        (
+            entry("api", "", "\"https://a\""),
+            "needs clients and audiences",
+        ),
+        (
+            entry("api", "\"spiffe://example.org/api/*\"", ""),
+            "needs clients and audiences",
+        ),
+    ] {
+        let err = Config::parse(&text, base)
+            .and_then(|c| c.settings().map(|_| ()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+}

@@ -49,6 +49,7 @@ impl From<BrokerError> for Status {
             BrokerError::NotIntrospector(_) => (Status::permission_denied(msg), "not_introspector"),
             BrokerError::NotWatcher(_) => (Status::permission_denied(msg), "not_watcher"),
             BrokerError::NotTokenClient(_) => (Status::permission_denied(msg), "not_token_client"),
+            BrokerError::NotRecipient { .. } => (Status::permission_denied(msg), "not_recipient"),
             BrokerError::InvalidSubjectToken(_) => {
                 (Status::permission_denied(msg), "invalid_subject_token")
             }

@@ -187,7 +187,8 @@ impl From<BrokerError> for OAuthError {
             | BrokerError::LeaseNotActive { .. }
             | BrokerError::ApprovalNotFound(_)
             | BrokerError::ApprovalMismatch(_)
-            | BrokerError::InvalidSubjectToken(_) => Code::InvalidGrant,
+            | BrokerError::InvalidSubjectToken(_)
+            | BrokerError::NotRecipient { .. } => Code::InvalidGrant,
             BrokerError::ApprovalUnusable { state, id } => {
                 let code = match state {
                     ApprovalState::Pending => Code::AuthorizationPending,

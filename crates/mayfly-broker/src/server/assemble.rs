@@ -92,6 +92,7 @@ impl Broker {
             ca,
             rate: RateLimiter::new(s.rate_limit.per_second, s.rate_limit.burst),
             introspection: s.introspection,
+            resource_servers: s.resource_servers,
         }));
         Ok(Self {
             service,

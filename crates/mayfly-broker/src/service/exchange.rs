@@ -5,13 +5,20 @@
 //! as resource, the subject agent and the subject token's audience in the
 //! context), issued through the same pipeline as every credential, and
 //! names the service as the current actor (`act`, one more hop each
-//! time). It dies with its task.
+//! time). It dies with its task, and with its service when an operator
+//! revokes or locks that service.
+//!
+//! Only the subject token's recipient may exchange it: the caller must be
+//! one of the `[[resource_servers]]` that receive tokens for the subject
+//! token's audience. A token that leaked to another agent or service is
+//! refused (and the attempt recorded) before policy is asked; policy sees
+//! the matching resource server's name.
 
 use std::time::Duration;
 
 use mayfly_core::{
     AccessTokenClaims, ActorClaim, ApprovalRequest, Audience, Decision, ExchangeTokenRequest,
-    Lease, LeaseDetail, LeaseId, Policy, Scopes, SpiffeId, Task, Timestamp, TokenBinding,
+    Lease, LeaseDetail, LeaseId, Policy, Scopes, SpiffeId, Task, TaskId, Timestamp, TokenBinding,
     scope_string,
 };
 
@@ -19,6 +26,7 @@ use super::pipeline::{Asked, Kind};
 use super::{Bind, ExchangeRequest, Issuance, Issued, IssuedToken};
 use crate::audit::{AuditRecord, Event};
 use crate::cause::Cause;
+use crate::config::ResourceServer;
 use crate::error::BrokerError;
 use crate::identity::Caller;
 use crate::issuer::AccessToken;
@@ -32,6 +40,8 @@ struct Exchange<'a> {
     subject_lease: Lease,
     /// Its audience: what the exchanging service is to the task.
     subject_audience: Audience,
+    /// The resource server of that audience the caller is one of.
+    resource_server: String,
     /// The new token's scopes.
     scopes: Scopes,
 }
@@ -70,6 +80,7 @@ impl Kind for Exchange<'_> {
             actor: at.agent,
             subject: &self.subject_lease.agent,
             subject_audience: &self.subject_audience,
+            resource_server: &self.resource_server,
             task: at.task,
             audience: &self.req.audience,
             scopes: &self.scopes,
@@ -145,8 +156,9 @@ impl Kind for Exchange<'_> {
 impl Issuance {
     /// RFC 8693 token exchange by `caller`, a service that received
     /// `req.subject_token`: a token of the same task for `req.audience`.
-    /// The subject token must be this broker's, unexpired, and its lease
-    /// active (else `InvalidSubjectToken`).
+    /// The subject token must be this broker's, issued for an audience of
+    /// a resource server `caller` is one of (else `NotRecipient`, recorded),
+    /// unexpired, and its lease active (else `InvalidSubjectToken`).
     pub async fn exchange_token(
         &self,
         caller: &Caller,
@@ -159,6 +171,28 @@ impl Issuance {
             .verify(&req.subject_token)
             .filter(|c| c.iss == self.issuer)
             .ok_or_else(|| invalid("is not a token this broker issued"))?;
+        // Only the token's recipient may exchange it: checked before
+        // anything else is learnt about the token, and recorded, since a
+        // token presented by anyone else has leaked.
+        let Some(resource_server) =
+            ResourceServer::find(&self.shared.resource_servers, &caller.id, &subject.aud)
+        else {
+            let refused = BrokerError::NotRecipient {
+                caller: caller.id.clone(),
+                audience: subject.aud.clone(),
+            };
+            let mut record = caller
+                .record(Event::ExchangeDenied)
+                .credential(Some(req.audience.as_str()), &Scopes::default());
+            if let Ok(task) = TaskId::new(&subject.task_id) {
+                record = record.task_id(&task);
+            }
+            if let Ok(lease) = LeaseId::new(&subject.jti) {
+                record.subject_lease_id = Some(lease.to_string());
+            }
+            return Err(self.shared.record_denial(refused, record).await);
+        };
+        let resource_server = resource_server.name.clone();
         let now = Timestamp::now();
         if subject.exp <= now.as_secs() || subject.nbf > now.as_secs() {
             return Err(invalid("has expired or is not valid yet"));
@@ -188,6 +222,7 @@ impl Issuance {
             subject,
             subject_lease: lease,
             subject_audience,
+            resource_server,
         };
         self.issue(caller, &kind, &task_id, None).await
     }

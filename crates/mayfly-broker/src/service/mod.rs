@@ -39,7 +39,7 @@ use std::time::Duration;
 use mayfly_core::{Policy, SpiffeId, SpiffeIdPattern};
 use tokio::sync::Notify;
 
-use crate::config::{IntrospectionGrant, Lifetimes};
+use crate::config::{IntrospectionGrant, Lifetimes, ResourceServer};
 use crate::error::BrokerError;
 use crate::issuer::{CaRing, JwtSigner};
 use crate::ratelimit::RateLimiter;
@@ -103,6 +103,8 @@ pub struct Setup {
     pub rate: RateLimiter,
     /// Who may introspect tokens.
     pub introspection: Vec<IntrospectionGrant>,
+    /// Who receives tokens of which audiences (and may exchange them).
+    pub resource_servers: Vec<ResourceServer>,
 }
 
 /// The broker's request handling, in four parts that share the store,
@@ -172,6 +174,7 @@ impl Service {
             revoked: setup.revoked,
             task_cache: TaskCache::default(),
             broker_id: setup.broker_id,
+            resource_servers: setup.resource_servers,
         });
         Self {
             tasks: Tasks {

@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 use super::TaskCache;
 use crate::audit::AuditRecord;
 use crate::cause::Cause;
+use crate::config::ResourceServer;
 use crate::error::BrokerError;
 use crate::recorder::Recorder;
 use crate::store::{LeaseStore, RevokeRequest};
@@ -36,6 +37,9 @@ pub(super) struct Shared {
     /// The identity the broker acts as on its own (re-evaluation after a
     /// policy reload, undoing an unrecorded write).
     pub broker_id: SpiffeId,
+    /// Who receives tokens of which audiences: only they may exchange
+    /// them, when first asked and when decided again.
+    pub resource_servers: Vec<ResourceServer>,
 }
 
 /// What policy allowed.

@@ -13,6 +13,7 @@ use mayfly_core::{
 use super::shared::asked;
 use super::{NewDelegation, NewTask, Tasks};
 use crate::audit::{AuditRecord, Event};
+use crate::config::ResourceServer;
 use crate::error::BrokerError;
 use crate::identity::Caller;
 use crate::store::{LeaseFilter, PageRequest, RevokeRequest, StoreError, TaskFilter};
@@ -480,21 +481,32 @@ impl Tasks {
                 actor,
                 subject_audience,
                 ..
-            } => self
-                .shared
-                .policy
-                .decide_exchange_token(&ExchangeTokenRequest {
+            } => {
+                // Still one of the token's recipients (the configuration
+                // may have changed since), or no longer allowed.
+                let Some(server) = ResourceServer::find(
+                    &self.shared.resource_servers,
                     actor,
-                    subject: &lease.agent,
-                    subject_audience,
-                    task,
-                    audience,
-                    scopes: &lease.scopes,
-                    binding: binding_name(lease.binding()),
-                    ttl,
-                    now,
-                    authenticated_by: proof_name(lease.authenticated_by.as_deref()),
-                }),
+                    subject_audience.as_str(),
+                ) else {
+                    return false;
+                };
+                self.shared
+                    .policy
+                    .decide_exchange_token(&ExchangeTokenRequest {
+                        actor,
+                        subject: &lease.agent,
+                        subject_audience,
+                        resource_server: &server.name,
+                        task,
+                        audience,
+                        scopes: &lease.scopes,
+                        binding: binding_name(lease.binding()),
+                        ttl,
+                        now,
+                        authenticated_by: proof_name(lease.authenticated_by.as_deref()),
+                    })
+            }
             LeaseDetail::Certificate { .. } => {
                 self.shared
                     .policy

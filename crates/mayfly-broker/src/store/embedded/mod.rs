@@ -18,7 +18,7 @@
 //! | `tasks`         | task id              | [`Task`]                  |
 //! | `leases`        | lease id             | [`Lease`] (tasks too)     |
 //! | `task_leases`   | task id (multimap)   | lease ids of the task     |
-//! | `agent_leases`  | agent ID (multimap)  | lease ids of the agent    |
+//! | `agent_leases`  | agent ID (multimap)  | lease ids it owns or holds (exchanged) |
 //! | `agent_tasks`   | agent ID (multimap)  | task ids of the agent     |
 //! | `task_children` | task id (multimap)   | ids of tasks delegated from it |
 //! | `active_expiry` | (expires ms, lease)  | `()`; active leases only  |

@@ -133,8 +133,9 @@ impl<'t> Tables<'t> {
         }
     }
 
-    /// Ends every active task of `agent` and revokes every active lease of
-    /// it, including those under tasks it does not own (delegation).
+    /// Ends every active task of `agent` (those delegated to it included)
+    /// and revokes every active lease it owns or holds: the tokens it
+    /// exchanged for, under tasks of other agents, too.
     pub(super) fn revoke_agent(
         &mut self,
         agent: &SpiffeId,
@@ -168,6 +169,12 @@ impl<'t> Tables<'t> {
             .filter(|r| r.task.agent == lease.agent)
             .ok_or(StoreError::TaskNotFound)?;
         self.refuse_locked(&lease.agent, now)?;
+        // The service an exchanged token is for may be locked too; checked
+        // in the same transaction as the lock's revocations, so no hop it
+        // exchanged for outlives its lock.
+        if lease.holder() != &lease.agent {
+            self.refuse_locked(lease.holder(), now)?;
+        }
         let state = record.state_at(now);
         if state != TaskState::Active {
             return Err(StoreError::TaskNotActive(state));
@@ -203,6 +210,11 @@ impl<'t> Tables<'t> {
         let (id, exp) = (lease.id.as_str(), lease.expires_at.as_millis());
         self.task_leases.insert(lease.task_id.as_str(), id)?;
         self.agent_leases.insert(lease.agent.as_str(), id)?;
+        if lease.holder() != &lease.agent {
+            // An exchanged token is also the service's: revoking or locking
+            // the service finds it here.
+            self.agent_leases.insert(lease.holder().as_str(), id)?;
+        }
         self.active_expiry.insert((exp, id), ())?;
         self.all_expiry.insert((exp, id), ())?;
         Ok(())
@@ -308,6 +320,7 @@ impl<'t> Tables<'t> {
         self.leases.remove(id)?;
         self.task_leases.remove(lease.task_id.as_str(), id)?;
         self.agent_leases.remove(lease.agent.as_str(), id)?;
+        self.agent_leases.remove(lease.holder().as_str(), id)?;
         self.active_expiry.remove((exp, id))?;
         self.all_expiry.remove((exp, id))?;
         if lease.detail == LeaseDetail::Task {

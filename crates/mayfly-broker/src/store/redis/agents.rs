@@ -26,8 +26,8 @@ pub(super) async fn revoke_agent(
                 .await
         })
         .await?;
-    // Every lease of the agent is under one of its tasks (`issue` records
-    // a lease only under a task of the same agent).
+    // Every lease the agent owns is under one of its tasks (`issue`
+    // records a lease only under a task of the same agent)…
     let mut revoked = Vec::new();
     for t in tasks {
         let id = TaskId::new(&t).map_err(|e| StoreError::Corrupt(Cause::of(e)))?;
@@ -37,7 +37,51 @@ pub(super) async fn revoke_agent(
             Err(e) => return Err(e),
         }
     }
+    // …and every token it holds under another's task (exchanged for) is
+    // in its actor index, written by the same script as the lease.
+    for id in held_tokens(store, agent, req.at).await? {
+        revoked.extend(store.revoke_lease(&id, req).await?);
+    }
     Ok(revoked)
+}
+
+/// The unexpired tokens `agent` exchanged for, dropping the expired
+/// entries from its index on the way.
+async fn held_tokens(
+    store: &RedisStore,
+    agent: &SpiffeId,
+    now: Timestamp,
+) -> Result<Vec<LeaseId>, StoreError> {
+    let key = store.keys.actor_leases(agent.as_str());
+    let now = now.as_millis();
+    let (members,): (Vec<String>,) = store
+        .conn
+        .run_idempotent(|mut c| {
+            let key = key.clone();
+            async move {
+                redis::pipe()
+                    .atomic()
+                    .cmd("ZREMRANGEBYSCORE")
+                    .arg(&key)
+                    .arg("-inf")
+                    .arg(now)
+                    .ignore()
+                    .cmd("ZRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut c)
+                    .await
+            }
+        })
+        .await?;
+    members
+        .iter()
+        .map(|m| {
+            let lease = m.split(':').next().unwrap_or_default();
+            LeaseId::new(lease).map_err(|e| StoreError::Corrupt(Cause::of(e)))
+        })
+        .collect()
 }
 
 pub(super) async fn lock_agent(

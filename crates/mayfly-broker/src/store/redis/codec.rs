@@ -30,6 +30,9 @@ pub(super) fn script_status(reply: &str) -> Result<(), StoreError> {
         "CHANGED" => Err(StoreError::TaskChanged),
         "MISMATCH" => Err(StoreError::ApprovalMismatch),
         "LOCKED" => Err(StoreError::AgentLocked),
+        "BROKEN" => Err(StoreError::Corrupt(Cause::msg(
+            "a key the script writes holds another type: the store's keys were changed by hand",
+        ))),
         other => match other.strip_prefix("STATE:") {
             Some(state) => Err(StoreError::TaskNotActive(parse_task_state(state)?)),
             None => Err(StoreError::Corrupt(Cause::msg(format!(

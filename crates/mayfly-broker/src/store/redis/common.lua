@@ -49,12 +49,15 @@ end
 -- Whether a credential lease may be recorded now: 'OK', or why not. The
 -- task must exist, belong to the lease's agent, be active at `now`,
 -- outlive the lease, and still be at the context revision the decision
--- saw; the agent must not be locked (checked first, so a locked agent
--- hears why); the lease id must be new.
-local function issue_check(task_key, tlease_key, lease_key, lock_key, agent, now, expires, rev)
+-- saw; the agent, and the service holding an exchanged token, must not be
+-- locked (checked first, so a locked agent hears why); the lease id must be
+-- new.
+local function issue_check(task_key, tlease_key, lease_key, lock_key, holder_lock_key, agent,
+    now, expires, rev)
   local t = redis.call('HMGET', task_key, 'agent', 'exp', 'rev')
   if not t[1] or t[1] ~= agent then return 'NOTFOUND' end
   if locked(lock_key, now) then return 'LOCKED' end
+  if holder_lock_key ~= lock_key and locked(holder_lock_key, now) then return 'LOCKED' end
   local state = task_state(tlease_key, now)
   if state ~= 'active' then return 'STATE:' .. state end
   if tonumber(expires) > tonumber(t[2]) then return 'OUTLIVES' end
@@ -66,9 +69,16 @@ end
 -- Records a credential lease that passed issue_check: its hash, its
 -- entries in the task's set and the expiry index, and its task in the
 -- lease index (id -> task). The lease is found by agent through the
--- agent's tasks, and is purged with its task (it never outlives it).
-local function issue_write(lease_key, set_key, index_key, expiry_key, id, task, agent, expires,
-    keep_until, body, kind, member, serial)
+-- agent's tasks, and is purged with its task (it never outlives it). A token
+-- held by another than its owner (exchanged) is also found through its
+-- holder's actor index, whose entries past their expiry are dropped
+-- whenever it is written or read.
+local function issue_write(lease_key, set_key, index_key, expiry_key, actor_key, id, task, agent,
+    holder, now, expires, keep_until, body, kind, member, serial)
+  if holder ~= agent then
+    redis.call('ZREMRANGEBYSCORE', actor_key, '-inf', now)
+    redis.call('ZADD', actor_key, expires, id .. ':' .. task)
+  end
   if serial ~= '' then
     redis.call('HSET', lease_key, 'body', body, 'state', 'active', 'exp', expires,
       'kind', kind, 'agent', agent, 'serial', serial)

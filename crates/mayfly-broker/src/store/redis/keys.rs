@@ -45,6 +45,12 @@ impl Keys {
     pub(super) fn agent_leases(&self, a: &str) -> String {
         format!("{}:agent:{a}:leases", self.prefix)
     }
+    /// Tokens `a` exchanged for under other agents' tasks, as
+    /// `lease:task` scored by expiry (ms): what revoking or locking `a`
+    /// revokes besides its own tasks.
+    pub(super) fn actor_leases(&self, a: &str) -> String {
+        format!("{}:actor:{a}:leases", self.prefix)
+    }
     pub(super) fn expiry(&self) -> String {
         format!("{}:expiry", self.prefix)
     }

@@ -70,13 +70,8 @@ pub(super) async fn issue(
 ) -> Result<(), StoreError> {
     let (t, l) = (lease.task_id.as_str(), lease.id.as_str());
     let mut inv = store.scripts.issue.prepare_invoke();
-    inv.key(store.keys.task(t))
-        .key(store.keys.lease(t, t))
-        .key(store.keys.task_leases(t))
-        .key(store.keys.lease(t, l))
-        .key(store.keys.lease_tasks())
-        .key(store.keys.expiry())
-        .key(store.keys.lock(lease.agent.as_str()));
+    inv.key(store.keys.lease_tasks()).key(store.keys.expiry());
+    store.lease_keys(&mut inv, lease);
     store.lease_args(&mut inv, lease, now)?;
     let (reply, twice): (String, bool) = store.invoke_repeatable(&inv, Repeat::Safe).await?;
     match script_status(&reply) {

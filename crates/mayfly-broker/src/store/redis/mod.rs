@@ -178,6 +178,22 @@ impl RedisStore {
 
     /// The arguments `issue_check` and `issue_write` take for a lease
     /// (see `issue.lua`), appended to `inv`.
+    /// The keys a credential lease's issue checks and writes besides the
+    /// shared indexes: its task, task lease, the task's lease set, the
+    /// lease, the owner's lock, the holder's lock, and the holder's index
+    /// of tokens it exchanged for (written only when holder and owner
+    /// differ).
+    fn lease_keys(&self, inv: &mut redis::ScriptInvocation<'_>, lease: &Lease) {
+        let (t, l) = (lease.task_id.as_str(), lease.id.as_str());
+        inv.key(self.keys.task(t))
+            .key(self.keys.lease(t, t))
+            .key(self.keys.task_leases(t))
+            .key(self.keys.lease(t, l))
+            .key(self.keys.lock(lease.agent.as_str()))
+            .key(self.keys.lock(lease.holder().as_str()))
+            .key(self.keys.actor_leases(lease.holder().as_str()));
+    }
+
     fn lease_args(
         &self,
         inv: &mut redis::ScriptInvocation<'_>,
@@ -199,7 +215,8 @@ impl RedisStore {
             .arg(member(l, t, a))
             .arg(lease.serial().unwrap_or(""))
             .arg(lease.task_revision)
-            .arg(t);
+            .arg(t)
+            .arg(lease.holder().as_str());
         Ok(())
     }
 

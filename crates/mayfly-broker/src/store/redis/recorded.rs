@@ -167,12 +167,7 @@ impl WriteChained for IssueRecorded<'_> {
         }
         for (_, w) in leases {
             let lease = &w.lease;
-            let (t, l) = (lease.task_id.as_str(), lease.id.as_str());
-            inv.key(store.keys.task(t))
-                .key(store.keys.lease(t, t))
-                .key(store.keys.task_leases(t))
-                .key(store.keys.lease(t, l))
-                .key(store.keys.lock(lease.agent.as_str()));
+            store.lease_keys(&mut inv, lease);
             if let Err(e) = store.lease_args(&mut inv, lease, w.now) {
                 return Ok((Wrote::Nothing(Refusal::Unavailable(e)), false));
             }
