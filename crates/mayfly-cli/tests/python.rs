@@ -15,6 +15,7 @@
 
 mod pyenv;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
@@ -70,4 +71,61 @@ fn the_python_sdk_suite_passes() {
         "pytest, grpc, grpc_tools, google.protobuf, jwt, httpx, starlette, cryptography, uvicorn",
         Some("src"),
     );
+}
+
+#[test]
+fn a_python_without_venv_is_refused_with_the_package_to_install() {
+    // Debian's python3 without python3-venv: the venv module is there but
+    // its ensurepip is not, played here by a module that fails to import.
+    let real = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3 runs");
+    let real = String::from_utf8(real.stdout).unwrap();
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-without-venv");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::create_dir_all(root.join("lib/ensurepip")).unwrap();
+    std::fs::write(
+        root.join("lib/ensurepip/__init__.py"),
+        "raise ImportError(\"No module named 'ensurepip'\")\n",
+    )
+    .unwrap();
+    let wrapper = root.join("bin/python3");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nPYTHONPATH='{}' exec '{}' \"$@\"\n",
+            root.join("lib").display(),
+            real.trim()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let path = std::env::var("PATH").unwrap_or_default();
+    let out = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/pyenv.sh"))
+        .arg(root.join("env"))
+        .env("PATH", format!("{}:{path}", root.join("bin").display()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(out.stdout.is_empty(), "an interpreter was named: {stderr}");
+    let minor = Command::new(&wrapper)
+        .args(["-c", "import sys; print(sys.version_info[1])"])
+        .output()
+        .unwrap();
+    let package = format!(
+        "python3.{}-venv",
+        String::from_utf8_lossy(&minor.stdout).trim()
+    );
+    assert!(
+        stderr.contains("cannot make virtual environments")
+            && stderr.contains(&format!("apt-get install {package}")),
+        "{stderr}"
+    );
+    // Refused before anything was made.
+    assert!(!root.join("env/venv").exists());
 }
