@@ -1,15 +1,14 @@
-"""An agent that calls a tool of an MCP server with a Mayfly task token,
-one of two ways.
+"""An agent that calls an MCP server's tool with a Mayfly task token.
 
-With ``--task``, through the official MCP SDK's own OAuth flow end to
-end: the SDK's client meets the server's 401, reads its RFC 9728
-metadata, finds Mayfly's RFC 8414 metadata, and asks the token endpoint
-it names for a token for the server (RFC 8707 ``resource``).
-``MayflyTaskAuth`` only says what Mayfly needs beyond a stock
-client-credentials request: the task the token is for (``task_id``), the
-agent's X.509-SVID as client authentication (``tls_client_auth``,
-presented by the HTTP client), and a bearer token, which an MCP client
-can hand on.
+It gets the token one of two ways. With ``--task``, through the official
+MCP SDK's own OAuth flow end to end: the SDK's client meets the server's
+401, reads its RFC 9728 metadata, finds Mayfly's RFC 8414 metadata, and
+asks the token endpoint it names for a token for the server (RFC 8707
+``resource``). ``MayflyTaskAuth`` only says what Mayfly needs beyond a
+stock client-credentials request: the task the token is for
+(``task_id``), the agent's X.509-SVID as client authentication
+(``tls_client_auth``, presented by the HTTP client), and a bearer token,
+which an MCP client can hand on.
 
     TASK=$(mayfly --json task start --intent "summarise ticket 42" \\
         --audience http://127.0.0.1:8790/mcp --scope read:tickets | jq -r .task_id)
