@@ -1,10 +1,11 @@
-"""An agent that finds Mayfly through an MCP server and calls its tool.
+"""An agent that calls an MCP server's tool with a Mayfly task token.
 
-It uses the official MCP SDK end to end: the SDK's client meets the
-server's 401, reads its RFC 9728 metadata, finds Mayfly's RFC 8414
-metadata, and asks the token endpoint it names for a token for the server
-(RFC 8707 ``resource``). ``MayflyTaskAuth`` only says what Mayfly needs
-beyond a stock client-credentials request: the task the token is for
+It gets the token one of two ways. With ``--task``, through the official
+MCP SDK's own OAuth flow end to end: the SDK's client meets the server's
+401, reads its RFC 9728 metadata, finds Mayfly's RFC 8414 metadata, and
+asks the token endpoint it names for a token for the server (RFC 8707
+``resource``). ``MayflyTaskAuth`` only says what Mayfly needs beyond a
+stock client-credentials request: the task the token is for
 (``task_id``), the agent's X.509-SVID as client authentication
 (``tls_client_auth``, presented by the HTTP client), and a bearer token,
 which an MCP client can hand on.
@@ -15,21 +16,31 @@ which an MCP client can hand on.
         --task $TASK --ca .mayfly-dev/bundle.pem \\
         --cert .mayfly-dev/identities/agent-demo/svid.pem \\
         --key .mayfly-dev/identities/agent-demo/svid.key
+
+Without it, with the Mayfly SDK: the agent opens a task of its own, takes
+a token for the server and calls the tool with it; leaving the task block
+completes the task, which revokes the token.
+
+    python agent.py --server http://127.0.0.1:8790/mcp   # where .mayfly-dev is
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ssl
 from typing import Any
 
-import anyio
 import httpx2
+import mayfly
 from cryptography import x509
 from mcp.client.auth.extensions.client_credentials import ClientCredentialsOAuthProvider
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
+
+#: What the agent asks for: the server's one tool needs it.
+SCOPE = "read:tickets"
 
 
 class MemoryStorage:
@@ -91,13 +102,10 @@ class MayflyTaskAuth(ClientCredentialsOAuthProvider):
         return httpx2.Request("POST", self._get_token_endpoint(), data=data)
 
 
-async def call_tool(
-    server: str, issuer: str, task_id: str, tls: ssl.SSLContext, agent: str, ticket: int
-) -> str:
-    """Calls ``summarise_ticket`` on ``server`` under ``task_id``."""
-    auth = MayflyTaskAuth(server, issuer, task_id, agent, "read:tickets")
+async def summarise_ticket(http: httpx2.AsyncClient, server: str, ticket: int) -> str:
+    """Calls ``summarise_ticket`` on ``server`` through ``http``, which
+    carries the token (or knows how to get one)."""
     async with (
-        httpx2.AsyncClient(verify=tls, auth=auth, timeout=10.0) as http,
         streamable_http_client(server, http_client=http) as (read, write),
         ClientSession(read, write) as session,
     ):
@@ -109,22 +117,56 @@ async def call_tool(
         return "\n".join(texts)
 
 
+async def call_tool(
+    server: str, issuer: str, task_id: str, tls: ssl.SSLContext, agent: str, ticket: int
+) -> str:
+    """The tool's answer under ``task_id``, the token got by the MCP SDK's
+    OAuth flow."""
+    auth = MayflyTaskAuth(server, issuer, task_id, agent, SCOPE)
+    async with httpx2.AsyncClient(verify=tls, auth=auth, timeout=10.0) as http:
+        return await summarise_ticket(http, server, ticket)
+
+
+async def call_tool_in_task(server: str, ticket: int, profile: str | None = None) -> str:
+    """The tool's answer under a task the agent opens with the Mayfly SDK
+    (its broker and SVID from ``profile``, by default ``./.mayfly-dev``)
+    and completes on the way out."""
+    async with (
+        mayfly.connect(profile=profile) as broker,
+        broker.task(f"summarise ticket {ticket}", audiences=[server], scopes=[SCOPE]) as task,
+    ):
+        # Bound to nothing: the MCP transport is plain HTTP here, so the
+        # server could not see the agent's certificate.
+        token = await task.token(server, [SCOPE], bind=False)
+        headers = {"Authorization": token.authorization}
+        async with httpx2.AsyncClient(headers=headers, timeout=10.0) as http:
+            return await summarise_ticket(http, server, ticket)
+
+
 def main() -> None:
     """One tool call."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--server", required=True, help="the MCP server's URL")
-    p.add_argument("--issuer", required=True, help="the Mayfly issuer to trust")
-    p.add_argument("--task", required=True, help="the task the token is for")
-    p.add_argument("--ca", required=True, help="PEM bundle the broker's certificate chains to")
-    p.add_argument("--cert", required=True, help="the agent's X.509-SVID")
-    p.add_argument("--key", required=True, help="its key")
     p.add_argument("--ticket", type=int, default=42)
+    p.add_argument("--profile", help="without --task: a `mayfly dev init` directory")
+    oauth = p.add_argument_group("the MCP SDK's OAuth flow, for a task opened elsewhere")
+    oauth.add_argument("--task", help="the task the token is for")
+    oauth.add_argument("--issuer", help="the Mayfly issuer to trust")
+    oauth.add_argument("--ca", help="PEM bundle the broker's certificate chains to")
+    oauth.add_argument("--cert", help="the agent's X.509-SVID")
+    oauth.add_argument("--key", help="its key")
     args = p.parse_args()
+    if args.task is None:
+        print(asyncio.run(call_tool_in_task(args.server, args.ticket, args.profile)))
+        return
+    missing = [f"--{n}" for n in ("issuer", "ca", "cert", "key") if getattr(args, n) is None]
+    if missing:
+        p.error(f"--task needs {' '.join(missing)}")
     tls = ssl.create_default_context(cafile=args.ca)
     tls.load_cert_chain(args.cert, args.key)
     with open(args.cert, "rb") as f:
         agent = spiffe_id(f.read())
-    print(anyio.run(call_tool, args.server, args.issuer, args.task, tls, agent, args.ticket))
+    print(asyncio.run(call_tool(args.server, args.issuer, args.task, tls, agent, args.ticket)))
 
 
 if __name__ == "__main__":

@@ -3,29 +3,41 @@
 It is an OAuth 2.0 resource server as the MCP authorization spec asks: its
 RFC 9728 metadata names Mayfly as the authorization server, and a request
 without a valid token is answered 401 with ``resource_metadata``, both done
-by the MCP SDK from ``AuthSettings``. The token check is Mayfly's
-(``MayflyVerifier``): the signature against the broker's JWKS with PyJWT,
-``typ``, ``iss``, this server's ``aud``, the time claims, and then the
-broker's own word that the lease is still active (RFC 7662 introspection
-over mTLS), so a token revoked a moment ago is refused.
+by the MCP SDK from ``AuthSettings``. It checks tokens one of two ways,
+each refusing a token revoked a moment ago:
+
+- by default with stock parts only (``IntrospectingVerifier``): the
+  signature against the broker's JWKS with PyJWT, ``typ``, ``iss``, this
+  server's ``aud``, the time claims, and then the broker's own word that
+  the lease is still active (RFC 7662 introspection over mTLS) on every
+  call;
+- with ``--feed`` (the broker's gRPC URL), with the Mayfly SDK's
+  ``Verifier`` (``FeedVerifier``): the same checks, with revocations
+  learnt from the revocation feed this server follows, so no call waits
+  for the broker.
+
+Either way the server authenticates to the broker with its own SVID.
 
     python server.py --issuer https://localhost:8711 --resource http://127.0.0.1:8790/mcp \\
-        --ca .mayfly-dev/bundle.pem --cert SVID.pem --key SVID.key
+        --ca .mayfly-dev/bundle.pem --cert SVID.pem --key SVID.key [--feed https://localhost:8710]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import ssl
+from pathlib import Path
 from typing import Any
 
-import anyio.to_thread
 import httpx
 import jwt
+import mayfly
 import uvicorn
 from mcp.server import MCPServer
 from mcp.server.auth.middleware.auth_context import get_access_token
-from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.provider import AccessToken, TokenVerifier
 from mcp.server.auth.settings import AuthSettings
 
 #: What the tools need.
@@ -34,9 +46,9 @@ SCOPE = "read:tickets"
 ALGORITHMS = ["ES256", "EdDSA"]
 
 
-class MayflyVerifier:
-    """Checks Mayfly access tokens for one resource (the MCP SDK's
-    ``TokenVerifier``)."""
+class IntrospectingVerifier:
+    """Checks Mayfly access tokens for one resource with PyJWT and the
+    broker's introspection endpoint (the MCP SDK's ``TokenVerifier``)."""
 
     def __init__(self, issuer: str, resource: str, tls: ssl.SSLContext) -> None:
         self._issuer = issuer.rstrip("/")
@@ -51,7 +63,7 @@ class MayflyVerifier:
             if jwt.get_unverified_header(token).get("typ") != "at+jwt":
                 return None
             # The JWKS fetch (cached by PyJWT) may block: off the event loop.
-            key = await anyio.to_thread.run_sync(self._jwks.get_signing_key_from_jwt, token)
+            key = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)
             claims: dict[str, Any] = jwt.decode(
                 token,
                 key,
@@ -89,11 +101,36 @@ class MayflyVerifier:
         return r.status_code == 200 and r.json().get("active") is True
 
 
-def build(issuer: str, resource: str, tls: ssl.SSLContext) -> MCPServer:
+class FeedVerifier:
+    """Checks Mayfly access tokens with the Mayfly SDK's ``Verifier``,
+    which follows the revocation feed (the MCP SDK's ``TokenVerifier``)."""
+
+    def __init__(self, verifier: mayfly.Verifier) -> None:
+        self._verifier = verifier
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        """The token's access, or ``None`` to refuse it. Over plain HTTP no
+        client certificate is seen, so a certificate-bound token is refused
+        (``certificate_required``), never taken as a bearer token."""
+        result = await self._verifier.averify(token)
+        if isinstance(result, mayfly.VerifyError):
+            return None
+        return AccessToken(
+            token=token,
+            client_id=result.agent,
+            scopes=result.scopes,
+            expires_at=result.expires_at,
+            resource=result.audience,
+            subject=result.agent,
+            claims=result.claims,
+        )
+
+
+def build(issuer: str, resource: str, verifier: TokenVerifier) -> MCPServer:
     """The server, its one tool needing ``read:tickets``."""
     server = MCPServer(
         "mayfly-tickets",
-        token_verifier=MayflyVerifier(issuer, resource, tls),
+        token_verifier=verifier,
         # Validated from strings, so the issuer keeps its exact form (no
         # trailing slash): clients compare issuers as strings (RFC 8414).
         auth=AuthSettings.model_validate(
@@ -101,7 +138,7 @@ def build(issuer: str, resource: str, tls: ssl.SSLContext) -> MCPServer:
                 "issuer_url": issuer,
                 "resource_server_url": resource,
                 "required_scopes": [SCOPE],
-                # The verifier checks `aud` itself (PyJWT's audience check).
+                # Both verifiers check `aud` themselves.
                 "validate_token_resource": False,
             }
         ),
@@ -133,12 +170,27 @@ def main() -> None:
     p.add_argument("--issuer", required=True, help="the broker's issuer URL")
     p.add_argument("--resource", required=True, help="this server's URL: the tokens' audience")
     p.add_argument("--ca", required=True, help="PEM bundle the broker's certificate chains to")
-    p.add_argument("--cert", required=True, help="this server's X.509-SVID (introspection)")
+    p.add_argument("--cert", required=True, help="this server's X.509-SVID, shown to the broker")
     p.add_argument("--key", required=True, help="its key")
+    p.add_argument(
+        "--feed", metavar="URL", help="the broker's gRPC URL: follow its revocation feed"
+    )
     p.add_argument("--port", type=int, default=8790)
     args = p.parse_args()
-    server = build(args.issuer, args.resource, tls_context(args.ca, args.cert, args.key))
-    uvicorn.run(server.streamable_http_app(), host="127.0.0.1", port=args.port, log_level="warning")
+    with contextlib.ExitStack() as stack:
+        verifier: TokenVerifier
+        if args.feed:
+            ca, cert, key = (Path(f).read_bytes() for f in (args.ca, args.cert, args.key))
+            feed = mayfly.FeedConfig(args.feed, ca_pem=ca, cert_pem=cert, key_pem=key)
+            sdk = mayfly.Verifier(issuer=args.issuer, audience=args.resource, ca=ca, feed=feed)
+            verifier = FeedVerifier(stack.enter_context(sdk))
+        else:
+            tls = tls_context(args.ca, args.cert, args.key)
+            verifier = IntrospectingVerifier(args.issuer, args.resource, tls)
+        server = build(args.issuer, args.resource, verifier)
+        uvicorn.run(
+            server.streamable_http_app(), host="127.0.0.1", port=args.port, log_level="warning"
+        )
 
 
 if __name__ == "__main__":

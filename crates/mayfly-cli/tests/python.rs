@@ -1,35 +1,41 @@
 //! The Python suites, run by `cargo test` so the one test command runs
 //! them too. Each starts this build's `mayfly` as the broker:
-//! - the MCP example's (`examples/mcp-server/tests`), driving it with stock
-//!   Python clients (httpx, PyJWT, the official MCP SDK);
+//! - the MCP example's (`examples/mcp-server/tests`): its server checking
+//!   tokens by introspection and by following the revocation feed, driven
+//!   by stock Python clients (httpx, PyJWT, the official MCP SDK's OAuth
+//!   flow) and by the agent opening its own task with the SDK;
 //! - the Python SDK's (`sdk/python/tests`), agent and validator sides, run
 //!   on the working tree's `sdk/python/src`.
 //!
-//! They need an interpreter with `examples/mcp-server/requirements.txt`,
-//! `sdk/python/requirements-dev.txt` and the SDK's dependencies installed
-//! (`pip install ./sdk/python`): `python3`, or the one `MAYFLY_PYTHON`
-//! names (CI makes a virtual environment and sets it).
+//! They run in the Python test environment (`pyenv`): a virtual
+//! environment under the target directory, made on first use from the
+//! locked requirements, or the interpreter `MAYFLY_PYTHON` names.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod pyenv;
+
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
 /// Runs pytest in `dir` (relative to the repository) after checking that
 /// `modules` import; `pythonpath` is put first on the module path.
-fn pytest(dir: &str, modules: &str, requirements: &str, pythonpath: Option<&str>) {
-    let python = std::env::var("MAYFLY_PYTHON").unwrap_or_else(|_| "python3".into());
+fn pytest(dir: &str, modules: &str, pythonpath: Option<&str>) {
+    let python = pyenv::python();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
         .join(dir);
     let probe = Command::new(&python)
         .args(["-c", &format!("import {modules}")])
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    // The environment has them all; an interpreter from MAYFLY_PYTHON may not.
     assert!(
         probe.status.success(),
-        "the Python suites need their packages: {python} -m pip install {requirements} (or set \
-         MAYFLY_PYTHON to an interpreter that has them)\n{}",
+        "{} lacks packages the Python suites need: unset MAYFLY_PYTHON to use the test \
+         environment, or install sdk/python/requirements-dev.lock and ./sdk/python in it\n{}",
+        python.display(),
         String::from_utf8_lossy(&probe.stderr)
     );
     let mut cmd = Command::new(&python);
@@ -53,8 +59,7 @@ fn pytest(dir: &str, modules: &str, requirements: &str, pythonpath: Option<&str>
 fn the_mcp_example_suite_passes() {
     pytest(
         "examples/mcp-server",
-        "pytest, mcp, jwt, httpx, uvicorn",
-        "-r examples/mcp-server/requirements.txt",
+        "pytest, mayfly, mcp, httpx2, jwt, httpx, uvicorn, cryptography",
         None,
     );
 }
@@ -63,8 +68,64 @@ fn the_mcp_example_suite_passes() {
 fn the_python_sdk_suite_passes() {
     pytest(
         "sdk/python",
-        "pytest, grpc, grpc_tools, google.protobuf, jwt, httpx, starlette, cryptography, mcp, uvicorn",
-        "./sdk/python -r sdk/python/requirements-dev.txt",
+        "pytest, grpc, grpc_tools, google.protobuf, jwt, httpx, starlette, cryptography, uvicorn",
         Some("src"),
     );
+}
+
+#[test]
+fn a_python_without_venv_is_refused_with_the_package_to_install() {
+    // Debian's python3 without python3-venv: the venv module is there but
+    // its ensurepip is not, played here by a module that fails to import.
+    let real = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3 runs");
+    let real = String::from_utf8(real.stdout).unwrap();
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-without-venv");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::create_dir_all(root.join("lib/ensurepip")).unwrap();
+    std::fs::write(
+        root.join("lib/ensurepip/__init__.py"),
+        "raise ImportError(\"No module named 'ensurepip'\")\n",
+    )
+    .unwrap();
+    let wrapper = root.join("bin/python3");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nPYTHONPATH='{}' exec '{}' \"$@\"\n",
+            root.join("lib").display(),
+            real.trim()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let path = std::env::var("PATH").unwrap_or_default();
+    let out = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/pyenv.sh"))
+        .arg(root.join("env"))
+        .env("PATH", format!("{}:{path}", root.join("bin").display()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(out.stdout.is_empty(), "an interpreter was named: {stderr}");
+    let minor = Command::new(&wrapper)
+        .args(["-c", "import sys; print(sys.version_info[1])"])
+        .output()
+        .unwrap();
+    let package = format!(
+        "python3.{}-venv",
+        String::from_utf8_lossy(&minor.stdout).trim()
+    );
+    assert!(
+        stderr.contains("cannot make virtual environments")
+            && stderr.contains(&format!("apt-get install {package}")),
+        "{stderr}"
+    );
+    // Refused before anything was made.
+    assert!(!root.join("env/venv").exists());
 }

@@ -1,6 +1,7 @@
 """Fixtures: a real broker from this repository's `mayfly` binary (a fresh
 `mayfly dev init` profile on free ports) and the example MCP server in
-front of it, each a process of its own."""
+front of it, checking tokens either way it can (by introspection, or
+following the revocation feed), each a process of its own."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -57,8 +59,11 @@ class Broker:
 
     profile: Path
     issuer: str
+    grpc_url: str
+    # The MCP servers' URLs (the tokens' audiences): checking by
+    # introspection, and following the feed.
     resource: str
-    mcp_port: int
+    feed_resource: str
 
     @property
     def ca(self) -> str:
@@ -93,8 +98,9 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     subprocess.run(
         [mayfly_bin(), "dev", "identity", "--dir", str(profile), MCP_SERVER_ID], check=True
     )
-    grpc, http, mcp_port = free_port(), free_port(), free_port()
-    resource = f"http://127.0.0.1:{mcp_port}/mcp"
+    grpc, http = free_port(), free_port()
+    resource = f"http://127.0.0.1:{free_port()}/mcp"
+    feed_resource = f"http://127.0.0.1:{free_port()}/mcp"
     config = profile / "mayfly.toml"
     text = (
         config.read_text()
@@ -108,17 +114,20 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     (profile / "profile.toml").write_text(
         (profile / "profile.toml").read_text().replace("localhost:8710", f"localhost:{grpc}")
     )
-    # The dev agent may work with the MCP server, read-only.
+    # The dev agent may work with the MCP servers, read-only.
     (profile / "policies" / "mcp.cedar").write_text(
-        f"""
-@id("mcp-tickets")
+        "".join(
+            f"""
+@id("mcp-tickets-{i}")
 permit (
   principal in Mayfly::Path::"spiffe://{TRUST_DOMAIN}/agent",
   action in [Mayfly::Action::"start_task", Mayfly::Action::"issue_token"],
-  resource == Mayfly::Audience::"{resource}"
+  resource == Mayfly::Audience::"{url}"
 )
 when {{ ["read"].containsAll(context.scope_prefixes) }};
 """
+            for i, url in enumerate([resource, feed_resource])
+        )
     )
     log = (profile / "broker.log").open("wb")
     proc = subprocess.Popen(
@@ -126,16 +135,25 @@ when {{ ["read"].containsAll(context.scope_prefixes) }};
     )
     try:
         wait_for_port(http, proc, "the broker")
-        yield Broker(profile, f"https://localhost:{http}", resource, mcp_port)
+        yield Broker(
+            profile,
+            f"https://localhost:{http}",
+            f"https://localhost:{grpc}",
+            resource,
+            feed_resource,
+        )
     finally:
         proc.terminate()
         proc.wait(timeout=10)
         log.close()
 
 
-@pytest.fixture(scope="session")
-def mcp_server(broker: Broker) -> Iterator[str]:
+def serve_mcp(broker: Broker, resource: str, *extra: str) -> Iterator[str]:
+    """The example MCP server at `resource`, with `extra` arguments,
+    introspecting or following the feed with its own SVID."""
     cert, key = broker.identity("api-mcp")
+    port = urlsplit(resource).port
+    assert port is not None
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -143,7 +161,7 @@ def mcp_server(broker: Broker) -> Iterator[str]:
             "--issuer",
             broker.issuer,
             "--resource",
-            broker.resource,
+            resource,
             "--ca",
             broker.ca,
             "--cert",
@@ -151,15 +169,28 @@ def mcp_server(broker: Broker) -> Iterator[str]:
             "--key",
             key,
             "--port",
-            str(broker.mcp_port),
+            str(port),
+            *extra,
         ]
     )
     try:
-        wait_for_port(broker.mcp_port, proc, "the MCP server")
-        yield broker.resource
+        wait_for_port(port, proc, "the MCP server")
+        yield resource
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def mcp_server(broker: Broker) -> Iterator[str]:
+    """The server checking tokens with PyJWT and introspection."""
+    yield from serve_mcp(broker, broker.resource)
+
+
+@pytest.fixture(scope="session")
+def feed_server(broker: Broker) -> Iterator[str]:
+    """The server checking tokens with the SDK's Verifier and the feed."""
+    yield from serve_mcp(broker, broker.feed_resource, "--feed", broker.grpc_url)
 
 
 @pytest.fixture

@@ -5,11 +5,11 @@ through an MCP server and calling a tool."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 from typing import Any
 
-import anyio
 import httpx
 import jwt
 import pytest
@@ -131,8 +131,8 @@ def test_the_mcp_sdk_finds_mayfly_and_calls_a_tool(
     cert, _ = broker.identity("agent-demo")
     with open(cert, "rb") as f:
         agent = spiffe_id(f.read())
-    text = anyio.run(
-        call_tool, mcp_server, broker.issuer, task, broker.tls("agent-demo"), agent, 42
+    text = asyncio.run(
+        call_tool(mcp_server, broker.issuer, task, broker.tls("agent-demo"), agent, 42)
     )
     assert text == f"ticket 42: printer on fire (for task {task}, agent {AGENT})"
 
