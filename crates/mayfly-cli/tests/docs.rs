@@ -261,6 +261,18 @@ fn wildcards_match_ids_and_lines() {
 }
 
 #[test]
+fn errors_show_beside_output_and_the_status_carries_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("status.md");
+    std::fs::write(
+        &doc,
+        "```console\n$ sh -c 'echo out; echo err >&2; exit 3'\nout\nerr\n$ echo $?\n3\n```\n",
+    )
+    .unwrap();
+    walk(&doc, &std::env::var("PATH").unwrap(), &[]).unwrap();
+}
+
+#[test]
 fn a_process_left_running_is_caught_and_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let doc = dir.path().join("leak.md");
