@@ -335,7 +335,8 @@ fn dev_policies(td: &TrustDomain) -> String {
 fn dev_config(td: &TrustDomain) -> String {
     format!(
         r#"# Mayfly broker configuration written by `mayfly dev init`.
-# Relative paths are relative to this file. See the README for every key.
+# Relative paths are relative to this file. docs/guides/configuration.md
+# has every key.
 
 trust_domain = "{td}"
 # The `iss` of every token; validators fetch {{issuer}}/.well-known/jwks.json.

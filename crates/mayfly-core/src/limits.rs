@@ -1,7 +1,8 @@
 //! Every bound on what a caller may send, in one place. The edge (gRPC
 //! conversions, the HTTP handlers, the server's codec and connection
 //! settings) checks these before anything is decided or written; the
-//! README's "Limits" table lists the same values ([`ALL`], tested).
+//! "Limits" table of `docs/guides/api.md` lists the same values ([`ALL`],
+//! tested).
 
 use std::time::Duration;
 
@@ -59,13 +60,13 @@ pub const MAX_STREAMS: u32 = 128;
 /// One bound, for the documentation.
 #[derive(Debug, Clone, Copy)]
 pub struct Limit {
-    /// What it bounds, as the README's table names it.
+    /// What it bounds, as the API guide's table names it.
     pub what: &'static str,
-    /// The bound, as the README's table shows it.
+    /// The bound, as the API guide's table shows it.
     pub value: &'static str,
 }
 
-/// Every bound above, as the README's "Limits" table lists it.
+/// Every bound above, as the API guide's "Limits" table lists it.
 pub const ALL: &[Limit] = &[
     Limit {
         what: "`intent`",
@@ -185,13 +186,16 @@ mod tests {
         assert_eq!(ALL.len(), 21);
     }
 
-    /// The README lists every bound with its value.
+    /// The API guide lists every bound with its value.
     #[test]
-    fn the_readme_lists_every_bound() {
-        let readme = include_str!("../../../README.md");
+    fn the_api_guide_lists_every_bound() {
+        let guide = include_str!("../../../docs/guides/api.md");
         for l in ALL {
             let row = format!("| {} | {} |", l.what, l.value);
-            assert!(readme.contains(&row), "README lacks the row {row:?}");
+            assert!(
+                guide.contains(&row),
+                "docs/guides/api.md lacks the row {row:?}"
+            );
         }
     }
 }
