@@ -1,6 +1,8 @@
-//! The `mayfly` binary as a user runs it, against a real broker: the README
-//! walkthrough, the token validated by a stock JWT library against the JWKS
-//! URL, operator commands, errors as one line, and `dev init` file modes.
+//! The `mayfly` binary as a user runs it, against a real broker: a task's
+//! life from start to completion, the token validated by a stock JWT
+//! library against the JWKS URL, operator commands, errors as one line,
+//! and `dev init` file modes. (The README and the guides themselves are
+//! run by `tests/docs.rs`.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
