@@ -1,9 +1,10 @@
 //! A connection flood that renews itself cannot starve admission: 4,000
-//! idle TLS connections per port, from 80 source addresses, each closed by
-//! the broker renewed at once, for a minute, on both ports at the same
-//! time. Throughout, an agent gets a connection, a task and a token, and a
-//! validator gets JWKS, each within a second, every time; the flood's
-//! connections are evicted (and counted), never the newcomers.
+//! idle TLS connections per port from 80 source addresses, each reopened
+//! as soon as the broker closes it, for a minute, on both ports at once.
+//! Throughout, an agent gets a connection, a task and a token, and a
+//! validator gets JWKS (then the CRL and the discovery document), each
+//! within a second, every time; the flood's connections are evicted (and
+//! counted), never the newcomers.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,13 +27,13 @@ const HOLDERS: usize = 4000;
 /// 127/8 to the loopback interface). Fifty holders each: under the
 /// per-source cap, as a careful attacker would stay.
 const SOURCES: usize = 80;
-/// The broker's unauthenticated pool per port: the flood is thirty times
-/// its size.
-const POOL: usize = 128;
+/// The broker's unauthenticated pool per port: the flood is sixty times
+/// its size, and renews it well within the unauthenticated idle timeout.
+const POOL: usize = 64;
 /// New connections per second per port while the flood opens its first
 /// [`HOLDERS`] (before the tries begin)...
 const RAMP_PER_SECOND: usize = 200;
-/// ...and then while it renews them: the whole pool every nine seconds
+/// ...and then while it renews them: the whole pool every four seconds
 /// or so, few enough to leave the machine's cores (and file descriptors)
 /// to the rest of the test run.
 const RENEWALS_PER_SECOND: usize = 15;
@@ -240,6 +241,16 @@ async fn a_renewed_connection_flood_on_both_ports_starves_no_agent_and_no_valida
             .await;
             assert_eq!(status, 200, "try {n}: JWKS answered {status}: {body}");
             assert!(body.contains("\"keys\""), "try {n}: {body}");
+            // What else validators fetch anonymously, each on a new
+            // connection.
+            for path in ["/crl", "/.well-known/oauth-authorization-server"] {
+                let (status, _) = https_get(
+                    &format!("{}{path}", broker.http_url()),
+                    &broker.bundle_pem(),
+                )
+                .await;
+                assert_eq!(status, 200, "try {n}: {path} answered {status}");
+            }
             t.elapsed()
         };
         let within = BAR * 10;
@@ -260,7 +271,7 @@ async fn a_renewed_connection_flood_on_both_ports_starves_no_agent_and_no_valida
         );
         assert!(
             validator < BAR,
-            "try {n}: JWKS was served in {validator:?}, over {BAR:?}"
+            "try {n}: JWKS, the CRL and discovery were served in {validator:?}, over {BAR:?}"
         );
     }
     let after = scrape(&broker).await;

@@ -23,7 +23,7 @@
 //!   connection is authenticated; `source_limit`).
 //! - `mayfly_connections_evicted_total{port,reason}`: unauthenticated
 //!   connections closed to make room for a newcomer, by what they were
-//!   doing (`idle`, `handshake`, `in_flight`).
+//!   doing (`idle`, `opening`, `in_flight`).
 //! - `mayfly_connections_closed_total{port,reason}`: connections the broker
 //!   closed (`idle`, `handshake_timeout`, `handshake_failed`).
 
@@ -179,7 +179,7 @@ impl Metrics {
         let connections_evicted = Family::<ConnReasonLabels, Counter>::default();
         registry.register(
             "connections_evicted",
-            "Unauthenticated connections closed to make room for a newcomer, by port and what they were doing (idle, handshake, in_flight)",
+            "Unauthenticated connections closed to make room for a newcomer, by port and what they were doing (idle, opening, in_flight)",
             connections_evicted.clone(),
         );
         Self {
