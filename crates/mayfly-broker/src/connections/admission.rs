@@ -152,6 +152,10 @@ impl Pool {
     /// (counting the newcomer), the longest idle of those, else the
     /// oldest opening, else the oldest with a request in flight.
     fn victim(&self, newcomer: IpAddr, now: Instant) -> Option<(u64, Eviction)> {
+        // A scan of at most `max_unauthenticated` entries, only when the
+        // pool is full: cheaper than the TLS handshake each admission
+        // leads to, and with nothing to keep in order as connections
+        // change state.
         self.anonymous
             .iter()
             .map(|(id, e)| {
