@@ -22,7 +22,8 @@ use crate::common::*;
 /// The attacker's address: another loopback address than the agents'.
 const ATTACKER: &str = "127.0.0.2";
 
-fn tls_client(broker: &TestBroker, alpn: &[u8]) -> tokio_rustls::TlsConnector {
+/// A TLS client of `broker` offering `alpn`, without a client certificate.
+pub(crate) fn tls_client(broker: &TestBroker, alpn: &[u8]) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(&broker.bundle_pem()) {
         roots.add(c.unwrap()).unwrap();

@@ -16,6 +16,7 @@ mod delegation;
 mod durability;
 mod federation;
 mod feed;
+mod flood;
 mod health;
 mod http;
 mod keys;

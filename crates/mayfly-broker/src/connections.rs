@@ -3,18 +3,39 @@
 //! served by hyper with bounded headers, an idle timeout, and a graceful
 //! close (HTTP/2 GOAWAY) on idle or shutdown.
 //!
-//! Admission ([`Gate`]) counts three things per port: every open
-//! connection (`max`), the unauthenticated ones (`max_unauthenticated`),
-//! and the unauthenticated ones of each source address
-//! (`max_unauthenticated_per_source`). A connection is unauthenticated
+//! Admission ([`Gate`], in `admission.rs`) counts three things per port:
+//! every open connection (`max`), the unauthenticated ones
+//! (`max_unauthenticated`), and the unauthenticated ones of each source
+//! (`max_unauthenticated_per_source`; a source is an IPv4 address, an
+//! IPv4-mapped IPv6 address counting as its IPv4 address, or an IPv6
+//! prefix of `ipv6_source_prefix` bits). A connection is unauthenticated
 //! from accept until its handshake yields a valid client SVID, or until a
 //! request on it is the first to prove a caller by a workload token
-//! ([`PeerInfo::token_outcome`]); then it leaves the last two
-//! counts. So whatever an anonymous client does, it
-//! holds at most its per-source share of the unauthenticated slots, and
-//! `max - max_unauthenticated` slots are always left for agents and
-//! operators. A connection over a cap is closed at once, before any TLS
-//! work, and counted on `/metrics`.
+//! ([`PeerInfo::token_outcome`]); then it leaves the last two counts and
+//! can no longer be evicted.
+//!
+//! A source at its own cap is refused at accept, before any TLS work. A
+//! newcomer that finds the unauthenticated pool (or the port) full is not
+//! refused: one unauthenticated connection is evicted (closed at once) to
+//! make room, chosen from the source that would hold the most of them
+//! counting the newcomer; of that source's connections, the longest idle
+//! (handshake done, nothing in flight) goes first, then the oldest still
+//! in its handshake, then the oldest with a request in flight. Only when
+//! every open connection is authenticated (`max` of them) is a newcomer
+//! refused. Refusals and evictions are counted on `/metrics`.
+//!
+//! Why an agent (or a validator fetching JWKS) always gets through: its
+//! connection is admitted at once, evicting another. It can itself be
+//! evicted, before its handshake or first request completes, only while
+//! its source holds at least as many unauthenticated connections as every
+//! other source; a flood from fewer than `max_unauthenticated` sources
+//! (IPv6 counted by prefix) always leaves a source holding more than one,
+//! which pays first. From more sources than that, the flood still has to
+//! evict everything older first: the idle connections, then every
+//! handshake that began before the agent's, so a handshake lasting `d`
+//! survives unless `max_unauthenticated` connections are opened within `d`.
+//! Once authenticated it leaves the pool, and `max - max_unauthenticated`
+//! places are kept for authenticated callers.
 //!
 //! A connection on which [`MAX_REFUSED_TOKENS`] workload tokens were
 //! refused is closed, as one whose client only guesses.
@@ -25,13 +46,12 @@
 //! is unauthenticated) it is closed gracefully. HTTP/2 keepalive
 //! pings find peers that vanished without closing.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -39,18 +59,19 @@ use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use mayfly_core::limits::{MAX_HEADER_BYTES, MAX_STREAMS};
-use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tonic::codegen::http::{Request, Response};
 
-use crate::config::Connections as Limits;
 use crate::identity::Authenticator;
-use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+
+mod admission;
+
+pub use admission::Gate;
+use admission::Slot;
 
 /// What the accept loop learned about a connection; each port's service
 /// gets it (in every request's extensions, on both ports).
@@ -154,140 +175,6 @@ impl Port {
     }
 }
 
-/// Which cap a connection met at accept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refusal {
-    /// `max` connections are open.
-    Connections,
-    /// `max_unauthenticated` connections are unauthenticated.
-    Unauthenticated,
-    /// This source has `max_unauthenticated_per_source` of them.
-    Source,
-}
-
-impl Refusal {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Connections => "connection_limit",
-            Self::Unauthenticated => "unauthenticated_limit",
-            Self::Source => "source_limit",
-        }
-    }
-}
-
-/// Admission for one port (see the module docs).
-#[derive(Debug)]
-pub struct Gate {
-    port: Port,
-    limits: Limits,
-    /// One permit per open connection.
-    open: Arc<Semaphore>,
-    /// One permit per unauthenticated connection.
-    unauthenticated: Arc<Semaphore>,
-    /// Unauthenticated connections per source address.
-    sources: Mutex<HashMap<IpAddr, usize>>,
-    /// Open connections, by state.
-    authenticated_gauge: Gauge,
-    unauthenticated_gauge: Gauge,
-    metrics: Arc<Metrics>,
-}
-
-impl Gate {
-    /// Admission for `port` under `limits`.
-    pub fn new(port: Port, limits: Limits, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Self {
-            port,
-            open: Arc::new(Semaphore::new(limits.max)),
-            unauthenticated: Arc::new(Semaphore::new(limits.max_unauthenticated)),
-            sources: Mutex::new(HashMap::new()),
-            authenticated_gauge: metrics.connections(port.as_str(), "authenticated"),
-            unauthenticated_gauge: metrics.connections(port.as_str(), "unauthenticated"),
-            limits,
-            metrics,
-        })
-    }
-
-    /// A slot for a new connection from `ip`, or why not.
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refusal> {
-        let open = self
-            .open
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Refusal::Connections)?;
-        let permit = self
-            .unauthenticated
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Refusal::Unauthenticated)?;
-        {
-            let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-            let n = sources.entry(ip).or_default();
-            if *n >= self.limits.max_unauthenticated_per_source {
-                return Err(Refusal::Source);
-            }
-            *n += 1;
-        }
-        self.unauthenticated_gauge.inc();
-        Ok(Slot {
-            _open: open,
-            unauthenticated: Some(Unauthenticated {
-                _permit: permit,
-                gate: self.clone(),
-                ip,
-            }),
-            authenticated_gauge: None,
-        })
-    }
-}
-
-/// An unauthenticated connection's share of the caps; given back when it
-/// authenticates or closes.
-struct Unauthenticated {
-    _permit: OwnedSemaphorePermit,
-    gate: Arc<Gate>,
-    ip: IpAddr,
-}
-
-impl Drop for Unauthenticated {
-    fn drop(&mut self) {
-        let mut sources = self.gate.sources.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = sources.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                sources.remove(&self.ip);
-            }
-        }
-        self.gate.unauthenticated_gauge.dec();
-    }
-}
-
-/// A connection's place under the caps of its port.
-struct Slot {
-    _open: OwnedSemaphorePermit,
-    /// Held until the peer authenticates.
-    unauthenticated: Option<Unauthenticated>,
-    /// Set once authenticated, decremented when the connection goes.
-    authenticated_gauge: Option<Gauge>,
-}
-
-impl Slot {
-    /// The peer authenticated: it leaves the unauthenticated counts.
-    fn authenticated(&mut self, gate: &Gate) {
-        if self.unauthenticated.take().is_some() {
-            gate.authenticated_gauge.inc();
-            self.authenticated_gauge = Some(gate.authenticated_gauge.clone());
-        }
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        if let Some(g) = &self.authenticated_gauge {
-            g.dec();
-        }
-    }
-}
-
 /// When a connection last finished a request, and how many are in flight.
 #[derive(Debug)]
 struct Activity {
@@ -309,6 +196,12 @@ impl Activity {
 
     fn elapsed_ms(&self) -> u64 {
         u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Marks now as the end of the last request (the handshake's end, at
+    /// first).
+    fn touch(&self) {
+        self.last_ms.store(self.elapsed_ms(), Ordering::Release);
     }
 
     fn begin(self: &Arc<Self>) -> InFlight {
@@ -501,27 +394,40 @@ impl Conn {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let (port, remote, limits) = (self.gate.port.as_str(), self.remote, &self.gate.limits);
-        let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                self.gate
-                    .metrics
-                    .connection_closed(port, "handshake_failed");
-                tracing::debug!(%remote, port, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                self.gate
-                    .metrics
-                    .connection_closed(port, "handshake_timeout");
-                tracing::debug!(%remote, port, "TLS handshake timed out");
+        let evicted = self.slot.evicted.clone();
+        let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
+        let tls = tokio::select! {
+            r = handshake => match r {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    self.gate
+                        .metrics
+                        .connection_closed(port, "handshake_failed");
+                    tracing::debug!(%remote, port, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    self.gate
+                        .metrics
+                        .connection_closed(port, "handshake_timeout");
+                    tracing::debug!(%remote, port, "TLS handshake timed out");
+                    return;
+                }
+            },
+            // Counted by the admission that evicted it.
+            () = evicted.notified() => {
+                tracing::debug!(%remote, port, "evicted in its TLS handshake");
                 return;
             }
         };
         let identity = auth.authenticate(tls.get_ref().1.peer_certificates());
+        self.slot.established();
         let mut idle = match &identity {
             Ok(c) => {
-                self.slot.authenticated(&self.gate);
+                if !self.slot.authenticated() {
+                    tracing::debug!(%remote, port, "evicted as its handshake completed");
+                    return;
+                }
                 tracing::debug!(%remote, port, caller = %c.id, "authenticated connection");
                 limits.idle_timeout
             }
@@ -533,7 +439,7 @@ impl Conn {
         let peer = PeerInfo::new(identity);
         let events = peer.connection.clone();
         let mut promoted = peer.identity.is_ok();
-        let activity = Activity::new();
+        let activity = self.slot.activity.clone();
         let svc = Tracked {
             inner: service(peer),
             activity: activity.clone(),
@@ -550,10 +456,19 @@ impl Conn {
                     return;
                 }
                 () = events.promote.notified(), if !promoted => {
+                    if !self.slot.authenticated() {
+                        tracing::debug!(%remote, port, "evicted before a workload token proved a caller");
+                        return;
+                    }
                     promoted = true;
-                    self.slot.authenticated(&self.gate);
                     tracing::debug!(%remote, port, "connection authenticated by a workload token");
                     idle = limits.idle_timeout;
+                }
+                // Counted by the admission that evicted it. Closed at once:
+                // its place is already another connection's.
+                () = evicted.notified(), if !promoted => {
+                    tracing::debug!(%remote, port, "evicted unauthenticated connection");
+                    return;
                 }
                 () = events.close.notified(), if deadline.is_none() => {
                     self.gate.metrics.connection_closed(port, "refused_tokens");
@@ -607,41 +522,6 @@ async fn next_connection(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn limits(max: usize, unauth: usize, per_source: usize) -> Limits {
-        Limits {
-            max,
-            max_unauthenticated: unauth,
-            max_unauthenticated_per_source: per_source,
-            ..Limits::default()
-        }
-    }
-
-    #[test]
-    fn admission_keeps_room_for_authenticated_connections() {
-        let gate = Gate::new(Port::Grpc, limits(6, 3, 2), Arc::new(Metrics::new()));
-        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        let a1 = gate.admit(a).unwrap();
-        let _a2 = gate.admit(a).unwrap();
-        assert_eq!(gate.admit(a).err(), Some(Refusal::Source));
-        let _b1 = gate.admit(b).unwrap();
-        assert_eq!(gate.admit(b).err(), Some(Refusal::Unauthenticated));
-        // One authenticates: its unauthenticated share comes back, so the
-        // source may open another.
-        let mut a1 = a1;
-        a1.authenticated(&gate);
-        let mut a3 = gate.admit(a).unwrap();
-        a3.authenticated(&gate);
-        let mut b2 = gate.admit(b).unwrap();
-        b2.authenticated(&gate);
-        let mut b3 = gate.admit(b).unwrap();
-        b3.authenticated(&gate);
-        // Six open (four authenticated, two not): the total cap holds.
-        assert_eq!(gate.admit(b).err(), Some(Refusal::Connections));
-        drop(b3);
-        assert!(gate.admit(b).is_ok());
-        assert_eq!(gate.sources.lock().unwrap().get(&a), Some(&1));
-    }
 
     #[tokio::test]
     async fn a_connection_is_idle_only_with_nothing_in_flight() {

@@ -19,8 +19,11 @@
 //!   (`grpc`, `https`), `authenticated` or `unauthenticated` (in the
 //!   handshake, or without a valid client certificate).
 //! - `mayfly_connections_refused_total{port,reason}`: connections closed
-//!   at accept because a cap was reached (`connection_limit`,
-//!   `unauthenticated_limit`, `source_limit`).
+//!   at accept because a cap was reached (`connection_limit`: every open
+//!   connection is authenticated; `source_limit`).
+//! - `mayfly_connections_evicted_total{port,reason}`: unauthenticated
+//!   connections closed to make room for a newcomer, by what they were
+//!   doing (`idle`, `opening`, `in_flight`).
 //! - `mayfly_connections_closed_total{port,reason}`: connections the broker
 //!   closed (`idle`, `handshake_timeout`, `handshake_failed`).
 
@@ -96,6 +99,9 @@ pub struct Metrics {
     connections_refused: Family<ConnReasonLabels, Counter>,
     /// Connections the broker closed, by port and reason.
     connections_closed: Family<ConnReasonLabels, Counter>,
+    /// Unauthenticated connections evicted for a newcomer, by port and
+    /// what they were doing.
+    connections_evicted: Family<ConnReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -170,6 +176,12 @@ impl Metrics {
             "Connections the broker closed, by port and reason (idle, handshake_timeout, handshake_failed)",
             connections_closed.clone(),
         );
+        let connections_evicted = Family::<ConnReasonLabels, Counter>::default();
+        registry.register(
+            "connections_evicted",
+            "Unauthenticated connections closed to make room for a newcomer, by port and what they were doing (idle, opening, in_flight)",
+            connections_evicted.clone(),
+        );
         Self {
             registry,
             decisions,
@@ -182,6 +194,7 @@ impl Metrics {
             connections,
             connections_refused,
             connections_closed,
+            connections_evicted,
         }
     }
 
@@ -195,6 +208,13 @@ impl Metrics {
     /// Counts a connection refused at accept.
     pub fn connection_refused(&self, port: &'static str, reason: &'static str) {
         self.connections_refused
+            .get_or_create(&ConnReasonLabels { port, reason })
+            .inc();
+    }
+
+    /// Counts an unauthenticated connection evicted for a newcomer.
+    pub fn connection_evicted(&self, port: &'static str, reason: &'static str) {
+        self.connections_evicted
             .get_or_create(&ConnReasonLabels { port, reason })
             .inc();
     }

@@ -133,6 +133,7 @@ pub fn config(data: &[u8]) {
             assert!(c.data_dir.is_absolute());
             assert!(c.policy.dir.is_absolute());
             assert!(c.connections.max_unauthenticated < c.connections.max);
+            assert!((1..=128).contains(&c.connections.ipv6_source_prefix));
             assert!(c.tokens.default_ttl <= c.tokens.max_ttl);
             let _ = c.issuer();
         }

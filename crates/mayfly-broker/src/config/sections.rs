@@ -30,12 +30,18 @@ pub struct Connections {
     /// Open connections per port; more are closed at accept.
     pub max: usize,
     /// Unauthenticated connections per port: the rest of `max` is kept for
-    /// authenticated agents and operators.
+    /// authenticated agents and operators. When it is full, a newcomer is
+    /// not refused: the source holding the most of these gives one up (its
+    /// longest-idle connection first).
     pub max_unauthenticated: usize,
-    /// Unauthenticated connections from one source address per port
-    /// (behind a load balancer without the PROXY protocol, every client
-    /// shares its address: raise this).
+    /// Unauthenticated connections from one source per port; more from it
+    /// are closed at accept (behind a load balancer without the PROXY
+    /// protocol, every client shares its address: raise this).
     pub max_unauthenticated_per_source: usize,
+    /// IPv6 addresses count as one source per prefix of this many bits
+    /// (one customer is usually given a whole /64); IPv4 addresses, and
+    /// IPv4-mapped IPv6 ones, count per address.
+    pub ipv6_source_prefix: u8,
 }
 
 impl Default for Connections {
@@ -47,6 +53,7 @@ impl Default for Connections {
             max: 4096,
             max_unauthenticated: 1024,
             max_unauthenticated_per_source: 64,
+            ipv6_source_prefix: 64,
         }
     }
 }

@@ -502,6 +502,13 @@ impl Config {
                  (the rest of max is kept for authenticated callers)",
             );
         }
+        if !(1..=128).contains(&c.ipv6_source_prefix) {
+            return invalid(format!(
+                "connections: ipv6_source_prefix is {}, expected 1 to 128 (the bits of an IPv6 \
+                 address that name one source)",
+                c.ipv6_source_prefix
+            ));
+        }
         Ok(c.clone())
     }
 

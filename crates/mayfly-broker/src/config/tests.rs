@@ -169,7 +169,16 @@ fn connection_bounds_must_keep_room_for_authenticated_callers() {
     );
     let c = Config::parse(&ok, Path::new(".")).unwrap();
     assert_eq!(c.connections.max_unauthenticated_per_source, 2);
+    assert_eq!(c.connections.ipv6_source_prefix, 64);
+    let c = Config::parse(
+        &format!("{MINIMAL}\n[connections]\nipv6_source_prefix = 56"),
+        Path::new("."),
+    )
+    .unwrap();
+    assert_eq!(c.connections.ipv6_source_prefix, 56);
     for bad in [
+        "ipv6_source_prefix = 0",
+        "ipv6_source_prefix = 129",
         "max = 10\nmax_unauthenticated = 10",
         "max_unauthenticated_per_source = 0",
         "max_unauthenticated = 10\nmax_unauthenticated_per_source = 11",
