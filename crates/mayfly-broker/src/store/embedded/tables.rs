@@ -320,14 +320,7 @@ impl<'t> Tables<'t> {
         trail_seq: u64,
     ) -> Result<(), StoreError> {
         if let Some(through) = through {
-            let ids: Vec<u64> = self
-                .outbox
-                .range(..=through)?
-                .map(|e| e.map(|(k, _)| k.value()))
-                .collect::<Result<_, _>>()?;
-            for id in ids {
-                self.outbox.remove(id)?;
-            }
+            self.outbox.retain_in(..=through, |_, _| false)?;
         }
         self.meta.insert(TRAIL_SEQ, trail_seq)?;
         Ok(())
