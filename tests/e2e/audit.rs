@@ -555,14 +555,41 @@ async fn a_replaced_or_truncated_trail_stops_issuance_at_start_and_while_running
     };
     assert!(e.contains("ends at seq 1"), "{e}");
 
-    // Restored: it starts, and the chain goes on from seq 3.
+    // Restored: it starts, and the chain goes on from seq 3. First come
+    // the records the replaced trail could not take, kept in the store's
+    // outbox: the refused token's (its lease was written with it) and the
+    // broker's revocation of that token, which was never handed out.
     std::fs::write(&path, &original).unwrap();
     let broker = broker.restart().await;
     let demo = broker.agent().await;
     start(&demo).await;
     let text = std::fs::read_to_string(&path).unwrap();
     let v = verify(text.lines().map(|l| Ok::<_, String>(l.to_owned()))).unwrap();
-    assert_eq!(v.records, 3);
+    assert_eq!(v.records, 5);
+    let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let after = records(&lines[2..]);
+    let events: Vec<Event> = after.iter().map(|r| r.event).collect();
+    assert_eq!(
+        events,
+        [Event::TokenIssued, Event::LeaseRevoked, Event::TaskStarted]
+    );
+    let refused = after[0].lease_id.clone().unwrap();
+    assert_eq!(after[1].revoked, std::slice::from_ref(&refused));
+    assert!(
+        after[1]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("not handed out")),
+        "{:?}",
+        after[1]
+    );
+    let op = broker.operator().await;
+    let lease = all_leases(&op, pb::ListLeasesRequest::default())
+        .await
+        .into_iter()
+        .find(|l| l.lease_id == refused)
+        .unwrap();
+    assert_eq!(lease.state, pb::LeaseState::Revoked as i32);
 }
 
 /// A broker with a small rotation size writes its trail in segments; the

@@ -20,7 +20,9 @@
 //! - `feed`, `crl`, `http`, `health`, `metrics`, `policy`, `ratelimit` and
 //!   `reaper` are the feed, the CRL, the HTTPS routes, health checks,
 //!   `/metrics`, policy reloads, per-agent limits and expiry; `tls` and
-//!   `reload` keep the TLS material and the watchers' timing.
+//!   `reload` keep the TLS material and the watchers' timing;
+//! - `failpoint` holds the crash points crash tests stop the process at
+//!   (empty unless built with the test-only `failpoints` feature).
 
 #![forbid(unsafe_code)]
 
@@ -32,6 +34,7 @@ mod connections;
 mod crl;
 pub mod dev;
 mod error;
+mod failpoint;
 pub mod federation;
 mod feed;
 mod fsutil;

@@ -148,6 +148,13 @@ async fn write_batches(
     mut rx: mpsc::Receiver<Pending>,
     metrics: Option<Arc<Metrics>>,
 ) {
+    // What the store holds for the trail from before (an outbox left by a
+    // crash) goes before anything new.
+    if let Some(store) = store.upgrade()
+        && let Err(e) = store.ship_pending(&*sink).await
+    {
+        tracing::error!(error = %e, "audit records held by the store not shipped; nothing is issued until they are");
+    }
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {

@@ -29,8 +29,10 @@ async fn fresh() -> (Backend, RedisServer) {
 
 mayfly_testkit::store_contract_tests!(fresh());
 
-/// The Redis store with a file trail (`[audit] sink = "file"`): leases
-/// first, then records; the recording contract holds the same.
+/// The Redis store with a trail outside it (`[audit] sink = "stdout"`; a
+/// file stands in here so the records can be read back, though the broker
+/// refuses a file trail with this store): leases first, then records; the
+/// recording contract holds the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recording_with_a_file_trail_keeps_the_contract() {
     use mayfly_broker::audit::FileSink;

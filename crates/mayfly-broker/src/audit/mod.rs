@@ -69,6 +69,14 @@ pub trait AuditSink: Send + Sync + fmt::Debug + 'static {
         None
     }
 
+    /// The chain's head as the trail holds it, where the trail can tell
+    /// (a file): the embedded store compares it with its outbox to ship
+    /// each record exactly once across a crash. `None` for a trail that
+    /// is not read back (standard output, off).
+    fn chain_head(&self) -> Option<Head> {
+        None
+    }
+
     /// Up to `limit` lines after `cursor` ("" for the start), and the
     /// cursor after them.
     async fn read(&self, cursor: &str, limit: usize) -> Result<(Vec<String>, String), AuditError>;

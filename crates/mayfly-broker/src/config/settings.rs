@@ -364,6 +364,17 @@ impl Config {
                     }
                 },
             }),
+            (StoreKind::Redis, Some(_))
+                if matches!(trail, RedisTrail::Outside(Trail::File { .. })) =>
+            {
+                invalid(
+                    "[audit] sink = \"file\" cannot be used with store = \"redis\": a lease in \
+                     Redis and its record in a local file cannot be written together, so a crash \
+                     between them would leave a credential unrecorded. Use sink = \"redis\" (the \
+                     default with this store: leases and records in one script, one trail for \
+                     every replica) and export it with mayfly audit tail --all",
+                )
+            }
             (StoreKind::Redis, Some(r)) => Ok(StoreSettings::Redis {
                 redis: RedisSettings {
                     endpoint: redis_endpoint(r)?,

@@ -60,7 +60,7 @@ fn the_audit_trail_follows_the_store_unless_told() {
         Config::parse(&redis, base).unwrap().audit_sink(),
         AuditSinkKind::Redis
     );
-    let own_file = format!("{redis}\n[audit]\nsink = \"file\"\npath = \"a.jsonl\"");
+    let own_file = format!("{MINIMAL}\n[audit]\nsink = \"file\"\npath = \"a.jsonl\"");
     let c = Config::parse(&own_file, base).unwrap();
     assert_eq!(c.audit_sink(), AuditSinkKind::File);
     assert_eq!(c.audit_path(), Path::new("/etc/mayfly/a.jsonl"));
@@ -318,6 +318,16 @@ fn settings_resolve_each_store_and_trail() {
     let shown = format!("{s:?}");
     assert!(!shown.contains("hunter2"), "{shown}");
     assert!(shown.contains("redis://db:6379/0"), "{shown}");
+
+    // A file trail beside Redis is refused: the two cannot be written
+    // together.
+    let own_file = format!("{redis}\n[audit]\nsink = \"file\"");
+    let e = Config::parse(&own_file, base).unwrap_err().to_string();
+    assert!(
+        e.contains("sink = \"file\" cannot be used with store = \"redis\"")
+            && e.contains("Use sink = \"redis\""),
+        "{e}"
+    );
 
     let stdout = format!("{redis}\n[audit]\nsink = \"stdout\"");
     let s = Config::parse(&stdout, base).unwrap().settings().unwrap();

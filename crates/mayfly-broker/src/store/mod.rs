@@ -9,7 +9,8 @@
 //!   it, so an `issue` racing it either fails or is revoked with the rest;
 //! - [`LeaseStore::record`] writes a batch of audit records together with
 //!   the leases of the credentials they issue: a lease and its record exist
-//!   together or not at all. This is the one way a credential is recorded.
+//!   together or not at all, across a crash at any point. This is the one
+//!   way a credential is recorded.
 
 use std::fmt;
 use std::future::Future;
@@ -139,10 +140,14 @@ pub(crate) trait LeaseThenRecord: Sync {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
-/// [`LeaseStore::record`] for a trail outside the store: the leases first,
+/// [`LeaseStore::record`] for the Redis store with a trail outside it
+/// (standard output, off; a file is refused at load): the leases first,
 /// then the records of those taken, and if the trail fails, the leases
 /// revoked again, so that no lease is left active without its record.
-/// Only the records whose lease was refused fail for that; the rest go on.
+/// A crash between the two can still leave a lease unrecorded, which is
+/// why a file trail, the one that is read back, needs the Redis store's
+/// own trail. Only the records whose lease was refused fail for that; the
+/// rest go on.
 pub(crate) async fn lease_then_record<S: LeaseThenRecord>(
     store: &S,
     batch: &RecordBatch<'_>,
@@ -409,17 +414,29 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
 
     /// Writes `batch.records` to `trail` and, with each record that issues
     /// a credential, its lease (checked as [`issue`](Self::issue) checks
-    /// it), so that a lease and its record exist together or not at all:
-    /// in one script when the trail is this store's own (Redis), else the
-    /// leases, then the records, undoing the leases if the trail fails.
-    /// Returns one outcome per record, in order: `Ok` once the record (and
-    /// its lease) are durable; an error when neither was written. A refused
-    /// lease fails only its own record.
+    /// it), so that a lease and its record exist together or not at all,
+    /// across a crash at any point: in one script when the trail is this
+    /// store's own (Redis); on the embedded store, the leases and the
+    /// records in one transaction (the records in its outbox), then the
+    /// records shipped to the trail. Returns one outcome per record, in
+    /// order: `Ok` once the record is in the trail (and its lease
+    /// durable); an error otherwise, with no lease of it left active. A
+    /// refused lease fails only its own record. A store ships to one
+    /// trail: pass the same one every time.
     async fn record(
         &self,
         batch: &RecordBatch<'_>,
         trail: &dyn AuditSink,
     ) -> Vec<Result<(), RecordError>>;
+
+    /// Ships to `trail` the records this store holds that the trail may
+    /// not have yet (the embedded store's outbox, left by a crash or by
+    /// a trail that failed), each exactly once where the trail can tell
+    /// its head; the recorder calls it before its first batch. A store
+    /// that writes leases and records in one place has nothing to ship.
+    async fn ship_pending(&self, _trail: &dyn AuditSink) -> Result<(), RecordError> {
+        Ok(())
+    }
 
     /// A lease by id.
     async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError>;

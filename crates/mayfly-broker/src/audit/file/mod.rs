@@ -498,6 +498,10 @@ impl AuditSink for FileSink {
         .map_err(|e| failed("audit writer", e))?
     }
 
+    fn chain_head(&self) -> Option<Head> {
+        Some(self.head())
+    }
+
     async fn read(&self, cursor: &str, limit: usize) -> Result<(Vec<String>, String), AuditError> {
         let this = self.clone();
         let cursor = (!cursor.is_empty())

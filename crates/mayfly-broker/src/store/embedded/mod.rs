@@ -28,14 +28,23 @@
 //! | `approvals`     | approval id          | [`Approval`]              |
 //! | `approval_expiry` | (expires ms, id)   | `()`; purge               |
 //! | `agent_locks`   | agent ID             | [`AgentLock`]             |
+//! | `seen`          | key used once        | until (ms)                |
+//! | `seen_expiry`   | (until ms, key)      | `()`; purge               |
+//! | `audit_outbox`  | outbox id            | [`AuditRecord`](crate::audit::AuditRecord) not yet shipped |
+//!
+//! `meta` also holds `next_outbox` and `trail_seq` (the trail's seq before
+//! the first record in the outbox).
 //!
 //! - `mod.rs`: [`EmbeddedStore`]: opening, reads on snapshots, writes
 //!   through the writer, and the [`LeaseStore`] calls;
+//! - `outbox.rs`: recording: leases and audit records in one
+//!   transaction, the records shipped to the trail after it, each once;
 //! - `writer.rs`: the group-commit writer thread;
 //! - `tables.rs`: the tables, and every check-then-write on them, each
 //!   inside one write transaction;
 //! - `scan.rs`: walking indexes and bounded pages.
 
+mod outbox;
 mod scan;
 mod tables;
 mod writer;
@@ -56,9 +65,9 @@ use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableT
 use tokio::sync::oneshot;
 
 use super::{
-    ExpiredLease, LeaseFilter, LeaseStore, LeaseThenRecord, LeaseWrite, Page, PageRequest,
-    ReapOutcome, RecordBatch, RecordError, RevocationEvent, RevokeRequest, StoreError, TaskFilter,
-    check_consumable, check_decidable, lease_then_record,
+    ExpiredLease, LeaseFilter, LeaseStore, Page, PageRequest, ReapOutcome, RecordBatch,
+    RecordError, RevocationEvent, RevokeRequest, StoreError, TaskFilter, check_consumable,
+    check_decidable,
 };
 use crate::audit::AuditSink;
 use crate::cause::Cause;
@@ -76,52 +85,13 @@ pub struct EmbeddedStore {
     db: Arc<Database>,
     /// The group-commit writer; joined when the last clone goes.
     writer: Arc<Writer>,
+    /// One shipper of the audit outbox at a time, so records reach the
+    /// trail in outbox order (`outbox.rs`).
+    shipping: Arc<tokio::sync::Mutex<outbox::Shipping>>,
 }
 
 /// redb's page cache.
 pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
-
-/// A batch's leases in one transaction, each checked on its own; the
-/// undo (if the trail fails) in another.
-impl LeaseThenRecord for EmbeddedStore {
-    async fn issue_all(&self, writes: &[&LeaseWrite]) -> Vec<Result<(), StoreError>> {
-        let writes: Vec<LeaseWrite> = writes.iter().map(|w| (*w).clone()).collect();
-        let n = writes.len();
-        let answers = self
-            .write(move |t| {
-                let mut answers = Vec::with_capacity(writes.len());
-                for w in &writes {
-                    match t.issue(&w.lease, w.now) {
-                        // The transaction itself failed: none of it may be
-                        // committed.
-                        Err(e @ (StoreError::Unavailable(_) | StoreError::Corrupt(_))) => {
-                            return Err(e);
-                        }
-                        answer => answers.push(answer),
-                    }
-                }
-                Ok(answers)
-            })
-            .await;
-        answers.unwrap_or_else(|e| vec![Err(e); n])
-    }
-
-    async fn undo_all(&self, ids: &[&LeaseId], req: &RevokeRequest) -> Result<(), StoreError> {
-        let (ids, req): (Vec<LeaseId>, _) =
-            (ids.iter().map(|id| (*id).clone()).collect(), req.clone());
-        self.write(move |t| {
-            for id in &ids {
-                if let Some(lease) = t.lease(id.as_str())?
-                    && lease.is_active_at(req.at)
-                {
-                    t.revoke(lease, &req, req.reason)?;
-                }
-            }
-            Ok(())
-        })
-        .await
-    }
-}
 
 impl std::fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -166,6 +136,7 @@ impl EmbeddedStore {
                 queue: Some(queue),
                 thread: Some(thread),
             }),
+            shipping: Arc::default(),
         })
     }
 
@@ -286,7 +257,11 @@ impl LeaseStore for EmbeddedStore {
         batch: &RecordBatch<'_>,
         trail: &dyn AuditSink,
     ) -> Vec<Result<(), RecordError>> {
-        lease_then_record(self, batch, trail).await
+        self.record_via_outbox(batch, trail).await
+    }
+
+    async fn ship_pending(&self, trail: &dyn AuditSink) -> Result<(), RecordError> {
+        self.ship_outbox(trail).await
     }
 
     async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError> {

@@ -1,6 +1,7 @@
 //! The tables, and each check-then-write on them inside one write
 //! transaction: issuing under a live task, revoking with a feed event,
-//! ending a task with everything under it, purging.
+//! ending a task with everything under it, purging, and queueing audit
+//! records in the outbox.
 
 use mayfly_core::{
     AgentLock, Approval, Lease, LeaseDetail, LeaseId, LeaseStatus, RevocationReason, SpiffeId,
@@ -13,6 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::scan::ids;
+use crate::audit::AuditRecord;
 use crate::cause::Cause;
 use crate::store::{RevocationEvent, RevokeRequest, StoreError};
 
@@ -40,10 +42,19 @@ pub(super) const AGENT_LOCKS: TableDefinition<&str, &[u8]> = TableDefinition::ne
 pub(super) const SEEN: TableDefinition<&str, u64> = TableDefinition::new("seen");
 pub(super) const SEEN_EXPIRY: TableDefinition<(u64, &str), ()> =
     TableDefinition::new("seen_expiry");
+/// Audit records written with their leases and not yet known to be in the
+/// trail: outbox id → the record (JSON, before the trail chains it).
+pub(super) const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_outbox");
 
 /// Key in `meta` of the next revocation cursor (never reused, even after
 /// trimming).
 pub(super) const NEXT_CURSOR: &str = "next_cursor";
+/// Key in `meta` of the next outbox id (never reused).
+pub(super) const NEXT_OUTBOX: &str = "next_outbox";
+/// Key in `meta` of the trail's seq just before the first record in the
+/// outbox: how many of the outbox's records a trail already holds is its
+/// head's seq minus this.
+pub(super) const TRAIL_SEQ: &str = "trail_seq";
 
 macro_rules! unavailable_from {
     ($($t:ty),*) => {$(
@@ -88,6 +99,7 @@ pub(super) struct Tables<'t> {
     pub agent_locks: Table<'t, &'static str, &'static [u8]>,
     pub seen: Table<'t, &'static str, u64>,
     pub seen_expiry: Table<'t, (u64, &'static str), ()>,
+    pub outbox: Table<'t, u64, &'static [u8]>,
 }
 
 impl<'t> Tables<'t> {
@@ -108,6 +120,7 @@ impl<'t> Tables<'t> {
             agent_locks: txn.open_table(AGENT_LOCKS)?,
             seen: txn.open_table(SEEN)?,
             seen_expiry: txn.open_table(SEEN_EXPIRY)?,
+            outbox: txn.open_table(OUTBOX)?,
         })
     }
 
@@ -300,6 +313,29 @@ impl<'t> Tables<'t> {
             }
         }
         Ok(revoked)
+    }
+
+    /// Puts `record` in the outbox, after every record there; returns its
+    /// outbox id.
+    pub(super) fn queue(&mut self, record: &AuditRecord) -> Result<u64, StoreError> {
+        let id = self.meta.get(NEXT_OUTBOX)?.map_or(1, |v| v.value());
+        self.meta.insert(NEXT_OUTBOX, id + 1)?;
+        self.outbox.insert(id, encode(record)?.as_slice())?;
+        Ok(id)
+    }
+
+    /// Removes the outbox's records up to `through` (those the trail
+    /// holds) and notes `trail_seq`, the trail's seq after them.
+    pub(super) fn unqueue(
+        &mut self,
+        through: Option<u64>,
+        trail_seq: u64,
+    ) -> Result<(), StoreError> {
+        if let Some(through) = through {
+            self.outbox.retain_in(..=through, |_, _| false)?;
+        }
+        self.meta.insert(TRAIL_SEQ, trail_seq)?;
+        Ok(())
     }
 
     pub(super) fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError> {

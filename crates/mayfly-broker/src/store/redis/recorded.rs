@@ -4,7 +4,8 @@
 //! an issue costs one round trip, and a lease and its record can never
 //! exist one without the other. The trail's chaining (heads, lines) stays
 //! the sink's job ([`RedisSink::append_via`]); this only writes what it is
-//! given. On any other trail (a file), leases first, then records.
+//! given. On any other trail (standard output, off; a file trail is
+//! refused with this store at load), leases first, then records.
 
 use std::borrow::Cow;
 
@@ -93,6 +94,11 @@ impl RedisStore {
             let written = trail.append_via(&records, &script).await;
             match written {
                 Ok(None) => {
+                    // Leases and records are in Redis together: a crash
+                    // here loses only the answer.
+                    if !leases.is_empty() {
+                        crate::failpoint::hit("after_lease_commit");
+                    }
                     for i in left.drain(..) {
                         out[i] = Some(Ok(()));
                     }

@@ -1,0 +1,407 @@
+//! A lease and its audit record exist together or not at all across a
+//! crash at any point. The real `mayfly serve` (built with the test-only
+//! `failpoints` feature, which this crate's dev-dependency turns on) is
+//! stopped where it hurts most, by a failpoint (`MAYFLY_FAILPOINT`) or by
+//! SIGKILL while agents issue; after a restart every token lease has
+//! exactly one `token_issued` record, every such record its lease, and
+//! `mayfly audit verify` accepts the trail. On the embedded store (its file
+//! trail) and on Redis (its own trail, the one a Redis store may have).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use mayfly_broker::audit::AuditSink;
+use mayfly_broker::dev;
+use mayfly_broker::store::{
+    EmbeddedStore, LeaseFilter, LeaseStore, PageRequest, RedisStore, RedisTarget,
+};
+use mayfly_client::{Client, ClientConfig, NewTask};
+use mayfly_core::{LeaseKind, Timestamp, TrustDomain};
+use mayfly_testkit::RedisServer;
+
+const API: &str = "https://api.example.com";
+
+/// A free port on 127.0.0.1, for a broker that restarts on the same one.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A dev setup whose broker runs as its own process, again and again.
+struct Setup {
+    _tmp: tempfile::TempDir,
+    layout: dev::DevLayout,
+    grpc: u16,
+    /// The Redis the leases live in, if not the embedded store.
+    redis: Option<RedisServer>,
+    runs: usize,
+}
+
+impl Setup {
+    fn new(redis: Option<RedisServer>) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let layout = dev::init(&tmp.path().join("dev"), &td).unwrap();
+        let (grpc, http) = (free_port(), free_port());
+        let mut text = std::fs::read_to_string(&layout.config).unwrap();
+        text = text
+            .replace(dev::DEV_GRPC_ADDR, &format!("127.0.0.1:{grpc}"))
+            .replace(dev::DEV_HTTP_ADDR, &format!("127.0.0.1:{http}"))
+            .replace(
+                &format!("localhost:{}", port_of(dev::DEV_HTTP_ADDR)),
+                &format!("localhost:{http}"),
+            );
+        if let Some(r) = &redis {
+            text = text.replace("store = \"embedded\"", &format!("store = \"{}\"", r.url()));
+        }
+        // Agents issue in bursts here.
+        text.push_str("\n[rate_limit]\nper_second = 0.0\n");
+        std::fs::write(&layout.config, text).unwrap();
+        Self {
+            _tmp: tmp,
+            layout,
+            grpc,
+            redis,
+            runs: 0,
+        }
+    }
+
+    /// Starts `mayfly serve`, with `failpoint` chosen if any; its output
+    /// goes to a log file per run.
+    fn serve(&mut self, failpoint: Option<&str>) -> Child {
+        self.runs += 1;
+        let log = self.layout.dir.join(format!("serve-{}.log", self.runs));
+        let log = std::fs::File::create(log).unwrap();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_mayfly"));
+        c.args(["serve", "--config"])
+            .arg(&self.layout.config)
+            .env_remove("MAYFLY_FAILPOINT")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log.try_clone().unwrap());
+        if let Some(point) = failpoint {
+            c.env("MAYFLY_FAILPOINT", point);
+        }
+        c.spawn().expect("mayfly serve starts")
+    }
+
+    /// The log of the latest run, for failure messages.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.layout.dir.join(format!("serve-{}.log", self.runs)))
+            .unwrap_or_default()
+    }
+
+    /// The dev agent's client, once the broker takes connections.
+    async fn agent(&self) -> Option<Client> {
+        let id = self.layout.dir.join("identities/agent-demo");
+        let config = ClientConfig::from_files(
+            &format!("https://localhost:{}", self.grpc),
+            self.layout.dir.join("bundle.pem"),
+            id.join("svid.pem"),
+            id.join("svid.key"),
+        )
+        .unwrap();
+        Client::connect(&config).await.ok()
+    }
+
+    /// Waits until the broker opens a task: it is up, and (its recorder
+    /// ships what the store held before its first batch) its trail is
+    /// level with its store.
+    async fn ready(&self, child: &mut Child) -> Client {
+        for _ in 0..600 {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("mayfly serve exited with {status}:\n{}", self.log());
+            }
+            if let Some(agent) = self.agent().await
+                && let Ok(task) = agent.start_task(task()).await
+            {
+                task.detach();
+                return agent;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("mayfly serve never answered:\n{}", self.log());
+    }
+
+    /// The data directory's audit file.
+    fn trail_file(&self) -> PathBuf {
+        self.layout.dir.join("data/audit.jsonl")
+    }
+
+    /// Every token lease in the store and every line of the trail, read
+    /// with the broker stopped.
+    async fn contents(&self) -> (BTreeSet<String>, Vec<String>) {
+        match &self.redis {
+            None => {
+                let store = EmbeddedStore::open(&self.layout.dir.join("data/leases.redb")).unwrap();
+                let leases = token_leases(&store).await;
+                let mut lines = Vec::new();
+                for f in mayfly_broker::audit::segment_files(&self.trail_file()).unwrap() {
+                    let text = std::fs::read_to_string(f).unwrap();
+                    lines.extend(text.lines().map(str::to_owned));
+                }
+                (leases, lines)
+            }
+            Some(r) => {
+                let target = RedisTarget::Url {
+                    url: r.url(),
+                    ca_pem: None,
+                };
+                let store = RedisStore::new(target, "mayfly", Duration::from_secs(86_400)).unwrap();
+                let leases = token_leases(&store).await;
+                let trail = store.trail();
+                let (mut lines, mut cursor) = (Vec::new(), String::new());
+                loop {
+                    let (page, next) = trail.read(&cursor, 1000).await.unwrap();
+                    if page.is_empty() {
+                        break;
+                    }
+                    lines.extend(page);
+                    cursor = next;
+                }
+                (leases, lines)
+            }
+        }
+    }
+
+    /// The trail checked as the operator checks it.
+    fn audit_verify(&self, lines: &[String]) {
+        let file = match &self.redis {
+            None => self.trail_file(),
+            Some(_) => {
+                let f = self.layout.dir.join("exported.jsonl");
+                std::fs::write(&f, format!("{}\n", lines.join("\n"))).unwrap();
+                f
+            }
+        };
+        let out = Command::new(env!("CARGO_BIN_EXE_mayfly"))
+            .args(["audit", "verify"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mayfly audit verify {}: {}{}",
+            file.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Checks, with the broker stopped: each token lease has exactly one
+    /// record, no record names a lease the store lacks, no record is
+    /// there twice, and the chain verifies. Returns how many tokens.
+    async fn check(&self) -> usize {
+        let (leases, lines) = self.contents().await;
+        let mut issued: BTreeMap<String, usize> = BTreeMap::new();
+        for line in &lines {
+            let r: serde_json::Value = serde_json::from_str(line).unwrap();
+            if r["event"] == "token_issued" {
+                *issued
+                    .entry(r["lease_id"].as_str().unwrap().to_owned())
+                    .or_default() += 1;
+            }
+        }
+        let twice: Vec<&String> = issued
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(id, _)| id)
+            .collect();
+        assert!(twice.is_empty(), "records twice: {twice:?}");
+        let unrecorded: Vec<&String> = leases.iter().filter(|l| !issued.contains_key(*l)).collect();
+        assert!(
+            unrecorded.is_empty(),
+            "leases without a record: {unrecorded:?}"
+        );
+        let orphans: Vec<&String> = issued.keys().filter(|id| !leases.contains(*id)).collect();
+        assert!(orphans.is_empty(), "records without a lease: {orphans:?}");
+        self.audit_verify(&lines);
+        leases.len()
+    }
+}
+
+fn port_of(addr: &str) -> &str {
+    addr.rsplit(':').next().unwrap()
+}
+
+fn task() -> NewTask {
+    NewTask::new("crash test", [API]).scope("read:files")
+}
+
+/// Every token lease of `store`.
+async fn token_leases(store: &dyn LeaseStore) -> BTreeSet<String> {
+    let filter = LeaseFilter {
+        kind: Some(LeaseKind::Jwt),
+        ..LeaseFilter::default()
+    };
+    let mut out = BTreeSet::new();
+    let mut page = PageRequest {
+        after: None,
+        limit: 500,
+    };
+    loop {
+        let got = store
+            .list_leases(&filter, &page, Timestamp::now())
+            .await
+            .unwrap();
+        out.extend(got.items.into_iter().map(|l| l.id.to_string()));
+        match got.next {
+            Some(next) => page.after = Some(next),
+            None => return out,
+        }
+    }
+}
+
+/// Sends SIGTERM and waits: the broker drains and exits.
+fn stop(child: &mut Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    child.wait().unwrap();
+}
+
+/// Issues one token with the failpoint chosen: the broker dies there, the
+/// agent gets no token; after a restart the lease and its record are
+/// there once each.
+async fn a_crash_at(setup: &mut Setup, point: &str) {
+    let mut child = setup.serve(Some(point));
+    let agent = setup.ready(&mut child).await;
+    let task = agent.start_task(task()).await.unwrap();
+    let issued = task.issue_token(API, ["read:files"]).await;
+    assert!(issued.is_err(), "the broker answered past {point}");
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "{status}");
+    assert!(
+        setup.log().contains(&format!("failpoint {point} reached")),
+        "{}",
+        setup.log()
+    );
+    task.detach();
+
+    let mut child = setup.serve(None);
+    setup.ready(&mut child).await;
+    stop(&mut child);
+    assert_eq!(
+        setup.check().await,
+        1,
+        "{point}: the one token lease and its record"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_a_crash_after_the_commit_or_the_append_loses_and_doubles_nothing() {
+    for point in ["after_lease_commit", "after_trail_append"] {
+        let mut setup = Setup::new(None);
+        a_crash_at(&mut setup, point).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_crash_after_the_script_loses_nothing() {
+    let mut setup = Setup::new(Some(RedisServer::start()));
+    a_crash_at(&mut setup, "after_lease_commit").await;
+}
+
+/// Agents issue as fast as they can until told to stop.
+fn issuers(agent: &Client, n: usize, stop: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..n)
+        .map(|_| {
+            let (agent, stop) = (agent.clone(), stop.clone());
+            tokio::spawn(async move {
+                let Ok(task) = agent.start_task(task()).await else {
+                    return;
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    if task.issue_token(API, ["read:files"]).await.is_err() {
+                        break;
+                    }
+                }
+                task.detach();
+            })
+        })
+        .collect()
+}
+
+/// A pseudo-random delay up to `max_ms`, from the clock's nanoseconds.
+fn random_ms(max_ms: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    u64::from(nanos) % max_ms
+}
+
+/// Ten times: eight agents issue, the broker is SIGKILLed at a random
+/// moment, restarted; no lease without its record, no record twice, one
+/// chain across every crash.
+async fn kill_under_load(setup: &mut Setup) {
+    let mut tokens = 0;
+    for run in 0..10 {
+        let mut child = setup.serve(None);
+        let agent = setup.ready(&mut child).await;
+        let stop_issuing = Arc::new(AtomicBool::new(false));
+        let workers = issuers(&agent, 8, &stop_issuing);
+        tokio::time::sleep(Duration::from_millis(200 + random_ms(800))).await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        stop_issuing.store(true, Ordering::Relaxed);
+        for w in workers {
+            w.await.unwrap();
+        }
+        let mut child = setup.serve(None);
+        setup.ready(&mut child).await;
+        stop(&mut child);
+        let now = setup.check().await;
+        assert!(
+            now > tokens,
+            "run {run}: no token was issued before the kill"
+        );
+        eprintln!("run {run}: {} tokens issued before the kill", now - tokens);
+        tokens = now;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_kill_9_under_load_leaves_every_lease_with_one_record() {
+    kill_under_load(&mut Setup::new(None)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_kill_9_under_load_leaves_every_lease_with_one_record() {
+    kill_under_load(&mut Setup::new(Some(RedisServer::start()))).await;
+}
+
+/// The file trail cannot be written with Redis leases: refused at start,
+/// naming why.
+#[test]
+fn a_file_trail_with_the_redis_store_is_refused() {
+    let setup = Setup::new(Some(RedisServer::start()));
+    let text = std::fs::read_to_string(&setup.layout.config).unwrap();
+    std::fs::write(
+        &setup.layout.config,
+        format!("{text}\n[audit]\nsink = \"file\"\n"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .args(["serve", "--config"])
+        .arg(&setup.layout.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sink = \"file\" cannot be used with store = \"redis\""),
+        "{err}"
+    );
+}
