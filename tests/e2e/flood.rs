@@ -290,9 +290,13 @@ async fn a_renewed_connection_flood_on_both_ports_starves_no_agent_and_no_valida
              before theirs; {during} evictions during the tries, {} in all",
             evicted(&after, port)
         );
+        // Each eviction during the tries made room for a flood connection
+        // or for one of the tries' own (an agent's on gRPC; JWKS, the CRL
+        // and discovery, a connection each, on HTTPS).
+        let own = u64::from(TRIES) * 3;
         assert!(
-            opened >= HOLDERS as u64 + during as u64,
-            "{port}: only {opened} flood connections"
+            opened + own >= HOLDERS as u64 + during as u64,
+            "{port}: only {opened} flood connections for {during} evictions"
         );
         assert!(
             during >= POOL as f64 * 4.0,
