@@ -264,17 +264,7 @@ async fn update_task_context_bounds_set_and_remove_and_writes_nothing_when_refus
 
 /// How many records the audit trail holds.
 async fn audit_lines(op: &mayfly_client::Client) -> usize {
-    let mut stream = op
-        .admin()
-        .read_audit(pb::ReadAuditRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let mut n = 0;
-    while let Some(batch) = stream.message().await.unwrap() {
-        n += batch.records.len();
-    }
-    n
+    audit_trail(op).await.len()
 }
 
 #[tokio::test]

@@ -87,6 +87,33 @@ pub async fn all_leases(op: &Client, mut req: pb::ListLeasesRequest) -> Vec<pb::
     }
 }
 
+/// Every lease of a task (its own included), across pages.
+pub async fn task_leases(op: &Client, task_id: &str) -> Vec<pb::Lease> {
+    all_leases(
+        op,
+        pb::ListLeasesRequest {
+            task_id: task_id.into(),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// Every line of the audit trail, read through the Admin API.
+pub async fn audit_trail(op: &Client) -> Vec<String> {
+    let mut stream = op
+        .admin()
+        .read_audit(pb::ReadAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut lines = Vec::new();
+    while let Some(batch) = stream.message().await.unwrap() {
+        lines.extend(batch.records);
+    }
+    lines
+}
+
 pub async fn lease(op: &Client, id: &str) -> pb::Lease {
     op.admin()
         .get_lease(pb::GetLeaseRequest {

@@ -969,17 +969,7 @@ async fn only_the_subject_token_s_recipient_may_exchange_it() {
     let holder = svid(&broker, AGENT);
     let other_agent = svid(&broker, "spiffe://example.org/agent/other");
     let other_api = svid(&broker, "spiffe://example.org/api/tools");
-    let count = || async {
-        all_leases(
-            &op,
-            pb::ListLeasesRequest {
-                task_id: task.task_id.clone(),
-                ..Default::default()
-            },
-        )
-        .await
-        .len()
-    };
+    let count = || async { task_leases(&op, &task.task_id).await.len() };
     let before = count().await;
     for (what, who, name) in [
         ("the agent holding it", &holder, AGENT),
@@ -1015,23 +1005,12 @@ async fn only_the_subject_token_s_recipient_may_exchange_it() {
         );
     }
     assert_eq!(count().await, before, "a refused exchange wrote a lease");
-    let refusals: Vec<Value> = {
-        let mut stream = op
-            .admin()
-            .read_audit(pb::ReadAuditRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
-        let mut lines = Vec::new();
-        while let Some(batch) = stream.message().await.unwrap() {
-            lines.extend(batch.records);
-        }
-        lines
-            .iter()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .filter(|r| r["event"] == "exchange_denied")
-            .collect()
-    };
+    let refusals: Vec<Value> = audit_trail(&op)
+        .await
+        .iter()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["event"] == "exchange_denied")
+        .collect();
     assert_eq!(refusals.len(), 3, "{refusals:?}");
     let jti = claims_unverified(&t)["jti"].as_str().unwrap().to_owned();
     for r in &refusals {
@@ -1153,15 +1132,7 @@ async fn revoking_a_service_ends_the_hops_it_exchanged_for() {
         })
         .await
         .unwrap();
-    let before = all_leases(
-        &op,
-        pb::ListLeasesRequest {
-            task_id: task.task_id.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .len();
+    let before = task_leases(&op, &task.task_id).await.len();
     let (status, body) = post(
         &broker,
         "/oauth2/token",
@@ -1181,16 +1152,7 @@ async fn revoking_a_service_ends_the_hops_it_exchanged_for() {
             .contains("locked"),
         "{body}"
     );
-    let after = all_leases(
-        &op,
-        pb::ListLeasesRequest {
-            task_id: task.task_id.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .len();
-    assert_eq!(after, before);
+    assert_eq!(task_leases(&op, &task.task_id).await.len(), before);
 }
 
 /// The revocation feed from its start, as a validator follows it.

@@ -569,19 +569,14 @@ async fn the_first_calls_after_a_redis_restart_succeed() {
         .await
         .unwrap();
     // The trail reads back whole: nothing was lost or written twice.
-    let mut stream = op
-        .admin()
-        .read_audit(pb::ReadAuditRequest::default())
+    let events: Vec<String> = audit_trail(&op)
         .await
-        .unwrap()
-        .into_inner();
-    let mut events = Vec::new();
-    while let Some(batch) = stream.message().await.unwrap() {
-        for r in batch.records {
-            let v: serde_json::Value = serde_json::from_str(&r).unwrap();
-            events.push(v["event"].as_str().unwrap().to_owned());
-        }
-    }
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_str(r).unwrap();
+            v["event"].as_str().unwrap().to_owned()
+        })
+        .collect();
     assert_eq!(
         events,
         [
