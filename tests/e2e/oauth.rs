@@ -781,25 +781,39 @@ async fn a_token_exchange_adds_one_hop_and_dies_with_the_task() {
     agent.complete_task(&task.task_id).await.unwrap();
     assert_eq!(lease(&op, &hop).await.state, pb::LeaseState::Revoked as i32);
     // A subject token that has ended is no grant.
-    let (status, body) = post(
+    assert_exchange_refused(
         &broker,
+        &files,
+        &first.token,
+        "invalid_grant",
+        "revoked or expired",
+    )
+    .await;
+}
+
+/// An exchange of `subject` for a read token to the tools API, by `who`,
+/// is refused with `error`, its description naming `needle`.
+async fn assert_exchange_refused(
+    broker: &TestBroker,
+    who: &Credential,
+    subject: &str,
+    error: &str,
+    needle: &str,
+) {
+    let (status, body) = post(
+        broker,
         "/oauth2/token",
-        Some(&files),
-        &exchange_form(&first.token, TOOLS, "read:files"),
+        Some(who),
+        &exchange_form(subject, TOOLS, "read:files"),
     )
     .await;
     assert_eq!(
         (status, body["error"].as_str()),
-        (400, Some("invalid_grant")),
+        (400, Some(error)),
         "{body}"
     );
-    assert!(
-        body["error_description"]
-            .as_str()
-            .unwrap()
-            .contains("revoked or expired"),
-        "{body}"
-    );
+    let said = body["error_description"].as_str().unwrap();
+    assert!(said.contains(needle), "{needle:?} in {body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -971,38 +985,15 @@ async fn only_the_subject_token_s_recipient_may_exchange_it() {
     let other_api = svid(&broker, "spiffe://example.org/api/tools");
     let count = || async { task_leases(&op, &task.task_id).await.len() };
     let before = count().await;
-    for (what, who, name) in [
-        ("the agent holding it", &holder, AGENT),
-        (
-            "another agent",
-            &other_agent,
-            "spiffe://example.org/agent/other",
-        ),
-        (
-            "a resource server of another audience",
-            &other_api,
-            "spiffe://example.org/api/tools",
-        ),
+    // The agent holding it, another agent, a resource server of another
+    // audience.
+    for (who, name) in [
+        (&holder, AGENT),
+        (&other_agent, "spiffe://example.org/agent/other"),
+        (&other_api, "spiffe://example.org/api/tools"),
     ] {
-        let (status, body) = post(
-            &broker,
-            "/oauth2/token",
-            Some(who),
-            &exchange_form(&t, TOOLS, "read:files"),
-        )
-        .await;
-        assert_eq!(
-            (status, body["error"].as_str()),
-            (400, Some("invalid_grant")),
-            "{what}: {body}"
-        );
-        let said = body["error_description"].as_str().unwrap();
-        assert!(
-            said.contains(&format!(
-                "issued for {API}, and {name} is not a resource server"
-            )),
-            "{what}: {said}"
-        );
+        let needle = format!("issued for {API}, and {name} is not a resource server");
+        assert_exchange_refused(&broker, who, &t, "invalid_grant", &needle).await;
     }
     assert_eq!(count().await, before, "a refused exchange wrote a lease");
     let refusals: Vec<Value> = audit_trail(&op)
@@ -1133,25 +1124,7 @@ async fn revoking_a_service_ends_the_hops_it_exchanged_for() {
         .await
         .unwrap();
     let before = task_leases(&op, &task.task_id).await.len();
-    let (status, body) = post(
-        &broker,
-        "/oauth2/token",
-        Some(&files),
-        &exchange_form(&own.token, TOOLS, "read:files"),
-    )
-    .await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (400, Some("access_denied")),
-        "{body}"
-    );
-    assert!(
-        body["error_description"]
-            .as_str()
-            .unwrap()
-            .contains("locked"),
-        "{body}"
-    );
+    assert_exchange_refused(&broker, &files, &own.token, "access_denied", "locked").await;
     assert_eq!(task_leases(&op, &task.task_id).await.len(), before);
 }
 
