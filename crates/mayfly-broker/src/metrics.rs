@@ -25,7 +25,8 @@
 //!   connections closed to make room for a newcomer, by what they were
 //!   doing (`idle`, `opening`, `in_flight`).
 //! - `mayfly_connections_closed_total{port,reason}`: connections the broker
-//!   closed (`idle`, `handshake_timeout`, `handshake_failed`).
+//!   closed (`idle`, `handshake_timeout`, `handshake_failed`,
+//!   `refused_tokens`: too many refused workload tokens on one connection).
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -173,7 +174,7 @@ impl Metrics {
         let connections_closed = Family::<ConnReasonLabels, Counter>::default();
         registry.register(
             "connections_closed",
-            "Connections the broker closed, by port and reason (idle, handshake_timeout, handshake_failed)",
+            "Connections the broker closed, by port and reason (idle, handshake_timeout, handshake_failed, refused_tokens)",
             connections_closed.clone(),
         );
         let connections_evicted = Family::<ConnReasonLabels, Counter>::default();

@@ -1,16 +1,17 @@
 //! Recording decisions. Every decision the broker makes is an audit record;
-//! a decision that issues a credential also has the credential's lease.
+//! a decision that issues a credential also has the credential's lease,
+//! and one that opens a task has the task and its task lease.
 //! [`Recorder`] writes both with group commit: requests hand their record
 //! (and lease) to one writer, which takes everything waiting as one batch
 //! and gives it to the lease store ([`LeaseStore::record`]), which writes
 //! the leases and the records together, all or nothing, and answers each
-//! one. A credential is handed out only once its lease and its record are
-//! durable; a record that fails fails only its own request.
+//! one. A credential or a task is handed out only once its lease and its
+//! record are durable; a record that fails fails only its own request.
 
 use std::fmt;
 use std::sync::{Arc, Weak};
 
-use mayfly_core::{Lease, SpiffeId, Timestamp};
+use mayfly_core::{Lease, SpiffeId, Task, Timestamp};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::audit::{AuditError, AuditRecord, AuditSink, Event};
@@ -25,7 +26,7 @@ const QUEUE: usize = 8192;
 
 struct Pending {
     record: AuditRecord,
-    /// The credential lease to record with it.
+    /// The lease to record with it (a credential's or a new task's).
     lease: Option<LeaseWrite>,
     done: oneshot::Sender<Result<(), RecordError>>,
 }
@@ -96,8 +97,19 @@ impl Recorder {
         lease: Lease,
         now: Timestamp,
     ) -> Result<(), RecordError> {
+        self.record_with(record, LeaseWrite::Credential { lease, now })
+            .await
+    }
+
+    /// Records a new task: the task with its task lease, and its audit
+    /// `record`, together or not at all; returns once both are durable.
+    pub async fn record_started(&self, record: AuditRecord, task: Task) -> Result<(), RecordError> {
+        self.record_with(record, LeaseWrite::Task(task)).await
+    }
+
+    async fn record_with(&self, record: AuditRecord, write: LeaseWrite) -> Result<(), RecordError> {
         let event = record.event;
-        self.send(record, Some(LeaseWrite { lease, now })).await?;
+        self.send(record, Some(write)).await?;
         if let Some(m) = &self.metrics {
             m.decided(event.as_str(), 0);
         }

@@ -201,7 +201,7 @@ mod outbox {
         let writes: Vec<Option<LeaseWrite>> = leases
             .iter()
             .map(|l| {
-                Some(LeaseWrite {
+                Some(LeaseWrite::Credential {
                     lease: l.clone(),
                     now,
                 })

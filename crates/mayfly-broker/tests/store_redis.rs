@@ -264,6 +264,31 @@ async fn leases_indexed_by_an_earlier_layout_are_found_and_purged() {
     assert_eq!(server.cli(&["HLEN", "mayfly:lease-tasks"]).trim(), "0");
 }
 
+/// A service's index of the tokens it exchanged for lapses with the last
+/// of them (kept as long as their lease hashes), not forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_services_token_index_lapses_with_its_last_token() {
+    use mayfly_testkit::contract::{agent, exchanged, task};
+
+    let (Backend { store, .. }, server) = fresh().await;
+    let t = task(&agent("a"), 600);
+    store.start_task(&t).await.unwrap();
+    let svc = agent("svc");
+    let key = format!("mayfly:actor:{svc}:leases");
+    let (short, long) = (exchanged(&t, &svc, 60), exchanged(&t, &svc, 300));
+    store.issue(&long, t.created_at).await.unwrap();
+    store.issue(&short, t.created_at).await.unwrap();
+    let pttl = |k: &str| -> i64 { server.cli(&["PTTL", k]).trim().parse().unwrap() };
+    let lease_key = format!("mayfly:{{{}}}:lease:{}", t.id, long.id);
+    let (index, lease) = (pttl(&key), pttl(&lease_key));
+    assert!(index > 0, "the index has no expiry: {index}");
+    // Both were set from the long token's keep-until, a moment apart.
+    assert!(
+        (index - lease).abs() < 5_000,
+        "index {index} ms, lease {lease} ms"
+    );
+}
+
 /// A store whose connection sat idle while Redis was killed and restarted:
 /// its next call, even one that is never sent twice (ending a task), goes
 /// out on a fresh connection and succeeds.

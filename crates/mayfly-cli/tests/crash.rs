@@ -2,9 +2,10 @@
 //! crash at any point. The real `mayfly serve` (built with the test-only
 //! `failpoints` feature, which this crate's dev-dependency turns on) is
 //! stopped where it hurts most, by a failpoint (`MAYFLY_FAILPOINT`) or by
-//! SIGKILL while agents issue; after a restart every token lease has
-//! exactly one `token_issued` record, every such record its lease, and
-//! `mayfly audit verify` accepts the trail. On the embedded store (its file
+//! SIGKILL while agents open tasks and issue; after a restart every token
+//! lease has exactly one `token_issued` record and every task lease one
+//! `task_started` record, every such record its lease, and `mayfly audit
+//! verify` accepts the trail. On the embedded store (its file
 //! trail) and on Redis (its own trail, the one a Redis store may have).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -137,13 +138,13 @@ impl Setup {
         self.layout.dir.join("data/audit.jsonl")
     }
 
-    /// Every token lease in the store and every line of the trail, read
-    /// with the broker stopped.
-    async fn contents(&self) -> (BTreeSet<String>, Vec<String>) {
+    /// Every token lease and every task lease in the store, and every
+    /// line of the trail, read with the broker stopped.
+    async fn contents(&self) -> (Leases, Vec<String>) {
         match &self.redis {
             None => {
                 let store = EmbeddedStore::open(&self.layout.dir.join("data/leases.redb")).unwrap();
-                let leases = token_leases(&store).await;
+                let leases = Leases::of(&store).await;
                 let mut lines = Vec::new();
                 for f in mayfly_broker::audit::segment_files(&self.trail_file()).unwrap() {
                     let text = std::fs::read_to_string(f).unwrap();
@@ -157,7 +158,7 @@ impl Setup {
                     ca_pem: None,
                 };
                 let store = RedisStore::new(target, "mayfly", Duration::from_secs(86_400)).unwrap();
-                let leases = token_leases(&store).await;
+                let leases = Leases::of(&store).await;
                 let trail = store.trail();
                 let (mut lines, mut cursor) = (Vec::new(), String::new());
                 loop {
@@ -197,36 +198,53 @@ impl Setup {
         );
     }
 
-    /// Checks, with the broker stopped: each token lease has exactly one
-    /// record, no record names a lease the store lacks, no record is
-    /// there twice, and the chain verifies. Returns how many tokens.
-    async fn check(&self) -> usize {
+    /// Checks, with the broker stopped: each token lease and each task
+    /// lease has exactly one record, no record names a lease the store
+    /// lacks, no record is there twice, and the chain verifies. Returns
+    /// how many tokens and tasks.
+    async fn check(&self) -> (usize, usize) {
         let (leases, lines) = self.contents().await;
-        let mut issued: BTreeMap<String, usize> = BTreeMap::new();
-        for line in &lines {
-            let r: serde_json::Value = serde_json::from_str(line).unwrap();
-            if r["event"] == "token_issued" {
-                *issued
-                    .entry(r["lease_id"].as_str().unwrap().to_owned())
-                    .or_default() += 1;
-            }
-        }
-        let twice: Vec<&String> = issued
+        let records: Vec<serde_json::Value> = lines
             .iter()
-            .filter(|(_, n)| **n > 1)
-            .map(|(id, _)| id)
+            .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        assert!(twice.is_empty(), "records twice: {twice:?}");
-        let unrecorded: Vec<&String> = leases.iter().filter(|l| !issued.contains_key(*l)).collect();
-        assert!(
-            unrecorded.is_empty(),
-            "leases without a record: {unrecorded:?}"
-        );
-        let orphans: Vec<&String> = issued.keys().filter(|id| !leases.contains(*id)).collect();
-        assert!(orphans.is_empty(), "records without a lease: {orphans:?}");
+        one_record_each(&leases.tokens, &records, "token_issued", "lease_id");
+        one_record_each(&leases.tasks, &records, "task_started", "task_id");
         self.audit_verify(&lines);
-        leases.len()
+        (leases.tokens.len(), leases.tasks.len())
     }
+}
+
+/// Checks that each of `leases` has exactly one `event` record, naming it
+/// in `field`, and that every such record names one of them.
+fn one_record_each(
+    leases: &BTreeSet<String>,
+    records: &[serde_json::Value],
+    event: &str,
+    field: &str,
+) {
+    let mut recorded: BTreeMap<String, usize> = BTreeMap::new();
+    for r in records.iter().filter(|r| r["event"] == event) {
+        *recorded
+            .entry(r[field].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    let twice: Vec<&String> = recorded
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| id)
+        .collect();
+    assert!(twice.is_empty(), "{event} recorded twice: {twice:?}");
+    let unrecorded: Vec<&String> = leases
+        .iter()
+        .filter(|l| !recorded.contains_key(*l))
+        .collect();
+    assert!(
+        unrecorded.is_empty(),
+        "leases without {event}: {unrecorded:?}"
+    );
+    let orphans: Vec<&String> = recorded.keys().filter(|id| !leases.contains(*id)).collect();
+    assert!(orphans.is_empty(), "{event} without a lease: {orphans:?}");
 }
 
 fn port_of(addr: &str) -> &str {
@@ -237,10 +255,26 @@ fn task() -> NewTask {
     NewTask::new("crash test", [API]).scope("read:files")
 }
 
-/// Every token lease of `store`.
-async fn token_leases(store: &dyn LeaseStore) -> BTreeSet<String> {
+/// The ids of a store's token leases and task leases (a task's lease has
+/// the task's id).
+struct Leases {
+    tokens: BTreeSet<String>,
+    tasks: BTreeSet<String>,
+}
+
+impl Leases {
+    async fn of(store: &dyn LeaseStore) -> Self {
+        Self {
+            tokens: ids(store, LeaseKind::Jwt).await,
+            tasks: ids(store, LeaseKind::Task).await,
+        }
+    }
+}
+
+/// Every lease of `kind` in `store`.
+async fn ids(store: &dyn LeaseStore, kind: LeaseKind) -> BTreeSet<String> {
     let filter = LeaseFilter {
-        kind: Some(LeaseKind::Jwt),
+        kind: Some(kind),
         ..LeaseFilter::default()
     };
     let mut out = BTreeSet::new();
@@ -294,8 +328,43 @@ async fn a_crash_at(setup: &mut Setup, point: &str) {
     stop(&mut child);
     assert_eq!(
         setup.check().await,
-        1,
-        "{point}: the one token lease and its record"
+        (1, 3),
+        "{point}: the one token lease and its record; the task it was issued under and \
+         each run's first"
+    );
+}
+
+/// Opens one task with the failpoint chosen: the broker dies there, the
+/// agent gets no task; after a restart the task lease and its record are
+/// there once each.
+async fn a_task_crash_at(setup: &mut Setup, point: &str) {
+    let mut child = setup.serve(Some(point));
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if let Some(agent) = setup.agent().await
+            && let Ok(task) = agent.start_task(task()).await
+        {
+            task.detach();
+            panic!("the broker answered past {point}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success(), "{status}");
+    assert!(
+        setup.log().contains(&format!("failpoint {point} reached")),
+        "{}",
+        setup.log()
+    );
+
+    let mut child = setup.serve(None);
+    setup.ready(&mut child).await;
+    stop(&mut child);
+    assert_eq!(
+        setup.check().await,
+        (0, 2),
+        "{point}: the crashed task and the next run's, each with its record"
     );
 }
 
@@ -305,29 +374,40 @@ async fn embedded_a_crash_after_the_commit_or_the_append_loses_and_doubles_nothi
         let mut setup = Setup::new(None);
         a_crash_at(&mut setup, point).await;
     }
+    for point in ["after_task_commit", "after_task_trail_append"] {
+        let mut setup = Setup::new(None);
+        a_task_crash_at(&mut setup, point).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_a_crash_after_the_script_loses_nothing() {
     let mut setup = Setup::new(Some(RedisServer::start()));
     a_crash_at(&mut setup, "after_lease_commit").await;
+    let mut setup = Setup::new(Some(RedisServer::start()));
+    a_task_crash_at(&mut setup, "after_task_commit").await;
 }
 
-/// Agents issue as fast as they can until told to stop.
+/// Agents open tasks and issue as fast as they can until told to stop:
+/// three tokens a task, so a kill finds tasks opening as well as tokens.
 fn issuers(agent: &Client, n: usize, stop: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<()>> {
     (0..n)
         .map(|_| {
             let (agent, stop) = (agent.clone(), stop.clone());
             tokio::spawn(async move {
-                let Ok(task) = agent.start_task(task()).await else {
-                    return;
-                };
                 while !stop.load(Ordering::Relaxed) {
-                    if task.issue_token(API, ["read:files"]).await.is_err() {
-                        break;
+                    let Ok(task) = agent.start_task(task()).await else {
+                        return;
+                    };
+                    let mut issued = 0;
+                    while issued < 3 && task.issue_token(API, ["read:files"]).await.is_ok() {
+                        issued += 1;
+                    }
+                    task.detach();
+                    if issued < 3 {
+                        return;
                     }
                 }
-                task.detach();
             })
         })
         .collect()
@@ -362,12 +442,15 @@ async fn kill_under_load(setup: &mut Setup) {
         let mut child = setup.serve(None);
         setup.ready(&mut child).await;
         stop(&mut child);
-        let now = setup.check().await;
+        let (now, opened) = setup.check().await;
         assert!(
             now > tokens,
             "run {run}: no token was issued before the kill"
         );
-        eprintln!("run {run}: {} tokens issued before the kill", now - tokens);
+        eprintln!(
+            "run {run}: {} tokens issued before the kill; {opened} tasks in all",
+            now - tokens
+        );
         tokens = now;
     }
 }

@@ -33,6 +33,7 @@ macro_rules! store_contract_tests {
     ($make:expr) => {
         $crate::store_contract_tests!(@recording $make;
             record_writes_each_lease_with_its_record_or_neither,
+            record_opens_each_task_with_its_record_or_neither,
             concurrent_records_keep_leases_and_trail_in_step,
             a_failed_trail_leaves_no_active_lease
         );
@@ -428,7 +429,7 @@ pub async fn revoke_agent_spares_other_agents(store: Store) {
 
 /// A token exchanged for by `service` under `task` (another agent's), at
 /// T0, living `ttl` seconds.
-fn exchanged(task: &Task, service: &SpiffeId, ttl: u64) -> Lease {
+pub fn exchanged(task: &Task, service: &SpiffeId, ttl: u64) -> Lease {
     let mut l = lease(task, ttl);
     l.detail = LeaseDetail::ExchangedToken {
         audience: Audience::new("https://api.example.com").unwrap(),
@@ -1620,6 +1621,15 @@ pub async fn ending_a_task_ends_its_whole_subtree(store: Store) {
 /// Every line of `trail`, checked as one intact chain from genesis, and the
 /// lease each record names.
 async fn trail_leases(trail: &dyn AuditSink) -> Vec<Option<String>> {
+    trail_records(trail)
+        .await
+        .into_iter()
+        .map(|r| r.lease_id)
+        .collect()
+}
+
+/// Every record of `trail`, checked as one intact chain from genesis.
+async fn trail_records(trail: &dyn AuditSink) -> Vec<AuditRecord> {
     let mut lines = Vec::new();
     let mut cursor = String::new();
     loop {
@@ -1636,7 +1646,7 @@ async fn trail_leases(trail: &dyn AuditSink) -> Vec<Option<String>> {
     }
     lines
         .iter()
-        .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap().lease_id)
+        .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap())
         .collect()
 }
 
@@ -1671,7 +1681,7 @@ pub async fn record_writes_each_lease_with_its_record_or_neither(backend: Backen
         issued_record(&last),
     ];
     let write = |l: &Lease| {
-        Some(LeaseWrite {
+        Some(LeaseWrite::Credential {
             lease: l.clone(),
             now: at(2),
         })
@@ -1741,6 +1751,137 @@ pub async fn record_writes_each_lease_with_its_record_or_neither(backend: Backen
         "{outcomes:?}"
     );
     assert_eq!(trail_leases(&*trail).await.len(), 3);
+}
+
+/// Tasks opened through `record`: each new task (its task and task lease)
+/// is written with its record, a refused one (a duplicate, a child of an
+/// ended parent, a locked agent's) fails alone with neither, and a child
+/// written this way still ends with its parent. On a trail that fails, no
+/// task of the batch is left active.
+pub async fn record_opens_each_task_with_its_record_or_neither(backend: Backend) {
+    let Backend { store, trail } = backend;
+    let parent = started(&store, &agent("a"), 600).await;
+    let ended = started(&store, &agent("a"), 600).await;
+    store
+        .end_task(&ended.id, &complete(&ended, at(1)))
+        .await
+        .unwrap();
+    let lock = AgentLock {
+        agent: agent("c"),
+        by: operator(),
+        reason: "contract".into(),
+        at: at(0),
+        expires_at: None,
+    };
+    store
+        .lock_agent(
+            &lock,
+            &revoke(
+                RevocationReason::AgentRevoked,
+                RevocationReason::AgentRevoked,
+                at(0),
+            ),
+        )
+        .await
+        .unwrap();
+    let (root, kid) = (task(&agent("a"), 600), child(&parent, &agent("b"), 2, 300));
+    let (orphan, locked) = (child(&ended, &agent("b"), 2, 300), task(&agent("c"), 600));
+    let credential = lease(&parent, 60);
+    let opened = |t: &Task| AuditRecord::new(Event::TaskStarted, &t.agent).task(t);
+    let records = [
+        opened(&root),
+        opened(&kid),
+        opened(&parent),
+        opened(&orphan),
+        opened(&locked),
+        issued_record(&credential),
+    ];
+    let leases = [
+        Some(LeaseWrite::Task(root.clone())),
+        Some(LeaseWrite::Task(kid.clone())),
+        Some(LeaseWrite::Task(parent.clone())),
+        Some(LeaseWrite::Task(orphan.clone())),
+        Some(LeaseWrite::Task(locked.clone())),
+        Some(LeaseWrite::Credential {
+            lease: credential.clone(),
+            now: at(2),
+        }),
+    ];
+    let by = broker();
+    let batch = RecordBatch {
+        records: &records,
+        leases: &leases,
+        undo_by: &by,
+    };
+    let outcomes = store.record(&batch, &*trail).await;
+    assert!(
+        matches!(
+            &outcomes[..],
+            [
+                Ok(()),
+                Ok(()),
+                Err(RecordError::Store(StoreError::Duplicate(_))),
+                Err(RecordError::Store(StoreError::TaskNotActive(
+                    TaskState::Completed
+                ))),
+                Err(RecordError::Store(StoreError::AgentLocked)),
+                Ok(()),
+            ]
+        ),
+        "{outcomes:?}"
+    );
+    let written: Vec<(Option<String>, Option<String>)> = trail_records(&*trail)
+        .await
+        .into_iter()
+        .map(|r| (r.task_id, r.lease_id))
+        .collect();
+    assert_eq!(
+        written,
+        [
+            (Some(root.id.to_string()), None),
+            (Some(kid.id.to_string()), None),
+            (None, Some(credential.id.to_string())),
+        ]
+    );
+    for t in [&root, &kid] {
+        let got = store.get_task(&t.id).await.unwrap().expect("task written");
+        assert_eq!(&got.task, t);
+        assert_eq!(got.state_at(at(3)), TaskState::Active);
+    }
+    for t in [&orphan, &locked] {
+        assert!(store.get_task(&t.id).await.unwrap().is_none());
+        assert!(store.get_lease(&t.id.lease_id()).await.unwrap().is_none());
+    }
+    let ended_with_parent = store
+        .end_task(&parent.id, &complete(&parent, at(4)))
+        .await
+        .unwrap();
+    assert!(
+        ended_with_parent.contains(&kid.id.lease_id()),
+        "{ended_with_parent:?}"
+    );
+
+    // A trail that fails: the task is not left active.
+    let lost = task(&agent("a"), 600);
+    let records = [opened(&lost)];
+    let leases = [Some(LeaseWrite::Task(lost.clone()))];
+    let batch = RecordBatch {
+        records: &records,
+        leases: &leases,
+        undo_by: &by,
+    };
+    let outcomes = store.record(&batch, &Unwritable).await;
+    assert!(
+        matches!(outcomes[..], [Err(RecordError::Audit(_))]),
+        "{outcomes:?}"
+    );
+    if let Some(got) = store.get_task(&lost.id).await.unwrap() {
+        assert_ne!(
+            got.state_at(at(5)),
+            TaskState::Active,
+            "unrecorded task left active"
+        );
+    }
 }
 
 /// Many requests through the broker's recorder at once, half of them under
@@ -1848,7 +1989,7 @@ pub async fn a_failed_trail_leaves_no_active_lease(backend: Backend) {
         issued_record(&two),
     ];
     let write = |l: &Lease| {
-        Some(LeaseWrite {
+        Some(LeaseWrite::Credential {
             lease: l.clone(),
             now: at(2),
         })

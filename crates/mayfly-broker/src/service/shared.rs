@@ -6,9 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_core::{
-    Decision, Policy, RevocationReason, SpiffeId, Task, TaskId, TaskRecord, TaskState, Timestamp,
-};
+use mayfly_core::{Decision, Policy, SpiffeId, Task, TaskId, TaskRecord, TaskState, Timestamp};
 use tokio::sync::Notify;
 
 use super::TaskCache;
@@ -17,7 +15,7 @@ use crate::cause::Cause;
 use crate::config::ResourceServer;
 use crate::error::BrokerError;
 use crate::recorder::Recorder;
-use crate::store::{LeaseStore, RevokeRequest};
+use crate::store::{LeaseStore, RecordError};
 
 /// What every part of the service shares.
 #[derive(Debug)]
@@ -154,30 +152,30 @@ impl Shared {
         Ok((record, false))
     }
 
-    /// Records a decision that must be on record before the caller hears
-    /// of it (an issued credential, a new task): failing to record fails
-    /// the request.
-    pub(super) async fn audit(&self, record: AuditRecord) -> Result<(), BrokerError> {
-        Ok(self.recorder.record(record).await?)
-    }
-
-    /// Records a new task's decision, its task already written; if the
-    /// trail cannot take it, the task is ended again and the request fails,
-    /// so no unrecorded task is handed out. (A credential is recorded with
-    /// its lease in one step instead: `Recorder::record_issued`.)
-    pub(super) async fn audit_or_end_task(
+    /// Writes a new task and its record (`record`), together or not at
+    /// all. A lock on its agent is refused, and recorded as `denied`.
+    pub(super) async fn open_task(
         &self,
-        task: &TaskId,
+        task: &Task,
         record: AuditRecord,
+        denied: AuditRecord,
     ) -> Result<(), BrokerError> {
-        let Err(e) = self.audit(record).await else {
-            return Ok(());
-        };
-        let req = RevokeRequest::unrecorded(RevocationReason::TaskRevoked, &self.broker_id);
-        if let Err(undo) = self.store.end_task(task, &req).await {
-            tracing::error!(task_id = %task, error = %undo, "unrecorded task not ended");
+        // A delegated task's refusals (not found, not active) are its parent's.
+        let about = task.parent.as_ref().unwrap_or(&task.id);
+        let opened = self
+            .recorder
+            .record_started(record, task.clone())
+            .await
+            .map_err(|e| match e {
+                RecordError::Store(e) => BrokerError::from_store(e, about),
+                RecordError::Audit(e) => e.into(),
+            });
+        match self.explain_lock(&task.agent, opened).await {
+            Err(locked @ BrokerError::AgentLocked(_)) => {
+                Err(self.record_denial(locked, denied).await)
+            }
+            other => other,
         }
-        Err(e)
     }
 
     /// Records a decision that stands whether or not it is recorded (a

@@ -71,31 +71,13 @@ impl Tasks {
             delegated_by: Vec::new(),
             authenticated_by: caller.token_issuer(),
         };
-        let started = self
-            .shared
-            .store
-            .start_task(&task)
-            .await
-            .map_err(BrokerError::from);
-        if let Err(e) = self.shared.explain_lock(&caller.id, started).await {
-            return Err(match e {
-                locked @ BrokerError::AgentLocked(_) => {
-                    self.shared.record_denial(locked, denied).await
-                }
-                other => other,
-            });
-        }
-        self.shared
-            .audit_or_end_task(
-                &task.id,
-                caller
-                    .record(Event::TaskStarted)
-                    .task(&task)
-                    .envelope(&task.envelope)
-                    .decided("permit", Some(&permit.policy_id))
-                    .expires(task.expires_at),
-            )
-            .await?;
+        let record = caller
+            .record(Event::TaskStarted)
+            .task(&task)
+            .envelope(&task.envelope)
+            .decided("permit", Some(&permit.policy_id))
+            .expires(task.expires_at);
+        self.shared.open_task(&task, record, denied).await?;
         tracing::info!(
             target: "mayfly::decision",
             event = "task_started",
@@ -205,20 +187,6 @@ impl Tasks {
             delegated_by,
             authenticated_by: caller.token_issuer(),
         };
-        let started = self
-            .shared
-            .store
-            .start_task(&task)
-            .await
-            .map_err(|e| BrokerError::from_store(e, &parent.id));
-        if let Err(e) = self.shared.explain_lock(&task.agent, started).await {
-            return Err(match e {
-                locked @ BrokerError::AgentLocked(_) => {
-                    self.shared.record_denial(locked, denied).await
-                }
-                other => other,
-            });
-        }
         let mut record = caller
             .record(Event::TaskDelegated)
             .task(&task)
@@ -226,7 +194,7 @@ impl Tasks {
             .decided("permit", Some(&permit.policy_id))
             .expires(task.expires_at);
         record.delegate = Some(task.agent.to_string());
-        self.shared.audit_or_end_task(&task.id, record).await?;
+        self.shared.open_task(&task, record, denied).await?;
         tracing::info!(
             target: "mayfly::decision",
             event = "task_delegated",

@@ -95,22 +95,44 @@ pub enum RecordError {
     Audit(#[from] AuditError),
 }
 
-/// A credential lease to record with its audit record.
+/// A lease to record with its audit record.
 #[derive(Debug, Clone)]
-pub struct LeaseWrite {
-    /// The lease, as [`LeaseStore::issue`] takes it.
-    pub lease: Lease,
-    /// When its decision was made (the task must be active then).
-    pub now: Timestamp,
+pub enum LeaseWrite {
+    /// A credential's lease, checked as [`LeaseStore::issue`] checks it.
+    Credential {
+        /// The lease.
+        lease: Lease,
+        /// When its decision was made (the task must be active then).
+        now: Timestamp,
+    },
+    /// A new task with its task lease, checked as
+    /// [`LeaseStore::start_task`] checks it.
+    Task(Task),
+}
+
+impl LeaseWrite {
+    /// The id of the lease it writes (a task's lease has the task's id).
+    pub fn lease_id(&self) -> LeaseId {
+        match self {
+            Self::Credential { lease, .. } => lease.id.clone(),
+            Self::Task(task) => task.id.lease_id(),
+        }
+    }
+
+    /// Whether it opens a task.
+    pub fn is_task(&self) -> bool {
+        matches!(self, Self::Task(_))
+    }
 }
 
 /// A batch for [`LeaseStore::record`]: audit records in trail order, each
-/// with the credential lease it records, if it records one.
+/// with the lease it records, if it records one.
 #[derive(Debug, Clone, Copy)]
 pub struct RecordBatch<'a> {
     /// The records, in the order the trail gets them.
     pub records: &'a [AuditRecord],
-    /// `leases[i]` is the lease `records[i]` issues; as long as `records`.
+    /// `leases[i]` is the lease `records[i]` writes (a credential's, or a
+    /// new task's); as long as `records`.
     pub leases: &'a [Option<LeaseWrite>],
     /// Who revokes a lease whose record could not be written, where the
     /// store must undo one (the broker's own identity).
@@ -126,7 +148,8 @@ impl RecordBatch<'_> {
 
 /// What [`lease_then_record`] needs of a backend.
 pub(crate) trait LeaseThenRecord: Sync {
-    /// Records each lease as [`LeaseStore::issue`] would; one answer each.
+    /// Records each lease as [`LeaseStore::issue`] (a task's as
+    /// [`LeaseStore::start_task`]) would; one answer each.
     fn issue_all(
         &self,
         writes: &[&LeaseWrite],
@@ -135,7 +158,7 @@ pub(crate) trait LeaseThenRecord: Sync {
     /// Revokes each lease still active, as `req` says.
     fn undo_all(
         &self,
-        ids: &[&LeaseId],
+        ids: &[LeaseId],
         req: &RevokeRequest,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
@@ -167,7 +190,7 @@ pub(crate) async fn lease_then_record<S: LeaseThenRecord>(
         let answers = store.issue_all(&leases).await;
         for ((i, w), answer) in writes.iter().zip(answers) {
             match answer {
-                Ok(()) => issued.push(&w.lease.id),
+                Ok(()) => issued.push(w.lease_id()),
                 Err(e) => out[*i] = Err(RecordError::Store(e)),
             }
         }
@@ -413,7 +436,8 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     async fn issue(&self, lease: &Lease, now: Timestamp) -> Result<(), StoreError>;
 
     /// Writes `batch.records` to `trail` and, with each record that issues
-    /// a credential, its lease (checked as [`issue`](Self::issue) checks
+    /// a credential or opens a task, its lease (checked as
+    /// [`issue`](Self::issue) or [`start_task`](Self::start_task) checks
     /// it), so that a lease and its record exist together or not at all,
     /// across a crash at any point: in one script when the trail is this
     /// store's own (Redis); on the embedded store, the leases and the

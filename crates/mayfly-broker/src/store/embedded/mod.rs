@@ -195,31 +195,7 @@ const SEEN_PURGE_BATCH: usize = 64;
 impl LeaseStore for EmbeddedStore {
     async fn start_task(&self, task: &Task) -> Result<(), StoreError> {
         let task = task.clone();
-        self.write(move |t| {
-            let id = task.id.as_str();
-            if t.tasks.get(id)?.is_some() {
-                return Err(StoreError::Duplicate(id.to_owned()));
-            }
-            t.refuse_locked(&task.agent, task.created_at)?;
-            if let Some(parent) = &task.parent {
-                let record = t
-                    .task_record(parent.as_str())?
-                    .filter(|r| Some(&r.task.agent) == task.delegated_by.last())
-                    .ok_or(StoreError::TaskNotFound)?;
-                let state = record.state_at(task.created_at);
-                if state != TaskState::Active {
-                    return Err(StoreError::TaskNotActive(state));
-                }
-                if task.expires_at > record.task.expires_at {
-                    return Err(StoreError::OutlivesTask);
-                }
-                t.task_children.insert(parent.as_str(), id)?;
-            }
-            t.tasks.insert(id, encode(&task)?.as_slice())?;
-            t.agent_tasks.insert(task.agent.as_str(), id)?;
-            t.insert_new_lease(&task.new_lease())
-        })
-        .await
+        self.write(move |t| t.start_task(&task)).await
     }
 
     async fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {

@@ -31,7 +31,7 @@ use super::tables::{META, OUTBOX, TRAIL_SEQ, decode};
 use crate::audit::{AuditError, AuditRecord, AuditSink, Event};
 use crate::cause::Cause;
 use crate::failpoint;
-use crate::store::{RecordBatch, RecordError, RevokeRequest, StoreError};
+use crate::store::{LeaseWrite, RecordBatch, RecordError, RevokeRequest, StoreError};
 
 /// Most records one append ships when the outbox is drained.
 const SHIP_BATCH: usize = 1024;
@@ -76,7 +76,11 @@ impl EmbeddedStore {
                 let mut queued = Vec::with_capacity(records.len());
                 for (record, lease) in records.iter().zip(&leases) {
                     if let Some(w) = lease {
-                        match t.issue(&w.lease, w.now) {
+                        let written = match w {
+                            LeaseWrite::Credential { lease, now } => t.issue(lease, *now),
+                            LeaseWrite::Task(task) => t.start_task(task),
+                        };
+                        match written {
                             // The transaction itself failed: none of it may
                             // be committed.
                             Err(e @ (StoreError::Unavailable(_) | StoreError::Corrupt(_))) => {
@@ -107,10 +111,7 @@ impl EmbeddedStore {
         let Some(&last) = queued.last() else {
             return out;
         };
-        let with_leases = batch.leases.iter().any(Option::is_some);
-        if with_leases {
-            failpoint::hit("after_lease_commit");
-        }
+        failpoint::after_commit(batch.leases.iter().flatten());
         let kept: Vec<usize> = (0..out.len()).filter(|&i| out[i].is_ok()).collect();
         let appended = if kept.len() == batch.records.len() {
             trail.append(batch.records).await
@@ -121,16 +122,14 @@ impl EmbeddedStore {
         };
         match appended {
             Ok(()) => {
-                if with_leases {
-                    failpoint::hit("after_trail_append");
-                }
+                failpoint::after_append(batch.leases.iter().flatten());
                 shipping.shipped = Some(last);
             }
             Err(e) => {
                 shipping.behind = true;
                 let issued: Vec<LeaseId> = kept
                     .iter()
-                    .filter_map(|&i| batch.leases[i].as_ref().map(|w| w.lease.id.clone()))
+                    .filter_map(|&i| batch.leases[i].as_ref().map(LeaseWrite::lease_id))
                     .collect();
                 self.undo(&issued, batch.undo_by).await;
                 for i in kept {
@@ -159,7 +158,7 @@ impl EmbeddedStore {
         let req = RevokeRequest::unrecorded(RevocationReason::Operator, by);
         let record = AuditRecord::new(Event::LeaseRevoked, by)
             .revoked(issued)
-            .reason("audit trail unavailable: the credentials were not handed out");
+            .reason("audit trail unavailable: these leases were not handed out");
         let ids = issued.to_vec();
         let undone = self
             .write(move |t| {

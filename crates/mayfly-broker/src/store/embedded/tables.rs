@@ -173,6 +173,34 @@ impl<'t> Tables<'t> {
         Ok(revoked)
     }
 
+    /// Records a new task and its task lease unless its agent is locked;
+    /// a delegated one only under a live parent of its delegator that
+    /// outlives it. Refuses with why, writing nothing, otherwise.
+    pub(super) fn start_task(&mut self, task: &Task) -> Result<(), StoreError> {
+        let id = task.id.as_str();
+        if self.tasks.get(id)?.is_some() {
+            return Err(StoreError::Duplicate(id.to_owned()));
+        }
+        self.refuse_locked(&task.agent, task.created_at)?;
+        if let Some(parent) = &task.parent {
+            let record = self
+                .task_record(parent.as_str())?
+                .filter(|r| Some(&r.task.agent) == task.delegated_by.last())
+                .ok_or(StoreError::TaskNotFound)?;
+            let state = record.state_at(task.created_at);
+            if state != TaskState::Active {
+                return Err(StoreError::TaskNotActive(state));
+            }
+            if task.expires_at > record.task.expires_at {
+                return Err(StoreError::OutlivesTask);
+            }
+            self.task_children.insert(parent.as_str(), id)?;
+        }
+        self.tasks.insert(id, encode(task)?.as_slice())?;
+        self.agent_tasks.insert(task.agent.as_str(), id)?;
+        self.insert_new_lease(&task.new_lease())
+    }
+
     /// Records a credential lease if its task is live, of the same agent,
     /// outlives it and is still at the revision decided on, and the agent
     /// is not locked; refuses with why, writing nothing, otherwise.

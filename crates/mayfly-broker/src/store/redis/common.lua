@@ -72,12 +72,17 @@ end
 -- agent's tasks, and is purged with its task (it never outlives it). A token
 -- held by another than its owner (exchanged) is also found through its
 -- holder's actor index, whose entries past their expiry are dropped
--- whenever it is written or read.
+-- whenever it is written or read, and which lapses with the last lease it
+-- lists.
 local function issue_write(lease_key, set_key, index_key, expiry_key, actor_key, id, task, agent,
     holder, now, expires, keep_until, body, kind, member, serial)
   if holder ~= agent then
     redis.call('ZREMRANGEBYSCORE', actor_key, '-inf', now)
     redis.call('ZADD', actor_key, expires, id .. ':' .. task)
+    local left = redis.call('PTTL', actor_key)
+    if left < 0 or tonumber(now) + left < tonumber(keep_until) then
+      redis.call('PEXPIREAT', actor_key, keep_until)
+    end
   end
   if serial ~= '' then
     redis.call('HSET', lease_key, 'body', body, 'state', 'active', 'exp', expires,
@@ -98,4 +103,45 @@ end
 local function writable(key, want)
   local t = redis.call('TYPE', key)['ok']
   return t == 'none' or t == want
+end
+
+-- Whether a task may be started now: 'OK', or why not. K and A are
+-- start_task.lua's KEYS and ARGV (there, the layout). The agent must not be
+-- locked and the task id must be new; a delegated task needs a live parent
+-- of its delegator that outlives it.
+local function task_check(K, A)
+  if redis.call('EXISTS', K[1]) == 1 then return 'DUPLICATE' end
+  if locked(K[12], A[10]) then return 'LOCKED' end
+  if A[8] ~= '' then
+    local owner = redis.call('HGET', K[9], 'agent')
+    if not owner or owner ~= A[9] then return 'NOTFOUND' end
+    local state = task_state(K[10], A[10])
+    if state ~= 'active' then return 'STATE:' .. state end
+    if tonumber(A[5]) > tonumber(redis.call('HGET', K[9], 'exp')) then return 'OUTLIVES' end
+  end
+  return 'OK'
+end
+
+-- Records a task that passed task_check: the task, its task lease, its
+-- entries in the indexes and, when delegated, in its parent's children (it
+-- then ends with the parent).
+local function task_write(K, A)
+  if A[8] ~= '' then
+    local parent_exp = redis.call('HGET', K[9], 'exp')
+    redis.call('ZADD', K[11], 0, A[1])
+    redis.call('PEXPIREAT', K[11], tonumber(parent_exp) + tonumber(A[11]))
+  end
+  redis.call('HSET', K[1], 'body', A[2], 'agent', A[4], 'exp', A[5], 'rev', '0')
+  redis.call('HSET', K[2], 'body', A[3], 'state', 'active', 'exp', A[5],
+    'kind', 'task', 'agent', A[4])
+  redis.call('ZADD', K[3], 0, A[1])
+  -- The lease set has no Redis TTL: purge finds the task's credentials
+  -- through it (and deletes it), however late the reaper runs.
+  for i = 1, 2 do redis.call('PEXPIREAT', K[i], A[6]) end
+  redis.call('HSET', K[4], A[1], A[1])
+  redis.call('ZADD', K[5], 0, A[1] .. ':' .. A[4])
+  redis.call('ZADD', K[6], 0, A[1])
+  redis.call('ZADD', K[7], A[5], A[7])
+  -- The task is purged after retention, and its credentials with it.
+  redis.call('ZADD', K[8], A[5], A[7])
 end

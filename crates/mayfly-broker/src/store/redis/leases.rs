@@ -5,43 +5,18 @@ use mayfly_core::{
     Lease, LeaseId, RevocationReason, SpiffeId, Task, TaskContext, TaskId, TaskRecord, Timestamp,
 };
 
+use super::RedisStore;
 use super::codec::{LeaseFields, encode, lease_from, script_status};
-use super::keys::{member, split_member};
+use super::keys::split_member;
 use super::scripts::Repeat;
-use super::{RedisStore, TTL_MARGIN};
 use crate::cause::Cause;
 use crate::store::{LeaseStore, RevokeRequest, StoreError};
 
 pub(super) async fn start_task(store: &RedisStore, task: &Task) -> Result<(), StoreError> {
-    let (t, a) = (task.id.as_str(), task.agent.as_str());
-    let m = member(t, t, a);
-    // Not delegated: the parent keys are the task's own, unused.
-    let p = task.parent.as_ref().map_or(t, |p| p.as_str());
-    let delegator = task.delegated_by.last().map_or("", |d| d.as_str());
+    let t = task.id.as_str();
     let mut inv = store.scripts.start_task.prepare_invoke();
-    inv.key(store.keys.task(t))
-        .key(store.keys.lease(t, t))
-        .key(store.keys.task_leases(t))
-        .key(store.keys.lease_tasks())
-        .key(store.keys.tasks())
-        .key(store.keys.agent_tasks(a))
-        .key(store.keys.expiry())
-        .key(store.keys.purge())
-        .key(store.keys.task(p))
-        .key(store.keys.lease(p, p))
-        .key(store.keys.children(p))
-        .key(store.keys.lock(a))
-        .arg(t)
-        .arg(encode(task)?)
-        .arg(encode(&task.new_lease())?)
-        .arg(a)
-        .arg(task.expires_at.as_millis())
-        .arg(store.keep_until(task.expires_at))
-        .arg(&m)
-        .arg(task.parent.as_ref().map_or("", |p| p.as_str()))
-        .arg(delegator)
-        .arg(task.created_at.as_millis())
-        .arg((store.retention + TTL_MARGIN).as_millis() as u64);
+    store.task_keys(&mut inv, task);
+    store.task_args(&mut inv, task)?;
     let body = encode(task)?;
     let (reply, twice): (String, bool) = store.invoke_repeatable(&inv, Repeat::Safe).await?;
     match script_status(&reply) {

@@ -220,6 +220,47 @@ impl RedisStore {
         Ok(())
     }
 
+    /// A new task's keys, as `start_task.lua` lists them.
+    fn task_keys(&self, inv: &mut redis::ScriptInvocation<'_>, task: &Task) {
+        let (t, a) = (task.id.as_str(), task.agent.as_str());
+        // Not delegated: the parent keys are the task's own, unused.
+        let p = task.parent.as_ref().map_or(t, |p| p.as_str());
+        inv.key(self.keys.task(t))
+            .key(self.keys.lease(t, t))
+            .key(self.keys.task_leases(t))
+            .key(self.keys.lease_tasks())
+            .key(self.keys.tasks())
+            .key(self.keys.agent_tasks(a))
+            .key(self.keys.expiry())
+            .key(self.keys.purge())
+            .key(self.keys.task(p))
+            .key(self.keys.lease(p, p))
+            .key(self.keys.children(p))
+            .key(self.keys.lock(a));
+    }
+
+    /// A new task's arguments, as `start_task.lua` lists them.
+    fn task_args(
+        &self,
+        inv: &mut redis::ScriptInvocation<'_>,
+        task: &Task,
+    ) -> Result<(), StoreError> {
+        let (t, a) = (task.id.as_str(), task.agent.as_str());
+        let delegator = task.delegated_by.last().map_or("", |d| d.as_str());
+        inv.arg(t)
+            .arg(encode(task)?)
+            .arg(encode(&task.new_lease())?)
+            .arg(a)
+            .arg(task.expires_at.as_millis())
+            .arg(self.keep_until(task.expires_at))
+            .arg(member(t, t, a))
+            .arg(task.parent.as_ref().map_or("", |p| p.as_str()))
+            .arg(delegator)
+            .arg(task.created_at.as_millis())
+            .arg((self.retention + TTL_MARGIN).as_millis() as u64);
+        Ok(())
+    }
+
     fn keep_until(&self, expires: Timestamp) -> u64 {
         expires.plus(self.retention).plus(TTL_MARGIN).as_millis()
     }

@@ -1,6 +1,7 @@
 //! [`LeaseStore::record`](crate::store::LeaseStore::record) on Redis. On
 //! the store's own trail ([`RedisStore::trail`], the default with this
-//! store) the leases and the records are one script (`issue_recorded.lua`):
+//! store) the leases (credentials' and new tasks') and the records are one
+//! script (`issue_recorded.lua`):
 //! an issue costs one round trip, and a lease and its record can never
 //! exist one without the other. The trail's chaining (heads, lines) stays
 //! the sink's job ([`RedisSink::append_via`]); this only writes what it is
@@ -10,7 +11,7 @@
 use std::borrow::Cow;
 
 use futures_util::future::join_all;
-use mayfly_core::{Lease, LeaseId};
+use mayfly_core::LeaseId;
 
 use super::{RedisStore, Repeat, script_status};
 use crate::audit::{
@@ -25,10 +26,16 @@ use crate::store::{
 /// On a trail elsewhere: each lease its own script, all at once.
 impl LeaseThenRecord for RedisStore {
     async fn issue_all(&self, writes: &[&LeaseWrite]) -> Vec<Result<(), StoreError>> {
-        join_all(writes.iter().map(|w| self.issue(&w.lease, w.now))).await
+        join_all(writes.iter().map(|w| async move {
+            match w {
+                LeaseWrite::Credential { lease, now } => self.issue(lease, *now).await,
+                LeaseWrite::Task(task) => self.start_task(task).await,
+            }
+        }))
+        .await
     }
 
-    async fn undo_all(&self, ids: &[&LeaseId], req: &RevokeRequest) -> Result<(), StoreError> {
+    async fn undo_all(&self, ids: &[LeaseId], req: &RevokeRequest) -> Result<(), StoreError> {
         let done = join_all(ids.iter().map(|id| self.revoke_lease(id, req))).await;
         done.into_iter().find_map(Result::err).map_or(Ok(()), Err)
     }
@@ -96,9 +103,7 @@ impl RedisStore {
                 Ok(None) => {
                     // Leases and records are in Redis together: a crash
                     // here loses only the answer.
-                    if !leases.is_empty() {
-                        crate::failpoint::hit("after_lease_commit");
-                    }
+                    crate::failpoint::after_commit(leases.iter().map(|(_, w)| *w));
                     for i in left.drain(..) {
                         out[i] = Some(Ok(()));
                     }
@@ -172,9 +177,17 @@ impl WriteChained for IssueRecorded<'_> {
             inv.arg(line);
         }
         for (_, w) in leases {
-            let lease = &w.lease;
-            store.lease_keys(&mut inv, lease);
-            if let Err(e) = store.lease_args(&mut inv, lease, w.now) {
+            let args = match w {
+                LeaseWrite::Credential { lease, now } => {
+                    store.lease_keys(&mut inv, lease);
+                    store.lease_args(inv.arg("L"), lease, *now)
+                }
+                LeaseWrite::Task(task) => {
+                    store.task_keys(&mut inv, task);
+                    store.task_args(inv.arg("T"), task)
+                }
+            };
+            if let Err(e) = args {
                 return Ok((Wrote::Nothing(Refusal::Unavailable(e)), false));
             }
         }
@@ -187,13 +200,13 @@ impl WriteChained for IssueRecorded<'_> {
             Ok(r) => r,
             Err(e) => return Ok((Wrote::Nothing(Refusal::Unavailable(e)), false)),
         };
-        let leases: Vec<&Lease> = leases.iter().map(|(_, w)| &w.lease).collect();
-        Ok((outcome(&reply, &leases)?, twice))
+        let ids: Vec<LeaseId> = leases.iter().map(|(_, w)| w.lease_id()).collect();
+        Ok((outcome(&reply, &ids)?, twice))
     }
 }
 
 /// Reads the script's reply.
-fn outcome(reply: &[String], leases: &[&Lease]) -> Result<Wrote<Refusal>, AuditError> {
+fn outcome(reply: &[String], leases: &[LeaseId]) -> Result<Wrote<Refusal>, AuditError> {
     let bad = || {
         AuditError::Failed(Cause::msg(format!(
             "unexpected audit script reply {reply:?}"
@@ -214,7 +227,7 @@ fn outcome(reply: &[String], leases: &[&Lease]) -> Result<Wrote<Refusal>, AuditE
                     .and_then(|i| leases.get(i))
                     .ok_or_else(bad)?;
                 let e = match script_status(&pair[1]) {
-                    Err(StoreError::Duplicate(_)) => StoreError::Duplicate(lease.id.to_string()),
+                    Err(StoreError::Duplicate(_)) => StoreError::Duplicate(lease.to_string()),
                     Err(e) => e,
                     Ok(()) => return Err(bad()),
                 };
