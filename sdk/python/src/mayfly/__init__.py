@@ -50,7 +50,7 @@ from mayfly.errors import (
     Unavailable,
     VerifyError,
 )
-from mayfly.types import Approval, Certificate, TaskInfo, Token
+from mayfly.types import Approval, ApprovalState, Certificate, TaskInfo, TaskState, Token
 from mayfly.verify import FeedConfig, VerifiedToken, Verifier
 from mayfly.workload_token import WorkloadToken
 
@@ -59,6 +59,7 @@ __all__ = [
     "Approval",
     "ApprovalDenied",
     "ApprovalRequired",
+    "ApprovalState",
     "AsyncBroker",
     "AsyncTask",
     "AsyncTaskAuth",
@@ -81,6 +82,7 @@ __all__ = [
     "TaskAuth",
     "TaskEnded",
     "TaskInfo",
+    "TaskState",
     "Token",
     "Unauthenticated",
     "Unavailable",
