@@ -32,7 +32,7 @@ from mayfly.aio import AsyncBroker, AsyncTask
 from mayfly.auth import AsyncTaskAuth, NoAudience, TaskAuth
 from mayfly.client import Broker, Task
 from mayfly.config import Connection, resolve
-from mayfly.dpop import DpopKey
+from mayfly.dpop import DpopKey, DpopRequest
 from mayfly.errors import (
     AgentLocked,
     ApprovalDenied,
@@ -70,6 +70,7 @@ __all__ = [
     "Connection",
     "Connector",
     "DpopKey",
+    "DpopRequest",
     "FeedConfig",
     "InvalidRequest",
     "MayflyError",
