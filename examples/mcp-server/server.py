@@ -112,8 +112,9 @@ class FeedVerifier:
         """The token's access, or ``None`` to refuse it. Over plain HTTP no
         client certificate is seen, so a certificate-bound token is refused
         (``certificate_required``), never taken as a bearer token."""
-        result = await self._verifier.averify(token)
-        if isinstance(result, mayfly.VerifyError):
+        try:
+            result = await self._verifier.averify(token)
+        except mayfly.VerifyError:
             return None
         return AccessToken(
             token=token,
@@ -183,6 +184,7 @@ def main() -> None:
             ca, cert, key = (Path(f).read_bytes() for f in (args.ca, args.cert, args.key))
             feed = mayfly.FeedConfig(args.feed, ca_pem=ca, cert_pem=cert, key_pem=key)
             sdk = mayfly.Verifier(issuer=args.issuer, audience=args.resource, ca=ca, feed=feed)
+            # Entering it fetches the JWKS and starts following the feed.
             verifier = FeedVerifier(stack.enter_context(sdk))
         else:
             tls = tls_context(args.ca, args.cert, args.key)

@@ -1,8 +1,10 @@
-"""The verifier's JWKS cache: a key published after start is found by
+"""The verifier's JWKS cache: fetched on the first verify (making the
+verifier fetches nothing), a key published after start is found by
 refetching on its unknown `kid`, at most once per `min_refresh` however
 many unknown kids arrive, and a JWKS that cannot be fetched keeps the keys
-held and says the verifier, not the token, is at fault. The JWKS is served
-over HTTPS by the test (with the dev profile's server certificate)."""
+held and says the verifier, not the token, is at fault; a first fetch that
+failed is tried again no more often. The JWKS is served over HTTPS by the
+test (with the dev profile's server certificate)."""
 
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ class Keys:
         self.private: dict[str, ec.EllipticCurvePrivateKey] = {}
         self.published: list[dict[str, Any]] = []
         self.up = True
+        # Requests the JWKS server answered, up or not.
+        self.served = 0
 
     def add(self, kid: str, publish: bool = True) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
@@ -65,6 +69,7 @@ def jwks(broker: Broker) -> Iterator[tuple[str, Keys]]:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            keys.served += 1
             if not keys.up:
                 self.send_response(503)
                 self.end_headers()
@@ -92,38 +97,45 @@ def jwks(broker: Broker) -> Iterator[tuple[str, Keys]]:
         server.server_close()
 
 
-def test_a_key_published_later_is_fetched_once_however_many_unknown_kids(
-    broker: Broker, jwks: tuple[str, Keys]
-) -> None:
+@pytest.fixture
+def verifier(broker: Broker, jwks: tuple[str, Keys]) -> Iterator[tuple[mayfly.Verifier, Keys]]:
+    """A verifier of the test's JWKS, refetched at most every 0.3 s, and its
+    keys: k1, published."""
     url, keys = jwks
     keys.add("k1")
-    keys.add("k2", publish=False)
     v = mayfly.Verifier(issuer=ISSUER, audience=API, ca=broker.ca, jwks_url=url, min_refresh=0.3)
-    try:
-        assert v.jwks_fetches == 1
-        assert v.verify(keys.token("k1")).lease_id == "lease-k1"
-        time.sleep(0.35)
-        # k2 is not published yet: one fetch, then no more within min_refresh.
-        for _ in range(50):
-            with pytest.raises(mayfly.VerifyError) as e:
-                v.verify(keys.token("k2"))
-            assert e.value.check == "unknown_key"
-        assert v.jwks_fetches == 2
-        keys.publish("k2")
-        time.sleep(0.35)
-        assert v.verify(keys.token("k2")).lease_id == "lease-k2"
-        assert v.jwks_fetches == 3
-        # A JWKS that cannot be fetched: the verifier's fault, keys kept.
-        keys.up = False
-        keys.add("k3")
-        time.sleep(0.35)
+    yield v, keys
+    v.close()
+
+
+def test_a_key_published_later_is_fetched_once_however_many_unknown_kids(
+    verifier: tuple[mayfly.Verifier, Keys],
+) -> None:
+    v, keys = verifier
+    keys.add("k2", publish=False)
+    assert (v.jwks_fetches, keys.served) == (0, 0)
+    assert v.verify(keys.token("k1")).lease_id == "lease-k1"
+    assert v.jwks_fetches == 1
+    time.sleep(0.35)
+    # k2 is not published yet: one fetch, then no more within min_refresh.
+    for _ in range(50):
         with pytest.raises(mayfly.VerifyError) as e:
-            v.verify(keys.token("k3"))
-        assert e.value.check == "jwks_unavailable"
-        assert e.value.server_side
-        assert v.verify(keys.token("k1")).lease_id == "lease-k1"
-    finally:
-        v.close()
+            v.verify(keys.token("k2"))
+        assert e.value.check == "unknown_key"
+    assert v.jwks_fetches == 2
+    keys.publish("k2")
+    time.sleep(0.35)
+    assert v.verify(keys.token("k2")).lease_id == "lease-k2"
+    assert v.jwks_fetches == 3
+    # A JWKS that cannot be fetched: the verifier's fault, keys kept.
+    keys.up = False
+    keys.add("k3")
+    time.sleep(0.35)
+    with pytest.raises(mayfly.VerifyError) as e:
+        v.verify(keys.token("k3"))
+    assert e.value.check == "jwks_unavailable"
+    assert e.value.server_side
+    assert v.verify(keys.token("k1")).lease_id == "lease-k1"
 
 
 def test_a_jwks_over_tls_the_ca_does_not_vouch_for_is_refused(
@@ -132,6 +144,29 @@ def test_a_jwks_over_tls_the_ca_does_not_vouch_for_is_refused(
     url, keys = jwks
     keys.add("k1")
     # The system trust store does not know the dev CA.
+    v = mayfly.Verifier(issuer=ISSUER, audience=API, jwks_url=url)
     with pytest.raises(mayfly.VerifyError) as e:
-        mayfly.Verifier(issuer=ISSUER, audience=API, jwks_url=url)
+        v.start()
     assert e.value.check == "jwks_unavailable"
+    v.close()
+
+
+def test_a_first_fetch_that_failed_is_tried_again_once_per_min_refresh(
+    verifier: tuple[mayfly.Verifier, Keys],
+) -> None:
+    v, keys = verifier
+    keys.up = False
+    for _ in range(20):
+        with pytest.raises(mayfly.VerifyError) as e:
+            v.verify(keys.token("k1"))
+        assert e.value.check == "jwks_unavailable"
+        assert e.value.server_side
+    assert keys.served == 1
+    # An explicit start tries at once.
+    with pytest.raises(mayfly.VerifyError):
+        v.start()
+    assert keys.served == 2
+    keys.up = True
+    time.sleep(0.35)
+    assert v.verify(keys.token("k1")).lease_id == "lease-k1"
+    assert keys.served == 3

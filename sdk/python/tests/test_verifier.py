@@ -1,14 +1,17 @@
 """The validator side: `mayfly.Verifier` against the real broker's JWKS and
 revocation feed, and the RFC 8725 attacks (with tokens forged here, signed
 by keys the test makes; claim checks use a verifier given the test's own
-JWKS, as a service pinned to a key set would)."""
+JWKS, as a service pinned to a key set would). Making a verifier does no
+I/O and starts no thread; `averify` raises as `verify` does."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -115,17 +118,19 @@ def test_dpop_bound_tokens_need_a_fresh_proof(broker: Broker, live: mayfly.Verif
         token = t.token(API, dpop=key)
         assert token.token_type == "DPoP"
         proof = key.proof("GET", url, token.value)
-        assert live.verify(token.value, dpop=(proof, "GET", url)).dpop_key == key.jkt
-        assert refused(live, token.value, dpop=(proof, "GET", url)) == "dpop_replayed"
+        presented = mayfly.DpopRequest(proof, "GET", url)
+        assert live.verify(token.value, dpop=presented).dpop_key == key.jkt
+        assert refused(live, token.value, dpop=presented) == "dpop_replayed"
         assert refused(live, token.value) == "dpop_required"
         cases = {
-            "dpop_method": (key.proof("POST", url, token.value), "GET", url),
-            "dpop_url": (key.proof("GET", f"{API}/other", token.value), "GET", url),
-            "dpop_ath": (key.proof("GET", url, "another token"), "GET", url),
-            "dpop_wrong_key": (mayfly.DpopKey().proof("GET", url, token.value), "GET", url),
+            "dpop_method": key.proof("POST", url, token.value),
+            "dpop_url": key.proof("GET", f"{API}/other", token.value),
+            "dpop_ath": key.proof("GET", url, "another token"),
+            "dpop_wrong_key": mayfly.DpopKey().proof("GET", url, token.value),
         }
-        for check, presented in cases.items():
-            assert refused(live, token.value, dpop=presented) == check
+        for check, wrong in cases.items():
+            dpop = mayfly.DpopRequest(wrong, "GET", url)
+            assert refused(live, token.value, dpop=dpop) == check
         # A proof from a minute and more ago.
         stale = key.proof("GET", url, token.value)
         header, claims = (
@@ -134,11 +139,13 @@ def test_dpop_bound_tokens_need_a_fresh_proof(broker: Broker, live: mayfly.Verif
         )
         claims["iat"] -= 120
         old = jwt.encode(claims, key._key, algorithm="ES256", headers=header)
-        assert refused(live, token.value, dpop=(old, "GET", url)) == "dpop_stale"
+        assert refused(live, token.value, dpop=mayfly.DpopRequest(old, "GET", url)) == "dpop_stale"
         # An unbound token under the DPoP scheme.
         bearer = t.token(API, bind=False)
         assert refused(
-            live, bearer.value, dpop=(key.proof("GET", url, bearer.value), "GET", url)
+            live,
+            bearer.value,
+            dpop=mayfly.DpopRequest(key.proof("GET", url, bearer.value), "GET", url),
         ) == ("not_dpop_bound")
 
 
@@ -304,3 +311,69 @@ def test_the_feed_follower_resumes_after_the_broker_restarts(own_broker: Broker)
         assert v.feed_cursor > cursor
     finally:
         v.close()
+
+
+def test_making_a_verifier_does_no_io_and_starts_no_thread() -> None:
+    threads = set(threading.enumerate())
+    nowhere = mayfly.FeedConfig("https://localhost:9", b"", b"", b"")
+    v = mayfly.Verifier(
+        issuer="https://localhost:9",
+        audience=API,
+        jwks_url="https://127.0.0.1:9/.well-known/jwks.json",
+        feed=nowhere,
+    )
+    assert set(threading.enumerate()) == threads
+    assert (v.jwks_fetches, v.feed_cursor) == (0, 0)
+    v.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        v.start()
+    assert set(threading.enumerate()) == threads
+
+
+def test_an_unreachable_jwks_shows_at_start_verify_and_averify() -> None:
+    v = mayfly.Verifier(
+        issuer="https://localhost:9", audience=API, jwks_url="https://127.0.0.1:9/jwks.json"
+    )
+    try:
+        with pytest.raises(mayfly.VerifyError) as started:
+            v.start()
+        with pytest.raises(mayfly.VerifyError) as verified:
+            v.verify("a.b.c")
+        with pytest.raises(mayfly.VerifyError) as averified:
+            asyncio.run(v.averify("a.b.c"))
+        for e in (started, verified, averified):
+            assert e.value.check == "jwks_unavailable"
+            assert e.value.server_side
+    finally:
+        v.close()
+    # Entering `with` starts it: the failure shows there, and it is closed.
+    v = mayfly.Verifier(
+        issuer="https://localhost:9", audience=API, jwks_url="https://127.0.0.1:9/jwks.json"
+    )
+    with pytest.raises(mayfly.VerifyError), v:
+        pass
+    with pytest.raises(RuntimeError, match="closed"):
+        v.start()
+
+
+def test_averify_raises_as_verify_does(
+    pinned: tuple[mayfly.Verifier, ec.EllipticCurvePrivateKey, Claims],
+) -> None:
+    v, key, good = pinned
+    token = jwt.encode(good, key, algorithm="ES256", headers=HEADER)
+    expired = jwt.encode(
+        {**good, "exp": int(time.time()) - 60}, key, algorithm="ES256", headers=HEADER
+    )
+
+    async def run() -> None:
+        assert (await v.averify(token)).lease_id == "lease1"
+        for bad, check in ((expired, "expired"), ("not-a-token", "malformed")):
+            with pytest.raises(mayfly.VerifyError) as e:
+                await v.averify(bad)
+            assert e.value.check == check
+        dpop = mayfly.DpopRequest("x.y.z", "GET", f"{API}/t")
+        with pytest.raises(mayfly.VerifyError) as e:
+            await v.averify(token, dpop=dpop)
+        assert e.value.check == "not_dpop_bound"
+
+    asyncio.run(run())

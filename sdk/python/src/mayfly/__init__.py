@@ -32,7 +32,7 @@ from mayfly.aio import AsyncBroker, AsyncTask
 from mayfly.auth import AsyncTaskAuth, NoAudience, TaskAuth
 from mayfly.client import Broker, Task
 from mayfly.config import Connection, resolve
-from mayfly.dpop import DpopKey
+from mayfly.dpop import DpopKey, DpopRequest
 from mayfly.errors import (
     AgentLocked,
     ApprovalDenied,
@@ -50,7 +50,7 @@ from mayfly.errors import (
     Unavailable,
     VerifyError,
 )
-from mayfly.types import Approval, Certificate, TaskInfo, Token
+from mayfly.types import Approval, ApprovalState, Certificate, TaskInfo, TaskState, Token
 from mayfly.verify import FeedConfig, VerifiedToken, Verifier
 from mayfly.workload_token import WorkloadToken
 
@@ -59,6 +59,7 @@ __all__ = [
     "Approval",
     "ApprovalDenied",
     "ApprovalRequired",
+    "ApprovalState",
     "AsyncBroker",
     "AsyncTask",
     "AsyncTaskAuth",
@@ -69,6 +70,7 @@ __all__ = [
     "Connection",
     "Connector",
     "DpopKey",
+    "DpopRequest",
     "FeedConfig",
     "InvalidRequest",
     "MayflyError",
@@ -81,6 +83,7 @@ __all__ = [
     "TaskAuth",
     "TaskEnded",
     "TaskInfo",
+    "TaskState",
     "Token",
     "Unauthenticated",
     "Unavailable",

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
+from mayfly.dpop import DpopRequest
 from mayfly.errors import VerifyError
 from mayfly.verify import VerifiedToken, Verifier
 
@@ -36,7 +37,9 @@ def _quote(s: str) -> str:
 
 class TokenMiddleware:
     """Wraps `app`; `exempt` paths (e.g. health, RFC 9728 metadata) pass
-    without a token."""
+    without a token. Start `verifier` (`start()`, `wait_for_feed()`)
+    before serving; else the first request starts it, and with a feed
+    not yet synced is answered 503."""
 
     def __init__(
         self,
@@ -87,24 +90,25 @@ class TokenMiddleware:
         if scheme not in ("bearer", "dpop") or not token:
             await self._refuse(send, 401, self._challenge("Bearer", None, None), "token required")
             return
-        dpop = None
+        dpop: DpopRequest | None = None
         if scheme == "dpop":
             proof = headers.get("dpop")
             if not proof:
                 challenge = self._challenge("DPoP", "invalid_token", "DPoP proof missing")
                 await self._refuse(send, 401, challenge, "DPoP proof missing")
                 return
-            dpop = (proof, scope["method"], _request_url(scope, headers))
+            dpop = DpopRequest(proof, scope["method"], _request_url(scope, headers))
         tls = (scope.get("extensions") or {}).get("tls") or {}
         chain = tls.get("client_cert_chain") or []
         client_cert = chain[0] if chain else None
-        result = await self.verifier.averify(token, client_cert=client_cert, dpop=dpop)
-        if isinstance(result, VerifyError):
-            if result.server_side:
+        try:
+            result = await self.verifier.averify(token, client_cert=client_cert, dpop=dpop)
+        except VerifyError as e:
+            if e.server_side:
                 await self._refuse(send, 503, None, "token verification unavailable; retry")
                 return
-            challenge = self._challenge("DPoP" if dpop else "Bearer", "invalid_token", result.check)
-            await self._refuse(send, 401, challenge, f"invalid token: {result.check}")
+            challenge = self._challenge("DPoP" if dpop else "Bearer", "invalid_token", e.check)
+            await self._refuse(send, 401, challenge, f"invalid token: {e.check}")
             return
         missing = [s for s in self.scopes if not result.has_scope(s)]
         if missing:

@@ -9,98 +9,116 @@ revoked) drops the token and retries once with a fresh one."""
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Generator, Sequence
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
 import httpx
 
-from mayfly._shared import audience_for
+from mayfly._core import audience_for
 from mayfly.dpop import DpopKey
 from mayfly.errors import MayflyError
-from mayfly.types import Token
-
-if TYPE_CHECKING:
-    from mayfly.aio import AsyncTask
-    from mayfly.client import Task
+from mayfly.types import TaskInfo, Token
 
 
 class NoAudience(MayflyError):
     """The request's URL is under none of the task's audiences."""
 
 
-def _audience(request: httpx.Request, audiences: Sequence[str]) -> str:
-    aud = audience_for(str(request.url), audiences)
-    if aud is None:
-        raise NoAudience(
-            f"{request.url} is under none of the task's audiences {list(audiences)}; "
-            "no token was sent"
-        )
-    return aud
+class _Task(Protocol):
+    """A blocking task (`mayfly.Task`), as far as its auth uses it."""
+
+    @property
+    def info(self) -> TaskInfo: ...
+    def token(
+        self, aud: str, scopes: Sequence[str], /, *, bind: bool | None, dpop: DpopKey | None
+    ) -> Token: ...
+    def forget(self, lease_id: str) -> None: ...
 
 
-def _authorize(request: httpx.Request, token: Token, dpop: DpopKey | None) -> None:
-    request.headers["Authorization"] = token.authorization
-    if dpop is not None:
-        request.headers["DPoP"] = dpop.proof(request.method, str(request.url), token.value)
+class _AsyncTask(Protocol):
+    """An asyncio task (`mayfly.AsyncTask`), as far as its auth uses it."""
+
+    @property
+    def info(self) -> TaskInfo: ...
+    async def token(
+        self, aud: str, scopes: Sequence[str], /, *, bind: bool | None, dpop: DpopKey | None
+    ) -> Token: ...
+    def forget(self, lease_id: str) -> None: ...
 
 
-def _token_refused(response: httpx.Response) -> bool:
-    return response.status_code == 401 and "invalid_token" in response.headers.get(
-        "www-authenticate", ""
-    )
+TaskT = TypeVar("TaskT", _Task, _AsyncTask)
 
 
-class TaskAuth(httpx.Auth):
-    """For `httpx.Client`; made by `Task.auth()`."""
-
+class _TaskAuth(httpx.Auth, Generic[TaskT]):
     def __init__(
-        self, task: Task, scopes: Sequence[str] | None, *, bind: bool | None, dpop: DpopKey | None
+        self,
+        task: TaskT,
+        scopes: Sequence[str] | None = None,
+        *,
+        bind: bool | None = None,
+        dpop: DpopKey | None = None,
     ) -> None:
-        self._task = task
+        """Sends each request `task`'s token for its audience, with `scopes`
+        (by default the task's), bound as `task.token` binds it by
+        default, or as `bind` and `dpop` say."""
+        self._task: TaskT = task
         self._scopes = scopes
         self._bind = bind
         self._dpop = dpop
 
-    def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
+    def _wants(self, request: httpx.Request) -> tuple[str, Sequence[str]]:
+        """The audience and scopes of the token `request` needs."""
         info = self._task.info
-        aud = _audience(request, info.audiences)
-        scopes = info.scopes if self._scopes is None else self._scopes
-        token = self._task.token(aud, scopes, bind=self._bind, dpop=self._dpop)
-        _authorize(request, token, self._dpop)
-        response = yield request
-        if _token_refused(response):
+        aud = audience_for(str(request.url), info.audiences)
+        if aud is None:
+            raise NoAudience(
+                f"{request.url} is under none of the task's audiences {info.audiences}; "
+                "no token was sent"
+            )
+        return aud, info.scopes if self._scopes is None else self._scopes
+
+    def _authorize(self, request: httpx.Request, token: Token) -> None:
+        request.headers["Authorization"] = token.authorization
+        if self._dpop is not None:
+            request.headers["DPoP"] = self._dpop.proof(
+                request.method, str(request.url), token.value
+            )
+
+    def _refused(self, response: httpx.Response, token: Token) -> bool:
+        """Whether the service refused `token` (which is then forgotten)."""
+        refused = response.status_code == 401 and "invalid_token" in response.headers.get(
+            "www-authenticate", ""
+        )
+        if refused:
             self._task.forget(token.lease_id)
-            token = self._task.token(aud, scopes, bind=self._bind, dpop=self._dpop)
-            _authorize(request, token, self._dpop)
+        return refused
+
+
+class TaskAuth(_TaskAuth[_Task]):
+    """An `httpx.Auth` for `httpx.Client` that sends each request this
+    task's token for the request's audience (see `mayfly.auth`)."""
+
+    def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
+        aud, scopes = self._wants(request)
+        token = self._task.token(aud, scopes, bind=self._bind, dpop=self._dpop)
+        self._authorize(request, token)
+        if self._refused((yield request), token):
+            self._authorize(
+                request, self._task.token(aud, scopes, bind=self._bind, dpop=self._dpop)
+            )
             yield request
 
 
-class AsyncTaskAuth(httpx.Auth):
-    """For `httpx.AsyncClient`; made by `AsyncTask.auth()`."""
-
-    def __init__(
-        self,
-        task: AsyncTask,
-        scopes: Sequence[str] | None,
-        *,
-        bind: bool | None,
-        dpop: DpopKey | None,
-    ) -> None:
-        self._task = task
-        self._scopes = scopes
-        self._bind = bind
-        self._dpop = dpop
+class AsyncTaskAuth(_TaskAuth[_AsyncTask]):
+    """An `httpx.Auth` for `httpx.AsyncClient` that sends each request this
+    task's token for the request's audience (see `mayfly.auth`)."""
 
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        info = self._task.info
-        aud = _audience(request, info.audiences)
-        scopes = info.scopes if self._scopes is None else self._scopes
+        aud, scopes = self._wants(request)
         token = await self._task.token(aud, scopes, bind=self._bind, dpop=self._dpop)
-        _authorize(request, token, self._dpop)
-        response = yield request
-        if _token_refused(response):
-            self._task.forget(token.lease_id)
-            token = await self._task.token(aud, scopes, bind=self._bind, dpop=self._dpop)
-            _authorize(request, token, self._dpop)
+        self._authorize(request, token)
+        if self._refused((yield request), token):
+            fresh = await self._task.token(aud, scopes, bind=self._bind, dpop=self._dpop)
+            self._authorize(request, fresh)
             yield request

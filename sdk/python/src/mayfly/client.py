@@ -1,42 +1,62 @@
 """The blocking agent client: `with mayfly.connect() as broker`.
 
 A `Task` is a context manager: entering starts it, leaving completes it
-(revoking everything issued under it), also when the block raises."""
+(revoking everything issued under it), also when the block raises. What
+each method does is decided in `mayfly._core`; this module makes the
+calls, renews the workload token and takes the locks that asks for, on
+the calling thread."""
 
 from __future__ import annotations
 
-import datetime as dt
-import logging
+import contextlib
+import functools
 import os
 import ssl
 import threading
-import time
-from collections.abc import Iterable, Mapping, Sequence
-from types import TracebackType
+from typing import Any
 
 import grpc
 from google.protobuf.message import Message
 
-from mayfly import _shared as sh
+from mayfly import _core as core
+from mayfly import _flow as flows
+from mayfly._flow import Flow, T
+from mayfly._transport import CALL_TIMEOUT, channel_credentials, ssl_context, unary
+from mayfly._wire import Resp, Rpc
 from mayfly.auth import TaskAuth
 from mayfly.config import Connection
-from mayfly.dpop import DpopKey
-from mayfly.errors import ApprovalRequired, BrokerError, TaskEnded, from_rpc_error
-from mayfly.types import Approval, Certificate, TaskInfo, Token
-from mayfly.v1 import broker_pb2
-from mayfly.workload_token import RENEWABLE
-
-log = logging.getLogger("mayfly")
+from mayfly.errors import from_rpc_error
 
 
-class Broker:
+class Task(core.TaskMethods, flows.Blocking[core.TaskCore]):
+    """One task of the agent, and the credentials issued under it: open it
+    with `with` (started on entry, completed on exit)."""
+
+    def __init__(self, broker: Broker, task: core.TaskCore) -> None:
+        super().__init__(task)
+        self._broker = broker
+
+    def _run(self, flow: Flow[T]) -> T:
+        return self._broker._run(flow)
+
+    def __enter__(self) -> Task:
+        self._run(self._core.enter())
+        return self
+
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        self._run(self._core.leave(exc))
+
+    auth = flows.constructs(TaskAuth, "auth")
+
+
+class Broker(core.BrokerMethods[Task], flows.Blocking[core.BrokerCore[Task]]):
     """A connection to the broker as one agent (its SVID). Make it with
     `mayfly.connect()`; close it with `with` or `close()`."""
 
     def __init__(self, conn: Connection) -> None:
-        self.connection = conn
-        creds = sh.channel_credentials(conn)
-        self._channel = grpc.secure_channel(conn.target, creds)
+        wrap = functools.partial(Task, self)
+        super().__init__(core.BrokerCore(conn, wrap=wrap, new_lock=threading.Lock))
+        self._channel = grpc.secure_channel(conn.target, channel_credentials(conn))
 
     def close(self) -> None:
         self._channel.close()
@@ -44,278 +64,34 @@ class Broker:
     def __enter__(self) -> Broker:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def call(self, rpc: sh.Rpc[sh.Req, sh.Resp], request: Message) -> sh.Resp:
-        """One Broker RPC; a refusal raises its typed `BrokerError`. An agent
-        with a workload token whose token was already used (on another
-        connection) or has expired fetches a fresh one and tries once more."""
-        try:
-            return self._invoke(rpc, request)
-        except BrokerError as error:
-            token = self.connection.workload_token
-            if token is None or error.error not in RENEWABLE:
-                raise
-            # The broker refused the token before doing anything.
-            token.renew()
-        return self._invoke(rpc, request)
-
-    def _invoke(self, rpc: sh.Rpc[sh.Req, sh.Resp], request: Message) -> sh.Resp:
-        method = self._channel.unary_unary(
-            rpc.path,
-            request_serializer=rpc.request.SerializeToString,
-            response_deserializer=rpc.response.FromString,
-        )
-        try:
-            response: sh.Resp = method(request, timeout=90)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        return response
-
-    def task(
-        self,
-        intent: str,
-        *,
-        audiences: Sequence[str],
-        scopes: Sequence[str] = (),
-        context: Mapping[str, str] | None = None,
-        ttl: float | dt.timedelta | None = None,
-    ) -> Task:
-        """A task to open with `with` (started on entry, completed on
-        exit). `ttl` in seconds or a timedelta; None takes the broker's
-        default."""
-        return Task(self, sh.start_request(intent, audiences, scopes, context, ttl))
-
-    def start_task(
-        self,
-        intent: str,
-        *,
-        audiences: Sequence[str],
-        scopes: Sequence[str] = (),
-        context: Mapping[str, str] | None = None,
-        ttl: float | dt.timedelta | None = None,
-    ) -> Task:
-        """Starts a task now; complete it with `task.complete()`."""
-        task = self.task(intent, audiences=audiences, scopes=scopes, context=context, ttl=ttl)
-        task.start()
-        return task
-
-    def attach(self, task_id: str) -> Task:
-        """A task this agent already owns, e.g. one delegated to it."""
-        info = self.call(sh.GET_TASK, broker_pb2.GetTaskRequest(task_id=task_id))
-        return Task(self, None, TaskInfo.from_pb(info))
-
-    def wait_for_approval(self, approval_id: str, timeout: float = 300) -> Approval:
-        """Waits until an operator decides. Returns the approved approval
-        (repeat the request with its `approval_id`); raises `ApprovalDenied`
-        if refused or expired, `TimeoutError` if still pending."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            got = self.call(
-                sh.WAIT_APPROVAL,
-                broker_pb2.WaitApprovalRequest(
-                    approval_id=approval_id, wait_seconds=sh.approval_wait(left)
-                ),
-            )
-            approval = Approval.from_pb(got)
-            if sh.approved(approval):
-                return approval
-            if left <= 1:
-                raise TimeoutError(f"approval {approval_id} is still pending after {timeout} s")
+    def call(self, rpc: Rpc[Any, Resp], request: Message) -> Resp:
+        """One Broker RPC (`rpc` from `mayfly._wire`); a refusal raises its
+        typed `BrokerError`."""
+        return self._run(self._core.call(rpc, request))
 
     def ssl_context(self, cafile: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
         """A TLS context presenting this agent's SVID, for calling a service
         with a certificate-bound token (e.g. `httpx.Client(verify=…)`)."""
-        return sh.ssl_context(self.connection, cafile)
+        return ssl_context(self.connection, cafile)
 
+    def _run(self, flow: Flow[T]) -> T:
+        """Runs `flow` to its end, doing what it asks."""
+        run = flows.Run(flow)
+        with contextlib.ExitStack() as held:
+            for op in run.requests():
+                with run.answer() as answer:
+                    answer.value = self._do(op, held)
+        return run.result
 
-class Task:
-    """One task of the agent, and the credentials issued under it."""
-
-    def __init__(
-        self,
-        broker: Broker,
-        request: broker_pb2.StartTaskRequest | None,
-        info: TaskInfo | None = None,
-    ) -> None:
-        self._broker = broker
-        self._request = request
-        self._info = info
-        self._tokens: dict[sh.CacheKey, tuple[Token, float]] = {}
-        self._locks: dict[sh.CacheKey, threading.Lock] = {}
-
-    @property
-    def info(self) -> TaskInfo:
-        if self._info is None:
-            raise RuntimeError("the task has not been started: use `with` or `start()`")
-        return self._info
-
-    @property
-    def task_id(self) -> str:
-        return self.info.task_id
-
-    def start(self) -> TaskInfo:
-        if self._info is not None:
-            raise RuntimeError(f"task {self._info.task_id} is already started")
-        if self._request is None:
-            raise RuntimeError("nothing to start")
-        self._info = TaskInfo.from_pb(self._broker.call(sh.START_TASK, self._request))
-        return self._info
-
-    def __enter__(self) -> Task:
-        if self._info is None:
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            self.complete()
-        except Exception:
-            if exc is None:
-                raise
-            # Do not hide the block's own exception; say the task stayed open.
-            log.exception("could not complete task %s; it ends at its expiry", self.task_id)
-
-    def complete(self) -> list[str]:
-        """Ends the task; returns the lease ids revoked (the task's own and
-        every credential's). Completing an ended task does nothing."""
-        self._tokens.clear()
-        try:
-            done = self._broker.call(
-                sh.COMPLETE_TASK, broker_pb2.CompleteTaskRequest(task_id=self.task_id)
-            )
-        except TaskEnded:
-            return []
-        self._info = TaskInfo.from_pb(done.task)
-        return list(done.revoked_leases)
-
-    def refresh(self) -> TaskInfo:
-        """The task as the broker now has it."""
-        got = self._broker.call(sh.GET_TASK, broker_pb2.GetTaskRequest(task_id=self.task_id))
-        self._info = TaskInfo.from_pb(got)
-        return self._info
-
-    def token(
-        self,
-        audience: str,
-        scopes: Sequence[str] = (),
-        *,
-        bind: bool | None = None,
-        dpop: DpopKey | None = None,
-        ttl: float | dt.timedelta | None = None,
-        approval_id: str | None = None,
-        wait_for_approval: float | None = None,
-    ) -> Token:
-        """A token for `audience` with `scopes`, from the cache while it has
-        enough life left. It is bound to this agent's certificate (RFC
-        8705) if the agent has one (`bind=False` asks for a bearer token),
-        so it is useless to anyone without the agent's key; `dpop` binds
-        it to that DPoP key instead (RFC 9449; send it with
-        `dpop.proof(...)`). If policy requires approval this raises
-        `ApprovalRequired`, or with `wait_for_approval=seconds` waits for
-        the operator and collects the token."""
-        bind = dpop is None and sh.binds_certificate(self._broker.connection, bind)
-        key = sh.cache_key(audience, scopes, dpop.jkt if dpop else bind)
-        lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
-            cached = self._tokens.get(key)
-            if cached and approval_id is None and sh.still_fresh(cached[0].expires_at, cached[1]):
-                return cached[0]
-            req = sh.token_request(
-                self.task_id, audience, scopes, bind=bind, ttl=ttl, approval_id=approval_id
-            )
-            if dpop is not None:
-                req.dpop_jwk = dpop.public_jwk_json
-            issued_at = time.time()
-            got = self._broker.call(sh.ISSUE_TOKEN, req)
-            if got.HasField("approval"):
-                approval = Approval.from_pb(got.approval)
-                if wait_for_approval is None:
-                    raise ApprovalRequired(approval)
-                self._broker.wait_for_approval(approval.approval_id, wait_for_approval)
-                req.approval_id = approval.approval_id
-                issued_at = time.time()
-                got = self._broker.call(sh.ISSUE_TOKEN, req)
-            token = Token.from_pb(got)
-            self._tokens[key] = (token, issued_at)
-            return token
-
-    def forget(self, lease_id: str) -> None:
-        """Drops a cached token (e.g. one a service refused)."""
-        self._tokens = {k: v for k, v in self._tokens.items() if v[0].lease_id != lease_id}
-
-    def certificate(
-        self,
-        *,
-        ttl: float | dt.timedelta | None = None,
-        approval_id: str | None = None,
-    ) -> Certificate:
-        """An X.509-SVID of this task. The key pair is made here; only a CSR
-        is sent. Raises `ApprovalRequired` when policy asks an operator."""
-        key, csr = sh.new_csr()
-        got = self._broker.call(
-            sh.SIGN_CERTIFICATE,
-            broker_pb2.SignCertificateRequest(
-                task_id=self.task_id,
-                csr=csr,
-                ttl_seconds=sh.ttl_seconds(ttl),
-                approval_id=approval_id or "",
-            ),
-        )
-        if got.HasField("approval"):
-            raise ApprovalRequired(Approval.from_pb(got.approval))
-        return sh.certificate(got, key)
-
-    def update_context(
-        self,
-        set: Mapping[str, str] | None = None,
-        remove: Iterable[str] | None = None,
-    ) -> list[str]:
-        """Changes the task's context; returns the leases the broker revoked
-        because policy no longer allows them (their cached tokens go too)."""
-        got = self._broker.call(sh.UPDATE_CONTEXT, sh.context_request(self.task_id, set, remove))
-        self._info = TaskInfo.from_pb(got.task)
-        for lease in got.revoked_leases:
-            self.forget(lease)
-        return list(got.revoked_leases)
-
-    def delegate(
-        self,
-        to: str,
-        *,
-        intent: str,
-        audiences: Sequence[str],
-        scopes: Sequence[str],
-        ttl: float | dt.timedelta | None = None,
-    ) -> TaskInfo:
-        """Hands part of this task to agent `to` (a SPIFFE ID): a new task it
-        owns, within this one's envelope, ending with it. The delegate picks
-        it up with `broker.attach(task_id)`."""
-        got = self._broker.call(
-            sh.DELEGATE_TASK,
-            sh.delegate_request(self.task_id, to, intent, audiences, scopes, ttl),
-        )
-        return TaskInfo.from_pb(got)
-
-    def auth(
-        self,
-        scopes: Sequence[str] | None = None,
-        *,
-        bind: bool | None = None,
-        dpop: DpopKey | None = None,
-    ) -> TaskAuth:
-        """An `httpx.Auth` for `httpx.Client` that sends each request
-        this task's token for the request's audience (see `mayfly.auth`)."""
-        return TaskAuth(self, scopes, bind=bind, dpop=dpop)
+    def _do(self, op: flows.Op, held: contextlib.ExitStack) -> object:
+        if isinstance(op, flows.Call):
+            try:
+                return unary(self._channel, op.rpc)(op.request, timeout=CALL_TIMEOUT)
+            except grpc.RpcError as e:
+                raise from_rpc_error(e) from None
+        if isinstance(op, flows.Renew):
+            return op.source.renew()
+        return held.enter_context(op.lock)

@@ -1,7 +1,8 @@
-"""RFC 9449 DPoP for agents: a key the agent keeps, to which the broker
+"""RFC 9449 DPoP. For agents: a key the agent keeps, to which the broker
 binds a token (`cnf.jkt`), and the proof that goes with each request
 (`DPoP:` header). A DPoP-bound token is useless without the key, and each
-proof is good for one request (method, URL, time, the token's hash)."""
+proof is good for one request (method, URL, time, the token's hash). For
+services: `DpopRequest`, what a request presented, for `Verifier.verify`."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import hashlib
 import json
 import secrets
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from mayfly.verify import b64url, jwk_thumbprint
+from mayfly._jose import b64url, jwk_thumbprint
 
 
 class DpopKey:
@@ -52,3 +54,15 @@ class DpopKey:
         return jwt.encode(
             claims, self._key, algorithm="ES256", headers={"typ": "dpop+jwt", "jwk": self.jwk}
         )
+
+
+@dataclass(frozen=True)
+class DpopRequest:
+    """A request that came with the DPoP scheme, as a service saw it: the
+    `DPoP` header's proof, the request's method (e.g. "GET") and its URL
+    (query and fragment are ignored). `Verifier.verify(token, dpop=...)`
+    checks the proof against them and the token."""
+
+    proof: str = field(repr=False)
+    method: str
+    url: str

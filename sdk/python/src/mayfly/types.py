@@ -1,11 +1,13 @@
 """What the broker hands out, as plain values. Secrets (a token, a private
-key) never appear in `repr`, so logging one of these leaks nothing."""
+key) never appear in `repr`, so logging one of these leaks nothing.
+States are `str` enums: `TaskState.ACTIVE == "active"`."""
 
 from __future__ import annotations
 
 import datetime as dt
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -31,10 +33,36 @@ def _state(enum: object, value: int, prefix: str) -> str:
     return name.removeprefix(prefix).lower()
 
 
+class _StrEnum(str, Enum):
+    """A state that is also its name as the broker and the CLI spell it."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class TaskState(_StrEnum):
+    """Where a task is in its life; only an active task gets credentials."""
+
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+
+
+class ApprovalState(_StrEnum):
+    """Where an approval is: waiting for an operator, decided, used to
+    issue its credential, or let lapse."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    DENIED = "denied"
+    CONSUMED = "consumed"
+    EXPIRED = "expired"
+
+
 @dataclass(frozen=True)
 class TaskInfo:
-    """A task as the broker last reported it. `state` is "active",
-    "completed", "revoked" or "expired"."""
+    """A task as the broker last reported it."""
 
     task_id: str
     agent_id: str
@@ -42,7 +70,7 @@ class TaskInfo:
     context: dict[str, str]
     audiences: list[str]
     scopes: list[str]
-    state: str
+    state: TaskState
     created_at: dt.datetime
     expires_at: dt.datetime
     parent_task_id: str | None
@@ -57,7 +85,7 @@ class TaskInfo:
             context=dict(t.context),
             audiences=list(t.envelope.audiences),
             scopes=list(t.envelope.scopes),
-            state=_state(types_pb2.TaskState, t.state, "TASK_STATE_"),
+            state=TaskState(_state(types_pb2.TaskState, t.state, "TASK_STATE_")),
             created_at=_time(t.created_at),
             expires_at=_time(t.expires_at),
             parent_task_id=t.parent_task_id or None,
@@ -67,15 +95,15 @@ class TaskInfo:
 
 @dataclass(frozen=True)
 class Approval:
-    """A request policy sent to an operator. `state` is "pending",
-    "approved", "denied", "consumed" or "expired"."""
+    """A request policy sent to an operator. `kind` is what it would
+    issue: "jwt" or "x509"."""
 
     approval_id: str
     task_id: str
     kind: str
     audience: str
     scopes: list[str]
-    state: str
+    state: ApprovalState
     policy_id: str
     expires_at: dt.datetime | None
     decided_by: str | None
@@ -89,7 +117,7 @@ class Approval:
             kind=_state(types_pb2.LeaseKind, a.kind, "LEASE_KIND_"),
             audience=a.audience,
             scopes=list(a.scopes),
-            state=_state(types_pb2.ApprovalState, a.state, "APPROVAL_STATE_"),
+            state=ApprovalState(_state(types_pb2.ApprovalState, a.state, "APPROVAL_STATE_")),
             policy_id=a.policy_id,
             expires_at=_opt_time(a, "expires_at"),
             decided_by=a.decided_by or None,

@@ -5,6 +5,7 @@
                                audience="https://api.example.com",
                                ca="bundle.pem",
                                feed=mayfly.FeedConfig.from_profile(".mayfly-dev", "api"))
+    verifier.start()                       # or `with`, or let the first verify do it
     claims = verifier.verify(token, client_cert=peer_der)
 
 Checks, in order: three parts; `alg` in the allow-list (ES256, EdDSA:
@@ -38,7 +39,9 @@ import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from mayfly._jose import b64url, jwk_thumbprint
 from mayfly.config import Connection, resolve
+from mayfly.dpop import DpopRequest
 from mayfly.errors import VerifyError
 from mayfly.v1 import revocations_pb2
 
@@ -53,11 +56,6 @@ DPOP_MAX_AGE = 60
 DPOP_PROOFS_REMEMBERED = 100_000
 
 
-def b64url(data: bytes) -> str:
-    """base64url without padding (JOSE's encoding)."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def cert_thumbprint(cert: bytes | str) -> str:
     """RFC 8705 `x5t#S256` of a certificate (DER bytes, or PEM text)."""
     der = (
@@ -66,13 +64,6 @@ def cert_thumbprint(cert: bytes | str) -> str:
         else cert
     )
     return b64url(hashlib.sha256(der).digest())
-
-
-def jwk_thumbprint(jwk: dict[str, Any]) -> str:
-    """RFC 7638 thumbprint of a public EC or OKP JWK."""
-    members = ("crv", "kty", "x", "y") if jwk.get("kty") == "EC" else ("crv", "kty", "x")
-    canon = json.dumps({m: jwk[m] for m in members}, separators=(",", ":"), sort_keys=True)
-    return b64url(hashlib.sha256(canon.encode()).digest())
 
 
 @dataclass(frozen=True)
@@ -234,8 +225,12 @@ class _ReplayCache:
 
 
 class Verifier:
-    """Checks Mayfly access tokens for one audience. Thread-safe; `close()`
-    (or `with`) stops the feed follower."""
+    """Checks Mayfly access tokens for one audience. Thread-safe.
+
+    Making one does no I/O and starts no thread. `start()` fetches the
+    JWKS and starts following the feed; entering `with` calls it, and so
+    does the first `verify` if neither did. `close()` (or leaving `with`)
+    stops the feed follower."""
 
     def __init__(
         self,
@@ -250,12 +245,14 @@ class Verifier:
         jwks: dict[str, Any] | None = None,
         min_refresh: float = MIN_REFRESH,
     ) -> None:
-        """Fetches the JWKS now (from `jwks_url`, by default the issuer's
-        `/.well-known/jwks.json`, trusting `ca`) unless `jwks` is given,
-        and starts following `feed` if given. Without a feed, revocations
-        are not seen (tokens live to their expiry). An unknown `kid`
-        refetches the JWKS at most every `min_refresh` seconds, so a flood
-        of forged kids cannot turn into a flood of fetches."""
+        """The JWKS comes from `jwks_url` (by default the issuer's
+        `/.well-known/jwks.json`, trusting `ca`: a file, or PEM bytes)
+        unless `jwks` pins a key set; revocations from `feed`, if given.
+        Without a feed, revocations are not seen (tokens live to their
+        expiry). An unknown `kid` refetches the JWKS at most every
+        `min_refresh` seconds, so a flood of forged kids cannot turn into
+        a flood of fetches; a first fetch that failed is likewise tried
+        again by `verify` at most every `min_refresh` seconds."""
         self.issuer = issuer
         self.audience = audience
         self._leeway = min(max(leeway, 0.0), MAX_LEEWAY)
@@ -270,32 +267,83 @@ class Verifier:
             verify = ssl.create_default_context(cafile=os.fspath(ca))
         self._http = httpx.Client(verify=verify, timeout=5.0)
         self._keys: dict[str, jwt.PyJWK] = {}
+        # Whether a key set is held (pinned, or fetched once).
+        self._have_keys = jwks is not None
         self._fetched_at = 0.0
         self._refresh_lock = threading.Lock()
         self._refreshing = False
+        # When the first fetch last failed, and how: `verify` says so again
+        # rather than fetch more than once per `min_refresh`.
+        self._first_failure: tuple[float, VerifyError] | None = None
         self._dpop_seen = _ReplayCache(DPOP_PROOFS_REMEMBERED)
-        self._revs: _Revocations | None = None
+        self._feed = feed
+        self._revs = _Revocations() if feed is not None else None
+        self._max_silence = feed.max_silence if feed is not None else 0.0
         self._follower: _Follower | None = None
+        # Guards starting the follower against closing, and the first fetch.
+        self._start_lock = threading.Lock()
+        self._closed = False
+        # Set once both are done: `verify`'s fast path.
+        self._started = False
         if jwks is not None:
             self._keys = self._parse_jwks(jwks)
             self._fetched_at = float("inf")
-        else:
-            self.refresh_keys(force=True)
-        if feed is not None:
-            self._revs = _Revocations()
-            self._max_silence = feed.max_silence
-            self._follower = _Follower(feed, self._revs)
-            self._follower.start()
 
     def __repr__(self) -> str:
         return f"Verifier(issuer={self.issuer!r}, audience={self.audience!r})"
 
+    def start(self) -> None:
+        """Starts following the feed (a thread), if there is one, and
+        fetches the JWKS, unless a key set is held. A JWKS that cannot be
+        fetched raises `VerifyError` (`jwks_unavailable`, server-side); the
+        feed is followed regardless, and `start()` or `verify` tries the
+        fetch again. Once started, calling it again does nothing."""
+        self._ready(eager=True)
+
+    def _ready(self, *, eager: bool = False) -> None:
+        """What `start()` does; on the lazy path (`eager` false) a first
+        fetch that failed less than `min_refresh` ago fails again at once."""
+        self._follow()
+        with self._start_lock:
+            if not self._have_keys:
+                failed = self._first_failure
+                if not eager and failed and time.monotonic() - failed[0] < self._min_refresh:
+                    raise VerifyError(failed[1].check, failed[1].detail, server_side=True)
+                try:
+                    self.refresh_keys(force=True)
+                except VerifyError as e:
+                    self._first_failure = (time.monotonic(), e)
+                    raise
+            self._started = True
+
+    def _follow(self) -> None:
+        """Starts the feed follower, if there is a feed and it is not
+        followed yet."""
+        with self._start_lock:
+            if self._follower is not None:
+                return
+            if self._closed:
+                raise RuntimeError("the verifier is closed")
+            if self._feed is not None and self._revs is not None:
+                self._follower = _Follower(self._feed, self._revs)
+                self._follower.start()
+
     def close(self) -> None:
-        if self._follower is not None:
-            self._follower.stop()
+        """Stops the feed follower and the JWKS client; a closed verifier
+        cannot be started."""
+        with self._start_lock:
+            self._closed = True
+            follower = self._follower
+        if follower is not None:
+            follower.stop()
         self._http.close()
 
     def __enter__(self) -> Verifier:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -333,6 +381,7 @@ class Verifier:
                     "jwks_unavailable", f"cannot fetch {self._jwks_url}: {e}", server_side=True
                 ) from e
             self._keys = self._parse_jwks(doc)
+            self._have_keys = True
             self._fetched_at = time.monotonic()
             self.jwks_fetches += 1
             return True
@@ -361,9 +410,11 @@ class Verifier:
 
     def wait_for_feed(self, timeout: float = 10.0) -> bool:
         """Whether the feed delivered its first full replay within `timeout`
-        (true at once without a feed)."""
+        (true at once without a feed). Starts following it if nothing has
+        yet; fetches no JWKS."""
         if self._revs is None:
             return True
+        self._follow()
         deadline = time.monotonic() + timeout
         while self._revs.silence() is None:
             if time.monotonic() >= deadline:
@@ -385,42 +436,56 @@ class Verifier:
         token: str,
         *,
         client_cert: bytes | str | None = None,
-        dpop: tuple[str, str, str] | None = None,
+        dpop: DpopRequest | None = None,
     ) -> VerifiedToken:
         """Checks `token` as presented: as a bearer token (`dpop=None`), or
-        with the DPoP scheme (`dpop=(proof, method, url)`). `client_cert`
-        is the certificate the caller presented over TLS (DER, or PEM),
-        needed for certificate-bound tokens. Raises `VerifyError` naming
-        the check that failed."""
-        self._maybe_refresh_in_background()
-        try:
-            return self._check(token, client_cert, dpop)
-        except VerifyError as e:
-            if e.check != "unknown_key" or not self._kid_of(token):
-                raise
-        self.refresh_keys()
-        return self._check(token, client_cert, dpop)
+        with the DPoP scheme (`dpop`: the request's proof, method and URL).
+        `client_cert` is the certificate the caller presented over TLS
+        (DER, or PEM), needed for certificate-bound tokens. Raises
+        `VerifyError` naming the check that failed. Starts the verifier if
+        nothing has yet (`start()`)."""
+        if not self._started:
+            self._ready()
+        held = self._check_held(token, client_cert, dpop)
+        return held if held is not None else self._check_fresh(token, client_cert, dpop)
 
     async def averify(
         self,
         token: str,
         *,
         client_cert: bytes | str | None = None,
-        dpop: tuple[str, str, str] | None = None,
-    ) -> VerifyError | VerifiedToken:
-        """`verify` for an event loop: checks inline, and fetches the JWKS
-        (for an unknown `kid`) in a worker thread. Returns the error rather
-        than raising it."""
+        dpop: DpopRequest | None = None,
+    ) -> VerifiedToken:
+        """`verify` for an event loop, raising as it does: the checks run
+        inline; what may wait on the network (starting, a JWKS refetch for
+        an unknown `kid`) runs in a worker thread."""
+        if not self._started:
+            await asyncio.to_thread(self._ready)
+        held = self._check_held(token, client_cert, dpop)
+        if held is not None:
+            return held
+        return await asyncio.to_thread(self._check_fresh, token, client_cert, dpop)
+
+    def _check_held(
+        self, token: str, client_cert: bytes | str | None, dpop: DpopRequest | None
+    ) -> VerifiedToken | None:
+        """The checks against the keys held; None when the token names a
+        `kid` they lack, which a refetch may find."""
         self._maybe_refresh_in_background()
         try:
             return self._check(token, client_cert, dpop)
         except VerifyError as e:
             if e.check != "unknown_key" or not self._kid_of(token):
-                return e
-        try:
-            return await asyncio.to_thread(self.verify, token, client_cert=client_cert, dpop=dpop)
-        except VerifyError as e:
-            return e
+                raise
+        return None
+
+    def _check_fresh(
+        self, token: str, client_cert: bytes | str | None, dpop: DpopRequest | None
+    ) -> VerifiedToken:
+        """The checks again after refetching the JWKS (at most every
+        `min_refresh` seconds)."""
+        self.refresh_keys()
+        return self._check(token, client_cert, dpop)
 
     @staticmethod
     def _kid_of(token: str) -> str | None:
@@ -431,10 +496,7 @@ class Verifier:
         return kid if isinstance(kid, str) else None
 
     def _check(
-        self,
-        token: str,
-        client_cert: bytes | str | None,
-        dpop: tuple[str, str, str] | None,
+        self, token: str, client_cert: bytes | str | None, dpop: DpopRequest | None
     ) -> VerifiedToken:
         if token.count(".") != 2:
             raise VerifyError("malformed", "expected three dot-separated parts")
@@ -536,8 +598,8 @@ class Verifier:
             claims=claims,
         )
 
-    def _check_proof(self, token: str, dpop: tuple[str, str, str], jkt: str) -> None:
-        proof, method, url = dpop
+    def _check_proof(self, token: str, dpop: DpopRequest, jkt: str) -> None:
+        proof, method, url = dpop.proof, dpop.method, dpop.url
         if len(proof) > 4096 or proof.count(".") != 2:
             raise VerifyError("dpop_malformed", "the DPoP proof is not a compact JWS")
         try:
