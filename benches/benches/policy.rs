@@ -18,8 +18,9 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use mayfly_broker::config::Algorithm;
 use mayfly_broker::issuer::{JwtSigner, SigningKey};
 use mayfly_core::{
-    AccessTokenClaims, Audience, Decision, Envelope, Intent, IssueTokenRequest, Policy, Scopes,
-    SpiffeId, Task, TaskContext, TaskId, Timestamp, parse_scopes,
+    AccessTokenClaims, Action, Audience, Binding, Decision, Envelope, Intent, Policy,
+    PolicyRequest, Proof, Scopes, SpiffeId, Task, TaskContext, TaskFacts, TaskId, Timestamp,
+    parse_scopes,
 };
 use mayfly_policy::CedarPolicy;
 
@@ -70,7 +71,7 @@ fn task(context: &[(&str, &str)]) -> Task {
         revision: 0,
         parent: None,
         delegated_by: Vec::new(),
-        authenticated_by: None,
+        authenticated_by: mayfly_core::Proof::Certificate,
     }
 }
 
@@ -114,15 +115,19 @@ fn bench_fresh(
 }
 
 fn decide(p: &CedarPolicy, a: &Ask) -> Decision {
-    p.decide_issue_token(&IssueTokenRequest {
-        agent: &a.task.agent,
-        task: &a.task,
-        audience: &a.audience,
-        scopes: &a.scopes,
-        binding: "certificate",
+    p.decide(&PolicyRequest {
+        principal: &a.task.agent,
+        proof: &Proof::Certificate,
+        action: Action::IssueToken {
+            audience: &a.audience,
+            scopes: &a.scopes,
+            binding: &Binding::Certificate {
+                x5t_s256: "x5t".into(),
+            },
+        },
+        task: TaskFacts::of(&a.task),
         ttl: Duration::from_secs(300),
         now: Timestamp::now(),
-        authenticated_by: mayfly_core::CERTIFICATE,
     })
 }
 

@@ -215,7 +215,7 @@ async fn a_lease_of_an_unknown_kind_is_revoked_on_a_context_change() {
         status: LeaseStatus::Active,
         task_revision: 0,
         approval: None,
-        authenticated_by: None,
+        authenticated_by: mayfly_core::Proof::Certificate,
     };
     newer.issue(&unknown, now).await.unwrap();
     let shown = lease(&op, unknown.id.as_str()).await;

@@ -3,44 +3,16 @@
 //! that name, as a power cut or `kill -9` would stop it there; in every
 //! other build [`hit`] is empty and the variable is never read.
 //!
-//! Points of a batch of leases and their records ([`after_commit`],
-//! [`after_append`]), named for what the batch writes, so that a test can
-//! open a task first and crash on its credential:
+//! Points of a batch of leases and their records (reached through
+//! `store::after_commit` and `store::after_append`), named for what the
+//! batch writes, so that a test can open a task first and crash on its
+//! credential:
 //! - `after_lease_commit` / `after_task_commit`: a batch that issues
 //!   credentials / opens tasks has its leases and records durable in the
 //!   store, nothing of them in a trail outside it yet;
 //! - `after_trail_append` / `after_task_trail_append`: the embedded
 //!   store's outbox records of such a batch are in the trail, still in the
 //!   outbox too.
-
-use crate::store::LeaseWrite;
-
-/// After a batch's leases and records are committed to the store.
-pub(crate) fn after_commit<'a>(leases: impl IntoIterator<Item = &'a LeaseWrite>) {
-    at(leases, "after_lease_commit", "after_task_commit");
-}
-
-/// After a batch's records are appended to a trail outside the store.
-pub(crate) fn after_append<'a>(leases: impl IntoIterator<Item = &'a LeaseWrite>) {
-    at(leases, "after_trail_append", "after_task_trail_append");
-}
-
-fn at<'a>(leases: impl IntoIterator<Item = &'a LeaseWrite>, credentials: &str, tasks: &str) {
-    let (mut credential, mut task) = (false, false);
-    for w in leases {
-        if w.is_task() {
-            task = true;
-        } else {
-            credential = true;
-        }
-    }
-    if credential {
-        hit(credentials);
-    }
-    if task {
-        hit(tasks);
-    }
-}
 
 /// Aborts the process here if `MAYFLY_FAILPOINT` names `point`.
 #[cfg(all(feature = "failpoints", debug_assertions))]

@@ -404,7 +404,7 @@ impl Federation {
             }
             let name = c.issuer.clone().unwrap_or_else(|| trust_domain.id_string());
             // Policy and the audit trail tell callers apart by this name.
-            if name == mayfly_core::CERTIFICATE || issuers.iter().any(|i| i.name == name) {
+            if name == mayfly_core::Proof::CERTIFICATE || issuers.iter().any(|i| i.name == name) {
                 return Err(fail(format!(
                     "issuer name {name:?} is taken (by another entry, or by certificate callers)"
                 )));

@@ -21,7 +21,7 @@ use crate::issuer::CaRing;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use mayfly_core::svid::{LeafError, parse_svid_leaf};
-use mayfly_core::{SpiffeId, SpiffeIdError, Timestamp, TrustDomain};
+use mayfly_core::{Proof, SpiffeId, SpiffeIdError, Timestamp, TrustDomain};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
@@ -37,62 +37,47 @@ pub struct Caller {
     pub id: SpiffeId,
     /// How it was proven.
     pub proof: Proof,
+    /// The client certificate's RFC 8705 `x5t#S256` (for token binding);
+    /// `None` for a caller proven by a workload token.
+    thumbprint: Option<String>,
     /// The certificate's notAfter (or the token's `exp`): a connection
     /// outliving it is refused from then on.
     pub not_after: Timestamp,
 }
 
-/// How a caller proved its SPIFFE ID.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Proof {
-    /// An X.509-SVID at the TLS handshake.
-    Certificate {
-        /// Its RFC 8705 `x5t#S256`, for token binding.
-        thumbprint: String,
-    },
-    /// A workload token of a `[[federation]]` issuer, over
-    /// server-authenticated TLS.
-    Token {
-        /// The issuer (its `iss`, or `spiffe://<td>` for JWT-SVIDs).
-        issuer: String,
-    },
-}
-
 impl Caller {
+    /// A caller proven by a client certificate (`thumbprint` its
+    /// `x5t#S256`).
+    pub fn by_certificate(id: SpiffeId, thumbprint: String, not_after: Timestamp) -> Self {
+        Self {
+            id,
+            proof: Proof::Certificate,
+            thumbprint: Some(thumbprint),
+            not_after,
+        }
+    }
+
+    /// A caller proven by a workload token of `issuer`.
+    pub fn by_token(id: SpiffeId, issuer: String, not_after: Timestamp) -> Self {
+        Self {
+            id,
+            proof: Proof::Token { issuer },
+            thumbprint: None,
+            not_after,
+        }
+    }
+
     /// The `x5t#S256` of the client certificate, if the caller has one.
     pub fn cert_thumbprint(&self) -> Option<&str> {
-        match &self.proof {
-            Proof::Certificate { thumbprint } => Some(thumbprint),
-            Proof::Token { .. } => None,
-        }
+        self.thumbprint.as_deref()
     }
 
     /// An audit record of `event` asked by this caller, naming the
     /// workload-token issuer if that is how it was proven.
     pub fn record(&self, event: mayfly_audit::Event) -> mayfly_audit::AuditRecord {
         let mut r = mayfly_audit::AuditRecord::new(event, &self.id);
-        if let Proof::Token { issuer } = &self.proof {
-            r.authenticated_by = Some(issuer.clone());
-        }
+        r.authenticated_by = self.proof.token_issuer().map(str::to_owned);
         r
-    }
-
-    /// The workload-token issuer that proved it, as records store it
-    /// (`None` for a certificate).
-    pub fn token_issuer(&self) -> Option<String> {
-        match &self.proof {
-            Proof::Certificate { .. } => None,
-            Proof::Token { issuer } => Some(issuer.clone()),
-        }
-    }
-
-    /// How it was proven, as audit records and policy name it:
-    /// `certificate`, or the token issuer.
-    pub fn authenticated_by(&self) -> &str {
-        match &self.proof {
-            Proof::Certificate { .. } => mayfly_core::CERTIFICATE,
-            Proof::Token { issuer } => issuer,
-        }
     }
 }
 
@@ -326,13 +311,7 @@ impl Authenticator {
                 expected: self.trust_domain.clone(),
             });
         }
-        Ok(Caller {
-            id,
-            proof: Proof::Certificate {
-                thumbprint: thumbprint(leaf),
-            },
-            not_after,
-        })
+        Ok(Caller::by_certificate(id, thumbprint(leaf), not_after))
     }
 }
 

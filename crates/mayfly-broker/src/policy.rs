@@ -7,10 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use mayfly_core::{
-    Decision, DelegateRequest, ExchangeTokenRequest, IssueTokenRequest, Policy,
-    SignCertificateRequest, StartTaskRequest,
-};
+use mayfly_core::{Decision, Policy, PolicyRequest};
 use mayfly_policy::{CedarPolicy, PolicyLoadError};
 
 use crate::reload::{Look, Looks, file_hash};
@@ -60,20 +57,8 @@ impl PolicyHandle {
 }
 
 impl Policy for PolicyHandle {
-    fn decide_start_task(&self, req: &StartTaskRequest<'_>) -> Decision {
-        self.get().decide_start_task(req)
-    }
-    fn decide_issue_token(&self, req: &IssueTokenRequest<'_>) -> Decision {
-        self.get().decide_issue_token(req)
-    }
-    fn decide_sign_certificate(&self, req: &SignCertificateRequest<'_>) -> Decision {
-        self.get().decide_sign_certificate(req)
-    }
-    fn decide_delegate(&self, req: &DelegateRequest<'_>) -> Decision {
-        self.get().decide_delegate(req)
-    }
-    fn decide_exchange_token(&self, req: &ExchangeTokenRequest<'_>) -> Decision {
-        self.get().decide_exchange_token(req)
+    fn decide(&self, req: &PolicyRequest<'_>) -> Decision {
+        self.get().decide(req)
     }
 }
 

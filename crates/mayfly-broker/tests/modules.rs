@@ -1,6 +1,7 @@
-//! The broker's top-level modules form no cycle: each names (`crate::x`)
-//! only modules that do not name it back, directly or through others, so
-//! each can be read, and split off, after what it uses.
+//! The top-level modules of the broker, mayfly-core and mayfly-policy form
+//! no cycle: each names (`crate::x`) only modules that do not name it
+//! back, directly or through others, so each can be read, and split off,
+//! after what it uses.
 
 #![allow(clippy::unwrap_used)]
 
@@ -59,14 +60,15 @@ fn files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
-#[test]
-fn the_broker_modules_form_no_cycle() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+/// The first module cycle among the top-level modules of the crate whose
+/// sources are in `src`, as a path, if there is one; and how many modules
+/// name others.
+fn cycle(src: &Path) -> (Option<String>, BTreeMap<String, BTreeSet<String>>) {
     let mut all = Vec::new();
-    files(&src, &mut all);
+    files(src, &mut all);
     let mut uses: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for file in &all {
-        let module = module_of(&src, file);
+        let module = module_of(src, file);
         if module == "lib" {
             continue;
         }
@@ -98,12 +100,46 @@ fn the_broker_modules_form_no_cycle() {
         }
         false
     }
-    assert!(uses.contains_key("service") && uses["service"].contains("store"));
     for module in uses.keys() {
         let mut path = vec![module.clone()];
-        let cycle = reaches(&uses, module, module, &mut BTreeSet::new(), &mut path);
-        assert!(!cycle, "module cycle: {}", path.join(" -> "));
+        if reaches(&uses, module, module, &mut BTreeSet::new(), &mut path) {
+            return (Some(path.join(" -> ")), uses);
+        }
     }
+    (None, uses)
+}
+
+/// The sources of crate `name` of this workspace.
+fn sources(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(name)
+        .join("src")
+}
+
+#[test]
+fn the_broker_modules_form_no_cycle() {
+    let (found, uses) = cycle(&sources("mayfly-broker"));
+    assert!(uses.contains_key("service") && uses["service"].contains("store"));
+    assert_eq!(found, None, "module cycle in mayfly-broker");
+}
+
+#[test]
+fn the_core_and_policy_modules_form_no_cycle() {
+    for name in ["mayfly-core", "mayfly-policy"] {
+        let (found, uses) = cycle(&sources(name));
+        assert!(!uses.is_empty(), "{name}: no module names another");
+        assert_eq!(found, None, "module cycle in {name}");
+    }
+}
+
+#[test]
+fn a_cycle_is_found() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.rs"), "use crate::b::X;").unwrap();
+    std::fs::write(dir.path().join("b.rs"), "use crate::c::Y;").unwrap();
+    std::fs::write(dir.path().join("c.rs"), "use crate::a::Z;").unwrap();
+    assert_eq!(cycle(dir.path()).0.as_deref(), Some("a -> b -> c -> a"));
 }
 
 #[test]

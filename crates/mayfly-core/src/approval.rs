@@ -52,6 +52,26 @@ pub enum ApprovalRequest {
     },
 }
 
+impl ApprovalRequest {
+    /// A token request as an approval is bound to it: the binding by kind
+    /// (the caller's certificate, whichever it then presents, or this DPoP
+    /// key), the lifetime as asked (0 for the default).
+    pub fn token(
+        audience: Audience,
+        scopes: Scopes,
+        ttl: Option<std::time::Duration>,
+        binding: &crate::Binding,
+    ) -> Self {
+        Self::Token {
+            audience,
+            scopes,
+            ttl_seconds: ttl.map_or(0, |d| d.as_secs()),
+            bind: matches!(binding, crate::Binding::Certificate { .. }),
+            dpop_jkt: binding.jkt().map(str::to_owned),
+        }
+    }
+}
+
 /// Where an approval stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::envelope::{Audience, Scopes};
 use crate::id::{LeaseId, TaskId};
+use crate::proof::{Binding, Proof};
 use crate::spiffe::SpiffeId;
 use crate::time::Timestamp;
 
@@ -139,38 +140,6 @@ pub enum LeaseStatus {
     Expired,
 }
 
-/// What a token is bound to: its holder must prove it has the key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenBinding {
-    /// The client certificate it was issued on (RFC 8705): SHA-256 of its
-    /// DER, base64url.
-    Certificate {
-        /// `cnf.x5t#S256`.
-        x5t_s256: String,
-    },
-    /// A DPoP key (RFC 9449): its RFC 7638 thumbprint.
-    Dpop {
-        /// `cnf.jkt`.
-        jkt: String,
-    },
-}
-
-impl TokenBinding {
-    /// The token's `cnf` claim.
-    pub fn confirmation(&self) -> crate::Confirmation {
-        match self {
-            Self::Certificate { x5t_s256 } => crate::Confirmation {
-                x5t_s256: Some(x5t_s256.clone()),
-                jkt: None,
-            },
-            Self::Dpop { jkt } => crate::Confirmation {
-                x5t_s256: None,
-                jkt: Some(jkt.clone()),
-            },
-        }
-    }
-}
-
 /// What a lease is of, with what only that kind holds. A lease of a kind
 /// this build does not know (written by a newer broker sharing the store),
 /// or one that lacks what its kind needs, is [`Unrecognised`]: it is never
@@ -186,7 +155,7 @@ pub enum LeaseDetail {
         /// Its one audience.
         audience: Audience,
         /// What it is bound to, if anything.
-        binding: Option<TokenBinding>,
+        binding: Binding,
     },
     /// A token a service got by exchanging a token of the task (RFC
     /// 8693): the lease's `agent` is the task's owner, `actor` the
@@ -195,7 +164,7 @@ pub enum LeaseDetail {
         /// Its one audience.
         audience: Audience,
         /// What it is bound to, if anything.
-        binding: Option<TokenBinding>,
+        binding: Binding,
         /// The service that exchanged for it, and holds it.
         actor: SpiffeId,
         /// The audience of the token it was exchanged for.
@@ -268,9 +237,8 @@ pub struct Lease {
     pub task_revision: u64,
     /// The approval it was issued under, if one was needed.
     pub approval: Option<crate::ApprovalId>,
-    /// How its holder proved its SPIFFE ID when it was issued: `None` with
-    /// a client certificate, else the workload-token issuer.
-    pub authenticated_by: Option<String>,
+    /// How its holder proved its SPIFFE ID when it was issued.
+    pub authenticated_by: Proof,
 }
 
 /// A lease as both stores hold it (JSON): the kind as a name and its
@@ -304,16 +272,16 @@ struct StoredLease {
     task_revision: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     approval: Option<crate::ApprovalId>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    authenticated_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Proof::is_certificate")]
+    authenticated_by: Proof,
 }
 
 impl From<StoredLease> for Lease {
     fn from(s: StoredLease) -> Self {
         let binding = match (s.cert_thumbprint, s.dpop_jkt) {
-            (None, None) => Ok(None),
-            (Some(x5t_s256), None) => Ok(Some(TokenBinding::Certificate { x5t_s256 })),
-            (None, Some(jkt)) => Ok(Some(TokenBinding::Dpop { jkt })),
+            (None, None) => Ok(Binding::Bearer),
+            (Some(x5t_s256), None) => Ok(Binding::Certificate { x5t_s256 }),
+            (None, Some(jkt)) => Ok(Binding::Dpop { jkt }),
             (Some(_), Some(_)) => Err(()),
         };
         let exchange = s.actor.zip(s.subject_audience);
@@ -372,14 +340,14 @@ impl From<Lease> for StoredLease {
                 issuing_ca: ca,
             } => {
                 issuing_ca = ca;
-                (None, None, Some(serial))
+                (None, Binding::Bearer, Some(serial))
             }
-            LeaseDetail::Task | LeaseDetail::Unrecognised { .. } => (None, None, None),
+            LeaseDetail::Task | LeaseDetail::Unrecognised { .. } => (None, Binding::Bearer, None),
         };
         let (cert_thumbprint, dpop_jkt) = match binding {
-            None => (None, None),
-            Some(TokenBinding::Certificate { x5t_s256 }) => (Some(x5t_s256), None),
-            Some(TokenBinding::Dpop { jkt }) => (None, Some(jkt)),
+            Binding::Bearer => (None, None),
+            Binding::Certificate { x5t_s256 } => (Some(x5t_s256), None),
+            Binding::Dpop { jkt } => (None, Some(jkt)),
         };
         Self {
             id: l.id,
@@ -429,11 +397,11 @@ impl Lease {
         }
     }
 
-    /// What a token is bound to.
-    pub fn binding(&self) -> Option<&TokenBinding> {
+    /// What a token is bound to; `None` for a lease that is no token.
+    pub fn binding(&self) -> Option<&Binding> {
         match &self.detail {
             LeaseDetail::Token { binding, .. } | LeaseDetail::ExchangedToken { binding, .. } => {
-                binding.as_ref()
+                Some(binding)
             }
             _ => None,
         }
@@ -441,10 +409,7 @@ impl Lease {
 
     /// The `x5t#S256` a token is bound to.
     pub fn cert_thumbprint(&self) -> Option<&str> {
-        match self.binding() {
-            Some(TokenBinding::Certificate { x5t_s256 }) => Some(x5t_s256),
-            _ => None,
-        }
+        self.binding().and_then(Binding::x5t_s256)
     }
 
     /// A certificate's serial (upper-case hex).
@@ -498,7 +463,7 @@ mod tests {
             id: LeaseId::generate(),
             detail: LeaseDetail::Token {
                 audience: Audience::new("api").unwrap(),
-                binding: None,
+                binding: Binding::Bearer,
             },
             agent: SpiffeId::new("spiffe://td/agent/a").unwrap(),
             task_id: task,
@@ -508,7 +473,7 @@ mod tests {
             status,
             task_revision: 0,
             approval: None,
-            authenticated_by: None,
+            authenticated_by: Proof::Certificate,
         }
     }
 
@@ -548,13 +513,13 @@ mod tests {
             LeaseDetail::Task,
             LeaseDetail::Token {
                 audience: Audience::new("api").unwrap(),
-                binding: Some(TokenBinding::Certificate {
+                binding: Binding::Certificate {
                     x5t_s256: "x5t".into(),
-                }),
+                },
             },
             LeaseDetail::Token {
                 audience: Audience::new("api").unwrap(),
-                binding: Some(TokenBinding::Dpop { jkt: "jkt".into() }),
+                binding: Binding::Dpop { jkt: "jkt".into() },
             },
             LeaseDetail::Certificate {
                 serial: "5A39".into(),
@@ -569,7 +534,7 @@ mod tests {
             },
             LeaseDetail::ExchangedToken {
                 audience: Audience::new("next").unwrap(),
-                binding: None,
+                binding: Binding::Bearer,
                 actor: SpiffeId::new("spiffe://td/api/a").unwrap(),
                 subject_audience: Audience::new("api").unwrap(),
             },

@@ -20,6 +20,7 @@ mod lease;
 pub mod limits;
 mod lock;
 mod policy;
+mod proof;
 mod spiffe;
 pub mod svid;
 mod task;
@@ -35,13 +36,11 @@ pub use envelope::{
 pub use id::{IdError, LeaseId, TaskId};
 pub use lease::{
     EXCHANGED_TOKEN, Lease, LeaseDetail, LeaseKind, LeaseState, LeaseStatus, Revocation,
-    RevocationReason, TokenBinding,
+    RevocationReason,
 };
 pub use lock::{AgentLock, MAX_LOCK_REASON_BYTES};
-pub use policy::{
-    CERTIFICATE, Decision, DelegateRequest, ExchangeTokenRequest, IssueTokenRequest, Pattern,
-    Policy, SignCertificateRequest, StartTaskRequest, binding_name, proof_name,
-};
+pub use policy::{Action, Decision, Pattern, PatternError, Policy, PolicyRequest, TaskFacts};
+pub use proof::{Binding, Proof};
 pub use spiffe::{SpiffeId, SpiffeIdError, SpiffeIdPattern, TASK_SEGMENT, TrustDomain};
 pub use task::{Task, TaskRecord, TaskState};
 pub use time::Timestamp;

@@ -1,143 +1,127 @@
-//! The authorization seam. Every `StartTask`, `IssueToken`,
-//! `SignCertificate`, `DelegateTask` and token exchange is decided at request time by a [`Policy`]; the broker
-//! never decides on its own. The Cedar implementation lives in
-//! `mayfly-policy`.
+//! The authorization seam. Every decision (opening a task, issuing a
+//! token or a certificate, delegating, exchanging a token) is one
+//! [`PolicyRequest`] to a [`Policy`], at request time; the broker never
+//! decides on its own. The Cedar implementation lives in `mayfly-policy`.
 
 use std::fmt;
 use std::time::Duration;
 
 use crate::envelope::{Audience, Envelope, Intent, Scopes, TaskContext};
+use crate::id::TaskId;
+use crate::proof::{Binding, Proof};
 use crate::spiffe::SpiffeId;
 use crate::task::Task;
 use crate::time::Timestamp;
 
-/// How a principal proved itself with a client certificate, as policy
-/// sees it (`principal.authenticated_by`).
-pub const CERTIFICATE: &str = "certificate";
-
-/// The name policy sees for a stored proof: `certificate` for `None`, else
-/// the workload-token issuer.
-pub fn proof_name(stored: Option<&str>) -> &str {
-    stored.unwrap_or(CERTIFICATE)
+/// One request to policy: who asks and how it proved itself, what it asks
+/// to do, under which task, for how long, and when.
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyRequest<'a> {
+    /// The caller: the task's owner, or for an exchange the service that
+    /// received the token.
+    pub principal: &'a SpiffeId,
+    /// How the caller proved itself.
+    pub proof: &'a Proof,
+    /// What it asks to do, with what only that action has.
+    pub action: Action<'a>,
+    /// The task it asks under (for `StartTask`, the one it would open).
+    pub task: TaskFacts<'a>,
+    /// The lifetime asked for (or the default), before policy caps it.
+    pub ttl: Duration,
+    /// The time of the request.
+    pub now: Timestamp,
 }
 
-/// What a token is bound to, as policy sees it (`context.binding`):
-/// `certificate`, `dpop` or `none`.
-pub fn binding_name(binding: Option<&crate::TokenBinding>) -> &'static str {
-    match binding {
-        Some(crate::TokenBinding::Certificate { .. }) => "certificate",
-        Some(crate::TokenBinding::Dpop { .. }) => "dpop",
-        None => "none",
+/// What a [`PolicyRequest`] asks to do. Every policy implementation
+/// handles each (a new action is one more variant here and one more arm
+/// there).
+#[derive(Debug, Clone, Copy)]
+pub enum Action<'a> {
+    /// Open a task with this envelope (decided for each of its audiences).
+    StartTask {
+        /// Everything the task asks to be allowed.
+        envelope: &'a Envelope,
+    },
+    /// Receive a token for `audience`.
+    IssueToken {
+        /// The token's audience.
+        audience: &'a Audience,
+        /// Its scopes.
+        scopes: &'a Scopes,
+        /// What it would be bound to.
+        binding: &'a Binding,
+    },
+    /// Receive a certificate for the task.
+    SignCertificate,
+    /// Hand part of the task to `delegate`.
+    Delegate {
+        /// The agent that would own the new task.
+        delegate: &'a SpiffeId,
+        /// The new task's envelope (within the parent's).
+        envelope: &'a Envelope,
+    },
+    /// Exchange a token of the task for one for `audience` (RFC 8693): the
+    /// principal received the token (issued for `subject_audience`).
+    ExchangeToken {
+        /// The agent the work is for: the task's owner.
+        subject: &'a SpiffeId,
+        /// The audience of the token being exchanged (what the principal is).
+        subject_audience: &'a Audience,
+        /// The resource server of `subject_audience` the principal is one
+        /// of (the broker refuses an exchange by anyone else first).
+        resource_server: &'a str,
+        /// The new token's audience.
+        audience: &'a Audience,
+        /// Its scopes.
+        scopes: &'a Scopes,
+        /// What it would be bound to.
+        binding: &'a Binding,
+    },
+}
+
+impl Action<'_> {
+    /// Its name in policy (`action == Mayfly::Action::"<name>"`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::StartTask { .. } => "start_task",
+            Self::IssueToken { .. } => "issue_token",
+            Self::SignCertificate => "sign_certificate",
+            Self::Delegate { .. } => "delegate",
+            Self::ExchangeToken { .. } => "exchange_token",
+        }
     }
 }
 
-/// A request to open a task, as policy sees it.
-#[derive(Debug)]
-pub struct StartTaskRequest<'a> {
-    /// The caller.
-    pub agent: &'a SpiffeId,
-    /// How the caller proved itself: `certificate`, or the workload-token
-    /// issuer.
-    pub authenticated_by: &'a str,
-    /// What the task is for.
+/// What policy sees of a task: its id (none yet for one being opened),
+/// intent and context.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskFacts<'a> {
+    /// Its id; `None` for a task not opened yet.
+    pub id: Option<&'a TaskId>,
+    /// What it is for.
     pub intent: &'a Intent,
-    /// Facts about the task.
+    /// Facts about it.
     pub context: &'a TaskContext,
-    /// Everything the task asks to be allowed.
-    pub envelope: &'a Envelope,
-    /// The lifetime asked for (or the default), before policy caps it.
-    pub ttl: Duration,
-    /// The time of the request.
-    pub now: Timestamp,
 }
 
-/// A request for a token under a task, as policy sees it.
-#[derive(Debug)]
-pub struct IssueTokenRequest<'a> {
-    /// The caller (the task's owner).
-    pub agent: &'a SpiffeId,
-    /// How the caller proved itself: `certificate`, or the workload-token
-    /// issuer.
-    pub authenticated_by: &'a str,
-    /// The task, with its intent and context.
-    pub task: &'a Task,
-    /// The token's audience.
-    pub audience: &'a Audience,
-    /// The token's scopes.
-    pub scopes: &'a Scopes,
-    /// What it would be bound to: see [`binding_name`].
-    pub binding: &'a str,
-    /// The lifetime asked for (or the default), before policy caps it.
-    pub ttl: Duration,
-    /// The time of the request.
-    pub now: Timestamp,
-}
+impl<'a> TaskFacts<'a> {
+    /// A task that exists.
+    pub fn of(task: &'a Task) -> Self {
+        Self {
+            id: Some(&task.id),
+            intent: &task.intent,
+            context: &task.context,
+        }
+    }
 
-/// A request to sign a task-bound certificate, as policy sees it.
-#[derive(Debug)]
-pub struct SignCertificateRequest<'a> {
-    /// The caller (the task's owner).
-    pub agent: &'a SpiffeId,
-    /// How the caller proved itself: `certificate`, or the workload-token
-    /// issuer.
-    pub authenticated_by: &'a str,
-    /// The task, with its intent and context.
-    pub task: &'a Task,
-    /// The lifetime asked for (or the default), before policy caps it.
-    pub ttl: Duration,
-    /// The time of the request.
-    pub now: Timestamp,
-}
-
-/// A request to exchange a token of a task for one to call the next
-/// service (RFC 8693), as policy sees it: `actor` received the token
-/// (issued for `subject_audience`) and asks for one for `audience`.
-#[derive(Debug)]
-pub struct ExchangeTokenRequest<'a> {
-    /// The caller: the service exchanging the token.
-    pub actor: &'a SpiffeId,
-    /// How the caller proved itself: `certificate`, or the workload-token
-    /// issuer.
-    pub authenticated_by: &'a str,
-    /// The agent the work is for: the task's owner.
-    pub subject: &'a SpiffeId,
-    /// The audience of the token being exchanged (what the actor is).
-    pub subject_audience: &'a Audience,
-    /// The resource server of `subject_audience` the actor is one of (the
-    /// broker refuses an exchange by anyone else before asking policy).
-    pub resource_server: &'a str,
-    /// The task both tokens belong to.
-    pub task: &'a Task,
-    /// The new token's audience.
-    pub audience: &'a Audience,
-    /// The new token's scopes.
-    pub scopes: &'a Scopes,
-    /// What it would be bound to: see [`binding_name`].
-    pub binding: &'a str,
-    /// The lifetime asked for (or the default), before policy caps it.
-    pub ttl: Duration,
-    /// The time of the request.
-    pub now: Timestamp,
-}
-
-/// A request to hand part of a task to another agent, as policy sees it.
-#[derive(Debug)]
-pub struct DelegateRequest<'a> {
-    /// The caller: the parent task's owner.
-    pub agent: &'a SpiffeId,
-    /// How the caller proved itself: `certificate`, or the workload-token
-    /// issuer.
-    pub authenticated_by: &'a str,
-    /// The agent that would own the new task.
-    pub delegate: &'a SpiffeId,
-    /// The parent task, with its intent and context.
-    pub task: &'a Task,
-    /// The new task's envelope (within the parent's).
-    pub envelope: &'a Envelope,
-    /// The new task's lifetime asked for, before policy caps it.
-    pub ttl: Duration,
-    /// The time of the request.
-    pub now: Timestamp,
+    /// A task about to be opened.
+    pub fn new(intent: &'a Intent, context: &'a TaskContext) -> Self {
+        Self {
+            id: None,
+            intent,
+            context,
+        }
+    }
 }
 
 /// What policy decided.
@@ -165,16 +149,8 @@ pub enum Decision {
 /// Decides what agents may get. Implementations must be pure functions of
 /// their input and configuration, and cheap: they run on every request.
 pub trait Policy: Send + Sync + fmt::Debug {
-    /// May `req.agent` open a task with this envelope?
-    fn decide_start_task(&self, req: &StartTaskRequest<'_>) -> Decision;
-    /// May `req.agent` receive this token under `req.task`?
-    fn decide_issue_token(&self, req: &IssueTokenRequest<'_>) -> Decision;
-    /// May `req.agent` receive a certificate for `req.task`?
-    fn decide_sign_certificate(&self, req: &SignCertificateRequest<'_>) -> Decision;
-    /// May `req.agent` hand part of `req.task` to `req.delegate`?
-    fn decide_delegate(&self, req: &DelegateRequest<'_>) -> Decision;
-    /// May `req.actor` exchange a token of `req.task` for this one?
-    fn decide_exchange_token(&self, req: &ExchangeTokenRequest<'_>) -> Decision;
+    /// May `req.principal` do `req.action`?
+    fn decide(&self, req: &PolicyRequest<'_>) -> Decision;
 }
 
 /// A pattern over audiences (or other names): exact text, or `prefix*` matching
@@ -187,18 +163,30 @@ pub struct Pattern {
     prefix: bool,
 }
 
+/// Why a pattern was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PatternError {
+    /// A `*` elsewhere than at the end.
+    #[error("pattern {0:?}: '*' is allowed only at the end")]
+    InnerWildcard(String),
+    /// Nothing at all.
+    #[error("empty pattern")]
+    Empty,
+}
+
 impl Pattern {
     /// Parses a pattern; `*` may appear only at the end.
-    pub fn new(s: &str) -> Result<Self, String> {
+    pub fn new(s: &str) -> Result<Self, PatternError> {
         let (text, prefix) = match s.strip_suffix('*') {
             Some(t) => (t, true),
             None => (s, false),
         };
         if text.contains('*') {
-            return Err(format!("pattern {s:?}: '*' is allowed only at the end"));
+            return Err(PatternError::InnerWildcard(s.to_owned()));
         }
         if !prefix && text.is_empty() {
-            return Err("empty pattern".to_owned());
+            return Err(PatternError::Empty);
         }
         Ok(Self {
             text: text.to_owned(),

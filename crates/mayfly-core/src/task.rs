@@ -9,6 +9,7 @@ use crate::claims::ActorClaim;
 use crate::envelope::{Envelope, Intent, TaskContext};
 use crate::id::TaskId;
 use crate::lease::{Lease, LeaseDetail, LeaseStatus, Revocation, RevocationReason};
+use crate::proof::Proof;
 use crate::spiffe::SpiffeId;
 use crate::time::Timestamp;
 
@@ -43,10 +44,9 @@ pub struct Task {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub delegated_by: Vec<SpiffeId>,
     /// How whoever opened it (the owner, or for a delegated task the
-    /// delegator) proved its SPIFFE ID: `None` with a client certificate,
-    /// else the workload-token issuer. Decisions made again see it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub authenticated_by: Option<String>,
+    /// delegator) proved its SPIFFE ID. Decisions made again see it.
+    #[serde(default, skip_serializing_if = "Proof::is_certificate")]
+    pub authenticated_by: Proof,
 }
 
 impl Task {
@@ -98,11 +98,6 @@ impl Task {
             approval: None,
             authenticated_by: self.authenticated_by.clone(),
         }
-    }
-
-    /// How its opener proved itself, as policy names it.
-    pub fn opened_by(&self) -> &str {
-        crate::policy::proof_name(self.authenticated_by.as_deref())
     }
 }
 
@@ -206,7 +201,7 @@ mod tests {
             revision: 0,
             parent: None,
             delegated_by: delegated_by.iter().map(|s| id(s)).collect(),
-            authenticated_by: None,
+            authenticated_by: Proof::Certificate,
         }
     }
 

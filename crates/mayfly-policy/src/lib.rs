@@ -30,8 +30,7 @@ use cedar_policy::{
     PolicySet, Request, RestrictedExpression, Schema,
 };
 use mayfly_core::{
-    Decision, DelegateRequest, ExchangeTokenRequest, IssueTokenRequest, Policy,
-    SignCertificateRequest, SpiffeId, StartTaskRequest, TaskContext, Timestamp,
+    Action, Decision, Policy, PolicyRequest, Scopes, SpiffeId, TaskContext, Timestamp,
 };
 
 pub use load::{PolicyLoadError, Problem};
@@ -382,101 +381,68 @@ fn all_of(decisions: impl IntoIterator<Item = Decision>) -> Decision {
     }
 }
 
+/// The scopes as Cedar gets them.
+fn names(scopes: &Scopes) -> Vec<&str> {
+    scopes.iter().map(|s| s.as_str()).collect()
+}
+
+/// Each [`PolicyRequest`] as Cedar requests: one for most actions, one per
+/// audience of the envelope for `start_task` (all must permit).
 impl Policy for CedarPolicy {
-    fn decide_start_task(&self, req: &StartTaskRequest<'_>) -> Decision {
-        all_of(req.envelope.audiences().iter().map(|aud| {
-            self.ask(Ask {
-                agent: req.agent,
-                authenticated_by: req.authenticated_by,
-                binding: None,
-                delegate: None,
-                exchange: None,
-                action: "start_task",
-                resource: uid(Type::Audience, aud.as_str()),
-                task_id: "new",
-                intent: req.intent.as_str(),
-                context: req.context,
-                scopes: req.envelope.scopes().iter().map(|s| s.as_str()).collect(),
-                ttl: req.ttl,
-                now: req.now,
-            })
-        }))
-    }
-
-    fn decide_issue_token(&self, req: &IssueTokenRequest<'_>) -> Decision {
-        self.ask(Ask {
-            agent: req.agent,
-            authenticated_by: req.authenticated_by,
-            binding: Some(req.binding),
-            delegate: None,
-            exchange: None,
-            action: "issue_token",
-            resource: uid(Type::Audience, req.audience.as_str()),
-            task_id: req.task.id.as_str(),
-            intent: req.task.intent.as_str(),
-            context: &req.task.context,
-            scopes: req.scopes.iter().map(|s| s.as_str()).collect(),
-            ttl: req.ttl,
-            now: req.now,
-        })
-    }
-
-    fn decide_delegate(&self, req: &DelegateRequest<'_>) -> Decision {
-        self.ask(Ask {
-            agent: req.agent,
-            authenticated_by: req.authenticated_by,
-            binding: None,
-            delegate: Some(req.delegate),
-            exchange: None,
-            action: "delegate",
-            resource: uid(Type::Agent, req.delegate.as_str()),
-            task_id: req.task.id.as_str(),
-            intent: req.task.intent.as_str(),
-            context: &req.task.context,
-            scopes: req.envelope.scopes().iter().map(|s| s.as_str()).collect(),
-            ttl: req.ttl,
-            now: req.now,
-        })
-    }
-
-    fn decide_exchange_token(&self, req: &ExchangeTokenRequest<'_>) -> Decision {
-        self.ask(Ask {
-            agent: req.actor,
-            authenticated_by: req.authenticated_by,
-            binding: Some(req.binding),
-            delegate: None,
-            exchange: Some((
-                req.subject,
-                req.subject_audience.as_str(),
-                req.resource_server,
-            )),
-            action: "exchange_token",
-            resource: uid(Type::Audience, req.audience.as_str()),
-            task_id: req.task.id.as_str(),
-            intent: req.task.intent.as_str(),
-            context: &req.task.context,
-            scopes: req.scopes.iter().map(|s| s.as_str()).collect(),
-            ttl: req.ttl,
-            now: req.now,
-        })
-    }
-
-    fn decide_sign_certificate(&self, req: &SignCertificateRequest<'_>) -> Decision {
-        self.ask(Ask {
-            agent: req.agent,
-            authenticated_by: req.authenticated_by,
+    fn decide(&self, req: &PolicyRequest<'_>) -> Decision {
+        let base = |resource: EntityUid, scopes| Ask {
+            agent: req.principal,
+            authenticated_by: req.proof.name(),
             binding: None,
             delegate: None,
             exchange: None,
-            action: "sign_certificate",
-            resource: uid(Type::CertificateKind, "task"),
-            task_id: req.task.id.as_str(),
+            action: req.action.name(),
+            resource,
+            task_id: req.task.id.map_or("new", |id| id.as_str()),
             intent: req.task.intent.as_str(),
-            context: &req.task.context,
-            scopes: Vec::new(),
+            context: req.task.context,
+            scopes,
             ttl: req.ttl,
             now: req.now,
-        })
+        };
+        match req.action {
+            Action::StartTask { envelope } => all_of(envelope.audiences().iter().map(|aud| {
+                self.ask(base(
+                    uid(Type::Audience, aud.as_str()),
+                    names(envelope.scopes()),
+                ))
+            })),
+            Action::IssueToken {
+                audience,
+                scopes,
+                binding,
+            } => self.ask(Ask {
+                binding: Some(binding.name()),
+                ..base(uid(Type::Audience, audience.as_str()), names(scopes))
+            }),
+            Action::SignCertificate => {
+                self.ask(base(uid(Type::CertificateKind, "task"), Vec::new()))
+            }
+            Action::Delegate { delegate, envelope } => self.ask(Ask {
+                delegate: Some(delegate),
+                ..base(
+                    uid(Type::Agent, delegate.as_str()),
+                    names(envelope.scopes()),
+                )
+            }),
+            Action::ExchangeToken {
+                subject,
+                subject_audience,
+                resource_server,
+                audience,
+                scopes,
+                binding,
+            } => self.ask(Ask {
+                binding: Some(binding.name()),
+                exchange: Some((subject, subject_audience.as_str(), resource_server)),
+                ..base(uid(Type::Audience, audience.as_str()), names(scopes))
+            }),
+        }
     }
 }
 
@@ -572,7 +538,7 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
                         for ttl in [60, 3600] {
                             let ask = Ask {
                                 agent,
-                                authenticated_by: mayfly_core::CERTIFICATE,
+                                authenticated_by: mayfly_core::Proof::CERTIFICATE,
                                 binding: matches!(*action, "issue_token" | "exchange_token")
                                     .then_some("none"),
                                 delegate: (*action == "delegate").then_some(&worker),
@@ -624,7 +590,7 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
     fn ask_at<'a>(agent: &'a SpiffeId, context: &'a TaskContext, now: u64) -> Ask<'a> {
         Ask {
             agent,
-            authenticated_by: mayfly_core::CERTIFICATE,
+            authenticated_by: mayfly_core::Proof::CERTIFICATE,
             binding: Some("none"),
             delegate: None,
             exchange: None,

@@ -5,9 +5,8 @@
 use std::time::Duration;
 
 use mayfly_core::{
-    Audience, Decision, DelegateRequest, Envelope, Intent, IssueTokenRequest, Policy,
-    SignCertificateRequest, SpiffeId, StartTaskRequest, Task, TaskContext, TaskId, Timestamp,
-    parse_scopes,
+    Action, Audience, Binding, Decision, Envelope, Intent, Policy, PolicyRequest, Proof, SpiffeId,
+    Task, TaskContext, TaskFacts, TaskId, Timestamp, parse_scopes,
 };
 use mayfly_policy::CedarPolicy;
 
@@ -35,20 +34,22 @@ fn task(context: &[(&str, &str)]) -> Task {
         revision: 0,
         parent: None,
         delegated_by: Vec::new(),
-        authenticated_by: None,
+        authenticated_by: Proof::Certificate,
     }
 }
 
 fn token(p: &CedarPolicy, task: &Task, audience: &str, scopes: &[&str]) -> Decision {
-    p.decide_issue_token(&IssueTokenRequest {
-        agent: &task.agent,
-        task,
-        audience: &Audience::new(audience).unwrap(),
-        scopes: &parse_scopes(scopes).unwrap(),
-        binding: "none",
+    p.decide(&PolicyRequest {
+        principal: &task.agent,
+        proof: &Proof::Certificate,
+        action: Action::IssueToken {
+            audience: &Audience::new(audience).unwrap(),
+            scopes: &parse_scopes(scopes).unwrap(),
+            binding: &Binding::Bearer,
+        },
+        task: TaskFacts::of(task),
         ttl: Duration::from_secs(900),
         now: Timestamp::now(),
-        authenticated_by: mayfly_core::CERTIFICATE,
     })
 }
 
@@ -139,14 +140,15 @@ fn restricted_data_cannot_be_exported_and_nothing_else_is_allowed_by_default() {
     ));
     // Envelopes: every audience must be allowed; the forbid applies at start.
     let start = |ctx: &TaskContext, auds: &[&str], scopes: &[&str]| {
-        p.decide_start_task(&StartTaskRequest {
-            agent: &agent(),
-            intent: &Intent::new("x").unwrap(),
-            context: ctx,
-            envelope: &Envelope::new(auds, scopes).unwrap(),
+        p.decide(&PolicyRequest {
+            principal: &agent(),
+            proof: &Proof::Certificate,
+            action: Action::StartTask {
+                envelope: &Envelope::new(auds, scopes).unwrap(),
+            },
+            task: TaskFacts::new(&Intent::new("x").unwrap(), ctx),
             ttl: Duration::from_secs(3600),
             now: Timestamp::now(),
-            authenticated_by: mayfly_core::CERTIFICATE,
         })
     };
     let (id, ttl, _) = permit(start(
@@ -169,12 +171,13 @@ fn restricted_data_cannot_be_exported_and_nothing_else_is_allowed_by_default() {
     let restricted_ctx = TaskContext::new([("data_sensitivity", "restricted")]).unwrap();
     let (id, _) = deny(start(&restricted_ctx, &[TICKETS], &["export:all"]));
     assert_eq!(id.as_deref(), Some("no-export-of-restricted-data"));
-    let cert = p.decide_sign_certificate(&SignCertificateRequest {
-        agent: &agent(),
-        task: &task(&[]),
+    let cert = p.decide(&PolicyRequest {
+        principal: &agent(),
+        proof: &Proof::Certificate,
+        action: Action::SignCertificate,
+        task: TaskFacts::of(&task(&[])),
         ttl: Duration::from_secs(7200),
         now: Timestamp::now(),
-        authenticated_by: mayfly_core::CERTIFICATE,
     });
     assert_eq!(permit(cert).1, Some(Duration::from_secs(3600)));
 }
@@ -252,14 +255,16 @@ fn reads_may_be_delegated_to_workers_only() {
     let p = shipped();
     let parent = task(&[("environment", "production")]);
     let delegate = |to: &str, scopes: &[&str]| {
-        p.decide_delegate(&DelegateRequest {
-            agent: &agent(),
-            delegate: &SpiffeId::new(to).unwrap(),
-            task: &parent,
-            envelope: &Envelope::new(&[TICKETS], scopes).unwrap(),
+        p.decide(&PolicyRequest {
+            principal: &agent(),
+            proof: &Proof::Certificate,
+            action: Action::Delegate {
+                delegate: &SpiffeId::new(to).unwrap(),
+                envelope: &Envelope::new(&[TICKETS], scopes).unwrap(),
+            },
+            task: TaskFacts::of(&parent),
             ttl: Duration::from_secs(3600),
             now: Timestamp::now(),
-            authenticated_by: mayfly_core::CERTIFICATE,
         })
     };
     let worker = "spiffe://prod.example.com/agents/workers/summariser";

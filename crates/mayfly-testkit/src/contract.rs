@@ -127,7 +127,7 @@ pub fn task(agent: &SpiffeId, ttl: u64) -> Task {
         revision: 0,
         parent: None,
         delegated_by: Vec::new(),
-        authenticated_by: None,
+        authenticated_by: mayfly_core::Proof::Certificate,
     }
 }
 
@@ -137,7 +137,7 @@ pub fn lease(task: &Task, ttl: u64) -> Lease {
         id: LeaseId::generate(),
         detail: LeaseDetail::Token {
             audience: Audience::new("https://api.example.com").unwrap(),
-            binding: None,
+            binding: mayfly_core::Binding::Bearer,
         },
         agent: task.agent.clone(),
         task_id: task.id.clone(),
@@ -147,7 +147,7 @@ pub fn lease(task: &Task, ttl: u64) -> Lease {
         status: LeaseStatus::Active,
         task_revision: 0,
         approval: None,
-        authenticated_by: None,
+        authenticated_by: mayfly_core::Proof::Certificate,
     }
 }
 
@@ -433,7 +433,7 @@ pub fn exchanged(task: &Task, service: &SpiffeId, ttl: u64) -> Lease {
     let mut l = lease(task, ttl);
     l.detail = LeaseDetail::ExchangedToken {
         audience: Audience::new("https://api.example.com").unwrap(),
-        binding: None,
+        binding: mayfly_core::Binding::Bearer,
         actor: service.clone(),
         subject_audience: Audience::new("https://tools.example.com").unwrap(),
     };

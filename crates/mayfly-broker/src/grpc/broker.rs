@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use mayfly_core::{
-    ApprovalId, Audience, ContextChange, Envelope, Intent, SpiffeId, TaskContext, TaskId,
+    ApprovalId, Audience, Binding, ContextChange, Envelope, Intent, SpiffeId, TaskContext, TaskId,
     Timestamp, parse_scopes,
 };
 use mayfly_proto::v1 as pb;
@@ -11,9 +11,11 @@ use tonic::{Request, Response, Status};
 
 use super::{approval_to_proto, caller, field, task_to_proto, timestamp};
 use crate::error::BrokerError;
+use crate::identity::Caller;
 use crate::issuer::parse_csr;
 use crate::service::{
-    Bind, CertificateRequest, Issued, NewDelegation, NewTask, Service, TokenRequest, requested_ttl,
+    CertificateRequest, Issued, NewDelegation, NewTask, Service, TokenRequest, bind_to_certificate,
+    requested_ttl,
 };
 
 /// An optional approval id field.
@@ -27,10 +29,10 @@ fn optional_approval(s: &str) -> Result<Option<ApprovalId>, BrokerError> {
 
 /// What `IssueToken` asks the token to be bound to: the call's client
 /// certificate, a DPoP key given as its public JWK, or nothing.
-fn binding(to_client_cert: bool, dpop_jwk: &str) -> Result<Bind, BrokerError> {
+fn binding(caller: &Caller, to_client_cert: bool, dpop_jwk: &str) -> Result<Binding, BrokerError> {
     match (to_client_cert, dpop_jwk.is_empty()) {
-        (false, true) => Ok(Bind::None),
-        (true, true) => Ok(Bind::ClientCertificate),
+        (false, true) => Ok(Binding::Bearer),
+        (true, true) => bind_to_certificate(caller),
         (true, false) => Err(BrokerError::Invalid(
             "bind_to_client_cert and dpop_jwk: a token is bound to one key, choose one".into(),
         )),
@@ -42,7 +44,7 @@ fn binding(to_client_cert: bool, dpop_jwk: &str) -> Result<Bind, BrokerError> {
                 .map_err(|e| BrokerError::Invalid(format!("dpop_jwk is not JSON: {e}")))?;
             let jkt = mayfly_core::dpop::jwk_thumbprint(&jwk)
                 .map_err(|e| BrokerError::Invalid(format!("dpop_jwk: {e}")))?;
-            Ok(Bind::Dpop { jkt })
+            Ok(Binding::Dpop { jkt })
         }
     }
 }
@@ -96,18 +98,17 @@ impl TryFrom<pb::DelegateTaskRequest> for NewDelegation {
     }
 }
 
-impl TryFrom<pb::IssueTokenRequest> for TokenRequest {
-    type Error = BrokerError;
-    fn try_from(r: pb::IssueTokenRequest) -> Result<Self, BrokerError> {
-        Ok(Self {
-            task_id: field("task_id", &r.task_id, TaskId::new)?,
-            audience: field("audience", &r.audience, Audience::new)?,
-            scopes: parse_scopes(&r.scopes).map_err(|e| BrokerError::Invalid(e.to_string()))?,
-            ttl_seconds: requested_ttl("ttl_seconds", r.ttl_seconds).map(|_| r.ttl_seconds)?,
-            binding: binding(r.bind_to_client_cert, &r.dpop_jwk)?,
-            approval_id: optional_approval(&r.approval_id)?,
-        })
-    }
+/// A validated `IssueToken` of `caller` (whose certificate a binding may
+/// name).
+fn token_request(r: pb::IssueTokenRequest, caller: &Caller) -> Result<TokenRequest, BrokerError> {
+    Ok(TokenRequest {
+        task_id: field("task_id", &r.task_id, TaskId::new)?,
+        audience: field("audience", &r.audience, Audience::new)?,
+        scopes: parse_scopes(&r.scopes).map_err(|e| BrokerError::Invalid(e.to_string()))?,
+        ttl: requested_ttl("ttl_seconds", r.ttl_seconds)?,
+        binding: binding(caller, r.bind_to_client_cert, &r.dpop_jwk)?,
+        approval_id: optional_approval(&r.approval_id)?,
+    })
 }
 
 impl TryFrom<pb::SignCertificateRequest> for CertificateRequest {
@@ -116,7 +117,7 @@ impl TryFrom<pb::SignCertificateRequest> for CertificateRequest {
         Ok(Self {
             task_id: field("task_id", &r.task_id, TaskId::new)?,
             key: parse_csr(&r.csr).map_err(|e| BrokerError::Invalid(e.to_string()))?,
-            ttl_seconds: requested_ttl("ttl_seconds", r.ttl_seconds).map(|_| r.ttl_seconds)?,
+            ttl: requested_ttl("ttl_seconds", r.ttl_seconds)?,
             approval_id: optional_approval(&r.approval_id)?,
         })
     }
@@ -226,7 +227,7 @@ impl pb::broker_server::Broker for BrokerApi {
         request: Request<pb::IssueTokenRequest>,
     ) -> Result<Response<pb::IssuedToken>, Status> {
         let caller = caller(&request)?;
-        let req = TokenRequest::try_from(request.into_inner())?;
+        let req = token_request(request.into_inner(), &caller)?;
         let issued = match self.svc.issuance().issue_token(&caller, req).await? {
             Issued::Credential(t) => t,
             Issued::Pending(a) => {
@@ -241,11 +242,7 @@ impl pb::broker_server::Broker for BrokerApi {
             token: issued.credential.into_string(),
             lease_id: lease.id.to_string(),
             expires_at: Some(timestamp(lease.expires_at)),
-            token_type: match lease.binding() {
-                Some(mayfly_core::TokenBinding::Dpop { .. }) => "DPoP",
-                _ => "Bearer",
-            }
-            .into(),
+            token_type: lease.binding().map_or("Bearer", Binding::token_type).into(),
             scopes: lease.scopes.iter().map(|s| s.to_string()).collect(),
             audience: lease.audience().map(|a| a.to_string()).unwrap_or_default(),
             approval: None,

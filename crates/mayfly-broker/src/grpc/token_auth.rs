@@ -25,7 +25,7 @@ use mayfly_core::Timestamp;
 
 use crate::connections::PeerInfo;
 use crate::federation::{Federation, TokenError};
-use crate::identity::{AuthError, Caller, Proof};
+use crate::identity::{AuthError, Caller};
 use crate::store::LeaseStore;
 
 /// Tokens a connection keeps a session for; a new one past this replaces
@@ -149,11 +149,7 @@ pub(crate) async fn prove(
         }
     }
     tracing::debug!(id = %t.id, issuer = %t.issuer, "caller proven by a workload token");
-    Ok(Caller {
-        id: t.id,
-        proof: Proof::Token { issuer: t.issuer },
-        not_after: t.expires_at,
-    })
+    Ok(Caller::by_token(t.id, t.issuer, t.expires_at))
 }
 
 fn hex(bytes: &[u8]) -> String {

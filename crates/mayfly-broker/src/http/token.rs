@@ -39,7 +39,7 @@ use axum::{Extension, Json};
 use mayfly_core::dpop::{DpopError, Request as ProofRequest, verify_proof};
 use mayfly_core::limits::{MAX_FORM_BYTES, MAX_TOKEN_BYTES};
 use mayfly_core::{
-    ApprovalId, Audience, Scopes, TaskId, Timestamp, TokenBinding, parse_scopes, scope_string,
+    ApprovalId, Audience, Binding, Scopes, TaskId, Timestamp, parse_scopes, scope_string,
 };
 use serde_json::json;
 
@@ -49,7 +49,7 @@ use super::errors::{Code, OAuthError, POLL_INTERVAL};
 use super::form::Params;
 use crate::connections::PeerInfo;
 use crate::identity::Caller;
-use crate::service::{Bind, ExchangeRequest, Issued, IssuedToken, TokenRequest};
+use crate::service::{ExchangeRequest, Issued, IssuedToken, TokenRequest, bind_to_certificate};
 
 /// The grants this endpoint issues.
 pub(super) const CLIENT_CREDENTIALS: &str = "client_credentials";
@@ -116,7 +116,12 @@ async fn grant(
 
 /// What the token is bound to: the DPoP proof's key when the request
 /// carries one (checked, and used once), else the client certificate.
-fn binding(s: &HttpState, headers: &HeaderMap, params: &Params) -> Result<Bind, OAuthError> {
+fn binding(
+    s: &HttpState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    params: &Params,
+) -> Result<Binding, OAuthError> {
     let unbound = match params.get("token_binding") {
         None | Some("certificate") => false,
         Some("none") => true,
@@ -134,8 +139,8 @@ fn binding(s: &HttpState, headers: &HeaderMap, params: &Params) -> Result<Bind, 
                 Code::InvalidDpopProof,
                 "one DPoP header, not several",
             )),
-            (false, true) => Ok(Bind::None),
-            (false, false) => Ok(Bind::ClientCertificate),
+            (false, true) => Ok(Binding::Bearer),
+            (false, false) => Ok(bind_to_certificate(caller)?),
         };
     };
     if unbound {
@@ -160,7 +165,7 @@ fn binding(s: &HttpState, headers: &HeaderMap, params: &Params) -> Result<Bind, 
     )
     .map_err(bad)?;
     s.dpop_seen.check(&checked, now).map_err(bad)?;
-    Ok(Bind::Dpop { jkt: checked.jkt })
+    Ok(Binding::Dpop { jkt: checked.jkt })
 }
 
 async fn client_credentials(
@@ -174,8 +179,8 @@ async fn client_credentials(
             .map_err(|e| OAuthError::new(Code::InvalidRequest, format!("task_id: {e}")))?,
         audience: resource(params)?,
         scopes: scope(params)?,
-        ttl_seconds: 0,
-        binding: binding(s, headers, params)?,
+        ttl: None,
+        binding: binding(s, caller, headers, params)?,
         approval_id: params
             .get("approval_id")
             .map(ApprovalId::new)
@@ -237,7 +242,7 @@ async fn token_exchange(
         subject_token: subject_token.to_owned(),
         audience: resource(params)?,
         scopes: params.get("scope").map(|_| scope(params)).transpose()?,
-        binding: binding(s, headers, params)?,
+        binding: binding(s, caller, headers, params)?,
     };
     match s.service.issuance().exchange_token(caller, req).await? {
         Issued::Credential(t) => Ok(token_response(&t, true)),
@@ -297,10 +302,7 @@ fn token_response(t: &IssuedToken, exchanged: bool) -> Response {
     let lease = &t.lease;
     let mut body = json!({
         "access_token": t.credential.expose(),
-        "token_type": match lease.binding() {
-            Some(TokenBinding::Dpop { .. }) => "DPoP",
-            _ => "Bearer",
-        },
+        "token_type": lease.binding().map_or("Bearer", Binding::token_type),
         "expires_in": Timestamp::now().until(lease.expires_at).as_secs(),
     });
     if !lease.scopes.is_empty() {

@@ -2,23 +2,22 @@
 //! (`pipeline.rs`) issues them, and introspection of tokens.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use mayfly_core::{
-    AccessTokenClaims, ApprovalRequest, Decision, IssueTokenRequest, Lease, LeaseDetail, LeaseId,
-    Pattern, Policy, RevocationReason, Scopes, SignCertificateRequest, SpiffeId, Task, Timestamp,
-    TokenBinding, scope_string,
+    AccessTokenClaims, Action, ApprovalRequest, Binding, Lease, LeaseDetail, LeaseId, Pattern,
+    RevocationReason, Scopes, SpiffeId, Task, Timestamp, scope_string,
 };
 
-use super::pipeline::{Asked, Kind};
+use super::pipeline::{Kind, Lifetime};
 use super::{
-    Bind, CertificateRequest, Issuance, Issued, IssuedCertificate, IssuedToken, TaskCertificate,
+    CertificateRequest, Issuance, Issued, IssuedCertificate, IssuedToken, TaskCertificate,
     TokenRequest,
 };
 use crate::audit::{AuditRecord, Event};
 use crate::cause::Cause;
+use crate::config::Lifetimes;
 use crate::error::BrokerError;
 use crate::identity::Caller;
 use crate::issuer::{AccessToken, IssuingCa};
@@ -30,24 +29,20 @@ impl Kind for TokenRequest {
     const DENIED: Event = Event::TokenDenied;
 
     fn approval_request(&self) -> Option<ApprovalRequest> {
-        Some(ApprovalRequest::Token {
-            audience: self.audience.clone(),
-            scopes: self.scopes.clone(),
-            ttl_seconds: self.ttl_seconds,
-            bind: self.binding == Bind::ClientCertificate,
-            dpop_jkt: match &self.binding {
-                Bind::Dpop { jkt } => Some(jkt.clone()),
-                Bind::None | Bind::ClientCertificate => None,
-            },
-        })
+        Some(ApprovalRequest::token(
+            self.audience.clone(),
+            self.scopes.clone(),
+            self.ttl,
+            &self.binding,
+        ))
     }
 
-    fn ttl(&self, svc: &Issuance) -> (u64, Duration, Duration) {
-        (
-            self.ttl_seconds,
-            svc.lifetimes.token_default_ttl,
-            svc.lifetimes.token_max_ttl,
-        )
+    fn lifetime(&self, lifetimes: &Lifetimes) -> Lifetime {
+        Lifetime {
+            asked: self.ttl,
+            default: lifetimes.token_default_ttl,
+            max: lifetimes.token_max_ttl,
+        }
     }
 
     fn check(&self, task: &Task) -> Option<BrokerError> {
@@ -55,30 +50,18 @@ impl Kind for TokenRequest {
         Some(BrokerError::OutsideEnvelope(excess))
     }
 
-    fn decide(&self, policy: &dyn Policy, at: &Asked<'_>) -> Decision {
-        policy.decide_issue_token(&IssueTokenRequest {
-            agent: at.agent,
-            task: at.task,
+    fn action(&self) -> Action<'_> {
+        Action::IssueToken {
             audience: &self.audience,
             scopes: &self.scopes,
-            binding: self.binding.name(),
-            ttl: at.ttl,
-            now: at.now,
-            authenticated_by: at.authenticated_by,
-        })
+            binding: &self.binding,
+        }
     }
 
-    fn detail(&self, caller: &Caller) -> LeaseDetail {
+    fn detail(&self, _caller: &Caller) -> LeaseDetail {
         LeaseDetail::Token {
             audience: self.audience.clone(),
-            binding: match &self.binding {
-                Bind::None => None,
-                // Only certificate callers get here (`require_certificate`).
-                Bind::ClientCertificate => Some(TokenBinding::Certificate {
-                    x5t_s256: caller.cert_thumbprint().unwrap_or_default().to_owned(),
-                }),
-                Bind::Dpop { jkt } => Some(TokenBinding::Dpop { jkt: jkt.clone() }),
-            },
+            binding: self.binding.clone(),
         }
     }
 
@@ -102,7 +85,7 @@ impl Kind for TokenRequest {
             client_id: lease.agent.to_string(),
             scope: (!self.scopes.is_empty()).then(|| scope_string(&self.scopes)),
             task_id: task.id.to_string(),
-            cnf: lease.binding().map(TokenBinding::confirmation),
+            cnf: lease.binding().and_then(Binding::confirmation),
             act: task.actors(),
         };
         svc.signer
@@ -116,26 +99,12 @@ impl Kind for TokenRequest {
             self.audience,
             scope_string(&self.scopes),
             match lease.binding() {
-                Some(TokenBinding::Certificate { .. }) => ", bound to the certificate",
-                Some(TokenBinding::Dpop { .. }) => ", DPoP-bound",
-                None => "",
+                Some(Binding::Certificate { .. }) => ", bound to the certificate",
+                Some(Binding::Dpop { .. }) => ", DPoP-bound",
+                Some(Binding::Bearer) | None => "",
             }
         )
     }
-}
-
-/// Refuses a certificate binding for a caller without a certificate (one
-/// proven by a workload token): the token could not be bound to anything
-/// it holds.
-pub(super) fn require_certificate(caller: &Caller, binding: &Bind) -> Result<(), BrokerError> {
-    if matches!(binding, Bind::ClientCertificate) && caller.cert_thumbprint().is_none() {
-        return Err(BrokerError::Invalid(format!(
-            "this caller authenticated with a workload token from {}, not a client certificate, \
-             so its tokens cannot be bound to one: ask for a DPoP-bound token (or an unbound one)",
-            caller.authenticated_by()
-        )));
-    }
-    Ok(())
 }
 
 /// A certificate request with what its minting needs: the CA (the one
@@ -160,26 +129,20 @@ impl Kind for Certificate<'_> {
         ));
         Some(ApprovalRequest::Certificate {
             key_sha256,
-            ttl_seconds: self.req.ttl_seconds,
+            ttl_seconds: self.req.ttl.map_or(0, |d| d.as_secs()),
         })
     }
 
-    fn ttl(&self, svc: &Issuance) -> (u64, Duration, Duration) {
-        (
-            self.req.ttl_seconds,
-            svc.lifetimes.cert_default_ttl,
-            svc.lifetimes.cert_max_ttl,
-        )
+    fn lifetime(&self, lifetimes: &Lifetimes) -> Lifetime {
+        Lifetime {
+            asked: self.req.ttl,
+            default: lifetimes.cert_default_ttl,
+            max: lifetimes.cert_max_ttl,
+        }
     }
 
-    fn decide(&self, policy: &dyn Policy, at: &Asked<'_>) -> Decision {
-        policy.decide_sign_certificate(&SignCertificateRequest {
-            agent: at.agent,
-            task: at.task,
-            ttl: at.ttl,
-            now: at.now,
-            authenticated_by: at.authenticated_by,
-        })
+    fn action(&self) -> Action<'_> {
+        Action::SignCertificate
     }
 
     fn detail(&self, _caller: &Caller) -> LeaseDetail {
@@ -240,7 +203,6 @@ impl Issuance {
         caller: &Caller,
         req: TokenRequest,
     ) -> Result<Issued<IssuedToken>, BrokerError> {
-        require_certificate(caller, &req.binding)?;
         self.issue(caller, &req, &req.task_id, req.approval_id.as_ref())
             .await
     }
@@ -372,7 +334,7 @@ impl Issuance {
                 && audience.as_str() == claims.aud
                 && scope_string(&l.scopes) == scope
                 && l.expires_at.as_secs() == claims.exp
-                && l.binding().map(TokenBinding::confirmation) == claims.cnf
+                && l.binding().and_then(Binding::confirmation) == claims.cnf
         });
         if !active {
             return Ok(None);

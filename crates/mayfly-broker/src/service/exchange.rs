@@ -14,19 +14,16 @@
 //! refused (and the attempt recorded) before policy is asked; policy sees
 //! the matching resource server's name.
 
-use std::time::Duration;
-
 use mayfly_core::{
-    AccessTokenClaims, ActorClaim, ApprovalRequest, Audience, Decision, ExchangeTokenRequest,
-    Lease, LeaseDetail, LeaseId, Policy, Scopes, SpiffeId, Task, TaskId, Timestamp, TokenBinding,
-    scope_string,
+    AccessTokenClaims, Action, ActorClaim, ApprovalRequest, Audience, Binding, Lease, LeaseDetail,
+    LeaseId, Scopes, SpiffeId, Task, TaskId, Timestamp, scope_string,
 };
 
-use super::pipeline::{Asked, Kind};
-use super::{Bind, ExchangeRequest, Issuance, Issued, IssuedToken};
+use super::pipeline::{Kind, Lifetime};
+use super::{ExchangeRequest, Issuance, Issued, IssuedToken};
 use crate::audit::{AuditRecord, Event};
 use crate::cause::Cause;
-use crate::config::ResourceServer;
+use crate::config::{Lifetimes, ResourceServer};
 use crate::error::BrokerError;
 use crate::identity::Caller;
 use crate::issuer::AccessToken;
@@ -61,13 +58,13 @@ impl Kind for Exchange<'_> {
     }
 
     /// The broker's token lifetimes, and never past the subject token.
-    fn ttl(&self, svc: &Issuance) -> (u64, Duration, Duration) {
+    fn lifetime(&self, lifetimes: &Lifetimes) -> Lifetime {
         let left = Timestamp::now().until(self.subject_lease.expires_at);
-        (
-            0,
-            svc.lifetimes.token_default_ttl,
-            svc.lifetimes.token_max_ttl.min(left),
-        )
+        Lifetime {
+            asked: None,
+            default: lifetimes.token_default_ttl,
+            max: lifetimes.token_max_ttl.min(left),
+        }
     }
 
     fn check(&self, task: &Task) -> Option<BrokerError> {
@@ -75,33 +72,21 @@ impl Kind for Exchange<'_> {
         Some(BrokerError::OutsideEnvelope(excess))
     }
 
-    fn decide(&self, policy: &dyn Policy, at: &Asked<'_>) -> Decision {
-        policy.decide_exchange_token(&ExchangeTokenRequest {
-            actor: at.agent,
+    fn action(&self) -> Action<'_> {
+        Action::ExchangeToken {
             subject: &self.subject_lease.agent,
             subject_audience: &self.subject_audience,
             resource_server: &self.resource_server,
-            task: at.task,
             audience: &self.req.audience,
             scopes: &self.scopes,
-            binding: self.req.binding.name(),
-            ttl: at.ttl,
-            now: at.now,
-            authenticated_by: at.authenticated_by,
-        })
+            binding: &self.req.binding,
+        }
     }
 
     fn detail(&self, caller: &Caller) -> LeaseDetail {
         LeaseDetail::ExchangedToken {
             audience: self.req.audience.clone(),
-            binding: match &self.req.binding {
-                Bind::None => None,
-                // Only certificate callers get here (`require_certificate`).
-                Bind::ClientCertificate => Some(TokenBinding::Certificate {
-                    x5t_s256: caller.cert_thumbprint().unwrap_or_default().to_owned(),
-                }),
-                Bind::Dpop { jkt } => Some(TokenBinding::Dpop { jkt: jkt.clone() }),
-            },
+            binding: self.req.binding.clone(),
             actor: caller.id.clone(),
             subject_audience: self.subject_audience.clone(),
         }
@@ -131,7 +116,7 @@ impl Kind for Exchange<'_> {
             client_id: lease.holder().to_string(),
             scope: (!self.scopes.is_empty()).then(|| scope_string(&self.scopes)),
             task_id: task.id.to_string(),
-            cnf: lease.binding().map(TokenBinding::confirmation),
+            cnf: lease.binding().and_then(Binding::confirmation),
             act: Some(ActorClaim {
                 sub: lease.holder().to_string(),
                 act: self.subject.act.clone().map(Box::new),
@@ -164,7 +149,6 @@ impl Issuance {
         caller: &Caller,
         req: ExchangeRequest,
     ) -> Result<Issued<IssuedToken>, BrokerError> {
-        super::credentials::require_certificate(caller, &req.binding)?;
         let invalid = |why: &str| BrokerError::InvalidSubjectToken(why.to_owned());
         let subject = self
             .signer

@@ -28,7 +28,7 @@ mod task_cache;
 mod tasks;
 
 pub use requests::{
-    Bind, CertificateRequest, ExchangeRequest, Issued, IssuedCertificate, IssuedToken, Minted,
+    CertificateRequest, ExchangeRequest, Issued, IssuedCertificate, IssuedToken, Minted,
     NewDelegation, NewTask, TaskCertificate, TokenRequest,
 };
 pub use task_cache::TaskCache;
@@ -36,11 +36,12 @@ pub use task_cache::TaskCache;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_core::{Policy, SpiffeId, SpiffeIdPattern};
+use mayfly_core::{Binding, Policy, SpiffeId, SpiffeIdPattern};
 use tokio::sync::Notify;
 
 use crate::config::{IntrospectionGrant, Lifetimes, ResourceServer};
 use crate::error::BrokerError;
+use crate::identity::Caller;
 use crate::issuer::{CaRing, JwtSigner};
 use crate::ratelimit::RateLimiter;
 use crate::recorder::Recorder;
@@ -58,6 +59,22 @@ pub fn requested_ttl(field: &str, secs: u64) -> Result<Option<Duration>, BrokerE
         )));
     }
     Ok((secs > 0).then_some(d))
+}
+
+/// A token binding to `caller`'s client certificate; refused for a caller
+/// without one (proven by a workload token): the token could not be bound
+/// to anything it holds.
+pub fn bind_to_certificate(caller: &Caller) -> Result<Binding, BrokerError> {
+    match caller.cert_thumbprint() {
+        Some(x5t_s256) => Ok(Binding::Certificate {
+            x5t_s256: x5t_s256.to_owned(),
+        }),
+        None => Err(BrokerError::Invalid(format!(
+            "this caller authenticated with a workload token from {}, not a client certificate, \
+             so its tokens cannot be bound to one: ask for a DPoP-bound token (or an unbound one)",
+            caller.proof.name()
+        ))),
+    }
 }
 
 /// Parses an operator's free text (`note`, `reason`), naming `field` in

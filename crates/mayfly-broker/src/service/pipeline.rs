@@ -30,13 +30,15 @@
 use std::time::Duration;
 
 use mayfly_core::{
-    Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Decision, Lease,
-    LeaseDetail, LeaseId, LeaseStatus, Policy, Scopes, SpiffeId, Task, TaskId, Timestamp,
+    Action, Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Decision, Lease,
+    LeaseDetail, LeaseId, LeaseStatus, PolicyRequest, Scopes, SpiffeId, Task, TaskFacts, TaskId,
+    Timestamp,
 };
 
 use super::shared::{Permit, asked, expiry};
 use super::{Issuance, Issued, Minted};
 use crate::audit::{AuditRecord, Event};
+use crate::config::Lifetimes;
 use crate::error::BrokerError;
 use crate::identity::Caller;
 use crate::store::{RecordError, StoreError};
@@ -65,15 +67,15 @@ pub(super) trait Kind {
     /// never issued on an approval (a permit that asks for one is then
     /// refused).
     fn approval_request(&self) -> Option<ApprovalRequest>;
-    /// The lifetime asked for, as sent (0 = default), and the broker's
-    /// default and maximum for the kind.
-    fn ttl(&self, svc: &Issuance) -> (u64, Duration, Duration);
+    /// The lifetime asked for, and the broker's default and maximum for
+    /// the kind.
+    fn lifetime(&self, lifetimes: &Lifetimes) -> Lifetime;
     /// A refusal that needs no policy (the task's envelope), if any.
     fn check(&self, _task: &Task) -> Option<BrokerError> {
         None
     }
-    /// Policy's decision on this request, asked as `at` says.
-    fn decide(&self, policy: &dyn Policy, at: &Asked<'_>) -> Decision;
+    /// What policy is asked to allow (the caller asks it, under the task).
+    fn action(&self) -> Action<'_>;
     /// The kind's part of a new lease (a token's audience and binding, a
     /// certificate's serial): fresh for every attempt.
     fn detail(&self, caller: &Caller) -> LeaseDetail;
@@ -94,19 +96,23 @@ pub(super) trait Kind {
     fn summary(&self, lease: &Lease) -> String;
 }
 
-/// Who asks under which task, for how long, and when: what every
-/// credential decision takes besides the kind's own request.
-pub(super) struct Asked<'a> {
-    /// The caller.
-    pub agent: &'a SpiffeId,
-    /// How the caller proved itself (`certificate`, or the token issuer).
-    pub authenticated_by: &'a str,
-    /// The task, as read for this attempt.
-    pub task: &'a Task,
-    /// The lifetime asked for, within the broker's limits.
-    pub ttl: Duration,
-    /// When the decision is made.
-    pub now: Timestamp,
+/// A kind's lifetime: as asked, and the broker's default and maximum.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Lifetime {
+    /// Asked for; `None` for the default.
+    pub asked: Option<Duration>,
+    /// The broker's default for the kind.
+    pub default: Duration,
+    /// The broker's maximum for the kind.
+    pub max: Duration,
+}
+
+impl Lifetime {
+    /// The lifetime to decide on: as asked (or the default), within the
+    /// maximum.
+    fn resolved(&self) -> Duration {
+        asked(self.asked, self.default, self.max)
+    }
 }
 
 /// Where the task is read from on the next attempt.
@@ -158,12 +164,7 @@ impl Issuance {
     ) -> Result<Issued<Minted<K::Credential>>, BrokerError> {
         let run = async {
             self.rate_limit(caller)?;
-            let (ttl_seconds, default, max) = kind.ttl(self);
-            let ttl = asked(
-                super::requested_ttl("ttl_seconds", ttl_seconds)?,
-                default,
-                max,
-            );
+            let ttl = kind.lifetime(&self.lifetimes).resolved();
             let mut progress = Progress {
                 // An approval is consumed only on a fresh read.
                 read: match approval_id {
@@ -218,14 +219,14 @@ impl Issuance {
         }
 
         // Decide.
-        let asked = Asked {
-            agent: &caller.id,
-            authenticated_by: caller.authenticated_by(),
-            task,
+        let decision = self.shared.policy.decide(&PolicyRequest {
+            principal: &caller.id,
+            proof: &caller.proof,
+            action: kind.action(),
+            task: TaskFacts::of(task),
             ttl,
             now,
-        };
-        let decision = kind.decide(self.shared.policy.as_ref(), &asked);
+        });
         if from_cache && needs_fresh_task(&decision) {
             return Ok(Next::Again);
         }
@@ -265,7 +266,7 @@ impl Issuance {
             status: LeaseStatus::Active,
             task_revision: task.revision,
             approval: progress.approval.clone(),
-            authenticated_by: caller.token_issuer(),
+            authenticated_by: caller.proof.clone(),
         };
         let credential = kind.mint(self, task, &lease)?;
 

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use mayfly_core::{
-    Approval, ApprovalId, Audience, Envelope, Intent, Lease, Scopes, SpiffeId, TaskContext, TaskId,
+    Approval, ApprovalId, Audience, Binding, Envelope, Intent, Lease, Scopes, SpiffeId,
+    TaskContext, TaskId,
 };
 
 use crate::issuer::{AccessToken, CsrKey};
@@ -45,10 +46,12 @@ pub struct TokenRequest {
     pub audience: Audience,
     /// With which scopes.
     pub scopes: Scopes,
-    /// The TTL field as sent (0 = default); approvals are bound to it.
-    pub ttl_seconds: u64,
-    /// What the token is to be bound to.
-    pub binding: Bind,
+    /// Requested lifetime; `None` for the default. Approvals are bound to
+    /// it as asked.
+    pub ttl: Option<Duration>,
+    /// What the token is to be bound to (a certificate binding only for a
+    /// caller with one: [`bind_to_certificate`](super::bind_to_certificate)).
+    pub binding: Binding,
     /// Collects an approved request.
     pub approval_id: Option<ApprovalId>,
 }
@@ -63,7 +66,7 @@ pub struct ExchangeRequest {
     /// Its scopes; `None` for the subject token's.
     pub scopes: Option<Scopes>,
     /// What it is to be bound to.
-    pub binding: Bind,
+    pub binding: Binding,
 }
 
 impl std::fmt::Debug for ExchangeRequest {
@@ -77,32 +80,6 @@ impl std::fmt::Debug for ExchangeRequest {
     }
 }
 
-/// What a token is to be bound to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Bind {
-    /// Nothing: a bearer token.
-    None,
-    /// The client certificate of the request (RFC 8705).
-    ClientCertificate,
-    /// A DPoP key (RFC 9449), by its thumbprint.
-    Dpop {
-        /// RFC 7638 thumbprint.
-        jkt: String,
-    },
-}
-
-impl Bind {
-    /// As policy sees it (`context.binding`): `none`, `certificate` or
-    /// `dpop`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::ClientCertificate => "certificate",
-            Self::Dpop { .. } => "dpop",
-        }
-    }
-}
-
 /// A validated `SignCertificate`.
 #[derive(Debug)]
 pub struct CertificateRequest {
@@ -110,8 +87,9 @@ pub struct CertificateRequest {
     pub task_id: TaskId,
     /// The CSR's public key, checked.
     pub key: CsrKey,
-    /// The TTL field as sent (0 = default); approvals are bound to it.
-    pub ttl_seconds: u64,
+    /// Requested lifetime; `None` for the default. Approvals are bound to
+    /// it as asked.
+    pub ttl: Option<Duration>,
     /// Collects an approved request.
     pub approval_id: Option<ApprovalId>,
 }

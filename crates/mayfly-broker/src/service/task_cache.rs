@@ -142,7 +142,7 @@ mod tests {
                 revision: 0,
                 parent: None,
                 delegated_by: Vec::new(),
-                authenticated_by: None,
+                authenticated_by: mayfly_core::Proof::Certificate,
             },
             status,
         })

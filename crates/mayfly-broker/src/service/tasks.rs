@@ -4,10 +4,9 @@
 use std::time::Duration;
 
 use mayfly_core::{
-    ContextChange, Decision, DelegateRequest, ExchangeTokenRequest, IssueTokenRequest, Lease,
-    LeaseDetail, LeaseId, LeaseState, LeaseStatus, Revocation, RevocationReason,
-    SignCertificateRequest, SpiffeId, StartTaskRequest, Task, TaskId, TaskRecord, TaskState,
-    Timestamp, binding_name, proof_name,
+    Action, ContextChange, Decision, Lease, LeaseDetail, LeaseId, LeaseState, LeaseStatus,
+    PolicyRequest, Revocation, RevocationReason, SpiffeId, Task, TaskFacts, TaskId, TaskRecord,
+    TaskState, Timestamp,
 };
 
 use super::shared::asked;
@@ -39,14 +38,15 @@ impl Tasks {
             self.lifetimes.task_default_ttl,
             self.lifetimes.task_max_ttl,
         );
-        let decision = self.shared.policy.decide_start_task(&StartTaskRequest {
-            agent: &caller.id,
-            intent: &req.intent,
-            context: &req.context,
-            envelope: &req.envelope,
+        let decision = self.shared.policy.decide(&PolicyRequest {
+            principal: &caller.id,
+            proof: &caller.proof,
+            action: Action::StartTask {
+                envelope: &req.envelope,
+            },
+            task: TaskFacts::new(&req.intent, &req.context),
             ttl,
             now,
-            authenticated_by: caller.authenticated_by(),
         });
         let denied = || {
             let mut r = caller.record(Event::TaskDenied).envelope(&req.envelope);
@@ -69,7 +69,7 @@ impl Tasks {
             revision: 0,
             parent: None,
             delegated_by: Vec::new(),
-            authenticated_by: caller.token_issuer(),
+            authenticated_by: caller.proof.clone(),
         };
         let record = caller
             .record(Event::TaskStarted)
@@ -150,14 +150,16 @@ impl Tasks {
             self.lifetimes.task_default_ttl,
             self.lifetimes.task_max_ttl,
         );
-        let decision = self.shared.policy.decide_delegate(&DelegateRequest {
-            agent: &caller.id,
-            delegate: &req.delegate,
-            task: &parent,
-            envelope: &req.envelope,
+        let decision = self.shared.policy.decide(&PolicyRequest {
+            principal: &caller.id,
+            proof: &caller.proof,
+            action: Action::Delegate {
+                delegate: &req.delegate,
+                envelope: &req.envelope,
+            },
+            task: TaskFacts::of(&parent),
             ttl,
             now,
-            authenticated_by: caller.authenticated_by(),
         });
         let permit = self.shared.permit_or_record(decision, denied).await?;
         if permit.approval_required {
@@ -185,7 +187,7 @@ impl Tasks {
             revision: 0,
             parent: Some(parent.id.clone()),
             delegated_by,
-            authenticated_by: caller.token_issuer(),
+            authenticated_by: caller.proof.clone(),
         };
         let mut record = caller
             .record(Event::TaskDelegated)
@@ -398,14 +400,15 @@ impl Tasks {
     ) -> Result<Decision, BrokerError> {
         let ttl = now.until(task.expires_at);
         let Some(parent_id) = &task.parent else {
-            return Ok(self.shared.policy.decide_start_task(&StartTaskRequest {
-                agent: &task.agent,
-                intent: &task.intent,
-                context: &task.context,
-                envelope: &task.envelope,
+            return Ok(self.shared.policy.decide(&PolicyRequest {
+                principal: &task.agent,
+                proof: &task.authenticated_by,
+                action: Action::StartTask {
+                    envelope: &task.envelope,
+                },
+                task: TaskFacts::new(&task.intent, &task.context),
                 ttl,
                 now,
-                authenticated_by: task.opened_by(),
             }));
         };
         let Some(parent) = self.shared.store.get_task(parent_id).await? else {
@@ -415,14 +418,16 @@ impl Tasks {
                 approval_required: false,
             });
         };
-        Ok(self.shared.policy.decide_delegate(&DelegateRequest {
-            agent: &parent.task.agent,
-            delegate: &task.agent,
-            task: &parent.task,
-            envelope: &task.envelope,
+        Ok(self.shared.policy.decide(&PolicyRequest {
+            principal: &parent.task.agent,
+            proof: &task.authenticated_by,
+            action: Action::Delegate {
+                delegate: &task.agent,
+                envelope: &task.envelope,
+            },
+            task: TaskFacts::of(&parent.task),
             ttl,
             now,
-            authenticated_by: task.opened_by(),
         }))
     }
 
@@ -431,24 +436,20 @@ impl Tasks {
         let ttl = now.until(lease.expires_at);
         // Exhaustive: a kind added later must say how it is decided again,
         // and a lease this build cannot read is revoked.
-        let decision = match &lease.detail {
-            LeaseDetail::Token { audience, .. } => {
-                self.shared.policy.decide_issue_token(&IssueTokenRequest {
-                    agent: &lease.agent,
-                    task,
+        let (principal, action) = match &lease.detail {
+            LeaseDetail::Token { audience, binding } => (
+                &lease.agent,
+                Action::IssueToken {
                     audience,
                     scopes: &lease.scopes,
-                    binding: binding_name(lease.binding()),
-                    ttl,
-                    now,
-                    authenticated_by: proof_name(lease.authenticated_by.as_deref()),
-                })
-            }
+                    binding,
+                },
+            ),
             LeaseDetail::ExchangedToken {
                 audience,
+                binding,
                 actor,
                 subject_audience,
-                ..
             } => {
                 // Still one of the token's recipients (the configuration
                 // may have changed since), or no longer allowed.
@@ -459,38 +460,32 @@ impl Tasks {
                 ) else {
                     return false;
                 };
-                self.shared
-                    .policy
-                    .decide_exchange_token(&ExchangeTokenRequest {
-                        actor,
+                (
+                    actor,
+                    Action::ExchangeToken {
                         subject: &lease.agent,
                         subject_audience,
                         resource_server: &server.name,
-                        task,
                         audience,
                         scopes: &lease.scopes,
-                        binding: binding_name(lease.binding()),
-                        ttl,
-                        now,
-                        authenticated_by: proof_name(lease.authenticated_by.as_deref()),
-                    })
+                        binding,
+                    },
+                )
             }
-            LeaseDetail::Certificate { .. } => {
-                self.shared
-                    .policy
-                    .decide_sign_certificate(&SignCertificateRequest {
-                        agent: &lease.agent,
-                        task,
-                        ttl,
-                        now,
-                        authenticated_by: proof_name(lease.authenticated_by.as_deref()),
-                    })
-            }
+            LeaseDetail::Certificate { .. } => (&lease.agent, Action::SignCertificate),
             LeaseDetail::Unrecognised { .. } => return false,
             // A task is decided again by `reevaluate` itself, not as one
             // of its own credentials.
             LeaseDetail::Task => return true,
         };
+        let decision = self.shared.policy.decide(&PolicyRequest {
+            principal,
+            proof: &lease.authenticated_by,
+            action,
+            task: TaskFacts::of(task),
+            ttl,
+            now,
+        });
         match decision {
             Decision::Permit {
                 approval_required, ..

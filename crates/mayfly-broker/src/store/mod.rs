@@ -125,6 +125,36 @@ impl LeaseWrite {
     }
 }
 
+/// The failpoint after a batch's leases and records are committed to the
+/// store: `after_lease_commit` for one that issues credentials,
+/// `after_task_commit` for one that opens tasks.
+pub(crate) fn after_commit<'a>(leases: impl IntoIterator<Item = &'a LeaseWrite>) {
+    reach(leases, "after_lease_commit", "after_task_commit");
+}
+
+/// The failpoint after a batch's records are appended to a trail outside
+/// the store: `after_trail_append`, `after_task_trail_append`.
+pub(crate) fn after_append<'a>(leases: impl IntoIterator<Item = &'a LeaseWrite>) {
+    reach(leases, "after_trail_append", "after_task_trail_append");
+}
+
+fn reach<'a>(leases: impl IntoIterator<Item = &'a LeaseWrite>, credentials: &str, tasks: &str) {
+    let (mut credential, mut task) = (false, false);
+    for w in leases {
+        if w.is_task() {
+            task = true;
+        } else {
+            credential = true;
+        }
+    }
+    if credential {
+        crate::failpoint::hit(credentials);
+    }
+    if task {
+        crate::failpoint::hit(tasks);
+    }
+}
+
 /// A batch for [`LeaseStore::record`]: audit records in trail order, each
 /// with the lease it records, if it records one.
 #[derive(Debug, Clone, Copy)]

@@ -30,7 +30,6 @@ use super::EmbeddedStore;
 use super::tables::{META, OUTBOX, TRAIL_SEQ, decode};
 use crate::audit::{AuditError, AuditRecord, AuditSink, Event};
 use crate::cause::Cause;
-use crate::failpoint;
 use crate::store::{LeaseWrite, RecordBatch, RecordError, RevokeRequest, StoreError};
 
 /// Most records one append ships when the outbox is drained.
@@ -111,7 +110,7 @@ impl EmbeddedStore {
         let Some(&last) = queued.last() else {
             return out;
         };
-        failpoint::after_commit(batch.leases.iter().flatten());
+        crate::store::after_commit(batch.leases.iter().flatten());
         let kept: Vec<usize> = (0..out.len()).filter(|&i| out[i].is_ok()).collect();
         let appended = if kept.len() == batch.records.len() {
             trail.append(batch.records).await
@@ -122,7 +121,7 @@ impl EmbeddedStore {
         };
         match appended {
             Ok(()) => {
-                failpoint::after_append(batch.leases.iter().flatten());
+                crate::store::after_append(batch.leases.iter().flatten());
                 shipping.shipped = Some(last);
             }
             Err(e) => {

@@ -103,7 +103,7 @@ impl RedisStore {
                 Ok(None) => {
                     // Leases and records are in Redis together: a crash
                     // here loses only the answer.
-                    crate::failpoint::after_commit(leases.iter().map(|(_, w)| *w));
+                    crate::store::after_commit(leases.iter().map(|(_, w)| *w));
                     for i in left.drain(..) {
                         out[i] = Some(Ok(()));
                     }
