@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use mayfly_broker::config::Algorithm;
+use mayfly_broker::issuer::Algorithm;
 use mayfly_broker::issuer::{IssuingCa, JwtSigner, SigningKey, parse_csr, random_serial};
 use mayfly_broker::store::{EmbeddedStore, LeaseStore, RedisStore, RedisTarget};
 use mayfly_core::{AccessTokenClaims, SpiffeId, Timestamp};

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use mayfly_broker::config::Algorithm;
+use mayfly_broker::issuer::Algorithm;
 use mayfly_broker::issuer::{JwtSigner, SigningKey};
 use mayfly_core::{
     AccessTokenClaims, Action, Audience, Binding, Decision, Envelope, Intent, Policy,

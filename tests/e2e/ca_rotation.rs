@@ -8,10 +8,10 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use mayfly_broker::config::CaFiles;
 use mayfly_broker::dev::{Credential, DevCa};
+use mayfly_broker::issuer::CaFiles;
 use mayfly_broker::issuer::IssuingCa;
-use mayfly_broker::issuer::ca_ring::scheduled_paths;
+use mayfly_broker::issuer::ca_scheduled_paths as scheduled_paths;
 use mayfly_client::pb;
 use mayfly_testkit::{TestBroker, https_get_bytes};
 

@@ -1,7 +1,7 @@
 //! The HTTPS side port: JWKS and RFC 8414 metadata good enough for stock
 //! validators, health probes, and EdDSA as the selectable algorithm.
 
-use mayfly_broker::config::Algorithm;
+use mayfly_broker::issuer::Algorithm;
 use mayfly_testkit::{TestBroker, https_get};
 use serde_json::Value;
 

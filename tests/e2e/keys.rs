@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use mayfly_broker::issuer::SigningKey;
-use mayfly_broker::issuer::ring::scheduled_path;
+use mayfly_broker::issuer::scheduled_path;
 use mayfly_testkit::{RedisServer, TestBroker, https_get};
 use serde_json::Value;
 
@@ -113,11 +113,11 @@ async fn a_key_rotates_on_both_replicas_without_a_failed_verification() {
     let switch = now() + 4;
     let path = scheduled_path(
         &a.config.data_dir,
-        mayfly_broker::config::Algorithm::ES256,
+        mayfly_broker::issuer::Algorithm::ES256,
         switch,
     );
-    SigningKey::generate_file(&path, mayfly_broker::config::Algorithm::ES256).unwrap();
-    let next = SigningKey::load(&path, mayfly_broker::config::Algorithm::ES256)
+    SigningKey::generate_file(&path, mayfly_broker::issuer::Algorithm::ES256).unwrap();
+    let next = SigningKey::load(&path, mayfly_broker::issuer::Algorithm::ES256)
         .unwrap()
         .kid()
         .to_owned();

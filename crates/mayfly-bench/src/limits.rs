@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use mayfly_broker::config::Algorithm;
+use mayfly_broker::issuer::Algorithm;
 use mayfly_broker::issuer::{IssuingCa, JwtSigner, SigningKey, parse_csr, random_serial};
 use mayfly_broker::store::{EmbeddedStore, LeaseStore};
 use mayfly_core::{AccessTokenClaims, SpiffeId, Task, Timestamp};

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use hdrhistogram::Histogram;
-use mayfly_broker::config::Algorithm;
+use mayfly_broker::issuer::Algorithm;
 use mayfly_client::profile::{DEFAULT_PROFILE, Overrides, Role, from_profile};
 use mayfly_client::{Client, ClientConfig};
 use serde_json::json;

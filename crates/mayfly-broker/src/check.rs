@@ -8,7 +8,7 @@ use std::path::Path;
 use crate::config::{Config, StoreSettings};
 use mayfly_core::Timestamp;
 
-use crate::issuer::ring::key_files;
+use crate::issuer::key_files;
 use crate::issuer::{Algorithm, CaRing, SigningKey, key_path};
 use crate::policy::PolicyHandle;
 use crate::store::LeaseStore;

@@ -19,7 +19,7 @@
 //! A token with a `jti` is accepted once per broker cluster within its
 //! lifetime (unless its entry says `single_use = false`): the store
 //! records it beside the lease records, where every replica sees it (`first_use`). The gRPC edge accepts it for the one
-//! connection it was first presented on (see `grpc::token_auth`).
+//! connection it was first presented on (see `auth`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -435,11 +435,6 @@ impl Federation {
             issuers,
             trust_domain: Some(trust_domain.clone()),
         })
-    }
-
-    /// Whether any issuer is configured.
-    pub fn is_empty(&self) -> bool {
-        self.issuers.is_empty()
     }
 
     /// Fetches every issuer's JWKS now, then each `jwks_url` again every

@@ -27,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+mod auth;
 mod cause;
 pub mod check;
 pub mod config;
@@ -35,6 +36,10 @@ mod crl;
 pub mod dev;
 mod error;
 mod failpoint;
+#[cfg(not(feature = "test-hooks"))]
+mod federation;
+/// Public for benches and tests only (the `test-hooks` feature).
+#[cfg(feature = "test-hooks")]
 pub mod federation;
 mod feed;
 mod fsutil;

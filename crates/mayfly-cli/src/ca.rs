@@ -7,8 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Subcommand;
 use mayfly_broker::Config;
-use mayfly_broker::config::{CaFiles, Settings};
-use mayfly_broker::issuer::ca_ring::{install, load};
+use mayfly_broker::config::Settings;
+use mayfly_broker::issuer::CaFiles;
+use mayfly_broker::issuer::{install_ca as install, load_cas as load};
 use serde_json::json;
 use zeroize::Zeroizing;
 

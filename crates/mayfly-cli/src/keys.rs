@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use clap::Subcommand;
 use mayfly_broker::Config;
-use mayfly_broker::issuer::ring::{key_files, load, scheduled_path};
 use mayfly_broker::issuer::{JwtSigner, SigningKey};
+use mayfly_broker::issuer::{key_files, load_keys as load, scheduled_path};
 use mayfly_core::Timestamp;
 use serde_json::json;
 

@@ -125,7 +125,7 @@ enum Command {
     Keygen {
         /// ES256 (default) or EdDSA.
         #[arg(long, default_value = "ES256", value_parser = parse_algorithm)]
-        algorithm: mayfly_broker::config::Algorithm,
+        algorithm: mayfly_broker::issuer::Algorithm,
         /// Where to write it (created 0600; name it jwt-es256.key or
         /// jwt-eddsa.key in the broker's data_dir).
         #[arg(long)]
@@ -159,10 +159,10 @@ enum ConfigCommand {
 }
 
 #[cfg(feature = "broker")]
-fn parse_algorithm(s: &str) -> Result<mayfly_broker::config::Algorithm, String> {
+fn parse_algorithm(s: &str) -> Result<mayfly_broker::issuer::Algorithm, String> {
     match s {
-        "ES256" => Ok(mayfly_broker::config::Algorithm::ES256),
-        "EdDSA" => Ok(mayfly_broker::config::Algorithm::EdDSA),
+        "ES256" => Ok(mayfly_broker::issuer::Algorithm::ES256),
+        "EdDSA" => Ok(mayfly_broker::issuer::Algorithm::EdDSA),
         _ => Err(format!("{s:?}: expected ES256 or EdDSA")),
     }
 }
@@ -184,7 +184,7 @@ fn init_logs() {
 }
 
 #[cfg(feature = "broker")]
-fn keygen(alg: mayfly_broker::config::Algorithm, out: &std::path::Path) -> anyhow::Result<()> {
+fn keygen(alg: mayfly_broker::issuer::Algorithm, out: &std::path::Path) -> anyhow::Result<()> {
     use mayfly_broker::issuer::SigningKey;
     SigningKey::generate_file(out, alg)?;
     let key = SigningKey::load(out, alg)?;

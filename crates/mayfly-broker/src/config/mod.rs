@@ -14,8 +14,13 @@ mod settings;
 mod tests;
 mod values;
 
+use crate::issuer::CaFiles;
 use sections::default_prefix;
-pub use sections::*;
+pub use sections::{
+    Approvals, Audit, AuditSinkKind, Certificates, Connections, FederatedBundle, FederationConfig,
+    Feed, IntrospectionConfig, Listen, PolicyConfig, RateLimit, Reaper, RedisConfig,
+    ResourceServerConfig, StoreKind, Tasks, Tls, Tokens,
+};
 pub use settings::{
     FeedSettings, IntrospectionGrant, KeyRotation, Lifetimes, RedisEndpoint, RedisSettings,
     RedisTrail, ResourceServer, Settings, StoreSettings, Trail,

@@ -398,8 +398,7 @@ fn default_jwks_refresh() -> Duration {
     Duration::from_secs(30)
 }
 
-/// JWT signing algorithm (`tokens.algorithm`).
-pub use crate::issuer::Algorithm;
+use crate::issuer::Algorithm;
 
 /// Token lifetimes.
 #[derive(Debug, Clone, Deserialize)]
@@ -444,9 +443,6 @@ impl Default for Tokens {
         }
     }
 }
-
-/// `[ca]`: the issuing CA's certificate and key.
-pub use crate::issuer::ca_ring::CaFiles;
 
 /// `[certificates]`: lifetimes of task certificates and of the CRL.
 #[derive(Debug, Clone, Deserialize)]

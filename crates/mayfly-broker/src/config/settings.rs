@@ -11,10 +11,11 @@ use std::time::Duration;
 use mayfly_core::{Pattern, SpiffeId, SpiffeIdPattern, TrustDomain};
 
 use super::{
-    Algorithm, AuditSinkKind, CaFiles, Config, ConfigError, Connections, FederationConfig,
-    PolicyConfig, RateLimit, Reaper, StoreKind, Tls,
+    AuditSinkKind, Config, ConfigError, Connections, FederationConfig, PolicyConfig, RateLimit,
+    Reaper, StoreKind, Tls,
 };
 use crate::audit::FileOptions;
+use crate::issuer::{Algorithm, CaFiles};
 use crate::redis_conn::redact;
 
 /// What the broker is built from.
@@ -174,7 +175,7 @@ impl std::fmt::Debug for RedisEndpoint {
 }
 
 /// The broker's own signing-key rotation (`tokens.rotate_every`).
-pub use crate::issuer::ring::KeyRotation;
+pub use crate::issuer::KeyRotation;
 
 /// Every lifetime the service applies to what it issues.
 #[derive(Debug, Clone)]

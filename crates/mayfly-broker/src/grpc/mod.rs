@@ -7,13 +7,12 @@ mod broker;
 mod edge;
 mod revocations;
 mod status;
-pub(crate) mod token_auth;
 
+pub use crate::auth::TokenAuthLayer;
 pub use admin::AdminApi;
 pub use broker::BrokerApi;
 pub use edge::GrpcEdgeLayer;
 pub use revocations::RevocationsApi;
-pub use token_auth::TokenAuthLayer;
 
 use mayfly_core::{
     Approval, ApprovalRequest, ApprovalState, ApprovalStatus, Lease, LeaseKind, LeaseState,
@@ -33,13 +32,8 @@ pub fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
         .extensions()
         .get::<crate::connections::PeerInfo>()
         .ok_or(BrokerError::Unauthenticated(AuthError::NoCertificate))?;
-    match peer.identity.as_ref() {
-        Ok(c) if Timestamp::now() >= c.not_after => {
-            Err(BrokerError::Unauthenticated(AuthError::Expired).into())
-        }
-        Ok(c) => Ok(c.clone()),
-        Err(e) => Err(BrokerError::Unauthenticated(e.clone()).into()),
-    }
+    crate::auth::caller_of(peer, Timestamp::now())
+        .map_err(|e| BrokerError::Unauthenticated(e).into())
 }
 
 /// Parses a field with `parse`, naming the field in the error.

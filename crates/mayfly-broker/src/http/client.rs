@@ -7,27 +7,22 @@
 //! A client without a certificate may instead authenticate with a
 //! workload token as an RFC 7523 `client_assertion`
 //! (`urn:ietf:params:oauth:client-assertion-type:jwt-bearer`), checked as
-//! the gRPC edge checks one (`[[federation]]`); its `jti` is used once.
+//! the gRPC edge checks one (`[[federation]]`, `auth::prove`); its `jti`
+//! is used once.
 
 use mayfly_core::Timestamp;
 
 use super::HttpState;
 use super::errors::{Code, OAuthError};
 use super::form::Params;
+use crate::auth::{caller_of, prove};
 use crate::connections::PeerInfo;
-use crate::grpc::token_auth::prove;
 use crate::identity::{AuthError, Caller};
 
 /// The authenticated client, or `invalid_client` saying why not.
 fn authenticate(peer: &PeerInfo) -> Result<Caller, OAuthError> {
-    match peer.identity.as_ref() {
-        Ok(c) if Timestamp::now() < c.not_after => Ok(c.clone()),
-        Ok(_) => Err(OAuthError::new(
-            Code::InvalidClient,
-            "client certificate has expired",
-        )),
-        Err(e) => Err(OAuthError::new(Code::InvalidClient, e.to_string())),
-    }
+    caller_of(peer, Timestamp::now())
+        .map_err(|e| OAuthError::new(Code::InvalidClient, e.to_string()))
 }
 
 /// RFC 7523 §2.2: a JWT as client authentication.

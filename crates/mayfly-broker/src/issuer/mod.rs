@@ -1,17 +1,23 @@
 //! What the broker issues with: JWT signing keys and the signer, and the
 //! issuing CA that signs task certificates from CSRs. The submodules are
-//! private but `ring` (the key files and their schedule, which `mayfly
-//! keys` writes) and `ca_ring` (the same for issuing CAs, which `mayfly ca`
-//! writes); this is their whole surface.
+//! private; what follows is their whole surface: the signer and keys, the
+//! key files and their schedule (`ring`, which `mayfly keys` writes), the
+//! issuing CAs and theirs (`ca_ring`, which `mayfly ca` writes), and CSRs.
 
-pub mod ca_ring;
+mod ca_ring;
 mod jwt;
 mod keys;
-pub mod ring;
+mod ring;
 mod x509;
 
-pub use ca_ring::CaRing;
+pub(crate) use ca_ring::watch_and_reload as watch_cas;
+pub use ca_ring::{
+    CaFile, CaFiles, CaRing, Generation, ca_files, install as install_ca, load as load_cas,
+    scheduled_paths as ca_scheduled_paths,
+};
 pub use jwt::{AccessToken, JwtSigner, SignError};
 pub use keys::{Algorithm, KeyError, SigningKey, key_path};
+pub use ring::{KeyFile, KeyRotation, key_files, load as load_keys, scheduled_path};
+pub(crate) use ring::{signer, watch_and_reload as watch_keys};
 pub(crate) use x509::{BACKDATE, RevokedCert, issuing_ca_params, serial_from_hex};
 pub use x509::{CaError, CsrError, CsrKey, IssuingCa, parse_csr, random_serial};

@@ -47,7 +47,7 @@ impl Broker {
             )?)),
         };
         let ca_ring = ca.clone();
-        let signer = Arc::new(crate::issuer::ring::signer(
+        let signer = Arc::new(crate::issuer::signer(
             &s.data_dir,
             s.algorithm,
             s.key_retire_after,

@@ -99,7 +99,7 @@ pub struct Broker {
     /// The workload-token issuers, when any is configured.
     federation: Option<Arc<crate::federation::Federation>>,
     /// The issuing CAs and their files, followed every `tls_reload`.
-    cas: Option<(Arc<crate::issuer::CaRing>, crate::config::CaFiles)>,
+    cas: Option<(Arc<crate::issuer::CaRing>, crate::issuer::CaFiles)>,
     /// The plain-text health port, when configured.
     health_listener: Option<TcpListener>,
     /// Bounds on each port's connections.

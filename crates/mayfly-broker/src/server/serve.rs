@@ -135,7 +135,7 @@ impl Broker {
                 ));
             }
         }
-        let keys_task = tokio::spawn(crate::issuer::ring::watch_and_reload(
+        let keys_task = tokio::spawn(crate::issuer::watch_keys(
             self.signer.clone(),
             self.keys.dir.clone(),
             self.keys.alg,
@@ -144,7 +144,7 @@ impl Broker {
             stop_rx.clone(),
         ));
         let ca_task = self.cas.clone().map(|(ring, files)| {
-            tokio::spawn(crate::issuer::ca_ring::watch_and_reload(
+            tokio::spawn(crate::issuer::watch_cas(
                 ring,
                 files,
                 super::assemble::crl_base(&self.issuer),

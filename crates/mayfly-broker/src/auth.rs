@@ -1,8 +1,14 @@
+//! Who a request's caller is, in one place for both ports: [`caller_of`]
+//! reads it from the connection ([`PeerInfo`], authenticated once per
+//! connection by `identity`), and [`prove`] proves a workload token, for
+//! the gRPC port's `authorization: Bearer` ([`TokenAuth`]) and the HTTPS
+//! port's `client_assertion` alike.
+//!
 //! Callers without a client certificate: on a connection whose peer
 //! presented none, a request's `authorization: Bearer <workload token>`
 //! proves the caller instead, if a `[[federation]]` issuer vouches for it
 //! ([`Federation::verify`]). The outcome replaces the connection's
-//! [`PeerInfo`] for that request only, so [`super::caller`] and the
+//! [`PeerInfo`] for that request only, so [`caller_of`] and the
 //! interceptors see a token caller as they see a certificate one, and a
 //! refused token as `UNAUTHENTICATED` naming the failed check. A peer with
 //! a certificate is that certificate's caller; a header beside it is
@@ -27,6 +33,17 @@ use crate::connections::PeerInfo;
 use crate::federation::{Federation, TokenError};
 use crate::identity::{AuthError, Caller};
 use crate::store::LeaseStore;
+
+/// The caller of a request on the connection `peer` describes, at `now`:
+/// its certificate's or its workload token's, unless that has expired
+/// since it was proven.
+pub(crate) fn caller_of(peer: &PeerInfo, now: Timestamp) -> Result<Caller, AuthError> {
+    match peer.identity.as_ref() {
+        Ok(c) if now >= c.not_after => Err(AuthError::Expired),
+        Ok(c) => Ok(c.clone()),
+        Err(e) => Err(e.clone()),
+    }
+}
 
 /// Tokens a connection keeps a session for; a new one past this replaces
 /// the oldest.
