@@ -6,25 +6,29 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use mayfly_client::{Client, pb};
+use mayfly_client::{Client, Refusal, pb};
 use mayfly_testkit::TestBroker;
 use serde_json::Value;
-use tonic::{Code, Status};
+use tonic::Code;
 
 pub const API: &str = "https://api.example.com";
 pub const TOOLS: &str = "https://tools.example.com";
 
 /// Asserts `r` failed with `code` and a message containing `needle`.
 #[track_caller]
-pub fn assert_status<T: std::fmt::Debug>(r: Result<T, Status>, code: Code, needle: &str) {
-    match r {
+pub fn assert_status<T: std::fmt::Debug, E: Into<Refusal>>(
+    r: Result<T, E>,
+    code: Code,
+    needle: &str,
+) {
+    match r.map_err(Into::into) {
         Ok(v) => panic!("expected {code:?} ({needle}), got Ok({v:?})"),
         Err(s) => {
-            assert_eq!(s.code(), code, "message: {}", s.message());
+            assert_eq!(s.code, code, "message: {}", s.message);
             assert!(
-                s.message().contains(needle),
+                s.message.contains(needle),
                 "message {:?} should contain {needle:?}",
-                s.message()
+                s.message
             );
         }
     }

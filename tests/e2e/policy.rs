@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use mayfly_client::{Client, pb};
+use mayfly_client::{Client, RefusalKind, pb};
 use mayfly_testkit::TestBroker;
 use tonic::Code;
 
@@ -70,13 +70,14 @@ async fn a_denial_names_the_deciding_policy_never_its_text() {
         .issue_token(token_request(&task.task_id, API, &["export:files"]))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(err.code, Code::PermissionDenied);
     assert_eq!(
-        err.message(),
+        err.message,
         format!("denied: no policy permits spiffe://example.org/agent/demo to issue_token {API}")
     );
-    assert_eq!(err.metadata().get("mayfly-error").unwrap(), "denied");
-    assert!(err.metadata().get("mayfly-policy-id").is_none());
+    // Typed from the metadata: `mayfly-error: denied`, no policy id.
+    assert_eq!(err.name, "denied");
+    assert_eq!(err.kind, RefusalKind::Denied { policy_id: None });
     // Reads are allowed and capped by @max_ttl("10m").
     let mut t = token_request(&task.task_id, API, &["read:files"]);
     t.ttl_seconds = 3600;
@@ -438,11 +439,14 @@ async fn issuance_is_rate_limited_per_agent() {
         .issue_token(token_request(&task.task_id, API, &["read:files"]))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
-    assert!(err.message().contains("retry in"), "{}", err.message());
+    assert_eq!(err.code, Code::ResourceExhausted, "{}", err.message);
+    assert!(err.message.contains("retry in"), "{}", err.message);
+    // From `retry-after: 1`.
     assert_eq!(
-        err.metadata().get("retry-after").unwrap().to_str().unwrap(),
-        "1"
+        err.kind,
+        RefusalKind::RateLimited {
+            retry_after: Duration::from_secs(1)
+        }
     );
     // Another agent has its own bucket.
     let bob = broker.client_as("spiffe://example.org/agent/bob").await;

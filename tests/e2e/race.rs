@@ -2,7 +2,7 @@
 //! returns, no lease of the task is active, and every token that was handed
 //! out has a revoked lease.
 
-use mayfly_client::pb;
+use mayfly_client::{RefusalKind, pb};
 use mayfly_testkit::TestBroker;
 use tonic::Code;
 
@@ -31,8 +31,9 @@ async fn complete_task_racing_issue_token() {
             match h.await.unwrap() {
                 Ok(t) => handed_out.push(t.lease_id),
                 Err(s) => {
-                    assert_eq!(s.code(), Code::FailedPrecondition, "{}", s.message());
-                    assert!(s.message().contains("is completed"), "{}", s.message());
+                    assert_eq!(s.code, Code::FailedPrecondition, "{}", s.message);
+                    assert_eq!(s.kind, RefusalKind::TaskEnded, "{s}");
+                    assert!(s.message.contains("is completed"), "{}", s.message);
                 }
             }
         }

@@ -103,7 +103,7 @@ async fn complete_on_one_replica_racing_issue_on_both() {
         for h in issuers {
             match h.await.unwrap() {
                 Ok(t) => handed_out.push(t.lease_id),
-                Err(s) => assert_eq!(s.code(), Code::FailedPrecondition, "{}", s.message()),
+                Err(s) => assert_eq!(s.code, Code::FailedPrecondition, "{}", s.message),
             }
         }
         for id in &handed_out {
@@ -389,7 +389,7 @@ async fn redis_killed_mid_load_loses_and_resurrects_nothing() {
                 {
                     Ok(t) => got.push(t),
                     Err(s) => {
-                        assert_eq!(s.code(), Code::Unavailable, "{}", s.message());
+                        assert_eq!(s.code, Code::Unavailable, "{}", s.message);
                         refused += 1;
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }

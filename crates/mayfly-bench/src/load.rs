@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
-use mayfly_client::{Client, pb};
+use mayfly_client::{Client, Refusal, pb};
 use tokio::sync::Semaphore;
 use tonic::Code;
 
@@ -137,7 +137,7 @@ impl Lane {
 
     /// One operation; the number of RPCs it made, or the status that
     /// failed it.
-    async fn run_once(&self, shape: &Shape) -> Result<u64, tonic::Status> {
+    async fn run_once(&self, shape: &Shape) -> Result<u64, Refusal> {
         match shape.mix {
             Mix::Token => {
                 self.client
@@ -161,13 +161,13 @@ impl Lane {
                 let (endpoint, form) = self
                     .oauth
                     .as_ref()
-                    .ok_or_else(|| tonic::Status::internal("no token endpoint"))?;
+                    .ok_or_else(|| Refusal::from(tonic::Status::internal("no token endpoint")))?;
                 endpoint.token(form).await.map_err(|e| {
-                    if e.to_string().starts_with("429") {
+                    Refusal::from(if e.to_string().starts_with("429") {
                         tonic::Status::resource_exhausted(e.to_string())
                     } else {
                         tonic::Status::unknown(e.to_string())
-                    }
+                    })
                 })?;
                 Ok(1)
             }
@@ -244,7 +244,7 @@ impl Shared {
                 Some(us.max(1))
             }
             Err(s) => {
-                if s.code() == Code::ResourceExhausted {
+                if s.code == Code::ResourceExhausted {
                     self.progress.rate_limited.fetch_add(1, Ordering::Relaxed);
                 }
                 self.progress.failed.fetch_add(1, Ordering::Relaxed);

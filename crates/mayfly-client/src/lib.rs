@@ -3,6 +3,13 @@
 //! agent without one, over server-authenticated TLS with a workload token
 //! the broker trusts ([`Client::connect_with_token`]).
 //!
+//!
+//! Its calls refuse with a typed [`Refusal`], read from the broker's
+//! `mayfly-error` metadata (a policy's denial with its id, a rate limit
+//! with when to retry, a task that ended, …); the raw gRPC clients
+//! ([`Client::broker`], [`Client::admin`]) return the status itself,
+//! which converts with `Refusal::from`.
+//!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! use mayfly_client::{Client, ClientConfig, NewTask};
@@ -30,7 +37,10 @@ use std::path::Path;
 use std::time::Duration;
 
 pub mod profile;
+mod refusal;
 pub mod workload;
+
+pub use refusal::{Refusal, RefusalKind};
 
 pub use mayfly_proto::Timestamp;
 pub use mayfly_proto::v1 as pb;
@@ -262,7 +272,7 @@ impl Client {
     }
 
     /// Opens a task; the returned guard completes it when the work ends.
-    pub async fn start_task(&self, task: NewTask) -> Result<TaskGuard, Status> {
+    pub async fn start_task(&self, task: NewTask) -> Result<TaskGuard, Refusal> {
         let created = self
             .broker()
             .start_task(task.into_request())
@@ -276,12 +286,15 @@ impl Client {
     }
 
     /// Issues a token under a task.
-    pub async fn issue_token(&self, req: pb::IssueTokenRequest) -> Result<pb::IssuedToken, Status> {
+    pub async fn issue_token(
+        &self,
+        req: pb::IssueTokenRequest,
+    ) -> Result<pb::IssuedToken, Refusal> {
         Ok(self.broker().issue_token(req).await?.into_inner())
     }
 
     /// Completes a task by id.
-    pub async fn complete_task(&self, task_id: &str) -> Result<pb::CompleteTaskResponse, Status> {
+    pub async fn complete_task(&self, task_id: &str) -> Result<pb::CompleteTaskResponse, Refusal> {
         let req = pb::CompleteTaskRequest {
             task_id: task_id.to_owned(),
         };
@@ -383,7 +396,7 @@ impl TaskGuard {
         &self,
         audience: &str,
         scopes: I,
-    ) -> Result<pb::IssuedToken, Status>
+    ) -> Result<pb::IssuedToken, Refusal>
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
@@ -402,7 +415,7 @@ impl TaskGuard {
     }
 
     /// Completes the task, revoking every credential issued under it.
-    pub async fn complete(mut self) -> Result<pb::CompleteTaskResponse, Status> {
+    pub async fn complete(mut self) -> Result<pb::CompleteTaskResponse, Refusal> {
         self.done = true;
         self.client.complete_task(&self.task.task_id).await
     }

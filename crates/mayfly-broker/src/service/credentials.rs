@@ -13,7 +13,7 @@ use mayfly_core::{
 use super::pipeline::{Kind, Lifetime};
 use super::{
     CertificateRequest, Issuance, Issued, IssuedCertificate, IssuedToken, TaskCertificate,
-    TokenRequest,
+    TokenRequest, TokenSigner,
 };
 use crate::audit::{AuditRecord, Event};
 use crate::cause::Cause;
@@ -73,9 +73,14 @@ impl Kind for TokenRequest {
         record.credential(Some(self.audience.as_str()), &self.scopes)
     }
 
-    fn mint(&self, svc: &Issuance, task: &Task, lease: &Lease) -> Result<AccessToken, BrokerError> {
+    fn mint(
+        &self,
+        tokens: &TokenSigner,
+        task: &Task,
+        lease: &Lease,
+    ) -> Result<AccessToken, BrokerError> {
         let claims = AccessTokenClaims {
-            iss: svc.issuer.clone(),
+            iss: tokens.issuer().to_owned(),
             sub: task.subject().to_string(),
             aud: self.audience.to_string(),
             exp: lease.expires_at.as_secs(),
@@ -88,9 +93,7 @@ impl Kind for TokenRequest {
             cnf: lease.binding().and_then(Binding::confirmation),
             act: task.actors(),
         };
-        svc.signer
-            .sign(&claims)
-            .map_err(|e| BrokerError::Internal(Cause::of(e)))
+        tokens.sign(&claims)
     }
 
     fn summary(&self, lease: &Lease) -> String {
@@ -159,7 +162,7 @@ impl Kind for Certificate<'_> {
 
     fn mint(
         &self,
-        _svc: &Issuance,
+        _tokens: &TokenSigner,
         _task: &Task,
         lease: &Lease,
     ) -> Result<TaskCertificate, BrokerError> {
@@ -242,15 +245,12 @@ impl Issuance {
         caller: &Caller,
         token: &str,
     ) -> Result<Vec<LeaseId>, BrokerError> {
-        let Some(claims) = self.signer.verify(token) else {
+        let Some(claims) = self.tokens.verify(token) else {
             return Ok(Vec::new());
         };
         let Ok(jti) = LeaseId::new(&claims.jti) else {
             return Ok(Vec::new());
         };
-        if claims.iss != self.issuer {
-            return Ok(Vec::new());
-        }
         if claims.client_id != caller.id.as_str() {
             return Err(BrokerError::NotTokenClient(caller.id.clone()));
         }
@@ -308,12 +308,11 @@ impl Issuance {
         if audiences.is_empty() {
             return Err(BrokerError::NotIntrospector(caller.id.clone()));
         }
-        let Some(claims) = self.signer.verify(token) else {
+        let Some(claims) = self.tokens.verify(token) else {
             return Ok(None);
         };
         let now = Timestamp::now();
-        let live = claims.iss == self.issuer
-            && now.as_secs() < claims.exp
+        let live = now.as_secs() < claims.exp
             && claims.nbf <= now.as_secs()
             && audiences.iter().any(|p| p.matches(&claims.aud));
         let Some(jti) = live.then(|| LeaseId::new(&claims.jti).ok()).flatten() else {

@@ -20,9 +20,8 @@ use mayfly_core::{
 };
 
 use super::pipeline::{Kind, Lifetime};
-use super::{ExchangeRequest, Issuance, Issued, IssuedToken};
+use super::{ExchangeRequest, Issuance, Issued, IssuedToken, TokenSigner};
 use crate::audit::{AuditRecord, Event};
-use crate::cause::Cause;
 use crate::config::{Lifetimes, ResourceServer};
 use crate::error::BrokerError;
 use crate::identity::Caller;
@@ -102,9 +101,14 @@ impl Kind for Exchange<'_> {
         record
     }
 
-    fn mint(&self, svc: &Issuance, task: &Task, lease: &Lease) -> Result<AccessToken, BrokerError> {
+    fn mint(
+        &self,
+        tokens: &TokenSigner,
+        task: &Task,
+        lease: &Lease,
+    ) -> Result<AccessToken, BrokerError> {
         let claims = AccessTokenClaims {
-            iss: svc.issuer.clone(),
+            iss: tokens.issuer().to_owned(),
             // Still the work of the same agent…
             sub: self.subject.sub.clone(),
             aud: self.req.audience.to_string(),
@@ -122,9 +126,7 @@ impl Kind for Exchange<'_> {
                 act: self.subject.act.clone().map(Box::new),
             }),
         };
-        svc.signer
-            .sign(&claims)
-            .map_err(|e| BrokerError::Internal(Cause::of(e)))
+        tokens.sign(&claims)
     }
 
     fn summary(&self, lease: &Lease) -> String {
@@ -151,9 +153,8 @@ impl Issuance {
     ) -> Result<Issued<IssuedToken>, BrokerError> {
         let invalid = |why: &str| BrokerError::InvalidSubjectToken(why.to_owned());
         let subject = self
-            .signer
+            .tokens
             .verify(&req.subject_token)
-            .filter(|c| c.iss == self.issuer)
             .ok_or_else(|| invalid("is not a token this broker issued"))?;
         // Only the token's recipient may exchange it: checked before
         // anything else is learnt about the token, and recorded, since a

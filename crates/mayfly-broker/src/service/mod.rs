@@ -36,13 +36,14 @@ pub use task_cache::TaskCache;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_core::{Binding, Policy, SpiffeId, SpiffeIdPattern};
+use mayfly_core::{AccessTokenClaims, Binding, Policy, SpiffeId, SpiffeIdPattern};
 use tokio::sync::Notify;
 
+use crate::cause::Cause;
 use crate::config::{IntrospectionGrant, Lifetimes, ResourceServer};
 use crate::error::BrokerError;
 use crate::identity::Caller;
-use crate::issuer::{CaRing, JwtSigner};
+use crate::issuer::{AccessToken, CaRing, JwtSigner};
 use crate::ratelimit::RateLimiter;
 use crate::recorder::Recorder;
 use crate::store::LeaseStore;
@@ -152,10 +153,8 @@ pub struct Tasks {
 #[derive(Debug)]
 pub struct Issuance {
     shared: Arc<Shared>,
-    /// Signs tokens.
-    signer: Arc<JwtSigner>,
-    /// `iss` of every token.
-    issuer: String,
+    /// Signs and checks tokens.
+    tokens: TokenSigner,
     /// The issuing CAs that sign task certificates, when configured.
     ca: Option<Arc<CaRing>>,
     /// Credential lifetimes and how long an approval lives.
@@ -164,6 +163,36 @@ pub struct Issuance {
     rate: RateLimiter,
     /// Who may introspect tokens.
     introspection: Vec<IntrospectionGrant>,
+}
+
+/// What tokens are signed and checked with: what a kind mints with, and
+/// no more of the pipeline than that.
+#[derive(Debug)]
+pub(super) struct TokenSigner {
+    /// Signs tokens.
+    signer: Arc<JwtSigner>,
+    /// `iss` of every token.
+    issuer: String,
+}
+
+impl TokenSigner {
+    /// `iss` of every token.
+    pub(super) fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// Signs `claims`.
+    pub(super) fn sign(&self, claims: &AccessTokenClaims) -> Result<AccessToken, BrokerError> {
+        self.signer
+            .sign(claims)
+            .map_err(|e| BrokerError::Internal(Cause::of(e)))
+    }
+
+    /// The claims of `token` if this broker signed it (a key it holds, its
+    /// `iss`); its lifetime is for the caller to judge.
+    pub(super) fn verify(&self, token: &str) -> Option<AccessTokenClaims> {
+        self.signer.verify(token).filter(|c| c.iss == self.issuer)
+    }
 }
 
 /// Approvals: operators approve or deny, agents wait for the decision.
@@ -200,8 +229,10 @@ impl Service {
             },
             issuance: Issuance {
                 shared: shared.clone(),
-                signer: setup.signer,
-                issuer: setup.issuer,
+                tokens: TokenSigner {
+                    signer: setup.signer,
+                    issuer: setup.issuer,
+                },
                 ca: setup.ca,
                 lifetimes: setup.lifetimes,
                 rate: setup.rate,

@@ -36,7 +36,7 @@ use mayfly_core::{
 };
 
 use super::shared::{Permit, asked, expiry};
-use super::{Issuance, Issued, Minted};
+use super::{Issuance, Issued, Minted, TokenSigner};
 use crate::audit::{AuditRecord, Event};
 use crate::config::Lifetimes;
 use crate::error::BrokerError;
@@ -88,7 +88,7 @@ pub(super) trait Kind {
     /// Makes the credential `lease` records, under `task`.
     fn mint(
         &self,
-        svc: &Issuance,
+        tokens: &TokenSigner,
         task: &Task,
         lease: &Lease,
     ) -> Result<Self::Credential, BrokerError>;
@@ -268,7 +268,7 @@ impl Issuance {
             approval: progress.approval.clone(),
             authenticated_by: caller.proof.clone(),
         };
-        let credential = kind.mint(self, task, &lease)?;
+        let credential = kind.mint(&self.tokens, task, &lease)?;
 
         // Record: the credential leaves only once its lease and its record
         // are durable, under a task still active and unchanged then.
