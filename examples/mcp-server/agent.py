@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ssl
+import sys
+from collections.abc import Coroutine
 from typing import Any
 
 import httpx2
@@ -143,6 +145,22 @@ async def call_tool_in_task(server: str, ticket: int, profile: str | None = None
             return await summarise_ticket(http, server, ticket)
 
 
+def run(call: Coroutine[Any, Any, str]) -> None:
+    """Prints the tool's answer, or exits with what refused it in one line
+    (the MCP client reports a failure inside its task group as an
+    exception group: the first exception in it says what went wrong, for
+    example a 401 once the task has ended and its token is revoked)."""
+    try:
+        print(asyncio.run(call))
+    except Exception as e:
+        # An exception group (3.11's, or anyio's backport on 3.10) holds
+        # its members in `exceptions`.
+        cause: BaseException = e
+        while inner := getattr(cause, "exceptions", None):
+            cause = inner[0]
+        sys.exit(f"agent: {cause}")
+
+
 def main() -> None:
     """One tool call."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -157,7 +175,7 @@ def main() -> None:
     oauth.add_argument("--key", help="its key")
     args = p.parse_args()
     if args.task is None:
-        print(asyncio.run(call_tool_in_task(args.server, args.ticket, args.profile)))
+        run(call_tool_in_task(args.server, args.ticket, args.profile))
         return
     missing = [f"--{n}" for n in ("issuer", "ca", "cert", "key") if getattr(args, n) is None]
     if missing:
@@ -166,7 +184,7 @@ def main() -> None:
     tls.load_cert_chain(args.cert, args.key)
     with open(args.cert, "rb") as f:
         agent = spiffe_id(f.read())
-    print(asyncio.run(call_tool(args.server, args.issuer, args.task, tls, agent, args.ticket)))
+    run(call_tool(args.server, args.issuer, args.task, tls, agent, args.ticket))
 
 
 if __name__ == "__main__":

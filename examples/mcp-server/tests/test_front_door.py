@@ -16,7 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from agent import call_tool, spiffe_id
+from agent import call_tool, run, spiffe_id
 
 from .conftest import AGENT, Broker
 
@@ -168,3 +168,20 @@ def test_the_tool_server_refuses_bound_foreign_and_forged_tokens(
             mcp_server, json=INITIALIZE, headers={**MCP_HEADERS, "Authorization": f"Bearer {t}"}
         )
         assert r.status_code == 401, t
+
+
+class _Group(Exception):
+    """Stands in for an exception group (3.11's or anyio's)."""
+
+    def __init__(self, *inner: BaseException) -> None:
+        super().__init__("unhandled errors in a TaskGroup")
+        self.exceptions = inner
+
+
+def test_a_refused_call_ends_the_agent_with_what_refused_it() -> None:
+    async def refused() -> str:
+        raise _Group(_Group(RuntimeError("401 Unauthorized: the task has ended")))
+
+    with pytest.raises(SystemExit) as ended:
+        run(refused())
+    assert ended.value.code == "agent: 401 Unauthorized: the task has ended"
