@@ -42,7 +42,7 @@ pub fn signer(alg: Algorithm) -> anyhow::Result<JwtSigner> {
         Algorithm::EdDSA => &rcgen::PKCS_ED25519,
     };
     let der = rcgen::KeyPair::generate_for(rcgen_alg)?.serialize_der();
-    let key = SigningKey::from_pkcs8(&der, alg).map_err(anyhow::Error::msg)?;
+    let key = SigningKey::from_pkcs8(&der, alg)?;
     Ok(JwtSigner::new(key, Vec::new()))
 }
 

@@ -5,14 +5,16 @@
 
 use std::path::Path;
 
-use crate::config::{Config, StoreSettings};
+use crate::config::{Config, ConfigError, StoreSettings};
 use mayfly_core::Timestamp;
 
+use crate::federation::FederationConfigError;
 use crate::issuer::key_files;
-use crate::issuer::{Algorithm, CaRing, SigningKey, key_path};
+use crate::issuer::{Algorithm, CaError, CaRing, KeyError, SigningKey, key_path};
 use crate::policy::PolicyHandle;
-use crate::store::LeaseStore;
-use crate::store::RedisStore;
+use crate::server::StartError;
+use crate::store::{LeaseStore, RedisStore, StoreError};
+use crate::tls::TlsError;
 
 /// One part of the configuration and what became of it.
 #[derive(Debug)]
@@ -20,14 +22,49 @@ pub struct Finding {
     /// The part: `configuration`, `tls`, `issuing CA`, `signing key`,
     /// `policies` or `store`.
     pub part: &'static str,
-    /// What was found, or what is wrong with it.
-    pub outcome: Result<String, String>,
+    /// What was found (said for the operator), or what is wrong with it.
+    pub outcome: Result<String, CheckError>,
 }
 
 impl Finding {
-    fn new(part: &'static str, outcome: Result<String, String>) -> Self {
+    fn new(part: &'static str, outcome: Result<String, CheckError>) -> Self {
         Self { part, outcome }
     }
+}
+
+/// What is wrong with a part of the configuration: the error loading that
+/// part met, in its own words.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckError {
+    /// The file does not load, or its settings do not hold.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The TLS material does not load, or the trust bundle holds the
+    /// issuing CA.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The issuing CAs do not load.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// A signing key file does not load.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The policies do not load or validate.
+    #[error(transparent)]
+    Policy(#[from] mayfly_policy::PolicyLoadError),
+    /// A `[[federation]]` entry is unusable.
+    #[error(transparent)]
+    Federation(#[from] FederationConfigError),
+    /// The files the Redis settings name do not load.
+    #[error(transparent)]
+    RedisSettings(Box<StartError>),
+    /// The Redis store could not be set up.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Redis did not answer.
+    #[error("Redis does not answer: {0}")]
+    Unreachable(#[source] StoreError),
 }
 
 /// Checks the configuration at `path`; a finding per part, in the order
@@ -35,7 +72,7 @@ impl Finding {
 pub async fn check(path: &Path, reach_store: bool) -> Vec<Finding> {
     let s = match Config::load(path).and_then(|c| c.settings()) {
         Ok(s) => s,
-        Err(e) => return vec![Finding::new("configuration", Err(e.to_string()))],
+        Err(e) => return vec![Finding::new("configuration", Err(e.into()))],
     };
     let mut out = vec![Finding::new(
         "configuration",
@@ -58,7 +95,7 @@ pub async fn check(path: &Path, reach_store: bool) -> Vec<Finding> {
                         s.tls.trust_bundle.display()
                     )
                 })
-                .map_err(|e| e.to_string()),
+                .map_err(CheckError::from),
         },
     ));
     out.push(Finding::new(
@@ -66,10 +103,10 @@ pub async fn check(path: &Path, reach_store: bool) -> Vec<Finding> {
         match &s.ca {
             None => Ok("none: task certificates are not issued".into()),
             Some(files) => CaRing::load(files, "")
-                .map_err(|e| e.to_string())
+                .map_err(CheckError::from)
                 .and_then(|cas| {
                     crate::tls::refuse_issuing_ca_in_bundle(&s.tls, &cas)
-                        .map_err(|e| e.to_string())
+                        .map_err(CheckError::from)
                         .map(|()| cas.all().len())
                 })
                 .map(|n| match n {
@@ -86,7 +123,7 @@ pub async fn check(path: &Path, reach_store: bool) -> Vec<Finding> {
         "policies",
         PolicyHandle::load(&s.policy.dir)
             .map(|p| format!("{} in {}", p.len(), s.policy.dir.display()))
-            .map_err(|e| e.to_string()),
+            .map_err(CheckError::from),
     ));
     if !s.federation.is_empty() {
         out.push(Finding::new(
@@ -114,16 +151,16 @@ pub async fn check(path: &Path, reach_store: bool) -> Vec<Finding> {
                         .collect();
                     names.join(", ")
                 })
-                .map_err(|e| e.to_string()),
+                .map_err(CheckError::from),
         ));
     }
     out.push(Finding::new("store", store(&s.store, reach_store).await));
     out
 }
 
-fn signing_key(data_dir: &Path, alg: Algorithm) -> Result<String, String> {
+fn signing_key(data_dir: &Path, alg: Algorithm) -> Result<String, CheckError> {
     let files = if data_dir.exists() {
-        key_files(data_dir).map_err(|e| e.to_string())?
+        key_files(data_dir)?
     } else {
         Vec::new()
     };
@@ -135,7 +172,7 @@ fn signing_key(data_dir: &Path, alg: Algorithm) -> Result<String, String> {
     }
     let mut found = Vec::new();
     for f in &files {
-        let key = SigningKey::load(&f.path, f.alg).map_err(|e| e.to_string())?;
+        let key = SigningKey::load(&f.path, f.alg)?;
         let from = if f.from == 0 {
             String::new()
         } else {
@@ -154,19 +191,40 @@ fn signing_key(data_dir: &Path, alg: Algorithm) -> Result<String, String> {
     Ok(found.join("; "))
 }
 
-async fn store(settings: &StoreSettings, reach: bool) -> Result<String, String> {
+async fn store(settings: &StoreSettings, reach: bool) -> Result<String, CheckError> {
     match settings {
         StoreSettings::Embedded { path, .. } => Ok(format!("embedded at {}", path.display())),
         StoreSettings::Redis { redis, .. } if reach => {
-            let target = crate::server::redis_target(redis).map_err(|e| e.to_string())?;
-            let store = RedisStore::new(target, &redis.key_prefix, std::time::Duration::ZERO)
-                .map_err(|e| e.to_string())?;
+            let target = crate::server::redis_target(redis)
+                .map_err(|e| CheckError::RedisSettings(Box::new(e)))?;
+            let store = RedisStore::new(target, &redis.key_prefix, std::time::Duration::ZERO)?;
             store
                 .check()
                 .await
                 .map(|()| "Redis answers".into())
-                .map_err(|e| format!("Redis does not answer: {e}"))
+                .map_err(CheckError::Unreachable)
         }
         StoreSettings::Redis { .. } => Ok("Redis (not contacted; --store asks it)".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file that does not load is the one finding, its error kept whole.
+    #[tokio::test]
+    async fn a_missing_file_is_the_only_finding() {
+        let dir = tempfile::tempdir().unwrap();
+        let findings = check(&dir.path().join("mayfly.toml"), false).await;
+        assert_eq!(findings.len(), 1);
+        let Err(e) = &findings[0].outcome else {
+            panic!("{findings:?}");
+        };
+        assert!(
+            matches!(e, CheckError::Config(ConfigError::Read { .. })),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("mayfly.toml"), "{e}");
     }
 }

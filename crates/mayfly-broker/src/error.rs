@@ -50,6 +50,10 @@ pub enum BrokerError {
     /// A field is malformed or out of range.
     #[error("{0}")]
     Invalid(String),
+    /// A field did not parse: the parser's error, as `source()`, says why.
+    /// Answered exactly as [`Invalid`](Self::Invalid).
+    #[error("{0}")]
+    InvalidInput(#[source] Cause),
     /// The peer is not an acceptable caller.
     #[error(transparent)]
     Unauthenticated(#[from] AuthError),
@@ -214,6 +218,16 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
+    /// A request field that did not parse, in the parser's own words.
+    pub fn invalid(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::InvalidInput(Cause::of(e))
+    }
+
+    /// Field `name` did not parse: `name: <the parser's words>`.
+    pub fn invalid_field(name: &str, e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::InvalidInput(Cause::context(name, e))
+    }
+
     /// Maps a store error met while working on `task`.
     pub fn from_store(e: StoreError, task: &TaskId) -> Self {
         match e {
@@ -275,7 +289,7 @@ impl From<AuditError> for BrokerError {
             AuditError::Failed(m) => Self::AuditUnavailable(m),
             broken @ AuditError::Broken { .. } => Self::AuditBroken(broken),
             AuditError::Unreadable(m) => Self::Unsupported(m),
-            bad @ AuditError::BadCursor(_) => Self::Invalid(bad.to_string()),
+            bad @ AuditError::BadCursor(_) => Self::invalid(bad),
         }
     }
 }
@@ -312,5 +326,36 @@ mod tests {
         let store = e.source().and_then(Error::source);
         let store = store.and_then(|s| s.downcast_ref::<StoreError>());
         assert!(matches!(store, Some(StoreError::Corrupt(_))), "{e:?}");
+    }
+
+    /// A field that does not parse says so as `Invalid` did (the same
+    /// message, status and name), and keeps the parser's error.
+    #[test]
+    fn a_field_that_does_not_parse_keeps_the_parsers_error() {
+        let e = crate::grpc::field("task_id", "nope", TaskId::new).unwrap_err();
+        assert!(matches!(e, BrokerError::InvalidInput(_)));
+        assert_eq!(e.to_string(), format!("task_id: {}", mayfly_core::IdError));
+        let parser = e.source().and_then(Error::source);
+        assert!(
+            parser.is_some_and(|s| s.is::<mayfly_core::IdError>()),
+            "{e:?}"
+        );
+        let status = tonic::Status::from(e);
+        let invalid = tonic::Status::from(BrokerError::Invalid(format!(
+            "task_id: {}",
+            mayfly_core::IdError
+        )));
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(status.message(), invalid.message());
+        assert_eq!(
+            status.metadata().get("mayfly-error"),
+            invalid.metadata().get("mayfly-error")
+        );
+
+        let e = BrokerError::from(AuditError::BadCursor("x".into()));
+        assert_eq!(e.to_string(), AuditError::BadCursor("x".into()).to_string());
+        let cursor = e.source().and_then(Error::source);
+        let cursor = cursor.and_then(|s| s.downcast_ref::<AuditError>());
+        assert!(matches!(cursor, Some(AuditError::BadCursor(_))), "{e:?}");
     }
 }

@@ -28,9 +28,10 @@ use std::time::Duration;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Validation};
 use mayfly_core::{SpiffeId, Timestamp, TrustDomain};
-use mayfly_verify::Jwks;
+use mayfly_verify::{Jwks, VerifyError};
 use serde_json::Value;
 
+use crate::cause::Cause;
 use crate::config::FederationConfig;
 
 /// Largest token accepted.
@@ -170,9 +171,32 @@ fn id_prefix(template: &[Part]) -> String {
     }
 }
 
+/// What is wrong with a `subject` or `spiffe_id` template.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TemplateError {
+    /// A `{` with no `}` after it.
+    #[error("{0:?}: unclosed '{{'")]
+    Unclosed(String),
+    /// A name that is empty or not `[A-Za-z0-9_]`.
+    #[error("{template:?}: bad name {{{name}}}")]
+    BadName {
+        /// The template.
+        template: String,
+        /// The name between the braces.
+        name: String,
+    },
+    /// Two names with no literal between them (where would the first end?).
+    #[error("{0:?}: two names in a row")]
+    NamesInARow(String),
+    /// A `}` with no `{` before it.
+    #[error("{0:?}: '}}' without '{{'")]
+    Unopened(String),
+}
+
 /// Splits `{name}` placeholders from literals; two names in a row (no
 /// literal to end the first) are refused.
-fn parse_template(t: &str) -> Result<Vec<Part>, String> {
+fn parse_template(t: &str) -> Result<Vec<Part>, TemplateError> {
     let mut parts = Vec::new();
     let mut rest = t;
     while !rest.is_empty() {
@@ -180,14 +204,17 @@ fn parse_template(t: &str) -> Result<Vec<Part>, String> {
             Some(0) => {
                 let end = rest
                     .find('}')
-                    .ok_or_else(|| format!("{t:?}: unclosed '{{'"))?;
+                    .ok_or_else(|| TemplateError::Unclosed(t.to_owned()))?;
                 let name = &rest[1..end];
                 if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
                 {
-                    return Err(format!("{t:?}: bad name {{{name}}}"));
+                    return Err(TemplateError::BadName {
+                        template: t.to_owned(),
+                        name: name.to_owned(),
+                    });
                 }
                 if matches!(parts.last(), Some(Part::Name(_))) {
-                    return Err(format!("{t:?}: two names in a row"));
+                    return Err(TemplateError::NamesInARow(t.to_owned()));
                 }
                 parts.push(Part::Name(name.to_owned()));
                 rest = &rest[end + 1..];
@@ -203,7 +230,7 @@ fn parse_template(t: &str) -> Result<Vec<Part>, String> {
         }
     }
     if t.contains('}') && parts.iter().all(|p| matches!(p, Part::Literal(_))) {
-        return Err(format!("{t:?}: '}}' without '{{'"));
+        return Err(TemplateError::Unopened(t.to_owned()));
     }
     Ok(parts)
 }
@@ -271,8 +298,21 @@ struct Issuer {
 #[derive(Debug, thiserror::Error)]
 #[error("[[federation]] {entry}: {reason}")]
 pub struct FederationConfigError {
+    /// The entry's `issuer`, or what stands for it.
     entry: String,
-    reason: String,
+    /// What is wrong with it, and the error under it if there is one
+    /// (a template's, an unreadable file's, the keys').
+    #[source]
+    reason: Cause,
+}
+
+impl FederationConfigError {
+    fn new(entry: &str, reason: Cause) -> Self {
+        Self {
+            entry: entry.to_owned(),
+            reason,
+        }
+    }
 }
 
 /// The trusted issuers.
@@ -282,7 +322,15 @@ pub struct Federation {
     trust_domain: Option<TrustDomain>,
 }
 
-fn algorithm(name: &str) -> Result<Algorithm, String> {
+/// A JWS algorithm `[[federation]]` does not accept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "algorithm {0:?} is not accepted; use RS256/384/512, PS256/384/512, ES256/384 or EdDSA \
+     (asymmetric only)"
+)]
+pub struct UnknownAlgorithm(String);
+
+fn algorithm(name: &str) -> Result<Algorithm, UnknownAlgorithm> {
     match name {
         "RS256" => Ok(Algorithm::RS256),
         "RS384" => Ok(Algorithm::RS384),
@@ -293,10 +341,7 @@ fn algorithm(name: &str) -> Result<Algorithm, String> {
         "ES256" => Ok(Algorithm::ES256),
         "ES384" => Ok(Algorithm::ES384),
         "EdDSA" => Ok(Algorithm::EdDSA),
-        other => Err(format!(
-            "algorithm {other:?} is not accepted; use RS256/384/512, PS256/384/512, ES256/384 \
-             or EdDSA (asymmetric only)"
-        )),
+        other => Err(UnknownAlgorithm(other.to_owned())),
     }
 }
 
@@ -317,10 +362,8 @@ impl Federation {
                 .issuer
                 .clone()
                 .unwrap_or_else(|| "(JWT-SVIDs without iss)".into());
-            let fail = |reason: String| FederationConfigError {
-                entry: entry.clone(),
-                reason,
-            };
+            let fail = |reason: String| FederationConfigError::new(&entry, Cause::msg(reason));
+            let cause = |reason: Cause| FederationConfigError::new(&entry, reason);
             if c.issuer.is_none() && c.spiffe_bundle.is_none() && !c.workload_api {
                 return Err(fail(
                     "needs issuer (only JWT-SVIDs, from spiffe_bundle or workload_api, may come \
@@ -333,16 +376,16 @@ impl Federation {
                 .iter()
                 .map(|a| algorithm(a))
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(fail)?;
+                .map_err(|e| cause(Cause::of(e)))?;
             if algorithms.is_empty() {
                 return Err(fail("algorithms is empty".into()));
             }
             let read =
-                |p: &Path| std::fs::read(p).map_err(|e| fail(format!("{}: {e}", p.display())));
+                |p: &Path| std::fs::read(p).map_err(|e| cause(Cause::context(p.display(), e)));
             let keys = match (&c.jwks_url, &c.jwks_file, &c.spiffe_bundle) {
                 // Empty until the Workload API sends the bundle.
                 (None, None, None) if c.workload_api => {
-                    Jwks::fixed(br#"{"keys":[]}"#, &algorithms).map_err(|e| fail(e.to_string()))?
+                    Jwks::fixed(br#"{"keys":[]}"#, &algorithms).map_err(|e| cause(Cause::of(e)))?
                 }
                 _ if c.workload_api => {
                     return Err(fail(
@@ -356,10 +399,10 @@ impl Federation {
                         fail("jwks_url needs ca (the JWKS server's CA, PEM)".into())
                     })?;
                     Jwks::https(url, read(ca)?, c.jwks_refresh, &algorithms)
-                        .map_err(|e| fail(e.to_string()))?
+                        .map_err(|e| cause(Cause::of(e)))?
                 }
                 (None, Some(file), None) | (None, None, Some(file)) => {
-                    Jwks::fixed(&read(file)?, &algorithms).map_err(|e| fail(e.to_string()))?
+                    Jwks::fixed(&read(file)?, &algorithms).map_err(|e| cause(Cause::of(e)))?
                 }
                 _ => {
                     return Err(fail(
@@ -372,9 +415,11 @@ impl Federation {
             if issuers.iter().any(|i| i.iss == c.issuer) {
                 return Err(fail("the same issuer is configured twice".into()));
             }
-            let subject = parse_template(c.subject.as_deref().unwrap_or("{sub}")).map_err(fail)?;
-            let spiffe_id =
-                parse_template(c.spiffe_id.as_deref().unwrap_or("{sub}")).map_err(fail)?;
+            let template = |t: Option<&str>| {
+                parse_template(t.unwrap_or("{sub}")).map_err(|e| cause(Cause::of(e)))
+            };
+            let subject = template(c.subject.as_deref())?;
+            let spiffe_id = template(c.spiffe_id.as_deref())?;
             for p in &spiffe_id {
                 if let Part::Name(n) = p
                     && !subject.contains(p)
@@ -476,11 +521,11 @@ impl Federation {
     /// API with `document`, the JWT bundle (a JWKS) of the broker's trust
     /// domain; returns how many keys are usable. A document that does not
     /// parse changes nothing.
-    pub fn set_workload_bundle(&self, document: &[u8]) -> Result<usize, String> {
+    pub fn set_workload_bundle(&self, document: &[u8]) -> Result<usize, VerifyError> {
         let mut usable = 0;
         for i in &self.issuers {
             if let Some(pushed) = &i.pushed {
-                usable = i.keys.replace(document).map_err(|e| e.to_string())?;
+                usable = i.keys.replace(document)?;
                 pushed.store(true, std::sync::atomic::Ordering::Release);
             }
         }
@@ -711,5 +756,38 @@ mod tests {
         for bad in ["", ".", "..", "a/b", "a:b", "a%2f"] {
             assert!(!safe_segment(bad), "{bad}");
         }
+    }
+
+    /// A template's error names the template and what is wrong; an entry's
+    /// error keeps it as its source.
+    #[test]
+    fn template_errors_say_what_is_wrong_and_stay_under_the_entrys() {
+        let cases = [
+            ("{a}{b}", r#""{a}{b}": two names in a row"#),
+            ("x{", r#""x{": unclosed '{'"#),
+            ("x{a-b}", r#""x{a-b}": bad name {a-b}"#),
+            ("a}b", r#""a}b": '}' without '{'"#),
+        ];
+        for (template, message) in cases {
+            assert_eq!(parse_template(template).unwrap_err().to_string(), message);
+        }
+        let e = FederationConfigError::new(
+            "https://token.actions.githubusercontent.com",
+            Cause::of(parse_template("{a}{b}").unwrap_err()),
+        );
+        assert_eq!(
+            e.to_string(),
+            r#"[[federation]] https://token.actions.githubusercontent.com: "{a}{b}": two names in a row"#
+        );
+        let under = std::error::Error::source(&e).and_then(std::error::Error::source);
+        assert_eq!(
+            under.and_then(|s| s.downcast_ref::<TemplateError>()),
+            Some(&TemplateError::NamesInARow("{a}{b}".into()))
+        );
+        assert_eq!(
+            algorithm("HS256").unwrap_err().to_string(),
+            "algorithm \"HS256\" is not accepted; use RS256/384/512, PS256/384/512, ES256/384 \
+             or EdDSA (asymmetric only)"
+        );
     }
 }

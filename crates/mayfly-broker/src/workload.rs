@@ -26,20 +26,52 @@ use crate::tls::LiveTls;
 /// How long to wait for the Workload API's first answer before retrying.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why an update from the Workload API was not taken (the material in use
+/// stays).
+#[derive(Debug, thiserror::Error)]
+enum UpdateError {
+    /// The source holds no SVID or bundle now.
+    #[error("{0}")]
+    Source(#[from] spiffe::X509SourceError),
+    /// A trust domain the `spiffe` crate does not take.
+    #[error("{0}")]
+    TrustDomain(#[from] spiffe::SpiffeIdError),
+    /// The SVID is of another trust domain.
+    #[error("SVID {id} is not of the broker's trust domain {td}")]
+    ForeignSvid {
+        /// The SVID's SPIFFE ID.
+        id: String,
+        /// The broker's trust domain.
+        td: TrustDomain,
+    },
+    /// No X.509 bundle for the broker's trust domain.
+    #[error("no bundle for {0}")]
+    NoBundle(TrustDomain),
+    /// No JWT bundle for the broker's trust domain.
+    #[error("no JWT bundle for {0}")]
+    NoJwtBundle(TrustDomain),
+    /// The SVID and bundle do not make a TLS configuration.
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
+    /// A JWT authority is not a JWK, or the JWKS not serialised.
+    #[error("{0}")]
+    Jwks(#[from] serde_json::Error),
+    /// The JWT bundle's keys were refused.
+    #[error("{0}")]
+    Keys(#[from] mayfly_verify::VerifyError),
+}
+
 /// Takes the source's current SVID and bundle into `live`.
-fn apply(live: &LiveTls, source: &X509Source, td: &TrustDomain) -> Result<String, String> {
-    let svid = source.svid().map_err(|e| e.to_string())?;
+fn apply(live: &LiveTls, source: &X509Source, td: &TrustDomain) -> Result<String, UpdateError> {
+    let svid = source.svid()?;
     let id = svid.spiffe_id().to_string();
     if svid.spiffe_id().trust_domain().to_string() != td.as_str() {
-        return Err(format!(
-            "SVID {id} is not of the broker's trust domain {td}"
-        ));
+        return Err(UpdateError::ForeignSvid { id, td: td.clone() });
     }
-    let spiffe_td = spiffe::TrustDomain::new(td.as_str()).map_err(|e| e.to_string())?;
+    let spiffe_td = spiffe::TrustDomain::new(td.as_str())?;
     let bundle = source
-        .bundle_for_trust_domain(&spiffe_td)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("no bundle for {td}"))?;
+        .bundle_for_trust_domain(&spiffe_td)?
+        .ok_or_else(|| UpdateError::NoBundle(td.clone()))?;
     let chain = svid
         .cert_chain()
         .iter()
@@ -47,11 +79,8 @@ fn apply(live: &LiveTls, source: &X509Source, td: &TrustDomain) -> Result<String
         .collect();
     let mut federated = Vec::new();
     for td in live.federated_from_api() {
-        let spiffe_td = spiffe::TrustDomain::new(td.as_str()).map_err(|e| e.to_string())?;
-        match source
-            .bundle_for_trust_domain(&spiffe_td)
-            .map_err(|e| e.to_string())?
-        {
+        let spiffe_td = spiffe::TrustDomain::new(td.as_str())?;
+        match source.bundle_for_trust_domain(&spiffe_td)? {
             Some(b) => federated.push((td, ders(b.authorities()))),
             None => tracing::warn!(
                 trust_domain = %td,
@@ -64,8 +93,7 @@ fn apply(live: &LiveTls, source: &X509Source, td: &TrustDomain) -> Result<String
         svid.private_key().as_bytes().to_vec(),
         ders(bundle.authorities()),
         federated,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     Ok(id)
 }
 
@@ -124,13 +152,12 @@ pub(crate) async fn follow(
 }
 
 /// The JWKS document of `bundle`'s keys.
-fn jwks_document(bundle: &spiffe::JwtBundle) -> Result<Vec<u8>, String> {
+fn jwks_document(bundle: &spiffe::JwtBundle) -> Result<Vec<u8>, serde_json::Error> {
     let keys = bundle
         .jwt_authorities()
         .map(|a| serde_json::from_slice::<serde_json::Value>(a.jwk_json()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
-    serde_json::to_vec(&serde_json::json!({ "keys": keys })).map_err(|e| e.to_string())
+        .collect::<Result<Vec<_>, _>>()?;
+    serde_json::to_vec(&serde_json::json!({ "keys": keys }))
 }
 
 /// Follows the Workload API's JWT bundles at `endpoint` until `stop`,
@@ -152,10 +179,8 @@ pub(crate) async fn follow_jwt_bundles(
     };
     loop {
         let opened = async {
-            let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
-                .await
-                .map_err(|e| e.to_string())?;
-            client.stream_jwt_bundles().await.map_err(|e| e.to_string())
+            let client = spiffe::WorkloadApiClient::connect_to(&endpoint).await?;
+            client.stream_jwt_bundles().await
         };
         let mut updates = tokio::select! {
             r = opened => match r {
@@ -185,9 +210,13 @@ pub(crate) async fn follow_jwt_bundles(
             };
             let applied = set
                 .get(&spiffe_td)
-                .ok_or_else(|| format!("no JWT bundle for {td}"))
-                .and_then(|b| jwks_document(&b))
-                .and_then(|doc| federation.set_workload_bundle(&doc));
+                .ok_or_else(|| UpdateError::NoJwtBundle(td.clone()))
+                .and_then(|b| jwks_document(&b).map_err(UpdateError::from))
+                .and_then(|doc| {
+                    federation
+                        .set_workload_bundle(&doc)
+                        .map_err(UpdateError::from)
+                });
             match applied {
                 Ok(keys) => tracing::info!(keys, "JWT bundle from the SPIFFE Workload API"),
                 Err(e) => tracing::error!(error = %e, "JWT bundle refused; the keys in use stay"),

@@ -15,7 +15,9 @@ pub async fn run(file: &Path, reach_store: bool, as_json: bool) -> anyhow::Resul
             .iter()
             .map(|f| match &f.outcome {
                 Ok(detail) => json!({"part": f.part, "ok": true, "detail": detail}),
-                Err(problem) => json!({"part": f.part, "ok": false, "problem": problem}),
+                Err(problem) => {
+                    json!({"part": f.part, "ok": false, "problem": problem.to_string()})
+                }
             })
             .collect();
         crate::output::print_json(&json!(list));

@@ -62,7 +62,6 @@ fn schedule(config: &Path) -> anyhow::Result<(mayfly_broker::config::Settings, J
     let s = Config::load(config)?.settings()?;
     let keys = load(&s.data_dir, s.algorithm, false)?;
     let signer = JwtSigner::from_ring(s.algorithm.name(), keys, s.key_retire_after)
-        .map_err(anyhow::Error::msg)
         .with_context(|| format!("the keys in {}", s.data_dir.display()))?;
     Ok((s, signer))
 }

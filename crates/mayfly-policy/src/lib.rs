@@ -119,7 +119,10 @@ fn string(s: &str) -> RestrictedExpression {
 /// `principal in Mayfly::Path::"spiffe://td/agent"` is a segment-exact
 /// subtree match. `authenticated_by` is how the principal proved itself
 /// for this request; empty for another agent the request names.
-fn agent_entity(id: &SpiffeId, authenticated_by: &str) -> Result<Entity, String> {
+fn agent_entity(
+    id: &SpiffeId,
+    authenticated_by: &str,
+) -> Result<Entity, Box<cedar_policy::EntityAttrEvaluationError>> {
     Entity::new(
         uid(Type::Agent, id.as_str()),
         [
@@ -132,10 +135,14 @@ fn agent_entity(id: &SpiffeId, authenticated_by: &str) -> Result<Entity, String>
         .collect(),
         id.ancestors().map(|p| uid(Type::Path, p)).collect(),
     )
-    .map_err(|e| e.to_string())
+    .map_err(Box::new)
 }
 
-fn task_entity(id: &str, intent: &str, context: &TaskContext) -> Result<Entity, String> {
+fn task_entity(
+    id: &str,
+    intent: &str,
+    context: &TaskContext,
+) -> Result<Entity, Box<cedar_policy::EntityAttrEvaluationError>> {
     Entity::new_with_tags(
         uid(Type::Task, id),
         [("intent".to_owned(), string(intent))],
@@ -145,7 +152,7 @@ fn task_entity(id: &str, intent: &str, context: &TaskContext) -> Result<Entity, 
             .iter()
             .map(|(k, v)| (k.clone(), string(v))),
     )
-    .map_err(|e| e.to_string())
+    .map_err(Box::new)
 }
 
 /// One request to Cedar.
@@ -172,12 +179,18 @@ struct Ask<'a> {
     now: Timestamp,
 }
 
+/// The schema ([`SCHEMA`]) does not parse: a defect of this build, never
+/// of the policies. Cedar's error is the source.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SchemaError(#[source] Box<cedar_policy::CedarSchemaError>);
+
 impl CedarPolicy {
     /// The schema, parsed.
-    pub fn schema() -> Result<Schema, String> {
+    pub fn schema() -> Result<Schema, SchemaError> {
         Schema::from_cedarschema_str(SCHEMA)
             .map(|(s, _)| s)
-            .map_err(|e| e.to_string())
+            .map_err(|e| SchemaError(Box::new(e)))
     }
 
     /// How many policies the set holds.
@@ -230,7 +243,7 @@ impl CedarPolicy {
                 Ok(e) => e,
                 Err(e) => return fail(e.to_string()),
             },
-            Err(e) => return fail(e),
+            Err(e) => return fail(e.to_string()),
         };
         let exchange = ask.exchange.map(|(subject, audience, resource_server)| {
             [

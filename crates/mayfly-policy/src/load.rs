@@ -233,7 +233,7 @@ impl CedarPolicy {
                     file: "mayfly.cedarschema".into(),
                     line: 1,
                     column: 1,
-                    message: e,
+                    message: e.to_string(),
                 }],
             })?;
             let result = Validator::new(schema).validate(&set, ValidationMode::Strict);

@@ -9,7 +9,9 @@
 
 use std::collections::HashMap;
 
-use cedar_policy::{ActionConstraint, EntityUid, Policy, PolicySet, PrincipalConstraint};
+use cedar_policy::{
+    ActionConstraint, EntityUid, Policy, PolicySet, PolicySetError, PrincipalConstraint,
+};
 
 use crate::{ACTIONS, Type, uid};
 
@@ -31,8 +33,8 @@ struct Part {
 }
 
 impl Part {
-    fn add(&mut self, p: &Policy) -> Result<(), String> {
-        self.set.add(p.clone()).map_err(|e| e.to_string())?;
+    fn add(&mut self, p: &Policy) -> Result<(), Box<PolicySetError>> {
+        self.set.add(p.clone())?;
         self.reads_now |= crate::cache::reads_now(p);
         Ok(())
     }
@@ -54,7 +56,7 @@ fn applies_to_action(p: &Policy, action: &EntityUid) -> bool {
 }
 
 impl Slices {
-    pub(crate) fn new(set: &PolicySet) -> Result<Self, String> {
+    pub(crate) fn new(set: &PolicySet) -> Result<Self, Box<PolicySetError>> {
         let mut by_action = HashMap::new();
         for action in ACTIONS {
             let action_uid = uid(Type::Action, action);

@@ -71,9 +71,9 @@ pub enum VerifyError {
     /// The revocation feed has not delivered its first full replay yet.
     #[error("revocation feed not synchronised yet; failing closed")]
     FeedNotSynced,
-    /// The JWKS could not be fetched.
+    /// The JWKS could not be fetched or used.
     #[error("JWKS unavailable: {0}")]
-    JwksUnavailable(String),
+    JwksUnavailable(#[from] crate::JwksError),
 }
 
 impl VerifyError {

@@ -11,7 +11,7 @@ use mayfly_proto::v1 as pb;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::config::FeedConfig;
-use crate::material::Material;
+use crate::material::{Material, TrustError};
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -124,11 +124,34 @@ pub(crate) async fn follow(
     }
 }
 
+/// Why a connection to the feed ended.
+#[derive(Debug, thiserror::Error)]
+enum FeedError {
+    /// The CA bundle or the service's SVID could not be had.
+    #[error("{0}")]
+    Trust(#[from] TrustError),
+    /// The broker URL does not parse.
+    #[error("{0}")]
+    BadUrl(#[source] http::uri::InvalidUri),
+    /// The TLS material does not make a client configuration.
+    #[error("{0}")]
+    Tls(#[source] tonic::transport::Error),
+    /// The connection failed.
+    #[error("connect: {0}")]
+    Connect(#[source] tonic::transport::Error),
+    /// The broker refused the watch, or the stream failed.
+    #[error("{:?}: {}", .0.code(), .0.message())]
+    Status(#[source] tonic::Status),
+    /// The broker ended the stream.
+    #[error("feed closed by the broker")]
+    Closed,
+}
+
 async fn stream_once(
     config: &FeedConfig,
     trust: &Material,
     set: &Arc<RevocationSet>,
-) -> Result<(), String> {
+) -> Result<(), FeedError> {
     // Read at each connection: from the Workload API, the bundle and the
     // SVID may have rotated since the last one.
     let (cert_pem, key_pem) = match trust.identity()? {
@@ -139,26 +162,26 @@ async fn stream_once(
         .ca_certificate(Certificate::from_pem(trust.ca_pem()?))
         .identity(Identity::from_pem(&cert_pem, &*key_pem));
     let channel = Channel::from_shared(config.broker.clone())
-        .map_err(|e| e.to_string())?
+        .map_err(FeedError::BadUrl)?
         .connect_timeout(Duration::from_secs(5))
         .tls_config(tls)
-        .map_err(|e| e.to_string())?
+        .map_err(FeedError::Tls)?
         .connect()
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(FeedError::Connect)?;
     let mut client = pb::revocations_client::RevocationsClient::new(channel);
     let mut stream = client
         .watch_revocations(pb::WatchRequest {
             from_cursor: set.cursor(),
         })
         .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .map_err(FeedError::Status)?
         .into_inner();
     loop {
         match stream.message().await {
             Ok(Some(e)) => set.apply(&e),
-            Ok(None) => return Err("feed closed by the broker".into()),
-            Err(s) => return Err(format!("{:?}: {}", s.code(), s.message())),
+            Ok(None) => return Err(FeedError::Closed),
+            Err(s) => return Err(FeedError::Status(s)),
         }
     }
 }

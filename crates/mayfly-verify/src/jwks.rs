@@ -17,12 +17,93 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::sync::Mutex;
 
 use crate::VerifyError;
-use crate::material::Material;
+use crate::material::{Material, TrustError};
 
 /// Largest JWKS document accepted.
 const MAX_JWKS_BYTES: usize = 256 * 1024;
 /// How long one fetch may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why an issuer's JWKS could not be fetched or used: the step that
+/// failed, and the error underneath as [`source`](std::error::Error::source).
+/// `Clone` (errors underneath are shared) so that a failed fetch can be
+/// said again to the callers held back until the next.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum JwksError {
+    /// The JWKS URL does not parse.
+    #[error("bad JWKS URL: {0}")]
+    BadUrl(#[source] Arc<http::uri::InvalidUri>),
+    /// The JWKS URL is not `https://`.
+    #[error("the JWKS URL must be https://")]
+    NotHttps,
+    /// The JWKS URL names no host.
+    #[error("JWKS URL has no host")]
+    NoHost,
+    /// The URL's host is not a name TLS can check a certificate against.
+    #[error("{0}")]
+    ServerName(#[source] Arc<rustls_pki_types::InvalidDnsNameError>),
+    /// The CA bundle could not be had from the SPIFFE Workload API.
+    #[error("{0}")]
+    Trust(#[source] TrustError),
+    /// The CA bundle is not PEM.
+    #[error("bad CA PEM: {0}")]
+    CaPem(#[source] Arc<rustls_pki_types::pem::Error>),
+    /// A certificate of the CA bundle is not a usable trust anchor.
+    #[error("bad CA: {0}")]
+    Ca(#[source] rustls::Error),
+    /// No TLS client could be configured.
+    #[error("{0}")]
+    Tls(#[source] rustls::Error),
+    /// The TCP connection to the JWKS host failed.
+    #[error("connect {host}:{port}: {source}")]
+    Connect {
+        /// The URL's host.
+        host: String,
+        /// The URL's port (443 if it names none).
+        port: u16,
+        /// What the connection attempt met.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// The TLS handshake failed (the server's certificate does not chain
+    /// to the CA bundle, …).
+    #[error("TLS: {0}")]
+    Handshake(#[source] Arc<std::io::Error>),
+    /// The HTTP exchange failed.
+    #[error("{0}")]
+    Http(#[source] Arc<hyper::Error>),
+    /// The request could not be built.
+    #[error("{0}")]
+    Request(#[source] Arc<http::Error>),
+    /// The server answered with a status other than success.
+    #[error("JWKS answered {0}")]
+    Status(http::StatusCode),
+    /// The body could not be read, or is over the size limit.
+    #[error("JWKS body: {0}")]
+    Body(#[source] Arc<dyn std::error::Error + Send + Sync>),
+    /// A document given to [`Jwks::replace`] is over the size limit.
+    #[error("JWKS is over {MAX_JWKS_BYTES} bytes")]
+    TooLarge,
+    /// The document is not a JWK set.
+    #[error("JWKS is not a JWK set: {0}")]
+    NotAJwkSet(#[source] Arc<serde_json::Error>),
+    /// The fetch took longer than its timeout.
+    #[error("fetch timed out")]
+    TimedOut,
+}
+
+/// Failures are equal when they are of the same kind and say the same:
+/// the errors underneath cannot be compared, and what they say is what a
+/// caller acts on.
+impl PartialEq for JwksError {
+    fn eq(&self, other: &Self) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+            && self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for JwksError {}
 
 /// One usable key: the algorithm it signs with, and the key.
 #[derive(Clone)]
@@ -89,69 +170,72 @@ pub(crate) struct Fetcher {
 }
 
 impl Fetcher {
-    pub(crate) fn new(url: &str, trust: Material) -> Result<Self, VerifyError> {
-        let unavailable = |m: String| VerifyError::JwksUnavailable(m);
-        let url: hyper::Uri = url
-            .parse()
-            .map_err(|e| unavailable(format!("bad JWKS URL: {e}")))?;
+    pub(crate) fn new(url: &str, trust: Material) -> Result<Self, JwksError> {
+        let url: hyper::Uri = url.parse().map_err(|e| JwksError::BadUrl(Arc::new(e)))?;
         if url.scheme_str() != Some("https") {
-            return Err(unavailable("the JWKS URL must be https://".into()));
+            return Err(JwksError::NotHttps);
         }
         let fetcher = Self { url, trust };
-        fetcher.tls().map_err(unavailable)?;
+        fetcher.tls()?;
         Ok(fetcher)
     }
 
     /// A TLS client trusting the bundle as it stands now.
-    fn tls(&self) -> Result<Arc<rustls::ClientConfig>, String> {
-        let ca_pem = self.trust.ca_pem()?;
+    fn tls(&self) -> Result<Arc<rustls::ClientConfig>, JwksError> {
+        let ca_pem = self.trust.ca_pem().map_err(JwksError::Trust)?;
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(&ca_pem) {
-            let c = c.map_err(|e| format!("bad CA PEM: {e}"))?;
-            roots.add(c).map_err(|e| format!("bad CA: {e}"))?;
+            let c = c.map_err(|e| JwksError::CaPem(Arc::new(e)))?;
+            roots.add(c).map_err(JwksError::Ca)?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .map_err(JwksError::Tls)?
             .with_root_certificates(roots)
             .with_no_client_auth();
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(tls))
     }
 
-    async fn fetch(&self) -> Result<JwkSet, String> {
-        let host = self.url.host().ok_or("JWKS URL has no host")?.to_owned();
+    async fn fetch(&self) -> Result<JwkSet, JwksError> {
+        let http = |e: hyper::Error| JwksError::Http(Arc::new(e));
+        let host = self.url.host().ok_or(JwksError::NoHost)?.to_owned();
         let port = self.url.port_u16().unwrap_or(443);
         let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
             .await
-            .map_err(|e| format!("connect {host}:{port}: {e}"))?;
-        let name = ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+            .map_err(|e| JwksError::Connect {
+                host: host.clone(),
+                port,
+                source: Arc::new(e),
+            })?;
+        let name =
+            ServerName::try_from(host.clone()).map_err(|e| JwksError::ServerName(Arc::new(e)))?;
         let stream = tokio_rustls::TlsConnector::from(self.tls()?)
             .connect(name, tcp)
             .await
-            .map_err(|e| format!("TLS: {e}"))?;
+            .map_err(|e| JwksError::Handshake(Arc::new(e)))?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(http)?;
         tokio::spawn(conn);
         let path = self.url.path_and_query().map_or("/", |p| p.as_str());
         let req = hyper::Request::get(path)
             .header("host", &host)
             .header("accept", "application/json")
             .body(Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+            .map_err(|e| JwksError::Request(Arc::new(e)))?;
+        let resp = sender.send_request(req).await.map_err(http)?;
         if !resp.status().is_success() {
-            return Err(format!("JWKS answered {}", resp.status()));
+            return Err(JwksError::Status(resp.status()));
         }
         let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
             .collect()
             .await
-            .map_err(|e| format!("JWKS body: {e}"))?
+            .map_err(|e| JwksError::Body(Arc::from(e)))?
             .to_bytes();
-        serde_json::from_slice(&body).map_err(|e| format!("JWKS is not a JWK set: {e}"))
+        serde_json::from_slice(&body).map_err(|e| JwksError::NotAJwkSet(Arc::new(e)))
     }
 }
 
@@ -162,7 +246,7 @@ pub struct Jwks {
     keys: std::sync::RwLock<HashMap<String, JwksKey>>,
     /// When the last fetch started, for rate limiting, and why it failed
     /// if it did (said again to callers it holds back).
-    last_fetch: Mutex<Option<(Instant, Option<String>)>>,
+    last_fetch: Mutex<Option<(Instant, Option<JwksError>)>>,
     min_interval: Duration,
     /// Keys of other algorithms are dropped.
     algorithms: Vec<Algorithm>,
@@ -226,12 +310,10 @@ impl Jwks {
     /// does not parse changes nothing.
     pub fn replace(&self, document: &[u8]) -> Result<usize, VerifyError> {
         if document.len() > MAX_JWKS_BYTES {
-            return Err(VerifyError::JwksUnavailable(format!(
-                "JWKS is over {MAX_JWKS_BYTES} bytes"
-            )));
+            return Err(JwksError::TooLarge.into());
         }
-        let set: JwkSet = serde_json::from_slice(document)
-            .map_err(|e| VerifyError::JwksUnavailable(format!("JWKS is not a JWK set: {e}")))?;
+        let set: JwkSet =
+            serde_json::from_slice(document).map_err(|e| JwksError::NotAJwkSet(Arc::new(e)))?;
         Ok(self.load(&set))
     }
 
@@ -284,10 +366,44 @@ impl Jwks {
         let started = Instant::now();
         let fetched = match tokio::time::timeout(FETCH_TIMEOUT, fetcher.fetch()).await {
             Ok(r) => r,
-            Err(_) => Err("fetch timed out".to_owned()),
+            Err(_) => Err(JwksError::TimedOut),
         };
         *last = Some((started, fetched.as_ref().err().cloned()));
-        self.load(&fetched.map_err(VerifyError::JwksUnavailable)?);
+        self.load(&fetched?);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+
+    use super::*;
+
+    /// A document that is no JWK set is refused saying so, with the JSON
+    /// error underneath; a failure said again is equal to itself.
+    #[test]
+    fn a_refused_document_says_why_and_keeps_the_cause() {
+        let e = Jwks::fixed(b"{\"keys\": 7}", &[Algorithm::ES256]).unwrap_err();
+        let VerifyError::JwksUnavailable(jwks) = &e else {
+            panic!("{e:?}");
+        };
+        assert!(matches!(jwks, JwksError::NotAJwkSet(_)), "{jwks:?}");
+        assert!(
+            e.to_string()
+                .starts_with("JWKS unavailable: JWKS is not a JWK set: "),
+            "{e}"
+        );
+        let under = e.source().and_then(Error::source);
+        assert!(
+            under.is_some_and(|s| s.is::<Arc<serde_json::Error>>()),
+            "{e:?}"
+        );
+        assert!(e.is_unavailable());
+        assert_eq!(e.clone(), e);
+        assert_ne!(
+            VerifyError::JwksUnavailable(JwksError::TooLarge),
+            VerifyError::JwksUnavailable(JwksError::TimedOut)
+        );
     }
 }

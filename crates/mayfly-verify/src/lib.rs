@@ -42,6 +42,7 @@ mod verifier;
 pub use cert::{PeerCertError, TaskIdentity, parse_task_certificate};
 pub use config::{FeedConfig, MAX_LEEWAY, VerifierConfig};
 pub use error::VerifyError;
-pub use jwks::{Jwks, JwksKey};
+pub use jwks::{Jwks, JwksError, JwksKey};
+pub use material::TrustError;
 pub use resource::ResourceMetadata;
 pub use verifier::{DpopRequest, VerifiedToken, Verifier, cert_thumbprint};

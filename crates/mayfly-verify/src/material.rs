@@ -4,10 +4,31 @@
 //! Workload API (the `spiffe` crate's `X509Source`), read afresh at each
 //! JWKS fetch and feed reconnection so that rotations are followed.
 
+use std::sync::Arc;
+
 use mayfly_core::svid::pem;
-use spiffe::X509Source;
 use spiffe::bundle::BundleSource;
+use spiffe::{X509Source, X509SourceError};
 use zeroize::Zeroizing;
+
+/// Why the trust material could not be had from the SPIFFE Workload API.
+/// `Clone` (the `spiffe` crate's error is shared) so that a [`JwksError`]
+/// holding it can be said again.
+///
+/// [`JwksError`]: crate::JwksError
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrustError {
+    /// The Workload API did not give an SVID and a bundle in time.
+    #[error("SPIFFE Workload API: {0}")]
+    Connect(#[source] Arc<X509SourceError>),
+    /// The Workload API's source has no usable SVID or bundle now.
+    #[error("{0}")]
+    Source(#[source] Arc<X509SourceError>),
+    /// The Workload API has no bundle for the service's own trust domain.
+    #[error("the Workload API has no bundle for {0}")]
+    NoBundle(String),
+}
 
 /// A certificate chain and its private key, both PEM (the key wiped on
 /// drop).
@@ -29,27 +50,27 @@ pub(crate) enum Material {
 impl Material {
     /// Connects to the Workload API at `endpoint` and waits for its first
     /// SVID and bundle.
-    pub(crate) async fn workload_api(endpoint: &str) -> Result<Self, String> {
+    pub(crate) async fn workload_api(endpoint: &str) -> Result<Self, TrustError> {
         X509Source::builder()
             .endpoint(endpoint)
             .initial_sync_timeout(std::time::Duration::from_secs(10))
             .build()
             .await
             .map(Self::WorkloadApi)
-            .map_err(|e| format!("SPIFFE Workload API: {e}"))
+            .map_err(|e| TrustError::Connect(Arc::new(e)))
     }
 
     /// The CA bundle (PEM) the broker's certificate must chain to.
-    pub(crate) fn ca_pem(&self) -> Result<Vec<u8>, String> {
+    pub(crate) fn ca_pem(&self) -> Result<Vec<u8>, TrustError> {
         match self {
             Self::Fixed { ca_pem, .. } => Ok(ca_pem.clone()),
             Self::WorkloadApi(source) => {
-                let svid = source.svid().map_err(|e| e.to_string())?;
+                let svid = source.svid().map_err(source_error)?;
                 let td = svid.spiffe_id().trust_domain();
                 let bundle = source
                     .bundle_for_trust_domain(td)
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| format!("the Workload API has no bundle for {td}"))?;
+                    .map_err(source_error)?
+                    .ok_or_else(|| TrustError::NoBundle(td.to_string()))?;
                 Ok(bundle
                     .authorities()
                     .iter()
@@ -61,11 +82,11 @@ impl Material {
     }
 
     /// The service's own certificate chain and key (PEM), for the feed.
-    pub(crate) fn identity(&self) -> Result<Option<Identity>, String> {
+    pub(crate) fn identity(&self) -> Result<Option<Identity>, TrustError> {
         match self {
             Self::Fixed { identity, .. } => Ok(identity.clone()),
             Self::WorkloadApi(source) => {
-                let svid = source.svid().map_err(|e| e.to_string())?;
+                let svid = source.svid().map_err(source_error)?;
                 let chain = svid
                     .cert_chain()
                     .iter()
@@ -78,4 +99,8 @@ impl Material {
             }
         }
     }
+}
+
+fn source_error(e: X509SourceError) -> TrustError {
+    TrustError::Source(Arc::new(e))
 }

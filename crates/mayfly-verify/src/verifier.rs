@@ -20,7 +20,7 @@ use crate::VerifyError;
 use crate::cert::{PeerCertError, TaskIdentity, parse_task_certificate};
 use crate::config::{MAX_LEEWAY, VerifierConfig};
 use crate::feed::{self, RevocationSet};
-use crate::jwks::{Fetcher, Jwks};
+use crate::jwks::{Fetcher, Jwks, JwksError};
 use crate::material::Material;
 
 /// A token that passed every check.
@@ -181,7 +181,7 @@ impl Verifier {
         let trust = match &config.workload_api {
             Some(endpoint) => Material::workload_api(endpoint)
                 .await
-                .map_err(VerifyError::JwksUnavailable)?,
+                .map_err(JwksError::Trust)?,
             None => Material::Fixed {
                 ca_pem: config.ca_pem.clone(),
                 identity: config

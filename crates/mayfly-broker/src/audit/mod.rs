@@ -46,8 +46,36 @@ pub enum AuditError {
         /// The trail's file name (the log has the whole path).
         file: String,
         /// What happened to it.
-        what: String,
+        #[source]
+        what: TrailChange,
     },
+}
+
+/// What happened to a trail's file under the running broker (said after
+/// its name: "audit trail audit.jsonl was removed").
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrailChange {
+    /// No file has the trail's name any more.
+    #[error("was removed")]
+    Removed,
+    /// Another file (another device or inode) has the trail's name.
+    #[error("was replaced (another file now has its name)")]
+    Replaced,
+    /// The file is shorter than what the broker wrote.
+    #[error("was truncated from {written} to {found} bytes")]
+    Truncated {
+        /// The bytes the broker wrote.
+        written: u64,
+        /// The bytes the file holds.
+        found: u64,
+    },
+    /// The file is longer than what the broker wrote.
+    #[error("grew by {0} bytes that this broker did not write")]
+    Grew(u64),
+    /// The file's metadata could not be read.
+    #[error("cannot be checked ({0})")]
+    Unchecked(#[source] Cause),
 }
 
 impl From<serde_json::Error> for AuditError {

@@ -67,7 +67,7 @@ fn page(size: u32, token: &str) -> Result<PageRequest, BrokerError> {
     })
 }
 
-fn optional<T, E: std::fmt::Display>(
+fn optional<T, E: std::error::Error + Send + Sync + 'static>(
     name: &str,
     value: &str,
     parse: impl FnOnce(&str) -> Result<T, E>,

@@ -37,12 +37,12 @@ pub fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
 }
 
 /// Parses a field with `parse`, naming the field in the error.
-pub fn field<T, E: std::fmt::Display>(
+pub fn field<T, E: std::error::Error + Send + Sync + 'static>(
     name: &str,
     value: &str,
     parse: impl FnOnce(&str) -> Result<T, E>,
 ) -> Result<T, BrokerError> {
-    parse(value).map_err(|e| BrokerError::Invalid(format!("{name}: {e}")))
+    parse(value).map_err(|e| BrokerError::invalid_field(name, e))
 }
 
 pub(crate) fn timestamp(t: Timestamp) -> prost_types::Timestamp {

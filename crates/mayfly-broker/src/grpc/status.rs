@@ -27,7 +27,9 @@ impl From<BrokerError> for Status {
     fn from(e: BrokerError) -> Self {
         let msg = e.to_string();
         let (status, name) = match &e {
-            BrokerError::Invalid(_) => (Status::invalid_argument(msg), "invalid"),
+            BrokerError::Invalid(_) | BrokerError::InvalidInput(_) => {
+                (Status::invalid_argument(msg), "invalid")
+            }
             // The token could not be checked (the issuer's keys or the
             // replay record out of reach): a retry may succeed.
             BrokerError::Unauthenticated(AuthError::Token(e)) if e.is_unavailable() => {

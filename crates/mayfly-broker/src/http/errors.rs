@@ -163,6 +163,7 @@ impl From<BrokerError> for OAuthError {
         let msg = e.to_string();
         let code = match &e {
             BrokerError::Invalid(_)
+            | BrokerError::InvalidInput(_)
             | BrokerError::BeyondParent { .. }
             | BrokerError::DelegationTooDeep { .. }
             | BrokerError::Unsupported(_)
@@ -230,5 +231,18 @@ impl From<BrokerError> for OAuthError {
             }
         };
         Self::new(code, msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A field that does not parse is answered as any invalid field.
+    #[test]
+    fn a_field_that_does_not_parse_is_an_invalid_request() {
+        let e = OAuthError::from(BrokerError::invalid_field("task_id", mayfly_core::IdError));
+        assert_eq!(e.code(), Code::InvalidRequest);
+        assert_eq!(e.description, format!("task_id: {}", mayfly_core::IdError));
     }
 }

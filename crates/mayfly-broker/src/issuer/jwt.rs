@@ -45,6 +45,14 @@ pub enum SignError {
     Crypto,
 }
 
+/// A key ring in which no key of the signing algorithm signs now.
+#[derive(Debug, thiserror::Error)]
+#[error("no {alg} key signs now")]
+pub struct NoSigningKey {
+    /// The signing algorithm (`ES256`, `EdDSA`).
+    pub alg: &'static str,
+}
+
 /// One key of the ring and the second from which it signs.
 #[derive(Debug)]
 struct RingKey {
@@ -125,7 +133,7 @@ impl JwtSigner {
         alg: &'static str,
         keys: Vec<(SigningKey, u64)>,
         retire_after: std::time::Duration,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, NoSigningKey> {
         let signer = Self {
             alg,
             retire_after: retire_after.as_secs(),
@@ -138,7 +146,7 @@ impl JwtSigner {
 
     /// Replaces the ring; refused (the old ring kept) if no key of the
     /// signing algorithm would sign now.
-    pub fn replace(&self, keys: Vec<(SigningKey, u64)>) -> Result<(), String> {
+    pub fn replace(&self, keys: Vec<(SigningKey, u64)>) -> Result<(), NoSigningKey> {
         let mut keys: Vec<RingKey> = keys
             .into_iter()
             .map(|(k, from)| ring_key(k, from))
@@ -146,7 +154,7 @@ impl JwtSigner {
         keys.sort_by_key(|k| k.from);
         let ring = Ring { keys };
         if ring.active(self.alg, now_secs()).is_none() {
-            return Err(format!("no {} key signs now", self.alg));
+            return Err(NoSigningKey { alg: self.alg });
         }
         *self
             .ring

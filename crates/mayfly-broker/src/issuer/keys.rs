@@ -28,16 +28,23 @@ pub enum KeyError {
         source: std::io::Error,
     },
     /// The file does not hold a usable key of the expected algorithm.
-    #[error("{path}: not a valid {alg} PKCS#8 key: {reason}")]
+    #[error("{}: not a valid {alg} PKCS#8 key: {source}", path.display())]
     Invalid {
         /// The file.
         path: PathBuf,
         /// The expected algorithm.
         alg: &'static str,
-        /// Why.
-        reason: String,
+        /// Why: the PEM, the key or the key schedule refused
+        /// ([`Pkcs8Error`], [`NoSigningKey`](crate::issuer::NoSigningKey)).
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
+
+/// PKCS#8 DER that is not a usable key of the algorithm asked for (in
+/// `ring`'s words: `InvalidEncoding`, `WrongAlgorithm`, …).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Pkcs8Error(ring::error::KeyRejected);
 
 enum Inner {
     Es256(EcdsaKeyPair),
@@ -122,7 +129,7 @@ impl SigningKey {
         let key = rcgen::KeyPair::generate_for(rcgen_alg).map_err(|e| KeyError::Invalid {
             path: path.to_owned(),
             alg: alg.name(),
-            reason: e.to_string(),
+            source: Box::new(e),
         })?;
         let pem = Zeroizing::new(key.serialize_pem());
         let io = |source| KeyError::Io {
@@ -149,20 +156,17 @@ impl SigningKey {
         };
         check_private(path).map_err(io)?;
         let pem = Zeroizing::new(std::fs::read(path).map_err(io)?);
-        let der = PrivatePkcs8KeyDer::from_pem_slice(&pem).map_err(|e| KeyError::Invalid {
+        let invalid = |source: Box<dyn std::error::Error + Send + Sync>| KeyError::Invalid {
             path: path.to_owned(),
             alg: alg.name(),
-            reason: e.to_string(),
-        })?;
-        Self::from_pkcs8(der.secret_pkcs8_der(), alg).map_err(|reason| KeyError::Invalid {
-            path: path.to_owned(),
-            alg: alg.name(),
-            reason,
-        })
+            source,
+        };
+        let der = PrivatePkcs8KeyDer::from_pem_slice(&pem).map_err(|e| invalid(Box::new(e)))?;
+        Self::from_pkcs8(der.secret_pkcs8_der(), alg).map_err(|e| invalid(Box::new(e)))
     }
 
     /// A key from PKCS#8 DER.
-    pub fn from_pkcs8(der: &[u8], alg: Algorithm) -> Result<Self, String> {
+    pub fn from_pkcs8(der: &[u8], alg: Algorithm) -> Result<Self, Pkcs8Error> {
         let rng = SystemRandom::new();
         let (inner, public) = match alg {
             Algorithm::ES256 => {
@@ -171,13 +175,12 @@ impl SigningKey {
                     der,
                     &rng,
                 )
-                .map_err(|e| e.to_string())?;
+                .map_err(Pkcs8Error)?;
                 let public = kp.public_key().as_ref().to_vec();
                 (Inner::Es256(kp), public)
             }
             Algorithm::EdDSA => {
-                let kp =
-                    Ed25519KeyPair::from_pkcs8_maybe_unchecked(der).map_err(|e| e.to_string())?;
+                let kp = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der).map_err(Pkcs8Error)?;
                 let public = kp.public_key().as_ref().to_vec();
                 (Inner::EdDsa(kp), public)
             }

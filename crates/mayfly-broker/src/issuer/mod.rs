@@ -15,8 +15,8 @@ pub use ca_ring::{
     CaFile, CaFiles, CaRing, Generation, ca_files, install as install_ca, load as load_cas,
     scheduled_paths as ca_scheduled_paths,
 };
-pub use jwt::{AccessToken, JwtSigner, SignError};
-pub use keys::{Algorithm, KeyError, SigningKey, key_path};
+pub use jwt::{AccessToken, JwtSigner, NoSigningKey, SignError};
+pub use keys::{Algorithm, KeyError, Pkcs8Error, SigningKey, key_path};
 pub use ring::{KeyFile, KeyRotation, key_files, load as load_keys, scheduled_path};
 pub(crate) use ring::{signer, watch_and_reload as watch_keys};
 pub(crate) use x509::{BACKDATE, RevokedCert, issuing_ca_params, serial_from_hex};

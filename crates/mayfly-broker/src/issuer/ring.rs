@@ -107,10 +107,10 @@ pub fn load(dir: &Path, alg: Algorithm, create: bool) -> Result<Vec<(SigningKey,
 /// none.
 pub fn signer(dir: &Path, alg: Algorithm, retire_after: Duration) -> Result<JwtSigner, KeyError> {
     let keys = load(dir, alg, true)?;
-    JwtSigner::from_ring(alg.name(), keys, retire_after).map_err(|reason| KeyError::Invalid {
+    JwtSigner::from_ring(alg.name(), keys, retire_after).map_err(|e| KeyError::Invalid {
         path: key_path(dir, alg),
         alg: alg.name(),
-        reason,
+        source: Box::new(e),
     })
 }
 
@@ -227,13 +227,13 @@ pub(crate) async fn watch_and_reload(
         }
         seen = now;
         let loaded = load(&dir, alg, false)
-            .map_err(|e| e.to_string())
+            .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
             .and_then(|keys| {
                 let kids: Vec<String> = keys
                     .iter()
                     .map(|(k, from)| format!("{}@{from}", k.kid()))
                     .collect();
-                signer.replace(keys).map(|()| kids)
+                signer.replace(keys).map(|()| kids).map_err(Into::into)
             });
         match loaded {
             Ok(kids) => tracing::info!(keys = ?kids, "signing keys reloaded"),
@@ -309,6 +309,29 @@ mod tests {
             matches!(e, KeyError::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists)
         );
         assert_eq!(names(dir).len(), 2, "no temporary file is left behind");
+    }
+
+    /// A key that is not one, and a ring with no key signing now, are
+    /// refused saying so, with what refused them as the source.
+    #[test]
+    fn refusals_keep_what_was_wrong() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let path = key_path(dir, Algorithm::ES256);
+        SigningKey::generate_file(&key_path(dir, Algorithm::EdDSA), Algorithm::EdDSA).unwrap();
+        std::fs::rename(key_path(dir, Algorithm::EdDSA), &path).unwrap();
+        let e = SigningKey::load(&path, Algorithm::ES256).unwrap_err();
+        let start = format!("{}: not a valid ES256 PKCS#8 key: ", path.display());
+        assert!(e.to_string().starts_with(&start), "{e}");
+        let source = std::error::Error::source(&e);
+        assert!(
+            source.is_some_and(|s| s.is::<crate::issuer::Pkcs8Error>()),
+            "{e:?}"
+        );
+
+        let e = JwtSigner::from_ring("ES256", Vec::new(), Duration::ZERO).unwrap_err();
+        assert_eq!(e.to_string(), "no ES256 key signs now");
+        assert_eq!(e.alg, "ES256");
     }
 
     #[test]

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::audit::Head;
+use crate::audit::{AuditError, Head};
+use crate::cause::Cause;
 
 /// The line is padded to this, so every write covers the last one.
 const WIDTH: usize = 128;
@@ -22,6 +23,51 @@ const WIDTH: usize = 128;
 struct Stored {
     seq: u64,
     sha256: String,
+}
+
+/// Why the head file could not be opened, read or written.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum HeadError {
+    /// Opening, reading or writing the file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The head file.
+        path: PathBuf,
+        /// What the file system said.
+        source: std::io::Error,
+    },
+    /// Another process holds the trail's lock.
+    #[error(
+        "{}: {source}: another broker writes this trail; give each its own [audit] path, or use \
+         sink = \"redis\"",
+        trail.display()
+    )]
+    Locked {
+        /// The trail (not its head file): what the operator configured.
+        trail: PathBuf,
+        /// Why the lock was not had.
+        source: std::fs::TryLockError,
+    },
+    /// The file holds something other than a head.
+    #[error(
+        "{}: not a trail head ({source}); it is rewritten after every batch and never edited",
+        path.display()
+    )]
+    NotAHead {
+        /// The head file.
+        path: PathBuf,
+        /// Why it does not parse.
+        source: serde_json::Error,
+    },
+    /// The head could not be serialised.
+    #[error("{0}")]
+    Encode(#[source] serde_json::Error),
+}
+
+impl From<HeadError> for AuditError {
+    fn from(e: HeadError) -> Self {
+        Self::Failed(Cause::of(e))
+    }
 }
 
 /// The open, locked head file.
@@ -40,7 +86,7 @@ impl HeadFile {
     }
 
     /// Opens (or creates, 0600) and locks the head file of `trail`.
-    pub(super) fn open(trail: &Path) -> Result<Self, String> {
+    pub(super) fn open(trail: &Path) -> Result<Self, HeadError> {
         let path = Self::path_of(trail);
         let file = OpenOptions::new()
             .read(true)
@@ -49,13 +95,14 @@ impl HeadFile {
             .truncate(false)
             .mode(0o600)
             .open(&path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|source| HeadError::Io {
+                path: path.clone(),
+                source,
+            })?;
         // Two writers would fork the chain.
-        file.try_lock().map_err(|e| {
-            format!(
-                "{}: {e}: another broker writes this trail; give each its own [audit] path, or use sink = \"redis\"",
-                trail.display()
-            )
+        file.try_lock().map_err(|source| HeadError::Locked {
+            trail: trail.to_owned(),
+            source,
         })?;
         Ok(Self { file, path })
     }
@@ -66,21 +113,19 @@ impl HeadFile {
     }
 
     /// The stored head; `None` for a new (empty) file.
-    pub(super) fn read(&mut self) -> Result<Option<Head>, String> {
+    pub(super) fn read(&mut self) -> Result<Option<Head>, HeadError> {
         let mut text = String::new();
         self.file
             .seek(SeekFrom::Start(0))
             .and_then(|_| self.file.read_to_string(&mut text))
-            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+            .map_err(|source| self.io(source))?;
         let text = text.trim();
         if text.is_empty() {
             return Ok(None);
         }
-        let stored: Stored = serde_json::from_str(text).map_err(|e| {
-            format!(
-                "{}: not a trail head ({e}); it is rewritten after every batch and never edited",
-                self.path.display()
-            )
+        let stored: Stored = serde_json::from_str(text).map_err(|source| HeadError::NotAHead {
+            path: self.path.clone(),
+            source,
         })?;
         Ok(Some(Head {
             seq: stored.seq,
@@ -89,17 +134,24 @@ impl HeadFile {
     }
 
     /// Replaces the stored head with `head`.
-    pub(super) fn write(&self, head: &Head) -> Result<(), String> {
+    pub(super) fn write(&self, head: &Head) -> Result<(), HeadError> {
         let mut line = serde_json::to_string(&Stored {
             seq: head.seq,
             sha256: head.hash.clone(),
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(HeadError::Encode)?;
         let pad = WIDTH.saturating_sub(line.len() + 1);
         line.extend(std::iter::repeat_n(' ', pad));
         line.push('\n');
         self.file
             .write_all_at(line.as_bytes(), 0)
-            .map_err(|e| format!("{}: {e}", self.path.display()))
+            .map_err(|source| self.io(source))
+    }
+
+    fn io(&self, source: std::io::Error) -> HeadError {
+        HeadError::Io {
+            path: self.path.clone(),
+            source,
+        }
     }
 }

@@ -34,7 +34,7 @@ use async_trait::async_trait;
 
 use self::head::HeadFile;
 use self::segments::{Cursor, Layout};
-use super::{AuditError, AuditRecord, AuditSink, Head, chain, line_hash};
+use super::{AuditError, AuditRecord, AuditSink, Head, TrailChange, chain, line_hash};
 use crate::cause::Cause;
 
 /// How much of the file's end is read to find the last record (records
@@ -45,10 +45,24 @@ fn failed(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Audi
     AuditError::Failed(Cause::context(what, e))
 }
 
-/// `what: message`, for a failure that is a message (the recovery of a
-/// trail's last line says what it found).
-fn failed_as(what: &str, message: String) -> AuditError {
-    AuditError::Failed(Cause::msg(format!("{what}: {message}")))
+/// Why the head of a file's chain could not be found.
+#[derive(Debug, thiserror::Error)]
+enum RecoverError {
+    /// Reading or cutting the file failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// No line ends in the last MiB.
+    #[error("no complete record in the last MiB")]
+    NoCompleteRecord,
+    /// The last line starts before the last MiB.
+    #[error("the last record is longer than a MiB")]
+    RecordTooLong,
+    /// The last line is not UTF-8.
+    #[error("{0}")]
+    NotUtf8(#[from] std::str::Utf8Error),
+    /// The last line is not a record.
+    #[error("the last line is not an audit record: {0}")]
+    NotARecord(#[source] serde_json::Error),
 }
 
 /// When the file trail rotates and what it keeps.
@@ -138,7 +152,7 @@ fn open_active(path: &Path, create_new: bool) -> Result<File, AuditError> {
 /// The last record of a file as (head), if it has one.
 fn last_head(path: &Path) -> Result<Option<Head>, AuditError> {
     let mut file = File::open(path).map_err(|e| failed(&path.display().to_string(), e))?;
-    let head = recover(&mut file, false).map_err(|e| failed_as(&path.display().to_string(), e))?;
+    let head = recover(&mut file, false).map_err(|e| failed(&path.display().to_string(), e))?;
     Ok((head.seq > 0).then_some(head))
 }
 
@@ -173,10 +187,8 @@ impl FileSink {
     pub fn open_with(path: &Path, options: FileOptions) -> Result<Self, AuditError> {
         let what = path.display().to_string();
         let layout = Layout::new(path);
-        let mut head_file = HeadFile::open(path).map_err(|e| AuditError::Failed(Cause::msg(e)))?;
-        let stored = head_file
-            .read()
-            .map_err(|e| AuditError::Failed(Cause::msg(e)))?;
+        let mut head_file = HeadFile::open(path)?;
+        let stored = head_file.read()?;
         let existed = path.exists();
         let rotated = layout.rotated()?;
         if stored.as_ref().is_some_and(|h| h.seq > 0) && !existed && rotated.is_empty() {
@@ -189,7 +201,7 @@ impl FileSink {
             ))));
         }
         let mut file = open_active(path, false)?;
-        let active_head = recover(&mut file, true).map_err(|e| failed_as(&what, e))?;
+        let active_head = recover(&mut file, true).map_err(|e| failed(&what, e))?;
         let active_first = segments::first_seq(path)?;
         let head = match (active_head.seq, rotated.last()) {
             (0, Some((_, last))) => last_head(last)?.unwrap_or_else(Head::genesis),
@@ -201,9 +213,7 @@ impl FileSink {
             check_continues(&what, head_file.path(), stored, &head, &all)?;
         }
         check_chain(path, rotated.last().map(|(_, p)| p.as_path()))?;
-        head_file
-            .write(&head)
-            .map_err(|e| AuditError::Failed(Cause::msg(e)))?;
+        head_file.write(&head)?;
         let meta = file.metadata().map_err(|e| failed(&what, e))?;
         let started = active_first.and_then(|_| meta.modified().ok());
         Ok(Self {
@@ -299,40 +309,37 @@ fn check_continues(
 
 /// The head of the chain in `file`; with `repair`, a partial last line (a
 /// record a crash cut short, never acknowledged) is cut off.
-fn recover(file: &mut File, repair: bool) -> Result<Head, String> {
-    let len = file.metadata().map_err(|e| e.to_string())?.len();
+fn recover(file: &mut File, repair: bool) -> Result<Head, RecoverError> {
+    let len = file.metadata()?.len();
     if len == 0 {
         return Ok(Head::genesis());
     }
     let start = len.saturating_sub(TAIL);
-    file.seek(SeekFrom::Start(start))
-        .map_err(|e| e.to_string())?;
+    file.seek(SeekFrom::Start(start))?;
     let mut tail = Vec::new();
-    file.read_to_end(&mut tail).map_err(|e| e.to_string())?;
+    file.read_to_end(&mut tail)?;
     let Some(end) = tail.iter().rposition(|b| *b == b'\n') else {
         if start > 0 {
-            return Err("no complete record in the last MiB".into());
+            return Err(RecoverError::NoCompleteRecord);
         }
         if repair {
             // Only a partial first record: nothing was ever acknowledged.
-            file.set_len(0).map_err(|e| e.to_string())?;
+            file.set_len(0)?;
             tracing::warn!("cut off a partial audit record left by a crash");
         }
         return Ok(Head::genesis());
     };
     if end + 1 < tail.len() && repair {
-        file.set_len(start + end as u64 + 1)
-            .map_err(|e| e.to_string())?;
+        file.set_len(start + end as u64 + 1)?;
         tracing::warn!("cut off a partial audit record left by a crash");
     }
     let body = &tail[..end];
     let from = body.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
     if from == 0 && start > 0 {
-        return Err("the last record is longer than a MiB".into());
+        return Err(RecoverError::RecordTooLong);
     }
-    let last = std::str::from_utf8(&body[from..]).map_err(|e| e.to_string())?;
-    let record: AuditRecord = serde_json::from_str(last)
-        .map_err(|e| format!("the last line is not an audit record: {e}"))?;
+    let last = std::str::from_utf8(&body[from..])?;
+    let record: AuditRecord = serde_json::from_str(last).map_err(RecoverError::NotARecord)?;
     Ok(Head {
         seq: record.seq,
         hash: line_hash(last),
@@ -340,27 +347,27 @@ fn recover(file: &mut File, repair: bool) -> Result<Head, String> {
 }
 
 /// Whether the file at the trail's path is still the one being written,
-/// with exactly the bytes written; else why not.
-fn still_ours(path: &Path, state: &State) -> Result<(), String> {
+/// with exactly the bytes written; else what happened to it.
+fn still_ours(path: &Path, state: &State) -> Result<(), TrailChange> {
     let on_disk = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err("was removed".into());
+            return Err(TrailChange::Removed);
         }
-        Err(e) => return Err(format!("cannot be checked ({e})")),
+        Err(e) => return Err(TrailChange::Unchecked(Cause::of(e))),
     };
     if ident(&on_disk) != state.ident {
-        return Err("was replaced (another file now has its name)".into());
+        return Err(TrailChange::Replaced);
     }
     let len = on_disk.len();
     if len < state.len {
-        return Err(format!("was truncated from {} to {len} bytes", state.len));
+        return Err(TrailChange::Truncated {
+            written: state.len,
+            found: len,
+        });
     }
     if len > state.len {
-        return Err(format!(
-            "grew by {} bytes that this broker did not write",
-            len - state.len
-        ));
+        return Err(TrailChange::Grew(len - state.len));
     }
     Ok(())
 }
@@ -727,10 +734,34 @@ mod tests {
             for _ in 0..2 {
                 let e = sink.append(&[rec(2)]).await.unwrap_err();
                 assert!(matches!(e, AuditError::Broken { .. }), "{what}: {e}");
+                let change = std::error::Error::source(&e);
+                assert!(change.is_some_and(|c| c.is::<TrailChange>()), "{e:?}");
                 let msg = e.to_string();
                 assert!(msg.contains("audit.jsonl") && msg.contains(what), "{msg}");
             }
         }
+    }
+
+    /// A trail whose last line is not a record is refused, naming the
+    /// file, with the JSON error at the end of the chain.
+    #[test]
+    fn a_last_line_that_is_no_record_is_refused_with_its_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        std::fs::write(&path, "not a record\n").unwrap();
+        let e = FileSink::open(&path).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("audit.jsonl: the last line is not an audit record: "),
+            "{msg}"
+        );
+        let mut chain = std::error::Error::source(&e);
+        let mut json = false;
+        while let Some(c) = chain {
+            json |= c.is::<serde_json::Error>();
+            chain = c.source();
+        }
+        assert!(json, "{e:?}");
     }
 
     #[tokio::test]
