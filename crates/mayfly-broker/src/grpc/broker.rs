@@ -65,12 +65,10 @@ impl BrokerApi {
 impl TryFrom<pb::StartTaskRequest> for NewTask {
     type Error = BrokerError;
     fn try_from(r: pb::StartTaskRequest) -> Result<Self, BrokerError> {
-        let envelope = Envelope::new(&r.audiences, &r.scopes)
-            .map_err(|e| BrokerError::Invalid(e.to_string()))?;
+        let envelope = Envelope::new(&r.audiences, &r.scopes).map_err(BrokerError::invalid)?;
         Ok(Self {
-            intent: Intent::new(&r.intent).map_err(|e| BrokerError::Invalid(e.to_string()))?,
-            context: TaskContext::new(&r.context)
-                .map_err(|e| BrokerError::Invalid(e.to_string()))?,
+            intent: Intent::new(&r.intent).map_err(BrokerError::invalid)?,
+            context: TaskContext::new(&r.context).map_err(BrokerError::invalid)?,
             envelope,
             ttl: requested_ttl("ttl_seconds", r.ttl_seconds)?,
         })
@@ -90,9 +88,8 @@ impl TryFrom<pb::DelegateTaskRequest> for NewDelegation {
         Ok(Self {
             parent: field("parent_task_id", &r.parent_task_id, TaskId::new)?,
             delegate,
-            intent: Intent::new(&r.intent).map_err(|e| BrokerError::Invalid(e.to_string()))?,
-            envelope: Envelope::new(&r.audiences, &r.scopes)
-                .map_err(|e| BrokerError::Invalid(e.to_string()))?,
+            intent: Intent::new(&r.intent).map_err(BrokerError::invalid)?,
+            envelope: Envelope::new(&r.audiences, &r.scopes).map_err(BrokerError::invalid)?,
             ttl: requested_ttl("ttl_seconds", r.ttl_seconds)?,
         })
     }
@@ -104,7 +101,7 @@ fn token_request(r: pb::IssueTokenRequest, caller: &Caller) -> Result<TokenReque
     Ok(TokenRequest {
         task_id: field("task_id", &r.task_id, TaskId::new)?,
         audience: field("audience", &r.audience, Audience::new)?,
-        scopes: parse_scopes(&r.scopes).map_err(|e| BrokerError::Invalid(e.to_string()))?,
+        scopes: parse_scopes(&r.scopes).map_err(BrokerError::invalid)?,
         ttl: requested_ttl("ttl_seconds", r.ttl_seconds)?,
         binding: binding(caller, r.bind_to_client_cert, &r.dpop_jwk)?,
         approval_id: optional_approval(&r.approval_id)?,
@@ -116,7 +113,7 @@ impl TryFrom<pb::SignCertificateRequest> for CertificateRequest {
     fn try_from(r: pb::SignCertificateRequest) -> Result<Self, BrokerError> {
         Ok(Self {
             task_id: field("task_id", &r.task_id, TaskId::new)?,
-            key: parse_csr(&r.csr).map_err(|e| BrokerError::Invalid(e.to_string()))?,
+            key: parse_csr(&r.csr).map_err(BrokerError::invalid)?,
             ttl: requested_ttl("ttl_seconds", r.ttl_seconds)?,
             approval_id: optional_approval(&r.approval_id)?,
         })
@@ -159,8 +156,7 @@ impl pb::broker_server::Broker for BrokerApi {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let id = field("task_id", &r.task_id, TaskId::new)?;
-        let change = ContextChange::new(&r.set, &r.remove)
-            .map_err(|e| BrokerError::Invalid(e.to_string()))?;
+        let change = ContextChange::new(&r.set, &r.remove).map_err(BrokerError::invalid)?;
         let (record, revoked) = self
             .svc
             .tasks()

@@ -272,7 +272,7 @@ impl Tasks {
         let record = self.shared.active_task(&caller.id, id, now).await?;
         let context = change
             .apply(&record.task.context)
-            .map_err(|e| BrokerError::Invalid(e.to_string()))?;
+            .map_err(BrokerError::invalid)?;
         let task = self
             .shared
             .store
