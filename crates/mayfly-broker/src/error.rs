@@ -332,7 +332,7 @@ mod tests {
     /// message, status and name), and keeps the parser's error.
     #[test]
     fn a_field_that_does_not_parse_keeps_the_parsers_error() {
-        let e = crate::grpc::field("task_id", "nope", TaskId::new).unwrap_err();
+        let e = BrokerError::invalid_field("task_id", TaskId::new("nope").unwrap_err());
         assert!(matches!(e, BrokerError::InvalidInput(_)));
         assert_eq!(e.to_string(), format!("task_id: {}", mayfly_core::IdError));
         let parser = e.source().and_then(Error::source);

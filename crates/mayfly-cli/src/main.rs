@@ -194,8 +194,9 @@ fn keygen(alg: mayfly_broker::issuer::Algorithm, out: &std::path::Path) -> anyho
 
 /// One line that says what went wrong.
 fn describe(e: &anyhow::Error) -> String {
-    if let Some(status) = e.downcast_ref::<tonic::Status>() {
-        let code = format!("{:?}", status.code());
+    // A broker's refusal: its code in words and its message.
+    let refused = |code: tonic::Code, message: &str| {
+        let code = format!("{code:?}");
         let mut words = String::new();
         for (i, ch) in code.chars().enumerate() {
             if ch.is_uppercase() && i > 0 {
@@ -203,7 +204,13 @@ fn describe(e: &anyhow::Error) -> String {
             }
             words.push(ch.to_ascii_lowercase());
         }
-        return format!("{words}: {}", status.message());
+        format!("{words}: {message}")
+    };
+    if let Some(status) = e.downcast_ref::<tonic::Status>() {
+        return refused(status.code(), status.message());
+    }
+    if let Some(refusal) = e.downcast_ref::<mayfly_client::Refusal>() {
+        return refused(refusal.code, &refusal.message);
     }
     // The error and its causes, each once: many errors already quote their
     // source in their own message.
