@@ -1,7 +1,7 @@
 //! The one path every credential takes. A credential kind ([`Kind`])
-//! says what differs: the request an approval is bound to, the decision
-//! policy makes, how the credential is minted, and what its lease and audit
-//! record hold. Everything else is written here once, as a small state
+//! says what differs: the request an approval is bound to, its lifetime,
+//! what policy is asked (its `Action`), how the credential is minted, and
+//! what its lease and audit record hold. Everything else is written here once, as a small state
 //! machine over one attempt ([`Service::attempt`]):
 //!
 //! ```text
