@@ -6,8 +6,8 @@ use std::sync::Arc;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use mayfly_core::{
-    AccessTokenClaims, Action, ApprovalRequest, Binding, Lease, LeaseDetail, LeaseId, Pattern,
-    RevocationReason, Scopes, SpiffeId, Task, Timestamp, scope_string,
+    Action, ApprovalRequest, Binding, Lease, LeaseDetail, LeaseId, Pattern, RevocationReason,
+    Scopes, SpiffeId, Task, Timestamp, scope_string,
 };
 
 use super::pipeline::{Kind, Lifetime};
@@ -79,21 +79,7 @@ impl Kind for TokenRequest {
         task: &Task,
         lease: &Lease,
     ) -> Result<AccessToken, BrokerError> {
-        let claims = AccessTokenClaims {
-            iss: tokens.issuer().to_owned(),
-            sub: task.subject().to_string(),
-            aud: self.audience.to_string(),
-            exp: lease.expires_at.as_secs(),
-            iat: lease.issued_at.as_secs(),
-            nbf: lease.issued_at.as_secs(),
-            jti: lease.id.to_string(),
-            client_id: lease.agent.to_string(),
-            scope: (!self.scopes.is_empty()).then(|| scope_string(&self.scopes)),
-            task_id: task.id.to_string(),
-            cnf: lease.binding().and_then(Binding::confirmation),
-            act: task.actors(),
-        };
-        tokens.sign(&claims)
+        tokens.sign_lease(lease, task.subject().to_string(), task.actors())
     }
 
     fn summary(&self, lease: &Lease) -> String {

@@ -15,8 +15,8 @@
 //! the matching resource server's name.
 
 use mayfly_core::{
-    AccessTokenClaims, Action, ActorClaim, ApprovalRequest, Audience, Binding, Lease, LeaseDetail,
-    LeaseId, Scopes, SpiffeId, Task, TaskId, Timestamp, scope_string,
+    AccessTokenClaims, Action, ActorClaim, ApprovalRequest, Audience, Lease, LeaseDetail, LeaseId,
+    Scopes, SpiffeId, Task, TaskId, Timestamp, scope_string,
 };
 
 use super::pipeline::{Kind, Lifetime};
@@ -104,29 +104,19 @@ impl Kind for Exchange<'_> {
     fn mint(
         &self,
         tokens: &TokenSigner,
-        task: &Task,
+        _task: &Task,
         lease: &Lease,
     ) -> Result<AccessToken, BrokerError> {
-        let claims = AccessTokenClaims {
-            iss: tokens.issuer().to_owned(),
-            // Still the work of the same agent…
-            sub: self.subject.sub.clone(),
-            aud: self.req.audience.to_string(),
-            exp: lease.expires_at.as_secs(),
-            iat: lease.issued_at.as_secs(),
-            nbf: lease.issued_at.as_secs(),
-            jti: lease.id.to_string(),
-            // …in the hands of the service, one more actor on the chain.
-            client_id: lease.holder().to_string(),
-            scope: (!self.scopes.is_empty()).then(|| scope_string(&self.scopes)),
-            task_id: task.id.to_string(),
-            cnf: lease.binding().and_then(Binding::confirmation),
-            act: Some(ActorClaim {
+        // Still the work of the same agent (`sub`), in the hands of the
+        // service (the lease's holder), one more actor on the chain.
+        tokens.sign_lease(
+            lease,
+            self.subject.sub.clone(),
+            Some(ActorClaim {
                 sub: lease.holder().to_string(),
                 act: self.subject.act.clone().map(Box::new),
             }),
-        };
-        tokens.sign(&claims)
+        )
     }
 
     fn summary(&self, lease: &Lease) -> String {

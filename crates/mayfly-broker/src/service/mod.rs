@@ -36,7 +36,9 @@ pub use task_cache::TaskCache;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_core::{AccessTokenClaims, Binding, Policy, SpiffeId, SpiffeIdPattern};
+use mayfly_core::{
+    AccessTokenClaims, ActorClaim, Binding, Lease, Policy, SpiffeId, SpiffeIdPattern, scope_string,
+};
 use tokio::sync::Notify;
 
 use crate::cause::Cause;
@@ -176,15 +178,37 @@ pub(super) struct TokenSigner {
 }
 
 impl TokenSigner {
-    /// `iss` of every token.
-    pub(super) fn issuer(&self) -> &str {
-        &self.issuer
-    }
-
-    /// Signs `claims`.
-    pub(super) fn sign(&self, claims: &AccessTokenClaims) -> Result<AccessToken, BrokerError> {
+    /// Signs the token `lease` records: its audience, scopes, times, id,
+    /// holder (`client_id`), task and binding (`cnf`) from the lease, for
+    /// the work of `sub` with the actor chain `act`.
+    pub(super) fn sign_lease(
+        &self,
+        lease: &Lease,
+        sub: String,
+        act: Option<ActorClaim>,
+    ) -> Result<AccessToken, BrokerError> {
+        let aud = lease.audience().ok_or_else(|| {
+            BrokerError::Internal(Cause::msg(format!(
+                "lease {} of a token has no audience",
+                lease.id
+            )))
+        })?;
+        let claims = AccessTokenClaims {
+            iss: self.issuer.clone(),
+            sub,
+            aud: aud.to_string(),
+            exp: lease.expires_at.as_secs(),
+            iat: lease.issued_at.as_secs(),
+            nbf: lease.issued_at.as_secs(),
+            jti: lease.id.to_string(),
+            client_id: lease.holder().to_string(),
+            scope: (!lease.scopes.is_empty()).then(|| scope_string(&lease.scopes)),
+            task_id: lease.task_id.to_string(),
+            cnf: lease.binding().and_then(Binding::confirmation),
+            act,
+        };
         self.signer
-            .sign(claims)
+            .sign(&claims)
             .map_err(|e| BrokerError::Internal(Cause::of(e)))
     }
 
