@@ -1757,7 +1757,7 @@ pub async fn record_writes_each_lease_with_its_record_or_neither(backend: Backen
 /// is written with its record, a refused one (a duplicate, a child of an
 /// ended parent, a locked agent's) fails alone with neither, and a child
 /// written this way still ends with its parent. On a trail that fails, no
-/// task of the batch is left active.
+/// task of the batch is left active: each is ended as `task_revoked`.
 pub async fn record_opens_each_task_with_its_record_or_neither(backend: Backend) {
     let Backend { store, trail } = backend;
     let parent = started(&store, &agent("a"), 600).await;
@@ -1875,12 +1875,23 @@ pub async fn record_opens_each_task_with_its_record_or_neither(backend: Backend)
         matches!(outcomes[..], [Err(RecordError::Audit(_))]),
         "{outcomes:?}"
     );
-    if let Some(got) = store.get_task(&lost.id).await.unwrap() {
-        assert_ne!(
-            got.state_at(at(5)),
-            TaskState::Active,
-            "unrecorded task left active"
-        );
+    // Written, then ended again by the broker as any unseen task is.
+    let got = store
+        .get_task(&lost.id)
+        .await
+        .unwrap()
+        .expect("task written");
+    assert_ne!(
+        got.state_at(at(5)),
+        TaskState::Active,
+        "unrecorded task left active"
+    );
+    match &got.status {
+        LeaseStatus::Revoked(r) => {
+            assert_eq!(r.reason, RevocationReason::TaskRevoked);
+            assert_eq!(r.by, by);
+        }
+        other => panic!("unrecorded task left {other:?}"),
     }
 }
 

@@ -123,6 +123,16 @@ impl LeaseWrite {
     pub fn is_task(&self) -> bool {
         matches!(self, Self::Task(_))
     }
+
+    /// Why its lease is revoked again when its record could not be
+    /// written: a task as `task_revoked`, a credential as `operator` (the
+    /// broker acting on its own).
+    pub(crate) fn unrecorded_reason(&self) -> RevocationReason {
+        match self {
+            Self::Credential { .. } => RevocationReason::Operator,
+            Self::Task(_) => RevocationReason::TaskRevoked,
+        }
+    }
 }
 
 /// The failpoint after a batch's leases and records are committed to the
@@ -220,7 +230,7 @@ pub(crate) async fn lease_then_record<S: LeaseThenRecord>(
         let answers = store.issue_all(&leases).await;
         for ((i, w), answer) in writes.iter().zip(answers) {
             match answer {
-                Ok(()) => issued.push(w.lease_id()),
+                Ok(()) => issued.push((w.lease_id(), w.unrecorded_reason())),
                 Err(e) => out[*i] = Err(RecordError::Store(e)),
             }
         }
@@ -236,10 +246,18 @@ pub(crate) async fn lease_then_record<S: LeaseThenRecord>(
         trail.append(&records).await
     };
     if let Err(e) = appended {
-        if !issued.is_empty() {
-            let req = RevokeRequest::unrecorded(RevocationReason::Operator, batch.undo_by);
-            if let Err(undo) = store.undo_all(&issued, &req).await {
-                tracing::error!(leases = issued.len(), error = %undo, "unrecorded leases not revoked");
+        for reason in [RevocationReason::Operator, RevocationReason::TaskRevoked] {
+            let ids: Vec<LeaseId> = issued
+                .iter()
+                .filter(|(_, r)| *r == reason)
+                .map(|(id, _)| id.clone())
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let req = RevokeRequest::unrecorded(reason, batch.undo_by);
+            if let Err(undo) = store.undo_all(&ids, &req).await {
+                tracing::error!(leases = ids.len(), error = %undo, "unrecorded leases not revoked");
             }
         }
         for i in kept {

@@ -126,9 +126,10 @@ impl EmbeddedStore {
             }
             Err(e) => {
                 shipping.behind = true;
-                let issued: Vec<LeaseId> = kept
+                let issued: Vec<(LeaseId, RevocationReason)> = kept
                     .iter()
-                    .filter_map(|&i| batch.leases[i].as_ref().map(LeaseWrite::lease_id))
+                    .filter_map(|&i| batch.leases[i].as_ref())
+                    .map(|w| (w.lease_id(), w.unrecorded_reason()))
                     .collect();
                 self.undo(&issued, batch.undo_by).await;
                 for i in kept {
@@ -146,27 +147,28 @@ impl EmbeddedStore {
         self.drain(&mut shipping, trail).await
     }
 
-    /// Revokes the credentials of a batch the trail did not take, and
-    /// queues the record of that after theirs. If this fails too, the
-    /// leases stay active with their records in the outbox: together,
-    /// though never handed out.
-    async fn undo(&self, issued: &[LeaseId], by: &mayfly_core::SpiffeId) {
+    /// Revokes the credentials and tasks of a batch the trail did not
+    /// take (each for its reason), and queues the record of that after
+    /// theirs. If this fails too, the leases stay active with their records
+    /// in the outbox: together, though never handed out.
+    async fn undo(&self, issued: &[(LeaseId, RevocationReason)], by: &mayfly_core::SpiffeId) {
         if issued.is_empty() {
             return;
         }
         let req = RevokeRequest::unrecorded(RevocationReason::Operator, by);
+        let ids: Vec<LeaseId> = issued.iter().map(|(id, _)| id.clone()).collect();
         let record = AuditRecord::new(Event::LeaseRevoked, by)
-            .revoked(issued)
+            .revoked(&ids)
             .reason("audit trail unavailable: these leases were not handed out");
-        let ids = issued.to_vec();
+        let issued = issued.to_vec();
         let undone = self
             .write(move |t| {
                 let mut revoked = Vec::new();
-                for id in &ids {
+                for (id, reason) in &issued {
                     if let Some(lease) = t.lease(id.as_str())?
                         && lease.is_active_at(req.at)
                     {
-                        revoked.push(t.revoke(lease, &req, req.reason)?);
+                        revoked.push(t.revoke(lease, &req, *reason)?);
                     }
                 }
                 if !revoked.is_empty() {
@@ -176,7 +178,7 @@ impl EmbeddedStore {
             })
             .await;
         if let Err(e) = undone {
-            tracing::error!(leases = issued.len(), error = %e, "credentials of an unshipped batch not revoked");
+            tracing::error!(leases = ids.len(), error = %e, "credentials of an unshipped batch not revoked");
         }
     }
 
