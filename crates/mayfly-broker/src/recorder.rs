@@ -50,20 +50,19 @@ impl fmt::Debug for Recorder {
 
 impl Recorder {
     /// Starts the writer on the current runtime: batches go to `store`,
-    /// whose leases they hold, and the trail `sink`; a lease the store must
-    /// undo is revoked as `broker_id`. Decisions and batches are counted in
+    /// which writes their leases and records them to its trail; a lease
+    /// the store must undo is revoked as `broker_id`. Decisions and batches are counted in
     /// `metrics`. The writer holds the store weakly, so the store closes
     /// (and its file is free to reopen) as soon as its owners drop it;
     /// anything recorded after that fails.
     pub fn start(
-        sink: Arc<dyn AuditSink>,
         store: Arc<dyn LeaseStore>,
         broker_id: SpiffeId,
         metrics: Option<Arc<Metrics>>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
+        let sink = store.trail();
         tokio::spawn(write_batches(
-            sink.clone(),
             Arc::downgrade(&store),
             broker_id,
             rx,
@@ -154,7 +153,6 @@ impl Recorder {
 /// The writer: takes everything waiting, has the store record it as one
 /// batch, answers every caller with its own outcome.
 async fn write_batches(
-    sink: Arc<dyn AuditSink>,
     store: Weak<dyn LeaseStore>,
     broker_id: SpiffeId,
     mut rx: mpsc::Receiver<Pending>,
@@ -163,7 +161,7 @@ async fn write_batches(
     // What the store holds for the trail from before (an outbox left by a
     // crash) goes before anything new.
     if let Some(store) = store.upgrade()
-        && let Err(e) = store.ship_pending(&*sink).await
+        && let Err(e) = store.ship_pending().await
     {
         tracing::error!(error = %e, "audit records held by the store not shipped; nothing is issued until they are");
     }
@@ -189,7 +187,7 @@ async fn write_batches(
             undo_by: &broker_id,
         };
         let outcomes = match store.upgrade() {
-            Some(store) => store.record(&batch, &*sink).await,
+            Some(store) => store.record(&batch).await,
             None => {
                 let closed = AuditError::Failed(Cause::msg("the lease store is closed"));
                 vec![Err(RecordError::Audit(closed)); records.len()]

@@ -10,10 +10,11 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_broker::audit::{AuditError, AuditRecord, AuditSink, Event, RedisSink, verify};
+use mayfly_broker::audit::{AuditError, AuditRecord, AuditSink, Event, verify};
 use mayfly_broker::recorder::Recorder;
 use mayfly_broker::store::{
-    LeaseFilter, LeaseStore, PageRequest, RecordError, RedisStore, RedisTarget, StoreError,
+    LeaseFilter, LeaseStore, PageRequest, RecordError, RedisSink, RedisStore, RedisTarget,
+    StoreError,
 };
 use mayfly_core::{LeaseId, RevocationReason, SpiffeId, TaskState};
 use mayfly_testkit::RedisServer;
@@ -87,15 +88,15 @@ async fn replicas_write_one_chain() {
 
 /// One replica's store, its recorder and its trail, in `server`'s Redis,
 /// as the broker wires them.
-fn joint(server: &RedisServer) -> (Arc<RedisStore>, Recorder, Arc<RedisSink>) {
+fn joint(server: &RedisServer) -> (Arc<RedisStore>, Recorder, Arc<dyn AuditSink>) {
     let target = RedisTarget::Url {
         url: server.url(),
         ca_pem: None,
     };
     let store = Arc::new(RedisStore::new(target, "mayfly", Duration::from_secs(3600)).unwrap());
-    let trail = Arc::new(store.trail());
+    let trail = store.trail();
     let broker = SpiffeId::new("spiffe://example.org/mayfly/broker").unwrap();
-    let recorder = Recorder::start(trail.clone(), store.clone(), broker, None);
+    let recorder = Recorder::start(store.clone(), broker, None);
     (store, recorder, trail)
 }
 

@@ -7,16 +7,22 @@ use std::sync::Arc;
 
 use mayfly_broker::audit::FileSink;
 use mayfly_broker::store::{EmbeddedStore, LeaseStore};
-use mayfly_testkit::contract::Backend;
+use mayfly_testkit::contract::{self, Backend};
 
-/// A fresh store, and a trail file beside it (as `[audit] sink = "file"`).
+/// A fresh store recording to a trail file beside it (as `[audit] sink =
+/// "file"`).
 async fn fresh() -> (Backend, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(&dir.path().join("leases.redb")).unwrap();
     let trail = FileSink::open(&dir.path().join("audit.jsonl")).unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("leases.redb"))
+        .unwrap()
+        .recording_to(Arc::new(trail));
+    let failing = EmbeddedStore::open(&dir.path().join("failing.redb"))
+        .unwrap()
+        .recording_to(contract::unwritable());
     let backend = Backend {
         store: Arc::new(store),
-        trail: Arc::new(trail),
+        failing: Arc::new(failing),
     };
     (backend, dir)
 }
@@ -139,6 +145,7 @@ async fn a_failed_change_in_a_batch_leaves_nothing_and_spares_the_rest() {
 /// reach the trail exactly once, whatever stopped the broker in between.
 mod outbox {
     use std::path::Path;
+    use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use async_trait::async_trait;
@@ -193,7 +200,6 @@ mod outbox {
     /// Records one credential each for `leases`.
     async fn record(
         store: &EmbeddedStore,
-        trail: &dyn AuditSink,
         leases: &[Lease],
         now: Timestamp,
     ) -> Vec<Result<(), RecordError>> {
@@ -213,7 +219,7 @@ mod outbox {
             leases: &writes,
             undo_by: &by,
         };
-        store.record(&batch, trail).await
+        store.record(&batch).await
     }
 
     /// The trail's records, checked as one chain.
@@ -233,8 +239,11 @@ mod outbox {
             .collect()
     }
 
-    async fn opened(dir: &Path, t: &Task) -> EmbeddedStore {
-        let store = EmbeddedStore::open(&dir.join("s.redb")).unwrap();
+    /// The store in `dir` with task `t`, recording to `trail`.
+    async fn opened(dir: &Path, t: &Task, trail: Arc<dyn AuditSink>) -> EmbeddedStore {
+        let store = EmbeddedStore::open(&dir.join("s.redb"))
+            .unwrap()
+            .recording_to(trail);
         if store.get_task(&t.id).await.unwrap().is_none() {
             store.start_task(t).await.unwrap();
         }
@@ -252,18 +261,18 @@ mod outbox {
         let now = t.created_at;
         let (one, two) = (lease(&t, 60), lease(&t, 60));
         {
-            let store = opened(dir.path(), &t).await;
-            let sink = FileSink::open(&path).unwrap();
-            let out = record(&store, &sink, &[one.clone(), two.clone()], now).await;
+            let sink = Arc::new(FileSink::open(&path).unwrap());
+            let store = opened(dir.path(), &t, sink).await;
+            let out = record(&store, &[one.clone(), two.clone()], now).await;
             assert!(out.iter().all(Result::is_ok), "{out:?}");
         }
         // Still in the outbox, already in the trail: shipped at start,
         // once.
-        let store = opened(dir.path(), &t).await;
-        let sink = FileSink::open(&path).unwrap();
-        store.ship_pending(&sink).await.unwrap();
+        let sink = Arc::new(FileSink::open(&path).unwrap());
+        let store = opened(dir.path(), &t, sink).await;
+        store.ship_pending().await.unwrap();
         let three = lease(&t, 60);
-        let out = record(&store, &sink, std::slice::from_ref(&three), now).await;
+        let out = record(&store, std::slice::from_ref(&three), now).await;
         assert!(out.iter().all(Result::is_ok), "{out:?}");
         let records = trail(&path);
         assert_eq!(
@@ -282,17 +291,17 @@ mod outbox {
         let path = dir.path().join("audit.jsonl");
         let t = task(&agent("a"), 3600);
         let now = t.created_at;
-        let store = opened(dir.path(), &t).await;
-        let sink = Flaky {
+        let sink = Arc::new(Flaky {
             file: FileSink::open(&path).unwrap(),
             failing: AtomicBool::new(false),
-        };
+        });
+        let store = opened(dir.path(), &t, sink.clone()).await;
         let first = lease(&t, 60);
-        assert!(record(&store, &sink, std::slice::from_ref(&first), now).await[0].is_ok());
+        assert!(record(&store, std::slice::from_ref(&first), now).await[0].is_ok());
 
         sink.failing.store(true, Ordering::SeqCst);
         let lost = lease(&t, 60);
-        let out = record(&store, &sink, std::slice::from_ref(&lost), now).await;
+        let out = record(&store, std::slice::from_ref(&lost), now).await;
         assert!(
             matches!(&out[..], [Err(RecordError::Audit(e))] if e.to_string().contains("disk full")),
             "{out:?}"
@@ -304,14 +313,14 @@ mod outbox {
         }
         // While the trail fails: refused before anything is written.
         let refused = lease(&t, 60);
-        let out = record(&store, &sink, std::slice::from_ref(&refused), now).await;
+        let out = record(&store, std::slice::from_ref(&refused), now).await;
         assert!(matches!(&out[..], [Err(RecordError::Audit(_))]), "{out:?}");
         assert!(store.get_lease(&refused.id).await.unwrap().is_none());
 
         // Recovered: the backlog first, then the new batch.
         sink.failing.store(false, Ordering::SeqCst);
         let next = lease(&t, 60);
-        let out = record(&store, &sink, std::slice::from_ref(&next), now).await;
+        let out = record(&store, std::slice::from_ref(&next), now).await;
         assert!(out[0].is_ok(), "{out:?}");
         assert_eq!(
             store
@@ -337,8 +346,8 @@ mod outbox {
 
         // Reopened, nothing is shipped twice.
         drop(store);
-        let store = opened(dir.path(), &t).await;
-        store.ship_pending(&sink).await.unwrap();
+        let store = opened(dir.path(), &t, sink).await;
+        store.ship_pending().await.unwrap();
         assert_eq!(trail(&path).len(), records.len());
     }
 
@@ -352,24 +361,24 @@ mod outbox {
         let now = t.created_at;
         let ours = lease(&t, 60);
         {
-            let store = opened(dir.path(), &t).await;
-            let sink = FileSink::open(&path).unwrap();
-            assert!(record(&store, &sink, std::slice::from_ref(&ours), now).await[0].is_ok());
+            let sink = Arc::new(FileSink::open(&path).unwrap());
+            let store = opened(dir.path(), &t, sink).await;
+            assert!(record(&store, std::slice::from_ref(&ours), now).await[0].is_ok());
         }
         // Another trail of the same length, with another record.
         std::fs::remove_file(&path).unwrap();
         std::fs::remove_file(dir.path().join("audit.jsonl.head")).unwrap();
-        let other = FileSink::open(&path).unwrap();
+        let other = Arc::new(FileSink::open(&path).unwrap());
         other.append(&[issued(&lease(&t, 60))]).await.unwrap();
 
-        let store = opened(dir.path(), &t).await;
-        let e = store.ship_pending(&other).await.unwrap_err().to_string();
+        let store = opened(dir.path(), &t, other).await;
+        let e = store.ship_pending().await.unwrap_err().to_string();
         assert!(
             e.contains("does not match the lease store's outbox") && e.contains("seq 1"),
             "{e}"
         );
         let refused = lease(&t, 60);
-        let out = record(&store, &other, std::slice::from_ref(&refused), now).await;
+        let out = record(&store, std::slice::from_ref(&refused), now).await;
         assert!(matches!(&out[..], [Err(RecordError::Audit(_))]), "{out:?}");
         assert!(store.get_lease(&refused.id).await.unwrap().is_none());
         assert_eq!(trail(&path).len(), 1);

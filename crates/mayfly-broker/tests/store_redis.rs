@@ -8,21 +8,24 @@ use std::time::Duration;
 
 use mayfly_broker::store::{LeaseStore, RedisStore, RedisTarget};
 use mayfly_testkit::RedisServer;
-use mayfly_testkit::contract::Backend;
+use mayfly_testkit::contract::{self, Backend};
 
-/// A fresh store, and its own trail in the same Redis (as `[audit] sink =
-/// "redis"`): leases and records in one script.
-async fn fresh() -> (Backend, RedisServer) {
-    let server = RedisServer::start();
+/// A store on `server` under `prefix`, recording to its own trail.
+fn on(server: &RedisServer, prefix: &str) -> RedisStore {
     let target = RedisTarget::Url {
         url: server.url(),
         ca_pem: None,
     };
-    let store = RedisStore::new(target, "mayfly", Duration::from_secs(3600)).unwrap();
-    let trail = Arc::new(store.trail());
+    RedisStore::new(target, prefix, Duration::from_secs(3600)).unwrap()
+}
+
+/// A fresh store recording to its own trail in the same Redis (as
+/// `[audit] sink = "redis"`): leases and records in one script.
+async fn fresh() -> (Backend, RedisServer) {
+    let server = RedisServer::start();
     let backend = Backend {
-        store: Arc::new(store),
-        trail,
+        store: Arc::new(on(&server, "mayfly")),
+        failing: Arc::new(on(&server, "failing").recording_to(contract::unwritable())),
     };
     (backend, server)
 }
@@ -36,13 +39,13 @@ mayfly_testkit::store_contract_tests!(fresh());
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recording_with_a_file_trail_keeps_the_contract() {
     use mayfly_broker::audit::FileSink;
-    use mayfly_testkit::contract;
 
     let with_file = async || {
         let (backend, server) = fresh().await;
         let dir = tempfile::tempdir().unwrap();
         let trail = Arc::new(FileSink::open(&dir.path().join("audit.jsonl")).unwrap());
-        (Backend { trail, ..backend }, (server, dir))
+        let store = Arc::new(on(&server, "file").recording_to(trail));
+        (Backend { store, ..backend }, (server, dir))
     };
     let (backend, _guard) = with_file().await;
     contract::record_writes_each_lease_with_its_record_or_neither(backend).await;
@@ -382,7 +385,8 @@ impl LossyProxy {
 /// appended once, not twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_whose_reply_was_lost_is_sent_again_and_not_doubled() {
-    use mayfly_broker::audit::{AuditRecord, AuditSink, Event, RedisSink};
+    use mayfly_broker::audit::{AuditRecord, AuditSink, Event};
+    use mayfly_broker::store::RedisSink;
     use mayfly_testkit::contract::{agent, lease, task};
 
     let server = RedisServer::start();

@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use mayfly_broker::audit::AuditSink;
 use mayfly_broker::dev;
 use mayfly_broker::store::{
     EmbeddedStore, LeaseFilter, LeaseStore, PageRequest, RedisStore, RedisTarget,

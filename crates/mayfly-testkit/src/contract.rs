@@ -1,6 +1,6 @@
 //! The contract every `LeaseStore` backend must pass. Each function takes a
-//! fresh, empty store (those about recording, a [`Backend`]: the store and
-//! the audit trail production pairs with it);
+//! fresh, empty store (those about recording, a [`Backend`]: the store
+//! recording to the trail production gives it, and one whose trail fails);
 //! [`store_contract_tests!`](crate::store_contract_tests) turns the whole
 //! list into `#[tokio::test]`s for one backend, so every backend runs the
 //! same suite.
@@ -86,15 +86,20 @@ macro_rules! store_contract_tests {
 
 pub type Store = Arc<dyn LeaseStore>;
 
-/// A store under test and the trail it records credentials with, as the
-/// broker pairs them: the Redis store's own trail (`RedisStore::trail`), a
-/// file beside the embedded store.
+/// Stores under test for recording, each fresh and empty.
 #[derive(Debug)]
 pub struct Backend {
-    /// The store, fresh and empty.
+    /// Recording to the trail the broker gives it: the Redis store's own
+    /// stream, a file beside the embedded store; empty.
     pub store: Store,
-    /// The audit trail, empty.
-    pub trail: Arc<dyn AuditSink>,
+    /// Recording to [`unwritable`]: every record fails.
+    pub failing: Store,
+}
+
+/// A trail that takes nothing, as a full disk would: for
+/// [`Backend::failing`].
+pub fn unwritable() -> Arc<dyn AuditSink> {
+    Arc::new(Unwritable)
 }
 
 /// The suite's time origin: the wall clock at first use, so backends that
@@ -1663,7 +1668,8 @@ fn broker() -> SpiffeId {
 /// either), every other record is in the trail in order, in one chain, and
 /// every other lease is in the store.
 pub async fn record_writes_each_lease_with_its_record_or_neither(backend: Backend) {
-    let Backend { store, trail } = backend;
+    let Backend { store, .. } = backend;
+    let trail = store.trail();
     let live = started(&store, &agent("a"), 600).await;
     let ended = started(&store, &agent("a"), 600).await;
     store
@@ -1699,7 +1705,7 @@ pub async fn record_writes_each_lease_with_its_record_or_neither(backend: Backen
         leases: &leases,
         undo_by: &by,
     };
-    let outcomes = store.record(&batch, &*trail).await;
+    let outcomes = store.record(&batch).await;
     assert_eq!(outcomes.len(), 5);
     assert!(
         outcomes[0].is_ok() && outcomes[1].is_ok() && outcomes[4].is_ok(),
@@ -1742,7 +1748,7 @@ pub async fn record_writes_each_lease_with_its_record_or_neither(backend: Backen
         leases: &leases,
         undo_by: &by,
     };
-    let outcomes = store.record(&batch, &*trail).await;
+    let outcomes = store.record(&batch).await;
     assert!(
         matches!(
             outcomes[..],
@@ -1759,7 +1765,8 @@ pub async fn record_writes_each_lease_with_its_record_or_neither(backend: Backen
 /// written this way still ends with its parent. On a trail that fails, no
 /// task of the batch is left active: each is ended as `task_revoked`.
 pub async fn record_opens_each_task_with_its_record_or_neither(backend: Backend) {
-    let Backend { store, trail } = backend;
+    let Backend { store, failing } = backend;
+    let trail = store.trail();
     let parent = started(&store, &agent("a"), 600).await;
     let ended = started(&store, &agent("a"), 600).await;
     store
@@ -1813,7 +1820,7 @@ pub async fn record_opens_each_task_with_its_record_or_neither(backend: Backend)
         leases: &leases,
         undo_by: &by,
     };
-    let outcomes = store.record(&batch, &*trail).await;
+    let outcomes = store.record(&batch).await;
     assert!(
         matches!(
             &outcomes[..],
@@ -1870,13 +1877,13 @@ pub async fn record_opens_each_task_with_its_record_or_neither(backend: Backend)
         leases: &leases,
         undo_by: &by,
     };
-    let outcomes = store.record(&batch, &Unwritable).await;
+    let outcomes = failing.record(&batch).await;
     assert!(
         matches!(outcomes[..], [Err(RecordError::Audit(_))]),
         "{outcomes:?}"
     );
     // Written, then ended again by the broker as any unseen task is.
-    let got = store
+    let got = failing
         .get_task(&lost.id)
         .await
         .unwrap()
@@ -1901,10 +1908,11 @@ pub async fn record_opens_each_task_with_its_record_or_neither(backend: Backend)
 /// task ended, a lease the end revoked with the rest), and the trail is one
 /// chain.
 pub async fn concurrent_records_keep_leases_and_trail_in_step(backend: Backend) {
-    let Backend { store, trail } = backend;
+    let Backend { store, .. } = backend;
+    let trail = store.trail();
     let live = started(&store, &agent("a"), 600).await;
     let ending = started(&store, &agent("a"), 600).await;
-    let recorder = Recorder::start(trail.clone(), store.clone(), broker(), None);
+    let recorder = Recorder::start(store.clone(), broker(), None);
     let mut writers = Vec::new();
     for i in 0..200 {
         let t = if i % 2 == 0 {
@@ -1989,7 +1997,7 @@ impl AuditSink for Unwritable {
 /// batch is left active (each was written, then revoked by the broker, or
 /// never written); a refused lease still fails for its own reason.
 pub async fn a_failed_trail_leaves_no_active_lease(backend: Backend) {
-    let Backend { store, .. } = backend;
+    let store = backend.failing;
     let live = started(&store, &agent("a"), 600).await;
     let (one, two) = (lease(&live, 60), lease(&live, 60));
     let mut foreign = lease(&live, 60);
@@ -2012,7 +2020,7 @@ pub async fn a_failed_trail_leaves_no_active_lease(backend: Backend) {
         leases: &leases,
         undo_by: &by,
     };
-    let outcomes = store.record(&batch, &Unwritable).await;
+    let outcomes = store.record(&batch).await;
     assert!(
         matches!(outcomes[0], Err(RecordError::Audit(_))),
         "{outcomes:?}"

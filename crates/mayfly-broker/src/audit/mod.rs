@@ -1,13 +1,14 @@
 //! Where the audit trail goes. The record, its hash chain and checking a
 //! trail are the audit line format, in `mayfly-audit` (re-exported here);
-//! this module holds the sinks that write it: a file ([`FileSink`]), a
-//! Redis stream shared by replicas ([`RedisSink`]), standard output, or
-//! nowhere. Requests do not write to a sink directly: the broker's recorder
-//! batches their records and hands each batch, with the credential leases
-//! that come with it, to the lease store.
+//! this module holds the [`AuditSink`] seam and the sinks that stand
+//! beside any store: a file ([`FileSink`]), standard output, or nowhere.
+//! The Redis store has its own, a stream shared by replicas
+//! ([`RedisSink`](crate::store::RedisSink)). A store is built with the
+//! trail it records to; requests do not write to a sink directly: the
+//! broker's recorder batches their records and hands each batch, with the
+//! leases that come with it, to the lease store.
 
 mod file;
-mod redis;
 
 use std::fmt;
 use std::sync::Mutex;
@@ -21,8 +22,6 @@ pub use mayfly_audit::{
 };
 
 pub use self::file::{FileOptions, FileSink, segment_files};
-pub use self::redis::RedisSink;
-pub(crate) use self::redis::{Chained, WriteChained, Wrote, stale_head};
 
 /// Writing or reading the trail failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -90,12 +89,6 @@ impl From<serde_json::Error> for AuditError {
 pub trait AuditSink: Send + Sync + fmt::Debug + 'static {
     /// Appends `records` after the current head, durably, in order.
     async fn append(&self, records: &[AuditRecord]) -> Result<(), AuditError>;
-
-    /// The Redis stream this trail is, if it is one: the Redis lease store
-    /// writes leases in the same script as records on its own trail.
-    fn in_redis(&self) -> Option<&RedisSink> {
-        None
-    }
 
     /// The chain's head as the trail holds it, where the trail can tell
     /// (a file): the embedded store compares it with its outbox to ship
@@ -188,4 +181,31 @@ impl AuditSink for OffSink {
 
 fn off() -> AuditError {
     AuditError::Unreadable("the audit trail is off ([audit] sink = \"off\")".into())
+}
+
+/// The trail of a store opened without one: every record fails, so
+/// nothing is issued (a store records only to the trail it was built
+/// with).
+#[derive(Debug, Default)]
+pub struct NoTrail;
+
+#[async_trait]
+impl AuditSink for NoTrail {
+    async fn append(&self, _: &[AuditRecord]) -> Result<(), AuditError> {
+        Err(AuditError::Failed(Cause::msg(
+            "this lease store was opened without an audit trail",
+        )))
+    }
+
+    async fn read(&self, _: &str, _: usize) -> Result<(Vec<String>, String), AuditError> {
+        Err(AuditError::Unreadable(
+            "this lease store was opened without an audit trail".into(),
+        ))
+    }
+
+    async fn cursor_before_last(&self, _: usize) -> Result<String, AuditError> {
+        Err(AuditError::Unreadable(
+            "this lease store was opened without an audit trail".into(),
+        ))
+    }
 }

@@ -52,14 +52,9 @@ impl Broker {
             s.algorithm,
             s.key_retire_after,
         )?);
-        let (store, trail) = open_store(&s)?;
+        let store = open_store(&s)?;
         let metrics = Arc::new(crate::metrics::Metrics::new());
-        let audit = Recorder::start(
-            trail,
-            store.clone(),
-            s.broker_id.clone(),
-            Some(metrics.clone()),
-        );
+        let audit = Recorder::start(store.clone(), s.broker_id.clone(), Some(metrics.clone()));
         let policy = Arc::new(PolicyHandle::load(&s.policy.dir)?);
         tracing::info!(policies = policy.len(), dir = %s.policy.dir.display(), "policies loaded");
         let crl = ca
@@ -127,28 +122,22 @@ impl Broker {
     }
 }
 
-/// A lease store and the trail beside it.
-type StoreAndTrail = (Arc<dyn LeaseStore>, Arc<dyn AuditSink>);
-
-/// The lease store and the trail beside it. A Redis trail is the Redis
-/// store's own, so the store writes credential leases in the same script
-/// as their records.
-fn open_store(s: &Settings) -> Result<StoreAndTrail, StartError> {
+/// The lease store, recording to its trail. A Redis trail is the Redis
+/// store's own, so the store writes leases in the same script as their
+/// records.
+fn open_store(s: &Settings) -> Result<Arc<dyn LeaseStore>, StartError> {
     Ok(match &s.store {
         StoreSettings::Embedded { path, trail } => {
-            (Arc::new(EmbeddedStore::open(path)?), open_trail(trail)?)
+            Arc::new(EmbeddedStore::open(path)?.recording_to(open_trail(trail)?))
         }
         StoreSettings::Redis { redis, trail } => {
             let store =
                 RedisStore::new(redis_target(redis)?, &redis.key_prefix, s.reaper.retention)?
                     .with_replicas_to_ack(redis.replicas_to_ack);
-            let trail: Arc<dyn AuditSink> = match trail {
-                RedisTrail::Stream { retention } => {
-                    Arc::new(store.trail().with_retention(*retention))
-                }
-                RedisTrail::Outside(t) => open_trail(t)?,
-            };
-            (Arc::new(store), trail)
+            Arc::new(match trail {
+                RedisTrail::Stream { retention } => store.with_trail_retention(*retention),
+                RedisTrail::Outside(t) => store.recording_to(open_trail(t)?),
+            })
         }
     })
 }

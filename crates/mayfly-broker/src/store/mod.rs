@@ -8,12 +8,18 @@
 //! - [`LeaseStore::end_task`] ends a task and revokes every live lease under
 //!   it, so an `issue` racing it either fails or is revoked with the rest;
 //! - [`LeaseStore::record`] writes a batch of audit records together with
-//!   the leases of the credentials they issue: a lease and its record exist
-//!   together or not at all, across a crash at any point. This is the one
-//!   way a credential is recorded.
+//!   the leases of the credentials they issue and the tasks they open: a
+//!   lease and its record exist together or not at all, across a crash at
+//!   any point. This is the one way a credential or a task is recorded.
+//!
+//! A store records to the trail it was built with
+//! ([`EmbeddedStore::recording_to`], [`RedisStore::recording_to`]; the
+//! Redis store's default is its own stream, [`RedisSink`]), so no caller
+//! can hand it another.
 
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -30,7 +36,7 @@ use crate::cause::Cause;
 mod embedded;
 mod redis;
 
-pub use self::redis::{RedisStore, RedisTarget};
+pub use self::redis::{RedisSink, RedisStore, RedisTarget};
 pub use embedded::{CACHE_BYTES as EMBEDDED_CACHE_BYTES, EmbeddedStore};
 
 /// Why a store call failed.
@@ -483,8 +489,8 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// `TaskNotFound` for another agent's task.
     async fn issue(&self, lease: &Lease, now: Timestamp) -> Result<(), StoreError>;
 
-    /// Writes `batch.records` to `trail` and, with each record that issues
-    /// a credential or opens a task, its lease (checked as
+    /// Writes `batch.records` to the store's trail and, with each record
+    /// that issues a credential or opens a task, its lease (checked as
     /// [`issue`](Self::issue) or [`start_task`](Self::start_task) checks
     /// it), so that a lease and its record exist together or not at all,
     /// across a crash at any point: in one script when the trail is this
@@ -493,22 +499,22 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// records shipped to the trail. Returns one outcome per record, in
     /// order: `Ok` once the record is in the trail (and its lease
     /// durable); an error otherwise, with no lease of it left active. A
-    /// refused lease fails only its own record. A store ships to one
-    /// trail: pass the same one every time.
-    async fn record(
-        &self,
-        batch: &RecordBatch<'_>,
-        trail: &dyn AuditSink,
-    ) -> Vec<Result<(), RecordError>>;
+    /// refused lease fails only its own record.
+    async fn record(&self, batch: &RecordBatch<'_>) -> Vec<Result<(), RecordError>>;
 
-    /// Ships to `trail` the records this store holds that the trail may
+    /// Ships to the trail the records this store holds that the trail may
     /// not have yet (the embedded store's outbox, left by a crash or by
     /// a trail that failed), each exactly once where the trail can tell
     /// its head; the recorder calls it before its first batch. A store
     /// that writes leases and records in one place has nothing to ship.
-    async fn ship_pending(&self, _trail: &dyn AuditSink) -> Result<(), RecordError> {
+    async fn ship_pending(&self) -> Result<(), RecordError> {
         Ok(())
     }
+
+    /// The trail this store records to, chosen when it was built
+    /// ([`NoTrail`](crate::audit::NoTrail) if none was: every record
+    /// fails). Read it for `mayfly audit tail`.
+    fn trail(&self) -> Arc<dyn AuditSink>;
 
     /// A lease by id.
     async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError>;

@@ -69,7 +69,7 @@ use super::{
     RecordError, RevocationEvent, RevokeRequest, StoreError, TaskFilter, check_consumable,
     check_decidable,
 };
-use crate::audit::AuditSink;
+use crate::audit::{AuditSink, NoTrail};
 use crate::cause::Cause;
 use scan::{MAX_SCAN, expiry_keys, multimap_ids, page_of, table_ids};
 use tables::{
@@ -88,6 +88,8 @@ pub struct EmbeddedStore {
     /// One shipper of the audit outbox at a time, so records reach the
     /// trail in outbox order (`outbox.rs`).
     shipping: Arc<tokio::sync::Mutex<outbox::Shipping>>,
+    /// Where the outbox ships records ([`recording_to`](Self::recording_to)).
+    trail: Arc<dyn AuditSink>,
 }
 
 /// redb's page cache.
@@ -103,6 +105,15 @@ impl EmbeddedStore {
     /// Opens (or creates, mode 0600) the store file at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         Self::open_with_cache(path, CACHE_BYTES)
+    }
+
+    /// The store, recording to `trail` (opened, it records to none: every
+    /// record fails). The trail it was last shipped to must be the same
+    /// one: its outbox is matched against the trail's head at the first
+    /// batch.
+    pub fn recording_to(mut self, trail: Arc<dyn AuditSink>) -> Self {
+        self.trail = trail;
+        self
     }
 
     /// [`open`](Self::open) with a page cache of `cache_bytes`.
@@ -137,6 +148,7 @@ impl EmbeddedStore {
                 thread: Some(thread),
             }),
             shipping: Arc::default(),
+            trail: Arc::new(NoTrail),
         })
     }
 
@@ -228,16 +240,16 @@ impl LeaseStore for EmbeddedStore {
         self.write(move |t| t.issue(&lease, now)).await
     }
 
-    async fn record(
-        &self,
-        batch: &RecordBatch<'_>,
-        trail: &dyn AuditSink,
-    ) -> Vec<Result<(), RecordError>> {
-        self.record_via_outbox(batch, trail).await
+    async fn record(&self, batch: &RecordBatch<'_>) -> Vec<Result<(), RecordError>> {
+        self.record_via_outbox(batch).await
     }
 
-    async fn ship_pending(&self, trail: &dyn AuditSink) -> Result<(), RecordError> {
-        self.ship_outbox(trail).await
+    async fn ship_pending(&self) -> Result<(), RecordError> {
+        self.ship_outbox().await
+    }
+
+    fn trail(&self) -> Arc<dyn AuditSink> {
+        self.trail.clone()
     }
 
     async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError> {

@@ -57,8 +57,8 @@ impl EmbeddedStore {
     pub(super) async fn record_via_outbox(
         &self,
         batch: &RecordBatch<'_>,
-        trail: &dyn AuditSink,
     ) -> Vec<Result<(), RecordError>> {
+        let trail = &*self.trail;
         debug_assert_eq!(batch.records.len(), batch.leases.len());
         let mut shipping = self.shipping.lock().await;
         if let Err(e) = self.drain(&mut shipping, trail).await {
@@ -142,9 +142,9 @@ impl EmbeddedStore {
 
     /// Ships what the outbox holds that the trail does not, before the
     /// first batch.
-    pub(super) async fn ship_outbox(&self, trail: &dyn AuditSink) -> Result<(), RecordError> {
+    pub(super) async fn ship_outbox(&self) -> Result<(), RecordError> {
         let mut shipping = self.shipping.lock().await;
-        self.drain(&mut shipping, trail).await
+        self.drain(&mut shipping, &*self.trail).await
     }
 
     /// Revokes the credentials and tasks of a batch the trail did not

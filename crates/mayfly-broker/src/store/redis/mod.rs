@@ -30,6 +30,7 @@ mod listing;
 mod reap;
 mod recorded;
 mod scripts;
+mod trail;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +45,7 @@ use redis::Script;
 use crate::cause::Cause;
 use crate::redis_conn::RedisConn;
 pub use crate::redis_conn::RedisTarget;
+pub use trail::RedisSink;
 
 use super::{
     LeaseFilter, LeaseStore, Page, PageRequest, ReapOutcome, RecordBatch, RecordError,
@@ -75,6 +77,19 @@ pub struct RedisStore {
     retention: Duration,
     /// Replicas that must acknowledge each state change (0: none).
     replicas_to_ack: u32,
+    /// Where records go.
+    trail: Trail,
+}
+
+/// The trail a Redis store records to.
+#[derive(Debug, Clone)]
+enum Trail {
+    /// Its own stream, on its connection: leases and records in one
+    /// script.
+    Own(Arc<RedisSink>),
+    /// A trail elsewhere (standard output, off): leases first, then
+    /// records.
+    Outside(Arc<dyn AuditSink>),
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -90,9 +105,13 @@ impl RedisStore {
     /// A store on `target`, with every key under `prefix`. Connects lazily:
     /// the broker starts (not ready) while Redis is down and recovers by
     /// itself when it returns.
+    /// It records to its own trail, the stream under the same prefix
+    /// ([`RedisSink`]), kept whole.
     pub fn new(target: RedisTarget, prefix: &str, retention: Duration) -> Result<Self, StoreError> {
+        let conn = Arc::new(RedisConn::new(target)?);
         Ok(Self {
-            conn: Arc::new(RedisConn::new(target)?),
+            trail: Trail::Own(Arc::new(RedisSink::sharing(conn.clone(), prefix))),
+            conn,
             keys: Keys {
                 prefix: prefix.to_owned(),
             },
@@ -100,6 +119,24 @@ impl RedisStore {
             retention,
             replicas_to_ack: 0,
         })
+    }
+
+    /// Trims the store's own trail of entries older than `retention`
+    /// (none: keeps everything); see [`RedisSink::with_retention`].
+    pub fn with_trail_retention(mut self, retention: Option<Duration>) -> Self {
+        let own = RedisSink::sharing(self.conn.clone(), &self.keys.prefix);
+        self.trail = Trail::Own(Arc::new(own.with_retention(retention)));
+        self
+    }
+
+    /// Records to `trail` instead of the store's own stream: the leases
+    /// first, then the records, and the leases revoked again if the trail
+    /// fails. A crash between the two can leave a lease unrecorded, so the
+    /// broker allows it only for a trail that is not read back (standard
+    /// output, off).
+    pub fn recording_to(mut self, trail: Arc<dyn AuditSink>) -> Self {
+        self.trail = Trail::Outside(trail);
+        self
     }
 
     /// Makes every state change wait until `n` replicas acknowledged it
@@ -280,12 +317,15 @@ impl LeaseStore for RedisStore {
         leases::issue(self, lease, now).await
     }
 
-    async fn record(
-        &self,
-        batch: &RecordBatch<'_>,
-        trail: &dyn AuditSink,
-    ) -> Vec<Result<(), RecordError>> {
-        self.record_batch(batch, trail).await
+    async fn record(&self, batch: &RecordBatch<'_>) -> Vec<Result<(), RecordError>> {
+        self.record_batch(batch).await
+    }
+
+    fn trail(&self) -> Arc<dyn AuditSink> {
+        match &self.trail {
+            Trail::Own(own) => own.clone(),
+            Trail::Outside(trail) => trail.clone(),
+        }
     }
 
     async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError> {

@@ -1,6 +1,6 @@
 //! [`LeaseStore::record`](crate::store::LeaseStore::record) on Redis. On
-//! the store's own trail ([`RedisStore::trail`], the default with this
-//! store) the leases (credentials' and new tasks') and the records are one
+//! the store's own trail ([`RedisSink`], the default with this store) the
+//! leases (credentials' and new tasks') and the records are one
 //! script (`issue_recorded.lua`):
 //! an issue costs one round trip, and a lease and its record can never
 //! exist one without the other. The trail's chaining (heads, lines) stays
@@ -13,10 +13,9 @@ use std::borrow::Cow;
 use futures_util::future::join_all;
 use mayfly_core::LeaseId;
 
-use super::{RedisStore, Repeat, script_status};
-use crate::audit::{
-    AuditError, AuditRecord, AuditSink, Chained, RedisSink, WriteChained, Wrote, stale_head,
-};
+use super::trail::{Chained, RedisSink, WriteChained, Wrote, stale_head};
+use super::{RedisStore, Repeat, Trail, script_status};
+use crate::audit::{AuditError, AuditRecord};
 use crate::cause::Cause;
 use crate::store::{
     LeaseStore, LeaseThenRecord, LeaseWrite, RecordBatch, RecordError, RevokeRequest, StoreError,
@@ -52,22 +51,14 @@ enum Refusal {
 }
 
 impl RedisStore {
-    /// The audit trail in this store's Redis, under its key prefix and on
-    /// its connection: [`record`](LeaseStore::record) writes leases in the
-    /// same script as records on it.
-    pub fn trail(&self) -> RedisSink {
-        RedisSink::sharing(self.conn.clone(), &self.keys.prefix)
-    }
-
-    /// `record`, for any trail.
+    /// `record`, on the trail the store was built with.
     pub(super) async fn record_batch(
         &self,
         batch: &RecordBatch<'_>,
-        trail: &dyn AuditSink,
     ) -> Vec<Result<(), RecordError>> {
-        match trail.in_redis() {
-            Some(own) if own.is_on(&self.conn) => Box::pin(self.record_in_script(batch, own)).await,
-            _ => Box::pin(lease_then_record(self, batch, trail)).await,
+        match &self.trail {
+            Trail::Own(own) => Box::pin(self.record_in_script(batch, own)).await,
+            Trail::Outside(trail) => Box::pin(lease_then_record(self, batch, &**trail)).await,
         }
     }
 

@@ -5,10 +5,11 @@
 //! wrote first, and the batch is chained again onto the new head. So all
 //! replicas write one chain.
 //!
-//! The Redis lease store makes its own trail (`RedisStore::trail`, on the
-//! store's connection) and writes credential leases in the same script as
-//! their records, through [`RedisSink::append_via`]; this sink only chains
-//! the lines and keeps the head.
+//! It is the Redis store's own trail, on the store's connection: the store
+//! writes leases in the same script as their records, through
+//! [`RedisSink::append_via`] (`recorded.rs`); this sink only chains the
+//! lines and keeps the head. [`RedisSink::new`] opens one on its own
+//! connection, to read a trail or to write beside a store.
 //!
 //! With a retention ([`RedisSink::with_retention`]), entries older than it
 //! are trimmed (`XTRIM … MINID`, the stream's ids being milliseconds), at
@@ -23,7 +24,7 @@ use redis::Script;
 use redis::streams::StreamRangeReply;
 use tokio::sync::Mutex;
 
-use super::{AuditError, AuditRecord, AuditSink, Head, chain};
+use crate::audit::{AuditError, AuditRecord, AuditSink, Head, chain};
 use crate::cause::Cause;
 use crate::redis_conn::{RedisConn, RedisTarget, Towards, Unreachable};
 
@@ -75,7 +76,7 @@ impl std::fmt::Debug for RedisSink {
 
 /// A batch chained onto a head, as a script writes it.
 #[derive(Debug)]
-pub(crate) struct Chained<'a> {
+pub(super) struct Chained<'a> {
     /// The trail's stream key.
     pub stream: &'a str,
     /// The key of the trail's head (`seq`, `hash`).
@@ -90,7 +91,7 @@ pub(crate) struct Chained<'a> {
 
 /// What one write of a [`Chained`] batch did.
 #[derive(Debug)]
-pub(crate) enum Wrote<T> {
+pub(super) enum Wrote<T> {
     /// Wrote everything.
     All,
     /// Wrote nothing: the head is this one (another writer moved it, or
@@ -101,7 +102,7 @@ pub(crate) enum Wrote<T> {
 }
 
 /// A script that writes a [`Chained`] batch (its lines, and maybe more).
-pub(crate) trait WriteChained: Sync {
+pub(super) trait WriteChained: Sync {
     /// Why it may write nothing, besides a moved head.
     type Refusal: Send;
     /// How it fails.
@@ -162,7 +163,7 @@ impl RedisSink {
     }
 
     /// The trail under `prefix` on an existing connection.
-    pub(crate) fn sharing(conn: Arc<RedisConn>, prefix: &str) -> Self {
+    pub(super) fn sharing(conn: Arc<RedisConn>, prefix: &str) -> Self {
         Self {
             conn,
             stream: format!("{prefix}:audit"),
@@ -172,11 +173,6 @@ impl RedisSink {
             retention: None,
             trimmed_ms: std::sync::atomic::AtomicU64::new(0),
         }
-    }
-
-    /// Whether this trail is on `conn` (so a script on it can write both).
-    pub(crate) fn is_on(&self, conn: &Arc<RedisConn>) -> bool {
-        Arc::ptr_eq(&self.conn, conn)
     }
 
     /// Trims entries older than `retention` (none: keeps everything).
@@ -192,7 +188,7 @@ impl RedisSink {
     /// first send and followed by another writer's:
     /// [`written_before`](Self::written_before) tells. `Ok(None)`: written;
     /// `Ok(Some(why))`: the writer's refusal.
-    pub(crate) async fn append_via<W: WriteChained>(
+    pub(super) async fn append_via<W: WriteChained>(
         &self,
         records: &[AuditRecord],
         writer: &W,
@@ -312,7 +308,7 @@ impl RedisSink {
 }
 
 /// The head a `STALE` reply names.
-pub(crate) fn stale_head(seq: &str, hash: &str) -> Result<Head, AuditError> {
+pub(super) fn stale_head(seq: &str, hash: &str) -> Result<Head, AuditError> {
     let seq = seq
         .parse()
         .map_err(|_| AuditError::Failed(Cause::msg(format!("bad audit head seq {seq:?}"))))?;
@@ -330,10 +326,6 @@ impl AuditSink for RedisSink {
             None => Ok(()),
             Some(never) => match never {},
         }
-    }
-
-    fn in_redis(&self) -> Option<&RedisSink> {
-        Some(self)
     }
 
     async fn read(&self, cursor: &str, limit: usize) -> Result<(Vec<String>, String), AuditError> {
