@@ -5,9 +5,11 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use mayfly_broker::store::CredentialStore;
+use mayfly_broker::store::TaskStore;
 use std::time::{Duration, Instant};
 
-use mayfly_broker::store::{LeaseStore, RedisStore, RedisTarget};
+use mayfly_broker::store::{RedisStore, RedisTarget};
 use mayfly_testkit::RedisServer;
 use mayfly_testkit::contract::{agent, lease, task};
 

@@ -12,6 +12,8 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use mayfly_broker::store::CredentialStore;
+use mayfly_broker::store::Upkeep;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};

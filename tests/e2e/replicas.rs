@@ -1,6 +1,7 @@
 //! Several broker replicas on one real Redis: shared state, cross-replica
 //! revocation, the complete/issue race across replicas, and Redis outages.
 
+use mayfly_broker::store::CredentialStore;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -183,7 +184,7 @@ async fn a_context_change_through_one_replica_decides_the_next_issue_on_the_othe
 /// lease of an unknown kind, written as any replica writes one.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_of_an_unknown_kind_is_revoked_on_a_context_change() {
-    use mayfly_broker::store::{LeaseStore, RedisStore, RedisTarget};
+    use mayfly_broker::store::{RedisStore, RedisTarget};
     use mayfly_core::{Lease, LeaseDetail, LeaseId, LeaseStatus, TaskId, Timestamp};
 
     let redis = RedisServer::start();

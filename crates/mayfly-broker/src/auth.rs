@@ -32,7 +32,7 @@ use mayfly_core::Timestamp;
 use crate::connections::PeerInfo;
 use crate::federation::{Federation, TokenError};
 use crate::identity::{AuthError, Caller};
-use crate::store::LeaseStore;
+use crate::store::ReplayGuard;
 
 /// The caller of a request on the connection `peer` describes, at `now`:
 /// its certificate's or its workload token's, unless that has expired
@@ -56,7 +56,7 @@ pub struct TokenAuthLayer {
     /// The trusted issuers.
     pub federation: Arc<Federation>,
     /// Where `jti`s are recorded.
-    pub store: Arc<dyn LeaseStore>,
+    pub store: Arc<dyn ReplayGuard>,
 }
 
 impl<S> tower::Layer<S> for TokenAuthLayer {
@@ -102,7 +102,7 @@ type Sessions = Arc<ConnectionSessions>;
 pub struct TokenAuth<S> {
     inner: S,
     federation: Arc<Federation>,
-    store: Arc<dyn LeaseStore>,
+    store: Arc<dyn ReplayGuard>,
     sessions: Sessions,
 }
 
@@ -118,7 +118,7 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
 async fn authenticate(
     token: &str,
     federation: &Federation,
-    store: &dyn LeaseStore,
+    store: &dyn ReplayGuard,
     sessions: &Sessions,
 ) -> Result<Caller, TokenError> {
     let hash = sha256(token.as_bytes());
@@ -148,7 +148,7 @@ async fn authenticate(
 pub(crate) async fn prove(
     token: &str,
     federation: &Federation,
-    store: &dyn LeaseStore,
+    store: &dyn ReplayGuard,
     now: Timestamp,
 ) -> Result<Caller, TokenError> {
     let t = federation.verify(token).await?;

@@ -3,6 +3,7 @@
 //! missing signing key is reported, not made). With `reach_store`, the
 //! Redis store is also asked whether it answers.
 
+use crate::store::Upkeep;
 use std::path::Path;
 
 use crate::config::{Config, ConfigError, StoreSettings};
@@ -13,7 +14,7 @@ use crate::issuer::key_files;
 use crate::issuer::{Algorithm, CaError, CaRing, KeyError, SigningKey, key_path};
 use crate::policy::PolicyHandle;
 use crate::server::StartError;
-use crate::store::{LeaseStore, RedisStore, StoreError};
+use crate::store::{RedisStore, StoreError};
 use crate::tls::TlsError;
 
 /// One part of the configuration and what became of it.

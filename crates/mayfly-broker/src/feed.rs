@@ -11,7 +11,7 @@ use tokio::sync::{Notify, broadcast};
 
 use crate::shutdown::{Shutdown, Trigger};
 
-use crate::store::{LeaseStore, RevocationEvent};
+use crate::store::{RevocationEvent, RevocationLog};
 
 /// Events read per store call.
 pub const BATCH: usize = 1000;
@@ -21,7 +21,7 @@ const CHANNEL: usize = 4096;
 /// Follows the store's revocations and fans them out.
 #[derive(Debug)]
 pub struct FeedHub {
-    store: Arc<dyn LeaseStore>,
+    store: Arc<dyn RevocationLog>,
     /// New events, in cursor order.
     tx: broadcast::Sender<Arc<RevocationEvent>>,
     /// Poked after every local revocation.
@@ -35,7 +35,7 @@ pub struct FeedHub {
 impl FeedHub {
     /// A hub over `store`; `poke` is notified by the service after each
     /// revocation.
-    pub fn new(store: Arc<dyn LeaseStore>, poke: Arc<Notify>, poll: Duration) -> Arc<Self> {
+    pub fn new(store: Arc<dyn RevocationLog>, poke: Arc<Notify>, poll: Duration) -> Arc<Self> {
         let (tx, _) = broadcast::channel(CHANNEL);
         Arc::new(Self {
             store,
@@ -56,8 +56,8 @@ impl FeedHub {
         self.closed.subscribe().wait().await;
     }
 
-    /// The store the feed is read from.
-    pub fn store(&self) -> &Arc<dyn LeaseStore> {
+    /// The log the feed is read from.
+    pub fn store(&self) -> &Arc<dyn RevocationLog> {
         &self.store
     }
 

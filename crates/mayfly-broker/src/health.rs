@@ -12,7 +12,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::shutdown::Shutdown;
-use crate::store::LeaseStore;
+use crate::store::Upkeep;
 
 /// How often the store is checked.
 const EVERY: Duration = Duration::from_secs(1);
@@ -54,11 +54,7 @@ pub fn reflection() -> (
 }
 
 /// Reports the store's health until `stop` is set; starts NOT_SERVING.
-pub async fn follow_store(
-    reporter: HealthReporter,
-    store: Arc<dyn LeaseStore>,
-    mut stop: Shutdown,
-) {
+pub async fn follow_store(reporter: HealthReporter, store: Arc<dyn Upkeep>, mut stop: Shutdown) {
     let mut last = None;
     loop {
         let status = match tokio::time::timeout(TIMEOUT, store.check()).await {

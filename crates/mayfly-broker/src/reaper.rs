@@ -10,7 +10,7 @@ use mayfly_core::{SpiffeId, Timestamp};
 use crate::audit::{AuditRecord, Event};
 use crate::recorder::Recorder;
 use crate::shutdown::Shutdown;
-use crate::store::LeaseStore;
+use crate::store::Upkeep;
 
 /// Most leases one store call handles, so a backlog is worked off in
 /// bounded transactions.
@@ -19,7 +19,7 @@ const BATCH: usize = 1000;
 /// Runs until `shutdown` turns true. Each expiry is recorded in the audit
 /// trail as `lease_expired`, by `broker`.
 pub async fn run(
-    store: Arc<dyn LeaseStore>,
+    store: Arc<dyn Upkeep>,
     audit: Recorder,
     broker: SpiffeId,
     interval: Duration,

@@ -6,6 +6,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+use mayfly_broker::store::CredentialStore;
+use mayfly_broker::store::RecordStore;
+use mayfly_broker::store::TaskStore;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,8 +16,7 @@ use std::time::Duration;
 use mayfly_broker::audit::{AuditError, AuditRecord, AuditSink, Event, verify};
 use mayfly_broker::recorder::Recorder;
 use mayfly_broker::store::{
-    LeaseFilter, LeaseStore, PageRequest, RecordError, RedisSink, RedisStore, RedisTarget,
-    StoreError,
+    LeaseFilter, PageRequest, RecordError, RedisSink, RedisStore, RedisTarget, StoreError,
 };
 use mayfly_core::{LeaseId, RevocationReason, SpiffeId, TaskState};
 use mayfly_testkit::RedisServer;

@@ -3,10 +3,13 @@
 
 #![allow(clippy::unwrap_used)]
 
+use mayfly_broker::store::CredentialStore;
+use mayfly_broker::store::RevocationLog;
+use mayfly_broker::store::TaskStore;
 use std::sync::Arc;
 
 use mayfly_broker::audit::FileSink;
-use mayfly_broker::store::{EmbeddedStore, LeaseStore};
+use mayfly_broker::store::EmbeddedStore;
 use mayfly_testkit::contract::{self, Backend};
 
 /// A fresh store recording to a trail file beside it (as `[audit] sink =
@@ -144,13 +147,16 @@ async fn a_failed_change_in_a_batch_leaves_nothing_and_spares_the_rest() {
 /// The audit outbox: records written with their leases in one transaction
 /// reach the trail exactly once, whatever stopped the broker in between.
 mod outbox {
+    use mayfly_broker::store::CredentialStore;
+    use mayfly_broker::store::RecordStore;
+    use mayfly_broker::store::TaskStore;
     use std::path::Path;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use async_trait::async_trait;
     use mayfly_broker::audit::{AuditError, AuditRecord, AuditSink, Event, FileSink, Head, verify};
-    use mayfly_broker::store::{EmbeddedStore, LeaseStore, LeaseWrite, RecordBatch, RecordError};
+    use mayfly_broker::store::{EmbeddedStore, LeaseWrite, RecordBatch, RecordError};
     use mayfly_core::{Lease, LeaseState, LeaseStatus, SpiffeId, Task, Timestamp};
     use mayfly_testkit::contract::{agent, lease, task};
 

@@ -3,10 +3,13 @@
 
 #![allow(clippy::unwrap_used)]
 
+use mayfly_broker::store::CredentialStore;
+use mayfly_broker::store::TaskStore;
+use mayfly_broker::store::Upkeep;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_broker::store::{LeaseStore, RedisStore, RedisTarget};
+use mayfly_broker::store::{RedisStore, RedisTarget};
 use mayfly_testkit::RedisServer;
 use mayfly_testkit::contract::{self, Backend};
 

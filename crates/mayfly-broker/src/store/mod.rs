@@ -1,13 +1,16 @@
-//! Where leases live. [`LeaseStore`] is the seam; every backend passes the
-//! same contract suite (`mayfly_testkit::contract`). All state changes that must be atomic
-//! are one call here, so a backend can make each one a transaction (embedded)
-//! or a script (Redis):
+//! Where leases live. [`LeaseStore`] is the seam, made of one trait per
+//! role ([`TaskStore`], [`CredentialStore`], [`AgentStore`],
+//! [`ApprovalStore`], [`RevocationLog`], [`RecordStore`], [`ReplayGuard`],
+//! [`Upkeep`]); every backend implements them all and passes the same
+//! contract suite (`mayfly_testkit::contract`). All state changes that must
+//! be atomic are one call here, so a backend can make each one a
+//! transaction (embedded) or a script (Redis):
 //!
-//! - [`LeaseStore::issue`] records a credential only under a live task owned
-//!   by the same agent;
-//! - [`LeaseStore::end_task`] ends a task and revokes every live lease under
+//! - [`CredentialStore::issue`] records a credential only under a live
+//!   task owned by the same agent;
+//! - [`TaskStore::end_task`] ends a task and revokes every live lease under
 //!   it, so an `issue` racing it either fails or is revoked with the rest;
-//! - [`LeaseStore::record`] writes a batch of audit records together with
+//! - [`RecordStore::record`] writes a batch of audit records together with
 //!   the leases of the credentials they issue and the tasks they open: a
 //!   lease and its record exist together or not at all, across a crash at
 //!   any point. This is the one way a credential or a task is recorded.
@@ -457,10 +460,9 @@ pub(crate) fn check_consumable(
     }
 }
 
-/// The lease store. Methods take `now` from the caller so that time is one
-/// consistent value per request, and so tests control it.
+/// Tasks: opening, reading, ending, their context, listing.
 #[async_trait]
-pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
+pub trait TaskStore: Send + Sync + fmt::Debug {
     /// Records a new task and its task lease, unless its agent is locked
     /// at `task.created_at` (`AgentLocked`). A delegated task (with a
     /// `parent`) is recorded only if, at its `created_at`, the parent is
@@ -472,53 +474,6 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// A task with its current status.
     async fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError>;
 
-    /// Records `key` as used until `until` and says whether this is its
-    /// first use: `false` if it was recorded before and `until` of that
-    /// record has not passed at `now`. Every replica sees the same answer
-    /// (a workload token's `jti` is accepted once per cluster).
-    async fn first_use(
-        &self,
-        key: &str,
-        until: Timestamp,
-        now: Timestamp,
-    ) -> Result<bool, StoreError>;
-
-    /// Records a credential lease, atomically checking that its task exists,
-    /// is owned by `lease.agent`, is active at `now`, and outlives the lease,
-    /// and that the agent is not locked (`AgentLocked`). Returns
-    /// `TaskNotFound` for another agent's task.
-    async fn issue(&self, lease: &Lease, now: Timestamp) -> Result<(), StoreError>;
-
-    /// Writes `batch.records` to the store's trail and, with each record
-    /// that issues a credential or opens a task, its lease (checked as
-    /// [`issue`](Self::issue) or [`start_task`](Self::start_task) checks
-    /// it), so that a lease and its record exist together or not at all,
-    /// across a crash at any point: in one script when the trail is this
-    /// store's own (Redis); on the embedded store, the leases and the
-    /// records in one transaction (the records in its outbox), then the
-    /// records shipped to the trail. Returns one outcome per record, in
-    /// order: `Ok` once the record is in the trail (and its lease
-    /// durable); an error otherwise, with no lease of it left active. A
-    /// refused lease fails only its own record.
-    async fn record(&self, batch: &RecordBatch<'_>) -> Vec<Result<(), RecordError>>;
-
-    /// Ships to the trail the records this store holds that the trail may
-    /// not have yet (the embedded store's outbox, left by a crash or by
-    /// a trail that failed), each exactly once where the trail can tell
-    /// its head; the recorder calls it before its first batch. A store
-    /// that writes leases and records in one place has nothing to ship.
-    async fn ship_pending(&self) -> Result<(), RecordError> {
-        Ok(())
-    }
-
-    /// The trail this store records to, chosen when it was built
-    /// ([`NoTrail`](crate::audit::NoTrail) if none was: every record
-    /// fails). Read it for `mayfly audit tail`.
-    fn trail(&self) -> Arc<dyn AuditSink>;
-
-    /// A lease by id.
-    async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError>;
-
     /// Ends an active task: its lease gets `req.reason`, every active lease
     /// under it `req.child_reason`, and every active task delegated from
     /// it, to any depth, ends with its leases as `parent_revoked`, in one
@@ -526,6 +481,37 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// Fails with `TaskNotActive` if the task already ended (nothing
     /// changes).
     async fn end_task(&self, id: &TaskId, req: &RevokeRequest) -> Result<Vec<LeaseId>, StoreError>;
+
+    /// Tasks matching `filter`, in task-id order.
+    async fn list_tasks(
+        &self,
+        filter: &TaskFilter,
+        page: &PageRequest,
+        now: Timestamp,
+    ) -> Result<Page<TaskRecord>, StoreError>;
+
+    /// Replaces the context of an active task of `agent`, bumping its
+    /// revision; returns the updated task.
+    async fn update_task_context(
+        &self,
+        id: &TaskId,
+        agent: &SpiffeId,
+        context: &TaskContext,
+        now: Timestamp,
+    ) -> Result<Task, StoreError>;
+}
+
+/// Credential leases: issuing, reading, revoking one, listing, counting.
+#[async_trait]
+pub trait CredentialStore: Send + Sync + fmt::Debug {
+    /// Records a credential lease, atomically checking that its task exists,
+    /// is owned by `lease.agent`, is active at `now`, and outlives the lease,
+    /// and that the agent is not locked (`AgentLocked`). Returns
+    /// `TaskNotFound` for another agent's task.
+    async fn issue(&self, lease: &Lease, now: Timestamp) -> Result<(), StoreError>;
+
+    /// A lease by id.
+    async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError>;
 
     /// Revokes one active lease. A task lease ends its task (as
     /// [`end_task`](Self::end_task)). Returns the revoked ids; empty when the
@@ -536,6 +522,23 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         req: &RevokeRequest,
     ) -> Result<Vec<LeaseId>, StoreError>;
 
+    /// Leases matching `filter`, in lease-id order.
+    async fn list_leases(
+        &self,
+        filter: &LeaseFilter,
+        page: &PageRequest,
+        now: Timestamp,
+    ) -> Result<Page<Lease>, StoreError>;
+
+    /// How many leases (tasks and credentials) are recorded active,
+    /// including any past their expiry that the reaper has not yet moved.
+    /// Cheap: an index's size, for the live-leases gauge.
+    async fn active_count(&self) -> Result<u64, StoreError>;
+}
+
+/// Whole agents: revoking everything of one, locking it out.
+#[async_trait]
+pub trait AgentStore: Send + Sync + fmt::Debug {
     /// Ends every active task of `agent` and revokes every active lease of it.
     async fn revoke_agent(
         &self,
@@ -570,43 +573,11 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
 
     /// Every lock holding at `now`, by agent.
     async fn list_locks(&self, now: Timestamp) -> Result<Vec<AgentLock>, StoreError>;
+}
 
-    /// Leases matching `filter`, in lease-id order.
-    async fn list_leases(
-        &self,
-        filter: &LeaseFilter,
-        page: &PageRequest,
-        now: Timestamp,
-    ) -> Result<Page<Lease>, StoreError>;
-
-    /// Tasks matching `filter`, in task-id order.
-    async fn list_tasks(
-        &self,
-        filter: &TaskFilter,
-        page: &PageRequest,
-        now: Timestamp,
-    ) -> Result<Page<TaskRecord>, StoreError>;
-
-    /// The cursor of the newest revocation (0 if none yet): where a live
-    /// follower of the feed starts.
-    async fn feed_head(&self) -> Result<u64, StoreError>;
-
-    /// Revocations after `cursor`, oldest first, at most `limit`.
-    async fn revocations_since(
-        &self,
-        cursor: u64,
-        limit: usize,
-    ) -> Result<Vec<RevocationEvent>, StoreError>;
-
-    /// Moves at most `limit` leases whose expiry has passed from active to
-    /// expired, and removes records whose expiry is older than `retention`.
-    async fn reap(
-        &self,
-        now: Timestamp,
-        retention: Duration,
-        limit: usize,
-    ) -> Result<ReapOutcome, StoreError>;
-
+/// Approvals: created pending, decided once, consumed once.
+#[async_trait]
+pub trait ApprovalStore: Send + Sync + fmt::Debug {
     /// Records a new, pending approval.
     async fn create_approval(&self, approval: &Approval) -> Result<(), StoreError>;
 
@@ -640,22 +611,113 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         request: &ApprovalRequest,
         now: Timestamp,
     ) -> Result<Approval, StoreError>;
+}
 
-    /// Replaces the context of an active task of `agent`, bumping its
-    /// revision; returns the updated task.
-    async fn update_task_context(
+/// The revocation feed's log: ordered, resumable, surviving restarts.
+#[async_trait]
+pub trait RevocationLog: Send + Sync + fmt::Debug {
+    /// The cursor of the newest revocation (0 if none yet): where a live
+    /// follower of the feed starts.
+    async fn feed_head(&self) -> Result<u64, StoreError>;
+
+    /// Revocations after `cursor`, oldest first, at most `limit`.
+    async fn revocations_since(
         &self,
-        id: &TaskId,
-        agent: &SpiffeId,
-        context: &TaskContext,
+        cursor: u64,
+        limit: usize,
+    ) -> Result<Vec<RevocationEvent>, StoreError>;
+}
+
+/// Recording: leases with their audit records, to the store's trail.
+#[async_trait]
+pub trait RecordStore: Send + Sync + fmt::Debug {
+    /// Writes `batch.records` to the store's trail and, with each record
+    /// that issues a credential or opens a task, its lease (checked as
+    /// [`issue`](Self::issue) or [`start_task`](Self::start_task) checks
+    /// it), so that a lease and its record exist together or not at all,
+    /// across a crash at any point: in one script when the trail is this
+    /// store's own (Redis); on the embedded store, the leases and the
+    /// records in one transaction (the records in its outbox), then the
+    /// records shipped to the trail. Returns one outcome per record, in
+    /// order: `Ok` once the record is in the trail (and its lease
+    /// durable); an error otherwise, with no lease of it left active. A
+    /// refused lease fails only its own record.
+    async fn record(&self, batch: &RecordBatch<'_>) -> Vec<Result<(), RecordError>>;
+
+    /// Ships to the trail the records this store holds that the trail may
+    /// not have yet (the embedded store's outbox, left by a crash or by
+    /// a trail that failed), each exactly once where the trail can tell
+    /// its head; the recorder calls it before its first batch. A store
+    /// that writes leases and records in one place has nothing to ship.
+    async fn ship_pending(&self) -> Result<(), RecordError> {
+        Ok(())
+    }
+
+    /// The trail this store records to, chosen when it was built
+    /// ([`NoTrail`](crate::audit::NoTrail) if none was: every record
+    /// fails). Read it for `mayfly audit tail`.
+    fn trail(&self) -> Arc<dyn AuditSink>;
+}
+
+/// Keys used once across every replica (a workload token's `jti`).
+#[async_trait]
+pub trait ReplayGuard: Send + Sync + fmt::Debug {
+    /// Records `key` as used until `until` and says whether this is its
+    /// first use: `false` if it was recorded before and `until` of that
+    /// record has not passed at `now`. Every replica sees the same answer
+    /// (a workload token's `jti` is accepted once per cluster).
+    async fn first_use(
+        &self,
+        key: &str,
+        until: Timestamp,
         now: Timestamp,
-    ) -> Result<Task, StoreError>;
+    ) -> Result<bool, StoreError>;
+}
+
+/// Keeping the store: expiry and purging, health.
+#[async_trait]
+pub trait Upkeep: Send + Sync + fmt::Debug {
+    /// Moves at most `limit` leases whose expiry has passed from active to
+    /// expired, and removes records whose expiry is older than `retention`.
+    async fn reap(
+        &self,
+        now: Timestamp,
+        retention: Duration,
+        limit: usize,
+    ) -> Result<ReapOutcome, StoreError>;
 
     /// Whether the store can serve requests now.
     async fn check(&self) -> Result<(), StoreError>;
+}
 
-    /// How many leases (tasks and credentials) are recorded active,
-    /// including any past their expiry that the reaper has not yet moved.
-    /// Cheap: an index's size, for the live-leases gauge.
-    async fn active_count(&self) -> Result<u64, StoreError>;
+/// The lease store: every role, as one backend implements them. Methods
+/// take `now` from the caller so that time is one consistent value per
+/// request, and so tests control it. A part of the broker that needs one
+/// role takes that role (the feed a [`RevocationLog`], the reaper and
+/// health [`Upkeep`], token sign-in a [`ReplayGuard`]); the request
+/// service takes the whole store.
+pub trait LeaseStore:
+    TaskStore
+    + CredentialStore
+    + AgentStore
+    + ApprovalStore
+    + RevocationLog
+    + RecordStore
+    + ReplayGuard
+    + Upkeep
+    + 'static
+{
+}
+
+impl<S> LeaseStore for S where
+    S: TaskStore
+        + CredentialStore
+        + AgentStore
+        + ApprovalStore
+        + RevocationLog
+        + RecordStore
+        + ReplayGuard
+        + Upkeep
+        + 'static
+{
 }

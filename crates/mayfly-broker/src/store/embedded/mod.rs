@@ -36,7 +36,7 @@
 //! the first record in the outbox).
 //!
 //! - `mod.rs`: [`EmbeddedStore`]: opening, reads on snapshots, writes
-//!   through the writer, and the [`LeaseStore`] calls;
+//!   through the writer, and the [`LeaseStore`](super::LeaseStore) roles;
 //! - `outbox.rs`: recording: leases and audit records in one
 //!   transaction, the records shipped to the trail after it, each once;
 //! - `writer.rs`: the group-commit writer thread;
@@ -65,8 +65,9 @@ use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableT
 use tokio::sync::oneshot;
 
 use super::{
-    ExpiredLease, LeaseFilter, LeaseStore, Page, PageRequest, ReapOutcome, RecordBatch,
-    RecordError, RevocationEvent, RevokeRequest, StoreError, TaskFilter, check_consumable,
+    AgentStore, ApprovalStore, CredentialStore, ExpiredLease, LeaseFilter, Page, PageRequest,
+    ReapOutcome, RecordBatch, RecordError, RecordStore, ReplayGuard, RevocationEvent,
+    RevocationLog, RevokeRequest, StoreError, TaskFilter, TaskStore, Upkeep, check_consumable,
     check_decidable,
 };
 use crate::audit::{AuditSink, NoTrail};
@@ -204,7 +205,7 @@ impl EmbeddedStore {
 const SEEN_PURGE_BATCH: usize = 64;
 
 #[async_trait]
-impl LeaseStore for EmbeddedStore {
+impl TaskStore for EmbeddedStore {
     async fn start_task(&self, task: &Task) -> Result<(), StoreError> {
         let task = task.clone();
         self.write(move |t| t.start_task(&task)).await
@@ -235,21 +236,83 @@ impl LeaseStore for EmbeddedStore {
         .await
     }
 
+    async fn end_task(&self, id: &TaskId, req: &RevokeRequest) -> Result<Vec<LeaseId>, StoreError> {
+        let (id, req) = (id.clone(), req.clone());
+        self.write(move |t| t.end_task(&id, &req)).await
+    }
+
+    async fn list_tasks(
+        &self,
+        filter: &TaskFilter,
+        page: &PageRequest,
+        now: Timestamp,
+    ) -> Result<Page<TaskRecord>, StoreError> {
+        let (filter, page) = (filter.clone(), page.clone());
+        self.read(move |txn| {
+            let tasks = txn.open_table(TASKS)?;
+            let leases = txn.open_table(LEASES)?;
+            let ids = match (&filter.parent, &filter.agent) {
+                (Some(parent), _) => {
+                    multimap_ids(&txn.open_multimap_table(TASK_CHILDREN)?, parent.as_str())?
+                }
+                (None, Some(agent)) => {
+                    multimap_ids(&txn.open_multimap_table(AGENT_TASKS)?, agent.as_str())?
+                }
+                (None, None) => table_ids(&tasks, page.after.as_deref())?,
+            };
+            let load = |id: &str| -> Result<Option<TaskRecord>, StoreError> {
+                let Some(task) = tasks.get(id)? else {
+                    return Ok(None);
+                };
+                let lease: Option<Lease> =
+                    leases.get(id)?.map(|v| decode(v.value())).transpose()?;
+                let lease = lease.ok_or_else(|| {
+                    StoreError::Corrupt(Cause::msg(format!("task {id} has no task lease")))
+                })?;
+                Ok(Some(TaskRecord {
+                    task: decode(task.value())?,
+                    status: lease.status,
+                }))
+            };
+            page_of(ids.into_iter(), &page, MAX_SCAN, load, |r| {
+                filter.matches(r, now)
+            })
+        })
+        .await
+    }
+
+    async fn update_task_context(
+        &self,
+        id: &TaskId,
+        agent: &SpiffeId,
+        context: &TaskContext,
+        now: Timestamp,
+    ) -> Result<Task, StoreError> {
+        let (id, agent, context) = (id.clone(), agent.clone(), context.clone());
+        self.write(move |t| {
+            let record = t
+                .task_record(id.as_str())?
+                .filter(|r| r.task.agent == agent)
+                .ok_or(StoreError::TaskNotFound)?;
+            let state = record.state_at(now);
+            if state != TaskState::Active {
+                return Err(StoreError::TaskNotActive(state));
+            }
+            let mut task = record.task;
+            task.context = context.clone();
+            task.revision += 1;
+            t.tasks.insert(id.as_str(), encode(&task)?.as_slice())?;
+            Ok(task)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl CredentialStore for EmbeddedStore {
     async fn issue(&self, lease: &Lease, now: Timestamp) -> Result<(), StoreError> {
         let lease = lease.clone();
         self.write(move |t| t.issue(&lease, now)).await
-    }
-
-    async fn record(&self, batch: &RecordBatch<'_>) -> Vec<Result<(), RecordError>> {
-        self.record_via_outbox(batch).await
-    }
-
-    async fn ship_pending(&self) -> Result<(), RecordError> {
-        self.ship_outbox().await
-    }
-
-    fn trail(&self) -> Arc<dyn AuditSink> {
-        self.trail.clone()
     }
 
     async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError> {
@@ -262,11 +325,6 @@ impl LeaseStore for EmbeddedStore {
                 .transpose()
         })
         .await
-    }
-
-    async fn end_task(&self, id: &TaskId, req: &RevokeRequest) -> Result<Vec<LeaseId>, StoreError> {
-        let (id, req) = (id.clone(), req.clone());
-        self.write(move |t| t.end_task(&id, &req)).await
     }
 
     async fn revoke_lease(
@@ -288,6 +346,41 @@ impl LeaseStore for EmbeddedStore {
         .await
     }
 
+    async fn list_leases(
+        &self,
+        filter: &LeaseFilter,
+        page: &PageRequest,
+        now: Timestamp,
+    ) -> Result<Page<Lease>, StoreError> {
+        let (filter, page) = (filter.clone(), page.clone());
+        self.read(move |txn| {
+            let leases = txn.open_table(LEASES)?;
+            let ids = if let Some(task) = &filter.task {
+                multimap_ids(&txn.open_multimap_table(TASK_LEASES)?, task.as_str())?
+            } else if let Some(agent) = &filter.agent {
+                multimap_ids(&txn.open_multimap_table(AGENT_LEASES)?, agent.as_str())?
+            } else {
+                table_ids(&leases, page.after.as_deref())?
+            };
+            page_of(
+                ids.into_iter(),
+                &page,
+                MAX_SCAN,
+                |id| leases.get(id)?.map(|v| decode(v.value())).transpose(),
+                |l: &Lease| filter.matches(l, now),
+            )
+        })
+        .await
+    }
+
+    async fn active_count(&self) -> Result<u64, StoreError> {
+        self.read(|txn| Ok(txn.open_table(ACTIVE_EXPIRY)?.len()?))
+            .await
+    }
+}
+
+#[async_trait]
+impl AgentStore for EmbeddedStore {
     async fn revoke_agent(
         &self,
         agent: &SpiffeId,
@@ -310,40 +403,6 @@ impl LeaseStore for EmbeddedStore {
             t.agent_locks
                 .insert(lock.agent.as_str(), encode(&lock)?.as_slice())?;
             t.revoke_agent(&lock.agent, &req)
-        })
-        .await
-    }
-
-    async fn first_use(
-        &self,
-        key: &str,
-        until: Timestamp,
-        now: Timestamp,
-    ) -> Result<bool, StoreError> {
-        let key = key.to_owned();
-        self.write(move |t| {
-            // What has lapsed goes first, a bounded batch per call, so the
-            // tables stay as large as the keys still in force.
-            let lapsed: Vec<(u64, String)> = t
-                .seen_expiry
-                .range(..(now.as_millis(), ""))?
-                .take(SEEN_PURGE_BATCH)
-                .map(|e| e.map(|(k, _)| (k.value().0, k.value().1.to_owned())))
-                .collect::<Result<_, _>>()?;
-            for (at, k) in &lapsed {
-                t.seen_expiry.remove((*at, k.as_str()))?;
-                if t.seen.get(k.as_str())?.map(|v| v.value()) == Some(*at) {
-                    t.seen.remove(k.as_str())?;
-                }
-            }
-            let held = t.seen.get(key.as_str())?.map(|v| v.value());
-            if held.is_some_and(|at| at > now.as_millis()) {
-                return Ok(false);
-            }
-            t.seen.insert(key.as_str(), until.as_millis())?;
-            t.seen_expiry
-                .insert((until.as_millis(), key.as_str()), ())?;
-            Ok(true)
         })
         .await
     }
@@ -394,164 +453,10 @@ impl LeaseStore for EmbeddedStore {
         })
         .await
     }
+}
 
-    async fn list_leases(
-        &self,
-        filter: &LeaseFilter,
-        page: &PageRequest,
-        now: Timestamp,
-    ) -> Result<Page<Lease>, StoreError> {
-        let (filter, page) = (filter.clone(), page.clone());
-        self.read(move |txn| {
-            let leases = txn.open_table(LEASES)?;
-            let ids = if let Some(task) = &filter.task {
-                multimap_ids(&txn.open_multimap_table(TASK_LEASES)?, task.as_str())?
-            } else if let Some(agent) = &filter.agent {
-                multimap_ids(&txn.open_multimap_table(AGENT_LEASES)?, agent.as_str())?
-            } else {
-                table_ids(&leases, page.after.as_deref())?
-            };
-            page_of(
-                ids.into_iter(),
-                &page,
-                MAX_SCAN,
-                |id| leases.get(id)?.map(|v| decode(v.value())).transpose(),
-                |l: &Lease| filter.matches(l, now),
-            )
-        })
-        .await
-    }
-
-    async fn list_tasks(
-        &self,
-        filter: &TaskFilter,
-        page: &PageRequest,
-        now: Timestamp,
-    ) -> Result<Page<TaskRecord>, StoreError> {
-        let (filter, page) = (filter.clone(), page.clone());
-        self.read(move |txn| {
-            let tasks = txn.open_table(TASKS)?;
-            let leases = txn.open_table(LEASES)?;
-            let ids = match (&filter.parent, &filter.agent) {
-                (Some(parent), _) => {
-                    multimap_ids(&txn.open_multimap_table(TASK_CHILDREN)?, parent.as_str())?
-                }
-                (None, Some(agent)) => {
-                    multimap_ids(&txn.open_multimap_table(AGENT_TASKS)?, agent.as_str())?
-                }
-                (None, None) => table_ids(&tasks, page.after.as_deref())?,
-            };
-            let load = |id: &str| -> Result<Option<TaskRecord>, StoreError> {
-                let Some(task) = tasks.get(id)? else {
-                    return Ok(None);
-                };
-                let lease: Option<Lease> =
-                    leases.get(id)?.map(|v| decode(v.value())).transpose()?;
-                let lease = lease.ok_or_else(|| {
-                    StoreError::Corrupt(Cause::msg(format!("task {id} has no task lease")))
-                })?;
-                Ok(Some(TaskRecord {
-                    task: decode(task.value())?,
-                    status: lease.status,
-                }))
-            };
-            page_of(ids.into_iter(), &page, MAX_SCAN, load, |r| {
-                filter.matches(r, now)
-            })
-        })
-        .await
-    }
-
-    async fn feed_head(&self) -> Result<u64, StoreError> {
-        self.read(|txn| {
-            let meta = txn.open_table(META)?;
-            Ok(meta
-                .get(NEXT_CURSOR)?
-                .map_or(0, |v| v.value().saturating_sub(1)))
-        })
-        .await
-    }
-
-    async fn revocations_since(
-        &self,
-        cursor: u64,
-        limit: usize,
-    ) -> Result<Vec<RevocationEvent>, StoreError> {
-        self.read(move |txn| {
-            let table = txn.open_table(REVOCATIONS)?;
-            let mut out = Vec::new();
-            for entry in table.range(cursor.saturating_add(1)..)?.take(limit) {
-                let (_, v) = entry?;
-                out.push(decode(v.value())?);
-            }
-            Ok(out)
-        })
-        .await
-    }
-
-    async fn reap(
-        &self,
-        now: Timestamp,
-        retention: Duration,
-        limit: usize,
-    ) -> Result<ReapOutcome, StoreError> {
-        self.write(move |t| {
-            let mut outcome = ReapOutcome::default();
-            let due = expiry_keys(&t.active_expiry, now.as_millis(), limit)?;
-            outcome.more |= due.len() >= limit;
-            for (exp, id) in due {
-                t.active_expiry.remove((exp, id.as_str()))?;
-                if let Some(mut lease) = t.lease(&id)?
-                    && lease.status == LeaseStatus::Active
-                {
-                    lease.status = LeaseStatus::Expired;
-                    t.put_lease(&lease)?;
-                    outcome.expired.push(ExpiredLease {
-                        id: lease.id,
-                        task_id: lease.task_id,
-                        agent: lease.agent,
-                    });
-                }
-            }
-            let cutoff = now.minus(retention).as_millis();
-            let due = expiry_keys(&t.all_expiry, cutoff, limit)?;
-            outcome.more |= due.len() >= limit;
-            for (exp, id) in due {
-                match t.lease(&id)? {
-                    Some(lease) => t.purge(&lease)?,
-                    None => {
-                        t.all_expiry.remove((exp, id.as_str()))?;
-                    }
-                }
-                outcome.purged += 1;
-            }
-            for (exp, id) in expiry_keys(&t.approval_expiry, cutoff, limit)? {
-                t.approval_expiry.remove((exp, id.as_str()))?;
-                t.approvals.remove(id.as_str())?;
-            }
-            // Trim the feed from its oldest end while the credentials have
-            // been expired for longer than the retention window.
-            loop {
-                let Some((cursor, event)) = t
-                    .revocations
-                    .first()?
-                    .map(|(k, v)| {
-                        Ok::<_, StoreError>((k.value(), decode::<RevocationEvent>(v.value())?))
-                    })
-                    .transpose()?
-                else {
-                    break;
-                };
-                if event.expires_at.as_millis() > cutoff {
-                    break;
-                }
-                t.revocations.remove(cursor)?;
-            }
-            Ok(outcome)
-        })
-        .await
-    }
-
+#[async_trait]
+impl ApprovalStore for EmbeddedStore {
     async fn create_approval(&self, approval: &Approval) -> Result<(), StoreError> {
         let a = approval.clone();
         self.write(move |t| {
@@ -637,29 +542,151 @@ impl LeaseStore for EmbeddedStore {
         })
         .await
     }
+}
 
-    async fn update_task_context(
+#[async_trait]
+impl RevocationLog for EmbeddedStore {
+    async fn feed_head(&self) -> Result<u64, StoreError> {
+        self.read(|txn| {
+            let meta = txn.open_table(META)?;
+            Ok(meta
+                .get(NEXT_CURSOR)?
+                .map_or(0, |v| v.value().saturating_sub(1)))
+        })
+        .await
+    }
+
+    async fn revocations_since(
         &self,
-        id: &TaskId,
-        agent: &SpiffeId,
-        context: &TaskContext,
-        now: Timestamp,
-    ) -> Result<Task, StoreError> {
-        let (id, agent, context) = (id.clone(), agent.clone(), context.clone());
-        self.write(move |t| {
-            let record = t
-                .task_record(id.as_str())?
-                .filter(|r| r.task.agent == agent)
-                .ok_or(StoreError::TaskNotFound)?;
-            let state = record.state_at(now);
-            if state != TaskState::Active {
-                return Err(StoreError::TaskNotActive(state));
+        cursor: u64,
+        limit: usize,
+    ) -> Result<Vec<RevocationEvent>, StoreError> {
+        self.read(move |txn| {
+            let table = txn.open_table(REVOCATIONS)?;
+            let mut out = Vec::new();
+            for entry in table.range(cursor.saturating_add(1)..)?.take(limit) {
+                let (_, v) = entry?;
+                out.push(decode(v.value())?);
             }
-            let mut task = record.task;
-            task.context = context.clone();
-            task.revision += 1;
-            t.tasks.insert(id.as_str(), encode(&task)?.as_slice())?;
-            Ok(task)
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl RecordStore for EmbeddedStore {
+    async fn record(&self, batch: &RecordBatch<'_>) -> Vec<Result<(), RecordError>> {
+        self.record_via_outbox(batch).await
+    }
+
+    async fn ship_pending(&self) -> Result<(), RecordError> {
+        self.ship_outbox().await
+    }
+
+    fn trail(&self) -> Arc<dyn AuditSink> {
+        self.trail.clone()
+    }
+}
+
+#[async_trait]
+impl ReplayGuard for EmbeddedStore {
+    async fn first_use(
+        &self,
+        key: &str,
+        until: Timestamp,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let key = key.to_owned();
+        self.write(move |t| {
+            // What has lapsed goes first, a bounded batch per call, so the
+            // tables stay as large as the keys still in force.
+            let lapsed: Vec<(u64, String)> = t
+                .seen_expiry
+                .range(..(now.as_millis(), ""))?
+                .take(SEEN_PURGE_BATCH)
+                .map(|e| e.map(|(k, _)| (k.value().0, k.value().1.to_owned())))
+                .collect::<Result<_, _>>()?;
+            for (at, k) in &lapsed {
+                t.seen_expiry.remove((*at, k.as_str()))?;
+                if t.seen.get(k.as_str())?.map(|v| v.value()) == Some(*at) {
+                    t.seen.remove(k.as_str())?;
+                }
+            }
+            let held = t.seen.get(key.as_str())?.map(|v| v.value());
+            if held.is_some_and(|at| at > now.as_millis()) {
+                return Ok(false);
+            }
+            t.seen.insert(key.as_str(), until.as_millis())?;
+            t.seen_expiry
+                .insert((until.as_millis(), key.as_str()), ())?;
+            Ok(true)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Upkeep for EmbeddedStore {
+    async fn reap(
+        &self,
+        now: Timestamp,
+        retention: Duration,
+        limit: usize,
+    ) -> Result<ReapOutcome, StoreError> {
+        self.write(move |t| {
+            let mut outcome = ReapOutcome::default();
+            let due = expiry_keys(&t.active_expiry, now.as_millis(), limit)?;
+            outcome.more |= due.len() >= limit;
+            for (exp, id) in due {
+                t.active_expiry.remove((exp, id.as_str()))?;
+                if let Some(mut lease) = t.lease(&id)?
+                    && lease.status == LeaseStatus::Active
+                {
+                    lease.status = LeaseStatus::Expired;
+                    t.put_lease(&lease)?;
+                    outcome.expired.push(ExpiredLease {
+                        id: lease.id,
+                        task_id: lease.task_id,
+                        agent: lease.agent,
+                    });
+                }
+            }
+            let cutoff = now.minus(retention).as_millis();
+            let due = expiry_keys(&t.all_expiry, cutoff, limit)?;
+            outcome.more |= due.len() >= limit;
+            for (exp, id) in due {
+                match t.lease(&id)? {
+                    Some(lease) => t.purge(&lease)?,
+                    None => {
+                        t.all_expiry.remove((exp, id.as_str()))?;
+                    }
+                }
+                outcome.purged += 1;
+            }
+            for (exp, id) in expiry_keys(&t.approval_expiry, cutoff, limit)? {
+                t.approval_expiry.remove((exp, id.as_str()))?;
+                t.approvals.remove(id.as_str())?;
+            }
+            // Trim the feed from its oldest end while the credentials have
+            // been expired for longer than the retention window.
+            loop {
+                let Some((cursor, event)) = t
+                    .revocations
+                    .first()?
+                    .map(|(k, v)| {
+                        Ok::<_, StoreError>((k.value(), decode::<RevocationEvent>(v.value())?))
+                    })
+                    .transpose()?
+                else {
+                    break;
+                };
+                if event.expires_at.as_millis() > cutoff {
+                    break;
+                }
+                t.revocations.remove(cursor)?;
+            }
+            Ok(outcome)
         })
         .await
     }
@@ -670,10 +697,5 @@ impl LeaseStore for EmbeddedStore {
             Ok(())
         })
         .await
-    }
-
-    async fn active_count(&self) -> Result<u64, StoreError> {
-        self.read(|txn| Ok(txn.open_table(ACTIVE_EXPIRY)?.len()?))
-            .await
     }
 }

@@ -1,11 +1,13 @@
 //! Agents: revoking everything one holds, and operators' locks.
 
+use crate::store::AgentStore;
+use crate::store::CredentialStore;
 use mayfly_core::{AgentLock, LeaseId, SpiffeId, TaskId, Timestamp};
 
 use super::RedisStore;
 use super::codec::{decode, encode};
 use crate::cause::Cause;
-use crate::store::{LeaseStore, RevokeRequest, StoreError};
+use crate::store::{RevokeRequest, StoreError};
 
 pub(super) async fn revoke_agent(
     store: &RedisStore,

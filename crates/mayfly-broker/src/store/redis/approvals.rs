@@ -1,6 +1,7 @@
 //! Approvals: created pending, decided once, consumed once for exactly the
 //! request they cover.
 
+use crate::store::ApprovalStore;
 use mayfly_core::{
     Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, SpiffeId, TaskId,
     Timestamp,
@@ -10,7 +11,7 @@ use super::codec::{ApprovalFields, approval_from, approval_status, encode};
 use super::scripts::Repeat;
 use super::{CHUNK, RedisStore};
 use crate::cause::Cause;
-use crate::store::{LeaseStore, Page, PageRequest, StoreError, check_consumable};
+use crate::store::{Page, PageRequest, StoreError, check_consumable};
 
 pub(super) async fn create_approval(store: &RedisStore, a: &Approval) -> Result<(), StoreError> {
     let key = store.keys.approval(a.id.as_str());

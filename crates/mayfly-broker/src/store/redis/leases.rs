@@ -1,6 +1,7 @@
 //! Tasks and their leases: start, issue, end, revoke one, change context,
 //! read.
 
+use crate::store::TaskStore;
 use mayfly_core::{
     Lease, LeaseId, RevocationReason, SpiffeId, Task, TaskContext, TaskId, TaskRecord, Timestamp,
 };
@@ -10,7 +11,7 @@ use super::codec::{LeaseFields, encode, lease_from, script_status};
 use super::keys::split_member;
 use super::scripts::Repeat;
 use crate::cause::Cause;
-use crate::store::{LeaseStore, RevokeRequest, StoreError};
+use crate::store::{RevokeRequest, StoreError};
 
 pub(super) async fn start_task(store: &RedisStore, task: &Task) -> Result<(), StoreError> {
     let t = task.id.as_str();

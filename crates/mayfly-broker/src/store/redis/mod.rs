@@ -8,7 +8,7 @@
 //! losing up to a second of leases on a Redis crash with `everysec`).
 //!
 //! - `mod.rs`: [`RedisStore`], sending scripts (and waiting for replicas),
-//!   and the [`LeaseStore`] calls, each handed to the file of its job:
+//!   and the [`LeaseStore`](super::LeaseStore) roles, each handed to the file of its job:
 //! - `leases.rs`: tasks and their leases (start, issue, end, revoke one,
 //!   change context, read); `agents.rs`: revoking an agent, locks;
 //!   `approvals.rs`; `listing.rs`: pages over the indexes; `feed.rs`: the
@@ -48,8 +48,9 @@ pub use crate::redis_conn::RedisTarget;
 pub use trail::RedisSink;
 
 use super::{
-    LeaseFilter, LeaseStore, Page, PageRequest, ReapOutcome, RecordBatch, RecordError,
-    RevocationEvent, RevokeRequest, StoreError, TaskFilter,
+    AgentStore, ApprovalStore, CredentialStore, LeaseFilter, Page, PageRequest, ReapOutcome,
+    RecordBatch, RecordError, RecordStore, ReplayGuard, RevocationEvent, RevocationLog,
+    RevokeRequest, StoreError, TaskFilter, TaskStore, Upkeep,
 };
 use crate::audit::AuditSink;
 use codec::{encode, script_status};
@@ -304,7 +305,7 @@ impl RedisStore {
 }
 
 #[async_trait]
-impl LeaseStore for RedisStore {
+impl TaskStore for RedisStore {
     async fn start_task(&self, task: &Task) -> Result<(), StoreError> {
         leases::start_task(self, task).await
     }
@@ -313,27 +314,38 @@ impl LeaseStore for RedisStore {
         leases::get_task(self, id).await
     }
 
+    async fn end_task(&self, id: &TaskId, req: &RevokeRequest) -> Result<Vec<LeaseId>, StoreError> {
+        leases::end_task(self, id, req).await
+    }
+
+    async fn list_tasks(
+        &self,
+        filter: &TaskFilter,
+        page: &PageRequest,
+        now: Timestamp,
+    ) -> Result<Page<TaskRecord>, StoreError> {
+        listing::list_tasks(self, filter, page, now).await
+    }
+
+    async fn update_task_context(
+        &self,
+        id: &TaskId,
+        agent: &SpiffeId,
+        context: &TaskContext,
+        now: Timestamp,
+    ) -> Result<Task, StoreError> {
+        leases::update_task_context(self, id, agent, context, now).await
+    }
+}
+
+#[async_trait]
+impl CredentialStore for RedisStore {
     async fn issue(&self, lease: &Lease, now: Timestamp) -> Result<(), StoreError> {
         leases::issue(self, lease, now).await
     }
 
-    async fn record(&self, batch: &RecordBatch<'_>) -> Vec<Result<(), RecordError>> {
-        self.record_batch(batch).await
-    }
-
-    fn trail(&self) -> Arc<dyn AuditSink> {
-        match &self.trail {
-            Trail::Own(own) => own.clone(),
-            Trail::Outside(trail) => trail.clone(),
-        }
-    }
-
     async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError> {
         leases::get_lease(self, id).await
-    }
-
-    async fn end_task(&self, id: &TaskId, req: &RevokeRequest) -> Result<Vec<LeaseId>, StoreError> {
-        leases::end_task(self, id, req).await
     }
 
     async fn revoke_lease(
@@ -344,6 +356,35 @@ impl LeaseStore for RedisStore {
         leases::revoke_lease(self, id, req).await
     }
 
+    async fn list_leases(
+        &self,
+        filter: &LeaseFilter,
+        page: &PageRequest,
+        now: Timestamp,
+    ) -> Result<Page<Lease>, StoreError> {
+        listing::list_leases(self, filter, page, now).await
+    }
+
+    async fn active_count(&self) -> Result<u64, StoreError> {
+        // The expiry index holds the active leases and those a task end
+        // revoked that have not come due yet, which are counted apart.
+        let (index, ended) = (self.keys.expiry(), self.keys.expiry_ended());
+        let (all, left): (u64, Option<i64>) = self
+            .conn
+            .run(|mut c| async move {
+                redis::pipe()
+                    .zcard(&index)
+                    .get(&ended)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(all.saturating_sub(u64::try_from(left.unwrap_or(0)).unwrap_or(0)))
+    }
+}
+
+#[async_trait]
+impl AgentStore for RedisStore {
     async fn revoke_agent(
         &self,
         agent: &SpiffeId,
@@ -379,46 +420,10 @@ impl LeaseStore for RedisStore {
     async fn list_locks(&self, now: Timestamp) -> Result<Vec<AgentLock>, StoreError> {
         agents::list_locks(self, now).await
     }
+}
 
-    async fn list_leases(
-        &self,
-        filter: &LeaseFilter,
-        page: &PageRequest,
-        now: Timestamp,
-    ) -> Result<Page<Lease>, StoreError> {
-        listing::list_leases(self, filter, page, now).await
-    }
-
-    async fn list_tasks(
-        &self,
-        filter: &TaskFilter,
-        page: &PageRequest,
-        now: Timestamp,
-    ) -> Result<Page<TaskRecord>, StoreError> {
-        listing::list_tasks(self, filter, page, now).await
-    }
-
-    async fn feed_head(&self) -> Result<u64, StoreError> {
-        feed::feed_head(self).await
-    }
-
-    async fn revocations_since(
-        &self,
-        cursor: u64,
-        limit: usize,
-    ) -> Result<Vec<RevocationEvent>, StoreError> {
-        feed::revocations_since(self, cursor, limit).await
-    }
-
-    async fn reap(
-        &self,
-        now: Timestamp,
-        retention: Duration,
-        limit: usize,
-    ) -> Result<ReapOutcome, StoreError> {
-        reap::reap(self, now, retention, limit).await
-    }
-
+#[async_trait]
+impl ApprovalStore for RedisStore {
     async fn create_approval(&self, a: &Approval) -> Result<(), StoreError> {
         approvals::create_approval(self, a).await
     }
@@ -455,17 +460,39 @@ impl LeaseStore for RedisStore {
     ) -> Result<Approval, StoreError> {
         approvals::consume_approval(self, id, agent, task, request, now).await
     }
+}
 
-    async fn update_task_context(
-        &self,
-        id: &TaskId,
-        agent: &SpiffeId,
-        context: &TaskContext,
-        now: Timestamp,
-    ) -> Result<Task, StoreError> {
-        leases::update_task_context(self, id, agent, context, now).await
+#[async_trait]
+impl RevocationLog for RedisStore {
+    async fn feed_head(&self) -> Result<u64, StoreError> {
+        feed::feed_head(self).await
     }
 
+    async fn revocations_since(
+        &self,
+        cursor: u64,
+        limit: usize,
+    ) -> Result<Vec<RevocationEvent>, StoreError> {
+        feed::revocations_since(self, cursor, limit).await
+    }
+}
+
+#[async_trait]
+impl RecordStore for RedisStore {
+    async fn record(&self, batch: &RecordBatch<'_>) -> Vec<Result<(), RecordError>> {
+        self.record_batch(batch).await
+    }
+
+    fn trail(&self) -> Arc<dyn AuditSink> {
+        match &self.trail {
+            Trail::Own(own) => own.clone(),
+            Trail::Outside(trail) => trail.clone(),
+        }
+    }
+}
+
+#[async_trait]
+impl ReplayGuard for RedisStore {
     async fn first_use(
         &self,
         key: &str,
@@ -514,6 +541,18 @@ impl LeaseStore for RedisStore {
         }
         Ok(set.is_some())
     }
+}
+
+#[async_trait]
+impl Upkeep for RedisStore {
+    async fn reap(
+        &self,
+        now: Timestamp,
+        retention: Duration,
+        limit: usize,
+    ) -> Result<ReapOutcome, StoreError> {
+        reap::reap(self, now, retention, limit).await
+    }
 
     async fn check(&self) -> Result<(), StoreError> {
         let pong: String = self
@@ -527,23 +566,6 @@ impl LeaseStore for RedisStore {
                 "PING answered {pong:?}"
             ))))
         }
-    }
-
-    async fn active_count(&self) -> Result<u64, StoreError> {
-        // The expiry index holds the active leases and those a task end
-        // revoked that have not come due yet, which are counted apart.
-        let (index, ended) = (self.keys.expiry(), self.keys.expiry_ended());
-        let (all, left): (u64, Option<i64>) = self
-            .conn
-            .run(|mut c| async move {
-                redis::pipe()
-                    .zcard(&index)
-                    .get(&ended)
-                    .query_async(&mut c)
-                    .await
-            })
-            .await?;
-        Ok(all.saturating_sub(u64::try_from(left.unwrap_or(0)).unwrap_or(0)))
     }
 }
 

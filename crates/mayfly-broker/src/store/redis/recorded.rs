@@ -8,6 +8,8 @@
 //! given. On any other trail (standard output, off; a file trail is
 //! refused with this store at load), leases first, then records.
 
+use crate::store::CredentialStore;
+use crate::store::TaskStore;
 use std::borrow::Cow;
 
 use futures_util::future::join_all;
@@ -18,7 +20,7 @@ use super::{RedisStore, Repeat, Trail, script_status};
 use crate::audit::{AuditError, AuditRecord};
 use crate::cause::Cause;
 use crate::store::{
-    LeaseStore, LeaseThenRecord, LeaseWrite, RecordBatch, RecordError, RevokeRequest, StoreError,
+    LeaseThenRecord, LeaseWrite, RecordBatch, RecordError, RevokeRequest, StoreError,
     lease_then_record,
 };
 
