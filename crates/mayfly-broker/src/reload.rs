@@ -1,6 +1,6 @@
 //! When a file watcher looks again: every `interval`, at once on SIGHUP,
-//! never after the stop signal. The policy, TLS and signing-key watchers
-//! share it.
+//! never after the stop signal. The policy, TLS, signing-key and CA
+//! watchers share it.
 
 use std::hash::{Hash, Hasher};
 use std::path::Path;

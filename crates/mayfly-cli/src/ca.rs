@@ -1,5 +1,6 @@
 //! `mayfly ca`: the issuing-CA schedule next to the `[ca]` files, which
-//! every replica follows (`mayfly_broker::issuer::ca_ring`).
+//! every replica follows (`mayfly_broker::issuer::CaRing`, with
+//! `install_ca` and `ca_files`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

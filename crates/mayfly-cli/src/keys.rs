@@ -1,6 +1,6 @@
 //! `mayfly keys`: the JWT signing-key schedule in the broker's key
 //! directory (`data_dir`), which every replica follows
-//! (`mayfly_broker::issuer::ring`).
+//! (`mayfly_broker::issuer::{key_files, load_keys, scheduled_path}`).
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -1,6 +1,7 @@
 //! Generated code for the `mayfly.v1` API (`proto/mayfly/v1`). Nothing here
-//! is written by hand but the `Debug` of the one message that carries a
-//! secret (`IssuedToken`, whose token is a bearer credential); the domain
+//! is written by hand but the `Debug` of the messages that carry a secret
+//! (`IssuedToken`, whose token is a bearer credential, and `X509svid`,
+//! whose private key is the workload's); the domain
 //! types live in `mayfly-core` and the conversions at the gRPC edge in
 //! `mayfly-broker` and `mayfly-client`.
 

@@ -3,7 +3,7 @@
 //! this module holds the [`AuditSink`] seam and the sinks that stand
 //! beside any store: a file ([`FileSink`]), standard output, or nowhere.
 //! The Redis store has its own, a stream shared by replicas
-//! ([`RedisSink`](crate::store::RedisSink)). A store is built with the
+//! (`RedisSink`, in the store module). A store is built with the
 //! trail it records to; requests do not write to a sink directly: the
 //! broker's recorder batches their records and hands each batch, with the
 //! leases that come with it, to the lease store.
