@@ -844,7 +844,10 @@ fn keys_rotate_list_and_prune_follow_the_schedule() {
         data.join("jwt-es256.key").to_str().unwrap(),
     ]));
 
-    let out = ok(run(&["keys", "rotate", "--config", config, "--in", "1s"]));
+    // Far enough ahead that the first list comes before it on a busy
+    // machine; the second waits until it has passed.
+    let rotated = std::time::Instant::now();
+    let out = ok(run(&["keys", "rotate", "--config", config, "--in", "5s"]));
     assert!(out.contains("published now; signs from "), "{out}");
     let states = |out: &str| -> Vec<String> {
         out.lines()
@@ -853,7 +856,7 @@ fn keys_rotate_list_and_prune_follow_the_schedule() {
     };
     let out = ok(run(&["keys", "list", "--config", config]));
     assert_eq!(states(&out), ["signing", "next"], "{out}");
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::thread::sleep(std::time::Duration::from_millis(6000).saturating_sub(rotated.elapsed()));
     let out = ok(run(&["keys", "list", "--config", config]));
     assert_eq!(states(&out), ["published", "signing"], "{out}");
     // Still published: nothing to prune.
