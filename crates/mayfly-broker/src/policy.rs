@@ -62,7 +62,8 @@ impl Policy for PolicyHandle {
     }
 }
 
-/// Names and contents (hashed) of the `.cedar` files: a change in any of
+/// Names and contents (hashed) of the policy files (`*.cedar`,
+/// `tools.toml`): a change in any of
 /// them means a reload. Contents are read through symlinks, because a
 /// Kubernetes ConfigMap volume updates its files by swapping a symlinked
 /// directory, which leaves each file's own link and times unchanged.
@@ -72,7 +73,7 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<u64>)> {
         .flatten()
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "cedar"))
+        .filter(|p| mayfly_policy::is_policy_file(p))
         .map(|p| {
             let hash = file_hash(&p);
             (p, hash)

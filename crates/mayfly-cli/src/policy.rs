@@ -4,12 +4,16 @@ use std::path::Path;
 
 use mayfly_policy::CedarPolicy;
 
-/// Prints "ok" and the count, or every problem as `file:line:col: message`.
+/// Prints the counts of policies and tools, or every problem as `file:line:col: message`.
 pub fn check(dir: &Path) -> anyhow::Result<()> {
     match CedarPolicy::load_dir(dir) {
         Ok(p) => {
+            let tools = match p.tools() {
+                0 => String::new(),
+                n => format!(" and {n} tools"),
+            };
             println!(
-                "{}: {} policies, valid against the Mayfly schema",
+                "{}: {} policies{tools}, valid against the Mayfly schema",
                 dir.display(),
                 p.len()
             );

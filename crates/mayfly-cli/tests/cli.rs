@@ -653,7 +653,7 @@ fn policy_check_validates_like_the_broker() {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/policies");
     let out = ok(run(&shipped));
     assert!(
-        out.ends_with("policies, valid against the Mayfly schema\n"),
+        out.ends_with("policies and 3 tools, valid against the Mayfly schema\n"),
         "{out}"
     );
 

@@ -25,6 +25,7 @@ mod spiffe;
 pub mod svid;
 mod task;
 mod time;
+mod tool;
 
 pub use approval::{Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus};
 pub use claims::{ACCESS_TOKEN_TYPE, AccessTokenClaims, ActorClaim, Confirmation};
@@ -39,8 +40,14 @@ pub use lease::{
     RevocationReason,
 };
 pub use lock::{AgentLock, MAX_LOCK_REASON_BYTES};
-pub use policy::{Action, Decision, Pattern, PatternError, Policy, PolicyRequest, TaskFacts};
+pub use policy::{
+    Action, Decision, Pattern, PatternError, Policy, PolicyRequest, Route, TaskFacts,
+};
 pub use proof::{Binding, Proof};
 pub use spiffe::{SpiffeId, SpiffeIdError, SpiffeIdPattern, TASK_SEGMENT, TrustDomain};
 pub use task::{Task, TaskRecord, TaskState};
 pub use time::Timestamp;
+pub use tool::{
+    ArgumentLimits, Arguments, ArgumentsError, MAX_TOOL_BYTES, MAX_UPSTREAM_BYTES, Tool,
+    ToolNameError, canonical_json,
+};

@@ -1,5 +1,6 @@
 //! The authorization seam. Every decision (opening a task, issuing a
-//! token or a certificate, delegating, exchanging a token) is one
+//! token or a certificate, delegating, exchanging a token, calling a
+//! tool) is one
 //! [`PolicyRequest`] to a [`Policy`], at request time; the broker never
 //! decides on its own. The Cedar implementation lives in `mayfly-policy`.
 
@@ -12,6 +13,7 @@ use crate::proof::{Binding, Proof};
 use crate::spiffe::SpiffeId;
 use crate::task::Task;
 use crate::time::Timestamp;
+use crate::tool::{Arguments, Tool};
 
 /// One request to policy: who asks and how it proved itself, what it asks
 /// to do, under which task, for how long, and when.
@@ -77,6 +79,20 @@ pub enum Action<'a> {
         /// What it would be bound to.
         binding: &'a Binding,
     },
+    /// Call a tool through a gateway: an MCP `tools/call`, or an HTTP
+    /// route mapped to a tool. Decided on its arguments.
+    CallTool {
+        /// The tool.
+        tool: &'a Tool,
+        /// Its arguments.
+        arguments: &'a Arguments,
+        /// For an HTTP route: which one.
+        route: Option<Route<'a>>,
+        /// The scopes of the token the call is made with.
+        scopes: &'a Scopes,
+        /// What that token is bound to.
+        binding: &'a Binding,
+    },
 }
 
 impl Action<'_> {
@@ -88,8 +104,18 @@ impl Action<'_> {
             Self::SignCertificate => "sign_certificate",
             Self::Delegate { .. } => "delegate",
             Self::ExchangeToken { .. } => "exchange_token",
+            Self::CallTool { .. } => "call_tool",
         }
     }
+}
+
+/// An HTTP call a gateway maps to a tool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route<'a> {
+    /// Its method (`POST`).
+    pub method: &'a str,
+    /// The route template it matched (`/v1/payments/{id}`).
+    pub template: &'a str,
 }
 
 /// What policy sees of a task: its id (none yet for one being opened),

@@ -40,7 +40,7 @@ pub(crate) fn reads_now(policy: &Policy) -> bool {
 /// The request, owned, as Cedar sees it (all but `now`).
 #[derive(Debug, PartialEq, Eq)]
 struct Key {
-    action: &'static str,
+    action: String,
     agent: String,
     authenticated_by: String,
     binding: Option<String>,
@@ -57,7 +57,7 @@ struct Key {
 impl Key {
     fn of(ask: &Ask<'_>) -> Self {
         Self {
-            action: ask.action,
+            action: ask.action.to_owned(),
             agent: ask.agent.to_string(),
             authenticated_by: ask.authenticated_by.to_owned(),
             binding: ask.binding.map(str::to_owned),
@@ -132,6 +132,10 @@ impl Decisions {
     /// The decision for `ask` if it was made before, else `decide()`'s,
     /// which is kept.
     pub(crate) fn get_or(&self, ask: &Ask<'_>, decide: impl FnOnce() -> Decision) -> Decision {
+        // A tool call's arguments are not part of the key: never cached.
+        if ask.call.is_some() {
+            return decide();
+        }
         let h = hash(ask);
         {
             // Each operation is one insert or lookup: a panic elsewhere

@@ -19,6 +19,7 @@
 mod cache;
 mod load;
 mod slice;
+mod tools;
 
 use std::collections::{BTreeSet, HashMap};
 use std::str::FromStr;
@@ -33,7 +34,7 @@ use mayfly_core::{
     Action, Decision, Policy, PolicyRequest, Scopes, SpiffeId, TaskContext, Timestamp,
 };
 
-pub use load::{PolicyLoadError, Problem};
+pub use load::{PolicyLoadError, Problem, is_policy_file};
 
 /// The Cedar schema every policy is validated against.
 pub const SCHEMA: &str = include_str!("mayfly.cedarschema");
@@ -48,6 +49,8 @@ pub struct CedarPolicy {
     /// Each policy's annotations as limits, read once at load (asking
     /// Cedar for an annotation parses its key every time).
     limits: HashMap<PolicyId, Limits>,
+    /// The tools of `tools.toml`, each an action of `call_tool`.
+    tools: tools::Tools,
     /// Decisions made, for requests whose policies do not read the time.
     decisions: cache::Decisions,
 }
@@ -89,9 +92,10 @@ enum Type {
     Audience,
     CertificateKind,
     Path,
+    Tool,
 }
 
-static TYPES: LazyLock<[EntityTypeName; 6]> = LazyLock::new(|| {
+static TYPES: LazyLock<[EntityTypeName; 7]> = LazyLock::new(|| {
     [
         "Mayfly::Agent",
         "Mayfly::Task",
@@ -99,6 +103,7 @@ static TYPES: LazyLock<[EntityTypeName; 6]> = LazyLock::new(|| {
         "Mayfly::Audience",
         "Mayfly::CertificateKind",
         "Mayfly::Path",
+        "Mayfly::Tool",
     ]
     .map(|name| {
         // Constant names from the schema: cannot fail.
@@ -169,7 +174,11 @@ struct Ask<'a> {
     /// the exchanged token's audience, and the resource server of that
     /// audience the caller is one of.
     exchange: Option<(&'a SpiffeId, &'a str, &'a str)>,
-    action: &'static str,
+    /// For a tool call: its arguments (as `context.arguments`) and, for
+    /// an HTTP route, its method and template.
+    call: Option<(RestrictedExpression, &'a str, &'a str)>,
+    /// The action's name: one of [`ACTIONS`], or a tool's.
+    action: &'a str,
     resource: EntityUid,
     task_id: &'a str,
     intent: &'a str,
@@ -179,6 +188,18 @@ struct Ask<'a> {
     now: Timestamp,
 }
 
+impl Ask<'_> {
+    /// What is asked, for a refusal: `issue_token https://api`, `call
+    /// billing/pay_invoice`.
+    fn what(&self) -> String {
+        let resource = self.resource.id().unescaped().to_owned();
+        match self.call {
+            Some(_) => format!("call {resource}"),
+            None => format!("{} {resource}", self.action),
+        }
+    }
+}
+
 /// The schema ([`SCHEMA`]) does not parse: a defect of this build, never
 /// of the policies. Cedar's error is the source.
 #[derive(Debug, thiserror::Error)]
@@ -186,16 +207,30 @@ struct Ask<'a> {
 pub struct SchemaError(#[source] Box<cedar_policy::CedarSchemaError>);
 
 impl CedarPolicy {
-    /// The schema, parsed.
+    /// The schema, parsed, without tools.
     pub fn schema() -> Result<Schema, SchemaError> {
-        Schema::from_cedarschema_str(SCHEMA)
-            .map(|(s, _)| s)
-            .map_err(|e| SchemaError(Box::new(e)))
+        Self::schema_with(&tools::Tools::default())
+    }
+
+    /// The schema with an action for each of `tools`.
+    fn schema_with(tools: &tools::Tools) -> Result<Schema, SchemaError> {
+        let fragment = |text: &str| {
+            cedar_policy::SchemaFragment::from_cedarschema_str(text)
+                .map(|(f, _)| f)
+                .map_err(|e| SchemaError(Box::new(e)))
+        };
+        Schema::from_schema_fragments([fragment(SCHEMA)?, fragment(&tools.schema())?])
+            .map_err(|e| SchemaError(Box::new(e.into())))
     }
 
     /// How many policies the set holds.
     pub fn len(&self) -> usize {
         self.limits.len()
+    }
+
+    /// How many tools `tools.toml` declares.
+    pub fn tools(&self) -> usize {
+        self.tools.len()
     }
 
     /// Whether the set holds no policy (then everything is denied).
@@ -238,6 +273,16 @@ impl CedarPolicy {
         if let Some((subject, ..)) = ask.exchange.filter(|(s, ..)| *s != ask.agent) {
             entities.push(agent_entity(subject, ""));
         }
+        if ask.call.is_some() {
+            // A tool's action in its group, so `action in
+            // Mayfly::Action::"call_tool"` holds.
+            let group = uid(Type::Action, "call_tool");
+            entities.push(Ok(Entity::new_no_attrs(
+                uid(Type::Action, ask.action),
+                [group.clone()].into_iter().collect(),
+            )));
+            entities.push(Ok(Entity::new_no_attrs(group, Default::default())));
+        }
         let entities = match entities.into_iter().collect::<Result<Vec<_>, _>>() {
             Ok(list) => match Entities::from_entities(list, None) {
                 Ok(e) => e,
@@ -258,45 +303,60 @@ impl CedarPolicy {
                 ("resource_server".to_owned(), string(resource_server)),
             ]
         });
-        let context = Context::from_pairs(
-            exchange
-                .into_iter()
-                .flatten()
-                .chain(ask.binding.map(|b| ("binding".to_owned(), string(b))))
-                .chain([
-                    (
-                        "task".to_owned(),
-                        RestrictedExpression::new_entity_uid(task_uid),
-                    ),
-                    (
-                        "scopes".to_owned(),
-                        RestrictedExpression::new_set(ask.scopes.iter().map(|s| string(s))),
-                    ),
-                    (
-                        "scope_prefixes".to_owned(),
-                        RestrictedExpression::new_set(
-                            ask.scopes
-                                .iter()
-                                .map(|s| s.split(':').next().unwrap_or(s))
-                                .collect::<BTreeSet<_>>()
-                                .into_iter()
-                                .map(string),
+        let scope_prefixes = || {
+            RestrictedExpression::new_set(
+                ask.scopes
+                    .iter()
+                    .map(|s| s.split(':').next().unwrap_or(s))
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .map(string),
+            )
+        };
+        let now =
+            || RestrictedExpression::new_long(i64::try_from(ask.now.as_secs()).unwrap_or(i64::MAX));
+        let context = match &ask.call {
+            Some((arguments, method, route)) => Context::from_pairs([
+                (
+                    "task".to_owned(),
+                    RestrictedExpression::new_entity_uid(task_uid),
+                ),
+                (
+                    "scopes".to_owned(),
+                    RestrictedExpression::new_set(ask.scopes.iter().map(|s| string(s))),
+                ),
+                ("scope_prefixes".to_owned(), scope_prefixes()),
+                ("binding".to_owned(), string(ask.binding.unwrap_or("none"))),
+                ("now".to_owned(), now()),
+                ("method".to_owned(), string(method)),
+                ("route".to_owned(), string(route)),
+                ("arguments".to_owned(), arguments.clone()),
+            ]),
+            None => Context::from_pairs(
+                exchange
+                    .into_iter()
+                    .flatten()
+                    .chain(ask.binding.map(|b| ("binding".to_owned(), string(b))))
+                    .chain([
+                        (
+                            "task".to_owned(),
+                            RestrictedExpression::new_entity_uid(task_uid),
                         ),
-                    ),
-                    (
-                        "ttl_seconds".to_owned(),
-                        RestrictedExpression::new_long(
-                            i64::try_from(ask.ttl.as_secs()).unwrap_or(i64::MAX),
+                        (
+                            "scopes".to_owned(),
+                            RestrictedExpression::new_set(ask.scopes.iter().map(|s| string(s))),
                         ),
-                    ),
-                    (
-                        "now".to_owned(),
-                        RestrictedExpression::new_long(
-                            i64::try_from(ask.now.as_secs()).unwrap_or(i64::MAX),
+                        ("scope_prefixes".to_owned(), scope_prefixes()),
+                        (
+                            "ttl_seconds".to_owned(),
+                            RestrictedExpression::new_long(
+                                i64::try_from(ask.ttl.as_secs()).unwrap_or(i64::MAX),
+                            ),
                         ),
-                    ),
-                ]),
-        );
+                        ("now".to_owned(), now()),
+                    ]),
+            ),
+        };
         let context = match context {
             Ok(c) => c,
             Err(e) => return fail(e.to_string()),
@@ -345,21 +405,11 @@ impl CedarPolicy {
             }
             cedar_policy::Decision::Deny if !deciding.is_empty() => Decision::Deny {
                 policy_id: Some(ids()),
-                reason: format!(
-                    "{} {} {} is forbidden",
-                    ask.agent,
-                    ask.action,
-                    ask.resource.id().unescaped()
-                ),
+                reason: format!("{} {} is forbidden", ask.agent, ask.what()),
             },
             cedar_policy::Decision::Deny => Decision::Deny {
                 policy_id: None,
-                reason: format!(
-                    "no policy permits {} to {} {}",
-                    ask.agent,
-                    ask.action,
-                    ask.resource.id().unescaped()
-                ),
+                reason: format!("no policy permits {} to {}", ask.agent, ask.what()),
             },
         }
     }
@@ -409,6 +459,7 @@ impl Policy for CedarPolicy {
             binding: None,
             delegate: None,
             exchange: None,
+            call: None,
             action: req.action.name(),
             resource,
             task_id: req.task.id.map_or("new", |id| id.as_str()),
@@ -455,6 +506,35 @@ impl Policy for CedarPolicy {
                 exchange: Some((subject, subject_audience.as_str(), resource_server)),
                 ..base(uid(Type::Audience, audience.as_str()), names(scopes))
             }),
+            Action::CallTool {
+                tool,
+                arguments,
+                route,
+                scopes,
+                binding,
+            } => {
+                let arguments = match self.tools.arguments(tool, arguments) {
+                    Ok(a) => a,
+                    Err(unfit) => {
+                        return Decision::Deny {
+                            policy_id: None,
+                            reason: unfit.to_string(),
+                        };
+                    }
+                };
+                let name = tool.to_string();
+                let (method, template) = route.map_or(("", ""), |r| (r.method, r.template));
+                // Tool actions are not sliced: the whole set decides.
+                self.ask_of(
+                    &self.set,
+                    Ask {
+                        binding: Some(binding.name()),
+                        call: Some((arguments, method, template)),
+                        action: &name,
+                        ..base(uid(Type::Tool, &name), names(scopes))
+                    },
+                )
+            }
         }
     }
 }
@@ -560,6 +640,7 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
                                     "https://tickets.prod.example.com",
                                     "tickets",
                                 )),
+                                call: None,
                                 action,
                                 resource: resource.clone(),
                                 task_id: "t",
@@ -607,6 +688,7 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
             binding: Some("none"),
             delegate: None,
             exchange: None,
+            call: None,
             action: "issue_token",
             resource: uid(Type::Audience, "https://api.example.com"),
             task_id: "t",

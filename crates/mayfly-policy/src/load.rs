@@ -100,6 +100,22 @@ fn policy_starts(text: &str) -> Vec<usize> {
     starts
 }
 
+/// The file that declares the tools, beside the policies.
+const TOOLS_FILE: &str = "tools.toml";
+
+/// Whether `path` is read with the policies: a `*.cedar` file, or the
+/// tools' declarations (`tools.toml`).
+pub fn is_policy_file(path: &Path) -> bool {
+    path.extension().is_some_and(|x| x == "cedar")
+        || path.file_name().is_some_and(|n| n == TOOLS_FILE)
+}
+
+fn is_tools(file: &str) -> bool {
+    std::path::Path::new(file)
+        .file_name()
+        .is_some_and(|n| n == TOOLS_FILE)
+}
+
 const ANNOTATIONS: [&str; 4] = ["id", "max_ttl", "approval", "description"];
 
 impl CedarPolicy {
@@ -118,7 +134,7 @@ impl CedarPolicy {
         let mut files: Vec<_> = entries
             .filter_map(Result::ok)
             .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "cedar"))
+            .filter(|p| is_policy_file(p))
             .collect();
         files.sort();
         let mut sources = Vec::new();
@@ -127,23 +143,39 @@ impl CedarPolicy {
                 .map_err(|e| problem(format!("{}: {e}", f.display())))?;
             sources.push((f.display().to_string(), text));
         }
-        if sources.is_empty() {
+        if !sources.iter().any(|(f, _)| f.ends_with(".cedar")) {
             return Err(problem("no .cedar policy files".into()));
         }
         Self::from_sources(&sources, &dir.display().to_string())
     }
 
-    /// Parses and validates policies given as (file name, text) pairs.
+    /// Parses and validates policies given as (file name, text) pairs;
+    /// a file named `tools.toml` declares the tools (see the crate docs).
     pub fn from_sources(
         sources: &[(String, String)],
         source: &str,
     ) -> Result<Self, PolicyLoadError> {
         let mut problems = Vec::new();
         let mut set = PolicySet::new();
+        let mut tools = crate::tools::Tools::default();
+        for (file, text) in sources.iter().filter(|(f, _)| is_tools(f)) {
+            match crate::tools::Tools::parse(text) {
+                Ok(t) => tools = t,
+                Err(messages) => problems.extend(messages.into_iter().map(|message| Problem {
+                    file: file.clone(),
+                    line: 1,
+                    column: 1,
+                    message,
+                })),
+            }
+        }
         // Policy id → (file index, start offset), for locating problems.
         let mut origin: BTreeMap<String, (usize, usize)> = BTreeMap::new();
         let mut limits = HashMap::new();
         for (fi, (file, text)) in sources.iter().enumerate() {
+            if is_tools(file) {
+                continue;
+            }
             let at = |offset: usize, message: String| {
                 let (line, column) = position(text, offset);
                 Problem {
@@ -228,9 +260,9 @@ impl CedarPolicy {
             }
         }
         if problems.is_empty() {
-            let schema = Self::schema().map_err(|e| PolicyLoadError {
+            let schema = Self::schema_with(&tools).map_err(|e| PolicyLoadError {
                 problems: vec![Problem {
-                    file: "mayfly.cedarschema".into(),
+                    file: TOOLS_FILE.into(),
                     line: 1,
                     column: 1,
                     message: e.to_string(),
@@ -280,6 +312,7 @@ impl CedarPolicy {
             slices,
             source: source.to_owned(),
             limits,
+            tools,
             decisions: Default::default(),
         })
     }

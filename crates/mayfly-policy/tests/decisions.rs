@@ -335,3 +335,270 @@ fn path_membership_is_segment_exact() {
     let (id, _, _) = permit(token(&loose, &t, TICKETS, &["read:tickets"]));
     assert_eq!(id, "exact,loose");
 }
+
+mod tool_calls {
+    use super::*;
+    use mayfly_core::{ArgumentLimits, Arguments, Route, Tool};
+
+    fn call(p: &CedarPolicy, task: &Task, tool: &str, arguments: &str) -> Decision {
+        call_as(
+            p,
+            task,
+            (tool, arguments),
+            None,
+            &["read:billing"],
+            &Binding::Bearer,
+        )
+    }
+
+    /// Decides a call of `tool` under `task`, made with a token of
+    /// `scopes` bound as `binding`.
+    fn call_as(
+        p: &CedarPolicy,
+        task: &Task,
+        (tool, arguments): (&str, &str),
+        route: Option<Route<'_>>,
+        scopes: &[&str],
+        binding: &Binding,
+    ) -> Decision {
+        p.decide(&PolicyRequest {
+            principal: &task.agent,
+            proof: &Proof::Certificate,
+            action: Action::CallTool {
+                tool: &Tool::parse(tool).unwrap(),
+                arguments: &Arguments::parse(arguments, &ArgumentLimits::default()).unwrap(),
+                route,
+                scopes: &parse_scopes(scopes).unwrap(),
+                binding,
+            },
+            task: TaskFacts::of(task),
+            ttl: Duration::from_secs(60),
+            now: Timestamp::now(),
+        })
+    }
+
+    #[test]
+    fn the_shipped_billing_policies_decide_on_arguments() {
+        let p = shipped();
+        let t = task(&[]);
+        let (id, _, approval) = permit(call(
+            &p,
+            &t,
+            "billing/read_invoice",
+            r#"{"invoice_id": "inv-1"}"#,
+        ));
+        assert_eq!((id.as_str(), approval), ("billing-reads", false));
+
+        let small = r#"{"invoice_id": "inv-1", "amount": 99.5}"#;
+        let (id, _, approval) = permit(call(&p, &t, "billing/pay_invoice", small));
+        assert_eq!((id.as_str(), approval), ("billing-small-payments", false));
+        let edge = r#"{"invoice_id": "inv-1", "amount": 100}"#;
+        assert!(!permit(call(&p, &t, "billing/pay_invoice", edge)).2);
+
+        let large = r#"{"invoice_id": "inv-1", "amount": 100.01}"#;
+        let (id, _, approval) = permit(call(&p, &t, "billing/pay_invoice", large));
+        assert_eq!(
+            (id.as_str(), approval),
+            ("billing-large-payments-approved", true)
+        );
+
+        let (id, reason) = deny(call(&p, &t, "billing/delete_records", "{}"));
+        assert_eq!(id.as_deref(), Some("billing-no-deletes"));
+        assert!(
+            reason.contains("call billing/delete_records is forbidden"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn arguments_outside_the_declaration_are_refused_before_policy() {
+        let p = shipped();
+        let t = task(&[]);
+        for (tool, args, want) in [
+            (
+                "billing/refund",
+                "{}",
+                "tool billing/refund is not declared",
+            ),
+            (
+                "billing/pay_invoice",
+                r#"{"invoice_id": "i", "amount": 5, "override": true}"#,
+                "argument \"override\" of billing/pay_invoice is not declared",
+            ),
+            (
+                "billing/pay_invoice",
+                r#"{"invoice_id": "i"}"#,
+                "argument \"amount\" of billing/pay_invoice is missing",
+            ),
+            (
+                "billing/pay_invoice",
+                r#"{"invoice_id": "i", "amount": "5"}"#,
+                "must be a number with at most four decimals",
+            ),
+            (
+                "billing/pay_invoice",
+                r#"{"invoice_id": "i", "amount": 0.00001}"#,
+                "must be a number with at most four decimals",
+            ),
+            (
+                "billing/read_invoice",
+                r#"{"invoice_id": 7}"#,
+                "argument \"invoice_id\" of billing/read_invoice must be a string",
+            ),
+        ] {
+            let (id, reason) = deny(call(&p, &t, tool, args));
+            assert_eq!(id, None, "{tool} {args}");
+            assert!(reason.contains(want), "{tool} {args}: {reason}");
+        }
+        // An optional argument may be left out, or null.
+        let (id, _) = deny(call(
+            &p,
+            &t,
+            "billing/delete_records",
+            r#"{"before": null}"#,
+        ));
+        assert_eq!(id.as_deref(), Some("billing-no-deletes"));
+    }
+
+    #[test]
+    fn policies_see_the_route_scopes_and_binding_of_a_call() {
+        let tools = "[api.create_payment]\nid = \"string\"\ncurrency = \"string\"\n".to_owned();
+        let policy = r#"
+            @id("post-only-with-dpop")
+            permit (principal, action == Mayfly::Action::"api/create_payment", resource)
+            when {
+              context.method == "POST" && context.route == "/v1/payments/{id}" &&
+              context.arguments.currency == "EUR" && context.scopes.contains("write:payments") &&
+              context.binding == "dpop"
+            };
+        "#
+        .to_owned();
+        let p = CedarPolicy::from_sources(
+            &[("tools.toml".into(), tools), ("p.cedar".into(), policy)],
+            "test",
+        )
+        .unwrap();
+        let t = task(&[]);
+        let decide = |method: &str, currency: &str, binding: &Binding| {
+            let args = format!(r#"{{"id": "p1", "currency": "{currency}"}}"#);
+            let route = Route {
+                method,
+                template: "/v1/payments/{id}",
+            };
+            call_as(
+                &p,
+                &t,
+                ("api/create_payment", &args),
+                Some(route),
+                &["write:payments"],
+                binding,
+            )
+        };
+        let dpop = Binding::Dpop {
+            jkt: "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I".into(),
+        };
+        permit(decide("POST", "EUR", &dpop));
+        deny(decide("PUT", "EUR", &dpop));
+        deny(decide("POST", "USD", &dpop));
+        deny(decide("POST", "EUR", &Binding::Bearer));
+    }
+
+    #[test]
+    fn a_policy_reading_an_argument_a_tool_lacks_is_refused_at_load() {
+        let tools = "[billing.read_invoice]\ninvoice_id = \"string\"\n".to_owned();
+        let policy = r#"
+            @id("typo")
+            permit (principal, action == Mayfly::Action::"billing/read_invoice", resource)
+            when { context.arguments.amount > 5 };
+        "#
+        .to_owned();
+        let err = CedarPolicy::from_sources(
+            &[
+                ("tools.toml".into(), tools.clone()),
+                ("p.cedar".into(), policy),
+            ],
+            "test",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("p.cedar:"), "{err}");
+        assert!(err.contains("amount"), "{err}");
+
+        let undeclared = r#"
+            @id("no-such-tool")
+            permit (principal, action == Mayfly::Action::"billing/refund", resource);
+        "#
+        .to_owned();
+        let err = CedarPolicy::from_sources(
+            &[("tools.toml".into(), tools), ("p.cedar".into(), undeclared)],
+            "test",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("billing/refund"), "{err}");
+
+        let bad_tools = "[billing.pay]\namount = \"money\"\n".to_owned();
+        let err = CedarPolicy::from_sources(
+            &[
+                ("tools.toml".into(), bad_tools),
+                (
+                    "p.cedar".into(),
+                    "@id(\"x\") permit(principal, action, resource);".into(),
+                ),
+            ],
+            "test",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("tools.toml:1:1:") && err.contains("money"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_policy_over_the_call_tool_group_names_tools_by_resource() {
+        let tools = "[billing.read_invoice]\ninvoice_id = \"string\"\n[billing.pay_invoice]\namount = \"long\"\n";
+        let policy = r#"
+            @id("billing-reads")
+            permit (principal, action in Mayfly::Action::"call_tool", resource == Mayfly::Tool::"billing/read_invoice");
+        "#;
+        let p = CedarPolicy::from_sources(
+            &[
+                ("tools.toml".into(), tools.into()),
+                ("p.cedar".into(), policy.into()),
+            ],
+            "test",
+        )
+        .unwrap();
+        assert_eq!(p.tools(), 2);
+        let t = task(&[]);
+        permit(call(
+            &p,
+            &t,
+            "billing/read_invoice",
+            r#"{"invoice_id": "i"}"#,
+        ));
+        let (_, reason) = deny(call(&p, &t, "billing/pay_invoice", r#"{"amount": 1}"#));
+        assert!(
+            reason.contains("no policy permits") && reason.contains("call billing/pay_invoice"),
+            "{reason}"
+        );
+
+        // Reading an argument under the whole group fails validation: not
+        // every tool has it.
+        let err = CedarPolicy::from_sources(
+            &[
+                ("tools.toml".into(), tools.into()),
+                (
+                    "p.cedar".into(),
+                    r#"@id("x") permit (principal, action in Mayfly::Action::"call_tool", resource) when { context.arguments.amount > 1 };"#.into(),
+                ),
+            ],
+            "test",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("amount"), "{err}");
+    }
+}
