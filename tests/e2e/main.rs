@@ -17,6 +17,7 @@ mod durability;
 mod federation;
 mod feed;
 mod flood;
+mod gateway;
 mod health;
 mod http;
 mod keys;

@@ -17,7 +17,7 @@
 
 use std::fmt;
 
-use mayfly_core::{Envelope, LeaseId, Scopes, SpiffeId, Task, TaskId, Timestamp};
+use mayfly_core::{Arguments, Envelope, LeaseId, Scopes, SpiffeId, Task, TaskId, Timestamp, Tool};
 use serde::{Deserialize, Serialize};
 
 /// `prev` of the first record.
@@ -73,6 +73,10 @@ pub enum Event {
     ApprovalGranted,
     /// An operator refused.
     ApprovalDenied,
+    /// A gateway was told to forward a tool call.
+    ToolCallAllowed,
+    /// A tool call was refused.
+    ToolCallDenied,
 }
 
 impl Event {
@@ -101,6 +105,8 @@ impl Event {
             Self::ApprovalRequested => "approval_requested",
             Self::ApprovalGranted => "approval_granted",
             Self::ApprovalDenied => "approval_denied",
+            Self::ToolCallAllowed => "tool_call_allowed",
+            Self::ToolCallDenied => "tool_call_denied",
         }
     }
 }
@@ -181,6 +187,13 @@ pub struct AuditRecord {
     /// for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject_lease_id: Option<String>,
+    /// For a tool call: `<upstream>/<tool>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    /// For a tool call: SHA-256 (hex) of its arguments' canonical form
+    /// (never the arguments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments_sha256: Option<String>,
 }
 
 /// RFC 3339 UTC with exactly three fractional digits, so records align
@@ -231,6 +244,8 @@ impl AuditRecord {
             revoked: Vec::new(),
             expires_at: None,
             subject_lease_id: None,
+            tool: None,
+            arguments_sha256: None,
         }
     }
 
@@ -265,6 +280,13 @@ impl AuditRecord {
     /// Only the task's id, when the task itself is not at hand.
     pub fn task_id(mut self, id: &TaskId) -> Self {
         self.task_id = Some(id.to_string());
+        self
+    }
+
+    /// A tool call: its tool and its arguments' hash.
+    pub fn tool_call(mut self, tool: &Tool, arguments: &Arguments) -> Self {
+        self.tool = Some(tool.to_string());
+        self.arguments_sha256 = Some(arguments.sha256_hex());
         self
     }
 

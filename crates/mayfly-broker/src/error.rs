@@ -143,6 +143,19 @@ pub enum BrokerError {
     /// The token offered for exchange is not a live token of this broker.
     #[error("subject_token {0}")]
     InvalidSubjectToken(String),
+    /// The caller is not a gateway (`[[gateways]]`).
+    #[error(
+        "{0} is not a gateway: the Gateway API answers only the [[gateways]] of the broker's configuration"
+    )]
+    NotGateway(SpiffeId),
+    /// The gateway does not front the tool's upstream.
+    #[error("gateway {gateway} does not front upstream {upstream} ([[gateways]] upstreams)")]
+    NotUpstream {
+        /// The gateway.
+        gateway: SpiffeId,
+        /// The upstream it asked about.
+        upstream: String,
+    },
     /// The caller may not watch the revocation feed.
     #[error("{0} may not watch the revocation feed (feed.watchers)")]
     NotWatcher(SpiffeId),

@@ -176,6 +176,8 @@ fn collect(records: &[AuditRecord], now: SystemTime) -> BTreeMap<String, TaskNod
             | Event::ApprovalRequested
             | Event::ApprovalGranted
             | Event::ApprovalDenied
+            | Event::ToolCallAllowed
+            | Event::ToolCallDenied
             | Event::TaskContextChanged => node.notes.push(note(r)),
             Event::TaskCompleted
             | Event::TaskRevoked
@@ -207,6 +209,12 @@ fn collect(records: &[AuditRecord], now: SystemTime) -> BTreeMap<String, TaskNod
 
 fn note(r: &AuditRecord) -> Note {
     let mut detail = Vec::new();
+    if let Some(t) = &r.tool {
+        detail.push(format!("tool {t}"));
+    }
+    if let (Some(l), Some(_)) = (&r.lease_id, &r.tool) {
+        detail.push(format!("with {l}"));
+    }
     if let Some(d) = &r.delegate {
         detail.push(format!("to {d}"));
     }

@@ -50,6 +50,14 @@ pub enum ApprovalRequest {
         /// The TTL asked for, as sent (0 = default).
         ttl_seconds: u64,
     },
+    /// A tool call through a gateway: this tool, with exactly these
+    /// arguments.
+    ToolCall {
+        /// `<upstream>/<tool>`.
+        tool: crate::Tool,
+        /// SHA-256 (hex) of the arguments' canonical form.
+        arguments_sha256: String,
+    },
 }
 
 impl ApprovalRequest {

@@ -49,5 +49,5 @@ pub use task::{Task, TaskRecord, TaskState};
 pub use time::Timestamp;
 pub use tool::{
     ArgumentLimits, Arguments, ArgumentsError, MAX_TOOL_BYTES, MAX_UPSTREAM_BYTES, Tool,
-    ToolNameError, canonical_json,
+    ToolNameError, canonical_json, check_upstream,
 };

@@ -41,7 +41,9 @@ pub struct Tool {
     name: String,
 }
 
-fn check_upstream(s: &str) -> Result<(), ToolNameError> {
+/// Checks an upstream's name: 1–63 of `a-z`, `0-9`, `-`, `_`, starting
+/// with a letter or digit.
+pub fn check_upstream(s: &str) -> Result<(), ToolNameError> {
     let ok = !s.is_empty()
         && s.len() <= MAX_UPSTREAM_BYTES
         && s.bytes()
@@ -95,6 +97,19 @@ impl Tool {
     /// Its name at the upstream (an MCP tool's `name`).
     pub fn name(&self) -> &str {
         &self.name
+    }
+}
+
+impl serde::Serialize for Tool {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Tool {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(de::Error::custom)
     }
 }
 

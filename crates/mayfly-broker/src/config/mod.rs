@@ -18,12 +18,12 @@ use crate::issuer::CaFiles;
 use sections::default_prefix;
 pub use sections::{
     Approvals, Audit, AuditSinkKind, Certificates, Connections, FederatedBundle, FederationConfig,
-    Feed, IntrospectionConfig, Listen, PolicyConfig, RateLimit, Reaper, RedisConfig,
+    Feed, GatewayConfig, IntrospectionConfig, Listen, PolicyConfig, RateLimit, Reaper, RedisConfig,
     ResourceServerConfig, StoreKind, Tasks, Tls, Tokens,
 };
 pub use settings::{
-    FeedSettings, IntrospectionGrant, KeyRotation, Lifetimes, RedisEndpoint, RedisSettings,
-    RedisTrail, ResourceServer, Settings, StoreSettings, Trail,
+    FeedSettings, Gateway, IntrospectionGrant, KeyRotation, Lifetimes, RedisEndpoint,
+    RedisSettings, RedisTrail, ResourceServer, Settings, StoreSettings, Trail,
 };
 
 use std::path::{Path, PathBuf};
@@ -114,6 +114,9 @@ pub struct Config {
     /// exchange (and introspect) those tokens.
     #[serde(default)]
     pub resource_servers: Vec<ResourceServerConfig>,
+    /// Gateways that may ask about tool calls, and what they front.
+    #[serde(default)]
+    pub gateways: Vec<GatewayConfig>,
     /// The audit trail.
     #[serde(default)]
     pub audit: Audit,

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mayfly_core::{SpiffeIdPattern, TrustDomain};
+use mayfly_core::{SpiffeId, SpiffeIdPattern, TrustDomain};
 use serde::{Deserialize, Deserializer};
 
 use super::values::{bytes, duration, optional_duration};
@@ -142,6 +142,19 @@ pub struct ResourceServerConfig {
     pub clients: Vec<SpiffeIdPattern>,
     /// Audience patterns of the tokens it receives.
     pub audiences: Vec<String>,
+}
+
+/// One `[[gateways]]`: a gateway that may ask the broker about tool calls
+/// (the `Gateway` API), and the upstreams it fronts, each with the
+/// audience of the tokens agents call it with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// The gateway's SPIFFE ID (its client certificate), exactly.
+    pub id: SpiffeId,
+    /// Upstream name (`Mayfly::Tool::"<upstream>/<tool>"`) to the audience
+    /// of its tokens.
+    pub upstreams: std::collections::BTreeMap<String, String>,
 }
 
 /// Which lease store to use.

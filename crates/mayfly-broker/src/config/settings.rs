@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mayfly_core::{Pattern, SpiffeId, SpiffeIdPattern, TrustDomain};
+use mayfly_core::{Audience, Pattern, SpiffeId, SpiffeIdPattern, TrustDomain, check_upstream};
 
 use super::{
     AuditSinkKind, Config, ConfigError, Connections, FederationConfig, PolicyConfig, RateLimit,
@@ -67,6 +67,8 @@ pub struct Settings {
     pub introspection: Vec<IntrospectionGrant>,
     /// Who receives tokens of which audiences: only they may exchange them.
     pub resource_servers: Vec<ResourceServer>,
+    /// The gateways that may ask about tool calls.
+    pub gateways: Vec<Gateway>,
     /// How long and how many connections each port holds.
     pub connections: Connections,
 }
@@ -235,6 +237,15 @@ impl ResourceServer {
     }
 }
 
+/// One `[[gateways]]`, checked.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    /// Its SPIFFE ID.
+    pub id: SpiffeId,
+    /// Each upstream it fronts, with the audience of its tokens.
+    pub upstreams: std::collections::BTreeMap<String, Audience>,
+}
+
 /// `[feed]`, resolved.
 #[derive(Debug, Clone)]
 pub struct FeedSettings {
@@ -281,6 +292,7 @@ impl Config {
             rate_limit: self.rate_limit.clone(),
             introspection: self.introspection_grants()?,
             resource_servers: self.resource_servers()?,
+            gateways: self.gateways()?,
             connections: self.checked_connections()?,
         })
     }
@@ -582,6 +594,46 @@ impl Config {
                 })
             })
             .collect()
+    }
+}
+
+impl Config {
+    /// `[[gateways]]`: each listed once, fronting at least one upstream
+    /// (a plain name, its audience a valid one); an upstream fronted by
+    /// several gateways has one audience.
+    fn gateways(&self) -> Checked<Vec<Gateway>> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut audiences: std::collections::BTreeMap<&str, &str> = Default::default();
+        let mut out = Vec::new();
+        for g in &self.gateways {
+            let at = format!("[[gateways]] {}", g.id);
+            if !seen.insert(&g.id) {
+                return invalid(format!("{at} is listed twice"));
+            }
+            if g.upstreams.is_empty() {
+                return invalid(format!("{at} needs upstreams: name = \"<audience>\""));
+            }
+            let mut upstreams = std::collections::BTreeMap::new();
+            for (name, audience) in &g.upstreams {
+                check_upstream(name).map_err(|e| ConfigError::Invalid(format!("{at}: {e}")))?;
+                let aud = Audience::new(audience)
+                    .map_err(|e| ConfigError::Invalid(format!("{at}: upstream {name}: {e}")))?;
+                if let Some(other) = audiences.insert(name, audience)
+                    && other != audience
+                {
+                    return invalid(format!(
+                        "{at}: upstream {name} has audience {audience} here and {other} under \
+                         another gateway"
+                    ));
+                }
+                upstreams.insert(name.clone(), aud);
+            }
+            out.push(Gateway {
+                id: g.id.clone(),
+                upstreams,
+            });
+        }
+        Ok(out)
     }
 }
 

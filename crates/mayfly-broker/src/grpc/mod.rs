@@ -5,6 +5,7 @@
 mod admin;
 mod broker;
 mod edge;
+mod gateway;
 mod revocations;
 mod status;
 
@@ -12,6 +13,7 @@ pub use crate::auth::TokenAuthLayer;
 pub use admin::AdminApi;
 pub use broker::BrokerApi;
 pub use edge::GrpcEdgeLayer;
+pub use gateway::GatewayApi;
 pub use revocations::RevocationsApi;
 
 use mayfly_core::{
@@ -166,6 +168,21 @@ pub fn approval_to_proto(a: &Approval, task: Option<&Task>, now: Timestamp) -> p
             key_sha256.clone(),
             *ttl_seconds,
         ),
+        ApprovalRequest::ToolCall { .. } => (
+            pb::LeaseKind::Unspecified,
+            String::new(),
+            Vec::new(),
+            false,
+            String::new(),
+            0,
+        ),
+    };
+    let (tool, arguments_sha256) = match &a.request {
+        ApprovalRequest::ToolCall {
+            tool,
+            arguments_sha256,
+        } => (tool.to_string(), arguments_sha256.clone()),
+        _ => (String::new(), String::new()),
     };
     let (decided_by, decided_at, reason) = match &a.status {
         ApprovalStatus::Pending => (String::new(), None, String::new()),
@@ -193,8 +210,10 @@ pub fn approval_to_proto(a: &Approval, task: Option<&Task>, now: Timestamp) -> p
         bind_to_client_cert: bind,
         dpop_jkt: match &a.request {
             ApprovalRequest::Token { dpop_jkt, .. } => dpop_jkt.clone().unwrap_or_default(),
-            ApprovalRequest::Certificate { .. } => String::new(),
+            _ => String::new(),
         },
+        tool,
+        arguments_sha256,
         key_sha256,
         ttl_seconds,
         state: approval_state_to_proto(a.state_at(now)).into(),

@@ -50,6 +50,8 @@ impl From<BrokerError> for Status {
             }
             BrokerError::NotIntrospector(_) => (Status::permission_denied(msg), "not_introspector"),
             BrokerError::NotWatcher(_) => (Status::permission_denied(msg), "not_watcher"),
+            BrokerError::NotGateway(_) => (Status::permission_denied(msg), "not_gateway"),
+            BrokerError::NotUpstream { .. } => (Status::permission_denied(msg), "not_upstream"),
             BrokerError::NotTokenClient(_) => (Status::permission_denied(msg), "not_token_client"),
             BrokerError::NotRecipient { .. } => (Status::permission_denied(msg), "not_recipient"),
             BrokerError::InvalidSubjectToken(_) => {

@@ -174,6 +174,8 @@ impl From<BrokerError> for OAuthError {
             | BrokerError::OperatorWithoutCertificate(_)
             | BrokerError::NotIntrospector(_)
             | BrokerError::NotWatcher(_)
+            | BrokerError::NotGateway(_)
+            | BrokerError::NotUpstream { .. }
             | BrokerError::NotTokenClient(_) => Code::UnauthorizedClient,
             BrokerError::Denied { .. }
             | BrokerError::ApprovalDenied { .. }

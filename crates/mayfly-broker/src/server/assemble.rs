@@ -88,6 +88,7 @@ impl Broker {
             rate: RateLimiter::new(s.rate_limit.per_second, s.rate_limit.burst),
             introspection: s.introspection,
             resource_servers: s.resource_servers,
+            gateways: s.gateways,
         }));
         Ok(Self {
             service,

@@ -19,6 +19,7 @@
 
 mod admin;
 mod approvals;
+mod calls;
 mod credentials;
 mod exchange;
 mod pipeline;
@@ -37,12 +38,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mayfly_core::{
-    AccessTokenClaims, ActorClaim, Binding, Lease, Policy, SpiffeId, SpiffeIdPattern, scope_string,
+    AccessTokenClaims, ActorClaim, Approval, ApprovalId, Binding, Lease, LeaseId, Policy, SpiffeId,
+    SpiffeIdPattern, scope_string,
 };
 use tokio::sync::Notify;
 
 use crate::cause::Cause;
-use crate::config::{IntrospectionGrant, Lifetimes, ResourceServer};
+use crate::config::{Gateway, IntrospectionGrant, Lifetimes, ResourceServer};
 use crate::error::BrokerError;
 use crate::identity::Caller;
 use crate::issuer::{AccessToken, CaRing, JwtSigner};
@@ -125,6 +127,8 @@ pub struct Setup {
     pub introspection: Vec<IntrospectionGrant>,
     /// Who receives tokens of which audiences (and may exchange them).
     pub resource_servers: Vec<ResourceServer>,
+    /// The gateways that may ask about tool calls.
+    pub gateways: Vec<Gateway>,
 }
 
 /// The broker's request handling, in four parts that share the store,
@@ -139,6 +143,8 @@ pub struct Service {
     approvals: Approvals,
     /// What operators do besides approving.
     admin: Admin,
+    /// Tool calls, for gateways.
+    calls: ToolCalls,
     /// The same shared state the parts hold, for the accessors below.
     shared: Arc<Shared>,
 }
@@ -220,6 +226,44 @@ impl TokenSigner {
 }
 
 /// Approvals: operators approve or deny, agents wait for the decision.
+/// Tool calls: what gateways ask ([`ToolCalls::authorize`]).
+#[derive(Debug)]
+pub struct ToolCalls {
+    shared: Arc<Shared>,
+    gateways: Vec<Gateway>,
+    approval_ttl: Duration,
+}
+
+/// A tool call a gateway asks about.
+#[derive(Debug, Clone)]
+pub struct CallRequest {
+    /// The token's lease (its `jti`).
+    pub lease_id: LeaseId,
+    /// The tool.
+    pub tool: mayfly_core::Tool,
+    /// Its arguments.
+    pub arguments: mayfly_core::Arguments,
+    /// For an HTTP route: method and template.
+    pub route: Option<(String, String)>,
+    /// An approval granted for exactly this call.
+    pub approval_id: Option<ApprovalId>,
+}
+
+/// What a gateway is told.
+#[derive(Debug, Clone)]
+pub struct CallDecision {
+    /// Forward the call; `false`: it waits for `approval`.
+    pub allowed: bool,
+    /// The deciding policies.
+    pub policy_id: String,
+    /// SHA-256 (hex) of the arguments' canonical form.
+    pub arguments_sha256: String,
+    /// The approval the call waits for.
+    pub approval: Option<Box<Approval>>,
+    /// The approval it was allowed on.
+    pub approval_id: Option<ApprovalId>,
+}
+
 #[derive(Debug)]
 pub struct Approvals {
     shared: Arc<Shared>,
@@ -236,6 +280,7 @@ pub struct Admin {
 impl Service {
     /// The service, its parts sharing `setup`'s store, policy and recorder.
     pub fn new(setup: Setup) -> Self {
+        let approval_ttl = setup.lifetimes.approval_ttl;
         let shared = Arc::new(Shared {
             store: setup.store,
             policy: setup.policy,
@@ -269,6 +314,11 @@ impl Service {
                 shared: shared.clone(),
                 operators: setup.operators,
             },
+            calls: ToolCalls {
+                shared: shared.clone(),
+                gateways: setup.gateways,
+                approval_ttl,
+            },
             shared,
         }
     }
@@ -291,6 +341,11 @@ impl Service {
     /// Operators' listing, revocation and locks.
     pub fn admin(&self) -> &Admin {
         &self.admin
+    }
+
+    /// Tool calls, for gateways.
+    pub fn calls(&self) -> &ToolCalls {
+        &self.calls
     }
 
     /// The recorder, for the reaper and audit reads.

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15mayfly/v1/types.proto\x12\tmayfly.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd5\x04\n\x08\x41pproval\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x13\n\x0btask_intent\x18\x04 \x01(\t\x12:\n\x0ctask_context\x18\x05 \x03(\x0b\x32$.mayfly.v1.Approval.TaskContextEntry\x12\"\n\x04kind\x18\x06 \x01(\x0e\x32\x14.mayfly.v1.LeaseKind\x12\x10\n\x08\x61udience\x18\x07 \x01(\t\x12\x0e\n\x06scopes\x18\x08 \x03(\t\x12\x1b\n\x13\x62ind_to_client_cert\x18\t \x01(\x08\x12\x12\n\nkey_sha256\x18\n \x01(\t\x12\x13\n\x0bttl_seconds\x18\x0b \x01(\x04\x12\'\n\x05state\x18\x0c \x01(\x0e\x32\x18.mayfly.v1.ApprovalState\x12\x11\n\tpolicy_id\x18\r \x01(\t\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ndecided_by\x18\x10 \x01(\t\x12.\n\ndecided_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x12 \x01(\t\x12\x10\n\x08\x64pop_jkt\x18\x13 \x01(\t\x1a\x32\n\x10TaskContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"-\n\x08\x45nvelope\x12\x11\n\taudiences\x18\x01 \x03(\t\x12\x0e\n\x06scopes\x18\x02 \x03(\t\"\xd8\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0e\n\x06intent\x18\x03 \x01(\t\x12-\n\x07\x63ontext\x18\x04 \x03(\x0b\x32\x1c.mayfly.v1.Task.ContextEntry\x12%\n\x08\x65nvelope\x18\x05 \x01(\x0b\x32\x13.mayfly.v1.Envelope\x12#\n\x05state\x18\x06 \x01(\x0e\x32\x14.mayfly.v1.TaskState\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x11revocation_reason\x18\t \x01(\x0e\x32\x1b.mayfly.v1.RevocationReason\x12,\n\x08\x65nded_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eparent_task_id\x18\x0b \x01(\t\x12\x14\n\x0c\x64\x65legated_by\x18\x0c \x03(\t\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xac\x03\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.mayfly.v1.LeaseKind\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x10\n\x08\x61udience\x18\x05 \x01(\t\x12\x0e\n\x06scopes\x18\x06 \x03(\t\x12-\n\tissued_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x05state\x18\t \x01(\x0e\x32\x15.mayfly.v1.LeaseState\x12\x36\n\x11revocation_reason\x18\n \x01(\x0e\x32\x1b.mayfly.v1.RevocationReason\x12.\n\nrevoked_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrevoked_by\x18\x0c \x01(\t\x12\x17\n\x0f\x63\x65rt_thumbprint\x18\r \x01(\t\x12\x0e\n\x06serial\x18\x0e \x01(\t*\x88\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_ACTIVE\x10\x01\x12\x18\n\x14TASK_STATE_COMPLETED\x10\x02\x12\x16\n\x12TASK_STATE_REVOKED\x10\x03\x12\x16\n\x12TASK_STATE_EXPIRED\x10\x04*e\n\tLeaseKind\x12\x1a\n\x16LEASE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fLEASE_KIND_TASK\x10\x01\x12\x12\n\x0eLEASE_KIND_JWT\x10\x02\x12\x13\n\x0fLEASE_KIND_X509\x10\x03*s\n\nLeaseState\x12\x1b\n\x17LEASE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12LEASE_STATE_ACTIVE\x10\x01\x12\x17\n\x13LEASE_STATE_REVOKED\x10\x02\x12\x17\n\x13LEASE_STATE_EXPIRED\x10\x03*\xb6\x02\n\x10RevocationReason\x12!\n\x1dREVOCATION_REASON_UNSPECIFIED\x10\x00\x12$\n REVOCATION_REASON_TASK_COMPLETED\x10\x01\x12\"\n\x1eREVOCATION_REASON_TASK_REVOKED\x10\x02\x12%\n!REVOCATION_REASON_CONTEXT_CHANGED\x10\x03\x12\x1e\n\x1aREVOCATION_REASON_OPERATOR\x10\x04\x12#\n\x1fREVOCATION_REASON_AGENT_REVOKED\x10\x05\x12$\n REVOCATION_REASON_PARENT_REVOKED\x10\x06\x12#\n\x1fREVOCATION_REASON_TOKEN_REVOKED\x10\x07*\xbc\x01\n\rApprovalState\x12\x1e\n\x1a\x41PPROVAL_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41PPROVAL_STATE_PENDING\x10\x01\x12\x1b\n\x17\x41PPROVAL_STATE_APPROVED\x10\x02\x12\x19\n\x15\x41PPROVAL_STATE_DENIED\x10\x03\x12\x1b\n\x17\x41PPROVAL_STATE_CONSUMED\x10\x04\x12\x1a\n\x16\x41PPROVAL_STATE_EXPIRED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15mayfly/v1/types.proto\x12\tmayfly.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfd\x04\n\x08\x41pproval\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x13\n\x0btask_intent\x18\x04 \x01(\t\x12:\n\x0ctask_context\x18\x05 \x03(\x0b\x32$.mayfly.v1.Approval.TaskContextEntry\x12\"\n\x04kind\x18\x06 \x01(\x0e\x32\x14.mayfly.v1.LeaseKind\x12\x10\n\x08\x61udience\x18\x07 \x01(\t\x12\x0e\n\x06scopes\x18\x08 \x03(\t\x12\x1b\n\x13\x62ind_to_client_cert\x18\t \x01(\x08\x12\x12\n\nkey_sha256\x18\n \x01(\t\x12\x13\n\x0bttl_seconds\x18\x0b \x01(\x04\x12\'\n\x05state\x18\x0c \x01(\x0e\x32\x18.mayfly.v1.ApprovalState\x12\x11\n\tpolicy_id\x18\r \x01(\t\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ndecided_by\x18\x10 \x01(\t\x12.\n\ndecided_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x12 \x01(\t\x12\x10\n\x08\x64pop_jkt\x18\x13 \x01(\t\x12\x0c\n\x04tool\x18\x14 \x01(\t\x12\x18\n\x10\x61rguments_sha256\x18\x15 \x01(\t\x1a\x32\n\x10TaskContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"-\n\x08\x45nvelope\x12\x11\n\taudiences\x18\x01 \x03(\t\x12\x0e\n\x06scopes\x18\x02 \x03(\t\"\xd8\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0e\n\x06intent\x18\x03 \x01(\t\x12-\n\x07\x63ontext\x18\x04 \x03(\x0b\x32\x1c.mayfly.v1.Task.ContextEntry\x12%\n\x08\x65nvelope\x18\x05 \x01(\x0b\x32\x13.mayfly.v1.Envelope\x12#\n\x05state\x18\x06 \x01(\x0e\x32\x14.mayfly.v1.TaskState\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x11revocation_reason\x18\t \x01(\x0e\x32\x1b.mayfly.v1.RevocationReason\x12,\n\x08\x65nded_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eparent_task_id\x18\x0b \x01(\t\x12\x14\n\x0c\x64\x65legated_by\x18\x0c \x03(\t\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xac\x03\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.mayfly.v1.LeaseKind\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x10\n\x08\x61udience\x18\x05 \x01(\t\x12\x0e\n\x06scopes\x18\x06 \x03(\t\x12-\n\tissued_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x05state\x18\t \x01(\x0e\x32\x15.mayfly.v1.LeaseState\x12\x36\n\x11revocation_reason\x18\n \x01(\x0e\x32\x1b.mayfly.v1.RevocationReason\x12.\n\nrevoked_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrevoked_by\x18\x0c \x01(\t\x12\x17\n\x0f\x63\x65rt_thumbprint\x18\r \x01(\t\x12\x0e\n\x06serial\x18\x0e \x01(\t*\x88\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_ACTIVE\x10\x01\x12\x18\n\x14TASK_STATE_COMPLETED\x10\x02\x12\x16\n\x12TASK_STATE_REVOKED\x10\x03\x12\x16\n\x12TASK_STATE_EXPIRED\x10\x04*e\n\tLeaseKind\x12\x1a\n\x16LEASE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fLEASE_KIND_TASK\x10\x01\x12\x12\n\x0eLEASE_KIND_JWT\x10\x02\x12\x13\n\x0fLEASE_KIND_X509\x10\x03*s\n\nLeaseState\x12\x1b\n\x17LEASE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12LEASE_STATE_ACTIVE\x10\x01\x12\x17\n\x13LEASE_STATE_REVOKED\x10\x02\x12\x17\n\x13LEASE_STATE_EXPIRED\x10\x03*\xb6\x02\n\x10RevocationReason\x12!\n\x1dREVOCATION_REASON_UNSPECIFIED\x10\x00\x12$\n REVOCATION_REASON_TASK_COMPLETED\x10\x01\x12\"\n\x1eREVOCATION_REASON_TASK_REVOKED\x10\x02\x12%\n!REVOCATION_REASON_CONTEXT_CHANGED\x10\x03\x12\x1e\n\x1aREVOCATION_REASON_OPERATOR\x10\x04\x12#\n\x1fREVOCATION_REASON_AGENT_REVOKED\x10\x05\x12$\n REVOCATION_REASON_PARENT_REVOKED\x10\x06\x12#\n\x1fREVOCATION_REASON_TOKEN_REVOKED\x10\x07*\xbc\x01\n\rApprovalState\x12\x1e\n\x1a\x41PPROVAL_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41PPROVAL_STATE_PENDING\x10\x01\x12\x1b\n\x17\x41PPROVAL_STATE_APPROVED\x10\x02\x12\x19\n\x15\x41PPROVAL_STATE_DENIED\x10\x03\x12\x1b\n\x17\x41PPROVAL_STATE_CONSUMED\x10\x04\x12\x1a\n\x16\x41PPROVAL_STATE_EXPIRED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,26 +36,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPROVAL_TASKCONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_TASK_CONTEXTENTRY']._loaded_options = None
   _globals['_TASK_CONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_TASKSTATE']._serialized_start=1623
-  _globals['_TASKSTATE']._serialized_end=1759
-  _globals['_LEASEKIND']._serialized_start=1761
-  _globals['_LEASEKIND']._serialized_end=1862
-  _globals['_LEASESTATE']._serialized_start=1864
-  _globals['_LEASESTATE']._serialized_end=1979
-  _globals['_REVOCATIONREASON']._serialized_start=1982
-  _globals['_REVOCATIONREASON']._serialized_end=2292
-  _globals['_APPROVALSTATE']._serialized_start=2295
-  _globals['_APPROVALSTATE']._serialized_end=2483
+  _globals['_TASKSTATE']._serialized_start=1663
+  _globals['_TASKSTATE']._serialized_end=1799
+  _globals['_LEASEKIND']._serialized_start=1801
+  _globals['_LEASEKIND']._serialized_end=1902
+  _globals['_LEASESTATE']._serialized_start=1904
+  _globals['_LEASESTATE']._serialized_end=2019
+  _globals['_REVOCATIONREASON']._serialized_start=2022
+  _globals['_REVOCATIONREASON']._serialized_end=2332
+  _globals['_APPROVALSTATE']._serialized_start=2335
+  _globals['_APPROVALSTATE']._serialized_end=2523
   _globals['_APPROVAL']._serialized_start=70
-  _globals['_APPROVAL']._serialized_end=667
-  _globals['_APPROVAL_TASKCONTEXTENTRY']._serialized_start=617
-  _globals['_APPROVAL_TASKCONTEXTENTRY']._serialized_end=667
-  _globals['_ENVELOPE']._serialized_start=669
-  _globals['_ENVELOPE']._serialized_end=714
-  _globals['_TASK']._serialized_start=717
-  _globals['_TASK']._serialized_end=1189
-  _globals['_TASK_CONTEXTENTRY']._serialized_start=1143
-  _globals['_TASK_CONTEXTENTRY']._serialized_end=1189
-  _globals['_LEASE']._serialized_start=1192
-  _globals['_LEASE']._serialized_end=1620
+  _globals['_APPROVAL']._serialized_end=707
+  _globals['_APPROVAL_TASKCONTEXTENTRY']._serialized_start=657
+  _globals['_APPROVAL_TASKCONTEXTENTRY']._serialized_end=707
+  _globals['_ENVELOPE']._serialized_start=709
+  _globals['_ENVELOPE']._serialized_end=754
+  _globals['_TASK']._serialized_start=757
+  _globals['_TASK']._serialized_end=1229
+  _globals['_TASK_CONTEXTENTRY']._serialized_start=1183
+  _globals['_TASK_CONTEXTENTRY']._serialized_end=1229
+  _globals['_LEASE']._serialized_start=1232
+  _globals['_LEASE']._serialized_end=1660
 # @@protoc_insertion_point(module_scope)

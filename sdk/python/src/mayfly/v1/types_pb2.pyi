@@ -80,7 +80,7 @@ APPROVAL_STATE_CONSUMED: ApprovalState
 APPROVAL_STATE_EXPIRED: ApprovalState
 
 class Approval(_message.Message):
-    __slots__ = ("approval_id", "agent_id", "task_id", "task_intent", "task_context", "kind", "audience", "scopes", "bind_to_client_cert", "key_sha256", "ttl_seconds", "state", "policy_id", "created_at", "expires_at", "decided_by", "decided_at", "reason", "dpop_jkt")
+    __slots__ = ("approval_id", "agent_id", "task_id", "task_intent", "task_context", "kind", "audience", "scopes", "bind_to_client_cert", "key_sha256", "ttl_seconds", "state", "policy_id", "created_at", "expires_at", "decided_by", "decided_at", "reason", "dpop_jkt", "tool", "arguments_sha256")
     class TaskContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,8 @@ class Approval(_message.Message):
     DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     DPOP_JKT_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_SHA256_FIELD_NUMBER: _ClassVar[int]
     approval_id: str
     agent_id: str
     task_id: str
@@ -126,7 +128,9 @@ class Approval(_message.Message):
     decided_at: _timestamp_pb2.Timestamp
     reason: str
     dpop_jkt: str
-    def __init__(self, approval_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., task_id: _Optional[str] = ..., task_intent: _Optional[str] = ..., task_context: _Optional[_Mapping[str, str]] = ..., kind: _Optional[_Union[LeaseKind, str]] = ..., audience: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., bind_to_client_cert: _Optional[bool] = ..., key_sha256: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., state: _Optional[_Union[ApprovalState, str]] = ..., policy_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., decided_by: _Optional[str] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., dpop_jkt: _Optional[str] = ...) -> None: ...
+    tool: str
+    arguments_sha256: str
+    def __init__(self, approval_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., task_id: _Optional[str] = ..., task_intent: _Optional[str] = ..., task_context: _Optional[_Mapping[str, str]] = ..., kind: _Optional[_Union[LeaseKind, str]] = ..., audience: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., bind_to_client_cert: _Optional[bool] = ..., key_sha256: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., state: _Optional[_Union[ApprovalState, str]] = ..., policy_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., decided_by: _Optional[str] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., dpop_jkt: _Optional[str] = ..., tool: _Optional[str] = ..., arguments_sha256: _Optional[str] = ...) -> None: ...
 
 class Envelope(_message.Message):
     __slots__ = ("audiences", "scopes")

@@ -1,0 +1,52 @@
+//! `mayfly.v1.Gateway`: gateways ask about tool calls.
+
+use std::sync::Arc;
+
+use mayfly_core::{ArgumentLimits, Timestamp};
+use mayfly_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use super::{approval_to_proto, caller};
+use crate::service::{CallRequest, Service};
+
+/// The Gateway API over the service.
+#[derive(Debug, Clone)]
+pub struct GatewayApi {
+    svc: Arc<Service>,
+}
+
+impl GatewayApi {
+    /// Wraps the service.
+    pub fn new(svc: Arc<Service>) -> Self {
+        Self { svc }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::gateway_server::Gateway for GatewayApi {
+    async fn authorize_call(
+        &self,
+        request: Request<pb::AuthorizeCallRequest>,
+    ) -> Result<Response<pb::CallDecision>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let req = CallRequest::parse(
+            &r.lease_id,
+            &r.tool,
+            &r.arguments,
+            (&r.method, &r.route),
+            &r.approval_id,
+            &ArgumentLimits::default(),
+        )?;
+        let d = self.svc.calls().authorize(&caller, req).await?;
+        Ok(Response::new(pb::CallDecision {
+            allowed: d.allowed,
+            policy_id: d.policy_id,
+            arguments_sha256: d.arguments_sha256,
+            approval_id: d.approval_id.map(|a| a.to_string()).unwrap_or_default(),
+            approval: d
+                .approval
+                .map(|a| approval_to_proto(&a, None, Timestamp::now())),
+        }))
+    }
+}

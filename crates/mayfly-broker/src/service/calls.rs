@@ -1,0 +1,235 @@
+//! Tool calls: a gateway asks about each call an agent makes with a task's
+//! token, and is told to forward it or not. The broker checks that the
+//! caller is a gateway fronting the tool's upstream, that the token's
+//! lease is live and was issued for that upstream's audience, and that its
+//! task is active; policy then decides on the tool and its arguments
+//! (`Action::CallTool`), as the token's holder, with the token's scopes
+//! and binding. The decision is in the trail before it is answered: an
+//! allowed call whose record cannot be written is refused.
+
+use mayfly_audit::Event;
+use mayfly_core::{
+    Action, Approval, ApprovalId, ApprovalRequest, ApprovalStatus, Arguments, LeaseId, LeaseKind,
+    LeaseState, PolicyRequest, Route, TaskFacts, Timestamp, Tool,
+};
+
+use super::{CallDecision, CallRequest, ToolCalls};
+use crate::error::BrokerError;
+use crate::identity::Caller;
+use crate::store::StoreError;
+
+impl ToolCalls {
+    /// Decides `req`, asked by `caller`, and records the decision.
+    pub async fn authorize(
+        &self,
+        caller: &Caller,
+        req: CallRequest,
+    ) -> Result<CallDecision, BrokerError> {
+        let now = Timestamp::now();
+        // A gateway proves itself with its certificate, never a token.
+        let gateway = self
+            .gateways
+            .iter()
+            .find(|g| g.id == caller.id && caller.cert_thumbprint().is_some())
+            .ok_or_else(|| BrokerError::NotGateway(caller.id.clone()))?;
+        let audience =
+            gateway
+                .upstreams
+                .get(req.tool.upstream())
+                .ok_or_else(|| BrokerError::NotUpstream {
+                    gateway: caller.id.clone(),
+                    upstream: req.tool.upstream().to_owned(),
+                })?;
+        let shared = &self.shared;
+        let lease = shared
+            .store
+            .get_lease(&req.lease_id)
+            .await?
+            .ok_or_else(|| BrokerError::LeaseNotFound(req.lease_id.clone()))?;
+        let state = lease.state_at(now);
+        if state != LeaseState::Active {
+            return Err(BrokerError::LeaseNotActive {
+                id: lease.id.clone(),
+                state,
+            });
+        }
+        if lease.kind() != Some(LeaseKind::Jwt) || lease.audience() != Some(audience) {
+            return Err(BrokerError::Invalid(format!(
+                "lease {} is not a token for {audience}, the audience of upstream {}",
+                lease.id,
+                req.tool.upstream()
+            )));
+        }
+        let task = shared
+            .active_task(&lease.agent, &lease.task_id, now)
+            .await?;
+        let task = &task.task;
+        let principal = lease.holder();
+        let denied = || {
+            caller
+                .record(Event::ToolCallDenied)
+                .task(task)
+                .lease(&lease.id)
+                .tool_call(&req.tool, &req.arguments)
+        };
+        let scopes = lease.scopes.clone();
+        let binding = lease
+            .binding()
+            .cloned()
+            .unwrap_or(mayfly_core::Binding::Bearer);
+        let decision = shared.policy.decide(&PolicyRequest {
+            principal,
+            proof: &lease.authenticated_by,
+            action: Action::CallTool {
+                tool: &req.tool,
+                arguments: &req.arguments,
+                route: req
+                    .route
+                    .as_ref()
+                    .map(|(method, template)| Route { method, template }),
+                scopes: &scopes,
+                binding: &binding,
+            },
+            task: TaskFacts::of(task),
+            ttl: now.until(lease.expires_at),
+            now,
+        });
+        let permit = shared.permit_or_record(decision, denied).await?;
+        let request = ApprovalRequest::ToolCall {
+            tool: req.tool.clone(),
+            arguments_sha256: req.arguments.sha256_hex(),
+        };
+        let used = match (&req.approval_id, permit.approval_required) {
+            (Some(id), _) => {
+                match shared
+                    .store
+                    .consume_approval(id, &lease.agent, &task.id, &request, now)
+                    .await
+                {
+                    Ok(_) => Some(id.clone()),
+                    Err(e) => return Err(self.unusable(e, id, denied()).await),
+                }
+            }
+            (None, true) => {
+                let approval = Approval {
+                    id: ApprovalId::generate(),
+                    agent: lease.agent.clone(),
+                    task_id: task.id.clone(),
+                    request,
+                    policy_id: permit.policy_id.clone(),
+                    created_at: now,
+                    expires_at: now.plus(self.approval_ttl),
+                    status: ApprovalStatus::Pending,
+                };
+                shared.refuse_locked(&lease.agent, now).await?;
+                shared.store.create_approval(&approval).await?;
+                let mut record = caller
+                    .record(Event::ApprovalRequested)
+                    .task(task)
+                    .lease(&lease.id)
+                    .tool_call(&req.tool, &req.arguments)
+                    .decided("pending", Some(&permit.policy_id))
+                    .expires(approval.expires_at);
+                record.approval_id = Some(approval.id.to_string());
+                shared.audit_anyway(record).await;
+                return Ok(CallDecision {
+                    allowed: false,
+                    policy_id: permit.policy_id,
+                    arguments_sha256: req.arguments.sha256_hex(),
+                    approval: Some(Box::new(approval)),
+                    approval_id: None,
+                });
+            }
+            (None, false) => None,
+        };
+        let mut record = caller
+            .record(Event::ToolCallAllowed)
+            .task(task)
+            .lease(&lease.id)
+            .tool_call(&req.tool, &req.arguments)
+            .decided("allow", Some(&permit.policy_id));
+        record.approval_id = used.as_ref().map(ToString::to_string);
+        // The call goes ahead only once its decision is in the trail.
+        shared.recorder.record(record).await?;
+        tracing::info!(
+            target: "mayfly::decision",
+            event = "tool_call_allowed",
+            gateway = %caller.id,
+            agent = %principal,
+            task_id = %task.id,
+            lease_id = %lease.id,
+            tool = %req.tool,
+            policy = %permit.policy_id,
+        );
+        Ok(CallDecision {
+            allowed: true,
+            policy_id: permit.policy_id,
+            arguments_sha256: req.arguments.sha256_hex(),
+            approval: None,
+            approval_id: used,
+        })
+    }
+
+    /// The refusal of an approval that cannot be used for this call
+    /// (another call's, pending, denied, used, expired), recorded.
+    async fn unusable(
+        &self,
+        e: StoreError,
+        id: &ApprovalId,
+        denied: mayfly_audit::AuditRecord,
+    ) -> BrokerError {
+        let e = BrokerError::from_approval(e, id);
+        self.shared.record_denial(e, denied).await
+    }
+}
+
+/// A tool call as the gateway reports it, parsed.
+impl CallRequest {
+    /// The call from the wire's fields: the lease id, `<upstream>/<tool>`,
+    /// the arguments' JSON, an HTTP route (method and template, both or
+    /// neither), and an approval id (empty for none).
+    pub fn parse(
+        lease_id: &str,
+        tool: &str,
+        arguments: &str,
+        (method, route): (&str, &str),
+        approval_id: &str,
+        limits: &mayfly_core::ArgumentLimits,
+    ) -> Result<Self, BrokerError> {
+        let lease_id =
+            LeaseId::new(lease_id).map_err(|e| BrokerError::invalid_field("lease_id", e))?;
+        let tool = Tool::parse(tool).map_err(|e| BrokerError::invalid_field("tool", e))?;
+        let arguments = Arguments::parse(arguments, limits)
+            .map_err(|e| BrokerError::invalid_field("arguments", e))?;
+        let route = match (method, route) {
+            ("", "") => None,
+            (m, r) if is_method(m) && r.starts_with('/') && !r.chars().any(char::is_control) => {
+                Some((m.to_owned(), r.to_owned()))
+            }
+            _ => {
+                return Err(BrokerError::Invalid(
+                    "method and route: an HTTP method (GET, POST, …) and a route template \
+                     starting with '/', both or neither"
+                        .into(),
+                ));
+            }
+        };
+        let approval_id = match approval_id {
+            "" => None,
+            id => Some(
+                ApprovalId::new(id).map_err(|e| BrokerError::invalid_field("approval_id", e))?,
+            ),
+        };
+        Ok(Self {
+            lease_id,
+            tool,
+            arguments,
+            route,
+            approval_id,
+        })
+    }
+}
+
+fn is_method(m: &str) -> bool {
+    !m.is_empty() && m.len() <= 16 && m.bytes().all(|b| b.is_ascii_uppercase())
+}
