@@ -68,6 +68,8 @@ pub fn approval_json(a: &pb::Approval) -> Value {
         "ttl_seconds": a.ttl_seconds,
         "bind_to_client_cert": a.bind_to_client_cert,
         "key_sha256": a.key_sha256,
+        "tool": a.tool,
+        "arguments_sha256": a.arguments_sha256,
         "policy_id": a.policy_id,
         "created_at": output::time(a.created_at.as_ref()),
         "expires_at": output::time(a.expires_at.as_ref()),
@@ -97,6 +99,14 @@ fn show(a: &pb::Approval, json: bool) {
         ("kind", output::lease_kind(a.kind)),
         ("audience", a.audience.clone()),
         ("scopes", a.scopes.join(" ")),
+        ("tool", a.tool.clone()),
+        (
+            "arguments",
+            match a.arguments_sha256.as_str() {
+                "" => String::new(),
+                h => format!("sha256:{h}"),
+            },
+        ),
         ("policy", a.policy_id.clone()),
         ("expires", output::time(a.expires_at.as_ref())),
         ("decided by", a.decided_by.clone()),
