@@ -107,6 +107,33 @@ async fn tool_calls_are_decided_on_their_arguments_and_recorded() {
     let mut gw = gateway_of(&broker.client_as(GATEWAY).await);
     let (task, lease) = token(&agent, TOOLS).await;
 
+    // The list shows the tools some call of which policy allows, in the
+    // order asked: not the forbidden one, nor one tools.toml lacks.
+    let list = |tools: &[&str]| pb::ListCallableRequest {
+        lease_id: lease.clone(),
+        upstream: "billing".into(),
+        tools: tools.iter().map(|t| t.to_string()).collect(),
+    };
+    let listed = gw
+        .list_callable(list(&[
+            "pay_invoice",
+            "delete_records",
+            "refund",
+            "read_invoice",
+        ]))
+        .await
+        .unwrap()
+        .into_inner()
+        .tools;
+    assert_eq!(listed, ["pay_invoice", "read_invoice"]);
+    assert_status(
+        gw.list_callable(list(&["read invoice"]))
+            .await
+            .map_err(refusal),
+        Code::InvalidArgument,
+        "not a plain identifier",
+    );
+
     let read = gw
         .authorize_call(call(
             &lease,

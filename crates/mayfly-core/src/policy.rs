@@ -93,6 +93,18 @@ pub enum Action<'a> {
         /// What that token is bound to.
         binding: &'a Binding,
     },
+    /// Whether some arguments could let `tool` be called at all: what a
+    /// gateway's list of tools (MCP `tools/list`) shows. Permitted when no
+    /// policy rules every call out; a tool shown may still be refused on
+    /// its arguments.
+    MayCallTool {
+        /// The tool.
+        tool: &'a Tool,
+        /// The scopes of the token the list is asked with.
+        scopes: &'a Scopes,
+        /// What that token is bound to.
+        binding: &'a Binding,
+    },
 }
 
 impl Action<'_> {
@@ -104,7 +116,7 @@ impl Action<'_> {
             Self::SignCertificate => "sign_certificate",
             Self::Delegate { .. } => "delegate",
             Self::ExchangeToken { .. } => "exchange_token",
-            Self::CallTool { .. } => "call_tool",
+            Self::CallTool { .. } | Self::MayCallTool { .. } => "call_tool",
         }
     }
 }

@@ -179,6 +179,9 @@ struct Ask<'a> {
     call: Option<(RestrictedExpression, &'a str, &'a str)>,
     /// The action's name: one of [`ACTIONS`], or a tool's.
     action: &'a str,
+    /// Decide with `context.arguments` unknown: permitted unless every
+    /// value of them is denied.
+    partial: bool,
     resource: EntityUid,
     task_id: &'a str,
     intent: &'a str,
@@ -186,6 +189,52 @@ struct Ask<'a> {
     scopes: Vec<&'a str>,
     ttl: Duration,
     now: Timestamp,
+}
+
+impl CedarPolicy {
+    /// Whether `request`, its arguments unknown, could be permitted: a
+    /// permit unless policy denies it whatever they are (or a policy fails
+    /// to evaluate: fail closed). Names the policies that may decide.
+    fn may(
+        &self,
+        request: &Request,
+        policies: &PolicySet,
+        entities: &Entities,
+        ask: &Ask<'_>,
+    ) -> Decision {
+        let response = Authorizer::new().is_authorized_partial(request, policies, entities);
+        if let Some(id) = response.definitely_errored().next() {
+            return Decision::Deny {
+                policy_id: Some(id.to_string()),
+                reason: format!("policy {id} failed to evaluate; denying"),
+            };
+        }
+        let ids = |ps: Vec<cedar_policy::Policy>| {
+            ps.iter()
+                .map(|p| p.id().to_string())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        match response.decision() {
+            Some(cedar_policy::Decision::Deny) => {
+                let forbids: Vec<_> = response
+                    .definitely_satisfied()
+                    .filter(|p| p.effect() == cedar_policy::Effect::Forbid)
+                    .collect();
+                Decision::Deny {
+                    policy_id: (!forbids.is_empty()).then(|| ids(forbids)),
+                    reason: format!("no call lets {} {}", ask.agent, ask.what()),
+                }
+            }
+            _ => Decision::Permit {
+                policy_id: ids(response.may_be_determining().collect()),
+                max_ttl: None,
+                approval_required: false,
+            },
+        }
+    }
 }
 
 impl Ask<'_> {
@@ -372,6 +421,9 @@ impl CedarPolicy {
             Ok(r) => r,
             Err(e) => return fail(e.to_string()),
         };
+        if ask.partial {
+            return self.may(&request, policies, &entities, &ask);
+        }
         let response = Authorizer::new().is_authorized(&request, policies, &entities);
         let diagnostics = response.diagnostics();
         // A policy that errors is skipped by Cedar; a skipped forbid could
@@ -461,6 +513,7 @@ impl Policy for CedarPolicy {
             exchange: None,
             call: None,
             action: req.action.name(),
+            partial: false,
             resource,
             task_id: req.task.id.map_or("new", |id| id.as_str()),
             intent: req.task.intent.as_str(),
@@ -531,6 +584,29 @@ impl Policy for CedarPolicy {
                         binding: Some(binding.name()),
                         call: Some((arguments, method, template)),
                         action: &name,
+                        ..base(uid(Type::Tool, &name), names(scopes))
+                    },
+                )
+            }
+            Action::MayCallTool {
+                tool,
+                scopes,
+                binding,
+            } => {
+                if !self.tools.declares(tool) {
+                    return Decision::Deny {
+                        policy_id: None,
+                        reason: tools::Unfit::Undeclared(tool.to_string()).to_string(),
+                    };
+                }
+                let name = tool.to_string();
+                self.ask_of(
+                    &self.set,
+                    Ask {
+                        binding: Some(binding.name()),
+                        call: Some((RestrictedExpression::new_unknown("arguments"), "", "")),
+                        action: &name,
+                        partial: true,
                         ..base(uid(Type::Tool, &name), names(scopes))
                     },
                 )
@@ -641,6 +717,7 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
                                     "tickets",
                                 )),
                                 call: None,
+                                partial: false,
                                 action,
                                 resource: resource.clone(),
                                 task_id: "t",
@@ -689,6 +766,7 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
             delegate: None,
             exchange: None,
             call: None,
+            partial: false,
             action: "issue_token",
             resource: uid(Type::Audience, "https://api.example.com"),
             task_id: "t",

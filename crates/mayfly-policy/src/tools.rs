@@ -217,6 +217,11 @@ impl Tools {
         }
     }
 
+    /// Whether `tool` is declared.
+    pub(crate) fn declares(&self, tool: &Tool) -> bool {
+        self.by_tool.contains_key(tool)
+    }
+
     /// How many tools are declared.
     pub(crate) fn len(&self) -> usize {
         self.by_tool.len()

@@ -602,3 +602,56 @@ mod tool_calls {
         assert!(err.contains("amount"), "{err}");
     }
 }
+
+#[test]
+fn a_tool_is_listed_unless_policy_rules_out_every_call() {
+    use mayfly_core::Tool;
+    let p = shipped();
+    let t = task(&[]);
+    let may = |tool: &str| {
+        p.decide(&PolicyRequest {
+            principal: &t.agent,
+            proof: &Proof::Certificate,
+            action: Action::MayCallTool {
+                tool: &Tool::parse(tool).unwrap(),
+                scopes: &parse_scopes(&["read:billing"]).unwrap(),
+                binding: &Binding::Bearer,
+            },
+            task: TaskFacts::of(&t),
+            ttl: Duration::from_secs(60),
+            now: Timestamp::now(),
+        })
+    };
+    assert_eq!(permit(may("billing/read_invoice")).0, "billing-reads");
+    // Some amounts pass, others need approval: listed, by both permits.
+    let (ids, _, approval) = permit(may("billing/pay_invoice"));
+    assert_eq!(
+        ids,
+        "billing-large-payments-approved,billing-small-payments"
+    );
+    assert!(!approval);
+    let (id, reason) = deny(may("billing/delete_records"));
+    assert_eq!(id.as_deref(), Some("billing-no-deletes"));
+    assert!(reason.contains("no call lets"), "{reason}");
+    let (id, reason) = deny(may("billing/refund"));
+    assert_eq!(id, None);
+    assert!(reason.contains("not declared"), "{reason}");
+
+    // Another agent, whom no permit names, sees none of them.
+    let mut other = task(&[]);
+    other.agent = SpiffeId::new("spiffe://prod.example.com/services/batch").unwrap();
+    let listed = p.decide(&PolicyRequest {
+        principal: &other.agent,
+        proof: &Proof::Certificate,
+        action: Action::MayCallTool {
+            tool: &Tool::parse("billing/read_invoice").unwrap(),
+            scopes: &parse_scopes(&["read:billing"]).unwrap(),
+            binding: &Binding::Bearer,
+        },
+        task: TaskFacts::of(&other),
+        ttl: Duration::from_secs(60),
+        now: Timestamp::now(),
+    });
+    let (id, _) = deny(listed);
+    assert_eq!(id, None);
+}

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use mayfly_core::{ArgumentLimits, Timestamp};
+use mayfly_core::{ArgumentLimits, LeaseId, Timestamp};
 use mayfly_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
@@ -48,5 +48,21 @@ impl pb::gateway_server::Gateway for GatewayApi {
                 .approval
                 .map(|a| approval_to_proto(&a, None, Timestamp::now())),
         }))
+    }
+
+    async fn list_callable(
+        &self,
+        request: Request<pb::ListCallableRequest>,
+    ) -> Result<Response<pb::ListCallableResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let lease_id = LeaseId::new(&r.lease_id)
+            .map_err(|e| crate::error::BrokerError::invalid_field("lease_id", e))?;
+        let tools = self
+            .svc
+            .calls()
+            .callable(&caller, &lease_id, &r.upstream, &r.tools)
+            .await?;
+        Ok(Response::new(pb::ListCallableResponse { tools }))
     }
 }

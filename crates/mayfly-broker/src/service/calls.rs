@@ -18,6 +18,9 @@ use crate::error::BrokerError;
 use crate::identity::Caller;
 use crate::store::StoreError;
 
+/// Most tools one list asks about.
+const MAX_LISTED: usize = 1024;
+
 impl ToolCalls {
     /// Decides `req`, asked by `caller`, and records the decision.
     pub async fn authorize(
@@ -26,43 +29,10 @@ impl ToolCalls {
         req: CallRequest,
     ) -> Result<CallDecision, BrokerError> {
         let now = Timestamp::now();
-        // A gateway proves itself with its certificate, never a token.
-        let gateway = self
-            .gateways
-            .iter()
-            .find(|g| g.id == caller.id && caller.cert_thumbprint().is_some())
-            .ok_or_else(|| BrokerError::NotGateway(caller.id.clone()))?;
-        let audience =
-            gateway
-                .upstreams
-                .get(req.tool.upstream())
-                .ok_or_else(|| BrokerError::NotUpstream {
-                    gateway: caller.id.clone(),
-                    upstream: req.tool.upstream().to_owned(),
-                })?;
-        let shared = &self.shared;
-        let lease = shared
-            .store
-            .get_lease(&req.lease_id)
-            .await?
-            .ok_or_else(|| BrokerError::LeaseNotFound(req.lease_id.clone()))?;
-        let state = lease.state_at(now);
-        if state != LeaseState::Active {
-            return Err(BrokerError::LeaseNotActive {
-                id: lease.id.clone(),
-                state,
-            });
-        }
-        if lease.kind() != Some(LeaseKind::Jwt) || lease.audience() != Some(audience) {
-            return Err(BrokerError::Invalid(format!(
-                "lease {} is not a token for {audience}, the audience of upstream {}",
-                lease.id,
-                req.tool.upstream()
-            )));
-        }
-        let task = shared
-            .active_task(&lease.agent, &lease.task_id, now)
+        let (lease, task) = self
+            .admit(caller, &req.lease_id, req.tool.upstream(), now)
             .await?;
+        let shared = &self.shared;
         let task = &task.task;
         let principal = lease.holder();
         let denied = || {
@@ -168,6 +138,98 @@ impl ToolCalls {
             approval: None,
             approval_id: used,
         })
+    }
+
+    /// Which of `tools` (names at `upstream`) the token `lease_id` may
+    /// call with some arguments, in the order given.
+    pub async fn callable(
+        &self,
+        caller: &Caller,
+        lease_id: &LeaseId,
+        upstream: &str,
+        tools: &[String],
+    ) -> Result<Vec<String>, BrokerError> {
+        if tools.len() > MAX_LISTED {
+            return Err(BrokerError::Invalid(format!(
+                "tools: at most {MAX_LISTED} in one list"
+            )));
+        }
+        let now = Timestamp::now();
+        let (lease, task) = self.admit(caller, lease_id, upstream, now).await?;
+        let binding = lease
+            .binding()
+            .cloned()
+            .unwrap_or(mayfly_core::Binding::Bearer);
+        let mut out = Vec::new();
+        for name in tools {
+            let tool =
+                Tool::new(upstream, name).map_err(|e| BrokerError::invalid_field("tools", e))?;
+            let decision = self.shared.policy.decide(&PolicyRequest {
+                principal: lease.holder(),
+                proof: &lease.authenticated_by,
+                action: Action::MayCallTool {
+                    tool: &tool,
+                    scopes: &lease.scopes,
+                    binding: &binding,
+                },
+                task: TaskFacts::of(&task.task),
+                ttl: now.until(lease.expires_at),
+                now,
+            });
+            if matches!(decision, mayfly_core::Decision::Permit { .. }) {
+                out.push(name.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// The checks every gateway question passes first: `caller` is a
+    /// gateway (by its certificate) fronting `upstream`, and `lease_id` is
+    /// a live token for that upstream's audience under an active task.
+    async fn admit(
+        &self,
+        caller: &Caller,
+        lease_id: &LeaseId,
+        upstream: &str,
+        now: Timestamp,
+    ) -> Result<(mayfly_core::Lease, mayfly_core::TaskRecord), BrokerError> {
+        // A gateway proves itself with its certificate, never a token.
+        let gateway = self
+            .gateways
+            .iter()
+            .find(|g| g.id == caller.id && caller.cert_thumbprint().is_some())
+            .ok_or_else(|| BrokerError::NotGateway(caller.id.clone()))?;
+        let audience = gateway
+            .upstreams
+            .get(upstream)
+            .ok_or_else(|| BrokerError::NotUpstream {
+                gateway: caller.id.clone(),
+                upstream: upstream.to_owned(),
+            })?;
+        let lease = self
+            .shared
+            .store
+            .get_lease(lease_id)
+            .await?
+            .ok_or_else(|| BrokerError::LeaseNotFound(lease_id.clone()))?;
+        let state = lease.state_at(now);
+        if state != LeaseState::Active {
+            return Err(BrokerError::LeaseNotActive {
+                id: lease.id.clone(),
+                state,
+            });
+        }
+        if lease.kind() != Some(LeaseKind::Jwt) || lease.audience() != Some(audience) {
+            return Err(BrokerError::Invalid(format!(
+                "lease {} is not a token for {audience}, the audience of upstream {upstream}",
+                lease.id
+            )));
+        }
+        let task = self
+            .shared
+            .active_task(&lease.agent, &lease.task_id, now)
+            .await?;
+        Ok((lease, task))
     }
 
     /// The refusal of an approval that cannot be used for this call

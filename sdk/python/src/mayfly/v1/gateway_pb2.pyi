@@ -1,10 +1,27 @@
 from mayfly.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class ListCallableRequest(_message.Message):
+    __slots__ = ("lease_id", "upstream", "tools")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    upstream: str
+    tools: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, lease_id: _Optional[str] = ..., upstream: _Optional[str] = ..., tools: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListCallableResponse(_message.Message):
+    __slots__ = ("tools",)
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    tools: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tools: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AuthorizeCallRequest(_message.Message):
     __slots__ = ("lease_id", "tool", "arguments", "method", "route", "approval_id")
