@@ -9,14 +9,14 @@
 
 use mayfly_audit::Event;
 use mayfly_core::{
-    Action, Approval, ApprovalId, ApprovalRequest, ApprovalStatus, Arguments, LeaseId, LeaseKind,
-    LeaseState, PolicyRequest, Route, TaskFacts, Timestamp, Tool,
+    Action, ApprovalId, ApprovalRequest, Arguments, Binding, Lease, LeaseId, LeaseKind, LeaseState,
+    PolicyRequest, Route, TaskFacts, TaskRecord, Timestamp, Tool,
 };
 
+use super::shared::Gate;
 use super::{CallDecision, CallRequest, ToolCalls};
 use crate::error::BrokerError;
 use crate::identity::Caller;
-use crate::store::StoreError;
 
 /// Most tools one list asks about.
 const MAX_LISTED: usize = 1024;
@@ -42,11 +42,7 @@ impl ToolCalls {
                 .lease(&lease.id)
                 .tool_call(&req.tool, &req.arguments)
         };
-        let scopes = lease.scopes.clone();
-        let binding = lease
-            .binding()
-            .cloned()
-            .unwrap_or(mayfly_core::Binding::Bearer);
+        let binding = binding_of(&lease);
         let decision = shared.policy.decide(&PolicyRequest {
             principal,
             proof: &lease.authenticated_by,
@@ -57,7 +53,7 @@ impl ToolCalls {
                     .route
                     .as_ref()
                     .map(|(method, template)| Route { method, template }),
-                scopes: &scopes,
+                scopes: &lease.scopes,
                 binding: &binding,
             },
             task: TaskFacts::of(task),
@@ -65,52 +61,42 @@ impl ToolCalls {
             now,
         });
         let permit = shared.permit_or_record(decision, denied).await?;
+        let arguments_sha256 = req.arguments.sha256_hex();
         let request = ApprovalRequest::ToolCall {
             tool: req.tool.clone(),
-            arguments_sha256: req.arguments.sha256_hex(),
+            arguments_sha256: arguments_sha256.clone(),
         };
-        let used = match (&req.approval_id, permit.approval_required) {
-            (Some(id), _) => {
-                match shared
-                    .store
-                    .consume_approval(id, &lease.agent, &task.id, &request, now)
-                    .await
-                {
-                    Ok(_) => Some(id.clone()),
-                    Err(e) => return Err(self.unusable(e, id, denied()).await),
-                }
-            }
-            (None, true) => {
-                let approval = Approval {
-                    id: ApprovalId::generate(),
-                    agent: lease.agent.clone(),
-                    task_id: task.id.clone(),
-                    request,
-                    policy_id: permit.policy_id.clone(),
-                    created_at: now,
-                    expires_at: now.plus(self.approval_ttl),
-                    status: ApprovalStatus::Pending,
-                };
-                shared.refuse_locked(&lease.agent, now).await?;
-                shared.store.create_approval(&approval).await?;
-                let mut record = caller
-                    .record(Event::ApprovalRequested)
-                    .task(task)
-                    .lease(&lease.id)
-                    .tool_call(&req.tool, &req.arguments)
-                    .decided("pending", Some(&permit.policy_id))
-                    .expires(approval.expires_at);
-                record.approval_id = Some(approval.id.to_string());
-                shared.audit_anyway(record).await;
+        let requested = caller
+            .record(Event::ApprovalRequested)
+            .task(task)
+            .lease(&lease.id);
+        let gate = shared
+            .approval_gate(
+                task,
+                &permit,
+                request,
+                req.approval_id.as_ref(),
+                requested,
+                now,
+            )
+            .await;
+        let used = match gate {
+            Ok(Gate::Proceed(used)) => used,
+            Ok(Gate::Pending(approval)) => {
                 return Ok(CallDecision {
                     allowed: false,
                     policy_id: permit.policy_id,
-                    arguments_sha256: req.arguments.sha256_hex(),
-                    approval: Some(Box::new(approval)),
+                    arguments_sha256,
+                    approval: Some(approval),
                     approval_id: None,
                 });
             }
-            (None, false) => None,
+            // An approval given that cannot serve this call is a refusal
+            // of the call.
+            Err(e) if req.approval_id.is_some() => {
+                return Err(shared.record_denial(e, denied()).await);
+            }
+            Err(e) => return Err(e),
         };
         let mut record = caller
             .record(Event::ToolCallAllowed)
@@ -134,7 +120,7 @@ impl ToolCalls {
         Ok(CallDecision {
             allowed: true,
             policy_id: permit.policy_id,
-            arguments_sha256: req.arguments.sha256_hex(),
+            arguments_sha256,
             approval: None,
             approval_id: used,
         })
@@ -156,10 +142,7 @@ impl ToolCalls {
         }
         let now = Timestamp::now();
         let (lease, task) = self.admit(caller, lease_id, upstream, now).await?;
-        let binding = lease
-            .binding()
-            .cloned()
-            .unwrap_or(mayfly_core::Binding::Bearer);
+        let binding = binding_of(&lease);
         let mut out = Vec::new();
         for name in tools {
             let tool =
@@ -192,7 +175,7 @@ impl ToolCalls {
         lease_id: &LeaseId,
         upstream: &str,
         now: Timestamp,
-    ) -> Result<(mayfly_core::Lease, mayfly_core::TaskRecord), BrokerError> {
+    ) -> Result<(Lease, TaskRecord), BrokerError> {
         // A gateway proves itself with its certificate, never a token.
         let gateway = self
             .gateways
@@ -230,18 +213,6 @@ impl ToolCalls {
             .active_task(&lease.agent, &lease.task_id, now)
             .await?;
         Ok((lease, task))
-    }
-
-    /// The refusal of an approval that cannot be used for this call
-    /// (another call's, pending, denied, used, expired), recorded.
-    async fn unusable(
-        &self,
-        e: StoreError,
-        id: &ApprovalId,
-        denied: mayfly_audit::AuditRecord,
-    ) -> BrokerError {
-        let e = BrokerError::from_approval(e, id);
-        self.shared.record_denial(e, denied).await
     }
 }
 
@@ -290,6 +261,11 @@ impl CallRequest {
             approval_id,
         })
     }
+}
+
+/// What the token of `lease` is bound to, as policy sees it.
+fn binding_of(lease: &Lease) -> Binding {
+    lease.binding().cloned().unwrap_or(Binding::Bearer)
 }
 
 fn is_method(m: &str) -> bool {

@@ -231,7 +231,6 @@ impl TokenSigner {
 pub struct ToolCalls {
     shared: Arc<Shared>,
     gateways: Vec<Gateway>,
-    approval_ttl: Duration,
 }
 
 /// A tool call a gateway asks about.
@@ -280,7 +279,6 @@ pub struct Admin {
 impl Service {
     /// The service, its parts sharing `setup`'s store, policy and recorder.
     pub fn new(setup: Setup) -> Self {
-        let approval_ttl = setup.lifetimes.approval_ttl;
         let shared = Arc::new(Shared {
             store: setup.store,
             policy: setup.policy,
@@ -290,6 +288,7 @@ impl Service {
             task_cache: TaskCache::default(),
             broker_id: setup.broker_id,
             resource_servers: setup.resource_servers,
+            approval_ttl: setup.lifetimes.approval_ttl,
         });
         Self {
             tasks: Tasks {
@@ -317,7 +316,6 @@ impl Service {
             calls: ToolCalls {
                 shared: shared.clone(),
                 gateways: setup.gateways,
-                approval_ttl,
             },
             shared,
         }

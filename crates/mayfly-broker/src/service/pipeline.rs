@@ -30,12 +30,11 @@
 use std::time::Duration;
 
 use mayfly_core::{
-    Action, Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Decision, Lease,
-    LeaseDetail, LeaseId, LeaseStatus, PolicyRequest, Scopes, SpiffeId, Task, TaskFacts, TaskId,
-    Timestamp,
+    Action, ApprovalId, ApprovalRequest, Decision, Lease, LeaseDetail, LeaseId, LeaseStatus,
+    PolicyRequest, Scopes, SpiffeId, Task, TaskFacts, TaskId, Timestamp,
 };
 
-use super::shared::{Permit, asked, expiry};
+use super::shared::{Gate, asked, expiry};
 use super::{Issuance, Issued, Minted, TokenSigner};
 use crate::audit::{AuditRecord, Event};
 use crate::config::Lifetimes;
@@ -143,14 +142,6 @@ enum Next<T> {
     Again,
 }
 
-/// What the approval step decided.
-enum Gate {
-    /// Go on; the credential records the approval it used, if any.
-    Proceed(Option<ApprovalId>),
-    /// Stop: an approval is now pending.
-    Pending(Box<Approval>),
-}
-
 impl Issuance {
     /// Issues one credential of kind `K` under the caller's task `task_id`,
     /// or opens the approval policy requires; `approval_id` collects an
@@ -236,7 +227,15 @@ impl Issuance {
         if progress.approval.is_none() {
             match kind.approval_request() {
                 Some(request) => match self
-                    .approval_gate(caller, task, &permit, request, approval_id, now)
+                    .shared
+                    .approval_gate(
+                        task,
+                        &permit,
+                        request,
+                        approval_id,
+                        caller.record(Event::ApprovalRequested).task(task),
+                        now,
+                    )
                     .await?
                 {
                     Gate::Pending(a) => return Ok(Next::Done(Issued::Pending(a))),
@@ -338,92 +337,6 @@ impl Issuance {
                 }
             }
             RecordError::Audit(e) => Err(e.into()),
-        }
-    }
-
-    /// The error for presenting an approval an operator refused, with who
-    /// refused it and why.
-    async fn denied_approval(&self, id: &ApprovalId) -> BrokerError {
-        match self.shared.store.get_approval(id).await {
-            Ok(Some(Approval {
-                status: ApprovalStatus::Denied { by, reason, .. },
-                ..
-            })) => BrokerError::ApprovalDenied {
-                id: id.clone(),
-                by,
-                reason,
-            },
-            Ok(_) => BrokerError::ApprovalUnusable {
-                id: id.clone(),
-                state: ApprovalState::Denied,
-            },
-            Err(e) => BrokerError::from_approval(e, id),
-        }
-    }
-
-    /// Consumes `approval_id` for exactly `request`, or opens a pending
-    /// approval when the permit needs one and none was given.
-    async fn approval_gate(
-        &self,
-        caller: &Caller,
-        task: &Task,
-        permit: &Permit,
-        request: ApprovalRequest,
-        approval_id: Option<&ApprovalId>,
-        now: Timestamp,
-    ) -> Result<Gate, BrokerError> {
-        match approval_id {
-            Some(id) => {
-                match self
-                    .shared
-                    .store
-                    .consume_approval(id, &caller.id, &task.id, &request, now)
-                    .await
-                {
-                    Ok(_) => Ok(Gate::Proceed(Some(id.clone()))),
-                    Err(StoreError::ApprovalState(ApprovalState::Denied)) => {
-                        Err(self.denied_approval(id).await)
-                    }
-                    Err(e) => Err(BrokerError::from_approval(e, id)),
-                }
-            }
-            None if permit.approval_required => {
-                self.shared.refuse_locked(&caller.id, now).await?;
-                let approval = Approval {
-                    id: ApprovalId::generate(),
-                    agent: caller.id.clone(),
-                    task_id: task.id.clone(),
-                    request,
-                    policy_id: permit.policy_id.clone(),
-                    created_at: now,
-                    expires_at: now.plus(self.lifetimes.approval_ttl),
-                    status: ApprovalStatus::Pending,
-                };
-                self.shared.store.create_approval(&approval).await?;
-                let mut record = caller
-                    .record(Event::ApprovalRequested)
-                    .task(task)
-                    .decided("pending", Some(&permit.policy_id))
-                    .expires(approval.expires_at);
-                record.approval_id = Some(approval.id.to_string());
-                if let ApprovalRequest::Token {
-                    audience, scopes, ..
-                } = &approval.request
-                {
-                    record = record.credential(Some(audience.as_str()), scopes);
-                }
-                self.shared.audit_anyway(record).await;
-                tracing::info!(
-                    target: "mayfly::decision",
-                    event = "approval_requested",
-                    agent = %caller.id,
-                    task_id = %task.id,
-                    approval_id = %approval.id,
-                    policy = %permit.policy_id,
-                );
-                Ok(Gate::Pending(Box::new(approval)))
-            }
-            None => Ok(Gate::Proceed(None)),
         }
     }
 }

@@ -6,7 +6,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_core::{Decision, Policy, SpiffeId, Task, TaskId, TaskRecord, TaskState, Timestamp};
+use mayfly_core::{
+    Approval, ApprovalId, ApprovalRequest, ApprovalState, ApprovalStatus, Decision, Policy,
+    SpiffeId, Task, TaskId, TaskRecord, TaskState, Timestamp,
+};
 use tokio::sync::Notify;
 
 use super::TaskCache;
@@ -15,7 +18,7 @@ use crate::cause::Cause;
 use crate::config::ResourceServer;
 use crate::error::BrokerError;
 use crate::recorder::Recorder;
-use crate::store::{LeaseStore, RecordError};
+use crate::store::{LeaseStore, RecordError, StoreError};
 
 /// What every part of the service shares.
 #[derive(Debug)]
@@ -38,6 +41,8 @@ pub(super) struct Shared {
     /// Who receives tokens of which audiences: only they may exchange
     /// them, when first asked and when decided again.
     pub resource_servers: Vec<ResourceServer>,
+    /// How long an approval waits for an operator.
+    pub approval_ttl: Duration,
 }
 
 /// What policy allowed.
@@ -255,4 +260,106 @@ impl Shared {
             None => Ok(()),
         }
     }
+
+    /// Consumes `approval_id` for exactly `request` under `task`, or,
+    /// when the permit needs an approval and none was given, opens one for
+    /// the task's owner (whose approvals they are), recorded as `requested` (a record of
+    /// `approval_requested` naming the caller and the task) with the
+    /// approval, the deciding policy and what it is for.
+    pub(super) async fn approval_gate(
+        &self,
+        task: &Task,
+        permit: &Permit,
+        request: ApprovalRequest,
+        approval_id: Option<&ApprovalId>,
+        requested: AuditRecord,
+        now: Timestamp,
+    ) -> Result<Gate, BrokerError> {
+        let agent = &task.agent;
+        match approval_id {
+            Some(id) => {
+                match self
+                    .store
+                    .consume_approval(id, agent, &task.id, &request, now)
+                    .await
+                {
+                    Ok(_) => Ok(Gate::Proceed(Some(id.clone()))),
+                    Err(StoreError::ApprovalState(ApprovalState::Denied)) => {
+                        Err(self.denied_approval(id).await)
+                    }
+                    Err(e) => Err(BrokerError::from_approval(e, id)),
+                }
+            }
+            None if permit.approval_required => {
+                self.refuse_locked(agent, now).await?;
+                let approval = Approval {
+                    id: ApprovalId::generate(),
+                    agent: agent.clone(),
+                    task_id: task.id.clone(),
+                    request,
+                    policy_id: permit.policy_id.clone(),
+                    created_at: now,
+                    expires_at: now.plus(self.approval_ttl),
+                    status: ApprovalStatus::Pending,
+                };
+                self.store.create_approval(&approval).await?;
+                let mut record = requested
+                    .decided("pending", Some(&permit.policy_id))
+                    .expires(approval.expires_at);
+                record.approval_id = Some(approval.id.to_string());
+                match &approval.request {
+                    ApprovalRequest::Token {
+                        audience, scopes, ..
+                    } => record = record.credential(Some(audience.as_str()), scopes),
+                    ApprovalRequest::ToolCall {
+                        tool,
+                        arguments_sha256,
+                    } => {
+                        record.tool = Some(tool.to_string());
+                        record.arguments_sha256 = Some(arguments_sha256.clone());
+                    }
+                    ApprovalRequest::Certificate { .. } => {}
+                }
+                self.audit_anyway(record).await;
+                tracing::info!(
+                    target: "mayfly::decision",
+                    event = "approval_requested",
+                    agent = %agent,
+                    task_id = %task.id,
+                    approval_id = %approval.id,
+                    policy = %permit.policy_id,
+                );
+                Ok(Gate::Pending(Box::new(approval)))
+            }
+            None => Ok(Gate::Proceed(None)),
+        }
+    }
+
+    /// The error for presenting an approval an operator refused, with who
+    /// refused it and why.
+    async fn denied_approval(&self, id: &ApprovalId) -> BrokerError {
+        match self.store.get_approval(id).await {
+            Ok(Some(Approval {
+                status: ApprovalStatus::Denied { by, reason, .. },
+                ..
+            })) => BrokerError::ApprovalDenied {
+                id: id.clone(),
+                by,
+                reason,
+            },
+            Ok(_) => BrokerError::ApprovalUnusable {
+                id: id.clone(),
+                state: ApprovalState::Denied,
+            },
+            Err(e) => BrokerError::from_approval(e, id),
+        }
+    }
+}
+
+/// What the approval step decided.
+pub(super) enum Gate {
+    /// Go on; what follows records the approval it used, if any.
+    Proceed(Option<ApprovalId>),
+    /// Stop: an approval is now pending.
+    Pending(Box<Approval>),
 }
