@@ -230,7 +230,7 @@ impl Arguments {
 
     fn from_map(value: Map<String, Value>) -> Self {
         let mut canonical = String::new();
-        write_canonical(&mut canonical, &Value::Object(value.clone()));
+        write_object(&mut canonical, &value);
         let digest = ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes());
         let mut sha256 = [0u8; 32];
         sha256.copy_from_slice(digest.as_ref());
@@ -275,22 +275,7 @@ pub fn canonical_json(v: &Value) -> String {
 /// Writes `v` with sorted keys and no whitespace.
 fn write_canonical(out: &mut String, v: &Value) {
     match v {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, k) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push(':');
-                if let Some(v) = map.get(k) {
-                    write_canonical(out, v);
-                }
-            }
-            out.push('}');
-        }
+        Value::Object(map) => write_object(out, map),
         Value::Array(items) => {
             out.push('[');
             for (i, item) in items.iter().enumerate() {
@@ -303,6 +288,22 @@ fn write_canonical(out: &mut String, v: &Value) {
         }
         scalar => out.push_str(&scalar.to_string()),
     }
+}
+
+/// Writes `map` with its keys sorted.
+fn write_object(out: &mut String, map: &Map<String, Value>) {
+    let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+    entries.sort_by_key(|(k, _)| *k);
+    out.push('{');
+    for (i, (k, v)) in entries.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&Value::String(k.clone()).to_string());
+        out.push(':');
+        write_canonical(out, v);
+    }
+    out.push('}');
 }
 
 /// What a parse may still spend, and the first limit it broke.

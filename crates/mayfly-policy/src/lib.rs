@@ -209,14 +209,7 @@ impl CedarPolicy {
                 reason: format!("policy {id} failed to evaluate; denying"),
             };
         }
-        let ids = |ps: Vec<cedar_policy::Policy>| {
-            ps.iter()
-                .map(|p| p.id().to_string())
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect::<Vec<_>>()
-                .join(",")
-        };
+        let ids = |ps: Vec<cedar_policy::Policy>| joined(ps.iter().map(cedar_policy::Policy::id));
         match response.decision() {
             Some(cedar_policy::Decision::Deny) => {
                 let forbids: Vec<_> = response
@@ -437,15 +430,7 @@ impl CedarPolicy {
             };
         }
         let deciding: Vec<&PolicyId> = diagnostics.reason().collect();
-        let ids = || {
-            deciding
-                .iter()
-                .map(|p| p.to_string())
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect::<Vec<_>>()
-                .join(",")
-        };
+        let ids = || joined(deciding.iter().copied());
         match response.decision() {
             cedar_policy::Decision::Allow => {
                 let limits = || deciding.iter().filter_map(|p| self.limits.get(*p));
@@ -465,6 +450,15 @@ impl CedarPolicy {
             },
         }
     }
+}
+
+/// Policy ids as a decision names them: sorted, once each, joined by `,`.
+fn joined<'p>(ids: impl Iterator<Item = &'p PolicyId>) -> String {
+    ids.map(ToString::to_string)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Combines the decisions for each audience of an envelope: all must
