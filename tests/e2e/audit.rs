@@ -346,7 +346,8 @@ async fn every_decision_is_on_the_record_and_no_secret_is() {
     assert_eq!(v.records, lines.len() as u64);
     let file = std::fs::read_to_string(broker.config.audit_path()).unwrap();
     assert!(file.starts_with(&lines.join("\n")));
-    for needle in ["eyJ", "PRIVATE KEY", "CERTIFICATE", "-----BEGIN"] {
+    assert!(!holds_compact_jws(&file), "the trail holds a token");
+    for needle in ["PRIVATE KEY", "CERTIFICATE", "-----BEGIN"] {
         assert!(!file.contains(needle), "the trail holds {needle:?}");
     }
     for secret in &secrets {
@@ -638,4 +639,27 @@ async fn a_rotated_trail_reads_back_and_verifies_as_one_chain() {
     .unwrap()
     .0;
     assert_eq!(last, all[6..]);
+}
+
+/// Whether `text` holds a compact JWS: a base64url JSON header (`eyJ…`), a
+/// dot, and a base64url JSON payload (`eyJ…`). A random id may hold `eyJ`
+/// by chance, never followed by `.eyJ`, as `.ci/run` also reasons.
+fn holds_compact_jws(text: &str) -> bool {
+    let b64 = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    text.match_indices("eyJ").any(|(at, _)| {
+        let rest = &text[at..];
+        let header = rest.find(|c: char| !b64(c)).unwrap_or(rest.len());
+        rest[header..].starts_with(".eyJ")
+    })
+}
+
+#[test]
+fn a_compact_jws_is_told_from_an_id_that_holds_eyj() {
+    assert!(holds_compact_jws(
+        r#"{"x":"eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"}"#
+    ));
+    assert!(!holds_compact_jws(
+        r#"{"lease_id":"Ab1eyJzQ9xYz-_0123456789"}"#
+    ));
+    assert!(!holds_compact_jws("eyJ"));
 }
