@@ -82,6 +82,12 @@ enum Command {
     #[cfg(feature = "broker")]
     #[command(subcommand)]
     Dev(dev::DevCommand),
+    /// Run the tool-call gateway in front of MCP servers and HTTP APIs.
+    Gateway {
+        /// Path to gateway.toml.
+        #[arg(long, env = "MAYFLY_GATEWAY_CONFIG")]
+        config: std::path::PathBuf,
+    },
     /// Tasks: start, inspect and complete (agents); list and revoke (operators).
     #[command(subcommand)]
     Task(agent::TaskCommand),
@@ -167,7 +173,6 @@ fn parse_algorithm(s: &str) -> Result<mayfly_broker::issuer::Algorithm, String> 
     }
 }
 
-#[cfg(feature = "broker")]
 /// Logs to stderr: `RUST_LOG` filters (default info), `MAYFLY_LOG_FORMAT=json`
 /// for log pipelines.
 fn init_logs() {
@@ -189,6 +194,14 @@ fn keygen(alg: mayfly_broker::issuer::Algorithm, out: &std::path::Path) -> anyho
     SigningKey::generate_file(out, alg)?;
     let key = SigningKey::load(out, alg)?;
     println!("wrote {} ({}, kid {})", out.display(), key.alg(), key.kid());
+    Ok(())
+}
+
+/// Runs the gateway until Ctrl-C or SIGTERM.
+async fn gateway(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = mayfly_gateway::GatewayConfig::load(path)?;
+    let running = mayfly_gateway::start(config).await?;
+    running.wait_for_signal().await;
     Ok(())
 }
 
@@ -236,6 +249,10 @@ async fn main() -> ExitCode {
         }
         #[cfg(feature = "broker")]
         Command::Dev(cmd) => dev::run(cmd).await,
+        Command::Gateway { config } => {
+            init_logs();
+            gateway(&config).await
+        }
         Command::Task(cmd) => agent::task(cmd, &cli.conn, cli.json).await,
         Command::Token(cmd) => agent::token(cmd, &cli.conn, cli.json).await,
         Command::Cert(cmd) => cert::run(cmd, &cli.conn, cli.json).await,

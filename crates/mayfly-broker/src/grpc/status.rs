@@ -92,11 +92,15 @@ impl From<BrokerError> for Status {
             BrokerError::AgentLocked(_) => (Status::permission_denied(msg), "agent_locked"),
             BrokerError::AgentNotFound(_) => (Status::not_found(msg), "agent_not_found"),
             BrokerError::AgentNotLocked(_) => (Status::not_found(msg), "agent_not_locked"),
-            BrokerError::ApprovalUnusable { id, .. } => (
+            BrokerError::ApprovalUnusable { id, state } => (
                 with(
-                    Status::failed_precondition(msg),
-                    "mayfly-approval-id",
-                    id.as_str(),
+                    with(
+                        Status::failed_precondition(msg),
+                        "mayfly-approval-id",
+                        id.as_str(),
+                    ),
+                    "mayfly-approval-state",
+                    state.as_str(),
                 ),
                 "approval_unusable",
             ),

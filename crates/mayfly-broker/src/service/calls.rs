@@ -9,8 +9,8 @@
 
 use mayfly_audit::Event;
 use mayfly_core::{
-    Action, ApprovalId, ApprovalRequest, Arguments, Binding, Lease, LeaseId, LeaseKind, LeaseState,
-    PolicyRequest, Route, TaskFacts, TaskRecord, Timestamp, Tool,
+    Action, ApprovalId, ApprovalRequest, ApprovalState, Arguments, Binding, Lease, LeaseId,
+    LeaseKind, LeaseState, PolicyRequest, Route, TaskFacts, TaskRecord, Timestamp, Tool,
 };
 
 use super::shared::Gate;
@@ -91,6 +91,15 @@ impl ToolCalls {
                     approval_id: None,
                 });
             }
+            // An approval still pending decides nothing yet: the gateway
+            // waiting on it asks again, and nothing is recorded until it
+            // is decided.
+            Err(
+                e @ BrokerError::ApprovalUnusable {
+                    state: ApprovalState::Pending,
+                    ..
+                },
+            ) => return Err(e),
             // An approval given that cannot serve this call is a refusal
             // of the call.
             Err(e) if req.approval_id.is_some() => {
