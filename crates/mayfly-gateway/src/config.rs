@@ -289,8 +289,8 @@ impl GatewayConfig {
         }
     }
 
-    /// The origin agents address.
-    pub fn public_url(&self) -> String {
+    /// The origin agents address, when the gateway listens on `port`.
+    pub fn public_url(&self, port: u16) -> String {
         match &self.listen.public_url {
             Some(u) => u.trim_end_matches('/').to_owned(),
             None => {
@@ -299,7 +299,7 @@ impl GatewayConfig {
                 } else {
                     "http"
                 };
-                format!("{scheme}://localhost:{}", self.listen.addr.port())
+                format!("{scheme}://localhost:{port}")
             }
         }
     }

@@ -26,6 +26,7 @@
 pub mod config;
 pub mod credential;
 pub mod decide;
+mod framing;
 pub mod mcp;
 pub mod proxy;
 pub mod refusal;

@@ -134,7 +134,20 @@ pub fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
     peer: Option<Arc<Vec<u8>>>,
+    ambiguous: bool,
 ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> {
+    if ambiguous {
+        // A request on this connection framed its body two ways, or
+        // folded a header (RFC 9112 §6.3, §5.2): servers disagree on such
+        // requests, so none of the connection's go on.
+        let r = Refusal::bad_request(
+            "ambiguous_request",
+            code::INVALID_REQUEST,
+            "a request on this connection has both Content-Length and Transfer-Encoding, \
+             or a header folded over lines",
+        );
+        return Box::pin(std::future::ready(boxed(r.problem())));
+    }
     Box::pin(answer_request(state, req, peer))
 }
 
@@ -155,20 +168,6 @@ async fn answer_request(
             .problem(),
         );
     };
-    // A request that frames its body two ways is refused before anything
-    // reads it (RFC 9112 §6.3: request smuggling).
-    if req.headers().contains_key(header::TRANSFER_ENCODING)
-        && req.headers().contains_key(header::CONTENT_LENGTH)
-    {
-        return boxed(
-            Refusal::bad_request(
-                "invalid_request",
-                code::INVALID_REQUEST,
-                "both Content-Length and Transfer-Encoding",
-            )
-            .problem(),
-        );
-    }
     let agent = match verify(&state, up, &req, peer.as_deref().map(Vec::as_slice)).await {
         Ok(a) => a,
         Err(resp) => return resp,

@@ -20,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::{GatewayConfig, Protocol};
 use crate::credential::UpstreamCredential;
 use crate::decide::Decider;
+use crate::framing::{Ambiguous, Watched};
 use crate::proxy::{self, State, Upstream};
 use crate::route::Routes;
 use crate::tls;
@@ -154,12 +155,6 @@ pub async fn start(config: GatewayConfig) -> Result<Running, StartError> {
         }
         _ => None,
     };
-    let state = Arc::new(State {
-        public_url: config.public_url(),
-        max_body: config.max_body,
-        upstreams,
-        decider,
-    });
     let listener = TcpListener::bind(config.listen.addr)
         .await
         .map_err(|source| StartError::Listen {
@@ -170,6 +165,12 @@ pub async fn start(config: GatewayConfig) -> Result<Running, StartError> {
         addr: config.listen.addr,
         source,
     })?;
+    let state = Arc::new(State {
+        public_url: config.public_url(addr.port()),
+        max_body: config.max_body,
+        upstreams,
+        decider,
+    });
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(serve(listener, acceptor, state, stopped));
     tracing::info!(%addr, "gateway listening");
@@ -200,8 +201,12 @@ async fn serve(
         let acceptor = acceptor.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let ambiguous = Ambiguous::default();
             match acceptor {
-                None => connection(TokioIo::new(tcp), None, state, watcher).await,
+                None => {
+                    let io = TokioIo::new(Watched::new(tcp, ambiguous.clone()));
+                    connection(io, None, ambiguous, state, watcher).await;
+                }
                 Some(acceptor) => {
                     let accepted =
                         tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
@@ -214,7 +219,8 @@ async fn serve(
                         .peer_certificates()
                         .and_then(|c| c.first())
                         .map(|c| Arc::new(c.to_vec()));
-                    connection(TokioIo::new(tls), peer, state, watcher).await;
+                    let io = TokioIo::new(Watched::new(tls, ambiguous.clone()));
+                    connection(io, peer, ambiguous, state, watcher).await;
                 }
             }
         });
@@ -226,6 +232,7 @@ async fn serve(
 async fn connection<I>(
     io: TokioIo<I>,
     peer: Option<Arc<Vec<u8>>>,
+    ambiguous: Ambiguous,
     state: Arc<State>,
     watcher: hyper_util::server::graceful::Watcher,
 ) where
@@ -234,7 +241,10 @@ async fn connection<I>(
     let service = service_fn(move |req| {
         let state = state.clone();
         let peer = peer.clone();
-        async move { Ok::<_, std::convert::Infallible>(proxy::handle(state, req, peer).await) }
+        let ambiguous = ambiguous.is_set();
+        async move {
+            Ok::<_, std::convert::Infallible>(proxy::handle(state, req, peer, ambiguous).await)
+        }
     });
     let builder = auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection(io, service);
