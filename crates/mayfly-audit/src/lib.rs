@@ -77,6 +77,8 @@ pub enum Event {
     ToolCallAllowed,
     /// A tool call was refused.
     ToolCallDenied,
+    /// What became of a forwarded tool call, as its gateway reported it.
+    ToolCallOutcome,
 }
 
 impl Event {
@@ -107,6 +109,7 @@ impl Event {
             Self::ApprovalDenied => "approval_denied",
             Self::ToolCallAllowed => "tool_call_allowed",
             Self::ToolCallDenied => "tool_call_denied",
+            Self::ToolCallOutcome => "tool_call_outcome",
         }
     }
 }
@@ -194,6 +197,17 @@ pub struct AuditRecord {
     /// (never the arguments).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arguments_sha256: Option<String>,
+    /// For a forwarded tool call: its id, on its decision and its
+    /// outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_id: Option<String>,
+    /// For a tool call's outcome: the upstream's HTTP status (0: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// For a tool call's outcome: microseconds from forwarding to the
+    /// upstream's answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<u64>,
 }
 
 /// RFC 3339 UTC with exactly three fractional digits, so records align
@@ -246,6 +260,9 @@ impl AuditRecord {
             subject_lease_id: None,
             tool: None,
             arguments_sha256: None,
+            call_id: None,
+            status: None,
+            latency_us: None,
         }
     }
 

@@ -53,6 +53,40 @@ pub struct Credential {
     pub approval_id: Option<String>,
     /// `None` while it lives.
     pub fate: Option<Fate>,
+    /// The tool calls made with it through a gateway, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub calls: Vec<ToolCall>,
+}
+
+/// A tool call a gateway asked about, made with a credential.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCall {
+    pub time: String,
+    /// `<upstream>/<tool>`.
+    pub tool: String,
+    /// `allowed` or `denied`.
+    pub decision: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub call_id: Option<String>,
+    /// What the upstream answered, once the gateway reported it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+}
+
+/// What became of an allowed call.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    /// The upstream's HTTP status (0: it gave none).
+    pub status: u16,
+    pub latency_us: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Another decision about the task: a refusal, an approval, a context
@@ -165,6 +199,7 @@ fn collect(records: &[AuditRecord], now: SystemTime) -> BTreeMap<String, TaskNod
                         policy: r.policy.clone(),
                         approval_id: r.approval_id.clone(),
                         fate: None,
+                        calls: Vec::new(),
                     });
                 }
             }
@@ -176,9 +211,45 @@ fn collect(records: &[AuditRecord], now: SystemTime) -> BTreeMap<String, TaskNod
             | Event::ApprovalRequested
             | Event::ApprovalGranted
             | Event::ApprovalDenied
-            | Event::ToolCallAllowed
-            | Event::ToolCallDenied
             | Event::TaskContextChanged => node.notes.push(note(r)),
+            Event::ToolCallAllowed | Event::ToolCallDenied => {
+                let credential = r
+                    .lease_id
+                    .as_ref()
+                    .and_then(|l| node.credentials.iter_mut().find(|c| &c.lease_id == l));
+                match credential {
+                    Some(c) => c.calls.push(ToolCall {
+                        time: r.time.clone(),
+                        tool: r.tool.clone().unwrap_or_default(),
+                        decision: if r.event == Event::ToolCallAllowed {
+                            "allowed"
+                        } else {
+                            "denied"
+                        },
+                        policy: r.policy.clone(),
+                        approval_id: r.approval_id.clone(),
+                        reason: r.reason.clone(),
+                        call_id: r.call_id.clone(),
+                        outcome: None,
+                    }),
+                    None => node.notes.push(note(r)),
+                }
+            }
+            Event::ToolCallOutcome => {
+                let call = node
+                    .credentials
+                    .iter_mut()
+                    .filter(|c| r.lease_id.as_ref() == Some(&c.lease_id))
+                    .flat_map(|c| c.calls.iter_mut())
+                    .find(|c| c.call_id.is_some() && c.call_id == r.call_id);
+                if let Some(call) = call {
+                    call.outcome = Some(Outcome {
+                        status: r.status.unwrap_or(0),
+                        latency_us: r.latency_us.unwrap_or(0),
+                        error: r.reason.clone(),
+                    });
+                }
+            }
             Event::TaskCompleted
             | Event::TaskRevoked
             | Event::RevokedByPolicy
@@ -390,6 +461,38 @@ fn fate_text(f: Option<&Fate>, live: &str) -> String {
 }
 
 /// Renders `node` and its subtree; `pad` is the indentation of its details.
+/// One line for a tool call: when, what, the decision and the outcome.
+fn call_text(c: &ToolCall) -> String {
+    let mut text = format!("call {} {} {}", c.time, c.tool, c.decision);
+    if let Some(p) = &c.policy {
+        text.push_str(&format!(" (policy {p})"));
+    }
+    if let Some(a) = &c.approval_id {
+        text.push_str(&format!(" (approval {a})"));
+    }
+    if let Some(r) = &c.reason {
+        text.push_str(&format!(": {r}"));
+    }
+    match &c.outcome {
+        Some(Outcome {
+            error: Some(e),
+            latency_us,
+            ..
+        }) => text.push_str(&format!(
+            " -> no answer: {e} after {:.1} ms",
+            *latency_us as f64 / 1000.0
+        )),
+        Some(o) => text.push_str(&format!(
+            " -> {} in {:.1} ms",
+            o.status,
+            o.latency_us as f64 / 1000.0
+        )),
+        None if c.decision == "allowed" => text.push_str(" -> no outcome reported"),
+        None => {}
+    }
+    text
+}
+
 fn render(node: &TaskNode, asked: &str, pad: &str, out: &mut String) {
     let mark = if node.task_id == asked { "  <==" } else { "" };
     out.push_str(&format!(
@@ -447,6 +550,9 @@ fn render(node: &TaskNode, asked: &str, pad: &str, out: &mut String) {
                 ),
             ),
         );
+        for call in &c.calls {
+            line(out, format!("  {}", call_text(call)));
+        }
     }
     for n in &node.notes {
         line(

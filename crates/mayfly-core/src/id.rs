@@ -66,6 +66,21 @@ validated_string!(
     IdError
 );
 
+validated_string!(
+    /// Identifies one tool call a gateway was told to forward: its
+    /// decision and, later, its outcome in the trail.
+    CallId,
+    check_id,
+    IdError
+);
+
+impl CallId {
+    /// A fresh random id.
+    pub fn generate() -> Self {
+        Self(random_id())
+    }
+}
+
 impl TaskId {
     /// A fresh random id.
     pub fn generate() -> Self {

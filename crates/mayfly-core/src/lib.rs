@@ -34,7 +34,7 @@ pub use envelope::{
     MAX_INTENT_BYTES, MAX_SCOPES, Scope, Scopes, TaskContext, ValidationError, check_context_key,
     parse_scopes, scope_string,
 };
-pub use id::{IdError, LeaseId, TaskId};
+pub use id::{CallId, IdError, LeaseId, TaskId};
 pub use lease::{
     EXCHANGED_TOKEN, Lease, LeaseDetail, LeaseKind, LeaseState, LeaseStatus, Revocation,
     RevocationReason,

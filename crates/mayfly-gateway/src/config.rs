@@ -60,6 +60,8 @@ pub struct Listen {
     pub cert: Option<PathBuf>,
     /// The key of `cert`.
     pub key: Option<PathBuf>,
+    /// Where to serve `/metrics` (plain HTTP; none by default).
+    pub metrics: Option<SocketAddr>,
     /// Ask agents for a client certificate (verified against the broker's
     /// trust bundle), for tokens bound to one (RFC 8705).
     #[serde(default)]

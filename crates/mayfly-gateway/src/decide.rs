@@ -52,6 +52,8 @@ pub struct Call<'a> {
 /// A call the broker allowed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allowed {
+    /// The decision's id, to report the call's outcome under.
+    pub call_id: String,
     /// The policies that allowed it.
     pub policy_id: String,
     /// The approval it used.
@@ -61,6 +63,7 @@ pub struct Allowed {
 /// The decision half of the gateway.
 #[derive(Debug)]
 pub struct Decider {
+    channel: Channel,
     client: pb::gateway_client::GatewayClient<Channel>,
     timeout: Duration,
     approval_wait: Duration,
@@ -84,11 +87,17 @@ impl Decider {
             .await
             .map_err(|e| format!("cannot reach the broker at {}: {e}", broker.url))?;
         Ok(Self {
+            channel: client.channel(),
             client: pb::gateway_client::GatewayClient::new(client.channel()),
             timeout: broker.timeout,
             approval_wait,
             waiting: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The connection to the broker (as the gateway).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
     }
 
     /// Decides `call`: `Ok` to forward it, else what to tell the agent.
@@ -187,6 +196,7 @@ impl Decider {
                 let d = r.into_inner();
                 if d.allowed {
                     Ok(Answer::Allowed(Allowed {
+                        call_id: d.call_id,
                         policy_id: d.policy_id,
                         approval_id: Some(d.approval_id).filter(|a| !a.is_empty()),
                     }))

@@ -30,6 +30,7 @@ mod framing;
 pub mod mcp;
 pub mod proxy;
 pub mod refusal;
+pub mod report;
 pub mod route;
 mod server;
 pub mod tls;

@@ -21,9 +21,10 @@ use serde_json::Value;
 
 use crate::config::Protocol;
 use crate::credential::UpstreamCredential;
-use crate::decide::{Call, Decider};
+use crate::decide::{Allowed, Call, Decider};
 use crate::mcp::{self, Kind};
 use crate::refusal::{Refusal, code, json_response};
+use crate::report::Reporter;
 use crate::route::Routes;
 use crate::tls::HttpClient;
 
@@ -98,6 +99,8 @@ pub struct State {
     pub upstreams: Vec<Upstream>,
     /// The broker.
     pub decider: Decider,
+    /// Where outcomes go.
+    pub reporter: Reporter,
 }
 
 /// A verified agent request.
@@ -316,17 +319,22 @@ async fn mcp_request(
                 route: None,
                 approval_id: approval_id.as_deref(),
             };
-            if let Err(r) = state.decider.authorize(call).await {
-                tracing::info!(
-                    upstream = %up.name,
-                    tool = %tool,
-                    lease_id = %agent.verified.lease_id,
-                    error = %r.error,
-                    "refused a tool call"
-                );
-                return Ok(boxed(r.rpc_response(&id)));
-            }
-            forward(up, &parts, Some(body), up.url.clone(), agent).await
+            let allowed = match decide(state, up, agent, call).await {
+                Ok(a) => a,
+                Err(r) => return Ok(boxed(r.rpc_response(&id))),
+            };
+            let target = up.url.clone();
+            forward_decided(
+                state,
+                up,
+                &parts,
+                Some(body),
+                target,
+                agent,
+                &allowed,
+                &tool,
+            )
+            .await
         }
         Kind::ListTools { id } => {
             let resp = forward(up, &parts, Some(body), up.url.clone(), agent).await?;
@@ -474,16 +482,7 @@ async fn api_request(
         route: Some((matched.route.method.as_str(), &matched.route.template)),
         approval_id: approval_id.as_deref(),
     };
-    if let Err(r) = state.decider.authorize(call).await {
-        tracing::info!(
-            upstream = %up.name,
-            tool = %matched.route.tool,
-            lease_id = %agent.verified.lease_id,
-            error = %r.error,
-            "refused a call"
-        );
-        return Err(r);
-    }
+    let allowed = decide(state, up, agent, call).await?;
     let base = up.url.to_string();
     let mut target = format!("{}{rest}", base.trim_end_matches('/'));
     if let Some(q) = &matched.query {
@@ -497,7 +496,75 @@ async fn api_request(
             "the path is not a URI",
         )
     })?;
-    forward(up, &parts, matched.body.map(Bytes::from), target, agent).await
+    let body = matched.body.map(Bytes::from);
+    forward_decided(
+        state,
+        up,
+        &parts,
+        body,
+        target,
+        agent,
+        &allowed,
+        &matched.route.tool,
+    )
+    .await
+}
+
+/// Asks the broker about `call`, counting the decision.
+async fn decide(
+    state: &State,
+    up: &Upstream,
+    agent: &Agent,
+    call: Call<'_>,
+) -> Result<Allowed, Refusal> {
+    let decided = state.decider.authorize(call).await;
+    let metrics = state.reporter.metrics();
+    match &decided {
+        Ok(_) => metrics.call(&up.name, true),
+        Err(r) => {
+            metrics.call(&up.name, false);
+            tracing::info!(
+                upstream = %up.name,
+                tool = %call.tool,
+                lease_id = %agent.verified.lease_id,
+                error = %r.error,
+                "refused a tool call"
+            );
+        }
+    }
+    decided
+}
+
+/// Forwards an allowed call, and reports its outcome.
+#[allow(clippy::too_many_arguments)]
+async fn forward_decided(
+    state: &State,
+    up: &Upstream,
+    parts: &Parts,
+    body: Option<Bytes>,
+    target: Uri,
+    agent: &Agent,
+    allowed: &Allowed,
+    tool: &mayfly_core::Tool,
+) -> Result<Response<Body>, Refusal> {
+    let started = Instant::now();
+    let result = forward(up, parts, body, target, agent).await;
+    let (status, error) = match &result {
+        Ok(resp) => (u32::from(resp.status().as_u16()), String::new()),
+        Err(r) => {
+            state.reporter.metrics().upstream_error(&up.name);
+            (0, r.error.clone())
+        }
+    };
+    state.reporter.report(mayfly_proto::v1::CallOutcome {
+        call_id: allowed.call_id.clone(),
+        lease_id: agent.verified.lease_id.to_string(),
+        tool: tool.to_string(),
+        status,
+        latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        error,
+    });
+    result
 }
 
 /// The headers an agent's request goes on with: its own, less the

@@ -22,6 +22,7 @@ use crate::credential::UpstreamCredential;
 use crate::decide::Decider;
 use crate::framing::{Ambiguous, Watched};
 use crate::proxy::{self, State, Upstream};
+use crate::report::{Metrics, Reporter};
 use crate::route::Routes;
 use crate::tls;
 
@@ -165,11 +166,16 @@ pub async fn start(config: GatewayConfig) -> Result<Running, StartError> {
         addr: config.listen.addr,
         source,
     })?;
+    let reporter = Reporter::start(decider.channel());
+    if let Some(at) = config.listen.metrics {
+        serve_metrics(at, reporter.metrics().clone()).await?;
+    }
     let state = Arc::new(State {
         public_url: config.public_url(addr.port()),
         max_body: config.max_body,
         upstreams,
         decider,
+        reporter,
     });
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(serve(listener, acceptor, state, stopped));
@@ -251,4 +257,43 @@ async fn connection<I>(
     if let Err(e) = watcher.watch(conn).await {
         tracing::debug!(error = %e, "connection ended");
     }
+}
+
+/// Serves `GET /metrics` at `addr`, plain HTTP.
+async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<(), StartError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Listen { addr, source })?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    async move {
+                        let (status, body) = if req.uri().path() == "/metrics" {
+                            (http::StatusCode::OK, metrics.encode())
+                        } else {
+                            (http::StatusCode::NOT_FOUND, "not found\n".to_owned())
+                        };
+                        let resp = http::Response::builder()
+                            .status(status)
+                            .header(
+                                http::header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )
+                            .body(http_body_util::Full::new(bytes::Bytes::from(body)));
+                        resp.map_err(|e| e.to_string())
+                    }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    Ok(())
 }

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Bench, TOOLS, call, message, rpc, send};
+use common::{Bench, TOOLS, call, message, records_of, rpc, send};
 use http::StatusCode;
 use mayfly_client::pb;
 use serde_json::json;
@@ -118,6 +118,23 @@ async fn calls_are_decided_on_their_arguments_and_lists_filtered() {
         seen.iter()
             .all(|s| s.headers.get("authorization").is_none())
     );
+
+    // Each decision is in the trail under the token; each allowed call's
+    // outcome follows it, under the same call id.
+    let allowed = records_of(&bench.operator, "tool_call_allowed", 2).await;
+    let outcomes = records_of(&bench.operator, "tool_call_outcome", 2).await;
+    for (a, o) in allowed.iter().zip(&outcomes) {
+        assert_eq!(a["lease_id"], token.lease_id.as_str());
+        assert_eq!(o["lease_id"], token.lease_id.as_str());
+        assert_eq!(a["call_id"], o["call_id"]);
+        assert_eq!(a["tool"], o["tool"]);
+        assert_eq!(o["status"], 200);
+        assert_eq!(o["caller"], common::GATEWAY);
+    }
+    let denied = records_of(&bench.operator, "tool_call_denied", 1).await;
+    assert_eq!(denied[0]["tool"], "billing/delete_records");
+    assert_eq!(denied[0]["policy"], "t-no-deletes");
+    assert!(denied[0].get("call_id").is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

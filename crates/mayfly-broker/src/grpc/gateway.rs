@@ -2,12 +2,13 @@
 
 use std::sync::Arc;
 
-use mayfly_core::{ArgumentLimits, LeaseId, Timestamp};
+use mayfly_core::{ArgumentLimits, CallId, LeaseId, Timestamp, Tool};
 use mayfly_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::{approval_to_proto, caller};
-use crate::service::{CallRequest, Service};
+use crate::error::BrokerError;
+use crate::service::{CallOutcome, CallRequest, Service};
 
 /// The Gateway API over the service.
 #[derive(Debug, Clone)]
@@ -47,6 +48,7 @@ impl pb::gateway_server::Gateway for GatewayApi {
             approval: d
                 .approval
                 .map(|a| approval_to_proto(&a, None, Timestamp::now())),
+            call_id: d.call_id.map(|c| c.to_string()).unwrap_or_default(),
         }))
     }
 
@@ -65,4 +67,40 @@ impl pb::gateway_server::Gateway for GatewayApi {
             .await?;
         Ok(Response::new(pb::ListCallableResponse { tools }))
     }
+
+    async fn report_outcomes(
+        &self,
+        request: Request<pb::ReportOutcomesRequest>,
+    ) -> Result<Response<pb::ReportOutcomesResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let outcomes = r
+            .outcomes
+            .iter()
+            .map(outcome_of)
+            .collect::<Result<Vec<_>, BrokerError>>()?;
+        let recorded = self.svc.calls().report(&caller, outcomes).await?;
+        Ok(Response::new(pb::ReportOutcomesResponse {
+            recorded: u32::try_from(recorded).unwrap_or(u32::MAX),
+        }))
+    }
+}
+
+/// One reported outcome, checked.
+fn outcome_of(o: &pb::CallOutcome) -> Result<CallOutcome, BrokerError> {
+    let status = u16::try_from(o.status)
+        .ok()
+        .filter(|s| *s == 0 || (100..600).contains(s))
+        .ok_or_else(|| {
+            BrokerError::Invalid(format!("status {} is not an HTTP status", o.status))
+        })?;
+    Ok(CallOutcome {
+        call_id: CallId::new(&o.call_id).map_err(|e| BrokerError::invalid_field("call_id", e))?,
+        lease_id: LeaseId::new(&o.lease_id)
+            .map_err(|e| BrokerError::invalid_field("lease_id", e))?,
+        tool: Tool::parse(&o.tool).map_err(|e| BrokerError::invalid_field("tool", e))?,
+        status,
+        latency_us: o.latency_us,
+        error: Some(o.error.clone()).filter(|e| !e.is_empty()),
+    })
 }

@@ -9,17 +9,23 @@
 
 use mayfly_audit::Event;
 use mayfly_core::{
-    Action, ApprovalId, ApprovalRequest, ApprovalState, Arguments, Binding, Lease, LeaseId,
+    Action, ApprovalId, ApprovalRequest, ApprovalState, Arguments, Binding, CallId, Lease, LeaseId,
     LeaseKind, LeaseState, PolicyRequest, Route, TaskFacts, TaskRecord, Timestamp, Tool,
 };
 
 use super::shared::Gate;
-use super::{CallDecision, CallRequest, ToolCalls};
+use super::{CallDecision, CallOutcome, CallRequest, ToolCalls};
 use crate::error::BrokerError;
 use crate::identity::Caller;
 
 /// Most tools one list asks about.
 const MAX_LISTED: usize = 1024;
+
+/// Most outcomes one report holds.
+pub const MAX_OUTCOMES: usize = 256;
+
+/// Longest error an outcome carries.
+const MAX_OUTCOME_ERROR: usize = 256;
 
 impl ToolCalls {
     /// Decides `req`, asked by `caller`, and records the decision.
@@ -89,6 +95,7 @@ impl ToolCalls {
                     arguments_sha256,
                     approval: Some(approval),
                     approval_id: None,
+                    call_id: None,
                 });
             }
             // An approval still pending decides nothing yet: the gateway
@@ -114,6 +121,8 @@ impl ToolCalls {
             .tool_call(&req.tool, &req.arguments)
             .decided("allow", Some(&permit.policy_id));
         record.approval_id = used.as_ref().map(ToString::to_string);
+        let call_id = CallId::generate();
+        record.call_id = Some(call_id.to_string());
         // The call goes ahead only once its decision is in the trail.
         shared.recorder.record(record).await?;
         tracing::info!(
@@ -132,7 +141,71 @@ impl ToolCalls {
             arguments_sha256,
             approval: None,
             approval_id: used,
+            call_id: Some(call_id),
         })
+    }
+
+    /// Records what became of calls `caller` forwarded: each under its
+    /// lease's task. The whole report is refused if `caller` is not a
+    /// gateway, fronts not a tool's upstream, or names a lease the broker
+    /// does not know.
+    pub async fn report(
+        &self,
+        caller: &Caller,
+        outcomes: Vec<CallOutcome>,
+    ) -> Result<usize, BrokerError> {
+        if outcomes.len() > MAX_OUTCOMES {
+            return Err(BrokerError::Invalid(format!(
+                "outcomes: at most {MAX_OUTCOMES} in one report"
+            )));
+        }
+        let gateway = self.gateway(caller)?;
+        let mut records = Vec::with_capacity(outcomes.len());
+        for o in &outcomes {
+            if !gateway.upstreams.contains_key(o.tool.upstream()) {
+                return Err(BrokerError::NotUpstream {
+                    gateway: caller.id.clone(),
+                    upstream: o.tool.upstream().to_owned(),
+                });
+            }
+            let lease = self
+                .shared
+                .store
+                .get_lease(&o.lease_id)
+                .await?
+                .ok_or_else(|| BrokerError::LeaseNotFound(o.lease_id.clone()))?;
+            let mut record = caller.record(Event::ToolCallOutcome).lease(&lease.id);
+            record.agent = Some(lease.agent.to_string());
+            record.task_id = Some(lease.task_id.to_string());
+            record.tool = Some(o.tool.to_string());
+            record.call_id = Some(o.call_id.to_string());
+            record.status = Some(o.status);
+            record.latency_us = Some(o.latency_us);
+            record.reason = o.error.as_ref().map(|e| {
+                let mut e = e.clone();
+                if e.len() > MAX_OUTCOME_ERROR {
+                    let mut cut = MAX_OUTCOME_ERROR;
+                    while !e.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    e.truncate(cut);
+                }
+                e
+            });
+            records.push(record);
+        }
+        let n = records.len();
+        let recorder = &self.shared.recorder;
+        futures_util::future::try_join_all(records.into_iter().map(|r| recorder.record(r))).await?;
+        Ok(n)
+    }
+
+    /// The gateway `caller` is, proven by its certificate.
+    fn gateway(&self, caller: &Caller) -> Result<&crate::config::Gateway, BrokerError> {
+        self.gateways
+            .iter()
+            .find(|g| g.id == caller.id && caller.cert_thumbprint().is_some())
+            .ok_or_else(|| BrokerError::NotGateway(caller.id.clone()))
     }
 
     /// Which of `tools` (names at `upstream`) the token `lease_id` may
@@ -186,11 +259,7 @@ impl ToolCalls {
         now: Timestamp,
     ) -> Result<(Lease, TaskRecord), BrokerError> {
         // A gateway proves itself with its certificate, never a token.
-        let gateway = self
-            .gateways
-            .iter()
-            .find(|g| g.id == caller.id && caller.cert_thumbprint().is_some())
-            .ok_or_else(|| BrokerError::NotGateway(caller.id.clone()))?;
+        let gateway = self.gateway(caller)?;
         let audience = gateway
             .upstreams
             .get(upstream)

@@ -38,8 +38,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mayfly_core::{
-    AccessTokenClaims, ActorClaim, Approval, ApprovalId, Binding, Lease, LeaseId, Policy, SpiffeId,
-    SpiffeIdPattern, scope_string,
+    AccessTokenClaims, ActorClaim, Approval, ApprovalId, Binding, CallId, Lease, LeaseId, Policy,
+    SpiffeId, SpiffeIdPattern, Tool, scope_string,
 };
 use tokio::sync::Notify;
 
@@ -261,6 +261,25 @@ pub struct CallDecision {
     pub approval: Option<Box<Approval>>,
     /// The approval it was allowed on.
     pub approval_id: Option<ApprovalId>,
+    /// The allowed call's id, for its outcome.
+    pub call_id: Option<CallId>,
+}
+
+/// What became of a forwarded call, as its gateway reports it.
+#[derive(Debug, Clone)]
+pub struct CallOutcome {
+    /// The decision's id.
+    pub call_id: CallId,
+    /// The token's lease.
+    pub lease_id: LeaseId,
+    /// The tool.
+    pub tool: Tool,
+    /// The upstream's HTTP status (0: none).
+    pub status: u16,
+    /// Microseconds to the upstream's answer.
+    pub latency_us: u64,
+    /// Why there was no answer.
+    pub error: Option<String>,
 }
 
 #[derive(Debug)]

@@ -376,3 +376,37 @@ pub fn message(body: &str) -> Value {
         .unwrap_or(body);
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
+
+/// The broker's audit trail, record by record, as an operator reads it.
+pub async fn audit_trail(op: &Client) -> Vec<Value> {
+    let mut stream = op
+        .admin()
+        .read_audit(pb::ReadAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut records = Vec::new();
+    while let Some(batch) = stream.message().await.unwrap() {
+        for line in batch.records {
+            records.push(serde_json::from_str(&line).unwrap());
+        }
+    }
+    records
+}
+
+/// The trail's records of `event`, once there are `n` (outcomes are
+/// reported after the call).
+pub async fn records_of(op: &Client, event: &str, n: usize) -> Vec<Value> {
+    for _ in 0..200 {
+        let found: Vec<Value> = audit_trail(op)
+            .await
+            .into_iter()
+            .filter(|r| r["event"] == event)
+            .collect();
+        if found.len() >= n {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("fewer than {n} {event} records");
+}

@@ -25,21 +25,27 @@ _sym_db = _symbol_database.Default()
 from mayfly.v1 import types_pb2 as mayfly_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mayfly/v1/gateway.proto\x12\tmayfly.v1\x1a\x15mayfly/v1/types.proto\"H\n\x13ListCallableRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x10\n\x08upstream\x18\x02 \x01(\t\x12\r\n\x05tools\x18\x03 \x03(\t\"%\n\x14ListCallableResponse\x12\r\n\x05tools\x18\x01 \x03(\t\"}\n\x14\x41uthorizeCallRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\r\n\x05route\x18\x05 \x01(\t\x12\x13\n\x0b\x61pproval_id\x18\x06 \x01(\t\"\x88\x01\n\x0c\x43\x61llDecision\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x11\n\tpolicy_id\x18\x02 \x01(\t\x12\x18\n\x10\x61rguments_sha256\x18\x03 \x01(\t\x12\x13\n\x0b\x61pproval_id\x18\x04 \x01(\t\x12%\n\x08\x61pproval\x18\x05 \x01(\x0b\x32\x13.mayfly.v1.Approval2\xa5\x01\n\x07Gateway\x12I\n\rAuthorizeCall\x12\x1f.mayfly.v1.AuthorizeCallRequest\x1a\x17.mayfly.v1.CallDecision\x12O\n\x0cListCallable\x12\x1e.mayfly.v1.ListCallableRequest\x1a\x1f.mayfly.v1.ListCallableResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mayfly/v1/gateway.proto\x12\tmayfly.v1\x1a\x15mayfly/v1/types.proto\"q\n\x0b\x43\x61llOutcome\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\r\x12\x12\n\nlatency_us\x18\x05 \x01(\x04\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"A\n\x15ReportOutcomesRequest\x12(\n\x08outcomes\x18\x01 \x03(\x0b\x32\x16.mayfly.v1.CallOutcome\"*\n\x16ReportOutcomesResponse\x12\x10\n\x08recorded\x18\x01 \x01(\r\"H\n\x13ListCallableRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x10\n\x08upstream\x18\x02 \x01(\t\x12\r\n\x05tools\x18\x03 \x03(\t\"%\n\x14ListCallableResponse\x12\r\n\x05tools\x18\x01 \x03(\t\"}\n\x14\x41uthorizeCallRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\r\n\x05route\x18\x05 \x01(\t\x12\x13\n\x0b\x61pproval_id\x18\x06 \x01(\t\"\x99\x01\n\x0c\x43\x61llDecision\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x11\n\tpolicy_id\x18\x02 \x01(\t\x12\x18\n\x10\x61rguments_sha256\x18\x03 \x01(\t\x12\x13\n\x0b\x61pproval_id\x18\x04 \x01(\t\x12%\n\x08\x61pproval\x18\x05 \x01(\x0b\x32\x13.mayfly.v1.Approval\x12\x0f\n\x07\x63\x61ll_id\x18\x06 \x01(\t2\xfc\x01\n\x07Gateway\x12I\n\rAuthorizeCall\x12\x1f.mayfly.v1.AuthorizeCallRequest\x1a\x17.mayfly.v1.CallDecision\x12O\n\x0cListCallable\x12\x1e.mayfly.v1.ListCallableRequest\x1a\x1f.mayfly.v1.ListCallableResponse\x12U\n\x0eReportOutcomes\x12 .mayfly.v1.ReportOutcomesRequest\x1a!.mayfly.v1.ReportOutcomesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mayfly.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTCALLABLEREQUEST']._serialized_start=61
-  _globals['_LISTCALLABLEREQUEST']._serialized_end=133
-  _globals['_LISTCALLABLERESPONSE']._serialized_start=135
-  _globals['_LISTCALLABLERESPONSE']._serialized_end=172
-  _globals['_AUTHORIZECALLREQUEST']._serialized_start=174
-  _globals['_AUTHORIZECALLREQUEST']._serialized_end=299
-  _globals['_CALLDECISION']._serialized_start=302
-  _globals['_CALLDECISION']._serialized_end=438
-  _globals['_GATEWAY']._serialized_start=441
-  _globals['_GATEWAY']._serialized_end=606
+  _globals['_CALLOUTCOME']._serialized_start=61
+  _globals['_CALLOUTCOME']._serialized_end=174
+  _globals['_REPORTOUTCOMESREQUEST']._serialized_start=176
+  _globals['_REPORTOUTCOMESREQUEST']._serialized_end=241
+  _globals['_REPORTOUTCOMESRESPONSE']._serialized_start=243
+  _globals['_REPORTOUTCOMESRESPONSE']._serialized_end=285
+  _globals['_LISTCALLABLEREQUEST']._serialized_start=287
+  _globals['_LISTCALLABLEREQUEST']._serialized_end=359
+  _globals['_LISTCALLABLERESPONSE']._serialized_start=361
+  _globals['_LISTCALLABLERESPONSE']._serialized_end=398
+  _globals['_AUTHORIZECALLREQUEST']._serialized_start=400
+  _globals['_AUTHORIZECALLREQUEST']._serialized_end=525
+  _globals['_CALLDECISION']._serialized_start=528
+  _globals['_CALLDECISION']._serialized_end=681
+  _globals['_GATEWAY']._serialized_start=684
+  _globals['_GATEWAY']._serialized_end=936
 # @@protoc_insertion_point(module_scope)
