@@ -4,6 +4,9 @@
 //!   tokens by introspection and by following the revocation feed, driven
 //!   by stock Python clients (httpx, PyJWT, the official MCP SDK's OAuth
 //!   flow) and by the agent opening its own task with the SDK;
+//! - the gateway example's (`examples/gateway/tests`): `mayfly gateway`
+//!   in front of a billing server on the official MCP SDK and an HTTP API
+//!   with a key, driven by the official MCP client, httpx and the CLI;
 //! - the Python SDK's (`sdk/python/tests`), agent and validator sides, run
 //!   on the working tree's `sdk/python/src`.
 //!
@@ -60,6 +63,15 @@ fn the_mcp_example_suite_passes() {
     pytest(
         "examples/mcp-server",
         "pytest, mayfly, mcp, httpx2, jwt, httpx, uvicorn, cryptography",
+        None,
+    );
+}
+
+#[test]
+fn the_gateway_example_suite_passes() {
+    pytest(
+        "examples/gateway",
+        "pytest, mcp, httpx2, httpx, uvicorn",
         None,
     );
 }
