@@ -290,13 +290,29 @@ pub fn init(dir: &Path, td: &TrustDomain) -> Result<DevLayout, DevPkiError> {
         .map_err(|e| DevPkiError::Invalid(e.to_string()))?;
     let agent = SpiffeId::new(&format!("spiffe://{td}/agent/demo"))
         .map_err(|e| DevPkiError::Invalid(e.to_string()))?;
+    let gateway = SpiffeId::new(&format!("spiffe://{td}/gateway/dev"))
+        .map_err(|e| DevPkiError::Invalid(e.to_string()))?;
     write_identity(dir, &ca, &operator)?;
     write_identity(dir, &ca, &agent)?;
+    let gateway_dir = write_identity(dir, &ca, &gateway)?;
 
     let policies = dir.join("policies");
     create_private_dir(&policies).map_err(io_err(&policies))?;
     let policy_file = policies.join("mayfly.cedar");
     write_public(&policy_file, dev_policies(td).as_bytes()).map_err(io_err(&policy_file))?;
+    // The example tool policies, for the dev agents.
+    let tools = policies.join("tools.toml");
+    write_public(
+        &tools,
+        include_str!("../../../deploy/policies/tools.toml").as_bytes(),
+    )
+    .map_err(io_err(&tools))?;
+    let tool_policies = policies.join("tools.cedar");
+    let text = include_str!("../../../deploy/policies/tools.cedar").replace(
+        "spiffe://prod.example.com/agents",
+        &format!("spiffe://{td}/agent"),
+    );
+    write_public(&tool_policies, text.as_bytes()).map_err(io_err(&tool_policies))?;
 
     let text = dev_config(td);
     write_public(&config, text.as_bytes()).map_err(io_err(&config))?;
@@ -315,6 +331,9 @@ pub fn init(dir: &Path, td: &TrustDomain) -> Result<DevLayout, DevPkiError> {
         op_dir = identity_dir_name(&operator),
     );
     write_public(&profile, profile_text.as_bytes()).map_err(io_err(&profile))?;
+    let gateway_config = dir.join("gateway.toml");
+    let gateway_text = dev_gateway_config(&gateway_dir, dir);
+    write_public(&gateway_config, gateway_text.as_bytes()).map_err(io_err(&gateway_config))?;
     Ok(DevLayout {
         dir: dir.to_owned(),
         config,
@@ -322,6 +341,53 @@ pub fn init(dir: &Path, td: &TrustDomain) -> Result<DevLayout, DevPkiError> {
         operator,
         agent,
     })
+}
+
+/// Where the dev gateway listens, and the billing MCP server of
+/// `examples/gateway` it fronts.
+pub const DEV_GATEWAY_ADDR: &str = "127.0.0.1:8730";
+/// The example billing MCP server's port.
+pub const DEV_BILLING_PORT: u16 = 8793;
+
+/// `gateway.toml` for the dev gateway, whose identity is in `identity`.
+fn dev_gateway_config(identity: &Path, dir: &Path) -> String {
+    let id_dir = identity.strip_prefix(dir).unwrap_or(identity).display();
+    format!(
+        r#"# The dev tool-call gateway, written by `mayfly dev init`:
+#     mayfly gateway --config .mayfly-dev/gateway.toml
+# It fronts the billing MCP server of examples/gateway (`python
+# examples/gateway/billing.py --port {billing}`); the broker decides each
+# call (policies/tools.cedar). Relative paths are relative to this file.
+# docs/guides/gateway.md has every key.
+
+# A call that needs an operator's approval is answered at once with the
+# approval's id; the agent's retry of the same call uses it once granted.
+approval_wait = "0s"
+
+[listen]
+addr = "{listen}"
+
+[broker]
+url = "https://localhost:{grpc}"
+issuer = "https://localhost:{http}"
+ca = "bundle.pem"
+cert = "{id_dir}/svid.pem"
+key = "{id_dir}/svid.key"
+
+[[upstreams]]
+name = "billing"
+protocol = "mcp"
+path = "/billing/mcp"
+# Agents' tokens for it carry this audience (the broker's [[gateways]]
+# entry says the same).
+audience = "https://tools.example.com"
+url = "http://127.0.0.1:{billing}/mcp"
+"#,
+        listen = DEV_GATEWAY_ADDR,
+        grpc = port_of(DEV_GRPC_ADDR),
+        http = port_of(DEV_HTTP_ADDR),
+        billing = DEV_BILLING_PORT,
+    )
 }
 
 fn port_of(addr: &str) -> &str {
@@ -390,6 +456,13 @@ retention = "24h"
 [[introspection]]
 clients = ["spiffe://{td}/api/*"]
 audiences = ["https://api.example.com", "https://tools.example.com"]
+
+# The dev tool-call gateway (gateway.toml): it asks the broker about each
+# call agents make through it to the billing upstream, whose tokens carry
+# the tools audience.
+[[gateways]]
+id = "spiffe://{td}/gateway/dev"
+upstreams = {{ billing = "https://tools.example.com" }}
 
 # The services that receive tokens for each dev API. Only a token's
 # recipient may exchange it for the next hop (RFC 8693); policy sees the

@@ -62,7 +62,7 @@ pub fn approval_json(a: &pb::Approval) -> Value {
         "task_id": a.task_id,
         "task_intent": a.task_intent,
         "task_context": a.task_context,
-        "kind": output::lease_kind(a.kind),
+        "kind": if a.tool.is_empty() { output::lease_kind(a.kind) } else { "tool_call".to_owned() },
         "audience": a.audience,
         "scopes": a.scopes,
         "ttl_seconds": a.ttl_seconds,
@@ -96,7 +96,14 @@ fn show(a: &pb::Approval, json: bool) {
         ("task", a.task_id.clone()),
         ("intent", a.task_intent.clone()),
         ("context", context.join(" ")),
-        ("kind", output::lease_kind(a.kind)),
+        (
+            "kind",
+            if a.tool.is_empty() {
+                output::lease_kind(a.kind)
+            } else {
+                "tool call".to_owned()
+            },
+        ),
         ("audience", a.audience.clone()),
         ("scopes", a.scopes.join(" ")),
         ("tool", a.tool.clone()),
@@ -139,8 +146,16 @@ pub async fn run(cmd: ApprovalCommand, conn: &ConnArgs, json: bool) -> anyhow::R
                             state(a.state),
                             a.agent_id.clone(),
                             a.task_id.clone(),
-                            output::lease_kind(a.kind),
-                            a.audience.clone(),
+                            if a.tool.is_empty() {
+                                output::lease_kind(a.kind)
+                            } else {
+                                "tool".to_owned()
+                            },
+                            if a.tool.is_empty() {
+                                a.audience.clone()
+                            } else {
+                                a.tool.clone()
+                            },
                             a.scopes.join(" "),
                             a.policy_id.clone(),
                             a.task_intent.chars().take(40).collect(),
@@ -149,8 +164,8 @@ pub async fn run(cmd: ApprovalCommand, conn: &ConnArgs, json: bool) -> anyhow::R
                     .collect();
                 output::table(
                     &[
-                        "APPROVAL", "STATE", "AGENT", "TASK", "KIND", "AUDIENCE", "SCOPES",
-                        "POLICY", "INTENT",
+                        "APPROVAL", "STATE", "AGENT", "TASK", "KIND", "FOR", "SCOPES", "POLICY",
+                        "INTENT",
                     ],
                     &rows,
                 );

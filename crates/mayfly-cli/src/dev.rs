@@ -51,6 +51,10 @@ pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
                 "run the broker with: mayfly serve --config {}",
                 layout.config.display()
             );
+            println!(
+                "and the tool-call gateway with: mayfly gateway --config {}",
+                layout.dir.join("gateway.toml").display()
+            );
             Ok(())
         }
         DevCommand::Identity { dir, spiffe_id } => {

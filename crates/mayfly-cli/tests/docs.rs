@@ -37,7 +37,7 @@ use session::Session;
 use snapbox::{Assert, Data};
 
 /// The ports the dev setup and the examples listen on.
-const DEV_PORTS: [u16; 7] = [6390, 8710, 8711, 8720, 8721, 8790, 8792];
+const DEV_PORTS: [u16; 9] = [6390, 8710, 8711, 8720, 8721, 8730, 8790, 8792, 8793];
 
 /// The repository's root.
 fn root() -> PathBuf {
