@@ -25,6 +25,10 @@ pub enum Mix {
     /// `POST /oauth2/token` (client credentials, over HTTP/2 and mTLS)
     /// under a task started once per connection.
     Oauth,
+    /// An MCP tool call through the gateway, next to the same call
+    /// straight to the upstream, and AuthorizeCall next to IssueToken
+    /// (`gateway.rs`; it runs on its own, not in lanes).
+    Gateway,
 }
 
 /// The request shape.
@@ -186,6 +190,9 @@ impl Lane {
                 self.client.complete_task(&task.task_id).await?;
                 Ok(2 + shape.tokens_per_task as u64)
             }
+            Mix::Gateway => Err(Refusal::from(tonic::Status::internal(
+                "the gateway mix does not run in lanes",
+            ))),
         }
     }
 

@@ -8,6 +8,7 @@
 //! mayfly-bench --mix token --rate 2000 --duration 10s       # fixed rate
 //! mayfly-bench --mix lifecycle --tokens-per-task 5 --json
 //! mayfly-bench --mix oauth --duration 10s   # POST /oauth2/token over HTTP/2
+//! mayfly-bench --mix gateway --duration 8s  # tool calls through the gateway, and straight
 //! mayfly-bench --workload-token token.jwt  # bearer workload token, no certificate
 //! ```
 //!
@@ -18,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+mod gateway;
 mod http;
 mod limits;
 mod load;
@@ -292,6 +294,7 @@ fn limit_for(mix: Mix, l: &Limits, tokens_per_task: usize) -> Option<(f64, &'sta
             (Some(c), None) => Some((c, "in-process certificate signing")),
             (None, s) => s.map(|s| (s, "store write")),
         },
+        Mix::Gateway => None,
         // StartTask + k tokens + CompleteTask: k + 2 store writes.
         Mix::Lifecycle => l.store.map(|s| {
             (
@@ -387,6 +390,9 @@ fn report(args: &Args, outcome: &Outcome, progress: &Progress, limits: &Limits) 
 
 async fn run(args: Args) -> anyhow::Result<()> {
     args.validate()?;
+    if args.mix == Mix::Gateway {
+        return run_gateway(&args).await;
+    }
     let workload = args
         .workload_api
         .clone()
@@ -481,6 +487,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("measuring the limits")?;
     report(&args, &outcome, &progress, &limits);
+    Ok(())
+}
+
+/// `--mix gateway`: against a dev profile's broker, with its gateway
+/// identity.
+async fn run_gateway(args: &Args) -> anyhow::Result<()> {
+    let Some(profile) = args.profile_dir() else {
+        bail!("--mix gateway needs a `mayfly dev init` profile (--profile DIR)");
+    };
+    let agent = args.client_config()?;
+    let doc = gateway::run(gateway::Settings {
+        profile: &profile,
+        broker: agent.broker.clone(),
+        issuer: args.http_url(&agent.broker)?,
+        agent,
+        concurrency: args.concurrency,
+        duration: args.duration,
+        rate: args.rate.unwrap_or(1000.0),
+    })
+    .await?;
+    if args.json {
+        println!("{doc:#}");
+    } else {
+        gateway::print(&doc);
+    }
     Ok(())
 }
 

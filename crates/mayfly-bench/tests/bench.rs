@@ -161,3 +161,49 @@ fn bad_arguments_are_refused_with_a_reason() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_mix_compares_the_gateway_with_the_upstream_alone() {
+    let broker = TestBroker::start().await;
+    let r = report(bench(
+        &broker,
+        &[
+            "--json",
+            "--mix",
+            "gateway",
+            "--http",
+            &broker.issuer(),
+            "--duration",
+            "1s",
+            "--concurrency",
+            "4",
+            "--rate",
+            "50",
+        ],
+    ));
+    assert_eq!(r["mix"], "gateway");
+    assert_eq!(r["failed"], 0, "{r}");
+    for path in [
+        &r["closed_loop"]["direct"],
+        &r["closed_loop"]["through_gateway"],
+        &r["decisions"]["authorize_call"],
+        &r["decisions"]["issue_token"],
+    ] {
+        assert!(f(&path["per_second"]) > 0.0, "{r}");
+        let l = &path["latency_ms"];
+        assert!(
+            f(&l["p50"]) <= f(&l["p99"]) && f(&l["p99"]) <= f(&l["max"]),
+            "{r}"
+        );
+    }
+    // 50/s for 1 s, each way.
+    assert_eq!(r["fixed_rate"]["through_gateway"]["ok"], 50, "{r}");
+    assert_eq!(r["fixed_rate"]["direct"]["ok"], 50, "{r}");
+    let ratio = f(&r["closed_loop"]["ratio"]);
+    let expected = f(&r["closed_loop"]["through_gateway"]["per_second"])
+        / f(&r["closed_loop"]["direct"]["per_second"]);
+    assert!((ratio - expected).abs() < 1e-9, "{r}");
+    // The decisions it measured are in the trail.
+    let trail = std::fs::read_to_string(broker.config.audit_path()).unwrap();
+    assert!(trail.contains("\"tool_call_allowed\""));
+}

@@ -1533,6 +1533,34 @@ fn the_cli_without_the_broker_feature_links_no_broker() {
         );
     }
     assert!(alone.contains("mayfly-audit") && alone.contains("mayfly-client"));
+    // The gateway is part of that CLI: it is on verify, core, client and
+    // the proto, never the broker.
+    assert!(alone.contains("mayfly-gateway"), "{alone:?}");
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "-p",
+            "mayfly-gateway",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ])
+        .args(["--locked", "--offline"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let gateway = crates(&String::from_utf8(out.stdout).unwrap());
+    for heavy in [
+        "mayfly-broker",
+        "mayfly-policy",
+        "cedar-policy",
+        "redb",
+        "redis",
+    ] {
+        assert!(!gateway.contains(heavy), "the gateway links {heavy}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
