@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderName, HeaderValue, Method, Request, StatusCode};
@@ -191,14 +193,27 @@ impl OauthClient {
         let body = {
             let mut form = form_urlencoded::Serializer::new(String::new());
             form.append_pair("grant_type", "client_credentials");
-            form.append_pair("client_id", &self.client_id);
-            form.append_pair("client_secret", &self.secret);
             if !self.scopes.is_empty() {
                 form.append_pair("scope", &self.scopes.join(" "));
             }
-            Zeroizing::new(form.finish())
+            form.finish()
         };
-        let (value, until) = post_token(&self.http, &self.token_url, body.as_bytes()).await?;
+        // HTTP Basic, which every server supports (RFC 6749 §2.3.1): the
+        // id and the secret each form-encoded, then joined by a colon.
+        let basic = {
+            let encode =
+                |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+            let pair = Zeroizing::new(format!(
+                "{}:{}",
+                encode(&self.client_id),
+                encode(&self.secret)
+            ));
+            Zeroizing::new(format!("Basic {}", STANDARD.encode(pair.as_bytes())))
+        };
+        let auth = sensitive(&basic, "the client credentials")
+            .map_err(|e| Refusal::unavailable("upstream_credential_unavailable", e))?;
+        let (value, until) =
+            post_token(&self.http, &self.token_url, body.as_bytes(), Some(auth)).await?;
         *cached = Some((value.clone(), until));
         Ok(value)
     }
@@ -234,7 +249,7 @@ impl Exchange {
             form.append_pair("token_binding", "none");
             Zeroizing::new(form.finish())
         };
-        let (value, until) = post_token(&self.http, &self.token_url, body.as_bytes()).await?;
+        let (value, until) = post_token(&self.http, &self.token_url, body.as_bytes(), None).await?;
         let mut cached = self.cached.lock().await;
         if cached.len() >= MAX_EXCHANGED {
             cached.retain(|_, (_, until)| Instant::now() < *until);
@@ -252,6 +267,7 @@ async fn post_token(
     http: &HttpClient,
     url: &str,
     form: &[u8],
+    auth: Option<HeaderValue>,
 ) -> Result<(HeaderValue, Instant), Refusal> {
     let unavailable = |why: String| {
         Refusal::unavailable(
@@ -259,12 +275,15 @@ async fn post_token(
             format!("the upstream's credential could not be obtained from {url}: {why}"),
         )
     };
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(Method::POST)
         .uri(url)
         .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
         .body(Full::new(Bytes::copy_from_slice(form)))
         .map_err(|e| unavailable(e.to_string()))?;
+    if let Some(auth) = auth {
+        req.headers_mut().insert(AUTHORIZATION, auth);
+    }
     let resp = tokio::time::timeout(Duration::from_secs(10), http.request(req))
         .await
         .map_err(|_| unavailable("no answer in 10s".into()))?

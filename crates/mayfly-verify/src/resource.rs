@@ -60,18 +60,19 @@ impl ResourceMetadata {
 
     /// The JSON document.
     pub fn document(&self) -> Value {
-        let mut doc = json!({
-            "resource": self.resource,
-            "authorization_servers": self.authorization_servers,
-            "bearer_methods_supported": ["header"],
-        });
+        // Members in name order, whatever serde_json's `preserve_order`
+        // (another crate of the build may turn it on).
+        let mut doc = std::collections::BTreeMap::new();
+        doc.insert("resource", json!(self.resource));
+        doc.insert("authorization_servers", json!(self.authorization_servers));
+        doc.insert("bearer_methods_supported", json!(["header"]));
         if !self.scopes_supported.is_empty() {
-            doc["scopes_supported"] = json!(self.scopes_supported);
+            doc.insert("scopes_supported", json!(self.scopes_supported));
         }
         if let Some(n) = &self.resource_name {
-            doc["resource_name"] = json!(n);
+            doc.insert("resource_name", json!(n));
         }
-        doc
+        json!(doc)
     }
 }
 

@@ -43,6 +43,12 @@ amount = "decimal"
 [payments.pay]
 id = "string"
 amount = "decimal"
+
+[ledger.balance]
+account = "string"
+
+[reports.report]
+id = "string"
 "#;
 
 pub const TOOLS_CEDAR: &str = r#"
@@ -60,6 +66,18 @@ when { context.arguments.amount.lessThanOrEqual(decimal("100.0")) };
 permit (principal in Mayfly::Path::"spiffe://example.org/agent",
         action == Mayfly::Action::"billing/pay_invoice", resource)
 when { context.arguments.amount.greaterThan(decimal("100.0")) };
+
+@id("t-ledger-and-reports")
+permit (principal in Mayfly::Path::"spiffe://example.org/agent",
+        action in [Mayfly::Action::"ledger/balance", Mayfly::Action::"reports/report"], resource);
+
+// The gateway may exchange an agent's token for the API for one for the
+// tools, for the reports upstream.
+@id("t-gateway-exchange")
+permit (principal == Mayfly::Agent::"spiffe://example.org/gateway/billing",
+        action == Mayfly::Action::"exchange_token",
+        resource == Mayfly::Audience::"https://tools.example.com")
+when { context.resource_server == "gateway" };
 
 @id("t-no-deletes")
 forbid (principal, action == Mayfly::Action::"billing/delete_records", resource);
@@ -203,12 +221,37 @@ fn api_answer(s: &Seen) -> Response<Full<Bytes>> {
     )
 }
 
+/// An HTTP API that answers every request 200 (what it requires is
+/// checked by the test, on what it saw).
+fn plain_answer(s: &Seen) -> Response<Full<Bytes>> {
+    json_answer(StatusCode::OK, &json!({"path": s.uri}), &[])
+}
+
+/// What a test adds to the bench: more of the gateway's configuration
+/// (`PLAIN` in it stands for the address of the bench's plain upstream),
+/// and a change to the broker's.
+pub struct Extra {
+    pub gateway_toml: String,
+    pub broker: Box<dyn FnOnce(&mut mayfly_broker::config::Config) + Send>,
+}
+
+impl Default for Extra {
+    fn default() -> Self {
+        Self {
+            gateway_toml: String::new(),
+            broker: Box::new(|_| {}),
+        }
+    }
+}
+
 /// Everything a gateway test needs.
 pub struct Bench {
     pub broker: TestBroker,
     pub gateway: Option<Running>,
     pub mcp: Upstream,
     pub api: Upstream,
+    /// Answers everything; for the tests' own upstreams.
+    pub plain: Upstream,
     pub agent: Client,
     pub operator: Client,
     pub dir: tempfile::TempDir,
@@ -218,6 +261,11 @@ impl Bench {
     /// The bench with the gateway holding calls up to `approval_wait`
     /// for an approval.
     pub async fn start(approval_wait: &str) -> Self {
+        Self::start_with(approval_wait, Extra::default()).await
+    }
+
+    /// The bench with `extra`.
+    pub async fn start_with(approval_wait: &str, extra: Extra) -> Self {
         let broker = TestBroker::start_with(|c| {
             std::fs::write(c.policy.dir.join("tools.toml"), TOOLS_TOML).unwrap();
             std::fs::write(c.policy.dir.join("tools.cedar"), TOOLS_CEDAR).unwrap();
@@ -229,6 +277,7 @@ impl Bench {
                 ]
                 .into(),
             });
+            (extra.broker)(c);
         })
         .await;
         let dir = tempfile::tempdir().unwrap();
@@ -242,7 +291,8 @@ impl Bench {
         std::fs::write(dir.path().join("api.key"), format!("{API_KEY}\n")).unwrap();
         let mcp = serve(mcp_answer).await;
         let api = serve(api_answer).await;
-        let toml = format!(
+        let plain = serve(plain_answer).await;
+        let mut toml = format!(
             r#"
 approval_wait = "{approval_wait}"
 
@@ -281,6 +331,7 @@ tool = "pay"
             mcp = mcp.addr,
             api = api.addr,
         );
+        toml.push_str(&extra.gateway_toml.replace("PLAIN", &plain.addr.to_string()));
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, toml).unwrap();
         let config = GatewayConfig::load(&path).unwrap();
@@ -292,6 +343,7 @@ tool = "pay"
             gateway: Some(gateway),
             mcp,
             api,
+            plain,
             agent,
             operator,
             dir,
