@@ -42,6 +42,7 @@ struct Setup {
     _tmp: tempfile::TempDir,
     layout: dev::DevLayout,
     grpc: u16,
+    http: u16,
     /// The Redis the leases live in, if not the embedded store.
     redis: Option<RedisServer>,
     runs: usize,
@@ -71,6 +72,7 @@ impl Setup {
             _tmp: tmp,
             layout,
             grpc,
+            http,
             redis,
             runs: 0,
         }
@@ -79,6 +81,35 @@ impl Setup {
     /// Starts `mayfly serve`, with `failpoint` chosen if any; its output
     /// goes to a log file per run.
     fn serve(&mut self, failpoint: Option<&str>) -> Child {
+        loop {
+            let mut child = self.spawn(failpoint);
+            // Free ports are found by binding and letting go, so another
+            // test may have taken one since: then move to fresh ones.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let lost = loop {
+                if child.try_wait().unwrap().is_some() {
+                    break self.log().contains("Address already in use");
+                }
+                let up = |port: u16| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+                if (up(self.grpc) && up(self.http)) || std::time::Instant::now() > deadline {
+                    break false;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            if !lost {
+                return child;
+            }
+            let (grpc, http) = (free_port(), free_port());
+            let text = std::fs::read_to_string(&self.layout.config)
+                .unwrap()
+                .replace(&format!(":{}\"", self.grpc), &format!(":{grpc}\""))
+                .replace(&format!(":{}\"", self.http), &format!(":{http}\""));
+            std::fs::write(&self.layout.config, text).unwrap();
+            (self.grpc, self.http) = (grpc, http);
+        }
+    }
+
+    fn spawn(&mut self, failpoint: Option<&str>) -> Child {
         self.runs += 1;
         let log = self.layout.dir.join(format!("serve-{}.log", self.runs));
         let log = std::fs::File::create(log).unwrap();

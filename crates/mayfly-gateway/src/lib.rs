@@ -33,6 +33,7 @@ pub mod refusal;
 pub mod report;
 pub mod route;
 mod server;
+pub mod sessions;
 pub mod tls;
 
 pub use config::{ConfigError, GatewayConfig};

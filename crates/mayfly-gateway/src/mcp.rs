@@ -36,8 +36,11 @@ pub enum Kind {
         /// The request's id.
         id: Value,
     },
-    /// Anything else (initialize, ping, notifications, the client's
-    /// answers to the server's requests): forwarded as is.
+    /// `initialize`: forwarded as is; the session its answer names is the
+    /// token's task's.
+    Initialize,
+    /// Anything else (ping, notifications, the client's answers to the
+    /// server's requests): forwarded as is.
     Other,
 }
 
@@ -98,6 +101,7 @@ pub fn read(body: &[u8], upstream: &str, max_bytes: usize) -> Result<Message, Re
         Some(Value::String(m)) if m == "tools/list" => Kind::ListTools {
             id: request_id(map)?,
         },
+        Some(Value::String(m)) if m == "initialize" => Kind::Initialize,
         Some(Value::String(_)) => Kind::Other,
         Some(_) => return Err(invalid("method must be a string")),
     };

@@ -26,6 +26,7 @@ use crate::mcp::{self, Kind};
 use crate::refusal::{Refusal, code, json_response};
 use crate::report::Reporter;
 use crate::route::Routes;
+use crate::sessions::{self, Sessions};
 use crate::tls::HttpClient;
 
 /// Errors of a streamed body.
@@ -101,6 +102,8 @@ pub struct State {
     pub decider: Decider,
     /// Where outcomes go.
     pub reporter: Reporter,
+    /// MCP sessions and the tasks that opened them.
+    pub sessions: Sessions,
 }
 
 /// A verified agent request.
@@ -276,11 +279,28 @@ async fn mcp_request(
     agent: &Agent,
 ) -> Result<Response<Body>, Refusal> {
     let (parts, body) = req.into_parts();
+    let session = session_of(&parts)?;
+    let task = agent.verified.task_id.as_str();
+    if let Some(id) = &session
+        && let Err(r) = state.sessions.check(&up.name, id, task)
+    {
+        let mut resp = r.rpc_response(&Value::Null);
+        *resp.status_mut() = r.status;
+        return Ok(boxed(resp));
+    }
     match parts.method {
         Method::POST => {}
-        // The server's stream, and the end of a session: nothing to decide.
-        Method::GET | Method::DELETE => {
-            return forward(up, &parts, None, up.url.clone(), agent).await;
+        // The server's stream: nothing to decide.
+        Method::GET => return forward(up, &parts, None, up.url.clone(), agent).await,
+        // The end of a session.
+        Method::DELETE => {
+            let resp = forward(up, &parts, None, up.url.clone(), agent).await?;
+            if let Some(id) = &session
+                && resp.status().is_success()
+            {
+                state.sessions.forget(&up.name, id);
+            }
+            return Ok(resp);
         }
         _ => {
             return Err(Refusal::new(
@@ -340,7 +360,38 @@ async fn mcp_request(
             let resp = forward(up, &parts, Some(body), up.url.clone(), agent).await?;
             Ok(filter_list(state, up, agent, resp, &id).await)
         }
+        Kind::Initialize => {
+            let resp = forward(up, &parts, Some(body), up.url.clone(), agent).await?;
+            if let Some(id) = resp
+                .headers()
+                .get(sessions::HEADER)
+                .and_then(|v| v.to_str().ok())
+            {
+                state.sessions.bind(&up.name, id, task);
+            }
+            Ok(resp)
+        }
         Kind::Other => forward(up, &parts, Some(body), up.url.clone(), agent).await,
+    }
+}
+
+/// The MCP session a request names, if one.
+fn session_of(parts: &Parts) -> Result<Option<String>, Refusal> {
+    let mut values = parts.headers.get_all(sessions::HEADER).iter();
+    match (values.next(), values.next()) {
+        (None, _) => Ok(None),
+        (Some(v), None) => v.to_str().map(|s| Some(s.to_owned())).map_err(|_| {
+            Refusal::bad_request(
+                "invalid_request",
+                code::INVALID_REQUEST,
+                "bad Mcp-Session-Id",
+            )
+        }),
+        _ => Err(Refusal::bad_request(
+            "invalid_request",
+            code::INVALID_REQUEST,
+            "Mcp-Session-Id given twice",
+        )),
     }
 }
 

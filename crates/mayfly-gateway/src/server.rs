@@ -24,6 +24,7 @@ use crate::framing::{Ambiguous, Watched};
 use crate::proxy::{self, State, Upstream};
 use crate::report::{Metrics, Reporter};
 use crate::route::Routes;
+use crate::sessions::Sessions;
 use crate::tls;
 
 /// Why the gateway did not start.
@@ -176,6 +177,7 @@ pub async fn start(config: GatewayConfig) -> Result<Running, StartError> {
         upstreams,
         decider,
         reporter,
+        sessions: Sessions::default(),
     });
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(serve(listener, acceptor, state, stopped));

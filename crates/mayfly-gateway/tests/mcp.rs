@@ -267,3 +267,35 @@ async fn past_the_wait_the_agent_is_told_the_approval_and_its_retry_uses_it() {
     assert!(message(&body)["result"].is_object(), "{body}");
     assert_eq!(bench.mcp.seen().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_serves_only_the_task_that_opened_it() {
+    let bench = Bench::start("0s").await;
+    let url = bench.url();
+    let (_, mine) = bench.task_token(TOOLS).await;
+    let (_, theirs) = bench.task_token(TOOLS).await;
+    let init = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let (_, headers, _) = send(rpc(&url, &mine.token, init)).await;
+    let session = headers["mcp-session-id"].to_str().unwrap().to_owned();
+    let in_session = |token: &str| {
+        let mut req = rpc(
+            &url,
+            token,
+            &call(1, "read_invoice", json!({"invoice_id": "i"})),
+        );
+        req.headers_mut()
+            .insert("mcp-session-id", session.parse().unwrap());
+        req
+    };
+    // Another task's token in this session: as if there were none.
+    let (status, _, body) = send(in_session(&theirs.token)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(
+        message(&body)["error"]["data"]["mayfly_error"],
+        "session_not_found"
+    );
+    assert_eq!(bench.mcp.seen().len(), 1, "only the initialize went on");
+    let (status, _, body) = send(in_session(&mine.token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(message(&body)["result"].is_object());
+}

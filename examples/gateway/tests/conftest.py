@@ -219,6 +219,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         .replace("127.0.0.1:8711", f"127.0.0.1:{http}")
         .replace("localhost:8711", f"localhost:{http}")
     )
+    # This stack's gateway in place of the dev one (an upstream has one
+    # audience across gateways).
+    dev_gateway = f'[[gateways]]\nid = "spiffe://{TRUST_DOMAIN}/gateway/dev"\n'
+    assert dev_gateway in text
+    text = text.replace(dev_gateway, "# (the dev gateway is not used here)\n", 1)
+    text = text.replace('upstreams = { billing = "https://tools.example.com" }\n', "", 1)
     text += (
         f'\n[[gateways]]\nid = "{GATEWAY_ID}"\n'
         f'upstreams = {{ billing = "{billing}", payments = "{payments}" }}\n'
