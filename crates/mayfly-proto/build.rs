@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "mayfly/v1/admin.proto",
         "mayfly/v1/revocations.proto",
         "mayfly/v1/gateway.proto",
+        "mayfly/v1/requests.proto",
     ]
     .map(|f| root.join(f));
     let fds = protox::compile(files, [&root])?;

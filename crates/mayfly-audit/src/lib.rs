@@ -79,6 +79,9 @@ pub enum Event {
     ToolCallDenied,
     /// What became of a forwarded tool call, as its gateway reported it.
     ToolCallOutcome,
+    /// A request a token came with, as the service that validated it
+    /// reported it.
+    RequestServed,
 }
 
 impl Event {
@@ -110,6 +113,7 @@ impl Event {
             Self::ToolCallAllowed => "tool_call_allowed",
             Self::ToolCallDenied => "tool_call_denied",
             Self::ToolCallOutcome => "tool_call_outcome",
+            Self::RequestServed => "request_served",
         }
     }
 }
@@ -208,6 +212,12 @@ pub struct AuditRecord {
     /// upstream's answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_us: Option<u64>,
+    /// For a served request: its HTTP method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// For a served request: its route template (or path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
 }
 
 /// RFC 3339 UTC with exactly three fractional digits, so records align
@@ -263,6 +273,8 @@ impl AuditRecord {
             call_id: None,
             status: None,
             latency_us: None,
+            method: None,
+            route: None,
         }
     }
 

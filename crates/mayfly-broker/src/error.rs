@@ -136,6 +136,17 @@ pub enum BrokerError {
         /// The subject token's audience.
         audience: String,
     },
+    /// A service reported requests made with a token it does not receive.
+    #[error(
+        "{caller} is not a resource server of {audience} ([[resource_servers]]): only a token's \
+         recipient may report the requests it came with"
+    )]
+    NotReporter {
+        /// Who reported.
+        caller: SpiffeId,
+        /// The token's audience.
+        audience: String,
+    },
     /// The token was issued to another client: only its own client may
     /// revoke it.
     #[error("the token was issued to another client; {0} may revoke only its own tokens")]

@@ -21,10 +21,12 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The services whose health is reported, besides the server as a whole
 /// (`""`).
-pub const SERVICES: [&str; 3] = [
+pub const SERVICES: [&str; 5] = [
     "mayfly.v1.Broker",
     "mayfly.v1.Admin",
     "mayfly.v1.Revocations",
+    "mayfly.v1.Gateway",
+    "mayfly.v1.Requests",
 ];
 
 /// Reflection for the mayfly API and the health service, in both protocol

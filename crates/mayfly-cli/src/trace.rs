@@ -56,6 +56,27 @@ pub struct Credential {
     /// The tool calls made with it through a gateway, in order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub calls: Vec<ToolCall>,
+    /// The requests it came with, as the services that validated it
+    /// reported them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub requests: Vec<Served>,
+}
+
+/// A request a credential came with, as the validating service reported it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Served {
+    pub time: String,
+    /// The service that reported it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    pub method: String,
+    pub route: String,
+    /// `accepted` or `refused`.
+    pub decision: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused_because: Option<String>,
+    pub status: u16,
+    pub latency_us: u64,
 }
 
 /// A tool call a gateway asked about, made with a credential.
@@ -200,6 +221,7 @@ fn collect(records: &[AuditRecord], now: SystemTime) -> BTreeMap<String, TaskNod
                         approval_id: r.approval_id.clone(),
                         fate: None,
                         calls: Vec::new(),
+                        requests: Vec::new(),
                     });
                 }
             }
@@ -233,6 +255,25 @@ fn collect(records: &[AuditRecord], now: SystemTime) -> BTreeMap<String, TaskNod
                         outcome: None,
                     }),
                     None => node.notes.push(note(r)),
+                }
+            }
+            Event::RequestServed => {
+                let served = Served {
+                    time: r.time.clone(),
+                    by: r.caller.clone(),
+                    method: r.method.clone().unwrap_or_default(),
+                    route: r.route.clone().unwrap_or_default(),
+                    decision: r.decision.clone().unwrap_or_default(),
+                    refused_because: r.reason.clone(),
+                    status: r.status.unwrap_or(0),
+                    latency_us: r.latency_us.unwrap_or(0),
+                };
+                if let Some(c) = node
+                    .credentials
+                    .iter_mut()
+                    .find(|c| r.lease_id.as_ref() == Some(&c.lease_id))
+                {
+                    c.requests.push(served);
                 }
             }
             Event::ToolCallOutcome => {
@@ -553,6 +594,25 @@ fn render(node: &TaskNode, asked: &str, pad: &str, out: &mut String) {
         for call in &c.calls {
             line(out, format!("  {}", call_text(call)));
         }
+        for r in &c.requests {
+            line(
+                out,
+                format!(
+                    "  request {} {} {} at {} {}{} -> {} in {:.1} ms",
+                    r.time,
+                    r.method,
+                    r.route,
+                    r.by.as_deref().unwrap_or("?"),
+                    r.decision,
+                    r.refused_because
+                        .as_deref()
+                        .map(|why| format!(" ({why})"))
+                        .unwrap_or_default(),
+                    r.status,
+                    r.latency_us as f64 / 1000.0
+                ),
+            );
+        }
     }
     for n in &node.notes {
         line(
@@ -612,5 +672,75 @@ mod tests {
         assert_eq!(b.task_id, "B");
         let ids: Vec<&str> = b.children.iter().map(|c| c.task_id.as_str()).collect();
         assert_eq!(ids, ["A"], "C is not taken twice");
+    }
+
+    fn record(seq: u64, event: Event, fields: serde_json::Value) -> AuditRecord {
+        let mut v = serde_json::json!({
+            "seq": seq, "prev": "", "time": format!("2026-12-07T00:00:0{seq}.000Z"),
+            "event": event.as_str(), "task_id": "T", "agent": "spiffe://td/agent/a",
+        });
+        for (k, x) in fields.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn calls_and_requests_show_under_the_credential_that_made_them() {
+        use serde_json::json;
+        let trail = [
+            record(1, Event::TaskStarted, json!({"intent": "pay"})),
+            record(
+                2,
+                Event::TokenIssued,
+                json!({"lease_id": "L", "audience": "https://a"}),
+            ),
+            record(
+                3,
+                Event::ToolCallAllowed,
+                json!({"lease_id": "L", "tool": "b/pay", "policy": "p", "call_id": "C1"}),
+            ),
+            record(
+                4,
+                Event::ToolCallDenied,
+                json!({"lease_id": "L", "tool": "b/delete", "policy": "no", "reason": "forbidden"}),
+            ),
+            record(
+                5,
+                Event::ToolCallOutcome,
+                json!({"lease_id": "L", "tool": "b/pay", "call_id": "C1", "status": 201, "latency_us": 1500, "caller": "spiffe://td/gw"}),
+            ),
+            record(
+                6,
+                Event::RequestServed,
+                json!({"lease_id": "L", "method": "GET", "route": "/x/{id}", "decision": "refused", "reason": "revoked", "status": 401, "latency_us": 200, "caller": "spiffe://td/api/x"}),
+            ),
+            // An outcome for a call the trail does not hold is not shown.
+            record(
+                7,
+                Event::ToolCallOutcome,
+                json!({"lease_id": "L", "tool": "b/pay", "call_id": "C9", "status": 500, "latency_us": 1}),
+            ),
+        ];
+        let tasks = collect(&trail, SystemTime::now());
+        let c = &tasks["T"].credentials[0];
+        assert_eq!(c.calls.len(), 2);
+        assert_eq!(c.calls[0].outcome.as_ref().unwrap().status, 201);
+        assert!(c.calls[1].outcome.is_none());
+        assert!(tasks["T"].notes.is_empty(), "calls are not notes");
+        let mut out = String::new();
+        render(&tree(tasks, "T").unwrap(), "T", "", &mut out);
+        let lines: Vec<&str> = out.lines().map(str::trim).collect();
+        assert!(
+            lines.contains(
+                &"call 2026-12-07T00:00:03.000Z b/pay allowed (policy p) -> 201 in 1.5 ms"
+            ),
+            "{out}"
+        );
+        assert!(
+            lines.contains(&"call 2026-12-07T00:00:04.000Z b/delete denied (policy no): forbidden"),
+            "{out}"
+        );
+        assert!(lines.contains(&"request 2026-12-07T00:00:06.000Z GET /x/{id} at spiffe://td/api/x refused (revoked) -> 401 in 0.2 ms"), "{out}");
     }
 }

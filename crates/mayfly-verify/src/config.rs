@@ -53,6 +53,11 @@ pub struct VerifierConfig {
     /// identity from this SPIFFE Workload API instead of `ca_pem` and the
     /// feed's `cert_pem`/`key_pem`, following its rotations.
     pub workload_api: Option<String>,
+    /// Report the requests tokens come with to the broker, as the feed's
+    /// identity ([`crate::RequestReports`]; the layer does it). Needs the
+    /// feed, and this service listed in a `[[resource_servers]]` entry
+    /// for its audience.
+    pub report_requests: bool,
 }
 
 impl VerifierConfig {
@@ -69,6 +74,7 @@ impl VerifierConfig {
             jwks_refresh_interval: Duration::from_secs(30),
             feed: None,
             workload_api: None,
+            report_requests: false,
         }
     }
 
@@ -85,6 +91,13 @@ impl VerifierConfig {
     /// Follows the broker's revocation feed as the Workload API's SVID.
     pub fn with_workload_feed(self, broker: &str) -> Self {
         self.with_feed(broker, Vec::new(), Vec::new())
+    }
+
+    /// Reports the requests tokens come with to the broker (see
+    /// [`Self::report_requests`]).
+    pub fn with_request_reports(mut self) -> Self {
+        self.report_requests = true;
+        self
     }
 
     /// Follows the broker's revocation feed with this identity, failing

@@ -77,6 +77,33 @@ pub enum VerifyError {
 }
 
 impl VerifyError {
+    /// A stable name for the check that failed (`revoked`, `expired`,
+    /// `wrong_audience`, `dpop`, …), as services report it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "malformed",
+            Self::Algorithm(_) => "algorithm",
+            Self::WrongType(_) => "wrong_type",
+            Self::UnknownKey(_) => "unknown_key",
+            Self::KeyAlgorithmMismatch { .. } => "key_algorithm_mismatch",
+            Self::BadSignature => "bad_signature",
+            Self::WrongIssuer => "wrong_issuer",
+            Self::WrongAudience => "wrong_audience",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::MissingClaim(_) => "missing_claim",
+            Self::Revoked => "revoked",
+            Self::CertificateRequired => "certificate_required",
+            Self::CertificateMismatch => "certificate_mismatch",
+            Self::DpopRequired => "dpop_required",
+            Self::NotDpopBound => "not_dpop_bound",
+            Self::Dpop(_) => "dpop",
+            Self::FeedStale(_) => "feed_stale",
+            Self::FeedNotSynced => "feed_not_synced",
+            Self::JwksUnavailable(_) => "jwks_unavailable",
+        }
+    }
+
     /// Whether the problem is on the verifier's side (feed or JWKS), not
     /// the token's: such requests deserve 503, not 401.
     pub fn is_unavailable(&self) -> bool {

@@ -33,6 +33,13 @@ use crate::{DpopRequest, ResourceMetadata, VerifiedToken, Verifier, VerifyError}
 #[derive(Debug, Clone)]
 pub struct PeerCertificate(pub Vec<u8>);
 
+/// The route template a request matched (`/tickets/{id}`): put it in the
+/// response's extensions and the request is reported under it rather
+/// than its path, when the verifier reports requests
+/// ([`crate::VerifierConfig::with_request_reports`]).
+#[derive(Debug, Clone)]
+pub struct Route(pub String);
+
 /// Verifies every request's bearer token.
 #[derive(Debug, Clone)]
 pub struct VerifyLayer {
@@ -326,22 +333,58 @@ where
                     verifier.verify_dpop(&token, request, peer.as_deref()).await
                 }
             };
+            let started = std::time::Instant::now();
+            let method = req.method().as_str().to_owned();
+            let path = req.uri().path().to_owned();
+            let report = |lease: &mayfly_core::LeaseId,
+                          status: StatusCode,
+                          route: Option<&Route>,
+                          refused: Option<&VerifyError>| {
+                if let Some(reports) = verifier.reports() {
+                    reports.report(mayfly_proto::v1::ServedRequest {
+                        lease_id: lease.to_string(),
+                        method: method.clone(),
+                        route: route.map_or_else(|| path.clone(), |r| r.0.clone()),
+                        accepted: refused.is_none(),
+                        refused_because: refused.map(|e| e.name().to_owned()).unwrap_or_default(),
+                        status: u32::from(status.as_u16()),
+                        latency_us: u64::try_from(started.elapsed().as_micros())
+                            .unwrap_or(u64::MAX),
+                    });
+                }
+            };
             match verified {
                 Ok(verified) => {
+                    let lease = verified.lease_id.clone();
                     req.extensions_mut().insert(verified);
-                    inner.call(req).await
+                    let answered = inner.call(req).await;
+                    if let Ok(resp) = &answered {
+                        report(
+                            &lease,
+                            resp.status(),
+                            resp.extensions().get::<Route>(),
+                            None,
+                        );
+                    }
+                    answered
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "refused a token");
                     let dpop = scheme == Scheme::Dpop || e == VerifyError::DpopRequired;
-                    Ok(with_metadata(
+                    let resp = with_metadata(
                         if dpop {
                             unauthorized_dpop(&e)
                         } else {
                             unauthorized(Some(&e))
                         },
                         metadata,
-                    ))
+                    );
+                    if verifier.reports().is_some()
+                        && let Some(lease) = verifier.refused_lease(&token)
+                    {
+                        report(&lease, resp.status(), None, Some(&e));
+                    }
+                    Ok(resp)
                 }
             }
         })

@@ -36,6 +36,7 @@ pub mod interceptor;
 mod jwks;
 pub mod layer;
 mod material;
+mod report;
 mod resource;
 mod verifier;
 
@@ -44,5 +45,6 @@ pub use config::{FeedConfig, MAX_LEEWAY, VerifierConfig};
 pub use error::VerifyError;
 pub use jwks::{Jwks, JwksError, JwksKey};
 pub use material::TrustError;
+pub use report::RequestReports;
 pub use resource::ResourceMetadata;
 pub use verifier::{DpopRequest, VerifiedToken, Verifier, cert_thumbprint};

@@ -22,6 +22,7 @@ use crate::config::{MAX_LEEWAY, VerifierConfig};
 use crate::feed::{self, RevocationSet};
 use crate::jwks::{Fetcher, Jwks, JwksError};
 use crate::material::Material;
+use crate::report::RequestReports;
 
 /// A token that passed every check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +124,8 @@ struct Inner {
     revoked: Option<Arc<RevocationSet>>,
     /// DPoP proofs already used: each is good for one request.
     dpop_seen: ReplayCache,
+    /// Where the layer reports requests, when asked to.
+    reports: Option<RequestReports>,
 }
 
 /// DPoP proofs remembered (each for a minute); beyond that new proofs are
@@ -207,14 +210,32 @@ impl Verifier {
                 Arc::downgrade(set),
             ));
         }
+        let reports = match (&config.feed, config.report_requests) {
+            (Some(feed_config), true) => {
+                Some(RequestReports::start(feed_config.clone(), trust.clone()))
+            }
+            (None, true) => {
+                tracing::warn!(
+                    "request reports go as the feed's identity: without a feed, none are sent"
+                );
+                None
+            }
+            (_, false) => None,
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 jwks,
                 revoked,
                 dpop_seen: ReplayCache::new(DPOP_PROOFS_REMEMBERED),
+                reports,
             }),
         })
+    }
+
+    /// Where requests are reported, when the configuration asks for it.
+    pub fn reports(&self) -> Option<&RequestReports> {
+        self.inner.reports.as_ref()
     }
 
     /// A verifier for a fixed JWKS document (`jwks`, as the broker serves
@@ -230,6 +251,7 @@ impl Verifier {
                 config,
                 revoked: None,
                 dpop_seen: ReplayCache::new(DPOP_PROOFS_REMEMBERED),
+                reports: None,
             }),
         })
     }
@@ -407,6 +429,42 @@ impl Verifier {
             bound_to,
             dpop_key,
         })
+    }
+
+    /// The lease (`jti`) of a `token` that was refused, if it is one of
+    /// the issuer's for this audience whose signature verifies (refused
+    /// for its time, revocation or binding): what a service may report
+    /// the refusal under. `None` for anything else, whose `jti` could be
+    /// anyone's.
+    pub fn refused_lease(&self, token: &str) -> Option<LeaseId> {
+        let cfg = &self.inner.config;
+        let header: Header = token
+            .split('.')
+            .next()
+            .and_then(|h| URL_SAFE_NO_PAD.decode(h).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())?;
+        let alg = match header.alg.as_deref() {
+            Some("ES256") => Algorithm::ES256,
+            Some("EdDSA") => Algorithm::EdDSA,
+            _ => return None,
+        };
+        let key = self.inner.jwks.get(header.kid.as_deref()?)?;
+        if key.alg != alg {
+            return None;
+        }
+        let mut v = Validation::new(alg);
+        v.set_issuer(&[&cfg.issuer]);
+        v.set_audience(&[&cfg.audience]);
+        v.validate_exp = false;
+        v.validate_nbf = false;
+        v.set_required_spec_claims(&["iss", "aud"]);
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.key, &v)
+            .ok()?
+            .claims;
+        if claims.aud.as_str() != Some(cfg.audience.as_str()) {
+            return None;
+        }
+        LeaseId::new(&claims.jti).ok()
     }
 
     /// The proof `r` for `token`, bound to `jkt`, used once.

@@ -6,6 +6,7 @@ refusal, RFC 9728 `resource_metadata`, scopes, DPoP, and the agent side's
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -17,6 +18,7 @@ from starlette.routing import Route
 
 import mayfly
 from mayfly.asgi import TokenMiddleware, token_of
+from mayfly.reports import RequestReports
 from tests.conftest import API, Broker
 
 METADATA = f"{API}/.well-known/oauth-protected-resource"
@@ -181,3 +183,53 @@ def test_a_bound_token_passes_with_the_certificate_the_server_reports(
             assert 'error_description="certificate_required"' in headers["www-authenticate"]
 
     asyncio.run(run())
+
+
+def test_requests_are_reported_under_their_lease(broker: Broker) -> None:
+    feed = mayfly.FeedConfig.from_profile(broker.profile, "api-tickets")
+    verifier = mayfly.Verifier(issuer=broker.issuer, audience=API, ca=broker.ca, feed=feed)
+    assert verifier.wait_for_feed(10)
+    reports = RequestReports(feed)
+    inner = Starlette(routes=[Route("/tickets/{id}", ticket)])
+    app = TokenMiddleware(inner, verifier, scopes=["read:tickets"], reports=reports)
+
+    async def run() -> tuple[str, str]:
+        async with (
+            mayfly.connect(profile=broker.profile) as b,
+            b.task("read", audiences=[API], scopes=["read:tickets"]) as t,
+            client(app) as http,
+        ):
+            good = await t.token(API, ["read:tickets"], bind=False)
+            headers = {"Authorization": good.authorization}
+            assert (
+                await http.get("/tickets/42?q=never-reported", headers=headers)
+            ).status_code == 200
+            await t.complete()
+            for _ in range(500):
+                if (await http.get("/tickets/42", headers=headers)).status_code == 401:
+                    break
+                await asyncio.sleep(0.01)
+            # Not reported: a token whose jti could be anyone's.
+            assert (
+                await http.get("/tickets/1", headers={"Authorization": "Bearer x.y.z"})
+            ).status_code == 401
+            return good.lease_id, t.task_id
+
+    lease, task = asyncio.run(run())
+    reports.close()
+    verifier.close()
+    assert (reports.reported, reports.lost) == (2, 0)
+    trail = (broker.profile / "data" / "audit.jsonl").read_text().splitlines()
+    served = [
+        r
+        for r in map(json.loads, trail)
+        if r["event"] == "request_served" and r["lease_id"] == lease
+    ]
+    assert [(r["decision"], r["route"], r["status"], r.get("reason")) for r in served] == [
+        ("accepted", "/tickets/{id}", 200, None),
+        ("refused", "/tickets/42", 401, "revoked"),
+    ]
+    for r in served:
+        assert r["task_id"] == task
+        assert r["caller"] == "spiffe://example.org/api/tickets"
+        assert "never-reported" not in json.dumps(r)

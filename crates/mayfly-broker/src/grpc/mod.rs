@@ -6,6 +6,7 @@ mod admin;
 mod broker;
 mod edge;
 mod gateway;
+mod requests;
 mod revocations;
 mod status;
 
@@ -14,6 +15,7 @@ pub use admin::AdminApi;
 pub use broker::BrokerApi;
 pub use edge::GrpcEdgeLayer;
 pub use gateway::GatewayApi;
+pub use requests::RequestsApi;
 pub use revocations::RevocationsApi;
 
 use mayfly_core::{

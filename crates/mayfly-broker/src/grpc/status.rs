@@ -53,7 +53,9 @@ impl From<BrokerError> for Status {
             BrokerError::NotGateway(_) => (Status::permission_denied(msg), "not_gateway"),
             BrokerError::NotUpstream { .. } => (Status::permission_denied(msg), "not_upstream"),
             BrokerError::NotTokenClient(_) => (Status::permission_denied(msg), "not_token_client"),
-            BrokerError::NotRecipient { .. } => (Status::permission_denied(msg), "not_recipient"),
+            BrokerError::NotRecipient { .. } | BrokerError::NotReporter { .. } => {
+                (Status::permission_denied(msg), "not_recipient")
+            }
             BrokerError::InvalidSubjectToken(_) => {
                 (Status::permission_denied(msg), "invalid_subject_token")
             }

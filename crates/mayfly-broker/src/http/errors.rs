@@ -191,7 +191,8 @@ impl From<BrokerError> for OAuthError {
             | BrokerError::ApprovalNotFound(_)
             | BrokerError::ApprovalMismatch(_)
             | BrokerError::InvalidSubjectToken(_)
-            | BrokerError::NotRecipient { .. } => Code::InvalidGrant,
+            | BrokerError::NotRecipient { .. }
+            | BrokerError::NotReporter { .. } => Code::InvalidGrant,
             BrokerError::ApprovalUnusable { state, id } => {
                 let code = match state {
                     ApprovalState::Pending => Code::AuthorizationPending,

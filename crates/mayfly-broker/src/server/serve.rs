@@ -9,6 +9,7 @@ use mayfly_core::limits::MAX_MESSAGE_BYTES;
 use mayfly_proto::v1::admin_server::AdminServer;
 use mayfly_proto::v1::broker_server::BrokerServer;
 use mayfly_proto::v1::gateway_server::GatewayServer;
+use mayfly_proto::v1::requests_server::RequestsServer;
 use mayfly_proto::v1::revocations_server::RevocationsServer;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -18,7 +19,7 @@ use tower::ServiceBuilder;
 
 use super::{Broker, StartError};
 use crate::connections::{self, Gate, PeerInfo, Port};
-use crate::grpc::{AdminApi, BrokerApi, GatewayApi, GrpcEdgeLayer, TokenAuthLayer};
+use crate::grpc::{AdminApi, BrokerApi, GatewayApi, GrpcEdgeLayer, RequestsApi, TokenAuthLayer};
 use crate::metrics::RpcMetricsLayer;
 use crate::{http, reaper, shutdown};
 
@@ -41,6 +42,8 @@ impl Broker {
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let gateway_api = GatewayServer::new(GatewayApi::new(self.service.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let requests_api = RequestsServer::new(RequestsApi::new(self.service.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let (reporter, health_api) = tonic_health::server::health_reporter();
         reporter
             .set_service_status("", tonic_health::ServingStatus::NotServing)
@@ -55,6 +58,7 @@ impl Broker {
         let routes = Routes::new(InterceptedService::new(broker_api, require_peer))
             .add_service(InterceptedService::new(admin_api, require_peer))
             .add_service(InterceptedService::new(gateway_api, require_peer))
+            .add_service(InterceptedService::new(requests_api, require_peer))
             .add_service(InterceptedService::new(
                 RevocationsServer::new(self.revocations.clone())
                     .max_decoding_message_size(MAX_MESSAGE_BYTES),

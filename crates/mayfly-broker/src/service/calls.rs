@@ -14,7 +14,8 @@ use mayfly_core::{
 };
 
 use super::shared::Gate;
-use super::{CallDecision, CallOutcome, CallRequest, ToolCalls};
+use super::{CallDecision, CallOutcome, CallRequest, ServedRequest, ToolCalls};
+use crate::config::ResourceServer;
 use crate::error::BrokerError;
 use crate::identity::Caller;
 
@@ -192,6 +193,63 @@ impl ToolCalls {
                 }
                 e
             });
+            records.push(record);
+        }
+        let n = records.len();
+        let recorder = &self.shared.recorder;
+        futures_util::future::try_join_all(records.into_iter().map(|r| recorder.record(r))).await?;
+        Ok(n)
+    }
+
+    /// Records the requests a validating service (`caller`) served with
+    /// tokens it received: each under its lease's task. The whole report
+    /// is refused if one names a lease the broker does not know, or one
+    /// `caller` is not a recipient of (`[[resource_servers]]`).
+    pub async fn served(
+        &self,
+        caller: &Caller,
+        requests: Vec<ServedRequest>,
+    ) -> Result<usize, BrokerError> {
+        if requests.len() > MAX_OUTCOMES {
+            return Err(BrokerError::Invalid(format!(
+                "requests: at most {MAX_OUTCOMES} in one report"
+            )));
+        }
+        let mut records = Vec::with_capacity(requests.len());
+        for r in &requests {
+            let lease = self
+                .shared
+                .store
+                .get_lease(&r.lease_id)
+                .await?
+                .ok_or_else(|| BrokerError::LeaseNotFound(r.lease_id.clone()))?;
+            let audience = lease
+                .audience()
+                .map(|a| a.as_str().to_owned())
+                .unwrap_or_default();
+            if ResourceServer::find(&self.shared.resource_servers, &caller.id, &audience).is_none()
+            {
+                return Err(BrokerError::NotReporter {
+                    caller: caller.id.clone(),
+                    audience,
+                });
+            }
+            let mut record = caller.record(Event::RequestServed).lease(&lease.id);
+            record.agent = Some(lease.agent.to_string());
+            record.task_id = Some(lease.task_id.to_string());
+            record.method = Some(r.method.clone());
+            record.route = Some(r.route.clone());
+            record.status = Some(r.status);
+            record.latency_us = Some(r.latency_us);
+            record.decision = Some(
+                if r.refused_because.is_some() {
+                    "refused"
+                } else {
+                    "accepted"
+                }
+                .to_owned(),
+            );
+            record.reason.clone_from(&r.refused_because);
             records.push(record);
         }
         let n = records.len();

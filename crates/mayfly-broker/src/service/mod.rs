@@ -265,6 +265,23 @@ pub struct CallDecision {
     pub call_id: Option<CallId>,
 }
 
+/// A request a token came with, as the service that validated it reports
+/// it.
+#[derive(Debug, Clone)]
+pub struct ServedRequest {
+    /// The token's lease.
+    pub lease_id: LeaseId,
+    /// The HTTP method and route (template or path).
+    pub method: String,
+    pub route: String,
+    /// `None` when accepted, else the check that refused the token.
+    pub refused_because: Option<String>,
+    /// The answer's status.
+    pub status: u16,
+    /// Microseconds to the answer.
+    pub latency_us: u64,
+}
+
 /// What became of a forwarded call, as its gateway reports it.
 #[derive(Debug, Clone)]
 pub struct CallOutcome {

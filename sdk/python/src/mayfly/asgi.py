@@ -11,18 +11,27 @@ rest as RFC 6750 says:
 - the verifier itself unable to decide (no JWKS, a silent feed): 503.
 
 The verified token is at `request.state.mayfly` (`scope["state"]`).
+Given `reports` (`mayfly.reports.RequestReports`), each request a token
+came with is reported to the broker: accepted ones with their route
+template (Starlette's, else the path; never the query) and status, and
+refused ones with the check that refused them, when the token is one of
+the issuer's for this audience.
 Certificate-bound tokens need the client certificate, which the server
 passes in the ASGI TLS extension (`scope["extensions"]["tls"]`); without
 it they are refused (certificate_required), never accepted unbound."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mayfly.dpop import DpopRequest
 from mayfly.errors import VerifyError
 from mayfly.verify import VerifiedToken, Verifier
+
+if TYPE_CHECKING:
+    from mayfly.reports import RequestReports
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -49,9 +58,11 @@ class TokenMiddleware:
         scopes: Sequence[str] = (),
         resource_metadata: str | None = None,
         exempt: Sequence[str] = ("/.well-known/oauth-protected-resource",),
+        reports: RequestReports | None = None,
     ) -> None:
         self.app = app
         self.verifier = verifier
+        self.reports = reports
         self.scopes = list(scopes)
         self.resource_metadata = resource_metadata
         self.exempt = set(exempt)
@@ -101,6 +112,7 @@ class TokenMiddleware:
         tls = (scope.get("extensions") or {}).get("tls") or {}
         chain = tls.get("client_cert_chain") or []
         client_cert = chain[0] if chain else None
+        started = time.monotonic()
         try:
             result = await self.verifier.averify(token, client_cert=client_cert, dpop=dpop)
         except VerifyError as e:
@@ -109,14 +121,48 @@ class TokenMiddleware:
                 return
             challenge = self._challenge("DPoP" if dpop else "Bearer", "invalid_token", e.check)
             await self._refuse(send, 401, challenge, f"invalid token: {e.check}")
+            lease = self.verifier.refused_lease(token) if self.reports is not None else None
+            if lease is not None:
+                self._report(scope, lease, 401, started, e.check)
             return
         missing = [s for s in self.scopes if not result.has_scope(s)]
         if missing:
             challenge = self._challenge("Bearer", "insufficient_scope", None)
             await self._refuse(send, 403, challenge, f"scope {' '.join(missing)} required")
+            if self.reports is not None:
+                self._report(scope, result.lease_id, 403, started, None)
             return
         scope.setdefault("state", {})["mayfly"] = result
-        await self.app(scope, receive, send)
+        if self.reports is None:
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            self._report(scope, result.lease_id, status, started, None)
+
+    def _report(
+        self, scope: Scope, lease: str, status: int, started: float, refused: str | None
+    ) -> None:
+        if self.reports is None:
+            return
+        route = getattr(scope.get("route"), "path", None)
+        self.reports.report(
+            lease_id=lease,
+            method=str(scope.get("method", "")),
+            route=route if isinstance(route, str) else str(scope.get("path", "")),
+            status=status,
+            latency_us=int((time.monotonic() - started) * 1_000_000),
+            refused_because=refused,
+        )
 
 
 def _request_url(scope: Scope, headers: dict[str, str]) -> str:

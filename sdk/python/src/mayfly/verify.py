@@ -495,6 +495,34 @@ class Verifier:
             return None
         return kid if isinstance(kid, str) else None
 
+    def refused_lease(self, token: str) -> str | None:
+        """The lease (`jti`) of a refused `token`, if it is one of the
+        issuer's for this audience whose signature verifies (refused for
+        its time, revocation or binding): what a service may report the
+        refusal under. `None` for anything else, whose `jti` could be
+        anyone's."""
+        try:
+            header = _header(token)
+            kid = header.get("kid")
+            key = self._keys.get(kid) if isinstance(kid, str) else None
+            alg = header.get("alg")
+            if key is None or alg not in ALGORITHMS or key.algorithm_name != alg:
+                return None
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key.key,
+                algorithms=[alg],
+                audience=self.audience,
+                issuer=self.issuer,
+                options={"verify_exp": False, "verify_nbf": False, "verify_iat": False},
+            )
+        except (VerifyError, jwt.PyJWTError):
+            return None
+        jti = claims.get("jti")
+        if claims.get("aud") != self.audience or not isinstance(jti, str) or not jti:
+            return None
+        return jti
+
     def _check(
         self, token: str, client_cert: bytes | str | None, dpop: DpopRequest | None
     ) -> VerifiedToken:
