@@ -27,6 +27,9 @@ use crate::route::Routes;
 use crate::sessions::Sessions;
 use crate::tls;
 
+/// How long the start waits for each verifier's revocation feed.
+const FEED_SYNC: Duration = Duration::from_secs(30);
+
 /// Why the gateway did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -116,6 +119,14 @@ pub async fn start(config: GatewayConfig) -> Result<Running, StartError> {
                 u.name, u.audience
             ))
         })?;
+        // Calls are refused (503) until the feed has replayed what it
+        // holds: wait for that before taking any.
+        if !verifier.wait_for_feed(FEED_SYNC).await {
+            tracing::warn!(
+                upstream = %u.name,
+                "the revocation feed has not synchronised yet; calls are refused until it has"
+            );
+        }
         let credential = UpstreamCredential::load(&u.credential, &config.broker)
             .map_err(|e| StartError::Config(format!("upstream {}: credential: {e}", u.name)))?;
         let routes = match u.protocol {

@@ -3,7 +3,8 @@
 //! A Cedar decision is a pure function of the policies, the entities and
 //! the request. Everything Mayfly gives Cedar comes from the request (agent,
 //! action, resource, task id, intent, context, scopes, TTL), except
-//! `context.now`. So where none of the policies that can decide a request
+//! `context.now`. (A tool call's arguments are in the key, as their
+//! canonical text, with its route.) So where none of the policies that can decide a request
 //! mentions `now` (see [`reads_now`]), the same request is decided the same
 //! way for as long as this policy set is in force; a reload builds a new
 //! `CedarPolicy`, whose cache starts empty. The key is the whole request,
@@ -52,6 +53,10 @@ struct Key {
     context: BTreeMap<String, String>,
     scopes: Vec<String>,
     ttl_seconds: u64,
+    /// A tool call's arguments (canonical), method and template, and
+    /// whether the arguments were left unknown.
+    call: Option<(String, String, String)>,
+    partial: bool,
 }
 
 impl Key {
@@ -71,6 +76,10 @@ impl Key {
             context: ask.context.entries().clone(),
             scopes: ask.scopes.iter().map(|s| (*s).to_owned()).collect(),
             ttl_seconds: ask.ttl.as_secs(),
+            call: ask
+                .call_key
+                .map(|(a, m, t)| (a.to_owned(), m.to_owned(), t.to_owned())),
+            partial: ask.partial,
         }
     }
 
@@ -93,6 +102,12 @@ impl Key {
             && self.scopes.len() == ask.scopes.len()
             && self.scopes.iter().zip(&ask.scopes).all(|(a, b)| a == b)
             && &self.context == ask.context.entries()
+            && self.partial == ask.partial
+            && self
+                .call
+                .as_ref()
+                .map(|(a, m, t)| (a.as_str(), m.as_str(), t.as_str()))
+                == ask.call_key
     }
 }
 
@@ -113,6 +128,8 @@ fn hash(ask: &Ask<'_>) -> u64 {
     ask.context.entries().hash(&mut h);
     ask.scopes.hash(&mut h);
     ask.ttl.as_secs().hash(&mut h);
+    ask.call_key.hash(&mut h);
+    ask.partial.hash(&mut h);
     h.finish()
 }
 
@@ -132,8 +149,8 @@ impl Decisions {
     /// The decision for `ask` if it was made before, else `decide()`'s,
     /// which is kept.
     pub(crate) fn get_or(&self, ask: &Ask<'_>, decide: impl FnOnce() -> Decision) -> Decision {
-        // A tool call's arguments are not part of the key: never cached.
-        if ask.call.is_some() {
+        // A tool call is cached only with its arguments in the key.
+        if ask.call.is_some() && ask.call_key.is_none() {
             return decide();
         }
         let h = hash(ask);

@@ -53,6 +53,9 @@ pub struct CedarPolicy {
     tools: tools::Tools,
     /// Decisions made, for requests whose policies do not read the time.
     decisions: cache::Decisions,
+    /// Whether any policy of the set reads the time (tool calls are
+    /// decided by the whole set).
+    reads_now: bool,
 }
 
 /// What a permit's annotations allow.
@@ -177,6 +180,9 @@ struct Ask<'a> {
     /// For a tool call: its arguments (as `context.arguments`) and, for
     /// an HTTP route, its method and template.
     call: Option<(RestrictedExpression, &'a str, &'a str)>,
+    /// The same call as the decision cache compares it: the arguments'
+    /// canonical text (empty when unknown), the method and the template.
+    call_key: Option<(&'a str, &'a str, &'a str)>,
     /// The action's name: one of [`ACTIONS`], or a tool's.
     action: &'a str,
     /// Decide with `context.arguments` unknown: permitted unless every
@@ -295,6 +301,17 @@ impl CedarPolicy {
                 .get_or(&ask, || self.ask_of(policies, ask.clone())),
             Some((policies, true)) => self.ask_of(policies, ask),
             None => self.ask_of(&self.set, ask),
+        }
+    }
+
+    /// Decides `ask` with the whole set, from the cache when no policy
+    /// reads the time.
+    fn ask_whole(&self, ask: Ask<'_>) -> Decision {
+        if self.reads_now {
+            self.ask_of(&self.set, ask)
+        } else {
+            self.decisions
+                .get_or(&ask, || self.ask_of(&self.set, ask.clone()))
         }
     }
 
@@ -506,6 +523,7 @@ impl Policy for CedarPolicy {
             delegate: None,
             exchange: None,
             call: None,
+            call_key: None,
             action: req.action.name(),
             partial: false,
             resource,
@@ -555,12 +573,12 @@ impl Policy for CedarPolicy {
             }),
             Action::CallTool {
                 tool,
-                arguments,
+                arguments: raw,
                 route,
                 scopes,
                 binding,
             } => {
-                let arguments = match self.tools.arguments(tool, arguments) {
+                let arguments = match self.tools.arguments(tool, raw) {
                     Ok(a) => a,
                     Err(unfit) => {
                         return Decision::Deny {
@@ -572,15 +590,14 @@ impl Policy for CedarPolicy {
                 let name = tool.to_string();
                 let (method, template) = route.map_or(("", ""), |r| (r.method, r.template));
                 // Tool actions are not sliced: the whole set decides.
-                self.ask_of(
-                    &self.set,
-                    Ask {
-                        binding: Some(binding.name()),
-                        call: Some((arguments, method, template)),
-                        action: &name,
-                        ..base(uid(Type::Tool, &name), names(scopes))
-                    },
-                )
+                let ask = Ask {
+                    binding: Some(binding.name()),
+                    call: Some((arguments, method, template)),
+                    call_key: Some((raw.canonical(), method, template)),
+                    action: &name,
+                    ..base(uid(Type::Tool, &name), names(scopes))
+                };
+                self.ask_whole(ask)
             }
             Action::MayCallTool {
                 tool,
@@ -594,16 +611,15 @@ impl Policy for CedarPolicy {
                     };
                 }
                 let name = tool.to_string();
-                self.ask_of(
-                    &self.set,
-                    Ask {
-                        binding: Some(binding.name()),
-                        call: Some((RestrictedExpression::new_unknown("arguments"), "", "")),
-                        action: &name,
-                        partial: true,
-                        ..base(uid(Type::Tool, &name), names(scopes))
-                    },
-                )
+                let ask = Ask {
+                    binding: Some(binding.name()),
+                    call: Some((RestrictedExpression::new_unknown("arguments"), "", "")),
+                    call_key: Some(("", "", "")),
+                    action: &name,
+                    partial: true,
+                    ..base(uid(Type::Tool, &name), names(scopes))
+                };
+                self.ask_whole(ask)
             }
         }
     }
@@ -711,6 +727,7 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
                                     "tickets",
                                 )),
                                 call: None,
+                                call_key: None,
                                 partial: false,
                                 action,
                                 resource: resource.clone(),
@@ -760,6 +777,7 @@ when { context.ttl_seconds * 4611686018427387904 > 0 };
             delegate: None,
             exchange: None,
             call: None,
+            call_key: None,
             partial: false,
             action: "issue_token",
             resource: uid(Type::Audience, "https://api.example.com"),

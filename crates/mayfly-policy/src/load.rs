@@ -307,6 +307,7 @@ impl CedarPolicy {
                 message: format!("cannot index the policies: {e}"),
             }],
         })?;
+        let reads_now = set.policies().any(crate::cache::reads_now);
         Ok(Self {
             set,
             slices,
@@ -314,6 +315,7 @@ impl CedarPolicy {
             limits,
             tools,
             decisions: Default::default(),
+            reads_now,
         })
     }
 }

@@ -497,10 +497,31 @@ mod tool_calls {
         let dpop = Binding::Dpop {
             jkt: "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I".into(),
         };
-        permit(decide("POST", "EUR", &dpop));
-        deny(decide("PUT", "EUR", &dpop));
-        deny(decide("POST", "USD", &dpop));
-        deny(decide("POST", "EUR", &Binding::Bearer));
+        // Each asked twice, interleaved: a decision kept for one call is
+        // never given to another that differs in method, arguments or
+        // binding.
+        for _ in 0..2 {
+            permit(decide("POST", "EUR", &dpop));
+            deny(decide("PUT", "EUR", &dpop));
+            deny(decide("POST", "USD", &dpop));
+            deny(decide("POST", "EUR", &Binding::Bearer));
+        }
+    }
+
+    #[test]
+    fn kept_decisions_of_calls_follow_their_arguments() {
+        let p = shipped();
+        let t = task(&[]);
+        let small = r#"{"invoice_id": "inv-1", "amount": 50}"#;
+        let large = r#"{"invoice_id": "inv-1", "amount": 500}"#;
+        // The same object written otherwise is decided the same.
+        let small_again = r#"{ "amount" : 50.0, "invoice_id": "inv-1" }"#;
+        for _ in 0..3 {
+            assert!(!permit(call(&p, &t, "billing/pay_invoice", small)).2);
+            assert!(permit(call(&p, &t, "billing/pay_invoice", large)).2);
+            let (id, _, _) = permit(call(&p, &t, "billing/pay_invoice", small_again));
+            assert_eq!(id, "billing-small-payments");
+        }
     }
 
     #[test]

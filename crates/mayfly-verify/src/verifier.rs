@@ -89,7 +89,7 @@ struct Header {
     kid: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 struct Claims {
     sub: String,
     aud: serde_json::Value,
@@ -104,7 +104,7 @@ struct Claims {
     act: Option<ActorClaim>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 struct Cnf {
     #[serde(rename = "x5t#S256")]
     x5t_s256: Option<String>,
@@ -126,6 +126,48 @@ struct Inner {
     dpop_seen: ReplayCache,
     /// Where the layer reports requests, when asked to.
     reports: Option<RequestReports>,
+    /// Tokens whose signature and claims were checked already.
+    decoded: DecodedCache,
+}
+
+/// A token whose header, signature, issuer, audience and claims were
+/// checked: what is left for each request is its time, its key still
+/// being published, its binding and its revocation.
+struct Decoded {
+    kid: String,
+    claims: Claims,
+}
+
+/// Tokens decoded lately, by the SHA-256 of their text: a service sees the
+/// same token on request after request, and its signature need not be
+/// checked again. Two generations of [`DECODED_REMEMBERED`] each.
+#[derive(Default)]
+struct DecodedCache {
+    generations: std::sync::Mutex<[std::collections::HashMap<[u8; 32], Arc<Decoded>>; 2]>,
+}
+
+/// Decoded tokens one generation holds.
+const DECODED_REMEMBERED: usize = 8192;
+
+impl DecodedCache {
+    fn key(token: &str) -> [u8; 32] {
+        let mut key = [0u8; 32];
+        key.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
+        key
+    }
+
+    fn get(&self, key: &[u8; 32]) -> Option<Arc<Decoded>> {
+        let g = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+        g[0].get(key).or_else(|| g[1].get(key)).cloned()
+    }
+
+    fn put(&self, key: [u8; 32], decoded: Arc<Decoded>) {
+        let mut g = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+        if g[0].len() >= DECODED_REMEMBERED {
+            g[1] = std::mem::take(&mut g[0]);
+        }
+        g[0].insert(key, decoded);
+    }
 }
 
 /// DPoP proofs remembered (each for a minute); beyond that new proofs are
@@ -229,6 +271,7 @@ impl Verifier {
                 revoked,
                 dpop_seen: ReplayCache::new(DPOP_PROOFS_REMEMBERED),
                 reports,
+                decoded: DecodedCache::default(),
             }),
         })
     }
@@ -252,6 +295,7 @@ impl Verifier {
                 revoked: None,
                 dpop_seen: ReplayCache::new(DPOP_PROOFS_REMEMBERED),
                 reports: None,
+                decoded: DecodedCache::default(),
             }),
         })
     }
@@ -332,6 +376,37 @@ impl Verifier {
         peer_cert: Option<&[u8]>,
         how: Presented<'_>,
     ) -> Result<VerifiedToken, VerifyError> {
+        let key = DecodedCache::key(token);
+        let decoded = match self.inner.decoded.get(&key) {
+            Some(d) => {
+                // Its key withdrawn from the JWKS since: not accepted.
+                if self.inner.jwks.get(&d.kid).is_none() {
+                    return Err(VerifyError::UnknownKey(Some(d.kid.clone())));
+                }
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |t| t.as_secs());
+                if now
+                    > d.claims
+                        .exp
+                        .saturating_add(self.inner.config.leeway.as_secs())
+                {
+                    return Err(VerifyError::Expired);
+                }
+                d
+            }
+            None => {
+                let d = Arc::new(self.decode(token)?);
+                self.inner.decoded.put(key, d.clone());
+                d
+            }
+        };
+        self.admit(&decoded.claims, token, peer_cert, how)
+    }
+
+    /// The checks of `token` itself, in RFC 8725's order: everything but
+    /// its binding and its revocation.
+    fn decode(&self, token: &str) -> Result<Decoded, VerifyError> {
         let cfg = &self.inner.config;
         let mut parts = token.split('.');
         let (Some(h), Some(_), Some(_), None) =
@@ -393,6 +468,20 @@ impl Verifier {
         if claims.aud.as_str() != Some(cfg.audience.as_str()) {
             return Err(VerifyError::WrongAudience);
         }
+        Ok(Decoded { kid, claims })
+    }
+
+    /// The checks a decoded token passes on each request: its binding to
+    /// the request, and that it is not revoked.
+    fn admit(
+        &self,
+        claims: &Claims,
+        token: &str,
+        peer_cert: Option<&[u8]>,
+        how: Presented<'_>,
+    ) -> Result<VerifiedToken, VerifyError> {
+        let cfg = &self.inner.config;
+        let claims = claims.clone();
         let (bound_to, dpop_key) = claims.cnf.map_or((None, None), |c| (c.x5t_s256, c.jkt));
         if let Some(want) = &bound_to {
             let cert = peer_cert.ok_or(VerifyError::CertificateRequired)?;

@@ -704,3 +704,36 @@ async fn trust_and_the_feed_identity_come_from_the_workload_api() {
         other => panic!("expected the JWKS to be unavailable, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_accepted_before_is_still_refused_once_it_expires() {
+    // The verifier keeps what it checked of a token for the next request;
+    // its time is checked again every time.
+    let broker = TestBroker::start().await;
+    let agent = broker.agent().await;
+    let mut c = config(&broker, &broker);
+    c.leeway = Duration::ZERO;
+    let v = Verifier::connect(c).await.unwrap();
+    assert!(v.wait_for_feed(Duration::from_secs(5)).await);
+    let (_, t) = token(&agent, &["read:files"], false).await;
+    let header = jsonwebtoken::decode_header(&t.token).unwrap();
+    let mut claims: Value = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(t.token.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    claims["exp"] = json!(now + 2);
+    let short = forge(&broker, header, &claims);
+    assert!(v.verify(&short, None).await.is_ok());
+    assert!(
+        v.verify(&short, None).await.is_ok(),
+        "again, from what was kept"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(v.verify(&short, None).await, Err(VerifyError::Expired));
+}
