@@ -351,6 +351,9 @@ pub async fn run(s: Settings<'_>) -> anyhow::Result<Value> {
             async move { client.issue_token(req).await.is_ok() }
         }
     };
+    // The decision alone at the same fixed rate: how much of what the
+    // gateway adds is the broker's answer.
+    let decision_fixed = fixed(s.rate, s.duration, decide.clone()).await;
     let (mut decisions, mut issued) = (Measured::empty(), Measured::empty());
     for _ in 0..ROUNDS {
         decisions.add(closed(s.concurrency, round, decide.clone()).await);
@@ -364,7 +367,11 @@ pub async fn run(s: Settings<'_>) -> anyhow::Result<Value> {
         .await;
     gateway.stop().await;
 
-    let failed = straight.failed + gated.failed + straight_fixed.failed + gated_fixed.failed;
+    let failed = straight.failed
+        + gated.failed
+        + straight_fixed.failed
+        + gated_fixed.failed
+        + decision_fixed.failed;
     let summary = |m: &Measured| {
         json!({
             "ok": m.ok, "failed": m.failed, "per_second": m.per_second(),
@@ -389,6 +396,7 @@ pub async fn run(s: Settings<'_>) -> anyhow::Result<Value> {
                 "p50": gated_fixed.ms(0.5) - straight_fixed.ms(0.5),
                 "p99": gated_fixed.ms(0.99) - straight_fixed.ms(0.99),
             },
+            "authorize_call_alone": summary(&decision_fixed),
         },
         "decisions": {
             "authorize_call": summary(&decisions),
@@ -438,6 +446,12 @@ pub fn print(doc: &Value) {
         "  added by the gateway: p50 {:.2} ms, p99 {:.2} ms",
         f(&r["added_ms"]["p50"]),
         f(&r["added_ms"]["p99"])
+    );
+    let alone = &r["authorize_call_alone"]["latency_ms"];
+    println!(
+        "  of which the decision (AuthorizeCall alone, same rate): p50 {:.2} ms, p99 {:.2} ms",
+        f(&alone["p50"]),
+        f(&alone["p99"])
     );
     let d = &doc["decisions"];
     println!(
