@@ -31,6 +31,10 @@ pub struct GatewayConfig {
     /// Most bytes of a request body.
     #[serde(default = "default_max_body")]
     pub max_body: usize,
+    /// A page where an operator decides an approval, `{id}` standing for
+    /// its id. With it, an MCP client that takes URL elicitations (MCP
+    /// 2025-11-25) is told to open it for a call waiting on an approval.
+    pub approval_url: Option<String>,
     /// The upstreams, each under its own path.
     #[serde(default, rename = "upstreams")]
     pub upstreams: Vec<UpstreamConfig>,
@@ -335,6 +339,13 @@ impl GatewayConfig {
         }
         if !self.broker.url.starts_with("https://") || !self.broker.issuer.starts_with("https://") {
             return bad("broker.url and broker.issuer are https URLs".into());
+        }
+        if let Some(u) = &self.approval_url
+            && (!(u.starts_with("https://") || u.starts_with("http://")) || !u.contains("{id}"))
+        {
+            return bad(format!(
+                "approval_url {u:?} is an http(s) URL with {{id}} where the approval's id goes"
+            ));
         }
         if self.max_body == 0 {
             return bad("max_body must be above zero".into());

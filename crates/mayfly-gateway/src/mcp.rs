@@ -38,7 +38,11 @@ pub enum Kind {
     },
     /// `initialize`: forwarded as is; the session its answer names is the
     /// token's task's.
-    Initialize,
+    Initialize {
+        /// Whether the client takes URL elicitations
+        /// (`capabilities.elicitation.url`).
+        url_elicitation: bool,
+    },
     /// Anything else (ping, notifications, the client's answers to the
     /// server's requests): forwarded as is.
     Other,
@@ -101,7 +105,14 @@ pub fn read(body: &[u8], upstream: &str, max_bytes: usize) -> Result<Message, Re
         Some(Value::String(m)) if m == "tools/list" => Kind::ListTools {
             id: request_id(map)?,
         },
-        Some(Value::String(m)) if m == "initialize" => Kind::Initialize,
+        Some(Value::String(m)) if m == "initialize" => Kind::Initialize {
+            url_elicitation: map
+                .get("params")
+                .and_then(|p| p.get("capabilities"))
+                .and_then(|c| c.get("elicitation"))
+                .and_then(|e| e.get("url"))
+                .is_some_and(Value::is_object),
+        },
         Some(Value::String(_)) => Kind::Other,
         Some(_) => return Err(invalid("method must be a string")),
     };

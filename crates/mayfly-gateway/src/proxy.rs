@@ -104,6 +104,8 @@ pub struct State {
     pub reporter: Reporter,
     /// MCP sessions and the tasks that opened them.
     pub sessions: Sessions,
+    /// The page where an approval is decided (`{id}` for its id).
+    pub approval_url: Option<String>,
 }
 
 /// A verified agent request.
@@ -341,7 +343,19 @@ async fn mcp_request(
             };
             let allowed = match decide(state, up, agent, call).await {
                 Ok(a) => a,
-                Err(r) => return Ok(boxed(r.rpc_response(&id))),
+                Err(mut r) => {
+                    // A client that takes URL elicitations is pointed at
+                    // the page where the approval is decided.
+                    if let (Some(url), Some(approval), Some(sid)) =
+                        (&state.approval_url, &r.approval_id, &session)
+                        && r.error == "approval_pending"
+                        && state.sessions.url_elicitation(&up.name, sid)
+                    {
+                        r.elicitation_url = Some(url.replace("{id}", approval));
+                        r.rpc_code = code::URL_ELICITATION_REQUIRED;
+                    }
+                    return Ok(boxed(r.rpc_response(&id)));
+                }
             };
             let target = up.url.clone();
             forward_decided(
@@ -360,14 +374,14 @@ async fn mcp_request(
             let resp = forward(up, &parts, Some(body), up.url.clone(), agent).await?;
             Ok(filter_list(state, up, agent, resp, &id).await)
         }
-        Kind::Initialize => {
+        Kind::Initialize { url_elicitation } => {
             let resp = forward(up, &parts, Some(body), up.url.clone(), agent).await?;
             if let Some(id) = resp
                 .headers()
                 .get(sessions::HEADER)
                 .and_then(|v| v.to_str().ok())
             {
-                state.sessions.bind(&up.name, id, task);
+                state.sessions.bind(&up.name, id, task, url_elicitation);
             }
             Ok(resp)
         }

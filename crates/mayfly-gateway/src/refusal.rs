@@ -9,8 +9,10 @@ use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 use serde_json::{Value, json};
 
-/// JSON-RPC 2.0 error codes (the spec's, then the gateway's own in the
-/// implementation-defined server range).
+/// JSON-RPC 2.0 error codes: the spec's, MCP's, then the gateway's own in
+/// the implementation-defined server range (-32000 to -32099), clear of
+/// MCP's (-32002 resource not found, -32042 URL elicitation required) and
+/// of the band the MCP SDKs keep for themselves (-32000 to -32019).
 pub mod code {
     /// Not JSON.
     pub const PARSE_ERROR: i64 = -32700;
@@ -19,11 +21,13 @@ pub mod code {
     /// Bad tool name or arguments.
     pub const INVALID_PARAMS: i64 = -32602;
     /// Policy, the task or the token refused the call.
-    pub const REFUSED: i64 = -32001;
+    pub const REFUSED: i64 = -32060;
     /// The call waits for an operator's approval.
-    pub const APPROVAL_PENDING: i64 = -32002;
+    pub const APPROVAL_PENDING: i64 = -32061;
     /// The broker or the upstream could not be reached.
-    pub const UNAVAILABLE: i64 = -32003;
+    pub const UNAVAILABLE: i64 = -32062;
+    /// MCP's URL elicitation required (2025-11-25): the approval's page.
+    pub const URL_ELICITATION_REQUIRED: i64 = -32042;
 }
 
 /// A refusal: what the client is told.
@@ -43,6 +47,9 @@ pub struct Refusal {
     pub policy_id: Option<String>,
     /// The approval to wait for, or that was refused.
     pub approval_id: Option<String>,
+    /// Where an operator decides that approval, for an MCP client that
+    /// takes URL elicitations.
+    pub elicitation_url: Option<String>,
 }
 
 impl Refusal {
@@ -55,6 +62,7 @@ impl Refusal {
             rpc_code,
             policy_id: None,
             approval_id: None,
+            elicitation_url: None,
         }
     }
 
@@ -86,6 +94,15 @@ impl Refusal {
         }
         if let Some(a) = &self.approval_id {
             data["approval_id"] = json!(a);
+        }
+        if let (Some(url), Some(id)) = (&self.elicitation_url, &self.approval_id) {
+            // MCP 2025-11-25 URLElicitationRequiredError.
+            data["elicitations"] = json!([{
+                "mode": "url",
+                "elicitationId": id,
+                "url": url,
+                "message": self.detail,
+            }]);
         }
         json!({ "code": self.rpc_code, "message": self.detail, "data": data })
     }

@@ -189,6 +189,7 @@ pub async fn start(config: GatewayConfig) -> Result<Running, StartError> {
         decider,
         reporter,
         sessions: Sessions::default(),
+        approval_url: config.approval_url.clone(),
     });
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(serve(listener, acceptor, state, stopped));

@@ -30,7 +30,16 @@ const IDLE: Duration = Duration::from_secs(24 * 3600);
 /// The sessions each upstream opened, and their tasks.
 #[derive(Debug, Default)]
 pub struct Sessions {
-    map: Mutex<HashMap<(String, String), (String, Instant)>>,
+    map: Mutex<HashMap<(String, String), Session>>,
+}
+
+/// One session.
+#[derive(Debug)]
+struct Session {
+    task: String,
+    used: Instant,
+    /// Its client takes URL elicitations.
+    url_elicitation: bool,
 }
 
 impl Sessions {
@@ -38,37 +47,49 @@ impl Sessions {
     pub fn check(&self, upstream: &str, session: &str, task: &str) -> Result<(), Refusal> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         match map.get_mut(&(upstream.to_owned(), session.to_owned())) {
-            Some((owner, _)) if owner != task => Err(Refusal::new(
+            Some(s) if s.task != task => Err(Refusal::new(
                 StatusCode::NOT_FOUND,
                 "session_not_found",
                 code::INVALID_REQUEST,
                 "no such session for this task: start a session with initialize",
             )),
-            Some((_, used)) => {
-                *used = Instant::now();
+            Some(s) => {
+                s.used = Instant::now();
                 Ok(())
             }
             None => Ok(()),
         }
     }
 
-    /// Remembers that `task` opened `session` at `upstream`.
-    pub fn bind(&self, upstream: &str, session: &str, task: &str) {
+    /// Whether the client of `session` takes URL elicitations.
+    pub fn url_elicitation(&self, upstream: &str, session: &str) -> bool {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&(upstream.to_owned(), session.to_owned()))
+            .is_some_and(|s| s.url_elicitation)
+    }
+
+    /// Remembers that `task` opened `session` at `upstream`, with a client
+    /// that takes URL elicitations or not.
+    pub fn bind(&self, upstream: &str, session: &str, task: &str, url_elicitation: bool) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= CAPACITY {
-            map.retain(|_, (_, used)| used.elapsed() < IDLE);
+            map.retain(|_, s| s.used.elapsed() < IDLE);
         }
         if map.len() >= CAPACITY
             && let Some(oldest) = map
                 .iter()
-                .min_by_key(|(_, (_, used))| *used)
+                .min_by_key(|(_, s)| s.used)
                 .map(|(k, _)| k.clone())
         {
             map.remove(&oldest);
         }
         map.insert(
             (upstream.to_owned(), session.to_owned()),
-            (task.to_owned(), Instant::now()),
+            Session {
+                task: task.to_owned(),
+                used: Instant::now(),
+                url_elicitation,
+            },
         );
     }
 
@@ -90,7 +111,9 @@ mod tests {
             s.check("billing", "s1", "task-a").is_ok(),
             "unknown: let through"
         );
-        s.bind("billing", "s1", "task-a");
+        s.bind("billing", "s1", "task-a", true);
+        assert!(s.url_elicitation("billing", "s1"));
+        assert!(!s.url_elicitation("billing", "s2"));
         assert!(s.check("billing", "s1", "task-a").is_ok());
         let other = s.check("billing", "s1", "task-b").unwrap_err();
         assert_eq!(other.status, StatusCode::NOT_FOUND);

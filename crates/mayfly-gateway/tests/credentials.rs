@@ -122,6 +122,7 @@ fn get(url: &str, token: &str) -> Request<Full<Bytes>> {
 /// upstream, and the broker set up for them.
 fn extra(token_url: &str, secret_file: &str) -> Extra {
     Extra {
+        top_toml: String::new(),
         gateway_toml: format!(
             r#"
 [[upstreams]]

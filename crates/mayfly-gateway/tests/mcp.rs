@@ -72,7 +72,7 @@ async fn calls_are_decided_on_their_arguments_and_lists_filtered() {
     assert_eq!(status, StatusCode::OK);
     let m = message(&body);
     assert_eq!(m["id"], 4);
-    assert_eq!(m["error"]["code"], -32001, "{m}");
+    assert_eq!(m["error"]["code"], -32060, "{m}");
     assert_eq!(m["error"]["data"]["mayfly_error"], "denied");
     let (_, _, body) = send(rpc(
         &url,
@@ -237,7 +237,7 @@ async fn past_the_wait_the_agent_is_told_the_approval_and_its_retry_uses_it() {
 
     let (_, _, body) = send(rpc(&url, t, &pay)).await;
     let m = message(&body);
-    assert_eq!(m["error"]["code"], -32002, "{m}");
+    assert_eq!(m["error"]["code"], -32061, "{m}");
     let id = m["error"]["data"]["approval_id"]
         .as_str()
         .unwrap()
@@ -298,4 +298,65 @@ async fn a_session_serves_only_the_task_that_opened_it() {
     let (status, _, body) = send(in_session(&mine.token)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(message(&body)["result"].is_object());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_takes_url_elicitations_is_pointed_at_the_approval() {
+    let bench = Bench::start_with(
+        "0s",
+        common::Extra {
+            top_toml: r#"approval_url = "https://console.example.com/approvals/{id}""#.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let url = bench.url();
+    let (_, token) = bench.task_token(TOOLS).await;
+    let t = token.token.as_str();
+    let pay = call(
+        1,
+        "pay_invoice",
+        json!({"invoice_id": "inv-9", "amount": 250}),
+    );
+    let init = |url_elicitation: bool| {
+        let capabilities = if url_elicitation {
+            json!({"elicitation": {"url": {}}})
+        } else {
+            json!({})
+        };
+        json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
+            "protocolVersion":"2025-11-25","capabilities":capabilities,
+            "clientInfo":{"name":"t","version":"1"}}})
+        .to_string()
+    };
+    for takes_urls in [true, false] {
+        let (_, headers, _) = send(rpc(&url, t, &init(takes_urls))).await;
+        let session = headers["mcp-session-id"].to_str().unwrap().to_owned();
+        let mut req = rpc(&url, t, &pay);
+        req.headers_mut()
+            .insert("mcp-session-id", session.parse().unwrap());
+        let (_, _, body) = send(req).await;
+        let e = &message(&body)["error"];
+        let approval = e["data"]["approval_id"].as_str().unwrap();
+        if takes_urls {
+            assert_eq!(e["code"], -32042, "{e}");
+            let elicitation = &e["data"]["elicitations"][0];
+            assert_eq!(elicitation["mode"], "url");
+            assert_eq!(elicitation["elicitationId"], approval);
+            assert_eq!(
+                elicitation["url"],
+                format!("https://console.example.com/approvals/{approval}")
+            );
+        } else {
+            assert_eq!(e["code"], -32061, "{e}");
+            assert!(e["data"].get("elicitations").is_none());
+        }
+    }
+    assert!(
+        bench
+            .mcp
+            .seen()
+            .iter()
+            .all(|s| !s.body.contains("tools/call"))
+    );
 }

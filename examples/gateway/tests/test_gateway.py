@@ -91,7 +91,7 @@ def test_calls_are_decided_filtered_approved_and_traced(stack: Stack) -> None:
     denied = asyncio.run(
         in_session(stack.billing, token, refusal(lambda s: s.call_tool("delete_records", {})))
     )
-    assert denied.code == -32001
+    assert denied.code == -32060
     assert denied.data["mayfly_error"] == "denied"
     assert denied.data["policy_id"] == "billing-no-deletes"
 

@@ -231,6 +231,8 @@ fn plain_answer(s: &Seen) -> Response<Full<Bytes>> {
 /// (`PLAIN` in it stands for the address of the bench's plain upstream),
 /// and a change to the broker's.
 pub struct Extra {
+    /// Top-level keys of the gateway's configuration.
+    pub top_toml: String,
     pub gateway_toml: String,
     pub broker: Box<dyn FnOnce(&mut mayfly_broker::config::Config) + Send>,
 }
@@ -238,6 +240,7 @@ pub struct Extra {
 impl Default for Extra {
     fn default() -> Self {
         Self {
+            top_toml: String::new(),
             gateway_toml: String::new(),
             broker: Box::new(|_| {}),
         }
@@ -295,6 +298,7 @@ impl Bench {
         let mut toml = format!(
             r#"
 approval_wait = "{approval_wait}"
+{top}
 
 [listen]
 addr = "127.0.0.1:0"
@@ -330,6 +334,7 @@ tool = "pay"
             issuer = broker.issuer(),
             mcp = mcp.addr,
             api = api.addr,
+            top = extra.top_toml,
         );
         toml.push_str(&extra.gateway_toml.replace("PLAIN", &plain.addr.to_string()));
         let path = dir.path().join("gateway.toml");
