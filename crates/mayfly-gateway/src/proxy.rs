@@ -428,7 +428,17 @@ async fn filter_list(
         .is_some_and(|t| t.starts_with("text/event-stream"));
     let (mut parts, body) = resp.into_parts();
     let refused = |r: Refusal| boxed(r.rpc_response(id));
-    let bytes = match collect_at_most(body, MAX_LIST).await {
+    // The whole answer, within the upstream's time: a stream left open
+    // after the list is not waited on for ever.
+    let collected = tokio::time::timeout(up.timeout, collect_at_most(body, MAX_LIST))
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "not complete within {}",
+                humantime::format_duration(up.timeout)
+            ))
+        });
+    let bytes = match collected {
         Ok(b) => b,
         Err(e) => {
             return refused(Refusal::new(

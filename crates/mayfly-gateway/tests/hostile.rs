@@ -374,3 +374,97 @@ async fn calls_end_with_the_task_and_while_the_broker_is_down() {
     }
     assert_eq!(bench.mcp.seen().len(), 1, "{}", bench.mcp.everything());
 }
+
+/// An MCP server that answers every request with an SSE stream it sends
+/// one event on and never ends.
+async fn endless_upstream() -> std::net::SocketAddr {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req| async {
+                    let (tx, rx) = tokio::sync::mpsc::channel::<
+                        Result<Frame<Bytes>, std::convert::Infallible>,
+                    >(1);
+                    let list =
+                        r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"read_invoice"}]}}"#;
+                    tx.send(Ok(Frame::data(Bytes::from(format!(
+                        "event: message\ndata: {list}\n\n"
+                    )))))
+                    .await
+                    .unwrap();
+                    // Kept open: the stream never ends.
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        drop(tx);
+                    });
+                    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+                    Ok::<_, std::convert::Infallible>(
+                        http::Response::builder()
+                            .header("content-type", "text/event-stream")
+                            .body(body)
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_list_that_never_ends_is_refused_in_time() {
+    let endless = endless_upstream().await;
+    let bench = Bench::start_with(
+        "0s",
+        common::Extra {
+            gateway_toml: format!(
+                r#"
+[[upstreams]]
+name = "endless"
+protocol = "mcp"
+path = "/endless/mcp"
+audience = "{TOOLS}"
+url = "http://{endless}/mcp"
+timeout = "1s"
+"#
+            ),
+            broker: Box::new(|c| {
+                let g = c.gateways.last_mut().unwrap();
+                g.upstreams.insert("endless".into(), TOOLS.into());
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (_, token) = bench.task_token(TOOLS).await;
+    let req = Request::post(format!("{}/endless/mcp", bench.url()))
+        .header("authorization", format!("Bearer {}", token.token))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(Full::new(Bytes::from_static(
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+        )))
+        .unwrap();
+    let (_, _, body) = tokio::time::timeout(Duration::from_secs(10), send(req))
+        .await
+        .expect("answered, not held open");
+    let e = &message(&body)["error"];
+    assert_eq!(e["data"]["mayfly_error"], "upstream_invalid", "{body}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("not complete within 1s"),
+        "{e}"
+    );
+}
