@@ -12,6 +12,7 @@ mod ca_rotation;
 mod certs;
 mod common;
 mod connections;
+mod databases;
 mod delegation;
 mod durability;
 mod federation;

@@ -82,6 +82,15 @@ pub enum Event {
     /// A request a token came with, as the service that validated it
     /// reported it.
     RequestServed,
+    /// A database login was made.
+    DatabaseLoginIssued,
+    /// A database login was refused.
+    DatabaseLoginDenied,
+    /// A database login was confirmed gone from its database, after its
+    /// lease ended (or, with reason `orphan`, found with no lease).
+    DatabaseLoginDropped,
+    /// Dropping a database login failed; it is retried.
+    DatabaseLoginDropFailed,
 }
 
 impl Event {
@@ -114,6 +123,10 @@ impl Event {
             Self::ToolCallDenied => "tool_call_denied",
             Self::ToolCallOutcome => "tool_call_outcome",
             Self::RequestServed => "request_served",
+            Self::DatabaseLoginIssued => "database_login_issued",
+            Self::DatabaseLoginDenied => "database_login_denied",
+            Self::DatabaseLoginDropped => "database_login_dropped",
+            Self::DatabaseLoginDropFailed => "database_login_drop_failed",
         }
     }
 }
@@ -172,6 +185,9 @@ pub struct AuditRecord {
     /// A certificate's serial (hex).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// A database login's user name (never its password).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<String>,
     /// The approval involved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval_id: Option<String>,
@@ -261,6 +277,7 @@ impl AuditRecord {
             scopes: Vec::new(),
             lease_id: None,
             serial: None,
+            login: None,
             approval_id: None,
             decision: None,
             policy: None,

@@ -173,6 +173,15 @@ pub enum BrokerError {
     /// The broker is not set up for this request.
     #[error("{0}")]
     Unsupported(String),
+    /// No `[[databases]]` entry has this name.
+    #[error("database {0:?} is not configured on this broker ([[databases]])")]
+    DatabaseNotFound(String),
+    /// The database could not be reached: nothing was issued.
+    #[error("nothing was issued: {0}")]
+    DatabaseUnavailable(String),
+    /// The database refused to make the login: nothing was issued.
+    #[error("nothing was issued: {0}")]
+    DatabaseRefused(String),
     /// No such approval visible to the caller.
     #[error("approval {0} not found")]
     ApprovalNotFound(ApprovalId),

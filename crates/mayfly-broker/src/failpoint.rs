@@ -12,7 +12,9 @@
 //!   store, nothing of them in a trail outside it yet;
 //! - `after_trail_append` / `after_task_trail_append`: the embedded
 //!   store's outbox records of such a batch are in the trail, still in the
-//!   outbox too.
+//!   outbox too;
+//! - `after_login_disabled`: a database login whose lease ended can no
+//!   longer log in, and is not yet dropped.
 
 /// Aborts the process here if `MAYFLY_FAILPOINT` names `point`.
 #[cfg(all(feature = "failpoints", debug_assertions))]

@@ -48,6 +48,7 @@ mod health;
 mod http;
 mod identity;
 pub mod issuer;
+mod logins;
 mod metrics;
 mod policy;
 mod ratelimit;

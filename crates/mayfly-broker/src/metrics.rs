@@ -103,6 +103,10 @@ pub struct Metrics {
     /// Unauthenticated connections evicted for a newcomer, by port and
     /// what they were doing.
     connections_evicted: Family<ConnReasonLabels, Counter>,
+    /// Database logins held and not yet confirmed dropped; set each pass.
+    pub logins_held: Gauge,
+    /// Attempts to drop a database login that failed (retried).
+    pub login_drop_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -183,8 +187,22 @@ impl Metrics {
             "Unauthenticated connections closed to make room for a newcomer, by port and what they were doing (idle, opening, in_flight)",
             connections_evicted.clone(),
         );
+        let logins_held = Gauge::default();
+        registry.register(
+            "database_logins_held",
+            "Database logins that may exist and are not yet confirmed dropped",
+            logins_held.clone(),
+        );
+        let login_drop_failures = Counter::default();
+        registry.register(
+            "database_login_drop_failures",
+            "Attempts to drop a database login that failed (each is retried with backoff)",
+            login_drop_failures.clone(),
+        );
         Self {
             registry,
+            logins_held,
+            login_drop_failures,
             decisions,
             leases_ended,
             rpc,

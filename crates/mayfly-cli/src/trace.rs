@@ -202,13 +202,17 @@ fn collect(records: &[AuditRecord], now: SystemTime) -> BTreeMap<String, TaskNod
                     node.delegated_by.clone_from(&r.caller);
                 }
             }
-            Event::TokenIssued | Event::CertificateIssued | Event::TokenExchanged => {
+            Event::TokenIssued
+            | Event::CertificateIssued
+            | Event::TokenExchanged
+            | Event::DatabaseLoginIssued => {
                 if let Some(lease) = &r.lease_id {
                     owner.insert(lease.clone(), task_id.clone());
                     node.credentials.push(Credential {
                         kind: match r.event {
                             Event::TokenIssued => "token",
                             Event::TokenExchanged => "exchanged token",
+                            Event::DatabaseLoginIssued => "database login",
                             _ => "certificate",
                         },
                         lease_id: lease.clone(),
@@ -233,7 +237,10 @@ fn collect(records: &[AuditRecord], now: SystemTime) -> BTreeMap<String, TaskNod
             | Event::ApprovalRequested
             | Event::ApprovalGranted
             | Event::ApprovalDenied
-            | Event::TaskContextChanged => node.notes.push(note(r)),
+            | Event::TaskContextChanged
+            | Event::DatabaseLoginDenied
+            | Event::DatabaseLoginDropped
+            | Event::DatabaseLoginDropFailed => node.notes.push(note(r)),
             Event::ToolCallAllowed | Event::ToolCallDenied => {
                 let credential = r
                     .lease_id

@@ -22,6 +22,9 @@ pub enum LeaseKind {
     Jwt,
     /// An X.509 certificate.
     X509,
+    /// A login in a database the broker manages (a PostgreSQL role, a
+    /// Redis ACL user).
+    DatabaseLogin,
 }
 
 impl LeaseKind {
@@ -31,6 +34,7 @@ impl LeaseKind {
             Self::Task => "task",
             Self::Jwt => "jwt",
             Self::X509 => "x509",
+            Self::DatabaseLogin => DATABASE_LOGIN,
         }
     }
 }
@@ -178,6 +182,13 @@ pub enum LeaseDetail {
         /// `None` for certificates recorded without one.
         issuing_ca: Option<String>,
     },
+    /// A login in a configured database (`[[databases]]`).
+    DatabaseLogin {
+        /// The database's name, which is its logins' audience.
+        database: Audience,
+        /// The login's user (role) name; its password is never kept.
+        user: String,
+    },
     /// A lease this build cannot read as any kind it knows.
     Unrecognised {
         /// The kind as stored.
@@ -192,6 +203,7 @@ impl LeaseDetail {
             Self::Task => Some(LeaseKind::Task),
             Self::Token { .. } | Self::ExchangedToken { .. } => Some(LeaseKind::Jwt),
             Self::Certificate { .. } => Some(LeaseKind::X509),
+            Self::DatabaseLogin { .. } => Some(LeaseKind::DatabaseLogin),
             Self::Unrecognised { .. } => None,
         }
     }
@@ -212,6 +224,9 @@ impl LeaseDetail {
 
 /// The stored kind name of an exchanged token's lease.
 pub const EXCHANGED_TOKEN: &str = "exchanged_jwt";
+
+/// The stored kind name of a database login's lease.
+pub const DATABASE_LOGIN: &str = "db_login";
 
 /// One lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -268,6 +283,8 @@ struct StoredLease {
     serial: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     issuing_ca: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    user: Option<String>,
     #[serde(default)]
     task_revision: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -300,6 +317,10 @@ impl From<StoredLease> for Lease {
                 serial,
                 issuing_ca: s.issuing_ca,
             },
+            (DATABASE_LOGIN, Some(database), None, Ok(Binding::Bearer), None) => match s.user {
+                Some(user) => LeaseDetail::DatabaseLogin { database, user },
+                None => LeaseDetail::Unrecognised { kind: s.kind },
+            },
             // A kind this build does not know, a token without its
             // audience or bound twice, or a certificate without its serial.
             _ => LeaseDetail::Unrecognised { kind: s.kind },
@@ -323,7 +344,7 @@ impl From<StoredLease> for Lease {
 impl From<Lease> for StoredLease {
     fn from(l: Lease) -> Self {
         let kind = l.detail.kind_name().to_owned();
-        let (mut actor, mut subject_audience, mut issuing_ca) = (None, None, None);
+        let (mut actor, mut subject_audience, mut issuing_ca, mut user) = (None, None, None, None);
         let (audience, binding, serial) = match l.detail {
             LeaseDetail::Token { audience, binding } => (Some(audience), binding, None),
             LeaseDetail::ExchangedToken {
@@ -341,6 +362,10 @@ impl From<Lease> for StoredLease {
             } => {
                 issuing_ca = ca;
                 (None, Binding::Bearer, Some(serial))
+            }
+            LeaseDetail::DatabaseLogin { database, user: u } => {
+                user = Some(u);
+                (Some(database), Binding::Bearer, None)
             }
             LeaseDetail::Task | LeaseDetail::Unrecognised { .. } => (None, Binding::Bearer, None),
         };
@@ -365,6 +390,7 @@ impl From<Lease> for StoredLease {
             subject_audience,
             serial,
             issuing_ca,
+            user,
             task_revision: l.task_revision,
             approval: l.approval,
             authenticated_by: l.authenticated_by,
@@ -410,6 +436,14 @@ impl Lease {
     /// The `x5t#S256` a token is bound to.
     pub fn cert_thumbprint(&self) -> Option<&str> {
         self.binding().and_then(Binding::x5t_s256)
+    }
+
+    /// A database login's database and user.
+    pub fn database_login(&self) -> Option<(&Audience, &str)> {
+        match &self.detail {
+            LeaseDetail::DatabaseLogin { database, user } => Some((database, user)),
+            _ => None,
+        }
     }
 
     /// A certificate's serial (upper-case hex).

@@ -36,8 +36,8 @@ pub use envelope::{
 };
 pub use id::{CallId, IdError, LeaseId, TaskId};
 pub use lease::{
-    EXCHANGED_TOKEN, Lease, LeaseDetail, LeaseKind, LeaseState, LeaseStatus, Revocation,
-    RevocationReason,
+    DATABASE_LOGIN, EXCHANGED_TOKEN, Lease, LeaseDetail, LeaseKind, LeaseState, LeaseStatus,
+    Revocation, RevocationReason,
 };
 pub use lock::{AgentLock, MAX_LOCK_REASON_BYTES};
 pub use policy::{

@@ -55,6 +55,13 @@ pub enum Action<'a> {
     },
     /// Receive a certificate for the task.
     SignCertificate,
+    /// Receive a login in a configured database (`[[databases]]`).
+    IssueDatabaseLogin {
+        /// The database's name, which is its logins' audience.
+        database: &'a Audience,
+        /// The scopes the login would be granted.
+        scopes: &'a Scopes,
+    },
     /// Hand part of the task to `delegate`.
     Delegate {
         /// The agent that would own the new task.
@@ -114,6 +121,7 @@ impl Action<'_> {
             Self::StartTask { .. } => "start_task",
             Self::IssueToken { .. } => "issue_token",
             Self::SignCertificate => "sign_certificate",
+            Self::IssueDatabaseLogin { .. } => "issue_database_login",
             Self::Delegate { .. } => "delegate",
             Self::ExchangeToken { .. } => "exchange_token",
             Self::CallTool { .. } | Self::MayCallTool { .. } => "call_tool",

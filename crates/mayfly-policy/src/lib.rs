@@ -77,10 +77,11 @@ impl std::fmt::Debug for CedarPolicy {
 }
 
 /// The actions of the schema.
-const ACTIONS: [&str; 5] = [
+const ACTIONS: [&str; 6] = [
     "start_task",
     "issue_token",
     "sign_certificate",
+    "issue_database_login",
     "delegate",
     "exchange_token",
 ];
@@ -551,6 +552,9 @@ impl Policy for CedarPolicy {
             }),
             Action::SignCertificate => {
                 self.ask(base(uid(Type::CertificateKind, "task"), Vec::new()))
+            }
+            Action::IssueDatabaseLogin { database, scopes } => {
+                self.ask(base(uid(Type::Audience, database.as_str()), names(scopes)))
             }
             Action::Delegate { delegate, envelope } => self.ask(Ask {
                 delegate: Some(delegate),

@@ -20,8 +20,8 @@ use mayfly_core::{
 use mayfly_broker::audit::{AuditError, AuditRecord, AuditSink, Event, verify};
 use mayfly_broker::recorder::Recorder;
 use mayfly_broker::store::{
-    ExpiredLease, LeaseFilter, LeaseStore, LeaseWrite, PageRequest, RecordBatch, RecordError,
-    RevokeRequest, StoreError, TaskFilter,
+    ExpiredLease, HeldLogin, LeaseFilter, LeaseStore, LeaseWrite, PageRequest, RecordBatch,
+    RecordError, RevokeRequest, StoreError, TaskFilter,
 };
 
 /// Generates one `#[tokio::test]` per contract check for a backend.
@@ -61,7 +61,8 @@ macro_rules! store_contract_tests {
             delegated_tasks_need_a_live_parent_of_the_delegator,
             ending_a_task_ends_its_whole_subtree,
             revoked_lease_never_becomes_active,
-            a_key_is_used_once_until_it_lapses
+            a_key_is_used_once_until_it_lapses,
+            held_logins_stay_until_released
         );
     };
     (@each $make:expr; $($name:ident),*) => {
@@ -2045,4 +2046,27 @@ pub async fn a_failed_trail_leaves_no_active_lease(backend: Backend) {
         }
     }
     assert!(store.get_lease(&foreign.id).await.unwrap().is_none());
+}
+
+/// A held database login is listed until it is released, once; holding
+/// it again replaces it; releasing one that is not held changes nothing.
+pub async fn held_logins_stay_until_released(store: Store) {
+    assert!(store.held_logins().await.unwrap().is_empty());
+    let hold = |user: &str| HeldLogin {
+        lease_id: LeaseId::generate(),
+        database: "postgres://orders".into(),
+        user: user.into(),
+        held_at: Timestamp::from_secs(1_000),
+    };
+    let (a, b) = (hold("mayfly_a"), hold("mayfly_b"));
+    store.hold_login(&a).await.unwrap();
+    store.hold_login(&b).await.unwrap();
+    store.hold_login(&a).await.unwrap();
+    let mut expected = vec![a.clone(), b.clone()];
+    expected.sort_by(|x, y| x.lease_id.as_str().cmp(y.lease_id.as_str()));
+    assert_eq!(store.held_logins().await.unwrap(), expected);
+    store.release_login(&a.lease_id).await.unwrap();
+    store.release_login(&a.lease_id).await.unwrap();
+    store.release_login(&LeaseId::generate()).await.unwrap();
+    assert_eq!(store.held_logins().await.unwrap(), vec![b]);
 }

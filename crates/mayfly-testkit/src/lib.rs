@@ -22,12 +22,14 @@ use tokio::task::JoinHandle;
 pub use dpop::DpopKey;
 pub use mayfly_broker::dev::Credential;
 pub use oidc::{JwksServer, TokenIssuer};
+pub use postgres::{PgServer, psql};
 pub use redis::RedisServer;
 pub use workload_api::WorkloadApi;
 
 pub mod contract;
 mod dpop;
 pub mod oidc;
+mod postgres;
 mod redis;
 mod workload_api;
 

@@ -117,6 +117,9 @@ pub struct Config {
     /// Gateways that may ask about tool calls, and what they front.
     #[serde(default)]
     pub gateways: Vec<GatewayConfig>,
+    /// Databases the broker makes logins in (`mayfly-secrets`).
+    #[serde(default)]
+    pub databases: Vec<mayfly_secrets::DatabaseConfig>,
     /// The audit trail.
     #[serde(default)]
     pub audit: Audit,
@@ -197,6 +200,9 @@ impl Config {
         }
         if let Some(ca) = config.ca.as_mut() {
             paths.extend([&mut ca.cert, &mut ca.key]);
+        }
+        for d in &mut config.databases {
+            paths.extend([&mut d.password_file, &mut d.ca_file].into_iter().flatten());
         }
         if let Some(r) = config.redis.as_mut() {
             paths.extend(

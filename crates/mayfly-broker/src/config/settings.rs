@@ -5,7 +5,8 @@
 //! with exactly one way to reach it), so assembly matches it exhaustively
 //! and checks nothing again.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mayfly_core::{Audience, Pattern, SpiffeId, SpiffeIdPattern, TrustDomain, check_upstream};
@@ -69,6 +70,8 @@ pub struct Settings {
     pub resource_servers: Vec<ResourceServer>,
     /// The gateways that may ask about tool calls.
     pub gateways: Vec<Gateway>,
+    /// The databases logins are made in, checked (not yet connected).
+    pub databases: Vec<Arc<dyn mayfly_secrets::Engine>>,
     /// How long and how many connections each port holds.
     pub connections: Connections,
 }
@@ -293,6 +296,7 @@ impl Config {
             introspection: self.introspection_grants()?,
             resource_servers: self.resource_servers()?,
             gateways: self.gateways()?,
+            databases: self.databases()?,
             connections: self.checked_connections()?,
         })
     }
@@ -598,6 +602,22 @@ impl Config {
 }
 
 impl Config {
+    /// `[[databases]]`: each named once, its templates and files checked.
+    fn databases(&self) -> Checked<Vec<Arc<dyn mayfly_secrets::Engine>>> {
+        let mut names = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for d in &self.databases {
+            if !names.insert(d.name.as_str()) {
+                return invalid(format!("[[databases]] {:?} is listed twice", d.name));
+            }
+            // Paths were made absolute when the file was read.
+            let engine = mayfly_secrets::load(d, Path::new("/"))
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            out.push(engine);
+        }
+        Ok(out)
+    }
+
     /// `[[gateways]]`: each listed once, fronting at least one upstream
     /// (a plain name, its audience a valid one); an upstream fronted by
     /// several gateways has one audience.

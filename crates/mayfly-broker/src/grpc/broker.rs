@@ -14,8 +14,8 @@ use crate::error::BrokerError;
 use crate::identity::Caller;
 use crate::issuer::parse_csr;
 use crate::service::{
-    CertificateRequest, Issued, NewDelegation, NewTask, Service, TokenRequest, bind_to_certificate,
-    requested_ttl,
+    CertificateRequest, DatabaseLoginRequest, Issued, NewDelegation, NewTask, Service,
+    TokenRequest, bind_to_certificate, requested_ttl,
 };
 
 /// An optional approval id field.
@@ -186,6 +186,48 @@ impl pb::broker_server::Broker for BrokerApi {
             None,
             Timestamp::now(),
         )))
+    }
+
+    async fn issue_database_credential(
+        &self,
+        request: Request<pb::IssueDatabaseCredentialRequest>,
+    ) -> Result<Response<pb::DatabaseCredential>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let req = DatabaseLoginRequest {
+            task_id: field("task_id", &r.task_id, TaskId::new)?,
+            database: field("database", &r.database, Audience::new)?,
+            scopes: parse_scopes(&r.scopes).map_err(BrokerError::invalid)?,
+            ttl: requested_ttl("ttl_seconds", r.ttl_seconds)?,
+        };
+        let issued = match self
+            .svc
+            .issuance()
+            .issue_database_login(&caller, req)
+            .await?
+        {
+            Issued::Credential(c) => c,
+            // Logins are never issued on an approval (yet): a permit that
+            // needs one is refused before this.
+            Issued::Pending(_) => {
+                return Err(BrokerError::Unsupported(
+                    "database logins cannot wait for an approval".into(),
+                )
+                .into());
+            }
+        };
+        let (login, lease) = (issued.credential, issued.lease);
+        Ok(Response::new(pb::DatabaseCredential {
+            lease_id: lease.id.to_string(),
+            user: login.user.clone(),
+            password: login.password.expose().to_owned(),
+            dsn: login.dsn.expose().to_owned(),
+            expires_at: Some(timestamp(lease.expires_at)),
+            database: lease
+                .database_login()
+                .map(|(d, _)| d.to_string())
+                .unwrap_or_default(),
+        }))
     }
 
     async fn delegate_task(

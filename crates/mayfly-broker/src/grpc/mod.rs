@@ -117,6 +117,7 @@ pub(crate) fn lease_kind_from_proto(v: i32) -> Result<Option<LeaseKind>, BrokerE
         Ok(pb::LeaseKind::Task) => Ok(Some(LeaseKind::Task)),
         Ok(pb::LeaseKind::Jwt) => Ok(Some(LeaseKind::Jwt)),
         Ok(pb::LeaseKind::X509) => Ok(Some(LeaseKind::X509)),
+        Ok(pb::LeaseKind::DatabaseLogin) => Ok(Some(LeaseKind::DatabaseLogin)),
         Err(_) => Err(BrokerError::Invalid(format!(
             "kind: unknown lease kind {v}"
         ))),
@@ -128,6 +129,7 @@ pub(crate) fn lease_kind_to_proto(k: LeaseKind) -> pb::LeaseKind {
         LeaseKind::Task => pb::LeaseKind::Task,
         LeaseKind::Jwt => pb::LeaseKind::Jwt,
         LeaseKind::X509 => pb::LeaseKind::X509,
+        LeaseKind::DatabaseLogin => pb::LeaseKind::DatabaseLogin,
     }
 }
 

@@ -73,6 +73,13 @@ impl From<BrokerError> for Status {
                 (Status::permission_denied(msg), "delegation_too_deep")
             }
             BrokerError::TaskNotFound(_) => (Status::not_found(msg), "task_not_found"),
+            BrokerError::DatabaseNotFound(_) => (Status::not_found(msg), "database_not_found"),
+            BrokerError::DatabaseUnavailable(_) => {
+                (Status::unavailable(msg), "database_unavailable")
+            }
+            BrokerError::DatabaseRefused(_) => {
+                (Status::failed_precondition(msg), "database_refused")
+            }
             BrokerError::LeaseNotFound(_) => (Status::not_found(msg), "lease_not_found"),
             BrokerError::ApprovalNotFound(_) => (Status::not_found(msg), "approval_not_found"),
             BrokerError::ApprovalMismatch(id) => (

@@ -168,7 +168,9 @@ impl From<BrokerError> for OAuthError {
             | BrokerError::DelegationTooDeep { .. }
             | BrokerError::Unsupported(_)
             | BrokerError::AgentNotFound(_)
-            | BrokerError::AgentNotLocked(_) => Code::InvalidRequest,
+            | BrokerError::AgentNotLocked(_)
+            | BrokerError::DatabaseNotFound(_)
+            | BrokerError::DatabaseRefused(_) => Code::InvalidRequest,
             BrokerError::Unauthenticated(_) => Code::InvalidClient,
             BrokerError::NotOperator(_)
             | BrokerError::OperatorWithoutCertificate(_)
@@ -213,6 +215,7 @@ impl From<BrokerError> for OAuthError {
             }
             BrokerError::TaskChanged(_)
             | BrokerError::Unavailable(_)
+            | BrokerError::DatabaseUnavailable(_)
             | BrokerError::AuditUnavailable(_)
             | BrokerError::AuditBroken(_)
             | BrokerError::FeedUnavailable(_) => {

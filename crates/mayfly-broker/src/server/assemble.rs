@@ -89,8 +89,10 @@ impl Broker {
             introspection: s.introspection,
             resource_servers: s.resource_servers,
             gateways: s.gateways,
+            databases: s.databases.clone(),
         }));
         Ok(Self {
+            databases: s.databases,
             service,
             tls,
             authenticator,

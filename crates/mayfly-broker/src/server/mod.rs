@@ -83,6 +83,9 @@ pub struct Broker {
     crl: Option<Arc<CrlPublisher>>,
     /// Follows the store's revocation log for watchers and the CRL.
     feed: Arc<FeedHub>,
+    /// The databases logins are made in: their dropper runs beside the
+    /// reaper.
+    databases: Vec<Arc<dyn mayfly_secrets::Engine>>,
     /// The Revocations service over the feed.
     revocations: RevocationsApi,
     /// The live policy set, reloaded by the watcher.

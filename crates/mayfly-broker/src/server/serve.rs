@@ -187,6 +187,16 @@ impl Broker {
             self.reaper.retention,
             stop_rx.clone(),
         ));
+        let logins_task = tokio::spawn(
+            crate::logins::Dropper::new(
+                self.service.store().clone(),
+                &self.databases,
+                self.service.recorder().clone(),
+                self.service.broker_id().clone(),
+                self.service.metrics().clone(),
+            )
+            .run(self.feed.clone(), stop_rx.clone()),
+        );
         tracing::info!(issuer = %self.issuer, kid = %self.signer.kid(), "broker serving");
 
         let early = tokio::select! {
@@ -199,6 +209,7 @@ impl Broker {
         }
         let _ = http_task.await;
         let _ = reaper_task.await;
+        let _ = logins_task.await;
         let _ = feed_task.await;
         let _ = policy_task.await;
         let _ = tls_task.await;

@@ -73,7 +73,7 @@ impl Kind for TokenRequest {
         record.credential(Some(self.audience.as_str()), &self.scopes)
     }
 
-    fn mint(
+    async fn mint(
         &self,
         tokens: &TokenSigner,
         task: &Task,
@@ -146,7 +146,7 @@ impl Kind for Certificate<'_> {
         record
     }
 
-    fn mint(
+    async fn mint(
         &self,
         _tokens: &TokenSigner,
         _task: &Task,

@@ -101,7 +101,7 @@ impl Kind for Exchange<'_> {
         record
     }
 
-    fn mint(
+    async fn mint(
         &self,
         tokens: &TokenSigner,
         _task: &Task,

@@ -22,6 +22,7 @@ mod approvals;
 mod calls;
 mod credentials;
 mod exchange;
+mod logins;
 mod pipeline;
 mod requests;
 mod shared;
@@ -29,8 +30,9 @@ mod task_cache;
 mod tasks;
 
 pub use requests::{
-    CertificateRequest, ExchangeRequest, Issued, IssuedCertificate, IssuedToken, Minted,
-    NewDelegation, NewTask, TaskCertificate, TokenRequest,
+    CertificateRequest, DatabaseLoginRequest, ExchangeRequest, Issued, IssuedCertificate,
+    IssuedDatabaseLogin, IssuedToken, Minted, NewDelegation, NewTask, TaskCertificate,
+    TokenRequest,
 };
 pub use task_cache::TaskCache;
 
@@ -129,6 +131,8 @@ pub struct Setup {
     pub resource_servers: Vec<ResourceServer>,
     /// The gateways that may ask about tool calls.
     pub gateways: Vec<Gateway>,
+    /// The databases logins are made in (`[[databases]]`).
+    pub databases: Vec<Arc<dyn mayfly_secrets::Engine>>,
 }
 
 /// The broker's request handling, in four parts that share the store,
@@ -171,6 +175,8 @@ pub struct Issuance {
     rate: RateLimiter,
     /// Who may introspect tokens.
     introspection: Vec<IntrospectionGrant>,
+    /// The databases logins are made in.
+    databases: Vec<Arc<dyn mayfly_secrets::Engine>>,
 }
 
 /// What tokens are signed and checked with: what a kind mints with, and
@@ -341,6 +347,7 @@ impl Service {
                 lifetimes: setup.lifetimes,
                 rate: setup.rate,
                 introspection: setup.introspection,
+                databases: setup.databases,
             },
             approvals: Approvals {
                 shared: shared.clone(),

@@ -90,7 +90,7 @@ pub(super) trait Kind {
         tokens: &TokenSigner,
         task: &Task,
         lease: &Lease,
-    ) -> Result<Self::Credential, BrokerError>;
+    ) -> impl std::future::Future<Output = Result<Self::Credential, BrokerError>> + Send;
     /// What was issued, in a few words for the log (never the credential).
     fn summary(&self, lease: &Lease) -> String;
 }
@@ -267,7 +267,7 @@ impl Issuance {
             approval: progress.approval.clone(),
             authenticated_by: caller.proof.clone(),
         };
-        let credential = kind.mint(&self.tokens, task, &lease)?;
+        let credential = kind.mint(&self.tokens, task, &lease).await?;
 
         // Record: the credential leaves only once its lease and its record
         // are durable, under a task still active and unchanged then.

@@ -56,6 +56,19 @@ pub struct TokenRequest {
     pub approval_id: Option<ApprovalId>,
 }
 
+/// A validated `IssueDatabaseCredential`.
+#[derive(Debug)]
+pub struct DatabaseLoginRequest {
+    /// Under which task.
+    pub task_id: TaskId,
+    /// Which database (`[[databases]]` name), the login's audience.
+    pub database: Audience,
+    /// What the login is granted: scopes the database defines.
+    pub scopes: Scopes,
+    /// Requested lifetime; `None` for the default.
+    pub ttl: Option<Duration>,
+}
+
 /// A validated token exchange (RFC 8693): a service that received
 /// `subject_token` asks for a token for `audience`.
 pub struct ExchangeRequest {
@@ -108,6 +121,9 @@ pub type IssuedToken = Minted<AccessToken>;
 
 /// A signed certificate and its lease (with the serial).
 pub type IssuedCertificate = Minted<TaskCertificate>;
+
+/// A database login and its lease.
+pub type IssuedDatabaseLogin = Minted<mayfly_secrets::Login>;
 
 /// A task certificate as handed out.
 #[derive(Debug)]

@@ -473,6 +473,13 @@ impl Tasks {
                 )
             }
             LeaseDetail::Certificate { .. } => (&lease.agent, Action::SignCertificate),
+            LeaseDetail::DatabaseLogin { database, .. } => (
+                &lease.agent,
+                Action::IssueDatabaseLogin {
+                    database,
+                    scopes: &lease.scopes,
+                },
+            ),
             LeaseDetail::Unrecognised { .. } => return false,
             // A task is decided again by `reevaluate` itself, not as one
             // of its own credentials.

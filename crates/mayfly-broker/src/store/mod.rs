@@ -690,6 +690,34 @@ pub trait Upkeep: Send + Sync + fmt::Debug {
     async fn check(&self) -> Result<(), StoreError>;
 }
 
+/// A database login the broker may have made and not yet confirmed gone:
+/// held before the login is created, released once it is dropped. What is
+/// held is the work revocation must finish, across crashes and replicas.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldLogin {
+    /// Its lease (which may not be recorded yet, or ever).
+    pub lease_id: LeaseId,
+    /// The database's name (`[[databases]]`).
+    pub database: String,
+    /// The login's user name.
+    pub user: String,
+    /// When it was held.
+    pub held_at: Timestamp,
+}
+
+/// The logins the broker must drop: [`HeldLogin`]s.
+#[async_trait]
+pub trait LoginQueue: Send + Sync + fmt::Debug {
+    /// Holds `login`, durably, before it is created.
+    async fn hold_login(&self, login: &HeldLogin) -> Result<(), StoreError>;
+
+    /// Every login held, in lease-id order.
+    async fn held_logins(&self) -> Result<Vec<HeldLogin>, StoreError>;
+
+    /// Releases a login confirmed gone.
+    async fn release_login(&self, lease_id: &LeaseId) -> Result<(), StoreError>;
+}
+
 /// The lease store: every role, as one backend implements them. Methods
 /// take `now` from the caller so that time is one consistent value per
 /// request, and so tests control it. A part of the broker that needs one
@@ -704,6 +732,7 @@ pub trait LeaseStore:
     + RevocationLog
     + RecordStore
     + ReplayGuard
+    + LoginQueue
     + Upkeep
     + 'static
 {
@@ -717,6 +746,7 @@ impl<S> LeaseStore for S where
         + RevocationLog
         + RecordStore
         + ReplayGuard
+        + LoginQueue
         + Upkeep
         + 'static
 {

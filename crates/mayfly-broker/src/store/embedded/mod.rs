@@ -65,17 +65,17 @@ use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableT
 use tokio::sync::oneshot;
 
 use super::{
-    AgentStore, ApprovalStore, CredentialStore, ExpiredLease, LeaseFilter, Page, PageRequest,
-    ReapOutcome, RecordBatch, RecordError, RecordStore, ReplayGuard, RevocationEvent,
-    RevocationLog, RevokeRequest, StoreError, TaskFilter, TaskStore, Upkeep, check_consumable,
-    check_decidable,
+    AgentStore, ApprovalStore, CredentialStore, ExpiredLease, HeldLogin, LeaseFilter, LoginQueue,
+    Page, PageRequest, ReapOutcome, RecordBatch, RecordError, RecordStore, ReplayGuard,
+    RevocationEvent, RevocationLog, RevokeRequest, StoreError, TaskFilter, TaskStore, Upkeep,
+    check_consumable, check_decidable,
 };
 use crate::audit::{AuditSink, NoTrail};
 use crate::cause::Cause;
 use scan::{MAX_SCAN, expiry_keys, multimap_ids, page_of, table_ids};
 use tables::{
-    ACTIVE_EXPIRY, AGENT_LEASES, AGENT_LOCKS, AGENT_TASKS, APPROVALS, LEASES, META, NEXT_CURSOR,
-    REVOCATIONS, TASK_CHILDREN, TASK_LEASES, TASKS, Tables, decode, encode,
+    ACTIVE_EXPIRY, AGENT_LEASES, AGENT_LOCKS, AGENT_TASKS, APPROVALS, LEASES, LOGINS, META,
+    NEXT_CURSOR, REVOCATIONS, TASK_CHILDREN, TASK_LEASES, TASKS, Tables, decode, encode,
 };
 use writer::{Typed, Writer, write_batches};
 
@@ -621,6 +621,40 @@ impl ReplayGuard for EmbeddedStore {
             t.seen_expiry
                 .insert((until.as_millis(), key.as_str()), ())?;
             Ok(true)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl LoginQueue for EmbeddedStore {
+    async fn hold_login(&self, login: &HeldLogin) -> Result<(), StoreError> {
+        let (id, bytes) = (login.lease_id.to_string(), encode(login)?);
+        self.write(move |t| {
+            t.logins.insert(id.as_str(), bytes.as_slice())?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn held_logins(&self) -> Result<Vec<HeldLogin>, StoreError> {
+        self.read(|txn| {
+            let table = txn.open_table(LOGINS)?;
+            let mut out = Vec::new();
+            for entry in table.iter()? {
+                let (_, v) = entry?;
+                out.push(decode(v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn release_login(&self, lease_id: &LeaseId) -> Result<(), StoreError> {
+        let id = lease_id.to_string();
+        self.write(move |t| {
+            t.logins.remove(id.as_str())?;
+            Ok(())
         })
         .await
     }

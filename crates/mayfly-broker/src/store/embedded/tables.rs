@@ -45,6 +45,8 @@ pub(super) const SEEN_EXPIRY: TableDefinition<(u64, &str), ()> =
 /// Audit records written with their leases and not yet known to be in the
 /// trail: outbox id → the record (JSON, before the trail chains it).
 pub(super) const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_outbox");
+/// Database logins to drop: lease id → the held login (JSON).
+pub(super) const LOGINS: TableDefinition<&str, &[u8]> = TableDefinition::new("database_logins");
 
 /// Key in `meta` of the next revocation cursor (never reused, even after
 /// trimming).
@@ -100,6 +102,7 @@ pub(super) struct Tables<'t> {
     pub seen: Table<'t, &'static str, u64>,
     pub seen_expiry: Table<'t, (u64, &'static str), ()>,
     pub outbox: Table<'t, u64, &'static [u8]>,
+    pub logins: Table<'t, &'static str, &'static [u8]>,
 }
 
 impl<'t> Tables<'t> {
@@ -121,6 +124,7 @@ impl<'t> Tables<'t> {
             seen: txn.open_table(SEEN)?,
             seen_expiry: txn.open_table(SEEN_EXPIRY)?,
             outbox: txn.open_table(OUTBOX)?,
+            logins: txn.open_table(LOGINS)?,
         })
     }
 

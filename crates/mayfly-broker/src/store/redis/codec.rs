@@ -137,6 +137,7 @@ pub(super) fn event_from(
         "task" => Some(LeaseKind::Task),
         "jwt" | mayfly_core::EXCHANGED_TOKEN => Some(LeaseKind::Jwt),
         "x509" => Some(LeaseKind::X509),
+        mayfly_core::DATABASE_LOGIN => Some(LeaseKind::DatabaseLogin),
         _ => None,
     };
     let corrupt_id = |e: mayfly_core::IdError| StoreError::Corrupt(Cause::of(e));

@@ -35,6 +35,10 @@ impl Keys {
     pub(super) fn legacy_leases(&self) -> String {
         format!("{}:leases", self.prefix)
     }
+    /// Database logins to drop: a hash, lease id → the held login (JSON).
+    pub(super) fn logins(&self) -> String {
+        format!("{}:logins", self.prefix)
+    }
     pub(super) fn tasks(&self) -> String {
         format!("{}:tasks", self.prefix)
     }

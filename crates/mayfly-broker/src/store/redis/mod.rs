@@ -48,12 +48,12 @@ pub use crate::redis_conn::RedisTarget;
 pub use trail::RedisSink;
 
 use super::{
-    AgentStore, ApprovalStore, CredentialStore, LeaseFilter, Page, PageRequest, ReapOutcome,
-    RecordBatch, RecordError, RecordStore, ReplayGuard, RevocationEvent, RevocationLog,
-    RevokeRequest, StoreError, TaskFilter, TaskStore, Upkeep,
+    AgentStore, ApprovalStore, CredentialStore, HeldLogin, LeaseFilter, LoginQueue, Page,
+    PageRequest, ReapOutcome, RecordBatch, RecordError, RecordStore, ReplayGuard, RevocationEvent,
+    RevocationLog, RevokeRequest, StoreError, TaskFilter, TaskStore, Upkeep,
 };
 use crate::audit::AuditSink;
-use codec::{encode, script_status};
+use codec::{decode, encode, script_status};
 use keys::{Keys, member};
 use scripts::{Repeat, Scripts};
 
@@ -540,6 +540,82 @@ impl ReplayGuard for RedisStore {
             ))));
         }
         Ok(set.is_some())
+    }
+}
+
+#[async_trait]
+impl LoginQueue for RedisStore {
+    async fn hold_login(&self, login: &HeldLogin) -> Result<(), StoreError> {
+        let (k, field, value) = (
+            self.keys.logins(),
+            login.lease_id.to_string(),
+            encode(login)?,
+        );
+        let replicas = self.replicas_to_ack;
+        let acked: u32 = self
+            .conn
+            .run(|mut c| {
+                let (k, field, value) = (k.clone(), field.clone(), value.clone());
+                async move {
+                    let () = redis::cmd("HSET")
+                        .arg(&k)
+                        .arg(&field)
+                        .arg(&value)
+                        .query_async(&mut c)
+                        .await
+                        .map(|_: u32| ())?;
+                    if replicas == 0 {
+                        return Ok(0);
+                    }
+                    redis::cmd("WAIT")
+                        .arg(replicas)
+                        .arg(REPLICA_WAIT.as_millis() as u64)
+                        .query_async(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        if acked < replicas {
+            return Err(StoreError::Unavailable(Cause::msg(format!(
+                "write reached {acked} of {replicas} required replicas"
+            ))));
+        }
+        Ok(())
+    }
+
+    async fn held_logins(&self) -> Result<Vec<HeldLogin>, StoreError> {
+        let k = self.keys.logins();
+        let all: Vec<(String, String)> = self
+            .conn
+            .run(|mut c| {
+                let k = k.clone();
+                async move { redis::cmd("HGETALL").arg(&k).query_async(&mut c).await }
+            })
+            .await?;
+        let mut out = all
+            .iter()
+            .map(|(_, v)| decode::<HeldLogin>(v))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort_by(|a, b| a.lease_id.as_str().cmp(b.lease_id.as_str()));
+        Ok(out)
+    }
+
+    async fn release_login(&self, lease_id: &LeaseId) -> Result<(), StoreError> {
+        let (k, field) = (self.keys.logins(), lease_id.to_string());
+        self.conn
+            .run(|mut c| {
+                let (k, field) = (k.clone(), field.clone());
+                async move {
+                    redis::cmd("HDEL")
+                        .arg(&k)
+                        .arg(&field)
+                        .query_async(&mut c)
+                        .await
+                        .map(|_: u32| ())
+                }
+            })
+            .await?;
+        Ok(())
     }
 }
 

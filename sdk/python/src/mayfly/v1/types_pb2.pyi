@@ -24,6 +24,7 @@ class LeaseKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LEASE_KIND_TASK: _ClassVar[LeaseKind]
     LEASE_KIND_JWT: _ClassVar[LeaseKind]
     LEASE_KIND_X509: _ClassVar[LeaseKind]
+    LEASE_KIND_DATABASE_LOGIN: _ClassVar[LeaseKind]
 
 class LeaseState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -60,6 +61,7 @@ LEASE_KIND_UNSPECIFIED: LeaseKind
 LEASE_KIND_TASK: LeaseKind
 LEASE_KIND_JWT: LeaseKind
 LEASE_KIND_X509: LeaseKind
+LEASE_KIND_DATABASE_LOGIN: LeaseKind
 LEASE_STATE_UNSPECIFIED: LeaseState
 LEASE_STATE_ACTIVE: LeaseState
 LEASE_STATE_REVOKED: LeaseState

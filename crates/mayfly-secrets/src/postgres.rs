@@ -1,0 +1,391 @@
+//! PostgreSQL logins: a role per lease.
+//!
+//! Created in one transaction, so a grant that fails leaves no role:
+//!
+//! ```sql
+//! CREATE ROLE "mayfly_…" LOGIN PASSWORD 'SCRAM-SHA-256$…' VALID UNTIL '…'
+//!   CONNECTION LIMIT n ROLE "<manager>";
+//! GRANT orders_reader TO "mayfly_…";          -- each scope's templates
+//! ```
+//!
+//! The password is sent as a SCRAM-SHA-256 verifier computed here, so the
+//! server, its statement log and its replicas never see it. `VALID UNTIL`
+//! is the lease's expiry: PostgreSQL refuses the login after it with every
+//! broker down. The manager is made a member of the role (`ROLE …`), which
+//! is what lets it end the role's sessions and drop what it owns on every
+//! version.
+//!
+//! Revoked step by step, each its own transaction: `ALTER ROLE … NOLOGIN`
+//! (no new session), `pg_terminate_backend` of its sessions,
+//! `REASSIGN OWNED` (if configured) and `DROP OWNED`, then `DROP ROLE`. A
+//! role already gone counts as done at every step.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use postgres_protocol::escape::{escape_identifier, escape_literal};
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::error::SqlState;
+
+use crate::config::{ConfigError, DatabaseConfig, Owned};
+use crate::template::Grant;
+use crate::{Engine, EngineError, Login, LoginRequest, Secret, TIMEOUT, random_password};
+
+/// One configured PostgreSQL database.
+pub struct Postgres {
+    name: String,
+    prefix: String,
+    grants: BTreeMap<String, Vec<Grant>>,
+    owned: Owned,
+    connection_limit: u32,
+    /// The manager's user: made a member of every role it creates.
+    manager: String,
+    /// Where agents connect: `scheme://host:port/db?params`, no user.
+    connect: ConnectTo,
+    pool: Pool,
+}
+
+impl std::fmt::Debug for Postgres {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Postgres")
+            .field("name", &self.name)
+            .field("prefix", &self.prefix)
+            .field("manager", &self.manager)
+            .field("scopes", &self.grants.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The parts of an agent's DSN besides its user and password.
+#[derive(Debug, Clone)]
+struct ConnectTo {
+    host: String,
+    port: u16,
+    dbname: String,
+    /// `sslmode=…` and any other query parameters, as given.
+    query: Option<String>,
+}
+
+impl ConnectTo {
+    fn dsn(&self, user: &str, password: &str) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        let mut dsn = format!(
+            "postgres://{user}:{password}@{host}:{}/{}",
+            self.port, self.dbname
+        );
+        if let Some(q) = &self.query {
+            dsn.push('?');
+            dsn.push_str(q);
+        }
+        dsn
+    }
+}
+
+impl Postgres {
+    /// Checks `config` and builds the engine (no connection yet).
+    pub fn new(config: &DatabaseConfig, base: &Path) -> Result<Self, ConfigError> {
+        let grants = config.grants()?;
+        let owned = config.owned()?;
+        let mut pg = tokio_postgres::Config::from_str(&config.url)
+            .map_err(|e| config.invalid(format!("url: {e}")))?;
+        if pg.get_password().is_some() {
+            return Err(config
+                .invalid("url holds a password: put it in a file and name it with password_file"));
+        }
+        let manager = pg
+            .get_user()
+            .ok_or_else(|| config.invalid("url names no user (the role manager)"))?
+            .to_owned();
+        if let Some(password) = config.password(base)? {
+            pg.password(password.expose());
+        }
+        pg.connect_timeout(TIMEOUT);
+        pg.application_name("mayfly");
+        let tls = match &config.ca_file {
+            Some(ca) => {
+                pg.ssl_mode(SslMode::Require);
+                tls_trusting(config, &config.read(base, ca)?)?
+            }
+            None => {
+                pg.ssl_mode(SslMode::Disable);
+                rustls_config(rustls::RootCertStore::empty())
+            }
+        };
+        let connect = match &config.connect {
+            Some(url) => connect_to(config, url)?,
+            None => {
+                let host = match pg.get_hosts().first() {
+                    Some(Host::Tcp(h)) => h.clone(),
+                    _ => return Err(config.invalid("url needs a TCP host")),
+                };
+                ConnectTo {
+                    host,
+                    port: pg.get_ports().first().copied().unwrap_or(5432),
+                    dbname: pg.get_dbname().unwrap_or(&manager).to_owned(),
+                    query: config
+                        .ca_file
+                        .as_ref()
+                        .map(|_| "sslmode=verify-full".to_owned()),
+                }
+            }
+        };
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let mgr = Manager::from_config(
+            pg,
+            tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+            manager_config,
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(config.pool)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(TIMEOUT))
+            .create_timeout(Some(TIMEOUT))
+            .recycle_timeout(Some(TIMEOUT))
+            .build()
+            .map_err(|e| config.invalid(format!("pool: {e}")))?;
+        Ok(Self {
+            name: config.name.clone(),
+            prefix: config.prefix.clone(),
+            grants,
+            owned,
+            connection_limit: config.connection_limit,
+            manager,
+            connect,
+            pool,
+        })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, EngineError> {
+        self.pool.get().await.map_err(|e| EngineError::Unavailable {
+            database: self.name.clone(),
+            detail: describe_pool(&e),
+        })
+    }
+
+    /// An error of `step` as the engine reports it: a connection that
+    /// broke is unavailable, anything the server answered is refused.
+    fn failed(&self, step: &'static str, e: &tokio_postgres::Error) -> EngineError {
+        match e.as_db_error() {
+            Some(db) => EngineError::Refused {
+                database: self.name.clone(),
+                step,
+                detail: db.message().to_owned(),
+            },
+            None => EngineError::Unavailable {
+                database: self.name.clone(),
+                detail: format!("{step}: {e}"),
+            },
+        }
+    }
+
+    /// Runs one revocation step; a role already gone is done.
+    async fn step(&self, step: &'static str, sql: &str, user: &str) -> Result<(), EngineError> {
+        let client = self.client().await?;
+        let run = async {
+            if sql.contains("$1") {
+                client.execute(sql, &[&user]).await.map(drop)
+            } else {
+                client.batch_execute(sql).await
+            }
+        };
+        match tokio::time::timeout(TIMEOUT, run).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => Ok(()),
+            Ok(Err(e)) => Err(self.failed(step, &e)),
+            Err(_) => Err(EngineError::Unavailable {
+                database: self.name.clone(),
+                detail: format!("{step} did not finish in {}s", TIMEOUT.as_secs()),
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl Engine for Postgres {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn scopes(&self) -> Vec<&str> {
+        self.grants.keys().map(String::as_str).collect()
+    }
+
+    fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    async fn create(&self, req: &LoginRequest) -> Result<Login, EngineError> {
+        let password = random_password();
+        let verifier = postgres_protocol::password::scram_sha_256(password.expose().as_bytes());
+        let until = valid_until(req.expires_at);
+        let role = escape_identifier(&req.user);
+        let mut statements = vec![format!(
+            "CREATE ROLE {role} LOGIN PASSWORD {} VALID UNTIL {} CONNECTION LIMIT {} ROLE {}",
+            escape_literal(&verifier),
+            escape_literal(&until),
+            self.connection_limit,
+            escape_identifier(&self.manager),
+        )];
+        for scope in &req.scopes {
+            for grant in self.grants.get(scope).into_iter().flatten() {
+                statements.push(grant.statement(&req.user));
+            }
+        }
+        let mut client = self.client().await?;
+        let run = async {
+            // One transaction: dropped without its commit, it rolls back.
+            let tx = client.transaction().await?;
+            for sql in &statements {
+                tx.batch_execute(sql).await?;
+            }
+            tx.commit().await
+        };
+        match tokio::time::timeout(TIMEOUT, run).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(self.failed("create", &e)),
+            Err(_) => {
+                // Timed out mid-transaction: drop the connection, so the
+                // server rolls it back, and report the database slow.
+                let _ = deadpool_postgres::Object::take(client);
+                return Err(EngineError::Unavailable {
+                    database: self.name.clone(),
+                    detail: format!("create did not finish in {}s", TIMEOUT.as_secs()),
+                });
+            }
+        }
+        let dsn = Secret::new(self.connect.dsn(&req.user, password.expose()));
+        Ok(Login {
+            user: req.user.clone(),
+            password,
+            dsn,
+        })
+    }
+
+    async fn disable(&self, user: &str) -> Result<(), EngineError> {
+        let role = escape_identifier(user);
+        self.step("nologin", &format!("ALTER ROLE {role} NOLOGIN"), user)
+            .await?;
+        self.step(
+            "terminate",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE usename = $1 AND pid <> pg_backend_pid()",
+            user,
+        )
+        .await
+    }
+
+    async fn remove(&self, user: &str) -> Result<(), EngineError> {
+        let role = escape_identifier(user);
+        if let Owned::Reassign(to) = &self.owned {
+            let sql = format!("REASSIGN OWNED BY {role} TO {}", escape_identifier(to));
+            self.step("reassign owned", &sql, user).await?;
+        }
+        self.step("drop owned", &format!("DROP OWNED BY {role}"), user)
+            .await?;
+        self.step("drop role", &format!("DROP ROLE {role}"), user)
+            .await
+    }
+
+    async fn exists(&self, user: &str) -> Result<bool, EngineError> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&user])
+            .await
+            .map_err(|e| self.failed("exists", &e))?;
+        Ok(!rows.is_empty())
+    }
+
+    async fn existing(&self) -> Result<Vec<String>, EngineError> {
+        let client = self.client().await?;
+        // `starts_with`, not LIKE: `_` in a prefix is a LIKE wildcard.
+        let rows = client
+            .query(
+                "SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1) ORDER BY 1",
+                &[&self.prefix],
+            )
+            .await
+            .map_err(|e| self.failed("list", &e))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+}
+
+/// A `VALID UNTIL` time: UTC, to the second.
+fn valid_until(at: SystemTime) -> String {
+    let secs = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let t = time::OffsetDateTime::from_unix_timestamp(i64::try_from(secs).unwrap_or(0))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let format =
+        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]+00");
+    t.format(&format).unwrap_or_default()
+}
+
+fn describe_pool(e: &deadpool_postgres::PoolError) -> String {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => e.to_string(),
+        deadpool_postgres::PoolError::Timeout(_) => {
+            format!("no connection within {}s", TIMEOUT.as_secs())
+        }
+        other => other.to_string(),
+    }
+}
+
+fn rustls_config(roots: rustls::RootCertStore) -> rustls::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    #[allow(clippy::expect_used)] // ring supports the default versions.
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports TLS 1.2 and 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+fn tls_trusting(config: &DatabaseConfig, pem: &[u8]) -> Result<rustls::ClientConfig, ConfigError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| config.invalid(format!("ca_file: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| config.invalid(format!("ca_file: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(config.invalid("ca_file holds no certificate"));
+    }
+    Ok(rustls_config(roots))
+}
+
+fn connect_to(config: &DatabaseConfig, url: &str) -> Result<ConnectTo, ConfigError> {
+    let parsed = tokio_postgres::Config::from_str(url)
+        .map_err(|e| config.invalid(format!("connect: {e}")))?;
+    if parsed.get_user().is_some() || parsed.get_password().is_some() {
+        return Err(config.invalid("connect names no user or password: each login brings its own"));
+    }
+    let host = match parsed.get_hosts() {
+        [Host::Tcp(h)] => h.clone(),
+        _ => return Err(config.invalid("connect needs one TCP host")),
+    };
+    let dbname = parsed
+        .get_dbname()
+        .ok_or_else(|| config.invalid("connect names no database"))?
+        .to_owned();
+    Ok(ConnectTo {
+        host,
+        port: parsed.get_ports().first().copied().unwrap_or(5432),
+        dbname,
+        query: url.split_once('?').map(|(_, q)| q.to_owned()),
+    })
+}

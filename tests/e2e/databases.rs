@@ -1,0 +1,253 @@
+//! Database logins through the broker, against a real PostgreSQL (`initdb`
+//! and `pg_ctl` on a free port), checked with psql: a login that can do
+//! what its scope grants, refused and its session ended once the task
+//! completes, and the refusals of what is not exactly allowed.
+
+use std::time::{Duration, Instant};
+
+use mayfly_client::pb;
+use mayfly_testkit::{PgServer, TestBroker, psql};
+use tonic::Code;
+
+use crate::common::{assert_status, audit_trail, start_request, task_leases};
+
+const ORDERS: &str = "postgres://orders";
+const MANAGER_PASSWORD: &str = "manager-secret-e2e";
+
+const POLICIES: &str = r#"
+@id("db-tasks")
+permit (principal in Mayfly::Path::"spiffe://example.org/agent",
+        action == Mayfly::Action::"start_task",
+        resource == Mayfly::Audience::"postgres://orders");
+
+@id("db-logins")
+@max_ttl("10m")
+permit (principal in Mayfly::Path::"spiffe://example.org/agent",
+        action == Mayfly::Action::"issue_database_login",
+        resource == Mayfly::Audience::"postgres://orders")
+when { ["db:read", "db:write"].containsAll(context.scopes) };
+"#;
+
+fn orders_db() -> PgServer {
+    let pg = PgServer::start();
+    pg.psql("postgres", "CREATE DATABASE orders").unwrap();
+    pg.psql(
+        "orders",
+        &format!(
+            "CREATE TABLE orders (id int, amount int);
+             INSERT INTO orders VALUES (1, 50);
+             CREATE ROLE orders_reader NOLOGIN;
+             GRANT SELECT ON orders TO orders_reader;
+             CREATE ROLE orders_writer NOLOGIN;
+             GRANT SELECT, INSERT ON orders TO orders_writer;
+             CREATE ROLE mayfly_manager LOGIN CREATEROLE PASSWORD '{MANAGER_PASSWORD}';"
+        ),
+    )
+    .unwrap();
+    pg
+}
+
+async fn broker(pg: &PgServer, dir: &std::path::Path) -> TestBroker {
+    let pw = dir.join("manager.pw");
+    std::fs::write(&pw, MANAGER_PASSWORD).unwrap();
+    let entry = format!(
+        r#"
+        name = "{ORDERS}"
+        url = "postgres://mayfly_manager@127.0.0.1:{}/orders"
+        password_file = "{}"
+        [scopes]
+        "db:read" = ["GRANT orders_reader TO {{role}}"]
+        "db:write" = ["GRANT orders_writer TO {{role}}"]
+        "db:admin" = ["GRANT orders_writer TO {{role}}"]
+        "#,
+        pg.port(),
+        pw.display()
+    );
+    TestBroker::start_with(|c| {
+        mayfly_testkit::use_policies(c, POLICIES);
+        c.databases.push(toml::from_str(&entry).unwrap());
+    })
+    .await
+}
+
+fn login_request(
+    task: &str,
+    database: &str,
+    scopes: &[&str],
+) -> pb::IssueDatabaseCredentialRequest {
+    pb::IssueDatabaseCredentialRequest {
+        task_id: task.into(),
+        database: database.into(),
+        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+        ttl_seconds: 0,
+    }
+}
+
+#[tokio::test]
+async fn a_database_login_lives_and_dies_with_its_task() {
+    let pg = orders_db();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = broker(&pg, dir.path()).await;
+    let agent = broker.agent().await;
+    let op = broker.operator().await;
+    let task = agent
+        .broker()
+        .start_task(start_request(
+            "reconcile orders",
+            &[ORDERS],
+            &["db:read", "db:write"],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let login = agent
+        .broker()
+        .issue_database_credential(login_request(&task.task_id, ORDERS, &["db:read"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(login.user.starts_with("mayfly_"), "{}", login.user);
+    assert_eq!(login.database, ORDERS);
+    assert_eq!(psql(&login.dsn, "SELECT amount FROM orders").unwrap(), "50");
+    let refused = psql(&login.dsn, "INSERT INTO orders VALUES (2, 1)").unwrap_err();
+    assert!(refused.contains("permission denied"), "{refused}");
+    let lease = task_leases(&op, &task.task_id)
+        .await
+        .into_iter()
+        .find(|l| l.lease_id == login.lease_id)
+        .unwrap();
+    assert_eq!(lease.kind, pb::LeaseKind::DatabaseLogin as i32);
+
+    // A session open when the task completes is ended; the login is
+    // refused from then on, and the role is gone.
+    let mut open = std::process::Command::new("psql")
+        .args(["-X", "-d", &login.dsn, "-c", "SELECT pg_sleep(60)"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let user = login.user.clone();
+    crate::common::eventually("the session opens", || {
+        let n = pg
+            .psql(
+                "orders",
+                &format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}'"),
+            )
+            .unwrap();
+        std::future::ready(n == "1")
+    })
+    .await;
+    agent.complete_task(&task.task_id).await.unwrap();
+    let completed = Instant::now();
+    loop {
+        if psql(&login.dsn, "SELECT 1").is_err() {
+            break;
+        }
+        assert!(
+            completed.elapsed() < Duration::from_secs(10),
+            "the login still worked 10 s after the task completed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!open.wait().unwrap().success(), "the open session survived");
+    crate::common::eventually("the role is dropped", || {
+        let gone = pg
+            .psql(
+                "orders",
+                &format!("SELECT count(*) FROM pg_roles WHERE rolname = '{user}'"),
+            )
+            .unwrap();
+        std::future::ready(gone == "0")
+    })
+    .await;
+
+    // The trail holds the issue and the drop with the login's name, and
+    // never its password.
+    let trail = audit_trail(&op).await;
+    let joined = trail.join("\n");
+    assert!(
+        !joined.contains(&login.password),
+        "a password reached the trail"
+    );
+    for event in ["database_login_issued", "database_login_dropped"] {
+        assert!(
+            trail
+                .iter()
+                .any(|r| r.contains(event) && r.contains(&login.user)),
+            "no {event} record for {}",
+            login.user
+        );
+    }
+    assert!(
+        trail
+            .iter()
+            .any(|r| r.contains("database_login_dropped") && r.contains("task_completed")),
+        "the drop does not say why"
+    );
+}
+
+#[tokio::test]
+async fn what_is_not_exactly_allowed_is_refused_and_a_database_down_issues_nothing() {
+    let mut pg = orders_db();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = broker(&pg, dir.path()).await;
+    let agent = broker.agent().await;
+    let op = broker.operator().await;
+    let task = agent
+        .broker()
+        .start_task(start_request("reconcile orders", &[ORDERS], &["db:read"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let issue = |req| {
+        let agent = agent.clone();
+        async move { agent.broker().issue_database_credential(req).await }
+    };
+
+    assert_status(
+        issue(login_request(
+            &task.task_id,
+            "postgres://payroll",
+            &["db:read"],
+        ))
+        .await,
+        Code::NotFound,
+        "not configured",
+    );
+    // Defined by the database, but outside the task's envelope.
+    assert_status(
+        issue(login_request(&task.task_id, ORDERS, &["db:write"])).await,
+        Code::PermissionDenied,
+        "db:write",
+    );
+    // Inside neither.
+    assert_status(
+        issue(login_request(&task.task_id, ORDERS, &["db:drop"])).await,
+        Code::InvalidArgument,
+        "db:drop",
+    );
+    // Another agent's task.
+    let other = broker.client_as("spiffe://example.org/agent/other").await;
+    assert_status(
+        other
+            .broker()
+            .issue_database_credential(login_request(&task.task_id, ORDERS, &["db:read"]))
+            .await,
+        Code::NotFound,
+        "task",
+    );
+
+    pg.stop();
+    assert_status(
+        issue(login_request(&task.task_id, ORDERS, &["db:read"])).await,
+        Code::Unavailable,
+        "orders",
+    );
+    let active = task_leases(&op, &task.task_id)
+        .await
+        .into_iter()
+        .filter(|l| l.kind == pb::LeaseKind::DatabaseLogin as i32)
+        .count();
+    assert_eq!(active, 0, "a lease was left for a login never made");
+}
