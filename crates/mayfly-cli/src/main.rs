@@ -41,6 +41,7 @@ mod cert;
 #[cfg(feature = "broker")]
 mod config_check;
 mod conn;
+mod db;
 #[cfg(feature = "broker")]
 mod dev;
 #[cfg(feature = "broker")]
@@ -97,6 +98,9 @@ enum Command {
     /// Task-bound X.509 certificates (agents).
     #[command(subcommand)]
     Cert(cert::CertCommand),
+    /// Logins in the databases the broker manages (agents).
+    #[command(subcommand)]
+    Db(db::DbCommand),
     /// Leases (operators).
     #[command(subcommand)]
     Lease(operator::LeaseCommand),
@@ -256,6 +260,7 @@ async fn main() -> ExitCode {
         Command::Task(cmd) => agent::task(cmd, &cli.conn, cli.json).await,
         Command::Token(cmd) => agent::token(cmd, &cli.conn, cli.json).await,
         Command::Cert(cmd) => cert::run(cmd, &cli.conn, cli.json).await,
+        Command::Db(cmd) => db::run(cmd, &cli.conn, cli.json).await,
         Command::Lease(cmd) => operator::lease(cmd, &cli.conn, cli.json).await,
         Command::Agent(cmd) => operator::agent(cmd, &cli.conn, cli.json).await,
         #[cfg(feature = "broker")]

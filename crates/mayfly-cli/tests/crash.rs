@@ -519,3 +519,173 @@ fn a_file_trail_with_the_redis_store_is_refused() {
         "{err}"
     );
 }
+
+/// A database login whose lease ended while the broker died between
+/// making it unusable (NOLOGIN, sessions ended) and dropping it: the
+/// login stays refused, and the restarted broker finishes the drop. The
+/// login is made with `mayfly db login --env`, as an agent would, and
+/// checked with psql.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_disabling_and_dropping_a_login_is_finished_after_restart() {
+    use mayfly_testkit::{PgServer, psql};
+    const ORDERS: &str = "postgres://orders";
+    let pg = PgServer::start();
+    pg.psql("postgres", "CREATE DATABASE orders").unwrap();
+    pg.psql(
+        "orders",
+        "CREATE TABLE orders (id int); INSERT INTO orders VALUES (7);
+         CREATE ROLE orders_reader NOLOGIN; GRANT SELECT ON orders TO orders_reader;
+         CREATE ROLE mayfly_manager LOGIN CREATEROLE PASSWORD 'crash-manager';
+         CREATE ROLE mayfly_0123456789abcdef01234567 LOGIN ROLE mayfly_manager;",
+    )
+    .unwrap();
+    // A login-shaped role no lease accounts for (its hold lost with a
+    // store): the sweep drops it.
+    let orphan = "mayfly_0123456789abcdef01234567";
+    let mut setup = Setup::new(None);
+    let pw = setup.layout.dir.join("orders-manager.password");
+    std::fs::write(&pw, "crash-manager\n").unwrap();
+    let mut text = std::fs::read_to_string(&setup.layout.config).unwrap();
+    text.push_str(&format!(
+        "\n[[databases]]\nname = \"{ORDERS}\"\n\
+         url = \"postgres://mayfly_manager@127.0.0.1:{}/orders\"\n\
+         password_file = \"{}\"\n\
+         [databases.scopes]\n\"db:read\" = [\"GRANT orders_reader TO {{role}}\"]\n",
+        pg.port(),
+        pw.display()
+    ));
+    std::fs::write(&setup.layout.config, text).unwrap();
+    std::fs::write(
+        setup.layout.dir.join("policies/orders.cedar"),
+        format!(
+            "@id(\"orders-tasks\")\n\
+             permit (principal, action == Mayfly::Action::\"start_task\", \
+             resource == Mayfly::Audience::\"{ORDERS}\");\n\n\
+             @id(\"orders-logins\")\n\
+             permit (principal, action == Mayfly::Action::\"issue_database_login\", \
+             resource == Mayfly::Audience::\"{ORDERS}\");\n"
+        ),
+    )
+    .unwrap();
+
+    let mut child = setup.serve(Some("after_login_disabled"));
+    let agent = setup.ready(&mut child).await;
+    let swept = |pg: &PgServer| {
+        pg.psql(
+            "orders",
+            &format!("SELECT count(*) FROM pg_roles WHERE rolname = '{orphan}'"),
+        )
+        .unwrap()
+            == "0"
+    };
+    for _ in 0..100 {
+        if swept(&pg) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(swept(&pg), "the orphan was not swept:\n{}", setup.log());
+    let task = agent
+        .start_task(NewTask::new("read orders", [ORDERS]).scope("db:read"))
+        .await
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .args([
+            "db",
+            "login",
+            "--env",
+            "--task",
+            task.id(),
+            "--database",
+            ORDERS,
+        ])
+        .args(["--scope", "db:read", "--identity", "agent-demo"])
+        .arg("--profile")
+        .arg(&setup.layout.dir)
+        .arg("--broker")
+        .arg(format!("https://localhost:{}", setup.grpc))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mayfly db login: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let env: BTreeMap<String, String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.trim_matches('\'').to_owned()))
+        .collect();
+    let dsn = format!(
+        "postgres://{}:{}@{}:{}/{}",
+        env["PGUSER"], env["PGPASSWORD"], env["PGHOST"], env["PGPORT"], env["PGDATABASE"]
+    );
+    assert_eq!(psql(&dsn, "SELECT id FROM orders").unwrap(), "7");
+    let user = env["PGUSER"].clone();
+    let roles = |pg: &PgServer| {
+        pg.psql(
+            "orders",
+            &format!("SELECT rolcanlogin FROM pg_roles WHERE rolname = '{user}'"),
+        )
+        .unwrap()
+    };
+
+    // Completing the task revokes the login; the dropper disables it and
+    // the broker dies before the drop.
+    let _ = task.complete().await;
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        !status.success(),
+        "the broker did not stop at the failpoint"
+    );
+    assert_eq!(
+        roles(&pg),
+        "f",
+        "the login was not disabled before the crash"
+    );
+    assert!(
+        psql(&dsn, "SELECT 1").is_err(),
+        "a disabled login logged in"
+    );
+
+    // Restarted without the failpoint, the broker finishes the drop.
+    let mut child = setup.serve(None);
+    let _agent = setup.ready(&mut child).await;
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while !roles(&pg).is_empty() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the drop was not finished after restart:\n{}",
+            setup.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop(&mut child);
+    let (_, lines) = setup.contents().await;
+    let dropped: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("database_login_dropped") && l.contains(&user))
+        .collect();
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+    assert!(dropped[0].contains("task_completed"), "{}", dropped[0]);
+    assert!(
+        lines.iter().any(|l| l.contains("database_login_dropped")
+            && l.contains(orphan)
+            && l.contains("\"orphan\"")),
+        "the orphan's drop was not recorded"
+    );
+    // The manager shares the prefix and is never swept.
+    assert_eq!(
+        pg.psql(
+            "orders",
+            "SELECT rolcanlogin FROM pg_roles WHERE rolname = 'mayfly_manager'"
+        )
+        .unwrap(),
+        "t"
+    );
+    assert!(!lines.iter().any(|l| l.contains(&env["PGPASSWORD"])));
+}

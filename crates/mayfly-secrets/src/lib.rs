@@ -146,7 +146,8 @@ pub trait Engine: Send + Sync + fmt::Debug {
     /// Whether the login `user` exists.
     async fn exists(&self, user: &str) -> Result<bool, EngineError>;
 
-    /// Every login of this engine's prefix that exists now.
+    /// Every login that exists now with a name this engine makes
+    /// ([`is_login_name`] of its prefix), never its own manager.
     async fn existing(&self) -> Result<Vec<String>, EngineError>;
 }
 
@@ -164,6 +165,16 @@ pub fn login_name(prefix: &str) -> String {
         name.push_str(&format!("{b:02x}"));
     }
     name
+}
+
+/// Whether `name` is one [`login_name`] could make with `prefix`: the
+/// prefix and exactly 24 lower-case hex digits. Only such names are ever
+/// listed as an engine's logins, so the sweep never touches a role that
+/// merely shares the prefix (the manager's own, a person's).
+pub fn is_login_name(prefix: &str, name: &str) -> bool {
+    name.strip_prefix(prefix).is_some_and(|rest| {
+        rest.len() == 24 && rest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
 }
 
 /// A fresh password: 32 random bytes, base64url (43 characters, safe in a
@@ -190,6 +201,15 @@ mod tests {
         let b = login_name("mayfly_");
         assert_ne!(a, b);
         assert_eq!(a.len(), "mayfly_".len() + 24);
+        assert!(is_login_name("mayfly_", &a));
+        for other in [
+            "mayfly_manager",
+            "mayfly_",
+            "other_0123456789abcdef01234567",
+            &format!("{a}0"),
+        ] {
+            assert!(!is_login_name("mayfly_", other), "{other}");
+        }
         assert!(
             a.bytes()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')

@@ -311,12 +311,17 @@ impl Engine for Postgres {
         // `starts_with`, not LIKE: `_` in a prefix is a LIKE wildcard.
         let rows = client
             .query(
-                "SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1) ORDER BY 1",
+                "SELECT rolname::text FROM pg_roles \
+                 WHERE starts_with(rolname, $1) AND rolname <> current_user ORDER BY 1",
                 &[&self.prefix],
             )
             .await
             .map_err(|e| self.failed("list", &e))?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .filter(|name| crate::is_login_name(&self.prefix, name) && name != &self.manager)
+            .collect())
     }
 }
 
@@ -334,7 +339,10 @@ fn valid_until(at: SystemTime) -> String {
 
 fn describe_pool(e: &deadpool_postgres::PoolError) -> String {
     match e {
-        deadpool_postgres::PoolError::Backend(e) => e.to_string(),
+        deadpool_postgres::PoolError::Backend(e) => match e.as_db_error() {
+            Some(db) => format!("{}: {}", db.severity(), db.message()),
+            None => e.to_string(),
+        },
         deadpool_postgres::PoolError::Timeout(_) => {
             format!("no connection within {}s", TIMEOUT.as_secs())
         }

@@ -252,7 +252,7 @@ impl Engine for RedisAcl {
             .await?;
         Ok(users
             .into_iter()
-            .filter(|u| u.starts_with(&self.prefix))
+            .filter(|u| crate::is_login_name(&self.prefix, u))
             .collect())
     }
 }
