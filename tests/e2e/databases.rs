@@ -238,16 +238,54 @@ async fn what_is_not_exactly_allowed_is_refused_and_a_database_down_issues_nothi
         "task",
     );
 
+    // A login made while the database is up, whose task ends while it is
+    // down: its drop waits for the database and finishes when it returns.
+    let login = issue(login_request(&task.task_id, ORDERS, &["db:read"]))
+        .await
+        .unwrap()
+        .into_inner();
     pg.stop();
     assert_status(
         issue(login_request(&task.task_id, ORDERS, &["db:read"])).await,
         Code::Unavailable,
         "orders",
     );
-    let active = task_leases(&op, &task.task_id)
+    let logins = task_leases(&op, &task.task_id)
         .await
         .into_iter()
         .filter(|l| l.kind == pb::LeaseKind::DatabaseLogin as i32)
-        .count();
-    assert_eq!(active, 0, "a lease was left for a login never made");
+        .collect::<Vec<_>>();
+    assert_eq!(logins.len(), 1, "a lease was left for a login never made");
+    assert_eq!(logins[0].lease_id, login.lease_id);
+
+    agent.complete_task(&task.task_id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let metrics = crate::common::scrape(&broker).await;
+    assert!(
+        crate::common::count(&metrics, "mayfly_database_login_drop_failures_total") >= 1.0,
+        "the failed drop is not counted:\n{metrics}"
+    );
+    pg.start_again();
+    let user = login.user.clone();
+    let until = Instant::now() + Duration::from_secs(45);
+    loop {
+        let left = pg
+            .psql(
+                "orders",
+                &format!("SELECT count(*) FROM pg_roles WHERE rolname = '{user}'"),
+            )
+            .unwrap();
+        if left == "0" {
+            break;
+        }
+        assert!(Instant::now() < until, "the pending drop never finished");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let trail = audit_trail(&op).await;
+    for event in ["database_login_drop_failed", "database_login_dropped"] {
+        assert!(
+            trail.iter().any(|r| r.contains(event) && r.contains(&user)),
+            "no {event} record"
+        );
+    }
 }
