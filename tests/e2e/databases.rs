@@ -162,8 +162,19 @@ async fn a_database_login_lives_and_dies_with_its_task() {
     })
     .await;
 
-    // The trail holds the issue and the drop with the login's name, and
-    // never its password.
+    // The trail holds the issue and the drop with the login's name (the
+    // drop is recorded once the role is confirmed gone), and never its
+    // password.
+    let dropped = |trail: &[String]| {
+        trail
+            .iter()
+            .any(|r| r.contains("database_login_dropped") && r.contains(&login.user))
+    };
+    let until = Instant::now() + Duration::from_secs(10);
+    while !dropped(&audit_trail(&op).await) {
+        assert!(Instant::now() < until, "the drop was never recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let trail = audit_trail(&op).await;
     let joined = trail.join("\n");
     assert!(
@@ -281,11 +292,100 @@ async fn what_is_not_exactly_allowed_is_refused_and_a_database_down_issues_nothi
         assert!(Instant::now() < until, "the pending drop never finished");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let trail = audit_trail(&op).await;
+    let until = Instant::now() + Duration::from_secs(10);
     for event in ["database_login_drop_failed", "database_login_dropped"] {
-        assert!(
-            trail.iter().any(|r| r.contains(event) && r.contains(&user)),
-            "no {event} record"
-        );
+        while !audit_trail(&op)
+            .await
+            .iter()
+            .any(|r| r.contains(event) && r.contains(&user))
+        {
+            assert!(Instant::now() < until, "no {event} record");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
+}
+
+/// The same seam with the Redis engine: an ACL user confined to its keys,
+/// disconnected and gone once the task completes.
+#[tokio::test]
+async fn a_redis_login_lives_and_dies_with_its_task() {
+    const CACHE: &str = "redis://cache";
+    let redis_server = mayfly_testkit::RedisServer::start();
+    let entry = format!(
+        r#"
+        name = "{CACHE}"
+        url = "redis://127.0.0.1:{}"
+        [scopes]
+        "cache:read" = ["%R~orders:*", "+@read", "+@connection"]
+        "#,
+        redis_server.port()
+    );
+    let broker = TestBroker::start_with(|c| {
+        mayfly_testkit::use_policies(
+            c,
+            &POLICIES
+                .replace(ORDERS, CACHE)
+                .replace("db:read\", \"db:write", "cache:read"),
+        );
+        c.databases.push(toml::from_str(&entry).unwrap());
+    })
+    .await;
+    let agent = broker.agent().await;
+    let op = broker.operator().await;
+    let admin = redis::Client::open(redis_server.url()).unwrap();
+    let mut admin = admin.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("SET")
+        .arg("orders:1")
+        .arg("50")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let task = agent
+        .broker()
+        .start_task(start_request("cache orders", &[CACHE], &["cache:read"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let login = agent
+        .broker()
+        .issue_database_credential(login_request(&task.task_id, CACHE, &["cache:read"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let client = redis::Client::open(login.dsn.as_str()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let got: String = redis::cmd("GET")
+        .arg("orders:1")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(got, "50");
+    let write = redis::cmd("SET")
+        .arg("orders:1")
+        .arg("0")
+        .query_async::<redis::Value>(&mut con)
+        .await;
+    assert!(write.is_err(), "a read login wrote");
+
+    agent.complete_task(&task.task_id).await.unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while client.get_multiplexed_async_connection().await.is_ok() {
+        assert!(
+            Instant::now() < until,
+            "the login still worked after the task completed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = redis::cmd("GET")
+        .arg("orders:1")
+        .query_async::<redis::Value>(&mut con)
+        .await;
+    assert!(after.is_err(), "the open connection survived");
+    let trail = audit_trail(&op).await;
+    assert!(
+        trail
+            .iter()
+            .any(|r| r.contains("database_login_dropped") && r.contains(&login.user))
+    );
+    assert!(!trail.join("\n").contains(&login.password));
 }

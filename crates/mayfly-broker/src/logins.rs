@@ -61,6 +61,10 @@ pub struct Dropper {
     /// Leases seen active, with their expiry: not looked at again before
     /// it unless the feed names them.
     active_until: HashMap<LeaseId, Timestamp>,
+    /// The held logins as of the last pass, so that a revocation the feed
+    /// names is dropped without reading every hold again (a mass
+    /// revocation stays linear).
+    held: HashMap<LeaseId, HeldLogin>,
 }
 
 /// Why a held login is dropped, for its record.
@@ -96,6 +100,7 @@ impl Dropper {
             metrics,
             backoff: HashMap::new(),
             active_until: HashMap::new(),
+            held: HashMap::new(),
         }
     }
 
@@ -125,7 +130,14 @@ impl Dropper {
                     event = events.recv() => match event {
                         Ok(e) if e.kind == Some(LeaseKind::DatabaseLogin) => {
                             self.active_until.remove(&e.lease_id);
-                            self.pass(Some(&e.lease_id)).await;
+                            match self.held.get(&e.lease_id).cloned() {
+                                Some(login) => {
+                                    let _ = self.consider(&login, Timestamp::now()).await;
+                                }
+                                // Held since the last pass (on another
+                                // replica, or just now): read them again.
+                                None => self.pass(Some(&e.lease_id)).await,
+                            }
                         }
                         Ok(_) => {}
                         Err(RecvError::Lagged(_)) => {
@@ -155,40 +167,53 @@ impl Dropper {
         let now = Timestamp::now();
         let held_ids: HashSet<&LeaseId> = held.iter().map(|h| &h.lease_id).collect();
         self.active_until.retain(|id, _| held_ids.contains(id));
+        self.held = held
+            .iter()
+            .map(|h| (h.lease_id.clone(), h.clone()))
+            .collect();
         for login in &held {
             if only.is_some_and(|id| id != &login.lease_id) {
                 continue;
             }
-            if self
-                .active_until
-                .get(&login.lease_id)
-                .is_some_and(|&until| until > now)
-            {
-                continue;
+            if !self.consider(login, now).await {
+                return;
             }
-            if !self.ready(&login.database) {
-                continue;
-            }
-            let lease = match self.store.get_lease(&login.lease_id).await {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(error = %e, "database logins: cannot read a lease");
-                    return;
-                }
-            };
-            let reason = match why(lease.as_ref(), now) {
-                Some("unrecorded") if login.held_at.plus(UNRECORDED_GRACE) > now => continue,
-                Some(reason) => reason,
-                None => {
-                    if let Some(l) = &lease {
-                        self.active_until
-                            .insert(login.lease_id.clone(), l.expires_at);
-                    }
-                    continue;
-                }
-            };
-            self.drop_login(login, lease.as_ref(), reason).await;
         }
+    }
+
+    /// Drops `login` if its lease ended; `false` if the store could not be
+    /// read (the pass stops there).
+    async fn consider(&mut self, login: &HeldLogin, now: Timestamp) -> bool {
+        if self
+            .active_until
+            .get(&login.lease_id)
+            .is_some_and(|&until| until > now)
+        {
+            return true;
+        }
+        if !self.ready(&login.database) {
+            return true;
+        }
+        let lease = match self.store.get_lease(&login.lease_id).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "database logins: cannot read a lease");
+                return false;
+            }
+        };
+        let reason = match why(lease.as_ref(), now) {
+            Some("unrecorded") if login.held_at.plus(UNRECORDED_GRACE) > now => return true,
+            Some(reason) => reason,
+            None => {
+                if let Some(l) = &lease {
+                    self.active_until
+                        .insert(login.lease_id.clone(), l.expires_at);
+                }
+                return true;
+            }
+        };
+        self.drop_login(login, lease.as_ref(), reason).await;
+        true
     }
 
     /// Whether `database` may be tried now.
@@ -240,6 +265,7 @@ impl Dropper {
                     return;
                 }
                 self.active_until.remove(&login.lease_id);
+                self.held.remove(&login.lease_id);
                 if let Err(e) = self.store.release_login(&login.lease_id).await {
                     tracing::warn!(error = %e, "database logins: release failed; retried");
                 }

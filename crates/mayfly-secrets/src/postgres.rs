@@ -4,18 +4,19 @@
 //!
 //! ```sql
 //! CREATE ROLE "mayfly_…" LOGIN PASSWORD 'SCRAM-SHA-256$…' VALID UNTIL '…'
-//!   CONNECTION LIMIT n ROLE "<manager>";
+//!   CONNECTION LIMIT n;
 //! GRANT orders_reader TO "mayfly_…";          -- each scope's templates
 //! ```
 //!
 //! The password is sent as a SCRAM-SHA-256 verifier computed here, so the
 //! server, its statement log and its replicas never see it. `VALID UNTIL`
 //! is the lease's expiry: PostgreSQL refuses the login after it with every
-//! broker down. The manager is made a member of the role (`ROLE …`), which
-//! is what lets it end the role's sessions and drop what it owns on every
-//! version.
+//! broker down.
 //!
-//! Revoked step by step, each its own transaction: `ALTER ROLE … NOLOGIN`
+//! Revoked step by step, each its own transaction: `GRANT <role> TO
+//! <manager>` (what lets it end the role's sessions and drop what it owns,
+//! on every version; taken only now, so the manager is a member of the
+//! logins being revoked, never of thousands), `ALTER ROLE … NOLOGIN`
 //! (no new session), `pg_terminate_backend` of its sessions,
 //! `REASSIGN OWNED` (if configured) and `DROP OWNED`, then `DROP ROLE`. A
 //! role already gone counts as done at every step.
@@ -231,11 +232,10 @@ impl Engine for Postgres {
         let until = valid_until(req.expires_at);
         let role = escape_identifier(&req.user);
         let mut statements = vec![format!(
-            "CREATE ROLE {role} LOGIN PASSWORD {} VALID UNTIL {} CONNECTION LIMIT {} ROLE {}",
+            "CREATE ROLE {role} LOGIN PASSWORD {} VALID UNTIL {} CONNECTION LIMIT {}",
             escape_literal(&verifier),
             escape_literal(&until),
             self.connection_limit,
-            escape_identifier(&self.manager),
         )];
         for scope in &req.scopes {
             for grant in self.grants.get(scope).into_iter().flatten() {
@@ -274,6 +274,12 @@ impl Engine for Postgres {
 
     async fn disable(&self, user: &str) -> Result<(), EngineError> {
         let role = escape_identifier(user);
+        // Membership for the steps that need the role's privileges (ending
+        // its sessions, dropping what it owns), taken only now: a manager
+        // that stayed a member of every login would make PostgreSQL walk
+        // thousands of memberships on each of those steps.
+        let grant = format!("GRANT {role} TO {}", escape_identifier(&self.manager));
+        self.step("take membership", &grant, user).await?;
         self.step("nologin", &format!("ALTER ROLE {role} NOLOGIN"), user)
             .await?;
         self.step(
