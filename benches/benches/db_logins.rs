@@ -95,6 +95,7 @@ fn login_request(task: &str) -> pb::IssueDatabaseCredentialRequest {
         database: ORDERS.to_owned(),
         scopes: vec!["db:read".to_owned()],
         ttl_seconds: 0,
+        approval_id: String::new(),
     }
 }
 

@@ -31,6 +31,13 @@ pub enum DbCommand {
         /// REDIS_URL for Redis.
         #[arg(long)]
         env: bool,
+        /// When policy requires approval, wait this long for an operator
+        /// (e.g. 10m); without it the command ends with exit code 3.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait: Option<Duration>,
+        /// Collect a request an operator approved (same arguments).
+        #[arg(long)]
+        approval: Option<String>,
     },
 }
 
@@ -41,18 +48,35 @@ pub async fn run(cmd: DbCommand, conn: &ConnArgs, json: bool) -> anyhow::Result<
         scopes,
         ttl,
         env,
+        wait,
+        approval,
     } = cmd;
     let client = conn.connect(Role::Agent).await?;
-    let login = client
-        .broker()
-        .issue_database_credential(pb::IssueDatabaseCredentialRequest {
-            task_id: task,
-            database,
-            scopes,
-            ttl_seconds: ttl.map_or(0, mayfly_client::ttl_seconds),
-        })
-        .await?
-        .into_inner();
+    if let (Some(id), Some(wait)) = (&approval, wait) {
+        crate::approval::await_existing(&client, id, wait).await?;
+    }
+    let mut req = pb::IssueDatabaseCredentialRequest {
+        task_id: task,
+        database,
+        scopes,
+        ttl_seconds: ttl.map_or(0, mayfly_client::ttl_seconds),
+        approval_id: approval.unwrap_or_default(),
+    };
+    let login = loop {
+        let login = client
+            .broker()
+            .issue_database_credential(req.clone())
+            .await?
+            .into_inner();
+        match &login.approval {
+            Some(pending) => {
+                req.approval_id =
+                    crate::approval::await_decision(&client, pending, wait.unwrap_or_default())
+                        .await?;
+            }
+            None => break login,
+        }
+    };
     if json {
         output::print_json(&json!({
             "lease_id": login.lease_id,

@@ -536,7 +536,7 @@ async fn a_crash_between_disabling_and_dropping_a_login_is_finished_after_restar
         "CREATE TABLE orders (id int); INSERT INTO orders VALUES (7);
          CREATE ROLE orders_reader NOLOGIN; GRANT SELECT ON orders TO orders_reader;
          CREATE ROLE mayfly_manager LOGIN CREATEROLE PASSWORD 'crash-manager';
-         CREATE ROLE mayfly_0123456789abcdef01234567 LOGIN;",
+         CREATE ROLE mayfly_0123456789abcdef01234567 LOGIN ROLE mayfly_manager;",
     )
     .unwrap();
     // A login-shaped role no lease accounts for (its hold lost with a

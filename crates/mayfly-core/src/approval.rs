@@ -50,6 +50,15 @@ pub enum ApprovalRequest {
         /// The TTL asked for, as sent (0 = default).
         ttl_seconds: u64,
     },
+    /// A login in a configured database.
+    DatabaseLogin {
+        /// The database's name.
+        database: Audience,
+        /// Its scopes.
+        scopes: Scopes,
+        /// The TTL asked for, as sent (0 = default).
+        ttl_seconds: u64,
+    },
     /// A tool call through a gateway: this tool, with exactly these
     /// arguments.
     ToolCall {

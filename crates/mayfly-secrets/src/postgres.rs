@@ -4,19 +4,20 @@
 //!
 //! ```sql
 //! CREATE ROLE "mayfly_…" LOGIN PASSWORD 'SCRAM-SHA-256$…' VALID UNTIL '…'
-//!   CONNECTION LIMIT n;
+//!   CONNECTION LIMIT n ROLE "<manager>";
 //! GRANT orders_reader TO "mayfly_…";          -- each scope's templates
 //! ```
 //!
 //! The password is sent as a SCRAM-SHA-256 verifier computed here, so the
 //! server, its statement log and its replicas never see it. `VALID UNTIL`
 //! is the lease's expiry: PostgreSQL refuses the login after it with every
-//! broker down.
+//! broker down. The manager is made a member of the role (`ROLE …`), which
+//! is what lets it end the role's sessions and drop what it owns on every
+//! version. (It also makes PostgreSQL walk every such membership when it
+//! checks the manager's privileges: with thousands of live logins each
+//! revocation step slows; see docs/performance.md.)
 //!
-//! Revoked step by step, each its own transaction: `GRANT <role> TO
-//! <manager>` (what lets it end the role's sessions and drop what it owns,
-//! on every version; taken only now, so the manager is a member of the
-//! logins being revoked, never of thousands), `ALTER ROLE … NOLOGIN`
+//! Revoked step by step, each its own transaction: `ALTER ROLE … NOLOGIN`
 //! (no new session), `pg_terminate_backend` of its sessions,
 //! `REASSIGN OWNED` (if configured) and `DROP OWNED`, then `DROP ROLE`. A
 //! role already gone counts as done at every step.
@@ -212,6 +213,32 @@ impl Postgres {
     }
 }
 
+impl Postgres {
+    /// Ends every session of `user` (but the caller's own).
+    async fn terminate(&self, user: &str) -> Result<(), EngineError> {
+        self.step(
+            "terminate",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE usename = $1 AND pid <> pg_backend_pid()",
+            user,
+        )
+        .await
+    }
+
+    /// How many sessions `user` has open.
+    async fn sessions(&self, user: &str) -> Result<i64, EngineError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+                &[&user],
+            )
+            .await
+            .map_err(|e| self.failed("sessions", &e))?;
+        Ok(row.get(0))
+    }
+}
+
 #[async_trait]
 impl Engine for Postgres {
     fn name(&self) -> &str {
@@ -232,10 +259,11 @@ impl Engine for Postgres {
         let until = valid_until(req.expires_at);
         let role = escape_identifier(&req.user);
         let mut statements = vec![format!(
-            "CREATE ROLE {role} LOGIN PASSWORD {} VALID UNTIL {} CONNECTION LIMIT {}",
+            "CREATE ROLE {role} LOGIN PASSWORD {} VALID UNTIL {} CONNECTION LIMIT {} ROLE {}",
             escape_literal(&verifier),
             escape_literal(&until),
             self.connection_limit,
+            escape_identifier(&self.manager),
         )];
         for scope in &req.scopes {
             for grant in self.grants.get(scope).into_iter().flatten() {
@@ -274,25 +302,37 @@ impl Engine for Postgres {
 
     async fn disable(&self, user: &str) -> Result<(), EngineError> {
         let role = escape_identifier(user);
-        // Membership for the steps that need the role's privileges (ending
-        // its sessions, dropping what it owns), taken only now: a manager
-        // that stayed a member of every login would make PostgreSQL walk
-        // thousands of memberships on each of those steps.
-        let grant = format!("GRANT {role} TO {}", escape_identifier(&self.manager));
-        self.step("take membership", &grant, user).await?;
         self.step("nologin", &format!("ALTER ROLE {role} NOLOGIN"), user)
             .await?;
-        self.step(
-            "terminate",
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE usename = $1 AND pid <> pg_backend_pid()",
-            user,
-        )
-        .await
+        // Its sessions ended, and confirmed ended: none listed on two looks
+        // a quarter second apart, terminating again while any is. A
+        // session that was authenticating when NOLOGIN committed may get in
+        // and show up only after the first look; `remove` ends any such one
+        // once more before the role is dropped.
+        let mut clear_looks = 0;
+        for _ in 0..50 {
+            self.terminate(user).await?;
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            if self.sessions(user).await? == 0 {
+                clear_looks += 1;
+                if clear_looks == 2 {
+                    return Ok(());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            } else {
+                clear_looks = 0;
+            }
+        }
+        Err(EngineError::Refused {
+            database: self.name.clone(),
+            step: "terminate",
+            detail: format!("sessions of {user} are still open after termination"),
+        })
     }
 
     async fn remove(&self, user: &str) -> Result<(), EngineError> {
         let role = escape_identifier(user);
+        self.terminate(user).await?;
         if let Owned::Reassign(to) = &self.owned {
             let sql = format!("REASSIGN OWNED BY {role} TO {}", escape_identifier(to));
             self.step("reassign owned", &sql, user).await?;

@@ -119,7 +119,10 @@ async fn a_postgres_login_can_do_what_its_scopes_grant_and_nothing_after_revocat
     wait_until(|| {
         pg.psql(
             "orders",
-            &format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}'"),
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE usename = '{user}' AND query LIKE 'SELECT pg_sleep%'"
+            ),
         )
         .unwrap()
             == "1"

@@ -199,6 +199,7 @@ impl pb::broker_server::Broker for BrokerApi {
             database: field("database", &r.database, Audience::new)?,
             scopes: parse_scopes(&r.scopes).map_err(BrokerError::invalid)?,
             ttl: requested_ttl("ttl_seconds", r.ttl_seconds)?,
+            approval_id: optional_approval(&r.approval_id)?,
         };
         let issued = match self
             .svc
@@ -207,13 +208,11 @@ impl pb::broker_server::Broker for BrokerApi {
             .await?
         {
             Issued::Credential(c) => c,
-            // Logins are never issued on an approval (yet): a permit that
-            // needs one is refused before this.
-            Issued::Pending(_) => {
-                return Err(BrokerError::Unsupported(
-                    "database logins cannot wait for an approval".into(),
-                )
-                .into());
+            Issued::Pending(a) => {
+                return Ok(Response::new(pb::DatabaseCredential {
+                    approval: Some(approval_to_proto(&a, None, Timestamp::now())),
+                    ..Default::default()
+                }));
             }
         };
         let (login, lease) = (issued.credential, issued.lease);
@@ -227,6 +226,7 @@ impl pb::broker_server::Broker for BrokerApi {
                 .database_login()
                 .map(|(d, _)| d.to_string())
                 .unwrap_or_default(),
+            approval: None,
         }))
     }
 

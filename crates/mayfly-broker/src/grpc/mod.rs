@@ -172,6 +172,18 @@ pub fn approval_to_proto(a: &Approval, task: Option<&Task>, now: Timestamp) -> p
             key_sha256.clone(),
             *ttl_seconds,
         ),
+        ApprovalRequest::DatabaseLogin {
+            database,
+            scopes,
+            ttl_seconds,
+        } => (
+            pb::LeaseKind::DatabaseLogin,
+            database.to_string(),
+            scopes.iter().map(|s| s.to_string()).collect(),
+            false,
+            String::new(),
+            *ttl_seconds,
+        ),
         ApprovalRequest::ToolCall { .. } => (
             pb::LeaseKind::Unspecified,
             String::new(),

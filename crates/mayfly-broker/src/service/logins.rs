@@ -33,10 +33,12 @@ impl Kind for DatabaseLogin<'_> {
     const ISSUED: Event = Event::DatabaseLoginIssued;
     const DENIED: Event = Event::DatabaseLoginDenied;
 
-    /// Not yet: a permit that asks for an approval is refused with a
-    /// clear message until logins can wait for one.
     fn approval_request(&self) -> Option<ApprovalRequest> {
-        None
+        Some(ApprovalRequest::DatabaseLogin {
+            database: self.req.database.clone(),
+            scopes: self.req.scopes.clone(),
+            ttl_seconds: self.req.ttl.map_or(0, |d| d.as_secs()),
+        })
     }
 
     fn lifetime(&self, lifetimes: &Lifetimes) -> Lifetime {
@@ -160,6 +162,7 @@ impl Issuance {
             engine,
             store: &self.shared.store,
         };
-        self.issue(caller, &kind, &req.task_id, None).await
+        self.issue(caller, &kind, &req.task_id, req.approval_id.as_ref())
+            .await
     }
 }

@@ -65,8 +65,11 @@ pub struct DatabaseLoginRequest {
     pub database: Audience,
     /// What the login is granted: scopes the database defines.
     pub scopes: Scopes,
-    /// Requested lifetime; `None` for the default.
+    /// Requested lifetime; `None` for the default. Approvals are bound to
+    /// it as asked.
     pub ttl: Option<Duration>,
+    /// Collects an approved request.
+    pub approval_id: Option<ApprovalId>,
 }
 
 /// A validated token exchange (RFC 8693): a service that received

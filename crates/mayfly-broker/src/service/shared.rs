@@ -310,6 +310,11 @@ impl Shared {
                 match &approval.request {
                     ApprovalRequest::Token {
                         audience, scopes, ..
+                    }
+                    | ApprovalRequest::DatabaseLogin {
+                        database: audience,
+                        scopes,
+                        ..
                     } => record = record.credential(Some(audience.as_str()), scopes),
                     ApprovalRequest::ToolCall {
                         tool,

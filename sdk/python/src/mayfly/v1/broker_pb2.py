@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from mayfly.v1 import types_pb2 as mayfly_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mayfly/v1/broker.proto\x12\tmayfly.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15mayfly/v1/types.proto\"h\n\x1eIssueDatabaseCredentialRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tabase\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x04\"\x95\x01\n\x12\x44\x61tabaseCredential\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12\x0b\n\x03\x64sn\x18\x04 \x01(\t\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x64\x61tabase\x18\x06 \x01(\t\"\x8a\x01\n\x13\x44\x65legateTaskRequest\x12\x16\n\x0eparent_task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65legate_id\x18\x02 \x01(\t\x12\x0e\n\x06intent\x18\x03 \x01(\t\x12\x11\n\taudiences\x18\x04 \x03(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\x04\"\xa2\x01\n\x18UpdateTaskContextRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x39\n\x03set\x18\x02 \x03(\x0b\x32,.mayfly.v1.UpdateTaskContextRequest.SetEntry\x12\x0e\n\x06remove\x18\x03 \x03(\t\x1a*\n\x08SetEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x19UpdateTaskContextResponse\x12\x1d\n\x04task\x18\x01 \x01(\x0b\x32\x0f.mayfly.v1.Task\x12\x16\n\x0erevoked_leases\x18\x02 \x03(\t\"@\n\x13WaitApprovalRequest\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\r\"\xc5\x01\n\x10StartTaskRequest\x12\x0e\n\x06intent\x18\x01 \x01(\t\x12\x39\n\x07\x63ontext\x18\x02 \x03(\x0b\x32(.mayfly.v1.StartTaskRequest.ContextEntry\x12\x11\n\taudiences\x18\x03 \x03(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\x04\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x9f\x01\n\x11IssueTokenRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x04\x12\x1b\n\x13\x62ind_to_client_cert\x18\x05 \x01(\x08\x12\x13\n\x0b\x61pproval_id\x18\x06 \x01(\t\x12\x10\n\x08\x64pop_jwk\x18\x07 \x01(\t\"\xbb\x01\n\x0bIssuedToken\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ntoken_type\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x10\n\x08\x61udience\x18\x06 \x01(\t\x12%\n\x08\x61pproval\x18\x07 \x01(\x0b\x32\x13.mayfly.v1.Approval\"&\n\x13\x43ompleteTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"M\n\x14\x43ompleteTaskResponse\x12\x16\n\x0erevoked_leases\x18\x01 \x03(\t\x12\x1d\n\x04task\x18\x02 \x01(\x0b\x32\x0f.mayfly.v1.Task\"`\n\x16SignCertificateRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x04\x12\x13\n\x0b\x61pproval_id\x18\x04 \x01(\t\"\xcb\x01\n\x11IssuedCertificate\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\x12\x11\n\tchain_pem\x18\x02 \x01(\t\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x0e\n\x06serial\x18\x04 \x01(\t\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tspiffe_id\x18\x06 \x01(\t\x12%\n\x08\x61pproval\x18\x07 \x01(\x0b\x32\x13.mayfly.v1.Approval2\xae\x05\n\x06\x42roker\x12\x39\n\tStartTask\x12\x1b.mayfly.v1.StartTaskRequest\x1a\x0f.mayfly.v1.Task\x12\x35\n\x07GetTask\x12\x19.mayfly.v1.GetTaskRequest\x1a\x0f.mayfly.v1.Task\x12\x42\n\nIssueToken\x12\x1c.mayfly.v1.IssueTokenRequest\x1a\x16.mayfly.v1.IssuedToken\x12O\n\x0c\x43ompleteTask\x12\x1e.mayfly.v1.CompleteTaskRequest\x1a\x1f.mayfly.v1.CompleteTaskResponse\x12R\n\x0fSignCertificate\x12!.mayfly.v1.SignCertificateRequest\x1a\x1c.mayfly.v1.IssuedCertificate\x12^\n\x11UpdateTaskContext\x12#.mayfly.v1.UpdateTaskContextRequest\x1a$.mayfly.v1.UpdateTaskContextResponse\x12\x43\n\x0cWaitApproval\x12\x1e.mayfly.v1.WaitApprovalRequest\x1a\x13.mayfly.v1.Approval\x12?\n\x0c\x44\x65legateTask\x12\x1e.mayfly.v1.DelegateTaskRequest\x1a\x0f.mayfly.v1.Task\x12\x63\n\x17IssueDatabaseCredential\x12).mayfly.v1.IssueDatabaseCredentialRequest\x1a\x1d.mayfly.v1.DatabaseCredentialb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mayfly/v1/broker.proto\x12\tmayfly.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15mayfly/v1/types.proto\"}\n\x1eIssueDatabaseCredentialRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tabase\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x04\x12\x13\n\x0b\x61pproval_id\x18\x05 \x01(\t\"\xbc\x01\n\x12\x44\x61tabaseCredential\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12\x0b\n\x03\x64sn\x18\x04 \x01(\t\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x64\x61tabase\x18\x06 \x01(\t\x12%\n\x08\x61pproval\x18\x07 \x01(\x0b\x32\x13.mayfly.v1.Approval\"\x8a\x01\n\x13\x44\x65legateTaskRequest\x12\x16\n\x0eparent_task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65legate_id\x18\x02 \x01(\t\x12\x0e\n\x06intent\x18\x03 \x01(\t\x12\x11\n\taudiences\x18\x04 \x03(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\x04\"\xa2\x01\n\x18UpdateTaskContextRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x39\n\x03set\x18\x02 \x03(\x0b\x32,.mayfly.v1.UpdateTaskContextRequest.SetEntry\x12\x0e\n\x06remove\x18\x03 \x03(\t\x1a*\n\x08SetEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x19UpdateTaskContextResponse\x12\x1d\n\x04task\x18\x01 \x01(\x0b\x32\x0f.mayfly.v1.Task\x12\x16\n\x0erevoked_leases\x18\x02 \x03(\t\"@\n\x13WaitApprovalRequest\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\r\"\xc5\x01\n\x10StartTaskRequest\x12\x0e\n\x06intent\x18\x01 \x01(\t\x12\x39\n\x07\x63ontext\x18\x02 \x03(\x0b\x32(.mayfly.v1.StartTaskRequest.ContextEntry\x12\x11\n\taudiences\x18\x03 \x03(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\x04\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x9f\x01\n\x11IssueTokenRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x04\x12\x1b\n\x13\x62ind_to_client_cert\x18\x05 \x01(\x08\x12\x13\n\x0b\x61pproval_id\x18\x06 \x01(\t\x12\x10\n\x08\x64pop_jwk\x18\x07 \x01(\t\"\xbb\x01\n\x0bIssuedToken\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ntoken_type\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x10\n\x08\x61udience\x18\x06 \x01(\t\x12%\n\x08\x61pproval\x18\x07 \x01(\x0b\x32\x13.mayfly.v1.Approval\"&\n\x13\x43ompleteTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"M\n\x14\x43ompleteTaskResponse\x12\x16\n\x0erevoked_leases\x18\x01 \x03(\t\x12\x1d\n\x04task\x18\x02 \x01(\x0b\x32\x0f.mayfly.v1.Task\"`\n\x16SignCertificateRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x04\x12\x13\n\x0b\x61pproval_id\x18\x04 \x01(\t\"\xcb\x01\n\x11IssuedCertificate\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\x12\x11\n\tchain_pem\x18\x02 \x01(\t\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x0e\n\x06serial\x18\x04 \x01(\t\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tspiffe_id\x18\x06 \x01(\t\x12%\n\x08\x61pproval\x18\x07 \x01(\x0b\x32\x13.mayfly.v1.Approval2\xae\x05\n\x06\x42roker\x12\x39\n\tStartTask\x12\x1b.mayfly.v1.StartTaskRequest\x1a\x0f.mayfly.v1.Task\x12\x35\n\x07GetTask\x12\x19.mayfly.v1.GetTaskRequest\x1a\x0f.mayfly.v1.Task\x12\x42\n\nIssueToken\x12\x1c.mayfly.v1.IssueTokenRequest\x1a\x16.mayfly.v1.IssuedToken\x12O\n\x0c\x43ompleteTask\x12\x1e.mayfly.v1.CompleteTaskRequest\x1a\x1f.mayfly.v1.CompleteTaskResponse\x12R\n\x0fSignCertificate\x12!.mayfly.v1.SignCertificateRequest\x1a\x1c.mayfly.v1.IssuedCertificate\x12^\n\x11UpdateTaskContext\x12#.mayfly.v1.UpdateTaskContextRequest\x1a$.mayfly.v1.UpdateTaskContextResponse\x12\x43\n\x0cWaitApproval\x12\x1e.mayfly.v1.WaitApprovalRequest\x1a\x13.mayfly.v1.Approval\x12?\n\x0c\x44\x65legateTask\x12\x1e.mayfly.v1.DelegateTaskRequest\x1a\x0f.mayfly.v1.Task\x12\x63\n\x17IssueDatabaseCredential\x12).mayfly.v1.IssueDatabaseCredentialRequest\x1a\x1d.mayfly.v1.DatabaseCredentialb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,37 +38,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STARTTASKREQUEST_CONTEXTENTRY']._loaded_options = None
   _globals['_STARTTASKREQUEST_CONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_ISSUEDATABASECREDENTIALREQUEST']._serialized_start=93
-  _globals['_ISSUEDATABASECREDENTIALREQUEST']._serialized_end=197
-  _globals['_DATABASECREDENTIAL']._serialized_start=200
-  _globals['_DATABASECREDENTIAL']._serialized_end=349
-  _globals['_DELEGATETASKREQUEST']._serialized_start=352
-  _globals['_DELEGATETASKREQUEST']._serialized_end=490
-  _globals['_UPDATETASKCONTEXTREQUEST']._serialized_start=493
-  _globals['_UPDATETASKCONTEXTREQUEST']._serialized_end=655
-  _globals['_UPDATETASKCONTEXTREQUEST_SETENTRY']._serialized_start=613
-  _globals['_UPDATETASKCONTEXTREQUEST_SETENTRY']._serialized_end=655
-  _globals['_UPDATETASKCONTEXTRESPONSE']._serialized_start=657
-  _globals['_UPDATETASKCONTEXTRESPONSE']._serialized_end=739
-  _globals['_WAITAPPROVALREQUEST']._serialized_start=741
-  _globals['_WAITAPPROVALREQUEST']._serialized_end=805
-  _globals['_STARTTASKREQUEST']._serialized_start=808
-  _globals['_STARTTASKREQUEST']._serialized_end=1005
-  _globals['_STARTTASKREQUEST_CONTEXTENTRY']._serialized_start=959
-  _globals['_STARTTASKREQUEST_CONTEXTENTRY']._serialized_end=1005
-  _globals['_GETTASKREQUEST']._serialized_start=1007
-  _globals['_GETTASKREQUEST']._serialized_end=1040
-  _globals['_ISSUETOKENREQUEST']._serialized_start=1043
-  _globals['_ISSUETOKENREQUEST']._serialized_end=1202
-  _globals['_ISSUEDTOKEN']._serialized_start=1205
-  _globals['_ISSUEDTOKEN']._serialized_end=1392
-  _globals['_COMPLETETASKREQUEST']._serialized_start=1394
-  _globals['_COMPLETETASKREQUEST']._serialized_end=1432
-  _globals['_COMPLETETASKRESPONSE']._serialized_start=1434
-  _globals['_COMPLETETASKRESPONSE']._serialized_end=1511
-  _globals['_SIGNCERTIFICATEREQUEST']._serialized_start=1513
-  _globals['_SIGNCERTIFICATEREQUEST']._serialized_end=1609
-  _globals['_ISSUEDCERTIFICATE']._serialized_start=1612
-  _globals['_ISSUEDCERTIFICATE']._serialized_end=1815
-  _globals['_BROKER']._serialized_start=1818
-  _globals['_BROKER']._serialized_end=2504
+  _globals['_ISSUEDATABASECREDENTIALREQUEST']._serialized_end=218
+  _globals['_DATABASECREDENTIAL']._serialized_start=221
+  _globals['_DATABASECREDENTIAL']._serialized_end=409
+  _globals['_DELEGATETASKREQUEST']._serialized_start=412
+  _globals['_DELEGATETASKREQUEST']._serialized_end=550
+  _globals['_UPDATETASKCONTEXTREQUEST']._serialized_start=553
+  _globals['_UPDATETASKCONTEXTREQUEST']._serialized_end=715
+  _globals['_UPDATETASKCONTEXTREQUEST_SETENTRY']._serialized_start=673
+  _globals['_UPDATETASKCONTEXTREQUEST_SETENTRY']._serialized_end=715
+  _globals['_UPDATETASKCONTEXTRESPONSE']._serialized_start=717
+  _globals['_UPDATETASKCONTEXTRESPONSE']._serialized_end=799
+  _globals['_WAITAPPROVALREQUEST']._serialized_start=801
+  _globals['_WAITAPPROVALREQUEST']._serialized_end=865
+  _globals['_STARTTASKREQUEST']._serialized_start=868
+  _globals['_STARTTASKREQUEST']._serialized_end=1065
+  _globals['_STARTTASKREQUEST_CONTEXTENTRY']._serialized_start=1019
+  _globals['_STARTTASKREQUEST_CONTEXTENTRY']._serialized_end=1065
+  _globals['_GETTASKREQUEST']._serialized_start=1067
+  _globals['_GETTASKREQUEST']._serialized_end=1100
+  _globals['_ISSUETOKENREQUEST']._serialized_start=1103
+  _globals['_ISSUETOKENREQUEST']._serialized_end=1262
+  _globals['_ISSUEDTOKEN']._serialized_start=1265
+  _globals['_ISSUEDTOKEN']._serialized_end=1452
+  _globals['_COMPLETETASKREQUEST']._serialized_start=1454
+  _globals['_COMPLETETASKREQUEST']._serialized_end=1492
+  _globals['_COMPLETETASKRESPONSE']._serialized_start=1494
+  _globals['_COMPLETETASKRESPONSE']._serialized_end=1571
+  _globals['_SIGNCERTIFICATEREQUEST']._serialized_start=1573
+  _globals['_SIGNCERTIFICATEREQUEST']._serialized_end=1669
+  _globals['_ISSUEDCERTIFICATE']._serialized_start=1672
+  _globals['_ISSUEDCERTIFICATE']._serialized_end=1875
+  _globals['_BROKER']._serialized_start=1878
+  _globals['_BROKER']._serialized_end=2564
 # @@protoc_insertion_point(module_scope)

@@ -11,32 +11,36 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class IssueDatabaseCredentialRequest(_message.Message):
-    __slots__ = ("task_id", "database", "scopes", "ttl_seconds")
+    __slots__ = ("task_id", "database", "scopes", "ttl_seconds", "approval_id")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     DATABASE_FIELD_NUMBER: _ClassVar[int]
     SCOPES_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_ID_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     database: str
     scopes: _containers.RepeatedScalarFieldContainer[str]
     ttl_seconds: int
-    def __init__(self, task_id: _Optional[str] = ..., database: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+    approval_id: str
+    def __init__(self, task_id: _Optional[str] = ..., database: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[int] = ..., approval_id: _Optional[str] = ...) -> None: ...
 
 class DatabaseCredential(_message.Message):
-    __slots__ = ("lease_id", "user", "password", "dsn", "expires_at", "database")
+    __slots__ = ("lease_id", "user", "password", "dsn", "expires_at", "database", "approval")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     PASSWORD_FIELD_NUMBER: _ClassVar[int]
     DSN_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     DATABASE_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     user: str
     password: str
     dsn: str
     expires_at: _timestamp_pb2.Timestamp
     database: str
-    def __init__(self, lease_id: _Optional[str] = ..., user: _Optional[str] = ..., password: _Optional[str] = ..., dsn: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., database: _Optional[str] = ...) -> None: ...
+    approval: _types_pb2.Approval
+    def __init__(self, lease_id: _Optional[str] = ..., user: _Optional[str] = ..., password: _Optional[str] = ..., dsn: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., database: _Optional[str] = ..., approval: _Optional[_Union[_types_pb2.Approval, _Mapping]] = ...) -> None: ...
 
 class DelegateTaskRequest(_message.Message):
     __slots__ = ("parent_task_id", "delegate_id", "intent", "audiences", "scopes", "ttl_seconds")
