@@ -70,6 +70,20 @@ async fn broker(pg: &PgServer, dir: &std::path::Path) -> TestBroker {
     .await
 }
 
+/// The trail once it holds an `event` record naming `user` (a drop is
+/// recorded only after the login is confirmed gone); panics after 10 s.
+async fn recorded(op: &mayfly_client::Client, event: &str, user: &str) -> Vec<String> {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let trail = audit_trail(op).await;
+        if trail.iter().any(|r| r.contains(event) && r.contains(user)) {
+            return trail;
+        }
+        assert!(Instant::now() < until, "no {event} record for {user}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn login_request(
     task: &str,
     database: &str,
@@ -150,17 +164,7 @@ async fn a_database_login_lives_and_dies_with_its_task() {
     // The trail holds the issue and the drop with the login's name (the
     // drop is recorded once the role is confirmed gone), and never its
     // password.
-    let dropped = |trail: &[String]| {
-        trail
-            .iter()
-            .any(|r| r.contains("database_login_dropped") && r.contains(&login.user))
-    };
-    let until = Instant::now() + Duration::from_secs(10);
-    while !dropped(&audit_trail(&op).await) {
-        assert!(Instant::now() < until, "the drop was never recorded");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let trail = audit_trail(&op).await;
+    let trail = recorded(&op, "database_login_dropped", &login.user).await;
     let joined = trail.join("\n");
     assert!(
         !joined.contains(&login.password),
@@ -277,16 +281,8 @@ async fn what_is_not_exactly_allowed_is_refused_and_a_database_down_issues_nothi
         assert!(Instant::now() < until, "the pending drop never finished");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let until = Instant::now() + Duration::from_secs(10);
     for event in ["database_login_drop_failed", "database_login_dropped"] {
-        while !audit_trail(&op)
-            .await
-            .iter()
-            .any(|r| r.contains(event) && r.contains(&user))
-        {
-            assert!(Instant::now() < until, "no {event} record");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        recorded(&op, event, &user).await;
     }
 }
 
@@ -367,19 +363,8 @@ async fn a_redis_login_lives_and_dies_with_its_task() {
         .await;
     assert!(after.is_err(), "the open connection survived");
     // Recorded once the user is confirmed gone: wait for it.
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let trail = audit_trail(&op).await;
-        if trail
-            .iter()
-            .any(|r| r.contains("database_login_dropped") && r.contains(&login.user))
-        {
-            assert!(!trail.join("\n").contains(&login.password));
-            break;
-        }
-        assert!(Instant::now() < until, "the drop was never recorded");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let trail = recorded(&op, "database_login_dropped", &login.user).await;
+    assert!(!trail.join("\n").contains(&login.password));
 }
 
 /// A login policy asks an operator for: pending with an approval id, then

@@ -334,11 +334,7 @@ impl Dropper {
                 .map(|h| h.user.as_str())
                 .collect();
             for user in existing.iter().filter(|u| !known.contains(u.as_str())) {
-                let result = async {
-                    engine.disable(user).await?;
-                    engine.remove(user).await
-                }
-                .await;
+                let result = engine.revoke(user).await;
                 let mut record =
                     AuditRecord::new(Event::DatabaseLoginDropped, &self.broker).reason("orphan");
                 record.audience = Some(engine.name().to_owned());

@@ -8,7 +8,6 @@
 //! [`LoginQueue`]: crate::store::LoginQueue
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use mayfly_core::{Action, ApprovalRequest, Lease, LeaseDetail, Scopes, Task, Timestamp};
 use mayfly_secrets::{Engine, EngineError, Login, LoginRequest, login_name};
@@ -100,13 +99,11 @@ impl Kind for DatabaseLogin<'_> {
                 held_at: Timestamp::now(),
             })
             .await?;
-        let expires_at =
-            SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(lease.expires_at.as_millis());
         self.engine
             .create(&LoginRequest {
                 user: user.to_owned(),
                 scopes: lease.scopes.iter().map(ToString::to_string).collect(),
-                expires_at,
+                expires_at: lease.expires_at.to_system_time(),
             })
             .await
             .map_err(|e| match e {
