@@ -134,12 +134,44 @@ async fn a_database_login_lives_and_dies_with_its_task() {
         .unwrap();
     assert_eq!(lease.kind, pb::LeaseKind::DatabaseLogin as i32);
 
-    // The login is refused once the task completes, and the role is gone.
-    // (That a session open then is ended is asserted on the engine, in
-    // crates/mayfly-secrets/tests/engines.rs.)
+    // A session open when the task completes is ended; the login is
+    // refused from then on, and the role is gone.
     let user = login.user.clone();
+    let mut open = std::process::Command::new("psql")
+        .args(["-X", "-d", &login.dsn, "-c", "SELECT pg_sleep(60)"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    crate::common::eventually("the session is open", || {
+        let open = pg
+            .psql(
+                "orders",
+                &format!(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE usename = '{user}' AND query LIKE 'SELECT pg_sleep%'"
+                ),
+            )
+            .unwrap();
+        std::future::ready(open == "1")
+    })
+    .await;
     agent.complete_task(&task.task_id).await.unwrap();
     let completed = Instant::now();
+    let ended = loop {
+        if let Some(status) = open.try_wait().unwrap() {
+            break status;
+        }
+        if completed.elapsed() > Duration::from_secs(20) {
+            let _ = open.kill();
+            panic!("a session open when the task completed was still running 20 s later");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut open.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!ended.success(), "the open session survived: {stderr}");
+    assert!(stderr.contains("terminating connection"), "{stderr}");
     loop {
         if psql(&login.dsn, "SELECT 1").is_err() {
             break;

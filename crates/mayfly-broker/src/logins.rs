@@ -5,10 +5,13 @@
 //! crash at any point and is shared by every replica. A login is dropped
 //! when its lease is no longer active (revoked, expired, or never recorded
 //! after [`UNRECORDED_GRACE`]): at once when the revocation feed names it,
-//! and on every pass for expiries and for anything missed. Each drop is
-//! two steps, [`Engine::disable`] (no new session, open ones ended) and
-//! [`Engine::remove`], then a check that the login is gone; only then is
-//! `database_login_dropped` recorded and the login released.
+//! and on every pass for expiries and for anything missed. The logins due
+//! are dropped per database, [`BATCH`] at a time: [`Engine::disable`] of
+//! the whole batch first (no new session for any, open ones ended), then
+//! [`Engine::remove`] of each (a few at once) and a check that it is gone;
+//! only then is its `database_login_dropped` recorded and it released. A
+//! mass revocation thus shuts every login within a batch's disable, and
+//! the feed's burst of events is taken together.
 //!
 //! A database that cannot be reached is retried with a backoff per
 //! database (1 s doubling to [`MAX_BACKOFF`]), never per login, so a
@@ -28,9 +31,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use mayfly_core::{Lease, LeaseId, LeaseKind, LeaseStatus, SpiffeId, Timestamp};
 use mayfly_secrets::{Engine, EngineError};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use crate::audit::{AuditRecord, Event};
 use crate::feed::FeedHub;
@@ -47,6 +51,11 @@ pub const SWEEP_EVERY: Duration = Duration::from_secs(60);
 pub const UNRECORDED_GRACE: Duration = Duration::from_secs(60);
 /// The longest wait before a database that failed is tried again.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// How many logins of one database are disabled together.
+pub const BATCH: usize = 128;
+/// How many logins of one database are removed at once.
+const REMOVALS_IN_FLIGHT: usize = 4;
 
 /// What the dropper needs.
 #[derive(Debug)]
@@ -65,6 +74,14 @@ pub struct Dropper {
     /// names is dropped without reading every hold again (a mass
     /// revocation stays linear).
     held: HashMap<LeaseId, HeldLogin>,
+}
+
+/// A held login whose lease ended: to drop.
+#[derive(Debug)]
+struct Due {
+    login: HeldLogin,
+    lease: Option<Lease>,
+    reason: String,
 }
 
 /// Why a held login is dropped, for its record.
@@ -124,36 +141,76 @@ impl Dropper {
             let deadline = tokio::time::sleep(PASS_EVERY);
             tokio::pin!(deadline);
             loop {
-                tokio::select! {
+                let first = tokio::select! {
                     () = &mut deadline => break,
                     () = shutdown.wait() => return,
-                    event = events.recv() => match event {
+                    event = events.recv() => event,
+                };
+                let mut named = HashSet::new();
+                let mut lagged = false;
+                let mut next = first.map_err(|e| match e {
+                    RecvError::Lagged(_) => TryRecvError::Lagged(0),
+                    RecvError::Closed => TryRecvError::Closed,
+                });
+                // A mass revocation arrives as a burst: what is already
+                // there is dropped together.
+                loop {
+                    match next {
                         Ok(e) if e.kind == Some(LeaseKind::DatabaseLogin) => {
                             self.active_until.remove(&e.lease_id);
-                            match self.held.get(&e.lease_id).cloned() {
-                                Some(login) => {
-                                    let _ = self.consider(&login, Timestamp::now()).await;
-                                }
-                                // Held since the last pass (on another
-                                // replica, or just now): read them again.
-                                None => self.pass(Some(&e.lease_id)).await,
-                            }
+                            named.insert(e.lease_id.clone());
                         }
                         Ok(_) => {}
-                        Err(RecvError::Lagged(_)) => {
-                            self.active_until.clear();
-                            break;
-                        }
-                        Err(RecvError::Closed) => return,
-                    },
+                        Err(TryRecvError::Lagged(_)) => lagged = true,
+                        Err(TryRecvError::Closed) => return,
+                        Err(TryRecvError::Empty) => break,
+                    }
+                    if named.len() >= BATCH * 8 {
+                        break;
+                    }
+                    next = events.try_recv();
+                }
+                self.named(&named).await;
+                if lagged {
+                    // Events were missed: look at every held login.
+                    self.active_until.clear();
+                    break;
                 }
             }
         }
     }
 
-    /// Looks at every held login (or only `only`'s), dropping those whose
-    /// lease ended.
-    pub async fn pass(&mut self, only: Option<&LeaseId>) {
+    /// Drops the held logins the feed named whose lease ended.
+    async fn named(&mut self, named: &HashSet<LeaseId>) {
+        if named.is_empty() {
+            return;
+        }
+        let now = Timestamp::now();
+        let mut due = Vec::new();
+        let mut unknown = HashSet::new();
+        for id in named {
+            match self.held.get(id).cloned() {
+                Some(login) => match self.due(login, now).await {
+                    Ok(Some(d)) => due.push(d),
+                    Ok(None) => {}
+                    Err(()) => return,
+                },
+                None => {
+                    unknown.insert(id.clone());
+                }
+            }
+        }
+        self.drop_all(due).await;
+        if !unknown.is_empty() {
+            // Held since the last pass (on another replica, or just now):
+            // read the holds again.
+            self.pass(Some(&unknown)).await;
+        }
+    }
+
+    /// Looks at every held login (or only those in `only`), dropping those
+    /// whose lease ended.
+    pub async fn pass(&mut self, only: Option<&HashSet<LeaseId>>) {
         let held = match self.store.held_logins().await {
             Ok(h) => h,
             Err(e) => {
@@ -171,49 +228,54 @@ impl Dropper {
             .iter()
             .map(|h| (h.lease_id.clone(), h.clone()))
             .collect();
-        for login in &held {
-            if only.is_some_and(|id| id != &login.lease_id) {
+        let mut due = Vec::new();
+        for login in held {
+            if only.is_some_and(|ids| !ids.contains(&login.lease_id)) {
                 continue;
             }
-            if !self.consider(login, now).await {
-                return;
+            match self.due(login, now).await {
+                Ok(Some(d)) => due.push(d),
+                Ok(None) => {}
+                // The store could not be read: the pass stops there.
+                Err(()) => break,
             }
         }
+        self.drop_all(due).await;
     }
 
-    /// Drops `login` if its lease ended; `false` if the store could not be
-    /// read (the pass stops there).
-    async fn consider(&mut self, login: &HeldLogin, now: Timestamp) -> bool {
+    /// `login` if its lease ended; `Err` if the store could not be read.
+    async fn due(&mut self, login: HeldLogin, now: Timestamp) -> Result<Option<Due>, ()> {
         if self
             .active_until
             .get(&login.lease_id)
             .is_some_and(|&until| until > now)
+            || !self.ready(&login.database)
         {
-            return true;
-        }
-        if !self.ready(&login.database) {
-            return true;
+            return Ok(None);
         }
         let lease = match self.store.get_lease(&login.lease_id).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "database logins: cannot read a lease");
-                return false;
+                return Err(());
             }
         };
         let reason = match why(lease.as_ref(), now) {
-            Some("unrecorded") if login.held_at.plus(UNRECORDED_GRACE) > now => return true,
-            Some(reason) => reason,
+            Some("unrecorded") if login.held_at.plus(UNRECORDED_GRACE) > now => return Ok(None),
+            Some(reason) => reason.to_owned(),
             None => {
                 if let Some(l) = &lease {
                     self.active_until
                         .insert(login.lease_id.clone(), l.expires_at);
                 }
-                return true;
+                return Ok(None);
             }
         };
-        self.drop_login(login, lease.as_ref(), reason).await;
-        true
+        Ok(Some(Due {
+            login,
+            lease,
+            reason,
+        }))
     }
 
     /// Whether `database` may be tried now.
@@ -223,79 +285,136 @@ impl Dropper {
             .is_none_or(|(_, at)| *at <= Instant::now())
     }
 
-    /// Disables, removes and confirms gone; then records and releases.
-    async fn drop_login(&mut self, login: &HeldLogin, lease: Option<&Lease>, reason: &str) {
-        let Some(engine) = self.engines.get(&login.database).cloned() else {
-            tracing::warn!(
-                database = %login.database,
-                user = %login.user,
-                "database logins: a held login's database is no longer configured; kept"
-            );
-            return;
-        };
-        let outcome = async {
-            engine.disable(&login.user).await?;
-            crate::failpoint::hit("after_login_disabled");
-            engine.remove(&login.user).await?;
-            if engine.exists(&login.user).await? {
-                return Err(EngineError::Refused {
-                    database: login.database.clone(),
-                    step: "confirm",
-                    detail: "the login still exists after it was dropped".into(),
-                });
-            }
-            Ok(())
+    /// Drops `due`, per database [`BATCH`] at a time, until a database
+    /// fails.
+    async fn drop_all(&mut self, due: Vec<Due>) {
+        let mut by_database: HashMap<String, Vec<Due>> = HashMap::new();
+        for d in due {
+            by_database
+                .entry(d.login.database.clone())
+                .or_default()
+                .push(d);
         }
-        .await;
-        let mut record = AuditRecord::new(Event::DatabaseLoginDropped, &self.broker)
-            .lease(&login.lease_id)
-            .reason(reason);
-        record.audience = Some(login.database.clone());
-        record.login = Some(login.user.clone());
-        if let Some(l) = lease {
-            record = record.task_id(&l.task_id);
-            record.agent = Some(l.agent.to_string());
-        }
-        match outcome {
-            Ok(()) => {
-                self.backoff.remove(&login.database);
-                if let Err(e) = self.audit.record(record).await {
-                    // Kept held: dropped again (a no-op) and recorded then.
-                    tracing::error!(error = %e, "database login drop not recorded; retried");
-                    return;
-                }
-                self.active_until.remove(&login.lease_id);
-                self.held.remove(&login.lease_id);
-                if let Err(e) = self.store.release_login(&login.lease_id).await {
-                    tracing::warn!(error = %e, "database logins: release failed; retried");
-                }
+        for (database, mut due) in by_database {
+            let Some(engine) = self.engines.get(&database).cloned() else {
+                tracing::warn!(
+                    %database,
+                    held = due.len(),
+                    "database logins: held logins' database is no longer configured; kept"
+                );
+                continue;
+            };
+            while !due.is_empty() && self.ready(&database) {
+                let rest = due.split_off(due.len().min(BATCH));
+                self.drop_batch(&engine, due).await;
+                due = rest;
             }
-            Err(e) => self.failed(login, record, &e).await,
         }
     }
 
-    /// Counts a failure, backs the database off, and records the first of
-    /// a run of failures.
-    async fn failed(&mut self, login: &HeldLogin, mut record: AuditRecord, e: &EngineError) {
-        self.metrics.login_drop_failures.inc();
+    /// Disables `batch` together (all of them shut before any is
+    /// removed), removes each and confirms it gone; then records and
+    /// releases each one dropped.
+    async fn drop_batch(&mut self, engine: &Arc<dyn Engine>, batch: Vec<Due>) {
+        let users: Vec<String> = batch.iter().map(|d| d.login.user.clone()).collect();
+        let disabled: Vec<(Due, Result<(), EngineError>)> = match engine.disable(&users).await {
+            Ok(()) => batch.into_iter().map(|d| (d, Ok(()))).collect(),
+            Err(e) if e.is_unavailable() || batch.len() == 1 => {
+                self.failed(&batch[0], &e, batch.len()).await;
+                return;
+            }
+            // One of them was refused: one at a time, so the rest go on.
+            Err(_) => {
+                let mut each = Vec::with_capacity(batch.len());
+                for d in batch {
+                    let r = engine.disable(std::slice::from_ref(&d.login.user)).await;
+                    each.push((d, r));
+                }
+                each
+            }
+        };
+        crate::failpoint::hit("after_login_disabled");
+        let removed: Vec<(Due, Result<(), EngineError>)> =
+            futures_util::stream::iter(disabled.into_iter().map(|(d, disabled)| {
+                let engine = engine.clone();
+                async move {
+                    let r = match disabled {
+                        Ok(()) => remove_confirmed(engine.as_ref(), &d.login.user).await,
+                        Err(e) => Err(e),
+                    };
+                    (d, r)
+                }
+            }))
+            .buffer_unordered(REMOVALS_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut failures = Vec::new();
+        for (d, r) in removed {
+            match r {
+                Ok(()) => self.dropped(d).await,
+                Err(e) => failures.push((d, e)),
+            }
+        }
+        if let Some((first, e)) = failures.first() {
+            self.failed(first, e, failures.len()).await;
+        } else {
+            self.backoff.remove(engine.name());
+        }
+    }
+
+    /// Records `d` dropped and releases it.
+    async fn dropped(&mut self, d: Due) {
+        if let Err(e) = self.audit.record(self.record(&d)).await {
+            // Kept held: dropped again (a no-op) and recorded then.
+            tracing::error!(error = %e, "database login drop not recorded; retried");
+            return;
+        }
+        self.active_until.remove(&d.login.lease_id);
+        self.held.remove(&d.login.lease_id);
+        if let Err(e) = self.store.release_login(&d.login.lease_id).await {
+            tracing::warn!(error = %e, "database logins: release failed; retried");
+        }
+    }
+
+    /// The `database_login_dropped` record of `d`.
+    fn record(&self, d: &Due) -> AuditRecord {
+        let mut record = AuditRecord::new(Event::DatabaseLoginDropped, &self.broker)
+            .lease(&d.login.lease_id)
+            .reason(&d.reason);
+        record.audience = Some(d.login.database.clone());
+        record.login = Some(d.login.user.clone());
+        if let Some(l) = &d.lease {
+            record = record.task_id(&l.task_id);
+            record.agent = Some(l.agent.to_string());
+        }
+        record
+    }
+
+    /// Counts `count` failures of `first`'s database, backs it off, and
+    /// records the first of a run of failures (naming `first`).
+    async fn failed(&mut self, first: &Due, e: &EngineError, count: usize) {
+        let database = &first.login.database;
+        self.metrics
+            .login_drop_failures
+            .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
         let (failures, _) = self
             .backoff
-            .get(&login.database)
+            .get(database)
             .copied()
             .unwrap_or((0, Instant::now()));
         let wait = Duration::from_secs(1u64 << failures.min(5)).min(MAX_BACKOFF);
-        self.backoff.insert(
-            login.database.clone(),
-            (failures + 1, Instant::now() + wait),
-        );
+        self.backoff
+            .insert(database.clone(), (failures + 1, Instant::now() + wait));
         tracing::warn!(
-            database = %login.database,
-            user = %login.user,
+            %database,
+            user = %first.login.user,
+            logins = count,
             error = %e,
             retry_in_s = wait.as_secs(),
-            "database login not dropped yet"
+            "database logins not dropped yet"
         );
         if failures == 0 {
+            let mut record = self.record(first);
             record.event = Event::DatabaseLoginDropFailed;
             record.reason = Some(e.to_string());
             if let Err(e) = self.audit.record(record).await {
@@ -355,4 +474,17 @@ impl Dropper {
             }
         }
     }
+}
+
+/// Removes `user` and confirms it gone.
+async fn remove_confirmed(engine: &dyn Engine, user: &str) -> Result<(), EngineError> {
+    engine.remove(user).await?;
+    if engine.exists(user).await? {
+        return Err(EngineError::Refused {
+            database: engine.name().to_owned(),
+            step: "confirm",
+            detail: "the login still exists after it was dropped".into(),
+        });
+    }
+    Ok(())
 }

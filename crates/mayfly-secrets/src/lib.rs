@@ -126,9 +126,11 @@ pub trait Engine: Send + Sync + fmt::Debug {
     /// be granted its scopes is not left behind).
     async fn create(&self, req: &LoginRequest) -> Result<Login, EngineError>;
 
-    /// Makes the login `user` unusable at once: it can no longer log in,
-    /// and its open sessions are ended. Done for a login already gone.
-    async fn disable(&self, user: &str) -> Result<(), EngineError>;
+    /// Makes the logins `users` unusable at once: none can log in any
+    /// more, and their open sessions are ended. Many at a time, so that a
+    /// mass revocation shuts every login before it drops any. Done for a
+    /// login already gone; an error for one is an error for the call.
+    async fn disable(&self, users: &[String]) -> Result<(), EngineError>;
 
     /// Removes a disabled login: what it owns is handled as configured,
     /// then it is dropped. Done for a login already gone.
@@ -139,7 +141,7 @@ pub trait Engine: Send + Sync + fmt::Debug {
     /// fails does not undo the ones before it, and running it again after
     /// a failure (or on a login already gone) finishes the rest.
     async fn revoke(&self, user: &str) -> Result<(), EngineError> {
-        self.disable(user).await?;
+        self.disable(&[user.to_owned()]).await?;
         self.remove(user).await
     }
 

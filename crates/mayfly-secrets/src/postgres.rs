@@ -4,23 +4,29 @@
 //!
 //! ```sql
 //! CREATE ROLE "mayfly_…" LOGIN PASSWORD 'SCRAM-SHA-256$…' VALID UNTIL '…'
-//!   CONNECTION LIMIT n ROLE "<manager>";
+//!   CONNECTION LIMIT n;
 //! GRANT orders_reader TO "mayfly_…";          -- each scope's templates
 //! ```
 //!
 //! The password is sent as a SCRAM-SHA-256 verifier computed here, so the
 //! server, its statement log and its replicas never see it. `VALID UNTIL`
 //! is the lease's expiry: PostgreSQL refuses the login after it with every
-//! broker down. The manager is made a member of the role (`ROLE …`), which
-//! is what lets it end the role's sessions and drop what it owns on every
-//! version. (It also makes PostgreSQL walk every such membership when it
-//! checks the manager's privileges: with thousands of live logins each
-//! revocation step slows; see docs/performance.md.)
+//! broker down.
 //!
-//! Revoked step by step, each its own transaction: `ALTER ROLE … NOLOGIN`
-//! (no new session), `pg_terminate_backend` of its sessions,
-//! `REASSIGN OWNED` (if configured) and `DROP OWNED`, then `DROP ROLE`. A
-//! role already gone counts as done at every step.
+//! Revoked step by step, each its own transaction:
+//! 1. `GRANT <role> TO <manager>`: what lets the manager end the role's
+//!    sessions and drop what it owns, on every version. Taken only now, so
+//!    the manager is a member of the logins being revoked, never of
+//!    thousands (PostgreSQL walks all of a role's memberships when it
+//!    checks its privileges, which made each step slower with every live
+//!    login);
+//! 2. `ALTER ROLE … NOLOGIN`: no new session;
+//! 3. `pg_terminate_backend` of its sessions, until none is listed on two
+//!    looks apart;
+//! 4. (in [`Engine::remove`]) its sessions ended once more, `REASSIGN
+//!    OWNED` (if configured) and `DROP OWNED`, then `DROP ROLE`.
+//!
+//! A role already gone counts as done at every step.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -192,17 +198,15 @@ impl Postgres {
     }
 
     /// Runs one revocation step; a role already gone is done.
-    async fn step(&self, step: &'static str, sql: &str, user: &str) -> Result<(), EngineError> {
+    async fn step(
+        &self,
+        step: &'static str,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<(), EngineError> {
         let client = self.client().await?;
-        let run = async {
-            if sql.contains("$1") {
-                client.execute(sql, &[&user]).await.map(drop)
-            } else {
-                client.batch_execute(sql).await
-            }
-        };
-        match tokio::time::timeout(TIMEOUT, run).await {
-            Ok(Ok(())) => Ok(()),
+        match tokio::time::timeout(TIMEOUT, client.execute(sql, params)).await {
+            Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => Ok(()),
             Ok(Err(e)) => Err(self.failed(step, &e)),
             Err(_) => Err(EngineError::Unavailable {
@@ -214,24 +218,24 @@ impl Postgres {
 }
 
 impl Postgres {
-    /// Ends every session of `user` (but the caller's own).
-    async fn terminate(&self, user: &str) -> Result<(), EngineError> {
+    /// Ends every session of `users` (but the caller's own).
+    async fn terminate(&self, users: &[String]) -> Result<(), EngineError> {
         self.step(
             "terminate",
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE usename = $1 AND pid <> pg_backend_pid()",
-            user,
+             WHERE usename::text = ANY($1) AND pid <> pg_backend_pid()",
+            &[&users],
         )
         .await
     }
 
-    /// How many sessions `user` has open.
-    async fn sessions(&self, user: &str) -> Result<i64, EngineError> {
+    /// How many sessions `users` have open.
+    async fn sessions(&self, users: &[String]) -> Result<i64, EngineError> {
         let client = self.client().await?;
         let row = client
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
-                &[&user],
+                "SELECT count(*) FROM pg_stat_activity WHERE usename::text = ANY($1)",
+                &[&users],
             )
             .await
             .map_err(|e| self.failed("sessions", &e))?;
@@ -259,11 +263,10 @@ impl Engine for Postgres {
         let until = valid_until(req.expires_at);
         let role = escape_identifier(&req.user);
         let mut statements = vec![format!(
-            "CREATE ROLE {role} LOGIN PASSWORD {} VALID UNTIL {} CONNECTION LIMIT {} ROLE {}",
+            "CREATE ROLE {role} LOGIN PASSWORD {} VALID UNTIL {} CONNECTION LIMIT {}",
             escape_literal(&verifier),
             escape_literal(&until),
             self.connection_limit,
-            escape_identifier(&self.manager),
         )];
         for scope in &req.scopes {
             for grant in self.grants.get(scope).into_iter().flatten() {
@@ -300,20 +303,25 @@ impl Engine for Postgres {
         })
     }
 
-    async fn disable(&self, user: &str) -> Result<(), EngineError> {
-        let role = escape_identifier(user);
-        self.step("nologin", &format!("ALTER ROLE {role} NOLOGIN"), user)
-            .await?;
-        // Its sessions ended, and confirmed ended: none listed on two looks
-        // a quarter second apart, terminating again while any is. A
+    async fn disable(&self, users: &[String]) -> Result<(), EngineError> {
+        let manager = escape_identifier(&self.manager);
+        for user in users {
+            let role = escape_identifier(user);
+            let grant = format!("GRANT {role} TO {manager}");
+            self.step("take membership", &grant, &[]).await?;
+            self.step("nologin", &format!("ALTER ROLE {role} NOLOGIN"), &[])
+                .await?;
+        }
+        // Their sessions ended, and confirmed ended: none listed on two
+        // looks a quarter second apart, terminating again while any is. A
         // session that was authenticating when NOLOGIN committed may get in
         // and show up only after the first look; `remove` ends any such one
         // once more before the role is dropped.
         let mut clear_looks = 0;
         for _ in 0..50 {
-            self.terminate(user).await?;
+            self.terminate(users).await?;
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            if self.sessions(user).await? == 0 {
+            if self.sessions(users).await? == 0 {
                 clear_looks += 1;
                 if clear_looks == 2 {
                     return Ok(());
@@ -326,20 +334,21 @@ impl Engine for Postgres {
         Err(EngineError::Refused {
             database: self.name.clone(),
             step: "terminate",
-            detail: format!("sessions of {user} are still open after termination"),
+            detail: "sessions are still open after termination".into(),
         })
     }
 
     async fn remove(&self, user: &str) -> Result<(), EngineError> {
         let role = escape_identifier(user);
-        self.terminate(user).await?;
+        self.terminate(std::slice::from_ref(&user.to_owned()))
+            .await?;
         if let Owned::Reassign(to) = &self.owned {
             let sql = format!("REASSIGN OWNED BY {role} TO {}", escape_identifier(to));
-            self.step("reassign owned", &sql, user).await?;
+            self.step("reassign owned", &sql, &[]).await?;
         }
-        self.step("drop owned", &format!("DROP OWNED BY {role}"), user)
+        self.step("drop owned", &format!("DROP OWNED BY {role}"), &[])
             .await?;
-        self.step("drop role", &format!("DROP ROLE {role}"), user)
+        self.step("drop role", &format!("DROP ROLE {role}"), &[])
             .await
     }
 

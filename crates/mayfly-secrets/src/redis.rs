@@ -218,8 +218,11 @@ impl Engine for RedisAcl {
 
     /// `ACL DELUSER` is atomic and disconnects the user: disabling is
     /// removing (`SETUSER … off` would make a user that is already gone).
-    async fn disable(&self, user: &str) -> Result<(), EngineError> {
-        self.remove(user).await
+    async fn disable(&self, users: &[String]) -> Result<(), EngineError> {
+        for user in users {
+            self.remove(user).await?;
+        }
+        Ok(())
     }
 
     async fn remove(&self, user: &str) -> Result<(), EngineError> {
