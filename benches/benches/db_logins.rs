@@ -8,8 +8,8 @@
 //! 2. the time from `CompleteTask` returning to the login being refused
 //!    by PostgreSQL (p50/p99 of `DB_REFUSED` runs);
 //! 3. revoking `DB_MASS` logins (10,000 by default) by completing their
-//!    task: how long until the last is dropped, and `GetTask` latency
-//!    before and during (the broker still serving).
+//!    task: how long until none can log in and until the last is dropped,
+//!    and `GetTask` latency before and during (the broker still serving).
 //!
 //! `cargo bench -p mayfly-benches --bench db_logins` (`DB_MASS=2000` for a
 //! quicker run).
@@ -139,6 +139,19 @@ async fn roles_left(client: &tokio_postgres::Client) -> i64 {
         .get(0)
 }
 
+/// How many of the broker's logins can still log in.
+async fn can_log_in(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'mayfly\\_%' \
+             AND rolname <> 'mayfly_manager' AND rolcanlogin",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -249,15 +262,21 @@ fn main() {
         let started = Instant::now();
         agent.complete_task(&task).await.unwrap();
         let answered = started.elapsed();
+        let mut all_shut = None;
         while roles_left(&admin).await > 0 {
+            if all_shut.is_none() && can_log_in(&admin).await == 0 {
+                all_shut = Some(started.elapsed());
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let all_dropped = started.elapsed();
+        let all_shut = all_shut.unwrap_or(all_dropped);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let busy = busy.await.unwrap();
         println!(
-            "revoking {mass} logins: CompleteTask answered in {:.1} ms; every login dropped after {:.1} s ({:.0}/s)",
+            "revoking {mass} logins: CompleteTask answered in {:.1} ms; none could log in after {:.1} s; every login dropped after {:.1} s ({:.0}/s)",
             ms(answered),
+            all_shut.as_secs_f64(),
             all_dropped.as_secs_f64(),
             mass as f64 / all_dropped.as_secs_f64()
         );

@@ -318,6 +318,72 @@ async fn what_is_not_exactly_allowed_is_refused_and_a_database_down_issues_nothi
     }
 }
 
+/// Logins ended together are disabled as one batch; one the manager may
+/// not touch (made a superuser behind the broker's back) fails alone: the
+/// others are dropped, and it stays held, counted and recorded.
+#[tokio::test]
+async fn a_login_that_cannot_be_dropped_does_not_hold_up_the_others() {
+    let pg = orders_db();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = broker(&pg, dir.path()).await;
+    let agent = broker.agent().await;
+    let op = broker.operator().await;
+    let task = agent
+        .broker()
+        .start_task(start_request("reconcile orders", &[ORDERS], &["db:read"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut users = Vec::new();
+    for _ in 0..4 {
+        let login = agent
+            .broker()
+            .issue_database_credential(login_request(&task.task_id, ORDERS, &["db:read"]))
+            .await
+            .unwrap()
+            .into_inner();
+        users.push(login.user);
+    }
+    let stuck = users[1].clone();
+    pg.psql("orders", &format!("ALTER ROLE \"{stuck}\" SUPERUSER"))
+        .unwrap();
+    agent.complete_task(&task.task_id).await.unwrap();
+
+    for user in users.iter().filter(|u| **u != stuck) {
+        recorded(&op, "database_login_dropped", user).await;
+        let left = pg
+            .psql(
+                "orders",
+                &format!("SELECT count(*) FROM pg_roles WHERE rolname = '{user}'"),
+            )
+            .unwrap();
+        assert_eq!(left, "0", "{user} was recorded dropped but still exists");
+    }
+    let trail = recorded(&op, "database_login_drop_failed", &stuck).await;
+    assert!(
+        !trail
+            .iter()
+            .any(|r| r.contains("database_login_dropped") && r.contains(&stuck)),
+        "a login that was not dropped was recorded dropped"
+    );
+    let still = pg
+        .psql(
+            "orders",
+            &format!("SELECT rolcanlogin FROM pg_roles WHERE rolname = '{stuck}'"),
+        )
+        .unwrap();
+    assert_eq!(
+        still, "t",
+        "the superuser login is out of the manager's reach"
+    );
+    crate::common::eventually("one login held, its failure counted", || async {
+        let metrics = crate::common::scrape(&broker).await;
+        crate::common::count(&metrics, "mayfly_database_login_drop_failures_total") >= 1.0
+            && crate::common::count(&metrics, "mayfly_database_logins_held") == 1.0
+    })
+    .await;
+}
+
 /// The same seam with the Redis engine: an ACL user confined to its keys,
 /// disconnected and gone once the task completes.
 #[tokio::test]

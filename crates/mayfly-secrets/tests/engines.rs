@@ -141,6 +141,76 @@ async fn a_postgres_login_can_do_what_its_scopes_grant_and_nothing_after_revocat
 }
 
 #[tokio::test]
+async fn logins_disabled_together_are_all_shut_and_their_sessions_ended() {
+    let pg = orders_db();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = postgres_engine(&pg, dir.path(), "drop");
+    let mut logins = Vec::new();
+    for _ in 0..3 {
+        let req = request("lease-n", &["db:read"], Duration::from_secs(600));
+        logins.push(engine.create(&req).await.unwrap());
+    }
+    let kept = engine
+        .create(&request("lease-k", &["db:read"], Duration::from_secs(600)))
+        .await
+        .unwrap();
+    // A session open for two of the three, and for the one kept.
+    let mut open: Vec<std::process::Child> = [&logins[0], &logins[1], &kept]
+        .iter()
+        .map(|l| {
+            std::process::Command::new("psql")
+                .args(["-X", "-d", l.dsn.expose(), "-c", "SELECT pg_sleep(60)"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    wait_until(|| {
+        pg.psql(
+            "orders",
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'",
+        )
+        .unwrap()
+            == "3"
+    });
+
+    // One of them already gone (a retry after a crash) is no error.
+    engine.revoke(&logins[2].user).await.unwrap();
+    let users: Vec<String> = logins.iter().map(|l| l.user.clone()).collect();
+    engine.disable(&users).await.unwrap();
+    for child in &mut open[..2] {
+        assert!(!child.wait().unwrap().success(), "a session survived");
+    }
+    for login in &logins[..2] {
+        let refused = psql(login.dsn.expose(), "SELECT 1").unwrap_err();
+        assert!(refused.contains("not permitted to log in"), "{refused}");
+        // Disabled, not yet removed.
+        assert!(engine.exists(&login.user).await.unwrap());
+    }
+    // The login not named is untouched, its session too.
+    assert_eq!(psql(kept.dsn.expose(), "SELECT 1").unwrap(), "1");
+    assert!(open[2].try_wait().unwrap().is_none());
+    open[2].kill().unwrap();
+    let _ = open[2].wait();
+    let members = pg
+        .psql(
+            "orders",
+            "SELECT count(*) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member \
+             WHERE r.rolname = 'mayfly_manager'",
+        )
+        .unwrap();
+    assert_eq!(
+        members, "2",
+        "the manager is a member of the disabled logins only"
+    );
+    for login in &logins[..2] {
+        engine.remove(&login.user).await.unwrap();
+        assert!(!engine.exists(&login.user).await.unwrap());
+    }
+}
+
+#[tokio::test]
 async fn a_postgres_login_is_refused_by_the_server_after_its_expiry() {
     let pg = orders_db();
     let dir = tempfile::tempdir().unwrap();
