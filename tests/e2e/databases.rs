@@ -48,6 +48,11 @@ fn orders_db() -> PgServer {
 }
 
 async fn broker(pg: &PgServer, dir: &std::path::Path) -> TestBroker {
+    broker_on(pg, dir, None).await
+}
+
+/// The broker, on the Redis at `redis` if one is given.
+async fn broker_on(pg: &PgServer, dir: &std::path::Path, redis: Option<String>) -> TestBroker {
     let pw = dir.join("manager.pw");
     std::fs::write(&pw, MANAGER_PASSWORD).unwrap();
     let entry = format!(
@@ -66,6 +71,14 @@ async fn broker(pg: &PgServer, dir: &std::path::Path) -> TestBroker {
     TestBroker::start_with(|c| {
         mayfly_testkit::use_policies(c, POLICIES);
         c.databases.push(toml::from_str(&entry).unwrap());
+        if let Some(url) = redis {
+            c.store = mayfly_broker::config::StoreKind::Redis;
+            c.redis = Some(mayfly_broker::config::RedisConfig {
+                url: Some(url),
+                key_prefix: "mayfly".into(),
+                ..Default::default()
+            });
+        }
     })
     .await
 }
@@ -382,6 +395,67 @@ async fn a_login_that_cannot_be_dropped_does_not_hold_up_the_others() {
             && crate::common::count(&metrics, "mayfly_database_logins_held") == 1.0
     })
     .await;
+}
+
+/// Two replicas on one Redis both see every hold and every revocation;
+/// each login (and an orphan) is dropped and recorded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_drop_each_login_once() {
+    let pg = orders_db();
+    let orphan = "mayfly_0123456789abcdef01234567";
+    pg.psql("orders", &format!("CREATE ROLE {orphan} LOGIN"))
+        .unwrap();
+    let redis = mayfly_testkit::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = broker_on(&pg, dir.path(), Some(redis.url())).await;
+    let b = a.replica().await;
+    let (agent_a, agent_b) = (a.agent().await, b.agent().await);
+    let op = a.operator().await;
+    let task = agent_a
+        .broker()
+        .start_task(start_request("reconcile orders", &[ORDERS], &["db:read"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut users = Vec::new();
+    for agent in [&agent_a, &agent_b, &agent_a, &agent_b, &agent_a, &agent_b] {
+        let login = agent
+            .broker()
+            .issue_database_credential(login_request(&task.task_id, ORDERS, &["db:read"]))
+            .await
+            .unwrap()
+            .into_inner();
+        users.push(login.user);
+    }
+    agent_b.complete_task(&task.task_id).await.unwrap();
+
+    for user in users.iter().chain([&orphan.to_owned()]) {
+        recorded(&op, "database_login_dropped", user).await;
+    }
+    // Both replicas have had time to act on every revocation and hold
+    // (a pass runs every 2 s); the trail is the one both record to.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let trail = audit_trail(&op).await;
+    for user in users.iter().chain([&orphan.to_owned()]) {
+        let drops = trail
+            .iter()
+            .filter(|r| r.contains("database_login_dropped") && r.contains(user.as_str()))
+            .count();
+        assert_eq!(drops, 1, "{user} was recorded dropped {drops} times");
+        assert!(
+            !trail
+                .iter()
+                .any(|r| r.contains("database_login_drop_failed") && r.contains(user.as_str())),
+            "a replica failed dropping {user} (the two raced)"
+        );
+    }
+    let left = pg
+        .psql(
+            "orders",
+            "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'mayfly\\_%' AND rolname <> 'mayfly_manager'",
+        )
+        .unwrap();
+    assert_eq!(left, "0");
 }
 
 /// The same seam with the Redis engine: an ACL user confined to its keys,

@@ -13,6 +13,15 @@
 //! mass revocation thus shuts every login within a batch's disable, and
 //! the feed's burst of events is taken together.
 //!
+//! Every replica runs a dropper over the same holds. Before it drops a
+//! login a replica claims the drop in the store for [`CLAIM_FOR`]
+//! ([`ReplayGuard::first_use`]) and checks the login is still held, so
+//! each login is dropped and recorded once; a replica that dies holding a
+//! claim leaves the login to the others (or to itself, restarted) when it
+//! lapses. A replica stalled past its claim in the middle of a batch may
+//! see another drop the same login beside it: every step is idempotent,
+//! and the only cost is a second record.
+//!
 //! A database that cannot be reached is retried with a backoff per
 //! database (1 s doubling to [`MAX_BACKOFF`]), never per login, so a
 //! database that is down costs one attempt per interval however many
@@ -26,6 +35,7 @@
 //! each with reason `orphan`.
 //!
 //! [`LoginQueue`]: crate::store::LoginQueue
+//! [`ReplayGuard::first_use`]: crate::store::ReplayGuard::first_use
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -52,6 +62,11 @@ pub const UNRECORDED_GRACE: Duration = Duration::from_secs(60);
 /// The longest wait before a database that failed is tried again.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// How long a replica's claim on a login's drop keeps the other replicas
+/// off it (so that each drop is done, and recorded, once). Far longer
+/// than a batch takes; short, because a replica that dies holding claims
+/// (a broker restarted after a crash) delays those drops by as much.
+pub const CLAIM_FOR: Duration = Duration::from_secs(10);
 /// How many logins of one database are disabled together.
 pub const BATCH: usize = 128;
 /// How many logins of one database are removed at once.
@@ -74,6 +89,8 @@ pub struct Dropper {
     /// names is dropped without reading every hold again (a mass
     /// revocation stays linear).
     held: HashMap<LeaseId, HeldLogin>,
+    /// The drops this replica has claimed, until when.
+    claims: HashMap<LeaseId, Timestamp>,
 }
 
 /// A held login whose lease ended: to drop.
@@ -118,6 +135,7 @@ impl Dropper {
             backoff: HashMap::new(),
             active_until: HashMap::new(),
             held: HashMap::new(),
+            claims: HashMap::new(),
         }
     }
 
@@ -228,6 +246,7 @@ impl Dropper {
             .iter()
             .map(|h| (h.lease_id.clone(), h.clone()))
             .collect();
+        self.claims.retain(|_, until| *until > now);
         let mut due = Vec::new();
         for login in held {
             if only.is_some_and(|ids| !ids.contains(&login.lease_id)) {
@@ -306,10 +325,47 @@ impl Dropper {
             };
             while !due.is_empty() && self.ready(&database) {
                 let rest = due.split_off(due.len().min(BATCH));
-                self.drop_batch(&engine, due).await;
+                let batch = self.claimed(due).await;
+                if !batch.is_empty() {
+                    self.drop_batch(&engine, batch).await;
+                }
                 due = rest;
             }
         }
+    }
+
+    /// The logins of `due` this replica may drop now: those it claims (or
+    /// still holds a claim on) that are still held. Another replica's
+    /// claim keeps it off a login for [`CLAIM_FOR`]; a login released
+    /// meanwhile was dropped by another.
+    async fn claimed(&mut self, due: Vec<Due>) -> Vec<Due> {
+        let now = Timestamp::now();
+        let mut mine = Vec::with_capacity(due.len());
+        for d in due {
+            let id = &d.login.lease_id;
+            if self.claims.get(id).is_some_and(|until| *until > now) {
+                mine.push(d);
+                continue;
+            }
+            let until = now.plus(CLAIM_FOR);
+            let key = format!("login-drop:{id}");
+            let claimed = match self.store.first_use(&key, until, now).await {
+                Ok(true) => self.store.is_held(id).await,
+                other => other,
+            };
+            match claimed {
+                Ok(true) => {
+                    self.claims.insert(id.clone(), until);
+                    mine.push(d);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "database logins: cannot claim a drop");
+                    break;
+                }
+            }
+        }
+        mine
     }
 
     /// Disables `batch` together (all of them shut before any is
@@ -373,7 +429,9 @@ impl Dropper {
         self.held.remove(&d.login.lease_id);
         if let Err(e) = self.store.release_login(&d.login.lease_id).await {
             tracing::warn!(error = %e, "database logins: release failed; retried");
+            return;
         }
+        self.claims.remove(&d.login.lease_id);
     }
 
     /// The `database_login_dropped` record of `d`.
@@ -453,6 +511,17 @@ impl Dropper {
                 .map(|h| h.user.as_str())
                 .collect();
             for user in existing.iter().filter(|u| !known.contains(u.as_str())) {
+                // One replica drops (and records) each orphan.
+                let now = Timestamp::now();
+                let key = format!("login-orphan:{}:{user}", engine.name());
+                match self.store.first_use(&key, now.plus(CLAIM_FOR), now).await {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "sweep: cannot claim an orphan");
+                        break;
+                    }
+                }
                 let result = engine.revoke(user).await;
                 let mut record =
                     AuditRecord::new(Event::DatabaseLoginDropped, &self.broker).reason("orphan");

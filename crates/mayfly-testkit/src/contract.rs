@@ -2065,8 +2065,11 @@ pub async fn held_logins_stay_until_released(store: Store) {
     let mut expected = vec![a.clone(), b.clone()];
     expected.sort_by(|x, y| x.lease_id.as_str().cmp(y.lease_id.as_str()));
     assert_eq!(store.held_logins().await.unwrap(), expected);
+    assert!(store.is_held(&a.lease_id).await.unwrap());
     store.release_login(&a.lease_id).await.unwrap();
     store.release_login(&a.lease_id).await.unwrap();
     store.release_login(&LeaseId::generate()).await.unwrap();
+    assert!(!store.is_held(&a.lease_id).await.unwrap());
+    assert!(store.is_held(&b.lease_id).await.unwrap());
     assert_eq!(store.held_logins().await.unwrap(), vec![b]);
 }

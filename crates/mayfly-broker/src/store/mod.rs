@@ -714,6 +714,9 @@ pub trait LoginQueue: Send + Sync + fmt::Debug {
     /// Every login held, in lease-id order.
     async fn held_logins(&self) -> Result<Vec<HeldLogin>, StoreError>;
 
+    /// Whether the login of `lease_id` is held (not yet released).
+    async fn is_held(&self, lease_id: &LeaseId) -> Result<bool, StoreError>;
+
     /// Releases a login confirmed gone.
     async fn release_login(&self, lease_id: &LeaseId) -> Result<(), StoreError>;
 }

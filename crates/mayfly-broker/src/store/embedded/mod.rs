@@ -650,6 +650,15 @@ impl LoginQueue for EmbeddedStore {
         .await
     }
 
+    async fn is_held(&self, lease_id: &LeaseId) -> Result<bool, StoreError> {
+        let id = lease_id.to_string();
+        self.read(move |txn| {
+            let table = txn.open_table(LOGINS)?;
+            Ok(table.get(id.as_str())?.is_some())
+        })
+        .await
+    }
+
     async fn release_login(&self, lease_id: &LeaseId) -> Result<(), StoreError> {
         let id = lease_id.to_string();
         self.write(move |t| {

@@ -600,6 +600,24 @@ impl LoginQueue for RedisStore {
         Ok(out)
     }
 
+    async fn is_held(&self, lease_id: &LeaseId) -> Result<bool, StoreError> {
+        let (k, field) = (self.keys.logins(), lease_id.to_string());
+        let held: bool = self
+            .conn
+            .run(|mut c| {
+                let (k, field) = (k.clone(), field.clone());
+                async move {
+                    redis::cmd("HEXISTS")
+                        .arg(&k)
+                        .arg(&field)
+                        .query_async(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        Ok(held)
+    }
+
     async fn release_login(&self, lease_id: &LeaseId) -> Result<(), StoreError> {
         let (k, field) = (self.keys.logins(), lease_id.to_string());
         self.conn
