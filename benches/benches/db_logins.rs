@@ -20,10 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mayfly_client::{Client, NewTask, pb};
-use mayfly_testkit::{PgServer, TestBroker};
+use mayfly_testkit::{ORDERS_MANAGER_PASSWORD, PgServer, TestBroker};
 
 const ORDERS: &str = "postgres://orders";
-const MANAGER_PASSWORD: &str = "bench-manager";
 const POLICIES: &str = r#"
 @id("bench-tasks")
 permit (principal, action == Mayfly::Action::"start_task", resource);
@@ -50,7 +49,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 async fn manager(pg: &PgServer) -> tokio_postgres::Client {
-    let url = pg.url("mayfly_manager", MANAGER_PASSWORD, "orders");
+    let url = pg.url("mayfly_manager", ORDERS_MANAGER_PASSWORD, "orders");
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .unwrap();
@@ -159,20 +158,10 @@ fn main() {
         .unwrap();
     let mass = env_usize("DB_MASS", 10_000);
     let refused_runs = env_usize("DB_REFUSED", 50);
-    let pg = PgServer::start();
-    pg.psql("postgres", "CREATE DATABASE orders").unwrap();
-    pg.psql(
-        "orders",
-        &format!(
-            "CREATE TABLE orders (id int);
-             CREATE ROLE orders_reader NOLOGIN; GRANT SELECT ON orders TO orders_reader;
-             CREATE ROLE mayfly_manager LOGIN CREATEROLE PASSWORD '{MANAGER_PASSWORD}';"
-        ),
-    )
-    .unwrap();
+    let pg = PgServer::orders();
     let dir = tempfile::tempdir().unwrap();
     let pw = dir.path().join("manager.pw");
-    std::fs::write(&pw, MANAGER_PASSWORD).unwrap();
+    std::fs::write(&pw, ORDERS_MANAGER_PASSWORD).unwrap();
     let entry = format!(
         "name = \"{ORDERS}\"\nurl = \"postgres://mayfly_manager@127.0.0.1:{}/orders\"\n\
          password_file = \"{}\"\npool = 8\n[scopes]\n\"db:read\" = [\"GRANT orders_reader TO {{role}}\"]\n",

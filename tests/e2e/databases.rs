@@ -6,13 +6,12 @@
 use std::time::{Duration, Instant};
 
 use mayfly_client::pb;
-use mayfly_testkit::{PgServer, TestBroker, psql};
+use mayfly_testkit::{ORDERS_MANAGER_PASSWORD, PgServer, TestBroker, psql};
 use tonic::Code;
 
 use crate::common::{assert_status, audit_trail, start_request, task_leases};
 
 const ORDERS: &str = "postgres://orders";
-const MANAGER_PASSWORD: &str = "manager-secret-e2e";
 
 const POLICIES: &str = r#"
 @id("db-tasks")
@@ -29,22 +28,7 @@ when { ["db:read", "db:write"].containsAll(context.scopes) };
 "#;
 
 fn orders_db() -> PgServer {
-    let pg = PgServer::start();
-    pg.psql("postgres", "CREATE DATABASE orders").unwrap();
-    pg.psql(
-        "orders",
-        &format!(
-            "CREATE TABLE orders (id int, amount int);
-             INSERT INTO orders VALUES (1, 50);
-             CREATE ROLE orders_reader NOLOGIN;
-             GRANT SELECT ON orders TO orders_reader;
-             CREATE ROLE orders_writer NOLOGIN;
-             GRANT SELECT, INSERT ON orders TO orders_writer;
-             CREATE ROLE mayfly_manager LOGIN CREATEROLE PASSWORD '{MANAGER_PASSWORD}';"
-        ),
-    )
-    .unwrap();
-    pg
+    PgServer::orders()
 }
 
 async fn broker(pg: &PgServer, dir: &std::path::Path) -> TestBroker {
@@ -54,7 +38,7 @@ async fn broker(pg: &PgServer, dir: &std::path::Path) -> TestBroker {
 /// The broker, on the Redis at `redis` if one is given.
 async fn broker_on(pg: &PgServer, dir: &std::path::Path, redis: Option<String>) -> TestBroker {
     let pw = dir.join("manager.pw");
-    std::fs::write(&pw, MANAGER_PASSWORD).unwrap();
+    std::fs::write(&pw, ORDERS_MANAGER_PASSWORD).unwrap();
     let entry = format!(
         r#"
         name = "{ORDERS}"
@@ -546,7 +530,7 @@ async fn a_login_that_needs_approval_waits_for_an_operator_and_is_issued_once() 
     let pg = orders_db();
     let dir = tempfile::tempdir().unwrap();
     let pw = dir.path().join("manager.pw");
-    std::fs::write(&pw, MANAGER_PASSWORD).unwrap();
+    std::fs::write(&pw, ORDERS_MANAGER_PASSWORD).unwrap();
     let entry = format!(
         "name = \"{ORDERS}\"\nurl = \"postgres://mayfly_manager@127.0.0.1:{}/orders\"\n\
          password_file = \"{}\"\n[scopes]\n\"db:write\" = [\"GRANT orders_writer TO {{role}}\"]\n",

@@ -527,24 +527,17 @@ fn a_file_trail_with_the_redis_store_is_refused() {
 /// checked with psql.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_disabling_and_dropping_a_login_is_finished_after_restart() {
-    use mayfly_testkit::{PgServer, psql};
+    use mayfly_testkit::{ORDERS_MANAGER_PASSWORD, PgServer, psql};
     const ORDERS: &str = "postgres://orders";
-    let pg = PgServer::start();
-    pg.psql("postgres", "CREATE DATABASE orders").unwrap();
-    pg.psql(
-        "orders",
-        "CREATE TABLE orders (id int); INSERT INTO orders VALUES (7);
-         CREATE ROLE orders_reader NOLOGIN; GRANT SELECT ON orders TO orders_reader;
-         CREATE ROLE mayfly_manager LOGIN CREATEROLE PASSWORD 'crash-manager';
-         CREATE ROLE mayfly_0123456789abcdef01234567 LOGIN ROLE mayfly_manager;",
-    )
-    .unwrap();
+    let pg = PgServer::orders();
     // A login-shaped role no lease accounts for (its hold lost with a
     // store): the sweep drops it.
     let orphan = "mayfly_0123456789abcdef01234567";
+    pg.psql("orders", &format!("CREATE ROLE {orphan} LOGIN"))
+        .unwrap();
     let mut setup = Setup::new(None);
     let pw = setup.layout.dir.join("orders-manager.password");
-    std::fs::write(&pw, "crash-manager\n").unwrap();
+    std::fs::write(&pw, format!("{ORDERS_MANAGER_PASSWORD}\n")).unwrap();
     let mut text = std::fs::read_to_string(&setup.layout.config).unwrap();
     text.push_str(&format!(
         "\n[[databases]]\nname = \"{ORDERS}\"\n\
@@ -622,7 +615,7 @@ async fn a_crash_between_disabling_and_dropping_a_login_is_finished_after_restar
         "postgres://{}:{}@{}:{}/{}",
         env["PGUSER"], env["PGPASSWORD"], env["PGHOST"], env["PGPORT"], env["PGDATABASE"]
     );
-    assert_eq!(psql(&dsn, "SELECT id FROM orders").unwrap(), "7");
+    assert_eq!(psql(&dsn, "SELECT amount FROM orders").unwrap(), "50");
     let user = env["PGUSER"].clone();
     let roles = |pg: &PgServer| {
         pg.psql(

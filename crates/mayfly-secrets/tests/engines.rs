@@ -9,31 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use mayfly_secrets::{DatabaseConfig, Engine, EngineError, LoginRequest, login_name};
-use mayfly_testkit::{PgServer, RedisServer, psql};
+use mayfly_testkit::{ORDERS_MANAGER_PASSWORD, PgServer, RedisServer, psql};
 
-const MANAGER_PASSWORD: &str = "manager-secret-7f3a";
-
-/// A PostgreSQL with an `orders` database, reader and writer roles, and a
-/// role manager that is no superuser (CREATEROLE only).
+/// The shared `orders` database ([`PgServer::orders`]).
 fn orders_db() -> PgServer {
-    let pg = PgServer::start();
-    pg.psql("postgres", "CREATE DATABASE orders").unwrap();
-    pg.psql(
-        "orders",
-        &format!(
-            "CREATE TABLE orders (id int, amount int);
-             INSERT INTO orders VALUES (1, 50);
-             CREATE ROLE orders_reader NOLOGIN;
-             GRANT SELECT ON orders TO orders_reader;
-             CREATE ROLE orders_writer NOLOGIN;
-             GRANT SELECT, INSERT ON orders TO orders_writer;
-             CREATE ROLE orders_owner NOLOGIN;
-             CREATE ROLE mayfly_manager LOGIN CREATEROLE PASSWORD '{MANAGER_PASSWORD}';
-             GRANT CONNECT ON DATABASE orders TO mayfly_manager;"
-        ),
-    )
-    .unwrap();
-    pg
+    PgServer::orders()
 }
 
 fn engine(dir: &Path, text: &str) -> Arc<dyn Engine> {
@@ -46,7 +26,11 @@ fn engine(dir: &Path, text: &str) -> Arc<dyn Engine> {
 }
 
 fn postgres_engine(pg: &PgServer, dir: &Path, owned: &str) -> Arc<dyn Engine> {
-    std::fs::write(dir.join("manager.pw"), format!("{MANAGER_PASSWORD}\n")).unwrap();
+    std::fs::write(
+        dir.join("manager.pw"),
+        format!("{ORDERS_MANAGER_PASSWORD}\n"),
+    )
+    .unwrap();
     engine(
         dir,
         &format!(
@@ -274,7 +258,7 @@ async fn a_role_that_owns_objects_and_holds_grants_is_still_dropped() {
 async fn a_grant_that_fails_leaves_no_role_and_a_stopped_server_is_unavailable() {
     let mut pg = orders_db();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("manager.pw"), MANAGER_PASSWORD).unwrap();
+    std::fs::write(dir.path().join("manager.pw"), ORDERS_MANAGER_PASSWORD).unwrap();
     let engine = engine(
         dir.path(),
         &format!(

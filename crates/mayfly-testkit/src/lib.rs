@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 pub use dpop::DpopKey;
 pub use mayfly_broker::dev::Credential;
 pub use oidc::{JwksServer, TokenIssuer};
-pub use postgres::{PgServer, psql};
+pub use postgres::{ORDERS_MANAGER_PASSWORD, PgServer, psql};
 pub use redis::RedisServer;
 pub use workload_api::WorkloadApi;
 

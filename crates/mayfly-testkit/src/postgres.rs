@@ -8,6 +8,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The password of `mayfly_manager` in [`PgServer::orders`].
+pub const ORDERS_MANAGER_PASSWORD: &str = "orders-manager-secret";
+
 /// A PostgreSQL server. Dropping it stops the server.
 pub struct PgServer {
     port: u16,
@@ -145,6 +148,34 @@ impl PgServer {
         };
         server.start_again();
         server
+    }
+
+    /// A server with the `orders` database the database-login tests and
+    /// benches share: a table `orders (id int, amount int)` holding
+    /// `(1, 50)`; roles `orders_reader` (SELECT on it), `orders_writer`
+    /// (SELECT, INSERT) and `orders_owner` (nothing); and
+    /// `mayfly_manager`, a role manager that is no superuser (`LOGIN
+    /// CREATEROLE`, password [`ORDERS_MANAGER_PASSWORD`]).
+    pub fn orders() -> Self {
+        let pg = Self::start();
+        pg.psql("postgres", "CREATE DATABASE orders")
+            .expect("CREATE DATABASE");
+        pg.psql(
+            "orders",
+            &format!(
+                "CREATE TABLE orders (id int, amount int);
+                 INSERT INTO orders VALUES (1, 50);
+                 CREATE ROLE orders_reader NOLOGIN;
+                 GRANT SELECT ON orders TO orders_reader;
+                 CREATE ROLE orders_writer NOLOGIN;
+                 GRANT SELECT, INSERT ON orders TO orders_writer;
+                 CREATE ROLE orders_owner NOLOGIN;
+                 CREATE ROLE mayfly_manager LOGIN CREATEROLE \
+                   PASSWORD '{ORDERS_MANAGER_PASSWORD}';"
+            ),
+        )
+        .expect("the orders database");
+        pg
     }
 
     /// Starts the stopped server again, on a new free port if its own is
