@@ -101,7 +101,9 @@ class Broker:
             shutil.copy(trail, Path(keep) / f"python-sdk-{uuid.uuid4().hex}.jsonl")
 
 
-def start_broker(root: Path, *, heartbeat: str = "5s", extra: str = "") -> Broker:
+def start_broker(
+    root: Path, *, heartbeat: str = "5s", extra: str = "", policies: str = ""
+) -> Broker:
     profile = root / ".mayfly-dev"
     subprocess.run([mayfly_bin(), "dev", "init", "--dir", str(profile)], check=True)
     for identity in (OTHER_AGENT, SERVICE):
@@ -133,6 +135,8 @@ permit (
 when {{ ["read"].containsAll(context.scope_prefixes) }};
 """
     )
+    if policies:
+        (profile / "policies" / "extra.cedar").write_text(policies)
     prof = profile / "profile.toml"
     prof.write_text(prof.read_text().replace("localhost:8710", f"localhost:{grpc}"))
     b = Broker(
@@ -164,3 +168,28 @@ def own_broker(tmp_path: Path) -> Iterator[Broker]:
         yield b
     finally:
         b.stop()
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail("redis-server is not installed")
+    port = free_port()
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            assert time.monotonic() < deadline, "redis-server did not listen"
+            time.sleep(0.05)
+    try:
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -50,7 +50,15 @@ from mayfly.errors import (
     Unavailable,
     VerifyError,
 )
-from mayfly.types import Approval, ApprovalState, Certificate, TaskInfo, TaskState, Token
+from mayfly.types import (
+    Approval,
+    ApprovalState,
+    Certificate,
+    DatabaseLogin,
+    TaskInfo,
+    TaskState,
+    Token,
+)
 from mayfly.verify import FeedConfig, VerifiedToken, Verifier
 from mayfly.workload_token import WorkloadToken
 
@@ -69,6 +77,7 @@ __all__ = [
     "ConfigError",
     "Connection",
     "Connector",
+    "DatabaseLogin",
     "DpopKey",
     "DpopRequest",
     "FeedConfig",

@@ -28,7 +28,7 @@ from mayfly._flow import C, Call, Flow, Hold, P, Renew, adopt, operation, pure
 from mayfly.config import Connection
 from mayfly.dpop import DpopKey
 from mayfly.errors import ApprovalDenied, ApprovalRequired, BrokerError, TaskEnded
-from mayfly.types import Approval, ApprovalState, Certificate, TaskInfo, Token
+from mayfly.types import Approval, ApprovalState, Certificate, DatabaseLogin, TaskInfo, Token
 from mayfly.v1 import broker_pb2
 from mayfly.workload_token import RENEWABLE
 
@@ -343,6 +343,33 @@ class TaskCore:
             raise ApprovalRequired(Approval.from_pb(got.approval))
         return w.certificate(got, key)
 
+    def database_login(
+        self,
+        database: str,
+        scopes: Sequence[str] = (),
+        *,
+        ttl: float | dt.timedelta | None = None,
+        approval_id: str | None = None,
+        wait_for_approval: float | None = None,
+    ) -> Flow[DatabaseLogin]:
+        """A login in `database` (its configured name, e.g.
+        "postgres://orders") granted `scopes`: a user and password made for
+        this task and dropped from the database when its lease ends. Each
+        call makes a new login (nothing is cached: a login is a secret).
+        If policy requires approval this raises `ApprovalRequired`, or with
+        `wait_for_approval=seconds` waits for the operator and collects
+        the login."""
+        request = w.database_login_request(self.info.task_id, database, scopes, ttl, approval_id)
+        got = yield from self._broker.call(w.ISSUE_DATABASE_CREDENTIAL, request)
+        if got.HasField("approval"):
+            approval = Approval.from_pb(got.approval)
+            if wait_for_approval is None:
+                raise ApprovalRequired(approval)
+            yield from self._broker.wait_for_approval(approval.approval_id, wait_for_approval)
+            request.approval_id = approval.approval_id
+            got = yield from self._broker.call(w.ISSUE_DATABASE_CREDENTIAL, request)
+        return DatabaseLogin.from_pb(got)
+
     def update_context(
         self,
         set: Mapping[str, str] | None = None,
@@ -403,6 +430,7 @@ class TaskMethods:
     token = operation(TaskCore.token)
     forget = pure(TaskCore.forget)
     certificate = operation(TaskCore.certificate)
+    database_login = operation(TaskCore.database_login)
     update_context = operation(TaskCore.update_context)
     delegate = operation(TaskCore.delegate)
 

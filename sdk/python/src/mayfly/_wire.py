@@ -56,6 +56,11 @@ UPDATE_CONTEXT = _rpc(
     broker_pb2.UpdateTaskContextRequest,
     broker_pb2.UpdateTaskContextResponse,
 )
+ISSUE_DATABASE_CREDENTIAL = _rpc(
+    "IssueDatabaseCredential",
+    broker_pb2.IssueDatabaseCredentialRequest,
+    broker_pb2.DatabaseCredential,
+)
 WAIT_APPROVAL = _rpc("WaitApproval", broker_pb2.WaitApprovalRequest, types_pb2.Approval)
 DELEGATE_TASK = _rpc("DelegateTask", broker_pb2.DelegateTaskRequest, types_pb2.Task)
 
@@ -107,6 +112,24 @@ def token_request(
         ttl_seconds=ttl_seconds(ttl),
         bind_to_client_cert=bind,
         dpop_jwk=dpop_jwk or "",
+        approval_id=approval_id or "",
+    )
+
+
+def database_login_request(
+    task_id: str,
+    database: str,
+    scopes: Sequence[str],
+    ttl: float | dt.timedelta | None,
+    approval_id: str | None,
+) -> broker_pb2.IssueDatabaseCredentialRequest:
+    if isinstance(scopes, str):
+        raise TypeError("scopes is a list of strings, not a string")
+    return broker_pb2.IssueDatabaseCredentialRequest(
+        task_id=task_id,
+        database=database,
+        scopes=list(scopes),
+        ttl_seconds=ttl_seconds(ttl),
         approval_id=approval_id or "",
     )
 

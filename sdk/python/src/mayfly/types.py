@@ -159,6 +159,35 @@ class Token:
 
 
 @dataclass(frozen=True)
+class DatabaseLogin:
+    """A login made in a database for this task (a PostgreSQL role, a Redis
+    ACL user), dropped from it when the lease ends. `password` and `dsn`
+    (a URL with both in it) exist only here: the broker keeps neither, and
+    neither is in the repr."""
+
+    lease_id: str
+    database: str
+    user: str
+    password: str = field(repr=False)
+    dsn: str = field(repr=False)
+    expires_at: dt.datetime
+
+    @classmethod
+    def from_pb(cls, c: broker_pb2.DatabaseCredential) -> DatabaseLogin:
+        return cls(
+            lease_id=c.lease_id,
+            database=c.database,
+            user=c.user,
+            password=c.password,
+            dsn=c.dsn,
+            expires_at=_time(c.expires_at),
+        )
+
+    def seconds_left(self, now: float | None = None) -> float:
+        return self.expires_at.timestamp() - (time.time() if now is None else now)
+
+
+@dataclass(frozen=True)
 class Certificate:
     """An X.509-SVID of a task: its SPIFFE ID is the agent's with
     `/task/<task_id>` appended. The private key was made here and never
