@@ -44,6 +44,7 @@ async fn broker_on(pg: &PgServer, dir: &std::path::Path, redis: Option<String>) 
         name = "{ORDERS}"
         url = "postgres://mayfly_manager@127.0.0.1:{}/orders"
         password_file = "{}"
+        max_ttl = "2m"
         [scopes]
         "db:read" = ["GRANT orders_reader TO {{role}}"]
         "db:write" = ["GRANT orders_writer TO {{role}}"]
@@ -121,6 +122,29 @@ async fn a_database_login_lives_and_dies_with_its_task() {
         .into_inner();
     assert!(login.user.starts_with("mayfly_"), "{}", login.user);
     assert_eq!(login.database, ORDERS);
+    // The database's own maximum lifetime (2m, under the tokens' 15m),
+    // which PostgreSQL enforces as VALID UNTIL.
+    let expires = login.expires_at.unwrap().seconds;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (now + 100..=now + 120).contains(&expires),
+        "a login for {} s",
+        expires - now
+    );
+    let until = pg
+        .psql(
+            "orders",
+            &format!(
+                "SELECT extract(epoch FROM rolvaliduntil)::bigint FROM pg_roles \
+                 WHERE rolname = '{}'",
+                login.user
+            ),
+        )
+        .unwrap();
+    assert_eq!(until, expires.to_string());
     assert_eq!(psql(&login.dsn, "SELECT amount FROM orders").unwrap(), "50");
     let refused = psql(&login.dsn, "INSERT INTO orders VALUES (2, 1)").unwrap_err();
     assert!(refused.contains("permission denied"), "{refused}");

@@ -11,6 +11,8 @@
 //! prefix = "mayfly_"
 //! connection_limit = 5
 //! owned = "drop"                         # or "reassign:orders_owner"
+//! default_ttl = "15m"                    # else the token lifetimes
+//! max_ttl = "1h"
 //! [databases.scopes]
 //! "db:read" = ["GRANT orders_reader TO {role}"]
 //! ```
@@ -22,6 +24,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -80,6 +83,14 @@ pub struct DatabaseConfig {
     /// `drop` or `reassign:<role>` (PostgreSQL).
     #[serde(default = "default_owned")]
     pub owned: String,
+    /// A login's lifetime when the request asks for none (`"15m"`); by
+    /// default the broker's token default, within `max_ttl`.
+    #[serde(default)]
+    pub default_ttl: Option<String>,
+    /// No login lives longer (`"1h"`); by default the broker's token
+    /// maximum.
+    #[serde(default)]
+    pub max_ttl: Option<String>,
     /// What each scope grants: for PostgreSQL `GRANT … TO {role}`
     /// statements, for Redis ACL rules (`~orders:*`, `+@read`).
     pub scopes: BTreeMap<String, Vec<String>>,
@@ -181,7 +192,35 @@ impl DatabaseConfig {
     }
 
     /// Checks the parts every engine shares.
+    /// `default_ttl` and `max_ttl`, each a whole number of seconds, at
+    /// least 1 s, and the default within the maximum.
+    pub fn lifetimes(&self) -> Result<(Option<Duration>, Option<Duration>), ConfigError> {
+        let parse = |field: &str, text: &Option<String>| -> Result<Option<Duration>, ConfigError> {
+            let Some(text) = text else { return Ok(None) };
+            match humantime::parse_duration(text) {
+                Ok(d) if d.subsec_nanos() == 0 && !d.is_zero() => Ok(Some(d)),
+                Ok(_) => Err(self.invalid(format!(
+                    "{field} must be a whole number of seconds, at least 1s"
+                ))),
+                Err(e) => Err(self.invalid(format!(
+                    "{field} {text:?}: {e} (e.g. \"90s\", \"5m\", \"1h\")"
+                ))),
+            }
+        };
+        let (default, max) = (
+            parse("default_ttl", &self.default_ttl)?,
+            parse("max_ttl", &self.max_ttl)?,
+        );
+        if let (Some(d), Some(m)) = (default, max)
+            && d > m
+        {
+            return Err(self.invalid("default_ttl is longer than max_ttl"));
+        }
+        Ok((default, max))
+    }
+
     fn check_common(&self) -> Result<(), ConfigError> {
+        self.lifetimes()?;
         if self.name.is_empty() || self.name.len() > 255 || self.name.contains(char::is_whitespace)
         {
             return Err(self.invalid("the name must be 1 to 255 characters, no spaces"));
@@ -266,6 +305,38 @@ mod tests {
         }
         let file: File = toml::from_str(toml_text).unwrap();
         file.databases.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn lifetimes_are_whole_seconds_and_the_default_within_the_maximum() {
+        let with = |lines: &str| {
+            entry(&format!(
+                "[[databases]]\nname = \"postgres://orders\"\n\
+                 url = \"postgres://manager@127.0.0.1:5432/orders\"\n{lines}\n\
+                 [databases.scopes]\n\"db:read\" = [\"GRANT r TO {{role}}\"]\n"
+            ))
+            .lifetimes()
+        };
+        assert_eq!(with("").unwrap(), (None, None));
+        assert_eq!(
+            with("default_ttl = \"5m\"\nmax_ttl = \"1h\"").unwrap(),
+            (
+                Some(Duration::from_secs(300)),
+                Some(Duration::from_secs(3600))
+            )
+        );
+        for (lines, says) in [
+            (
+                "default_ttl = \"2h\"\nmax_ttl = \"1h\"",
+                "longer than max_ttl",
+            ),
+            ("max_ttl = \"1500ms\"", "whole number of seconds"),
+            ("max_ttl = \"0s\"", "whole number of seconds"),
+            ("max_ttl = \"soon\"", "e.g."),
+        ] {
+            let e = with(lines).unwrap_err().to_string();
+            assert!(e.contains(says), "{lines}: {e}");
+        }
     }
 
     #[test]

@@ -201,6 +201,19 @@ pub struct Lifetimes {
     pub approval_ttl: Duration,
     /// How many delegations may separate a task from its root.
     pub max_delegation_depth: usize,
+    /// Per database (`[[databases]]` name): a login's default and maximum
+    /// lifetime, the token lifetimes where the entry sets none.
+    pub databases: std::collections::BTreeMap<String, (Duration, Duration)>,
+}
+
+impl Lifetimes {
+    /// The default and maximum lifetime of a login in `database`.
+    pub fn database(&self, database: &str) -> (Duration, Duration) {
+        self.databases
+            .get(database)
+            .copied()
+            .unwrap_or((self.token_default_ttl, self.token_max_ttl))
+    }
 }
 
 /// Who may introspect tokens of which audiences (`[[introspection]]`).
@@ -366,6 +379,24 @@ impl Config {
             cert_max_ttl: certs.max_ttl,
             approval_ttl: self.approvals.ttl,
             max_delegation_depth: tasks.max_delegation_depth,
+            databases: self
+                .databases
+                .iter()
+                .map(|d| {
+                    let (default, max) = d
+                        .lifetimes()
+                        .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+                    let max = max.unwrap_or(tokens.max_ttl);
+                    let default = default.unwrap_or(tokens.default_ttl.min(max));
+                    if default > max {
+                        return invalid(format!(
+                            "[[databases]] {:?}: default_ttl is longer than max_ttl",
+                            d.name
+                        ));
+                    }
+                    Ok((d.name.clone(), (default, max)))
+                })
+                .collect::<Checked<_>>()?,
         })
     }
 

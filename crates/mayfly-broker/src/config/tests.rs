@@ -531,3 +531,30 @@ fn resource_servers_are_named_once_and_find_a_token_s_recipient() {
         assert!(err.contains(needle), "{needle}: {err}");
     }
 }
+
+#[test]
+fn a_database_may_shorten_its_logins_lifetimes() {
+    let base = Path::new("/etc/mayfly");
+    let with = |lines: &str| {
+        let text = format!(
+            "{MINIMAL}\n[[databases]]\nname = \"postgres://orders\"\n\
+             url = \"postgres://manager@127.0.0.1:5432/orders\"\n{lines}\n\
+             [databases.scopes]\n\"db:read\" = [\"GRANT r TO {{role}}\"]\n"
+        );
+        Config::parse(&text, base).and_then(|c| c.settings())
+    };
+    let minutes = |m: u64| Duration::from_secs(m * 60);
+    // The tokens' lifetimes (5m, 15m) where the entry sets none; a
+    // maximum under the tokens' default lowers the default too.
+    let l = with("").unwrap().lifetimes;
+    assert_eq!(l.database("postgres://orders"), (minutes(5), minutes(15)));
+    let l = with("max_ttl = \"2m\"").unwrap().lifetimes;
+    assert_eq!(l.database("postgres://orders"), (minutes(2), minutes(2)));
+    let l = with("default_ttl = \"1m\"\nmax_ttl = \"1h\"")
+        .unwrap()
+        .lifetimes;
+    assert_eq!(l.database("postgres://orders"), (minutes(1), minutes(60)));
+    // A default beyond the maximum it falls back to is refused.
+    let e = with("default_ttl = \"20m\"").unwrap_err().to_string();
+    assert!(e.contains("default_ttl is longer than max_ttl"), "{e}");
+}

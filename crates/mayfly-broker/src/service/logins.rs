@@ -41,10 +41,11 @@ impl Kind for DatabaseLogin<'_> {
     }
 
     fn lifetime(&self, lifetimes: &Lifetimes) -> Lifetime {
+        let (default, max) = lifetimes.database(self.req.database.as_str());
         Lifetime {
             asked: self.req.ttl,
-            default: lifetimes.token_default_ttl,
-            max: lifetimes.token_max_ttl,
+            default,
+            max,
         }
     }
 
