@@ -82,6 +82,32 @@ async fn recorded(op: &mayfly_client::Client, event: &str, user: &str) -> Vec<St
     }
 }
 
+/// A task of `agent` for `database` with `scopes`; its id.
+async fn open_task(agent: &mayfly_client::Client, database: &str, scopes: &[&str]) -> String {
+    agent
+        .broker()
+        .start_task(start_request("reconcile orders", &[database], scopes))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id
+}
+
+/// A login of `agent` under `task`, which must be issued (or pending).
+async fn login(
+    agent: &mayfly_client::Client,
+    task: &str,
+    database: &str,
+    scopes: &[&str],
+) -> pb::DatabaseCredential {
+    agent
+        .broker()
+        .issue_database_credential(login_request(task, database, scopes))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn login_request(
     task: &str,
     database: &str,
@@ -103,23 +129,9 @@ async fn a_database_login_lives_and_dies_with_its_task() {
     let broker = broker(&pg, dir.path()).await;
     let agent = broker.agent().await;
     let op = broker.operator().await;
-    let task = agent
-        .broker()
-        .start_task(start_request(
-            "reconcile orders",
-            &[ORDERS],
-            &["db:read", "db:write"],
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let task = open_task(&agent, ORDERS, &["db:read", "db:write"]).await;
 
-    let login = agent
-        .broker()
-        .issue_database_credential(login_request(&task.task_id, ORDERS, &["db:read"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let login = login(&agent, &task, ORDERS, &["db:read"]).await;
     assert!(login.user.starts_with("mayfly_"), "{}", login.user);
     assert_eq!(login.database, ORDERS);
     // The database's own maximum lifetime (2m, under the tokens' 15m),
@@ -148,7 +160,7 @@ async fn a_database_login_lives_and_dies_with_its_task() {
     assert_eq!(psql(&login.dsn, "SELECT amount FROM orders").unwrap(), "50");
     let refused = psql(&login.dsn, "INSERT INTO orders VALUES (2, 1)").unwrap_err();
     assert!(refused.contains("permission denied"), "{refused}");
-    let lease = task_leases(&op, &task.task_id)
+    let lease = task_leases(&op, &task)
         .await
         .into_iter()
         .find(|l| l.lease_id == login.lease_id)
@@ -177,7 +189,7 @@ async fn a_database_login_lives_and_dies_with_its_task() {
         std::future::ready(open == "1")
     })
     .await;
-    agent.complete_task(&task.task_id).await.unwrap();
+    agent.complete_task(&task).await.unwrap();
     let completed = Instant::now();
     let ended = loop {
         if let Some(status) = open.try_wait().unwrap() {
@@ -247,36 +259,26 @@ async fn what_is_not_exactly_allowed_is_refused_and_a_database_down_issues_nothi
     let broker = broker(&pg, dir.path()).await;
     let agent = broker.agent().await;
     let op = broker.operator().await;
-    let task = agent
-        .broker()
-        .start_task(start_request("reconcile orders", &[ORDERS], &["db:read"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let task = open_task(&agent, ORDERS, &["db:read"]).await;
     let issue = |req| {
         let agent = agent.clone();
         async move { agent.broker().issue_database_credential(req).await }
     };
 
     assert_status(
-        issue(login_request(
-            &task.task_id,
-            "postgres://payroll",
-            &["db:read"],
-        ))
-        .await,
+        issue(login_request(&task, "postgres://payroll", &["db:read"])).await,
         Code::NotFound,
         "not configured",
     );
     // Defined by the database, but outside the task's envelope.
     assert_status(
-        issue(login_request(&task.task_id, ORDERS, &["db:write"])).await,
+        issue(login_request(&task, ORDERS, &["db:write"])).await,
         Code::PermissionDenied,
         "db:write",
     );
     // Inside neither.
     assert_status(
-        issue(login_request(&task.task_id, ORDERS, &["db:drop"])).await,
+        issue(login_request(&task, ORDERS, &["db:drop"])).await,
         Code::InvalidArgument,
         "db:drop",
     );
@@ -285,7 +287,7 @@ async fn what_is_not_exactly_allowed_is_refused_and_a_database_down_issues_nothi
     assert_status(
         other
             .broker()
-            .issue_database_credential(login_request(&task.task_id, ORDERS, &["db:read"]))
+            .issue_database_credential(login_request(&task, ORDERS, &["db:read"]))
             .await,
         Code::NotFound,
         "task",
@@ -293,17 +295,17 @@ async fn what_is_not_exactly_allowed_is_refused_and_a_database_down_issues_nothi
 
     // A login made while the database is up, whose task ends while it is
     // down: its drop waits for the database and finishes when it returns.
-    let login = issue(login_request(&task.task_id, ORDERS, &["db:read"]))
+    let login = issue(login_request(&task, ORDERS, &["db:read"]))
         .await
         .unwrap()
         .into_inner();
     pg.stop();
     assert_status(
-        issue(login_request(&task.task_id, ORDERS, &["db:read"])).await,
+        issue(login_request(&task, ORDERS, &["db:read"])).await,
         Code::Unavailable,
         "orders",
     );
-    let logins = task_leases(&op, &task.task_id)
+    let logins = task_leases(&op, &task)
         .await
         .into_iter()
         .filter(|l| l.kind == pb::LeaseKind::DatabaseLogin as i32)
@@ -311,7 +313,7 @@ async fn what_is_not_exactly_allowed_is_refused_and_a_database_down_issues_nothi
     assert_eq!(logins.len(), 1, "a lease was left for a login never made");
     assert_eq!(logins[0].lease_id, login.lease_id);
 
-    agent.complete_task(&task.task_id).await.unwrap();
+    agent.complete_task(&task).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let metrics = crate::common::scrape(&broker).await;
     assert!(
@@ -349,26 +351,16 @@ async fn a_login_that_cannot_be_dropped_does_not_hold_up_the_others() {
     let broker = broker(&pg, dir.path()).await;
     let agent = broker.agent().await;
     let op = broker.operator().await;
-    let task = agent
-        .broker()
-        .start_task(start_request("reconcile orders", &[ORDERS], &["db:read"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let task = open_task(&agent, ORDERS, &["db:read"]).await;
     let mut users = Vec::new();
     for _ in 0..4 {
-        let login = agent
-            .broker()
-            .issue_database_credential(login_request(&task.task_id, ORDERS, &["db:read"]))
-            .await
-            .unwrap()
-            .into_inner();
+        let login = login(&agent, &task, ORDERS, &["db:read"]).await;
         users.push(login.user);
     }
     let stuck = users[1].clone();
     pg.psql("orders", &format!("ALTER ROLE \"{stuck}\" SUPERUSER"))
         .unwrap();
-    agent.complete_task(&task.task_id).await.unwrap();
+    agent.complete_task(&task).await.unwrap();
 
     for user in users.iter().filter(|u| **u != stuck) {
         recorded(&op, "database_login_dropped", user).await;
@@ -419,23 +411,13 @@ async fn replicas_drop_each_login_once() {
     let b = a.replica().await;
     let (agent_a, agent_b) = (a.agent().await, b.agent().await);
     let op = a.operator().await;
-    let task = agent_a
-        .broker()
-        .start_task(start_request("reconcile orders", &[ORDERS], &["db:read"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let task = open_task(&agent_a, ORDERS, &["db:read"]).await;
     let mut users = Vec::new();
     for agent in [&agent_a, &agent_b, &agent_a, &agent_b, &agent_a, &agent_b] {
-        let login = agent
-            .broker()
-            .issue_database_credential(login_request(&task.task_id, ORDERS, &["db:read"]))
-            .await
-            .unwrap()
-            .into_inner();
+        let login = login(&agent, &task, ORDERS, &["db:read"]).await;
         users.push(login.user);
     }
-    agent_b.complete_task(&task.task_id).await.unwrap();
+    agent_b.complete_task(&task).await.unwrap();
 
     for user in users.iter().chain([&orphan.to_owned()]) {
         recorded(&op, "database_login_dropped", user).await;
@@ -501,18 +483,8 @@ async fn a_redis_login_lives_and_dies_with_its_task() {
         .query_async(&mut admin)
         .await
         .unwrap();
-    let task = agent
-        .broker()
-        .start_task(start_request("cache orders", &[CACHE], &["cache:read"]))
-        .await
-        .unwrap()
-        .into_inner();
-    let login = agent
-        .broker()
-        .issue_database_credential(login_request(&task.task_id, CACHE, &["cache:read"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let task = open_task(&agent, CACHE, &["cache:read"]).await;
+    let login = login(&agent, &task, CACHE, &["cache:read"]).await;
     let client = redis::Client::open(login.dsn.as_str()).unwrap();
     let mut con = client.get_multiplexed_async_connection().await.unwrap();
     let got: String = redis::cmd("GET")
@@ -528,7 +500,7 @@ async fn a_redis_login_lives_and_dies_with_its_task() {
         .await;
     assert!(write.is_err(), "a read login wrote");
 
-    agent.complete_task(&task.task_id).await.unwrap();
+    agent.complete_task(&task).await.unwrap();
     let until = Instant::now() + Duration::from_secs(10);
     while client.get_multiplexed_async_connection().await.is_ok() {
         assert!(
@@ -572,18 +544,8 @@ async fn a_login_that_needs_approval_waits_for_an_operator_and_is_issued_once() 
     .await;
     let agent = broker.agent().await;
     let op = broker.operator().await;
-    let task = agent
-        .broker()
-        .start_task(start_request("fix an order", &[ORDERS], &["db:write"]))
-        .await
-        .unwrap()
-        .into_inner();
-    let pending = agent
-        .broker()
-        .issue_database_credential(login_request(&task.task_id, ORDERS, &["db:write"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let task = open_task(&agent, ORDERS, &["db:write"]).await;
+    let pending = login(&agent, &task, ORDERS, &["db:write"]).await;
     let approval = pending.approval.expect("an approval, not a login");
     assert!(pending.user.is_empty() && pending.password.is_empty());
     assert_eq!(approval.kind, pb::LeaseKind::DatabaseLogin as i32);
@@ -597,7 +559,7 @@ async fn a_login_that_needs_approval_waits_for_an_operator_and_is_issued_once() 
         })
         .await
         .unwrap();
-    let mut req = login_request(&task.task_id, ORDERS, &["db:write"]);
+    let mut req = login_request(&task, ORDERS, &["db:write"]);
     req.approval_id = approval.approval_id.clone();
     let login = agent
         .broker()

@@ -35,6 +35,9 @@ from mayfly.workload_token import RENEWABLE
 log = logging.getLogger("mayfly")
 
 Resp = TypeVar("Resp", bound=Message)
+# What may answer with an approval instead, and the requests that ask.
+Issued = TypeVar("Issued", broker_pb2.IssuedToken, broker_pb2.DatabaseCredential)
+IssueRequest = broker_pb2.IssueTokenRequest | broker_pb2.IssueDatabaseCredentialRequest
 
 # --- decisions -------------------------------------------------------------
 
@@ -211,6 +214,28 @@ class BrokerCore(Generic[TaskT]):
             if left <= 1:
                 raise TimeoutError(f"approval {approval_id} is still pending after {timeout} s")
 
+    def call_approved(
+        self,
+        rpc: w.Rpc[Any, Issued],
+        request: IssueRequest,
+        wait_for_approval: float | None,
+    ) -> Flow[tuple[Issued, float]]:
+        """`rpc` with `request` (an issuing request with an `approval_id`),
+        and the wall time it was sent at. An answer that is an approval
+        raises `ApprovalRequired`, or with `wait_for_approval=seconds`
+        waits for the operator and sends the request again with its id."""
+        sent_at = self.wall()
+        got = yield from self.call(rpc, request)
+        if not got.HasField("approval"):
+            return got, sent_at
+        approval = Approval.from_pb(got.approval)
+        if wait_for_approval is None:
+            raise ApprovalRequired(approval)
+        yield from self.wait_for_approval(approval.approval_id, wait_for_approval)
+        request.approval_id = approval.approval_id
+        sent_at = self.wall()
+        return (yield from self.call(rpc, request)), sent_at
+
 
 class TaskCore:
     """One task of the agent: what the broker last said of it, and the
@@ -313,16 +338,9 @@ class TaskCore:
             ttl=ttl,
             approval_id=approval_id,
         )
-        issued_at = self._broker.wall()
-        got = yield from self._broker.call(w.ISSUE_TOKEN, request)
-        if got.HasField("approval"):
-            approval = Approval.from_pb(got.approval)
-            if wait_for_approval is None:
-                raise ApprovalRequired(approval)
-            yield from self._broker.wait_for_approval(approval.approval_id, wait_for_approval)
-            request.approval_id = approval.approval_id
-            issued_at = self._broker.wall()
-            got = yield from self._broker.call(w.ISSUE_TOKEN, request)
+        got, issued_at = yield from self._broker.call_approved(
+            w.ISSUE_TOKEN, request, wait_for_approval
+        )
         token = Token.from_pb(got)
         self._tokens.put(key, token, issued_at)
         return token
@@ -360,14 +378,9 @@ class TaskCore:
         `wait_for_approval=seconds` waits for the operator and collects
         the login."""
         request = w.database_login_request(self.info.task_id, database, scopes, ttl, approval_id)
-        got = yield from self._broker.call(w.ISSUE_DATABASE_CREDENTIAL, request)
-        if got.HasField("approval"):
-            approval = Approval.from_pb(got.approval)
-            if wait_for_approval is None:
-                raise ApprovalRequired(approval)
-            yield from self._broker.wait_for_approval(approval.approval_id, wait_for_approval)
-            request.approval_id = approval.approval_id
-            got = yield from self._broker.call(w.ISSUE_DATABASE_CREDENTIAL, request)
+        got, _ = yield from self._broker.call_approved(
+            w.ISSUE_DATABASE_CREDENTIAL, request, wait_for_approval
+        )
         return DatabaseLogin.from_pb(got)
 
     def update_context(
