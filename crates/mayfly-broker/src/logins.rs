@@ -5,22 +5,27 @@
 //! crash at any point and is shared by every replica. A login is dropped
 //! when its lease is no longer active (revoked, expired, or never recorded
 //! after [`UNRECORDED_GRACE`]): at once when the revocation feed names it,
-//! and on every pass for expiries and for anything missed. The logins due
-//! are dropped per database, [`BATCH`] at a time: [`Engine::disable`] of
-//! the whole batch first (no new session for any, open ones ended), then
-//! [`Engine::remove`] of each (a few at once) and a check that it is gone;
-//! only then is its `database_login_dropped` recorded and it released. A
-//! mass revocation thus shuts every login within a batch's disable, and
-//! the feed's burst of events is taken together.
+//! and on every pass for expiries and for anything missed.
 //!
-//! Every replica runs a dropper over the same holds. Before it drops a
-//! login a replica claims the drop in the store for [`CLAIM_FOR`]
-//! ([`ReplayGuard::first_use`]) and checks the login is still held, so
-//! each login is dropped and recorded once; a replica that dies holding a
-//! claim leaves the login to the others (or to itself, restarted) when it
-//! lapses. A replica stalled past its claim in the middle of a batch may
-//! see another drop the same login beside it: every step is idempotent,
-//! and the only cost is a second record.
+//! The logins due are taken per database, [`BATCH`] at a time, in two
+//! stages. The dropper itself disables each batch at once
+//! ([`Engine::disable`]: no new session for any, open ones told to end),
+//! so a revocation is never kept waiting behind another's removal. The
+//! removal runs in a task of its own, one batch per database at a time:
+//! it waits until the batch's sessions have [`Engine::ended`], removes
+//! each login ([`Engine::remove`], a few at once) and checks it is gone,
+//! then reports back; only then is each `database_login_dropped` recorded
+//! and the login released. A mass revocation thus shuts every login
+//! within the disables, and the feed's burst of events is taken together.
+//!
+//! Every replica runs a dropper over the same holds. Before it disables a
+//! login, and again before it removes it, a replica claims that step in
+//! the store for [`CLAIM_FOR`] ([`ReplayGuard::first_use`]) and checks the
+//! login is still held, so each login is removed and recorded once; a
+//! replica that dies holding a claim leaves the login to the others (or to
+//! itself, restarted) when it lapses. A replica stalled past its claim in
+//! the middle of a removal may see another remove the same login beside
+//! it: every step is idempotent, and the only cost is a second record.
 //!
 //! A database that cannot be reached is retried with a backoff per
 //! database (1 s doubling to [`MAX_BACKOFF`]), never per login, so a
@@ -45,6 +50,7 @@ use futures_util::StreamExt;
 use mayfly_core::{Lease, LeaseId, LeaseKind, LeaseStatus, SpiffeId, Timestamp};
 use mayfly_secrets::{Engine, EngineError};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::{Semaphore, mpsc};
 
 use crate::audit::{AuditRecord, Event};
 use crate::feed::FeedHub;
@@ -91,6 +97,13 @@ pub struct Dropper {
     held: HashMap<LeaseId, HeldLogin>,
     /// The drops this replica has claimed, until when.
     claims: HashMap<LeaseId, Timestamp>,
+    /// Logins disabled here whose removal is under way.
+    removing: HashSet<LeaseId>,
+    /// Per database: one batch removed at a time.
+    removals: HashMap<String, Arc<Semaphore>>,
+    /// Where removals report, and where the dropper reads them.
+    removed_tx: mpsc::UnboundedSender<Vec<Removed>>,
+    removed_rx: Option<mpsc::UnboundedReceiver<Vec<Removed>>>,
 }
 
 /// A held login whose lease ended: to drop.
@@ -99,6 +112,26 @@ struct Due {
     login: HeldLogin,
     lease: Option<Lease>,
     reason: String,
+}
+
+/// What became of a disabled login's removal.
+#[derive(Debug)]
+enum Removal {
+    /// Gone, confirmed.
+    Done,
+    /// Another replica claimed its removal (or released it): not ours.
+    Skipped,
+    Failed(EngineError),
+}
+
+type Removed = (Due, Removal);
+
+/// What woke the dropper.
+enum Wake {
+    Pass,
+    Stop,
+    Event(Result<Arc<crate::store::RevocationEvent>, RecvError>),
+    Removed(Vec<Removed>),
 }
 
 /// Why a held login is dropped, for its record.
@@ -123,6 +156,7 @@ impl Dropper {
         broker: SpiffeId,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let (removed_tx, removed_rx) = mpsc::unbounded_channel();
         Self {
             store,
             engines: engines
@@ -136,6 +170,10 @@ impl Dropper {
             active_until: HashMap::new(),
             held: HashMap::new(),
             claims: HashMap::new(),
+            removing: HashSet::new(),
+            removals: HashMap::new(),
+            removed_tx,
+            removed_rx: Some(removed_rx),
         }
     }
 
@@ -147,6 +185,9 @@ impl Dropper {
             return;
         }
         let mut events = feed.subscribe();
+        let Some(mut removed) = self.removed_rx.take() else {
+            return;
+        };
         let mut last_sweep = Instant::now();
         self.sweep().await;
         loop {
@@ -159,10 +200,20 @@ impl Dropper {
             let deadline = tokio::time::sleep(PASS_EVERY);
             tokio::pin!(deadline);
             loop {
-                let first = tokio::select! {
-                    () = &mut deadline => break,
-                    () = shutdown.wait() => return,
-                    event = events.recv() => event,
+                let wake = tokio::select! {
+                    () = &mut deadline => Wake::Pass,
+                    () = shutdown.wait() => Wake::Stop,
+                    event = events.recv() => Wake::Event(event),
+                    Some(done) = removed.recv() => Wake::Removed(done),
+                };
+                let first = match wake {
+                    Wake::Pass => break,
+                    Wake::Stop => return,
+                    Wake::Removed(done) => {
+                        self.finish(done).await;
+                        continue;
+                    }
+                    Wake::Event(event) => event,
                 };
                 let mut named = HashSet::new();
                 let mut lagged = false;
@@ -268,6 +319,7 @@ impl Dropper {
             .active_until
             .get(&login.lease_id)
             .is_some_and(|&until| until > now)
+            || self.removing.contains(&login.lease_id)
             || !self.ready(&login.database)
         {
             return Ok(None);
@@ -368,13 +420,13 @@ impl Dropper {
         mine
     }
 
-    /// Disables `batch` together (all of them shut before any is
-    /// removed), removes each and confirms it gone; then records and
-    /// releases each one dropped.
+    /// Disables `batch` together, at once, then hands it to a removal of
+    /// its own ([`remove`]), which reports back to [`finish`](Self::finish):
+    /// the next revocation is disabled while this one is removed.
     async fn drop_batch(&mut self, engine: &Arc<dyn Engine>, batch: Vec<Due>) {
         let users: Vec<String> = batch.iter().map(|d| d.login.user.clone()).collect();
-        let disabled: Vec<(Due, Result<(), EngineError>)> = match engine.disable(&users).await {
-            Ok(()) => batch.into_iter().map(|d| (d, Ok(()))).collect(),
+        let disabled: Vec<Removed> = match engine.disable(&users).await {
+            Ok(()) => batch.into_iter().map(|d| (d, Removal::Done)).collect(),
             Err(e) if e.is_unavailable() || batch.len() == 1 => {
                 self.failed(&batch[0], &e, batch.len()).await;
                 return;
@@ -384,37 +436,56 @@ impl Dropper {
                 let mut each = Vec::with_capacity(batch.len());
                 for d in batch {
                     let r = engine.disable(std::slice::from_ref(&d.login.user)).await;
-                    each.push((d, r));
+                    each.push((d, r.map_or_else(Removal::Failed, |()| Removal::Done)));
                 }
                 each
             }
         };
         crate::failpoint::hit("after_login_disabled");
-        let removed: Vec<(Due, Result<(), EngineError>)> =
-            futures_util::stream::iter(disabled.into_iter().map(|(d, disabled)| {
-                let engine = engine.clone();
-                async move {
-                    let r = match disabled {
-                        Ok(()) => remove_confirmed(engine.as_ref(), &d.login.user).await,
-                        Err(e) => Err(e),
-                    };
-                    (d, r)
-                }
-            }))
-            .buffer_unordered(REMOVALS_IN_FLIGHT)
-            .collect()
-            .await;
+        let (ok, failed): (Vec<Removed>, Vec<Removed>) = disabled
+            .into_iter()
+            .partition(|(_, r)| matches!(r, Removal::Done));
+        if let Some((first, Removal::Failed(e))) = failed.first() {
+            self.failed(first, e, failed.len()).await;
+        }
+        if ok.is_empty() {
+            return;
+        }
+        let due: Vec<Due> = ok.into_iter().map(|(d, _)| d).collect();
+        self.removing
+            .extend(due.iter().map(|d| d.login.lease_id.clone()));
+        let one_at_a_time = self
+            .removals
+            .entry(engine.name().to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(1)))
+            .clone();
+        tokio::spawn(remove(
+            engine.clone(),
+            self.store.clone(),
+            one_at_a_time,
+            due,
+            self.removed_tx.clone(),
+        ));
+    }
+
+    /// Records and releases what a removal dropped, counts what failed.
+    async fn finish(&mut self, done: Vec<Removed>) {
+        let Some(database) = done.first().map(|(d, _)| d.login.database.clone()) else {
+            return;
+        };
         let mut failures = Vec::new();
-        for (d, r) in removed {
+        for (d, r) in done {
+            self.removing.remove(&d.login.lease_id);
             match r {
-                Ok(()) => self.dropped(d).await,
-                Err(e) => failures.push((d, e)),
+                Removal::Done => self.dropped(d).await,
+                Removal::Skipped => {}
+                Removal::Failed(e) => failures.push((d, e)),
             }
         }
         if let Some((first, e)) = failures.first() {
             self.failed(first, e, failures.len()).await;
         } else {
-            self.backoff.remove(engine.name());
+            self.backoff.remove(&database);
         }
     }
 
@@ -543,6 +614,62 @@ impl Dropper {
             }
         }
     }
+}
+
+/// Removes the disabled logins `due`, one batch per database at a time
+/// (`one_at_a_time`): claims each removal in the store (a login another
+/// replica claimed or already released is skipped), waits until the
+/// claimed logins' sessions have ended, removes each (a few at once) and
+/// confirms it gone; reports every outcome to `done`.
+async fn remove(
+    engine: Arc<dyn Engine>,
+    store: Arc<dyn LeaseStore>,
+    one_at_a_time: Arc<Semaphore>,
+    due: Vec<Due>,
+    done: mpsc::UnboundedSender<Vec<Removed>>,
+) {
+    let Ok(_turn) = one_at_a_time.acquire_owned().await else {
+        return;
+    };
+    let mut mine = Vec::with_capacity(due.len());
+    let mut outcomes = Vec::with_capacity(due.len());
+    for d in due {
+        let now = Timestamp::now();
+        let key = format!("login-remove:{}", d.login.lease_id);
+        let claimed = match store.first_use(&key, now.plus(CLAIM_FOR), now).await {
+            Ok(true) => store.is_held(&d.login.lease_id).await,
+            other => other,
+        };
+        match claimed {
+            Ok(true) => mine.push(d),
+            Ok(false) => outcomes.push((d, Removal::Skipped)),
+            Err(e) => {
+                tracing::warn!(error = %e, "database logins: cannot claim a removal");
+                outcomes.push((d, Removal::Skipped));
+            }
+        }
+    }
+    let users: Vec<String> = mine.iter().map(|d| d.login.user.clone()).collect();
+    match engine.ended(&users).await {
+        Ok(()) => {
+            let removed: Vec<Removed> = futures_util::stream::iter(mine.into_iter().map(|d| {
+                let engine = engine.clone();
+                async move {
+                    let r = match remove_confirmed(engine.as_ref(), &d.login.user).await {
+                        Ok(()) => Removal::Done,
+                        Err(e) => Removal::Failed(e),
+                    };
+                    (d, r)
+                }
+            }))
+            .buffer_unordered(REMOVALS_IN_FLIGHT)
+            .collect()
+            .await;
+            outcomes.extend(removed);
+        }
+        Err(e) => outcomes.extend(mine.into_iter().map(|d| (d, Removal::Failed(e.clone())))),
+    }
+    let _ = done.send(outcomes);
 }
 
 /// Removes `user` and confirms it gone.

@@ -5,7 +5,8 @@
 //! [`Engine`] is the seam. The broker decides, records the lease and
 //! queues the revocation; an engine only does what the system it manages
 //! needs: [`create`](Engine::create) a login for a lease,
-//! [`disable`](Engine::disable) it (no new session, its sessions ended),
+//! [`disable`](Engine::disable) it (no new session, its sessions told to
+//! end), confirm its sessions [`ended`](Engine::ended),
 //! [`remove`](Engine::remove) it, and say whether one still
 //! [`exists`](Engine::exists), so
 //! that a revocation is only taken as done once the login is confirmed
@@ -127,21 +128,34 @@ pub trait Engine: Send + Sync + fmt::Debug {
     async fn create(&self, req: &LoginRequest) -> Result<Login, EngineError>;
 
     /// Makes the logins `users` unusable at once: none can log in any
-    /// more, and their open sessions are ended. Many at a time, so that a
-    /// mass revocation shuts every login before it drops any. Done for a
-    /// login already gone; an error for one is an error for the call.
+    /// more, and their open sessions are told to end. Many at a time, so
+    /// that a mass revocation shuts every login before it drops any, and
+    /// quick: it does not wait for the sessions to be gone
+    /// ([`ended`](Self::ended) does). Done for a login already gone; an
+    /// error for one is an error for the call.
     async fn disable(&self, users: &[String]) -> Result<(), EngineError>;
+
+    /// Returns once no session of the disabled logins `users` is left,
+    /// ending any still there. At once by default, for systems whose
+    /// disabling ends sessions itself.
+    async fn ended(&self, users: &[String]) -> Result<(), EngineError> {
+        let _ = users;
+        Ok(())
+    }
 
     /// Removes a disabled login: what it owns is handled as configured,
     /// then it is dropped. Done for a login already gone.
     async fn remove(&self, user: &str) -> Result<(), EngineError>;
 
-    /// Ends the login: [`disable`](Self::disable), then
-    /// [`remove`](Self::remove). Each step stands on its own, so one that
-    /// fails does not undo the ones before it, and running it again after
-    /// a failure (or on a login already gone) finishes the rest.
+    /// Ends the login: [`disable`](Self::disable),
+    /// [`ended`](Self::ended), then [`remove`](Self::remove). Each step
+    /// stands on its own, so one that fails does not undo the ones before
+    /// it, and running it again after a failure (or on a login already
+    /// gone) finishes the rest.
     async fn revoke(&self, user: &str) -> Result<(), EngineError> {
-        self.disable(&[user.to_owned()]).await?;
+        let users = [user.to_owned()];
+        self.disable(&users).await?;
+        self.ended(&users).await?;
         self.remove(user).await
     }
 

@@ -21,9 +21,10 @@
 //!    checks its privileges, which made each step slower with every live
 //!    login);
 //! 2. `ALTER ROLE … NOLOGIN`: no new session;
-//! 3. `pg_terminate_backend` of its sessions, until none is listed on two
-//!    looks apart;
-//! 4. (in [`Engine::remove`]) its sessions ended once more, `REASSIGN
+//! 3. `pg_terminate_backend` of its sessions;
+//! 4. (in [`Engine::ended`]) again until none is listed on two looks
+//!    apart;
+//! 5. (in [`Engine::remove`]) its sessions ended once more, `REASSIGN
 //!    OWNED` (if configured) and `DROP OWNED`, then `DROP ROLE`.
 //!
 //! A role already gone counts as done at every step.
@@ -312,11 +313,16 @@ impl Engine for Postgres {
             self.step("nologin", &format!("ALTER ROLE {role} NOLOGIN"), &[])
                 .await?;
         }
-        // Their sessions ended, and confirmed ended: none listed on two
-        // looks a quarter second apart, terminating again while any is. A
-        // session that was authenticating when NOLOGIN committed may get in
-        // and show up only after the first look; `remove` ends any such one
-        // once more before the role is dropped.
+        // Their sessions told to end; `ended` waits until they have.
+        self.terminate(users).await
+    }
+
+    async fn ended(&self, users: &[String]) -> Result<(), EngineError> {
+        // None listed on two looks a quarter second apart, terminating
+        // again while any is. A session that was authenticating when
+        // NOLOGIN committed may get in and show up only after the first
+        // look; `remove` ends any such one once more before the role is
+        // dropped.
         let mut clear_looks = 0;
         for _ in 0..50 {
             self.terminate(users).await?;

@@ -163,6 +163,7 @@ async fn logins_disabled_together_are_all_shut_and_their_sessions_ended() {
     engine.revoke(&logins[2].user).await.unwrap();
     let users: Vec<String> = logins.iter().map(|l| l.user.clone()).collect();
     engine.disable(&users).await.unwrap();
+    engine.ended(&users).await.unwrap();
     for child in &mut open[..2] {
         assert!(!child.wait().unwrap().success(), "a session survived");
     }
