@@ -14,18 +14,23 @@
 //! broker down.
 //!
 //! Revoked step by step, each its own transaction:
-//! 1. `GRANT <role> TO <manager>`: what lets the manager end the role's
-//!    sessions and drop what it owns, on every version. Taken only now, so
-//!    the manager is a member of the logins being revoked, never of
-//!    thousands (PostgreSQL walks all of a role's memberships when it
-//!    checks its privileges, which made each step slower with every live
-//!    login);
-//! 2. `ALTER ROLE … NOLOGIN`: no new session;
-//! 3. `pg_terminate_backend` of its sessions;
-//! 4. (in [`Engine::ended`]) again until none is listed on two looks
+//! 1. `ALTER ROLE … NOLOGIN`: no new session;
+//! 2. its sessions ended: listed from `pg_stat_activity` (which any role
+//!    may read that far); for a login that has one, `GRANT <login> TO
+//!    <manager>` (what lets a manager that is no superuser signal it),
+//!    then `pg_terminate_backend`;
+//! 3. (in [`Engine::ended`]) again until none is listed on two looks
 //!    apart;
-//! 5. (in [`Engine::remove`]) its sessions ended once more, `REASSIGN
-//!    OWNED` (if configured) and `DROP OWNED`, then `DROP ROLE`.
+//! 4. (in [`Engine::remove`]) its sessions ended once more, then `DROP
+//!    ROLE`; a login that owns objects or holds privileges (`DROP ROLE`
+//!    refuses it) gets the membership, `REASSIGN OWNED` (if configured)
+//!    and `DROP OWNED`, then `DROP ROLE` again.
+//!
+//! The manager is thus a member only of logins being ended that had a
+//! session or own something, never of thousands: PostgreSQL walks all of
+//! a role's memberships when it checks its privileges (each
+//! `pg_stat_activity` row, each `DROP OWNED`), which made every step
+//! slower with each live login.
 //!
 //! A role already gone counts as done at every step.
 
@@ -219,28 +224,67 @@ impl Postgres {
 }
 
 impl Postgres {
-    /// Ends every session of `users` (but the caller's own).
-    async fn terminate(&self, users: &[String]) -> Result<(), EngineError> {
-        self.step(
-            "terminate",
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE usename::text = ANY($1) AND pid <> pg_backend_pid()",
-            &[&users],
-        )
-        .await
-    }
-
-    /// How many sessions `users` have open.
-    async fn sessions(&self, users: &[String]) -> Result<i64, EngineError> {
+    /// Which of `users` have a session open. Any role may read this much
+    /// of `pg_stat_activity`.
+    async fn with_sessions(&self, users: &[String]) -> Result<Vec<String>, EngineError> {
         let client = self.client().await?;
-        let row = client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE usename::text = ANY($1)",
+        let rows = client
+            .query(
+                "SELECT DISTINCT usename::text FROM pg_stat_activity \
+                 WHERE usename::text = ANY($1)",
                 &[&users],
             )
             .await
             .map_err(|e| self.failed("sessions", &e))?;
-        Ok(row.get(0))
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Makes the manager a member of `user`: what lets a manager that is
+    /// no superuser end the role's sessions and drop what it owns.
+    async fn take_membership(&self, user: &str) -> Result<(), EngineError> {
+        let sql = format!(
+            "GRANT {} TO {}",
+            escape_identifier(user),
+            escape_identifier(&self.manager)
+        );
+        self.step("take membership", &sql, &[]).await
+    }
+
+    /// Ends every session of `users` (taking membership in each that has
+    /// one); how many had one.
+    async fn terminate(&self, users: &[String]) -> Result<usize, EngineError> {
+        let open = self.with_sessions(users).await?;
+        if open.is_empty() {
+            return Ok(0);
+        }
+        for user in &open {
+            self.take_membership(user).await?;
+        }
+        self.step(
+            "terminate",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE usename::text = ANY($1) AND pid <> pg_backend_pid()",
+            &[&open],
+        )
+        .await?;
+        Ok(open.len())
+    }
+
+    /// `DROP ROLE`: `false` if the role still owns objects or holds
+    /// privileges (which `DROP ROLE` never drops).
+    async fn drop_role(&self, user: &str) -> Result<bool, EngineError> {
+        let client = self.client().await?;
+        let sql = format!("DROP ROLE {}", escape_identifier(user));
+        match tokio::time::timeout(TIMEOUT, client.batch_execute(&sql)).await {
+            Ok(Ok(())) => Ok(true),
+            Ok(Err(e)) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => Ok(true),
+            Ok(Err(e)) if e.code() == Some(&SqlState::DEPENDENT_OBJECTS_STILL_EXIST) => Ok(false),
+            Ok(Err(e)) => Err(self.failed("drop role", &e)),
+            Err(_) => Err(EngineError::Unavailable {
+                database: self.name.clone(),
+                detail: format!("drop role did not finish in {}s", TIMEOUT.as_secs()),
+            }),
+        }
     }
 }
 
@@ -305,16 +349,12 @@ impl Engine for Postgres {
     }
 
     async fn disable(&self, users: &[String]) -> Result<(), EngineError> {
-        let manager = escape_identifier(&self.manager);
         for user in users {
-            let role = escape_identifier(user);
-            let grant = format!("GRANT {role} TO {manager}");
-            self.step("take membership", &grant, &[]).await?;
-            self.step("nologin", &format!("ALTER ROLE {role} NOLOGIN"), &[])
-                .await?;
+            let sql = format!("ALTER ROLE {} NOLOGIN", escape_identifier(user));
+            self.step("nologin", &sql, &[]).await?;
         }
         // Their sessions told to end; `ended` waits until they have.
-        self.terminate(users).await
+        self.terminate(users).await.map(drop)
     }
 
     async fn ended(&self, users: &[String]) -> Result<(), EngineError> {
@@ -325,9 +365,7 @@ impl Engine for Postgres {
         // dropped.
         let mut clear_looks = 0;
         for _ in 0..50 {
-            self.terminate(users).await?;
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            if self.sessions(users).await? == 0 {
+            if self.terminate(users).await? == 0 {
                 clear_looks += 1;
                 if clear_looks == 2 {
                     return Ok(());
@@ -335,6 +373,7 @@ impl Engine for Postgres {
                 tokio::time::sleep(std::time::Duration::from_millis(250)).await;
             } else {
                 clear_looks = 0;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
         }
         Err(EngineError::Refused {
@@ -345,17 +384,29 @@ impl Engine for Postgres {
     }
 
     async fn remove(&self, user: &str) -> Result<(), EngineError> {
-        let role = escape_identifier(user);
         self.terminate(std::slice::from_ref(&user.to_owned()))
             .await?;
+        // A login that owns nothing and holds no privilege (only role
+        // memberships, which go with it) is dropped as it is.
+        if self.drop_role(user).await? {
+            return Ok(());
+        }
+        self.take_membership(user).await?;
+        let role = escape_identifier(user);
         if let Owned::Reassign(to) = &self.owned {
             let sql = format!("REASSIGN OWNED BY {role} TO {}", escape_identifier(to));
             self.step("reassign owned", &sql, &[]).await?;
         }
         self.step("drop owned", &format!("DROP OWNED BY {role}"), &[])
             .await?;
-        self.step("drop role", &format!("DROP ROLE {role}"), &[])
-            .await
+        if self.drop_role(user).await? {
+            return Ok(());
+        }
+        Err(EngineError::Refused {
+            database: self.name.clone(),
+            step: "drop role",
+            detail: format!("{user} still has dependent objects after DROP OWNED"),
+        })
     }
 
     async fn exists(&self, user: &str) -> Result<bool, EngineError> {

@@ -178,21 +178,26 @@ async fn logins_disabled_together_are_all_shut_and_their_sessions_ended() {
     assert!(open[2].try_wait().unwrap().is_none());
     open[2].kill().unwrap();
     let _ = open[2].wait();
-    let members = pg
-        .psql(
-            "orders",
-            "SELECT count(*) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member \
-             WHERE r.rolname = 'mayfly_manager'",
-        )
-        .unwrap();
+    let members_sql = "SELECT count(*) FROM pg_auth_members m \
+                       JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = 'mayfly_manager'";
     assert_eq!(
-        members, "2",
-        "the manager is a member of the disabled logins only"
+        pg.psql("orders", members_sql).unwrap(),
+        "2",
+        "the manager is a member of the logins whose sessions it ended, only"
     );
     for login in &logins[..2] {
         engine.remove(&login.user).await.unwrap();
         assert!(!engine.exists(&login.user).await.unwrap());
     }
+    // Ending a login with no session and nothing owned never makes the
+    // manager a member of it.
+    let quiet = engine
+        .create(&request("lease-q", &["db:read"], Duration::from_secs(600)))
+        .await
+        .unwrap();
+    engine.revoke(&quiet.user).await.unwrap();
+    assert!(!engine.exists(&quiet.user).await.unwrap());
+    assert_eq!(pg.psql("orders", members_sql).unwrap(), "0");
 }
 
 #[tokio::test]
