@@ -414,7 +414,7 @@ async fn replicas_drop_each_login_once() {
     let task = open_task(&agent_a, ORDERS, &["db:read"]).await;
     let mut users = Vec::new();
     for agent in [&agent_a, &agent_b, &agent_a, &agent_b, &agent_a, &agent_b] {
-        let login = login(&agent, &task, ORDERS, &["db:read"]).await;
+        let login = login(agent, &task, ORDERS, &["db:read"]).await;
         users.push(login.user);
     }
     agent_b.complete_task(&task).await.unwrap();

@@ -28,11 +28,14 @@
 //! it: every step is idempotent, and the only cost is a second record.
 //!
 //! A database that cannot be reached is retried with a backoff per
-//! database (1 s doubling to [`MAX_BACKOFF`]), never per login, so a
-//! database that is down costs one attempt per interval however many
-//! logins wait for it. Failures are counted on `/metrics` and the first of
-//! each run of failures is recorded (`database_login_drop_failed`). The
-//! lease is never made active again: only its login is pending.
+//! database (1 s doubling to [`MAX_BACKOFF`]), so a database that is down
+//! costs one attempt per interval however many logins wait for it. A
+//! login the database refuses to end (one made a superuser by hand, one
+//! that owns objects elsewhere) backs off alone, so it never holds up the
+//! other revocations of its database. Failures are counted on `/metrics`
+//! and the first of each run of failures (per database, or per login) is
+//! recorded (`database_login_drop_failed`). The lease is never made active
+//! again: only its login is pending.
 //!
 //! The sweep ([`SWEEP_EVERY`]) lists each database's logins of its prefix
 //! and drops the ones no held login accounts for (a login made by hand
@@ -86,8 +89,11 @@ pub struct Dropper {
     audit: Recorder,
     broker: SpiffeId,
     metrics: Arc<Metrics>,
-    /// Per database: failures in a row, and when to try again.
+    /// Per database that could not be reached: failures in a row, and
+    /// when to try again.
     backoff: HashMap<String, (u32, Instant)>,
+    /// The same per login the database refused to end.
+    refused: HashMap<LeaseId, (u32, Instant)>,
     /// Leases seen active, with their expiry: not looked at again before
     /// it unless the feed names them.
     active_until: HashMap<LeaseId, Timestamp>,
@@ -167,6 +173,7 @@ impl Dropper {
             broker,
             metrics,
             backoff: HashMap::new(),
+            refused: HashMap::new(),
             active_until: HashMap::new(),
             held: HashMap::new(),
             claims: HashMap::new(),
@@ -217,6 +224,8 @@ impl Dropper {
                 };
                 let mut named = HashSet::new();
                 let mut lagged = false;
+                // The first event came from a waiting receive, the rest
+                // from `try_recv`: one error type for both.
                 let mut next = first.map_err(|e| match e {
                     RecvError::Lagged(_) => TryRecvError::Lagged(0),
                     RecvError::Closed => TryRecvError::Closed,
@@ -321,6 +330,7 @@ impl Dropper {
             .is_some_and(|&until| until > now)
             || self.removing.contains(&login.lease_id)
             || !self.ready(&login.database)
+            || !ready_at(self.refused.get(&login.lease_id))
         {
             return Ok(None);
         }
@@ -351,9 +361,7 @@ impl Dropper {
 
     /// Whether `database` may be tried now.
     fn ready(&self, database: &str) -> bool {
-        self.backoff
-            .get(database)
-            .is_none_or(|(_, at)| *at <= Instant::now())
+        ready_at(self.backoff.get(database))
     }
 
     /// Drops `due`, per database [`BATCH`] at a time, until a database
@@ -427,15 +435,25 @@ impl Dropper {
         let users: Vec<String> = batch.iter().map(|d| d.login.user.clone()).collect();
         let disabled: Vec<Removed> = match engine.disable(&users).await {
             Ok(()) => batch.into_iter().map(|d| (d, Removal::Done)).collect(),
-            Err(e) if e.is_unavailable() || batch.len() == 1 => {
-                self.failed(&batch[0], &e, batch.len()).await;
-                return;
-            }
-            // One of them was refused: one at a time, so the rest go on.
+            Err(e) if e.is_unavailable() || batch.len() == 1 => batch
+                .into_iter()
+                .map(|d| (d, Removal::Failed(e.clone())))
+                .collect(),
+            // One of them was refused: one at a time, so the rest go on
+            // (until the database cannot be reached).
             Err(_) => {
                 let mut each = Vec::with_capacity(batch.len());
+                let mut unreachable: Option<EngineError> = None;
                 for d in batch {
-                    let r = engine.disable(std::slice::from_ref(&d.login.user)).await;
+                    let r = match &unreachable {
+                        Some(e) => Err(e.clone()),
+                        None => engine.disable(std::slice::from_ref(&d.login.user)).await,
+                    };
+                    if let Err(e) = &r
+                        && e.is_unavailable()
+                    {
+                        unreachable = Some(e.clone());
+                    }
                     each.push((d, r.map_or_else(Removal::Failed, |()| Removal::Done)));
                 }
                 each
@@ -445,9 +463,7 @@ impl Dropper {
         let (ok, failed): (Vec<Removed>, Vec<Removed>) = disabled
             .into_iter()
             .partition(|(_, r)| matches!(r, Removal::Done));
-        if let Some((first, Removal::Failed(e))) = failed.first() {
-            self.failed(first, e, failed.len()).await;
-        }
+        self.failed(failed).await;
         if ok.is_empty() {
             return;
         }
@@ -470,23 +486,20 @@ impl Dropper {
 
     /// Records and releases what a removal dropped, counts what failed.
     async fn finish(&mut self, done: Vec<Removed>) {
-        let Some(database) = done.first().map(|(d, _)| d.login.database.clone()) else {
-            return;
-        };
         let mut failures = Vec::new();
         for (d, r) in done {
             self.removing.remove(&d.login.lease_id);
             match r {
-                Removal::Done => self.dropped(d).await,
+                Removal::Done => {
+                    // The database answered: it is not down.
+                    self.backoff.remove(&d.login.database);
+                    self.dropped(d).await;
+                }
                 Removal::Skipped => {}
-                Removal::Failed(e) => failures.push((d, e)),
+                Removal::Failed(_) => failures.push((d, r)),
             }
         }
-        if let Some((first, e)) = failures.first() {
-            self.failed(first, e, failures.len()).await;
-        } else {
-            self.backoff.remove(&database);
-        }
+        self.failed(failures).await;
     }
 
     /// Records `d` dropped and releases it.
@@ -498,6 +511,7 @@ impl Dropper {
         }
         self.active_until.remove(&d.login.lease_id);
         self.held.remove(&d.login.lease_id);
+        self.refused.remove(&d.login.lease_id);
         if let Err(e) = self.store.release_login(&d.login.lease_id).await {
             tracing::warn!(error = %e, "database logins: release failed; retried");
             return;
@@ -519,35 +533,48 @@ impl Dropper {
         record
     }
 
-    /// Counts `count` failures of `first`'s database, backs it off, and
-    /// records the first of a run of failures (naming `first`).
-    async fn failed(&mut self, first: &Due, e: &EngineError, count: usize) {
-        let database = &first.login.database;
+    /// Counts `failures` and backs off: the database, for one that could
+    /// not be reached; each login, for one it refused to end. The first of
+    /// each run is recorded.
+    async fn failed(&mut self, failures: Vec<Removed>) {
         self.metrics
             .login_drop_failures
-            .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
-        let (failures, _) = self
-            .backoff
-            .get(database)
-            .copied()
-            .unwrap_or((0, Instant::now()));
-        let wait = Duration::from_secs(1u64 << failures.min(5)).min(MAX_BACKOFF);
-        self.backoff
-            .insert(database.clone(), (failures + 1, Instant::now() + wait));
-        tracing::warn!(
-            %database,
-            user = %first.login.user,
-            logins = count,
-            error = %e,
-            retry_in_s = wait.as_secs(),
-            "database logins not dropped yet"
-        );
-        if failures == 0 {
-            let mut record = self.record(first);
-            record.event = Event::DatabaseLoginDropFailed;
-            record.reason = Some(e.to_string());
-            if let Err(e) = self.audit.record(record).await {
-                tracing::error!(error = %e, "drop failure not recorded in the audit trail");
+            .inc_by(u64::try_from(failures.len()).unwrap_or(u64::MAX));
+        let mut unreachable_seen = HashSet::new();
+        for (d, r) in failures {
+            let Removal::Failed(e) = r else { continue };
+            let unreachable = e.is_unavailable();
+            let slot = if unreachable {
+                // One backoff, and one record, per database and batch.
+                if !unreachable_seen.insert(d.login.database.clone()) {
+                    continue;
+                }
+                self.backoff
+                    .entry(d.login.database.clone())
+                    .or_insert((0, Instant::now()))
+            } else {
+                self.refused
+                    .entry(d.login.lease_id.clone())
+                    .or_insert((0, Instant::now()))
+            };
+            let failures_before = slot.0;
+            let wait = Duration::from_secs(1u64 << failures_before.min(5)).min(MAX_BACKOFF);
+            *slot = (failures_before + 1, Instant::now() + wait);
+            tracing::warn!(
+                database = %d.login.database,
+                user = %d.login.user,
+                unreachable,
+                error = %e,
+                retry_in_s = wait.as_secs(),
+                "database login not dropped yet"
+            );
+            if failures_before == 0 {
+                let mut record = self.record(&d);
+                record.event = Event::DatabaseLoginDropFailed;
+                record.reason = Some(e.to_string());
+                if let Err(e) = self.audit.record(record).await {
+                    tracing::error!(error = %e, "drop failure not recorded in the audit trail");
+                }
             }
         }
     }
@@ -614,6 +641,11 @@ impl Dropper {
             }
         }
     }
+}
+
+/// Whether a backoff (failures, until) allows a try now.
+fn ready_at(backoff: Option<&(u32, Instant)>) -> bool {
+    backoff.is_none_or(|(_, at)| *at <= Instant::now())
 }
 
 /// Removes the disabled logins `due`, one batch per database at a time

@@ -57,7 +57,7 @@ pub struct Postgres {
     grants: BTreeMap<String, Vec<Grant>>,
     owned: Owned,
     connection_limit: u32,
-    /// The manager's user: made a member of every role it creates.
+    /// The manager's user: a member of a login only while ending it.
     manager: String,
     /// Where agents connect: `scheme://host:port/db?params`, no user.
     connect: ConnectTo,
@@ -203,6 +203,28 @@ impl Postgres {
         }
     }
 
+    /// Runs `sql` on a pooled connection within [`TIMEOUT`]: the server's
+    /// answer, or unavailable. A connection that did not answer in time
+    /// is discarded, not handed out again.
+    async fn query(
+        &self,
+        step: &'static str,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>, EngineError> {
+        let client = self.client().await?;
+        match tokio::time::timeout(TIMEOUT, client.query(sql, params)).await {
+            Ok(answer) => Ok(answer),
+            Err(_) => {
+                let _ = deadpool_postgres::Object::take(client);
+                Err(EngineError::Unavailable {
+                    database: self.name.clone(),
+                    detail: format!("{step} did not finish in {}s", TIMEOUT.as_secs()),
+                })
+            }
+        }
+    }
+
     /// Runs one revocation step; a role already gone is done.
     async fn step(
         &self,
@@ -210,15 +232,10 @@ impl Postgres {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<(), EngineError> {
-        let client = self.client().await?;
-        match tokio::time::timeout(TIMEOUT, client.execute(sql, params)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => Ok(()),
-            Ok(Err(e)) => Err(self.failed(step, &e)),
-            Err(_) => Err(EngineError::Unavailable {
-                database: self.name.clone(),
-                detail: format!("{step} did not finish in {}s", TIMEOUT.as_secs()),
-            }),
+        match self.query(step, sql, params).await? {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => Ok(()),
+            Err(e) => Err(self.failed(step, &e)),
         }
     }
 }
@@ -227,14 +244,14 @@ impl Postgres {
     /// Which of `users` have a session open. Any role may read this much
     /// of `pg_stat_activity`.
     async fn with_sessions(&self, users: &[String]) -> Result<Vec<String>, EngineError> {
-        let client = self.client().await?;
-        let rows = client
+        let rows = self
             .query(
+                "sessions",
                 "SELECT DISTINCT usename::text FROM pg_stat_activity \
                  WHERE usename::text = ANY($1)",
                 &[&users],
             )
-            .await
+            .await?
             .map_err(|e| self.failed("sessions", &e))?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
@@ -273,17 +290,12 @@ impl Postgres {
     /// `DROP ROLE`: `false` if the role still owns objects or holds
     /// privileges (which `DROP ROLE` never drops).
     async fn drop_role(&self, user: &str) -> Result<bool, EngineError> {
-        let client = self.client().await?;
         let sql = format!("DROP ROLE {}", escape_identifier(user));
-        match tokio::time::timeout(TIMEOUT, client.batch_execute(&sql)).await {
-            Ok(Ok(())) => Ok(true),
-            Ok(Err(e)) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => Ok(true),
-            Ok(Err(e)) if e.code() == Some(&SqlState::DEPENDENT_OBJECTS_STILL_EXIST) => Ok(false),
-            Ok(Err(e)) => Err(self.failed("drop role", &e)),
-            Err(_) => Err(EngineError::Unavailable {
-                database: self.name.clone(),
-                detail: format!("drop role did not finish in {}s", TIMEOUT.as_secs()),
-            }),
+        match self.query("drop role", &sql, &[]).await? {
+            Ok(_) => Ok(true),
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => Ok(true),
+            Err(e) if e.code() == Some(&SqlState::DEPENDENT_OBJECTS_STILL_EXIST) => Ok(false),
+            Err(e) => Err(self.failed("drop role", &e)),
         }
     }
 }
@@ -410,24 +422,27 @@ impl Engine for Postgres {
     }
 
     async fn exists(&self, user: &str) -> Result<bool, EngineError> {
-        let client = self.client().await?;
-        let rows = client
-            .query("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&user])
-            .await
+        let rows = self
+            .query(
+                "exists",
+                "SELECT 1 FROM pg_roles WHERE rolname = $1",
+                &[&user],
+            )
+            .await?
             .map_err(|e| self.failed("exists", &e))?;
         Ok(!rows.is_empty())
     }
 
     async fn existing(&self) -> Result<Vec<String>, EngineError> {
-        let client = self.client().await?;
         // `starts_with`, not LIKE: `_` in a prefix is a LIKE wildcard.
-        let rows = client
+        let rows = self
             .query(
+                "list",
                 "SELECT rolname::text FROM pg_roles \
                  WHERE starts_with(rolname, $1) AND rolname <> current_user ORDER BY 1",
                 &[&self.prefix],
             )
-            .await
+            .await?
             .map_err(|e| self.failed("list", &e))?;
         Ok(rows
             .iter()

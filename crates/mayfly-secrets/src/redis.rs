@@ -229,6 +229,8 @@ impl Engine for RedisAcl {
         let _deleted: u64 = self
             .run("delete user", redis::cmd("ACL").arg("DELUSER").arg(user))
             .await?;
+        // DELUSER disconnects the user's clients itself; the kill is for
+        // a server that would not, and mostly finds the user gone.
         match self
             .run::<u64>(
                 "disconnect",
