@@ -641,8 +641,10 @@ impl Config {
             if !names.insert(d.name.as_str()) {
                 return invalid(format!("[[databases]] {:?} is listed twice", d.name));
             }
-            // Paths were made absolute when the file was read.
-            let engine = mayfly_secrets::load(d, Path::new("/"))
+            // Paths were resolved against the file's directory when it was
+            // read; relative ones (a relative `base`) stay relative to the
+            // working directory.
+            let engine = mayfly_secrets::load(d, Path::new("."))
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;
             out.push(engine);
         }

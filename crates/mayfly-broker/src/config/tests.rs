@@ -558,3 +558,29 @@ fn a_database_may_shorten_its_logins_lifetimes() {
     let e = with("default_ttl = \"20m\"").unwrap_err().to_string();
     assert!(e.contains("default_ttl is longer than max_ttl"), "{e}");
 }
+
+#[test]
+fn a_config_named_by_a_relative_path_finds_its_files() {
+    // A directory under the working directory, named relatively, as in
+    // `mayfly serve --config prof/mayfly.toml`.
+    let dir = tempfile::tempdir_in(".").unwrap();
+    let relative = Path::new(dir.path().file_name().unwrap());
+    std::fs::write(dir.path().join("manager.pw"), "pw\n").unwrap();
+    std::fs::write(
+        dir.path().join("mayfly.toml"),
+        format!(
+            "{MINIMAL}\n[[databases]]\nname = \"postgres://orders\"\n\
+             url = \"postgres://manager@127.0.0.1:5432/orders\"\n\
+             password_file = \"manager.pw\"\n\
+             [databases.scopes]\n\"db:read\" = [\"GRANT r TO {{role}}\"]\n"
+        ),
+    )
+    .unwrap();
+    // Loading reads the manager's password: from the file's directory.
+    let c = Config::load(&relative.join("mayfly.toml")).unwrap();
+    let pw = c.databases[0].password_file.as_ref().unwrap();
+    assert_eq!(pw, &relative.join("manager.pw"));
+    std::fs::remove_file(dir.path().join("manager.pw")).unwrap();
+    let e = Config::load(&relative.join("mayfly.toml")).unwrap_err();
+    assert!(e.to_string().contains("manager.pw"), "{e}");
+}
