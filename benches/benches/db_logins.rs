@@ -9,7 +9,9 @@
 //!    by PostgreSQL (p50/p99 of `DB_REFUSED` runs);
 //! 3. revoking `DB_MASS` logins (10,000 by default) by completing their
 //!    task: how long until none can log in and until the last is dropped,
-//!    and `GetTask` latency before and during (the broker still serving).
+//!    and `GetTask` latency before and during (the broker still serving);
+//! 4. as many roles dropped by a bare `DROP ROLE` loop, for the rate's
+//!    peer.
 //!
 //! `cargo bench -p mayfly-benches --bench db_logins` (`DB_MASS=2000` for a
 //! quicker run).
@@ -277,6 +279,29 @@ fn main() {
             ms(percentile(&idle, 0.5)),
             ms(percentile(&idle, 0.99)),
             idle.len()
+        );
+
+        // 4. The same number of roles dropped bare by one client (made
+        // bare first, with the same grant): the peer of the rate above.
+        for i in 0..mass {
+            admin
+                .batch_execute(&format!(
+                    "CREATE ROLE bare_mass_{i} LOGIN; GRANT orders_reader TO bare_mass_{i}"
+                ))
+                .await
+                .unwrap();
+        }
+        let started = Instant::now();
+        for i in 0..mass {
+            admin
+                .batch_execute(&format!("DROP ROLE bare_mass_{i}"))
+                .await
+                .unwrap();
+        }
+        let bare = mass as f64 / started.elapsed().as_secs_f64();
+        println!(
+            "bare DROP ROLE of {mass} roles by one client: {bare:.0}/s; the broker's revocation ÷ bare: {:.2}",
+            mass as f64 / all_dropped.as_secs_f64() / bare
         );
     });
 }
