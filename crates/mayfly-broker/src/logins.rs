@@ -109,7 +109,7 @@ pub struct Dropper {
     removals: HashMap<String, Arc<Semaphore>>,
     /// Where removals report, and where the dropper reads them.
     removed_tx: mpsc::UnboundedSender<Vec<Removed>>,
-    removed_rx: Option<mpsc::UnboundedReceiver<Vec<Removed>>>,
+    removed_rx: mpsc::UnboundedReceiver<Vec<Removed>>,
 }
 
 /// A held login whose lease ended: to drop.
@@ -180,7 +180,7 @@ impl Dropper {
             removing: HashSet::new(),
             removals: HashMap::new(),
             removed_tx,
-            removed_rx: Some(removed_rx),
+            removed_rx,
         }
     }
 
@@ -192,9 +192,6 @@ impl Dropper {
             return;
         }
         let mut events = feed.subscribe();
-        let Some(mut removed) = self.removed_rx.take() else {
-            return;
-        };
         let mut last_sweep = Instant::now();
         self.sweep().await;
         loop {
@@ -211,7 +208,7 @@ impl Dropper {
                     () = &mut deadline => Wake::Pass,
                     () = shutdown.wait() => Wake::Stop,
                     event = events.recv() => Wake::Event(event),
-                    Some(done) = removed.recv() => Wake::Removed(done),
+                    Some(done) = self.removed_rx.recv() => Wake::Removed(done),
                 };
                 let first = match wake {
                     Wake::Pass => break,
@@ -407,15 +404,9 @@ impl Dropper {
                 mine.push(d);
                 continue;
             }
-            let until = now.plus(CLAIM_FOR);
-            let key = format!("login-drop:{id}");
-            let claimed = match self.store.first_use(&key, until, now).await {
-                Ok(true) => self.store.is_held(id).await,
-                other => other,
-            };
-            match claimed {
+            match claim(self.store.as_ref(), "drop", id, now).await {
                 Ok(true) => {
-                    self.claims.insert(id.clone(), until);
+                    self.claims.insert(id.clone(), now.plus(CLAIM_FOR));
                     mine.push(d);
                 }
                 Ok(false) => {}
@@ -643,6 +634,24 @@ impl Dropper {
     }
 }
 
+/// Claims `step` (`drop`, `remove`) of the login of `lease` for this
+/// replica until [`CLAIM_FOR`] from `now`: `true` if no other replica
+/// holds that claim and the login is still held (one released meanwhile
+/// was dropped by another).
+async fn claim(
+    store: &dyn LeaseStore,
+    step: &str,
+    lease: &LeaseId,
+    now: Timestamp,
+) -> Result<bool, crate::store::StoreError> {
+    let key = format!("login-{step}:{lease}");
+    if store.first_use(&key, now.plus(CLAIM_FOR), now).await? {
+        store.is_held(lease).await
+    } else {
+        Ok(false)
+    }
+}
+
 /// Whether a backoff (failures, until) allows a try now.
 fn ready_at(backoff: Option<&(u32, Instant)>) -> bool {
     backoff.is_none_or(|(_, at)| *at <= Instant::now())
@@ -666,13 +675,14 @@ async fn remove(
     let mut mine = Vec::with_capacity(due.len());
     let mut outcomes = Vec::with_capacity(due.len());
     for d in due {
-        let now = Timestamp::now();
-        let key = format!("login-remove:{}", d.login.lease_id);
-        let claimed = match store.first_use(&key, now.plus(CLAIM_FOR), now).await {
-            Ok(true) => store.is_held(&d.login.lease_id).await,
-            other => other,
-        };
-        match claimed {
+        match claim(
+            store.as_ref(),
+            "remove",
+            &d.login.lease_id,
+            Timestamp::now(),
+        )
+        .await
+        {
             Ok(true) => mine.push(d),
             Ok(false) => outcomes.push((d, Removal::Skipped)),
             Err(e) => {
@@ -680,6 +690,10 @@ async fn remove(
                 outcomes.push((d, Removal::Skipped));
             }
         }
+    }
+    if mine.is_empty() {
+        let _ = done.send(outcomes);
+        return;
     }
     let users: Vec<String> = mine.iter().map(|d| d.login.user.clone()).collect();
     match engine.ended(&users).await {
