@@ -33,6 +33,10 @@ fn claims() -> AccessTokenClaims {
         task_id: "lbaPf1dJlLwnMXaf5bpjpA".into(),
         cnf: None,
         act: None,
+        status: Some(mayfly_core::status_list::status_claim(
+            "https://localhost:8711",
+            1 << 20,
+        )),
     }
 }
 

@@ -202,6 +202,7 @@ fn signature(c: &mut Criterion) {
         task_id: "lbaPf1dJlLwnMXaf5bpjpA".into(),
         cnf: None,
         act: None,
+        status: None,
     };
     let mut g = c.benchmark_group("cedar");
     g.throughput(Throughput::Elements(1));

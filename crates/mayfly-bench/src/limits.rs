@@ -32,6 +32,11 @@ fn claims() -> AccessTokenClaims {
         task_id: "lbaPf1dJlLwnMXaf5bpjpA".into(),
         cnf: None,
         act: None,
+        // As every token the broker signs carries one.
+        status: Some(mayfly_core::status_list::status_claim(
+            "https://localhost:8711",
+            1 << 20,
+        )),
     }
 }
 

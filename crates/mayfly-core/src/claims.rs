@@ -58,4 +58,7 @@ pub struct AccessTokenClaims {
     /// Delegation chain, when the task was delegated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub act: Option<ActorClaim>,
+    /// Where the token's revocation is published (the Token Status List).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<crate::status_list::StatusClaim>,
 }

@@ -160,6 +160,9 @@ pub enum LeaseDetail {
         audience: Audience,
         /// What it is bound to, if anything.
         binding: Binding,
+        /// Its index in the Token Status List; `None` for a token issued
+        /// before the broker kept lists.
+        status_idx: Option<u64>,
     },
     /// A token a service got by exchanging a token of the task (RFC
     /// 8693): the lease's `agent` is the task's owner, `actor` the
@@ -173,6 +176,8 @@ pub enum LeaseDetail {
         actor: SpiffeId,
         /// The audience of the token it was exchanged for.
         subject_audience: Audience,
+        /// Its index in the Token Status List, as for a token.
+        status_idx: Option<u64>,
     },
     /// An X.509 certificate.
     Certificate {
@@ -282,6 +287,8 @@ struct StoredLease {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     serial: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    status_idx: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     issuing_ca: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     user: Option<String>,
@@ -304,13 +311,18 @@ impl From<StoredLease> for Lease {
         let exchange = s.actor.zip(s.subject_audience);
         let detail = match (s.kind.as_str(), s.audience, s.serial, binding, exchange) {
             ("task", ..) => LeaseDetail::Task,
-            ("jwt", Some(audience), _, Ok(binding), _) => LeaseDetail::Token { audience, binding },
+            ("jwt", Some(audience), _, Ok(binding), _) => LeaseDetail::Token {
+                audience,
+                binding,
+                status_idx: s.status_idx,
+            },
             (EXCHANGED_TOKEN, Some(audience), _, Ok(binding), Some((actor, subject_audience))) => {
                 LeaseDetail::ExchangedToken {
                     audience,
                     binding,
                     actor,
                     subject_audience,
+                    status_idx: s.status_idx,
                 }
             }
             ("x509", _, Some(serial), ..) => LeaseDetail::Certificate {
@@ -345,15 +357,24 @@ impl From<Lease> for StoredLease {
     fn from(l: Lease) -> Self {
         let kind = l.detail.kind_name().to_owned();
         let (mut actor, mut subject_audience, mut issuing_ca, mut user) = (None, None, None, None);
+        let mut status_idx = None;
         let (audience, binding, serial) = match l.detail {
-            LeaseDetail::Token { audience, binding } => (Some(audience), binding, None),
+            LeaseDetail::Token {
+                audience,
+                binding,
+                status_idx: idx,
+            } => {
+                status_idx = idx;
+                (Some(audience), binding, None)
+            }
             LeaseDetail::ExchangedToken {
                 audience,
                 binding,
                 actor: a,
                 subject_audience: s,
+                status_idx: idx,
             } => {
-                (actor, subject_audience) = (Some(a), Some(s));
+                (actor, subject_audience, status_idx) = (Some(a), Some(s), idx);
                 (Some(audience), binding, None)
             }
             LeaseDetail::Certificate {
@@ -389,6 +410,7 @@ impl From<Lease> for StoredLease {
             actor,
             subject_audience,
             serial,
+            status_idx,
             issuing_ca,
             user,
             task_revision: l.task_revision,
@@ -454,6 +476,15 @@ impl Lease {
         }
     }
 
+    /// A token's index in the Token Status List.
+    pub fn status_index(&self) -> Option<u64> {
+        match &self.detail {
+            LeaseDetail::Token { status_idx, .. }
+            | LeaseDetail::ExchangedToken { status_idx, .. } => *status_idx,
+            _ => None,
+        }
+    }
+
     /// The id of the CA that signed a certificate, if recorded.
     pub fn issuing_ca(&self) -> Option<&str> {
         match &self.detail {
@@ -498,6 +529,7 @@ mod tests {
             detail: LeaseDetail::Token {
                 audience: Audience::new("api").unwrap(),
                 binding: Binding::Bearer,
+                status_idx: Some(7),
             },
             agent: SpiffeId::new("spiffe://td/agent/a").unwrap(),
             task_id: task,
@@ -550,10 +582,12 @@ mod tests {
                 binding: Binding::Certificate {
                     x5t_s256: "x5t".into(),
                 },
+                status_idx: None,
             },
             LeaseDetail::Token {
                 audience: Audience::new("api").unwrap(),
                 binding: Binding::Dpop { jkt: "jkt".into() },
+                status_idx: Some(1 << 40),
             },
             LeaseDetail::Certificate {
                 serial: "5A39".into(),
@@ -571,6 +605,7 @@ mod tests {
                 binding: Binding::Bearer,
                 actor: SpiffeId::new("spiffe://td/api/a").unwrap(),
                 subject_audience: Audience::new("api").unwrap(),
+                status_idx: Some(0),
             },
         ] {
             l.detail = detail;

@@ -22,6 +22,7 @@ mod lock;
 mod policy;
 mod proof;
 mod spiffe;
+pub mod status_list;
 pub mod svid;
 mod task;
 mod time;

@@ -62,7 +62,8 @@ macro_rules! store_contract_tests {
             ending_a_task_ends_its_whole_subtree,
             revoked_lease_never_becomes_active,
             a_key_is_used_once_until_it_lapses,
-            held_logins_stay_until_released
+            held_logins_stay_until_released,
+            status_indexes_are_never_handed_out_twice
         );
     };
     (@each $make:expr; $($name:ident),*) => {
@@ -138,12 +139,20 @@ pub fn task(agent: &SpiffeId, ttl: u64) -> Task {
 }
 
 /// A JWT lease under `task`, issued at T0, living `ttl` seconds.
+/// Distinct status-list indexes for the tokens here (the broker takes
+/// them from the store's counter).
+fn next_status_index() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1 << 30);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 pub fn lease(task: &Task, ttl: u64) -> Lease {
     Lease {
         id: LeaseId::generate(),
         detail: LeaseDetail::Token {
             audience: Audience::new("https://api.example.com").unwrap(),
             binding: mayfly_core::Binding::Bearer,
+            status_idx: Some(next_status_index()),
         },
         agent: task.agent.clone(),
         task_id: task.id.clone(),
@@ -442,6 +451,7 @@ pub fn exchanged(task: &Task, service: &SpiffeId, ttl: u64) -> Lease {
         binding: mayfly_core::Binding::Bearer,
         actor: service.clone(),
         subject_audience: Audience::new("https://tools.example.com").unwrap(),
+        status_idx: Some(next_status_index()),
     };
     l
 }
@@ -1013,6 +1023,12 @@ pub async fn revocation_feed_is_ordered_and_resumable(store: Store) {
     assert_eq!(events[2].revocation.reason, RevocationReason::TaskCompleted);
     assert_eq!(events[0].expires_at, a.expires_at);
     assert_eq!(events[0].kind, Some(LeaseKind::Jwt));
+    // A token's status-list index travels with its revocation, whether
+    // the lease was revoked alone or with its task; a task has none.
+    assert_eq!(events[0].status_idx, a.status_index());
+    assert_eq!(events[2].status_idx, b.status_index());
+    assert!(a.status_index().is_some() && events[1].status_idx.is_none());
+    assert_eq!(events[0].serial, None);
 
     let rest = store
         .revocations_since(events[0].cursor, 100)
@@ -2072,4 +2088,22 @@ pub async fn held_logins_stay_until_released(store: Store) {
     assert!(!store.is_held(&a.lease_id).await.unwrap());
     assert!(store.is_held(&b.lease_id).await.unwrap());
     assert_eq!(store.held_logins().await.unwrap(), vec![b]);
+}
+
+pub async fn status_indexes_are_never_handed_out_twice(store: Store) {
+    assert_eq!(store.status_indexes_reserved().await.unwrap(), 0);
+    let first = store.reserve_status_indexes(10).await.unwrap();
+    assert_eq!(first, 0);
+    assert_eq!(store.status_indexes_reserved().await.unwrap(), 10);
+    // Replicas reserving at once get disjoint blocks.
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let store = store.clone();
+        tasks.spawn(async move { store.reserve_status_indexes(100).await.unwrap() });
+    }
+    let mut starts: Vec<u64> = tasks.join_all().await;
+    starts.sort_unstable();
+    assert!(starts.windows(2).all(|w| w[1] >= w[0] + 100), "{starts:?}");
+    assert!(starts[0] >= 10);
+    assert_eq!(store.status_indexes_reserved().await.unwrap(), 810);
 }

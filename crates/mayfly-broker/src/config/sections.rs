@@ -441,6 +441,11 @@ pub struct Tokens {
     /// validators keep the JWKS.
     #[serde(deserialize_with = "duration")]
     pub rotate_lead: Duration,
+    /// The Token Status Lists' `ttl`: how long a validator may keep one,
+    /// so the longest a revocation takes to reach a validator reading
+    /// them.
+    #[serde(deserialize_with = "duration")]
+    pub status_list_ttl: Duration,
 }
 
 impl Default for Tokens {
@@ -453,6 +458,7 @@ impl Default for Tokens {
             retire_grace: Duration::from_secs(60),
             rotate_every: None,
             rotate_lead: Duration::from_secs(600),
+            status_list_ttl: Duration::from_secs(5),
         }
     }
 }

@@ -55,6 +55,8 @@ pub struct Settings {
     pub federation: Vec<FederationConfig>,
     /// The CRL's nextUpdate − thisUpdate.
     pub crl_validity: Duration,
+    /// The Token Status Lists' `ttl`.
+    pub status_list_ttl: Duration,
     /// Expiry and clean-up.
     pub reaper: Reaper,
     /// The revocation feed.
@@ -302,6 +304,7 @@ impl Config {
             ca: self.ca.clone(),
             federation: self.checked_federation()?,
             crl_validity: self.certificates.crl_validity,
+            status_list_ttl: self.tokens.status_list_ttl,
             reaper: self.checked_reaper()?,
             feed: self.feed_settings()?,
             policy: self.checked_policy()?,
@@ -353,6 +356,7 @@ impl Config {
             ("certificates.default_ttl", certs.default_ttl),
             ("certificates.max_ttl", certs.max_ttl),
             ("certificates.crl_validity", certs.crl_validity),
+            ("tokens.status_list_ttl", tokens.status_list_ttl),
         ];
         for (name, d) in whole {
             if d.subsec_nanos() != 0 || d.is_zero() {

@@ -1,7 +1,7 @@
 //! The HTTPS side port. Without a client certificate: JWKS and RFC 8414
 //! metadata (also as `/.well-known/openid-configuration`) so stock JWT and
-//! OAuth libraries find and validate tokens, the CRL, health probes and
-//! metrics. With one (`tls_client_auth`) or a workload token as a client
+//! OAuth libraries find and validate tokens, the CRL, the Token Status
+//! Lists, health probes and metrics. With one (`tls_client_auth`) or a workload token as a client
 //! assertion (`private_key_jwt`): the OAuth endpoints.
 //!
 //! - `token.rs`: `POST /oauth2/token`; `revoke.rs`: `POST /oauth2/revoke`;
@@ -29,11 +29,13 @@ use serde_json::json;
 
 use mayfly_core::dpop::{ALGORITHMS as DPOP_ALGORITHMS, ReplayCache};
 use mayfly_core::limits::MAX_FORM_BYTES;
+use mayfly_core::status_list::STATUS_LIST_MEDIA_TYPE;
 
 use crate::crl::CrlPublisher;
 use crate::federation::Federation;
 use crate::issuer::JwtSigner;
 use crate::service::Service;
+use crate::status::{StatusListError, StatusLists};
 
 /// DPoP proofs the token endpoint remembers (each for a minute); beyond
 /// that it refuses new proofs rather than forget one.
@@ -56,6 +58,8 @@ pub(super) struct HttpState {
     dpop_seen: Arc<ReplayCache>,
     /// Serves `/crl` when an issuing CA is configured.
     crl: Option<Arc<CrlPublisher>>,
+    /// Serves `/statuslists`.
+    status_lists: Arc<StatusLists>,
     /// Workload-token issuers, for `client_assertion`.
     federation: Option<Arc<Federation>>,
 }
@@ -88,6 +92,8 @@ pub fn metadata(issuer: &str, algs: &[&str], workload_tokens: bool) -> serde_jso
         "introspection_endpoint": format!("{issuer}/introspect"),
         "introspection_endpoint_auth_methods_supported": token_auth,
         "access_token_signing_alg_values_supported": algs,
+        // draft-ietf-oauth-status-list: where every list is named.
+        "status_list_aggregation_endpoint": format!("{issuer}/statuslists"),
     })
 }
 
@@ -98,6 +104,7 @@ pub fn router(
     metadata: &serde_json::Value,
     service: Arc<Service>,
     crl: Option<Arc<CrlPublisher>>,
+    status_lists: Arc<StatusLists>,
     federation: Option<Arc<Federation>>,
 ) -> Router {
     let state = HttpState {
@@ -107,11 +114,14 @@ pub fn router(
         token_url: format!("{issuer}/oauth2/token").into(),
         dpop_seen: Arc::new(ReplayCache::new(DPOP_PROOFS_REMEMBERED)),
         crl,
+        status_lists,
         federation,
     };
     Router::new()
         .route("/crl", get(crl_handler))
         .route("/crl/{ca}", get(crl_of_handler))
+        .route("/statuslists", get(status_lists_handler))
+        .route("/statuslists/{n}", get(status_list_handler))
         .route("/introspect", post(introspect::introspect))
         .route("/oauth2/token", post(token::token))
         .route("/oauth2/revoke", post(revoke::revoke))
@@ -185,6 +195,58 @@ async fn crl_of_handler(State(s): State<HttpState>, Path(id): Path<String>) -> R
 
 fn no_ca() -> Response {
     (StatusCode::NOT_FOUND, "no issuing CA is configured\n").into_response()
+}
+
+/// The aggregation endpoint: the URI of every list.
+async fn status_lists_handler(State(s): State<HttpState>) -> Response {
+    match s.status_lists.uris().await {
+        Ok(uris) => (
+            [(header::CACHE_CONTROL, "no-cache")],
+            axum::Json(json!({ "status_lists": uris })),
+        )
+            .into_response(),
+        Err(e) => status_list_unavailable(&e),
+    }
+}
+
+/// List `n` as a Status List Token; 404 for a list no token names.
+async fn status_list_handler(State(s): State<HttpState>, Path(n): Path<String>) -> Response {
+    let not_found = || {
+        (
+            StatusCode::NOT_FOUND,
+            format!("no status list {n}: no token names it\n"),
+        )
+            .into_response()
+    };
+    // Digits only: no sign, no leading zeros beyond "0".
+    let Some(n) = n.parse::<u64>().ok().filter(|v| v.to_string() == n) else {
+        return not_found();
+    };
+    match s.status_lists.token(n).await {
+        Ok(Some(jwt)) => (
+            [
+                (header::CONTENT_TYPE, STATUS_LIST_MEDIA_TYPE.to_owned()),
+                (
+                    header::CACHE_CONTROL,
+                    format!("max-age={}", s.status_lists.ttl().as_secs()),
+                ),
+            ],
+            jwt.to_string(),
+        )
+            .into_response(),
+        Ok(None) => not_found(),
+        Err(e) => status_list_unavailable(&e),
+    }
+}
+
+fn status_list_unavailable(e: &StatusListError) -> Response {
+    tracing::warn!(error = %e, "status list unavailable");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, "1")],
+        "status lists unavailable: the store cannot be read\n",
+    )
+        .into_response()
 }
 
 fn crl_response(crl: Result<Option<Arc<[u8]>>, crate::crl::CrlError>) -> Response {

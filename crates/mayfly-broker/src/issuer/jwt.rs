@@ -78,6 +78,18 @@ fn ring_key(key: SigningKey, from: u64) -> RingKey {
     }
 }
 
+/// `header_b64.payload.signature`, signed by `key`.
+fn sign_parts(key: &SigningKey, header_b64: &str, payload: &[u8]) -> Result<String, SignError> {
+    let mut out = String::with_capacity(header_b64.len() + payload.len() * 4 / 3 + 100);
+    out.push_str(header_b64);
+    out.push('.');
+    URL_SAFE_NO_PAD.encode_string(payload, &mut out);
+    let sig = key.sign(out.as_bytes()).map_err(|_| SignError::Crypto)?;
+    out.push('.');
+    URL_SAFE_NO_PAD.encode_string(sig, &mut out);
+    Ok(out)
+}
+
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -179,17 +191,22 @@ impl JwtSigner {
         let ring = self.current();
         let active = ring.active(self.alg, now_secs()).ok_or(SignError::Crypto)?;
         let payload = Zeroizing::new(serde_json::to_vec(claims)?);
-        let mut out = String::with_capacity(active.header_b64.len() + payload.len() * 4 / 3 + 100);
-        out.push_str(&active.header_b64);
-        out.push('.');
-        URL_SAFE_NO_PAD.encode_string(&*payload, &mut out);
-        let sig = active
-            .key
-            .sign(out.as_bytes())
-            .map_err(|_| SignError::Crypto)?;
-        out.push('.');
-        URL_SAFE_NO_PAD.encode_string(sig, &mut out);
-        Ok(AccessToken(Zeroizing::new(out)))
+        sign_parts(&active.key, &active.header_b64, &payload)
+            .map(|t| AccessToken(Zeroizing::new(t)))
+    }
+
+    /// Signs `claims` with the active key under the header `typ` (not an
+    /// access token: a Status List Token, a Security Event Token).
+    pub fn sign_typed(&self, typ: &str, claims: &serde_json::Value) -> Result<String, SignError> {
+        let ring = self.current();
+        let active = ring.active(self.alg, now_secs()).ok_or(SignError::Crypto)?;
+        let header = json!({"alg": active.key.alg(), "kid": active.key.kid(), "typ": typ});
+        let payload = serde_json::to_vec(claims)?;
+        sign_parts(
+            &active.key,
+            &URL_SAFE_NO_PAD.encode(header.to_string()),
+            &payload,
+        )
     }
 
     /// The claims of a token this broker signed (any published key), if its

@@ -21,6 +21,7 @@ use crate::policy::PolicyHandle;
 use crate::ratelimit::RateLimiter;
 use crate::recorder::Recorder;
 use crate::service::{Service, Setup};
+use crate::status::StatusLists;
 use crate::store::{EmbeddedStore, LeaseStore, RedisStore, RedisTarget};
 use crate::tls;
 
@@ -60,6 +61,12 @@ impl Broker {
         let crl = ca
             .clone()
             .map(|ca| Arc::new(CrlPublisher::new(store.clone(), ca, s.crl_validity)));
+        let status_lists = Arc::new(StatusLists::new(
+            store.clone(),
+            signer.clone(),
+            &s.issuer,
+            s.status_list_ttl,
+        ));
         let revoked = Arc::new(tokio::sync::Notify::new());
         let feed = FeedHub::new(store.clone(), revoked.clone(), s.feed.poll);
         let mut authenticator =
@@ -100,6 +107,7 @@ impl Broker {
             issuer: s.issuer,
             reaper: s.reaper,
             crl,
+            status_lists,
             policy,
             policy_reload: s.policy.reload_interval,
             tls_reload: s.tls.reload_interval,

@@ -25,6 +25,7 @@ use crate::identity::Authenticator;
 use crate::issuer::{JwtSigner, KeyError};
 use crate::policy::PolicyHandle;
 use crate::service::Service;
+use crate::status::StatusLists;
 use crate::store::StoreError;
 use crate::tls::{TlsError, TlsSetup};
 
@@ -81,6 +82,8 @@ pub struct Broker {
     reaper: Reaper,
     /// The CRL, when task certificates are signed.
     crl: Option<Arc<CrlPublisher>>,
+    /// Serves the Token Status Lists.
+    status_lists: Arc<StatusLists>,
     /// Follows the store's revocation log for watchers and the CRL.
     feed: Arc<FeedHub>,
     /// The databases logins are made in: their dropper runs beside the

@@ -111,6 +111,7 @@ impl Broker {
             &http::metadata(&self.issuer, &algs, self.federation.is_some()),
             self.service.clone(),
             self.crl.clone(),
+            self.status_lists.clone(),
             self.federation.clone(),
         );
         let http_task = tokio::spawn(connections::serve(

@@ -58,10 +58,13 @@ impl Kind for TokenRequest {
         }
     }
 
-    fn detail(&self, _caller: &Caller) -> LeaseDetail {
+    const STATUS_LISTED: bool = true;
+
+    fn detail(&self, _caller: &Caller, status_idx: Option<u64>) -> LeaseDetail {
         LeaseDetail::Token {
             audience: self.audience.clone(),
             binding: self.binding.clone(),
+            status_idx,
         }
     }
 
@@ -134,7 +137,7 @@ impl Kind for Certificate<'_> {
         Action::SignCertificate
     }
 
-    fn detail(&self, _caller: &Caller) -> LeaseDetail {
+    fn detail(&self, _caller: &Caller, _status_idx: Option<u64>) -> LeaseDetail {
         LeaseDetail::Certificate {
             serial: crate::issuer::random_serial().1,
             issuing_ca: Some(self.ca.id().to_owned()),

@@ -82,12 +82,15 @@ impl Kind for Exchange<'_> {
         }
     }
 
-    fn detail(&self, caller: &Caller) -> LeaseDetail {
+    const STATUS_LISTED: bool = true;
+
+    fn detail(&self, caller: &Caller, status_idx: Option<u64>) -> LeaseDetail {
         LeaseDetail::ExchangedToken {
             audience: self.req.audience.clone(),
             binding: self.req.binding.clone(),
             actor: caller.id.clone(),
             subject_audience: self.subject_audience.clone(),
+            status_idx,
         }
     }
 

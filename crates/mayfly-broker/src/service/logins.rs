@@ -61,7 +61,7 @@ impl Kind for DatabaseLogin<'_> {
         }
     }
 
-    fn detail(&self, _caller: &Caller) -> LeaseDetail {
+    fn detail(&self, _caller: &Caller, _status_idx: Option<u64>) -> LeaseDetail {
         LeaseDetail::DatabaseLogin {
             database: self.req.database.clone(),
             user: login_name(self.engine.prefix()),

@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use mayfly_core::{
     AccessTokenClaims, ActorClaim, Approval, ApprovalId, Binding, CallId, Lease, LeaseId, Policy,
-    SpiffeId, SpiffeIdPattern, Tool, scope_string,
+    SpiffeId, SpiffeIdPattern, Tool, scope_string, status_list,
 };
 use tokio::sync::Notify;
 
@@ -52,6 +52,7 @@ use crate::identity::Caller;
 use crate::issuer::{AccessToken, CaRing, JwtSigner};
 use crate::ratelimit::RateLimiter;
 use crate::recorder::Recorder;
+use crate::status::StatusAllocator;
 use crate::store::LeaseStore;
 use shared::Shared;
 
@@ -187,9 +188,16 @@ pub(super) struct TokenSigner {
     signer: Arc<JwtSigner>,
     /// `iss` of every token.
     issuer: String,
+    /// Each token's index in the Token Status List.
+    indexes: StatusAllocator,
 }
 
 impl TokenSigner {
+    /// A fresh status-list index, for a token about to be minted.
+    pub(super) async fn status_index(&self) -> Result<u64, BrokerError> {
+        Ok(self.indexes.next().await?)
+    }
+
     /// Signs the token `lease` records: its audience, scopes, times, id,
     /// holder (`client_id`), task and binding (`cnf`) from the lease, for
     /// the work of `sub` with the actor chain `act`.
@@ -218,6 +226,9 @@ impl TokenSigner {
             task_id: lease.task_id.to_string(),
             cnf: lease.binding().and_then(Binding::confirmation),
             act,
+            status: lease
+                .status_index()
+                .map(|idx| status_list::status_claim(&self.issuer, idx)),
         };
         self.signer
             .sign(&claims)
@@ -321,6 +332,7 @@ pub struct Admin {
 impl Service {
     /// The service, its parts sharing `setup`'s store, policy and recorder.
     pub fn new(setup: Setup) -> Self {
+        let indexes = StatusAllocator::new(setup.store.clone());
         let shared = Arc::new(Shared {
             store: setup.store,
             policy: setup.policy,
@@ -342,6 +354,7 @@ impl Service {
                 tokens: TokenSigner {
                     signer: setup.signer,
                     issuer: setup.issuer,
+                    indexes,
                 },
                 ca: setup.ca,
                 lifetimes: setup.lifetimes,

@@ -75,9 +75,13 @@ pub(super) trait Kind {
     }
     /// What policy is asked to allow (the caller asks it, under the task).
     fn action(&self) -> Action<'_>;
-    /// The kind's part of a new lease (a token's audience and binding, a
-    /// certificate's serial): fresh for every attempt.
-    fn detail(&self, caller: &Caller) -> LeaseDetail;
+    /// Whether the credential is a token, listed in the Token Status List.
+    const STATUS_LISTED: bool = false;
+    /// The kind's part of a new lease (a token's audience, binding and
+    /// status-list index, a certificate's serial): fresh for every attempt.
+    /// `status_idx` is given exactly when the kind is
+    /// [`STATUS_LISTED`](Kind::STATUS_LISTED).
+    fn detail(&self, caller: &Caller, status_idx: Option<u64>) -> LeaseDetail;
     /// The scopes the lease grants.
     fn scopes(&self) -> Scopes {
         Scopes::default()
@@ -254,9 +258,13 @@ impl Issuance {
 
         // Mint.
         let issued_at = now.floor_secs();
+        let status_idx = match K::STATUS_LISTED {
+            true => Some(self.tokens.status_index().await?),
+            false => None,
+        };
         let lease = Lease {
             id: LeaseId::generate(),
-            detail: kind.detail(caller),
+            detail: kind.detail(caller, status_idx),
             agent: owner.clone(),
             task_id: task.id.clone(),
             scopes: kind.scopes(),

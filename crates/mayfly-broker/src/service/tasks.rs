@@ -437,7 +437,9 @@ impl Tasks {
         // Exhaustive: a kind added later must say how it is decided again,
         // and a lease this build cannot read is revoked.
         let (principal, action) = match &lease.detail {
-            LeaseDetail::Token { audience, binding } => (
+            LeaseDetail::Token {
+                audience, binding, ..
+            } => (
                 &lease.agent,
                 Action::IssueToken {
                     audience,
@@ -450,6 +452,7 @@ impl Tasks {
                 binding,
                 actor,
                 subject_audience,
+                ..
             } => {
                 // Still one of the token's recipients (the configuration
                 // may have changed since), or no longer allowed.

@@ -360,6 +360,9 @@ pub struct RevocationEvent {
     /// For a certificate: its serial (lower-case hex), for CRLs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// For a token: its index in the Token Status List.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_idx: Option<u64>,
 }
 
 /// What one reaper pass did.
@@ -628,6 +631,19 @@ pub trait RevocationLog: Send + Sync + fmt::Debug {
     ) -> Result<Vec<RevocationEvent>, StoreError>;
 }
 
+/// The Token Status List's index counter: it only grows, so no index is
+/// handed out twice, whichever replica asks.
+#[async_trait]
+pub trait StatusIndexes: Send + Sync + fmt::Debug {
+    /// Reserves `count` fresh indexes; gives the first (the rest follow
+    /// it).
+    async fn reserve_status_indexes(&self, count: u64) -> Result<u64, StoreError>;
+
+    /// How many indexes have been reserved so far: every index below it
+    /// may be in a token.
+    async fn status_indexes_reserved(&self) -> Result<u64, StoreError>;
+}
+
 /// Recording: leases with their audit records, to the store's trail.
 #[async_trait]
 pub trait RecordStore: Send + Sync + fmt::Debug {
@@ -736,6 +752,7 @@ pub trait LeaseStore:
     + RecordStore
     + ReplayGuard
     + LoginQueue
+    + StatusIndexes
     + Upkeep
     + 'static
 {
@@ -750,6 +767,7 @@ impl<S> LeaseStore for S where
         + RecordStore
         + ReplayGuard
         + LoginQueue
+        + StatusIndexes
         + Upkeep
         + 'static
 {

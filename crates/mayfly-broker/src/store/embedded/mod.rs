@@ -67,15 +67,16 @@ use tokio::sync::oneshot;
 use super::{
     AgentStore, ApprovalStore, CredentialStore, ExpiredLease, HeldLogin, LeaseFilter, LoginQueue,
     Page, PageRequest, ReapOutcome, RecordBatch, RecordError, RecordStore, ReplayGuard,
-    RevocationEvent, RevocationLog, RevokeRequest, StoreError, TaskFilter, TaskStore, Upkeep,
-    check_consumable, check_decidable,
+    RevocationEvent, RevocationLog, RevokeRequest, StatusIndexes, StoreError, TaskFilter,
+    TaskStore, Upkeep, check_consumable, check_decidable,
 };
 use crate::audit::{AuditSink, NoTrail};
 use crate::cause::Cause;
 use scan::{MAX_SCAN, expiry_keys, multimap_ids, page_of, table_ids};
 use tables::{
     ACTIVE_EXPIRY, AGENT_LEASES, AGENT_LOCKS, AGENT_TASKS, APPROVALS, LEASES, LOGINS, META,
-    NEXT_CURSOR, REVOCATIONS, TASK_CHILDREN, TASK_LEASES, TASKS, Tables, decode, encode,
+    NEXT_CURSOR, NEXT_STATUS_INDEX, REVOCATIONS, TASK_CHILDREN, TASK_LEASES, TASKS, Tables, decode,
+    encode,
 };
 use writer::{Typed, Writer, write_batches};
 
@@ -664,6 +665,27 @@ impl LoginQueue for EmbeddedStore {
         self.write(move |t| {
             t.logins.remove(id.as_str())?;
             Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl StatusIndexes for EmbeddedStore {
+    async fn reserve_status_indexes(&self, count: u64) -> Result<u64, StoreError> {
+        self.write(move |t| {
+            let first = t.meta.get(NEXT_STATUS_INDEX)?.map_or(0, |v| v.value());
+            t.meta
+                .insert(NEXT_STATUS_INDEX, first.saturating_add(count))?;
+            Ok(first)
+        })
+        .await
+    }
+
+    async fn status_indexes_reserved(&self) -> Result<u64, StoreError> {
+        self.read(|txn| {
+            let meta = txn.open_table(META)?;
+            Ok(meta.get(NEXT_STATUS_INDEX)?.map_or(0, |v| v.value()))
         })
         .await
     }

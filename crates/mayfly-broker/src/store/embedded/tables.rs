@@ -51,6 +51,8 @@ pub(super) const LOGINS: TableDefinition<&str, &[u8]> = TableDefinition::new("da
 /// Key in `meta` of the next revocation cursor (never reused, even after
 /// trimming).
 pub(super) const NEXT_CURSOR: &str = "next_cursor";
+/// Key in `meta` of the next Token Status List index (never reused).
+pub(super) const NEXT_STATUS_INDEX: &str = "next_status_index";
 /// Key in `meta` of the next outbox id (never reused).
 pub(super) const NEXT_OUTBOX: &str = "next_outbox";
 /// Key in `meta` of the trail's seq just before the first record in the
@@ -287,6 +289,7 @@ impl<'t> Tables<'t> {
             revocation,
             expires_at: lease.expires_at,
             serial: lease.serial().map(str::to_owned),
+            status_idx: lease.status_index(),
         };
         self.revocations
             .insert(cursor, encode(&event)?.as_slice())?;

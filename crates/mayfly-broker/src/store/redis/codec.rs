@@ -120,6 +120,17 @@ pub(super) fn corrupt(e: impl std::error::Error + Send + Sync + 'static) -> Stor
     StoreError::Corrupt(Cause::of(e))
 }
 
+/// What a lease hash's and a feed event's `serial` field hold: the
+/// credential's entry in a revocation list, a certificate's serial or a
+/// token's status-list index ("" for neither).
+pub(super) fn list_entry(lease: &Lease) -> String {
+    match (lease.serial(), lease.status_index()) {
+        (Some(serial), _) => serial.to_owned(),
+        (None, Some(idx)) => idx.to_string(),
+        (None, None) => String::new(),
+    }
+}
+
 pub(super) fn event_from(
     id: &str,
     fields: Vec<(String, String)>,
@@ -141,10 +152,10 @@ pub(super) fn event_from(
         _ => None,
     };
     let corrupt_id = |e: mayfly_core::IdError| StoreError::Corrupt(Cause::of(e));
+    let entry = get("serial").ok().filter(|s| !s.is_empty());
     Ok(RevocationEvent {
         cursor: cursor_of(id)?,
         lease_id: LeaseId::new(get("lease")?).map_err(corrupt_id)?,
-        kind,
         task_id: TaskId::new(get("task")?).map_err(corrupt_id)?,
         revocation: decode::<Revocation>(get("rev")?)?,
         expires_at: Timestamp::from_millis(
@@ -152,9 +163,15 @@ pub(super) fn event_from(
                 StoreError::Corrupt(Cause::msg(format!("feed event {id}: bad exp")))
             })?,
         ),
-        serial: get("serial")
-            .ok()
-            .filter(|s| !s.is_empty())
+        serial: entry
+            .filter(|_| kind == Some(LeaseKind::X509))
             .map(str::to_owned),
+        status_idx: match entry.filter(|_| kind == Some(LeaseKind::Jwt)) {
+            Some(idx) => Some(idx.parse().map_err(|_| {
+                StoreError::Corrupt(Cause::msg(format!("feed event {id}: bad status index")))
+            })?),
+            None => None,
+        },
+        kind,
     })
 }

@@ -1,7 +1,8 @@
 -- Shared by every script (prepended by the broker). Keys of one task share
 -- the hash tag {task_id}; lease hashes hold: body (the lease JSON as issued),
 -- state (active|revoked|expired), reason, rev (revocation JSON), exp (ms),
--- kind, agent, serial (certificates).
+-- kind, agent, serial (the credential's entry in a revocation list: a
+-- certificate's serial, a token's status-list index).
 
 -- The state of a task at `now`, from its task lease: active, completed,
 -- revoked, expired, or missing.

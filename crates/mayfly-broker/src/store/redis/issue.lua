@@ -3,8 +3,8 @@
 --       3 task hash, 4 task-lease hash, 5 task's lease set, 6 new lease hash,
 --       7 the agent's lock, 8 the holder's lock, 9 the holder's actor index
 -- ARGV: 1 lease id, 2 agent, 3 now ms, 4 expires ms, 5 keep-until ms,
---       6 lease JSON, 7 kind, 8 index member, 9 certificate serial or "",
---       10 the task revision the decision saw, 11 task id, 12 holder
+--       6 lease JSON, 7 kind, 8 index member, 9 revocation-list entry (a
+--       certificate's serial, a token's status index) or "", 10 the task revision the decision saw, 11 task id, 12 holder
 if not writable(KEYS[9], 'zset') then return 'BROKEN' end
 local status = issue_check(KEYS[3], KEYS[4], KEYS[6], KEYS[7], KEYS[8], ARGV[2], ARGV[3],
   ARGV[4], ARGV[10])

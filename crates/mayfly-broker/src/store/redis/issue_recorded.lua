@@ -12,8 +12,9 @@
 --       5 number of lines N, 6..5+N the lines, then per lease its kind, 'L'
 --       (a credential) or 'T' (a task), and its arguments: for a credential,
 --       12 (id, agent, now ms, expires ms, keep-until ms, lease JSON, kind,
---       index member, certificate serial or "", the task revision the
---       decision saw, task id, holder); for a task, start_task.lua's 11
+--       index member, revocation-list entry (a certificate's serial, a
+--       token's status index) or "", the task revision the decision saw,
+--       task id, holder); for a task, start_task.lua's 11
 -- Returns {'OK'}; {'STALE', seq, hash} when another replica moved the head;
 -- {'REFUSED', i, status, ...} naming every lease (from 1) that may not be
 -- recorded, and why; or {'BROKEN', key} when a key has the wrong type.

@@ -39,6 +39,10 @@ impl Keys {
     pub(super) fn logins(&self) -> String {
         format!("{}:logins", self.prefix)
     }
+    /// The Token Status List's counter: how many indexes were reserved.
+    pub(super) fn status_indexes(&self) -> String {
+        format!("{}:status-indexes", self.prefix)
+    }
     pub(super) fn tasks(&self) -> String {
         format!("{}:tasks", self.prefix)
     }

@@ -50,7 +50,7 @@ pub use trail::RedisSink;
 use super::{
     AgentStore, ApprovalStore, CredentialStore, HeldLogin, LeaseFilter, LoginQueue, Page,
     PageRequest, ReapOutcome, RecordBatch, RecordError, RecordStore, ReplayGuard, RevocationEvent,
-    RevocationLog, RevokeRequest, StoreError, TaskFilter, TaskStore, Upkeep,
+    RevocationLog, RevokeRequest, StatusIndexes, StoreError, TaskFilter, TaskStore, Upkeep,
 };
 use crate::audit::AuditSink;
 use codec::{decode, encode, script_status};
@@ -251,7 +251,7 @@ impl RedisStore {
             .arg(encode(lease)?)
             .arg(lease.detail.kind_name())
             .arg(member(l, t, a))
-            .arg(lease.serial().unwrap_or(""))
+            .arg(codec::list_entry(lease))
             .arg(lease.task_revision)
             .arg(t)
             .arg(lease.holder().as_str());
@@ -634,6 +634,42 @@ impl LoginQueue for RedisStore {
             })
             .await?;
         Ok(())
+    }
+}
+
+/// Indexes come from one counter (`INCRBY`). A failover that loses the
+/// last reservations can hand an index out again; two tokens then share
+/// a bit, and revoking either marks both revoked: it fails closed.
+#[async_trait]
+impl StatusIndexes for RedisStore {
+    async fn reserve_status_indexes(&self, count: u64) -> Result<u64, StoreError> {
+        let k = self.keys.status_indexes();
+        let end: u64 = self
+            .conn
+            .run(|mut c| {
+                let k = k.clone();
+                async move {
+                    redis::cmd("INCRBY")
+                        .arg(&k)
+                        .arg(count)
+                        .query_async(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        Ok(end.saturating_sub(count))
+    }
+
+    async fn status_indexes_reserved(&self) -> Result<u64, StoreError> {
+        let k = self.keys.status_indexes();
+        let n: Option<u64> = self
+            .conn
+            .run(|mut c| {
+                let k = k.clone();
+                async move { redis::cmd("GET").arg(&k).query_async(&mut c).await }
+            })
+            .await?;
+        Ok(n.unwrap_or(0))
     }
 }
 
