@@ -8,6 +8,7 @@ revoked through the other shows its bit in the lists both serve."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ssl
 import subprocess
@@ -22,6 +23,7 @@ import jwt
 import pytest
 
 import mayfly
+from mayfly.verify import _StatusLists
 from tests.conftest import API, Broker, free_port, mayfly_bin, start_broker
 from tests.test_key_rotation import serve
 
@@ -248,3 +250,61 @@ def fetch_from(v: StatusListValidator, url: str, sub: str) -> Fetched:
         zlib.decompress(base64.urlsafe_b64decode(lst + "=" * (-len(lst) % 4))),
         time.monotonic() + float(claims["ttl"]),
     )
+
+
+def refused_because(verifier: mayfly.Verifier, token: mayfly.Token) -> str | None:
+    try:
+        verifier.verify(token.value)
+    except mayfly.VerifyError as e:
+        return e.check
+    return None
+
+
+def test_the_verifier_reads_status_lists_instead_of_the_feed(listed_broker: Broker) -> None:
+    b = listed_broker
+    client = connect(b.grpc_url, b.profile)
+    task = client.start_task("verifier", audiences=[API], scopes=["read:t"])
+    doomed, kept = fresh_token(task), fresh_token(task)
+    verifier = mayfly.Verifier(
+        issuer=b.issuer, audience=API, ca=b.ca, status_lists=mayfly.StatusListConfig()
+    )
+    with verifier:
+        assert verifier.verify(doomed.value).lease_id == doomed.lease_id
+        assert verifier.verify(kept.value).lease_id == kept.lease_id
+
+        b.cli("lease", "revoke", doomed.lease_id)
+        start = time.monotonic()
+        while (refusal := refused_because(verifier, doomed)) is None:
+            assert time.monotonic() - start < TTL + 1, "the verifier never saw the revoke"
+            time.sleep(0.02)
+        assert refusal == "revoked"
+        assert asyncio.run(verifier.averify(kept.value)).lease_id == kept.lease_id
+
+        # The broker gone, a list older than its ttl is not trusted: every
+        # token of it is refused, as the broker's side of the failure.
+        b.stop()
+        time.sleep(TTL + 0.2)
+        with pytest.raises(mayfly.VerifyError) as refused:
+            verifier.verify(kept.value)
+        assert refused.value.check == "status_unavailable"
+        assert refused.value.server_side
+    client.close()
+
+
+def test_a_status_list_outside_the_issuer_is_never_fetched() -> None:
+    lists = _StatusLists("https://broker.example", mayfly.StatusListConfig())
+    good = {"status": {"status_list": {"idx": 3, "uri": "https://broker.example/statuslists/0"}}}
+    assert lists.ref(good) == ("https://broker.example/statuslists/0", 3)
+    for uri, idx in [
+        ("https://attacker.example/statuslists/0", 3),
+        ("https://broker.example/statuslists/../admin", 3),
+        ("https://broker.example.attacker.example/statuslists/0", 3),
+        ("https://broker.example/statuslists/0", -1),
+        ("https://broker.example/statuslists/0", True),
+        ("https://broker.example/statuslists/0", "3"),
+    ]:
+        with pytest.raises(mayfly.VerifyError) as refused:
+            lists.ref({"status": {"status_list": {"idx": idx, "uri": uri}}})
+        assert refused.value.check == "status_missing", (uri, idx)
+    with pytest.raises(mayfly.VerifyError):
+        lists.ref({})

@@ -59,7 +59,7 @@ from mayfly.types import (
     TaskState,
     Token,
 )
-from mayfly.verify import FeedConfig, VerifiedToken, Verifier
+from mayfly.verify import FeedConfig, StatusListConfig, VerifiedToken, Verifier
 from mayfly.workload_token import WorkloadToken
 
 __all__ = [
@@ -88,6 +88,7 @@ __all__ = [
     "OutsideEnvelope",
     "PolicyDenied",
     "RateLimited",
+    "StatusListConfig",
     "Task",
     "TaskAuth",
     "TaskEnded",

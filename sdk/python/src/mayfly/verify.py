@@ -29,6 +29,7 @@ import os
 import ssl
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +89,21 @@ class FeedConfig:
 
 
 @dataclass(frozen=True)
+class StatusListConfig:
+    """Revocations from the broker's Token Status Lists
+    (draft-ietf-oauth-status-list) instead of, or besides, the feed: the
+    list each token names (only under the issuer's `/statuslists/`) is
+    fetched over HTTPS, checked (signature against the JWKS, `typ`
+    statuslist+jwt, `iss`, `sub` equal to its URI, `exp`) and kept for its
+    `ttl`, at most `max_ttl` seconds. Once a copy is that old, a list that
+    cannot be fetched refuses its tokens (`status_unavailable`): fail
+    closed."""
+
+    max_ttl: float = 60.0
+    max_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True)
 class VerifiedToken:
     """A token that passed every check. `agent` is `sub` (the task's
     owner); `actor` the RFC 8693 `act` claim when a delegate or a service
@@ -111,6 +127,105 @@ class VerifiedToken:
     def actor_id(self) -> str:
         """Who is acting: the outermost `act.sub`, else the agent."""
         return str(self.actor["sub"]) if self.actor and "sub" in self.actor else self.agent
+
+
+# A list of 2^20 one-bit entries, the largest the broker serves.
+MAX_STATUS_LIST_BYTES = 1 << 17
+
+
+class _StatusLists:
+    """The status lists held, by URI: their bits and until when each is
+    fresh."""
+
+    def __init__(self, issuer: str, config: StatusListConfig) -> None:
+        self.prefix = issuer.rstrip("/") + "/statuslists/"
+        self.config = config
+        self.held: dict[str, tuple[bytes, float]] = {}
+        self.lock = threading.Lock()
+        self.fetches = 0
+
+    def ref(self, claims: dict[str, Any]) -> tuple[str, int]:
+        """The token's list and index, which must be one of the issuer's."""
+        status = claims.get("status")
+        ref = status.get("status_list") if isinstance(status, dict) else None
+        if not isinstance(ref, dict):
+            raise VerifyError("status_missing", "the token names no status list")
+        uri, idx = ref.get("uri"), ref.get("idx")
+        if (
+            not isinstance(uri, str)
+            or not uri.startswith(self.prefix)
+            or not uri[len(self.prefix) :].isdigit()
+            or not isinstance(idx, int)
+            or isinstance(idx, bool)
+            or idx < 0
+        ):
+            raise VerifyError("status_missing", "the token's status list is not the issuer's")
+        return uri, idx
+
+    def fresh(self, uri: str) -> bytes | None:
+        held = self.held.get(uri)
+        return held[0] if held is not None and time.monotonic() < held[1] else None
+
+    def fetch(self, uri: str, http: httpx.Client, verifier: Verifier) -> bytes:
+        """The list at `uri`, fetched and checked; raises
+        `status_unavailable` (server-side) when it cannot be had."""
+        with self.lock:
+            bits = self.fresh(uri)
+            if bits is not None:
+                return bits
+            try:
+                bits, ttl = self._get(uri, http, verifier)
+            except (httpx.HTTPError, ValueError, jwt.PyJWTError, zlib.error) as e:
+                raise VerifyError(
+                    "status_unavailable", f"status list {uri}: {e}", server_side=True
+                ) from e
+            self.held[uri] = (bits, time.monotonic() + ttl)
+            self.fetches += 1
+            return bits
+
+    def _get(self, uri: str, http: httpx.Client, verifier: Verifier) -> tuple[bytes, float]:
+        r = http.get(uri, headers={"Accept": "application/statuslist+jwt"})
+        r.raise_for_status()
+        if len(r.content) > self.config.max_bytes:
+            raise ValueError(f"larger than {self.config.max_bytes} bytes")
+        token = r.text
+        header = _header(token)
+        if header.get("typ") != "statuslist+jwt":
+            raise ValueError(f"typ {header.get('typ')!r} is not statuslist+jwt")
+        alg, kid = header.get("alg"), header.get("kid")
+        if alg not in ALGORITHMS or not isinstance(kid, str):
+            raise ValueError(f"alg {alg!r} is not accepted")
+        key = verifier._keys.get(kid)
+        if key is None and verifier.refresh_keys():
+            key = verifier._keys.get(kid)
+        if key is None or key.algorithm_name != alg:
+            raise ValueError(f"kid {kid!r} is not an {alg} key of the issuer")
+        claims = jwt.decode(
+            token,
+            key.key,
+            algorithms=[alg],
+            issuer=verifier.issuer,
+            leeway=verifier._leeway,
+            options={"require": ["sub", "iat", "exp"]},
+        )
+        if claims["sub"] != uri:
+            raise ValueError("its sub is not its URI")
+        body = claims.get("status_list")
+        if not isinstance(body, dict) or body.get("bits") != 1:
+            raise ValueError("not a status list of one bit per token")
+        lst = body.get("lst")
+        if not isinstance(lst, str):
+            raise ValueError("lst is missing")
+        inflate = zlib.decompressobj()
+        bits = inflate.decompress(
+            base64.urlsafe_b64decode(lst + "=" * (-len(lst) % 4)), MAX_STATUS_LIST_BYTES + 1
+        )
+        if len(bits) > MAX_STATUS_LIST_BYTES or inflate.unconsumed_tail:
+            raise ValueError(f"lst inflates past {MAX_STATUS_LIST_BYTES} bytes")
+        ttl = claims.get("ttl")
+        keep = float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else 0.0
+        keep = min(keep, self.config.max_ttl, float(claims["exp"]) - time.time())
+        return bits, max(keep, 0.0)
 
 
 class _Revocations:
@@ -240,6 +355,7 @@ class Verifier:
         ca: str | os.PathLike[str] | bytes | None = None,
         jwks_url: str | None = None,
         feed: FeedConfig | None = None,
+        status_lists: StatusListConfig | None = None,
         leeway: float = 5.0,
         jwks_refresh: float = 300.0,
         jwks: dict[str, Any] | None = None,
@@ -247,12 +363,13 @@ class Verifier:
     ) -> None:
         """The JWKS comes from `jwks_url` (by default the issuer's
         `/.well-known/jwks.json`, trusting `ca`: a file, or PEM bytes)
-        unless `jwks` pins a key set; revocations from `feed`, if given.
-        Without a feed, revocations are not seen (tokens live to their
-        expiry). An unknown `kid` refetches the JWKS at most every
-        `min_refresh` seconds, so a flood of forged kids cannot turn into
-        a flood of fetches; a first fetch that failed is likewise tried
-        again by `verify` at most every `min_refresh` seconds."""
+        unless `jwks` pins a key set; revocations from `feed` and from the
+        Token Status Lists (`status_lists`), each if given. With neither,
+        revocations are not seen (tokens live to their expiry). An unknown
+        `kid` refetches the JWKS at most every `min_refresh` seconds, so a
+        flood of forged kids cannot turn into a flood of fetches; a first
+        fetch that failed is likewise tried again by `verify` at most every
+        `min_refresh` seconds."""
         self.issuer = issuer
         self.audience = audience
         self._leeway = min(max(leeway, 0.0), MAX_LEEWAY)
@@ -280,6 +397,7 @@ class Verifier:
         self._revs = _Revocations() if feed is not None else None
         self._max_silence = feed.max_silence if feed is not None else 0.0
         self._follower: _Follower | None = None
+        self._lists = _StatusLists(issuer, status_lists) if status_lists is not None else None
         # Guards starting the follower against closing, and the first fetch.
         self._start_lock = threading.Lock()
         self._closed = False
@@ -447,7 +565,10 @@ class Verifier:
         if not self._started:
             self._ready()
         held = self._check_held(token, client_cert, dpop)
-        return held if held is not None else self._check_fresh(token, client_cert, dpop)
+        checked = held if held is not None else self._check_fresh(token, client_cert, dpop)
+        if self._lists is not None:
+            self._check_status(checked)
+        return checked
 
     async def averify(
         self,
@@ -462,9 +583,32 @@ class Verifier:
         if not self._started:
             await asyncio.to_thread(self._ready)
         held = self._check_held(token, client_cert, dpop)
-        if held is not None:
-            return held
-        return await asyncio.to_thread(self._check_fresh, token, client_cert, dpop)
+        checked = (
+            held
+            if held is not None
+            else await asyncio.to_thread(self._check_fresh, token, client_cert, dpop)
+        )
+        if self._lists is not None:
+            lists = self._lists
+            uri, _ = lists.ref(checked.claims)
+            if lists.fresh(uri) is None:
+                await asyncio.to_thread(lists.fetch, uri, self._http, self)
+            self._check_status(checked)
+        return checked
+
+    def _check_status(self, checked: VerifiedToken) -> None:
+        """The token's bit in its status list (fetched when the copy held
+        is older than its `ttl`; `averify` fetches in a worker thread
+        first): 1, or an index past the list, is revoked."""
+        lists = self._lists
+        if lists is None:
+            return
+        uri, idx = lists.ref(checked.claims)
+        bits = lists.fresh(uri)
+        if bits is None:
+            bits = lists.fetch(uri, self._http, self)
+        if idx // 8 >= len(bits) or bits[idx // 8] >> (idx % 8) & 1:
+            raise VerifyError("revoked", "the token's status list marks it revoked")
 
     def _check_held(
         self, token: str, client_cert: bytes | str | None, dpop: DpopRequest | None
