@@ -49,6 +49,9 @@ pub struct VerifierConfig {
     /// The revocation feed; `None` verifies offline (revocations are then
     /// not seen before expiry).
     pub feed: Option<FeedConfig>,
+    /// Revocations from the broker's Token Status Lists (besides the feed
+    /// when both are set); `None` reads no lists.
+    pub status_lists: Option<crate::StatusListConfig>,
     /// Take the CA bundle (for the broker's certificate) and the feed's
     /// identity from this SPIFFE Workload API instead of `ca_pem` and the
     /// feed's `cert_pem`/`key_pem`, following its rotations.
@@ -73,6 +76,7 @@ impl VerifierConfig {
             leeway: MAX_LEEWAY,
             jwks_refresh_interval: Duration::from_secs(30),
             feed: None,
+            status_lists: None,
             workload_api: None,
             report_requests: false,
         }
@@ -97,6 +101,14 @@ impl VerifierConfig {
     /// [`Self::report_requests`]).
     pub fn with_request_reports(mut self) -> Self {
         self.report_requests = true;
+        self
+    }
+
+    /// Reads revocations from the broker's Token Status Lists: for a
+    /// service without an SVID to follow the feed with. A revocation then
+    /// reaches it within the lists' `ttl` (at most a minute).
+    pub fn with_status_lists(mut self) -> Self {
+        self.status_lists = Some(crate::StatusListConfig::default());
         self
     }
 

@@ -71,6 +71,14 @@ pub enum VerifyError {
     /// The revocation feed has not delivered its first full replay yet.
     #[error("revocation feed not synchronised yet; failing closed")]
     FeedNotSynced,
+    /// The token names no status list of its issuer, and this verifier
+    /// reads revocations from the Token Status Lists.
+    #[error("token names no status list of its issuer")]
+    StatusMissing,
+    /// The token's status list is not held fresh and could not be
+    /// fetched: revocations may be missing, so verification fails closed.
+    #[error("status list unavailable: {0}; failing closed")]
+    StatusUnavailable(String),
     /// The JWKS could not be fetched or used.
     #[error("JWKS unavailable: {0}")]
     JwksUnavailable(#[from] crate::JwksError),
@@ -100,16 +108,22 @@ impl VerifyError {
             Self::Dpop(_) => "dpop",
             Self::FeedStale(_) => "feed_stale",
             Self::FeedNotSynced => "feed_not_synced",
+            Self::StatusMissing => "status_missing",
+            Self::StatusUnavailable(_) => "status_unavailable",
             Self::JwksUnavailable(_) => "jwks_unavailable",
         }
     }
 
-    /// Whether the problem is on the verifier's side (feed or JWKS), not
+    /// Whether the problem is on the verifier's side (feed, status list
+    /// or JWKS), not
     /// the token's: such requests deserve 503, not 401.
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            Self::FeedStale(_) | Self::FeedNotSynced | Self::JwksUnavailable(_)
+            Self::FeedStale(_)
+                | Self::FeedNotSynced
+                | Self::StatusUnavailable(_)
+                | Self::JwksUnavailable(_)
         )
     }
 }

@@ -22,7 +22,7 @@ use crate::material::{Material, TrustError};
 /// Largest JWKS document accepted.
 const MAX_JWKS_BYTES: usize = 256 * 1024;
 /// How long one fetch may take.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why an issuer's JWKS could not be fetched or used: the step that
 /// failed, and the error underneath as [`source`](std::error::Error::source).
@@ -199,9 +199,26 @@ impl Fetcher {
     }
 
     async fn fetch(&self) -> Result<JwkSet, JwksError> {
+        let body = self
+            .get(&self.url, "application/json", MAX_JWKS_BYTES)
+            .await?;
+        serde_json::from_slice(&body).map_err(|e| JwksError::NotAJwkSet(Arc::new(e)))
+    }
+
+    /// The body of `url` (any URL of an https host, checked against the
+    /// same CA bundle), asked for as `accept`, at most `limit` bytes.
+    pub(crate) async fn get(
+        &self,
+        url: &hyper::Uri,
+        accept: &str,
+        limit: usize,
+    ) -> Result<Bytes, JwksError> {
+        if url.scheme_str() != Some("https") {
+            return Err(JwksError::NotHttps);
+        }
         let http = |e: hyper::Error| JwksError::Http(Arc::new(e));
-        let host = self.url.host().ok_or(JwksError::NoHost)?.to_owned();
-        let port = self.url.port_u16().unwrap_or(443);
+        let host = url.host().ok_or(JwksError::NoHost)?.to_owned();
+        let port = url.port_u16().unwrap_or(443);
         let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
             .await
             .map_err(|e| JwksError::Connect {
@@ -220,22 +237,21 @@ impl Fetcher {
                 .await
                 .map_err(http)?;
         tokio::spawn(conn);
-        let path = self.url.path_and_query().map_or("/", |p| p.as_str());
+        let path = url.path_and_query().map_or("/", |p| p.as_str());
         let req = hyper::Request::get(path)
             .header("host", &host)
-            .header("accept", "application/json")
+            .header("accept", accept)
             .body(Empty::<Bytes>::new())
             .map_err(|e| JwksError::Request(Arc::new(e)))?;
         let resp = sender.send_request(req).await.map_err(http)?;
         if !resp.status().is_success() {
             return Err(JwksError::Status(resp.status()));
         }
-        let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
+        Ok(Limited::new(resp.into_body(), limit)
             .collect()
             .await
             .map_err(|e| JwksError::Body(Arc::from(e)))?
-            .to_bytes();
-        serde_json::from_slice(&body).map_err(|e| JwksError::NotAJwkSet(Arc::new(e)))
+            .to_bytes())
     }
 }
 
@@ -338,6 +354,12 @@ impl Jwks {
             *k = keys;
         }
         n
+    }
+
+    /// What fetches the JWKS, for other documents of the same host;
+    /// `None` for a fixed set.
+    pub(crate) fn fetcher(&self) -> Option<&Fetcher> {
+        self.fetcher.as_ref()
     }
 
     /// The cached key `kid`.

@@ -38,6 +38,7 @@ pub mod layer;
 mod material;
 mod report;
 mod resource;
+mod status;
 mod verifier;
 
 pub use cert::{PeerCertError, TaskIdentity, parse_task_certificate};
@@ -47,4 +48,5 @@ pub use jwks::{Jwks, JwksError, JwksKey};
 pub use material::TrustError;
 pub use report::RequestReports;
 pub use resource::ResourceMetadata;
+pub use status::StatusListConfig;
 pub use verifier::{DpopRequest, VerifiedToken, Verifier, cert_thumbprint};

@@ -4,7 +4,8 @@
 //! own `aud`, `exp`/`nbf` with bounded leeway, binding (the client
 //! certificate, RFC 8705, or a DPoP key, RFC 9449, whose proof must be
 //! for this request and used once), and revocation from the live feed
-//! (failing closed when the feed is silent).
+//! (failing closed when the feed is silent) or the Token Status Lists
+//! (failing closed when a list is older than its `ttl`).
 
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Validation};
 use mayfly_core::dpop::{DpopError, ReplayCache, Request as ProofRequest, verify_proof};
+use mayfly_core::status_list::StatusClaim;
 use mayfly_core::{ActorClaim, LeaseId, SpiffeId, TaskId};
 use serde::Deserialize;
 
@@ -23,6 +25,7 @@ use crate::feed::{self, RevocationSet};
 use crate::jwks::{Fetcher, Jwks, JwksError};
 use crate::material::Material;
 use crate::report::RequestReports;
+use crate::status::{self, StatusLists};
 
 /// A token that passed every check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +105,8 @@ struct Claims {
     cnf: Option<Cnf>,
     #[serde(default)]
     act: Option<ActorClaim>,
+    #[serde(default)]
+    status: Option<StatusClaim>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -119,7 +124,9 @@ pub struct Verifier {
 
 struct Inner {
     config: VerifierConfig,
-    jwks: Jwks,
+    jwks: Arc<Jwks>,
+    /// The Token Status Lists held, when read.
+    status_lists: Option<Arc<StatusLists>>,
     /// Fed by the revocation feed; `None` when verifying offline.
     revoked: Option<Arc<RevocationSet>>,
     /// DPoP proofs already used: each is good for one request.
@@ -235,12 +242,22 @@ impl Verifier {
                     .map(|f| (f.cert_pem.clone(), f.key_pem.clone().into())),
             },
         };
-        let jwks = Jwks::new(
+        let jwks = Arc::new(Jwks::new(
             Fetcher::new(&config.jwks_url, trust.clone())?,
             config.jwks_refresh_interval,
             MAYFLY_ALGORITHMS,
-        );
+        ));
         jwks.refresh(true).await?;
+        let status_lists = config
+            .status_lists
+            .clone()
+            .map(|c| Arc::new(StatusLists::new(&config.issuer, c, config.leeway)));
+        if let Some(lists) = &status_lists {
+            tokio::spawn(status::refresh(
+                Arc::downgrade(lists),
+                Arc::downgrade(&jwks),
+            ));
+        }
         let revoked = config
             .feed
             .as_ref()
@@ -268,6 +285,7 @@ impl Verifier {
             inner: Arc::new(Inner {
                 config,
                 jwks,
+                status_lists,
                 revoked,
                 dpop_seen: ReplayCache::new(DPOP_PROOFS_REMEMBERED),
                 reports,
@@ -288,9 +306,11 @@ impl Verifier {
     pub fn offline(mut config: VerifierConfig, jwks: &[u8]) -> Result<Self, VerifyError> {
         config.leeway = config.leeway.min(MAX_LEEWAY);
         config.feed = None;
+        config.status_lists = None;
         Ok(Self {
             inner: Arc::new(Inner {
-                jwks: Jwks::fixed(jwks, MAYFLY_ALGORITHMS)?,
+                jwks: Arc::new(Jwks::fixed(jwks, MAYFLY_ALGORITHMS)?),
+                status_lists: None,
                 config,
                 revoked: None,
                 dpop_seen: ReplayCache::new(DPOP_PROOFS_REMEMBERED),
@@ -350,24 +370,61 @@ impl Verifier {
         peer_cert: Option<&[u8]>,
         how: Presented<'_>,
     ) -> Result<VerifiedToken, VerifyError> {
-        match self.check(token, peer_cert, how) {
+        let checked = match self.check(token, peer_cert, how) {
             Err(VerifyError::UnknownKey(Some(_))) => {
                 self.inner.jwks.refresh(false).await?;
                 self.check(token, peer_cert, how)
             }
             other => other,
+        };
+        // A status list not held fresh: fetched now, then checked again.
+        match (checked, &self.inner.status_lists) {
+            (Err(VerifyError::StatusUnavailable(_)), Some(lists)) => {
+                let n = self
+                    .status_list_of(token)
+                    .ok_or(VerifyError::StatusMissing)?;
+                lists.fetch(n, &self.inner.jwks).await?;
+                self.check(token, peer_cert, how)
+            }
+            (checked, _) => checked,
         }
     }
 
-    /// Verifies a bearer token with the keys already cached (never waits;
-    /// for synchronous callers such as tonic interceptors). An unknown key
-    /// is refused.
+    /// The status list a token decoded lately names.
+    fn status_list_of(&self, token: &str) -> Option<u64> {
+        let decoded = self.inner.decoded.get(&DecodedCache::key(token))?;
+        let lists = self.inner.status_lists.as_ref()?;
+        lists
+            .reference(decoded.claims.status.as_ref())
+            .ok()
+            .map(|(n, _)| n)
+    }
+
+    /// Verifies a bearer token with the keys and status lists already
+    /// held (never waits; for synchronous callers such as tonic
+    /// interceptors). An unknown key is refused; so is a token whose
+    /// status list is not held yet, which is then fetched in the
+    /// background for the next request.
     pub fn verify_cached(
         &self,
         token: &str,
         peer_cert: Option<&[u8]>,
     ) -> Result<VerifiedToken, VerifyError> {
-        self.check(token, peer_cert, Presented::Bearer)
+        let checked = self.check(token, peer_cert, Presented::Bearer);
+        if let (Err(VerifyError::StatusUnavailable(_)), Some(lists), Some(n), Ok(rt)) = (
+            &checked,
+            &self.inner.status_lists,
+            self.status_list_of(token),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            let (lists, jwks) = (lists.clone(), self.inner.jwks.clone());
+            rt.spawn(async move {
+                if let Err(e) = lists.fetch(n, &jwks).await {
+                    tracing::warn!(error = %e, "status list fetch failed");
+                }
+            });
+        }
+        checked
     }
 
     fn check(
@@ -497,6 +554,12 @@ impl Verifier {
         }
         if set_revoked(self.feed_state(), &[&claims.jti])? {
             return Err(VerifyError::Revoked);
+        }
+        if let Some(lists) = &self.inner.status_lists {
+            let (n, idx) = lists.reference(claims.status.as_ref())?;
+            if lists.is_revoked(n, idx)? {
+                return Err(VerifyError::Revoked);
+            }
         }
         let bad = |c: &str| VerifyError::Malformed(format!("claim {c} is not valid"));
         Ok(VerifiedToken {
