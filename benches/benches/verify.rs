@@ -6,9 +6,15 @@
 //!    and, for a DPoP-bound token, `Verifier::verify_dpop` with a fresh
 //!    proof each time (proofs are made before the clock starts) next to
 //!    bearer verification of the same kind of token;
+//!    and a verifier reading the Token Status Lists instead of the feed,
+//!    next to the one following the feed;
 //! 2. revocation propagation: from the moment `RevokeLease` returns to the
 //!    moment a verifier following the feed rejects the token, over 1,000
-//!    revocations (p50/p90/p99/max).
+//!    revocations (p50/p90/p99/max);
+//! 3. from the moment `RevokeLease` returns to the moment the broker's
+//!    status list marks the token (read straight from `/statuslists/<n>`),
+//!    over a fifth as many revocations: what a status-list validator waits
+//!    for besides its copy's `ttl`.
 //!
 //! `cargo bench -p mayfly-benches --bench verify [-- REVOCATIONS]`
 
@@ -16,11 +22,14 @@
 
 use std::time::{Duration, Instant};
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{DecodingKey, Validation};
 use mayfly_benches::per_second;
 use mayfly_client::{NewTask, pb};
-use mayfly_core::SpiffeId;
+use mayfly_core::status_list::StatusBits;
+use mayfly_core::{AccessTokenClaims, SpiffeId};
 use mayfly_testkit::TestBroker;
 use mayfly_verify::{Verifier, VerifierConfig, VerifyError};
 
@@ -99,10 +108,23 @@ fn main() {
         let full = per_second(Duration::from_secs(2), || {
             verifier.verify_cached(&token, None).unwrap();
         });
+        let listed = Verifier::connect(
+            VerifierConfig::new(&broker.issuer(), API, broker.bundle_pem()).with_status_lists(),
+        )
+        .await
+        .unwrap();
+        listed.verify(&token, None).await.unwrap();
+        let lists = per_second(Duration::from_secs(2), || {
+            listed.verify_cached(&token, None).unwrap();
+        });
         println!("bare jsonwebtoken decode  {bare:>9.0}/s (one core)");
         println!(
             "mayfly-verify             {full:>9.0}/s (one core)  ratio {:.2}",
             full / bare
+        );
+        println!(
+            "mayfly-verify, lists      {lists:>9.0}/s (one core)  ratio to the feed {:.2}",
+            lists / full
         );
 
         // DPoP: the same checks, plus a proof per request (each used once).
@@ -162,6 +184,53 @@ fn main() {
         took.sort();
         println!(
             "revocation propagation over {n}: p50 {:?}  p90 {:?}  p99 {:?}  max {:?}",
+            percentile(&took, 0.50),
+            percentile(&took, 0.90),
+            percentile(&took, 0.99),
+            took[took.len() - 1]
+        );
+
+        // 3. Revoke to the broker's status list.
+        let m = (n / 5).max(1);
+        let mut took = Vec::with_capacity(m);
+        for _ in 0..m {
+            let t = issue().await.unwrap();
+            let claims: AccessTokenClaims = serde_json::from_slice(
+                &URL_SAFE_NO_PAD
+                    .decode(t.token.split('.').nth(1).unwrap())
+                    .unwrap(),
+            )
+            .unwrap();
+            let r = claims.status.unwrap().status_list;
+            let url = r.uri.replace(&broker.issuer(), &broker.http_url());
+            let marked = || async {
+                let (_, body) = mayfly_testkit::https_get(&url, &broker.bundle_pem()).await;
+                let list: serde_json::Value = serde_json::from_slice(
+                    &URL_SAFE_NO_PAD
+                        .decode(body.split('.').nth(1).unwrap())
+                        .unwrap(),
+                )
+                .unwrap();
+                let claim = serde_json::from_value(list["status_list"].clone()).unwrap();
+                StatusBits::from_claim(&claim).unwrap().is_set(r.idx)
+            };
+            assert!(!marked().await);
+            op.admin()
+                .revoke_lease(pb::RevokeLeaseRequest {
+                    lease_id: t.lease_id.clone(),
+                    note: String::new(),
+                })
+                .await
+                .unwrap();
+            let start = Instant::now();
+            while !marked().await {
+                assert!(start.elapsed() < Duration::from_secs(10));
+            }
+            took.push(start.elapsed());
+        }
+        took.sort();
+        println!(
+            "revoke to status list over {m}: p50 {:?}  p90 {:?}  p99 {:?}  max {:?}",
             percentile(&took, 0.50),
             percentile(&took, 0.90),
             percentile(&took, 0.99),
