@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::model::{Stream, StreamStatus};
+use crate::model::Stream;
 use crate::{CREDENTIAL_CHANGE, SESSION_REVOKED, VERIFICATION};
 
 /// What was revoked.
@@ -66,14 +66,14 @@ impl Revoked {
         }
     }
 
-    /// Whether `stream` carries it: enabled, asking for its event type,
-    /// and holding its agent or its audience as a subject.
+    /// Whether `stream` carries it: asking for its event type, and
+    /// holding its agent or its audience as a subject. (Whether the stream
+    /// delivers now is its status's business.)
     pub fn wanted_by(&self, stream: &Stream) -> bool {
-        stream.status == StreamStatus::Enabled
-            && stream
-                .events_requested
-                .iter()
-                .any(|e| e == self.event_type())
+        stream
+            .events_requested
+            .iter()
+            .any(|e| e == self.event_type())
             && stream
                 .subjects
                 .iter()
@@ -211,10 +211,6 @@ mod tests {
         assert!(!t.wanted_by(&stream(&[], &both)));
         // Not the event type it asked for.
         assert!(!t.wanted_by(&stream(&["spiffe://td/agent/a"], &[CREDENTIAL_CHANGE])));
-        // Paused or disabled: nothing now.
-        let mut paused = stream(&["spiffe://td/agent/a"], &both);
-        paused.status = StreamStatus::Paused;
-        assert!(!t.wanted_by(&paused));
         // A certificate has no audience: only its agent's streams.
         let cert = Revoked {
             credential: Credential::Certificate {

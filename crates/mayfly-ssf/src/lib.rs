@@ -12,17 +12,24 @@
 //! - [`model`]: streams as stored and as the management API shows them,
 //!   and the checks every request body passes;
 //! - [`event`]: a revocation as the broker reports it, whether a stream
-//!   wants it, and the SET it becomes.
+//!   wants it, and the SET it becomes;
+//! - [`transmit`]: each stream's progress, the answer to a poll, and
+//!   [`push`] the push loop.
 //!
-//! The broker stores the streams, serves the API, and delivers.
+//! The broker stores the streams ([`transmit::Streams`]), gives the
+//! revocation log ([`transmit::Events`]) and signs ([`transmit::Signer`]),
+//! and serves the management API.
 
 #![forbid(unsafe_code)]
 
 pub mod event;
 pub mod model;
+pub mod push;
+pub mod transmit;
 
 pub use event::{Credential, Revoked, Set, verification_set};
 pub use model::{ApiError, Delivery, NewStream, Stream, StreamStatus, Subject, metadata};
+pub use transmit::{Entry, Events, Failure, PollRequest, Progress, Signer, Streams, Transmitter};
 
 /// `spec_version` of SSF 1.0.
 pub const SPEC_VERSION: &str = "1_0";
