@@ -59,6 +59,7 @@ mod reload;
 mod server;
 mod service;
 mod shutdown;
+mod signals;
 mod status;
 pub mod store;
 mod tls;

@@ -25,8 +25,9 @@ use crate::{SET_MEDIA_TYPE, event::Revoked};
 
 /// The longest one delivery attempt may take.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a replica leads a stream before it must claim it again.
-const LEAD: Duration = Duration::from_secs(10);
+/// The time slots a replica leads a stream in (claiming the next one in
+/// the second half of its own).
+const LEAD_MS: u64 = 10_000;
 /// Retry backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -204,7 +205,7 @@ pub async fn push_stream(
                 continue;
             }
             Ok(Step::Idle) => None,
-            Ok(Step::NotLeading) => Some(LEAD / 2),
+            Ok(Step::NotLeading) => Some(Duration::from_millis(LEAD_MS - now_ms() % LEAD_MS)),
             Ok(Step::Retry(why)) => {
                 counters.failed.fetch_add(1, Relaxed);
                 tracing::warn!(stream = %stream_id, error = %why, retry_in = ?backoff, "SET push failed");
@@ -270,13 +271,20 @@ async fn step(
         return Ok(Step::Gone);
     }
     let now = now_ms();
-    if now + LEAD.as_millis() as u64 / 2 >= *led_until {
-        let until = now + LEAD.as_millis() as u64;
-        if !streams.lead(stream_id, until, now).await? {
-            *led_until = 0;
+    let slot = now / LEAD_MS;
+    if *led_until <= now {
+        let until = (slot + 1) * LEAD_MS;
+        if !streams.lead(stream_id, slot, until, now).await? {
             return Ok(Step::NotLeading);
         }
         *led_until = until;
+    }
+    // Leading this slot: claim the next one ahead, so leadership stays.
+    if *led_until == (slot + 1) * LEAD_MS && now % LEAD_MS >= LEAD_MS / 2 {
+        let until = (slot + 2) * LEAD_MS;
+        if streams.lead(stream_id, slot + 1, until, now).await? {
+            *led_until = until;
+        }
     }
     let auth = authorization_header.as_deref();
     let mut p = streams.progress(stream_id).await?;
@@ -304,8 +312,11 @@ async fn step(
     for e in &entries {
         let wanted: Option<&Revoked> = e.revoked.as_ref().filter(|r| r.wanted_by(&stream));
         if let Some(r) = wanted {
-            if now_ms() >= *led_until {
-                break;
+            // No attempt that could outlast the lead: the next leader
+            // starts when it ends.
+            if now_ms() + ATTEMPT_TIMEOUT.as_millis() as u64 >= *led_until {
+                streams.save_progress(stream_id, &p).await?;
+                return Ok(Step::NotLeading);
             }
             let set = r.set(&stream, &tx.issuer, iat);
             let signed = tx.sign(&set)?;

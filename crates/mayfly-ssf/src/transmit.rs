@@ -62,9 +62,10 @@ pub trait Streams: Send + Sync + std::fmt::Debug {
     async fn progress(&self, id: &str) -> Result<Progress, Failure>;
     /// Keeps the progress of stream `id`.
     async fn save_progress(&self, id: &str, progress: &Progress) -> Result<(), Failure>;
-    /// Whether this replica may push stream `id` until `until_ms` (one
-    /// replica at a time does).
-    async fn lead(&self, id: &str, until_ms: u64, now_ms: u64) -> Result<bool, Failure>;
+    /// Whether this replica leads stream `id` (pushes it) in time slot
+    /// `slot`: the first replica to ask for a slot gets it, and keeps the
+    /// claim until `until_ms`. One replica pushes a stream at a time.
+    async fn lead(&self, id: &str, slot: u64, until_ms: u64, now_ms: u64) -> Result<bool, Failure>;
 }
 
 /// Signs SETs (`typ` `secevent+jwt`) with the broker's token key.
@@ -384,7 +385,7 @@ mod tests {
             self.progress.lock().unwrap().insert(id.into(), p.clone());
             Ok(())
         }
-        async fn lead(&self, _: &str, _: u64, _: u64) -> Result<bool, Failure> {
+        async fn lead(&self, _: &str, _: u64, _: u64, _: u64) -> Result<bool, Failure> {
             Ok(true)
         }
     }

@@ -63,7 +63,8 @@ macro_rules! store_contract_tests {
             revoked_lease_never_becomes_active,
             a_key_is_used_once_until_it_lapses,
             held_logins_stay_until_released,
-            status_indexes_are_never_handed_out_twice
+            status_indexes_are_never_handed_out_twice,
+            signal_streams_are_kept_with_their_progress
         );
     };
     (@each $make:expr; $($name:ident),*) => {
@@ -2106,4 +2107,38 @@ pub async fn status_indexes_are_never_handed_out_twice(store: Store) {
     assert!(starts.windows(2).all(|w| w[1] >= w[0] + 100), "{starts:?}");
     assert!(starts[0] >= 10);
     assert_eq!(store.status_indexes_reserved().await.unwrap(), 810);
+}
+
+pub async fn signal_streams_are_kept_with_their_progress(store: Store) {
+    assert!(store.all_streams().await.unwrap().is_empty());
+    assert_eq!(store.get_stream("s1").await.unwrap(), None);
+    store.put_stream("s1", r#"{"v":1}"#).await.unwrap();
+    store.put_stream("s2", r#"{"v":2}"#).await.unwrap();
+    store.put_stream("s1", r#"{"v":3}"#).await.unwrap();
+    assert_eq!(
+        store.get_stream("s1").await.unwrap().as_deref(),
+        Some(r#"{"v":3}"#)
+    );
+    let mut all = store.all_streams().await.unwrap();
+    all.sort();
+    assert_eq!(all, vec![r#"{"v":2}"#.to_owned(), r#"{"v":3}"#.to_owned()]);
+    assert_eq!(store.stream_progress("s1").await.unwrap(), None);
+    store
+        .save_stream_progress("s1", r#"{"floor":7}"#)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.stream_progress("s1").await.unwrap().as_deref(),
+        Some(r#"{"floor":7}"#)
+    );
+    // Deleting a stream takes its progress with it, and no other's.
+    store
+        .save_stream_progress("s2", r#"{"floor":9}"#)
+        .await
+        .unwrap();
+    store.delete_stream("s1").await.unwrap();
+    assert_eq!(store.get_stream("s1").await.unwrap(), None);
+    assert_eq!(store.stream_progress("s1").await.unwrap(), None);
+    assert!(store.stream_progress("s2").await.unwrap().is_some());
+    store.delete_stream("s1").await.unwrap();
 }

@@ -15,6 +15,7 @@ mod errors;
 mod form;
 mod introspect;
 mod revoke;
+pub(crate) mod ssf;
 mod token;
 
 use std::sync::Arc;
@@ -62,6 +63,8 @@ pub(super) struct HttpState {
     status_lists: Arc<StatusLists>,
     /// Workload-token issuers, for `client_assertion`.
     federation: Option<Arc<Federation>>,
+    /// The Shared Signals transmitter, when it runs.
+    ssf: Option<Arc<ssf::SsfState>>,
 }
 
 /// The RFC 8414 metadata document for `issuer`; with `workload_tokens`,
@@ -97,15 +100,25 @@ pub fn metadata(issuer: &str, algs: &[&str], workload_tokens: bool) -> serde_jso
     })
 }
 
+/// What the side port publishes besides the service's own endpoints.
+pub struct Published {
+    /// The CRLs, when an issuing CA is configured.
+    pub crl: Option<Arc<CrlPublisher>>,
+    /// The Token Status Lists.
+    pub status_lists: Arc<StatusLists>,
+    /// Workload-token issuers, for `client_assertion`.
+    pub federation: Option<Arc<Federation>>,
+    /// The Shared Signals transmitter.
+    pub ssf: Option<Arc<ssf::SsfState>>,
+}
+
 /// The router for the side port.
 pub fn router(
     issuer: &str,
     signer: Arc<JwtSigner>,
     metadata: &serde_json::Value,
     service: Arc<Service>,
-    crl: Option<Arc<CrlPublisher>>,
-    status_lists: Arc<StatusLists>,
-    federation: Option<Arc<Federation>>,
+    published: Published,
 ) -> Router {
     let state = HttpState {
         signer,
@@ -113,15 +126,30 @@ pub fn router(
         service,
         token_url: format!("{issuer}/oauth2/token").into(),
         dpop_seen: Arc::new(ReplayCache::new(DPOP_PROOFS_REMEMBERED)),
-        crl,
-        status_lists,
-        federation,
+        crl: published.crl,
+        status_lists: published.status_lists,
+        federation: published.federation,
+        ssf: published.ssf,
     };
     Router::new()
         .route("/crl", get(crl_handler))
         .route("/crl/{ca}", get(crl_of_handler))
         .route("/statuslists", get(status_lists_handler))
         .route("/statuslists/{n}", get(status_list_handler))
+        .route("/.well-known/ssf-configuration", get(ssf::configuration))
+        .route(
+            "/ssf/streams",
+            post(ssf::create)
+                .get(ssf::read)
+                .patch(ssf::update)
+                .put(ssf::replace)
+                .delete(ssf::delete),
+        )
+        .route("/ssf/status", get(ssf::status).post(ssf::set_status))
+        .route("/ssf/subjects:add", post(ssf::add_subject))
+        .route("/ssf/subjects:remove", post(ssf::remove_subject))
+        .route("/ssf/verify", post(ssf::verify))
+        .route("/ssf/poll/{stream_id}", post(ssf::poll))
         .route("/introspect", post(introspect::introspect))
         .route("/oauth2/token", post(token::token))
         .route("/oauth2/revoke", post(revoke::revoke))

@@ -108,6 +108,17 @@ impl Broker {
             reaper: s.reaper,
             crl,
             status_lists,
+            signals: super::SignalsSetup {
+                receivers: s.feed.watchers.clone(),
+                // Receivers' push endpoints are checked against the trust
+                // bundle (none with the Workload API: push then reaches
+                // only loopback receivers over http).
+                push_ca_pem: if s.tls.trust_bundle.as_os_str().is_empty() {
+                    Vec::new()
+                } else {
+                    std::fs::read(&s.tls.trust_bundle)?
+                },
+            },
             policy,
             policy_reload: s.policy.reload_interval,
             tls_reload: s.tls.reload_interval,

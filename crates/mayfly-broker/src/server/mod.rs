@@ -65,6 +65,13 @@ pub enum StartError {
     Federation(#[from] crate::federation::FederationConfigError),
 }
 
+/// What the Shared Signals transmitter starts with.
+#[derive(Debug)]
+struct SignalsSetup {
+    receivers: Vec<mayfly_core::SpiffeIdPattern>,
+    push_ca_pem: Vec<u8>,
+}
+
 /// A broker ready to serve.
 #[derive(Debug)]
 pub struct Broker {
@@ -84,6 +91,9 @@ pub struct Broker {
     crl: Option<Arc<CrlPublisher>>,
     /// Serves the Token Status Lists.
     status_lists: Arc<StatusLists>,
+    /// Who may receive shared signals, and the CAs their push endpoints'
+    /// certificates chain to.
+    signals: SignalsSetup,
     /// Follows the store's revocation log for watchers and the CRL.
     feed: Arc<FeedHub>,
     /// The databases logins are made in: their dropper runs beside the

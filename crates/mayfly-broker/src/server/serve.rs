@@ -104,15 +104,32 @@ impl Broker {
             )
         });
 
+        let signals = crate::signals::Signals::new(
+            &self.issuer,
+            store.clone(),
+            self.signer.clone(),
+            &self.feed,
+            &self.signals.push_ca_pem,
+        )
+        .map_err(|e| StartError::Io(std::io::Error::other(format!("shared signals: {e}"))))?;
+        let signals_task = tokio::spawn(signals.clone().supervise(stop_rx.clone()));
+        let ssf = std::sync::Arc::new(http::ssf::SsfState {
+            signals,
+            receivers: self.signals.receivers.clone(),
+            audience: format!("{}/ssf", self.issuer.trim_end_matches('/')),
+        });
         let algs = [self.signer.alg()];
         let router = http::router(
             &self.issuer,
             self.signer.clone(),
             &http::metadata(&self.issuer, &algs, self.federation.is_some()),
             self.service.clone(),
-            self.crl.clone(),
-            self.status_lists.clone(),
-            self.federation.clone(),
+            http::Published {
+                crl: self.crl.clone(),
+                status_lists: self.status_lists.clone(),
+                federation: self.federation.clone(),
+                ssf: Some(ssf),
+            },
         );
         let http_task = tokio::spawn(connections::serve(
             http,
@@ -215,6 +232,7 @@ impl Broker {
         let _ = policy_task.await;
         let _ = tls_task.await;
         let _ = keys_task.await;
+        let _ = signals_task.await;
         if let Some(t) = ca_task {
             let _ = t.await;
         }

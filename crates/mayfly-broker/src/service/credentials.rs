@@ -300,19 +300,32 @@ impl Issuance {
         let Some(claims) = self.tokens.verify(token) else {
             return Ok(None);
         };
-        let now = Timestamp::now();
-        let live = now.as_secs() < claims.exp
-            && claims.nbf <= now.as_secs()
-            && audiences.iter().any(|p| p.matches(&claims.aud));
-        let Some(jti) = live.then(|| LeaseId::new(&claims.jti).ok()).flatten() else {
+        if !audiences.iter().any(|p| p.matches(&claims.aud)) || !self.is_live(&claims).await? {
             return Ok(None);
+        }
+        let mut out =
+            serde_json::to_value(&claims).map_err(|e| BrokerError::Internal(Cause::of(e)))?;
+        out["active"] = serde_json::Value::Bool(true);
+        out["token_type"] = "Bearer".into();
+        Ok(Some(out))
+    }
+
+    /// Whether `claims` (of a token this broker signed) are live now: in
+    /// their time, and their lease active and exactly what they say. The
+    /// lease, not the token, says what was issued: a token whose audience,
+    /// scopes, expiry or binding differ from its lease's is not one this
+    /// broker handed out as it reads.
+    async fn is_live(&self, claims: &mayfly_core::AccessTokenClaims) -> Result<bool, BrokerError> {
+        let now = Timestamp::now();
+        if now.as_secs() >= claims.exp || claims.nbf > now.as_secs() {
+            return Ok(false);
+        }
+        let Ok(jti) = LeaseId::new(&claims.jti) else {
+            return Ok(false);
         };
         let lease = self.shared.store.get_lease(&jti).await?;
-        // The lease, not the token, says what was issued: a token whose
-        // audience, scopes, expiry or binding differ from its lease's is
-        // not one this broker handed out as it reads.
         let scope = claims.scope.as_deref().unwrap_or("");
-        let active = lease.is_some_and(|l| {
+        Ok(lease.is_some_and(|l| {
             let Some(audience) = l.audience() else {
                 return false;
             };
@@ -323,14 +336,30 @@ impl Issuance {
                 && scope_string(&l.scopes) == scope
                 && l.expires_at.as_secs() == claims.exp
                 && l.binding().and_then(Binding::confirmation) == claims.cnf
-        });
-        if !active {
+        }))
+    }
+
+    /// Who presents `token` to a broker endpoint of its own (Shared
+    /// Signals): the token's holder (`client_id`), if it is a live token
+    /// of this broker for `audience`, bearer or bound to the certificate
+    /// the request came with (`peer_x5t`, its `x5t#S256`). A DPoP-bound
+    /// token is refused here.
+    pub async fn bearer_holder(
+        &self,
+        token: &str,
+        audience: &str,
+        peer_x5t: Option<&str>,
+    ) -> Result<Option<SpiffeId>, BrokerError> {
+        let Some(claims) = self.tokens.verify(token) else {
+            return Ok(None);
+        };
+        let bound_ok = match &claims.cnf {
+            None => true,
+            Some(c) => c.jkt.is_none() && c.x5t_s256.as_deref() == peer_x5t,
+        };
+        if claims.aud != audience || !bound_ok || !self.is_live(&claims).await? {
             return Ok(None);
         }
-        let mut out =
-            serde_json::to_value(&claims).map_err(|e| BrokerError::Internal(Cause::of(e)))?;
-        out["active"] = serde_json::Value::Bool(true);
-        out["token_type"] = "Bearer".into();
-        Ok(Some(out))
+        Ok(SpiffeId::new(&claims.client_id).ok())
     }
 }

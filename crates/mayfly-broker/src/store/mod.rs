@@ -644,6 +644,25 @@ pub trait StatusIndexes: Send + Sync + fmt::Debug {
     async fn status_indexes_reserved(&self) -> Result<u64, StoreError>;
 }
 
+/// Shared Signals streams and their delivery progress, as the
+/// `mayfly-ssf` crate encodes them (JSON text): the store keeps them
+/// whole, by stream id.
+#[async_trait]
+pub trait SignalStreams: Send + Sync + fmt::Debug {
+    /// Stores stream `id`.
+    async fn put_stream(&self, id: &str, body: &str) -> Result<(), StoreError>;
+    /// Stream `id`.
+    async fn get_stream(&self, id: &str) -> Result<Option<String>, StoreError>;
+    /// Every stream.
+    async fn all_streams(&self) -> Result<Vec<String>, StoreError>;
+    /// Removes stream `id` and its progress.
+    async fn delete_stream(&self, id: &str) -> Result<(), StoreError>;
+    /// Stream `id`'s progress.
+    async fn stream_progress(&self, id: &str) -> Result<Option<String>, StoreError>;
+    /// Keeps stream `id`'s progress.
+    async fn save_stream_progress(&self, id: &str, body: &str) -> Result<(), StoreError>;
+}
+
 /// Recording: leases with their audit records, to the store's trail.
 #[async_trait]
 pub trait RecordStore: Send + Sync + fmt::Debug {
@@ -753,6 +772,7 @@ pub trait LeaseStore:
     + ReplayGuard
     + LoginQueue
     + StatusIndexes
+    + SignalStreams
     + Upkeep
     + 'static
 {
@@ -768,6 +788,7 @@ impl<S> LeaseStore for S where
         + ReplayGuard
         + LoginQueue
         + StatusIndexes
+        + SignalStreams
         + Upkeep
         + 'static
 {

@@ -67,16 +67,16 @@ use tokio::sync::oneshot;
 use super::{
     AgentStore, ApprovalStore, CredentialStore, ExpiredLease, HeldLogin, LeaseFilter, LoginQueue,
     Page, PageRequest, ReapOutcome, RecordBatch, RecordError, RecordStore, ReplayGuard,
-    RevocationEvent, RevocationLog, RevokeRequest, StatusIndexes, StoreError, TaskFilter,
-    TaskStore, Upkeep, check_consumable, check_decidable,
+    RevocationEvent, RevocationLog, RevokeRequest, SignalStreams, StatusIndexes, StoreError,
+    TaskFilter, TaskStore, Upkeep, check_consumable, check_decidable,
 };
 use crate::audit::{AuditSink, NoTrail};
 use crate::cause::Cause;
 use scan::{MAX_SCAN, expiry_keys, multimap_ids, page_of, table_ids};
 use tables::{
     ACTIVE_EXPIRY, AGENT_LEASES, AGENT_LOCKS, AGENT_TASKS, APPROVALS, LEASES, LOGINS, META,
-    NEXT_CURSOR, NEXT_STATUS_INDEX, REVOCATIONS, TASK_CHILDREN, TASK_LEASES, TASKS, Tables, decode,
-    encode,
+    NEXT_CURSOR, NEXT_STATUS_INDEX, REVOCATIONS, SSF_PROGRESS, SSF_STREAMS, TASK_CHILDREN,
+    TASK_LEASES, TASKS, Tables, decode, encode,
 };
 use writer::{Typed, Writer, write_batches};
 
@@ -668,6 +668,72 @@ impl LoginQueue for EmbeddedStore {
         })
         .await
     }
+}
+
+#[async_trait]
+impl SignalStreams for EmbeddedStore {
+    async fn put_stream(&self, id: &str, body: &str) -> Result<(), StoreError> {
+        let (id, body) = (id.to_owned(), body.to_owned());
+        self.write(move |t| {
+            t.ssf_streams.insert(id.as_str(), body.as_bytes())?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_stream(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |txn| text_of(&txn.open_table(SSF_STREAMS)?, &id))
+            .await
+    }
+
+    async fn all_streams(&self) -> Result<Vec<String>, StoreError> {
+        self.read(|txn| {
+            let table = txn.open_table(SSF_STREAMS)?;
+            let mut out = Vec::new();
+            for entry in table.iter()? {
+                let (_, v) = entry?;
+                out.push(String::from_utf8_lossy(v.value()).into_owned());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn delete_stream(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.write(move |t| {
+            t.ssf_streams.remove(id.as_str())?;
+            t.ssf_progress.remove(id.as_str())?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn stream_progress(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |txn| text_of(&txn.open_table(SSF_PROGRESS)?, &id))
+            .await
+    }
+
+    async fn save_stream_progress(&self, id: &str, body: &str) -> Result<(), StoreError> {
+        let (id, body) = (id.to_owned(), body.to_owned());
+        self.write(move |t| {
+            t.ssf_progress.insert(id.as_str(), body.as_bytes())?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// The text kept under `key`.
+fn text_of(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<String>, StoreError> {
+    Ok(table
+        .get(key)?
+        .map(|v| String::from_utf8_lossy(v.value()).into_owned()))
 }
 
 #[async_trait]

@@ -47,6 +47,10 @@ pub(super) const SEEN_EXPIRY: TableDefinition<(u64, &str), ()> =
 pub(super) const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_outbox");
 /// Database logins to drop: lease id → the held login (JSON).
 pub(super) const LOGINS: TableDefinition<&str, &[u8]> = TableDefinition::new("database_logins");
+/// Shared Signals streams: stream id → the stream (JSON).
+pub(super) const SSF_STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("ssf_streams");
+/// Shared Signals delivery: stream id → its progress (JSON).
+pub(super) const SSF_PROGRESS: TableDefinition<&str, &[u8]> = TableDefinition::new("ssf_progress");
 
 /// Key in `meta` of the next revocation cursor (never reused, even after
 /// trimming).
@@ -105,6 +109,8 @@ pub(super) struct Tables<'t> {
     pub seen_expiry: Table<'t, (u64, &'static str), ()>,
     pub outbox: Table<'t, u64, &'static [u8]>,
     pub logins: Table<'t, &'static str, &'static [u8]>,
+    pub ssf_streams: Table<'t, &'static str, &'static [u8]>,
+    pub ssf_progress: Table<'t, &'static str, &'static [u8]>,
 }
 
 impl<'t> Tables<'t> {
@@ -127,6 +133,8 @@ impl<'t> Tables<'t> {
             seen_expiry: txn.open_table(SEEN_EXPIRY)?,
             outbox: txn.open_table(OUTBOX)?,
             logins: txn.open_table(LOGINS)?,
+            ssf_streams: txn.open_table(SSF_STREAMS)?,
+            ssf_progress: txn.open_table(SSF_PROGRESS)?,
         })
     }
 

@@ -39,6 +39,14 @@ impl Keys {
     pub(super) fn logins(&self) -> String {
         format!("{}:logins", self.prefix)
     }
+    /// Shared Signals streams: a hash, stream id → the stream (JSON).
+    pub(super) fn ssf_streams(&self) -> String {
+        format!("{}:ssf:streams", self.prefix)
+    }
+    /// Shared Signals delivery: a hash, stream id → its progress (JSON).
+    pub(super) fn ssf_progress(&self) -> String {
+        format!("{}:ssf:progress", self.prefix)
+    }
     /// The Token Status List's counter: how many indexes were reserved.
     pub(super) fn status_indexes(&self) -> String {
         format!("{}:status-indexes", self.prefix)

@@ -50,7 +50,8 @@ pub use trail::RedisSink;
 use super::{
     AgentStore, ApprovalStore, CredentialStore, HeldLogin, LeaseFilter, LoginQueue, Page,
     PageRequest, ReapOutcome, RecordBatch, RecordError, RecordStore, ReplayGuard, RevocationEvent,
-    RevocationLog, RevokeRequest, StatusIndexes, StoreError, TaskFilter, TaskStore, Upkeep,
+    RevocationLog, RevokeRequest, SignalStreams, StatusIndexes, StoreError, TaskFilter, TaskStore,
+    Upkeep,
 };
 use crate::audit::AuditSink;
 use codec::{decode, encode, script_status};
@@ -634,6 +635,93 @@ impl LoginQueue for RedisStore {
             })
             .await?;
         Ok(())
+    }
+}
+
+impl RedisStore {
+    /// `HGET key field`.
+    async fn hget(&self, key: String, field: &str) -> Result<Option<String>, StoreError> {
+        let field = field.to_owned();
+        Ok(self
+            .conn
+            .run(|mut c| {
+                let (k, f) = (key.clone(), field.clone());
+                async move { redis::cmd("HGET").arg(&k).arg(&f).query_async(&mut c).await }
+            })
+            .await?)
+    }
+
+    /// `HSET key field value`.
+    async fn hset(&self, key: String, field: &str, value: &str) -> Result<(), StoreError> {
+        let (field, value) = (field.to_owned(), value.to_owned());
+        self.conn
+            .run(|mut c| {
+                let (k, f, v) = (key.clone(), field.clone(), value.clone());
+                async move {
+                    redis::cmd("HSET")
+                        .arg(&k)
+                        .arg(&f)
+                        .arg(&v)
+                        .query_async(&mut c)
+                        .await
+                        .map(|_: u32| ())
+                }
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SignalStreams for RedisStore {
+    async fn put_stream(&self, id: &str, body: &str) -> Result<(), StoreError> {
+        self.hset(self.keys.ssf_streams(), id, body).await
+    }
+
+    async fn get_stream(&self, id: &str) -> Result<Option<String>, StoreError> {
+        self.hget(self.keys.ssf_streams(), id).await
+    }
+
+    async fn all_streams(&self) -> Result<Vec<String>, StoreError> {
+        let k = self.keys.ssf_streams();
+        Ok(self
+            .conn
+            .run(|mut c| {
+                let k = k.clone();
+                async move { redis::cmd("HVALS").arg(&k).query_async(&mut c).await }
+            })
+            .await?)
+    }
+
+    async fn delete_stream(&self, id: &str) -> Result<(), StoreError> {
+        let (streams, progress, id) = (
+            self.keys.ssf_streams(),
+            self.keys.ssf_progress(),
+            id.to_owned(),
+        );
+        self.conn
+            .run(|mut c| {
+                let (s, p, id) = (streams.clone(), progress.clone(), id.clone());
+                async move {
+                    redis::pipe()
+                        .atomic()
+                        .hdel(&s, &id)
+                        .hdel(&p, &id)
+                        .query_async(&mut c)
+                        .await
+                        .map(|_: (u32, u32)| ())
+                }
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn stream_progress(&self, id: &str) -> Result<Option<String>, StoreError> {
+        self.hget(self.keys.ssf_progress(), id).await
+    }
+
+    async fn save_stream_progress(&self, id: &str, body: &str) -> Result<(), StoreError> {
+        self.hset(self.keys.ssf_progress(), id, body).await
     }
 }
 
