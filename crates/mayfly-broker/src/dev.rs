@@ -441,6 +441,10 @@ default_ttl = "10m"
 max_ttl = "1h"
 crl_validity = "10m"
 
+# Shared Signals receivers on this host may take SETs over plain http.
+[ssf]
+allow_loopback_http = true
+
 [tasks]
 default_ttl = "15m"
 max_ttl = "8h"

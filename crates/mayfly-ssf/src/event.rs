@@ -178,8 +178,11 @@ mod tests {
         let mut s = Stream::new(
             "st".into(),
             "spiffe://td/receiver".into(),
-            NewStream::parse(&json!({"delivery": {"method": crate::POLL},
-                "events_requested": events}))
+            NewStream::parse(
+                &json!({"delivery": {"method": crate::POLL},
+                "events_requested": events}),
+                false,
+            )
             .unwrap(),
         );
         s.subjects = subjects.iter().map(|s| (*s).to_owned()).collect();

@@ -204,13 +204,16 @@ pub struct NewStream {
 
 impl NewStream {
     /// A create (`POST`) or replace (`PUT`) body: `delivery` is required.
-    pub fn parse(body: &Value) -> Result<Self, ApiError> {
+    /// A push endpoint must be `https://`, or with `loopback_http` also
+    /// `http://` on a loopback address.
+    pub fn parse(body: &Value, loopback_http: bool) -> Result<Self, ApiError> {
         let obj = body
             .as_object()
             .ok_or_else(|| ApiError::invalid("the body must be a JSON object"))?;
         let delivery = parse_delivery(
             obj.get("delivery")
                 .ok_or_else(|| ApiError::invalid("delivery is required"))?,
+            loopback_http,
         )?;
         Ok(Self {
             delivery,
@@ -221,11 +224,14 @@ impl NewStream {
 
     /// Applies an update (`PATCH`) body to `stream`: only the members it
     /// names change.
-    pub fn patch(stream: &mut Stream, body: &Value) -> Result<(), ApiError> {
+    pub fn patch(stream: &mut Stream, body: &Value, loopback_http: bool) -> Result<(), ApiError> {
         let obj = body
             .as_object()
             .ok_or_else(|| ApiError::invalid("the body must be a JSON object"))?;
-        let delivery = obj.get("delivery").map(parse_delivery).transpose()?;
+        let delivery = obj
+            .get("delivery")
+            .map(|d| parse_delivery(d, loopback_http))
+            .transpose()?;
         let events = obj
             .get("events_requested")
             .map(|e| parse_events(Some(e)))
@@ -247,7 +253,7 @@ impl NewStream {
     }
 }
 
-fn parse_delivery(v: &Value) -> Result<Delivery, ApiError> {
+fn parse_delivery(v: &Value, loopback_http: bool) -> Result<Delivery, ApiError> {
     let obj = v
         .as_object()
         .ok_or_else(|| ApiError::invalid("delivery must be an object"))?;
@@ -258,7 +264,7 @@ fn parse_delivery(v: &Value) -> Result<Delivery, ApiError> {
             let url = url
                 .and_then(Value::as_str)
                 .ok_or_else(|| ApiError::invalid("push delivery needs endpoint_url"))?;
-            check_push_url(url)?;
+            check_push_url(url, loopback_http)?;
             let authorization_header = match obj.get("authorization_header") {
                 None | Some(Value::Null) => None,
                 Some(Value::String(h)) => {
@@ -293,9 +299,9 @@ fn parse_delivery(v: &Value) -> Result<Delivery, ApiError> {
     }
 }
 
-/// A push endpoint is `https://`, or `http://` on a loopback address only
-/// (a receiver on the same host, in development).
-fn check_push_url(url: &str) -> Result<(), ApiError> {
+/// A push endpoint is `https://`, or where allowed `http://` on a loopback
+/// address only (a receiver on the same host, in development).
+fn check_push_url(url: &str, loopback_http: bool) -> Result<(), ApiError> {
     if url.len() > MAX_URL || url.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(ApiError::invalid("endpoint_url is too long or not a URL"));
     }
@@ -315,15 +321,17 @@ fn check_push_url(url: &str) -> Result<(), ApiError> {
     match scheme {
         "https" => Ok(()),
         "http"
-            if host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback()) =>
+            if loopback_http
+                && host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback()) =>
         {
             Ok(())
         }
-        _ => Err(ApiError::invalid(
+        _ if loopback_http => Err(ApiError::invalid(
             "endpoint_url must be https:// (http:// only on a loopback address)",
         )),
+        _ => Err(ApiError::invalid("endpoint_url must be https://")),
     }
 }
 
@@ -481,8 +489,12 @@ mod tests {
             "http://127.0.0.1:8080/ssf",
             "http://[::1]:9/x",
         ] {
-            NewStream::parse(&push(ok)).unwrap();
+            NewStream::parse(&push(ok), true).unwrap();
         }
+        // Without the development switch, https only.
+        let e = NewStream::parse(&push("http://127.0.0.1:8080/ssf"), false).unwrap_err();
+        assert_eq!(e.description, "endpoint_url must be https://");
+        NewStream::parse(&push("https://receiver.example/events"), false).unwrap();
         for bad in [
             "http://receiver.example/events",
             "http://127.0.0.1.evil.example/x",
@@ -492,7 +504,7 @@ mod tests {
             "receiver.example/events",
             "https://receiver.example/a b",
         ] {
-            let e = NewStream::parse(&push(bad)).unwrap_err();
+            let e = NewStream::parse(&push(bad), true).unwrap_err();
             assert_eq!(e.status, 400, "{bad}");
         }
     }
@@ -525,18 +537,21 @@ mod tests {
             ),
         ];
         for (body, says) in cases {
-            let e = NewStream::parse(&body).unwrap_err();
+            let e = NewStream::parse(&body, true).unwrap_err();
             assert!(e.description.contains(says), "{body}: {e}");
         }
     }
 
     #[test]
     fn a_stream_shows_no_secret_and_only_its_receiver_may_touch_it() {
-        let asked = NewStream::parse(&json!({
-            "delivery": {"method": PUSH, "endpoint_url": "https://r.example/ssf",
-                "authorization_header": "Bearer s3cret"},
-            "events_requested": [crate::SESSION_REVOKED, "https://example.com/unknown"],
-        }))
+        let asked = NewStream::parse(
+            &json!({
+                "delivery": {"method": PUSH, "endpoint_url": "https://r.example/ssf",
+                    "authorization_header": "Bearer s3cret"},
+                "events_requested": [crate::SESSION_REVOKED, "https://example.com/unknown"],
+            }),
+            false,
+        )
         .unwrap();
         let s = Stream::new("s1".into(), "spiffe://td/receiver".into(), asked);
         let shown = s.config("https://broker.example/").to_string();
@@ -557,7 +572,7 @@ mod tests {
         let mut s = Stream::new(
             "s1".into(),
             "r".into(),
-            NewStream::parse(&json!({"delivery": {"method": POLL}})).unwrap(),
+            NewStream::parse(&json!({"delivery": {"method": POLL}}), false).unwrap(),
         );
         let agent =
             Subject::parse(&json!({"format": "uri", "uri": "spiffe://td/agent/a"})).unwrap();

@@ -450,8 +450,11 @@ mod tests {
         let mut stream = Stream::new(
             "st".into(),
             "spiffe://td/receiver".into(),
-            NewStream::parse(&json!({"delivery": {"method": crate::POLL},
-                "events_requested": [crate::SESSION_REVOKED]}))
+            NewStream::parse(
+                &json!({"delivery": {"method": crate::POLL},
+                "events_requested": [crate::SESSION_REVOKED]}),
+                false,
+            )
             .unwrap(),
         );
         stream.subjects.push("spiffe://td/agent/a".into());

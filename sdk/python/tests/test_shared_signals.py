@@ -141,6 +141,14 @@ def test_a_poll_receiver_gets_each_revocation_as_a_verified_set(ssf_broker: Brok
             claims = checker.check(token)
             assert claims["jti"] == jti
             got[jti] = claims
+    # A SET is no access token: a validator refuses it for its typ.
+    some_set = receiver.post(poll_url, json={"returnImmediately": True}).json()["sets"]
+    assert some_set, "the unacknowledged SETs come again"
+    with mayfly.Verifier(issuer=b.issuer, audience=SERVICE, ca=b.ca) as verifier:
+        for token in some_set.values():
+            with pytest.raises(mayfly.VerifyError) as not_a_token:
+                verifier.verify(token)
+            assert not_a_token.value.check == "wrong_type"
     leases = {c["sub_id"]["session"]["id"] for c in got.values()}
     assert leases == {t.lease_id for t in tokens}
     for c in got.values():

@@ -145,6 +145,14 @@ def test_a_revoked_token_shows_in_its_list_within_the_ttl(listed_broker: Broker)
     lists = httpx.get(meta["status_list_aggregation_endpoint"], verify=validator.tls).json()
     assert uri in lists["status_lists"]
     assert not any(validator.revoked(t.value) for t in tokens)
+    # A Status List Token is no access token: refused for its typ.
+    listed = httpx.get(uri, verify=validator.tls).text
+    with (
+        mayfly.Verifier(issuer=b.issuer, audience=API, ca=b.ca) as verifier,
+        pytest.raises(mayfly.VerifyError) as refused,
+    ):
+        verifier.verify(listed)
+    assert refused.value.check == "wrong_type"
 
     b.cli("lease", "revoke", tokens[1].lease_id, "--reason", "status list test")
     took = seen_revoked_after(validator, tokens[1].value)

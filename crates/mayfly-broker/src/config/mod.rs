@@ -19,7 +19,7 @@ use sections::default_prefix;
 pub use sections::{
     Approvals, Audit, AuditSinkKind, Certificates, Connections, FederatedBundle, FederationConfig,
     Feed, GatewayConfig, IntrospectionConfig, Listen, PolicyConfig, RateLimit, Reaper, RedisConfig,
-    ResourceServerConfig, StoreKind, Tasks, Tls, Tokens,
+    ResourceServerConfig, Ssf, StoreKind, Tasks, Tls, Tokens,
 };
 pub use settings::{
     FeedSettings, Gateway, IntrospectionGrant, KeyRotation, Lifetimes, RedisEndpoint,
@@ -126,6 +126,9 @@ pub struct Config {
     /// How long and how many connections each port holds.
     #[serde(default)]
     pub connections: Connections,
+    /// The Shared Signals transmitter.
+    #[serde(default)]
+    pub ssf: Ssf,
     /// Issuers of workload identity tokens accepted instead of a client
     /// certificate.
     #[serde(default)]

@@ -463,6 +463,16 @@ impl Default for Tokens {
     }
 }
 
+/// `[ssf]`: the Shared Signals transmitter.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ssf {
+    /// Let receivers' push endpoints be `http://` on a loopback address
+    /// (the broker's own host: for development). Otherwise they must be
+    /// `https://`.
+    pub allow_loopback_http: bool,
+}
+
 /// `[certificates]`: lifetimes of task certificates and of the CRL.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -57,6 +57,8 @@ pub struct Settings {
     pub crl_validity: Duration,
     /// The Token Status Lists' `ttl`.
     pub status_list_ttl: Duration,
+    /// Whether receivers may push to `http://` on loopback.
+    pub ssf_loopback_http: bool,
     /// Expiry and clean-up.
     pub reaper: Reaper,
     /// The revocation feed.
@@ -305,6 +307,7 @@ impl Config {
             federation: self.checked_federation()?,
             crl_validity: self.certificates.crl_validity,
             status_list_ttl: self.tokens.status_list_ttl,
+            ssf_loopback_http: self.ssf.allow_loopback_http,
             reaper: self.checked_reaper()?,
             feed: self.feed_settings()?,
             policy: self.checked_policy()?,

@@ -41,6 +41,8 @@ pub struct SsfState {
     pub receivers: Vec<SpiffeIdPattern>,
     /// The audience of receivers' tokens: `<issuer>/ssf`.
     pub audience: String,
+    /// Whether push endpoints may be `http://` on loopback.
+    pub loopback_http: bool,
 }
 
 type Answer = Result<Response, ApiError>;
@@ -200,7 +202,7 @@ pub(super) async fn create(
         async {
             let caller = receiver(&s, &peer, &headers).await?;
             let state = ssf(&s)?;
-            let asked = NewStream::parse(&json_body(&body)?)?;
+            let asked = NewStream::parse(&json_body(&body)?, state.loopback_http)?;
             let held = state
                 .signals
                 .tx
@@ -287,7 +289,7 @@ pub(super) async fn update(
             let state = ssf(&s)?;
             let body = json_body(&body)?;
             let mut stream = own(state, stream_id_of(&body)?, &caller).await?;
-            NewStream::patch(&mut stream, &body)?;
+            NewStream::patch(&mut stream, &body, state.loopback_http)?;
             put(state, &stream).await?;
             Ok(json(
                 StatusCode::OK,
@@ -311,7 +313,7 @@ pub(super) async fn replace(
             let state = ssf(&s)?;
             let body = json_body(&body)?;
             let mut stream = own(state, stream_id_of(&body)?, &caller).await?;
-            let asked = NewStream::parse(&body)?;
+            let asked = NewStream::parse(&body, state.loopback_http)?;
             stream.delivery = asked.delivery;
             stream.events_requested = asked.events_requested;
             stream.description = asked.description;

@@ -70,6 +70,7 @@ pub enum StartError {
 struct SignalsSetup {
     receivers: Vec<mayfly_core::SpiffeIdPattern>,
     push_ca_pem: Vec<u8>,
+    loopback_http: bool,
 }
 
 /// A broker ready to serve.
