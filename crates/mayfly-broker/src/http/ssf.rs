@@ -89,6 +89,84 @@ fn unauthorized(description: &str) -> ApiError {
     }
 }
 
+/// The receiver making a request: who it is, and the transmitter it
+/// speaks to. Extracting it authenticates and authorizes the caller.
+pub(super) struct Receiver {
+    id: SpiffeId,
+    state: Arc<SsfState>,
+}
+
+impl axum::extract::FromRequestParts<HttpState> for Receiver {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        s: &HttpState,
+    ) -> Result<Self, Response> {
+        let peer = parts
+            .extensions
+            .get::<PeerInfo>()
+            .cloned()
+            .ok_or_else(|| respond(Err(unauthorized("no TLS peer"))))?;
+        let id = receiver(s, &peer, &parts.headers)
+            .await
+            .map_err(|e| respond(Err(e)))?;
+        let state = ssf(s).map_err(|e| respond(Err(e)))?.clone();
+        Ok(Self { id, state })
+    }
+}
+
+impl Receiver {
+    /// Its own stream `id`: 404 if there is none, 403 if another's.
+    async fn stream(&self, id: &str) -> Result<Stream, ApiError> {
+        self.state
+            .signals
+            .tx
+            .streams
+            .get_stream(id)
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| ApiError::not_found(id))?
+            .owned_by(self.id.as_str())
+    }
+
+    /// The stream a request body names, and the body.
+    async fn named(&self, body: &Bytes) -> Result<(Stream, Value), ApiError> {
+        let body = json_body(body)?;
+        let id = body
+            .get("stream_id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::invalid("stream_id is required"))?;
+        Ok((self.stream(id).await?, body))
+    }
+
+    /// The stream a query names.
+    async fn queried(&self, q: StreamQuery) -> Result<Stream, ApiError> {
+        let id = q
+            .stream_id
+            .ok_or_else(|| ApiError::invalid("stream_id is required"))?;
+        self.stream(&id).await
+    }
+
+    async fn put(&self, stream: &Stream) -> Result<(), ApiError> {
+        self.state
+            .signals
+            .tx
+            .streams
+            .put_stream(stream)
+            .await
+            .map_err(unavailable)
+    }
+
+    fn issuer(&self) -> &str {
+        &self.state.signals.tx.issuer
+    }
+
+    fn tx(&self) -> &mayfly_ssf::Transmitter {
+        &self.state.signals.tx
+    }
+}
+
 /// The receiver making the request, which must be allowed to be one.
 async fn receiver(
     s: &HttpState,
@@ -142,36 +220,6 @@ fn json_body(body: &Bytes) -> Result<Value, ApiError> {
         .map_err(|e| ApiError::invalid(format!("the body is not JSON: {e}")))
 }
 
-fn stream_id_of(body: &Value) -> Result<&str, ApiError> {
-    body.get("stream_id")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::invalid("stream_id is required"))
-}
-
-/// The caller's own stream `id`: 404 if there is none, 403 if it is
-/// another receiver's.
-async fn own(state: &SsfState, id: &str, caller: &SpiffeId) -> Result<Stream, ApiError> {
-    state
-        .signals
-        .tx
-        .streams
-        .get_stream(id)
-        .await
-        .map_err(unavailable)?
-        .ok_or_else(|| ApiError::not_found(id))?
-        .owned_by(caller.as_str())
-}
-
-async fn put(state: &SsfState, stream: &Stream) -> Result<(), ApiError> {
-    state
-        .signals
-        .tx
-        .streams
-        .put_stream(stream)
-        .await
-        .map_err(unavailable)
-}
-
 fn json(status: StatusCode, v: Value) -> Response {
     (status, axum::Json(v)).into_response()
 }
@@ -192,161 +240,88 @@ pub(super) struct StreamQuery {
 }
 
 /// `POST /ssf/streams`: a new stream, 201.
-pub(super) async fn create(
-    State(s): State<HttpState>,
-    axum::Extension(peer): axum::Extension<PeerInfo>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub(super) async fn create(r: Receiver, body: Bytes) -> Response {
     respond(
         async {
-            let caller = receiver(&s, &peer, &headers).await?;
-            let state = ssf(&s)?;
-            let asked = NewStream::parse(&json_body(&body)?, state.loopback_http)?;
-            let held = state
-                .signals
-                .tx
-                .streams
-                .all_streams()
-                .await
-                .map_err(unavailable)?
-                .iter()
-                .filter(|st| st.receiver == caller.as_str())
-                .count();
+            let asked = NewStream::parse(&json_body(&body)?, r.state.loopback_http)?;
+            let all = r.tx().streams.all_streams().await.map_err(unavailable)?;
+            let held = all.iter().filter(|st| st.receiver == r.id.as_str()).count();
             if held >= MAX_STREAMS {
                 return Err(ApiError {
                     status: 409,
                     err: "conflict",
-                    description: format!("{caller} holds {MAX_STREAMS} streams already"),
+                    description: format!("{} holds {MAX_STREAMS} streams already", r.id),
                 });
             }
-            let stream = Stream::new(new_stream_id(), caller.to_string(), asked);
+            let stream = Stream::new(new_stream_id(), r.id.to_string(), asked);
             // It carries what is revoked from now on.
-            state
-                .signals
-                .tx
+            r.tx()
                 .start_at_head(&stream.stream_id)
                 .await
                 .map_err(unavailable)?;
-            put(state, &stream).await?;
-            Ok(json(
-                StatusCode::CREATED,
-                stream.config(&state.signals.tx.issuer),
-            ))
+            r.put(&stream).await?;
+            Ok(json(StatusCode::CREATED, stream.config(r.issuer())))
         }
         .await,
     )
 }
 
 /// `GET /ssf/streams[?stream_id=]`: one stream, or all the caller's.
-pub(super) async fn read(
-    State(s): State<HttpState>,
-    axum::Extension(peer): axum::Extension<PeerInfo>,
-    headers: HeaderMap,
-    Query(q): Query<StreamQuery>,
-) -> Response {
+pub(super) async fn read(r: Receiver, Query(q): Query<StreamQuery>) -> Response {
     respond(
         async {
-            let caller = receiver(&s, &peer, &headers).await?;
-            let state = ssf(&s)?;
-            let issuer = &state.signals.tx.issuer;
-            match q.stream_id {
-                Some(id) => Ok(json(
-                    StatusCode::OK,
-                    own(state, &id, &caller).await?.config(issuer),
-                )),
-                None => {
-                    let all = state
-                        .signals
-                        .tx
-                        .streams
-                        .all_streams()
-                        .await
-                        .map_err(unavailable)?;
-                    let mine: Vec<Value> = all
-                        .iter()
-                        .filter(|st| st.receiver == caller.as_str())
-                        .map(|st| st.config(issuer))
-                        .collect();
-                    Ok(json(StatusCode::OK, Value::Array(mine)))
-                }
+            if q.stream_id.is_some() {
+                return Ok(json(StatusCode::OK, r.queried(q).await?.config(r.issuer())));
             }
+            let all = r.tx().streams.all_streams().await.map_err(unavailable)?;
+            let mine: Vec<Value> = all
+                .iter()
+                .filter(|st| st.receiver == r.id.as_str())
+                .map(|st| st.config(r.issuer()))
+                .collect();
+            Ok(json(StatusCode::OK, Value::Array(mine)))
         }
         .await,
     )
 }
 
 /// `PATCH /ssf/streams`: the members given change.
-pub(super) async fn update(
-    State(s): State<HttpState>,
-    axum::Extension(peer): axum::Extension<PeerInfo>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub(super) async fn update(r: Receiver, body: Bytes) -> Response {
     respond(
         async {
-            let caller = receiver(&s, &peer, &headers).await?;
-            let state = ssf(&s)?;
-            let body = json_body(&body)?;
-            let mut stream = own(state, stream_id_of(&body)?, &caller).await?;
-            NewStream::patch(&mut stream, &body, state.loopback_http)?;
-            put(state, &stream).await?;
-            Ok(json(
-                StatusCode::OK,
-                stream.config(&state.signals.tx.issuer),
-            ))
+            let (mut stream, body) = r.named(&body).await?;
+            NewStream::patch(&mut stream, &body, r.state.loopback_http)?;
+            r.put(&stream).await?;
+            Ok(json(StatusCode::OK, stream.config(r.issuer())))
         }
         .await,
     )
 }
 
 /// `PUT /ssf/streams`: every receiver-supplied member replaced.
-pub(super) async fn replace(
-    State(s): State<HttpState>,
-    axum::Extension(peer): axum::Extension<PeerInfo>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub(super) async fn replace(r: Receiver, body: Bytes) -> Response {
     respond(
         async {
-            let caller = receiver(&s, &peer, &headers).await?;
-            let state = ssf(&s)?;
-            let body = json_body(&body)?;
-            let mut stream = own(state, stream_id_of(&body)?, &caller).await?;
-            let asked = NewStream::parse(&body, state.loopback_http)?;
+            let (mut stream, body) = r.named(&body).await?;
+            let asked = NewStream::parse(&body, r.state.loopback_http)?;
             stream.delivery = asked.delivery;
             stream.events_requested = asked.events_requested;
             stream.description = asked.description;
-            put(state, &stream).await?;
-            Ok(json(
-                StatusCode::OK,
-                stream.config(&state.signals.tx.issuer),
-            ))
+            r.put(&stream).await?;
+            Ok(json(StatusCode::OK, stream.config(r.issuer())))
         }
         .await,
     )
 }
 
 /// `DELETE /ssf/streams?stream_id=`: 204.
-pub(super) async fn delete(
-    State(s): State<HttpState>,
-    axum::Extension(peer): axum::Extension<PeerInfo>,
-    headers: HeaderMap,
-    Query(q): Query<StreamQuery>,
-) -> Response {
+pub(super) async fn delete(r: Receiver, Query(q): Query<StreamQuery>) -> Response {
     respond(
         async {
-            let caller = receiver(&s, &peer, &headers).await?;
-            let state = ssf(&s)?;
-            let id = q
-                .stream_id
-                .ok_or_else(|| ApiError::invalid("stream_id is required"))?;
-            own(state, &id, &caller).await?;
-            state
-                .signals
-                .tx
+            let stream = r.queried(q).await?;
+            r.tx()
                 .streams
-                .delete_stream(&id)
+                .delete_stream(&stream.stream_id)
                 .await
                 .map_err(unavailable)?;
             Ok(StatusCode::NO_CONTENT.into_response())
@@ -356,103 +331,63 @@ pub(super) async fn delete(
 }
 
 /// `GET /ssf/status?stream_id=`.
-pub(super) async fn status(
-    State(s): State<HttpState>,
-    axum::Extension(peer): axum::Extension<PeerInfo>,
-    headers: HeaderMap,
-    Query(q): Query<StreamQuery>,
-) -> Response {
-    respond(
-        async {
-            let caller = receiver(&s, &peer, &headers).await?;
-            let state = ssf(&s)?;
-            let id = q
-                .stream_id
-                .ok_or_else(|| ApiError::invalid("stream_id is required"))?;
-            Ok(json(
-                StatusCode::OK,
-                own(state, &id, &caller).await?.status_body(),
-            ))
-        }
-        .await,
-    )
+pub(super) async fn status(r: Receiver, Query(q): Query<StreamQuery>) -> Response {
+    respond(async { Ok(json(StatusCode::OK, r.queried(q).await?.status_body())) }.await)
 }
 
 /// `POST /ssf/status`: enabled, paused (events wait) or disabled (events
 /// are dropped).
-pub(super) async fn set_status(
-    State(s): State<HttpState>,
-    axum::Extension(peer): axum::Extension<PeerInfo>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub(super) async fn set_status(r: Receiver, body: Bytes) -> Response {
     respond(
         async {
-            let caller = receiver(&s, &peer, &headers).await?;
-            let state = ssf(&s)?;
-            let body = json_body(&body)?;
-            let mut stream = own(state, stream_id_of(&body)?, &caller).await?;
+            let (mut stream, body) = r.named(&body).await?;
             let status: StreamStatus = body
                 .get("status")
                 .cloned()
                 .and_then(|v| serde_json::from_value(v).ok())
                 .ok_or_else(|| ApiError::invalid("status must be enabled, paused or disabled"))?;
-            let reason = match body.get("reason") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(r)) if r.len() <= MAX_STATE => Some(r.clone()),
-                Some(_) => return Err(ApiError::invalid("reason must be a short string")),
-            };
+            let reason = short_string(&body, "reason")?.map(str::to_owned);
             // What came while it was disabled is dropped.
             if stream.status == StreamStatus::Disabled && status != StreamStatus::Disabled {
-                state
-                    .signals
-                    .tx
+                r.tx()
                     .start_at_head(&stream.stream_id)
                     .await
                     .map_err(unavailable)?;
             }
             stream.status = status;
             stream.reason = reason;
-            put(state, &stream).await?;
+            r.put(&stream).await?;
             Ok(json(StatusCode::OK, stream.status_body()))
         }
         .await,
     )
 }
 
+/// An optional short string member of `body`.
+fn short_string<'a>(body: &'a Value, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match body.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(v)) if v.len() <= MAX_STATE => Ok(Some(v)),
+        Some(_) => Err(ApiError::invalid(format!(
+            "{name} must be a string of at most {MAX_STATE} bytes"
+        ))),
+    }
+}
+
 /// `POST /ssf/subjects:add`: 200.
-pub(super) async fn add_subject(
-    State(s): State<HttpState>,
-    axum::Extension(peer): axum::Extension<PeerInfo>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    subjects(s, peer, headers, body, true).await
+pub(super) async fn add_subject(r: Receiver, body: Bytes) -> Response {
+    subjects(r, body, true).await
 }
 
 /// `POST /ssf/subjects:remove`: 204.
-pub(super) async fn remove_subject(
-    State(s): State<HttpState>,
-    axum::Extension(peer): axum::Extension<PeerInfo>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    subjects(s, peer, headers, body, false).await
+pub(super) async fn remove_subject(r: Receiver, body: Bytes) -> Response {
+    subjects(r, body, false).await
 }
 
-async fn subjects(
-    s: HttpState,
-    peer: PeerInfo,
-    headers: HeaderMap,
-    body: Bytes,
-    add: bool,
-) -> Response {
+async fn subjects(r: Receiver, body: Bytes, add: bool) -> Response {
     respond(
         async {
-            let caller = receiver(&s, &peer, &headers).await?;
-            let state = ssf(&s)?;
-            let body = json_body(&body)?;
-            let mut stream = own(state, stream_id_of(&body)?, &caller).await?;
+            let (mut stream, body) = r.named(&body).await?;
             let subject = Subject::parse(
                 body.get("subject")
                     .ok_or_else(|| ApiError::invalid("subject is required"))?,
@@ -464,7 +399,7 @@ async fn subjects(
                 stream.remove_subject(&subject)?;
                 StatusCode::NO_CONTENT
             };
-            put(state, &stream).await?;
+            r.put(&stream).await?;
             Ok(done.into_response())
         }
         .await,
@@ -473,33 +408,18 @@ async fn subjects(
 
 /// `POST /ssf/verify`: a verification SET with the receiver's `state`
 /// follows on the stream (204).
-pub(super) async fn verify(
-    State(s): State<HttpState>,
-    axum::Extension(peer): axum::Extension<PeerInfo>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub(super) async fn verify(r: Receiver, body: Bytes) -> Response {
     respond(
         async {
-            let caller = receiver(&s, &peer, &headers).await?;
-            let state = ssf(&s)?;
-            let body = json_body(&body)?;
-            let stream = own(state, stream_id_of(&body)?, &caller).await?;
-            let st = match body.get("state") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(v)) if v.len() <= MAX_STATE => Some(v.as_str()),
-                Some(_) => return Err(ApiError::invalid("state must be a short string")),
-            };
+            let (stream, body) = r.named(&body).await?;
             let set = mayfly_ssf::verification_set(
                 &stream,
-                &state.signals.tx.issuer,
+                r.issuer(),
                 Timestamp::now().as_secs(),
-                st,
+                short_string(&body, "state")?,
                 &new_stream_id(),
             );
-            state
-                .signals
-                .tx
+            r.tx()
                 .queue_verification(&stream, &set)
                 .await
                 .map_err(unavailable)?;
@@ -510,28 +430,19 @@ pub(super) async fn verify(
 }
 
 /// `POST /ssf/poll/{stream_id}`: RFC 8936.
-pub(super) async fn poll(
-    State(s): State<HttpState>,
-    Path(id): Path<String>,
-    axum::Extension(peer): axum::Extension<PeerInfo>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub(super) async fn poll(r: Receiver, Path(id): Path<String>, body: Bytes) -> Response {
     respond(
         async {
-            let caller = receiver(&s, &peer, &headers).await?;
-            let state = ssf(&s)?;
-            let stream = own(state, &id, &caller).await?;
+            let stream = r.stream(&id).await?;
             if stream.delivery != Delivery::Poll {
                 return Err(ApiError::invalid(format!(
                     "stream {id} is delivered by push, not polled"
                 )));
             }
             let req = PollRequest::parse(&json_body(&body)?)?;
-            let news = state.signals.news.clone();
-            let answer = state
-                .signals
-                .tx
+            let news = r.state.signals.news.clone();
+            let answer = r
+                .tx()
                 .poll(&stream, &req, LONG_POLL, || {
                     let mut rx = news.clone();
                     async move {
