@@ -181,7 +181,7 @@ mod tests {
             NewStream::parse(
                 &json!({"delivery": {"method": crate::POLL},
                 "events_requested": events}),
-                false,
+                &crate::model::PushPolicy::default(),
             )
             .unwrap(),
         );

@@ -28,7 +28,9 @@ pub mod push;
 pub mod transmit;
 
 pub use event::{Credential, Revoked, Set, verification_set};
-pub use model::{ApiError, Delivery, NewStream, Stream, StreamStatus, Subject, metadata};
+pub use model::{
+    ApiError, Delivery, NewStream, PushPolicy, Stream, StreamStatus, Subject, metadata,
+};
 pub use transmit::{Entry, Events, Failure, PollRequest, Progress, Signer, Streams, Transmitter};
 
 /// `spec_version` of SSF 1.0.

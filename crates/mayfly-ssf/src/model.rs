@@ -191,6 +191,41 @@ pub struct Stream {
     pub subjects: Vec<String>,
 }
 
+/// Where the broker may push SETs: a receiver names its endpoint, and the
+/// broker POSTs to it, so it must be one the operator allowed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PushPolicy {
+    /// `https://` URL prefixes, each ending in `/`, an endpoint must
+    /// start with (none: no `https://` endpoint is allowed).
+    pub endpoints: Vec<String>,
+    /// Also `http://` on a loopback address (a receiver on the broker's
+    /// host, in development).
+    pub loopback_http: bool,
+}
+
+impl PushPolicy {
+    /// Checks the configured prefixes: each an `https://` URL with a host
+    /// and a path ending in `/`, so that a prefix cannot be stretched
+    /// into another host (`https://a.example` would let
+    /// `https://a.example.evil.example` through).
+    pub fn check(&self) -> Result<(), String> {
+        for p in &self.endpoints {
+            let host_and_path = p
+                .strip_prefix("https://")
+                .ok_or_else(|| format!("ssf.push_endpoints: {p:?} is not https://"))?;
+            let (host, _) = host_and_path
+                .split_once('/')
+                .ok_or_else(|| format!("ssf.push_endpoints: {p:?} must end its host with /"))?;
+            if host.is_empty() || host.contains('@') || !p.ends_with('/') {
+                return Err(format!(
+                    "ssf.push_endpoints: {p:?} must be https://host[:port]/path/ (ending in /)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What a receiver asks for when it creates or replaces a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewStream {
@@ -203,17 +238,16 @@ pub struct NewStream {
 }
 
 impl NewStream {
-    /// A create (`POST`) or replace (`PUT`) body: `delivery` is required.
-    /// A push endpoint must be `https://`, or with `loopback_http` also
-    /// `http://` on a loopback address.
-    pub fn parse(body: &Value, loopback_http: bool) -> Result<Self, ApiError> {
+    /// A create (`POST`) or replace (`PUT`) body: `delivery` is required,
+    /// and a push endpoint must be one `push` allows.
+    pub fn parse(body: &Value, push: &PushPolicy) -> Result<Self, ApiError> {
         let obj = body
             .as_object()
             .ok_or_else(|| ApiError::invalid("the body must be a JSON object"))?;
         let delivery = parse_delivery(
             obj.get("delivery")
                 .ok_or_else(|| ApiError::invalid("delivery is required"))?,
-            loopback_http,
+            push,
         )?;
         Ok(Self {
             delivery,
@@ -224,13 +258,13 @@ impl NewStream {
 
     /// Applies an update (`PATCH`) body to `stream`: only the members it
     /// names change.
-    pub fn patch(stream: &mut Stream, body: &Value, loopback_http: bool) -> Result<(), ApiError> {
+    pub fn patch(stream: &mut Stream, body: &Value, push: &PushPolicy) -> Result<(), ApiError> {
         let obj = body
             .as_object()
             .ok_or_else(|| ApiError::invalid("the body must be a JSON object"))?;
         let delivery = obj
             .get("delivery")
-            .map(|d| parse_delivery(d, loopback_http))
+            .map(|d| parse_delivery(d, push))
             .transpose()?;
         let events = obj
             .get("events_requested")
@@ -253,7 +287,7 @@ impl NewStream {
     }
 }
 
-fn parse_delivery(v: &Value, loopback_http: bool) -> Result<Delivery, ApiError> {
+fn parse_delivery(v: &Value, push: &PushPolicy) -> Result<Delivery, ApiError> {
     let obj = v
         .as_object()
         .ok_or_else(|| ApiError::invalid("delivery must be an object"))?;
@@ -264,7 +298,7 @@ fn parse_delivery(v: &Value, loopback_http: bool) -> Result<Delivery, ApiError> 
             let url = url
                 .and_then(Value::as_str)
                 .ok_or_else(|| ApiError::invalid("push delivery needs endpoint_url"))?;
-            check_push_url(url, loopback_http)?;
+            check_push_url(url, push)?;
             let authorization_header = match obj.get("authorization_header") {
                 None | Some(Value::Null) => None,
                 Some(Value::String(h)) => {
@@ -299,9 +333,9 @@ fn parse_delivery(v: &Value, loopback_http: bool) -> Result<Delivery, ApiError> 
     }
 }
 
-/// A push endpoint is `https://`, or where allowed `http://` on a loopback
-/// address only (a receiver on the same host, in development).
-fn check_push_url(url: &str, loopback_http: bool) -> Result<(), ApiError> {
+/// A push endpoint is `https://` under one of the allowed prefixes, or
+/// where allowed `http://` on a loopback address.
+fn check_push_url(url: &str, push: &PushPolicy) -> Result<(), ApiError> {
     if url.len() > MAX_URL || url.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(ApiError::invalid("endpoint_url is too long or not a URL"));
     }
@@ -318,20 +352,26 @@ fn check_push_url(url: &str, loopback_http: bool) -> Result<(), ApiError> {
         Some(v6) => v6.split(']').next().unwrap_or(""),
         None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
     };
+    let loopback = host
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback());
+    // `..` could climb out of an allowed path.
+    let climbs = rest
+        .split(['?', '#'])
+        .next()
+        .unwrap_or("")
+        .split('/')
+        .any(|seg| seg == "..");
     match scheme {
-        "https" => Ok(()),
-        "http"
-            if loopback_http
-                && host
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback()) =>
-        {
-            Ok(())
-        }
-        _ if loopback_http => Err(ApiError::invalid(
-            "endpoint_url must be https:// (http:// only on a loopback address)",
+        "https" if !climbs && push.endpoints.iter().any(|p| url.starts_with(p.as_str())) => Ok(()),
+        "https" => Err(ApiError::invalid(
+            "endpoint_url is not under an endpoint this broker pushes to (ssf.push_endpoints)",
         )),
-        _ => Err(ApiError::invalid("endpoint_url must be https://")),
+        "http" if push.loopback_http && loopback => Ok(()),
+        _ => Err(ApiError::invalid(
+            "endpoint_url must be https:// under an endpoint this broker pushes to \
+             (ssf.push_endpoints)",
+        )),
     }
 }
 
@@ -482,6 +522,14 @@ mod tests {
         json!({"delivery": {"method": PUSH, "endpoint_url": url}})
     }
 
+    /// The development policy: one https prefix, and loopback http.
+    fn dev() -> PushPolicy {
+        PushPolicy {
+            endpoints: vec!["https://receiver.example/".into()],
+            loopback_http: true,
+        }
+    }
+
     #[test]
     fn push_endpoints_are_https_or_loopback() {
         for ok in [
@@ -489,23 +537,69 @@ mod tests {
             "http://127.0.0.1:8080/ssf",
             "http://[::1]:9/x",
         ] {
-            NewStream::parse(&push(ok), true).unwrap();
+            NewStream::parse(&push(ok), &dev()).unwrap();
         }
-        // Without the development switch, https only.
-        let e = NewStream::parse(&push("http://127.0.0.1:8080/ssf"), false).unwrap_err();
-        assert_eq!(e.description, "endpoint_url must be https://");
-        NewStream::parse(&push("https://receiver.example/events"), false).unwrap();
+        // Without the development switch, allowed https only.
+        let prod = PushPolicy {
+            loopback_http: false,
+            ..dev()
+        };
+        let e = NewStream::parse(&push("http://127.0.0.1:8080/ssf"), &prod).unwrap_err();
+        assert!(
+            e.description.starts_with("endpoint_url must be https://"),
+            "{e}"
+        );
+        NewStream::parse(&push("https://receiver.example/events"), &prod).unwrap();
+        // Nothing configured: no https endpoint at all.
+        let e = NewStream::parse(
+            &push("https://receiver.example/events"),
+            &PushPolicy::default(),
+        )
+        .unwrap_err();
+        assert!(e.description.contains("ssf.push_endpoints"), "{e}");
         for bad in [
             "http://receiver.example/events",
             "http://127.0.0.1.evil.example/x",
+            "https://receiver.example.evil.example/events",
+            "https://elsewhere.example/events",
+            "https://receiver.example/../admin",
             "https://user@receiver.example/",
             "ftp://receiver.example/",
             "https:///nohost",
             "receiver.example/events",
             "https://receiver.example/a b",
         ] {
-            let e = NewStream::parse(&push(bad), true).unwrap_err();
+            let e = NewStream::parse(&push(bad), &dev()).unwrap_err();
             assert_eq!(e.status, 400, "{bad}");
+        }
+    }
+
+    #[test]
+    fn configured_prefixes_cannot_be_stretched() {
+        for ok in [
+            vec![],
+            vec!["https://siem.example/".to_owned()],
+            vec!["https://siem.example:8443/ssf/".to_owned()],
+        ] {
+            PushPolicy {
+                endpoints: ok,
+                loopback_http: false,
+            }
+            .check()
+            .unwrap();
+        }
+        for bad in [
+            "https://siem.example",
+            "http://siem.example/",
+            "https:///",
+            "https://u@siem.example/",
+            "https://siem.example/ssf",
+        ] {
+            let p = PushPolicy {
+                endpoints: vec![bad.into()],
+                loopback_http: false,
+            };
+            assert!(p.check().is_err(), "{bad}");
         }
     }
 
@@ -523,7 +617,7 @@ mod tests {
                 "transmitter supplies",
             ),
             (
-                json!({"delivery": {"method": PUSH, "endpoint_url": "https://x.example/",
+                json!({"delivery": {"method": PUSH, "endpoint_url": "https://receiver.example/",
                     "authorization_header": "Bearer a\r\nX-Injected: 1"}}),
                 "one line",
             ),
@@ -537,7 +631,7 @@ mod tests {
             ),
         ];
         for (body, says) in cases {
-            let e = NewStream::parse(&body, true).unwrap_err();
+            let e = NewStream::parse(&body, &dev()).unwrap_err();
             assert!(e.description.contains(says), "{body}: {e}");
         }
     }
@@ -550,7 +644,10 @@ mod tests {
                     "authorization_header": "Bearer s3cret"},
                 "events_requested": [crate::SESSION_REVOKED, "https://example.com/unknown"],
             }),
-            false,
+            &PushPolicy {
+                endpoints: vec!["https://r.example/".into()],
+                loopback_http: false,
+            },
         )
         .unwrap();
         let s = Stream::new("s1".into(), "spiffe://td/receiver".into(), asked);
@@ -572,7 +669,11 @@ mod tests {
         let mut s = Stream::new(
             "s1".into(),
             "r".into(),
-            NewStream::parse(&json!({"delivery": {"method": POLL}}), false).unwrap(),
+            NewStream::parse(
+                &json!({"delivery": {"method": POLL}}),
+                &PushPolicy::default(),
+            )
+            .unwrap(),
         );
         let agent =
             Subject::parse(&json!({"format": "uri", "uri": "spiffe://td/agent/a"})).unwrap();

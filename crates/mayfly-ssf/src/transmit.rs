@@ -453,7 +453,7 @@ mod tests {
             NewStream::parse(
                 &json!({"delivery": {"method": crate::POLL},
                 "events_requested": [crate::SESSION_REVOKED]}),
-                false,
+                &crate::model::PushPolicy::default(),
             )
             .unwrap(),
         );

@@ -467,9 +467,12 @@ impl Default for Tokens {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Ssf {
+    /// The `https://` URL prefixes (each ending in `/`) receivers' push
+    /// endpoints must start with: the broker POSTs to them, so the
+    /// operator names where. None: no push over https.
+    pub push_endpoints: Vec<String>,
     /// Let receivers' push endpoints be `http://` on a loopback address
-    /// (the broker's own host: for development). Otherwise they must be
-    /// `https://`.
+    /// (the broker's own host: for development).
     pub allow_loopback_http: bool,
 }
 

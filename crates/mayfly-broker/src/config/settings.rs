@@ -57,8 +57,8 @@ pub struct Settings {
     pub crl_validity: Duration,
     /// The Token Status Lists' `ttl`.
     pub status_list_ttl: Duration,
-    /// Whether receivers may push to `http://` on loopback.
-    pub ssf_loopback_http: bool,
+    /// Where receivers' push endpoints may be.
+    pub ssf_push: mayfly_ssf::PushPolicy,
     /// Expiry and clean-up.
     pub reaper: Reaper,
     /// The revocation feed.
@@ -307,7 +307,7 @@ impl Config {
             federation: self.checked_federation()?,
             crl_validity: self.certificates.crl_validity,
             status_list_ttl: self.tokens.status_list_ttl,
-            ssf_loopback_http: self.ssf.allow_loopback_http,
+            ssf_push: self.checked_ssf()?,
             reaper: self.checked_reaper()?,
             feed: self.feed_settings()?,
             policy: self.checked_policy()?,
@@ -473,6 +473,17 @@ impl Config {
             AuditSinkKind::Stdout => RedisTrail::Outside(Trail::Stdout),
             AuditSinkKind::Off => RedisTrail::Outside(Trail::Off),
         })
+    }
+
+    fn checked_ssf(&self) -> Checked<mayfly_ssf::PushPolicy> {
+        let push = mayfly_ssf::PushPolicy {
+            endpoints: self.ssf.push_endpoints.clone(),
+            loopback_http: self.ssf.allow_loopback_http,
+        };
+        match push.check() {
+            Ok(()) => Ok(push),
+            Err(e) => invalid(e),
+        }
     }
 
     fn checked_reaper(&self) -> Checked<Reaper> {

@@ -99,6 +99,14 @@ fn rejects_bad_values_with_a_reason() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("default_ttl <= max_ttl"), "{e}");
+    let stretchable = MINIMAL.replace(
+        "[tls]",
+        "[ssf]\npush_endpoints = [\"https://siem.example\"]\n[tls]",
+    );
+    let e = Config::parse(&stretchable, Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ssf.push_endpoints"), "{e}");
     let bad_duration = MINIMAL.replace("[tls]", "[tokens]\nmax_ttl = \"soon\"\n[tls]");
     let e = Config::parse(&bad_duration, Path::new("."))
         .unwrap_err()

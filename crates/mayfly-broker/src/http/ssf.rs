@@ -41,8 +41,8 @@ pub struct SsfState {
     pub receivers: Vec<SpiffeIdPattern>,
     /// The audience of receivers' tokens: `<issuer>/ssf`.
     pub audience: String,
-    /// Whether push endpoints may be `http://` on loopback.
-    pub loopback_http: bool,
+    /// Where push endpoints may be.
+    pub push: mayfly_ssf::PushPolicy,
 }
 
 type Answer = Result<Response, ApiError>;
@@ -243,7 +243,7 @@ pub(super) struct StreamQuery {
 pub(super) async fn create(r: Receiver, body: Bytes) -> Response {
     respond(
         async {
-            let asked = NewStream::parse(&json_body(&body)?, r.state.loopback_http)?;
+            let asked = NewStream::parse(&json_body(&body)?, &r.state.push)?;
             let all = r.tx().streams.all_streams().await.map_err(unavailable)?;
             let held = all.iter().filter(|st| st.receiver == r.id.as_str()).count();
             if held >= MAX_STREAMS {
@@ -290,7 +290,7 @@ pub(super) async fn update(r: Receiver, body: Bytes) -> Response {
     respond(
         async {
             let (mut stream, body) = r.named(&body).await?;
-            NewStream::patch(&mut stream, &body, r.state.loopback_http)?;
+            NewStream::patch(&mut stream, &body, &r.state.push)?;
             r.put(&stream).await?;
             Ok(json(StatusCode::OK, stream.config(r.issuer())))
         }
@@ -303,7 +303,7 @@ pub(super) async fn replace(r: Receiver, body: Bytes) -> Response {
     respond(
         async {
             let (mut stream, body) = r.named(&body).await?;
-            let asked = NewStream::parse(&body, r.state.loopback_http)?;
+            let asked = NewStream::parse(&body, &r.state.push)?;
             stream.delivery = asked.delivery;
             stream.events_requested = asked.events_requested;
             stream.description = asked.description;

@@ -110,7 +110,7 @@ impl Broker {
             status_lists,
             signals: super::SignalsSetup {
                 receivers: s.feed.watchers.clone(),
-                loopback_http: s.ssf_loopback_http,
+                push: s.ssf_push.clone(),
                 // Receivers' push endpoints are checked against the trust
                 // bundle (none with the Workload API: push then reaches
                 // only loopback receivers over http).

@@ -70,7 +70,7 @@ pub enum StartError {
 struct SignalsSetup {
     receivers: Vec<mayfly_core::SpiffeIdPattern>,
     push_ca_pem: Vec<u8>,
-    loopback_http: bool,
+    push: mayfly_ssf::PushPolicy,
 }
 
 /// A broker ready to serve.

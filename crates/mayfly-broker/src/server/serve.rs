@@ -116,7 +116,7 @@ impl Broker {
         let ssf = std::sync::Arc::new(http::ssf::SsfState {
             signals,
             receivers: self.signals.receivers.clone(),
-            loopback_http: self.signals.loopback_http,
+            push: self.signals.push.clone(),
             audience: format!("{}/ssf", self.issuer.trim_end_matches('/')),
         });
         let algs = [self.signer.alg()];
