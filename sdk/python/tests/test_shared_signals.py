@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +21,17 @@ import jwt
 import pytest
 
 import mayfly
-from tests.conftest import AGENT, API, OTHER_AGENT, SERVICE, Broker, free_port, start_broker
+from tests.conftest import (
+    AGENT,
+    API,
+    OTHER_AGENT,
+    SERVICE,
+    Broker,
+    free_port,
+    mayfly_bin,
+    start_broker,
+)
+from tests.test_key_rotation import serve
 
 SESSION_REVOKED = "https://schemas.openid.net/secevent/caep/event-type/session-revoked"
 CREDENTIAL_CHANGE = "https://schemas.openid.net/secevent/caep/event-type/credential-change"
@@ -340,3 +351,87 @@ def test_a_receiver_may_use_a_token_of_the_broker(tmp_path: Path) -> None:
         svc.close()
     finally:
         b.stop()
+
+
+def test_two_replicas_push_each_set_once(tmp_path: Path, redis_url: str) -> None:
+    """Two brokers on one Redis both run push delivery: one leads the
+    stream at a time, and the receiver gets every revocation once,
+    whichever replica it went through."""
+    profile = tmp_path / ".mayfly-dev"
+    subprocess.run([mayfly_bin(), "dev", "init", "--dir", str(profile)], check=True)
+    subprocess.run(
+        [mayfly_bin(), "dev", "identity", "--dir", str(profile), SERVICE],
+        check=True,
+        capture_output=True,
+    )
+    grpc, http = [free_port(), free_port()], [free_port(), free_port()]
+    base = (
+        (profile / "mayfly.toml")
+        .read_text()
+        .replace('store = "embedded"', f'store = "{redis_url}"')
+    )
+    base = base.replace("localhost:8711", f"localhost:{http[0]}")
+    assert redis_url in base, "the dev config changed shape"
+    procs = []
+    for i in range(2):
+        path = profile / f"replica-{i}.toml"
+        path.write_text(
+            base.replace("127.0.0.1:8710", f"127.0.0.1:{grpc[i]}").replace(
+                "127.0.0.1:8711", f"127.0.0.1:{http[i]}"
+            )
+        )
+        procs.append(serve(path, http[i]))
+    try:
+        b = Broker(
+            profile,
+            f"https://localhost:{http[0]}",
+            f"https://localhost:{grpc[0]}",
+            None,
+            profile / "replica-0.toml",
+            "",
+        )
+        receiver = client(b, SERVICE)
+        push = PushReceiver(SetChecker(b, SERVICE))
+        push.start()
+        made = receiver.post(
+            "/ssf/streams",
+            json={
+                "delivery": {"method": PUSH, "endpoint_url": f"http://127.0.0.1:{push.port}/e"},
+                "events_requested": [SESSION_REVOKED],
+            },
+        )
+        assert made.status_code == 201, made.text
+        sid = made.json()["stream_id"]
+        subject = {"format": "uri", "uri": AGENT}
+        assert (
+            receiver.post(
+                "/ssf/subjects:add", json={"stream_id": sid, "subject": subject}
+            ).status_code
+            == 200
+        )
+        agents = [
+            mayfly.Broker(
+                mayfly.config.resolve(
+                    f"https://localhost:{g}",
+                    ca=profile / "bundle.pem",
+                    cert=profile / "identities" / "agent-demo" / "svid.pem",
+                    key=profile / "identities" / "agent-demo" / "svid.key",
+                )
+            )
+            for g in grpc
+        ]
+        tokens = []
+        for i in range(8):
+            task = agents[i % 2].start_task("replicas", audiences=[API], scopes=["read:t"])
+            tokens.append(fresh_token(task))
+            task.complete()
+        push.wait_for(8, 60)
+        time.sleep(2)
+        assert sorted(push.leases()) == sorted(t.lease_id for t in tokens), "missed or twice"
+        push.stop()
+        for a in agents:
+            a.close()
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=10)
