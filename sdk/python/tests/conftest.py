@@ -12,7 +12,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,3 +193,77 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def serve(config: Path, http: int) -> subprocess.Popen[bytes]:
+    """`mayfly serve --config CONFIG`, once it listens on `http`."""
+    log = (config.parent / f"broker-{http}.log").open("wb")
+    proc = subprocess.Popen(
+        [mayfly_bin(), "serve", "--config", str(config)], stdout=log, stderr=log
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None, f"the broker exited: see {log.name}"
+        try:
+            with socket.create_connection(("127.0.0.1", http), timeout=0.2):
+                return proc
+        except OSError:
+            assert time.monotonic() < deadline, "the broker did not listen"
+            time.sleep(0.1)
+
+
+@dataclass
+class Replicas:
+    """Two brokers of one dev profile on one Redis, behind one issuer (the
+    first's), as behind a load balancer."""
+
+    profile: Path
+    grpc: list[int]
+    http: list[int]
+    configs: list[Path]
+    procs: list[subprocess.Popen[bytes]]
+
+    @property
+    def issuer(self) -> str:
+        return f"https://localhost:{self.http[0]}"
+
+    @property
+    def ca(self) -> Path:
+        return self.profile / "bundle.pem"
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+            p.wait(timeout=10)
+
+
+def start_replicas(
+    root: Path, redis_url: str, edit: Callable[[str], str] = lambda text: text
+) -> Replicas:
+    """A fresh dev profile whose configuration, changed by `edit`, two
+    replicas on `redis_url` serve on free ports."""
+    profile = root / ".mayfly-dev"
+    subprocess.run([mayfly_bin(), "dev", "init", "--dir", str(profile)], check=True)
+    grpc, http = [free_port(), free_port()], [free_port(), free_port()]
+    base = (profile / "mayfly.toml").read_text()
+    base = base.replace('store = "embedded"', f'store = "{redis_url}"')
+    base = edit(base.replace("localhost:8711", f"localhost:{http[0]}"))
+    assert redis_url in base, "the dev config changed shape"
+    configs = []
+    for i in range(2):
+        path = profile / f"replica-{i}.toml"
+        path.write_text(
+            base.replace("127.0.0.1:8710", f"127.0.0.1:{grpc[i]}").replace(
+                "127.0.0.1:8711", f"127.0.0.1:{http[i]}"
+            )
+        )
+        configs.append(path)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i in range(2):
+            procs.append(serve(configs[i], http[i]))
+    except BaseException:
+        for p in procs:
+            p.terminate()
+        raise
+    return Replicas(profile, grpc, http, configs, procs)

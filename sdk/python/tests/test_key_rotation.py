@@ -7,7 +7,6 @@ last token expired."""
 
 from __future__ import annotations
 
-import socket
 import ssl
 import subprocess
 import time
@@ -17,23 +16,7 @@ import httpx
 import jwt
 
 import mayfly
-from tests.conftest import API, free_port, mayfly_bin
-
-
-def serve(config: Path, http: int) -> subprocess.Popen[bytes]:
-    log = (config.parent / f"broker-{http}.log").open("wb")
-    proc = subprocess.Popen(
-        [mayfly_bin(), "serve", "--config", str(config)], stdout=log, stderr=log
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        assert proc.poll() is None, f"the broker exited: see {log.name}"
-        try:
-            with socket.create_connection(("127.0.0.1", http), timeout=0.2):
-                return proc
-        except OSError:
-            assert time.monotonic() < deadline, "the broker did not listen"
-            time.sleep(0.1)
+from tests.conftest import API, mayfly_bin, start_replicas
 
 
 def kids(url: str, ca: Path) -> list[str]:
@@ -42,30 +25,25 @@ def kids(url: str, ca: Path) -> list[str]:
 
 
 def test_a_key_rotation_fails_no_token_at_pyjwt(tmp_path: Path, redis_url: str) -> None:
-    profile = tmp_path / ".mayfly-dev"
-    subprocess.run([mayfly_bin(), "dev", "init", "--dir", str(profile)], check=True)
-    grpc = [free_port(), free_port()]
-    http = [free_port(), free_port()]
-    base = (profile / "mayfly.toml").read_text()
-    base = base.replace('store = "embedded"', f'store = "{redis_url}"')
-    base = base.replace('default_ttl = "5m"\nmax_ttl = "15m"', 'default_ttl = "2s"\nmax_ttl = "2s"')
-    base = base.replace(
-        "[tokens]\n", '[tokens]\nretire_grace = "1s"\nkey_reload_interval = "100ms"\n'
-    )
-    base = base.replace("localhost:8711", f"localhost:{http[0]}")
-    assert "retire_grace" in base, "the dev config changed shape"
-    assert redis_url in base, "the dev config changed shape"
-    configs = []
-    for i in range(2):
-        text = base.replace("127.0.0.1:8710", f"127.0.0.1:{grpc[i]}").replace(
-            "127.0.0.1:8711", f"127.0.0.1:{http[i]}"
+    def edit(text: str) -> str:
+        text = text.replace(
+            'default_ttl = "5m"\nmax_ttl = "15m"', 'default_ttl = "2s"\nmax_ttl = "2s"'
         )
-        path = profile / f"replica-{i}.toml"
-        path.write_text(text)
-        configs.append(path)
+        text = text.replace(
+            "[tokens]\n", '[tokens]\nretire_grace = "1s"\nkey_reload_interval = "100ms"\n'
+        )
+        assert "retire_grace" in text, "the dev config changed shape"
+        return text
+
+    replicas = start_replicas(tmp_path, redis_url, edit)
+    profile, grpc, http, configs = (
+        replicas.profile,
+        replicas.grpc,
+        replicas.http,
+        replicas.configs,
+    )
     ca = profile / "bundle.pem"
     agent = profile / "identities" / "agent-demo"
-    procs = [serve(configs[i], http[i]) for i in range(2)]
     try:
         brokers = [
             mayfly.Broker(
@@ -136,6 +114,4 @@ def test_a_key_rotation_fails_no_token_at_pyjwt(tmp_path: Path, redis_url: str) 
         for b in brokers:
             b.close()
     finally:
-        for p in procs:
-            p.terminate()
-            p.wait(timeout=10)
+        replicas.stop()

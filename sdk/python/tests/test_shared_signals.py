@@ -30,8 +30,8 @@ from tests.conftest import (
     free_port,
     mayfly_bin,
     start_broker,
+    start_replicas,
 )
-from tests.test_key_rotation import serve
 
 SESSION_REVOKED = "https://schemas.openid.net/secevent/caep/event-type/session-revoked"
 CREDENTIAL_CHANGE = "https://schemas.openid.net/secevent/caep/event-type/credential-change"
@@ -357,30 +357,13 @@ def test_two_replicas_push_each_set_once(tmp_path: Path, redis_url: str) -> None
     """Two brokers on one Redis both run push delivery: one leads the
     stream at a time, and the receiver gets every revocation once,
     whichever replica it went through."""
-    profile = tmp_path / ".mayfly-dev"
-    subprocess.run([mayfly_bin(), "dev", "init", "--dir", str(profile)], check=True)
+    replicas = start_replicas(tmp_path, redis_url)
+    profile, grpc, http = replicas.profile, replicas.grpc, replicas.http
     subprocess.run(
         [mayfly_bin(), "dev", "identity", "--dir", str(profile), SERVICE],
         check=True,
         capture_output=True,
     )
-    grpc, http = [free_port(), free_port()], [free_port(), free_port()]
-    base = (
-        (profile / "mayfly.toml")
-        .read_text()
-        .replace('store = "embedded"', f'store = "{redis_url}"')
-    )
-    base = base.replace("localhost:8711", f"localhost:{http[0]}")
-    assert redis_url in base, "the dev config changed shape"
-    procs = []
-    for i in range(2):
-        path = profile / f"replica-{i}.toml"
-        path.write_text(
-            base.replace("127.0.0.1:8710", f"127.0.0.1:{grpc[i]}").replace(
-                "127.0.0.1:8711", f"127.0.0.1:{http[i]}"
-            )
-        )
-        procs.append(serve(path, http[i]))
     try:
         b = Broker(
             profile,
@@ -432,6 +415,4 @@ def test_two_replicas_push_each_set_once(tmp_path: Path, redis_url: str) -> None
         for a in agents:
             a.close()
     finally:
-        for p in procs:
-            p.terminate()
-            p.wait(timeout=10)
+        replicas.stop()

@@ -24,8 +24,7 @@ import pytest
 
 import mayfly
 from mayfly.verify import _StatusLists
-from tests.conftest import API, Broker, free_port, mayfly_bin, start_broker
-from tests.test_key_rotation import serve
+from tests.conftest import API, Broker, mayfly_bin, start_broker, start_replicas
 
 TTL = 2
 
@@ -177,26 +176,12 @@ def test_a_list_that_no_token_names_is_not_found(listed_broker: Broker) -> None:
 
 
 def test_two_replicas_serve_the_same_bits(tmp_path: Path, redis_url: str) -> None:
-    profile = tmp_path / ".mayfly-dev"
-    subprocess.run([mayfly_bin(), "dev", "init", "--dir", str(profile)], check=True)
-    grpc = [free_port(), free_port()]
-    http = [free_port(), free_port()]
-    base = (profile / "mayfly.toml").read_text()
-    base = base.replace('store = "embedded"', f'store = "{redis_url}"')
-    base = base.replace("[tokens]\n", f'[tokens]\nstatus_list_ttl = "{TTL}s"\n')
-    # One issuer for both, as behind one load balancer.
-    base = base.replace("localhost:8711", f"localhost:{http[0]}")
-    assert redis_url in base, "the dev config changed shape"
-    configs = []
-    for i in range(2):
-        path = profile / f"replica-{i}.toml"
-        path.write_text(
-            base.replace("127.0.0.1:8710", f"127.0.0.1:{grpc[i]}").replace(
-                "127.0.0.1:8711", f"127.0.0.1:{http[i]}"
-            )
-        )
-        configs.append(path)
-    procs = [serve(configs[i], http[i]) for i in range(2)]
+    replicas = start_replicas(
+        tmp_path,
+        redis_url,
+        lambda text: text.replace("[tokens]\n", f'[tokens]\nstatus_list_ttl = "{TTL}s"\n'),
+    )
+    profile, grpc, http = replicas.profile, replicas.grpc, replicas.http
     try:
         clients = [connect(f"https://localhost:{g}", profile) for g in grpc]
         tasks = [c.start_task("replicas", audiences=[API], scopes=["read:t"]) for c in clients]
@@ -239,9 +224,7 @@ def test_two_replicas_serve_the_same_bits(tmp_path: Path, redis_url: str) -> Non
         for c in clients:
             c.close()
     finally:
-        for p in procs:
-            p.terminate()
-            p.wait(timeout=10)
+        replicas.stop()
 
 
 def fetch_from(v: StatusListValidator, url: str, sub: str) -> Fetched:
