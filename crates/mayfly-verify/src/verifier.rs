@@ -538,6 +538,15 @@ impl Verifier {
         how: Presented<'_>,
     ) -> Result<VerifiedToken, VerifyError> {
         let cfg = &self.inner.config;
+        // First, before anything with a side effect (a DPoP proof is
+        // used once): a list not held fresh makes `verify` fetch it and
+        // run these checks again.
+        if let Some(lists) = &self.inner.status_lists {
+            let (n, idx) = lists.reference(claims.status.as_ref())?;
+            if lists.is_revoked(n, idx)? {
+                return Err(VerifyError::Revoked);
+            }
+        }
         let claims = claims.clone();
         let (bound_to, dpop_key) = claims.cnf.map_or((None, None), |c| (c.x5t_s256, c.jkt));
         if let Some(want) = &bound_to {
@@ -554,12 +563,6 @@ impl Verifier {
         }
         if set_revoked(self.feed_state(), &[&claims.jti])? {
             return Err(VerifyError::Revoked);
-        }
-        if let Some(lists) = &self.inner.status_lists {
-            let (n, idx) = lists.reference(claims.status.as_ref())?;
-            if lists.is_revoked(n, idx)? {
-                return Err(VerifyError::Revoked);
-            }
         }
         let bad = |c: &str| VerifyError::Malformed(format!("claim {c} is not valid"));
         Ok(VerifiedToken {

@@ -106,3 +106,47 @@ async fn the_synchronous_path_fetches_in_the_background_and_fails_closed() {
     );
     assert_eq!(refused.name(), "status_unavailable");
 }
+
+/// A DPoP-bound token whose list is not held yet: the list is fetched and
+/// the checks run again, and the proof, good for one use, is used once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dpop_proof_survives_the_first_fetch_of_its_list() {
+    use mayfly_testkit::DpopKey;
+    use mayfly_verify::DpopRequest;
+
+    let broker = broker().await;
+    let agent = broker.agent().await;
+    let v = verifier(&broker).await;
+    let key = DpopKey::new();
+    let task = agent
+        .start_task(NewTask::new("dpop", [API]).scope("read:files"))
+        .await
+        .unwrap()
+        .detach();
+    let t = agent
+        .issue_token(pb::IssueTokenRequest {
+            task_id: task.task_id,
+            audience: API.into(),
+            scopes: vec!["read:files".into()],
+            dpop_jwk: key.jwk().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let url = format!("{API}/files");
+    let proof = key.proof("GET", &url, Some(&t.token));
+    let request = DpopRequest {
+        proof: &proof,
+        method: "GET",
+        url: &url,
+    };
+    v.verify_dpop(&t.token, request, None).await.unwrap();
+    // Used: the same proof again is a replay.
+    assert_eq!(
+        v.verify_dpop(&t.token, request, None)
+            .await
+            .unwrap_err()
+            .name(),
+        "dpop"
+    );
+}
