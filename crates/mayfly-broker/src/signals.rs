@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use mayfly_core::{LeaseId, LeaseKind, RevocationReason, Timestamp};
-use mayfly_ssf::push::{PushClient, PushCounters, push_stream};
+use mayfly_ssf::push::{PushClient, push_stream};
 use mayfly_ssf::{Credential, Delivery, Entry, Failure, Progress, Revoked, StreamStatus};
 use tokio::sync::watch;
 
@@ -220,8 +220,6 @@ pub struct Signals {
     pub tx: mayfly_ssf::Transmitter,
     /// Changes on every revocation this broker sees in the log.
     pub news: watch::Receiver<u64>,
-    /// Push delivery counts, for `/metrics`.
-    pub counters: Arc<PushCounters>,
     push: PushClient,
 }
 
@@ -264,7 +262,6 @@ impl Signals {
                 signer: Arc::new(SetSigner(signer)),
             },
             news,
-            counters: Arc::new(PushCounters::default()),
             push: PushClient::new(push_ca_pem)?,
         })
     }
@@ -286,7 +283,6 @@ impl Signals {
                                 self.push.clone(),
                                 s.stream_id.clone(),
                                 self.news.clone(),
-                                self.counters.clone(),
                                 stop_rx.clone(),
                             ));
                             running.insert(s.stream_id, task);

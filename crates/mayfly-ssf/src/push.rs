@@ -170,17 +170,6 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Counts of what push delivery did, for `/metrics`.
-#[derive(Debug, Default)]
-pub struct PushCounters {
-    /// SETs a receiver accepted.
-    pub delivered: std::sync::atomic::AtomicU64,
-    /// Attempts that failed and will be retried.
-    pub failed: std::sync::atomic::AtomicU64,
-    /// SETs a receiver refused as invalid.
-    pub refused: std::sync::atomic::AtomicU64,
-}
-
 /// Pushes stream `stream_id` until it is gone, is no longer an enabled
 /// push stream, or `stop` fires. `news` changes on every revocation.
 pub async fn push_stream(
@@ -188,17 +177,15 @@ pub async fn push_stream(
     client: PushClient,
     stream_id: String,
     mut news: watch::Receiver<u64>,
-    counters: Arc<PushCounters>,
     mut stop: watch::Receiver<bool>,
 ) {
-    use std::sync::atomic::Ordering::Relaxed;
     let mut backoff = BACKOFF_MIN;
     let mut led_until = 0;
     loop {
         if *stop.borrow() {
             return;
         }
-        let pause = match step(&tx, &client, &stream_id, &mut led_until, &counters).await {
+        let pause = match step(&tx, &client, &stream_id, &mut led_until).await {
             Ok(Step::Gone) => return,
             Ok(Step::Delivered) => {
                 backoff = BACKOFF_MIN;
@@ -207,7 +194,6 @@ pub async fn push_stream(
             Ok(Step::Idle) => None,
             Ok(Step::NotLeading) => Some(Duration::from_millis(LEAD_MS - now_ms() % LEAD_MS)),
             Ok(Step::Retry(why)) => {
-                counters.failed.fetch_add(1, Relaxed);
                 tracing::warn!(stream = %stream_id, error = %why, retry_in = ?backoff, "SET push failed");
                 let b = backoff;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -253,9 +239,7 @@ async fn step(
     client: &PushClient,
     stream_id: &str,
     led_until: &mut u64,
-    counters: &PushCounters,
 ) -> Result<Step, Failure> {
-    use std::sync::atomic::Ordering::Relaxed;
     let streams: &Arc<dyn Streams> = &tx.streams;
     let Some(stream) = streams.get_stream(stream_id).await? else {
         return Ok(Step::Gone);
@@ -321,11 +305,8 @@ async fn step(
             let set = r.set(&stream, &tx.issuer, iat);
             let signed = tx.sign(&set)?;
             match client.post(endpoint_url, auth, &signed).await {
-                Outcome::Accepted => {
-                    counters.delivered.fetch_add(1, Relaxed);
-                }
+                Outcome::Accepted => {}
                 Outcome::Refused(err) => {
-                    counters.refused.fetch_add(1, Relaxed);
                     tracing::warn!(stream = %stream_id, jti = %set.jti, err = %err,
                         "the receiver refused a SET; not sent again");
                 }
