@@ -9,12 +9,18 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use mayfly_core::limits::MAX_WAIT;
 use tonic::codegen::http;
 use tonic::{Code, Status};
 
 /// The server's own bound on one request (until its response starts; a
 /// stream then runs on).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `WaitApproval` may hold a request for up to [`MAX_WAIT`] by design: its
+/// bound is that, plus the time to answer.
+const WAIT_APPROVAL_PATH: &str = "/mayfly.v1.Broker/WaitApproval";
+const WAIT_APPROVAL_TIMEOUT: Duration = MAX_WAIT.saturating_add(Duration::from_secs(5));
 
 /// Adds [`GrpcEdge`] to a service.
 #[derive(Debug, Clone, Copy, Default)]
@@ -54,6 +60,17 @@ fn client_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     })
 }
 
+/// How long the server gives a request: the client's `grpc-timeout`, never
+/// more than the server's bound for that method.
+fn deadline<B>(req: &http::Request<B>) -> Duration {
+    let bound = if req.uri().path() == WAIT_APPROVAL_PATH {
+        WAIT_APPROVAL_TIMEOUT
+    } else {
+        REQUEST_TIMEOUT
+    };
+    client_timeout(req.headers()).map_or(bound, |t| t.min(bound))
+}
+
 /// The codec's status for a message over the limit, said plainly and with
 /// the conventional code; `None` for any other response.
 fn oversize(headers: &http::HeaderMap) -> Option<Status> {
@@ -87,8 +104,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let deadline =
-            client_timeout(req.headers()).map_or(REQUEST_TIMEOUT, |t| t.min(REQUEST_TIMEOUT));
+        let deadline = deadline(&req);
         let fut = self.inner.call(req);
         Box::pin(async move {
             match tokio::time::timeout(deadline, fut).await {
@@ -133,6 +149,32 @@ mod tests {
             assert_eq!(client_timeout(&h(bad)), None, "{bad}");
         }
         assert_eq!(client_timeout(&http::HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn a_wait_for_approval_may_outlast_other_requests() {
+        let req = |path: &str, timeout: Option<&'static str>| {
+            let mut r = http::Request::builder().uri(path).body(()).unwrap();
+            if let Some(t) = timeout {
+                r.headers_mut()
+                    .insert("grpc-timeout", http::HeaderValue::from_static(t));
+            }
+            r
+        };
+        let wait = "/mayfly.v1.Broker/WaitApproval";
+        assert_eq!(
+            deadline(&req(wait, None)),
+            MAX_WAIT + Duration::from_secs(5)
+        );
+        assert_eq!(deadline(&req(wait, Some("61S"))), Duration::from_secs(61));
+        assert_eq!(
+            deadline(&req(wait, Some("2H"))),
+            MAX_WAIT + Duration::from_secs(5)
+        );
+        let issue = "/mayfly.v1.Broker/IssueToken";
+        assert_eq!(deadline(&req(issue, None)), REQUEST_TIMEOUT);
+        assert_eq!(deadline(&req(issue, Some("61S"))), REQUEST_TIMEOUT);
+        assert_eq!(deadline(&req(issue, Some("5S"))), Duration::from_secs(5));
     }
 
     #[test]
