@@ -81,10 +81,25 @@ export interface TokenOptions {
 
 /** One agent's connection to the broker. */
 export class Broker implements AsyncDisposable {
-  readonly #open: OpenTransport;
-  readonly #client: Client<typeof BrokerService>;
+  #connection: Connection;
+  #open: OpenTransport;
+  #client: Client<typeof BrokerService>;
+  readonly #unsubscribe: (() => void) | undefined;
 
-  constructor(readonly connection: Connection) {
+  constructor(connection: Connection) {
+    this.#connection = connection;
+    [this.#open, this.#client] = Broker.#dial(connection);
+    // A rotated SVID: new calls go over a session with the new certificate;
+    // calls already running on the old one finish, which is then closed.
+    this.#unsubscribe = connection.workloadApi?.onUpdate((svid) => {
+      const old = this.#open;
+      this.#connection = this.#connection.withCertificate(svid.certPem, svid.keyPem);
+      [this.#open, this.#client] = Broker.#dial(this.#connection);
+      setTimeout(() => old.close(), 30_000).unref();
+    });
+  }
+
+  static #dial(connection: Connection): [OpenTransport, Client<typeof BrokerService>] {
     const source = connection.workloadToken;
     const interceptors: Interceptor[] = [];
     if (source !== undefined) {
@@ -93,8 +108,13 @@ export class Broker implements AsyncDisposable {
         return next(req);
       });
     }
-    this.#open = openTransport(connection, interceptors);
-    this.#client = createClient(BrokerService, this.#open.transport);
+    const open = openTransport(connection, interceptors);
+    return [open, createClient(BrokerService, open.transport)];
+  }
+
+  /** The connection in use: the broker, the CA and the agent's identity. */
+  get connection(): Connection {
+    return this.#connection;
   }
 
   /**
@@ -215,6 +235,7 @@ export class Broker implements AsyncDisposable {
 
   /** Closes the connection; calls still running fail. */
   close(): void {
+    this.#unsubscribe?.();
     this.#open.close();
   }
 

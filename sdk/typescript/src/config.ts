@@ -11,6 +11,7 @@
 import { existsSync, readFileSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { ConfigError } from "./errors.js";
+import type { WorkloadApi } from "./workload-api.js";
 import { WorkloadToken } from "./workload-token.js";
 
 export const DEFAULT_PROFILE = ".mayfly-dev";
@@ -28,6 +29,8 @@ export interface ConnectOptions {
   identity?: string;
   /** Proves the agent with a workload token instead of a certificate. */
   workloadToken?: WorkloadToken;
+  /** Takes the agent's certificate (and, without `ca`, the trust bundle) from the SPIFFE Workload API, following its rotations. */
+  workloadApi?: WorkloadApi;
 }
 
 /** A resolved connection. The key and the token source never show in `inspect` or JSON. */
@@ -39,8 +42,14 @@ export class Connection {
     readonly certPem: string,
     keyPem: string,
     readonly workloadToken: WorkloadToken | undefined,
+    readonly workloadApi?: WorkloadApi,
   ) {
     this.#keyPem = keyPem;
+  }
+
+  /** The same connection with another certificate (a rotated SVID). */
+  withCertificate(certPem: string, keyPem: string): Connection {
+    return new Connection(this.broker, this.caPem, certPem, keyPem, undefined, this.workloadApi);
   }
   get keyPem(): string {
     return this.#keyPem;
@@ -102,6 +111,28 @@ export function resolve(opts: ConnectOptions = {}): Connection {
   const cert = opts.cert ?? env.MAYFLY_CERT;
   const key = opts.key ?? env.MAYFLY_KEY;
   const profile = opts.profile ?? env.MAYFLY_PROFILE;
+  if (opts.workloadApi !== undefined) {
+    if (opts.workloadToken !== undefined || opts.cert || opts.key) {
+      throw new ConfigError(
+        "the Workload API gives the certificate: pass no cert, key or workload token",
+      );
+    }
+    const svid = opts.workloadApi.svid;
+    let target = broker;
+    let caPem = ca ? read(ca, "CA bundle") : svid.bundlePem;
+    if (target === undefined) {
+      const dir = profile ?? DEFAULT_PROFILE;
+      if (!existsSync(join(dir, "profile.toml"))) {
+        throw new ConfigError(
+          "the Workload API gives no broker address: pass broker (or set MAYFLY_BROKER)",
+        );
+      }
+      const p = readProfile(dir);
+      target = field(p, dir, "broker");
+      caPem = ca ? caPem : svid.bundlePem;
+    }
+    return new Connection(target, caPem, svid.certPem, svid.keyPem, undefined, opts.workloadApi);
+  }
   if (opts.workloadToken !== undefined || env.MAYFLY_TOKEN_FILE) {
     if (opts.cert || opts.key) {
       throw new ConfigError(

@@ -43,4 +43,5 @@ export {
   type TaskState,
   type Token,
 } from "./types.js";
+export { WorkloadApi, type X509Svid } from "./workload-api.js";
 export { WorkloadToken } from "./workload-token.js";

@@ -23,10 +23,22 @@ import {
   NoAudience,
   OutsideEnvelope,
   PolicyDenied,
+  RateLimited,
   TaskEnded,
+  Unavailable,
 } from "../src/index.js";
 import { httpsGet } from "../src/verify/http.js";
-import { AGENT, API, eventually, OTHER_AGENT, startBroker, type TestBroker } from "./broker.js";
+import {
+  AGENT,
+  API,
+  eventually,
+  freePort,
+  OTHER_AGENT,
+  startBroker,
+  type TestBroker,
+} from "./broker.js";
+
+const TOOLS = "https://tools.example.com";
 
 let broker: TestBroker;
 
@@ -200,6 +212,38 @@ describe("typed refusals", () => {
     await using task = await mine.startTask("mine", { audiences: [API], scopes: ["read:tickets"] });
     await using theirs = agent("agent-bob");
     await assert.rejects(theirs.attach(task.taskId), { name: "NotFound" });
+  });
+
+  test("a rate limit says when to retry", async () => {
+    const limited = await startBroker({ extra: "[rate_limit]\nper_second = 0.5\nburst = 2.0\n" });
+    try {
+      await using b = connect({ profile: limited.profile });
+      await using task = await b.startTask("read", { audiences: [API, TOOLS], scopes: ["read:t"] });
+      await task.token(API, ["read:t"], { bind: false });
+      await task.token(API, ["read:t"], { bind: true });
+      await assert.rejects(task.token(TOOLS, ["read:t"]), (e) => {
+        assert.ok(e instanceof RateLimited, String(e));
+        assert.ok(e.retryAfter >= 1);
+        assert.equal(e.code, "RESOURCE_EXHAUSTED");
+        return true;
+      });
+    } finally {
+      await limited.stop();
+    }
+  });
+
+  test("a broker that is down is Unavailable", async () => {
+    await using b = connect({
+      broker: `https://localhost:${await freePort()}`,
+      ca: join(broker.profile, "bundle.pem"),
+      cert: join(broker.profile, "identities", "agent-demo", "svid.pem"),
+      key: join(broker.profile, "identities", "agent-demo", "svid.key"),
+    });
+    await assert.rejects(b.startTask("read", { audiences: [API], scopes: ["read:t"] }), (e) => {
+      assert.ok(e instanceof Unavailable, String(e));
+      assert.equal(e.code, "UNAVAILABLE");
+      return true;
+    });
   });
 
   test("a connection that cannot be made says why", () => {
