@@ -306,6 +306,8 @@ export class Task implements AsyncDisposable {
   #info: TaskInfo;
   readonly #tokens = new Map<string, { token: Token; issuedAt: number }>();
   readonly #inflight = new Map<string, Promise<Token>>();
+  /** Moved on by `complete()`: tokens asked for before it are not cached after. */
+  #generation = 0;
 
   constructor(
     readonly broker: Broker,
@@ -351,15 +353,25 @@ export class Task implements AsyncDisposable {
       approvalId: opts.approvalId ?? "",
       dpopJwk: opts.dpop ? JSON.stringify(opts.dpop.publicJwk) : "",
     });
-    const issuing = this.broker
+    const generation = this.#generation;
+    const issuing: Promise<Token> = this.broker
       .issue(request, (c, r) => c.issueToken(r), opts.waitForApproval)
       .then(([got, issuedAt]) => {
         const t = tokenOf(got);
-        this.#tokens.set(key, { token: t, issuedAt });
+        // A token that arrives after the task completed is not kept.
+        if (generation === this.#generation) {
+          this.#tokens.set(key, { token: t, issuedAt });
+        }
         return t;
       })
-      .finally(() => this.#inflight.delete(key));
-    this.#inflight.set(key, issuing);
+      .finally(() => {
+        if (this.#inflight.get(key) === issuing) {
+          this.#inflight.delete(key);
+        }
+      });
+    if (opts.approvalId === undefined) {
+      this.#inflight.set(key, issuing);
+    }
     return issuing;
   }
 
@@ -465,7 +477,9 @@ export class Task implements AsyncDisposable {
 
   /** Ends the task; returns the lease ids revoked. Completing an ended task does nothing. */
   async complete(): Promise<string[]> {
+    this.#generation += 1;
     this.#tokens.clear();
+    this.#inflight.clear();
     try {
       const done = await this.broker.call((c) =>
         c.completeTask(create(CompleteTaskRequestSchema, { taskId: this.taskId })),
@@ -491,7 +505,9 @@ export class Task implements AsyncDisposable {
    * longest envelope audience that is its origin and a path prefix); a URL
    * no audience covers throws `NoAudience` and sends nothing. With `dpop`,
    * each request carries a fresh proof. A 401 with `error="invalid_token"`
-   * drops the token and retries once with a fresh one.
+   * drops the token and retries once with a fresh one. Redirects are not
+   * followed (a 3xx is returned as it is), so the token never travels on to
+   * a path or host no audience covers.
    */
   async fetch(
     input: string | URL,
@@ -502,7 +518,7 @@ export class Task implements AsyncDisposable {
     const aud = audienceFor(url, this.#info.audiences);
     if (aud === undefined) {
       throw new NoAudience(
-        `${url} is under none of the task's audiences ${JSON.stringify(this.#info.audiences)}; no token was sent`,
+        `${url.origin}${url.pathname} is under none of the task's audiences ${JSON.stringify(this.#info.audiences)}; no token was sent`,
       );
     }
     const scopes = opts.scopes ?? this.#info.scopes;
@@ -516,7 +532,8 @@ export class Task implements AsyncDisposable {
       } else {
         headers.set("authorization", `Bearer ${t.token.value}`);
       }
-      return [await fetch(url, { ...init, method, headers }), t];
+      // Redirects are not followed: a token goes only where audienceFor sent it.
+      return [await fetch(url, { ...init, method, headers, redirect: "manual" }), t];
     };
     const [first, used] = await send();
     const refused =

@@ -185,3 +185,18 @@ export function databaseLogin(d: pb.DatabaseCredential): DatabaseLogin {
     expiresAt: date(d.expiresAt) ?? new Date(0),
   };
 }
+
+/**
+ * `value` with its `keyPem` kept out of `JSON.stringify` and `util.inspect`
+ * (it stays readable as a property): for the plain objects that carry a
+ * private key, such as a feed's configuration or an SVID.
+ */
+export function withHiddenKey<T extends { keyPem: string }>(value: T): T {
+  const { keyPem, ...shown } = value;
+  Object.defineProperty(value, "keyPem", { value: keyPem, enumerable: false });
+  Object.defineProperty(value, inspect, {
+    value: () => ({ ...shown, keyPem: "[redacted]" }),
+    enumerable: false,
+  });
+  return value;
+}

@@ -15,6 +15,7 @@ import { createClient } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import { ConfigError } from "./errors.js";
 import { SpiffeWorkloadAPI, X509SVIDRequestSchema } from "./gen/spiffe/workload_pb.js";
+import { withHiddenKey } from "./types.js";
 
 /** One X.509-SVID as PEM: its chain (leaf first), its key, and its trust domain's bundle. */
 export interface X509Svid {
@@ -151,7 +152,7 @@ export class WorkloadApi implements AsyncDisposable {
           if (!s) {
             continue;
           }
-          const svid: X509Svid = {
+          const svid: X509Svid = withHiddenKey({
             spiffeId: s.spiffeId,
             certPem: certificatesPem(s.x509Svid),
             keyPem: createPrivateKey({
@@ -162,7 +163,7 @@ export class WorkloadApi implements AsyncDisposable {
               .export({ format: "pem", type: "pkcs8" })
               .toString(),
             bundlePem: certificatesPem(s.bundle),
-          };
+          });
           this.#svid = svid;
           backoff = 100;
           for (const listener of this.#listeners) {

@@ -8,6 +8,7 @@ import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { createPrivateKey, X509Certificate } from "node:crypto";
 import { mkdtempSync, writeFileSync } from "node:fs";
+import { createServer } from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -41,9 +42,22 @@ import {
 const TOOLS = "https://tools.example.com";
 
 let broker: TestBroker;
+/** A plain HTTP service the agents' tasks may name as an audience. */
+let local = "";
 
 before(async () => {
-  broker = await startBroker();
+  local = `http://127.0.0.1:${await freePort()}/api`;
+  broker = await startBroker({
+    policies: `
+@id("local-api")
+permit (
+  principal in Mayfly::Path::"spiffe://example.org/agent",
+  action in [Mayfly::Action::"start_task", Mayfly::Action::"issue_token"],
+  resource == Mayfly::Audience::"${local}"
+)
+when { ["read"].containsAll(context.scope_prefixes) };
+`,
+  });
 });
 after(async () => {
   await broker.stop();
@@ -405,6 +419,41 @@ describe("credentials", () => {
     assert.equal((decodeJwt(token.token.value).act as { sub: string }).sub, OTHER_AGENT);
     await parent.complete();
     assert.equal((await taken.refresh()).state, "revoked");
+  });
+
+  test("fetch sends the token to its audience, and never follows a redirect away from it", async () => {
+    const seen: { path: string; authorization: string | undefined }[] = [];
+    const server = createServer((req, res) => {
+      seen.push({ path: req.url ?? "", authorization: req.headers.authorization });
+      if (req.url === "/api/moved") {
+        res.writeHead(302, { location: "/admin/secrets" }).end();
+      } else {
+        res.writeHead(200, { "content-type": "text/plain" }).end("ok");
+      }
+    });
+    const port = Number(new URL(local).port);
+    await new Promise<void>((r) => server.listen(port, "127.0.0.1", r));
+    try {
+      await using b = agent();
+      await using task = await b.startTask("local", {
+        audiences: [local],
+        scopes: ["read:things"],
+      });
+      const ok = await task.fetch(`${local}/things?page=2`, {}, { bind: false });
+      assert.equal(ok.status, 200);
+      assert.match(seen[0]?.authorization ?? "", /^Bearer eyJ/);
+      const moved = await task.fetch(`${local}/moved`, {}, { bind: false });
+      assert.equal(moved.status, 302);
+      assert.deepEqual(
+        seen.map((s) => s.path),
+        ["/api/things?page=2", "/api/moved"],
+        "the redirect was not followed",
+      );
+      await assert.rejects(task.fetch("http://127.0.0.1:1/api/things"), NoAudience);
+      await assert.rejects(task.fetch(`${local}x/things`), NoAudience);
+    } finally {
+      server.close();
+    }
   });
 
   test("fetch sends a token only under the task's audiences", async () => {

@@ -249,6 +249,15 @@ describe("middleware", () => {
         again.headers.get("www-authenticate") ?? "",
         /error="invalid_dpop_proof", error_description="dpop_replayed"/,
       );
+      // The DPoP scheme with an empty proof header is no proof at all.
+      const empty = await app.request(
+        new Request(url, { headers: { authorization: `DPoP ${token}`, dpop: "" } }),
+      );
+      assert.equal(empty.status, 401);
+      assert.match(
+        empty.headers.get("www-authenticate") ?? "",
+        /^DPoP realm="mayfly", error="invalid_dpop_proof", error_description="DPoP proof missing"/,
+      );
       const bearer = await handler(
         new Request(url, { headers: { authorization: `Bearer ${token}` } }),
       );

@@ -7,7 +7,7 @@ export interface Fetched {
   body: Buffer;
 }
 
-/** GET `url`, trusting `ca` (PEM) if given, refusing bodies over `maxBytes` and answers slower than `timeoutMs`. */
+/** GET `url`, trusting `ca` (PEM) if given, refusing bodies over `maxBytes` and answers not whole within `timeoutMs`. */
 export function httpsGet(
   url: string,
   opts: { ca?: string | undefined; accept: string; maxBytes: number; timeoutMs: number },
@@ -42,6 +42,14 @@ export function httpsGet(
         res.on("error", reject);
       },
     );
+    // The whole answer within the time, not only each read: a server that
+    // sends a byte at a time cannot hold a check up.
+    const deadline = setTimeout(
+      () => req.destroy(new Error(`${url}: no whole answer in ${opts.timeoutMs} ms`)),
+      opts.timeoutMs,
+    );
+    deadline.unref();
+    req.on("close", () => clearTimeout(deadline));
     req.on("timeout", () => req.destroy(new Error(`${url}: no answer in ${opts.timeoutMs} ms`)));
     req.on("error", reject);
   });

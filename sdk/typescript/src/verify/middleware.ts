@@ -27,22 +27,46 @@ export interface Refusal {
   body: { error: string; error_description: string };
 }
 
-function challenge(realm: string, error?: string, description?: string): string {
-  const parts = [`Bearer realm="${realm}"`];
-  if (error) {
-    parts[0] += `, error="${error}"`;
-    if (description) {
-      parts[0] += `, error_description="${description.replace(/["\\]/g, "")}"`;
-    }
-  }
-  parts.push(`DPoP algs="${ALGORITHMS.join(" ")}"`);
-  return parts.join(", ");
+/** A quoted-string's content (RFC 9110 §5.6.4). */
+function quote(s: string): string {
+  return s.replace(/[\\"]/g, "\\$&").replace(/[\r\n]/g, " ");
 }
 
-function refusal(status: number, realm: string, error: string, description: string): Refusal {
+/**
+ * The `WWW-Authenticate` challenge: in the scheme the request used (RFC 9449
+ * §7.1: a DPoP request is answered with a DPoP challenge), a Bearer one
+ * naming the DPoP algorithms too.
+ */
+function challenge(
+  scheme: "Bearer" | "DPoP",
+  realm: string,
+  error?: string,
+  description?: string,
+): string {
+  const parts = [`realm="${quote(realm)}"`];
+  if (error) {
+    parts.push(`error="${error}"`);
+    if (description) {
+      parts.push(`error_description="${quote(description)}"`);
+    }
+  }
+  if (scheme === "DPoP") {
+    parts.push(`algs="${ALGORITHMS.join(" ")}"`);
+    return `DPoP ${parts.join(", ")}`;
+  }
+  return `Bearer ${parts.join(", ")}, DPoP algs="${ALGORITHMS.join(" ")}"`;
+}
+
+function refusal(
+  status: number,
+  realm: string,
+  error: string,
+  description: string,
+  scheme: "Bearer" | "DPoP" = "Bearer",
+): Refusal {
   const headers: Record<string, string> = { "content-type": "application/json" };
   if (status === 401 || status === 403) {
-    headers["www-authenticate"] = challenge(realm, error, description);
+    headers["www-authenticate"] = challenge(scheme, realm, error, description);
   }
   return { status, headers, body: { error, error_description: description } };
 }
@@ -96,11 +120,12 @@ export async function check(
       );
     }
     const r = refusal(401, realm, "", "");
-    r.headers["www-authenticate"] = challenge(realm);
+    r.headers["www-authenticate"] = challenge("Bearer", realm);
     return r;
   }
-  if (p.scheme === "dpop" && p.proof === undefined) {
-    return refusal(401, realm, "invalid_dpop_proof", "the DPoP scheme without a DPoP header");
+  const scheme = p.scheme === "dpop" ? "DPoP" : "Bearer";
+  if (p.scheme === "dpop" && !p.proof) {
+    return refusal(401, realm, "invalid_dpop_proof", "DPoP proof missing", scheme);
   }
   try {
     const verified = await verifier.verify(p.token, {
@@ -121,8 +146,11 @@ export async function check(
     if (e.serverSide) {
       return refusal(503, realm, "temporarily_unavailable", e.check);
     }
-    const error = e.check.startsWith("dpop_") ? "invalid_dpop_proof" : "invalid_token";
-    return refusal(401, realm, error, e.check);
+    // A proof that fails is the proof's fault; a bound token sent as
+    // Bearer (dpop_required) is the token's.
+    const error =
+      scheme === "DPoP" && e.check.startsWith("dpop_") ? "invalid_dpop_proof" : "invalid_token";
+    return refusal(401, realm, error, e.check, scheme);
   }
 }
 
@@ -188,9 +216,11 @@ interface ExpressRequest {
   originalUrl: string;
   headers: Record<string, string | string[] | undefined>;
   get(name: string): string | undefined;
+  host?: string;
   socket: unknown;
 }
 interface ExpressResponse {
+  headersSent: boolean;
   locals: Record<string, unknown>;
   status(code: number): ExpressResponse;
   set(headers: Record<string, string>): ExpressResponse;
@@ -214,7 +244,9 @@ export function expressMiddleware(
       typeof socket.getPeerCertificate === "function"
         ? socket.getPeerCertificate(false)
         : undefined;
-    const url = opts.publicUrl?.(req) ?? `${req.protocol}://${req.get("host")}${req.originalUrl}`;
+    // req.host honours Express's `trust proxy`, as req.protocol does.
+    const url =
+      opts.publicUrl?.(req) ?? `${req.protocol}://${req.host ?? req.get("host")}${req.originalUrl}`;
     check(
       verifier,
       {
@@ -225,13 +257,23 @@ export function expressMiddleware(
         clientCert: peer?.raw ? new Uint8Array(peer.raw) : undefined,
       },
       opts,
-    ).then((got) => {
-      if (isRefusal(got)) {
-        res.status(got.status).set(got.headers).json(got.body);
-        return;
-      }
-      res.locals.mayfly = got;
-      next();
-    }, next);
+    )
+      .then(
+        (got) => {
+          if (isRefusal(got)) {
+            res.status(got.status).set(got.headers).json(got.body);
+            return;
+          }
+          res.locals.mayfly = got;
+          next();
+        },
+        (err: unknown) => next(err),
+      )
+      .catch((err: unknown) => {
+        // Answering failed (e.g. headers already sent): Express's error path.
+        if (!res.headersSent) {
+          next(err);
+        }
+      });
   };
 }

@@ -34,6 +34,7 @@ import { resolve } from "../config.js";
 import { VerifyError } from "../errors.js";
 import { Revocations, WatchRequestSchema } from "../gen/mayfly/v1/revocations_pb.js";
 import { type OpenTransport, openTransport, type TlsIdentity } from "../transport.js";
+import { withHiddenKey } from "../types.js";
 import { httpsGet } from "./http.js";
 
 export const ALGORITHMS = ["ES256", "EdDSA"] as const;
@@ -56,13 +57,13 @@ export function feedFromProfile(
   maxSilenceSeconds = 15,
 ): FeedConfig {
   const c = resolve({ profile, identity });
-  return {
+  return withHiddenKey({
     broker: c.broker,
     caPem: c.caPem,
     certPem: c.certPem,
     keyPem: c.keyPem,
     maxSilenceSeconds,
-  };
+  });
 }
 
 /** Revocations from the Token Status Lists: each list kept for its `ttl`, at most `maxTtlSeconds`. */
@@ -112,16 +113,28 @@ export function certThumbprint(cert: Uint8Array | string): string {
   return createHash("sha256").update(der).digest("base64url");
 }
 
-/** RFC 9449 §4.3 comparison form: scheme and host lower-cased, default port dropped, no query or fragment. */
-function normUrl(u: string): string {
-  try {
-    const url = new URL(u);
-    url.search = "";
-    url.hash = "";
-    return url.toString();
-  } catch {
-    return u;
+/**
+ * RFC 9449 §4.3 comparison form, as the Python SDK and mayfly-verify
+ * compare: scheme and host lower-cased, the default port dropped, no query
+ * or fragment; the path as sent (no dot segments resolved, nothing
+ * re-encoded).
+ */
+export function normUrl(u: string): string {
+  const bare = u.split("#", 1)[0]?.split("?", 1)[0] ?? "";
+  const at = bare.indexOf("://");
+  if (at < 0) {
+    return bare;
   }
+  const scheme = bare.slice(0, at).toLowerCase();
+  const rest = bare.slice(at + 3);
+  const slash = rest.indexOf("/");
+  let authority = (slash < 0 ? rest : rest.slice(0, slash)).toLowerCase();
+  const path = slash < 0 ? "" : rest.slice(slash + 1);
+  const port = scheme === "https" ? ":443" : scheme === "http" ? ":80" : "";
+  if (port && authority.endsWith(port)) {
+    authority = authority.slice(0, -port.length);
+  }
+  return `${scheme}://${authority}/${path}`;
 }
 
 interface Key {
@@ -189,6 +202,7 @@ export class Verifier implements AsyncDisposable {
   readonly #held = new Map<string, HeldList>();
   readonly #listFetches = new Map<string, Promise<HeldList>>();
   #started: Promise<void> | undefined;
+  #firstFailure: { at: number; error: VerifyError } | undefined;
   #closed = false;
   /** How many times the JWKS was fetched (for tests and metrics). */
   jwksFetches = 0;
@@ -209,26 +223,46 @@ export class Verifier implements AsyncDisposable {
 
   /** Fetches the JWKS and starts following the feed (the first `verify` does it too). Throws `VerifyError` jwks_unavailable. */
   start(): Promise<void> {
+    if (this.#closed) {
+      return Promise.reject(new VerifyError("closed", "the verifier is closed", true));
+    }
+    // The feed does not wait for the keys: revocations are gathered from now.
+    if (this.#feedConfig && !this.#feedTransport) {
+      this.#feedTransport = openTransport(this.#feedConfig);
+      void this.#follow(createClient(Revocations, this.#feedTransport.transport));
+    }
+    const failed = this.#firstFailure;
+    if (failed !== undefined && performance.now() - failed.at < this.#minRefreshMs) {
+      // A JWKS that could not be fetched is tried again at most every
+      // minRefresh, however many requests come meanwhile.
+      return Promise.reject(failed.error);
+    }
     this.#started ??= (async () => {
       if (!(await this.refreshKeys(true))) {
         this.#started = undefined;
-        throw new VerifyError("jwks_unavailable", `cannot fetch ${this.#jwksUrl}`, true);
+        const error = new VerifyError("jwks_unavailable", `cannot fetch ${this.#jwksUrl}`, true);
+        this.#firstFailure = { at: performance.now(), error };
+        throw error;
+      }
+      this.#firstFailure = undefined;
+      if (this.#closed) {
+        return;
       }
       this.#refreshTimer = setInterval(() => void this.refreshKeys(true), this.#refreshMs);
       this.#refreshTimer.unref();
-      if (this.#feedConfig && !this.#feedTransport) {
-        this.#feedTransport = openTransport(this.#feedConfig);
-        void this.#follow(createClient(Revocations, this.#feedTransport.transport));
-      }
     })();
     return this.#started;
   }
 
-  /** Resolves true once the feed has delivered its replay (tokens are refused until then), false after `timeoutMs`. */
+  /**
+   * Resolves true once the feed has delivered its replay (tokens are
+   * refused until then), false after `timeoutMs`; true at once without a
+   * feed.
+   */
   async waitForFeed(timeoutMs = 10_000): Promise<boolean> {
     await this.start();
     const deadline = performance.now() + timeoutMs;
-    while (this.#feed?.lastHeard === undefined) {
+    while (this.#feed !== undefined && this.#feed.lastHeard === undefined) {
       if (performance.now() > deadline || this.#closed) {
         return false;
       }
@@ -334,7 +368,11 @@ export class Verifier implements AsyncDisposable {
           if (typeof jwk.kid !== "string" || !ALGORITHMS.includes(alg as never) || jwk.d) {
             continue;
           }
-          keys.set(jwk.kid, { key: await importJWK(jwk, alg), alg: alg as string });
+          try {
+            keys.set(jwk.kid, { key: await importJWK(jwk, alg), alg: alg as string });
+          } catch {
+            // A key this runtime cannot use is skipped; the others still serve.
+          }
         }
         this.#keys = keys;
         this.jwksFetches += 1;
@@ -366,12 +404,7 @@ export class Verifier implements AsyncDisposable {
     if (this.#lists) {
       await this.#checkStatus(claims);
     }
-    const cnf = (typeof claims.cnf === "object" && claims.cnf !== null ? claims.cnf : {}) as Record<
-      string,
-      unknown
-    >;
-    const boundTo = typeof cnf["x5t#S256"] === "string" ? cnf["x5t#S256"] : undefined;
-    const jkt = typeof cnf.jkt === "string" ? cnf.jkt : undefined;
+    const [boundTo, jkt] = binding(claims.cnf);
     if (boundTo !== undefined) {
       if (opts.clientCert === undefined) {
         throw new VerifyError("certificate_required", "the token is bound to a client certificate");
@@ -470,6 +503,10 @@ export class Verifier implements AsyncDisposable {
     } catch (e) {
       throw joseRefusal(e, this.issuer, this.audience);
     }
+    // jose checks iat only against a maximum age: one from the future is refused here.
+    if (typeof claims.iat === "number" && claims.iat > Date.now() / 1000 + this.#leeway) {
+      throw new VerifyError("not_yet_valid", "iat is in the future");
+    }
     // Exactly one audience, ours (Mayfly tokens carry one).
     if (claims.aud !== this.audience) {
       throw new VerifyError("wrong_audience", `aud must be exactly ${this.audience}`);
@@ -558,7 +595,7 @@ export class Verifier implements AsyncDisposable {
     if (typeof jti !== "string" || jti.length === 0 || jti.length > 256) {
       throw new VerifyError("dpop_malformed", "DPoP proof jti must be 1 to 256 bytes");
     }
-    if (htm !== method.toUpperCase()) {
+    if (htm !== method) {
       throw new VerifyError(
         "dpop_method",
         `DPoP proof htm ${JSON.stringify(htm)} is not ${method}`,
@@ -606,11 +643,9 @@ export class Verifier implements AsyncDisposable {
       throw new VerifyError("status_missing", "the token's status list is not the issuer's");
     }
     const list = await this.#list(uri);
-    const byte = list.bits[idx >> 3];
-    if (byte === undefined) {
-      throw new VerifyError("status_missing", "the token's index is beyond its status list");
-    }
-    if ((byte >> (idx & 7)) & 1) {
+    // An index past the list is revoked: a list never shrinks below a live token.
+    const byte = list.bits[Math.floor(idx / 8)];
+    if (byte === undefined || (byte >> (idx % 8)) & 1) {
       throw new VerifyError("revoked", "the token's status list marks it revoked");
     }
   }
@@ -720,6 +755,31 @@ export class Verifier implements AsyncDisposable {
   async [Symbol.asyncDispose](): Promise<void> {
     this.close();
   }
+}
+
+/**
+ * The token's `cnf` members: a certificate thumbprint and a DPoP key
+ * thumbprint. A member that is present but not a non-empty string is
+ * refused, never read as "unbound".
+ */
+export function binding(cnf: unknown): [string | undefined, string | undefined] {
+  if (cnf === undefined) {
+    return [undefined, undefined];
+  }
+  if (typeof cnf !== "object" || cnf === null || Array.isArray(cnf)) {
+    throw new VerifyError("malformed", "claim cnf is not an object");
+  }
+  const member = (name: string): string | undefined => {
+    if (!(name in cnf)) {
+      return undefined;
+    }
+    const v = (cnf as Record<string, unknown>)[name];
+    if (typeof v !== "string" || v === "") {
+      throw new VerifyError("malformed", `cnf.${name} is not a thumbprint`);
+    }
+    return v;
+  };
+  return [member("x5t#S256"), member("jkt")];
 }
 
 function joseRefusal(e: unknown, issuer: string, audience: string): VerifyError {
