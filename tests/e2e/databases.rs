@@ -122,6 +122,48 @@ fn login_request(
     }
 }
 
+/// With `database` down: a login is refused UNAVAILABLE and leaves no
+/// lease (`task`'s one login lease is still `login`'s); then `task` ends,
+/// and the drop of `login`, which fails while the database is down, is
+/// counted on /metrics.
+async fn ended_while_down(
+    broker: &TestBroker,
+    agent: &mayfly_client::Client,
+    task: &str,
+    database: &str,
+    scope: &str,
+    login: &pb::DatabaseCredential,
+) {
+    let op = broker.operator().await;
+    let name = database.rsplit('/').next().unwrap_or(database);
+    assert_status(
+        agent
+            .broker()
+            .issue_database_credential(login_request(task, database, &[scope]))
+            .await,
+        Code::Unavailable,
+        name,
+    );
+    let logins = task_leases(&op, task)
+        .await
+        .into_iter()
+        .filter(|l| l.kind == pb::LeaseKind::DatabaseLogin as i32)
+        .map(|l| l.lease_id)
+        .collect::<Vec<_>>();
+    assert_eq!(
+        logins,
+        std::slice::from_ref(&login.lease_id),
+        "a lease was left for a login never made"
+    );
+    agent.complete_task(task).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let metrics = crate::common::scrape(broker).await;
+    assert!(
+        crate::common::count(&metrics, "mayfly_database_login_drop_failures_total") >= 1.0,
+        "the failed drop is not counted:\n{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn a_database_login_lives_and_dies_with_its_task() {
     let pg = orders_db();
@@ -300,26 +342,7 @@ async fn what_is_not_exactly_allowed_is_refused_and_a_database_down_issues_nothi
         .unwrap()
         .into_inner();
     pg.stop();
-    assert_status(
-        issue(login_request(&task, ORDERS, &["db:read"])).await,
-        Code::Unavailable,
-        "orders",
-    );
-    let logins = task_leases(&op, &task)
-        .await
-        .into_iter()
-        .filter(|l| l.kind == pb::LeaseKind::DatabaseLogin as i32)
-        .collect::<Vec<_>>();
-    assert_eq!(logins.len(), 1, "a lease was left for a login never made");
-    assert_eq!(logins[0].lease_id, login.lease_id);
-
-    agent.complete_task(&task).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let metrics = crate::common::scrape(&broker).await;
-    assert!(
-        crate::common::count(&metrics, "mayfly_database_login_drop_failures_total") >= 1.0,
-        "the failed drop is not counted:\n{metrics}"
-    );
+    ended_while_down(&broker, &agent, &task, ORDERS, "db:read", &login).await;
     pg.start_again();
     let user = login.user.clone();
     let until = Instant::now() + Duration::from_secs(45);
@@ -560,27 +583,7 @@ async fn a_redis_cache_down_issues_nothing_and_its_orphans_and_pending_drops_end
     let task = open_task(&agent, CACHE, &["cache:read"]).await;
     let login = login(&agent, &task, CACHE, &["cache:read"]).await;
     redis_server.kill();
-    assert_status(
-        agent
-            .broker()
-            .issue_database_credential(login_request(&task, CACHE, &["cache:read"]))
-            .await,
-        Code::Unavailable,
-        "cache",
-    );
-    let logins = task_leases(&op, &task)
-        .await
-        .into_iter()
-        .filter(|l| l.kind == pb::LeaseKind::DatabaseLogin as i32)
-        .collect::<Vec<_>>();
-    assert_eq!(logins.len(), 1, "a lease was left for a login never made");
-    agent.complete_task(&task).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let metrics = crate::common::scrape(&broker).await;
-    assert!(
-        crate::common::count(&metrics, "mayfly_database_login_drop_failures_total") >= 1.0,
-        "the failed drop is not counted:\n{metrics}"
-    );
+    ended_while_down(&broker, &agent, &task, CACHE, "cache:read", &login).await;
     redis_server.restart();
     for event in ["database_login_drop_failed", "database_login_dropped"] {
         recorded(&op, event, &login.user).await;
