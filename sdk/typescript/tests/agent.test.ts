@@ -35,6 +35,7 @@ import {
   eventually,
   freePort,
   OTHER_AGENT,
+  readPolicy,
   startBroker,
   type TestBroker,
 } from "./broker.js";
@@ -47,17 +48,7 @@ let local = "";
 
 before(async () => {
   local = `http://127.0.0.1:${await freePort()}/api`;
-  broker = await startBroker({
-    policies: `
-@id("local-api")
-permit (
-  principal in Mayfly::Path::"spiffe://example.org/agent",
-  action in [Mayfly::Action::"start_task", Mayfly::Action::"issue_token"],
-  resource == Mayfly::Audience::"${local}"
-)
-when { ["read"].containsAll(context.scope_prefixes) };
-`,
-  });
+  broker = await startBroker({ policies: readPolicy("local-api", local) });
 });
 after(async () => {
   await broker.stop();
@@ -284,6 +275,16 @@ describe("approvals", () => {
     return broker.cliJson("approval", "list");
   }
 
+  /** The id of `taskId`'s approval, once `mayfly approval list` shows it. */
+  async function listedApproval(taskId: string): Promise<string> {
+    let id = "";
+    await eventually("the approval is listed", () => {
+      id = pendingApprovals().find((a) => a.task_id === taskId)?.approval_id ?? "";
+      return id !== "";
+    });
+    return id;
+  }
+
   test("a pending approval resolves after `mayfly approval approve`", async () => {
     await using b = agent();
     await using task = await b.startTask("fix ticket 42", production);
@@ -325,11 +326,7 @@ describe("approvals", () => {
     await using b = agent();
     await using task = await b.startTask("fix ticket 44", production);
     const waiting = task.token(API, ["write:tickets"], { waitForApproval: 60 });
-    let id = "";
-    await eventually("the approval is listed", () => {
-      id = pendingApprovals().find((a) => a.task_id === task.taskId)?.approval_id ?? "";
-      return id !== "";
-    });
+    const id = await listedApproval(task.taskId);
     broker.cli("approval", "approve", id);
     assert.deepEqual((await waiting).scopes, ["write:tickets"]);
   });
@@ -338,11 +335,7 @@ describe("approvals", () => {
     await using b = agent();
     await using task = await b.startTask("fix ticket 43", production);
     const waiting = task.token(API, ["write:tickets"], { waitForApproval: 60 });
-    let id = "";
-    await eventually("the approval is listed", () => {
-      id = pendingApprovals().find((a) => a.task_id === task.taskId)?.approval_id ?? "";
-      return id !== "";
-    });
+    const id = await listedApproval(task.taskId);
     broker.cli("approval", "deny", id, "--reason", "not today");
     await assert.rejects(waiting, (e) => {
       assert.ok(e instanceof ApprovalDenied, String(e));

@@ -73,6 +73,19 @@ export async function eventually(
   }
 }
 
+/** A policy `id` letting the dev agents open tasks for `audience` and get read tokens for it. */
+export function readPolicy(id: string, audience: string): string {
+  return `
+@id("${id}")
+permit (
+  principal in Mayfly::Path::"spiffe://${TD}/agent",
+  action in [Mayfly::Action::"start_task", Mayfly::Action::"issue_token"],
+  resource == Mayfly::Audience::"${audience}"
+)
+when { ["read"].containsAll(context.scope_prefixes) };
+`;
+}
+
 export class TestBroker {
   proc: ChildProcess | undefined;
 

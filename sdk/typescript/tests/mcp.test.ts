@@ -14,7 +14,7 @@ import { promisify } from "node:util";
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
 import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
 import { connect } from "../src/index.js";
-import { eventually, freePort, startBroker, TD, type TestBroker } from "./broker.js";
+import { eventually, freePort, readPolicy, startBroker, TD, type TestBroker } from "./broker.js";
 
 const EXAMPLE = join(dirname(fileURLToPath(import.meta.url)), "..", "examples", "mcp");
 let broker: TestBroker;
@@ -24,17 +24,7 @@ let resource = "";
 before(async () => {
   const port = await freePort();
   resource = `http://127.0.0.1:${port}/mcp`;
-  broker = await startBroker({
-    policies: `
-@id("mcp-tickets")
-permit (
-  principal in Mayfly::Path::"spiffe://${TD}/agent",
-  action in [Mayfly::Action::"start_task", Mayfly::Action::"issue_token"],
-  resource == Mayfly::Audience::"${resource}"
-)
-when { ["read"].containsAll(context.scope_prefixes) };
-`,
-  });
+  broker = await startBroker({ policies: readPolicy("mcp-tickets", resource) });
   server = spawn(
     process.execPath,
     [

@@ -48,6 +48,32 @@ async function withTask<T>(body: (task: Task) => Promise<T>): Promise<T> {
   return await b.withTask("verify", { audiences: [API], scopes: ["read:tickets"] }, body);
 }
 
+/** Verifies `token` with `v` until it is refused; the refusal. */
+async function untilRefused(
+  v: Verifier,
+  token: string,
+  what: string,
+  timeoutMs?: number,
+): Promise<VerifyError> {
+  let refused: VerifyError | undefined;
+  await eventually(
+    what,
+    async () => {
+      try {
+        await v.verify(token);
+        return false;
+      } catch (e) {
+        assert.ok(e instanceof VerifyError, String(e));
+        refused = e;
+        return true;
+      }
+    },
+    timeoutMs,
+  );
+  assert.ok(refused);
+  return refused;
+}
+
 async function refusal(p: Promise<unknown>): Promise<VerifyError> {
   try {
     await p;
@@ -67,17 +93,8 @@ describe("Verifier", () => {
     assert.equal(ok.taskId, task.taskId);
     assert.deepEqual(ok.scopes, ["read:tickets"]);
     await task.complete();
-    let check = "";
-    await eventually("the feed delivers the revocation", async () => {
-      try {
-        await verifier.verify(token);
-        return false;
-      } catch (e) {
-        check = (e as VerifyError).check;
-        return true;
-      }
-    });
-    assert.equal(check, "revoked");
+    const refused = await untilRefused(verifier, token, "the feed delivers the revocation");
+    assert.equal(refused.check, "revoked");
   });
 
   test("refuses a DPoP-bound token sent as Bearer, and a replayed proof", async () => {
@@ -292,15 +309,9 @@ describe("failing closed", () => {
       const token = (await task.token(API, ["read:tickets"], { bind: false })).token.value;
       await v.verify(token);
       await own.stop();
-      await eventually("the feed is stale", async () => {
-        try {
-          await v.verify(token);
-          return false;
-        } catch (e) {
-          assert.ok(e instanceof VerifyError);
-          return e.check === "feed_stale" && e.serverSide;
-        }
-      });
+      const stale = await untilRefused(v, token, "the feed is stale");
+      assert.equal(stale.check, "feed_stale");
+      assert.ok(stale.serverSide);
       await own.start();
       await eventually(
         "the feed is back",
@@ -336,26 +347,14 @@ describe("failing closed", () => {
       assert.ok(status.status_list.uri.startsWith(`${own.issuer}/statuslists/`));
       await v.verify(token);
       await task.complete();
-      await eventually("the list marks the token", async () => {
-        try {
-          await v.verify(token);
-          return false;
-        } catch (e) {
-          return (e as VerifyError).check === "revoked";
-        }
-      });
+      assert.equal((await untilRefused(v, token, "the list marks the token")).check, "revoked");
       const other = await b.startTask("listed 2", { audiences: [API], scopes: ["read:tickets"] });
       const live = (await other.token(API, ["read:tickets"], { bind: false })).token.value;
       await v.verify(live);
       await own.stop();
-      await eventually("the held list is too old to use", async () => {
-        try {
-          await v.verify(live);
-          return false;
-        } catch (e) {
-          return (e as VerifyError).check === "status_unavailable" && (e as VerifyError).serverSide;
-        }
-      });
+      const old = await untilRefused(v, live, "the held list is too old to use");
+      assert.equal(old.check, "status_unavailable");
+      assert.ok(old.serverSide);
     } finally {
       v.close();
       await own.stop();
