@@ -105,3 +105,65 @@ async fn a_scrape_shows_the_traffic() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A scraper that asks for the Prometheus text format gets it (counters
+/// named by their sample, no OpenMetrics-only lines), one that asks for
+/// OpenMetrics or says nothing gets OpenMetrics; both hold the build and
+/// the process metrics.
+#[tokio::test]
+async fn a_scraper_gets_the_format_it_asks_for() {
+    let broker = TestBroker::start().await;
+    let agent = broker.agent().await;
+    start(&agent).await;
+    let url = format!("{}/metrics", broker.http_url());
+    let ca = broker.bundle_pem();
+    let (status, classic) =
+        mayfly_testkit::https_get_with(&url, &ca, &[("accept", "text/plain;version=0.0.4")]).await;
+    assert_eq!(status, 200);
+    assert!(
+        !classic.contains("# EOF") && !classic.contains("# UNIT"),
+        "{classic}"
+    );
+    for line in [
+        "# TYPE mayfly_decisions_total counter",
+        "mayfly_decisions_total{event=\"task_started\"} 1",
+        "# TYPE mayfly_build_info gauge",
+        &format!(
+            "mayfly_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        ),
+        "# TYPE process_cpu_seconds_total counter",
+        "# TYPE process_resident_memory_bytes gauge",
+        "# TYPE process_open_fds gauge",
+        "# TYPE process_start_time_seconds gauge",
+    ] {
+        assert!(
+            classic.lines().any(|l| l == line),
+            "no {line:?} in:\n{classic}"
+        );
+    }
+    assert!(
+        !classic
+            .lines()
+            .any(|l| l == "# TYPE mayfly_decisions counter"),
+        "a counter named by its family"
+    );
+    // Prometheus asks for OpenMetrics first and text/plain after it.
+    let prometheus =
+        "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4";
+    for accept in [prometheus, "*/*"] {
+        let (_, om) = mayfly_testkit::https_get_with(&url, &ca, &[("accept", accept)]).await;
+        assert!(om.ends_with("# EOF\n"), "{accept}: {om}");
+        assert!(om.contains("# TYPE mayfly_decisions counter"), "{om}");
+        assert!(om.contains("# TYPE mayfly_build info"), "{om}");
+    }
+    let om = scrape(&broker).await;
+    assert!(
+        sample(&om, "process_resident_memory_bytes").is_some_and(|b| b > 0.0),
+        "{om}"
+    );
+    assert!(
+        sample(&om, "process_open_fds").is_some_and(|n| n > 0.0),
+        "{om}"
+    );
+}

@@ -353,6 +353,13 @@ pub async fn https_get_bytes(url: &str, ca_pem: &[u8]) -> (u16, Vec<u8>) {
     (status, body)
 }
 
+/// GETs an HTTPS URL trusting `ca_pem` with more request headers (an
+/// `Accept`, say); returns status and body.
+pub async fn https_get_with(url: &str, ca_pem: &[u8], headers: &[(&str, &str)]) -> (u16, String) {
+    let (status, _, body) = https_request("GET", url, ca_pem, None, None, headers).await;
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
 /// POSTs a form over HTTPS, presenting `identity` (certificate and key PEM)
 /// if given; returns status, the `WWW-Authenticate` header, and body.
 pub async fn https_post_form(

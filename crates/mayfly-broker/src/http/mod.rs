@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
@@ -299,15 +299,31 @@ fn crl_response(crl: Result<Option<Arc<[u8]>>, crate::crl::CrlError>) -> Respons
     }
 }
 
-/// Prometheus metrics (OpenMetrics text). The live-lease gauge is read
-/// from the store now; if the store does not answer, it keeps its last
-/// value and the rest is served anyway.
-async fn metrics_handler(State(s): State<HttpState>) -> Response {
+/// Prometheus metrics: OpenMetrics text, or the Prometheus text format
+/// (0.0.4) for a scraper whose `Accept` names `text/plain` and not
+/// OpenMetrics. The live-lease gauge is read from the store now; if the
+/// store does not answer, it keeps its last value and the rest is served
+/// anyway.
+async fn metrics_handler(State(s): State<HttpState>, headers: HeaderMap) -> Response {
     let metrics = s.service.metrics();
     if let Ok(Ok(n)) = tokio::time::timeout(READY_TIMEOUT, s.service.store().active_count()).await {
         metrics
             .active_leases
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if accept.contains("text/plain") && !accept.contains("application/openmetrics-text") {
+        return (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            crate::metrics::classic::from_openmetrics(&metrics.encode()),
+        )
+            .into_response();
     }
     (
         [(

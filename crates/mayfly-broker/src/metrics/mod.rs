@@ -27,6 +27,12 @@
 //! - `mayfly_connections_closed_total{port,reason}`: connections the broker
 //!   closed (`idle`, `handshake_timeout`, `handshake_failed`,
 //!   `refused_tokens`: too many refused workload tokens on one connection).
+//! - `mayfly_build_info{version}`: always 1.
+//! - `process_*`: the process's CPU, memory, file descriptors and start
+//!   ([`process`]).
+//!
+//! A scraper that asks for `text/plain` (and not OpenMetrics) gets the
+//! Prometheus text format instead ([`classic`]).
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -42,6 +48,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tonic::codegen::http;
+
+pub mod classic;
+mod process;
 
 /// Labels by audit event.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -83,6 +92,8 @@ fn rpc_histogram() -> Histogram {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// The `process_*` metrics, which carry no prefix.
+    process: Registry,
     decisions: Family<EventLabel, Counter>,
     leases_ended: Family<EventLabel, Counter>,
     rpc: Family<RpcLabels, Histogram, fn() -> Histogram>,
@@ -199,8 +210,19 @@ impl Metrics {
             "Attempts to drop a database login that failed (each is retried with backoff)",
             login_drop_failures.clone(),
         );
+        registry.register(
+            "build",
+            "The broker's build",
+            prometheus_client::metrics::info::Info::new(vec![(
+                "version",
+                env!("CARGO_PKG_VERSION"),
+            )]),
+        );
+        let mut process = Registry::default();
+        process.register_collector(Box::new(process::ProcessCollector::new()));
         Self {
             registry,
+            process,
             logins_held,
             login_drop_failures,
             decisions,
@@ -255,11 +277,14 @@ impl Metrics {
         }
     }
 
-    /// The registry as OpenMetrics text.
+    /// The registries as OpenMetrics text.
     pub fn encode(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
         // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.process);
+        let _ = encode_eof(&mut out);
         out
     }
 
