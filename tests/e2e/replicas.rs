@@ -5,7 +5,7 @@ use mayfly_broker::store::CredentialStore;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use mayfly_client::pb;
+use mayfly_client::{RefusalKind, pb};
 use mayfly_testkit::{RedisServer, TestBroker, https_get};
 use tonic::Code;
 
@@ -588,4 +588,59 @@ async fn the_first_calls_after_a_redis_restart_succeed() {
             "lease_revoked"
         ]
     );
+}
+
+/// The per-agent rate limit is one across replicas: a burst spent through
+/// one replica leaves nothing to take through the other, which says when
+/// to retry; another agent has its own bucket, and it refills for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limit_is_one_across_replicas() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let a = TestBroker::start_with(move |c| {
+        c.store = mayfly_broker::config::StoreKind::Redis;
+        c.redis = Some(mayfly_broker::config::RedisConfig {
+            url: Some(url),
+            key_prefix: "mayfly".into(),
+            ..Default::default()
+        });
+        c.rate_limit.per_second = 2.0;
+        c.rate_limit.burst = 3.0;
+    })
+    .await;
+    let b = a.replica().await;
+    let (agent_a, agent_b) = (a.agent().await, b.agent().await);
+    let task = start(&agent_a).await;
+    issue(&agent_a, &task.task_id).await;
+    issue(&agent_b, &task.task_id).await;
+    issue(&agent_a, &task.task_id).await;
+    for agent in [&agent_b, &agent_a] {
+        let err = agent
+            .issue_token(token_request(&task.task_id, API, &["read:files"]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, Code::ResourceExhausted, "{}", err.message);
+        assert!(
+            matches!(err.kind, RefusalKind::RateLimited { retry_after } if retry_after >= Duration::from_secs(1)),
+            "{:?}",
+            err.kind
+        );
+    }
+    // The key is the agent's: one per agent in Redis, on the server's clock.
+    let keys = redis.cli(&["--scan", "--pattern", "mayfly:rate:*"]);
+    assert_eq!(
+        keys.trim(),
+        "mayfly:rate:spiffe://example.org/agent/demo",
+        "{keys}"
+    );
+    let bob = b.client_as("spiffe://example.org/agent/bob").await;
+    let t = bob
+        .broker()
+        .start_task(start_request("b", &[API], &["read:files"]))
+        .await
+        .unwrap()
+        .into_inner();
+    issue(&bob, &t.task_id).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    issue(&agent_b, &task.task_id).await;
 }

@@ -1,11 +1,17 @@
-//! Per-agent token buckets on issuance. In memory, per broker: with N
-//! replicas behind a balancer an agent gets up to N times the rate.
+//! Per-agent token buckets on issuance. On a store that shares them
+//! (Redis: one key per agent, moved by a script on the server's clock) the
+//! limit is the agent's across every replica, at one round trip; on one
+//! that does not (the embedded store: one node) the buckets are this
+//! broker's. While the store cannot be reached the broker's own buckets
+//! count (whatever is asked of the store then fails anyway).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use mayfly_core::SpiffeId;
+
+use crate::store::{LeaseStore, RateTaken};
 
 /// Buckets not touched for this long are dropped.
 const IDLE: Duration = Duration::from_secs(600);
@@ -36,7 +42,21 @@ impl RateLimiter {
         }
     }
 
-    /// Takes one token for `agent`, or says how long until one is there.
+    /// Takes one token for `agent` from the store's shared bucket (or this
+    /// broker's), or says how long until one is there.
+    pub async fn take(&self, store: &dyn LeaseStore, agent: &SpiffeId) -> Result<(), Duration> {
+        if self.rate <= 0.0 {
+            return Ok(());
+        }
+        match store.take_rate(agent, self.rate, self.burst).await {
+            Ok(RateTaken::Allowed) => Ok(()),
+            Ok(RateTaken::Wait(wait)) => Err(wait),
+            Ok(RateTaken::Local) | Err(_) => self.check(agent),
+        }
+    }
+
+    /// Takes one token for `agent` from this broker's bucket, or says how
+    /// long until one is there.
     pub fn check(&self, agent: &SpiffeId) -> Result<(), Duration> {
         if self.rate <= 0.0 {
             return Ok(());

@@ -158,7 +158,7 @@ impl Issuance {
         approval_id: Option<&ApprovalId>,
     ) -> Result<Issued<Minted<K::Credential>>, BrokerError> {
         let run = async {
-            self.rate_limit(caller)?;
+            self.rate_limit(caller).await?;
             let ttl = kind.lifetime(&self.lifetimes).resolved();
             let mut progress = Progress {
                 // An approval is consumed only on a fresh read.
@@ -321,9 +321,10 @@ impl Issuance {
     }
 
     /// Takes one issuance from the caller's bucket.
-    fn rate_limit(&self, caller: &Caller) -> Result<(), BrokerError> {
+    async fn rate_limit(&self, caller: &Caller) -> Result<(), BrokerError> {
         self.rate
-            .check(&caller.id)
+            .take(self.shared.store.as_ref(), &caller.id)
+            .await
             .map_err(|retry_after| BrokerError::RateLimited { retry_after })
     }
 

@@ -644,6 +644,33 @@ pub trait StatusIndexes: Send + Sync + fmt::Debug {
     async fn status_indexes_reserved(&self) -> Result<u64, StoreError>;
 }
 
+/// What a shared rate limit said of one more issuance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateTaken {
+    /// Within the limit; counted.
+    Allowed,
+    /// Over it: one more is allowed after this long (nothing counted).
+    Wait(Duration),
+    /// This store keeps no limits shared by replicas: each broker counts
+    /// alone (a single node has nothing to share).
+    Local,
+}
+
+/// Per-agent issuance limits shared by every replica of one store.
+#[async_trait]
+pub trait RateLimits: Send + Sync + fmt::Debug {
+    /// Takes one issuance of `agent` from a bucket of `burst` refilled at
+    /// `per_second`, in one round trip to the store.
+    async fn take_rate(
+        &self,
+        _agent: &SpiffeId,
+        _per_second: f64,
+        _burst: f64,
+    ) -> Result<RateTaken, StoreError> {
+        Ok(RateTaken::Local)
+    }
+}
+
 /// Shared Signals streams and their delivery progress, as the
 /// `mayfly-ssf` crate encodes them (JSON text): the store keeps them
 /// whole, by stream id.
@@ -773,6 +800,7 @@ pub trait LeaseStore:
     + LoginQueue
     + StatusIndexes
     + SignalStreams
+    + RateLimits
     + Upkeep
     + 'static
 {
@@ -789,6 +817,7 @@ impl<S> LeaseStore for S where
         + LoginQueue
         + StatusIndexes
         + SignalStreams
+        + RateLimits
         + Upkeep
         + 'static
 {

@@ -66,7 +66,7 @@ use tokio::sync::oneshot;
 
 use super::{
     AgentStore, ApprovalStore, CredentialStore, ExpiredLease, HeldLogin, LeaseFilter, LoginQueue,
-    Page, PageRequest, ReapOutcome, RecordBatch, RecordError, RecordStore, ReplayGuard,
+    Page, PageRequest, RateLimits, ReapOutcome, RecordBatch, RecordError, RecordStore, ReplayGuard,
     RevocationEvent, RevocationLog, RevokeRequest, SignalStreams, StatusIndexes, StoreError,
     TaskFilter, TaskStore, Upkeep, check_consumable, check_decidable,
 };
@@ -735,6 +735,9 @@ fn text_of(
         .get(key)?
         .map(|v| String::from_utf8_lossy(v.value()).into_owned()))
 }
+
+/// One node: the broker's own buckets are the whole limit.
+impl RateLimits for EmbeddedStore {}
 
 #[async_trait]
 impl StatusIndexes for EmbeddedStore {

@@ -47,6 +47,11 @@ impl Keys {
     pub(super) fn ssf_progress(&self) -> String {
         format!("{}:ssf:progress", self.prefix)
     }
+    /// An agent's issuance rate: the theoretical arrival time of its next
+    /// issuance (GCRA, microseconds on the server's clock).
+    pub(super) fn rate(&self, agent: &str) -> String {
+        format!("{}:rate:{agent}", self.prefix)
+    }
     /// The Token Status List's counter: how many indexes were reserved.
     pub(super) fn status_indexes(&self) -> String {
         format!("{}:status-indexes", self.prefix)

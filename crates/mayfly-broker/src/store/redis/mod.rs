@@ -49,9 +49,9 @@ pub use trail::RedisSink;
 
 use super::{
     AgentStore, ApprovalStore, CredentialStore, HeldLogin, LeaseFilter, LoginQueue, Page,
-    PageRequest, ReapOutcome, RecordBatch, RecordError, RecordStore, ReplayGuard, RevocationEvent,
-    RevocationLog, RevokeRequest, SignalStreams, StatusIndexes, StoreError, TaskFilter, TaskStore,
-    Upkeep,
+    PageRequest, RateLimits, RateTaken, ReapOutcome, RecordBatch, RecordError, RecordStore,
+    ReplayGuard, RevocationEvent, RevocationLog, RevokeRequest, SignalStreams, StatusIndexes,
+    StoreError, TaskFilter, TaskStore, Upkeep,
 };
 use crate::audit::AuditSink;
 use codec::{decode, encode, script_status};
@@ -722,6 +722,62 @@ impl SignalStreams for RedisStore {
 
     async fn save_stream_progress(&self, id: &str, body: &str) -> Result<(), StoreError> {
         self.hset(self.keys.ssf_progress(), id, body).await
+    }
+}
+
+/// GCRA on the Redis server's clock: a key per agent holding the
+/// theoretical arrival time of its next issuance (microseconds), which
+/// every replica moves, so the limit is the agent's whatever replica it
+/// calls. One script call; the key expires once the bucket is full again.
+const TAKE_RATE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local emission = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if not tat or tat < now then tat = now end
+local next_tat = tat + emission
+if next_tat - now > tolerance then
+  return next_tat - now - tolerance
+end
+redis.call('SET', KEYS[1], string.format('%d', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1)
+return 0
+";
+
+#[async_trait]
+impl RateLimits for RedisStore {
+    async fn take_rate(
+        &self,
+        agent: &SpiffeId,
+        per_second: f64,
+        burst: f64,
+    ) -> Result<RateTaken, StoreError> {
+        static SCRIPT: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(TAKE_RATE));
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let emission = (1e6 / per_second).ceil().max(1.0) as u64;
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let tolerance = (emission as f64 * burst.max(1.0)) as u64;
+        let key = self.keys.rate(agent.as_str());
+        let wait_us: u64 = self
+            .conn
+            .run(|mut c| {
+                let key = key.clone();
+                async move {
+                    SCRIPT
+                        .key(&key)
+                        .arg(emission)
+                        .arg(tolerance)
+                        .invoke_async(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        Ok(if wait_us == 0 {
+            RateTaken::Allowed
+        } else {
+            RateTaken::Wait(Duration::from_micros(wait_us))
+        })
     }
 }
 
