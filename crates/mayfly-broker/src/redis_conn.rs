@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use crate::cause::Cause;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
-use redis::{Client, RedisError};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{Client, RedisError, TlsCertificates, TlsMode};
 use tokio::sync::{Mutex, RwLock};
 
 /// Redis could not be reached, or failed a call at the connection level;
@@ -67,12 +67,16 @@ pub enum RedisTarget {
     },
     /// The primary of `master_name`, as the Sentinels at `sentinels` report it.
     Sentinel {
-        /// `redis://host:port` of each Sentinel.
+        /// `redis://host:port` of each Sentinel, or `rediss://` (TLS to the
+        /// Sentinels and to the data nodes); a password in the URL is the
+        /// Sentinels'.
         sentinels: Vec<String>,
         /// The monitored primary's name.
         master_name: String,
         /// Password of the data nodes, if any.
         password: Option<String>,
+        /// PEM of a private CA for the `rediss://` Sentinels and data nodes.
+        ca_pem: Option<Vec<u8>>,
     },
 }
 
@@ -186,6 +190,53 @@ pub struct RedisConn {
     health: Health,
 }
 
+/// A Sentinel client. With `rediss://` Sentinels, the Sentinels and the
+/// data nodes they name are both reached over TLS, trusting `ca_pem` (or
+/// the system's roots); the Sentinels' password is their URLs', the data
+/// nodes' `password`.
+fn sentinel_client(
+    sentinels: &[String],
+    master_name: &str,
+    password: Option<&str>,
+    ca_pem: &Option<Vec<u8>>,
+) -> Result<SentinelClient, RedisError> {
+    use redis::IntoConnectionInfo;
+    let infos = sentinels
+        .iter()
+        .map(|s| s.as_str().into_connection_info())
+        .collect::<Result<Vec<_>, _>>()?;
+    let tls = sentinels.iter().any(|s| s.starts_with("rediss://"));
+    let sentinel_password = infos
+        .iter()
+        .find_map(|i| i.redis_settings().password().map(str::to_owned));
+    let mut b = SentinelClientBuilder::new(
+        infos.iter().map(|i| i.addr().clone()),
+        master_name,
+        SentinelServerType::Master,
+    )?;
+    if let Some(p) = sentinel_password {
+        b = b.set_client_to_sentinel_password(p);
+    }
+    if let Some(p) = password {
+        b = b.set_client_to_redis_password(p);
+    }
+    if tls {
+        b = b
+            .set_client_to_sentinel_tls_mode(TlsMode::Secure)
+            .set_client_to_redis_tls_mode(TlsMode::Secure);
+        if let Some(ca) = ca_pem {
+            let certs = || TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.clone()),
+            };
+            b = b
+                .set_client_to_sentinel_certificates(certs())
+                .set_client_to_redis_certificates(certs());
+        }
+    }
+    b.build()
+}
+
 impl RedisConn {
     /// Prepares a connection; nothing is dialled until the first call.
     pub fn new(target: RedisTarget) -> Result<Self, Unreachable> {
@@ -195,19 +246,10 @@ impl RedisConn {
                 sentinels,
                 master_name,
                 password,
+                ca_pem,
             } => {
-                let mut info = redis::RedisConnectionInfo::default();
-                if let Some(p) = password {
-                    info = info.set_password(p);
-                }
-                let node = SentinelNodeConnectionInfo::default().set_redis_connection_info(info);
-                let client = SentinelClient::build(
-                    sentinels.iter().map(String::as_str).collect(),
-                    master_name.as_str(),
-                    Some(node),
-                    SentinelServerType::Master,
-                )
-                .map_err(|e| unavailable(&e))?;
+                let client = sentinel_client(sentinels, master_name, password.as_deref(), ca_pem)
+                    .map_err(|e| unavailable(&e))?;
                 Some(Mutex::new(client))
             }
         };

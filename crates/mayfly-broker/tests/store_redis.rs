@@ -136,6 +136,7 @@ async fn follows_a_sentinel_failover() {
         sentinels: vec![sentinel.url()],
         master_name: "mayfly".into(),
         password: None,
+        ca_pem: None,
     };
     // Every write waits for the replica, so the crash below loses nothing.
     let store = RedisStore::new(target, "mayfly", Duration::from_secs(3600))
@@ -430,4 +431,62 @@ async fn a_write_whose_reply_was_lost_is_sent_again_and_not_doubled() {
         server.cli(&["HGET", "mayfly:audit:head", "seq"]).trim(),
         "2"
     );
+}
+
+/// A Redis that speaks only TLS and wants a password, behind a Sentinel
+/// that speaks only TLS: the store finds the primary through the Sentinel
+/// and reaches both over TLS, trusting the configured CA. Without that CA,
+/// with a wrong password, or over plain text, nothing is reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reaches_the_primary_through_tls_sentinels_with_a_password() {
+    use mayfly_testkit::RedisTls;
+    use mayfly_testkit::contract::{agent, lease, task};
+
+    let tls = RedisTls::new();
+    let primary = RedisServer::start_tls(&tls);
+    let sentinel = RedisServer::start_sentinel_tls(&primary, "mayfly", &tls);
+    let ca = std::fs::read(tls.ca_path()).unwrap();
+    let target = |url: String, password: &str, ca_pem: Option<Vec<u8>>| RedisTarget::Sentinel {
+        sentinels: vec![url],
+        master_name: "mayfly".into(),
+        password: Some(password.to_owned()),
+        ca_pem,
+    };
+    let tls_url = format!("rediss://127.0.0.1:{}", sentinel.port());
+    let store = RedisStore::new(
+        target(tls_url.clone(), &tls.password, Some(ca.clone())),
+        "mayfly",
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let t = task(&agent("tls"), 600);
+    // The Sentinel may take a moment to have asked the primary its role.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while let Err(e) = store.start_task(&t).await {
+        assert!(std::time::Instant::now() < deadline, "never reached: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let l = lease(&t, 60);
+    store.issue(&l, t.created_at).await.unwrap();
+    assert!(store.get_lease(&l.id).await.unwrap().is_some());
+
+    for (what, target) in [
+        ("no CA", target(tls_url.clone(), &tls.password, None)),
+        (
+            "a wrong password",
+            target(tls_url.clone(), "wrong", Some(ca.clone())),
+        ),
+        (
+            "plain text",
+            target(
+                format!("redis://127.0.0.1:{}", sentinel.port()),
+                &tls.password,
+                None,
+            ),
+        ),
+    ] {
+        let other = RedisStore::new(target, "mayfly", Duration::from_secs(3600)).unwrap();
+        let t = task(&agent("tls"), 600);
+        assert!(other.start_task(&t).await.is_err(), "{what} reached Redis");
+    }
 }

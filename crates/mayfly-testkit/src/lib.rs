@@ -23,7 +23,7 @@ pub use dpop::DpopKey;
 pub use mayfly_broker::dev::Credential;
 pub use oidc::{JwksServer, TokenIssuer};
 pub use postgres::{ORDERS_MANAGER_PASSWORD, PgServer, psql};
-pub use redis::RedisServer;
+pub use redis::{RedisServer, RedisTls};
 pub use workload_api::WorkloadApi;
 
 pub mod contract;

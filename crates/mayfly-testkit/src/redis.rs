@@ -16,6 +16,69 @@ pub struct RedisServer {
     extra: Vec<String>,
     /// Set for a Sentinel: its configuration file.
     sentinel_conf: Option<std::path::PathBuf>,
+    /// Set for a server that speaks TLS only and wants a password.
+    tls: Option<RedisTls>,
+}
+
+/// TLS material and a password for Redis servers and Sentinels: a CA of
+/// its own and one server certificate for 127.0.0.1 and localhost, in a
+/// temporary directory. Clones share the directory.
+#[derive(Clone)]
+pub struct RedisTls {
+    dir: std::sync::Arc<tempfile::TempDir>,
+    /// The data nodes' password (`requirepass`, `masterauth`).
+    pub password: String,
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RedisTls({})", self.dir.path().display())
+    }
+}
+
+impl RedisTls {
+    /// Fresh material.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let td = mayfly_core::TrustDomain::new("redis.test").expect("trust domain");
+        let ca = mayfly_broker::dev::DevCa::generate(&td).expect("a CA");
+        let server = ca
+            .issue_server(&["127.0.0.1", "localhost"], Duration::from_secs(3600))
+            .expect("a server certificate");
+        std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).expect("write");
+        std::fs::write(dir.path().join("server.pem"), &server.cert_pem).expect("write");
+        std::fs::write(dir.path().join("server.key"), server.key_pem.as_bytes()).expect("write");
+        Self {
+            dir: std::sync::Arc::new(dir),
+            password: format!("pw-{}", free_port()),
+        }
+    }
+
+    /// The CA's certificate (PEM file).
+    pub fn ca_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// `redis-server` arguments (or Sentinel configuration lines, with
+    /// `--` and the space replaced) for TLS on `port` only.
+    fn directives(&self, port: u16) -> Vec<(String, String)> {
+        let p = |f: &str| self.dir.path().join(f).display().to_string();
+        vec![
+            ("port".into(), "0".into()),
+            ("tls-port".into(), port.to_string()),
+            ("tls-cert-file".into(), p("server.pem")),
+            ("tls-key-file".into(), p("server.key")),
+            ("tls-ca-cert-file".into(), p("ca.pem")),
+            ("tls-auth-clients".into(), "no".into()),
+            ("tls-replication".into(), "yes".into()),
+        ]
+    }
+}
+
+impl Default for RedisTls {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl std::fmt::Debug for RedisServer {
@@ -42,6 +105,7 @@ impl RedisServer {
                 child: None,
                 extra: Vec::new(),
                 sentinel_conf: None,
+                tls: None,
             };
             if server.launch() {
                 return server;
@@ -64,8 +128,26 @@ impl RedisServer {
         if let Some(conf) = &self.sentinel_conf {
             cmd.arg(conf).arg("--sentinel");
         }
+        match &self.tls {
+            // A Sentinel's TLS is in its configuration file.
+            Some(tls) if self.sentinel_conf.is_none() => {
+                for (k, v) in tls.directives(self.port) {
+                    cmd.arg(format!("--{k}")).arg(v);
+                }
+                cmd.args([
+                    "--requirepass",
+                    &tls.password,
+                    "--masterauth",
+                    &tls.password,
+                ]);
+            }
+            Some(_) => {}
+            None => {
+                cmd.args(["--port", &self.port.to_string()]);
+            }
+        }
         let child = cmd
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--bind", "127.0.0.1"])
             .args([
                 "--save",
                 "",
@@ -111,6 +193,7 @@ impl RedisServer {
             child: None,
             extra: Vec::new(),
             sentinel_conf: None,
+            tls: None,
         };
         server.extra = vec![
             "--replicaof".into(),
@@ -118,6 +201,51 @@ impl RedisServer {
             primary.port.to_string(),
         ];
         assert!(server.launch(), "redis replica did not start");
+        server
+    }
+
+    /// Starts a server that speaks only TLS (`tls`'s certificate) and
+    /// wants `tls.password`.
+    pub fn start_tls(tls: &RedisTls) -> Self {
+        let mut server = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            child: None,
+            extra: Vec::new(),
+            sentinel_conf: None,
+            tls: Some(tls.clone()),
+        };
+        assert!(server.launch(), "redis-server with TLS did not start");
+        server
+    }
+
+    /// Starts a Sentinel that speaks only TLS, monitoring the TLS `primary`
+    /// as `name` with its password (quorum 1, failure detection after 1 s).
+    pub fn start_sentinel_tls(primary: &RedisServer, name: &str, tls: &RedisTls) -> Self {
+        let mut server = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            child: None,
+            extra: Vec::new(),
+            sentinel_conf: None,
+            tls: Some(tls.clone()),
+        };
+        let conf = server.dir.path().join("sentinel.conf");
+        let mut text: String = tls
+            .directives(server.port)
+            .into_iter()
+            .map(|(k, v)| format!("{k} {v}\n"))
+            .collect();
+        text.push_str(&format!(
+            "bind 127.0.0.1\nsentinel monitor {name} 127.0.0.1 {p} 1\n\
+             sentinel auth-pass {name} {pw}\n\
+             sentinel down-after-milliseconds {name} 1000\nsentinel failover-timeout {name} 5000\n",
+            p = primary.port,
+            pw = tls.password,
+        ));
+        std::fs::write(&conf, text).expect("sentinel config");
+        server.sentinel_conf = Some(conf);
+        assert!(server.launch(), "redis sentinel with TLS did not start");
         server
     }
 
@@ -130,6 +258,7 @@ impl RedisServer {
             child: None,
             extra: Vec::new(),
             sentinel_conf: None,
+            tls: None,
         };
         let conf = server.dir.path().join("sentinel.conf");
         std::fs::write(
@@ -149,6 +278,22 @@ impl RedisServer {
 
     /// Whether the server answers PING now.
     pub fn ping(&self) -> bool {
+        if let Some(tls) = &self.tls {
+            let mut cmd = Command::new("redis-cli");
+            cmd.args(["--tls", "--cacert"]).arg(tls.ca_path()).args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+            ]);
+            if self.sentinel_conf.is_none() {
+                cmd.env("REDISCLI_AUTH", &tls.password);
+            }
+            return cmd
+                .arg("PING")
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG");
+        }
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };

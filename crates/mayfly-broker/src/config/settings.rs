@@ -726,14 +726,28 @@ fn redis_endpoint(r: &super::RedisConfig) -> Checked<RedisEndpoint> {
             Ok(RedisEndpoint::Url(url.clone()))
         }
         (None, Some(file), []) => Ok(RedisEndpoint::UrlFile(file.clone())),
-        (None, None, [_, ..]) => Ok(RedisEndpoint::Sentinel {
-            sentinels: r.sentinels.clone(),
-            master_name: match &r.master_name {
-                Some(m) => m.clone(),
-                None => return invalid("[redis] sentinels need master_name"),
-            },
-            password_file: r.password_file.clone(),
-        }),
+        (None, None, [first, ..]) => {
+            let tls = first.starts_with("rediss://");
+            for s in &r.sentinels {
+                if !(s.starts_with("redis://") || s.starts_with("rediss://")) {
+                    return invalid("[redis] sentinels must start with redis:// or rediss://");
+                }
+                if s.starts_with("rediss://") != tls {
+                    return invalid(
+                        "[redis] sentinels are all redis:// or all rediss:// (TLS to the \
+                         Sentinels and the data nodes, or to neither)",
+                    );
+                }
+            }
+            Ok(RedisEndpoint::Sentinel {
+                sentinels: r.sentinels.clone(),
+                master_name: match &r.master_name {
+                    Some(m) => m.clone(),
+                    None => return invalid("[redis] sentinels need master_name"),
+                },
+                password_file: r.password_file.clone(),
+            })
+        }
         _ => invalid("[redis] needs exactly one of url, url_file or sentinels"),
     }
 }

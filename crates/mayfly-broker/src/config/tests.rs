@@ -244,6 +244,14 @@ fn redis_store_settings() {
             "must start with redis://",
         ),
         ("[redis]\nurl = \"redis://h\"\n", "needs store = \"redis\""),
+        (
+            "store = \"redis\"\n[redis]\nsentinels = [\"rediss://a:1\", \"redis://b:1\"]\nmaster_name = \"m\"\n",
+            "all redis:// or all rediss://",
+        ),
+        (
+            "store = \"redis\"\n[redis]\nsentinels = [\"tcp://a:1\"]\nmaster_name = \"m\"\n",
+            "sentinels must start with",
+        ),
     ] {
         let text = MINIMAL.replace("[listen]", &format!("{bad}[listen]"));
         let e = Config::parse(&text, Path::new("."))
@@ -266,10 +274,15 @@ fn kubernetes_configmap_parses() {
     assert_eq!(c.store, StoreKind::Redis);
     assert_eq!(c.audit_sink(), AuditSinkKind::Redis);
     assert_eq!(c.listen.health, Some("0.0.0.0:8712".parse().unwrap()));
-    assert_eq!(
-        c.redis.unwrap().url_file.unwrap(),
-        Path::new("/etc/mayfly/redis/url")
-    );
+    let redis = c.redis.unwrap();
+    assert_eq!(redis.sentinels.len(), 3);
+    assert!(redis.sentinels.iter().all(|s| s.starts_with("rediss://")));
+    assert_eq!(redis.master_name.as_deref(), Some("mayfly"));
+    assert_eq!(redis.ca.unwrap(), Path::new("/etc/mayfly/redis/ca.pem"));
+    assert_eq!(redis.replicas_to_ack, 1);
+    assert!(c.ca.is_some(), "the issuing CA is configured");
+    assert_eq!(c.introspection.len(), 1);
+    assert_eq!(c.gateways.len(), 1);
 }
 
 #[test]

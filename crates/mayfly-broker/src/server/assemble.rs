@@ -191,6 +191,10 @@ pub(crate) fn redis_target(r: &RedisSettings) -> Result<RedisTarget, StartError>
             .map(|s| s.trim().to_owned())
             .map_err(|e| io_error(p, e))
     };
+    let ca_pem = match &r.ca {
+        Some(p) => Some(std::fs::read(p).map_err(|e| io_error(p, e))?),
+        None => None,
+    };
     let url = match &r.endpoint {
         RedisEndpoint::Sentinel {
             sentinels,
@@ -201,14 +205,11 @@ pub(crate) fn redis_target(r: &RedisSettings) -> Result<RedisTarget, StartError>
                 sentinels: sentinels.clone(),
                 master_name: master_name.clone(),
                 password: password_file.as_deref().map(read).transpose()?,
+                ca_pem,
             });
         }
         RedisEndpoint::Url(url) => url.clone(),
         RedisEndpoint::UrlFile(file) => read(file)?,
-    };
-    let ca_pem = match &r.ca {
-        Some(p) => Some(std::fs::read(p).map_err(|e| io_error(p, e))?),
-        None => None,
     };
     Ok(RedisTarget::Url { url, ca_pem })
 }
