@@ -399,7 +399,7 @@ export class Verifier implements AsyncDisposable {
       throw new VerifyError("closed", "the verifier is closed", true);
     }
     await this.start();
-    const [claims, alg] = await this.#checkToken(token);
+    const claims = await this.#checkToken(token);
     // The status list first: fetching it must not spend the request's DPoP proof.
     if (this.#lists) {
       await this.#checkStatus(claims);
@@ -426,7 +426,6 @@ export class Verifier implements AsyncDisposable {
       await this.#checkProof(token, opts.dpop, jkt);
     }
     this.#checkFeed(claims);
-    void alg;
     const scope = claims.scope;
     const act = claims.act;
     return {
@@ -456,7 +455,7 @@ export class Verifier implements AsyncDisposable {
     return this.#keys.get(kid);
   }
 
-  async #checkToken(token: string): Promise<[JWTPayload, string]> {
+  async #checkToken(token: string): Promise<JWTPayload> {
     if (token.split(".").length !== 3) {
       throw new VerifyError("malformed", "expected three dot-separated parts");
     }
@@ -520,7 +519,7 @@ export class Verifier implements AsyncDisposable {
     if (!(claims.sub as string).startsWith("spiffe://")) {
       throw new VerifyError("malformed", "claim sub is not a SPIFFE ID");
     }
-    return [claims, alg as string];
+    return claims;
   }
 
   #checkFeed(claims: JWTPayload): void {
