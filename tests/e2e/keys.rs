@@ -83,14 +83,7 @@ fn kid_of(token: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_rotates_on_both_replicas_without_a_failed_verification() {
     let redis = RedisServer::start();
-    let url = redis.url();
-    let a = TestBroker::start_with(move |c| {
-        c.store = mayfly_broker::config::StoreKind::Redis;
-        c.redis = Some(mayfly_broker::config::RedisConfig {
-            url: Some(url),
-            key_prefix: "mayfly".into(),
-            ..Default::default()
-        });
+    let a = TestBroker::start_on_redis_with(&redis.url(), |c| {
         c.tokens.key_reload_interval = Duration::from_millis(100);
         c.tokens.default_ttl = Duration::from_secs(2);
         c.tokens.max_ttl = Duration::from_secs(2);

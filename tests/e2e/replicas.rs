@@ -596,14 +596,7 @@ async fn the_first_calls_after_a_redis_restart_succeed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_limit_is_one_across_replicas() {
     let redis = RedisServer::start();
-    let url = redis.url();
-    let a = TestBroker::start_with(move |c| {
-        c.store = mayfly_broker::config::StoreKind::Redis;
-        c.redis = Some(mayfly_broker::config::RedisConfig {
-            url: Some(url),
-            key_prefix: "mayfly".into(),
-            ..Default::default()
-        });
+    let a = TestBroker::start_on_redis_with(&redis.url(), |c| {
         c.rate_limit.per_second = 2.0;
         c.rate_limit.burst = 3.0;
     })

@@ -93,6 +93,12 @@ impl TestBroker {
 
     /// A broker whose leases live in the Redis at `url`.
     pub async fn start_on_redis(url: &str) -> Self {
+        Self::start_on_redis_with(url, |_| {}).await
+    }
+
+    /// [`start_on_redis`](Self::start_on_redis), with `edit` applied to
+    /// the configuration after the store is set.
+    pub async fn start_on_redis_with(url: &str, edit: impl FnOnce(&mut Config)) -> Self {
         let url = url.to_owned();
         Self::start_with(move |c| {
             c.store = mayfly_broker::config::StoreKind::Redis;
@@ -101,6 +107,7 @@ impl TestBroker {
                 key_prefix: "mayfly".into(),
                 ..Default::default()
             });
+            edit(c);
         })
         .await
     }

@@ -185,16 +185,21 @@ impl RedisServer {
         false
     }
 
-    /// Starts a server replicating from `primary`.
-    pub fn start_replica_of(primary: &RedisServer) -> Self {
-        let mut server = Self {
+    /// A server on a free port with a directory of its own, not started.
+    fn unlaunched(tls: Option<RedisTls>) -> Self {
+        Self {
             port: free_port(),
             dir: tempfile::tempdir().expect("temp dir"),
             child: None,
             extra: Vec::new(),
             sentinel_conf: None,
-            tls: None,
-        };
+            tls,
+        }
+    }
+
+    /// Starts a server replicating from `primary`.
+    pub fn start_replica_of(primary: &RedisServer) -> Self {
+        let mut server = Self::unlaunched(None);
         server.extra = vec![
             "--replicaof".into(),
             "127.0.0.1".into(),
@@ -207,14 +212,7 @@ impl RedisServer {
     /// Starts a server that speaks only TLS (`tls`'s certificate) and
     /// wants `tls.password`.
     pub fn start_tls(tls: &RedisTls) -> Self {
-        let mut server = Self {
-            port: free_port(),
-            dir: tempfile::tempdir().expect("temp dir"),
-            child: None,
-            extra: Vec::new(),
-            sentinel_conf: None,
-            tls: Some(tls.clone()),
-        };
+        let mut server = Self::unlaunched(Some(tls.clone()));
         assert!(server.launch(), "redis-server with TLS did not start");
         server
     }
@@ -222,14 +220,7 @@ impl RedisServer {
     /// Starts a Sentinel that speaks only TLS, monitoring the TLS `primary`
     /// as `name` with its password (quorum 1, failure detection after 1 s).
     pub fn start_sentinel_tls(primary: &RedisServer, name: &str, tls: &RedisTls) -> Self {
-        let mut server = Self {
-            port: free_port(),
-            dir: tempfile::tempdir().expect("temp dir"),
-            child: None,
-            extra: Vec::new(),
-            sentinel_conf: None,
-            tls: Some(tls.clone()),
-        };
+        let mut server = Self::unlaunched(Some(tls.clone()));
         let conf = server.dir.path().join("sentinel.conf");
         let mut text: String = tls
             .directives(server.port)
@@ -252,14 +243,7 @@ impl RedisServer {
     /// Starts a Sentinel monitoring `primary` as `name` (quorum 1, failure
     /// detection after 1 s).
     pub fn start_sentinel(primary: &RedisServer, name: &str) -> Self {
-        let mut server = Self {
-            port: free_port(),
-            dir: tempfile::tempdir().expect("temp dir"),
-            child: None,
-            extra: Vec::new(),
-            sentinel_conf: None,
-            tls: None,
-        };
+        let mut server = Self::unlaunched(None);
         let conf = server.dir.path().join("sentinel.conf");
         std::fs::write(
             &conf,
